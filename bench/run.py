@@ -1,0 +1,985 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of onetoken against its peers, on this machine, over loopback.
+
+    python bench/run.py [--duration 10] [--quick] [--targets direct,nginx,onetoken,litellm]
+
+Targets, all in front of the same release-mode mock upstream (rust/mock-upstream):
+  direct    the mock itself (the baseline every other row is compared with)
+  nginx     nginx reverse proxy (keep-alive upstream, proxy_buffering off, workers auto)
+  onetoken  `python -m onetoken.cli serve --demo` with the demo provider pointed at the mock
+  litellm   LiteLLM proxy, one worker, in its own venv (bench/.venv-litellm)
+
+Workloads: the same load tool for every target (wrk for non-streaming chat, the repo's own
+onetoken-loadgen for streams, which measures time to first token and gaps between chunks).
+Every load is bounded in time and targets only 127.0.0.1. Results go to bench/RESULTS.md and
+the raw numbers to bench/out/. See bench/README.md for what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+OUT_DIR = BENCH / "out"
+LUA_SCRIPT = BENCH / "chat.lua"
+LITELLM_VENV = BENCH / ".venv-litellm"
+# Pinned so two runs months apart measure the same peer; bump deliberately.
+BENCH_VENV_PACKAGES = ("litellm[proxy]==1.108.7", "locust==2.47.0")
+ALL_TARGETS = ("direct", "nginx", "onetoken", "litellm")
+HOST = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+CHAT_PROMPT = "Say hello in one short sentence."
+STREAM_CHUNKS = 8
+STREAM_DELAY_MS = 2
+
+
+class BenchError(Exception):
+    """A set-up failure, reported as one line."""
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- processes and /proc
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Service:
+    """A process this script started (in its own session, so its children go with it)."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def tail(self, lines: int = 25) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if not self.alive():
+            return
+        # The process group is the one created for this child at start: only our processes.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+
+
+class Services:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.started: list[Service] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Service:
+        log_path = self.workdir / f"{name}.log"
+        out = log_path.open("wb")
+        proc = subprocess.Popen(  # noqa: S603 - argv built here from fixed parts
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        out.close()
+        svc = Service(name, proc, log_path)
+        self.started.append(svc)
+        return svc
+
+    def stop_after_first(self) -> None:
+        """Stop everything but the first service (the mock every target shares)."""
+        for svc in reversed(self.started[1:]):
+            svc.stop()
+        del self.started[1:]
+
+    def stop_all(self) -> None:
+        for svc in reversed(self.started):
+            svc.stop()
+        self.started.clear()
+
+
+def proc_tree(root: int) -> list[int]:
+    """`root` and all its descendants (nginx workers, uvicorn children...)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def cpu_seconds(root: int) -> float:
+    """User + system CPU time of the live process tree.
+
+    Per-thread schedstat counts nanoseconds; /proc/PID/stat counts clock ticks (10 ms),
+    too coarse for a few hundred slow requests, so it is only the fallback.
+    """
+    total = 0.0
+    for pid in proc_tree(root):
+        ns = 0
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                ns += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+            total += ns / 1e9
+            continue
+        except (OSError, IndexError, ValueError):
+            pass
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    return total
+
+
+def rss_mb(root: int) -> float:
+    """Resident memory of the tree, summed (shared pages of forked workers count twice)."""
+    pages = 0
+    for pid in proc_tree(root):
+        try:
+            pages += int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return pages * PAGE_KB / 1024
+
+
+def http_status(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> int:
+    req = urllib.request.Request(url, data=body, headers=headers or {})  # noqa: S310 - loopback http
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - loopback http
+            resp.read()
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def wait_ready(svc: Service, url: str, timeout: float, ok: tuple[int, ...] = (200,)) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not svc.alive():
+            raise BenchError(f"{svc.name} exited during start-up:\n{svc.tail()}")
+        if http_status(url) in ok:
+            return
+        time.sleep(0.2)
+    raise BenchError(f"{svc.name} not ready at {url} after {timeout:.0f}s:\n{svc.tail()}")
+
+
+def run_cmd(argv: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
+    try:
+        res = subprocess.run(  # noqa: S603 - argv built here from fixed parts
+            argv, capture_output=True, text=True, timeout=timeout, env=env, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{argv[0]} did not finish within {timeout:.0f}s") from None
+    if res.returncode != 0:
+        raise BenchError(f"{' '.join(argv[:3])} failed ({res.returncode}): {res.stderr[-2000:]}")
+    return res.stdout
+
+
+def version_of(argv: list[str]) -> str:
+    try:
+        res = subprocess.run(  # noqa: S603 - fixed tool names
+            argv, capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unavailable"
+    text = (res.stdout + res.stderr).strip().splitlines()
+    return text[0].strip() if text else "unknown"
+
+
+# ---------------------------------------------------------------- set-up of tools
+
+
+def ensure_debian_tools() -> None:
+    missing = [t for t in ("wrk", "nginx") if shutil.which(t) is None]
+    if not missing:
+        return
+    apt = shutil.which("apt-get")
+    if apt is None or os.geteuid() != 0:
+        raise BenchError(
+            f"missing {', '.join(missing)}: install them (Debian: apt-get install -y wrk nginx)"
+        )
+    log(f"installing {' '.join(missing)} with apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    run_cmd([apt, "update", "-q"], timeout=600, env=env)
+    run_cmd([apt, "install", "-y", "-q", *missing], timeout=600, env=env)
+    still = [t for t in missing if shutil.which(t) is None]
+    if still:
+        raise BenchError(f"apt-get did not provide {', '.join(still)}")
+
+
+def target_dir() -> Path:
+    return Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+
+
+def build_rust_tools() -> tuple[Path, Path]:
+    cargo = shutil.which("cargo")
+    if cargo is None:
+        raise BenchError("cargo not found: the mock upstream is built from rust/mock-upstream")
+    log("building the mock upstream and the load generator (release)")
+    run_cmd(
+        [cargo, "build", "--release", "-q", "-p", "onetoken-mock-upstream", "--bins"],
+        timeout=1800,
+    )
+    release = target_dir() / "release"
+    return release / "onetoken-mock-upstream", release / "onetoken-loadgen"
+
+
+def ensure_bench_venv() -> Path:
+    """LiteLLM pins many packages, so it (and locust) live in a venv of their own."""
+    python = LITELLM_VENV / "bin" / "python"
+    litellm = LITELLM_VENV / "bin" / "litellm"
+    if litellm.exists():
+        return litellm
+    log(f"creating {LITELLM_VENV.relative_to(ROOT)} with {', '.join(BENCH_VENV_PACKAGES)}")
+    run_cmd([sys.executable, "-m", "venv", str(LITELLM_VENV)], timeout=300)
+    run_cmd([str(python), "-m", "pip", "install", "-q", "--upgrade", "pip"], timeout=600)
+    run_cmd([str(python), "-m", "pip", "install", "-q", *BENCH_VENV_PACKAGES], timeout=1800)
+    if not litellm.exists():
+        raise BenchError("pip finished but bench/.venv-litellm/bin/litellm is missing")
+    return litellm
+
+
+# ---------------------------------------------------------------- targets
+
+
+@dataclass
+class Target:
+    name: str
+    base_url: str
+    model: str
+    pid: int
+    api_key: str = ""
+    version: str = ""
+    idle_rss_mb: float = 0.0
+    note: str = ""
+    short_run: bool = False
+
+
+def start_mock(services: Services, mock_bin: Path) -> Target:
+    port = free_port()
+    svc = services.start("mock", [str(mock_bin), "--listen", f"{HOST}:{port}"])
+    wait_ready(svc, f"http://{HOST}:{port}/healthz", 15)
+    return Target("direct", f"http://{HOST}:{port}", "mock-gpt", svc.proc.pid, version="mock")
+
+
+NGINX_CONF = """\
+worker_processes auto;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {prefix}/client_body;
+  proxy_temp_path {prefix}/proxy;
+  fastcgi_temp_path {prefix}/fastcgi;
+  uwsgi_temp_path {prefix}/uwsgi;
+  scgi_temp_path {prefix}/scgi;
+  client_body_buffer_size 1m;
+  upstream mock {{
+    server {upstream};
+    keepalive 128;
+  }}
+  server {{
+    listen {listen} reuseport;
+    location / {{
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_request_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+def start_nginx(services: Services, workdir: Path, upstream: str) -> Target:
+    nginx = shutil.which("nginx")
+    if nginx is None:
+        raise BenchError("nginx not found")
+    prefix = workdir / "nginx"
+    prefix.mkdir()
+    prefix.chmod(0o755)  # workers drop to an unprivileged user when started as root
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(prefix=prefix, upstream=upstream, listen=f"{HOST}:{port}"))
+    svc = services.start("nginx", [nginx, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"])
+    wait_ready(svc, f"http://{HOST}:{port}/healthz", 15)
+    return Target(
+        "nginx",
+        f"http://{HOST}:{port}",
+        "mock-gpt",
+        svc.proc.pid,
+        version=version_of([nginx, "-v"]).replace("nginx version: ", ""),
+    )
+
+
+def onetoken_python(explicit: str | None) -> str | None:
+    """The interpreter that can import onetoken (and its extension), or None."""
+    default = [sys.executable, str(ROOT / ".venv" / "bin" / "python")]
+    candidates = [explicit] if explicit else default
+    for py in candidates:
+        if py and Path(py).exists():
+            res = subprocess.run(  # noqa: S603 - interpreter path checked above
+                [py, "-c", "import onetoken.cli, onetoken._core"],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            if res.returncode == 0:
+                return py
+    return None
+
+
+def start_onetoken(services: Services, workdir: Path, upstream: str, python: str) -> Target:
+    data_dir = workdir / "onetoken-data"
+    gw_port, ctl_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "ONETOKEN_DATA_DIR": str(data_dir),
+        "ONETOKEN_GATEWAY_LISTEN": f"{HOST}:{gw_port}",
+        "ONETOKEN_CONTROL_LISTEN": f"{HOST}:{ctl_port}",
+        "ONETOKEN_DEMO_UPSTREAM": upstream,
+        "ONETOKEN_LOG_LEVEL": "WARNING",
+    }
+    boot = run_cmd([python, "-m", "onetoken.cli", "bootstrap", "--json"], timeout=300, env=env)
+    api_key = str(json.loads(boot.strip().splitlines()[-1]).get("api_key") or "")
+    svc = services.start("onetoken", [python, "-m", "onetoken.cli", "serve", "--demo"], env=env)
+    base = f"http://{HOST}:{gw_port}"
+    wait_ready(svc, f"{base}/healthz", 180)
+    body = json.dumps(
+        {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    ).encode()
+    url = f"{base}/v1/chat/completions"
+
+    def works(key: str) -> bool:
+        hdrs = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        return bool(key) and http_status(url, body, hdrs) == 200
+
+    if not works(api_key):
+        # Fall back to the demo session key that `serve --demo` prints.
+        match = re.search(r"^api_key: (\S+)$", svc.tail(200), re.MULTILINE)
+        api_key = match.group(1) if match else ""
+        if not works(api_key):
+            raise BenchError(f"onetoken does not answer a demo-chat request:\n{svc.tail()}")
+    version = version_of([python, "-c", "import onetoken; print(onetoken.__version__)"])
+    return Target("onetoken", base, "demo-chat", svc.proc.pid, api_key=api_key, version=version)
+
+
+LITELLM_CONFIG = """\
+model_list:
+  - model_name: mock-gpt
+    litellm_params:
+      model: openai/mock-gpt
+      api_base: http://{upstream}/v1
+      api_key: sk-bench-not-checked
+litellm_settings:
+  telemetry: false
+  set_verbose: false
+"""
+
+
+def start_litellm(services: Services, workdir: Path, upstream: str) -> Target:
+    litellm = ensure_bench_venv()
+    port = free_port()
+    cfg = workdir / "litellm.yaml"
+    cfg.write_text(LITELLM_CONFIG.format(upstream=upstream))
+    master_key = f"sk-bench-{secrets.token_hex(16)}"
+    env = {
+        **os.environ,
+        # No outbound fetches: the model cost map ships inside the package.
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "LITELLM_TELEMETRY": "False",
+        "LITELLM_LOG": "ERROR",
+        # LiteLLM refuses to start without one; requests then authenticate with it, as
+        # onetoken's do with their API key.
+        "LITELLM_MASTER_KEY": master_key,
+    }
+    env.pop("DATABASE_URL", None)
+    argv = [str(litellm), "--config", str(cfg), "--host", HOST, "--port", str(port)]
+    svc = services.start("litellm", [*argv, "--num_workers", "1"], env=env)
+    base = f"http://{HOST}:{port}"
+    wait_ready(svc, f"{base}/health/liveliness", 180)
+    py = str(LITELLM_VENV / "bin" / "python")
+    version = version_of([py, "-c", "import importlib.metadata as m; print(m.version('litellm'))"])
+    return Target(
+        "litellm",
+        base,
+        "mock-gpt",
+        svc.proc.pid,
+        api_key=master_key,
+        version=version,
+        short_run=True,
+    )
+
+
+# ---------------------------------------------------------------- workloads
+
+
+@dataclass
+class Workload:
+    key: str
+    title: str
+    connections: int
+    tool: str  # "wrk" or "loadgen"
+    stream_body: dict[str, Any] | None = None
+
+
+def stream_body(model: str, delay_ms: int) -> dict[str, Any]:
+    return {
+        "model": model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": CHAT_PROMPT}],
+        "mock": {"chunks": STREAM_CHUNKS, "delay_ms": delay_ms},
+    }
+
+
+WORKLOADS = (
+    Workload("chat_32c", "Non-streaming chat, 32 connections (throughput)", 32, "wrk"),
+    Workload("chat_1c", "Non-streaming chat, 1 connection (added latency)", 1, "wrk"),
+    Workload(
+        "stream_1c",
+        f"Streaming chat, {STREAM_CHUNKS} chunks {STREAM_DELAY_MS} ms apart, 1 connection "
+        "(time to first token, per-chunk gap)",
+        1,
+        "loadgen",
+        {"delay_ms": STREAM_DELAY_MS},
+    ),
+    Workload(
+        "stream_32c",
+        f"Streaming chat, {STREAM_CHUNKS} chunks unpaced, 32 connections (stream throughput)",
+        32,
+        "loadgen",
+        {"delay_ms": 0},
+    ),
+)
+
+
+def run_wrk(t: Target, w: Workload, seconds: int) -> dict[str, Any]:
+    env = {**os.environ, "BENCH_MODEL": t.model, "BENCH_API_KEY": t.api_key}
+    threads = min(2, w.connections)
+    argv = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{w.connections}",
+        f"-d{seconds}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA_SCRIPT),
+        t.base_url,
+    ]
+    out = run_cmd(argv, timeout=seconds + 60, env=env)
+    line = next((ln for ln in out.splitlines() if ln.startswith("WRK_JSON ")), None)
+    if line is None:
+        raise BenchError(f"wrk printed no summary:\n{out[-2000:]}")
+    raw = json.loads(line[len("WRK_JSON ") :])
+    secs = raw["duration_us"] / 1e6
+    errors = sum(raw[k] for k in raw if k.startswith("errors_"))
+    return {
+        "requests": raw["requests"],
+        "errors": errors,
+        "rps": raw["requests"] / secs if secs else 0.0,
+        "p50_us": raw["p50_us"],
+        "p90_us": raw["p90_us"],
+        "p99_us": raw["p99_us"],
+        "mean_us": raw["lat_mean_us"],
+    }
+
+
+def run_loadgen(loadgen: Path, t: Target, w: Workload, seconds: int) -> dict[str, Any]:
+    body = stream_body(t.model, int((w.stream_body or {}).get("delay_ms", 0)))
+    argv = [
+        str(loadgen),
+        "--url",
+        f"{t.base_url}/v1/chat/completions",
+        "--body",
+        json.dumps(body),
+        "--connections",
+        str(w.connections),
+        "--duration",
+        str(seconds),
+        "--warmup",
+        "0.5",
+        "--threads",
+        "2" if w.connections > 1 else "1",
+    ]
+    if t.api_key:
+        argv += ["--header", f"Authorization: Bearer {t.api_key}"]
+    raw = json.loads(run_cmd(argv, timeout=seconds + 60).strip().splitlines()[-1])
+
+    def pct(name: str, p: str) -> float | None:
+        s = raw.get(name)
+        return float(s[p]) if s else None
+
+    return {
+        "requests": raw["requests"],
+        "errors": raw["errors"] + raw["non_2xx"],
+        "rps": raw["rps"],
+        "events_per_stream": raw["events_per_response"],
+        "ttft_p50_us": pct("first_event_us", "p50"),
+        "ttft_p99_us": pct("first_event_us", "p99"),
+        "gap_p50_us": pct("event_gap_us", "p50"),
+        "gap_p99_us": pct("event_gap_us", "p99"),
+        "total_p50_us": pct("total_us", "p50"),
+        "total_p99_us": pct("total_us", "p99"),
+        "headers_p50_us": pct("headers_us", "p50"),
+    }
+
+
+def measure(t: Target, w: Workload, seconds: int, loadgen: Path) -> dict[str, Any]:
+    cpu0 = cpu_seconds(t.pid)
+    if w.tool == "wrk":
+        data = run_wrk(t, w, seconds)
+    else:
+        data = run_loadgen(loadgen, t, w, seconds)
+    cpu = cpu_seconds(t.pid) - cpu0
+    total = data["requests"] + data["errors"]
+    data["cpu_us_per_req"] = cpu * 1e6 / total if total else None
+    data["rss_mb"] = rss_mb(t.pid)
+    data["seconds"] = seconds
+    return data
+
+
+def warm_up(t: Target, seconds: int) -> None:
+    """Fill connection pools, JIT-less caches and allocator arenas before measuring."""
+    run_wrk(t, WORKLOADS[0], seconds)
+
+
+# ---------------------------------------------------------------- report
+
+
+def machine_info() -> dict[str, str]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "unknown"
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "memory": mem,
+        "kernel": platform.release(),
+    }
+
+
+def git_sha() -> str:
+    try:
+        sha = run_cmd(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], 30).strip()
+    except BenchError:
+        return "none (no commit yet)"
+    dirty = run_cmd(["git", "-C", str(ROOT), "status", "--porcelain"], 30).strip()
+    return f"{sha}{' + uncommitted changes' if dirty else ''}"
+
+
+def fmt(v: Any, digits: int = 0) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def diff(a: float | None, b: float | None) -> str:
+    if a is None or b is None:
+        return "-"
+    return f"{a - b:+,.0f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if not a or not b:
+        return "-"
+    return f"{a / b:.2f}"
+
+
+def write_report(
+    path: Path,
+    meta: dict[str, Any],
+    targets: list[Target],
+    rows: dict[tuple[str, str], dict[str, Any]],
+    skipped: dict[str, str],
+) -> None:
+    names = [t.name for t in targets]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Generated by `{meta['command']}` on {meta['date']}. Compare rows within one run only:",
+        "absolute figures drift between runs and machines (DESIGN.md section 7).",
+        "",
+        "## Machine and software",
+        "",
+        f"- machine: {meta['machine']['nproc']} CPUs ({meta['machine']['cpu']}), "
+        f"{meta['machine']['memory']} RAM, Linux {meta['machine']['kernel']}",
+        f"- git: {meta['git']}",
+        f"- load tools: {meta['versions']['wrk']}; onetoken-loadgen (rust/mock-upstream)",
+        "- upstream: onetoken-mock-upstream (release build), default 8 tokens per reply",
+        f"- rustc: {meta['versions']['rustc']}; python: {meta['versions']['python']}",
+        f"- run: {meta['seconds']} s per row ({meta['litellm_seconds']} s for LiteLLM), "
+        f"{meta['warmup']} s warm-up per target, everything on 127.0.0.1 on the same cores",
+        "",
+        "| target | what runs | version | idle RSS MB |",
+        "|---|---|---|---|",
+    ]
+    what = {
+        "direct": "the mock upstream itself (baseline)",
+        "nginx": "nginx reverse proxy, keep-alive upstream, proxy_buffering off, workers auto",
+        "onetoken": "`onetoken serve --demo`: full pipeline (auth, limits, routing, "
+        "reserve/settle, token counting, metadata records into embedded chDB)",
+        "litellm": "LiteLLM proxy, 1 worker, openai-compatible provider",
+    }
+    for t in targets:
+        lines.append(f"| {t.name} | {what[t.name]} | {t.version} | {fmt(t.idle_rss_mb, 1)} |")
+    for name, why in skipped.items():
+        lines.append(f"| {name} | skipped: {why} | - | - |")
+    lines.append("")
+
+    def get(target: str, wl: str) -> dict[str, Any]:
+        return rows.get((target, wl), {})
+
+    # Non-streaming throughput.
+    w = WORKLOADS[0]
+    lines += [
+        f"## {w.title}",
+        "",
+        "wrk, 2 threads, `bench/chat.lua`. CPU and RSS are the target's own processes "
+        "(for `direct`, the mock's).",
+        "",
+        "| target | req/s | x nginx | p50 µs | p99 µs | errors | CPU µs/req | RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    nginx_rps = get("nginx", w.key).get("rps")
+    for n in names:
+        r = get(n, w.key)
+        if r:
+            lines.append(
+                f"| {n} | {fmt(r['rps'])} | {ratio(r['rps'], nginx_rps)} | {fmt(r['p50_us'])} | "
+                f"{fmt(r['p99_us'])} | {fmt(r['errors'])} | {fmt(r['cpu_us_per_req'], 1)} | "
+                f"{fmt(r['rss_mb'], 1)} |"
+            )
+    lines.append("")
+
+    # Non-streaming latency at one connection.
+    w = WORKLOADS[1]
+    base = get("direct", w.key)
+    lines += [
+        f"## {w.title}",
+        "",
+        "wrk, 1 thread, 1 connection. Added = this row minus `direct` in the same run.",
+        "",
+        "| target | req/s | p50 µs | p99 µs | added p50 µs | added p99 µs | CPU µs/req |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n in names:
+        r = get(n, w.key)
+        if r:
+            lines.append(
+                f"| {n} | {fmt(r['rps'])} | {fmt(r['p50_us'])} | {fmt(r['p99_us'])} | "
+                f"{diff(r['p50_us'], base.get('p50_us'))} | "
+                f"{diff(r['p99_us'], base.get('p99_us'))} | {fmt(r['cpu_us_per_req'], 1)} |"
+            )
+    lines.append("")
+
+    # Paced stream at one connection.
+    w = WORKLOADS[2]
+    base = get("direct", w.key)
+    lines += [
+        f"## {w.title}",
+        "",
+        "onetoken-loadgen, 1 connection; the mock pauses before each chunk, so a proxy that "
+        "buffered would show a time to first token near the total. TTFT = request sent to "
+        "first complete SSE event; gap = between consecutive events.",
+        "",
+        "| target | streams/s | TTFT p50 µs | TTFT p99 µs | added TTFT p50 µs | gap p50 µs | "
+        "gap p99 µs | added gap p50 µs | total p50 µs | events/stream |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n in names:
+        r = get(n, w.key)
+        if r:
+            lines.append(
+                f"| {n} | {fmt(r['rps'], 1)} | {fmt(r['ttft_p50_us'])} | {fmt(r['ttft_p99_us'])} | "
+                f"{diff(r['ttft_p50_us'], base.get('ttft_p50_us'))} | {fmt(r['gap_p50_us'])} | "
+                f"{fmt(r['gap_p99_us'])} | {diff(r['gap_p50_us'], base.get('gap_p50_us'))} | "
+                f"{fmt(r['total_p50_us'])} | {fmt(r['events_per_stream'], 1)} |"
+            )
+    lines.append("")
+
+    # Unpaced streams at 32 connections.
+    w = WORKLOADS[3]
+    nginx_rps = get("nginx", w.key).get("rps")
+    lines += [
+        f"## {w.title}",
+        "",
+        "onetoken-loadgen, 32 connections, 2 threads.",
+        "",
+        "| target | streams/s | x nginx | TTFT p50 µs | TTFT p99 µs | total p50 µs | "
+        "total p99 µs | errors | CPU µs/stream | RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n in names:
+        r = get(n, w.key)
+        if r:
+            lines.append(
+                f"| {n} | {fmt(r['rps'])} | {ratio(r['rps'], nginx_rps)} | "
+                f"{fmt(r['ttft_p50_us'])} | {fmt(r['ttft_p99_us'])} | {fmt(r['total_p50_us'])} | "
+                f"{fmt(r['total_p99_us'])} | {fmt(r['errors'])} | "
+                f"{fmt(r['cpu_us_per_req'], 1)} | {fmt(r['rss_mb'], 1)} |"
+            )
+    lines.append("")
+
+    lines += targets_check(rows, targets)
+    if meta.get("errors"):
+        lines += ["## Problems during the run", ""]
+        lines += [f"- {e}" for e in meta["errors"]]
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def targets_check(rows: dict[tuple[str, str], dict[str, Any]], targets: list[Target]) -> list[str]:
+    """onetoken against DESIGN.md section 7, when both it and the peers ran."""
+    if not any(t.name == "onetoken" for t in targets):
+        return []
+
+    def val(target: str, wl: str, key: str) -> float | None:
+        v = rows.get((target, wl), {}).get(key)
+        return float(v) if v is not None else None
+
+    checks: list[tuple[str, float | None, float, str]] = []
+    ot, ng = val("onetoken", "chat_32c", "rps"), val("nginx", "chat_32c", "rps")
+    checks.append(("throughput ≥ 0.8 x nginx", ot / ng if ot and ng else None, 0.8, ">="))
+    for key, limit, label in (("p50_us", 50, "p50"), ("p99_us", 150, "p99")):
+        a, b = val("onetoken", "chat_1c", key), val("direct", "chat_1c", key)
+        checks.append(
+            (f"added {label} at 1 connection ≤ {limit} µs", a - b if a and b else None, limit, "<=")
+        )
+    a, b = val("onetoken", "stream_1c", "ttft_p50_us"), val("direct", "stream_1c", "ttft_p50_us")
+    checks.append(("added time to first token ≤ 300 µs", a - b if a and b else None, 300, "<="))
+    a, b = val("onetoken", "stream_1c", "gap_p50_us"), val("direct", "stream_1c", "gap_p50_us")
+    checks.append(("added per-chunk gap ≤ 10 µs", a - b if a and b else None, 10, "<="))
+    idle = next((t.idle_rss_mb for t in targets if t.name == "onetoken"), None)
+    checks.append(
+        ("idle RSS ≤ 64 MB + ~250 MB embedded chDB (demo uses chDB)", idle, 64 + 250, "<=")
+    )
+    out = [
+        "## onetoken against the targets (DESIGN.md section 7)",
+        "",
+        "| target | measured | result |",
+        "|---|---:|---|",
+    ]
+    for label, value, limit, op in checks:
+        if value is None:
+            out.append(f"| {label} | - | not measured |")
+            continue
+        ok = value >= limit if op == ">=" else value <= limit
+        shown = f"{value:.2f}" if op == ">=" else f"{value:,.0f}"
+        out.append(f"| {label} | {shown} | {'met' if ok else 'NOT met'} |")
+    out.append("")
+    return out
+
+
+# ---------------------------------------------------------------- main
+
+
+@contextlib.contextmanager
+def terminate_on_signals(services: Services) -> Iterator[None]:
+    def handler(signum: int, _frame: object) -> None:
+        services.stop_all()
+        raise SystemExit(128 + signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per row (default 10)")
+    parser.add_argument("--quick", action="store_true", help="3 s per row, 1 s warm-up")
+    parser.add_argument(
+        "--targets",
+        default=",".join(ALL_TARGETS),
+        help=f"comma-separated subset of {','.join(ALL_TARGETS)} (direct always runs)",
+    )
+    parser.add_argument(
+        "--onetoken-python", help="interpreter with onetoken installed (default: this one)"
+    )
+    parser.add_argument("--output", type=Path, default=BENCH / "RESULTS.md", help="report path")
+    args = parser.parse_args(argv)
+
+    wanted = {t.strip() for t in args.targets.split(",") if t.strip()} | {"direct"}
+    unknown = wanted - set(ALL_TARGETS)
+    if unknown:
+        parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    seconds = 3 if args.quick else max(1, args.duration)
+    warmup = 1 if args.quick else 2
+    # LiteLLM serves ~100 req/s: a shorter run gives it as many samples as it can use.
+    litellm_seconds = max(2, seconds // 2)
+
+    ensure_debian_tools()
+    mock_bin, loadgen = build_rust_tools()
+
+    meta: dict[str, Any] = {
+        "command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+        "git": git_sha(),
+        "seconds": seconds,
+        "litellm_seconds": litellm_seconds,
+        "warmup": warmup,
+        "versions": {
+            "wrk": version_of(["wrk", "-v"]).split(" [")[0],
+            "rustc": version_of(["rustc", "--version"]),
+            "python": platform.python_version(),
+        },
+        "errors": [],
+    }
+    targets: list[Target] = []
+    skipped: dict[str, str] = {}
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+
+    with tempfile.TemporaryDirectory(prefix="onetoken-bench-") as tmp:
+        workdir = Path(tmp)
+        services = Services(workdir)
+        with terminate_on_signals(services):
+            try:
+                direct = start_mock(services, mock_bin)
+                upstream = direct.base_url.removeprefix("http://")
+                starters = {
+                    "nginx": lambda: start_nginx(services, workdir, upstream),
+                    "litellm": lambda: start_litellm(services, workdir, upstream),
+                }
+                py = None
+                if "onetoken" in wanted:
+                    py = onetoken_python(args.onetoken_python)
+                    if py is None:
+                        skipped["onetoken"] = (
+                            "the onetoken package (with its extension) is not importable here; "
+                            "run `make bench`, or pass --onetoken-python"
+                        )
+                    else:
+                        starters["onetoken"] = lambda: start_onetoken(
+                            services, workdir, upstream, py
+                        )
+                order = [direct.name] + [n for n in ALL_TARGETS[1:] if n in wanted]
+                for name in order:
+                    if name in skipped:
+                        log(f"{name}: skipped ({skipped[name]})")
+                        continue
+                    log(f"{name}: starting")
+                    try:
+                        t = direct if name == "direct" else starters[name]()
+                    except BenchError as exc:
+                        skipped[name] = str(exc).splitlines()[0]
+                        meta["errors"].append(f"{name}: {exc}")
+                        log(f"{name}: could not start: {exc}")
+                        services.stop_after_first()
+                        continue
+                    t.idle_rss_mb = rss_mb(t.pid)
+                    targets.append(t)
+                    warm_up(t, warmup)
+                    secs = litellm_seconds if t.short_run else seconds
+                    for w in WORKLOADS:
+                        log(f"{name}: {w.key} for {secs} s")
+                        try:
+                            rows[(name, w.key)] = measure(t, w, secs, loadgen)
+                        except BenchError as exc:
+                            meta["errors"].append(f"{name} {w.key}: {exc}")
+                            log(f"{name}: {w.key} failed: {exc}")
+                            continue
+                        r = rows[(name, w.key)]
+                        log(
+                            f"{name}: {w.key}: {r['rps']:,.0f} req/s, errors {r['errors']}, "
+                            f"cpu/req {fmt(r['cpu_us_per_req'], 1)} µs"
+                        )
+                    # Give the cores back before the next target starts.
+                    services.stop_after_first()
+            finally:
+                services.stop_all()
+
+    write_report(args.output, meta, targets, rows, skipped)
+    OUT_DIR.mkdir(exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    raw = {
+        "meta": meta,
+        "targets": [t.__dict__ for t in targets],
+        "skipped": skipped,
+        "rows": [{"target": k[0], "workload": k[1], **v} for k, v in rows.items()],
+    }
+    (OUT_DIR / f"results-{stamp}.json").write_text(json.dumps(raw, indent=2))
+    log(f"wrote {args.output} and bench/out/results-{stamp}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        log(f"error: {exc}")
+        sys.exit(1)

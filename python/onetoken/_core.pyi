@@ -1,0 +1,80 @@
+"""Typed surface of the Rust extension `onetoken._core` (built from rust/py).
+
+The hot path lives entirely in Rust. Python hands configuration in (rarely) and pulls
+metadata batches out (periodically); nothing crosses this boundary per request.
+"""
+
+from typing import Any, Final
+
+__version__: Final[str]
+
+class OnetokenError(Exception):
+    """Base class of every error raised by the extension."""
+
+class ConfigError(OnetokenError):
+    """Engine configuration or snapshot JSON was rejected (unknown field, bad value)."""
+
+class BindError(OnetokenError):
+    """The listener could not bind its address (in use, permission, bad address)."""
+
+class TlsError(OnetokenError):
+    """The certificate or private key could not be loaded."""
+
+class EngineStateError(OnetokenError):
+    """The call does not fit the engine's state (start twice, snapshot before start...)."""
+
+class Engine:
+    """The gateway: a hyper server on a tokio runtime that Rust owns.
+
+    `config_json` is the engine configuration (tests/contract/engine_config.json);
+    unknown fields are rejected with ConfigError naming the field.
+    """
+
+    def __init__(self, config_json: bytes) -> None: ...
+    def start(self) -> str:
+        """Bind synchronously (BindError at once on failure), serve in the background,
+        return the bound address as "host:port"."""
+    def load_snapshot(self, snapshot_json: bytes) -> int:
+        """Compile and atomically swap in a config snapshot (tests/contract/snapshot.json).
+        Returns the version now serving. Raises ConfigError on an invalid snapshot; the
+        previous snapshot keeps serving. A snapshot whose version is not newer than the
+        current one is ignored and the current version is returned."""
+    def drain_records(self, max_records: int) -> dict[str, list[Any]] | None:
+        """Take up to `max_records` call records from the bounded queue, column-oriented
+        (keys and order in tests/contract/call_log_columns.json). None when empty.
+        The GIL is taken once for the whole batch."""
+    def stop(self, grace_seconds: float) -> None:
+        """Stop accepting, let in-flight requests finish for up to `grace_seconds`, then
+        cancel the rest (each still leaves its record). Idempotent. Records stay drainable."""
+    def metrics_text(self) -> str:
+        """Prometheus exposition text, the same as GET /metrics."""
+    def org_spend(self) -> dict[str, tuple[int, int]]:
+        """org_id -> (settled cost since engine start, currently reserved), nano-units."""
+    def stats(self) -> dict[str, int]:
+        """Counters: queue_depth, records_total, records_spooled, in_flight, snapshot_version."""
+    @property
+    def address(self) -> str | None: ...
+    @property
+    def running(self) -> bool: ...
+    @property
+    def instance_id(self) -> str:
+        """Unique per Engine object; names the overflow spool files it writes."""
+
+class MockUpstream:
+    """The bundled fake model provider (OpenAI-compatible), on its own runtime."""
+
+    def __init__(self, listen: str) -> None: ...
+    def start(self) -> str:
+        """Bind synchronously and serve; returns "host:port"."""
+    def stop(self) -> None: ...
+    def request_count(self) -> int:
+        """Requests received so far (for tests that assert call counts)."""
+
+def hash_key(secret: bytes, key: str) -> str:
+    """HMAC-SHA256 of the key under the secret, lowercase hex (the gateway's lookup hash)."""
+
+def count_tokens(text: str) -> int:
+    """Tokens in `text` under the gateway's tokenizer (o200k_base)."""
+
+def serve_mock_upstream(listen: str) -> None:
+    """Run the fake provider in the foreground until SIGINT/SIGTERM (the CLI command)."""

@@ -1,0 +1,338 @@
+"""ClickHouse client from a DSN, and the versioned SQL migrations.
+
+Two kinds of DSN, one client library and one set of SQL files:
+
+- ``chdb://<path>``: embedded chDB in this process (clickhouse-connect's chdb backend).
+  Everything after ``chdb://`` is the filesystem path, so ``chdb:///abs/dir`` and
+  ``chdb://relative/dir`` both mean a directory (clickhouse-connect's own DSN parser would
+  read a relative path's first component as a host name). ``chdb://:memory:`` is an
+  in-memory engine.
+- ``http(s)://user:pass@host:port/db``: a ClickHouse server. Tables are always addressed
+  as ``onetoken.<table>``, so the database part of the DSN is not needed.
+
+chDB allows one process per data path (the engine holds a lock on ``<path>/status``) and
+one path per process; both failures become a ``ChdbLockedError`` / ``ChdbPathConflictError``
+that names the path instead of chDB's generic "Error initializing EmbeddedServer".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Final, Literal, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from onetoken.analytics.columns import CALL_LOG_TABLE, SECURITY_LOG_TABLE
+
+logger = logging.getLogger("onetoken.analytics")
+
+CHDB_SCHEME: Final = "chdb://"
+_MEMORY_LOCATIONS: Final = frozenset({"", "memory", ":memory:"})
+_MIGRATION_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
+_TTL_DAYS = re.compile(r"\bTTL\s+ts\s*\+\s*toIntervalDay\((\d+)\)")
+
+# HTTP timeouts: a flush must not hang the record pump on a blackholed server; the sink
+# spools instead and retries later.
+_HTTP_CONNECT_TIMEOUT_S: Final = 5
+_HTTP_SEND_RECEIVE_TIMEOUT_S: Final = 60
+
+
+class ClickHouseSettings(Protocol):
+    """The settings this package reads (onetoken.settings.Settings satisfies it)."""
+
+    @property
+    def data_dir(self) -> Path: ...
+
+    @property
+    def clickhouse_dsn(self) -> str: ...
+
+    @property
+    def call_log_ttl_days(self) -> int: ...
+
+
+class AnalyticsError(Exception):
+    """Base class of errors raised by onetoken.analytics."""
+
+
+class ClickHouseUnavailableError(AnalyticsError):
+    """The ClickHouse server (or chDB engine) could not be opened."""
+
+
+class ChdbLockedError(ClickHouseUnavailableError):
+    """Another process holds the chDB data path (normally a running `onetoken serve`)."""
+
+    def __init__(self, path: Path, pid: int | None) -> None:
+        self.path = path
+        self.pid = pid
+        holder = f"process {pid}" if pid is not None else "another process"
+        super().__init__(
+            f"chDB data at {path} is locked by {holder} (a running onetoken server?). "
+            "chDB allows one process per data path: stop that process, or go through its "
+            "API, or point ONETOKEN_CLICKHOUSE_DSN at a ClickHouse server."
+        )
+
+
+class ChdbPathConflictError(ClickHouseUnavailableError):
+    """This process already runs a chDB engine on a different path (one path per process)."""
+
+
+class MigrationError(AnalyticsError):
+    """A migration file is malformed or a statement failed."""
+
+
+@dataclass(frozen=True)
+class Dsn:
+    """A parsed ONETOKEN_CLICKHOUSE_DSN."""
+
+    kind: Literal["chdb", "http"]
+    #: chDB data directory; None for an in-memory engine or a server.
+    chdb_path: Path | None
+    #: Server URL without the database path; None for chDB.
+    url: str | None
+
+    @property
+    def display(self) -> str:
+        """The DSN without credentials, safe for logs and error messages."""
+        if self.kind == "chdb":
+            return f"{CHDB_SCHEME}{self.chdb_path if self.chdb_path else ':memory:'}"
+        parts = urlsplit(self.url or "")
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}"
+
+
+def default_dsn(data_dir: Path) -> str:
+    return f"{CHDB_SCHEME}{Path(data_dir) / 'clickhouse'}"
+
+
+def parse_dsn(dsn: str, data_dir: Path | None = None) -> Dsn:
+    """Parse a DSN; an empty one means the embedded default under `data_dir`."""
+    if not dsn:
+        if data_dir is None:
+            raise AnalyticsError("empty ClickHouse DSN and no data_dir for the chDB default")
+        dsn = default_dsn(data_dir)
+    if dsn.startswith(CHDB_SCHEME):
+        location = dsn[len(CHDB_SCHEME) :].split("?", 1)[0]
+        if location in _MEMORY_LOCATIONS:
+            return Dsn(kind="chdb", chdb_path=None, url=None)
+        # realpath: chDB compares engine paths literally, so one directory must have one
+        # spelling (the lock probe and error messages use it too).
+        return Dsn(kind="chdb", chdb_path=Path(os.path.realpath(location)), url=None)
+    parts = urlsplit(dsn)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise AnalyticsError(
+            "ONETOKEN_CLICKHOUSE_DSN must be chdb://<path> or http(s)://user:pass@host:port/db"
+        )
+    return Dsn(
+        kind="http",
+        chdb_path=None,
+        url=urlunsplit((parts.scheme, parts.netloc, "", parts.query, "")),
+    )
+
+
+def chdb_lock_holder(path: Path) -> tuple[bool, int | None]:
+    """(locked, pid) for a chDB data path, probing the engine's flock on <path>/status.
+
+    Only meaningful when this process does not hold the engine itself: flock locks belong
+    to open file descriptions, so our own engine's lock would also look "locked" here.
+    """
+    status = path / "status"
+    try:
+        fd = os.open(status, os.O_RDONLY)
+    except FileNotFoundError:
+        return False, None
+    except OSError:
+        return False, None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return True, _status_pid(status)
+            return False, None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False, None
+    finally:
+        os.close(fd)
+
+
+def _status_pid(status: Path) -> int | None:
+    # ClickHouse writes "PID: <n>" as the first line of the status file it locks.
+    with contextlib.suppress(OSError, ValueError):
+        for line in status.read_text(errors="replace").splitlines():
+            if line.startswith("PID:"):
+                return int(line.split(":", 1)[1].strip())
+    return None
+
+
+def open_client(settings: ClickHouseSettings, *, migrate: bool = True) -> Client:
+    """Open a clickhouse-connect client for settings.clickhouse_dsn.
+
+    With `migrate` (the default) the pending SQL migrations are applied and the configured
+    TTLs enforced, so the caller gets a client whose schema is current.
+    """
+    dsn = parse_dsn(settings.clickhouse_dsn, settings.data_dir)
+    client = _open_chdb(dsn.chdb_path) if dsn.kind == "chdb" else _open_http(dsn)
+    if migrate:
+        try:
+            apply_migrations(client)
+            ensure_ttls(client, settings)
+        except BaseException:
+            client.close()
+            raise
+    return client
+
+
+def _open_chdb(path: Path | None) -> Client:
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+    try:
+        return clickhouse_connect.get_client(
+            interface="chdb", path=str(path) if path is not None else ":memory:"
+        )
+    except ClickHouseError as exc:
+        message = str(exc)
+        if "already initialized with path" in message:
+            raise ChdbPathConflictError(
+                f"this process already runs chDB on another data path, cannot open {path} "
+                "(chDB allows one data path per process; close the other clients first)"
+            ) from exc
+        if path is not None:
+            locked, pid = chdb_lock_holder(path)
+            if locked:
+                raise ChdbLockedError(path, pid) from exc
+        raise ClickHouseUnavailableError(f"could not open chDB at {path}: {message}") from exc
+
+
+def _open_http(dsn: Dsn) -> Client:
+    try:
+        return clickhouse_connect.get_client(
+            dsn=dsn.url,
+            connect_timeout=_HTTP_CONNECT_TIMEOUT_S,
+            send_receive_timeout=_HTTP_SEND_RECEIVE_TIMEOUT_S,
+        )
+    except ClickHouseError as exc:
+        # The exception text can carry the URL; say which server without the credentials.
+        raise ClickHouseUnavailableError(
+            f"ClickHouse server {dsn.display} is unreachable ({type(exc).__name__})"
+        ) from exc
+
+
+# ---------------------------------------------------------------------------------------
+# Migrations
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+    def statements(self) -> list[str]:
+        """The statements of the file: `--` comment lines dropped, split on `;` at line end."""
+        body = "\n".join(
+            line for line in self.sql.splitlines() if not line.lstrip().startswith("--")
+        )
+        return [s.strip() for s in re.split(r";\s*(?:\n|$)", body) if s.strip()]
+
+
+def load_migrations() -> list[Migration]:
+    """The SQL files shipped in onetoken/analytics/sql, in version order."""
+    found: list[Migration] = []
+    for entry in resources.files("onetoken.analytics").joinpath("sql").iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match is None:
+            continue
+        found.append(
+            Migration(version=int(match[1]), name=entry.name, sql=entry.read_text("utf-8"))
+        )
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"duplicate migration versions: {versions}")
+    return found
+
+
+def applied_migrations(client: Client) -> dict[int, str]:
+    """version -> checksum of the migrations recorded in onetoken.schema_migrations."""
+    exists = client.command("EXISTS TABLE onetoken.schema_migrations")
+    if str(exists).strip() != "1":
+        return {}
+    rows = client.query("SELECT version, checksum FROM onetoken.schema_migrations FINAL")
+    return {int(version): str(checksum) for version, checksum in rows.result_rows}
+
+
+def apply_migrations(client: Client) -> list[str]:
+    """Apply pending migrations in order; returns the names applied (empty when current)."""
+    done = applied_migrations(client)
+    applied: list[str] = []
+    for migration in load_migrations():
+        if migration.version in done:
+            if done[migration.version] != migration.checksum:
+                # An edited, already-applied migration is a development mistake; the
+                # database keeps what ran, so warn instead of refusing to start.
+                logger.warning("analytics.migration_changed", extra={"version": migration.version})
+            continue
+        for statement in migration.statements():
+            try:
+                client.command(statement)
+            except ClickHouseError as exc:
+                raise MigrationError(f"migration {migration.name} failed: {exc}") from exc
+        client.insert(
+            "onetoken.schema_migrations",
+            [[migration.version], [migration.name], [migration.checksum]],
+            column_names=["version", "name", "checksum"],
+            column_oriented=True,
+        )
+        applied.append(migration.name)
+        logger.info("analytics.migration_applied", extra={"version": migration.version})
+    return applied
+
+
+def current_ttl_days(client: Client, table: str) -> int | None:
+    """The `TTL ts + INTERVAL n DAY` of a table, None when it has none."""
+    database, name = table.split(".", 1)
+    result = client.query(
+        "SELECT engine_full FROM system.tables WHERE database = {db:String} AND name = {t:String}",
+        parameters={"db": database, "t": name},
+    )
+    if not result.result_rows:
+        return None
+    match = _TTL_DAYS.search(str(result.result_rows[0][0]))
+    return int(match[1]) if match else None
+
+
+def set_ttl_days(client: Client, table: str, days: int) -> bool:
+    """Make the table's TTL `ts + INTERVAL days DAY`; True when it had to change."""
+    if not isinstance(days, int) or isinstance(days, bool) or days < 1:
+        raise AnalyticsError(f"TTL for {table} must be a positive number of days, got {days!r}")
+    if current_ttl_days(client, table) == days:
+        return False
+    # The days value is a validated int, so formatting it into DDL is safe.
+    client.command(f"ALTER TABLE {table} MODIFY TTL ts + INTERVAL {days} DAY")
+    logger.info("analytics.ttl_changed", extra={"kind": table, "count": days})
+    return True
+
+
+def ensure_ttls(client: Client, settings: ClickHouseSettings) -> None:
+    """Apply the configured retention periods (settings may change between starts)."""
+    set_ttl_days(client, CALL_LOG_TABLE, settings.call_log_ttl_days)
+    security_days: Any = getattr(settings, "security_log_ttl_days", None)
+    if security_days is not None:
+        set_ttl_days(client, SECURITY_LOG_TABLE, int(security_days))

@@ -1,0 +1,174 @@
+"""Read queries over onetoken.call_log, for the control plane, its APIs and tests.
+
+Every query reads with FINAL: the table is a ReplacingMergeTree and a record replayed
+from the spool is a second physical row until a merge collapses it, so FINAL is what makes
+counts and sums exact per request. Times are integer microseconds since the epoch (the
+record contract) or aware datetimes; naive datetimes are taken as UTC.
+
+The SQL text is assembled only from module constants and fixed clause templates; every
+value (org id, times, cursor, limit) is a bound server-side parameter, hence the S608
+suppressions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+
+from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_TABLE
+
+Instant = datetime | int
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_PAGE_SIZE = 1000
+
+
+def to_micros(value: Instant) -> int:
+    """Microseconds since the epoch for an int (already micros) or a datetime."""
+    if isinstance(value, int):
+        return value
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _where(
+    org_id: str | None, start: Instant | None, end: Instant | None
+) -> tuple[str, dict[str, Any]]:
+    clauses: list[str] = []
+    params: dict[str, Any] = {}
+    if org_id is not None:
+        clauses.append("org_id = {org_id:String}")
+        params["org_id"] = org_id
+    if start is not None:
+        clauses.append("ts >= fromUnixTimestamp64Micro({start:Int64}, 'UTC')")
+        params["start"] = to_micros(start)
+    if end is not None:
+        clauses.append("ts < fromUnixTimestamp64Micro({end:Int64}, 'UTC')")
+        params["end"] = to_micros(end)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def count_calls(
+    client: Client,
+    *,
+    org_id: str | None = None,
+    start: Instant | None = None,
+    end: Instant | None = None,
+) -> int:
+    """Rows in call_log after deduplication (one per request), optionally filtered."""
+    where, params = _where(org_id, start, end)
+    result = client.query(f"SELECT count() FROM {CALL_LOG_TABLE} FINAL{where}", parameters=params)  # noqa: S608
+    return int(result.result_rows[0][0])
+
+
+def count_distinct_requests(
+    client: Client,
+    *,
+    org_id: str | None = None,
+    start: Instant | None = None,
+    end: Instant | None = None,
+) -> int:
+    """uniqExact(request_id): the number of distinct requests, whatever the merge state."""
+    where, params = _where(org_id, start, end)
+    result = client.query(
+        f"SELECT uniqExact(request_id) FROM {CALL_LOG_TABLE}{where}",  # noqa: S608
+        parameters=params,
+    )
+    return int(result.result_rows[0][0])
+
+
+def duplicate_request_ids(client: Client, *, limit: int = 100) -> list[str]:
+    """request_ids that read more than once even with FINAL (should always be empty)."""
+    result = client.query(
+        f"SELECT request_id FROM {CALL_LOG_TABLE} FINAL GROUP BY request_id "  # noqa: S608
+        "HAVING count() > 1 ORDER BY request_id LIMIT {limit:UInt32}",
+        parameters={"limit": limit},
+    )
+    return [str(row[0]) for row in result.result_rows]
+
+
+def cost_by_org(client: Client, start: Instant, end: Instant) -> dict[str, int]:
+    """org_id -> SUM(cost) in nano-units over [start, end), one row per request."""
+    where, params = _where(None, start, end)
+    result = client.query(
+        f"SELECT org_id, sum(cost) FROM {CALL_LOG_TABLE} FINAL{where} GROUP BY org_id",  # noqa: S608
+        parameters=params,
+    )
+    return {str(org): int(total) for org, total in result.result_rows}
+
+
+def cost_for_org(client: Client, org_id: str, start: Instant, end: Instant) -> int:
+    """SUM(cost) in nano-units for one org over [start, end)."""
+    where, params = _where(org_id, start, end)
+    result = client.query(f"SELECT sum(cost) FROM {CALL_LOG_TABLE} FINAL{where}", parameters=params)  # noqa: S608
+    return int(result.result_rows[0][0])
+
+
+@dataclass(frozen=True)
+class CallPage:
+    """One page of call records, newest first. `ts` is integer microseconds (as recorded)."""
+
+    rows: list[dict[str, Any]]
+    #: Pass back as `cursor` for the next (older) page; None on the last page.
+    next_cursor: str | None
+
+
+def _encode_cursor(ts_us: int, request_id: str) -> str:
+    return f"{ts_us}:{request_id}"
+
+
+def _decode_cursor(cursor: str) -> tuple[int, str]:
+    ts_text, sep, request_id = cursor.partition(":")
+    if not sep or not ts_text.lstrip("-").isdigit():
+        raise ValueError("malformed page cursor")
+    return int(ts_text), request_id
+
+
+def org_calls(
+    client: Client,
+    org_id: str,
+    *,
+    limit: int = 100,
+    cursor: str | None = None,
+    start: Instant | None = None,
+    end: Instant | None = None,
+) -> CallPage:
+    """An org's call records, newest first, keyset-paged on (ts, request_id).
+
+    Keyset paging stays fast at any depth (the sort key starts with org_id, ts) and does
+    not skip or repeat rows when new calls arrive between pages.
+    """
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}")
+    where, params = _where(org_id, start, end)
+    if cursor is not None:
+        cursor_ts, cursor_id = _decode_cursor(cursor)
+        where += (
+            " AND (ts, request_id) < "
+            "(fromUnixTimestamp64Micro({cursor_ts:Int64}, 'UTC'), {cursor_id:String})"
+        )
+        params["cursor_ts"] = cursor_ts
+        params["cursor_id"] = cursor_id
+    params["limit"] = limit + 1
+    # Aliased to ts_us, not ts: ClickHouse substitutes SELECT aliases into WHERE and ORDER
+    # BY, which would turn the DateTime64 comparisons into integer ones.
+    selected = ", ".join(
+        "toUnixTimestamp64Micro(ts) AS ts_us" if name == "ts" else name for name in CALL_LOG_COLUMNS
+    )
+    result = client.query(
+        f"SELECT {selected} FROM {CALL_LOG_TABLE} FINAL{where} "  # noqa: S608
+        "ORDER BY ts DESC, request_id DESC LIMIT {limit:UInt32}",
+        parameters=params,
+    )
+    rows = [dict(zip(CALL_LOG_COLUMNS, row, strict=True)) for row in result.result_rows]
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1]
+        next_cursor = _encode_cursor(int(last["ts"]), str(last["request_id"]))
+    return CallPage(rows=rows, next_cursor=next_cursor)

@@ -1,0 +1,87 @@
+"""The control API: create_app(settings, runtime) -> FastAPI."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, FastAPI
+
+from onetoken import __version__
+from onetoken.billing.router import router as billing_router
+from onetoken.db.migrate import upgrade
+from onetoken.db.session import make_engine, make_session_factory
+from onetoken.deps import AppState
+from onetoken.keys.router import router as keys_router
+from onetoken.kit.crypto import Secrets
+from onetoken.kit.errors import install_error_handlers
+from onetoken.kit.logging import AccessLogMiddleware
+from onetoken.orgs.router import router as orgs_router
+from onetoken.providers.router import router as providers_router
+from onetoken.settings import Settings
+
+if TYPE_CHECKING:
+    from onetoken.gateway.supervisor import GatewaySupervisor
+
+
+def build_state(
+    settings: Settings, runtime: GatewaySupervisor | None = None, *, migrate: bool = True
+) -> AppState:
+    """Open the control DB (migrating it to head) and derive the secrets."""
+    settings.ensure_dirs()
+    db_engine = make_engine(settings.database_url)
+    if migrate:
+        upgrade(db_engine)
+    return AppState(
+        settings=settings,
+        secrets=Secrets.from_settings(settings),
+        db_engine=db_engine,
+        session_factory=make_session_factory(db_engine),
+        runtime=runtime,
+    )
+
+
+def create_app(
+    settings: Settings,
+    runtime: GatewaySupervisor | None = None,
+    *,
+    state: AppState | None = None,
+) -> FastAPI:
+    """The control API. `runtime` (the gateway supervisor) receives a snapshot push after
+    every committed change; without one (tests, tools) changes only bump the revision."""
+    app_state = state or build_state(settings, runtime)
+    if runtime is not None:
+        app_state.runtime = runtime
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        # The runtime belongs to whoever started it (serve.py); only the pool is ours.
+        if state is None:
+            app_state.db_engine.dispose()
+
+    app = FastAPI(
+        title="onetoken control API",
+        version=__version__,
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.onetoken = app_state
+    install_error_handlers(app)
+    app.add_middleware(AccessLogMiddleware)
+
+    api = APIRouter(prefix="/api/v1")
+    api.include_router(orgs_router)
+    api.include_router(keys_router)
+    api.include_router(providers_router)
+    api.include_router(billing_router)
+    app.include_router(api)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

@@ -1,0 +1,429 @@
+"""`onetoken audit-retention --needle STRING`: look for a string in everything persisted.
+
+The privacy promise is checkable (DESIGN.md section 3.6): put a unique string into
+requests, then search every persisted byte for it. Stores searched:
+
+a. every file under the data dir (recursively, raw bytes, in overlapping chunks), which
+   covers the SQLite control DB, the spool, logs and the secret file; chDB compresses its
+   column files, so a miss there proves nothing about ClickHouse, hence
+b. every String-ish column of every table in ClickHouse, with SQL `position()`, through
+   the caller's client or one opened here (impossible while a server holds the chDB path:
+   that is reported, and the server exposes the same scan through its API);
+c. extra paths given by the operator, and PostgreSQL when ONETOKEN_DATABASE_URL points to
+   one (all text/varchar/json/bytea columns of the public schema).
+
+A store that could not be searched is never silently "clean": it is listed in
+`AuditReport.problems`. Findings name locations only (path and offset, table.column and
+count), never the surrounding bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from onetoken.analytics.clickhouse import (
+    ClickHouseSettings,
+    ClickHouseUnavailableError,
+    open_client,
+    parse_dsn,
+)
+
+logger = logging.getLogger("onetoken.audit")
+
+CHUNK_BYTES: Final = 4 * 1024 * 1024
+MAX_OFFSETS_SHOWN: Final = 5
+# System databases hold no onetoken data; on chDB everything else is ours to scan.
+_SYSTEM_DATABASES: Final = frozenset({"system", "information_schema", "INFORMATION_SCHEMA"})
+# Engines that store no rows of their own (scanning them would re-scan or hit remote data).
+_VIEW_ENGINES: Final = frozenset({"View", "MaterializedView", "LiveView", "WindowView"})
+_PLAIN_STRING_TYPES: Final = ("String", "FixedString(")
+
+
+@dataclass
+class AuditReport:
+    findings: list[str] = field(default_factory=list)
+    #: Stores or files that could not be searched; a scan with problems proves nothing
+    #: about them.
+    problems: list[str] = field(default_factory=list)
+    files_scanned: int = 0
+    bytes_scanned: int = 0
+    columns_scanned: int = 0
+
+    @property
+    def found(self) -> bool:
+        return bool(self.findings)
+
+    @property
+    def exit_code(self) -> int:
+        """1 when found, 2 when nothing was found but part of the scan could not run."""
+        if self.findings:
+            return 1
+        return 2 if self.problems else 0
+
+    def render(self) -> str:
+        lines = [f"FOUND {f}" for f in self.findings]
+        lines += [f"NOT SCANNED {p}" for p in self.problems]
+        lines.append(
+            f"scanned {self.files_scanned} files ({self.bytes_scanned} bytes), "
+            f"{self.columns_scanned} ClickHouse columns, {len(self.findings)} finding(s)"
+        )
+        return "\n".join(lines)
+
+
+def needle_variants(needle: str) -> dict[str, bytes]:
+    """The byte forms in which a persisted copy of `needle` would appear.
+
+    UTF-8 is how nearly everything is written; JSON's \\u escapes and UTF-16 catch the
+    encoders that do not write raw UTF-8.
+    """
+    if not needle:
+        raise ValueError("the needle must not be empty")
+    variants: dict[str, bytes] = {"utf-8": needle.encode("utf-8")}
+    escaped = json.dumps(needle, ensure_ascii=True)[1:-1].encode("ascii")
+    if escaped not in variants.values():
+        variants["json-escaped"] = escaped
+    variants["utf-16-le"] = needle.encode("utf-16-le")
+    variants["utf-16-be"] = needle.encode("utf-16-be")
+    return variants
+
+
+def scan_file(path: Path, variants: dict[str, bytes], report: AuditReport) -> None:
+    """Search one regular file in chunks that overlap by the longest variant minus one."""
+    counts: dict[str, list[int]] = {name: [] for name in variants}
+    totals: dict[str, int] = dict.fromkeys(variants, 0)
+    overlap = max(len(v) for v in variants.values()) - 1
+    try:
+        with path.open("rb") as handle:
+            base = 0  # file offset of buffer[0]
+            tail = b""
+            while True:
+                chunk = handle.read(CHUNK_BYTES)
+                if not chunk:
+                    break
+                buffer = tail + chunk
+                for name, pattern in variants.items():
+                    # Matches starting inside the carried-over tail were already counted
+                    # unless they reach into the new chunk.
+                    start = 0
+                    while (hit := buffer.find(pattern, start)) != -1:
+                        if hit + len(pattern) > len(tail):
+                            totals[name] += 1
+                            if len(counts[name]) < MAX_OFFSETS_SHOWN:
+                                counts[name].append(base + hit)
+                        start = hit + 1
+                report.bytes_scanned += len(chunk)
+                keep = min(overlap, len(buffer))
+                tail = buffer[len(buffer) - keep :] if keep else b""
+                base += len(buffer) - len(tail)
+    except OSError as exc:
+        report.problems.append(f"{path}: could not be read ({type(exc).__name__}: {exc.strerror})")
+        return
+    report.files_scanned += 1
+    for name, total in totals.items():
+        if total:
+            offsets = ", ".join(str(o) for o in counts[name])
+            more = " ..." if total > len(counts[name]) else ""
+            report.findings.append(
+                f"{path}: {total} occurrence(s) ({name}) at offset {offsets}{more}"
+            )
+
+
+def scan_tree(
+    root: Path,
+    variants: dict[str, bytes],
+    report: AuditReport,
+    _visited: set[Path] | None = None,
+) -> None:
+    """Every file below `root` (or `root` itself); anything unreadable is a problem.
+
+    Symlinks whose target lies inside `root` are skipped (the target is scanned in place;
+    chDB's Atomic databases link data/<db>/<table> into store/); links leading outside are
+    followed once each.
+    """
+    visited = _visited if _visited is not None else set()
+    try:
+        info = root.lstat()
+        real_root = root.resolve()
+    except (OSError, RuntimeError) as exc:
+        report.problems.append(f"{root}: could not be read ({type(exc).__name__})")
+        return
+    if real_root in visited:
+        return
+    visited.add(real_root)
+    if not stat.S_ISDIR(info.st_mode):
+        _scan_entry(root, info, variants, report, real_root, visited)
+        return
+
+    def on_error(exc: OSError) -> None:
+        report.problems.append(f"{exc.filename}: directory could not be listed ({exc.strerror})")
+
+    for directory, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=False):
+        dirnames.sort()
+        links = [d for d in dirnames if Path(directory, d).is_symlink()]
+        for name in [*sorted(filenames), *links]:
+            path = Path(directory, name)
+            try:
+                entry_info = path.lstat()
+            except OSError as exc:
+                report.problems.append(f"{path}: could not be read ({type(exc).__name__})")
+                continue
+            _scan_entry(path, entry_info, variants, report, real_root, visited)
+
+
+def _scan_entry(
+    path: Path,
+    info: os.stat_result,
+    variants: dict[str, bytes],
+    report: AuditReport,
+    real_root: Path,
+    visited: set[Path],
+) -> None:
+    if stat.S_ISREG(info.st_mode):
+        scan_file(path, variants, report)
+    elif stat.S_ISLNK(info.st_mode):
+        try:
+            target = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            report.problems.append(f"{path}: dangling symlink, not read")
+            return
+        if target.is_relative_to(real_root) and target != real_root:
+            return
+        scan_tree(target, variants, report, visited)
+    else:
+        # FIFOs, sockets and devices would block or never end; they hold no stored data
+        # but are listed so the operator knows they were not read.
+        report.problems.append(f"{path}: not a regular file, not read")
+
+
+# ---------------------------------------------------------------------------------------
+# ClickHouse
+
+
+def _clickhouse_string_expression(column: str, ch_type: str) -> str | None:
+    """SQL giving a String to search for a column, None when it cannot hold text."""
+    from clickhouse_connect.driver.binding import quote_identifier
+
+    quoted = quote_identifier(column)
+    inner = ch_type
+    for wrapper in ("LowCardinality(", "Nullable("):
+        while inner.startswith(wrapper):
+            inner = inner[len(wrapper) : -1]
+    if inner == "String" or inner.startswith("FixedString("):
+        return f"assumeNotNull({quoted})" if "Nullable(" in ch_type else quoted
+    if "String" in inner or inner.startswith(("JSON", "Object(", "Dynamic", "Variant(")):
+        # Arrays, maps, tuples and JSON of strings: search their text form.
+        return f"toString({quoted})"
+    return None
+
+
+def scan_clickhouse(
+    client: Any, needle: str, report: AuditReport, databases: Sequence[str] | None = None
+) -> None:
+    """Count rows whose String-ish columns contain `needle`, table by table.
+
+    `databases` None means every non-system database (right for chDB, whose whole path is
+    ours); a server scan passes ("onetoken",).
+    """
+    if databases is None:
+        rows = client.query("SELECT name FROM system.databases").result_rows
+        databases = [str(r[0]) for r in rows if str(r[0]) not in _SYSTEM_DATABASES]
+    tables = client.query(
+        "SELECT database, name, engine FROM system.tables "
+        "WHERE database IN {dbs:Array(String)} ORDER BY database, name",
+        parameters={"dbs": list(databases)},
+    ).result_rows
+    from clickhouse_connect.driver.binding import quote_identifier
+
+    for database, table, engine in tables:
+        if str(engine) in _VIEW_ENGINES:
+            continue
+        columns = client.query(
+            "SELECT name, type FROM system.columns WHERE database = {db:String} "
+            "AND table = {t:String} ORDER BY position",
+            parameters={"db": database, "t": table},
+        ).result_rows
+        exprs = [
+            (str(name), expr)
+            for name, ch_type in columns
+            if (expr := _clickhouse_string_expression(str(name), str(ch_type))) is not None
+        ]
+        if not exprs:
+            continue
+        # One pass over the table for all its columns: countIf per column.
+        select = ", ".join(f"countIf(position({expr}, {{needle:String}}) > 0)" for _, expr in exprs)
+        qualified = f"{quote_identifier(str(database))}.{quote_identifier(str(table))}"
+        try:
+            counts = client.query(
+                f"SELECT {select} FROM {qualified}",  # noqa: S608 (quoted identifiers)
+                parameters={"needle": needle},
+            ).result_rows[0]
+        except Exception as exc:
+            report.problems.append(
+                f"ClickHouse table {database}.{table}: could not be scanned ({type(exc).__name__})"
+            )
+            continue
+        report.columns_scanned += len(exprs)
+        for (name, _), count in zip(exprs, counts, strict=True):
+            if int(count):
+                report.findings.append(f"ClickHouse {database}.{table}.{name}: {int(count)} row(s)")
+
+
+def _scan_clickhouse_from_settings(
+    settings: ClickHouseSettings, needle: str, report: AuditReport
+) -> None:
+    dsn = parse_dsn(settings.clickhouse_dsn, settings.data_dir)
+    if dsn.kind == "chdb":
+        if dsn.chdb_path is None:
+            report.problems.append("ClickHouse: in-memory chDB keeps nothing on disk, not scanned")
+            return
+        if not (dsn.chdb_path / "metadata").exists():
+            # Nothing was ever written there; opening it would only create an empty store.
+            return
+        databases: Sequence[str] | None = None
+    else:
+        databases = ("onetoken",)
+    try:
+        client = open_client(settings, migrate=False)
+    except ClickHouseUnavailableError as exc:
+        report.problems.append(
+            f"ClickHouse ({dsn.display}): {exc} Run the scan through the running server "
+            "instead (its API exposes the same audit)."
+        )
+        return
+    try:
+        scan_clickhouse(client, needle, report, databases)
+    except Exception as exc:
+        report.problems.append(f"ClickHouse ({dsn.display}): scan failed ({type(exc).__name__})")
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------------------------------
+# SQL control database (PostgreSQL; SQLite files are covered by the file scan)
+
+_SQL_TEXT_TYPES: Final = ("char", "text", "json", "uuid", "xml", "citext", "name")
+
+
+def scan_sql_database(url: str, needle: str, report: AuditReport) -> None:
+    """Search every text-like column of every table (PostgreSQL: the public schema).
+
+    Works with any SQLAlchemy URL; PostgreSQL uses strpos on the text form (and on raw
+    bytes for bytea), others instr. The needle is a bound parameter, never SQL text.
+    """
+    from sqlalchemy import create_engine, inspect, text
+
+    engine = create_engine(url)
+    try:
+        is_postgres = engine.dialect.name == "postgresql"
+        schema = "public" if is_postgres else None
+        quote = engine.dialect.identifier_preparer.quote
+        with engine.connect() as conn:
+            inspector = inspect(conn)
+            for table in sorted(inspector.get_table_names(schema=schema)):
+                for column in inspector.get_columns(table, schema=schema):
+                    type_name = str(column["type"]).lower()
+                    is_bytes = "bytea" in type_name or "blob" in type_name
+                    if not (is_bytes or any(t in type_name for t in _SQL_TEXT_TYPES)):
+                        continue
+                    qualified = f"{quote(schema)}.{quote(table)}" if schema else quote(table)
+                    col = quote(str(column["name"]))
+                    if is_postgres and is_bytes:
+                        cond = f"position(:needle_bytes in {col}) > 0"
+                    elif is_postgres:
+                        cond = f"strpos(CAST({col} AS TEXT), :needle) > 0"
+                    else:
+                        cond = f"instr(CAST({col} AS TEXT), :needle) > 0"
+                    try:
+                        count = conn.execute(
+                            text(f"SELECT count(*) FROM {qualified} WHERE {cond}"),  # noqa: S608
+                            {"needle": needle, "needle_bytes": needle.encode("utf-8")},
+                        ).scalar_one()
+                    except Exception as exc:
+                        conn.rollback()
+                        report.problems.append(
+                            f"control DB {table}.{column['name']}: could not be scanned "
+                            f"({type(exc).__name__})"
+                        )
+                        continue
+                    report.columns_scanned += 1
+                    if count:
+                        report.findings.append(
+                            f"control DB {table}.{column['name']}: {int(count)} row(s)"
+                        )
+    except Exception as exc:
+        report.problems.append(
+            f"control DB ({engine.url.render_as_string(hide_password=True)}): "
+            f"could not be scanned ({type(exc).__name__})"
+        )
+    finally:
+        engine.dispose()
+
+
+def _database_url(settings: ClickHouseSettings) -> str:
+    value: Any = getattr(settings, "database_url", None) or os.environ.get(
+        "ONETOKEN_DATABASE_URL", ""
+    )
+    return str(value or "")
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def audit(
+    settings: ClickHouseSettings,
+    needle: str,
+    *,
+    client: Any | None = None,
+    extra_paths: Iterable[Path] = (),
+) -> AuditReport:
+    """Run the whole audit; see the module docstring for what is searched.
+
+    `client`: an open ClickHouse client (the running server passes its own, since chDB
+    lets only one process open the path). Without one, one is opened from the settings.
+    """
+    variants = needle_variants(needle)
+    report = AuditReport()
+    data_dir = Path(settings.data_dir)
+    if data_dir.exists():
+        scan_tree(data_dir, variants, report)
+    else:
+        report.problems.append(f"{data_dir}: data directory does not exist")
+    for extra in extra_paths:
+        scan_tree(Path(extra), variants, report)
+
+    if client is not None:
+        dsn = parse_dsn(settings.clickhouse_dsn, settings.data_dir)
+        try:
+            scan_clickhouse(client, needle, report, None if dsn.kind == "chdb" else ("onetoken",))
+        except Exception as exc:
+            report.problems.append(f"ClickHouse: scan failed ({type(exc).__name__})")
+    else:
+        _scan_clickhouse_from_settings(settings, needle, report)
+
+    url = _database_url(settings)
+    if url and not url.startswith("sqlite"):
+        scan_sql_database(url, needle, report)
+    return report
+
+
+def scan(
+    settings: ClickHouseSettings,
+    needle: str,
+    *,
+    client: Any | None = None,
+    extra_paths: Iterable[Path] = (),
+) -> list[str]:
+    """Locations where `needle` was found (empty when clean). Use `audit()` to also get
+    the stores that could not be searched: an empty list from `scan` does not say that
+    everything could be read."""
+    report = audit(settings, needle, client=client, extra_paths=extra_paths)
+    if report.problems:
+        logger.warning("audit.incomplete", extra={"count": len(report.problems)})
+    return report.findings

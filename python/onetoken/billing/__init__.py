@@ -1,0 +1,1 @@
+"""Balances and the ledger: integer nano-units, idempotent entries."""

@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from onetoken.db.models import LedgerEntry, Org
+from onetoken.db.session import bump_revision
+from onetoken.kit.errors import Conflict, Unprocessable
+
+log = logging.getLogger("onetoken.billing")
+
+_IN_CHUNK = 500
+
+
+def balance(session: Session, org_id: str) -> int:
+    total = session.scalar(
+        select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(LedgerEntry.org_id == org_id)
+    )
+    return int(total or 0)
+
+
+def balances(session: Session) -> dict[str, int]:
+    rows = session.execute(
+        select(LedgerEntry.org_id, func.sum(LedgerEntry.amount)).group_by(LedgerEntry.org_id)
+    ).all()
+    return {org_id: int(total or 0) for org_id, total in rows}
+
+
+def credit(
+    session: Session,
+    org_id: str,
+    *,
+    amount: int,
+    kind: str,
+    idempotency_key: str,
+    memo: str | None = None,
+    created_by: str | None = None,
+) -> tuple[LedgerEntry, bool]:
+    """Add a non-usage entry once per idempotency key. Returns (entry, created).
+
+    A retried request with the same key returns the first entry; the same key with a
+    different amount or kind is a conflict, not a second credit.
+    """
+    if kind != "adjustment" and amount <= 0:
+        raise Unprocessable("Amount must be positive for this kind.", param="amount")
+    # Keys are scoped per org so one org can neither collide with nor probe another's.
+    scoped = f"credit:{org_id}:{idempotency_key}"
+    existing = _by_key(session, scoped)
+    if existing is None:
+        entry = LedgerEntry(
+            org_id=org_id,
+            kind=kind,
+            amount=amount,
+            idempotency_key=scoped,
+            memo=memo or None,
+            created_by=created_by,
+        )
+        try:
+            session.add(entry)
+            bump_revision(session)
+            session.flush()
+            log.info("ledger.credit", extra={"org_id": org_id, "kind": kind})
+            return entry, True
+        except IntegrityError:
+            # A concurrent request with the same key won; the credit is its whole
+            # transaction, so rolling back loses nothing else.
+            session.rollback()
+            existing = _by_key(session, scoped)
+            if existing is None:
+                raise
+    if existing.amount != amount or existing.kind != kind:
+        raise Conflict(
+            "This idempotency key was already used for a different credit.",
+            param="idempotency_key",
+            code="idempotency_key_reused",
+        )
+    return existing, False
+
+
+def _by_key(session: Session, key: str) -> LedgerEntry | None:
+    return session.scalars(
+        select(LedgerEntry).where(LedgerEntry.idempotency_key == key)
+    ).one_or_none()
+
+
+def list_entries(
+    session: Session, org_id: str, *, limit: int, before_id: int | None = None
+) -> tuple[Sequence[LedgerEntry], bool]:
+    """Newest first; page with `before_id` = the last id of the previous page."""
+    q = select(LedgerEntry).where(LedgerEntry.org_id == org_id)
+    if before_id is not None:
+        q = q.where(LedgerEntry.id < before_id)
+    rows = session.scalars(q.order_by(LedgerEntry.id.desc()).limit(limit + 1)).all()
+    return rows[:limit], len(rows) > limit
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    org_id: str
+    request_id: str
+    cost: int
+    ts_us: int
+
+
+def usage_key(request_id: str) -> str:
+    return "usage:" + request_id
+
+
+def _chunks(items: Sequence[str], n: int) -> Iterable[Sequence[str]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def record_usage(session: Session, usages: Sequence[Usage]) -> list[Usage]:
+    """Insert usage entries (amount = -cost) once per request id; returns those inserted.
+
+    Does not commit: the caller commits under the lock that also moves spent_mark.
+    """
+    by_key: dict[str, Usage] = {}
+    for u in usages:
+        if u.cost > 0 and u.org_id and u.request_id:
+            by_key.setdefault(usage_key(u.request_id), u)
+    if not by_key:
+        return []
+    keys = list(by_key)
+    existing: set[str] = set()
+    for chunk in _chunks(keys, _IN_CHUNK):
+        existing.update(
+            session.scalars(
+                select(LedgerEntry.idempotency_key).where(LedgerEntry.idempotency_key.in_(chunk))
+            )
+        )
+    org_ids = list({u.org_id for u in by_key.values()})
+    known_orgs: set[str] = set()
+    for chunk in _chunks(org_ids, _IN_CHUNK):
+        known_orgs.update(session.scalars(select(Org.id).where(Org.id.in_(chunk))))
+    fresh = [u for k, u in by_key.items() if k not in existing and u.org_id in known_orgs]
+    if not fresh:
+        return []
+    rows = [
+        {
+            "org_id": u.org_id,
+            "kind": "usage",
+            "amount": -u.cost,
+            "idempotency_key": usage_key(u.request_id),
+            "request_id": u.request_id,
+            "created_at": datetime.fromtimestamp(u.ts_us / 1_000_000, UTC),
+        }
+        for u in fresh
+    ]
+    session.execute(_insert_ignoring_duplicates(session), rows)
+    return fresh
+
+
+def _insert_ignoring_duplicates(session: Session):  # type: ignore[no-untyped-def]
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(LedgerEntry).on_conflict_do_nothing(index_elements=["idempotency_key"])
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(LedgerEntry).on_conflict_do_nothing(index_elements=["idempotency_key"])
+    return insert(LedgerEntry)

@@ -1,0 +1,244 @@
+"""The `onetoken` command (also `python -m onetoken.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from onetoken.kit.errors import OnetokenError
+from onetoken.settings import Settings
+
+EXIT_OK = 0
+EXIT_FOUND = 1
+EXIT_ERROR = 2
+
+
+class CliError(Exception):
+    """A user error: printed as one line, no traceback."""
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"ONETOKEN_{'.'.join(str(p) for p in e['loc']).upper() or '?'}: {e['msg']}"
+            for e in exc.errors(include_input=False)
+        )
+        raise CliError(f"invalid configuration: {problems}") from None
+
+
+def _open_db(settings: Settings) -> Any:
+    from onetoken.app import build_state
+    from onetoken.kit.logging import configure_logging
+
+    try:
+        configure_logging(settings.log_dir, settings.log_level, stderr_level="WARNING")
+        return build_state(settings)
+    except OSError as exc:
+        raise CliError(f"cannot open the data directory: {exc.strerror or exc}") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from onetoken.serve import ServeError, run
+
+    try:
+        return run(_settings(), demo=args.demo)
+    except ServeError as exc:
+        raise CliError(str(exc)) from None
+    except ImportError as exc:
+        raise CliError(f"the gateway extension is not available: {exc}") from None
+
+
+def cmd_migrate(_: argparse.Namespace) -> int:
+    state = _open_db(_settings())
+    state.db_engine.dispose()
+    print("control database is up to date")
+    return EXIT_OK
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from onetoken.orgs.service import bootstrap
+
+    state = _open_db(_settings())
+    try:
+        with state.session_factory() as session:
+            result = bootstrap(session, state.secrets)
+    finally:
+        state.db_engine.dispose()
+    out: dict[str, Any] = {
+        "created": result.created,
+        "org_id": result.org_id,
+        "admin_email": result.admin_email,
+    }
+    if result.created:
+        out["admin_password"] = result.admin_password
+        out["api_key"] = result.api_key
+    if args.json:
+        print(json.dumps(out))
+    elif result.created:
+        print(f"created org {result.org_id}")
+        print(f"admin email:    {result.admin_email}")
+        print(f"admin password: {result.admin_password}   (shown once)")
+        print(f"api key:        {result.api_key}   (shown once)")
+    else:
+        print(f"already bootstrapped: org {result.org_id}, admin {result.admin_email}")
+    return EXIT_OK
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from onetoken.keys.service import create_key
+    from onetoken.orgs.service import find_org, org_owner
+
+    name = args.name.strip()
+    if not name or len(name) > 100:
+        raise CliError("--name must be 1 to 100 characters")
+    state = _open_db(_settings())
+    try:
+        with state.session_factory() as session:
+            org = find_org(session, args.org)
+            if org is None:
+                raise CliError("no such org (give its id or name)")
+            owner = org_owner(session, org.id)
+            if owner is None:
+                raise CliError("the org has no active owner account to own the key")
+            key, plaintext = create_key(
+                session, state.secrets, org_id=org.id, created_by=owner.id, name=name
+            )
+            session.commit()
+    finally:
+        state.db_engine.dispose()
+    out = {
+        "key_id": key.id,
+        "org_id": key.org_id,
+        "name": key.name,
+        "display": key.display,
+        "api_key": plaintext,
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(
+            f"{plaintext}\n(key {key.id}; shown once; a running server picks it up within a second)"
+        )
+    return EXIT_OK
+
+
+def cmd_mock_upstream(args: argparse.Namespace) -> int:
+    try:
+        from onetoken import _core
+    except ImportError as exc:
+        raise CliError(f"the gateway extension is not available: {exc}") from None
+    options = {
+        k: v
+        for k, v in (
+            ("chunks", args.chunks),
+            ("delay_ms", args.delay_ms),
+            ("latency_ms", args.latency_ms),
+        )
+        if v is not None
+    }
+    try:
+        _core.serve_mock_upstream(args.listen, **options)
+    except TypeError:
+        raise CliError(
+            "this build of the mock upstream does not accept --chunks/--delay-ms/--latency-ms"
+        ) from None
+    except _core.OnetokenError as exc:
+        raise CliError(f"mock upstream: {exc}") from None
+    return EXIT_OK
+
+
+def cmd_audit_retention(args: argparse.Namespace) -> int:
+    from onetoken.audit import scan
+
+    if not args.needle:
+        raise CliError("--needle must not be empty")
+    findings = scan(_settings(), args.needle)
+    for location in findings:
+        print(location)
+    if findings:
+        print(f"FOUND in {len(findings)} location(s)", file=sys.stderr)
+        return EXIT_FOUND
+    print("clean: not found in any persisted data", file=sys.stderr)
+    return EXIT_OK
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onetoken",
+        description="API relay and model gateway that never stores what was asked or answered.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the gateway and the control API")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="bundled fake provider, demo models, a funded org and a printed API key",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bootstrap", help="create the first org, owner account and API key")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_bootstrap)
+
+    p = sub.add_parser("migrate", help="upgrade the control database schema")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("mock-upstream", help="run the bundled fake model provider")
+    p.add_argument("--listen", default="127.0.0.1:9009", help="host:port (default %(default)s)")
+    p.add_argument("--chunks", type=_positive, default=None, help="stream chunks per response")
+    p.add_argument("--delay-ms", type=_positive, default=None, help="delay between chunks")
+    p.add_argument("--latency-ms", type=_positive, default=None, help="delay before responding")
+    p.set_defaults(func=cmd_mock_upstream)
+
+    p = sub.add_parser(
+        "audit-retention", help="scan every persisted byte for a string (exit 1 when found)"
+    )
+    p.add_argument("--needle", required=True, help="the string to look for")
+    p.set_defaults(func=cmd_audit_retention)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="keys_command", required=True, metavar="ACTION"
+    )
+    p = keys.add_parser("create", help="create an API key (printed once)")
+    p.add_argument("--org", required=True, help="org id or name")
+    p.add_argument("--name", required=True, help="a label for the key")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_keys_create)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except CliError as exc:
+        print(f"onetoken: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OnetokenError as exc:
+        print(f"onetoken: error: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

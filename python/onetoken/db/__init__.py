@@ -1,0 +1,1 @@
+"""Control database: SQLAlchemy 2 models, sessions and Alembic migrations."""

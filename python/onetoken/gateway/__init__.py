@@ -1,0 +1,1 @@
+"""The bridge to the Rust engine: snapshot builder and supervisor (lifecycle, record pump)."""

@@ -1,0 +1,1 @@
+"""Cross-cutting helpers: crypto, errors, logging, money."""

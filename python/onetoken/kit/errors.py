@@ -1,0 +1,206 @@
+"""One exception base, one handler, one response shape (OpenAI's).
+
+Messages are fixed texts written here or by the raising code; they never contain a
+submitted value, so an error response cannot reflect secrets back or into logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("onetoken.errors")
+
+
+class OnetokenError(Exception):
+    status_code: int = 500
+    type: str = "api_error"
+    code: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str = "Internal error.",
+        *,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class BadRequest(OnetokenError):
+    status_code = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class Unauthorized(OnetokenError):
+    status_code = 401
+    type = "authentication_error"
+    code = "invalid_token"
+
+
+class Forbidden(OnetokenError):
+    status_code = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class NotFound(OnetokenError):
+    status_code = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class Conflict(OnetokenError):
+    status_code = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class Unprocessable(OnetokenError):
+    status_code = 422
+    type = "invalid_request_error"
+    code = "invalid_value"
+
+
+def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# Pydantic error types whose messages describe the constraint, never the input.
+_SAFE_PYDANTIC_TYPES = frozenset(
+    {
+        "missing",
+        "string_type",
+        "string_too_short",
+        "string_too_long",
+        "string_pattern_mismatch",
+        "int_type",
+        "int_parsing",
+        "int_from_float",
+        "bool_type",
+        "bool_parsing",
+        "greater_than",
+        "greater_than_equal",
+        "less_than",
+        "less_than_equal",
+        "literal_error",
+        "enum",
+        "list_type",
+        "too_long",
+        "too_short",
+        "dict_type",
+        "model_type",
+        "model_attributes_type",
+        "datetime_type",
+        "datetime_parsing",
+        "datetime_from_date_parsing",
+        "timezone_aware",
+        "url_type",
+        "url_parsing",
+        "url_scheme",
+        "none_required",
+    }
+)
+# Error types raised by onetoken's own validators with fixed texts.
+_SAFE_CUSTOM_PREFIX = "onetoken_"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+
+
+def _param(loc: tuple[Any, ...], err_type: str) -> str | None:
+    parts: list[str] = []
+    fields = list(loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc)
+    if err_type == "extra_forbidden" and fields:
+        # The last element is a name the client made up; do not reflect it.
+        fields = fields[:-1]
+    for part in fields:
+        if isinstance(part, int):
+            parts.append(str(part))
+        elif isinstance(part, str) and _NAME_RE.match(part):
+            parts.append(part)
+        else:
+            parts.append("?")
+    return ".".join(parts) or None
+
+
+def _validation_message(err: dict[str, Any]) -> str:
+    err_type = str(err.get("type", ""))
+    if err_type == "extra_forbidden":
+        return "Unknown field."
+    if err_type == "json_invalid":
+        return "The request body is not valid JSON."
+    if err_type in _SAFE_PYDANTIC_TYPES or err_type.startswith(_SAFE_CUSTOM_PREFIX):
+        return str(err.get("msg", "Invalid value."))
+    return "Invalid value."
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    err_type = str(first.get("type", ""))
+    param = _param(tuple(first.get("loc", ())), err_type)
+    message = _validation_message(first)
+    if param:
+        message = f"{message} (field: {param})"
+    return JSONResponse(
+        status_code=422,
+        content=error_body(message, "invalid_request_error", "invalid_value", param),
+    )
+
+
+_HTTP_CODES: dict[int, tuple[str, str, str]] = {
+    400: ("Bad request.", "invalid_request_error", "invalid_request"),
+    401: ("Authentication required.", "authentication_error", "invalid_token"),
+    403: ("Permission denied.", "permission_error", "permission_denied"),
+    404: ("Not found.", "invalid_request_error", "not_found"),
+    405: ("Method not allowed.", "invalid_request_error", "method_not_allowed"),
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def onetoken_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, OnetokenError)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return JSONResponse(
+            status_code=exc.status_code,
+            content=error_body(exc.message, exc.type, exc.code, exc.param),
+            headers=headers,
+        )
+
+    async def validation_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return _validation_response(exc)
+
+    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        message, type_, code = _HTTP_CODES.get(
+            exc.status_code, ("Request failed.", "api_error", "http_error")
+        )
+        return JSONResponse(
+            status_code=exc.status_code,
+            content=error_body(message, type_, code),
+            headers=getattr(exc, "headers", None),
+        )
+
+    async def unhandled(_: Request, exc: Exception) -> JSONResponse:
+        # Only the class name: exception texts (e.g. SQL parameters) may carry data.
+        log.error("request.unhandled_exception", extra={"exc_type": type(exc).__name__})
+        return JSONResponse(
+            status_code=500,
+            content=error_body("Internal error.", "api_error", "internal_error"),
+        )
+
+    app.add_exception_handler(OnetokenError, onetoken_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unhandled)

@@ -1,0 +1,1 @@
+"""Organizations, accounts and admin sessions."""

@@ -1,0 +1,1 @@
+"""Upstream providers (credentials encrypted at rest, never returned) and priced models."""

@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, StringConstraints
+from pydantic_core import PydanticCustomError
+
+from onetoken.keys.schemas import ModelName
+from onetoken.kit.money import MoneyIn, MoneyOut
+
+# The engine speaks the OpenAI protocol upstream; others are refused before they are stored.
+Protocol = Literal["openai"]
+ModelKind = Literal["chat", "embedding"]
+ProviderName = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$")
+]
+Timeout = Annotated[int, Field(ge=1, le=3_600_000)]
+
+
+def _check_base_url(value: str) -> str:
+    if not value.isascii() or not value.isprintable() or " " in value:
+        raise PydanticCustomError("onetoken_url", "Base URL must be printable ASCII.")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PydanticCustomError("onetoken_url", "Base URL must be an http(s) URL with a host.")
+    if parts.username is not None or parts.password is not None:
+        # The URL is returned by the API; credentials belong in the write-only api_key.
+        raise PydanticCustomError(
+            "onetoken_url", "Base URL must not contain credentials; use api_key."
+        )
+    if parts.query or parts.fragment:
+        raise PydanticCustomError("onetoken_url", "Base URL must not have a query or fragment.")
+    return value.rstrip("/")
+
+
+BaseUrl = Annotated[
+    str, StringConstraints(min_length=8, max_length=2048), AfterValidator(_check_base_url)
+]
+_HEADER_SAFE = re.compile(r"^[\x21-\x7e]{1,4096}$")
+
+
+def _check_secret(value: SecretStr) -> SecretStr:
+    # Sent upstream as an HTTP header value, so printable ASCII without spaces.
+    if not _HEADER_SAFE.match(value.get_secret_value()):
+        raise PydanticCustomError(
+            "onetoken_secret", "API key must be 1 to 4096 printable ASCII characters."
+        )
+    return value
+
+
+ProviderSecret = Annotated[SecretStr, AfterValidator(_check_secret)]
+Price = MoneyIn
+
+
+class ProviderCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: ProviderName
+    protocol: Protocol = "openai"
+    base_url: BaseUrl
+    api_key: ProviderSecret | None = Field(default=None, description="Write-only.")
+    connect_timeout_ms: Timeout = 2000
+    first_byte_timeout_ms: Timeout = 60000
+    idle_timeout_ms: Timeout = 60000
+
+
+class ProviderUpdate(BaseModel):
+    """Fields left out are unchanged; `"api_key": null` removes the credential."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ProviderName | None = None
+    protocol: Protocol | None = None
+    base_url: BaseUrl | None = None
+    api_key: ProviderSecret | None = None
+    connect_timeout_ms: Timeout | None = None
+    first_byte_timeout_ms: Timeout | None = None
+    idle_timeout_ms: Timeout | None = None
+
+
+class ProviderResponse(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    org_id: str
+    name: str
+    protocol: Protocol
+    base_url: str
+    has_api_key: bool
+    connect_timeout_ms: int
+    first_byte_timeout_ms: int
+    idle_timeout_ms: int
+    created_at: datetime
+
+
+class ProviderList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ProviderResponse]
+
+
+def _non_negative(value: int) -> int:
+    if value < 0:
+        raise PydanticCustomError("onetoken_price", "Price must not be negative.")
+    return value
+
+
+PriceIn = Annotated[MoneyIn, AfterValidator(_non_negative)]
+MaxTokens = Annotated[int, Field(ge=0, le=10_000_000)]
+
+
+class ModelCreate(BaseModel):
+    """Prices are decimal strings in the deployment currency per million tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ModelName
+    kind: ModelKind = "chat"
+    provider_id: str = Field(min_length=1, max_length=32)
+    upstream_model: ModelName
+    input_price: PriceIn
+    output_price: PriceIn | None = None
+    cached_input_price: PriceIn | None = None
+    max_output_tokens: MaxTokens | None = None
+
+
+class ModelUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: ModelName | None = None
+    kind: ModelKind | None = None
+    provider_id: str | None = Field(default=None, min_length=1, max_length=32)
+    upstream_model: ModelName | None = None
+    input_price: PriceIn | None = None
+    output_price: PriceIn | None = None
+    cached_input_price: PriceIn | None = None
+    max_output_tokens: MaxTokens | None = None
+
+
+class ModelResponse(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    org_id: str
+    name: str
+    kind: ModelKind
+    provider_id: str
+    upstream_model: str
+    input_price: MoneyOut
+    output_price: MoneyOut
+    cached_input_price: MoneyOut
+    max_output_tokens: int
+    created_at: datetime
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelResponse]

@@ -1,0 +1,141 @@
+"""`onetoken serve`: the control API (uvicorn) and the gateway engine in one process.
+
+SIGTERM/SIGINT: the control API stops accepting, then the engine stops with its grace
+period, the record pump drains what is left into the ledger and ClickHouse, exit 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from onetoken.app import build_state, create_app
+from onetoken.demo import setup_demo
+from onetoken.gateway.supervisor import GatewaySupervisor
+from onetoken.kit.logging import configure_logging
+from onetoken.settings import Settings
+
+log = logging.getLogger("onetoken.serve")
+
+
+class ServeError(Exception):
+    """A startup failure with a message fit for the operator (no traceback)."""
+
+
+def split_hostport(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ServeError(f"invalid address {addr!r}: expected host:port")
+    return host.strip("[]"), int(port)
+
+
+def bind_socket(addr: str) -> socket.socket:
+    host, port = split_hostport(addr)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url(addr: str, tls: bool = False) -> str:
+    host, port = split_hostport(addr)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if tls else 'http'}://{host}:{port}"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: it would re-raise the signal after
+    shutdown and kill the process before the engine has drained."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _start_mock_upstream() -> tuple[Any, str]:
+    from onetoken import _core
+
+    mock = _core.MockUpstream("127.0.0.1:0")
+    return mock, mock.start()
+
+
+def run(settings: Settings, *, demo: bool = False) -> int:
+    configure_logging(settings.log_dir, settings.log_level)
+    state = build_state(settings)
+    mock: Any = None
+    supervisor: GatewaySupervisor | None = None
+    try:
+        demo_info = None
+        if demo:
+            if settings.demo_upstream:
+                split_hostport(settings.demo_upstream)
+                upstream = settings.demo_upstream
+            else:
+                mock, upstream = _start_mock_upstream()
+            demo_info = setup_demo(state.session_factory, state.secrets, upstream)
+
+        control_sock = bind_socket(settings.control_listen)
+        supervisor = GatewaySupervisor(settings, state.secrets, state.session_factory)
+        state.runtime = supervisor
+        try:
+            gateway_addr = supervisor.start()
+        except Exception as exc:
+            control_sock.close()
+            raise ServeError(f"gateway failed to start: {type(exc).__name__}: {exc}") from None
+
+        app = create_app(settings, supervisor, state=state)
+        config = uvicorn.Config(
+            app, log_config=None, access_log=False, lifespan="on", server_header=False
+        )
+        server = _Server(config)
+
+        def on_signal(signum: int, _: FrameType | None) -> None:
+            if server.should_exit:
+                server.force_exit = True
+            server.should_exit = True
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+        tls = settings.tls_cert is not None
+        control_addr = "{}:{}".format(*control_sock.getsockname()[:2])
+        print(f"gateway: {url(gateway_addr, tls)}", flush=True)
+        print(f"control: {url(control_addr)}", flush=True)
+        if demo_info is not None:
+            print(f"api_key: {demo_info.api_key}", flush=True)
+            if demo_info.admin_password is not None:
+                print(f"admin_email: {demo_info.admin_email}", flush=True)
+                print(f"admin_password: {demo_info.admin_password}", flush=True)
+            print(
+                f"try: curl {url(gateway_addr, tls)}/v1/chat/completions "
+                f"-H 'Authorization: Bearer {demo_info.api_key}' "
+                "-H 'Content-Type: application/json' "
+                '-d \'{"model":"demo-chat","messages":[{"role":"user","content":"hi"}]}\'',
+                flush=True,
+            )
+        server.run(sockets=[control_sock])
+        return 0
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+        if mock is not None:
+            with contextlib.suppress(Exception):
+                mock.stop()
+        state.db_engine.dispose()
+        sys.stdout.flush()

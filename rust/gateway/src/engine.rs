@@ -1,0 +1,306 @@
+//! The engine: owns the tokio runtime, the listener, the live snapshot and the record
+//! queue. Start binds synchronously; stop drains, then shuts the runtime down.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use tokio::runtime::Runtime;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::auth::KeyHasher;
+use crate::billing::OrgAccount;
+use crate::config::EngineConfig;
+use crate::error::Error;
+use crate::metrics::{Gauges, Metrics};
+use crate::records::{CallRecord, Records};
+use crate::snapshot::{self, Snapshot};
+use crate::upstream::ClientCache;
+use crate::{server, tokens};
+
+/// State shared by every request.
+pub(crate) struct Shared {
+    pub(crate) config: EngineConfig,
+    pub(crate) hasher: KeyHasher,
+    pub(crate) snapshot: ArcSwap<Snapshot>,
+    /// Live counters by org id; the compile step reuses them so they survive swaps.
+    accounts: Mutex<HashMap<String, Arc<OrgAccount>>>,
+    clients: ClientCache,
+    pub(crate) records: Records,
+    pub(crate) metrics: Metrics,
+    instance_id: String,
+    seq: AtomicU64,
+    /// Stop has begun: `/healthz` reports draining.
+    pub(crate) draining: AtomicBool,
+    /// The grace period is over: abandoned requests are recorded as `shutting_down`.
+    pub(crate) aborting: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn next_request_id(&self) -> String {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        format!("req_{}{:010x}", self.instance_id, n)
+    }
+
+    pub(crate) fn metrics_text(&self) -> String {
+        self.metrics.render(&Gauges {
+            queue_depth: self.records.depth(),
+            records_total: self.records.total.load(Ordering::Relaxed),
+            records_spooled: self.records.spooled.load(Ordering::Relaxed),
+            records_dropped: self.records.dropped.load(Ordering::Relaxed),
+            snapshot_version: self.snapshot.load().version,
+        })
+    }
+}
+
+enum Phase {
+    Idle,
+    Running {
+        runtime: Runtime,
+        server: JoinHandle<()>,
+        stop: oneshot::Sender<Duration>,
+        addr: SocketAddr,
+    },
+    Stopped,
+}
+
+/// Counters for the control plane.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Records waiting in the queue.
+    pub queue_depth: u64,
+    /// Records emitted since start.
+    pub records_total: u64,
+    /// Records written to the overflow spool.
+    pub records_spooled: u64,
+    /// Requests being served.
+    pub in_flight: u64,
+    /// Version of the snapshot serving (0 before the first).
+    pub snapshot_version: u64,
+}
+
+/// The gateway. `Send + Sync`; every method may be called from any thread.
+pub struct Engine {
+    shared: Arc<Shared>,
+    phase: Mutex<Phase>,
+    /// Serialises snapshot compilation so versions only move forward.
+    load_lock: Mutex<()>,
+}
+
+impl Engine {
+    /// Validate the configuration and build an engine (not yet serving).
+    pub fn new(config: EngineConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let secret = config.secret()?;
+        let instance_id = format!("{:016x}", rand::random::<u64>());
+        let records = Records::new(config.queue_capacity, &config.spool_dir, &instance_id);
+        let shared = Arc::new(Shared {
+            hasher: KeyHasher::new(&secret),
+            snapshot: ArcSwap::from_pointee(Snapshot::empty()),
+            accounts: Mutex::new(HashMap::new()),
+            clients: ClientCache::default(),
+            records,
+            metrics: Metrics::default(),
+            instance_id,
+            seq: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            aborting: AtomicBool::new(false),
+            config,
+        });
+        Ok(Engine {
+            shared,
+            phase: Mutex::new(Phase::Idle),
+            load_lock: Mutex::new(()),
+        })
+    }
+
+    /// Bind the listener (errors at once), build the runtime and serve in the background.
+    /// Returns the bound address.
+    pub fn start(&self) -> Result<SocketAddr, Error> {
+        let mut phase = self.phase.lock();
+        match *phase {
+            Phase::Idle => {}
+            Phase::Running { .. } => return Err(Error::State("engine is already running".into())),
+            Phase::Stopped => {
+                return Err(Error::State("engine was stopped; create a new one".into()))
+            }
+        }
+        let config = &self.shared.config;
+        let tls = config.tls.as_ref().map(server::tls_acceptor).transpose()?;
+        let socket = bind(&config.listen)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.worker_threads)
+            .thread_name("onetoken-worker")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::State(format!("cannot build runtime: {e}")))?;
+        let listener = {
+            let _guard = runtime.enter();
+            socket.listen(BACKLOG)
+        };
+        let (listener, addr) = match listener.and_then(|l| l.local_addr().map(|a| (l, a))) {
+            Ok(ok) => ok,
+            Err(e) => {
+                // Never drop a runtime in place: start may be called from async code.
+                runtime.shutdown_background();
+                return Err(Error::Bind(format!("{}: {e}", config.listen)));
+            }
+        };
+        // Load the vocabulary before the first request needs it.
+        tokens::warm_up();
+        let (stop, stop_rx) = oneshot::channel();
+        let server = runtime.spawn(server::serve(listener, tls, self.shared.clone(), stop_rx));
+        *phase = Phase::Running {
+            runtime,
+            server,
+            stop,
+            addr,
+        };
+        Ok(addr)
+    }
+
+    /// Compile and swap in a snapshot; returns the version now serving. An invalid
+    /// snapshot leaves the current one serving; one not newer than it is ignored.
+    pub fn load_snapshot(&self, json: &[u8]) -> Result<u64, Error> {
+        let doc = snapshot::parse(json)?;
+        let _serial = self.load_lock.lock();
+        let current = self.shared.snapshot.load().version;
+        if doc.version <= current {
+            return Ok(current);
+        }
+        let compiled = {
+            let mut accounts = self.shared.accounts.lock();
+            Snapshot::compile(doc, &mut accounts, &self.shared.clients)?
+        };
+        let version = compiled.version;
+        self.shared.snapshot.store(Arc::new(compiled));
+        Ok(version)
+    }
+
+    /// Take up to `max` records from the queue, oldest first.
+    pub fn drain_records(&self, max: usize) -> Vec<CallRecord> {
+        self.shared.records.drain(max)
+    }
+
+    /// Stop accepting, let in-flight requests finish for up to `grace`, then cancel the
+    /// rest (each still leaves its record) and shut the runtime down. Blocking; idempotent.
+    pub fn stop(&self, grace: Duration) {
+        let running = {
+            let mut phase = self.phase.lock();
+            match std::mem::replace(&mut *phase, Phase::Stopped) {
+                Phase::Running {
+                    runtime,
+                    server,
+                    stop,
+                    ..
+                } => Some((runtime, server, stop)),
+                Phase::Idle | Phase::Stopped => None,
+            }
+        };
+        let Some((runtime, server, stop)) = running else {
+            return;
+        };
+        let shared = self.shared.clone();
+        shared.draining.store(true, Ordering::Relaxed);
+        // Blocking on the runtime is not allowed from inside an async context, so the
+        // drain runs on a plain thread whatever thread calls stop.
+        let drain = std::thread::spawn(move || {
+            let _ = stop.send(grace);
+            let _ = runtime.block_on(async {
+                tokio::time::timeout(grace + Duration::from_secs(1), server).await
+            });
+            shared.aborting.store(true, Ordering::Relaxed);
+            // Dropping the remaining tasks drops their bodies, which emits their records.
+            runtime.shutdown_timeout(Duration::from_secs(2));
+        });
+        let _ = drain.join();
+    }
+
+    /// Prometheus exposition text (the same as `GET /metrics`).
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics_text()
+    }
+
+    /// `(org id, spent since engine start, currently reserved)` for every known org.
+    pub fn org_spend(&self) -> Vec<(String, i64, i64)> {
+        let accounts = self.shared.accounts.lock();
+        let mut out: Vec<(String, i64, i64)> = accounts
+            .iter()
+            .map(|(id, a)| {
+                let (spent, reserved) = a.totals();
+                (id.clone(), spent, reserved)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Counters for the control plane.
+    pub fn stats(&self) -> Stats {
+        let s = &self.shared;
+        Stats {
+            queue_depth: s.records.depth() as u64,
+            records_total: s.records.total.load(Ordering::Relaxed),
+            records_spooled: s.records.spooled.load(Ordering::Relaxed),
+            in_flight: u64::try_from(s.metrics.in_flight.load(Ordering::Relaxed)).unwrap_or(0),
+            snapshot_version: s.snapshot.load().version,
+        }
+    }
+
+    /// The bound address while running.
+    pub fn address(&self) -> Option<SocketAddr> {
+        match &*self.phase.lock() {
+            Phase::Running { addr, .. } => Some(*addr),
+            _ => None,
+        }
+    }
+
+    /// Whether the engine is serving.
+    pub fn running(&self) -> bool {
+        matches!(&*self.phase.lock(), Phase::Running { .. })
+    }
+
+    /// Unique per engine; names the overflow spool file.
+    pub fn instance_id(&self) -> &str {
+        &self.shared.instance_id
+    }
+}
+
+/// Pending connections the kernel may queue (the std default of 128 refuses bursts).
+const BACKLOG: u32 = 4096;
+
+/// Bind synchronously so a bad or busy address fails in `start` itself.
+fn bind(listen: &str) -> Result<tokio::net::TcpSocket, Error> {
+    let addr = listen
+        .to_socket_addrs()
+        .map_err(|e| Error::Bind(format!("{listen}: {e}")))?
+        .next()
+        .ok_or_else(|| Error::Bind(format!("{listen}: resolves to no address")))?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|e| Error::Bind(format!("{listen}: {e}")))?;
+    socket
+        .set_reuseaddr(true)
+        .map_err(|e| Error::Bind(format!("{listen}: {e}")))?;
+    socket
+        .set_nodelay(true)
+        .map_err(|e| Error::Bind(format!("{listen}: {e}")))?;
+    socket
+        .bind(addr)
+        .map_err(|e| Error::Bind(format!("{listen}: {e}")))?;
+    Ok(socket)
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop(Duration::ZERO);
+    }
+}

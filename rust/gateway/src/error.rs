@@ -1,0 +1,214 @@
+//! The engine's API errors (to the embedding program) and the hot path's errors (to the
+//! HTTP client). Both carry fixed texts only: never any part of a request or response body.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+/// Errors returned by the [`crate::Engine`] API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Configuration or snapshot JSON was rejected.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The listener could not bind its address.
+    #[error("cannot bind: {0}")]
+    Bind(String),
+    /// The TLS certificate or key could not be loaded.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// The call does not fit the engine's state.
+    #[error("engine state: {0}")]
+    State(String),
+}
+
+/// Every way a request can fail, as seen by the client. The discriminant indexes the
+/// per-code error counters, so the metric label set is fixed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ApiError {
+    InvalidApiKey,
+    KeyRevoked,
+    KeyExpired,
+    OrgDisabled,
+    ModelNotAllowed,
+    NotFound,
+    ModelNotFound,
+    MethodNotAllowed,
+    InvalidJson,
+    InvalidRequest,
+    BodyTooLarge,
+    InsufficientBalance,
+    UpstreamError,
+    UpstreamUnreachable,
+    UpstreamTimeout,
+    UpstreamStreamCut,
+    ClientDisconnected,
+    ShuttingDown,
+    Internal,
+}
+
+impl ApiError {
+    pub(crate) const ALL: [ApiError; 19] = [
+        ApiError::InvalidApiKey,
+        ApiError::KeyRevoked,
+        ApiError::KeyExpired,
+        ApiError::OrgDisabled,
+        ApiError::ModelNotAllowed,
+        ApiError::NotFound,
+        ApiError::ModelNotFound,
+        ApiError::MethodNotAllowed,
+        ApiError::InvalidJson,
+        ApiError::InvalidRequest,
+        ApiError::BodyTooLarge,
+        ApiError::InsufficientBalance,
+        ApiError::UpstreamError,
+        ApiError::UpstreamUnreachable,
+        ApiError::UpstreamTimeout,
+        ApiError::UpstreamStreamCut,
+        ApiError::ClientDisconnected,
+        ApiError::ShuttingDown,
+        ApiError::Internal,
+    ];
+
+    /// Low-cardinality code used in the error body, the record and the metric label.
+    pub(crate) fn code(self) -> &'static str {
+        match self {
+            ApiError::InvalidApiKey => "invalid_api_key",
+            ApiError::KeyRevoked => "key_revoked",
+            ApiError::KeyExpired => "key_expired",
+            ApiError::OrgDisabled => "org_disabled",
+            ApiError::ModelNotAllowed => "model_not_allowed",
+            ApiError::NotFound => "not_found",
+            ApiError::ModelNotFound => "model_not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::InvalidJson => "invalid_json",
+            ApiError::InvalidRequest => "invalid_request",
+            ApiError::BodyTooLarge => "body_too_large",
+            ApiError::InsufficientBalance => "insufficient_balance",
+            ApiError::UpstreamError => "upstream_error",
+            ApiError::UpstreamUnreachable => "upstream_unreachable",
+            ApiError::UpstreamTimeout => "upstream_timeout",
+            ApiError::UpstreamStreamCut => "upstream_stream_cut",
+            ApiError::ClientDisconnected => "client_disconnected",
+            ApiError::ShuttingDown => "shutting_down",
+            ApiError::Internal => "internal_error",
+        }
+    }
+
+    pub(crate) fn status(self) -> StatusCode {
+        match self {
+            ApiError::InvalidApiKey | ApiError::KeyRevoked | ApiError::KeyExpired => {
+                StatusCode::UNAUTHORIZED
+            }
+            ApiError::OrgDisabled | ApiError::ModelNotAllowed => StatusCode::FORBIDDEN,
+            ApiError::NotFound | ApiError::ModelNotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::InvalidJson | ApiError::InvalidRequest => StatusCode::BAD_REQUEST,
+            ApiError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::InsufficientBalance => StatusCode::PAYMENT_REQUIRED,
+            ApiError::UpstreamError | ApiError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            ApiError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::UpstreamStreamCut => StatusCode::BAD_GATEWAY,
+            ApiError::ClientDisconnected => {
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+            }
+            ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `error.type` family for the code.
+    fn kind(self) -> &'static str {
+        match self {
+            ApiError::InvalidApiKey | ApiError::KeyRevoked | ApiError::KeyExpired => {
+                "authentication_error"
+            }
+            ApiError::OrgDisabled | ApiError::ModelNotAllowed => "permission_error",
+            ApiError::NotFound | ApiError::ModelNotFound => "not_found_error",
+            ApiError::MethodNotAllowed | ApiError::InvalidJson | ApiError::InvalidRequest => {
+                "invalid_request_error"
+            }
+            ApiError::BodyTooLarge => "invalid_request_error",
+            ApiError::InsufficientBalance => "insufficient_quota",
+            ApiError::UpstreamError
+            | ApiError::UpstreamUnreachable
+            | ApiError::UpstreamTimeout
+            | ApiError::UpstreamStreamCut => "upstream_error",
+            ApiError::ClientDisconnected => "client_error",
+            ApiError::ShuttingDown => "service_unavailable",
+            ApiError::Internal => "server_error",
+        }
+    }
+
+    /// Fixed message text: written by the gateway, never derived from request data.
+    fn message(self) -> &'static str {
+        match self {
+            ApiError::InvalidApiKey => "Missing or invalid API key.",
+            ApiError::KeyRevoked => "This API key has been revoked.",
+            ApiError::KeyExpired => "This API key has expired.",
+            ApiError::OrgDisabled => "The organization of this API key is not active.",
+            ApiError::ModelNotAllowed => "This API key may not use the requested model.",
+            ApiError::NotFound => "Unknown endpoint.",
+            ApiError::ModelNotFound => "The requested model does not exist for this endpoint.",
+            ApiError::MethodNotAllowed => "Method not allowed for this endpoint.",
+            ApiError::InvalidJson => "The request body is not valid JSON.",
+            ApiError::InvalidRequest => {
+                "The request body must be a JSON object with a \"model\" field."
+            }
+            ApiError::BodyTooLarge => "The request body is too large.",
+            ApiError::InsufficientBalance => "Insufficient balance for this request.",
+            ApiError::UpstreamError => "The upstream provider returned an error.",
+            ApiError::UpstreamUnreachable => "The upstream provider could not be reached.",
+            ApiError::UpstreamTimeout => "The upstream provider timed out.",
+            ApiError::UpstreamStreamCut => "The upstream stream ended unexpectedly.",
+            ApiError::ClientDisconnected => "The client disconnected.",
+            ApiError::ShuttingDown => "The gateway is shutting down.",
+            ApiError::Internal => "Internal gateway error.",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// `error.type`/`error.code` values copied from an upstream error only when they are
+/// plain identifiers, so nothing free-form from the upstream reaches the client.
+pub(crate) fn is_safe_ident(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')
+        })
+}
+
+/// OpenAI-shaped error body. `kind`/`code` override the defaults for upstream errors.
+pub(crate) fn error_body(err: ApiError, kind: Option<&str>, code: Option<&str>) -> Bytes {
+    let body = serde_json::json!({
+        "error": {
+            "message": err.message(),
+            "type": kind.unwrap_or(err.kind()),
+            "param": null,
+            "code": code.unwrap_or(err.code()),
+        }
+    });
+    Bytes::from(body.to_string())
+}
+
+/// The SSE event sent when a stream ends abnormally after its 200 was already sent.
+pub(crate) fn error_event(err: ApiError) -> Bytes {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(&error_body(err, None, None));
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+pub(crate) fn json_response<B: From<Bytes>>(status: StatusCode, body: Bytes) -> Response<B> {
+    let mut resp = Response::new(B::from(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}

@@ -1,0 +1,26 @@
+//! onetoken hot path: an OpenAI-compatible relay that authenticates, routes, meters and
+//! bills every call, and keeps only metadata records (never request or response content).
+//!
+//! The crate is pure Rust; `rust/py` wraps [`Engine`] for the Python control plane.
+
+mod auth;
+pub mod billing;
+mod body;
+mod config;
+mod engine;
+mod error;
+mod metrics;
+mod proxy;
+mod records;
+mod server;
+mod snapshot;
+pub mod sse;
+pub mod tokens;
+mod upstream;
+
+pub use auth::hash_key;
+pub use config::{EngineConfig, TlsConfig};
+pub use engine::{Engine, Stats};
+pub use error::Error;
+pub use records::CallRecord;
+pub use snapshot::SnapshotDoc;

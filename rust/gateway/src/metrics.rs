@@ -1,0 +1,169 @@
+//! Prometheus metrics from atomics. Every label value comes from a fixed set.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::error::ApiError;
+
+/// Interface paths, the only values of the `path` label and the record's `path` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PathLabel {
+    Chat,
+    Embeddings,
+    Models,
+    Other,
+}
+
+impl PathLabel {
+    const ALL: [PathLabel; 4] = [
+        PathLabel::Chat,
+        PathLabel::Embeddings,
+        PathLabel::Models,
+        PathLabel::Other,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            PathLabel::Chat => "/v1/chat/completions",
+            PathLabel::Embeddings => "/v1/embeddings",
+            PathLabel::Models => "/v1/models",
+            PathLabel::Other => "other",
+        }
+    }
+}
+
+/// Upper bounds of the latency histogram, seconds.
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
+];
+
+#[derive(Default)]
+pub(crate) struct Metrics {
+    requests: [AtomicU64; 4],
+    errors: [AtomicU64; ApiError::ALL.len()],
+    buckets: [AtomicU64; BUCKETS.len()],
+    duration_count: AtomicU64,
+    duration_sum_us: AtomicU64,
+    pub(crate) in_flight: AtomicI64,
+}
+
+impl Metrics {
+    pub(crate) fn request(&self, path: PathLabel) {
+        self.requests[path as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn error(&self, err: ApiError) {
+        self.errors[err.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.duration_count.fetch_add(1, Ordering::Relaxed);
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.duration_sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    pub(crate) fn render(&self, extra: &Gauges) -> String {
+        let mut out = String::with_capacity(4096);
+        let _ = writeln!(
+            out,
+            "# HELP onetoken_requests_total Requests received, by interface path."
+        );
+        let _ = writeln!(out, "# TYPE onetoken_requests_total counter");
+        for p in PathLabel::ALL {
+            let v = self.requests[p as usize].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "onetoken_requests_total{{path=\"{}\"}} {v}",
+                p.as_str()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP onetoken_errors_total Failed requests, by error code."
+        );
+        let _ = writeln!(out, "# TYPE onetoken_errors_total counter");
+        for e in ApiError::ALL {
+            let v = self.errors[e.index()].load(Ordering::Relaxed);
+            let _ = writeln!(out, "onetoken_errors_total{{code=\"{}\"}} {v}", e.code());
+        }
+        let _ = writeln!(
+            out,
+            "# HELP onetoken_request_duration_seconds Request start to end of response."
+        );
+        let _ = writeln!(out, "# TYPE onetoken_request_duration_seconds histogram");
+        let mut cumulative = 0u64;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "onetoken_request_duration_seconds_bucket{{le=\"{b}\"}} {cumulative}"
+            );
+        }
+        let count = self.duration_count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "onetoken_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let sum = self.duration_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "onetoken_request_duration_seconds_sum {sum}");
+        let _ = writeln!(out, "onetoken_request_duration_seconds_count {count}");
+        let gauges: [(&str, &str, &str, i128); 6] = [
+            (
+                "onetoken_in_flight_requests",
+                "gauge",
+                "Requests being served.",
+                i128::from(self.in_flight.load(Ordering::Relaxed)),
+            ),
+            (
+                "onetoken_record_queue_depth",
+                "gauge",
+                "Records waiting to be drained.",
+                extra.queue_depth as i128,
+            ),
+            (
+                "onetoken_records_total",
+                "counter",
+                "Records emitted.",
+                i128::from(extra.records_total),
+            ),
+            (
+                "onetoken_records_spooled_total",
+                "counter",
+                "Records written to the overflow spool.",
+                i128::from(extra.records_spooled),
+            ),
+            (
+                "onetoken_records_dropped_total",
+                "counter",
+                "Records lost (spool write failed).",
+                i128::from(extra.records_dropped),
+            ),
+            (
+                "onetoken_snapshot_version",
+                "gauge",
+                "Version of the config snapshot serving.",
+                i128::from(extra.snapshot_version),
+            ),
+        ];
+        for (name, kind, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {v}");
+        }
+        out
+    }
+}
+
+/// Values owned elsewhere, rendered with the metrics.
+pub(crate) struct Gauges {
+    pub(crate) queue_depth: usize,
+    pub(crate) records_total: u64,
+    pub(crate) records_spooled: u64,
+    pub(crate) records_dropped: u64,
+    pub(crate) snapshot_version: u64,
+}

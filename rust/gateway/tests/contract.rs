@@ -1,0 +1,145 @@
+//! The shared fixtures in tests/contract/ parse and agree with the Rust side.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+
+use onetoken_gateway::{hash_key, Engine, EngineConfig, Error, SnapshotDoc};
+use serde_json::Value;
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/contract")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn key_hash_vectors() {
+    let v: Value = serde_json::from_slice(&fixture("key_hash_vectors.json")).unwrap();
+    let vectors = v["vectors"].as_array().unwrap();
+    assert!(!vectors.is_empty());
+    for t in vectors {
+        let secret = hex::decode(t["secret_hex"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            hash_key(&secret, t["key"].as_str().unwrap()),
+            t["hash_hex"].as_str().unwrap()
+        );
+    }
+}
+
+#[test]
+fn engine_config_fixture_parses() {
+    let cfg = EngineConfig::from_json(&fixture("engine_config.json")).unwrap();
+    assert_eq!(cfg.listen, "127.0.0.1:0");
+    assert_eq!(cfg.worker_threads, 2);
+    assert!(cfg.tls.is_none());
+    assert_eq!(cfg.max_body_bytes, 4_194_304);
+}
+
+#[test]
+fn engine_config_rejects_unknown_fields_by_name() {
+    let mut v: Value = serde_json::from_slice(&fixture("engine_config.json")).unwrap();
+    v["listen_adress"] = Value::from("x");
+    let err = EngineConfig::from_json(v.to_string().as_bytes()).unwrap_err();
+    assert!(
+        matches!(&err, Error::Config(m) if m.contains("listen_adress")),
+        "{err}"
+    );
+}
+
+#[test]
+fn engine_config_defaults_optional_fields() {
+    let cfg = EngineConfig::from_json(br#"{"key_hash_secret_hex": "00ff"}"#).unwrap();
+    assert_eq!(cfg.queue_capacity, 100_000);
+    assert!(EngineConfig::from_json(br#"{"key_hash_secret_hex": "zz"}"#).is_err());
+}
+
+#[test]
+fn snapshot_fixture_parses_and_loads() {
+    let doc: SnapshotDoc = serde_json::from_slice(&fixture("snapshot.json")).unwrap();
+    assert_eq!(doc.version, 1);
+    let cfg = EngineConfig::from_json(&fixture("engine_config.json")).unwrap();
+    let engine = Engine::new(cfg).unwrap();
+    assert_eq!(engine.load_snapshot(&fixture("snapshot.json")).unwrap(), 1);
+    assert_eq!(engine.stats().snapshot_version, 1);
+    // Not newer: ignored, the current version is returned.
+    assert_eq!(engine.load_snapshot(&fixture("snapshot.json")).unwrap(), 1);
+}
+
+#[test]
+fn snapshot_with_unknown_field_is_rejected_naming_it() {
+    let cfg = EngineConfig::from_json(&fixture("engine_config.json")).unwrap();
+    let engine = Engine::new(cfg).unwrap();
+    for pointer in ["", "/orgs/0", "/keys/0", "/providers/0", "/models/0"] {
+        let mut v: Value = serde_json::from_slice(&fixture("snapshot.json")).unwrap();
+        v["version"] = Value::from(5);
+        v.pointer_mut(pointer).unwrap()["surprise_field"] = Value::from(1);
+        let err = engine.load_snapshot(v.to_string().as_bytes()).unwrap_err();
+        assert!(
+            matches!(&err, Error::Config(m) if m.contains("surprise_field")),
+            "{pointer}: {err}"
+        );
+    }
+    assert_eq!(
+        engine.stats().snapshot_version,
+        0,
+        "a rejected snapshot changes nothing"
+    );
+}
+
+#[test]
+fn snapshot_references_are_checked() {
+    let cfg = EngineConfig::from_json(&fixture("engine_config.json")).unwrap();
+    let engine = Engine::new(cfg).unwrap();
+    let mut v: Value = serde_json::from_slice(&fixture("snapshot.json")).unwrap();
+    v["models"][0]["provider_id"] = Value::from("nope");
+    assert!(matches!(
+        engine.load_snapshot(v.to_string().as_bytes()),
+        Err(Error::Config(_))
+    ));
+    let mut v: Value = serde_json::from_slice(&fixture("snapshot.json")).unwrap();
+    v["keys"][0]["org_id"] = Value::from("nope");
+    assert!(matches!(
+        engine.load_snapshot(v.to_string().as_bytes()),
+        Err(Error::Config(_))
+    ));
+}
+
+#[test]
+fn record_fields_match_the_column_contract() {
+    let v: Value = serde_json::from_slice(&fixture("call_log_columns.json")).unwrap();
+    let columns: Vec<&str> = v["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c[0].as_str().unwrap())
+        .collect();
+    let record = serde_json::to_value(onetoken_gateway::CallRecord::default()).unwrap();
+    let fields: Vec<&str> = record
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let mut sorted_columns = columns.clone();
+    sorted_columns.sort_unstable();
+    let mut sorted_fields = fields.clone();
+    sorted_fields.sort_unstable();
+    assert_eq!(sorted_fields, sorted_columns);
+    assert_eq!(onetoken_gateway::CallRecord::COLUMNS, columns.as_slice());
+}
+
+#[test]
+fn bind_errors_are_immediate_and_start_twice_is_a_state_error() {
+    let cfg = EngineConfig::from_json(&fixture("engine_config.json")).unwrap();
+    let engine = Engine::new(cfg.clone()).unwrap();
+    let addr = engine.start().unwrap();
+    assert_eq!(engine.address(), Some(addr));
+    assert!(matches!(engine.start(), Err(Error::State(_))));
+    let mut taken = cfg;
+    taken.listen = addr.to_string();
+    let other = Engine::new(taken).unwrap();
+    assert!(matches!(other.start(), Err(Error::Bind(_))));
+    engine.stop(std::time::Duration::from_millis(100));
+    assert!(matches!(engine.start(), Err(Error::State(_))));
+}

@@ -1,0 +1,128 @@
+//! `onetoken._core.Engine`: a thin wrapper; blocking calls release the GIL.
+
+use std::time::Duration;
+
+use onetoken_gateway::{CallRecord, Engine as CoreEngine, EngineConfig};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+use crate::errors::to_py;
+
+/// The gateway: a hyper server on a tokio runtime that Rust owns.
+#[pyclass(module = "onetoken._core", name = "Engine", frozen)]
+pub(crate) struct Engine {
+    inner: CoreEngine,
+}
+
+#[pymethods]
+impl Engine {
+    #[new]
+    fn new(config_json: &[u8]) -> PyResult<Self> {
+        let config = EngineConfig::from_json(config_json).map_err(to_py)?;
+        Ok(Engine {
+            inner: CoreEngine::new(config).map_err(to_py)?,
+        })
+    }
+
+    fn start(&self, py: Python<'_>) -> PyResult<String> {
+        let addr = py.detach(|| self.inner.start()).map_err(to_py)?;
+        Ok(addr.to_string())
+    }
+
+    fn load_snapshot(&self, py: Python<'_>, snapshot_json: &[u8]) -> PyResult<u64> {
+        py.detach(|| self.inner.load_snapshot(snapshot_json))
+            .map_err(to_py)
+    }
+
+    fn drain_records<'py>(
+        &self,
+        py: Python<'py>,
+        max_records: usize,
+    ) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let records = py.detach(|| self.inner.drain_records(max_records));
+        if records.is_empty() {
+            return Ok(None);
+        }
+        columns(py, &records).map(Some)
+    }
+
+    fn stop(&self, py: Python<'_>, grace_seconds: f64) {
+        let grace = Duration::try_from_secs_f64(grace_seconds.max(0.0)).unwrap_or(Duration::ZERO);
+        py.detach(|| self.inner.stop(grace));
+    }
+
+    fn metrics_text(&self) -> String {
+        self.inner.metrics_text()
+    }
+
+    fn org_spend<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        for (org, spent, reserved) in self.inner.org_spend() {
+            out.set_item(org, (spent, reserved))?;
+        }
+        Ok(out)
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let out = PyDict::new(py);
+        out.set_item("queue_depth", s.queue_depth)?;
+        out.set_item("records_total", s.records_total)?;
+        out.set_item("records_spooled", s.records_spooled)?;
+        out.set_item("in_flight", s.in_flight)?;
+        out.set_item("snapshot_version", s.snapshot_version)?;
+        Ok(out)
+    }
+
+    #[getter]
+    fn address(&self) -> Option<String> {
+        self.inner.address().map(|a| a.to_string())
+    }
+
+    #[getter]
+    fn running(&self) -> bool {
+        self.inner.running()
+    }
+
+    #[getter]
+    fn instance_id(&self) -> &str {
+        self.inner.instance_id()
+    }
+}
+
+/// Column-oriented batch, keys in contract order.
+fn columns<'py>(py: Python<'py>, records: &[CallRecord]) -> PyResult<Bound<'py, PyDict>> {
+    let out = PyDict::new(py);
+    macro_rules! column {
+        ($name:ident) => {
+            out.set_item(
+                stringify!($name),
+                PyList::new(py, records.iter().map(|r| &r.$name))?,
+            )?;
+        };
+    }
+    column!(ts);
+    column!(request_id);
+    column!(org_id);
+    column!(account_id);
+    column!(key_id);
+    column!(path);
+    column!(model_requested);
+    column!(model_served);
+    column!(provider);
+    column!(prompt_tokens);
+    column!(completion_tokens);
+    column!(cached_tokens);
+    column!(usage_source);
+    column!(cost);
+    column!(status);
+    column!(error_code);
+    column!(latency_us);
+    column!(ttfb_us);
+    column!(streamed);
+    column!(source_ip);
+    column!(user_agent);
+    column!(rate_limit);
+    column!(attempts);
+    Ok(out)
+}

@@ -1,0 +1,40 @@
+//! `onetoken._core`: Python bindings of the gateway. Glue only; the logic lives in
+//! `onetoken-gateway` and `onetoken-mock-upstream`.
+
+mod engine;
+mod errors;
+mod mock;
+
+use pyo3::prelude::*;
+
+/// HMAC-SHA256 of the key under the secret, lowercase hex.
+#[pyfunction]
+fn hash_key(secret: &[u8], key: &str) -> String {
+    onetoken_gateway::hash_key(secret, key)
+}
+
+/// Tokens in `text` under the gateway's tokenizer (o200k_base).
+#[pyfunction]
+fn count_tokens(py: Python<'_>, text: &str) -> usize {
+    py.detach(|| onetoken_gateway::tokens::count(text))
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("OnetokenError", py.get_type::<errors::OnetokenError>())?;
+    m.add("ConfigError", py.get_type::<errors::ConfigError>())?;
+    m.add("BindError", py.get_type::<errors::BindError>())?;
+    m.add("TlsError", py.get_type::<errors::TlsError>())?;
+    m.add(
+        "EngineStateError",
+        py.get_type::<errors::EngineStateError>(),
+    )?;
+    m.add_class::<engine::Engine>()?;
+    m.add_class::<mock::MockUpstream>()?;
+    m.add_function(wrap_pyfunction!(hash_key, m)?)?;
+    m.add_function(wrap_pyfunction!(count_tokens, m)?)?;
+    m.add_function(wrap_pyfunction!(mock::serve_mock_upstream, m)?)?;
+    Ok(())
+}

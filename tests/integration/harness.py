@@ -1,0 +1,154 @@
+"""A real onetoken server in a subprocess, driven the way an operator would drive it.
+
+The server runs `onetoken serve --demo` on free loopback ports with its own data dir; the
+fake provider runs in the test process (onetoken._core.MockUpstream) so tests can count
+the calls it receives. Its stdout and stderr go to files under the data dir's logs, so
+the privacy audit scans them too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+READY_TIMEOUT_S = 90.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cli(data_dir: Path, *args: str, env: dict[str, str] | None = None,
+        check: bool = True) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "ONETOKEN_DATA_DIR": str(data_dir), **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "onetoken.cli", *args],
+        env=full_env, capture_output=True, text=True, timeout=180,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"onetoken {' '.join(args)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return proc
+
+
+@dataclass
+class Server:
+    data_dir: Path
+    upstream: str
+    extra_env: dict[str, str] = field(default_factory=dict)
+    gateway_port: int = field(default_factory=free_port)
+    control_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    runs: int = 0
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def control_url(self) -> str:
+        return f"http://127.0.0.1:{self.control_port}"
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "ONETOKEN_DATA_DIR": str(self.data_dir),
+            "ONETOKEN_GATEWAY_LISTEN": f"127.0.0.1:{self.gateway_port}",
+            "ONETOKEN_CONTROL_LISTEN": f"127.0.0.1:{self.control_port}",
+            "ONETOKEN_DEMO_UPSTREAM": self.upstream,
+            "ONETOKEN_FLUSH_INTERVAL_MS": "50",
+            **self.extra_env,
+        }
+
+    def start(self) -> None:
+        logs = self.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.runs += 1
+        out = open(logs / f"serve-{self.runs}.stdout", "wb")  # noqa: SIM115 - owned by the process
+        err = open(logs / f"serve-{self.runs}.stderr", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "onetoken.cli", "serve", "--demo"],
+            env=self.env(), stdout=out, stderr=err,
+        )
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited early with {self.proc.returncode}: {self.stderr_tail()}")
+            try:
+                g = httpx.get(f"{self.gateway_url}/healthz", timeout=1)
+                c = httpx.get(f"{self.control_url}/api/openapi.json", timeout=1)
+                if g.status_code == 200 and c.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"server not ready in {READY_TIMEOUT_S}s: {self.stderr_tail()}")
+
+    def stderr_tail(self) -> str:
+        path = self.data_dir / "logs" / f"serve-{self.runs}.stderr"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout)
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+class Admin:
+    """The control API as an org admin sees it."""
+
+    def __init__(self, server: Server, email: str, password: str) -> None:
+        self.http = httpx.Client(base_url=server.control_url, timeout=30)
+        r = self.http.post("/api/v1/auth/login", json={"email": email, "password": password})
+        assert r.status_code == 200, r.text
+        self.http.headers["Authorization"] = f"Bearer {r.json()['token']}"
+
+    def get(self, path: str, **kw: Any) -> Any:
+        r = self.http.get(path, **kw)
+        assert r.status_code == 200, f"{path}: {r.status_code} {r.text}"
+        return r.json()
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        r = self.http.post(path, json=body)
+        assert r.status_code in (200, 201), f"{path}: {r.status_code} {r.text}"
+        return r.json()
+
+
+@contextmanager
+def running(server: Server) -> Iterator[Server]:
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.proc is not None:
+            server.stop()
+
+
+def bootstrap(data_dir: Path) -> dict[str, Any]:
+    out = cli(data_dir, "bootstrap", "--json")
+    return dict(json.loads(out.stdout))

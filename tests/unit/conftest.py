@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from onetoken.app import build_state, create_app
+from onetoken.deps import AppState
+from onetoken.orgs import service as orgs
+from onetoken.settings import Settings
+
+CONTRACT = Path(__file__).resolve().parents[1] / "contract"
+TEST_SECRET = "unit-test-secret-key-0123456789abcdef"
+
+
+def contract(name: str) -> Any:
+    return json.loads((CONTRACT / name).read_text())
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data", secret_key=SecretStr(TEST_SECRET))
+
+
+@pytest.fixture
+def state(settings: Settings) -> Iterator[AppState]:
+    st = build_state(settings)
+    yield st
+    st.db_engine.dispose()
+
+
+@pytest.fixture
+def client(settings: Settings, state: AppState) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, state=state)) as c:
+        yield c
+
+
+@dataclass
+class Admin:
+    org_id: str
+    account_id: str
+    email: str
+    password: str
+    headers: dict[str, str]
+
+
+def make_org_admin(
+    state: AppState, client: TestClient, org_name: str, email: str, role: str = "owner"
+) -> Admin:
+    password = "correct horse battery staple"
+    with state.session_factory() as session:
+        org = orgs.create_org(session, org_name)
+        account = orgs.create_account(session, org.id, email, password, role)
+        session.commit()
+        org_id, account_id = org.id, account.id
+    r = client.post("/api/v1/auth/login", json={"email": email, "password": password})
+    assert r.status_code == 200, r.text
+    token = r.json()["access_token"]
+    return Admin(org_id, account_id, email, password, {"Authorization": f"Bearer {token}"})
+
+
+def add_account(
+    state: AppState, client: TestClient, org_id: str, email: str, role: str
+) -> dict[str, str]:
+    password = "another long password"
+    with state.session_factory() as session:
+        orgs.create_account(session, org_id, email, password, role)
+        session.commit()
+    r = client.post("/api/v1/auth/login", json={"email": email, "password": password})
+    assert r.status_code == 200, r.text
+    return {"Authorization": f"Bearer {r.json()['access_token']}"}
+
+
+@pytest.fixture
+def admin(state: AppState, client: TestClient) -> Admin:
+    return make_org_admin(state, client, "Acme", "owner@acme.test")
+
+
+@pytest.fixture
+def other_admin(state: AppState, client: TestClient) -> Admin:
+    return make_org_admin(state, client, "Globex", "admin@globex.test", role="admin")
+
+
+def core_or_skip() -> Any:
+    return pytest.importorskip("onetoken._core", reason="the Rust extension is not built")

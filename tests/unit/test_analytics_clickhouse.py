@@ -1,0 +1,147 @@
+"""ClickHouse client, DSN parsing, migrations and TTL (against embedded chDB)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from clickhouse_connect.driver.client import Client
+
+from onetoken.analytics import clickhouse as ch
+from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_SCHEMA
+from onetoken.settings import Settings
+
+CONTRACT = Path(__file__).resolve().parents[1] / "contract" / "call_log_columns.json"
+
+
+def test_packaged_columns_match_the_contract() -> None:
+    contract = json.loads(CONTRACT.read_text())["columns"]
+    assert [(name, ch_type) for name, ch_type, _ in contract] == list(CALL_LOG_SCHEMA)
+
+
+def test_parse_chdb_dsn_keeps_relative_paths_as_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    dsn = ch.parse_dsn("chdb://.onetoken/clickhouse")
+    assert dsn.kind == "chdb"
+    assert dsn.chdb_path == tmp_path.resolve() / ".onetoken" / "clickhouse"
+    assert ch.parse_dsn("chdb:///abs/dir/").chdb_path == Path("/abs/dir")
+    assert ch.parse_dsn("chdb://:memory:").chdb_path is None
+    assert ch.parse_dsn("", tmp_path).chdb_path == tmp_path.resolve() / "clickhouse"
+
+
+def test_parse_http_dsn_drops_database_and_hides_password() -> None:
+    dsn = ch.parse_dsn("https://user:s3cret@ch.example:8443/onetoken?compress=1")
+    assert dsn.kind == "http"
+    assert dsn.url == "https://user:s3cret@ch.example:8443?compress=1"
+    assert dsn.display == "https://ch.example:8443"
+    assert "s3cret" not in dsn.display
+    with pytest.raises(ch.AnalyticsError):
+        ch.parse_dsn("clickhouse://host:9000")
+
+
+def test_migration_files_are_ordered_and_split() -> None:
+    migrations = ch.load_migrations()
+    assert [m.version for m in migrations] == sorted(m.version for m in migrations)
+    first = migrations[0]
+    assert first.version == 1
+    statements = first.statements()
+    assert statements[0] == "CREATE DATABASE IF NOT EXISTS onetoken"
+    assert all("--" not in s and not s.endswith(";") for s in statements)
+
+
+def test_deploy_copy_matches_packaged_sql() -> None:
+    deploy = Path(__file__).resolve().parents[2] / "deploy" / "clickhouse"
+    for migration in ch.load_migrations():
+        assert (deploy / migration.name).read_text() == migration.sql
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(data_dir=tmp_path_factory.mktemp("ch"), call_log_ttl_days=30)
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings) -> Iterator[Client]:
+    # One chDB engine for the module: opening costs ~250 MB and a process holds one path.
+    client = ch.open_client(settings)
+    yield client
+    client.close()
+
+
+def test_call_log_has_exactly_the_contract_columns(client: Client) -> None:
+    rows = client.query("DESCRIBE TABLE onetoken.call_log").result_rows
+    assert [(r[0], r[1]) for r in rows] == list(CALL_LOG_SCHEMA)
+    assert tuple(r[0] for r in rows) == CALL_LOG_COLUMNS
+
+
+def test_security_log_columns(client: Client) -> None:
+    rows = client.query("DESCRIBE TABLE onetoken.security_log").result_rows
+    assert [r[0] for r in rows] == [
+        "ts",
+        "event_id",
+        "kind",
+        "severity",
+        "org_id",
+        "actor_id",
+        "subject_id",
+        "source_ip",
+        "user_agent",
+        "detail",
+    ]
+
+
+def test_call_log_engine_is_replacing_and_partitioned(client: Client) -> None:
+    create = str(client.command("SHOW CREATE TABLE onetoken.call_log"))
+    assert "ENGINE = ReplacingMergeTree" in create
+    assert "PARTITION BY toYYYYMM(ts)" in create
+    assert "ORDER BY (org_id, ts, request_id)" in create
+    assert "non_replicated_deduplication_window" in create
+
+
+def test_configured_ttl_is_applied_at_open(client: Client) -> None:
+    create = str(client.command("SHOW CREATE TABLE onetoken.call_log"))
+    assert "TTL ts + toIntervalDay(30)" in create
+
+
+def test_ttl_follows_the_setting(client: Client) -> None:
+    assert ch.set_ttl_days(client, "onetoken.call_log", 45) is True
+    assert "TTL ts + toIntervalDay(45)" in str(
+        client.command("SHOW CREATE TABLE onetoken.call_log")
+    )
+    assert ch.set_ttl_days(client, "onetoken.call_log", 45) is False
+    with pytest.raises(ch.AnalyticsError):
+        ch.set_ttl_days(client, "onetoken.call_log", 0)
+    assert ch.set_ttl_days(client, "onetoken.call_log", 30) is True
+
+
+def test_migrations_are_idempotent(client: Client, settings: Settings) -> None:
+    versions = [m.version for m in ch.load_migrations()]
+    assert ch.apply_migrations(client) == []
+    # Re-running every statement of every migration (as after a crash mid-migration)
+    # must not fail either.
+    for migration in ch.load_migrations():
+        for statement in migration.statements():
+            client.command(statement)
+    # A second client on the same path in this process (as the CLI and sink would) opens
+    # and finds nothing to do.
+    second = ch.open_client(settings)
+    try:
+        assert ch.apply_migrations(second) == []
+    finally:
+        second.close()
+    recorded = client.query(
+        "SELECT version, count() FROM onetoken.schema_migrations FINAL "
+        "GROUP BY version ORDER BY version"
+    ).result_rows
+    assert recorded == [(v, 1) for v in versions]
+    assert ch.applied_migrations(client) == {m.version: m.checksum for m in ch.load_migrations()}
+
+
+def test_second_path_in_one_process_is_a_clear_error(client: Client, tmp_path: Path) -> None:
+    other = Settings(data_dir=tmp_path)
+    with pytest.raises(ch.ChdbPathConflictError, match="one data path per process"):
+        ch.open_client(other)

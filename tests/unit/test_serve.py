@@ -1,0 +1,136 @@
+"""`onetoken serve --demo` end to end in a subprocess (needs the Rust extension)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.unit.conftest import TEST_SECRET, core_or_skip
+
+PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
+CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}]}
+
+
+class Served:
+    def __init__(self, proc: subprocess.Popen[str], info: dict[str, str]) -> None:
+        self.proc = proc
+        self.info = info
+        self.gateway = info["gateway"]
+        self.control = info["control"]
+
+
+def _start(data_dir: Path) -> Served:
+    env = {
+        **os.environ,
+        "ONETOKEN_DATA_DIR": str(data_dir),
+        "ONETOKEN_SECRET_KEY": TEST_SECRET,
+        "ONETOKEN_GATEWAY_LISTEN": "127.0.0.1:0",
+        "ONETOKEN_CONTROL_LISTEN": "127.0.0.1:0",
+        "ONETOKEN_FLUSH_INTERVAL_MS": "50",
+        "PYTHONPATH": os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")]),
+    }
+    for name in ("ONETOKEN_DATABASE_URL", "ONETOKEN_CLICKHOUSE_DSN", "ONETOKEN_DEMO_UPSTREAM"):
+        env.pop(name, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "onetoken.cli", "serve", "--demo"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    info: dict[str, str] = {}
+    deadline = time.monotonic() + 120
+    while "try" not in info:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            proc.kill()
+            raise AssertionError(f"serve printed {info} before timing out") from None
+        name, _, value = line.partition(": ")
+        info[name.strip()] = value.strip()
+    return Served(proc, info)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    core_or_skip()
+    s = _start(tmp_path)
+    yield s
+    if s.proc.poll() is None:
+        s.proc.kill()
+
+
+def _chat(s: Served, key: str) -> httpx.Response:
+    return httpx.post(
+        f"{s.gateway}/v1/chat/completions", json=CHAT,
+        headers={"Authorization": f"Bearer {key}"}, timeout=30,
+    )
+
+
+def test_serve_demo_end_to_end(served: Served) -> None:
+    s = served
+    assert s.gateway.startswith("http://127.0.0.1:") and s.control.startswith("http://127.0.0.1:")
+    r = _chat(s, s.info["api_key"])
+    assert r.status_code == 200, r.text
+    assert httpx.get(f"{s.control}/healthz").status_code == 200
+
+    login = httpx.post(
+        f"{s.control}/api/v1/auth/login",
+        json={"email": s.info["admin_email"], "password": s.info["admin_password"]},
+    )
+    assert login.status_code == 200
+    h = {"Authorization": f"Bearer {login.json()['access_token']}"}
+
+    # The pump writes the usage into the ledger shortly after.
+    deadline = time.monotonic() + 10
+    balance = "100.000000000"
+    while time.monotonic() < deadline and balance == "100.000000000":
+        balance = httpx.get(f"{s.control}/api/v1/billing/balance", headers=h).json()["balance"]
+        time.sleep(0.05)
+    assert balance != "100.000000000"
+    ledger = httpx.get(f"{s.control}/api/v1/billing/ledger", headers=h).json()["data"]
+    assert any(e["kind"] == "usage" and e["request_id"] == r.headers["x-request-id"] for e in ledger)
+
+    # A key created through the API works at once; revoked, it stops at once.
+    created = httpx.post(f"{s.control}/api/v1/keys", json={"name": "new"}, headers=h).json()
+    assert _chat(s, created["key"]).status_code == 200
+    httpx.post(f"{s.control}/api/v1/keys/{created['id']}/revoke", headers=h)
+    refused = _chat(s, created["key"])
+    assert refused.status_code == 401
+    assert refused.json()["error"]["code"] == "key_revoked"
+
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(timeout=60) == 0
+
+
+def test_second_demo_run_prints_a_fresh_working_key(tmp_path: Path) -> None:
+    core_or_skip()
+    first = _start(tmp_path)
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(timeout=60) == 0
+    second = _start(tmp_path)
+    try:
+        assert "admin_password" not in second.info
+        key = second.info["api_key"]
+        assert key != first.info["api_key"]
+        assert _chat(second, key).status_code == 200
+        # The bootstrap key stays valid; only an earlier "demo session" key is revoked.
+        assert _chat(second, first.info["api_key"]).status_code == 200
+    finally:
+        second.proc.send_signal(signal.SIGTERM)
+        assert second.proc.wait(timeout=60) == 0
