@@ -417,7 +417,40 @@ def start_onetoken(services: Services, workdir: Path, upstream: str, python: str
         if not works(api_key):
             raise BenchError(f"onetoken does not answer a demo-chat request:\n{svc.tail()}")
     version = version_of([python, "-c", "import onetoken; print(onetoken.__version__)"])
-    return Target("onetoken", base, "demo-chat", svc.proc.pid, api_key=api_key, version=version)
+    profile = extension_profile(python)
+    note = ""
+    if profile != "release":
+        note = (
+            f"the onetoken extension is a {profile} build: its numbers are not representative "
+            "(`make bench` installs a release build first)"
+        )
+    return Target(
+        "onetoken",
+        base,
+        "demo-chat",
+        svc.proc.pid,
+        api_key=api_key,
+        version=f"{version} ({profile} build)",
+        note=note,
+    )
+
+
+def extension_profile(python: str) -> str:
+    """ "release" or "debug": which cargo profile produced the installed onetoken._core
+    (maturin copies target/<profile>/lib_core.so into the package), else "unknown"."""
+    try:
+        installed = Path(
+            run_cmd([python, "-c", "import onetoken._core as c; print(c.__file__)"], 60).strip()
+        )
+        data = installed.read_bytes()
+    except (BenchError, OSError):
+        return "unknown"
+    for profile in ("release", "debug"):
+        built = target_dir() / profile / "lib_core.so"
+        with contextlib.suppress(OSError):
+            if built.stat().st_size == len(data) and built.read_bytes() == data:
+                return profile
+    return "unknown"
 
 
 LITELLM_CONFIG = """\
@@ -696,6 +729,9 @@ def write_report(
     for name, why in skipped.items():
         lines.append(f"| {name} | skipped: {why} | - | - |")
     lines.append("")
+    for t in targets:
+        if t.note:
+            lines += [f"**Note ({t.name}):** {t.note}.", ""]
 
     def get(target: str, wl: str) -> dict[str, Any]:
         return rows.get((target, wl), {})

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, FastAPI
 
 from onetoken import __version__
+from onetoken.analytics.router import router as analytics_router
 from onetoken.billing.router import router as billing_router
 from onetoken.db.migrate import upgrade
 from onetoken.db.session import make_engine, make_session_factory
@@ -78,6 +79,7 @@ def create_app(
     api.include_router(keys_router)
     api.include_router(providers_router)
     api.include_router(billing_router)
+    api.include_router(analytics_router)
     app.include_router(api)
 
     @app.get("/healthz", include_in_schema=False)

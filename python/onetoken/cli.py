@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -155,18 +156,92 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_retention(args: argparse.Namespace) -> int:
-    from onetoken.audit import scan
+    from onetoken.audit import audit
 
     if not args.needle:
         raise CliError("--needle must not be empty")
-    findings = scan(_settings(), args.needle)
-    for location in findings:
-        print(location)
-    if findings:
-        print(f"FOUND in {len(findings)} location(s)", file=sys.stderr)
-        return EXIT_FOUND
-    print("clean: not found in any persisted data", file=sys.stderr)
+    report = audit(_settings(), args.needle)
+    print(report.render())
+    if report.found:
+        print(f"FOUND in {len(report.findings)} location(s)", file=sys.stderr)
+    elif report.problems:
+        # Not finding it proves nothing about what could not be read (e.g. the embedded
+        # ClickHouse held by a running server): say so and fail, never report clean.
+        print("incomplete: some stores could not be scanned", file=sys.stderr)
+    else:
+        print("clean: not found in any persisted data", file=sys.stderr)
+    return report.exit_code
+
+
+def _analytics_client(settings: Settings) -> Any:
+    from onetoken.analytics.clickhouse import AnalyticsError, open_client
+
+    try:
+        return open_client(settings)
+    except AnalyticsError as exc:
+        raise CliError(f"cannot open ClickHouse: {exc}") from None
+
+
+def cmd_calls_export(args: argparse.Namespace) -> int:
+    """Every call_log row (metadata only) as JSON lines, oldest first: for operators and
+    analysts on a stopped embedded deployment or against a ClickHouse server."""
+    from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_TABLE
+
+    settings = _settings()
+    client = _analytics_client(settings)
+    where = " WHERE org_id = {org:String}" if args.org else ""
+    selected = ", ".join(
+        "toUnixTimestamp64Micro(ts)" if c == "ts" else c for c in CALL_LOG_COLUMNS
+    )
+    try:
+        with client.query_row_block_stream(
+            f"SELECT {selected} FROM {CALL_LOG_TABLE} FINAL{where} ORDER BY ts, request_id",  # noqa: S608
+            parameters={"org": args.org or ""},
+        ) as stream:
+            for block in stream:
+                for row in block:
+                    print(json.dumps(dict(zip(CALL_LOG_COLUMNS, row, strict=True))))
+    finally:
+        client.close()
     return EXIT_OK
+
+
+def cmd_billing_reconcile(args: argparse.Namespace) -> int:
+    """Ledger usage against call_log cost per org; exit 1 on any difference."""
+    from onetoken.billing.reconcile import reconcile
+    from onetoken.kit.money import format_amount
+
+    settings = _settings()
+    state = _open_db(settings)
+    client = _analytics_client(settings)
+    try:
+        with state.session_factory() as session:
+            lines = reconcile(session, client, start=args.start, end=args.end)
+    finally:
+        client.close()
+        state.db_engine.dispose()
+    if args.json:
+        print(json.dumps([
+            {"org_id": r.org_id, "ledger_usage": r.ledger_usage,
+             "call_log_cost": r.call_log_cost, "difference": r.difference}
+            for r in lines
+        ]))
+    else:
+        for r in lines:
+            print(f"{r.org_id}  ledger {format_amount(r.ledger_usage)}  "
+                  f"call_log {format_amount(r.call_log_cost)}  "
+                  f"difference {format_amount(r.difference)}")
+    bad = [r for r in lines if r.difference != 0]
+    print(f"{len(lines)} org(s), {len(bad)} with a difference", file=sys.stderr)
+    return EXIT_FOUND if bad else EXIT_OK
+
+
+def _instant(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be an ISO 8601 date or time") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _positive(value: str) -> int:
@@ -222,6 +297,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="a label for the key")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_keys_create)
+
+    calls = sub.add_parser("calls", help="call metadata").add_subparsers(
+        dest="calls_command", required=True, metavar="ACTION"
+    )
+    p = calls.add_parser("export", help="print call_log rows as JSON lines (server stopped, "
+                         "or ClickHouse server DSN)")
+    p.add_argument("--org", default=None, help="only this org id")
+    p.set_defaults(func=cmd_calls_export)
+
+    billing = sub.add_parser("billing", help="billing operations").add_subparsers(
+        dest="billing_command", required=True, metavar="ACTION"
+    )
+    p = billing.add_parser("reconcile", help="ledger usage vs call_log cost per org (exit 1 "
+                           "on any difference)")
+    p.add_argument("--from", dest="start", type=_instant, default=None, help="ISO start (incl.)")
+    p.add_argument("--to", dest="end", type=_instant, default=None, help="ISO end (excl.)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_billing_reconcile)
     return parser
 
 

@@ -100,8 +100,16 @@ def run(settings: Settings, *, demo: bool = False) -> int:
             raise ServeError(f"gateway failed to start: {type(exc).__name__}: {exc}") from None
 
         app = create_app(settings, supervisor, state=state)
+        tls = settings.tls_cert is not None
         config = uvicorn.Config(
-            app, log_config=None, access_log=False, lifespan="on", server_header=False
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            server_header=False,
+            # One certificate for both listeners: operators configure TLS once.
+            ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+            ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
         )
         server = _Server(config)
 
@@ -113,10 +121,9 @@ def run(settings: Settings, *, demo: bool = False) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
-        tls = settings.tls_cert is not None
         control_addr = "{}:{}".format(*control_sock.getsockname()[:2])
         print(f"gateway: {url(gateway_addr, tls)}", flush=True)
-        print(f"control: {url(control_addr)}", flush=True)
+        print(f"control: {url(control_addr, tls)}", flush=True)
         if demo_info is not None:
             print(f"api_key: {demo_info.api_key}", flush=True)
             if demo_info.admin_password is not None:

@@ -126,7 +126,7 @@ class Admin:
         self.http = httpx.Client(base_url=server.control_url, timeout=30)
         r = self.http.post("/api/v1/auth/login", json={"email": email, "password": password})
         assert r.status_code == 200, r.text
-        self.http.headers["Authorization"] = f"Bearer {r.json()['token']}"
+        self.http.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
 
     def get(self, path: str, **kw: Any) -> Any:
         r = self.http.get(path, **kw)

@@ -1,26 +1,37 @@
-"""Reading what the server recorded, through its control API (the embedded ClickHouse
-belongs to the server process while it runs)."""
+"""Reading what a deployment recorded: through the control API while the server runs (the
+embedded ClickHouse belongs to the server process then), through the CLI once it stopped."""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
-from .harness import Admin
+from .harness import Admin, cli
 
 PIPELINE_TIMEOUT_S = 30.0
 
 
-def all_calls(admin: Admin) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = admin.get("/api/v1/calls", params={"limit": 100000})["data"]
-    return rows
+def org_calls(admin: Admin) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 1000}
+        if cursor:
+            params["cursor"] = cursor
+        page = admin.get("/api/v1/calls", params=params)
+        rows += page["data"]
+        cursor = page["next_cursor"]
+        if not cursor:
+            return rows
 
 
 def wait_for_calls(admin: Admin, request_ids: set[str]) -> list[dict[str, Any]]:
-    """The call_log rows of these requests, once the pipeline has landed all of them."""
+    """The org's call_log rows of these requests, once the pipeline has landed all of them."""
     deadline = time.monotonic() + PIPELINE_TIMEOUT_S
     while True:
-        rows = [r for r in all_calls(admin) if r["request_id"] in request_ids]
+        rows = [r for r in org_calls(admin) if r["request_id"] in request_ids]
         if {r["request_id"] for r in rows} >= request_ids or time.monotonic() > deadline:
             break
         time.sleep(0.05)
@@ -29,7 +40,14 @@ def wait_for_calls(admin: Admin, request_ids: set[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def ledger_usage_units(admin: Admin) -> int:
-    """Sum of usage charges in the ledger, as positive nano-units."""
-    entries = admin.get("/api/v1/billing/ledger", params={"limit": 100000, "kind": "usage"})["data"]
-    return -sum(int(e["amount_units"]) for e in entries)
+def exported_calls(data_dir: Path) -> list[dict[str, Any]]:
+    """Every call_log row of a stopped deployment (`onetoken calls export`)."""
+    out = cli(data_dir, "calls", "export").stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def reconcile(data_dir: Path) -> tuple[int, list[dict[str, Any]]]:
+    """`onetoken billing reconcile --json` of a stopped deployment: (exit code, lines)."""
+    proc = cli(data_dir, "billing", "reconcile", "--json", check=False)
+    assert proc.returncode in (0, 1), proc.stderr
+    return proc.returncode, json.loads(proc.stdout)

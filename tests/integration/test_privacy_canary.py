@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from .harness import Admin, Server, bootstrap, cli
-from .records import all_calls, ledger_usage_units, wait_for_calls
+from .records import exported_calls, reconcile
 
 CANARY = f"CANARY-{uuid.uuid4().hex}"
 
@@ -78,13 +78,11 @@ def canary_run(tmp_path_factory: pytest.TempPathFactory, mock_addr: str) -> dict
     call("no_balance", "POST", "/v1/chat/completions", headers=auth,
          json={**chat(CANARY), "model": "pricey"})
 
+    code = server.stop()  # a clean stop drains and flushes every record
     request_ids = {r.headers["x-request-id"] for r in seen.values()}
-    rows = wait_for_calls(admin, request_ids)
-    ledger = ledger_usage_units(admin)
-    everything = all_calls(admin)
-    code = server.stop()
-    return {"data_dir": data_dir, "seen": seen, "rows": rows, "exit_code": code,
-            "ledger": ledger, "all_rows": everything, "server": server}
+    rows = exported_calls(data_dir)
+    return {"data_dir": data_dir, "seen": seen, "exit_code": code, "request_ids": request_ids,
+            "rows": rows, "reconcile": reconcile(data_dir)}
 
 
 def pricey_model(admin: Admin) -> dict[str, Any]:
@@ -106,6 +104,8 @@ def test_every_path_got_its_status(canary_run: dict[str, Any]) -> None:
 def test_each_failure_left_exactly_one_metadata_record(canary_run: dict[str, Any]) -> None:
     by_id = {r["request_id"]: r for r in canary_run["rows"]}
     assert len(by_id) == len(canary_run["rows"]), "a request was recorded twice"
+    # Plus the admin API's own model creation: no other gateway traffic happened.
+    assert set(by_id) == canary_run["request_ids"]
     codes = {name: by_id[r.headers["x-request-id"]]["error_code"] for name, r in canary_run["seen"].items()}
     assert codes["ok"] == "" and codes["bad_json"] == "invalid_json"
     assert codes["unauthorized"] == "invalid_api_key" and codes["unknown_model"] == "model_not_found"
@@ -124,9 +124,10 @@ def test_server_stopped_cleanly(canary_run: dict[str, Any]) -> None:
 
 
 def test_ledger_equals_call_log(canary_run: dict[str, Any]) -> None:
-    total = sum(int(r["cost"]) for r in canary_run["all_rows"])
+    code, lines = canary_run["reconcile"]
+    total = sum(int(r["cost"]) for r in canary_run["rows"])
     assert total > 0
-    assert canary_run["ledger"] == total
+    assert code == 0 and [(x["ledger_usage"], x["call_log_cost"]) for x in lines] == [(total, total)]
 
 
 def test_canary_is_in_no_persisted_byte(canary_run: dict[str, Any]) -> None:

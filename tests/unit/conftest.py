@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
+from sqlalchemy import create_engine, text
 
 from onetoken.app import build_state, create_app
 from onetoken.deps import AppState
@@ -23,9 +25,26 @@ def contract(name: str) -> Any:
     return json.loads((CONTRACT / name).read_text())
 
 
+# Set (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/onetoken_test) to run the
+# control-DB tests against PostgreSQL; the database's public schema is wiped per test.
+POSTGRES_URL = os.environ.get("ONETOKEN_TEST_POSTGRES_URL")
+
+
+def _reset_postgres(url: str) -> None:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", secret_key=SecretStr(TEST_SECRET))
+    s = Settings(data_dir=tmp_path / "data", secret_key=SecretStr(TEST_SECRET))
+    if POSTGRES_URL:
+        _reset_postgres(POSTGRES_URL)
+        s.database_url = POSTGRES_URL
+    return s
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -22,8 +23,11 @@ CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}]
 
 
 class Served:
-    def __init__(self, proc: subprocess.Popen[str], info: dict[str, str]) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[str], info: dict[str, str], env: dict[str, str]
+    ) -> None:
         self.proc = proc
+        self.env = env
         self.info = info
         self.gateway = info["gateway"]
         self.control = info["control"]
@@ -43,7 +47,10 @@ def _start(data_dir: Path) -> Served:
         env.pop(name, None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "onetoken.cli", "serve", "--demo"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     lines: queue.Queue[str] = queue.Queue()
 
@@ -63,7 +70,7 @@ def _start(data_dir: Path) -> Served:
             raise AssertionError(f"serve printed {info} before timing out") from None
         name, _, value = line.partition(": ")
         info[name.strip()] = value.strip()
-    return Served(proc, info)
+    return Served(proc, info, env)
 
 
 @pytest.fixture
@@ -77,8 +84,10 @@ def served(tmp_path: Path) -> Iterator[Served]:
 
 def _chat(s: Served, key: str) -> httpx.Response:
     return httpx.post(
-        f"{s.gateway}/v1/chat/completions", json=CHAT,
-        headers={"Authorization": f"Bearer {key}"}, timeout=30,
+        f"{s.gateway}/v1/chat/completions",
+        json=CHAT,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
     )
 
 
@@ -104,7 +113,9 @@ def test_serve_demo_end_to_end(served: Served) -> None:
         time.sleep(0.05)
     assert balance != "100.000000000"
     ledger = httpx.get(f"{s.control}/api/v1/billing/ledger", headers=h).json()["data"]
-    assert any(e["kind"] == "usage" and e["request_id"] == r.headers["x-request-id"] for e in ledger)
+    assert any(
+        e["kind"] == "usage" and e["request_id"] == r.headers["x-request-id"] for e in ledger
+    )
 
     # A key created through the API works at once; revoked, it stops at once.
     created = httpx.post(f"{s.control}/api/v1/keys", json={"name": "new"}, headers=h).json()
@@ -114,8 +125,38 @@ def test_serve_demo_end_to_end(served: Served) -> None:
     assert refused.status_code == 401
     assert refused.json()["error"]["code"] == "key_revoked"
 
+    # A key made by another process (the CLI) reaches the engine through the watcher.
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onetoken.cli",
+            "keys",
+            "create",
+            "--org",
+            "Default",
+            "--name",
+            "from-cli",
+            "--json",
+        ],
+        env=s.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    cli_key = json.loads(cli.stdout)["api_key"]
+    deadline = time.monotonic() + 5
+    status = 0
+    while time.monotonic() < deadline and status != 200:
+        status = _chat(s, cli_key).status_code
+        time.sleep(0.1)
+    assert status == 200
+
+    started = time.monotonic()
     s.proc.send_signal(signal.SIGTERM)
     assert s.proc.wait(timeout=60) == 0
+    assert time.monotonic() - started < 15
 
 
 def test_second_demo_run_prints_a_fresh_working_key(tmp_path: Path) -> None:
@@ -134,3 +175,12 @@ def test_second_demo_run_prints_a_fresh_working_key(tmp_path: Path) -> None:
     finally:
         second.proc.send_signal(signal.SIGTERM)
         assert second.proc.wait(timeout=60) == 0
+    third = _start(tmp_path)
+    try:
+        assert _chat(third, third.info["api_key"]).status_code == 200
+        old = _chat(third, second.info["api_key"])
+        assert old.status_code == 401
+        assert old.json()["error"]["code"] == "key_revoked"
+    finally:
+        third.proc.send_signal(signal.SIGTERM)
+        assert third.proc.wait(timeout=60) == 0

@@ -123,6 +123,7 @@ class GatewaySupervisor:
         """Replay spooled records, start the engine, push the first snapshot, start the
         pump and the config watcher. Raises the engine's BindError/ConfigError at once."""
         self.settings.ensure_dirs()
+        self._connect_sink()
         replayed = self.sink.replay_spool(self._ingest_replayed)
         if replayed:
             log.info("pump.spool_replayed", extra={"replayed": replayed})
@@ -143,6 +144,28 @@ class GatewaySupervisor:
             extra={"address": self.address, "instance_id": engine.instance_id},
         )
         return self.address
+
+    def _connect_sink(self) -> None:
+        """Open ClickHouse before serving. A configuration problem (bad DSN, chDB path
+        held by another process, failed migration) stops startup with its message; a
+        server that is merely unreachable is not fatal: records spool until it is back."""
+        connect = getattr(self.sink, "connect", None)
+        if not callable(connect):
+            return
+        from onetoken.analytics.clickhouse import (
+            ChdbLockedError,
+            ChdbPathConflictError,
+            ClickHouseUnavailableError,
+        )
+
+        try:
+            connect()
+        except (ChdbLockedError, ChdbPathConflictError):
+            raise
+        except ClickHouseUnavailableError as exc:
+            if self.settings.clickhouse_dsn.startswith("chdb"):
+                raise
+            log.warning("analytics.unavailable_spooling", extra={"exc_type": type(exc).__name__})
 
     def stop(self, grace_seconds: float | None = None) -> None:
         """Stop the engine (in-flight requests get `grace_seconds`), then drain every

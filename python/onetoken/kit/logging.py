@@ -64,6 +64,14 @@ def _safe_stack(exc_info: Any) -> str | None:
     )
 
 
+class ForeignInfoFilter(logging.Filter):
+    """Drops other libraries' records below WARNING: with their text removed they say
+    nothing, and onetoken logs its own lifecycle events."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("onetoken") or record.levelno >= logging.WARNING
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         if record.name.startswith("onetoken"):
@@ -116,6 +124,7 @@ def configure_logging(
         root.removeHandler(h)
     for h in handlers:
         h.setFormatter(formatter)
+        h.addFilter(ForeignInfoFilter())
         root.addHandler(h)
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
