@@ -26,7 +26,9 @@ def mock_addr(mock_upstream: tuple[_core.MockUpstream, str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, mock_addr: str) -> Iterator[dict[str, Any]]:
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory, mock_addr: str
+) -> Iterator[dict[str, Any]]:
     """One running server per test module, with its bootstrap credentials."""
     data_dir: Path = tmp_path_factory.mktemp("onetoken")
     creds = bootstrap(data_dir)

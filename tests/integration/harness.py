@@ -32,15 +32,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cli(data_dir: Path, *args: str, env: dict[str, str] | None = None,
-        check: bool = True) -> subprocess.CompletedProcess[str]:
+def cli(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "ONETOKEN_DATA_DIR": str(data_dir), **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", "onetoken.cli", *args],
-        env=full_env, capture_output=True, text=True, timeout=180,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"onetoken {' '.join(args)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        raise AssertionError(
+            f"onetoken {' '.join(args)} failed ({proc.returncode}): {proc.stderr[-2000:]}"
+        )
     return proc
 
 
@@ -77,11 +83,13 @@ class Server:
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self.runs += 1
-        out = open(logs / f"serve-{self.runs}.stdout", "wb")  # noqa: SIM115 - owned by the process
-        err = open(logs / f"serve-{self.runs}.stderr", "wb")  # noqa: SIM115
+        out = open(logs / f"serve-{self.runs}.stdout", "wb")
+        err = open(logs / f"serve-{self.runs}.stderr", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "onetoken.cli", "serve", "--demo"],
-            env=self.env(), stdout=out, stderr=err,
+            env=self.env(),
+            stdout=out,
+            stderr=err,
         )
         self.wait_ready()
 
@@ -90,7 +98,9 @@ class Server:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(f"server exited early with {self.proc.returncode}: {self.stderr_tail()}")
+                raise AssertionError(
+                    f"server exited early with {self.proc.returncode}: {self.stderr_tail()}"
+                )
             try:
                 g = httpx.get(f"{self.gateway_url}/healthz", timeout=1)
                 c = httpx.get(f"{self.control_url}/api/openapi.json", timeout=1)

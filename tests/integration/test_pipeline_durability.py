@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from .harness import Server, bootstrap, free_port
 from .records import exported_calls, reconcile
@@ -15,11 +14,15 @@ from .records import exported_calls, reconcile
 
 def drive(server: Server, key: str, n: int) -> set[str]:
     ids = set()
-    with httpx.Client(base_url=server.gateway_url, timeout=30,
-                      headers={"Authorization": f"Bearer {key}"}) as gw:
+    with httpx.Client(
+        base_url=server.gateway_url, timeout=30, headers={"Authorization": f"Bearer {key}"}
+    ) as gw:
         for i in range(n):
-            body: dict[str, Any] = {"model": "demo-chat", "messages": [{"role": "user", "content": f"q{i}"}],
-                                    "stream": i % 2 == 0}
+            body: dict[str, Any] = {
+                "model": "demo-chat",
+                "messages": [{"role": "user", "content": f"q{i}"}],
+                "stream": i % 2 == 0,
+            }
             if i % 5 == 0:
                 body["model"] = "missing-model"  # failures are recorded too
             r = gw.post("/v1/chat/completions", json=body)
@@ -30,7 +33,9 @@ def drive(server: Server, key: str, n: int) -> set[str]:
 def test_clickhouse_outage_then_restart_loses_nothing(tmp_path: Path, mock_addr: str) -> None:
     creds = bootstrap(tmp_path)
     dead = f"http://default:@127.0.0.1:{free_port()}/onetoken"
-    outage = Server(data_dir=tmp_path, upstream=mock_addr, extra_env={"ONETOKEN_CLICKHOUSE_DSN": dead})
+    outage = Server(
+        data_dir=tmp_path, upstream=mock_addr, extra_env={"ONETOKEN_CLICKHOUSE_DSN": dead}
+    )
     outage.start()
     ids = drive(outage, creds["api_key"], 40)
     assert outage.stop() == 0

@@ -45,58 +45,119 @@ def canary_run(tmp_path_factory: pytest.TempPathFactory, mock_addr: str) -> dict
     r = gw.post("/v1/chat/completions", headers=auth, json=chat(CANARY, **echo))
     assert r.status_code == 200 and CANARY in r.text  # the client does get its own answer
     seen["ok_echo"] = r
-    with gw.stream("POST", "/v1/chat/completions", headers=auth,
-                   json=chat(CANARY, stream=True, **echo)) as s:
+    with gw.stream(
+        "POST", "/v1/chat/completions", headers=auth, json=chat(CANARY, stream=True, **echo)
+    ) as s:
         body = s.read()
         assert CANARY.encode() in body
         seen["stream_echo"] = s
-    call("embeddings", "POST", "/v1/embeddings", headers=auth,
-         json={"model": "demo-embed", "input": [CANARY, CANARY]})
-    call("bad_json", "POST", "/v1/chat/completions", headers=auth,
-         content=b'{"model": "demo-chat", "messages": [' + CANARY.encode())
+    call(
+        "embeddings",
+        "POST",
+        "/v1/embeddings",
+        headers=auth,
+        json={"model": "demo-embed", "input": [CANARY, CANARY]},
+    )
+    call(
+        "bad_json",
+        "POST",
+        "/v1/chat/completions",
+        headers=auth,
+        content=b'{"model": "demo-chat", "messages": [' + CANARY.encode(),
+    )
     call("not_object", "POST", "/v1/chat/completions", headers=auth, json=[CANARY])
-    call("unauthorized", "POST", "/v1/chat/completions",
-         headers={"Authorization": f"Bearer ot-{CANARY}"}, json=chat(CANARY))
-    call("unknown_model", "POST", "/v1/chat/completions", headers=auth,
-         json={"model": CANARY, "messages": [{"role": "user", "content": CANARY}]})
-    call("too_large", "POST", "/v1/chat/completions", headers=auth,
-         json=chat(CANARY * 400_000))
+    call(
+        "unauthorized",
+        "POST",
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer ot-{CANARY}"},
+        json=chat(CANARY),
+    )
+    call(
+        "unknown_model",
+        "POST",
+        "/v1/chat/completions",
+        headers=auth,
+        json={"model": CANARY, "messages": [{"role": "user", "content": CANARY}]},
+    )
+    call("too_large", "POST", "/v1/chat/completions", headers=auth, json=chat(CANARY * 400_000))
     call("unknown_path", "POST", f"/v1/{CANARY}", headers=auth, json=chat(CANARY))
-    call("upstream_500", "POST", "/v1/chat/completions", headers=auth,
-         json=chat(CANARY, mock={"status": 500, "echo": True}))
-    with gw.stream("POST", "/v1/chat/completions", headers=auth,
-                   json=chat(CANARY, stream=True, mock={"echo": True, "chunks": 10, "cut_after": 2})) as s:
+    call(
+        "upstream_500",
+        "POST",
+        "/v1/chat/completions",
+        headers=auth,
+        json=chat(CANARY, mock={"status": 500, "echo": True}),
+    )
+    with gw.stream(
+        "POST",
+        "/v1/chat/completions",
+        headers=auth,
+        json=chat(CANARY, stream=True, mock={"echo": True, "chunks": 10, "cut_after": 2}),
+    ) as s:
         s.read()
         seen["stream_cut"] = s
-    with gw.stream("POST", "/v1/chat/completions", headers=auth,
-                   json=chat(CANARY, stream=True, mock={"echo": True, "chunks": 200, "delay_ms": 20})) as s:
+    with gw.stream(
+        "POST",
+        "/v1/chat/completions",
+        headers=auth,
+        json=chat(CANARY, stream=True, mock={"echo": True, "chunks": 200, "delay_ms": 20}),
+    ) as s:
         it = s.iter_bytes()
         next(it)  # the first bytes arrived; now the client walks away mid-stream
         seen["client_gone"] = s
     # 402: a model priced far above the org's balance.
     admin.post("/api/v1/models", pricey_model(admin))
-    call("no_balance", "POST", "/v1/chat/completions", headers=auth,
-         json={**chat(CANARY), "model": "pricey"})
+    call(
+        "no_balance",
+        "POST",
+        "/v1/chat/completions",
+        headers=auth,
+        json={**chat(CANARY), "model": "pricey"},
+    )
 
     code = server.stop()  # a clean stop drains and flushes every record
     request_ids = {r.headers["x-request-id"] for r in seen.values()}
     rows = exported_calls(data_dir)
-    return {"data_dir": data_dir, "seen": seen, "exit_code": code, "request_ids": request_ids,
-            "rows": rows, "reconcile": reconcile(data_dir)}
+    return {
+        "data_dir": data_dir,
+        "seen": seen,
+        "exit_code": code,
+        "request_ids": request_ids,
+        "rows": rows,
+        "reconcile": reconcile(data_dir),
+    }
 
 
 def pricey_model(admin: Admin) -> dict[str, Any]:
     demo = next(p for p in admin.get("/api/v1/providers")["data"] if p["name"] == "demo")
-    return {"name": "pricey", "kind": "chat", "provider_id": demo["id"], "upstream_model": "mock-gpt",
-            "input_price": "1000000", "output_price": "1000000", "max_output_tokens": 4096}
+    return {
+        "name": "pricey",
+        "kind": "chat",
+        "provider_id": demo["id"],
+        "upstream_model": "mock-gpt",
+        "input_price": "1000000",
+        "output_price": "1000000",
+        "max_output_tokens": 4096,
+    }
 
 
 def test_every_path_got_its_status(canary_run: dict[str, Any]) -> None:
     status = {name: r.status_code for name, r in canary_run["seen"].items()}
     assert status == {
-        "ok": 200, "ok_echo": 200, "stream_echo": 200, "embeddings": 200, "bad_json": 400,
-        "not_object": 400, "unauthorized": 401, "unknown_model": 404, "too_large": 413,
-        "unknown_path": 404, "upstream_500": 500, "stream_cut": 200, "client_gone": 200,
+        "ok": 200,
+        "ok_echo": 200,
+        "stream_echo": 200,
+        "embeddings": 200,
+        "bad_json": 400,
+        "not_object": 400,
+        "unauthorized": 401,
+        "unknown_model": 404,
+        "too_large": 413,
+        "unknown_path": 404,
+        "upstream_500": 500,
+        "stream_cut": 200,
+        "client_gone": 200,
         "no_balance": 402,
     }
 
@@ -106,17 +167,35 @@ def test_each_failure_left_exactly_one_metadata_record(canary_run: dict[str, Any
     assert len(by_id) == len(canary_run["rows"]), "a request was recorded twice"
     # Plus the admin API's own model creation: no other gateway traffic happened.
     assert set(by_id) == canary_run["request_ids"]
-    codes = {name: by_id[r.headers["x-request-id"]]["error_code"] for name, r in canary_run["seen"].items()}
+    codes = {
+        name: by_id[r.headers["x-request-id"]]["error_code"]
+        for name, r in canary_run["seen"].items()
+    }
     assert codes["ok"] == "" and codes["bad_json"] == "invalid_json"
-    assert codes["unauthorized"] == "invalid_api_key" and codes["unknown_model"] == "model_not_found"
+    assert (
+        codes["unauthorized"] == "invalid_api_key" and codes["unknown_model"] == "model_not_found"
+    )
     assert codes["too_large"] == "body_too_large" and codes["no_balance"] == "insufficient_balance"
-    assert codes["upstream_500"] == "upstream_error" and codes["stream_cut"] == "upstream_stream_cut"
+    assert (
+        codes["upstream_500"] == "upstream_error" and codes["stream_cut"] == "upstream_stream_cut"
+    )
     assert codes["client_gone"] == "client_disconnected"
     gone = by_id[canary_run["seen"]["client_gone"].headers["x-request-id"]]
     assert gone["status"] == 499 and gone["usage_source"] == "estimated" and gone["cost"] > 0
-    failed_early = [by_id[canary_run["seen"][n].headers["x-request-id"]]
-                    for n in ("bad_json", "unauthorized", "unknown_model", "too_large", "upstream_500", "no_balance")]
-    assert all(r["cost"] == 0 for r in failed_early), "a failure before the first upstream byte was charged"
+    failed_early = [
+        by_id[canary_run["seen"][n].headers["x-request-id"]]
+        for n in (
+            "bad_json",
+            "unauthorized",
+            "unknown_model",
+            "too_large",
+            "upstream_500",
+            "no_balance",
+        )
+    ]
+    assert all(r["cost"] == 0 for r in failed_early), (
+        "a failure before the first upstream byte was charged"
+    )
 
 
 def test_server_stopped_cleanly(canary_run: dict[str, Any]) -> None:
@@ -127,7 +206,9 @@ def test_ledger_equals_call_log(canary_run: dict[str, Any]) -> None:
     code, lines = canary_run["reconcile"]
     total = sum(int(r["cost"]) for r in canary_run["rows"])
     assert total > 0
-    assert code == 0 and [(x["ledger_usage"], x["call_log_cost"]) for x in lines] == [(total, total)]
+    assert code == 0 and [(x["ledger_usage"], x["call_log_cost"]) for x in lines] == [
+        (total, total)
+    ]
 
 
 def test_canary_is_in_no_persisted_byte(canary_run: dict[str, Any]) -> None:

@@ -17,13 +17,17 @@ MSG = [{"role": "user", "content": "Say something short."}]
 
 @pytest.fixture(scope="module")
 def client(deployment: dict[str, Any]) -> OpenAI:
-    return OpenAI(base_url=f"{deployment['server'].gateway_url}/v1",
-                  api_key=deployment["creds"]["api_key"], max_retries=0)
+    return OpenAI(
+        base_url=f"{deployment['server'].gateway_url}/v1",
+        api_key=deployment["creds"]["api_key"],
+        max_retries=0,
+    )
 
 
 def test_completion_with_usage(client: OpenAI) -> None:
-    r = client.chat.completions.create(model="demo-chat", messages=MSG,
-                                       extra_body={"mock": {"chunks": 5}})
+    r = client.chat.completions.create(
+        model="demo-chat", messages=MSG, extra_body={"mock": {"chunks": 5}}
+    )
     assert r.choices[0].message.content == "tok " * 5
     assert r.usage is not None and r.usage.completion_tokens == 5
     assert r.usage.prompt_tokens > 0
@@ -31,8 +35,12 @@ def test_completion_with_usage(client: OpenAI) -> None:
 
 def test_stream_with_usage(client: OpenAI) -> None:
     stream = client.chat.completions.create(
-        model="demo-chat", messages=MSG, stream=True, stream_options={"include_usage": True},
-        extra_body={"mock": {"chunks": 6}})
+        model="demo-chat",
+        messages=MSG,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"mock": {"chunks": 6}},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "tok " * 6
@@ -41,8 +49,11 @@ def test_stream_with_usage(client: OpenAI) -> None:
 
 
 def test_stream_without_include_usage_hides_the_injected_usage_chunk(client: OpenAI) -> None:
-    chunks = list(client.chat.completions.create(
-        model="demo-chat", messages=MSG, stream=True, extra_body={"mock": {"chunks": 3}}))
+    chunks = list(
+        client.chat.completions.create(
+            model="demo-chat", messages=MSG, stream=True, extra_body={"mock": {"chunks": 3}}
+        )
+    )
     assert all(c.usage is None for c in chunks)
     assert all(c.choices for c in chunks), "a usage-only chunk leaked to a client that did not ask"
 
@@ -66,16 +77,19 @@ def test_errors_are_openai_shaped(client: OpenAI, deployment: dict[str, Any]) ->
     with pytest.raises(openai.AuthenticationError) as au:
         bad.chat.completions.create(model="demo-chat", messages=MSG)
     assert au.value.code == "invalid_api_key"
-    r = httpx.post(f"{deployment['server'].gateway_url}/v1/chat/completions",
-                   headers={"Authorization": f"Bearer {deployment['creds']['api_key']}"},
-                   content=b"{not json")
+    r = httpx.post(
+        f"{deployment['server'].gateway_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {deployment['creds']['api_key']}"},
+        content=b"{not json",
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     assert r.headers["x-request-id"]
 
 
 def test_every_call_is_recorded_and_billed(client: OpenAI, admin: Admin) -> None:
     raw = client.chat.completions.with_raw_response.create(
-        model="demo-chat", messages=MSG, extra_body={"mock": {"chunks": 4}})
+        model="demo-chat", messages=MSG, extra_body={"mock": {"chunks": 4}}
+    )
     rid = raw.headers["x-request-id"]
     usage = raw.parse().usage
     assert usage is not None
@@ -84,7 +98,8 @@ def test_every_call_is_recorded_and_billed(client: OpenAI, admin: Admin) -> None
     assert row["prompt_tokens"] == usage.prompt_tokens
     assert row["completion_tokens"] == usage.completion_tokens
     # demo-chat: 0.50 input / 1.50 output per million tokens, in nano-units, rounded up per part.
-    expected = -(-usage.prompt_tokens * 500_000_000 // 1_000_000) + \
-        -(-usage.completion_tokens * 1_500_000_000 // 1_000_000)
+    expected = -(-usage.prompt_tokens * 500_000_000 // 1_000_000) + -(
+        -usage.completion_tokens * 1_500_000_000 // 1_000_000
+    )
     assert row["cost"] == expected
     assert row["status"] == 200 and row["model_requested"] == "demo-chat"
