@@ -26,14 +26,16 @@ def alembic_config(engine: Engine) -> Config:
     return cfg
 
 
-def current(engine: Engine) -> str | None:
+def current(engine: Engine) -> tuple[str, ...]:
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        return tuple(sorted(MigrationContext.configure(conn).get_current_heads()))
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
+def upgrade(engine: Engine, revision: str = "heads") -> None:
+    """Upgrade to every head: each domain's tables are their own migration branch off
+    0001, so domains can grow their schemas independently."""
     before = current(engine)
     command.upgrade(alembic_config(engine), revision)
     after = current(engine)
     if after != before:
-        log.info("db.migrated", extra={"version": after or ""})
+        log.info("db.migrated", extra={"version": ",".join(after)})
