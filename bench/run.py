@@ -396,8 +396,13 @@ def start_onetoken(services: Services, workdir: Path, upstream: str, python: str
         "ONETOKEN_DEMO_UPSTREAM": upstream,
         "ONETOKEN_LOG_LEVEL": "WARNING",
     }
-    boot = run_cmd([python, "-m", "onetoken.cli", "bootstrap", "--json"], timeout=300, env=env)
-    api_key = str(json.loads(boot.strip().splitlines()[-1]).get("api_key") or "")
+    try:
+        boot = run_cmd([python, "-m", "onetoken.cli", "bootstrap", "--json"], 300, env=env)
+        api_key = str(json.loads(boot.strip().splitlines()[-1]).get("api_key") or "")
+    except (BenchError, ValueError, IndexError, AttributeError) as exc:
+        # `serve --demo` prints a key of its own; try that before giving up.
+        log(f"onetoken: bootstrap --json failed ({str(exc).splitlines()[0][:200]})")
+        api_key = ""
     svc = services.start("onetoken", [python, "-m", "onetoken.cli", "serve", "--demo"], env=env)
     base = f"http://{HOST}:{gw_port}"
     wait_ready(svc, f"{base}/healthz", 180)
@@ -658,6 +663,14 @@ def machine_info() -> dict[str, str]:
     }
 
 
+def loadavg() -> str:
+    """1, 5 and 15 minute load averages: anything well above 0 means the run had company."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def git_sha() -> str:
     try:
         sha = run_cmd(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], 30).strip()
@@ -713,6 +726,8 @@ def write_report(
         f"- rustc: {meta['versions']['rustc']}; python: {meta['versions']['python']}",
         f"- run: {meta['seconds']} s per row ({meta['litellm_seconds']} s for LiteLLM), "
         f"{meta['warmup']} s warm-up per target, everything on 127.0.0.1 on the same cores",
+        f"- load average before / after the run: {meta['loadavg_start']} / "
+        f"{meta['loadavg_end']} (other work on the machine skews every row)",
         "",
         "| target | what runs | version | idle RSS MB |",
         "|---|---|---|---|",
@@ -922,7 +937,7 @@ def main(argv: list[str] | None = None) -> int:
     mock_bin, loadgen = build_rust_tools()
 
     meta: dict[str, Any] = {
-        "command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(),
         "git": git_sha(),
@@ -935,6 +950,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
         },
         "errors": [],
+        "loadavg_start": loadavg(),
     }
     targets: list[Target] = []
     skipped: dict[str, str] = {}
@@ -999,6 +1015,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 services.stop_all()
 
+    meta["loadavg_end"] = loadavg()
     write_report(args.output, meta, targets, rows, skipped)
     OUT_DIR.mkdir(exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
