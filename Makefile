@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PIP   := $(PY) -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test test-rust test-python lint bench setup build-debug build-release clean
+.PHONY: run test test-rust test-python lint bench bench-quick setup build-debug build-release clean
 
 $(VENV)/.deps: pyproject.toml
 	python3 -m venv $(VENV)
@@ -40,6 +40,9 @@ lint: setup
 
 bench: build-release
 	$(PY) bench/run.py
+
+bench-quick: build-release
+	$(PY) bench/run.py --quick
 
 clean:
 	rm -rf $(VENV) target python/onetoken/_core*.so
