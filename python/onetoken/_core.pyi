@@ -43,6 +43,13 @@ class Engine:
         """Take up to `max_records` call records from the bounded queue, column-oriented
         (keys and order in tests/contract/call_log_columns.json). None when empty.
         The GIL is taken once for the whole batch."""
+    def ack_records(self, count: int) -> int:
+        """Acknowledge that the oldest `count` records returned by drain_records and not
+        yet acknowledged are stored (ledger and ClickHouse, or a spool file). Journal
+        segments (<spool_dir>/journal-<instance_id>-<segment>.jsonl) whose records are all
+        stored are deleted. Call it after every batch is stored, including the final
+        drain after stop(): then no journal file remains. Returns how many were
+        acknowledged (at most the number drained and not yet acknowledged)."""
     def stop(self, grace_seconds: float) -> None:
         """Stop accepting, let in-flight requests finish for up to `grace_seconds`, then
         cancel the rest (each still leaves its record). Idempotent. Records stay drainable."""
@@ -50,8 +57,12 @@ class Engine:
         """Prometheus exposition text, the same as GET /metrics."""
     def org_spend(self) -> dict[str, tuple[int, int]]:
         """org_id -> (settled cost since engine start, currently reserved), nano-units."""
+    def key_spend(self) -> dict[str, tuple[int, int]]:
+        """key_id -> (settled cost since engine start, currently reserved), nano-units: the
+        counter that keys[].usage.spent_mark refers to."""
     def stats(self) -> dict[str, int]:
-        """Counters: queue_depth, records_total, records_spooled, in_flight, snapshot_version."""
+        """Counters: queue_depth, records_total, records_spooled, in_flight, snapshot_version,
+        journal_segments, journal_unacked, journal_errors."""
     @property
     def address(self) -> str | None: ...
     @property

@@ -20,7 +20,12 @@ from onetoken.kit.errors import install_error_handlers
 from onetoken.kit.logging import AccessLogMiddleware
 from onetoken.orgs.router import router as orgs_router
 from onetoken.providers.router import router as providers_router
+from onetoken.rights.router import router as rights_router
+from onetoken.security import log as security_log
+from onetoken.security.permissions import PublicDep
+from onetoken.security.router import router as security_router
 from onetoken.settings import Settings
+from onetoken.webhooks.router import router as webhooks_router
 
 if TYPE_CHECKING:
     from onetoken.gateway.supervisor import GatewaySupervisor
@@ -34,6 +39,8 @@ def build_state(
     db_engine = make_engine(settings.database_url)
     if migrate:
         upgrade(db_engine)
+    # record() anywhere in this process queues here; the gateway pump (or exit) flushes.
+    security_log.install(security_log.SecurityLog(settings.spool_dir))
     return AppState(
         settings=settings,
         secrets=Secrets.from_settings(settings),
@@ -80,9 +87,12 @@ def create_app(
     api.include_router(providers_router)
     api.include_router(billing_router)
     api.include_router(analytics_router)
+    api.include_router(webhooks_router)
+    api.include_router(rights_router)
+    api.include_router(security_router)
     app.include_router(api)
 
-    @app.get("/healthz", include_in_schema=False)
+    @app.get("/healthz", include_in_schema=False, dependencies=[PublicDep])
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 

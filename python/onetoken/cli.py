@@ -95,6 +95,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from onetoken.keys.service import create_key
     from onetoken.orgs.service import find_org, org_owner
+    from onetoken.security.audit import CliActor
 
     name = args.name.strip()
     if not name or len(name) > 100:
@@ -109,7 +110,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             if owner is None:
                 raise CliError("the org has no active owner account to own the key")
             key, plaintext = create_key(
-                session, state.secrets, org_id=org.id, created_by=owner.id, name=name
+                session, state.secrets, org_id=org.id, created_by=owner.id, name=name,
+                actor=CliActor(org_id=org.id),
             )
             session.commit()
     finally:
@@ -127,6 +129,36 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         print(
             f"{plaintext}\n(key {key.id}; shown once; a running server picks it up within a second)"
         )
+    return EXIT_OK
+
+
+def cmd_providers_apply(args: argparse.Namespace) -> int:
+    """Apply a declarative providers file (see onetoken.providers.declarative)."""
+    from pathlib import Path
+
+    from onetoken.providers.declarative import ProvidersFileError, apply_file, load_file
+
+    state = _open_db(_settings())
+    try:
+        doc = load_file(Path(args.file))
+        with state.session_factory() as session:
+            result = apply_file(session, state.secrets, doc, prune=args.prune)
+            if args.dry_run:
+                session.rollback()
+            else:
+                session.commit()
+    except ProvidersFileError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        state.db_engine.dispose()
+    if args.json:
+        print(json.dumps({**result.as_dict(), "dry_run": args.dry_run}))
+    else:
+        for verb, items in (("created", result.created), ("updated", result.updated),
+                            ("deleted", result.deleted)):
+            for item in items:
+                print(f"{verb} {item}")
+        print(f"{result.unchanged} unchanged{' (dry run, nothing saved)' if args.dry_run else ''}")
     return EXIT_OK
 
 
@@ -217,6 +249,8 @@ def cmd_billing_reconcile(args: argparse.Namespace) -> int:
     try:
         with state.session_factory() as session:
             lines = reconcile(session, client, start=args.start, end=args.end)
+            if args.org:
+                lines = [r for r in lines if r.org_id == args.org]
     finally:
         client.close()
         state.db_engine.dispose()
@@ -298,6 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_keys_create)
 
+    prov = sub.add_parser("providers", help="providers, models and routes").add_subparsers(
+        dest="providers_command", required=True, metavar="ACTION"
+    )
+    p = prov.add_parser("apply", help="apply a declarative YAML/TOML/JSON file (idempotent; "
+                        "a running server picks it up within a second)")
+    p.add_argument("file", help="the file")
+    p.add_argument("--prune", action="store_true",
+                   help="delete file-managed entries the file no longer lists")
+    p.add_argument("--dry-run", action="store_true", help="report changes, save nothing")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_providers_apply)
+
     calls = sub.add_parser("calls", help="call metadata").add_subparsers(
         dest="calls_command", required=True, metavar="ACTION"
     )
@@ -313,8 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "on any difference)")
     p.add_argument("--from", dest="start", type=_instant, default=None, help="ISO start (incl.)")
     p.add_argument("--to", dest="end", type=_instant, default=None, help="ISO end (excl.)")
+    p.add_argument("--org", default=None, help="only this org id")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_billing_reconcile)
+    from onetoken.billing.cli import register as register_billing
+
+    register_billing(billing)
     return parser
 
 

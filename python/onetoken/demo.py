@@ -14,7 +14,6 @@ from onetoken.db.models import Model
 from onetoken.db.session import SessionFactory
 from onetoken.keys import service as keys
 from onetoken.kit.crypto import Secrets
-from onetoken.kit.errors import Conflict
 from onetoken.kit.money import NANO_PER_UNIT
 from onetoken.orgs import service as orgs
 from onetoken.providers import service as providers
@@ -82,19 +81,27 @@ def setup_demo(session_factory: SessionFactory, secrets: Secrets, upstream: str)
 
 
 def _upsert_provider(session: Session, secrets: Secrets, org_id: str, base_url: str) -> str:
-    existing = providers.find_provider_by_name(session, org_id, DEMO_PROVIDER)
+    """The demo provider and models are the platform catalog, usable by every org."""
+    existing = providers.find_provider_by_name(session, None, DEMO_PROVIDER)
+    if existing is None:
+        # Data dirs from before the platform catalog kept the demo in the first org.
+        existing = providers.find_provider_by_name(session, org_id, DEMO_PROVIDER)
+        if existing is not None:
+            existing.org_id = None
+            for m in session.scalars(select(Model).where(Model.provider_id == existing.id)):
+                m.org_id = None
     if existing is None:
         return providers.create_provider(
             session,
             secrets,
-            org_id,
+            None,
             name=DEMO_PROVIDER,
             protocol="openai",
             base_url=base_url,
             api_key=None,
         ).id
     if existing.base_url != base_url:
-        providers.update_provider(session, secrets, org_id, existing.id, {"base_url": base_url})
+        providers.update_provider(session, secrets, None, existing.id, {"base_url": base_url})
     return existing.id
 
 
@@ -112,17 +119,18 @@ def _upsert_model(
 ) -> None:
     fields = {
         "kind": kind,
-        "provider_id": provider_id,
         "upstream_model": upstream_model,
         "input_price": input_price,
         "output_price": output_price,
         "cached_input_price": cached_input_price,
         "max_output_tokens": max_output_tokens,
     }
-    existing = session.scalars(select(Model).where(Model.name == name)).one_or_none()
+    existing = session.scalars(
+        select(Model).where(Model.provider_id == provider_id, Model.name == name)
+    ).one_or_none()
     if existing is None:
-        providers.create_model(session, org_id, name=name, **fields)  # type: ignore[arg-type]
-    elif existing.org_id != org_id:
-        raise Conflict(f"model {name} already belongs to another org")
+        providers.create_model(
+            session, None, name=name, provider_id=provider_id, **fields  # type: ignore[arg-type]
+        )
     elif any(getattr(existing, k) != v for k, v in fields.items()):
-        providers.update_model(session, org_id, existing.id, fields)
+        providers.update_model(session, None, existing.id, fields)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -50,6 +50,14 @@ class Principal:
     org_id: str
     role: str
     email: str
+    # Platform staff (accounts.is_operator): hold the operator permissions in
+    # onetoken.security.permissions across every org.
+    is_operator: bool = False
+    source_ip: str = ""
+    user_agent: str = ""
+    session_id: str = ""
+    # Audit events the request already recorded (so the generic one is not added).
+    audit_marks: list[str] = field(default_factory=list, compare=False)
 
 
 def get_state(request: Request) -> AppState:
@@ -72,34 +80,46 @@ _bearer = HTTPBearer(auto_error=False, description="Token from POST /api/v1/auth
 
 
 def get_principal(
+    request: Request,
     state: StateDep,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    from onetoken.orgs import service as orgs_service
+    """The signed-in account: a bearer token (API), or the console's session cookie, which
+    must come with its CSRF token on unsafe methods (double submit, bound to the session)."""
+    from onetoken.orgs import auth
+    from onetoken.security.net import client_ip
 
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise Unauthorized("Missing bearer token.")
-    principal = orgs_service.resolve_session(session, state.secrets, credentials.credentials)
+    if credentials is not None and credentials.scheme.lower() == "bearer":
+        token = credentials.credentials
+    else:
+        token = request.cookies.get(auth.SESSION_COOKIE, "")
+        if not token:
+            raise Unauthorized("Missing bearer token.")
+        if request.method not in ("GET", "HEAD", "OPTIONS") and not auth.csrf_ok(
+            state.secrets, token, request
+        ):
+            raise Forbidden("Missing or invalid CSRF token.", code="csrf_failed")
+    principal = auth.resolve_session(session, state.secrets, token)
     if principal is None:
         raise Unauthorized("Invalid or expired token.")
-    return principal
+    return replace(
+        principal,
+        source_ip=client_ip(request, state.settings),
+        user_agent=request.headers.get("user-agent", "")[:256],
+    )
 
 
-PrincipalDep = Annotated[Principal, Depends(get_principal)]
+def _require(name: str) -> Any:
+    from onetoken.security.permissions import require
 
-WRITE_ROLES = frozenset({"owner", "admin"})
-BILLING_ROLES = frozenset({"owner", "admin", "billing"})
-
-
-def require_roles(roles: frozenset[str]) -> Callable[[Principal], Principal]:
-    def check(principal: PrincipalDep) -> Principal:
-        if principal.role not in roles:
-            raise Forbidden("Your role does not allow this action.")
-        return principal
-
-    return check
+    return Depends(require(name))
 
 
-WriterDep = Annotated[Principal, Depends(require_roles(WRITE_ROLES))]
-BillingWriterDep = Annotated[Principal, Depends(require_roles(BILLING_ROLES))]
+# Generic aliases: an endpoint using them is covered by the permission matrix under the
+# generic permissions `org.member` / `org.admin` / `billing.write`; prefer naming the
+# precise permission with Annotated[Principal, Depends(require("..."))] (see
+# onetoken.security.permissions and docs/permissions.md).
+PrincipalDep = Annotated[Principal, _require("org.member")]
+WriterDep = Annotated[Principal, _require("org.admin")]
+BillingWriterDep = Annotated[Principal, _require("billing.write")]

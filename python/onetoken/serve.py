@@ -12,15 +12,20 @@ import signal
 import socket
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import uvicorn
 
 from onetoken.app import build_state, create_app
+from onetoken.background import Background
+from onetoken.background import start as start_background
 from onetoken.demo import setup_demo
+from onetoken.deps import AppState
 from onetoken.gateway.supervisor import GatewaySupervisor
 from onetoken.kit.logging import configure_logging
+from onetoken.security.log import attach_to_supervisor as attach_security_log
 from onetoken.settings import Settings
 
 log = logging.getLogger("onetoken.serve")
@@ -75,11 +80,40 @@ def _start_mock_upstream() -> tuple[Any, str]:
     return mock, mock.start()
 
 
+def _apply_providers_file(state: AppState, path: Path) -> None:
+    from onetoken.providers.declarative import ProvidersFileError, apply_file, load_file
+
+    try:
+        doc = load_file(path)
+        with state.session_factory() as session:
+            apply_file(session, state.secrets, doc)
+            session.commit()
+    except ProvidersFileError as exc:
+        raise ServeError(f"ONETOKEN_PROVIDERS_FILE: {exc}") from None
+
+
+def check_secret(settings: Settings, *, demo: bool) -> None:
+    """Outside --demo the master secret protects key hashes, sessions and credentials at
+    rest: a missing, placeholder or weak one stops the server before it opens anything."""
+    if demo:
+        return
+    problem = settings.secret_key_problem()
+    if problem is not None:
+        raise ServeError(
+            f"{problem}. Set ONETOKEN_SECRET_KEY to a random value of at least 32 characters "
+            "(for example the output of: python -c 'import secrets; "
+            "print(secrets.token_urlsafe(48))') and keep it safe, or run `onetoken serve "
+            "--demo` for a local trial with a generated one."
+        )
+
+
 def run(settings: Settings, *, demo: bool = False) -> int:
+    check_secret(settings, demo=demo)
     configure_logging(settings.log_dir, settings.log_level)
     state = build_state(settings)
     mock: Any = None
     supervisor: GatewaySupervisor | None = None
+    background: Background | None = None
     try:
         demo_info = None
         if demo:
@@ -89,9 +123,13 @@ def run(settings: Settings, *, demo: bool = False) -> int:
             else:
                 mock, upstream = _start_mock_upstream()
             demo_info = setup_demo(state.session_factory, state.secrets, upstream)
+        if settings.providers_file is not None:
+            _apply_providers_file(state, settings.providers_file)
 
         control_sock = bind_socket(settings.control_listen)
         supervisor = GatewaySupervisor(settings, state.secrets, state.session_factory)
+        attach_security_log(supervisor)
+        background = start_background(state, supervisor)  # webhooks, detectors, retention
         state.runtime = supervisor
         try:
             gateway_addr = supervisor.start()
@@ -141,6 +179,8 @@ def run(settings: Settings, *, demo: bool = False) -> int:
     finally:
         if supervisor is not None:
             supervisor.stop()
+        if background is not None:
+            background.stop()
         if mock is not None:
             with contextlib.suppress(Exception):
                 mock.stop()

@@ -17,6 +17,10 @@ log = logging.getLogger("onetoken.settings")
 SECRET_KEY_FILE = "secret.key"  # noqa: S105 (a file name)
 # Anything shorter is too weak to derive the key-hash and encryption secrets from.
 MIN_SECRET_KEY_LEN = 32
+# Values copied from examples instead of generated; refused outside demo/development.
+_PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "default", "password"})
+_PLACEHOLDER_PREFIXES = ("changeme", "change-me", "replace-me", "your-secret", "example")
+_MIN_DISTINCT_SECRET_CHARS = 10
 
 
 class Settings(BaseSettings):
@@ -38,6 +42,8 @@ class Settings(BaseSettings):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     demo_upstream: str | None = None
+    # Declarative providers/models/routes file (YAML, TOML or JSON) applied at serve start.
+    providers_file: Path | None = None
     currency: str = "USD"
 
     flush_interval_ms: int = Field(default=200, ge=10, le=60_000)
@@ -51,6 +57,52 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
 
     session_ttl_hours: int = Field(default=12, ge=1, le=24 * 30)
+
+    # Key-hash secret rotation: ONETOKEN_SECRET_KEY is version `secret_key_version`;
+    # ONETOKEN_PREVIOUS_SECRET_KEYS ("N:secret,M:secret") keeps older versions valid for
+    # the keys hashed under them, and decrypts what they encrypted.
+    secret_key_version: int = Field(default=1, ge=1, le=1_000_000)
+    previous_secret_keys: SecretStr | None = None
+    security_log_ttl_days: int = Field(default=365, ge=1)
+    # Login protection (defaults documented in docs/control-plane-spec.md).
+    login_max_failures_account: int = Field(default=5, ge=1, le=1000)
+    login_max_failures_ip: int = Field(default=20, ge=1, le=100_000)
+    login_lockout_base_seconds: int = Field(default=30, ge=1)
+    login_lockout_max_seconds: int = Field(default=3600, ge=1)
+    login_failure_window_seconds: int = Field(default=900, ge=1)
+    login_burst_max_attempts: int = Field(default=5, ge=2)
+    login_burst_window_seconds: float = Field(default=2.0, gt=0)
+    key_rotation_overlap_hours: int = Field(default=24, ge=0, le=24 * 90)
+    # Comma-separated CIDRs of reverse proxies whose X-Forwarded-For is believed.
+    trusted_proxies: str = ""
+    # Webhooks, anomaly detection and retention (defaults documented in docs/webhooks.md,
+    # docs/security.md and docs/retention.md).
+    webhook_max_attempts: int = Field(default=8, ge=1, le=50)
+    webhook_backoff_base_seconds: float = Field(default=10.0, gt=0)
+    webhook_backoff_max_seconds: float = Field(default=3600.0, gt=0)
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    webhook_poll_interval_seconds: float = Field(default=2.0, gt=0)
+    webhook_allow_private_targets: bool = False
+    anomaly_bucket_seconds: float = Field(default=60.0, gt=0)
+    anomaly_ewma_alpha: float = Field(default=0.2, gt=0, le=1)
+    anomaly_warmup_buckets: int = Field(default=5, ge=1)
+    anomaly_rate_factor: float = Field(default=10.0, gt=1)
+    anomaly_min_requests: int = Field(default=100, ge=1)
+    anomaly_error_factor: float = Field(default=10.0, gt=1)
+    anomaly_min_errors: int = Field(default=50, ge=1)
+    anomaly_ip_window_seconds: float = Field(default=600.0, gt=0)
+    anomaly_ip_threshold: int = Field(default=20, ge=2)
+    attack_401_window_seconds: float = Field(default=60.0, gt=0)
+    attack_401_threshold: int = Field(default=100, ge=2)
+    attack_block_seconds: int = Field(default=900, ge=1)
+    # Comma-separated CIDRs never blocked automatically (e.g. a load balancer the gateway
+    # sees as the peer of every request).
+    attack_block_exempt: str = ""
+    upstream_alarm_failures: int = Field(default=20, ge=1)
+    alert_cooldown_seconds: float = Field(default=900.0, ge=0)
+    login_records_ttl_days: int = Field(default=180, ge=1)
+    delivery_log_ttl_days: int = Field(default=30, ge=1)
+    retention_purge_interval_seconds: float = Field(default=3600.0, gt=0)
     config_watch_interval_ms: int = Field(default=500, ge=50)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -69,7 +121,51 @@ class Settings(BaseSettings):
                 )
         elif self.environment == "production":
             raise ValueError("ONETOKEN_SECRET_KEY is required when ONETOKEN_ENVIRONMENT=production")
+        if self.environment == "production" and self.secret_key_problem() is not None:
+            raise ValueError("ONETOKEN_SECRET_KEY is a placeholder or too weak for production")
+        self.previous_secret_key_bytes()  # malformed entries fail at startup, not at use
         return self
+
+    def secret_key_problem(self) -> str | None:
+        """Why ONETOKEN_SECRET_KEY cannot protect a real deployment, or None.
+
+        Never includes the value itself."""
+        if self.secret_key is None:
+            return "ONETOKEN_SECRET_KEY is not set"
+        value = self.secret_key.get_secret_value()
+        if value.strip().lower() in _PLACEHOLDER_SECRETS or any(
+            value.lower().startswith(p) for p in _PLACEHOLDER_PREFIXES
+        ):
+            return "ONETOKEN_SECRET_KEY is a placeholder value"
+        if len(set(value)) < _MIN_DISTINCT_SECRET_CHARS:
+            return "ONETOKEN_SECRET_KEY has too little variety to be a random secret"
+        return None
+
+    def previous_secret_key_bytes(self) -> dict[int, bytes]:
+        """ONETOKEN_PREVIOUS_SECRET_KEYS as {version: secret}."""
+        if self.previous_secret_keys is None:
+            return {}
+        out: dict[int, bytes] = {}
+        for part in self.previous_secret_keys.get_secret_value().split(","):
+            part = part.strip()
+            if not part:
+                continue
+            version, sep, secret = part.partition(":")
+            if not sep or not version.isdigit():
+                raise ValueError("ONETOKEN_PREVIOUS_SECRET_KEYS entries must be VERSION:SECRET")
+            v = int(version)
+            if v == self.secret_key_version or v in out or not 1 <= v <= 1_000_000:
+                raise ValueError(
+                    "ONETOKEN_PREVIOUS_SECRET_KEYS versions must be unique and differ from "
+                    "ONETOKEN_SECRET_KEY_VERSION"
+                )
+            if len(secret) < MIN_SECRET_KEY_LEN:
+                raise ValueError(
+                    f"ONETOKEN_PREVIOUS_SECRET_KEYS secrets must be at least "
+                    f"{MIN_SECRET_KEY_LEN} characters"
+                )
+            out[v] = secret.encode()
+        return out
 
     @property
     def spool_dir(self) -> Path:

@@ -116,6 +116,25 @@ def canary_run(tmp_path_factory: pytest.TempPathFactory, mock_addr: str) -> dict
         json={**chat(CANARY), "model": "pricey"},
     )
 
+    # Control plane: what someone types at sign-in, as a password or a one-time code is
+    # never kept, not even in the security log of the failures it causes.
+    ctl = httpx.Client(base_url=server.control_url, timeout=30)
+    for body in (
+        {"login": CANARY, "password": CANARY},
+        {"login": creds["admin_email"], "password": CANARY},
+        {"login": creds["admin_email"], "password": CANARY, "totp_code": "123456"},
+    ):
+        r = ctl.post("/api/v1/auth/login", json=body, headers={"User-Agent": "canary-check"})
+        assert r.status_code == 401 and CANARY not in r.text
+    for path, body in (
+        ("/api/v1/accounts", {"role": "viewer", "login_name": "canary-member",
+                              "password": CANARY}),
+        ("/api/v1/me/password", {"current_password": CANARY, "new_password": CANARY}),
+        ("/api/v1/auth/accept-invite", {"token": CANARY, "password": CANARY}),
+    ):
+        r = admin.http.post(path, json=body)
+        assert r.status_code < 500 and CANARY not in r.text, path
+
     code = server.stop()  # a clean stop drains and flushes every record
     request_ids = {r.headers["x-request-id"] for r in seen.values()}
     rows = exported_calls(data_dir)

@@ -38,6 +38,22 @@ def _reset_postgres(url: str) -> None:
     engine.dispose()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cheap_password_hashing() -> Iterator[None]:
+    """argon2 at its production cost (~64 MiB, 3 passes) makes every sign-in in a unit test
+    take tens of milliseconds; the algorithm is the same at a lower cost. The integration
+    suite runs the real server with the real parameters."""
+    from argon2 import PasswordHasher
+
+    from onetoken.kit import crypto
+
+    saved = crypto._hasher, crypto._DUMMY_HASH
+    crypto._hasher = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    crypto._DUMMY_HASH = crypto._hasher.hash("dummy-password-for-timing")
+    yield
+    crypto._hasher, crypto._DUMMY_HASH = saved
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     s = Settings(data_dir=tmp_path / "data", secret_key=SecretStr(TEST_SECRET))

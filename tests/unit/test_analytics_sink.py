@@ -49,6 +49,7 @@ def make_batch(org: str, n: int, *, start: int = 0, ts0: int = T0) -> dict[str, 
         "user_agent": ["pytest"] * n,
         "rate_limit": ["pass"] * n,
         "attempts": [1] * n,
+        "guard_flags": [""] * n,
     }
 
 
@@ -178,6 +179,29 @@ def test_engine_overflow_file_is_replayed(
     assert not overflow.exists()
     assert sink.pending_spool_files() == []
     assert_one_row_per_request(client, org, 120)
+
+
+def test_overflow_lines_from_before_guard_flags_replay_as_empty(
+    sink: CallLogSink, client: Client, data_dir: Path
+) -> None:
+    org = "org-pre-guard"
+    batch = make_batch(org, 4)
+    batch["guard_flags"] = ["", "bank_card:1", "", "phone:2,secret_key:1"]
+    spool = data_dir / "spool"
+    spool.mkdir(exist_ok=True)
+    overflow = spool / "overflow-engine-old.jsonl"
+    rows = [dict(zip(CALL_LOG_COLUMNS, r, strict=True)) for r in zip(*batch.values(), strict=True)]
+    del rows[0]["guard_flags"]  # written by an engine that predates the column
+    overflow.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    bad_before = sink.spool_bad_lines
+    assert sink.replay_spool() == 4
+    assert sink.spool_bad_lines == bad_before
+    flags = client.query(
+        "SELECT request_id, guard_flags FROM onetoken.call_log FINAL WHERE org_id = {o:String} "
+        "ORDER BY request_id",
+        parameters={"o": org},
+    ).result_rows
+    assert [f for _, f in flags] == batch["guard_flags"]
 
 
 def test_failed_on_batch_keeps_the_file(sink: CallLogSink, data_dir: Path) -> None:

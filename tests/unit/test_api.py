@@ -33,6 +33,11 @@ def test_login_and_me(client: TestClient, admin: Admin) -> None:
         "email": admin.email,
         "role": "owner",
         "org_id": admin.org_id,
+        "login_name": admin.email,
+        "mobile": None,
+        "display_name": "",
+        "auth_status": "password",
+        "is_operator": False,
     }
     assert client.get(f"{API}/org", headers=admin.headers).json()["id"] == admin.org_id
 
@@ -164,7 +169,10 @@ def test_read_only_roles_cannot_write(client: TestClient, admin: Admin, state: A
     developer = add_account(state, client, admin.org_id, "dev@acme.test", "developer")
     for headers in (viewer, developer):
         assert client.get(f"{API}/keys", headers=headers).status_code == 200
+        # Developers manage their own keys (docs/permissions.md); viewers cannot.
         r = client.post(f"{API}/keys", json={"name": "x"}, headers=headers)
+        assert r.status_code == (201 if headers is developer else 403)
+        r = client.post(f"{API}/providers", json={}, headers=headers)
         assert r.status_code == 403
         assert _error(r)["code"] == "permission_denied"
         r = client.post(

@@ -52,6 +52,7 @@ def one_record(request_id: str, user_agent: str) -> dict[str, list[Any]]:
         "user_agent": user_agent,
         "rate_limit": "pass",
         "attempts": 1,
+        "guard_flags": "",
     }
     return {name: [values[name]] for name in CALL_LOG_COLUMNS}
 

@@ -46,6 +46,7 @@ def record(org_id: str, request_id: str, cost: int, ts_us: int | None = None) ->
         "user_agent": "t",
         "rate_limit": "pass",
         "attempts": 1,
+        "guard_flags": "",
     }
     return row
 

@@ -334,5 +334,11 @@ def ensure_ttls(client: Client, settings: ClickHouseSettings) -> None:
     """Apply the configured retention periods (settings may change between starts)."""
     set_ttl_days(client, CALL_LOG_TABLE, settings.call_log_ttl_days)
     security_days: Any = getattr(settings, "security_log_ttl_days", None)
-    if security_days is not None:
+    login_days: Any = getattr(settings, "login_records_ttl_days", None)
+    if security_days is not None and login_days is not None:
+        # Login records (auth.*) have their own period: a second, conditional TTL rule.
+        from onetoken.rights.retention import ensure_security_log_ttl
+
+        ensure_security_log_ttl(client, int(security_days), int(login_days))
+    elif security_days is not None:
         set_ttl_days(client, SECURITY_LOG_TABLE, int(security_days))

@@ -5,14 +5,18 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
 
 from onetoken.analytics import queries
-from onetoken.deps import PrincipalDep, StateDep
+from onetoken.deps import Principal, StateDep
 from onetoken.kit.errors import OnetokenError, Unprocessable
+from onetoken.security.permissions import require
 
 router = APIRouter(tags=["calls"])
+
+CallsReadDep = Annotated[Principal, Depends(require("calls.read"))]
+UsageReadDep = Annotated[Principal, Depends(require("usage.read"))]
 
 
 class ServiceUnavailable(OnetokenError):
@@ -40,7 +44,7 @@ def _sink(state: StateDep) -> Any:
 
 @router.get("/calls", response_model=CallPageResponse)
 def list_calls(
-    principal: PrincipalDep,
+    principal: CallsReadDep,
     state: StateDep,
     limit: Annotated[int, Query(ge=1, le=queries.MAX_PAGE_SIZE)] = 100,
     cursor: str | None = None,
@@ -61,7 +65,7 @@ def list_calls(
 
 @router.get("/usage/summary", response_model=UsageSummary)
 def usage_summary(
-    principal: PrincipalDep,
+    principal: UsageReadDep,
     state: StateDep,
     start: datetime | None = None,
     end: datetime | None = None,

@@ -34,7 +34,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import OperationalError
 
 from onetoken.analytics.clickhouse import ClickHouseSettings, open_client
-from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_TABLE
+from onetoken.analytics.columns import CALL_LOG_ADDED_DEFAULTS, CALL_LOG_COLUMNS, CALL_LOG_TABLE
 
 T = TypeVar("T")
 
@@ -44,6 +44,10 @@ Batch = dict[str, list[Any]]
 
 SPOOL_PREFIX: Final = "calllog-"
 OVERFLOW_PREFIX: Final = "overflow-"
+# The engine's record journal (journal-<instance>-<segment>.jsonl, same line format):
+# replayed only for instances that are gone, since a live engine deletes its own segments
+# once the pump acknowledges their records.
+JOURNAL_PREFIX: Final = "journal-"
 # An overflow file is renamed to this prefix before it is read, so the engine starts a new
 # file for records that overflow meanwhile and never appends to one we are deleting.
 CLAIMED_PREFIX: Final = "claimed-"
@@ -135,6 +139,8 @@ class CallLogSink:
         self._lock = threading.Lock()
         self._closed = False
         self.spool_dir = Path(settings.data_dir) / "spool"
+        # Instance id of the engine running in this process: its journal is not replayed.
+        self.live_instance: str | None = None
         self._spool_file: Path | None = None
         self._spool_seq = 0
         self.rows_written = 0
@@ -291,7 +297,12 @@ class CallLogSink:
             name = entry.name
             if not name.endswith(".jsonl") or not entry.is_file():
                 continue
-            if name.startswith((SPOOL_PREFIX, OVERFLOW_PREFIX, CLAIMED_PREFIX)):
+            if name.startswith(JOURNAL_PREFIX) and (
+                self.live_instance is not None
+                and name.startswith(f"{JOURNAL_PREFIX}{self.live_instance}-")
+            ):
+                continue
+            if name.startswith((SPOOL_PREFIX, OVERFLOW_PREFIX, CLAIMED_PREFIX, JOURNAL_PREFIX)):
                 with contextlib.suppress(FileNotFoundError):
                     found.append((entry.stat().st_mtime, name, Path(entry.path)))
         found.sort()
@@ -328,7 +339,7 @@ class CallLogSink:
             client = self._client_or_none()
             if client is None:
                 break
-            if path.name.startswith(OVERFLOW_PREFIX):
+            if path.name.startswith((OVERFLOW_PREFIX, JOURNAL_PREFIX)):
                 claimed = path.with_name(f"{CLAIMED_PREFIX}{time.time_ns()}-{path.name}")
                 try:
                     path.rename(claimed)
@@ -420,7 +431,10 @@ def _read_batches(path: Path, state: _ReplayFile) -> Iterator[Batch]:
                 continue
             try:
                 record = orjson.loads(line)
-                values = [record[name] for name in CALL_LOG_COLUMNS]
+                values = [
+                    record[name] if name in record else CALL_LOG_ADDED_DEFAULTS[name]
+                    for name in CALL_LOG_COLUMNS
+                ]
                 values[0] = _ts_micros(values[0])
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 state.bad_lines += 1

@@ -3,7 +3,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
@@ -106,6 +106,8 @@ class Usage:
     request_id: str
     cost: int
     ts_us: int
+    key_id: str = ""
+    model: str = ""
 
 
 def usage_key(request_id: str) -> str:
@@ -150,12 +152,53 @@ def record_usage(session: Session, usages: Sequence[Usage]) -> list[Usage]:
             "amount": -u.cost,
             "idempotency_key": usage_key(u.request_id),
             "request_id": u.request_id,
-            "created_at": datetime.fromtimestamp(u.ts_us / 1_000_000, UTC),
+            "created_at": usage_time(u.ts_us),
+            "key_id": u.key_id or None,
+            "model": u.model or None,
         }
         for u in fresh
     ]
     session.execute(_insert_ignoring_duplicates(session), rows)
+    from onetoken.billing import packages
+
+    packages.allocate_usage(session, fresh)
     return fresh
+
+
+def usage_time(ts_us: int) -> datetime:
+    # Integer arithmetic: a float timestamp would round some microseconds away, and the
+    # ledger time must fall in the same UTC day/month as the call_log row.
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=ts_us)
+
+
+def post_entry(
+    session: Session,
+    org_id: str,
+    *,
+    kind: str,
+    amount: int,
+    idempotency_key: str,
+    memo: str | None = None,
+    created_by: str | None = None,
+) -> tuple[LedgerEntry, bool]:
+    """Append one non-usage entry once per (global) idempotency key, inside the caller's
+    transaction; returns (entry, created). The engine sees it after the caller commits."""
+    existing = _by_key(session, idempotency_key)
+    if existing is not None:
+        return existing, False
+    entry = LedgerEntry(
+        org_id=org_id,
+        kind=kind,
+        amount=amount,
+        idempotency_key=idempotency_key,
+        memo=memo,
+        created_by=created_by,
+    )
+    session.add(entry)
+    bump_revision(session)
+    session.flush()
+    log.info("ledger.entry", extra={"org_id": org_id, "kind": kind})
+    return entry, True
 
 
 def _insert_ignoring_duplicates(session: Session):  # type: ignore[no-untyped-def]

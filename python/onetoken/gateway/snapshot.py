@@ -6,7 +6,6 @@ Provider credentials are decrypted into the snapshot, which lives only in memory
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,9 +13,13 @@ import orjson
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from onetoken.billing import budgets as billing_budgets
 from onetoken.billing.service import balances
-from onetoken.db.models import ApiKey, Model, Org, Provider
+from onetoken.db.models import ApiKey, Org
+from onetoken.keys.service import snapshot_fields as keys_snapshot_fields
 from onetoken.kit.crypto import Secrets
+from onetoken.providers import snapshot_parts as providers_part
+from onetoken.security import blocking
 
 Snapshot = dict[str, Any]
 
@@ -28,51 +31,75 @@ def build_snapshot(
     version: int,
     spent_marks: Mapping[str, int],
     org_balances: Mapping[str, int] | None = None,
+    key_spent_marks: Mapping[str, int] | None = None,
 ) -> Snapshot:
     """`org_balances` and `spent_marks` must be read together (see GatewaySupervisor)."""
     if org_balances is None:
         org_balances = balances(session)
     orgs = session.scalars(select(Org).order_by(Org.id)).all()
-    providers = session.scalars(select(Provider).order_by(Provider.id)).all()
-    models = session.scalars(select(Model).order_by(Model.name)).all()
     keys = session.scalars(select(ApiKey).order_by(ApiKey.id)).all()
+    # Providers, deployments, routes and per-org/per-key gateway settings.
+    cat = providers_part.catalog(session, secrets)
+    org_extra = providers_part.org_settings(session)
+    key_policy = providers_part.key_policies(session)
 
-    models_by_org: dict[str, set[str]] = defaultdict(set)
-    for m in models:
-        models_by_org[m.org_id].add(m.name)
-
-    return {
+    snapshot: Snapshot = {
         "version": version,
         "orgs": [
-            {
-                "id": o.id,
-                "status": o.status,
-                "balance": int(org_balances.get(o.id, 0)),
-                "spent_mark": int(spent_marks.get(o.id, 0)),
-            }
+            providers_part.merge_org_settings(
+                {
+                    "id": o.id,
+                    "status": o.status,
+                    "balance": int(org_balances.get(o.id, 0)),
+                    "spent_mark": int(spent_marks.get(o.id, 0)),
+                },
+                org_extra.get(o.id),
+            )
             for o in orgs
         ],
-        "keys": [_key(k, models_by_org.get(k.org_id, set())) for k in keys],
-        "providers": [_provider(p, secrets) for p in providers],
-        "models": [
-            {
-                "name": m.name,
-                "kind": m.kind,
-                "provider_id": m.provider_id,
-                "upstream_model": m.upstream_model,
-                "input_price": m.input_price,
-                "output_price": m.output_price,
-                "cached_input_price": m.cached_input_price,
-                "max_output_tokens": m.max_output_tokens,
-            }
-            for m in models
+        "keys": [
+            _with_policy(_key(k, providers_part.visible_names(cat, k.org_id)), key_policy.get(k.id))
+            for k in keys
         ],
+        "providers": cat.providers,
+        "models": cat.models,
     }
+    _add_billing(snapshot, session, spent_marks, key_spent_marks or {})
+    if blocked := blocking.snapshot_entries(session):  # attack interception
+        snapshot["blocked_ips"] = blocked
+    if cat.routes:
+        snapshot["routes"] = cat.routes
+    if cat.routing is not None:
+        snapshot["routing"] = cat.routing
+    return snapshot
+
+
+def _add_billing(
+    snapshot: Snapshot,
+    session: Session,
+    org_marks: Mapping[str, int],
+    key_marks: Mapping[str, int],
+) -> None:
+    """Price factors, budgets and the spend windows they are enforced on (billing)."""
+    extra = billing_budgets.snapshot_fields(session, org_marks=org_marks, key_marks=key_marks)
+    for org in snapshot["orgs"]:
+        if (fields := extra.orgs.get(org["id"])) is not None:
+            billing_budgets.merge_limits(org, fields)
+    for key in snapshot["keys"]:
+        if (fields := extra.keys.get(key["key_id"])) is not None:
+            billing_budgets.merge_limits(key, fields)
+
+
+def _with_policy(entry: dict[str, Any], policy: dict[str, Any] | None) -> dict[str, Any]:
+    if policy is not None:
+        entry["policy"] = policy
+    return entry
 
 
 def _key(k: ApiKey, org_models: set[str]) -> dict[str, Any]:
-    # The engine resolves models by name across the deployment; restricting every key to
-    # its own org's models keeps one org's keys off another org's providers and prices.
+    # Restricting every key to the names its org can reach (the platform catalog and the
+    # org's own private models and aliases) keeps one org's keys off another org's
+    # providers and prices, also on an engine that does not filter by models[].org_id.
     if k.allowed_models is None:
         allowed = sorted(org_models)
     else:
@@ -82,24 +109,13 @@ def _key(k: ApiKey, org_models: set[str]) -> dict[str, Any]:
         "key_id": k.id,
         "display": k.display,
         "org_id": k.org_id,
-        "account_id": k.created_by,
+        "account_id": k.owner_id or k.created_by,
         # The engine knows active and revoked; a disabled key is refused the same way.
         "status": "active" if k.status == "active" else "revoked",
         "expires_at": int(k.expires_at.timestamp()) if k.expires_at else None,
         "allowed_models": allowed,
-    }
-
-
-def _provider(p: Provider, secrets: Secrets) -> dict[str, Any]:
-    return {
-        "id": p.id,
-        "name": p.name,
-        "protocol": p.protocol,
-        "base_url": p.base_url,
-        "api_key": secrets.decrypt(p.api_key_encrypted) if p.api_key_encrypted else None,
-        "connect_timeout_ms": p.connect_timeout_ms,
-        "first_byte_timeout_ms": p.first_byte_timeout_ms,
-        "idle_timeout_ms": p.idle_timeout_ms,
+        # secret_version, not_before, allowed_ips, limits (onetoken.keys).
+        **keys_snapshot_fields(k),
     }
 
 

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import orjson
 
 from onetoken.billing import service as billing
+from onetoken.billing.upkeep import BillingUpkeep
 from onetoken.db.session import SessionFactory, current_revision
 from onetoken.gateway.snapshot import build_snapshot, snapshot_json
 from onetoken.kit.crypto import Secrets
@@ -57,7 +58,7 @@ def engine_config(settings: Settings, secrets: Secrets) -> dict[str, Any]:
     tls = None
     if settings.tls_cert is not None and settings.tls_key is not None:
         tls = {"cert_path": str(settings.tls_cert), "key_path": str(settings.tls_key)}
-    return {
+    config: dict[str, Any] = {
         "listen": settings.gateway_listen,
         "key_hash_secret_hex": secrets.key_hash.hex(),
         "tls": tls,
@@ -67,6 +68,14 @@ def engine_config(settings: Settings, secrets: Secrets) -> dict[str, Any]:
         "max_body_bytes": settings.max_body_bytes,
         "shutdown_grace_ms": int(settings.shutdown_grace_seconds * 1000),
     }
+    # Optional in docs/snapshot.md; sent only when they differ from the defaults.
+    if secrets.key_hash_version != 1:
+        config["key_hash_secret_version"] = secrets.key_hash_version
+    if secrets.previous_key_hashes:
+        config["previous_key_hash_secrets"] = [
+            {"version": v, "secret_hex": s.hex()} for v, s in secrets.previous_key_hashes
+        ]
+    return config
 
 
 def _default_engine_factory(config_json: bytes) -> EngineLike:
@@ -103,6 +112,9 @@ class GatewaySupervisor:
         # Serializes pushes so versions rise in the order the data was read.
         self._push_lock = threading.Lock()
         self._ingested: dict[str, int] = defaultdict(int)
+        # Same as _ingested, per API key (keys[].usage.spent_mark for per-key budgets).
+        self._ingested_keys: dict[str, int] = defaultdict(int)
+        self._billing = BillingUpkeep(session_factory)
         self._version = 0
         self._seen_revision = -1
         self._engine_start_us = 0
@@ -110,6 +122,10 @@ class GatewaySupervisor:
         self._threads: list[threading.Thread] = []
         self._stopped = False
         self.rows_pumped = 0
+        # Called on every flush cycle and once more at stop (e.g. the security log writer).
+        self.flush_hooks: list[Callable[[], None]] = []
+        # See every drained batch after the ledger took it (metadata-only detectors).
+        self.batch_observers: list[Callable[[Batch], None]] = []
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -128,6 +144,10 @@ class GatewaySupervisor:
         if replayed:
             log.info("pump.spool_replayed", extra={"replayed": replayed})
         engine = self._engine_factory(orjson.dumps(engine_config(self.settings, self.secrets)))
+        # From now on this engine's journal is live: replay only other (dead) instances'.
+        sink: Any = self.sink
+        if hasattr(sink, "live_instance"):
+            sink.live_instance = engine.instance_id
         self._engine_start_us = time.time_ns() // 1000
         self.address = engine.start()
         self.engine = engine
@@ -187,6 +207,7 @@ class GatewaySupervisor:
             while self.pump_once() > 0:
                 pass
         self.sink.replay_spool(self._ingest_replayed)
+        self._run_flush_hooks()
         self.sink.close()
         log.info("gateway.stopped", extra={"rows": self.rows_pumped})
 
@@ -209,7 +230,9 @@ class GatewaySupervisor:
                     version=self._version + 1,
                     spent_marks=marks,
                     org_balances=org_balances,
+                    key_spent_marks=dict(self._ingested_keys),
                 )
+                self._billing.pushed()
             self._version += 1
             try:
                 served = engine.load_snapshot(snapshot_json(snap))
@@ -232,7 +255,13 @@ class GatewaySupervisor:
             try:
                 with self.session_factory() as session:
                     revision = current_revision(session)
-                if revision != self._seen_revision:
+                # Due prices, lapsed packages (both bump the revision) and a new UTC day
+                # or month for budgets.
+                stale = self._billing.tick()
+                if stale:
+                    with self.session_factory() as session:
+                        revision = current_revision(session)
+                if stale or revision != self._seen_revision:
                     self.push_snapshot()
             except Exception as exc:
                 log.warning("snapshot.watch_failed", extra={"exc_type": type(exc).__name__})
@@ -259,8 +288,26 @@ class GatewaySupervisor:
             self._park(batch)
         else:
             self.sink.write(batch)
+        # Stored (ledger and ClickHouse, or a spool file): the engine may drop the journal
+        # segments that held these records.
+        ack = getattr(engine, "ack_records", None)
+        if callable(ack):
+            ack(rows)
+        self._billing.observe(batch)
+        for observe in self.batch_observers:
+            try:
+                observe(batch)
+            except Exception as exc:
+                log.error("pump.observer_failed", extra={"exc_type": type(exc).__name__})
         self.rows_pumped += rows
         return rows
+
+    def _run_flush_hooks(self) -> None:
+        for hook in self.flush_hooks:
+            try:
+                hook()
+            except Exception as exc:
+                log.error("pump.flush_hook_failed", extra={"exc_type": type(exc).__name__})
 
     def _pump_loop(self) -> None:
         interval = self.settings.flush_interval_ms / 1000
@@ -275,6 +322,7 @@ class GatewaySupervisor:
                 if due:
                     while self.pump_once() >= self.settings.flush_max_rows:
                         pass
+                    self._run_flush_hooks()
                     next_flush = time.monotonic() + interval
                 if now >= next_replay:
                     self.sink.replay_spool(self._ingest_replayed)
@@ -306,6 +354,8 @@ class GatewaySupervisor:
                 )
                 if mine:
                     self._ingested[u.org_id] += u.cost
+                    if u.key_id:
+                        self._ingested_keys[u.key_id] += u.cost
 
     def _park(self, batch: Batch) -> None:
         # Same line format and prefix as the engine's overflow files, so the sink's
@@ -324,6 +374,10 @@ class GatewaySupervisor:
         with self._mark_lock:
             return dict(self._ingested)
 
+    def ingested_key_cost(self) -> dict[str, int]:
+        with self._mark_lock:
+            return dict(self._ingested_keys)
+
 
 def _usages(batch: Batch) -> list[billing.Usage]:
     try:
@@ -333,9 +387,14 @@ def _usages(batch: Batch) -> list[billing.Usage]:
         ts = batch["ts"]
     except KeyError:
         return []
+    n = len(ids)
+    keys = batch.get("key_id") or [""] * n
+    models = batch.get("model_requested") or [""] * n
     return [
-        billing.Usage(org_id=o, request_id=r, cost=int(c), ts_us=_ts_us(t))
-        for o, r, c, t in zip(orgs, ids, costs, ts, strict=False)
+        billing.Usage(
+            org_id=o, request_id=r, cost=int(c), ts_us=_ts_us(t), key_id=k or "", model=m or ""
+        )
+        for o, r, c, t, k, m in zip(orgs, ids, costs, ts, keys, models, strict=False)
         if c and int(c) > 0
     ]
 

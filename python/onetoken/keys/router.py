@@ -1,17 +1,61 @@
+"""API keys: created once, shown once, stored as a keyed hash and a display id."""
+
 from __future__ import annotations
 
-from fastapi import APIRouter
+from datetime import timedelta
+from typing import Annotated, Any, TypeVar
 
-from onetoken.deps import PrincipalDep, SessionDep, StateDep, WriterDep
+from fastapi import APIRouter, Depends
+
+from onetoken.db.models import ApiKey
+from onetoken.deps import Principal, SessionDep, StateDep
 from onetoken.keys import service
-from onetoken.keys.schemas import KeyCreate, KeyCreated, KeyList, KeyResponse, KeyUpdate
+from onetoken.keys.schemas import (
+    KeyCreate,
+    KeyCreated,
+    KeyLimitsOut,
+    KeyList,
+    KeyResponse,
+    KeyRotate,
+    KeyRotated,
+    KeyUpdate,
+)
+from onetoken.security.permissions import require
 
 router = APIRouter(prefix="/keys", tags=["keys"])
+R = TypeVar("R", bound=KeyResponse)
+
+KeysReadDep = Annotated[Principal, Depends(require("keys.read"))]
+KeysWriteDep = Annotated[Principal, Depends(require("keys.write"))]
+
+
+def key_out(k: ApiKey, cls: type[R] = KeyResponse, **extra: Any) -> R:  # type: ignore[assignment]
+    # Field by field: the hash never leaves the service.
+    return cls(
+        **extra,
+        id=k.id,
+        org_id=k.org_id,
+        name=k.name,
+        display=k.display,
+        status=k.status,  # type: ignore[arg-type]
+        owner_id=k.owner_id or k.created_by,
+        expires_at=k.expires_at,
+        not_before=k.not_before,
+        allowed_models=k.allowed_models,
+        allowed_ips=k.allowed_ips,
+        limits=KeyLimitsOut(**{f: getattr(k, f) for f in service.LIMIT_FIELDS}),
+        secret_version=k.secret_version,
+        rotated_from=k.rotated_from,
+        created_by=k.created_by,
+        created_at=k.created_at,
+        updated_at=k.updated_at,
+        revoked_at=k.revoked_at,
+    )
 
 
 @router.post("", response_model=KeyCreated, status_code=201)
 def create_key(
-    body: KeyCreate, principal: WriterDep, session: SessionDep, state: StateDep
+    body: KeyCreate, principal: KeysWriteDep, session: SessionDep, state: StateDep
 ) -> KeyCreated:
     key, plaintext = service.create_key(
         session,
@@ -19,43 +63,73 @@ def create_key(
         org_id=principal.org_id,
         created_by=principal.account_id,
         name=body.name,
+        owner_id=body.owner_id,
         expires_at=body.expires_at,
+        not_before=body.not_before,
         allowed_models=body.allowed_models,
+        allowed_ips=body.allowed_ips,
+        limits=body.limits.model_dump() if body.limits else None,
+        actor=principal,
     )
     session.commit()
     state.config_changed()
-    return KeyCreated.model_validate(
-        {**KeyResponse.model_validate(key).model_dump(), "key": plaintext}
-    )
+    return key_out(key, KeyCreated, key=plaintext)
 
 
 @router.get("", response_model=KeyList)
-def list_keys(principal: PrincipalDep, session: SessionDep) -> KeyList:
-    keys = service.list_keys(session, principal.org_id)
-    return KeyList(data=[KeyResponse.model_validate(k) for k in keys])
+def list_keys(principal: KeysReadDep, session: SessionDep) -> KeyList:
+    return KeyList(data=[key_out(k) for k in service.list_keys(session, principal.org_id)])
 
 
 @router.get("/{key_id}", response_model=KeyResponse)
-def get_key(key_id: str, principal: PrincipalDep, session: SessionDep) -> KeyResponse:
-    return KeyResponse.model_validate(service.get_key(session, principal.org_id, key_id))
+def get_key(key_id: str, principal: KeysReadDep, session: SessionDep) -> KeyResponse:
+    return key_out(service.get_key(session, principal.org_id, key_id))
 
 
 @router.patch("/{key_id}", response_model=KeyResponse)
 def update_key(
-    key_id: str, body: KeyUpdate, principal: WriterDep, session: SessionDep, state: StateDep
+    key_id: str, body: KeyUpdate, principal: KeysWriteDep, session: SessionDep, state: StateDep
 ) -> KeyResponse:
     changes = body.model_dump(include=body.model_fields_set)
-    key = service.update_key(session, principal.org_id, key_id, changes)
+    key = service.update_key(session, principal.org_id, key_id, changes, actor=principal)
     session.commit()
     state.config_changed()
-    return KeyResponse.model_validate(key)
+    return key_out(key)
+
+
+@router.post("/{key_id}/rotate", response_model=KeyRotated, status_code=201)
+def rotate_key(
+    key_id: str,
+    principal: KeysWriteDep,
+    session: SessionDep,
+    state: StateDep,
+    body: KeyRotate | None = None,
+) -> KeyRotated:
+    """A new key with the same name, owner, scopes and limits (shown once); the old one
+    keeps working for the overlap period, then expires."""
+    seconds = body.overlap_seconds if body is not None else None
+    if seconds is None:
+        seconds = state.settings.key_rotation_overlap_hours * 3600
+    new, plaintext, old = service.rotate_key(
+        session, state.secrets, principal.org_id, key_id,
+        overlap=timedelta(seconds=seconds), actor=principal,
+    )
+    session.commit()
+    state.config_changed()
+    return key_out(
+        new,
+        KeyRotated,
+        key=plaintext,
+        previous_key_id=old.id,
+        previous_key_expires_at=old.expires_at,
+    )
 
 
 @router.post("/{key_id}/revoke", response_model=KeyResponse)
 def revoke_key(
-    key_id: str, principal: WriterDep, session: SessionDep, state: StateDep
+    key_id: str, principal: KeysWriteDep, session: SessionDep, state: StateDep
 ) -> KeyResponse:
-    key = service.revoke_key(session, principal.org_id, key_id)
+    key = service.revoke_key(session, principal.org_id, key_id, actor=principal)
     session.commit()
     state.config_changed()
-    return KeyResponse.model_validate(key)
+    return key_out(key)

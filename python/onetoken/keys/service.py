@@ -1,28 +1,61 @@
+"""API keys: created once, shown once, stored as a keyed hash (under a versioned secret)
+and a display id; scopes, limits, rotation with overlap, revocation; every change audited."""
+
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from onetoken.db.models import ApiKey, new_id, utcnow
+from onetoken.db.models import Account, ApiKey, new_id, utcnow
 from onetoken.db.session import bump_revision
 from onetoken.kit.crypto import Secrets, display_id, generate_api_key
-from onetoken.kit.errors import Conflict, NotFound, Unprocessable
+from onetoken.kit.errors import Conflict, Forbidden, NotFound, Unprocessable
+from onetoken.security import audit
 
 log = logging.getLogger("onetoken.keys")
 
+LIMIT_FIELDS = ("rpm", "tpm", "concurrency", "budget_day", "budget_month")
+# What the audit trail shows before/after for; never the hash.
+AUDITED_FIELDS = (
+    "name", "status", "owner_id", "expires_at", "not_before", "allowed_models", "allowed_ips",
+    *LIMIT_FIELDS,
+)
 
-def _dedupe(models: Sequence[str] | None) -> list[str] | None:
-    return None if models is None else list(dict.fromkeys(models))
+
+def _dedupe(values: Sequence[str] | None) -> list[str] | None:
+    return None if values is None else list(dict.fromkeys(values))
 
 
 def _check_expiry(expires_at: datetime | None) -> None:
     if expires_at is not None and expires_at <= utcnow():
         raise Unprocessable("Expiry must be in the future.", param="expires_at")
+
+
+def _check_window(not_before: datetime | None, expires_at: datetime | None) -> None:
+    if not_before is not None and expires_at is not None and not_before >= expires_at:
+        raise Unprocessable("not_before must be earlier than expires_at.", param="not_before")
+
+
+def audit_view(key: ApiKey) -> dict[str, Any]:
+    return {f: getattr(key, f) for f in AUDITED_FIELDS}
+
+
+def _check_owner(session: Session, org_id: str, owner_id: str) -> None:
+    owner = session.get(Account, owner_id)
+    if owner is None or owner.org_id != org_id or owner.status != "active":
+        raise Unprocessable("The owner must be an active account of this organization.",
+                            param="owner_id")
+
+
+def may_manage(actor: Any, key: ApiKey) -> None:
+    """Developers manage only the keys they own; owners and admins any key of the org."""
+    if getattr(actor, "role", "owner") == "developer" and key.owner_id != actor.account_id:
+        raise Forbidden("Developers can only manage their own keys.", code="not_key_owner")
 
 
 def create_key(
@@ -32,27 +65,56 @@ def create_key(
     org_id: str,
     created_by: str,
     name: str,
+    owner_id: str | None = None,
     expires_at: datetime | None = None,
+    not_before: datetime | None = None,
     allowed_models: Sequence[str] | None = None,
+    allowed_ips: Sequence[str] | None = None,
+    limits: dict[str, int | None] | None = None,
+    actor: Any = None,
+    rotated_from: str | None = None,
 ) -> tuple[ApiKey, str]:
     """Returns the row and the plaintext key; the plaintext is never stored."""
     _check_expiry(expires_at)
+    _check_window(not_before, expires_at)
+    owner = owner_id or created_by
+    if owner != created_by:
+        if getattr(actor, "role", "owner") == "developer":
+            raise Forbidden("Developers can only create keys they own.", code="not_key_owner")
+        _check_owner(session, org_id, owner)
     plaintext = generate_api_key()
     key = ApiKey(
         id=new_id("key"),
         org_id=org_id,
         created_by=created_by,
+        owner_id=owner,
         hash=secrets.hash_api_key(plaintext),
+        secret_version=secrets.key_hash_version,
         display=display_id(plaintext),
         name=name,
         status="active",
         expires_at=expires_at,
+        not_before=not_before,
         allowed_models=_dedupe(allowed_models),
+        allowed_ips=_dedupe(allowed_ips),
+        rotated_from=rotated_from,
+        **{f: (limits or {}).get(f) for f in LIMIT_FIELDS},
     )
     session.add(key)
     bump_revision(session)
     session.flush()
     log.info("key.created", extra={"org_id": org_id, "key_id": key.id, "account_id": created_by})
+    if actor is not None:
+        audit.change(
+            actor,
+            "admin.key_created",
+            subject_id=key.id,
+            org_id=org_id,
+            before={f: None for f in AUDITED_FIELDS},
+            after=audit_view(key),
+            severity="info",
+            extra={"rotated_from": rotated_from} if rotated_from else None,
+        )
     return key, plaintext
 
 
@@ -70,34 +132,129 @@ def get_key(session: Session, org_id: str, key_id: str) -> ApiKey:
     return key
 
 
-def update_key(session: Session, org_id: str, key_id: str, changes: dict[str, Any]) -> ApiKey:
+def update_key(
+    session: Session, org_id: str, key_id: str, changes: dict[str, Any], actor: Any = None
+) -> ApiKey:
     key = get_key(session, org_id, key_id)
+    if actor is not None:
+        may_manage(actor, key)
     if key.status == "revoked":
         raise Conflict("A revoked key cannot be changed.", code="key_revoked")
-    if "name" in changes and changes["name"] is not None:
+    before = audit_view(key)
+    if changes.get("name") is not None:
         key.name = changes["name"]
-    if "status" in changes and changes["status"] is not None:
+    if changes.get("status") is not None:
         key.status = changes["status"]
+    if changes.get("owner_id") is not None and changes["owner_id"] != key.owner_id:
+        if getattr(actor, "role", "owner") == "developer":
+            raise Forbidden("Developers cannot hand keys to other accounts.",
+                            code="not_key_owner")
+        _check_owner(session, org_id, changes["owner_id"])
+        key.owner_id = changes["owner_id"]
     if "expires_at" in changes:
         _check_expiry(changes["expires_at"])
         key.expires_at = changes["expires_at"]
+    if "not_before" in changes:
+        key.not_before = changes["not_before"]
+    _check_window(key.not_before, key.expires_at)
     if "allowed_models" in changes:
         key.allowed_models = _dedupe(changes["allowed_models"])
+    if "allowed_ips" in changes:
+        key.allowed_ips = _dedupe(changes["allowed_ips"])
+    if "limits" in changes:
+        limits = changes["limits"] or {}
+        for f in LIMIT_FIELDS:
+            setattr(key, f, limits.get(f))
+    key.updated_at = utcnow()
     bump_revision(session)
     session.flush()
     log.info("key.updated", extra={"org_id": org_id, "key_id": key.id})
+    if actor is not None:
+        after = audit_view(key)
+        scope_or_limits = any(
+            before[f] != after[f] for f in ("allowed_models", "allowed_ips", *LIMIT_FIELDS)
+        )
+        audit.change(
+            actor,
+            "admin.key_scope_changed" if scope_or_limits else "admin.key_changed",
+            subject_id=key.id,
+            org_id=org_id,
+            before=before,
+            after=after,
+            severity="medium" if scope_or_limits else "info",
+        )
     return key
 
 
-def revoke_key(session: Session, org_id: str, key_id: str) -> ApiKey:
+def revoke_key(session: Session, org_id: str, key_id: str, actor: Any = None) -> ApiKey:
     key = get_key(session, org_id, key_id)
+    if actor is not None:
+        may_manage(actor, key)
     if key.status != "revoked":
+        before = audit_view(key)
         key.status = "revoked"
         key.revoked_at = utcnow()
+        key.updated_at = key.revoked_at
         bump_revision(session)
         session.flush()
         log.info("key.revoked", extra={"org_id": org_id, "key_id": key.id})
+        if actor is not None:
+            audit.change(actor, "admin.key_revoked", subject_id=key.id, org_id=org_id,
+                         before=before, after=audit_view(key))
     return key
+
+
+def rotate_key(
+    session: Session,
+    secrets: Secrets,
+    org_id: str,
+    key_id: str,
+    *,
+    overlap: timedelta,
+    actor: Any,
+) -> tuple[ApiKey, str, ApiKey]:
+    """A new key with the old one's name, owner, scopes and limits (returned once); the
+    old key keeps working for `overlap`, then expires. Returns (new, plaintext, old)."""
+    old = get_key(session, org_id, key_id)
+    may_manage(actor, old)
+    if old.status != "active":
+        raise Conflict("Only an active key can be rotated.", code="key_not_active")
+    now = utcnow()
+    if old.expires_at is not None and old.expires_at <= now:
+        raise Conflict("An expired key cannot be rotated.", code="key_expired")
+    before = audit_view(old)
+    new, plaintext = create_key(
+        session,
+        secrets,
+        org_id=org_id,
+        created_by=actor.account_id,
+        name=old.name,
+        owner_id=old.owner_id,
+        expires_at=old.expires_at,
+        allowed_models=old.allowed_models,
+        allowed_ips=old.allowed_ips,
+        limits={f: getattr(old, f) for f in LIMIT_FIELDS},
+        rotated_from=old.id,
+    )
+    end = now + overlap
+    if old.expires_at is None or old.expires_at > end:
+        old.expires_at = end
+    if overlap <= timedelta(0):
+        old.status = "revoked"
+        old.revoked_at = now
+    old.updated_at = now
+    bump_revision(session)
+    session.flush()
+    audit.change(
+        actor,
+        "admin.key_rotated",
+        subject_id=old.id,
+        org_id=org_id,
+        before=before,
+        after=audit_view(old),
+        extra={"new_key_id": new.id, "overlap_s": int(overlap.total_seconds())},
+    )
+    return new, plaintext, old
 
 
 def revoke_keys_named(session: Session, org_id: str, name: str) -> int:
@@ -109,3 +266,23 @@ def revoke_keys_named(session: Session, org_id: str, name: str) -> int:
     for key in keys:
         revoke_key(session, org_id, key.id)
     return len(keys)
+
+
+# -- the engine's view ------------------------------------------------------------------------
+
+
+def snapshot_fields(key: ApiKey) -> dict[str, Any]:
+    """keys[] fields of docs/snapshot.md owned by this package. Optional fields are sent
+    only when they differ from their defaults, so an engine that predates them keeps
+    accepting snapshots of deployments that do not use them."""
+    out: dict[str, Any] = {}
+    if key.secret_version != 1:
+        out["secret_version"] = key.secret_version
+    if key.not_before is not None:
+        out["not_before"] = int(key.not_before.timestamp())
+    if key.allowed_ips is not None:
+        out["allowed_ips"] = list(key.allowed_ips)
+    limits = {f: getattr(key, f) for f in LIMIT_FIELDS}
+    if any(v is not None for v in limits.values()):
+        out["limits"] = limits
+    return out

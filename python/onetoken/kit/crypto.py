@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 if TYPE_CHECKING:
     from onetoken.settings import Settings
@@ -108,24 +108,50 @@ class DecryptionError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Secrets:
-    """Sub-keys derived from the master secret; never logged, never persisted."""
+    """Sub-keys derived from the master secret; never logged, never persisted.
+
+    `key_hash` belongs to `key_hash_version` (ONETOKEN_SECRET_KEY_VERSION); the sub-keys of
+    ONETOKEN_PREVIOUS_SECRET_KEYS stay usable after a rotation: key hashes made under them
+    still verify in the engine, and what they encrypted still decrypts (new encryptions
+    always use the current key).
+    """
 
     key_hash: bytes
     session: bytes
-    _fernet: Fernet
+    _fernet: MultiFernet
+    key_hash_version: int = 1
+    previous_key_hashes: tuple[tuple[int, bytes], ...] = ()
 
     @classmethod
-    def from_master(cls, master: bytes) -> Secrets:
-        enc = base64.urlsafe_b64encode(derive_secret(master, ENCRYPT_CONTEXT))
+    def from_master(
+        cls, master: bytes, *, version: int = 1, previous: dict[int, bytes] | None = None
+    ) -> Secrets:
+        older = sorted((previous or {}).items(), reverse=True)
+        fernets = [Fernet(base64.urlsafe_b64encode(derive_secret(master, ENCRYPT_CONTEXT)))]
+        fernets += [
+            Fernet(base64.urlsafe_b64encode(derive_secret(m, ENCRYPT_CONTEXT))) for _, m in older
+        ]
         return cls(
             key_hash=derive_secret(master, KEY_HASH_CONTEXT),
             session=derive_secret(master, SESSION_CONTEXT),
-            _fernet=Fernet(enc),
+            _fernet=MultiFernet(fernets),
+            key_hash_version=version,
+            previous_key_hashes=tuple((v, derive_secret(m, KEY_HASH_CONTEXT)) for v, m in older),
         )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Secrets:
-        return cls.from_master(settings.secret_key_bytes())
+        return cls.from_master(
+            settings.secret_key_bytes(),
+            version=settings.secret_key_version,
+            previous=settings.previous_secret_key_bytes(),
+        )
+
+    def key_hash_for(self, version: int) -> bytes | None:
+        """The key-hash secret of `version`, None when it is no longer configured."""
+        if version == self.key_hash_version:
+            return self.key_hash
+        return dict(self.previous_key_hashes).get(version)
 
     def hash_api_key(self, key: str) -> str:
         return keyed_hash(self.key_hash, key)

@@ -171,6 +171,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def onetoken_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, OnetokenError)
         headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        # Fixed-value headers a subclass sets (e.g. Retry-After on 429).
+        extra = getattr(exc, "headers", None)
+        if isinstance(extra, dict):
+            headers = {**(headers or {}), **extra}
         return JSONResponse(
             status_code=exc.status_code,
             content=error_body(exc.message, exc.type, exc.code, exc.param),

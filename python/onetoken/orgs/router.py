@@ -1,62 +1,424 @@
+"""Sign-in, own account, organizations and their accounts."""
+
 from __future__ import annotations
 
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from onetoken.deps import PrincipalDep, SessionDep, StateDep
+from onetoken.db.models import Account, AdminSession
+from onetoken.deps import AppState, Principal, SessionDep, StateDep
 from onetoken.kit.errors import NotFound
-from onetoken.orgs import service
-from onetoken.orgs.schemas import LoginRequest, MeResponse, OrgResponse, TokenResponse
+from onetoken.orgs import auth, members, service
+from onetoken.orgs.schemas import (
+    AccountCreate,
+    AccountCreated,
+    AccountList,
+    AccountResponse,
+    AccountUpdate,
+    ConsoleSessionResponse,
+    InviteAccept,
+    LoginRequest,
+    MeResponse,
+    MeUpdate,
+    OrgAdminUpdate,
+    OrgCreate,
+    OrgCreated,
+    OrgList,
+    OrgResponse,
+    OrgUpdate,
+    PasswordChange,
+    TokenResponse,
+    TotpCodeBody,
+    TotpEnrolment,
+)
+from onetoken.security import audit
+from onetoken.security.login_guard import LoginGuard
+from onetoken.security.net import client_ip
+from onetoken.security.permissions import PublicDep, require
 
-router = APIRouter(tags=["orgs"])
+router = APIRouter(tags=["accounts"])
 _bearer = HTTPBearer(auto_error=False)
 
+SelfDep = Annotated[Principal, Depends(require("self"))]
+OrgReadDep = Annotated[Principal, Depends(require("org.read"))]
+OrgWriteDep = Annotated[Principal, Depends(require("org.write"))]
+OrgsManageDep = Annotated[Principal, Depends(require("orgs.manage"))]
+MembersReadDep = Annotated[Principal, Depends(require("members.read"))]
+MembersWriteDep = Annotated[Principal, Depends(require("members.write"))]
 
-@router.post("/auth/login", response_model=TokenResponse)
-def login(body: LoginRequest, session: SessionDep, state: StateDep) -> TokenResponse:
-    token, record = service.login(
-        session,
-        state.secrets,
-        body.email,
-        body.password,
-        timedelta(hours=state.settings.session_ttl_hours),
+
+def _guard(request: Request, state: AppState) -> LoginGuard:
+    guard = getattr(request.app.state, "login_guard", None)
+    if not isinstance(guard, LoginGuard):
+        guard = LoginGuard(state.settings)
+        request.app.state.login_guard = guard
+    return guard
+
+
+def _sign_in(
+    request: Request, body: LoginRequest, state: AppState, session: SessionDep
+) -> tuple[str, AdminSession, Account]:
+    creds = auth.Credentials(
+        identifier=body.identifier,
+        password=body.password.get_secret_value(),
+        totp_code=body.totp_code,
+        source_ip=client_ip(request, state.settings),
+        user_agent=request.headers.get("user-agent", "")[:256],
     )
+    account = auth.authenticate(session, state.secrets, _guard(request, state), creds)
+    token, record = auth.issue_session(
+        session, state.secrets, account, timedelta(hours=state.settings.session_ttl_hours)
+    )
+    session.commit()
+    audit.event(
+        _RequestActor(account, creds.source_ip, creds.user_agent),
+        "auth.login",
+        "info",
+        subject_id=account.id,
+        detail={"second_factor": account.auth_status == "totp"},
+    )
+    return token, record, account
+
+
+class _RequestActor:
+    def __init__(self, account: Account, source_ip: str, user_agent: str) -> None:
+        self.account_id = account.id
+        self.org_id = account.org_id
+        self.source_ip = source_ip
+        self.user_agent = user_agent
+        self.audit_marks: list[str] = []
+
+
+@router.post("/auth/login", response_model=TokenResponse, dependencies=[PublicDep])
+def login(
+    body: LoginRequest, request: Request, session: SessionDep, state: StateDep
+) -> TokenResponse:
+    """A bearer token for the admin API."""
+    token, record, _ = _sign_in(request, body, state, session)
     return TokenResponse(access_token=token, expires_at=record.expires_at)
+
+
+@router.post("/auth/session", response_model=ConsoleSessionResponse, dependencies=[PublicDep])
+def console_login(
+    body: LoginRequest,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    state: StateDep,
+) -> ConsoleSessionResponse:
+    """A console session: Secure, HttpOnly, SameSite=Strict cookie, plus a CSRF token
+    (also set as a readable cookie) to send back in X-CSRF-Token on unsafe requests."""
+    token, record, _ = _sign_in(request, body, state, session)
+    csrf = auth.csrf_token(state.secrets, token)
+    max_age = state.settings.session_ttl_hours * 3600
+    response.set_cookie(auth.SESSION_COOKIE, token, max_age=max_age, path="/api",
+                        secure=True, httponly=True, samesite="strict")
+    response.set_cookie(auth.CSRF_COOKIE, csrf, max_age=max_age, path="/",
+                        secure=True, httponly=False, samesite="strict")
+    return ConsoleSessionResponse(csrf_token=csrf, expires_at=record.expires_at)
 
 
 @router.post("/auth/logout", status_code=204)
 def logout(
-    _: PrincipalDep,
+    principal: SelfDep,
+    request: Request,
     session: SessionDep,
     state: StateDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Response:
-    if credentials is not None:
-        service.logout(session, state.secrets, credentials.credentials)
-    return Response(status_code=204)
+    token = credentials.credentials if credentials is not None else request.cookies.get(
+        auth.SESSION_COOKIE, ""
+    )
+    if token:
+        auth.logout(session, state.secrets, token)
+    audit.event(principal, "auth.logout", "info", subject_id=principal.account_id)
+    response = Response(status_code=204)
+    response.delete_cookie(auth.SESSION_COOKIE, path="/api", secure=True, httponly=True,
+                           samesite="strict")
+    response.delete_cookie(auth.CSRF_COOKIE, path="/", secure=True, samesite="strict")
+    return response
 
 
-@router.get("/me", response_model=MeResponse)
-def me(principal: PrincipalDep) -> MeResponse:
+@router.post("/auth/accept-invite", response_model=AccountResponse, dependencies=[PublicDep])
+def accept_invite(body: InviteAccept, session: SessionDep, state: StateDep) -> AccountResponse:
+    """Set the password of an invited account with its one-time invite token."""
+    account = auth.accept_invite(
+        session, state.secrets, body.token.get_secret_value(), body.password.get_secret_value()
+    )
+    session.commit()
+    audit.event(_RequestActor(account, "", ""), "auth.invite_accepted", "info",
+                subject_id=account.id)
+    return AccountResponse.model_validate(account)
+
+
+# -- own account ------------------------------------------------------------------------------
+
+
+def _me(session: SessionDep, principal: Principal) -> Account:
+    account = session.get(Account, principal.account_id)
+    if account is None:
+        raise NotFound("Account not found.")
+    return account
+
+
+def _me_response(account: Account) -> MeResponse:
     return MeResponse(
-        id=principal.account_id,
-        email=principal.email,
-        role=principal.role,  # type: ignore[arg-type]
-        org_id=principal.org_id,
+        id=account.id,
+        email=account.email or "",
+        role=account.role,  # type: ignore[arg-type]
+        org_id=account.org_id,
+        login_name=account.login_name,
+        mobile=account.mobile,
+        display_name=account.display_name,
+        auth_status=account.auth_status,  # type: ignore[arg-type]
+        is_operator=account.is_operator,
     )
 
 
+@router.get("/me", response_model=MeResponse)
+def me(principal: SelfDep, session: SessionDep) -> MeResponse:
+    return _me_response(_me(session, principal))
+
+
+@router.patch("/me", response_model=MeResponse)
+def update_me(body: MeUpdate, principal: SelfDep, session: SessionDep) -> MeResponse:
+    account = _me(session, principal)
+    before = members.snapshot(account)
+    if body.display_name is not None:
+        account.display_name = body.display_name
+    session.commit()
+    audit.change(principal, "account.profile_changed", subject_id=account.id, before=before,
+                 after=members.snapshot(account), severity="info")
+    return _me_response(account)
+
+
+@router.post("/me/password", status_code=204)
+def change_password(
+    body: PasswordChange, principal: SelfDep, session: SessionDep
+) -> Response:
+    """Other sessions of the account end; this one stays."""
+    account = _me(session, principal)
+    auth.change_password(
+        session,
+        account,
+        body.current_password.get_secret_value(),
+        body.new_password.get_secret_value(),
+        keep_session_id=principal.session_id,
+    )
+    session.commit()
+    audit.event(principal, "account.password_changed", "medium", subject_id=account.id)
+    return Response(status_code=204)
+
+
+@router.post("/me/totp", response_model=TotpEnrolment)
+def totp_enrol(principal: SelfDep, session: SessionDep, state: StateDep) -> TotpEnrolment:
+    """Start enrolling a TOTP second factor; confirm with a code to turn it on."""
+    secret, uri = auth.totp_enrol(session, state.secrets, _me(session, principal))
+    session.commit()
+    audit.event(principal, "account.totp_enrolment_started", "info",
+                subject_id=principal.account_id)
+    return TotpEnrolment(secret=secret, otpauth_uri=uri)
+
+
+@router.post("/me/totp/confirm", response_model=MeResponse)
+def totp_confirm(
+    body: TotpCodeBody, principal: SelfDep, session: SessionDep, state: StateDep
+) -> MeResponse:
+    account = _me(session, principal)
+    auth.totp_confirm(session, state.secrets, account, body.code)
+    session.commit()
+    audit.change(principal, "account.totp_enabled", subject_id=account.id,
+                 before={"auth_status": "password"}, after={"auth_status": "totp"})
+    return _me_response(account)
+
+
+@router.post("/me/totp/disable", response_model=MeResponse)
+def totp_disable(
+    body: TotpCodeBody, principal: SelfDep, session: SessionDep, state: StateDep
+) -> MeResponse:
+    account = _me(session, principal)
+    auth.totp_disable(session, state.secrets, account, body.code)
+    session.commit()
+    audit.change(principal, "account.totp_disabled", subject_id=account.id,
+                 before={"auth_status": "totp"}, after={"auth_status": "password"},
+                 severity="high")
+    return _me_response(account)
+
+
+# -- organizations ----------------------------------------------------------------------------
+
+
 @router.get("/org", response_model=OrgResponse)
-def get_own_org(principal: PrincipalDep, session: SessionDep) -> OrgResponse:
+def get_own_org(principal: OrgReadDep, session: SessionDep) -> OrgResponse:
     return OrgResponse.model_validate(service.get_org(session, principal.org_id))
 
 
+@router.patch("/org", response_model=OrgResponse)
+def update_own_org(body: OrgUpdate, principal: OrgWriteDep, session: SessionDep) -> OrgResponse:
+    org = service.get_org(session, principal.org_id)
+    before = {"name": org.name}
+    if body.name is not None:
+        org.name = body.name
+    session.commit()
+    audit.change(principal, "admin.org_changed", subject_id=org.id, before=before,
+                 after={"name": org.name}, severity="info")
+    return OrgResponse.model_validate(org)
+
+
+@router.get("/orgs", response_model=OrgList)
+def list_orgs(_: OrgsManageDep, session: SessionDep) -> OrgList:
+    """Every organization (operators)."""
+    return OrgList(data=[OrgResponse.model_validate(o) for o in service.list_orgs(session)])
+
+
+@router.post("/orgs", response_model=OrgCreated, status_code=201)
+def create_org(
+    body: OrgCreate, principal: OrgsManageDep, session: SessionDep, state: StateDep
+) -> OrgCreated:
+    """A new organization and its first owner (invited unless a password is given)."""
+    org = service.create_org(session, body.name)
+    owner = body.owner.model_copy(update={"role": "owner"})
+    account, token = members.create(
+        session, state.secrets, principal, org.id,
+        role="owner",
+        login_name=owner.login_name,
+        email=owner.email,
+        mobile=owner.mobile,
+        display_name=owner.display_name,
+        password=owner.password.get_secret_value() if owner.password else None,
+    )
+    session.commit()
+    state.config_changed()
+    audit.event(principal, "admin.org_created", "medium", subject_id=org.id, org_id=org.id)
+    return OrgCreated(
+        **OrgResponse.model_validate(org).model_dump(),
+        owner=_created(account, token),
+    )
+
+
 @router.get("/orgs/{org_id}", response_model=OrgResponse)
-def get_org(org_id: str, principal: PrincipalDep, session: SessionDep) -> OrgResponse:
-    # Another org's id answers exactly like an unknown one.
-    if org_id != principal.org_id:
+def get_org(org_id: str, principal: OrgReadDep, session: SessionDep) -> OrgResponse:
+    # Another org's id answers exactly like an unknown one (operators see every org).
+    if org_id != principal.org_id and not principal.is_operator:
         raise NotFound("Organization not found.")
     return OrgResponse.model_validate(service.get_org(session, org_id))
+
+
+@router.patch("/orgs/{org_id}", response_model=OrgResponse)
+def update_org(
+    org_id: str, body: OrgAdminUpdate, principal: OrgsManageDep, session: SessionDep,
+    state: StateDep,
+) -> OrgResponse:
+    """Rename, disable or re-enable any organization (operators). A disabled org's keys
+    are refused by the gateway within a second and its accounts cannot sign in."""
+    org = service.get_org(session, org_id)
+    before = {"name": org.name, "status": org.status}
+    if body.name is not None:
+        org.name = body.name
+    if body.status is not None and body.status != org.status:
+        org.status = body.status
+        from onetoken.db.session import bump_revision
+
+        bump_revision(session)
+    session.commit()
+    state.config_changed()
+    audit.change(principal, "admin.org_changed", subject_id=org.id, org_id=org.id,
+                 before=before, after={"name": org.name, "status": org.status}, severity="high")
+    return OrgResponse.model_validate(org)
+
+
+# -- an org's accounts ------------------------------------------------------------------------
+
+
+def _target_org(principal: Principal, org_id: str | None) -> str:
+    if org_id is None or org_id == principal.org_id:
+        return principal.org_id
+    if principal.is_operator:
+        return org_id
+    raise NotFound("Organization not found.")
+
+
+def _created(account: Account, token: str | None) -> AccountCreated:
+    return AccountCreated(
+        **AccountResponse.model_validate(account).model_dump(),
+        invite_token=token,
+        invite_expires_at=account.invite_expires_at if token else None,
+    )
+
+
+@router.get("/accounts", response_model=AccountList)
+def list_accounts(
+    principal: MembersReadDep,
+    session: SessionDep,
+    org_id: Annotated[str | None, Query(max_length=32)] = None,
+) -> AccountList:
+    """The org's accounts (operators may name another org with `org_id`)."""
+    target = _target_org(principal, org_id)
+    return AccountList(
+        data=[AccountResponse.model_validate(a) for a in members.list_accounts(session, target)]
+    )
+
+
+@router.post("/accounts", response_model=AccountCreated, status_code=201)
+def create_account(
+    body: AccountCreate, principal: MembersWriteDep, session: SessionDep, state: StateDep
+) -> AccountCreated:
+    account, token = members.create(
+        session, state.secrets, principal, principal.org_id,
+        role=body.role,
+        login_name=body.login_name,
+        email=body.email,
+        mobile=body.mobile,
+        display_name=body.display_name,
+        password=body.password.get_secret_value() if body.password else None,
+    )
+    session.commit()
+    return _created(account, token)
+
+
+@router.get("/accounts/{account_id}", response_model=AccountResponse)
+def get_account(account_id: str, principal: MembersReadDep, session: SessionDep) -> AccountResponse:
+    return AccountResponse.model_validate(
+        members.get_account(session, principal.org_id, account_id)
+    )
+
+
+@router.patch("/accounts/{account_id}", response_model=AccountResponse)
+def update_account(
+    account_id: str, body: AccountUpdate, principal: MembersWriteDep, session: SessionDep
+) -> AccountResponse:
+    changes = body.model_dump(include=body.model_fields_set)
+    account = members.update(session, principal, principal.org_id, account_id, changes)
+    session.commit()
+    return AccountResponse.model_validate(account)
+
+
+@router.post("/accounts/{account_id}/disable", response_model=AccountResponse)
+def disable_account(
+    account_id: str, principal: MembersWriteDep, session: SessionDep
+) -> AccountResponse:
+    """Signs the account out everywhere; its API keys keep working until revoked."""
+    account = members.set_status(session, principal, principal.org_id, account_id, "disabled")
+    session.commit()
+    return AccountResponse.model_validate(account)
+
+
+@router.post("/accounts/{account_id}/enable", response_model=AccountResponse)
+def enable_account(
+    account_id: str, principal: MembersWriteDep, session: SessionDep
+) -> AccountResponse:
+    account = members.set_status(session, principal, principal.org_id, account_id, "active")
+    session.commit()
+    return AccountResponse.model_validate(account)
+
+
+@router.post("/accounts/{account_id}/totp/reset", response_model=AccountResponse)
+def reset_totp(
+    account_id: str, principal: MembersWriteDep, session: SessionDep
+) -> AccountResponse:
+    account = members.reset_second_factor(session, principal, principal.org_id, account_id)
+    session.commit()
+    return AccountResponse.model_validate(account)

@@ -1,18 +1,42 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
+from pydantic_core import PydanticCustomError
 
 Role = Literal["owner", "admin", "developer", "billing", "viewer"]
+AccountStatus = Literal["active", "disabled"]
+AuthStatus = Literal["invited", "password", "totp"]
+
+DisplayName = Annotated[str, StringConstraints(strip_whitespace=True, max_length=100)]
+OrgName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=254)]
+TotpCode = Annotated[str, StringConstraints(min_length=6, max_length=8, pattern=r"^[0-9 ]+$")]
 
 
 class LoginRequest(BaseModel):
+    """`login` is the login name, email or mobile number (`email` is accepted for it)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    email: str = Field(min_length=3, max_length=254)
-    password: str = Field(min_length=1, max_length=1024)
+    login: Identifier | None = None
+    email: Identifier | None = None
+    password: SecretStr = Field(min_length=1, max_length=1024)
+    totp_code: TotpCode | None = None
+
+    @model_validator(mode="after")
+    def _one_identifier(self) -> LoginRequest:
+        if (self.login is None) == (self.email is None):
+            raise PydanticCustomError(
+                "onetoken_identifier", "Give exactly one of login or email."
+            )
+        return self
+
+    @property
+    def identifier(self) -> str:
+        return self.login if self.login is not None else (self.email or "")
 
 
 class TokenResponse(BaseModel):
@@ -21,11 +45,52 @@ class TokenResponse(BaseModel):
     expires_at: datetime
 
 
+class ConsoleSessionResponse(BaseModel):
+    csrf_token: str = Field(description="Send it back in X-CSRF-Token on unsafe requests.")
+    expires_at: datetime
+
+
 class MeResponse(BaseModel):
     id: str
     email: str
     role: Role
     org_id: str
+    login_name: str
+    mobile: str | None
+    display_name: str
+    auth_status: AuthStatus
+    is_operator: bool
+
+
+class MeUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    display_name: DisplayName | None = None
+
+
+class PasswordChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    current_password: SecretStr = Field(min_length=1, max_length=1024)
+    new_password: SecretStr = Field(min_length=1, max_length=1024)
+
+
+class InviteAccept(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: SecretStr = Field(min_length=1, max_length=256)
+    password: SecretStr = Field(min_length=1, max_length=1024)
+
+
+class TotpEnrolment(BaseModel):
+    secret: str = Field(description="Base32 secret for the authenticator app; shown once.")
+    otpauth_uri: str
+
+
+class TotpCodeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    code: TotpCode
 
 
 class OrgResponse(BaseModel):
@@ -35,3 +100,84 @@ class OrgResponse(BaseModel):
     name: str
     status: Literal["active", "disabled"]
     created_at: datetime
+
+
+class OrgList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OrgResponse]
+
+
+class OrgUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: OrgName | None = None
+
+
+class OrgAdminUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: OrgName | None = None
+    status: Literal["active", "disabled"] | None = None
+
+
+class AccountCreate(BaseModel):
+    """Without `password` the account is invited: the response carries a one-time invite
+    token for POST /auth/accept-invite."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    login_name: Identifier | None = None
+    email: Identifier | None = None
+    mobile: Annotated[str, StringConstraints(max_length=32)] | None = None
+    display_name: DisplayName = ""
+    role: Role
+    password: SecretStr | None = Field(default=None, max_length=1024)
+
+
+class OrgCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: OrgName
+    owner: AccountCreate
+
+
+class AccountResponse(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    org_id: str
+    login_name: str
+    email: str | None
+    mobile: str | None
+    display_name: str
+    role: Role
+    status: AccountStatus
+    auth_status: AuthStatus
+    is_operator: bool
+    last_login_at: datetime | None
+    created_at: datetime
+
+
+class AccountCreated(AccountResponse):
+    invite_token: str | None = Field(
+        default=None, description="Only for invited accounts; shown only in this response."
+    )
+    invite_expires_at: datetime | None = None
+
+
+class OrgCreated(OrgResponse):
+    owner: AccountCreated
+
+
+class AccountList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AccountResponse]
+
+
+class AccountUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Role | None = None
+    display_name: DisplayName | None = None
+    email: Identifier | None = None
+    mobile: Annotated[str, StringConstraints(max_length=32)] | None = None

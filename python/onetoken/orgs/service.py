@@ -1,34 +1,42 @@
-"""Orgs, accounts, admin sessions and the first-run bootstrap."""
+"""Orgs, accounts and the first-run bootstrap."""
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from onetoken.db.models import Account, AdminSession, Org, new_id, utcnow
+from onetoken.db.models import Account, Org, new_id, utcnow
 from onetoken.db.session import bump_revision
-from onetoken.deps import Principal
-from onetoken.kit.crypto import (
-    Secrets,
-    generate_password,
-    generate_session_token,
-    hash_password,
-    verify_password,
-)
-from onetoken.kit.errors import Conflict, NotFound, Unauthorized
+from onetoken.kit.crypto import Secrets, generate_password, hash_password
+from onetoken.kit.errors import Conflict, NotFound, Unprocessable
 
 log = logging.getLogger("onetoken.orgs")
 
 BOOTSTRAP_ORG_NAME = "Default"
 BOOTSTRAP_EMAIL = "admin@onetoken.local"
+BOOTSTRAP_LOGIN = "admin"
+INVITE_TTL = timedelta(days=7)
+
+_LOGIN_NAME_RE = re.compile(r"^[a-z0-9+][a-z0-9._@+-]{1,63}$")
+_MOBILE_RE = re.compile(r"^\+?[0-9]{6,20}$")
 
 
 def normalize_email(email: str) -> str:
     return email.strip().lower()
+
+
+def normalize_login(identifier: str) -> str:
+    return identifier.strip().lower()
+
+
+def normalize_mobile(mobile: str) -> str:
+    return re.sub(r"[\s()-]", "", mobile.strip())
 
 
 def create_org(session: Session, name: str) -> Org:
@@ -39,21 +47,102 @@ def create_org(session: Session, name: str) -> Org:
     return org
 
 
-def create_account(session: Session, org_id: str, email: str, password: str, role: str) -> Account:
-    email = normalize_email(email)
-    if session.scalar(select(Account.id).where(Account.email == email)) is not None:
-        raise Conflict("An account with this email already exists.", param="email")
+def list_orgs(session: Session) -> list[Org]:
+    return list(session.scalars(select(Org).order_by(Org.created_at, Org.id)))
+
+
+def _check_unique(
+    session: Session, login_name: str, email: str | None, mobile: str | None, exclude: str = ""
+) -> None:
+    # One message per field, and never the value: a conflict must not echo what was sent.
+    checks: list[tuple[str, Any, str]] = [("login_name", Account.login_name, login_name)]
+    if email is not None:
+        checks.append(("email", Account.email, email))
+    if mobile is not None:
+        checks.append(("mobile", Account.mobile, mobile))
+    for param, column, value in checks:
+        found = session.scalar(select(Account.id).where(column == value, Account.id != exclude))
+        if found is not None:
+            raise Conflict(f"An account with this {param.replace('_', ' ')} already exists.",
+                           param=param)
+    # An identifier of one kind must not equal another account's identifier of another
+    # kind either: sign-in accepts any of them.
+    for value in {v for v in (login_name, email, mobile) if v}:
+        clash = session.scalar(
+            select(Account.id).where(
+                or_(Account.login_name == value, Account.email == value, Account.mobile == value),
+                Account.id != exclude,
+            )
+        )
+        if clash is not None:
+            raise Conflict("This sign-in identifier is already in use.", param="login_name")
+
+
+def validate_identifiers(
+    login_name: str | None, email: str | None, mobile: str | None
+) -> tuple[str, str | None, str | None]:
+    email = normalize_email(email) if email else None
+    mobile = normalize_mobile(mobile) if mobile else None
+    if email is not None and ("@" not in email or len(email) > 254 or " " in email):
+        raise Unprocessable("Not an email address.", param="email")
+    if mobile is not None and not _MOBILE_RE.match(mobile):
+        raise Unprocessable("Not a mobile number (digits, optionally with a leading +).",
+                            param="mobile")
+    login = normalize_login(login_name) if login_name else (email or mobile)
+    if login is None:
+        raise Unprocessable("A login name, email or mobile number is required.",
+                            param="login_name")
+    if not _LOGIN_NAME_RE.match(login):
+        raise Unprocessable(
+            "Login names are 2-64 characters: lowercase letters, digits and . _ @ + -",
+            param="login_name",
+        )
+    return login, email, mobile
+
+
+def create_account(
+    session: Session,
+    org_id: str,
+    email: str | None,
+    password: str | None,
+    role: str,
+    *,
+    login_name: str | None = None,
+    mobile: str | None = None,
+    display_name: str = "",
+    is_operator: bool = False,
+) -> Account:
+    """An active account with a password, or an invited one (`password=None`) that sets
+    its password with the invite token from `issue_invite`."""
+    login, email_n, mobile_n = validate_identifiers(login_name, email, mobile)
+    _check_unique(session, login, email_n, mobile_n)
     account = Account(
         id=new_id("acc"),
         org_id=org_id,
-        email=email,
-        password_hash=hash_password(password),
+        login_name=login,
+        email=email_n,
+        mobile=mobile_n,
+        display_name=display_name,
+        password_hash=hash_password(password) if password is not None else None,
         role=role,
         status="active",
+        auth_status="password" if password is not None else "invited",
+        is_operator=is_operator,
     )
     session.add(account)
     session.flush()
     return account
+
+
+def issue_invite(session: Session, secrets: Secrets, account: Account) -> tuple[str, datetime]:
+    """A one-time invite token (returned once, stored as a keyed hash)."""
+    from onetoken.kit.crypto import generate_session_token
+
+    token = "oti_" + generate_session_token().removeprefix("ots_")
+    account.invite_token_hash = secrets.hash_session_token(token)
+    account.invite_expires_at = utcnow() + INVITE_TTL
+    session.flush()
+    return token, account.invite_expires_at
 
 
 def get_org(session: Session, org_id: str) -> Org:
@@ -80,56 +169,17 @@ def org_owner(session: Session, org_id: str) -> Account | None:
     ).first()
 
 
-def login(
-    session: Session, secrets: Secrets, email: str, password: str, ttl: timedelta
-) -> tuple[str, AdminSession]:
-    account = session.scalars(
-        select(Account).where(Account.email == normalize_email(email))
-    ).one_or_none()
-    ok = verify_password(account.password_hash if account else None, password)
-    if account is None or not ok or account.status != "active":
-        log.info("auth.login_failed")
-        raise Unauthorized("Invalid email or password.", code="invalid_credentials")
-    token = generate_session_token()
-    now = utcnow()
-    record = AdminSession(
-        id=new_id("ses"),
-        account_id=account.id,
-        token_hash=secrets.hash_session_token(token),
-        created_at=now,
-        expires_at=now + ttl,
-    )
-    session.add(record)
-    # Expired sessions are swept here rather than by a scheduler.
-    session.execute(delete(AdminSession).where(AdminSession.expires_at < now))
-    session.commit()
-    log.info("auth.login", extra={"account_id": account.id, "org_id": account.org_id})
-    return token, record
-
-
-def logout(session: Session, secrets: Secrets, token: str) -> None:
-    session.execute(
-        delete(AdminSession).where(AdminSession.token_hash == secrets.hash_session_token(token))
-    )
-    session.commit()
-
-
-def resolve_session(session: Session, secrets: Secrets, token: str) -> Principal | None:
-    if not token.startswith("ots_") or len(token) > 128:
+def find_account(session: Session, identifier: str) -> Account | None:
+    """The account signing in with `identifier`: its login name, email or mobile number."""
+    value = normalize_login(identifier)
+    if not value or len(value) > 254:
         return None
-    row = session.execute(
-        select(AdminSession, Account)
-        .join(Account, Account.id == AdminSession.account_id)
-        .where(AdminSession.token_hash == secrets.hash_session_token(token))
-    ).one_or_none()
-    if row is None:
-        return None
-    admin_session, account = row
-    if admin_session.expires_at <= utcnow() or account.status != "active":
-        return None
-    return Principal(
-        account_id=account.id, org_id=account.org_id, role=account.role, email=account.email
-    )
+    mobile = normalize_mobile(identifier)
+    return session.scalars(
+        select(Account).where(
+            or_(Account.login_name == value, Account.email == value, Account.mobile == mobile)
+        )
+    ).first()
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +193,8 @@ class BootstrapResult:
 
 
 def bootstrap(session: Session, secrets: Secrets) -> BootstrapResult:
-    """Create the first org, its owner and one API key, unless an org already exists.
+    """Create the first org, its owner (the platform operator) and one API key, unless
+    an org already exists.
 
     Secrets are returned only when created, and only to the caller: never stored in
     plaintext.
@@ -157,14 +208,23 @@ def bootstrap(session: Session, secrets: Secrets) -> BootstrapResult:
         return BootstrapResult(
             created=False,
             org_id=org.id,
-            admin_email=owner.email if owner else "",
+            admin_email=(owner.email or owner.login_name) if owner else "",
             admin_password=None,
             api_key=None,
             key_id=None,
         )
     org = create_org(session, BOOTSTRAP_ORG_NAME)
     password = generate_password()
-    owner = create_account(session, org.id, BOOTSTRAP_EMAIL, password, "owner")
+    owner = create_account(
+        session,
+        org.id,
+        BOOTSTRAP_EMAIL,
+        password,
+        "owner",
+        login_name=BOOTSTRAP_LOGIN,
+        display_name="Operator",
+        is_operator=True,
+    )
     key, plaintext = keys_service.create_key(
         session, secrets, org_id=org.id, created_by=owner.id, name="bootstrap"
     )
@@ -173,7 +233,7 @@ def bootstrap(session: Session, secrets: Secrets) -> BootstrapResult:
     return BootstrapResult(
         created=True,
         org_id=org.id,
-        admin_email=owner.email,
+        admin_email=BOOTSTRAP_EMAIL,
         admin_password=password,
         api_key=plaintext,
         key_id=key.id,

@@ -1,22 +1,62 @@
+"""Providers, deployments, presets, routes, routing, org policies, rate limits and guard.
+
+Who may do what (permissions of onetoken.security.permissions): an org reads its private
+entries and the platform catalog, and its writers change its private entries, its policy,
+its guard and its keys' policies. Operators (`accounts.is_operator`) also manage the
+platform catalog, platform routes, the routing settings and every org's rate limits,
+and may read and set any org's settings. Another org's private entries and settings
+answer 404, exactly like missing ones.
+"""
+
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
 
-from onetoken.db.models import Provider
-from onetoken.deps import PrincipalDep, SessionDep, StateDep, WriterDep
+from fastapi import APIRouter, Depends, Response
+from sqlalchemy.orm import Session
+
+from onetoken.db.models import Model, Provider
+from onetoken.deps import Principal, SessionDep, StateDep
+from onetoken.kit.errors import Forbidden, NotFound
+from onetoken.orgs import service as orgs_service
+from onetoken.providers import gateway_service as gw
 from onetoken.providers import service
+from onetoken.providers.gateway_schemas import (
+    Guard,
+    OrgLimits,
+    Policy,
+    RouteCreate,
+    RouteList,
+    RouteResponse,
+    RouteUpdate,
+    Routing,
+)
+from onetoken.providers.presets import PRESETS
 from onetoken.providers.schemas import (
     ModelCreate,
     ModelList,
     ModelResponse,
     ModelUpdate,
+    PresetList,
+    PresetResponse,
     ProviderCreate,
     ProviderList,
     ProviderResponse,
     ProviderUpdate,
 )
+from onetoken.providers.tables import Route
+from onetoken.security.permissions import require
 
 router = APIRouter(tags=["providers"])
+
+ProvidersRead = Annotated[Principal, Depends(require("providers.read"))]
+ProvidersWrite = Annotated[Principal, Depends(require("providers.write"))]
+ModelsRead = Annotated[Principal, Depends(require("models.read"))]
+ModelsWrite = Annotated[Principal, Depends(require("models.write"))]
+OrgRead = Annotated[Principal, Depends(require("org.read"))]
+OrgWrite = Annotated[Principal, Depends(require("org.write"))]
+# Org-wide rate limits are the operator's commercial terms (orgs narrow per key instead).
+OrgsManage = Annotated[Principal, Depends(require("orgs.manage"))]
 
 
 def _provider_out(p: Provider) -> ProviderResponse:
@@ -24,32 +64,88 @@ def _provider_out(p: Provider) -> ProviderResponse:
     return ProviderResponse(
         id=p.id,
         org_id=p.org_id,
+        scope=service.scope_of(p.org_id),  # type: ignore[arg-type]
         name=p.name,
+        preset=p.preset,
         protocol=p.protocol,  # type: ignore[arg-type]
         base_url=p.base_url,
         has_api_key=p.api_key_encrypted is not None,
+        credential_env=p.credential_env,
         connect_timeout_ms=p.connect_timeout_ms,
         first_byte_timeout_ms=p.first_byte_timeout_ms,
         idle_timeout_ms=p.idle_timeout_ms,
+        api_version=p.api_version,
+        vendor=p.vendor,
+        region=p.region,
+        retains_content=p.retains_content,
+        trains_on_data=p.trains_on_data,
+        zero_retention=p.zero_retention,
+        tags=list(p.tags or []),
+        max_concurrency=p.max_concurrency,
+        managed_by=p.managed_by,  # type: ignore[arg-type]
         created_at=p.created_at,
     )
 
 
+def _model_out(m: Model) -> ModelResponse:
+    return ModelResponse.model_validate(
+        {
+            **{c: getattr(m, c) for c in ModelResponse.model_fields if c != "scope"},
+            "scope": service.scope_of(m.org_id),
+        }
+    )
+
+
+def _route_out(r: Route) -> RouteResponse:
+    return RouteResponse(
+        id=r.id,
+        org_id=r.org_id,
+        scope=service.scope_of(r.org_id),  # type: ignore[arg-type]
+        name=r.name,
+        strategy=r.strategy,  # type: ignore[arg-type]
+        aliases=list(r.aliases or []),
+        managed_by=r.managed_by,  # type: ignore[arg-type]
+    )
+
+
+def require_operator(principal: Principal) -> None:
+    if not principal.is_operator:
+        raise Forbidden("Only operators manage the platform catalog.")
+
+
+def _owner_for_write(principal: Principal, owner: str | None) -> str | None:
+    """The scope a writer acts in; the platform scope needs an operator."""
+    if owner is None:
+        require_operator(principal)
+    return owner
+
+
+def _scope_owner(principal: Principal, scope: str) -> str | None:
+    return _owner_for_write(principal, None if scope == "platform" else principal.org_id)
+
+
+# -- providers ---------------------------------------------------------------------------
+
+
+@router.get("/provider-presets", response_model=PresetList)
+def list_presets(_: ProvidersRead) -> PresetList:
+    return PresetList(data=[PresetResponse(**p.as_dict()) for p in PRESETS.values()])
+
+
 @router.post("/providers", response_model=ProviderResponse, status_code=201)
 def create_provider(
-    body: ProviderCreate, principal: WriterDep, session: SessionDep, state: StateDep
+    body: ProviderCreate, principal: ProvidersWrite, session: SessionDep, state: StateDep
 ) -> ProviderResponse:
+    owner = _scope_owner(principal, body.scope)
+    fields = body.model_dump(exclude={"scope", "api_key", "name", "preset"}, exclude_none=True)
     provider = service.create_provider(
         session,
         state.secrets,
-        principal.org_id,
+        owner,
         name=body.name,
-        protocol=body.protocol,
-        base_url=body.base_url,
+        preset=body.preset,
         api_key=body.api_key.get_secret_value() if body.api_key else None,
-        connect_timeout_ms=body.connect_timeout_ms,
-        first_byte_timeout_ms=body.first_byte_timeout_ms,
-        idle_timeout_ms=body.idle_timeout_ms,
+        **fields,
     )
     session.commit()
     state.config_changed()
@@ -57,7 +153,7 @@ def create_provider(
 
 
 @router.get("/providers", response_model=ProviderList)
-def list_providers(principal: PrincipalDep, session: SessionDep) -> ProviderList:
+def list_providers(principal: ProvidersRead, session: SessionDep) -> ProviderList:
     return ProviderList(
         data=[_provider_out(p) for p in service.list_providers(session, principal.org_id)]
     )
@@ -65,25 +161,25 @@ def list_providers(principal: PrincipalDep, session: SessionDep) -> ProviderList
 
 @router.get("/providers/{provider_id}", response_model=ProviderResponse)
 def get_provider(
-    provider_id: str, principal: PrincipalDep, session: SessionDep
+    provider_id: str, principal: ProvidersRead, session: SessionDep
 ) -> ProviderResponse:
-    return _provider_out(service.get_provider(session, principal.org_id, provider_id))
+    return _provider_out(service.get_visible_provider(session, principal.org_id, provider_id))
 
 
 @router.patch("/providers/{provider_id}", response_model=ProviderResponse)
 def update_provider(
     provider_id: str,
     body: ProviderUpdate,
-    principal: WriterDep,
+    principal: ProvidersWrite,
     session: SessionDep,
     state: StateDep,
 ) -> ProviderResponse:
+    current = service.get_visible_provider(session, principal.org_id, provider_id)
+    owner = _owner_for_write(principal, current.org_id)
     changes = {f: getattr(body, f) for f in body.model_fields_set}
     if "api_key" in changes and changes["api_key"] is not None:
         changes["api_key"] = changes["api_key"].get_secret_value()
-    provider = service.update_provider(
-        session, state.secrets, principal.org_id, provider_id, changes
-    )
+    provider = service.update_provider(session, state.secrets, owner, provider_id, changes)
     session.commit()
     state.config_changed()
     return _provider_out(provider)
@@ -91,54 +187,199 @@ def update_provider(
 
 @router.delete("/providers/{provider_id}", status_code=204)
 def delete_provider(
-    provider_id: str, principal: WriterDep, session: SessionDep, state: StateDep
+    provider_id: str, principal: ProvidersWrite, session: SessionDep, state: StateDep
 ) -> Response:
-    service.delete_provider(session, principal.org_id, provider_id)
+    current = service.get_visible_provider(session, principal.org_id, provider_id)
+    owner = _owner_for_write(principal, current.org_id)
+    service.delete_provider(session, owner, provider_id)
     session.commit()
     state.config_changed()
     return Response(status_code=204)
+
+
+# -- deployments -------------------------------------------------------------------------
 
 
 @router.post("/models", response_model=ModelResponse, status_code=201)
 def create_model(
-    body: ModelCreate, principal: WriterDep, session: SessionDep, state: StateDep
+    body: ModelCreate, principal: ModelsWrite, session: SessionDep, state: StateDep
 ) -> ModelResponse:
-    model = service.create_model(session, principal.org_id, **body.model_dump())
+    provider = service.get_visible_provider(session, principal.org_id, body.provider_id)
+    owner = _owner_for_write(principal, provider.org_id)
+    model = service.create_model(session, owner, **body.model_dump())
     session.commit()
     state.config_changed()
-    return ModelResponse.model_validate(model)
+    return _model_out(model)
 
 
 @router.get("/models", response_model=ModelList)
-def list_models(principal: PrincipalDep, session: SessionDep) -> ModelList:
-    return ModelList(
-        data=[
-            ModelResponse.model_validate(m) for m in service.list_models(session, principal.org_id)
-        ]
-    )
+def list_models(principal: ModelsRead, session: SessionDep) -> ModelList:
+    return ModelList(data=[_model_out(m) for m in service.list_models(session, principal.org_id)])
 
 
 @router.get("/models/{model_id}", response_model=ModelResponse)
-def get_model(model_id: str, principal: PrincipalDep, session: SessionDep) -> ModelResponse:
-    return ModelResponse.model_validate(service.get_model(session, principal.org_id, model_id))
+def get_model(model_id: str, principal: ModelsRead, session: SessionDep) -> ModelResponse:
+    return _model_out(service.get_visible_model(session, principal.org_id, model_id))
 
 
 @router.patch("/models/{model_id}", response_model=ModelResponse)
 def update_model(
-    model_id: str, body: ModelUpdate, principal: WriterDep, session: SessionDep, state: StateDep
+    model_id: str, body: ModelUpdate, principal: ModelsWrite, session: SessionDep, state: StateDep
 ) -> ModelResponse:
+    current = service.get_visible_model(session, principal.org_id, model_id)
+    owner = _owner_for_write(principal, current.org_id)
     changes = body.model_dump(include=body.model_fields_set)
-    model = service.update_model(session, principal.org_id, model_id, changes)
+    model = service.update_model(session, owner, model_id, changes)
     session.commit()
     state.config_changed()
-    return ModelResponse.model_validate(model)
+    return _model_out(model)
 
 
 @router.delete("/models/{model_id}", status_code=204)
 def delete_model(
-    model_id: str, principal: WriterDep, session: SessionDep, state: StateDep
+    model_id: str, principal: ModelsWrite, session: SessionDep, state: StateDep
 ) -> Response:
-    service.delete_model(session, principal.org_id, model_id)
+    current = service.get_visible_model(session, principal.org_id, model_id)
+    owner = _owner_for_write(principal, current.org_id)
+    service.delete_model(session, owner, model_id)
     session.commit()
     state.config_changed()
     return Response(status_code=204)
+
+
+# -- routes and routing ------------------------------------------------------------------
+
+
+@router.post("/routes", response_model=RouteResponse, status_code=201)
+def create_route(
+    body: RouteCreate, principal: ModelsWrite, session: SessionDep, state: StateDep
+) -> RouteResponse:
+    owner = _scope_owner(principal, body.scope)
+    route = gw.create_route(
+        session, owner, name=body.name, strategy=body.strategy, aliases=body.aliases
+    )
+    session.commit()
+    state.config_changed()
+    return _route_out(route)
+
+
+@router.get("/routes", response_model=RouteList)
+def list_routes(principal: ModelsRead, session: SessionDep) -> RouteList:
+    return RouteList(data=[_route_out(r) for r in gw.list_routes(session, principal.org_id)])
+
+
+@router.get("/routes/{route_id}", response_model=RouteResponse)
+def get_route(route_id: str, principal: ModelsRead, session: SessionDep) -> RouteResponse:
+    return _route_out(gw.get_visible_route(session, principal.org_id, route_id))
+
+
+@router.patch("/routes/{route_id}", response_model=RouteResponse)
+def update_route(
+    route_id: str, body: RouteUpdate, principal: ModelsWrite, session: SessionDep, state: StateDep
+) -> RouteResponse:
+    current = gw.get_visible_route(session, principal.org_id, route_id)
+    owner = _owner_for_write(principal, current.org_id)
+    changes = body.model_dump(include=body.model_fields_set)
+    route = gw.update_route(session, owner, route_id, changes)
+    session.commit()
+    state.config_changed()
+    return _route_out(route)
+
+
+@router.delete("/routes/{route_id}", status_code=204)
+def delete_route(
+    route_id: str, principal: ModelsWrite, session: SessionDep, state: StateDep
+) -> Response:
+    current = gw.get_visible_route(session, principal.org_id, route_id)
+    owner = _owner_for_write(principal, current.org_id)
+    gw.delete_route(session, owner, route_id)
+    session.commit()
+    state.config_changed()
+    return Response(status_code=204)
+
+
+@router.get("/routing", response_model=Routing)
+def get_routing(_: ModelsRead, session: SessionDep) -> Routing:
+    return gw.get_routing(session)
+
+
+@router.put("/routing", response_model=Routing)
+def set_routing(
+    body: Routing, principal: ModelsWrite, session: SessionDep, state: StateDep
+) -> Routing:
+    require_operator(principal)
+    routing = gw.set_routing(session, body)
+    session.commit()
+    state.config_changed()
+    return routing
+
+
+# -- per-org settings --------------------------------------------------------------------
+
+
+def _readable_org(session: Session, principal: Principal, org_id: str) -> str:
+    """The org itself or, for an operator, any org (writes also need a write permission)."""
+    if org_id != principal.org_id and not principal.is_operator:
+        raise NotFound("Organization not found.")
+    return orgs_service.get_org(session, org_id).id
+
+
+@router.get("/orgs/{org_id}/policy", response_model=Policy)
+def get_org_policy(org_id: str, principal: OrgRead, session: SessionDep) -> Policy:
+    return gw.get_policy(session, _readable_org(session, principal, org_id))
+
+
+@router.put("/orgs/{org_id}/policy", response_model=Policy)
+def set_org_policy(
+    org_id: str, body: Policy, principal: OrgWrite, session: SessionDep, state: StateDep
+) -> Policy:
+    policy = gw.set_policy(session, _readable_org(session, principal, org_id), body)
+    session.commit()
+    state.config_changed()
+    return policy
+
+
+@router.get("/orgs/{org_id}/guard", response_model=Guard)
+def get_org_guard(org_id: str, principal: OrgRead, session: SessionDep) -> Guard:
+    return gw.get_guard(session, _readable_org(session, principal, org_id))
+
+
+@router.put("/orgs/{org_id}/guard", response_model=Guard)
+def set_org_guard(
+    org_id: str, body: Guard, principal: OrgWrite, session: SessionDep, state: StateDep
+) -> Guard:
+    guard = gw.set_guard(session, _readable_org(session, principal, org_id), body)
+    session.commit()
+    state.config_changed()
+    return guard
+
+
+@router.get("/orgs/{org_id}/limits", response_model=OrgLimits)
+def get_org_limits(org_id: str, principal: OrgRead, session: SessionDep) -> OrgLimits:
+    return gw.get_limits(session, _readable_org(session, principal, org_id))
+
+
+@router.put("/orgs/{org_id}/limits", response_model=OrgLimits)
+def set_org_limits(
+    org_id: str, body: OrgLimits, principal: OrgsManage, session: SessionDep, state: StateDep
+) -> OrgLimits:
+    target = _readable_org(session, principal, org_id)
+    limits = gw.set_limits(session, target, body)
+    session.commit()
+    state.config_changed()
+    return limits
+
+
+@router.get("/keys/{key_id}/policy", response_model=Policy)
+def get_key_policy(key_id: str, principal: OrgRead, session: SessionDep) -> Policy:
+    return gw.get_key_policy(session, principal.org_id, key_id)
+
+
+@router.put("/keys/{key_id}/policy", response_model=Policy)
+def set_key_policy(
+    key_id: str, body: Policy, principal: OrgWrite, session: SessionDep, state: StateDep
+) -> Policy:
+    policy = gw.set_key_policy(session, principal.org_id, key_id, body)
+    session.commit()
+    state.config_changed()
+    return policy

@@ -11,9 +11,26 @@ from pydantic_core import PydanticCustomError
 from onetoken.keys.schemas import ModelName
 from onetoken.kit.money import MoneyIn, MoneyOut
 
-# The engine speaks the OpenAI protocol upstream; others are refused before they are stored.
-Protocol = Literal["openai"]
+Protocol = Literal["openai", "azure", "anthropic", "gemini"]
 ModelKind = Literal["chat", "embedding"]
+# "platform": the shared catalog every org may use (operators only); "org": private.
+Scope = Literal["platform", "org"]
+PresetName = Literal[
+    "openai", "azure-openai", "anthropic", "gemini", "deepseek", "qwen", "moonshot", "zhipu",
+    "doubao", "minimax",
+]
+# Vendor, region and compliance tag values: short lowercase identifiers ("cn-mainland").
+Label = Annotated[
+    str, StringConstraints(min_length=1, max_length=32, pattern=r"^[a-z0-9][a-z0-9._-]*$")
+]
+OptionalLabel = Annotated[
+    str, StringConstraints(max_length=32, pattern=r"^([a-z0-9][a-z0-9._-]*)?$")
+]
+Tags = Annotated[list[Label], Field(max_length=32)]
+ApiVersion = Annotated[
+    str, StringConstraints(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9._-]+$")
+]
+Concurrency = Annotated[int, Field(ge=1, le=1_000_000)]
 ProviderName = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$")
 ]
@@ -56,19 +73,33 @@ Price = MoneyIn
 
 
 class ProviderCreate(BaseModel):
+    """A preset fills in every attribute left out (base URL, protocol, vendor, region,
+    data-processing flags, API version, tags); given fields win."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: ProviderName
-    protocol: Protocol = "openai"
-    base_url: BaseUrl
+    scope: Scope = "org"
+    preset: PresetName | None = None
+    protocol: Protocol | None = None
+    base_url: BaseUrl | None = None
     api_key: ProviderSecret | None = Field(default=None, description="Write-only.")
     connect_timeout_ms: Timeout = 2000
     first_byte_timeout_ms: Timeout = 60000
     idle_timeout_ms: Timeout = 60000
+    api_version: ApiVersion | None = None
+    vendor: OptionalLabel | None = None
+    region: OptionalLabel | None = None
+    retains_content: bool | None = None
+    trains_on_data: bool | None = None
+    zero_retention: bool | None = None
+    tags: Tags | None = None
+    max_concurrency: Concurrency | None = None
 
 
 class ProviderUpdate(BaseModel):
-    """Fields left out are unchanged; `"api_key": null` removes the credential."""
+    """Fields left out are unchanged; `"api_key": null` removes the credential,
+    `"max_concurrency": null` / `"api_version": null` clear those."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -79,20 +110,41 @@ class ProviderUpdate(BaseModel):
     connect_timeout_ms: Timeout | None = None
     first_byte_timeout_ms: Timeout | None = None
     idle_timeout_ms: Timeout | None = None
+    api_version: ApiVersion | None = None
+    vendor: OptionalLabel | None = None
+    region: OptionalLabel | None = None
+    retains_content: bool | None = None
+    trains_on_data: bool | None = None
+    zero_retention: bool | None = None
+    tags: Tags | None = None
+    max_concurrency: Concurrency | None = None
 
 
 class ProviderResponse(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: str
-    org_id: str
+    org_id: str | None
+    scope: Scope
     name: str
+    preset: str | None
     protocol: Protocol
     base_url: str
     has_api_key: bool
+    # The environment variable a declarative file read the credential from, if any.
+    credential_env: str | None
     connect_timeout_ms: int
     first_byte_timeout_ms: int
     idle_timeout_ms: int
+    api_version: str | None
+    vendor: str
+    region: str
+    retains_content: bool
+    trains_on_data: bool
+    zero_retention: bool
+    tags: list[str]
+    max_concurrency: int | None
+    managed_by: Literal["api", "file"]
     created_at: datetime
 
 
@@ -111,8 +163,14 @@ PriceIn = Annotated[MoneyIn, AfterValidator(_non_negative)]
 MaxTokens = Annotated[int, Field(ge=0, le=10_000_000)]
 
 
+Priority = Annotated[int, Field(ge=-1_000_000, le=1_000_000)]
+Weight = Annotated[int, Field(ge=0, le=1_000_000)]
+
+
 class ModelCreate(BaseModel):
-    """Prices are decimal strings in the deployment currency per million tokens."""
+    """One deployment: a public model name served by one provider. Prices are decimal
+    strings in the deployment currency per million tokens (`request_price` per request).
+    The deployment's scope is its provider's."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -124,6 +182,9 @@ class ModelCreate(BaseModel):
     output_price: PriceIn | None = None
     cached_input_price: PriceIn | None = None
     max_output_tokens: MaxTokens | None = None
+    request_price: PriceIn | None = None
+    priority: Priority = 0
+    weight: Weight = 1
 
 
 class ModelUpdate(BaseModel):
@@ -137,13 +198,17 @@ class ModelUpdate(BaseModel):
     output_price: PriceIn | None = None
     cached_input_price: PriceIn | None = None
     max_output_tokens: MaxTokens | None = None
+    request_price: PriceIn | None = None
+    priority: Priority | None = None
+    weight: Weight | None = None
 
 
 class ModelResponse(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: str
-    org_id: str
+    org_id: str | None
+    scope: Scope
     name: str
     kind: ModelKind
     provider_id: str
@@ -151,10 +216,34 @@ class ModelResponse(BaseModel):
     input_price: MoneyOut
     output_price: MoneyOut
     cached_input_price: MoneyOut
+    request_price: MoneyOut
     max_output_tokens: int
+    priority: int
+    weight: int
+    managed_by: Literal["api", "file"]
     created_at: datetime
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelResponse]
+
+
+class PresetResponse(BaseModel):
+    name: str
+    title: str
+    vendor: str
+    protocol: Protocol
+    base_url: str | None
+    region: str
+    retains_content: bool
+    trains_on_data: bool
+    zero_retention: bool
+    api_version: str | None
+    tags: list[str]
+    credential_env: str | None
+
+
+class PresetList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[PresetResponse]

@@ -1,7 +1,11 @@
 //! API key lookup: keys are known only by their HMAC-SHA256 under the server secret.
 
+use std::collections::HashMap;
+
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+
+use crate::snapshot::Key;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -29,6 +33,36 @@ impl KeyHasher {
         let mut mac = self.mac.clone();
         mac.update(key.as_bytes());
         mac.finalize().into_bytes().into()
+    }
+}
+
+/// The hashers of every accepted secret version, the current one first. A key matches
+/// only under the secret version it was hashed with, so a rotated-out secret cannot
+/// authenticate a key issued under the new one.
+pub(crate) struct KeyRing {
+    hashers: Vec<(u32, KeyHasher)>,
+}
+
+impl KeyRing {
+    pub(crate) fn new(secrets: &[(u32, Vec<u8>)]) -> Self {
+        KeyRing {
+            hashers: secrets
+                .iter()
+                .map(|(v, s)| (*v, KeyHasher::new(s)))
+                .collect(),
+        }
+    }
+
+    /// The snapshot key for `raw`: one HMAC per configured secret, at most.
+    pub(crate) fn lookup<'a>(
+        &self,
+        keys: &'a HashMap<[u8; 32], Key>,
+        raw: &str,
+    ) -> Option<&'a Key> {
+        self.hashers.iter().find_map(|(version, hasher)| {
+            keys.get(&hasher.digest(raw))
+                .filter(|k| k.secret_version == *version)
+        })
     }
 }
 

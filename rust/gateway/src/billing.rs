@@ -7,12 +7,34 @@ use parking_lot::Mutex;
 
 /// `ceil(tokens * price / 1_000_000)`, saturating at the i64 range.
 pub fn cost(tokens: u64, price: i64) -> i64 {
-    let product = i128::from(tokens) * i128::from(price);
+    cost_ppm(tokens, price, PPM_ONE)
+}
+
+/// A price factor of 1 (no discount or surcharge), in parts per million.
+pub const PPM_ONE: u32 = 1_000_000;
+
+/// `ceil(tokens * price * factor_ppm / 10^12)`: one part of a cost at an org's price
+/// factor, rounded up once (never the price first and the cost after), saturating at the
+/// i64 range.
+pub fn cost_ppm(tokens: u64, price: i64, factor_ppm: u32) -> i64 {
+    let base = i128::from(tokens) * i128::from(price);
+    let (product, divisor) = if factor_ppm == PPM_ONE {
+        (Some(base), 1_000_000i128)
+    } else {
+        (
+            base.checked_mul(i128::from(factor_ppm)),
+            1_000_000_000_000i128,
+        )
+    };
+    let Some(product) = product else {
+        // Only a product far beyond i64 after division overflows i128.
+        return if base >= 0 { i64::MAX } else { i64::MIN };
+    };
     let rounded = if product >= 0 {
-        (product + 999_999) / 1_000_000
+        (product + divisor - 1) / divisor
     } else {
         // Prices are validated non-negative; floor toward zero keeps a bad one harmless.
-        product / 1_000_000
+        product / divisor
     };
     i64::try_from(rounded).unwrap_or(if rounded > 0 { i64::MAX } else { i64::MIN })
 }
@@ -41,27 +63,124 @@ pub struct Prices {
 
 /// Total cost: uncached input, cached input and output, each rounded up separately.
 pub fn usage_cost(usage: Usage, prices: Prices) -> i64 {
+    usage_cost_at(usage, prices, PPM_ONE)
+}
+
+/// [`usage_cost`] at an org's price factor (parts per million), each part rounded up.
+pub fn usage_cost_at(usage: Usage, prices: Prices, factor_ppm: u32) -> i64 {
     let cached = usage.cached.min(usage.prompt);
-    cost(usage.prompt - cached, prices.input)
-        .saturating_add(cost(cached, prices.cached_input))
-        .saturating_add(cost(usage.completion, prices.output))
+    cost_ppm(usage.prompt - cached, prices.input, factor_ppm)
+        .saturating_add(cost_ppm(cached, prices.cached_input, factor_ppm))
+        .saturating_add(cost_ppm(usage.completion, prices.output, factor_ppm))
 }
 
 /// Upper bound held before forwarding: the prompt estimate at the full input price plus
 /// the largest output the request may produce.
 pub fn reserve_amount(prompt_estimate: u64, max_out: u64, prices: Prices) -> i64 {
-    cost(prompt_estimate, prices.input).saturating_add(cost(max_out, prices.output))
+    reserve_amount_at(prompt_estimate, max_out, prices, PPM_ONE)
 }
 
-#[derive(Debug, Default)]
+/// [`reserve_amount`] at an org's price factor.
+pub fn reserve_amount_at(
+    prompt_estimate: u64,
+    max_out: u64,
+    prices: Prices,
+    factor_ppm: u32,
+) -> i64 {
+    cost_ppm(prompt_estimate, prices.input, factor_ppm).saturating_add(cost_ppm(
+        max_out,
+        prices.output,
+        factor_ppm,
+    ))
+}
+
+/// Spend budgets of a key or org, nano-units (`None` = no budget).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Budgets {
+    /// Per UTC day.
+    pub day: Option<i64>,
+    /// Per UTC month.
+    pub month: Option<i64>,
+}
+
+/// The snapshot's `usage`: spend in the current day and month as the ledger knew it, and
+/// the engine's `spent` counter value already included in it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageMark {
+    /// Days since the Unix epoch (UTC) that `spent_day` is for.
+    pub day: i64,
+    /// `YYYYMM` (UTC) that `spent_month` is for.
+    pub month: i32,
+    /// Ledger spend in `day`.
+    pub spent_day: i64,
+    /// Ledger spend in `month`.
+    pub spent_month: i64,
+    /// The engine `spent` value already counted in the two sums.
+    pub spent_mark: i64,
+}
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReserveRefusal {
+    /// The balance cannot cover it (402).
+    Balance,
+    /// It would exceed the day budget (429).
+    BudgetDay,
+    /// It would exceed the month budget (429).
+    BudgetMonth,
+}
+
+#[derive(Debug)]
 struct Counters {
     spent: i64,
     reserved: i64,
+    /// (day, `spent` when the engine first saw that day) for days the snapshot's usage
+    /// does not cover yet.
+    day_base: (i64, i64),
+    /// The same for months.
+    month_base: (i32, i64),
 }
 
-/// Live money counters of one organization. They survive snapshot swaps (the engine
-/// carries the same `Arc<OrgAccount>` over by org id), so in-flight reservations settle
-/// against the counters they were taken from.
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            spent: 0,
+            reserved: 0,
+            day_base: (i64::MIN, 0),
+            month_base: (i32::MIN, 0),
+        }
+    }
+}
+
+impl Counters {
+    /// Spend in `today`: the ledger's plus the engine's since the mark while the snapshot
+    /// covers today; after a UTC day change, only the engine's own since the change.
+    fn spent_day(&mut self, usage: &UsageMark, today: i64) -> i128 {
+        if usage.day >= today {
+            return i128::from(usage.spent_day) + i128::from(self.spent)
+                - i128::from(usage.spent_mark);
+        }
+        if self.day_base.0 != today {
+            self.day_base = (today, self.spent);
+        }
+        i128::from(self.spent) - i128::from(self.day_base.1)
+    }
+
+    fn spent_month(&mut self, usage: &UsageMark, month: i32) -> i128 {
+        if usage.month >= month {
+            return i128::from(usage.spent_month) + i128::from(self.spent)
+                - i128::from(usage.spent_mark);
+        }
+        if self.month_base.0 != month {
+            self.month_base = (month, self.spent);
+        }
+        i128::from(self.spent) - i128::from(self.month_base.1)
+    }
+}
+
+/// Live money counters of one organization (or of one key, for key budgets). They survive
+/// snapshot swaps (the engine carries the same `Arc<OrgAccount>` over by org id or key
+/// id), so in-flight reservations settle against the counters they were taken from.
 #[derive(Debug, Default)]
 pub struct OrgAccount {
     counters: Mutex<Counters>,
@@ -80,6 +199,42 @@ impl OrgAccount {
         }
         c.reserved = c.reserved.saturating_add(amount);
         true
+    }
+
+    /// Take `amount` if it fits the day and month budgets (spend so far plus what is
+    /// reserved) and, when `balance` is given as `(balance, spent_mark)`, the available
+    /// balance; all checked and taken under one lock.
+    pub fn try_reserve_within(
+        &self,
+        balance: Option<(i64, i64)>,
+        budgets: Budgets,
+        usage: &UsageMark,
+        today: i64,
+        month: i32,
+        amount: i64,
+    ) -> Result<(), ReserveRefusal> {
+        let mut c = self.counters.lock();
+        let wanted = i128::from(c.reserved) + i128::from(amount);
+        if let Some(limit) = budgets.day {
+            if c.spent_day(usage, today) + wanted > i128::from(limit) {
+                return Err(ReserveRefusal::BudgetDay);
+            }
+        }
+        if let Some(limit) = budgets.month {
+            if c.spent_month(usage, month) + wanted > i128::from(limit) {
+                return Err(ReserveRefusal::BudgetMonth);
+            }
+        }
+        if let Some((balance, spent_mark)) = balance {
+            let available = i128::from(balance)
+                - (i128::from(c.spent) - i128::from(spent_mark))
+                - i128::from(c.reserved);
+            if available < i128::from(amount) {
+                return Err(ReserveRefusal::Balance);
+            }
+        }
+        c.reserved = c.reserved.saturating_add(amount);
+        Ok(())
     }
 
     /// Release a reservation and charge the real cost.

@@ -1,6 +1,7 @@
-//! Response bodies: a whole JSON body, or the metered SSE relay that forwards each
-//! complete event as it arrives and emits the call record when the stream ends or is
-//! dropped (client gone, engine stopping).
+//! Response bodies: a whole body, or the metered SSE relay that forwards each complete
+//! event as it arrives. A proxied request's body carries its `RequestLog` and emits the
+//! call record when the body ends or is dropped (client gone, engine stopping), so the
+//! record is never written between the response and the client.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -14,13 +15,17 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::error::{error_event, ApiError};
+use crate::error::ApiError;
+use crate::protocol::StreamRelay;
 use crate::proxy::RequestLog;
-use crate::sse::SseRelay;
+use crate::routing::Permit;
 
 /// Every response the gateway sends.
 pub(crate) enum RespBody {
+    /// A whole body that no call record belongs to (`/healthz`, `/metrics`).
     Full(Option<Bytes>),
+    /// A whole body of a proxied request.
+    Recorded(Box<RecordedBody>),
     Stream(Box<StreamBody>),
 }
 
@@ -40,20 +45,69 @@ impl Body for RespBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match self.get_mut() {
             RespBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RespBody::Recorded(r) => Poll::Ready(match r.body.take() {
+                Some(b) => Some(Ok(Frame::data(b))),
+                None => {
+                    r.end();
+                    None
+                }
+            }),
             RespBody::Stream(s) => s.poll_next(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self, RespBody::Full(None))
+        match self {
+            RespBody::Full(b) => b.is_none(),
+            RespBody::Recorded(r) => r.body.is_none(),
+            RespBody::Stream(_) => false,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
+        let whole = |b: &Option<Bytes>| SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64));
         match self {
-            RespBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            RespBody::Full(None) => SizeHint::with_exact(0),
+            RespBody::Full(b) => whole(b),
+            RespBody::Recorded(r) => whole(&r.body),
             RespBody::Stream(_) => SizeHint::default(),
         }
+    }
+}
+
+/// A whole response body and the record of its request, emitted once the body has been
+/// handed to the connection, or when it is dropped unsent: exactly once either way, with
+/// the status and error the response carries.
+pub(crate) struct RecordedBody {
+    body: Option<Bytes>,
+    status: u16,
+    err: Option<ApiError>,
+    log: RequestLog,
+}
+
+impl RecordedBody {
+    pub(crate) fn new(
+        body: Option<Bytes>,
+        status: u16,
+        err: Option<ApiError>,
+        log: RequestLog,
+    ) -> Self {
+        RecordedBody {
+            body,
+            status,
+            err,
+            log,
+        }
+    }
+
+    fn end(&mut self) {
+        // `finish` runs once; a second call (end, then drop) does nothing.
+        self.log.finish(self.status, self.err);
+    }
+}
+
+impl Drop for RecordedBody {
+    fn drop(&mut self) {
+        self.end();
     }
 }
 
@@ -67,11 +121,13 @@ enum State {
 /// The metered SSE relay of one streamed call.
 pub(crate) struct StreamBody {
     upstream: Incoming,
-    relay: SseRelay,
+    relay: StreamRelay,
     ready: VecDeque<Bytes>,
     idle: Duration,
     idle_timer: Pin<Box<Sleep>>,
     state: State,
+    /// The provider's concurrency slot, held until the stream ends.
+    _permit: Option<Permit>,
     // Declared last so the upstream body is dropped (cancelling the upstream request)
     // before the record is emitted.
     log: RequestLog,
@@ -80,8 +136,9 @@ pub(crate) struct StreamBody {
 impl StreamBody {
     pub(crate) fn new(
         upstream: Incoming,
-        relay: SseRelay,
+        relay: StreamRelay,
         idle: Duration,
+        permit: Option<Permit>,
         log: RequestLog,
     ) -> Self {
         StreamBody {
@@ -91,20 +148,22 @@ impl StreamBody {
             idle,
             idle_timer: Box::pin(tokio::time::sleep(idle)),
             state: State::Relaying,
+            _permit: permit,
             log,
         }
     }
 
     fn sync_meter(&mut self) {
-        self.log.relayed_tokens = self.relay.meter.output_tokens;
-        if self.relay.meter.usage.is_some() {
-            self.log.upstream_usage = self.relay.meter.usage;
+        let meter = self.relay.meter();
+        self.log.relayed_tokens = meter.output_tokens;
+        if meter.usage.is_some() {
+            self.log.upstream_usage = meter.usage;
         }
     }
 
     fn end_with(&mut self, err: Option<ApiError>) {
         if let Some(err) = err {
-            self.ready.push_back(error_event(err));
+            self.ready.push_back(self.relay.error_event(err));
         }
         self.sync_meter();
         self.state = State::Ending(err);
@@ -139,7 +198,7 @@ impl StreamBody {
                 Poll::Ready(Some(Err(_))) => self.end_with(Some(ApiError::UpstreamStreamCut)),
                 Poll::Ready(None) => {
                     self.relay.finish(&mut self.ready);
-                    let err = (!self.relay.meter.done).then_some(ApiError::UpstreamStreamCut);
+                    let err = (!self.relay.meter().done).then_some(ApiError::UpstreamStreamCut);
                     self.end_with(err);
                 }
                 Poll::Pending => {

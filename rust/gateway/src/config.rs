@@ -15,6 +15,12 @@ pub struct EngineConfig {
     pub listen: String,
     /// HMAC-SHA256 secret for API key hashes, hex.
     pub key_hash_secret_hex: String,
+    /// Version number of `key_hash_secret_hex` (keys' `secret_version`).
+    #[serde(default = "default_secret_version")]
+    pub key_hash_secret_version: u32,
+    /// Earlier secrets still accepted after a rotation.
+    #[serde(default)]
+    pub previous_key_hash_secrets: Vec<PreviousSecret>,
     /// TLS termination; plain HTTP when absent.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -33,6 +39,20 @@ pub struct EngineConfig {
     /// Default grace period for a graceful stop.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// Journal every record to `<spool_dir>/journal-*.jsonl` before queueing it, so a
+    /// killed process loses none (see `Engine::ack_records`).
+    #[serde(default = "default_journal")]
+    pub journal: bool,
+}
+
+/// A key-hash secret from before a rotation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviousSecret {
+    /// The `secret_version` of keys hashed with it.
+    pub version: u32,
+    /// The secret, hex.
+    pub secret_hex: String,
 }
 
 /// PEM files for TLS termination.
@@ -45,6 +65,12 @@ pub struct TlsConfig {
     pub key_path: String,
 }
 
+fn default_secret_version() -> u32 {
+    1
+}
+fn default_journal() -> bool {
+    true
+}
 fn default_listen() -> String {
     "127.0.0.1:8080".to_owned()
 }
@@ -86,10 +112,38 @@ impl EngineConfig {
         if self.queue_capacity == 0 {
             return Err(Error::Config("queue_capacity must be positive".into()));
         }
+        self.secrets()?;
         if self.max_body_bytes == 0 {
             return Err(Error::Config("max_body_bytes must be positive".into()));
         }
         Ok(())
+    }
+
+    /// Every accepted key-hash secret as (version, bytes), the current one first.
+    pub(crate) fn secrets(&self) -> Result<Vec<(u32, Vec<u8>)>, Error> {
+        let mut out = vec![(self.key_hash_secret_version, self.secret()?)];
+        for p in &self.previous_key_hash_secrets {
+            let bytes = hex::decode(&p.secret_hex).map_err(|_| {
+                Error::Config(format!(
+                    "previous_key_hash_secrets: version {} is not valid hex",
+                    p.version
+                ))
+            })?;
+            if bytes.is_empty() {
+                return Err(Error::Config(format!(
+                    "previous_key_hash_secrets: version {} is empty",
+                    p.version
+                )));
+            }
+            if out.iter().any(|(v, _)| *v == p.version) {
+                return Err(Error::Config(format!(
+                    "key hash secret version {} appears twice",
+                    p.version
+                )));
+            }
+            out.push((p.version, bytes));
+        }
+        Ok(out)
     }
 
     pub(crate) fn secret(&self) -> Result<Vec<u8>, Error> {

@@ -1,7 +1,6 @@
 //! The engine: owns the tokio runtime, the listener, the live snapshot and the record
 //! queue. Start binds synchronously; stop drains, then shuts the runtime down.
 
-use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,10 +12,11 @@ use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::auth::KeyHasher;
-use crate::billing::OrgAccount;
+use crate::auth::KeyRing;
 use crate::config::EngineConfig;
 use crate::error::Error;
+use crate::journal::{self, Journal};
+use crate::limits::LiveCounters;
 use crate::metrics::{Gauges, Metrics};
 use crate::records::{CallRecord, Records};
 use crate::snapshot::{self, Snapshot};
@@ -26,10 +26,10 @@ use crate::{server, tokens};
 /// State shared by every request.
 pub(crate) struct Shared {
     pub(crate) config: EngineConfig,
-    pub(crate) hasher: KeyHasher,
+    pub(crate) keyring: KeyRing,
     pub(crate) snapshot: ArcSwap<Snapshot>,
-    /// Live counters by org id; the compile step reuses them so they survive swaps.
-    accounts: Mutex<HashMap<String, Arc<OrgAccount>>>,
+    /// Live counters by org and key id; the compile step reuses them so they survive swaps.
+    accounts: Mutex<LiveCounters>,
     clients: ClientCache,
     pub(crate) records: Records,
     pub(crate) metrics: Metrics,
@@ -48,12 +48,17 @@ impl Shared {
     }
 
     pub(crate) fn metrics_text(&self) -> String {
+        let journal = self.records.journal_stats();
         self.metrics.render(&Gauges {
             queue_depth: self.records.depth(),
             records_total: self.records.total.load(Ordering::Relaxed),
             records_spooled: self.records.spooled.load(Ordering::Relaxed),
             records_dropped: self.records.dropped.load(Ordering::Relaxed),
             snapshot_version: self.snapshot.load().version,
+            journal_segments: journal.segments,
+            journal_unacked: journal.unacked,
+            journal_errors: self.records.journal_errors(),
+            overflow_sealed: self.records.overflow_sealed.load(Ordering::Relaxed),
         })
     }
 }
@@ -82,6 +87,12 @@ pub struct Stats {
     pub in_flight: u64,
     /// Version of the snapshot serving (0 before the first).
     pub snapshot_version: u64,
+    /// Journal segment files on disk.
+    pub journal_segments: u64,
+    /// Journaled records not yet acknowledged (nor spooled).
+    pub journal_unacked: u64,
+    /// Journal appends that failed (those records were still queued).
+    pub journal_errors: u64,
 }
 
 /// The gateway. `Send + Sync`; every method may be called from any thread.
@@ -96,13 +107,21 @@ impl Engine {
     /// Validate the configuration and build an engine (not yet serving).
     pub fn new(config: EngineConfig) -> Result<Self, Error> {
         config.validate()?;
-        let secret = config.secret()?;
+        let secrets = config.secrets()?;
         let instance_id = format!("{:016x}", rand::random::<u64>());
-        let records = Records::new(config.queue_capacity, &config.spool_dir, &instance_id);
+        let mut records = Records::new(config.queue_capacity, &config.spool_dir, &instance_id);
+        if config.journal {
+            records = records.with_journal(Journal::new(
+                &config.spool_dir,
+                &instance_id,
+                journal::SEGMENT_RECORDS,
+                journal::SEGMENT_AGE,
+            ));
+        }
         let shared = Arc::new(Shared {
-            hasher: KeyHasher::new(&secret),
+            keyring: KeyRing::new(&secrets),
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
-            accounts: Mutex::new(HashMap::new()),
+            accounts: Mutex::new(LiveCounters::default()),
             clients: ClientCache::default(),
             records,
             metrics: Metrics::default(),
@@ -155,6 +174,17 @@ impl Engine {
         tokens::warm_up();
         let (stop, stop_rx) = oneshot::channel();
         let server = runtime.spawn(server::serve(listener, tls, self.shared.clone(), stop_rx));
+        // Seals an overflow segment once it is old enough even if no record or drain comes
+        // along to do it; ends with the runtime.
+        let ticking = self.shared.clone();
+        runtime.spawn(async move {
+            let mut every = tokio::time::interval(OVERFLOW_TICK);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                every.tick().await;
+                ticking.records.tick();
+            }
+        });
         *phase = Phase::Running {
             runtime,
             server,
@@ -219,6 +249,16 @@ impl Engine {
             runtime.shutdown_timeout(Duration::from_secs(2));
         });
         let _ = drain.join();
+        self.shared.records.stop();
+    }
+
+    /// The control plane stored the oldest `count` records drained and not yet
+    /// acknowledged (in the ledger and ClickHouse, or a spool file of its own). Journal
+    /// segments whose records are all stored are deleted; after a stop, the final drain
+    /// and its acknowledgement leave no journal behind. Returns how many were taken (at
+    /// most the number drained and not yet acknowledged).
+    pub fn ack_records(&self, count: u64) -> u64 {
+        self.shared.records.ack(count)
     }
 
     /// Prometheus exposition text (the same as `GET /metrics`).
@@ -230,6 +270,23 @@ impl Engine {
     pub fn org_spend(&self) -> Vec<(String, i64, i64)> {
         let accounts = self.shared.accounts.lock();
         let mut out: Vec<(String, i64, i64)> = accounts
+            .orgs
+            .iter()
+            .map(|(id, a)| {
+                let (spent, reserved) = a.totals();
+                (id.clone(), spent, reserved)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// `(key id, spent since engine start, currently reserved)` for every known key: the
+    /// counters that key budgets compare with `keys[].usage.spent_mark`.
+    pub fn key_spend(&self) -> Vec<(String, i64, i64)> {
+        let accounts = self.shared.accounts.lock();
+        let mut out: Vec<(String, i64, i64)> = accounts
+            .keys
             .iter()
             .map(|(id, a)| {
                 let (spent, reserved) = a.totals();
@@ -243,7 +300,11 @@ impl Engine {
     /// Counters for the control plane.
     pub fn stats(&self) -> Stats {
         let s = &self.shared;
+        let journal = s.records.journal_stats();
         Stats {
+            journal_segments: journal.segments,
+            journal_unacked: journal.unacked,
+            journal_errors: s.records.journal_errors(),
             queue_depth: s.records.depth() as u64,
             records_total: s.records.total.load(Ordering::Relaxed),
             records_spooled: s.records.spooled.load(Ordering::Relaxed),
@@ -265,11 +326,15 @@ impl Engine {
         matches!(&*self.phase.lock(), Phase::Running { .. })
     }
 
-    /// Unique per engine; names the overflow spool file.
+    /// Unique per engine; names its overflow and journal files.
     pub fn instance_id(&self) -> &str {
         &self.shared.instance_id
     }
 }
+
+/// How often an old overflow segment is looked for (it is sealed within
+/// `OVERFLOW_SEGMENT_AGE` plus this).
+const OVERFLOW_TICK: Duration = Duration::from_millis(100);
 
 /// Pending connections the kernel may queue (the std default of 128 refuses bursts).
 const BACKLOG: u32 = 4096;

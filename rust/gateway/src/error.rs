@@ -37,6 +37,15 @@ pub(crate) enum ApiError {
     InvalidRequest,
     BodyTooLarge,
     InsufficientBalance,
+    IpBlocked,
+    KeyIpNotAllowed,
+    KeyNotYetValid,
+    RateLimited,
+    ConcurrencyLimited,
+    BudgetExceeded,
+    SensitiveContentBlocked,
+    PolicyDenied,
+    UpstreamBusy,
     UpstreamError,
     UpstreamUnreachable,
     UpstreamTimeout,
@@ -47,7 +56,7 @@ pub(crate) enum ApiError {
 }
 
 impl ApiError {
-    pub(crate) const ALL: [ApiError; 19] = [
+    pub(crate) const ALL: [ApiError; 28] = [
         ApiError::InvalidApiKey,
         ApiError::KeyRevoked,
         ApiError::KeyExpired,
@@ -60,6 +69,15 @@ impl ApiError {
         ApiError::InvalidRequest,
         ApiError::BodyTooLarge,
         ApiError::InsufficientBalance,
+        ApiError::IpBlocked,
+        ApiError::KeyIpNotAllowed,
+        ApiError::KeyNotYetValid,
+        ApiError::RateLimited,
+        ApiError::ConcurrencyLimited,
+        ApiError::BudgetExceeded,
+        ApiError::SensitiveContentBlocked,
+        ApiError::PolicyDenied,
+        ApiError::UpstreamBusy,
         ApiError::UpstreamError,
         ApiError::UpstreamUnreachable,
         ApiError::UpstreamTimeout,
@@ -84,6 +102,15 @@ impl ApiError {
             ApiError::InvalidRequest => "invalid_request",
             ApiError::BodyTooLarge => "body_too_large",
             ApiError::InsufficientBalance => "insufficient_balance",
+            ApiError::IpBlocked => "ip_blocked",
+            ApiError::KeyIpNotAllowed => "key_ip_not_allowed",
+            ApiError::KeyNotYetValid => "key_not_yet_valid",
+            ApiError::RateLimited => "rate_limited",
+            ApiError::ConcurrencyLimited => "concurrency_limited",
+            ApiError::BudgetExceeded => "budget_exceeded",
+            ApiError::SensitiveContentBlocked => "sensitive_content_blocked",
+            ApiError::PolicyDenied => "policy_denied",
+            ApiError::UpstreamBusy => "upstream_busy",
             ApiError::UpstreamError => "upstream_error",
             ApiError::UpstreamUnreachable => "upstream_unreachable",
             ApiError::UpstreamTimeout => "upstream_timeout",
@@ -105,6 +132,14 @@ impl ApiError {
             ApiError::InvalidJson | ApiError::InvalidRequest => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::InsufficientBalance => StatusCode::PAYMENT_REQUIRED,
+            ApiError::IpBlocked | ApiError::KeyIpNotAllowed => StatusCode::FORBIDDEN,
+            ApiError::KeyNotYetValid => StatusCode::UNAUTHORIZED,
+            ApiError::RateLimited | ApiError::ConcurrencyLimited | ApiError::BudgetExceeded => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ApiError::SensitiveContentBlocked => StatusCode::BAD_REQUEST,
+            ApiError::PolicyDenied => StatusCode::FORBIDDEN,
+            ApiError::UpstreamBusy => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UpstreamError | ApiError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             ApiError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::UpstreamStreamCut => StatusCode::BAD_GATEWAY,
@@ -129,6 +164,14 @@ impl ApiError {
             }
             ApiError::BodyTooLarge => "invalid_request_error",
             ApiError::InsufficientBalance => "insufficient_quota",
+            ApiError::IpBlocked | ApiError::KeyIpNotAllowed => "permission_error",
+            ApiError::KeyNotYetValid => "authentication_error",
+            ApiError::RateLimited | ApiError::ConcurrencyLimited | ApiError::BudgetExceeded => {
+                "rate_limit_error"
+            }
+            ApiError::SensitiveContentBlocked => "invalid_request_error",
+            ApiError::PolicyDenied => "permission_error",
+            ApiError::UpstreamBusy => "rate_limit_error",
             ApiError::UpstreamError
             | ApiError::UpstreamUnreachable
             | ApiError::UpstreamTimeout
@@ -140,7 +183,7 @@ impl ApiError {
     }
 
     /// Fixed message text: written by the gateway, never derived from request data.
-    fn message(self) -> &'static str {
+    pub(crate) fn message(self) -> &'static str {
         match self {
             ApiError::InvalidApiKey => "Missing or invalid API key.",
             ApiError::KeyRevoked => "This API key has been revoked.",
@@ -156,6 +199,19 @@ impl ApiError {
             }
             ApiError::BodyTooLarge => "The request body is too large.",
             ApiError::InsufficientBalance => "Insufficient balance for this request.",
+            ApiError::IpBlocked => "Requests from this source address are blocked.",
+            ApiError::KeyIpNotAllowed => "This API key may not be used from this source address.",
+            ApiError::KeyNotYetValid => "This API key is not valid yet.",
+            ApiError::RateLimited => "Rate limit exceeded; retry after the Retry-After delay.",
+            ApiError::ConcurrencyLimited => {
+                "Too many concurrent requests for this key or organization."
+            }
+            ApiError::BudgetExceeded => "The spend budget for this period is exhausted.",
+            ApiError::SensitiveContentBlocked => {
+                "The request was blocked by the organization's sensitive-content policy."
+            }
+            ApiError::PolicyDenied => "No provider permitted by policy can serve this model.",
+            ApiError::UpstreamBusy => "Every permitted provider is at its concurrency limit.",
             ApiError::UpstreamError => "The upstream provider returned an error.",
             ApiError::UpstreamUnreachable => "The upstream provider could not be reached.",
             ApiError::UpstreamTimeout => "The upstream provider timed out.",
@@ -190,6 +246,15 @@ pub(crate) fn error_body(err: ApiError, kind: Option<&str>, code: Option<&str>) 
             "param": null,
             "code": code.unwrap_or(err.code()),
         }
+    });
+    Bytes::from(body.to_string())
+}
+
+/// OpenAI-shaped error body with a message from a fixed set other than the code's
+/// default (e.g. the policy rule that refused a request).
+pub(crate) fn error_body_with_message(err: ApiError, message: &'static str) -> Bytes {
+    let body = serde_json::json!({
+        "error": {"message": message, "type": err.kind(), "param": null, "code": err.code()}
     });
     Bytes::from(body.to_string())
 }

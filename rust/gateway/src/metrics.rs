@@ -13,14 +13,18 @@ pub(crate) enum PathLabel {
     Embeddings,
     Models,
     Other,
+    Messages,
+    Responses,
 }
 
 impl PathLabel {
-    const ALL: [PathLabel; 4] = [
+    const ALL: [PathLabel; 6] = [
         PathLabel::Chat,
         PathLabel::Embeddings,
         PathLabel::Models,
         PathLabel::Other,
+        PathLabel::Messages,
+        PathLabel::Responses,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -29,6 +33,8 @@ impl PathLabel {
             PathLabel::Embeddings => "/v1/embeddings",
             PathLabel::Models => "/v1/models",
             PathLabel::Other => "other",
+            PathLabel::Messages => "/v1/messages",
+            PathLabel::Responses => "/v1/responses",
         }
     }
 }
@@ -40,7 +46,7 @@ const BUCKETS: [f64; 14] = [
 
 #[derive(Default)]
 pub(crate) struct Metrics {
-    requests: [AtomicU64; 4],
+    requests: [AtomicU64; PathLabel::ALL.len()],
     errors: [AtomicU64; ApiError::ALL.len()],
     buckets: [AtomicU64; BUCKETS.len()],
     duration_count: AtomicU64,
@@ -112,7 +118,7 @@ impl Metrics {
         let sum = self.duration_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "onetoken_request_duration_seconds_sum {sum}");
         let _ = writeln!(out, "onetoken_request_duration_seconds_count {count}");
-        let gauges: [(&str, &str, &str, i128); 6] = [
+        let gauges: [(&str, &str, &str, i128); 10] = [
             (
                 "onetoken_in_flight_requests",
                 "gauge",
@@ -149,6 +155,30 @@ impl Metrics {
                 "Version of the config snapshot serving.",
                 i128::from(extra.snapshot_version),
             ),
+            (
+                "onetoken_journal_segments",
+                "gauge",
+                "Record journal segment files on disk.",
+                i128::from(extra.journal_segments),
+            ),
+            (
+                "onetoken_journal_unacked_records",
+                "gauge",
+                "Journaled records neither acknowledged nor in a sealed overflow file.",
+                i128::from(extra.journal_unacked),
+            ),
+            (
+                "onetoken_journal_errors_total",
+                "counter",
+                "Journal appends that failed (the record was still queued).",
+                i128::from(extra.journal_errors),
+            ),
+            (
+                "onetoken_overflow_segments_sealed_total",
+                "counter",
+                "Overflow segment files sealed (complete, ready for replay).",
+                i128::from(extra.overflow_sealed),
+            ),
         ];
         for (name, kind, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}");
@@ -166,4 +196,8 @@ pub(crate) struct Gauges {
     pub(crate) records_spooled: u64,
     pub(crate) records_dropped: u64,
     pub(crate) snapshot_version: u64,
+    pub(crate) journal_segments: u64,
+    pub(crate) journal_unacked: u64,
+    pub(crate) journal_errors: u64,
+    pub(crate) overflow_sealed: u64,
 }

@@ -9,20 +9,25 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::billing::{self, OrgAccount, Prices, Usage};
-use crate::body::{RespBody, StreamBody};
+use crate::body::{RecordedBody, RespBody, StreamBody};
 use crate::engine::Shared;
-use crate::error::{error_body, is_safe_ident, json_response, ApiError};
+use crate::error::{error_body, error_body_with_message, is_safe_ident, json_response, ApiError};
+use crate::limits::{self, Admission, Refusal};
 use crate::metrics::PathLabel;
+use crate::policy::Denial;
+use crate::protocol::{self, ClientApi, StreamIds, StreamRelay};
 use crate::records::CallRecord;
-use crate::snapshot::{Model, ModelKind, Snapshot};
-use crate::sse::{Message, SseRelay, UsageDoc};
-use crate::{auth, tokens, upstream};
+use crate::routing::{self, NotServed, Permit, Unavailable};
+use crate::screen::Verdict;
+use crate::snapshot::{Deployment, ModelKind, Snapshot};
+use crate::sse::{Message, UsageDoc};
+use crate::{auth, tokens};
 
 /// Upstream error bodies are read only to pick out `error.type`/`error.code`.
 const MAX_UPSTREAM_ERROR_BYTES: usize = 64 * 1024;
@@ -36,6 +41,8 @@ enum Route {
     Models,
     Chat,
     Embeddings,
+    Messages,
+    Responses,
     NotFound,
     MethodNotAllowed(PathLabel),
 }
@@ -47,6 +54,8 @@ fn route(method: &Method, path: &str) -> Route {
         "/v1/models" => (Method::GET, Route::Models),
         "/v1/chat/completions" => (Method::POST, Route::Chat),
         "/v1/embeddings" => (Method::POST, Route::Embeddings),
+        "/v1/messages" => (Method::POST, Route::Messages),
+        "/v1/responses" => (Method::POST, Route::Responses),
         _ => return Route::NotFound,
     };
     if *method == expected {
@@ -56,6 +65,8 @@ fn route(method: &Method, path: &str) -> Route {
         Route::Models => PathLabel::Models,
         Route::Chat => PathLabel::Chat,
         Route::Embeddings => PathLabel::Embeddings,
+        Route::Messages => PathLabel::Messages,
+        Route::Responses => PathLabel::Responses,
         _ => PathLabel::Other,
     })
 }
@@ -66,6 +77,8 @@ impl Route {
             Route::Models => PathLabel::Models,
             Route::Chat => PathLabel::Chat,
             Route::Embeddings => PathLabel::Embeddings,
+            Route::Messages => PathLabel::Messages,
+            Route::Responses => PathLabel::Responses,
             Route::MethodNotAllowed(l) => l,
             Route::Health | Route::Metrics | Route::NotFound => PathLabel::Other,
         }
@@ -82,11 +95,27 @@ enum Failure {
         kind: Option<String>,
         code: Option<String>,
     },
+    /// Refused by a rate, concurrency or budget limit: 429 with `Retry-After`.
+    Limited(Refusal),
+    /// Refused by the org's sensitive-content guard; the message names the categories.
+    Blocked(&'static str),
+    /// No deployment the org and key policies permit: 403 naming the rule.
+    Denied(Denial),
 }
 
 impl From<ApiError> for Failure {
     fn from(e: ApiError) -> Self {
         Failure::Api(e)
+    }
+}
+
+impl From<Refusal> for Failure {
+    fn from(r: Refusal) -> Self {
+        if r.is_limited() {
+            Failure::Limited(r)
+        } else {
+            Failure::Api(r.error)
+        }
     }
 }
 
@@ -98,8 +127,9 @@ enum Reply {
     },
     Stream {
         upstream: Incoming,
-        relay: SseRelay,
+        relay: StreamRelay,
         idle: Duration,
+        permit: Option<Permit>,
     },
 }
 
@@ -112,6 +142,14 @@ pub(crate) struct RequestLog {
     rec: CallRecord,
     reservation: Option<(Arc<OrgAccount>, i64)>,
     prices: Prices,
+    /// Per-request price of the deployment that served.
+    request_price: i64,
+    /// The org's price factor, applied when the cost is computed.
+    price_factor_ppm: u32,
+    /// Concurrency slots, token charges and the key-budget reservation.
+    admission: Admission,
+    /// Client address, for `blocked_ips` and `allowed_ips`.
+    peer: IpAddr,
     prompt_estimate: u64,
     pub(crate) upstream_usage: Option<Usage>,
     pub(crate) relayed_tokens: u64,
@@ -160,6 +198,10 @@ impl RequestLog {
             rec,
             reservation: None,
             prices: Prices::default(),
+            request_price: 0,
+            price_factor_ppm: billing::PPM_ONE,
+            admission: Admission::default(),
+            peer,
             prompt_estimate: 0,
             upstream_usage: None,
             relayed_tokens: 0,
@@ -194,20 +236,22 @@ impl RequestLog {
             (false, _) => (Usage::default(), "none"),
         };
         let cost = if self.chargeable {
-            billing::usage_cost(usage, self.prices)
+            billing::usage_cost_at(usage, self.prices, self.price_factor_ppm)
+                .saturating_add(request_cost(self.request_price, self.price_factor_ppm))
         } else {
             0
         };
         if let Some((account, reserved)) = self.reservation.take() {
             account.settle(reserved, cost);
         }
+        self.admission
+            .settle(cost, usage.prompt.saturating_add(usage.completion));
         let elapsed = self.start.elapsed();
         let shared = &self.shared;
         if let Some(err) = err {
             shared.metrics.error(err);
         }
         shared.metrics.observe(elapsed);
-        shared.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
         let mut rec = std::mem::take(&mut self.rec);
         rec.prompt_tokens = clamp_u32(usage.prompt);
         rec.completion_tokens = clamp_u32(usage.completion);
@@ -218,8 +262,70 @@ impl RequestLog {
         rec.error_code = err.map_or("", ApiError::code);
         rec.latency_us = micros(elapsed);
         rec.ttfb_us = micros(self.ttfb.unwrap_or(elapsed));
-        shared.records.push(rec);
+        emit(self.shared.clone(), rec);
     }
+}
+
+/// A finished record on its way to the journal and the queue. The request stays in
+/// flight until it is committed, so a request counted as completed has its record
+/// journaled and queued.
+struct Emit {
+    shared: Arc<Shared>,
+    rec: Option<CallRecord>,
+}
+
+impl Emit {
+    fn commit(&mut self) {
+        if let Some(rec) = self.rec.take() {
+            self.shared.records.push(rec);
+            self.shared.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Emit {
+    fn drop(&mut self) {
+        // A task dropped unpolled (the runtime shutting down) still commits its record.
+        self.commit();
+    }
+}
+
+/// Commit a record in a task of its own. Records are emitted from inside the connection's
+/// poll, before hyper flushes the response it has just been handed; the spawned task runs
+/// on the same worker right after that poll, so the journal write and the queue push are
+/// not part of the response's latency. Outside a runtime the record is committed here.
+fn emit(shared: Arc<Shared>, rec: CallRecord) {
+    let mut emit = Emit {
+        shared,
+        rec: Some(rec),
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn(async move { emit.commit() });
+        }
+        Err(_) => emit.commit(),
+    }
+}
+
+/// Attach the request's record to a whole response: it is emitted when the body has been
+/// handed over (or dropped), with this status and error.
+fn recorded(
+    resp: Response<RespBody>,
+    mut log: RequestLog,
+    status: u16,
+    err: Option<ApiError>,
+) -> Response<RespBody> {
+    let (parts, body) = resp.into_parts();
+    let body = match body {
+        RespBody::Full(bytes) => RespBody::Recorded(Box::new(RecordedBody::new(
+            bytes, status, err, log,
+        ))),
+        other => {
+            log.finish(status, err);
+            other
+        }
+    };
+    Response::from_parts(parts, body)
 }
 
 impl Drop for RequestLog {
@@ -283,18 +389,18 @@ pub(crate) async fn handle(
             if let Some(ct) = content_type {
                 resp.headers_mut().insert(header::CONTENT_TYPE, ct);
             }
-            log.finish(status.as_u16(), None);
-            resp
+            recorded(resp, log, status.as_u16(), None)
         }
         Ok(Reply::Stream {
             upstream,
             relay,
             idle,
+            permit,
         }) => {
             log.mark_response_start();
             log.rec.streamed = 1;
             let mut resp = Response::new(RespBody::Stream(Box::new(StreamBody::new(
-                upstream, relay, idle, log,
+                upstream, relay, idle, permit, log,
             ))));
             let h = resp.headers_mut();
             h.insert(
@@ -306,20 +412,70 @@ pub(crate) async fn handle(
         }
         Err(Failure::Api(err)) => {
             log.mark_response_start();
-            log.finish(err.status().as_u16(), Some(err));
-            json_response(err.status(), error_body(err, None, None))
+            let resp = error_reply(route, err.status(), err, None, None, None);
+            recorded(resp, log, err.status().as_u16(), Some(err))
+        }
+        Err(Failure::Denied(denial)) => {
+            let err = ApiError::PolicyDenied;
+            log.mark_response_start();
+            let resp = error_reply(route, err.status(), err, None, None, Some(denial.message()));
+            recorded(resp, log, err.status().as_u16(), Some(err))
+        }
+        Err(Failure::Blocked(message)) => {
+            let err = ApiError::SensitiveContentBlocked;
+            log.mark_response_start();
+            let resp = error_reply(route, err.status(), err, None, None, Some(message));
+            recorded(resp, log, err.status().as_u16(), Some(err))
+        }
+        Err(Failure::Limited(refusal)) => {
+            log.mark_response_start();
+            log.rec.rate_limit = "limited";
+            let status = refusal.error.status();
+            let mut resp = error_reply(route, status, refusal.error, None, None, None);
+            refusal.apply(resp.headers_mut());
+            recorded(resp, log, status.as_u16(), Some(refusal.error))
         }
         Err(Failure::Upstream { status, kind, code }) => {
             log.mark_response_start();
-            log.finish(status.as_u16(), Some(ApiError::UpstreamError));
-            let body = error_body(ApiError::UpstreamError, kind.as_deref(), code.as_deref());
-            json_response(status, body)
+            let err = ApiError::UpstreamError;
+            let resp = error_reply(route, status, err, kind.as_deref(), code.as_deref(), None);
+            recorded(resp, log, status.as_u16(), Some(err))
         }
     };
     if let Some(id) = request_id {
         resp.headers_mut().insert("x-request-id", id);
     }
     Ok(resp)
+}
+
+/// An error in the client's protocol: Anthropic's shape on `/v1/messages`, OpenAI's
+/// elsewhere. Every text is the gateway's own.
+fn error_reply(
+    route: Route,
+    status: StatusCode,
+    err: ApiError,
+    kind: Option<&str>,
+    code: Option<&str>,
+    message: Option<&'static str>,
+) -> Response<RespBody> {
+    let body = if route == Route::Messages {
+        protocol::anthropic::error_body(status, err, message)
+    } else if let Some(m) = message {
+        error_body_with_message(err, m)
+    } else {
+        error_body(err, kind, code)
+    };
+    json_response(status, body)
+}
+
+/// The per-request price under the org's price factor.
+fn request_cost(price: i64, factor_ppm: u32) -> i64 {
+    if price == 0 {
+        return 0;
+    }
+    // One million "tokens" at a per-million price is the price itself, factor applied
+    // and rounded up like every other part.
+    billing::cost_ppm(1_000_000, price, factor_ppm)
 }
 
 fn health(shared: &Shared) -> Response<RespBody> {
@@ -362,13 +518,18 @@ async fn process(
         _ => {}
     }
 
+    // Attack interception: refused before any key work.
+    let snap: Arc<Snapshot> = shared.snapshot.load_full();
+    if !snap.blocked_ips.is_empty() && snap.blocked_ips.contains(log.peer, now_unix_secs()) {
+        return Err(ApiError::IpBlocked.into());
+    }
+
     // Authenticate before reading the body, so an unknown caller cannot make the gateway
     // buffer a large one.
-    let snap: Arc<Snapshot> = shared.snapshot.load_full();
     let raw_key = auth::extract_key(req.headers()).ok_or(ApiError::InvalidApiKey)?;
-    let key = snap
-        .keys
-        .get(&shared.hasher.digest(raw_key))
+    let key = shared
+        .keyring
+        .lookup(&snap.keys, raw_key)
         .ok_or(ApiError::InvalidApiKey)?;
     log.rec.org_id.clone_from(&key.org.id);
     log.rec.account_id.clone_from(&key.account_id);
@@ -376,20 +537,39 @@ async fn process(
     if key.revoked {
         return Err(ApiError::KeyRevoked.into());
     }
-    if key.expires_at.is_some_and(|t| t <= now_unix_secs()) {
+    let now = now_unix_secs();
+    if key.expires_at.is_some_and(|t| t <= now) {
         return Err(ApiError::KeyExpired.into());
+    }
+    if key.not_before.is_some_and(|t| now < t) {
+        return Err(ApiError::KeyNotYetValid.into());
+    }
+    if key
+        .allowed_ips
+        .as_ref()
+        .is_some_and(|ips| !ips.contains(log.peer, now))
+    {
+        // The record keeps key_id/org_id so the control plane can raise a key-risk event.
+        return Err(ApiError::KeyIpNotAllowed.into());
     }
     if !key.org.active {
         return Err(ApiError::OrgDisabled.into());
     }
 
     if route == Route::Models {
-        return Ok(models_list(&snap, key));
+        let anthropic = req.headers().contains_key("anthropic-version");
+        return Ok(models_list(&snap, key, anthropic));
     }
-    let kind = if route == Route::Chat {
-        ModelKind::Chat
-    } else {
+    let api = match route {
+        Route::Messages => ClientApi::Messages,
+        Route::Responses => ClientApi::Responses,
+        Route::Embeddings => ClientApi::Embeddings,
+        _ => ClientApi::Chat,
+    };
+    let kind = if api == ClientApi::Embeddings {
         ModelKind::Embedding
+    } else {
+        ModelKind::Chat
     };
 
     let body = read_body(req, shared.config.max_body_bytes).await?;
@@ -404,18 +584,36 @@ async fn process(
         .get("model")
         .and_then(Value::as_str)
         .ok_or(ApiError::InvalidRequest)?;
-    let model: &Arc<Model> = snap
+    let group = snap
         .models
         .get(model_name)
-        .filter(|m| m.kind == kind)
+        .filter(|g| g.kind == kind)
         .ok_or(ApiError::ModelNotFound)?;
-    log.rec.model_requested.clone_from(&model.name);
-    if !key.may_use(&model.name) {
+    // The name the client asked for (an alias is a configured name too).
+    model_name.clone_into(&mut log.rec.model_requested);
+    if !key.may_use(model_name) && !key.may_use(&group.name) {
         return Err(ApiError::ModelNotAllowed.into());
     }
+    // Org scope, endpoint and policies: the deployments this request may reach.
+    let candidates = match routing::permitted(group, key, api) {
+        Ok(c) => c,
+        Err(Unavailable::NotFound) => return Err(ApiError::ModelNotFound.into()),
+        Err(Unavailable::Denied(d)) => return Err(Failure::Denied(d)),
+    };
 
-    let prompt_estimate = estimate_prompt(kind, &doc);
-    let max_out = requested_max_out(&doc, model.max_output_tokens);
+    // The org's sensitive-content guard, on the bytes in memory: only categories and
+    // counts come out. Before admission, so a blocked request holds no limit or money.
+    match key.org.guard.check(&doc) {
+        Verdict::Pass => {}
+        Verdict::Block(message) => return Err(Failure::Blocked(message)),
+        Verdict::Flag(findings) => log.rec.guard_flags = findings.flags(),
+    }
+
+    let prompt_estimate =
+        protocol::estimate_prompt(api, &doc).unwrap_or_else(|| estimate_prompt(kind, &doc));
+    let asked_out = protocol::requested_max_out(api, &doc).or_else(|| requested_out(&doc));
+    let max_out =
+        |d: &Deployment| asked_out.map_or(d.max_output_tokens, |n| n.min(d.max_output_tokens));
     let stream =
         kind == ModelKind::Chat && doc.get("stream").and_then(Value::as_bool) == Some(true);
     let client_wants_usage = doc
@@ -424,76 +622,56 @@ async fn process(
         .and_then(Value::as_bool)
         == Some(true);
 
-    let amount = billing::reserve_amount(prompt_estimate, max_out, model.prices);
     let org = &key.org;
-    if !org.account.try_reserve(org.balance, org.spent_mark, amount) {
-        return Err(ApiError::InsufficientBalance.into());
-    }
+    // Upper bound over every deployment that may end up serving (fallbacks included).
+    let reserve_on = |d: &Deployment| {
+        billing::reserve_amount_at(prompt_estimate, max_out(d), d.prices, org.price_factor_ppm)
+            .saturating_add(request_cost(d.request_price, org.price_factor_ppm))
+    };
+    let amount = candidates.iter().map(|d| reserve_on(d)).max().unwrap_or(0);
+    let tokens_bound = candidates.iter().map(|d| max_out(d)).max().unwrap_or(0);
+    // Limits, budgets and the balance; the org reservation is settled in `finish`.
+    log.admission = limits::admit(key, prompt_estimate.saturating_add(tokens_bound), amount)?;
     log.reservation = Some((org.account.clone(), amount));
-    log.prices = model.prices;
+    log.price_factor_ppm = org.price_factor_ppm;
     log.prompt_estimate = prompt_estimate;
 
-    doc.insert(
-        "model".to_owned(),
-        Value::String(model.upstream_model.clone()),
-    );
-    if stream {
-        // Ask for the usage chunk so billing uses the upstream's own count.
-        match doc.get_mut("stream_options") {
-            Some(Value::Object(opts)) => {
-                opts.insert("include_usage".to_owned(), Value::Bool(true));
-            }
-            _ => {
-                let mut opts = Map::new();
-                opts.insert("include_usage".to_owned(), Value::Bool(true));
-                doc.insert("stream_options".to_owned(), Value::Object(opts));
-            }
-        }
-    }
-    let out = serde_json::to_vec(&doc).map_err(|_| ApiError::Internal)?;
-    drop(doc);
-
-    let provider = &model.provider;
-    log.rec.model_served.clone_from(&model.upstream_model);
-    log.rec.provider.clone_from(&provider.id);
-    log.rec.attempts = 1;
-    let uri = if kind == ModelKind::Chat {
-        &provider.chat_uri
-    } else {
-        &provider.embeddings_uri
+    let order = routing::order(group.strategy, candidates, reserve_on);
+    let mut attempts = routing::Attempts {
+        count: 0,
+        last: None,
     };
-    let mut upstream_req = Request::new(Full::new(Bytes::from(out)));
-    *upstream_req.method_mut() = Method::POST;
-    *upstream_req.uri_mut() = uri.clone();
-    let h = upstream_req.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if stream {
-        h.insert(
-            header::ACCEPT,
-            HeaderValue::from_static("text/event-stream"),
-        );
-    }
-    if let Some(auth) = &provider.authorization {
-        h.insert(header::AUTHORIZATION, auth.clone());
-    }
-
-    let resp = match tokio::time::timeout(
-        provider.first_byte_timeout,
-        provider.client.request(upstream_req),
+    let result = routing::forward(
+        &snap.routing,
+        &order,
+        api,
+        &mut doc,
+        stream,
+        &max_out,
+        &mut attempts,
     )
-    .await
-    {
-        Err(_) => return Err(ApiError::UpstreamTimeout.into()),
-        Ok(Err(e)) => return Err(upstream::classify(&e).into()),
-        Ok(Ok(resp)) => resp,
-    };
-    let status = resp.status();
-    if !status.is_success() {
-        return Err(upstream_failure(status, resp.into_body(), provider.idle_timeout).await);
+    .await;
+    drop(doc);
+    log.rec.attempts = attempts.count;
+    if let Some(d) = &attempts.last {
+        log.rec.model_served.clone_from(&d.upstream_model);
+        log.rec.provider.clone_from(&d.provider.id);
     }
+    let served = match result {
+        Ok(s) => s,
+        Err(NotServed::Api(e)) => return Err(e.into()),
+        Err(NotServed::Status { status, body, idle }) => {
+            return Err(upstream_failure(status, body, idle).await)
+        }
+    };
+    let d = served.deployment;
+    let resp = served.response;
+    let protocol = d.provider.protocol;
+    let idle = d.provider.idle_timeout;
+    // Billing uses the prices of the deployment that served.
+    log.prices = d.prices;
+    log.request_price = d.request_price;
+    let status = resp.status();
     let is_sse = resp
         .headers()
         .get(header::CONTENT_TYPE)
@@ -501,21 +679,20 @@ async fn process(
         .is_some_and(|ct| ct.starts_with("text/event-stream"));
     log.chargeable = true;
     if stream && is_sse {
+        let ids = || StreamIds {
+            id: log.rec.request_id.clone(),
+            model: d.upstream_model.clone(),
+        };
         return Ok(Reply::Stream {
             upstream: resp.into_body(),
-            relay: SseRelay::new(!client_wants_usage),
-            idle: provider.idle_timeout,
+            relay: StreamRelay::new(api, protocol, !client_wants_usage, ids),
+            idle,
+            permit: Some(served.permit),
         });
     }
 
-    let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
-    let body = match collect(
-        resp.into_body(),
-        provider.idle_timeout,
-        MAX_UPSTREAM_BODY_BYTES,
-    )
-    .await
-    {
+    let mut content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+    let mut body = match collect(resp.into_body(), idle, MAX_UPSTREAM_BODY_BYTES).await {
         Ok(b) => b,
         Err(e) => {
             // Nothing reached the client, so nothing is charged.
@@ -523,7 +700,27 @@ async fn process(
             return Err(e.into());
         }
     };
-    meter_reply(log, &body);
+    if protocol::translates(api, protocol) {
+        let Some((out, reply)) =
+            protocol::translate_reply(api, protocol, &body, &log.rec.request_id)
+        else {
+            // An answer we cannot read is not delivered, so it is not charged.
+            log.chargeable = false;
+            return Err(ApiError::UpstreamError.into());
+        };
+        log.upstream_usage = reply.usage;
+        if reply.usage.is_none() {
+            log.relayed_tokens = reply.output_tokens();
+        }
+        body = out;
+        content_type = Some(HeaderValue::from_static("application/json"));
+    } else if matches!(api, ClientApi::Chat | ClientApi::Embeddings) {
+        meter_reply(log, &body);
+    } else {
+        let (usage, counted) = protocol::meter_passthrough(api, &body);
+        log.upstream_usage = usage;
+        log.relayed_tokens = counted;
+    }
     Ok(Reply::Full {
         status,
         content_type,
@@ -645,12 +842,11 @@ fn meter_reply(log: &mut RequestLog, body: &[u8]) {
     }
 }
 
-fn requested_max_out(doc: &Map<String, Value>, cap: u64) -> u64 {
-    let asked = doc
-        .get("max_completion_tokens")
+/// The output cap a chat request asks for, if any.
+fn requested_out(doc: &Map<String, Value>) -> Option<u64> {
+    doc.get("max_completion_tokens")
         .and_then(Value::as_u64)
-        .or_else(|| doc.get("max_tokens").and_then(Value::as_u64));
-    asked.map_or(cap, |n| n.min(cap))
+        .or_else(|| doc.get("max_tokens").and_then(Value::as_u64))
 }
 
 /// Tokens each chat message adds beyond its content (role and framing).
@@ -714,19 +910,36 @@ fn estimate_prompt(kind: ModelKind, doc: &Map<String, Value>) -> u64 {
     }
 }
 
-fn models_list(snap: &Snapshot, key: &crate::snapshot::Key) -> Reply {
-    let data: Vec<Value> = snap
-        .model_order
-        .iter()
-        .filter(|name| key.may_use(name))
-        .map(|name| {
-            serde_json::json!({"id": name, "object": "model", "created": 0, "owned_by": "onetoken"})
-        })
-        .collect();
-    let body = serde_json::json!({"object": "list", "data": data}).to_string();
+/// The names (and aliases) the key can reach: allowed for it, with at least one
+/// deployment its org sees and both policies permit. Anthropic's list shape when the
+/// caller is the anthropic SDK (it sends `anthropic-version`).
+fn models_list(snap: &Snapshot, key: &crate::snapshot::Key, anthropic: bool) -> Reply {
+    let names = snap.model_order.iter().filter(|name| {
+        snap.models
+            .get(name.as_str())
+            .is_some_and(|g| (key.may_use(name) || key.may_use(&g.name)) && routing::listed(g, key))
+    });
+    let body = if anthropic {
+        let data: Vec<Value> = names
+            .map(|name| {
+                serde_json::json!({"type": "model", "id": name, "display_name": name,
+                                   "created_at": "1970-01-01T00:00:00Z"})
+            })
+            .collect();
+        let first = data.first().and_then(|m| m.get("id")).cloned();
+        let last = data.last().and_then(|m| m.get("id")).cloned();
+        serde_json::json!({"data": data, "has_more": false, "first_id": first, "last_id": last})
+    } else {
+        let data: Vec<Value> = names
+            .map(|name| {
+                serde_json::json!({"id": name, "object": "model", "created": 0, "owned_by": "onetoken"})
+            })
+            .collect();
+        serde_json::json!({"object": "list", "data": data})
+    };
     Reply::Full {
         status: StatusCode::OK,
         content_type: Some(HeaderValue::from_static("application/json")),
-        body: Bytes::from(body),
+        body: Bytes::from(body.to_string()),
     }
 }

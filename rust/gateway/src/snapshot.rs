@@ -5,11 +5,18 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderValue, Uri};
+use http::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
-use crate::billing::{OrgAccount, Prices};
+use crate::billing::{Budgets, OrgAccount, Prices, UsageMark, PPM_ONE};
 use crate::error::Error;
+use crate::guard::CategorySet;
+use crate::ipset::IpSet;
+use crate::limits::{LimitState, Limits, LiveCounters};
+use crate::policy::{Policy, PolicyDoc};
+use crate::protocol::{Endpoints, Protocol};
+use crate::routing::{DeploymentStats, ProviderState, RouteDoc, RoutingConfig, RoutingDoc, Strategy};
+use crate::screen::OrgGuard;
 use crate::upstream::{ClientCache, HttpClient};
 
 /// The snapshot document (`tests/contract/snapshot.json`). Unknown fields are rejected.
@@ -24,8 +31,17 @@ pub struct SnapshotDoc {
     pub keys: Vec<KeyDoc>,
     /// Upstream providers.
     pub providers: Vec<ProviderDoc>,
-    /// Models the gateway serves.
+    /// Deployments: several entries may share a name (alternatives for it).
     pub models: Vec<ModelDoc>,
+    /// Routing strategy and aliases per model name.
+    #[serde(default)]
+    pub routes: Vec<RouteDoc>,
+    /// Retry, fallback and circuit-breaker settings.
+    #[serde(default)]
+    pub routing: RoutingDoc,
+    /// Source addresses refused before authentication (attack interception).
+    #[serde(default)]
+    pub blocked_ips: Vec<BlockedIpDoc>,
 }
 
 /// One organization.
@@ -40,6 +56,121 @@ pub struct OrgDoc {
     pub balance: i64,
     /// The engine `spent` value already deducted from `balance`.
     pub spent_mark: i64,
+    /// Which providers and models the org may reach.
+    #[serde(default)]
+    pub policy: PolicyDoc,
+    /// Org-wide limits.
+    #[serde(default)]
+    pub limits: LimitsDoc,
+    /// Org spend in the current day and month, for budgets.
+    #[serde(default)]
+    pub usage: UsageDoc,
+    /// Sensitive-content guard.
+    #[serde(default)]
+    pub guard: GuardDoc,
+    /// Discount or surcharge on every price, parts per million (900000 = 10% off).
+    #[serde(default = "default_price_factor")]
+    pub price_factor_ppm: u32,
+}
+
+fn default_price_factor() -> u32 {
+    PPM_ONE
+}
+
+fn default_secret_version() -> u32 {
+    1
+}
+
+/// `limits` of an org or key; `null` means no limit.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsDoc {
+    /// Requests per minute.
+    pub rpm: Option<u32>,
+    /// Tokens (prompt estimate plus max output, corrected at settle) per minute.
+    pub tpm: Option<u32>,
+    /// Requests in flight at once.
+    pub concurrency: Option<u32>,
+    /// Spend per UTC day, nano-units.
+    pub budget_day: Option<i64>,
+    /// Spend per UTC month, nano-units.
+    pub budget_month: Option<i64>,
+}
+
+/// `usage` of an org or key: ledger spend in the current day and month.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageDoc {
+    /// Days since the Unix epoch (UTC).
+    pub day: i64,
+    /// `YYYYMM` (UTC).
+    pub month: i32,
+    /// Spend in `day`.
+    pub spent_day: i64,
+    /// Spend in `month`.
+    pub spent_month: i64,
+    /// The engine spend counter value already included in the two sums.
+    pub spent_mark: i64,
+}
+
+/// Guard mode of an org.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuardMode {
+    /// No scan.
+    #[default]
+    Off,
+    /// Scan, forward, and note the categories found in the record.
+    Flag,
+    /// Scan and refuse a request with findings.
+    Block,
+}
+
+/// `guard` of an org.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardDoc {
+    /// `off`, `flag` or `block`.
+    pub mode: GuardMode,
+    /// Categories to scan for; null means all.
+    #[serde(default)]
+    pub categories: Option<Vec<String>>,
+}
+
+/// One `blocked_ips` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockedIpDoc {
+    /// CIDR or single address, v4 or v6.
+    pub cidr: String,
+    /// Unix seconds until which the block holds.
+    pub until: i64,
+}
+
+impl LimitsDoc {
+    fn compile(&self) -> Limits {
+        Limits {
+            rpm: self.rpm,
+            tpm: self.tpm,
+            concurrency: self.concurrency,
+            budgets: Budgets {
+                day: self.budget_day,
+                month: self.budget_month,
+            },
+        }
+    }
+}
+
+impl UsageDoc {
+    fn compile(&self) -> UsageMark {
+        UsageMark {
+            day: self.day,
+            month: self.month,
+            spent_day: self.spent_day,
+            spent_month: self.spent_month,
+            spent_mark: self.spent_mark,
+        }
+    }
 }
 
 /// One API key, known only by its hash.
@@ -62,6 +193,24 @@ pub struct KeyDoc {
     pub expires_at: Option<i64>,
     /// Model names the key may use; null means all.
     pub allowed_models: Option<Vec<String>>,
+    /// Version of the key-hash secret `hash` was made with.
+    #[serde(default = "default_secret_version")]
+    pub secret_version: u32,
+    /// Unix seconds before which the key is refused.
+    #[serde(default)]
+    pub not_before: Option<i64>,
+    /// CIDRs or addresses the key may be used from; null means anywhere.
+    #[serde(default)]
+    pub allowed_ips: Option<Vec<String>>,
+    /// Per-key limits.
+    #[serde(default)]
+    pub limits: LimitsDoc,
+    /// This key's spend in the current day and month, for budgets.
+    #[serde(default)]
+    pub usage: UsageDoc,
+    /// Narrows the org policy (both apply).
+    #[serde(default)]
+    pub policy: PolicyDoc,
 }
 
 /// One upstream provider.
@@ -72,11 +221,13 @@ pub struct ProviderDoc {
     pub id: String,
     /// Display name.
     pub name: String,
-    /// Wire protocol; `openai`.
+    /// Wire protocol: `openai`, `azure`, `anthropic` or `gemini`.
     pub protocol: String,
-    /// Base URL including the version path, e.g. `https://api.openai.com/v1`.
+    /// Base URL: with the version path for `openai`, `anthropic` and `gemini` (e.g.
+    /// `https://api.openai.com/v1`), the resource origin for `azure`.
     pub base_url: String,
-    /// Credential sent as `Authorization: Bearer`.
+    /// Credential, sent the way the protocol expects (`Authorization: Bearer`, `api-key`,
+    /// `x-api-key`, `x-goog-api-key`).
     pub api_key: Option<String>,
     /// TCP (and TLS) connect timeout.
     pub connect_timeout_ms: u64,
@@ -84,6 +235,30 @@ pub struct ProviderDoc {
     pub first_byte_timeout_ms: u64,
     /// Time allowed between body chunks.
     pub idle_timeout_ms: u64,
+    /// Azure `api-version`, or Anthropic `anthropic-version`.
+    #[serde(default)]
+    pub api_version: Option<String>,
+    /// Vendor name, for policies (`openai`, `anthropic`, `google`, ...).
+    #[serde(default)]
+    pub vendor: String,
+    /// Jurisdiction, for policies (`us`, `eu`, `cn-mainland`, ...).
+    #[serde(default)]
+    pub region: String,
+    /// The provider keeps submitted content.
+    #[serde(default)]
+    pub retains_content: bool,
+    /// The provider may train on submitted content.
+    #[serde(default)]
+    pub trains_on_data: bool,
+    /// The provider contractually retains nothing.
+    #[serde(default)]
+    pub zero_retention: bool,
+    /// Compliance tags (informational).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Requests in flight to this provider at once; null means no limit.
+    #[serde(default)]
+    pub max_concurrency: Option<u32>,
 }
 
 /// One model the gateway serves.
@@ -106,6 +281,22 @@ pub struct ModelDoc {
     pub cached_input_price: i64,
     /// Output cap, and the default when the request sets none.
     pub max_output_tokens: u64,
+    /// Only this org's keys may use the deployment; null means every org.
+    #[serde(default)]
+    pub org_id: Option<String>,
+    /// Nano-units per request, added to the token cost.
+    #[serde(default)]
+    pub request_price: i64,
+    /// Order for the `priority` strategy (lower first).
+    #[serde(default)]
+    pub priority: i32,
+    /// Share for the `weighted` strategy.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +311,12 @@ pub(crate) struct Org {
     pub(crate) balance: i64,
     pub(crate) spent_mark: i64,
     pub(crate) account: Arc<OrgAccount>,
+    pub(crate) limits: Limits,
+    pub(crate) limiter: Arc<LimitState>,
+    pub(crate) usage: UsageMark,
+    pub(crate) price_factor_ppm: u32,
+    pub(crate) guard: OrgGuard,
+    pub(crate) policy: Policy,
 }
 
 pub(crate) struct Key {
@@ -129,6 +326,17 @@ pub(crate) struct Key {
     pub(crate) revoked: bool,
     pub(crate) expires_at: Option<i64>,
     pub(crate) allowed_models: Option<HashSet<String>>,
+    pub(crate) secret_version: u32,
+    pub(crate) not_before: Option<i64>,
+    /// Compiled `allowed_ips`; `None` = anywhere.
+    pub(crate) allowed_ips: Option<IpSet>,
+    pub(crate) limits: Limits,
+    pub(crate) limiter: Arc<LimitState>,
+    /// Spend counters of this key (budgets), carried over by key id.
+    pub(crate) account: Arc<OrgAccount>,
+    pub(crate) usage: UsageMark,
+    /// Narrows the org policy.
+    pub(crate) policy: Policy,
 }
 
 impl Key {
@@ -141,30 +349,68 @@ impl Key {
 
 pub(crate) struct Provider {
     pub(crate) id: String,
-    pub(crate) chat_uri: Uri,
-    pub(crate) embeddings_uri: Uri,
-    pub(crate) authorization: Option<HeaderValue>,
+    pub(crate) protocol: Protocol,
+    /// Credential and version headers, in the protocol's form.
+    pub(crate) auth_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Lowercase, for policies.
+    pub(crate) vendor: String,
+    /// Lowercase, for policies.
+    pub(crate) region: String,
+    pub(crate) trains_on_data: bool,
+    pub(crate) zero_retention: bool,
+    pub(crate) max_concurrency: Option<u32>,
     pub(crate) first_byte_timeout: Duration,
     pub(crate) idle_timeout: Duration,
     pub(crate) client: HttpClient,
+    /// Breaker and in-flight count; survives snapshot swaps (keyed by provider id).
+    pub(crate) state: Arc<ProviderState>,
 }
 
-pub(crate) struct Model {
+/// One deployment: a public model name served by one provider.
+pub(crate) struct Deployment {
     pub(crate) name: String,
-    pub(crate) kind: ModelKind,
     pub(crate) upstream_model: String,
     pub(crate) prices: Prices,
+    pub(crate) request_price: i64,
     pub(crate) max_output_tokens: u64,
+    /// Only this org may use it.
+    pub(crate) org_id: Option<String>,
+    pub(crate) priority: i32,
+    pub(crate) weight: u32,
     pub(crate) provider: Arc<Provider>,
+    pub(crate) endpoints: Endpoints,
+    /// Latency average; survives snapshot swaps.
+    pub(crate) stats: Arc<DeploymentStats>,
+}
+
+impl Deployment {
+    /// Visible to keys of `org` (deployments scoped to another org are not).
+    pub(crate) fn visible_to(&self, org: &str) -> bool {
+        self.org_id.as_deref().map_or(true, |o| o == org)
+    }
+}
+
+/// A model name (or alias) and the deployments that can serve it.
+pub(crate) struct ModelGroup {
+    /// The canonical name (aliases resolve to the same group).
+    pub(crate) name: String,
+    pub(crate) kind: ModelKind,
+    pub(crate) strategy: Strategy,
+    /// In priority order (stable: snapshot order breaks ties).
+    pub(crate) deployments: Vec<Arc<Deployment>>,
 }
 
 /// The compiled, immutable snapshot.
 pub(crate) struct Snapshot {
     pub(crate) version: u64,
     pub(crate) keys: HashMap<[u8; 32], Key>,
-    pub(crate) models: HashMap<String, Arc<Model>>,
-    /// Model names in snapshot order, for `/v1/models`.
+    /// Model names and aliases.
+    pub(crate) models: HashMap<String, Arc<ModelGroup>>,
+    /// Model names in snapshot order, then aliases, for `/v1/models`.
     pub(crate) model_order: Vec<String>,
+    pub(crate) routing: RoutingConfig,
+    /// Sources refused before authentication.
+    pub(crate) blocked_ips: IpSet,
 }
 
 impl Snapshot {
@@ -175,25 +421,35 @@ impl Snapshot {
             keys: HashMap::new(),
             models: HashMap::new(),
             model_order: Vec::new(),
+            routing: RoutingConfig::default(),
+            blocked_ips: IpSet::default(),
         }
     }
 
-    /// Compile a document. `accounts` holds the live counters by org id and is extended
-    /// for new orgs; `clients` shares upstream connection pools across snapshots.
+    /// Compile a document. `accounts` holds the live counters by org and key id and is
+    /// extended for new ones; `clients` shares upstream connection pools across snapshots.
     pub(crate) fn compile(
         doc: SnapshotDoc,
-        accounts: &mut HashMap<String, Arc<OrgAccount>>,
+        accounts: &mut LiveCounters,
         clients: &ClientCache,
     ) -> Result<Self, Error> {
         let mut orgs: HashMap<String, Arc<Org>> = HashMap::with_capacity(doc.orgs.len());
         for o in doc.orgs {
-            let account = accounts.entry(o.id.clone()).or_default().clone();
+            let account = accounts.orgs.entry(o.id.clone()).or_default().clone();
+            let limiter = accounts.org_limits.entry(o.id.clone()).or_default().clone();
+            let guard = compile_guard(&o.id, &o.guard)?;
             let org = Arc::new(Org {
                 id: o.id.clone(),
                 active: o.status == "active",
                 balance: o.balance,
                 spent_mark: o.spent_mark,
                 account,
+                limits: o.limits.compile(),
+                limiter,
+                usage: o.usage.compile(),
+                price_factor_ppm: o.price_factor_ppm,
+                guard,
+                policy: Policy::compile(o.policy),
             });
             if orgs.insert(o.id.clone(), org).is_some() {
                 return Err(Error::Config(format!("duplicate org id {:?}", o.id)));
@@ -212,7 +468,27 @@ impl Snapshot {
             let org = orgs.get(&k.org_id).cloned().ok_or_else(|| {
                 Error::Config(format!("key {:?}: unknown org_id {:?}", k.key_id, k.org_id))
             })?;
+            let allowed_ips = match &k.allowed_ips {
+                None => None,
+                Some(list) => Some(
+                    IpSet::from_entries(list.iter().map(|c| (c.as_str(), None))).map_err(|e| {
+                        Error::Config(format!("key {:?}: allowed_ips: {e}", k.key_id))
+                    })?,
+                ),
+            };
             let key = Key {
+                secret_version: k.secret_version,
+                not_before: k.not_before,
+                allowed_ips,
+                limits: k.limits.compile(),
+                limiter: accounts
+                    .key_limits
+                    .entry(k.key_id.clone())
+                    .or_default()
+                    .clone(),
+                account: accounts.keys.entry(k.key_id.clone()).or_default().clone(),
+                usage: k.usage.compile(),
+                policy: Policy::compile(k.policy),
                 revoked: k.status != "active",
                 key_id: k.key_id,
                 account_id: k.account_id,
@@ -225,100 +501,38 @@ impl Snapshot {
             }
         }
 
-        let mut providers: HashMap<String, Arc<Provider>> = HashMap::new();
-        for p in doc.providers {
-            if p.protocol != "openai" {
-                return Err(Error::Config(format!(
-                    "provider {:?}: unsupported protocol {:?} (supported: openai)",
-                    p.id, p.protocol
-                )));
-            }
-            let base = p.base_url.trim_end_matches('/');
-            let parse = |suffix: &str| -> Result<Uri, Error> {
-                let uri: Uri = format!("{base}{suffix}")
-                    .parse()
-                    .map_err(|_| Error::Config(format!("provider {:?}: invalid base_url", p.id)))?;
-                match uri.scheme_str() {
-                    Some("http") | Some("https") if uri.authority().is_some() => Ok(uri),
-                    _ => Err(Error::Config(format!(
-                        "provider {:?}: base_url must be an http or https URL",
-                        p.id
-                    ))),
-                }
-            };
-            let authorization = match &p.api_key {
-                Some(k) => Some(HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
-                    Error::Config(format!(
-                        "provider {:?}: api_key is not a valid header value",
-                        p.id
-                    ))
-                })?),
-                None => None,
-            };
-            let provider = Provider {
-                chat_uri: parse("/chat/completions")?,
-                embeddings_uri: parse("/embeddings")?,
-                authorization,
-                first_byte_timeout: Duration::from_millis(p.first_byte_timeout_ms.max(1)),
-                idle_timeout: Duration::from_millis(p.idle_timeout_ms.max(1)),
-                client: clients.get(Duration::from_millis(p.connect_timeout_ms.max(1)))?,
-                id: p.id.clone(),
-            };
-            if providers.insert(p.id.clone(), Arc::new(provider)).is_some() {
-                return Err(Error::Config(format!("duplicate provider id {:?}", p.id)));
-            }
-        }
+        let (models, model_order) =
+            crate::routing::compile_catalog(doc.providers, doc.models, doc.routes, clients)?;
+        let routing = RoutingConfig::from(&doc.routing);
 
-        let mut models = HashMap::with_capacity(doc.models.len());
-        let mut model_order = Vec::with_capacity(doc.models.len());
-        for m in doc.models {
-            let kind = match m.kind.as_str() {
-                "chat" => ModelKind::Chat,
-                "embedding" => ModelKind::Embedding,
-                _ => {
-                    return Err(Error::Config(format!(
-                        "model {:?}: kind must be \"chat\" or \"embedding\"",
-                        m.name
-                    )))
-                }
-            };
-            if m.input_price < 0 || m.output_price < 0 || m.cached_input_price < 0 {
-                return Err(Error::Config(format!(
-                    "model {:?}: prices must be >= 0",
-                    m.name
-                )));
-            }
-            let provider = providers.get(&m.provider_id).cloned().ok_or_else(|| {
-                Error::Config(format!(
-                    "model {:?}: unknown provider_id {:?}",
-                    m.name, m.provider_id
-                ))
-            })?;
-            let model = Model {
-                name: m.name.clone(),
-                kind,
-                upstream_model: m.upstream_model,
-                prices: Prices {
-                    input: m.input_price,
-                    output: m.output_price,
-                    cached_input: m.cached_input_price,
-                },
-                max_output_tokens: m.max_output_tokens,
-                provider,
-            };
-            if models.insert(m.name.clone(), Arc::new(model)).is_some() {
-                return Err(Error::Config(format!("duplicate model name {:?}", m.name)));
-            }
-            model_order.push(m.name);
-        }
+        let blocked_ips = IpSet::from_entries(
+            doc.blocked_ips
+                .iter()
+                .map(|b| (b.cidr.as_str(), Some(b.until))),
+        )
+        .map_err(|e| Error::Config(format!("blocked_ips: {e}")))?;
 
         Ok(Snapshot {
             version: doc.version,
             keys,
             models,
             model_order,
+            routing,
+            blocked_ips,
         })
     }
+}
+
+fn compile_guard(org: &str, guard: &GuardDoc) -> Result<OrgGuard, Error> {
+    let categories = match &guard.categories {
+        None => CategorySet::all(),
+        Some(names) => CategorySet::from_names(names)
+            .map_err(|e| Error::Config(format!("org {org:?}: guard: {e}")))?,
+    };
+    Ok(OrgGuard {
+        mode: guard.mode,
+        categories,
+    })
 }
 
 /// Parse a snapshot document; serde's message names an unknown field.

@@ -76,6 +76,9 @@ pub struct EventInfo {
     pub usage_only: bool,
     /// Tokens of the content and tool-argument deltas.
     pub output_tokens: u64,
+    /// An error object from the upstream: never forwarded (its text may quote the
+    /// request); the stream then ends without `[DONE]` and the gateway's own error event.
+    pub error: bool,
 }
 
 #[derive(Deserialize)]
@@ -114,6 +117,8 @@ struct StreamChunk<'a> {
     choices: Option<Vec<StreamChoice<'a>>>,
     #[serde(default)]
     usage: Option<UsageDoc>,
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -182,6 +187,7 @@ pub fn inspect(event: &[u8]) -> EventInfo {
         return info;
     }
     if let Ok(chunk) = serde_json::from_slice::<StreamChunk<'_>>(&data) {
+        info.error = chunk.error.is_some();
         info.usage = chunk.usage.as_ref().map(UsageDoc::to_usage);
         let choices = chunk.choices.unwrap_or_default();
         info.usage_only = choices.is_empty() && info.usage.is_some();
@@ -258,7 +264,7 @@ impl SseRelay {
             meter.usage = info.usage;
         }
         meter.done |= info.done;
-        if strip_usage && info.usage_only {
+        if info.error || (strip_usage && info.usage_only) {
             return;
         }
         meter.events += 1;

@@ -15,16 +15,39 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use parking_lot::Mutex;
 
 use crate::error::{ApiError, Error};
+use crate::routing::{DeploymentStats, ProviderState};
 
 pub(crate) type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Clients keyed by connect timeout (the one connector setting that varies by provider).
+/// Clients keyed by connect timeout (the one connector setting that varies by provider),
+/// plus the live routing state of providers and deployments, which must survive
+/// snapshot swaps like the connection pools do.
 #[derive(Default)]
 pub(crate) struct ClientCache {
     clients: Mutex<HashMap<Duration, HttpClient>>,
+    providers: Mutex<HashMap<String, Arc<ProviderState>>>,
+    deployments: Mutex<HashMap<(String, String), Arc<DeploymentStats>>>,
 }
 
 impl ClientCache {
+    /// Breaker and in-flight count of a provider, by id.
+    pub(crate) fn provider_state(&self, id: &str) -> Arc<ProviderState> {
+        self.providers
+            .lock()
+            .entry(id.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Latency average of a deployment, by provider id and upstream model.
+    pub(crate) fn deployment_stats(&self, provider: &str, model: &str) -> Arc<DeploymentStats> {
+        self.deployments
+            .lock()
+            .entry((provider.to_owned(), model.to_owned()))
+            .or_default()
+            .clone()
+    }
+
     pub(crate) fn get(&self, connect_timeout: Duration) -> Result<HttpClient, Error> {
         let mut clients = self.clients.lock();
         if let Some(c) = clients.get(&connect_timeout) {

@@ -91,3 +91,119 @@ fn concurrent_reserves_never_exceed_the_balance() {
     assert_eq!(granted, (balance / 7) as usize);
     assert!(account.totals().1 <= balance);
 }
+
+#[test]
+fn price_factor_is_applied_to_the_exact_product_and_rounded_once() {
+    use onetoken_gateway::billing::{cost_ppm, reserve_amount_at, usage_cost_at, PPM_ONE};
+    assert_eq!(cost_ppm(7, 500_000_000, 900_000), 3150);
+    // 1 token at 1/M with 10% off is 0.9e-6 nano-units: rounds up to 1, once.
+    assert_eq!(cost_ppm(1, 1, 900_000), 1);
+    // Rounding the price first would give ceil(3 * 0.9) = 3 per million; exact is 2.7.
+    assert_eq!(cost_ppm(1_000_000, 3, 900_000), 3);
+    assert_eq!(cost_ppm(10_000_000, 3, 900_000), 27);
+    assert_eq!(
+        cost_ppm(123_457, 987_654_321, PPM_ONE),
+        cost(123_457, 987_654_321)
+    );
+    assert_eq!(
+        cost_ppm(1_000_000, 1_000, 1_500_000),
+        1_500,
+        "surcharges too"
+    );
+    assert_eq!(cost_ppm(5, 7, 0), 0);
+    assert_eq!(
+        cost_ppm(u64::MAX, i64::MAX, u32::MAX),
+        i64::MAX,
+        "saturates"
+    );
+    let p = Prices {
+        input: 3,
+        output: 7,
+        cached_input: 1,
+    };
+    let u = Usage {
+        prompt: 2_000_000,
+        completion: 1_000_000,
+        cached: 1_000_000,
+    };
+    // input 1e6*3*0.5 = 1.5 -> 2; cached 1e6*1*0.5 = 0.5 -> 1; output 1e6*7*0.5 = 3.5 -> 4.
+    assert_eq!(usage_cost_at(u, p, 500_000), 7);
+    assert_eq!(usage_cost_at(u, p, PPM_ONE), usage_cost(u, p));
+    assert_eq!(reserve_amount_at(1_000_000, 1_000_000, p, 500_000), 2 + 4);
+}
+
+#[test]
+fn budgets_count_ledger_engine_and_reserved_spend() {
+    use onetoken_gateway::billing::{Budgets, ReserveRefusal, UsageMark};
+    let a = OrgAccount::default();
+    let today = 20_784;
+    let usage = UsageMark {
+        day: today,
+        month: 202_611,
+        spent_day: 900,
+        spent_month: 5_000,
+        spent_mark: 0,
+    };
+    let day = Budgets {
+        day: Some(1_000),
+        month: None,
+    };
+    assert_eq!(
+        a.try_reserve_within(None, day, &usage, today, 202_611, 60),
+        Ok(())
+    );
+    assert_eq!(
+        a.try_reserve_within(None, day, &usage, today, 202_611, 41),
+        Err(ReserveRefusal::BudgetDay),
+        "900 spent + 60 reserved + 41 > 1000"
+    );
+    a.settle(60, 50);
+    // 900 + 50 (engine, not yet in the ledger) = 950.
+    assert_eq!(
+        a.try_reserve_within(None, day, &usage, today, 202_611, 50),
+        Ok(())
+    );
+    a.settle(50, 0);
+    // The snapshot catches up: the ledger now holds the 50 (spent_mark 50).
+    let caught_up = UsageMark {
+        spent_day: 950,
+        spent_mark: 50,
+        ..usage
+    };
+    assert_eq!(
+        a.try_reserve_within(None, day, &caught_up, today, 202_611, 51),
+        Err(ReserveRefusal::BudgetDay)
+    );
+    // Next UTC day, before a new snapshot: only the engine's own spend since then counts.
+    assert_eq!(
+        a.try_reserve_within(None, day, &usage, today + 1, 202_611, 1_000),
+        Ok(())
+    );
+    a.settle(1_000, 700);
+    assert_eq!(
+        a.try_reserve_within(None, day, &usage, today + 1, 202_611, 301),
+        Err(ReserveRefusal::BudgetDay)
+    );
+    // Month budget and balance, in that order.
+    let month = Budgets {
+        day: None,
+        month: Some(5_800),
+    };
+    assert_eq!(
+        a.try_reserve_within(None, month, &usage, today + 1, 202_611, 100),
+        Err(ReserveRefusal::BudgetMonth),
+        "5000 + 750 + 100 > 5800"
+    );
+    assert_eq!(
+        a.try_reserve_within(
+            Some((10, 0)),
+            Budgets::default(),
+            &usage,
+            today,
+            202_611,
+            11
+        ),
+        Err(ReserveRefusal::Balance)
+    );
+    assert_eq!(a.totals().1, 0, "refusals hold nothing");
+}

@@ -143,3 +143,63 @@ fn bind_errors_are_immediate_and_start_twice_is_a_state_error() {
     engine.stop(std::time::Duration::from_millis(100));
     assert!(matches!(engine.start(), Err(Error::State(_))));
 }
+
+#[test]
+fn full_snapshot_fixture_parses_with_every_admission_field() {
+    let doc: SnapshotDoc = serde_json::from_slice(&fixture("snapshot_full.json")).unwrap();
+    let org = &doc.orgs[0];
+    assert_eq!(org.price_factor_ppm, 900_000);
+    assert_eq!(org.limits.rpm, Some(6000));
+    assert_eq!(org.limits.budget_month, None);
+    assert_eq!(org.usage.month, 202_611);
+    let key = &doc.keys[0];
+    assert_eq!(key.secret_version, 1);
+    assert_eq!(key.allowed_ips.as_ref().unwrap().len(), 2);
+    assert_eq!(key.limits.concurrency, Some(20));
+    assert_eq!(doc.blocked_ips[0].until, 4_102_444_800);
+
+    // The minimal fixture takes the documented defaults.
+    let min: SnapshotDoc = serde_json::from_slice(&fixture("snapshot.json")).unwrap();
+    assert_eq!(min.orgs[0].price_factor_ppm, 1_000_000);
+    assert!(min.orgs[0].limits.rpm.is_none() && min.orgs[0].limits.budget_day.is_none());
+    assert_eq!(min.keys[0].secret_version, 1);
+    assert!(min.keys[0].allowed_ips.is_none() && min.keys[0].not_before.is_none());
+    assert!(min.blocked_ips.is_empty());
+}
+
+#[test]
+fn admission_objects_reject_unknown_fields_by_name() {
+    let cfg = EngineConfig::from_json(&fixture("engine_config.json")).unwrap();
+    let engine = Engine::new(cfg).unwrap();
+    for pointer in [
+        "/orgs/0/limits",
+        "/orgs/0/usage",
+        "/orgs/0/guard",
+        "/keys/0/limits",
+        "/keys/0/usage",
+        "/blocked_ips/0",
+    ] {
+        let mut v: Value = serde_json::from_slice(&fixture("snapshot_full.json")).unwrap();
+        v["version"] = Value::from(50);
+        v.pointer_mut(pointer).unwrap()["surprise_field"] = Value::from(1);
+        let err = engine.load_snapshot(v.to_string().as_bytes()).unwrap_err();
+        assert!(
+            matches!(&err, Error::Config(m) if m.contains("surprise_field")),
+            "{pointer}: {err}"
+        );
+    }
+}
+
+#[test]
+fn engine_config_accepts_previous_key_hash_secrets() {
+    let mut v: Value = serde_json::from_slice(&fixture("engine_config.json")).unwrap();
+    v["key_hash_secret_version"] = Value::from(3);
+    v["previous_key_hash_secrets"] = serde_json::json!([{"version": 2, "secret_hex": "00ff"}]);
+    v["journal"] = Value::from(false);
+    let cfg = EngineConfig::from_json(v.to_string().as_bytes()).unwrap();
+    assert_eq!(cfg.key_hash_secret_version, 3);
+    assert_eq!(cfg.previous_key_hash_secrets[0].version, 2);
+    assert!(!cfg.journal);
+    v["previous_key_hash_secrets"] = serde_json::json!([{"version": 3, "secret_hex": "00ff"}]);
+    assert!(EngineConfig::from_json(v.to_string().as_bytes()).is_err());
+}

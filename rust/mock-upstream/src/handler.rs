@@ -15,13 +15,14 @@ use serde::Deserialize;
 
 use crate::body::{MockBody, Piece};
 use crate::json::{self, Usage};
+use crate::protocols;
 use crate::MockDefaults;
 
 /// Request bodies above this are refused; the mock is not a place to test huge uploads.
 const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 const EMBEDDING_DIMS: usize = 8;
 /// Text of one content chunk, and of one token of a non-streamed reply.
-const TOKEN: &str = "tok ";
+pub(crate) const TOKEN: &str = "tok ";
 
 static JSON: HeaderValue = HeaderValue::from_static("application/json");
 static EVENT_STREAM: HeaderValue = HeaderValue::from_static("text/event-stream");
@@ -42,7 +43,7 @@ pub(crate) struct Shared {
 /// misspelt control fails the test that used it instead of being silently ignored.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct Controls {
+pub(crate) struct Controls {
     chunks: Option<u32>,
     delay_ms: Option<u64>,
     latency_ms: Option<u64>,
@@ -52,6 +53,8 @@ struct Controls {
     echo: Option<bool>,
     prompt_tokens: Option<u64>,
     cached_tokens: Option<u64>,
+    /// Answer with one tool call instead of text.
+    tool_call: Option<bool>,
 }
 
 /// Message content: a string, or a list of parts of which only the text parts count.
@@ -118,20 +121,21 @@ struct EmbeddingsRequest {
 }
 
 /// Controls resolved against the server-wide defaults.
-struct Plan {
-    chunks: u32,
-    delay: Duration,
-    latency: Duration,
-    usage: bool,
-    status: u16,
-    cut_after: Option<u32>,
-    echo: bool,
-    prompt_tokens: Option<u64>,
-    cached_tokens: u64,
+pub(crate) struct Plan {
+    pub(crate) chunks: u32,
+    pub(crate) delay: Duration,
+    pub(crate) latency: Duration,
+    pub(crate) usage: bool,
+    pub(crate) status: u16,
+    pub(crate) cut_after: Option<u32>,
+    pub(crate) echo: bool,
+    pub(crate) prompt_tokens: Option<u64>,
+    pub(crate) cached_tokens: u64,
+    pub(crate) tool_call: bool,
 }
 
 impl Plan {
-    fn new(defaults: &MockDefaults, c: Option<Controls>) -> Plan {
+    pub(crate) fn new(defaults: &MockDefaults, c: Option<Controls>) -> Plan {
         let c = c.unwrap_or_default();
         Plan {
             chunks: c.chunks.unwrap_or(defaults.chunks),
@@ -143,6 +147,7 @@ impl Plan {
             echo: c.echo.unwrap_or(false),
             prompt_tokens: c.prompt_tokens,
             cached_tokens: c.cached_tokens.unwrap_or(0),
+            tool_call: c.tool_call.unwrap_or(false),
         }
     }
 }
@@ -153,8 +158,12 @@ pub(crate) async fn handle(
     shared: Arc<Shared>,
 ) -> Result<Response<MockBody>, Infallible> {
     let path = req.uri().path();
-    // `/v1` is optional so a client configured with the bare origin as base URL works too.
-    let route = path.strip_prefix("/v1").unwrap_or(path);
+    // `/v1` (Gemini: `/v1beta`) is optional so a client configured with the bare origin as
+    // base URL works too.
+    let route = path
+        .strip_prefix("/v1beta")
+        .or_else(|| path.strip_prefix("/v1"))
+        .unwrap_or(path);
     let method = req.method();
     if route == "/healthz" || path == "/healthz" {
         // Not counted: readiness probes must not disturb tests that assert call counts.
@@ -176,6 +185,73 @@ pub(crate) async fn handle(
         },
         ("/models", &Method::GET) => json_response(StatusCode::OK, Bytes::from_static(MODELS_BODY)),
         ("/chat/completions" | "/embeddings" | "/models", _) => method_not_allowed(),
+        ("/messages", &Method::POST) => {
+            let headers = req.headers().clone();
+            match read_body(req).await {
+                Ok(body) => protocols::anthropic(&shared.defaults, id, &headers, &body).await,
+                Err(resp) => resp,
+            }
+        }
+        ("/responses" | "/openai/responses", &Method::POST) => match read_body(req).await {
+            Ok(body) => protocols::responses(&shared.defaults, id, &body).await,
+            Err(resp) => resp,
+        },
+        (r, &Method::POST) if r.starts_with("/models/") => {
+            let target = r.trim_start_matches("/models/").to_owned();
+            let alt_sse = req
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|p| p == "alt=sse"));
+            let (model, method) = target.split_once(':').unwrap_or((target.as_str(), ""));
+            let stream = match method {
+                "generateContent" => Some(false),
+                // Only the SSE form (`alt=sse`) is implemented, which is what the gateway uses.
+                "streamGenerateContent" if alt_sse => Some(true),
+                _ => None,
+            };
+            match (stream, read_body(req).await) {
+                (Some(stream), Ok(body)) => {
+                    protocols::gemini(&shared.defaults, id, model, stream, &body).await
+                }
+                (None, _) => error_response(
+                    StatusCode::NOT_FOUND,
+                    "unknown Gemini method (generateContent or streamGenerateContent?alt=sse)",
+                    "invalid_request_error",
+                    Some("not_found"),
+                ),
+                (_, Err(resp)) => resp,
+            }
+        }
+        (r, &Method::POST) if r.starts_with("/openai/deployments/") => {
+            // Azure OpenAI: the deployment is in the path and `api-version` is required.
+            let has_version = req
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|p| p.starts_with("api-version=")));
+            let tail = r
+                .trim_start_matches("/openai/deployments/")
+                .split_once('/')
+                .map(|(_, t)| t.to_owned());
+            match (has_version, tail.as_deref(), read_body(req).await) {
+                (false, _, _) => error_response(
+                    StatusCode::BAD_REQUEST,
+                    "api-version query parameter is required",
+                    "invalid_request_error",
+                    Some("missing_api_version"),
+                ),
+                (true, Some("chat/completions"), Ok(body)) => {
+                    chat(&shared.defaults, id, &body).await
+                }
+                (true, Some("embeddings"), Ok(body)) => embeddings(&shared.defaults, &body).await,
+                (true, _, Err(resp)) => resp,
+                (true, _, Ok(_)) => error_response(
+                    StatusCode::NOT_FOUND,
+                    "unknown path on the mock upstream",
+                    "invalid_request_error",
+                    Some("not_found"),
+                ),
+            }
+        }
         _ => error_response(
             StatusCode::NOT_FOUND,
             "unknown path on the mock upstream",
@@ -186,7 +262,7 @@ pub(crate) async fn handle(
     Ok(response)
 }
 
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<MockBody>> {
+pub(crate) async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<MockBody>> {
     match Limited::new(req.into_body(), MAX_BODY_BYTES)
         .collect()
         .await
@@ -202,7 +278,7 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<MockBody>> 
 }
 
 /// Map a JSON parse failure to a fixed message: serde's own text may quote the input.
-fn parse_error(err: &serde_json::Error) -> Response<MockBody> {
+pub(crate) fn parse_error(err: &serde_json::Error) -> Response<MockBody> {
     let (message, code) = if err.is_syntax() || err.is_eof() {
         ("request body is not valid JSON", "invalid_json")
     } else {
@@ -246,6 +322,15 @@ async fn chat(defaults: &MockDefaults, id: u64, body: &[u8]) -> Response<MockBod
         cached: plan.cached_tokens,
     };
     let created = unix_now();
+    if plan.tool_call {
+        let include_usage = req
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        let stream = req.stream.unwrap_or(false);
+        return protocols::openai_tool_call(id, body, &plan, usage, stream, include_usage);
+    }
     if req.stream.unwrap_or(false) {
         let include_usage = req
             .stream_options
@@ -539,7 +624,7 @@ fn prompt_tokens(messages: &[Message]) -> u64 {
         .sum()
 }
 
-fn word_count(s: &str) -> u64 {
+pub(crate) fn word_count(s: &str) -> u64 {
     s.split_whitespace().count() as u64
 }
 
@@ -560,7 +645,7 @@ fn last_user_text(messages: &[Message]) -> String {
 
 /// Split `text` into `n` pieces whose concatenation is `text`, cutting only where a word
 /// starts, so a canary word always travels whole inside one chunk. Pieces may be empty.
-fn split_words(text: &str, n: u32) -> Vec<&str> {
+pub(crate) fn split_words(text: &str, n: u32) -> Vec<&str> {
     let n = n as usize;
     if n == 0 {
         return Vec::new();
@@ -592,7 +677,7 @@ fn split_words(text: &str, n: u32) -> Vec<&str> {
     bounds.windows(2).map(|b| &text[b[0]..b[1]]).collect()
 }
 
-fn status_error(status: u16, echo: Option<&str>) -> Response<MockBody> {
+pub(crate) fn status_error(status: u16, echo: Option<&str>) -> Response<MockBody> {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let (kind, code) = match status.as_u16() {
         401 => ("authentication_error", Some("invalid_api_key")),
@@ -609,21 +694,21 @@ fn status_error(status: u16, echo: Option<&str>) -> Response<MockBody> {
     error_response(status, &message, kind, code)
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-fn json_response(status: StatusCode, body: Bytes) -> Response<MockBody> {
+pub(crate) fn json_response(status: StatusCode, body: Bytes) -> Response<MockBody> {
     let mut resp = Response::new(MockBody::full(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(CONTENT_TYPE, JSON.clone());
     resp
 }
 
-fn error_response(
+pub(crate) fn error_response(
     status: StatusCode,
     message: &str,
     kind: &str,

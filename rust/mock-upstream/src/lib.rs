@@ -8,6 +8,7 @@
 mod body;
 mod handler;
 mod json;
+mod protocols;
 
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};

@@ -46,6 +46,10 @@ impl Engine {
         columns(py, &records).map(Some)
     }
 
+    fn ack_records(&self, py: Python<'_>, count: u64) -> u64 {
+        py.detach(|| self.inner.ack_records(count))
+    }
+
     fn stop(&self, py: Python<'_>, grace_seconds: f64) {
         let grace = Duration::try_from_secs_f64(grace_seconds.max(0.0)).unwrap_or(Duration::ZERO);
         py.detach(|| self.inner.stop(grace));
@@ -63,6 +67,14 @@ impl Engine {
         Ok(out)
     }
 
+    fn key_spend<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        for (key, spent, reserved) in self.inner.key_spend() {
+            out.set_item(key, (spent, reserved))?;
+        }
+        Ok(out)
+    }
+
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.stats();
         let out = PyDict::new(py);
@@ -71,6 +83,9 @@ impl Engine {
         out.set_item("records_spooled", s.records_spooled)?;
         out.set_item("in_flight", s.in_flight)?;
         out.set_item("snapshot_version", s.snapshot_version)?;
+        out.set_item("journal_segments", s.journal_segments)?;
+        out.set_item("journal_unacked", s.journal_unacked)?;
+        out.set_item("journal_errors", s.journal_errors)?;
         Ok(out)
     }
 
@@ -124,5 +139,6 @@ fn columns<'py>(py: Python<'py>, records: &[CallRecord]) -> PyResult<Bound<'py, 
     column!(user_agent);
     column!(rate_limit);
     column!(attempts);
+    column!(guard_flags);
     Ok(out)
 }

@@ -333,9 +333,19 @@ impl Harness {
         }
     }
 
-    /// All records so far.
+    /// All records so far, in request order. A record is committed just after its
+    /// response is sent and a request is in flight until then, so this first waits
+    /// (bounded) for no request to be in flight.
     pub fn records(&self) -> Vec<onetoken_gateway::CallRecord> {
-        self.engine.drain_records(usize::MAX)
+        for _ in 0..200 {
+            if self.engine.stats().in_flight == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut recs = self.engine.drain_records(usize::MAX);
+        recs.sort_by_key(|r| r.ts);
+        recs
     }
 
     /// Wait (bounded) until `n` records were emitted in total.

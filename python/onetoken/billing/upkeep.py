@@ -1,0 +1,100 @@
+"""Billing work the gateway supervisor runs in the background: prices that come due,
+packages that lapse, a new UTC day or month for budgets (each needs a fresh snapshot), and
+the low-balance / quota-exhausted webhook events raised by ingested usage."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+from onetoken.billing import budgets, packages, prices
+from onetoken.db.models import utcnow
+from onetoken.db.session import SessionFactory
+
+log = logging.getLogger("onetoken.billing")
+
+# Upkeep and event checks each run at most this often (they are queries, not per batch).
+INTERVAL_S = 1.0
+
+
+class BillingUpkeep:
+    def __init__(self, session_factory: SessionFactory, *, interval_s: float = INTERVAL_S) -> None:
+        self._sf = session_factory
+        self._interval = interval_s
+        self._next_tick = 0.0
+        self._next_check = 0.0
+        self._pushed_window: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+        self._orgs: set[str] = set()
+        self._keys: set[str] = set()
+        self._refused: set[tuple[str, str]] = set()
+
+    def pushed(self, now: datetime | None = None) -> None:
+        """A snapshot was built now: its usage windows are for this day and month."""
+        w = budgets.Window.at(now or utcnow())
+        self._pushed_window = (w.day, w.month)
+
+    def tick(self, now: datetime | None = None) -> bool:
+        """Apply due prices and lapse packages; True when the engine needs a new snapshot
+        (also when the UTC day changed since the last one, so budgets restart)."""
+        mono = time.monotonic()
+        if mono < self._next_tick:
+            return False
+        self._next_tick = mono + self._interval
+        at = now or utcnow()
+        with self._sf() as session:
+            changed = prices.apply_due(session, at)
+            lapsed = packages.expire_due(session, at)
+            session.commit()
+        if changed or lapsed:
+            log.info("billing.upkeep", extra={"count": changed + len(lapsed)})
+        w = budgets.Window.at(at)
+        new_window = self._pushed_window is not None and self._pushed_window != (w.day, w.month)
+        return bool(changed or lapsed or new_window)
+
+    def observe(self, batch: dict[str, list[Any]]) -> None:
+        """Note which orgs and keys spent (or were refused for a budget) in a drained
+        batch; every INTERVAL_S, check them for webhook events."""
+        try:
+            orgs, keys, costs, codes = (
+                batch["org_id"],
+                batch["key_id"],
+                batch["cost"],
+                batch["error_code"],
+            )
+        except KeyError:
+            return
+        with self._lock:
+            for org, key, cost, code in zip(orgs, keys, costs, codes, strict=False):
+                if not org:
+                    continue
+                if cost and int(cost) > 0:
+                    self._orgs.add(org)
+                    if key:
+                        self._keys.add(key)
+                if code == "budget_exceeded":
+                    self._refused.add((org, key or ""))
+        self.check_events()
+
+    def check_events(self, *, force: bool = False) -> int:
+        mono = time.monotonic()
+        if not force and mono < self._next_check:
+            return 0
+        self._next_check = mono + self._interval
+        with self._lock:
+            orgs, keys, refused = self._orgs, self._keys, self._refused
+            self._orgs, self._keys, self._refused = set(), set(), set()
+        if not (orgs or keys or refused):
+            return 0
+        try:
+            with self._sf() as session:
+                events = budgets.check_events(session, orgs, keys, refused=refused)
+                session.commit()
+        except Exception as exc:
+            log.warning("billing.events_failed", extra={"exc_type": type(exc).__name__})
+            return 0
+        budgets.emit_all(events)
+        return len(events)

@@ -1,0 +1,269 @@
+"""Sign-in: passwords, second factors, lockouts, sessions (bearer and console cookie)."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+from starlette.requests import Request
+
+from onetoken.db.models import Account, AdminSession, Org, new_id, utcnow
+from onetoken.deps import Principal
+from onetoken.kit.crypto import (
+    SESSION_TOKEN_PREFIX,
+    Secrets,
+    generate_session_token,
+    hash_password,
+    keyed_hash,
+    verify_password,
+)
+from onetoken.kit.errors import BadRequest, Unauthorized, Unprocessable
+from onetoken.orgs.service import find_account, normalize_login
+from onetoken.security import totp
+from onetoken.security.login_guard import Attempt, LoginGuard
+
+log = logging.getLogger("onetoken.orgs")
+
+SESSION_COOKIE = "ot_session"
+CSRF_COOKIE = "ot_csrf"
+CSRF_HEADER = "x-csrf-token"
+MIN_PASSWORD_LEN = 12
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    identifier: str
+    password: str
+    totp_code: str | None
+    source_ip: str
+    user_agent: str
+
+
+def _unknown_subject(secrets: Secrets, identifier: str) -> str:
+    # Unknown identifiers are throttled like accounts (so locking reveals nothing), under
+    # a keyed hash: what someone typed as a user name is never stored.
+    return "u:" + keyed_hash(secrets.session, "login\x00" + normalize_login(identifier))[:40]
+
+
+def authenticate(
+    session: Session, secrets: Secrets, guard: LoginGuard, creds: Credentials
+) -> Account:
+    """The account for these credentials, or Unauthorized / LoginLocked. Every outcome is
+    recorded in the security log; failures are committed before raising."""
+    account = find_account(session, creds.identifier)
+    org_id = account.org_id if account is not None else ""
+    attempt = Attempt(
+        subject=account.id if account is not None else _unknown_subject(secrets, creds.identifier),
+        account_id=account.id if account is not None else "",
+        org_id=org_id,
+        source_ip=creds.source_ip,
+        user_agent=creds.user_agent,
+    )
+    guard.check(session, attempt)
+    ok = verify_password(account.password_hash if account else None, creds.password)
+    reason = ""
+    if account is None:
+        reason = "unknown_account"
+    elif not ok:
+        reason = "bad_password"
+    elif account.status != "active":
+        reason = "disabled"
+    elif session.get(Org, account.org_id) is None or _org_status(session, account) != "active":
+        reason = "org_disabled"
+    if reason:
+        guard.failure(session, attempt, reason)
+        session.commit()
+        raise Unauthorized("Invalid login or password.", code="invalid_credentials")
+    assert account is not None
+    if account.auth_status == "totp":
+        if not creds.totp_code:
+            # The password was right; the second factor is asked for, not counted as a
+            # failure (the same 401 shape tells the console to show the code field).
+            raise Unauthorized("A one-time code is required.", code="totp_required")
+        step = _verify_totp(secrets, account, creds.totp_code)
+        if step is None:
+            guard.failure(session, attempt, "bad_totp")
+            session.commit()
+            raise Unauthorized("Invalid one-time code.", code="invalid_totp")
+        account.totp_last_step = step
+    guard.success(session, attempt)
+    account.last_login_at = utcnow()
+    return account
+
+
+def _org_status(session: Session, account: Account) -> str:
+    org = session.get(Org, account.org_id)
+    return org.status if org is not None else "missing"
+
+
+def _verify_totp(secrets: Secrets, account: Account, code: str) -> int | None:
+    if account.totp_secret_encrypted is None:
+        return None
+    secret = secrets.decrypt(account.totp_secret_encrypted)
+    return totp.verify(secret, code, after_step=account.totp_last_step)
+
+
+def issue_session(
+    session: Session, secrets: Secrets, account: Account, ttl: timedelta
+) -> tuple[str, AdminSession]:
+    """A new session token for `account` (returned once, stored as a keyed hash)."""
+    token = generate_session_token()
+    now = utcnow()
+    record = AdminSession(
+        id=new_id("ses"),
+        account_id=account.id,
+        token_hash=secrets.hash_session_token(token),
+        created_at=now,
+        expires_at=now + ttl,
+    )
+    session.add(record)
+    # Expired sessions are swept here rather than by a scheduler.
+    session.execute(delete(AdminSession).where(AdminSession.expires_at < now))
+    session.flush()
+    return token, record
+
+
+def logout(session: Session, secrets: Secrets, token: str) -> None:
+    session.execute(
+        delete(AdminSession).where(AdminSession.token_hash == secrets.hash_session_token(token))
+    )
+    session.commit()
+
+
+def end_sessions(session: Session, account_id: str, *, keep_session_id: str = "") -> None:
+    session.execute(
+        delete(AdminSession).where(
+            AdminSession.account_id == account_id, AdminSession.id != keep_session_id
+        )
+    )
+
+
+def resolve_session(session: Session, secrets: Secrets, token: str) -> Principal | None:
+    if not token.startswith(SESSION_TOKEN_PREFIX) or len(token) > 128:
+        return None
+    row = session.execute(
+        select(AdminSession, Account)
+        .join(Account, Account.id == AdminSession.account_id)
+        .where(AdminSession.token_hash == secrets.hash_session_token(token))
+    ).one_or_none()
+    if row is None:
+        return None
+    admin_session, account = row
+    if admin_session.expires_at <= utcnow() or account.status != "active":
+        return None
+    return Principal(
+        account_id=account.id,
+        org_id=account.org_id,
+        role=account.role,
+        email=account.email or "",
+        is_operator=account.is_operator,
+        session_id=admin_session.id,
+    )
+
+
+# -- console cookies and CSRF ---------------------------------------------------------------
+
+
+def csrf_token(secrets: Secrets, session_token: str) -> str:
+    """The CSRF token of a console session: bound to it, so a token planted by another
+    site (cookie tossing) does not match."""
+    return keyed_hash(secrets.session, "csrf\x00" + session_token)
+
+
+def csrf_ok(secrets: Secrets, session_token: str, request: Request) -> bool:
+    header = request.headers.get(CSRF_HEADER, "")
+    cookie = request.cookies.get(CSRF_COOKIE, "")
+    expected = csrf_token(secrets, session_token)
+    return bool(header) and hmac.compare_digest(header, cookie) and hmac.compare_digest(
+        header, expected
+    )
+
+
+# -- passwords, invites and second factors ----------------------------------------------------
+
+
+def check_password_strength(password: str) -> None:
+    if len(password) < MIN_PASSWORD_LEN:
+        raise Unprocessable(
+            f"Passwords must be at least {MIN_PASSWORD_LEN} characters.", param="password"
+        )
+
+
+def change_password(
+    session: Session, account: Account, current: str, new: str, keep_session_id: str
+) -> None:
+    if not verify_password(account.password_hash, current):
+        # 400, not 401: the session is fine, only the confirmation failed.
+        raise BadRequest("The current password is wrong.", code="invalid_credentials")
+    check_password_strength(new)
+    account.password_hash = hash_password(new)
+    account.updated_at = utcnow()
+    end_sessions(session, account.id, keep_session_id=keep_session_id)
+
+
+def accept_invite(session: Session, secrets: Secrets, token: str, password: str) -> Account:
+    check_password_strength(password)
+    if not token.startswith("oti_") or len(token) > 128:
+        raise Unauthorized("Invalid or expired invite.", code="invalid_invite")
+    account = session.scalars(
+        select(Account).where(Account.invite_token_hash == secrets.hash_session_token(token))
+    ).first()
+    now = utcnow()
+    if (
+        account is None
+        or account.invite_expires_at is None
+        or account.invite_expires_at <= now
+        or account.status != "active"
+    ):
+        raise Unauthorized("Invalid or expired invite.", code="invalid_invite")
+    account.password_hash = hash_password(password)
+    account.auth_status = "password"
+    account.invite_token_hash = None
+    account.invite_expires_at = None
+    account.updated_at = now
+    session.flush()
+    return account
+
+
+def totp_enrol(session: Session, secrets: Secrets, account: Account) -> tuple[str, str]:
+    """Start (or restart) enrolment: a new secret, stored encrypted, active only once a
+    code from it is confirmed. Returns (secret, otpauth URI), shown once."""
+    if account.auth_status == "totp":
+        raise BadRequest("A second factor is already enabled; disable it first.",
+                         code="totp_already_enabled")
+    secret = totp.generate_secret()
+    account.totp_secret_encrypted = secrets.encrypt(secret)
+    account.totp_last_step = None
+    session.flush()
+    return secret, totp.provisioning_uri(secret, account.login_name)
+
+
+def totp_confirm(session: Session, secrets: Secrets, account: Account, code: str) -> None:
+    if account.auth_status == "totp":
+        raise BadRequest("A second factor is already enabled.", code="totp_already_enabled")
+    if account.totp_secret_encrypted is None:
+        raise BadRequest("Start enrolment first.", code="totp_not_enrolled")
+    step = _verify_totp(secrets, account, code)
+    if step is None:
+        raise BadRequest("Invalid one-time code.", code="invalid_totp")
+    account.totp_last_step = step
+    account.auth_status = "totp"
+    account.updated_at = utcnow()
+    session.flush()
+
+
+def totp_disable(session: Session, secrets: Secrets, account: Account, code: str) -> None:
+    if account.auth_status != "totp":
+        raise BadRequest("No second factor is enabled.", code="totp_not_enabled")
+    step = _verify_totp(secrets, account, code)
+    if step is None:
+        raise BadRequest("Invalid one-time code.", code="invalid_totp")
+    account.totp_secret_encrypted = None
+    account.totp_last_step = None
+    account.auth_status = "password"
+    account.updated_at = utcnow()
+    session.flush()

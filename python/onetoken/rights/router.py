@@ -1,0 +1,154 @@
+"""Users' rights: export one's own data, cancel one's own account (or, for admins, an
+account of their org). Viewing and correcting live at GET/PATCH /me and /org."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from sqlalchemy import func, select
+
+from onetoken.db.models import Account
+from onetoken.deps import AppState, Principal, SessionDep, StateDep
+from onetoken.kit.crypto import verify_password
+from onetoken.kit.errors import Conflict, Forbidden, NotFound, OnetokenError, Unauthorized
+from onetoken.rights import erasure, export
+from onetoken.security import audit
+from onetoken.security.permissions import require
+
+router = APIRouter(tags=["rights"])
+
+SelfDep = Annotated[Principal, Depends(require("self"))]
+MembersWriteDep = Annotated[Principal, Depends(require("members.write"))]
+
+
+class CallLogUnavailable(OnetokenError):
+    status_code = 503
+    type = "service_unavailable"
+    code = "call_log_unavailable"
+
+
+class CancelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Re-authentication: a stolen session alone must not erase an account.
+    password: SecretStr = Field(min_length=1, max_length=1024)
+
+
+class CancelResponse(BaseModel):
+    account_id: str
+    # done | control_done (ClickHouse is anonymized as soon as it is reachable again)
+    state: str
+    keys_revoked: int
+
+
+def _runner(state: AppState) -> Any:
+    return erasure._runner(state)
+
+
+def _account(session: SessionDep, principal: Principal) -> Account:
+    account = session.get(Account, principal.account_id)
+    if account is None:
+        raise NotFound("Account not found.")
+    return account
+
+
+@router.get("/me/export", response_model=None)
+def export_me(
+    principal: SelfDep,
+    session: SessionDep,
+    state: StateDep,
+    format: Annotated[Literal["json", "csv"], Query()] = "json",
+    part: Annotated[Literal["account", "keys", "calls", "security"], Query()] = "calls",
+) -> Response:
+    """Everything kept about the caller's account. JSON: one document with every part.
+    CSV: one part per request (`part`: calls, the default; account; keys; security)."""
+    account = _account(session, principal)
+    run = _runner(state)
+    audit.event(principal, "account.data_exported", "info", subject_id=account.id,
+                detail={"format": format, "part": part if format == "csv" else "all"})
+    if format == "json":
+        body = export.build(session, account, run)
+        return JSONResponse(
+            body, headers={"content-disposition": 'attachment; filename="onetoken-export.json"'}
+        )
+    if part in ("calls", "security") and run is None:
+        raise CallLogUnavailable("Call statistics are served by a running gateway.")
+    if part == "account":
+        text = export.account_csv(export.account_part(session, account))
+    elif part == "keys":
+        text = export.to_csv(export.keys_part(session, account), export.KEY_COLUMNS)
+    elif part == "calls":
+        rows = run(lambda c: export.call_statistics(c, account.org_id, account.id))
+        text = export.to_csv(rows, export.CALL_STAT_COLUMNS)
+    else:
+        rows = run(lambda c: export.security_events(c, account.org_id, account.id))
+        text = export.to_csv(rows, export.SECURITY_COLUMNS)
+    return PlainTextResponse(
+        text,
+        media_type="text/csv",
+        headers={"content-disposition": f'attachment; filename="onetoken-{part}.csv"'},
+    )
+
+
+def _check_owner_kept(session: SessionDep, account: Account) -> None:
+    if account.role != "owner" or account.status != "active":
+        return
+    owners = session.scalar(
+        select(func.count()).select_from(Account).where(
+            Account.org_id == account.org_id,
+            Account.role == "owner",
+            Account.status == "active",
+        )
+    )
+    if int(owners or 0) <= 1:
+        raise Conflict(
+            "The organization's last owner cannot be cancelled; make another account owner "
+            "first.",
+            code="last_owner",
+        )
+
+
+def _cancel(state: AppState, principal: Principal, account_id: str) -> CancelResponse:
+    result = erasure.cancel_account(state, account_id, requested_by=principal.account_id)
+    # Recorded after the anonymization and without the caller's address, so the trail of
+    # the cancellation does not bring back what was just removed.
+    scrubbed = replace(principal, source_ip="", user_agent="")
+    audit.event(scrubbed, "account.cancelled", "high", subject_id=account_id,
+                detail={"keys_revoked": result.keys_revoked, "state": result.state})
+    return CancelResponse(
+        account_id=result.account_id, state=result.state, keys_revoked=result.keys_revoked
+    )
+
+
+@router.post("/me/cancel", response_model=CancelResponse)
+def cancel_me(
+    body: CancelRequest, principal: SelfDep, session: SessionDep, state: StateDep
+) -> CancelResponse:
+    """Cancel the caller's own account: its API keys are revoked at once, its personal
+    data anonymized (docs/retention.md); billing records stay under its pseudonymous id.
+    Needs the current password."""
+    account = _account(session, principal)
+    if not verify_password(account.password_hash, body.password.get_secret_value()):
+        raise Unauthorized("The password is not correct.", code="invalid_password")
+    _check_owner_kept(session, account)
+    session.rollback()
+    return _cancel(state, principal, account.id)
+
+
+@router.post("/accounts/{account_id}/cancel", response_model=CancelResponse)
+def cancel_account(
+    account_id: str, principal: MembersWriteDep, session: SessionDep, state: StateDep
+) -> CancelResponse:
+    """Cancel an account of the caller's org (owners only for owner accounts)."""
+    account = session.get(Account, account_id)
+    if account is None or (account.org_id != principal.org_id and not principal.is_operator):
+        raise NotFound("Account not found.")
+    if account.role == "owner" and principal.role != "owner" and not principal.is_operator:
+        raise Forbidden("Only owners manage owner accounts.", code="owner_required")
+    _check_owner_kept(session, account)
+    session.rollback()
+    return _cancel(state, principal, account.id)

@@ -1,0 +1,500 @@
+"""Risk detection on call metadata (never content): each drained record batch is looked
+at once, after the ledger took it (GatewaySupervisor.batch_observers).
+
+What is detected (thresholds in settings, defaults in docs/security.md):
+
+- frequency anomaly: a key's requests in the current bucket far above its own recent
+  baseline (EWMA of past buckets, after a warm-up);
+- abnormal calls: the same for a key's error responses; a key used from many source
+  addresses within a window;
+- attack interception: 401 floods from one source address; the source is blocked (the
+  snapshot's `blocked_ips`, 403 `ip_blocked` in the gateway) for a while;
+- key risks: use of a revoked or expired key, or from outside its allowed addresses
+  (the security_log rows are onetoken.security.keyrisk's; the detectors add the webhook);
+- system alarms: records spooled instead of written (pipeline trouble), records dropped,
+  an upstream provider failing repeatedly.
+
+Each detection writes a security_log row and emits a webhook event, at most once per
+subject and kind per cooldown. Time comes from the records (`ts`), so detection does not
+depend on how late a batch is drained. Work per batch is a few C-level passes over its
+columns (Counter, set, zip), so the pump keeps its throughput.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from itertools import compress
+from typing import Any, Protocol
+
+from onetoken import webhooks
+from onetoken.db.session import SessionFactory
+from onetoken.security import blocking
+from onetoken.security.keyrisk import KEY_RISKS
+from onetoken.security.log import Scalar, SecurityEvent, Severity, record
+
+log = logging.getLogger("onetoken.security")
+
+Batch = dict[str, list[Any]]
+
+UPSTREAM_FAILURE_CODES = frozenset({"upstream_unreachable", "upstream_timeout", "upstream_error"})
+# Bounded memory under a spray of addresses or keys: state beyond this is forgotten.
+_MAX_TRACKED = 100_000
+
+
+class DetectorSettings(Protocol):
+    anomaly_bucket_seconds: float
+    anomaly_ewma_alpha: float
+    anomaly_warmup_buckets: int
+    anomaly_rate_factor: float
+    anomaly_min_requests: int
+    anomaly_error_factor: float
+    anomaly_min_errors: int
+    anomaly_ip_window_seconds: float
+    anomaly_ip_threshold: int
+    attack_401_window_seconds: float
+    attack_401_threshold: int
+    attack_block_seconds: int
+    attack_block_exempt: str
+    alert_cooldown_seconds: float
+    upstream_alarm_failures: int
+
+
+@dataclass(slots=True)
+class _Series:
+    """One key's count in the current bucket and its EWMA baseline of past buckets."""
+
+    bucket: int = -1
+    count: int = 0
+    baseline: float = 0.0
+    seen: int = 0
+
+    def advance(self, bucket: int, alpha: float) -> None:
+        if bucket <= self.bucket:
+            return
+        if self.bucket >= 0:
+            closed = float(self.count)
+            self.baseline = (
+                closed if self.seen == 0 else alpha * closed + (1 - alpha) * self.baseline
+            )
+            gap = bucket - self.bucket - 1
+            if gap > 0:
+                # Empty buckets in between count as zeros.
+                self.baseline *= (1 - alpha) ** min(gap, 10_000)
+            self.seen += 1 + min(gap, 10_000)
+        self.bucket = bucket
+        self.count = 0
+
+
+@dataclass(slots=True)
+class _KeyState:
+    requests: _Series = field(default_factory=_Series)
+    errors: _Series = field(default_factory=_Series)
+    org_id: str = ""
+    account_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """What was found, for the security log and the webhook."""
+
+    kind: str  # security_log kind
+    severity: Severity
+    webhook_kind: str
+    org_id: str
+    actor_id: str = ""
+    subject_id: str = ""
+    source_ip: str = ""
+    detail: Mapping[str, Scalar] = field(default_factory=dict)
+    record: bool = True
+
+
+def _networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(
+        ipaddress.ip_network(p.strip(), strict=False) for p in spec.split(",") if p.strip()
+    )
+
+
+class Detectors:
+    def __init__(
+        self,
+        settings: DetectorSettings,
+        session_factory: SessionFactory | None = None,
+        *,
+        push_snapshot: Callable[[], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.s = settings
+        self.session_factory = session_factory
+        self.push_snapshot = push_snapshot
+        self._clock = clock
+        self._keys: dict[str, _KeyState] = {}
+        # key id -> {source ip -> last seen (record time, us)}
+        self._sources: dict[str, dict[str, int]] = {}
+        # source ip -> deque of (record time us, 401 count)
+        self._auth_failures: dict[str, deque[tuple[int, int]]] = {}
+        # provider -> deque of (record time us, failures, total)
+        self._upstream: dict[str, deque[tuple[int, int, int]]] = {}
+        self._alerted: dict[tuple[str, str], float] = {}
+        self._exempt = _networks(settings.attack_block_exempt)
+        self._lock = threading.Lock()
+        self._last_spooled: dict[str, int] = {}
+        self.detections = 0
+
+    # -- entry points ---------------------------------------------------------------------
+
+    def observe(self, batch: Batch) -> list[Detection]:
+        """Look at one drained batch; record and emit what it shows. Never raises."""
+        try:
+            with self._lock:
+                found = self._observe(batch)
+        except Exception as exc:
+            log.error("detectors.failed", extra={"exc_type": type(exc).__name__})
+            return []
+        for d in found:
+            self._report(d)
+        return found
+
+    def check_pipeline(self, stats: Mapping[str, int]) -> list[Detection]:
+        """System alarms from pipeline counters (sink and engine stats, cumulative):
+        records spooled to disk instead of ClickHouse, records dropped."""
+        found: list[Detection] = []
+        with self._lock:
+            alarms: tuple[tuple[str, str, Severity], ...] = (
+                ("rows_spooled", "system.pipeline_spooling", "high"),
+                ("records_spooled", "system.queue_overflow", "high"),
+                ("records_dropped", "system.records_dropped", "critical"),
+            )
+            for name, kind, severity in alarms:
+                value = int(stats.get(name, 0) or 0)
+                before = self._last_spooled.get(name, 0)
+                self._last_spooled[name] = value
+                if value > before and self._cool(kind, ""):
+                    found.append(
+                        Detection(
+                            kind, severity, "system_alarm", "",
+                            detail={"counter": name, "increase": value - before, "total": value},
+                        )
+                    )
+        for d in found:
+            self._report(d)
+        return found
+
+    # -- the per-batch work -----------------------------------------------------------------
+
+    def _observe(self, batch: Batch) -> list[Detection]:
+        ids = batch.get("request_id") or []
+        if not ids:
+            return []
+        n = len(ids)
+        ts = batch.get("ts") or [0]
+        now_us = int(max(ts))
+        keys: list[str] = batch.get("key_id") or [""] * n
+        statuses: list[int] = batch.get("status") or [0] * n
+        ips: list[str] = batch.get("source_ip") or [""] * n
+        codes: list[str] = batch.get("error_code") or [""] * n
+        orgs: list[str] = batch.get("org_id") or [""] * n
+        accounts: list[str] = batch.get("account_id") or [""] * n
+
+        # Only error responses need a closer look: most batches have few or none.
+        failed = list(map((400).__le__, statuses))
+        code_set = set(codes)
+
+        found: list[Detection] = []
+        found += self._rates(now_us, keys, failed, orgs, accounts)
+        found += self._many_sources(now_us, keys, ips)
+        found += self._auth_floods(now_us, ips, statuses)
+        if not code_set.isdisjoint(KEY_RISKS):
+            found += self._key_risks(keys, codes, orgs, accounts, ips)
+        found += self._upstreams(now_us, batch.get("provider") or [""] * n, codes, code_set)
+        return found
+
+    def _rates(
+        self,
+        now_us: int,
+        keys: list[str],
+        failed: list[bool],
+        orgs: list[str],
+        accounts: list[str],
+    ) -> list[Detection]:
+        bucket_us = max(1, int(self.s.anomaly_bucket_seconds * 1_000_000))
+        bucket = now_us // bucket_us
+        alpha = self.s.anomaly_ewma_alpha
+        requests = Counter(keys)
+        requests.pop("", None)
+        errors = Counter(compress(keys, failed)) if any(failed) else Counter[str]()
+        if len(self._keys) > _MAX_TRACKED:
+            self._keys.clear()
+        out: list[Detection] = []
+        owners: dict[str, tuple[str, str]] = {}
+        if not self._keys.keys() >= requests.keys():
+            owners = dict(zip(keys, zip(orgs, accounts, strict=False), strict=False))
+        for key_id, count in requests.items():
+            state = self._keys.get(key_id)
+            if state is None:
+                org_id, account_id = owners.get(key_id, ("", ""))
+                state = self._keys[key_id] = _KeyState(org_id=org_id, account_id=account_id)
+            for series, added, factor, minimum, kind, hook in (
+                (state.requests, count, self.s.anomaly_rate_factor, self.s.anomaly_min_requests,
+                 "calls.rate_anomaly", "frequency_anomaly"),
+                (state.errors, errors.get(key_id, 0), self.s.anomaly_error_factor,
+                 self.s.anomaly_min_errors, "calls.error_anomaly", "abnormal_calls"),
+            ):
+                series.advance(bucket, alpha)
+                series.count += added
+                if series.seen < self.s.anomaly_warmup_buckets or series.count < minimum:
+                    continue
+                base = max(series.baseline, 1.0)
+                if series.count >= factor * base and self._cool(kind, key_id):
+                    out.append(
+                        Detection(
+                            kind, "high", hook, state.org_id,
+                            actor_id=state.account_id,
+                            subject_id=key_id,
+                            detail={
+                                "count": series.count,
+                                "baseline": round(series.baseline, 2),
+                                "ratio": round(series.count / base, 1),
+                                "bucket_s": self.s.anomaly_bucket_seconds,
+                            },
+                        )
+                    )
+        return out
+
+    def _many_sources(self, now_us: int, keys: list[str], ips: list[str]) -> list[Detection]:
+        window_us = int(self.s.anomaly_ip_window_seconds * 1_000_000)
+        threshold = self.s.anomaly_ip_threshold
+        if len(self._sources) > _MAX_TRACKED:
+            self._sources.clear()
+        out: list[Detection] = []
+        touched: set[str] = set()
+        for key_id, ip in set(zip(keys, ips, strict=False)):
+            if not key_id or not ip:
+                continue
+            seen = self._sources.setdefault(key_id, {})
+            seen[ip] = now_us
+            touched.add(key_id)
+        for key_id in touched:
+            seen = self._sources[key_id]
+            if len(seen) >= threshold:
+                cutoff = now_us - window_us
+                for ip in [ip for ip, t in seen.items() if t < cutoff]:
+                    del seen[ip]
+                if len(seen) > threshold * 4:
+                    # Keep the newest: memory stays bounded under a spray.
+                    newest = sorted(seen.items(), key=lambda kv: kv[1])[-threshold * 2 :]
+                    seen.clear()
+                    seen.update(newest)
+            if len(seen) >= threshold and self._cool("calls.many_sources", key_id):
+                state = self._keys.get(key_id)
+                out.append(
+                    Detection(
+                        "calls.many_sources", "high", "abnormal_calls",
+                        state.org_id if state else "",
+                        actor_id=state.account_id if state else "",
+                        subject_id=key_id,
+                        detail={"sources": len(seen), "window_s": self.s.anomaly_ip_window_seconds},
+                    )
+                )
+        return out
+
+    def _auth_floods(self, now_us: int, ips: list[str], statuses: list[int]) -> list[Detection]:
+        failures = Counter(compress(ips, map((401).__eq__, statuses)))
+        failures.pop("", None)
+        if not failures:
+            return []
+        window_us = int(self.s.attack_401_window_seconds * 1_000_000)
+        if len(self._auth_failures) > _MAX_TRACKED:
+            self._auth_failures.clear()
+        out: list[Detection] = []
+        for ip, count in failures.items():
+            q = self._auth_failures.setdefault(ip, deque())
+            q.append((now_us, count))
+            while q and q[0][0] < now_us - window_us:
+                q.popleft()
+            total = sum(c for _, c in q)
+            if total < self.s.attack_401_threshold or not self._cool("attack.auth_flood", ip):
+                continue
+            blocked_until = self._block(ip)
+            q.clear()
+            out.append(
+                Detection(
+                    "attack.auth_flood_blocked" if blocked_until else "attack.auth_flood",
+                    "critical" if blocked_until else "high",
+                    "attack_blocked",
+                    "",
+                    source_ip=ip,
+                    detail={
+                        "failures": total,
+                        "window_s": self.s.attack_401_window_seconds,
+                        "blocked": blocked_until is not None,
+                        "block_s": self.s.attack_block_seconds if blocked_until else 0,
+                        "blocked_until": blocked_until or 0,
+                    },
+                )
+            )
+        return out
+
+    def _key_risks(
+        self,
+        keys: list[str],
+        codes: list[str],
+        orgs: list[str],
+        accounts: list[str],
+        ips: list[str],
+    ) -> list[Detection]:
+        out: list[Detection] = []
+        hits: Counter[tuple[str, str, str, str, str]] = Counter(
+            (c, k, o, a, ip)
+            for c, k, o, a, ip in zip(codes, keys, orgs, accounts, ips, strict=False)
+            if c in KEY_RISKS and k
+        )
+        for (code, key_id, org_id, account_id, ip), count in hits.items():
+            kind, severity = KEY_RISKS[code]
+            if not self._cool(kind, f"{key_id}|{ip}"):
+                continue
+            out.append(
+                Detection(
+                    kind, severity, "key_risk", org_id,
+                    actor_id=account_id,
+                    subject_id=key_id,
+                    source_ip=ip,
+                    detail={"error_code": code, "count": count},
+                    # onetoken.security.keyrisk writes these rows (one per batch and
+                    # source); the detectors add the webhook.
+                    record=False,
+                )
+            )
+        return out
+
+    def _upstreams(
+        self, now_us: int, providers: list[str], codes: list[str], code_set: set[str]
+    ) -> list[Detection]:
+        totals = Counter(providers)
+        totals.pop("", None)
+        if not totals:
+            return []
+        failed: Counter[str] = Counter()
+        if not code_set.isdisjoint(UPSTREAM_FAILURE_CODES):
+            failed = Counter(compress(providers, map(UPSTREAM_FAILURE_CODES.__contains__, codes)))
+        window_us = int(self.s.anomaly_bucket_seconds * 1_000_000)
+        out: list[Detection] = []
+        for provider, total in totals.items():
+            q = self._upstream.setdefault(provider, deque())
+            q.append((now_us, failed.get(provider, 0), total))
+            while q and q[0][0] < now_us - window_us:
+                q.popleft()
+            fails = sum(f for _, f, _ in q)
+            calls = sum(t for _, _, t in q)
+            if (
+                fails >= self.s.upstream_alarm_failures
+                and fails * 2 >= calls
+                and self._cool("system.upstream_failing", provider)
+            ):
+                out.append(
+                    Detection(
+                        "system.upstream_failing", "high", "system_alarm", "",
+                        subject_id=provider,
+                        detail={"failures": fails, "calls": calls,
+                                "window_s": self.s.anomaly_bucket_seconds},
+                    )
+                )
+        return out
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _cool(self, kind: str, subject: str) -> bool:
+        """True (and start the cooldown) when (kind, subject) may alert now."""
+        now = self._clock()
+        key = (kind, subject)
+        last = self._alerted.get(key)
+        if last is not None and now - last < self.s.alert_cooldown_seconds:
+            return False
+        if len(self._alerted) > _MAX_TRACKED:
+            self._alerted.clear()
+        self._alerted[key] = now
+        return True
+
+    def _exempt_ip(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return True  # not an address: nothing the gateway could match
+        return any(addr in net for net in self._exempt)
+
+    def _block(self, ip: str) -> int | None:
+        """Block the source in the control DB and push a snapshot; returns the unix time
+        the block ends, None when it cannot or must not be blocked."""
+        if self.session_factory is None or self._exempt_ip(ip):
+            return None
+        try:
+            with self.session_factory() as session:
+                until = blocking.block(session, ip, self.s.attack_block_seconds, "auth_flood")
+                session.commit()
+        except Exception as exc:
+            log.error("detectors.block_failed", extra={"exc_type": type(exc).__name__})
+            return None
+        if self.push_snapshot is not None:
+            try:
+                self.push_snapshot()
+            except Exception as exc:
+                # The revision was bumped: the config watcher pushes it within a second.
+                log.warning("detectors.push_failed", extra={"exc_type": type(exc).__name__})
+        return int(until.timestamp())
+
+    def _report(self, d: Detection) -> None:
+        self.detections += 1
+        try:
+            if d.record:
+                record(
+                    SecurityEvent(
+                        kind=d.kind,
+                        severity=d.severity,
+                        org_id=d.org_id,
+                        actor_id=d.actor_id,
+                        subject_id=d.subject_id,
+                        source_ip=d.source_ip,
+                        detail=dict(d.detail),
+                    )
+                )
+        except Exception as exc:
+            log.error("detectors.record_failed", extra={"exc_type": type(exc).__name__})
+        data: dict[str, Any] = {
+            "security_kind": d.kind,
+            "severity": d.severity,
+            **{k: v for k, v in d.detail.items() if not isinstance(v, float)},
+            **{k: str(v) for k, v in d.detail.items() if isinstance(v, float)},
+        }
+        if d.subject_id:
+            data["subject_id"] = d.subject_id
+        if d.source_ip:
+            data["source_ip"] = d.source_ip
+        webhooks.emit(d.org_id, d.webhook_kind, data)
+
+
+def attach(
+    supervisor: Any, settings: DetectorSettings, session_factory: SessionFactory
+) -> Detectors:
+    """Run the detectors on every batch the supervisor's pump drains, and the pipeline
+    alarms on every flush cycle."""
+    detectors = Detectors(settings, session_factory, push_snapshot=supervisor.push_snapshot)
+    supervisor.batch_observers.append(detectors.observe)
+
+    def pipeline() -> None:
+        stats: dict[str, int] = {}
+        sink_stats = getattr(supervisor.sink, "stats", None)
+        if callable(sink_stats):
+            stats.update(sink_stats())
+        engine = supervisor.engine
+        if engine is not None:
+            stats.update({k: v for k, v in engine.stats().items() if k.startswith("records_")})
+        detectors.check_pipeline(stats)
+
+    supervisor.flush_hooks.append(pipeline)
+    return detectors
+

@@ -1,0 +1,161 @@
+"""GET /security/events: the security and audit log, for org admins (their org) and
+operators (every org)."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel
+
+from onetoken.deps import Principal, StateDep
+from onetoken.kit.errors import NotFound, OnetokenError, Unprocessable
+from onetoken.security import log as security_log
+from onetoken.security.log import SECURITY_LOG_COLUMNS, SECURITY_LOG_TABLE, SEVERITIES
+from onetoken.security.permissions import require
+
+router = APIRouter(prefix="/security", tags=["security"])
+
+SecurityReadDep = Annotated[Principal, Depends(require("security.read"))]
+MAX_PAGE = 1000
+
+
+class SecurityLogUnavailable(OnetokenError):
+    status_code = 503
+    type = "service_unavailable"
+    code = "security_log_unavailable"
+
+
+class SecurityEventOut(BaseModel):
+    ts: datetime
+    event_id: str
+    kind: str
+    severity: str
+    org_id: str
+    actor_id: str
+    subject_id: str
+    source_ip: str
+    user_agent: str
+    detail: dict[str, Any]
+
+
+class SecurityEventPage(BaseModel):
+    object: str = "list"
+    data: list[SecurityEventOut]
+    next_cursor: str | None
+
+
+Runner = Callable[[Callable[[Any], Any]], Any]
+
+
+def _runner(request: Request, state: StateDep) -> Runner:
+    override = getattr(request.app.state, "security_log_runner", None)
+    if override is not None:
+        return override  # type: ignore[no-any-return]
+    if state.runtime is not None:
+        read: Runner = getattr(state.runtime.sink, "read")  # noqa: B009 (CallLogSink.read)
+        return read
+    raise SecurityLogUnavailable("The security log is served by a running gateway.")
+
+
+def _cursor(ts_us: int, event_id: str) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([ts_us, event_id])).decode()
+
+
+def _parse_cursor(value: str) -> tuple[int, str]:
+    try:
+        ts_us, event_id = orjson.loads(base64.urlsafe_b64decode(value.encode()))
+        assert isinstance(ts_us, int) and isinstance(event_id, str) and len(event_id) <= 64
+        return ts_us, event_id
+    except Exception:
+        raise Unprocessable("Malformed page cursor.", param="cursor") from None
+
+
+@router.get("/events", response_model=SecurityEventPage)
+def list_events(
+    principal: SecurityReadDep,
+    run: Annotated[Runner, Depends(_runner)],
+    kind: Annotated[list[str] | None, Query(max_length=20)] = None,
+    min_severity: Annotated[str | None, Query(pattern="^(info|low|medium|high|critical)$")] = None,
+    actor_id: Annotated[str | None, Query(max_length=64)] = None,
+    subject_id: Annotated[str | None, Query(max_length=64)] = None,
+    org_id: Annotated[str | None, Query(max_length=64)] = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    cursor: str | None = None,
+) -> SecurityEventPage:
+    """Newest first. Org admins see their own org only; operators every org (or the one
+    named by `org_id`)."""
+    if org_id is not None and org_id != principal.org_id and not principal.is_operator:
+        raise NotFound("Organization not found.")
+    scope_org = org_id if org_id is not None else (
+        None if principal.is_operator else principal.org_id
+    )
+    writer = security_log.current()
+    if writer is not None:
+        writer.flush(run)  # what was recorded a moment ago is visible now
+
+    where: list[str] = []
+    params: dict[str, Any] = {}
+    if scope_org is not None:
+        where.append("org_id = {org:String}")
+        params["org"] = scope_org
+    if kind:
+        where.append("kind IN {kinds:Array(String)}")
+        params["kinds"] = kind
+    if min_severity is not None:
+        where.append("severity IN {sev:Array(String)}")
+        params["sev"] = list(SEVERITIES[SEVERITIES.index(min_severity):])
+    if actor_id is not None:
+        where.append("actor_id = {actor:String}")
+        params["actor"] = actor_id
+    if subject_id is not None:
+        where.append("subject_id = {subject:String}")
+        params["subject"] = subject_id
+    if start is not None:
+        where.append("ts >= fromUnixTimestamp64Micro({start:Int64})")
+        params["start"] = _us(start)
+    if end is not None:
+        where.append("ts < fromUnixTimestamp64Micro({end:Int64})")
+        params["end"] = _us(end)
+    if cursor is not None:
+        c_ts, c_id = _parse_cursor(cursor)
+        where.append(
+            "(toUnixTimestamp64Micro(ts), event_id) < ({c_ts:Int64}, {c_id:String})"
+        )
+        params["c_ts"], params["c_id"] = c_ts, c_id
+    columns = ", ".join(
+        "toUnixTimestamp64Micro(ts)" if c == "ts" else c for c in SECURITY_LOG_COLUMNS
+    )
+    sql = (
+        f"SELECT {columns} FROM {SECURITY_LOG_TABLE} FINAL"  # noqa: S608 (fixed names)
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + " ORDER BY ts DESC, event_id DESC LIMIT {limit:UInt32}"
+    )
+    params["limit"] = limit + 1
+    rows = run(lambda c: c.query(sql, parameters=params).result_rows)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    data = [
+        SecurityEventOut(
+            **{
+                **dict(zip(SECURITY_LOG_COLUMNS, row, strict=True)),
+                "ts": datetime.fromtimestamp(row[0] / 1_000_000, UTC),
+                "detail": orjson.loads(row[-1]) if row[-1] else {},
+            }
+        )
+        for row in rows
+    ]
+    next_cursor = _cursor(int(rows[-1][0]), str(rows[-1][1])) if more and rows else None
+    return SecurityEventPage(data=data, next_cursor=next_cursor)
+
+
+def _us(value: datetime) -> int:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return int(value.timestamp() * 1_000_000)

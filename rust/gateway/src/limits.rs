@@ -1,0 +1,632 @@
+//! Admission limits per key and per org: requests and tokens per minute (GCRA), concurrent
+//! requests, and day/month spend budgets.
+//!
+//! Limit *values* come from the snapshot; limit *state* lives in [`LimitState`] and
+//! [`OrgAccount`] objects carried over by id from one snapshot to the next, so a swap
+//! keeps the counters and a changed limit applies to the very next request.
+//!
+//! GCRA keeps one atomic "theoretical arrival time" per limit and updates it with a CAS,
+//! so the hot path takes no lock for rates or concurrency. It is the token bucket of
+//! capacity `limit` refilled continuously at `limit` per minute: a client may spend the
+//! whole limit at once, after which requests are admitted only as fast as the bucket
+//! refills. There is no window edge, so no double burst at one; over any interval `t`
+//! at most `limit + limit * t / 60s` units pass.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use http::{HeaderMap, HeaderValue};
+
+use crate::billing::{Budgets, OrgAccount, ReserveRefusal};
+use crate::error::ApiError;
+use crate::snapshot::Key;
+
+/// The GCRA period: limits are per minute.
+pub(crate) const PERIOD_NS: u64 = 60_000_000_000;
+
+/// Limit values of one key or org, compiled from the snapshot (`null` = no limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Limits {
+    pub(crate) rpm: Option<u32>,
+    pub(crate) tpm: Option<u32>,
+    pub(crate) concurrency: Option<u32>,
+    pub(crate) budgets: Budgets,
+}
+
+/// Live rate and concurrency state of one key or org.
+#[derive(Debug, Default)]
+pub(crate) struct LimitState {
+    requests: Gcra,
+    tokens: Gcra,
+    in_flight: AtomicU32,
+}
+
+/// Live per-id state that survives snapshot swaps; the compile step looks ids up here and
+/// inserts new ones.
+#[derive(Debug, Default)]
+pub(crate) struct LiveCounters {
+    /// Money counters by org id.
+    pub(crate) orgs: HashMap<String, Arc<OrgAccount>>,
+    /// Spend counters by key id (for key budgets).
+    pub(crate) keys: HashMap<String, Arc<OrgAccount>>,
+    pub(crate) org_limits: HashMap<String, Arc<LimitState>>,
+    pub(crate) key_limits: HashMap<String, Arc<LimitState>>,
+}
+
+/// Nanoseconds on a process-wide monotonic clock (never 0, so 0 can mean "empty").
+pub(crate) fn mono_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u64::try_from(epoch.elapsed().as_nanos())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1)
+}
+
+/// Wall-clock unix seconds (budgets follow UTC days and months).
+pub(crate) fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// One GCRA limit: `tat` is the theoretical arrival time (ns on [`mono_ns`]); the bucket
+/// is full when `tat <= now` and empty when `tat - now == PERIOD_NS`.
+///
+/// `tat` is measured in time at the rate of `limit`. When a snapshot changes the limit,
+/// the state is rescaled once so the *number* of units used carries over (4 of 4 used
+/// becomes 4 of 600 used, not "full"), and the new limit applies to the next request.
+#[derive(Debug, Default)]
+pub(crate) struct Gcra {
+    tat: AtomicU64,
+    limit: AtomicU32,
+    /// Serialises the rare rescale; the take path only reads `limit`.
+    rescale: parking_lot::Mutex<()>,
+}
+
+/// Outcome of a GCRA check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Take {
+    /// Admitted; `units` were charged (to refund or correct later).
+    Ok { units: u64 },
+    /// Refused; the same request fits again after `retry_ns`.
+    Wait { retry_ns: u64 },
+}
+
+/// Time one unit of a `limit`-per-minute budget is worth, for `n` units, rounded up.
+fn increment(n: u64, limit: u32) -> u64 {
+    let inc = (u128::from(n) * u128::from(PERIOD_NS)).div_ceil(u128::from(limit.max(1)));
+    u64::try_from(inc).unwrap_or(u64::MAX)
+}
+
+impl Gcra {
+    /// Take `n` units of a `limit`-per-minute budget at `now`. A request larger than the
+    /// whole budget is charged as the whole budget, so it passes only with a full bucket.
+    pub(crate) fn try_take(&self, now: u64, n: u64, limit: u32) -> Take {
+        if limit == 0 {
+            // A limit of zero refuses everything (a suspended key or org).
+            return Take::Wait {
+                retry_ns: PERIOD_NS,
+            };
+        }
+        self.sync_limit(now, limit);
+        let inc = increment(n.min(u64::from(limit)), limit);
+        let mut tat = self.tat.load(Ordering::Relaxed);
+        loop {
+            let new = tat.max(now).saturating_add(inc);
+            let ahead = new - now;
+            if ahead > PERIOD_NS {
+                return Take::Wait {
+                    retry_ns: ahead - PERIOD_NS,
+                };
+            }
+            match self
+                .tat
+                .compare_exchange_weak(tat, new, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    return Take::Ok {
+                        units: n.min(u64::from(limit)),
+                    }
+                }
+                Err(actual) => tat = actual,
+            }
+        }
+    }
+
+    fn sync_limit(&self, now: u64, limit: u32) {
+        if self.limit.load(Ordering::Acquire) == limit {
+            return;
+        }
+        let _serial = self.rescale.lock();
+        let old = self.limit.load(Ordering::Acquire);
+        if old == limit {
+            return;
+        }
+        if old != 0 {
+            let used = self.tat.load(Ordering::Acquire).saturating_sub(now);
+            let scaled = u128::from(used) * u128::from(old) / u128::from(limit);
+            let scaled = u64::try_from(scaled).unwrap_or(u64::MAX);
+            self.tat
+                .store(now.saturating_add(scaled), Ordering::Release);
+        }
+        self.limit.store(limit, Ordering::Release);
+    }
+
+    /// Give back `units` (a request admitted here was refused further on, or used less
+    /// than it was charged).
+    pub(crate) fn refund(&self, units: u64) {
+        let inc = increment(units, self.limit.load(Ordering::Acquire));
+        let _ = self
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |t| {
+                Some(t.saturating_sub(inc))
+            });
+    }
+
+    /// Add `units` unconditionally (usage above the admission estimate): the bucket may
+    /// go into debt, which delays the next requests.
+    pub(crate) fn charge(&self, now: u64, units: u64) {
+        let inc = increment(units, self.limit.load(Ordering::Acquire));
+        let _ = self
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |t| {
+                Some(t.max(now).saturating_add(inc))
+            });
+    }
+
+    /// (units left, ns until full) for a `limit`-per-minute budget at `now`.
+    pub(crate) fn status(&self, now: u64, limit: u32) -> (u64, u64) {
+        let used = self.tat.load(Ordering::Relaxed).saturating_sub(now);
+        let free = PERIOD_NS.saturating_sub(used);
+        let left = u128::from(free) * u128::from(limit) / u128::from(PERIOD_NS);
+        (u64::try_from(left).unwrap_or(u64::MAX), used)
+    }
+}
+
+/// A request refused at admission: the error, plus the headers that tell the client when
+/// to come back. Holds numbers only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub(crate) error: ApiError,
+    retry_after_s: Option<u64>,
+    /// (limit, remaining, ns until full) of the scope that refused.
+    requests: Option<(u32, u64, u64)>,
+    tokens: Option<(u32, u64, u64)>,
+}
+
+impl Refusal {
+    fn plain(error: ApiError) -> Self {
+        Refusal {
+            error,
+            retry_after_s: None,
+            requests: None,
+            tokens: None,
+        }
+    }
+
+    /// Whether the record's `rate_limit` column says `limited`.
+    pub(crate) fn is_limited(&self) -> bool {
+        matches!(
+            self.error,
+            ApiError::RateLimited | ApiError::ConcurrencyLimited | ApiError::BudgetExceeded
+        )
+    }
+
+    /// `Retry-After` and `x-ratelimit-*` on the error response.
+    pub(crate) fn apply(&self, headers: &mut HeaderMap) {
+        let mut buf = String::with_capacity(16);
+        let mut put = |name: &'static str, buf: &str| {
+            if let Ok(v) = HeaderValue::from_str(buf) {
+                headers.insert(name, v);
+            }
+        };
+        if let Some(s) = self.retry_after_s {
+            buf.clear();
+            let _ = write!(buf, "{s}");
+            put("retry-after", &buf);
+        }
+        for (dim, names) in [
+            (
+                self.requests,
+                [
+                    "x-ratelimit-limit-requests",
+                    "x-ratelimit-remaining-requests",
+                    "x-ratelimit-reset-requests",
+                ],
+            ),
+            (
+                self.tokens,
+                [
+                    "x-ratelimit-limit-tokens",
+                    "x-ratelimit-remaining-tokens",
+                    "x-ratelimit-reset-tokens",
+                ],
+            ),
+        ] {
+            let Some((limit, remaining, reset_ns)) = dim else {
+                continue;
+            };
+            buf.clear();
+            let _ = write!(buf, "{limit}");
+            put(names[0], &buf);
+            buf.clear();
+            let _ = write!(buf, "{remaining}");
+            put(names[1], &buf);
+            buf.clear();
+            write_duration(&mut buf, reset_ns);
+            put(names[2], &buf);
+        }
+    }
+}
+
+/// OpenAI's reset format: `20ms`, `1.5s`, `6m0s`.
+fn write_duration(out: &mut String, ns: u64) {
+    let ms = ns.div_ceil(1_000_000);
+    if ms < 1000 {
+        let _ = write!(out, "{ms}ms");
+        return;
+    }
+    let (m, rest_ms) = (ms / 60_000, ms % 60_000);
+    if m > 0 {
+        let _ = write!(out, "{m}m{}s", rest_ms.div_ceil(1000));
+        return;
+    }
+    let (s, frac) = (rest_ms / 1000, rest_ms % 1000);
+    if frac == 0 {
+        let _ = write!(out, "{s}s");
+    } else {
+        let frac = format!("{frac:03}");
+        let _ = write!(out, "{s}.{}s", frac.trim_end_matches('0'));
+    }
+}
+
+/// Whole seconds for `Retry-After`, rounded up, at least 1.
+fn retry_secs(ns: u64) -> u64 {
+    ns.div_ceil(1_000_000_000).max(1)
+}
+
+/// What one admitted request holds: its concurrency slots (released on drop), its token
+/// charges (corrected at settle) and its key-budget reservation.
+#[derive(Default)]
+pub(crate) struct Admission {
+    slots: [Option<Arc<LimitState>>; 2],
+    requests: [Option<Arc<LimitState>>; 2],
+    /// (state, tokens charged).
+    tokens: [Option<(Arc<LimitState>, u64)>; 2],
+    key_reservation: Option<(Arc<OrgAccount>, i64)>,
+}
+
+impl Admission {
+    fn release_slots(&mut self) {
+        for s in self.slots.iter_mut().filter_map(Option::take) {
+            s.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Undo everything taken (the request is refused further on).
+    fn rollback(&mut self) {
+        for s in self.requests.iter_mut().filter_map(Option::take) {
+            s.requests.refund(1);
+        }
+        for (s, charged) in self.tokens.iter_mut().filter_map(Option::take) {
+            s.tokens.refund(charged);
+        }
+        if let Some((account, amount)) = self.key_reservation.take() {
+            account.settle(amount, 0);
+        }
+        self.release_slots();
+    }
+
+    /// The request is over: charge the key's spend, correct the token charge to the
+    /// tokens actually billed, free the concurrency slots.
+    pub(crate) fn settle(&mut self, cost: i64, tokens_used: u64) {
+        if let Some((account, amount)) = self.key_reservation.take() {
+            account.settle(amount, cost);
+        }
+        for (s, charged) in self.tokens.iter_mut().filter_map(Option::take) {
+            if tokens_used > charged {
+                s.tokens.charge(mono_ns(), tokens_used - charged);
+            } else {
+                s.tokens.refund(charged - tokens_used);
+            }
+        }
+        self.requests = Default::default();
+        self.release_slots();
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        // Settle is always called when a record is emitted; this only guards the slots
+        // and the key reservation if a request is dropped some other way.
+        if let Some((account, amount)) = self.key_reservation.take() {
+            account.settle(amount, 0);
+        }
+        self.release_slots();
+    }
+}
+
+fn rate_refusal(state: &LimitState, limits: &Limits, now: u64, retry_ns: u64) -> Refusal {
+    let dim = |g: &Gcra, limit: Option<u32>| {
+        limit.map(|l| {
+            let (left, reset) = g.status(now, l);
+            (l, left, reset)
+        })
+    };
+    Refusal {
+        error: ApiError::RateLimited,
+        retry_after_s: Some(retry_secs(retry_ns)),
+        requests: dim(&state.requests, limits.rpm),
+        tokens: dim(&state.tokens, limits.tpm),
+    }
+}
+
+/// Admit a request of `tokens` (prompt estimate plus max output) that needs a reservation
+/// of `amount`: concurrency, then requests, then tokens per minute, for the key and then
+/// its org; then budgets and the org balance, reserving `amount` on both the key and the
+/// org (the org reservation is the caller's to settle). Anything refused undoes what was
+/// taken before it.
+pub(crate) fn admit(key: &Key, tokens: u64, amount: i64) -> Result<Admission, Refusal> {
+    admit_at(key, tokens, amount, mono_ns(), unix_now())
+}
+
+pub(crate) fn admit_at(
+    key: &Key,
+    tokens: u64,
+    amount: i64,
+    now: u64,
+    unix_now: i64,
+) -> Result<Admission, Refusal> {
+    let org = &key.org;
+    let scopes: [(&Limits, &Arc<LimitState>); 2] =
+        [(&key.limits, &key.limiter), (&org.limits, &org.limiter)];
+    let mut adm = Admission::default();
+
+    for (i, (limits, state)) in scopes.iter().enumerate() {
+        let n = state.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        adm.slots[i] = Some(Arc::clone(state));
+        if limits.concurrency.is_some_and(|c| n > c) {
+            adm.rollback();
+            return Err(Refusal {
+                retry_after_s: Some(1),
+                ..Refusal::plain(ApiError::ConcurrencyLimited)
+            });
+        }
+    }
+    for (i, (limits, state)) in scopes.iter().enumerate() {
+        let Some(rpm) = limits.rpm else { continue };
+        match state.requests.try_take(now, 1, rpm) {
+            Take::Ok { .. } => adm.requests[i] = Some(Arc::clone(state)),
+            Take::Wait { retry_ns } => {
+                adm.rollback();
+                return Err(rate_refusal(state, limits, now, retry_ns));
+            }
+        }
+    }
+    for (i, (limits, state)) in scopes.iter().enumerate() {
+        let Some(tpm) = limits.tpm else { continue };
+        match state.tokens.try_take(now, tokens, tpm) {
+            Take::Ok { units } => adm.tokens[i] = Some((Arc::clone(state), units)),
+            Take::Wait { retry_ns } => {
+                adm.rollback();
+                return Err(rate_refusal(state, limits, now, retry_ns));
+            }
+        }
+    }
+
+    let day = unix_now.div_euclid(86_400);
+    let month = month_of_day(day);
+    let refused = |r: ReserveRefusal| match r {
+        ReserveRefusal::Balance => Refusal::plain(ApiError::InsufficientBalance),
+        ReserveRefusal::BudgetDay => Refusal {
+            retry_after_s: Some(u64::try_from((day + 1) * 86_400 - unix_now).unwrap_or(1)),
+            ..Refusal::plain(ApiError::BudgetExceeded)
+        },
+        ReserveRefusal::BudgetMonth => Refusal {
+            retry_after_s: Some(
+                u64::try_from(next_month_start(day) * 86_400 - unix_now).unwrap_or(1),
+            ),
+            ..Refusal::plain(ApiError::BudgetExceeded)
+        },
+    };
+    if let Err(r) =
+        key.account
+            .try_reserve_within(None, key.limits.budgets, &key.usage, day, month, amount)
+    {
+        adm.rollback();
+        return Err(refused(r));
+    }
+    adm.key_reservation = Some((Arc::clone(&key.account), amount));
+    if let Err(r) = org.account.try_reserve_within(
+        Some((org.balance, org.spent_mark)),
+        org.limits.budgets,
+        &org.usage,
+        day,
+        month,
+        amount,
+    ) {
+        adm.rollback();
+        return Err(refused(r));
+    }
+    Ok(adm)
+}
+
+/// Civil date of a day number (days since 1970-01-01), as (year, month 1..=12, day).
+fn civil(day: i64) -> (i64, u32, u32) {
+    // Howard Hinnant's days_from_civil inverse.
+    let z = day + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (
+        y,
+        u32::try_from(m).unwrap_or(1),
+        u32::try_from(d).unwrap_or(1),
+    )
+}
+
+/// `YYYYMM` (UTC) of a day number, the `usage.month` encoding.
+pub(crate) fn month_of_day(day: i64) -> i32 {
+    let (y, m, _) = civil(day);
+    i32::try_from(y * 100 + i64::from(m)).unwrap_or(i32::MAX)
+}
+
+/// Day number of the first day of the month after the one holding `day`.
+fn next_month_start(day: i64) -> i64 {
+    let (_, _, d) = civil(day);
+    // Jump past the end of this month, then back to day 1 of the next one.
+    let later = day - i64::from(d) + 32;
+    let (_, _, d2) = civil(later);
+    later - i64::from(d2) + 1
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn ok(t: Take) -> bool {
+        matches!(t, Take::Ok { .. })
+    }
+
+    #[test]
+    fn gcra_allows_the_limit_then_refills_smoothly() {
+        let g = Gcra::default();
+        let t0 = 1_000 * S;
+        // rpm 60: 60 at once, the 61st waits exactly one emission interval (1 s).
+        for _ in 0..60 {
+            assert!(ok(g.try_take(t0, 1, 60)));
+        }
+        match g.try_take(t0, 1, 60) {
+            Take::Wait { retry_ns } => assert_eq!(retry_ns, S),
+            Take::Ok { .. } => panic!("61st admitted"),
+        }
+        // Just before the refill: still refused; at it: one passes, and only one.
+        assert!(!ok(g.try_take(t0 + S - 1, 1, 60)));
+        assert!(ok(g.try_take(t0 + S, 1, 60)));
+        assert!(!ok(g.try_take(t0 + S, 1, 60)));
+    }
+
+    #[test]
+    fn no_double_burst_across_a_minute_boundary() {
+        // A fixed window would admit 60 at 0:59.9 and 60 more at 1:00.0. GCRA admits the
+        // first 60 and then one per second.
+        let g = Gcra::default();
+        let edge = 60 * S;
+        let mut admitted = 0;
+        for i in 0..200u64 {
+            // 200 attempts spread over 0.2 s around the boundary.
+            if ok(g.try_take(edge - S / 10 + i * S / 1000, 1, 60)) {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 60);
+        // Over the next minute at most one per second gets through.
+        let mut later = 0;
+        for ms in 0..60_000u64 {
+            if ok(g.try_take(edge + S / 10 + ms * S / 1000, 1, 60)) {
+                later += 1;
+            }
+        }
+        assert!((59..=61).contains(&later), "{later}");
+    }
+
+    #[test]
+    fn tokens_oversized_requests_refunds_and_debt() {
+        let g = Gcra::default();
+        let t0 = 10 * S;
+        // Larger than the whole budget: charged as the whole budget, only when full.
+        assert!(ok(g.try_take(t0, 5_000, 1_000)));
+        assert!(!ok(g.try_take(t0, 1, 1_000)));
+        g.refund(1_000);
+        assert!(ok(g.try_take(t0, 1_000, 1_000)));
+        // Debt beyond a full period delays even a 1-token request until it is paid off.
+        g.charge(t0, 500);
+        match g.try_take(t0, 1, 1_000) {
+            Take::Wait { retry_ns } => assert_eq!(retry_ns, 30 * S + increment(1, 1_000)),
+            Take::Ok { .. } => panic!("admitted in debt"),
+        }
+        let (left, reset) = g.status(t0, 1_000);
+        assert_eq!((left, reset), (0, 90 * S));
+    }
+
+    #[test]
+    fn status_counts_remaining_units() {
+        let g = Gcra::default();
+        let t0 = 5 * S;
+        for _ in 0..10 {
+            assert!(ok(g.try_take(t0, 1, 600)));
+        }
+        assert_eq!(g.status(t0, 600), (590, S));
+    }
+
+    #[test]
+    fn a_changed_limit_keeps_the_count_used() {
+        let g = Gcra::default();
+        let t0 = 5 * S;
+        for _ in 0..4 {
+            assert!(ok(g.try_take(t0, 1, 4)));
+        }
+        assert!(!ok(g.try_take(t0, 1, 4)));
+        // Raised: 4 of 600 used, admitted at once.
+        assert!(ok(g.try_take(t0, 1, 600)));
+        assert_eq!(g.status(t0, 600), (595, S / 2));
+        // Lowered below the 5 used: refused until 3 have drained at the new rate.
+        match g.try_take(t0, 1, 2) {
+            Take::Wait { retry_ns } => assert_eq!(retry_ns, 120 * S),
+            Take::Ok { .. } => panic!("admitted over a lowered limit"),
+        }
+    }
+
+    #[test]
+    fn concurrent_takes_never_exceed_the_budget() {
+        let g = Arc::new(Gcra::default());
+        let now = 77 * S;
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let g = g.clone();
+                std::thread::spawn(move || {
+                    (0..1000).filter(|_| ok(g.try_take(now, 1, 500))).count()
+                })
+            })
+            .collect();
+        let total: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(total, 500);
+    }
+
+    #[test]
+    fn durations_and_calendar() {
+        let f = |ns| {
+            let mut s = String::new();
+            write_duration(&mut s, ns);
+            s
+        };
+        assert_eq!(f(20_000_000), "20ms");
+        assert_eq!(f(1), "1ms");
+        assert_eq!(f(S), "1s");
+        assert_eq!(f(1_500 * 1_000_000), "1.5s");
+        assert_eq!(f(360 * S), "6m0s");
+        assert_eq!(retry_secs(1), 1);
+        assert_eq!(retry_secs(S + 1), 2);
+        // 2026-11-30 is day 20_787; the fixture's usage day 20_784 is 2026-11-27.
+        assert_eq!(civil(0), (1970, 1, 1));
+        assert_eq!(month_of_day(20_784), 202_611);
+        assert_eq!(civil(20_787), (2026, 11, 30));
+        assert_eq!(civil(next_month_start(20_784)), (2026, 12, 1));
+        assert_eq!(civil(next_month_start(20_818)), (2027, 1, 1));
+        // Leap day.
+        assert_eq!(civil(next_month_start(19_782)), (2024, 3, 1));
+        assert_eq!(civil(19_782), (2024, 2, 29));
+    }
+}

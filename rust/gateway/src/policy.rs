@@ -1,0 +1,171 @@
+//! Data-handling policies of orgs and keys: which deployments a request may reach.
+//!
+//! The org policy and the key policy both apply (a key can only narrow its org). A denial
+//! names the rule, from a fixed set of texts, and never any part of the request.
+
+use std::collections::HashSet;
+
+use serde::Deserialize;
+
+use crate::snapshot::Deployment;
+
+/// `orgs[].policy` and `keys[].policy` in the snapshot. Every field is optional and the
+/// defaults permit everything.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyDoc {
+    /// Vendors allowed; null means any.
+    pub allow_vendors: Option<Vec<String>>,
+    /// Vendors refused.
+    pub deny_vendors: Vec<String>,
+    /// Regions allowed; null means any.
+    pub allow_regions: Option<Vec<String>>,
+    /// Regions refused.
+    pub deny_regions: Vec<String>,
+    /// Model names allowed (public name or upstream model); null means any.
+    pub allow_models: Option<Vec<String>>,
+    /// Model names refused (public name or upstream model).
+    pub deny_models: Vec<String>,
+    /// Refuse providers that train on submitted data.
+    pub no_training: bool,
+    /// Refuse providers that are not zero-retention.
+    pub zero_retention_only: bool,
+}
+
+/// Which policy a rule belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope {
+    Org,
+    Key,
+}
+
+/// The rule that refused a deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rule {
+    Vendor,
+    Region,
+    Model,
+    Training,
+    Retention,
+}
+
+/// A refusal: the policy and the rule, rendered as a fixed text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Denial {
+    pub(crate) scope: Scope,
+    pub(crate) rule: Rule,
+}
+
+impl Denial {
+    /// The client-facing message: written by the gateway, names only the rule.
+    pub(crate) fn message(self) -> &'static str {
+        match (self.scope, self.rule) {
+            (Scope::Org, Rule::Vendor) => "org policy: vendor not allowed",
+            (Scope::Org, Rule::Region) => "org policy: region not allowed",
+            (Scope::Org, Rule::Model) => "org policy: model not allowed",
+            (Scope::Org, Rule::Training) => "org policy: no_training (provider may train on data)",
+            (Scope::Org, Rule::Retention) => {
+                "org policy: zero_retention_only (provider is not zero-retention)"
+            }
+            (Scope::Key, Rule::Vendor) => "key policy: vendor not allowed",
+            (Scope::Key, Rule::Region) => "key policy: region not allowed",
+            (Scope::Key, Rule::Model) => "key policy: model not allowed",
+            (Scope::Key, Rule::Training) => "key policy: no_training (provider may train on data)",
+            (Scope::Key, Rule::Retention) => {
+                "key policy: zero_retention_only (provider is not zero-retention)"
+            }
+        }
+    }
+}
+
+/// A compiled policy. Vendors and regions compare case-insensitively (lowercased once
+/// here and in the provider); model names compare exactly.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Policy {
+    allow_vendors: Option<HashSet<String>>,
+    deny_vendors: HashSet<String>,
+    allow_regions: Option<HashSet<String>>,
+    deny_regions: HashSet<String>,
+    allow_models: Option<HashSet<String>>,
+    deny_models: HashSet<String>,
+    no_training: bool,
+    zero_retention_only: bool,
+    /// Nothing to check: the common case costs one branch.
+    permissive: bool,
+}
+
+fn lower_set(v: Vec<String>) -> HashSet<String> {
+    v.into_iter().map(|s| s.to_ascii_lowercase()).collect()
+}
+
+impl Policy {
+    pub(crate) fn compile(doc: PolicyDoc) -> Policy {
+        let permissive = doc.allow_vendors.is_none()
+            && doc.deny_vendors.is_empty()
+            && doc.allow_regions.is_none()
+            && doc.deny_regions.is_empty()
+            && doc.allow_models.is_none()
+            && doc.deny_models.is_empty()
+            && !doc.no_training
+            && !doc.zero_retention_only;
+        Policy {
+            allow_vendors: doc.allow_vendors.map(lower_set),
+            deny_vendors: lower_set(doc.deny_vendors),
+            allow_regions: doc.allow_regions.map(lower_set),
+            deny_regions: lower_set(doc.deny_regions),
+            allow_models: doc.allow_models.map(|v| v.into_iter().collect()),
+            deny_models: doc.deny_models.into_iter().collect(),
+            no_training: doc.no_training,
+            zero_retention_only: doc.zero_retention_only,
+            permissive,
+        }
+    }
+
+    /// Whether this policy lets `d` serve; the first failing rule otherwise.
+    pub(crate) fn check(&self, d: &Deployment) -> Result<(), Rule> {
+        if self.permissive {
+            return Ok(());
+        }
+        let p = &d.provider;
+        if self.deny_vendors.contains(&p.vendor)
+            || self
+                .allow_vendors
+                .as_ref()
+                .is_some_and(|a| !a.contains(&p.vendor))
+        {
+            return Err(Rule::Vendor);
+        }
+        if self.deny_regions.contains(&p.region)
+            || self
+                .allow_regions
+                .as_ref()
+                .is_some_and(|a| !a.contains(&p.region))
+        {
+            return Err(Rule::Region);
+        }
+        let named =
+            |set: &HashSet<String>| set.contains(&d.name) || set.contains(&d.upstream_model);
+        if named(&self.deny_models) || self.allow_models.as_ref().is_some_and(|a| !named(a)) {
+            return Err(Rule::Model);
+        }
+        if self.no_training && p.trains_on_data {
+            return Err(Rule::Training);
+        }
+        if self.zero_retention_only && !p.zero_retention {
+            return Err(Rule::Retention);
+        }
+        Ok(())
+    }
+}
+
+/// Org policy first, then key policy: both must permit.
+pub(crate) fn permits(org: &Policy, key: &Policy, d: &Deployment) -> Result<(), Denial> {
+    org.check(d).map_err(|rule| Denial {
+        scope: Scope::Org,
+        rule,
+    })?;
+    key.check(d).map_err(|rule| Denial {
+        scope: Scope::Key,
+        rule,
+    })
+}

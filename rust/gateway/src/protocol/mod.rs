@@ -1,0 +1,796 @@
+//! Wire protocols: which upstream a client API can use, how a request is written for a
+//! deployment, and how the answer travels back, passed through or translated.
+//!
+//! Pass-through (client and upstream speak the same protocol) only rewrites the model and
+//! meters. Translation goes through a small neutral model: upstream replies and stream
+//! events are decoded into [`Reply`] / [`Event`], then encoded in the client's protocol.
+//! Stream converters are stateful and fed one upstream SSE event at a time; they never
+//! hold more than the event in hand. Requests translate through the OpenAI chat shape.
+
+pub(crate) mod anthropic;
+pub(crate) mod gemini;
+pub(crate) mod openai;
+pub(crate) mod responses;
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue};
+use http::{header, Method, Request, Uri};
+use http_body_util::Full;
+use serde_json::{Map, Value};
+
+use crate::billing::Usage;
+use crate::error::{error_event, ApiError};
+use crate::snapshot::Deployment;
+use crate::sse::{SseFramer, SseRelay, StreamMeter};
+use crate::tokens;
+
+/// What an upstream provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    OpenAi,
+    Azure,
+    Anthropic,
+    Gemini,
+}
+
+impl Protocol {
+    pub(crate) fn parse(s: &str) -> Option<Protocol> {
+        match s {
+            "openai" => Some(Protocol::OpenAi),
+            "azure" => Some(Protocol::Azure),
+            "anthropic" => Some(Protocol::Anthropic),
+            "gemini" => Some(Protocol::Gemini),
+            _ => None,
+        }
+    }
+
+    /// OpenAI's chat, embeddings and Responses shapes (Azure differs only in URL and auth).
+    fn openai_like(self) -> bool {
+        matches!(self, Protocol::OpenAi | Protocol::Azure)
+    }
+}
+
+/// The API a client called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientApi {
+    Chat,
+    Embeddings,
+    /// Anthropic Messages (`POST /v1/messages`).
+    Messages,
+    /// OpenAI Responses (`POST /v1/responses`).
+    Responses,
+}
+
+impl ClientApi {
+    /// Whether a deployment speaking `p` can serve this API (translated or not).
+    pub(crate) fn served_by(self, p: Protocol) -> bool {
+        match self {
+            ClientApi::Chat | ClientApi::Messages => true,
+            ClientApi::Embeddings | ClientApi::Responses => p.openai_like(),
+        }
+    }
+}
+
+/// Upstream URIs of one deployment (the model is part of the path for Azure and Gemini).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Endpoints {
+    chat: Option<Uri>,
+    /// Gemini streams from another method; elsewhere the same as `chat`.
+    chat_stream: Option<Uri>,
+    embeddings: Option<Uri>,
+    responses: Option<Uri>,
+}
+
+/// Azure's `api-version` when the provider names none (the current GA version).
+const AZURE_DEFAULT_API_VERSION: &str = "2024-10-21";
+/// Anthropic's `anthropic-version` when the provider names none.
+const ANTHROPIC_DEFAULT_VERSION: &str = "2023-06-01";
+
+fn uri(s: String) -> Result<Uri, String> {
+    let u: Uri = s.parse().map_err(|_| "invalid base_url".to_owned())?;
+    match u.scheme_str() {
+        Some("http") | Some("https") if u.authority().is_some() => Ok(u),
+        _ => Err("base_url must be an http or https URL".to_owned()),
+    }
+}
+
+/// Percent-encode a path segment or query value (model and deployment names are usually
+/// plain, but the URL must stay valid whatever the control plane sends).
+fn enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Endpoints {
+    pub(crate) fn build(
+        protocol: Protocol,
+        base_url: &str,
+        api_version: Option<&str>,
+        upstream_model: &str,
+    ) -> Result<Endpoints, String> {
+        let base = base_url.trim_end_matches('/');
+        // Validate the base itself so a bad URL fails at compile time for every protocol.
+        uri(base.to_owned())?;
+        Ok(match protocol {
+            Protocol::OpenAi => {
+                let chat = uri(format!("{base}/chat/completions"))?;
+                Endpoints {
+                    chat_stream: Some(chat.clone()),
+                    chat: Some(chat),
+                    embeddings: Some(uri(format!("{base}/embeddings"))?),
+                    responses: Some(uri(format!("{base}/responses"))?),
+                }
+            }
+            Protocol::Azure => {
+                let v = enc(api_version.unwrap_or(AZURE_DEFAULT_API_VERSION));
+                let dep = format!("{base}/openai/deployments/{}", enc(upstream_model));
+                let chat = uri(format!("{dep}/chat/completions?api-version={v}"))?;
+                Endpoints {
+                    chat_stream: Some(chat.clone()),
+                    chat: Some(chat),
+                    embeddings: Some(uri(format!("{dep}/embeddings?api-version={v}"))?),
+                    responses: Some(uri(format!("{base}/openai/responses?api-version={v}"))?),
+                }
+            }
+            Protocol::Anthropic => {
+                let messages = uri(format!("{base}/messages"))?;
+                Endpoints {
+                    chat_stream: Some(messages.clone()),
+                    chat: Some(messages),
+                    embeddings: None,
+                    responses: None,
+                }
+            }
+            Protocol::Gemini => {
+                let m = format!("{base}/models/{}", enc(upstream_model));
+                Endpoints {
+                    chat: Some(uri(format!("{m}:generateContent"))?),
+                    chat_stream: Some(uri(format!("{m}:streamGenerateContent?alt=sse"))?),
+                    embeddings: None,
+                    responses: None,
+                }
+            }
+        })
+    }
+}
+
+/// Credential header of a provider, plus the version header Anthropic requires.
+pub(crate) fn auth_headers(
+    protocol: Protocol,
+    api_key: Option<&str>,
+    api_version: Option<&str>,
+) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+    let mut out = Vec::with_capacity(2);
+    let value = |s: String| {
+        HeaderValue::from_str(&s).map_err(|_| "api_key is not a valid header value".to_owned())
+    };
+    if let Some(k) = api_key {
+        let (name, v) = match protocol {
+            Protocol::OpenAi => (header::AUTHORIZATION, value(format!("Bearer {k}"))?),
+            Protocol::Azure => (HeaderName::from_static("api-key"), value(k.to_owned())?),
+            Protocol::Anthropic => (HeaderName::from_static("x-api-key"), value(k.to_owned())?),
+            Protocol::Gemini => (
+                HeaderName::from_static("x-goog-api-key"),
+                value(k.to_owned())?,
+            ),
+        };
+        let mut v = v;
+        v.set_sensitive(true);
+        out.push((name, v));
+    }
+    if protocol == Protocol::Anthropic {
+        let v = api_version.unwrap_or(ANTHROPIC_DEFAULT_VERSION);
+        out.push((
+            HeaderName::from_static("anthropic-version"),
+            HeaderValue::from_str(v).map_err(|_| "api_version is not a valid header value")?,
+        ));
+    }
+    Ok(out)
+}
+
+/// Why the stream or reply stopped, in neutral terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    End,
+    Length,
+    ToolUse,
+    Sequence,
+    ContentFilter,
+}
+
+/// One tool call of a reply.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ToolCall {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    /// JSON text of the arguments.
+    pub(crate) arguments: String,
+}
+
+/// A whole (non-streamed) answer in neutral form.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Reply {
+    pub(crate) model: String,
+    pub(crate) text: String,
+    pub(crate) tool_calls: Vec<ToolCall>,
+    pub(crate) stop: Option<Stop>,
+    pub(crate) usage: Option<Usage>,
+}
+
+impl Reply {
+    /// Output tokens counted from what the reply carries (for estimated usage).
+    pub(crate) fn output_tokens(&self) -> u64 {
+        let mut n = tokens::count(&self.text);
+        for t in &self.tool_calls {
+            n += tokens::count(&t.arguments);
+        }
+        n as u64
+    }
+}
+
+/// One step of a stream in neutral form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Event {
+    Text(String),
+    /// A tool call begins; `index` counts tool calls from 0.
+    ToolStart {
+        index: usize,
+        id: String,
+        name: String,
+    },
+    ToolArgs {
+        index: usize,
+        args: String,
+    },
+    Finish(Stop),
+    /// Final usage reported by the upstream.
+    Usage(Usage),
+    /// The upstream finished cleanly.
+    Done,
+}
+
+/// The upstream request for one deployment. `doc` is the client's parsed body; pass-
+/// through rewrites it in place (only `model`, and the usage option of chat streams), so
+/// a retry on another deployment rewrites it again.
+pub(crate) fn upstream_request(
+    api: ClientApi,
+    doc: &mut Map<String, Value>,
+    d: &Deployment,
+    stream: bool,
+    max_out: u64,
+) -> Result<Request<Full<Bytes>>, ApiError> {
+    let p = d.provider.protocol;
+    let e = &d.endpoints;
+    let (uri, body) = match (api, p) {
+        (ClientApi::Chat, Protocol::OpenAi | Protocol::Azure) => {
+            openai::prepare_chat(doc, &d.upstream_model, stream);
+            (e.chat.as_ref(), serde_json::to_vec(doc))
+        }
+        (ClientApi::Embeddings, Protocol::OpenAi | Protocol::Azure) => {
+            doc.insert("model".into(), Value::String(d.upstream_model.clone()));
+            (e.embeddings.as_ref(), serde_json::to_vec(doc))
+        }
+        (ClientApi::Responses, Protocol::OpenAi | Protocol::Azure) => {
+            doc.insert("model".into(), Value::String(d.upstream_model.clone()));
+            (e.responses.as_ref(), serde_json::to_vec(doc))
+        }
+        (ClientApi::Messages, Protocol::Anthropic) => {
+            doc.insert("model".into(), Value::String(d.upstream_model.clone()));
+            (e.chat.as_ref(), serde_json::to_vec(doc))
+        }
+        (ClientApi::Chat, Protocol::Anthropic) => {
+            let out = anthropic::from_chat_request(doc, &d.upstream_model, stream, max_out);
+            (e.chat.as_ref(), serde_json::to_vec(&out))
+        }
+        (ClientApi::Chat, Protocol::Gemini) => {
+            let out = gemini::from_chat_request(doc, max_out);
+            let uri = if stream { &e.chat_stream } else { &e.chat };
+            (uri.as_ref(), serde_json::to_vec(&out))
+        }
+        (ClientApi::Messages, Protocol::OpenAi | Protocol::Azure) => {
+            let out = anthropic::to_chat_request(doc, &d.upstream_model, stream);
+            (e.chat.as_ref(), serde_json::to_vec(&out))
+        }
+        (ClientApi::Messages, Protocol::Gemini) => {
+            let chat = anthropic::to_chat_request(doc, &d.upstream_model, stream);
+            let out = match &chat {
+                Value::Object(m) => gemini::from_chat_request(m, max_out),
+                _ => Value::Null,
+            };
+            let uri = if stream { &e.chat_stream } else { &e.chat };
+            (uri.as_ref(), serde_json::to_vec(&out))
+        }
+        (ClientApi::Embeddings | ClientApi::Responses, _) => (None, Ok(Vec::new())),
+    };
+    let uri = uri.ok_or(ApiError::ModelNotFound)?;
+    let body = body.map_err(|_| ApiError::Internal)?;
+    let mut req = Request::new(Full::new(Bytes::from(body)));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = uri.clone();
+    let h = req.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if stream {
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("text/event-stream"),
+        );
+    }
+    for (name, value) in &d.provider.auth_headers {
+        h.insert(name.clone(), value.clone());
+    }
+    Ok(req)
+}
+
+/// Prompt tokens of a Messages or Responses request, counted in memory (numbers only).
+pub(crate) fn estimate_prompt(api: ClientApi, doc: &Map<String, Value>) -> Option<u64> {
+    match api {
+        ClientApi::Messages => Some(anthropic::estimate_prompt(doc)),
+        ClientApi::Responses => Some(responses::estimate_prompt(doc)),
+        ClientApi::Chat | ClientApi::Embeddings => None,
+    }
+}
+
+/// The output cap a Messages or Responses request asks for.
+pub(crate) fn requested_max_out(api: ClientApi, doc: &Map<String, Value>) -> Option<u64> {
+    match api {
+        ClientApi::Messages => doc.get("max_tokens").and_then(Value::as_u64),
+        ClientApi::Responses => doc.get("max_output_tokens").and_then(Value::as_u64),
+        ClientApi::Chat | ClientApi::Embeddings => None,
+    }
+}
+
+/// Text of a JSON value that is a string or a list of parts with `text`.
+pub(crate) fn value_tokens(v: &Value) -> u64 {
+    match v {
+        Value::String(s) => tokens::count(s) as u64,
+        Value::Array(parts) => parts.iter().map(value_tokens).sum(),
+        Value::Object(o) => {
+            let mut n = 0;
+            for k in ["text", "content", "input", "arguments", "output"] {
+                if let Some(x) = o.get(k) {
+                    n += match x {
+                        // Tool inputs are JSON objects; count their serialised form.
+                        Value::Object(_) => tokens::count(&x.to_string()) as u64,
+                        _ => value_tokens(x),
+                    };
+                }
+            }
+            n
+        }
+        _ => 0,
+    }
+}
+
+/// Translate a whole upstream answer into the client's protocol. `None`: the body did
+/// not parse as the upstream protocol's answer.
+pub(crate) fn translate_reply(
+    api: ClientApi,
+    upstream: Protocol,
+    body: &[u8],
+    request_id: &str,
+) -> Option<(Bytes, Reply)> {
+    let reply = match upstream {
+        Protocol::OpenAi | Protocol::Azure => openai::decode_reply(body)?,
+        Protocol::Anthropic => anthropic::decode_reply(body)?,
+        Protocol::Gemini => gemini::decode_reply(body)?,
+    };
+    let out = match api {
+        ClientApi::Chat => openai::encode_reply(&reply, request_id),
+        ClientApi::Messages => anthropic::encode_reply(&reply, request_id),
+        ClientApi::Embeddings | ClientApi::Responses => return None,
+    };
+    Some((Bytes::from(out), reply))
+}
+
+/// Whether the answer needs translation for this client.
+pub(crate) fn translates(api: ClientApi, upstream: Protocol) -> bool {
+    match api {
+        ClientApi::Chat | ClientApi::Embeddings | ClientApi::Responses => !upstream.openai_like(),
+        ClientApi::Messages => upstream != Protocol::Anthropic,
+    }
+}
+
+/// Usage of a pass-through answer (numbers only), and output tokens counted when the
+/// upstream reported none.
+pub(crate) fn meter_passthrough(api: ClientApi, body: &[u8]) -> (Option<Usage>, u64) {
+    match api {
+        ClientApi::Messages => match anthropic::decode_reply(body) {
+            Some(r) => (r.usage, r.output_tokens()),
+            None => (None, 0),
+        },
+        ClientApi::Responses => responses::meter_reply(body),
+        // Chat and embeddings keep the relay's own metering.
+        ClientApi::Chat | ClientApi::Embeddings => (None, 0),
+    }
+}
+
+/// Stream-side behaviour chosen once per streamed call.
+pub(crate) enum StreamRelay {
+    /// OpenAI chat to OpenAI chat: the original fast path.
+    Chat(SseRelay),
+    /// Same protocol, metered per event (Anthropic Messages, Responses).
+    Metered(Box<Metered>),
+    /// Different protocols.
+    Translate(Box<Translator>),
+}
+
+impl StreamRelay {
+    /// `ids` is called only when the stream is translated: pass-through allocates nothing.
+    pub(crate) fn new(
+        api: ClientApi,
+        upstream: Protocol,
+        strip_usage: bool,
+        ids: impl FnOnce() -> StreamIds,
+    ) -> Self {
+        match (api, translates(api, upstream)) {
+            (ClientApi::Chat | ClientApi::Embeddings, false) => {
+                StreamRelay::Chat(SseRelay::new(strip_usage))
+            }
+            (ClientApi::Messages, false) => StreamRelay::Metered(Box::new(Metered::new(
+                PassKind::Anthropic(anthropic::PassMeter::default()),
+            ))),
+            (ClientApi::Responses, _) => StreamRelay::Metered(Box::new(Metered::new(
+                PassKind::Responses(responses::PassMeter::default()),
+            ))),
+            (_, true) => {
+                let decoder = match upstream {
+                    Protocol::OpenAi | Protocol::Azure => {
+                        Decoder::OpenAi(openai::Decoder::default())
+                    }
+                    Protocol::Anthropic => Decoder::Anthropic(anthropic::Decoder::default()),
+                    Protocol::Gemini => Decoder::Gemini(gemini::Decoder::default()),
+                };
+                let encoder = match api {
+                    ClientApi::Messages => Encoder::Anthropic(anthropic::Encoder::new(ids())),
+                    _ => Encoder::OpenAi(openai::Encoder::new(ids(), !strip_usage)),
+                };
+                StreamRelay::Translate(Box::new(Translator {
+                    framer: SseFramer::default(),
+                    decoder,
+                    encoder,
+                    meter: StreamMeter::default(),
+                    client: api,
+                }))
+            }
+        }
+    }
+
+    pub(crate) fn push(&mut self, chunk: &[u8], out: &mut VecDeque<Bytes>) {
+        match self {
+            StreamRelay::Chat(r) => r.push(chunk, out),
+            StreamRelay::Metered(m) => m.push(chunk, out),
+            StreamRelay::Translate(t) => t.push(chunk, out),
+        }
+    }
+
+    pub(crate) fn finish(&mut self, out: &mut VecDeque<Bytes>) {
+        match self {
+            StreamRelay::Chat(r) => r.finish(out),
+            StreamRelay::Metered(m) => m.finish(out),
+            StreamRelay::Translate(t) => t.finish(out),
+        }
+    }
+
+    pub(crate) fn meter(&self) -> &StreamMeter {
+        match self {
+            StreamRelay::Chat(r) => &r.meter,
+            StreamRelay::Metered(m) => &m.meter,
+            StreamRelay::Translate(t) => &t.meter,
+        }
+    }
+
+    /// The event that ends a stream abnormally, in the client's protocol.
+    pub(crate) fn error_event(&self, err: ApiError) -> Bytes {
+        let anthropic_client = match self {
+            StreamRelay::Chat(_) => false,
+            StreamRelay::Metered(m) => matches!(m.kind, PassKind::Anthropic(_)),
+            StreamRelay::Translate(t) => t.client == ClientApi::Messages,
+        };
+        if anthropic_client {
+            anthropic::error_event(err)
+        } else {
+            error_event(err)
+        }
+    }
+}
+
+/// Identifiers written into translated streams.
+#[derive(Debug, Clone)]
+pub(crate) struct StreamIds {
+    pub(crate) id: String,
+    pub(crate) model: String,
+}
+
+/// Complete events of `chunk`, with an unterminated trailing event flushed at the end
+/// when its last line is whole (a half-written line from a cut stream is dropped).
+fn flush_tail(framer: &mut SseFramer) -> Option<Bytes> {
+    let event = framer.finish()?;
+    if !event.ends_with(b"\n") {
+        return None;
+    }
+    let mut complete = BytesMut::with_capacity(event.len() + 1);
+    complete.extend_from_slice(&event);
+    complete.extend_from_slice(b"\n");
+    Some(complete.freeze())
+}
+
+/// The `event:` name and joined `data:` payload of one SSE event.
+pub(crate) fn parse_event(event: &[u8]) -> (Option<&[u8]>, Option<Vec<u8>>) {
+    let mut name = None;
+    let mut data: Option<Vec<u8>> = None;
+    for line in event.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(v) = line.strip_prefix(b"event:") {
+            name = Some(v.strip_prefix(b" ").unwrap_or(v));
+        } else if let Some(v) = line.strip_prefix(b"data:") {
+            let v = v.strip_prefix(b" ").unwrap_or(v);
+            match &mut data {
+                None => data = Some(v.to_vec()),
+                Some(d) => {
+                    d.push(b'\n');
+                    d.extend_from_slice(v);
+                }
+            }
+        }
+    }
+    (name, data)
+}
+
+pub(crate) enum PassKind {
+    Anthropic(anthropic::PassMeter),
+    Responses(responses::PassMeter),
+}
+
+/// Same-protocol relay with per-event metering. Upstream error events are dropped (their
+/// bodies never reach the client); the stream then ends without its terminal event and
+/// the gateway's own error event is sent instead.
+pub(crate) struct Metered {
+    framer: SseFramer,
+    kind: PassKind,
+    pub(crate) meter: StreamMeter,
+}
+
+impl Metered {
+    fn new(kind: PassKind) -> Self {
+        Metered {
+            framer: SseFramer::default(),
+            kind,
+            meter: StreamMeter::default(),
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8], out: &mut VecDeque<Bytes>) {
+        let Metered {
+            framer,
+            kind,
+            meter,
+        } = self;
+        framer.push(chunk, |event| Self::accept(kind, meter, event, out));
+    }
+
+    fn finish(&mut self, out: &mut VecDeque<Bytes>) {
+        if let Some(event) = flush_tail(&mut self.framer) {
+            Self::accept(&mut self.kind, &mut self.meter, event, out);
+        }
+    }
+
+    fn accept(
+        kind: &mut PassKind,
+        meter: &mut StreamMeter,
+        event: Bytes,
+        out: &mut VecDeque<Bytes>,
+    ) {
+        let forward = match kind {
+            PassKind::Anthropic(m) => m.inspect(&event, meter),
+            PassKind::Responses(m) => m.inspect(&event, meter),
+        };
+        if forward {
+            meter.events += 1;
+            out.push_back(event);
+        }
+    }
+}
+
+pub(crate) enum Decoder {
+    OpenAi(openai::Decoder),
+    Anthropic(anthropic::Decoder),
+    Gemini(gemini::Decoder),
+}
+
+pub(crate) enum Encoder {
+    OpenAi(openai::Encoder),
+    Anthropic(anthropic::Encoder),
+}
+
+/// Upstream events in, client events out, one event at a time.
+pub(crate) struct Translator {
+    framer: SseFramer,
+    decoder: Decoder,
+    encoder: Encoder,
+    pub(crate) meter: StreamMeter,
+    client: ClientApi,
+}
+
+impl Translator {
+    fn push(&mut self, chunk: &[u8], out: &mut VecDeque<Bytes>) {
+        let Translator {
+            framer,
+            decoder,
+            encoder,
+            meter,
+            ..
+        } = self;
+        framer.push(chunk, |event| {
+            Self::accept(decoder, encoder, meter, &event, out)
+        });
+    }
+
+    fn finish(&mut self, out: &mut VecDeque<Bytes>) {
+        if let Some(event) = flush_tail(&mut self.framer) {
+            Self::accept(
+                &mut self.decoder,
+                &mut self.encoder,
+                &mut self.meter,
+                &event,
+                out,
+            );
+        }
+        // Gemini has no terminal event: a stream that ended after its finish reason is
+        // complete.
+        let mut events = Vec::new();
+        if let Decoder::Gemini(g) = &mut self.decoder {
+            g.end(&mut events);
+        }
+        Self::emit(&mut self.encoder, &mut self.meter, events, out);
+    }
+
+    fn accept(
+        decoder: &mut Decoder,
+        encoder: &mut Encoder,
+        meter: &mut StreamMeter,
+        event: &[u8],
+        out: &mut VecDeque<Bytes>,
+    ) {
+        let mut events = Vec::new();
+        match decoder {
+            Decoder::OpenAi(d) => d.decode(event, &mut events),
+            Decoder::Anthropic(d) => d.decode(event, &mut events),
+            Decoder::Gemini(d) => d.decode(event, &mut events),
+        }
+        Self::emit(encoder, meter, events, out);
+    }
+
+    fn emit(
+        encoder: &mut Encoder,
+        meter: &mut StreamMeter,
+        events: Vec<Event>,
+        out: &mut VecDeque<Bytes>,
+    ) {
+        for ev in events {
+            match &ev {
+                Event::Text(t) => meter.output_tokens += tokens::count(t) as u64,
+                Event::ToolArgs { args, .. } => meter.output_tokens += tokens::count(args) as u64,
+                Event::Usage(u) => meter.usage = Some(*u),
+                Event::Done => meter.done = true,
+                Event::ToolStart { .. } | Event::Finish(_) => {}
+            }
+            let before = out.len();
+            match encoder {
+                Encoder::OpenAi(e) => e.encode(&ev, out),
+                Encoder::Anthropic(e) => e.encode(&ev, out),
+            }
+            meter.events += (out.len() - before) as u64;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn ids() -> StreamIds {
+        StreamIds {
+            id: "r1".into(),
+            model: "m".into(),
+        }
+    }
+
+    /// Feed `input` in pieces of `step` bytes; the client bytes out, concatenated.
+    fn run(api: ClientApi, up: Protocol, input: &str, step: usize) -> (String, StreamMeter) {
+        let mut relay = StreamRelay::new(api, up, false, ids);
+        let mut out = VecDeque::new();
+        for piece in input.as_bytes().chunks(step) {
+            relay.push(piece, &mut out);
+        }
+        relay.finish(&mut out);
+        let text: Vec<u8> = out.iter().flat_map(|b| b.iter().copied()).collect();
+        // The creation time is the only field that may differ between runs.
+        let text = String::from_utf8(text).unwrap();
+        let text = text
+            .split("\"created\":")
+            .enumerate()
+            .map(|(i, part)| {
+                if i == 0 {
+                    part.to_owned()
+                } else {
+                    part.trim_start_matches(|c: char| c.is_ascii_digit())
+                        .to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\"created\":0");
+        (text, *relay.meter())
+    }
+
+    const ANTHROPIC: &str = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":5,\"cache_read_input_tokens\":2,\"output_tokens\":1}}}\n\n\
+event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n\
+event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"h\u{e9}llo \"}}\n\n\
+event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"tool_use\",\"id\":\"t1\",\"name\":\"f\",\"input\":{}}}\n\n\
+event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"a\\\":\"}}\n\n\
+event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"1}\"}}\n\n\
+event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":7}}\n\n\
+event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+
+    #[test]
+    fn converters_do_not_depend_on_how_bytes_arrive() {
+        let (whole, meter) = run(ClientApi::Chat, Protocol::Anthropic, ANTHROPIC, usize::MAX);
+        for step in [1, 2, 7, 64] {
+            assert_eq!(
+                run(ClientApi::Chat, Protocol::Anthropic, ANTHROPIC, step).0,
+                whole
+            );
+        }
+        assert!(meter.done);
+        assert_eq!(
+            meter.usage,
+            Some(Usage {
+                prompt: 7,
+                completion: 7,
+                cached: 2
+            })
+        );
+        assert!(whole.contains("\"finish_reason\":\"tool_calls\""));
+        assert!(whole.contains("\"content\":\"h\u{e9}llo \""));
+        assert!(whole.ends_with("data: [DONE]\n\n"));
+    }
+
+    #[test]
+    fn a_cut_stream_is_not_done_and_keeps_no_partial_usage() {
+        let cut = &ANTHROPIC[..ANTHROPIC.find("event: message_delta").unwrap()];
+        let (out, meter) = run(ClientApi::Chat, Protocol::Anthropic, cut, 5);
+        assert!(!meter.done);
+        assert_eq!(meter.usage, None, "start usage alone is not final");
+        assert!(meter.output_tokens > 0);
+        assert!(!out.contains("[DONE]"));
+    }
+
+    #[test]
+    fn gemini_is_done_only_after_a_finish_reason_and_the_end_of_the_body() {
+        let chunk = |t: &str, fin: bool| {
+            format!(
+                "data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"{t}\"}}]}}{}}}],\"usageMetadata\":{{\"promptTokenCount\":3,\"candidatesTokenCount\":2}}}}\r\n\r\n",
+                if fin { ",\"finishReason\":\"STOP\"" } else { "" }
+            )
+        };
+        let full = format!("{}{}", chunk("a", false), chunk("b", true));
+        let (out, meter) = run(ClientApi::Messages, Protocol::Gemini, &full, 3);
+        assert!(meter.done);
+        assert_eq!(meter.usage.map(|u| u.completion), Some(2));
+        assert!(out.ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
+        let (_, meter) = run(ClientApi::Messages, Protocol::Gemini, &chunk("a", false), 3);
+        assert!(!meter.done);
+    }
+}

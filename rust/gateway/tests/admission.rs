@@ -1,0 +1,707 @@
+//! Admission specs: blocked sources, key scopes (source IPs, not_before, secret rotation),
+//! price factors, rate/token/concurrency limits and budgets, through a real engine.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use onetoken_gateway::billing::{usage_cost_at, Prices, Usage};
+use onetoken_gateway::{Engine, EngineConfig};
+use serde_json::{json, Value};
+
+const CHAT: &str = "/v1/chat/completions";
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn today() -> i64 {
+    unix_now().div_euclid(86_400)
+}
+
+/// The org and key entries of the harness snapshot by id, for patching.
+fn org_mut<'a>(snap: &'a mut Value, id: &str) -> &'a mut Value {
+    snap["orgs"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|o| o["id"] == id)
+        .unwrap()
+}
+
+fn key_mut<'a>(snap: &'a mut Value, key_id: &str) -> &'a mut Value {
+    snap["keys"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|k| k["key_id"] == key_id)
+        .unwrap()
+}
+
+/// A harness whose first snapshot is the standard one with `patch` applied.
+fn start_with(patch: impl FnOnce(&mut Value)) -> Harness {
+    start_with_config(engine_config, patch)
+}
+
+fn start_with_config(
+    config: impl FnOnce(&str) -> EngineConfig,
+    patch: impl FnOnce(&mut Value),
+) -> Harness {
+    let upstream = Upstream::start();
+    let spool = tempdir::Dir::new();
+    let engine = Engine::new(config(spool.path())).unwrap();
+    let mut snap = snapshot(1, upstream.addr, 100_000_000_000);
+    patch(&mut snap);
+    engine.load_snapshot(snap.to_string().as_bytes()).unwrap();
+    let addr = engine.start().unwrap();
+    Harness {
+        engine,
+        addr,
+        upstream,
+        spool,
+    }
+}
+
+fn reload(h: &Harness, version: u64, patch: impl FnOnce(&mut Value)) {
+    let mut snap = snapshot(version, h.upstream.addr, 100_000_000_000);
+    patch(&mut snap);
+    assert_eq!(
+        h.engine.load_snapshot(snap.to_string().as_bytes()).unwrap(),
+        version
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_sources_are_refused_before_authentication() {
+    let h = start_with(|s| {
+        s["blocked_ips"] = json!([{"cidr": "127.0.0.0/8", "until": unix_now() + 3600}]);
+    });
+    let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["error"]["code"], "ip_blocked");
+    let no_key = post(h.addr, CHAT, None, chat(CANARY, json!({}))).await;
+    assert_eq!(no_key.json()["error"]["code"], "ip_blocked");
+    h.wait_records(2).await;
+    let recs = h.records();
+    assert!(recs
+        .iter()
+        .all(|r| r.error_code == "ip_blocked" && r.key_id.is_empty() && r.status == 403));
+    assert_eq!(h.upstream.requests(), 0);
+    assert_no_canary(&h, &recs, &[&r, &no_key]);
+
+    // An expired block no longer applies; an unrelated one never did.
+    reload(&h, 2, |s| {
+        s["blocked_ips"] = json!([
+            {"cidr": "127.0.0.0/8", "until": unix_now() - 1},
+            {"cidr": "2001:db8::/32", "until": unix_now() + 3600}
+        ]);
+    });
+    let ok = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    assert_eq!(ok.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_source_ip_scope() {
+    let h = start_with(|s| {
+        key_mut(s, "key_good")["allowed_ips"] = json!(["10.0.0.0/8", "2001:db8::/32"]);
+        key_mut(s, "key_poor")["allowed_ips"] = json!(["127.0.0.1", "::1/128"]);
+    });
+    let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["error"]["code"], "key_ip_not_allowed");
+    h.wait_records(1).await;
+    let recs = h.records();
+    // The record names the key and org so the control plane can raise a key-risk event.
+    assert_eq!(recs[0].key_id, "key_good");
+    assert_eq!(recs[0].org_id, "org_rich");
+    assert_eq!(recs[0].source_ip, "127.0.0.1");
+    assert_eq!(recs[0].error_code, "key_ip_not_allowed");
+    assert_eq!(h.upstream.requests(), 0);
+    assert_no_canary(&h, &recs, &[&r]);
+
+    // Inside its scope, the key passes admission (then fails on balance, a later phase).
+    let poor = post(h.addr, CHAT, Some("ot-poor"), chat("hi", json!({}))).await;
+    assert_eq!(poor.json()["error"]["code"], "insufficient_balance");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_before_refuses_until_the_time() {
+    let h = start_with(|s| {
+        key_mut(s, "key_good")["not_before"] = json!(unix_now() + 600);
+        key_mut(s, "key_embed")["not_before"] = json!(unix_now() - 1);
+    });
+    let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["code"], "key_not_yet_valid");
+    let ok = post(
+        h.addr,
+        "/v1/embeddings",
+        Some("ot-embed-only"),
+        json!({"model": "demo-embed", "input": "x"}),
+    )
+    .await;
+    assert_eq!(ok.status, 200);
+    h.wait_records(2).await;
+    let recs = h.records();
+    assert_no_canary(&h, &recs, &[&r]);
+}
+
+const NEW_SECRET: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_rotation_accepts_each_key_under_its_own_version_only() {
+    let rotated = |spool: &str| {
+        let cfg = json!({
+            "listen": "127.0.0.1:0",
+            "key_hash_secret_hex": NEW_SECRET,
+            "key_hash_secret_version": 2,
+            "previous_key_hash_secrets": [{"version": 1, "secret_hex": SECRET_HEX}],
+            "spool_dir": spool,
+        });
+        EngineConfig::from_json(cfg.to_string().as_bytes()).unwrap()
+    };
+    let new_hash = |k: &str| onetoken_gateway::hash_key(&hex::decode(NEW_SECRET).unwrap(), k);
+    let h = start_with_config(rotated, |s| {
+        // key_good: hashed under the old secret, version 1 (the default).
+        // key_poor: re-issued under the new secret.
+        let poor = key_mut(s, "key_poor");
+        poor["hash"] = json!(new_hash("ot-poor"));
+        poor["secret_version"] = json!(2);
+        // key_off claims version 2 but was hashed under the old secret: never matches.
+        key_mut(s, "key_off")["secret_version"] = json!(2);
+        org_mut(s, "org_off")["status"] = json!("active");
+    });
+    let old = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    assert_eq!(old.status, 200, "old-secret key still accepted");
+    let new = post(h.addr, CHAT, Some("ot-poor"), chat("hi", json!({}))).await;
+    assert_eq!(
+        new.json()["error"]["code"],
+        "insufficient_balance",
+        "new-secret key authenticated"
+    );
+    let mismatch = post(h.addr, CHAT, Some("ot-off"), chat("hi", json!({}))).await;
+    assert_eq!(mismatch.status, 401);
+    assert_eq!(mismatch.json()["error"]["code"], "invalid_api_key");
+
+    // The same version twice, or bad hex, is a configuration error.
+    for bad in [
+        json!({"key_hash_secret_hex": "00", "previous_key_hash_secrets": [{"version": 1, "secret_hex": "01"}]}),
+        json!({"key_hash_secret_hex": "00", "previous_key_hash_secrets": [{"version": 0, "secret_hex": "zz"}]}),
+        json!({"key_hash_secret_hex": "00", "previous_key_hash_secrets": [{"version": 0, "secret": "01"}]}),
+    ] {
+        assert!(
+            EngineConfig::from_json(bad.to_string().as_bytes()).is_err(),
+            "{bad}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn price_factor_applies_to_every_part_rounding_up() {
+    let h = start_with(|s| {
+        org_mut(s, "org_rich")["price_factor_ppm"] = json!(900_000);
+    });
+    let r = post(
+        h.addr,
+        CHAT,
+        Some("ot-good"),
+        chat("one two three", json!({"max_tokens": 10})),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    h.wait_records(1).await;
+    let rec = h.records().remove(0);
+    let prices = Prices {
+        input: 500_000_000,
+        output: 1_500_000_000,
+        cached_input: 250_000_000,
+    };
+    let usage = Usage {
+        prompt: u64::from(rec.prompt_tokens),
+        completion: u64::from(rec.completion_tokens),
+        cached: 0,
+    };
+    assert_eq!(rec.cost, usage_cost_at(usage, prices, 900_000));
+    // 7 prompt tokens: 7 * 5e8 * 0.9 / 1e6 = 3150; 8 output: 8 * 1.5e9 * 0.9 / 1e6 = 10800.
+    assert_eq!((rec.prompt_tokens, rec.completion_tokens), (7, 8));
+    assert_eq!(rec.cost, 3150 + 10_800);
+    let spend = h.engine.org_spend();
+    assert!(spend.contains(&("org_rich".to_owned(), rec.cost, 0)));
+    assert_eq!(
+        h.engine
+            .key_spend()
+            .iter()
+            .find(|k| k.0 == "key_good")
+            .unwrap()
+            .1,
+        rec.cost
+    );
+}
+
+fn header<'a>(r: &'a Reply, name: &str) -> &'a str {
+    r.headers
+        .get(name)
+        .unwrap_or_else(|| panic!("missing {name}"))
+        .to_str()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpm_limit_refuses_with_headers_and_records_limited() {
+    let h = start_with(|s| {
+        key_mut(s, "key_good")["limits"] = json!({"rpm": 3});
+    });
+    for _ in 0..3 {
+        let ok = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+        assert_eq!(ok.status, 200);
+    }
+    let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["code"], "rate_limited");
+    assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+    // rpm 3: one request every 20 s refills.
+    let retry: u64 = header(&r, "retry-after").parse().unwrap();
+    assert!((19..=20).contains(&retry), "{retry}");
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), "3");
+    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "0");
+    assert!(header(&r, "x-ratelimit-reset-requests").ends_with('s'));
+    assert!(r.headers.get("x-ratelimit-limit-tokens").is_none());
+    assert_eq!(h.upstream.requests(), 3);
+    h.wait_records(4).await;
+    let recs = h.records();
+    assert_eq!(
+        recs.iter().map(|r| r.rate_limit).collect::<Vec<_>>(),
+        ["pass", "pass", "pass", "limited"]
+    );
+    assert_eq!(recs[3].error_code, "rate_limited");
+    assert_eq!(recs[3].status, 429);
+    assert_eq!(recs[3].cost, 0);
+    // A limited request holds nothing.
+    assert!(h
+        .engine
+        .org_spend()
+        .iter()
+        .all(|(_, _, reserved)| *reserved == 0));
+    assert_no_canary(&h, &recs, &[&r]);
+    // Another key of the same org is not affected.
+    let other = post(
+        h.addr,
+        "/v1/embeddings",
+        Some("ot-embed-only"),
+        json!({"model": "demo-embed", "input": "x"}),
+    )
+    .await;
+    assert_eq!(other.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn org_rpm_covers_all_its_keys() {
+    let h = start_with(|s| {
+        org_mut(s, "org_rich")["limits"] = json!({"rpm": 2});
+    });
+    let embed = json!({"model": "demo-embed", "input": "x"});
+    assert_eq!(
+        post(h.addr, CHAT, Some("ot-good"), chat("a", json!({})))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        post(
+            h.addr,
+            "/v1/embeddings",
+            Some("ot-embed-only"),
+            embed.clone()
+        )
+        .await
+        .status,
+        200
+    );
+    let r = post(h.addr, "/v1/embeddings", Some("ot-embed-only"), embed).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_admits_on_the_estimate_and_corrects_at_settle() {
+    // Estimate = prompt estimate (4 + 1 tokens) + max_tokens. tpm 100.
+    let h = start_with(|s| {
+        key_mut(s, "key_good")["limits"] = json!({"tpm": 100});
+    });
+    // 5 + 80 = 85 fits; the upstream really uses 5 + 8 = 13, so 72 come back at settle.
+    let a = post(
+        h.addr,
+        CHAT,
+        Some("ot-good"),
+        chat("hi", json!({"max_tokens": 80})),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    // 13 used, 87 left: another 85 fits only because of the correction.
+    let b = post(
+        h.addr,
+        CHAT,
+        Some("ot-good"),
+        chat("hi", json!({"max_tokens": 80})),
+    )
+    .await;
+    assert_eq!(b.status, 200, "{}", b.text());
+    // 26 used, 74 left: 85 does not fit.
+    let c = post(
+        h.addr,
+        CHAT,
+        Some("ot-good"),
+        chat("hi", json!({"max_tokens": 80})),
+    )
+    .await;
+    assert_eq!(c.status, 429);
+    assert_eq!(c.json()["error"]["code"], "rate_limited");
+    assert_eq!(header(&c, "x-ratelimit-limit-tokens"), "100");
+    let remaining: u64 = header(&c, "x-ratelimit-remaining-tokens").parse().unwrap();
+    assert!((73..=74).contains(&remaining), "{remaining}");
+    // A small request still fits.
+    let d = post(
+        h.addr,
+        CHAT,
+        Some("ot-good"),
+        chat("hi", json!({"max_tokens": 10})),
+    )
+    .await;
+    assert_eq!(d.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_limit_counts_open_streams_and_frees_on_end() {
+    let h = start_with(|s| {
+        key_mut(s, "key_good")["limits"] = json!({"concurrency": 2});
+    });
+    let slow = chat(
+        "hi",
+        json!({"stream": true, "mock": {"chunks": 3, "delay_ms": 300}}),
+    );
+    let s1 = open(
+        h.addr,
+        request("POST", CHAT, Some("ot-good"), slow.to_string()),
+    )
+    .await;
+    let s2 = open(
+        h.addr,
+        request("POST", CHAT, Some("ot-good"), slow.to_string()),
+    )
+    .await;
+    assert_eq!((s1.status().as_u16(), s2.status().as_u16()), (200, 200));
+    let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["code"], "concurrency_limited");
+    assert_eq!(header(&r, "retry-after"), "1");
+    // A stream the client abandons frees its slot too.
+    drop(s1);
+    use http_body_util::BodyExt;
+    let _ = s2.into_body().collect().await.unwrap();
+    h.wait_records(3).await;
+    let ok = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    assert_eq!(ok.status, 200);
+    h.wait_records(4).await;
+    let recs = h.records();
+    assert_eq!(recs.iter().filter(|r| r.rate_limit == "limited").count(), 1);
+    assert_no_canary(&h, &recs, &[&r]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_clients_never_exceed_rpm_or_concurrency() {
+    let h = Arc::new(start_with(|s| {
+        key_mut(s, "key_good")["limits"] = json!({"rpm": 20});
+        org_mut(s, "org_rich")["limits"] = json!({"concurrency": 4});
+    }));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..60)
+        .map(|_| {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let body = chat("hi", json!({"mock": {"latency_ms": 30}}));
+                post(h.addr, CHAT, Some("ot-good"), body).await
+            })
+        })
+        .collect();
+    let mut by_code = std::collections::BTreeMap::<String, usize>::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        let code = if r.status == 200 {
+            "ok".to_owned()
+        } else {
+            r.json()["error"]["code"].as_str().unwrap().to_owned()
+        };
+        *by_code.entry(code).or_default() += 1;
+    }
+    let elapsed = started.elapsed();
+    let ok = by_code.get("ok").copied().unwrap_or(0);
+    // rpm 20 refills one every 3 s: all within one burst of at most 20 (+1 if slow).
+    let max_ok = 20 + usize::from(elapsed >= Duration::from_secs(3));
+    assert!(ok <= max_ok && ok > 0, "{by_code:?}");
+    assert_eq!(
+        by_code.values().sum::<usize>(),
+        60,
+        "every request got an answer: {by_code:?}"
+    );
+    assert!(by_code
+        .keys()
+        .all(|k| ["ok", "rate_limited", "concurrency_limited"].contains(&k.as_str())));
+    assert!(by_code.contains_key("concurrency_limited"), "{by_code:?}");
+    assert_eq!(h.upstream.requests() as usize, ok);
+    h.wait_records(60).await;
+    let recs = h.records();
+    assert_eq!(
+        recs.iter().filter(|r| r.rate_limit == "limited").count(),
+        60 - ok
+    );
+    // Every slot was given back and nothing stays reserved.
+    for _ in 0..5 {
+        let again = post(
+            h.addr,
+            "/v1/embeddings",
+            Some("ot-embed-only"),
+            json!({"model": "demo-embed", "input": "x"}),
+        )
+        .await;
+        assert_eq!(again.status, 200);
+    }
+    assert!(h
+        .engine
+        .org_spend()
+        .iter()
+        .all(|(_, _, reserved)| *reserved == 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_survive_a_snapshot_swap_and_new_limits_apply_at_once() {
+    let limit = |rpm: u32| {
+        move |s: &mut Value| {
+            key_mut(s, "key_good")["limits"] = json!({"rpm": rpm});
+        }
+    };
+    let h = start_with(limit(4));
+    for _ in 0..4 {
+        assert_eq!(
+            post(h.addr, CHAT, Some("ot-good"), chat("a", json!({})))
+                .await
+                .status,
+            200
+        );
+    }
+    // Same limit, new snapshot: the four already taken still count.
+    reload(&h, 2, limit(4));
+    assert_eq!(
+        post(h.addr, CHAT, Some("ot-good"), chat("a", json!({})))
+            .await
+            .status,
+        429
+    );
+    // Raised: admitted at once (4 of 600 used).
+    reload(&h, 3, limit(600));
+    assert_eq!(
+        post(h.addr, CHAT, Some("ot-good"), chat("a", json!({})))
+            .await
+            .status,
+        200
+    );
+    // Lowered below what was used: refused at once.
+    reload(&h, 4, limit(2));
+    let r = post(h.addr, CHAT, Some("ot-good"), chat("a", json!({}))).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), "2");
+    // Removed: no limit.
+    reload(&h, 5, |_| {});
+    assert_eq!(
+        post(h.addr, CHAT, Some("ot-good"), chat("a", json!({})))
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_refuse_with_retry_after_until_the_period_resets() {
+    let day = today();
+    let now = unix_now();
+    let h = start_with(|s| {
+        // The key has 1_000_000 left today per the ledger.
+        let k = key_mut(s, "key_good");
+        k["limits"] = json!({"budget_day": 5_000_000});
+        k["usage"] = json!({"day": day, "month": 0, "spent_day": 4_000_000, "spent_month": 0, "spent_mark": 0});
+    });
+    // max_tokens 4096 at 1.5e9/M = 6_144_000 > 1_000_000 left: refused.
+    let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["code"], "budget_exceeded");
+    let retry: i64 = header(&r, "retry-after").parse().unwrap();
+    let to_midnight = (day + 1) * 86_400 - now;
+    assert!(
+        (to_midnight - 5..=to_midnight).contains(&retry),
+        "{retry} vs {to_midnight}"
+    );
+    // A small request fits (10 * 1.5e9/1e6 = 15_000 + prompt).
+    let ok = post(
+        h.addr,
+        CHAT,
+        Some("ot-good"),
+        chat("hi", json!({"max_tokens": 10})),
+    )
+    .await;
+    assert_eq!(ok.status, 200);
+    h.wait_records(2).await;
+    let recs = h.records();
+    assert_eq!(recs[0].rate_limit, "limited");
+    assert_no_canary(&h, &recs, &[&r]);
+
+    // A usage from an earlier day is stale: only the engine's own spend since the day
+    // changed counts (the ledger's 999_999_999 of yesterday does not).
+    reload(&h, 2, |s| {
+        let k = key_mut(s, "key_good");
+        k["limits"] = json!({"budget_day": 10_000});
+        k["usage"] = json!({"day": day - 1, "month": 0, "spent_day": 999_999_999, "spent_month": 0, "spent_mark": 0});
+    });
+    // Reserve 1 * 1500 + 5 * 500 = 4000 <= 10_000; the upstream then bills 14_500.
+    let small = chat("hi", json!({"max_tokens": 1}));
+    assert_eq!(
+        post(h.addr, CHAT, Some("ot-good"), small.clone())
+            .await
+            .status,
+        200
+    );
+    let again = post(h.addr, CHAT, Some("ot-good"), small.clone()).await;
+    assert_eq!(
+        again.json()["error"]["code"],
+        "budget_exceeded",
+        "own spend counts"
+    );
+
+    // Org month budget.
+    reload(&h, 3, |s| {
+        org_mut(s, "org_rich")["limits"] = json!({"budget_month": 1});
+    });
+    let m = post(h.addr, CHAT, Some("ot-good"), small).await;
+    assert_eq!(m.json()["error"]["code"], "budget_exceeded");
+    let retry: i64 = header(&m, "retry-after").parse().unwrap();
+    assert!(retry > 0 && retry <= 31 * 86_400);
+}
+
+#[test]
+fn full_contract_snapshot_loads_with_every_admission_field() {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/contract/snapshot_full.json");
+    let json = std::fs::read(path).unwrap();
+    let spool = tempdir::Dir::new();
+    let engine = Engine::new(engine_config(spool.path())).unwrap();
+    assert_eq!(engine.load_snapshot(&json).unwrap(), 2);
+
+    // Invalid admission values are rejected naming the place, never loaded.
+    let base: Value = serde_json::from_slice(&json).unwrap();
+    for (pointer, value, needle) in [
+        ("/keys/0/allowed_ips", json!(["10.0.0.0/99"]), "allowed_ips"),
+        (
+            "/blocked_ips",
+            json!([{"cidr": "nope", "until": 1}]),
+            "blocked_ips",
+        ),
+        (
+            "/orgs/0/guard",
+            json!({"mode": "flag", "categories": ["gossip"]}),
+            "guard",
+        ),
+        ("/orgs/0/guard", json!({"mode": "sometimes"}), "sometimes"),
+        ("/orgs/0/limits", json!({"rpm": 1, "burst": 2}), "burst"),
+        ("/keys/0/usage", json!({"today": 1}), "today"),
+        (
+            "/blocked_ips",
+            json!([{"cidr": "1.2.3.4", "until": 1, "why": "x"}]),
+            "why",
+        ),
+    ] {
+        let mut v = base.clone();
+        v["version"] = json!(9);
+        *v.pointer_mut(pointer).unwrap() = value;
+        let err = engine.load_snapshot(v.to_string().as_bytes()).unwrap_err();
+        assert!(err.to_string().contains(needle), "{pointer}: {err}");
+    }
+    assert_eq!(engine.stats().snapshot_version, 2);
+}
+
+/// Luhn-valid test card and a mainland mobile number, inside canary text.
+const CARD: &str = "4111 1111 1111 1111";
+const PHONE: &str = "13800138000";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guard_block_names_only_the_categories() {
+    let h = start_with(|s| {
+        org_mut(s, "org_rich")["guard"] = json!({"mode": "block", "categories": null});
+        org_mut(s, "org_rich")["limits"] = json!({"rpm": 1000});
+    });
+    let text = format!("{CANARY} pay with {CARD} or call {PHONE}");
+    let r = post(h.addr, CHAT, Some("ot-good"), chat(&text, json!({}))).await;
+    assert_eq!(r.status, 400);
+    let err = r.json()["error"].clone();
+    assert_eq!(err["code"], "sensitive_content_blocked");
+    let msg = err["message"].as_str().unwrap();
+    assert!(msg.contains("(categories: bank_card,phone)"), "{msg}");
+    assert!(!r.text().contains("4111") && !r.text().contains(PHONE));
+    // Content parts and embedding input are scanned too.
+    let parts = json!({"model": "demo-chat", "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]});
+    assert_eq!(post(h.addr, CHAT, Some("ot-good"), parts).await.status, 400);
+    let embed = json!({"model": "demo-embed", "input": [text]});
+    let e = post(h.addr, "/v1/embeddings", Some("ot-embed-only"), embed).await;
+    assert_eq!(e.json()["error"]["code"], "sensitive_content_blocked");
+    assert_eq!(h.upstream.requests(), 0);
+    // Clean text passes.
+    let ok = post(
+        h.addr,
+        CHAT,
+        Some("ot-good"),
+        chat("call me tomorrow", json!({})),
+    )
+    .await;
+    assert_eq!(ok.status, 200);
+    h.wait_records(4).await;
+    let recs = h.records();
+    for rec in &recs {
+        let line = serde_json::to_string(rec).unwrap();
+        assert!(!line.contains("4111") && !line.contains(PHONE), "{line}");
+    }
+    assert_eq!(recs.iter().filter(|r| r.status == 400).count(), 3);
+    assert!(
+        recs.iter().all(|r| r.guard_flags.is_empty()),
+        "blocked: the error says it"
+    );
+    assert_no_canary(&h, &recs, &[&r, &e]);
+    // A blocked request held nothing.
+    assert!(h
+        .engine
+        .org_spend()
+        .iter()
+        .all(|(_, _, reserved)| *reserved == 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guard_flag_forwards_and_scans_only_the_chosen_categories() {
+    let h = start_with(|s| {
+        org_mut(s, "org_rich")["guard"] = json!({"mode": "flag", "categories": ["phone"]});
+    });
+    let text = format!("{CANARY} {CARD} {PHONE}");
+    let r = post(h.addr, CHAT, Some("ot-good"), chat(&text, json!({}))).await;
+    assert_eq!(r.status, 200, "flag mode forwards");
+    assert_eq!(h.upstream.requests(), 1);
+    h.wait_records(1).await;
+    let recs = h.records();
+    assert_eq!(recs[0].error_code, "");
+    assert_eq!(recs[0].guard_flags, "phone:1", "the card was not asked for");
+    assert_no_canary(&h, &recs, &[&r]);
+    for rec in &recs {
+        let line = serde_json::to_string(rec).unwrap();
+        assert!(!line.contains("4111") && !line.contains(PHONE), "{line}");
+    }
+}

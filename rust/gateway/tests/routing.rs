@@ -1,0 +1,647 @@
+//! Routing specs: fallback and retries before the first byte only, circuit breakers,
+//! provider concurrency limits, strategies and aliases, data-handling policies and org
+//! scoping, and the snapshot v2 contract for providers, deployments, routes and routing.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::type_complexity
+)]
+
+mod fleet;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fleet::*;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use onetoken_gateway::{Engine, Error};
+use onetoken_mock_upstream::MockDefaults;
+use serde_json::{json, Value};
+
+/// Prompt "hi there" is 6 mock tokens (2 words + 4), the default reply 8.
+const PROMPT: u64 = 6;
+const COMPLETION: u64 = 8;
+
+fn cost(tokens: u64, price: i64) -> i64 {
+    ((i128::from(tokens) * i128::from(price) + 999_999) / 1_000_000) as i64
+}
+
+fn fast_routing(extra: Value) -> Value {
+    let mut r = json!({"max_attempts": 3, "retry_deadline_ms": 5000, "backoff_ms": 1,
+                       "breaker_failures": 100, "breaker_open_ms": 1000});
+    merge(&mut r, extra);
+    json!({"routing": r})
+}
+
+fn two_deployments(primary: Value, secondary: Value, routing: Value) -> Value {
+    snapshot(
+        1,
+        vec![primary, secondary],
+        vec![
+            deployment(
+                "m",
+                "prov_a",
+                "up-a",
+                1_000_000_000,
+                2_000_000_000,
+                json!({"priority": 0}),
+            ),
+            deployment(
+                "m",
+                "prov_b",
+                "mock-gpt",
+                3_000_000_000,
+                4_000_000_000,
+                json!({"priority": 1}),
+            ),
+        ],
+        routing,
+        json!({}),
+        json!({}),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_failing_before_the_first_byte_falls_back_with_one_record() {
+    let secondary = mock();
+    let s500 = Scripted::start(500);
+    let s429 = Scripted::start(429);
+    let cases = [
+        ("500", openai("prov_a", s500.addr, json!({}))),
+        ("429", openai("prov_a", s429.addr, json!({}))),
+        ("refused", openai("prov_a", dead_addr(), json!({}))),
+    ];
+    for (what, primary) in cases {
+        let fleet = Fleet::start(two_deployments(
+            primary,
+            openai("prov_b", secondary.addr(), json!({})),
+            fast_routing(json!({})),
+        ));
+        let mut texts = Vec::new();
+        for stream in [false, true] {
+            let body = chat_body("m", &format!("hi {CANARY}"), json!({"stream": stream}));
+            let r = chat(fleet.addr, body).await;
+            assert_eq!(r.status, 200, "{what} stream={stream}: {}", r.text);
+            texts.push(r.text);
+        }
+        let recs = fleet.records(2).await;
+        assert_eq!(recs.len(), 2, "{what}: one record per request");
+        for rec in &recs {
+            assert_eq!(rec.attempts, 2, "{what}");
+            assert_eq!(rec.provider, "prov_b", "{what}");
+            assert_eq!(rec.model_served, "mock-gpt", "{what}");
+            assert_eq!(rec.status, 200);
+            assert_eq!(rec.usage_source, "upstream");
+            // Billed at the prices of the deployment that served.
+            assert_eq!(
+                rec.cost,
+                cost(PROMPT, 3_000_000_000) + cost(COMPLETION, 4_000_000_000),
+                "{what}"
+            );
+        }
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        fleet.assert_no_canary(&recs, &refs);
+    }
+    assert_eq!(s500.hits(), 2);
+    assert_eq!(s429.hits(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_attempt_failing_returns_the_last_error_uncharged() {
+    let s500 = Scripted::start(500);
+    let fleet = Fleet::start(two_deployments(
+        openai("prov_a", s500.addr, json!({})),
+        openai("prov_b", dead_addr(), json!({})),
+        fast_routing(json!({})),
+    ));
+    let r = chat(fleet.addr, chat_body("m", CANARY, json!({}))).await;
+    // Primary 500, secondary refused, primary again after a backoff: 500.
+    assert_eq!(r.status, 500);
+    assert_eq!(r.json()["error"]["code"], "upstream_error");
+    let recs = fleet.records(1).await;
+    assert_eq!(recs[0].attempts, 3);
+    assert_eq!(recs[0].provider, "prov_a");
+    assert_eq!(recs[0].cost, 0);
+    assert_eq!(recs[0].usage_source, "none");
+    assert_eq!(s500.hits(), 2);
+    fleet.assert_no_canary(&recs, &[&r.text]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_after_the_first_byte_is_not_retried() {
+    let (a, b) = (mock(), mock());
+    let fleet = Fleet::start(two_deployments(
+        openai("prov_a", a.addr(), json!({})),
+        openai("prov_b", b.addr(), json!({})),
+        fast_routing(json!({})),
+    ));
+    let r = chat(
+        fleet.addr,
+        chat_body(
+            "m",
+            "hi there",
+            json!({"stream": true, "mock": {"cut_after": 2}}),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let events = r.events();
+    assert_eq!(
+        events.len(),
+        3,
+        "two chunks, then the gateway's error event"
+    );
+    assert_eq!(events[2].1["error"]["code"], "upstream_stream_cut");
+    let recs = fleet.records(1).await;
+    assert_eq!(recs[0].attempts, 1);
+    assert_eq!(recs[0].provider, "prov_a");
+    assert_eq!(recs[0].error_code, "upstream_stream_cut");
+    assert_eq!(recs[0].usage_source, "estimated");
+    assert_eq!(b.request_count(), 0, "never retried elsewhere");
+    assert_eq!(a.request_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_opens_after_consecutive_failures_and_recovers() {
+    let primary = Scripted::start(500);
+    let secondary = mock();
+    let fleet = Fleet::start(two_deployments(
+        openai("prov_a", primary.addr, json!({})),
+        openai("prov_b", secondary.addr(), json!({})),
+        fast_routing(json!({"max_attempts": 1, "breaker_failures": 2, "breaker_open_ms": 300})),
+    ));
+    let body = chat_body("m", "hi there", json!({}));
+    for _ in 0..2 {
+        assert_eq!(chat(fleet.addr, body.clone()).await.status, 500);
+    }
+    // Open: the primary is skipped without being called.
+    let r = chat(fleet.addr, body.clone()).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(primary.hits(), 2);
+    primary.set(200);
+    assert_eq!(chat(fleet.addr, body.clone()).await.status, 200);
+    assert_eq!(primary.hits(), 2, "still open before breaker_open_ms");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    // Half-open: one probe goes to the primary; it succeeds and closes the circuit.
+    for _ in 0..2 {
+        assert_eq!(chat(fleet.addr, body.clone()).await.status, 200);
+    }
+    assert_eq!(primary.hits(), 4);
+    let recs = fleet.records(6).await;
+    let served: Vec<&str> = recs.iter().map(|r| r.provider.as_str()).collect();
+    assert_eq!(
+        served,
+        ["prov_a", "prov_a", "prov_b", "prov_b", "prov_a", "prov_a"]
+    );
+    assert!(recs.iter().all(|r| r.attempts == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_at_max_concurrency_is_skipped_or_refused_with_429() {
+    let (a, b) = (mock(), mock());
+    let snap = snapshot(
+        1,
+        vec![
+            openai("prov_a", a.addr(), json!({"max_concurrency": 1})),
+            openai("prov_b", b.addr(), json!({})),
+        ],
+        vec![
+            deployment("solo", "prov_a", "mock-gpt", 1, 1, json!({})),
+            deployment("duo", "prov_a", "mock-gpt", 1, 1, json!({"priority": 0})),
+            deployment("duo", "prov_b", "mock-gpt", 1, 1, json!({"priority": 1})),
+        ],
+        fast_routing(json!({})),
+        json!({}),
+        json!({}),
+    );
+    let fleet = Fleet::start(snap);
+    // Hold prov_a's only slot with a slow stream (headers received, body pending).
+    let stream = tokio::net::TcpStream::connect(fleet.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let held = sender
+        .send_request(
+            http::Request::builder()
+                .method("POST")
+                .uri("/v1/chat/completions")
+                .header("host", "gw")
+                .header("authorization", "Bearer ot-a")
+                .body(Full::new(bytes::Bytes::from(
+                    chat_body(
+                        "solo",
+                        "hi",
+                        json!({"stream": true, "mock": {"chunks": 4, "delay_ms": 150}}),
+                    )
+                    .to_string(),
+                )))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(held.status(), 200);
+    let busy = chat(fleet.addr, chat_body("solo", "hi", json!({}))).await;
+    assert_eq!(busy.status, 429);
+    assert_eq!(busy.json()["error"]["code"], "upstream_busy");
+    let other = chat(fleet.addr, chat_body("duo", "hi", json!({}))).await;
+    assert_eq!(other.status, 200);
+    drop(held);
+    drop(sender);
+    // The slot is released when the stream ends (here: the client went away).
+    let mut ok = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if chat(fleet.addr, chat_body("solo", "hi", json!({})))
+            .await
+            .status
+            == 200
+        {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "slot released");
+    let recs = fleet.records(4).await;
+    let busy_rec = recs
+        .iter()
+        .find(|r| r.error_code == "upstream_busy")
+        .unwrap();
+    assert_eq!(busy_rec.attempts, 0);
+    let duo = recs.iter().find(|r| r.model_requested == "duo").unwrap();
+    assert_eq!((duo.provider.as_str(), duo.attempts), ("prov_b", 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strategies_order_deployments_and_aliases_resolve() {
+    let (a, b) = (mock(), mock());
+    let slow = mock_with(MockDefaults {
+        latency_ms: 40,
+        ..MockDefaults::default()
+    });
+    let snap = snapshot(
+        1,
+        vec![
+            openai("prov_a", a.addr(), json!({})),
+            openai("prov_b", b.addr(), json!({})),
+            openai("prov_slow", slow.addr(), json!({})),
+        ],
+        vec![
+            deployment(
+                "cheap",
+                "prov_a",
+                "mock-gpt",
+                9_000_000_000,
+                9_000_000_000,
+                json!({}),
+            ),
+            deployment(
+                "cheap",
+                "prov_b",
+                "mock-gpt",
+                1_000_000_000,
+                1_000_000_000,
+                json!({"priority": 5}),
+            ),
+            deployment("weighted", "prov_a", "mock-gpt", 1, 1, json!({"weight": 0})),
+            deployment("weighted", "prov_b", "mock-gpt", 1, 1, json!({"weight": 1})),
+            deployment("fast", "prov_slow", "mock-gpt", 1, 1, json!({})),
+            deployment("fast", "prov_b", "mock-gpt", 1, 1, json!({"priority": 1})),
+        ],
+        json!({"routes": [
+            {"name": "cheap", "strategy": "lowest_price", "aliases": ["bargain"]},
+            {"name": "weighted", "strategy": "weighted"},
+            {"name": "fast", "strategy": "lowest_latency"}
+        ]}),
+        json!({}),
+        json!({}),
+    );
+    let fleet = Fleet::start(snap);
+    for model in ["cheap", "bargain"] {
+        assert_eq!(
+            chat(fleet.addr, chat_body(model, "hi", json!({})))
+                .await
+                .status,
+            200
+        );
+    }
+    for _ in 0..8 {
+        assert_eq!(
+            chat(fleet.addr, chat_body("weighted", "hi", json!({})))
+                .await
+                .status,
+            200
+        );
+    }
+    for _ in 0..6 {
+        assert_eq!(
+            chat(fleet.addr, chat_body("fast", "hi", json!({})))
+                .await
+                .status,
+            200
+        );
+    }
+    let recs = fleet.records(16).await;
+    assert_eq!(recs[0].provider, "prov_b", "lowest price first");
+    assert_eq!(
+        (recs[1].provider.as_str(), recs[1].model_requested.as_str()),
+        ("prov_b", "bargain")
+    );
+    assert!(
+        recs[2..10].iter().all(|r| r.provider == "prov_b"),
+        "weight 0 never first"
+    );
+    // Both unmeasured deployments are tried first, then the faster one keeps winning.
+    let fast: Vec<&str> = recs[10..].iter().map(|r| r.provider.as_str()).collect();
+    assert!(fast[2..].iter().all(|p| *p == "prov_b"), "{fast:?}");
+    // `/v1/models` lists names and aliases.
+    let models = get(
+        fleet.addr,
+        "/v1/models",
+        &[("authorization", "Bearer ot-a")],
+    )
+    .await;
+    let ids: Vec<String> = models.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["cheap", "weighted", "fast", "bargain"]);
+}
+
+/// Providers with different data-handling attributes, all serving "chat".
+fn policy_snapshot(
+    version: u64,
+    addrs: [std::net::SocketAddr; 3],
+    org: Value,
+    key: Value,
+) -> Value {
+    snapshot(
+        version,
+        vec![
+            openai(
+                "p_us",
+                addrs[0],
+                json!({"vendor": "openai", "region": "us", "zero_retention": true}),
+            ),
+            openai(
+                "p_cn",
+                addrs[1],
+                json!({"vendor": "Alibaba", "region": "cn-mainland", "trains_on_data": true}),
+            ),
+            openai(
+                "p_eu",
+                addrs[2],
+                json!({"vendor": "mistral", "region": "eu", "retains_content": true}),
+            ),
+        ],
+        vec![
+            deployment("chat", "p_us", "gpt-x", 1, 1, json!({"priority": 0})),
+            deployment("chat", "p_cn", "qwen-x", 1, 1, json!({"priority": 1})),
+            deployment("chat", "p_eu", "mistral-x", 1, 1, json!({"priority": 2})),
+            deployment("private", "p_us", "gpt-x", 1, 1, json!({"org_id": "org_b"})),
+        ],
+        json!({}),
+        org,
+        key,
+    )
+}
+
+async fn model_ids(fleet: &Fleet, key: &str) -> Vec<String> {
+    let auth = format!("Bearer {key}");
+    let r = get(
+        fleet.addr,
+        "/v1/models",
+        &[("authorization", auth.as_str())],
+    )
+    .await;
+    r.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_policy_kind_blocks_exactly_its_providers_and_models_agree() {
+    let ups = [mock(), mock(), mock()];
+    let addrs = [ups[0].addr(), ups[1].addr(), ups[2].addr()];
+    let fleet = Fleet::start(policy_snapshot(1, addrs, json!({}), json!({})));
+    // (org policy, key policy) → provider that serves, or the 403 message.
+    let cases: Vec<(Value, Value, Result<&str, &str>)> = vec![
+        (json!({}), json!({}), Ok("p_us")),
+        (
+            json!({"allow_regions": ["cn-mainland"]}),
+            json!({}),
+            Ok("p_cn"),
+        ),
+        (json!({"deny_vendors": ["OpenAI"]}), json!({}), Ok("p_cn")),
+        (json!({"allow_vendors": ["mistral"]}), json!({}), Ok("p_eu")),
+        (
+            json!({"deny_regions": ["us"], "no_training": true}),
+            json!({}),
+            Ok("p_eu"),
+        ),
+        (json!({"zero_retention_only": true}), json!({}), Ok("p_us")),
+        (json!({"deny_models": ["gpt-x"]}), json!({}), Ok("p_cn")),
+        (
+            json!({"allow_regions": ["us", "cn-mainland"]}),
+            json!({"deny_regions": ["us"]}),
+            Ok("p_cn"),
+        ),
+        (
+            json!({"allow_regions": ["xx"]}),
+            json!({}),
+            Err("org policy: region not allowed"),
+        ),
+        (
+            json!({"allow_models": ["other"]}),
+            json!({}),
+            Err("org policy: model not allowed"),
+        ),
+        (
+            json!({"deny_vendors": ["openai", "mistral"], "no_training": true}),
+            json!({}),
+            Err("org policy: vendor not allowed"),
+        ),
+        (
+            json!({"allow_regions": ["cn-mainland"]}),
+            json!({"zero_retention_only": true}),
+            Err("key policy: zero_retention_only (provider is not zero-retention)"),
+        ),
+        (
+            json!({}),
+            json!({"deny_models": ["chat"]}),
+            Err("key policy: model not allowed"),
+        ),
+    ];
+    let mut version = 1;
+    for (org, key, want) in cases {
+        version += 1;
+        let snap = policy_snapshot(version, addrs, org.clone(), key.clone());
+        fleet
+            .engine
+            .load_snapshot(snap.to_string().as_bytes())
+            .unwrap();
+        let before: u64 = ups.iter().map(|u| u.request_count()).sum();
+        let r = chat(fleet.addr, chat_body("chat", "hi", json!({}))).await;
+        let listed = model_ids(&fleet, "ot-a").await.contains(&"chat".to_owned());
+        let recs = fleet.records(0).await;
+        let rec = recs
+            .iter()
+            .find(|r| r.path == "/v1/chat/completions")
+            .unwrap();
+        match want {
+            Ok(provider) => {
+                assert_eq!(r.status, 200, "{org} {key}: {}", r.text);
+                assert_eq!(rec.provider, provider, "{org} {key}");
+                assert!(listed, "{org} {key}: listed");
+            }
+            Err(message) => {
+                assert_eq!(r.status, 403, "{org} {key}");
+                let e = r.json();
+                assert_eq!(e["error"]["code"], "policy_denied");
+                assert_eq!(e["error"]["message"], message, "{org} {key}");
+                assert_eq!((rec.error_code, rec.attempts), ("policy_denied", 0));
+                let after: u64 = ups.iter().map(|u| u.request_count()).sum();
+                assert_eq!(after, before, "nothing forwarded");
+                assert!(!listed, "{org} {key}: not listed");
+            }
+        }
+        // The other org is never affected by org_a's policies.
+        let b = send(
+            fleet.addr,
+            "/v1/chat/completions",
+            &[("authorization", "Bearer ot-b")],
+            chat_body("chat", "hi", json!({})),
+        )
+        .await;
+        assert_eq!(b.status, 200);
+        let _ = fleet.records(0).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn org_scoped_deployments_are_invisible_to_other_orgs() {
+    let ups = [mock(), mock(), mock()];
+    let fleet = Fleet::start(policy_snapshot(
+        1,
+        [ups[0].addr(), ups[1].addr(), ups[2].addr()],
+        json!({}),
+        json!({}),
+    ));
+    let a = chat(fleet.addr, chat_body("private", "hi", json!({}))).await;
+    assert_eq!(a.status, 404);
+    assert_eq!(a.json()["error"]["code"], "model_not_found");
+    let b = send(
+        fleet.addr,
+        "/v1/chat/completions",
+        &[("authorization", "Bearer ot-b")],
+        chat_body("private", "hi", json!({})),
+    )
+    .await;
+    assert_eq!(b.status, 200);
+    assert!(!model_ids(&fleet, "ot-a")
+        .await
+        .contains(&"private".to_owned()));
+    assert!(model_ids(&fleet, "ot-b")
+        .await
+        .contains(&"private".to_owned()));
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/contract")
+        .join(name);
+    std::fs::read(&path).unwrap()
+}
+
+fn bare_engine() -> Engine {
+    let dir =
+        std::env::temp_dir().join(format!("onetoken-contract-{:016x}", rand::random::<u64>()));
+    Engine::new(engine_config(dir.to_str().unwrap())).unwrap()
+}
+
+#[test]
+fn snapshot_v2_providers_deployments_routes_and_routing() {
+    let engine = bare_engine();
+    assert_eq!(
+        engine
+            .load_snapshot(&fixture("snapshot_full.json"))
+            .unwrap(),
+        2
+    );
+    // Unknown fields are refused, naming the field, in every new object.
+    for pointer in [
+        "/providers/0",
+        "/models/0",
+        "/routes/0",
+        "/routing",
+        "/orgs/0/policy",
+        "/keys/0/policy",
+    ] {
+        let mut v: Value = serde_json::from_slice(&fixture("snapshot_full.json")).unwrap();
+        v["version"] = Value::from(10);
+        v.pointer_mut(pointer).unwrap()["surprise_field"] = Value::from(1);
+        let err = engine.load_snapshot(v.to_string().as_bytes()).unwrap_err();
+        assert!(
+            matches!(&err, Error::Config(m) if m.contains("surprise_field")),
+            "{pointer}: {err}"
+        );
+    }
+    // Semantic checks, each naming what is wrong.
+    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &str)> = vec![
+        (
+            "protocol",
+            Box::new(|v| v["providers"][0]["protocol"] = json!("grpc")),
+            "protocol",
+        ),
+        (
+            "strategy",
+            Box::new(|v| v["routes"][0]["strategy"] = json!("random")),
+            "random",
+        ),
+        (
+            "route name",
+            Box::new(|v| v["routes"][0]["name"] = json!("nope")),
+            "nope",
+        ),
+        (
+            "alias clash",
+            Box::new(|v| v["routes"][0]["aliases"] = json!(["demo-embed"])),
+            "demo-embed",
+        ),
+        (
+            "embedding on anthropic",
+            Box::new(|v| v["models"][2]["provider_id"] = json!("prov_claude")),
+            "cannot serve",
+        ),
+        (
+            "mixed kinds",
+            Box::new(|v| v["models"][0]["kind"] = json!("embedding")),
+            "same kind",
+        ),
+        (
+            "negative request price",
+            Box::new(|v| v["models"][0]["request_price"] = json!(-1)),
+            ">= 0",
+        ),
+    ];
+    for (what, patch, needle) in cases {
+        let mut v: Value = serde_json::from_slice(&fixture("snapshot_full.json")).unwrap();
+        v["version"] = Value::from(11);
+        patch(&mut v);
+        let err = engine.load_snapshot(v.to_string().as_bytes()).unwrap_err();
+        assert!(
+            matches!(&err, Error::Config(m) if m.contains(needle)),
+            "{what}: {err}"
+        );
+    }
+    // The minimal fixture still loads (every new field optional).
+    let engine = bare_engine();
+    assert_eq!(engine.load_snapshot(&fixture("snapshot.json")).unwrap(), 1);
+}

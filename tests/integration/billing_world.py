@@ -1,0 +1,127 @@
+"""Orgs, accounts, keys and money for billing tests, written straight into a deployment's
+control DB from the test process (the running server picks changes up within a second,
+as it does for the CLI), plus the cost arithmetic the engine applies."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from onetoken.app import build_state
+from onetoken.billing import service as billing
+from onetoken.deps import AppState
+from onetoken.keys import service as keys
+from onetoken.orgs import service as orgs
+from onetoken.providers import service as providers
+from onetoken.settings import Settings
+
+from .harness import Server
+
+PASSWORD = "billing test password 1"
+
+
+@contextmanager
+def control_db(data_dir: Path) -> Iterator[AppState]:
+    state = build_state(Settings(data_dir=data_dir))
+    try:
+        yield state
+    finally:
+        state.db_engine.dispose()
+
+
+@dataclass
+class BillingOrg:
+    org_id: str
+    key: str
+    key_id: str
+    owner_email: str
+    billing_email: str
+
+
+def make_org(
+    state: AppState, name: str, *, balance: int, mock_addr: str | None = None, **model: Any
+) -> BillingOrg:
+    """An org with an owner, a billing admin, an API key and `balance` nano-units of
+    credit; with `mock_addr`, also a private provider and model `<name>-chat`."""
+    tag = name.lower()
+    with state.session_factory() as s:
+        org = orgs.create_org(s, name)
+        owner = orgs.create_account(s, org.id, f"owner@{tag}.test", PASSWORD, "owner")
+        orgs.create_account(s, org.id, f"billing@{tag}.test", PASSWORD, "billing")
+        if mock_addr is not None:
+            prov = providers.create_provider(
+                s,
+                state.secrets,
+                org.id,
+                name=f"{tag}-up",
+                protocol="openai",
+                base_url=f"http://{mock_addr}/v1",
+                api_key=None,
+            )
+            providers.create_model(
+                s,
+                org.id,
+                name=f"{tag}-chat",
+                kind="chat",
+                provider_id=prov.id,
+                upstream_model="mock-gpt",
+                **model,
+            )
+        key, plaintext = keys.create_key(
+            s, state.secrets, org_id=org.id, created_by=owner.id, name="billing test"
+        )
+        if balance:
+            billing.credit(s, org.id, amount=balance, kind="grant", idempotency_key="seed")
+        s.commit()
+        return BillingOrg(org.id, plaintext, key.id, f"owner@{tag}.test", f"billing@{tag}.test")
+
+
+def wait_for_key(server: Server, key: str, model: str, timeout: float = 15.0) -> None:
+    """Until the gateway's snapshot knows the key and lets it see `model`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = httpx.get(
+            f"{server.gateway_url}/v1/models",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=5,
+        )
+        if r.status_code == 200 and model in {m["id"] for m in r.json()["data"]}:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"key not live after {timeout}s: {r.status_code}")
+        time.sleep(0.1)
+
+
+def cost(tokens: int, price: int, factor_ppm: int = 1_000_000) -> int:
+    """The engine's rounding: ceil(tokens * price * factor / 10^12), per part."""
+    return -((-tokens * price * factor_ppm) // 10**12)
+
+
+def ledger_usage(state: AppState, org_id: str) -> dict[str, int]:
+    """request_id -> charged amount (positive) from the ledger's usage entries."""
+    from sqlalchemy import select
+
+    from onetoken.db.models import LedgerEntry
+
+    with state.session_factory() as s:
+        rows = s.execute(
+            select(LedgerEntry.request_id, LedgerEntry.amount).where(
+                LedgerEntry.org_id == org_id, LedgerEntry.kind == "usage"
+            )
+        ).all()
+    out: dict[str, int] = {}
+    for rid, amount in rows:
+        assert rid not in out, f"request {rid} charged twice"
+        out[str(rid)] = -int(amount)
+    return out
+
+
+def balance(state: AppState, org_id: str) -> int:
+    with state.session_factory() as s:
+        return billing.balance(s, org_id)

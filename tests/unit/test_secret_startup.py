@@ -1,0 +1,53 @@
+"""Outside --demo the server refuses a missing, placeholder or weak ONETOKEN_SECRET_KEY."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from onetoken.serve import ServeError, check_secret
+from onetoken.settings import Settings
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, "changeme" + "x" * 30, "example-secret-value-for-the-docs-000", "a" * 48,
+     "abababababababababababababababababab"],
+)
+def test_serve_refuses_a_missing_or_weak_secret(tmp_path: Path, value: str | None) -> None:
+    settings = Settings(data_dir=tmp_path, secret_key=SecretStr(value) if value else None)
+    with pytest.raises(ServeError) as info:
+        check_secret(settings, demo=False)
+    assert "ONETOKEN_SECRET_KEY" in str(info.value)
+    if value:
+        assert value not in str(info.value)
+    check_secret(settings, demo=True)  # --demo generates one and goes on
+
+
+def test_a_random_secret_passes(tmp_path: Path) -> None:
+    check_secret(Settings(data_dir=tmp_path,
+                          secret_key=SecretStr("Qm9sZC1yYW5kb20tc2VjcmV0LXZhbHVlLTEyMw")),
+                 demo=False)
+
+
+def test_production_refuses_a_placeholder(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError):
+        Settings(data_dir=tmp_path, environment="production",
+                 secret_key=SecretStr("changeme-changeme-changeme-changeme"))
+
+
+def test_cli_serve_without_secret_fails_with_a_clear_message(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONETOKEN_")}
+    env["ONETOKEN_DATA_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "onetoken.cli", "serve"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "ONETOKEN_SECRET_KEY is not set" in proc.stderr and "--demo" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # Nothing was created: it stopped before opening any store.
+    assert not (tmp_path / "control.db").exists() and not (tmp_path / "secret.key").exists()

@@ -1,0 +1,312 @@
+"""Webhooks against a real local receiver: signatures, retries after 500s, the delivery
+log, secrets at rest, org isolation and roles."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+from sqlalchemy import select
+
+from onetoken import webhooks
+from onetoken.app import build_state, create_app
+from onetoken.deps import AppState
+from onetoken.settings import Settings
+from onetoken.webhooks.dispatcher import WebhookDispatcher
+from onetoken.webhooks.models import WebhookDelivery, WebhookEndpoint
+from onetoken.webhooks.signing import SIGNATURE_HEADER, header_value, verify
+from tests.webhook_receiver import Receiver
+
+from .conftest import TEST_SECRET, Admin, add_account, make_org_admin
+
+
+def _settings(tmp_path: Path, **kw: object) -> Settings:
+    base: dict[str, object] = {
+        "data_dir": tmp_path / "data",
+        "secret_key": SecretStr(TEST_SECRET),
+        "webhook_allow_private_targets": True,
+        "webhook_backoff_base_seconds": 0.05,
+        "webhook_backoff_max_seconds": 0.2,
+        "webhook_poll_interval_seconds": 0.05,
+        "webhook_max_attempts": 4,
+    }
+    base.update(kw)
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+# One control DB and org for the module (migrations and argon2 logins are the slow part);
+# every test registers its own endpoint and looks only at that endpoint's deliveries.
+@pytest.fixture(scope="module")
+def wh_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppState]:
+    st = build_state(_settings(tmp_path_factory.mktemp("wh")))
+    yield st
+    st.db_engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def wh_client(wh_state: AppState) -> Iterator[TestClient]:
+    with TestClient(create_app(wh_state.settings, state=wh_state)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def owner(wh_state: AppState, wh_client: TestClient) -> Admin:
+    return make_org_admin(wh_state, wh_client, "Acme", "owner@acme.test")
+
+
+@pytest.fixture(scope="module")
+def other(wh_state: AppState, wh_client: TestClient) -> Admin:
+    return make_org_admin(wh_state, wh_client, "Globex", "admin@globex.test", role="admin")
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver().start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def dispatcher(wh_state: AppState) -> Iterator[WebhookDispatcher]:
+    d = WebhookDispatcher(wh_state.settings, wh_state.secrets, wh_state.session_factory)
+    webhooks.install(d)
+    d.start()
+    yield d
+    d.stop()
+    webhooks.install(None)
+
+
+def _create(client: TestClient, admin: Admin, url: str, kinds: list[str]) -> dict[str, str]:
+    r = client.post("/api/v1/webhooks", json={"url": url, "kinds": kinds}, headers=admin.headers)
+    assert r.status_code == 201, r.text
+    body: dict[str, str] = r.json()
+    return body
+
+
+def _wait_delivery(
+    state: AppState, endpoint_id: str, status: str, timeout: float = 15.0
+) -> WebhookDelivery:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with state.session_factory() as s:
+            row = s.scalars(
+                select(WebhookDelivery).where(
+                    WebhookDelivery.status == status, WebhookDelivery.endpoint_id == endpoint_id
+                )
+            ).first()
+            if row is not None:
+                return row
+        time.sleep(0.02)
+    raise AssertionError(f"no delivery reached {status}")
+
+
+def test_signature_roundtrip_and_tampering() -> None:
+    body = b'{"a":1}'
+    header = header_value("whsec_x", body, timestamp=int(time.time()))
+    assert verify("whsec_x", body, header)
+    assert not verify("whsec_x", body + b" ", header)
+    assert not verify("whsec_other", body, header)
+    old = header_value("whsec_x", body, timestamp=int(time.time()) - 3600)
+    assert not verify("whsec_x", body, old)
+
+
+def test_secret_shown_once_and_encrypted_at_rest(
+    wh_client: TestClient, wh_state: AppState, owner: Admin, receiver: Receiver
+) -> None:
+    created = _create(wh_client, owner, receiver.url, ["key_risk", "balance_low"])
+    secret = created["secret"]
+    assert secret.startswith("whsec_")
+    assert created["url_display"].startswith("http://127.0.0.1:")
+    assert "t0ken-in-path" not in orjson.dumps(created).decode()
+    listed = wh_client.get("/api/v1/webhooks", headers=owner.headers).json()["data"]
+    assert listed and all("secret" not in e for e in listed)
+    one = wh_client.get(f"/api/v1/webhooks/{created['id']}", headers=owner.headers).json()
+    assert "secret" not in one
+    with wh_state.session_factory() as s:
+        row = s.get(WebhookEndpoint, created["id"])
+        assert row is not None
+        assert secret not in row.secret_encrypted
+        assert "t0ken-in-path" not in row.url_encrypted
+        assert wh_state.secrets.decrypt(row.secret_encrypted) == secret
+    raw = b"".join(
+        p.read_bytes() for p in (wh_state.settings.data_dir).glob("control.db*") if p.is_file()
+    )
+    assert secret.encode() not in raw
+    assert b"t0ken-in-path" not in raw
+
+
+def test_private_targets_refused_unless_allowed(tmp_path: Path) -> None:
+    st = build_state(_settings(tmp_path, webhook_allow_private_targets=False))
+    try:
+        with TestClient(create_app(st.settings, state=st)) as c:
+            admin = make_org_admin(st, c, "Acme", "o@acme.test")
+            for url in ("http://127.0.0.1:9/x?token=SEKRIT", "http://10.1.2.3/x",
+                        "http://localhost/x", "ftp://example.com/x",
+                        "https://user:SEKRIT@example.com/x"):
+                r = c.post("/api/v1/webhooks", json={"url": url, "kinds": ["key_risk"]},
+                           headers=admin.headers)
+                assert r.status_code == 422, url
+                assert "SEKRIT" not in r.text and "10.1.2.3" not in r.text
+            ok = c.post("/api/v1/webhooks",
+                        json={"url": "https://hooks.example.com/x", "kinds": ["key_risk"]},
+                        headers=admin.headers)
+            assert ok.status_code == 201
+    finally:
+        st.db_engine.dispose()
+
+
+def test_test_event_is_signed_and_logged_without_payload(
+    wh_client: TestClient, wh_state: AppState, owner: Admin, receiver: Receiver
+) -> None:
+    created = _create(wh_client, owner, receiver.url, ["key_risk"])
+    r = wh_client.post(f"/api/v1/webhooks/{created['id']}/test", headers=owner.headers)
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["status"] == "delivered" and d["attempts"] == 1 and d["last_status_code"] == 200
+    assert d["attempt_log"][0]["status_code"] == 200
+    got = receiver.received[0]
+    assert got.path == "/hooks/t0ken-in-path"
+    assert verify(created["secret"], got.body, got.headers[SIGNATURE_HEADER])
+    event = orjson.loads(got.body)
+    assert event["type"] == "webhook_test" and event["org_id"] == owner.org_id
+    assert got.headers["onetoken-event-id"] == event["id"]
+    with wh_state.session_factory() as s:
+        row = s.get(WebhookDelivery, d["id"])
+        assert row is not None and row.payload is None
+
+
+def test_retries_after_500s_with_backoff_then_delivers(
+    wh_client: TestClient,
+    wh_state: AppState,
+    owner: Admin,
+    receiver: Receiver,
+    dispatcher: WebhookDispatcher,
+) -> None:
+    receiver.statuses = [500, 503, 200]
+    created = _create(wh_client, owner, receiver.url, ["quota_exhausted"])
+    # Billing's spelling, and a non-scalar value that must not travel.
+    webhooks.emit(owner.org_id, "quota.exhausted",
+                  {"scope": "org", "period": "day", "nested": {"x": 1}, "budget": "5.000000000"})
+    got = receiver.wait_for(lambda rs: len(rs) >= 3)
+    delivered = _wait_delivery(wh_state, created["id"], "delivered")
+    assert delivered.attempts == 3 and delivered.last_status_code == 200
+    assert delivered.payload is None
+    # Exponential backoff: the second gap is not shorter than the base delay.
+    assert got[1].at - got[0].at >= 0.03 and got[2].at - got[1].at >= 0.06
+    bodies = {r.body for r in got}
+    assert len(bodies) == 1, "every attempt sends the same event"
+    for r in got:
+        assert verify(created["secret"], r.body, r.headers[SIGNATURE_HEADER])
+    assert [r.headers["onetoken-delivery-attempt"] for r in got] == ["1", "2", "3"]
+    event = orjson.loads(got[0].body)
+    assert event["type"] == "quota_exhausted"
+    assert event["data"] == {"scope": "org", "period": "day", "budget": "5.000000000"}
+    detail = wh_client.get(f"/api/v1/webhooks/deliveries/{delivered.id}",
+                           headers=owner.headers).json()
+    assert [a["status_code"] for a in detail["attempt_log"]] == [500, 503, 200]
+    assert [a["error"] for a in detail["attempt_log"]] == ["http_500", "http_503", None]
+    assert all(a["latency_ms"] >= 0 for a in detail["attempt_log"])
+    listing = wh_client.get("/api/v1/webhooks/deliveries", params={"endpoint_id": created["id"]},
+                            headers=owner.headers).json()["data"]
+    assert [x["id"] for x in listing] == [delivered.id]
+
+
+def test_final_failure_keeps_metadata_only(
+    wh_client: TestClient,
+    wh_state: AppState,
+    owner: Admin,
+    receiver: Receiver,
+    dispatcher: WebhookDispatcher,
+) -> None:
+    receiver.statuses = [500]
+    created = _create(wh_client, owner, receiver.url, ["system_alarm"])
+    webhooks.emit(owner.org_id, "system_alarm", {"counter": "x"})
+    failed = _wait_delivery(wh_state, created["id"], "failed")
+    assert failed.attempts == wh_state.settings.webhook_max_attempts
+    assert failed.payload is None and failed.last_error == "http_500"
+    assert len(receiver.received) == wh_state.settings.webhook_max_attempts
+
+
+def test_unsubscribed_kinds_and_disabled_endpoints_get_nothing(
+    wh_client: TestClient,
+    wh_state: AppState,
+    owner: Admin,
+    receiver: Receiver,
+    dispatcher: WebhookDispatcher,
+) -> None:
+    created = _create(wh_client, owner, receiver.url, ["abnormal_login"])
+    webhooks.emit(owner.org_id, "frequency_anomaly", {"key_id": "k"})
+    r = wh_client.patch(f"/api/v1/webhooks/{created['id']}", json={"status": "disabled"},
+                        headers=owner.headers)
+    assert r.status_code == 200 and r.json()["status"] == "disabled"
+    webhooks.emit(owner.org_id, "abnormal_login", {"reason": "new_network"})
+    time.sleep(0.3)
+    assert receiver.received == []
+    with wh_state.session_factory() as s:
+        rows = s.scalars(
+            select(WebhookDelivery).where(WebhookDelivery.endpoint_id == created["id"])
+        ).all()
+        assert rows == []
+
+
+def test_other_org_and_roles(
+    wh_client: TestClient, wh_state: AppState, owner: Admin, other: Admin, receiver: Receiver
+) -> None:
+    created = _create(wh_client, owner, receiver.url, ["key_risk"])
+    wh_client.post(f"/api/v1/webhooks/{created['id']}/test", headers=owner.headers)
+    ep = f"/api/v1/webhooks/{created['id']}"
+    assert wh_client.get(ep, headers=other.headers).status_code == 404
+    patched = wh_client.patch(ep, json={"status": "disabled"}, headers=other.headers)
+    assert patched.status_code == 404
+    assert wh_client.post(f"{ep}/test", headers=other.headers).status_code == 404
+    assert wh_client.post(f"{ep}/rotate-secret", headers=other.headers).status_code == 404
+    assert wh_client.delete(ep, headers=other.headers).status_code == 404
+    assert wh_client.get("/api/v1/webhooks", headers=other.headers).json()["data"] == []
+    assert wh_client.get("/api/v1/webhooks/deliveries", headers=other.headers).json()["data"] == []
+    mine = wh_client.get("/api/v1/webhooks/deliveries", params={"endpoint_id": created["id"]},
+                         headers=owner.headers).json()["data"]
+    assert len(mine) == 1
+    other_delivery = f"/api/v1/webhooks/deliveries/{mine[0]['id']}"
+    assert wh_client.get(other_delivery, headers=other.headers).status_code == 404
+    for role in ("developer", "billing", "viewer"):
+        h = add_account(wh_state, wh_client, owner.org_id, f"{role}@acme.test", role)
+        assert wh_client.get("/api/v1/webhooks", headers=h).status_code == 403
+        r = wh_client.post("/api/v1/webhooks", json={"url": receiver.url, "kinds": ["key_risk"]},
+                           headers=h)
+        assert r.status_code == 403
+    # Platform-wide endpoints are for operators only.
+    r = wh_client.post("/api/v1/webhooks",
+                       json={"url": receiver.url, "kinds": ["system_alarm"], "platform": True},
+                       headers=owner.headers)
+    assert r.status_code == 403
+
+
+def test_rotate_secret_and_delete(
+    wh_client: TestClient, wh_state: AppState, owner: Admin, receiver: Receiver
+) -> None:
+    created = _create(wh_client, owner, receiver.url, ["key_risk"])
+    r = wh_client.post(f"/api/v1/webhooks/{created['id']}/rotate-secret", headers=owner.headers)
+    new_secret = r.json()["secret"]
+    assert new_secret != created["secret"]
+    wh_client.post(f"/api/v1/webhooks/{created['id']}/test", headers=owner.headers)
+    got = receiver.received[-1]
+    assert verify(new_secret, got.body, got.headers[SIGNATURE_HEADER])
+    assert not verify(created["secret"], got.body, got.headers[SIGNATURE_HEADER])
+    assert wh_client.delete(f"/api/v1/webhooks/{created['id']}",
+                            headers=owner.headers).status_code == 204
+    listed = wh_client.get("/api/v1/webhooks", headers=owner.headers).json()["data"]
+    assert created["id"] not in {e["id"] for e in listed}
+    # The delivery log (metadata) outlives the endpoint until its retention ends.
+    log = wh_client.get("/api/v1/webhooks/deliveries", params={"endpoint_id": created["id"]},
+                        headers=owner.headers).json()["data"]
+    assert len(log) == 1
+
+
+def test_emit_without_dispatcher_never_raises() -> None:
+    webhooks.install(None)
+    webhooks.emit("org_x", "balance_low", {"a": 1})
