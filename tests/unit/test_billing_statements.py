@@ -173,9 +173,7 @@ def test_statement_and_invoice_match_the_ledger_to_the_unit(
         record(
             org, "err", MAY + timedelta(days=4), 0, status=502, error_code="upstream_unreachable"
         ),
-        record(
-            org, "last", JUNE - timedelta(microseconds=1), 333_333_333
-        ),
+        record(org, "last", JUNE - timedelta(microseconds=1), 333_333_333),
         record(org, "after", JUNE, 777),
         record(other_admin.org_id, "other", MAY + timedelta(days=1), 999),
     ]
@@ -294,3 +292,30 @@ def _nano(text: str) -> int:
     sign = -1 if text.startswith("-") else 1
     whole, _, frac = text.lstrip("-").partition(".")
     return sign * (int(whole) * 10**9 + int(frac.ljust(9, "0")))
+
+
+def test_only_dead_instances_journals_are_replayed(
+    state: AppState, admin: Admin, ch_settings: Settings, ch_client: Client
+) -> None:
+    sink = CallLogSink(ch_settings, client=ch_client)
+    sink.live_instance = "live"
+    spool = ch_settings.data_dir / "spool"
+    spool.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC)
+    dead = spool / "journal-dead-00000000.jsonl"
+    live = spool / "journal-live-00000000.jsonl"
+    dead.write_bytes(orjson.dumps(record(admin.org_id, "j-dead", now, 11)) + b"\n")
+    live.write_bytes(orjson.dumps(record(admin.org_id, "j-live", now, 13)) + b"\n")
+    sup = GatewaySupervisor(
+        state.settings, state.secrets, state.session_factory, engine_factory=QueueEngine, sink=sink
+    )
+    assert sink.replay_spool(sup._ingest_replayed) == 1
+    assert not dead.exists() and live.exists()
+    with state.session_factory() as s:
+        assert billing.balance(s, admin.org_id) == -11
+    # Replaying the same journal again (a crash before it was deleted) charges nothing more.
+    dead.write_bytes(orjson.dumps(record(admin.org_id, "j-dead", now, 11)) + b"\n")
+    sink.replay_spool(sup._ingest_replayed)
+    with state.session_factory() as s:
+        assert billing.balance(s, admin.org_id) == -11
+    live.unlink()

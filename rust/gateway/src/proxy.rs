@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
@@ -158,6 +158,8 @@ pub(crate) struct RequestLog {
     response_started: bool,
     ttfb: Option<Duration>,
     done: bool,
+    /// The request body was read to its end, so the connection can carry another request.
+    body_consumed: bool,
 }
 
 fn micros(d: Duration) -> u32 {
@@ -209,6 +211,7 @@ impl RequestLog {
             response_started: false,
             ttfb: None,
             done: false,
+            body_consumed: false,
         }
     }
 
@@ -299,6 +302,10 @@ fn emit(shared: Arc<Shared>, rec: CallRecord) {
         shared,
         rec: Some(rec),
     };
+    if std::env::var_os("X_INLINE").is_some() {
+        emit.commit();
+        return;
+    }
     match tokio::runtime::Handle::try_current() {
         Ok(handle) => {
             handle.spawn(async move { emit.commit() });
@@ -376,7 +383,12 @@ pub(crate) async fn handle(
     }
     let mut log = RequestLog::new(shared.clone(), start, route.label(), peer, req.headers());
     let request_id = HeaderValue::from_str(&log.rec.request_id).ok();
+    // A request refused before its body was read leaves that body on an HTTP/1.1
+    // connection, which hyper then closes; saying so lets keep-alive clients open a fresh
+    // connection instead of failing their next request on a dead one.
+    let unread_body_closes = req.version() < Version::HTTP_2 && has_body(req.headers());
     let result = process(&shared, &mut log, route, req).await;
+    let close_connection = unread_body_closes && !log.body_consumed;
     let mut resp = match result {
         Ok(Reply::Full {
             status,
@@ -445,7 +457,19 @@ pub(crate) async fn handle(
     if let Some(id) = request_id {
         resp.headers_mut().insert("x-request-id", id);
     }
+    if close_connection {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     Ok(resp)
+}
+
+/// Whether the request announces a body (a non-zero length, or chunked).
+fn has_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
 }
 
 /// An error in the client's protocol: Anthropic's shape on `/v1/messages`, OpenAI's
@@ -573,6 +597,7 @@ async fn process(
     };
 
     let body = read_body(req, shared.config.max_body_bytes).await?;
+    log.body_consumed = true;
     let mut doc: Map<String, Value> = match serde_json::from_slice::<Value>(&body) {
         Ok(Value::Object(map)) => map,
         Ok(_) => return Err(ApiError::InvalidRequest.into()),

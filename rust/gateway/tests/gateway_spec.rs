@@ -712,3 +712,92 @@ async fn full_queue_spools_to_disk() {
         .metrics_text()
         .contains("onetoken_records_spooled_total 3"));
 }
+
+/// Whole responses carry their record in the body: one record per response on a
+/// keep-alive connection, committed after the response, and a client that goes away
+/// before its answer still leaves exactly one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_responses_leave_exactly_one_record_each() {
+    let h = Harness::start();
+    let stream = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let key = if i % 4 == 3 { "ot-unknown" } else { "ot-good" };
+        let req = request("POST", CHAT, Some(key), chat("hi", json!({})).to_string());
+        let resp = sender.send_request(req).await.unwrap();
+        ids.push(resp.headers()["x-request-id"].to_str().unwrap().to_owned());
+        resp.into_body().collect().await.unwrap();
+    }
+    h.wait_records(20).await;
+    let recs = h.records();
+    let got: Vec<&str> = recs.iter().map(|r| r.request_id.as_str()).collect();
+    assert_eq!(got, ids, "one record per response, in request order");
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!(r.status, if i % 4 == 3 { 401 } else { 200 });
+        assert!(r.latency_us >= r.ttfb_us);
+    }
+    assert_eq!(h.engine.stats().in_flight, 0);
+
+    // Gone before the upstream answers: the request is dropped with its body unsent.
+    let req = request(
+        "POST",
+        CHAT,
+        Some("ot-good"),
+        chat("hi", json!({"mock": {"latency_ms": 300}})).to_string(),
+    );
+    let pending = tokio::spawn(open(h.addr, req));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pending.abort();
+    let _ = pending.await;
+    h.wait_records(21).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let recs = h.records();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].status, 499);
+    assert_eq!(recs[0].error_code, "client_disconnected");
+    assert_eq!(h.engine.stats().records_total, 21);
+    let metrics = h.engine.metrics_text();
+    assert!(metrics.contains("onetoken_in_flight_requests 0"));
+    for name in [
+        "onetoken_journal_segments 1",
+        "onetoken_journal_unacked_records 21",
+        "onetoken_journal_errors_total 0",
+        "onetoken_overflow_segments_sealed_total 0",
+    ] {
+        assert!(metrics.contains(name), "{name}");
+    }
+}
+
+/// A refusal before the body is read must tell HTTP/1.1 clients the connection closes, or
+/// a keep-alive client sends its next request on a connection the server has dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_refusals_close_the_connection_and_successes_keep_it() {
+    let h = Harness::start();
+    let body = chat("hello", json!({})).to_string();
+    let refused = post(h.addr, CHAT, Some("ot-unknown"), chat("hello", json!({}))).await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.headers["connection"], "close");
+
+    // Two requests on one connection: the success leaves it open for the second.
+    let stream = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..2 {
+        let resp = sender
+            .send_request(request("POST", CHAT, Some("ot-good"), body.clone()))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(!resp.headers().contains_key("connection"));
+        resp.into_body().collect().await.unwrap();
+        sender.ready().await.unwrap();
+    }
+}
