@@ -181,6 +181,30 @@ def test_engine_overflow_file_is_replayed(
     assert_one_row_per_request(client, org, 120)
 
 
+def test_open_overflow_segment_is_left_to_the_engine(
+    sink: CallLogSink, client: Client, data_dir: Path
+) -> None:
+    # The engine writes overflow-<instance>-<seq>.jsonl.open and renames it to .jsonl when
+    # sealed: only the sealed one is complete, so only it is claimed and replayed.
+    org = "org-segments"
+    batch = make_batch(org, 6)
+    rows = [
+        orjson.dumps(dict(zip(CALL_LOG_COLUMNS, row, strict=True))) + b"\n"
+        for row in zip(*(batch[c] for c in CALL_LOG_COLUMNS), strict=True)
+    ]
+    spool = data_dir / "spool"
+    spool.mkdir(exist_ok=True)
+    sealed = spool / "overflow-0123456789abcdef-00000000.jsonl"
+    still_open = spool / "overflow-0123456789abcdef-00000001.jsonl.open"
+    sealed.write_bytes(b"".join(rows[:4]))
+    still_open.write_bytes(b"".join(rows[4:]))
+    assert sink.pending_spool_files() == [sealed]
+    assert sink.replay_spool() == 4
+    assert not sealed.exists()
+    assert still_open.read_bytes() == b"".join(rows[4:])
+    assert_one_row_per_request(client, org, 4)
+
+
 def test_overflow_lines_from_before_guard_flags_replay_as_empty(
     sink: CallLogSink, client: Client, data_dir: Path
 ) -> None:

@@ -48,8 +48,10 @@ OVERFLOW_PREFIX: Final = "overflow-"
 # replayed only for instances that are gone, since a live engine deletes its own segments
 # once the pump acknowledges their records.
 JOURNAL_PREFIX: Final = "journal-"
-# An overflow file is renamed to this prefix before it is read, so the engine starts a new
-# file for records that overflow meanwhile and never appends to one we are deleting.
+# An overflow file is renamed to this prefix before it is read, so a replay cut short (a
+# crash, a failed insert) finds it again under a name no writer uses. The engine writes
+# overflow-<instance>-<seq>.jsonl.open and renames it to .jsonl only once sealed, so a
+# file this sink can see (it lists *.jsonl only) is complete and never written again.
 CLAIMED_PREFIX: Final = "claimed-"
 REJECTED_PREFIX: Final = "rejected-"
 REPLAY_CHUNK_ROWS: Final = 50_000
@@ -367,8 +369,8 @@ class CallLogSink:
         self, client: Client, path: Path, on_batch: Callable[[Batch], None] | None
     ) -> int:
         state = _ReplayFile(path)
-        # Loop until a pass consumes nothing: an engine that still had the overflow file
-        # open when we claimed it may have appended a few more lines meanwhile.
+        # Loop until a pass consumes nothing: a file written by an engine from before
+        # sealed overflow segments may still have been open when we claimed it.
         while True:
             before = state.offset
             for batch in _read_batches(path, state):

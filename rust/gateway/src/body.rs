@@ -65,7 +65,8 @@ impl Body for RespBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let whole = |b: &Option<Bytes>| SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64));
+        let whole =
+            |b: &Option<Bytes>| SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64));
         match self {
             RespBody::Full(b) => whole(b),
             RespBody::Recorded(r) => whole(&r.body),

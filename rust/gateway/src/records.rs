@@ -406,7 +406,11 @@ pub(crate) fn write_line(r: &CallRecord, out: &mut Vec<u8>) {
     field_str(out, b",\"model_served\":", &r.model_served);
     field_str(out, b",\"provider\":", &r.provider);
     field_u64(out, b",\"prompt_tokens\":", u64::from(r.prompt_tokens));
-    field_u64(out, b",\"completion_tokens\":", u64::from(r.completion_tokens));
+    field_u64(
+        out,
+        b",\"completion_tokens\":",
+        u64::from(r.completion_tokens),
+    );
     field_u64(out, b",\"cached_tokens\":", u64::from(r.cached_tokens));
     field_str(out, b",\"usage_source\":", r.usage_source);
     out.extend_from_slice(b",\"cost\":");
@@ -742,12 +746,7 @@ mod tests {
         let d = dir();
         let ds = d.to_str().unwrap();
         let records = Records::new(16, ds, "race")
-            .with_journal(Journal::new(
-                ds,
-                "race",
-                500,
-                Duration::from_millis(5),
-            ))
+            .with_journal(Journal::new(ds, "race", 500, Duration::from_millis(5)))
             .with_overflow_age(Duration::from_millis(1));
         let done = AtomicBool::new(false);
         let (mut seen, mut drained) = std::thread::scope(|s| {
@@ -773,12 +772,7 @@ mod tests {
             (sink.join().unwrap(), drained)
         });
         seen.extend(sink_pass(&d));
-        drained.extend(
-            records
-                .drain(usize::MAX)
-                .into_iter()
-                .map(|r| r.request_id),
-        );
+        drained.extend(records.drain(usize::MAX).into_iter().map(|r| r.request_id));
         assert!(records.spooled.load(Ordering::Relaxed) > N / 2);
         assert_eq!(records.dropped.load(Ordering::Relaxed), 0);
         seen.append(&mut drained);
