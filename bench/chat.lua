@@ -1,7 +1,8 @@
 -- wrk script for bench/run.py: POST one small non-streaming chat completion per request
 -- and print the exact latency percentiles as one JSON line when the run ends.
 -- Environment: BENCH_MODEL (model name), BENCH_API_KEY (optional bearer key),
--- BENCH_PATH (default /v1/chat/completions).
+-- BENCH_PATH (default /v1/chat/completions), BENCH_BODY (a whole JSON body instead of the
+-- default small chat; bench/run.py's variant rows send a 4 KB prompt with it).
 
 local model = os.getenv("BENCH_MODEL") or "mock-gpt"
 local key = os.getenv("BENCH_API_KEY")
@@ -12,7 +13,10 @@ wrk.headers["Content-Type"] = "application/json"
 if key and key ~= "" then
   wrk.headers["Authorization"] = "Bearer " .. key
 end
-wrk.body = '{"model":"' .. model .. '","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}'
+wrk.body = os.getenv("BENCH_BODY")
+if not wrk.body or wrk.body == "" then
+  wrk.body = '{"model":"' .. model .. '","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}'
+end
 
 -- No per-response callback: defining `response` makes wrk build Lua strings for every
 -- reply and slows the load tool itself. Statuses >= 400 are counted by wrk in

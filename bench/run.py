@@ -34,7 +34,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,13 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 CHAT_PROMPT = "Say hello in one short sentence."
+# The guard's per-KB cost is measured with a longer prompt: clean English words (no digits,
+# so nothing looks like a card, ID or phone number), about 4 KB.
+LONG_PROMPT_WORDS = (
+    "Please summarise the following notes about the quarterly planning meeting where the "
+    "team discussed the roadmap, hiring, the office move and the customer feedback survey. "
+)
+LONG_PROMPT = (LONG_PROMPT_WORDS * (4096 // len(LONG_PROMPT_WORDS) + 1))[:4096].rstrip()
 STREAM_CHUNKS = 8
 STREAM_DELAY_MS = 2
 
@@ -307,6 +314,15 @@ class Target:
     idle_rss_mb: float = 0.0
     note: str = ""
     short_run: bool = False
+    # Variant rows (same server, other configuration): the wrk body when not the default
+    # small chat, the row the "added" figures subtract, and what the row measures.
+    body: str = ""
+    baseline: str = "direct"
+    what: str = ""
+    control_url: str = ""
+    admin_email: str = ""
+    admin_password: str = ""
+    org_id: str = ""
 
 
 def start_mock(services: Services, mock_bin: Path) -> Target:
@@ -396,9 +412,11 @@ def start_onetoken(services: Services, workdir: Path, upstream: str, python: str
         "ONETOKEN_DEMO_UPSTREAM": upstream,
         "ONETOKEN_LOG_LEVEL": "WARNING",
     }
+    boot_info: dict[str, Any] = {}
     try:
         boot = run_cmd([python, "-m", "onetoken.cli", "bootstrap", "--json"], 300, env=env)
-        api_key = str(json.loads(boot.strip().splitlines()[-1]).get("api_key") or "")
+        boot_info = json.loads(boot.strip().splitlines()[-1])
+        api_key = str(boot_info.get("api_key") or "")
     except (BenchError, ValueError, IndexError, AttributeError) as exc:
         # `serve --demo` prints a key of its own; try that before giving up.
         log(f"onetoken: bootstrap --json failed ({str(exc).splitlines()[0][:200]})")
@@ -437,6 +455,10 @@ def start_onetoken(services: Services, workdir: Path, upstream: str, python: str
         api_key=api_key,
         version=f"{version} ({profile} build)",
         note=note,
+        control_url=f"http://{HOST}:{ctl_port}",
+        admin_email=str(boot_info.get("admin_email") or ""),
+        admin_password=str(boot_info.get("admin_password") or ""),
+        org_id=str(boot_info.get("org_id") or ""),
     )
 
 
@@ -505,6 +527,186 @@ def start_litellm(services: Services, workdir: Path, upstream: str) -> Target:
     )
 
 
+# ---------------------------------------------------------------- variant rows
+
+
+def wrk_body(model: str, prompt: str = CHAT_PROMPT) -> str:
+    return json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 16},
+        separators=(",", ":"),
+    )
+
+
+def variant(t: Target, name: str, what: str, model: str | None = None, **kw: Any) -> Target:
+    """A row measured on the running target `t` with another model, body or setting."""
+    v = Target(name, t.base_url, model or t.model, t.pid, api_key=t.api_key, version=t.version)
+    v.what = what
+    for k, val in kw.items():
+        setattr(v, k, val)
+    return v
+
+
+class Control:
+    """The onetoken control API, as the bootstrap admin (the platform operator)."""
+
+    def __init__(self, t: Target) -> None:
+        if not (t.admin_email and t.admin_password and t.org_id):
+            raise BenchError("no bootstrap admin credentials (bootstrap --json gave none)")
+        self.base = f"{t.control_url}/api/v1"
+        self.token = ""
+        login = self.call(
+            "POST", "/auth/login", {"email": t.admin_email, "password": t.admin_password}
+        )
+        self.token = str(login.get("access_token") or "")
+        if not self.token:
+            raise BenchError("control API login returned no access_token")
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(  # noqa: S310 - loopback http
+            self.base + path, data=data, headers=headers, method=method
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - loopback http
+                text = resp.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:500].decode(errors="replace")
+            raise BenchError(f"control API {method} {path}: {exc.code} {detail}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise BenchError(f"control API {method} {path}: {exc}") from None
+        return json.loads(text) if text.strip() else {}
+
+    def provider(self, name: str, protocol: str, base_url: str) -> str:
+        body = {"name": name, "scope": "platform", "protocol": protocol, "base_url": base_url}
+        return str(self.call("POST", "/providers", body)["id"])
+
+    def model(self, name: str, provider_id: str, upstream: str, priority: int = 0) -> None:
+        body = {
+            "name": name,
+            "provider_id": provider_id,
+            "upstream_model": upstream,
+            "input_price": "0.5",
+            "output_price": "1.5",
+            "priority": priority,
+        }
+        self.call("POST", "/models", body)
+
+
+def wait_serves(t: Target, timeout: float = 20) -> None:
+    """The gateway applies control changes asynchronously at worst: wait for a 200."""
+    url = f"{t.base_url}/v1/chat/completions"
+    body = (t.body or wrk_body(t.model)).encode()
+    hdrs = {"Authorization": f"Bearer {t.api_key}", "Content-Type": "application/json"}
+    deadline = time.monotonic() + timeout
+    status = 0
+    while time.monotonic() < deadline:
+        status = http_status(url, body, hdrs)
+        if status == 200:
+            return
+        time.sleep(0.2)
+    raise BenchError(f"{t.name}: model {t.model} does not answer 200 (last status {status})")
+
+
+@dataclass
+class VariantStep:
+    """Configure (through the control API), then measure `rows` on the same server."""
+
+    setup: Callable[[], None]
+    rows: list[Target]
+
+
+def onetoken_variants(t: Target, mock_upstream: str) -> list[VariantStep]:
+    """Issue 5's rows: routing with a fallback configured, the guard on, translation on.
+    Each uses its own public model name; the guard is org-wide, so its rows come last (the
+    server, with its temporary data dir, is stopped right after them)."""
+    ctl = Control(t)
+    openai_base = f"http://{mock_upstream}/v1"
+    long_body = wrk_body(t.model, LONG_PROMPT)
+    kb = len(LONG_PROMPT.encode()) / 1024
+
+    def fallback() -> None:
+        primary = ctl.provider("bench-primary", "openai", openai_base)
+        secondary = ctl.provider("bench-secondary", "openai", openai_base)
+        ctl.model("bench-fallback", primary, "mock-gpt", priority=0)
+        ctl.model("bench-fallback", secondary, "mock-gpt", priority=1)
+        ctl.call(
+            "POST",
+            "/routes",
+            {"name": "bench-fallback", "scope": "platform", "strategy": "priority"},
+        )
+
+    def translation() -> None:
+        anthropic = ctl.provider("bench-anthropic", "anthropic", openai_base)
+        ctl.model("bench-translated", anthropic, "mock-claude")
+
+    def guard_on() -> None:
+        ctl.call("PUT", f"/orgs/{t.org_id}/guard", {"mode": "flag", "categories": None})
+
+    long_what = f"`onetoken` with a {kb:.0f} KB prompt (guard off): the guard rows' baseline"
+    return [
+        VariantStep(
+            fallback,
+            [
+                variant(
+                    t,
+                    "onetoken+fallback",
+                    "model served by a `priority` route over two deployments (primary and "
+                    "secondary providers, both the mock); every request served by the primary",
+                    model="bench-fallback",
+                )
+            ],
+        ),
+        VariantStep(
+            translation,
+            [
+                variant(
+                    t,
+                    "onetoken+translation",
+                    "model served by an `anthropic`-protocol provider (the mock's "
+                    "/v1/messages): OpenAI chat translated to Anthropic Messages and back",
+                    model="bench-translated",
+                )
+            ],
+        ),
+        VariantStep(
+            lambda: None,
+            [variant(t, "onetoken+4k", long_what, body=long_body, baseline="direct+4k")],
+        ),
+        VariantStep(
+            guard_on,
+            [
+                variant(
+                    t,
+                    "onetoken+guard",
+                    "org guard in `flag` mode, every category (clean prompt, nothing flagged)",
+                ),
+                variant(
+                    t,
+                    "onetoken+guard+4k",
+                    f"the guard as above, {kb:.0f} KB clean prompt",
+                    body=long_body,
+                    baseline="direct+4k",
+                ),
+            ],
+        ),
+    ]
+
+
+def direct_variants(t: Target) -> list[Target]:
+    kb = len(LONG_PROMPT.encode()) / 1024
+    return [
+        variant(
+            t,
+            "direct+4k",
+            f"the mock with the {kb:.0f} KB prompt: baseline of the 4 KB rows",
+            body=wrk_body(t.model, LONG_PROMPT),
+        )
+    ]
+
+
 # ---------------------------------------------------------------- workloads
 
 
@@ -551,6 +753,8 @@ WORKLOADS = (
 
 def run_wrk(t: Target, w: Workload, seconds: int) -> dict[str, Any]:
     env = {**os.environ, "BENCH_MODEL": t.model, "BENCH_API_KEY": t.api_key}
+    if t.body:
+        env["BENCH_BODY"] = t.body
     threads = min(2, w.connections)
     argv = [
         "wrk",
@@ -635,6 +839,43 @@ def measure(t: Target, w: Workload, seconds: int, loadgen: Path) -> dict[str, An
     return data
 
 
+def run_variants(
+    steps: list[VariantStep],
+    seconds: int,
+    warmup: int,
+    loadgen: Path,
+    rows: dict[tuple[str, str], dict[str, Any]],
+    variants: list[Target],
+    meta: dict[str, Any],
+) -> None:
+    """Configure each step, then run the non-streaming workloads (wrk) on its rows."""
+    for step in steps:
+        names = ", ".join(v.name for v in step.rows)
+        try:
+            step.setup()
+            for v in step.rows:
+                wait_serves(v)
+        except BenchError as exc:
+            meta["errors"].append(f"{names}: set-up failed: {exc}")
+            log(f"{names}: set-up failed: {exc}")
+            continue
+        for v in step.rows:
+            variants.append(v)
+            warm_up(v, warmup)
+            for w in WORKLOADS[:2]:
+                log(f"{v.name}: {w.key} for {seconds} s")
+                try:
+                    rows[(v.name, w.key)] = r = measure(v, w, seconds, loadgen)
+                except BenchError as exc:
+                    meta["errors"].append(f"{v.name} {w.key}: {exc}")
+                    log(f"{v.name}: {w.key} failed: {exc}")
+                    continue
+                log(
+                    f"{v.name}: {w.key}: {r['rps']:,.0f} req/s, errors {r['errors']}, "
+                    f"cpu/req {fmt(r['cpu_us_per_req'], 1)} µs"
+                )
+
+
 def warm_up(t: Target, seconds: int) -> None:
     """Fill connection pools, JIT-less caches and allocator arenas before measuring."""
     run_wrk(t, WORKLOADS[0], seconds)
@@ -708,8 +949,15 @@ def write_report(
     targets: list[Target],
     rows: dict[tuple[str, str], dict[str, Any]],
     skipped: dict[str, str],
+    variants: list[Target] | None = None,
 ) -> None:
-    names = [t.name for t in targets]
+    variants = variants or []
+    # Each target's variant rows (same server, another configuration) follow it.
+    names = []
+    for t in targets:
+        names.append(t.name)
+        names += [v.name for v in variants if v.name.startswith(t.name + "+")]
+    baseline = {v.name: v.baseline for v in variants}
     lines = [
         "# Benchmark results",
         "",
@@ -747,6 +995,16 @@ def write_report(
     for t in targets:
         if t.note:
             lines += [f"**Note ({t.name}):** {t.note}.", ""]
+    if variants:
+        lines += [
+            "Variant rows (non-streaming workloads only), each on the running target's process "
+            "with another configuration made through its API, or another request body:",
+            "",
+            "| row | what |",
+            "|---|---|",
+        ]
+        lines += [f"| {v.name} | {v.what} |" for v in variants]
+        lines.append("")
 
     def get(target: str, wl: str) -> dict[str, Any]:
         return rows.get((target, wl), {})
@@ -775,17 +1033,18 @@ def write_report(
 
     # Non-streaming latency at one connection.
     w = WORKLOADS[1]
-    base = get("direct", w.key)
     lines += [
         f"## {w.title}",
         "",
-        "wrk, 1 thread, 1 connection. Added = this row minus `direct` in the same run.",
+        "wrk, 1 thread, 1 connection. Added = this row minus `direct` in the same run "
+        "(the 4 KB rows: minus `direct+4k`).",
         "",
         "| target | req/s | p50 µs | p99 µs | added p50 µs | added p99 µs | CPU µs/req |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for n in names:
         r = get(n, w.key)
+        base = get(baseline.get(n, "direct"), w.key)
         if r:
             lines.append(
                 f"| {n} | {fmt(r['rps'])} | {fmt(r['p50_us'])} | {fmt(r['p99_us'])} | "
@@ -842,12 +1101,52 @@ def write_report(
             )
     lines.append("")
 
+    lines += guard_cost(rows)
     lines += targets_check(rows, targets)
     if meta.get("errors"):
         lines += ["## Problems during the run", ""]
         lines += [f"- {e}" for e in meta["errors"]]
         lines.append("")
     path.write_text("\n".join(lines))
+
+
+def guard_cost(rows: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """What the guard adds, from the rows with it off and on, small and 4 KB prompts."""
+
+    def val(target: str, wl: str, key: str) -> float | None:
+        v = rows.get((target, wl), {}).get(key)
+        return float(v) if v is not None else None
+
+    def delta(on: str, off: str, wl: str, key: str) -> float | None:
+        a, b = val(on, wl, key), val(off, wl, key)
+        return a - b if a is not None and b is not None else None
+
+    if ("onetoken+guard", "chat_1c") not in rows:
+        return []
+    small = len(wrk_body("m").encode()) / 1024
+    kb = len(wrk_body("m", LONG_PROMPT).encode()) / 1024 - small
+    measures = (
+        ("CPU µs/req, 32 connections", "chat_32c", "cpu_us_per_req"),
+        ("CPU µs/req, 1 connection", "chat_1c", "cpu_us_per_req"),
+        ("p50 µs, 1 connection", "chat_1c", "p50_us"),
+    )
+    out = [
+        "## Cost of the guard",
+        "",
+        "Guard (`flag`, every category) on minus off, same server and run. Per KB = (the "
+        f"4 KB prompt's cost minus the small prompt's) / {kb:.1f} KB of extra body. Differences "
+        "of a few µs are within the noise of one run; read them as an order of magnitude.",
+        "",
+        "| measure | small prompt | 4 KB prompt | per KB |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, wl, key in measures:
+        d_small = delta("onetoken+guard", "onetoken", wl, key)
+        d_long = delta("onetoken+guard+4k", "onetoken+4k", wl, key)
+        per_kb = (d_long - d_small) / kb if d_small is not None and d_long is not None else None
+        out.append(f"| {label} | {fmt(d_small, 1)} | {fmt(d_long, 1)} | {fmt(per_kb, 2)} |")
+    out.append("")
+    return out
 
 
 def targets_check(rows: dict[tuple[str, str], dict[str, Any]], targets: list[Target]) -> list[str]:
@@ -953,6 +1252,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_start": loadavg(),
     }
     targets: list[Target] = []
+    variants: list[Target] = []
     skipped: dict[str, str] = {}
     rows: dict[tuple[str, str], dict[str, Any]] = {}
 
@@ -1010,18 +1310,32 @@ def main(argv: list[str] | None = None) -> int:
                             f"{name}: {w.key}: {r['rps']:,.0f} req/s, errors {r['errors']}, "
                             f"cpu/req {fmt(r['cpu_us_per_req'], 1)} µs"
                         )
+                    if name == "direct" and "onetoken" in starters:
+                        steps = [VariantStep(lambda: None, direct_variants(t))]
+                        run_variants(steps, seconds, warmup, loadgen, rows, variants, meta)
+                    elif name == "onetoken":
+                        try:
+                            steps = onetoken_variants(t, upstream)
+                        except BenchError as exc:
+                            meta["errors"].append(f"onetoken variants: {exc}")
+                            log(f"onetoken: variant rows skipped: {exc}")
+                            steps = []
+                        run_variants(steps, seconds, warmup, loadgen, rows, variants, meta)
                     # Give the cores back before the next target starts.
                     services.stop_after_first()
             finally:
                 services.stop_all()
 
     meta["loadavg_end"] = loadavg()
-    write_report(args.output, meta, targets, rows, skipped)
+    write_report(args.output, meta, targets, rows, skipped, variants)
     OUT_DIR.mkdir(exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     raw = {
         "meta": meta,
-        "targets": [t.__dict__ for t in targets],
+        "targets": [
+            {k: v for k, v in t.__dict__.items() if k not in ("admin_password", "body")}
+            for t in [*targets, *variants]
+        ],
         "skipped": skipped,
         "rows": [{"target": k[0], "workload": k[1], **v} for k, v in rows.items()],
     }
