@@ -447,7 +447,7 @@ def start_onetoken(services: Services, workdir: Path, upstream: str, python: str
             f"the onetoken extension is a {profile} build: its numbers are not representative "
             "(`make bench` installs a release build first)"
         )
-    return Target(
+    target = Target(
         "onetoken",
         base,
         "demo-chat",
@@ -460,6 +460,14 @@ def start_onetoken(services: Services, workdir: Path, upstream: str, python: str
         admin_password=str(boot_info.get("admin_password") or ""),
         org_id=str(boot_info.get("org_id") or ""),
     )
+    # The demo credit covers a demo, not millions of requests: without a top-up the later
+    # rows would measure 402s.
+    Control(target).call(
+        "POST",
+        "/billing/credits",
+        {"amount": "100000000", "kind": "adjustment", "idempotency_key": "bench-top-up"},
+    )
+    return target
 
 
 def extension_profile(python: str) -> str:

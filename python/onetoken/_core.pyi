@@ -74,7 +74,14 @@ class Engine:
 class MockUpstream:
     """The bundled fake model provider (OpenAI-compatible), on its own runtime."""
 
-    def __init__(self, listen: str) -> None: ...
+    def __init__(
+        self,
+        listen: str,
+        *,
+        chunks: int | None = None,
+        delay_ms: int | None = None,
+        latency_ms: int | None = None,
+    ) -> None: ...
     def start(self) -> str:
         """Bind synchronously and serve; returns "host:port"."""
     def stop(self) -> None: ...
@@ -87,5 +94,12 @@ def hash_key(secret: bytes, key: str) -> str:
 def count_tokens(text: str) -> int:
     """Tokens in `text` under the gateway's tokenizer (o200k_base)."""
 
-def serve_mock_upstream(listen: str) -> None:
-    """Run the fake provider in the foreground until SIGINT/SIGTERM (the CLI command)."""
+def serve_mock_upstream(
+    listen: str,
+    *,
+    chunks: int | None = None,
+    delay_ms: int | None = None,
+    latency_ms: int | None = None,
+) -> None:
+    """Run the fake provider in the foreground until SIGINT/SIGTERM (the CLI command).
+    The keyword arguments set server-wide defaults that each request's `mock` overrides."""

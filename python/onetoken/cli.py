@@ -178,10 +178,6 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
     }
     try:
         _core.serve_mock_upstream(args.listen, **options)
-    except TypeError:
-        raise CliError(
-            "this build of the mock upstream does not accept --chunks/--delay-ms/--latency-ms"
-        ) from None
     except _core.OnetokenError as exc:
         raise CliError(f"mock upstream: {exc}") from None
     return EXIT_OK

@@ -12,15 +12,33 @@ use crate::errors::{mock_to_py, EngineStateError};
 #[pyclass(module = "onetoken._core", name = "MockUpstream", frozen)]
 pub(crate) struct MockUpstream {
     listen: String,
+    defaults: MockDefaults,
     server: Mutex<Option<MockServer>>,
+}
+
+/// Server-wide defaults; each request's `mock` controls still override them.
+fn defaults(chunks: Option<u32>, delay_ms: Option<u64>, latency_ms: Option<u64>) -> MockDefaults {
+    let base = MockDefaults::default();
+    MockDefaults {
+        chunks: chunks.unwrap_or(base.chunks),
+        delay_ms: delay_ms.unwrap_or(base.delay_ms),
+        latency_ms: latency_ms.unwrap_or(base.latency_ms),
+    }
 }
 
 #[pymethods]
 impl MockUpstream {
     #[new]
-    fn new(listen: String) -> Self {
+    #[pyo3(signature = (listen, *, chunks=None, delay_ms=None, latency_ms=None))]
+    fn new(
+        listen: String,
+        chunks: Option<u32>,
+        delay_ms: Option<u64>,
+        latency_ms: Option<u64>,
+    ) -> Self {
         MockUpstream {
             listen,
+            defaults: defaults(chunks, delay_ms, latency_ms),
             server: Mutex::new(None),
         }
     }
@@ -34,7 +52,7 @@ impl MockUpstream {
                 ));
             }
             let server =
-                MockServer::start(&self.listen, MockDefaults::default()).map_err(mock_to_py)?;
+                MockServer::start(&self.listen, self.defaults.clone()).map_err(mock_to_py)?;
             let addr = server.addr().to_string();
             *slot = Some(server);
             Ok(addr)
@@ -59,9 +77,17 @@ impl MockUpstream {
 /// Run the fake provider in the foreground until SIGINT/SIGTERM. The GIL is released
 /// while waiting and retaken briefly to let Python's signal handlers run.
 #[pyfunction]
-pub(crate) fn serve_mock_upstream(py: Python<'_>, listen: &str) -> PyResult<()> {
+#[pyo3(signature = (listen, *, chunks=None, delay_ms=None, latency_ms=None))]
+pub(crate) fn serve_mock_upstream(
+    py: Python<'_>,
+    listen: &str,
+    chunks: Option<u32>,
+    delay_ms: Option<u64>,
+    latency_ms: Option<u64>,
+) -> PyResult<()> {
+    let defaults = defaults(chunks, delay_ms, latency_ms);
     let server = py
-        .detach(|| MockServer::start(listen, MockDefaults::default()))
+        .detach(|| MockServer::start(listen, defaults))
         .map_err(mock_to_py)?;
     eprintln!(
         "onetoken mock upstream listening on http://{}",
