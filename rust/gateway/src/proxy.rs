@@ -269,48 +269,15 @@ impl RequestLog {
     }
 }
 
-/// A finished record on its way to the journal and the queue. The request stays in
-/// flight until it is committed, so a request counted as completed has its record
-/// journaled and queued.
-struct Emit {
-    shared: Arc<Shared>,
-    rec: Option<CallRecord>,
-}
-
-impl Emit {
-    fn commit(&mut self) {
-        if let Some(rec) = self.rec.take() {
-            self.shared.records.push(rec);
-            self.shared
-                .metrics
-                .in_flight
-                .fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-}
-
-impl Drop for Emit {
-    fn drop(&mut self) {
-        // A task dropped unpolled (the runtime shutting down) still commits its record.
-        self.commit();
-    }
-}
-
-/// Commit a record in a task of its own. Records are emitted from inside the connection's
-/// poll, before hyper flushes the response it has just been handed; the spawned task runs
-/// on the same worker right after that poll, so the journal write and the queue push are
-/// not part of the response's latency. Outside a runtime the record is committed here.
+/// Journal and queue a finished record, then count the request as no longer in flight.
+///
+/// This runs inside the connection's poll, before hyper flushes the bytes it was just
+/// handed: a client that has seen the end of its response therefore has its record in
+/// the journal, so a SIGKILL right after cannot lose a completed request. Deferring the
+/// write past the flush would save a few microseconds of latency and open that window.
 fn emit(shared: Arc<Shared>, rec: CallRecord) {
-    let mut emit = Emit {
-        shared,
-        rec: Some(rec),
-    };
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) => {
-            handle.spawn(async move { emit.commit() });
-        }
-        Err(_) => emit.commit(),
-    }
+    shared.records.push(rec);
+    shared.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Attach the request's record to a whole response: it is emitted when the body has been
