@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use serde_json::{json, Map, Value};
 
-use super::{parse_event, value_tokens, Event, Reply, Stop, StreamIds, ToolCall};
+use super::{parse_event, value_tokens, Event, Reply, Stop, StreamIds, ToolCall, CHAT_FIELDS};
 use crate::billing::Usage;
 use crate::error::ApiError;
 use crate::sse::StreamMeter;
@@ -71,45 +71,6 @@ pub(crate) fn estimate_prompt(doc: &Map<String, Value>) -> u64 {
     }
     n
 }
-
-/// Fields of the OpenAI chat request the translation knows. Anything else is a vendor
-/// extension and travels to the upstream untouched (as in pass-through).
-const CHAT_FIELDS: &[&str] = &[
-    "model",
-    "messages",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "n",
-    "stream",
-    "stream_options",
-    "stop",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "logprobs",
-    "top_logprobs",
-    "user",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "response_format",
-    "seed",
-    "service_tier",
-    "store",
-    "metadata",
-    "modalities",
-    "audio",
-    "prediction",
-    "reasoning_effort",
-    "functions",
-    "function_call",
-    "web_search_options",
-    "verbosity",
-    "prompt_cache_key",
-    "safety_identifier",
-];
 
 /// Fields of the Messages request the translation knows.
 const MESSAGES_FIELDS: &[&str] = &[

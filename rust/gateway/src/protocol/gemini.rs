@@ -5,46 +5,8 @@ use std::collections::HashMap;
 use serde_json::{json, Map, Value};
 
 use super::anthropic::copy_extensions;
-use super::{parse_event, Event, Reply, Stop, ToolCall};
+use super::{parse_event, Event, Reply, Stop, ToolCall, CHAT_FIELDS};
 use crate::billing::Usage;
-
-/// Fields of the OpenAI chat request the translation knows (the rest travel untouched).
-const CHAT_FIELDS: &[&str] = &[
-    "model",
-    "messages",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "n",
-    "stream",
-    "stream_options",
-    "stop",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "logprobs",
-    "top_logprobs",
-    "user",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "response_format",
-    "seed",
-    "service_tier",
-    "store",
-    "metadata",
-    "modalities",
-    "audio",
-    "prediction",
-    "reasoning_effort",
-    "functions",
-    "function_call",
-    "web_search_options",
-    "verbosity",
-    "prompt_cache_key",
-    "safety_identifier",
-];
 
 fn stop_from(s: &str, saw_tools: bool) -> Stop {
     match s {
