@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     login_failure_window_seconds: int = Field(default=900, ge=1)
     login_burst_max_attempts: int = Field(default=5, ge=2)
     login_burst_window_seconds: float = Field(default=2.0, gt=0)
+    # Lets an org's owners credit, confirm, refund and invoice their own org (operators
+    # only by default): for a private deployment whose owners are the platform's staff.
+    tenant_money_admin: bool = False
     key_rotation_overlap_hours: int = Field(default=24, ge=0, le=24 * 90)
     # Comma-separated CIDRs of reverse proxies whose X-Forwarded-For is believed.
     trusted_proxies: str = ""

@@ -52,10 +52,55 @@ def _check_owner(session: Session, org_id: str, owner_id: str) -> None:
                             param="owner_id")
 
 
+def _is_developer(actor: Any) -> bool:
+    return getattr(actor, "role", "owner") == "developer"
+
+
 def may_manage(actor: Any, key: ApiKey) -> None:
     """Developers manage only the keys they own; owners and admins any key of the org."""
-    if getattr(actor, "role", "owner") == "developer" and key.owner_id != actor.account_id:
+    if _is_developer(actor) and key.owner_id != actor.account_id:
         raise Forbidden("Developers can only manage their own keys.", code="not_key_owner")
+
+
+def _loosened(key: ApiKey, limits: dict[str, int | None]) -> list[str]:
+    """The limits `limits` would lift or raise on `key` (None is no limit)."""
+    out = []
+    for f in LIMIT_FIELDS:
+        old, new = getattr(key, f), limits.get(f)
+        if old is not None and (new is None or new > old):
+            out.append(f)
+    return out
+
+
+def _set_limits(key: ApiKey, limits: dict[str, int | None], actor: Any) -> None:
+    """A developer may only narrow limits another account set on their key (which then
+    stay that account's); anyone else sets them outright. Limits of unknown origin (set
+    before this was recorded) count as another account's."""
+    by = getattr(actor, "account_id", None)
+    has_limits = any(getattr(key, f) is not None for f in LIMIT_FIELDS)
+    if _is_developer(actor) and has_limits and key.limits_set_by != by:
+        if _loosened(key, limits):
+            raise Forbidden("Developers can only narrow limits an administrator set.",
+                            code="limits_set_by_admin")
+    else:
+        key.limits_set_by = by
+    for f in LIMIT_FIELDS:
+        setattr(key, f, limits.get(f))
+
+
+def _set_status(key: ApiKey, status: str, actor: Any) -> None:
+    by = getattr(actor, "account_id", None)
+    if (
+        _is_developer(actor)
+        and status == "active"
+        and key.status == "disabled"
+        and key.status_set_by != by
+    ):
+        raise Forbidden("A key an administrator disabled is re-enabled by an administrator.",
+                        code="disabled_by_admin")
+    if status != key.status:
+        key.status = status
+        key.status_set_by = by
 
 
 def create_key(
@@ -73,8 +118,10 @@ def create_key(
     limits: dict[str, int | None] | None = None,
     actor: Any = None,
     rotated_from: str | None = None,
+    limits_set_by: str | None = None,
 ) -> tuple[ApiKey, str]:
-    """Returns the row and the plaintext key; the plaintext is never stored."""
+    """Returns the row and the plaintext key; the plaintext is never stored.
+    `limits_set_by` defaults to the creator when limits are given."""
     _check_expiry(expires_at)
     _check_window(not_before, expires_at)
     owner = owner_id or created_by
@@ -98,6 +145,8 @@ def create_key(
         allowed_models=_dedupe(allowed_models),
         allowed_ips=_dedupe(allowed_ips),
         rotated_from=rotated_from,
+        limits_set_by=limits_set_by
+        or (created_by if any(v is not None for v in (limits or {}).values()) else None),
         **{f: (limits or {}).get(f) for f in LIMIT_FIELDS},
     )
     session.add(key)
@@ -144,7 +193,7 @@ def update_key(
     if changes.get("name") is not None:
         key.name = changes["name"]
     if changes.get("status") is not None:
-        key.status = changes["status"]
+        _set_status(key, changes["status"], actor)
     if changes.get("owner_id") is not None and changes["owner_id"] != key.owner_id:
         if getattr(actor, "role", "owner") == "developer":
             raise Forbidden("Developers cannot hand keys to other accounts.",
@@ -162,9 +211,7 @@ def update_key(
     if "allowed_ips" in changes:
         key.allowed_ips = _dedupe(changes["allowed_ips"])
     if "limits" in changes:
-        limits = changes["limits"] or {}
-        for f in LIMIT_FIELDS:
-            setattr(key, f, limits.get(f))
+        _set_limits(key, changes["limits"] or {}, actor)
     key.updated_at = utcnow()
     bump_revision(session)
     session.flush()
@@ -193,6 +240,7 @@ def revoke_key(session: Session, org_id: str, key_id: str, actor: Any = None) ->
     if key.status != "revoked":
         before = audit_view(key)
         key.status = "revoked"
+        key.status_set_by = getattr(actor, "account_id", None)
         key.revoked_at = utcnow()
         key.updated_at = key.revoked_at
         bump_revision(session)
@@ -235,6 +283,7 @@ def rotate_key(
         allowed_ips=old.allowed_ips,
         limits={f: getattr(old, f) for f in LIMIT_FIELDS},
         rotated_from=old.id,
+        limits_set_by=old.limits_set_by,
     )
     end = now + overlap
     if old.expires_at is None or old.expires_at > end:
