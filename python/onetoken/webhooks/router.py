@@ -83,6 +83,14 @@ def _dispatcher(state: AppState) -> WebhookDispatcher:
     return dispatcher
 
 
+def _writable(session: SessionDep, principal: Principal, endpoint_id: str) -> WebhookEndpoint:
+    """An endpoint the caller may change: platform-wide ones only operators."""
+    ep = service.get_endpoint(session, principal.org_id, endpoint_id)
+    if ep.platform and not principal.is_operator:
+        raise Forbidden("Only operators change platform-wide callback addresses.")
+    return ep
+
+
 @router.post("", response_model=EndpointCreated, status_code=201)
 def create_endpoint(
     body: EndpointCreate, principal: WriteDep, session: SessionDep, state: StateDep
@@ -151,7 +159,7 @@ def update_endpoint(
     session: SessionDep,
     state: StateDep,
 ) -> EndpointResponse:
-    ep = service.get_endpoint(session, principal.org_id, endpoint_id)
+    ep = _writable(session, principal, endpoint_id)
     before = {"kinds": list(ep.kinds), "status": ep.status, "host": ep.url_display}
     service.update_endpoint(
         session,
@@ -173,7 +181,7 @@ def rotate_secret(
     endpoint_id: str, principal: WriteDep, session: SessionDep, state: StateDep
 ) -> SecretRotated:
     """A new signing secret (shown once); the old one stops signing at once."""
-    ep = service.get_endpoint(session, principal.org_id, endpoint_id)
+    ep = _writable(session, principal, endpoint_id)
     secret = service.rotate_secret(session, state.secrets, ep)
     session.commit()
     audit.event(principal, "admin.webhook_secret_rotated", "medium", subject_id=ep.id)
@@ -182,7 +190,7 @@ def rotate_secret(
 
 @router.delete("/{endpoint_id}", status_code=204)
 def delete_endpoint(endpoint_id: str, principal: WriteDep, session: SessionDep) -> Response:
-    ep = service.get_endpoint(session, principal.org_id, endpoint_id)
+    ep = _writable(session, principal, endpoint_id)
     service.delete_endpoint(session, ep)
     session.commit()
     audit.event(principal, "admin.webhook_deleted", "medium", subject_id=endpoint_id)
@@ -195,7 +203,7 @@ def send_test(
 ) -> DeliveryDetail:
     """Send a `webhook_test` event now and answer with the first attempt's outcome; a
     failed test is retried like any delivery."""
-    ep = service.get_endpoint(session, principal.org_id, endpoint_id)
+    ep = _writable(session, principal, endpoint_id)
     if ep.status != "active":
         raise Forbidden("The callback address is disabled.", code="endpoint_disabled")
     d = _dispatcher(state).test_delivery(session, ep)

@@ -1,0 +1,170 @@
+"""Where one role's reach ends: a disabled org's sessions, platform-wide callback
+addresses, limits and status an administrator set on a developer's key, and the billing
+reads the matrix gives (docs/permissions.md)."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select, update
+
+from onetoken.db.models import Account, AdminSession, Org
+from onetoken.deps import AppState
+from onetoken.orgs import auth
+from onetoken.security.permissions import ROLE_DENIED_MESSAGE
+from onetoken.webhooks import service as webhooks
+from tests.unit.conftest import Admin, add_account
+
+API = "/api/v1"
+MEMBER_PASSWORD = "another long password"  # conftest.add_account's
+
+
+def _cookie_session(client: TestClient, login: str, password: str) -> dict[str, str]:
+    r = client.post(f"{API}/auth/session", json={"login": login, "password": password})
+    assert r.status_code == 200, r.text
+    return {"Cookie": f"{auth.SESSION_COOKIE}={r.cookies[auth.SESSION_COOKIE]}"}
+
+
+def _sessions_of_org(state: AppState, org_id: str) -> int:
+    with state.session_factory() as s:
+        return int(
+            s.scalar(
+                select(func.count())
+                .select_from(AdminSession)
+                .join(Account, Account.id == AdminSession.account_id)
+                .where(Account.org_id == org_id)
+            )
+            or 0
+        )
+
+
+def test_disabling_an_org_refuses_its_members_cookie_and_bearer_at_once(
+    client: TestClient, state: AppState, admin: Admin, operator: Admin
+) -> None:
+    bearer = add_account(state, client, admin.org_id, "dev@acme.test", "developer")
+    cookie = _cookie_session(client, admin.email, admin.password)
+    for headers in (bearer, cookie, admin.headers):
+        assert client.get(f"{API}/me", headers=headers).status_code == 200
+    r = client.patch(f"{API}/orgs/{admin.org_id}", json={"status": "disabled"},
+                     headers=operator.headers)
+    assert r.status_code == 200, r.text
+    for headers in (bearer, cookie, admin.headers):
+        assert client.get(f"{API}/me", headers=headers).status_code == 401
+    assert _sessions_of_org(state, admin.org_id) == 0
+    # Re-enabling the org does not bring the old sessions back.
+    r = client.patch(f"{API}/orgs/{admin.org_id}", json={"status": "active"},
+                     headers=operator.headers)
+    assert r.status_code == 200
+    assert client.get(f"{API}/me", headers=admin.headers).status_code == 401
+    assert client.get(f"{API}/me", headers=operator.headers).status_code == 200
+
+
+def test_a_session_of_a_disabled_org_is_refused_even_if_its_row_survived(
+    client: TestClient, state: AppState, admin: Admin
+) -> None:
+    # As if the org had been disabled while this session was being issued.
+    with state.session_factory() as s:
+        s.execute(update(Org).where(Org.id == admin.org_id).values(status="disabled"))
+        s.commit()
+    assert _sessions_of_org(state, admin.org_id) == 1
+    assert client.get(f"{API}/me", headers=admin.headers).status_code == 401
+
+
+def test_only_operators_change_platform_wide_callback_addresses(
+    client: TestClient, state: AppState, operator: Admin
+) -> None:
+    # A non-operator administrator of the operators' own org.
+    colleague = add_account(state, client, operator.org_id, "ops-admin@platform.test", "admin")
+    with state.session_factory() as s:
+        created = webhooks.create_endpoint(
+            s, state.secrets, org_id=operator.org_id, url="http://127.0.0.1:9/hook",
+            kinds=["system_alarm"], created_by=operator.account_id, allow_private=True,
+            platform=True,
+        )
+        s.commit()
+        ep = f"{API}/webhooks/{created.endpoint.id}"
+    for method, path, body in (
+        ("PATCH", ep, {"url": "http://127.0.0.1:10/elsewhere"}),
+        ("PATCH", ep, {"status": "disabled"}),
+        ("POST", f"{ep}/rotate-secret", None),
+        ("POST", f"{ep}/test", None),
+        ("DELETE", ep, None),
+    ):
+        r = client.request(method, path, json=body, headers=colleague)
+        assert r.status_code == 403, (method, path, r.text)
+    assert client.get(ep, headers=colleague).status_code == 200
+    r = client.patch(ep, json={"status": "disabled"}, headers=operator.headers)
+    assert r.status_code == 200 and r.json()["status"] == "disabled"
+    assert client.delete(ep, headers=operator.headers).status_code == 204
+
+
+def _key(client: TestClient, headers: dict[str, str], **body: object) -> str:
+    r = client.post(f"{API}/keys", json={"name": "k", **body}, headers=headers)
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+def test_a_developer_only_narrows_what_an_administrator_set_on_their_key(
+    client: TestClient, state: AppState, admin: Admin
+) -> None:
+    dev = add_account(state, client, admin.org_id, "dev@acme.test", "developer")
+    dev_id = client.get(f"{API}/me", headers=dev).json()["id"]
+    key = _key(client, admin.headers, owner_id=dev_id,
+               limits={"rpm": 10, "tpm": 1000, "budget_day": "5"})
+    path = f"{API}/keys/{key}"
+    for limits in (
+        {"rpm": 20, "tpm": 1000, "budget_day": "5"},  # raised
+        {"rpm": 10, "budget_day": "5"},  # tpm lifted
+        {},  # all lifted
+        {"rpm": 10, "tpm": 1000, "budget_day": "5.000000001"},
+    ):
+        r = client.patch(path, json={"limits": limits}, headers=dev)
+        assert r.status_code == 403, (limits, r.text)
+        assert r.json()["error"]["code"] == "limits_set_by_admin"
+    r = client.patch(path, json={"limits": {"rpm": 5, "tpm": 1000, "budget_day": "1"}},
+                     headers=dev)
+    assert r.status_code == 200 and r.json()["limits"]["rpm"] == 5
+    # Narrowed, the limits stay the administrator's: back up is refused too.
+    r = client.patch(path, json={"limits": {"rpm": 10, "tpm": 1000, "budget_day": "1"}},
+                     headers=dev)
+    assert r.status_code == 403
+    # The administrator lifts them freely; a developer's own limits are theirs to change.
+    r = client.patch(path, json={"limits": {"rpm": 50}}, headers=admin.headers)
+    assert r.status_code == 200 and r.json()["limits"]["rpm"] == 50
+    own = _key(client, dev, limits={"rpm": 10})
+    r = client.patch(f"{API}/keys/{own}", json={"limits": {"rpm": 100}}, headers=dev)
+    assert r.status_code == 200 and r.json()["limits"]["rpm"] == 100
+    # A rotated key keeps who set its limits.
+    r = client.post(f"{path}/rotate", json={"overlap_seconds": 0}, headers=dev)
+    assert r.status_code == 201, r.text
+    rotated = f"{API}/keys/{r.json()['id']}"
+    r = client.patch(rotated, json={"limits": {"rpm": 60}}, headers=dev)
+    assert r.status_code == 403
+
+
+def test_a_developer_cannot_re_enable_a_key_an_administrator_disabled(
+    client: TestClient, state: AppState, admin: Admin
+) -> None:
+    dev = add_account(state, client, admin.org_id, "dev@acme.test", "developer")
+    key = _key(client, dev)
+    path = f"{API}/keys/{key}"
+    r = client.patch(path, json={"status": "disabled"}, headers=admin.headers)
+    assert r.status_code == 200
+    r = client.patch(path, json={"status": "active"}, headers=dev)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "disabled_by_admin"
+    r = client.patch(path, json={"status": "active"}, headers=admin.headers)
+    assert r.status_code == 200 and r.json()["status"] == "active"
+    # What the developer disabled, the developer re-enables.
+    assert client.patch(path, json={"status": "disabled"}, headers=dev).status_code == 200
+    r = client.patch(path, json={"status": "active"}, headers=dev)
+    assert r.status_code == 200 and r.json()["status"] == "active"
+
+
+def test_balance_and_ledger_follow_billing_read(
+    client: TestClient, state: AppState, admin: Admin
+) -> None:
+    dev = add_account(state, client, admin.org_id, "dev@acme.test", "developer")
+    viewer = add_account(state, client, admin.org_id, "viewer@acme.test", "viewer")
+    for path in ("/billing/balance", "/billing/ledger"):
+        r = client.get(f"{API}{path}", headers=dev)
+        assert r.status_code == 403 and r.json()["error"]["message"] == ROLE_DENIED_MESSAGE
+        assert client.get(f"{API}{path}", headers=viewer).status_code == 200
