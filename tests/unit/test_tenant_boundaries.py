@@ -11,7 +11,7 @@ from onetoken.db.models import Account, AdminSession, Org
 from onetoken.deps import AppState
 from onetoken.orgs import auth
 from onetoken.security.permissions import ROLE_DENIED_MESSAGE
-from onetoken.webhooks import service as webhooks
+from onetoken.webhooks.models import WebhookEndpoint
 from tests.unit.conftest import Admin, add_account
 
 API = "/api/v1"
@@ -74,14 +74,17 @@ def test_only_operators_change_platform_wide_callback_addresses(
 ) -> None:
     # A non-operator administrator of the operators' own org.
     colleague = add_account(state, client, operator.org_id, "ops-admin@platform.test", "admin")
+    # Stored as the operator's create would (nothing is ever sent to it here).
     with state.session_factory() as s:
-        created = webhooks.create_endpoint(
-            s, state.secrets, org_id=operator.org_id, url="http://127.0.0.1:9/hook",
-            kinds=["system_alarm"], created_by=operator.account_id, allow_private=True,
-            platform=True,
-        )
+        s.add(WebhookEndpoint(
+            id="whk_platform_test", org_id=operator.org_id,
+            url_encrypted=state.secrets.encrypt("https://hooks.example.test/platform"),
+            url_display="https://hooks.example.test", kinds=["system_alarm"],
+            secret_encrypted=state.secrets.encrypt("whsec-test"), status="active",
+            platform=True, created_by=operator.account_id,
+        ))
         s.commit()
-        ep = f"{API}/webhooks/{created.endpoint.id}"
+    ep = f"{API}/webhooks/whk_platform_test"
     for method, path, body in (
         ("PATCH", ep, {"status": "disabled"}),
         ("POST", f"{ep}/rotate-secret", None),
