@@ -173,6 +173,15 @@ def test_every_amount_is_bounded_and_a_balance_stays_far_from_int64(
     with state.session_factory() as s:
         snap = build_snapshot(s, state.secrets, version=1, spent_marks={})
     assert {o["id"]: o["balance"] for o in snap["orgs"]}[admin.org_id] == MAX_BALANCE_NANO
+    # The same ceiling below zero, for negative adjustments.
+    for i in range(2 * MAX_BALANCE_NANO // MAX_ENTRY_NANO):
+        r = _credit(client, operator.headers, "-" + top, f"down-{i}", org_id=admin.org_id,
+                    kind="adjustment")
+        assert r.status_code == 201, r.text
+    r = _credit(client, operator.headers, "-0.000000001", "one-less", org_id=admin.org_id,
+                kind="adjustment")
+    assert r.status_code == 422 and r.json()["error"]["code"] == "balance_limit"
+    assert _balance(client, admin.headers) == format_amount(-MAX_BALANCE_NANO)
 
 
 def test_a_ledger_that_overflowed_before_the_bounds_still_builds_a_snapshot(

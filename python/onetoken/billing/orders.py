@@ -135,7 +135,7 @@ def create_order(
     if payment_method != "redemption_code":
         provider_for(payment_method)
     # Refused now rather than when the money arrives and the credit could not land.
-    check_entry_bounds(session, org_id, credit)
+    check_entry_bounds(session, org_id, credit, "recharge")
     now = utcnow()
     order = Order(
         id=new_id("ord"),

@@ -28,15 +28,20 @@ MAX_ENTRY_NANO = 10**17
 MAX_BALANCE_NANO = 10**18
 
 
-def check_entry_bounds(session: Session, org_id: str, amount: int) -> None:
+def check_entry_bounds(session: Session, org_id: str, amount: int, kind: str) -> None:
     """Refuse an entry above the per-entry maximum or one that would take the org's
-    balance past MAX_BALANCE_NANO either way."""
+    balance past MAX_BALANCE_NANO either way.
+
+    Negative entries other than adjustments (refunds, expiries, revoked packages) only
+    take back credit that was bounded when it landed, so they skip the balance sum."""
     if abs(amount) > MAX_ENTRY_NANO:
         raise Unprocessable(
             "Amount is above the most one ledger entry may move.",
             param="amount",
             code="amount_too_large",
         )
+    if amount < 0 and kind != "adjustment":
+        return
     if abs(balance(session, org_id) + amount) > MAX_BALANCE_NANO:
         raise Unprocessable(
             "This entry would take the balance past the most an organization may hold.",
@@ -112,7 +117,7 @@ def credit(
     scoped = f"credit:{org_id}:{idempotency_key}"
     existing = _by_key(session, scoped)
     if existing is None:
-        check_entry_bounds(session, org_id, amount)
+        check_entry_bounds(session, org_id, amount, kind)
         entry = LedgerEntry(
             org_id=org_id,
             kind=kind,
@@ -290,7 +295,7 @@ def post_entry(
     existing = _by_key(session, idempotency_key)
     if existing is not None:
         return existing, False
-    check_entry_bounds(session, org_id, amount)
+    check_entry_bounds(session, org_id, amount, kind)
     entry = LedgerEntry(
         org_id=org_id,
         kind=kind,
