@@ -1,8 +1,10 @@
 """Where one role's reach ends: a disabled org's sessions, platform-wide callback
-addresses, limits and status an administrator set on a developer's key, and the billing
-reads the matrix gives (docs/permissions.md)."""
+addresses, limits, scopes and status an administrator set on a developer's key, and the
+billing reads the matrix gives (docs/permissions.md)."""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
 
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
@@ -170,3 +172,102 @@ def test_balance_and_ledger_follow_billing_read(
         r = client.get(f"{API}{path}", headers=dev)
         assert r.status_code == 403 and r.json()["error"]["message"] == ROLE_DENIED_MESSAGE
         assert client.get(f"{API}{path}", headers=viewer).status_code == 200
+
+
+def _in(**delta: float) -> str:
+    return (datetime.now(UTC) + timedelta(**delta)).isoformat()
+
+
+def test_a_developer_only_narrows_the_scopes_an_administrator_set_on_their_key(
+    client: TestClient, state: AppState, admin: Admin
+) -> None:
+    dev = add_account(state, client, admin.org_id, "dev@acme.test", "developer")
+    dev_id = client.get(f"{API}/me", headers=dev).json()["id"]
+    scopes = {
+        "allowed_models": ["m-a", "m-b"],
+        "allowed_ips": ["10.0.0.0/8", "2001:db8::/32"],
+        "expires_at": _in(days=10),
+        "not_before": _in(hours=1),
+    }
+    key = _key(client, admin.headers, owner_id=dev_id, **scopes)
+    path = f"{API}/keys/{key}"
+    for field, value in (
+        ("allowed_models", ["m-a", "m-b", "m-c"]),
+        ("allowed_models", None),
+        ("allowed_ips", ["10.0.0.0/7"]),
+        ("allowed_ips", ["10.0.0.0/8", "192.168.0.0/16"]),
+        ("allowed_ips", ["::ffff:10.0.0.0/104"]),  # 10/8 spelled as IPv6
+        ("allowed_ips", None),
+        ("expires_at", _in(days=20)),
+        ("expires_at", None),
+        ("not_before", _in(minutes=30)),
+        ("not_before", None),
+    ):
+        r = client.patch(path, json={field: value}, headers=dev)
+        assert r.status_code == 403, (field, value, r.text)
+        assert r.json()["error"]["code"] == "scope_set_by_admin"
+        assert r.json()["error"]["param"] == field
+    assert client.get(path, headers=dev).json()["allowed_models"] == ["m-a", "m-b"]
+    # Narrowing every scope at once is the developer's to do...
+    narrowed = {
+        "allowed_models": ["m-a"],
+        "allowed_ips": ["10.1.0.0/16", "2001:db8:1::/48"],
+        "expires_at": _in(days=5),
+        "not_before": _in(hours=2),
+    }
+    r = client.patch(path, json=narrowed, headers=dev)
+    assert r.status_code == 200, r.text
+    assert r.json()["allowed_models"] == ["m-a"]
+    assert r.json()["allowed_ips"] == ["10.1.0.0/16", "2001:db8:1::/48"]
+    # ...and the narrowed scopes stay the administrator's: back to the original is refused.
+    r = client.patch(path, json={"allowed_models": ["m-a", "m-b"]}, headers=dev)
+    assert r.status_code == 403 and r.json()["error"]["param"] == "allowed_models"
+    # The administrator widens and removes freely.
+    r = client.patch(path, json={"allowed_models": None, "expires_at": None},
+                     headers=admin.headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["allowed_models"] is None and r.json()["expires_at"] is None
+
+
+def test_a_developer_sets_scopes_freely_on_a_key_nobody_above_them_touched(
+    client: TestClient, state: AppState, admin: Admin
+) -> None:
+    dev = add_account(state, client, admin.org_id, "dev@acme.test", "developer")
+    own = f"{API}/keys/{_key(client, dev, allowed_models=['m-a'], expires_at=_in(days=1))}"
+    r = client.patch(own, json={"allowed_models": ["m-a", "m-b"], "expires_at": None,
+                                "allowed_ips": ["10.0.0.0/8"]}, headers=dev)
+    assert r.status_code == 200, r.text
+    r = client.patch(own, json={"allowed_ips": None, "allowed_models": None}, headers=dev)
+    assert r.status_code == 200 and r.json()["allowed_ips"] is None
+    # Once every scope is gone, a key the administrator had scoped is the developer's too.
+    r = client.patch(own, json={"allowed_models": ["m-a"]}, headers=admin.headers)
+    assert r.status_code == 200
+    assert client.patch(own, json={"allowed_models": None}, headers=dev).status_code == 403
+    assert client.patch(own, json={"allowed_models": None},
+                        headers=admin.headers).status_code == 200
+    r = client.patch(own, json={"allowed_models": ["m-b"]}, headers=dev)
+    assert r.status_code == 200
+    assert client.patch(own, json={"allowed_models": None}, headers=dev).status_code == 200
+
+
+def test_rotating_keeps_every_restriction_an_administrator_set(
+    client: TestClient, state: AppState, admin: Admin
+) -> None:
+    dev = add_account(state, client, admin.org_id, "dev@acme.test", "developer")
+    dev_id = client.get(f"{API}/me", headers=dev).json()["id"]
+    start = _in(hours=1)
+    key = _key(client, admin.headers, owner_id=dev_id, allowed_models=["m-a"],
+               not_before=start)
+    policy = {"deny_vendors": ["acme-ai"], "no_training": True}
+    r = client.put(f"{API}/keys/{key}/policy", json=policy, headers=admin.headers)
+    assert r.status_code == 200, r.text
+    r = client.post(f"{API}/keys/{key}/rotate", json={"overlap_seconds": 0}, headers=dev)
+    assert r.status_code == 201, r.text
+    assert r.json()["not_before"] == client.get(f"{API}/keys/{key}", headers=dev).json()[
+        "not_before"]
+    rotated = f"{API}/keys/{r.json()['id']}"
+    r = client.get(f"{rotated}/policy", headers=dev)
+    assert r.status_code == 200
+    assert r.json()["deny_vendors"] == ["acme-ai"] and r.json()["no_training"] is True
+    r = client.patch(rotated, json={"allowed_models": None}, headers=dev)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "scope_set_by_admin"
