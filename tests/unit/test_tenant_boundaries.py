@@ -115,15 +115,16 @@ def test_a_developer_only_narrows_what_an_administrator_set_on_their_key(
     key = _key(client, admin.headers, owner_id=dev_id,
                limits={"rpm": 10, "tpm": 1000, "budget_day": "5"})
     path = f"{API}/keys/{key}"
-    for limits in (
-        {"rpm": 20, "tpm": 1000, "budget_day": "5"},  # raised
-        {"rpm": 10, "budget_day": "5"},  # tpm lifted
-        {},  # all lifted
-        {"rpm": 10, "tpm": 1000, "budget_day": "5.000000001"},
+    for limits, param in (
+        ({"rpm": 20, "tpm": 1000, "budget_day": "5"}, "limits.rpm"),  # raised
+        ({"rpm": 10, "budget_day": "5"}, "limits.tpm"),  # lifted
+        ({}, "limits.rpm"),  # all lifted
+        ({"rpm": 10, "tpm": 1000, "budget_day": "5.000000001"}, "limits.budget_day"),
     ):
         r = client.patch(path, json={"limits": limits}, headers=dev)
         assert r.status_code == 403, (limits, r.text)
         assert r.json()["error"]["code"] == "limits_set_by_admin"
+        assert r.json()["error"]["param"] == param
     r = client.patch(path, json={"limits": {"rpm": 5, "tpm": 1000, "budget_day": "1"}},
                      headers=dev)
     assert r.status_code == 200 and r.json()["limits"]["rpm"] == 5

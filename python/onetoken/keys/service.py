@@ -123,8 +123,8 @@ def _claim(
 
 
 def _set_limits(key: ApiKey, limits: dict[str, int | None], actor: Any) -> None:
-    _claim(key, actor, LIMIT_FIELDS, "limits_set_by", _loosened(key, limits),
-           "limits_set_by_admin")
+    loosened = [f"limits.{f}" for f in _loosened(key, limits)]
+    _claim(key, actor, LIMIT_FIELDS, "limits_set_by", loosened, "limits_set_by_admin")
     for f in LIMIT_FIELDS:
         setattr(key, f, limits.get(f))
 
