@@ -31,7 +31,7 @@ from .harness import Admin, Server, bootstrap
 from .records import reconcile, wait_for_calls
 
 DETECTION_ENV = {
-    "ONETOKEN_WEBHOOK_ALLOW_PRIVATE_TARGETS": "true",
+    "ONETOKEN_WEBHOOK_PRIVATE_CIDRS": "127.0.0.0/8",
     "ONETOKEN_WEBHOOK_BACKOFF_BASE_SECONDS": "0.1",
     "ONETOKEN_WEBHOOK_POLL_INTERVAL_SECONDS": "0.1",
     "ONETOKEN_ANOMALY_BUCKET_SECONDS": "0.5",

@@ -37,6 +37,7 @@ from onetoken.db.session import SessionFactory
 from onetoken.security import blocking
 from onetoken.security.keyrisk import KEY_RISKS
 from onetoken.security.log import Scalar, SecurityEvent, Severity, record
+from onetoken.security.net import networks
 
 log = logging.getLogger("onetoken.security")
 
@@ -114,12 +115,6 @@ class Detection:
     record: bool = True
 
 
-def _networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(
-        ipaddress.ip_network(p.strip(), strict=False) for p in spec.split(",") if p.strip()
-    )
-
-
 class Detectors:
     def __init__(
         self,
@@ -141,7 +136,7 @@ class Detectors:
         # provider -> deque of (record time us, failures, total)
         self._upstream: dict[str, deque[tuple[int, int, int]]] = {}
         self._alerted: dict[tuple[str, str], float] = {}
-        self._exempt = _networks(settings.attack_block_exempt)
+        self._exempt = networks(settings.attack_block_exempt)
         self._lock = threading.Lock()
         self._last_spooled: dict[str, int] = {}
         self.detections = 0
