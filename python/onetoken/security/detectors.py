@@ -7,8 +7,9 @@ What is detected (thresholds in settings, defaults in docs/security.md):
   baseline (EWMA of past buckets, after a warm-up);
 - abnormal calls: the same for a key's error responses; a key used from many source
   addresses within a window;
-- attack interception: 401 floods from one source address; the source is blocked (the
-  snapshot's `blocked_ips`, 403 `ip_blocked` in the gateway) for a while;
+- attack interception: 401 floods from one source address; the source's requests without
+  a valid key are blocked (the snapshot's `blocked_ips`, 403 `ip_blocked` in the gateway)
+  for a while, its valid keys keep working;
 - key risks: use of a revoked or expired key, or from outside its allowed addresses
   (the security_log rows are onetoken.security.keyrisk's; the detectors add the webhook);
 - system alarms: records spooled instead of written (pipeline trouble), records dropped,
@@ -429,7 +430,9 @@ class Detectors:
             return None
         try:
             with self.session_factory() as session:
-                until = blocking.block(session, ip, self.s.attack_block_seconds, "auth_flood")
+                until = blocking.block(
+                    session, ip, self.s.attack_block_seconds, blocking.AUTH_FLOOD
+                )
                 session.commit()
         except Exception as exc:
             log.error("detectors.block_failed", extra={"exc_type": type(exc).__name__})
