@@ -29,7 +29,7 @@ MAX_FAILURES_IP = 3
 
 
 def _serve(tmp_path: Path, trusted: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    settings = Settings(  # type: ignore[call-arg]
+    settings = Settings(
         data_dir=tmp_path / "data",
         secret_key=SecretStr(TEST_SECRET),
         trusted_proxies=trusted,

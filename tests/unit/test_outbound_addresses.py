@@ -19,7 +19,7 @@ from onetoken.settings import Settings
 from tests.unit.conftest import TEST_SECRET, Admin, make_org_admin
 
 REFUSED = [
-    "127.0.0.1", "127.8.9.10", "0.0.0.0", "10.0.0.1"  # noqa: S104, "172.16.5.4", "192.168.1.1",
+    "127.0.0.1", "127.8.9.10", "0.0.0.0", "10.0.0.1", "172.16.5.4", "192.168.1.1",  # noqa: S104
     "169.254.169.254", "100.64.0.1", "100.100.100.200", "224.0.0.1", "255.255.255.255",
     "192.0.2.1", "198.18.0.1", "::1", "::", "fe80::1", "fd00:ec2::254", "ff02::1",
     "::ffff:127.0.0.1", "::ffff:10.0.0.1", "::ffff:169.254.169.254",
@@ -76,7 +76,7 @@ def test_allow_list_and_resolution() -> None:
 @pytest.fixture
 def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     monkeypatch.setattr(net, "system_resolver", stub_resolver)
-    settings = Settings(  # type: ignore[call-arg]
+    settings = Settings(
         data_dir=tmp_path / "data",
         secret_key=SecretStr(TEST_SECRET),
         upstream_private_cidrs="127.0.0.0/8",

@@ -4,13 +4,20 @@ log, secrets at rest, org isolation and roles."""
 from __future__ import annotations
 
 import ssl
+import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpcore
 import orjson
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import select
@@ -439,3 +446,63 @@ def test_a_dripping_receiver_delays_no_other_endpoint(
         assert all(900 <= a.latency_ms < 1500 for a in tried), [a.latency_ms for a in tried]
     finally:
         slow.stop()
+
+
+def _tls_receiver(tmp_path: Path, name: str) -> tuple[ThreadingHTTPServer, str, list[str]]:
+    """An HTTPS receiver on 127.0.0.1 with a self-signed certificate for `name`; returns
+    the server, the certificate (PEM) and the SNI names it was asked for."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    (tmp_path / "cert.pem").write_text(cert_pem)
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    sni: list[str] = []
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+
+    def note_sni(_sock: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        sni.append(server_name or "")
+
+    ctx.sni_callback = note_sni
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            self.send_response(204 if self.headers.get("host", "").startswith(name) else 421)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, cert_pem, sni
+
+
+def test_pinned_tls_delivery_keeps_the_name_for_sni_and_the_certificate(tmp_path: Path) -> None:
+    name = "hooks.example.test"
+    server, cert_pem, sni = _tls_receiver(tmp_path, name)
+    try:
+        answers = iter([["127.0.0.1"], ["10.0.0.1"]])
+        target = Target(allow=net.networks("127.0.0.0/8"), deadline_s=5.0,
+                        ssl_context=ssl.create_default_context(cadata=cert_pem),
+                        resolver=lambda host, port: next(answers))
+        port = server.server_address[1]
+        outcome = _send(target, f"https://{name}:{port}/hooks/tls")
+        assert outcome.ok and outcome.status_code == 204, outcome
+        assert sni == [name]
+    finally:
+        server.shutdown()
+        server.server_close()
