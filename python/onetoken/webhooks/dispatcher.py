@@ -486,7 +486,8 @@ class WebhookDispatcher:
         )
 
     def _record(self, session: Session, job: _Job, outcome: Outcome) -> None:
-        self.attempts_made += 1
+        with self._lock:
+            self.attempts_made += 1
         delivery = session.get(WebhookDelivery, job.delivery_id)
         if delivery is None:
             return
