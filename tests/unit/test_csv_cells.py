@@ -40,10 +40,10 @@ def test_statement_csv_quotes_tenant_named_groups() -> None:
         org_id="org_1", period=Period(2026, 1), currency="USD", opening_balance=0,
         closing_balance=0, movement={"refund": -1_000_000_000}, ledger_usage=0,
         call_log_cost=0, calls=1,
-        by_key=[UsageRow(name, 1, 1, 1, 0) for name in FORMULAS],
+        by_model=[UsageRow(name, 1, 1, 1, 0) for name in FORMULAS],
     )
     lines = list(csv.reader(io.StringIO(statement_csv(stmt), newline="")))
-    groups = [line[1] for line in lines if line[0] == "key"]
+    groups = [line[1] for line in lines if line[0] == "model"]
     assert groups == ["'" + name for name in FORMULAS]
     # Amounts stay signed numbers.
     assert [line[-1] for line in lines if line[0] == "movement"] == ["-1.000000000"]
