@@ -506,3 +506,42 @@ def test_pinned_tls_delivery_keeps_the_name_for_sni_and_the_certificate(tmp_path
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_one_orgs_slow_endpoints_leave_workers_for_other_orgs(tmp_path: Path) -> None:
+    """Two workers, so an org may hold one: an org with two dripping endpoints does not
+    make another org's delivery wait for their 2 s deadline."""
+    st = build_state(_settings(tmp_path, webhook_workers=2, webhook_timeout_seconds=2.0))
+    d = WebhookDispatcher(st.settings, st.secrets, st.session_factory)
+    webhooks.install(d)
+    d.start()
+    slow = DripReceiver(interval=0.2).start()
+    fast = Receiver().start()
+    try:
+        with TestClient(create_app(st.settings, state=st)) as c:
+            noisy = make_org_admin(st, c, "Hooli", "admin@hooli.test")
+            quiet = make_org_admin(st, c, "Pied Piper", "admin@piedpiper.test")
+            for _ in range(2):
+                _create(c, noisy, slow.url, ["balance_low"])
+            _create(c, quiet, fast.url, ["balance_low"])
+            webhooks.emit(noisy.org_id, "balance_low", {"balance": "1.00"})
+            deadline = time.monotonic() + 5
+            while slow.connections < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            # Time for the second noisy attempt to start, were the dispatcher to start it.
+            time.sleep(0.1)
+            sent = time.monotonic()
+            webhooks.emit(quiet.org_id, "balance_low", {"balance": "2.00"})
+            got = fast.wait_for(lambda rs: len(rs) >= 1, timeout=10)
+            assert got[0].at - sent < 1.0, "the quiet org waited for the noisy one"
+            # The noisy org's second endpoint gets its turn once the first attempt ends.
+            deadline = time.monotonic() + 10
+            while slow.connections < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert slow.connections >= 2
+    finally:
+        d.stop()
+        webhooks.install(None)
+        slow.stop()
+        fast.stop()
+        st.db_engine.dispose()

@@ -6,7 +6,8 @@ queued in the DB; a delivery is claimed with a conditional update (a lease), so 
 server processes sharing one control DB never send the same attempt twice.
 
 A poller thread hands due deliveries to a bounded pool of workers, at most one attempt per
-endpoint at a time, and every attempt has one deadline for all of it: a slow or dripping
+endpoint and half the workers per org at a time, and every attempt has one deadline for
+all of it: a slow or dripping
 receiver holds one worker for at most ONETOKEN_WEBHOOK_TIMEOUT_SECONDS and delays only its
 own endpoint's deliveries. An attempt resolves the target once, checks every address, and
 connects only to a checked one (the name stays in Host and TLS SNI), so DNS cannot point a
@@ -20,7 +21,7 @@ import random
 import ssl
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -287,8 +288,11 @@ class WebhookDispatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._workers: ThreadPoolExecutor | None = None
-        # Endpoints with an attempt running in this process: one at a time each.
-        self._busy: set[str] = set()
+        # Endpoint id -> its org, for the attempts running in this process: one per
+        # endpoint, at most `_per_org` per org (an org's many slow endpoints cannot take
+        # every worker from the other orgs).
+        self._busy: dict[str, str] = {}
+        self._per_org = max(1, settings.webhook_workers // 2)
         self.events_emitted = 0
         self.events_dropped = 0
         self.attempts_made = 0
@@ -370,15 +374,16 @@ class WebhookDispatcher:
 
     def hand_out_due(self) -> int:
         """Give due deliveries to idle workers: the oldest due one of each endpoint that
-        has no attempt running, as many as there are idle workers. Returns how many."""
+        has no attempt running, oldest first, while workers are idle and the endpoint's
+        org is under its share. Returns how many."""
         workers = self._workers
         if workers is None:
             return 0
-        with self._lock:
-            busy = set(self._busy)
+        busy, full_orgs = self._occupied()
         free = self.settings.webhook_workers - len(busy)
         if free <= 0:
             return 0
+        per_org = Counter(busy.values())
         now = utcnow()
         due = (
             WebhookDelivery.status == "pending",
@@ -386,15 +391,19 @@ class WebhookDispatcher:
         )
         handed = 0
         with self.session_factory() as session:
-            endpoints = select(WebhookDelivery.endpoint_id).where(*due)
+            endpoints = select(WebhookDelivery.endpoint_id, WebhookDelivery.org_id).where(*due)
             if busy:
                 endpoints = endpoints.where(WebhookDelivery.endpoint_id.not_in(busy))
-            endpoints = (
-                endpoints.group_by(WebhookDelivery.endpoint_id)
-                .order_by(func.min(WebhookDelivery.next_attempt_at))
-                .limit(free)
-            )
-            for endpoint_id in list(session.scalars(endpoints)):
+            if full_orgs:
+                endpoints = endpoints.where(WebhookDelivery.org_id.not_in(full_orgs))
+            endpoints = endpoints.group_by(
+                WebhookDelivery.endpoint_id, WebhookDelivery.org_id
+            ).order_by(func.min(WebhookDelivery.next_attempt_at))
+            for endpoint_id, org_id in session.execute(endpoints).all():
+                if handed >= free:
+                    break
+                if per_org[org_id] >= self._per_org:
+                    continue
                 delivery = session.scalars(
                     select(WebhookDelivery)
                     .where(WebhookDelivery.endpoint_id == endpoint_id, *due)
@@ -404,10 +413,18 @@ class WebhookDispatcher:
                 if delivery is None or not self._claim(session, delivery, now):
                     continue
                 with self._lock:
-                    self._busy.add(endpoint_id)
+                    self._busy[endpoint_id] = org_id
+                per_org[org_id] += 1
                 workers.submit(self._deliver, delivery.id, endpoint_id)
                 handed += 1
         return handed
+
+    def _occupied(self) -> tuple[dict[str, str], set[str]]:
+        """The endpoints with an attempt running, and the orgs at their share."""
+        with self._lock:
+            busy = dict(self._busy)
+        per_org = Counter(busy.values())
+        return busy, {org for org, n in per_org.items() if n >= self._per_org}
 
     def _claim(self, session: Session, delivery: WebhookDelivery, now: datetime) -> bool:
         lease = now + timedelta(seconds=self.settings.webhook_timeout_seconds + _LEASE_MARGIN_S)
@@ -460,7 +477,7 @@ class WebhookDispatcher:
             log.error("webhooks.worker_failed", extra={"exc_type": type(exc).__name__})
         finally:
             with self._lock:
-                self._busy.discard(endpoint_id)
+                self._busy.pop(endpoint_id, None)
             self._wake.set()
 
     def _prepare(self, session: Session, delivery_id: str) -> _Job | None:
@@ -594,13 +611,15 @@ class WebhookDispatcher:
             return self.settings.webhook_workers - len(self._busy)
 
     def next_due_in(self) -> float | None:
-        """Seconds until the earliest pending delivery of an endpoint with no attempt
-        running is due (None when there is none)."""
-        with self._lock:
-            busy = set(self._busy)
+        """Seconds until the earliest pending delivery that could be handed out now is due
+        (None when there is none): not one of a busy endpoint or of an org at its share,
+        whose worker wakes the loop when it finishes."""
+        busy, full_orgs = self._occupied()
         q = select(WebhookDelivery.next_attempt_at).where(WebhookDelivery.status == "pending")
         if busy:
             q = q.where(WebhookDelivery.endpoint_id.not_in(busy))
+        if full_orgs:
+            q = q.where(WebhookDelivery.org_id.not_in(full_orgs))
         with self.session_factory() as session:
             when = session.scalar(q.order_by(WebhookDelivery.next_attempt_at).limit(1))
         if when is None:

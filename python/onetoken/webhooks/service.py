@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from onetoken.db.models import new_id, utcnow
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import NotFound, Unprocessable
-from onetoken.security.net import IpNetwork, Resolver, url_target_refused
+from onetoken.security.net import IpNetwork, url_target_refused
 from onetoken.webhooks.events import EVENT_KINDS
 from onetoken.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from onetoken.webhooks.signing import generate_secret
@@ -29,7 +29,7 @@ _NOT_PUBLIC = "The URL must point to a public address."
 _INTERNAL_SUFFIXES = (".localhost", ".local", ".internal")
 
 
-def check_url(url: str, *, allow: Sequence[IpNetwork], resolver: Resolver | None = None) -> str:
+def check_url(url: str, *, allow: Sequence[IpNetwork]) -> str:
     """Validate a callback URL; returns its display form (scheme://host[:port]).
 
     The host must be public, or inside ONETOKEN_WEBHOOK_PRIVATE_CIDRS (`allow`): an
@@ -54,7 +54,7 @@ def check_url(url: str, *, allow: Sequence[IpNetwork], resolver: Resolver | None
     # here; with an allow-list, what a name resolves to decides.
     if not allow and (host == "localhost" or host.endswith(_INTERNAL_SUFFIXES)):
         raise Unprocessable(_NOT_PUBLIC, param="url")
-    if url_target_refused(url, allow, resolver):
+    if url_target_refused(url, allow):
         raise Unprocessable(_NOT_PUBLIC, param="url")
     shown_host = f"[{host}]" if ":" in host else host
     return f"{parts.scheme}://{shown_host}" + (f":{port}" if port else "")
