@@ -545,3 +545,20 @@ def test_one_orgs_slow_endpoints_leave_workers_for_other_orgs(tmp_path: Path) ->
         slow.stop()
         fast.stop()
         st.db_engine.dispose()
+
+
+def test_a_slow_name_lookup_ends_at_the_deadline() -> None:
+    release = threading.Event()
+
+    def stalling(host: str, port: int) -> list[str]:
+        release.wait(10)
+        return ["127.0.0.1"]
+
+    target = Target(allow=net.networks("127.0.0.0/8"), deadline_s=0.5,
+                    ssl_context=ssl.create_default_context(), resolver=stalling)
+    try:
+        outcome = _send(target, "http://slow-dns.example.test/x")
+    finally:
+        release.set()
+    assert outcome.error == "timeout" and outcome.status_code is None
+    assert 400 <= outcome.latency_ms < 1500

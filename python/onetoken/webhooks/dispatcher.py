@@ -221,7 +221,7 @@ def send(
     try:
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        addresses = resolve_checked(parts.hostname or "", port, target.allow, target.resolver)
+        addresses = _resolve_by(deadline, parts.hostname or "", port, target)
         headers: dict[bytes | str, bytes | str] = {
             "content-type": "application/json",
             "user-agent": f"onetoken-webhooks/{__version__}",
@@ -245,6 +245,29 @@ def send(
         return Outcome(False, None, _ms(start), _error_class(exc))
     ok = 200 <= status < 300
     return Outcome(ok, status, _ms(start), None if ok else f"http_{status}")
+
+
+def _resolve_by(deadline: _Deadline, host: str, port: int, target: Target) -> list[IpAddress]:
+    """resolve_checked, given up at the deadline: getaddrinfo has no timeout, and a
+    tenant's DNS server may answer slowly on purpose. A lookup given up on finishes in
+    its own thread and is dropped."""
+    found: list[IpAddress] = []
+    failed: list[Exception] = []
+
+    def lookup() -> None:
+        try:
+            found.extend(resolve_checked(host, port, target.allow, target.resolver))
+        except Exception as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=lookup, name="onetoken-webhook-resolve", daemon=True)
+    thread.start()
+    thread.join(deadline.left(None, httpcore.ConnectTimeout))
+    if thread.is_alive():
+        raise httpcore.ConnectTimeout("name resolution passed the attempt deadline")
+    if failed:
+        raise failed[0]
+    return found
 
 
 def _ms(start: float) -> int:
