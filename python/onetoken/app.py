@@ -26,6 +26,7 @@ from onetoken.security.permissions import PublicDep
 from onetoken.security.router import router as security_router
 from onetoken.settings import Settings
 from onetoken.webhooks.router import router as webhooks_router
+from onetoken.webhooks.router import stop_test_sender
 
 if TYPE_CHECKING:
     from onetoken.gateway.supervisor import GatewaySupervisor
@@ -65,6 +66,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        stop_test_sender(app_state)
         # The runtime belongs to whoever started it (serve.py); only the pool is ours.
         if state is None:
             app_state.db_engine.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import secrets
@@ -83,9 +84,17 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(default=8, ge=1, le=50)
     webhook_backoff_base_seconds: float = Field(default=10.0, gt=0)
     webhook_backoff_max_seconds: float = Field(default=3600.0, gt=0)
+    # The whole of one delivery attempt (resolve, connect, send, response status).
     webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
     webhook_poll_interval_seconds: float = Field(default=2.0, gt=0)
-    webhook_allow_private_targets: bool = False
+    # Attempts running at once; each endpoint has at most one.
+    webhook_workers: int = Field(default=8, ge=1, le=256)
+    # Comma-separated CIDRs webhook targets may be in besides public addresses
+    # (on-premises receivers); every org's endpoints may then reach them.
+    webhook_private_cidrs: str = ""
+    # Comma-separated CIDRs platform providers may use besides public addresses (an
+    # in-house model server); org-scoped providers never may.
+    upstream_private_cidrs: str = ""
     anomaly_bucket_seconds: float = Field(default=60.0, gt=0)
     anomaly_ewma_alpha: float = Field(default=0.2, gt=0, le=1)
     anomaly_warmup_buckets: int = Field(default=5, ge=1)
@@ -127,6 +136,9 @@ class Settings(BaseSettings):
         if self.environment == "production" and self.secret_key_problem() is not None:
             raise ValueError("ONETOKEN_SECRET_KEY is a placeholder or too weak for production")
         self.previous_secret_key_bytes()  # malformed entries fail at startup, not at use
+        for spec in (self.trusted_proxies, self.webhook_private_cidrs, self.upstream_private_cidrs):
+            for cidr in filter(None, map(str.strip, spec.split(","))):
+                ipaddress.ip_network(cidr, strict=False)  # ValueError names the entry
         return self
 
     def secret_key_problem(self) -> str | None:

@@ -10,9 +10,11 @@ so the gateway sees them as peers without trusting any proxy header.
 from __future__ import annotations
 
 import json
+import random
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +33,7 @@ from .harness import Admin, Server, bootstrap
 from .records import reconcile, wait_for_calls
 
 DETECTION_ENV = {
-    "ONETOKEN_WEBHOOK_ALLOW_PRIVATE_TARGETS": "true",
+    "ONETOKEN_WEBHOOK_PRIVATE_CIDRS": "127.0.0.0/8",
     "ONETOKEN_WEBHOOK_BACKOFF_BASE_SECONDS": "0.1",
     "ONETOKEN_WEBHOOK_POLL_INTERVAL_SECONDS": "0.1",
     "ONETOKEN_ANOMALY_BUCKET_SECONDS": "0.5",
@@ -174,12 +176,14 @@ def test_401_flood_is_blocked_and_recorded(env: dict[str, Any], receiver: Receiv
             assert r.status_code in (401, 403)
         deadline = time.monotonic() + WAIT_S
         while True:
-            blocked = chat(c, key, close=True)  # a valid key does not help a blocked source
+            blocked = chat(c, "ot-" + secrets.token_hex(20), close=True)
             if blocked.status_code == 403 or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         assert blocked.status_code == 403
         assert blocked.json()["error"]["code"] == "ip_blocked"
+        # The block refuses the failing attempts, not a valid key from the same address.
+        assert chat(c, key).status_code == 200
     with client_from(server, "127.0.0.1") as c:
         assert chat(c, key).status_code == 200
     event = wait_event(admin, "attack.auth_flood_blocked",
@@ -188,6 +192,82 @@ def test_401_flood_is_blocked_and_recorded(env: dict[str, Any], receiver: Receiv
     _, hook = wait_hook(receiver, env["secret"], "attack_blocked",
                         lambda e: e["data"].get("source_ip") == attacker)
     assert hook["org_id"] == ""
+
+
+# bench/locustfile.py's task weights, and the status each kind of request must get.
+LOCUST_MIX: tuple[tuple[str, int, int], ...] = (
+    ("chat", 40, 200), ("chat_stream", 30, 200), ("embeddings", 10, 200), ("models", 5, 200),
+    ("bad_key", 2, 401), ("bad_json", 2, 400), ("unknown_model", 1, 404),
+)
+
+
+def _locust_request(c: httpx.Client, kind: str, key: str) -> httpx.Response:
+    auth = {"Authorization": f"Bearer {key}"}
+    if kind == "chat":
+        return c.post("/v1/chat/completions", json=CHAT, headers=auth)
+    if kind == "chat_stream":
+        with c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True},
+                      headers=auth) as r:
+            r.read()
+            return r
+    if kind == "embeddings":
+        return c.post("/v1/embeddings", json={"model": "demo-embed", "input": "the cat"},
+                      headers=auth)
+    if kind == "models":
+        return c.get("/v1/models", headers=auth)
+    if kind == "bad_key":
+        return chat(c, "ot-" + secrets.token_hex(20), close=True)
+    if kind == "bad_json":
+        return c.post("/v1/chat/completions", content=b"{not json", headers=auth)
+    return c.post("/v1/chat/completions", json={**CHAT, "model": "no-such-model"}, headers=auth)
+
+
+def test_locust_mix_from_one_address_loses_no_valid_request(env: dict[str, Any]) -> None:
+    """bench/locustfile.py's traffic (valid keys plus its share of unknown keys) from one
+    address, until the 401-flood detector blocks the address and well after: the unknown
+    keys are refused as `ip_blocked`, no request with a valid key is. The detector's window
+    (30 s, 30 failures, DETECTION_ENV) compresses locust's minute (100 in 60 s)."""
+    server, admin = env["server"], env["admin"]
+    keys = [new_key(admin, f"locust-{i}")[1] for i in range(4)]
+    kinds = [kind for kind, weight, _ in LOCUST_MIX for _ in range(weight)]
+    expected = {kind: status for kind, _, status in LOCUST_MIX}
+    source = "127.0.10.10"
+    lock = threading.Lock()
+    refused_valid: list[tuple[str, int, str]] = []
+    unknown: list[int] = []
+    blocked_at: list[int] = []
+    sent = [0]
+    deadline = time.monotonic() + 60
+
+    def user(n: int) -> None:
+        rng = random.Random(n)  # noqa: S311 (traffic shape)
+        with httpx.Client(base_url=server.gateway_url, timeout=10,
+                          transport=httpx.HTTPTransport(local_address=source)) as c:
+            while time.monotonic() < deadline:
+                with lock:
+                    # Run on for 300 requests after the block was first seen.
+                    if blocked_at and sent[0] > blocked_at[0] + 300:
+                        return
+                    sent[0] += 1
+                kind = rng.choice(kinds)
+                r = _locust_request(c, kind, keys[n % len(keys)])
+                with lock:
+                    if kind == "bad_key":
+                        unknown.append(r.status_code)
+                        if r.status_code == 403 and not blocked_at:
+                            blocked_at.append(sent[0])
+                    elif r.status_code != expected[kind]:
+                        code = r.json()["error"]["code"] if r.status_code >= 400 else ""
+                        refused_valid.append((kind, r.status_code, code))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(user, range(8)))
+    assert blocked_at, f"the unknown keys were never blocked ({len(unknown)} sent)"
+    assert refused_valid == [], refused_valid[:10]
+    # Once blocked, the unknown keys stay refused.
+    after = unknown[unknown.index(403):]
+    assert len(after) >= 3 and set(after) == {403}, after
+    assert sent[0] > blocked_at[0] + 250
 
 
 def test_revoked_key_use_is_a_key_risk(env: dict[str, Any], receiver: Receiver) -> None:

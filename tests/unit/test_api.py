@@ -196,7 +196,8 @@ def test_read_only_roles_cannot_write(client: TestClient, admin: Admin, state: A
 def _setup_provider_and_model(client: TestClient, admin: Admin, name: str = "p") -> tuple[str, str]:
     r = client.post(
         f"{API}/providers",
-        json={"name": name, "base_url": "http://127.0.0.1:9/v1", "api_key": "sk-UPSTREAM-SECRET-1"},
+        json={"name": name, "base_url": "http://upstream.test:9/v1",
+              "api_key": "sk-UPSTREAM-SECRET-1"},
         headers=admin.headers,
     )
     assert r.status_code == 201, r.text
@@ -261,7 +262,7 @@ def test_org_isolation(
     key = client.get(f"{API}/keys/{key_id}", headers=admin.headers).json()
     assert key["name"] == "a" and key["status"] == "active"
     prov = client.get(f"{API}/providers/{pid}", headers=admin.headers).json()
-    assert prov["base_url"] == "http://127.0.0.1:9/v1"
+    assert prov["base_url"] == "http://upstream.test:9/v1"
     assert (
         client.get(f"{API}/models/{mid}", headers=admin.headers).json()["input_price"]
         == "0.500000000"

@@ -47,7 +47,7 @@ def _ok(r: Any, status: int = 200) -> Any:
 
 
 def _provider(client: TestClient, who: Admin, **body: Any) -> dict[str, Any]:
-    body.setdefault("base_url", "http://127.0.0.1:9/v1")
+    body.setdefault("base_url", "http://upstream.test:9/v1")
     return dict(_ok(client.post(f"{API}/providers", json=body, headers=who.headers), 201))
 
 

@@ -43,6 +43,7 @@ from onetoken.providers.schemas import (
     ProviderList,
     ProviderResponse,
     ProviderUpdate,
+    check_base_url_target,
 )
 from onetoken.providers.tables import Route
 from onetoken.security.permissions import require
@@ -137,6 +138,8 @@ def create_provider(
     body: ProviderCreate, principal: ProvidersWrite, session: SessionDep, state: StateDep
 ) -> ProviderResponse:
     owner = _scope_owner(principal, body.scope)
+    check_base_url_target(body.base_url, org_scoped=owner is not None,
+                          private_cidrs=state.settings.upstream_private_cidrs)
     fields = body.model_dump(exclude={"scope", "api_key", "name", "preset"}, exclude_none=True)
     provider = service.create_provider(
         session,
@@ -176,6 +179,8 @@ def update_provider(
 ) -> ProviderResponse:
     current = service.get_visible_provider(session, principal.org_id, provider_id)
     owner = _owner_for_write(principal, current.org_id)
+    check_base_url_target(body.base_url, org_scoped=owner is not None,
+                          private_cidrs=state.settings.upstream_private_cidrs)
     changes = {f: getattr(body, f) for f in body.model_fields_set}
     if "api_key" in changes and changes["api_key"] is not None:
         changes["api_key"] = changes["api_key"].get_secret_value()

@@ -496,6 +496,18 @@ fn now_unix_secs() -> i64 {
         .unwrap_or(0)
 }
 
+/// The refusal of a request without a known key: `ip_blocked` from a source blocked for
+/// failing authentication, else `invalid_api_key`.
+fn unauthenticated(snap: &Snapshot, peer: IpAddr) -> ApiError {
+    if !snap.blocked_unauthenticated.is_empty()
+        && snap.blocked_unauthenticated.contains(peer, now_unix_secs())
+    {
+        ApiError::IpBlocked
+    } else {
+        ApiError::InvalidApiKey
+    }
+}
+
 async fn process(
     shared: &Shared,
     log: &mut RequestLog,
@@ -516,11 +528,9 @@ async fn process(
 
     // Authenticate before reading the body, so an unknown caller cannot make the gateway
     // buffer a large one.
-    let raw_key = auth::extract_key(req.headers()).ok_or(ApiError::InvalidApiKey)?;
-    let key = shared
-        .keyring
-        .lookup(&snap.keys, raw_key)
-        .ok_or(ApiError::InvalidApiKey)?;
+    let key = auth::extract_key(req.headers())
+        .and_then(|raw_key| shared.keyring.lookup(&snap.keys, raw_key))
+        .ok_or_else(|| unauthenticated(&snap, log.peer))?;
     log.rec.org_id.clone_from(&key.org.id);
     log.rec.account_id.clone_from(&key.account_id);
     log.rec.key_id.clone_from(&key.key_id);

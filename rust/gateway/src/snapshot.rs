@@ -145,6 +145,21 @@ pub struct BlockedIpDoc {
     pub cidr: String,
     /// Unix seconds until which the block holds.
     pub until: i64,
+    /// Which requests from the source are refused.
+    #[serde(default)]
+    pub mode: BlockMode,
+}
+
+/// What a `blocked_ips` entry refuses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockMode {
+    /// Every request, before authentication.
+    #[default]
+    All,
+    /// Only requests without a known key (a 401 flood): the valid keys behind the same
+    /// address (a NAT, one misconfigured client among many) keep working.
+    Unauthenticated,
 }
 
 impl LimitsDoc {
@@ -411,6 +426,8 @@ pub(crate) struct Snapshot {
     pub(crate) routing: RoutingConfig,
     /// Sources refused before authentication.
     pub(crate) blocked_ips: IpSet,
+    /// Sources whose requests are refused only when they carry no known key.
+    pub(crate) blocked_unauthenticated: IpSet,
 }
 
 impl Snapshot {
@@ -423,6 +440,7 @@ impl Snapshot {
             model_order: Vec::new(),
             routing: RoutingConfig::default(),
             blocked_ips: IpSet::default(),
+            blocked_unauthenticated: IpSet::default(),
         }
     }
 
@@ -505,12 +523,17 @@ impl Snapshot {
             crate::routing::compile_catalog(doc.providers, doc.models, doc.routes, clients)?;
         let routing = RoutingConfig::from(&doc.routing);
 
-        let blocked_ips = IpSet::from_entries(
-            doc.blocked_ips
-                .iter()
-                .map(|b| (b.cidr.as_str(), Some(b.until))),
-        )
-        .map_err(|e| Error::Config(format!("blocked_ips: {e}")))?;
+        let blocked = |mode: BlockMode| {
+            IpSet::from_entries(
+                doc.blocked_ips
+                    .iter()
+                    .filter(|b| b.mode == mode)
+                    .map(|b| (b.cidr.as_str(), Some(b.until))),
+            )
+            .map_err(|e| Error::Config(format!("blocked_ips: {e}")))
+        };
+        let blocked_ips = blocked(BlockMode::All)?;
+        let blocked_unauthenticated = blocked(BlockMode::Unauthenticated)?;
 
         Ok(Snapshot {
             version: doc.version,
@@ -519,6 +542,7 @@ impl Snapshot {
             model_order,
             routing,
             blocked_ips,
+            blocked_unauthenticated,
         })
     }
 }

@@ -107,6 +107,32 @@ async fn blocked_sources_are_refused_before_authentication() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_blocked_for_failing_auth_keeps_its_valid_keys() {
+    let h = start_with(|s| {
+        s["blocked_ips"] = json!([
+            {"cidr": "127.0.0.1", "until": unix_now() + 3600, "mode": "unauthenticated"}
+        ]);
+    });
+    let ok = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    assert_eq!(ok.status, 200);
+    for key in [Some("ot-unknown"), None] {
+        let r = post(h.addr, CHAT, key, chat(CANARY, json!({}))).await;
+        assert_eq!(r.status, 403);
+        assert_eq!(r.json()["error"]["code"], "ip_blocked");
+    }
+    assert_eq!(h.upstream.requests(), 1);
+    // Elsewhere an unknown key is the usual 401.
+    reload(&h, 2, |s| {
+        s["blocked_ips"] = json!([
+            {"cidr": "2001:db8::/32", "until": unix_now() + 3600, "mode": "unauthenticated"}
+        ]);
+    });
+    let r = post(h.addr, CHAT, Some("ot-unknown"), chat("hi", json!({}))).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_source_ip_scope() {
     let h = start_with(|s| {
         key_mut(s, "key_good")["allowed_ips"] = json!(["10.0.0.0/8", "2001:db8::/32"]);
