@@ -600,20 +600,45 @@ fn full_contract_snapshot_loads_with_every_admission_field() {
     let engine = Engine::new(engine_config(spool.path())).unwrap();
     assert_eq!(engine.load_snapshot(&json).unwrap(), 2);
 
-    // Invalid admission values are rejected naming the place, never loaded.
+    // An invalid admission value drops its entry (reported by id and reason) and the
+    // rest of the snapshot still loads.
     let base: Value = serde_json::from_slice(&json).unwrap();
-    for (pointer, value, needle) in [
-        ("/keys/0/allowed_ips", json!(["10.0.0.0/99"]), "allowed_ips"),
+    let mut version = 2;
+    for (pointer, value, dropped) in [
+        (
+            "/keys/0/allowed_ips",
+            json!(["10.0.0.0/99"]),
+            ("key", "key_demo", "allowed_ips", "invalid_cidr"),
+        ),
         (
             "/blocked_ips",
             json!([{"cidr": "nope", "until": 1}]),
-            "blocked_ips",
+            ("blocked_ip", "0", "cidr", "invalid_cidr"),
         ),
         (
             "/orgs/0/guard",
             json!({"mode": "flag", "categories": ["gossip"]}),
-            "guard",
+            ("guard", "org_demo", "guard.categories", "unknown_category"),
         ),
+    ] {
+        version += 1;
+        let mut v = base.clone();
+        v["version"] = json!(version);
+        *v.pointer_mut(pointer).unwrap() = value;
+        assert_eq!(
+            engine.load_snapshot(v.to_string().as_bytes()).unwrap(),
+            version
+        );
+        let got: Vec<_> = engine
+            .snapshot_dropped()
+            .into_iter()
+            .map(|d| (d.kind, d.id, d.field, d.reason))
+            .collect();
+        let (kind, id, field, reason) = dropped;
+        assert_eq!(got, vec![(kind, id.to_owned(), field, reason)], "{pointer}");
+    }
+    // A document that does not parse is refused whole, naming the place.
+    for (pointer, value, needle) in [
         ("/orgs/0/guard", json!({"mode": "sometimes"}), "sometimes"),
         ("/orgs/0/limits", json!({"rpm": 1, "burst": 2}), "burst"),
         ("/keys/0/usage", json!({"today": 1}), "today"),
@@ -629,7 +654,46 @@ fn full_contract_snapshot_loads_with_every_admission_field() {
         let err = engine.load_snapshot(v.to_string().as_bytes()).unwrap_err();
         assert!(err.to_string().contains(needle), "{pointer}: {err}");
     }
-    assert_eq!(engine.stats().snapshot_version, 2);
+    assert_eq!(engine.stats().snapshot_version, version);
+}
+
+/// A bad entry (here a model whose provider is missing and a route to no model) is left
+/// out, and the revocation and org disable that arrive in the same snapshot still apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_entry_does_not_hold_back_a_revocation() {
+    let h = Harness::start();
+    assert_eq!(
+        post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({})))
+            .await
+            .status,
+        200
+    );
+    reload(&h, 2, |s| {
+        s["models"].as_array_mut().unwrap().push(json!({
+            "name": "ghost", "kind": "chat", "provider_id": "prov_gone", "upstream_model": "x",
+            "input_price": 0, "output_price": 0, "cached_input_price": 0, "max_output_tokens": 1
+        }));
+        s["routes"] = json!([{"name": "nobody"}]);
+        key_mut(s, "key_good")["status"] = json!("revoked");
+        org_mut(s, "org_poor")["status"] = json!("disabled");
+    });
+    let r = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    assert_eq!(r.json()["error"]["code"], "key_revoked");
+    let r = post(h.addr, CHAT, Some("ot-poor"), chat("hi", json!({}))).await;
+    assert_eq!(r.json()["error"]["code"], "org_disabled");
+    let dropped: Vec<_> = h
+        .engine
+        .snapshot_dropped()
+        .into_iter()
+        .map(|d| (d.kind, d.id, d.reason))
+        .collect();
+    assert_eq!(
+        dropped,
+        vec![
+            ("model", "ghost".to_owned(), "unknown_provider"),
+            ("route", "nobody".to_owned(), "unknown_model"),
+        ]
+    );
 }
 
 /// Luhn-valid test card and a mainland mobile number, inside canary text.
