@@ -341,7 +341,8 @@ pub(crate) struct Attempts {
 }
 
 fn retryable_status(s: StatusCode) -> bool {
-    s == StatusCode::TOO_MANY_REQUESTS || s.is_server_error()
+    // A loop (a provider pointing back at a gateway) answers the same on every attempt.
+    s == StatusCode::TOO_MANY_REQUESTS || (s.is_server_error() && s != StatusCode::LOOP_DETECTED)
 }
 
 /// Try `order` until one serves. A failure may be retried only before any byte reached
