@@ -997,3 +997,58 @@ async fn a_provider_pointing_back_at_the_gateway_stops_at_the_second_hop() {
         "not retried: {codes:?}"
     );
 }
+
+/// A request that reserves nothing (a zero-priced deployment) takes one of the org's
+/// free in-flight slots; past the cap it is refused with 429 until one is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_requests_in_flight_are_capped_per_org() {
+    use onetoken_gateway::billing::UNPRICED_IN_FLIGHT_PER_ORG;
+    let h = start_with(|s| {
+        let free = json!({
+            "name": "free-chat", "kind": "chat", "provider_id": "prov_test", "upstream_model": "m",
+            "input_price": 0, "output_price": 0, "cached_input_price": 0, "max_output_tokens": 16
+        });
+        s["models"].as_array_mut().unwrap().push(free);
+    });
+    let body = json!({"model": "free-chat", "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}],
+                      "mock": {"chunks": 2, "delay_ms": 3000}});
+    // Hold every slot with a slow stream (headers arrive at once, the body later).
+    let mut held = Vec::new();
+    for _ in 0..UNPRICED_IN_FLIGHT_PER_ORG {
+        let resp = open(
+            h.addr,
+            request("POST", CHAT, Some("ot-good"), body.to_string()),
+        )
+        .await;
+        assert_eq!(resp.status(), 200);
+        held.push(resp);
+    }
+    let r = post(h.addr, CHAT, Some("ot-good"), body.clone()).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["code"], "concurrency_limited");
+    assert_eq!(header(&r, "retry-after"), "1");
+    // Priced requests of the same org are bounded by money, not by these slots.
+    let paid = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    assert_eq!(paid.status, 200);
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = post(
+            h.addr,
+            CHAT,
+            Some("ot-good"),
+            json!({"model": "free-chat", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slots not released: {}",
+            r.status
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
