@@ -708,6 +708,45 @@ impl Translator {
     }
 }
 
+/// Fields of the OpenAI chat request the translation knows. Anything else is a vendor
+/// extension and travels to the upstream untouched (as in pass-through).
+const CHAT_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stream_options",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "user",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "seed",
+    "service_tier",
+    "store",
+    "metadata",
+    "modalities",
+    "audio",
+    "prediction",
+    "reasoning_effort",
+    "functions",
+    "function_call",
+    "web_search_options",
+    "verbosity",
+    "prompt_cache_key",
+    "safety_identifier",
+];
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -806,42 +845,3 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         assert!(!meter.done);
     }
 }
-
-/// Fields of the OpenAI chat request the translation knows. Anything else is a vendor
-/// extension and travels to the upstream untouched (as in pass-through).
-const CHAT_FIELDS: &[&str] = &[
-    "model",
-    "messages",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "n",
-    "stream",
-    "stream_options",
-    "stop",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "logprobs",
-    "top_logprobs",
-    "user",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "response_format",
-    "seed",
-    "service_tier",
-    "store",
-    "metadata",
-    "modalities",
-    "audio",
-    "prediction",
-    "reasoning_effort",
-    "functions",
-    "function_call",
-    "web_search_options",
-    "verbosity",
-    "prompt_cache_key",
-    "safety_identifier",
-];
