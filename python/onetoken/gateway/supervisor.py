@@ -90,6 +90,20 @@ def _default_sink(settings: Settings) -> SinkLike:
     return CallLogSink(settings)
 
 
+_ID_FIELD = {"org": "org_id", "guard": "org_id", "key": "key_id", "provider": "provider_id"}
+
+
+def _log_dropped(engine: EngineLike, version: int) -> None:
+    """Entries the engine left out of the snapshot it now serves (the rest serves):
+    kind, reason code and the id when it is one the log may carry; names are left out."""
+    report = getattr(engine, "snapshot_dropped", None)
+    for entry in report() if report is not None else []:
+        extra = {"kind": entry["kind"], "error_code": entry["reason"], "version": version}
+        if (field := _ID_FIELD.get(entry["kind"])) is not None:
+            extra[field] = entry["id"]
+        log.warning("snapshot.entry_dropped", extra=extra)
+
+
 class GatewaySupervisor:
     def __init__(
         self,
@@ -247,6 +261,7 @@ class GatewaySupervisor:
                 return None
             self._seen_revision = revision
             log.debug("snapshot.pushed", extra={"version": served, "revision": revision})
+            _log_dropped(engine, served)
             return served
 
     def _watch_loop(self) -> None:

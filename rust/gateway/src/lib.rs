@@ -31,4 +31,4 @@ pub use config::{EngineConfig, PreviousSecret, TlsConfig};
 pub use engine::{Engine, Stats};
 pub use error::Error;
 pub use records::CallRecord;
-pub use snapshot::SnapshotDoc;
+pub use snapshot::{validate as validate_snapshot, Dropped, SnapshotDoc};
