@@ -105,6 +105,8 @@ class Settings(BaseSettings):
     retention_purge_interval_seconds: float = Field(default=3600.0, gt=0)
     config_watch_interval_ms: int = Field(default=500, ge=50)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Swagger UI at /api/docs (assets served from the package); /api/openapi.json stays.
+    api_docs: bool = True
 
     @model_validator(mode="after")
     def _resolve(self) -> Self:
