@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import io
 import secrets
+import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -273,3 +275,31 @@ def test_cancellations_are_queued_then_erased_in_one_batch_naming_no_value(
         for value in erased:
             assert value.encode() not in raw, (value, f)
     assert any(bystander["ip"].encode() in f.read_bytes() for f in files)
+
+
+def test_erasure_worker_runs_at_start_and_when_woken_then_stops() -> None:
+    """Queued erasures are picked up at start (left by a stopped server) and soon after
+    a cancellation wakes the worker, not at the next hourly retry."""
+    runs: list[float] = []
+
+    def run() -> int:
+        runs.append(time.monotonic())
+        return 1
+
+    worker = erasure.ErasureWorker(run, retry_seconds=3600, gather_seconds=0.05)
+    worker.start()
+    try:
+        _wait_until(lambda: len(runs) == 1)
+        worker.notify()
+        _wait_until(lambda: len(runs) == 2)
+        assert worker.completed == 2
+    finally:
+        worker.stop()
+    assert len(runs) == 2
+
+
+def _wait_until(done: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
