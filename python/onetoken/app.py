@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, FastAPI
 
-from onetoken import __version__
+from onetoken import __version__, docs_pages
 from onetoken.analytics.router import router as analytics_router
 from onetoken.billing.router import router as billing_router
 from onetoken.db.migrate import upgrade
@@ -75,12 +75,15 @@ def create_app(
         title="onetoken control API",
         version=__version__,
         openapi_url="/api/openapi.json",
-        docs_url="/api/docs",
+        # Served by docs_pages from the package's own assets (never from a CDN).
+        docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
     )
     app.state.onetoken = app_state
     install_error_handlers(app)
+    if settings.api_docs:
+        docs_pages.install(app)
     app.add_middleware(AccessLogMiddleware)
 
     api = APIRouter(prefix="/api/v1")

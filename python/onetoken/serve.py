@@ -156,6 +156,7 @@ def run(settings: Settings, *, demo: bool = False) -> int:
         except Exception as exc:
             control_sock.close()
             raise ServeError(f"gateway failed to start: {type(exc).__name__}: {exc}") from None
+        background.erasures.start()
 
         app = create_app(settings, supervisor, state=state)
         tls = settings.tls_cert is not None
@@ -187,6 +188,9 @@ def run(settings: Settings, *, demo: bool = False) -> int:
         server.run(sockets=[control_sock])
         return 0
     finally:
+        if background is not None:
+            # A batch in progress finishes first: it writes through the supervisor's sink.
+            background.erasures.stop()
         if supervisor is not None:
             supervisor.stop()
         if background is not None:

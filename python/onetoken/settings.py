@@ -13,6 +13,8 @@ from typing import Literal, Self
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from onetoken.kit.files import PRIVATE_FILE_MODE, private_dir
+
 log = logging.getLogger("onetoken.settings")
 
 SECRET_KEY_FILE = "secret.key"  # noqa: S105 (a file name)
@@ -117,6 +119,8 @@ class Settings(BaseSettings):
     retention_purge_interval_seconds: float = Field(default=3600.0, gt=0)
     config_watch_interval_ms: int = Field(default=500, ge=50)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Swagger UI at /api/docs (assets served from the package); /api/openapi.json stays.
+    api_docs: bool = True
 
     @model_validator(mode="after")
     def _resolve(self) -> Self:
@@ -192,7 +196,7 @@ class Settings(BaseSettings):
 
     def ensure_dirs(self) -> None:
         for path in (self.data_dir, self.spool_dir, self.log_dir):
-            path.mkdir(parents=True, exist_ok=True)
+            private_dir(path)
 
     def secret_key_bytes(self) -> bytes:
         """The master secret: ONETOKEN_SECRET_KEY, else one generated once per data dir.
@@ -207,9 +211,9 @@ class Settings(BaseSettings):
             return _read_secret_file(path)
         except FileNotFoundError:
             pass
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
         except FileExistsError:
             return _read_secret_file(path)
         with os.fdopen(fd, "w") as f:

@@ -25,6 +25,7 @@ from onetoken.billing.upkeep import BillingUpkeep
 from onetoken.db.session import SessionFactory, current_revision
 from onetoken.gateway.snapshot import build_snapshot, snapshot_json
 from onetoken.kit.crypto import Secrets
+from onetoken.kit.files import private_dir
 from onetoken.settings import Settings
 
 log = logging.getLogger("onetoken.gateway")
@@ -376,7 +377,7 @@ class GatewaySupervisor:
         # Same line format and prefix as the engine's overflow files, so the sink's
         # replay picks it up and passes it through the ledger callback first.
         spool = self.settings.spool_dir
-        spool.mkdir(parents=True, exist_ok=True)
+        private_dir(spool)
         path = spool / f"overflow-pump-{time.time_ns()}-{os.getpid()}.jsonl"
         names = list(batch)
         payload = b"".join(

@@ -40,7 +40,8 @@ class CancelRequest(BaseModel):
 
 class CancelResponse(BaseModel):
     account_id: str
-    # done | control_done (ClickHouse is anonymized as soon as it is reachable again)
+    # control_done: the control DB is anonymized, ClickHouse's part is queued (the erasure
+    # worker finishes it within seconds, or once ClickHouse is reachable again).
     state: str
     keys_revoked: int
 
