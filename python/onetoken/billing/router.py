@@ -57,7 +57,11 @@ def get_balance(principal: PrincipalDep, session: SessionDep, state: StateDep) -
     )
 
 
-@router.post("/credits", response_model=CreditResponse)
+@router.post(
+    "/credits",
+    response_model=CreditResponse,
+    responses={201: {"model": CreditResponse, "description": "Credited (a new entry)."}},
+)
 def credit(
     body: CreditRequest,
     principal: BillingWriterDep,

@@ -11,7 +11,10 @@ AccountStatus = Literal["active", "disabled"]
 AuthStatus = Literal["invited", "password", "totp"]
 
 DisplayName = Annotated[str, StringConstraints(strip_whitespace=True, max_length=100)]
-OrgName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+# Blank once stripped is refused; the pattern says so in the document too.
+OrgName = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100, pattern=r"\S")
+]
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=254)]
 TotpCode = Annotated[str, StringConstraints(min_length=6, max_length=8, pattern=r"^[0-9 ]+$")]
 
@@ -19,7 +22,11 @@ TotpCode = Annotated[str, StringConstraints(min_length=6, max_length=8, pattern=
 class LoginRequest(BaseModel):
     """`login` is the login name, email or mobile number (`email` is accepted for it)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The document says what _one_identifier enforces: exactly one of the two, not null.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
+        {"required": ["login"], "properties": {"login": {"type": "string"}}},
+        {"required": ["email"], "properties": {"email": {"type": "string"}}},
+    ]})
 
     login: Identifier | None = None
     email: Identifier | None = None
