@@ -42,6 +42,7 @@ from onetoken.deps import AppState
 from onetoken.keys import service as keys
 from onetoken.orgs import auth
 from onetoken.orgs import service as orgs
+from onetoken.security import log as security_log
 from onetoken.settings import Settings
 from tests.integration.harness import Server, bootstrap
 
@@ -193,6 +194,11 @@ def _send_as_every_caller(case: Any, world: World, **call: Any) -> None:
 def world() -> Iterator[World]:
     yield _seed(STATE)
     STATE.db_engine.dispose()
+    # The security events the requests raised are queued for this data dir: spool them
+    # before it goes, so no later flush recreates it.
+    writer = security_log.current()
+    if writer is not None:
+        writer.flush_to_spool()
     shutil.rmtree(TMP, ignore_errors=True)
 
 
