@@ -4,7 +4,14 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
+from pydantic.config import JsonDict
 from pydantic_core import PydanticCustomError
+
+from onetoken.orgs.auth import MIN_PASSWORD_LEN
+
+# A new password's strength rule (auth.check_password_strength, whose message says the
+# rule without echoing the input) stated in the document too.
+NEW_PASSWORD: JsonDict = {"minLength": MIN_PASSWORD_LEN}
 
 Role = Literal["owner", "admin", "developer", "billing", "viewer"]
 AccountStatus = Literal["active", "disabled"]
@@ -79,14 +86,15 @@ class PasswordChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     current_password: SecretStr = Field(min_length=1, max_length=1024)
-    new_password: SecretStr = Field(min_length=1, max_length=1024)
+    new_password: SecretStr = Field(min_length=1, max_length=1024,
+                                    json_schema_extra=NEW_PASSWORD)
 
 
 class InviteAccept(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     token: SecretStr = Field(min_length=1, max_length=256)
-    password: SecretStr = Field(min_length=1, max_length=1024)
+    password: SecretStr = Field(min_length=1, max_length=1024, json_schema_extra=NEW_PASSWORD)
 
 
 class TotpEnrolment(BaseModel):
@@ -138,7 +146,8 @@ class AccountCreate(BaseModel):
     mobile: Annotated[str, StringConstraints(max_length=32)] | None = None
     display_name: DisplayName = ""
     role: Role
-    password: SecretStr | None = Field(default=None, max_length=1024)
+    password: SecretStr | None = Field(default=None, max_length=1024,
+                                       json_schema_extra=NEW_PASSWORD)
 
 
 class OrgCreate(BaseModel):
