@@ -12,6 +12,12 @@ from onetoken.orgs.auth import MIN_PASSWORD_LEN
 # A new password's strength rule (auth.check_password_strength, whose message says the
 # rule without echoing the input) stated in the document too.
 NEW_PASSWORD: JsonDict = {"minLength": MIN_PASSWORD_LEN}
+# What service.validate_identifiers accepts, for the document (a little stricter where the
+# exact rule cannot be written): login names; email addresses, which also serve as the
+# login name when none is given; mobile numbers without the separators it removes.
+LOGIN_NAME: JsonDict = {"pattern": r"^[A-Za-z0-9+][A-Za-z0-9._@+-]{1,63}$"}
+EMAIL: JsonDict = {"pattern": r"^(?=.{2,64}$)[A-Za-z0-9+][A-Za-z0-9._+-]*@[A-Za-z0-9._@+-]*$"}
+MOBILE: JsonDict = {"pattern": r"^\+?[0-9]{6,20}$"}
 
 Role = Literal["owner", "admin", "developer", "billing", "viewer"]
 AccountStatus = Literal["active", "disabled"]
@@ -139,11 +145,16 @@ class AccountCreate(BaseModel):
     """Without `password` the account is invited: the response carries a one-time invite
     token for POST /auth/accept-invite."""
 
-    model_config = ConfigDict(extra="forbid")
+    # At least one of the three identifiers (validate_identifiers).
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
+        {"required": [name], "properties": {name: {"type": "string"}}}
+        for name in ("login_name", "email", "mobile")
+    ]})
 
-    login_name: Identifier | None = None
-    email: Identifier | None = None
-    mobile: Annotated[str, StringConstraints(max_length=32)] | None = None
+    login_name: Identifier | None = Field(default=None, json_schema_extra=LOGIN_NAME)
+    email: Identifier | None = Field(default=None, json_schema_extra=EMAIL)
+    mobile: Annotated[str, StringConstraints(max_length=32)] | None = Field(
+        default=None, json_schema_extra=MOBILE)
     display_name: DisplayName = ""
     role: Role
     password: SecretStr | None = Field(default=None, max_length=1024,
@@ -195,5 +206,6 @@ class AccountUpdate(BaseModel):
 
     role: Role | None = None
     display_name: DisplayName | None = None
-    email: Identifier | None = None
-    mobile: Annotated[str, StringConstraints(max_length=32)] | None = None
+    email: Identifier | None = Field(default=None, json_schema_extra=EMAIL)
+    mobile: Annotated[str, StringConstraints(max_length=32)] | None = Field(
+        default=None, json_schema_extra=MOBILE)
