@@ -5,11 +5,19 @@ from datetime import datetime
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    WithJsonSchema,
+)
 from pydantic_core import PydanticCustomError
 
 from onetoken.keys.schemas import ModelName
-from onetoken.kit.money import MoneyIn, MoneyOut
+from onetoken.kit.money import SCHEMA_IN_NON_NEGATIVE, MoneyIn, MoneyOut
 
 Protocol = Literal["openai", "azure", "anthropic", "gemini"]
 ModelKind = Literal["chat", "embedding"]
@@ -159,7 +167,9 @@ def _non_negative(value: int) -> int:
     return value
 
 
-PriceIn = Annotated[MoneyIn, AfterValidator(_non_negative)]
+PriceIn = Annotated[
+    MoneyIn, AfterValidator(_non_negative), WithJsonSchema(SCHEMA_IN_NON_NEGATIVE)
+]
 MaxTokens = Annotated[int, Field(ge=0, le=10_000_000)]
 
 
