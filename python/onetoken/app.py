@@ -16,7 +16,7 @@ from onetoken.db.session import make_engine, make_session_factory
 from onetoken.deps import AppState
 from onetoken.keys.router import router as keys_router
 from onetoken.kit.crypto import Secrets
-from onetoken.kit.errors import install_error_handlers
+from onetoken.kit.errors import ERROR_RESPONSES, install_error_handlers
 from onetoken.kit.logging import AccessLogMiddleware
 from onetoken.orgs.router import router as orgs_router
 from onetoken.providers.router import router as providers_router
@@ -86,7 +86,7 @@ def create_app(
         docs_pages.install(app)
     app.add_middleware(AccessLogMiddleware)
 
-    api = APIRouter(prefix="/api/v1")
+    api = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES)
     api.include_router(orgs_router)
     api.include_router(keys_router)
     api.include_router(providers_router)

@@ -74,7 +74,11 @@ def get_balance(
     )
 
 
-@router.post("/credits", response_model=CreditResponse)
+@router.post(
+    "/credits",
+    response_model=CreditResponse,
+    responses={201: {"model": CreditResponse, "description": "Credited (a new entry)."}},
+)
 def credit(
     body: CreditRequest,
     principal: MoneyDep,

@@ -286,7 +286,8 @@ class StatementResponse(BaseModel):
     credits: list[StatementEntry]
 
 
-InvoiceText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+# Blank once stripped is refused; the pattern says so in the document too.
+InvoiceText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, pattern=r"\S")]
 
 
 class InvoiceCreate(BaseModel):

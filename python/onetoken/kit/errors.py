@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("onetoken.errors")
@@ -71,6 +72,37 @@ class Unprocessable(OnetokenError):
     status_code = 422
     type = "invalid_request_error"
     code = "invalid_value"
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer of the control API."""
+
+    error: ErrorDetail
+
+
+# Documented on every /api/v1 operation (it replaces FastAPI's default 422 schema, which is
+# not what the handlers below send). 503: a backing service of the running server (the
+# gateway's call log, the webhook dispatcher) is not there.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "Bad request."),
+        (401, "No valid session."),
+        (403, "Permission denied."),
+        (404, "Not found."),
+        (409, "Conflict with the current state."),
+        (422, "Invalid request."),
+        (429, "Too many attempts."),
+        (503, "A backing service is unavailable."),
+    )
+}
 
 
 def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict[str, Any]:

@@ -56,6 +56,11 @@ def _validate(value: Any) -> int:
 
 
 _SCHEMA = {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]{1,9})?$", "examples": ["12.50"]}
+# What parse_amount accepts, for the document: up to 9 whole digits keeps every amount
+# within MAX_AMOUNT_NANO (10**18 nano-units is 10**9 units). Answers may carry sums past it.
+_SCHEMA_IN = {**_SCHEMA, "pattern": r"^-?[0-9]{1,9}(\.[0-9]{1,9})?$"}
+# The same without a sign, for amounts that must not be negative.
+SCHEMA_IN_NON_NEGATIVE = {**_SCHEMA, "pattern": r"^[0-9]{1,9}(\.[0-9]{1,9})?$"}
 
-MoneyIn = Annotated[int, BeforeValidator(_validate), WithJsonSchema(_SCHEMA)]
+MoneyIn = Annotated[int, BeforeValidator(_validate), WithJsonSchema(_SCHEMA_IN)]
 MoneyOut = Annotated[int, PlainSerializer(format_amount, return_type=str), WithJsonSchema(_SCHEMA)]

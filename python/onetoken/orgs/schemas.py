@@ -4,14 +4,30 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
+from pydantic.config import JsonDict
 from pydantic_core import PydanticCustomError
+
+from onetoken.orgs.auth import MIN_PASSWORD_LEN
+
+# A new password's strength rule (auth.check_password_strength, whose message says the
+# rule without echoing the input) stated in the document too.
+NEW_PASSWORD: JsonDict = {"minLength": MIN_PASSWORD_LEN}
+# What service.validate_identifiers accepts, for the document (a little stricter where the
+# exact rule cannot be written): login names; email addresses, which also serve as the
+# login name when none is given; mobile numbers without the separators it removes.
+LOGIN_NAME: JsonDict = {"pattern": r"^[A-Za-z0-9+][A-Za-z0-9._@+-]{1,63}$"}
+EMAIL: JsonDict = {"pattern": r"^(?=.{2,64}$)[A-Za-z0-9+][A-Za-z0-9._+-]*@[A-Za-z0-9._@+-]*$"}
+MOBILE: JsonDict = {"pattern": r"^\+?[0-9]{6,20}$"}
 
 Role = Literal["owner", "admin", "developer", "billing", "viewer"]
 AccountStatus = Literal["active", "disabled"]
 AuthStatus = Literal["invited", "password", "totp"]
 
 DisplayName = Annotated[str, StringConstraints(strip_whitespace=True, max_length=100)]
-OrgName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+# Blank once stripped is refused; the pattern says so in the document too.
+OrgName = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100, pattern=r"\S")
+]
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=254)]
 TotpCode = Annotated[str, StringConstraints(min_length=6, max_length=8, pattern=r"^[0-9 ]+$")]
 
@@ -19,7 +35,11 @@ TotpCode = Annotated[str, StringConstraints(min_length=6, max_length=8, pattern=
 class LoginRequest(BaseModel):
     """`login` is the login name, email or mobile number (`email` is accepted for it)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The document says what _one_identifier enforces: exactly one of the two, not null.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
+        {"required": ["login"], "properties": {"login": {"type": "string"}}},
+        {"required": ["email"], "properties": {"email": {"type": "string"}}},
+    ]})
 
     login: Identifier | None = None
     email: Identifier | None = None
@@ -72,14 +92,15 @@ class PasswordChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     current_password: SecretStr = Field(min_length=1, max_length=1024)
-    new_password: SecretStr = Field(min_length=1, max_length=1024)
+    new_password: SecretStr = Field(min_length=1, max_length=1024,
+                                    json_schema_extra=NEW_PASSWORD)
 
 
 class InviteAccept(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     token: SecretStr = Field(min_length=1, max_length=256)
-    password: SecretStr = Field(min_length=1, max_length=1024)
+    password: SecretStr = Field(min_length=1, max_length=1024, json_schema_extra=NEW_PASSWORD)
 
 
 class TotpEnrolment(BaseModel):
@@ -141,14 +162,20 @@ class AccountCreate(BaseModel):
     """Without `password` the account is invited: the response carries a one-time invite
     token for POST /auth/accept-invite."""
 
-    model_config = ConfigDict(extra="forbid")
+    # At least one of the three identifiers (validate_identifiers).
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
+        {"required": [name], "properties": {name: {"type": "string"}}}
+        for name in ("login_name", "email", "mobile")
+    ]})
 
-    login_name: Identifier | None = None
-    email: Identifier | None = None
-    mobile: Annotated[str, StringConstraints(max_length=32)] | None = None
+    login_name: Identifier | None = Field(default=None, json_schema_extra=LOGIN_NAME)
+    email: Identifier | None = Field(default=None, json_schema_extra=EMAIL)
+    mobile: Annotated[str, StringConstraints(max_length=32)] | None = Field(
+        default=None, json_schema_extra=MOBILE)
     display_name: DisplayName = ""
     role: Role
-    password: SecretStr | None = Field(default=None, max_length=1024)
+    password: SecretStr | None = Field(default=None, max_length=1024,
+                                       json_schema_extra=NEW_PASSWORD)
 
 
 class OrgCreate(BaseModel):
@@ -196,5 +223,6 @@ class AccountUpdate(BaseModel):
 
     role: Role | None = None
     display_name: DisplayName | None = None
-    email: Identifier | None = None
-    mobile: Annotated[str, StringConstraints(max_length=32)] | None = None
+    email: Identifier | None = Field(default=None, json_schema_extra=EMAIL)
+    mobile: Annotated[str, StringConstraints(max_length=32)] | None = Field(
+        default=None, json_schema_extra=MOBILE)

@@ -5,12 +5,20 @@ from datetime import datetime
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    WithJsonSchema,
+)
 from pydantic_core import PydanticCustomError
 
 from onetoken.keys.schemas import ModelName
 from onetoken.kit.errors import Unprocessable
-from onetoken.kit.money import MoneyIn, MoneyOut
+from onetoken.kit.money import SCHEMA_IN_NON_NEGATIVE, MoneyIn, MoneyOut
 from onetoken.security.net import networks, url_target_refused
 
 Protocol = Literal["openai", "azure", "anthropic", "gemini"]
@@ -177,7 +185,9 @@ def _non_negative(value: int) -> int:
     return value
 
 
-PriceIn = Annotated[MoneyIn, AfterValidator(_non_negative)]
+PriceIn = Annotated[
+    MoneyIn, AfterValidator(_non_negative), WithJsonSchema(SCHEMA_IN_NON_NEGATIVE)
+]
 MaxTokens = Annotated[int, Field(ge=0, le=10_000_000)]
 
 

@@ -57,7 +57,12 @@ def _account(session: SessionDep, principal: Principal) -> Account:
     return account
 
 
-@router.get("/me/export", response_model=None)
+@router.get(
+    "/me/export",
+    response_model=None,
+    responses={200: {"content": {"application/json": {}, "text/csv": {}},
+                     "description": "JSON, or one part as CSV."}},
+)
 def export_me(
     principal: SelfDep,
     session: SessionDep,

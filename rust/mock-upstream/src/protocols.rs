@@ -506,6 +506,12 @@ pub(crate) async fn gemini(
 
 // ---------------------------------------------------------------- OpenAI Responses API
 
+/// An `output_text` content part as OpenAI sends it: `annotations` and `logprobs` are
+/// required members, empty when there are none.
+fn output_text(text: &str) -> Value {
+    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+}
+
 /// `POST /v1/responses` (and Azure's `/openai/responses`).
 pub(crate) async fn responses(defaults: &MockDefaults, id: u64, body: &[u8]) -> Response<MockBody> {
     let (req, plan) = match parse(defaults, body) {
@@ -546,7 +552,7 @@ pub(crate) async fn responses(defaults: &MockDefaults, id: u64, body: &[u8]) -> 
         } else {
             json!({"type": "message", "id": item_id, "role": "assistant",
                 "status": if done { "completed" } else { "in_progress" },
-                "content": if done { json!([{"type": "output_text", "text": text, "annotations": []}]) } else { json!([]) }})
+                "content": if done { json!([output_text(&text)]) } else { json!([]) }})
         }
     };
     let response = |state: &str, output: Value, with_usage: bool| {
@@ -555,7 +561,9 @@ pub(crate) async fn responses(defaults: &MockDefaults, id: u64, body: &[u8]) -> 
             "instructions": null, "metadata": {}, "parallel_tool_calls": true, "temperature": 1.0,
             "tool_choice": "auto", "tools": [], "top_p": 1.0});
         if with_usage && plan.usage {
-            r["usage"] = json!({"input_tokens": u.prompt, "input_tokens_details": {"cached_tokens": u.cached},
+            // The fake provider writes nothing to a prompt cache.
+            r["usage"] = json!({"input_tokens": u.prompt,
+                "input_tokens_details": {"cached_tokens": u.cached, "cache_write_tokens": 0},
                 "output_tokens": u.completion, "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": u.prompt + u.completion});
         }
@@ -609,7 +617,7 @@ pub(crate) async fn responses(defaults: &MockDefaults, id: u64, body: &[u8]) -> 
             ev(
                 "response.content_part.added",
                 json!({"item_id": item_id, "output_index": 0,
-            "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}),
+            "content_index": 0, "part": output_text("")}),
             ),
             false,
         ));
@@ -647,8 +655,14 @@ pub(crate) async fn responses(defaults: &MockDefaults, id: u64, body: &[u8]) -> 
                 ),
                 false,
             ));
-            pieces.push_back(piece(ev("response.content_part.done", json!({"item_id": item_id, "output_index": 0,
-                "content_index": 0, "part": {"type": "output_text", "text": text, "annotations": []}})), false));
+            pieces.push_back(piece(
+                ev(
+                    "response.content_part.done",
+                    json!({"item_id": item_id, "output_index": 0,
+                "content_index": 0, "part": output_text(&text)}),
+                ),
+                false,
+            ));
         }
         pieces.push_back(piece(
             ev(
