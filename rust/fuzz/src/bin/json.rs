@@ -3,6 +3,9 @@
 //! answer, whole and streamed. Any panic is a finding.
 
 fn main() {
+    // Build the tokenizer tables once, before the fork server starts, rather than in
+    // every forked child (which AFL would see as slow and unstable runs).
+    onetoken_gateway::tokens::warm_up();
     afl::fuzz!(|data: &[u8]| {
         let Some((&selector, body)) = data.split_first() else {
             return;

@@ -16,6 +16,9 @@ fn relay(chunks: std::slice::Chunks<'_, u8>) -> (VecDeque<bytes::Bytes>, String)
 }
 
 fn main() {
+    // Build the tokenizer tables once, before the fork server starts, rather than in
+    // every forked child (which AFL would see as slow and unstable runs).
+    onetoken_gateway::tokens::warm_up();
     afl::fuzz!(|data: &[u8]| {
         let Some((&step, stream)) = data.split_first() else {
             return;
