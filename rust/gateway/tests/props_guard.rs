@@ -243,7 +243,7 @@ fn tally(cats: impl IntoIterator<Item = Category>) -> Vec<(Category, u32)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig::with_cases(1024))]
 
     #[test]
     fn digit_tokens_are_classified_as_the_reference_does(

@@ -96,7 +96,7 @@ fn data_event(json: &str, split_lines: bool, crlf: bool) -> String {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig::with_cases(1024))]
 
     #[test]
     fn framing_does_not_depend_on_chunking(

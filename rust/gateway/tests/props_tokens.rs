@@ -37,7 +37,7 @@ fn prompt_text() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig::with_cases(1024))]
 
     #[test]
     fn count_equals_tiktoken_on_prompt_shaped_text(text in prompt_text()) {

@@ -241,7 +241,7 @@ fn answer(r: &Reply, stream: bool) -> (String, Value) {
 #[test]
 fn translated_chat_keeps_the_text_and_the_usage_numbers() {
     let world = World::start();
-    let mut runner = TestRunner::new(config(96));
+    let mut runner = TestRunner::new(config(256));
     runner
         .run(&chat_case(), |case| {
             let mut body = case.options.clone();
@@ -311,7 +311,7 @@ fn bad_body(tag: String) -> impl Strategy<Value = Vec<u8>> {
 #[test]
 fn arbitrary_bytes_get_a_4xx_in_the_error_shape_without_echo() {
     let world = World::start();
-    let mut runner = TestRunner::new(config(192));
+    let mut runner = TestRunner::new(config(512));
     let case = ("[a-z]{12}", prop::sample::select(PATHS.to_vec()))
         .prop_flat_map(|(tag, path)| (Just(tag.clone()), Just(path), bad_body(tag)));
     runner
@@ -399,7 +399,7 @@ fn field_name() -> impl Strategy<Value = String> {
 #[test]
 fn arbitrary_json_for_translated_models_never_fails_the_gateway() {
     let world = World::start();
-    let mut runner = TestRunner::new(config(160));
+    let mut runner = TestRunner::new(config(512));
     let case = (
         prop::collection::btree_map(field_name(), any_json(), 0..8),
         prop::sample::select(MODELS.to_vec()),
