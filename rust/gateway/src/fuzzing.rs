@@ -9,7 +9,9 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 use crate::guard::CategorySet;
-use crate::protocol::{self, anthropic, gemini, responses, ClientApi, Protocol, StreamIds};
+use crate::protocol::{
+    self, anthropic, gemini, responses, validate, ClientApi, Protocol, StreamIds,
+};
 use crate::proxy;
 use crate::screen::OrgGuard;
 use crate::snapshot::{GuardMode, ModelKind};
@@ -35,6 +37,9 @@ pub fn admit_and_translate_request(selector: u8, body: &[u8]) {
     let Ok(Value::Object(doc)) = serde_json::from_slice::<Value>(body) else {
         return;
     };
+    // Translation runs only on validated bodies in the proxy; here it runs on every body,
+    // so that the translators' own handling of odd shapes is exercised too.
+    let _ = validate::check(api, &doc);
     let guard = OrgGuard {
         mode: GuardMode::Flag,
         categories: CategorySet::all(),
@@ -58,7 +63,7 @@ pub fn admit_and_translate_request(selector: u8, body: &[u8]) {
         let _ = serde_json::to_vec(&gemini::from_chat_request(chat, max_out));
     }
     let mut passthrough: Map<String, Value> = doc;
-    protocol::openai::prepare_chat(&mut passthrough, "m", stream);
+    protocol::openai::prepare_chat(&mut passthrough, "m", stream, max_out);
     let _ = serde_json::to_vec(&passthrough);
 }
 
