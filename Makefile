@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PIP   := $(PY) -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test test-rust test-python lint bench bench-quick setup build-debug build-release clean
+.PHONY: run test test-rust test-python lint bench bench-quick setup build-debug build-release clean fuzz
 
 $(VENV)/.deps: pyproject.toml
 	python3 -m venv $(VENV)
@@ -43,6 +43,22 @@ bench: build-release
 
 bench-quick: build-release
 	$(PY) bench/run.py --quick
+
+# AFL++ on the parsers of untrusted bytes (rust/fuzz): each target in turn for FUZZ_SECONDS.
+# Not part of `make test`. Findings land in rust/fuzz/out/<target>/default/crashes.
+FUZZ_SECONDS    ?= 600
+FUZZ_TARGETS    ?= sse json guard
+FUZZ_TARGET_DIR ?= $(CURDIR)/rust/fuzz/target
+fuzz:
+	command -v cargo-afl >/dev/null || cargo install --locked cargo-afl
+	cd rust/fuzz && CARGO_TARGET_DIR=$(FUZZ_TARGET_DIR) cargo afl build --release
+	set -e; cd rust/fuzz; mkdir -p out; for t in $(FUZZ_TARGETS); do \
+	  AFL_NO_UI=1 AFL_AUTORESUME=1 AFL_NO_AFFINITY=1 AFL_SKIP_CPUFREQ=1 \
+	  AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 \
+	    cargo afl fuzz -V $(FUZZ_SECONDS) -i seeds/$$t -o out/$$t $(FUZZ_TARGET_DIR)/release/$$t >out-$$t.log 2>&1 \
+	    || { tail -20 out-$$t.log; exit 1; }; \
+	  echo "$$t: $$(grep -E '^(execs_done|corpus_count|saved_crashes|saved_hangs)' out/$$t/default/fuzzer_stats | tr -s ' ' | tr '\n' ' ')"; \
+	done
 
 clean:
 	rm -rf $(VENV) target python/onetoken/_core*.so

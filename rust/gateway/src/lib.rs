@@ -9,6 +9,9 @@ mod body;
 mod config;
 mod engine;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guard;
 mod ipset;
 mod journal;

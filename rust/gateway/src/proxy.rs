@@ -901,7 +901,7 @@ fn meter_reply(log: &mut RequestLog, body: &[u8]) {
 }
 
 /// The output cap a chat request asks for, if any.
-fn requested_out(doc: &Map<String, Value>) -> Option<u64> {
+pub(crate) fn requested_out(doc: &Map<String, Value>) -> Option<u64> {
     doc.get("max_completion_tokens")
         .and_then(Value::as_u64)
         .or_else(|| doc.get("max_tokens").and_then(Value::as_u64))
@@ -924,7 +924,7 @@ fn text_tokens(v: &Value) -> u64 {
 }
 
 /// Prompt tokens, counted in memory from the parsed body; only the number is kept.
-fn estimate_prompt(kind: ModelKind, doc: &Map<String, Value>) -> u64 {
+pub(crate) fn estimate_prompt(kind: ModelKind, doc: &Map<String, Value>) -> u64 {
     match kind {
         ModelKind::Chat => {
             let Some(messages) = doc.get("messages").and_then(Value::as_array) else {

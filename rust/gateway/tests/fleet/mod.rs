@@ -356,6 +356,16 @@ impl Reply {
 
 /// POST `body` to `path` with `headers`; the whole response (streams read to the end).
 pub async fn send(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: Value) -> Reply {
+    send_bytes(addr, path, headers, Bytes::from(body.to_string())).await
+}
+
+/// POST raw `body` bytes (not necessarily JSON) to `path`.
+pub async fn send_bytes(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Reply {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -370,7 +380,7 @@ pub async fn send(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: 
         b = b.header(*k, *v);
     }
     let resp = sender
-        .send_request(b.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+        .send_request(b.body(Full::new(body)).unwrap())
         .await
         .unwrap();
     let status = resp.status();
