@@ -6,7 +6,9 @@
 mod auth;
 pub mod billing;
 mod body;
+mod client_ip;
 mod config;
+mod conn;
 mod engine;
 mod error;
 pub mod guard;
@@ -32,3 +34,4 @@ pub use engine::{Engine, Stats};
 pub use error::Error;
 pub use records::CallRecord;
 pub use snapshot::SnapshotDoc;
+pub use upstream::Resolve;

@@ -23,7 +23,7 @@ use crate::error::{ApiError, Error};
 use crate::policy::{self, Denial, Scope};
 use crate::protocol::{self, auth_headers, ClientApi, Endpoints, Protocol};
 use crate::snapshot::{Deployment, Key, ModelDoc, ModelGroup, ModelKind, Provider, ProviderDoc};
-use crate::upstream::{self, ClientCache};
+use crate::upstream::{self, AddressScope, ClientCache};
 
 /// How a route orders its deployments.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -414,8 +414,11 @@ pub(crate) async fn forward(
                 return Err(NotServed::Api(ApiError::UpstreamTimeout));
             }
             Ok(Err(e)) => {
-                provider.state.failure(cfg);
                 let err = upstream::classify(&e);
+                // A refused address is the provider's configuration, not its health.
+                if err != ApiError::UpstreamAddressRefused {
+                    provider.state.failure(cfg);
+                }
                 if !e.is_connect() {
                     return Err(NotServed::Api(err));
                 }
@@ -490,7 +493,14 @@ pub(crate) fn compile_catalog(
             max_concurrency: p.max_concurrency,
             first_byte_timeout: Duration::from_millis(p.first_byte_timeout_ms.max(1)),
             idle_timeout: Duration::from_millis(p.idle_timeout_ms.max(1)),
-            client: clients.get(Duration::from_millis(p.connect_timeout_ms.max(1)))?,
+            client: clients.get(
+                Duration::from_millis(p.connect_timeout_ms.max(1)),
+                if p.org_id.is_some() {
+                    AddressScope::Org
+                } else {
+                    AddressScope::Platform
+                },
+            )?,
             state: clients.provider_state(&p.id),
             id: p.id.clone(),
         };

@@ -15,7 +15,9 @@ use crate::ipset::IpSet;
 use crate::limits::{LimitState, Limits, LiveCounters};
 use crate::policy::{Policy, PolicyDoc};
 use crate::protocol::{Endpoints, Protocol};
-use crate::routing::{DeploymentStats, ProviderState, RouteDoc, RoutingConfig, RoutingDoc, Strategy};
+use crate::routing::{
+    DeploymentStats, ProviderState, RouteDoc, RoutingConfig, RoutingDoc, Strategy,
+};
 use crate::screen::OrgGuard;
 use crate::upstream::{ClientCache, HttpClient};
 
@@ -259,6 +261,10 @@ pub struct ProviderDoc {
     /// Requests in flight to this provider at once; null means no limit.
     #[serde(default)]
     pub max_concurrency: Option<u32>,
+    /// The org that configured this provider; null for a platform provider. Only platform
+    /// providers may reach the operator's `upstream_private_cidrs`.
+    #[serde(default)]
+    pub org_id: Option<String>,
 }
 
 /// One model the gateway serves.

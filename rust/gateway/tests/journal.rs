@@ -160,7 +160,8 @@ async fn spooled_records_need_no_ack_and_unacked_ones_survive_stop() {
 #[test]
 fn journal_can_be_disabled() {
     let spool = tempdir::Dir::new();
-    let cfg = json!({"key_hash_secret_hex": SECRET_HEX, "spool_dir": spool.path(), "journal": false, "listen": "127.0.0.1:0"});
+    let cfg = json!({"key_hash_secret_hex": SECRET_HEX, "spool_dir": spool.path(), "journal": false, "listen": "127.0.0.1:0",
+                    "upstream_private_cidrs": ["127.0.0.0/8"]});
     let engine = Engine::new(EngineConfig::from_json(cfg.to_string().as_bytes()).unwrap()).unwrap();
     let addr = engine.start().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
