@@ -306,10 +306,10 @@ async fn slow_loris_is_closed_after_the_header_timeout() {
             if drip.write_all(b"a").await.is_err() {
                 return;
             }
-            let mut probe = [0u8; 64];
-            match tokio::time::timeout(Duration::from_millis(1), drip.read(&mut probe)).await {
-                Ok(Ok(0) | Err(_)) => return,
-                _ => {}
+            let mut buf = [0u8; 64];
+            let probe = tokio::time::timeout(Duration::from_millis(1), drip.read(&mut buf));
+            if let Ok(Ok(0) | Err(_)) = probe.await {
+                return;
             }
         }
     })
