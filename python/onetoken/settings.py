@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import secrets
@@ -21,6 +22,13 @@ MIN_SECRET_KEY_LEN = 32
 _PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "default", "password"})
 _PLACEHOLDER_PREFIXES = ("changeme", "change-me", "replace-me", "your-secret", "example")
 _MIN_DISTINCT_SECRET_CHARS = 10
+
+
+def cidr_list(spec: str) -> list[str]:
+    """A comma-separated CIDR setting as a list; ValueError names nothing of the input."""
+    return [
+        str(ipaddress.ip_network(p.strip(), strict=False)) for p in spec.split(",") if p.strip()
+    ]
 
 
 class Settings(BaseSettings):
@@ -55,6 +63,24 @@ class Settings(BaseSettings):
     queue_capacity: int = Field(default=100_000, ge=1)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    # Transport edge (docs/gateway-spec.md, "Transport limits and addresses").
+    # Comma-separated CIDRs that platform providers (never an org's own) may reach although
+    # they are loopback, private or link-local; empty allows no such address.
+    upstream_private_cidrs: str = ""
+    # Comma-separated CIDRs of load balancers whose X-Forwarded-For (and PROXY header) is
+    # believed; empty trusts none, so the client is the TCP peer.
+    gateway_trusted_proxies: str = ""
+    # Every gateway connection starts with a PROXY protocol v2 header.
+    gateway_proxy_protocol: bool = False
+    # host:port serving the gateway's /metrics (and /healthz); unset serves them nowhere.
+    metrics_listen: str | None = None
+    gateway_max_connections: int = Field(default=20_000, ge=1)
+    gateway_header_read_timeout_ms: int = Field(default=30_000, ge=100)
+    gateway_idle_timeout_ms: int = Field(default=120_000, ge=100)
+    gateway_max_header_bytes: int = Field(default=32 * 1024, ge=1024, le=1024 * 1024)
+    upstream_max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
+    upstream_max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    upstream_deadline_seconds: float = Field(default=1800.0, gt=0)
 
     session_ttl_hours: int = Field(default=12, ge=1, le=24 * 30)
 
@@ -124,6 +150,11 @@ class Settings(BaseSettings):
         if self.environment == "production" and self.secret_key_problem() is not None:
             raise ValueError("ONETOKEN_SECRET_KEY is a placeholder or too weak for production")
         self.previous_secret_key_bytes()  # malformed entries fail at startup, not at use
+        for name in ("upstream_private_cidrs", "gateway_trusted_proxies"):
+            try:
+                cidr_list(getattr(self, name))
+            except ValueError:
+                raise ValueError(f"ONETOKEN_{name.upper()} must be comma-separated CIDRs") from None
         return self
 
     def secret_key_problem(self) -> str | None:

@@ -76,6 +76,8 @@ class Server:
             "ONETOKEN_CONTROL_LISTEN": f"127.0.0.1:{self.control_port}",
             "ONETOKEN_DEMO_UPSTREAM": self.upstream,
             "ONETOKEN_FLUSH_INTERVAL_MS": "50",
+            # The fake provider is on loopback: platform providers may reach it there.
+            "ONETOKEN_UPSTREAM_PRIVATE_CIDRS": "127.0.0.0/8",
             **self.extra_env,
         }
 

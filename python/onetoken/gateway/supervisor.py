@@ -25,7 +25,7 @@ from onetoken.billing.upkeep import BillingUpkeep
 from onetoken.db.session import SessionFactory, current_revision
 from onetoken.gateway.snapshot import build_snapshot, snapshot_json
 from onetoken.kit.crypto import Secrets
-from onetoken.settings import Settings
+from onetoken.settings import Settings, cidr_list
 
 log = logging.getLogger("onetoken.gateway")
 
@@ -67,6 +67,17 @@ def engine_config(settings: Settings, secrets: Secrets) -> dict[str, Any]:
         "spool_dir": str(settings.spool_dir.resolve()),
         "max_body_bytes": settings.max_body_bytes,
         "shutdown_grace_ms": int(settings.shutdown_grace_seconds * 1000),
+        "upstream_private_cidrs": cidr_list(settings.upstream_private_cidrs),
+        "trusted_proxies": cidr_list(settings.gateway_trusted_proxies),
+        "proxy_protocol": settings.gateway_proxy_protocol,
+        "metrics_listen": settings.metrics_listen,
+        "max_connections": settings.gateway_max_connections,
+        "header_read_timeout_ms": settings.gateway_header_read_timeout_ms,
+        "idle_timeout_ms": settings.gateway_idle_timeout_ms,
+        "max_header_bytes": settings.gateway_max_header_bytes,
+        "max_upstream_event_bytes": settings.upstream_max_event_bytes,
+        "max_upstream_body_bytes": settings.upstream_max_body_bytes,
+        "upstream_deadline_ms": int(settings.upstream_deadline_seconds * 1000),
     }
     # Optional in docs/snapshot.md; sent only when they differ from the defaults.
     if secrets.key_hash_version != 1:
