@@ -165,11 +165,12 @@ def test_price_change_bills_each_request_at_the_price_in_force(
         assert time.monotonic() < deadline, "the new price never took effect"
     after = send(3)
     # A version scheduled a few seconds ahead: old price until then, new price after.
+    # (Far enough ahead that the CLI process has surely started and written it by then.)
     p3 = (UNIT, UNIT)
-    effective = datetime.now(UTC) + timedelta(seconds=3)
+    effective = datetime.now(UTC) + timedelta(seconds=8)
     price("--input", "1", "--output", "1", "--from", effective.isoformat())
     around: list[tuple[str, int]] = []
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         around += send(1)
         time.sleep(0.2)
