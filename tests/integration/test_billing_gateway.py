@@ -24,7 +24,7 @@ from openai import OpenAI
 from sqlalchemy import select
 
 from onetoken import _core
-from onetoken.billing.prices import list_versions
+from onetoken.billing import prices as price_book
 from onetoken.db.models import Model
 
 from .billing_world import (
@@ -151,13 +151,23 @@ def test_price_change_bills_each_request_at_the_price_in_force(
             sent.append((r.headers["x-request-id"], int(time.time() * 1_000_000)))
         return sent
 
-    def price(*args: str) -> None:
-        # A platform model: the operator prices it.
-        cli(server.data_dir, "billing", "price", "--model", model_id, *args)
+    def price(new: tuple[int, int], effective_from: datetime | None = None) -> None:
+        # A platform model: the operator prices it (what `onetoken billing price` does).
+        with db.session_factory() as s:
+            price_book.add_version(
+                s,
+                None,
+                model_id,
+                price_book.Prices(
+                    input_price=new[0], output_price=new[1], cached_input_price=new[0]
+                ),
+                effective_from=effective_from,
+            )
+            s.commit()
 
     before = send(3)
     p2 = (3_500_000_000, 7_250_000_000)
-    price("--input", "3.5", "--output", "7.25")
+    price(p2)
     # The change reaches the gateway with the next snapshot push; from then on every
     # request is charged the new price.
     deadline = time.monotonic() + 10
@@ -165,12 +175,11 @@ def test_price_change_bills_each_request_at_the_price_in_force(
         assert time.monotonic() < deadline, "the new price never took effect"
     after = send(3)
     # A version scheduled a few seconds ahead: old price until then, new price after.
-    # (Far enough ahead that the CLI process has surely started and written it by then.)
     p3 = (UNIT, UNIT)
-    effective = datetime.now(UTC) + timedelta(seconds=8)
-    price("--input", "1", "--output", "1", "--from", effective.isoformat())
+    effective = datetime.now(UTC) + timedelta(seconds=3)
+    price(p3, effective)
     around: list[tuple[str, int]] = []
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         around += send(1)
         time.sleep(0.2)
@@ -201,7 +210,7 @@ def test_price_change_bills_each_request_at_the_price_in_force(
     for rid in ids:
         assert charged[rid] == rows[rid]["cost"]
     with db.session_factory() as s:
-        history = list_versions(s, None, model_id)
+        history = price_book.list_versions(s, None, model_id)
         assert [v.input_price for v in history] == [UNIT, p2[0]]
 
     if ENGINE_V2:
