@@ -213,8 +213,14 @@ impl StreamBody {
                             continue;
                         }
                         self.sync_meter();
-                        let deadline = Instant::now() + self.limits.idle;
-                        self.idle_timer.as_mut().reset(deadline);
+                        let now = Instant::now();
+                        if now >= self.limits.deadline {
+                            // An upstream that always has bytes ready never lets the
+                            // deadline timer below be polled.
+                            self.end_with(Some(ApiError::UpstreamTimeout));
+                            continue;
+                        }
+                        self.idle_timer.as_mut().reset(now + self.limits.idle);
                     }
                 }
                 Poll::Ready(Some(Err(_))) => self.end_with(Some(ApiError::UpstreamStreamCut)),
