@@ -3,6 +3,7 @@ records every delivery and answers with scripted statuses."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -77,3 +78,53 @@ class Receiver:
                     raise AssertionError(f"receiver: condition not met, got {len(self.received)}")
                 self._cond.wait(left)
             return list(self.received)
+
+
+class DripReceiver:
+    """A receiver that reads each request, then answers one byte every `interval` seconds
+    (at most `limit` bytes): the slow endpoint of the isolation tests. Bounded, loopback."""
+
+    def __init__(self, interval: float = 0.2, limit: int = 100) -> None:
+        self.interval = interval
+        self.limit = limit
+        self.connections = 0
+        self._stop = threading.Event()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self._sock.settimeout(0.1)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._sock.getsockname()[1]}/hooks/slow"
+
+    def start(self) -> DripReceiver:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._sock.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                conn.recv(65536)
+                for byte in b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"[: self.limit]:
+                    if self._stop.wait(self.interval):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                return

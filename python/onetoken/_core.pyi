@@ -4,7 +4,7 @@ The hot path lives entirely in Rust. Python hands configuration in (rarely) and 
 metadata batches out (periodically); nothing crosses this boundary per request.
 """
 
-from typing import Any, Final
+from typing import Any, Final, TypedDict
 
 __version__: Final[str]
 
@@ -23,6 +23,18 @@ class TlsError(OnetokenError):
 class EngineStateError(OnetokenError):
     """The call does not fit the engine's state (start twice, snapshot before start...)."""
 
+class DroppedEntry(TypedDict):
+    """One snapshot entry the engine leaves out: ids and fixed codes, never a value."""
+
+    kind: str
+    """org, guard, key, provider, model, route, alias or blocked_ip."""
+    id: str
+    """Org id, key id, provider id, model name, route name, alias, or blocked_ips index."""
+    field: str
+    """The field at fault, as named in the snapshot document."""
+    reason: str
+    """Reason code (docs/snapshot.md)."""
+
 class Engine:
     """The gateway: a hyper server on a tokio runtime that Rust owns.
 
@@ -36,9 +48,13 @@ class Engine:
         return the bound address as "host:port"."""
     def load_snapshot(self, snapshot_json: bytes) -> int:
         """Compile and atomically swap in a config snapshot (tests/contract/snapshot.json).
-        Returns the version now serving. Raises ConfigError on an invalid snapshot; the
-        previous snapshot keeps serving. A snapshot whose version is not newer than the
-        current one is ignored and the current version is returned."""
+        Returns the version now serving. An entry that breaks the engine's rules is left
+        out and listed by snapshot_dropped(); the rest serves. Raises ConfigError only on a
+        document that does not parse (the previous snapshot keeps serving). A snapshot
+        whose version is not newer than the current one is ignored and the current version
+        is returned."""
+    def snapshot_dropped(self) -> list[DroppedEntry]:
+        """The entries the serving snapshot left out (empty when every entry compiled)."""
     def drain_records(self, max_records: int) -> dict[str, list[Any]] | None:
         """Take up to `max_records` call records from the bounded queue, column-oriented
         (keys and order in tests/contract/call_log_columns.json). None when empty.
@@ -90,6 +106,11 @@ class MockUpstream:
 
 def hash_key(secret: bytes, key: str) -> str:
     """HMAC-SHA256 of the key under the secret, lowercase hex (the gateway's lookup hash)."""
+
+def validate_snapshot(snapshot_json: bytes) -> list[DroppedEntry]:
+    """The entries the engine would leave out of this snapshot document, under the same
+    rules as Engine.load_snapshot, without an engine. Raises ConfigError only on a document
+    that does not parse."""
 
 def count_tokens(text: str) -> int:
     """Tokens in `text` under the gateway's tokenizer (o200k_base)."""

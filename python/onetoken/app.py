@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, FastAPI
 
-from onetoken import __version__
+from onetoken import __version__, docs_pages
 from onetoken.analytics.router import router as analytics_router
 from onetoken.billing.router import router as billing_router
 from onetoken.db.migrate import upgrade
@@ -26,6 +26,7 @@ from onetoken.security.permissions import PublicDep
 from onetoken.security.router import router as security_router
 from onetoken.settings import Settings
 from onetoken.webhooks.router import router as webhooks_router
+from onetoken.webhooks.router import stop_test_sender
 
 if TYPE_CHECKING:
     from onetoken.gateway.supervisor import GatewaySupervisor
@@ -65,6 +66,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        stop_test_sender(app_state)
         # The runtime belongs to whoever started it (serve.py); only the pool is ours.
         if state is None:
             app_state.db_engine.dispose()
@@ -73,12 +75,15 @@ def create_app(
         title="onetoken control API",
         version=__version__,
         openapi_url="/api/openapi.json",
-        docs_url="/api/docs",
+        # Served by docs_pages from the package's own assets (never from a CDN).
+        docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
     )
     app.state.onetoken = app_state
     install_error_handlers(app)
+    if settings.api_docs:
+        docs_pages.install(app)
     app.add_middleware(AccessLogMiddleware)
 
     api = APIRouter(prefix="/api/v1")

@@ -1,10 +1,9 @@
 """Background jobs of a serving process beside the record pump: webhook delivery, risk
-detection on the pumped records, the retention purge (and erasures whose ClickHouse part
-had to wait)."""
+detection on the pumped records, the retention purge, and the queued ClickHouse part of
+account erasures."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,18 +17,19 @@ if TYPE_CHECKING:
     from onetoken.deps import AppState
     from onetoken.gateway.supervisor import GatewaySupervisor
 
-log = logging.getLogger("onetoken.background")
-
 
 @dataclass
 class Background:
     dispatcher: WebhookDispatcher
     detectors: detectors_mod.Detectors
     retention: RetentionWorker
+    erasures: erasure.ErasureWorker
 
     def stop(self) -> None:
         """After the supervisor stopped (its last batches may still raise events)."""
         self.retention.stop()
+        self.erasures.stop()
+        erasure.install(None)
         self.dispatcher.stop()
         if webhooks.current() is self.dispatcher:
             webhooks.install(None)
@@ -44,14 +44,6 @@ def start(state: AppState, supervisor: GatewaySupervisor) -> Background:
     dispatcher.start()
     detectors = detectors_mod.attach(supervisor, settings, state.session_factory)
     retention = RetentionWorker(state.session_factory, settings)
-
-    def finish_erasures() -> None:
-        try:
-            read = supervisor.sink.read  # type: ignore[attr-defined]
-            erasure.complete_pending(state.session_factory, state.secrets, read)
-        except Exception as exc:
-            log.warning("rights.pending_failed", extra={"exc_type": type(exc).__name__})
-
-    retention.extra_jobs.append(finish_erasures)
     retention.start()
-    return Background(dispatcher, detectors, retention)
+    erasures = erasure.make_worker(state, supervisor)  # started by serve after the supervisor
+    return Background(dispatcher, detectors, retention, erasures)

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from onetoken.kit.errors import OnetokenError
+from onetoken.kit.files import restrict_umask
 from onetoken.settings import Settings
 
 EXIT_OK = 0
@@ -367,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    # Every command may create files in the data dir, some through chDB or SQLite, which
+    # would take the umask's mode: the service's files are private whatever the caller's.
+    restrict_umask()
     try:
         return func(args)
     except CliError as exc:

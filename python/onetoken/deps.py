@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -108,18 +108,3 @@ def get_principal(
         source_ip=client_ip(request, state.settings),
         user_agent=request.headers.get("user-agent", "")[:256],
     )
-
-
-def _require(name: str) -> Any:
-    from onetoken.security.permissions import require
-
-    return Depends(require(name))
-
-
-# Generic aliases: an endpoint using them is covered by the permission matrix under the
-# generic permissions `org.member` / `org.admin` / `billing.write`; prefer naming the
-# precise permission with Annotated[Principal, Depends(require("..."))] (see
-# onetoken.security.permissions and docs/permissions.md).
-PrincipalDep = Annotated[Principal, _require("org.member")]
-WriterDep = Annotated[Principal, _require("org.admin")]
-BillingWriterDep = Annotated[Principal, _require("billing.write")]

@@ -73,6 +73,26 @@ class _Server(uvicorn.Server):
         yield
 
 
+def control_config(app: Any, settings: Settings) -> uvicorn.Config:
+    """uvicorn's configuration for the control API."""
+    return uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        server_header=False,
+        # uvicorn would otherwise rewrite the client address from X-Forwarded-For sent by
+        # 127.0.0.1 whatever ONETOKEN_TRUSTED_PROXIES says, letting anyone on the host (or
+        # behind a local reverse proxy) forge the address that per-IP login lockout and the
+        # security log see. security.net.client_ip believes forwarding headers from the
+        # configured proxies only.
+        proxy_headers=False,
+        # One certificate for both listeners: operators configure TLS once.
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
+    )
+
+
 def _start_mock_upstream() -> tuple[Any, str]:
     from onetoken import _core
 
@@ -144,20 +164,11 @@ def run(settings: Settings, *, demo: bool = False) -> int:
         except Exception as exc:
             control_sock.close()
             raise ServeError(f"gateway failed to start: {type(exc).__name__}: {exc}") from None
+        background.erasures.start()
 
         app = create_app(settings, supervisor, state=state)
         tls = settings.tls_cert is not None
-        config = uvicorn.Config(
-            app,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-            server_header=False,
-            # One certificate for both listeners: operators configure TLS once.
-            ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
-            ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
-        )
-        server = _Server(config)
+        server = _Server(control_config(app, settings))
 
         def on_signal(signum: int, _: FrameType | None) -> None:
             if server.should_exit:
@@ -185,6 +196,9 @@ def run(settings: Settings, *, demo: bool = False) -> int:
         server.run(sockets=[control_sock])
         return 0
     finally:
+        if background is not None:
+            # A batch in progress finishes first: it writes through the supervisor's sink.
+            background.erasures.stop()
         if supervisor is not None:
             supervisor.stop()
         if background is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import secrets
@@ -12,6 +11,9 @@ from typing import Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from onetoken.kit.files import PRIVATE_FILE_MODE, private_dir
+from onetoken.security.net import networks
 
 log = logging.getLogger("onetoken.settings")
 
@@ -23,12 +25,6 @@ _PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "default", 
 _PLACEHOLDER_PREFIXES = ("changeme", "change-me", "replace-me", "your-secret", "example")
 _MIN_DISTINCT_SECRET_CHARS = 10
 
-
-def cidr_list(spec: str) -> list[str]:
-    """A comma-separated CIDR setting as a list; ValueError names nothing of the input."""
-    return [
-        str(ipaddress.ip_network(p.strip(), strict=False)) for p in spec.split(",") if p.strip()
-    ]
 
 
 class Settings(BaseSettings):
@@ -65,7 +61,8 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     # Transport edge (docs/gateway-spec.md, "Transport limits and addresses").
     # Comma-separated CIDRs that platform providers (never an org's own) may reach although
-    # they are loopback, private or link-local; empty allows no such address.
+    # they are loopback, private or link-local (an in-house model server); checked when a
+    # provider is saved and by the engine at every connect. Empty allows no such address.
     upstream_private_cidrs: str = ""
     # Comma-separated CIDRs of load balancers whose X-Forwarded-For (and PROXY header) is
     # believed; empty trusts none, so the client is the TCP peer.
@@ -98,6 +95,9 @@ class Settings(BaseSettings):
     login_failure_window_seconds: int = Field(default=900, ge=1)
     login_burst_max_attempts: int = Field(default=5, ge=2)
     login_burst_window_seconds: float = Field(default=2.0, gt=0)
+    # Lets an org's owners credit, confirm, refund and invoice their own org (operators
+    # only by default): for a private deployment whose owners are the platform's staff.
+    tenant_money_admin: bool = False
     key_rotation_overlap_hours: int = Field(default=24, ge=0, le=24 * 90)
     # Comma-separated CIDRs of reverse proxies whose X-Forwarded-For is believed.
     trusted_proxies: str = ""
@@ -106,9 +106,14 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(default=8, ge=1, le=50)
     webhook_backoff_base_seconds: float = Field(default=10.0, gt=0)
     webhook_backoff_max_seconds: float = Field(default=3600.0, gt=0)
+    # The whole of one delivery attempt (resolve, connect, send, response status).
     webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
     webhook_poll_interval_seconds: float = Field(default=2.0, gt=0)
-    webhook_allow_private_targets: bool = False
+    # Attempts running at once; each endpoint has at most one.
+    webhook_workers: int = Field(default=8, ge=1, le=256)
+    # Comma-separated CIDRs webhook targets may be in besides public addresses
+    # (on-premises receivers); every org's endpoints may then reach them.
+    webhook_private_cidrs: str = ""
     anomaly_bucket_seconds: float = Field(default=60.0, gt=0)
     anomaly_ewma_alpha: float = Field(default=0.2, gt=0, le=1)
     anomaly_warmup_buckets: int = Field(default=5, ge=1)
@@ -131,6 +136,8 @@ class Settings(BaseSettings):
     retention_purge_interval_seconds: float = Field(default=3600.0, gt=0)
     config_watch_interval_ms: int = Field(default=500, ge=50)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Swagger UI at /api/docs (assets served from the package); /api/openapi.json stays.
+    api_docs: bool = True
 
     @model_validator(mode="after")
     def _resolve(self) -> Self:
@@ -150,9 +157,14 @@ class Settings(BaseSettings):
         if self.environment == "production" and self.secret_key_problem() is not None:
             raise ValueError("ONETOKEN_SECRET_KEY is a placeholder or too weak for production")
         self.previous_secret_key_bytes()  # malformed entries fail at startup, not at use
-        for name in ("upstream_private_cidrs", "gateway_trusted_proxies"):
+        for name in (
+            "trusted_proxies",
+            "gateway_trusted_proxies",
+            "webhook_private_cidrs",
+            "upstream_private_cidrs",
+        ):
             try:
-                cidr_list(getattr(self, name))
+                networks(getattr(self, name))
             except ValueError:
                 raise ValueError(f"ONETOKEN_{name.upper()} must be comma-separated CIDRs") from None
         return self
@@ -208,7 +220,7 @@ class Settings(BaseSettings):
 
     def ensure_dirs(self) -> None:
         for path in (self.data_dir, self.spool_dir, self.log_dir):
-            path.mkdir(parents=True, exist_ok=True)
+            private_dir(path)
 
     def secret_key_bytes(self) -> bytes:
         """The master secret: ONETOKEN_SECRET_KEY, else one generated once per data dir.
@@ -223,9 +235,9 @@ class Settings(BaseSettings):
             return _read_secret_file(path)
         except FileNotFoundError:
             pass
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
         except FileExistsError:
             return _read_secret_file(path)
         with os.fdopen(fd, "w") as f:

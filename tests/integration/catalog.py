@@ -144,5 +144,9 @@ def fresh_org(operator: Admin, server: Any, name: str) -> tuple[Admin, str, str]
         {"name": name, "owner": {"email": email, "password": password, "role": "owner"}},
     )
     owner = Admin(server, email, password)
-    owner.post("/api/v1/billing/credits", {"amount": "100", "idempotency_key": f"seed-{name}"})
+    # Credits are the operator's to give, never the tenant's.
+    operator.post(
+        "/api/v1/billing/credits",
+        {"amount": "100", "idempotency_key": f"seed-{name}", "org_id": org["id"]},
+    )
     return owner, org["id"], new_key(owner, "k")[1]

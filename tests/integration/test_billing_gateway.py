@@ -389,6 +389,56 @@ def test_concurrent_traffic_stays_within_the_overspend_bound(server: Server, db:
     print(f"{ORGS * PER_ORG} requests with {THREADS} clients in {elapsed:.1f}s")
 
 
+CHOICES = 8
+CHOICE_CAP = 16  # the deployment's max_output_tokens
+
+
+def test_n_choices_without_max_tokens_stay_within_the_overspend_bound(
+    server: Server, db: Any, mock_addr: str
+) -> None:
+    """Pass-through chat with n = 8 and no max_tokens, against a balance that runs out:
+    each request reserves n outputs at the deployment's cap and the upstream is asked for
+    no more, so with output-only prices the balance never goes below zero."""
+    per_request = cost(CHOICES * CHOICE_CAP, DEMO_OUT)
+    seed = 5 * per_request + per_request // 2
+    org = make_org(db, "Choices", balance=seed, mock_addr=mock_addr, input_price=0,
+                   output_price=DEMO_OUT, cached_input_price=0, max_output_tokens=CHOICE_CAP)
+    wait_for_key(server, org.key, "choices-chat")
+    body = {
+        "model": "choices-chat",
+        "n": CHOICES,
+        "messages": [{"role": "user", "content": "many answers please"}],
+        # Unbounded, the fake provider would write 100 tokens per choice.
+        "mock": {"chunks": 100, "delay_ms": 2},
+    }
+
+    def one(_: int) -> tuple[str, int]:
+        r = _http().post(f"{server.gateway_url}/v1/chat/completions", json=body,
+                         headers={"Authorization": f"Bearer {org.key}"})
+        if r.status_code == 200:
+            assert len(r.json()["choices"]) == CHOICES
+        return r.headers["x-request-id"], r.status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        sent = list(pool.map(one, range(24)))
+    statuses = [s for _, s in sent]
+    assert statuses.count(402) > 0 and statuses.count(200) > 0, statuses
+    assert set(statuses) <= {200, 402}, statuses
+    admin = Admin(server, org.owner_email, PASSWORD)
+    rows = wait_for_calls(admin, {rid for rid, _ in sent})
+    for row in rows:
+        if row["status"] == 200:
+            assert row["completion_tokens"] == CHOICES * CHOICE_CAP, row
+            assert row["cost"] == per_request
+    deadline = time.monotonic() + 15
+    charged = sum(r["cost"] for r in rows)
+    while balance(db, org.org_id) != seed - charged and time.monotonic() < deadline:
+        time.sleep(0.1)
+    final = balance(db, org.org_id)
+    assert final == seed - charged
+    assert final >= 0, final
+
+
 # -- last: stop the server and reconcile -------------------------------------------------
 
 

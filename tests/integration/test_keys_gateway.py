@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 from openai import OpenAI
 
@@ -155,3 +156,43 @@ def test_keys_survive_a_secret_rotation(tmp_path: Path, mock_addr: str) -> None:
 
 def bootstrap_with(data_dir: Path, env: dict[str, str]) -> dict[str, Any]:
     return dict(json.loads(cli(data_dir, "bootstrap", "--json", env=env).stdout))
+
+
+def test_a_revocation_lands_within_a_second_after_a_bad_entry_was_forced_in(
+    deployment: dict[str, Any], admin: Admin
+) -> None:
+    """An entry the engine refuses, written to the database around the API (a restore, a
+    hand edit): the engine leaves that entry out and keeps taking every later snapshot,
+    so a key revocation still lands within a second."""
+    from sqlalchemy.orm import Session
+
+    from onetoken.db.session import bump_revision, make_engine
+    from onetoken.providers.tables import Route
+
+    created = admin.post("/api/v1/keys", {"name": "after-a-bad-entry"})
+    client = sdk(deployment, created["key"])
+    within(PROPAGATION_S, lambda: error_code(lambda: call(client)) is None)
+    db = make_engine(f"sqlite:///{deployment['data_dir'] / 'control.db'}")
+    try:
+        with Session(db) as session:
+            session.add(Route(id="rte_forced", org_id=None, name="no-such-model", aliases=[]))
+            bump_revision(session)
+            session.commit()
+        # The engine takes the snapshot with the bad entry, leaving that entry out.
+        metrics = deployment["server"].metrics_url
+        within(5, lambda: "onetoken_snapshot_dropped_entries 1\n" in httpx.get(metrics).text)
+        assert error_code(lambda: call(client)) is None
+        r = admin.http.post(f"/api/v1/keys/{created['id']}/revoke")
+        assert r.status_code == 200
+        took = within(
+            PROPAGATION_S, lambda: error_code(lambda: call(client)) == (401, "key_revoked")
+        )
+        assert took < PROPAGATION_S
+    finally:
+        with Session(db) as session:
+            route = session.get(Route, "rte_forced")
+            if route is not None:
+                session.delete(route)
+                bump_revision(session)
+                session.commit()
+        db.dispose()

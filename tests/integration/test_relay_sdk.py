@@ -86,6 +86,25 @@ def test_errors_are_openai_shaped(client: OpenAI, deployment: dict[str, Any]) ->
     assert r.headers["x-request-id"]
 
 
+def test_malformed_requests_get_an_openai_400_naming_the_parameter(client: OpenAI) -> None:
+    """What OpenAI refuses is refused before it is forwarded or billed, in a shape the SDK
+    raises as BadRequestError with `param` set."""
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("messages", {"messages": []}),
+        ("max_tokens", {"messages": MSG, "max_tokens": -1}),
+        ("max_completion_tokens", {"messages": MSG, "max_completion_tokens": 0}),
+        ("n", {"messages": MSG, "n": 0}),
+    ]
+    for param, kwargs in cases:
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(model="demo-chat", **kwargs)
+        assert bad.value.param == param
+        assert bad.value.code == "invalid_request"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.embeddings.create(model="demo-embed", input=[])
+    assert bad.value.param == "input"
+
+
 def test_every_call_is_recorded_and_billed(client: OpenAI, admin: Admin) -> None:
     raw = client.chat.completions.with_raw_response.create(
         model="demo-chat", messages=MSG, extra_body={"mock": {"chunks": 4}}

@@ -86,12 +86,20 @@ class Admin:
 
 
 def make_org_admin(
-    state: AppState, client: TestClient, org_name: str, email: str, role: str = "owner"
+    state: AppState,
+    client: TestClient,
+    org_name: str,
+    email: str,
+    role: str = "owner",
+    *,
+    is_operator: bool = False,
 ) -> Admin:
     password = "correct horse battery staple"
     with state.session_factory() as session:
         org = orgs.create_org(session, org_name)
-        account = orgs.create_account(session, org.id, email, password, role)
+        account = orgs.create_account(
+            session, org.id, email, password, role, is_operator=is_operator
+        )
         session.commit()
         org_id, account_id = org.id, account.id
     r = client.post("/api/v1/auth/login", json={"email": email, "password": password})
@@ -120,6 +128,12 @@ def admin(state: AppState, client: TestClient) -> Admin:
 @pytest.fixture
 def other_admin(state: AppState, client: TestClient) -> Admin:
     return make_org_admin(state, client, "Globex", "admin@globex.test", role="admin")
+
+
+@pytest.fixture
+def operator(state: AppState, client: TestClient) -> Admin:
+    """The platform's staff: the only ones who move money by default."""
+    return make_org_admin(state, client, "Platform", "op@platform.test", is_operator=True)
 
 
 def core_or_skip() -> Any:

@@ -245,7 +245,13 @@ def test_password_change_ends_other_sessions(client: TestClient, admin: Admin) -
 
 def test_totp_enrol_confirm_sign_in_replay_and_disable(client: TestClient, admin: Admin,
                                                        state: AppState) -> None:
-    r = client.post(f"{API}/me/totp", headers=admin.headers)
+    r = client.post(f"{API}/me/totp", headers=admin.headers, json={})
+    assert r.status_code == 422  # the session alone is not enough
+    r = client.post(f"{API}/me/totp", headers=admin.headers,
+                    json={"current_password": "not the password"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_credentials"
+    r = client.post(f"{API}/me/totp", headers=admin.headers,
+                    json={"current_password": admin.password})
     assert r.status_code == 200
     secret = r.json()["secret"]
     assert r.json()["otpauth_uri"].startswith("otpauth://totp/onetoken")
@@ -279,14 +285,21 @@ def test_totp_enrol_confirm_sign_in_replay_and_disable(client: TestClient, admin
 
     r = client.post(f"{API}/me/totp/disable", headers=admin.headers,
                     json={"code": totp.code_at(secret, later)})
+    assert r.status_code == 422  # the current password is required too
+    r = client.post(f"{API}/me/totp/disable", headers=admin.headers,
+                    json={"code": totp.code_at(secret, later), "current_password": admin.password})
     assert r.status_code == 400  # that step was used by the sign-in above
     with state.session_factory() as s:
         account = s.get(Account, admin.account_id)
         assert account is not None
         account.totp_last_step = None
         s.commit()
+    code_now = totp.code_at(secret, time.time())
     r = client.post(f"{API}/me/totp/disable", headers=admin.headers,
-                    json={"code": totp.code_at(secret, time.time())})
+                    json={"code": code_now, "current_password": "not the password"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_credentials"
+    r = client.post(f"{API}/me/totp/disable", headers=admin.headers,
+                    json={"code": code_now, "current_password": admin.password})
     assert r.status_code == 200 and r.json()["auth_status"] == "password"
     assert login(client, admin.email, admin.password).status_code == 200
 
@@ -294,7 +307,8 @@ def test_totp_enrol_confirm_sign_in_replay_and_disable(client: TestClient, admin
 def test_admin_resets_a_lost_second_factor(client: TestClient, admin: Admin,
                                            state: AppState) -> None:
     dev = add_account(state, client, admin.org_id, "dev@acme.test", "developer")
-    secret = client.post(f"{API}/me/totp", headers=dev).json()["secret"]
+    secret = client.post(f"{API}/me/totp", headers=dev,
+                         json={"current_password": "another long password"}).json()["secret"]
     client.post(f"{API}/me/totp/confirm", headers=dev,
                 json={"code": totp.code_at(secret, time.time())})
     dev_id = client.get(f"{API}/me", headers=dev).json()["id"]
@@ -345,18 +359,20 @@ def test_make_org_admin_helper_still_works(state: AppState, client: TestClient) 
     assert client.get(f"{API}/org", headers=extra.headers).json()["name"] == "Umbrella"
 
 
-def test_every_admin_write_is_audited(client: TestClient, admin: Admin, state: AppState) -> None:
-    viewer = add_account(state, client, admin.org_id, "viewer@acme.test", "viewer")
+def test_every_admin_write_is_audited(
+    client: TestClient, admin: Admin, operator: Admin, state: AppState
+) -> None:
     drained_events()
-    r = client.post(f"{API}/billing/credits", headers=admin.headers,
-                    json={"amount": "1", "idempotency_key": "audit-1"})
+    r = client.post(f"{API}/billing/credits", headers=operator.headers,
+                    json={"amount": "1", "idempotency_key": "audit-1", "org_id": admin.org_id})
     assert r.status_code == 201
-    r = client.post(f"{API}/billing/credits", headers=viewer,
+    r = client.post(f"{API}/billing/credits", headers=admin.headers,
                     json={"amount": "1", "idempotency_key": "audit-2"})
     assert r.status_code == 403
-    got = [(e["kind"], e["actor_id"] == admin.account_id, e["detail"].get("route"),
+    got = [(e["kind"], e["actor_id"] == operator.account_id, e["detail"].get("route"),
             e["detail"].get("outcome")) for e in drained_events()]
     assert got == [
+        ("billing.credit_added", True, None, None),
         ("admin.action", True, "/api/v1/billing/credits", "ok"),
         ("access.denied", False, "/api/v1/billing/credits", None),
     ]

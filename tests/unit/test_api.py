@@ -182,8 +182,9 @@ def test_read_only_roles_cannot_write(client: TestClient, admin: Admin, state: A
         )
         assert r.status_code == 403
     billing = add_account(state, client, admin.org_id, "billing@acme.test", "billing")
+    # Billing places orders; it does not credit the org (an operator does).
     r = client.post(
-        f"{API}/billing/credits", json={"amount": "1", "idempotency_key": "k"}, headers=billing
+        f"{API}/billing/orders", json={"kind": "recharge", "amount": "1"}, headers=billing
     )
     assert r.status_code == 201
     assert client.post(f"{API}/keys", json={"name": "x"}, headers=billing).status_code == 403
@@ -195,7 +196,8 @@ def test_read_only_roles_cannot_write(client: TestClient, admin: Admin, state: A
 def _setup_provider_and_model(client: TestClient, admin: Admin, name: str = "p") -> tuple[str, str]:
     r = client.post(
         f"{API}/providers",
-        json={"name": name, "base_url": "http://127.0.0.1:9/v1", "api_key": "sk-UPSTREAM-SECRET-1"},
+        json={"name": name, "base_url": "http://upstream.test:9/v1",
+              "api_key": "sk-UPSTREAM-SECRET-1"},
         headers=admin.headers,
     )
     assert r.status_code == 201, r.text
@@ -216,14 +218,17 @@ def _setup_provider_and_model(client: TestClient, admin: Admin, name: str = "p")
     return pid, r.json()["id"]
 
 
-def test_org_isolation(client: TestClient, admin: Admin, other_admin: Admin) -> None:
+def test_org_isolation(
+    client: TestClient, admin: Admin, other_admin: Admin, operator: Admin
+) -> None:
     key_id = client.post(f"{API}/keys", json={"name": "a"}, headers=admin.headers).json()["id"]
     pid, mid = _setup_provider_and_model(client, admin)
-    client.post(
+    r = client.post(
         f"{API}/billing/credits",
-        json={"amount": "5", "idempotency_key": "x"},
-        headers=admin.headers,
+        json={"amount": "5", "idempotency_key": "x", "org_id": admin.org_id},
+        headers=operator.headers,
     )
+    assert r.status_code == 201, r.text
     h = other_admin.headers
 
     assert client.get(f"{API}/keys", headers=h).json()["data"] == []
@@ -257,7 +262,7 @@ def test_org_isolation(client: TestClient, admin: Admin, other_admin: Admin) -> 
     key = client.get(f"{API}/keys/{key_id}", headers=admin.headers).json()
     assert key["name"] == "a" and key["status"] == "active"
     prov = client.get(f"{API}/providers/{pid}", headers=admin.headers).json()
-    assert prov["base_url"] == "http://127.0.0.1:9/v1"
+    assert prov["base_url"] == "http://upstream.test:9/v1"
     assert (
         client.get(f"{API}/models/{mid}", headers=admin.headers).json()["input_price"]
         == "0.500000000"
@@ -362,10 +367,14 @@ def test_model_names_are_unique_across_the_deployment(
 # -- billing ----------------------------------------------------------------------------
 
 
-def test_credit_is_idempotent(client: TestClient, admin: Admin, state: AppState) -> None:
-    body = {"amount": "100.00", "idempotency_key": "order-1", "memo": "PO 7"}
-    first = client.post(f"{API}/billing/credits", json=body, headers=admin.headers)
-    again = client.post(f"{API}/billing/credits", json=body, headers=admin.headers)
+def test_credit_is_idempotent(
+    client: TestClient, admin: Admin, operator: Admin, state: AppState
+) -> None:
+    body = {
+        "amount": "100.00", "idempotency_key": "order-1", "memo": "PO 7", "org_id": admin.org_id
+    }
+    first = client.post(f"{API}/billing/credits", json=body, headers=operator.headers)
+    again = client.post(f"{API}/billing/credits", json=body, headers=operator.headers)
     assert first.status_code == 201 and again.status_code == 200
     assert first.json()["entry"]["id"] == again.json()["entry"]["id"]
     assert again.json()["created"] is False
@@ -373,13 +382,13 @@ def test_credit_is_idempotent(client: TestClient, admin: Admin, state: AppState)
     r = client.post(
         f"{API}/billing/credits",
         json={**body, "amount": "50"},
-        headers=admin.headers,
+        headers=operator.headers,
     )
     assert r.status_code == 409
     r = client.post(
         f"{API}/billing/credits",
-        json={"amount": "2.5"},
-        headers={**admin.headers, "Idempotency-Key": "order-2"},
+        json={"amount": "2.5", "org_id": admin.org_id},
+        headers={**operator.headers, "Idempotency-Key": "order-2"},
     )
     assert r.status_code == 201
     assert (
@@ -390,7 +399,7 @@ def test_credit_is_idempotent(client: TestClient, admin: Admin, state: AppState)
         assert len(s.scalars(select(LedgerEntry)).all()) == 2
 
 
-def test_credit_validation(client: TestClient, admin: Admin) -> None:
+def test_credit_validation(client: TestClient, admin: Admin, operator: Admin) -> None:
     for body in (
         {"amount": "0.0000000001", "idempotency_key": "a"},
         {"amount": 10.5, "idempotency_key": "a"},
@@ -398,23 +407,24 @@ def test_credit_validation(client: TestClient, admin: Admin) -> None:
         {"amount": "-5", "idempotency_key": "a"},
         {"amount": "5"},
     ):
-        r = client.post(f"{API}/billing/credits", json=body, headers=admin.headers)
+        r = client.post(f"{API}/billing/credits", json=body, headers=operator.headers)
         assert r.status_code == 422, body
     r = client.post(
         f"{API}/billing/credits",
-        json={"amount": "-5", "kind": "adjustment", "idempotency_key": "adj"},
-        headers=admin.headers,
+        json={"amount": "-5", "kind": "adjustment", "idempotency_key": "adj",
+              "org_id": admin.org_id},
+        headers=operator.headers,
     )
     assert r.status_code == 201
     assert r.json()["balance"] == "-5.000000000"
 
 
-def test_ledger_pages_newest_first(client: TestClient, admin: Admin) -> None:
+def test_ledger_pages_newest_first(client: TestClient, admin: Admin, operator: Admin) -> None:
     for i in range(5):
         client.post(
             f"{API}/billing/credits",
-            json={"amount": f"{i + 1}", "idempotency_key": f"k{i}"},
-            headers=admin.headers,
+            json={"amount": f"{i + 1}", "idempotency_key": f"k{i}", "org_id": admin.org_id},
+            headers=operator.headers,
         )
     page = client.get(f"{API}/billing/ledger?limit=2", headers=admin.headers).json()
     assert [e["amount"] for e in page["data"]] == ["5.000000000", "4.000000000"]
@@ -430,7 +440,9 @@ def test_ledger_pages_newest_first(client: TestClient, admin: Admin) -> None:
 # -- errors -----------------------------------------------------------------------------
 
 
-def test_validation_errors_never_echo_submitted_values(client: TestClient, admin: Admin) -> None:
+def test_validation_errors_never_echo_submitted_values(
+    client: TestClient, admin: Admin, operator: Admin
+) -> None:
     canary = "CANARY-7f3a9"
     cases = [
         ("POST", "/keys", {"name": "x", canary: canary}),
@@ -442,7 +454,9 @@ def test_validation_errors_never_echo_submitted_values(client: TestClient, admin
         ("POST", "/auth/login", {"email": canary, "password": 5}),
     ]
     for method, path, body in cases:
-        r = client.request(method, f"{API}{path}", json=body, headers=admin.headers)
+        # Crediting is the operator's: anyone else is refused before the body is read.
+        who = operator if path == "/billing/credits" else admin
+        r = client.request(method, f"{API}{path}", json=body, headers=who.headers)
         assert r.status_code == 422, (path, r.text)
         assert canary not in r.text, (path, r.text)
         assert _error(r)["type"] == "invalid_request_error"

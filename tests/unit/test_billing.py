@@ -23,6 +23,7 @@ from onetoken.keys import service as keys
 from onetoken.kit.errors import Conflict, NotFound, Unprocessable
 from onetoken.orgs import service as orgs
 from onetoken.providers import service as providers
+from onetoken.security.permissions import ROLE_DENIED_MESSAGE
 from tests.unit.conftest import Admin, add_account
 
 API = "/api/v1"
@@ -466,7 +467,11 @@ def billing_admin(state: AppState, client: TestClient, admin: Admin) -> dict[str
 
 
 def test_bank_transfer_order_flow_over_the_api(
-    client: TestClient, admin: Admin, billing_admin: dict[str, str], other_admin: Admin
+    client: TestClient,
+    admin: Admin,
+    billing_admin: dict[str, str],
+    other_admin: Admin,
+    operator: Admin,
 ) -> None:
     r = client.post(
         f"{API}/billing/orders", json={"kind": "recharge", "amount": "25.50"}, headers=admin.headers
@@ -476,16 +481,22 @@ def test_bank_transfer_order_flow_over_the_api(
     assert order["status"] == "created" and order["amount"] == "25.500000000"
     assert order["instructions"]["reference"] == order["payment_reference"]
     oid = order["id"]
-    # Four eyes: not the account that placed it.
-    r = client.post(f"{API}/billing/orders/{oid}/confirm", headers=admin.headers)
-    assert r.status_code == 403 and r.json()["error"]["code"] == "separation_of_duties"
-    # Another org cannot see or touch it.
-    for method, path in (("GET", ""), ("POST", "/confirm"), ("POST", "/refund")):
-        r = client.request(
-            method, f"{API}/billing/orders/{oid}{path}", headers=other_admin.headers, json={}
-        )
-        assert r.status_code == 404, (method, path, r.text)
-    r = client.post(f"{API}/billing/orders/{oid}/confirm", headers=billing_admin)
+    # The org's own roles place orders; confirming and refunding them is the operator's.
+    for headers in (admin.headers, billing_admin):
+        for path in ("/confirm", "/refund", "/fail"):
+            r = client.post(f"{API}/billing/orders/{oid}{path}", headers=headers, json={})
+            assert r.status_code == 403, (path, r.text)
+            assert r.json()["error"]["message"] == ROLE_DENIED_MESSAGE
+    # Another org cannot see it.
+    r = client.get(f"{API}/billing/orders/{oid}", headers=other_admin.headers)
+    assert r.status_code == 404, r.text
+    # The operator finds it among the org's orders and confirms it.
+    pending = client.get(
+        f"{API}/billing/orders", params={"org_id": admin.org_id, "status": "created"},
+        headers=operator.headers,
+    ).json()["data"]
+    assert [o["id"] for o in pending] == [oid]
+    r = client.post(f"{API}/billing/orders/{oid}/confirm", headers=operator.headers)
     assert r.status_code == 200 and r.json()["status"] == "paid"
     assert [e["to_status"] for e in r.json()["events"]] == ["created", "paid"]
     r = client.post(f"{API}/billing/orders/{oid}/cancel", headers=billing_admin)
@@ -495,7 +506,7 @@ def test_bank_transfer_order_flow_over_the_api(
         == "25.500000000"
     )
     r = client.post(
-        f"{API}/billing/orders/{oid}/refund", json={"amount": "0.5"}, headers=billing_admin
+        f"{API}/billing/orders/{oid}/refund", json={"amount": "0.5"}, headers=operator.headers
     )
     assert r.status_code == 200 and r.json()["refunded_amount"] == "0.500000000"
     assert (
@@ -505,6 +516,11 @@ def test_bank_transfer_order_flow_over_the_api(
     listed = client.get(f"{API}/billing/orders", headers=admin.headers).json()["data"]
     assert [o["id"] for o in listed] == [oid]
     assert client.get(f"{API}/billing/orders", headers=other_admin.headers).json()["data"] == []
+    # Naming another org is the operator's alone, and answers like an unknown org.
+    r = client.get(
+        f"{API}/billing/orders", params={"org_id": admin.org_id}, headers=other_admin.headers
+    )
+    assert r.status_code == 404
 
 
 def test_billing_roles(client: TestClient, admin: Admin, state: AppState) -> None:

@@ -159,6 +159,7 @@ def test_statement_and_invoice_match_the_ledger_to_the_unit(
     client: TestClient,
     admin: Admin,
     other_admin: Admin,
+    operator: Admin,
     state: AppState,
     pumped: tuple[GatewaySupervisor, QueueEngine],
 ) -> None:
@@ -244,9 +245,12 @@ def test_statement_and_invoice_match_the_ledger_to_the_unit(
     for path in ("", "/document", "/lines.csv"):
         r = client.get(f"{API}/billing/invoices/{inv['id']}{path}", headers=other_admin.headers)
         assert r.status_code == 404
+    # The org requests the invoice; the operator issues (or voids) it.
     r = client.post(f"{API}/billing/invoices/{inv['id']}/issue", headers=admin.headers)
+    assert r.status_code == 403
+    r = client.post(f"{API}/billing/invoices/{inv['id']}/issue", headers=operator.headers)
     assert r.json()["status"] == "issued"
-    r = client.post(f"{API}/billing/invoices/{inv['id']}/issue", headers=admin.headers)
+    r = client.post(f"{API}/billing/invoices/{inv['id']}/issue", headers=operator.headers)
     assert r.status_code == 409
     # The other org's statement holds only its own call.
     other = client.get(f"{API}/billing/statements/{LABEL}", headers=other_admin.headers).json()

@@ -3,6 +3,8 @@ sign-ins, checked in the security log rows they leave in (embedded) ClickHouse."
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,10 +18,13 @@ from pydantic import SecretStr
 
 from onetoken.analytics.clickhouse import open_client
 from onetoken.app import build_state, create_app
-from onetoken.db.models import utcnow
+from onetoken.db.models import Account, utcnow
 from onetoken.deps import AppState
+from onetoken.kit.errors import Unauthorized
+from onetoken.orgs import auth
 from onetoken.orgs import service as orgs
-from onetoken.security.login_guard import lockout_seconds
+from onetoken.security import totp
+from onetoken.security.login_guard import LoginGuard, lockout_seconds
 from onetoken.security.models import LoginThrottle
 from onetoken.settings import Settings
 
@@ -250,3 +255,129 @@ def test_org_admins_see_only_their_org_and_operators_all(env: Env) -> None:
     seen = {e["org_id"] for e in events(env, op)}
     assert {org_a, org_b} <= seen
     assert {e["org_id"] for e in events(env, op, org_id=org_b)} == {org_b}
+
+
+# -- step-up: re-authentication of a signed-in account ----------------------------------------
+
+
+def _with_totp(env: Env, account_id: str) -> str:
+    secret = totp.generate_secret()
+    with env.state.session_factory() as s:
+        account = s.get(Account, account_id)
+        assert account is not None
+        account.totp_secret_encrypted = env.state.secrets.encrypt(secret)
+        account.auth_status = "totp"
+        s.commit()
+    return secret
+
+
+def test_wrong_current_passwords_count_towards_the_lockout_and_are_logged(env: Env) -> None:
+    org_id, login, account_id = org_with_owner(env)
+    token = token_for(env, login)
+    c = from_ip(env, "198.51.100.140")
+    h = {"Authorization": f"Bearer {token}", "User-Agent": CHROME}
+    new = {"new_password": "a brand new password"}
+    r = c.post(f"{API}/me/password", json={"current_password": "guess-1", **new}, headers=h)
+    assert r.status_code == 400
+    assert c.post(f"{API}/me/cancel", json={"password": "guess-2"}, headers=h).status_code == 401
+    r = c.post(f"{API}/me/totp", json={"current_password": "guess-3"}, headers=h)
+    assert r.status_code == 400
+    # Locked like a sign-in: the right password is refused too, with Retry-After.
+    r = c.post(f"{API}/me/password", json={"current_password": PASSWORD, **new}, headers=h)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "login_locked"
+    assert 1 <= int(r.headers["Retry-After"]) <= 31
+    assert attempt(from_ip(env, "203.0.113.140"), login, PASSWORD).status_code == 429
+    failed = events(env, token, kind="auth.step_up_failed")
+    assert len(failed) == 3
+    assert {e["detail"]["reason"] for e in failed} == {"bad_password"}
+    assert {(e["source_ip"], e["org_id"], e["subject_id"]) for e in failed} == {
+        ("198.51.100.140", org_id, account_id)
+    }
+    assert "guess" not in str(events(env, token))
+
+
+def test_one_time_codes_of_a_signed_in_account_are_throttled(env: Env) -> None:
+    _, login, account_id = org_with_owner(env)
+    token = token_for(env, login)
+    c = from_ip(env, "198.51.100.141")
+    h = {"Authorization": f"Bearer {token}"}
+    r = c.post(f"{API}/me/totp", json={"current_password": PASSWORD}, headers=h)
+    assert r.status_code == 200
+    secret = r.json()["secret"]
+    right = totp.code_at(secret, time.time())
+    wrong = str((int(right) + 1) % 10**6).zfill(6)
+    for _ in range(3):
+        r = c.post(f"{API}/me/totp/confirm", json={"code": wrong}, headers=h)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_totp"
+    r = c.post(f"{API}/me/totp/confirm", json={"code": right}, headers=h)
+    assert r.status_code == 429
+    with env.state.session_factory() as s:
+        ip_row = s.get(LoginThrottle, ("ip", "198.51.100.141"))
+        assert ip_row is not None and ip_row.failures == 3
+        account = s.get(Account, account_id)
+        assert account is not None and account.auth_status == "password"
+
+
+def test_totp_disable_needs_the_password_and_a_code(env: Env) -> None:
+    _, login, account_id = org_with_owner(env)
+    secret = _with_totp(env, account_id)
+    r = attempt(from_ip(env, "192.0.2.142"), login, PASSWORD)
+    assert r.json()["error"]["code"] == "totp_required"
+    c = from_ip(env, "192.0.2.142")
+    r = c.post(f"{API}/auth/login", json={
+        "login": login, "password": PASSWORD, "totp_code": totp.code_at(secret, time.time())})
+    h = {"Authorization": f"Bearer {r.json()['access_token']}"}
+    later = totp.code_at(secret, time.time() + totp.PERIOD_S)
+    r = c.post(f"{API}/me/totp/disable", json={"code": later}, headers=h)
+    assert r.status_code == 422
+    r = c.post(f"{API}/me/totp/disable", json={"current_password": PASSWORD}, headers=h)
+    assert r.status_code == 422
+    r = c.post(f"{API}/me/totp/disable", json={"code": later, "current_password": "guess"},
+               headers=h)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_credentials"
+    r = c.post(f"{API}/me/totp/disable", json={"code": later, "current_password": PASSWORD},
+               headers=h)
+    assert r.status_code == 200 and r.json()["auth_status"] == "password"
+
+
+def test_one_code_signs_in_once_when_two_requests_race(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, login, account_id = org_with_owner(env)
+    secret = _with_totp(env, account_id)
+    code = totp.code_at(secret, time.time())
+    both_verified = threading.Barrier(2)
+    verify = totp.verify
+
+    def verify_then_wait(*args: Any, **kwargs: Any) -> int | None:
+        step = verify(*args, **kwargs)
+        # Both requests have read the last used step and matched the code before either
+        # records it: the read-then-write window, held open.
+        both_verified.wait(timeout=10)
+        return step
+
+    monkeypatch.setattr(totp, "verify", verify_then_wait)
+    guard = LoginGuard(env.settings)
+    outcomes: list[str] = []
+
+    def sign_in(ip: str) -> None:
+        creds = auth.Credentials(identifier=login, password=PASSWORD, totp_code=code,
+                                 source_ip=ip, user_agent=CHROME)
+        with env.state.session_factory() as s:
+            try:
+                auth.authenticate(s, env.state.secrets, guard, creds)
+                s.commit()
+                outcomes.append("signed_in")
+            except Unauthorized as exc:
+                outcomes.append(exc.code)
+
+    threads = [threading.Thread(target=sign_in, args=(f"198.51.100.{150 + i}",))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(outcomes) == ["invalid_totp", "signed_in"]
+    with env.state.session_factory() as s:
+        account = s.get(Account, account_id)
+        assert account is not None and account.totp_last_step is not None

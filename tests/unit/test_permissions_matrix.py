@@ -249,3 +249,9 @@ def test_the_matrix_itself() -> None:
     assert not holds(PERMISSIONS["keys.write"], "viewer", False)
     assert not holds(PERMISSIONS["billing.write"], "developer", False)
     assert not holds(PERMISSIONS["security.read"], "billing", False)
+    # Moving money: operators; owners only where ONETOKEN_TENANT_MONEY_ADMIN=true.
+    money = PERMISSIONS["billing.money"]
+    assert holds(money, "viewer", True)
+    assert not any(holds(money, role, False) for role in ROLES)
+    assert [r for r in ROLES if holds(money, r, False, tenant_money_admin=True)] == ["owner"]
+    assert not holds(PERMISSIONS["billing.read"], "developer", False)

@@ -47,7 +47,7 @@ def _ok(r: Any, status: int = 200) -> Any:
 
 
 def _provider(client: TestClient, who: Admin, **body: Any) -> dict[str, Any]:
-    body.setdefault("base_url", "http://127.0.0.1:9/v1")
+    body.setdefault("base_url", "http://upstream.test:9/v1")
     return dict(_ok(client.post(f"{API}/providers", json=body, headers=who.headers), 201))
 
 
@@ -501,3 +501,67 @@ def test_engine_accepts_every_section_this_domain_writes(
         assert engine.load_snapshot(snapshot_json({**snap, "version": 3})) == 3
     finally:
         engine.stop(1.0)
+
+
+# -- the engine's rules before commit ----------------------------------------------------
+
+
+def test_changes_the_engine_would_drop_are_refused_naming_the_field(
+    client: TestClient, state: AppState, tenant: Admin
+) -> None:
+    """Each of these used to answer 2xx and leave an entry the engine refuses; they are
+    refused with 422 naming the field, and nothing of them is committed."""
+    from tests.unit.conftest import core_or_skip
+
+    core = core_or_skip()
+    h = tenant.headers
+    p = _provider(client, tenant, name="p")
+    claude = _provider(client, tenant, name="claude", preset="anthropic")
+    routed = _model(client, tenant, p["id"], name="routed")
+    _ok(client.post(f"{API}/routes", json={"name": "routed"}, headers=h), 201)
+    with state.session_factory() as s:
+        revision = current_revision(s)
+
+    def refused(r: Any, param: str) -> None:
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["param"] == param, r.text
+        assert "<" not in r.text and "`" not in r.text
+
+    # A route to a name with no model.
+    refused(client.post(f"{API}/routes", json={"name": "ghost"}, headers=h), "name")
+    # A base URL the engine cannot make a request line of.
+    for bad in ("http://x.test/<v1>", "http://x.test/v1>", "http://x.test/`v1`"):
+        refused(client.post(f"{API}/providers", json={"name": "bad", "base_url": bad},
+                            headers=h), "base_url")
+        refused(client.patch(f"{API}/providers/{p['id']}", json={"base_url": bad}, headers=h),
+                "base_url")
+    # An embedding model on a provider whose protocol has no embeddings.
+    body = {"name": "emb", "kind": "embedding", "provider_id": claude["id"],
+            "upstream_model": "x", "input_price": "1"}
+    refused(client.post(f"{API}/models", json=body, headers=h), "kind")
+    # Deleting or renaming the model a route is for.
+    refused(client.delete(f"{API}/models/{routed['id']}", headers=h), "name")
+    refused(client.patch(f"{API}/models/{routed['id']}", json={"name": "renamed"}, headers=h),
+            "name")
+
+    with state.session_factory() as s:
+        assert current_revision(s) == revision, "nothing was committed"
+    snap = _snapshot(state)
+    assert core.validate_snapshot(snapshot_json(snap)) == []
+    assert [m["name"] for m in snap["models"]] == ["routed"]
+
+
+def test_a_problem_already_in_the_database_does_not_block_other_changes(
+    client: TestClient, state: AppState, tenant: Admin
+) -> None:
+    """An entry written around the API (here a route to no model) is the engine's to drop;
+    unrelated changes are not refused because of it."""
+    from onetoken.providers.tables import Route
+    from tests.unit.conftest import core_or_skip
+
+    core_or_skip()
+    with state.session_factory() as s:
+        s.add(Route(id="rte_forced", org_id=tenant.org_id, name="forced", aliases=[]))
+        s.commit()
+    p = _provider(client, tenant, name="p")
+    _model(client, tenant, p["id"], name="fine")

@@ -6,20 +6,29 @@ from __future__ import annotations
 
 import csv
 import io
+import secrets
+import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from onetoken.analytics.clickhouse import open_client
+from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_TABLE
 from onetoken.db.models import AdminSession, utcnow
 from onetoken.deps import AppState
-from onetoken.rights import retention
+from onetoken.rights import erasure, retention
 from onetoken.rights.models import AccountErasure
+from onetoken.security import log as security_log
 from onetoken.security.models import LoginSource
+from onetoken.settings import Settings
 from onetoken.webhooks.models import WebhookAttempt, WebhookDelivery
 
 from .conftest import Admin
+from .test_analytics_sink import make_batch
 
 PASSWORD = "another long password"
 
@@ -168,3 +177,129 @@ def test_cancelling_an_admin_keeps_keys_it_made_for_others(
     keys = {k["id"]: k for k in client.get("/api/v1/keys", headers=admin.headers).json()["data"]}
     assert keys[for_dev["id"]]["status"] == "active" and keys[for_dev["id"]]["name"] == "for dev"
     assert keys[own["id"]]["status"] == "revoked"
+
+
+def test_cancellations_are_queued_then_erased_in_one_batch_naming_no_value(
+    client: TestClient, admin: Admin, state: AppState, settings: Settings
+) -> None:
+    """Cancelling queues the ClickHouse part; the worker's batch rewrites several accounts
+    with one mutation per table, and neither the mutations ClickHouse keeps nor any file
+    of chDB's data path holds an erased value afterwards (real chDB)."""
+    tag = secrets.token_hex(4)
+    people = []
+    for i in range(2):
+        p = {
+            "email": f"p{i}.{tag}@acme.test", "mobile": f"+1555{i}{int(tag, 16) % 10**6:06d}",
+            "name": f"Person{i} Uniq{tag}", "login": f"person{i}.{tag}",
+            "ip": f"198.51.100.{10 + i}", "agent": f"Agent{i}/{tag}",
+        }
+        p["id"] = _member(client, admin, p["email"], "developer", display_name=p["name"],
+                          mobile=p["mobile"], login_name=p["login"])
+        h = {**_login(client, p["email"]), "user-agent": p["agent"]}
+        for name in (p["name"] + " X", p["name"]):  # the name in security_log's detail
+            assert client.patch("/api/v1/me", json={"display_name": name},
+                                headers=h).status_code == 200
+        p["key"] = client.post("/api/v1/keys", json={"name": "k"}, headers=h).json()["id"]
+        people.append(p)
+    bystander = {"ip": "203.0.113.5", "agent": f"Bystander/{tag}"}
+    rows = make_batch("org-erasure", 3)
+    rows["account_id"] = [people[0]["id"], people[1]["id"], "acc_bystander"]
+    rows["key_id"] = [people[0]["key"], people[1]["key"], "key_bystander"]
+    rows["source_ip"] = [people[0]["ip"], people[1]["ip"], bystander["ip"]]
+    rows["user_agent"] = [people[0]["agent"], people[1]["agent"], bystander["agent"]]
+
+    ch = open_client(settings)
+    chdb_path = Path(settings.data_dir) / "clickhouse"
+    try:
+        def runner(query: Any) -> Any:
+            return query(ch)
+
+        ch.insert(CALL_LOG_TABLE, [rows[c] for c in CALL_LOG_COLUMNS],
+                  column_names=list(CALL_LOG_COLUMNS), column_oriented=True)
+        events = security_log.current()
+        assert events is not None
+        events.flush(runner)
+        for p in people:
+            r = client.post(f"/api/v1/accounts/{p['id']}/cancel", headers=admin.headers)
+            assert r.status_code == 200 and r.json()["state"] == "control_done", r.text
+        events.flush(runner)
+
+        def mutations() -> list[tuple[str, str]]:
+            return [(str(t), str(c)) for t, c in ch.query(
+                "SELECT table, command FROM system.mutations WHERE database = 'onetoken' "
+                "AND position(command, 'UPDATE') > 0").result_rows]
+
+        # Queued: nothing rewritten on the request path.
+        assert mutations() == []
+        before = ch.query("SELECT source_ip, user_agent FROM onetoken.call_log").result_rows
+        assert len(before) == 3 and (people[0]["ip"], people[0]["agent"]) in before
+        assert erasure.complete_pending(state.session_factory, state.secrets, runner) == 2
+        assert erasure.complete_pending(state.session_factory, state.secrets, runner) == 0
+
+        done = mutations()
+        assert sorted(t for t, _ in done) == ["call_log", "security_log"], done
+        erased = [p[f] for p in people for f in ("email", "mobile", "name", "login", "ip",
+                                                  "agent")]
+        for _, command in done:
+            for value in [*erased, *(p["id"] for p in people), *(p["key"] for p in people)]:
+                assert value not in command, (value, command)
+        after = ch.query(
+            "SELECT account_id, source_ip, user_agent FROM onetoken.call_log ORDER BY account_id"
+        ).result_rows
+        assert sorted(after) == sorted([
+            (people[0]["id"], "", ""), (people[1]["id"], "", ""),
+            ("acc_bystander", bystander["ip"], bystander["agent"]),
+        ])
+        events_text = str(ch.query(
+            "SELECT groupArray(concat(source_ip, ' ', user_agent, ' ', detail)) "
+            "FROM onetoken.security_log").result_rows[0][0])
+        assert "[erased]" in events_text
+        for value in erased:
+            assert value not in events_text, value
+        # The prompt cleanup of replaced parts lasted for the batch only.
+        for (engine,) in ch.query(
+            "SELECT engine_full FROM system.tables WHERE database = 'onetoken' "
+            "AND name IN ('call_log', 'security_log')").result_rows:
+            assert "old_parts_lifetime = 60" in engine and "cleanup_delay" not in engine
+        with state.session_factory() as s:
+            for p in people:
+                row = s.get(AccountErasure, p["id"])
+                assert row is not None and row.state == "done"
+                assert row.pending_encrypted is None and row.completed_at is not None
+    finally:
+        ch.close()
+    files = [f for f in chdb_path.rglob("*") if f.is_file()]
+    assert len(files) > 10
+    for f in files:
+        raw = f.read_bytes()
+        for value in erased:
+            assert value.encode() not in raw, (value, f)
+    assert any(bystander["ip"].encode() in f.read_bytes() for f in files)
+
+
+def test_erasure_worker_runs_at_start_and_when_woken_then_stops() -> None:
+    """Queued erasures are picked up at start (left by a stopped server) and soon after
+    a cancellation wakes the worker, not at the next hourly retry."""
+    runs: list[float] = []
+
+    def run() -> int:
+        runs.append(time.monotonic())
+        return 1
+
+    worker = erasure.ErasureWorker(run, retry_seconds=3600, gather_seconds=0.05)
+    worker.start()
+    try:
+        _wait_until(lambda: len(runs) == 1)
+        worker.notify()
+        _wait_until(lambda: len(runs) == 2)
+        assert worker.completed == 2
+    finally:
+        worker.stop()
+    assert len(runs) == 2
+
+
+def _wait_until(done: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

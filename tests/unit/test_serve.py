@@ -6,6 +6,7 @@ import json
 import os
 import queue
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -184,3 +185,45 @@ def test_second_demo_run_prints_a_fresh_working_key(tmp_path: Path) -> None:
     finally:
         third.proc.send_signal(signal.SIGTERM)
         assert third.proc.wait(timeout=60) == 0
+
+
+def _shared_modes(root: Path) -> list[str]:
+    """Everything under root (root included) that group or others may use. Symbolic
+    links (chDB's metadata has some) have no mode of their own: their targets are in the
+    tree and checked there."""
+    paths = [root, *root.rglob("*")]
+    return [
+        f"{p.relative_to(root)} {stat.filemode(p.lstat().st_mode)}"
+        for p in paths
+        if not p.is_symlink() and p.lstat().st_mode & 0o077
+    ]
+
+
+def test_data_dir_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    """Started with umask 022, the server still creates nothing group or others can read:
+    the data dir, SQLite and its WAL, chDB's tables, the engine's journal, logs, secrets."""
+    core_or_skip()
+    data_dir = tmp_path / "data"
+    previous = os.umask(0o022)  # inherited by the child
+    try:
+        s = _start(data_dir)
+    finally:
+        os.umask(previous)
+    try:
+        assert _chat(s, s.info["api_key"]).status_code == 200
+        login = httpx.post(
+            f"{s.control}/api/v1/auth/login",
+            json={"email": s.info["admin_email"], "password": s.info["admin_password"]},
+        )
+        assert login.status_code == 200
+        names = {p.name for p in data_dir.rglob("*")}
+        # What the check below must cover, as the running server has it.
+        assert {"control.db", "control.db-wal", "clickhouse", "spool", "onetoken.log"} <= names
+        assert any(n.startswith("journal-") for n in names), names
+        assert _shared_modes(data_dir) == []
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=60) == 0
+        assert _shared_modes(data_dir) == []
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()

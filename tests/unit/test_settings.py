@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
 import pytest
 from pydantic import SecretStr, ValidationError
 
+from onetoken.db.session import make_engine
 from onetoken.settings import Settings
 
 
@@ -84,3 +86,19 @@ def test_transport_cidr_settings_are_parsed_and_checked(monkeypatch: pytest.Monk
     monkeypatch.setenv("ONETOKEN_GATEWAY_TRUSTED_PROXIES", "10.0.0.0/33")
     with pytest.raises(ValidationError, match="ONETOKEN_GATEWAY_TRUSTED_PROXIES"):
         Settings()
+
+
+def test_data_dir_of_an_older_install_is_tightened(tmp_path: Path) -> None:
+    """Directories and the SQLite file an older version left group-readable become
+    private at the next start."""
+    data_dir = tmp_path / "data"
+    (data_dir / "spool").mkdir(parents=True, mode=0o755)
+    os.chmod(data_dir, 0o755)  # noqa: S103 (an old install, on purpose)
+    (data_dir / "control.db").touch(mode=0o644)
+    os.chmod(data_dir / "control.db", 0o644)
+    s = Settings(data_dir=data_dir)
+    s.ensure_dirs()
+    make_engine(s.database_url).dispose()
+    for path, mode in ((data_dir, 0o700), (data_dir / "spool", 0o700),
+                       (data_dir / "logs", 0o700), (data_dir / "control.db", 0o600)):
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path

@@ -3,12 +3,21 @@ log, secrets at rest, org isolation and roles."""
 
 from __future__ import annotations
 
+import ssl
+import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpcore
 import orjson
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import select
@@ -16,11 +25,12 @@ from sqlalchemy import select
 from onetoken import webhooks
 from onetoken.app import build_state, create_app
 from onetoken.deps import AppState
+from onetoken.security import net
 from onetoken.settings import Settings
-from onetoken.webhooks.dispatcher import WebhookDispatcher
-from onetoken.webhooks.models import WebhookDelivery, WebhookEndpoint
+from onetoken.webhooks.dispatcher import Outcome, Target, WebhookDispatcher, send
+from onetoken.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from onetoken.webhooks.signing import SIGNATURE_HEADER, header_value, verify
-from tests.webhook_receiver import Receiver
+from tests.webhook_receiver import DripReceiver, Receiver
 
 from .conftest import TEST_SECRET, Admin, add_account, make_org_admin
 
@@ -29,7 +39,9 @@ def _settings(tmp_path: Path, **kw: object) -> Settings:
     base: dict[str, object] = {
         "data_dir": tmp_path / "data",
         "secret_key": SecretStr(TEST_SECRET),
-        "webhook_allow_private_targets": True,
+        # The receivers are on loopback: an operator allow-list, as for on-premises ones.
+        "webhook_private_cidrs": "127.0.0.0/8",
+        "webhook_timeout_seconds": 1.0,
         "webhook_backoff_base_seconds": 0.05,
         "webhook_backoff_max_seconds": 0.2,
         "webhook_poll_interval_seconds": 0.05,
@@ -140,24 +152,105 @@ def test_secret_shown_once_and_encrypted_at_rest(
     assert b"t0ken-in-path" not in raw
 
 
-def test_private_targets_refused_unless_allowed(tmp_path: Path) -> None:
-    st = build_state(_settings(tmp_path, webhook_allow_private_targets=False))
+# What stub names resolve to: the refusals happen on these answers, before any connect.
+STUB_DNS: dict[str, list[str]] = {
+    "private.example.test": ["10.0.0.1"],
+    "metadata.example.test": ["169.254.169.254"],
+    "cgnat.example.test": ["100.64.0.1"],
+    "mapped.example.test": ["::ffff:127.0.0.1"],
+    "ula.example.test": ["fd00:ec2::254"],
+    "mixed.example.test": ["93.184.216.34", "10.0.0.1"],
+    "public.example.test": ["93.184.216.34"],
+}
+
+
+def stub_resolver(host: str, port: int) -> list[str]:
+    if host not in STUB_DNS:
+        raise OSError("stub: no such name")
+    return STUB_DNS[host]
+
+
+@pytest.fixture
+def stub_dns(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(net, "system_resolver", stub_resolver)
+
+
+def test_private_targets_refused_unless_allowed(tmp_path: Path, stub_dns: None) -> None:
+    st = build_state(_settings(tmp_path, webhook_private_cidrs=""))
     try:
         with TestClient(create_app(st.settings, state=st)) as c:
             admin = make_org_admin(st, c, "Acme", "o@acme.test")
-            for url in ("http://127.0.0.1:9/x?token=SEKRIT", "http://10.1.2.3/x",
-                        "http://localhost/x", "ftp://example.com/x",
-                        "https://user:SEKRIT@example.com/x"):
+            refused = [
+                "http://127.0.0.1:9/x?token=SEKRIT", "http://10.1.2.3/x", "http://[::1]/x",
+                "http://[::ffff:169.254.169.254]/x", "http://100.64.0.1/x",
+                "http://localhost/x", "ftp://example.com/x", "https://user:SEKRIT@example.com/x",
+                *(f"https://{name}/SEKRIT" for name in STUB_DNS if not name.startswith("public")),
+            ]
+            for url in refused:
                 r = c.post("/api/v1/webhooks", json={"url": url, "kinds": ["key_risk"]},
                            headers=admin.headers)
                 assert r.status_code == 422, url
-                assert "SEKRIT" not in r.text and "10.1.2.3" not in r.text
-            ok = c.post("/api/v1/webhooks",
-                        json={"url": "https://hooks.example.com/x", "kinds": ["key_risk"]},
-                        headers=admin.headers)
-            assert ok.status_code == 201
+                assert r.json()["error"]["param"] == "url"
+                assert "SEKRIT" not in r.text and "10." not in r.text and "example" not in r.text
+            for url in ("https://public.example.test/x", "https://unresolvable.example.test/x"):
+                ok = c.post("/api/v1/webhooks", json={"url": url, "kinds": ["key_risk"]},
+                            headers=admin.headers)
+                assert ok.status_code == 201, url
+            hook_id = ok.json()["id"]
+            moved = c.patch(f"/api/v1/webhooks/{hook_id}",
+                            json={"url": "https://metadata.example.test/x"}, headers=admin.headers)
+            assert moved.status_code == 422 and moved.json()["error"]["param"] == "url"
     finally:
         st.db_engine.dispose()
+
+
+def _send(target: Target, url: str) -> Outcome:
+    return send(target, url, "whsec_x", b"{}", delivery_id="whd_1", event_id="evt_1",
+                kind="key_risk", attempt=1)
+
+
+def test_delivery_refuses_private_answers_before_any_connect(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    connects: list[str] = []
+
+    def no_connect(self: object, host: str, port: int, *args: object, **kw: object) -> None:
+        connects.append(host)
+        raise AssertionError("connected")
+
+    monkeypatch.setattr(httpcore.SyncBackend, "connect_tcp", no_connect)
+    # The loopback allow-list does not cover 10/8, 169.254/16, 100.64/10 or ULAs.
+    target = Target(allow=net.networks("127.0.0.0/8"), deadline_s=1.0,
+                    ssl_context=ssl.create_default_context(), resolver=stub_resolver)
+    for name in ("private", "metadata", "cgnat", "ula", "mixed"):
+        outcome = _send(target, f"https://{name}.example.test/x")
+        assert outcome.error == "target_not_allowed" and outcome.status_code is None, name
+    strict = Target(allow=(), deadline_s=1.0, ssl_context=ssl.create_default_context(),
+                    resolver=stub_resolver)
+    assert _send(strict, "http://mapped.example.test/x").error == "target_not_allowed"
+    assert _send(strict, "http://127.0.0.1:9/x").error == "target_not_allowed"
+    assert connects == []
+
+
+def test_delivery_connects_to_the_address_it_checked(receiver: Receiver) -> None:
+    """A name that answers a checked address first and a private one afterwards (DNS
+    rebinding) is resolved once: the POST goes to the checked address, under its name."""
+    port = int(receiver.url.split(":")[2].split("/")[0])
+    answers = iter([["127.0.0.1"], ["10.0.0.1"], ["10.0.0.1"]])
+    asked: list[str] = []
+
+    def rebinding(host: str, p: int) -> list[str]:
+        asked.append(host)
+        return next(answers)
+
+    target = Target(allow=net.networks("127.0.0.0/8"), deadline_s=2.0,
+                    ssl_context=ssl.create_default_context(), resolver=rebinding)
+    outcome = _send(target, f"http://hooks.example.test:{port}/hooks/pinned")
+    assert outcome.ok and outcome.status_code == 200, outcome
+    assert asked == ["hooks.example.test"]
+    got = receiver.received[0]
+    assert got.path == "/hooks/pinned"
+    assert got.headers["host"] == f"hooks.example.test:{port}"
 
 
 def test_test_event_is_signed_and_logged_without_payload(
@@ -165,8 +258,11 @@ def test_test_event_is_signed_and_logged_without_payload(
 ) -> None:
     created = _create(wh_client, owner, receiver.url, ["key_risk"])
     r = wh_client.post(f"/api/v1/webhooks/{created['id']}/test", headers=owner.headers)
-    assert r.status_code == 200, r.text
-    d = r.json()
+    assert r.status_code == 202, r.text
+    assert r.json()["status"] == "pending"
+    _wait_delivery(wh_state, created["id"], "delivered")
+    d = wh_client.get(f"/api/v1/webhooks/deliveries/{r.json()['id']}",
+                      headers=owner.headers).json()
     assert d["status"] == "delivered" and d["attempts"] == 1 and d["last_status_code"] == 200
     assert d["attempt_log"][0]["status_code"] == 200
     got = receiver.received[0]
@@ -294,7 +390,7 @@ def test_rotate_secret_and_delete(
     new_secret = r.json()["secret"]
     assert new_secret != created["secret"]
     wh_client.post(f"/api/v1/webhooks/{created['id']}/test", headers=owner.headers)
-    got = receiver.received[-1]
+    got = receiver.wait_for(lambda rs: len(rs) >= 1)[-1]
     assert verify(new_secret, got.body, got.headers[SIGNATURE_HEADER])
     assert not verify(created["secret"], got.body, got.headers[SIGNATURE_HEADER])
     assert wh_client.delete(f"/api/v1/webhooks/{created['id']}",
@@ -310,3 +406,159 @@ def test_rotate_secret_and_delete(
 def test_emit_without_dispatcher_never_raises() -> None:
     webhooks.install(None)
     webhooks.emit("org_x", "balance_low", {"a": 1})
+
+
+def test_a_dripping_receiver_delays_no_other_endpoint(
+    wh_client: TestClient, wh_state: AppState, dispatcher: WebhookDispatcher, receiver: Receiver
+) -> None:
+    """A receiver answering a byte every 0.2 s (8 s for its whole answer) gets one 1 s
+    deadline per attempt, and another endpoint's delivery of the same event arrives at once."""
+    assert wh_state.settings.webhook_timeout_seconds == 1.0
+    admin = make_org_admin(wh_state, wh_client, "Initech", "admin@initech.test", role="admin")
+    slow = DripReceiver(interval=0.2).start()
+    try:
+        slow_hook = _create(wh_client, admin, slow.url, ["balance_low"])
+        fast_hook = _create(wh_client, admin, receiver.url, ["balance_low"])
+        # /test answers without waiting for the slow receiver.
+        started = time.monotonic()
+        r = wh_client.post(f"/api/v1/webhooks/{slow_hook['id']}/test", headers=admin.headers)
+        assert r.status_code == 202 and r.json()["status"] == "pending"
+        assert time.monotonic() - started < 0.5
+        sent = time.monotonic()
+        webhooks.emit(admin.org_id, "balance_low", {"balance": "1.00"})
+        got = receiver.wait_for(lambda rs: len(rs) >= 1, timeout=10)
+        assert got[0].at - sent < 1.0, "the fast endpoint waited for the slow one"
+        assert _wait_delivery(wh_state, fast_hook["id"], "delivered").attempts == 1
+        with wh_state.session_factory() as s:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                tried = s.scalars(
+                    select(WebhookAttempt)
+                    .join(WebhookDelivery, WebhookDelivery.id == WebhookAttempt.delivery_id)
+                    .where(WebhookDelivery.endpoint_id == slow_hook["id"])
+                ).all()
+                if tried:
+                    break
+                time.sleep(0.05)
+                s.expire_all()
+        assert tried and all(a.error == "timeout" and a.status_code is None for a in tried)
+        # The deadline holds the whole attempt, not each read.
+        assert all(900 <= a.latency_ms < 1500 for a in tried), [a.latency_ms for a in tried]
+    finally:
+        slow.stop()
+
+
+def _tls_receiver(tmp_path: Path, name: str) -> tuple[ThreadingHTTPServer, str, list[str]]:
+    """An HTTPS receiver on 127.0.0.1 with a self-signed certificate for `name`; returns
+    the server, the certificate (PEM) and the SNI names it was asked for."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    (tmp_path / "cert.pem").write_text(cert_pem)
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    sni: list[str] = []
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+
+    def note_sni(_sock: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        sni.append(server_name or "")
+
+    ctx.sni_callback = note_sni
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            self.send_response(204 if self.headers.get("host", "").startswith(name) else 421)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, cert_pem, sni
+
+
+def test_pinned_tls_delivery_keeps_the_name_for_sni_and_the_certificate(tmp_path: Path) -> None:
+    name = "hooks.example.test"
+    server, cert_pem, sni = _tls_receiver(tmp_path, name)
+    try:
+        answers = iter([["127.0.0.1"], ["10.0.0.1"]])
+        target = Target(allow=net.networks("127.0.0.0/8"), deadline_s=5.0,
+                        ssl_context=ssl.create_default_context(cadata=cert_pem),
+                        resolver=lambda host, port: next(answers))
+        port = server.server_address[1]
+        outcome = _send(target, f"https://{name}:{port}/hooks/tls")
+        assert outcome.ok and outcome.status_code == 204, outcome
+        assert sni == [name]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_one_orgs_slow_endpoints_leave_workers_for_other_orgs(tmp_path: Path) -> None:
+    """Two workers, so an org may hold one: an org with two dripping endpoints does not
+    make another org's delivery wait for their 2 s deadline."""
+    st = build_state(_settings(tmp_path, webhook_workers=2, webhook_timeout_seconds=2.0))
+    d = WebhookDispatcher(st.settings, st.secrets, st.session_factory)
+    webhooks.install(d)
+    d.start()
+    slow = DripReceiver(interval=0.2).start()
+    fast = Receiver().start()
+    try:
+        with TestClient(create_app(st.settings, state=st)) as c:
+            noisy = make_org_admin(st, c, "Hooli", "admin@hooli.test")
+            quiet = make_org_admin(st, c, "Pied Piper", "admin@piedpiper.test")
+            for _ in range(2):
+                _create(c, noisy, slow.url, ["balance_low"])
+            _create(c, quiet, fast.url, ["balance_low"])
+            webhooks.emit(noisy.org_id, "balance_low", {"balance": "1.00"})
+            deadline = time.monotonic() + 5
+            while slow.connections < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            # Time for the second noisy attempt to start, were the dispatcher to start it.
+            time.sleep(0.1)
+            sent = time.monotonic()
+            webhooks.emit(quiet.org_id, "balance_low", {"balance": "2.00"})
+            got = fast.wait_for(lambda rs: len(rs) >= 1, timeout=10)
+            assert got[0].at - sent < 1.0, "the quiet org waited for the noisy one"
+            # The noisy org's second endpoint gets its turn once the first attempt ends.
+            deadline = time.monotonic() + 10
+            while slow.connections < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert slow.connections >= 2
+    finally:
+        d.stop()
+        webhooks.install(None)
+        slow.stop()
+        fast.stop()
+        st.db_engine.dispose()
+
+
+def test_a_slow_name_lookup_ends_at_the_deadline() -> None:
+    release = threading.Event()
+
+    def stalling(host: str, port: int) -> list[str]:
+        release.wait(10)
+        return ["127.0.0.1"]
+
+    target = Target(allow=net.networks("127.0.0.0/8"), deadline_s=0.5,
+                    ssl_context=ssl.create_default_context(), resolver=stalling)
+    try:
+        outcome = _send(target, "http://slow-dns.example.test/x")
+    finally:
+        release.set()
+    assert outcome.error == "timeout" and outcome.status_code is None
+    assert 400 <= outcome.latency_ms < 1500

@@ -35,6 +35,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from onetoken.analytics.columns import CALL_LOG_TABLE, SECURITY_LOG_TABLE
+from onetoken.kit.files import private_dir
 
 logger = logging.getLogger("onetoken.analytics")
 
@@ -197,7 +198,9 @@ def open_client(settings: ClickHouseSettings, *, migrate: bool = True) -> Client
 
 def _open_chdb(path: Path | None) -> Client:
     if path is not None:
-        path.mkdir(parents=True, exist_ok=True)
+        # chDB creates its files with the umask's mode; a 0700 top dir keeps them private
+        # whatever that mode is.
+        private_dir(path)
     try:
         return clickhouse_connect.get_client(
             interface="chdb", path=str(path) if path is not None else ":memory:"

@@ -35,6 +35,7 @@ from clickhouse_connect.driver.exceptions import OperationalError
 
 from onetoken.analytics.clickhouse import ClickHouseSettings, open_client
 from onetoken.analytics.columns import CALL_LOG_ADDED_DEFAULTS, CALL_LOG_COLUMNS, CALL_LOG_TABLE
+from onetoken.kit.files import private_dir
 
 T = TypeVar("T")
 
@@ -260,7 +261,7 @@ class CallLogSink:
 
     def _spool(self, batch: Batch, rows: int) -> None:
         if self._spool_file is None:
-            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.spool_dir)
             self._spool_seq += 1
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
             name = f"{SPOOL_PREFIX}{stamp}-{time.time_ns()}-{os.getpid()}-{self._spool_seq}.jsonl"
@@ -276,7 +277,7 @@ class CallLogSink:
     def _reject(self, batch: Batch) -> None:
         # A batch that breaks the column contract cannot be inserted, however often it is
         # replayed; keep it for an operator (known columns only) instead of retrying it.
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.spool_dir)
         path = self.spool_dir / f"{REJECTED_PREFIX}{time.time_ns()}-{os.getpid()}.jsonl"
         present = [name for name in CALL_LOG_COLUMNS if isinstance(batch.get(name), list)]
         payload = b"".join(

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from onetoken.billing import audit, packages
 from onetoken.billing.models import Order, OrderEvent, Package, RedemptionCode
-from onetoken.billing.service import balance, post_entry
+from onetoken.billing.service import balance, check_entry_bounds, post_entry
 from onetoken.db.models import new_id, utcnow
 from onetoken.kit.crypto import Secrets, derive_secret, keyed_hash
 from onetoken.kit.errors import Conflict, NotFound, Unprocessable
@@ -134,6 +134,8 @@ def create_order(
         raise Unprocessable("Unknown order kind.", param="kind")
     if payment_method != "redemption_code":
         provider_for(payment_method)
+    # Refused now rather than when the money arrives and the credit could not land.
+    check_entry_bounds(session, org_id, credit, "recharge")
     now = utcnow()
     order = Order(
         id=new_id("ord"),

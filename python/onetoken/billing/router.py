@@ -37,15 +37,32 @@ from onetoken.billing.schemas import (
     StatementResponse,
     UsageRowResponse,
 )
-from onetoken.deps import BillingWriterDep, Principal, PrincipalDep, SessionDep, StateDep
+from onetoken.deps import Principal, SessionDep, StateDep
 from onetoken.kit.errors import Forbidden, OnetokenError, Unprocessable
+from onetoken.orgs.service import target_org
 from onetoken.security.permissions import require
 
 router = APIRouter(prefix="/billing", tags=["billing"])
 
+BillingReaderDep = Annotated[Principal, Depends(require("billing.read"))]
+BillingWriterDep = Annotated[Principal, Depends(require("billing.write"))]
+# Moving the platform's money: operators (owners too where ONETOKEN_TENANT_MONEY_ADMIN=true).
+MoneyDep = Annotated[Principal, Depends(require("billing.money"))]
+ModelsReaderDep = Annotated[Principal, Depends(require("models.read"))]
+ModelsWriterDep = Annotated[Principal, Depends(require("models.write"))]
+CallsReaderDep = Annotated[Principal, Depends(require("calls.read"))]
+
+
+def _money_scope(principal: Principal) -> str | None:
+    """Whose orders and invoices a money action may name by id: operators any org's
+    (None), an owner holding it by the tenant setting only the own org's."""
+    return None if principal.is_operator else principal.org_id
+
 
 @router.get("/balance", response_model=BalanceResponse)
-def get_balance(principal: PrincipalDep, session: SessionDep, state: StateDep) -> BalanceResponse:
+def get_balance(
+    principal: BillingReaderDep, session: SessionDep, state: StateDep
+) -> BalanceResponse:
     total = service.balance(session, principal.org_id)
     held = packages.package_credit(session, principal.org_id)
     return BalanceResponse(
@@ -60,21 +77,24 @@ def get_balance(principal: PrincipalDep, session: SessionDep, state: StateDep) -
 @router.post("/credits", response_model=CreditResponse)
 def credit(
     body: CreditRequest,
-    principal: BillingWriterDep,
+    principal: MoneyDep,
     session: SessionDep,
     state: StateDep,
     response: Response,
     idempotency_key: Annotated[IdempotencyKey | None, Header()] = None,
 ) -> CreditResponse:
+    """Add a recharge, grant, refund or (signed) adjustment entry to an org's ledger
+    (operators; `org_id` names the org, default the caller's)."""
     key = body.idempotency_key or idempotency_key
     if key is None:
         raise Unprocessable(
             "An idempotency key is required (body field or Idempotency-Key header).",
             param="idempotency_key",
         )
+    org_id = target_org(session, principal, body.org_id)
     entry, created = service.credit(
         session,
-        principal.org_id,
+        org_id,
         amount=body.amount,
         kind=body.kind,
         idempotency_key=key,
@@ -84,17 +104,27 @@ def credit(
     session.commit()
     if created:
         state.config_changed()
+        from onetoken.billing import audit
+
+        audit.record(
+            "billing.credit_added",
+            org_id=org_id,
+            actor=principal.account_id,
+            target=str(entry.id),
+            severity="medium",
+            meta={"kind": entry.kind, "amount": entry.amount},
+        )
     response.status_code = 201 if created else 200
     return CreditResponse(
         entry=LedgerEntryResponse.model_validate(entry),
         created=created,
-        balance=service.balance(session, principal.org_id),
+        balance=service.balance(session, org_id),
     )
 
 
 @router.get("/ledger", response_model=LedgerPage)
 def list_ledger(
-    principal: PrincipalDep,
+    principal: BillingReaderDep,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     before_id: Annotated[int | None, Query(ge=1)] = None,
@@ -103,12 +133,6 @@ def list_ledger(
         session, principal.org_id, limit=limit, before_id=before_id
     )
     return LedgerPage(data=[LedgerEntryResponse.model_validate(r) for r in rows], has_more=has_more)
-
-
-BillingReaderDep = Annotated[Principal, Depends(require("billing.read"))]
-ModelsReaderDep = Annotated[Principal, Depends(require("models.read"))]
-ModelsWriterDep = Annotated[Principal, Depends(require("models.write"))]
-CallsReaderDep = Annotated[Principal, Depends(require("calls.read"))]
 
 
 class CallLogUnavailable(OnetokenError):
@@ -256,7 +280,7 @@ def create_order(
     body: OrderCreate, principal: BillingWriterDep, session: SessionDep, state: StateDep
 ) -> OrderResponse:
     """A recharge or a package purchase, paid by bank transfer: the response says how;
-    a billing admin other than the one who placed it confirms it when the money arrives."""
+    an operator confirms it when the money arrives."""
     order = orders.create_order(
         session,
         principal.org_id,
@@ -278,8 +302,11 @@ def list_orders(
     session: SessionDep,
     status: OrderStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    org_id: Annotated[str | None, Query(max_length=32)] = None,
 ) -> OrderList:
-    rows = orders.list_orders(session, principal.org_id, limit=limit, status=status)
+    """The org's orders, newest first (operators may name another org with `org_id`)."""
+    target = target_org(session, principal, org_id)
+    rows = orders.list_orders(session, target, limit=limit, status=status)
     return OrderList(data=[_order_response(session, o) for o in rows])
 
 
@@ -300,11 +327,11 @@ def _finish(
 
 @router.post("/orders/{order_id}/confirm", response_model=OrderResponse)
 def confirm_order(
-    order_id: str, principal: BillingWriterDep, session: SessionDep, state: StateDep
+    order_id: str, principal: MoneyDep, session: SessionDep, state: StateDep
 ) -> OrderResponse:
-    """Offline payment received: the order becomes paid and its credit or package lands.
-    Four eyes: the account that placed the order cannot confirm it."""
-    order = orders.get_order(session, principal.org_id, order_id)
+    """Offline payment received (operators): the order becomes paid and its credit or
+    package lands. Four eyes: the account that placed the order cannot confirm it."""
+    order = orders.get_order(session, _money_scope(principal), order_id)
     if order.created_by == principal.account_id:
         raise Forbidden(
             "Another billing admin must confirm this order.", code="separation_of_duties"
@@ -315,9 +342,10 @@ def confirm_order(
 
 @router.post("/orders/{order_id}/fail", response_model=OrderResponse)
 def fail_order(
-    order_id: str, principal: BillingWriterDep, session: SessionDep, state: StateDep
+    order_id: str, principal: MoneyDep, session: SessionDep, state: StateDep
 ) -> OrderResponse:
-    order = orders.get_order(session, principal.org_id, order_id)
+    """The payment did not arrive (operators)."""
+    order = orders.get_order(session, _money_scope(principal), order_id)
     orders.mark_failed(session, order, actor=principal.account_id)
     return _finish(session, state, order, principal.account_id, False)
 
@@ -335,11 +363,12 @@ def cancel_order(
 def refund_order(
     order_id: str,
     body: RefundRequest,
-    principal: BillingWriterDep,
+    principal: MoneyDep,
     session: SessionDep,
     state: StateDep,
 ) -> OrderResponse:
-    order = orders.get_order(session, principal.org_id, order_id)
+    """Pay a paid order back (operators)."""
+    order = orders.get_order(session, _money_scope(principal), order_id)
     orders.refund(session, order, actor=principal.account_id, amount=body.amount)
     return _finish(session, state, order, principal.account_id, True)
 
@@ -499,17 +528,18 @@ def invoice_lines_csv(
 def change_invoice(
     invoice_id: str,
     action: Annotated[str, Path(pattern="^(issue|void)$")],
-    principal: BillingWriterDep,
+    principal: MoneyDep,
     session: SessionDep,
 ) -> InvoiceResponse:
-    invoice = statements.get_invoice(session, principal.org_id, invoice_id)
+    """Issue or void a requested invoice (operators)."""
+    invoice = statements.get_invoice(session, _money_scope(principal), invoice_id)
     statements.set_invoice_status(session, invoice, "issued" if action == "issue" else "void")
     session.commit()
     from onetoken.billing import audit
 
     audit.record(
         f"billing.invoice_{invoice.status}",
-        org_id=principal.org_id,
+        org_id=invoice.org_id,
         actor=principal.account_id,
         target=invoice.id,
     )

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from pydantic_core import PydanticCustomError
 
+from onetoken.billing.service import MAX_ENTRY_NANO
 from onetoken.kit.money import MoneyIn, MoneyOut
 
 CreditKind = Literal["recharge", "grant", "refund", "adjustment"]
@@ -21,13 +22,29 @@ def _non_zero(value: int) -> int:
     return value
 
 
+def _within_entry_max(value: int) -> int:
+    if abs(value) > MAX_ENTRY_NANO:
+        raise PydanticCustomError(
+            "onetoken_amount", "Amount is above the most one ledger entry may move."
+        )
+    return value
+
+
+#: A non-zero amount one ledger entry may move (at most MAX_ENTRY_NANO either way).
+EntryAmount = Annotated[MoneyIn, AfterValidator(_non_zero), AfterValidator(_within_entry_max)]
+
+
 class CreditRequest(BaseModel):
-    """Adds money to the org's balance. Only `adjustment` may be negative."""
+    """Adds money to an org's balance (operators). Only `adjustment` may be negative; one
+    entry moves at most 100000000 currency units and a balance holds at most 1000000000."""
 
     model_config = ConfigDict(extra="forbid")
 
-    amount: Annotated[MoneyIn, AfterValidator(_non_zero)]
+    amount: EntryAmount
     kind: CreditKind = "recharge"
+    org_id: str | None = Field(
+        default=None, max_length=32, description="The org credited (default: the caller's)."
+    )
     idempotency_key: IdempotencyKey | None = Field(
         default=None, description="Or the Idempotency-Key header. Required one way or the other."
     )
@@ -161,7 +178,7 @@ class OrderCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["recharge", "package"]
-    amount: Annotated[MoneyIn, AfterValidator(_non_zero)] | None = Field(
+    amount: EntryAmount | None = Field(
         default=None, description="Recharges only."
     )
     plan_id: str | None = Field(default=None, max_length=32, description="Packages only.")
@@ -214,7 +231,7 @@ class OrderList(BaseModel):
 class RefundRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    amount: Annotated[MoneyIn, AfterValidator(_non_zero)] | None = Field(
+    amount: EntryAmount | None = Field(
         default=None, description="Money paid back; default: all of it."
     )
 

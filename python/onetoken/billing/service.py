@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from onetoken.db.models import LedgerEntry, Org
@@ -19,19 +19,81 @@ log = logging.getLogger("onetoken.billing")
 
 _IN_CHUNK = 500
 
+#: The most one ledger entry may move either way (a credit, grant, adjustment, order or
+#: refund): 100 million currency units.
+MAX_ENTRY_NANO = 10**17
+#: The most an org's balance may hold either way: 1 billion currency units, so SUM(amount)
+#: over its ledger stays about nine times below the signed 64-bit limit the databases
+#: and the engine count in.
+MAX_BALANCE_NANO = 10**18
+
+
+def check_entry_bounds(session: Session, org_id: str, amount: int, kind: str) -> None:
+    """Refuse an entry above the per-entry maximum or one that would take the org's
+    balance past MAX_BALANCE_NANO either way.
+
+    Negative entries other than adjustments (refunds, expiries, revoked packages) only
+    take back credit that was bounded when it landed, so they skip the balance sum."""
+    if abs(amount) > MAX_ENTRY_NANO:
+        raise Unprocessable(
+            "Amount is above the most one ledger entry may move.",
+            param="amount",
+            code="amount_too_large",
+        )
+    if amount < 0 and kind != "adjustment":
+        return
+    if abs(balance(session, org_id) + amount) > MAX_BALANCE_NANO:
+        raise Unprocessable(
+            "This entry would take the balance past the most an organization may hold.",
+            param="amount",
+            code="balance_limit",
+        )
+
+
+def _bounded(total: int) -> int:
+    # What the engine is given: a ledger written before the bounds existed may sum past
+    # them, and one such org must not stop every snapshot.
+    return max(-MAX_BALANCE_NANO, min(MAX_BALANCE_NANO, total))
+
+
+def _exact_sums(session: Session, org_id: str | None) -> dict[str, int]:
+    # SQLite's SUM raises on signed 64-bit overflow (PostgreSQL widens to numeric);
+    # Python's integers do not overflow. Only reached for a ledger from before the bounds.
+    q = select(LedgerEntry.org_id, LedgerEntry.amount)
+    if org_id is not None:
+        q = q.where(LedgerEntry.org_id == org_id)
+    totals: dict[str, int] = {}
+    for org, amount in session.execute(q.execution_options(yield_per=10_000)):
+        totals[org] = totals.get(org, 0) + int(amount)
+    log.error("ledger.sum_overflow", extra={"org_id": org_id or ""})
+    return totals
+
 
 def balance(session: Session, org_id: str) -> int:
-    total = session.scalar(
-        select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(LedgerEntry.org_id == org_id)
-    )
-    return int(total or 0)
+    try:
+        total = session.scalar(
+            select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
+                LedgerEntry.org_id == org_id
+            )
+        )
+    except OperationalError:
+        total = _exact_sums(session, org_id).get(org_id, 0)
+    return _bounded(int(total or 0))
 
 
 def balances(session: Session) -> dict[str, int]:
-    rows = session.execute(
-        select(LedgerEntry.org_id, func.sum(LedgerEntry.amount)).group_by(LedgerEntry.org_id)
-    ).all()
-    return {org_id: int(total or 0) for org_id, total in rows}
+    try:
+        rows: dict[str, int] = {
+            org_id: int(total or 0)
+            for org_id, total in session.execute(
+                select(LedgerEntry.org_id, func.sum(LedgerEntry.amount)).group_by(
+                    LedgerEntry.org_id
+                )
+            ).all()
+        }
+    except OperationalError:
+        rows = _exact_sums(session, None)
+    return {org_id: _bounded(total) for org_id, total in rows.items()}
 
 
 def credit(
@@ -55,6 +117,7 @@ def credit(
     scoped = f"credit:{org_id}:{idempotency_key}"
     existing = _by_key(session, scoped)
     if existing is None:
+        check_entry_bounds(session, org_id, amount, kind)
         entry = LedgerEntry(
             org_id=org_id,
             kind=kind,
@@ -232,6 +295,7 @@ def post_entry(
     existing = _by_key(session, idempotency_key)
     if existing is not None:
         return existing, False
+    check_entry_bounds(session, org_id, amount, kind)
     entry = LedgerEntry(
         org_id=org_id,
         kind=kind,

@@ -157,6 +157,12 @@ class ApiKey(Base):
     # Rotation: the key this one replaced.
     rotated_from: Mapped[str | None] = mapped_column(String(32), nullable=True)
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Who last set the limits, the scopes (expiry, start, models, source addresses) and
+    # the status: a developer may narrow limits and scopes another account set on their
+    # key, not lift or widen them, and may not re-enable a key another account disabled.
+    limits_set_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    status_set_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    scopes_set_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
     __table_args__ = (CheckConstraint("status IN ('active','disabled','revoked')", name="status"),)
 

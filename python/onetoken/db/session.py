@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from onetoken.db.models import ConfigRevision
+from onetoken.kit.files import private_file
 
 SessionFactory = sessionmaker[Session]
 
@@ -20,6 +22,7 @@ def make_engine(database_url: str) -> Engine:
         connect_args = {"check_same_thread": False, "timeout": 30}
     engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
+        _private_sqlite_file(engine.url.database)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
@@ -30,6 +33,16 @@ def make_engine(database_url: str) -> Engine:
             cur.close()
 
     return engine
+
+
+def _private_sqlite_file(database: str | None) -> None:
+    """Create the database file 0600 before SQLite does (with the umask's mode); SQLite
+    gives its -wal and -shm files the mode of the database file."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    if path.parent.is_dir():
+        private_file(path)
 
 
 def make_session_factory(engine: Engine) -> SessionFactory:

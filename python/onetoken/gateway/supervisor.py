@@ -25,7 +25,9 @@ from onetoken.billing.upkeep import BillingUpkeep
 from onetoken.db.session import SessionFactory, current_revision
 from onetoken.gateway.snapshot import build_snapshot, snapshot_json
 from onetoken.kit.crypto import Secrets
-from onetoken.settings import Settings, cidr_list
+from onetoken.kit.files import private_dir
+from onetoken.security.net import networks
+from onetoken.settings import Settings
 
 log = logging.getLogger("onetoken.gateway")
 
@@ -53,6 +55,11 @@ class SinkLike(Protocol):
     def close(self) -> None: ...
 
 
+def _cidrs(spec: str) -> list[str]:
+    """A CIDR-list setting as the engine takes it: one normalised network per entry."""
+    return [str(n) for n in networks(spec)]
+
+
 def engine_config(settings: Settings, secrets: Secrets) -> dict[str, Any]:
     """The engine configuration (tests/contract/engine_config.json)."""
     tls = None
@@ -67,8 +74,8 @@ def engine_config(settings: Settings, secrets: Secrets) -> dict[str, Any]:
         "spool_dir": str(settings.spool_dir.resolve()),
         "max_body_bytes": settings.max_body_bytes,
         "shutdown_grace_ms": int(settings.shutdown_grace_seconds * 1000),
-        "upstream_private_cidrs": cidr_list(settings.upstream_private_cidrs),
-        "trusted_proxies": cidr_list(settings.gateway_trusted_proxies),
+        "upstream_private_cidrs": _cidrs(settings.upstream_private_cidrs),
+        "trusted_proxies": _cidrs(settings.gateway_trusted_proxies),
         "proxy_protocol": settings.gateway_proxy_protocol,
         "metrics_listen": settings.metrics_listen,
         "max_connections": settings.gateway_max_connections,
@@ -99,6 +106,20 @@ def _default_sink(settings: Settings) -> SinkLike:
     from onetoken.analytics.sink import CallLogSink
 
     return CallLogSink(settings)
+
+
+_ID_FIELD = {"org": "org_id", "guard": "org_id", "key": "key_id", "provider": "provider_id"}
+
+
+def _log_dropped(engine: EngineLike, version: int) -> None:
+    """Entries the engine left out of the snapshot it now serves (the rest serves):
+    kind, reason code and the id when it is one the log may carry; names are left out."""
+    report = getattr(engine, "snapshot_dropped", None)
+    for entry in report() if report is not None else []:
+        extra = {"kind": entry["kind"], "error_code": entry["reason"], "version": version}
+        if (field := _ID_FIELD.get(entry["kind"])) is not None:
+            extra[field] = entry["id"]
+        log.warning("snapshot.entry_dropped", extra=extra)
 
 
 class GatewaySupervisor:
@@ -258,6 +279,7 @@ class GatewaySupervisor:
                 return None
             self._seen_revision = revision
             log.debug("snapshot.pushed", extra={"version": served, "revision": revision})
+            _log_dropped(engine, served)
             return served
 
     def _watch_loop(self) -> None:
@@ -372,7 +394,7 @@ class GatewaySupervisor:
         # Same line format and prefix as the engine's overflow files, so the sink's
         # replay picks it up and passes it through the ledger callback first.
         spool = self.settings.spool_dir
-        spool.mkdir(parents=True, exist_ok=True)
+        private_dir(spool)
         path = spool / f"overflow-pump-{time.time_ns()}-{os.getpid()}.jsonl"
         names = list(batch)
         payload = b"".join(

@@ -3,8 +3,9 @@ and a display id; scopes, limits, rotation with overlap, revocation; every chang
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -15,11 +16,14 @@ from onetoken.db.models import Account, ApiKey, new_id, utcnow
 from onetoken.db.session import bump_revision
 from onetoken.kit.crypto import Secrets, display_id, generate_api_key
 from onetoken.kit.errors import Conflict, Forbidden, NotFound, Unprocessable
+from onetoken.providers.tables import KeyPolicy
 from onetoken.security import audit
 
 log = logging.getLogger("onetoken.keys")
 
 LIMIT_FIELDS = ("rpm", "tpm", "concurrency", "budget_day", "budget_month")
+# What a key may be used for, when and from where; None = unrestricted.
+SCOPE_FIELDS = ("expires_at", "not_before", "allowed_models", "allowed_ips")
 # What the audit trail shows before/after for; never the hash.
 AUDITED_FIELDS = (
     "name", "status", "owner_id", "expires_at", "not_before", "allowed_models", "allowed_ips",
@@ -52,10 +56,108 @@ def _check_owner(session: Session, org_id: str, owner_id: str) -> None:
                             param="owner_id")
 
 
+def _is_developer(actor: Any) -> bool:
+    return getattr(actor, "role", "owner") == "developer"
+
+
 def may_manage(actor: Any, key: ApiKey) -> None:
     """Developers manage only the keys they own; owners and admins any key of the org."""
-    if getattr(actor, "role", "owner") == "developer" and key.owner_id != actor.account_id:
+    if _is_developer(actor) and key.owner_id != actor.account_id:
         raise Forbidden("Developers can only manage their own keys.", code="not_key_owner")
+
+
+def _loosened(key: ApiKey, limits: dict[str, int | None]) -> list[str]:
+    """The limits `limits` would lift or raise on `key` (None is no limit)."""
+    out = []
+    for f in LIMIT_FIELDS:
+        old, new = getattr(key, f), limits.get(f)
+        if old is not None and (new is None or new > old):
+            out.append(f)
+    return out
+
+
+def _within(inner: str, outer: str) -> bool:
+    a, b = ipaddress.ip_network(inner), ipaddress.ip_network(outer)
+    # `in` is False across families: an IPv4-mapped IPv6 range is not inside an IPv4 one.
+    return a.prefixlen >= b.prefixlen and a.network_address in b
+
+
+# For each scope, whether `new` admits only what `old` admits (both set).
+_NARROWS: dict[str, Callable[[Any, Any], bool]] = {
+    "expires_at": lambda old, new: new <= old,
+    "not_before": lambda old, new: new >= old,
+    "allowed_models": lambda old, new: set(new) <= set(old),
+    "allowed_ips": lambda old, new: all(any(_within(n, o) for o in old) for n in new),
+}
+
+
+def _widened(key: ApiKey, scopes: dict[str, Any]) -> list[str]:
+    """The scopes `scopes` would widen or remove on `key` (None is unrestricted)."""
+    out = []
+    for f, new in scopes.items():
+        old = getattr(key, f)
+        if old is not None and (new is None or not _NARROWS[f](old, new)):
+            out.append(f)
+    return out
+
+
+def _claim(
+    key: ApiKey, actor: Any, fields: Sequence[str], setter: str, widened: list[str], code: str
+) -> None:
+    """A developer may only narrow restrictions (`fields`) another account set on their
+    key, which then stay that account's; anyone else sets them outright and becomes their
+    setter. Restrictions of unknown origin (set before this was recorded) count as another
+    account's."""
+    by = getattr(actor, "account_id", None)
+    restricted = any(getattr(key, f) is not None for f in fields)
+    if _is_developer(actor) and restricted and getattr(key, setter) != by:
+        if widened:
+            raise Forbidden(
+                f"{widened[0]} was set on this key by an administrator; developers can "
+                "only narrow it.",
+                param=widened[0],
+                code=code,
+            )
+    else:
+        setattr(key, setter, by)
+
+
+def _set_limits(key: ApiKey, limits: dict[str, int | None], actor: Any) -> None:
+    loosened = [f"limits.{f}" for f in _loosened(key, limits)]
+    _claim(key, actor, LIMIT_FIELDS, "limits_set_by", loosened, "limits_set_by_admin")
+    for f in LIMIT_FIELDS:
+        setattr(key, f, limits.get(f))
+
+
+def _set_scopes(key: ApiKey, changes: dict[str, Any], actor: Any) -> None:
+    scopes = {f: changes[f] for f in SCOPE_FIELDS if f in changes}
+    if not scopes:
+        return
+    for f in ("allowed_models", "allowed_ips"):
+        if f in scopes:
+            scopes[f] = _dedupe(scopes[f])
+    _claim(key, actor, SCOPE_FIELDS, "scopes_set_by", _widened(key, scopes),
+           "scope_set_by_admin")
+    if "expires_at" in scopes:
+        _check_expiry(scopes["expires_at"])
+    for f, value in scopes.items():
+        setattr(key, f, value)
+    _check_window(key.not_before, key.expires_at)
+
+
+def _set_status(key: ApiKey, status: str, actor: Any) -> None:
+    by = getattr(actor, "account_id", None)
+    if (
+        _is_developer(actor)
+        and status == "active"
+        and key.status == "disabled"
+        and key.status_set_by != by
+    ):
+        raise Forbidden("A key an administrator disabled is re-enabled by an administrator.",
+                        code="disabled_by_admin")
+    if status != key.status:
+        key.status = status
+        key.status_set_by = by
 
 
 def create_key(
@@ -74,7 +176,8 @@ def create_key(
     actor: Any = None,
     rotated_from: str | None = None,
 ) -> tuple[ApiKey, str]:
-    """Returns the row and the plaintext key; the plaintext is never stored."""
+    """Returns the row and the plaintext key; the plaintext is never stored. The creator
+    is recorded as the setter of the limits and of the scopes it gives."""
     _check_expiry(expires_at)
     _check_window(not_before, expires_at)
     owner = owner_id or created_by
@@ -98,6 +201,14 @@ def create_key(
         allowed_models=_dedupe(allowed_models),
         allowed_ips=_dedupe(allowed_ips),
         rotated_from=rotated_from,
+        limits_set_by=(
+            created_by if any(v is not None for v in (limits or {}).values()) else None
+        ),
+        scopes_set_by=(
+            created_by
+            if any(v is not None for v in (expires_at, not_before, allowed_models, allowed_ips))
+            else None
+        ),
         **{f: (limits or {}).get(f) for f in LIMIT_FIELDS},
     )
     session.add(key)
@@ -144,27 +255,16 @@ def update_key(
     if changes.get("name") is not None:
         key.name = changes["name"]
     if changes.get("status") is not None:
-        key.status = changes["status"]
+        _set_status(key, changes["status"], actor)
     if changes.get("owner_id") is not None and changes["owner_id"] != key.owner_id:
         if getattr(actor, "role", "owner") == "developer":
             raise Forbidden("Developers cannot hand keys to other accounts.",
                             code="not_key_owner")
         _check_owner(session, org_id, changes["owner_id"])
         key.owner_id = changes["owner_id"]
-    if "expires_at" in changes:
-        _check_expiry(changes["expires_at"])
-        key.expires_at = changes["expires_at"]
-    if "not_before" in changes:
-        key.not_before = changes["not_before"]
-    _check_window(key.not_before, key.expires_at)
-    if "allowed_models" in changes:
-        key.allowed_models = _dedupe(changes["allowed_models"])
-    if "allowed_ips" in changes:
-        key.allowed_ips = _dedupe(changes["allowed_ips"])
+    _set_scopes(key, changes, actor)
     if "limits" in changes:
-        limits = changes["limits"] or {}
-        for f in LIMIT_FIELDS:
-            setattr(key, f, limits.get(f))
+        _set_limits(key, changes["limits"] or {}, actor)
     key.updated_at = utcnow()
     bump_revision(session)
     session.flush()
@@ -193,6 +293,7 @@ def revoke_key(session: Session, org_id: str, key_id: str, actor: Any = None) ->
     if key.status != "revoked":
         before = audit_view(key)
         key.status = "revoked"
+        key.status_set_by = getattr(actor, "account_id", None)
         key.revoked_at = utcnow()
         key.updated_at = key.revoked_at
         bump_revision(session)
@@ -213,8 +314,9 @@ def rotate_key(
     overlap: timedelta,
     actor: Any,
 ) -> tuple[ApiKey, str, ApiKey]:
-    """A new key with the old one's name, owner, scopes and limits (returned once); the
-    old key keeps working for `overlap`, then expires. Returns (new, plaintext, old)."""
+    """A new key with the old one's name, owner, scopes, limits and policy, and who set
+    them (returned once), so rotating never sheds a restriction; the old key keeps working
+    for `overlap` (never past its own expiry), then expires. Returns (new, plaintext, old)."""
     old = get_key(session, org_id, key_id)
     may_manage(actor, old)
     if old.status != "active":
@@ -231,11 +333,19 @@ def rotate_key(
         name=old.name,
         owner_id=old.owner_id,
         expires_at=old.expires_at,
+        not_before=old.not_before,
         allowed_models=old.allowed_models,
         allowed_ips=old.allowed_ips,
         limits={f: getattr(old, f) for f in LIMIT_FIELDS},
         rotated_from=old.id,
     )
+    # Whoever set them (or nobody known, for rows older than this record) stays their
+    # setter: the rotating account does not become it.
+    new.limits_set_by = old.limits_set_by
+    new.scopes_set_by = old.scopes_set_by
+    policy = session.get(KeyPolicy, old.id)
+    if policy is not None:
+        session.add(KeyPolicy(key_id=new.id, policy=dict(policy.policy)))
     end = now + overlap
     if old.expires_at is None or old.expires_at > end:
         old.expires_at = end

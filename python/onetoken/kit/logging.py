@@ -21,6 +21,8 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from onetoken.kit.files import private_dir, private_file
+
 ALLOWED_FIELDS = frozenset(
     {
         "request_id",
@@ -118,8 +120,8 @@ def configure_logging(
         stderr.setLevel(stderr_level)
     handlers: list[logging.Handler] = [stderr]
     if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(WatchedFileHandler(log_dir / "onetoken.log", encoding="utf-8"))
+        log_file = private_file(private_dir(log_dir) / "onetoken.log")
+        handlers.append(WatchedFileHandler(log_file, encoding="utf-8"))
     for h in list(root.handlers):
         root.removeHandler(h)
     for h in handlers:

@@ -7,12 +7,13 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 from starlette.requests import Request
 
 from onetoken.db.models import Account, AdminSession, Org, new_id, utcnow
-from onetoken.deps import Principal
+from onetoken.deps import AppState, Principal
 from onetoken.kit.crypto import (
     SESSION_TOKEN_PREFIX,
     Secrets,
@@ -84,12 +85,10 @@ def authenticate(
             # The password was right; the second factor is asked for, not counted as a
             # failure (the same 401 shape tells the console to show the code field).
             raise Unauthorized("A one-time code is required.", code="totp_required")
-        step = _verify_totp(secrets, account, creds.totp_code)
-        if step is None:
+        if not use_totp_code(session, secrets, account, creds.totp_code):
             guard.failure(session, attempt, "bad_totp")
             session.commit()
             raise Unauthorized("Invalid one-time code.", code="invalid_totp")
-        account.totp_last_step = step
     guard.success(session, attempt)
     account.last_login_at = utcnow()
     return account
@@ -100,11 +99,78 @@ def _org_status(session: Session, account: Account) -> str:
     return org.status if org is not None else "missing"
 
 
-def _verify_totp(secrets: Secrets, account: Account, code: str) -> int | None:
+def use_totp_code(session: Session, secrets: Secrets, account: Account, code: str) -> bool:
+    """Whether `code` is the account's current one-time code and not used before.
+
+    The time step is claimed with a conditional UPDATE (compare-and-set on the last
+    used step), so of two requests racing with one observed code exactly one wins."""
     if account.totp_secret_encrypted is None:
-        return None
+        return False
     secret = secrets.decrypt(account.totp_secret_encrypted)
-    return totp.verify(secret, code, after_step=account.totp_last_step)
+    step = totp.verify(secret, code, after_step=account.totp_last_step)
+    if step is None:
+        return False
+    claimed = session.execute(
+        update(Account)
+        .where(
+            Account.id == account.id,
+            or_(Account.totp_last_step.is_(None), Account.totp_last_step < step),
+        )
+        .values(totp_last_step=step)
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(claimed, "rowcount", 0) != 1:
+        return False
+    set_committed_value(account, "totp_last_step", step)
+    return True
+
+
+# -- step-up: re-authentication of a signed-in account ---------------------------------------
+
+
+def login_guard(request: Request, state: AppState) -> LoginGuard:
+    """The process's login guard (its burst detector keeps per-process state)."""
+    guard = getattr(request.app.state, "login_guard", None)
+    if not isinstance(guard, LoginGuard):
+        guard = LoginGuard(state.settings)
+        request.app.state.login_guard = guard
+    return guard
+
+
+def step_up(
+    session: Session,
+    secrets: Secrets,
+    guard: LoginGuard,
+    principal: Principal,
+    account: Account,
+    *,
+    password: str | None = None,
+    totp_code: str | None = None,
+) -> str:
+    """Check the proofs given (the current password, a current one-time code) under the
+    sign-in lockouts, per account and per source address with backoff: LoginLocked while
+    locked. Returns "" when all hold, else the failure (`bad_password`, `bad_totp`), which
+    is counted, written to the security log as metadata and committed; the caller
+    refuses the request with its own error."""
+    attempt = Attempt(
+        subject=account.id,
+        account_id=account.id,
+        org_id=account.org_id,
+        source_ip=principal.source_ip,
+        user_agent=principal.user_agent,
+    )
+    guard.check(session, attempt)
+    reason = ""
+    if password is not None and not verify_password(account.password_hash, password):
+        reason = "bad_password"
+    elif totp_code is not None and not use_totp_code(session, secrets, account, totp_code):
+        reason = "bad_totp"
+    if reason:
+        guard.failure(session, attempt, reason, kind="auth.step_up_failed")
+        session.commit()
+    else:
+        guard.forgive(session, attempt)
+    return reason
 
 
 def issue_session(
@@ -142,18 +208,34 @@ def end_sessions(session: Session, account_id: str, *, keep_session_id: str = ""
     )
 
 
+def end_org_sessions(session: Session, org_id: str) -> None:
+    """Sign every account of the org out (the org was disabled)."""
+    session.execute(
+        delete(AdminSession).where(
+            AdminSession.account_id.in_(select(Account.id).where(Account.org_id == org_id))
+        )
+    )
+
+
 def resolve_session(session: Session, secrets: Secrets, token: str) -> Principal | None:
     if not token.startswith(SESSION_TOKEN_PREFIX) or len(token) > 128:
         return None
     row = session.execute(
-        select(AdminSession, Account)
+        select(AdminSession, Account, Org.status)
         .join(Account, Account.id == AdminSession.account_id)
+        .join(Org, Org.id == Account.org_id)
         .where(AdminSession.token_hash == secrets.hash_session_token(token))
     ).one_or_none()
     if row is None:
         return None
-    admin_session, account = row
-    if admin_session.expires_at <= utcnow() or account.status != "active":
+    admin_session, account, org_status = row
+    # The org's status is read on every request too, not only when it is disabled: a
+    # session that outlived the sign-out (a concurrent sign-in) still ends.
+    if (
+        admin_session.expires_at <= utcnow()
+        or account.status != "active"
+        or org_status != "active"
+    ):
         return None
     return Principal(
         account_id=account.id,
@@ -194,15 +276,21 @@ def check_password_strength(password: str) -> None:
 
 
 def change_password(
-    session: Session, account: Account, current: str, new: str, keep_session_id: str
+    session: Session,
+    secrets: Secrets,
+    guard: LoginGuard,
+    principal: Principal,
+    account: Account,
+    current: str,
+    new: str,
 ) -> None:
-    if not verify_password(account.password_hash, current):
+    if step_up(session, secrets, guard, principal, account, password=current):
         # 400, not 401: the session is fine, only the confirmation failed.
         raise BadRequest("The current password is wrong.", code="invalid_credentials")
     check_password_strength(new)
     account.password_hash = hash_password(new)
     account.updated_at = utcnow()
-    end_sessions(session, account.id, keep_session_id=keep_session_id)
+    end_sessions(session, account.id, keep_session_id=principal.session_id)
 
 
 def accept_invite(session: Session, secrets: Secrets, token: str, password: str) -> Account:
@@ -229,12 +317,22 @@ def accept_invite(session: Session, secrets: Secrets, token: str, password: str)
     return account
 
 
-def totp_enrol(session: Session, secrets: Secrets, account: Account) -> tuple[str, str]:
-    """Start (or restart) enrolment: a new secret, stored encrypted, active only once a
-    code from it is confirmed. Returns (secret, otpauth URI), shown once."""
+def totp_enrol(
+    session: Session,
+    secrets: Secrets,
+    guard: LoginGuard,
+    principal: Principal,
+    account: Account,
+    current_password: str,
+) -> tuple[str, str]:
+    """Start (or restart) enrolment, given the current password: a new secret, stored
+    encrypted, active only once a code from it is confirmed. Returns (secret, otpauth
+    URI), shown once."""
     if account.auth_status == "totp":
         raise BadRequest("A second factor is already enabled; disable it first.",
                          code="totp_already_enabled")
+    if step_up(session, secrets, guard, principal, account, password=current_password):
+        raise BadRequest("The current password is wrong.", code="invalid_credentials")
     secret = totp.generate_secret()
     account.totp_secret_encrypted = secrets.encrypt(secret)
     account.totp_last_step = None
@@ -242,25 +340,44 @@ def totp_enrol(session: Session, secrets: Secrets, account: Account) -> tuple[st
     return secret, totp.provisioning_uri(secret, account.login_name)
 
 
-def totp_confirm(session: Session, secrets: Secrets, account: Account, code: str) -> None:
+def totp_confirm(
+    session: Session,
+    secrets: Secrets,
+    guard: LoginGuard,
+    principal: Principal,
+    account: Account,
+    code: str,
+) -> None:
     if account.auth_status == "totp":
         raise BadRequest("A second factor is already enabled.", code="totp_already_enabled")
     if account.totp_secret_encrypted is None:
         raise BadRequest("Start enrolment first.", code="totp_not_enrolled")
-    step = _verify_totp(secrets, account, code)
-    if step is None:
+    if step_up(session, secrets, guard, principal, account, totp_code=code):
         raise BadRequest("Invalid one-time code.", code="invalid_totp")
-    account.totp_last_step = step
     account.auth_status = "totp"
     account.updated_at = utcnow()
     session.flush()
 
 
-def totp_disable(session: Session, secrets: Secrets, account: Account, code: str) -> None:
+def totp_disable(
+    session: Session,
+    secrets: Secrets,
+    guard: LoginGuard,
+    principal: Principal,
+    account: Account,
+    *,
+    current_password: str,
+    code: str,
+) -> None:
+    """Turn the second factor off, given the current password and a current code."""
     if account.auth_status != "totp":
         raise BadRequest("No second factor is enabled.", code="totp_not_enabled")
-    step = _verify_totp(secrets, account, code)
-    if step is None:
+    failed = step_up(
+        session, secrets, guard, principal, account, password=current_password, totp_code=code
+    )
+    if failed == "bad_password":
+        raise BadRequest("The current password is wrong.", code="invalid_credentials")
+    if failed:
         raise BadRequest("Invalid one-time code.", code="invalid_totp")
     account.totp_secret_encrypted = None
     account.totp_last_step = None

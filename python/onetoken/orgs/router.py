@@ -32,10 +32,11 @@ from onetoken.orgs.schemas import (
     PasswordChange,
     TokenResponse,
     TotpCodeBody,
+    TotpDisableRequest,
     TotpEnrolment,
+    TotpEnrolRequest,
 )
 from onetoken.security import audit
-from onetoken.security.login_guard import LoginGuard
 from onetoken.security.net import client_ip
 from onetoken.security.permissions import PublicDep, require
 
@@ -50,14 +51,6 @@ MembersReadDep = Annotated[Principal, Depends(require("members.read"))]
 MembersWriteDep = Annotated[Principal, Depends(require("members.write"))]
 
 
-def _guard(request: Request, state: AppState) -> LoginGuard:
-    guard = getattr(request.app.state, "login_guard", None)
-    if not isinstance(guard, LoginGuard):
-        guard = LoginGuard(state.settings)
-        request.app.state.login_guard = guard
-    return guard
-
-
 def _sign_in(
     request: Request, body: LoginRequest, state: AppState, session: SessionDep
 ) -> tuple[str, AdminSession, Account]:
@@ -68,7 +61,7 @@ def _sign_in(
         source_ip=client_ip(request, state.settings),
         user_agent=request.headers.get("user-agent", "")[:256],
     )
-    account = auth.authenticate(session, state.secrets, _guard(request, state), creds)
+    account = auth.authenticate(session, state.secrets, auth.login_guard(request, state), creds)
     token, record = auth.issue_session(
         session, state.secrets, account, timedelta(hours=state.settings.session_ttl_hours)
     )
@@ -197,16 +190,23 @@ def update_me(body: MeUpdate, principal: SelfDep, session: SessionDep) -> MeResp
 
 @router.post("/me/password", status_code=204)
 def change_password(
-    body: PasswordChange, principal: SelfDep, session: SessionDep
+    body: PasswordChange,
+    principal: SelfDep,
+    request: Request,
+    session: SessionDep,
+    state: StateDep,
 ) -> Response:
-    """Other sessions of the account end; this one stays."""
+    """Other sessions of the account end; this one stays. Wrong current passwords count
+    towards the sign-in lockout (429 `login_locked` while it lasts)."""
     account = _me(session, principal)
     auth.change_password(
         session,
+        state.secrets,
+        auth.login_guard(request, state),
+        principal,
         account,
         body.current_password.get_secret_value(),
         body.new_password.get_secret_value(),
-        keep_session_id=principal.session_id,
     )
     session.commit()
     audit.event(principal, "account.password_changed", "medium", subject_id=account.id)
@@ -214,9 +214,23 @@ def change_password(
 
 
 @router.post("/me/totp", response_model=TotpEnrolment)
-def totp_enrol(principal: SelfDep, session: SessionDep, state: StateDep) -> TotpEnrolment:
-    """Start enrolling a TOTP second factor; confirm with a code to turn it on."""
-    secret, uri = auth.totp_enrol(session, state.secrets, _me(session, principal))
+def totp_enrol(
+    body: TotpEnrolRequest,
+    principal: SelfDep,
+    request: Request,
+    session: SessionDep,
+    state: StateDep,
+) -> TotpEnrolment:
+    """Start enrolling a TOTP second factor (needs the current password); confirm with a
+    code to turn it on."""
+    secret, uri = auth.totp_enrol(
+        session,
+        state.secrets,
+        auth.login_guard(request, state),
+        principal,
+        _me(session, principal),
+        body.current_password.get_secret_value(),
+    )
     session.commit()
     audit.event(principal, "account.totp_enrolment_started", "info",
                 subject_id=principal.account_id)
@@ -225,10 +239,16 @@ def totp_enrol(principal: SelfDep, session: SessionDep, state: StateDep) -> Totp
 
 @router.post("/me/totp/confirm", response_model=MeResponse)
 def totp_confirm(
-    body: TotpCodeBody, principal: SelfDep, session: SessionDep, state: StateDep
+    body: TotpCodeBody,
+    principal: SelfDep,
+    request: Request,
+    session: SessionDep,
+    state: StateDep,
 ) -> MeResponse:
     account = _me(session, principal)
-    auth.totp_confirm(session, state.secrets, account, body.code)
+    auth.totp_confirm(
+        session, state.secrets, auth.login_guard(request, state), principal, account, body.code
+    )
     session.commit()
     audit.change(principal, "account.totp_enabled", subject_id=account.id,
                  before={"auth_status": "password"}, after={"auth_status": "totp"})
@@ -237,10 +257,23 @@ def totp_confirm(
 
 @router.post("/me/totp/disable", response_model=MeResponse)
 def totp_disable(
-    body: TotpCodeBody, principal: SelfDep, session: SessionDep, state: StateDep
+    body: TotpDisableRequest,
+    principal: SelfDep,
+    request: Request,
+    session: SessionDep,
+    state: StateDep,
 ) -> MeResponse:
+    """Needs the current password and a current one-time code."""
     account = _me(session, principal)
-    auth.totp_disable(session, state.secrets, account, body.code)
+    auth.totp_disable(
+        session,
+        state.secrets,
+        auth.login_guard(request, state),
+        principal,
+        account,
+        current_password=body.current_password.get_secret_value(),
+        code=body.code,
+    )
     session.commit()
     audit.change(principal, "account.totp_disabled", subject_id=account.id,
                  before={"auth_status": "totp"}, after={"auth_status": "password"},
@@ -313,7 +346,8 @@ def update_org(
     state: StateDep,
 ) -> OrgResponse:
     """Rename, disable or re-enable any organization (operators). A disabled org's keys
-    are refused by the gateway within a second and its accounts cannot sign in."""
+    are refused by the gateway within a second, its accounts are signed out at once and
+    cannot sign in."""
     org = service.get_org(session, org_id)
     before = {"name": org.name, "status": org.status}
     if body.name is not None:
@@ -323,6 +357,8 @@ def update_org(
         from onetoken.db.session import bump_revision
 
         bump_revision(session)
+        if org.status != "active":
+            auth.end_org_sessions(session, org.id)
     session.commit()
     state.config_changed()
     audit.change(principal, "admin.org_changed", subject_id=org.id, org_id=org.id,
@@ -331,14 +367,6 @@ def update_org(
 
 
 # -- an org's accounts ------------------------------------------------------------------------
-
-
-def _target_org(principal: Principal, org_id: str | None) -> str:
-    if org_id is None or org_id == principal.org_id:
-        return principal.org_id
-    if principal.is_operator:
-        return org_id
-    raise NotFound("Organization not found.")
 
 
 def _created(account: Account, token: str | None) -> AccountCreated:
@@ -356,7 +384,7 @@ def list_accounts(
     org_id: Annotated[str | None, Query(max_length=32)] = None,
 ) -> AccountList:
     """The org's accounts (operators may name another org with `org_id`)."""
-    target = _target_org(principal, org_id)
+    target = service.target_org(session, principal, org_id)
     return AccountList(
         data=[AccountResponse.model_validate(a) for a in members.list_accounts(session, target)]
     )

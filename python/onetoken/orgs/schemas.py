@@ -93,6 +93,23 @@ class TotpCodeBody(BaseModel):
     code: TotpCode
 
 
+class TotpEnrolRequest(BaseModel):
+    """Re-authentication: a stolen session alone must not bind a second factor."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    current_password: SecretStr = Field(min_length=1, max_length=1024)
+
+
+class TotpDisableRequest(BaseModel):
+    """The current password and a current one-time code."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    current_password: SecretStr = Field(min_length=1, max_length=1024)
+    code: TotpCode
+
+
 class OrgResponse(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

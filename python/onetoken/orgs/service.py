@@ -152,6 +152,16 @@ def get_org(session: Session, org_id: str) -> Org:
     return org
 
 
+def target_org(session: Session, actor: Any, org_id: str | None) -> str:
+    """The org a request names with `org_id`: the actor's own by default; another one only
+    for operators (to anyone else it answers exactly like an unknown org)."""
+    if org_id is None or org_id == actor.org_id:
+        return str(actor.org_id)
+    if actor.is_operator:
+        return get_org(session, org_id).id
+    raise NotFound("Organization not found.")
+
+
 def find_org(session: Session, id_or_name: str) -> Org | None:
     org = session.get(Org, id_or_name)
     if org is not None:

@@ -38,6 +38,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from onetoken.db.models import Model, Provider
+from onetoken.gateway.snapshot import engine_rules
 from onetoken.keys.schemas import ModelName
 from onetoken.kit.crypto import DecryptionError, Secrets
 from onetoken.kit.errors import OnetokenError, _validation_message
@@ -206,17 +207,18 @@ def apply_file(
     if len(set(names)) != len(names):
         raise ProvidersFileError("providers: a provider name is listed twice")
     try:
-        for item in doc.providers:
-            _apply_provider(session, secrets, owner, item, result, prune)
-        _apply_routes(session, owner, doc.routes, result, prune)
-        if prune:
-            _prune_providers(session, owner, set(names), result)
-        if doc.routing is not None:
-            if gw.get_routing(session) != doc.routing:
-                gw.set_routing(session, doc.routing)
-                result.updated.append("routing")
-            else:
-                result.unchanged += 1
+        with engine_rules(session, secrets):
+            for item in doc.providers:
+                _apply_provider(session, secrets, owner, item, result, prune)
+            _apply_routes(session, owner, doc.routes, result, prune)
+            if prune:
+                _prune_providers(session, owner, set(names), result)
+            if doc.routing is not None:
+                if gw.get_routing(session) != doc.routing:
+                    gw.set_routing(session, doc.routing)
+                    result.updated.append("routing")
+                else:
+                    result.unchanged += 1
     except OnetokenError as exc:
         raise ProvidersFileError(exc.message) from None
     log.info(

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from onetoken.db.models import Model, Provider
 from onetoken.deps import Principal, SessionDep, StateDep
+from onetoken.gateway.snapshot import engine_rules
 from onetoken.kit.errors import Forbidden, NotFound
 from onetoken.orgs import service as orgs_service
 from onetoken.providers import gateway_service as gw
@@ -43,6 +44,7 @@ from onetoken.providers.schemas import (
     ProviderList,
     ProviderResponse,
     ProviderUpdate,
+    check_base_url_target,
 )
 from onetoken.providers.tables import Route
 from onetoken.security.permissions import require
@@ -137,16 +139,19 @@ def create_provider(
     body: ProviderCreate, principal: ProvidersWrite, session: SessionDep, state: StateDep
 ) -> ProviderResponse:
     owner = _scope_owner(principal, body.scope)
+    check_base_url_target(body.base_url, org_scoped=owner is not None,
+                          private_cidrs=state.settings.upstream_private_cidrs)
     fields = body.model_dump(exclude={"scope", "api_key", "name", "preset"}, exclude_none=True)
-    provider = service.create_provider(
-        session,
-        state.secrets,
-        owner,
-        name=body.name,
-        preset=body.preset,
-        api_key=body.api_key.get_secret_value() if body.api_key else None,
-        **fields,
-    )
+    with engine_rules(session, state.secrets):
+        provider = service.create_provider(
+            session,
+            state.secrets,
+            owner,
+            name=body.name,
+            preset=body.preset,
+            api_key=body.api_key.get_secret_value() if body.api_key else None,
+            **fields,
+        )
     session.commit()
     state.config_changed()
     return _provider_out(provider)
@@ -176,10 +181,13 @@ def update_provider(
 ) -> ProviderResponse:
     current = service.get_visible_provider(session, principal.org_id, provider_id)
     owner = _owner_for_write(principal, current.org_id)
+    check_base_url_target(body.base_url, org_scoped=owner is not None,
+                          private_cidrs=state.settings.upstream_private_cidrs)
     changes = {f: getattr(body, f) for f in body.model_fields_set}
     if "api_key" in changes and changes["api_key"] is not None:
         changes["api_key"] = changes["api_key"].get_secret_value()
-    provider = service.update_provider(session, state.secrets, owner, provider_id, changes)
+    with engine_rules(session, state.secrets):
+        provider = service.update_provider(session, state.secrets, owner, provider_id, changes)
     session.commit()
     state.config_changed()
     return _provider_out(provider)
@@ -191,7 +199,8 @@ def delete_provider(
 ) -> Response:
     current = service.get_visible_provider(session, principal.org_id, provider_id)
     owner = _owner_for_write(principal, current.org_id)
-    service.delete_provider(session, owner, provider_id)
+    with engine_rules(session, state.secrets):
+        service.delete_provider(session, owner, provider_id)
     session.commit()
     state.config_changed()
     return Response(status_code=204)
@@ -206,7 +215,8 @@ def create_model(
 ) -> ModelResponse:
     provider = service.get_visible_provider(session, principal.org_id, body.provider_id)
     owner = _owner_for_write(principal, provider.org_id)
-    model = service.create_model(session, owner, **body.model_dump())
+    with engine_rules(session, state.secrets):
+        model = service.create_model(session, owner, **body.model_dump())
     session.commit()
     state.config_changed()
     return _model_out(model)
@@ -229,7 +239,8 @@ def update_model(
     current = service.get_visible_model(session, principal.org_id, model_id)
     owner = _owner_for_write(principal, current.org_id)
     changes = body.model_dump(include=body.model_fields_set)
-    model = service.update_model(session, owner, model_id, changes)
+    with engine_rules(session, state.secrets):
+        model = service.update_model(session, owner, model_id, changes)
     session.commit()
     state.config_changed()
     return _model_out(model)
@@ -241,7 +252,8 @@ def delete_model(
 ) -> Response:
     current = service.get_visible_model(session, principal.org_id, model_id)
     owner = _owner_for_write(principal, current.org_id)
-    service.delete_model(session, owner, model_id)
+    with engine_rules(session, state.secrets):
+        service.delete_model(session, owner, model_id)
     session.commit()
     state.config_changed()
     return Response(status_code=204)
@@ -255,9 +267,10 @@ def create_route(
     body: RouteCreate, principal: ModelsWrite, session: SessionDep, state: StateDep
 ) -> RouteResponse:
     owner = _scope_owner(principal, body.scope)
-    route = gw.create_route(
-        session, owner, name=body.name, strategy=body.strategy, aliases=body.aliases
-    )
+    with engine_rules(session, state.secrets):
+        route = gw.create_route(
+            session, owner, name=body.name, strategy=body.strategy, aliases=body.aliases
+        )
     session.commit()
     state.config_changed()
     return _route_out(route)
@@ -280,7 +293,8 @@ def update_route(
     current = gw.get_visible_route(session, principal.org_id, route_id)
     owner = _owner_for_write(principal, current.org_id)
     changes = body.model_dump(include=body.model_fields_set)
-    route = gw.update_route(session, owner, route_id, changes)
+    with engine_rules(session, state.secrets):
+        route = gw.update_route(session, owner, route_id, changes)
     session.commit()
     state.config_changed()
     return _route_out(route)
@@ -292,7 +306,8 @@ def delete_route(
 ) -> Response:
     current = gw.get_visible_route(session, principal.org_id, route_id)
     owner = _owner_for_write(principal, current.org_id)
-    gw.delete_route(session, owner, route_id)
+    with engine_rules(session, state.secrets):
+        gw.delete_route(session, owner, route_id)
     session.commit()
     state.config_changed()
     return Response(status_code=204)
@@ -308,7 +323,8 @@ def set_routing(
     body: Routing, principal: ModelsWrite, session: SessionDep, state: StateDep
 ) -> Routing:
     require_operator(principal)
-    routing = gw.set_routing(session, body)
+    with engine_rules(session, state.secrets):
+        routing = gw.set_routing(session, body)
     session.commit()
     state.config_changed()
     return routing
@@ -333,7 +349,8 @@ def get_org_policy(org_id: str, principal: OrgRead, session: SessionDep) -> Poli
 def set_org_policy(
     org_id: str, body: Policy, principal: OrgWrite, session: SessionDep, state: StateDep
 ) -> Policy:
-    policy = gw.set_policy(session, _readable_org(session, principal, org_id), body)
+    with engine_rules(session, state.secrets):
+        policy = gw.set_policy(session, _readable_org(session, principal, org_id), body)
     session.commit()
     state.config_changed()
     return policy
@@ -348,7 +365,8 @@ def get_org_guard(org_id: str, principal: OrgRead, session: SessionDep) -> Guard
 def set_org_guard(
     org_id: str, body: Guard, principal: OrgWrite, session: SessionDep, state: StateDep
 ) -> Guard:
-    guard = gw.set_guard(session, _readable_org(session, principal, org_id), body)
+    with engine_rules(session, state.secrets):
+        guard = gw.set_guard(session, _readable_org(session, principal, org_id), body)
     session.commit()
     state.config_changed()
     return guard

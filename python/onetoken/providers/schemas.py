@@ -9,7 +9,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, St
 from pydantic_core import PydanticCustomError
 
 from onetoken.keys.schemas import ModelName
+from onetoken.kit.errors import Unprocessable
 from onetoken.kit.money import MoneyIn, MoneyOut
+from onetoken.security.net import networks, url_target_refused
 
 Protocol = Literal["openai", "azure", "anthropic", "gemini"]
 ModelKind = Literal["chat", "embedding"]
@@ -56,6 +58,22 @@ def _check_base_url(value: str) -> str:
 BaseUrl = Annotated[
     str, StringConstraints(min_length=8, max_length=2048), AfterValidator(_check_base_url)
 ]
+
+
+def check_base_url_target(url: str | None, *, org_scoped: bool, private_cidrs: str) -> None:
+    """At save time, where the base URL leads: an org's provider must reach a public
+    address; a platform provider may also use ONETOKEN_UPSTREAM_PRIVATE_CIDRS (an in-house
+    model server). An address literal is judged as is, a name by what it resolves to now;
+    the engine checks again on the address it connects to."""
+    if url is None:
+        return
+    allow = () if org_scoped else networks(private_cidrs)
+    if url_target_refused(url, allow):
+        raise Unprocessable(
+            "The base URL must point to a public address"
+            + ("." if org_scoped else " or one in ONETOKEN_UPSTREAM_PRIVATE_CIDRS."),
+            param="base_url",
+        )
 _HEADER_SAFE = re.compile(r"^[\x21-\x7e]{1,4096}$")
 
 

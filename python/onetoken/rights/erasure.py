@@ -1,43 +1,49 @@
 """Account cancellation: keys revoked, personal data anonymized, billing records kept.
 
-What happens, in order (docs/retention.md):
+What happens (docs/retention.md):
+
+On the request, in one transaction of the control DB:
 
 1. the account's API keys (owned or created by it) are revoked and the gateway gets a
-   snapshot without them; records still queued in the engine are pumped into the ledger
-   and ClickHouse, so nothing with the account's addresses arrives after step 3;
-2. the account's identifiers (email, mobile, login name, display name) are read, in
-   memory only, together with the source addresses its calls and security events came
-   from;
-3. ClickHouse is rewritten with mutations (`ALTER TABLE ... UPDATE`, waited for with
-   mutations_sync): in call_log rows of the account or its keys, source_ip and
-   user_agent are emptied; in security_log rows where the account or one of its keys is
-   the actor or the subject, likewise, and the identifiers are replaced in `detail`
-   (email and mobile number in every row that holds them);
-4. the control DB: the account keeps its id (a pseudonymous id: nothing links it to a
-   person any more) so orders, invoices, the ledger and call records still add up; its
-   login name becomes `erased-<hash>`, email, mobile, name, password, second factor and
-   invitations are cleared, sessions and sign-in sources deleted. SQLite is written with
-   secure_delete and its WAL checkpointed, so the old values do not linger in free pages.
+   snapshot without them;
+2. the account's identifiers (email, mobile, login name, display name) and key ids are
+   read, and kept encrypted in `account_erasures.pending_encrypted` (the queue of
+   ClickHouse erasures) until step 4 is done;
+3. the account keeps its id (a pseudonymous id: nothing links it to a person any more) so
+   orders, invoices, the ledger and call records still add up; its login name becomes
+   `erased-<hash>`, email, mobile, name, password, second factor and invitations are
+   cleared, sessions and sign-in sources deleted. SQLite is written with secure_delete and
+   its WAL checkpointed, so the old values do not linger in free pages.
 
-When ClickHouse cannot be reached, step 4 still happens and what step 3 needs is kept
-encrypted in `account_erasures.pending_encrypted` until the retention worker finishes it.
+Then, in the erasure worker, for a batch of queued accounts at a time:
+
+4. records still queued in the engine are pumped into the ledger and ClickHouse (so none
+   with the accounts' addresses arrives afterwards), then one mutation per table rewrites
+   the batch: in call_log rows of the accounts or their keys, source_ip and user_agent are
+   emptied; in security_log rows where one of them is the actor or the subject, likewise,
+   and their names are replaced in `detail` (email and mobile number in every row that
+   holds them). The values are passed as data in work tables, never in the mutation's
+   text, which ClickHouse keeps; the parts the mutations replaced are deleted at once.
+
 Ledger entries, orders and call costs are never changed: `onetoken billing reconcile`
-balances before and after.
-"""
+balances before and after."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, delete, or_, select, text
+from sqlalchemy import and_, delete, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from onetoken.analytics.columns import CALL_LOG_TABLE, SECURITY_LOG_TABLE
 from onetoken.db.models import Account, AdminSession, ApiKey, utcnow
 from onetoken.db.session import SessionFactory, bump_revision
 from onetoken.kit.crypto import Secrets
@@ -47,16 +53,13 @@ from onetoken.security.models import LoginSource, LoginThrottle
 
 if TYPE_CHECKING:
     from onetoken.deps import AppState
+    from onetoken.gateway.supervisor import GatewaySupervisor
 
 log = logging.getLogger("onetoken.rights")
 
 ERASED = "[erased]"
 # Runs a callable against the open ClickHouse client (the supervisor sink's `read`).
 ClientRunner = Callable[[Callable[[Any], Any]], Any]
-
-
-class ErasureUnavailable(Exception):
-    """ClickHouse could not be anonymized now (it is retried later)."""
 
 
 @dataclass
@@ -96,45 +99,137 @@ def _variants(values: Sequence[str | None]) -> list[str]:
 
 # -- ClickHouse ------------------------------------------------------------------------------
 
+# Accounts per batch: one pair of mutations (call_log, security_log) rewrites them all.
+ERASURE_BATCH = 200
+# Work tables of a batch. What is erased (ids, email, names, ...) is inserted here as data
+# and the mutations read it through subqueries, so the commands ClickHouse keeps after a
+# mutation (system.mutations, mutation_*.txt beside the table) name none of it. Memory
+# engine: never on disk, emptied after every batch; a mutation that a crash left
+# unfinished finds them empty after the restart and changes nothing.
+ERASURE_SUBJECTS = "onetoken.erasure_subjects"
+ERASURE_NEEDLES = "onetoken.erasure_needles"
+# How long replaced parts stay on disk, set on both tables by migration 006; lowered for
+# the few seconds after a batch, so the rows as they were before leave the disk at once.
+OUTDATED_PARTS_LIFETIME_S = 60
+OUTDATED_PARTS_WAIT_S = 120.0
 
-def _attributed(prefix: str) -> str:
-    return (
-        f"({prefix}actor_id = {{account:String}} OR {prefix}subject_id = {{account:String}}"
-        f" OR has({{keys:Array(String)}}, {prefix}actor_id)"
-        f" OR has({{keys:Array(String)}}, {prefix}subject_id))"
-    )
+_SUBJECTS = f"(SELECT id FROM {ERASURE_SUBJECTS})"  # noqa: S608 (constants only)
+_ATTRIBUTED = f"(actor_id IN {_SUBJECTS} OR subject_id IN {_SUBJECTS})"
 
 
-def anonymize_clickhouse(client: Any, ids: Identifiers) -> None:
-    """The mutations of step 3; synchronous (mutations_sync = 2)."""
-    params: dict[str, Any] = {"account": ids.account_id, "keys": ids.key_ids}
+def _needles(scope: str) -> str:
+    # Longest first, so a value containing another is replaced whole.
+    select = "SELECT arrayReverseSort(n -> length(n), groupArray(needle)) FROM"
+    return f"({select} {ERASURE_NEEDLES} WHERE scope = '{scope}')"
+
+
+def _replaced(needles: str, value: str) -> str:
+    return f"arrayFold((acc, n) -> replaceAll(acc, n, '{ERASED}'), {needles}, {value})"
+
+
+CALL_LOG_MUTATION = (
+    f"ALTER TABLE {CALL_LOG_TABLE} UPDATE source_ip = '', user_agent = '' "
+    f"WHERE account_id IN {_SUBJECTS} OR key_id IN {_SUBJECTS} "
+    "SETTINGS mutations_sync = 2"
+)
+# In rows where an erased account or key is the actor or the subject: no address, no
+# User-Agent, and its login and display names replaced in `detail`; email addresses and
+# mobile numbers are replaced in every row that holds them.
+_DETAIL = _replaced(
+    _needles("global"),
+    f"if({_ATTRIBUTED}, {_replaced(_needles('account'), 'detail')}, detail)",
+)
+SECURITY_LOG_MUTATION = (
+    f"ALTER TABLE {SECURITY_LOG_TABLE} UPDATE "
+    f"source_ip = if({_ATTRIBUTED}, '', source_ip), "
+    f"user_agent = if({_ATTRIBUTED}, '', user_agent), "
+    f"detail = {_DETAIL} "
+    f"WHERE {_ATTRIBUTED} OR arrayExists(n -> position(detail, n) > 0, {_needles('global')}) "
+    "SETTINGS mutations_sync = 2"
+)
+
+
+def anonymize_clickhouse(client: Any, batch: Sequence[Identifiers]) -> None:
+    """The mutations of step 3 for a batch of accounts; synchronous (mutations_sync = 2)."""
+    client.command(f"CREATE TABLE IF NOT EXISTS {ERASURE_SUBJECTS} (id String) ENGINE = Memory")
     client.command(
-        "ALTER TABLE onetoken.call_log UPDATE source_ip = '', user_agent = '' "
-        "WHERE account_id = {account:String} OR has({keys:Array(String)}, key_id) "
-        "SETTINGS mutations_sync = 2",
-        parameters=params,
+        f"CREATE TABLE IF NOT EXISTS {ERASURE_NEEDLES} (scope String, needle String) "
+        "ENGINE = Memory"
     )
-    attributed = _attributed("")
-    detail = "detail"
-    conditions = [attributed]
-    for i, needle in enumerate(_variants(ids.account_needles)):
-        params[f"a{i}"] = needle
-        detail = f"replaceAll({detail}, {{a{i}:String}}, {{erased:String}})"
-    detail = f"if({attributed}, {detail}, detail)"
-    for i, needle in enumerate(_variants(ids.global_needles)):
-        params[f"g{i}"] = needle
-        detail = f"replaceAll({detail}, {{g{i}:String}}, {{erased:String}})"
-        conditions.append(f"position(detail, {{g{i}:String}}) > 0")
-    params["erased"] = ERASED
-    client.command(
-        "ALTER TABLE onetoken.security_log UPDATE "
-        f"source_ip = if({attributed}, '', source_ip), "
-        f"user_agent = if({attributed}, '', user_agent), "
-        f"detail = {detail} "
-        f"WHERE {' OR '.join(conditions)} "
-        "SETTINGS mutations_sync = 2",
-        parameters=params,
+    subjects = sorted({i for ids in batch for i in (ids.account_id, *ids.key_ids)})
+    needles = sorted(
+        {("account", n) for ids in batch for n in _variants(ids.account_needles)}
+        | {("global", n) for ids in batch for n in _variants(ids.global_needles)}
     )
+    try:
+        _empty_work_tables(client)
+        client.insert(ERASURE_SUBJECTS, [[i] for i in subjects], column_names=["id"])
+        if needles:
+            client.insert(ERASURE_NEEDLES, [list(n) for n in needles],
+                          column_names=["scope", "needle"])
+        client.command(CALL_LOG_MUTATION)
+        client.command(SECURITY_LOG_MUTATION)
+    finally:
+        _empty_work_tables(client)
+
+
+def _empty_work_tables(client: Any) -> None:
+    for table in (ERASURE_SUBJECTS, ERASURE_NEEDLES):
+        client.command(f"TRUNCATE TABLE {table}")
+
+
+# For the few seconds of a batch: replaced parts are deletable at once, and ClickHouse's
+# cleanup of them runs every second (by default every 30 to 300 s).
+_PROMPT_CLEANUP = (
+    "old_parts_lifetime = 1, cleanup_delay_period = 1, cleanup_delay_period_random_add = 0, "
+    "max_cleanup_delay_period = 1"
+)
+_USUAL_CLEANUP = f"old_parts_lifetime = {OUTDATED_PARTS_LIFETIME_S}"
+_CLEANUP_DEFAULTS = (
+    "cleanup_delay_period, cleanup_delay_period_random_add, max_cleanup_delay_period"
+)
+
+
+@contextlib.contextmanager
+def replaced_parts_deleted(
+    runner: ClientRunner, timeout_s: float = OUTDATED_PARTS_WAIT_S
+) -> Iterator[None]:
+    """Around the mutations: the parts they replace (which still hold the erased values)
+    leave the disk within seconds rather than OUTDATED_PARTS_LIFETIME_S later; on exit,
+    wait until none is left. The wait is a loop of short queries, so the record pump keeps
+    writing meanwhile."""
+    tables = (CALL_LOG_TABLE, SECURITY_LOG_TABLE)
+
+    def alter(clause: str) -> None:
+        for table in tables:
+            runner(lambda c, t=table: c.command(f"ALTER TABLE {t} {clause}"))  # type: ignore[misc]
+
+    def outdated(client: Any) -> int:
+        return int(client.query(
+            "SELECT count() FROM system.parts WHERE NOT active AND database = 'onetoken' "
+            "AND table IN ('call_log', 'security_log')"
+        ).result_rows[0][0])
+
+    def clean_now(client: Any) -> None:
+        for table in tables:
+            # Wakes the cleanup task, which would otherwise sleep out its old period first.
+            client.command(f"SYSTEM START CLEANUP {table}")
+
+    # Before the mutations: the deadline of a part is fixed when it is replaced.
+    alter(f"MODIFY SETTING {_PROMPT_CLEANUP}")
+    try:
+        yield
+        with contextlib.suppress(Exception):  # a server may refuse SYSTEM: then it is slower
+            runner(clean_now)
+        deadline = time.monotonic() + timeout_s
+        while runner(outdated):
+            if time.monotonic() > deadline:
+                log.warning("rights.replaced_parts_remain")
+                return
+            time.sleep(0.2)
+    finally:
+        alter(f"MODIFY SETTING {_USUAL_CLEANUP}")
+        alter(f"RESET SETTING {_CLEANUP_DEFAULTS}")
 
 
 # -- the control DB ---------------------------------------------------------------------------
@@ -235,7 +330,8 @@ def identifiers(account: Account, key_ids: list[str]) -> Identifiers:
 
 
 def cancel_account(state: AppState, account_id: str, *, requested_by: str) -> ErasureResult:
-    """Cancel and anonymize one account (steps 1-4). Raises NotFound / Conflict."""
+    """Cancel and anonymize one account: steps 1 to 3 now, step 4 queued for the erasure
+    worker (which batches it with other cancellations). Raises NotFound / Conflict."""
     with state.session_factory() as session:
         account = session.get(Account, account_id)
         if account is None:
@@ -243,61 +339,145 @@ def cancel_account(state: AppState, account_id: str, *, requested_by: str) -> Er
         if session.get(AccountErasure, account_id) is not None:
             raise Conflict("This account has already been cancelled.", code="already_cancelled")
         key_ids = revoke_keys(session, account)
-        session.commit()
         ids = identifiers(account, key_ids)
-    state.config_changed()
-    runner = _runner(state)
-    done = False
-    if runner is not None:
-        try:
-            _drain_pipeline(state)
-            runner(lambda client: anonymize_clickhouse(client, ids))
-            done = True
-        except Exception as exc:
-            log.warning("rights.clickhouse_deferred", extra={"exc_type": type(exc).__name__})
-    with state.session_factory() as session:
-        account = session.get(Account, account_id)
-        assert account is not None
         anonymize_account(session, account)
         session.add(
             AccountErasure(
                 account_id=account.id,
                 org_id=account.org_id,
                 requested_by=requested_by,
-                state="done" if done else "control_done",
-                completed_at=utcnow() if done else None,
-                pending_encrypted=None if done else state.secrets.encrypt(ids.to_json()),
+                state="control_done",
+                pending_encrypted=state.secrets.encrypt(ids.to_json()),
             )
         )
         session.commit()
+    state.config_changed()
     checkpoint(state.session_factory)
+    if _worker is not None:
+        _worker.notify()
     log.info("rights.account_cancelled", extra={"org_id": ids.org_id, "account_id": account_id})
-    return ErasureResult(account_id, "done" if done else "control_done", len(key_ids))
+    return ErasureResult(account_id, "control_done", len(key_ids))
 
 
 def complete_pending(
-    session_factory: SessionFactory, secrets: Secrets, runner: ClientRunner
+    session_factory: SessionFactory,
+    secrets: Secrets,
+    runner: ClientRunner,
+    *,
+    before_batch: Callable[[], None] | None = None,
+    batch_size: int = ERASURE_BATCH,
 ) -> int:
-    """Finish the ClickHouse part of erasures that had to wait; returns how many."""
+    """Run the queued ClickHouse part of erasures, `batch_size` accounts per pair of
+    mutations, until none is left; returns how many were finished."""
     finished = 0
-    with session_factory() as session:
-        pending = list(
-            session.scalars(select(AccountErasure).where(AccountErasure.state == "control_done"))
-        )
-        for row in pending:
-            if row.pending_encrypted is None:
-                continue
-            ids = Identifiers.from_json(secrets.decrypt(row.pending_encrypted))
-            runner(lambda client, ids=ids: anonymize_clickhouse(client, ids))  # type: ignore[misc]
+    while True:
+        with session_factory() as session:
+            queued = session.execute(
+                select(AccountErasure.account_id, AccountErasure.pending_encrypted)
+                .where(
+                    AccountErasure.state == "control_done",
+                    AccountErasure.pending_encrypted.is_not(None),
+                )
+                .order_by(AccountErasure.requested_at, AccountErasure.account_id)
+                .limit(batch_size)
+            ).all()
+        if not queued:
+            break
+        batch = [Identifiers.from_json(secrets.decrypt(encrypted or "")) for _, encrypted in queued]
+        # No transaction stays open meanwhile: this can take seconds.
+        if before_batch is not None:
+            before_batch()
+        with replaced_parts_deleted(runner):
+            runner(lambda client, batch=batch: anonymize_clickhouse(client, batch))  # type: ignore[misc]
+        with session_factory() as session:
             _secure_delete(session)
-            row.state = "done"
-            row.completed_at = utcnow()
-            row.pending_encrypted = None
+            session.execute(
+                update(AccountErasure)
+                .where(AccountErasure.account_id.in_([account_id for account_id, _ in queued]))
+                .values(state="done", completed_at=utcnow(), pending_encrypted=None)
+            )
             session.commit()
-            finished += 1
+        finished += len(queued)
+        log.info("rights.erasures_completed", extra={"rows": len(queued)})
     if finished:
         checkpoint(session_factory)
     return finished
+
+
+class ErasureWorker:
+    """Runs the queued ClickHouse anonymization off the request path, in a daemon thread:
+    when a cancellation is queued (after a short pause, so cancellations made together
+    share a batch), at start (what a stopped server left queued) and every
+    `retry_seconds` (what failed, e.g. ClickHouse unreachable)."""
+
+    def __init__(
+        self,
+        run: Callable[[], int],
+        *,
+        retry_seconds: float,
+        gather_seconds: float = 1.0,
+    ) -> None:
+        self._run = run
+        self.retry_seconds = retry_seconds
+        self.gather_seconds = gather_seconds
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.completed = 0
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="onetoken-erasure",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.completed += self._run()
+            except Exception as exc:
+                log.warning("rights.pending_failed", extra={"exc_type": type(exc).__name__})
+            self._wake.wait(self.retry_seconds)
+            self._wake.clear()
+            if self._stop.wait(self.gather_seconds):
+                return
+
+
+_worker: ErasureWorker | None = None
+
+
+def install(worker: ErasureWorker | None) -> None:
+    """The worker that cancellations in this process wake (None: they wait for the next
+    start of a server)."""
+    global _worker
+    _worker = worker
+
+
+def make_worker(state: AppState, runtime: GatewaySupervisor) -> ErasureWorker:
+    """The erasure worker of a serving process, installed; the caller starts it once the
+    runtime has replayed its spool (older records must land before any mutation)."""
+
+    def run() -> int:
+        return complete_pending(
+            state.session_factory,
+            state.secrets,
+            runtime.sink.read,  # type: ignore[attr-defined]
+            before_batch=lambda: _drain_pipeline(state),
+        )
+
+    worker = ErasureWorker(run, retry_seconds=state.settings.retention_purge_interval_seconds)
+    install(worker)
+    return worker
 
 
 def _runner(state: AppState) -> ClientRunner | None:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from onetoken.db.models import Account, ApiKey, Org
 from onetoken.kit.money import format_amount
+from onetoken.kit.spreadsheet import formula_safe
 from onetoken.security.models import LoginSource
 
 MAX_SECURITY_EVENTS = 10_000
@@ -164,7 +165,9 @@ def build(
 
 def to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    # The default "\r\n" terminator: the writer quotes a cell holding any of its
+    # characters, so a bare "\r" in a value cannot start a row of its own.
+    writer = csv.writer(buf)
     writer.writerow(columns)
     for row in rows:
         writer.writerow(["" if row.get(c) is None else _cell(row.get(c)) for c in columns])
@@ -172,9 +175,7 @@ def to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def _cell(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value)
-    # Spreadsheet formula injection: a cell must not start with = + - @.
-    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
+    return formula_safe(value) if isinstance(value, str) else json.dumps(value)
 
 
 def account_csv(account: dict[str, Any]) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
@@ -145,8 +144,6 @@ class RetentionWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.runs = 0
-        # Run after every purge (e.g. erasures waiting for ClickHouse).
-        self.extra_jobs: list[Callable[[], None]] = []
 
     def start(self) -> None:
         if self._thread is None:
@@ -168,7 +165,5 @@ class RetentionWorker:
                 self.runs += 1
             except Exception as exc:
                 log.error("retention.purge_failed", extra={"exc_type": type(exc).__name__})
-            for job in self.extra_jobs:
-                job()
             if self._stop.wait(self.settings.retention_purge_interval_seconds):
                 return

@@ -6,15 +6,15 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from sqlalchemy import func, select
 
 from onetoken.db.models import Account
 from onetoken.deps import AppState, Principal, SessionDep, StateDep
-from onetoken.kit.crypto import verify_password
 from onetoken.kit.errors import Conflict, Forbidden, NotFound, OnetokenError, Unauthorized
+from onetoken.orgs import auth
 from onetoken.rights import erasure, export
 from onetoken.security import audit
 from onetoken.security.permissions import require
@@ -40,7 +40,8 @@ class CancelRequest(BaseModel):
 
 class CancelResponse(BaseModel):
     account_id: str
-    # done | control_done (ClickHouse is anonymized as soon as it is reachable again)
+    # control_done: the control DB is anonymized, ClickHouse's part is queued (the erasure
+    # worker finishes it within seconds, or once ClickHouse is reachable again).
     state: str
     keys_revoked: int
 
@@ -126,13 +127,19 @@ def _cancel(state: AppState, principal: Principal, account_id: str) -> CancelRes
 
 @router.post("/me/cancel", response_model=CancelResponse)
 def cancel_me(
-    body: CancelRequest, principal: SelfDep, session: SessionDep, state: StateDep
+    body: CancelRequest,
+    principal: SelfDep,
+    request: Request,
+    session: SessionDep,
+    state: StateDep,
 ) -> CancelResponse:
     """Cancel the caller's own account: its API keys are revoked at once, its personal
     data anonymized (docs/retention.md); billing records stay under its pseudonymous id.
     Needs the current password."""
     account = _account(session, principal)
-    if not verify_password(account.password_hash, body.password.get_secret_value()):
+    guard = auth.login_guard(request, state)
+    password = body.password.get_secret_value()
+    if auth.step_up(session, state.secrets, guard, principal, account, password=password):
         raise Unauthorized("The password is not correct.", code="invalid_password")
     _check_owner_kept(session, account)
     session.rollback()

@@ -1,6 +1,7 @@
 """Blocked sources: addresses the gateway refuses with 403 `ip_blocked` until a deadline
-(attack interception). They reach the engine as the snapshot's top-level `blocked_ips`
-(docs/snapshot.md); expired rows are ignored at once and purged by the retention job."""
+(attack interception), every request or only those without a valid key (by reason). They
+reach the engine as the snapshot's top-level `blocked_ips` (docs/snapshot.md); expired rows
+are ignored at once and purged by the retention job."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ from sqlalchemy import String, delete, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from onetoken.db.models import Base, UTCDateTime, utcnow
+
+# Blocks raised by failed authentication refuse only requests without a valid key: the
+# valid keys behind the same address (a company NAT, a load test's deliberate bad keys)
+# keep working while the failing attempts are refused.
+AUTH_FLOOD = "auth_flood"
+UNAUTHENTICATED_ONLY = frozenset({AUTH_FLOOD})
 
 
 class BlockedSource(Base):
@@ -68,8 +75,16 @@ def active(session: Session) -> list[BlockedSource]:
 
 
 def snapshot_entries(session: Session) -> list[dict[str, Any]]:
-    """The snapshot's `blocked_ips` (only unexpired blocks)."""
-    return [{"cidr": b.cidr, "until": int(b.until.timestamp())} for b in active(session)]
+    """The snapshot's `blocked_ips` (only unexpired blocks), each with the requests it
+    refuses: `unauthenticated` for the reasons in UNAUTHENTICATED_ONLY, `all` otherwise."""
+    return [
+        {
+            "cidr": b.cidr,
+            "until": int(b.until.timestamp()),
+            "mode": "unauthenticated" if b.reason in UNAUTHENTICATED_ONLY else "all",
+        }
+        for b in active(session)
+    ]
 
 
 def purge_expired(session: Session) -> int:

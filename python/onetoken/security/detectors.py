@@ -7,8 +7,9 @@ What is detected (thresholds in settings, defaults in docs/security.md):
   baseline (EWMA of past buckets, after a warm-up);
 - abnormal calls: the same for a key's error responses; a key used from many source
   addresses within a window;
-- attack interception: 401 floods from one source address; the source is blocked (the
-  snapshot's `blocked_ips`, 403 `ip_blocked` in the gateway) for a while;
+- attack interception: 401 floods from one source address; the source's requests without
+  a valid key are blocked (the snapshot's `blocked_ips`, 403 `ip_blocked` in the gateway)
+  for a while, its valid keys keep working;
 - key risks: use of a revoked or expired key, or from outside its allowed addresses
   (the security_log rows are onetoken.security.keyrisk's; the detectors add the webhook);
 - system alarms: records spooled instead of written (pipeline trouble), records dropped,
@@ -37,6 +38,7 @@ from onetoken.db.session import SessionFactory
 from onetoken.security import blocking
 from onetoken.security.keyrisk import KEY_RISKS
 from onetoken.security.log import Scalar, SecurityEvent, Severity, record
+from onetoken.security.net import networks
 
 log = logging.getLogger("onetoken.security")
 
@@ -114,12 +116,6 @@ class Detection:
     record: bool = True
 
 
-def _networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(
-        ipaddress.ip_network(p.strip(), strict=False) for p in spec.split(",") if p.strip()
-    )
-
-
 class Detectors:
     def __init__(
         self,
@@ -141,7 +137,7 @@ class Detectors:
         # provider -> deque of (record time us, failures, total)
         self._upstream: dict[str, deque[tuple[int, int, int]]] = {}
         self._alerted: dict[tuple[str, str], float] = {}
-        self._exempt = _networks(settings.attack_block_exempt)
+        self._exempt = networks(settings.attack_block_exempt)
         self._lock = threading.Lock()
         self._last_spooled: dict[str, int] = {}
         self.detections = 0
@@ -434,7 +430,9 @@ class Detectors:
             return None
         try:
             with self.session_factory() as session:
-                until = blocking.block(session, ip, self.s.attack_block_seconds, "auth_flood")
+                until = blocking.block(
+                    session, ip, self.s.attack_block_seconds, blocking.AUTH_FLOOD
+                )
                 session.commit()
         except Exception as exc:
             log.error("detectors.block_failed", extra={"exc_type": type(exc).__name__})

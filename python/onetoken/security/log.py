@@ -34,6 +34,8 @@ from typing import Any, Final, Literal, TypeVar
 
 import orjson
 
+from onetoken.kit.files import private_dir
+
 log = logging.getLogger("onetoken.security")
 
 T = TypeVar("T")
@@ -209,7 +211,7 @@ class SecurityLog:
 
     def _spool(self, rows: list[Row]) -> None:
         try:
-            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.spool_dir)
             with self._lock:
                 self._spool_seq += 1
                 seq = self._spool_seq

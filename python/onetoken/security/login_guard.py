@@ -96,12 +96,15 @@ class LoginGuard:
                             {"scope": scope, "retry_after_s": retry})
                 raise LoginLocked(retry)
 
-    def failure(self, session: Session, attempt: Attempt, reason: str) -> None:
-        """Count a failed attempt against the account and the source; lock on threshold.
-        The caller commits."""
+    def failure(
+        self, session: Session, attempt: Attempt, reason: str, *, kind: str = "auth.login_failed"
+    ) -> None:
+        """Count a failed attempt (a sign-in, or a step-up of a signed-in account: `kind`
+        names its security-log event) against the account and the source; lock on
+        threshold. The caller commits."""
         now = utcnow()
         window = timedelta(seconds=self.settings.login_failure_window_seconds)
-        self._event(attempt, "auth.login_failed", "low", {"reason": reason})
+        self._event(attempt, kind, "low", {"reason": reason})
         for scope, subject, threshold in self._subjects(attempt):
             row = session.get(LoginThrottle, (scope, subject))
             if row is None:
@@ -128,11 +131,15 @@ class LoginGuard:
         """Reset the account's counter (not the source's: an attacker holding one valid
         account must not be able to wipe the failures of their address) and look for an
         abnormal sign-in. The caller commits."""
+        self.forgive(session, attempt)
+        self._detect_new_source(session, attempt)
+        session.flush()
+
+    def forgive(self, session: Session, attempt: Attempt) -> None:
+        """Reset the account's counter after a proof that held (not the source's)."""
         row = session.get(LoginThrottle, (SCOPE_ACCOUNT, attempt.subject))
         if row is not None:
             session.delete(row)
-        self._detect_new_source(session, attempt)
-        session.flush()
 
     # -- abnormal sign-ins ----------------------------------------------------------------
 

@@ -1,22 +1,28 @@
-"""Source address, network and User-Agent family of a control-API request."""
+"""Addresses: the source address, network and User-Agent family of a control-API request,
+and which network addresses outgoing connections (webhooks, tenants' providers) may reach."""
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import socket
+from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Protocol
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 
-
-class _ProxySettings(Protocol):
-    @property
-    def trusted_proxies(self) -> str: ...
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# A name resolver: (host, port) -> the addresses it resolves to, as text. Raises OSError
+# when the name does not resolve. Tests inject stubs; the default asks the system.
+Resolver = Callable[[str, int], Sequence[str]]
 
 
 @lru_cache(maxsize=16)
-def _networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+def networks(spec: str) -> tuple[IpNetwork, ...]:
+    """A comma-separated CIDR list (a settings value) as networks; ValueError names the
+    first entry that does not parse."""
     out = []
     for part in spec.split(","):
         part = part.strip()
@@ -25,7 +31,7 @@ def _networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
     return tuple(out)
 
 
-def parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def parse_ip(value: str) -> IpAddress | None:
     try:
         ip = ipaddress.ip_address(value.strip())
     except ValueError:
@@ -37,10 +43,13 @@ def parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
 
 def client_ip(request: Request, settings: object) -> str:
     """The peer address; behind proxies listed in ONETOKEN_TRUSTED_PROXIES, the right-most
-    X-Forwarded-For entry that is not one of them. "" when it is not an IP address."""
+    X-Forwarded-For entry that is not one of them. "" when it is not an IP address.
+
+    uvicorn runs with its own proxy-header handling off (onetoken.serve), so the peer is
+    the TCP peer and this is the only place forwarding headers are believed."""
     peer = request.client.host if request.client else ""
     ip = parse_ip(peer)
-    trusted = _networks(str(getattr(settings, "trusted_proxies", "") or ""))
+    trusted = networks(str(getattr(settings, "trusted_proxies", "") or ""))
     if ip is not None and trusted and any(ip in n for n in trusted):
         forwarded = request.headers.get("x-forwarded-for", "")
         for hop in reversed([h for h in forwarded.split(",") if h.strip()]):
@@ -51,6 +60,94 @@ def client_ip(request: Request, settings: object) -> str:
             if not any(hop_ip in n for n in trusted):
                 break
     return str(ip) if ip is not None else ""
+
+
+# -- outgoing connections ------------------------------------------------------------------
+
+# NAT64 (RFC 6052): the IPv4 address in the low 32 bits is the one reached.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
+    return None
+
+
+def is_public(ip: IpAddress) -> bool:
+    """Whether `ip` is a globally routable unicast address: not loopback, private (RFC 1918,
+    ULA), link-local (the 169.254.169.254 metadata address among them), CGNAT (100.64/10),
+    multicast, unspecified, broadcast, documentation or otherwise reserved. IPv6 forms that
+    carry an IPv4 address (mapped, 6to4, NAT64) are judged by that address too."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = _embedded_v4(ip)
+        if inner is not None and not is_public(inner):
+            return False
+    return ip.is_global and not ip.is_multicast
+
+
+def target_allowed(ip: IpAddress, allow: Sequence[IpNetwork]) -> bool:
+    """A public address, or one inside the operator's allow-list `allow`."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return is_public(ip) or any(ip in net for net in allow)
+
+
+class AddressRefused(Exception):
+    """A target host is, or resolves to, an address outside the public internet and the
+    allow-list. Carries no address: messages built from it never echo a tenant's URL."""
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    return [str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+
+
+def resolve_checked(
+    host: str, port: int, allow: Sequence[IpNetwork], resolver: Resolver | None = None
+) -> list[IpAddress]:
+    """Every address `host` resolves to, resolved once, each one checked: AddressRefused
+    when any is not allowed (a client could pick any of them), OSError when the name does
+    not resolve. Connect only to what this returns, so that DNS cannot answer differently
+    between the check and the connect."""
+    literal = parse_ip(host.strip("[]"))
+    if literal is not None:
+        found: list[IpAddress] = [literal]
+    else:
+        answers = (resolver or system_resolver)(host, port)
+        found = []
+        for text in answers:
+            ip = parse_ip(text)
+            if ip is None:
+                raise AddressRefused  # a scoped or malformed answer: nothing to judge
+            if ip not in found:
+                found.append(ip)
+        if not found:
+            raise OSError(f"no address for {host}")
+    if not all(target_allowed(ip, allow) for ip in found):
+        raise AddressRefused
+    return found
+
+
+def url_target_refused(
+    url: str, allow: Sequence[IpNetwork], resolver: Resolver | None = None
+) -> bool:
+    """At save time: whether the URL's host is, or now resolves to, an address that is
+    not allowed. A name that does not resolve now is not refused here: every connect
+    checks again (webhook delivery, the engine's upstream connector)."""
+    parts = urlsplit(url.strip())
+    host = parts.hostname or ""
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        resolve_checked(host, port, allow, resolver)
+    except AddressRefused:
+        return True
+    except (OSError, ValueError, UnicodeError):
+        return False
+    return False
 
 
 def network_of(ip: str) -> str:

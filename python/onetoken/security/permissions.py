@@ -8,6 +8,8 @@ module (`python -m onetoken.security.permissions > docs/permissions.md`).
 
 Operators (`accounts.is_operator`, the platform's own staff; the bootstrap account is
 one) hold every permission marked `operator`; some permissions are operator-only.
+Moving the platform's money (`billing.money`) is one of them unless a private deployment
+hands it to its owners with ONETOKEN_TENANT_MONEY_ADMIN=true.
 """
 
 from __future__ import annotations
@@ -40,12 +42,18 @@ class Permission:
     roles: frozenset[str]
     operator: bool
     description: str
+    # Roles that hold it only where ONETOKEN_TENANT_MONEY_ADMIN=true (a private
+    # single-enterprise deployment whose owners are also the platform's staff).
+    tenant_money_roles: frozenset[str] = frozenset()
 
 
-def _p(name: str, roles: str, description: str, *, operator: bool = True) -> Permission:
+def _p(
+    name: str, roles: str, description: str, *, operator: bool = True, tenant_money: str = ""
+) -> Permission:
     held = frozenset(r for r in roles.split() if r)
-    assert held <= set(ROLES), name
-    return Permission(name, held, operator, description)
+    delegated = frozenset(r for r in tenant_money.split() if r)
+    assert held <= set(ROLES) and delegated <= set(ROLES), name
+    return Permission(name, held, operator, description, delegated)
 
 
 _ALL = " ".join(ROLES)
@@ -75,22 +83,40 @@ PERMISSIONS: dict[str, Permission] = {
         _p("models.read", _ALL, "Read models and prices."),
         _p("models.write", "owner admin", "Create, change and delete models."),
         _p("billing.read", "owner admin billing viewer", "Read balance and ledger."),
-        _p("billing.write", "owner admin billing", "Add credits and adjustments."),
+        _p(
+            "billing.write",
+            "owner admin billing",
+            "Place and cancel orders, redeem codes, request invoices, set budgets.",
+        ),
+        _p(
+            "billing.money",
+            "",
+            "Credit, grant and adjust balances, confirm or fail orders, refund, issue and void "
+            "invoices, across organizations (operators; also owners, of their own "
+            "organization, where ONETOKEN_TENANT_MONEY_ADMIN=true).",
+            tenant_money="owner",
+        ),
         _p("calls.read", "owner admin developer billing", "Read call metadata."),
         _p("usage.read", _ALL, "Read usage totals."),
         _p("security.read", "owner admin", "Read the organization's security and audit log."),
         _p("webhooks.read", "owner admin", "List callback addresses and their delivery log."),
-        _p("webhooks.write", "owner admin", "Create, change, test and delete callback addresses."),
-        # Generic fall-backs behind onetoken.deps' PrincipalDep / WriterDep aliases, so an
-        # endpoint written with those is still covered until it names a precise permission.
-        _p("org.member", _ALL, "Any account of the organization (generic read)."),
-        _p("org.admin", "owner admin", "Organization administrators (generic write)."),
+        _p(
+            "webhooks.write",
+            "owner admin",
+            "Create, change, test and delete callback addresses (platform-wide ones: operators).",
+        ),
     )
 }
 
 
-def holds(permission: Permission, role: str, is_operator: bool) -> bool:
-    return role in permission.roles or (permission.operator and is_operator)
+def holds(
+    permission: Permission, role: str, is_operator: bool, *, tenant_money_admin: bool = False
+) -> bool:
+    return (
+        role in permission.roles
+        or (permission.operator and is_operator)
+        or (tenant_money_admin and role in permission.tenant_money_roles)
+    )
 
 
 def _audit_request(request: Request, principal: Principal, outcome: str, code: str) -> None:
@@ -105,14 +131,18 @@ def require(name: str) -> Callable[..., Iterator[Principal]]:
 
     Unsafe methods are audited into the security log when they finish (who, which
     endpoint, outcome), unless the service recorded a more precise audit event."""
-    from onetoken.deps import Principal, get_principal
+    from onetoken.deps import Principal, get_principal, get_state
 
     permission = PERMISSIONS[name]
 
     def dependency(
         request: Request, principal: Annotated[Principal, Depends(get_principal)]
     ) -> Iterator[Principal]:
-        if not holds(permission, principal.role, principal.is_operator):
+        tenant_money_admin = get_state(request).settings.tenant_money_admin
+        if not holds(
+            permission, principal.role, principal.is_operator,
+            tenant_money_admin=tenant_money_admin,
+        ):
             from onetoken.security import audit
 
             audit.access_denied(request, principal, permission.name)
@@ -231,13 +261,21 @@ def render_doc(app: FastAPI) -> str:
         "(`is_operator`, the platform's staff; the bootstrap account is one) additionally hold",
         "the permissions marked in the operator column, across all organizations.",
         "",
+        "Moving the platform's money is an operator action: tenants place orders, redeem",
+        "codes and read, but do not credit, confirm, refund or invoice themselves. A cell",
+        "`setting` is held only where `ONETOKEN_TENANT_MONEY_ADMIN=true` (default false: a",
+        "private single-enterprise deployment), and then only within the own organization.",
+        "",
         "## Matrix",
         "",
         "| permission | " + " | ".join(roles) + " | operator | what |",
         "|---|" + "---|" * len(roles) + "---|---|",
     ]
     for perm in PERMISSIONS.values():
-        cells = ["yes" if r in perm.roles else "" for r in roles]
+        cells = [
+            "yes" if r in perm.roles else "setting" if r in perm.tenant_money_roles else ""
+            for r in roles
+        ]
         lines.append(
             f"| `{perm.name}` | "
             + " | ".join(cells)

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Query, Response
 from onetoken.deps import AppState, Principal, SessionDep, StateDep
 from onetoken.kit.errors import Forbidden, OnetokenError
 from onetoken.security import audit
+from onetoken.security.net import networks
 from onetoken.security.permissions import require
 from onetoken.webhooks import current, service
 from onetoken.webhooks.dispatcher import WebhookDispatcher
@@ -74,13 +75,30 @@ def _dispatcher(state: AppState) -> WebhookDispatcher:
     installed = current()
     if installed is not None:
         return installed
-    # A control API without a server process (tests, tools) still answers test sends.
+    # A control API without a server process (tests, tools) still delivers test sends.
     cached = getattr(state, "_webhook_dispatcher", None)
     if isinstance(cached, WebhookDispatcher):
         return cached
     dispatcher = WebhookDispatcher(state.settings, state.secrets, state.session_factory)
+    dispatcher.start()
     setattr(state, "_webhook_dispatcher", dispatcher)  # noqa: B010 (not a dataclass field)
     return dispatcher
+
+
+def _writable(session: SessionDep, principal: Principal, endpoint_id: str) -> WebhookEndpoint:
+    """An endpoint the caller may change: platform-wide ones only operators."""
+    ep = service.get_endpoint(session, principal.org_id, endpoint_id)
+    if ep.platform and not principal.is_operator:
+        raise Forbidden("Only operators change platform-wide callback addresses.")
+    return ep
+
+
+def stop_test_sender(state: AppState) -> None:
+    """Stop the dispatcher `_dispatcher` started for test sends, if it did."""
+    cached = getattr(state, "_webhook_dispatcher", None)
+    if isinstance(cached, WebhookDispatcher):
+        cached.stop()
+        delattr(state, "_webhook_dispatcher")
 
 
 @router.post("", response_model=EndpointCreated, status_code=201)
@@ -97,7 +115,7 @@ def create_endpoint(
         url=body.url,
         kinds=list(body.kinds),
         created_by=principal.account_id,
-        allow_private=state.settings.webhook_allow_private_targets,
+        allow=networks(state.settings.webhook_private_cidrs),
         platform=body.platform,
     )
     session.commit()
@@ -151,7 +169,7 @@ def update_endpoint(
     session: SessionDep,
     state: StateDep,
 ) -> EndpointResponse:
-    ep = service.get_endpoint(session, principal.org_id, endpoint_id)
+    ep = _writable(session, principal, endpoint_id)
     before = {"kinds": list(ep.kinds), "status": ep.status, "host": ep.url_display}
     service.update_endpoint(
         session,
@@ -160,7 +178,7 @@ def update_endpoint(
         url=body.url,
         kinds=list(body.kinds) if body.kinds is not None else None,
         status=body.status,
-        allow_private=state.settings.webhook_allow_private_targets,
+        allow=networks(state.settings.webhook_private_cidrs),
     )
     session.commit()
     audit.change(principal, "admin.webhook_changed", subject_id=ep.id, before=before,
@@ -173,7 +191,7 @@ def rotate_secret(
     endpoint_id: str, principal: WriteDep, session: SessionDep, state: StateDep
 ) -> SecretRotated:
     """A new signing secret (shown once); the old one stops signing at once."""
-    ep = service.get_endpoint(session, principal.org_id, endpoint_id)
+    ep = _writable(session, principal, endpoint_id)
     secret = service.rotate_secret(session, state.secrets, ep)
     session.commit()
     audit.event(principal, "admin.webhook_secret_rotated", "medium", subject_id=ep.id)
@@ -182,23 +200,23 @@ def rotate_secret(
 
 @router.delete("/{endpoint_id}", status_code=204)
 def delete_endpoint(endpoint_id: str, principal: WriteDep, session: SessionDep) -> Response:
-    ep = service.get_endpoint(session, principal.org_id, endpoint_id)
+    ep = _writable(session, principal, endpoint_id)
     service.delete_endpoint(session, ep)
     session.commit()
     audit.event(principal, "admin.webhook_deleted", "medium", subject_id=endpoint_id)
     return Response(status_code=204)
 
 
-@router.post("/{endpoint_id}/test", response_model=DeliveryDetail)
+@router.post("/{endpoint_id}/test", response_model=DeliveryDetail, status_code=202)
 def send_test(
     endpoint_id: str, principal: WriteDep, session: SessionDep, state: StateDep
 ) -> DeliveryDetail:
-    """Send a `webhook_test` event now and answer with the first attempt's outcome; a
-    failed test is retried like any delivery."""
-    ep = service.get_endpoint(session, principal.org_id, endpoint_id)
+    """Queue a `webhook_test` event for sending now and answer with the pending delivery
+    at once (the attempt runs on the delivery workers, never on this request; follow it
+    at `GET /webhooks/deliveries/{id}`). A failed test is retried like any delivery."""
+    ep = _writable(session, principal, endpoint_id)
     if ep.status != "active":
         raise Forbidden("The callback address is disabled.", code="endpoint_disabled")
     d = _dispatcher(state).test_delivery(session, ep)
-    audit.event(principal, "admin.webhook_tested", "info", subject_id=ep.id,
-                detail={"status": d.status})
+    audit.event(principal, "admin.webhook_tested", "info", subject_id=ep.id)
     return get_delivery(d.id, principal, session)

@@ -7,8 +7,6 @@ create and rotate, once.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,29 +18,24 @@ from sqlalchemy.orm import Session
 from onetoken.db.models import new_id, utcnow
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import NotFound, Unprocessable
+from onetoken.security.net import IpNetwork, url_target_refused
 from onetoken.webhooks.events import EVENT_KINDS
 from onetoken.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from onetoken.webhooks.signing import generate_secret
 
 MAX_ENDPOINTS_PER_ORG = 20
 MAX_URL_LEN = 2048
+_NOT_PUBLIC = "The URL must point to a public address."
+_INTERNAL_SUFFIXES = (".localhost", ".local", ".internal")
 
 
-class TargetNotAllowed(Exception):
-    """The URL's host is (or resolves to) a private, loopback or link-local address and
-    ONETOKEN_WEBHOOK_ALLOW_PRIVATE_TARGETS is off."""
-
-
-def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
-
-
-def check_url(url: str, *, allow_private: bool) -> str:
+def check_url(url: str, *, allow: Sequence[IpNetwork]) -> str:
     """Validate a callback URL; returns its display form (scheme://host[:port]).
 
-    Messages are fixed texts: the URL may carry a token and is never echoed."""
+    The host must be public, or inside ONETOKEN_WEBHOOK_PRIVATE_CIDRS (`allow`): an
+    address literal is judged as is, a name by what it resolves to now (delivery checks
+    again, on the address it connects to). Messages are fixed texts: the URL may carry a
+    token and is never echoed."""
     if len(url) > MAX_URL_LEN:
         raise Unprocessable("The URL is too long.", param="url")
     try:
@@ -57,34 +50,14 @@ def check_url(url: str, *, allow_private: bool) -> str:
     if parts.fragment:
         raise Unprocessable("The URL must not have a fragment.", param="url")
     host = parts.hostname
-    if not allow_private:
-        if host == "localhost" or host.endswith((".localhost", ".local", ".internal")):
-            raise Unprocessable("The URL must point to a public address.", param="url")
-        try:
-            literal = ipaddress.ip_address(host)
-        except ValueError:
-            literal = None
-        if literal is not None and not _is_public(literal):
-            raise Unprocessable("The URL must point to a public address.", param="url")
+    # Names that are internal by convention are refused even when they do not resolve
+    # here; with an allow-list, what a name resolves to decides.
+    if not allow and (host == "localhost" or host.endswith(_INTERNAL_SUFFIXES)):
+        raise Unprocessable(_NOT_PUBLIC, param="url")
+    if url_target_refused(url, allow):
+        raise Unprocessable(_NOT_PUBLIC, param="url")
     shown_host = f"[{host}]" if ":" in host else host
     return f"{parts.scheme}://{shown_host}" + (f":{port}" if port else "")
-
-
-def check_target(url: str, *, allow_private: bool) -> None:
-    """At delivery time: refuse when the host resolves to a non-public address (a name
-    that was public at registration may not be any more)."""
-    if allow_private:
-        return
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError:
-        return  # the HTTP attempt fails with a connect error and is retried
-    for info in infos:
-        if not _is_public(ipaddress.ip_address(info[4][0])):
-            raise TargetNotAllowed
 
 
 def check_kinds(kinds: Sequence[str]) -> list[str]:
@@ -110,10 +83,10 @@ def create_endpoint(
     url: str,
     kinds: Sequence[str],
     created_by: str,
-    allow_private: bool,
+    allow: Sequence[IpNetwork],
     platform: bool = False,
 ) -> Created:
-    display = check_url(url, allow_private=allow_private)
+    display = check_url(url, allow=allow)
     count = len(list_endpoints(session, org_id))
     if count >= MAX_ENDPOINTS_PER_ORG:
         raise Unprocessable("Too many callback addresses for this organization.")
@@ -159,10 +132,10 @@ def update_endpoint(
     url: str | None,
     kinds: Sequence[str] | None,
     status: str | None,
-    allow_private: bool,
+    allow: Sequence[IpNetwork],
 ) -> None:
     if url is not None:
-        endpoint.url_display = check_url(url, allow_private=allow_private)
+        endpoint.url_display = check_url(url, allow=allow)
         endpoint.url_encrypted = secrets.encrypt(url.strip())
     if kinds is not None:
         endpoint.kinds = check_kinds(kinds)

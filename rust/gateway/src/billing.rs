@@ -3,6 +3,9 @@
 //! Prices are nano-units per million tokens; every product is taken in i128 so no
 //! realistic price or token count can overflow, and each part is rounded up.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
 use parking_lot::Mutex;
 
 /// `ceil(tokens * price / 1_000_000)`, saturating at the i64 range.
@@ -184,9 +187,37 @@ impl Counters {
 #[derive(Debug, Default)]
 pub struct OrgAccount {
     counters: Mutex<Counters>,
+    /// Requests in flight that reserved nothing (every candidate deployment is free).
+    unpriced: AtomicU32,
+}
+
+/// Requests of one org admitted with a zero reservation and still in flight. Money
+/// bounds every priced request (its reservation must fit the balance); nothing bounds a
+/// free one, so a loop through a zero-priced provider pointing back at the gateway, or
+/// a flood of free calls, could hold every file descriptor. This cap is that bound.
+pub const UNPRICED_IN_FLIGHT_PER_ORG: u32 = 256;
+
+/// One in-flight slot of [`UNPRICED_IN_FLIGHT_PER_ORG`]; released on drop.
+#[derive(Debug)]
+pub struct UnpricedSlot(Arc<OrgAccount>);
+
+impl Drop for UnpricedSlot {
+    fn drop(&mut self) {
+        self.0.unpriced.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl OrgAccount {
+    /// Take a slot for a request that reserves nothing, if fewer than `max` hold one.
+    pub fn try_unpriced(self: &Arc<Self>, max: u32) -> Option<UnpricedSlot> {
+        let prev = self.unpriced.fetch_add(1, Ordering::AcqRel);
+        if prev >= max {
+            self.unpriced.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(UnpricedSlot(Arc::clone(self)))
+    }
+
     /// Take `amount` if `balance - (spent - spent_mark) - reserved >= amount`, checked
     /// and taken under one lock.
     pub fn try_reserve(&self, balance: i64, spent_mark: i64, amount: i64) -> bool {

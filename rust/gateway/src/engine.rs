@@ -19,7 +19,7 @@ use crate::journal::{self, Journal};
 use crate::limits::LiveCounters;
 use crate::metrics::{Gauges, Metrics};
 use crate::records::{CallRecord, Records};
-use crate::snapshot::{self, Snapshot};
+use crate::snapshot::{self, Dropped, Snapshot};
 use crate::upstream::{ClientCache, Resolve, SystemResolver};
 use crate::{server, tokens};
 
@@ -28,6 +28,9 @@ pub(crate) struct Shared {
     pub(crate) config: EngineConfig,
     pub(crate) keyring: KeyRing,
     pub(crate) snapshot: ArcSwap<Snapshot>,
+    /// Entries the serving snapshot left out, reported to the control plane and counted
+    /// in `/metrics`.
+    dropped: Mutex<Vec<Dropped>>,
     /// Live counters by org and key id; the compile step reuses them so they survive swaps.
     accounts: Mutex<LiveCounters>,
     clients: ClientCache,
@@ -55,6 +58,7 @@ impl Shared {
             records_spooled: self.records.spooled.load(Ordering::Relaxed),
             records_dropped: self.records.dropped.load(Ordering::Relaxed),
             snapshot_version: self.snapshot.load().version,
+            snapshot_dropped: self.dropped.lock().len() as u64,
             journal_segments: journal.segments,
             journal_unacked: journal.unacked,
             journal_errors: self.records.journal_errors(),
@@ -128,6 +132,7 @@ impl Engine {
         let shared = Arc::new(Shared {
             keyring: KeyRing::new(&secrets),
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
+            dropped: Mutex::new(Vec::new()),
             accounts: Mutex::new(LiveCounters::default()),
             clients: ClientCache::new(config.private_cidrs()?, resolver),
             records,
@@ -217,8 +222,9 @@ impl Engine {
         Ok(addr)
     }
 
-    /// Compile and swap in a snapshot; returns the version now serving. An invalid
-    /// snapshot leaves the current one serving; one not newer than it is ignored.
+    /// Compile and swap in a snapshot; returns the version now serving. Entries that do
+    /// not hold up are left out ([`Engine::snapshot_dropped`] lists them); a document that
+    /// does not parse leaves the current snapshot serving; one not newer than it is ignored.
     pub fn load_snapshot(&self, json: &[u8]) -> Result<u64, Error> {
         let doc = snapshot::parse(json)?;
         let _serial = self.load_lock.lock();
@@ -226,13 +232,19 @@ impl Engine {
         if doc.version <= current {
             return Ok(current);
         }
-        let compiled = {
+        let (compiled, dropped) = {
             let mut accounts = self.shared.accounts.lock();
-            Snapshot::compile(doc, &mut accounts, &self.shared.clients)?
+            Snapshot::compile(doc, &mut accounts, &self.shared.clients)
         };
         let version = compiled.version;
         self.shared.snapshot.store(Arc::new(compiled));
+        *self.shared.dropped.lock() = dropped;
         Ok(version)
+    }
+
+    /// The entries the serving snapshot left out (empty when every entry compiled).
+    pub fn snapshot_dropped(&self) -> Vec<Dropped> {
+        self.shared.dropped.lock().clone()
     }
 
     /// Take up to `max` records from the queue, oldest first.

@@ -56,10 +56,11 @@ pub(crate) enum ApiError {
     ClientDisconnected,
     ShuttingDown,
     Internal,
+    LoopDetected,
 }
 
 impl ApiError {
-    pub(crate) const ALL: [ApiError; 31] = [
+    pub(crate) const ALL: [ApiError; 32] = [
         ApiError::InvalidApiKey,
         ApiError::KeyRevoked,
         ApiError::KeyExpired,
@@ -91,6 +92,7 @@ impl ApiError {
         ApiError::ClientDisconnected,
         ApiError::ShuttingDown,
         ApiError::Internal,
+        ApiError::LoopDetected,
     ];
 
     /// Low-cardinality code used in the error body, the record and the metric label.
@@ -127,6 +129,7 @@ impl ApiError {
             ApiError::ClientDisconnected => "client_disconnected",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::Internal => "internal_error",
+            ApiError::LoopDetected => "loop_detected",
         }
     }
 
@@ -160,6 +163,7 @@ impl ApiError {
             }
             ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::LoopDetected => StatusCode::LOOP_DETECTED,
         }
     }
 
@@ -194,6 +198,7 @@ impl ApiError {
             ApiError::ClientDisconnected => "client_error",
             ApiError::ShuttingDown => "service_unavailable",
             ApiError::Internal => "server_error",
+            ApiError::LoopDetected => "invalid_request_error",
         }
     }
 
@@ -241,6 +246,9 @@ impl ApiError {
             ApiError::ClientDisconnected => "The client disconnected.",
             ApiError::ShuttingDown => "The gateway is shutting down.",
             ApiError::Internal => "Internal gateway error.",
+            ApiError::LoopDetected => {
+                "The request came from this gateway itself: a provider points back at it."
+            }
         }
     }
 
@@ -273,10 +281,14 @@ pub(crate) fn error_body(err: ApiError, kind: Option<&str>, code: Option<&str>) 
 }
 
 /// OpenAI-shaped error body with a message from a fixed set other than the code's
-/// default (e.g. the policy rule that refused a request).
-pub(crate) fn error_body_with_message(err: ApiError, message: &'static str) -> Bytes {
+/// default (e.g. the policy rule that refused a request), and the parameter at fault.
+pub(crate) fn error_body_with_message(
+    err: ApiError,
+    message: &'static str,
+    param: Option<&'static str>,
+) -> Bytes {
     let body = serde_json::json!({
-        "error": {"message": message, "type": err.kind(), "param": null, "code": err.code()}
+        "error": {"message": message, "type": err.kind(), "param": param, "code": err.code()}
     });
     Bytes::from(body.to_string())
 }

@@ -16,11 +16,32 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+
+/// Creates the spool directory (and missing parents) readable by this user only.
+///
+/// Journal and overflow segments hold call records (source addresses, key and account
+/// ids): their modes must not depend on the umask the process was started with.
+pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Opens (creating it 0600 if needed) a segment for appending; see `create_private_dir`.
+pub(crate) fn open_private_append(path: &Path) -> std::io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
 
 /// Marks a drained record that never reached the journal (its write failed).
 pub(crate) const NO_SEGMENT: u64 = u64::MAX;
@@ -104,14 +125,10 @@ impl Journal {
         }
         if st.current.is_none() {
             if !st.dir_ready {
-                st.dir_ready = std::fs::create_dir_all(&self.dir).is_ok();
+                st.dir_ready = create_private_dir(&self.dir).is_ok();
             }
             let seg = st.next_seg;
-            match OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.path(seg))
-            {
+            match open_private_append(&self.path(seg)) {
                 Ok(file) => {
                     st.next_seg += 1;
                     st.segments.insert(seg, Segment::default());

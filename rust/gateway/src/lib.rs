@@ -33,5 +33,5 @@ pub use config::{EngineConfig, PreviousSecret, TlsConfig};
 pub use engine::{Engine, Stats};
 pub use error::Error;
 pub use records::CallRecord;
-pub use snapshot::SnapshotDoc;
+pub use snapshot::{validate as validate_snapshot, Dropped, SnapshotDoc};
 pub use upstream::Resolve;

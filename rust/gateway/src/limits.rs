@@ -208,6 +208,14 @@ impl Refusal {
         }
     }
 
+    /// Too many requests in flight: 429 `concurrency_limited`, retry in a second.
+    pub(crate) fn busy() -> Self {
+        Refusal {
+            retry_after_s: Some(1),
+            ..Refusal::plain(ApiError::ConcurrencyLimited)
+        }
+    }
+
     /// Whether the record's `rate_limit` column says `limited`.
     pub(crate) fn is_limited(&self) -> bool {
         matches!(

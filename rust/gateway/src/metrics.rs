@@ -124,7 +124,7 @@ impl Metrics {
         let sum = self.duration_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "onetoken_request_duration_seconds_sum {sum}");
         let _ = writeln!(out, "onetoken_request_duration_seconds_count {count}");
-        let gauges: [(&str, &str, &str, i128); 13] = [
+        let gauges: [(&str, &str, &str, i128); 14] = [
             (
                 "onetoken_connections_open",
                 "gauge",
@@ -180,6 +180,12 @@ impl Metrics {
                 i128::from(extra.snapshot_version),
             ),
             (
+                "onetoken_snapshot_dropped_entries",
+                "gauge",
+                "Entries the serving config snapshot left out as invalid.",
+                i128::from(extra.snapshot_dropped),
+            ),
+            (
                 "onetoken_journal_segments",
                 "gauge",
                 "Record journal segment files on disk.",
@@ -220,6 +226,7 @@ pub(crate) struct Gauges {
     pub(crate) records_spooled: u64,
     pub(crate) records_dropped: u64,
     pub(crate) snapshot_version: u64,
+    pub(crate) snapshot_dropped: u64,
     pub(crate) journal_segments: u64,
     pub(crate) journal_unacked: u64,
     pub(crate) journal_errors: u64,

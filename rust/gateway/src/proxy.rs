@@ -14,13 +14,14 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::billing::{self, OrgAccount, Prices, Usage};
+use crate::billing::{self, OrgAccount, Prices, UnpricedSlot, Usage};
 use crate::body::{collect, RecordedBody, RespBody, StreamBody, StreamLimits};
 use crate::engine::Shared;
 use crate::error::{error_body, error_body_with_message, is_safe_ident, json_response, ApiError};
 use crate::limits::{self, Admission, Refusal};
 use crate::metrics::PathLabel;
 use crate::policy::Denial;
+use crate::protocol::validate::{self, Invalid};
 use crate::protocol::{self, ClientApi, StreamIds, StreamRelay};
 use crate::records::CallRecord;
 use crate::routing::{self, NotServed, Permit, Unavailable};
@@ -97,6 +98,8 @@ enum Failure {
     Blocked(&'static str),
     /// No deployment the org and key policies permit: 403 naming the rule.
     Denied(Denial),
+    /// The body lacks what the client API requires: 400 naming the parameter.
+    Invalid(Invalid),
 }
 
 impl From<ApiError> for Failure {
@@ -145,6 +148,8 @@ pub(crate) struct RequestLog {
     price_factor_ppm: u32,
     /// Concurrency slots, token charges and the key-budget reservation.
     admission: Admission,
+    /// Held by a request that reserved nothing.
+    unpriced: Option<UnpricedSlot>,
     /// Client address, for `blocked_ips` and `allowed_ips`.
     peer: IpAddr,
     prompt_estimate: u64,
@@ -200,6 +205,7 @@ impl RequestLog {
             request_price: 0,
             price_factor_ppm: billing::PPM_ONE,
             admission: Admission::default(),
+            unpriced: None,
             peer,
             prompt_estimate: 0,
             upstream_usage: None,
@@ -246,6 +252,7 @@ impl RequestLog {
         }
         self.admission
             .settle(cost, usage.prompt.saturating_add(usage.completion));
+        self.unpriced = None;
         let elapsed = self.start.elapsed();
         let shared = &self.shared;
         if let Some(err) = err {
@@ -394,13 +401,27 @@ pub(crate) async fn handle(
         Err(Failure::Denied(denial)) => {
             let err = ApiError::PolicyDenied;
             log.mark_response_start();
-            let resp = error_reply(route, err.status(), err, None, None, Some(denial.message()));
+            let resp = error_reply(
+                route,
+                err.status(),
+                err,
+                None,
+                None,
+                Some((denial.message(), None)),
+            );
             recorded(resp, log, err.status().as_u16(), Some(err))
         }
         Err(Failure::Blocked(message)) => {
             let err = ApiError::SensitiveContentBlocked;
             log.mark_response_start();
-            let resp = error_reply(route, err.status(), err, None, None, Some(message));
+            let resp = error_reply(route, err.status(), err, None, None, Some((message, None)));
+            recorded(resp, log, err.status().as_u16(), Some(err))
+        }
+        Err(Failure::Invalid(invalid)) => {
+            let err = ApiError::InvalidRequest;
+            log.mark_response_start();
+            let detail = Some((invalid.message, Some(invalid.param)));
+            let resp = error_reply(route, err.status(), err, None, None, detail);
             recorded(resp, log, err.status().as_u16(), Some(err))
         }
         Err(Failure::Limited(refusal)) => {
@@ -437,19 +458,20 @@ fn has_body(headers: &HeaderMap) -> bool {
 }
 
 /// An error in the client's protocol: Anthropic's shape on `/v1/messages`, OpenAI's
-/// elsewhere. Every text is the gateway's own.
+/// elsewhere. Every text is the gateway's own; `detail` is a message other than the
+/// code's default, and the parameter at fault.
 fn error_reply(
     route: Route,
     status: StatusCode,
     err: ApiError,
     kind: Option<&str>,
     code: Option<&str>,
-    message: Option<&'static str>,
+    detail: Option<(&'static str, Option<&'static str>)>,
 ) -> Response<RespBody> {
     let body = if route == Route::Messages {
-        protocol::anthropic::error_body(status, err, message)
-    } else if let Some(m) = message {
-        error_body_with_message(err, m)
+        protocol::anthropic::error_body(status, err, detail.map(|d| d.0))
+    } else if let Some((message, param)) = detail {
+        error_body_with_message(err, message, param)
     } else {
         error_body(err, kind, code)
     };
@@ -494,6 +516,18 @@ fn now_unix_secs() -> i64 {
         .unwrap_or(0)
 }
 
+/// The refusal of a request without a known key: `ip_blocked` from a source blocked for
+/// failing authentication, else `invalid_api_key`.
+fn unauthenticated(snap: &Snapshot, peer: IpAddr) -> ApiError {
+    if !snap.blocked_unauthenticated.is_empty()
+        && snap.blocked_unauthenticated.contains(peer, now_unix_secs())
+    {
+        ApiError::IpBlocked
+    } else {
+        ApiError::InvalidApiKey
+    }
+}
+
 async fn process(
     shared: &Shared,
     log: &mut RequestLog,
@@ -504,6 +538,12 @@ async fn process(
         Route::NotFound => return Err(ApiError::NotFound.into()),
         Route::MethodNotAllowed(_) => return Err(ApiError::MethodNotAllowed.into()),
         _ => {}
+    }
+
+    // A request relayed by a gateway (this one or another): a provider points back at a
+    // gateway. Refused before anything else, so a loop ends at its second hop.
+    if req.headers().contains_key(protocol::HOP_HEADER) {
+        return Err(ApiError::LoopDetected.into());
     }
 
     // The whole upstream response must have arrived by then, however it trickles in.
@@ -518,11 +558,9 @@ async fn process(
 
     // Authenticate before reading the body, so an unknown caller cannot make the gateway
     // buffer a large one.
-    let raw_key = auth::extract_key(req.headers()).ok_or(ApiError::InvalidApiKey)?;
-    let key = shared
-        .keyring
-        .lookup(&snap.keys, raw_key)
-        .ok_or(ApiError::InvalidApiKey)?;
+    let key = auth::extract_key(req.headers())
+        .and_then(|raw_key| shared.keyring.lookup(&snap.keys, raw_key))
+        .ok_or_else(|| unauthenticated(&snap, log.peer))?;
     log.rec.org_id.clone_from(&key.org.id);
     log.rec.account_id.clone_from(&key.account_id);
     log.rec.key_id.clone_from(&key.key_id);
@@ -572,6 +610,8 @@ async fn process(
         Err(_) => return Err(ApiError::InvalidJson.into()),
     };
     drop(body);
+    // What the client API requires, before anything is reserved or sent.
+    validate::check(api, &doc).map_err(Failure::Invalid)?;
 
     let model_name = doc
         .get("model")
@@ -607,6 +647,20 @@ async fn process(
     let asked_out = protocol::requested_max_out(api, &doc).or_else(|| requested_out(&doc));
     let max_out =
         |d: &Deployment| asked_out.map_or(d.max_output_tokens, |n| n.min(d.max_output_tokens));
+    // Chat `n` asks for that many choices, each up to `max_out`; pass-through forwards it
+    // (translations produce one choice), so the bounds below cover n outputs there.
+    let choices = match api {
+        ClientApi::Chat => doc.get("n").and_then(Value::as_u64).unwrap_or(1),
+        _ => 1,
+    };
+    let out_bound = |d: &Deployment| {
+        let n = if protocol::translates(api, d.provider.protocol) {
+            1
+        } else {
+            choices
+        };
+        max_out(d).saturating_mul(n)
+    };
     let stream =
         kind == ModelKind::Chat && doc.get("stream").and_then(Value::as_bool) == Some(true);
     let client_wants_usage = doc
@@ -618,11 +672,24 @@ async fn process(
     let org = &key.org;
     // Upper bound over every deployment that may end up serving (fallbacks included).
     let reserve_on = |d: &Deployment| {
-        billing::reserve_amount_at(prompt_estimate, max_out(d), d.prices, org.price_factor_ppm)
-            .saturating_add(request_cost(d.request_price, org.price_factor_ppm))
+        billing::reserve_amount_at(
+            prompt_estimate,
+            out_bound(d),
+            d.prices,
+            org.price_factor_ppm,
+        )
+        .saturating_add(request_cost(d.request_price, org.price_factor_ppm))
     };
     let amount = candidates.iter().map(|d| reserve_on(d)).max().unwrap_or(0);
-    let tokens_bound = candidates.iter().map(|d| max_out(d)).max().unwrap_or(0);
+    let tokens_bound = candidates.iter().map(|d| out_bound(d)).max().unwrap_or(0);
+    // Money bounds a priced request; a free one takes a slot of a per-org cap instead.
+    if amount == 0 {
+        let slot = org
+            .account
+            .try_unpriced(billing::UNPRICED_IN_FLIGHT_PER_ORG)
+            .ok_or_else(Refusal::busy)?;
+        log.unpriced = Some(slot);
+    }
     // Limits, budgets and the balance; the org reservation is settled in `finish`.
     log.admission = limits::admit(key, prompt_estimate.saturating_add(tokens_bound), amount)?;
     log.reservation = Some((org.account.clone(), amount));
@@ -631,6 +698,7 @@ async fn process(
 
     let order = routing::order(group.strategy, candidates, reserve_on);
     let mut attempts = routing::Attempts {
+        deadline,
         count: 0,
         last: None,
     };

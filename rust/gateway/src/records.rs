@@ -7,7 +7,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::journal::{Journal, JournalStats, NO_SEGMENT};
+use crate::journal::{self, Journal, JournalStats, NO_SEGMENT};
 
 /// One call's metadata; the fields are the columns of `tests/contract/call_log_columns.json`
 /// in order.
@@ -248,13 +248,10 @@ impl Records {
         }
         if ov.current.is_none() {
             if !ov.dir_ready {
-                ov.dir_ready = std::fs::create_dir_all(&ov.dir).is_ok();
+                ov.dir_ready = journal::create_private_dir(&ov.dir).is_ok();
             }
             let seq = ov.next_seq;
-            let opened = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(ov.path(seq, true));
+            let opened = journal::open_private_append(&ov.path(seq, true));
             match opened {
                 Ok(file) => {
                     ov.next_seq += 1;
@@ -501,7 +498,6 @@ mod tests {
     use std::sync::atomic::AtomicBool;
 
     use super::*;
-    use crate::journal;
 
     fn dir() -> PathBuf {
         let p =
@@ -703,6 +699,33 @@ mod tests {
         assert_eq!(records.ack(drained), drained);
         assert!(names(&d).is_empty(), "left behind: {:?}", names(&d));
         assert_eq!(records.journal_stats(), JournalStats::default());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Journal and overflow segments (and the spool dir the engine creates for them) are
+    /// private to the service's user whatever the umask (a test process's is usually 022).
+    #[cfg(unix)]
+    #[test]
+    fn journal_and_overflow_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dir();
+        let spool = d.join("spool");
+        let ds = spool.to_str().unwrap();
+        let records = Records::new(0, ds, "priv")
+            .with_journal(Journal::new(ds, "priv", 1, Duration::from_secs(3600)))
+            .with_overflow_age(Duration::from_secs(3600));
+        for i in 0..3 {
+            records.push(rec(i));
+        }
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&spool), 0o700);
+        let made = names(&spool);
+        assert!(made.iter().any(|n| n.starts_with("journal-")), "{made:?}");
+        assert!(made.iter().any(|n| n.starts_with("overflow-")), "{made:?}");
+        for name in made {
+            assert_eq!(mode(&spool.join(&name)), 0o600, "{name}");
+        }
+        records.stop();
         std::fs::remove_dir_all(&d).unwrap();
     }
 

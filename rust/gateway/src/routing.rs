@@ -19,10 +19,12 @@ use serde_json::{Map, Value};
 use std::collections::HashMap;
 
 use crate::billing::Prices;
-use crate::error::{ApiError, Error};
+use crate::error::ApiError;
 use crate::policy::{self, Denial, Scope};
 use crate::protocol::{self, auth_headers, ClientApi, Endpoints, Protocol};
-use crate::snapshot::{Deployment, Key, ModelDoc, ModelGroup, ModelKind, Provider, ProviderDoc};
+use crate::snapshot::{
+    Deployment, Dropped, Key, ModelDoc, ModelGroup, ModelKind, Provider, ProviderDoc,
+};
 use crate::upstream::{self, AddressScope, ClientCache};
 
 /// How a route orders its deployments.
@@ -331,15 +333,18 @@ pub(crate) enum NotServed {
     },
 }
 
-/// What the attempt loop did, for the record.
+/// The attempt loop's time bound, and what it did, for the record.
 pub(crate) struct Attempts {
+    /// The request's whole upstream deadline: no wait for response headers outlasts it.
+    pub(crate) deadline: tokio::time::Instant,
     pub(crate) count: u8,
     /// The deployment of the last attempt (the one that served, on success).
     pub(crate) last: Option<Arc<Deployment>>,
 }
 
 fn retryable_status(s: StatusCode) -> bool {
-    s == StatusCode::TOO_MANY_REQUESTS || s.is_server_error()
+    // A loop (a provider pointing back at a gateway) answers the same on every attempt.
+    s == StatusCode::TOO_MANY_REQUESTS || (s.is_server_error() && s != StatusCode::LOOP_DETECTED)
 }
 
 /// Try `order` until one serves. A failure may be retried only before any byte reached
@@ -406,8 +411,10 @@ pub(crate) async fn forward(
         let req =
             protocol::upstream_request(api, doc, d, stream, max_out(d)).map_err(NotServed::Api)?;
         let sent = Instant::now();
-        let result =
-            tokio::time::timeout(provider.first_byte_timeout, provider.client.request(req)).await;
+        let first_byte = attempts
+            .deadline
+            .min(tokio::time::Instant::now() + provider.first_byte_timeout);
+        let result = tokio::time::timeout_at(first_byte, provider.client.request(req)).await;
         match result {
             Err(_) => {
                 provider.state.failure(cfg);
@@ -465,126 +472,57 @@ pub(crate) async fn forward(
 pub(crate) type Catalog = (HashMap<String, Arc<ModelGroup>>, Vec<String>);
 
 /// Providers, deployments and routes of a snapshot: model names (and aliases) to the
-/// deployments that can serve them, plus the listing order for `/v1/models`.
+/// deployments that can serve them, plus the listing order for `/v1/models`. An entry
+/// that does not hold up is left out and added to `report`; what depends on it (the
+/// models of a dropped provider, the route of a dropped model) goes with it.
 pub(crate) fn compile_catalog(
     provider_docs: Vec<ProviderDoc>,
     model_docs: Vec<ModelDoc>,
     route_docs: Vec<RouteDoc>,
     clients: &ClientCache,
-) -> Result<Catalog, Error> {
+    report: &mut Vec<Dropped>,
+) -> Catalog {
     let mut providers: HashMap<String, (Arc<Provider>, Option<String>, String)> = HashMap::new();
     for p in provider_docs {
-        let cfg = |msg: &str| Error::Config(format!("provider {:?}: {msg}", p.id));
-        let protocol = Protocol::parse(&p.protocol).ok_or_else(|| {
-            cfg("protocol must be \"openai\", \"azure\", \"anthropic\" or \"gemini\"")
-        })?;
-        // Validates the base URL once for the provider (deployments build their paths).
-        Endpoints::build(protocol, &p.base_url, p.api_version.as_deref(), "probe")
-            .map_err(|e| cfg(&e))?;
-        let auth_headers = auth_headers(protocol, p.api_key.as_deref(), p.api_version.as_deref())
-            .map_err(|e| cfg(&e))?;
-        let provider = Provider {
-            protocol,
-            auth_headers,
-            vendor: p.vendor.to_ascii_lowercase(),
-            region: p.region.to_ascii_lowercase(),
-            trains_on_data: p.trains_on_data,
-            zero_retention: p.zero_retention,
-            max_concurrency: p.max_concurrency,
-            first_byte_timeout: Duration::from_millis(p.first_byte_timeout_ms.max(1)),
-            idle_timeout: Duration::from_millis(p.idle_timeout_ms.max(1)),
-            client: clients.get(
-                Duration::from_millis(p.connect_timeout_ms.max(1)),
-                if p.org_id.is_some() {
-                    AddressScope::Org
-                } else {
-                    AddressScope::Platform
-                },
-            )?,
-            state: clients.provider_state(&p.id),
-            id: p.id.clone(),
-        };
-        let entry = (Arc::new(provider), p.api_version, p.base_url);
-        if providers.insert(p.id.clone(), entry).is_some() {
-            return Err(Error::Config(format!("duplicate provider id {:?}", p.id)));
+        match compile_provider(&p, clients, &providers) {
+            Ok(provider) => {
+                providers.insert(
+                    p.id.clone(),
+                    (Arc::new(provider), p.api_version, p.base_url),
+                );
+            }
+            Err((field, reason)) => report.push(Dropped::new("provider", &p.id, field, reason)),
         }
     }
 
     let mut groups: Vec<(String, ModelKind, Vec<Arc<Deployment>>)> = Vec::new();
     for m in model_docs {
-        let cfg = |msg: String| Error::Config(format!("model {:?}: {msg}", m.name));
-        let kind = match m.kind.as_str() {
-            "chat" => ModelKind::Chat,
-            "embedding" => ModelKind::Embedding,
-            _ => return Err(cfg("kind must be \"chat\" or \"embedding\"".into())),
-        };
-        if m.input_price < 0
-            || m.output_price < 0
-            || m.cached_input_price < 0
-            || m.request_price < 0
-        {
-            return Err(cfg("prices must be >= 0".into()));
-        }
-        let (provider, api_version, base_url) = providers
-            .get(&m.provider_id)
-            .ok_or_else(|| cfg(format!("unknown provider_id {:?}", m.provider_id)))?;
-        let api = match kind {
-            ModelKind::Chat => ClientApi::Chat,
-            ModelKind::Embedding => ClientApi::Embeddings,
-        };
-        if !api.served_by(provider.protocol) {
-            return Err(cfg(format!(
-                "provider {:?} cannot serve {} models",
-                m.provider_id, m.kind
-            )));
-        }
-        let endpoints = Endpoints::build(
-            provider.protocol,
-            base_url,
-            api_version.as_deref(),
-            &m.upstream_model,
-        )
-        .map_err(cfg)?;
-        let deployment = Arc::new(Deployment {
-            stats: clients.deployment_stats(&provider.id, &m.upstream_model),
-            name: m.name.clone(),
-            prices: Prices {
-                input: m.input_price,
-                output: m.output_price,
-                cached_input: m.cached_input_price,
-            },
-            request_price: m.request_price,
-            max_output_tokens: m.max_output_tokens,
-            org_id: m.org_id,
-            priority: m.priority,
-            weight: m.weight,
-            provider: provider.clone(),
-            endpoints,
-            upstream_model: m.upstream_model,
-        });
-        match groups.iter_mut().find(|g| g.0 == m.name) {
-            Some(g) if g.1 != kind => {
-                return Err(cfg(
-                    "every deployment of a name must have the same kind".into()
-                ))
+        let compiled = compile_model(&m, &providers, clients);
+        let group = groups.iter_mut().find(|g| g.0 == m.name);
+        match (compiled, group) {
+            (Err((field, reason)), _) => {
+                report.push(Dropped::new("model", &m.name, field, reason));
             }
-            Some(g) => g.2.push(deployment),
-            None => groups.push((m.name, kind, vec![deployment])),
+            (Ok((kind, _)), Some(g)) if g.1 != kind => {
+                // Every deployment of a name must have the kind of the first one.
+                report.push(Dropped::new("model", &m.name, "kind", "kind_mismatch"));
+            }
+            (Ok((_, d)), Some(g)) => g.2.push(d),
+            (Ok((kind, d)), None) => groups.push((m.name, kind, vec![d])),
         }
     }
 
     let mut routes: HashMap<String, RouteDoc> = HashMap::new();
     for r in route_docs {
         if !groups.iter().any(|g| g.0 == r.name) {
-            return Err(Error::Config(format!(
-                "route {:?}: no model of that name",
-                r.name
-            )));
+            report.push(Dropped::new("route", &r.name, "name", "unknown_model"));
+            continue;
         }
-        let name = r.name.clone();
-        if routes.insert(name.clone(), r).is_some() {
-            return Err(Error::Config(format!("duplicate route {name:?}")));
+        if routes.contains_key(&r.name) {
+            report.push(Dropped::new("route", &r.name, "name", "duplicate"));
+            continue;
         }
+        routes.insert(r.name.clone(), r);
     }
 
     let mut models = HashMap::with_capacity(groups.len());
@@ -607,12 +545,114 @@ pub(crate) fn compile_catalog(
         order.push(name);
     }
     for (alias, group) in aliases {
-        if models.insert(alias.clone(), group).is_some() {
-            return Err(Error::Config(format!(
-                "alias {alias:?} is already a model name or alias"
-            )));
+        if models.contains_key(&alias) {
+            report.push(Dropped::new("alias", &alias, "aliases", "name_taken"));
+            continue;
         }
+        models.insert(alias.clone(), group);
         order.push(alias);
     }
-    Ok((models, order))
+    (models, order)
+}
+
+/// Why an entry is left out: the field at fault and a reason code.
+type Fault = (&'static str, &'static str);
+
+fn compile_provider(
+    p: &ProviderDoc,
+    clients: &ClientCache,
+    known: &HashMap<String, (Arc<Provider>, Option<String>, String)>,
+) -> Result<Provider, Fault> {
+    if known.contains_key(&p.id) {
+        return Err(("id", "duplicate"));
+    }
+    let protocol = Protocol::parse(&p.protocol).ok_or(("protocol", "unknown_protocol"))?;
+    // Validates the base URL once for the provider (deployments build their paths).
+    Endpoints::build(protocol, &p.base_url, p.api_version.as_deref(), "probe")
+        .map_err(|_| ("base_url", "invalid_url"))?;
+    if auth_headers(protocol, p.api_key.as_deref(), None).is_err() {
+        return Err(("api_key", "invalid_header_value"));
+    }
+    let auth_headers = auth_headers(protocol, p.api_key.as_deref(), p.api_version.as_deref())
+        .map_err(|_| ("api_version", "invalid_header_value"))?;
+    // Org-scoped providers never get the operator's private-address allow-list.
+    let scope = if p.org_id.is_some() {
+        AddressScope::Org
+    } else {
+        AddressScope::Platform
+    };
+    let client = clients
+        .get(Duration::from_millis(p.connect_timeout_ms.max(1)), scope)
+        .map_err(|_| ("connect_timeout_ms", "client_unavailable"))?;
+    Ok(Provider {
+        protocol,
+        auth_headers,
+        vendor: p.vendor.to_ascii_lowercase(),
+        region: p.region.to_ascii_lowercase(),
+        trains_on_data: p.trains_on_data,
+        zero_retention: p.zero_retention,
+        max_concurrency: p.max_concurrency,
+        first_byte_timeout: Duration::from_millis(p.first_byte_timeout_ms.max(1)),
+        idle_timeout: Duration::from_millis(p.idle_timeout_ms.max(1)),
+        client,
+        state: clients.provider_state(&p.id),
+        id: p.id.clone(),
+    })
+}
+
+fn compile_model(
+    m: &ModelDoc,
+    providers: &HashMap<String, (Arc<Provider>, Option<String>, String)>,
+    clients: &ClientCache,
+) -> Result<(ModelKind, Arc<Deployment>), Fault> {
+    let kind = match m.kind.as_str() {
+        "chat" => ModelKind::Chat,
+        "embedding" => ModelKind::Embedding,
+        _ => return Err(("kind", "unknown_kind")),
+    };
+    for (field, price) in [
+        ("input_price", m.input_price),
+        ("output_price", m.output_price),
+        ("cached_input_price", m.cached_input_price),
+        ("request_price", m.request_price),
+    ] {
+        if price < 0 {
+            return Err((field, "negative_price"));
+        }
+    }
+    let (provider, api_version, base_url) = providers
+        .get(&m.provider_id)
+        .ok_or(("provider_id", "unknown_provider"))?;
+    let api = match kind {
+        ModelKind::Chat => ClientApi::Chat,
+        ModelKind::Embedding => ClientApi::Embeddings,
+    };
+    if !api.served_by(provider.protocol) {
+        return Err(("kind", "not_served_by_protocol"));
+    }
+    let endpoints = Endpoints::build(
+        provider.protocol,
+        base_url,
+        api_version.as_deref(),
+        &m.upstream_model,
+    )
+    .map_err(|_| ("upstream_model", "invalid_url"))?;
+    let deployment = Deployment {
+        stats: clients.deployment_stats(&provider.id, &m.upstream_model),
+        name: m.name.clone(),
+        prices: Prices {
+            input: m.input_price,
+            output: m.output_price,
+            cached_input: m.cached_input_price,
+        },
+        request_price: m.request_price,
+        max_output_tokens: m.max_output_tokens,
+        org_id: m.org_id.clone(),
+        priority: m.priority,
+        weight: m.weight,
+        provider: provider.clone(),
+        endpoints,
+        upstream_model: m.upstream_model.clone(),
+    };
+    Ok((kind, Arc::new(deployment)))
 }

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use crate::billing::{Budgets, OrgAccount, Prices, UsageMark, PPM_ONE};
 use crate::error::Error;
 use crate::guard::CategorySet;
-use crate::ipset::IpSet;
+use crate::ipset::{Cidr, IpSet};
 use crate::limits::{LimitState, Limits, LiveCounters};
 use crate::policy::{Policy, PolicyDoc};
 use crate::protocol::{Endpoints, Protocol};
@@ -147,6 +147,21 @@ pub struct BlockedIpDoc {
     pub cidr: String,
     /// Unix seconds until which the block holds.
     pub until: i64,
+    /// Which requests from the source are refused.
+    #[serde(default)]
+    pub mode: BlockMode,
+}
+
+/// What a `blocked_ips` entry refuses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockMode {
+    /// Every request, before authentication.
+    #[default]
+    All,
+    /// Only requests without a known key (a 401 flood): the valid keys behind the same
+    /// address (a NAT, one misconfigured client among many) keep working.
+    Unauthenticated,
 }
 
 impl LimitsDoc {
@@ -417,6 +432,8 @@ pub(crate) struct Snapshot {
     pub(crate) routing: RoutingConfig,
     /// Sources refused before authentication.
     pub(crate) blocked_ips: IpSet,
+    /// Sources whose requests are refused only when they carry no known key.
+    pub(crate) blocked_unauthenticated: IpSet,
 }
 
 impl Snapshot {
@@ -429,21 +446,44 @@ impl Snapshot {
             model_order: Vec::new(),
             routing: RoutingConfig::default(),
             blocked_ips: IpSet::default(),
+            blocked_unauthenticated: IpSet::default(),
         }
     }
 
-    /// Compile a document. `accounts` holds the live counters by org and key id and is
-    /// extended for new ones; `clients` shares upstream connection pools across snapshots.
+    /// Compile a document entry by entry. An entry that does not hold up (a key whose org
+    /// is unknown, a model on a missing provider, a route to no model, ...) is left out and
+    /// listed in the returned report, so one bad entry never keeps key revocations, org
+    /// disables or IP blocks of the rest from taking effect. `accounts` holds the live
+    /// counters by org and key id and is extended for new ones; `clients` shares upstream
+    /// connection pools across snapshots.
     pub(crate) fn compile(
         doc: SnapshotDoc,
         accounts: &mut LiveCounters,
         clients: &ClientCache,
-    ) -> Result<Self, Error> {
+    ) -> (Self, Vec<Dropped>) {
+        let mut report = Vec::new();
         let mut orgs: HashMap<String, Arc<Org>> = HashMap::with_capacity(doc.orgs.len());
         for o in doc.orgs {
+            if orgs.contains_key(&o.id) {
+                report.push(Dropped::new("org", &o.id, "id", "duplicate"));
+                continue;
+            }
+            let guard = compile_guard(&o.guard).unwrap_or_else(|| {
+                // Scanning for every category keeps the org's chosen mode (a blocking
+                // guard stays blocking) instead of failing open.
+                report.push(Dropped::new(
+                    "guard",
+                    &o.id,
+                    "guard.categories",
+                    "unknown_category",
+                ));
+                OrgGuard {
+                    mode: o.guard.mode,
+                    categories: CategorySet::all(),
+                }
+            });
             let account = accounts.orgs.entry(o.id.clone()).or_default().clone();
             let limiter = accounts.org_limits.entry(o.id.clone()).or_default().clone();
-            let guard = compile_guard(&o.id, &o.guard)?;
             let org = Arc::new(Org {
                 id: o.id.clone(),
                 active: o.status == "active",
@@ -457,30 +497,35 @@ impl Snapshot {
                 guard,
                 policy: Policy::compile(o.policy),
             });
-            if orgs.insert(o.id.clone(), org).is_some() {
-                return Err(Error::Config(format!("duplicate org id {:?}", o.id)));
-            }
+            orgs.insert(o.id, org);
         }
 
         let mut keys = HashMap::with_capacity(doc.keys.len());
         for k in doc.keys {
+            let drop = |field, reason| Dropped::new("key", &k.key_id, field, reason);
             let mut hash = [0u8; 32];
-            hex::decode_to_slice(&k.hash, &mut hash).map_err(|_| {
-                Error::Config(format!(
-                    "key {:?}: hash must be 64 hex characters",
-                    k.key_id
-                ))
-            })?;
-            let org = orgs.get(&k.org_id).cloned().ok_or_else(|| {
-                Error::Config(format!("key {:?}: unknown org_id {:?}", k.key_id, k.org_id))
-            })?;
+            if hex::decode_to_slice(&k.hash, &mut hash).is_err() {
+                report.push(drop("hash", "invalid_hash"));
+                continue;
+            }
+            if keys.contains_key(&hash) {
+                report.push(drop("hash", "duplicate"));
+                continue;
+            }
+            let Some(org) = orgs.get(&k.org_id).cloned() else {
+                report.push(drop("org_id", "unknown_org"));
+                continue;
+            };
             let allowed_ips = match &k.allowed_ips {
                 None => None,
-                Some(list) => Some(
-                    IpSet::from_entries(list.iter().map(|c| (c.as_str(), None))).map_err(|e| {
-                        Error::Config(format!("key {:?}: allowed_ips: {e}", k.key_id))
-                    })?,
-                ),
+                Some(list) => match IpSet::from_entries(list.iter().map(|c| (c.as_str(), None))) {
+                    Ok(set) => Some(set),
+                    // Refusing the key is the safe side of an unreadable address scope.
+                    Err(_) => {
+                        report.push(drop("allowed_ips", "invalid_cidr"));
+                        continue;
+                    }
+                },
             };
             let key = Key {
                 secret_version: k.secret_version,
@@ -502,43 +547,104 @@ impl Snapshot {
                 expires_at: k.expires_at,
                 allowed_models: k.allowed_models.map(|v| v.into_iter().collect()),
             };
-            if keys.insert(hash, key).is_some() {
-                return Err(Error::Config("duplicate key hash".into()));
-            }
+            keys.insert(hash, key);
         }
 
-        let (models, model_order) =
-            crate::routing::compile_catalog(doc.providers, doc.models, doc.routes, clients)?;
+        let (models, model_order) = crate::routing::compile_catalog(
+            doc.providers,
+            doc.models,
+            doc.routes,
+            clients,
+            &mut report,
+        );
         let routing = RoutingConfig::from(&doc.routing);
 
-        let blocked_ips = IpSet::from_entries(
-            doc.blocked_ips
-                .iter()
-                .map(|b| (b.cidr.as_str(), Some(b.until))),
-        )
-        .map_err(|e| Error::Config(format!("blocked_ips: {e}")))?;
+        // Entries whose CIDR does not parse are dropped and reported, never the snapshot.
+        let mut all = Vec::with_capacity(doc.blocked_ips.len());
+        let mut unauthenticated = Vec::new();
+        for (i, b) in doc.blocked_ips.iter().enumerate() {
+            if Cidr::parse(&b.cidr).is_none() {
+                report.push(Dropped::new(
+                    "blocked_ip",
+                    &i.to_string(),
+                    "cidr",
+                    "invalid_cidr",
+                ));
+                continue;
+            }
+            let entry = (b.cidr.as_str(), Some(b.until));
+            match b.mode {
+                BlockMode::All => all.push(entry),
+                BlockMode::Unauthenticated => unauthenticated.push(entry),
+            }
+        }
+        // Every entry parsed above, so these cannot fail; an empty set is the fallback.
+        let blocked_ips = IpSet::from_entries(all).unwrap_or_default();
+        let blocked_unauthenticated = IpSet::from_entries(unauthenticated).unwrap_or_default();
 
-        Ok(Snapshot {
+        let snapshot = Snapshot {
             version: doc.version,
             keys,
             models,
             model_order,
             routing,
             blocked_ips,
-        })
+            blocked_unauthenticated,
+        };
+        (snapshot, report)
     }
 }
 
-fn compile_guard(org: &str, guard: &GuardDoc) -> Result<OrgGuard, Error> {
+/// One snapshot entry the engine left out, and why. Ids and fixed codes only: never a
+/// credential, URL or any other configured value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    /// `org`, `guard`, `key`, `provider`, `model`, `route`, `alias` or `blocked_ip`.
+    pub kind: &'static str,
+    /// Org id, key id, provider id, model name, route name, alias, or the position of a
+    /// `blocked_ips` entry.
+    pub id: String,
+    /// The field at fault, as named in the snapshot document.
+    pub field: &'static str,
+    /// Low-cardinality reason code (docs/snapshot.md lists them).
+    pub reason: &'static str,
+}
+
+impl Dropped {
+    pub(crate) fn new(
+        kind: &'static str,
+        id: &str,
+        field: &'static str,
+        reason: &'static str,
+    ) -> Self {
+        Dropped {
+            kind,
+            id: id.to_owned(),
+            field,
+            reason,
+        }
+    }
+}
+
+/// `None`: a category name is unknown.
+fn compile_guard(guard: &GuardDoc) -> Option<OrgGuard> {
     let categories = match &guard.categories {
         None => CategorySet::all(),
-        Some(names) => CategorySet::from_names(names)
-            .map_err(|e| Error::Config(format!("org {org:?}: guard: {e}")))?,
+        Some(names) => CategorySet::from_names(names).ok()?,
     };
-    Ok(OrgGuard {
+    Some(OrgGuard {
         mode: guard.mode,
         categories,
     })
+}
+
+/// The entries a snapshot document would lose when compiled: the engine's own rules, run
+/// without touching a running engine (the control plane checks a change with it before
+/// committing). Only a document that does not parse is an error.
+pub fn validate(json: &[u8]) -> Result<Vec<Dropped>, Error> {
+    let doc = parse(json)?;
+    let (_, report) = Snapshot::compile(doc, &mut LiveCounters::default(), &ClientCache::default());
+    Ok(report)
 }
 
 /// Parse a snapshot document; serde's message names an unknown field.

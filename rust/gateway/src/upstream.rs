@@ -220,6 +220,14 @@ pub(crate) struct ClientCache {
     allow: Arc<IpSet>,
 }
 
+/// The strictest cache: no private range allowed, the system resolver. Snapshot
+/// validation compiles through it without connecting anywhere.
+impl Default for ClientCache {
+    fn default() -> Self {
+        ClientCache::new(IpSet::default(), Arc::new(SystemResolver))
+    }
+}
+
 impl ClientCache {
     pub(crate) fn new(allow: IpSet, resolver: Arc<dyn Resolve>) -> Self {
         ClientCache {

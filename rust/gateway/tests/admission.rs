@@ -107,6 +107,32 @@ async fn blocked_sources_are_refused_before_authentication() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_blocked_for_failing_auth_keeps_its_valid_keys() {
+    let h = start_with(|s| {
+        s["blocked_ips"] = json!([
+            {"cidr": "127.0.0.1", "until": unix_now() + 3600, "mode": "unauthenticated"}
+        ]);
+    });
+    let ok = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    assert_eq!(ok.status, 200);
+    for key in [Some("ot-unknown"), None] {
+        let r = post(h.addr, CHAT, key, chat(CANARY, json!({}))).await;
+        assert_eq!(r.status, 403);
+        assert_eq!(r.json()["error"]["code"], "ip_blocked");
+    }
+    assert_eq!(h.upstream.requests(), 1);
+    // Elsewhere an unknown key is the usual 401.
+    reload(&h, 2, |s| {
+        s["blocked_ips"] = json!([
+            {"cidr": "2001:db8::/32", "until": unix_now() + 3600, "mode": "unauthenticated"}
+        ]);
+    });
+    let r = post(h.addr, CHAT, Some("ot-unknown"), chat("hi", json!({}))).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_source_ip_scope() {
     let h = start_with(|s| {
         key_mut(s, "key_good")["allowed_ips"] = json!(["10.0.0.0/8", "2001:db8::/32"]);
@@ -601,20 +627,45 @@ fn full_contract_snapshot_loads_with_every_admission_field() {
     let engine = Engine::new(engine_config(spool.path())).unwrap();
     assert_eq!(engine.load_snapshot(&json).unwrap(), 2);
 
-    // Invalid admission values are rejected naming the place, never loaded.
+    // An invalid admission value drops its entry (reported by id and reason) and the
+    // rest of the snapshot still loads.
     let base: Value = serde_json::from_slice(&json).unwrap();
-    for (pointer, value, needle) in [
-        ("/keys/0/allowed_ips", json!(["10.0.0.0/99"]), "allowed_ips"),
+    let mut version = 2;
+    for (pointer, value, dropped) in [
+        (
+            "/keys/0/allowed_ips",
+            json!(["10.0.0.0/99"]),
+            ("key", "key_demo", "allowed_ips", "invalid_cidr"),
+        ),
         (
             "/blocked_ips",
             json!([{"cidr": "nope", "until": 1}]),
-            "blocked_ips",
+            ("blocked_ip", "0", "cidr", "invalid_cidr"),
         ),
         (
             "/orgs/0/guard",
             json!({"mode": "flag", "categories": ["gossip"]}),
-            "guard",
+            ("guard", "org_demo", "guard.categories", "unknown_category"),
         ),
+    ] {
+        version += 1;
+        let mut v = base.clone();
+        v["version"] = json!(version);
+        *v.pointer_mut(pointer).unwrap() = value;
+        assert_eq!(
+            engine.load_snapshot(v.to_string().as_bytes()).unwrap(),
+            version
+        );
+        let got: Vec<_> = engine
+            .snapshot_dropped()
+            .into_iter()
+            .map(|d| (d.kind, d.id, d.field, d.reason))
+            .collect();
+        let (kind, id, field, reason) = dropped;
+        assert_eq!(got, vec![(kind, id.to_owned(), field, reason)], "{pointer}");
+    }
+    // A document that does not parse is refused whole, naming the place.
+    for (pointer, value, needle) in [
         ("/orgs/0/guard", json!({"mode": "sometimes"}), "sometimes"),
         ("/orgs/0/limits", json!({"rpm": 1, "burst": 2}), "burst"),
         ("/keys/0/usage", json!({"today": 1}), "today"),
@@ -630,7 +681,46 @@ fn full_contract_snapshot_loads_with_every_admission_field() {
         let err = engine.load_snapshot(v.to_string().as_bytes()).unwrap_err();
         assert!(err.to_string().contains(needle), "{pointer}: {err}");
     }
-    assert_eq!(engine.stats().snapshot_version, 2);
+    assert_eq!(engine.stats().snapshot_version, version);
+}
+
+/// A bad entry (here a model whose provider is missing and a route to no model) is left
+/// out, and the revocation and org disable that arrive in the same snapshot still apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_entry_does_not_hold_back_a_revocation() {
+    let h = Harness::start();
+    assert_eq!(
+        post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({})))
+            .await
+            .status,
+        200
+    );
+    reload(&h, 2, |s| {
+        s["models"].as_array_mut().unwrap().push(json!({
+            "name": "ghost", "kind": "chat", "provider_id": "prov_gone", "upstream_model": "x",
+            "input_price": 0, "output_price": 0, "cached_input_price": 0, "max_output_tokens": 1
+        }));
+        s["routes"] = json!([{"name": "nobody"}]);
+        key_mut(s, "key_good")["status"] = json!("revoked");
+        org_mut(s, "org_poor")["status"] = json!("disabled");
+    });
+    let r = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    assert_eq!(r.json()["error"]["code"], "key_revoked");
+    let r = post(h.addr, CHAT, Some("ot-poor"), chat("hi", json!({}))).await;
+    assert_eq!(r.json()["error"]["code"], "org_disabled");
+    let dropped: Vec<_> = h
+        .engine
+        .snapshot_dropped()
+        .into_iter()
+        .map(|d| (d.kind, d.id, d.reason))
+        .collect();
+    assert_eq!(
+        dropped,
+        vec![
+            ("model", "ghost".to_owned(), "unknown_provider"),
+            ("route", "nobody".to_owned(), "unknown_model"),
+        ]
+    );
 }
 
 /// Luhn-valid test card and a mainland mobile number, inside canary text.
@@ -704,5 +794,288 @@ async fn guard_flag_forwards_and_scans_only_the_chosen_categories() {
     for rec in &recs {
         let line = serde_json::to_string(rec).unwrap();
         assert!(!line.contains("4111") && !line.contains(PHONE), "{line}");
+    }
+}
+
+/// Each client API's required fields and integer limits, checked after parsing and
+/// before anything is reserved or sent: 400 naming the parameter (Anthropic's shape on
+/// `/v1/messages`), no value from the request echoed, nothing forwarded or held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_refused_before_anything_is_reserved_or_sent() {
+    let h = Harness::start();
+    let user = json!([{"role": "user", "content": CANARY}]);
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (CHAT, json!({"model": "demo-chat"}), "messages"),
+        (
+            CHAT,
+            json!({"model": "demo-chat", "messages": CANARY}),
+            "messages",
+        ),
+        (
+            CHAT,
+            json!({"model": "demo-chat", "messages": []}),
+            "messages",
+        ),
+        (
+            CHAT,
+            json!({"model": "demo-chat", "messages": [{"content": CANARY}]}),
+            "messages",
+        ),
+        (CHAT, json!({"messages": user}), "model"),
+        (CHAT, json!({"model": 7, "messages": user}), "model"),
+        (
+            CHAT,
+            json!({"model": "demo-chat", "messages": user, "stream": "yes"}),
+            "stream",
+        ),
+        (
+            CHAT,
+            json!({"model": "demo-chat", "messages": user, "max_tokens": -1}),
+            "max_tokens",
+        ),
+        (
+            CHAT,
+            json!({"model": "demo-chat", "messages": user, "max_tokens": 0}),
+            "max_tokens",
+        ),
+        (
+            CHAT,
+            json!({"model": "demo-chat", "messages": user, "max_tokens": 2.5}),
+            "max_tokens",
+        ),
+        (
+            CHAT,
+            json!({"model": "demo-chat", "messages": user, "max_completion_tokens": "9"}),
+            "max_completion_tokens",
+        ),
+        (
+            CHAT,
+            json!({"model": "demo-chat", "messages": user, "n": 0}),
+            "n",
+        ),
+        (
+            CHAT,
+            json!({"model": "demo-chat", "messages": user, "n": 1.5}),
+            "n",
+        ),
+        ("/v1/embeddings", json!({"model": "demo-embed"}), "input"),
+        (
+            "/v1/embeddings",
+            json!({"model": "demo-embed", "input": []}),
+            "input",
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "demo-chat", "messages": user}),
+            "max_tokens",
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "demo-chat", "max_tokens": 5}),
+            "messages",
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "demo-chat", "max_tokens": -5, "messages": user}),
+            "max_tokens",
+        ),
+        ("/v1/responses", json!({"model": "demo-chat"}), "input"),
+        (
+            "/v1/responses",
+            json!({"model": "demo-chat", "input": CANARY, "max_output_tokens": 0}),
+            "max_output_tokens",
+        ),
+    ];
+    let mut replies = Vec::new();
+    for (path, body, param) in &cases {
+        let r = post(h.addr, path, Some("ot-good"), body.clone()).await;
+        assert_eq!(r.status, 400, "{path} {param}: {}", r.text());
+        let v = r.json();
+        if *path == "/v1/messages" {
+            assert_eq!(v["type"], "error");
+            assert_eq!(v["error"]["type"], "invalid_request_error");
+            assert!(v["error"]["message"].as_str().unwrap().contains(param));
+        } else {
+            assert_eq!(v["error"]["type"], "invalid_request_error", "{param}");
+            assert_eq!(v["error"]["param"], *param);
+            assert_eq!(v["error"]["code"], "invalid_request");
+        }
+        replies.push(r);
+    }
+    assert_eq!(h.upstream.requests(), 0, "nothing was forwarded");
+    assert!(h
+        .engine
+        .org_spend()
+        .iter()
+        .all(|(_, spent, reserved)| (*spent, *reserved) == (0, 0)));
+    let records = h.records();
+    assert_eq!(records.len(), cases.len());
+    assert!(records
+        .iter()
+        .all(|r| r.status == 400 && r.error_code == "invalid_request" && r.cost == 0));
+    assert_no_canary(&h, &records, &replies.iter().collect::<Vec<_>>());
+}
+
+/// `n` choices are reserved as n outputs, and the output cap the reservation assumed is
+/// what the upstream is asked for (added when the client set none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_are_reserved_and_the_output_cap_is_forwarded() {
+    // demo-chat: 4096 output tokens at 1.5e9/M = 6_144_000 per choice.
+    let h = Harness::with_balance(10_000_000);
+    let r = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({"n": 8}))).await;
+    assert_eq!(r.status, 402, "8 choices do not fit: {}", r.text());
+    assert_eq!(h.upstream.requests(), 0);
+
+    let r = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    assert_eq!(r.status, 200);
+    let sent = h.upstream.state.last_body.lock().clone().unwrap();
+    assert_eq!(sent["max_completion_tokens"], 4096);
+    assert!(sent.get("max_tokens").is_none());
+
+    let r = post(
+        h.addr,
+        CHAT,
+        Some("ot-good"),
+        chat("hi", json!({"max_tokens": 100_000})),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let sent = h.upstream.state.last_body.lock().clone().unwrap();
+    assert_eq!(
+        sent["max_tokens"], 4096,
+        "capped at the deployment's output cap"
+    );
+    assert!(sent.get("max_completion_tokens").is_none());
+
+    let r = post(
+        h.addr,
+        CHAT,
+        Some("ot-good"),
+        chat("hi", json!({"n": 2, "max_tokens": 10})),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let sent = h.upstream.state.last_body.lock().clone().unwrap();
+    assert_eq!(
+        (sent["n"].clone(), sent["max_tokens"].clone()),
+        (json!(2), json!(10))
+    );
+}
+
+/// Every upstream request carries the hop marker, and a request that carries it is
+/// refused first thing: 508 `loop_detected`, recorded with that code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_request_is_refused_with_loop_detected() {
+    let h = Harness::start();
+    let mut req = request(
+        "POST",
+        CHAT,
+        Some("ot-good"),
+        chat("hi", json!({})).to_string(),
+    );
+    req.headers_mut()
+        .insert("x-onetoken-hop", http::HeaderValue::from_static("1"));
+    let r = call(h.addr, req).await;
+    assert_eq!(r.status, 508);
+    assert_eq!(r.json()["error"]["code"], "loop_detected");
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    assert_eq!(h.upstream.requests(), 0);
+    let records = h.records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (records[0].status, records[0].error_code),
+        (508, "loop_detected")
+    );
+}
+
+/// A tenant provider whose base URL is the gateway itself, with one of the org's own
+/// keys and a zero price: the second hop is refused, the first request gets a clean
+/// error, and nothing recurses (two records in all, one upstream attempt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_pointing_back_at_the_gateway_stops_at_the_second_hop() {
+    let h = Harness::start();
+    let gateway = h.addr;
+    reload(&h, 2, |s| {
+        s["providers"].as_array_mut().unwrap().push(json!({
+            "id": "prov_loop", "name": "loop", "protocol": "openai",
+            "base_url": format!("http://{gateway}/v1"), "api_key": "ot-good",
+            "connect_timeout_ms": 1000, "first_byte_timeout_ms": 3000, "idle_timeout_ms": 3000
+        }));
+        s["models"].as_array_mut().unwrap().push(json!({
+            "name": "loop-chat", "kind": "chat", "provider_id": "prov_loop",
+            "upstream_model": "loop-chat", "org_id": "org_rich",
+            "input_price": 0, "output_price": 0, "cached_input_price": 0, "max_output_tokens": 64
+        }));
+    });
+    let body = json!({"model": "loop-chat", "messages": [{"role": "user", "content": "hi"}]});
+    let r = post(h.addr, CHAT, Some("ot-good"), body).await;
+    assert_eq!(r.status, 508, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "loop_detected");
+    h.wait_records(2).await;
+    let records = h.records();
+    assert_eq!(records.len(), 2, "no recursion");
+    let codes: Vec<_> = records
+        .iter()
+        .map(|r| (r.status, r.error_code, r.attempts))
+        .collect();
+    assert!(codes.contains(&(508, "loop_detected", 0)), "{codes:?}");
+    assert!(
+        codes.contains(&(508, "upstream_error", 1)),
+        "not retried: {codes:?}"
+    );
+}
+
+/// A request that reserves nothing (a zero-priced deployment) takes one of the org's
+/// free in-flight slots; past the cap it is refused with 429 until one is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_requests_in_flight_are_capped_per_org() {
+    use onetoken_gateway::billing::UNPRICED_IN_FLIGHT_PER_ORG;
+    let h = start_with(|s| {
+        let free = json!({
+            "name": "free-chat", "kind": "chat", "provider_id": "prov_test", "upstream_model": "m",
+            "input_price": 0, "output_price": 0, "cached_input_price": 0, "max_output_tokens": 16
+        });
+        s["models"].as_array_mut().unwrap().push(free);
+    });
+    let body = json!({"model": "free-chat", "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}],
+                      "mock": {"chunks": 2, "delay_ms": 3000}});
+    // Hold every slot with a slow stream (headers arrive at once, the body later).
+    let mut held = Vec::new();
+    for _ in 0..UNPRICED_IN_FLIGHT_PER_ORG {
+        let resp = open(
+            h.addr,
+            request("POST", CHAT, Some("ot-good"), body.to_string()),
+        )
+        .await;
+        assert_eq!(resp.status(), 200);
+        held.push(resp);
+    }
+    let r = post(h.addr, CHAT, Some("ot-good"), body.clone()).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["code"], "concurrency_limited");
+    assert_eq!(header(&r, "retry-after"), "1");
+    // Priced requests of the same org are bounded by money, not by these slots.
+    let paid = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    assert_eq!(paid.status, 200);
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = post(
+            h.addr,
+            CHAT,
+            Some("ot-good"),
+            json!({"model": "free-chat", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slots not released: {}",
+            r.status
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -207,3 +207,15 @@ fn budgets_count_ledger_engine_and_reserved_spend() {
     );
     assert_eq!(a.totals().1, 0, "refusals hold nothing");
 }
+
+#[test]
+fn unpriced_requests_in_flight_are_capped_per_org() {
+    use onetoken_gateway::billing::{OrgAccount, UNPRICED_IN_FLIGHT_PER_ORG};
+    let account = std::sync::Arc::new(OrgAccount::default());
+    let held: Vec<_> = (0..UNPRICED_IN_FLIGHT_PER_ORG)
+        .map(|_| account.try_unpriced(UNPRICED_IN_FLIGHT_PER_ORG).unwrap())
+        .collect();
+    assert!(account.try_unpriced(UNPRICED_IN_FLIGHT_PER_ORG).is_none());
+    drop(held);
+    assert!(account.try_unpriced(UNPRICED_IN_FLIGHT_PER_ORG).is_some());
+}

@@ -88,21 +88,28 @@ fn snapshot_with_unknown_field_is_rejected_naming_it() {
 }
 
 #[test]
-fn snapshot_references_are_checked() {
+fn snapshot_references_are_checked_and_the_entry_dropped() {
     let cfg = EngineConfig::from_json(&fixture("engine_config.json")).unwrap();
     let engine = Engine::new(cfg).unwrap();
     let mut v: Value = serde_json::from_slice(&fixture("snapshot.json")).unwrap();
     v["models"][0]["provider_id"] = Value::from("nope");
-    assert!(matches!(
-        engine.load_snapshot(v.to_string().as_bytes()),
-        Err(Error::Config(_))
-    ));
+    assert_eq!(engine.load_snapshot(v.to_string().as_bytes()).unwrap(), 1);
+    let dropped = engine.snapshot_dropped();
+    assert_eq!(dropped.len(), 1);
+    assert_eq!(
+        (dropped[0].kind, dropped[0].reason),
+        ("model", "unknown_provider")
+    );
     let mut v: Value = serde_json::from_slice(&fixture("snapshot.json")).unwrap();
+    v["version"] = Value::from(2);
     v["keys"][0]["org_id"] = Value::from("nope");
-    assert!(matches!(
-        engine.load_snapshot(v.to_string().as_bytes()),
-        Err(Error::Config(_))
-    ));
+    assert_eq!(engine.load_snapshot(v.to_string().as_bytes()).unwrap(), 2);
+    let dropped = engine.snapshot_dropped();
+    assert_eq!(dropped.len(), 1);
+    assert_eq!(
+        (dropped[0].kind, dropped[0].field, dropped[0].reason),
+        ("key", "org_id", "unknown_org")
+    );
 }
 
 #[test]

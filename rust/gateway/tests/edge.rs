@@ -653,6 +653,29 @@ async fn a_trickling_stream_ends_at_the_response_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_response_deadline_also_bounds_the_wait_for_headers() {
+    let h = Harness::custom(
+        |c| c["upstream_deadline_ms"] = json!(500),
+        |s| s["providers"][0]["first_byte_timeout_ms"] = json!(10_000),
+    );
+    let started = Instant::now();
+    // Headers after 3 s: within the provider's first-byte timeout, past the deadline.
+    let r = post(
+        h.addr,
+        CHAT,
+        Some("ot-good"),
+        chat("hi", json!({"mock": {"latency_ms": 3000}})),
+    )
+    .await;
+    let took = started.elapsed();
+    assert_eq!(r.status, 504);
+    assert_eq!(r.json()["error"]["code"], "upstream_timeout");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    h.wait_records(1).await;
+    assert_eq!(h.records()[0].error_code, "upstream_timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_streamed_answer_over_the_cap_is_refused_and_not_charged() {
     let h = Harness::custom(|c| c["max_upstream_body_bytes"] = json!(4096), |_| {});
     let r = post(

@@ -144,7 +144,7 @@ async fn request_errors_never_reach_the_upstream() {
         h.addr,
         CHAT,
         Some("ot-good"),
-        json!({"model": CANARY, "messages": []}),
+        json!({"model": CANARY, "messages": [{"role": "user", "content": "x"}]}),
     )
     .await;
     assert_eq!(unknown_model.status, 404);
@@ -154,7 +154,7 @@ async fn request_errors_never_reach_the_upstream() {
         h.addr,
         CHAT,
         Some("ot-good"),
-        json!({"model": "demo-embed", "messages": []}),
+        json!({"model": "demo-embed", "messages": [{"role": "user", "content": "x"}]}),
     )
     .await;
     assert_eq!(wrong_kind.status, 404);

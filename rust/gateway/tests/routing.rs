@@ -16,7 +16,7 @@ use std::time::Duration;
 use fleet::*;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
-use onetoken_gateway::{Engine, Error};
+use onetoken_gateway::{validate_snapshot, Engine, Error};
 use onetoken_mock_upstream::MockDefaults;
 use serde_json::{json, Value};
 
@@ -593,54 +593,96 @@ fn snapshot_v2_providers_deployments_routes_and_routing() {
             "{pointer}: {err}"
         );
     }
-    // Semantic checks, each naming what is wrong.
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &str)> = vec![
+    // Semantic checks: the entry at fault is left out and reported (kind, id, field,
+    // reason); the rest of the snapshot serves.
+    type Patch = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Patch, Vec<(&str, &str, &str, &str)>)> = vec![
         (
             "protocol",
             Box::new(|v| v["providers"][0]["protocol"] = json!("grpc")),
-            "protocol",
+            vec![
+                ("provider", "prov_primary", "protocol", "unknown_protocol"),
+                ("model", "demo-chat", "provider_id", "unknown_provider"),
+                ("model", "demo-embed", "provider_id", "unknown_provider"),
+            ],
         ),
         (
-            "strategy",
-            Box::new(|v| v["routes"][0]["strategy"] = json!("random")),
-            "random",
+            "base_url",
+            Box::new(|v| v["providers"][1]["base_url"] = json!("https://x.test/<v1>")),
+            vec![
+                ("provider", "prov_claude", "base_url", "invalid_url"),
+                ("model", "demo-chat", "provider_id", "unknown_provider"),
+            ],
         ),
         (
             "route name",
             Box::new(|v| v["routes"][0]["name"] = json!("nope")),
-            "nope",
+            vec![("route", "nope", "name", "unknown_model")],
         ),
         (
             "alias clash",
             Box::new(|v| v["routes"][0]["aliases"] = json!(["demo-embed"])),
-            "demo-embed",
+            vec![("alias", "demo-embed", "aliases", "name_taken")],
         ),
         (
             "embedding on anthropic",
             Box::new(|v| v["models"][2]["provider_id"] = json!("prov_claude")),
-            "cannot serve",
+            vec![("model", "demo-embed", "kind", "not_served_by_protocol")],
         ),
         (
             "mixed kinds",
-            Box::new(|v| v["models"][0]["kind"] = json!("embedding")),
-            "same kind",
+            Box::new(|v| v["models"][1]["kind"] = json!("embedding")),
+            vec![("model", "demo-chat", "kind", "not_served_by_protocol")],
+        ),
+        (
+            "mixed kinds on one protocol",
+            Box::new(|v| v["models"][2]["name"] = json!("demo-chat")),
+            vec![("model", "demo-chat", "kind", "kind_mismatch")],
         ),
         (
             "negative request price",
             Box::new(|v| v["models"][0]["request_price"] = json!(-1)),
-            ">= 0",
+            vec![("model", "demo-chat", "request_price", "negative_price")],
         ),
     ];
-    for (what, patch, needle) in cases {
+    for (i, (what, patch, expected)) in cases.into_iter().enumerate() {
+        let version = 11 + i as u64;
         let mut v: Value = serde_json::from_slice(&fixture("snapshot_full.json")).unwrap();
-        v["version"] = Value::from(11);
+        v["version"] = Value::from(version);
         patch(&mut v);
-        let err = engine.load_snapshot(v.to_string().as_bytes()).unwrap_err();
-        assert!(
-            matches!(&err, Error::Config(m) if m.contains(needle)),
-            "{what}: {err}"
+        assert_eq!(
+            engine.load_snapshot(v.to_string().as_bytes()).unwrap(),
+            version,
+            "{what}"
+        );
+        let got: Vec<_> = engine
+            .snapshot_dropped()
+            .into_iter()
+            .map(|d| (d.kind, d.id, d.field, d.reason))
+            .collect();
+        let expected: Vec<_> = expected
+            .into_iter()
+            .map(|(k, id, f, r)| (k, id.to_owned(), f, r))
+            .collect();
+        assert_eq!(got, expected, "{what}");
+        assert_eq!(
+            validate_snapshot(v.to_string().as_bytes()).unwrap(),
+            engine.snapshot_dropped(),
+            "{what}: the validator applies the engine's rules"
         );
     }
+    assert!(engine
+        .metrics_text()
+        .contains("onetoken_snapshot_dropped_entries 1\n"));
+    // An unknown strategy does not parse: the whole document is refused, naming it.
+    let mut v: Value = serde_json::from_slice(&fixture("snapshot_full.json")).unwrap();
+    v["version"] = Value::from(99);
+    v["routes"][0]["strategy"] = json!("random");
+    let err = engine.load_snapshot(v.to_string().as_bytes()).unwrap_err();
+    assert!(
+        matches!(&err, Error::Config(m) if m.contains("random")),
+        "{err}"
+    );
     // The minimal fixture still loads (every new field optional).
     let engine = bare_engine();
     assert_eq!(engine.load_snapshot(&fixture("snapshot.json")).unwrap(), 1);

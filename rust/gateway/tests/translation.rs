@@ -409,7 +409,7 @@ async fn anthropic_clients_get_anthropic_shaped_errors_and_models() {
         ),
         (
             ANTHROPIC.to_vec(),
-            json!({"model": "nope", "max_tokens": 1, "messages": []}),
+            json!({"model": "nope", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]}),
             404,
             "not_found_error",
         ),

@@ -95,6 +95,13 @@ struct ChatRequest {
     stream: Option<bool>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    /// Choices to generate, each `chunks` tokens (capped by the output limit).
+    #[serde(default)]
+    n: Option<u32>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
     #[serde(default)]
     mock: Option<Controls>,
 }
@@ -300,7 +307,12 @@ async fn chat(defaults: &MockDefaults, id: u64, body: &[u8]) -> Response<MockBod
         Ok(req) => req,
         Err(err) => return parse_error(&err),
     };
-    let plan = Plan::new(defaults, req.mock);
+    let mut plan = Plan::new(defaults, req.mock);
+    // As a real model: at most the output limit per choice, `n` choices.
+    if let Some(cap) = req.max_completion_tokens.or(req.max_tokens) {
+        plan.chunks = plan.chunks.min(u32::try_from(cap).unwrap_or(u32::MAX));
+    }
+    let choices = req.n.unwrap_or(1).max(1);
     if !plan.latency.is_zero() {
         tokio::time::sleep(plan.latency).await;
     }
@@ -318,7 +330,7 @@ async fn chat(defaults: &MockDefaults, id: u64, body: &[u8]) -> Response<MockBod
         prompt: plan
             .prompt_tokens
             .unwrap_or_else(|| prompt_tokens(&req.messages)),
-        completion: u64::from(plan.chunks),
+        completion: u64::from(plan.chunks) * u64::from(choices),
         cached: plan.cached_tokens,
     };
     let created = unix_now();
@@ -347,6 +359,7 @@ async fn chat(defaults: &MockDefaults, id: u64, body: &[u8]) -> Response<MockBod
             model,
             include_usage,
             usage: (include_usage && plan.usage).then_some(usage),
+            choices,
         };
         let mut resp = Response::new(stream.body(&texts, plan.delay, plan.cut_after));
         *resp.status_mut() = status;
@@ -360,7 +373,14 @@ async fn chat(defaults: &MockDefaults, id: u64, body: &[u8]) -> Response<MockBod
     } else {
         TOKEN.repeat(plan.chunks as usize)
     };
-    let out = chat_completion(id, created, model, &content, plan.usage.then_some(usage));
+    let out = chat_completion(
+        id,
+        created,
+        model,
+        &content,
+        choices,
+        plan.usage.then_some(usage),
+    );
     match plan.cut_after {
         // A JSON reply has no chunks: a cut sends the headers (with the full length) and the
         // first half of the body, then drops the connection.
@@ -387,6 +407,7 @@ fn chat_completion(
     created: u64,
     model: &str,
     content: &str,
+    choices: u32,
     usage: Option<Usage>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(512 + content.len() + model.len());
@@ -396,13 +417,20 @@ fn chat_completion(
     json::push_u64(&mut out, created);
     out.extend_from_slice(b",\"model\":");
     json::push_str(&mut out, model);
-    out.extend_from_slice(
-        b",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":",
-    );
-    json::push_str(&mut out, content);
-    out.extend_from_slice(
-        b",\"refusal\":null,\"annotations\":[]},\"logprobs\":null,\"finish_reason\":\"stop\"}]",
-    );
+    out.extend_from_slice(b",\"choices\":[");
+    for index in 0..choices {
+        if index > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"index\":");
+        json::push_u64(&mut out, u64::from(index));
+        out.extend_from_slice(b",\"message\":{\"role\":\"assistant\",\"content\":");
+        json::push_str(&mut out, content);
+        out.extend_from_slice(
+            b",\"refusal\":null,\"annotations\":[]},\"logprobs\":null,\"finish_reason\":\"stop\"}",
+        );
+    }
+    out.push(b']');
     if let Some(usage) = usage {
         out.extend_from_slice(b",\"usage\":");
         json::push_chat_usage(&mut out, usage);
@@ -419,6 +447,8 @@ struct SseStream<'a> {
     include_usage: bool,
     /// Present when the usage-only final chunk is sent.
     usage: Option<Usage>,
+    /// Choices (`n`); each content chunk is sent once per choice.
+    choices: u32,
 }
 
 impl SseStream<'_> {
@@ -436,10 +466,12 @@ impl SseStream<'_> {
 
     /// One content chunk: role in the first delta, finish_reason on the last, and
     /// `"usage":null` on every chunk when usage was asked for, as OpenAI sends them.
-    fn chunk(&self, text: &str, first: bool, last: bool) -> Bytes {
+    fn chunk(&self, index: u32, text: &str, first: bool, last: bool) -> Bytes {
         let mut out = Vec::with_capacity(320 + text.len());
         self.head(&mut out);
-        out.extend_from_slice(b"[{\"index\":0,\"delta\":{");
+        out.extend_from_slice(b"[{\"index\":");
+        json::push_u64(&mut out, u64::from(index));
+        out.extend_from_slice(b",\"delta\":{");
         if first {
             out.extend_from_slice(b"\"role\":\"assistant\",");
         }
@@ -468,16 +500,20 @@ impl SseStream<'_> {
         let sent = cut_after.map_or(texts.len(), |n| (n as usize).min(texts.len()));
         if texts.is_empty() {
             // No content at all still needs a role and a finish_reason.
-            pieces.push_back(Piece {
-                bytes: self.chunk("", true, true),
-                paced: true,
-            });
+            for index in 0..self.choices {
+                pieces.push_back(Piece {
+                    bytes: self.chunk(index, "", true, true),
+                    paced: true,
+                });
+            }
         }
         for (i, text) in texts.iter().take(sent).enumerate() {
-            pieces.push_back(Piece {
-                bytes: self.chunk(text, i == 0, i + 1 == texts.len()),
-                paced: true,
-            });
+            for index in 0..self.choices {
+                pieces.push_back(Piece {
+                    bytes: self.chunk(index, text, i == 0, i + 1 == texts.len()),
+                    paced: true,
+                });
+            }
         }
         let cut = cut_after.is_some();
         if !cut {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use onetoken_gateway::{CallRecord, Engine as CoreEngine, EngineConfig};
+use onetoken_gateway::{CallRecord, Dropped, Engine as CoreEngine, EngineConfig};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
@@ -32,6 +32,10 @@ impl Engine {
     fn load_snapshot(&self, py: Python<'_>, snapshot_json: &[u8]) -> PyResult<u64> {
         py.detach(|| self.inner.load_snapshot(snapshot_json))
             .map_err(to_py)
+    }
+
+    fn snapshot_dropped<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        dropped_list(py, &self.inner.snapshot_dropped())
     }
 
     fn drain_records<'py>(
@@ -103,6 +107,23 @@ impl Engine {
     fn instance_id(&self) -> &str {
         self.inner.instance_id()
     }
+}
+
+/// Snapshot entries left out, as `{"kind", "id", "field", "reason"}` dicts.
+pub(crate) fn dropped_list<'py>(
+    py: Python<'py>,
+    dropped: &[Dropped],
+) -> PyResult<Bound<'py, PyList>> {
+    let out = PyList::empty(py);
+    for d in dropped {
+        let entry = PyDict::new(py);
+        entry.set_item("kind", d.kind)?;
+        entry.set_item("id", &d.id)?;
+        entry.set_item("field", d.field)?;
+        entry.set_item("reason", d.reason)?;
+        out.append(entry)?;
+    }
+    Ok(out)
 }
 
 /// Column-oriented batch, keys in contract order.

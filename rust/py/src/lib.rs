@@ -6,6 +6,7 @@ mod errors;
 mod mock;
 
 use pyo3::prelude::*;
+use pyo3::types::PyList;
 
 /// HMAC-SHA256 of the key under the secret, lowercase hex.
 #[pyfunction]
@@ -17,6 +18,17 @@ fn hash_key(secret: &[u8], key: &str) -> String {
 #[pyfunction]
 fn count_tokens(py: Python<'_>, text: &str) -> usize {
     py.detach(|| onetoken_gateway::tokens::count(text))
+}
+
+/// The entries a snapshot document would lose under the engine's rules, as dicts with
+/// `kind`, `id`, `field` and `reason`. Raises ConfigError only when the document does not
+/// parse.
+#[pyfunction]
+fn validate_snapshot<'py>(py: Python<'py>, snapshot_json: &[u8]) -> PyResult<Bound<'py, PyList>> {
+    let dropped = py
+        .detach(|| onetoken_gateway::validate_snapshot(snapshot_json))
+        .map_err(errors::to_py)?;
+    engine::dropped_list(py, &dropped)
 }
 
 #[pymodule]
@@ -35,6 +47,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<mock::MockUpstream>()?;
     m.add_function(wrap_pyfunction!(hash_key, m)?)?;
     m.add_function(wrap_pyfunction!(count_tokens, m)?)?;
+    m.add_function(wrap_pyfunction!(validate_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(mock::serve_mock_upstream, m)?)?;
     Ok(())
 }

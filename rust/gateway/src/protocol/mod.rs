@@ -11,6 +11,7 @@ pub(crate) mod anthropic;
 pub(crate) mod gemini;
 pub(crate) mod openai;
 pub(crate) mod responses;
+pub(crate) mod validate;
 
 use std::collections::VecDeque;
 
@@ -25,6 +26,10 @@ use crate::error::{error_event, ApiError};
 use crate::snapshot::Deployment;
 use crate::sse::{SseFramer, SseRelay, StreamMeter};
 use crate::tokens;
+
+/// Set on every upstream request and refused on arrival (508 `loop_detected`): a provider
+/// whose base URL leads back to a gateway cannot make a request go round.
+pub(crate) const HOP_HEADER: &str = "x-onetoken-hop";
 
 /// What an upstream provider speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,7 +277,7 @@ pub(crate) fn upstream_request(
     let e = &d.endpoints;
     let (uri, body) = match (api, p) {
         (ClientApi::Chat, Protocol::OpenAi | Protocol::Azure) => {
-            openai::prepare_chat(doc, &d.upstream_model, stream);
+            openai::prepare_chat(doc, &d.upstream_model, stream, max_out);
             (e.chat.as_ref(), serde_json::to_vec(doc))
         }
         (ClientApi::Embeddings, Protocol::OpenAi | Protocol::Azure) => {
@@ -281,10 +286,13 @@ pub(crate) fn upstream_request(
         }
         (ClientApi::Responses, Protocol::OpenAi | Protocol::Azure) => {
             doc.insert("model".into(), Value::String(d.upstream_model.clone()));
+            // The output the reservation covers, whatever the client asked.
+            doc.insert("max_output_tokens".into(), Value::from(max_out.max(1)));
             (e.responses.as_ref(), serde_json::to_vec(doc))
         }
         (ClientApi::Messages, Protocol::Anthropic) => {
             doc.insert("model".into(), Value::String(d.upstream_model.clone()));
+            doc.insert("max_tokens".into(), Value::from(max_out.max(1)));
             (e.chat.as_ref(), serde_json::to_vec(doc))
         }
         (ClientApi::Chat, Protocol::Anthropic) => {
@@ -297,7 +305,10 @@ pub(crate) fn upstream_request(
             (uri.as_ref(), serde_json::to_vec(&out))
         }
         (ClientApi::Messages, Protocol::OpenAi | Protocol::Azure) => {
-            let out = anthropic::to_chat_request(doc, &d.upstream_model, stream);
+            let mut out = anthropic::to_chat_request(doc, &d.upstream_model, stream);
+            if let Value::Object(m) = &mut out {
+                m.insert("max_tokens".into(), Value::from(max_out.max(1)));
+            }
             (e.chat.as_ref(), serde_json::to_vec(&out))
         }
         (ClientApi::Messages, Protocol::Gemini) => {
@@ -327,6 +338,7 @@ pub(crate) fn upstream_request(
             HeaderValue::from_static("text/event-stream"),
         );
     }
+    h.insert(HOP_HEADER, HeaderValue::from_static("1"));
     for (name, value) in &d.provider.auth_headers {
         h.insert(name.clone(), value.clone());
     }
@@ -714,6 +726,45 @@ impl Translator {
     }
 }
 
+/// Fields of the OpenAI chat request the translation knows. Anything else is a vendor
+/// extension and travels to the upstream untouched (as in pass-through).
+const CHAT_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stream_options",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "user",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "seed",
+    "service_tier",
+    "store",
+    "metadata",
+    "modalities",
+    "audio",
+    "prediction",
+    "reasoning_effort",
+    "functions",
+    "function_call",
+    "web_search_options",
+    "verbosity",
+    "prompt_cache_key",
+    "safety_identifier",
+];
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -812,42 +863,3 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         assert!(!meter.done);
     }
 }
-
-/// Fields of the OpenAI chat request the translation knows. Anything else is a vendor
-/// extension and travels to the upstream untouched (as in pass-through).
-const CHAT_FIELDS: &[&str] = &[
-    "model",
-    "messages",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "n",
-    "stream",
-    "stream_options",
-    "stop",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "logprobs",
-    "top_logprobs",
-    "user",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "response_format",
-    "seed",
-    "service_tier",
-    "store",
-    "metadata",
-    "modalities",
-    "audio",
-    "prediction",
-    "reasoning_effort",
-    "functions",
-    "function_call",
-    "web_search_options",
-    "verbosity",
-    "prompt_cache_key",
-    "safety_identifier",
-];

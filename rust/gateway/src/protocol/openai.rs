@@ -10,10 +10,30 @@ use serde_json::{json, Map, Value};
 use super::{parse_event, Event, Reply, Stop, StreamIds, ToolCall};
 use crate::billing::Usage;
 
-/// Pass-through rewrite: the deployment's model, and for streams the usage chunk so
-/// billing uses the upstream's own count (removed again when the client did not ask).
-pub(crate) fn prepare_chat(doc: &mut Map<String, Value>, upstream_model: &str, stream: bool) {
+/// Pass-through rewrite: the deployment's model, the output cap the reservation covers
+/// (`max_out` per choice), and for streams the usage chunk so billing uses the upstream's
+/// own count (removed again when the client did not ask).
+pub(crate) fn prepare_chat(
+    doc: &mut Map<String, Value>,
+    upstream_model: &str,
+    stream: bool,
+    max_out: u64,
+) {
     doc.insert("model".into(), Value::String(upstream_model.to_owned()));
+    // The client's own field keeps its name (older servers know only `max_tokens`);
+    // without one, OpenAI's current field is added, so an upstream default above the
+    // deployment's cap cannot outgrow the reservation.
+    let cap = Value::from(max_out.max(1));
+    let mut capped = false;
+    for field in ["max_completion_tokens", "max_tokens"] {
+        if let Some(v) = doc.get_mut(field) {
+            *v = cap.clone();
+            capped = true;
+        }
+    }
+    if !capped {
+        doc.insert("max_completion_tokens".into(), cap);
+    }
     if stream {
         match doc.get_mut("stream_options") {
             Some(Value::Object(opts)) => {
