@@ -752,6 +752,9 @@ async fn whole_responses_leave_exactly_one_record_each() {
             Some("ot-good"),
             chat("hi", json!({})).to_string(),
         );
+        // The connection takes the next request only once it has finished the last
+        // response, which may be after its body was read here.
+        sender.ready().await.unwrap();
         let resp = sender.send_request(req).await.unwrap();
         ids.push(resp.headers()["x-request-id"].to_str().unwrap().to_owned());
         resp.into_body().collect().await.unwrap();

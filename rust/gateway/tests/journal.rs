@@ -289,6 +289,9 @@ fn added_latency_one_connection_with_and_without_journal() {
             let mut took = Vec::with_capacity(N);
             for i in 0..N + 200 {
                 let req = request("POST", path, key, body.clone());
+                // The connection takes the next request only once it has finished the
+                // last response.
+                sender.ready().await.unwrap();
                 let t = std::time::Instant::now();
                 let resp = sender.send_request(req).await.unwrap();
                 assert_eq!(resp.status(), 200);
