@@ -112,6 +112,10 @@ def _apply_providers_file(state: AppState, path: Path) -> None:
         raise ServeError(f"ONETOKEN_PROVIDERS_FILE: {exc}") from None
 
 
+# What `serve --demo` lets platform providers reach unless ONETOKEN_UPSTREAM_PRIVATE_CIDRS says.
+DEMO_PRIVATE_CIDRS = "127.0.0.0/8"
+
+
 def check_secret(settings: Settings, *, demo: bool) -> None:
     """Outside --demo the master secret protects key hashes, sessions and credentials at
     rest: a missing, placeholder or weak one stops the server before it opens anything."""
@@ -129,6 +133,10 @@ def check_secret(settings: Settings, *, demo: bool) -> None:
 
 def run(settings: Settings, *, demo: bool = False) -> int:
     check_secret(settings, demo=demo)
+    if demo and not settings.upstream_private_cidrs:
+        # The demo's fake provider listens on loopback, which upstreams may otherwise not
+        # use; a development mode only (an org's own providers still may not).
+        settings = settings.model_copy(update={"upstream_private_cidrs": DEMO_PRIVATE_CIDRS})
     configure_logging(settings.log_dir, settings.log_level)
     state = build_state(settings)
     mock: Any = None

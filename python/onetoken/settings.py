@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import secrets
@@ -14,6 +13,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from onetoken.kit.files import PRIVATE_FILE_MODE, private_dir
+from onetoken.security.net import networks
 
 log = logging.getLogger("onetoken.settings")
 
@@ -24,6 +24,7 @@ MIN_SECRET_KEY_LEN = 32
 _PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "default", "password"})
 _PLACEHOLDER_PREFIXES = ("changeme", "change-me", "replace-me", "your-secret", "example")
 _MIN_DISTINCT_SECRET_CHARS = 10
+
 
 
 class Settings(BaseSettings):
@@ -58,6 +59,25 @@ class Settings(BaseSettings):
     queue_capacity: int = Field(default=100_000, ge=1)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    # Transport edge (docs/gateway-spec.md, "Transport limits and addresses").
+    # Comma-separated CIDRs that platform providers (never an org's own) may reach although
+    # they are loopback, private or link-local (an in-house model server); checked when a
+    # provider is saved and by the engine at every connect. Empty allows no such address.
+    upstream_private_cidrs: str = ""
+    # Comma-separated CIDRs of load balancers whose X-Forwarded-For (and PROXY header) is
+    # believed; empty trusts none, so the client is the TCP peer.
+    gateway_trusted_proxies: str = ""
+    # Every gateway connection starts with a PROXY protocol v2 header.
+    gateway_proxy_protocol: bool = False
+    # host:port serving the gateway's /metrics (and /healthz); unset serves them nowhere.
+    metrics_listen: str | None = None
+    gateway_max_connections: int = Field(default=20_000, ge=1)
+    gateway_header_read_timeout_ms: int = Field(default=30_000, ge=100)
+    gateway_idle_timeout_ms: int = Field(default=120_000, ge=100)
+    gateway_max_header_bytes: int = Field(default=32 * 1024, ge=1024, le=1024 * 1024)
+    upstream_max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
+    upstream_max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    upstream_deadline_seconds: float = Field(default=1800.0, gt=0)
 
     session_ttl_hours: int = Field(default=12, ge=1, le=24 * 30)
 
@@ -94,9 +114,6 @@ class Settings(BaseSettings):
     # Comma-separated CIDRs webhook targets may be in besides public addresses
     # (on-premises receivers); every org's endpoints may then reach them.
     webhook_private_cidrs: str = ""
-    # Comma-separated CIDRs platform providers may use besides public addresses (an
-    # in-house model server); org-scoped providers never may.
-    upstream_private_cidrs: str = ""
     anomaly_bucket_seconds: float = Field(default=60.0, gt=0)
     anomaly_ewma_alpha: float = Field(default=0.2, gt=0, le=1)
     anomaly_warmup_buckets: int = Field(default=5, ge=1)
@@ -140,9 +157,16 @@ class Settings(BaseSettings):
         if self.environment == "production" and self.secret_key_problem() is not None:
             raise ValueError("ONETOKEN_SECRET_KEY is a placeholder or too weak for production")
         self.previous_secret_key_bytes()  # malformed entries fail at startup, not at use
-        for spec in (self.trusted_proxies, self.webhook_private_cidrs, self.upstream_private_cidrs):
-            for cidr in filter(None, map(str.strip, spec.split(","))):
-                ipaddress.ip_network(cidr, strict=False)  # ValueError names the entry
+        for name in (
+            "trusted_proxies",
+            "gateway_trusted_proxies",
+            "webhook_private_cidrs",
+            "upstream_private_cidrs",
+        ):
+            try:
+                networks(getattr(self, name))
+            except ValueError:
+                raise ValueError(f"ONETOKEN_{name.upper()} must be comma-separated CIDRs") from None
         return self
 
     def secret_key_problem(self) -> str | None:

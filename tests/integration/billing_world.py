@@ -48,7 +48,9 @@ def make_org(
     state: AppState, name: str, *, balance: int, mock_addr: str | None = None, **model: Any
 ) -> BillingOrg:
     """An org with an owner, a billing admin, an API key and `balance` nano-units of
-    credit; with `mock_addr`, also a private provider and model `<name>-chat`."""
+    credit; with `mock_addr`, also a provider and model `<name>-chat` on the fake
+    upstream. Those are the platform's: the fake upstream is on loopback, which an org's
+    own provider may never reach."""
     tag = name.lower()
     with state.session_factory() as s:
         org = orgs.create_org(s, name)
@@ -58,7 +60,7 @@ def make_org(
             prov = providers.create_provider(
                 s,
                 state.secrets,
-                org.id,
+                None,
                 name=f"{tag}-up",
                 protocol="openai",
                 base_url=f"http://{mock_addr}/v1",
@@ -66,7 +68,7 @@ def make_org(
             )
             providers.create_model(
                 s,
-                org.id,
+                None,
                 name=f"{tag}-chat",
                 kind="chat",
                 provider_id=prov.id,

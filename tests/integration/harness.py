@@ -57,12 +57,18 @@ class Server:
     extra_env: dict[str, str] = field(default_factory=dict)
     gateway_port: int = field(default_factory=free_port)
     control_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     runs: int = 0
 
     @property
     def gateway_url(self) -> str:
         return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """The gateway's metrics listener (/metrics is not on the gateway listener)."""
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @property
     def control_url(self) -> str:
@@ -74,8 +80,11 @@ class Server:
             "ONETOKEN_DATA_DIR": str(self.data_dir),
             "ONETOKEN_GATEWAY_LISTEN": f"127.0.0.1:{self.gateway_port}",
             "ONETOKEN_CONTROL_LISTEN": f"127.0.0.1:{self.control_port}",
+            "ONETOKEN_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
             "ONETOKEN_DEMO_UPSTREAM": self.upstream,
             "ONETOKEN_FLUSH_INTERVAL_MS": "50",
+            # The fake provider is on loopback: platform providers may reach it there.
+            "ONETOKEN_UPSTREAM_PRIVATE_CIDRS": "127.0.0.0/8",
             **self.extra_env,
         }
 

@@ -24,6 +24,7 @@ from openai import OpenAI
 from sqlalchemy import select
 
 from onetoken import _core
+from onetoken.billing import prices as price_book
 from onetoken.db.models import Model
 
 from .billing_world import (
@@ -150,25 +151,33 @@ def test_price_change_bills_each_request_at_the_price_in_force(
             sent.append((r.headers["x-request-id"], int(time.time() * 1_000_000)))
         return sent
 
+    def price(new: tuple[int, int], effective_from: datetime | None = None) -> None:
+        # A platform model: the operator prices it (what `onetoken billing price` does).
+        with db.session_factory() as s:
+            price_book.add_version(
+                s,
+                None,
+                model_id,
+                price_book.Prices(
+                    input_price=new[0], output_price=new[1], cached_input_price=new[0]
+                ),
+                effective_from=effective_from,
+            )
+            s.commit()
+
     before = send(3)
     p2 = (3_500_000_000, 7_250_000_000)
-    admin.post(
-        "/api/v1/billing/prices",
-        {"model_id": model_id, "input_price": "3.5", "output_price": "7.25"},
-    )
+    price(p2)
+    # The change reaches the gateway with the next snapshot push; from then on every
+    # request is charged the new price.
+    deadline = time.monotonic() + 10
+    while wait_for_calls(admin, {send(1)[0][0]})[0]["cost"] != expected(p2):
+        assert time.monotonic() < deadline, "the new price never took effect"
     after = send(3)
     # A version scheduled a few seconds ahead: old price until then, new price after.
     p3 = (UNIT, UNIT)
     effective = datetime.now(UTC) + timedelta(seconds=3)
-    admin.post(
-        "/api/v1/billing/prices",
-        {
-            "model_id": model_id,
-            "input_price": "1",
-            "output_price": "1",
-            "effective_from": effective.isoformat(),
-        },
-    )
+    price(p3, effective)
     around: list[tuple[str, int]] = []
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -200,8 +209,9 @@ def test_price_change_bills_each_request_at_the_price_in_force(
     charged = ledger_usage(db, org.org_id)
     for rid in ids:
         assert charged[rid] == rows[rid]["cost"]
-    history = admin.get("/api/v1/billing/prices", params={"model_id": model_id})
-    assert [v["input_price"] for v in history] == ["1.000000000", "3.500000000"]
+    with db.session_factory() as s:
+        history = price_book.list_versions(s, None, model_id)
+        assert [v.input_price for v in history] == [UNIT, p2[0]]
 
     if ENGINE_V2:
         # The operator's org discount (20% off), applied by the engine per part.

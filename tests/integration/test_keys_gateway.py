@@ -179,7 +179,7 @@ def test_a_revocation_lands_within_a_second_after_a_bad_entry_was_forced_in(
             bump_revision(session)
             session.commit()
         # The engine takes the snapshot with the bad entry, leaving that entry out.
-        metrics = f"{deployment['server'].gateway_url}/metrics"
+        metrics = deployment["server"].metrics_url
         within(5, lambda: "onetoken_snapshot_dropped_entries 1\n" in httpx.get(metrics).text)
         assert error_code(lambda: call(client)) is None
         r = admin.http.post(f"/api/v1/keys/{created['id']}/revoke")

@@ -221,6 +221,17 @@ def test_failing_upstream_raises_a_system_alarm(
     assert found[0].subject_id == "prov_a"
 
 
+def test_oversized_answers_mean_a_failing_upstream_refused_addresses_do_not(
+    tmp_path: Path, emitted: Emitted, seclog: security_log.SecurityLog
+) -> None:
+    d = Detectors(_settings(tmp_path, upstream_alarm_failures=10))
+    # A base_url leading to a refused address is configuration, not the provider's health.
+    refused = traffic(0, 12, status=502, error_code="upstream_address_refused")
+    assert d.observe(refused) == []
+    found = d.observe(traffic(1, 24, status=502, error_code="upstream_response_too_large"))
+    assert [f.kind for f in found] == ["system.upstream_failing"]
+
+
 def test_permission_changes_and_abnormal_logins_become_webhooks(
     emitted: Emitted, seclog: security_log.SecurityLog
 ) -> None:

@@ -72,6 +72,22 @@ def test_tls_needs_both_files() -> None:
         Settings(tls_cert=Path("/tmp/cert.pem"))
 
 
+def test_transport_cidr_settings_are_parsed_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from onetoken.gateway.supervisor import engine_config
+    from onetoken.kit.crypto import Secrets
+
+    monkeypatch.setenv("ONETOKEN_UPSTREAM_PRIVATE_CIDRS", "127.0.0.1/8, 10.0.0.0/8")
+    monkeypatch.setenv("ONETOKEN_GATEWAY_TRUSTED_PROXIES", "192.0.2.7")
+    s = Settings(secret_key=SecretStr("x" * 16 + "abcdefghijklmnop"))
+    cfg = engine_config(s, Secrets.from_settings(s))
+    assert cfg["upstream_private_cidrs"] == ["127.0.0.0/8", "10.0.0.0/8"]
+    assert cfg["trusted_proxies"] == ["192.0.2.7/32"]
+    assert cfg["metrics_listen"] is None
+    monkeypatch.setenv("ONETOKEN_GATEWAY_TRUSTED_PROXIES", "10.0.0.0/33")
+    with pytest.raises(ValidationError, match="ONETOKEN_GATEWAY_TRUSTED_PROXIES"):
+        Settings()
+
+
 def test_data_dir_of_an_older_install_is_tightened(tmp_path: Path) -> None:
     """Directories and the SQLite file an older version left group-readable become
     private at the next start."""

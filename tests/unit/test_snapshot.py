@@ -107,6 +107,26 @@ def test_snapshot_has_exactly_the_contract_shape(state: AppState) -> None:
                     assert type(value) is type(ref_value), (section, field)
 
 
+def test_providers_say_whose_they_are(state: AppState) -> None:
+    """The engine lets only platform providers reach the operator's private CIDRs, so
+    every org-owned provider names its org."""
+    ids = _populate(state)
+    with state.session_factory() as s:
+        providers.create_provider(
+            s,
+            state.secrets,
+            None,
+            name="platform-up",
+            protocol="openai",
+            base_url="http://127.0.0.1:9010/v1",
+            api_key=None,
+        )
+        s.commit()
+    by_name = {p["name"]: p for p in _build(state)["providers"]}
+    assert by_name["up"]["org_id"] == ids["a"]
+    assert "org_id" not in by_name["platform-up"]
+
+
 def test_snapshot_values(state: AppState) -> None:
     ids = _populate(state)
     snap = _build(state, {ids["a"]: 123})

@@ -26,6 +26,7 @@ from onetoken.db.session import SessionFactory, current_revision
 from onetoken.gateway.snapshot import build_snapshot, snapshot_json
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.files import private_dir
+from onetoken.security.net import networks
 from onetoken.settings import Settings
 
 log = logging.getLogger("onetoken.gateway")
@@ -54,6 +55,11 @@ class SinkLike(Protocol):
     def close(self) -> None: ...
 
 
+def _cidrs(spec: str) -> list[str]:
+    """A CIDR-list setting as the engine takes it: one normalised network per entry."""
+    return [str(n) for n in networks(spec)]
+
+
 def engine_config(settings: Settings, secrets: Secrets) -> dict[str, Any]:
     """The engine configuration (tests/contract/engine_config.json)."""
     tls = None
@@ -68,6 +74,17 @@ def engine_config(settings: Settings, secrets: Secrets) -> dict[str, Any]:
         "spool_dir": str(settings.spool_dir.resolve()),
         "max_body_bytes": settings.max_body_bytes,
         "shutdown_grace_ms": int(settings.shutdown_grace_seconds * 1000),
+        "upstream_private_cidrs": _cidrs(settings.upstream_private_cidrs),
+        "trusted_proxies": _cidrs(settings.gateway_trusted_proxies),
+        "proxy_protocol": settings.gateway_proxy_protocol,
+        "metrics_listen": settings.metrics_listen,
+        "max_connections": settings.gateway_max_connections,
+        "header_read_timeout_ms": settings.gateway_header_read_timeout_ms,
+        "idle_timeout_ms": settings.gateway_idle_timeout_ms,
+        "max_header_bytes": settings.gateway_max_header_bytes,
+        "max_upstream_event_bytes": settings.upstream_max_event_bytes,
+        "max_upstream_body_bytes": settings.upstream_max_body_bytes,
+        "upstream_deadline_ms": int(settings.upstream_deadline_seconds * 1000),
     }
     # Optional in docs/snapshot.md; sent only when they differ from the defaults.
     if secrets.key_hash_version != 1:

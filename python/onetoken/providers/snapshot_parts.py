@@ -50,6 +50,8 @@ def provider_entry(p: Provider, secrets: Secrets) -> dict[str, Any]:
         "zero_retention": bool(p.zero_retention),
         "tags": list(p.tags or []),
         "max_concurrency": p.max_concurrency,
+        # An org's own provider never gets the operator's private-address allow-list.
+        "org_id": p.org_id,
     }
     entry.update({k: v for k, v in optional.items() if v not in (None, "", False, [])})
     return entry

@@ -44,7 +44,14 @@ log = logging.getLogger("onetoken.security")
 
 Batch = dict[str, list[Any]]
 
-UPSTREAM_FAILURE_CODES = frozenset({"upstream_unreachable", "upstream_timeout", "upstream_error"})
+# Codes that say the provider itself is failing: down, too slow (a first-byte timeout or the
+# whole-response deadline, both upstream_timeout), or answering garbage or without bound.
+# upstream_address_refused is not one: the gateway refused the configured base_url's address
+# before connecting, a configuration fault the provider's health says nothing about (the
+# engine's breaker ignores it too); it is counted in onetoken_errors_total.
+UPSTREAM_FAILURE_CODES = frozenset({
+    "upstream_unreachable", "upstream_timeout", "upstream_error", "upstream_response_too_large",
+})
 # Bounded memory under a spray of addresses or keys: state beyond this is forgotten.
 _MAX_TRACKED = 100_000
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
@@ -119,13 +120,25 @@ enum State {
     Ended,
 }
 
+/// Bounds on a streamed upstream response.
+pub(crate) struct StreamLimits {
+    /// Longest gap between upstream bytes.
+    pub(crate) idle: Duration,
+    /// When the whole response must have arrived: a trickle that keeps resetting the idle
+    /// timer still ends here.
+    pub(crate) deadline: Instant,
+    /// Longest single SSE event; the framer holds at most this much (plus one chunk).
+    pub(crate) max_event_bytes: usize,
+}
+
 /// The metered SSE relay of one streamed call.
 pub(crate) struct StreamBody {
     upstream: Incoming,
     relay: StreamRelay,
     ready: VecDeque<Bytes>,
-    idle: Duration,
+    limits: StreamLimits,
     idle_timer: Pin<Box<Sleep>>,
+    deadline_timer: Pin<Box<Sleep>>,
     state: State,
     /// The provider's concurrency slot, held until the stream ends.
     _permit: Option<Permit>,
@@ -138,7 +151,7 @@ impl StreamBody {
     pub(crate) fn new(
         upstream: Incoming,
         relay: StreamRelay,
-        idle: Duration,
+        limits: StreamLimits,
         permit: Option<Permit>,
         log: RequestLog,
     ) -> Self {
@@ -146,8 +159,9 @@ impl StreamBody {
             upstream,
             relay,
             ready: VecDeque::with_capacity(4),
-            idle,
-            idle_timer: Box::pin(tokio::time::sleep(idle)),
+            idle_timer: Box::pin(tokio::time::sleep(limits.idle)),
+            deadline_timer: Box::pin(tokio::time::sleep_until(limits.deadline)),
+            limits,
             state: State::Relaying,
             _permit: permit,
             log,
@@ -191,9 +205,22 @@ impl StreamBody {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
                         self.relay.push(&data, &mut self.ready);
+                        if self.relay.pending() > self.limits.max_event_bytes {
+                            // An event this long is no chat delta: stop holding it. What
+                            // was relayed before stays chargeable.
+                            self.relay.discard();
+                            self.end_with(Some(ApiError::UpstreamTooLarge));
+                            continue;
+                        }
                         self.sync_meter();
-                        let deadline = Instant::now() + self.idle;
-                        self.idle_timer.as_mut().reset(deadline);
+                        let now = Instant::now();
+                        if now >= self.limits.deadline {
+                            // An upstream that always has bytes ready never lets the
+                            // deadline timer below be polled.
+                            self.end_with(Some(ApiError::UpstreamTimeout));
+                            continue;
+                        }
+                        self.idle_timer.as_mut().reset(now + self.limits.idle);
                     }
                 }
                 Poll::Ready(Some(Err(_))) => self.end_with(Some(ApiError::UpstreamStreamCut)),
@@ -203,7 +230,9 @@ impl StreamBody {
                     self.end_with(err);
                 }
                 Poll::Pending => {
-                    if self.idle_timer.as_mut().poll(cx).is_pending() {
+                    if self.idle_timer.as_mut().poll(cx).is_pending()
+                        && self.deadline_timer.as_mut().poll(cx).is_pending()
+                    {
                         return Poll::Pending;
                     }
                     self.end_with(Some(ApiError::UpstreamTimeout));
@@ -211,4 +240,48 @@ impl StreamBody {
             }
         }
     }
+}
+
+/// Read a whole upstream body: each frame within the idle timeout, all of it by the
+/// deadline, at most `max` bytes. A declared length over `max` is refused before reading;
+/// otherwise every byte is copied once, into a buffer sized by the declared length.
+pub(crate) async fn collect(
+    mut body: Incoming,
+    idle: Duration,
+    deadline: Instant,
+    max: usize,
+) -> Result<Bytes, ApiError> {
+    let declared = body.size_hint().exact();
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(ApiError::UpstreamTooLarge);
+    }
+    let mut first: Option<Bytes> = None;
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        let next = tokio::time::timeout_at(deadline.min(Instant::now() + idle), body.frame());
+        let frame = match next.await {
+            Err(_) => return Err(ApiError::UpstreamTimeout),
+            Ok(None) => break,
+            Ok(Some(Err(_))) => return Err(ApiError::UpstreamError),
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        // The common case is a single frame, kept without a copy.
+        if first.is_none() && buf.is_empty() {
+            first = Some(data);
+        } else {
+            if let Some(f) = first.take() {
+                let cap = declared.map_or(0, |n| usize::try_from(n).unwrap_or(max));
+                buf.reserve(cap.max(f.len() + data.len()));
+                buf.extend_from_slice(&f);
+            }
+            buf.extend_from_slice(&data);
+        }
+        if first.as_ref().map_or(buf.len(), Bytes::len) > max {
+            return Err(ApiError::UpstreamTooLarge);
+        }
+    }
+    Ok(first.unwrap_or_else(|| buf.freeze()))
 }

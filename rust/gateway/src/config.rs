@@ -4,6 +4,12 @@
 use serde::Deserialize;
 
 use crate::error::Error;
+use crate::ipset::IpSet;
+
+fn cidr_set(field: &str, cidrs: &[String]) -> Result<IpSet, Error> {
+    IpSet::from_entries(cidrs.iter().map(|c| (c.as_str(), None)))
+        .map_err(|e| Error::Config(format!("{field}: {e}")))
+}
 
 /// Engine configuration (`tests/contract/engine_config.json`). Unknown fields are
 /// rejected with an error naming the field.
@@ -43,6 +49,46 @@ pub struct EngineConfig {
     /// killed process loses none (see `Engine::ack_records`).
     #[serde(default = "default_journal")]
     pub journal: bool,
+    /// CIDRs a platform provider (one not scoped to an org) may reach although they are
+    /// private, loopback or otherwise non-public. Org-scoped providers never may.
+    #[serde(default)]
+    pub upstream_private_cidrs: Vec<String>,
+    /// Peers whose `X-Forwarded-For` (and PROXY protocol header) names the client; empty
+    /// trusts none, so the client is always the TCP peer.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Every connection starts with a PROXY protocol v2 header (a load balancer in front).
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Separate listener for `GET /metrics` (and `/healthz`); when absent the metrics are
+    /// served over HTTP nowhere (the embedding program still reads them).
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
+    /// Connections served at once; further ones are closed on accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time for a connection's PROXY header, TLS handshake and first request head to
+    /// arrive; on HTTP/1.1 also the longest wait for each later request head (so it bounds
+    /// keep-alive gaps as well).
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// A connection with no request in progress and no bytes either way for this long is
+    /// closed (HTTP/1.1 keep-alive and HTTP/2 alike).
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Largest request head (request line and headers); above it the answer is 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Largest single upstream SSE event; a longer one ends the stream as an upstream error.
+    #[serde(default = "default_max_upstream_event_bytes")]
+    pub max_upstream_event_bytes: usize,
+    /// Largest non-streamed upstream response body.
+    #[serde(default = "default_max_upstream_body_bytes")]
+    pub max_upstream_body_bytes: usize,
+    /// Time allowed for a whole upstream response, from the request's start to its last
+    /// byte, however steadily the bytes trickle in.
+    #[serde(default = "default_upstream_deadline_ms")]
+    pub upstream_deadline_ms: u64,
 }
 
 /// A key-hash secret from before a rotation.
@@ -89,6 +135,27 @@ fn default_max_body_bytes() -> usize {
 fn default_shutdown_grace_ms() -> u64 {
     10_000
 }
+fn default_max_connections() -> usize {
+    20_000
+}
+fn default_header_read_timeout_ms() -> u64 {
+    30_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    120_000
+}
+fn default_max_header_bytes() -> usize {
+    32 * 1024
+}
+fn default_max_upstream_event_bytes() -> usize {
+    1024 * 1024
+}
+fn default_max_upstream_body_bytes() -> usize {
+    64 * 1024 * 1024
+}
+fn default_upstream_deadline_ms() -> u64 {
+    30 * 60 * 1000
+}
 
 impl EngineConfig {
     /// Parse and validate the configuration JSON.
@@ -116,7 +183,41 @@ impl EngineConfig {
         if self.max_body_bytes == 0 {
             return Err(Error::Config("max_body_bytes must be positive".into()));
         }
+        let positive = [
+            ("max_connections", self.max_connections as u64),
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+            (
+                "max_upstream_event_bytes",
+                self.max_upstream_event_bytes as u64,
+            ),
+            (
+                "max_upstream_body_bytes",
+                self.max_upstream_body_bytes as u64,
+            ),
+            ("upstream_deadline_ms", self.upstream_deadline_ms),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(Error::Config(format!("{name} must be positive")));
+        }
+        if self.max_header_bytes < 1024 {
+            return Err(Error::Config(
+                "max_header_bytes must be at least 1024".into(),
+            ));
+        }
+        self.private_cidrs()?;
+        self.proxies()?;
         Ok(())
+    }
+
+    /// `upstream_private_cidrs`, compiled.
+    pub(crate) fn private_cidrs(&self) -> Result<IpSet, Error> {
+        cidr_set("upstream_private_cidrs", &self.upstream_private_cidrs)
+    }
+
+    /// `trusted_proxies`, compiled.
+    pub(crate) fn proxies(&self) -> Result<IpSet, Error> {
+        cidr_set("trusted_proxies", &self.trusted_proxies)
     }
 
     /// Every accepted key-hash secret as (version, bytes), the current one first.

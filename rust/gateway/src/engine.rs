@@ -20,7 +20,7 @@ use crate::limits::LiveCounters;
 use crate::metrics::{Gauges, Metrics};
 use crate::records::{CallRecord, Records};
 use crate::snapshot::{self, Dropped, Snapshot};
-use crate::upstream::ClientCache;
+use crate::upstream::{ClientCache, Resolve, SystemResolver};
 use crate::{server, tokens};
 
 /// State shared by every request.
@@ -74,6 +74,7 @@ enum Phase {
         server: JoinHandle<()>,
         stop: oneshot::Sender<Duration>,
         addr: SocketAddr,
+        metrics_addr: Option<SocketAddr>,
     },
     Stopped,
 }
@@ -110,6 +111,12 @@ pub struct Engine {
 impl Engine {
     /// Validate the configuration and build an engine (not yet serving).
     pub fn new(config: EngineConfig) -> Result<Self, Error> {
+        Self::with_resolver(config, Arc::new(SystemResolver))
+    }
+
+    /// `new` with the resolver for upstream host names replaced (tests use a stub, so no
+    /// name has to resolve to an internal address for real).
+    pub fn with_resolver(config: EngineConfig, resolver: Arc<dyn Resolve>) -> Result<Self, Error> {
         config.validate()?;
         let secrets = config.secrets()?;
         let instance_id = format!("{:016x}", rand::random::<u64>());
@@ -127,7 +134,7 @@ impl Engine {
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
             dropped: Mutex::new(Vec::new()),
             accounts: Mutex::new(LiveCounters::default()),
-            clients: ClientCache::default(),
+            clients: ClientCache::new(config.private_cidrs()?, resolver),
             records,
             metrics: Metrics::default(),
             instance_id,
@@ -155,30 +162,45 @@ impl Engine {
             }
         }
         let config = &self.shared.config;
-        let tls = config.tls.as_ref().map(server::tls_acceptor).transpose()?;
+        let serve_cfg = server::ServeConfig::from_config(config)?;
         let socket = bind(&config.listen)?;
+        let metrics_socket = config.metrics_listen.as_deref().map(bind).transpose()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.worker_threads)
             .thread_name("onetoken-worker")
             .enable_all()
             .build()
             .map_err(|e| Error::State(format!("cannot build runtime: {e}")))?;
-        let listener = {
+        let listeners = {
             let _guard = runtime.enter();
-            socket.listen(BACKLOG)
+            listen(socket, &config.listen).and_then(|main| {
+                let metrics = metrics_socket
+                    .map(|s| listen(s, config.metrics_listen.as_deref().unwrap_or_default()))
+                    .transpose()?;
+                Ok((main, metrics))
+            })
         };
-        let (listener, addr) = match listener.and_then(|l| l.local_addr().map(|a| (l, a))) {
+        let ((listener, addr), metrics) = match listeners {
             Ok(ok) => ok,
             Err(e) => {
                 // Never drop a runtime in place: start may be called from async code.
                 runtime.shutdown_background();
-                return Err(Error::Bind(format!("{}: {e}", config.listen)));
+                return Err(e);
             }
         };
+        let metrics_addr = metrics.as_ref().map(|(_, a)| *a);
+        if let Some((metrics_listener, _)) = metrics {
+            runtime.spawn(server::serve_metrics(metrics_listener, self.shared.clone()));
+        }
         // Load the vocabulary before the first request needs it.
         tokens::warm_up();
         let (stop, stop_rx) = oneshot::channel();
-        let server = runtime.spawn(server::serve(listener, tls, self.shared.clone(), stop_rx));
+        let server = runtime.spawn(server::serve(
+            listener,
+            serve_cfg,
+            self.shared.clone(),
+            stop_rx,
+        ));
         // Seals an overflow segment once it is old enough even if no record or drain comes
         // along to do it; ends with the runtime.
         let ticking = self.shared.clone();
@@ -195,6 +217,7 @@ impl Engine {
             server,
             stop,
             addr,
+            metrics_addr,
         };
         Ok(addr)
     }
@@ -333,6 +356,14 @@ impl Engine {
         }
     }
 
+    /// The bound address of the metrics listener (`metrics_listen`) while running.
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        match &*self.phase.lock() {
+            Phase::Running { metrics_addr, .. } => *metrics_addr,
+            _ => None,
+        }
+    }
+
     /// Whether the engine is serving.
     pub fn running(&self) -> bool {
         matches!(&*self.phase.lock(), Phase::Running { .. })
@@ -374,6 +405,17 @@ fn bind(listen: &str) -> Result<tokio::net::TcpSocket, Error> {
         .bind(addr)
         .map_err(|e| Error::Bind(format!("{listen}: {e}")))?;
     Ok(socket)
+}
+
+/// Listen on a bound socket; returns the listener and its address.
+fn listen(
+    socket: tokio::net::TcpSocket,
+    listen: &str,
+) -> Result<(tokio::net::TcpListener, SocketAddr), Error> {
+    socket
+        .listen(BACKLOG)
+        .and_then(|l| l.local_addr().map(|a| (l, a)))
+        .map_err(|e| Error::Bind(format!("{listen}: {e}")))
 }
 
 impl Drop for Engine {

@@ -50,6 +50,9 @@ pub(crate) enum ApiError {
     UpstreamUnreachable,
     UpstreamTimeout,
     UpstreamStreamCut,
+    UpstreamAddressRefused,
+    UpstreamTooLarge,
+    HeadersTooLarge,
     ClientDisconnected,
     ShuttingDown,
     Internal,
@@ -57,7 +60,7 @@ pub(crate) enum ApiError {
 }
 
 impl ApiError {
-    pub(crate) const ALL: [ApiError; 29] = [
+    pub(crate) const ALL: [ApiError; 32] = [
         ApiError::InvalidApiKey,
         ApiError::KeyRevoked,
         ApiError::KeyExpired,
@@ -83,6 +86,9 @@ impl ApiError {
         ApiError::UpstreamUnreachable,
         ApiError::UpstreamTimeout,
         ApiError::UpstreamStreamCut,
+        ApiError::UpstreamAddressRefused,
+        ApiError::UpstreamTooLarge,
+        ApiError::HeadersTooLarge,
         ApiError::ClientDisconnected,
         ApiError::ShuttingDown,
         ApiError::Internal,
@@ -117,6 +123,9 @@ impl ApiError {
             ApiError::UpstreamUnreachable => "upstream_unreachable",
             ApiError::UpstreamTimeout => "upstream_timeout",
             ApiError::UpstreamStreamCut => "upstream_stream_cut",
+            ApiError::UpstreamAddressRefused => "upstream_address_refused",
+            ApiError::UpstreamTooLarge => "upstream_response_too_large",
+            ApiError::HeadersTooLarge => "headers_too_large",
             ApiError::ClientDisconnected => "client_disconnected",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::Internal => "internal_error",
@@ -145,7 +154,10 @@ impl ApiError {
             ApiError::UpstreamBusy => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UpstreamError | ApiError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             ApiError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::UpstreamStreamCut => StatusCode::BAD_GATEWAY,
+            ApiError::UpstreamStreamCut
+            | ApiError::UpstreamAddressRefused
+            | ApiError::UpstreamTooLarge => StatusCode::BAD_GATEWAY,
+            ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::ClientDisconnected => {
                 StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
             }
@@ -179,7 +191,10 @@ impl ApiError {
             ApiError::UpstreamError
             | ApiError::UpstreamUnreachable
             | ApiError::UpstreamTimeout
-            | ApiError::UpstreamStreamCut => "upstream_error",
+            | ApiError::UpstreamStreamCut
+            | ApiError::UpstreamAddressRefused
+            | ApiError::UpstreamTooLarge => "upstream_error",
+            ApiError::HeadersTooLarge => "invalid_request_error",
             ApiError::ClientDisconnected => "client_error",
             ApiError::ShuttingDown => "service_unavailable",
             ApiError::Internal => "server_error",
@@ -221,6 +236,13 @@ impl ApiError {
             ApiError::UpstreamUnreachable => "The upstream provider could not be reached.",
             ApiError::UpstreamTimeout => "The upstream provider timed out.",
             ApiError::UpstreamStreamCut => "The upstream stream ended unexpectedly.",
+            ApiError::UpstreamAddressRefused => {
+                "The upstream provider's address is not one the gateway may connect to."
+            }
+            ApiError::UpstreamTooLarge => {
+                "The upstream response exceeded the gateway's size limit."
+            }
+            ApiError::HeadersTooLarge => "The request headers are too large.",
             ApiError::ClientDisconnected => "The client disconnected.",
             ApiError::ShuttingDown => "The gateway is shutting down.",
             ApiError::Internal => "Internal gateway error.",

@@ -6,7 +6,9 @@
 mod auth;
 pub mod billing;
 mod body;
+mod client_ip;
 mod config;
+mod conn;
 mod engine;
 mod error;
 #[cfg(feature = "fuzzing")]
@@ -35,3 +37,4 @@ pub use engine::{Engine, Stats};
 pub use error::Error;
 pub use records::CallRecord;
 pub use snapshot::{validate as validate_snapshot, Dropped, SnapshotDoc};
+pub use upstream::Resolve;

@@ -52,6 +52,12 @@ pub(crate) struct Metrics {
     duration_count: AtomicU64,
     duration_sum_us: AtomicU64,
     pub(crate) in_flight: AtomicI64,
+    /// Client connections open now.
+    pub(crate) connections_open: AtomicU64,
+    /// Connections closed on accept because `max_connections` were open.
+    pub(crate) connections_refused: AtomicU64,
+    /// Connections closed by the header or idle timeout.
+    pub(crate) connections_timed_out: AtomicU64,
 }
 
 impl Metrics {
@@ -118,7 +124,25 @@ impl Metrics {
         let sum = self.duration_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "onetoken_request_duration_seconds_sum {sum}");
         let _ = writeln!(out, "onetoken_request_duration_seconds_count {count}");
-        let gauges: [(&str, &str, &str, i128); 11] = [
+        let gauges: [(&str, &str, &str, i128); 14] = [
+            (
+                "onetoken_connections_open",
+                "gauge",
+                "Client connections open.",
+                i128::from(self.connections_open.load(Ordering::Relaxed)),
+            ),
+            (
+                "onetoken_connections_refused_total",
+                "counter",
+                "Client connections closed on accept at the max_connections cap.",
+                i128::from(self.connections_refused.load(Ordering::Relaxed)),
+            ),
+            (
+                "onetoken_connections_timed_out_total",
+                "counter",
+                "Client connections closed by the header-read or idle timeout.",
+                i128::from(self.connections_timed_out.load(Ordering::Relaxed)),
+            ),
             (
                 "onetoken_in_flight_requests",
                 "gauge",

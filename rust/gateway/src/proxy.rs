@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::billing::{self, OrgAccount, Prices, UnpricedSlot, Usage};
-use crate::body::{RecordedBody, RespBody, StreamBody};
+use crate::body::{collect, RecordedBody, RespBody, StreamBody, StreamLimits};
 use crate::engine::Shared;
 use crate::error::{error_body, error_body_with_message, is_safe_ident, json_response, ApiError};
 use crate::limits::{self, Admission, Refusal};
@@ -32,13 +32,10 @@ use crate::{auth, tokens};
 
 /// Upstream error bodies are read only to pick out `error.type`/`error.code`.
 const MAX_UPSTREAM_ERROR_BYTES: usize = 64 * 1024;
-/// Cap on a non-streamed upstream answer (large embedding batches stay well below).
-const MAX_UPSTREAM_BODY_BYTES: usize = 256 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
     Health,
-    Metrics,
     Models,
     Chat,
     Embeddings,
@@ -51,7 +48,6 @@ enum Route {
 fn route(method: &Method, path: &str) -> Route {
     let (expected, route) = match path {
         "/healthz" => (Method::GET, Route::Health),
-        "/metrics" => (Method::GET, Route::Metrics),
         "/v1/models" => (Method::GET, Route::Models),
         "/v1/chat/completions" => (Method::POST, Route::Chat),
         "/v1/embeddings" => (Method::POST, Route::Embeddings),
@@ -81,7 +77,7 @@ impl Route {
             Route::Messages => PathLabel::Messages,
             Route::Responses => PathLabel::Responses,
             Route::MethodNotAllowed(l) => l,
-            Route::Health | Route::Metrics | Route::NotFound => PathLabel::Other,
+            Route::Health | Route::NotFound => PathLabel::Other,
         }
     }
 }
@@ -132,6 +128,7 @@ enum Reply {
         upstream: Incoming,
         relay: StreamRelay,
         idle: Duration,
+        deadline: tokio::time::Instant,
         permit: Option<Permit>,
     },
 }
@@ -342,17 +339,8 @@ pub(crate) async fn handle(
 ) -> Result<Response<RespBody>, Infallible> {
     let start = Instant::now();
     let route = route(req.method(), req.uri().path());
-    match route {
-        Route::Health => return Ok(health(&shared)),
-        Route::Metrics => {
-            let mut resp = Response::new(RespBody::from(Bytes::from(shared.metrics_text())));
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            return Ok(resp);
-        }
-        _ => {}
+    if route == Route::Health {
+        return Ok(health(&shared));
     }
     let mut log = RequestLog::new(shared.clone(), start, route.label(), peer, req.headers());
     let request_id = HeaderValue::from_str(&log.rec.request_id).ok();
@@ -360,8 +348,12 @@ pub(crate) async fn handle(
     // connection, which hyper then closes; saying so lets keep-alive clients open a fresh
     // connection instead of failing their next request on a dead one.
     let unread_body_closes = req.version() < Version::HTTP_2 && has_body(req.headers());
-    let result = process(&shared, &mut log, route, req).await;
-    let close_connection = unread_body_closes && !log.body_consumed;
+    let defect = crate::server::request_defect(&req, shared.config.max_header_bytes);
+    let result = match defect {
+        Some(err) => Err(err.into()),
+        None => process(&shared, &mut log, route, req).await,
+    };
+    let close_connection = (unread_body_closes && !log.body_consumed) || defect.is_some();
     let mut resp = match result {
         Ok(Reply::Full {
             status,
@@ -380,12 +372,18 @@ pub(crate) async fn handle(
             upstream,
             relay,
             idle,
+            deadline,
             permit,
         }) => {
             log.mark_response_start();
             log.rec.streamed = 1;
+            let limits = StreamLimits {
+                idle,
+                deadline,
+                max_event_bytes: shared.config.max_upstream_event_bytes,
+            };
             let mut resp = Response::new(RespBody::Stream(Box::new(StreamBody::new(
-                upstream, relay, idle, permit, log,
+                upstream, relay, limits, permit, log,
             ))));
             let h = resp.headers_mut();
             h.insert(
@@ -490,7 +488,7 @@ fn request_cost(price: i64, factor_ppm: u32) -> i64 {
     billing::cost_ppm(1_000_000, price, factor_ppm)
 }
 
-fn health(shared: &Shared) -> Response<RespBody> {
+pub(crate) fn health(shared: &Shared) -> Response<RespBody> {
     let version = shared.snapshot.load().version;
     let (status, body) = if shared.draining.load(Ordering::Relaxed) {
         (
@@ -547,6 +545,10 @@ async fn process(
     if req.headers().contains_key(protocol::HOP_HEADER) {
         return Err(ApiError::LoopDetected.into());
     }
+
+    // The whole upstream response must have arrived by then, however it trickles in.
+    let deadline = tokio::time::Instant::from_std(log.start)
+        + Duration::from_millis(shared.config.upstream_deadline_ms);
 
     // Attack interception: refused before any key work.
     let snap: Arc<Snapshot> = shared.snapshot.load_full();
@@ -696,6 +698,7 @@ async fn process(
 
     let order = routing::order(group.strategy, candidates, reserve_on);
     let mut attempts = routing::Attempts {
+        deadline,
         count: 0,
         last: None,
     };
@@ -719,7 +722,7 @@ async fn process(
         Ok(s) => s,
         Err(NotServed::Api(e)) => return Err(e.into()),
         Err(NotServed::Status { status, body, idle }) => {
-            return Err(upstream_failure(status, body, idle).await)
+            return Err(upstream_failure(status, body, idle, deadline).await)
         }
     };
     let d = served.deployment;
@@ -745,12 +748,14 @@ async fn process(
             upstream: resp.into_body(),
             relay: StreamRelay::new(api, protocol, !client_wants_usage, ids),
             idle,
+            deadline,
             permit: Some(served.permit),
         });
     }
 
     let mut content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
-    let mut body = match collect(resp.into_body(), idle, MAX_UPSTREAM_BODY_BYTES).await {
+    let max = shared.config.max_upstream_body_bytes;
+    let mut body = match collect(resp.into_body(), idle, deadline, max).await {
         Ok(b) => b,
         Err(e) => {
             // Nothing reached the client, so nothing is charged.
@@ -807,37 +812,6 @@ async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, ApiError
     }
 }
 
-/// Read a whole upstream body, frame by frame, each within the idle timeout.
-async fn collect(mut body: Incoming, idle: Duration, max: usize) -> Result<Bytes, ApiError> {
-    let mut first: Option<Bytes> = None;
-    let mut rest: Vec<u8> = Vec::new();
-    loop {
-        let frame = match tokio::time::timeout(idle, body.frame()).await {
-            Err(_) => return Err(ApiError::UpstreamTimeout),
-            Ok(None) => break,
-            Ok(Some(Err(_))) => return Err(ApiError::UpstreamError),
-            Ok(Some(Ok(f))) => f,
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        // The common case is a single frame, kept without a copy.
-        match &first {
-            None if rest.is_empty() => first = Some(data),
-            _ => {
-                if let Some(f) = first.take() {
-                    rest.extend_from_slice(&f);
-                }
-                rest.extend_from_slice(&data);
-            }
-        }
-        if first.as_ref().map_or(rest.len(), Bytes::len) > max {
-            return Err(ApiError::UpstreamError);
-        }
-    }
-    Ok(first.unwrap_or_else(|| Bytes::from(rest)))
-}
-
 #[derive(Deserialize)]
 struct UpstreamErrorDoc {
     error: Option<UpstreamErrorInner>,
@@ -850,14 +824,19 @@ struct UpstreamErrorInner {
     code: Option<Value>,
 }
 
-async fn upstream_failure(status: StatusCode, body: Incoming, idle: Duration) -> Failure {
+async fn upstream_failure(
+    status: StatusCode,
+    body: Incoming,
+    idle: Duration,
+    deadline: tokio::time::Instant,
+) -> Failure {
     let status = if status.as_u16() >= 400 {
         status
     } else {
         StatusCode::BAD_GATEWAY
     };
     let (mut kind, mut code) = (None, None);
-    if let Ok(bytes) = collect(body, idle, MAX_UPSTREAM_ERROR_BYTES).await {
+    if let Ok(bytes) = collect(body, idle, deadline, MAX_UPSTREAM_ERROR_BYTES).await {
         if let Ok(UpstreamErrorDoc { error: Some(inner) }) = serde_json::from_slice(&bytes) {
             let safe = |v: Option<Value>| match v {
                 Some(Value::String(s)) if is_safe_ident(&s) => Some(s),

@@ -25,7 +25,7 @@ use crate::protocol::{self, auth_headers, ClientApi, Endpoints, Protocol};
 use crate::snapshot::{
     Deployment, Dropped, Key, ModelDoc, ModelGroup, ModelKind, Provider, ProviderDoc,
 };
-use crate::upstream::{self, ClientCache};
+use crate::upstream::{self, AddressScope, ClientCache};
 
 /// How a route orders its deployments.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -333,8 +333,10 @@ pub(crate) enum NotServed {
     },
 }
 
-/// What the attempt loop did, for the record.
+/// The attempt loop's time bound, and what it did, for the record.
 pub(crate) struct Attempts {
+    /// The request's whole upstream deadline: no wait for response headers outlasts it.
+    pub(crate) deadline: tokio::time::Instant,
     pub(crate) count: u8,
     /// The deployment of the last attempt (the one that served, on success).
     pub(crate) last: Option<Arc<Deployment>>,
@@ -409,16 +411,21 @@ pub(crate) async fn forward(
         let req =
             protocol::upstream_request(api, doc, d, stream, max_out(d)).map_err(NotServed::Api)?;
         let sent = Instant::now();
-        let result =
-            tokio::time::timeout(provider.first_byte_timeout, provider.client.request(req)).await;
+        let first_byte = attempts
+            .deadline
+            .min(tokio::time::Instant::now() + provider.first_byte_timeout);
+        let result = tokio::time::timeout_at(first_byte, provider.client.request(req)).await;
         match result {
             Err(_) => {
                 provider.state.failure(cfg);
                 return Err(NotServed::Api(ApiError::UpstreamTimeout));
             }
             Ok(Err(e)) => {
-                provider.state.failure(cfg);
                 let err = upstream::classify(&e);
+                // A refused address is the provider's configuration, not its health.
+                if err != ApiError::UpstreamAddressRefused {
+                    provider.state.failure(cfg);
+                }
                 if !e.is_connect() {
                     return Err(NotServed::Api(err));
                 }
@@ -568,8 +575,14 @@ fn compile_provider(
     }
     let auth_headers = auth_headers(protocol, p.api_key.as_deref(), p.api_version.as_deref())
         .map_err(|_| ("api_version", "invalid_header_value"))?;
+    // Org-scoped providers never get the operator's private-address allow-list.
+    let scope = if p.org_id.is_some() {
+        AddressScope::Org
+    } else {
+        AddressScope::Platform
+    };
     let client = clients
-        .get(Duration::from_millis(p.connect_timeout_ms.max(1)))
+        .get(Duration::from_millis(p.connect_timeout_ms.max(1)), scope)
         .map_err(|_| ("connect_timeout_ms", "client_unavailable"))?;
     Ok(Provider {
         protocol,

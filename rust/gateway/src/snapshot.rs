@@ -276,6 +276,10 @@ pub struct ProviderDoc {
     /// Requests in flight to this provider at once; null means no limit.
     #[serde(default)]
     pub max_concurrency: Option<u32>,
+    /// The org that configured this provider; null for a platform provider. Only platform
+    /// providers may reach the operator's `upstream_private_cidrs`.
+    #[serde(default)]
+    pub org_id: Option<String>,
 }
 
 /// One model the gateway serves.
@@ -560,7 +564,12 @@ impl Snapshot {
         let mut unauthenticated = Vec::new();
         for (i, b) in doc.blocked_ips.iter().enumerate() {
             if Cidr::parse(&b.cidr).is_none() {
-                report.push(Dropped::new("blocked_ip", &i.to_string(), "cidr", "invalid_cidr"));
+                report.push(Dropped::new(
+                    "blocked_ip",
+                    &i.to_string(),
+                    "cidr",
+                    "invalid_cidr",
+                ));
                 continue;
             }
             let entry = (b.cidr.as_str(), Some(b.until));

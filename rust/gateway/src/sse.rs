@@ -48,6 +48,12 @@ impl SseFramer {
     pub fn pending(&self) -> usize {
         self.buf.len()
     }
+
+    /// Drop the incomplete event held back, releasing its memory.
+    pub fn discard(&mut self) {
+        self.buf = BytesMut::new();
+        self.scanned = 0;
+    }
 }
 
 /// Index just past the first blank line (`\n\n` or `\n\r\n`) at or after `from`.
@@ -241,6 +247,16 @@ impl SseRelay {
             meter,
         } = self;
         framer.push(chunk, |event| Self::accept(*strip_usage, meter, event, out));
+    }
+
+    /// Bytes held back waiting for the end of an event.
+    pub fn pending(&self) -> usize {
+        self.framer.pending()
+    }
+
+    /// Drop the incomplete event held back.
+    pub fn discard(&mut self) {
+        self.framer.discard();
     }
 
     /// End of the upstream body: flush an unterminated trailing event.

@@ -189,6 +189,7 @@ async fn secret_rotation_accepts_each_key_under_its_own_version_only() {
             "key_hash_secret_version": 2,
             "previous_key_hash_secrets": [{"version": 1, "secret_hex": SECRET_HEX}],
             "spool_dir": spool,
+            "upstream_private_cidrs": ["127.0.0.0/8"],
         });
         EngineConfig::from_json(cfg.to_string().as_bytes()).unwrap()
     };

@@ -13,11 +13,19 @@ const CHAT: &str = "/v1/chat/completions";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_metrics() {
-    let h = Harness::start();
+    let h = Harness::custom(|c| c["metrics_listen"] = json!("127.0.0.1:0"), |_| {});
     let r = call(h.addr, request("GET", "/healthz", None, "")).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json(), json!({"status": "ok", "snapshot_version": 1}));
-    let m = call(h.addr, request("GET", "/metrics", None, "")).await;
+    // The metrics are not for the gateway's clients: only the metrics listener has them.
+    let public = call(h.addr, request("GET", "/metrics", None, "")).await;
+    assert_eq!(public.status, 404);
+    assert_eq!(public.json()["error"]["code"], "not_found");
+    let metrics_addr = h.engine.metrics_address().unwrap();
+    assert_ne!(metrics_addr, h.addr);
+    let health = call(metrics_addr, request("GET", "/healthz", None, "")).await;
+    assert_eq!(health.status, 200);
+    let m = call(metrics_addr, request("GET", "/metrics", None, "")).await;
     assert_eq!(m.status, 200);
     for name in [
         "onetoken_requests_total{path=\"/v1/chat/completions\"}",
@@ -29,9 +37,19 @@ async fn health_and_metrics() {
         "onetoken_records_spooled_total",
         "onetoken_records_dropped_total",
         "onetoken_snapshot_version 1",
+        "onetoken_connections_open",
+        "onetoken_connections_refused_total",
     ] {
         assert!(m.text().contains(name), "metrics lack {name}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_nowhere_without_a_metrics_listener() {
+    let h = Harness::start();
+    assert_eq!(h.engine.metrics_address(), None);
+    let r = call(h.addr, request("GET", "/metrics", None, "")).await;
+    assert_eq!(r.status, 404);
 }
 
 #[test]
@@ -734,6 +752,9 @@ async fn whole_responses_leave_exactly_one_record_each() {
             Some("ot-good"),
             chat("hi", json!({})).to_string(),
         );
+        // The connection takes the next request only once it has finished the last
+        // response, which may be after its body was read here.
+        sender.ready().await.unwrap();
         let resp = sender.send_request(req).await.unwrap();
         ids.push(resp.headers()["x-request-id"].to_str().unwrap().to_owned());
         resp.into_body().collect().await.unwrap();

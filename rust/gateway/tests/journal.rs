@@ -160,7 +160,8 @@ async fn spooled_records_need_no_ack_and_unacked_ones_survive_stop() {
 #[test]
 fn journal_can_be_disabled() {
     let spool = tempdir::Dir::new();
-    let cfg = json!({"key_hash_secret_hex": SECRET_HEX, "spool_dir": spool.path(), "journal": false, "listen": "127.0.0.1:0"});
+    let cfg = json!({"key_hash_secret_hex": SECRET_HEX, "spool_dir": spool.path(), "journal": false, "listen": "127.0.0.1:0",
+                    "upstream_private_cidrs": ["127.0.0.0/8"]});
     let engine = Engine::new(EngineConfig::from_json(cfg.to_string().as_bytes()).unwrap()).unwrap();
     let addr = engine.start().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -288,6 +289,9 @@ fn added_latency_one_connection_with_and_without_journal() {
             let mut took = Vec::with_capacity(N);
             for i in 0..N + 200 {
                 let req = request("POST", path, key, body.clone());
+                // The connection takes the next request only once it has finished the
+                // last response.
+                sender.ready().await.unwrap();
                 let t = std::time::Instant::now();
                 let resp = sender.send_request(req).await.unwrap();
                 assert_eq!(resp.status(), 200);

@@ -495,6 +495,24 @@ impl StreamRelay {
         }
     }
 
+    /// Bytes held back waiting for the end of an event.
+    pub(crate) fn pending(&self) -> usize {
+        match self {
+            StreamRelay::Chat(r) => r.pending(),
+            StreamRelay::Metered(m) => m.framer.pending(),
+            StreamRelay::Translate(t) => t.framer.pending(),
+        }
+    }
+
+    /// Drop the incomplete event held back (the stream is being abandoned).
+    pub(crate) fn discard(&mut self) {
+        match self {
+            StreamRelay::Chat(r) => r.discard(),
+            StreamRelay::Metered(m) => m.framer.discard(),
+            StreamRelay::Translate(t) => t.framer.discard(),
+        }
+    }
+
     pub(crate) fn meter(&self) -> &StreamMeter {
         match self {
             StreamRelay::Chat(r) => &r.meter,

@@ -192,6 +192,22 @@ async fn answer(
             .insert("content-type", "application/json".parse().unwrap());
         return Ok(r);
     }
+    if let Some(kib) = mock["unframed_kib"].as_u64() {
+        // One event that never ends: `data: ` and then bytes without a blank line.
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let _ = tx.send(Ok(Bytes::from_static(b"data: "))).await;
+            for _ in 0..kib {
+                if tx.send(Ok(Bytes::from(vec![b'x'; 1024]))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut r = Response::new(UpBody::Chan(ChanBody(rx)));
+        r.headers_mut()
+            .insert("content-type", "text/event-stream".parse().unwrap());
+        return Ok(r);
+    }
     let include_usage = with_usage && v["stream_options"]["include_usage"].as_bool() == Some(true);
     let cut_after = mock["cut_after"].as_u64();
     let (tx, rx) = mpsc::channel(16);
@@ -233,7 +249,12 @@ async fn answer(
 }
 
 pub fn engine_config(spool_dir: &str) -> EngineConfig {
-    let cfg = json!({
+    EngineConfig::from_json(engine_config_json(spool_dir).to_string().as_bytes()).unwrap()
+}
+
+/// The engine configuration of the specs, as JSON to patch.
+pub fn engine_config_json(spool_dir: &str) -> Value {
+    json!({
         "listen": "127.0.0.1:0",
         "key_hash_secret_hex": SECRET_HEX,
         "worker_threads": 2,
@@ -241,8 +262,10 @@ pub fn engine_config(spool_dir: &str) -> EngineConfig {
         "spool_dir": spool_dir,
         "max_body_bytes": 65536,
         "shutdown_grace_ms": 5000,
-    });
-    EngineConfig::from_json(cfg.to_string().as_bytes()).unwrap()
+        // The mock upstream is on loopback, which only an allow-listed platform
+        // provider may reach.
+        "upstream_private_cidrs": ["127.0.0.0/8"],
+    })
 }
 
 pub fn key_hash(key: &str) -> String {
@@ -315,6 +338,26 @@ pub mod tempdir {
 impl Harness {
     pub fn start() -> Harness {
         Self::with_balance(100_000_000_000)
+    }
+
+    /// A harness with the engine configuration and the snapshot patched.
+    pub fn custom(config: impl FnOnce(&mut Value), snap: impl FnOnce(&mut Value)) -> Harness {
+        let upstream = Upstream::start();
+        let spool = tempdir::Dir::new();
+        let mut cfg = engine_config_json(spool.path());
+        config(&mut cfg);
+        let engine =
+            Engine::new(EngineConfig::from_json(cfg.to_string().as_bytes()).unwrap()).unwrap();
+        let mut doc = snapshot(1, upstream.addr, 100_000_000_000);
+        snap(&mut doc);
+        engine.load_snapshot(doc.to_string().as_bytes()).unwrap();
+        let addr = engine.start().unwrap();
+        Harness {
+            engine,
+            addr,
+            upstream,
+            spool,
+        }
     }
 
     pub fn with_balance(balance: i64) -> Harness {

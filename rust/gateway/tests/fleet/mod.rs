@@ -34,6 +34,7 @@ pub fn engine_config(spool_dir: &str) -> EngineConfig {
         "spool_dir": spool_dir,
         "max_body_bytes": 1048576,
         "shutdown_grace_ms": 2000,
+        "upstream_private_cidrs": ["127.0.0.0/8"],
     });
     EngineConfig::from_json(cfg.to_string().as_bytes()).unwrap()
 }
