@@ -190,6 +190,15 @@ impl StreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         loop {
             if let Some(event) = self.ready.pop_front() {
+                if self.ready.is_empty() {
+                    if let State::Ending(err) = self.state {
+                        // The last event is about to be handed to the connection: journal
+                        // the record first, so a client that saw the stream complete (its
+                        // `[DONE]`) never outlives the record of it in a crash.
+                        self.state = State::Ended;
+                        self.log.finish(200, err);
+                    }
+                }
                 return Poll::Ready(Some(Ok(Frame::data(event))));
             }
             match self.state {
@@ -210,6 +219,19 @@ impl StreamBody {
                             // was relayed before stays chargeable.
                             self.relay.discard();
                             self.end_with(Some(ApiError::UpstreamTooLarge));
+                            continue;
+                        }
+                        if self.relay.meter().done {
+                            // The terminal event is in: end here rather than when the
+                            // upstream closes its body, so the record is journaled before
+                            // that event reaches the client. One more poll lets a body
+                            // whose end is already buffered say so, so its connection
+                            // goes back to the pool; anything after the event is ignored.
+                            if !self.upstream.is_end_stream() {
+                                let _ = Pin::new(&mut self.upstream).poll_frame(cx);
+                            }
+                            self.relay.finish(&mut self.ready);
+                            self.end_with(None);
                             continue;
                         }
                         self.sync_meter();

@@ -110,6 +110,50 @@ async fn records_are_journaled_before_they_are_queued_and_acks_delete_them() {
     assert_eq!(h.engine.stats().journal_segments, 0);
 }
 
+/// A stream's record is on disk before its terminal event reaches the client, even when
+/// the upstream keeps its body open after that event: a crash right after the client saw
+/// `[DONE]` must not lose the record of a call the client saw complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_is_journaled_before_its_terminal_event_reaches_the_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let h = Harness::start();
+    let body = chat("hi", json!({"stream": true, "mock": {"linger_ms": 5000}})).to_string();
+    let mut conn = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let head = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer ot-good\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(body.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("[DONE]") {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "connection closed before [DONE]");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // No waiting: the record must already be journaled when the client has `[DONE]`.
+    let lines = journal_lines(&h.spool.0);
+    assert_eq!(
+        lines.len(),
+        1,
+        "the record is journaled before [DONE] is sent"
+    );
+    let rec: Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(rec["status"], 200, "{rec}");
+    assert_eq!(rec["streamed"], 1, "{rec}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the relay ends at the terminal event, not when the upstream closes"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spooled_records_need_no_ack_and_unacked_ones_survive_stop() {
     let upstream = Upstream::start();

@@ -210,6 +210,7 @@ async fn answer(
     }
     let include_usage = with_usage && v["stream_options"]["include_usage"].as_bool() == Some(true);
     let cut_after = mock["cut_after"].as_u64();
+    let linger_ms = mock["linger_ms"].as_u64().unwrap_or(0);
     let (tx, rx) = mpsc::channel(16);
     let st2 = st.clone();
     tokio::spawn(async move {
@@ -241,6 +242,10 @@ async fn answer(
             let _ = tx.send(Ok(Bytes::from(format!("data: {ev}\n\n")))).await;
         }
         let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+        // An upstream that keeps the body open after its terminal event.
+        if linger_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(linger_ms)).await;
+        }
     });
     let mut r = Response::new(UpBody::Chan(ChanBody(rx)));
     r.headers_mut()
