@@ -112,6 +112,11 @@ def validate_snapshot(snapshot_json: bytes) -> list[DroppedEntry]:
     rules as Engine.load_snapshot, without an engine. Raises ConfigError only on a document
     that does not parse."""
 
+def address_is_public(ip: str) -> bool:
+    """Whether the address is public under the engine's upstream address rule (the one
+    rule for every outgoing connection a tenant can configure). ValueError when `ip` is not
+    an address."""
+
 def count_tokens(text: str) -> int:
     """Tokens in `text` under the gateway's tokenizer (o200k_base)."""
 

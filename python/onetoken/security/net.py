@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 
 from starlette.requests import Request
 
+from onetoken import _core
+
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # A name resolver: (host, port) -> the addresses it resolves to, as text. Raises OSError
@@ -64,30 +66,13 @@ def client_ip(request: Request, settings: object) -> str:
 
 # -- outgoing connections ------------------------------------------------------------------
 
-# NAT64 (RFC 6052): the IPv4 address in the low 32 bits is the one reached.
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    if ip in _NAT64:
-        return ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
-    return None
-
-
 def is_public(ip: IpAddress) -> bool:
     """Whether `ip` is a globally routable unicast address: not loopback, private (RFC 1918,
-    ULA), link-local (the 169.254.169.254 metadata address among them), CGNAT (100.64/10),
-    multicast, unspecified, broadcast, documentation or otherwise reserved. IPv6 forms that
-    carry an IPv4 address (mapped, 6to4, NAT64) are judged by that address too."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        inner = _embedded_v4(ip)
-        if inner is not None and not is_public(inner):
-            return False
-    return ip.is_global and not ip.is_multicast
+    ULA, site-local), link-local (the 169.254.169.254 metadata address among them), CGNAT
+    (100.64/10), multicast, unspecified, broadcast, documentation or otherwise reserved;
+    IPv6 forms that carry an IPv4 address (mapped, 6to4, NAT64) are judged by that address.
+    The engine's own rule, so that what a tenant may save is what the gateway may reach."""
+    return _core.address_is_public(str(ip))
 
 
 def target_allowed(ip: IpAddress, allow: Sequence[IpNetwork]) -> bool:

@@ -37,4 +37,5 @@ pub use engine::{Engine, Stats};
 pub use error::Error;
 pub use records::CallRecord;
 pub use snapshot::{validate as validate_snapshot, Dropped, SnapshotDoc};
+pub use upstream::address_is_public;
 pub use upstream::Resolve;

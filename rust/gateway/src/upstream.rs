@@ -131,14 +131,19 @@ fn v6_refused(ip: Ipv6Addr) -> bool {
     }
 }
 
+/// Whether `ip` is a public unicast address, one an upstream or a webhook may have without
+/// the operator's allow-list. The control plane checks tenants' URLs with this same rule.
+pub fn address_is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !v4_refused(v4),
+        IpAddr::V6(v6) => !v6_refused(v6),
+    }
+}
+
 /// Whether a connection to `ip` is allowed; `allow` is the operator's allow-list, given
 /// for platform providers only.
 pub(crate) fn permitted(ip: IpAddr, allow: Option<&IpSet>) -> bool {
-    let refused = match ip {
-        IpAddr::V4(v4) => v4_refused(v4),
-        IpAddr::V6(v6) => v6_refused(v6),
-    };
-    !refused || allow.is_some_and(|set| set.contains(ip, 0))
+    address_is_public(ip) || allow.is_some_and(|set| set.contains(ip, 0))
 }
 
 /// The TCP connector under TLS: resolve, check every address, connect to a checked one.

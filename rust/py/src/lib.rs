@@ -14,6 +14,15 @@ fn hash_key(secret: &[u8], key: &str) -> String {
     onetoken_gateway::hash_key(secret, key)
 }
 
+/// Whether `ip` (an IPv4 or IPv6 address) is public under the engine's upstream address
+/// rule; ValueError when it is not an address.
+#[pyfunction]
+fn address_is_public(ip: &str) -> PyResult<bool> {
+    ip.parse::<std::net::IpAddr>()
+        .map(onetoken_gateway::address_is_public)
+        .map_err(|_| pyo3::exceptions::PyValueError::new_err("not an IP address"))
+}
+
 /// Tokens in `text` under the gateway's tokenizer (o200k_base).
 #[pyfunction]
 fn count_tokens(py: Python<'_>, text: &str) -> usize {
@@ -47,6 +56,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<mock::MockUpstream>()?;
     m.add_function(wrap_pyfunction!(hash_key, m)?)?;
     m.add_function(wrap_pyfunction!(count_tokens, m)?)?;
+    m.add_function(wrap_pyfunction!(address_is_public, m)?)?;
     m.add_function(wrap_pyfunction!(validate_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(mock::serve_mock_upstream, m)?)?;
     Ok(())
