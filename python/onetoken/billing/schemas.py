@@ -8,6 +8,7 @@ from pydantic_core import PydanticCustomError
 
 from onetoken.billing.service import MAX_ENTRY_NANO
 from onetoken.kit.money import MoneyIn, MoneyOut
+from onetoken.kit.text import NOT_BLANK
 
 CreditKind = Literal["recharge", "grant", "refund", "adjustment"]
 IdempotencyKey = Annotated[
@@ -287,7 +288,9 @@ class StatementResponse(BaseModel):
 
 
 # Blank once stripped is refused; the pattern says so in the document too.
-InvoiceText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, pattern=r"\S")]
+InvoiceText = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, pattern=NOT_BLANK)
+]
 
 
 class InvoiceCreate(BaseModel):

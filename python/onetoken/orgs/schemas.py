@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints,
 from pydantic.config import JsonDict
 from pydantic_core import PydanticCustomError
 
+from onetoken.kit.text import NOT_BLANK
 from onetoken.orgs.auth import MIN_PASSWORD_LEN
 
 # A new password's strength rule (auth.check_password_strength, whose message says the
@@ -26,7 +27,7 @@ AuthStatus = Literal["invited", "password", "totp"]
 DisplayName = Annotated[str, StringConstraints(strip_whitespace=True, max_length=100)]
 # Blank once stripped is refused; the pattern says so in the document too.
 OrgName = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100, pattern=r"\S")
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100, pattern=NOT_BLANK)
 ]
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=254)]
 TotpCode = Annotated[str, StringConstraints(min_length=6, max_length=8, pattern=r"^[0-9 ]+$")]
