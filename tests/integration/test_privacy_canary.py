@@ -82,6 +82,29 @@ def canary_run(tmp_path_factory: pytest.TempPathFactory, mock_addr: str) -> dict
     )
     call("too_large", "POST", "/v1/chat/completions", headers=auth, json=chat(CANARY * 400_000))
     call("unknown_path", "POST", f"/v1/{CANARY}", headers=auth, json=chat(CANARY))
+    # Admission refusals: the request names the parameter, never its content.
+    call(
+        "no_messages",
+        "POST",
+        "/v1/chat/completions",
+        headers=auth,
+        json={"model": "demo-chat", "prompt": CANARY, "user": CANARY},
+    )
+    call(
+        "bad_max_tokens",
+        "POST",
+        "/v1/chat/completions",
+        headers=auth,
+        json={**chat(CANARY), "max_tokens": -1},
+    )
+    # A request that already went through a gateway: refused as a loop.
+    call(
+        "loop",
+        "POST",
+        "/v1/chat/completions",
+        headers={**auth, "x-onetoken-hop": "1"},
+        json=chat(CANARY),
+    )
     call(
         "upstream_500",
         "POST",
@@ -174,6 +197,9 @@ def test_every_path_got_its_status(canary_run: dict[str, Any]) -> None:
         "unknown_model": 404,
         "too_large": 413,
         "unknown_path": 404,
+        "no_messages": 400,
+        "bad_max_tokens": 400,
+        "loop": 508,
         "upstream_500": 500,
         "stream_cut": 200,
         "client_gone": 200,
@@ -199,6 +225,8 @@ def test_each_failure_left_exactly_one_metadata_record(canary_run: dict[str, Any
         codes["upstream_500"] == "upstream_error" and codes["stream_cut"] == "upstream_stream_cut"
     )
     assert codes["client_gone"] == "client_disconnected"
+    assert codes["no_messages"] == codes["bad_max_tokens"] == "invalid_request"
+    assert codes["loop"] == "loop_detected"
     gone = by_id[canary_run["seen"]["client_gone"].headers["x-request-id"]]
     assert gone["status"] == 499 and gone["usage_source"] == "estimated" and gone["cost"] > 0
     failed_early = [
@@ -208,6 +236,9 @@ def test_each_failure_left_exactly_one_metadata_record(canary_run: dict[str, Any
             "unauthorized",
             "unknown_model",
             "too_large",
+            "no_messages",
+            "bad_max_tokens",
+            "loop",
             "upstream_500",
             "no_balance",
         )
