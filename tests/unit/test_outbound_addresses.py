@@ -17,6 +17,7 @@ from onetoken.db.models import Account
 from onetoken.security import net
 from onetoken.settings import Settings
 from tests.unit.conftest import TEST_SECRET, Admin, make_org_admin
+from tests.unit.stub_dns import STUB_DNS, stub_resolver
 
 REFUSED = [
     "127.0.0.1", "127.8.9.10", "0.0.0.0", "10.0.0.1", "172.16.5.4", "192.168.1.1",  # noqa: S104
@@ -28,23 +29,6 @@ REFUSED = [
     "fec0::1", "192.0.0.9", "192.0.0.10",
 ]
 PUBLIC = ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "64:ff9b::808:808"]
-
-STUB_DNS: dict[str, list[str]] = {
-    "private.example.test": ["10.0.0.1"],
-    "metadata.example.test": ["169.254.169.254"],
-    "cgnat.example.test": ["100.64.0.1"],
-    "mapped.example.test": ["::ffff:127.0.0.1"],
-    "loopback.example.test": ["127.0.0.1"],
-    "mixed.example.test": ["93.184.216.34", "10.0.0.1"],
-    "public.example.test": ["93.184.216.34"],
-}
-
-
-def stub_resolver(host: str, port: int) -> list[str]:
-    if host not in STUB_DNS:
-        raise OSError("stub: no such name")
-    return STUB_DNS[host]
-
 
 @pytest.mark.parametrize("address", REFUSED)
 def test_non_public_addresses(address: str) -> None:

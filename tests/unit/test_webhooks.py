@@ -30,6 +30,7 @@ from onetoken.settings import Settings
 from onetoken.webhooks.dispatcher import Outcome, Target, WebhookDispatcher, send
 from onetoken.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from onetoken.webhooks.signing import SIGNATURE_HEADER, header_value, verify
+from tests.unit.stub_dns import STUB_DNS, stub_resolver
 from tests.webhook_receiver import DripReceiver, Receiver
 
 from .conftest import TEST_SECRET, Admin, add_account, make_org_admin
@@ -150,24 +151,6 @@ def test_secret_shown_once_and_encrypted_at_rest(
     )
     assert secret.encode() not in raw
     assert b"t0ken-in-path" not in raw
-
-
-# What stub names resolve to: the refusals happen on these answers, before any connect.
-STUB_DNS: dict[str, list[str]] = {
-    "private.example.test": ["10.0.0.1"],
-    "metadata.example.test": ["169.254.169.254"],
-    "cgnat.example.test": ["100.64.0.1"],
-    "mapped.example.test": ["::ffff:127.0.0.1"],
-    "ula.example.test": ["fd00:ec2::254"],
-    "mixed.example.test": ["93.184.216.34", "10.0.0.1"],
-    "public.example.test": ["93.184.216.34"],
-}
-
-
-def stub_resolver(host: str, port: int) -> list[str]:
-    if host not in STUB_DNS:
-        raise OSError("stub: no such name")
-    return STUB_DNS[host]
 
 
 @pytest.fixture
