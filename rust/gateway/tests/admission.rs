@@ -46,26 +46,7 @@ fn key_mut<'a>(snap: &'a mut Value, key_id: &str) -> &'a mut Value {
 
 /// A harness whose first snapshot is the standard one with `patch` applied.
 fn start_with(patch: impl FnOnce(&mut Value)) -> Harness {
-    start_with_config(engine_config, patch)
-}
-
-fn start_with_config(
-    config: impl FnOnce(&str) -> EngineConfig,
-    patch: impl FnOnce(&mut Value),
-) -> Harness {
-    let upstream = Upstream::start();
-    let spool = tempdir::Dir::new();
-    let engine = Engine::new(config(spool.path())).unwrap();
-    let mut snap = snapshot(1, upstream.addr, 100_000_000_000);
-    patch(&mut snap);
-    engine.load_snapshot(snap.to_string().as_bytes()).unwrap();
-    let addr = engine.start().unwrap();
-    Harness {
-        engine,
-        addr,
-        upstream,
-        spool,
-    }
+    Harness::custom(|_| {}, patch)
 }
 
 fn reload(h: &Harness, version: u64, patch: impl FnOnce(&mut Value)) {
@@ -182,19 +163,14 @@ const NEW_SECRET: &str = "111111111111111111111111111111111111111111111111111111
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secret_rotation_accepts_each_key_under_its_own_version_only() {
-    let rotated = |spool: &str| {
-        let cfg = json!({
-            "listen": "127.0.0.1:0",
-            "key_hash_secret_hex": NEW_SECRET,
-            "key_hash_secret_version": 2,
-            "previous_key_hash_secrets": [{"version": 1, "secret_hex": SECRET_HEX}],
-            "spool_dir": spool,
-            "upstream_private_cidrs": ["127.0.0.0/8"],
-        });
-        EngineConfig::from_json(cfg.to_string().as_bytes()).unwrap()
+    // The standard config, with the key secret rotated: version 2 current, 1 previous.
+    let rotated = |c: &mut Value| {
+        c["key_hash_secret_hex"] = json!(NEW_SECRET);
+        c["key_hash_secret_version"] = json!(2);
+        c["previous_key_hash_secrets"] = json!([{"version": 1, "secret_hex": SECRET_HEX}]);
     };
     let new_hash = |k: &str| onetoken_gateway::hash_key(&hex::decode(NEW_SECRET).unwrap(), k);
-    let h = start_with_config(rotated, |s| {
+    let h = Harness::custom(rotated, |s| {
         // key_good: hashed under the old secret, version 1 (the default).
         // key_poor: re-issued under the new secret.
         let poor = key_mut(s, "key_poor");
