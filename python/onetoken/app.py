@@ -18,6 +18,7 @@ from onetoken.keys.router import router as keys_router
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import ERROR_RESPONSES, install_error_handlers
 from onetoken.kit.logging import AccessLogMiddleware
+from onetoken.ops.router import router as ops_router
 from onetoken.orgs.router import router as orgs_router
 from onetoken.providers.router import router as providers_router
 from onetoken.rights.router import router as rights_router
@@ -96,6 +97,8 @@ def create_app(
     api.include_router(rights_router)
     api.include_router(security_router)
     app.include_router(api)
+    # The CLI's reads while the server holds chDB; the ops channel token, not a session.
+    app.include_router(ops_router)
 
     @app.get("/healthz", include_in_schema=False, dependencies=[PublicDep])
     def healthz() -> dict[str, str]:

@@ -7,8 +7,9 @@ a. every file under the data dir (recursively, raw bytes, in overlapping chunks)
    covers the SQLite control DB, the spool, logs and the secret file; chDB compresses its
    column files, so a miss there proves nothing about ClickHouse, hence
 b. every String-ish column of every table in ClickHouse, with SQL `position()`, through
-   the caller's client or one opened here (impossible while a server holds the chDB path:
-   that is reported, and the server exposes the same scan through its API);
+   the caller's client or one opened here; while a running control process holds the chDB
+   path, `when_locked` runs this part elsewhere (the CLI asks that process over the ops
+   channel, onetoken.ops), and without one the path is reported as not scanned;
 c. extra paths given by the operator, and PostgreSQL when ONETOKEN_DATABASE_URL points to
    one (all text/varchar/json/bytea columns of the public schema).
 
@@ -23,12 +24,13 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from onetoken.analytics.clickhouse import (
+    ChdbLockedError,
     ClickHouseSettings,
     ClickHouseUnavailableError,
     open_client,
@@ -275,8 +277,28 @@ def scan_clickhouse(
                 report.findings.append(f"ClickHouse {database}.{table}.{name}: {int(count)} row(s)")
 
 
+#: Runs the ClickHouse part of the audit elsewhere when chDB is locked by another process
+#: (the lock error, the needle, the report to add findings and problems to).
+LockedScan = Callable[[ChdbLockedError, str, "AuditReport"], None]
+
+
+def scan_clickhouse_client(
+    settings: ClickHouseSettings, client: Any, needle: str, report: AuditReport
+) -> None:
+    """The ClickHouse part of the audit through an open client: every database of a chDB
+    path (all of it is ours), the onetoken database of a server."""
+    dsn = parse_dsn(settings.clickhouse_dsn, settings.data_dir)
+    try:
+        scan_clickhouse(client, needle, report, None if dsn.kind == "chdb" else ("onetoken",))
+    except Exception as exc:
+        report.problems.append(f"ClickHouse ({dsn.display}): scan failed ({type(exc).__name__})")
+
+
 def _scan_clickhouse_from_settings(
-    settings: ClickHouseSettings, needle: str, report: AuditReport
+    settings: ClickHouseSettings,
+    needle: str,
+    report: AuditReport,
+    when_locked: LockedScan | None = None,
 ) -> None:
     dsn = parse_dsn(settings.clickhouse_dsn, settings.data_dir)
     if dsn.kind == "chdb":
@@ -286,21 +308,22 @@ def _scan_clickhouse_from_settings(
         if not (dsn.chdb_path / "metadata").exists():
             # Nothing was ever written there; opening it would only create an empty store.
             return
-        databases: Sequence[str] | None = None
-    else:
-        databases = ("onetoken",)
     try:
         client = open_client(settings, migrate=False)
-    except ClickHouseUnavailableError as exc:
+    except ChdbLockedError as exc:
+        if when_locked is not None:
+            when_locked(exc, needle, report)
+            return
         report.problems.append(
             f"ClickHouse ({dsn.display}): {exc} Run the scan through the running server "
-            "instead (its API exposes the same audit)."
+            "instead (`onetoken audit-retention` asks a running control process)."
         )
         return
+    except ClickHouseUnavailableError as exc:
+        report.problems.append(f"ClickHouse ({dsn.display}): {exc}")
+        return
     try:
-        scan_clickhouse(client, needle, report, databases)
-    except Exception as exc:
-        report.problems.append(f"ClickHouse ({dsn.display}): scan failed ({type(exc).__name__})")
+        scan_clickhouse_client(settings, client, needle, report)
     finally:
         client.close()
 
@@ -382,11 +405,14 @@ def audit(
     *,
     client: Any | None = None,
     extra_paths: Iterable[Path] = (),
+    when_locked: LockedScan | None = None,
 ) -> AuditReport:
     """Run the whole audit; see the module docstring for what is searched.
 
     `client`: an open ClickHouse client (the running server passes its own, since chDB
-    lets only one process open the path). Without one, one is opened from the settings.
+    lets only one process open the path). Without one, one is opened from the settings;
+    when another process holds the chDB path, `when_locked` scans it (through that
+    process) or, without it, the path is reported as not scanned.
     """
     variants = needle_variants(needle)
     report = AuditReport()
@@ -399,13 +425,9 @@ def audit(
         scan_tree(Path(extra), variants, report)
 
     if client is not None:
-        dsn = parse_dsn(settings.clickhouse_dsn, settings.data_dir)
-        try:
-            scan_clickhouse(client, needle, report, None if dsn.kind == "chdb" else ("onetoken",))
-        except Exception as exc:
-            report.problems.append(f"ClickHouse: scan failed ({type(exc).__name__})")
+        scan_clickhouse_client(settings, client, needle, report)
     else:
-        _scan_clickhouse_from_settings(settings, needle, report)
+        _scan_clickhouse_from_settings(settings, needle, report, when_locked)
 
     url = _database_url(settings)
     if url and not url.startswith("sqlite"):

@@ -189,41 +189,80 @@ def cmd_audit_retention(args: argparse.Namespace) -> int:
 
     if not args.needle:
         raise CliError("--needle must not be empty")
-    report = audit(_settings(), args.needle)
+    settings = _settings()
+    report = audit(settings, args.needle, when_locked=_audit_through_control(settings))
     print(report.render())
     if report.found:
         print(f"FOUND in {len(report.findings)} location(s)", file=sys.stderr)
     elif report.problems:
         # Not finding it proves nothing about what could not be read (e.g. the embedded
-        # ClickHouse held by a running server): say so and fail, never report clean.
+        # ClickHouse held by a server that did not answer): say so and fail, never report
+        # clean.
         print("incomplete: some stores could not be scanned", file=sys.stderr)
     else:
         print("clean: not found in any persisted data", file=sys.stderr)
     return report.exit_code
 
 
-def _analytics_client(settings: Settings) -> Any:
-    from onetoken.analytics.clickhouse import AnalyticsError, open_client
+def _audit_through_control(settings: Settings) -> Any:
+    """audit()'s `when_locked`: the running control process scans its chDB; the files
+    under the data dir are still scanned here."""
+    from onetoken.ops.client import OpsClient, OpsError
+
+    def scan(locked: Any, needle: str, report: Any) -> None:
+        try:
+            with OpsClient(settings, locked) as ops:
+                result = ops.audit_clickhouse(needle)
+        except OpsError as exc:
+            report.problems.append(f"ClickHouse: {exc}")
+            return
+        report.findings.extend(result["findings"])
+        report.problems.extend(result["problems"])
+        report.columns_scanned += int(result["columns_scanned"])
+
+    return scan
+
+
+def _call_log_reader(settings: Settings) -> Any:
+    """A ClickHouse client opened here, or, when a running control process holds the
+    embedded chDB path, an OpsClient that asks that process (onetoken.ops)."""
+    from onetoken.analytics.clickhouse import AnalyticsError, ChdbLockedError, open_client
+    from onetoken.ops.client import OpsClient
 
     try:
         return open_client(settings)
+    except ChdbLockedError as locked:
+        return OpsClient(settings, locked)
     except AnalyticsError as exc:
         raise CliError(f"cannot open ClickHouse: {exc}") from None
 
 
 def cmd_calls_export(args: argparse.Namespace) -> int:
-    """Every call_log row (metadata only) as JSON lines, oldest first: for operators and
-    analysts on a stopped embedded deployment or against a ClickHouse server."""
+    """Every call_log row (metadata only) as JSON lines, oldest first, from the stores or
+    through the running control process."""
     from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_TABLE
+    from onetoken.ops.client import OpsClient, OpsError
 
     settings = _settings()
-    client = _analytics_client(settings)
+    reader = _call_log_reader(settings)
+    if isinstance(reader, OpsClient):
+        try:
+            with reader:
+                for columns, rows in reader.export_pages(args.org):
+                    if tuple(columns) != CALL_LOG_COLUMNS:
+                        raise CliError("the running server has another call_log schema: "
+                                       "run the same onetoken version as the server")
+                    for row in rows:
+                        print(json.dumps(dict(zip(CALL_LOG_COLUMNS, row, strict=True))))
+        except OpsError as exc:
+            raise CliError(str(exc)) from None
+        return EXIT_OK
     where = " WHERE org_id = {org:String}" if args.org else ""
     selected = ", ".join(
         "toUnixTimestamp64Micro(ts)" if c == "ts" else c for c in CALL_LOG_COLUMNS
     )
     try:
-        with client.query_row_block_stream(
+        with reader.query_row_block_stream(
             f"SELECT {selected} FROM {CALL_LOG_TABLE} FINAL{where} ORDER BY ts, request_id",  # noqa: S608
             parameters={"org": args.org or ""},
         ) as stream:
@@ -231,26 +270,70 @@ def cmd_calls_export(args: argparse.Namespace) -> int:
                 for row in block:
                     print(json.dumps(dict(zip(CALL_LOG_COLUMNS, row, strict=True))))
     finally:
-        client.close()
+        reader.close()
+    return EXIT_OK
+
+
+def cmd_calls_stats(args: argparse.Namespace) -> int:
+    """Calls, errors, streams, tokens and cost per org and served model."""
+    from onetoken.analytics import queries
+    from onetoken.kit.money import format_amount
+    from onetoken.ops.client import OpsClient, OpsError
+
+    settings = _settings()
+    reader = _call_log_reader(settings)
+    try:
+        if isinstance(reader, OpsClient):
+            rows = reader.call_stats(start=args.start, end=args.end, org=args.org)
+        else:
+            rows = queries.call_stats(reader, org_id=args.org, start=args.start, end=args.end)
+    except OpsError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        reader.close()
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            print(f"{r['org_id']}  {r['model_served'] or '-'}  calls {r['calls']}  "
+                  f"errors {r['errors']}  streamed {r['streamed']}  "
+                  f"prompt {r['prompt_tokens']}  completion {r['completion_tokens']}  "
+                  f"cached {r['cached_tokens']}  cost {format_amount(r['cost'])}")
+    print(f"{sum(r['calls'] for r in rows)} call(s) in {len(rows)} row(s)", file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_billing_reconcile(args: argparse.Namespace) -> int:
     """Ledger usage against call_log cost per org; exit 1 on any difference."""
-    from onetoken.billing.reconcile import reconcile
+    from onetoken.billing.reconcile import OrgReconciliation, reconcile
     from onetoken.kit.money import format_amount
+    from onetoken.ops.client import OpsClient, OpsError
 
     settings = _settings()
-    state = _open_db(settings)
-    client = _analytics_client(settings)
-    try:
-        with state.session_factory() as session:
-            lines = reconcile(session, client, start=args.start, end=args.end)
-            if args.org:
-                lines = [r for r in lines if r.org_id == args.org]
-    finally:
-        client.close()
-        state.db_engine.dispose()
+    reader = _call_log_reader(settings)
+    if isinstance(reader, OpsClient):
+        try:
+            with reader:
+                lines = [
+                    OrgReconciliation(r["org_id"], int(r["ledger_usage"]), int(r["call_log_cost"]))
+                    for r in reader.reconcile(start=args.start, end=args.end, org=args.org)
+                ]
+        except OpsError as exc:
+            raise CliError(str(exc)) from None
+    else:
+        try:
+            state = _open_db(settings)
+        except BaseException:
+            reader.close()
+            raise
+        try:
+            with state.session_factory() as session:
+                lines = reconcile(session, reader, start=args.start, end=args.end)
+                if args.org:
+                    lines = [r for r in lines if r.org_id == args.org]
+        finally:
+            reader.close()
+            state.db_engine.dispose()
     if args.json:
         print(json.dumps([
             {"org_id": r.org_id, "ledger_usage": r.ledger_usage,
@@ -344,10 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
     calls = sub.add_parser("calls", help="call metadata").add_subparsers(
         dest="calls_command", required=True, metavar="ACTION"
     )
-    p = calls.add_parser("export", help="print call_log rows as JSON lines (server stopped, "
-                         "or ClickHouse server DSN)")
+    p = calls.add_parser("export", help="print call_log rows as JSON lines, oldest first")
     p.add_argument("--org", default=None, help="only this org id")
     p.set_defaults(func=cmd_calls_export)
+    p = calls.add_parser("stats", help="calls, errors, tokens and cost per org and served model")
+    p.add_argument("--from", dest="start", type=_instant, default=None, help="ISO start (incl.)")
+    p.add_argument("--to", dest="end", type=_instant, default=None, help="ISO end (excl.)")
+    p.add_argument("--org", default=None, help="only this org id")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_calls_stats)
 
     billing = sub.add_parser("billing", help="billing operations").add_subparsers(
         dest="billing_command", required=True, metavar="ACTION"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -25,6 +26,7 @@ from onetoken.demo import setup_demo
 from onetoken.deps import AppState
 from onetoken.gateway.supervisor import GatewaySupervisor
 from onetoken.kit.logging import configure_logging
+from onetoken.ops import control_file
 from onetoken.security.log import attach_to_supervisor as attach_security_log
 from onetoken.settings import Settings
 
@@ -179,6 +181,8 @@ def run(settings: Settings, *, demo: bool = False) -> int:
         signal.signal(signal.SIGINT, on_signal)
 
         control_addr = "{}:{}".format(*control_sock.getsockname()[:2])
+        # CLI readers find this process here when chDB is locked (onetoken.ops).
+        control_file.write(settings.data_dir, url(control_addr, tls), os.getpid())
         print(f"gateway: {url(gateway_addr, tls)}", flush=True)
         print(f"control: {url(control_addr, tls)}", flush=True)
         if demo_info is not None:
@@ -196,6 +200,7 @@ def run(settings: Settings, *, demo: bool = False) -> int:
         server.run(sockets=[control_sock])
         return 0
     finally:
+        control_file.remove(settings.data_dir, os.getpid())
         if background is not None:
             # A batch in progress finishes first: it writes through the supervisor's sink.
             background.erasures.stop()

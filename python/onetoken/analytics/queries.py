@@ -172,3 +172,78 @@ def org_calls(
         last = rows[-1]
         next_cursor = _encode_cursor(int(last["ts"]), str(last["request_id"]))
     return CallPage(rows=rows, next_cursor=next_cursor)
+
+
+@dataclass(frozen=True)
+class ExportPage:
+    """Call records oldest first, each row in CALL_LOG_COLUMNS order (`ts` in microseconds)."""
+
+    rows: list[list[Any]]
+    #: Pass back as `after` for the next page; None on the last page.
+    next_cursor: str | None
+
+
+def export_page(
+    client: Client, *, org_id: str | None = None, after: str | None = None, limit: int = 10_000
+) -> ExportPage:
+    """Every call record (optionally one org's), oldest first, keyset-paged on
+    (ts, request_id): `onetoken calls export` reads it page by page, so a running control
+    process holds its ClickHouse client for one page at a time, not for the whole export."""
+    if limit < 1:
+        raise ValueError("limit must be positive")
+    where, params = _where(org_id, None, None)
+    if after is not None:
+        cursor_ts, cursor_id = _decode_cursor(after)
+        where += (" AND " if where else " WHERE ") + (
+            "(ts, request_id) > "
+            "(fromUnixTimestamp64Micro({cursor_ts:Int64}, 'UTC'), {cursor_id:String})"
+        )
+        params["cursor_ts"] = cursor_ts
+        params["cursor_id"] = cursor_id
+    params["limit"] = limit + 1
+    # ts_us, not ts: see org_calls.
+    selected = ", ".join(
+        "toUnixTimestamp64Micro(ts) AS ts_us" if name == "ts" else name for name in CALL_LOG_COLUMNS
+    )
+    result = client.query(
+        f"SELECT {selected} FROM {CALL_LOG_TABLE} FINAL{where} "  # noqa: S608
+        "ORDER BY ts, request_id LIMIT {limit:UInt32}",
+        parameters=params,
+    )
+    rows = [list(row) for row in result.result_rows]
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        ts_at, id_at = CALL_LOG_COLUMNS.index("ts"), CALL_LOG_COLUMNS.index("request_id")
+        next_cursor = _encode_cursor(int(rows[-1][ts_at]), str(rows[-1][id_at]))
+    return ExportPage(rows=rows, next_cursor=next_cursor)
+
+
+#: The columns of a call_stats row, in order.
+CALL_STATS_COLUMNS: tuple[str, ...] = (
+    "org_id", "model_served", "calls", "errors", "streamed", "prompt_tokens",
+    "completion_tokens", "cached_tokens", "cost",
+)
+
+
+def call_stats(
+    client: Client,
+    *,
+    org_id: str | None = None,
+    start: Instant | None = None,
+    end: Instant | None = None,
+) -> list[dict[str, Any]]:
+    """Calls, errors (status >= 400), streams, tokens and cost (nano-units) per org and
+    served model over [start, end), one row per request (FINAL)."""
+    where, params = _where(org_id, start, end)
+    result = client.query(
+        "SELECT org_id, model_served, count(), countIf(status >= 400), sum(streamed), "  # noqa: S608
+        "sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens), sum(cost) "
+        f"FROM {CALL_LOG_TABLE} FINAL{where} "
+        "GROUP BY org_id, model_served ORDER BY org_id, model_served",
+        parameters=params,
+    )
+    return [
+        dict(zip(CALL_STATS_COLUMNS, (str(r[0]), str(r[1]), *(int(v) for v in r[2:])), strict=True))
+        for r in result.result_rows
+    ]

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
 
 from onetoken.analytics import queries
-from onetoken.deps import Principal, StateDep
+from onetoken.deps import AppState, Principal, StateDep
 from onetoken.kit.errors import OnetokenError, Unprocessable
 from onetoken.security.permissions import require
 
@@ -36,7 +36,9 @@ class UsageSummary(BaseModel):
     cost_units: int
 
 
-def _sink(state: StateDep) -> Any:
+def call_log_sink(state: AppState) -> Any:
+    """The running server's ClickHouse reader: chDB lets one process open its path, so the
+    control API and the ops channel (onetoken.ops) read through the server's own client."""
     if state.runtime is None:
         raise ServiceUnavailable("Call metadata is served by a running gateway.")
     return state.runtime.sink
@@ -53,7 +55,7 @@ def list_calls(
 ) -> CallPageResponse:
     """The caller's org's call records, newest first (metadata only; `ts` in microseconds)."""
     try:
-        page = _sink(state).read(
+        page = call_log_sink(state).read(
             lambda c: queries.org_calls(
                 c, principal.org_id, limit=limit, cursor=cursor, start=start, end=end
             )
@@ -78,5 +80,5 @@ def usage_summary(
         cost = queries.cost_for_org(c, principal.org_id, start or 0, until)
         return calls, cost
 
-    calls, cost = _sink(state).read(query)
+    calls, cost = call_log_sink(state).read(query)
     return UsageSummary(org_id=principal.org_id, calls=calls, cost_units=cost)

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Final
 
 from fastapi import Depends, Request
 from fastapi.routing import APIRoute
@@ -209,6 +209,9 @@ class RouteRule:
     permission: Permission | None  # None: public
 
 
+INTERNAL_PREFIX: Final = "/internal/"
+
+
 def api_routes(app: FastAPI) -> list[tuple[str, str, APIRoute]]:
     """(method, full path, route) of every API endpoint, included routers flattened."""
     try:
@@ -224,7 +227,9 @@ def api_routes(app: FastAPI) -> list[tuple[str, str, APIRoute]]:
         ]
     out = []
     for path, methods, route in contexts:
-        if isinstance(route, APIRoute):
+        # /internal/ channels between onetoken processes take a channel token, not a
+        # session or a role; they are not part of this API (each channel tests its 401).
+        if isinstance(route, APIRoute) and not path.startswith(INTERNAL_PREFIX):
             for method in sorted(methods - {"HEAD", "OPTIONS"}):
                 out.append((method, path, route))
     return out

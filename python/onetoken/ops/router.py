@@ -1,0 +1,145 @@
+"""`/internal/ops/`: the reads a running control process performs for the CLI.
+
+Each endpoint runs the function the CLI runs when it can open the stores itself, through
+the server's ClickHouse client (analytics.router.call_log_sink), so the two paths cannot
+drift apart. Authenticated by the ops channel's bearer token only (no session, no role:
+whoever holds the master secret holds the data dir); left out of the OpenAPI document and
+of the permission matrix, which describe the public control API.
+
+The audit needle arrives in the request body, never in the URL (which proxies and access
+logs keep), and nothing here logs or echoes it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, Field
+
+from onetoken.analytics import queries
+from onetoken.analytics.columns import CALL_LOG_COLUMNS
+from onetoken.analytics.router import call_log_sink
+from onetoken.deps import SessionDep, StateDep, get_state
+from onetoken.kit import channel
+from onetoken.kit.errors import Unauthorized, Unprocessable
+
+PREFIX = "/internal/ops"
+#: Rows per `calls/export` page: a few MB of JSON, and the server's ClickHouse client is
+#: held for one page at a time.
+EXPORT_PAGE_ROWS = 10_000
+
+
+def require_ops_token(request: Request) -> None:
+    """Admit requests carrying the ops channel's token; 401 otherwise."""
+    settings = get_state(request).settings
+    expected = channel.channel_token(settings.secret_key_bytes(), channel.OPS)
+    if not channel.bearer_matches(request.headers.get("authorization"), expected):
+        raise Unauthorized("A valid ops channel token is required.")
+
+
+router = APIRouter(
+    prefix=PREFIX, include_in_schema=False, dependencies=[Depends(require_ops_token)]
+)
+
+
+class ReconcileLine(BaseModel):
+    org_id: str
+    ledger_usage: int
+    call_log_cost: int
+
+
+class ReconcileResponse(BaseModel):
+    lines: list[ReconcileLine]
+
+
+@router.get("/billing/reconcile")
+def billing_reconcile(
+    state: StateDep,
+    session: SessionDep,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    org: str | None = None,
+) -> ReconcileResponse:
+    """`onetoken billing reconcile`: ledger usage against call_log cost per org."""
+    from onetoken.billing.reconcile import reconcile
+
+    lines = call_log_sink(state).read(lambda c: reconcile(session, c, start=start, end=end))
+    return ReconcileResponse(
+        lines=[
+            ReconcileLine(org_id=r.org_id, ledger_usage=r.ledger_usage,
+                          call_log_cost=r.call_log_cost)
+            for r in lines
+            if org is None or r.org_id == org
+        ]
+    )
+
+
+class AuditRequest(BaseModel):
+    needle: str = Field(min_length=1)
+
+
+class AuditResponse(BaseModel):
+    findings: list[str]
+    problems: list[str]
+    columns_scanned: int
+
+
+@router.post("/audit/clickhouse")
+def audit_clickhouse(body: AuditRequest, state: StateDep) -> AuditResponse:
+    """The ClickHouse part of `onetoken audit-retention` (the CLI scans the files itself).
+    Findings name table.column and a count, never the matching bytes."""
+    from onetoken.audit import AuditReport, scan_clickhouse_client
+
+    report = AuditReport()
+    call_log_sink(state).read(
+        lambda c: scan_clickhouse_client(state.settings, c, body.needle, report)
+    )
+    return AuditResponse(
+        findings=report.findings, problems=report.problems,
+        columns_scanned=report.columns_scanned,
+    )
+
+
+class ExportResponse(BaseModel):
+    columns: list[str]
+    rows: list[list[Any]]
+    next_cursor: str | None
+
+
+@router.get("/calls/export")
+def calls_export(
+    state: StateDep,
+    org: str | None = None,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=EXPORT_PAGE_ROWS)] = EXPORT_PAGE_ROWS,
+) -> ExportResponse:
+    """One page of `onetoken calls export`, oldest first; pass `next_cursor` as `after`."""
+    try:
+        page = call_log_sink(state).read(
+            lambda c: queries.export_page(c, org_id=org, after=after, limit=limit)
+        )
+    except ValueError as exc:
+        raise Unprocessable("Malformed page cursor.", param="after") from exc
+    return ExportResponse(
+        columns=list(CALL_LOG_COLUMNS), rows=page.rows, next_cursor=page.next_cursor
+    )
+
+
+class StatsResponse(BaseModel):
+    rows: list[dict[str, Any]]
+
+
+@router.get("/calls/stats")
+def calls_stats(
+    state: StateDep,
+    org: str | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> StatsResponse:
+    """`onetoken calls stats`: calls, errors, tokens and cost per org and served model."""
+    rows = call_log_sink(state).read(
+        lambda c: queries.call_stats(c, org_id=org, start=start, end=end)
+    )
+    return StatsResponse(rows=rows)
