@@ -7,9 +7,9 @@ a. every file under the data dir (recursively, raw bytes, in overlapping chunks)
    covers the SQLite control DB, the spool, logs and the secret file; chDB compresses its
    column files, so a miss there proves nothing about ClickHouse, hence
 b. every String-ish column of every table in ClickHouse, with SQL `position()`, through
-   the caller's client or one opened here; while a running control process holds the chDB
-   path, `when_locked` runs this part elsewhere (the CLI asks that process over the ops
-   channel, onetoken.ops), and without one the path is reported as not scanned;
+   the caller's client, or one opened here, or the caller's `clickhouse_scan` (the CLI asks
+   the running control process, which holds the chDB path, over the ops channel:
+   onetoken.ops); a path that could not be opened is reported as not scanned;
 c. extra paths given by the operator, and PostgreSQL when ONETOKEN_DATABASE_URL points to
    one (all text/varchar/json/bytea columns of the public schema).
 
@@ -277,9 +277,9 @@ def scan_clickhouse(
                 report.findings.append(f"ClickHouse {database}.{table}.{name}: {int(count)} row(s)")
 
 
-#: Runs the ClickHouse part of the audit elsewhere when chDB is locked by another process
-#: (the lock error, the needle, the report to add findings and problems to).
-LockedScan = Callable[[ChdbLockedError, str, "AuditReport"], None]
+#: Runs the ClickHouse part of the audit elsewhere (the needle, the report to add findings
+#: and problems to).
+ClickHouseScan = Callable[[str, "AuditReport"], None]
 
 
 def scan_clickhouse_client(
@@ -295,10 +295,7 @@ def scan_clickhouse_client(
 
 
 def _scan_clickhouse_from_settings(
-    settings: ClickHouseSettings,
-    needle: str,
-    report: AuditReport,
-    when_locked: LockedScan | None = None,
+    settings: ClickHouseSettings, needle: str, report: AuditReport
 ) -> None:
     dsn = parse_dsn(settings.clickhouse_dsn, settings.data_dir)
     if dsn.kind == "chdb":
@@ -311,9 +308,6 @@ def _scan_clickhouse_from_settings(
     try:
         client = open_client(settings, migrate=False)
     except ChdbLockedError as exc:
-        if when_locked is not None:
-            when_locked(exc, needle, report)
-            return
         report.problems.append(
             f"ClickHouse ({dsn.display}): {exc} Run the scan through the running server "
             "instead (`onetoken audit-retention` asks a running control process)."
@@ -405,14 +399,14 @@ def audit(
     *,
     client: Any | None = None,
     extra_paths: Iterable[Path] = (),
-    when_locked: LockedScan | None = None,
+    clickhouse_scan: ClickHouseScan | None = None,
 ) -> AuditReport:
     """Run the whole audit; see the module docstring for what is searched.
 
     `client`: an open ClickHouse client (the running server passes its own, since chDB
-    lets only one process open the path). Without one, one is opened from the settings;
-    when another process holds the chDB path, `when_locked` scans it (through that
-    process) or, without it, the path is reported as not scanned.
+    lets only one process open the path). `clickhouse_scan`: the ClickHouse part done
+    elsewhere (the CLI asks the running control process). Without either, a client is
+    opened from the settings.
     """
     variants = needle_variants(needle)
     report = AuditReport()
@@ -426,8 +420,10 @@ def audit(
 
     if client is not None:
         scan_clickhouse_client(settings, client, needle, report)
+    elif clickhouse_scan is not None:
+        clickhouse_scan(needle, report)
     else:
-        _scan_clickhouse_from_settings(settings, needle, report, when_locked)
+        _scan_clickhouse_from_settings(settings, needle, report)
 
     url = _database_url(settings)
     if url and not url.startswith("sqlite"):

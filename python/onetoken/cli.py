@@ -190,7 +190,7 @@ def cmd_audit_retention(args: argparse.Namespace) -> int:
     if not args.needle:
         raise CliError("--needle must not be empty")
     settings = _settings()
-    report = audit(settings, args.needle, when_locked=_audit_through_control(settings))
+    report = audit(settings, args.needle, clickhouse_scan=_audit_through_control(settings))
     print(report.render())
     if report.found:
         print(f"FOUND in {len(report.findings)} location(s)", file=sys.stderr)
@@ -205,11 +205,16 @@ def cmd_audit_retention(args: argparse.Namespace) -> int:
 
 
 def _audit_through_control(settings: Settings) -> Any:
-    """audit()'s `when_locked`: the running control process scans its chDB; the files
-    under the data dir are still scanned here."""
+    """audit()'s `clickhouse_scan` when a running control process holds the chDB path (it
+    scans, this process still scans the files under the data dir); None otherwise."""
+    from onetoken.analytics.clickhouse import chdb_locked_elsewhere
     from onetoken.ops.client import OpsClient, OpsError
 
-    def scan(locked: Any, needle: str, report: Any) -> None:
+    locked = chdb_locked_elsewhere(settings)
+    if locked is None:
+        return None
+
+    def scan(needle: str, report: Any) -> None:
         try:
             with OpsClient(settings, locked) as ops:
                 result = ops.audit_clickhouse(needle)
@@ -226,13 +231,21 @@ def _audit_through_control(settings: Settings) -> Any:
 def _call_log_reader(settings: Settings) -> Any:
     """A ClickHouse client opened here, or, when a running control process holds the
     embedded chDB path, an OpsClient that asks that process (onetoken.ops)."""
-    from onetoken.analytics.clickhouse import AnalyticsError, ChdbLockedError, open_client
+    from onetoken.analytics.clickhouse import (
+        AnalyticsError,
+        ChdbLockedError,
+        chdb_locked_elsewhere,
+        open_client,
+    )
     from onetoken.ops.client import OpsClient
 
+    locked = chdb_locked_elsewhere(settings)
+    if locked is not None:
+        return OpsClient(settings, locked)
     try:
         return open_client(settings)
-    except ChdbLockedError as locked:
-        return OpsClient(settings, locked)
+    except ChdbLockedError as raced:  # a server started between the probe and the open
+        return OpsClient(settings, raced)
     except AnalyticsError as exc:
         raise CliError(f"cannot open ClickHouse: {exc}") from None
 

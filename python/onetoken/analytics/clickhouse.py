@@ -169,6 +169,17 @@ def chdb_lock_holder(path: Path) -> tuple[bool, int | None]:
         os.close(fd)
 
 
+def chdb_locked_elsewhere(settings: ClickHouseSettings) -> ChdbLockedError | None:
+    """The lock error when another process holds the embedded chDB path, found without
+    opening chDB (a failed engine start writes its own error to stderr). For processes that
+    run no chDB engine themselves, such as the CLI: see chdb_lock_holder."""
+    dsn = parse_dsn(settings.clickhouse_dsn, settings.data_dir)
+    if dsn.kind != "chdb" or dsn.chdb_path is None:
+        return None
+    locked, pid = chdb_lock_holder(dsn.chdb_path)
+    return ChdbLockedError(dsn.chdb_path, pid) if locked else None
+
+
 def _status_pid(status: Path) -> int | None:
     # ClickHouse writes "PID: <n>" as the first line of the status file it locks.
     with contextlib.suppress(OSError, ValueError):
