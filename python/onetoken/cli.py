@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -288,31 +288,38 @@ def cmd_calls_export(args: argparse.Namespace) -> int:
 
 
 def cmd_calls_stats(args: argparse.Namespace) -> int:
-    """Calls, errors, streams, tokens and cost per org and served model."""
-    from onetoken.analytics import queries
+    """An org's calls, errors, tokens, cost and latency per model, key or day (what the
+    control API's /billing/call-stats gives an org admin)."""
+    from onetoken.billing.statements import call_stats
     from onetoken.kit.money import format_amount
     from onetoken.ops.client import OpsClient, OpsError
 
+    end = args.end or datetime.now(UTC)
+    start = args.start or end - timedelta(days=30)
+    if start >= end:
+        raise CliError("--from must be before --to")
     settings = _settings()
     reader = _call_log_reader(settings)
     try:
         if isinstance(reader, OpsClient):
-            rows = reader.call_stats(start=args.start, end=args.end, org=args.org)
+            rows = reader.call_stats(org=args.org, start=start, end=end, group_by=args.by)
         else:
-            rows = queries.call_stats(reader, org_id=args.org, start=args.start, end=args.end)
+            rows = call_stats(reader, args.org, start, end, args.by)
     except OpsError as exc:
         raise CliError(str(exc)) from None
     finally:
         reader.close()
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps({"org_id": args.org, "group_by": args.by, "start": start.isoformat(),
+                          "end": end.isoformat(), "data": rows}))
     else:
         for r in rows:
-            print(f"{r['org_id']}  {r['model_served'] or '-'}  calls {r['calls']}  "
-                  f"errors {r['errors']}  streamed {r['streamed']}  "
+            print(f"{r['group']}  calls {r['calls']}  errors {r['errors']}  "
                   f"prompt {r['prompt_tokens']}  completion {r['completion_tokens']}  "
-                  f"cached {r['cached_tokens']}  cost {format_amount(r['cost'])}")
-    print(f"{sum(r['calls'] for r in rows)} call(s) in {len(rows)} row(s)", file=sys.stderr)
+                  f"cached {r['cached_tokens']}  cost {format_amount(r['cost'])}  "
+                  f"p50 {r['latency_p50_us']}us  p99 {r['latency_p99_us']}us")
+    print(f"{sum(r['calls'] for r in rows)} call(s) from {start.isoformat()} to "
+          f"{end.isoformat()}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -443,10 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = calls.add_parser("export", help="print call_log rows as JSON lines, oldest first")
     p.add_argument("--org", default=None, help="only this org id")
     p.set_defaults(func=cmd_calls_export)
-    p = calls.add_parser("stats", help="calls, errors, tokens and cost per org and served model")
-    p.add_argument("--from", dest="start", type=_instant, default=None, help="ISO start (incl.)")
-    p.add_argument("--to", dest="end", type=_instant, default=None, help="ISO end (excl.)")
-    p.add_argument("--org", default=None, help="only this org id")
+    p = calls.add_parser("stats", help="an org's calls, errors, tokens, cost and latency per "
+                         "model, key or day")
+    p.add_argument("--org", required=True, help="org id")
+    p.add_argument("--by", choices=("model", "key", "day"), default="model")
+    p.add_argument("--from", dest="start", type=_instant, default=None,
+                   help="ISO start (incl.; default 30 days before --to)")
+    p.add_argument("--to", dest="end", type=_instant, default=None,
+                   help="ISO end (excl.; default now)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_calls_stats)
 

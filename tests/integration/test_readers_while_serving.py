@@ -29,7 +29,8 @@ SETTLE_TIMEOUT_S = 30.0
 READERS = {
     "reconcile": ("billing", "reconcile", "--json"),
     "export": ("calls", "export"),
-    "stats": ("calls", "stats", "--json"),
+    # A fixed window: the default one ends at the moment the command runs.
+    "stats": ("calls", "stats", "--json", "--from", "2000-01-01", "--to", "2100-01-01"),
 }
 
 
@@ -52,7 +53,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, mock_addr: str) -> Iterator[
             ids.add(r.headers["x-request-id"])
     wait_for_calls(admin, ids)
     try:
-        yield {"server": server, "data_dir": data_dir, "ids": ids, "serving": {}}
+        yield {"server": server, "data_dir": data_dir, "ids": ids, "serving": {},
+               "org_args": ("--org", creds["org_id"])}
     finally:
         server.kill()
 
@@ -83,9 +85,9 @@ def test_calls_export_and_stats_while_serving(world: dict[str, Any]) -> None:
     export = cli(world["data_dir"], *READERS["export"])
     rows = [json.loads(line) for line in export.stdout.splitlines()]
     assert {r["request_id"] for r in rows} == world["ids"]
-    stats = cli(world["data_dir"], *READERS["stats"])
-    [line] = json.loads(stats.stdout)
-    assert line["calls"] == 6 and line["streamed"] == 3 and line["errors"] == 0
+    stats = cli(world["data_dir"], *READERS["stats"], *world["org_args"])
+    [line] = json.loads(stats.stdout)["data"]
+    assert line["group"] == "demo-chat" and line["calls"] == 6 and line["errors"] == 0
     assert line["cost"] == sum(r["cost"] for r in rows) > 0
     world["serving"]["export"] = export
     world["serving"]["stats"] = stats
@@ -133,6 +135,8 @@ def test_same_output_and_exit_codes_once_stopped_and_nothing_logged(
     assert server.stop() == 0
     assert not (data_dir / "control.json").exists()
     for name, args in READERS.items():
+        if name == "stats":
+            args = (*args, *world["org_args"])
         stopped = cli(data_dir, *args, check=False)
         serving = world["serving"][name]
         assert (stopped.returncode, stopped.stdout, stopped.stderr) == (

@@ -142,16 +142,22 @@ def test_export_pages_through_every_row_oldest_first(
     assert bad.json()["error"]["param"] == "after"
 
 
-def test_call_stats_per_org_and_model(http: TestClient, ops: dict[str, str]) -> None:
-    r = http.get(f"{PREFIX}/calls/stats", headers=ops, params={"org": "org-ops-a"})
+def test_call_stats_are_the_control_apis(http: TestClient, ops: dict[str, str]) -> None:
+    window = {"org": "org-ops-a", "start": "2000-01-01T00:00:00Z", "end": "2100-01-01T00:00:00Z"}
+    r = http.get(f"{PREFIX}/calls/stats", headers=ops, params=window)
     assert r.status_code == 200, r.text
     assert r.json()["rows"] == [{
-        "org_id": "org-ops-a", "model_served": "gpt-4o-mini-2024-07-18", "calls": 25,
-        "errors": 0, "streamed": 12, "prompt_tokens": sum(10 + i for i in range(25)),
-        "completion_tokens": 125, "cached_tokens": 0, "cost": sum(1_000 + i for i in range(25)),
+        "group": "gpt-4o-mini", "calls": 25, "errors": 0,
+        "prompt_tokens": sum(10 + i for i in range(25)), "completion_tokens": 125,
+        "cached_tokens": 0, "cost": sum(1_000 + i for i in range(25)),
+        "latency_p50_us": 1500, "latency_p99_us": 1500,
     }]
-    window = {"start": "1970-01-01T00:00:00+00:00", "end": "1970-01-02T00:00:00+00:00"}
-    assert http.get(f"{PREFIX}/calls/stats", headers=ops, params=window).json()["rows"] == []
+    by_key = http.get(f"{PREFIX}/calls/stats", headers=ops, params={**window, "group_by": "key"})
+    assert [row["group"] for row in by_key.json()["rows"]] == ["ot-ab12...9f3c"]
+    early = {**window, "end": "2000-01-02T00:00:00Z"}
+    assert http.get(f"{PREFIX}/calls/stats", headers=ops, params=early).json()["rows"] == []
+    bad = http.get(f"{PREFIX}/calls/stats", headers=ops, params={**window, "group_by": "x"})
+    assert bad.status_code == 422
 
 
 def test_reconcile_runs_the_cli_function(http: TestClient, ops: dict[str, str]) -> None:
@@ -253,7 +259,7 @@ def test_locked_chdb_without_a_control_process_is_a_clear_error(tmp_path: Path) 
         results = {name: cli(*args) for name, args in {
             "reconcile": ("billing", "reconcile"),
             "export": ("calls", "export"),
-            "stats": ("calls", "stats"),
+            "stats": ("calls", "stats", "--org", "org-x"),
             "audit": ("audit-retention", "--needle", NEEDLE),
         }.items()}
     finally:

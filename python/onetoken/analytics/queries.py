@@ -218,32 +218,3 @@ def export_page(
         next_cursor = _encode_cursor(int(rows[-1][ts_at]), str(rows[-1][id_at]))
     return ExportPage(rows=rows, next_cursor=next_cursor)
 
-
-#: The columns of a call_stats row, in order.
-CALL_STATS_COLUMNS: tuple[str, ...] = (
-    "org_id", "model_served", "calls", "errors", "streamed", "prompt_tokens",
-    "completion_tokens", "cached_tokens", "cost",
-)
-
-
-def call_stats(
-    client: Client,
-    *,
-    org_id: str | None = None,
-    start: Instant | None = None,
-    end: Instant | None = None,
-) -> list[dict[str, Any]]:
-    """Calls, errors (status >= 400), streams, tokens and cost (nano-units) per org and
-    served model over [start, end), one row per request (FINAL)."""
-    where, params = _where(org_id, start, end)
-    result = client.query(
-        "SELECT org_id, model_served, count(), countIf(status >= 400), sum(streamed), "  # noqa: S608
-        "sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens), sum(cost) "
-        f"FROM {CALL_LOG_TABLE} FINAL{where} "
-        "GROUP BY org_id, model_served ORDER BY org_id, model_served",
-        parameters=params,
-    )
-    return [
-        dict(zip(CALL_STATS_COLUMNS, (str(r[0]), str(r[1]), *(int(v) for v in r[2:])), strict=True))
-        for r in result.result_rows
-    ]

@@ -107,11 +107,10 @@ class OpsClient:
                 return
 
     def call_stats(
-        self, *, start: datetime | None, end: datetime | None, org: str | None
+        self, *, org: str, start: datetime, end: datetime, group_by: str
     ) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = self._call(
-            "GET", "/calls/stats", params=_params(start=start, end=end, org=org)
-        )["rows"]
+        params = _params(org=org, start=start, end=end, group_by=group_by)
+        rows: list[dict[str, Any]] = self._call("GET", "/calls/stats", params=params)["rows"]
         return rows
 
 

@@ -134,12 +134,14 @@ class StatsResponse(BaseModel):
 @router.get("/calls/stats")
 def calls_stats(
     state: StateDep,
-    org: str | None = None,
-    start: datetime | None = None,
-    end: datetime | None = None,
+    org: str,
+    start: datetime,
+    end: datetime,
+    group_by: Annotated[str, Query(pattern="^(model|key|day)$")] = "model",
 ) -> StatsResponse:
-    """`onetoken calls stats`: calls, errors, tokens and cost per org and served model."""
-    rows = call_log_sink(state).read(
-        lambda c: queries.call_stats(c, org_id=org, start=start, end=end)
-    )
+    """`onetoken calls stats`: an org's calls, errors, tokens, cost and latency per model,
+    key or day over [start, end) (the CLI resolves the window, so both paths agree)."""
+    from onetoken.billing.statements import call_stats
+
+    rows = call_log_sink(state).read(lambda c: call_stats(c, org, start, end, group_by))
     return StatsResponse(rows=rows)
