@@ -1,5 +1,5 @@
-"""Reading what a deployment recorded: through the control API while the server runs (the
-embedded ClickHouse belongs to the server process then), through the CLI once it stopped."""
+"""Reading what a deployment recorded: through the control API, or through the CLI (which
+asks the running control process while the server holds the embedded ClickHouse)."""
 
 from __future__ import annotations
 
@@ -41,13 +41,13 @@ def wait_for_calls(admin: Admin, request_ids: set[str]) -> list[dict[str, Any]]:
 
 
 def exported_calls(data_dir: Path) -> list[dict[str, Any]]:
-    """Every call_log row of a stopped deployment (`onetoken calls export`)."""
+    """Every call_log row of a deployment (`onetoken calls export`)."""
     out = cli(data_dir, "calls", "export").stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 def reconcile(data_dir: Path) -> tuple[int, list[dict[str, Any]]]:
-    """`onetoken billing reconcile --json` of a stopped deployment: (exit code, lines)."""
+    """`onetoken billing reconcile --json` of a deployment: (exit code, lines)."""
     proc = cli(data_dir, "billing", "reconcile", "--json", check=False)
     assert proc.returncode in (0, 1), proc.stderr
     return proc.returncode, json.loads(proc.stdout)
