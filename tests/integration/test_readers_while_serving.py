@@ -142,7 +142,11 @@ def test_same_output_and_exit_codes_once_stopped_and_nothing_logged(
         assert (stopped.returncode, stopped.stdout, stopped.stderr) == (
             serving.returncode, serving.stdout, serving.stderr
         ), name
-    # The needles the control process saw (in an ops request body) are in none of its logs.
+    # The needles the control process saw (in an ops request body) are in none of its logs,
+    # nor anywhere else it persisted.
+    for needle in (CLEAN, REFUSED):
+        proc = cli(data_dir, "audit-retention", "--needle", needle, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
     logs = [p for p in (data_dir / "logs").rglob("*") if p.is_file()]
     assert logs
     for path in logs:
