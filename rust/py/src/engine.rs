@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use onetoken_gateway::{CallRecord, Dropped, Engine as CoreEngine, EngineConfig};
+use onetoken_gateway::{Dropped, Engine as CoreEngine, EngineConfig};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
@@ -38,20 +38,8 @@ impl Engine {
         dropped_list(py, &self.inner.snapshot_dropped())
     }
 
-    fn drain_records<'py>(
-        &self,
-        py: Python<'py>,
-        max_records: usize,
-    ) -> PyResult<Option<Bound<'py, PyDict>>> {
-        let records = py.detach(|| self.inner.drain_records(max_records));
-        if records.is_empty() {
-            return Ok(None);
-        }
-        columns(py, &records).map(Some)
-    }
-
-    fn ack_records(&self, py: Python<'_>, count: u64) -> u64 {
-        py.detach(|| self.inner.ack_records(count))
+    fn set_control_status(&self, reachable: bool) {
+        self.inner.set_control_status(reachable);
     }
 
     fn stop(&self, py: Python<'_>, grace_seconds: f64) {
@@ -82,13 +70,10 @@ impl Engine {
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.stats();
         let out = PyDict::new(py);
-        out.set_item("queue_depth", s.queue_depth)?;
         out.set_item("records_total", s.records_total)?;
-        out.set_item("records_spooled", s.records_spooled)?;
         out.set_item("in_flight", s.in_flight)?;
         out.set_item("snapshot_version", s.snapshot_version)?;
         out.set_item("journal_segments", s.journal_segments)?;
-        out.set_item("journal_unacked", s.journal_unacked)?;
         out.set_item("journal_errors", s.journal_errors)?;
         Ok(out)
     }
@@ -123,43 +108,5 @@ pub(crate) fn dropped_list<'py>(
         entry.set_item("reason", d.reason)?;
         out.append(entry)?;
     }
-    Ok(out)
-}
-
-/// Column-oriented batch, keys in contract order.
-fn columns<'py>(py: Python<'py>, records: &[CallRecord]) -> PyResult<Bound<'py, PyDict>> {
-    let out = PyDict::new(py);
-    macro_rules! column {
-        ($name:ident) => {
-            out.set_item(
-                stringify!($name),
-                PyList::new(py, records.iter().map(|r| &r.$name))?,
-            )?;
-        };
-    }
-    column!(ts);
-    column!(request_id);
-    column!(org_id);
-    column!(account_id);
-    column!(key_id);
-    column!(path);
-    column!(model_requested);
-    column!(model_served);
-    column!(provider);
-    column!(prompt_tokens);
-    column!(completion_tokens);
-    column!(cached_tokens);
-    column!(usage_source);
-    column!(cost);
-    column!(status);
-    column!(error_code);
-    column!(latency_us);
-    column!(ttfb_us);
-    column!(streamed);
-    column!(source_ip);
-    column!(user_agent);
-    column!(rate_limit);
-    column!(attempts);
-    column!(guard_flags);
     Ok(out)
 }
