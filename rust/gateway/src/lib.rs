@@ -6,6 +6,7 @@
 mod auth;
 pub mod billing;
 mod body;
+mod call;
 mod client_ip;
 mod config;
 mod conn;
@@ -19,6 +20,7 @@ mod ipset;
 mod journal;
 mod limits;
 mod metrics;
+mod phase;
 mod policy;
 mod protocol;
 mod proxy;

@@ -345,22 +345,24 @@ pub(crate) fn upstream_request(
     Ok(req)
 }
 
-/// Prompt tokens of a Messages or Responses request, counted in memory (numbers only).
-pub(crate) fn estimate_prompt(api: ClientApi, doc: &Map<String, Value>) -> Option<u64> {
+/// Prompt tokens of a request, counted in memory (numbers only).
+pub(crate) fn estimate_prompt(api: ClientApi, doc: &Map<String, Value>) -> u64 {
     match api {
-        ClientApi::Messages => Some(anthropic::estimate_prompt(doc)),
-        ClientApi::Responses => Some(responses::estimate_prompt(doc)),
-        ClientApi::Chat | ClientApi::Embeddings => None,
+        ClientApi::Chat => openai::estimate_chat_prompt(doc),
+        ClientApi::Embeddings => openai::estimate_embedding_input(doc),
+        ClientApi::Messages => anthropic::estimate_prompt(doc),
+        ClientApi::Responses => responses::estimate_prompt(doc),
     }
 }
 
-/// The output cap a Messages or Responses request asks for.
+/// The output cap a request asks for: its API's own field, else chat's.
 pub(crate) fn requested_max_out(api: ClientApi, doc: &Map<String, Value>) -> Option<u64> {
     match api {
         ClientApi::Messages => doc.get("max_tokens").and_then(Value::as_u64),
         ClientApi::Responses => doc.get("max_output_tokens").and_then(Value::as_u64),
         ClientApi::Chat | ClientApi::Embeddings => None,
     }
+    .or_else(|| openai::requested_out(doc))
 }
 
 /// Text of a JSON value that is a string or a list of parts with `text`.
@@ -423,8 +425,7 @@ pub(crate) fn meter_passthrough(api: ClientApi, body: &[u8]) -> (Option<Usage>, 
             None => (None, 0),
         },
         ClientApi::Responses => responses::meter_reply(body),
-        // Chat and embeddings keep the relay's own metering.
-        ClientApi::Chat | ClientApi::Embeddings => (None, 0),
+        ClientApi::Chat | ClientApi::Embeddings => openai::meter_reply(body),
     }
 }
 
