@@ -171,11 +171,13 @@ impl Call {
             return;
         }
         self.done = true;
-        let timing = self.shared.config.phase_timing;
-        let from = Mark::now(timing);
+        let from = Mark::now(self.shared.config.phase_timing);
         let charge = self.settle();
-        let settled = self.shared.metrics.phase_cpu.charge(Phase::Settle, from, 0);
-        let from = Mark::now(timing);
+        let (settled, from) = self
+            .shared
+            .metrics
+            .phase_cpu
+            .charge_until(Phase::Settle, from, 0);
         self.record(charge, status, err);
         let recorded = self.shared.metrics.phase_cpu.charge(Phase::Record, from, 0);
         self.closing_cpu_ns = settled.saturating_add(recorded);

@@ -73,7 +73,7 @@ async fn process(
     endpoint: Endpoint,
     req: Request<Incoming>,
 ) -> Result<Reply, Failure> {
-    let clock = PhaseClock::new(shared);
+    let mut clock = PhaseClock::new(shared);
     let snap = clock.time(Phase::Admit, || admit(shared, call, endpoint, &req))?;
     let key = clock.time(Phase::Authenticate, || {
         authenticate(shared, call, &snap, req.headers())
