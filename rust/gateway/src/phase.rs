@@ -203,6 +203,8 @@ fn thread_cpu() -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
+    use std::task::Context;
+
     use super::*;
 
     fn spin(d: Duration) {
@@ -212,20 +214,20 @@ mod tests {
         }
     }
 
+    fn clock(cpu: &PhaseCpu, on: bool) -> PhaseClock<'_> {
+        PhaseClock {
+            cpu,
+            on,
+            last: Mark(None),
+        }
+    }
+
     #[test]
     fn counts_only_when_on_and_leaves_out_nested_work() {
         let cpu = PhaseCpu::default();
-        let off = PhaseClock {
-            cpu: &cpu,
-            on: false,
-        };
-        let on = PhaseClock {
-            cpu: &cpu,
-            on: true,
-        };
-        off.time(Phase::Admit, || spin(Duration::from_millis(2)));
+        clock(&cpu, false).time(Phase::Admit, || spin(Duration::from_millis(2)));
         assert_eq!(cpu.seconds(Phase::Admit), 0.0);
-        on.time(Phase::Admit, || spin(Duration::from_millis(2)));
+        clock(&cpu, true).time(Phase::Admit, || spin(Duration::from_millis(2)));
         assert!(cpu.seconds(Phase::Admit) >= 0.0019);
         let from = Mark::now(true);
         spin(Duration::from_millis(2));
@@ -235,5 +237,29 @@ mod tests {
         let mut text = String::new();
         cpu.render(&mut text);
         assert!(text.contains("onetoken_phase_cpu_seconds_total{phase=\"record\"} 0\n"));
+    }
+
+    #[test]
+    fn a_phase_hands_its_reading_on_only_within_one_poll() {
+        let cpu = PhaseCpu::default();
+        let mut on = clock(&cpu, true);
+        on.time(Phase::Admit, || ());
+        assert!(on.last.0.is_some());
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        {
+            let fut = std::pin::pin!(on.timed(Phase::Forward, std::future::pending::<()>()));
+            assert!(fut.poll(&mut cx).is_pending());
+        }
+        // The next poll comes after other tasks ran: it reads the clock afresh.
+        assert!(on.last.0.is_none());
+        {
+            let fut = std::pin::pin!(on.timed(Phase::Relay, std::future::ready(())));
+            assert!(fut.poll(&mut cx).is_ready());
+        }
+        assert!(on.last.0.is_some());
+        let mut off = clock(&cpu, false);
+        off.time(Phase::Admit, || ());
+        assert!(off.last.0.is_none());
     }
 }
