@@ -263,6 +263,14 @@ pub(crate) enum Event {
     Done,
 }
 
+/// An upstream body, written into one buffer that fits a typical chat request rather
+/// than grown from empty through a reallocation per doubling.
+fn json_body(v: &impl serde::Serialize) -> serde_json::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(1024);
+    serde_json::to_writer(&mut out, v)?;
+    Ok(out)
+}
+
 /// The upstream request for one deployment. `doc` is the client's parsed body; pass-
 /// through rewrites it in place (only `model`, and the usage option of chat streams), so
 /// a retry on another deployment rewrites it again.
@@ -278,38 +286,38 @@ pub(crate) fn upstream_request(
     let (uri, body) = match (api, p) {
         (ClientApi::Chat, Protocol::OpenAi | Protocol::Azure) => {
             openai::prepare_chat(doc, &d.upstream_model, stream, max_out);
-            (e.chat.as_ref(), serde_json::to_vec(doc))
+            (e.chat.as_ref(), json_body(doc))
         }
         (ClientApi::Embeddings, Protocol::OpenAi | Protocol::Azure) => {
             doc.insert("model".into(), Value::String(d.upstream_model.clone()));
-            (e.embeddings.as_ref(), serde_json::to_vec(doc))
+            (e.embeddings.as_ref(), json_body(doc))
         }
         (ClientApi::Responses, Protocol::OpenAi | Protocol::Azure) => {
             doc.insert("model".into(), Value::String(d.upstream_model.clone()));
             // The output the reservation covers, whatever the client asked.
             doc.insert("max_output_tokens".into(), Value::from(max_out.max(1)));
-            (e.responses.as_ref(), serde_json::to_vec(doc))
+            (e.responses.as_ref(), json_body(doc))
         }
         (ClientApi::Messages, Protocol::Anthropic) => {
             doc.insert("model".into(), Value::String(d.upstream_model.clone()));
             doc.insert("max_tokens".into(), Value::from(max_out.max(1)));
-            (e.chat.as_ref(), serde_json::to_vec(doc))
+            (e.chat.as_ref(), json_body(doc))
         }
         (ClientApi::Chat, Protocol::Anthropic) => {
             let out = anthropic::from_chat_request(doc, &d.upstream_model, stream, max_out);
-            (e.chat.as_ref(), serde_json::to_vec(&out))
+            (e.chat.as_ref(), json_body(&out))
         }
         (ClientApi::Chat, Protocol::Gemini) => {
             let out = gemini::from_chat_request(doc, max_out);
             let uri = if stream { &e.chat_stream } else { &e.chat };
-            (uri.as_ref(), serde_json::to_vec(&out))
+            (uri.as_ref(), json_body(&out))
         }
         (ClientApi::Messages, Protocol::OpenAi | Protocol::Azure) => {
             let mut out = anthropic::to_chat_request(doc, &d.upstream_model, stream);
             if let Value::Object(m) = &mut out {
                 m.insert("max_tokens".into(), Value::from(max_out.max(1)));
             }
-            (e.chat.as_ref(), serde_json::to_vec(&out))
+            (e.chat.as_ref(), json_body(&out))
         }
         (ClientApi::Messages, Protocol::Gemini) => {
             let chat = anthropic::to_chat_request(doc, &d.upstream_model, stream);
@@ -318,7 +326,7 @@ pub(crate) fn upstream_request(
                 _ => Value::Null,
             };
             let uri = if stream { &e.chat_stream } else { &e.chat };
-            (uri.as_ref(), serde_json::to_vec(&out))
+            (uri.as_ref(), json_body(&out))
         }
         (ClientApi::Embeddings | ClientApi::Responses, _) => (None, Ok(Vec::new())),
     };
