@@ -9,8 +9,10 @@
 
 use std::fmt::Write;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use cpu_time::ThreadTime;
@@ -162,20 +164,41 @@ impl<'a> PhaseClock<'a> {
         out
     }
 
-    /// Run a phase that awaits, timing each poll. The time between polls is another
-    /// task's, so only a poll that completes hands its reading on.
-    pub(crate) async fn timed<F: Future>(&mut self, phase: Phase, fut: F) -> F::Output {
-        let mut fut = std::pin::pin!(fut);
-        std::future::poll_fn(|cx| {
-            let from = self.start();
-            let out = fut.as_mut().poll(cx);
-            let (_, end) = self.cpu.charge_until(phase, from, 0);
-            if out.is_ready() {
-                self.last = end;
-            }
-            out
-        })
-        .await
+    /// Run a phase that awaits, timing each poll.
+    pub(crate) fn timed<F: Future>(&mut self, phase: Phase, fut: F) -> Timed<'_, 'a, F> {
+        Timed {
+            clock: self,
+            phase,
+            fut,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A phase that awaits, timed poll by poll. The time between polls is another task's,
+    /// so only a poll that completes hands its reading on. A struct rather than an async
+    /// fn: the phase's future lives here once, instead of once as the argument and again
+    /// pinned, which made every request copy kilobytes of future state.
+    pub(crate) struct Timed<'c, 'a, F> {
+        clock: &'c mut PhaseClock<'a>,
+        phase: Phase,
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<F: Future> Future for Timed<'_, '_, F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let from = this.clock.start();
+        let out = this.fut.poll(cx);
+        let (_, end) = this.clock.cpu.charge_until(*this.phase, from, 0);
+        if out.is_ready() {
+            this.clock.last = end;
+        }
+        out
     }
 }
 
@@ -203,8 +226,6 @@ fn thread_cpu() -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
-    use std::task::Context;
-
     use super::*;
 
     fn spin(d: Duration) {

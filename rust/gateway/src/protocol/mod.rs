@@ -263,10 +263,11 @@ pub(crate) enum Event {
     Done,
 }
 
-/// An upstream body, written into one buffer that fits a typical chat request rather
-/// than grown from empty through a reallocation per doubling.
+/// An upstream body, written into a buffer that fits a small chat request rather than
+/// grown from empty through a reallocation per doubling. Kept under glibc's large-chunk
+/// size (1 KiB), whose first use per burst consolidates the allocator's fast bins.
 fn json_body(v: &impl serde::Serialize) -> serde_json::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(1024);
+    let mut out = Vec::with_capacity(512);
     serde_json::to_writer(&mut out, v)?;
     Ok(out)
 }
