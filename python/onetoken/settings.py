@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     upstream_max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
     upstream_max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     upstream_deadline_seconds: float = Field(default=1800.0, gt=0)
+    # Thread CPU time per request phase in the gateway's /metrics (a profile without perf).
+    gateway_phase_timing: bool = False
 
     session_ttl_hours: int = Field(default=12, ge=1, le=24 * 30)
 

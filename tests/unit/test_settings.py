@@ -83,6 +83,9 @@ def test_transport_cidr_settings_are_parsed_and_checked(monkeypatch: pytest.Monk
     assert cfg["upstream_private_cidrs"] == ["127.0.0.0/8", "10.0.0.0/8"]
     assert cfg["trusted_proxies"] == ["192.0.2.7/32"]
     assert cfg["metrics_listen"] is None
+    assert cfg["phase_timing"] is False
+    monkeypatch.setenv("ONETOKEN_GATEWAY_PHASE_TIMING", "1")
+    assert engine_config(Settings(), Secrets.from_settings(s))["phase_timing"] is True
     monkeypatch.setenv("ONETOKEN_GATEWAY_TRUSTED_PROXIES", "10.0.0.0/33")
     with pytest.raises(ValidationError, match="ONETOKEN_GATEWAY_TRUSTED_PROXIES"):
         Settings()

@@ -84,6 +84,7 @@ def engine_config(settings: Settings, secrets: Secrets) -> dict[str, Any]:
         "max_upstream_event_bytes": settings.upstream_max_event_bytes,
         "max_upstream_body_bytes": settings.upstream_max_body_bytes,
         "upstream_deadline_ms": int(settings.upstream_deadline_seconds * 1000),
+        "phase_timing": settings.gateway_phase_timing,
     }
     # Optional in docs/snapshot.md; sent only when they differ from the defaults.
     if secrets.key_hash_version != 1:

@@ -1,6 +1,6 @@
 //! Response bodies: a whole body, or the metered SSE relay that forwards each complete
-//! event as it arrives. A proxied request's body carries its `RequestLog` and emits the
-//! call record when the body ends or is dropped (client gone, engine stopping), so the
+//! event as it arrives. A proxied request's body carries its [`Call`] and settles and
+//! records it when the body ends or is dropped (client gone, engine stopping), so the
 //! record is never written between the response and the client.
 
 use std::collections::VecDeque;
@@ -16,9 +16,10 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::call::Call;
 use crate::error::ApiError;
+use crate::phase::{Mark, Phase};
 use crate::protocol::StreamRelay;
-use crate::proxy::RequestLog;
 use crate::routing::Permit;
 
 /// Every response the gateway sends.
@@ -53,7 +54,17 @@ impl Body for RespBody {
                     None
                 }
             }),
-            RespBody::Stream(s) => s.poll_next(cx),
+            RespBody::Stream(s) => {
+                // The relay phase, poll by poll; settle and record, when this poll ends
+                // the stream, count themselves.
+                let from = Mark::now(s.call.shared.config.phase_timing);
+                s.call.closing_cpu_ns = 0;
+                let out = s.poll_next(cx);
+                let call = &s.call;
+                let cpu = &call.shared.metrics.phase_cpu;
+                cpu.charge(Phase::Relay, from, call.closing_cpu_ns);
+                out
+            }
         }
     }
 
@@ -83,27 +94,22 @@ pub(crate) struct RecordedBody {
     body: Option<Bytes>,
     status: u16,
     err: Option<ApiError>,
-    log: RequestLog,
+    call: Call,
 }
 
 impl RecordedBody {
-    pub(crate) fn new(
-        body: Option<Bytes>,
-        status: u16,
-        err: Option<ApiError>,
-        log: RequestLog,
-    ) -> Self {
+    pub(crate) fn new(body: Option<Bytes>, status: u16, err: Option<ApiError>, call: Call) -> Self {
         RecordedBody {
             body,
             status,
             err,
-            log,
+            call,
         }
     }
 
     fn end(&mut self) {
         // `finish` runs once; a second call (end, then drop) does nothing.
-        self.log.finish(self.status, self.err);
+        self.call.finish(self.status, self.err);
     }
 }
 
@@ -144,7 +150,7 @@ pub(crate) struct StreamBody {
     _permit: Option<Permit>,
     // Declared last so the upstream body is dropped (cancelling the upstream request)
     // before the record is emitted.
-    log: RequestLog,
+    call: Call,
 }
 
 impl StreamBody {
@@ -153,7 +159,7 @@ impl StreamBody {
         relay: StreamRelay,
         limits: StreamLimits,
         permit: Option<Permit>,
-        log: RequestLog,
+        call: Call,
     ) -> Self {
         StreamBody {
             upstream,
@@ -164,15 +170,15 @@ impl StreamBody {
             limits,
             state: State::Relaying,
             _permit: permit,
-            log,
+            call,
         }
     }
 
     fn sync_meter(&mut self) {
         let meter = self.relay.meter();
-        self.log.relayed_tokens = meter.output_tokens;
+        self.call.relayed_tokens = meter.output_tokens;
         if meter.usage.is_some() {
-            self.log.upstream_usage = meter.usage;
+            self.call.upstream_usage = meter.usage;
         }
     }
 
@@ -196,7 +202,7 @@ impl StreamBody {
                         // the record first, so a client that saw the stream complete (its
                         // `[DONE]`) never outlives the record of it in a crash.
                         self.state = State::Ended;
-                        self.log.finish(200, err);
+                        self.call.finish(200, err);
                     }
                 }
                 return Poll::Ready(Some(Ok(Frame::data(event))));
@@ -205,7 +211,7 @@ impl StreamBody {
                 State::Ended => return Poll::Ready(None),
                 State::Ending(err) => {
                     self.state = State::Ended;
-                    self.log.finish(200, err);
+                    self.call.finish(200, err);
                     return Poll::Ready(None);
                 }
                 State::Relaying => {}

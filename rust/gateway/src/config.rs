@@ -82,6 +82,10 @@ pub struct EngineConfig {
     /// byte, however steadily the bytes trickle in.
     #[serde(default = "default_upstream_deadline_ms")]
     pub upstream_deadline_ms: u64,
+    /// Count the thread CPU time of each request phase in `/metrics`
+    /// (`onetoken_phase_cpu_seconds_total`); a clock read per phase when on.
+    #[serde(default)]
+    pub phase_timing: bool,
 }
 
 /// A key-hash secret from before a rotation.

@@ -4,6 +4,10 @@
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
+use crate::limits::Refusal;
+use crate::policy::Denial;
+use crate::protocol::validate::Invalid;
+
 /// Errors returned by the [`crate::Engine`] API.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -267,30 +271,156 @@ pub(crate) fn is_safe_ident(s: &str) -> bool {
         })
 }
 
-/// OpenAI-shaped error body. `kind`/`code` override the defaults for upstream errors.
+/// OpenAI-shaped error body with the code's default texts.
 pub(crate) fn error_body(err: ApiError, kind: Option<&str>, code: Option<&str>) -> Bytes {
+    openai_error_body(
+        err.message(),
+        kind.unwrap_or(err.kind()),
+        None,
+        code.unwrap_or(err.code()),
+    )
+}
+
+fn openai_error_body(message: &str, kind: &str, param: Option<&str>, code: &str) -> Bytes {
     let body = serde_json::json!({
-        "error": {
-            "message": err.message(),
-            "type": kind.unwrap_or(err.kind()),
-            "param": null,
-            "code": code.unwrap_or(err.code()),
-        }
+        "error": {"message": message, "type": kind, "param": param, "code": code}
     });
     Bytes::from(body.to_string())
 }
 
-/// OpenAI-shaped error body with a message from a fixed set other than the code's
-/// default (e.g. the policy rule that refused a request), and the parameter at fault.
-pub(crate) fn error_body_with_message(
-    err: ApiError,
-    message: &'static str,
+/// Why a request stopped before a response was relayed. Every phase of the request path
+/// fails with one of these, and [`Failure::response`] is the one place that turns it into
+/// the client's error response; the record takes `error` and `status` from it.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    /// Its code goes into the record, the error counters and (by default) the body.
+    pub(crate) error: ApiError,
+    /// The status sent: the error's own, or an upstream error's.
+    pub(crate) status: StatusCode,
+    /// What few failures add, boxed so that every phase's `Result` stays small.
+    detail: Option<Box<Detail>>,
+}
+
+#[derive(Debug, Default)]
+struct Detail {
+    /// A message from a fixed set other than the code's default (the policy rule, the
+    /// guard's categories, the parameter check), and the parameter at fault.
+    message: Option<&'static str>,
     param: Option<&'static str>,
-) -> Bytes {
-    let body = serde_json::json!({
-        "error": {"message": message, "type": err.kind(), "param": param, "code": err.code()}
-    });
-    Bytes::from(body.to_string())
+    /// `error.type`/`error.code` of an upstream error, kept only when they are plain
+    /// identifiers ([`is_safe_ident`]).
+    upstream_kind: Option<String>,
+    upstream_code: Option<String>,
+    /// Refused by a rate, concurrency or budget limit: the response carries its
+    /// `Retry-After` and `x-ratelimit-*` headers, and the record says `limited`.
+    limited: Option<Refusal>,
+}
+
+impl Failure {
+    fn with_detail(error: ApiError, status: StatusCode, detail: Detail) -> Self {
+        Failure {
+            error,
+            status,
+            detail: Some(Box::new(detail)),
+        }
+    }
+
+    /// The error with a message other than the code's default.
+    pub(crate) fn with_message(
+        error: ApiError,
+        message: &'static str,
+        param: Option<&'static str>,
+    ) -> Self {
+        let detail = Detail {
+            message: Some(message),
+            param,
+            ..Detail::default()
+        };
+        Failure::with_detail(error, error.status(), detail)
+    }
+
+    /// The upstream answered with an error status; only the status and the plain
+    /// identifiers of its error body reach the client.
+    pub(crate) fn upstream(status: StatusCode, kind: Option<String>, code: Option<String>) -> Self {
+        let detail = Detail {
+            upstream_kind: kind,
+            upstream_code: code,
+            ..Detail::default()
+        };
+        Failure::with_detail(ApiError::UpstreamError, status, detail)
+    }
+
+    /// Refused by a rate, concurrency or budget limit.
+    pub(crate) fn limited(&self) -> bool {
+        self.detail.as_ref().is_some_and(|d| d.limited.is_some())
+    }
+
+    /// The error response in the client's protocol: Anthropic's shape on `/v1/messages`,
+    /// OpenAI's elsewhere. Every text is the gateway's own.
+    pub(crate) fn response<B: From<Bytes>>(&self, anthropic: bool) -> Response<B> {
+        let err = self.error;
+        let detail = self.detail.as_deref();
+        let message = detail.and_then(|d| d.message);
+        let body = if anthropic {
+            crate::protocol::anthropic::error_body(self.status, err, message)
+        } else {
+            openai_error_body(
+                message.unwrap_or(err.message()),
+                detail
+                    .and_then(|d| d.upstream_kind.as_deref())
+                    .unwrap_or(err.kind()),
+                detail.and_then(|d| d.param),
+                detail
+                    .and_then(|d| d.upstream_code.as_deref())
+                    .unwrap_or(err.code()),
+            )
+        };
+        let mut resp = json_response(self.status, body);
+        if let Some(refusal) = detail.and_then(|d| d.limited.as_ref()) {
+            refusal.apply(resp.headers_mut());
+        }
+        resp
+    }
+}
+
+impl From<ApiError> for Failure {
+    fn from(error: ApiError) -> Self {
+        Failure {
+            error,
+            status: error.status(),
+            detail: None,
+        }
+    }
+}
+
+impl From<Refusal> for Failure {
+    fn from(refusal: Refusal) -> Self {
+        let error = refusal.error;
+        if !refusal.is_limited() {
+            return Failure::from(error);
+        }
+        let detail = Detail {
+            limited: Some(refusal),
+            ..Detail::default()
+        };
+        Failure::with_detail(error, error.status(), detail)
+    }
+}
+
+impl From<Invalid> for Failure {
+    fn from(invalid: Invalid) -> Self {
+        Failure::with_message(
+            ApiError::InvalidRequest,
+            invalid.message,
+            Some(invalid.param),
+        )
+    }
+}
+
+impl From<Denial> for Failure {
+    fn from(denial: Denial) -> Self {
+        Failure::with_message(ApiError::PolicyDenied, denial.message(), None)
+    }
 }
 
 /// The SSE event sent when a stream ends abnormally after its 200 was already sent.

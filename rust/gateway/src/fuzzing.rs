@@ -12,9 +12,8 @@ use crate::guard::CategorySet;
 use crate::protocol::{
     self, anthropic, gemini, responses, validate, ClientApi, Protocol, StreamIds,
 };
-use crate::proxy;
 use crate::screen::OrgGuard;
-use crate::snapshot::{GuardMode, ModelKind};
+use crate::snapshot::GuardMode;
 
 const APIS: [ClientApi; 4] = [
     ClientApi::Chat,
@@ -45,16 +44,8 @@ pub fn admit_and_translate_request(selector: u8, body: &[u8]) {
         categories: CategorySet::all(),
     };
     let _ = guard.check(&doc);
-    let kind = if api == ClientApi::Embeddings {
-        ModelKind::Embedding
-    } else {
-        ModelKind::Chat
-    };
-    let _ =
-        protocol::estimate_prompt(api, &doc).unwrap_or_else(|| proxy::estimate_prompt(kind, &doc));
-    let max_out = protocol::requested_max_out(api, &doc)
-        .or_else(|| proxy::requested_out(&doc))
-        .unwrap_or(4096);
+    let _ = protocol::estimate_prompt(api, &doc);
+    let max_out = protocol::requested_max_out(api, &doc).unwrap_or(4096);
     let stream = doc.get("stream").and_then(Value::as_bool) == Some(true);
     let _ = serde_json::to_vec(&anthropic::from_chat_request(&doc, "m", stream, max_out));
     let _ = serde_json::to_vec(&gemini::from_chat_request(&doc, max_out));

@@ -6,6 +6,7 @@
 mod auth;
 pub mod billing;
 mod body;
+mod call;
 mod client_ip;
 mod config;
 mod conn;
@@ -20,6 +21,7 @@ mod journal;
 pub mod journal_reader;
 mod limits;
 mod metrics;
+mod phase;
 mod policy;
 mod protocol;
 mod proxy;

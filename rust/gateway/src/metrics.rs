@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::error::ApiError;
+use crate::phase::PhaseCpu;
 
 /// Interface paths, the only values of the `path` label and the record's `path` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +59,8 @@ pub(crate) struct Metrics {
     pub(crate) connections_refused: AtomicU64,
     /// Connections closed by the header or idle timeout.
     pub(crate) connections_timed_out: AtomicU64,
+    /// CPU time by request phase (`phase_timing`).
+    pub(crate) phase_cpu: PhaseCpu,
 }
 
 impl Metrics {
@@ -205,6 +208,7 @@ impl Metrics {
             "onetoken_snapshot_age_seconds {}",
             extra.snapshot_age_seconds
         );
+        self.phase_cpu.render(&mut out);
         out
     }
 }

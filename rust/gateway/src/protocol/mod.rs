@@ -263,6 +263,15 @@ pub(crate) enum Event {
     Done,
 }
 
+/// An upstream body, written into a buffer that fits a small chat request rather than
+/// grown from empty through a reallocation per doubling. Kept under glibc's large-chunk
+/// size (1 KiB), whose first use per burst consolidates the allocator's fast bins.
+fn json_body(v: &impl serde::Serialize) -> serde_json::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(512);
+    serde_json::to_writer(&mut out, v)?;
+    Ok(out)
+}
+
 /// The upstream request for one deployment. `doc` is the client's parsed body; pass-
 /// through rewrites it in place (only `model`, and the usage option of chat streams), so
 /// a retry on another deployment rewrites it again.
@@ -278,38 +287,38 @@ pub(crate) fn upstream_request(
     let (uri, body) = match (api, p) {
         (ClientApi::Chat, Protocol::OpenAi | Protocol::Azure) => {
             openai::prepare_chat(doc, &d.upstream_model, stream, max_out);
-            (e.chat.as_ref(), serde_json::to_vec(doc))
+            (e.chat.as_ref(), json_body(doc))
         }
         (ClientApi::Embeddings, Protocol::OpenAi | Protocol::Azure) => {
             doc.insert("model".into(), Value::String(d.upstream_model.clone()));
-            (e.embeddings.as_ref(), serde_json::to_vec(doc))
+            (e.embeddings.as_ref(), json_body(doc))
         }
         (ClientApi::Responses, Protocol::OpenAi | Protocol::Azure) => {
             doc.insert("model".into(), Value::String(d.upstream_model.clone()));
             // The output the reservation covers, whatever the client asked.
             doc.insert("max_output_tokens".into(), Value::from(max_out.max(1)));
-            (e.responses.as_ref(), serde_json::to_vec(doc))
+            (e.responses.as_ref(), json_body(doc))
         }
         (ClientApi::Messages, Protocol::Anthropic) => {
             doc.insert("model".into(), Value::String(d.upstream_model.clone()));
             doc.insert("max_tokens".into(), Value::from(max_out.max(1)));
-            (e.chat.as_ref(), serde_json::to_vec(doc))
+            (e.chat.as_ref(), json_body(doc))
         }
         (ClientApi::Chat, Protocol::Anthropic) => {
             let out = anthropic::from_chat_request(doc, &d.upstream_model, stream, max_out);
-            (e.chat.as_ref(), serde_json::to_vec(&out))
+            (e.chat.as_ref(), json_body(&out))
         }
         (ClientApi::Chat, Protocol::Gemini) => {
             let out = gemini::from_chat_request(doc, max_out);
             let uri = if stream { &e.chat_stream } else { &e.chat };
-            (uri.as_ref(), serde_json::to_vec(&out))
+            (uri.as_ref(), json_body(&out))
         }
         (ClientApi::Messages, Protocol::OpenAi | Protocol::Azure) => {
             let mut out = anthropic::to_chat_request(doc, &d.upstream_model, stream);
             if let Value::Object(m) = &mut out {
                 m.insert("max_tokens".into(), Value::from(max_out.max(1)));
             }
-            (e.chat.as_ref(), serde_json::to_vec(&out))
+            (e.chat.as_ref(), json_body(&out))
         }
         (ClientApi::Messages, Protocol::Gemini) => {
             let chat = anthropic::to_chat_request(doc, &d.upstream_model, stream);
@@ -318,7 +327,7 @@ pub(crate) fn upstream_request(
                 _ => Value::Null,
             };
             let uri = if stream { &e.chat_stream } else { &e.chat };
-            (uri.as_ref(), serde_json::to_vec(&out))
+            (uri.as_ref(), json_body(&out))
         }
         (ClientApi::Embeddings | ClientApi::Responses, _) => (None, Ok(Vec::new())),
     };
@@ -345,22 +354,24 @@ pub(crate) fn upstream_request(
     Ok(req)
 }
 
-/// Prompt tokens of a Messages or Responses request, counted in memory (numbers only).
-pub(crate) fn estimate_prompt(api: ClientApi, doc: &Map<String, Value>) -> Option<u64> {
+/// Prompt tokens of a request, counted in memory (numbers only).
+pub(crate) fn estimate_prompt(api: ClientApi, doc: &Map<String, Value>) -> u64 {
     match api {
-        ClientApi::Messages => Some(anthropic::estimate_prompt(doc)),
-        ClientApi::Responses => Some(responses::estimate_prompt(doc)),
-        ClientApi::Chat | ClientApi::Embeddings => None,
+        ClientApi::Chat => openai::estimate_chat_prompt(doc),
+        ClientApi::Embeddings => openai::estimate_embedding_input(doc),
+        ClientApi::Messages => anthropic::estimate_prompt(doc),
+        ClientApi::Responses => responses::estimate_prompt(doc),
     }
 }
 
-/// The output cap a Messages or Responses request asks for.
+/// The output cap a request asks for: its API's own field, else chat's.
 pub(crate) fn requested_max_out(api: ClientApi, doc: &Map<String, Value>) -> Option<u64> {
     match api {
         ClientApi::Messages => doc.get("max_tokens").and_then(Value::as_u64),
         ClientApi::Responses => doc.get("max_output_tokens").and_then(Value::as_u64),
         ClientApi::Chat | ClientApi::Embeddings => None,
     }
+    .or_else(|| openai::requested_out(doc))
 }
 
 /// Text of a JSON value that is a string or a list of parts with `text`.
@@ -423,8 +434,7 @@ pub(crate) fn meter_passthrough(api: ClientApi, body: &[u8]) -> (Option<Usage>, 
             None => (None, 0),
         },
         ClientApi::Responses => responses::meter_reply(body),
-        // Chat and embeddings keep the relay's own metering.
-        ClientApi::Chat | ClientApi::Embeddings => (None, 0),
+        ClientApi::Chat | ClientApi::Embeddings => openai::meter_reply(body),
     }
 }
 

@@ -1,14 +1,160 @@
-//! OpenAI chat completions: the pass-through request rewrite, and the chat shapes on both
-//! sides of a translation (decoding an OpenAI upstream, encoding for an OpenAI client).
+//! OpenAI chat completions (and embeddings): what the gateway reads in a request (prompt
+//! estimate, output cap, choices, usage chunk), the pass-through rewrite and metering, an
+//! upstream's error identifiers, and the chat shapes on both sides of a translation
+//! (decoding an OpenAI upstream, encoding for an OpenAI client).
 
 use std::collections::VecDeque;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::{parse_event, Event, Reply, Stop, StreamIds, ToolCall};
 use crate::billing::Usage;
+use crate::error::is_safe_ident;
+use crate::sse::{Message, UsageDoc};
+use crate::tokens;
+
+/// The output cap a chat request asks for, if any.
+pub(crate) fn requested_out(doc: &Map<String, Value>) -> Option<u64> {
+    doc.get("max_completion_tokens")
+        .and_then(Value::as_u64)
+        .or_else(|| doc.get("max_tokens").and_then(Value::as_u64))
+}
+
+/// Choices a chat request asks for (`n`), each up to the output cap.
+pub(crate) fn choices(doc: &Map<String, Value>) -> u64 {
+    doc.get("n").and_then(Value::as_u64).unwrap_or(1)
+}
+
+/// Whether a streaming client asked for the usage chunk (`stream_options.include_usage`).
+pub(crate) fn wants_usage(doc: &Map<String, Value>) -> bool {
+    doc.get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        == Some(true)
+}
+
+/// Tokens each chat message adds beyond its content (role and framing).
+const PER_MESSAGE_TOKENS: u64 = 4;
+
+fn text_tokens(v: &Value) -> u64 {
+    match v {
+        Value::String(s) => tokens::count(s) as u64,
+        // Content parts: only text parts carry tokens we can count here.
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .map(|s| tokens::count(s) as u64)
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// Prompt tokens of a chat request, counted in memory; only the number is kept.
+pub(crate) fn estimate_chat_prompt(doc: &Map<String, Value>) -> u64 {
+    let Some(messages) = doc.get("messages").and_then(Value::as_array) else {
+        return 0;
+    };
+    messages
+        .iter()
+        .map(|m| {
+            let mut n = PER_MESSAGE_TOKENS;
+            if let Some(c) = m.get("content") {
+                n += text_tokens(c);
+            }
+            for call in m
+                .get("tool_calls")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(args) = call.pointer("/function/arguments") {
+                    n += text_tokens(args);
+                }
+            }
+            n
+        })
+        .sum()
+}
+
+/// Input tokens of an embeddings request.
+pub(crate) fn estimate_embedding_input(doc: &Map<String, Value>) -> u64 {
+    match doc.get("input") {
+        Some(Value::String(s)) => tokens::count(s) as u64,
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| match i {
+                Value::String(s) => tokens::count(s) as u64,
+                // Pre-tokenized input: a list of token ids.
+                Value::Array(ids) => ids.len() as u64,
+                Value::Number(_) => 1,
+                _ => 0,
+            })
+            .sum(),
+        _ => 0,
+    }
+}
+
+#[derive(Deserialize)]
+struct ReplyDoc<'a> {
+    #[serde(default)]
+    usage: Option<UsageDoc>,
+    #[serde(default, borrow)]
+    choices: Option<Vec<ReplyChoice<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct ReplyChoice<'a> {
+    #[serde(default, borrow)]
+    message: Option<Message<'a>>,
+}
+
+/// Usage of a passed-through chat or embeddings answer: the upstream's, else (none) the
+/// output tokens counted in its messages.
+pub(crate) fn meter_reply(body: &[u8]) -> (Option<Usage>, u64) {
+    let Ok(doc) = serde_json::from_slice::<ReplyDoc<'_>>(body) else {
+        return (None, 0);
+    };
+    let usage = doc.usage.as_ref().map(UsageDoc::to_usage);
+    if usage.is_some() {
+        return (usage, 0);
+    }
+    let counted = doc
+        .choices
+        .iter()
+        .flatten()
+        .filter_map(|c| c.message.as_ref())
+        .map(Message::tokens)
+        .sum();
+    (None, counted)
+}
+
+#[derive(Deserialize)]
+struct ErrorDoc {
+    error: Option<ErrorInner>,
+}
+
+#[derive(Deserialize)]
+struct ErrorInner {
+    #[serde(rename = "type")]
+    kind: Option<Value>,
+    code: Option<Value>,
+}
+
+/// `error.type` and `error.code` of an OpenAI-shaped upstream error, each only when it is
+/// a plain identifier: nothing free-form from the upstream reaches the client.
+pub(crate) fn error_ids(body: &[u8]) -> (Option<String>, Option<String>) {
+    let Ok(ErrorDoc { error: Some(inner) }) = serde_json::from_slice(body) else {
+        return (None, None);
+    };
+    let safe = |v: Option<Value>| match v {
+        Some(Value::String(s)) if is_safe_ident(&s) => Some(s),
+        _ => None,
+    };
+    (safe(inner.kind), safe(inner.code))
+}
 
 /// Pass-through rewrite: the deployment's model, the output cap the reservation covers
 /// (`max_out` per choice), and for streams the usage chunk so billing uses the upstream's
