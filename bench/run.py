@@ -35,7 +35,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -165,40 +165,68 @@ def proc_tree(root: int) -> list[int]:
     return out
 
 
-def cpu_seconds(root: int) -> float:
-    """User + system CPU time of the live process tree.
+def pid_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one live process.
 
     Per-thread schedstat counts nanoseconds; /proc/PID/stat counts clock ticks (10 ms),
     too coarse for a few hundred slow requests, so it is only the fallback.
     """
-    total = 0.0
+    ns = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            ns += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+        return ns / 1e9
+    except (OSError, IndexError, ValueError):
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
+def cpu_seconds(root: int) -> float:
+    """User + system CPU time of the live process tree."""
+    return sum(pid_cpu_seconds(pid) for pid in proc_tree(root))
+
+
+def pid_rss_mb(pid: int) -> float:
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_KB / 1024
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def process_role(pid: int) -> str:
+    """What a process of a target's tree is: onetoken's `gateway` child and its `control`
+    process by their command, anything else by its program name."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = [a.decode(errors="replace") for a in argv if a]
+    if "onetoken.cli" in words or any(w.endswith("/onetoken") for w in words):
+        if "gateway" in words:
+            return "gateway"
+        if "serve" in words or "control" in words:
+            return "control"
+    return Path(words[0]).name if words else "?"
+
+
+def by_process(root: int) -> dict[str, dict[str, float]]:
+    """Per role in the tree: RSS MB and CPU seconds so far (processes of one role summed)."""
+    out: dict[str, dict[str, float]] = {}
     for pid in proc_tree(root):
-        ns = 0
-        try:
-            for task in os.listdir(f"/proc/{pid}/task"):
-                ns += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
-            total += ns / 1e9
-            continue
-        except (OSError, IndexError, ValueError):
-            pass
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
-    return total
+        entry = out.setdefault(process_role(pid), {"rss_mb": 0.0, "cpu_s": 0.0})
+        entry["rss_mb"] += pid_rss_mb(pid)
+        entry["cpu_s"] += pid_cpu_seconds(pid)
+    return out
 
 
 def rss_mb(root: int) -> float:
     """Resident memory of the tree, summed (shared pages of forked workers count twice)."""
-    pages = 0
-    for pid in proc_tree(root):
-        try:
-            pages += int(Path(f"/proc/{pid}/statm").read_text().split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    return pages * PAGE_KB / 1024
+    return sum(pid_rss_mb(pid) for pid in proc_tree(root))
 
 
 def http_status(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> int:
@@ -312,6 +340,8 @@ class Target:
     api_key: str = ""
     version: str = ""
     idle_rss_mb: float = 0.0
+    # Idle RSS MB per process role (onetoken: control and gateway).
+    idle_rss_by_process: dict[str, float] = field(default_factory=dict)
     note: str = ""
     short_run: bool = False
     # Variant rows (same server, other configuration): the wrk body when not the default
@@ -401,8 +431,16 @@ def onetoken_python(explicit: str | None) -> str | None:
     return None
 
 
-def start_onetoken(services: Services, workdir: Path, upstream: str, python: str) -> Target:
-    data_dir = workdir / "onetoken-data"
+def start_onetoken(
+    services: Services,
+    workdir: Path,
+    upstream: str,
+    python: str,
+    *,
+    name: str = "onetoken",
+    extra_env: dict[str, str] | None = None,
+) -> Target:
+    data_dir = workdir / f"{name}-data"
     gw_port, ctl_port = free_port(), free_port()
     env = {
         **os.environ,
@@ -411,6 +449,7 @@ def start_onetoken(services: Services, workdir: Path, upstream: str, python: str
         "ONETOKEN_CONTROL_LISTEN": f"{HOST}:{ctl_port}",
         "ONETOKEN_DEMO_UPSTREAM": upstream,
         "ONETOKEN_LOG_LEVEL": "WARNING",
+        **(extra_env or {}),
     }
     boot_info: dict[str, Any] = {}
     try:
@@ -421,7 +460,7 @@ def start_onetoken(services: Services, workdir: Path, upstream: str, python: str
         # `serve --demo` prints a key of its own; try that before giving up.
         log(f"onetoken: bootstrap --json failed ({str(exc).splitlines()[0][:200]})")
         api_key = ""
-    svc = services.start("onetoken", [python, "-m", "onetoken.cli", "serve", "--demo"], env=env)
+    svc = services.start(name, [python, "-m", "onetoken.cli", "serve", "--demo"], env=env)
     base = f"http://{HOST}:{gw_port}"
     wait_ready(svc, f"{base}/healthz", 180)
     body = json.dumps(
@@ -448,7 +487,7 @@ def start_onetoken(services: Services, workdir: Path, upstream: str, python: str
             "(`make bench` installs a release build first)"
         )
     target = Target(
-        "onetoken",
+        name,
         base,
         "demo-chat",
         svc.proc.pid,
@@ -833,15 +872,160 @@ def run_loadgen(loadgen: Path, t: Target, w: Workload, seconds: int) -> dict[str
     }
 
 
+# Open idle streams held at once to measure the gateway's memory per stream. Each one holds
+# a client and an upstream socket in the gateway, so the open-files hard limit (20,000 per
+# process on the reference machine) may cap the count: the report says how many were open.
+IDLE_STREAMS = 10_000
+IDLE_STREAM_HOLD_S = 3.0
+
+
+def idle_streams(t: Target, wanted: int) -> dict[str, Any]:
+    """Memory per open idle stream: RSS of the gateway process with `wanted` streams open
+    (each waiting for a chunk the mock sends only after a long pause) minus before.
+
+    Checks its own output: every stream must have answered 200 with an SSE content type
+    before the figure counts; otherwise the measurement is refused."""
+    import asyncio
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    count = min(wanted, max(0, (hard - 1_000) // 2))
+    pids = [p for p in proc_tree(t.pid) if process_role(p) == "gateway"] or [t.pid]
+    gateway = pids[0]
+    host, port = t.base_url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps(
+        {
+            "model": t.model,
+            "stream": True,
+            "max_tokens": 16,
+            "messages": [{"role": "user", "content": CHAT_PROMPT}],
+            "mock": {"chunks": 2, "delay_ms": 60_000},
+        }
+    ).encode()
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: Bearer {t.api_key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+    async def open_one(
+        sem: asyncio.Semaphore,
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        async with sem:
+            try:
+                reader, writer = await asyncio.open_connection(host, int(port))
+                writer.write(request)
+                await writer.drain()
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            except (TimeoutError, OSError, asyncio.IncompleteReadError):
+                return None
+            text = head.decode("latin-1").lower()
+            if not text.startswith("http/1.1 200") or "text/event-stream" not in text:
+                writer.close()
+                return None
+            return reader, writer
+
+    async def run() -> dict[str, Any]:
+        before = pid_rss_mb(gateway)
+        sem = asyncio.Semaphore(256)
+        opened = await asyncio.gather(*(open_one(sem) for _ in range(count)))
+        ok = [c for c in opened if c is not None]
+        await asyncio.sleep(IDLE_STREAM_HOLD_S)
+        during = pid_rss_mb(gateway)
+        for _, writer in ok:
+            writer.close()
+        return {
+            "wanted": wanted,
+            "opened": len(ok),
+            "tried": count,
+            "rss_before_mb": before,
+            "rss_open_mb": during,
+        }
+
+    result = asyncio.run(run())
+    if result["opened"] != count:
+        raise BenchError(
+            f"only {result['opened']} of {count} idle streams answered 200 text/event-stream"
+        )
+    result["kb_per_stream"] = (
+        (result["rss_open_mb"] - result["rss_before_mb"]) * 1024 / result["opened"]
+    )
+    log(
+        f"onetoken: {result['opened']} idle streams: gateway RSS {result['rss_before_mb']:.1f} "
+        f"→ {result['rss_open_mb']:.1f} MB, {result['kb_per_stream']:.1f} KB per stream"
+    )
+    return result
+
+
+_PHASE_LINE = re.compile(r'^onetoken_phase_cpu_seconds_total\{phase="([a-z_]+)"\} ([0-9.eE+-]+)$')
+
+
+def phase_seconds(metrics_url: str) -> dict[str, float]:
+    with urllib.request.urlopen(metrics_url, timeout=10) as resp:  # noqa: S310 - loopback
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if m := _PHASE_LINE.match(line):
+            out[m[1]] = float(m[2])
+    return out
+
+
+def phase_profile(
+    services: Services,
+    workdir: Path,
+    upstream: str,
+    python: str,
+    seconds: int,
+    warmup: int,
+    loadgen: Path,
+) -> dict[str, Any]:
+    """CPU µs per request split by phase: a second onetoken with the gateway's phase
+    timing on (it costs CPU of its own, so the headline rows run without it), the
+    non-streaming 32-connection workload, the counters' growth over the requests served."""
+    metrics_port = free_port()
+    t = start_onetoken(
+        services,
+        workdir,
+        upstream,
+        python,
+        name="onetoken-phases",
+        extra_env={
+            "ONETOKEN_GATEWAY_PHASE_TIMING": "1",
+            "ONETOKEN_METRICS_LISTEN": f"{HOST}:{metrics_port}",
+        },
+    )
+    metrics_url = f"http://{HOST}:{metrics_port}/metrics"
+    warm_up(t, warmup)
+    before = phase_seconds(metrics_url)
+    row = measure(t, WORKLOADS[0], seconds, loadgen)
+    after = phase_seconds(metrics_url)
+    if not after or row["errors"] or not row["requests"]:
+        raise BenchError(
+            f"phase profile not usable: {len(after)} phase counters, {row['errors']} errors"
+        )
+    n = row["requests"]
+    phases = {p: (v - before.get(p, 0.0)) * 1e6 / n for p, v in after.items()}
+    return {"phases": phases, "row": row}
+
+
 def measure(t: Target, w: Workload, seconds: int, loadgen: Path) -> dict[str, Any]:
-    cpu0 = cpu_seconds(t.pid)
+    procs0 = by_process(t.pid)
     if w.tool == "wrk":
         data = run_wrk(t, w, seconds)
     else:
         data = run_loadgen(loadgen, t, w, seconds)
-    cpu = cpu_seconds(t.pid) - cpu0
+    procs1 = by_process(t.pid)
     total = data["requests"] + data["errors"]
-    data["cpu_us_per_req"] = cpu * 1e6 / total if total else None
+    per_role = {
+        role: (v["cpu_s"] - procs0.get(role, {}).get("cpu_s", 0.0)) * 1e6 / total
+        for role, v in procs1.items()
+        if total
+    }
+    data["cpu_us_per_req"] = sum(per_role.values()) if total else None
+    data["cpu_us_per_req_by_process"] = per_role
+    data["rss_mb_by_process"] = {role: v["rss_mb"] for role, v in procs1.items()}
     data["rss_mb"] = rss_mb(t.pid)
     data["seconds"] = seconds
     return data
@@ -958,8 +1142,10 @@ def write_report(
     rows: dict[tuple[str, str], dict[str, Any]],
     skipped: dict[str, str],
     variants: list[Target] | None = None,
+    extras: dict[str, Any] | None = None,
 ) -> None:
     variants = variants or []
+    extras = extras or {}
     # Each target's variant rows (same server, another configuration) follow it.
     names = []
     for t in targets:
@@ -1109,13 +1295,98 @@ def write_report(
             )
     lines.append("")
 
+    lines += onetoken_processes(rows, targets, extras)
     lines += guard_cost(rows)
-    lines += targets_check(rows, targets)
+    lines += targets_check(rows, targets, extras)
     if meta.get("errors"):
         lines += ["## Problems during the run", ""]
         lines += [f"- {e}" for e in meta["errors"]]
         lines.append("")
     path.write_text("\n".join(lines))
+
+
+def onetoken_processes(
+    rows: dict[tuple[str, str], dict[str, Any]], targets: list[Target], extras: dict[str, Any]
+) -> list[str]:
+    """onetoken's processes apart: idle RSS and CPU per request of each, memory per idle
+    stream, and the gateway's CPU per request split by phase."""
+    ot = next((t for t in targets if t.name == "onetoken"), None)
+    if ot is None:
+        return []
+    roles = sorted(ot.idle_rss_by_process)
+    out = [
+        "## onetoken by process",
+        "",
+        "`serve --demo` runs the control process (control API, ingestion into chDB and the "
+        "ledger) and one gateway child. CPU µs per request of each process over the same "
+        "rows as above; the totals above are their sum.",
+        "",
+        "| measure | " + " | ".join(roles) + " |",
+        "|---|" + "---:|" * len(roles),
+        "| idle RSS MB | " + " | ".join(fmt(ot.idle_rss_by_process[r], 1) for r in roles) + " |",
+    ]
+    for w in WORKLOADS:
+        r = rows.get(("onetoken", w.key), {})
+        by = r.get("cpu_us_per_req_by_process") or {}
+        if by:
+            out.append(
+                f"| CPU µs/req, {w.key} | " + " | ".join(fmt(by.get(x), 1) for x in roles) + " |"
+            )
+        rss = r.get("rss_mb_by_process") or {}
+        if rss and w.key == "chat_32c":
+            out.append(
+                f"| RSS MB after {w.key} | " + " | ".join(fmt(rss.get(x), 1) for x in roles) + " |"
+            )
+    out.append("")
+    streams = extras.get("idle_streams")
+    if streams:
+        out += [
+            "### Open idle streams",
+            "",
+            f"{streams['opened']:,} streams open at once (each answered 200 text/event-stream and "
+            "then waits for a chunk the mock sends only after 60 s), held "
+            f"{IDLE_STREAM_HOLD_S:.0f} s. Each holds a client and an upstream socket in the "
+            "gateway, so the open-files hard limit caps the count below "
+            f"{streams['wanted']:,} when it is under twice that.",
+            "",
+            "| gateway RSS before MB | with streams open MB | KB per stream |",
+            "|---:|---:|---:|",
+            f"| {fmt(streams['rss_before_mb'], 1)} | {fmt(streams['rss_open_mb'], 1)} | "
+            f"{fmt(streams['kb_per_stream'], 1)} |",
+            "",
+        ]
+    prof = extras.get("phases")
+    if prof:
+        phases = prof["phases"]
+        order = [
+            "admit",
+            "authenticate",
+            "route",
+            "reserve",
+            "forward",
+            "relay",
+            "settle",
+            "record",
+        ]
+        names = [p for p in order if p in phases] + sorted(set(phases) - set(order))
+        gw = (prof["row"].get("cpu_us_per_req_by_process") or {}).get("gateway")
+        total = sum(phases.values())
+        out += [
+            "### Gateway CPU per request by phase",
+            "",
+            "A second onetoken with `ONETOKEN_GATEWAY_PHASE_TIMING=1` (the thread CPU clock "
+            "around each phase; it adds CPU of its own, so the rows above run without it), "
+            f"non-streaming chat at 32 connections, {fmt(prof['row']['rps'])} req/s. "
+            "'outside phases' is the gateway process's CPU per request minus the phases: "
+            "hyper's connection handling, socket reads and writes, the runtime.",
+            "",
+            "| " + " | ".join(names) + " | phases | outside phases | gateway total |",
+            "|" + "---:|" * (len(names) + 3),
+            "| " + " | ".join(fmt(phases[p], 2) for p in names) + f" | {fmt(total, 1)} | "
+            f"{fmt(gw - total if gw is not None else None, 1)} | {fmt(gw, 1)} |",
+            "",
+        ]
+    return out
 
 
 def guard_cost(rows: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
@@ -1157,7 +1428,11 @@ def guard_cost(rows: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
     return out
 
 
-def targets_check(rows: dict[tuple[str, str], dict[str, Any]], targets: list[Target]) -> list[str]:
+def targets_check(
+    rows: dict[tuple[str, str], dict[str, Any]],
+    targets: list[Target],
+    extras: dict[str, Any] | None = None,
+) -> list[str]:
     """onetoken against DESIGN.md section 7, when both it and the peers ran."""
     if not any(t.name == "onetoken" for t in targets):
         return []
@@ -1169,6 +1444,11 @@ def targets_check(rows: dict[tuple[str, str], dict[str, Any]], targets: list[Tar
     checks: list[tuple[str, float | None, float, str]] = []
     ot, ng = val("onetoken", "chat_32c", "rps"), val("nginx", "chat_32c", "rps")
     checks.append(("throughput ≥ 0.8 x nginx", ot / ng if ot and ng else None, 0.8, ">="))
+    ot, ng = val("onetoken", "stream_32c", "rps"), val("nginx", "stream_32c", "rps")
+    checks.append(("stream throughput ≥ 0.8 x nginx", ot / ng if ot and ng else None, 0.8, ">="))
+    for wl, label in (("chat_32c", "request"), ("stream_32c", "stream")):
+        a, b = val("onetoken", wl, "cpu_us_per_req"), val("nginx", wl, "cpu_us_per_req")
+        checks.append((f"CPU per {label} ≤ 1.5 x nginx's", a / b if a and b else None, 1.5, "<="))
     for key, limit, label in (("p50_us", 50, "p50"), ("p99_us", 150, "p99")):
         a, b = val("onetoken", "chat_1c", key), val("direct", "chat_1c", key)
         checks.append(
@@ -1178,9 +1458,17 @@ def targets_check(rows: dict[tuple[str, str], dict[str, Any]], targets: list[Tar
     checks.append(("added time to first token ≤ 300 µs", a - b if a and b else None, 300, "<="))
     a, b = val("onetoken", "stream_1c", "gap_p50_us"), val("direct", "stream_1c", "gap_p50_us")
     checks.append(("added per-chunk gap ≤ 10 µs", a - b if a and b else None, 10, "<="))
-    idle = next((t.idle_rss_mb for t in targets if t.name == "onetoken"), None)
+    ot_target = next((t for t in targets if t.name == "onetoken"), None)
+    gateway_idle = ot_target.idle_rss_by_process.get("gateway") if ot_target else None
+    checks.append(("gateway process idle RSS ≤ 64 MB", gateway_idle, 64, "<="))
+    streams = (extras or {}).get("idle_streams")
     checks.append(
-        ("idle RSS ≤ 64 MB + ~250 MB embedded chDB (demo uses chDB)", idle, 64 + 250, "<=")
+        (
+            "≤ 20 KB per open idle stream",
+            streams["kb_per_stream"] if streams else None,
+            20,
+            "<=",
+        )
     )
     out = [
         "## onetoken against the targets (DESIGN.md section 7)",
@@ -1188,12 +1476,12 @@ def targets_check(rows: dict[tuple[str, str], dict[str, Any]], targets: list[Tar
         "| target | measured | result |",
         "|---|---:|---|",
     ]
-    for label, value, limit, op in checks:
+    for label, value, bound, op in checks:
         if value is None:
             out.append(f"| {label} | - | not measured |")
             continue
-        ok = value >= limit if op == ">=" else value <= limit
-        shown = f"{value:.2f}" if op == ">=" else f"{value:,.0f}"
+        ok = value >= bound if op == ">=" else value <= bound
+        shown = f"{value:.2f}" if op == ">=" or value < 10 else f"{value:,.0f}"
         out.append(f"| {label} | {shown} | {'met' if ok else 'NOT met'} |")
     out.append("")
     return out
@@ -1263,6 +1551,8 @@ def main(argv: list[str] | None = None) -> int:
     variants: list[Target] = []
     skipped: dict[str, str] = {}
     rows: dict[tuple[str, str], dict[str, Any]] = {}
+    # onetoken-only measurements: idle streams, the phase profile.
+    extras: dict[str, Any] = {}
 
     with tempfile.TemporaryDirectory(prefix="onetoken-bench-") as tmp:
         workdir = Path(tmp)
@@ -1302,6 +1592,9 @@ def main(argv: list[str] | None = None) -> int:
                         services.stop_after_first()
                         continue
                     t.idle_rss_mb = rss_mb(t.pid)
+                    t.idle_rss_by_process = {
+                        role: v["rss_mb"] for role, v in by_process(t.pid).items()
+                    }
                     targets.append(t)
                     warm_up(t, warmup)
                     secs = litellm_seconds if t.short_run else seconds
@@ -1329,13 +1622,26 @@ def main(argv: list[str] | None = None) -> int:
                             log(f"onetoken: variant rows skipped: {exc}")
                             steps = []
                         run_variants(steps, seconds, warmup, loadgen, rows, variants, meta)
+                        try:
+                            extras["idle_streams"] = idle_streams(t, IDLE_STREAMS)
+                        except BenchError as exc:
+                            meta["errors"].append(f"onetoken idle streams: {exc}")
                     # Give the cores back before the next target starts.
+                    services.stop_after_first()
+                if py is not None and any(t.name == "onetoken" for t in targets):
+                    log("onetoken: phase profile")
+                    try:
+                        extras["phases"] = phase_profile(
+                            services, workdir, upstream, py, seconds, warmup, loadgen
+                        )
+                    except BenchError as exc:
+                        meta["errors"].append(f"onetoken phase profile: {exc}")
                     services.stop_after_first()
             finally:
                 services.stop_all()
 
     meta["loadavg_end"] = loadavg()
-    write_report(args.output, meta, targets, rows, skipped, variants)
+    write_report(args.output, meta, targets, rows, skipped, variants, extras)
     OUT_DIR.mkdir(exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     raw = {
@@ -1346,6 +1652,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "skipped": skipped,
         "rows": [{"target": k[0], "workload": k[1], **v} for k, v in rows.items()],
+        "extras": extras,
     }
     (OUT_DIR / f"results-{stamp}.json").write_text(json.dumps(raw, indent=2))
     log(f"wrote {args.output} and bench/out/results-{stamp}.json")
