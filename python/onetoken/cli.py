@@ -1,4 +1,9 @@
-"""The `onetoken` command (also `python -m onetoken.cli`)."""
+"""The `onetoken` command (also `python -m onetoken.cli`).
+
+Only the standard library at import time: `onetoken gateway` must not load FastAPI,
+SQLAlchemy or pydantic (tests/unit/test_gateway_runner.py); every other command imports
+what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,12 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
-from onetoken.kit.errors import OnetokenError
 from onetoken.kit.files import restrict_umask
-from onetoken.settings import Settings
+
+if TYPE_CHECKING:
+    from onetoken.settings import Settings
 
 EXIT_OK = 0
 EXIT_FOUND = 1
@@ -25,6 +29,10 @@ class CliError(Exception):
 
 
 def _settings() -> Settings:
+    from pydantic import ValidationError
+
+    from onetoken.settings import Settings
+
     try:
         return Settings()
     except ValidationError as exc:
@@ -47,12 +55,29 @@ def _open_db(settings: Settings) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    return _run_control(demo=args.demo, gateway=True)
+
+
+def cmd_control(_: argparse.Namespace) -> int:
+    return _run_control(demo=False, gateway=False)
+
+
+def _run_control(*, demo: bool, gateway: bool) -> int:
     from onetoken.serve import ServeError, run
 
     try:
-        return run(_settings(), demo=args.demo)
+        return run(_settings(), demo=demo, gateway=gateway)
     except ServeError as exc:
         raise CliError(str(exc)) from None
+    except ImportError as exc:
+        raise CliError(f"the gateway extension is not available: {exc}") from None
+
+
+def cmd_gateway(_: argparse.Namespace) -> int:
+    from onetoken.gateway.runner import main as gateway_main
+
+    try:
+        return gateway_main()
     except ImportError as exc:
         raise CliError(f"the gateway extension is not available: {exc}") from None
 
@@ -292,13 +317,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="run the gateway and the control API")
+    p = sub.add_parser("serve", help="run the control process and one gateway it supervises")
     p.add_argument(
         "--demo",
         action="store_true",
         help="bundled fake provider, demo models, a funded org and a printed API key",
     )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "control", help="run the control API, ingestion and background work (no gateway)"
+    )
+    p.set_defaults(func=cmd_control)
+
+    p = sub.add_parser(
+        "gateway",
+        help="run a gateway: the engine serving /v1 on the control process's config "
+        "(ONETOKEN_CONTROL_URL, ONETOKEN_GATEWAY_TOKEN or the master secret)",
+    )
+    p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("bootstrap", help="create the first org, owner account and API key")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -376,11 +413,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"onetoken: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except OnetokenError as exc:
-        print(f"onetoken: error: {exc.message}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # Only a command that loaded onetoken.kit.errors can raise its errors.
+        errors = sys.modules.get("onetoken.kit.errors")
+        if errors is not None and isinstance(exc, errors.OnetokenError):
+            print(f"onetoken: error: {exc.message}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
 
 
 if __name__ == "__main__":

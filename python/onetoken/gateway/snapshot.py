@@ -1,13 +1,18 @@
-"""Builds the config snapshot the engine accepts (tests/contract/snapshot.json).
+"""Builds the config snapshot the engine accepts (tests/contract/snapshot.json), and
+serves it to gateways over the gateway channel (SnapshotSource).
 
 The engine rejects unknown fields, so every object here is built field by field.
-Provider credentials are decrypted into the snapshot, which lives only in memory.
+Provider credentials are decrypted into the snapshot, which lives only in memory (the
+control process's and the gateway's; the channel carries it, nothing writes it to disk).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import orjson
@@ -16,7 +21,8 @@ from sqlalchemy.orm import Session
 
 from onetoken.billing import budgets as billing_budgets
 from onetoken.billing.service import balances
-from onetoken.db.models import ApiKey, Org
+from onetoken.db.models import ApiKey, Org, utcnow
+from onetoken.db.session import SessionFactory, current_revision
 from onetoken.keys.service import snapshot_fields as keys_snapshot_fields
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import Unprocessable
@@ -35,7 +41,7 @@ def build_snapshot(
     org_balances: Mapping[str, int] | None = None,
     key_spent_marks: Mapping[str, int] | None = None,
 ) -> Snapshot:
-    """`org_balances` and `spent_marks` must be read together (see GatewaySupervisor)."""
+    """`org_balances` and `spent_marks` must be read together (see SnapshotSource)."""
     if org_balances is None:
         org_balances = balances(session)
     orgs = session.scalars(select(Org).order_by(Org.id)).all()
@@ -123,6 +129,83 @@ def _key(k: ApiKey, org_models: set[str]) -> dict[str, Any]:
 
 def snapshot_json(snapshot: Snapshot) -> bytes:
     return orjson.dumps(snapshot)
+
+
+# -- serving gateways -----------------------------------------------------------------------
+
+# (org marks, key marks) ingested from one engine instance; onetoken.ingest.marks.spent_marks.
+MarksReader = Callable[[Session, str], tuple[dict[str, int], dict[str, int]]]
+# Gateways whose last snapshot is remembered (one per instance that polled lately).
+_REMEMBERED_INSTANCES = 64
+
+
+def _ingested_marks(session: Session, instance_id: str) -> tuple[dict[str, int], dict[str, int]]:
+    from onetoken.ingest.marks import spent_marks
+
+    return spent_marks(session, instance_id)
+
+
+class SnapshotSource:
+    """Snapshots for the gateway channel: `GET /internal/gateway/snapshot?instance=`.
+
+    A snapshot is rebuilt when the config revision or the UTC day/month of the budget
+    windows changed since that instance's last one, else the gateway's ETag gets a 304.
+    Balances and that instance's spent marks are read under `mark_lock` (the ingestor's),
+    so the engine's available = balance - (spent - spent_mark) - reserved never counts an
+    ingested cost twice or misses one; ingestion alone moves both and changes nothing the
+    engine computes, so it does not make a snapshot stale.
+    """
+
+    def __init__(
+        self,
+        secrets: Secrets,
+        session_factory: SessionFactory,
+        mark_lock: AbstractContextManager[Any] | None = None,
+        *,
+        marks: MarksReader | None = None,
+    ) -> None:
+        self.secrets = secrets
+        self.session_factory = session_factory
+        self.mark_lock: AbstractContextManager[Any] = mark_lock or threading.Lock()
+        self._marks = marks or _ingested_marks
+        # Versions rise across restarts of the control process too (the engine ignores a
+        # version not above the one it serves): they start at the wall clock's milliseconds.
+        self._version = 0
+        self._lock = threading.Lock()
+        # instance -> ((revision, day, month), etag of the snapshot built for it).
+        self._served: OrderedDict[str, tuple[tuple[int, int, int], str]] = OrderedDict()
+
+    def get(self, instance_id: str, if_none_match: str | None) -> tuple[str, bytes | None]:
+        """(ETag, snapshot JSON) or, when `if_none_match` is still current, (ETag, None)."""
+        with self._lock:
+            with self.session_factory() as session:
+                revision = current_revision(session)
+            window = billing_budgets.Window.at(utcnow())
+            key = (revision, window.day, window.month)
+            last = self._served.get(instance_id)
+            if last is not None and last[0] == key and last[1] == if_none_match:
+                self._served.move_to_end(instance_id)
+                return last[1], None
+            self._version = max(self._version + 1, time.time_ns() // 1_000_000)
+            with self.mark_lock, self.session_factory() as session:
+                # Read again inside the transaction that reads the data: a change committed
+                # since is in this snapshot, and its revision is the one remembered.
+                key = (current_revision(session), window.day, window.month)
+                org_marks, key_marks = self._marks(session, instance_id)
+                snap = build_snapshot(
+                    session,
+                    self.secrets,
+                    version=self._version,
+                    spent_marks=org_marks,
+                    org_balances=balances(session),
+                    key_spent_marks=key_marks,
+                )
+            etag = f'"{self._version}"'
+            self._served[instance_id] = (key, etag)
+            self._served.move_to_end(instance_id)
+            while len(self._served) > _REMEMBERED_INSTANCES:
+                self._served.popitem(last=False)
+            return etag, snapshot_json(snap)
 
 
 # -- the engine's rules, before a change is committed -------------------------------------

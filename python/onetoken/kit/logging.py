@@ -16,12 +16,15 @@ import uuid
 from datetime import UTC, datetime
 from logging.handlers import WatchedFileHandler
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from onetoken.kit.files import private_dir, private_file
+
+if TYPE_CHECKING:
+    # Annotations only: the slim gateway process logs through this module without Starlette.
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ALLOWED_FIELDS = frozenset(
     {

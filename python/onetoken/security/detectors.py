@@ -129,12 +129,10 @@ class Detectors:
         settings: DetectorSettings,
         session_factory: SessionFactory | None = None,
         *,
-        push_snapshot: Callable[[], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.s = settings
         self.session_factory = session_factory
-        self.push_snapshot = push_snapshot
         self._clock = clock
         self._keys: dict[str, _KeyState] = {}
         # key id -> {source ip -> last seen (record time, us)}
@@ -444,12 +442,7 @@ class Detectors:
         except Exception as exc:
             log.error("detectors.block_failed", extra={"exc_type": type(exc).__name__})
             return None
-        if self.push_snapshot is not None:
-            try:
-                self.push_snapshot()
-            except Exception as exc:
-                # The revision was bumped: the config watcher pushes it within a second.
-                log.warning("detectors.push_failed", extra={"exc_type": type(exc).__name__})
+        # The block bumped the config revision: gateways load it at their next poll.
         return int(until.timestamp())
 
     def _report(self, d: Detection) -> None:
@@ -483,23 +476,21 @@ class Detectors:
 
 
 def attach(
-    supervisor: Any, settings: DetectorSettings, session_factory: SessionFactory
+    ingestor: Any, settings: DetectorSettings, session_factory: SessionFactory
 ) -> Detectors:
-    """Run the detectors on every batch the supervisor's pump drains, and the pipeline
-    alarms on every flush cycle."""
-    detectors = Detectors(settings, session_factory, push_snapshot=supervisor.push_snapshot)
-    supervisor.batch_observers.append(detectors.observe)
+    """Run the detectors on every batch the ingestor takes, and the pipeline alarms on
+    every flush cycle. A block bumps the config revision: gateways load it at their next
+    snapshot poll."""
+    detectors = Detectors(settings, session_factory)
+    ingestor.batch_observers.append(detectors.observe)
 
     def pipeline() -> None:
         stats: dict[str, int] = {}
-        sink_stats = getattr(supervisor.sink, "stats", None)
+        sink_stats = getattr(ingestor.sink, "stats", None)
         if callable(sink_stats):
             stats.update(sink_stats())
-        engine = supervisor.engine
-        if engine is not None:
-            stats.update({k: v for k, v in engine.stats().items() if k.startswith("records_")})
         detectors.check_pipeline(stats)
 
-    supervisor.flush_hooks.append(pipeline)
+    ingestor.flush_hooks.append(pipeline)
     return detectors
 

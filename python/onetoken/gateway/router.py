@@ -1,0 +1,61 @@
+"""The control end of the gateway channel: `/internal/gateway/*` on the control listener.
+
+Gateways (onetoken.gateway.runner) fetch their engine config and poll snapshots here with
+the bearer token `channel_token(master secret, GATEWAY)`. Both answers carry secrets
+(the key-hash secret, provider credentials): without the token the answer is 401, and
+the endpoints are left out of the public OpenAPI document.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+
+from onetoken.deps import StateDep
+from onetoken.gateway.supervisor import engine_config
+from onetoken.kit.channel import bearer_matches
+from onetoken.kit.errors import Unauthorized
+from onetoken.security.permissions import public
+
+# Neither answer may be kept by a cache on the way.
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+def gateway_channel(request: Request, state: StateDep) -> None:
+    """Let the request through only with the gateway channel's token."""
+    if not bearer_matches(request.headers.get("authorization"), state.gateway_token):
+        raise Unauthorized("Missing or invalid gateway channel token.")
+
+
+# Not a session endpoint: the permission matrix treats it like the other public ones,
+# the channel token is its authentication.
+gateway_channel.onetoken_public = public.onetoken_public  # type: ignore[attr-defined]
+
+router = APIRouter(
+    prefix="/internal/gateway",
+    include_in_schema=False,
+    dependencies=[Depends(gateway_channel)],
+)
+
+
+@router.get("/config")
+def config(state: StateDep) -> Response:
+    """The engine config (tests/contract/engine_config.json), key-hash secrets included."""
+    body = orjson.dumps(engine_config(state.settings, state.secrets))
+    return Response(body, media_type="application/json", headers=_NO_STORE)
+
+
+@router.get("/snapshot")
+def snapshot(
+    state: StateDep,
+    instance: Annotated[str, Query(min_length=1, max_length=128)],
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """The snapshot for engine `instance` (its spent marks), or 304 for a current ETag."""
+    etag, body = state.snapshots.get(instance, if_none_match)
+    headers = {**_NO_STORE, "ETag": etag}
+    if body is None:
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
