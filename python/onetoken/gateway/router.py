@@ -17,7 +17,6 @@ from onetoken.deps import StateDep
 from onetoken.gateway.supervisor import engine_config
 from onetoken.kit.channel import bearer_matches
 from onetoken.kit.errors import Unauthorized
-from onetoken.security.permissions import public
 
 # Neither answer may be kept by a cache on the way.
 _NO_STORE = {"Cache-Control": "no-store"}
@@ -27,11 +26,6 @@ def gateway_channel(request: Request, state: StateDep) -> None:
     """Let the request through only with the gateway channel's token."""
     if not bearer_matches(request.headers.get("authorization"), state.gateway_token):
         raise Unauthorized("Missing or invalid gateway channel token.")
-
-
-# Not a session endpoint: the permission matrix treats it like the other public ones,
-# the channel token is its authentication.
-gateway_channel.onetoken_public = public.onetoken_public  # type: ignore[attr-defined]
 
 router = APIRouter(
     prefix="/internal/gateway",

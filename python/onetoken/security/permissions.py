@@ -209,6 +209,9 @@ class RouteRule:
     permission: Permission | None  # None: public
 
 
+INTERNAL_PREFIX = "/internal/"
+
+
 def api_routes(app: FastAPI) -> list[tuple[str, str, APIRoute]]:
     """(method, full path, route) of every API endpoint, included routers flattened."""
     try:
@@ -224,6 +227,10 @@ def api_routes(app: FastAPI) -> list[tuple[str, str, APIRoute]]:
         ]
     out = []
     for path, methods, route in contexts:
+        # The channels between onetoken processes (/internal/...) authenticate with their
+        # channel tokens (onetoken.kit.channel), not with sessions and roles.
+        if path.startswith(INTERNAL_PREFIX):
+            continue
         if isinstance(route, APIRoute):
             for method in sorted(methods - {"HEAD", "OPTIONS"}):
                 out.append((method, path, route))
