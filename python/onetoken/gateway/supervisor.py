@@ -104,9 +104,8 @@ class ControlRuntime:
         self.settings = settings
         self.ingestor = ingestor
         self.snapshots = SnapshotSource(secrets, session_factory, ingestor.mark_lock)
+        # Due prices and lapsing packages (the ingestor raises the usage events itself).
         self._billing = BillingUpkeep(session_factory)
-        # Low-balance and quota events are raised from the usage that was ingested.
-        ingestor.batch_observers.append(self._billing.observe)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -140,7 +139,6 @@ class ControlRuntime:
         if self._thread is not None:
             self._thread.join(timeout=30)
         self.ingestor.stop()
-        log.info("ingest.stopped", extra={"rows": self.ingestor.rows_ingested})
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:
