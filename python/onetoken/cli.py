@@ -253,17 +253,18 @@ def cmd_billing_reconcile(args: argparse.Namespace) -> int:
         state.db_engine.dispose()
     if args.json:
         print(json.dumps([
-            {"org_id": r.org_id, "ledger_usage": r.ledger_usage,
-             "call_log_cost": r.call_log_cost, "difference": r.difference}
+            {"org_id": r.org_id, "day": r.day.isoformat(), "ledger_usage": r.ledger_usage,
+             "call_log_cost": r.call_log_cost, "difference": r.difference,
+             "ledger_calls": r.ledger_calls, "call_log_calls": r.call_log_calls}
             for r in lines
         ]))
     else:
         for r in lines:
-            print(f"{r.org_id}  ledger {format_amount(r.ledger_usage)}  "
-                  f"call_log {format_amount(r.call_log_cost)}  "
-                  f"difference {format_amount(r.difference)}")
-    bad = [r for r in lines if r.difference != 0]
-    print(f"{len(lines)} org(s), {len(bad)} with a difference", file=sys.stderr)
+            print(f"{r.org_id}  {r.day}  ledger {format_amount(r.ledger_usage)} "
+                  f"({r.ledger_calls} calls)  call_log {format_amount(r.call_log_cost)} "
+                  f"({r.call_log_calls} calls)  difference {format_amount(r.difference)}")
+    bad = [r for r in lines if r.difference != 0 or r.calls_difference != 0]
+    print(f"{len(lines)} org-day(s), {len(bad)} with a difference", file=sys.stderr)
     return EXIT_FOUND if bad else EXIT_OK
 
 
