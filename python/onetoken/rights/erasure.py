@@ -489,33 +489,17 @@ def _runner(state: AppState) -> ClientRunner | None:
     return read if callable(read) else None
 
 
-def _drain_pipeline(state: AppState, timeout_s: float = 30.0) -> None:
-    """Let the record pump land what the engine still queues (and any spool) in
-    ClickHouse, so no record with the account's addresses arrives after the mutations.
-
-    The pump thread does the draining (a second drainer would acknowledge the engine's
-    journal out of order): wait until the queue is empty and no batch was written for two
-    flush intervals."""
+def _drain_pipeline(state: AppState) -> None:
+    """Ingest every record the engines journaled so far into ClickHouse, so no record with
+    the account's addresses arrives after the mutations (a record is journaled before its
+    response ends, so whole journal lines are all there is)."""
     runtime: Any = state.runtime
-    if runtime is None or runtime.engine is None:
+    if runtime is None:
         return
-    interval = state.settings.flush_interval_ms / 1000
-    deadline = time.monotonic() + timeout_s
-    last = runtime.rows_pumped
-    stable_since = time.monotonic()
-    while time.monotonic() < deadline:
-        now = time.monotonic()
-        if runtime.rows_pumped != last:
-            last, stable_since = runtime.rows_pumped, now
-        elif (
-            runtime.engine.stats().get("queue_depth", 0) == 0
-            and now - stable_since >= 2 * interval + 0.05
-        ):
-            break
-        time.sleep(interval / 2)
-    replay = getattr(runtime, "_ingest_replayed", None)
-    runtime.sink.replay_spool(replay)
-    for hook in list(getattr(runtime, "flush_hooks", [])):
+    ingestor: Any = getattr(runtime, "ingestor", None)
+    if ingestor is not None:
+        ingestor.catch_up()
+    for hook in list(getattr(ingestor or runtime, "flush_hooks", [])):
         try:
             hook()
         except Exception as exc:
