@@ -129,3 +129,18 @@ def serve_mock_upstream(
 ) -> None:
     """Run the fake provider in the foreground until SIGINT/SIGTERM (the CLI command).
     The keyword arguments set server-wide defaults that each request's `mock` overrides."""
+
+def read_journal(
+    path: str, offset: int, max_records: int, complete: bool
+) -> tuple[dict[str, list[Any]] | None, int, int]:
+    """Read whole record lines of the journal segment at `path` from byte `offset`, at
+    most `max_records`. Returns (columns, next_offset, bad_lines): columns as in
+    tests/contract/call_log_columns.json (None when no record was read), the offset to
+    resume at, and how many lines that were not records were consumed (never echoed). A
+    trailing line without a newline is left for a later read unless `complete` (the
+    segment never grows again), which consumes it as bad. OSError when the file cannot be
+    read (FileNotFoundError when it is gone)."""
+
+def journal_instance_live(lock_path: str) -> bool:
+    """Whether the engine instance of `<spool_dir>/journal-<instance>.lock` is alive: it
+    holds an exclusive flock on the file for its life. False when the file is missing."""

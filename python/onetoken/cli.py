@@ -260,6 +260,41 @@ def cmd_calls_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Ingest the journals in this data dir's spool into ClickHouse and the ledger until
+    SIGTERM/SIGINT (or once with --once): ingestion as its own process, one per node."""
+    import signal
+    import threading
+
+    from onetoken.analytics.clickhouse import parse_dsn
+    from onetoken.ingest import Ingestor
+
+    settings = _settings()
+    if parse_dsn(settings.clickhouse_dsn, settings.data_dir).kind == "chdb":
+        raise CliError(
+            "onetoken ingest needs a ClickHouse server (ONETOKEN_CLICKHOUSE_DSN=http://...): "
+            "embedded chDB allows one process per data path, and on the embedded default "
+            "the control process (onetoken control / serve) ingests the journals itself"
+        )
+    state = _open_db(settings)
+    settings.ensure_dirs()
+    ingestor = Ingestor(settings, state.session_factory)
+    try:
+        if args.once:
+            ingested = ingestor.catch_up()
+            print(f"{ingested} record(s) ingested", file=sys.stderr)
+            return EXIT_OK
+        done = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: done.set())
+        ingestor.start()
+        done.wait()
+        return EXIT_OK
+    finally:
+        ingestor.stop()
+        state.db_engine.dispose()
+
+
 def cmd_billing_reconcile(args: argparse.Namespace) -> int:
     """Ledger usage against call_log cost per org; exit 1 on any difference."""
     from onetoken.billing.reconcile import reconcile
@@ -278,17 +313,18 @@ def cmd_billing_reconcile(args: argparse.Namespace) -> int:
         state.db_engine.dispose()
     if args.json:
         print(json.dumps([
-            {"org_id": r.org_id, "ledger_usage": r.ledger_usage,
-             "call_log_cost": r.call_log_cost, "difference": r.difference}
+            {"org_id": r.org_id, "day": r.day.isoformat(), "ledger_usage": r.ledger_usage,
+             "call_log_cost": r.call_log_cost, "difference": r.difference,
+             "ledger_calls": r.ledger_calls, "call_log_calls": r.call_log_calls}
             for r in lines
         ]))
     else:
         for r in lines:
-            print(f"{r.org_id}  ledger {format_amount(r.ledger_usage)}  "
-                  f"call_log {format_amount(r.call_log_cost)}  "
-                  f"difference {format_amount(r.difference)}")
-    bad = [r for r in lines if r.difference != 0]
-    print(f"{len(lines)} org(s), {len(bad)} with a difference", file=sys.stderr)
+            print(f"{r.org_id}  {r.day}  ledger {format_amount(r.ledger_usage)} "
+                  f"({r.ledger_calls} calls)  call_log {format_amount(r.call_log_cost)} "
+                  f"({r.call_log_calls} calls)  difference {format_amount(r.difference)}")
+    bad = [r for r in lines if r.difference != 0 or r.calls_difference != 0]
+    print(f"{len(lines)} org-day(s), {len(bad)} with a difference", file=sys.stderr)
     return EXIT_FOUND if bad else EXIT_OK
 
 
@@ -377,6 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="report changes, save nothing")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_providers_apply)
+
+    p = sub.add_parser("ingest", help="ingest the gateways' journals into ClickHouse and the "
+                       "ledger (needs a ClickHouse server; the control process does it on chDB)")
+    p.add_argument("--once", action="store_true", help="catch up once and exit")
+    p.set_defaults(func=cmd_ingest)
 
     calls = sub.add_parser("calls", help="call metadata").add_subparsers(
         dest="calls_command", required=True, metavar="ACTION"

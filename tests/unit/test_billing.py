@@ -73,9 +73,13 @@ def world(state: AppState) -> World:
         return World(a.id, b.id, owner.id, model.id, key.id, key_b.id)
 
 
-def usage(org: str, rid: str, cost: int, at: datetime, key: str = "", model: str = "m") -> Any:
+def usage(
+    org: str, eid: str, cost: int, at: datetime, key: str = "", model: str = "m", calls: int = 1
+) -> Any:
     ts = int((at - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds() * US)
-    return billing.Usage(org_id=org, request_id=rid, cost=cost, ts_us=ts, key_id=key, model=model)
+    return billing.Usage(
+        org_id=org, entry_id=eid, cost=cost, ts_us=ts, key_id=key, model=model, calls=calls
+    )
 
 
 def ledger(state: AppState, org: str) -> list[tuple[str, int]]:
@@ -100,19 +104,24 @@ def test_usage_is_idempotent_and_keeps_key_model_and_exact_time(
     state: AppState, world: World
 ) -> None:
     at = datetime(2024, 5, 31, 23, 59, 59, 999_999, tzinfo=UTC)
-    u = usage(world.org, "req-1", 123, at, key=world.key, model="a-chat")
+    u = usage(world.org, "batch-1", 123, at, key=world.key, model="a-chat", calls=3)
     with state.session_factory() as s:
         assert billing.record_usage(s, [u, u]) == [u]
         s.commit()
         assert billing.record_usage(s, [u]) == []
         s.commit()
-        entry = s.scalars(select(LedgerEntry).where(LedgerEntry.request_id == "req-1")).one()
-    assert (entry.kind, entry.amount, entry.key_id, entry.model) == (
+        entry = s.scalars(
+            select(LedgerEntry).where(LedgerEntry.idempotency_key == "usage:batch-1")
+        ).one()
+    assert (entry.kind, entry.amount, entry.key_id, entry.model, entry.calls) == (
         "usage",
         -123,
         world.key,
         "a-chat",
+        3,
     )
+    # Per-request cost lives in call_log; an aggregated entry names no request.
+    assert entry.request_id is None
     # The last microsecond of May stays in May (a float timestamp would round it into June).
     assert entry.created_at == at
     assert bal(state, world.org) == -123

@@ -99,3 +99,11 @@ def test_audit_retention_exit_codes(tmp_path: Path, found: bool) -> None:
         (tmp_path / "logs" / "onetoken.log").write_text(f"x {needle} y\n")
     r = run(tmp_path, "audit-retention", "--needle", needle)
     assert r.returncode == (1 if found else 0), r.stderr
+
+
+def test_ingest_refuses_embedded_chdb(tmp_path: Path) -> None:
+    # Only the control process may open the embedded chDB path; it ingests there itself.
+    r = run(tmp_path, "ingest", "--once")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "needs a ClickHouse server" in r.stderr

@@ -204,14 +204,14 @@ def test_key_risks_emit_webhooks_once_per_cooldown(
     assert d.observe(batch(rows)) == []
 
 
-def test_pipeline_spooling_raises_a_system_alarm(
+def test_call_log_insert_failures_raise_a_system_alarm(
     tmp_path: Path, emitted: Emitted, seclog: security_log.SecurityLog
 ) -> None:
     d = Detectors(_settings(tmp_path))
-    assert d.check_pipeline({"rows_spooled": 0, "records_dropped": 0}) == []
-    found = d.check_pipeline({"rows_spooled": 120, "records_dropped": 0})
-    assert [f.kind for f in found] == ["system.pipeline_spooling"]
-    assert kinds(seclog) == ["system.pipeline_spooling"]
+    assert d.check_pipeline({"batches_failed": 0, "records_dropped": 0}) == []
+    found = d.check_pipeline({"batches_failed": 2, "records_dropped": 0})
+    assert [f.kind for f in found] == ["system.call_log_delayed"]
+    assert kinds(seclog) == ["system.call_log_delayed"]
     assert emitted.events == [("", "system_alarm", emitted.events[0][2])]
 
 

@@ -489,29 +489,15 @@ def _runner(state: AppState) -> ClientRunner | None:
     return read if callable(read) else None
 
 
-def _drain_pipeline(state: AppState, timeout_s: float = 30.0) -> None:
-    """Let ingestion land what the gateways journaled so far in ClickHouse, so no
-    record with the account's addresses arrives after the mutations.
-
-    The ingestor's thread does the reading (a second reader would race it for the same
-    journal offsets): wait until no batch was ingested for two flush intervals, then run
-    the flush hooks (the security log)."""
+def _drain_pipeline(state: AppState) -> None:
+    """Ingest every record the gateways journaled so far into ClickHouse, so no record
+    with the account's addresses arrives after the mutations (a record is journaled before
+    its response ends, so whole journal lines are all there is)."""
     runtime = state.runtime
     if runtime is None:
         return
-    ingestor = runtime.ingestor
-    interval = state.settings.flush_interval_ms / 1000
-    deadline = time.monotonic() + timeout_s
-    last = ingestor.rows_ingested
-    stable_since = time.monotonic()
-    while time.monotonic() < deadline:
-        now = time.monotonic()
-        if ingestor.rows_ingested != last:
-            last, stable_since = ingestor.rows_ingested, now
-        elif now - stable_since >= 2 * interval + 0.05:
-            break
-        time.sleep(interval / 2)
-    for hook in list(ingestor.flush_hooks):
+    runtime.ingestor.catch_up()
+    for hook in list(runtime.ingestor.flush_hooks):
         try:
             hook()
         except Exception as exc:

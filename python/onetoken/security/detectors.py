@@ -1,5 +1,5 @@
 """Risk detection on call metadata (never content): each drained record batch is looked
-at once, after the ledger took it (GatewaySupervisor.batch_observers).
+at once, after the ledger took it (Ingestor.batch_observers).
 
 What is detected (thresholds in settings, defaults in docs/security.md):
 
@@ -163,11 +163,11 @@ class Detectors:
 
     def check_pipeline(self, stats: Mapping[str, int]) -> list[Detection]:
         """System alarms from pipeline counters (sink and engine stats, cumulative):
-        records spooled to disk instead of ClickHouse, records dropped."""
+        call_log batches ClickHouse did not take, records dropped."""
         found: list[Detection] = []
         with self._lock:
             alarms: tuple[tuple[str, str, Severity], ...] = (
-                ("rows_spooled", "system.pipeline_spooling", "high"),
+                ("batches_failed", "system.call_log_delayed", "high"),
                 ("records_spooled", "system.queue_overflow", "high"),
                 ("records_dropped", "system.records_dropped", "critical"),
             )

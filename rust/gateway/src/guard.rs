@@ -696,7 +696,9 @@ fn days_in_month(year: u32, month: u8) -> u8 {
     match month {
         1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
         4 | 6 | 9 | 11 => 30,
-        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        2 if (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400) => {
+            29
+        }
         2 => 28,
         _ => 0,
     }
@@ -725,7 +727,7 @@ fn luhn(d: &[u8]) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// Issuer ranges and lengths of the major networks: without them about one random digit
@@ -946,7 +948,7 @@ fn key(b: &[u8], i: usize, found: &mut Findings) -> usize {
         if (s.min..=s.max).contains(&len)
             && bounded
             && (!s.mixed || has_digit_and_letter(body))
-            && s.check.map_or(true, |check| check(body))
+            && s.check.is_none_or(|check| check(body))
         {
             found.add(Category::SecretKey);
             return i + s.prefix.len() + len;

@@ -17,6 +17,7 @@ pub mod fuzzing;
 pub mod guard;
 mod ipset;
 mod journal;
+pub mod journal_reader;
 mod limits;
 mod metrics;
 mod policy;

@@ -364,7 +364,7 @@ impl Key {
     pub(crate) fn may_use(&self, model: &str) -> bool {
         self.allowed_models
             .as_ref()
-            .map_or(true, |set| set.contains(model))
+            .is_none_or(|set| set.contains(model))
     }
 }
 
@@ -407,7 +407,7 @@ pub(crate) struct Deployment {
 impl Deployment {
     /// Visible to keys of `org` (deployments scoped to another org are not).
     pub(crate) fn visible_to(&self, org: &str) -> bool {
-        self.org_id.as_deref().map_or(true, |o| o == org)
+        self.org_id.as_deref().is_none_or(|o| o == org)
     }
 }
 

@@ -64,7 +64,7 @@ fn reference_luhn(d: &[u8]) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 fn reference_issuer(d: &[u8]) -> bool {

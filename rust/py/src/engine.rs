@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use onetoken_gateway::{CallRecord, Dropped, Engine as CoreEngine, EngineConfig};
+use onetoken_gateway::{Dropped, Engine as CoreEngine, EngineConfig};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
@@ -47,7 +47,7 @@ impl Engine {
         if records.is_empty() {
             return Ok(None);
         }
-        columns(py, &records).map(Some)
+        crate::journal::columns(py, &records).map(Some)
     }
 
     fn ack_records(&self, py: Python<'_>, count: u64) -> u64 {
@@ -123,43 +123,5 @@ pub(crate) fn dropped_list<'py>(
         entry.set_item("reason", d.reason)?;
         out.append(entry)?;
     }
-    Ok(out)
-}
-
-/// Column-oriented batch, keys in contract order.
-fn columns<'py>(py: Python<'py>, records: &[CallRecord]) -> PyResult<Bound<'py, PyDict>> {
-    let out = PyDict::new(py);
-    macro_rules! column {
-        ($name:ident) => {
-            out.set_item(
-                stringify!($name),
-                PyList::new(py, records.iter().map(|r| &r.$name))?,
-            )?;
-        };
-    }
-    column!(ts);
-    column!(request_id);
-    column!(org_id);
-    column!(account_id);
-    column!(key_id);
-    column!(path);
-    column!(model_requested);
-    column!(model_served);
-    column!(provider);
-    column!(prompt_tokens);
-    column!(completion_tokens);
-    column!(cached_tokens);
-    column!(usage_source);
-    column!(cost);
-    column!(status);
-    column!(error_code);
-    column!(latency_us);
-    column!(ttfb_us);
-    column!(streamed);
-    column!(source_ip);
-    column!(user_agent);
-    column!(rate_limit);
-    column!(attempts);
-    column!(guard_flags);
     Ok(out)
 }

@@ -3,6 +3,7 @@
 
 mod engine;
 mod errors;
+mod journal;
 mod mock;
 
 use pyo3::prelude::*;
@@ -58,6 +59,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(count_tokens, m)?)?;
     m.add_function(wrap_pyfunction!(address_is_public, m)?)?;
     m.add_function(wrap_pyfunction!(validate_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(journal::read_journal, m)?)?;
+    m.add_function(wrap_pyfunction!(journal::journal_instance_live, m)?)?;
     m.add_function(wrap_pyfunction!(mock::serve_mock_upstream, m)?)?;
     Ok(())
 }

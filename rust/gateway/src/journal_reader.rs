@@ -1,0 +1,406 @@
+//! Reads journal segments back into [`CallRecord`]s: the one replay path of the records an
+//! engine wrote with [`crate::records::write_line`].
+//!
+//! A reader resumes at a byte offset and only ever consumes whole lines, so it can follow a
+//! segment that a live engine is still appending to. A line that does not parse is counted
+//! and skipped, never returned or echoed: it may be torn, and its bytes are not the
+//! reader's to show.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::path::Path;
+use std::sync::OnceLock;
+
+use parking_lot::Mutex;
+use serde::Deserialize;
+
+use crate::records::CallRecord;
+
+/// What one [`read_segment`] call found.
+#[derive(Debug, Default)]
+pub struct SegmentRead {
+    /// The records parsed, in file order.
+    pub records: Vec<CallRecord>,
+    /// Where the next read resumes: just after the last line consumed.
+    pub next_offset: u64,
+    /// Lines consumed that were not records (torn, truncated or foreign).
+    pub bad_lines: u64,
+}
+
+/// Read whole lines of the segment at `path` from byte `offset`, at most `max_records`
+/// records. A trailing line without `\n` is left for a later read unless `complete` (the
+/// segment will never grow again), in which case it is consumed and counted as bad.
+///
+/// # Errors
+/// The file cannot be opened, positioned or read.
+pub fn read_segment(
+    path: &Path,
+    offset: u64,
+    max_records: usize,
+    complete: bool,
+) -> std::io::Result<SegmentRead> {
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut reader = BufReader::with_capacity(READ_BUFFER, file);
+    let mut out = SegmentRead {
+        records: Vec::with_capacity(max_records.min(INITIAL_RECORDS)),
+        next_offset: offset,
+        bad_lines: 0,
+    };
+    let mut line = Vec::with_capacity(1024);
+    while out.records.len() < max_records {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            break;
+        }
+        if line.last() != Some(&b'\n') {
+            // The end of the file in the middle of a line: the engine may still be
+            // writing it, unless the segment is complete.
+            if complete {
+                out.bad_lines += 1;
+                out.next_offset += n as u64;
+            }
+            break;
+        }
+        out.next_offset += n as u64;
+        match parse_line(&line) {
+            Some(record) => out.records.push(record),
+            None => out.bad_lines += 1,
+        }
+    }
+    Ok(out)
+}
+
+/// Whether the engine instance owning the lock file `lock_path`
+/// (`journal-<instance>.lock`) is alive: it holds an exclusive `flock` on it for its whole
+/// life, and the OS releases it when the process dies. A missing lock file means no live
+/// instance.
+///
+/// # Errors
+/// The lock file exists but cannot be opened or locked for another reason.
+pub fn instance_live(lock_path: &Path) -> std::io::Result<bool> {
+    let file = match File::open(lock_path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    match file.try_lock() {
+        // Got it, so nobody holds it; it is released when `file` closes.
+        Ok(()) => Ok(false),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(true),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// Large enough that a batch of records takes few `read(2)`s.
+const READ_BUFFER: usize = 1 << 20;
+/// Preallocation cap, so a large `max_records` does not reserve memory for nothing.
+const INITIAL_RECORDS: usize = 8192;
+
+/// A record line as written, borrowing from the line where no escape forces a copy.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line<'a> {
+    ts: i64,
+    #[serde(borrow)]
+    request_id: Cow<'a, str>,
+    #[serde(borrow)]
+    org_id: Cow<'a, str>,
+    #[serde(borrow)]
+    account_id: Cow<'a, str>,
+    #[serde(borrow)]
+    key_id: Cow<'a, str>,
+    #[serde(borrow)]
+    path: Cow<'a, str>,
+    #[serde(borrow)]
+    model_requested: Cow<'a, str>,
+    #[serde(borrow)]
+    model_served: Cow<'a, str>,
+    #[serde(borrow)]
+    provider: Cow<'a, str>,
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    cached_tokens: u32,
+    #[serde(borrow)]
+    usage_source: Cow<'a, str>,
+    cost: i64,
+    status: u16,
+    #[serde(borrow)]
+    error_code: Cow<'a, str>,
+    latency_us: u32,
+    ttfb_us: u32,
+    streamed: u8,
+    #[serde(borrow)]
+    source_ip: Cow<'a, str>,
+    #[serde(borrow)]
+    user_agent: Cow<'a, str>,
+    #[serde(borrow)]
+    rate_limit: Cow<'a, str>,
+    attempts: u8,
+    #[serde(borrow)]
+    guard_flags: Cow<'a, str>,
+}
+
+/// One line (with its `\n`) as a record, or `None` when it is not one.
+fn parse_line(line: &[u8]) -> Option<CallRecord> {
+    let l: Line<'_> = serde_json::from_slice(line).ok()?;
+    Some(CallRecord {
+        ts: l.ts,
+        request_id: l.request_id.into_owned(),
+        org_id: l.org_id.into_owned(),
+        account_id: l.account_id.into_owned(),
+        key_id: l.key_id.into_owned(),
+        path: intern(&l.path)?,
+        model_requested: l.model_requested.into_owned(),
+        model_served: l.model_served.into_owned(),
+        provider: l.provider.into_owned(),
+        prompt_tokens: l.prompt_tokens,
+        completion_tokens: l.completion_tokens,
+        cached_tokens: l.cached_tokens,
+        usage_source: intern(&l.usage_source)?,
+        cost: l.cost,
+        status: l.status,
+        error_code: intern(&l.error_code)?,
+        latency_us: l.latency_us,
+        ttfb_us: l.ttfb_us,
+        streamed: l.streamed,
+        source_ip: l.source_ip.into_owned(),
+        user_agent: l.user_agent.into_owned(),
+        rate_limit: intern(&l.rate_limit)?,
+        attempts: l.attempts,
+        guard_flags: l.guard_flags.into_owned(),
+    })
+}
+
+/// The engine writes the `&'static str` columns (path, usage source, error code, rate
+/// limit) from small fixed sets, so each distinct value is kept once for the life of the
+/// process. The caps bound that memory should a file hold other values: such a line is
+/// then bad rather than a leak.
+const INTERNED_MAX: usize = 1024;
+const INTERNED_LEN_MAX: usize = 64;
+
+fn intern(s: &str) -> Option<&'static str> {
+    static SEEN: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut seen = SEEN.get_or_init(|| Mutex::new(HashSet::new())).lock();
+    if let Some(&kept) = seen.get(s) {
+        return Some(kept);
+    }
+    if seen.len() >= INTERNED_MAX || s.len() > INTERNED_LEN_MAX {
+        return None;
+    }
+    let kept: &'static str = Box::leak(s.to_owned().into_boxed_str());
+    seen.insert(kept);
+    Some(kept)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::io::Write;
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::records::write_line;
+
+    fn segment(bytes: &[u8]) -> (PathBuf, PathBuf) {
+        let d =
+            std::env::temp_dir().join(format!("onetoken-reader-{:016x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("journal-test-00000000.jsonl");
+        std::fs::write(&p, bytes).unwrap();
+        (d, p)
+    }
+
+    fn rec(i: u32, text: &str) -> CallRecord {
+        CallRecord {
+            ts: 1_780_000_000_000_000 + i64::from(i),
+            request_id: format!("req_{i:010}"),
+            org_id: "org_1".into(),
+            account_id: "acc_1".into(),
+            key_id: "key_1".into(),
+            path: "/v1/chat/completions",
+            model_requested: text.to_owned(),
+            model_served: "m".into(),
+            provider: "p".into(),
+            prompt_tokens: u32::MAX,
+            completion_tokens: i,
+            cached_tokens: 3,
+            usage_source: "estimated",
+            cost: -i64::from(i) * 1_000_000_007,
+            status: 499,
+            error_code: "client_disconnected",
+            latency_us: 10,
+            ttfb_us: 5,
+            streamed: 1,
+            source_ip: "::1".into(),
+            user_agent: text.to_owned(),
+            rate_limit: "limited",
+            attempts: u8::MAX,
+            guard_flags: "email:2".into(),
+        }
+    }
+
+    fn lines(records: &[CallRecord]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        for r in records {
+            write_line(r, &mut buf);
+        }
+        buf
+    }
+
+    #[test]
+    fn round_trips_write_line_including_escapes() {
+        let tricky = [
+            "",
+            "plain",
+            "quote \" backslash \\ slash /",
+            "\u{0}\u{1}\u{8}\t\n\u{b}\u{c}\r\u{1f}\u{7f}",
+            "ünïcödé ✓ 🦀 \u{2028}",
+        ];
+        let written: Vec<CallRecord> = tricky
+            .iter()
+            .enumerate()
+            .map(|(i, t)| rec(u32::try_from(i).unwrap(), t))
+            .chain([CallRecord::default()])
+            .collect();
+        let bytes = lines(&written);
+        let (d, p) = segment(&bytes);
+        let read = read_segment(&p, 0, usize::MAX, false).unwrap();
+        assert_eq!(read.records, written);
+        assert_eq!(read.next_offset, bytes.len() as u64);
+        assert_eq!(read.bad_lines, 0);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn resumes_at_offsets_and_stops_at_max_records() {
+        let written: Vec<CallRecord> = (0..5).map(|i| rec(i, "x")).collect();
+        let bytes = lines(&written);
+        let (d, p) = segment(&bytes);
+        let mut offset = 0;
+        let mut got = Vec::new();
+        let mut reads = 0;
+        loop {
+            let read = read_segment(&p, offset, 2, false).unwrap();
+            assert!(read.records.len() <= 2);
+            if read.records.is_empty() {
+                assert_eq!(read.next_offset, offset, "nothing more: the offset stays");
+                break;
+            }
+            offset = read.next_offset;
+            got.extend(read.records);
+            reads += 1;
+        }
+        assert_eq!(reads, 3);
+        assert_eq!(got, written);
+        assert_eq!(offset, bytes.len() as u64);
+        assert_eq!(read_segment(&p, 0, 0, true).unwrap().next_offset, 0);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A live engine may be in the middle of a line: the reader waits for its end, and
+    /// only a complete segment's torn tail is consumed (as bad).
+    #[test]
+    fn a_partial_tail_is_read_once_finished_or_skipped_when_complete() {
+        let first = lines(&[rec(0, "a")]);
+        let second = lines(&[rec(1, "b")]);
+        let (cut_at, _) = second.split_at(second.len() / 2);
+        let mut bytes = first.clone();
+        bytes.extend_from_slice(cut_at);
+        let (d, p) = segment(&bytes);
+
+        let read = read_segment(&p, 0, 10, false).unwrap();
+        assert_eq!(read.records, [rec(0, "a")]);
+        assert_eq!(read.next_offset, first.len() as u64);
+        assert_eq!(read.bad_lines, 0);
+
+        // The engine finishes the line: the next read from the offset gets it whole.
+        let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(&second[cut_at.len()..]).unwrap();
+        let read = read_segment(&p, first.len() as u64, 10, false).unwrap();
+        assert_eq!(read.records, [rec(1, "b")]);
+        assert_eq!(read.next_offset, (first.len() + second.len()) as u64);
+
+        // A tail that will never be finished (the instance died mid-write).
+        f.write_all(&second[..10]).unwrap();
+        let end = (first.len() + second.len()) as u64;
+        let live = read_segment(&p, end, 10, false).unwrap();
+        assert_eq!(
+            (live.records.len(), live.next_offset, live.bad_lines),
+            (0, end, 0)
+        );
+        let dead = read_segment(&p, end, 10, true).unwrap();
+        assert_eq!(
+            (dead.records.len(), dead.next_offset, dead.bad_lines),
+            (0, end + 10, 1)
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn bad_lines_are_counted_and_skipped() {
+        let mut bytes = lines(&[rec(0, "a")]);
+        bytes.extend_from_slice(b"{\"ts\":1,\"request_id\":\"torn\n");
+        bytes.extend_from_slice(b"\n");
+        bytes.extend_from_slice(b"not json at all\xff\n");
+        // A well-formed object that is not a record: a wrong type, a missing column, an
+        // unknown one, a value out of range.
+        let mut wrong = lines(&[rec(1, "w")]);
+        let text = String::from_utf8(wrong.clone()).unwrap();
+        wrong.clear();
+        for bad in [
+            text.replace("\"status\":499", "\"status\":\"499\""),
+            text.replace(",\"guard_flags\":\"email:2\"", ""),
+            text.replace("}\n", ",\"extra\":1}\n"),
+            text.replace("\"attempts\":255", "\"attempts\":256"),
+            text.replace(
+                "\"path\":\"/v1/chat/completions\"",
+                &format!("\"path\":\"{}\"", "p".repeat(65)),
+            ),
+        ] {
+            wrong.extend_from_slice(bad.as_bytes());
+        }
+        bytes.extend_from_slice(&wrong);
+        bytes.extend_from_slice(&lines(&[rec(2, "b")]));
+        let (d, p) = segment(&bytes);
+        let read = read_segment(&p, 0, 10, false).unwrap();
+        assert_eq!(read.records, [rec(0, "a"), rec(2, "b")]);
+        assert_eq!(read.bad_lines, 8);
+        assert_eq!(read.next_offset, bytes.len() as u64);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn an_instance_is_live_while_its_lock_is_held() {
+        let (d, _) = segment(b"");
+        let lock = d.join("journal-test.lock");
+        assert!(!instance_live(&lock).unwrap(), "no lock file: not live");
+        let held = File::create(&lock).unwrap();
+        assert!(!instance_live(&lock).unwrap(), "a lock file nobody holds");
+        held.lock().unwrap();
+        assert!(instance_live(&lock).unwrap());
+        assert!(
+            instance_live(&lock).unwrap(),
+            "checking does not take the lock away"
+        );
+        drop(held);
+        assert!(
+            !instance_live(&lock).unwrap(),
+            "closed (as when the process dies)"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_missing_segment_is_an_error() {
+        let p =
+            std::env::temp_dir().join(format!("onetoken-absent-{:016x}", rand::random::<u64>()));
+        assert_eq!(
+            read_segment(&p, 0, 1, false).unwrap_err().kind(),
+            std::io::ErrorKind::NotFound
+        );
+    }
+}
