@@ -153,7 +153,7 @@ def test_balance_and_marks_are_read_under_the_mark_lock(state: AppState, org_id:
                 s,
                 [
                     billing.Usage(
-                        org_id=org_id, request_id="r1", cost=250, ts_us=time.time_ns() // 1000
+                        org_id=org_id, entry_id="r1", cost=250, ts_us=time.time_ns() // 1000
                     )
                 ],
             )
