@@ -119,7 +119,9 @@ def test_child_is_started_with_the_channel_and_without_the_master_secret(
     try:
         events.wait(lambda: bool(events.ready))
         assert events.ready == ["127.0.0.1:45678"]
-        ((_, listen, has_secret, token, url),) = _children(log)
+        ((pid, listen, has_secret, token, url),) = _children(log)
+        # Its own process group: a terminal's signal reaches only serve, which orders the stop.
+        assert os.getpgid(int(pid)) == int(pid) != os.getpgid(0)
         assert (listen, has_secret, token, url) == (
             "127.0.0.1:0",
             "False",

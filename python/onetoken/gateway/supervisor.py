@@ -235,6 +235,9 @@ class GatewayProcess:
                     env=self.child_env(write_fd),
                     pass_fds=(write_fd,),
                     preexec_fn=_die_with_parent(os.getpid()),
+                    # Its own process group: a terminal's Ctrl-C or a `timeout` reaches the
+                    # parent only, which stops the gateway first and ingests after it.
+                    process_group=0,
                     stdin=subprocess.DEVNULL,
                 )
                 self._proc = proc

@@ -147,6 +147,8 @@ def configure_logging(
 
 
 access_log = logging.getLogger("onetoken.access")
+# Polled by every gateway twice a second: answered ones are logged at DEBUG only.
+_POLLED_ROUTES = frozenset({"/internal/gateway/snapshot"})
 
 
 def route_template(scope: Scope) -> str:
@@ -195,7 +197,9 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             template = route_template(scope)
-            access_log.info(
+            polled = template in _POLLED_ROUTES and status < 400
+            access_log.log(
+                logging.DEBUG if polled else logging.INFO,
                 "http.request",
                 extra={
                     "request_id": request_id,
