@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Annotated
@@ -21,8 +20,6 @@ if TYPE_CHECKING:
     from onetoken.gateway.snapshot import SnapshotSource
     from onetoken.gateway.supervisor import ControlRuntime
 
-log = logging.getLogger("onetoken.deps")
-
 
 @dataclass
 class AppState:
@@ -39,8 +36,8 @@ class AppState:
 
     def config_changed(self) -> None:
         """Called after a change that gateways must see has been committed (it bumped the
-        config revision with it). Nothing to push: gateways poll the snapshot at
-        ONETOKEN_CONFIG_WATCH_INTERVAL_MS and a new revision answers the next poll."""
+        config revision with it): answers the gateways' waiting snapshot polls now."""
+        self.snapshots.changed()
 
 
 @dataclass(frozen=True, slots=True)

@@ -196,6 +196,9 @@ def run(settings: Settings, *, demo: bool = False, gateway: bool = True) -> int:
             if server.should_exit:
                 server.force_exit = True
             server.should_exit = True
+            # A gateway's waiting snapshot poll would hold up uvicorn's shutdown. Not in
+            # the handler itself: the interrupted code may hold the lock close() takes.
+            threading.Thread(target=state.snapshots.close, daemon=True).start()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -175,3 +176,80 @@ def test_config_change_reaches_the_next_poll(
         s.commit()
     r = client.get(url, headers={**auth(), "If-None-Match": etag})
     assert r.status_code == 200 and len(r.json()["orgs"]) == 2
+
+
+def _bump(state: AppState) -> None:
+    with state.session_factory() as s:
+        bump_revision(s)
+        s.commit()
+
+
+def _poll_in_thread(
+    src: SnapshotSource, etag: str, wait: float
+) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+
+    def run() -> None:
+        began = time.monotonic()
+        body = src.poll("gw", etag, wait)[1]
+        out.append((body, time.monotonic() - began))
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def test_long_poll_answers_a_committed_change_at_once(state: AppState, org_id: str) -> None:
+    src = SnapshotSource(state.secrets, state.session_factory, marks=fake_marks, recheck_s=30)
+    etag, _ = src.get("gw", None)
+    t, out = _poll_in_thread(src, etag, 30)
+    _bump(state)
+    src.changed()  # what AppState.config_changed does after an API change
+    t.join(timeout=10)
+    ((body, took),) = out
+    assert body is not None and took < 5
+
+
+def test_long_poll_sees_other_processes_changes_at_the_recheck(
+    state: AppState, org_id: str
+) -> None:
+    src = SnapshotSource(state.secrets, state.session_factory, marks=fake_marks, recheck_s=0.05)
+    etag, _ = src.get("gw", None)
+    t, out = _poll_in_thread(src, etag, 30)
+    _bump(state)  # the CLI: no changed() in this process
+    t.join(timeout=10)
+    ((body, took),) = out
+    assert body is not None and took < 5
+
+
+def test_long_poll_answers_304_after_the_wait_and_at_once_when_closed(
+    state: AppState, org_id: str
+) -> None:
+    src = SnapshotSource(state.secrets, state.session_factory, marks=fake_marks, recheck_s=0.05)
+    etag, _ = src.get("gw", None)
+    began = time.monotonic()
+    assert src.poll("gw", etag, 0.3) == (etag, None)
+    assert time.monotonic() - began >= 0.3
+    t, out = _poll_in_thread(src, etag, 30)
+    src.close()
+    t.join(timeout=10)
+    ((body, took),) = out
+    assert body is None and took < 5
+    # Closed (the control process is stopping): polls no longer wait.
+    began = time.monotonic()
+    assert src.poll("gw", etag, 30) == (etag, None)
+    assert time.monotonic() - began < 5
+
+
+def test_api_changes_wake_the_gateways_poll(
+    client: TestClient, source: SnapshotSource, state: AppState, admin: Any
+) -> None:
+    url = "/internal/gateway/snapshot?instance=gw"
+    etag = client.get(url, headers=auth()).headers["etag"]
+    source.recheck_s = 30
+    t, out = _poll_in_thread(source, etag, 30)
+    r = client.post("/api/v1/keys", json={"name": "new"}, headers=admin.headers)
+    assert r.status_code in (200, 201)
+    t.join(timeout=10)
+    ((body, took),) = out
+    assert body is not None and took < 5

@@ -183,6 +183,7 @@ def test_start_takes_the_config_with_its_own_address_and_data_dir(
     assert engine.loaded == [1] and engine.status == [True]
     assert r.grace_seconds == 2.5
     path, headers = ctl.requests[-1]
+    # The first snapshot is asked for without waiting.
     assert path == "/internal/gateway/snapshot?instance=inst-1"
     assert headers["Authorization"] == f"Bearer {TOKEN}"
 
@@ -192,9 +193,11 @@ def test_polls_load_only_a_new_snapshot(control: tuple[Control, str], tmp_path: 
     engines: list[FakeEngine] = []
     r = _runner(url, tmp_path, engines)
     r.start()
-    assert r.poll() and r.poll()
+    assert r.poll(0.5) and r.poll()
     assert engines[0].loaded == [1]
     assert ctl.requests[-1][1]["If-None-Match"] == '"1"'
+    # With an ETag it waits at the control process for a change (long poll).
+    assert ctl.requests[-2][0] == "/internal/gateway/snapshot?instance=inst-1&wait=0.5"
     ctl.snapshots.append({"version": 2, "orgs": []})
     assert r.poll()
     assert engines[0].loaded == [1, 2]

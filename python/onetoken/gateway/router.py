@@ -20,12 +20,15 @@ from onetoken.kit.errors import Unauthorized
 
 # Neither answer may be kept by a cache on the way.
 _NO_STORE = {"Cache-Control": "no-store"}
+# The longest a snapshot poll is held open waiting for a change.
+MAX_WAIT_S = 60.0
 
 
 def gateway_channel(request: Request, state: StateDep) -> None:
     """Let the request through only with the gateway channel's token."""
     if not bearer_matches(request.headers.get("authorization"), state.gateway_token):
         raise Unauthorized("Missing or invalid gateway channel token.")
+
 
 router = APIRouter(
     prefix="/internal/gateway",
@@ -45,10 +48,12 @@ def config(state: StateDep) -> Response:
 def snapshot(
     state: StateDep,
     instance: Annotated[str, Query(min_length=1, max_length=128)],
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0.0,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    """The snapshot for engine `instance` (its spent marks), or 304 for a current ETag."""
-    etag, body = state.snapshots.get(instance, if_none_match)
+    """The snapshot for engine `instance` (its spent marks), or 304 for a current ETag;
+    with `wait`, a current ETag is answered when something changed or after `wait` s."""
+    etag, body = state.snapshots.poll(instance, if_none_match, wait)
     headers = {**_NO_STORE, "ETag": etag}
     if body is None:
         return Response(status_code=304, headers=headers)

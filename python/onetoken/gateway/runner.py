@@ -23,6 +23,7 @@ import signal
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,9 @@ DEFAULT_CONTROL_LISTEN = "127.0.0.1:8081"
 DEFAULT_WATCH_INTERVAL_MS = 500
 # One channel request; a control process slower than this counts as unreachable.
 REQUEST_TIMEOUT_S = 5.0
+# A snapshot poll waits this long at the control process for a change (long poll), so
+# a change made through the API reaches the engine at once.
+LONG_POLL_S = 20.0
 # Waiting for the control process at start: first retry, then doubling up to the cap.
 _RETRY_FIRST_S = 0.1
 _RETRY_MAX_S = 5.0
@@ -145,14 +149,17 @@ class ControlChannel:
         self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
         self._ssl = ssl.create_default_context(cafile=ca_file) if self._https else None
 
-    def _get(self, path: str, headers: Mapping[str, str]) -> tuple[int, Mapping[str, str], bytes]:
+    def _get(
+        self, path: str, headers: Mapping[str, str], wait_s: float = 0.0
+    ) -> tuple[int, Mapping[str, str], bytes]:
         conn: http.client.HTTPConnection
+        timeout = REQUEST_TIMEOUT_S + wait_s
         if self._ssl is not None:
             conn = http.client.HTTPSConnection(
-                self._host, self._port, timeout=REQUEST_TIMEOUT_S, context=self._ssl
+                self._host, self._port, timeout=timeout, context=self._ssl
             )
         else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=REQUEST_TIMEOUT_S)
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
         try:
             conn.request("GET", self._prefix + path, headers={**self._headers, **headers})
             resp = conn.getresponse()
@@ -171,11 +178,18 @@ class ControlChannel:
             raise ChannelError("config is not an object")
         return config
 
-    def snapshot(self, instance: str, etag: str | None) -> tuple[str | None, bytes | None]:
-        """(etag, snapshot JSON), or (etag, None) when the one tagged `etag` is current."""
+    def snapshot(
+        self, instance: str, etag: str | None, wait_s: float = 0.0
+    ) -> tuple[str | None, bytes | None]:
+        """(etag, snapshot JSON), or (etag, None) when the one tagged `etag` is current
+        (after waiting up to `wait_s` at the control process for a change)."""
+        query = f"instance={quote(instance, safe='')}"
+        if wait_s > 0:
+            query += f"&wait={wait_s:g}"
         status, headers, body = self._get(
-            f"/internal/gateway/snapshot?instance={quote(instance, safe='')}",
+            f"/internal/gateway/snapshot?{query}",
             {"If-None-Match": etag} if etag else {},
+            wait_s,
         )
         if status == 304:
             return etag, None
@@ -254,14 +268,16 @@ class GatewayRunner:
                 raise GatewayError("stopped before the control process answered")
             delay = min(delay * 2, _RETRY_MAX_S)
 
-    def poll(self) -> bool:
-        """Ask for a newer snapshot and load it; tell the engine whether the control
-        process answered. True when the engine serves a snapshot from it."""
+    def poll(self, wait_s: float = 0.0) -> bool:
+        """Ask for a newer snapshot (waiting up to `wait_s` for one) and load it; tell the
+        engine whether the control process answered. True when it did."""
         engine = self.engine
         if engine is None:
             return False
         try:
-            etag, body = self.channel.snapshot(engine.instance_id, self._etag)
+            etag, body = self.channel.snapshot(
+                engine.instance_id, self._etag, wait_s if self._etag else 0.0
+            )
         except ChannelError as exc:
             self._set_reachable(engine, False, exc)
             return False
@@ -292,13 +308,29 @@ class GatewayRunner:
         self._reachable = reachable
 
     def run(self) -> None:
-        """Poll until `stopping` is set, then stop the engine with the grace period."""
-        while not self.stopping.wait(self.env.watch_interval_s):
+        """Poll until `stopping` is set, then stop the engine with the grace period. The
+        polls run on a thread of their own: a long poll must not hold up the stop."""
+        poller = threading.Thread(target=self._poll_loop, name="onetoken-poll", daemon=True)
+        poller.start()
+        self.stopping.wait()
+        self.stop()
+
+    def _poll_loop(self) -> None:
+        while not self.stopping.is_set():
+            began = time.monotonic()
             try:
-                self.poll()
+                answered = self.poll(LONG_POLL_S)
             except Exception as exc:
                 log.error("gateway.poll_failed", extra={"exc_type": type(exc).__name__})
-        self.stop()
+                answered = False
+            # After a failure, the watch interval before the next try; after an answer, at
+            # once, but never sooner than the interval after the last poll began (a control
+            # process that answers without waiting is not polled in a busy loop).
+            pause = self.env.watch_interval_s
+            if answered:
+                pause -= time.monotonic() - began
+            if pause > 0 and self.stopping.wait(pause):
+                return
 
     def stop(self) -> None:
         engine, self.engine = self.engine, None

@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
+from functools import partial
 from typing import Any
 
 import orjson
@@ -150,6 +151,9 @@ class SnapshotSource:
 
     A snapshot is rebuilt when the config revision or the UTC day/month of the budget
     windows changed since that instance's last one, else the gateway's ETag gets a 304.
+    A poll may wait for a change (long poll): `changed()` (AppState.config_changed, after
+    every change committed through the API) answers waiting gateways at once; changes
+    committed by other processes (the CLI) are seen within `recheck_s`.
     Balances and that instance's spent marks are read under `mark_lock` (the ingestor's),
     so the engine's available = balance - (spent - spent_mark) - reserved never counts an
     ingested cost twice or misses one; ingestion alone moves both and changes nothing the
@@ -163,17 +167,58 @@ class SnapshotSource:
         mark_lock: AbstractContextManager[Any] | None = None,
         *,
         marks: MarksReader | None = None,
+        recheck_s: float = 0.5,
     ) -> None:
         self.secrets = secrets
         self.session_factory = session_factory
         self.mark_lock: AbstractContextManager[Any] = mark_lock or threading.Lock()
         self._marks = marks or _ingested_marks
+        self.recheck_s = recheck_s
+        # Bumped by changed(); waiting polls wake up on it.
+        self._generation = 0
+        self._closed = False
+        self._wake = threading.Condition()
         # Versions rise across restarts of the control process too (the engine ignores a
         # version not above the one it serves): they start at the wall clock's milliseconds.
         self._version = 0
         self._lock = threading.Lock()
         # instance -> ((revision, day, month), etag of the snapshot built for it).
         self._served: OrderedDict[str, tuple[tuple[int, int, int], str]] = OrderedDict()
+
+    def changed(self) -> None:
+        """A change was committed: answer the waiting polls now."""
+        with self._wake:
+            self._generation += 1
+            self._wake.notify_all()
+
+    def close(self) -> None:
+        """The control process is stopping: waiting polls answer now, new ones never wait
+        (a long poll would hold up the control API's shutdown)."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+
+    def poll(
+        self, instance_id: str, if_none_match: str | None, wait_s: float = 0.0
+    ) -> tuple[str, bytes | None]:
+        """As `get`, but while `if_none_match` is current wait up to `wait_s` for a change."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self._wake:
+                generation = self._generation
+            etag, body = self.get(instance_id, if_none_match)
+            remaining = deadline - time.monotonic()
+            if body is not None or remaining <= 0:
+                return etag, body
+            with self._wake:
+                if self._closed:
+                    return etag, body
+                self._wake.wait_for(
+                    partial(self._woken, generation), timeout=min(remaining, self.recheck_s)
+                )
+
+    def _woken(self, generation: int) -> bool:
+        return self._closed or self._generation != generation
 
     def get(self, instance_id: str, if_none_match: str | None) -> tuple[str, bytes | None]:
         """(ETag, snapshot JSON) or, when `if_none_match` is still current, (ETag, None)."""
