@@ -1,7 +1,8 @@
 """Typed surface of the Rust extension `onetoken._core` (built from rust/py).
 
-The hot path lives entirely in Rust. Python hands configuration in (rarely) and pulls
-metadata batches out (periodically); nothing crosses this boundary per request.
+The hot path lives entirely in Rust. Python hands configuration in (rarely) and reads
+record batches back from the engine's journal files (read_journal); nothing crosses this
+boundary per request.
 """
 
 from typing import Any, Final, TypedDict
@@ -44,8 +45,10 @@ class Engine:
 
     def __init__(self, config_json: bytes) -> None: ...
     def start(self) -> str:
-        """Bind synchronously (BindError at once on failure), serve in the background,
-        return the bound address as "host:port"."""
+        """Take the spool dir's locks, bind synchronously (BindError at once on failure,
+        also when another gateway holds <spool_dir>/gateway.lock), serve in the background,
+        return the bound address as "host:port". Every record is appended to the journal
+        in spool_dir before the last byte of its response reaches the client."""
     def load_snapshot(self, snapshot_json: bytes) -> int:
         """Compile and atomically swap in a config snapshot (tests/contract/snapshot.json).
         Returns the version now serving. An entry that breaks the engine's rules is left
@@ -55,20 +58,11 @@ class Engine:
         is returned."""
     def snapshot_dropped(self) -> list[DroppedEntry]:
         """The entries the serving snapshot left out (empty when every entry compiled)."""
-    def drain_records(self, max_records: int) -> dict[str, list[Any]] | None:
-        """Take up to `max_records` call records from the bounded queue, column-oriented
-        (keys and order in tests/contract/call_log_columns.json). None when empty.
-        The GIL is taken once for the whole batch."""
-    def ack_records(self, count: int) -> int:
-        """Acknowledge that the oldest `count` records returned by drain_records and not
-        yet acknowledged are stored (ledger and ClickHouse, or a spool file). Journal
-        segments (<spool_dir>/journal-<instance_id>-<segment>.jsonl) whose records are all
-        stored are deleted. Call it after every batch is stored, including the final
-        drain after stop(): then no journal file remains. Returns how many were
-        acknowledged (at most the number drained and not yet acknowledged)."""
     def stop(self, grace_seconds: float) -> None:
         """Stop accepting, let in-flight requests finish for up to `grace_seconds`, then
-        cancel the rest (each still leaves its record). Idempotent. Records stay drainable."""
+        cancel the rest (each still leaves its record in the journal), then release the
+        spool dir's locks: the instance is no longer live, so its segments are complete.
+        Idempotent."""
     def metrics_text(self) -> str:
         """Prometheus exposition text, the same as GET /metrics."""
     def org_spend(self) -> dict[str, tuple[int, int]]:
@@ -77,15 +71,16 @@ class Engine:
         """key_id -> (settled cost since engine start, currently reserved), nano-units: the
         counter that keys[].usage.spent_mark refers to."""
     def stats(self) -> dict[str, int]:
-        """Counters: queue_depth, records_total, records_spooled, in_flight, snapshot_version,
-        journal_segments, journal_unacked, journal_errors."""
+        """Counters: records_total, in_flight, snapshot_version, journal_segments (segment
+        files this instance opened), journal_errors (records lost: the append failed)."""
     @property
     def address(self) -> str | None: ...
     @property
     def running(self) -> bool: ...
     @property
     def instance_id(self) -> str:
-        """Unique per Engine object; names the overflow spool files it writes."""
+        """Unique per Engine object; names its journal files
+        (<spool_dir>/journal-<instance_id>-<segment>.jsonl and journal-<instance_id>.lock)."""
 
 class MockUpstream:
     """The bundled fake model provider (OpenAI-compatible), on its own runtime."""

@@ -63,7 +63,6 @@ def engine_config(settings: Settings, secrets: Secrets) -> dict[str, Any]:
         "key_hash_secret_hex": secrets.key_hash.hex(),
         "tls": tls,
         "worker_threads": settings.worker_threads,
-        "queue_capacity": settings.queue_capacity,
         "spool_dir": str(settings.spool_dir.resolve()),
         "max_body_bytes": settings.max_body_bytes,
         "shutdown_grace_ms": int(settings.shutdown_grace_seconds * 1000),

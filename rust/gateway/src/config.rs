@@ -1,4 +1,4 @@
-//! Engine configuration: the process-level settings (listener, secret, queue). Per-tenant
+//! Engine configuration: the process-level settings (listener, secret, journal dir). Per-tenant
 //! configuration arrives separately as a snapshot.
 
 use serde::Deserialize;
@@ -33,10 +33,7 @@ pub struct EngineConfig {
     /// Tokio worker threads of the engine's runtime.
     #[serde(default = "default_worker_threads")]
     pub worker_threads: usize,
-    /// Capacity of the in-memory record queue; overflow is spooled to disk.
-    #[serde(default = "default_queue_capacity")]
-    pub queue_capacity: usize,
-    /// Directory of the overflow spool files.
+    /// Directory of the record journal (`<data_dir>/spool`): segments and lock files.
     #[serde(default = "default_spool_dir")]
     pub spool_dir: String,
     /// Largest accepted request body.
@@ -45,10 +42,6 @@ pub struct EngineConfig {
     /// Default grace period for a graceful stop.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
-    /// Journal every record to `<spool_dir>/journal-*.jsonl` before queueing it, so a
-    /// killed process loses none (see `Engine::ack_records`).
-    #[serde(default = "default_journal")]
-    pub journal: bool,
     /// CIDRs a platform provider (one not scoped to an org) may reach although they are
     /// private, loopback or otherwise non-public. Org-scoped providers never may.
     #[serde(default)]
@@ -114,17 +107,11 @@ pub struct TlsConfig {
 fn default_secret_version() -> u32 {
     1
 }
-fn default_journal() -> bool {
-    true
-}
 fn default_listen() -> String {
     "127.0.0.1:8080".to_owned()
 }
 fn default_worker_threads() -> usize {
     2
-}
-fn default_queue_capacity() -> usize {
-    100_000
 }
 fn default_spool_dir() -> String {
     "./.onetoken/spool".to_owned()
@@ -175,9 +162,6 @@ impl EngineConfig {
             return Err(Error::Config(
                 "worker_threads must be between 1 and 1024".into(),
             ));
-        }
-        if self.queue_capacity == 0 {
-            return Err(Error::Config("queue_capacity must be positive".into()));
         }
         self.secrets()?;
         if self.max_body_bytes == 0 {

@@ -1,7 +1,9 @@
 //! The engine: owns the tokio runtime, the listener, the live snapshot and the record
-//! queue. Start binds synchronously; stop drains, then shuts the runtime down.
+//! journal. Start takes the spool dir's locks and binds synchronously; stop drains, shuts
+//! the runtime down, then releases the locks.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,10 +17,10 @@ use tokio::task::JoinHandle;
 use crate::auth::KeyRing;
 use crate::config::EngineConfig;
 use crate::error::Error;
-use crate::journal::{self, Journal};
+use crate::journal::SpoolLocks;
 use crate::limits::LiveCounters;
 use crate::metrics::{Gauges, Metrics};
-use crate::records::{CallRecord, Records};
+use crate::records::Records;
 use crate::snapshot::{self, Dropped, Snapshot};
 use crate::upstream::{ClientCache, Resolve, SystemResolver};
 use crate::{server, tokens};
@@ -51,18 +53,12 @@ impl Shared {
     }
 
     pub(crate) fn metrics_text(&self) -> String {
-        let journal = self.records.journal_stats();
         self.metrics.render(&Gauges {
-            queue_depth: self.records.depth(),
             records_total: self.records.total.load(Ordering::Relaxed),
-            records_spooled: self.records.spooled.load(Ordering::Relaxed),
-            records_dropped: self.records.dropped.load(Ordering::Relaxed),
             snapshot_version: self.snapshot.load().version,
             snapshot_dropped: self.dropped.lock().len() as u64,
-            journal_segments: journal.segments,
-            journal_unacked: journal.unacked,
+            journal_segments: self.records.journal_segments(),
             journal_errors: self.records.journal_errors(),
-            overflow_sealed: self.records.overflow_sealed.load(Ordering::Relaxed),
         })
     }
 }
@@ -75,6 +71,7 @@ enum Phase {
         stop: oneshot::Sender<Duration>,
         addr: SocketAddr,
         metrics_addr: Option<SocketAddr>,
+        locks: SpoolLocks,
     },
     Stopped,
 }
@@ -82,21 +79,15 @@ enum Phase {
 /// Counters for the control plane.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Records waiting in the queue.
-    pub queue_depth: u64,
     /// Records emitted since start.
     pub records_total: u64,
-    /// Records written to the overflow spool.
-    pub records_spooled: u64,
     /// Requests being served.
     pub in_flight: u64,
     /// Version of the snapshot serving (0 before the first).
     pub snapshot_version: u64,
-    /// Journal segment files on disk.
+    /// Journal segment files this instance opened.
     pub journal_segments: u64,
-    /// Journaled records not yet acknowledged (nor spooled).
-    pub journal_unacked: u64,
-    /// Journal appends that failed (those records were still queued).
+    /// Records lost because their journal append failed.
     pub journal_errors: u64,
 }
 
@@ -120,15 +111,7 @@ impl Engine {
         config.validate()?;
         let secrets = config.secrets()?;
         let instance_id = format!("{:016x}", rand::random::<u64>());
-        let mut records = Records::new(config.queue_capacity, &config.spool_dir, &instance_id);
-        if config.journal {
-            records = records.with_journal(Journal::new(
-                &config.spool_dir,
-                &instance_id,
-                journal::SEGMENT_RECORDS,
-                journal::SEGMENT_AGE,
-            ));
-        }
+        let records = Records::new(&config.spool_dir, &instance_id);
         let shared = Arc::new(Shared {
             keyring: KeyRing::new(&secrets),
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
@@ -163,6 +146,9 @@ impl Engine {
         }
         let config = &self.shared.config;
         let serve_cfg = server::ServeConfig::from_config(config)?;
+        // Before anything can emit a record: a segment whose instance is not live would
+        // look complete to a reader.
+        let locks = SpoolLocks::acquire(Path::new(&config.spool_dir), &self.shared.instance_id)?;
         let socket = bind(&config.listen)?;
         let metrics_socket = config.metrics_listen.as_deref().map(bind).transpose()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -201,23 +187,13 @@ impl Engine {
             self.shared.clone(),
             stop_rx,
         ));
-        // Seals an overflow segment once it is old enough even if no record or drain comes
-        // along to do it; ends with the runtime.
-        let ticking = self.shared.clone();
-        runtime.spawn(async move {
-            let mut every = tokio::time::interval(OVERFLOW_TICK);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            loop {
-                every.tick().await;
-                ticking.records.tick();
-            }
-        });
         *phase = Phase::Running {
             runtime,
             server,
             stop,
             addr,
             metrics_addr,
+            locks,
         };
         Ok(addr)
     }
@@ -247,13 +223,10 @@ impl Engine {
         self.shared.dropped.lock().clone()
     }
 
-    /// Take up to `max` records from the queue, oldest first.
-    pub fn drain_records(&self, max: usize) -> Vec<CallRecord> {
-        self.shared.records.drain(max)
-    }
-
     /// Stop accepting, let in-flight requests finish for up to `grace`, then cancel the
-    /// rest (each still leaves its record) and shut the runtime down. Blocking; idempotent.
+    /// rest (each still leaves its record) and shut the runtime down; then release the
+    /// spool dir's locks, which makes every segment of this instance complete for readers.
+    /// Blocking; idempotent.
     pub fn stop(&self, grace: Duration) {
         let running = {
             let mut phase = self.phase.lock();
@@ -262,12 +235,13 @@ impl Engine {
                     runtime,
                     server,
                     stop,
+                    locks,
                     ..
-                } => Some((runtime, server, stop)),
+                } => Some((runtime, server, stop, locks)),
                 Phase::Idle | Phase::Stopped => None,
             }
         };
-        let Some((runtime, server, stop)) = running else {
+        let Some((runtime, server, stop, locks)) = running else {
             return;
         };
         let shared = self.shared.clone();
@@ -285,15 +259,7 @@ impl Engine {
         });
         let _ = drain.join();
         self.shared.records.stop();
-    }
-
-    /// The control plane stored the oldest `count` records drained and not yet
-    /// acknowledged (in the ledger and ClickHouse, or a spool file of its own). Journal
-    /// segments whose records are all stored are deleted; after a stop, the final drain
-    /// and its acknowledgement leave no journal behind. Returns how many were taken (at
-    /// most the number drained and not yet acknowledged).
-    pub fn ack_records(&self, count: u64) -> u64 {
-        self.shared.records.ack(count)
+        drop(locks);
     }
 
     /// Prometheus exposition text (the same as `GET /metrics`).
@@ -335,14 +301,10 @@ impl Engine {
     /// Counters for the control plane.
     pub fn stats(&self) -> Stats {
         let s = &self.shared;
-        let journal = s.records.journal_stats();
         Stats {
-            journal_segments: journal.segments,
-            journal_unacked: journal.unacked,
+            journal_segments: s.records.journal_segments(),
             journal_errors: s.records.journal_errors(),
-            queue_depth: s.records.depth() as u64,
             records_total: s.records.total.load(Ordering::Relaxed),
-            records_spooled: s.records.spooled.load(Ordering::Relaxed),
             in_flight: u64::try_from(s.metrics.in_flight.load(Ordering::Relaxed)).unwrap_or(0),
             snapshot_version: s.snapshot.load().version,
         }
@@ -369,15 +331,11 @@ impl Engine {
         matches!(&*self.phase.lock(), Phase::Running { .. })
     }
 
-    /// Unique per engine; names its overflow and journal files.
+    /// Unique per engine; names its journal files.
     pub fn instance_id(&self) -> &str {
         &self.shared.instance_id
     }
 }
-
-/// How often an old overflow segment is looked for (it is sealed within
-/// `OVERFLOW_SEGMENT_AGE` plus this).
-const OVERFLOW_TICK: Duration = Duration::from_millis(100);
 
 /// Pending connections the kernel may queue (the std default of 128 refuses bursts).
 const BACKLOG: u32 = 4096;

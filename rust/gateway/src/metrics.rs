@@ -124,7 +124,7 @@ impl Metrics {
         let sum = self.duration_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "onetoken_request_duration_seconds_sum {sum}");
         let _ = writeln!(out, "onetoken_request_duration_seconds_count {count}");
-        let gauges: [(&str, &str, &str, i128); 14] = [
+        let gauges: [(&str, &str, &str, i128); 9] = [
             (
                 "onetoken_connections_open",
                 "gauge",
@@ -150,28 +150,10 @@ impl Metrics {
                 i128::from(self.in_flight.load(Ordering::Relaxed)),
             ),
             (
-                "onetoken_record_queue_depth",
-                "gauge",
-                "Records waiting to be drained.",
-                extra.queue_depth as i128,
-            ),
-            (
                 "onetoken_records_total",
                 "counter",
                 "Records emitted.",
                 i128::from(extra.records_total),
-            ),
-            (
-                "onetoken_records_spooled_total",
-                "counter",
-                "Records written to the overflow spool.",
-                i128::from(extra.records_spooled),
-            ),
-            (
-                "onetoken_records_dropped_total",
-                "counter",
-                "Records lost (spool write failed).",
-                i128::from(extra.records_dropped),
             ),
             (
                 "onetoken_snapshot_version",
@@ -186,28 +168,16 @@ impl Metrics {
                 i128::from(extra.snapshot_dropped),
             ),
             (
-                "onetoken_journal_segments",
-                "gauge",
-                "Record journal segment files on disk.",
+                "onetoken_journal_segments_total",
+                "counter",
+                "Record journal segment files this instance opened.",
                 i128::from(extra.journal_segments),
-            ),
-            (
-                "onetoken_journal_unacked_records",
-                "gauge",
-                "Journaled records neither acknowledged nor in a sealed overflow file.",
-                i128::from(extra.journal_unacked),
             ),
             (
                 "onetoken_journal_errors_total",
                 "counter",
-                "Journal appends that failed (the record was still queued).",
+                "Records lost: their journal append failed.",
                 i128::from(extra.journal_errors),
-            ),
-            (
-                "onetoken_overflow_segments_sealed_total",
-                "counter",
-                "Overflow segment files sealed (complete, ready for replay).",
-                i128::from(extra.overflow_sealed),
             ),
         ];
         for (name, kind, help, v) in gauges {
@@ -221,14 +191,9 @@ impl Metrics {
 
 /// Values owned elsewhere, rendered with the metrics.
 pub(crate) struct Gauges {
-    pub(crate) queue_depth: usize,
     pub(crate) records_total: u64,
-    pub(crate) records_spooled: u64,
-    pub(crate) records_dropped: u64,
     pub(crate) snapshot_version: u64,
     pub(crate) snapshot_dropped: u64,
     pub(crate) journal_segments: u64,
-    pub(crate) journal_unacked: u64,
     pub(crate) journal_errors: u64,
-    pub(crate) overflow_sealed: u64,
 }

@@ -273,7 +273,7 @@ impl RequestLog {
     }
 }
 
-/// Journal and queue a finished record, then count the request as no longer in flight.
+/// Journal a finished record, then count the request as no longer in flight.
 ///
 /// This runs inside the connection's poll, before hyper flushes the bytes it was just
 /// handed: a client that has seen the end of its response therefore has its record in

@@ -50,7 +50,7 @@ fn engine_config_rejects_unknown_fields_by_name() {
 #[test]
 fn engine_config_defaults_optional_fields() {
     let cfg = EngineConfig::from_json(br#"{"key_hash_secret_hex": "00ff"}"#).unwrap();
-    assert_eq!(cfg.queue_capacity, 100_000);
+    assert_eq!(cfg.spool_dir, "./.onetoken/spool");
     assert!(EngineConfig::from_json(br#"{"key_hash_secret_hex": "zz"}"#).is_err());
 }
 
@@ -202,11 +202,9 @@ fn engine_config_accepts_previous_key_hash_secrets() {
     let mut v: Value = serde_json::from_slice(&fixture("engine_config.json")).unwrap();
     v["key_hash_secret_version"] = Value::from(3);
     v["previous_key_hash_secrets"] = serde_json::json!([{"version": 2, "secret_hex": "00ff"}]);
-    v["journal"] = Value::from(false);
     let cfg = EngineConfig::from_json(v.to_string().as_bytes()).unwrap();
     assert_eq!(cfg.key_hash_secret_version, 3);
     assert_eq!(cfg.previous_key_hash_secrets[0].version, 2);
-    assert!(!cfg.journal);
     v["previous_key_hash_secrets"] = serde_json::json!([{"version": 3, "secret_hex": "00ff"}]);
     assert!(EngineConfig::from_json(v.to_string().as_bytes()).is_err());
 }

@@ -1,5 +1,7 @@
-//! Record journal: every record is on disk before it is queued, a SIGKILL loses none, and
-//! acknowledged records leave no journal behind.
+//! Record journal: the one durable record log. Every record is on disk before the last
+//! byte of its response reaches the client, a SIGKILL loses none, the engine deletes no
+//! segment, and the spool dir's locks say which instance is live and keep a second
+//! gateway out.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -8,29 +10,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use onetoken_gateway::{CallRecord, Engine, EngineConfig};
+use onetoken_gateway::journal_reader::{instance_live, read_segment};
+use onetoken_gateway::{CallRecord, Engine, Error};
 use serde_json::{json, Value};
 
 const CHAT: &str = "/v1/chat/completions";
 
-fn journal_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    let name = p.file_name().unwrap().to_string_lossy();
-                    name.starts_with("journal-") && name.ends_with(".jsonl")
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-fn journal_lines(dir: &Path) -> Vec<String> {
-    journal_files(dir)
+/// Every journal line of the instance, in write order, as written.
+fn journal_lines(dir: &Path, instance_id: &str) -> Vec<String> {
+    journal_tail::segments(dir, instance_id)
         .iter()
         .flat_map(|p| {
             std::fs::read_to_string(p)
@@ -42,9 +30,26 @@ fn journal_lines(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+fn lock_path(dir: &Path, instance_id: &str) -> std::path::PathBuf {
+    dir.join(format!("journal-{instance_id}.lock"))
+}
+
+fn started(spool: &tempdir::Dir, upstream: &Upstream) -> Result<Engine, Error> {
+    let engine = Engine::new(engine_config(spool.path()))?;
+    engine
+        .load_snapshot(
+            snapshot(1, upstream.addr, 100_000_000_000)
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+    engine.start().map(|_| engine)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_are_journaled_before_they_are_queued_and_acks_delete_them() {
+async fn records_are_journaled_as_lines_and_stay_after_stop() {
     let h = Harness::start();
+    let id = h.engine.instance_id().to_owned();
     for i in 0..5 {
         let body = chat(CANARY, json!({"stream": i % 2 == 0}));
         let r = post(h.addr, CHAT, Some("ot-good"), body).await;
@@ -54,30 +59,24 @@ async fn records_are_journaled_before_they_are_queued_and_acks_delete_them() {
     assert_eq!(r.status, 401);
     h.wait_records(6).await;
 
-    // Before any drain, the journal holds every record, one JSON line each, in the
-    // overflow format (the record serialized as is).
-    let files = journal_files(&h.spool.0);
+    // One segment, one JSON line per record, in the line format (the record serialized
+    // as is), and the instance is live while it runs.
+    let files = journal_tail::segments(&h.spool.0, &id);
     assert_eq!(files.len(), 1);
     let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
-    assert_eq!(
-        name,
-        format!("journal-{}-00000000.jsonl", h.engine.instance_id())
-    );
-    let lines = journal_lines(&h.spool.0);
+    assert_eq!(name, format!("journal-{id}-00000000.jsonl"));
+    assert!(instance_live(&lock_path(&h.spool.0, &id)).unwrap());
+    let lines = journal_lines(&h.spool.0, &id);
     assert_eq!(lines.len(), 6);
-    let stats = h.engine.stats();
-    assert_eq!((stats.journal_segments, stats.journal_unacked), (1, 6));
-
     let recs = h.records();
-    let expected: Vec<String> = recs
+    let mut expected: Vec<String> = recs
         .iter()
         .map(|r| serde_json::to_string(r).unwrap())
         .collect();
     let mut sorted_lines = lines.clone();
     sorted_lines.sort();
-    let mut sorted_expected = expected.clone();
-    sorted_expected.sort();
-    assert_eq!(sorted_lines, sorted_expected);
+    expected.sort();
+    assert_eq!(sorted_lines, expected);
     for line in &lines {
         let v: Value = serde_json::from_str(line).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
@@ -86,28 +85,77 @@ async fn records_are_journaled_before_they_are_queued_and_acks_delete_them() {
     }
     assert_no_canary(&h, &recs, &[&r]);
 
-    // Acknowledging part keeps the file; more than drained is clamped.
-    assert_eq!(h.engine.ack_records(2), 2);
-    assert_eq!(h.engine.stats().journal_unacked, 4);
-    assert_eq!(h.engine.ack_records(100), 4);
-    assert_eq!(h.engine.ack_records(1), 0);
-    assert_eq!(h.engine.stats().journal_unacked, 0);
-
-    // After a stop, the final drain and ack leave nothing.
+    // Stopping deletes nothing and releases the instance: its segments are complete.
     let late = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
     assert_eq!(late.status, 200);
     h.wait_records(7).await;
     h.engine.stop(Duration::from_secs(1));
+    assert!(!instance_live(&lock_path(&h.spool.0, &id)).unwrap());
+    assert_eq!(journal_tail::segments(&h.spool.0, &id), files);
+    let all = read_segment(&files[0], 0, usize::MAX, true).unwrap();
+    assert_eq!((all.records.len(), all.bad_lines), (7, 0));
     assert_eq!(
-        journal_files(&h.spool.0).len(),
+        h.records().len(),
         1,
-        "one record still unacknowledged"
+        "the late record, read on from the offset"
     );
-    let n = h.engine.drain_records(usize::MAX).len() as u64;
-    assert_eq!(n, 1);
-    assert_eq!(h.engine.ack_records(n), 1);
-    assert!(journal_files(&h.spool.0).is_empty());
-    assert_eq!(h.engine.stats().journal_segments, 0);
+    assert_eq!(h.engine.stats().journal_errors, 0);
+}
+
+/// A whole response's record is on disk before its last byte reaches the client: a crash
+/// right after the client read its answer must not lose the record of that call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_response_is_journaled_before_its_last_byte_reaches_the_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let h = Harness::start();
+    let body = chat("hi", json!({})).to_string();
+    let mut conn = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let head = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer ot-good\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(body.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "connection closed before the whole response");
+        seen.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&seen);
+        let Some(split) = text.find("\r\n\r\n") else {
+            continue;
+        };
+        let length: usize = text[..split]
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(str::to_owned)
+            })
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        if seen.len() >= split + 4 + length {
+            break;
+        }
+    }
+    // No waiting: the record must already be journaled when the client has the body.
+    let lines = journal_lines(&h.spool.0, h.engine.instance_id());
+    assert_eq!(
+        lines.len(),
+        1,
+        "the record is journaled before the last byte"
+    );
+    let rec: Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(rec["status"], 200, "{rec}");
+    assert_eq!(rec["streamed"], 0, "{rec}");
 }
 
 /// A stream's record is on disk before its terminal event reaches the client, even when
@@ -139,7 +187,7 @@ async fn a_stream_is_journaled_before_its_terminal_event_reaches_the_client() {
         seen.extend_from_slice(&buf[..n]);
     }
     // No waiting: the record must already be journaled when the client has `[DONE]`.
-    let lines = journal_lines(&h.spool.0);
+    let lines = journal_lines(&h.spool.0, h.engine.instance_id());
     assert_eq!(
         lines.len(),
         1,
@@ -154,67 +202,56 @@ async fn a_stream_is_journaled_before_its_terminal_event_reaches_the_client() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spooled_records_need_no_ack_and_unacked_ones_survive_stop() {
+/// One gateway per data dir: a second engine on the same spool dir refuses to start,
+/// with a message that says why, and starts once the first has stopped.
+#[test]
+fn a_second_engine_on_the_same_spool_dir_fails_to_start() {
     let upstream = Upstream::start();
     let spool = tempdir::Dir::new();
-    let mut cfg = engine_config(spool.path());
-    cfg.queue_capacity = 2;
-    let engine = Engine::new(cfg).unwrap();
-    engine
-        .load_snapshot(
-            snapshot(1, upstream.addr, 100_000_000_000)
-                .to_string()
-                .as_bytes(),
-        )
-        .unwrap();
-    let addr = engine.start().unwrap();
-    for _ in 0..5 {
-        let r = post(addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
-        assert_eq!(r.status, 200);
-    }
-    for _ in 0..200 {
-        if engine.stats().records_total >= 5 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(engine.stats().records_spooled, 3);
-    // Spooled ones stay journaled until their overflow file is sealed.
-    for _ in 0..300 {
-        if engine.stats().journal_unacked == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(
-        engine.stats().journal_unacked,
-        2,
-        "sealed within about a second: spooled ones are done"
+    let first = started(&spool, &upstream).unwrap();
+    let second = Engine::new(engine_config(spool.path())).unwrap();
+    let err = second.start().unwrap_err();
+    let data_dir = spool.0.parent().unwrap();
+    assert!(
+        matches!(&err, Error::Bind(m) if m.starts_with(&format!(
+            "another gateway is serving data dir {}", data_dir.display()))),
+        "{err}"
     );
-    engine.stop(Duration::from_secs(1));
-    // Drained but never acknowledged (the control plane died before storing them): the
-    // journal stays for the next start to replay.
-    assert_eq!(engine.drain_records(10).len(), 2);
-    assert_eq!(journal_lines(&spool.0).len(), 5);
-    drop(engine);
-    assert_eq!(journal_files(&spool.0).len(), 1);
+    assert!(!second.running());
+    assert!(
+        !instance_live(&lock_path(&spool.0, second.instance_id())).unwrap(),
+        "the refused engine holds nothing"
+    );
+    first.stop(Duration::from_secs(1));
+    let third = started(&spool, &upstream).unwrap();
+    assert!(third.running());
+    // An engine dropped without a stop lets the next one in too.
+    drop(third);
+    started(&spool, &upstream).unwrap();
 }
 
+/// The instance lock is held while the engine runs and free after stop or drop; an
+/// engine that never started holds none.
 #[test]
-fn journal_can_be_disabled() {
+fn the_instance_lock_is_held_while_running() {
+    let upstream = Upstream::start();
     let spool = tempdir::Dir::new();
-    let cfg = json!({"key_hash_secret_hex": SECRET_HEX, "spool_dir": spool.path(), "journal": false, "listen": "127.0.0.1:0",
-                    "upstream_private_cidrs": ["127.0.0.0/8"]});
-    let engine = Engine::new(EngineConfig::from_json(cfg.to_string().as_bytes()).unwrap()).unwrap();
-    let addr = engine.start().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let r = rt.block_on(post(addr, CHAT, None, chat("hi", json!({}))));
-    assert_eq!(r.status, 401);
-    engine.stop(Duration::from_secs(1));
-    assert_eq!(engine.stats().records_total, 1);
-    assert!(journal_files(&spool.0).is_empty());
-    assert_eq!(engine.ack_records(1), 0);
+    let idle = Engine::new(engine_config(spool.path())).unwrap();
+    assert!(!instance_live(&lock_path(&spool.0, idle.instance_id())).unwrap());
+    drop(idle);
+
+    let stopped = started(&spool, &upstream).unwrap();
+    let lock = lock_path(&spool.0, stopped.instance_id());
+    assert!(instance_live(&lock).unwrap());
+    stopped.stop(Duration::from_secs(1));
+    assert!(!instance_live(&lock).unwrap());
+    assert!(lock.exists(), "the lock file stays for ingestion to remove");
+
+    let dropped = started(&spool, &upstream).unwrap();
+    let lock = lock_path(&spool.0, dropped.instance_id());
+    assert!(instance_live(&lock).unwrap());
+    drop(dropped);
+    assert!(!instance_live(&lock).unwrap());
 }
 
 const CHILD_ENV: &str = "ONETOKEN_JOURNAL_CHILD_SPOOL";
@@ -237,6 +274,7 @@ fn journal_child_process() {
         )
         .unwrap();
     let addr = engine.start().unwrap();
+    std::fs::write(Path::new(&spool).join("instance.txt"), engine.instance_id()).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let ids: Vec<String> = rt.block_on(async {
         let mut ids = Vec::new();
@@ -290,14 +328,17 @@ fn a_sigkill_loses_no_completed_request() {
     let ids = std::fs::read_to_string(&ids_path).unwrap();
     let mut expected: Vec<&str> = ids.lines().collect();
     expected.sort_unstable();
-    let lines = journal_lines(&spool.0);
-    let mut found: Vec<String> = lines
-        .iter()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            assert_eq!(v["status"], 200);
-            assert!(v["cost"].as_i64().unwrap() > 0);
-            v["request_id"].as_str().unwrap().to_owned()
+    let instance = std::fs::read_to_string(spool.0.join("instance.txt")).unwrap();
+    assert!(
+        !instance_live(&lock_path(&spool.0, &instance)).unwrap(),
+        "the OS released the dead instance's lock"
+    );
+    let mut found: Vec<String> = journal_records(&spool.0, &instance)
+        .into_iter()
+        .map(|r| {
+            assert_eq!(r.status, 200);
+            assert!(r.cost > 0);
+            r.request_id
         })
         .collect();
     found.sort_unstable();
@@ -307,13 +348,12 @@ fn a_sigkill_loses_no_completed_request() {
     );
 }
 
-/// Latency added by the gateway at one connection, journal on and off, next to the same
-/// requests sent straight to the upstream: with the record committed after the response
-/// is flushed, the journal should add nothing here. A measurement, not a check; run with
+/// Latency added by the gateway at one connection, journal included, next to the same
+/// requests sent straight to the upstream. A measurement, not a check; run with
 /// `cargo test -p onetoken-gateway --test journal added_latency -- --ignored --nocapture`.
 #[test]
 #[ignore = "measurement"]
-fn added_latency_one_connection_with_and_without_journal() {
+fn added_latency_one_connection() {
     use http_body_util::BodyExt;
     const N: usize = 3_000;
     let upstream = Upstream::start();
@@ -351,24 +391,15 @@ fn added_latency_one_connection_with_and_without_journal() {
     let body = chat("hi", json!({})).to_string();
     let direct = run(upstream.addr, "/v1/chat/completions", None, body.clone());
     let mut out = vec![format!("direct p50 {:?} p99 {:?}", direct.0, direct.1)];
-    for journal in [false, true, false, true] {
+    for round in 0..2 {
         let spool = tempdir::Dir::new();
-        let mut cfg = engine_config(spool.path());
-        cfg.journal = journal;
-        let engine = Engine::new(cfg).unwrap();
-        engine
-            .load_snapshot(
-                snapshot(1, upstream.addr, 100_000_000_000)
-                    .to_string()
-                    .as_bytes(),
-            )
-            .unwrap();
-        let addr = engine.start().unwrap();
+        let engine = started(&spool, &upstream).unwrap();
+        let addr = engine.address().unwrap();
         let (p50, p99) = run(addr, CHAT, Some("ot-good"), body.clone());
         engine.stop(Duration::from_secs(1));
         assert_eq!(engine.stats().records_total, (N + 200) as u64);
         out.push(format!(
-            "journal {journal}: added p50 {:?} p99 {:?}",
+            "round {round}: added p50 {:?} p99 {:?}",
             p50.saturating_sub(direct.0),
             p99.saturating_sub(direct.1)
         ));

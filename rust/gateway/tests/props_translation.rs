@@ -11,7 +11,6 @@
 mod fleet;
 
 use std::cell::Cell;
-use std::time::Duration;
 
 use bytes::Bytes;
 use fleet::*;
@@ -90,15 +89,7 @@ impl World {
 
     /// The record of the last call (earlier ones, left by a failed case, are dropped).
     fn last_record(&self) -> onetoken_gateway::CallRecord {
-        let engine = &self.fleet.engine;
-        for _ in 0..500 {
-            if engine.stats().records_total >= self.calls.get() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        let mut recs = engine.drain_records(usize::MAX);
-        recs.sort_by_key(|r| r.ts);
+        let mut recs = self.rt.block_on(self.fleet.records(self.calls.get()));
         recs.pop().expect("a record of the call")
     }
 }

@@ -38,22 +38,6 @@ impl Engine {
         dropped_list(py, &self.inner.snapshot_dropped())
     }
 
-    fn drain_records<'py>(
-        &self,
-        py: Python<'py>,
-        max_records: usize,
-    ) -> PyResult<Option<Bound<'py, PyDict>>> {
-        let records = py.detach(|| self.inner.drain_records(max_records));
-        if records.is_empty() {
-            return Ok(None);
-        }
-        crate::journal::columns(py, &records).map(Some)
-    }
-
-    fn ack_records(&self, py: Python<'_>, count: u64) -> u64 {
-        py.detach(|| self.inner.ack_records(count))
-    }
-
     fn stop(&self, py: Python<'_>, grace_seconds: f64) {
         let grace = Duration::try_from_secs_f64(grace_seconds.max(0.0)).unwrap_or(Duration::ZERO);
         py.detach(|| self.inner.stop(grace));
@@ -82,13 +66,10 @@ impl Engine {
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.stats();
         let out = PyDict::new(py);
-        out.set_item("queue_depth", s.queue_depth)?;
         out.set_item("records_total", s.records_total)?;
-        out.set_item("records_spooled", s.records_spooled)?;
         out.set_item("in_flight", s.in_flight)?;
         out.set_item("snapshot_version", s.snapshot_version)?;
         out.set_item("journal_segments", s.journal_segments)?;
-        out.set_item("journal_unacked", s.journal_unacked)?;
         out.set_item("journal_errors", s.journal_errors)?;
         Ok(out)
     }

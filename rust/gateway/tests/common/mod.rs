@@ -19,6 +19,10 @@ use onetoken_gateway::{hash_key, Engine, EngineConfig};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+pub mod journal_tail;
+#[allow(unused_imports)]
+pub use journal_tail::{journal_records, JournalTail};
+
 pub const SECRET_HEX: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 pub const CANARY: &str = "CANARY-e3b0c44298fc-do-not-store";
 
@@ -263,7 +267,6 @@ pub fn engine_config_json(spool_dir: &str) -> Value {
         "listen": "127.0.0.1:0",
         "key_hash_secret_hex": SECRET_HEX,
         "worker_threads": 2,
-        "queue_capacity": 10000,
         "spool_dir": spool_dir,
         "max_body_bytes": 65536,
         "shutdown_grace_ms": 5000,
@@ -317,6 +320,8 @@ pub struct Harness {
     pub addr: SocketAddr,
     pub upstream: Upstream,
     pub spool: tempdir::Dir,
+    /// Where [`Harness::records`] has read the journal up to.
+    pub journal: JournalTail,
 }
 
 pub mod tempdir {
@@ -357,11 +362,13 @@ impl Harness {
         snap(&mut doc);
         engine.load_snapshot(doc.to_string().as_bytes()).unwrap();
         let addr = engine.start().unwrap();
+        let journal = JournalTail::new(&spool.0, engine.instance_id());
         Harness {
             engine,
             addr,
             upstream,
             spool,
+            journal,
         }
     }
 
@@ -373,17 +380,19 @@ impl Harness {
             .load_snapshot(snapshot(1, upstream.addr, balance).to_string().as_bytes())
             .unwrap();
         let addr = engine.start().unwrap();
+        let journal = JournalTail::new(&spool.0, engine.instance_id());
         Harness {
             engine,
             addr,
             upstream,
             spool,
+            journal,
         }
     }
 
-    /// All records so far, in request order. A record is committed just after its
-    /// response is sent and a request is in flight until then, so this first waits
-    /// (bounded) for no request to be in flight.
+    /// The records journaled since the last call, in request order. A record is
+    /// committed just after its response is sent and a request is in flight until then,
+    /// so this first waits (bounded) for no request to be in flight.
     pub fn records(&self) -> Vec<onetoken_gateway::CallRecord> {
         for _ in 0..200 {
             if self.engine.stats().in_flight == 0 {
@@ -391,7 +400,7 @@ impl Harness {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let mut recs = self.engine.drain_records(usize::MAX);
+        let mut recs = self.journal.take();
         recs.sort_by_key(|r| r.ts);
         recs
     }

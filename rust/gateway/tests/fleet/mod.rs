@@ -18,6 +18,10 @@ use onetoken_gateway::{hash_key, CallRecord, Engine, EngineConfig};
 use onetoken_mock_upstream::{MockDefaults, MockServer};
 use serde_json::{json, Value};
 
+#[path = "../common/journal_tail.rs"]
+pub mod journal_tail;
+use journal_tail::JournalTail;
+
 pub const SECRET_HEX: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 pub const CANARY: &str = "CANARY-7f3a9c1d-routing-do-not-store";
 
@@ -30,7 +34,6 @@ pub fn engine_config(spool_dir: &str) -> EngineConfig {
         "listen": "127.0.0.1:0",
         "key_hash_secret_hex": SECRET_HEX,
         "worker_threads": 2,
-        "queue_capacity": 10000,
         "spool_dir": spool_dir,
         "max_body_bytes": 1048576,
         "shutdown_grace_ms": 2000,
@@ -235,6 +238,7 @@ pub struct Fleet {
     pub engine: Engine,
     pub addr: SocketAddr,
     pub spool: Spool,
+    journal: JournalTail,
 }
 
 pub struct Spool(pub std::path::PathBuf);
@@ -255,14 +259,16 @@ impl Fleet {
             .load_snapshot(snapshot.to_string().as_bytes())
             .unwrap();
         let addr = engine.start().unwrap();
+        let journal = JournalTail::new(&dir, engine.instance_id());
         Fleet {
             engine,
             addr,
             spool: Spool(dir),
+            journal,
         }
     }
 
-    /// Wait (bounded) for `n` records in total, then take them all.
+    /// Wait (bounded) for `n` records in total, then take those not taken before.
     pub async fn records(&self, n: u64) -> Vec<CallRecord> {
         for _ in 0..500 {
             if self.engine.stats().records_total >= n {
@@ -283,7 +289,7 @@ impl Fleet {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // Request order: commit order may differ by a few microseconds.
-        let mut recs = self.engine.drain_records(usize::MAX);
+        let mut recs = self.journal.take();
         recs.sort_by_key(|r| r.ts);
         recs
     }
