@@ -253,3 +253,36 @@ def test_api_changes_wake_the_gateways_poll(
     t.join(timeout=10)
     ((body, took),) = out
     assert body is not None and took < 5
+
+
+def test_a_change_returns_once_the_polling_gateway_serves_it(state: AppState, org_id: str) -> None:
+    """An API call that returned has taken effect on the gateway, as when the engine ran
+    in the control process: config_changed waits for the gateway's confirming poll."""
+    src = SnapshotSource(state.secrets, state.session_factory, marks=fake_marks, confirm_s=30)
+    etag, _ = src.get("gw", None)
+    src.get("gw", etag)  # the gateway serves it
+    _bump(state)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (src.changed(), done.set()))
+    t.start()
+    new_etag, body = src.get("gw", etag)  # the woken poll: the new snapshot
+    assert body is not None
+    assert not done.wait(0.2)  # handed out is not yet served
+    src.get("gw", new_etag)  # the next poll names it: served
+    assert done.wait(5)
+    t.join()
+
+
+def test_a_change_does_not_wait_for_gateways_that_stopped_polling(
+    state: AppState, org_id: str
+) -> None:
+    src = SnapshotSource(state.secrets, state.session_factory, marks=fake_marks, confirm_s=30)
+    began = time.monotonic()
+    src.changed()  # nobody polls (a control process alone, a test client)
+    assert time.monotonic() - began < 5
+    src.get("gw", None)
+    src._confirmed["gw"] = (-1, time.monotonic() - 60)  # last polled a minute ago
+    _bump(state)
+    began = time.monotonic()
+    src.changed()
+    assert time.monotonic() - began < 5

@@ -218,6 +218,8 @@ class GatewayRunner:
         self.grace_seconds = 10.0
         self.tls = False
         self._etag: str | None = None
+        # Snapshots loaded so far.
+        self.loads = 0
         self._reachable: bool | None = None
         self.stopping = threading.Event()
 
@@ -290,6 +292,7 @@ class GatewayRunner:
                 self._set_reachable(engine, True, None)
                 return False
             self._etag = etag
+            self.loads += 1
             log.debug("snapshot.loaded", extra={"version": version})
             _log_dropped(engine, version)
         self._set_reachable(engine, True, None)
@@ -317,17 +320,20 @@ class GatewayRunner:
 
     def _poll_loop(self) -> None:
         while not self.stopping.is_set():
-            began = time.monotonic()
+            began, loads = time.monotonic(), self.loads
             try:
                 answered = self.poll(LONG_POLL_S)
             except Exception as exc:
                 log.error("gateway.poll_failed", extra={"exc_type": type(exc).__name__})
                 answered = False
-            # After a failure, the watch interval before the next try; after an answer, at
-            # once, but never sooner than the interval after the last poll began (a control
-            # process that answers without waiting is not polled in a busy loop).
+            # A new snapshot: poll again at once (that poll confirms it to the control
+            # process). Nothing new: never sooner than the watch interval after the last
+            # poll began (a control process that answers without waiting is not polled in
+            # a busy loop). A failure: the watch interval before the next try.
             pause = self.env.watch_interval_s
-            if answered:
+            if answered and self.loads != loads:
+                pause = 0.0
+            elif answered:
                 pause -= time.monotonic() - began
             if pause > 0 and self.stopping.wait(pause):
                 return

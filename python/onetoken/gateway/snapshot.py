@@ -152,8 +152,11 @@ class SnapshotSource:
     A snapshot is rebuilt when the config revision or the UTC day/month of the budget
     windows changed since that instance's last one, else the gateway's ETag gets a 304.
     A poll may wait for a change (long poll): `changed()` (AppState.config_changed, after
-    every change committed through the API) answers waiting gateways at once; changes
-    committed by other processes (the CLI) are seen within `recheck_s`.
+    every change committed through the API) answers waiting gateways at once and waits
+    (at most `confirm_s`) until each gateway that polls is serving the change, confirmed
+    by its next poll naming the new ETag: an API call that returned has taken effect, as
+    when the engine ran in this process. Changes committed by other processes (the CLI)
+    are seen within `recheck_s`.
     Balances and that instance's spent marks are read under `mark_lock` (the ingestor's),
     so the engine's available = balance - (spent - spent_mark) - reserved never counts an
     ingested cost twice or misses one; ingestion alone moves both and changes nothing the
@@ -168,16 +171,20 @@ class SnapshotSource:
         *,
         marks: MarksReader | None = None,
         recheck_s: float = 0.5,
+        confirm_s: float = 2.0,
     ) -> None:
         self.secrets = secrets
         self.session_factory = session_factory
         self.mark_lock: AbstractContextManager[Any] = mark_lock or threading.Lock()
         self._marks = marks or _ingested_marks
         self.recheck_s = recheck_s
+        self.confirm_s = confirm_s
         # Bumped by changed(); waiting polls wake up on it.
         self._generation = 0
         self._closed = False
         self._wake = threading.Condition()
+        # instance -> (revision its engine confirmed serving, when it last polled).
+        self._confirmed: dict[str, tuple[int, float]] = {}
         # Versions rise across restarts of the control process too (the engine ignores a
         # version not above the one it serves): they start at the wall clock's milliseconds.
         self._version = 0
@@ -186,9 +193,34 @@ class SnapshotSource:
         self._served: OrderedDict[str, tuple[tuple[int, int, int], str]] = OrderedDict()
 
     def changed(self) -> None:
-        """A change was committed: answer the waiting polls now."""
+        """A change was committed: answer the waiting polls now, then wait until the
+        gateways that poll confirm serving it (bounded by `confirm_s`)."""
+        with self.session_factory() as session:
+            revision = current_revision(session)
         with self._wake:
             self._generation += 1
+            self._wake.notify_all()
+            self._wake.wait_for(partial(self._all_confirmed, revision), timeout=self.confirm_s)
+
+    def _all_confirmed(self, revision: int) -> bool:
+        # A gateway that stopped polling (stopped, killed) is not waited for: a polling one
+        # asks at least every recheck_s while it waits.
+        active_since = time.monotonic() - max(5 * self.recheck_s, 2.0)
+        return self._closed or all(
+            confirmed >= revision
+            for confirmed, polled in self._confirmed.values()
+            if polled >= active_since
+        )
+
+    def _polled(self, instance_id: str, confirmed: int | None) -> None:
+        with self._wake:
+            before = self._confirmed.get(instance_id, (-1, 0.0))[0]
+            self._confirmed[instance_id] = (
+                before if confirmed is None else max(before, confirmed),
+                time.monotonic(),
+            )
+            while len(self._confirmed) > _REMEMBERED_INSTANCES:
+                del self._confirmed[next(iter(self._confirmed))]
             self._wake.notify_all()
 
     def close(self) -> None:
@@ -228,7 +260,10 @@ class SnapshotSource:
             window = billing_budgets.Window.at(utcnow())
             key = (revision, window.day, window.month)
             last = self._served.get(instance_id)
-            if last is not None and last[0] == key and last[1] == if_none_match:
+            # Naming the ETag it was given says the engine serves that snapshot.
+            current = last is not None and last[1] == if_none_match
+            self._polled(instance_id, last[0][0] if last is not None and current else None)
+            if last is not None and current and last[0] == key:
                 self._served.move_to_end(instance_id)
                 return last[1], None
             self._version = max(self._version + 1, time.time_ns() // 1_000_000)
