@@ -124,6 +124,23 @@ def ledger_usage(state: AppState, org_id: str) -> dict[str, int]:
     return out
 
 
+def ledger_usage_totals(state: AppState, org_id: str) -> tuple[int, int]:
+    """(charged amount, calls) over the org's usage entries: ingestion enters usage per
+    org, key, model and UTC day of a batch, each entry carrying its call count."""
+    from sqlalchemy import func, select
+
+    from onetoken.db.models import LedgerEntry
+
+    with state.session_factory() as s:
+        amount, calls = s.execute(
+            select(
+                func.coalesce(func.sum(LedgerEntry.amount), 0),
+                func.coalesce(func.sum(LedgerEntry.calls), 0),
+            ).where(LedgerEntry.org_id == org_id, LedgerEntry.kind == "usage")
+        ).one()
+    return -int(amount), int(calls)
+
+
 def balance(state: AppState, org_id: str) -> int:
     with state.session_factory() as s:
         return billing.balance(s, org_id)
