@@ -236,3 +236,32 @@ def test_data_dir_is_private_whatever_the_umask(tmp_path: Path) -> None:
     finally:
         if s.proc.poll() is None:
             s.proc.kill()
+
+
+def test_gateway_that_cannot_start_stops_serve_with_its_reason(tmp_path: Path) -> None:
+    core_or_skip()
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            **os.environ,
+            "ONETOKEN_DATA_DIR": str(tmp_path),
+            "ONETOKEN_SECRET_KEY": TEST_SECRET,
+            "ONETOKEN_GATEWAY_LISTEN": f"127.0.0.1:{port}",
+            "ONETOKEN_CONTROL_LISTEN": "127.0.0.1:0",
+            "PYTHONPATH": os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")]),
+        }
+        proc = subprocess.run(
+            [sys.executable, "-m", "onetoken.cli", "serve", "--demo"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 2
+    assert "onetoken: error: gateway failed to start:" in proc.stderr
+    assert f"127.0.0.1:{port}" in proc.stderr
+    assert "gateway:" not in proc.stdout
