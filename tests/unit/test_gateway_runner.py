@@ -307,3 +307,61 @@ def test_main_reports_a_start_failure_on_the_ready_pipe(tmp_path: Path) -> None:
         report = f.read().decode()
     assert code == 2
     assert report.startswith("error ") and "ONETOKEN_CONTROL_URL" in report
+
+
+def _self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls_control_is_trusted_by_its_own_certificate_only(tmp_path: Path) -> None:
+    """`serve`'s child reaches the control listener on loopback with ONETOKEN_TLS_CERT: that
+    certificate (whatever host it names) is trusted, another one is not."""
+    import ssl
+
+    cert, key = _self_signed(tmp_path, "control.example")
+    other, _ = _self_signed(tmp_path, "other.example")
+    ctl = Control(config={"listen": "x"})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(ctl))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        url = f"https://127.0.0.1:{server.server_address[1]}"
+        assert ControlChannel(url, TOKEN, ca_file=str(cert)).config() == {"listen": "x"}
+        with pytest.raises(runner.ChannelError):
+            ControlChannel(url, TOKEN, ca_file=str(other)).config()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -135,6 +135,18 @@ def _master_secret(environ: Mapping[str, str], data_dir: Path) -> bytes:
         ) from None
 
 
+def _pinned_context(ca_file: str | None) -> ssl.SSLContext:
+    """Without `ca_file`, the system's CAs. With it (ONETOKEN_TLS_CERT, the certificate the
+    control listener serves), that certificate is the one trust anchor: itself accepted
+    as the end of the chain, and not checked against the host name, which for `serve`'s
+    child is a loopback address the certificate does not name."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    if ca_file is not None:
+        ctx.check_hostname = False
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return ctx
+
+
 class ControlChannel:
     """The gateway's end of the gateway channel (plain HTTP(S), one request at a time)."""
 
@@ -147,7 +159,7 @@ class ControlChannel:
         self._port = parts.port or (443 if self._https else 80)
         self._prefix = parts.path.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-        self._ssl = ssl.create_default_context(cafile=ca_file) if self._https else None
+        self._ssl = _pinned_context(ca_file) if self._https else None
 
     def _get(
         self, path: str, headers: Mapping[str, str], wait_s: float = 0.0
