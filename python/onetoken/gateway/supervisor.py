@@ -288,12 +288,12 @@ class GatewayProcess:
         code: int | None = None
         if proc is not None:
             if proc.poll() is None:
-                log.info("gateway.stopping", extra={"grace_seconds": grace})
+                log.info("gateway.child_stopping", extra={"grace_seconds": grace})
                 proc.send_signal(signal.SIGTERM)
             try:
                 code = proc.wait(timeout=grace + STOP_MARGIN_S)
             except subprocess.TimeoutExpired:
-                log.error("gateway.kill", extra={"grace_seconds": grace})
+                log.error("gateway.child_killed", extra={"grace_seconds": grace})
                 proc.kill()
                 code = proc.wait()
         if self._thread is not None:
