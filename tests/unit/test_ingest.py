@@ -378,7 +378,11 @@ def test_snapshot_reads_under_mark_lock_never_count_a_cost_twice(
             done.set()
             t.join()
     assert seen and set(seen) == {CREDIT}
-    assert charged(state, org_id) == (sum(1 + i % 3 for i in range(400)), 400)
+    total = sum(1 + i % 3 for i in range(400))
+    assert charged(state, org_id) == (total, 400)
+    # Marks accumulated over the 58 batches, per org and per key.
+    with state.session_factory() as s:
+        assert spent_marks(s, "i1") == ({org_id: total}, {"key_a": total})
 
 
 def test_background_thread_ingests_and_stop_catches_up(
