@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from .billing_world import control_db, ledger_usage_totals
+from .billing_world import charged_calls, control_db, ledger_usage
 from .harness import Server, bootstrap
 from .records import exported_calls, reconcile
 
@@ -98,12 +98,12 @@ def test_sigkill_during_traffic_loses_and_doubles_nothing(tmp_path: Path, mock_a
     missing = completed - set(ids)
     assert not missing, f"{len(missing)} completed requests lost"
     by_id = {r["request_id"]: r for r in rows}
+    with control_db(tmp_path) as state:
+        charged = ledger_usage(state, creds["org_id"])
     for rid in completed:
         assert by_id[rid]["cost"] > 0
-    # Each costed call charged once: the ledger's usage adds up to call_log's, call for call.
-    costed = [int(r["cost"]) for r in rows if int(r["cost"]) > 0]
-    with control_db(tmp_path) as state:
-        assert ledger_usage_totals(state, creds["org_id"]) == (sum(costed), len(costed))
+    # Every charged call once, at call_log's cost: nothing lost, nothing charged twice.
+    assert charged == charged_calls(rows)
     code, lines = reconcile(tmp_path)
     assert code == 0 and all(x["difference"] == 0 for x in lines), lines
     assert not list((tmp_path / "spool").glob("journal-*.jsonl"))

@@ -183,7 +183,12 @@ class Ingestor:
         with self._round:
             before = self.rows_ingested
             for instance in journal.scan(self.settings.spool_dir).values():
-                self._ingest_instance(instance)
+                try:
+                    self._ingest_instance(instance)
+                except (CursorMoved, FileNotFoundError):
+                    # Another ingestor took this journal's batch (or collected its
+                    # segment) first: read its cursors afresh next round.
+                    log.warning("ingest.cursor_moved", extra={"instance_id": instance.instance_id})
             return self.rows_ingested - before
 
     def _cursors(self, instance_id: str) -> dict[str, Position]:
