@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Final
 
 from fastapi import Depends, Request
 from fastapi.routing import APIRoute
@@ -209,7 +209,7 @@ class RouteRule:
     permission: Permission | None  # None: public
 
 
-INTERNAL_PREFIX = "/internal/"
+INTERNAL_PREFIX: Final = "/internal/"
 
 
 def api_routes(app: FastAPI) -> list[tuple[str, str, APIRoute]]:
@@ -227,11 +227,9 @@ def api_routes(app: FastAPI) -> list[tuple[str, str, APIRoute]]:
         ]
     out = []
     for path, methods, route in contexts:
-        # The channels between onetoken processes (/internal/...) authenticate with their
-        # channel tokens (onetoken.kit.channel), not with sessions and roles.
-        if path.startswith(INTERNAL_PREFIX):
-            continue
-        if isinstance(route, APIRoute):
+        # /internal/ channels between onetoken processes take a channel token, not a
+        # session or a role; they are not part of this API (each channel tests its 401).
+        if isinstance(route, APIRoute) and not path.startswith(INTERNAL_PREFIX):
             for method in sorted(methods - {"HEAD", "OPTIONS"}):
                 out.append((method, path, route))
     return out
