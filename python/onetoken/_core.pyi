@@ -58,6 +58,12 @@ class Engine:
         is returned."""
     def snapshot_dropped(self) -> list[DroppedEntry]:
         """The entries the serving snapshot left out (empty when every entry compiled)."""
+    def set_control_status(self, reachable: bool) -> None:
+        """Report whether the last snapshot poll reached the control plane. True also
+        confirms the serving snapshot as current (a 304 says so as much as a new snapshot);
+        False lets its age grow. The engine serves on its last good snapshot either way;
+        /healthz ("control": "ok" | "unreachable", "snapshot_age_seconds") and /metrics
+        (onetoken_control_reachable, onetoken_snapshot_age_seconds) report it."""
     def stop(self, grace_seconds: float) -> None:
         """Stop accepting, let in-flight requests finish for up to `grace_seconds`, then
         cancel the rest (each still leaves its record in the journal), then release the

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -44,6 +44,49 @@ pub(crate) struct Shared {
     pub(crate) draining: AtomicBool,
     /// The grace period is over: abandoned requests are recorded as `shutting_down`.
     pub(crate) aborting: AtomicBool,
+    pub(crate) control: ControlStatus,
+}
+
+/// What the engine knows of its control plane, for `/healthz` and `/metrics`: whether the
+/// last exchange reached it, and when the serving snapshot was last confirmed current (a
+/// newer one loaded, or a poll that reached the control plane).
+pub(crate) struct ControlStatus {
+    reachable: AtomicBool,
+    confirmed: Mutex<Option<Instant>>,
+}
+
+impl ControlStatus {
+    fn new() -> Self {
+        ControlStatus {
+            // The config and first snapshot come from the control plane, so it was
+            // reachable when the engine was made; the gateway reports otherwise.
+            reachable: AtomicBool::new(true),
+            confirmed: Mutex::new(None),
+        }
+    }
+
+    fn set(&self, reachable: bool) {
+        self.reachable.store(reachable, Ordering::Relaxed);
+        if reachable {
+            self.confirm();
+        }
+    }
+
+    fn confirm(&self) {
+        *self.confirmed.lock() = Some(Instant::now());
+    }
+
+    pub(crate) fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
+    }
+
+    /// Seconds since the serving snapshot was last confirmed current (millisecond
+    /// resolution); 0 before the first snapshot.
+    pub(crate) fn snapshot_age_seconds(&self) -> f64 {
+        let millis = self.confirmed.lock().map_or(0, |t| t.elapsed().as_millis());
+        // Exact below 2^53 ms (285,000 years).
+        millis as f64 / 1000.0
+    }
 }
 
 impl Shared {
@@ -59,6 +102,8 @@ impl Shared {
             snapshot_dropped: self.dropped.lock().len() as u64,
             journal_segments: self.records.journal_segments(),
             journal_errors: self.records.journal_errors(),
+            control_reachable: self.control.reachable(),
+            snapshot_age_seconds: self.control.snapshot_age_seconds(),
         })
     }
 }
@@ -124,6 +169,7 @@ impl Engine {
             seq: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             aborting: AtomicBool::new(false),
+            control: ControlStatus::new(),
             config,
         });
         Ok(Engine {
@@ -215,7 +261,16 @@ impl Engine {
         let version = compiled.version;
         self.shared.snapshot.store(Arc::new(compiled));
         *self.shared.dropped.lock() = dropped;
+        self.shared.control.confirm();
         Ok(version)
+    }
+
+    /// Whether the gateway's last exchange with the control plane succeeded. Call it after
+    /// every snapshot poll: `true` also confirms the serving snapshot as current (a 304
+    /// says so as much as a new snapshot does), `false` lets its age grow. The engine keeps
+    /// serving on its last good snapshot either way; `/healthz` and `/metrics` report it.
+    pub fn set_control_status(&self, reachable: bool) {
+        self.shared.control.set(reachable);
     }
 
     /// The entries the serving snapshot left out (empty when every entry compiled).

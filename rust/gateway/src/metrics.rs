@@ -185,6 +185,26 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE {name} {kind}");
             let _ = writeln!(out, "{name} {v}");
         }
+        let _ = writeln!(
+            out,
+            "# HELP onetoken_control_reachable 1 when the last exchange with the control plane succeeded."
+        );
+        let _ = writeln!(out, "# TYPE onetoken_control_reachable gauge");
+        let _ = writeln!(
+            out,
+            "onetoken_control_reachable {}",
+            u8::from(extra.control_reachable)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP onetoken_snapshot_age_seconds Seconds since the serving snapshot was last confirmed current."
+        );
+        let _ = writeln!(out, "# TYPE onetoken_snapshot_age_seconds gauge");
+        let _ = writeln!(
+            out,
+            "onetoken_snapshot_age_seconds {}",
+            extra.snapshot_age_seconds
+        );
         out
     }
 }
@@ -196,4 +216,6 @@ pub(crate) struct Gauges {
     pub(crate) snapshot_dropped: u64,
     pub(crate) journal_segments: u64,
     pub(crate) journal_errors: u64,
+    pub(crate) control_reachable: bool,
+    pub(crate) snapshot_age_seconds: f64,
 }

@@ -340,7 +340,7 @@ pub(crate) async fn handle(
     let start = Instant::now();
     let route = route(req.method(), req.uri().path());
     if route == Route::Health {
-        return Ok(health(&shared));
+        return Ok(crate::server::health(&shared));
     }
     let mut log = RequestLog::new(shared.clone(), start, route.label(), peer, req.headers());
     let request_id = HeaderValue::from_str(&log.rec.request_id).ok();
@@ -486,27 +486,6 @@ fn request_cost(price: i64, factor_ppm: u32) -> i64 {
     // One million "tokens" at a per-million price is the price itself, factor applied
     // and rounded up like every other part.
     billing::cost_ppm(1_000_000, price, factor_ppm)
-}
-
-pub(crate) fn health(shared: &Shared) -> Response<RespBody> {
-    let version = shared.snapshot.load().version;
-    let (status, body) = if shared.draining.load(Ordering::Relaxed) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            r#"{"status":"draining"}"#.to_owned(),
-        )
-    } else if version == 0 {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            r#"{"status":"starting"}"#.to_owned(),
-        )
-    } else {
-        (
-            StatusCode::OK,
-            format!(r#"{{"status":"ok","snapshot_version":{version}}}"#),
-        )
-    };
-    json_response(status, Bytes::from(body))
 }
 
 fn now_unix_secs() -> i64 {

@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -276,7 +277,7 @@ pub(crate) async fn serve_metrics(listener: TcpListener, shared: Arc<Shared>) {
                         );
                         resp
                     }
-                    (&Method::GET, "/healthz") => proxy::health(&shared),
+                    (&Method::GET, "/healthz") => health(&shared),
                     _ => json_response(
                         ApiError::NotFound.status(),
                         error_body(ApiError::NotFound, None, None),
@@ -289,4 +290,38 @@ pub(crate) async fn serve_metrics(listener: TcpListener, shared: Arc<Shared>) {
                 .await;
         });
     }
+}
+
+/// `GET /healthz`: 200 while a snapshot serves (also when the control plane is unreachable:
+/// the gateway keeps serving on its last good snapshot, and says how old it is), 503 before
+/// the first snapshot and while stopping.
+pub(crate) fn health(shared: &Shared) -> Response<RespBody> {
+    let version = shared.snapshot.load().version;
+    let control = if shared.control.reachable() {
+        "ok"
+    } else {
+        "unreachable"
+    };
+    let (status, body) = if shared.draining.load(Ordering::Relaxed) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "draining", "control": control}),
+        )
+    } else if version == 0 {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "starting", "control": control}),
+        )
+    } else {
+        (
+            StatusCode::OK,
+            json!({
+                "status": "ok",
+                "control": control,
+                "snapshot_version": version,
+                "snapshot_age_seconds": shared.control.snapshot_age_seconds(),
+            }),
+        )
+    };
+    json_response(status, Bytes::from(body.to_string()))
 }

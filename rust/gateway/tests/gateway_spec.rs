@@ -16,7 +16,12 @@ async fn health_and_metrics() {
     let h = Harness::custom(|c| c["metrics_listen"] = json!("127.0.0.1:0"), |_| {});
     let r = call(h.addr, request("GET", "/healthz", None, "")).await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.json(), json!({"status": "ok", "snapshot_version": 1}));
+    let age = r.json()["snapshot_age_seconds"].as_f64().unwrap();
+    assert!((0.0..60.0).contains(&age), "{age}");
+    assert_eq!(
+        r.json(),
+        json!({"status": "ok", "control": "ok", "snapshot_version": 1, "snapshot_age_seconds": age})
+    );
     // The metrics are not for the gateway's clients: only the metrics listener has them.
     let public = call(h.addr, request("GET", "/metrics", None, "")).await;
     assert_eq!(public.status, 404);
@@ -35,12 +40,69 @@ async fn health_and_metrics() {
         "onetoken_records_total",
         "onetoken_journal_segments_total",
         "onetoken_journal_errors_total",
+        "onetoken_control_reachable 1",
+        "onetoken_snapshot_age_seconds",
         "onetoken_snapshot_version 1",
         "onetoken_connections_open",
         "onetoken_connections_refused_total",
     ] {
         assert!(m.text().contains(name), "metrics lack {name}");
     }
+}
+
+/// The gateway keeps serving on its last good snapshot while the control plane is
+/// unreachable, and says so: `/healthz` stays 200 and names it, the snapshot's age grows
+/// until a poll reaches the control plane again (or a newer snapshot loads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_report_an_unreachable_control_plane() {
+    let h = Harness::start();
+    let health = || async {
+        let r = call(h.addr, request("GET", "/healthz", None, "")).await;
+        assert_eq!(r.status, 200, "still serving");
+        let v = r.json();
+        (
+            v["control"].as_str().unwrap().to_owned(),
+            v["snapshot_age_seconds"].as_f64().unwrap(),
+        )
+    };
+    let metric = |name: &str| -> f64 {
+        let text = h.engine.metrics_text();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name}"));
+        line[name.len() + 1..].parse().unwrap()
+    };
+    h.engine.set_control_status(false);
+    let (control, first) = health().await;
+    assert_eq!(control, "unreachable");
+    assert_eq!(metric("onetoken_control_reachable"), 0.0);
+    // Time has to pass for an age to grow: a short, bounded pause, not a readiness wait.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let (_, later) = health().await;
+    assert!(later >= first + 0.03, "{first} then {later}");
+    assert!(metric("onetoken_snapshot_age_seconds") >= later);
+    let r = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    assert_eq!(r.status, 200, "requests are served meanwhile");
+
+    h.engine.set_control_status(true);
+    let (control, now) = health().await;
+    assert_eq!(control, "ok");
+    assert!(
+        now < later,
+        "a poll that reached the control plane confirms the snapshot"
+    );
+    assert_eq!(metric("onetoken_control_reachable"), 1.0);
+
+    // A newer snapshot also confirms, even before the status is reported.
+    h.engine.set_control_status(false);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let (_, stale) = health().await;
+    let newer = snapshot(2, h.upstream.addr, 100_000_000_000).to_string();
+    h.engine.load_snapshot(newer.as_bytes()).unwrap();
+    let (control, fresh) = health().await;
+    assert!(fresh < stale, "{stale} then {fresh}");
+    assert_eq!(control, "unreachable", "until a poll says otherwise");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,7 +121,7 @@ fn healthz_says_starting_before_the_first_snapshot() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let r = rt.block_on(call(addr, request("GET", "/healthz", None, "")));
     assert_eq!(r.status, 503);
-    assert_eq!(r.json(), json!({"status": "starting"}));
+    assert_eq!(r.json(), json!({"status": "starting", "control": "ok"}));
     engine.stop(Duration::from_secs(1));
     assert!(!engine.running());
     engine.stop(Duration::from_secs(1));

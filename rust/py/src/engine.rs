@@ -38,6 +38,10 @@ impl Engine {
         dropped_list(py, &self.inner.snapshot_dropped())
     }
 
+    fn set_control_status(&self, reachable: bool) {
+        self.inner.set_control_status(reachable);
+    }
+
     fn stop(&self, py: Python<'_>, grace_seconds: f64) {
         let grace = Duration::try_from_secs_f64(grace_seconds.max(0.0)).unwrap_or(Duration::ZERO);
         py.detach(|| self.inner.stop(grace));
