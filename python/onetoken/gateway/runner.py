@@ -43,8 +43,10 @@ DEFAULT_WATCH_INTERVAL_MS = 500
 # One channel request; a control process slower than this counts as unreachable.
 REQUEST_TIMEOUT_S = 5.0
 # A snapshot poll waits this long at the control process for a change (long poll), so
-# a change made through the API reaches the engine at once.
-LONG_POLL_S = 20.0
+# a change made through the API reaches the engine at once. Each answer (304 included)
+# confirms the serving snapshot: /healthz's snapshot_age_seconds stays below this while
+# the control process is up.
+LONG_POLL_S = 5.0
 # Waiting for the control process at start: first retry, then doubling up to the cap.
 _RETRY_FIRST_S = 0.1
 _RETRY_MAX_S = 5.0
