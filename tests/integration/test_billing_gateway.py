@@ -44,11 +44,6 @@ from .records import exported_calls, org_calls, reconcile, wait_for_calls
 UNIT = 1_000_000_000
 # demo-chat's output price (platform catalog of --demo), nano-units per million tokens.
 DEMO_OUT = UNIT * 3 // 2
-ENGINE_V2 = hasattr(_core.Engine, "ack_records")
-v2_only = pytest.mark.skipif(
-    not ENGINE_V2, reason="this build of the engine predates budgets and price factors"
-)
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, mock_addr: str) -> Iterator[Server]:
@@ -216,24 +211,22 @@ def test_price_change_bills_each_request_at_the_price_in_force(
         history = price_book.list_versions(s, None, model_id)
         assert [v.input_price for v in history] == [UNIT, p2[0]]
 
-    if ENGINE_V2:
-        # The operator's org discount (20% off), applied by the engine per part.
-        cli(server.data_dir, "billing", "price-factor", "--org", org.org_id, "--ppm", "800000")
-        deadline = time.monotonic() + 10
-        while True:
-            rid, _ = send(1)[0]
-            row = wait_for_calls(admin, {rid})[0]
-            if row["cost"] == expected(p3, 800_000):
-                break
-            assert row["cost"] == expected(p3)
-            assert time.monotonic() < deadline, "price factor never applied"
-            time.sleep(0.2)
+    # The operator's org discount (20% off), applied by the engine per part.
+    cli(server.data_dir, "billing", "price-factor", "--org", org.org_id, "--ppm", "800000")
+    deadline = time.monotonic() + 10
+    while True:
+        rid, _ = send(1)[0]
+        row = wait_for_calls(admin, {rid})[0]
+        if row["cost"] == expected(p3, 800_000):
+            break
+        assert row["cost"] == expected(p3)
+        assert time.monotonic() < deadline, "price factor never applied"
+        time.sleep(0.2)
 
 
 # -- budgets -----------------------------------------------------------------------------
 
 
-@v2_only
 def test_key_and_org_budgets_answer_429_before_they_are_crossed(server: Server, db: Any) -> None:
     from onetoken.keys import service as keys
 
