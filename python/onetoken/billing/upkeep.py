@@ -1,6 +1,7 @@
-"""Billing work the gateway supervisor runs in the background: prices that come due,
-packages that lapse, a new UTC day or month for budgets (each needs a fresh snapshot), and
-the low-balance / quota-exhausted webhook events raised by ingested usage."""
+"""Billing work the control process runs in the background: prices that come due and
+packages that lapse (each bumps the config revision, so gateways get a fresh snapshot; a
+new UTC day or month does so by itself, see SnapshotSource), and the low-balance /
+quota-exhausted webhook events raised by ingested usage."""
 
 from __future__ import annotations
 
@@ -26,20 +27,14 @@ class BillingUpkeep:
         self._interval = interval_s
         self._next_tick = 0.0
         self._next_check = 0.0
-        self._pushed_window: tuple[int, int] | None = None
         self._lock = threading.Lock()
         self._orgs: set[str] = set()
         self._keys: set[str] = set()
         self._refused: set[tuple[str, str]] = set()
 
-    def pushed(self, now: datetime | None = None) -> None:
-        """A snapshot was built now: its usage windows are for this day and month."""
-        w = budgets.Window.at(now or utcnow())
-        self._pushed_window = (w.day, w.month)
-
     def tick(self, now: datetime | None = None) -> bool:
-        """Apply due prices and lapse packages; True when the engine needs a new snapshot
-        (also when the UTC day changed since the last one, so budgets restart)."""
+        """Apply due prices and lapse packages (at most every `interval_s`); True when it
+        changed something (committed with a new config revision)."""
         mono = time.monotonic()
         if mono < self._next_tick:
             return False
@@ -51,9 +46,7 @@ class BillingUpkeep:
             session.commit()
         if changed or lapsed:
             log.info("billing.upkeep", extra={"count": changed + len(lapsed)})
-        w = budgets.Window.at(at)
-        new_window = self._pushed_window is not None and self._pushed_window != (w.day, w.month)
-        return bool(changed or lapsed or new_window)
+        return bool(changed or lapsed)
 
     def observe(self, batch: dict[str, list[Any]]) -> None:
         """Note which orgs and keys spent (or were refused for a budget) in a drained
