@@ -276,3 +276,19 @@ def test_runtime_starts_and_stops_ingestion_once(
     rt.stop()
     rt.stop()
     assert ingestor.calls == ["start", "stop"]
+
+
+def test_runtime_runs_billing_upkeep_while_started(
+    settings: Settings, state: AppState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Due prices and lapsing packages are applied in the background (each commits a new
+    config revision, which the gateways' next poll picks up)."""
+    settings.config_watch_interval_ms = 50
+    rt = ControlRuntime(settings, state.secrets, state.session_factory, FakeIngestor())  # type: ignore[arg-type]
+    ticks = threading.Semaphore(0)
+    monkeypatch.setattr(rt._billing, "tick", lambda: bool(ticks.release()))
+    rt.start()
+    try:
+        assert ticks.acquire(timeout=5) and ticks.acquire(timeout=5)
+    finally:
+        rt.stop()
