@@ -370,6 +370,79 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
+    /// Ingestion tails a segment while requests append to it: every record is read once,
+    /// whole, and no line is ever seen half written.
+    #[test]
+    fn a_reader_tailing_a_live_segment_sees_each_record_once() {
+        use std::sync::atomic::AtomicBool;
+
+        use crate::records::{write_line, CallRecord};
+        const THREADS: u64 = 3;
+        const EACH: u64 = 2_000;
+        let d = dir();
+        let j = Journal::new(
+            d.to_str().unwrap(),
+            "tail",
+            u64::MAX,
+            Duration::from_secs(3600),
+        );
+        let segment = d.join("journal-tail-00000000.jsonl");
+        let writing = AtomicBool::new(true);
+        let ids = std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let mut ids = Vec::new();
+                let mut offset = 0;
+                loop {
+                    // Read the flag first: a read after the writers stopped sees everything.
+                    let last = !writing.load(Ordering::Acquire);
+                    if let Ok(read) = read_segment(&segment, offset, 97, false) {
+                        assert_eq!(read.bad_lines, 0, "a line read half written");
+                        offset = read.next_offset;
+                        let more = !read.records.is_empty();
+                        ids.extend(read.records.into_iter().map(|r| r.request_id));
+                        if more {
+                            continue;
+                        }
+                    }
+                    if last {
+                        return ids;
+                    }
+                }
+            });
+            let writers: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let j = &j;
+                    s.spawn(move || {
+                        let mut buf = Vec::new();
+                        for i in 0..EACH {
+                            buf.clear();
+                            let rec = CallRecord {
+                                request_id: format!("req_{t}_{i}"),
+                                user_agent: "y".repeat(usize::try_from(i).unwrap() % 700),
+                                ..CallRecord::default()
+                            };
+                            write_line(&rec, &mut buf);
+                            assert!(j.append(&buf));
+                        }
+                    })
+                })
+                .collect();
+            for w in writers {
+                w.join().unwrap();
+            }
+            writing.store(false, Ordering::Release);
+            reader.join().unwrap()
+        });
+        let mut ids = ids;
+        ids.sort();
+        let mut expected: Vec<String> = (0..THREADS)
+            .flat_map(|t| (0..EACH).map(move |i| format!("req_{t}_{i}")))
+            .collect();
+        expected.sort();
+        assert_eq!(ids, expected);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
     /// Cost of journaling, per record: serialization and the write(2). Run with
     /// `--nocapture` to see the numbers.
     #[test]
