@@ -161,6 +161,7 @@ def test_replay_after_a_crash_charges_nothing_twice(
     state: AppState,
     org_id: str,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     rows = [record(f"r{i}", org_id=org_id, cost=3, ts_us=NOW_US + i) for i in range(100)]
     append(spool(settings), "i1", 1, rows)
@@ -179,18 +180,22 @@ def test_replay_after_a_crash_charges_nothing_twice(
         return out
 
     monkeypatch.setattr(billing, "record_usage", crash_on_second_batch)
-    with pytest.raises(RuntimeError):
+    # Another instance's journal goes on while this one's batch fails.
+    append(spool(settings), "i2", 1, [record("other", org_id=org_id, cost=1000, ts_us=NOW_US)])
+    dead(spool(settings), "i2")
+    with caplog.at_level(logging.ERROR):
         ingestor.catch_up()
-    assert charged(state, org_id) == (90, 30)
+    assert [r.getMessage() for r in caplog.records] == ["ingest.failed"]
+    assert charged(state, org_id) == (1090, 31)
     monkeypatch.setattr(billing, "record_usage", real)
     # A new ingestor (a restarted control process) picks up from the committed cursor.
     again = Ingestor(settings, state.session_factory, sink=FakeSink())  # type: ignore[arg-type]
     again.catch_up()
     again.catch_up()
-    assert charged(state, org_id) == (300, 100)
+    assert charged(state, org_id) == (1300, 101)
     with state.session_factory() as s:
         assert spent_marks(s, "i1")[0] == {}  # instance forgotten once fully ingested
-        assert billing.balance(s, org_id) == CREDIT - 300
+        assert billing.balance(s, org_id) == CREDIT - 1300
 
 
 def test_two_ingestors_on_one_journal_charge_each_call_once(

@@ -189,6 +189,13 @@ class Ingestor:
                     # Another ingestor took this journal's batch (or collected its
                     # segment) first: read its cursors afresh next round.
                     log.warning("ingest.cursor_moved", extra={"instance_id": instance.instance_id})
+                except Exception as exc:
+                    # Nothing of the failed batch committed; it is read again next round,
+                    # and the other instances' journals go on meanwhile.
+                    log.error(
+                        "ingest.failed",
+                        extra={"exc_type": type(exc).__name__, "instance_id": instance.instance_id},
+                    )
             return self.rows_ingested - before
 
     def _cursors(self, instance_id: str) -> dict[str, Position]:
