@@ -24,28 +24,33 @@ from onetoken.ingest.marks import spent_marks
 from onetoken.ingest.models import IngestCursor
 from onetoken.orgs import service as orgs
 from onetoken.settings import Settings
+from tests.unit.batches import decode_native
 from tests.unit.journal_files import append, dead, live, record
 
-Batch = dict[str, list[Any]]
 CREDIT = 10**12
 NOW_US = datetime.now(UTC).replace(hour=12).timestamp().__int__() * 1_000_000
 
 
 class FakeSink:
-    """Takes call_log batches unless `down` (a ClickHouse outage)."""
+    """Takes call_log blocks unless `down` (a ClickHouse outage); every attempt's dedup
+    token is kept."""
 
     def __init__(self) -> None:
         self.down = False
         self.inserted: list[str] = []
+        self.attempts: list[tuple[str, int]] = []
         self.closed = False
 
     def available(self) -> bool:
         return True
 
-    def insert(self, batch: Batch) -> bool:
+    def insert(self, block: bytes, rows: int, dedup_token: str) -> bool:
+        self.attempts.append((dedup_token, rows))
         if self.down:
             return False
-        self.inserted.extend(batch["request_id"])
+        request_ids = decode_native(block)["request_id"]
+        assert len(request_ids) == rows
+        self.inserted.extend(request_ids)
         return True
 
     def close(self) -> None:
@@ -261,6 +266,27 @@ def test_clickhouse_outage_delays_only_call_log_and_loses_nothing(
         assert s.scalar(select(func.count()).select_from(IngestCursor)) == 0
 
 
+def test_a_call_log_retry_sends_the_same_range_and_token_though_the_segment_grew(
+    ingestor: Ingestor, settings: Settings, state: AppState, org_id: str, sink: FakeSink
+) -> None:
+    """The dedup token names the batch (instance, segment, start, end): a retry must read
+    exactly that range again, or ClickHouse could not drop a block that did land."""
+    sp = spool(settings)
+    append(sp, "i1", 1, [record(r, org_id=org_id, cost=1, ts_us=NOW_US) for r in ("a", "b")])
+    with live(sp, "i1"):
+        sink.down = True
+        ingestor.catch_up()
+        assert sink.attempts == [(sink.attempts[0][0], 2)]
+        append(sp, "i1", 1, [record("c", org_id=org_id, cost=1, ts_us=NOW_US)])
+        sink.down = False
+        ingestor.catch_up()
+    first, retry, after = sink.attempts
+    assert retry == first
+    assert after[1] == 1 and after[0] != first[0]
+    assert sink.inserted == ["a", "b", "c"]
+    assert charged(state, org_id) == (3, 3)
+
+
 def test_bad_line_is_counted_and_skipped_never_echoed(
     ingestor: Ingestor,
     settings: Settings,
@@ -396,7 +422,7 @@ def test_background_thread_ingests_and_stop_catches_up(
     flushed = threading.Event()
     ingestor.flush_hooks.append(flushed.set)
     seen: list[int] = []
-    ingestor.batch_observers.append(lambda b: seen.append(len(b["request_id"])))
+    ingestor.batch_observers.append(lambda b: seen.append(b.rows))
     ingestor.start()
     sp = spool(settings)
     append(sp, "i1", 1, [record("a", org_id=org_id, cost=1, ts_us=NOW_US)])

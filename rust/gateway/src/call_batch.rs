@@ -34,6 +34,21 @@ pub struct CallGroup {
     pub error_code: String,
     pub provider: String,
     pub calls: u64,
+    /// The group's first record: its position in the batch, request id, path and user
+    /// agent (a key-risk event names one request it stands for).
+    pub first_row: u64,
+    pub first_request_id: String,
+    pub first_path: String,
+    pub first_user_agent: String,
+}
+
+/// A call group while the batch is read.
+struct CallAcc {
+    calls: u64,
+    first_row: u64,
+    request_id: String,
+    path: u32,
+    user_agent: String,
 }
 
 /// A record as read from a journal line; strings borrow from the line where they can.
@@ -186,7 +201,7 @@ pub struct CallBatch {
     min_ts: i64,
     max_ts: i64,
     usage: HashMap<UsageKey, (u64, i128, i64)>,
-    calls: HashMap<CallKey, u64>,
+    calls: HashMap<CallKey, CallAcc>,
 }
 
 /// What a batch read hands to ingestion.
@@ -218,7 +233,7 @@ impl CallBatch {
         self.org_id.push(r.org_id);
         self.account_id.push(r.account_id);
         self.key_id.push(r.key_id);
-        self.path.push(r.path);
+        let path = self.path.push(r.path);
         let model = self.model_requested.push(r.model_requested);
         self.model_served.push(r.model_served);
         let provider = self.provider.push(r.provider);
@@ -242,10 +257,17 @@ impl CallBatch {
         let account = self.accounts.id(r.account_id);
         let key = self.keys.id(r.key_id);
         let ip = self.ips.id(r.source_ip);
-        *self
-            .calls
+        let row = self.rows as u64 - 1;
+        self.calls
             .entry((org, account, key, ip, r.status, code, provider))
-            .or_insert(0) += 1;
+            .or_insert_with(|| CallAcc {
+                calls: 0,
+                first_row: row,
+                request_id: r.request_id.to_owned(),
+                path,
+                user_agent: r.user_agent.to_owned(),
+            })
+            .calls += 1;
         if r.cost > 0 && !r.org_id.is_empty() {
             let day = r.ts.div_euclid(DAY_US);
             let g = self
@@ -278,11 +300,14 @@ impl CallBatch {
             })
             .collect();
         // A stable order: the same batch always yields the same list.
-        usage.sort_by_key(|g| g.first_ts);
+        usage.sort_by(|a, b| {
+            (a.first_ts, &a.org_id, &a.key_id, &a.model, a.day)
+                .cmp(&(b.first_ts, &b.org_id, &b.key_id, &b.model, b.day))
+        });
         let mut calls: Vec<CallGroup> = self
             .calls
             .iter()
-            .map(|(&(org, account, key, ip, status, code, provider), &n)| CallGroup {
+            .map(|(&(org, account, key, ip, status, code, provider), acc)| CallGroup {
                 org_id: self.orgs.get(org),
                 account_id: self.accounts.get(account),
                 key_id: self.keys.get(key),
@@ -290,14 +315,15 @@ impl CallBatch {
                 status,
                 error_code: self.error_code.dict.get(code),
                 provider: self.provider.dict.get(provider),
-                calls: n,
+                calls: acc.calls,
+                first_row: acc.first_row,
+                first_request_id: acc.request_id.clone(),
+                first_path: self.path.dict.get(acc.path),
+                first_user_agent: acc.user_agent.clone(),
             })
             .collect();
-        calls.sort_by(|a, b| {
-            (&a.org_id, &a.key_id, &a.source_ip, a.status, &a.error_code, &a.provider)
-                .cmp(&(&b.org_id, &b.key_id, &b.source_ip, b.status, &b.error_code, &b.provider))
-                .then_with(|| a.account_id.cmp(&b.account_id))
-        });
+        // In order of first appearance, as the records were.
+        calls.sort_by_key(|g| g.first_row);
         BatchParts {
             native,
             rows: self.rows,

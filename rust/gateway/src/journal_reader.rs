@@ -30,7 +30,8 @@ pub struct BatchRead {
 }
 
 /// Read whole lines of the segment at `path` from byte `offset`, at most `max_records`
-/// records. A trailing line without `\n` is left for a later read unless `complete` (the
+/// records and, with `until`, no line past that byte offset (a retry then reads exactly
+/// the range it read before, even if the segment grew since). A trailing line without `\n` is left for a later read unless `complete` (the
 /// segment will never grow again), in which case it is consumed and counted as bad.
 ///
 /// # Errors
@@ -40,6 +41,7 @@ pub fn read_batch(
     offset: u64,
     max_records: usize,
     complete: bool,
+    until: Option<u64>,
 ) -> std::io::Result<BatchRead> {
     let mut file = File::open(path)?;
     file.seek(SeekFrom::Start(offset))?;
@@ -48,7 +50,7 @@ pub fn read_batch(
     let mut next_offset = offset;
     let mut bad_lines = 0;
     let mut line = Vec::with_capacity(1024);
-    while batch.rows() < max_records {
+    while batch.rows() < max_records && until.is_none_or(|end| next_offset < end) {
         line.clear();
         let n = reader.read_until(b'\n', &mut line)?;
         if n == 0 {
@@ -269,7 +271,7 @@ mod tests {
             .collect();
         let bytes = lines(&written);
         let (d, p) = segment(&bytes);
-        let read = read_batch(&p, 0, usize::MAX, false).unwrap();
+        let read = read_batch(&p, 0, usize::MAX, false, None).unwrap();
         assert_eq!(read.batch.rows, written.len());
         assert_eq!(read.next_offset, bytes.len() as u64);
         assert_eq!(read.bad_lines, 0);
@@ -294,7 +296,7 @@ mod tests {
         let mut got = 0;
         let mut reads = 0;
         loop {
-            let read = read_batch(&p, offset, 2, false).unwrap();
+            let read = read_batch(&p, offset, 2, false, None).unwrap();
             assert!(read.batch.rows <= 2);
             if read.batch.rows == 0 {
                 assert_eq!(read.next_offset, offset, "nothing more: the offset stays");
@@ -308,7 +310,15 @@ mod tests {
         assert_eq!(reads, 3);
         assert_eq!(got, written.len());
         assert_eq!(offset, bytes.len() as u64);
-        assert_eq!(read_batch(&p, 0, 0, true).unwrap().next_offset, 0);
+        assert_eq!(read_batch(&p, 0, 0, true, None).unwrap().next_offset, 0);
+        // Bounded by a byte offset: the same lines as an earlier read, however many
+        // records it may take.
+        let first_two = read_batch(&p, 0, 2, false, None).unwrap();
+        let again = read_batch(&p, 0, 100, false, Some(first_two.next_offset)).unwrap();
+        assert_eq!(
+            (again.batch.rows, again.next_offset, again.batch.native),
+            (2, first_two.next_offset, first_two.batch.native)
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -323,7 +333,7 @@ mod tests {
         bytes.extend_from_slice(cut_at);
         let (d, p) = segment(&bytes);
 
-        let read = read_batch(&p, 0, 10, false).unwrap();
+        let read = read_batch(&p, 0, 10, false, None).unwrap();
         assert_eq!(read.batch.rows, 1);
         assert_eq!(read.batch.min_ts, rec(0, "a").ts);
         assert_eq!(read.next_offset, first.len() as u64);
@@ -332,19 +342,19 @@ mod tests {
         // The engine finishes the line: the next read from the offset gets it whole.
         let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
         f.write_all(&second[cut_at.len()..]).unwrap();
-        let read = read_batch(&p, first.len() as u64, 10, false).unwrap();
+        let read = read_batch(&p, first.len() as u64, 10, false, None).unwrap();
         assert_eq!((read.batch.rows, read.batch.max_ts), (1, rec(1, "b").ts));
         assert_eq!(read.next_offset, (first.len() + second.len()) as u64);
 
         // A tail that will never be finished (the instance died mid-write).
         f.write_all(&second[..10]).unwrap();
         let end = (first.len() + second.len()) as u64;
-        let live = read_batch(&p, end, 10, false).unwrap();
+        let live = read_batch(&p, end, 10, false, None).unwrap();
         assert_eq!(
             (live.batch.rows, live.next_offset, live.bad_lines),
             (0, end, 0)
         );
-        let dead = read_batch(&p, end, 10, true).unwrap();
+        let dead = read_batch(&p, end, 10, true, None).unwrap();
         assert_eq!(
             (dead.batch.rows, dead.next_offset, dead.bad_lines),
             (0, end + 10, 1)
@@ -378,7 +388,7 @@ mod tests {
         bytes.extend_from_slice(&wrong);
         bytes.extend_from_slice(&lines(&[rec(2, "b")]));
         let (d, p) = segment(&bytes);
-        let read = read_batch(&p, 0, 10, false).unwrap();
+        let read = read_batch(&p, 0, 10, false, None).unwrap();
         assert_eq!(read.batch.rows, 2);
         assert_eq!(
             (read.batch.min_ts, read.batch.max_ts),
@@ -415,7 +425,7 @@ mod tests {
         let p =
             std::env::temp_dir().join(format!("onetoken-absent-{:016x}", rand::random::<u64>()));
         assert_eq!(
-            read_batch(&p, 0, 1, false).unwrap_err().kind(),
+            read_batch(&p, 0, 1, false, None).unwrap_err().kind(),
             std::io::ErrorKind::NotFound
         );
     }
@@ -465,7 +475,7 @@ mod group_tests {
         }
         let p = std::env::temp_dir().join(format!("onetoken-groups-{:016x}", rand::random::<u64>()));
         std::fs::write(&p, &buf).unwrap();
-        let read = read_batch(&p, 0, 100, false).unwrap();
+        let read = read_batch(&p, 0, 100, false, None).unwrap();
         std::fs::remove_file(&p).unwrap();
         let g = |org: &str, key: &str, day: i64, calls: u64, cost: i128, first_ts: i64| UsageGroup {
             org_id: org.into(),
@@ -490,7 +500,13 @@ mod group_tests {
             .iter()
             .map(|c| (c.org_id.as_str(), c.key_id.as_str(), c.calls))
             .collect();
-        assert_eq!(calls, [("", "", 1), ("o", "k", 5), ("o", "k2", 1)]);
+        assert_eq!(calls, [("o", "k", 5), ("o", "k2", 1), ("", "", 1)]);
+        let first = &read.batch.calls[0];
+        assert_eq!(
+            (first.first_row, first.first_request_id.as_str()),
+            (0, records[0].request_id.as_str())
+        );
+        assert_eq!(read.batch.calls[2].first_row, 6);
         assert_eq!((read.batch.min_ts, read.batch.max_ts), (5 * DAY - 2, 5 * DAY + 4));
     }
 }

@@ -21,19 +21,22 @@ pub(crate) struct JournalBatch {
     calls: Py<PyList>,
 }
 
-/// Up to `max_records` records of the segment at `path` from byte `offset`: whole lines
-/// only; `complete` also consumes (as bad) a trailing line without `\n`. OSError when the
+/// Up to `max_records` records of the segment at `path` from byte `offset`, none past
+/// byte `until` when given: whole lines only; `complete` also consumes (as bad) a trailing line without `\n`. OSError when the
 /// file cannot be read.
 #[pyfunction]
+#[pyo3(signature = (path, offset, max_records, complete, *, until=None))]
 pub(crate) fn read_journal_batch(
     py: Python<'_>,
     path: &str,
     offset: u64,
     max_records: usize,
     complete: bool,
+    until: Option<u64>,
 ) -> PyResult<JournalBatch> {
-    let read =
-        py.detach(|| journal_reader::read_batch(Path::new(path), offset, max_records, complete))?;
+    let read = py.detach(|| {
+        journal_reader::read_batch(Path::new(path), offset, max_records, complete, until)
+    })?;
     let b = read.batch;
     let usage = PyList::empty(py);
     for g in &b.usage {
@@ -50,6 +53,7 @@ pub(crate) fn read_journal_batch(
             &g.error_code,
             &g.provider,
             g.calls,
+            (&g.first_request_id, &g.first_path, &g.first_user_agent),
         ))?;
     }
     Ok(JournalBatch {
@@ -64,10 +68,10 @@ pub(crate) fn read_journal_batch(
     })
 }
 
-/// call_log's column names in the order of the Native block.
+/// call_log's (column, ClickHouse type) pairs as the Native block encodes them.
 #[pyfunction]
-pub(crate) fn call_log_native_columns() -> Vec<&'static str> {
-    journal_reader::COLUMNS.iter().map(|&(name, _)| name).collect()
+pub(crate) fn call_log_native_columns() -> Vec<(&'static str, &'static str)> {
+    journal_reader::COLUMNS.to_vec()
 }
 
 /// Whether the engine instance owning `journal-<instance>.lock` at `lock_path` is alive
