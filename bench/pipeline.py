@@ -130,6 +130,41 @@ def writer(
     os.close(lock)
 
 
+def expected_ledger(records: int) -> tuple[int, int]:
+    """(charged calls, total cost) of records 0..records-1."""
+    costs = [cost_of(i) for i in range(records)]
+    return sum(1 for c in costs if c > 0), sum(costs)
+
+
+def check(
+    records: int,
+    *,
+    distinct: int,
+    stored: int,
+    ledger_calls: int,
+    ledger_cost: int,
+    bad_lines: int,
+    segments_left: int,
+) -> list[str]:
+    """Why the run does not count: any record missing or doubled on either side."""
+    want_calls, want_cost = expected_ledger(records)
+    problems = []
+    if distinct != records:
+        problems.append(f"call_log holds {distinct} distinct request ids, {records} written")
+    if stored != records:
+        problems.append(f"call_log reads {stored} rows with FINAL, {records} written")
+    if (ledger_calls, ledger_cost) != (want_calls, want_cost):
+        problems.append(
+            f"ledger: {ledger_calls} calls / {ledger_cost} charged, "
+            f"expected {want_calls} / {want_cost}"
+        )
+    if bad_lines:
+        problems.append(f"{bad_lines} bad journal lines")
+    if segments_left:
+        problems.append(f"{segments_left} journal segment(s) left behind")
+    return problems
+
+
 def git_sha() -> str:
     try:
         out = subprocess.run(
@@ -240,23 +275,16 @@ def main() -> int:
         client.close()
         state.db_engine.dispose()
 
-    want_calls = sum(1 for i in range(args.records) if cost_of(i) > 0)
-    want_cost = sum(cost_of(i) for i in range(args.records))
-    problems = []
-    if distinct != args.records:
-        problems.append(f"call_log holds {distinct} distinct request ids, {args.records} written")
-    if stored != args.records:
-        problems.append(f"call_log reads {stored} rows with FINAL, {args.records} written")
-    if int(calls) != want_calls or -int(charged) != want_cost:
-        problems.append(
-            f"ledger: {int(calls)} calls / {-int(charged)} charged, "
-            f"expected {want_calls} / {want_cost}"
-        )
-    if ingestor.bad_lines:
-        problems.append(f"{ingestor.bad_lines} bad journal lines")
-    if left:
-        problems.append(f"{len(left)} journal segment(s) left behind")
-
+    problems = check(
+        args.records,
+        distinct=distinct,
+        stored=stored,
+        ledger_calls=int(calls),
+        ledger_cost=-int(charged),
+        bad_lines=ingestor.bad_lines,
+        segments_left=len(left),
+    )
+    want_calls, want_cost = expected_ledger(args.records)
     rate = args.records / elapsed
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     mode = "backlog (journals written first)" if args.backlog else f"writers at {args.rate:,.0f}/s"

@@ -15,11 +15,13 @@ from onetoken import webhooks
 from onetoken.app import build_state
 from onetoken.db.session import current_revision
 from onetoken.deps import AppState
+from onetoken.ingest.batch import Batch
 from onetoken.security import blocking
 from onetoken.security import log as security_log
 from onetoken.security.detectors import Detectors
 from onetoken.settings import Settings
 
+from .batches import summarize
 from .conftest import TEST_SECRET
 
 SECOND = 1_000_000
@@ -67,7 +69,7 @@ def _settings(tmp_path: Path, **kw: Any) -> Settings:
     return Settings(**base)
 
 
-def batch(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+def batch(rows: list[dict[str, Any]]) -> Batch:
     defaults = {
         "ts": T0, "request_id": "", "org_id": "org_a", "account_id": "acc_a", "key_id": "key_a",
         "status": 200, "error_code": "", "source_ip": "10.0.0.1", "provider": "prov_a",
@@ -77,10 +79,10 @@ def batch(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
         merged = {**defaults, "request_id": f"r{i}-{id(rows)}", **row}
         for k in defaults:
             out[k].append(merged[k])
-    return out
+    return summarize(out)
 
 
-def traffic(second: int, n: int, **row: Any) -> dict[str, list[Any]]:
+def traffic(second: int, n: int, **row: Any) -> Batch:
     return batch([{"ts": T0 + second * SECOND + i, **row} for i in range(n)])
 
 

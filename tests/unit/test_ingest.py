@@ -24,28 +24,33 @@ from onetoken.ingest.marks import spent_marks
 from onetoken.ingest.models import IngestCursor
 from onetoken.orgs import service as orgs
 from onetoken.settings import Settings
+from tests.unit.batches import decode_native
 from tests.unit.journal_files import append, dead, live, record
 
-Batch = dict[str, list[Any]]
 CREDIT = 10**12
 NOW_US = datetime.now(UTC).replace(hour=12).timestamp().__int__() * 1_000_000
 
 
 class FakeSink:
-    """Takes call_log batches unless `down` (a ClickHouse outage)."""
+    """Takes call_log blocks unless `down` (a ClickHouse outage); every attempt's dedup
+    token is kept."""
 
     def __init__(self) -> None:
         self.down = False
         self.inserted: list[str] = []
+        self.attempts: list[tuple[str, int]] = []
         self.closed = False
 
     def available(self) -> bool:
         return True
 
-    def insert(self, batch: Batch) -> bool:
+    def insert(self, block: bytes, rows: int, dedup_token: str) -> bool:
+        self.attempts.append((dedup_token, rows))
         if self.down:
             return False
-        self.inserted.extend(batch["request_id"])
+        request_ids = decode_native(block)["request_id"]
+        assert len(request_ids) == rows
+        self.inserted.extend(request_ids)
         return True
 
     def close(self) -> None:
@@ -161,6 +166,7 @@ def test_replay_after_a_crash_charges_nothing_twice(
     state: AppState,
     org_id: str,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     rows = [record(f"r{i}", org_id=org_id, cost=3, ts_us=NOW_US + i) for i in range(100)]
     append(spool(settings), "i1", 1, rows)
@@ -179,18 +185,22 @@ def test_replay_after_a_crash_charges_nothing_twice(
         return out
 
     monkeypatch.setattr(billing, "record_usage", crash_on_second_batch)
-    with pytest.raises(RuntimeError):
+    # Another instance's journal goes on while this one's batch fails.
+    append(spool(settings), "i2", 1, [record("other", org_id=org_id, cost=1000, ts_us=NOW_US)])
+    dead(spool(settings), "i2")
+    with caplog.at_level(logging.ERROR):
         ingestor.catch_up()
-    assert charged(state, org_id) == (90, 30)
+    assert [r.getMessage() for r in caplog.records] == ["ingest.failed"]
+    assert charged(state, org_id) == (1090, 31)
     monkeypatch.setattr(billing, "record_usage", real)
     # A new ingestor (a restarted control process) picks up from the committed cursor.
     again = Ingestor(settings, state.session_factory, sink=FakeSink())  # type: ignore[arg-type]
     again.catch_up()
     again.catch_up()
-    assert charged(state, org_id) == (300, 100)
+    assert charged(state, org_id) == (1300, 101)
     with state.session_factory() as s:
         assert spent_marks(s, "i1")[0] == {}  # instance forgotten once fully ingested
-        assert billing.balance(s, org_id) == CREDIT - 300
+        assert billing.balance(s, org_id) == CREDIT - 1300
 
 
 def test_two_ingestors_on_one_journal_charge_each_call_once(
@@ -254,6 +264,27 @@ def test_clickhouse_outage_delays_only_call_log_and_loses_nothing(
     assert sorted(p.name for p in sp.iterdir()) == []
     with state.session_factory() as s:
         assert s.scalar(select(func.count()).select_from(IngestCursor)) == 0
+
+
+def test_a_call_log_retry_sends_the_same_range_and_token_though_the_segment_grew(
+    ingestor: Ingestor, settings: Settings, state: AppState, org_id: str, sink: FakeSink
+) -> None:
+    """The dedup token names the batch (instance, segment, start, end): a retry must read
+    exactly that range again, or ClickHouse could not drop a block that did land."""
+    sp = spool(settings)
+    append(sp, "i1", 1, [record(r, org_id=org_id, cost=1, ts_us=NOW_US) for r in ("a", "b")])
+    with live(sp, "i1"):
+        sink.down = True
+        ingestor.catch_up()
+        assert sink.attempts == [(sink.attempts[0][0], 2)]
+        append(sp, "i1", 1, [record("c", org_id=org_id, cost=1, ts_us=NOW_US)])
+        sink.down = False
+        ingestor.catch_up()
+    first, retry, after = sink.attempts
+    assert retry == first
+    assert after[1] == 1 and after[0] != first[0]
+    assert sink.inserted == ["a", "b", "c"]
+    assert charged(state, org_id) == (3, 3)
 
 
 def test_bad_line_is_counted_and_skipped_never_echoed(
@@ -391,7 +422,7 @@ def test_background_thread_ingests_and_stop_catches_up(
     flushed = threading.Event()
     ingestor.flush_hooks.append(flushed.set)
     seen: list[int] = []
-    ingestor.batch_observers.append(lambda b: seen.append(len(b["request_id"])))
+    ingestor.batch_observers.append(lambda b: seen.append(b.rows))
     ingestor.start()
     sp = spool(settings)
     append(sp, "i1", 1, [record("a", org_id=org_id, cost=1, ts_us=NOW_US)])

@@ -4,8 +4,12 @@ The engines' journals are the one durable record log (onetoken.ingest): this sin
 inserts what ingestion read from them and reports whether ClickHouse took it. When it did
 not, the call_log cursor stays where it was and the same batch is inserted again later.
 
+The batches arrive as call_log blocks in ClickHouse's Native format, built by the engine's
+journal reader, and go in with clickhouse-connect's raw_insert unchanged.
+
 Retries are idempotent twice over: each insert carries an insert_deduplication_token
-derived from its request ids, and the table is a ReplacingMergeTree keyed by
+derived from the batch identity (journal instance, segment, start and end offset, which a
+retry reads again exactly), and the table is a ReplacingMergeTree keyed by
 (org_id, ts, request_id), so a record inserted twice reads once with FINAL.
 
 Nothing here logs or raises with row data: log lines carry counts, error classes and
@@ -15,12 +19,11 @@ ClickHouse error codes only.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from clickhouse_connect.driver.client import Client
@@ -32,16 +35,7 @@ T = TypeVar("T")
 
 logger = logging.getLogger("onetoken.analytics")
 
-Batch = dict[str, list[Any]]
-
 _CH_CODE = re.compile(r"Code: (\d+)")
-
-
-def dedup_token(request_ids: Sequence[str]) -> str:
-    """insert_deduplication_token for a batch: the same request ids give the same token."""
-    digest = hashlib.sha256("\x00".join(request_ids).encode("utf-8", "surrogatepass"))
-    digest.update(len(request_ids).to_bytes(8, "little"))
-    return "calllog:" + digest.hexdigest()
 
 
 def _error_label(exc: BaseException) -> str:
@@ -57,15 +51,6 @@ def _error_fields(exc: BaseException) -> dict[str, Any]:
     if match:
         fields["error_code"] = f"clickhouse_{match[1]}"
     return fields
-
-
-def batch_is_well_formed(batch: Batch) -> bool:
-    """Every contract column present, all of one length."""
-    try:
-        lengths = {len(batch[name]) for name in CALL_LOG_COLUMNS}
-    except (KeyError, TypeError):
-        return False
-    return len(lengths) == 1
 
 
 class CallLogSink:
@@ -90,7 +75,6 @@ class CallLogSink:
         self._lock = threading.Lock()
         self._closed = False
         self.rows_written = 0
-        self.rows_rejected = 0
         self.batches_failed = 0
         self.last_error: str | None = None
 
@@ -150,43 +134,31 @@ class CallLogSink:
 
     # -- writing ------------------------------------------------------------------------
 
-    def _insert(self, client: Client, batch: Batch) -> None:
-        request_ids = batch["request_id"]
-        # ts arrives as int microseconds, which clickhouse-connect writes unchanged as
-        # DateTime64(6) ticks: no per-row datetime objects on the hot path.
-        client.insert(
-            CALL_LOG_TABLE,
-            [batch[name] for name in CALL_LOG_COLUMNS],
-            column_names=list(CALL_LOG_COLUMNS),
-            column_oriented=True,
-            settings={
-                "insert_deduplication_token": dedup_token(request_ids),
-                # Request ids are unique within a batch, so the replacing merge ClickHouse
-                # would run on each inserted block finds nothing; skipping it saves about
-                # a fifth of the insert CPU. Duplicates across batches still collapse in
-                # background merges and under FINAL.
-                "optimize_on_insert": 0,
-            },
-        )
-
-    def insert(self, batch: Batch) -> bool:
-        """Insert one column-oriented batch; True when ClickHouse took it. Never raises:
-        on False the caller keeps the batch (its journal cursor) and retries later."""
-        rows = len(batch.get("request_id") or ())
+    def insert(self, block: bytes, rows: int, dedup_token: str) -> bool:
+        """Insert one Native call_log block of `rows` records; True when ClickHouse took
+        it. Never raises: on False the caller keeps the batch (its journal cursor) and
+        retries later with the same block and token."""
         if rows == 0:
             return True
         with self._lock:
-            if not batch_is_well_formed(batch):
-                # The engine's reader builds every column; a batch without them is a bug
-                # that no retry fixes, so it is refused loudly rather than retried forever.
-                self.rows_rejected += rows
-                logger.error("analytics.batch_rejected", extra={"rows": rows})
-                return True
             client = None if self._closed else self._client_or_none()
             if client is None:
                 return False
             try:
-                self._insert(client, batch)
+                client.raw_insert(
+                    CALL_LOG_TABLE,
+                    column_names=CALL_LOG_COLUMNS,
+                    insert_block=block,
+                    fmt="Native",
+                    settings={
+                        "insert_deduplication_token": dedup_token,
+                        # Request ids are unique within a batch, so the replacing merge
+                        # ClickHouse would run on each inserted block finds nothing;
+                        # skipping it saves about a fifth of the insert CPU. Duplicates
+                        # across batches still collapse in background merges and under FINAL.
+                        "optimize_on_insert": 0,
+                    },
+                )
             except Exception as exc:
                 self.batches_failed += 1
                 self.last_error = _error_label(exc)
@@ -210,7 +182,6 @@ class CallLogSink:
     def stats(self) -> dict[str, int]:
         return {
             "rows_written": self.rows_written,
-            "rows_rejected": self.rows_rejected,
             "batches_failed": self.batches_failed,
         }
 

@@ -9,11 +9,14 @@ import logging
 import threading
 import time
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from onetoken.billing import budgets, packages, prices
 from onetoken.db.models import utcnow
 from onetoken.db.session import SessionFactory
+
+if TYPE_CHECKING:
+    from onetoken.ingest.batch import Batch
 
 log = logging.getLogger("onetoken.billing")
 
@@ -48,28 +51,17 @@ class BillingUpkeep:
             log.info("billing.upkeep", extra={"count": changed + len(lapsed)})
         return bool(changed or lapsed)
 
-    def observe(self, batch: dict[str, list[Any]]) -> None:
-        """Note which orgs and keys spent (or were refused for a budget) in a drained
+    def observe(self, batch: Batch) -> None:
+        """Note which orgs and keys spent (or were refused for a budget) in an ingested
         batch; every INTERVAL_S, check them for webhook events."""
-        try:
-            orgs, keys, costs, codes = (
-                batch["org_id"],
-                batch["key_id"],
-                batch["cost"],
-                batch["error_code"],
-            )
-        except KeyError:
-            return
         with self._lock:
-            for org, key, cost, code in zip(orgs, keys, costs, codes, strict=False):
-                if not org:
-                    continue
-                if cost and int(cost) > 0:
-                    self._orgs.add(org)
-                    if key:
-                        self._keys.add(key)
-                if code == "budget_exceeded":
-                    self._refused.add((org, key or ""))
+            for u in batch.usage:
+                self._orgs.add(u.org_id)
+                if u.key_id:
+                    self._keys.add(u.key_id)
+            for c in batch.calls:
+                if c.error_code == "budget_exceeded" and c.org_id:
+                    self._refused.add((c.org_id, c.key_id))
         self.check_events()
 
     def check_events(self, *, force: bool = False) -> int:

@@ -7,9 +7,15 @@ the control DB:
   idempotent by the batch identity (instance, segment, start offset) and the group, plus
   package allocation, the instance's spent marks and the cursor, in one transaction under
   `mark_lock`. A crash before the commit leaves nothing; after it, the cursor has moved.
-- call_log: the batch's columns into ClickHouse with the insert_deduplication_token of its
-  request ids, then the cursor. A ClickHouse outage holds only this cursor back; a retried
-  insert collapses by the token (and under FINAL).
+- call_log: the batch's Native block (built by the engine's reader) into ClickHouse with
+  the insert_deduplication_token of the batch identity (instance, segment, start and end
+  offset), then the cursor. A ClickHouse outage holds only this cursor back; the retry
+  reads exactly the same range again, so it carries the same block and token and
+  ClickHouse drops it if the first attempt did land (duplicates that escape the dedup
+  window still collapse under FINAL).
+
+Python never sees a record: the reader hands over the block plus the usage and call
+groups (onetoken.ingest.batch), a few dozen per batch.
 
 A segment is deleted once it is complete and both cursors are past it, so the journal is
 the one durable record log and the one replay path.
@@ -32,19 +38,18 @@ from onetoken.analytics.sink import CallLogSink
 from onetoken.billing import service as billing
 from onetoken.billing.upkeep import BillingUpkeep
 from onetoken.db.session import SessionFactory
+from onetoken._core import JournalBatch
 from onetoken.ingest import journal
-from onetoken.ingest.journal import Columns, InstanceJournal
+from onetoken.ingest.batch import Batch, UsageGroup, from_journal
+from onetoken.ingest.journal import InstanceJournal
 from onetoken.ingest.marks import add_marks
 from onetoken.ingest.models import IngestCursor, IngestMark
 from onetoken.settings import Settings
 
 log = logging.getLogger("onetoken.ingest")
 
-Batch = Columns
-
 LEDGER = "ledger"
 CALL_LOG = "call_log"
-_DAY_US = 86_400_000_000
 
 
 @dataclass(frozen=True, order=True)
@@ -58,34 +63,14 @@ class Position:
 _START = Position(0, 0)
 
 
-def usage_entries(instance_id: str, start: Position, batch: Batch) -> list[billing.Usage]:
-    """The batch's charged records as usage entries, one per (org, key, model, UTC day).
+def usage_entries(instance_id: str, start: Position, groups: list[UsageGroup]) -> list[billing.Usage]:
+    """The batch's usage groups as ledger entries.
 
     Entry ids derive from the batch identity and the group, so reading the same batch
     again (after a crash before its commit) names the same entries."""
-    groups: dict[tuple[str, str, str, int], list[int]] = {}
-    for org, key, model, cost, ts in zip(
-        batch["org_id"],
-        batch["key_id"],
-        batch["model_requested"],
-        batch["cost"],
-        batch["ts"],
-        strict=True,
-    ):
-        if cost <= 0 or not org:
-            continue
-        group = (org, key, model, ts // _DAY_US)
-        acc = groups.get(group)
-        if acc is None:
-            groups[group] = [cost, 1, ts]
-        else:
-            acc[0] += cost
-            acc[1] += 1
-            if ts < acc[2]:
-                acc[2] = ts
     prefix = f"{instance_id}:{start.segment}:{start.offset}:"
     out = []
-    for (org, key, model, day), (cost, calls, first_ts) in groups.items():
+    for org, key, model, day, calls, cost, first_ts in groups:
         digest = hashlib.sha256(f"{org}\x00{key}\x00{model}\x00{day}".encode()).hexdigest()
         out.append(
             billing.Usage(
@@ -99,6 +84,11 @@ def usage_entries(instance_id: str, start: Position, batch: Batch) -> list[billi
             )
         )
     return out
+
+
+def dedup_token(instance_id: str, start: Position, end: Position) -> str:
+    """call_log's insert_deduplication_token for the batch read from start to end."""
+    return f"calllog:{instance_id}:{start.segment}:{start.offset}:{end.offset}"
 
 
 class Ingestor:
@@ -123,6 +113,9 @@ class Ingestor:
         self.rows_ingested = 0
         self.rows_logged = 0
         self.bad_lines = 0
+        # (instance, start) -> end of a call_log batch ClickHouse did not take: the retry
+        # reads that range exactly, so its block and dedup token are the same.
+        self._call_log_retry: dict[tuple[str, Position], int] = {}
         self._round = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -189,6 +182,13 @@ class Ingestor:
                     # Another ingestor took this journal's batch (or collected its
                     # segment) first: read its cursors afresh next round.
                     log.warning("ingest.cursor_moved", extra={"instance_id": instance.instance_id})
+                except Exception as exc:
+                    # Nothing of the failed batch committed; it is read again next round,
+                    # and the other instances' journals go on meanwhile.
+                    log.error(
+                        "ingest.failed",
+                        extra={"exc_type": type(exc).__name__, "instance_id": instance.instance_id},
+                    )
             return self.rows_ingested - before
 
     def _cursors(self, instance_id: str) -> dict[str, Position]:
@@ -231,7 +231,8 @@ class Ingestor:
                     None if end is None else self._ledger_step(instance, ledger, end, batch, stored)
                 )
             if call_log is not None:
-                batch, end = self._read(instance, call_log, count_bad=False)
+                until = self._call_log_retry.get((instance.instance_id, call_log))
+                batch, end = self._read(instance, call_log, count_bad=False, until=until)
                 if end is None:
                     call_log = None
                 else:
@@ -255,22 +256,27 @@ class Ingestor:
         return pos
 
     def _read(
-        self, instance: InstanceJournal, pos: Position, *, count_bad: bool
-    ) -> tuple[Batch | None, Position | None]:
-        """One batch from pos: (columns, end). end is None when nothing is left there yet
-        (a live tail); a complete segment read to its end moves on to the next one."""
+        self,
+        instance: InstanceJournal,
+        pos: Position,
+        *,
+        count_bad: bool,
+        until: int | None = None,
+    ) -> tuple[JournalBatch | None, Position | None]:
+        """One batch from pos (none past byte `until`): (batch, end). end is None when
+        nothing is left there yet (a live tail); a complete segment read to its end moves
+        on to the next one."""
         complete = instance.complete(pos.segment)
         path = self.settings.spool_dir / journal.segment_name(instance.instance_id, pos.segment)
-        columns, next_offset, bad = journal.read(
-            path, pos.offset, self.settings.flush_max_rows, complete
-        )
+        read = journal.read(path, pos.offset, self.settings.flush_max_rows, complete, until)
+        bad = read.bad_lines
         if bad and count_bad:
             self.bad_lines += bad
             log.warning(
                 "ingest.bad_lines", extra={"count": bad, "instance_id": instance.instance_id}
             )
-        if next_offset > pos.offset:
-            return columns, Position(pos.segment, next_offset)
+        if read.next_offset > pos.offset:
+            return read, Position(pos.segment, read.next_offset)
         if complete:
             return None, Position(pos.segment + 1, 0)
         return None, None
@@ -297,14 +303,14 @@ class Ingestor:
         instance: InstanceJournal,
         start: Position,
         end: Position,
-        batch: Batch | None,
+        read: JournalBatch | None,
         stored: dict[str, bool],
     ) -> Position:
-        rows = len(batch["request_id"]) if batch else 0
-        if not batch or rows == 0:
+        if read is None or read.rows == 0:
             self._move_cursor(LEDGER, instance.instance_id, start, end, stored)
             return end
-        usages = usage_entries(instance.instance_id, start, batch)
+        batch = from_journal(read)
+        usages = usage_entries(instance.instance_id, start, batch.usage)
         with self.mark_lock, self.session_factory() as session:
             _compare_and_set(session, LEDGER, instance.instance_id, start, end, stored[LEDGER])
             inserted = billing.record_usage(session, usages)
@@ -317,7 +323,7 @@ class Ingestor:
             add_marks(session, instance.instance_id, orgs, keys)
             session.commit()
         stored[LEDGER] = True
-        self.rows_ingested += rows
+        self.rows_ingested += batch.rows
         self.billing.observe(batch)
         for observe in self.batch_observers:
             try:
@@ -331,17 +337,23 @@ class Ingestor:
         instance: InstanceJournal,
         start: Position | None,
         end: Position,
-        batch: Batch | None,
+        read: JournalBatch | None,
         stored: dict[str, bool],
     ) -> tuple[Position | None, bool]:
         """(new position, ClickHouse still taking inserts)."""
         if start is None:
             return None, False
-        if batch and batch.get("request_id"):
-            if not self.sink.insert(batch):
-                # Outage: this cursor waits; the segment stays until it passes.
+        retry = (instance.instance_id, start)
+        if read is not None and read.rows:
+            token = dedup_token(instance.instance_id, start, end)
+            if not self.sink.insert(read.native, read.rows, token):
+                # Outage: this cursor waits; the segment stays until it passes, and the
+                # retry reads this same range.
+                if start.segment == end.segment:
+                    self._call_log_retry[retry] = end.offset
                 return None, False
-            self.rows_logged += len(batch["request_id"])
+            self.rows_logged += read.rows
+        self._call_log_retry.pop(retry, None)
         self._move_cursor(CALL_LOG, instance.instance_id, start, end, stored)
         return end, True
 

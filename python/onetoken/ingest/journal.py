@@ -14,9 +14,10 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-Columns = dict[str, list[Any]]
+if TYPE_CHECKING:
+    from onetoken._core import JournalBatch
 
 _SEGMENT = re.compile(r"^journal-([0-9A-Za-z_]+)-(\d+)\.jsonl$")
 _LOCK = re.compile(r"^journal-([0-9A-Za-z_]+)\.lock$")
@@ -82,13 +83,12 @@ def scan(spool_dir: Path) -> dict[str, InstanceJournal]:
 
 
 def read(
-    path: Path, offset: int, max_records: int, complete: bool
-) -> tuple[Columns | None, int, int]:
-    """(columns or None, next offset, bad lines) from `offset`: the engine's reader."""
+    path: Path, offset: int, max_records: int, complete: bool, until: int | None = None
+) -> JournalBatch:
+    """The records from `offset` (none past `until`), as the engine's reader builds them."""
     from onetoken import _core
 
-    columns, next_offset, bad = _core.read_journal(str(path), offset, max_records, complete)
-    return columns, int(next_offset), int(bad)
+    return _core.read_journal_batch(str(path), offset, max_records, complete, until=until)
 
 
 def remove(path: Path) -> None:

@@ -19,7 +19,8 @@ class IngestCursor(Base):
     consumer: Mapped[str] = mapped_column(String(16), primary_key=True)
     instance_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     segment: Mapped[int] = mapped_column(BigInteger)
-    offset: Mapped[int] = mapped_column(BigInteger)
+    # Not "offset": a reserved word in SQL.
+    offset: Mapped[int] = mapped_column("byte_offset", BigInteger)
 
 
 class IngestMark(Base):

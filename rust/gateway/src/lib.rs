@@ -17,6 +17,7 @@ pub mod fuzzing;
 pub mod guard;
 mod ipset;
 mod journal;
+mod call_batch;
 pub mod journal_reader;
 mod limits;
 mod metrics;

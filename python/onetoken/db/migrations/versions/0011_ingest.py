@@ -32,7 +32,7 @@ def upgrade() -> None:
         sa.Column("consumer", sa.String(length=16), nullable=False),
         sa.Column("instance_id", sa.String(length=64), nullable=False),
         sa.Column("segment", sa.BigInteger(), nullable=False),
-        sa.Column("offset", sa.BigInteger(), nullable=False),
+        sa.Column("byte_offset", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("consumer", "instance_id", name="pk_ingest_cursors"),
     )
     op.create_table(

@@ -1,0 +1,90 @@
+"""A reference aggregation of record columns into an ingestion Batch, in plain Python: what
+the engine's reader must produce, and synthetic batches for the observers' tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from onetoken.ingest.batch import Batch, CallGroup, UsageGroup
+
+DAY_US = 86_400_000_000
+
+
+def summarize(columns: dict[str, list[Any]]) -> Batch:
+    n = len(columns["request_id"])
+
+    def col(name: str, default: Any) -> list[Any]:
+        return columns.get(name) or [default] * n
+
+    ts, orgs, accounts, keys = col("ts", 0), col("org_id", ""), col("account_id", ""), col("key_id", "")
+    models, costs, statuses = col("model_requested", ""), col("cost", 0), col("status", 0)
+    codes, ips, providers = col("error_code", ""), col("source_ip", ""), col("provider", "")
+    paths, agents, ids = col("path", ""), col("user_agent", ""), columns["request_id"]
+    usage: dict[tuple[str, str, str, int], list[int]] = {}
+    calls: dict[tuple[str, str, str, str, int, str, str], list[Any]] = {}
+    for i in range(n):
+        dims = (orgs[i], accounts[i], keys[i], ips[i], statuses[i], codes[i], providers[i])
+        group = calls.setdefault(dims, [0, ids[i], paths[i], agents[i]])
+        group[0] += 1
+        if costs[i] > 0 and orgs[i]:
+            u = usage.setdefault((orgs[i], keys[i], models[i], ts[i] // DAY_US), [0, 0, ts[i]])
+            u[0] += 1
+            u[1] += costs[i]
+            u[2] = min(u[2], ts[i])
+    return Batch(
+        rows=n,
+        min_ts=min(ts, default=0),
+        max_ts=max(ts, default=0),
+        usage=sorted(
+            (UsageGroup(*k, *v) for k, v in usage.items()),
+            key=lambda g: (g.first_ts, g.org_id, g.key_id, g.model, g.day),
+        ),
+        calls=[CallGroup(*k, *v) for k, v in calls.items()],
+    )
+
+
+def decode_native(block: bytes) -> dict[str, list[Any]]:
+    """The columns of a Native block of call_log's types, for fakes that stand in for
+    ClickHouse (the real one reads blocks in test_journal_batch)."""
+    pos = 0
+
+    def varint() -> int:
+        nonlocal pos
+        out = shift = 0
+        while True:
+            b = block[pos]
+            pos += 1
+            out |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return out
+
+    def string() -> str:
+        nonlocal pos
+        n = varint()
+        pos += n
+        return block[pos - n : pos].decode()
+
+    def fixed(size: int, signed: bool) -> int:
+        nonlocal pos
+        pos += size
+        return int.from_bytes(block[pos - size : pos], "little", signed=signed)
+
+    sizes = {"UInt8": 1, "UInt16": 2, "UInt32": 4, "Int64": 8, "DateTime64(6, 'UTC')": 8}
+    columns: dict[str, list[Any]] = {}
+    ncols, nrows = varint(), varint()
+    for _ in range(ncols):
+        name, ty = string(), string()
+        if ty == "String":
+            columns[name] = [string() for _ in range(nrows)]
+        elif ty == "LowCardinality(String)":
+            fixed(8, False)  # shared-dictionary version
+            width = 1 << (fixed(8, False) & 0xFF)
+            keys = [string() for _ in range(fixed(8, False))]
+            assert fixed(8, False) == nrows
+            columns[name] = [keys[fixed(width, False)] for _ in range(nrows)]
+        else:
+            signed = ty.startswith(("Int", "DateTime"))
+            columns[name] = [fixed(sizes[ty], signed) for _ in range(nrows)]
+    assert pos == len(block)
+    return columns
