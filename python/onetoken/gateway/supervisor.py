@@ -33,6 +33,7 @@ from onetoken.security.net import networks
 from onetoken.settings import Settings
 
 if TYPE_CHECKING:
+    from onetoken.analytics.sink import CallLogSink
     from onetoken.ingest import Ingestor
 
 log = logging.getLogger("onetoken.gateway")
@@ -102,7 +103,13 @@ class ControlRuntime:
     ) -> None:
         self.settings = settings
         self.ingestor = ingestor
-        self.snapshots = SnapshotSource(secrets, session_factory, ingestor.mark_lock)
+        # Changes other processes commit reach waiting polls at the watch interval.
+        self.snapshots = SnapshotSource(
+            secrets,
+            session_factory,
+            ingestor.mark_lock,
+            recheck_s=settings.config_watch_interval_ms / 1000,
+        )
         # Due prices and lapsing packages (the ingestor raises the usage events itself).
         self._billing = BillingUpkeep(session_factory)
         self._stop = threading.Event()
@@ -110,7 +117,7 @@ class ControlRuntime:
         self._stopped = False
 
     @property
-    def sink(self) -> Any:
+    def sink(self) -> CallLogSink:
         """The ClickHouse reader of call_log (and the security log): the ingestor's."""
         return self.ingestor.sink
 
