@@ -262,8 +262,9 @@ class GatewayRunner:
         except Exception as exc:
             raise GatewayError(f"{type(exc).__name__}: {exc}") from None
         self.engine = engine
-        while not self.poll():
-            if self.stopping.wait(_RETRY_FIRST_S):
+        # Serving needs a snapshot: ask until one loads (or stopped).
+        while not self.poll() or self.loads == 0:
+            if self.stopping.wait(self.env.watch_interval_s):
                 break
         log.info(
             "gateway.started", extra={"address": self.address, "instance_id": engine.instance_id}
