@@ -286,3 +286,22 @@ def test_a_change_does_not_wait_for_gateways_that_stopped_polling(
     began = time.monotonic()
     src.changed()
     assert time.monotonic() - began < 5
+
+
+def test_answered_polls_stay_out_of_the_info_log(
+    client: TestClient, source: SnapshotSource, org_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every gateway polls several times a second: its answered polls are DEBUG lines,
+    a refused one is not."""
+    import logging
+
+    url = "/internal/gateway/snapshot?instance=gw"
+    with caplog.at_level(logging.DEBUG, logger="onetoken.access"):
+        client.get(url, headers=auth())
+        client.get(url)  # no token
+    levels = [
+        (r.levelno, getattr(r, "status", None))
+        for r in caplog.records
+        if r.name == "onetoken.access"
+    ]
+    assert levels == [(logging.DEBUG, 200), (logging.INFO, 401)]
