@@ -152,13 +152,21 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None]:
     (the supervising thread lives as long as the child), so a `serve` killed with SIGKILL
     leaves no gateway holding the data dir. SIGKILL, not SIGTERM: the journal is durable
     before a response ends, and a draining orphan would keep the next serve's gateway
-    from the data dir's lock for its grace period."""
-    libc = ctypes.CDLL(None, use_errno=True)
+    from the data dir's lock for its grace period.
+
+    Everything is resolved before the fork: between fork and exec the child of a
+    threaded process may not take locks another thread held (malloc's among them), so it
+    only makes the one call."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    args = (_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    getppid, exit_now = os.getppid, os._exit
 
     def preexec() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
+        prctl(*args)
+        if getppid() != parent_pid:  # the parent died before prctl took effect
+            exit_now(1)
 
     return preexec
 
