@@ -216,6 +216,7 @@ def test_child_dies_with_its_parent(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
+    child = 0
     try:
         assert parent.stdout is not None
         child = int(parent.stdout.readline())
@@ -226,6 +227,8 @@ def test_child_dies_with_its_parent(tmp_path: Path) -> None:
     finally:
         if parent.poll() is None:
             parent.kill()
+        if child and _alive(child):  # the test failed: leave no orphan behind
+            os.kill(child, signal.SIGKILL)
 
 
 # -- ControlRuntime ------------------------------------------------------------------------
