@@ -3,8 +3,13 @@ the engine's reader must produce, and synthetic batches for the observers' tests
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
+import orjson
+
+from onetoken import _core
 from onetoken.ingest.batch import Batch, CallGroup, UsageGroup
 
 DAY_US = 86_400_000_000
@@ -16,7 +21,8 @@ def summarize(columns: dict[str, list[Any]]) -> Batch:
     def col(name: str, default: Any) -> list[Any]:
         return columns.get(name) or [default] * n
 
-    ts, orgs, accounts, keys = col("ts", 0), col("org_id", ""), col("account_id", ""), col("key_id", "")
+    ts, orgs, accounts = col("ts", 0), col("org_id", ""), col("account_id", "")
+    keys = col("key_id", "")
     models, costs, statuses = col("model_requested", ""), col("cost", 0), col("status", 0)
     codes, ips, providers = col("error_code", ""), col("source_ip", ""), col("provider", "")
     paths, agents, ids = col("path", ""), col("user_agent", ""), columns["request_id"]
@@ -88,3 +94,20 @@ def decode_native(block: bytes) -> dict[str, list[Any]]:
             columns[name] = [fixed(sizes[ty], signed) for _ in range(nrows)]
     assert pos == len(block)
     return columns
+
+
+def encode(columns: dict[str, list[Any]]) -> tuple[bytes, int]:
+    """Record columns as the engine's reader would hand them to the sink: written as
+    journal lines, read back as one Native block."""
+    names = [name for name, _ in _core.call_log_native_columns()]
+    n = len(columns["request_id"])
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "journal-t-00000000.jsonl"
+        path.write_bytes(
+            b"".join(
+                orjson.dumps({name: columns[name][i] for name in names}) + b"\n" for i in range(n)
+            )
+        )
+        read = _core.read_journal_batch(str(path), 0, n, True)
+    assert (read.rows, read.bad_lines) == (n, 0)
+    return read.native, n

@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from onetoken.billing import budgets, packages, prices
 from onetoken.db.models import utcnow

@@ -142,7 +142,9 @@ impl LcColumn {
             2
         };
         out.extend_from_slice(&1u64.to_le_bytes());
-        out.extend_from_slice(&(width | HAS_ADDITIONAL_KEYS | NEED_UPDATE_DICTIONARY).to_le_bytes());
+        out.extend_from_slice(
+            &(width | HAS_ADDITIONAL_KEYS | NEED_UPDATE_DICTIONARY).to_le_bytes(),
+        );
         out.extend_from_slice(&(keys as u64).to_le_bytes());
         for k in &self.dict.values {
             put_str(out, k);
@@ -237,14 +239,18 @@ impl CallBatch {
         let model = self.model_requested.push(r.model_requested);
         self.model_served.push(r.model_served);
         let provider = self.provider.push(r.provider);
-        self.prompt_tokens.extend_from_slice(&r.prompt_tokens.to_le_bytes());
-        self.completion_tokens.extend_from_slice(&r.completion_tokens.to_le_bytes());
-        self.cached_tokens.extend_from_slice(&r.cached_tokens.to_le_bytes());
+        self.prompt_tokens
+            .extend_from_slice(&r.prompt_tokens.to_le_bytes());
+        self.completion_tokens
+            .extend_from_slice(&r.completion_tokens.to_le_bytes());
+        self.cached_tokens
+            .extend_from_slice(&r.cached_tokens.to_le_bytes());
         self.usage_source.push(r.usage_source);
         self.cost.extend_from_slice(&r.cost.to_le_bytes());
         self.status.extend_from_slice(&r.status.to_le_bytes());
         let code = self.error_code.push(r.error_code);
-        self.latency_us.extend_from_slice(&r.latency_us.to_le_bytes());
+        self.latency_us
+            .extend_from_slice(&r.latency_us.to_le_bytes());
         self.ttfb_us.extend_from_slice(&r.ttfb_us.to_le_bytes());
         self.streamed.push(r.streamed);
         self.source_ip.push(r.source_ip);
@@ -285,19 +291,25 @@ impl CallBatch {
     }
 
     pub fn finish(self) -> BatchParts {
-        let native = if self.rows == 0 { Vec::new() } else { self.encode() };
+        let native = if self.rows == 0 {
+            Vec::new()
+        } else {
+            self.encode()
+        };
         let mut usage: Vec<UsageGroup> = self
             .usage
             .iter()
-            .map(|(&(org, key, model, day), &(calls, cost, first_ts))| UsageGroup {
-                org_id: self.orgs.get(org),
-                key_id: self.keys.get(key),
-                model: self.model_requested.dict.get(model),
-                day,
-                calls,
-                cost,
-                first_ts,
-            })
+            .map(
+                |(&(org, key, model, day), &(calls, cost, first_ts))| UsageGroup {
+                    org_id: self.orgs.get(org),
+                    key_id: self.keys.get(key),
+                    model: self.model_requested.dict.get(model),
+                    day,
+                    calls,
+                    cost,
+                    first_ts,
+                },
+            )
             .collect();
         // A stable order: the same batch always yields the same list.
         usage.sort_by(|a, b| {
@@ -307,20 +319,22 @@ impl CallBatch {
         let mut calls: Vec<CallGroup> = self
             .calls
             .iter()
-            .map(|(&(org, account, key, ip, status, code, provider), acc)| CallGroup {
-                org_id: self.orgs.get(org),
-                account_id: self.accounts.get(account),
-                key_id: self.keys.get(key),
-                source_ip: self.ips.get(ip),
-                status,
-                error_code: self.error_code.dict.get(code),
-                provider: self.provider.dict.get(provider),
-                calls: acc.calls,
-                first_row: acc.first_row,
-                first_request_id: acc.request_id.clone(),
-                first_path: self.path.dict.get(acc.path),
-                first_user_agent: acc.user_agent.clone(),
-            })
+            .map(
+                |(&(org, account, key, ip, status, code, provider), acc)| CallGroup {
+                    org_id: self.orgs.get(org),
+                    account_id: self.accounts.get(account),
+                    key_id: self.keys.get(key),
+                    source_ip: self.ips.get(ip),
+                    status,
+                    error_code: self.error_code.dict.get(code),
+                    provider: self.provider.dict.get(provider),
+                    calls: acc.calls,
+                    first_row: acc.first_row,
+                    first_request_id: acc.request_id.clone(),
+                    first_path: self.path.dict.get(acc.path),
+                    first_user_agent: acc.user_agent.clone(),
+                },
+            )
             .collect();
         // In order of first appearance, as the records were.
         calls.sort_by_key(|g| g.first_row);

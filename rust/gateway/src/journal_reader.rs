@@ -281,7 +281,10 @@ mod tests {
             assert!(contains(&read.batch.native, &native_str(t)), "{t:?}");
         }
         let models: Vec<&str> = read.batch.usage.iter().map(|g| g.model.as_str()).collect();
-        assert!(models.is_empty(), "negative costs charge nothing: {models:?}");
+        assert!(
+            models.is_empty(),
+            "negative costs charge nothing: {models:?}"
+        );
         let ips: Vec<u64> = read.batch.calls.iter().map(|g| g.calls).collect();
         assert_eq!(ips.iter().sum::<u64>(), written.len() as u64);
         std::fs::remove_dir_all(&d).unwrap();
@@ -473,19 +476,21 @@ mod group_tests {
         for r in &records {
             write_line(r, &mut buf);
         }
-        let p = std::env::temp_dir().join(format!("onetoken-groups-{:016x}", rand::random::<u64>()));
+        let p =
+            std::env::temp_dir().join(format!("onetoken-groups-{:016x}", rand::random::<u64>()));
         std::fs::write(&p, &buf).unwrap();
         let read = read_batch(&p, 0, 100, false, None).unwrap();
         std::fs::remove_file(&p).unwrap();
-        let g = |org: &str, key: &str, day: i64, calls: u64, cost: i128, first_ts: i64| UsageGroup {
-            org_id: org.into(),
-            key_id: key.into(),
-            model: "m".into(),
-            day,
-            calls,
-            cost,
-            first_ts,
-        };
+        let g =
+            |org: &str, key: &str, day: i64, calls: u64, cost: i128, first_ts: i64| UsageGroup {
+                org_id: org.into(),
+                key_id: key.into(),
+                model: "m".into(),
+                day,
+                calls,
+                cost,
+                first_ts,
+            };
         assert_eq!(
             read.batch.usage,
             [
@@ -507,6 +512,9 @@ mod group_tests {
             (0, records[0].request_id.as_str())
         );
         assert_eq!(read.batch.calls[2].first_row, 6);
-        assert_eq!((read.batch.min_ts, read.batch.max_ts), (5 * DAY - 2, 5 * DAY + 4));
+        assert_eq!(
+            (read.batch.min_ts, read.batch.max_ts),
+            (5 * DAY - 2, 5 * DAY + 4)
+        );
     }
 }

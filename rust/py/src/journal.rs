@@ -40,7 +40,9 @@ pub(crate) fn read_journal_batch(
     let b = read.batch;
     let usage = PyList::empty(py);
     for g in &b.usage {
-        usage.append((&g.org_id, &g.key_id, &g.model, g.day, g.calls, g.cost, g.first_ts))?;
+        usage.append((
+            &g.org_id, &g.key_id, &g.model, g.day, g.calls, g.cost, g.first_ts,
+        ))?;
     }
     let calls = PyList::empty(py);
     for g in &b.calls {
