@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from onetoken import _core
-from onetoken.ingest.batch import Batch, CallGroup, UsageGroup
+from onetoken.ingest.batch import Batch, CallGroup, FailureGroup, UsageGroup
 
 DAY_US = 86_400_000_000
 
@@ -22,16 +22,25 @@ def summarize(columns: dict[str, list[Any]]) -> Batch:
         return columns.get(name) or [default] * n
 
     ts, orgs, accounts = col("ts", 0), col("org_id", ""), col("account_id", "")
-    keys = col("key_id", "")
-    models, costs, statuses = col("model_requested", ""), col("cost", 0), col("status", 0)
-    codes, ips, providers = col("error_code", ""), col("source_ip", ""), col("provider", "")
-    paths, agents, ids = col("path", ""), col("user_agent", ""), columns["request_id"]
+    keys, models, costs = col("key_id", ""), col("model_requested", ""), col("cost", 0)
+    statuses, codes, ips = col("status", 0), col("error_code", ""), col("source_ip", "")
+    providers, paths, agents = col("provider", ""), col("path", ""), col("user_agent", "")
+    ids = columns["request_id"]
     usage: dict[tuple[str, str, str, int], list[int]] = {}
-    calls: dict[tuple[str, str, str, str, int, str, str], list[Any]] = {}
+    calls: dict[tuple[str, int, str, str], int] = {}
+    owners: dict[str, tuple[str, str]] = {}
+    failures: dict[tuple[str, str, str, str, int, str, str], list[Any]] = {}
+    sources: dict[str, dict[str, None]] = {}
     for i in range(n):
-        dims = (orgs[i], accounts[i], keys[i], ips[i], statuses[i], codes[i], providers[i])
-        group = calls.setdefault(dims, [0, ids[i], paths[i], agents[i]])
-        group[0] += 1
+        call = (keys[i], statuses[i], codes[i], providers[i])
+        calls[call] = calls.get(call, 0) + 1
+        if keys[i]:
+            owners.setdefault(keys[i], (orgs[i], accounts[i]))
+            if ips[i]:
+                sources.setdefault(keys[i], {})[ips[i]] = None
+        if statuses[i] >= 400 or codes[i]:
+            dims = (orgs[i], accounts[i], keys[i], ips[i], statuses[i], codes[i], providers[i])
+            failures.setdefault(dims, [0, ids[i], paths[i], agents[i]])[0] += 1
         if costs[i] > 0 and orgs[i]:
             u = usage.setdefault((orgs[i], keys[i], models[i], ts[i] // DAY_US), [0, 0, ts[i]])
             u[0] += 1
@@ -45,7 +54,10 @@ def summarize(columns: dict[str, list[Any]]) -> Batch:
             (UsageGroup(*k, *v) for k, v in usage.items()),
             key=lambda g: (g.first_ts, g.org_id, g.key_id, g.model, g.day),
         ),
-        calls=[CallGroup(*k, *v) for k, v in calls.items()],
+        calls=sorted(CallGroup(*k, v) for k, v in calls.items()),
+        owners=owners,
+        failures=[FailureGroup(*k, *v) for k, v in failures.items()],
+        sources=[(k, list(v)) for k, v in sources.items()],
     )
 
 

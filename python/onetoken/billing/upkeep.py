@@ -66,9 +66,9 @@ class BillingUpkeep:
                 self._orgs.add(u.org_id)
                 if u.key_id:
                     self._keys.add(u.key_id)
-            for c in batch.calls:
-                if c.error_code == "budget_exceeded" and c.org_id:
-                    self._refused.add((c.org_id, c.key_id))
+            for f in batch.failures:
+                if f.error_code == "budget_exceeded" and f.org_id:
+                    self._refused.add((f.org_id, f.key_id))
         self.check_events()
 
     def check_events(self, *, force: bool = False) -> int:
