@@ -19,10 +19,12 @@ doubled fails the run (exit 1) and no target is claimed.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import fcntl
 import multiprocessing
 import os
 import platform
+import pstats
 import resource
 import subprocess
 import sys
@@ -192,6 +194,11 @@ def main() -> int:
         help="write every journal first, then time ingestion alone (catching up after an "
         "outage or a restart): the ingestion's capacity rather than the writers' pace",
     )
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="cProfile the ingestion (the Python side) into FILE and print its top entries",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="onetoken-bench-") as tmp:
@@ -244,6 +251,9 @@ def main() -> int:
         if args.backlog:
             for p in procs:
                 p.join()
+        profiler = cProfile.Profile() if args.profile else None
+        if profiler is not None:
+            profiler.enable()
         cpu_started = time.process_time()
         started = time.perf_counter()
         # Ingest while the writers write, then until both cursors passed everything.
@@ -256,6 +266,10 @@ def main() -> int:
         elapsed = time.perf_counter() - started
         # CPU of this process (ingestion: Python and chDB threads), writers excluded.
         cpu = time.process_time() - cpu_started
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
         left = sorted(p.name for p in settings.spool_dir.iterdir() if p.suffix == ".jsonl")
 
         distinct = queries.count_distinct_requests(client)

@@ -155,12 +155,21 @@ class JournalBatch:
         """(org_id, key_id, model_requested, UTC day, calls, cost, first ts) of the calls
         with cost > 0 and an org, one per distinct (org, key, model, day)."""
     @property
-    def calls(
+    def calls(self) -> list[tuple[str, int, str, str, int]]:
+        """(key_id, status, error_code, provider, calls) of every call."""
+    @property
+    def owners(self) -> dict[str, tuple[str, str]]:
+        """key_id -> (org_id, account_id) of its first call."""
+    @property
+    def failures(
         self,
     ) -> list[tuple[str, str, str, str, int, str, str, int, tuple[str, str, str]]]:
         """(org_id, account_id, key_id, source_ip, status, error_code, provider, calls,
-        (request_id, path, user_agent) of the first such call), one per distinct
-        dimensions, in order of first appearance."""
+        (request_id, path, user_agent) of the first such call) of the calls with status >=
+        400 or an error code, in order of first appearance."""
+    @property
+    def sources(self) -> list[tuple[str, list[str]]]:
+        """(key_id, its distinct source addresses), both non-empty."""
 
 def read_journal_batch(
     path: str, offset: int, max_records: int, complete: bool, *, until: int | None = None

@@ -3,9 +3,14 @@ the engine's reader must produce, and synthetic batches for the observers' tests
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
-from onetoken.ingest.batch import Batch, CallGroup, UsageGroup
+import orjson
+
+from onetoken import _core
+from onetoken.ingest.batch import Batch, CallGroup, FailureGroup, UsageGroup
 
 DAY_US = 86_400_000_000
 
@@ -16,16 +21,26 @@ def summarize(columns: dict[str, list[Any]]) -> Batch:
     def col(name: str, default: Any) -> list[Any]:
         return columns.get(name) or [default] * n
 
-    ts, orgs, accounts, keys = col("ts", 0), col("org_id", ""), col("account_id", ""), col("key_id", "")
-    models, costs, statuses = col("model_requested", ""), col("cost", 0), col("status", 0)
-    codes, ips, providers = col("error_code", ""), col("source_ip", ""), col("provider", "")
-    paths, agents, ids = col("path", ""), col("user_agent", ""), columns["request_id"]
+    ts, orgs, accounts = col("ts", 0), col("org_id", ""), col("account_id", "")
+    keys, models, costs = col("key_id", ""), col("model_requested", ""), col("cost", 0)
+    statuses, codes, ips = col("status", 0), col("error_code", ""), col("source_ip", "")
+    providers, paths, agents = col("provider", ""), col("path", ""), col("user_agent", "")
+    ids = columns["request_id"]
     usage: dict[tuple[str, str, str, int], list[int]] = {}
-    calls: dict[tuple[str, str, str, str, int, str, str], list[Any]] = {}
+    calls: dict[tuple[str, int, str, str], int] = {}
+    owners: dict[str, tuple[str, str]] = {}
+    failures: dict[tuple[str, str, str, str, int, str, str], list[Any]] = {}
+    sources: dict[str, dict[str, None]] = {}
     for i in range(n):
-        dims = (orgs[i], accounts[i], keys[i], ips[i], statuses[i], codes[i], providers[i])
-        group = calls.setdefault(dims, [0, ids[i], paths[i], agents[i]])
-        group[0] += 1
+        call = (keys[i], statuses[i], codes[i], providers[i])
+        calls[call] = calls.get(call, 0) + 1
+        if keys[i]:
+            owners.setdefault(keys[i], (orgs[i], accounts[i]))
+            if ips[i]:
+                sources.setdefault(keys[i], {})[ips[i]] = None
+        if statuses[i] >= 400 or codes[i]:
+            dims = (orgs[i], accounts[i], keys[i], ips[i], statuses[i], codes[i], providers[i])
+            failures.setdefault(dims, [0, ids[i], paths[i], agents[i]])[0] += 1
         if costs[i] > 0 and orgs[i]:
             u = usage.setdefault((orgs[i], keys[i], models[i], ts[i] // DAY_US), [0, 0, ts[i]])
             u[0] += 1
@@ -39,7 +54,10 @@ def summarize(columns: dict[str, list[Any]]) -> Batch:
             (UsageGroup(*k, *v) for k, v in usage.items()),
             key=lambda g: (g.first_ts, g.org_id, g.key_id, g.model, g.day),
         ),
-        calls=[CallGroup(*k, *v) for k, v in calls.items()],
+        calls=sorted(CallGroup(*k, v) for k, v in calls.items()),
+        owners=owners,
+        failures=[FailureGroup(*k, *v) for k, v in failures.items()],
+        sources=[(k, list(v)) for k, v in sources.items()],
     )
 
 
@@ -88,3 +106,20 @@ def decode_native(block: bytes) -> dict[str, list[Any]]:
             columns[name] = [fixed(sizes[ty], signed) for _ in range(nrows)]
     assert pos == len(block)
     return columns
+
+
+def encode(columns: dict[str, list[Any]]) -> tuple[bytes, int]:
+    """Record columns as the engine's reader would hand them to the sink: written as
+    journal lines, read back as one Native block."""
+    names = [name for name, _ in _core.call_log_native_columns()]
+    n = len(columns["request_id"])
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "journal-t-00000000.jsonl"
+        path.write_bytes(
+            b"".join(
+                orjson.dumps({name: columns[name][i] for name in names}) + b"\n" for i in range(n)
+            )
+        )
+        read = _core.read_journal_batch(str(path), 0, n, True)
+    assert (read.rows, read.bad_lines) == (n, 0)
+    return read.native, n

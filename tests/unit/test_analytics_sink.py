@@ -1,4 +1,5 @@
-"""CallLogSink: inserts into embedded chDB, idempotent retries, failures reported."""
+"""CallLogSink: Native blocks into embedded chDB, idempotent retries by dedup token,
+failures reported."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from onetoken.analytics import queries
 from onetoken.analytics.clickhouse import open_client
 from onetoken.analytics.sink import CallLogSink
 from onetoken.settings import Settings
+
+from .batches import encode
 
 # Recent enough that the 180-day TTL does not drop the rows as they are inserted.
 T0 = (int(time.time()) // 3600 - 24) * 3600 * 1_000_000
@@ -103,8 +106,13 @@ def assert_one_row_per_request(client: Client, org: str, n: int) -> None:
     assert rows == []
 
 
+def insert(sink: CallLogSink, columns: dict[str, list[Any]], token: str | None = None) -> bool:
+    block, rows = encode(columns)
+    return sink.insert(block, rows, token or f"calllog:{columns['request_id'][0]}:{rows}")
+
+
 def test_insert_stores_and_counts(sink: CallLogSink, client: Client) -> None:
-    assert sink.insert(make_batch("org-direct", 500))
+    assert insert(sink, make_batch("org-direct", 500))
     assert sink.rows_written == 500
     assert_one_row_per_request(client, "org-direct", 500)
     # ts went in as microseconds and reads back unchanged.
@@ -112,10 +120,16 @@ def test_insert_stores_and_counts(sink: CallLogSink, client: Client) -> None:
     assert page.rows[0]["ts"] == T0 + 499 * 1000
 
 
-def test_same_batch_inserted_twice_reads_once(sink: CallLogSink, client: Client) -> None:
+def test_same_block_and_token_inserted_twice_is_stored_once(
+    sink: CallLogSink, client: Client
+) -> None:
     batch = make_batch("org-twice", 300)
-    assert sink.insert(batch)
-    assert sink.insert(batch)
+    assert insert(sink, batch, "calllog:i:0:0:300")
+    assert insert(sink, batch, "calllog:i:0:0:300")
+    physical = client.command(
+        "SELECT count() FROM onetoken.call_log WHERE org_id = 'org-twice'"
+    )
+    assert physical == 300, "the second insert was dropped by its token, not merged"
     assert_one_row_per_request(client, "org-twice", 300)
 
 
@@ -127,41 +141,35 @@ def test_dead_server_reports_false_and_the_retry_is_idempotent(
     org = "org-retried"
     first, second = make_batch(org, 1000), make_batch(org, 500, start=1000)
     started = time.monotonic()
-    assert not dead_sink.available() or not dead_sink.insert(first)
-    assert not dead_sink.insert(second)
+    assert not dead_sink.available() or not insert(dead_sink, first)
+    assert not insert(dead_sink, second)
     assert time.monotonic() - started < 30
     assert dead_sink.rows_written == 0
     assert dead_sink.last_error is not None
     assert queries.count_calls(client, org_id=org) == 0
-    assert sink.insert(first) and sink.insert(second)
+    assert insert(sink, first) and insert(sink, second)
     # Inserted again (a crash after the insert, before the cursor moved): one row each.
-    assert sink.insert(first)
+    assert insert(sink, first)
     assert_one_row_per_request(client, org, 1500)
     assert queries.cost_for_org(client, org, T0, T0 + 10**12) == sum(1_000 + i for i in range(1500))
 
 
-def test_malformed_batch_never_raises_and_is_not_stored(
+def test_a_block_clickhouse_cannot_read_is_reported_never_raised_nor_echoed(
     sink: CallLogSink, client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     batch = make_batch("org-bad", 4)
-    del batch["cost"]
-    batch["prompt"] = ["must never be stored"] * 4  # not a contract column
-    assert sink.insert(batch)
-    assert sink.rows_rejected == 4
-    assert queries.count_calls(client, org_id="org-bad") == 0
-    assert "must never be stored" not in caplog.text
-
-
-def test_out_of_range_value_is_refused_not_raised(sink: CallLogSink) -> None:
-    batch = make_batch("org-range", 2)
-    batch["status"] = [200, 70_000]  # does not fit UInt16
-    assert not sink.insert(batch)
+    batch["user_agent"] = ["must never be logged"] * 4
+    block, rows = encode(batch)
+    assert not sink.insert(block[: len(block) // 2], rows, "calllog:bad")
     assert sink.batches_failed == 1
+    assert sink.last_error is not None
+    assert queries.count_calls(client, org_id="org-bad") == 0
+    assert "must never be logged" not in caplog.text
 
 
 def test_cost_by_org_and_paging(sink: CallLogSink, client: Client) -> None:
-    assert sink.insert(make_batch("org-page-a", 25))
-    assert sink.insert(make_batch("org-page-b", 7, ts0=T0 + 10**9))
+    assert insert(sink, make_batch("org-page-a", 25))
+    assert insert(sink, make_batch("org-page-b", 7, ts0=T0 + 10**9))
     costs = queries.cost_by_org(client, T0, T0 + 10**12)
     assert costs["org-page-a"] == sum(1_000 + i for i in range(25))
     assert costs["org-page-b"] == sum(1_000 + i for i in range(7))

@@ -24,6 +24,7 @@ from onetoken.kit.errors import Conflict, NotFound, Unprocessable
 from onetoken.orgs import service as orgs
 from onetoken.providers import service as providers
 from onetoken.security.permissions import ROLE_DENIED_MESSAGE
+from tests.unit.batches import summarize
 from tests.unit.conftest import Admin, add_account
 
 API = "/api/v1"
@@ -431,7 +432,10 @@ def test_low_balance_and_quota_events_fire_once(
             billing.record_usage(s, [usage(world.org, rid, cost, now, key=world.key)])
             s.commit()
         upkeep.observe(
-            {"org_id": [world.org], "key_id": [world.key], "cost": [cost], "error_code": [""]}
+            summarize(
+                {"request_id": [rid], "org_id": [world.org], "key_id": [world.key],
+                 "cost": [cost], "error_code": [""]}
+            )
         )
         upkeep.check_events(force=True)
 
@@ -456,12 +460,15 @@ def test_low_balance_and_quota_events_fire_once(
     assert [k for _, k, _ in sent].count("balance_low") == 2
     # The engine refused a request for the key's budget although spend is below it.
     upkeep.observe(
-        {
-            "org_id": [world.org],
-            "key_id": [world.key],
-            "cost": [0],
-            "error_code": ["budget_exceeded"],
-        }
+        summarize(
+            {
+                "request_id": ["refused"],
+                "org_id": [world.org],
+                "key_id": [world.key],
+                "cost": [0],
+                "error_code": ["budget_exceeded"],
+            }
+        )
     )
     upkeep.check_events(force=True)
     assert sent[-1][1] == "quota_exhausted" and sent[-1][2]["scope"] in ("org", "key")

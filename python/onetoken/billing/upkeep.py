@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from onetoken.billing import budgets, packages, prices
 from onetoken.db.models import utcnow
@@ -59,9 +59,9 @@ class BillingUpkeep:
                 self._orgs.add(u.org_id)
                 if u.key_id:
                     self._keys.add(u.key_id)
-            for c in batch.calls:
-                if c.error_code == "budget_exceeded" and c.org_id:
-                    self._refused.add((c.org_id, c.key_id))
+            for f in batch.failures:
+                if f.error_code == "budget_exceeded" and f.org_id:
+                    self._refused.add((f.org_id, f.key_id))
         self.check_events()
 
     def check_events(self, *, force: bool = False) -> int:

@@ -27,7 +27,18 @@ class UsageGroup(NamedTuple):
 
 
 class CallGroup(NamedTuple):
-    """Calls that share every dimension the observers look at."""
+    """Calls per key, status, error code and provider (rates, error rates, provider health)."""
+
+    key_id: str
+    status: int
+    error_code: str
+    provider: str
+    calls: int
+
+
+class FailureGroup(NamedTuple):
+    """Failed calls (status >= 400 or an error code) sharing every dimension, source
+    address included (auth floods, key risks, refused budgets)."""
 
     org_id: str
     account_id: str
@@ -49,8 +60,13 @@ class Batch:
     min_ts: int
     max_ts: int
     usage: list[UsageGroup]
-    # In order of each group's first record.
     calls: list[CallGroup]
+    # key id -> (org id, account id) of its first record.
+    owners: dict[str, tuple[str, str]]
+    # In order of each group's first record.
+    failures: list[FailureGroup]
+    # (key id, its distinct source addresses), both non-empty.
+    sources: list[tuple[str, list[str]]]
 
 
 def from_journal(read: _core.JournalBatch) -> Batch:
@@ -59,5 +75,8 @@ def from_journal(read: _core.JournalBatch) -> Batch:
         min_ts=read.min_ts,
         max_ts=read.max_ts,
         usage=[UsageGroup._make(g) for g in read.usage],
-        calls=[CallGroup(*g[:8], *g[8]) for g in read.calls],
+        calls=[CallGroup._make(g) for g in read.calls],
+        owners=read.owners,
+        failures=[FailureGroup(*g[:8], *g[8]) for g in read.failures],
+        sources=read.sources,
     )

@@ -34,11 +34,11 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from onetoken._core import JournalBatch
 from onetoken.analytics.sink import CallLogSink
 from onetoken.billing import service as billing
 from onetoken.billing.upkeep import BillingUpkeep
 from onetoken.db.session import SessionFactory
-from onetoken._core import JournalBatch
 from onetoken.ingest import journal
 from onetoken.ingest.batch import Batch, UsageGroup, from_journal
 from onetoken.ingest.journal import InstanceJournal
@@ -63,7 +63,9 @@ class Position:
 _START = Position(0, 0)
 
 
-def usage_entries(instance_id: str, start: Position, groups: list[UsageGroup]) -> list[billing.Usage]:
+def usage_entries(
+    instance_id: str, start: Position, groups: list[UsageGroup]
+) -> list[billing.Usage]:
     """The batch's usage groups as ledger entries.
 
     Entry ids derive from the batch identity and the group, so reading the same batch

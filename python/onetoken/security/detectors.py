@@ -1,6 +1,7 @@
 """Risk detection on call metadata (never content): each ingested batch is looked at
-once, after the ledger took it (Ingestor.batch_observers), as its call groups (calls
-counted per org, account, key, source address, status, error code and provider).
+once, after the ledger took it (Ingestor.batch_observers), as the groups the journal
+reader builds (calls per key, status, error code and provider; failed calls per source;
+each key's source addresses).
 
 What is detected (thresholds in settings, defaults in docs/security.md):
 
@@ -41,7 +42,7 @@ from onetoken.security.log import Scalar, SecurityEvent, Severity, record
 from onetoken.security.net import networks
 
 if TYPE_CHECKING:
-    from onetoken.ingest.batch import Batch, CallGroup
+    from onetoken.ingest.batch import Batch
 
 log = logging.getLogger("onetoken.security")
 
@@ -193,37 +194,33 @@ class Detectors:
         if not batch.rows:
             return []
         now_us = batch.max_ts
-        calls = batch.calls
         found: list[Detection] = []
-        found += self._rates(now_us, calls)
-        found += self._many_sources(now_us, calls)
-        found += self._auth_floods(now_us, calls)
-        if any(c.error_code in KEY_RISKS for c in calls):
-            found += self._key_risks(calls)
-        found += self._upstreams(now_us, calls)
+        found += self._rates(now_us, batch)
+        found += self._many_sources(now_us, batch)
+        found += self._auth_floods(now_us, batch)
+        found += self._key_risks(batch)
+        found += self._upstreams(now_us, batch)
         return found
 
-    def _rates(self, now_us: int, calls: list[CallGroup]) -> list[Detection]:
+    def _rates(self, now_us: int, batch: Batch) -> list[Detection]:
         bucket_us = max(1, int(self.s.anomaly_bucket_seconds * 1_000_000))
         bucket = now_us // bucket_us
         alpha = self.s.anomaly_ewma_alpha
         requests: Counter[str] = Counter()
         errors: Counter[str] = Counter()
-        owners: dict[str, tuple[str, str]] = {}
-        for c in calls:
+        for c in batch.calls:
             if not c.key_id:
                 continue
             requests[c.key_id] += c.calls
             if c.status >= 400:
                 errors[c.key_id] += c.calls
-            owners[c.key_id] = (c.org_id, c.account_id)
         if len(self._keys) > _MAX_TRACKED:
             self._keys.clear()
         out: list[Detection] = []
         for key_id, count in requests.items():
             state = self._keys.get(key_id)
             if state is None:
-                org_id, account_id = owners[key_id]
+                org_id, account_id = batch.owners.get(key_id, ("", ""))
                 state = self._keys[key_id] = _KeyState(org_id=org_id, account_id=account_id)
             for series, added, factor, minimum, kind, hook in (
                 (state.requests, count, self.s.anomaly_rate_factor, self.s.anomaly_min_requests,
@@ -252,20 +249,15 @@ class Detectors:
                     )
         return out
 
-    def _many_sources(self, now_us: int, calls: list[CallGroup]) -> list[Detection]:
+    def _many_sources(self, now_us: int, batch: Batch) -> list[Detection]:
         window_us = int(self.s.anomaly_ip_window_seconds * 1_000_000)
         threshold = self.s.anomaly_ip_threshold
         if len(self._sources) > _MAX_TRACKED:
             self._sources.clear()
         out: list[Detection] = []
-        touched: set[str] = set()
-        for c in calls:
-            if not c.key_id or not c.source_ip:
-                continue
-            seen = self._sources.setdefault(c.key_id, {})
-            seen[c.source_ip] = now_us
-            touched.add(c.key_id)
-        for key_id in touched:
+        for key_id, ips in batch.sources:
+            self._sources.setdefault(key_id, {}).update(dict.fromkeys(ips, now_us))
+        for key_id, _ in batch.sources:
             seen = self._sources[key_id]
             if len(seen) >= threshold:
                 cutoff = now_us - window_us
@@ -289,9 +281,9 @@ class Detectors:
                 )
         return out
 
-    def _auth_floods(self, now_us: int, calls: list[CallGroup]) -> list[Detection]:
+    def _auth_floods(self, now_us: int, batch: Batch) -> list[Detection]:
         failures: Counter[str] = Counter()
-        for c in calls:
+        for c in batch.failures:
             if c.status == 401 and c.source_ip:
                 failures[c.source_ip] += c.calls
         if not failures:
@@ -328,10 +320,10 @@ class Detectors:
             )
         return out
 
-    def _key_risks(self, calls: list[CallGroup]) -> list[Detection]:
+    def _key_risks(self, batch: Batch) -> list[Detection]:
         out: list[Detection] = []
         hits: Counter[tuple[str, str, str, str, str]] = Counter()
-        for c in calls:
+        for c in batch.failures:
             if c.error_code in KEY_RISKS and c.key_id:
                 hits[(c.error_code, c.key_id, c.org_id, c.account_id, c.source_ip)] += c.calls
         for (code, key_id, org_id, account_id, ip), count in hits.items():
@@ -352,10 +344,10 @@ class Detectors:
             )
         return out
 
-    def _upstreams(self, now_us: int, calls: list[CallGroup]) -> list[Detection]:
+    def _upstreams(self, now_us: int, batch: Batch) -> list[Detection]:
         totals: Counter[str] = Counter()
         failed: Counter[str] = Counter()
-        for c in calls:
+        for c in batch.calls:
             if not c.provider:
                 continue
             totals[c.provider] += c.calls

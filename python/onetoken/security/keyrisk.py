@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Final
 from onetoken.security.log import SecurityEvent, Severity, record
 
 if TYPE_CHECKING:
-    from onetoken.ingest.batch import Batch, CallGroup
+    from onetoken.ingest.batch import Batch, FailureGroup
 
 #: record error_code -> (event kind, severity)
 KEY_RISKS: Final[dict[str, tuple[str, Severity]]] = {
@@ -26,14 +26,14 @@ KEY_RISKS: Final[dict[str, tuple[str, Severity]]] = {
 def observe(batch: Batch) -> int:
     """Record the batch's key-risk events, one per code, key, org and source; returns how
     many were recorded."""
-    groups: dict[tuple[str, str, str, str], list[CallGroup]] = {}
-    for c in batch.calls:
+    groups: dict[tuple[str, str, str, str], list[FailureGroup]] = {}
+    for c in batch.failures:
         if c.error_code in KEY_RISKS:
             groups.setdefault((c.error_code, c.key_id, c.org_id, c.source_ip), []).append(c)
     for (code, key_id, org_id, source_ip), calls in groups.items():
         kind, severity = KEY_RISKS[code]
-        # batch.calls is in order of first appearance: the first group holds the first
-        # request of these.
+        # batch.failures is in order of first appearance: the first group holds the
+        # first request of these.
         first = calls[0]
         record(
             SecurityEvent(

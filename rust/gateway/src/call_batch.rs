@@ -23,9 +23,21 @@ pub struct UsageGroup {
     pub first_ts: i64,
 }
 
-/// Calls of a batch that share every dimension the observers look at.
+/// Calls of a batch per key, status, error code and provider (what rates, error rates
+/// and provider health count).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallGroup {
+    pub key_id: String,
+    pub status: u16,
+    pub error_code: String,
+    pub provider: String,
+    pub calls: u64,
+}
+
+/// Failed calls (status >= 400 or an error code) that share every dimension, source
+/// address included: auth floods, key risks and refused budgets are found among them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureGroup {
     pub org_id: String,
     pub account_id: String,
     pub key_id: String,
@@ -34,18 +46,17 @@ pub struct CallGroup {
     pub error_code: String,
     pub provider: String,
     pub calls: u64,
-    /// The group's first record: its position in the batch, request id, path and user
-    /// agent (a key-risk event names one request it stands for).
-    pub first_row: u64,
+    /// The group's first record: its request id, path and user agent (a key-risk event
+    /// names one request it stands for).
     pub first_request_id: String,
     pub first_path: String,
     pub first_user_agent: String,
 }
 
-/// A call group while the batch is read.
-struct CallAcc {
+/// A failure group while the batch is read.
+struct FailureAcc {
     calls: u64,
-    first_row: u64,
+    first_row: usize,
     request_id: String,
     path: u32,
     user_agent: String,
@@ -142,7 +153,9 @@ impl LcColumn {
             2
         };
         out.extend_from_slice(&1u64.to_le_bytes());
-        out.extend_from_slice(&(width | HAS_ADDITIONAL_KEYS | NEED_UPDATE_DICTIONARY).to_le_bytes());
+        out.extend_from_slice(
+            &(width | HAS_ADDITIONAL_KEYS | NEED_UPDATE_DICTIONARY).to_le_bytes(),
+        );
         out.extend_from_slice(&(keys as u64).to_le_bytes());
         for k in &self.dict.values {
             put_str(out, k);
@@ -161,8 +174,10 @@ impl LcColumn {
 
 /// (org, key, model) dictionary ids and the UTC day.
 type UsageKey = (u32, u32, u32, i64);
+/// Key id, status, (error code, provider) ids.
+type CallKey = (u32, u16, u32, u32);
 /// (org, account, key, source ip) ids, status, (error code, provider) ids.
-type CallKey = (u32, u32, u32, u32, u16, u32, u32);
+type FailureKey = (u32, u32, u32, u32, u16, u32, u32);
 
 /// Columns of the batch being read, in the call_log contract's order
 /// (tests/contract/call_log_columns.json), plus the groups.
@@ -201,7 +216,13 @@ pub struct CallBatch {
     min_ts: i64,
     max_ts: i64,
     usage: HashMap<UsageKey, (u64, i128, i64)>,
-    calls: HashMap<CallKey, CallAcc>,
+    calls: HashMap<CallKey, u64>,
+    failures: HashMap<FailureKey, FailureAcc>,
+    /// Per key id: the (org, account) of its first record.
+    owners: Vec<Option<(u32, u32)>>,
+    /// Per key id: its distinct source address ids, in order of appearance.
+    sources: Vec<Vec<u32>>,
+    source_seen: std::collections::HashSet<(u32, u32)>,
 }
 
 /// What a batch read hands to ingestion.
@@ -216,6 +237,12 @@ pub struct BatchParts {
     /// Only calls with cost > 0 of a known org.
     pub usage: Vec<UsageGroup>,
     pub calls: Vec<CallGroup>,
+    /// (key, org, account) of each key's first record, keys in order of appearance.
+    pub owners: Vec<(String, String, String)>,
+    /// In order of each group's first record.
+    pub failures: Vec<FailureGroup>,
+    /// Each key's distinct source addresses (both non-empty), keys in order of appearance.
+    pub sources: Vec<(String, Vec<String>)>,
 }
 
 impl CallBatch {
@@ -237,14 +264,18 @@ impl CallBatch {
         let model = self.model_requested.push(r.model_requested);
         self.model_served.push(r.model_served);
         let provider = self.provider.push(r.provider);
-        self.prompt_tokens.extend_from_slice(&r.prompt_tokens.to_le_bytes());
-        self.completion_tokens.extend_from_slice(&r.completion_tokens.to_le_bytes());
-        self.cached_tokens.extend_from_slice(&r.cached_tokens.to_le_bytes());
+        self.prompt_tokens
+            .extend_from_slice(&r.prompt_tokens.to_le_bytes());
+        self.completion_tokens
+            .extend_from_slice(&r.completion_tokens.to_le_bytes());
+        self.cached_tokens
+            .extend_from_slice(&r.cached_tokens.to_le_bytes());
         self.usage_source.push(r.usage_source);
         self.cost.extend_from_slice(&r.cost.to_le_bytes());
         self.status.extend_from_slice(&r.status.to_le_bytes());
         let code = self.error_code.push(r.error_code);
-        self.latency_us.extend_from_slice(&r.latency_us.to_le_bytes());
+        self.latency_us
+            .extend_from_slice(&r.latency_us.to_le_bytes());
         self.ttfb_us.extend_from_slice(&r.ttfb_us.to_le_bytes());
         self.streamed.push(r.streamed);
         self.source_ip.push(r.source_ip);
@@ -254,20 +285,41 @@ impl CallBatch {
         self.guard_flags.push(r.guard_flags);
 
         let org = self.orgs.id(r.org_id);
-        let account = self.accounts.id(r.account_id);
         let key = self.keys.id(r.key_id);
-        let ip = self.ips.id(r.source_ip);
-        let row = self.rows as u64 - 1;
-        self.calls
-            .entry((org, account, key, ip, r.status, code, provider))
-            .or_insert_with(|| CallAcc {
-                calls: 0,
-                first_row: row,
-                request_id: r.request_id.to_owned(),
-                path,
-                user_agent: r.user_agent.to_owned(),
-            })
-            .calls += 1;
+        *self
+            .calls
+            .entry((key, r.status, code, provider))
+            .or_insert(0) += 1;
+        let k = key as usize;
+        if self.owners.len() <= k {
+            self.owners.resize(k + 1, None);
+            self.sources.resize_with(k + 1, Vec::new);
+        }
+        if !r.key_id.is_empty() {
+            let account = self.accounts.id(r.account_id);
+            self.owners[k].get_or_insert((org, account));
+            if !r.source_ip.is_empty() {
+                let ip = self.ips.id(r.source_ip);
+                if self.source_seen.insert((key, ip)) {
+                    self.sources[k].push(ip);
+                }
+            }
+        }
+        if r.status >= 400 || !r.error_code.is_empty() {
+            let account = self.accounts.id(r.account_id);
+            let ip = self.ips.id(r.source_ip);
+            let row = self.rows - 1;
+            self.failures
+                .entry((org, account, key, ip, r.status, code, provider))
+                .or_insert_with(|| FailureAcc {
+                    calls: 0,
+                    first_row: row,
+                    request_id: r.request_id.to_owned(),
+                    path,
+                    user_agent: r.user_agent.to_owned(),
+                })
+                .calls += 1;
+        }
         if r.cost > 0 && !r.org_id.is_empty() {
             let day = r.ts.div_euclid(DAY_US);
             let g = self
@@ -285,19 +337,25 @@ impl CallBatch {
     }
 
     pub fn finish(self) -> BatchParts {
-        let native = if self.rows == 0 { Vec::new() } else { self.encode() };
+        let native = if self.rows == 0 {
+            Vec::new()
+        } else {
+            self.encode()
+        };
         let mut usage: Vec<UsageGroup> = self
             .usage
             .iter()
-            .map(|(&(org, key, model, day), &(calls, cost, first_ts))| UsageGroup {
-                org_id: self.orgs.get(org),
-                key_id: self.keys.get(key),
-                model: self.model_requested.dict.get(model),
-                day,
-                calls,
-                cost,
-                first_ts,
-            })
+            .map(
+                |(&(org, key, model, day), &(calls, cost, first_ts))| UsageGroup {
+                    org_id: self.orgs.get(org),
+                    key_id: self.keys.get(key),
+                    model: self.model_requested.dict.get(model),
+                    day,
+                    calls,
+                    cost,
+                    first_ts,
+                },
+            )
             .collect();
         // A stable order: the same batch always yields the same list.
         usage.sort_by(|a, b| {
@@ -307,23 +365,73 @@ impl CallBatch {
         let mut calls: Vec<CallGroup> = self
             .calls
             .iter()
-            .map(|(&(org, account, key, ip, status, code, provider), acc)| CallGroup {
-                org_id: self.orgs.get(org),
-                account_id: self.accounts.get(account),
+            .map(|(&(key, status, code, provider), &n)| CallGroup {
                 key_id: self.keys.get(key),
-                source_ip: self.ips.get(ip),
                 status,
                 error_code: self.error_code.dict.get(code),
                 provider: self.provider.dict.get(provider),
-                calls: acc.calls,
-                first_row: acc.first_row,
-                first_request_id: acc.request_id.clone(),
-                first_path: self.path.dict.get(acc.path),
-                first_user_agent: acc.user_agent.clone(),
+                calls: n,
             })
             .collect();
-        // In order of first appearance, as the records were.
-        calls.sort_by_key(|g| g.first_row);
+        calls.sort_by(|a, b| {
+            (&a.key_id, a.status, &a.error_code, &a.provider).cmp(&(
+                &b.key_id,
+                b.status,
+                &b.error_code,
+                &b.provider,
+            ))
+        });
+        let mut failures: Vec<(usize, FailureGroup)> = self
+            .failures
+            .iter()
+            .map(|(&(org, account, key, ip, status, code, provider), acc)| {
+                (
+                    acc.first_row,
+                    FailureGroup {
+                        org_id: self.orgs.get(org),
+                        account_id: self.accounts.get(account),
+                        key_id: self.keys.get(key),
+                        source_ip: self.ips.get(ip),
+                        status,
+                        error_code: self.error_code.dict.get(code),
+                        provider: self.provider.dict.get(provider),
+                        calls: acc.calls,
+                        first_request_id: acc.request_id.clone(),
+                        first_path: self.path.dict.get(acc.path),
+                        first_user_agent: acc.user_agent.clone(),
+                    },
+                )
+            })
+            .collect();
+        failures.sort_by_key(|(first_row, _)| *first_row);
+        // Key ids are numbered in order of appearance.
+        let owners = self
+            .owners
+            .iter()
+            .enumerate()
+            .filter_map(|(k, o)| {
+                let (org, account) = (*o)?;
+                let key = u32::try_from(k).ok()?;
+                Some((
+                    self.keys.get(key),
+                    self.orgs.get(org),
+                    self.accounts.get(account),
+                ))
+            })
+            .collect();
+        let sources = self
+            .sources
+            .iter()
+            .enumerate()
+            .filter(|(_, ips)| !ips.is_empty())
+            .filter_map(|(k, ips)| {
+                let key = u32::try_from(k).ok()?;
+                Some((
+                    self.keys.get(key),
+                    ips.iter().map(|&ip| self.ips.get(ip)).collect(),
+                ))
+            })
+            .collect();
         BatchParts {
             native,
             rows: self.rows,
@@ -331,6 +439,9 @@ impl CallBatch {
             max_ts: self.max_ts,
             usage,
             calls,
+            owners,
+            failures: failures.into_iter().map(|(_, g)| g).collect(),
+            sources,
         }
     }
 

@@ -15,7 +15,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-pub use crate::call_batch::{BatchParts, CallGroup, UsageGroup, COLUMNS};
+pub use crate::call_batch::{BatchParts, CallGroup, FailureGroup, UsageGroup, COLUMNS};
 use crate::call_batch::{CallBatch, Row};
 
 /// What one [`read_batch`] call found.
@@ -281,9 +281,12 @@ mod tests {
             assert!(contains(&read.batch.native, &native_str(t)), "{t:?}");
         }
         let models: Vec<&str> = read.batch.usage.iter().map(|g| g.model.as_str()).collect();
-        assert!(models.is_empty(), "negative costs charge nothing: {models:?}");
-        let ips: Vec<u64> = read.batch.calls.iter().map(|g| g.calls).collect();
-        assert_eq!(ips.iter().sum::<u64>(), written.len() as u64);
+        assert!(
+            models.is_empty(),
+            "negative costs charge nothing: {models:?}"
+        );
+        let counts: Vec<u64> = read.batch.calls.iter().map(|g| g.calls).collect();
+        assert_eq!(counts.iter().sum::<u64>(), written.len() as u64);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -473,19 +476,21 @@ mod group_tests {
         for r in &records {
             write_line(r, &mut buf);
         }
-        let p = std::env::temp_dir().join(format!("onetoken-groups-{:016x}", rand::random::<u64>()));
+        let p =
+            std::env::temp_dir().join(format!("onetoken-groups-{:016x}", rand::random::<u64>()));
         std::fs::write(&p, &buf).unwrap();
         let read = read_batch(&p, 0, 100, false, None).unwrap();
         std::fs::remove_file(&p).unwrap();
-        let g = |org: &str, key: &str, day: i64, calls: u64, cost: i128, first_ts: i64| UsageGroup {
-            org_id: org.into(),
-            key_id: key.into(),
-            model: "m".into(),
-            day,
-            calls,
-            cost,
-            first_ts,
-        };
+        let g =
+            |org: &str, key: &str, day: i64, calls: u64, cost: i128, first_ts: i64| UsageGroup {
+                org_id: org.into(),
+                key_id: key.into(),
+                model: "m".into(),
+                day,
+                calls,
+                cost,
+                first_ts,
+            };
         assert_eq!(
             read.batch.usage,
             [
@@ -494,19 +499,85 @@ mod group_tests {
                 g("o", "k2", 5, 1, 1, 5 * DAY + 1),
             ]
         );
-        let calls: Vec<(&str, &str, u64)> = read
+        let calls: Vec<(&str, u64)> = read
             .batch
             .calls
             .iter()
-            .map(|c| (c.org_id.as_str(), c.key_id.as_str(), c.calls))
+            .map(|c| (c.key_id.as_str(), c.calls))
             .collect();
-        assert_eq!(calls, [("o", "k", 5), ("o", "k2", 1), ("", "", 1)]);
-        let first = &read.batch.calls[0];
+        assert_eq!(calls, [("", 1), ("k", 5), ("k2", 1)]);
+        let owner = |k: &str| (k.to_owned(), "o".to_owned(), "acc-o".to_owned());
+        assert_eq!(read.batch.owners, [owner("k"), owner("k2")]);
+        let ips = |k: &str| (k.to_owned(), vec!["10.0.0.1".to_owned()]);
+        assert_eq!(read.batch.sources, [ips("k"), ips("k2")]);
+        assert!(read.batch.failures.is_empty(), "every call succeeded");
         assert_eq!(
-            (first.first_row, first.first_request_id.as_str()),
-            (0, records[0].request_id.as_str())
+            (read.batch.min_ts, read.batch.max_ts),
+            (5 * DAY - 2, 5 * DAY + 4)
         );
-        assert_eq!(read.batch.calls[2].first_row, 6);
-        assert_eq!((read.batch.min_ts, read.batch.max_ts), (5 * DAY - 2, 5 * DAY + 4));
+    }
+}
+
+#[cfg(test)]
+mod failure_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::records::{write_line, CallRecord};
+
+    /// Failures (an error status or code) keep every dimension and their first request;
+    /// successes only count towards `calls`.
+    #[test]
+    fn failures_are_grouped_with_their_first_request() {
+        let rec = |id: &str, ip: &str, status: u16, code: &'static str| CallRecord {
+            request_id: id.into(),
+            org_id: "o".into(),
+            account_id: "a".into(),
+            key_id: "k".into(),
+            source_ip: ip.into(),
+            status,
+            error_code: code,
+            user_agent: format!("ua-{id}"),
+            ..CallRecord::default()
+        };
+        let records = [
+            rec("r0", "1.1.1.1", 200, ""),
+            rec("r1", "2.2.2.2", 401, "key_revoked"),
+            rec("r2", "2.2.2.2", 401, "key_revoked"),
+            rec("r3", "3.3.3.3", 502, ""),
+            rec("r4", "1.1.1.1", 200, "stream_aborted"),
+        ];
+        let mut buf = Vec::new();
+        for r in &records {
+            write_line(r, &mut buf);
+        }
+        let p = std::env::temp_dir().join(format!("onetoken-fail-{:016x}", rand::random::<u64>()));
+        std::fs::write(&p, &buf).unwrap();
+        let read = read_batch(&p, 0, 100, false, None).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        let got: Vec<(&str, u16, &str, u64, &str, &str)> = read
+            .batch
+            .failures
+            .iter()
+            .map(|g| {
+                (
+                    g.source_ip.as_str(),
+                    g.status,
+                    g.error_code.as_str(),
+                    g.calls,
+                    g.first_request_id.as_str(),
+                    g.first_user_agent.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("2.2.2.2", 401, "key_revoked", 2, "r1", "ua-r1"),
+                ("3.3.3.3", 502, "", 1, "r3", "ua-r3"),
+                ("1.1.1.1", 200, "stream_aborted", 1, "r4", "ua-r4"),
+            ]
+        );
+        let ips: Vec<&str> = read.batch.sources[0].1.iter().map(String::as_str).collect();
+        assert_eq!(ips, ["1.1.1.1", "2.2.2.2", "3.3.3.3"]);
     }
 }

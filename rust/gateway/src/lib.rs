@@ -6,6 +6,7 @@
 mod auth;
 pub mod billing;
 mod body;
+mod call_batch;
 mod client_ip;
 mod config;
 mod conn;
@@ -17,7 +18,6 @@ pub mod fuzzing;
 pub mod guard;
 mod ipset;
 mod journal;
-mod call_batch;
 pub mod journal_reader;
 mod limits;
 mod metrics;

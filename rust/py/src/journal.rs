@@ -19,6 +19,9 @@ pub(crate) struct JournalBatch {
     max_ts: i64,
     usage: Py<PyList>,
     calls: Py<PyList>,
+    owners: Py<PyDict>,
+    failures: Py<PyList>,
+    sources: Py<PyList>,
 }
 
 /// Up to `max_records` records of the segment at `path` from byte `offset`, none past
@@ -40,11 +43,21 @@ pub(crate) fn read_journal_batch(
     let b = read.batch;
     let usage = PyList::empty(py);
     for g in &b.usage {
-        usage.append((&g.org_id, &g.key_id, &g.model, g.day, g.calls, g.cost, g.first_ts))?;
+        usage.append((
+            &g.org_id, &g.key_id, &g.model, g.day, g.calls, g.cost, g.first_ts,
+        ))?;
     }
     let calls = PyList::empty(py);
     for g in &b.calls {
-        calls.append((
+        calls.append((&g.key_id, g.status, &g.error_code, &g.provider, g.calls))?;
+    }
+    let owners = PyDict::new(py);
+    for (key, org, account) in &b.owners {
+        owners.set_item(key, (org, account))?;
+    }
+    let failures = PyList::empty(py);
+    for g in &b.failures {
+        failures.append((
             &g.org_id,
             &g.account_id,
             &g.key_id,
@@ -56,6 +69,10 @@ pub(crate) fn read_journal_batch(
             (&g.first_request_id, &g.first_path, &g.first_user_agent),
         ))?;
     }
+    let sources = PyList::empty(py);
+    for (key, ips) in &b.sources {
+        sources.append((key, PyList::new(py, ips)?))?;
+    }
     Ok(JournalBatch {
         native: PyBytes::new(py, &b.native).unbind(),
         rows: b.rows,
@@ -65,6 +82,9 @@ pub(crate) fn read_journal_batch(
         max_ts: b.max_ts,
         usage: usage.unbind(),
         calls: calls.unbind(),
+        owners: owners.unbind(),
+        failures: failures.unbind(),
+        sources: sources.unbind(),
     })
 }
 
