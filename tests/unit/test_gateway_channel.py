@@ -305,3 +305,15 @@ def test_answered_polls_stay_out_of_the_info_log(
         if r.name == "onetoken.access"
     ]
     assert levels == [(logging.DEBUG, 200), (logging.INFO, 401)]
+
+
+def test_marks_are_the_ingestors_by_default(state: AppState, org_id: str) -> None:
+    from onetoken.ingest.marks import add_marks
+
+    with state.session_factory() as s:
+        add_marks(s, "gw-real", {org_id: 300}, {})
+        s.commit()
+    src = SnapshotSource(state.secrets, state.session_factory)
+    _, body = src.get("gw-real", None)
+    assert body is not None
+    assert _org(orjson.loads(body), org_id)["spent_mark"] == 300

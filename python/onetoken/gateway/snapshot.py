@@ -24,6 +24,7 @@ from onetoken.billing import budgets as billing_budgets
 from onetoken.billing.service import balances
 from onetoken.db.models import ApiKey, Org, utcnow
 from onetoken.db.session import SessionFactory, current_revision
+from onetoken.ingest.marks import spent_marks
 from onetoken.keys.service import snapshot_fields as keys_snapshot_fields
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import Unprocessable
@@ -140,12 +141,6 @@ MarksReader = Callable[[Session, str], tuple[dict[str, int], dict[str, int]]]
 _REMEMBERED_INSTANCES = 64
 
 
-def _ingested_marks(session: Session, instance_id: str) -> tuple[dict[str, int], dict[str, int]]:
-    from onetoken.ingest.marks import spent_marks
-
-    return spent_marks(session, instance_id)
-
-
 class SnapshotSource:
     """Snapshots for the gateway channel: `GET /internal/gateway/snapshot?instance=`.
 
@@ -176,7 +171,7 @@ class SnapshotSource:
         self.secrets = secrets
         self.session_factory = session_factory
         self.mark_lock: AbstractContextManager[Any] = mark_lock or threading.Lock()
-        self._marks = marks or _ingested_marks
+        self._marks = marks or spent_marks
         self.recheck_s = recheck_s
         self.confirm_s = confirm_s
         # Bumped by changed(); waiting polls wake up on it.
