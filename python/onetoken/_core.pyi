@@ -131,16 +131,58 @@ def serve_mock_upstream(
     """Run the fake provider in the foreground until SIGINT/SIGTERM (the CLI command).
     The keyword arguments set server-wide defaults that each request's `mock` overrides."""
 
-def read_journal(
-    path: str, offset: int, max_records: int, complete: bool
-) -> tuple[dict[str, list[Any]] | None, int, int]:
+class JournalBatch:
+    """One read of a journal segment (`read_journal_batch`)."""
+
+    @property
+    def native(self) -> bytes:
+        """The records as one call_log block in ClickHouse's Native format, columns as
+        `call_log_native_columns()`; empty when `rows` is 0."""
+    @property
+    def rows(self) -> int: ...
+    @property
+    def next_offset(self) -> int:
+        """Where the next read of the segment resumes."""
+    @property
+    def bad_lines(self) -> int:
+        """Lines consumed that were not records (never echoed)."""
+    @property
+    def min_ts(self) -> int: ...
+    @property
+    def max_ts(self) -> int: ...
+    @property
+    def usage(self) -> list[tuple[str, str, str, int, int, int, int]]:
+        """(org_id, key_id, model_requested, UTC day, calls, cost, first ts) of the calls
+        with cost > 0 and an org, one per distinct (org, key, model, day)."""
+    @property
+    def calls(self) -> list[tuple[str, int, str, str, int]]:
+        """(key_id, status, error_code, provider, calls) of every call."""
+    @property
+    def owners(self) -> dict[str, tuple[str, str]]:
+        """key_id -> (org_id, account_id) of its first call."""
+    @property
+    def failures(
+        self,
+    ) -> list[tuple[str, str, str, str, int, str, str, int, tuple[str, str, str]]]:
+        """(org_id, account_id, key_id, source_ip, status, error_code, provider, calls,
+        (request_id, path, user_agent) of the first such call) of the calls with status >=
+        400 or an error code, in order of first appearance."""
+    @property
+    def sources(self) -> list[tuple[str, list[str]]]:
+        """(key_id, its distinct source addresses), both non-empty."""
+
+def read_journal_batch(
+    path: str, offset: int, max_records: int, complete: bool, *, until: int | None = None
+) -> JournalBatch:
     """Read whole record lines of the journal segment at `path` from byte `offset`, at
-    most `max_records`. Returns (columns, next_offset, bad_lines): columns as in
-    tests/contract/call_log_columns.json (None when no record was read), the offset to
-    resume at, and how many lines that were not records were consumed (never echoed). A
-    trailing line without a newline is left for a later read unless `complete` (the
-    segment never grows again), which consumes it as bad. OSError when the file cannot be
-    read (FileNotFoundError when it is gone)."""
+    most `max_records` and none past byte `until` (a retry reads the range it read
+    before). A trailing line without a newline is left for a later read unless
+    `complete` (the segment never grows again), which consumes it as bad. OSError when the
+    file cannot be read (FileNotFoundError when it is gone)."""
+
+def call_log_native_columns() -> list[tuple[str, str]]:
+    """call_log's (column, ClickHouse type) pairs, in the order `JournalBatch.native`
+    encodes them."""
 
 def journal_instance_live(lock_path: str) -> bool:
     """Whether the engine instance of `<spool_dir>/journal-<instance>.lock` is alive: it

@@ -14,7 +14,11 @@ from onetoken.billing.router import router as billing_router
 from onetoken.db.migrate import upgrade
 from onetoken.db.session import make_engine, make_session_factory
 from onetoken.deps import AppState
+from onetoken.gateway.router import router as gateway_channel_router
+from onetoken.gateway.snapshot import SnapshotSource
 from onetoken.keys.router import router as keys_router
+from onetoken.kit import channel
+from onetoken.kit.channel import channel_token
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import ERROR_RESPONSES, install_error_handlers
 from onetoken.kit.logging import AccessLogMiddleware
@@ -30,36 +34,41 @@ from onetoken.webhooks.router import router as webhooks_router
 from onetoken.webhooks.router import stop_test_sender
 
 if TYPE_CHECKING:
-    from onetoken.gateway.supervisor import GatewaySupervisor
+    from onetoken.gateway.supervisor import ControlRuntime
 
 
 def build_state(
-    settings: Settings, runtime: GatewaySupervisor | None = None, *, migrate: bool = True
+    settings: Settings, runtime: ControlRuntime | None = None, *, migrate: bool = True
 ) -> AppState:
     """Open the control DB (migrating it to head) and derive the secrets."""
     settings.ensure_dirs()
     db_engine = make_engine(settings.database_url)
     if migrate:
         upgrade(db_engine)
-    # record() anywhere in this process queues here; the gateway pump (or exit) flushes.
+    # record() anywhere in this process queues here; the ingestor's flush (or exit) writes.
     security_log.install(security_log.SecurityLog(settings.spool_dir))
+    secrets = Secrets.from_settings(settings)
+    session_factory = make_session_factory(db_engine)
     return AppState(
         settings=settings,
-        secrets=Secrets.from_settings(settings),
+        secrets=secrets,
         db_engine=db_engine,
-        session_factory=make_session_factory(db_engine),
+        session_factory=session_factory,
         runtime=runtime,
+        # A serving process replaces it with one sharing the ingestor's mark lock.
+        snapshots=SnapshotSource(secrets, session_factory),
+        gateway_token=channel_token(settings.secret_key_bytes(), channel.GATEWAY),
     )
 
 
 def create_app(
     settings: Settings,
-    runtime: GatewaySupervisor | None = None,
+    runtime: ControlRuntime | None = None,
     *,
     state: AppState | None = None,
 ) -> FastAPI:
-    """The control API. `runtime` (the gateway supervisor) receives a snapshot push after
-    every committed change; without one (tests, tools) changes only bump the revision."""
+    """The control API, with the gateway channel. `runtime` (ingestion, see serve.py) is
+    what the call-log readers use; without one (tests, tools) they have no ClickHouse."""
     app_state = state or build_state(settings, runtime)
     if runtime is not None:
         app_state.runtime = runtime
@@ -97,6 +106,8 @@ def create_app(
     api.include_router(rights_router)
     api.include_router(security_router)
     app.include_router(api)
+    # The gateways' snapshots and config; the gateway channel token, not a session.
+    app.include_router(gateway_channel_router)
     # The CLI's reads while the server holds chDB; the ops channel token, not a session.
     app.include_router(ops_router)
 

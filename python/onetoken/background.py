@@ -1,5 +1,5 @@
-"""Background jobs of a serving process beside the record pump: webhook delivery, risk
-detection on the pumped records, the retention purge, and the queued ClickHouse part of
+"""Background jobs of a serving control process beside ingestion: webhook delivery, risk
+detection on the ingested records, the retention purge, and the queued ClickHouse part of
 account erasures."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from onetoken.webhooks.dispatcher import WebhookDispatcher
 
 if TYPE_CHECKING:
     from onetoken.deps import AppState
-    from onetoken.gateway.supervisor import GatewaySupervisor
+    from onetoken.ingest import Ingestor
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Background:
     erasures: erasure.ErasureWorker
 
     def stop(self) -> None:
-        """After the supervisor stopped (its last batches may still raise events)."""
+        """After ingestion stopped (its last batches may still raise events)."""
         self.retention.stop()
         self.erasures.stop()
         erasure.install(None)
@@ -35,15 +35,15 @@ class Background:
             webhooks.install(None)
 
 
-def start(state: AppState, supervisor: GatewaySupervisor) -> Background:
-    """Install the webhook dispatcher and the detectors before the supervisor starts
-    (so the first batches are observed), and start their threads."""
+def start(state: AppState, ingestor: Ingestor) -> Background:
+    """Install the webhook dispatcher and the detectors before the ingestor starts (so
+    the first batches are observed), and start their threads."""
     settings = state.settings
     dispatcher = WebhookDispatcher(settings, state.secrets, state.session_factory)
     webhooks.install(dispatcher)
     dispatcher.start()
-    detectors = detectors_mod.attach(supervisor, settings, state.session_factory)
+    detectors = detectors_mod.attach(ingestor, settings, state.session_factory)
     retention = RetentionWorker(state.session_factory, settings)
     retention.start()
-    erasures = erasure.make_worker(state, supervisor)  # started by serve after the supervisor
+    erasures = erasure.make_worker(state, ingestor)  # started by serve after the ingestor
     return Background(dispatcher, detectors, retention, erasures)

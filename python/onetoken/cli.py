@@ -1,4 +1,9 @@
-"""The `onetoken` command (also `python -m onetoken.cli`)."""
+"""The `onetoken` command (also `python -m onetoken.cli`).
+
+Only the standard library at import time: `onetoken gateway` must not load FastAPI,
+SQLAlchemy or pydantic (tests/unit/test_gateway_runner.py); every other command imports
+what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,12 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
-from onetoken.kit.errors import OnetokenError
 from onetoken.kit.files import restrict_umask
-from onetoken.settings import Settings
+
+if TYPE_CHECKING:
+    from onetoken.settings import Settings
 
 EXIT_OK = 0
 EXIT_FOUND = 1
@@ -25,6 +29,10 @@ class CliError(Exception):
 
 
 def _settings() -> Settings:
+    from pydantic import ValidationError
+
+    from onetoken.settings import Settings
+
     try:
         return Settings()
     except ValidationError as exc:
@@ -47,12 +55,29 @@ def _open_db(settings: Settings) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    return _run_control(demo=args.demo, gateway=True)
+
+
+def cmd_control(_: argparse.Namespace) -> int:
+    return _run_control(demo=False, gateway=False)
+
+
+def _run_control(*, demo: bool, gateway: bool) -> int:
     from onetoken.serve import ServeError, run
 
     try:
-        return run(_settings(), demo=args.demo)
+        return run(_settings(), demo=demo, gateway=gateway)
     except ServeError as exc:
         raise CliError(str(exc)) from None
+    except ImportError as exc:
+        raise CliError(f"the gateway extension is not available: {exc}") from None
+
+
+def cmd_gateway(_: argparse.Namespace) -> int:
+    from onetoken.gateway.runner import main as gateway_main
+
+    try:
+        return gateway_main()
     except ImportError as exc:
         raise CliError(f"the gateway extension is not available: {exc}") from None
 
@@ -323,6 +348,41 @@ def cmd_calls_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Ingest the journals in this data dir's spool into ClickHouse and the ledger until
+    SIGTERM/SIGINT (or once with --once): ingestion as its own process, one per node."""
+    import signal
+    import threading
+
+    from onetoken.analytics.clickhouse import parse_dsn
+    from onetoken.ingest import Ingestor
+
+    settings = _settings()
+    if parse_dsn(settings.clickhouse_dsn, settings.data_dir).kind == "chdb":
+        raise CliError(
+            "onetoken ingest needs a ClickHouse server (ONETOKEN_CLICKHOUSE_DSN=http://...): "
+            "embedded chDB allows one process per data path, and on the embedded default "
+            "the control process (onetoken control / serve) ingests the journals itself"
+        )
+    state = _open_db(settings)
+    settings.ensure_dirs()
+    ingestor = Ingestor(settings, state.session_factory)
+    try:
+        if args.once:
+            ingested = ingestor.catch_up()
+            print(f"{ingested} record(s) ingested", file=sys.stderr)
+            return EXIT_OK
+        done = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: done.set())
+        ingestor.start()
+        done.wait()
+        return EXIT_OK
+    finally:
+        ingestor.stop()
+        state.db_engine.dispose()
+
+
 def cmd_billing_reconcile(args: argparse.Namespace) -> int:
     """Ledger usage against call_log cost per org; exit 1 on any difference."""
     from onetoken.billing.reconcile import OrgReconciliation, reconcile
@@ -356,17 +416,18 @@ def cmd_billing_reconcile(args: argparse.Namespace) -> int:
             state.db_engine.dispose()
     if args.json:
         print(json.dumps([
-            {"org_id": r.org_id, "ledger_usage": r.ledger_usage,
-             "call_log_cost": r.call_log_cost, "difference": r.difference}
+            {"org_id": r.org_id, "day": r.day.isoformat(), "ledger_usage": r.ledger_usage,
+             "call_log_cost": r.call_log_cost, "difference": r.difference,
+             "ledger_calls": r.ledger_calls, "call_log_calls": r.call_log_calls}
             for r in lines
         ]))
     else:
         for r in lines:
-            print(f"{r.org_id}  ledger {format_amount(r.ledger_usage)}  "
-                  f"call_log {format_amount(r.call_log_cost)}  "
-                  f"difference {format_amount(r.difference)}")
-    bad = [r for r in lines if r.difference != 0]
-    print(f"{len(lines)} org(s), {len(bad)} with a difference", file=sys.stderr)
+            print(f"{r.org_id}  {r.day}  ledger {format_amount(r.ledger_usage)} "
+                  f"({r.ledger_calls} calls)  call_log {format_amount(r.call_log_cost)} "
+                  f"({r.call_log_calls} calls)  difference {format_amount(r.difference)}")
+    bad = [r for r in lines if r.difference != 0 or r.calls_difference != 0]
+    print(f"{len(lines)} org-day(s), {len(bad)} with a difference", file=sys.stderr)
     return EXIT_FOUND if bad else EXIT_OK
 
 
@@ -395,13 +456,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="run the gateway and the control API")
+    p = sub.add_parser("serve", help="run the control process and one gateway it supervises")
     p.add_argument(
         "--demo",
         action="store_true",
         help="bundled fake provider, demo models, a funded org and a printed API key",
     )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "control", help="run the control API, ingestion and background work (no gateway)"
+    )
+    p.set_defaults(func=cmd_control)
+
+    p = sub.add_parser(
+        "gateway",
+        help="run a gateway: the engine serving /v1 on the control process's config "
+        "(ONETOKEN_CONTROL_URL, ONETOKEN_GATEWAY_TOKEN or the master secret)",
+    )
+    p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("bootstrap", help="create the first org, owner account and API key")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -443,6 +516,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="report changes, save nothing")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_providers_apply)
+
+    p = sub.add_parser("ingest", help="ingest the gateways' journals into ClickHouse and the "
+                       "ledger (needs a ClickHouse server; the control process does it on chDB)")
+    p.add_argument("--once", action="store_true", help="catch up once and exit")
+    p.set_defaults(func=cmd_ingest)
 
     calls = sub.add_parser("calls", help="call metadata").add_subparsers(
         dest="calls_command", required=True, metavar="ACTION"
@@ -488,11 +566,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"onetoken: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except OnetokenError as exc:
-        print(f"onetoken: error: {exc.message}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # Only a command that loaded onetoken.kit.errors can raise its errors.
+        errors = sys.modules.get("onetoken.kit.errors")
+        if errors is not None and isinstance(exc, errors.OnetokenError):
+            print(f"onetoken: error: {exc.message}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Annotated
@@ -18,9 +17,8 @@ from onetoken.kit.errors import Forbidden, Unauthorized
 from onetoken.settings import Settings
 
 if TYPE_CHECKING:
-    from onetoken.gateway.supervisor import GatewaySupervisor
-
-log = logging.getLogger("onetoken.deps")
+    from onetoken.gateway.snapshot import SnapshotSource
+    from onetoken.gateway.supervisor import ControlRuntime
 
 
 @dataclass
@@ -29,19 +27,17 @@ class AppState:
     secrets: Secrets
     db_engine: Engine
     session_factory: SessionFactory
-    runtime: GatewaySupervisor | None
+    # Ingestion and upkeep of a serving control process; None in tools and tests.
+    runtime: ControlRuntime | None
+    # What gateways poll over the gateway channel (onetoken.gateway.router).
+    snapshots: SnapshotSource
+    # The gateway channel's bearer token (kit.channel.GATEWAY).
+    gateway_token: str
 
     def config_changed(self) -> None:
-        """Push a fresh snapshot now; called after a change has been committed.
-
-        The change is already committed, so a failed push is logged, not raised: the
-        revision watcher retries it within a second."""
-        if self.runtime is None:
-            return
-        try:
-            self.runtime.push_snapshot()
-        except Exception as exc:
-            log.error("snapshot.push_failed", extra={"exc_type": type(exc).__name__})
+        """Called after a change that gateways must see has been committed (it bumped the
+        config revision with it): answers the gateways' waiting snapshot polls now."""
+        self.snapshots.changed()
 
 
 @dataclass(frozen=True, slots=True)

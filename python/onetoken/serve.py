@@ -1,7 +1,12 @@
-"""`onetoken serve`: the control API (uvicorn) and the gateway engine in one process.
+"""`onetoken control` and `onetoken serve`: the control process.
 
-SIGTERM/SIGINT: the control API stops accepting, then the engine stops with its grace
-period, the record pump drains what is left into the ledger and ClickHouse, exit 0.
+The control process runs the control API (uvicorn) with the gateway channel, ingests the
+gateways' journals into the ledger and ClickHouse, and does the background work. `serve`
+also starts one `onetoken gateway` child (the Rust engine in a slim process) and restarts
+it when it dies.
+
+SIGTERM/SIGINT: the control API stops accepting, the gateway child drains with its grace
+period, ingestion catches up to the end of every journal, exit 0.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -24,7 +30,9 @@ from onetoken.background import Background
 from onetoken.background import start as start_background
 from onetoken.demo import setup_demo
 from onetoken.deps import AppState
-from onetoken.gateway.supervisor import GatewaySupervisor
+from onetoken.gateway.runner import http_url
+from onetoken.gateway.supervisor import ControlRuntime, GatewayProcess
+from onetoken.ingest import Ingestor
 from onetoken.kit.logging import configure_logging
 from onetoken.ops import control_file
 from onetoken.security.log import attach_to_supervisor as attach_security_log
@@ -60,10 +68,19 @@ def bind_socket(addr: str) -> socket.socket:
 
 
 def url(addr: str, tls: bool = False) -> str:
+    split_hostport(addr)
+    return http_url(addr, tls)
+
+
+def local_url(addr: str, tls: bool = False) -> str:
+    """Where a process on this host reaches a listener bound to `addr` (a wildcard
+    address is reached on loopback)."""
     host, port = split_hostport(addr)
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{'https' if tls else 'http'}://{host}:{port}"
+    if host in ("0.0.0.0", ""):  # noqa: S104 (recognising it, not binding it)
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return url(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", tls)
 
 
 class _Server(uvicorn.Server):
@@ -133,7 +150,8 @@ def check_secret(settings: Settings, *, demo: bool) -> None:
         )
 
 
-def run(settings: Settings, *, demo: bool = False) -> int:
+def run(settings: Settings, *, demo: bool = False, gateway: bool = True) -> int:
+    """`onetoken serve [--demo]` (gateway=True) or `onetoken control` (gateway=False)."""
     check_secret(settings, demo=demo)
     if demo and not settings.upstream_private_cidrs:
         # The demo's fake provider listens on loopback, which upstreams may otherwise not
@@ -142,8 +160,10 @@ def run(settings: Settings, *, demo: bool = False) -> int:
     configure_logging(settings.log_dir, settings.log_level)
     state = build_state(settings)
     mock: Any = None
-    supervisor: GatewaySupervisor | None = None
+    runtime: ControlRuntime | None = None
+    child: GatewayProcess | None = None
     background: Background | None = None
+    failed: list[str] = []
     try:
         demo_info = None
         if demo:
@@ -157,18 +177,20 @@ def run(settings: Settings, *, demo: bool = False) -> int:
             _apply_providers_file(state, settings.providers_file)
 
         control_sock = bind_socket(settings.control_listen)
-        supervisor = GatewaySupervisor(settings, state.secrets, state.session_factory)
-        attach_security_log(supervisor)
-        background = start_background(state, supervisor)  # webhooks, detectors, retention
-        state.runtime = supervisor
+        ingestor = Ingestor(settings, state.session_factory)
+        runtime = ControlRuntime(settings, state.secrets, state.session_factory, ingestor)
+        attach_security_log(ingestor)
+        background = start_background(state, ingestor)  # webhooks, detectors, retention
+        state.runtime = runtime
+        state.snapshots = runtime.snapshots
         try:
-            gateway_addr = supervisor.start()
+            runtime.start()
         except Exception as exc:
             control_sock.close()
-            raise ServeError(f"gateway failed to start: {type(exc).__name__}: {exc}") from None
+            raise ServeError(f"ingestion failed to start: {type(exc).__name__}: {exc}") from None
         background.erasures.start()
 
-        app = create_app(settings, supervisor, state=state)
+        app = create_app(settings, runtime, state=state)
         tls = settings.tls_cert is not None
         server = _Server(control_config(app, settings))
 
@@ -176,16 +198,67 @@ def run(settings: Settings, *, demo: bool = False) -> int:
             if server.should_exit:
                 server.force_exit = True
             server.should_exit = True
+            # A gateway's waiting snapshot poll would hold up uvicorn's shutdown. Not in
+            # the handler itself: the interrupted code may hold the lock close() takes.
+            threading.Thread(target=state.snapshots.close, daemon=True).start()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
         control_addr = "{}:{}".format(*control_sock.getsockname()[:2])
+        announce = _announcer(url(control_addr, tls), demo_info, tls)
         # CLI readers find this process here when chDB is locked (onetoken.ops).
-        control_file.write(settings.data_dir, url(control_addr, tls), os.getpid())
-        print(f"gateway: {url(gateway_addr, tls)}", flush=True)
-        print(f"control: {url(control_addr, tls)}", flush=True)
-        if demo_info is not None:
+        control_file.write(settings.data_dir, local_url(control_addr, tls), os.getpid())
+        if gateway:
+
+            def on_failed(message: str) -> None:
+                failed.append(message)
+                server.should_exit = True
+
+            child = GatewayProcess(
+                settings,
+                control_url=local_url(control_addr, tls),
+                token=state.gateway_token,
+                on_ready=announce,
+                on_failed=on_failed,
+            )
+            child.start()
+        else:
+            announce(None)
+        server.run(sockets=[control_sock])
+        if failed:
+            raise ServeError(f"gateway failed to start: {failed[0]}")
+        return 0
+    finally:
+        control_file.remove(settings.data_dir, os.getpid())
+        if child is not None:
+            # Gateways first: their last records are journaled before ingestion catches up.
+            child.stop()
+        if background is not None:
+            # A batch in progress finishes first: it writes through the ingestor's sink.
+            background.erasures.stop()
+        if runtime is not None:
+            runtime.stop()
+        if background is not None:
+            background.stop()
+        if mock is not None:
+            with contextlib.suppress(Exception):
+                mock.stop()
+        state.db_engine.dispose()
+        sys.stdout.flush()
+
+
+def _announcer(control: str, demo_info: Any, tls: bool) -> Callable[[str | None], None]:
+    """Prints the startup lines (scripts and tests parse them) once the gateway serves."""
+    lock = threading.Lock()
+
+    def announce(gateway_addr: str | None) -> None:
+        with lock:
+            if gateway_addr is not None:
+                print(f"gateway: {url(gateway_addr, tls)}", flush=True)
+            print(f"control: {control}", flush=True)
+            if demo_info is None or gateway_addr is None:
+                return
             print(f"api_key: {demo_info.api_key}", flush=True)
             if demo_info.admin_password is not None:
                 print(f"admin_email: {demo_info.admin_email}", flush=True)
@@ -197,19 +270,5 @@ def run(settings: Settings, *, demo: bool = False) -> int:
                 '-d \'{"model":"demo-chat","messages":[{"role":"user","content":"hi"}]}\'',
                 flush=True,
             )
-        server.run(sockets=[control_sock])
-        return 0
-    finally:
-        control_file.remove(settings.data_dir, os.getpid())
-        if background is not None:
-            # A batch in progress finishes first: it writes through the supervisor's sink.
-            background.erasures.stop()
-        if supervisor is not None:
-            supervisor.stop()
-        if background is not None:
-            background.stop()
-        if mock is not None:
-            with contextlib.suppress(Exception):
-                mock.stop()
-        state.db_engine.dispose()
-        sys.stdout.flush()
+
+    return announce

@@ -56,7 +56,6 @@ class Settings(BaseSettings):
 
     # Engine knobs (tests/contract/engine_config.json).
     worker_threads: int = Field(default=2, ge=1, le=256)
-    queue_capacity: int = Field(default=100_000, ge=1)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     # Transport edge (docs/gateway-spec.md, "Transport limits and addresses").

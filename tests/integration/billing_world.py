@@ -105,23 +105,28 @@ def cost(tokens: int, price: int, factor_ppm: int = 1_000_000) -> int:
     return -((-tokens * price * factor_ppm) // 10**12)
 
 
-def ledger_usage(state: AppState, org_id: str) -> dict[str, int]:
-    """request_id -> charged amount (positive) from the ledger's usage entries."""
-    from sqlalchemy import select
+def ledger_usage(state: AppState, org_id: str) -> tuple[int, int]:
+    """(calls, charged amount, positive) from the org's ledger usage entries: aggregated
+    per org, key, model and UTC day of an ingested batch, so per-request cost is
+    call_log's and the ledger must add up to it."""
+    from sqlalchemy import func, select
 
     from onetoken.db.models import LedgerEntry
 
     with state.session_factory() as s:
-        rows = s.execute(
-            select(LedgerEntry.request_id, LedgerEntry.amount).where(
-                LedgerEntry.org_id == org_id, LedgerEntry.kind == "usage"
-            )
-        ).all()
-    out: dict[str, int] = {}
-    for rid, amount in rows:
-        assert rid not in out, f"request {rid} charged twice"
-        out[str(rid)] = -int(amount)
-    return out
+        calls, amount = s.execute(
+            select(
+                func.coalesce(func.sum(LedgerEntry.calls), 0),
+                func.coalesce(func.sum(LedgerEntry.amount), 0),
+            ).where(LedgerEntry.org_id == org_id, LedgerEntry.kind == "usage")
+        ).one()
+    return int(calls), -int(amount)
+
+
+def charged_calls(rows: Iterator[dict[str, Any]] | list[dict[str, Any]]) -> tuple[int, int]:
+    """(calls, cost) of call_log rows that were charged: what the ledger must hold."""
+    costs = [int(r["cost"]) for r in rows if int(r["cost"]) > 0]
+    return len(costs), sum(costs)
 
 
 def balance(state: AppState, org_id: str) -> int:

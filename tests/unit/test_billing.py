@@ -24,6 +24,7 @@ from onetoken.kit.errors import Conflict, NotFound, Unprocessable
 from onetoken.orgs import service as orgs
 from onetoken.providers import service as providers
 from onetoken.security.permissions import ROLE_DENIED_MESSAGE
+from tests.unit.batches import summarize
 from tests.unit.conftest import Admin, add_account
 
 API = "/api/v1"
@@ -73,9 +74,13 @@ def world(state: AppState) -> World:
         return World(a.id, b.id, owner.id, model.id, key.id, key_b.id)
 
 
-def usage(org: str, rid: str, cost: int, at: datetime, key: str = "", model: str = "m") -> Any:
+def usage(
+    org: str, eid: str, cost: int, at: datetime, key: str = "", model: str = "m", calls: int = 1
+) -> Any:
     ts = int((at - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds() * US)
-    return billing.Usage(org_id=org, request_id=rid, cost=cost, ts_us=ts, key_id=key, model=model)
+    return billing.Usage(
+        org_id=org, entry_id=eid, cost=cost, ts_us=ts, key_id=key, model=model, calls=calls
+    )
 
 
 def ledger(state: AppState, org: str) -> list[tuple[str, int]]:
@@ -100,19 +105,24 @@ def test_usage_is_idempotent_and_keeps_key_model_and_exact_time(
     state: AppState, world: World
 ) -> None:
     at = datetime(2024, 5, 31, 23, 59, 59, 999_999, tzinfo=UTC)
-    u = usage(world.org, "req-1", 123, at, key=world.key, model="a-chat")
+    u = usage(world.org, "batch-1", 123, at, key=world.key, model="a-chat", calls=3)
     with state.session_factory() as s:
         assert billing.record_usage(s, [u, u]) == [u]
         s.commit()
         assert billing.record_usage(s, [u]) == []
         s.commit()
-        entry = s.scalars(select(LedgerEntry).where(LedgerEntry.request_id == "req-1")).one()
-    assert (entry.kind, entry.amount, entry.key_id, entry.model) == (
+        entry = s.scalars(
+            select(LedgerEntry).where(LedgerEntry.idempotency_key == "usage:batch-1")
+        ).one()
+    assert (entry.kind, entry.amount, entry.key_id, entry.model, entry.calls) == (
         "usage",
         -123,
         world.key,
         "a-chat",
+        3,
     )
+    # Per-request cost lives in call_log; an aggregated entry names no request.
+    assert entry.request_id is None
     # The last microsecond of May stays in May (a float timestamp would round it into June).
     assert entry.created_at == at
     assert bal(state, world.org) == -123
@@ -422,7 +432,10 @@ def test_low_balance_and_quota_events_fire_once(
             billing.record_usage(s, [usage(world.org, rid, cost, now, key=world.key)])
             s.commit()
         upkeep.observe(
-            {"org_id": [world.org], "key_id": [world.key], "cost": [cost], "error_code": [""]}
+            summarize(
+                {"request_id": [rid], "org_id": [world.org], "key_id": [world.key],
+                 "cost": [cost], "error_code": [""]}
+            )
         )
         upkeep.check_events(force=True)
 
@@ -447,12 +460,15 @@ def test_low_balance_and_quota_events_fire_once(
     assert [k for _, k, _ in sent].count("balance_low") == 2
     # The engine refused a request for the key's budget although spend is below it.
     upkeep.observe(
-        {
-            "org_id": [world.org],
-            "key_id": [world.key],
-            "cost": [0],
-            "error_code": ["budget_exceeded"],
-        }
+        summarize(
+            {
+                "request_id": ["refused"],
+                "org_id": [world.org],
+                "key_id": [world.key],
+                "cost": [0],
+                "error_code": ["budget_exceeded"],
+            }
+        )
     )
     upkeep.check_events(force=True)
     assert sent[-1][1] == "quota_exhausted" and sent[-1][2]["scope"] in ("org", "key")

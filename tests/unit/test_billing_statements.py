@@ -1,32 +1,31 @@
 """Monthly statements, invoices and call statistics against a real chDB call_log and a real
-control DB, fed through the supervisor's record pump: a test month's statement and invoice
-match the ledger to the unit."""
+control DB, fed through journal files and the ingestor: a test month's statement and
+invoice match the ledger to the unit, and reconcile finds no difference on any day."""
 
 from __future__ import annotations
 
 import csv
 import io
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
 import pytest
 from clickhouse_connect.driver.client import Client
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from onetoken.analytics import clickhouse as ch
-from onetoken.analytics.columns import CALL_LOG_COLUMNS
 from onetoken.analytics.sink import CallLogSink
 from onetoken.billing import service as billing
+from onetoken.billing.reconcile import reconcile
 from onetoken.db.models import LedgerEntry
 from onetoken.deps import AppState
-from onetoken.gateway.supervisor import GatewaySupervisor
+from onetoken.ingest import Ingestor
 from onetoken.settings import Settings
 from tests.unit.conftest import Admin, contract
+from tests.unit.journal_files import append, dead
 
 API = "/api/v1"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -76,37 +75,6 @@ def record(org: str, rid: str, at: datetime, cost: int, **kw: Any) -> dict[str, 
     return row
 
 
-class QueueEngine:
-    """Just enough of the engine for the pump: a queue of records and acks."""
-
-    def __init__(self, config_json: bytes) -> None:
-        self.queue: list[dict[str, Any]] = []
-        self.acked = 0
-        self.lock = threading.Lock()
-        self.instance_id = "statements"
-
-    def start(self) -> str:
-        return "127.0.0.1:1"
-
-    def load_snapshot(self, data: bytes) -> int:
-        return int(orjson.loads(data)["version"])
-
-    def drain_records(self, max_records: int) -> dict[str, list[Any]] | None:
-        with self.lock:
-            rows, self.queue = self.queue[:max_records], self.queue[max_records:]
-        return {c: [r[c] for r in rows] for c in CALL_LOG_COLUMNS} if rows else None
-
-    def ack_records(self, count: int) -> int:
-        self.acked += count
-        return count
-
-    def stop(self, grace_seconds: float) -> None:
-        pass
-
-    def stats(self) -> dict[str, int]:
-        return {"queue_depth": len(self.queue)}
-
-
 @pytest.fixture(scope="module")
 def ch_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return Settings(data_dir=tmp_path_factory.mktemp("stmt"))
@@ -129,18 +97,30 @@ class Runtime:
         return None
 
 
+class Feed:
+    """Records into a dead engine instance's journal, then one ingestion round."""
+
+    def __init__(self, ingestor: Ingestor, settings: Settings) -> None:
+        self.ingestor = ingestor
+        self.spool = settings.spool_dir
+        self.segment = 0
+
+    def __call__(self, rows: list[dict[str, Any]]) -> int:
+        self.segment += 1
+        append(self.spool, "statements", self.segment, rows)
+        dead(self.spool, "statements")
+        return self.ingestor.catch_up()
+
+
 @pytest.fixture
-def pumped(
+def feed(
     state: AppState, ch_settings: Settings, ch_client: Client, admin: Admin
-) -> Iterator[tuple[GatewaySupervisor, QueueEngine]]:
+) -> Iterator[Feed]:
     sink = CallLogSink(ch_settings, client=ch_client)
-    sup = GatewaySupervisor(
-        state.settings, state.secrets, state.session_factory, engine_factory=QueueEngine, sink=sink
-    )
-    engine = QueueEngine(b"{}")
-    sup.engine = engine
+    state.settings.ensure_dirs()
+    ingestor = Ingestor(state.settings, state.session_factory, sink=sink)
     state.runtime = Runtime(sink)  # type: ignore[assignment]
-    yield sup, engine
+    yield Feed(ingestor, state.settings)
     state.runtime = None
 
 
@@ -161,9 +141,9 @@ def test_statement_and_invoice_match_the_ledger_to_the_unit(
     other_admin: Admin,
     operator: Admin,
     state: AppState,
-    pumped: tuple[GatewaySupervisor, QueueEngine],
+    feed: Feed,
+    ch_client: Client,
 ) -> None:
-    sup, engine = pumped
     org = admin.org_id
     # Odd costs so any rounding or float would show; the edges of the month included.
     rows = [
@@ -178,12 +158,9 @@ def test_statement_and_invoice_match_the_ledger_to_the_unit(
         record(org, "after", JUNE, 777),
         record(other_admin.org_id, "other", MAY + timedelta(days=1), 999),
     ]
-    engine.queue.extend(rows)
-    assert sup.pump_once() == len(rows)
-    assert engine.acked == len(rows)
-    # Replaying the same records (a crash before the ack) changes nothing.
-    engine.queue.extend(rows)
-    sup.pump_once()
+    assert feed(rows) == len(rows)
+    # Another round (a restart with nothing new journaled) changes nothing.
+    assert feed.ingestor.catch_up() == 0
     with state.session_factory() as s:
         billing.credit(s, org, amount=50_000_000_000, kind="recharge", idempotency_key="may")
         billing.credit(s, org, amount=2_000_000_000, kind="grant", idempotency_key="april")
@@ -233,6 +210,8 @@ def test_statement_and_invoice_match_the_ledger_to_the_unit(
     assert _nano(inv["amount"]) == in_may
     assert sum(_nano(line["amount"]) for line in inv["lines"]) == in_may
     assert {line["description"] for line in inv["lines"]} == {"Usage: chat-a", "Usage: chat-b"}
+    # Calls, not ledger rows: the four charged calls of May ("err" cost nothing).
+    assert sum(line["calls"] for line in inv["lines"]) == 4
     again = client.post(f"{API}/billing/invoices", json=body, headers=admin.headers)
     assert again.status_code == 409
     doc = client.get(f"{API}/billing/invoices/{inv['id']}/document", headers=admin.headers)
@@ -258,18 +237,16 @@ def test_statement_and_invoice_match_the_ledger_to_the_unit(
 
 
 def test_call_stats_by_day_and_key(
-    client: TestClient, admin: Admin, state: AppState, pumped: tuple[GatewaySupervisor, QueueEngine]
+    client: TestClient, admin: Admin, state: AppState, feed: Feed
 ) -> None:
-    sup, engine = pumped
     now = datetime.now(UTC).replace(microsecond=0)
-    engine.queue.extend(
+    feed(
         [
             record(admin.org_id, "s1", now - timedelta(hours=1), 10, key_id="k1"),
             record(admin.org_id, "s2", now - timedelta(hours=1), 20, key_id="k2"),
             record(admin.org_id, "s3", now - timedelta(hours=1), 0, key_id="k2", status=429),
         ]
     )
-    sup.pump_once()
     r = client.get(f"{API}/billing/call-stats", params={"group_by": "key"}, headers=admin.headers)
     assert r.status_code == 200, r.text
     data = {x["group"]: x for x in r.json()["data"]}
@@ -298,28 +275,37 @@ def _nano(text: str) -> int:
     return sign * (int(whole) * 10**9 + int(frac.ljust(9, "0")))
 
 
-def test_only_dead_instances_journals_are_replayed(
-    state: AppState, admin: Admin, ch_settings: Settings, ch_client: Client
+def test_reconcile_is_exact_per_org_and_utc_day(
+    state: AppState, admin: Admin, other_admin: Admin, feed: Feed, ch_client: Client
 ) -> None:
-    sink = CallLogSink(ch_settings, client=ch_client)
-    sink.live_instance = "live"
-    spool = ch_settings.data_dir / "spool"
-    spool.mkdir(parents=True, exist_ok=True)
-    now = datetime.now(UTC)
-    dead = spool / "journal-dead-00000000.jsonl"
-    live = spool / "journal-live-00000000.jsonl"
-    dead.write_bytes(orjson.dumps(record(admin.org_id, "j-dead", now, 11)) + b"\n")
-    live.write_bytes(orjson.dumps(record(admin.org_id, "j-live", now, 13)) + b"\n")
-    sup = GatewaySupervisor(
-        state.settings, state.secrets, state.session_factory, engine_factory=QueueEngine, sink=sink
-    )
-    assert sink.replay_spool(sup._ingest_replayed) == 1
-    assert not dead.exists() and live.exists()
+    midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    org, other = admin.org_id, other_admin.org_id
+    rows = [
+        record(org, "rc-late", midnight - timedelta(microseconds=1), 1_000_000_001),
+        record(org, "rc-early", midnight, 7),
+        record(org, "rc-early2", midnight + timedelta(seconds=1), 9, key_id="key_b"),
+        record(org, "rc-free", midnight + timedelta(seconds=2), 0),
+        record(other, "rc-other", midnight, 5),
+    ]
+    feed(rows)
+    start, end = midnight - timedelta(days=1), midnight + timedelta(days=1)
+    mine = {org, other}  # call_log is shared by the module's tests
     with state.session_factory() as s:
-        assert billing.balance(s, admin.org_id) == -11
-    # Replaying the same journal again (a crash before it was deleted) charges nothing more.
-    dead.write_bytes(orjson.dumps(record(admin.org_id, "j-dead", now, 11)) + b"\n")
-    sink.replay_spool(sup._ingest_replayed)
+        lines = [r for r in reconcile(s, ch_client, start=start, end=end) if r.org_id in mine]
+    got = {(r.org_id, r.day): (r.ledger_usage, r.call_log_cost, r.ledger_calls) for r in lines}
+    assert got == {
+        (org, (midnight - timedelta(days=1)).date()): (1_000_000_001, 1_000_000_001, 1),
+        (org, midnight.date()): (16, 16, 2),
+        (other, midnight.date()): (5, 5, 1),
+    }
+    assert all(r.difference == 0 and r.calls_difference == 0 for r in lines)
+    # A usage entry the call log does not back shows on its day, to the nano-unit.
     with state.session_factory() as s:
-        assert billing.balance(s, admin.org_id) == -11
-    live.unlink()
+        billing.record_usage(
+            s,
+            [billing.Usage(org_id=org, entry_id="stray", cost=1, ts_us=micros(midnight), calls=1)],
+        )
+        s.commit()
+        lines = [r for r in reconcile(s, ch_client, start=start, end=end) if r.org_id in mine]
+    bad = [(r.org_id, r.day, r.difference, r.calls_difference) for r in lines if r.difference]
+    assert bad == [(org, midnight.date(), 1, 1)]

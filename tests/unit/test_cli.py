@@ -99,3 +99,45 @@ def test_audit_retention_exit_codes(tmp_path: Path, found: bool) -> None:
         (tmp_path / "logs" / "onetoken.log").write_text(f"x {needle} y\n")
     r = run(tmp_path, "audit-retention", "--needle", needle)
     assert r.returncode == (1 if found else 0), r.stderr
+
+
+def test_ingest_refuses_embedded_chdb(tmp_path: Path) -> None:
+    # Only the control process may open the embedded chDB path; it ingests there itself.
+    r = run(tmp_path, "ingest", "--once")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "needs a ClickHouse server" in r.stderr
+
+
+def test_ingest_once_charges_the_ledger_while_clickhouse_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from pydantic import SecretStr
+
+    from onetoken.app import build_state
+    from onetoken.billing import service as billing
+    from onetoken.orgs import service as orgs
+    from onetoken.settings import Settings
+    from tests.unit.journal_files import append, dead, record
+
+    state = build_state(Settings(data_dir=tmp_path, secret_key=SecretStr(TEST_SECRET)))
+    with state.session_factory() as s:
+        org_id = orgs.create_org(s, "A").id
+        s.commit()
+    spool = tmp_path / "spool"
+    segment = append(spool, "i1", 1, [record("r1", org_id=org_id, cost=42)])
+    dead(spool, "i1")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("ONETOKEN_CLICKHOUSE_DSN", f"http://default:pw@127.0.0.1:{port}/onetoken")
+    r = run(tmp_path, "ingest", "--once")
+    assert r.returncode == 0, r.stderr
+    assert "1 record(s) ingested" in r.stderr
+    with state.session_factory() as s:
+        assert billing.balance(s, org_id) == -42
+    # call_log is behind while ClickHouse is unreachable: the journal keeps the record.
+    assert segment.exists()
+    state.db_engine.dispose()

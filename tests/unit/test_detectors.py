@@ -13,12 +13,15 @@ from pydantic import SecretStr
 
 from onetoken import webhooks
 from onetoken.app import build_state
+from onetoken.db.session import current_revision
 from onetoken.deps import AppState
+from onetoken.ingest.batch import Batch
 from onetoken.security import blocking
 from onetoken.security import log as security_log
 from onetoken.security.detectors import Detectors
 from onetoken.settings import Settings
 
+from .batches import summarize
 from .conftest import TEST_SECRET
 
 SECOND = 1_000_000
@@ -66,7 +69,7 @@ def _settings(tmp_path: Path, **kw: Any) -> Settings:
     return Settings(**base)
 
 
-def batch(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+def batch(rows: list[dict[str, Any]]) -> Batch:
     defaults = {
         "ts": T0, "request_id": "", "org_id": "org_a", "account_id": "acc_a", "key_id": "key_a",
         "status": 200, "error_code": "", "source_ip": "10.0.0.1", "provider": "prov_a",
@@ -76,10 +79,10 @@ def batch(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
         merged = {**defaults, "request_id": f"r{i}-{id(rows)}", **row}
         for k in defaults:
             out[k].append(merged[k])
-    return out
+    return summarize(out)
 
 
-def traffic(second: int, n: int, **row: Any) -> dict[str, list[Any]]:
+def traffic(second: int, n: int, **row: Any) -> Batch:
     return batch([{"ts": T0 + second * SECOND + i, **row} for i in range(n)])
 
 
@@ -145,9 +148,10 @@ def test_auth_flood_blocks_the_source(
     tmp_path: Path, emitted: Emitted, seclog: security_log.SecurityLog
 ) -> None:
     state: AppState = build_state(_settings(tmp_path))
-    pushed: list[int] = []
     try:
-        d = Detectors(state.settings, state.session_factory, push_snapshot=lambda: pushed.append(1))
+        with state.session_factory() as s:
+            revision = current_revision(s)
+        d = Detectors(state.settings, state.session_factory)
         flood = traffic(0, 29, status=401, error_code="invalid_api_key", key_id="",
                         org_id="", account_id="", source_ip="203.0.113.9")
         assert d.observe(flood) == []
@@ -155,8 +159,9 @@ def test_auth_flood_blocks_the_source(
                                   org_id="", account_id="", source_ip="203.0.113.9"))
         assert [f.kind for f in found] == ["attack.auth_flood_blocked"]
         assert found[0].source_ip == "203.0.113.9" and found[0].detail["blocked"] is True
-        assert pushed == [1]
         with state.session_factory() as s:
+            # Gateways see the block at their next snapshot poll.
+            assert current_revision(s) > revision
             entry = blocking.snapshot_entries(s)[0]
         # The flood's source loses its failing attempts, not the valid keys behind it.
         assert entry["cidr"] == "203.0.113.9/32" and entry["mode"] == "unauthenticated"
@@ -201,14 +206,14 @@ def test_key_risks_emit_webhooks_once_per_cooldown(
     assert d.observe(batch(rows)) == []
 
 
-def test_pipeline_spooling_raises_a_system_alarm(
+def test_call_log_insert_failures_raise_a_system_alarm(
     tmp_path: Path, emitted: Emitted, seclog: security_log.SecurityLog
 ) -> None:
     d = Detectors(_settings(tmp_path))
-    assert d.check_pipeline({"rows_spooled": 0, "records_dropped": 0}) == []
-    found = d.check_pipeline({"rows_spooled": 120, "records_dropped": 0})
-    assert [f.kind for f in found] == ["system.pipeline_spooling"]
-    assert kinds(seclog) == ["system.pipeline_spooling"]
+    assert d.check_pipeline({"batches_failed": 0, "records_dropped": 0}) == []
+    found = d.check_pipeline({"batches_failed": 2, "records_dropped": 0})
+    assert [f.kind for f in found] == ["system.call_log_delayed"]
+    assert kinds(seclog) == ["system.call_log_delayed"]
     assert emitted.events == [("", "system_alarm", emitted.events[0][2])]
 
 

@@ -13,10 +13,13 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from onetoken.analytics.clickhouse import open_client
+from onetoken.ingest.batch import Batch
 from onetoken.security import keyrisk
 from onetoken.security import log as seclog
 from onetoken.security.log import SecurityEvent, SecurityEventError, SecurityLog
 from onetoken.settings import Settings
+
+from .batches import summarize
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +144,7 @@ class FakeSupervisor:
     def __init__(self, client: Client) -> None:
         self.sink = FakeSink(client)
         self.flush_hooks: list[Callable[[], None]] = []
-        self.batch_observers: list[Callable[[dict[str, list[Any]]], None]] = []
+        self.batch_observers: list[Callable[[Batch], None]] = []
 
 
 def test_supervisor_hooks_flush_and_derive_key_risks(ch: Client, tmp_path: Path) -> None:
@@ -151,9 +154,9 @@ def test_supervisor_hooks_flush_and_derive_key_risks(ch: Client, tmp_path: Path)
         sup = FakeSupervisor(ch)
         seclog.attach_to_supervisor(sup)
         assert len(sup.flush_hooks) == 1 and sup.batch_observers == [keyrisk.observe]
-        # A batch as the engine drains it (column lists), metadata only.
+        # A batch as ingestion hands it over (call groups), metadata only.
         n = 7
-        batch = {
+        batch = summarize({
             "request_id": [f"r{i}" for i in range(n)],
             "org_id": ["org_risk"] * n,
             "key_id": ["key_a"] * 3 + ["key_b"] * 2 + ["key_c", "key_d"],
@@ -161,7 +164,7 @@ def test_supervisor_hooks_flush_and_derive_key_risks(ch: Client, tmp_path: Path)
             "source_ip": ["198.51.100.1"] * 3 + ["203.0.113.9"] * 2 + ["192.0.2.1"] * 2,
             "user_agent": ["curl/8"] * n,
             "path": ["/v1/chat/completions"] * n,
-        }
+        })
         for observe in sup.batch_observers:
             observe(batch)
         for hook in sup.flush_hooks:
@@ -176,6 +179,10 @@ def test_supervisor_hooks_flush_and_derive_key_risks(ch: Client, tmp_path: Path)
             ("key.revoked_used", "key_a", 3, "medium"),
         ]
         assert {r["source_ip"] for r in rows if r["subject_id"] == "key_b"} == {"203.0.113.9"}
+        # Each event names the first request it stands for, with its path and client.
+        firsts = {r["subject_id"]: orjson.loads(r["detail"])["first_request_id"] for r in rows}
+        assert firsts == {"key_a": "r0", "key_b": "r3", "key_d": "r6"}
+        assert {r["user_agent"] for r in rows} == {"curl/8"}
     finally:
         if previous is not None:
             seclog.install(previous)

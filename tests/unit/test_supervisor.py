@@ -1,257 +1,297 @@
+"""The control process's side of the gateways: ControlRuntime (ingestion, snapshots,
+upkeep) and GatewayProcess (the supervised `onetoken gateway` child), the latter with a
+stand-in child that speaks the ready-pipe protocol."""
+
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
-from sqlalchemy import func, select
 
-from onetoken.analytics.columns import CALL_LOG_COLUMNS
-from onetoken.billing import service as billing
-from onetoken.db.models import LedgerEntry
 from onetoken.deps import AppState
-from onetoken.gateway.supervisor import GatewaySupervisor
-from onetoken.orgs import service as orgs
+from onetoken.gateway import supervisor as supervisor_mod
+from onetoken.gateway.supervisor import ControlRuntime, GatewayProcess, engine_config
 from onetoken.settings import Settings
 from tests.unit.conftest import contract
 
-Batch = dict[str, list[Any]]
+PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
+
+# A stand-in for `onetoken gateway`: reports on the ready pipe like the real one, records
+# its pid and environment, and exits 0 on SIGTERM (FAKE_GATEWAY=error: fails to start).
+FAKE_CHILD = r"""
+import os, signal, sys, time
+log = sys.argv[1]
+listen = os.environ["ONETOKEN_GATEWAY_LISTEN"]
+with open(log, "a") as f:
+    f.write(f"{os.getpid()} {listen} {'ONETOKEN_SECRET_KEY' in os.environ} "
+            f"{os.environ['ONETOKEN_GATEWAY_TOKEN']} {os.environ['ONETOKEN_CONTROL_URL']}\n")
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+fd = int(os.environ["ONETOKEN_GATEWAY_READY_FD"])
+if os.environ.get("FAKE_GATEWAY") == "error":
+    os.write(fd, b"error another gateway is serving data dir /x\n")
+    sys.exit(2)
+host, _, port = listen.rpartition(":")
+os.write(fd, f"ready {host}:{port if port != '0' else '45678'}\n".encode())
+os.close(fd)
+while True:
+    time.sleep(1)
+"""
 
 
-def record(org_id: str, request_id: str, cost: int, ts_us: int | None = None) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "ts": ts_us if ts_us is not None else time.time_ns() // 1000,
-        "request_id": request_id,
-        "org_id": org_id,
-        "account_id": "acc",
-        "key_id": "key",
-        "path": "/v1/chat/completions",
-        "model_requested": "m",
-        "model_served": "m",
-        "provider": "p",
-        "prompt_tokens": 10,
-        "completion_tokens": 5,
-        "cached_tokens": 0,
-        "usage_source": "upstream",
-        "cost": cost,
-        "status": 200,
-        "error_code": "",
-        "latency_us": 100,
-        "ttfb_us": 50,
-        "streamed": 0,
-        "source_ip": "127.0.0.1",
-        "user_agent": "t",
-        "rate_limit": "pass",
-        "attempts": 1,
-        "guard_flags": "",
-    }
-    return row
-
-
-def to_batch(rows: list[dict[str, Any]]) -> Batch:
-    return {c: [r[c] for r in rows] for c in CALL_LOG_COLUMNS}
-
-
-class FakeEngine:
-    def __init__(self, config_json: bytes) -> None:
-        self.config = orjson.loads(config_json)
-        self.snapshots: list[dict[str, Any]] = []
-        self.queue: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        self.stopped_with: float | None = None
-        self.instance_id = "fake"
-
-    def start(self) -> str:
-        return "127.0.0.1:18080"
-
-    def load_snapshot(self, data: bytes) -> int:
-        snap = orjson.loads(data)
-        self.snapshots.append(snap)
-        return int(snap["version"])
-
-    def drain_records(self, max_records: int) -> Batch | None:
-        with self.lock:
-            rows, self.queue = self.queue[:max_records], self.queue[max_records:]
-        return to_batch(rows) if rows else None
-
-    def stop(self, grace_seconds: float) -> None:
-        self.stopped_with = grace_seconds
-
-    def stats(self) -> dict[str, int]:
-        return {"queue_depth": len(self.queue)}
-
-
-class FakeSink:
+class Events:
     def __init__(self) -> None:
-        self.written: list[Batch] = []
-        self.pending: list[Batch] = []
-        self.closed = False
+        self.ready: list[str] = []
+        self.failed: list[str] = []
+        self.changed = threading.Condition()
 
-    def write(self, batch: Batch) -> None:
-        self.written.append(batch)
+    def on_ready(self, address: str) -> None:
+        with self.changed:
+            self.ready.append(address)
+            self.changed.notify_all()
 
-    def replay_spool(self, on_batch: Callable[[Batch], None] | None = None) -> int:
-        n = 0
-        while self.pending:
-            batch = self.pending[0]
-            if on_batch:
-                on_batch(batch)
-            self.written.append(self.pending.pop(0))
-            n += len(batch["request_id"])
-        return n
+    def on_failed(self, message: str) -> None:
+        with self.changed:
+            self.failed.append(message)
+            self.changed.notify_all()
 
-    def close(self) -> None:
-        self.closed = True
+    def wait(self, until: Callable[[], bool], timeout: float = 20) -> None:
+        with self.changed:
+            assert self.changed.wait_for(until, timeout=timeout)
 
 
-@pytest.fixture
-def org_id(state: AppState) -> str:
-    with state.session_factory() as s:
-        org = orgs.create_org(s, "A")
-        billing.credit(s, org.id, amount=1_000_000, kind="grant", idempotency_key="g")
-        s.commit()
-        return org.id
+def _children(log: Path) -> list[list[str]]:
+    return [line.split() for line in log.read_text().splitlines()] if log.exists() else []
 
 
-@pytest.fixture
-def sup(
-    settings: Settings, state: AppState
-) -> Iterator[tuple[GatewaySupervisor, FakeEngine, FakeSink]]:
-    engines: list[FakeEngine] = []
-
-    def factory(cfg: bytes) -> FakeEngine:
-        engines.append(FakeEngine(cfg))
-        return engines[-1]
-
-    sink = FakeSink()
-    settings.flush_interval_ms = 20
-    settings.config_watch_interval_ms = 50
-    s = GatewaySupervisor(
-        settings, state.secrets, state.session_factory, engine_factory=factory, sink=sink
-    )
-    s.start()
-    yield s, engines[0], sink
-    s.stop(0)
-
-
-def _usage_sum(state: AppState, org_id: str) -> int:
-    with state.session_factory() as s:
-        return int(
-            s.scalar(
-                select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
-                    LedgerEntry.org_id == org_id, LedgerEntry.kind == "usage"
-                )
-            )
-            or 0
-        )
-
-
-def test_start_pushes_config_and_snapshot(sup: Any, org_id: str, settings: Settings) -> None:
-    _s, engine, _ = sup
-    assert set(engine.config) == set(contract("engine_config.json"))
-    assert engine.config["spool_dir"] == str(settings.spool_dir.resolve())
-    assert engine.snapshots and engine.snapshots[0]["version"] == 1
-
-
-def test_pump_writes_ledger_once_and_moves_spent_mark(
-    sup: Any, org_id: str, state: AppState
-) -> None:
-    s, engine, sink = sup
-    engine.queue += [record(org_id, "r1", 300), record(org_id, "r2", 0), record("", "r3", 0)]
-    assert s.pump_once() == 3
-    assert _usage_sum(state, org_id) == -300
-    assert s.ingested_cost() == {org_id: 300}
-    assert sink.written[-1]["request_id"] == ["r1", "r2", "r3"]
-    # The same request id again (e.g. a replayed spool) is not charged twice.
-    engine.queue.append(record(org_id, "r1", 300))
-    s.pump_once()
-    assert _usage_sum(state, org_id) == -300
-    assert s.ingested_cost() == {org_id: 300}
-    # Balance and spent_mark in the next snapshot move together.
-    s.push_snapshot()
-    o = next(o for o in engine.snapshots[-1]["orgs"] if o["id"] == org_id)
-    assert (o["balance"], o["spent_mark"]) == (1_000_000 - 300, 300)
-
-
-def test_ledger_sum_equals_call_log_cost(sup: Any, org_id: str, state: AppState) -> None:
-    s, engine, sink = sup
-    engine.queue += [record(org_id, f"q{i}", i * 7) for i in range(250)]
-    while s.pump_once():
-        pass
-    logged = sum(c for b in sink.written for c in b["cost"])
-    assert -_usage_sum(state, org_id) == logged == sum(i * 7 for i in range(250))
-
-
-def test_pump_thread_and_watcher_run(sup: Any, org_id: str, state: AppState) -> None:
-    _s, engine, _sink = sup
-    engine.queue.append(record(org_id, "bg", 11))
-    with state.session_factory() as sess:
-        orgs.create_org(sess, "made elsewhere")
-        sess.commit()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if _usage_sum(state, org_id) == -11 and any(
-            len(snap["orgs"]) == 2 for snap in engine.snapshots
-        ):
-            break
+def _wait(until: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
-    assert _usage_sum(state, org_id) == -11
-    assert any(len(snap["orgs"]) == 2 for snap in engine.snapshots)
-    versions = [snap["version"] for snap in engine.snapshots]
-    assert versions == sorted(versions) and len(set(versions)) == len(versions)
 
 
-def test_replayed_records_count_for_this_engine_only_when_newer(
-    sup: Any, org_id: str, state: AppState
-) -> None:
-    s, _, sink = sup
-    old = record(org_id, "old", 50, ts_us=1)  # from an engine that ran before this one
-    new = record(org_id, "new", 70)
-    sink.pending.append(to_batch([old, new]))
-    sink.replay_spool(s._ingest_replayed)
-    assert _usage_sum(state, org_id) == -120
-    assert s.ingested_cost() == {org_id: 70}
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
-def test_ledger_failure_parks_the_batch_for_replay(
-    sup: Any, org_id: str, state: AppState, settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    s, engine, sink = sup
-    before = len(sink.written)
-
-    def boom(*_: Any, **__: Any) -> Any:
-        raise RuntimeError("db down")
-
-    monkeypatch.setattr(billing, "record_usage", boom)
-    engine.queue.append(record(org_id, "parked", 5))
-    s.pump_once()
-    assert len(sink.written) == before
-    parked = list(settings.spool_dir.glob("overflow-pump-*.jsonl"))
-    assert len(parked) == 1
-    line = orjson.loads(parked[0].read_bytes().splitlines()[0])
-    assert line["request_id"] == "parked" and set(line) == set(CALL_LOG_COLUMNS)
+@pytest.fixture
+def fast_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(supervisor_mod, "RESTART_FIRST_S", 0.05)
 
 
-def test_stop_drains_everything(settings: Settings, state: AppState, org_id: str) -> None:
-    sink = FakeSink()
-    holder: list[FakeEngine] = []
-
-    def factory(cfg: bytes) -> FakeEngine:
-        holder.append(FakeEngine(cfg))
-        return holder[0]
-
-    settings.flush_interval_ms = 60_000
-    s = GatewaySupervisor(
-        settings, state.secrets, state.session_factory, engine_factory=factory, sink=sink
+def _process(settings: Settings, log: Path, events: Events) -> GatewayProcess:
+    settings.gateway_listen = "127.0.0.1:0"
+    return GatewayProcess(
+        settings,
+        control_url="http://127.0.0.1:9",
+        token="tok",
+        on_ready=events.on_ready,
+        on_failed=events.on_failed,
+        command=[sys.executable, "-c", FAKE_CHILD, str(log)],
     )
-    s.start()
-    holder[0].queue += [record(org_id, f"s{i}", 1) for i in range(10)]
-    s.stop(2.5)
-    assert holder[0].stopped_with == 2.5
-    assert holder[0].queue == []
-    assert _usage_sum(state, org_id) == -10
-    assert sink.closed
-    s.stop(1)  # idempotent
+
+
+def test_engine_config_has_the_contract_shape(settings: Settings, state: AppState) -> None:
+    config = engine_config(settings, state.secrets)
+    assert set(config) == set(contract("engine_config.json"))
+    assert config["spool_dir"] == str(settings.spool_dir.resolve())
+
+
+def test_child_is_started_with_the_channel_and_without_the_master_secret(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ONETOKEN_SECRET_KEY", "x" * 40)
+    log, events = tmp_path / "children", Events()
+    gw = _process(settings, log, events)
+    gw.start()
+    try:
+        events.wait(lambda: bool(events.ready))
+        assert events.ready == ["127.0.0.1:45678"]
+        ((pid, listen, has_secret, token, url),) = _children(log)
+        # Its own process group: a terminal's signal reaches only serve, which orders the stop.
+        assert os.getpgid(int(pid)) == int(pid) != os.getpgid(0)
+        assert (listen, has_secret, token, url) == (
+            "127.0.0.1:0",
+            "False",
+            "tok",
+            "http://127.0.0.1:9",
+        )
+    finally:
+        assert gw.stop(1) == 0
+
+
+def test_dead_child_is_restarted_on_the_address_it_bound(
+    settings: Settings, tmp_path: Path, fast_restarts: None
+) -> None:
+    log, events = tmp_path / "children", Events()
+    gw = _process(settings, log, events)
+    gw.start()
+    try:
+        events.wait(lambda: bool(events.ready))
+        first = int(_children(log)[0][0])
+        os.kill(first, signal.SIGKILL)
+        _wait(lambda: len(_children(log)) == 2 and gw.pid is not None and gw.pid != first)
+        second = _children(log)[1]
+        # Port 0 was resolved once: clients keep finding the gateway where it was.
+        assert second[1] == "127.0.0.1:45678"
+        assert events.ready == ["127.0.0.1:45678"]  # announced once
+        assert gw.starts == 2 and not events.failed
+    finally:
+        gw.stop(1)
+    assert not _alive(int(_children(log)[1][0]))
+
+
+def test_first_start_failure_is_reported_not_retried(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_restarts: None
+) -> None:
+    monkeypatch.setenv("FAKE_GATEWAY", "error")
+    log, events = tmp_path / "children", Events()
+    gw = _process(settings, log, events)
+    gw.start()
+    events.wait(lambda: bool(events.failed))
+    assert events.failed == ["another gateway is serving data dir /x"]
+    gw.stop(1)
+    assert len(_children(log)) == 1 and not events.ready
+
+
+def test_stop_sigterms_and_waits_then_kills_a_stuck_child(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log, events = tmp_path / "children", Events()
+    stuck = FAKE_CHILD.replace("lambda *_: sys.exit(0)", "signal.SIG_IGN")
+    gw = _process(settings, log, events)
+    gw._command = [sys.executable, "-c", stuck, str(log)]
+    gw.start()
+    events.wait(lambda: bool(events.ready))
+    monkeypatch.setattr(supervisor_mod, "STOP_MARGIN_S", 0.2)
+    began = time.monotonic()
+    assert gw.stop(0.3) == -signal.SIGKILL
+    assert 0.5 <= time.monotonic() - began < 10
+
+
+PARENT = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from onetoken.gateway.supervisor import GatewayProcess
+from onetoken.settings import Settings
+ready = []
+gw = GatewayProcess(
+    Settings(data_dir=sys.argv[3], gateway_listen="127.0.0.1:0"),
+    control_url="http://127.0.0.1:9", token="tok",
+    on_ready=ready.append, on_failed=print,
+    command=[sys.executable, "-c", sys.argv[2], sys.argv[4]],
+)
+gw.start()
+while not ready:
+    time.sleep(0.01)
+print(gw.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_child_dies_with_its_parent(tmp_path: Path) -> None:
+    """A serve killed with SIGKILL must not leave its gateway holding the data dir."""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            PARENT,
+            str(PYTHON_DIR),
+            FAKE_CHILD,
+            str(tmp_path / "d"),
+            str(tmp_path / "log"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = 0
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+        parent.kill()
+        parent.wait(timeout=10)
+        _wait(lambda: not _alive(child), timeout=10)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if child and _alive(child):  # the test failed: leave no orphan behind
+            os.kill(child, signal.SIGKILL)
+
+
+# -- ControlRuntime ------------------------------------------------------------------------
+
+
+class FakeIngestor:
+    """The Ingestor's interface (onetoken.ingest) as ControlRuntime uses it."""
+
+    def __init__(self) -> None:
+        self.mark_lock = threading.Lock()
+        self.batch_observers: list[Callable[[dict[str, list[Any]]], None]] = []
+        self.flush_hooks: list[Callable[[], None]] = []
+        self.sink = object()
+        self.rows_ingested = 0
+        self.calls: list[str] = []
+
+    def start(self) -> None:
+        self.calls.append("start")
+
+    def catch_up(self) -> int:
+        return 0
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+
+@pytest.fixture
+def runtime(settings: Settings, state: AppState) -> Iterator[tuple[ControlRuntime, FakeIngestor]]:
+    ingestor = FakeIngestor()
+    rt = ControlRuntime(settings, state.secrets, state.session_factory, ingestor)  # type: ignore[arg-type]
+    yield rt, ingestor
+    rt.stop()
+
+
+def test_runtime_serves_snapshots_under_the_ingestors_mark_lock(
+    runtime: tuple[ControlRuntime, FakeIngestor],
+) -> None:
+    rt, ingestor = runtime
+    assert rt.snapshots.mark_lock is ingestor.mark_lock
+    assert rt.sink is ingestor.sink
+
+
+def test_runtime_starts_and_stops_ingestion_once(
+    runtime: tuple[ControlRuntime, FakeIngestor],
+) -> None:
+    rt, ingestor = runtime
+    rt.start()
+    rt.stop()
+    rt.stop()
+    assert ingestor.calls == ["start", "stop"]
+
+
+def test_runtime_runs_billing_upkeep_while_started(
+    settings: Settings, state: AppState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Due prices and lapsing packages are applied in the background (each commits a new
+    config revision, which the gateways' next poll picks up)."""
+    settings.config_watch_interval_ms = 50
+    rt = ControlRuntime(settings, state.secrets, state.session_factory, FakeIngestor())  # type: ignore[arg-type]
+    ticks = threading.Semaphore(0)
+    monkeypatch.setattr(rt._billing, "tick", lambda: bool(ticks.release()))
+    rt.start()
+    try:
+        assert ticks.acquire(timeout=5) and ticks.acquire(timeout=5)
+    finally:
+        rt.stop()

@@ -40,7 +40,3 @@ CALL_LOG_SCHEMA: Final[tuple[tuple[str, str], ...]] = (
 )
 
 CALL_LOG_COLUMNS: Final[tuple[str, ...]] = tuple(name for name, _ in CALL_LOG_SCHEMA)
-
-#: Columns added after the first schema, with the value a record that predates them reads
-#: as: spool and journal lines written by an older engine lack them and still replay.
-CALL_LOG_ADDED_DEFAULTS: Final[dict[str, object]] = {"guard_flags": ""}

@@ -13,7 +13,7 @@ suppressions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
@@ -100,6 +100,20 @@ def cost_by_org(client: Client, start: Instant, end: Instant) -> dict[str, int]:
         parameters=params,
     )
     return {str(org): int(total) for org, total in result.result_rows}
+
+
+def charged_by_org_day(
+    client: Client, start: Instant, end: Instant
+) -> dict[tuple[str, date], tuple[int, int]]:
+    """(org_id, UTC day) -> (SUM(cost), calls with a cost) over [start, end), one row per
+    request: what the ledger's usage entries must add up to."""
+    where, params = _where(None, start, end)
+    result = client.query(
+        f"SELECT org_id, toDate(ts, 'UTC') AS day, sum(cost), countIf(cost > 0) "  # noqa: S608
+        f"FROM {CALL_LOG_TABLE} FINAL{where} GROUP BY org_id, day",
+        parameters=params,
+    )
+    return {(str(org), day): (int(cost), int(n)) for org, day, cost, n in result.result_rows}
 
 
 def cost_for_org(client: Client, org_id: str, start: Instant, end: Instant) -> int:

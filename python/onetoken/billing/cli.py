@@ -13,10 +13,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from onetoken.kit.money import MoneyFormatError, format_amount, parse_amount
 
-
+# kit.money (pydantic) is imported where it is used: the `onetoken` parser registers these
+# commands for every command, `onetoken gateway` included, which must stay slim.
 def _money(value: str) -> int:
+    from onetoken.kit.money import MoneyFormatError, parse_amount
+
     try:
         return parse_amount(value)
     except MoneyFormatError as exc:
@@ -64,6 +66,7 @@ def cmd_plan_create(state: Any, session: Any, args: argparse.Namespace) -> int:
 @_with_session
 def cmd_plan_list(state: Any, session: Any, args: argparse.Namespace) -> int:
     from onetoken.billing import packages
+    from onetoken.kit.money import format_amount
 
     rows = [
         {

@@ -127,9 +127,10 @@ def package_credit(session: Session, org_id: str) -> int:
 
 
 def allocate_usage(session: Session, usages: Sequence[Usage]) -> int:
-    """Charge freshly written usage entries to active packages; returns the amount
-    allocated. Runs in the ledger insert's transaction, so a usage entry and its
-    allocation commit together (and a replayed record, not fresh, is never allocated)."""
+    """Charge freshly written usage entries to active packages (a package valid at an
+    entry's first call pays for all of it); returns the amount allocated. Runs in the
+    ledger insert's transaction, so a usage entry and its allocation commit together (and
+    an entry ingested again, not fresh, is never allocated)."""
     if not usages:
         return 0
     org_ids = {u.org_id for u in usages}
@@ -157,7 +158,7 @@ def allocate_usage(session: Session, usages: Sequence[Usage]) -> int:
     rows: list[dict[str, object]] = []
     from onetoken.billing.service import usage_time
 
-    for u in sorted(usages, key=lambda u: (u.ts_us, u.request_id)):
+    for u in sorted(usages, key=lambda u: (u.ts_us, u.entry_id)):
         at = usage_time(u.ts_us)
         due = u.cost
         for p in by_org.get(u.org_id, ()):
@@ -169,7 +170,8 @@ def allocate_usage(session: Session, usages: Sequence[Usage]) -> int:
             left[p.id] -= share
             taken[p.id] += share
             due -= share
-            rows.append({"package_id": p.id, "request_id": u.request_id, "amount": share})
+            # The consumption's request_id column names the usage entry it paid.
+            rows.append({"package_id": p.id, "request_id": u.entry_id, "amount": share})
     allocated = 0
     kept: set[str] = set()
     for package_id, amount in taken.items():

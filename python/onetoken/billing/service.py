@@ -1,8 +1,6 @@
 from __future__ import annotations
 
-import functools
 import logging
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -167,16 +165,24 @@ def list_entries(
 
 @dataclass(frozen=True, slots=True)
 class Usage:
+    """One usage charge: `calls` calls of one org, key and model within one UTC day.
+
+    `entry_id` names the charge wherever it must be unique: its ledger idempotency key and
+    its package consumptions. Ingestion derives it from the batch identity and the group,
+    so a batch ingested again yields the same ids and charges nothing twice."""
+
     org_id: str
-    request_id: str
+    entry_id: str
     cost: int
+    #: The earliest call's time: the entry's created_at, inside the calls' UTC day.
     ts_us: int
     key_id: str = ""
     model: str = ""
+    calls: int = 1
 
 
-def usage_key(request_id: str) -> str:
-    return "usage:" + request_id
+def usage_key(entry_id: str) -> str:
+    return "usage:" + entry_id
 
 
 def _chunks(items: Sequence[str], n: int) -> Iterable[Sequence[str]]:
@@ -185,14 +191,15 @@ def _chunks(items: Sequence[str], n: int) -> Iterable[Sequence[str]]:
 
 
 def record_usage(session: Session, usages: Sequence[Usage]) -> list[Usage]:
-    """Insert usage entries (amount = -cost) once per request id; returns those inserted.
+    """Insert usage entries (amount = -cost) once per entry id and allocate them to
+    packages; returns those inserted. Entries of orgs that no longer exist are skipped.
 
-    Does not commit: the caller commits under the lock that also moves spent_mark.
+    Does not commit: the caller commits under the lock that also moves the spent marks.
     """
     by_key: dict[str, Usage] = {}
     for u in usages:
-        if u.cost > 0 and u.org_id and u.request_id:
-            by_key.setdefault(usage_key(u.request_id), u)
+        if u.cost > 0 and u.org_id and u.entry_id:
+            by_key.setdefault(usage_key(u.entry_id), u)
     if not by_key:
         return []
     keys = list(by_key)
@@ -210,68 +217,25 @@ def record_usage(session: Session, usages: Sequence[Usage]) -> list[Usage]:
     fresh = [u for k, u in by_key.items() if k not in existing and u.org_id in known_orgs]
     if not fresh:
         return []
-    if session.get_bind().dialect.name == "sqlite":
-        _insert_usage_sqlite(session, fresh)
-    else:
-        rows = [
-            {
-                "org_id": u.org_id,
-                "kind": "usage",
-                "amount": -u.cost,
-                "idempotency_key": usage_key(u.request_id),
-                "request_id": u.request_id,
-                "created_at": usage_time(u.ts_us),
-                "key_id": u.key_id or None,
-                "model": u.model or None,
-            }
-            for u in fresh
-        ]
-        session.execute(_insert_ignoring_duplicates(session), rows)
+    rows = [
+        {
+            "org_id": u.org_id,
+            "kind": "usage",
+            "amount": -u.cost,
+            "idempotency_key": usage_key(u.entry_id),
+            "request_id": None,
+            "created_at": usage_time(u.ts_us),
+            "key_id": u.key_id or None,
+            "model": u.model or None,
+            "calls": u.calls,
+        }
+        for u in fresh
+    ]
+    session.execute(_insert_ignoring_duplicates(session), rows)
     from onetoken.billing import packages
 
     packages.allocate_usage(session, fresh)
     return fresh
-
-
-# One row per billed request at the gateway's full rate: the ORM's per-row parameter
-# processing cost more CPU than the gateway itself, so the embedded default hands plain
-# tuples to sqlite3's executemany. The time text is exactly what SQLAlchemy's SQLite
-# DATETIME type writes for the same UTC instant, so range queries treat both alike.
-_SQLITE_USAGE_INSERT = (
-    "INSERT INTO ledger_entries "
-    "(org_id, kind, amount, idempotency_key, request_id, created_at, key_id, model) "
-    "VALUES (?, 'usage', ?, ?, ?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING"
-)
-
-
-def _insert_usage_sqlite(session: Session, fresh: Sequence[Usage]) -> None:
-    session.connection().exec_driver_sql(
-        _SQLITE_USAGE_INSERT,
-        [
-            (
-                u.org_id,
-                -u.cost,
-                "usage:" + u.request_id,
-                u.request_id,
-                sqlite_time(u.ts_us),
-                u.key_id or None,
-                u.model or None,
-            )
-            for u in fresh
-        ],
-    )
-
-
-def sqlite_time(ts_us: int) -> str:
-    """The SQLite DATETIME text of a UTC instant in microseconds since the epoch."""
-    seconds, micros = divmod(ts_us, 1_000_000)
-    return f"{_second_text(seconds)}.{micros:06d}"
-
-
-@functools.lru_cache(maxsize=1024)
-def _second_text(seconds: int) -> str:
-    # A batch holds thousands of records from the same few seconds.
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
 
 
 def usage_time(ts_us: int) -> datetime:

@@ -220,7 +220,7 @@ def statement_csv(stmt: Statement) -> str:
 
 def ledger_usage_by_model(session: Session, org_id: str, period: Period) -> list[dict[str, Any]]:
     rows = session.execute(
-        select(LedgerEntry.model, func.count(), func.sum(LedgerEntry.amount))
+        select(LedgerEntry.model, func.sum(LedgerEntry.calls), func.sum(LedgerEntry.amount))
         .where(
             LedgerEntry.org_id == org_id,
             LedgerEntry.kind == "usage",

@@ -1,6 +1,7 @@
-"""Billing work the gateway supervisor runs in the background: prices that come due,
-packages that lapse, a new UTC day or month for budgets (each needs a fresh snapshot), and
-the low-balance / quota-exhausted webhook events raised by ingested usage."""
+"""Billing work the control process runs in the background: prices that come due and
+packages that lapse (each bumps the config revision, so gateways get a fresh snapshot; a
+new UTC day or month does so by itself, see SnapshotSource), and the low-balance /
+quota-exhausted webhook events raised by ingested usage."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import logging
 import threading
 import time
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING
 
 from onetoken.billing import budgets, packages, prices
 from onetoken.db.models import utcnow
 from onetoken.db.session import SessionFactory
+
+if TYPE_CHECKING:
+    from onetoken.ingest.batch import Batch
 
 log = logging.getLogger("onetoken.billing")
 
@@ -26,20 +30,14 @@ class BillingUpkeep:
         self._interval = interval_s
         self._next_tick = 0.0
         self._next_check = 0.0
-        self._pushed_window: tuple[int, int] | None = None
         self._lock = threading.Lock()
         self._orgs: set[str] = set()
         self._keys: set[str] = set()
         self._refused: set[tuple[str, str]] = set()
 
-    def pushed(self, now: datetime | None = None) -> None:
-        """A snapshot was built now: its usage windows are for this day and month."""
-        w = budgets.Window.at(now or utcnow())
-        self._pushed_window = (w.day, w.month)
-
     def tick(self, now: datetime | None = None) -> bool:
-        """Apply due prices and lapse packages; True when the engine needs a new snapshot
-        (also when the UTC day changed since the last one, so budgets restart)."""
+        """Apply due prices and lapse packages (at most every `interval_s`); True when it
+        changed something (committed with a new config revision)."""
         mono = time.monotonic()
         if mono < self._next_tick:
             return False
@@ -51,32 +49,19 @@ class BillingUpkeep:
             session.commit()
         if changed or lapsed:
             log.info("billing.upkeep", extra={"count": changed + len(lapsed)})
-        w = budgets.Window.at(at)
-        new_window = self._pushed_window is not None and self._pushed_window != (w.day, w.month)
-        return bool(changed or lapsed or new_window)
+        return bool(changed or lapsed)
 
-    def observe(self, batch: dict[str, list[Any]]) -> None:
-        """Note which orgs and keys spent (or were refused for a budget) in a drained
+    def observe(self, batch: Batch) -> None:
+        """Note which orgs and keys spent (or were refused for a budget) in an ingested
         batch; every INTERVAL_S, check them for webhook events."""
-        try:
-            orgs, keys, costs, codes = (
-                batch["org_id"],
-                batch["key_id"],
-                batch["cost"],
-                batch["error_code"],
-            )
-        except KeyError:
-            return
         with self._lock:
-            for org, key, cost, code in zip(orgs, keys, costs, codes, strict=False):
-                if not org:
-                    continue
-                if cost and int(cost) > 0:
-                    self._orgs.add(org)
-                    if key:
-                        self._keys.add(key)
-                if code == "budget_exceeded":
-                    self._refused.add((org, key or ""))
+            for u in batch.usage:
+                self._orgs.add(u.org_id)
+                if u.key_id:
+                    self._keys.add(u.key_id)
+            for f in batch.failures:
+                if f.error_code == "budget_exceeded" and f.org_id:
+                    self._refused.add((f.org_id, f.key_id))
         self.check_events()
 
     def check_events(self, *, force: bool = False) -> int:

@@ -243,6 +243,9 @@ class LedgerEntry(Base):
     # Usage entries only: which key and model spent it (per-key budgets, statements).
     key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     model: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # Usage entries only: how many calls the entry covers (one entry per org, key, model and
+    # UTC day of an ingested batch), so invoices sum calls instead of counting rows.
+    calls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         CheckConstraint(
@@ -275,6 +278,7 @@ class ConfigRevision(Base):
 
 
 import onetoken.billing.models  # noqa: E402  (billing tables join the metadata)
+import onetoken.ingest.models  # noqa: E402  (journal cursors and spent marks)
 import onetoken.providers.tables  # noqa: E402  (provider/routing tables join the metadata)
 import onetoken.rights.models  # noqa: E402  (erasure requests)
 import onetoken.security.blocking  # noqa: E402  (blocked sources)

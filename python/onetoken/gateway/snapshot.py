@@ -1,13 +1,19 @@
-"""Builds the config snapshot the engine accepts (tests/contract/snapshot.json).
+"""Builds the config snapshot the engine accepts (tests/contract/snapshot.json), and
+serves it to gateways over the gateway channel (SnapshotSource).
 
 The engine rejects unknown fields, so every object here is built field by field.
-Provider credentials are decrypted into the snapshot, which lives only in memory.
+Provider credentials are decrypted into the snapshot, which lives only in memory (the
+control process's and the gateway's; the channel carries it, nothing writes it to disk).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from functools import partial
 from typing import Any
 
 import orjson
@@ -16,7 +22,9 @@ from sqlalchemy.orm import Session
 
 from onetoken.billing import budgets as billing_budgets
 from onetoken.billing.service import balances
-from onetoken.db.models import ApiKey, Org
+from onetoken.db.models import ApiKey, Org, utcnow
+from onetoken.db.session import SessionFactory, current_revision
+from onetoken.ingest.marks import spent_marks
 from onetoken.keys.service import snapshot_fields as keys_snapshot_fields
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import Unprocessable
@@ -35,7 +43,7 @@ def build_snapshot(
     org_balances: Mapping[str, int] | None = None,
     key_spent_marks: Mapping[str, int] | None = None,
 ) -> Snapshot:
-    """`org_balances` and `spent_marks` must be read together (see GatewaySupervisor)."""
+    """`org_balances` and `spent_marks` must be read together (see SnapshotSource)."""
     if org_balances is None:
         org_balances = balances(session)
     orgs = session.scalars(select(Org).order_by(Org.id)).all()
@@ -123,6 +131,156 @@ def _key(k: ApiKey, org_models: set[str]) -> dict[str, Any]:
 
 def snapshot_json(snapshot: Snapshot) -> bytes:
     return orjson.dumps(snapshot)
+
+
+# -- serving gateways -----------------------------------------------------------------------
+
+# (org marks, key marks) ingested from one engine instance; onetoken.ingest.marks.spent_marks.
+MarksReader = Callable[[Session, str], tuple[dict[str, int], dict[str, int]]]
+# Gateways whose last snapshot is remembered (one per instance that polled lately).
+_REMEMBERED_INSTANCES = 64
+
+
+class SnapshotSource:
+    """Snapshots for the gateway channel: `GET /internal/gateway/snapshot?instance=`.
+
+    A snapshot is rebuilt when the config revision or the UTC day/month of the budget
+    windows changed since that instance's last one, else the gateway's ETag gets a 304.
+    A poll may wait for a change (long poll): `changed()` (AppState.config_changed, after
+    every change committed through the API) answers waiting gateways at once and waits
+    (at most `confirm_s`) until each gateway that polls is serving the change, confirmed
+    by its next poll naming the new ETag: an API call that returned has taken effect, as
+    when the engine ran in this process. Changes committed by other processes (the CLI)
+    are seen within `recheck_s`.
+    Balances and that instance's spent marks are read under `mark_lock` (the ingestor's),
+    so the engine's available = balance - (spent - spent_mark) - reserved never counts an
+    ingested cost twice or misses one; ingestion alone moves both and changes nothing the
+    engine computes, so it does not make a snapshot stale.
+    """
+
+    def __init__(
+        self,
+        secrets: Secrets,
+        session_factory: SessionFactory,
+        mark_lock: AbstractContextManager[Any] | None = None,
+        *,
+        marks: MarksReader | None = None,
+        recheck_s: float = 0.5,
+        confirm_s: float = 2.0,
+    ) -> None:
+        self.secrets = secrets
+        self.session_factory = session_factory
+        self.mark_lock: AbstractContextManager[Any] = mark_lock or threading.Lock()
+        self._marks = marks or spent_marks
+        self.recheck_s = recheck_s
+        self.confirm_s = confirm_s
+        # Bumped by changed(); waiting polls wake up on it.
+        self._generation = 0
+        self._closed = False
+        self._wake = threading.Condition()
+        # instance -> (revision its engine confirmed serving, when it last polled).
+        self._confirmed: dict[str, tuple[int, float]] = {}
+        # Versions rise across restarts of the control process too (the engine ignores a
+        # version not above the one it serves): they start at the wall clock's milliseconds.
+        self._version = 0
+        self._lock = threading.Lock()
+        # instance -> ((revision, day, month), etag of the snapshot built for it).
+        self._served: OrderedDict[str, tuple[tuple[int, int, int], str]] = OrderedDict()
+
+    def changed(self) -> None:
+        """A change was committed: answer the waiting polls now, then wait until the
+        gateways that poll confirm serving it (bounded by `confirm_s`)."""
+        with self.session_factory() as session:
+            revision = current_revision(session)
+        with self._wake:
+            self._generation += 1
+            self._wake.notify_all()
+            self._wake.wait_for(partial(self._all_confirmed, revision), timeout=self.confirm_s)
+
+    def _all_confirmed(self, revision: int) -> bool:
+        # A gateway that stopped polling (stopped, killed) is not waited for: a polling one
+        # asks at least every recheck_s while it waits.
+        active_since = time.monotonic() - max(5 * self.recheck_s, 2.0)
+        return self._closed or all(
+            confirmed >= revision
+            for confirmed, polled in self._confirmed.values()
+            if polled >= active_since
+        )
+
+    def _polled(self, instance_id: str, confirmed: int | None) -> None:
+        with self._wake:
+            before = self._confirmed.get(instance_id, (-1, 0.0))[0]
+            self._confirmed[instance_id] = (
+                before if confirmed is None else max(before, confirmed),
+                time.monotonic(),
+            )
+            while len(self._confirmed) > _REMEMBERED_INSTANCES:
+                del self._confirmed[next(iter(self._confirmed))]
+            self._wake.notify_all()
+
+    def close(self) -> None:
+        """The control process is stopping: waiting polls answer now, new ones never wait
+        (a long poll would hold up the control API's shutdown)."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+
+    def poll(
+        self, instance_id: str, if_none_match: str | None, wait_s: float = 0.0
+    ) -> tuple[str, bytes | None]:
+        """As `get`, but while `if_none_match` is current wait up to `wait_s` for a change."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self._wake:
+                generation = self._generation
+            etag, body = self.get(instance_id, if_none_match)
+            remaining = deadline - time.monotonic()
+            if body is not None or remaining <= 0:
+                return etag, body
+            with self._wake:
+                if self._closed:
+                    return etag, body
+                self._wake.wait_for(
+                    partial(self._woken, generation), timeout=min(remaining, self.recheck_s)
+                )
+
+    def _woken(self, generation: int) -> bool:
+        return self._closed or self._generation != generation
+
+    def get(self, instance_id: str, if_none_match: str | None) -> tuple[str, bytes | None]:
+        """(ETag, snapshot JSON) or, when `if_none_match` is still current, (ETag, None)."""
+        with self._lock:
+            with self.session_factory() as session:
+                revision = current_revision(session)
+            window = billing_budgets.Window.at(utcnow())
+            key = (revision, window.day, window.month)
+            last = self._served.get(instance_id)
+            # Naming the ETag it was given says the engine serves that snapshot.
+            current = last is not None and last[1] == if_none_match
+            self._polled(instance_id, last[0][0] if last is not None and current else None)
+            if last is not None and current and last[0] == key:
+                self._served.move_to_end(instance_id)
+                return last[1], None
+            self._version = max(self._version + 1, time.time_ns() // 1_000_000)
+            with self.mark_lock, self.session_factory() as session:
+                # Read again inside the transaction that reads the data: a change committed
+                # since is in this snapshot, and its revision is the one remembered.
+                key = (current_revision(session), window.day, window.month)
+                org_marks, key_marks = self._marks(session, instance_id)
+                snap = build_snapshot(
+                    session,
+                    self.secrets,
+                    version=self._version,
+                    spent_marks=org_marks,
+                    org_balances=balances(session),
+                    key_spent_marks=key_marks,
+                )
+            etag = f'"{self._version}"'
+            self._served[instance_id] = (key, etag)
+            self._served.move_to_end(instance_id)
+            while len(self._served) > _REMEMBERED_INSTANCES:
+                self._served.popitem(last=False)
+            return etag, snapshot_json(snap)
 
 
 # -- the engine's rules, before a change is committed -------------------------------------

@@ -16,12 +16,15 @@ import uuid
 from datetime import UTC, datetime
 from logging.handlers import WatchedFileHandler
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from onetoken.kit.files import private_dir, private_file
+
+if TYPE_CHECKING:
+    # Annotations only: the slim gateway process logs through this module without Starlette.
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ALLOWED_FIELDS = frozenset(
     {
@@ -144,6 +147,8 @@ def configure_logging(
 
 
 access_log = logging.getLogger("onetoken.access")
+# Polled by every gateway twice a second: answered ones are logged at DEBUG only.
+_POLLED_ROUTES = frozenset({"/internal/gateway/snapshot"})
 
 
 def route_template(scope: Scope) -> str:
@@ -192,7 +197,9 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             template = route_template(scope)
-            access_log.info(
+            polled = template in _POLLED_ROUTES and status < 400
+            access_log.log(
+                logging.DEBUG if polled else logging.INFO,
                 "http.request",
                 extra={
                     "request_id": request_id,

@@ -53,12 +53,12 @@ from onetoken.security.models import LoginSource, LoginThrottle
 
 if TYPE_CHECKING:
     from onetoken.deps import AppState
-    from onetoken.gateway.supervisor import GatewaySupervisor
+    from onetoken.ingest import Ingestor
 
 log = logging.getLogger("onetoken.rights")
 
 ERASED = "[erased]"
-# Runs a callable against the open ClickHouse client (the supervisor sink's `read`).
+# Runs a callable against the open ClickHouse client (the ingestor sink's `read`).
 ClientRunner = Callable[[Callable[[Any], Any]], Any]
 
 
@@ -463,15 +463,15 @@ def install(worker: ErasureWorker | None) -> None:
     _worker = worker
 
 
-def make_worker(state: AppState, runtime: GatewaySupervisor) -> ErasureWorker:
+def make_worker(state: AppState, ingestor: Ingestor) -> ErasureWorker:
     """The erasure worker of a serving process, installed; the caller starts it once the
-    runtime has replayed its spool (older records must land before any mutation)."""
+    ingestor has started (older records must land before any mutation)."""
 
     def run() -> int:
         return complete_pending(
             state.session_factory,
             state.secrets,
-            runtime.sink.read,  # type: ignore[attr-defined]
+            ingestor.sink.read,
             before_batch=lambda: _drain_pipeline(state),
         )
 
@@ -489,33 +489,15 @@ def _runner(state: AppState) -> ClientRunner | None:
     return read if callable(read) else None
 
 
-def _drain_pipeline(state: AppState, timeout_s: float = 30.0) -> None:
-    """Let the record pump land what the engine still queues (and any spool) in
-    ClickHouse, so no record with the account's addresses arrives after the mutations.
-
-    The pump thread does the draining (a second drainer would acknowledge the engine's
-    journal out of order): wait until the queue is empty and no batch was written for two
-    flush intervals."""
-    runtime: Any = state.runtime
-    if runtime is None or runtime.engine is None:
+def _drain_pipeline(state: AppState) -> None:
+    """Ingest every record the gateways journaled so far into ClickHouse, so no record
+    with the account's addresses arrives after the mutations (a record is journaled before
+    its response ends, so whole journal lines are all there is)."""
+    runtime = state.runtime
+    if runtime is None:
         return
-    interval = state.settings.flush_interval_ms / 1000
-    deadline = time.monotonic() + timeout_s
-    last = runtime.rows_pumped
-    stable_since = time.monotonic()
-    while time.monotonic() < deadline:
-        now = time.monotonic()
-        if runtime.rows_pumped != last:
-            last, stable_since = runtime.rows_pumped, now
-        elif (
-            runtime.engine.stats().get("queue_depth", 0) == 0
-            and now - stable_since >= 2 * interval + 0.05
-        ):
-            break
-        time.sleep(interval / 2)
-    replay = getattr(runtime, "_ingest_replayed", None)
-    runtime.sink.replay_spool(replay)
-    for hook in list(getattr(runtime, "flush_hooks", [])):
+    runtime.ingestor.catch_up()
+    for hook in list(runtime.ingestor.flush_hooks):
         try:
             hook()
         except Exception as exc:

@@ -1,5 +1,7 @@
-"""Risk detection on call metadata (never content): each drained record batch is looked
-at once, after the ledger took it (GatewaySupervisor.batch_observers).
+"""Risk detection on call metadata (never content): each ingested batch is looked at
+once, after the ledger took it (Ingestor.batch_observers), as the groups the journal
+reader builds (calls per key, status, error code and provider; failed calls per source;
+each key's source addresses).
 
 What is detected (thresholds in settings, defaults in docs/security.md):
 
@@ -17,8 +19,8 @@ What is detected (thresholds in settings, defaults in docs/security.md):
 
 Each detection writes a security_log row and emits a webhook event, at most once per
 subject and kind per cooldown. Time comes from the records (`ts`), so detection does not
-depend on how late a batch is drained. Work per batch is a few C-level passes over its
-columns (Counter, set, zip), so the pump keeps its throughput.
+depend on how late a batch is ingested (a batch is one instant, its latest record's).
+Work per batch is a pass over its groups, a few dozen whatever the batch's size.
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from itertools import compress
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from onetoken import webhooks
 from onetoken.db.session import SessionFactory
@@ -40,9 +41,10 @@ from onetoken.security.keyrisk import KEY_RISKS
 from onetoken.security.log import Scalar, SecurityEvent, Severity, record
 from onetoken.security.net import networks
 
-log = logging.getLogger("onetoken.security")
+if TYPE_CHECKING:
+    from onetoken.ingest.batch import Batch
 
-Batch = dict[str, list[Any]]
+log = logging.getLogger("onetoken.security")
 
 # Codes that say the provider itself is failing: down, too slow (a first-byte timeout or the
 # whole-response deadline, both upstream_timeout), or answering garbage or without bound.
@@ -129,12 +131,10 @@ class Detectors:
         settings: DetectorSettings,
         session_factory: SessionFactory | None = None,
         *,
-        push_snapshot: Callable[[], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.s = settings
         self.session_factory = session_factory
-        self.push_snapshot = push_snapshot
         self._clock = clock
         self._keys: dict[str, _KeyState] = {}
         # key id -> {source ip -> last seen (record time, us)}
@@ -165,11 +165,11 @@ class Detectors:
 
     def check_pipeline(self, stats: Mapping[str, int]) -> list[Detection]:
         """System alarms from pipeline counters (sink and engine stats, cumulative):
-        records spooled to disk instead of ClickHouse, records dropped."""
+        call_log batches ClickHouse did not take, records dropped."""
         found: list[Detection] = []
         with self._lock:
             alarms: tuple[tuple[str, str, Severity], ...] = (
-                ("rows_spooled", "system.pipeline_spooling", "high"),
+                ("batches_failed", "system.call_log_delayed", "high"),
                 ("records_spooled", "system.queue_overflow", "high"),
                 ("records_dropped", "system.records_dropped", "critical"),
             )
@@ -191,56 +191,36 @@ class Detectors:
     # -- the per-batch work -----------------------------------------------------------------
 
     def _observe(self, batch: Batch) -> list[Detection]:
-        ids = batch.get("request_id") or []
-        if not ids:
+        if not batch.rows:
             return []
-        n = len(ids)
-        ts = batch.get("ts") or [0]
-        now_us = int(max(ts))
-        keys: list[str] = batch.get("key_id") or [""] * n
-        statuses: list[int] = batch.get("status") or [0] * n
-        ips: list[str] = batch.get("source_ip") or [""] * n
-        codes: list[str] = batch.get("error_code") or [""] * n
-        orgs: list[str] = batch.get("org_id") or [""] * n
-        accounts: list[str] = batch.get("account_id") or [""] * n
-
-        # Only error responses need a closer look: most batches have few or none.
-        failed = list(map((400).__le__, statuses))
-        code_set = set(codes)
-
+        now_us = batch.max_ts
         found: list[Detection] = []
-        found += self._rates(now_us, keys, failed, orgs, accounts)
-        found += self._many_sources(now_us, keys, ips)
-        found += self._auth_floods(now_us, ips, statuses)
-        if not code_set.isdisjoint(KEY_RISKS):
-            found += self._key_risks(keys, codes, orgs, accounts, ips)
-        found += self._upstreams(now_us, batch.get("provider") or [""] * n, codes, code_set)
+        found += self._rates(now_us, batch)
+        found += self._many_sources(now_us, batch)
+        found += self._auth_floods(now_us, batch)
+        found += self._key_risks(batch)
+        found += self._upstreams(now_us, batch)
         return found
 
-    def _rates(
-        self,
-        now_us: int,
-        keys: list[str],
-        failed: list[bool],
-        orgs: list[str],
-        accounts: list[str],
-    ) -> list[Detection]:
+    def _rates(self, now_us: int, batch: Batch) -> list[Detection]:
         bucket_us = max(1, int(self.s.anomaly_bucket_seconds * 1_000_000))
         bucket = now_us // bucket_us
         alpha = self.s.anomaly_ewma_alpha
-        requests = Counter(keys)
-        requests.pop("", None)
-        errors = Counter(compress(keys, failed)) if any(failed) else Counter[str]()
+        requests: Counter[str] = Counter()
+        errors: Counter[str] = Counter()
+        for c in batch.calls:
+            if not c.key_id:
+                continue
+            requests[c.key_id] += c.calls
+            if c.status >= 400:
+                errors[c.key_id] += c.calls
         if len(self._keys) > _MAX_TRACKED:
             self._keys.clear()
         out: list[Detection] = []
-        owners: dict[str, tuple[str, str]] = {}
-        if not self._keys.keys() >= requests.keys():
-            owners = dict(zip(keys, zip(orgs, accounts, strict=False), strict=False))
         for key_id, count in requests.items():
             state = self._keys.get(key_id)
             if state is None:
-                org_id, account_id = owners.get(key_id, ("", ""))
+                org_id, account_id = batch.owners.get(key_id, ("", ""))
                 state = self._keys[key_id] = _KeyState(org_id=org_id, account_id=account_id)
             for series, added, factor, minimum, kind, hook in (
                 (state.requests, count, self.s.anomaly_rate_factor, self.s.anomaly_min_requests,
@@ -269,20 +249,15 @@ class Detectors:
                     )
         return out
 
-    def _many_sources(self, now_us: int, keys: list[str], ips: list[str]) -> list[Detection]:
+    def _many_sources(self, now_us: int, batch: Batch) -> list[Detection]:
         window_us = int(self.s.anomaly_ip_window_seconds * 1_000_000)
         threshold = self.s.anomaly_ip_threshold
         if len(self._sources) > _MAX_TRACKED:
             self._sources.clear()
         out: list[Detection] = []
-        touched: set[str] = set()
-        for key_id, ip in set(zip(keys, ips, strict=False)):
-            if not key_id or not ip:
-                continue
-            seen = self._sources.setdefault(key_id, {})
-            seen[ip] = now_us
-            touched.add(key_id)
-        for key_id in touched:
+        for key_id, ips in batch.sources:
+            self._sources.setdefault(key_id, {}).update(dict.fromkeys(ips, now_us))
+        for key_id, _ in batch.sources:
             seen = self._sources[key_id]
             if len(seen) >= threshold:
                 cutoff = now_us - window_us
@@ -306,9 +281,11 @@ class Detectors:
                 )
         return out
 
-    def _auth_floods(self, now_us: int, ips: list[str], statuses: list[int]) -> list[Detection]:
-        failures = Counter(compress(ips, map((401).__eq__, statuses)))
-        failures.pop("", None)
+    def _auth_floods(self, now_us: int, batch: Batch) -> list[Detection]:
+        failures: Counter[str] = Counter()
+        for c in batch.failures:
+            if c.status == 401 and c.source_ip:
+                failures[c.source_ip] += c.calls
         if not failures:
             return []
         window_us = int(self.s.attack_401_window_seconds * 1_000_000)
@@ -343,20 +320,12 @@ class Detectors:
             )
         return out
 
-    def _key_risks(
-        self,
-        keys: list[str],
-        codes: list[str],
-        orgs: list[str],
-        accounts: list[str],
-        ips: list[str],
-    ) -> list[Detection]:
+    def _key_risks(self, batch: Batch) -> list[Detection]:
         out: list[Detection] = []
-        hits: Counter[tuple[str, str, str, str, str]] = Counter(
-            (c, k, o, a, ip)
-            for c, k, o, a, ip in zip(codes, keys, orgs, accounts, ips, strict=False)
-            if c in KEY_RISKS and k
-        )
+        hits: Counter[tuple[str, str, str, str, str]] = Counter()
+        for c in batch.failures:
+            if c.error_code in KEY_RISKS and c.key_id:
+                hits[(c.error_code, c.key_id, c.org_id, c.account_id, c.source_ip)] += c.calls
         for (code, key_id, org_id, account_id, ip), count in hits.items():
             kind, severity = KEY_RISKS[code]
             if not self._cool(kind, f"{key_id}|{ip}"):
@@ -375,16 +344,17 @@ class Detectors:
             )
         return out
 
-    def _upstreams(
-        self, now_us: int, providers: list[str], codes: list[str], code_set: set[str]
-    ) -> list[Detection]:
-        totals = Counter(providers)
-        totals.pop("", None)
+    def _upstreams(self, now_us: int, batch: Batch) -> list[Detection]:
+        totals: Counter[str] = Counter()
+        failed: Counter[str] = Counter()
+        for c in batch.calls:
+            if not c.provider:
+                continue
+            totals[c.provider] += c.calls
+            if c.error_code in UPSTREAM_FAILURE_CODES:
+                failed[c.provider] += c.calls
         if not totals:
             return []
-        failed: Counter[str] = Counter()
-        if not code_set.isdisjoint(UPSTREAM_FAILURE_CODES):
-            failed = Counter(compress(providers, map(UPSTREAM_FAILURE_CODES.__contains__, codes)))
         window_us = int(self.s.anomaly_bucket_seconds * 1_000_000)
         out: list[Detection] = []
         for provider, total in totals.items():
@@ -393,17 +363,17 @@ class Detectors:
             while q and q[0][0] < now_us - window_us:
                 q.popleft()
             fails = sum(f for _, f, _ in q)
-            calls = sum(t for _, _, t in q)
+            calls_in_window = sum(t for _, _, t in q)
             if (
                 fails >= self.s.upstream_alarm_failures
-                and fails * 2 >= calls
+                and fails * 2 >= calls_in_window
                 and self._cool("system.upstream_failing", provider)
             ):
                 out.append(
                     Detection(
                         "system.upstream_failing", "high", "system_alarm", "",
                         subject_id=provider,
-                        detail={"failures": fails, "calls": calls,
+                        detail={"failures": fails, "calls": calls_in_window,
                                 "window_s": self.s.anomaly_bucket_seconds},
                     )
                 )
@@ -444,12 +414,7 @@ class Detectors:
         except Exception as exc:
             log.error("detectors.block_failed", extra={"exc_type": type(exc).__name__})
             return None
-        if self.push_snapshot is not None:
-            try:
-                self.push_snapshot()
-            except Exception as exc:
-                # The revision was bumped: the config watcher pushes it within a second.
-                log.warning("detectors.push_failed", extra={"exc_type": type(exc).__name__})
+        # The block bumped the config revision: gateways load it at their next poll.
         return int(until.timestamp())
 
     def _report(self, d: Detection) -> None:
@@ -483,23 +448,21 @@ class Detectors:
 
 
 def attach(
-    supervisor: Any, settings: DetectorSettings, session_factory: SessionFactory
+    ingestor: Any, settings: DetectorSettings, session_factory: SessionFactory
 ) -> Detectors:
-    """Run the detectors on every batch the supervisor's pump drains, and the pipeline
-    alarms on every flush cycle."""
-    detectors = Detectors(settings, session_factory, push_snapshot=supervisor.push_snapshot)
-    supervisor.batch_observers.append(detectors.observe)
+    """Run the detectors on every batch the ingestor takes, and the pipeline alarms on
+    every flush cycle. A block bumps the config revision: gateways load it at their next
+    snapshot poll."""
+    detectors = Detectors(settings, session_factory)
+    ingestor.batch_observers.append(detectors.observe)
 
     def pipeline() -> None:
         stats: dict[str, int] = {}
-        sink_stats = getattr(supervisor.sink, "stats", None)
+        sink_stats = getattr(ingestor.sink, "stats", None)
         if callable(sink_stats):
             stats.update(sink_stats())
-        engine = supervisor.engine
-        if engine is not None:
-            stats.update({k: v for k, v in engine.stats().items() if k.startswith("records_")})
         detectors.check_pipeline(stats)
 
-    supervisor.flush_hooks.append(pipeline)
+    ingestor.flush_hooks.append(pipeline)
     return detectors
 

@@ -1,17 +1,19 @@
 """Key-risk events from the gateway's call records (metadata only): a revoked or expired
 key still in use, or a key used from outside its allowed addresses.
 
-Runs in the record pump on every drained batch; one event per (key, risk, source
+Runs on every ingested batch (its call groups); one event per (key, risk, source
 address) per batch, carrying how many requests it covers, so a client retrying in a
 loop does not flood the log.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from typing import Any, Final
+from typing import TYPE_CHECKING, Final
 
 from onetoken.security.log import SecurityEvent, Severity, record
+
+if TYPE_CHECKING:
+    from onetoken.ingest.batch import Batch, FailureGroup
 
 #: record error_code -> (event kind, severity)
 KEY_RISKS: Final[dict[str, tuple[str, Severity]]] = {
@@ -21,29 +23,18 @@ KEY_RISKS: Final[dict[str, tuple[str, Severity]]] = {
 }
 
 
-def observe(batch: dict[str, list[Any]]) -> int:
-    """Record the batch's key-risk events; returns how many were recorded."""
-    codes = batch.get("error_code")
-    if not codes:
-        return 0
-    hits = [i for i, code in enumerate(codes) if code in KEY_RISKS]
-    if not hits:
-        return 0
-
-    def col(name: str, i: int) -> str:
-        values = batch.get(name)
-        return str(values[i]) if values is not None and i < len(values) else ""
-
-    groups: Counter[tuple[str, str, str, str]] = Counter()
-    sample: dict[tuple[str, str, str, str], int] = {}
-    for i in hits:
-        key = (str(codes[i]), col("key_id", i), col("org_id", i), col("source_ip", i))
-        groups[key] += 1
-        sample.setdefault(key, i)
-    for key, count in groups.items():
-        code, key_id, org_id, source_ip = key
+def observe(batch: Batch) -> int:
+    """Record the batch's key-risk events, one per code, key, org and source; returns how
+    many were recorded."""
+    groups: dict[tuple[str, str, str, str], list[FailureGroup]] = {}
+    for c in batch.failures:
+        if c.error_code in KEY_RISKS:
+            groups.setdefault((c.error_code, c.key_id, c.org_id, c.source_ip), []).append(c)
+    for (code, key_id, org_id, source_ip), calls in groups.items():
         kind, severity = KEY_RISKS[code]
-        i = sample[key]
+        # batch.failures is in order of first appearance: the first group holds the
+        # first request of these.
+        first = calls[0]
         record(
             SecurityEvent(
                 kind=kind,
@@ -52,12 +43,12 @@ def observe(batch: dict[str, list[Any]]) -> int:
                 actor_id=key_id,
                 subject_id=key_id,
                 source_ip=source_ip,
-                user_agent=col("user_agent", i),
+                user_agent=first.first_user_agent,
                 detail={
-                    "requests": count,
+                    "requests": sum(c.calls for c in calls),
                     "error_code": code,
-                    "path": col("path", i),
-                    "first_request_id": col("request_id", i),
+                    "path": first.first_path,
+                    "first_request_id": first.first_request_id,
                 },
             )
         )

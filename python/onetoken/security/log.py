@@ -3,8 +3,8 @@
 Events are queued in memory (never blocking the caller, never touching the network) and
 written in batches to `onetoken.security_log` by whoever owns the process:
 
-- `onetoken serve`: the gateway supervisor's record pump flushes the queue on every flush
-  interval through the same ClickHouse client as call_log (`attach_to_supervisor`); a
+- `onetoken control` / `serve`: the ingestor flushes the queue on every flush interval
+  through the same ClickHouse client as call_log (`attach_to_supervisor`); a
   batch ClickHouse refuses is spooled to `<data_dir>/spool/seclog-*.jsonl` and replayed.
 - anything else (CLI commands, a control API without a gateway): the queue is spooled to
   the same files when it fills up and at exit; the next running server replays them.
@@ -350,8 +350,9 @@ def _flush_current_at_exit() -> None:
 
 
 def attach_to_supervisor(supervisor: Any) -> None:
-    """Flush the process's security log on every pump cycle and replay its spool, through
-    the call_log sink's ClickHouse client (one chDB engine per process)."""
+    """Flush the process's security log on every ingestion cycle (`supervisor`: the
+    Ingestor) and replay its spool, through the call_log sink's ClickHouse client (one
+    chDB engine per process)."""
 
     def run(query: Callable[[Any], T]) -> T:
         result: T = supervisor.sink.read(query)

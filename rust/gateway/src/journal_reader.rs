@@ -1,5 +1,7 @@
-//! Reads journal segments back into [`CallRecord`]s: the one replay path of the records an
-//! engine wrote with [`crate::records::write_line`].
+//! Reads journal segments back for ingestion: the one replay path of the records an
+//! engine wrote with [`crate::records::write_line`], straight into a [`CallBatch`] (the
+//! call_log block in Native format plus the ledger's and observers' groups), without an
+//! owned record per line.
 //!
 //! A reader resumes at a byte offset and only ever consumes whole lines, so it can follow a
 //! segment that a live engine is still appending to. A line that does not parse is counted
@@ -7,22 +9,20 @@
 //! reader's to show.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::Path;
-use std::sync::OnceLock;
 
-use parking_lot::Mutex;
 use serde::Deserialize;
 
-use crate::records::CallRecord;
+pub use crate::call_batch::{BatchParts, CallGroup, FailureGroup, UsageGroup, COLUMNS};
+use crate::call_batch::{CallBatch, Row};
 
-/// What one [`read_segment`] call found.
+/// What one [`read_batch`] call found.
 #[derive(Debug, Default)]
-pub struct SegmentRead {
-    /// The records parsed, in file order.
-    pub records: Vec<CallRecord>,
+pub struct BatchRead {
+    /// The records read, as ingestion consumes them.
+    pub batch: BatchParts,
     /// Where the next read resumes: just after the last line consumed.
     pub next_offset: u64,
     /// Lines consumed that were not records (torn, truncated or foreign).
@@ -30,27 +30,27 @@ pub struct SegmentRead {
 }
 
 /// Read whole lines of the segment at `path` from byte `offset`, at most `max_records`
-/// records. A trailing line without `\n` is left for a later read unless `complete` (the
+/// records and, with `until`, no line past that byte offset (a retry then reads exactly
+/// the range it read before, even if the segment grew since). A trailing line without `\n` is left for a later read unless `complete` (the
 /// segment will never grow again), in which case it is consumed and counted as bad.
 ///
 /// # Errors
 /// The file cannot be opened, positioned or read.
-pub fn read_segment(
+pub fn read_batch(
     path: &Path,
     offset: u64,
     max_records: usize,
     complete: bool,
-) -> std::io::Result<SegmentRead> {
+    until: Option<u64>,
+) -> std::io::Result<BatchRead> {
     let mut file = File::open(path)?;
     file.seek(SeekFrom::Start(offset))?;
     let mut reader = BufReader::with_capacity(READ_BUFFER, file);
-    let mut out = SegmentRead {
-        records: Vec::with_capacity(max_records.min(INITIAL_RECORDS)),
-        next_offset: offset,
-        bad_lines: 0,
-    };
+    let mut batch = CallBatch::default();
+    let mut next_offset = offset;
+    let mut bad_lines = 0;
     let mut line = Vec::with_capacity(1024);
-    while out.records.len() < max_records {
+    while batch.rows() < max_records && until.is_none_or(|end| next_offset < end) {
         line.clear();
         let n = reader.read_until(b'\n', &mut line)?;
         if n == 0 {
@@ -60,18 +60,21 @@ pub fn read_segment(
             // The end of the file in the middle of a line: the engine may still be
             // writing it, unless the segment is complete.
             if complete {
-                out.bad_lines += 1;
-                out.next_offset += n as u64;
+                bad_lines += 1;
+                next_offset += n as u64;
             }
             break;
         }
-        out.next_offset += n as u64;
-        match parse_line(&line) {
-            Some(record) => out.records.push(record),
-            None => out.bad_lines += 1,
+        next_offset += n as u64;
+        if !parse_into(&line, &mut batch) {
+            bad_lines += 1;
         }
     }
-    Ok(out)
+    Ok(BatchRead {
+        batch: batch.finish(),
+        next_offset,
+        bad_lines,
+    })
 }
 
 /// Whether the engine instance owning the lock file `lock_path`
@@ -97,8 +100,6 @@ pub fn instance_live(lock_path: &Path) -> std::io::Result<bool> {
 
 /// Large enough that a batch of records takes few `read(2)`s.
 const READ_BUFFER: usize = 1 << 20;
-/// Preallocation cap, so a large `max_records` does not reserve memory for nothing.
-const INITIAL_RECORDS: usize = 8192;
 
 /// A record line as written, borrowing from the line where no escape forces a copy.
 #[derive(Deserialize)]
@@ -144,56 +145,48 @@ struct Line<'a> {
     guard_flags: Cow<'a, str>,
 }
 
-/// One line (with its `\n`) as a record, or `None` when it is not one.
-fn parse_line(line: &[u8]) -> Option<CallRecord> {
-    let l: Line<'_> = serde_json::from_slice(line).ok()?;
-    Some(CallRecord {
+/// The engine writes path, usage source, error code and rate limit from small fixed sets;
+/// a longer value is not a line it wrote.
+const FIXED_SET_LEN_MAX: usize = 64;
+
+/// Add one line (with its `\n`) to the batch; false when it is not a record.
+fn parse_into(line: &[u8], batch: &mut CallBatch) -> bool {
+    let Ok(l) = serde_json::from_slice::<Line<'_>>(line) else {
+        return false;
+    };
+    if [&l.path, &l.usage_source, &l.error_code, &l.rate_limit]
+        .iter()
+        .any(|s| s.len() > FIXED_SET_LEN_MAX)
+    {
+        return false;
+    }
+    batch.push(&Row {
         ts: l.ts,
-        request_id: l.request_id.into_owned(),
-        org_id: l.org_id.into_owned(),
-        account_id: l.account_id.into_owned(),
-        key_id: l.key_id.into_owned(),
-        path: intern(&l.path)?,
-        model_requested: l.model_requested.into_owned(),
-        model_served: l.model_served.into_owned(),
-        provider: l.provider.into_owned(),
+        request_id: &l.request_id,
+        org_id: &l.org_id,
+        account_id: &l.account_id,
+        key_id: &l.key_id,
+        path: &l.path,
+        model_requested: &l.model_requested,
+        model_served: &l.model_served,
+        provider: &l.provider,
         prompt_tokens: l.prompt_tokens,
         completion_tokens: l.completion_tokens,
         cached_tokens: l.cached_tokens,
-        usage_source: intern(&l.usage_source)?,
+        usage_source: &l.usage_source,
         cost: l.cost,
         status: l.status,
-        error_code: intern(&l.error_code)?,
+        error_code: &l.error_code,
         latency_us: l.latency_us,
         ttfb_us: l.ttfb_us,
         streamed: l.streamed,
-        source_ip: l.source_ip.into_owned(),
-        user_agent: l.user_agent.into_owned(),
-        rate_limit: intern(&l.rate_limit)?,
+        source_ip: &l.source_ip,
+        user_agent: &l.user_agent,
+        rate_limit: &l.rate_limit,
         attempts: l.attempts,
-        guard_flags: l.guard_flags.into_owned(),
-    })
-}
-
-/// The engine writes the `&'static str` columns (path, usage source, error code, rate
-/// limit) from small fixed sets, so each distinct value is kept once for the life of the
-/// process. The caps bound that memory should a file hold other values: such a line is
-/// then bad rather than a leak.
-const INTERNED_MAX: usize = 1024;
-const INTERNED_LEN_MAX: usize = 64;
-
-fn intern(s: &str) -> Option<&'static str> {
-    static SEEN: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    let mut seen = SEEN.get_or_init(|| Mutex::new(HashSet::new())).lock();
-    if let Some(&kept) = seen.get(s) {
-        return Some(kept);
-    }
-    if seen.len() >= INTERNED_MAX || s.len() > INTERNED_LEN_MAX {
-        return None;
-    }
-    let kept: &'static str = Box::leak(s.to_owned().into_boxed_str());
-    seen.insert(kept);
-    Some(kept)
+        guard_flags: &l.guard_flags,
+    });
+    true
 }
 
 #[cfg(test)]
@@ -203,7 +196,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::records::write_line;
+    use crate::records::{write_line, CallRecord};
 
     fn segment(bytes: &[u8]) -> (PathBuf, PathBuf) {
         let d =
@@ -243,6 +236,16 @@ mod tests {
         }
     }
 
+    fn native_str(s: &str) -> Vec<u8> {
+        let mut out = vec![u8::try_from(s.len()).unwrap()];
+        out.extend_from_slice(s.as_bytes());
+        out
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
     fn lines(records: &[CallRecord]) -> Vec<u8> {
         let mut buf = Vec::new();
         for r in records {
@@ -268,10 +271,22 @@ mod tests {
             .collect();
         let bytes = lines(&written);
         let (d, p) = segment(&bytes);
-        let read = read_segment(&p, 0, usize::MAX, false).unwrap();
-        assert_eq!(read.records, written);
+        let read = read_batch(&p, 0, usize::MAX, false, None).unwrap();
+        assert_eq!(read.batch.rows, written.len());
         assert_eq!(read.next_offset, bytes.len() as u64);
         assert_eq!(read.bad_lines, 0);
+        // Each string reaches the block unescaped, as a Native String (length, bytes);
+        // tests/unit/test_journal_batch.py reads the block back through ClickHouse.
+        for t in tricky {
+            assert!(contains(&read.batch.native, &native_str(t)), "{t:?}");
+        }
+        let models: Vec<&str> = read.batch.usage.iter().map(|g| g.model.as_str()).collect();
+        assert!(
+            models.is_empty(),
+            "negative costs charge nothing: {models:?}"
+        );
+        let counts: Vec<u64> = read.batch.calls.iter().map(|g| g.calls).collect();
+        assert_eq!(counts.iter().sum::<u64>(), written.len() as u64);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -281,23 +296,32 @@ mod tests {
         let bytes = lines(&written);
         let (d, p) = segment(&bytes);
         let mut offset = 0;
-        let mut got = Vec::new();
+        let mut got = 0;
         let mut reads = 0;
         loop {
-            let read = read_segment(&p, offset, 2, false).unwrap();
-            assert!(read.records.len() <= 2);
-            if read.records.is_empty() {
+            let read = read_batch(&p, offset, 2, false, None).unwrap();
+            assert!(read.batch.rows <= 2);
+            if read.batch.rows == 0 {
                 assert_eq!(read.next_offset, offset, "nothing more: the offset stays");
+                assert!(read.batch.native.is_empty());
                 break;
             }
             offset = read.next_offset;
-            got.extend(read.records);
+            got += read.batch.rows;
             reads += 1;
         }
         assert_eq!(reads, 3);
-        assert_eq!(got, written);
+        assert_eq!(got, written.len());
         assert_eq!(offset, bytes.len() as u64);
-        assert_eq!(read_segment(&p, 0, 0, true).unwrap().next_offset, 0);
+        assert_eq!(read_batch(&p, 0, 0, true, None).unwrap().next_offset, 0);
+        // Bounded by a byte offset: the same lines as an earlier read, however many
+        // records it may take.
+        let first_two = read_batch(&p, 0, 2, false, None).unwrap();
+        let again = read_batch(&p, 0, 100, false, Some(first_two.next_offset)).unwrap();
+        assert_eq!(
+            (again.batch.rows, again.next_offset, again.batch.native),
+            (2, first_two.next_offset, first_two.batch.native)
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -312,29 +336,30 @@ mod tests {
         bytes.extend_from_slice(cut_at);
         let (d, p) = segment(&bytes);
 
-        let read = read_segment(&p, 0, 10, false).unwrap();
-        assert_eq!(read.records, [rec(0, "a")]);
+        let read = read_batch(&p, 0, 10, false, None).unwrap();
+        assert_eq!(read.batch.rows, 1);
+        assert_eq!(read.batch.min_ts, rec(0, "a").ts);
         assert_eq!(read.next_offset, first.len() as u64);
         assert_eq!(read.bad_lines, 0);
 
         // The engine finishes the line: the next read from the offset gets it whole.
         let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
         f.write_all(&second[cut_at.len()..]).unwrap();
-        let read = read_segment(&p, first.len() as u64, 10, false).unwrap();
-        assert_eq!(read.records, [rec(1, "b")]);
+        let read = read_batch(&p, first.len() as u64, 10, false, None).unwrap();
+        assert_eq!((read.batch.rows, read.batch.max_ts), (1, rec(1, "b").ts));
         assert_eq!(read.next_offset, (first.len() + second.len()) as u64);
 
         // A tail that will never be finished (the instance died mid-write).
         f.write_all(&second[..10]).unwrap();
         let end = (first.len() + second.len()) as u64;
-        let live = read_segment(&p, end, 10, false).unwrap();
+        let live = read_batch(&p, end, 10, false, None).unwrap();
         assert_eq!(
-            (live.records.len(), live.next_offset, live.bad_lines),
+            (live.batch.rows, live.next_offset, live.bad_lines),
             (0, end, 0)
         );
-        let dead = read_segment(&p, end, 10, true).unwrap();
+        let dead = read_batch(&p, end, 10, true, None).unwrap();
         assert_eq!(
-            (dead.records.len(), dead.next_offset, dead.bad_lines),
+            (dead.batch.rows, dead.next_offset, dead.bad_lines),
             (0, end + 10, 1)
         );
         std::fs::remove_dir_all(&d).unwrap();
@@ -366,8 +391,12 @@ mod tests {
         bytes.extend_from_slice(&wrong);
         bytes.extend_from_slice(&lines(&[rec(2, "b")]));
         let (d, p) = segment(&bytes);
-        let read = read_segment(&p, 0, 10, false).unwrap();
-        assert_eq!(read.records, [rec(0, "a"), rec(2, "b")]);
+        let read = read_batch(&p, 0, 10, false, None).unwrap();
+        assert_eq!(read.batch.rows, 2);
+        assert_eq!(
+            (read.batch.min_ts, read.batch.max_ts),
+            (rec(0, "a").ts, rec(2, "b").ts)
+        );
         assert_eq!(read.bad_lines, 8);
         assert_eq!(read.next_offset, bytes.len() as u64);
         std::fs::remove_dir_all(&d).unwrap();
@@ -399,8 +428,156 @@ mod tests {
         let p =
             std::env::temp_dir().join(format!("onetoken-absent-{:016x}", rand::random::<u64>()));
         assert_eq!(
-            read_segment(&p, 0, 1, false).unwrap_err().kind(),
+            read_batch(&p, 0, 1, false, None).unwrap_err().kind(),
             std::io::ErrorKind::NotFound
         );
+    }
+}
+
+#[cfg(test)]
+mod group_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::records::{write_line, CallRecord};
+
+    const DAY: i64 = 86_400_000_000;
+
+    fn rec(ts: i64, org: &str, key: &str, model: &str, cost: i64) -> CallRecord {
+        CallRecord {
+            ts,
+            request_id: format!("r{ts}{org}{key}{model}{cost}"),
+            org_id: org.into(),
+            account_id: format!("acc-{org}"),
+            key_id: key.into(),
+            model_requested: model.into(),
+            provider: "p".into(),
+            cost,
+            status: 200,
+            source_ip: "10.0.0.1".into(),
+            ..CallRecord::default()
+        }
+    }
+
+    /// Usage groups are per (org, key, model, UTC day), count only charged calls of a
+    /// known org, sum costs beyond i64 and keep the earliest ts; call groups count every
+    /// record.
+    #[test]
+    fn usage_and_call_groups() {
+        let records = [
+            rec(5 * DAY - 1, "o", "k", "m", i64::MAX),
+            rec(5 * DAY - 2, "o", "k", "m", i64::MAX),
+            rec(5 * DAY, "o", "k", "m", 7),
+            rec(5 * DAY + 1, "o", "k2", "m", 1),
+            rec(5 * DAY + 2, "o", "k", "m", 0),
+            rec(5 * DAY + 3, "o", "k", "m", -3),
+            rec(5 * DAY + 4, "", "", "m", 9),
+        ];
+        let mut buf = Vec::new();
+        for r in &records {
+            write_line(r, &mut buf);
+        }
+        let p =
+            std::env::temp_dir().join(format!("onetoken-groups-{:016x}", rand::random::<u64>()));
+        std::fs::write(&p, &buf).unwrap();
+        let read = read_batch(&p, 0, 100, false, None).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        let g =
+            |org: &str, key: &str, day: i64, calls: u64, cost: i128, first_ts: i64| UsageGroup {
+                org_id: org.into(),
+                key_id: key.into(),
+                model: "m".into(),
+                day,
+                calls,
+                cost,
+                first_ts,
+            };
+        assert_eq!(
+            read.batch.usage,
+            [
+                g("o", "k", 4, 2, 2 * i128::from(i64::MAX), 5 * DAY - 2),
+                g("o", "k", 5, 1, 7, 5 * DAY),
+                g("o", "k2", 5, 1, 1, 5 * DAY + 1),
+            ]
+        );
+        let calls: Vec<(&str, u64)> = read
+            .batch
+            .calls
+            .iter()
+            .map(|c| (c.key_id.as_str(), c.calls))
+            .collect();
+        assert_eq!(calls, [("", 1), ("k", 5), ("k2", 1)]);
+        let owner = |k: &str| (k.to_owned(), "o".to_owned(), "acc-o".to_owned());
+        assert_eq!(read.batch.owners, [owner("k"), owner("k2")]);
+        let ips = |k: &str| (k.to_owned(), vec!["10.0.0.1".to_owned()]);
+        assert_eq!(read.batch.sources, [ips("k"), ips("k2")]);
+        assert!(read.batch.failures.is_empty(), "every call succeeded");
+        assert_eq!(
+            (read.batch.min_ts, read.batch.max_ts),
+            (5 * DAY - 2, 5 * DAY + 4)
+        );
+    }
+}
+
+#[cfg(test)]
+mod failure_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::records::{write_line, CallRecord};
+
+    /// Failures (an error status or code) keep every dimension and their first request;
+    /// successes only count towards `calls`.
+    #[test]
+    fn failures_are_grouped_with_their_first_request() {
+        let rec = |id: &str, ip: &str, status: u16, code: &'static str| CallRecord {
+            request_id: id.into(),
+            org_id: "o".into(),
+            account_id: "a".into(),
+            key_id: "k".into(),
+            source_ip: ip.into(),
+            status,
+            error_code: code,
+            user_agent: format!("ua-{id}"),
+            ..CallRecord::default()
+        };
+        let records = [
+            rec("r0", "1.1.1.1", 200, ""),
+            rec("r1", "2.2.2.2", 401, "key_revoked"),
+            rec("r2", "2.2.2.2", 401, "key_revoked"),
+            rec("r3", "3.3.3.3", 502, ""),
+            rec("r4", "1.1.1.1", 200, "stream_aborted"),
+        ];
+        let mut buf = Vec::new();
+        for r in &records {
+            write_line(r, &mut buf);
+        }
+        let p = std::env::temp_dir().join(format!("onetoken-fail-{:016x}", rand::random::<u64>()));
+        std::fs::write(&p, &buf).unwrap();
+        let read = read_batch(&p, 0, 100, false, None).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        let got: Vec<(&str, u16, &str, u64, &str, &str)> = read
+            .batch
+            .failures
+            .iter()
+            .map(|g| {
+                (
+                    g.source_ip.as_str(),
+                    g.status,
+                    g.error_code.as_str(),
+                    g.calls,
+                    g.first_request_id.as_str(),
+                    g.first_user_agent.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("2.2.2.2", 401, "key_revoked", 2, "r1", "ua-r1"),
+                ("3.3.3.3", 502, "", 1, "r3", "ua-r3"),
+                ("1.1.1.1", 200, "stream_aborted", 1, "r4", "ua-r4"),
+            ]
+        );
+        let ips: Vec<&str> = read.batch.sources[0].1.iter().map(String::as_str).collect();
+        assert_eq!(ips, ["1.1.1.1", "2.2.2.2", "3.3.3.3"]);
     }
 }

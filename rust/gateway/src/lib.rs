@@ -7,6 +7,7 @@ mod auth;
 pub mod billing;
 mod body;
 mod call;
+mod call_batch;
 mod client_ip;
 mod config;
 mod conn;

@@ -59,7 +59,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(count_tokens, m)?)?;
     m.add_function(wrap_pyfunction!(address_is_public, m)?)?;
     m.add_function(wrap_pyfunction!(validate_snapshot, m)?)?;
-    m.add_function(wrap_pyfunction!(journal::read_journal, m)?)?;
+    m.add_function(wrap_pyfunction!(journal::read_journal_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(journal::call_log_native_columns, m)?)?;
+    m.add_class::<journal::JournalBatch>()?;
     m.add_function(wrap_pyfunction!(journal::journal_instance_live, m)?)?;
     m.add_function(wrap_pyfunction!(mock::serve_mock_upstream, m)?)?;
     Ok(())

@@ -1,0 +1,36 @@
+"""Ingestion state in the control DB (migration 0011_ingest)."""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from onetoken.db.models import Base
+
+
+class IngestCursor(Base):
+    """How far one consumer has read one engine instance's journal: every record before
+    byte `offset` of segment `segment` (and in every lower segment) is consumed."""
+
+    __tablename__ = "ingest_cursors"
+
+    #: "ledger" or "call_log": each moves on its own, so a ClickHouse outage delays only
+    #: call_log.
+    consumer: Mapped[str] = mapped_column(String(16), primary_key=True)
+    instance_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    segment: Mapped[int] = mapped_column(BigInteger)
+    # Not "offset": a reserved word in SQL.
+    offset: Mapped[int] = mapped_column("byte_offset", BigInteger)
+
+
+class IngestMark(Base):
+    """Cost ingested into the ledger from one engine instance, per org or per key: the
+    spent mark that instance's snapshot carries."""
+
+    __tablename__ = "ingest_marks"
+
+    instance_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: "org" or "key".
+    scope: Mapped[str] = mapped_column(String(8), primary_key=True)
+    subject_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    amount: Mapped[int] = mapped_column(BigInteger)

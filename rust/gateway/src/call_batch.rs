@@ -1,0 +1,535 @@
+//! One journal batch as ingestion needs it, built while the lines are parsed: the call_log
+//! block in ClickHouse's Native format (inserted as is), the ledger's usage groups, and
+//! the per-dimension call counts the detectors and budget events look at. Python then
+//! touches a few dozen groups per batch instead of every record's columns.
+
+use std::collections::HashMap;
+
+/// Microseconds in a UTC day: usage groups never straddle one.
+const DAY_US: i64 = 86_400_000_000;
+
+/// Charged calls of one (org, key, requested model, UTC day) in a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageGroup {
+    pub org_id: String,
+    pub key_id: String,
+    pub model: String,
+    /// Days since the Unix epoch (UTC).
+    pub day: i64,
+    pub calls: u64,
+    /// Sum of the calls' costs, nano-units; wider than a record's so it cannot overflow.
+    pub cost: i128,
+    /// Earliest `ts` of the group, microseconds.
+    pub first_ts: i64,
+}
+
+/// Calls of a batch per key, status, error code and provider (what rates, error rates
+/// and provider health count).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallGroup {
+    pub key_id: String,
+    pub status: u16,
+    pub error_code: String,
+    pub provider: String,
+    pub calls: u64,
+}
+
+/// Failed calls (status >= 400 or an error code) that share every dimension, source
+/// address included: auth floods, key risks and refused budgets are found among them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureGroup {
+    pub org_id: String,
+    pub account_id: String,
+    pub key_id: String,
+    pub source_ip: String,
+    pub status: u16,
+    pub error_code: String,
+    pub provider: String,
+    pub calls: u64,
+    /// The group's first record: its request id, path and user agent (a key-risk event
+    /// names one request it stands for).
+    pub first_request_id: String,
+    pub first_path: String,
+    pub first_user_agent: String,
+}
+
+/// A failure group while the batch is read.
+struct FailureAcc {
+    calls: u64,
+    first_row: usize,
+    request_id: String,
+    path: u32,
+    user_agent: String,
+}
+
+/// A record as read from a journal line; strings borrow from the line where they can.
+pub(crate) struct Row<'a> {
+    pub ts: i64,
+    pub request_id: &'a str,
+    pub org_id: &'a str,
+    pub account_id: &'a str,
+    pub key_id: &'a str,
+    pub path: &'a str,
+    pub model_requested: &'a str,
+    pub model_served: &'a str,
+    pub provider: &'a str,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub cached_tokens: u32,
+    pub usage_source: &'a str,
+    pub cost: i64,
+    pub status: u16,
+    pub error_code: &'a str,
+    pub latency_us: u32,
+    pub ttfb_us: u32,
+    pub streamed: u8,
+    pub source_ip: &'a str,
+    pub user_agent: &'a str,
+    pub rate_limit: &'a str,
+    pub attempts: u8,
+    pub guard_flags: &'a str,
+}
+
+/// Each distinct value once, numbered in order of first appearance.
+#[derive(Default)]
+struct Dict {
+    ids: HashMap<String, u32>,
+    values: Vec<String>,
+}
+
+impl Dict {
+    fn id(&mut self, s: &str) -> u32 {
+        if let Some(&id) = self.ids.get(s) {
+            return id;
+        }
+        // A batch holds at most `usize` rows and far fewer distinct values than u32::MAX.
+        let id = u32::try_from(self.values.len()).unwrap_or(u32::MAX);
+        self.ids.insert(s.to_owned(), id);
+        self.values.push(s.to_owned());
+        id
+    }
+
+    fn get(&self, id: u32) -> String {
+        self.values.get(id as usize).cloned().unwrap_or_default()
+    }
+}
+
+/// A `String` column's Native data: each value as a LEB128 length and its bytes.
+#[derive(Default)]
+struct StrColumn(Vec<u8>);
+
+impl StrColumn {
+    fn push(&mut self, s: &str) {
+        put_str(&mut self.0, s);
+    }
+}
+
+/// A `LowCardinality(String)` column: its dictionary and one index per row.
+#[derive(Default)]
+struct LcColumn {
+    dict: Dict,
+    index: Vec<u32>,
+}
+
+impl LcColumn {
+    fn push(&mut self, s: &str) -> u32 {
+        let id = self.dict.id(s);
+        self.index.push(id);
+        id
+    }
+
+    /// Native serialization as clickhouse-connect writes it: the shared-dictionary
+    /// version (1) as the column prefix, then the index width with "has additional keys"
+    /// and "needs dictionary update", the keys as a String column, and the row indexes.
+    fn encode(&self, out: &mut Vec<u8>) {
+        const HAS_ADDITIONAL_KEYS: u64 = 1 << 9;
+        const NEED_UPDATE_DICTIONARY: u64 = 1 << 10;
+        let keys = self.dict.values.len();
+        let width: u64 = if keys <= 1 << 8 {
+            0
+        } else if keys <= 1 << 16 {
+            1
+        } else {
+            2
+        };
+        out.extend_from_slice(&1u64.to_le_bytes());
+        out.extend_from_slice(
+            &(width | HAS_ADDITIONAL_KEYS | NEED_UPDATE_DICTIONARY).to_le_bytes(),
+        );
+        out.extend_from_slice(&(keys as u64).to_le_bytes());
+        for k in &self.dict.values {
+            put_str(out, k);
+        }
+        out.extend_from_slice(&(self.index.len() as u64).to_le_bytes());
+        // Indexes are below `keys`, so each narrowing below keeps its value.
+        for &i in &self.index {
+            match width {
+                0 => out.push(i as u8),
+                1 => out.extend_from_slice(&(i as u16).to_le_bytes()),
+                _ => out.extend_from_slice(&i.to_le_bytes()),
+            }
+        }
+    }
+}
+
+/// (org, key, model) dictionary ids and the UTC day.
+type UsageKey = (u32, u32, u32, i64);
+/// Key id, status, (error code, provider) ids.
+type CallKey = (u32, u16, u32, u32);
+/// (org, account, key, source ip) ids, status, (error code, provider) ids.
+type FailureKey = (u32, u32, u32, u32, u16, u32, u32);
+
+/// Columns of the batch being read, in the call_log contract's order
+/// (tests/contract/call_log_columns.json), plus the groups.
+#[derive(Default)]
+pub struct CallBatch {
+    rows: usize,
+    ts: Vec<u8>,
+    request_id: StrColumn,
+    org_id: StrColumn,
+    account_id: StrColumn,
+    key_id: StrColumn,
+    path: LcColumn,
+    model_requested: LcColumn,
+    model_served: LcColumn,
+    provider: LcColumn,
+    prompt_tokens: Vec<u8>,
+    completion_tokens: Vec<u8>,
+    cached_tokens: Vec<u8>,
+    usage_source: LcColumn,
+    cost: Vec<u8>,
+    status: Vec<u8>,
+    error_code: LcColumn,
+    latency_us: Vec<u8>,
+    ttfb_us: Vec<u8>,
+    streamed: Vec<u8>,
+    source_ip: StrColumn,
+    user_agent: StrColumn,
+    rate_limit: LcColumn,
+    attempts: Vec<u8>,
+    guard_flags: LcColumn,
+    // Dimensions the groups use that are plain String columns.
+    orgs: Dict,
+    accounts: Dict,
+    keys: Dict,
+    ips: Dict,
+    min_ts: i64,
+    max_ts: i64,
+    usage: HashMap<UsageKey, (u64, i128, i64)>,
+    calls: HashMap<CallKey, u64>,
+    failures: HashMap<FailureKey, FailureAcc>,
+    /// Per key id: the (org, account) of its first record.
+    owners: Vec<Option<(u32, u32)>>,
+    /// Per key id: its distinct source address ids, in order of appearance.
+    sources: Vec<Vec<u32>>,
+    source_seen: std::collections::HashSet<(u32, u32)>,
+}
+
+/// What a batch read hands to ingestion.
+#[derive(Debug, Default)]
+pub struct BatchParts {
+    /// The call_log block (Native format); empty when there are no rows.
+    pub native: Vec<u8>,
+    pub rows: usize,
+    /// Smallest and largest `ts` of the batch (0 when empty).
+    pub min_ts: i64,
+    pub max_ts: i64,
+    /// Only calls with cost > 0 of a known org.
+    pub usage: Vec<UsageGroup>,
+    pub calls: Vec<CallGroup>,
+    /// (key, org, account) of each key's first record, keys in order of appearance.
+    pub owners: Vec<(String, String, String)>,
+    /// In order of each group's first record.
+    pub failures: Vec<FailureGroup>,
+    /// Each key's distinct source addresses (both non-empty), keys in order of appearance.
+    pub sources: Vec<(String, Vec<String>)>,
+}
+
+impl CallBatch {
+    pub(crate) fn push(&mut self, r: &Row<'_>) {
+        if self.rows == 0 {
+            self.min_ts = r.ts;
+            self.max_ts = r.ts;
+        } else {
+            self.min_ts = self.min_ts.min(r.ts);
+            self.max_ts = self.max_ts.max(r.ts);
+        }
+        self.rows += 1;
+        self.ts.extend_from_slice(&r.ts.to_le_bytes());
+        self.request_id.push(r.request_id);
+        self.org_id.push(r.org_id);
+        self.account_id.push(r.account_id);
+        self.key_id.push(r.key_id);
+        let path = self.path.push(r.path);
+        let model = self.model_requested.push(r.model_requested);
+        self.model_served.push(r.model_served);
+        let provider = self.provider.push(r.provider);
+        self.prompt_tokens
+            .extend_from_slice(&r.prompt_tokens.to_le_bytes());
+        self.completion_tokens
+            .extend_from_slice(&r.completion_tokens.to_le_bytes());
+        self.cached_tokens
+            .extend_from_slice(&r.cached_tokens.to_le_bytes());
+        self.usage_source.push(r.usage_source);
+        self.cost.extend_from_slice(&r.cost.to_le_bytes());
+        self.status.extend_from_slice(&r.status.to_le_bytes());
+        let code = self.error_code.push(r.error_code);
+        self.latency_us
+            .extend_from_slice(&r.latency_us.to_le_bytes());
+        self.ttfb_us.extend_from_slice(&r.ttfb_us.to_le_bytes());
+        self.streamed.push(r.streamed);
+        self.source_ip.push(r.source_ip);
+        self.user_agent.push(r.user_agent);
+        self.rate_limit.push(r.rate_limit);
+        self.attempts.push(r.attempts);
+        self.guard_flags.push(r.guard_flags);
+
+        let org = self.orgs.id(r.org_id);
+        let key = self.keys.id(r.key_id);
+        *self
+            .calls
+            .entry((key, r.status, code, provider))
+            .or_insert(0) += 1;
+        let k = key as usize;
+        if self.owners.len() <= k {
+            self.owners.resize(k + 1, None);
+            self.sources.resize_with(k + 1, Vec::new);
+        }
+        if !r.key_id.is_empty() {
+            let account = self.accounts.id(r.account_id);
+            self.owners[k].get_or_insert((org, account));
+            if !r.source_ip.is_empty() {
+                let ip = self.ips.id(r.source_ip);
+                if self.source_seen.insert((key, ip)) {
+                    self.sources[k].push(ip);
+                }
+            }
+        }
+        if r.status >= 400 || !r.error_code.is_empty() {
+            let account = self.accounts.id(r.account_id);
+            let ip = self.ips.id(r.source_ip);
+            let row = self.rows - 1;
+            self.failures
+                .entry((org, account, key, ip, r.status, code, provider))
+                .or_insert_with(|| FailureAcc {
+                    calls: 0,
+                    first_row: row,
+                    request_id: r.request_id.to_owned(),
+                    path,
+                    user_agent: r.user_agent.to_owned(),
+                })
+                .calls += 1;
+        }
+        if r.cost > 0 && !r.org_id.is_empty() {
+            let day = r.ts.div_euclid(DAY_US);
+            let g = self
+                .usage
+                .entry((org, key, model, day))
+                .or_insert((0, 0, r.ts));
+            g.0 += 1;
+            g.1 += i128::from(r.cost);
+            g.2 = g.2.min(r.ts);
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn finish(self) -> BatchParts {
+        let native = if self.rows == 0 {
+            Vec::new()
+        } else {
+            self.encode()
+        };
+        let mut usage: Vec<UsageGroup> = self
+            .usage
+            .iter()
+            .map(
+                |(&(org, key, model, day), &(calls, cost, first_ts))| UsageGroup {
+                    org_id: self.orgs.get(org),
+                    key_id: self.keys.get(key),
+                    model: self.model_requested.dict.get(model),
+                    day,
+                    calls,
+                    cost,
+                    first_ts,
+                },
+            )
+            .collect();
+        // A stable order: the same batch always yields the same list.
+        usage.sort_by(|a, b| {
+            (a.first_ts, &a.org_id, &a.key_id, &a.model, a.day)
+                .cmp(&(b.first_ts, &b.org_id, &b.key_id, &b.model, b.day))
+        });
+        let mut calls: Vec<CallGroup> = self
+            .calls
+            .iter()
+            .map(|(&(key, status, code, provider), &n)| CallGroup {
+                key_id: self.keys.get(key),
+                status,
+                error_code: self.error_code.dict.get(code),
+                provider: self.provider.dict.get(provider),
+                calls: n,
+            })
+            .collect();
+        calls.sort_by(|a, b| {
+            (&a.key_id, a.status, &a.error_code, &a.provider).cmp(&(
+                &b.key_id,
+                b.status,
+                &b.error_code,
+                &b.provider,
+            ))
+        });
+        let mut failures: Vec<(usize, FailureGroup)> = self
+            .failures
+            .iter()
+            .map(|(&(org, account, key, ip, status, code, provider), acc)| {
+                (
+                    acc.first_row,
+                    FailureGroup {
+                        org_id: self.orgs.get(org),
+                        account_id: self.accounts.get(account),
+                        key_id: self.keys.get(key),
+                        source_ip: self.ips.get(ip),
+                        status,
+                        error_code: self.error_code.dict.get(code),
+                        provider: self.provider.dict.get(provider),
+                        calls: acc.calls,
+                        first_request_id: acc.request_id.clone(),
+                        first_path: self.path.dict.get(acc.path),
+                        first_user_agent: acc.user_agent.clone(),
+                    },
+                )
+            })
+            .collect();
+        failures.sort_by_key(|(first_row, _)| *first_row);
+        // Key ids are numbered in order of appearance.
+        let owners = self
+            .owners
+            .iter()
+            .enumerate()
+            .filter_map(|(k, o)| {
+                let (org, account) = (*o)?;
+                let key = u32::try_from(k).ok()?;
+                Some((
+                    self.keys.get(key),
+                    self.orgs.get(org),
+                    self.accounts.get(account),
+                ))
+            })
+            .collect();
+        let sources = self
+            .sources
+            .iter()
+            .enumerate()
+            .filter(|(_, ips)| !ips.is_empty())
+            .filter_map(|(k, ips)| {
+                let key = u32::try_from(k).ok()?;
+                Some((
+                    self.keys.get(key),
+                    ips.iter().map(|&ip| self.ips.get(ip)).collect(),
+                ))
+            })
+            .collect();
+        BatchParts {
+            native,
+            rows: self.rows,
+            min_ts: self.min_ts,
+            max_ts: self.max_ts,
+            usage,
+            calls,
+            owners,
+            failures: failures.into_iter().map(|(_, g)| g).collect(),
+            sources,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let size = self.ts.len() * 12
+            + self.request_id.0.len()
+            + self.org_id.0.len()
+            + self.account_id.0.len()
+            + self.key_id.0.len()
+            + self.source_ip.0.len()
+            + self.user_agent.0.len()
+            + self.rows * 40
+            + 4096;
+        let mut out = Vec::with_capacity(size);
+        put_uvarint(&mut out, COLUMNS.len() as u64);
+        put_uvarint(&mut out, self.rows as u64);
+        for &(name, ty) in COLUMNS {
+            put_str(&mut out, name);
+            put_str(&mut out, ty);
+            match name {
+                "ts" => out.extend_from_slice(&self.ts),
+                "request_id" => out.extend_from_slice(&self.request_id.0),
+                "org_id" => out.extend_from_slice(&self.org_id.0),
+                "account_id" => out.extend_from_slice(&self.account_id.0),
+                "key_id" => out.extend_from_slice(&self.key_id.0),
+                "path" => self.path.encode(&mut out),
+                "model_requested" => self.model_requested.encode(&mut out),
+                "model_served" => self.model_served.encode(&mut out),
+                "provider" => self.provider.encode(&mut out),
+                "prompt_tokens" => out.extend_from_slice(&self.prompt_tokens),
+                "completion_tokens" => out.extend_from_slice(&self.completion_tokens),
+                "cached_tokens" => out.extend_from_slice(&self.cached_tokens),
+                "usage_source" => self.usage_source.encode(&mut out),
+                "cost" => out.extend_from_slice(&self.cost),
+                "status" => out.extend_from_slice(&self.status),
+                "error_code" => self.error_code.encode(&mut out),
+                "latency_us" => out.extend_from_slice(&self.latency_us),
+                "ttfb_us" => out.extend_from_slice(&self.ttfb_us),
+                "streamed" => out.extend_from_slice(&self.streamed),
+                "source_ip" => out.extend_from_slice(&self.source_ip.0),
+                "user_agent" => out.extend_from_slice(&self.user_agent.0),
+                "rate_limit" => self.rate_limit.encode(&mut out),
+                "attempts" => out.extend_from_slice(&self.attempts),
+                _ => self.guard_flags.encode(&mut out),
+            }
+        }
+        out
+    }
+}
+
+/// call_log's columns and their ClickHouse types, exactly as the analytics migrations
+/// create them (and as tests/contract/call_log_columns.json lists them).
+pub const COLUMNS: &[(&str, &str)] = &[
+    ("ts", "DateTime64(6, 'UTC')"),
+    ("request_id", "String"),
+    ("org_id", "String"),
+    ("account_id", "String"),
+    ("key_id", "String"),
+    ("path", "LowCardinality(String)"),
+    ("model_requested", "LowCardinality(String)"),
+    ("model_served", "LowCardinality(String)"),
+    ("provider", "LowCardinality(String)"),
+    ("prompt_tokens", "UInt32"),
+    ("completion_tokens", "UInt32"),
+    ("cached_tokens", "UInt32"),
+    ("usage_source", "LowCardinality(String)"),
+    ("cost", "Int64"),
+    ("status", "UInt16"),
+    ("error_code", "LowCardinality(String)"),
+    ("latency_us", "UInt32"),
+    ("ttfb_us", "UInt32"),
+    ("streamed", "UInt8"),
+    ("source_ip", "String"),
+    ("user_agent", "String"),
+    ("rate_limit", "LowCardinality(String)"),
+    ("attempts", "UInt8"),
+    ("guard_flags", "LowCardinality(String)"),
+];
+
+fn put_uvarint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_uvarint(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}

@@ -1,0 +1,159 @@
+"""The processes of a deployment: `serve` supervising its gateway child, `control` and
+`gateway` run apart, one gateway per data dir."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .harness import READY_TIMEOUT_S, Server, bootstrap, free_port
+from .records import exported_calls, reconcile
+from .test_pipeline_durability import drive
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _until(check: Callable[[], Any], timeout: float = READY_TIMEOUT_S) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if result := check():
+                return result
+        except (httpx.HTTPError, OSError):
+            pass
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _health(url: str) -> dict[str, Any] | None:
+    r = httpx.get(f"{url}/healthz", timeout=2)
+    return dict(r.json()) if r.status_code == 200 else None
+
+
+def test_killed_gateway_is_restarted_and_its_journal_ingested(
+    tmp_path: Path, mock_addr: str
+) -> None:
+    creds = bootstrap(tmp_path)
+    server = Server(data_dir=tmp_path, upstream=mock_addr)
+    server.start()
+    try:
+        assert server.proc is not None
+        (gateway,) = _children(server.proc.pid)
+        before = drive(server, creds["api_key"], 20)
+        os.kill(gateway, signal.SIGKILL)
+        # A new child, on the same address, with a new engine instance.
+        restarted = _until(lambda: [p for p in _children(server.proc.pid) if p != gateway])
+        assert len(restarted) == 1
+        _until(lambda: _health(server.gateway_url))
+        after = drive(server, creds["api_key"], 10)
+        assert server.stop() == 0
+    finally:
+        server.kill()
+    # Nothing of the killed instance's journal is lost or counted twice.
+    rows = exported_calls(tmp_path)
+    assert sorted(r["request_id"] for r in rows) == sorted(before | after)
+    code, lines = reconcile(tmp_path)
+    assert code == 0 and sum(x["call_log_cost"] for x in lines) > 0
+    assert not list((tmp_path / "spool").glob("journal-*"))
+
+
+def test_second_gateway_on_the_same_data_dir_is_refused(tmp_path: Path, mock_addr: str) -> None:
+    bootstrap(tmp_path)
+    server = Server(data_dir=tmp_path, upstream=mock_addr)
+    server.start()
+    try:
+        env = {**server.env(), "ONETOKEN_GATEWAY_LISTEN": f"127.0.0.1:{free_port()}"}
+        env["ONETOKEN_METRICS_LISTEN"] = f"127.0.0.1:{free_port()}"
+        env["ONETOKEN_CONTROL_URL"] = server.control_url
+        second = subprocess.run(
+            [sys.executable, "-m", "onetoken.cli", "gateway"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 2
+        assert "another gateway is serving data dir" in second.stderr
+        # The first one keeps serving.
+        assert _health(server.gateway_url) is not None
+        assert server.stop() == 0
+    finally:
+        server.kill()
+
+
+def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "onetoken.cli", *args], env=env, stdout=out, stderr=out
+        )
+
+
+def test_gateway_keeps_serving_while_the_control_process_is_down(
+    tmp_path: Path, mock_addr: str
+) -> None:
+    creds = bootstrap(tmp_path)
+    # The demo's models and provider, set up once by serve --demo.
+    setup = Server(data_dir=tmp_path, upstream=mock_addr)
+    setup.start()
+    assert setup.stop() == 0
+    secret = (tmp_path / "secret.key").read_text().strip()
+    env = {**setup.env(), "ONETOKEN_SECRET_KEY": secret}
+    logs = tmp_path / "logs"
+    control = _spawn(["control"], env, logs / "control.out")
+    gateway: subprocess.Popen[bytes] | None = None
+    try:
+        _until(lambda: httpx.get(f"{setup.control_url}/api/openapi.json").status_code == 200)
+        gateway = _spawn(
+            ["gateway"], {**env, "ONETOKEN_CONTROL_URL": setup.control_url}, logs / "gw.out"
+        )
+        health = _until(lambda: _health(setup.gateway_url))
+        assert health["control"] == "ok"
+        ids = drive(setup, creds["api_key"], 6)
+
+        control.send_signal(signal.SIGKILL)
+        control.wait(timeout=30)
+        # Still serving on its last snapshot, and saying so.
+        health = _until(
+            lambda: (h := _health(setup.gateway_url)) and h["control"] == "unreachable" and h
+        )
+        assert health["snapshot_version"] >= 1
+        ids |= drive(setup, creds["api_key"], 6)
+        with httpx.Client(
+            base_url=setup.gateway_url, headers={"Authorization": f"Bearer {creds['api_key']}"}
+        ) as gw:
+            r = gw.post(
+                "/v1/chat/completions",
+                json={"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert r.status_code == 200
+            ids.add(r.headers["x-request-id"])
+        metrics = httpx.get(setup.metrics_url).text
+        assert "onetoken_control_reachable 0" in metrics
+
+        control = _spawn(["control"], env, logs / "control.out")
+        _until(lambda: (h := _health(setup.gateway_url)) and h["control"] == "ok")
+        gateway.send_signal(signal.SIGTERM)
+        assert gateway.wait(timeout=60) == 0
+        control.send_signal(signal.SIGTERM)
+        assert control.wait(timeout=60) == 0
+    finally:
+        for proc in (gateway, control):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+    # What was served while the control process was down is ingested after all.
+    rows = exported_calls(tmp_path)
+    assert {r["request_id"] for r in rows} >= ids
