@@ -124,6 +124,7 @@ struct FailureAcc {
 }
 
 /// A record as read from a journal line; strings borrow from the line where they can.
+#[derive(Debug)]
 pub(crate) struct Row<'a> {
     pub ts: i64,
     pub request_id: &'a str,
