@@ -19,6 +19,7 @@ from onetoken.analytics.clickhouse import open_client
 from onetoken.analytics.columns import CALL_LOG_COLUMNS
 from onetoken.analytics.sink import CallLogSink
 from onetoken.settings import Settings
+from tests.unit.batches import encode
 
 NOW = int(time.time() * 1_000_000)
 
@@ -68,7 +69,9 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 @pytest.fixture(scope="module")
 def client(settings: Settings) -> Iterator[Client]:
     client = open_client(settings)
-    CallLogSink(settings, client=client).write(one_record("req-clean", "python-httpx/0.27"))
+    CallLogSink(settings, client=client).insert(
+        *encode(one_record("req-clean", "python-httpx/0.27")), "calllog:clean"
+    )
     yield client
     client.close()
 
@@ -130,7 +133,9 @@ def test_non_utf8_encodings_of_the_needle_are_found(tmp_path: Path) -> None:
 def test_needle_in_a_clickhouse_row_is_found(settings: Settings, client: Client) -> None:
     secret = needle()
     assert audit.scan(settings, secret, client=client) == []
-    CallLogSink(settings, client=client).write(one_record("req-leak", f"agent {secret}"))
+    CallLogSink(settings, client=client).insert(
+        *encode(one_record("req-leak", f"agent {secret}")), "calllog:leak"
+    )
     found = audit.scan(settings, secret, client=client)
     assert "ClickHouse onetoken.call_log.user_agent: 1 row(s)" in found
     # Without a client, the scan opens the (same-process) chDB path itself.

@@ -151,42 +151,190 @@ const FIXED_SET_LEN_MAX: usize = 64;
 
 /// Add one line (with its `\n`) to the batch; false when it is not a record.
 fn parse_into(line: &[u8], batch: &mut CallBatch) -> bool {
+    if let Some(row) = parse_plain(line) {
+        return push_checked(batch, &row);
+    }
     let Ok(l) = serde_json::from_slice::<Line<'_>>(line) else {
         return false;
     };
-    if [&l.path, &l.usage_source, &l.error_code, &l.rate_limit]
+    push_checked(batch, &l.row())
+}
+
+fn push_checked(batch: &mut CallBatch, row: &Row<'_>) -> bool {
+    if [row.path, row.usage_source, row.error_code, row.rate_limit]
         .iter()
         .any(|s| s.len() > FIXED_SET_LEN_MAX)
     {
         return false;
     }
-    batch.push(&Row {
-        ts: l.ts,
-        request_id: &l.request_id,
-        org_id: &l.org_id,
-        account_id: &l.account_id,
-        key_id: &l.key_id,
-        path: &l.path,
-        model_requested: &l.model_requested,
-        model_served: &l.model_served,
-        provider: &l.provider,
-        prompt_tokens: l.prompt_tokens,
-        completion_tokens: l.completion_tokens,
-        cached_tokens: l.cached_tokens,
-        usage_source: &l.usage_source,
-        cost: l.cost,
-        status: l.status,
-        error_code: &l.error_code,
-        latency_us: l.latency_us,
-        ttfb_us: l.ttfb_us,
-        streamed: l.streamed,
-        source_ip: &l.source_ip,
-        user_agent: &l.user_agent,
-        rate_limit: &l.rate_limit,
-        attempts: l.attempts,
-        guard_flags: &l.guard_flags,
-    });
+    batch.push(row);
     true
+}
+
+impl<'a> Line<'a> {
+    fn row(&'a self) -> Row<'a> {
+        Row {
+            ts: self.ts,
+            request_id: &self.request_id,
+            org_id: &self.org_id,
+            account_id: &self.account_id,
+            key_id: &self.key_id,
+            path: &self.path,
+            model_requested: &self.model_requested,
+            model_served: &self.model_served,
+            provider: &self.provider,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cached_tokens: self.cached_tokens,
+            usage_source: &self.usage_source,
+            cost: self.cost,
+            status: self.status,
+            error_code: &self.error_code,
+            latency_us: self.latency_us,
+            ttfb_us: self.ttfb_us,
+            streamed: self.streamed,
+            source_ip: &self.source_ip,
+            user_agent: &self.user_agent,
+            rate_limit: &self.rate_limit,
+            attempts: self.attempts,
+            guard_flags: &self.guard_flags,
+        }
+    }
+}
+
+/// The common line, read without a general JSON parser: exactly the bytes
+/// [`crate::records::write_line`] writes (its keys in its order, no whitespace) and no
+/// escape in any string, so every value is a slice of the line. Anything else is `None`
+/// and goes to serde_json, which then decides; so this accepts only lines serde_json
+/// would read the same way, and is several times faster on them.
+fn parse_plain(line: &[u8]) -> Option<Row<'_>> {
+    let body = line.strip_suffix(b"\n")?;
+    if memchr::memchr(b'\\', body).is_some() {
+        return None;
+    }
+    let mut p = Plain {
+        s: std::str::from_utf8(body).ok()?,
+        pos: 0,
+    };
+    p.lit("{\"ts\":")?;
+    let ts = p.int()?;
+    let request_id = p.field_str(",\"request_id\":")?;
+    let org_id = p.field_str(",\"org_id\":")?;
+    let account_id = p.field_str(",\"account_id\":")?;
+    let key_id = p.field_str(",\"key_id\":")?;
+    let path = p.field_str(",\"path\":")?;
+    let model_requested = p.field_str(",\"model_requested\":")?;
+    let model_served = p.field_str(",\"model_served\":")?;
+    let provider = p.field_str(",\"provider\":")?;
+    let prompt_tokens = u32::try_from(p.field_uint(",\"prompt_tokens\":")?).ok()?;
+    let completion_tokens = u32::try_from(p.field_uint(",\"completion_tokens\":")?).ok()?;
+    let cached_tokens = u32::try_from(p.field_uint(",\"cached_tokens\":")?).ok()?;
+    let usage_source = p.field_str(",\"usage_source\":")?;
+    p.lit(",\"cost\":")?;
+    let cost = p.int()?;
+    let status = u16::try_from(p.field_uint(",\"status\":")?).ok()?;
+    let error_code = p.field_str(",\"error_code\":")?;
+    let latency_us = u32::try_from(p.field_uint(",\"latency_us\":")?).ok()?;
+    let ttfb_us = u32::try_from(p.field_uint(",\"ttfb_us\":")?).ok()?;
+    let streamed = u8::try_from(p.field_uint(",\"streamed\":")?).ok()?;
+    let source_ip = p.field_str(",\"source_ip\":")?;
+    let user_agent = p.field_str(",\"user_agent\":")?;
+    let rate_limit = p.field_str(",\"rate_limit\":")?;
+    let attempts = u8::try_from(p.field_uint(",\"attempts\":")?).ok()?;
+    let guard_flags = p.field_str(",\"guard_flags\":")?;
+    p.lit("}")?;
+    if p.pos != p.s.len() {
+        return None;
+    }
+    Some(Row {
+        ts,
+        request_id,
+        org_id,
+        account_id,
+        key_id,
+        path,
+        model_requested,
+        model_served,
+        provider,
+        prompt_tokens,
+        completion_tokens,
+        cached_tokens,
+        usage_source,
+        cost,
+        status,
+        error_code,
+        latency_us,
+        ttfb_us,
+        streamed,
+        source_ip,
+        user_agent,
+        rate_limit,
+        attempts,
+        guard_flags,
+    })
+}
+
+/// A position in a line for [`parse_plain`].
+struct Plain<'a> {
+    s: &'a str,
+    pos: usize,
+}
+
+impl<'a> Plain<'a> {
+    fn lit(&mut self, expected: &str) -> Option<()> {
+        let rest = self.s.get(self.pos..)?;
+        if !rest.starts_with(expected) {
+            return None;
+        }
+        self.pos += expected.len();
+        Some(())
+    }
+
+    /// A string without escapes (the caller ruled out backslashes): up to the next quote,
+    /// and without the raw control characters JSON forbids in strings.
+    fn field_str(&mut self, key: &str) -> Option<&'a str> {
+        self.lit(key)?;
+        self.lit("\"")?;
+        let rest = self.s.get(self.pos..)?;
+        let end = memchr::memchr(b'"', rest.as_bytes())?;
+        let value = rest.get(..end)?;
+        if value.bytes().any(|b| b < 0x20) {
+            return None;
+        }
+        self.pos += end + 1;
+        Some(value)
+    }
+
+    fn field_uint(&mut self, key: &str) -> Option<u64> {
+        self.lit(key)?;
+        self.digits()
+    }
+
+    /// JSON digits (no leading zero but a lone 0) as u64; None on overflow.
+    fn digits(&mut self) -> Option<u64> {
+        let bytes = self.s.as_bytes().get(self.pos..)?;
+        let n = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
+        if n == 0 || (n > 1 && bytes.first() == Some(&b'0')) {
+            return None;
+        }
+        let mut v: u64 = 0;
+        for &b in bytes.get(..n)? {
+            v = v.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+        }
+        self.pos += n;
+        Some(v)
+    }
+
+    fn int(&mut self) -> Option<i64> {
+        let negative = self.lit("-").is_some();
+        let magnitude = self.digits()?;
+        if negative {
+            // i64::MIN's magnitude is one more than i64::MAX.
+            0i64.checked_sub_unsigned(magnitude)
+        } else {
+            i64::try_from(magnitude).ok()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -579,5 +727,73 @@ mod failure_tests {
         );
         let ips: Vec<&str> = read.batch.sources[0].1.iter().map(String::as_str).collect();
         assert_eq!(ips, ["1.1.1.1", "2.2.2.2", "3.3.3.3"]);
+    }
+}
+
+#[cfg(test)]
+mod plain_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::records::{write_line, CallRecord};
+
+    fn line(r: &CallRecord) -> Vec<u8> {
+        let mut buf = Vec::new();
+        write_line(r, &mut buf);
+        buf
+    }
+
+    fn via_serde(line: &[u8]) -> Option<String> {
+        let l = serde_json::from_slice::<Line<'_>>(line).ok()?;
+        Some(format!("{:?}", l.row()))
+    }
+
+    /// The fast path reads a line exactly as serde_json does, or leaves it to serde_json.
+    #[test]
+    fn plain_lines_read_as_serde_reads_them() {
+        let mut records = vec![CallRecord::default()];
+        for (ts, cost) in [(i64::MIN, i64::MAX), (i64::MAX, i64::MIN), (-1, 0), (0, -1)] {
+            records.push(CallRecord {
+                ts,
+                cost,
+                request_id: "req_1".into(),
+                user_agent: "ünïcödé ✓ 🦀 \u{2028}".into(),
+                prompt_tokens: u32::MAX,
+                status: u16::MAX,
+                streamed: u8::MAX,
+                attempts: u8::MAX,
+                ..CallRecord::default()
+            });
+        }
+        for r in &records {
+            let l = line(r);
+            let fast = parse_plain(&l).map(|row| format!("{row:?}"));
+            assert!(fast.is_some(), "{r:?}");
+            assert_eq!(fast, via_serde(&l));
+        }
+        // Escapes, whitespace, another key order, leading zeros, out of range, raw
+        // control characters: not the plain shape, so serde_json decides.
+        let plain = String::from_utf8(line(&records[1])).unwrap();
+        for other in [
+            line(&CallRecord {
+                user_agent: "quote \" inside".into(),
+                ..CallRecord::default()
+            }),
+            plain.replacen("{\"ts\":", "{ \"ts\":", 1).into_bytes(),
+            plain
+                .replace("\"status\":65535", "\"status\":065535")
+                .into_bytes(),
+            plain
+                .replace("\"status\":65535", "\"status\":65536")
+                .into_bytes(),
+            plain
+                .replace("\"attempts\":255", "\"attempts\":2.5")
+                .into_bytes(),
+            plain
+                .replace("\"request_id\":\"req_1\"", "\"request_id\":\"req\t1\"")
+                .into_bytes(),
+            plain.replace("}\n", ",\"extra\":1}\n").into_bytes(),
+        ] {
+            assert_eq!(parse_plain(&other).map(|_| ()), None);
+        }
     }
 }
