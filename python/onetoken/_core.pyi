@@ -5,7 +5,7 @@ record batches back from the engine's journal files (read_journal); nothing cros
 boundary per request.
 """
 
-from typing import Any, Final, TypedDict
+from typing import Final, TypedDict
 
 __version__: Final[str]
 

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from onetoken.kit.files import restrict_umask
@@ -395,7 +395,14 @@ def cmd_billing_reconcile(args: argparse.Namespace) -> int:
         try:
             with reader:
                 lines = [
-                    OrgReconciliation(r["org_id"], int(r["ledger_usage"]), int(r["call_log_cost"]))
+                    OrgReconciliation(
+                        r["org_id"],
+                        date.fromisoformat(r["day"]),
+                        int(r["ledger_usage"]),
+                        int(r["call_log_cost"]),
+                        int(r["ledger_calls"]),
+                        int(r["call_log_calls"]),
+                    )
                     for r in reader.reconcile(start=args.start, end=args.end, org=args.org)
                 ]
         except OpsError as exc:

@@ -12,7 +12,7 @@ logs keep), and nothing here logs or echoes it.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -46,8 +46,11 @@ router = APIRouter(
 
 class ReconcileLine(BaseModel):
     org_id: str
+    day: date
     ledger_usage: int
     call_log_cost: int
+    ledger_calls: int
+    call_log_calls: int
 
 
 class ReconcileResponse(BaseModel):
@@ -62,14 +65,20 @@ def billing_reconcile(
     end: datetime | None = None,
     org: str | None = None,
 ) -> ReconcileResponse:
-    """`onetoken billing reconcile`: ledger usage against call_log cost per org."""
+    """`onetoken billing reconcile`: ledger usage against call_log cost per org and UTC day."""
     from onetoken.billing.reconcile import reconcile
 
     lines = call_log_sink(state).read(lambda c: reconcile(session, c, start=start, end=end))
     return ReconcileResponse(
         lines=[
-            ReconcileLine(org_id=r.org_id, ledger_usage=r.ledger_usage,
-                          call_log_cost=r.call_log_cost)
+            ReconcileLine(
+                org_id=r.org_id,
+                day=r.day,
+                ledger_usage=r.ledger_usage,
+                call_log_cost=r.call_log_cost,
+                ledger_calls=r.ledger_calls,
+                call_log_calls=r.call_log_calls,
+            )
             for r in lines
             if org is None or r.org_id == org
         ]
