@@ -9,14 +9,18 @@
 //! reader's to show.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::Path;
+use std::sync::OnceLock;
 
+use parking_lot::Mutex;
 use serde::Deserialize;
 
 pub use crate::call_batch::{BatchParts, CallGroup, FailureGroup, UsageGroup, COLUMNS};
 use crate::call_batch::{CallBatch, Row};
+use crate::records::CallRecord;
 
 /// What one [`read_batch`] call found.
 #[derive(Debug, Default)]
@@ -43,14 +47,89 @@ pub fn read_batch(
     complete: bool,
     until: Option<u64>,
 ) -> std::io::Result<BatchRead> {
+    let mut batch = CallBatch::default();
+    let (next_offset, bad_lines) = read_lines(
+        path,
+        offset,
+        complete,
+        until,
+        |batch: &CallBatch| batch.rows() < max_records,
+        |batch: &mut CallBatch, line| parse_into(line, batch),
+        &mut batch,
+    )?;
+    Ok(BatchRead {
+        batch: batch.finish(),
+        next_offset,
+        bad_lines,
+    })
+}
+
+/// What one [`read_segment`] call found.
+#[derive(Debug, Default)]
+pub struct SegmentRead {
+    /// The records parsed, in file order.
+    pub records: Vec<CallRecord>,
+    /// Where the next read resumes: just after the last line consumed.
+    pub next_offset: u64,
+    /// Lines consumed that were not records (torn, truncated or foreign).
+    pub bad_lines: u64,
+}
+
+/// The same lines as [`read_batch`], as whole [`CallRecord`]s: for tools and tests that
+/// look at single records; ingestion reads batches.
+///
+/// # Errors
+/// The file cannot be opened, positioned or read.
+pub fn read_segment(
+    path: &Path,
+    offset: u64,
+    max_records: usize,
+    complete: bool,
+) -> std::io::Result<SegmentRead> {
+    let mut records = Vec::new();
+    let (next_offset, bad_lines) = read_lines(
+        path,
+        offset,
+        complete,
+        None,
+        |records: &Vec<CallRecord>| records.len() < max_records,
+        |records: &mut Vec<CallRecord>, line| match parse_record(line) {
+            Some(record) => {
+                records.push(record);
+                true
+            }
+            None => false,
+        },
+        &mut records,
+    )?;
+    Ok(SegmentRead {
+        records,
+        next_offset,
+        bad_lines,
+    })
+}
+
+/// The one line loop of both readers: whole lines from `offset` while `more(out)` and
+/// before `until`, each handed to `take` (false: not a record, counted bad). A trailing
+/// line without `\n` is left for a later read unless `complete` (the segment will never
+/// grow again), in which case it is consumed and counted as bad. Returns where the next
+/// read resumes and the bad lines.
+fn read_lines<T>(
+    path: &Path,
+    offset: u64,
+    complete: bool,
+    until: Option<u64>,
+    more: impl Fn(&T) -> bool,
+    mut take: impl FnMut(&mut T, &[u8]) -> bool,
+    out: &mut T,
+) -> std::io::Result<(u64, u64)> {
     let mut file = File::open(path)?;
     file.seek(SeekFrom::Start(offset))?;
     let mut reader = BufReader::with_capacity(READ_BUFFER, file);
-    let mut batch = CallBatch::default();
     let mut next_offset = offset;
     let mut bad_lines = 0;
     let mut line = Vec::with_capacity(1024);
-    while batch.rows() < max_records && until.is_none_or(|end| next_offset < end) {
+    while more(out) && until.is_none_or(|end| next_offset < end) {
         line.clear();
         let n = reader.read_until(b'\n', &mut line)?;
         if n == 0 {
@@ -66,15 +145,11 @@ pub fn read_batch(
             break;
         }
         next_offset += n as u64;
-        if !parse_into(&line, &mut batch) {
+        if !take(out, &line) {
             bad_lines += 1;
         }
     }
-    Ok(BatchRead {
-        batch: batch.finish(),
-        next_offset,
-        bad_lines,
-    })
+    Ok((next_offset, bad_lines))
 }
 
 /// Whether the engine instance owning the lock file `lock_path`
@@ -200,6 +275,64 @@ impl<'a> Line<'a> {
             guard_flags: &self.guard_flags,
         }
     }
+}
+
+/// One line (with its `\n`) as an owned record, or `None` when it is not one.
+fn parse_record(line: &[u8]) -> Option<CallRecord> {
+    if let Some(row) = parse_plain(line) {
+        return row_record(&row);
+    }
+    let l: Line<'_> = serde_json::from_slice(line).ok()?;
+    row_record(&l.row())
+}
+
+fn row_record(r: &Row<'_>) -> Option<CallRecord> {
+    Some(CallRecord {
+        ts: r.ts,
+        request_id: r.request_id.to_owned(),
+        org_id: r.org_id.to_owned(),
+        account_id: r.account_id.to_owned(),
+        key_id: r.key_id.to_owned(),
+        path: intern(r.path)?,
+        model_requested: r.model_requested.to_owned(),
+        model_served: r.model_served.to_owned(),
+        provider: r.provider.to_owned(),
+        prompt_tokens: r.prompt_tokens,
+        completion_tokens: r.completion_tokens,
+        cached_tokens: r.cached_tokens,
+        usage_source: intern(r.usage_source)?,
+        cost: r.cost,
+        status: r.status,
+        error_code: intern(r.error_code)?,
+        latency_us: r.latency_us,
+        ttfb_us: r.ttfb_us,
+        streamed: r.streamed,
+        source_ip: r.source_ip.to_owned(),
+        user_agent: r.user_agent.to_owned(),
+        rate_limit: intern(r.rate_limit)?,
+        attempts: r.attempts,
+        guard_flags: r.guard_flags.to_owned(),
+    })
+}
+
+/// The engine writes the `&'static str` columns (path, usage source, error code, rate
+/// limit) from small fixed sets, so each distinct value is kept once for the life of the
+/// process. The caps bound that memory should a file hold other values: such a line is
+/// then bad rather than a leak.
+const INTERNED_MAX: usize = 1024;
+
+fn intern(s: &str) -> Option<&'static str> {
+    static SEEN: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut seen = SEEN.get_or_init(|| Mutex::new(HashSet::new())).lock();
+    if let Some(&kept) = seen.get(s) {
+        return Some(kept);
+    }
+    if seen.len() >= INTERNED_MAX || s.len() > FIXED_SET_LEN_MAX {
+        return None;
+    }
+    let kept: &'static str = Box::leak(s.to_owned().into_boxed_str());
+    seen.insert(kept);
+    Some(kept)
 }
 
 /// The common line, read without a general JSON parser: exactly the bytes
