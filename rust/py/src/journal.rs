@@ -4,7 +4,6 @@
 use std::path::Path;
 
 use onetoken_gateway::journal_reader;
-use onetoken_gateway::CallRecord;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
@@ -99,45 +98,4 @@ pub(crate) fn call_log_native_columns() -> Vec<(&'static str, &'static str)> {
 #[pyfunction]
 pub(crate) fn journal_instance_live(py: Python<'_>, lock_path: &str) -> PyResult<bool> {
     Ok(py.detach(|| journal_reader::instance_live(Path::new(lock_path)))?)
-}
-
-/// Column-oriented batch, keys in contract order (the engine's in-memory drain).
-pub(crate) fn columns<'py>(
-    py: Python<'py>,
-    records: &[CallRecord],
-) -> PyResult<Bound<'py, PyDict>> {
-    let out = PyDict::new(py);
-    macro_rules! column {
-        ($name:ident) => {
-            out.set_item(
-                stringify!($name),
-                PyList::new(py, records.iter().map(|r| &r.$name))?,
-            )?;
-        };
-    }
-    column!(ts);
-    column!(request_id);
-    column!(org_id);
-    column!(account_id);
-    column!(key_id);
-    column!(path);
-    column!(model_requested);
-    column!(model_served);
-    column!(provider);
-    column!(prompt_tokens);
-    column!(completion_tokens);
-    column!(cached_tokens);
-    column!(usage_source);
-    column!(cost);
-    column!(status);
-    column!(error_code);
-    column!(latency_us);
-    column!(ttfb_us);
-    column!(streamed);
-    column!(source_ip);
-    column!(user_agent);
-    column!(rate_limit);
-    column!(attempts);
-    column!(guard_flags);
-    Ok(out)
 }
