@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -31,7 +32,7 @@ from onetoken.ops.router import PREFIX
 from onetoken.settings import Settings
 
 from .conftest import TEST_SECRET
-from .test_analytics_sink import T0, free_port, make_batch
+from .test_analytics_sink import T0, free_port, insert, make_batch
 
 NEEDLE = "ops-needle-7c1f0a9e3b"
 
@@ -54,8 +55,8 @@ def sink(settings: Settings, ch: Client) -> Iterator[CallLogSink]:
     sink = CallLogSink(settings, client=ch)
     planted = make_batch("org-ops-a", 25)
     planted["user_agent"][3] = f"agent {NEEDLE}"
-    sink.write(planted)
-    sink.write(make_batch("org-ops-b", 4, ts0=T0 + 10**9))
+    assert insert(sink, planted)
+    assert insert(sink, make_batch("org-ops-b", 4, ts0=T0 + 10**9))
     yield sink
     sink.close()
 
@@ -163,11 +164,20 @@ def test_call_stats_are_the_control_apis(http: TestClient, ops: dict[str, str]) 
 def test_reconcile_runs_the_cli_function(http: TestClient, ops: dict[str, str]) -> None:
     r = http.get(f"{PREFIX}/billing/reconcile", headers=ops)
     assert r.status_code == 200, r.text
+    # One line per org and UTC day; each planted batch lies within one day.
     lines = {line["org_id"]: line for line in r.json()["lines"]}
-    # call_log rows without ledger entries: every cost is a difference.
-    assert lines["org-ops-a"] == {"org_id": "org-ops-a", "ledger_usage": 0,
-                                  "call_log_cost": sum(1_000 + i for i in range(25))}
+    assert len(lines) == len(r.json()["lines"])
+    # call_log rows without ledger entries: every cost and call is a difference.
+    assert lines["org-ops-a"] == {
+        "org_id": "org-ops-a",
+        "day": datetime.fromtimestamp(T0 / 1e6, UTC).date().isoformat(),
+        "ledger_usage": 0,
+        "call_log_cost": sum(1_000 + i for i in range(25)),
+        "ledger_calls": 0,
+        "call_log_calls": 25,
+    }
     assert lines["org-ops-b"]["call_log_cost"] == sum(1_000 + i for i in range(4))
+    assert lines["org-ops-b"]["call_log_calls"] == 4
     only = http.get(f"{PREFIX}/billing/reconcile", headers=ops, params={"org": "org-ops-b"})
     assert [line["org_id"] for line in only.json()["lines"]] == ["org-ops-b"]
 
