@@ -403,13 +403,18 @@ fn contraction(b: &[u8], e: usize) -> usize {
     }
 }
 
+/// The first 8 bytes of `b` as a little-endian word, zero-padded. No variable-length
+/// copy (a library call per word): merges hash and compare many short spans.
+#[inline(always)]
 fn read_u64(b: &[u8]) -> u64 {
-    let mut w = [0u8; 8];
-    let n = b.len().min(8);
-    if let (Some(dst), Some(src)) = (w.get_mut(..n), b.get(..n)) {
-        dst.copy_from_slice(src);
+    if let Some(w) = b.first_chunk::<8>() {
+        return u64::from_le_bytes(*w);
     }
-    u64::from_le_bytes(w)
+    let mut w = 0u64;
+    for (i, &x) in b.iter().enumerate() {
+        w |= u64::from(x) << (8 * i);
+    }
+    w
 }
 
 #[inline(always)]
@@ -488,7 +493,12 @@ static RANKS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/o200k_base.ranks
 struct Vocab {
     slots: Vec<u64>,
     mask: usize,
+    /// Rank of every two-byte token by its bytes as a little-endian u16 (`NO_PAIR` if
+    /// none): a merge's first round looks up every adjacent byte pair.
+    pairs: Vec<u32>,
 }
+
+const NO_PAIR: u32 = u32::MAX;
 
 /// No real slot is all ones: ranks stay far below 2^20 - 1.
 const EMPTY: u64 = u64::MAX;
@@ -513,6 +523,7 @@ impl Vocab {
         let mut v = Vocab {
             slots: vec![EMPTY; size],
             mask: size - 1,
+            pairs: vec![NO_PAIR; 1 << 16],
         };
         for (rank, &(offset, len)) in entries.iter().enumerate() {
             // Pieces of one byte never reach the table (every byte is a token).
@@ -520,6 +531,11 @@ impl Vocab {
                 continue;
             }
             let bytes = RANKS.get(offset..offset + usize::from(len))?;
+            if let [a, b] = *bytes {
+                if let Some(p) = v.pairs.get_mut(usize::from(u16::from_le_bytes([a, b]))) {
+                    *p = rank as u32;
+                }
+            }
             let h = hash(bytes);
             let mut i = (h as usize) & v.mask;
             while v.slots.get(i).is_some_and(|&s| s != EMPTY) {
@@ -534,6 +550,14 @@ impl Vocab {
             }
         }
         Some(v)
+    }
+
+    /// Rank of the token `piece[i..i + 2]`, if it is one.
+    #[inline(always)]
+    fn pair(&self, piece: &[u8], i: usize) -> Option<u32> {
+        let (&a, &b) = (piece.get(i)?, piece.get(i + 1)?);
+        let r = *self.pairs.get(usize::from(u16::from_le_bytes([a, b])))?;
+        (r != NO_PAIR).then_some(r)
     }
 
     #[inline(always)]
@@ -705,6 +729,9 @@ impl Fast {
     /// Rank of the token `piece[a..b]`, if it is one.
     #[inline(always)]
     fn rank(&self, piece: &[u8], a: usize, b: usize) -> Option<u32> {
+        if b == a + 2 {
+            return self.vocab.pair(piece, a);
+        }
         piece.get(a..b).and_then(|s| self.vocab.find(hash(s), s))
     }
 
@@ -712,18 +739,22 @@ impl Fast {
     fn scan_merge_count<const N: usize>(&self, piece: &[u8]) -> usize {
         const NONE: u32 = u32::MAX;
         let n = piece.len();
-        if n >= N {
+        if n >= N || N > 256 {
             return self.heap_merge_count(piece);
         }
-        let rank = |a: usize, b: usize| -> u32 { self.rank(piece, a, b).unwrap_or(NONE) };
-        // bounds[..m]: part boundaries; ranks[i]: rank of parts i and i + 1 merged.
-        let mut bounds = [0usize; N];
+        let rank = |a: u8, b: u8| -> u32 {
+            self.rank(piece, usize::from(a), usize::from(b))
+                .unwrap_or(NONE)
+        };
+        // bounds[..m]: part boundaries (bytes, so a merge moves little memory); ranks[i]:
+        // rank of parts i and i + 1 merged.
+        let mut bounds = [0u8; N];
         let mut ranks = [NONE; N];
         for (i, b) in bounds.iter_mut().enumerate().take(n + 1) {
-            *b = i;
+            *b = i as u8;
         }
         for (i, r) in ranks.iter_mut().enumerate().take(n - 1) {
-            *r = rank(i, i + 2);
+            *r = self.vocab.pair(piece, i).unwrap_or(NONE);
         }
         let mut m = n + 1;
         loop {
@@ -773,7 +804,7 @@ impl Fast {
         let mut alive = vec![true; n];
         let mut heap = BinaryHeap::with_capacity(n);
         for i in 0..n.saturating_sub(1) {
-            if let Some(r) = self.rank(piece, i, i + 2) {
+            if let Some(r) = self.vocab.pair(piece, i) {
                 heap.push(Reverse((r, i as u32, i as u32 + 2)));
             }
         }
@@ -1222,6 +1253,9 @@ mod tests {
             assert_eq!(bytes, bpe.token_bytes(id), "token {id}");
             if len >= 2 {
                 assert_eq!(f.vocab.find(hash(bytes), bytes), Some(id), "token {id}");
+            }
+            if len == 2 {
+                assert_eq!(f.vocab.pair(bytes, 0), Some(id), "token {id}");
             }
             assert_eq!(f.merge_count(bytes), 1, "token {id}");
         }
