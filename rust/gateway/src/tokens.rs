@@ -1,57 +1,68 @@
-//! Token counting with the o200k_base vocabulary (GPT-4o family), exact.
+//! Token counting with the o200k_base vocabulary (GPT-4o family), exact, in a few MB.
 //!
-//! Measured 2026-11-27 on the 2-core dev machine while other builds and test suites loaded
-//! it heavily (load average 10-13 on 2 cores throughout; no idle window was available), so
-//! absolute figures are low and noisy and the ratios are the point. Release build, one
-//! thread, `cargo bench -p onetoken-gateway --bench tokens`, MB/s of text per core (the
-//! counting thread's CPU time), best of several samples; ranges are across three runs.
-//! bpe-openai itself measured 30.5 MB/s on English on this machine when idle, 19-27 here.
+//! Measured 2026-12-06 on the 2-core dev machine, shared with other builds and test suites
+//! (load average 1-3), so absolute figures are noisy and the ratios are the point. Release
+//! build, one thread, `cargo bench -p onetoken-gateway --bench tokens -- --quick`, MB/s of
+//! text per core (the counting thread's CPU time), best of three runs; "before" is the
+//! previous design (bpe-openai's tokenizer loaded for its vocabulary and long pieces).
 //!
-//! | text (1 MB, generated)              | tokens::count warm | cold (1st pass) | bpe-openai 0.3 |
-//! |-------------------------------------|--------------------|-----------------|----------------|
-//! | English prose (2.5% never-seen words) | 76-96            | 47-67           | 22-27          |
-//! | code (the gateway's Rust sources)   | 132-175            | 34-202          | 25-29          |
-//! | JSON chat request bodies            | 79-136             | 26-88           | 19-24          |
-//! | mixed English + CJK                 | 55-73              | 49-62           | 22-26          |
-//! | real English (license texts, 97 KB) | 125                | 54              | 22-25          |
-//! | English paragraph repeated          | 144-441            | 125-267         | 34-38          |
+//! | text (256 KB, generated)            | warm      | cold (1st pass) | before: warm, cold |
+//! |-------------------------------------|-----------|-----------------|--------------------|
+//! | English prose (2.5% never-seen words) | 178     | 122             | 124, 67            |
+//! | code (the gateway's Rust sources)   | 247       | 150             | 195, 127           |
+//! | JSON chat request bodies            | 210       | 143             | 150, 94            |
+//! | mixed English + CJK                 | 70        | 61              | 105, 70            |
+//! | real English (license texts, 97 KB) | 227       | 125             | 198, 87            |
 //!
-//! 1 KB prompts (2000 different ones per text, warm): English 60-89 MB/s = 11-17 µs per
-//! prompt (bpe-openai 39-56 µs), code 8-17 µs (37-50), JSON 9-11 µs (43-55), mixed CJK
-//! 16-20 µs (36-43), license English 7-25 µs (34-38). Every row gives identical counts to
-//! bpe-openai (the bench asserts it).
+//! bpe-openai counts the mixed CJK text at 44 MB/s here. 1 KB prompts (warm): English
+//! 169 MB/s = 6 µs per prompt, code 228, JSON 197, mixed CJK 73 (before 102), license
+//! English 215. Every row gives identical counts to bpe-openai (the bench asserts it).
+//!
+//! Memory: the tables are a 4 MiB index, a 256 KiB table of two-byte tokens, the 64 KiB
+//! code point classes and the vocabulary blob in the binary (1.6 MB, read-only, shared by
+//! every process mapping the library), plus 256 KiB of cache per counting thread. Warming
+//! up took the gateway's Python process (interpreter + `onetoken._core`) from 18 to 25 MB
+//! resident in 12 ms; with bpe-openai's tokenizer it went from 18 to 88 MB in 63 ms.
 //!
 //! Where the time goes: ASCII prose, code and JSON are split and looked up in a few ns per
 //! piece; what is left is BPE on pieces never seen before (random words in the generated
 //! English, ids in JSON) and on long CJK runs (a run of Han characters is one piece, often
-//! 30-60 bytes, counted by the library's encoder). The target of 100 MB/s per core is met
-//! on code, JSON and warm real English on this loaded machine; generated English prose
-//! and mixed CJK stay below it here (2.5-3.5x the library, not 100 MB/s).
+//! 30-60 bytes, too long for the cache and merged span by span each time).
+//!
+//! Why it is small: a tokenizer library keeps tens of MB of structures for its own
+//! encoder (bpe-openai: ~70 MB resident once loaded) while counting needs only the ranks.
+//! build.rs takes the vocabulary from the `.tiktoken` data tiktoken-rs embeds and writes
+//! it as one length byte plus the bytes of each token, in rank order; warm-up indexes that
+//! blob in an open-addressing table of (offset, length, rank, hash bits), and no tokenizer
+//! library is linked into the gateway.
 //!
 //! Why it is fast: o200k's pre-tokenizer splits text into pieces (words with their leading
 //! space or punctuation, 1-3 digit numbers, punctuation runs, whitespace runs) and BPE never
-//! merges across pieces, so the count is the sum of per-piece counts. bpe-openai finds the
-//! pieces with a general regex engine and then runs a backtracking BPE encoder (with heap
-//! allocations) per piece, even for the common piece that is one vocabulary entry. Here
-//! the pieces come from a hand-written matcher of the same pattern, and a piece's count
-//! comes from, in order: length 1 (every byte is a token), a per-thread cache (256 KiB per
-//! thread, no sharing, no locks), a read-only table of the vocabulary (2 MiB, shared; a
-//! piece equal to a token is one token), the reference BPE merge on the stack for short
-//! ASCII pieces, and only then the library's encoder.
+//! merges across pieces, so the count is the sum of per-piece counts. Libraries find the
+//! pieces with a general regex engine and then run a BPE encoder (with heap allocations)
+//! per piece, even for the common piece that is one vocabulary entry. Here the pieces come
+//! from a hand-written matcher of the same pattern, and a piece's count comes from, in
+//! order: length 1 (every byte is a token), a per-thread cache (256 KiB per thread, no
+//! sharing, no locks), the vocabulary index (a piece equal to a token is one token), and
+//! then the BPE merge: on the stack for pieces under 128 bytes, with a heap of candidate
+//! pairs for longer ones, so a megabyte without a space costs n log n, not n^2.
 //!
 //! Why it is exact: the matcher implements the library's pattern alternative by alternative
 //! with the same leftmost-first (backtracking) preference, over character classes taken at
 //! start-up from the same `regex-syntax` Unicode tables the library's regex is compiled
-//! from. Cache and vocabulary hits are confirmed by comparing bytes, never by hash alone.
-//! The tests below compare pieces and counts with the library on every Unicode scalar value
-//! in many contexts, on a generated corpus and on random strings, and the stack merge with
-//! the library's encoder on random byte strings.
-//! If the tables cannot be built the library's own path is used.
+//! from. The merge is tiktoken's own procedure (lowest rank first, leftmost on a tie) over
+//! the same ranks. Cache and vocabulary hits are confirmed by comparing bytes, never by
+//! hash alone. The tests below compare pieces and counts with bpe-openai (a
+//! dev-dependency) on every Unicode scalar value in many contexts, on a generated corpus
+//! and on random strings, the vocabulary with the library's rank by rank, and both merges
+//! with the library's encoder on random byte strings and long CJK and emoji runs;
+//! tests/props_tokens.rs compares counts with tiktoken-rs.
 
 use std::cell::RefCell;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::LazyLock;
 
-use bpe_openai::Tokenizer;
 use regex_syntax::hir::{Class, HirKind};
 
 /// Tokens in `text` under o200k_base (same counts as tiktoken's `encode_ordinary`).
@@ -61,7 +72,10 @@ pub fn count(text: &str) -> usize {
     }
     match FAST.as_ref() {
         Some(fast) => fast.count(text),
-        None => bpe_openai::o200k_base().count(text),
+        // Only if the embedded tables were corrupt (the tests build them): every token
+        // covers at least one byte, so the byte length is an upper bound, never an
+        // under-count that would let a request past its limits.
+        None => text.len(),
     }
 }
 
@@ -399,13 +413,18 @@ fn contraction(b: &[u8], e: usize) -> usize {
     }
 }
 
+/// The first 8 bytes of `b` as a little-endian word, zero-padded. No variable-length
+/// copy (a library call per word): merges hash and compare many short spans.
+#[inline(always)]
 fn read_u64(b: &[u8]) -> u64 {
-    let mut w = [0u8; 8];
-    let n = b.len().min(8);
-    if let (Some(dst), Some(src)) = (w.get_mut(..n), b.get(..n)) {
-        dst.copy_from_slice(src);
+    if let Some(w) = b.first_chunk::<8>() {
+        return u64::from_le_bytes(*w);
     }
-    u64::from_le_bytes(w)
+    let mut w = 0u64;
+    for (i, &x) in b.iter().enumerate() {
+        w |= u64::from(x) << (8 * i);
+    }
+    w
 }
 
 #[inline(always)]
@@ -420,6 +439,10 @@ const K3: u64 = 0xA076_1D64_78BD_642F;
 
 /// Longest piece the per-thread cache keeps; longer ones are rare and counted directly.
 const KEY_BYTES: usize = 24;
+
+/// Pieces shorter than this are merged by scanning arrays on the stack; longer ones (a
+/// run of Han characters with no space is one piece) by the heap merge.
+const SCAN_BYTES: usize = 128;
 
 /// A short piece as zero-padded little-endian words: equal keys (with equal lengths) are
 /// equal pieces, and comparing them needs no byte loop.
@@ -469,41 +492,69 @@ fn hash(b: &[u8]) -> u64 {
     fold(h, K1)
 }
 
-/// The vocabulary's tokens (those that are UTF-8, as pieces are) in an open-addressing
-/// table of token ids; a slot also keeps a few hash bits so most misses touch no token.
+/// The o200k_base vocabulary as build.rs writes it: for every rank (= token id) in order,
+/// one length byte then the token's bytes. It is the byte arena the index points into.
+static RANKS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/o200k_base.ranks"));
+
+/// The vocabulary's tokens of two bytes or more in an open-addressing table over
+/// `RANKS`. A slot packs the token's offset in `RANKS` (bits 0-23), its length (24-31),
+/// its rank (32-51) and 12 bits of its hash (52-63), so most misses touch no token bytes
+/// and a hit is confirmed by comparing bytes, never by hash alone.
 struct Vocab {
-    slots: Vec<u32>,
+    slots: Vec<u64>,
     mask: usize,
-    id_bits: u32,
+    /// Rank of every two-byte token by its bytes as a little-endian u16 (`NO_PAIR` if
+    /// none): a merge's first round looks up every adjacent byte pair.
+    pairs: Vec<u32>,
 }
 
-const EMPTY: u32 = u32::MAX;
+const NO_PAIR: u32 = u32::MAX;
+
+/// No real slot is all ones: ranks stay far below 2^20 - 1.
+const EMPTY: u64 = u64::MAX;
+const TAG_SHIFT: u32 = 52;
 
 impl Vocab {
-    fn new(tok: &Tokenizer) -> Option<Self> {
-        let n = tok.bpe.num_tokens();
-        let id_bits = usize::BITS - n.leading_zeros();
-        if id_bits > 24 {
+    fn new() -> Option<Self> {
+        let mut entries = Vec::new();
+        let mut at = 0usize;
+        while let Some(&len) = RANKS.get(at) {
+            let offset = at + 1;
+            at = offset + usize::from(len);
+            if len == 0 || at > RANKS.len() {
+                return None;
+            }
+            entries.push((offset, len));
+        }
+        if RANKS.len() >= 1 << 24 || entries.len() >= (1 << 20) - 1 {
             return None;
         }
-        let size = (n * 2).next_power_of_two();
+        let size = (entries.len() * 2).next_power_of_two();
         let mut v = Vocab {
             slots: vec![EMPTY; size],
             mask: size - 1,
-            id_bits,
+            pairs: vec![NO_PAIR; 1 << 16],
         };
-        for id in 0..n {
-            let id32 = u32::try_from(id).ok()?;
-            let bytes = tok.bpe.token_bytes(id32);
-            if bytes.len() < 2 || std::str::from_utf8(bytes).is_err() {
+        for (rank, &(offset, len)) in entries.iter().enumerate() {
+            // Pieces of one byte never reach the table (every byte is a token).
+            if len < 2 {
                 continue;
+            }
+            let bytes = RANKS.get(offset..offset + usize::from(len))?;
+            if let [a, b] = *bytes {
+                if let Some(p) = v.pairs.get_mut(usize::from(u16::from_le_bytes([a, b]))) {
+                    *p = rank as u32;
+                }
             }
             let h = hash(bytes);
             let mut i = (h as usize) & v.mask;
             while v.slots.get(i).is_some_and(|&s| s != EMPTY) {
                 i = (i + 1) & v.mask;
             }
-            let packed = id32 | (v.tag(h) << id_bits);
+            let packed = offset as u64
+                | (u64::from(len) << 24)
+                | ((rank as u64) << 32)
+                | ((h >> TAG_SHIFT) << TAG_SHIFT);
             if let Some(slot) = v.slots.get_mut(i) {
                 *slot = packed;
             }
@@ -511,29 +562,38 @@ impl Vocab {
         Some(v)
     }
 
+    /// Rank of the token `piece[i..i + 2]`, if it is one.
     #[inline(always)]
-    fn tag(&self, h: u64) -> u32 {
-        ((h >> 40) as u32) & (u32::MAX >> self.id_bits)
+    fn pair(&self, piece: &[u8], i: usize) -> Option<u32> {
+        let (&a, &b) = (piece.get(i)?, piece.get(i + 1)?);
+        let r = *self.pairs.get(usize::from(u16::from_le_bytes([a, b])))?;
+        (r != NO_PAIR).then_some(r)
     }
 
     #[inline(always)]
-    fn contains(&self, tok: &Tokenizer, h: u64, piece: &[u8]) -> bool {
-        self.find(tok, h, piece).is_some()
+    fn contains(&self, h: u64, piece: &[u8]) -> bool {
+        self.find(h, piece).is_some()
     }
 
-    /// The id of the token whose bytes are `piece` (`h` = `hash(piece)`).
+    /// The rank of the token whose bytes are `piece` (`h` = `hash(piece)`).
     #[inline(always)]
-    fn find(&self, tok: &Tokenizer, h: u64, piece: &[u8]) -> Option<u32> {
-        let tag = self.tag(h);
-        let id_mask = (1u32 << self.id_bits) - 1;
+    fn find(&self, h: u64, piece: &[u8]) -> Option<u32> {
+        let tag = h >> TAG_SHIFT;
         let mut i = (h as usize) & self.mask;
         loop {
             let s = *self.slots.get(i)?;
             if s == EMPTY {
                 return None;
             }
-            if s >> self.id_bits == tag && same_bytes(tok.bpe.token_bytes(s & id_mask), piece) {
-                return Some(s & id_mask);
+            let len = ((s >> 24) & 0xFF) as usize;
+            if s >> TAG_SHIFT == tag && len == piece.len() {
+                let offset = (s & 0xFF_FFFF) as usize;
+                if RANKS
+                    .get(offset..offset + len)
+                    .is_some_and(|t| same_bytes(t, piece))
+                {
+                    return Some(((s >> 32) & 0xF_FFFF) as u32);
+                }
             }
             i = (i + 1) & self.mask;
         }
@@ -599,20 +659,15 @@ impl Cache {
 }
 
 struct Fast {
-    tok: &'static Tokenizer,
     classes: Classes,
     vocab: Vocab,
 }
 
 impl Fast {
     fn new() -> Option<Self> {
-        let tok = bpe_openai::o200k_base();
-        let classes = Classes::new()?;
-        let vocab = Vocab::new(tok)?;
         Some(Fast {
-            tok,
-            classes,
-            vocab,
+            classes: Classes::new()?,
+            vocab: Vocab::new()?,
         })
     }
 
@@ -632,10 +687,9 @@ impl Fast {
         while p < b.len() {
             let end = match self.classes.piece_end(b, p) {
                 Some(e) if e > p && e <= b.len() => e,
-                _ => match text.get(p..).and_then(|rest| self.tok.split(rest).next()) {
-                    Some(piece) if !piece.is_empty() => p + piece.len(),
-                    _ => return total + text.get(p..).map_or(0, |rest| self.tok.count(rest)),
-                },
+                // Unreachable (the sweeps below split every code point in every context
+                // as the library does); one character as a piece keeps the count going.
+                _ => (p + self.classes.at(b, p).1.max(1)).min(b.len()),
             };
             let piece = b.get(p..end).unwrap_or_default();
             total += self.piece_count(piece, cache.as_deref_mut());
@@ -667,28 +721,50 @@ impl Fast {
         n
     }
 
-    /// BPE count of a short ASCII piece by the reference merge procedure (tiktoken's
+    /// BPE count of a piece by the reference merge procedure (tiktoken's
     /// `byte_pair_merge`): repeatedly merge the adjacent pair whose concatenation is the
-    /// lowest-ranked token (leftmost on a tie), with ranks = token ids. On the stack, so a
-    /// piece seen for the first time costs no allocation. Every substring of an ASCII piece
-    /// is UTF-8, so the vocabulary table knows all the tokens this can meet.
+    /// lowest-ranked token (leftmost on a tie), with ranks = token ids. Short pieces scan
+    /// arrays on the stack, so a piece seen for the first time costs no allocation; long
+    /// ones (CJK runs, long words) use a heap of candidate pairs, so the time grows as
+    /// n log n rather than n^2.
     fn merge_count(&self, piece: &[u8]) -> usize {
+        match piece.len() {
+            0 | 1 => piece.len(),
+            n if n <= KEY_BYTES => self.scan_merge_count::<{ KEY_BYTES + 1 }>(piece),
+            n if n < SCAN_BYTES => self.scan_merge_count::<SCAN_BYTES>(piece),
+            _ => self.heap_merge_count(piece),
+        }
+    }
+
+    /// Rank of the token `piece[a..b]`, if it is one.
+    #[inline(always)]
+    fn rank(&self, piece: &[u8], a: usize, b: usize) -> Option<u32> {
+        if b == a + 2 {
+            return self.vocab.pair(piece, a);
+        }
+        piece.get(a..b).and_then(|s| self.vocab.find(hash(s), s))
+    }
+
+    /// The merge by scanning for the lowest rank each round; `piece.len()` < `N`.
+    fn scan_merge_count<const N: usize>(&self, piece: &[u8]) -> usize {
         const NONE: u32 = u32::MAX;
         let n = piece.len();
-        let rank = |a: usize, b: usize| -> u32 {
-            piece
-                .get(a..b)
-                .and_then(|s| self.vocab.find(self.tok, hash(s), s))
+        if n >= N || N > 256 {
+            return self.heap_merge_count(piece);
+        }
+        let rank = |a: u8, b: u8| -> u32 {
+            self.rank(piece, usize::from(a), usize::from(b))
                 .unwrap_or(NONE)
         };
-        // bounds[..m]: part boundaries; ranks[i]: rank of parts i and i + 1 merged.
-        let mut bounds = [0usize; KEY_BYTES + 1];
-        let mut ranks = [NONE; KEY_BYTES];
+        // bounds[..m]: part boundaries (bytes, so a merge moves little memory); ranks[i]:
+        // rank of parts i and i + 1 merged.
+        let mut bounds = [0u8; N];
+        let mut ranks = [NONE; N];
         for (i, b) in bounds.iter_mut().enumerate().take(n + 1) {
-            *b = i;
+            *b = i as u8;
         }
         for (i, r) in ranks.iter_mut().enumerate().take(n - 1) {
-            *r = rank(i, i + 2);
+            *r = self.vocab.pair(piece, i).unwrap_or(NONE);
         }
         let mut m = n + 1;
         loop {
@@ -707,7 +783,7 @@ impl Fast {
             bounds.copy_within(at + 2..m, at + 1);
             ranks.copy_within(at + 2..m - 1, at + 1);
             m -= 1;
-            let (b, r) = (bounds, &mut ranks);
+            let (b, r) = (&bounds, &mut ranks);
             if let Some(x) = r.get_mut(at) {
                 *x = if at + 2 < m {
                     rank(b[at], b[at + 2])
@@ -723,13 +799,66 @@ impl Fast {
         }
     }
 
+    /// The same merge with the candidate pairs in a min-heap of (rank, start, end): the
+    /// smallest entry is the lowest rank, leftmost on a tie, as the scan picks. Merging
+    /// only removes boundaries, so an entry whose pair still spans exactly two parts with
+    /// the same start and end is current (same bytes, same rank); others are skipped.
+    fn heap_merge_count(&self, piece: &[u8]) -> usize {
+        let n = piece.len();
+        let Ok(n32) = u32::try_from(n) else {
+            return n;
+        };
+        // next[i] / prev[i]: start of the part after / before the part starting at i.
+        let mut next: Vec<u32> = (1..=n32).collect();
+        let mut prev: Vec<u32> = (0..n32).map(|i| i.wrapping_sub(1)).collect();
+        let mut alive = vec![true; n];
+        let mut heap = BinaryHeap::with_capacity(n);
+        for i in 0..n.saturating_sub(1) {
+            if let Some(r) = self.vocab.pair(piece, i) {
+                heap.push(Reverse((r, i as u32, i as u32 + 2)));
+            }
+        }
+        let mut parts = n;
+        while let Some(Reverse((_, start, end))) = heap.pop() {
+            let (s, e) = (start as usize, end as usize);
+            let mid = next.get(s).copied().unwrap_or(n32) as usize;
+            if !alive.get(s).copied().unwrap_or(false)
+                || mid >= n
+                || next.get(mid).copied() != Some(end)
+            {
+                continue;
+            }
+            if let Some(a) = alive.get_mut(mid) {
+                *a = false;
+            }
+            if let Some(x) = next.get_mut(s) {
+                *x = end;
+            }
+            if let Some(x) = prev.get_mut(e) {
+                *x = start;
+            }
+            parts -= 1;
+            if e < n {
+                let after = next.get(e).copied().unwrap_or(n32);
+                if let Some(r) = self.rank(piece, s, after as usize) {
+                    heap.push(Reverse((r, start, after)));
+                }
+            }
+            if s > 0 {
+                let before = prev.get(s).copied().unwrap_or(0);
+                if let Some(r) = self.rank(piece, before as usize, e) {
+                    heap.push(Reverse((r, before, end)));
+                }
+            }
+        }
+        parts
+    }
+
     fn uncached_count(&self, h: u64, piece: &[u8]) -> usize {
-        if self.vocab.contains(self.tok, h, piece) {
+        if self.vocab.contains(h, piece) {
             1
-        } else if piece.len() <= KEY_BYTES && piece.is_ascii() {
-            self.merge_count(piece)
         } else {
-            self.tok.bpe.count(piece)
+            self.merge_count(piece)
         }
     }
 
@@ -757,7 +886,7 @@ mod tests {
         FAST.as_ref().expect("tables build")
     }
 
-    fn lib() -> &'static Tokenizer {
+    fn lib() -> &'static bpe_openai::Tokenizer {
         bpe_openai::o200k_base()
     }
 
@@ -1120,28 +1249,32 @@ mod tests {
         assert_eq!(fast().count_with(&text, None), first);
     }
 
-    /// The single-token shortcut is only right if every token encodes to itself.
+    /// The embedded vocabulary is the library's, rank for rank, and the single-token
+    /// shortcut is only right if every token encodes to itself.
     #[test]
-    fn every_vocabulary_token_is_found_and_counts_one() {
+    fn every_vocabulary_token_is_found_with_its_rank_and_counts_one() {
         let f = fast();
-        let mut found = 0;
-        for id in 0..f.tok.bpe.num_tokens() as u32 {
-            let bytes = f.tok.bpe.token_bytes(id);
-            if bytes.len() < 2 || std::str::from_utf8(bytes).is_err() {
-                continue;
+        let bpe = &lib().bpe;
+        let mut at = 0usize;
+        for id in 0..bpe.num_tokens() as u32 {
+            let len = usize::from(RANKS[at]);
+            let bytes = &RANKS[at + 1..at + 1 + len];
+            at += 1 + len;
+            assert_eq!(bytes, bpe.token_bytes(id), "token {id}");
+            if len >= 2 {
+                assert_eq!(f.vocab.find(hash(bytes), bytes), Some(id), "token {id}");
             }
-            assert!(f.vocab.contains(f.tok, hash(bytes), bytes), "token {id}");
-            assert_eq!(f.tok.bpe.count(bytes), 1, "token {id}");
-            found += 1;
+            if len == 2 {
+                assert_eq!(f.vocab.pair(bytes, 0), Some(id), "token {id}");
+            }
+            assert_eq!(f.merge_count(bytes), 1, "token {id}");
         }
-        assert!(found > 150_000, "{found}");
+        assert_eq!(at, RANKS.len());
         for miss in ["notatokenatall", "zzqxj", "  \t\n\n x"] {
-            assert!(!f
-                .vocab
-                .contains(f.tok, hash(miss.as_bytes()), miss.as_bytes()));
+            assert!(!f.vocab.contains(hash(miss.as_bytes()), miss.as_bytes()));
         }
         for b in 0..=255u8 {
-            assert_eq!(f.tok.bpe.count(&[b]), 1);
+            assert_eq!(bpe.count(&[b]), 1);
         }
     }
 
@@ -1151,6 +1284,7 @@ mod tests {
     #[test]
     fn short_ascii_merge_matches_library_bpe() {
         let f = fast();
+        let lib = &lib().bpe;
         let mut rng = Rng(0x1234_5678_9ABC_DEF1);
         let letters = b"etaoinshrdlucmfwypvbgkjqxz";
         for i in 0..60_000 {
@@ -1168,15 +1302,71 @@ mod tests {
                     _ => rng.below(128) as u8,
                 })
                 .collect();
-            assert_eq!(f.merge_count(&piece), f.tok.bpe.count(&piece), "{piece:?}");
+            assert_eq!(f.merge_count(&piece), lib.count(&piece), "{piece:?}");
         }
         // Runs of one byte: many equal-rank pairs, where the leftmost must win.
         for b in [b'a', b' ', b'-', b'=', b'0', b'\n'] {
             for len in 2..=KEY_BYTES {
                 let piece = vec![b; len];
-                assert_eq!(f.merge_count(&piece), f.tok.bpe.count(&piece), "{piece:?}");
+                assert_eq!(f.merge_count(&piece), lib.count(&piece), "{piece:?}");
             }
         }
+    }
+
+    /// Both merges (stack scan and heap) against the library's BPE encoder on random byte
+    /// strings of every length band, including bytes that are not UTF-8 on their own (BPE
+    /// inside a CJK or emoji piece meets partial characters), and on long runs of CJK and
+    /// emoji, where a piece is hundreds of bytes and the heap merge does the work.
+    #[test]
+    fn merges_match_library_bpe_on_random_bytes_and_long_cjk_and_emoji_runs() {
+        let f = fast();
+        let lib = &lib().bpe;
+        let mut rng = Rng(0x0DDB_1A5E_5BAD_5EED);
+        let utf8_heavy: &[u8] = "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年\
+            日本語のテキスト한국어문장🚀🔥😀👍🏽éèàüöñ"
+            .as_bytes();
+        for i in 0..6_000 {
+            let len = match i % 3 {
+                0 => 2 + rng.below(KEY_BYTES - 1),
+                1 => KEY_BYTES + 1 + rng.below(SCAN_BYTES - KEY_BYTES),
+                _ => SCAN_BYTES + rng.below(400),
+            };
+            let piece: Vec<u8> = (0..len)
+                .map(|_| match i % 2 {
+                    0 => rng.below(256) as u8,
+                    _ => utf8_heavy[rng.below(utf8_heavy.len())],
+                })
+                .collect();
+            assert_eq!(f.merge_count(&piece), lib.count(&piece), "{piece:?}");
+            assert_eq!(f.heap_merge_count(&piece), lib.count(&piece), "{piece:?}");
+        }
+        let han = ["数据库连接失败请稍后重试", "东京都的天气", "模型返回的结果需要按照字符流"];
+        let emoji = ["🚀", "🔥", "👍🏽", "👨‍👩‍👧", "🇯🇵"];
+        for reps in [1, 3, 10, 40, 200] {
+            for run in han.iter().chain(&emoji) {
+                let text = run.repeat(reps);
+                let b = text.as_bytes();
+                assert_eq!(f.merge_count(b), lib.count(b), "{reps} x {run}");
+                assert_eq!(f.heap_merge_count(b), lib.count(b), "{reps} x {run}");
+                check(&text);
+            }
+            let mut mixed = String::new();
+            for _ in 0..reps {
+                mixed.push_str(han[rng.below(han.len())]);
+                mixed.push_str(emoji[rng.below(emoji.len())]);
+            }
+            check(&mixed);
+        }
+        // One byte repeated: equal-rank pairs everywhere, leftmost must win in the heap too.
+        for b in [b'a', b' ', b'-', b'0', 0xE4] {
+            for len in [25, 127, 128, 129, 1000] {
+                let piece = vec![b; len];
+                assert_eq!(f.merge_count(&piece), lib.count(&piece), "{b} x {len}");
+            }
+        }
+        // Pieces of hundreds of KB (no space, no punctuation) go through the heap merge.
+        check(&"a".repeat(200_000));
+        check(&"数据库连接失败请稍后重试".repeat(5_000));
     }
 
     #[test]
