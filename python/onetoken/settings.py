@@ -50,7 +50,11 @@ class Settings(BaseSettings):
     providers_file: Path | None = None
     currency: str = "USD"
 
-    flush_interval_ms: int = Field(default=200, ge=10, le=60_000)
+    # Ingestion rounds. Every round that finds records makes one call_log insert, and each
+    # insert is a new ClickHouse part (files created, merged later): at 200 ms the control
+    # process spent about twice the CPU per request it does at 1 s (bench/RESULTS.md).
+    # Balances do not wait for it: the gateway counts spend in memory.
+    flush_interval_ms: int = Field(default=1000, ge=10, le=60_000)
     flush_max_rows: int = Field(default=50_000, ge=1, le=1_000_000)
     call_log_ttl_days: int = Field(default=180, ge=1)
 

@@ -20,7 +20,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.control_listen == "127.0.0.1:8081"
     assert s.database_url == f"sqlite:///{Path('./.onetoken/control.db').resolve()}"
     assert s.clickhouse_dsn == f"chdb://{Path('./.onetoken/clickhouse').resolve()}"
-    assert s.flush_interval_ms == 200
+    assert s.flush_interval_ms == 1000
     assert s.flush_max_rows == 50000
     assert s.call_log_ttl_days == 180
     assert s.spool_dir == Path("./.onetoken/spool")
