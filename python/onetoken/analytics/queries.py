@@ -1,7 +1,7 @@
 """Read queries over onetoken.call_log, for the control plane, its APIs and tests.
 
-Every query reads with FINAL: the table is a ReplacingMergeTree and a record replayed
-from the spool is a second physical row until a merge collapses it, so FINAL is what makes
+Every query reads with FINAL: the table is a ReplacingMergeTree and a journal range
+inserted again after a crash is a second physical row until a merge collapses it, so FINAL is what makes
 counts and sums exact per request. Times are integer microseconds since the epoch (the
 record contract) or aware datetimes; naive datetimes are taken as UTC.
 
@@ -12,6 +12,7 @@ suppressions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -143,6 +144,47 @@ def _decode_cursor(cursor: str) -> tuple[int, str]:
     return int(ts_text), request_id
 
 
+def _keyset_page(
+    client: Client,
+    where: str,
+    params: dict[str, Any],
+    cursor: str | None,
+    limit: int,
+    *,
+    newest_first: bool,
+) -> tuple[list[Sequence[Any]], str | None]:
+    """One page of call_log rows (CALL_LOG_COLUMNS order, `ts` in microseconds) after
+    `cursor` in (ts, request_id) order, and the cursor of the next page (None on the last).
+
+    Keyset paging stays fast at any depth and neither skips nor repeats rows when calls
+    arrive between pages."""
+    if cursor is not None:
+        cursor_ts, cursor_id = _decode_cursor(cursor)
+        where += (" AND " if where else " WHERE ") + (
+            f"(ts, request_id) {'<' if newest_first else '>'} "
+            "(fromUnixTimestamp64Micro({cursor_ts:Int64}, 'UTC'), {cursor_id:String})"
+        )
+        params = {**params, "cursor_ts": cursor_ts, "cursor_id": cursor_id}
+    order = "ts DESC, request_id DESC" if newest_first else "ts, request_id"
+    # Aliased to ts_us, not ts: ClickHouse substitutes SELECT aliases into WHERE and ORDER
+    # BY, which would turn the DateTime64 comparisons into integer ones.
+    selected = ", ".join(
+        "toUnixTimestamp64Micro(ts) AS ts_us" if name == "ts" else name for name in CALL_LOG_COLUMNS
+    )
+    result = client.query(
+        f"SELECT {selected} FROM {CALL_LOG_TABLE} FINAL{where} "  # noqa: S608
+        f"ORDER BY {order} LIMIT {{limit:UInt32}}",
+        parameters={**params, "limit": limit + 1},
+    )
+    rows: list[Sequence[Any]] = list(result.result_rows)
+    if len(rows) <= limit:
+        return rows, None
+    rows = rows[:limit]
+    last = rows[-1]
+    ts_at, id_at = CALL_LOG_COLUMNS.index("ts"), CALL_LOG_COLUMNS.index("request_id")
+    return rows, _encode_cursor(int(last[ts_at]), str(last[id_at]))
+
+
 def org_calls(
     client: Client,
     org_id: str,
@@ -160,31 +202,8 @@ def org_calls(
     if not 1 <= limit <= MAX_PAGE_SIZE:
         raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}")
     where, params = _where(org_id, start, end)
-    if cursor is not None:
-        cursor_ts, cursor_id = _decode_cursor(cursor)
-        where += (
-            " AND (ts, request_id) < "
-            "(fromUnixTimestamp64Micro({cursor_ts:Int64}, 'UTC'), {cursor_id:String})"
-        )
-        params["cursor_ts"] = cursor_ts
-        params["cursor_id"] = cursor_id
-    params["limit"] = limit + 1
-    # Aliased to ts_us, not ts: ClickHouse substitutes SELECT aliases into WHERE and ORDER
-    # BY, which would turn the DateTime64 comparisons into integer ones.
-    selected = ", ".join(
-        "toUnixTimestamp64Micro(ts) AS ts_us" if name == "ts" else name for name in CALL_LOG_COLUMNS
-    )
-    result = client.query(
-        f"SELECT {selected} FROM {CALL_LOG_TABLE} FINAL{where} "  # noqa: S608
-        "ORDER BY ts DESC, request_id DESC LIMIT {limit:UInt32}",
-        parameters=params,
-    )
-    rows = [dict(zip(CALL_LOG_COLUMNS, row, strict=True)) for row in result.result_rows]
-    next_cursor = None
-    if len(rows) > limit:
-        rows = rows[:limit]
-        last = rows[-1]
-        next_cursor = _encode_cursor(int(last["ts"]), str(last["request_id"]))
+    page, next_cursor = _keyset_page(client, where, params, cursor, limit, newest_first=True)
+    rows = [dict(zip(CALL_LOG_COLUMNS, row, strict=True)) for row in page]
     return CallPage(rows=rows, next_cursor=next_cursor)
 
 
@@ -206,29 +225,6 @@ def export_page(
     if limit < 1:
         raise ValueError("limit must be positive")
     where, params = _where(org_id, None, None)
-    if after is not None:
-        cursor_ts, cursor_id = _decode_cursor(after)
-        where += (" AND " if where else " WHERE ") + (
-            "(ts, request_id) > "
-            "(fromUnixTimestamp64Micro({cursor_ts:Int64}, 'UTC'), {cursor_id:String})"
-        )
-        params["cursor_ts"] = cursor_ts
-        params["cursor_id"] = cursor_id
-    params["limit"] = limit + 1
-    # ts_us, not ts: see org_calls.
-    selected = ", ".join(
-        "toUnixTimestamp64Micro(ts) AS ts_us" if name == "ts" else name for name in CALL_LOG_COLUMNS
-    )
-    result = client.query(
-        f"SELECT {selected} FROM {CALL_LOG_TABLE} FINAL{where} "  # noqa: S608
-        "ORDER BY ts, request_id LIMIT {limit:UInt32}",
-        parameters=params,
-    )
-    rows = [list(row) for row in result.result_rows]
-    next_cursor = None
-    if len(rows) > limit:
-        rows = rows[:limit]
-        ts_at, id_at = CALL_LOG_COLUMNS.index("ts"), CALL_LOG_COLUMNS.index("request_id")
-        next_cursor = _encode_cursor(int(rows[-1][ts_at]), str(rows[-1][id_at]))
-    return ExportPage(rows=rows, next_cursor=next_cursor)
+    page, next_cursor = _keyset_page(client, where, params, after, limit, newest_first=False)
+    return ExportPage(rows=[list(row) for row in page], next_cursor=next_cursor)
 
