@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -18,7 +19,7 @@ from onetoken.deps import AppState
 from onetoken.ingest.batch import Batch
 from onetoken.security import blocking
 from onetoken.security import log as security_log
-from onetoken.security.detectors import Detectors
+from onetoken.security.detectors import Detectors, attach
 from onetoken.settings import Settings
 
 from .batches import summarize
@@ -215,6 +216,29 @@ def test_call_log_insert_failures_raise_a_system_alarm(
     assert [f.kind for f in found] == ["system.call_log_delayed"]
     assert kinds(seclog) == ["system.call_log_delayed"]
     assert emitted.events == [("", "system_alarm", emitted.events[0][2])]
+
+
+def test_unreadable_journal_lines_raise_the_records_dropped_alarm(
+    tmp_path: Path, emitted: Emitted
+) -> None:
+    # The alarm as the control process wires it: the ingestor's flush hook reads its
+    # bad-line counter (lines neither call_log nor the ledger got).
+    state = build_state(_settings(tmp_path))
+    try:
+        writer = security_log.current()  # build_state installed its own
+        assert writer is not None
+        ingestor = SimpleNamespace(batch_observers=[], flush_hooks=[], sink=None, bad_lines=0)
+        attach(ingestor, state.settings, state.session_factory)
+        (hook,) = ingestor.flush_hooks
+        hook()
+        assert kinds(writer) == []
+        ingestor.bad_lines = 3
+        hook()
+        assert kinds(writer) == ["system.records_dropped"]
+        hook()  # no new bad lines, no new alarm
+        assert kinds(writer) == []
+    finally:
+        state.db_engine.dispose()
 
 
 def test_failing_upstream_raises_a_system_alarm(

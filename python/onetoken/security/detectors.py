@@ -164,13 +164,12 @@ class Detectors:
         return found
 
     def check_pipeline(self, stats: Mapping[str, int]) -> list[Detection]:
-        """System alarms from pipeline counters (sink and engine stats, cumulative):
-        call_log batches ClickHouse did not take, records dropped."""
+        """System alarms from ingestion counters (cumulative): call_log batches ClickHouse
+        did not take, journal lines ingestion could not read (records lost)."""
         found: list[Detection] = []
         with self._lock:
             alarms: tuple[tuple[str, str, Severity], ...] = (
                 ("batches_failed", "system.call_log_delayed", "high"),
-                ("records_spooled", "system.queue_overflow", "high"),
                 ("records_dropped", "system.records_dropped", "critical"),
             )
             for name, kind, severity in alarms:
@@ -461,6 +460,8 @@ def attach(
         sink_stats = getattr(ingestor.sink, "stats", None)
         if callable(sink_stats):
             stats.update(sink_stats())
+        # A journal line that does not parse is a record neither call_log nor the ledger got.
+        stats["records_dropped"] = int(getattr(ingestor, "bad_lines", 0))
         detectors.check_pipeline(stats)
 
     ingestor.flush_hooks.append(pipeline)
