@@ -211,6 +211,15 @@ def run(settings: Settings, *, demo: bool = False, gateway: bool = True) -> int:
         control_file.write(settings.data_dir, local_url(control_addr, tls), os.getpid())
         if gateway:
 
+            def on_ready(gateway_addr: str) -> None:
+                control_file.write(
+                    settings.data_dir,
+                    local_url(control_addr, tls),
+                    os.getpid(),
+                    gateway=local_url(gateway_addr, tls),
+                )
+                announce(gateway_addr)
+
             def on_failed(message: str) -> None:
                 failed.append(message)
                 server.should_exit = True
@@ -219,7 +228,7 @@ def run(settings: Settings, *, demo: bool = False, gateway: bool = True) -> int:
                 settings,
                 control_url=local_url(control_addr, tls),
                 token=state.gateway_token,
-                on_ready=announce,
+                on_ready=on_ready,
                 on_failed=on_failed,
             )
             child.start()

@@ -1,9 +1,10 @@
 """A real onetoken server in a subprocess, driven the way an operator would drive it.
 
-The server runs `onetoken serve --demo` on free loopback ports with its own data dir; the
-fake provider runs in the test process (onetoken._core.MockUpstream) so tests can count
-the calls it receives. Its stdout and stderr go to files under the data dir's logs, so
-the privacy audit scans them too.
+The server runs `onetoken serve --demo` with its own data dir, its listeners on port 0:
+the harness learns the addresses from `<data_dir>/control.json`. The fake provider runs
+in the test process (onetoken._core.MockUpstream) so tests can count the calls it
+receives. Its stdout and stderr go to files under the data dir's logs, so the privacy
+audit scans them too.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,13 +23,25 @@ from typing import Any
 
 import httpx
 
+from onetoken.ops import control_file
+from tests.support import wait_until
+
 READY_TIMEOUT_S = 90.0
 
 
 def free_port() -> int:
+    """A port nothing listens on *now*: for addresses that must refuse connections, and
+    for the gateway's metrics listener, whose bound address the engine does not report
+    to Python yet. Never for a listener a test waits for (another process may take it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def control_endpoint(data_dir: Path, pid: int) -> control_file.ControlEndpoint | None:
+    """The listeners `onetoken serve` (process `pid`) announced in control.json."""
+    found = control_file.read(data_dir)
+    return found if found is not None and found.pid == pid else None
 
 
 def cli(
@@ -55,31 +67,24 @@ class Server:
     data_dir: Path
     upstream: str
     extra_env: dict[str, str] = field(default_factory=dict)
-    gateway_port: int = field(default_factory=free_port)
-    control_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     runs: int = 0
-
-    @property
-    def gateway_url(self) -> str:
-        return f"http://127.0.0.1:{self.gateway_port}"
+    # Learned from control.json once the server is ready.
+    gateway_url: str = ""
+    control_url: str = ""
 
     @property
     def metrics_url(self) -> str:
         """The gateway's metrics listener (/metrics is not on the gateway listener)."""
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
-    @property
-    def control_url(self) -> str:
-        return f"http://127.0.0.1:{self.control_port}"
-
     def env(self) -> dict[str, str]:
         return {
             **os.environ,
             "ONETOKEN_DATA_DIR": str(self.data_dir),
-            "ONETOKEN_GATEWAY_LISTEN": f"127.0.0.1:{self.gateway_port}",
-            "ONETOKEN_CONTROL_LISTEN": f"127.0.0.1:{self.control_port}",
+            "ONETOKEN_GATEWAY_LISTEN": "127.0.0.1:0",
+            "ONETOKEN_CONTROL_LISTEN": "127.0.0.1:0",
             "ONETOKEN_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
             "ONETOKEN_DEMO_UPSTREAM": self.upstream,
             "ONETOKEN_FLUSH_INTERVAL_MS": "50",
@@ -103,22 +108,24 @@ class Server:
         self.wait_ready()
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
+        proc = self.proc
+        assert proc is not None
+
+        def ready() -> bool:
+            if proc.poll() is not None:
                 raise AssertionError(
-                    f"server exited early with {self.proc.returncode}: {self.stderr_tail()}"
+                    f"server exited early with {proc.returncode}: {self.stderr_tail()}"
                 )
-            try:
-                g = httpx.get(f"{self.gateway_url}/healthz", timeout=1)
-                c = httpx.get(f"{self.control_url}/api/openapi.json", timeout=1)
-                if g.status_code == 200 and c.status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"server not ready in {READY_TIMEOUT_S}s: {self.stderr_tail()}")
+            found = control_endpoint(self.data_dir, proc.pid)
+            if found is None or found.gateway is None:
+                return False
+            self.gateway_url, self.control_url = found.gateway, found.url
+            g = httpx.get(f"{self.gateway_url}/healthz", timeout=1)
+            c = httpx.get(f"{self.control_url}/api/openapi.json", timeout=1)
+            return g.status_code == 200 and c.status_code == 200
+
+        wait_until(ready, READY_TIMEOUT_S, 0.1, ignore=(httpx.HTTPError,),
+                   message=lambda: f"server ready: {self.stderr_tail()}")
 
     def stderr_tail(self) -> str:
         path = self.data_dir / "logs" / f"serve-{self.runs}.stderr"

@@ -7,14 +7,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from .harness import READY_TIMEOUT_S, Server, bootstrap, free_port
+from tests.support import wait_until
+
+from .harness import READY_TIMEOUT_S, Server, bootstrap, control_endpoint
 from .records import exported_calls, reconcile
 from .test_pipeline_durability import drive
 
@@ -27,15 +28,7 @@ def _children(pid: int) -> list[int]:
 
 
 def _until(check: Callable[[], Any], timeout: float = READY_TIMEOUT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if result := check():
-                return result
-        except (httpx.HTTPError, OSError):
-            pass
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+    return wait_until(check, timeout, ignore=(httpx.HTTPError, OSError))
 
 
 def _health(url: str) -> dict[str, Any] | None:
@@ -75,8 +68,7 @@ def test_second_gateway_on_the_same_data_dir_is_refused(tmp_path: Path, mock_add
     server = Server(data_dir=tmp_path, upstream=mock_addr)
     server.start()
     try:
-        env = {**server.env(), "ONETOKEN_GATEWAY_LISTEN": f"127.0.0.1:{free_port()}"}
-        env["ONETOKEN_METRICS_LISTEN"] = f"127.0.0.1:{free_port()}"
+        env = {**server.env(), "ONETOKEN_METRICS_LISTEN": "127.0.0.1:0"}
         env["ONETOKEN_CONTROL_URL"] = server.control_url
         second = subprocess.run(
             [sys.executable, "-m", "onetoken.cli", "gateway"],
@@ -92,6 +84,13 @@ def test_second_gateway_on_the_same_data_dir_is_refused(tmp_path: Path, mock_add
         assert server.stop() == 0
     finally:
         server.kill()
+
+
+def _printed_gateway(log: Path) -> str | None:
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("gateway: "):
+            return line.removeprefix("gateway: ").strip()
+    return None
 
 
 def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -115,10 +114,13 @@ def test_gateway_keeps_serving_while_the_control_process_is_down(
     control = _spawn(["control"], env, logs / "control.out")
     gateway: subprocess.Popen[bytes] | None = None
     try:
+        setup.control_url = _until(lambda: control_endpoint(tmp_path, control.pid)).url
         _until(lambda: httpx.get(f"{setup.control_url}/api/openapi.json").status_code == 200)
         gateway = _spawn(
             ["gateway"], {**env, "ONETOKEN_CONTROL_URL": setup.control_url}, logs / "gw.out"
         )
+        # Run on its own, the gateway prints where it listens.
+        setup.gateway_url = _until(lambda: _printed_gateway(logs / "gw.out"))
         health = _until(lambda: _health(setup.gateway_url))
         assert health["control"] == "ok"
         ids = drive(setup, creds["api_key"], 6)
@@ -143,7 +145,11 @@ def test_gateway_keeps_serving_while_the_control_process_is_down(
         metrics = httpx.get(setup.metrics_url).text
         assert "onetoken_control_reachable 0" in metrics
 
-        control = _spawn(["control"], env, logs / "control.out")
+        # Back on the address the gateway polls.
+        control_listen = setup.control_url.removeprefix("http://")
+        control = _spawn(
+            ["control"], {**env, "ONETOKEN_CONTROL_LISTEN": control_listen}, logs / "control.out"
+        )
         _until(lambda: (h := _health(setup.gateway_url)) and h["control"] == "ok")
         gateway.send_signal(signal.SIGTERM)
         assert gateway.wait(timeout=60) == 0

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import stat
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from tests.support import wait_until
 
 from .harness import Admin, Server, bootstrap, cli
 from .records import wait_for_calls
@@ -64,18 +65,22 @@ def test_control_file_names_the_serving_process(world: dict[str, Any]) -> None:
     path = world["data_dir"] / "control.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert server.proc is not None
-    assert json.loads(path.read_text()) == {"url": server.control_url, "pid": server.proc.pid}
+    assert json.loads(path.read_text()) == {
+        "url": server.control_url,
+        "pid": server.proc.pid,
+        "gateway": server.gateway_url,
+    }
 
 
 def test_reconcile_while_serving(world: dict[str, Any]) -> None:
     # The ledger and call_log land from the same records, not in the same instant.
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    while True:
-        proc = cli(world["data_dir"], *READERS["reconcile"], check=False)
-        if proc.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = wait_until(
+        lambda: (p := cli(world["data_dir"], *READERS["reconcile"], check=False)).returncode == 0
+        and p,
+        SETTLE_TIMEOUT_S,
+        0.1,
+        message="reconcile finding no difference",
+    )
     lines = json.loads(proc.stdout)
     assert len(lines) == 1 and lines[0]["difference"] == 0 and lines[0]["call_log_cost"] > 0
     world["serving"]["reconcile"] = proc

@@ -1,9 +1,11 @@
-"""`<data_dir>/control.json`: where the control process serving a data dir listens.
+"""`<data_dir>/control.json`: where the control process serving a data dir listens, and
+where its gateway child serves once it is ready.
 
 The control process writes it at start (mode 0600: it names a local endpoint of the
 service, nothing secret, but the data dir's files are private) and removes it at stop. CLI
 commands read it before falling back to ONETOKEN_CONTROL_LISTEN, so they reach a server
-started with a different listen address or port 0.
+started with a different listen address or port 0; scripts and tests read the gateway's
+address there the same way.
 
 Standard library only: the CLI reads it before anything heavy is imported.
 """
@@ -24,20 +26,25 @@ CONTROL_FILE: Final = "control.json"
 class ControlEndpoint:
     url: str
     pid: int
+    gateway: str | None = None
 
 
 def path(data_dir: Path) -> Path:
     return Path(data_dir) / CONTROL_FILE
 
 
-def write(data_dir: Path, url: str, pid: int) -> None:
-    """Write the file whole (temp file, then rename), 0600 whatever the umask."""
+def write(data_dir: Path, url: str, pid: int, gateway: str | None = None) -> None:
+    """Write the file whole (temp file, then rename), 0600 whatever the umask. `gateway`:
+    the gateway child's URL, written again once the child reports its bound address."""
     target = path(data_dir)
     tmp = target.with_name(f".{CONTROL_FILE}.{pid}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)
-        os.write(fd, json.dumps({"url": url, "pid": pid}).encode())
+        found: dict[str, object] = {"url": url, "pid": pid}
+        if gateway is not None:
+            found["gateway"] = gateway
+        os.write(fd, json.dumps(found).encode())
     finally:
         os.close(fd)
     os.replace(tmp, target)
@@ -63,12 +70,14 @@ def read(data_dir: Path) -> ControlEndpoint | None:
 def _load(file: Path) -> ControlEndpoint | None:
     try:
         data = json.loads(file.read_text())
-        url, pid = data["url"], data["pid"]
-    except (OSError, ValueError, KeyError, TypeError):
+        url, pid, gateway = data["url"], data["pid"], data.get("gateway")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if not isinstance(url, str) or not isinstance(pid, int) or isinstance(pid, bool):
         return None
-    return ControlEndpoint(url=url, pid=pid)
+    if gateway is not None and not isinstance(gateway, str):
+        return None
+    return ControlEndpoint(url=url, pid=pid, gateway=gateway)
 
 
 def _alive(pid: int) -> bool:

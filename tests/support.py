@@ -1,0 +1,45 @@
+"""What unit and integration tests share: waiting for a condition instead of sleeping.
+
+A fixed sleep is either too short on a loaded machine (a flaky test) or longer than needed
+everywhere else (a slow suite); `wait_until` polls the condition and fails with a message
+when it never holds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def wait_until(
+    condition: Callable[[], T],
+    timeout: float = DEFAULT_TIMEOUT_S,
+    interval: float = 0.05,
+    *,
+    ignore: tuple[type[BaseException], ...] = (),
+    message: str | Callable[[], str] = "condition",
+) -> T:
+    """Call `condition` every `interval` seconds until it returns a truthy value, and return
+    that value. Exceptions of the `ignore` types count as "not yet" (e.g. a server that does
+    not accept connections yet). AssertionError naming `message` and the last result when
+    `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            result = condition()
+        except ignore as exc:
+            last = exc
+        else:
+            if result:
+                return result
+            last = result
+        if time.monotonic() >= deadline:
+            what = message() if callable(message) else message
+            raise AssertionError(f"{what} did not hold within {timeout}s (last: {last!r})")
+        time.sleep(interval)
