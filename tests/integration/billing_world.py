@@ -4,7 +4,6 @@ as it does for the CLI), plus the cost arithmetic the engine applies."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from onetoken.keys import service as keys
 from onetoken.orgs import service as orgs
 from onetoken.providers import service as providers
 from onetoken.settings import Settings
+from tests.support import wait_until
 
 from .harness import Server
 
@@ -86,18 +86,16 @@ def make_org(
 
 def wait_for_key(server: Server, key: str, model: str, timeout: float = 15.0) -> None:
     """Until the gateway's snapshot knows the key and lets it see `model`."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def live() -> bool:
         r = httpx.get(
             f"{server.gateway_url}/v1/models",
             headers={"Authorization": f"Bearer {key}"},
             timeout=5,
         )
-        if r.status_code == 200 and model in {m["id"] for m in r.json()["data"]}:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"key not live after {timeout}s: {r.status_code}")
-        time.sleep(0.1)
+        return r.status_code == 200 and model in {m["id"] for m in r.json()["data"]}
+
+    wait_until(live, timeout, 0.1, message=f"key live for {model}")
 
 
 def cost(tokens: int, price: int, factor_ppm: int = 1_000_000) -> int:

@@ -4,9 +4,10 @@ asks the running control process while the server holds the embedded ClickHouse)
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
+
+from tests.support import wait_until
 
 from .harness import Admin, cli
 
@@ -29,14 +30,14 @@ def org_calls(admin: Admin) -> list[dict[str, Any]]:
 
 def wait_for_calls(admin: Admin, request_ids: set[str]) -> list[dict[str, Any]]:
     """The org's call_log rows of these requests, once the pipeline has landed all of them."""
-    deadline = time.monotonic() + PIPELINE_TIMEOUT_S
-    while True:
+
+    def landed() -> list[dict[str, Any]] | None:
         rows = [r for r in org_calls(admin) if r["request_id"] in request_ids]
-        if {r["request_id"] for r in rows} >= request_ids or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    missing = request_ids - {r["request_id"] for r in rows}
-    assert not missing, f"no call_log row for {sorted(missing)}"
+        return rows if {r["request_id"] for r in rows} >= request_ids else None
+
+    rows: list[dict[str, Any]] = wait_until(
+        landed, PIPELINE_TIMEOUT_S, message=lambda: f"call_log rows for {sorted(request_ids)}"
+    )
     return rows
 
 

@@ -14,6 +14,8 @@ import httpx
 import openai
 from openai import OpenAI
 
+from tests.support import wait_until
+
 from .harness import Admin, Server, cli, running
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -41,12 +43,8 @@ def error_code(fn: Callable[[], Any]) -> tuple[int, str] | None:
 def within(seconds: float, check: Callable[[], bool]) -> float:
     """Seconds until `check()` held; fails after `seconds`."""
     start = time.monotonic()
-    while True:
-        if check():
-            return time.monotonic() - start
-        if time.monotonic() - start > seconds:
-            raise AssertionError(f"not within {seconds}s")
-        time.sleep(0.02)
+    wait_until(check, seconds, 0.02)
+    return time.monotonic() - start
 
 
 def events(admin: Admin, **params: Any) -> list[dict[str, Any]]:

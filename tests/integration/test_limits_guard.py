@@ -16,10 +16,11 @@ import httpx
 import pytest
 
 from onetoken import _core
+from tests.support import wait_until
 
 from .catalog import admin_org, fresh_org, put
 from .harness import Admin, cli
-from .records import wait_for_calls
+from .records import org_calls, wait_for_calls
 
 MSG = [{"role": "user", "content": "Say something short."}]
 
@@ -65,18 +66,15 @@ def test_rpm_has_no_burst_at_window_edges(
     later = []
     while time.monotonic() - start < 2.5:
         later.append(_post(gw, key).status_code)
+        # A steady request rate over 2.5 s is the traffic under test, not a wait.
         time.sleep(0.05)
     assert 1 <= later.count(200) <= 4, later
-    rows = [r for r in _all_calls(owner) if r["status"] == 429]
+    sent = len(codes) + 1 + len(later)
+    every = wait_until(lambda: len(calls := org_calls(owner)) >= sent and calls, 30,
+                       message=f"call_log rows for all {sent} requests")
+    rows = [r for r in every if r["status"] == 429]
     assert rows and all(r["rate_limit"] == "limited" for r in rows)
     assert all(r["error_code"] == "rate_limited" and r["cost"] == 0 for r in rows)
-
-
-def _all_calls(owner: Admin) -> list[dict[str, Any]]:
-    from .records import org_calls
-
-    time.sleep(0.5)  # let the pump land the last records
-    return org_calls(owner)
 
 
 def test_rpm_with_concurrent_clients(

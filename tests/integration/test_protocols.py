@@ -10,7 +10,6 @@ apply` changes it while the server runs.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ from typing import Any
 import anthropic
 import pytest
 from openai import OpenAI
+
+from tests.support import wait_until
 
 from .catalog import expected_cost, write_providers_file
 from .harness import Admin, Server, bootstrap, cli
@@ -332,15 +333,14 @@ def test_providers_apply_reaches_the_running_gateway(
     out = json.loads(cli(deployment["data_dir"], "providers", "apply", str(changed), "--json",
                          env=deployment["env"]).stdout)
     assert out["updated"] == ["model:p-openai/x-gitops"] and out["created"] == []
-    deadline = time.monotonic() + 5
-    while True:
+
+    def charged_the_new_price() -> bool:
         raw = oai.chat.completions.with_raw_response.create(model="x-gitops", messages=MSG)
         usage = raw.parse().usage
         assert usage is not None
         [row] = wait_for_calls(admin, {raw.headers["x-request-id"]})
         new_cost = expected_cost(usage.prompt_tokens, usage.completion_tokens,
                                  2 * PER_M, 2 * PER_M)
-        if row["cost"] == new_cost or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert row["cost"] == new_cost
+        return bool(row["cost"] == new_cost)
+
+    wait_until(charged_the_new_price, 5, 0.1, message="the applied price charged")

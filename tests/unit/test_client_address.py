@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from onetoken.security.login_guard import SCOPE_IP
 from onetoken.security.models import LoginThrottle
 from onetoken.serve import _Server, control_config
 from onetoken.settings import Settings
+from tests.support import wait_until
 from tests.unit.conftest import TEST_SECRET
 
 MAX_FAILURES_IP = 3
@@ -47,10 +47,12 @@ def _serve(tmp_path: Path, trusted: str, monkeypatch: pytest.MonkeyPatch) -> Ite
     sock.bind(("127.0.0.1", 0))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
+
+    def started() -> bool:
+        assert thread.is_alive(), "uvicorn exited"
+        return bool(server.started)
+
+    wait_until(started, 20, 0.02, message="uvicorn started")
     url = "http://{}:{}".format(*sock.getsockname()[:2])
     try:
         with httpx.Client(base_url=url, timeout=10) as client:

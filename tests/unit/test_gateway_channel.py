@@ -146,7 +146,9 @@ def test_balance_and_marks_are_read_under_the_mark_lock(state: AppState, org_id:
     with lock:
         t = threading.Thread(target=lambda: got.append(src.get("gw", None)[1]))
         t.start()
-        time.sleep(0.2)  # long enough for the build to reach the lock if it ignored it
+        # Long enough for the build to reach the lock if it ignored it: what must not
+        # happen has no condition to wait for, so this pause is the test.
+        time.sleep(0.2)
         assert got == []
         # The "batch": ledger and mark move together.
         with state.session_factory() as s:

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,6 +19,7 @@ import pytest
 from onetoken.gateway import runner
 from onetoken.gateway.runner import ControlChannel, GatewayEnv, GatewayError, GatewayRunner
 from onetoken.kit import channel
+from tests.support import wait_until
 
 PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
 HEAVY = ("fastapi", "starlette", "sqlalchemy", "pydantic", "clickhouse_connect", "chdb", "uvicorn")
@@ -241,10 +241,7 @@ def test_run_stops_the_engine_with_the_configured_grace(
     r.start()
     t = threading.Thread(target=r.run)
     t.start()
-    deadline = time.monotonic() + 5
-    while len(engines[0].status) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(engines[0].status) >= 3  # it polls on its own
+    wait_until(lambda: len(engines[0].status) >= 3, 5, 0.01, message="polls on its own")
     r.stopping.set()
     t.join(timeout=5)
     assert engines[0].stopped_with == 2.5
@@ -258,9 +255,7 @@ def test_start_waits_for_the_control_process(control: tuple[Control, str], tmp_p
     started: list[str] = []
     t = threading.Thread(target=lambda: started.append(r.start()))
     t.start()
-    deadline = time.monotonic() + 5
-    while len(ctl.requests) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: len(ctl.requests) >= 2, 5, 0.01, message="two config requests")
     assert not started and not engines  # no engine without a config
     ctl.down = False
     t.join(timeout=10)

@@ -8,7 +8,6 @@ import csv
 import io
 import secrets
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from onetoken.security import log as security_log
 from onetoken.security.models import LoginSource
 from onetoken.settings import Settings
 from onetoken.webhooks.models import WebhookAttempt, WebhookDelivery
+from tests.support import wait_until
 
 from .conftest import Admin
 from .test_analytics_sink import make_batch
@@ -289,17 +289,10 @@ def test_erasure_worker_runs_at_start_and_when_woken_then_stops() -> None:
     worker = erasure.ErasureWorker(run, retry_seconds=3600, gather_seconds=0.05)
     worker.start()
     try:
-        _wait_until(lambda: len(runs) == 1)
+        wait_until(lambda: len(runs) == 1, 5, 0.01)
         worker.notify()
-        _wait_until(lambda: len(runs) == 2)
+        wait_until(lambda: len(runs) == 2, 5, 0.01)
         assert worker.completed == 2
     finally:
         worker.stop()
     assert len(runs) == 2
-
-
-def _wait_until(done: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)

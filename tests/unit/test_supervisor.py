@@ -20,6 +20,7 @@ from onetoken.deps import AppState
 from onetoken.gateway import supervisor as supervisor_mod
 from onetoken.gateway.supervisor import ControlRuntime, GatewayProcess, engine_config
 from onetoken.settings import Settings
+from tests.support import wait_until
 from tests.unit.conftest import contract
 
 PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
@@ -27,7 +28,7 @@ PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
 # A stand-in for `onetoken gateway`: reports on the ready pipe like the real one, records
 # its pid and environment, and exits 0 on SIGTERM (FAKE_GATEWAY=error: fails to start).
 FAKE_CHILD = r"""
-import os, signal, sys, time
+import os, signal, sys
 log = sys.argv[1]
 listen = os.environ["ONETOKEN_GATEWAY_LISTEN"]
 with open(log, "a") as f:
@@ -42,7 +43,7 @@ host, _, port = listen.rpartition(":")
 os.write(fd, f"ready {host}:{port if port != '0' else '45678'}\n".encode())
 os.close(fd)
 while True:
-    time.sleep(1)
+    signal.pause()
 """
 
 
@@ -69,13 +70,6 @@ class Events:
 
 def _children(log: Path) -> list[list[str]]:
     return [line.split() for line in log.read_text().splitlines()] if log.exists() else []
-
-
-def _wait(until: Callable[[], bool], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not until():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def _alive(pid: int) -> bool:
@@ -142,7 +136,9 @@ def test_dead_child_is_restarted_on_the_address_it_bound(
         events.wait(lambda: bool(events.ready))
         first = int(_children(log)[0][0])
         os.kill(first, signal.SIGKILL)
-        _wait(lambda: len(_children(log)) == 2 and gw.pid is not None and gw.pid != first)
+        wait_until(
+            lambda: len(_children(log)) == 2 and gw.pid is not None and gw.pid != first, 20, 0.02
+        )
         second = _children(log)[1]
         # Port 0 was resolved once: clients keep finding the gateway where it was.
         assert second[1] == "127.0.0.1:45678"
@@ -182,22 +178,21 @@ def test_stop_sigterms_and_waits_then_kills_a_stuck_child(
 
 
 PARENT = r"""
-import sys, time
+import signal, sys, threading
 sys.path.insert(0, sys.argv[1])
 from onetoken.gateway.supervisor import GatewayProcess
 from onetoken.settings import Settings
-ready = []
+ready = threading.Event()
 gw = GatewayProcess(
     Settings(data_dir=sys.argv[3], gateway_listen="127.0.0.1:0"),
     control_url="http://127.0.0.1:9", token="tok",
-    on_ready=ready.append, on_failed=print,
+    on_ready=lambda _: ready.set(), on_failed=print,
     command=[sys.executable, "-c", sys.argv[2], sys.argv[4]],
 )
 gw.start()
-while not ready:
-    time.sleep(0.01)
+ready.wait()
 print(gw.pid, flush=True)
-time.sleep(600)
+signal.pause()  # until the test kills it
 """
 
 
@@ -223,7 +218,7 @@ def test_child_dies_with_its_parent(tmp_path: Path) -> None:
         assert _alive(child)
         parent.kill()
         parent.wait(timeout=10)
-        _wait(lambda: not _alive(child), timeout=10)
+        wait_until(lambda: not _alive(child), 10, 0.02)
     finally:
         if parent.poll() is None:
             parent.kill()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,6 +30,7 @@ from onetoken.settings import Settings
 from onetoken.webhooks.dispatcher import Outcome, Target, WebhookDispatcher, send
 from onetoken.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from onetoken.webhooks.signing import SIGNATURE_HEADER, header_value, verify
+from tests.support import wait_until
 from tests.unit.stub_dns import STUB_DNS, stub_resolver
 from tests.webhook_receiver import DripReceiver, Receiver
 
@@ -104,18 +105,16 @@ def _create(client: TestClient, admin: Admin, url: str, kinds: list[str]) -> dic
 def _wait_delivery(
     state: AppState, endpoint_id: str, status: str, timeout: float = 15.0
 ) -> WebhookDelivery:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def reached() -> WebhookDelivery | None:
         with state.session_factory() as s:
-            row = s.scalars(
+            return s.scalars(
                 select(WebhookDelivery).where(
                     WebhookDelivery.status == status, WebhookDelivery.endpoint_id == endpoint_id
                 )
             ).first()
-            if row is not None:
-                return row
-        time.sleep(0.02)
-    raise AssertionError(f"no delivery reached {status}")
+
+    return wait_until(reached, timeout, 0.02, message=f"a delivery reaching {status}")
 
 
 def test_signature_roundtrip_and_tampering() -> None:
@@ -324,7 +323,15 @@ def test_unsubscribed_kinds_and_disabled_endpoints_get_nothing(
                         headers=owner.headers)
     assert r.status_code == 200 and r.json()["status"] == "disabled"
     webhooks.emit(owner.org_id, "abnormal_login", {"reason": "new_network"})
-    time.sleep(0.3)
+    # Events are persisted in the order they were emitted: once a later one is delivered
+    # elsewhere, the two above have been handled.
+    barrier = Receiver().start()
+    try:
+        later = _create(wh_client, owner, barrier.url, ["abnormal_login"])
+        webhooks.emit(owner.org_id, "abnormal_login", {"reason": "new_network"})
+        _wait_delivery(wh_state, later["id"], "delivered")
+    finally:
+        barrier.stop()
     assert receiver.received == []
     with wh_state.session_factory() as s:
         rows = s.scalars(
@@ -386,9 +393,25 @@ def test_rotate_secret_and_delete(
     assert len(log) == 1
 
 
-def test_emit_without_dispatcher_never_raises() -> None:
+def test_emit_without_dispatcher_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     webhooks.install(None)
-    webhooks.emit("org_x", "balance_low", {"a": 1})
+    with caplog.at_level("WARNING", logger="onetoken.webhooks"):
+        webhooks.emit("org_x", "balance_low", {"a": 1})
+    assert [r.getMessage() for r in caplog.records] == ["webhooks.no_dispatcher"]
+
+
+def test_emit_with_a_failing_dispatcher_never_raises(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        def submit(self, org_id: str, kind: str, data: object) -> None:
+            raise RuntimeError("queue gone")
+
+    webhooks.install(Broken())  # type: ignore[arg-type]
+    try:
+        with caplog.at_level("ERROR", logger="onetoken.webhooks"):
+            webhooks.emit("org_x", "balance_low", {"a": 1})
+    finally:
+        webhooks.install(None)
+    assert [r.getMessage() for r in caplog.records] == ["webhooks.emit_failed"]
 
 
 def test_a_dripping_receiver_delays_no_other_endpoint(
@@ -413,18 +436,17 @@ def test_a_dripping_receiver_delays_no_other_endpoint(
         assert got[0].at - sent < 1.0, "the fast endpoint waited for the slow one"
         assert _wait_delivery(wh_state, fast_hook["id"], "delivered").attempts == 1
         with wh_state.session_factory() as s:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                tried = s.scalars(
+
+            def attempts() -> Sequence[WebhookAttempt]:
+                s.expire_all()
+                return s.scalars(
                     select(WebhookAttempt)
                     .join(WebhookDelivery, WebhookDelivery.id == WebhookAttempt.delivery_id)
                     .where(WebhookDelivery.endpoint_id == slow_hook["id"])
                 ).all()
-                if tried:
-                    break
-                time.sleep(0.05)
-                s.expire_all()
-        assert tried and all(a.error == "timeout" and a.status_code is None for a in tried)
+
+            tried = wait_until(attempts, 10, message="an attempt at the slow endpoint")
+        assert all(a.error == "timeout" and a.status_code is None for a in tried)
         # The deadline holds the whole attempt, not each read.
         assert all(900 <= a.latency_ms < 1500 for a in tried), [a.latency_ms for a in tried]
     finally:
@@ -508,20 +530,17 @@ def test_one_orgs_slow_endpoints_leave_workers_for_other_orgs(tmp_path: Path) ->
                 _create(c, noisy, slow.url, ["balance_low"])
             _create(c, quiet, fast.url, ["balance_low"])
             webhooks.emit(noisy.org_id, "balance_low", {"balance": "1.00"})
-            deadline = time.monotonic() + 5
-            while slow.connections < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            # Time for the second noisy attempt to start, were the dispatcher to start it.
+            wait_until(lambda: slow.connections >= 1, 5, 0.01)
+            # Time for the second noisy attempt to start, were the dispatcher to start it:
+            # what must not happen has no condition to wait for, so this pause is the test.
             time.sleep(0.1)
             sent = time.monotonic()
             webhooks.emit(quiet.org_id, "balance_low", {"balance": "2.00"})
             got = fast.wait_for(lambda rs: len(rs) >= 1, timeout=10)
             assert got[0].at - sent < 1.0, "the quiet org waited for the noisy one"
             # The noisy org's second endpoint gets its turn once the first attempt ends.
-            deadline = time.monotonic() + 10
-            while slow.connections < 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert slow.connections >= 2
+            wait_until(lambda: slow.connections >= 2, 10,
+                       message="the noisy org's second endpoint tried")
     finally:
         d.stop()
         webhooks.install(None)
