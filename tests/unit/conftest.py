@@ -134,7 +134,3 @@ def other_admin(state: AppState, client: TestClient) -> Admin:
 def operator(state: AppState, client: TestClient) -> Admin:
     """The platform's staff: the only ones who move money by default."""
     return make_org_admin(state, client, "Platform", "op@platform.test", is_operator=True)
-
-
-def core_or_skip() -> Any:
-    return pytest.importorskip("onetoken._core", reason="the Rust extension is not built")

@@ -12,6 +12,7 @@ import orjson
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
+from onetoken import _core
 from onetoken.app import build_state, create_app
 from onetoken.billing import orders
 from onetoken.billing import service as billing
@@ -23,7 +24,7 @@ from onetoken.gateway.supervisor import engine_config
 from onetoken.kit.money import format_amount
 from onetoken.security.permissions import ROLE_DENIED_MESSAGE
 from onetoken.settings import Settings
-from tests.unit.conftest import TEST_SECRET, Admin, add_account, core_or_skip, make_org_admin
+from tests.unit.conftest import TEST_SECRET, Admin, add_account, make_org_admin
 
 API = "/api/v1"
 UNIT = 1_000_000_000
@@ -206,8 +207,7 @@ def test_a_ledger_that_overflowed_before_the_bounds_still_builds_a_snapshot(
     assert got[admin.org_id] == MAX_BALANCE_NANO and got[other_admin.org_id] == 5 * UNIT
     assert _balance(client, admin.headers) == format_amount(MAX_BALANCE_NANO)
     # And the engine takes it.
-    core = core_or_skip()
-    engine = core.Engine(
+    engine = _core.Engine(
         orjson.dumps({**engine_config(settings, state.secrets), "listen": "127.0.0.1:0"})
     )
     engine.start()

@@ -45,11 +45,12 @@ def test_bootstrap_is_idempotent_and_keys_create(tmp_path: Path) -> None:
     assert out2 == {"created": False, "org_id": out["org_id"], "admin_email": out["admin_email"]}
 
     # Neither secret was written anywhere under the data dir.
-    for path in tmp_path.rglob("*"):
-        if path.is_file():
-            data = path.read_bytes()
-            assert out["api_key"].encode() not in data, path
-            assert out["admin_password"].encode() not in data, path
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert "control.db" in {p.name for p in files}, files
+    for path in files:
+        data = path.read_bytes()
+        assert out["api_key"].encode() not in data, path
+        assert out["admin_password"].encode() not in data, path
 
     for org in (out["org_id"], "Default"):
         created = run(tmp_path, "keys", "create", "--org", org, "--name", "ci", "--json")

@@ -20,15 +20,15 @@ from .conftest import TEST_SECRET
 _REFERENCES = re.compile(r"""(?:src|href)\s*=\s*["']([^"']+)["']|\burl:\s*'([^']+)'""")
 
 
-def _client(tmp_path: Path, **env: object) -> Iterator[TestClient]:
+def _client(tmp_path: Path, **env: object) -> TestClient:
     settings = Settings(data_dir=tmp_path / "data", secret_key=SecretStr(TEST_SECRET), **env)
-    with TestClient(create_app(settings)) as c:
-        yield c
+    return TestClient(create_app(settings))
 
 
 @pytest.fixture
 def docs_on(tmp_path: Path) -> Iterator[TestClient]:
-    yield from _client(tmp_path)
+    with _client(tmp_path) as c:
+        yield c
 
 
 def test_docs_page_loads_only_assets_the_app_serves(docs_on: TestClient) -> None:
@@ -52,7 +52,7 @@ def test_docs_page_loads_only_assets_the_app_serves(docs_on: TestClient) -> None
 
 
 def test_docs_can_be_turned_off(tmp_path: Path) -> None:
-    for c in _client(tmp_path, api_docs=False):
+    with _client(tmp_path, api_docs=False) as c:
         assert c.get("/api/docs").status_code == 404
         assert c.get("/api/docs/assets/swagger-ui-bundle.js").status_code == 404
         assert c.get("/api/openapi.json").status_code == 200

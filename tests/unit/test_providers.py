@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from onetoken import _core
 from onetoken.db.models import Account, Provider
 from onetoken.db.session import current_revision
 from onetoken.deps import AppState
@@ -470,9 +471,6 @@ def test_engine_accepts_every_section_this_domain_writes(
     import orjson
 
     from onetoken.gateway.supervisor import engine_config
-    from tests.unit.conftest import core_or_skip
-
-    core = core_or_skip()
     rich = _provider(client, operator, name="rich", scope="platform", preset="anthropic",
                      api_key=SECRET, max_concurrency=8, zero_retention=True)
     _model(client, operator, rich["id"], name="cat-chat", priority=1, weight=2,
@@ -493,7 +491,7 @@ def test_engine_accepts_every_section_this_domain_writes(
                    headers=tenant.headers))
     snap = _snapshot(state)
     assert {"routes", "routing"} <= set(snap)
-    engine = core.Engine(
+    engine = _core.Engine(
         orjson.dumps({**engine_config(settings, state.secrets), "listen": "127.0.0.1:0"})
     )
     engine.start()
@@ -511,9 +509,6 @@ def test_changes_the_engine_would_drop_are_refused_naming_the_field(
 ) -> None:
     """Each of these used to answer 2xx and leave an entry the engine refuses; they are
     refused with 422 naming the field, and nothing of them is committed."""
-    from tests.unit.conftest import core_or_skip
-
-    core = core_or_skip()
     h = tenant.headers
     p = _provider(client, tenant, name="p")
     claude = _provider(client, tenant, name="claude", preset="anthropic")
@@ -547,7 +542,7 @@ def test_changes_the_engine_would_drop_are_refused_naming_the_field(
     with state.session_factory() as s:
         assert current_revision(s) == revision, "nothing was committed"
     snap = _snapshot(state)
-    assert core.validate_snapshot(snapshot_json(snap)) == []
+    assert _core.validate_snapshot(snapshot_json(snap)) == []
     assert [m["name"] for m in snap["models"]] == ["routed"]
 
 
@@ -557,9 +552,6 @@ def test_a_problem_already_in_the_database_does_not_block_other_changes(
     """An entry written around the API (here a route to no model) is the engine's to drop;
     unrelated changes are not refused because of it."""
     from onetoken.providers.tables import Route
-    from tests.unit.conftest import core_or_skip
-
-    core_or_skip()
     with state.session_factory() as s:
         s.add(Route(id="rte_forced", org_id=tenant.org_id, name="forced", aliases=[]))
         s.commit()

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.unit.conftest import TEST_SECRET, core_or_skip
+from tests.unit.conftest import TEST_SECRET
 
 PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}]}
@@ -76,7 +76,6 @@ def _start(data_dir: Path) -> Served:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
-    core_or_skip()
     s = _start(tmp_path)
     yield s
     if s.proc.poll() is None:
@@ -170,7 +169,6 @@ def test_serve_demo_end_to_end(served: Served) -> None:
 
 
 def test_second_demo_run_prints_a_fresh_working_key(tmp_path: Path) -> None:
-    core_or_skip()
     first = _start(tmp_path)
     first.proc.send_signal(signal.SIGTERM)
     assert first.proc.wait(timeout=60) == 0
@@ -211,7 +209,6 @@ def _shared_modes(root: Path) -> list[str]:
 def test_data_dir_is_private_whatever_the_umask(tmp_path: Path) -> None:
     """Started with umask 022, the server still creates nothing group or others can read:
     the data dir, SQLite and its WAL, chDB's tables, the engine's journal, logs, secrets."""
-    core_or_skip()
     data_dir = tmp_path / "data"
     previous = os.umask(0o022)  # inherited by the child
     try:
@@ -239,7 +236,6 @@ def test_data_dir_is_private_whatever_the_umask(tmp_path: Path) -> None:
 
 
 def test_gateway_that_cannot_start_stops_serve_with_its_reason(tmp_path: Path) -> None:
-    core_or_skip()
     import socket
 
     with socket.socket() as taken:

@@ -7,6 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
+from onetoken import _core
 from onetoken.billing import service as billing
 from onetoken.deps import AppState
 from onetoken.gateway.snapshot import build_snapshot, snapshot_json
@@ -15,7 +16,7 @@ from onetoken.keys import service as keys
 from onetoken.orgs import service as orgs
 from onetoken.providers import service as providers
 from onetoken.settings import Settings
-from tests.unit.conftest import contract, core_or_skip
+from tests.unit.conftest import contract
 
 
 def _populate(state: AppState) -> dict[str, Any]:
@@ -172,10 +173,9 @@ def test_engine_config_has_exactly_the_contract_shape(settings: Settings, state:
 
 
 def test_core_accepts_the_contract_fixtures(tmp_path: Any) -> None:
-    core = core_or_skip()
     cfg = contract("engine_config.json")
     cfg["spool_dir"] = str(tmp_path)
-    engine = core.Engine(json.dumps(cfg).encode())
+    engine = _core.Engine(json.dumps(cfg).encode())
     engine.start()
     try:
         assert engine.load_snapshot(json.dumps(contract("snapshot.json")).encode()) == 1
@@ -186,9 +186,8 @@ def test_core_accepts_the_contract_fixtures(tmp_path: Any) -> None:
 def test_core_accepts_built_snapshot_and_rejects_unknown_fields(
     settings: Settings, state: AppState
 ) -> None:
-    core = core_or_skip()
     _populate(state)
-    engine = core.Engine(
+    engine = _core.Engine(
         orjson.dumps({**engine_config(settings, state.secrets), "listen": "127.0.0.1:0"})
     )
     engine.start()
@@ -196,7 +195,7 @@ def test_core_accepts_built_snapshot_and_rejects_unknown_fields(
         snap = _build(state)
         assert engine.load_snapshot(snapshot_json(snap)) == 7
         bad = {**snap, "version": 8, "orgs": [{**snap["orgs"][0], "extra": 1}]}
-        with pytest.raises(core.ConfigError):
+        with pytest.raises(_core.ConfigError):
             engine.load_snapshot(snapshot_json(bad))
         assert engine.stats()["snapshot_version"] == 7
     finally:
