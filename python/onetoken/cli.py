@@ -89,6 +89,16 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_analytics_ddl(_: argparse.Namespace) -> int:
+    """The packaged ClickHouse migrations in order, for preparing a server by hand."""
+    from onetoken.analytics.clickhouse import load_migrations
+
+    for migration in load_migrations():
+        print(f"-- {migration.name}")
+        print(migration.sql.rstrip("\n"))
+    return EXIT_OK
+
+
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     from onetoken.orgs.service import bootstrap
 
@@ -489,6 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="upgrade the control database schema")
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser(
+        "analytics-ddl",
+        help="print the ClickHouse migrations in order (the service applies them at start)",
+    )
+    p.set_defaults(func=cmd_analytics_ddl)
 
     p = sub.add_parser("mock-upstream", help="run the bundled fake model provider")
     p.add_argument("--listen", default="127.0.0.1:9009", help="host:port (default %(default)s)")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from clickhouse_connect.driver.client import Client
 
+from onetoken import cli
 from onetoken.analytics import clickhouse as ch
 from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_SCHEMA
 from onetoken.settings import Settings
@@ -53,10 +54,24 @@ def test_migration_files_are_ordered_and_split() -> None:
     assert all("--" not in s and not s.endswith(";") for s in statements)
 
 
-def test_deploy_copy_matches_packaged_sql() -> None:
-    deploy = Path(__file__).resolve().parents[2] / "deploy" / "clickhouse"
-    for migration in ch.load_migrations():
-        assert (deploy / migration.name).read_text() == migration.sql
+def test_the_package_holds_the_only_clickhouse_migrations() -> None:
+    """deploy/clickhouse says how to apply the package's migrations; a copy of them there
+    would drift from what the service applies."""
+    root = Path(__file__).resolve().parents[2]
+    assert (root / "deploy" / "clickhouse" / "README.md").is_file()
+    assert sorted(str(p.relative_to(root)) for p in (root / "deploy").rglob("*.sql")) == []
+
+
+def test_analytics_ddl_prints_every_migration_in_order(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["analytics-ddl"]) == 0
+    printed = capsys.readouterr().out
+    migrations = ch.load_migrations()
+    assert migrations
+    assert printed == "".join(f"-- {m.name}\n{m.sql.rstrip(chr(10))}\n" for m in migrations)
+    # Each file's statements survive the concatenation as they are.
+    assert ch.Migration(0, "all.sql", printed).statements() == [
+        s for m in migrations for s in m.statements()
+    ]
 
 
 @pytest.fixture(scope="module")
