@@ -1,4 +1,5 @@
-"""What unit and integration tests share: waiting for a condition instead of sleeping.
+"""What unit and integration tests share: the test secret, and waiting for a condition
+instead of sleeping.
 
 A fixed sleep is either too short on a loaded machine (a flaky test) or longer than needed
 everywhere else (a slow suite); `wait_until` polls the condition and fails with a message
@@ -14,6 +15,10 @@ from typing import TypeVar
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 30.0
+
+# ONETOKEN_SECRET_KEY of the servers and settings the tests build: long and random-looking
+# enough for the strength check outside --demo.
+TEST_SECRET = "unit-test-secret-key-0123456789abcdef"
 
 
 def wait_until(

@@ -1,3 +1,5 @@
+"""The `onetoken` command line in a subprocess, as operators and scripts run it."""
+
 from __future__ import annotations
 
 import json
@@ -6,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 
-from tests.unit.conftest import TEST_SECRET
+from tests.support import TEST_SECRET
+
+from .harness import free_port
 
 PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
 
@@ -142,3 +147,89 @@ def test_ingest_once_charges_the_ledger_while_clickhouse_is_down(
     # call_log is behind while ClickHouse is unreachable: the journal keeps the record.
     assert segment.exists()
     state.db_engine.dispose()
+
+
+def test_cli_serve_without_secret_fails_with_a_clear_message(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONETOKEN_")}
+    env["ONETOKEN_DATA_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "onetoken.cli", "serve"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "ONETOKEN_SECRET_KEY is not set" in proc.stderr and "--demo" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # Nothing was created: it stopped before opening any store.
+    assert not (tmp_path / "control.db").exists() and not (tmp_path / "secret.key").exists()
+
+
+def test_cli_actions_are_spooled_for_the_next_server(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONETOKEN_")}
+    env["ONETOKEN_DATA_DIR"] = str(tmp_path)
+    for args in (["bootstrap", "--json"], ["keys", "create", "--org", "Default", "--name", "ci"]):
+        proc = subprocess.run([sys.executable, "-m", "onetoken.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    lines = [orjson.loads(line) for f in sorted((tmp_path / "spool").glob("seclog-*.jsonl"))
+             for line in f.read_bytes().splitlines()]
+    created = [e for e in lines if e["kind"] == "admin.key_created"]
+    assert len(created) == 1 and created[0]["user_agent"] == "onetoken-cli"
+    key = proc.stdout.split()[0]
+    assert key.startswith("ot-") and key not in str(lines)
+
+
+# -- the CLI when chDB is locked and no control process answers -------------------------
+
+_HOLDER = """
+import sys
+from pathlib import Path
+from onetoken.analytics.clickhouse import open_client
+from onetoken.settings import Settings
+client = open_client(Settings(data_dir=Path(sys.argv[1])))
+print("ready", flush=True)
+sys.stdin.read()
+client.close()
+"""
+
+
+OPS_NEEDLE = "ops-needle-7c1f0a9e3b"
+
+
+def test_locked_chdb_without_a_control_process_is_a_clear_error(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        "ONETOKEN_DATA_DIR": str(tmp_path),
+        "ONETOKEN_CONTROL_LISTEN": f"127.0.0.1:{free_port()}",
+    }
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(tmp_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "ready"
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "onetoken.cli", *args],
+                                  capture_output=True, env=env, text=True, timeout=120)
+
+        results = {name: cli(*args) for name, args in {
+            "reconcile": ("billing", "reconcile"),
+            "export": ("calls", "export"),
+            "stats": ("calls", "stats", "--org", "org-x"),
+            "audit": ("audit-retention", "--needle", OPS_NEEDLE),
+        }.items()}
+    finally:
+        holder.communicate(timeout=60)
+    for name in ("reconcile", "export", "stats"):
+        r = results[name]
+        assert r.returncode == 2, (name, r.stderr)
+        assert r.stdout == ""
+        assert f"locked by process {holder.pid}" in r.stderr, r.stderr
+        assert "No control process answered at http://127.0.0.1:" in r.stderr
+        assert "Traceback" not in r.stderr
+    audit = results["audit"]
+    assert audit.returncode == 2, audit.stderr
+    assert "NOT SCANNED ClickHouse: " in audit.stdout
+    assert "No control process answered" in audit.stdout
+    assert "incomplete" in audit.stderr
+    assert OPS_NEEDLE not in audit.stdout + audit.stderr

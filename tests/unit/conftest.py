@@ -16,9 +16,9 @@ from onetoken.app import build_state, create_app
 from onetoken.deps import AppState
 from onetoken.orgs import service as orgs
 from onetoken.settings import Settings
+from tests.support import TEST_SECRET
 
 CONTRACT = Path(__file__).resolve().parents[1] / "contract"
-TEST_SECRET = "unit-test-secret-key-0123456789abcdef"
 
 
 def contract(name: str) -> Any:

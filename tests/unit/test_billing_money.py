@@ -24,7 +24,8 @@ from onetoken.gateway.supervisor import engine_config
 from onetoken.kit.money import format_amount
 from onetoken.security.permissions import ROLE_DENIED_MESSAGE
 from onetoken.settings import Settings
-from tests.unit.conftest import TEST_SECRET, Admin, add_account, make_org_admin
+from tests.support import TEST_SECRET
+from tests.unit.conftest import Admin, add_account, make_org_admin
 
 API = "/api/v1"
 UNIT = 1_000_000_000

@@ -22,8 +22,7 @@ from onetoken.security.login_guard import SCOPE_IP
 from onetoken.security.models import LoginThrottle
 from onetoken.serve import _Server, control_config
 from onetoken.settings import Settings
-from tests.support import wait_until
-from tests.unit.conftest import TEST_SECRET
+from tests.support import TEST_SECRET, wait_until
 
 MAX_FAILURES_IP = 3
 

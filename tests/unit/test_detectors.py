@@ -21,9 +21,9 @@ from onetoken.security import blocking
 from onetoken.security import log as security_log
 from onetoken.security.detectors import Detectors, attach
 from onetoken.settings import Settings
+from tests.support import TEST_SECRET
 
 from .batches import summarize
-from .conftest import TEST_SECRET
 
 SECOND = 1_000_000
 T0 = 1_800_000_000 * SECOND

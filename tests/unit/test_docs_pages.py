@@ -13,8 +13,7 @@ from pydantic import SecretStr
 
 from onetoken.app import create_app
 from onetoken.settings import Settings
-
-from .conftest import TEST_SECRET
+from tests.support import TEST_SECRET
 
 # Every URL the page makes the browser load or call: attributes and JavaScript strings.
 _REFERENCES = re.compile(r"""(?:src|href)\s*=\s*["']([^"']+)["']|\burl:\s*'([^']+)'""")

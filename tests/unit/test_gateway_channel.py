@@ -20,7 +20,7 @@ from onetoken.gateway.supervisor import engine_config
 from onetoken.kit import channel
 from onetoken.orgs import service as orgs
 from onetoken.settings import Settings
-from tests.unit.conftest import TEST_SECRET
+from tests.support import TEST_SECRET
 
 # Spent marks per engine instance, as the ingestor would have committed them.
 MARKS: dict[str, tuple[dict[str, int], dict[str, int]]] = {}

@@ -26,7 +26,7 @@ from onetoken.gateway.supervisor import engine_config
 from onetoken.ingest import Ingestor
 from onetoken.ingest.marks import spent_marks
 from onetoken.settings import Settings
-from tests.unit.conftest import TEST_SECRET
+from tests.support import TEST_SECRET
 
 REQUESTS = 40
 

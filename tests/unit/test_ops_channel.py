@@ -30,9 +30,9 @@ from onetoken.kit import channel
 from onetoken.ops import control_file
 from onetoken.ops.router import PREFIX
 from onetoken.settings import Settings
+from tests.support import TEST_SECRET
 
-from .conftest import TEST_SECRET
-from .test_analytics_sink import T0, free_port, insert, make_batch
+from .test_analytics_sink import T0, insert, make_batch
 
 NEEDLE = "ops-needle-7c1f0a9e3b"
 
@@ -231,59 +231,3 @@ def test_control_file_of_a_dead_process_or_garbage_is_ignored(tmp_path: Path) ->
     assert control_file.read(tmp_path) is None
     (tmp_path / "control.json").write_text("{not json")
     assert control_file.read(tmp_path) is None
-
-
-# -- the CLI when chDB is locked and no control process answers -------------------------
-
-_HOLDER = """
-import sys
-from pathlib import Path
-from onetoken.analytics.clickhouse import open_client
-from onetoken.settings import Settings
-client = open_client(Settings(data_dir=Path(sys.argv[1])))
-print("ready", flush=True)
-sys.stdin.read()
-client.close()
-"""
-
-
-def test_locked_chdb_without_a_control_process_is_a_clear_error(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-        "ONETOKEN_DATA_DIR": str(tmp_path),
-        "ONETOKEN_CONTROL_LISTEN": f"127.0.0.1:{free_port()}",
-    }
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, str(tmp_path)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
-    )
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == "ready"
-
-        def cli(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([sys.executable, "-m", "onetoken.cli", *args],
-                                  capture_output=True, env=env, text=True, timeout=120)
-
-        results = {name: cli(*args) for name, args in {
-            "reconcile": ("billing", "reconcile"),
-            "export": ("calls", "export"),
-            "stats": ("calls", "stats", "--org", "org-x"),
-            "audit": ("audit-retention", "--needle", NEEDLE),
-        }.items()}
-    finally:
-        holder.communicate(timeout=60)
-    for name in ("reconcile", "export", "stats"):
-        r = results[name]
-        assert r.returncode == 2, (name, r.stderr)
-        assert r.stdout == ""
-        assert f"locked by process {holder.pid}" in r.stderr, r.stderr
-        assert "No control process answered at http://127.0.0.1:" in r.stderr
-        assert "Traceback" not in r.stderr
-    audit = results["audit"]
-    assert audit.returncode == 2, audit.stderr
-    assert "NOT SCANNED ClickHouse: " in audit.stdout
-    assert "No control process answered" in audit.stdout
-    assert "incomplete" in audit.stderr
-    assert NEEDLE not in audit.stdout + audit.stderr

@@ -16,7 +16,8 @@ from onetoken.app import build_state, create_app
 from onetoken.db.models import Account
 from onetoken.security import net
 from onetoken.settings import Settings
-from tests.unit.conftest import TEST_SECRET, Admin, make_org_admin
+from tests.support import TEST_SECRET
+from tests.unit.conftest import Admin, make_org_admin
 from tests.unit.stub_dns import STUB_DNS, stub_resolver
 
 REFUSED = [

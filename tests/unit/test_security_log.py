@@ -196,21 +196,3 @@ def test_spool_lines_hold_only_the_event_columns(tmp_path: Path) -> None:
     (line,) = path.read_bytes().splitlines()
     assert tuple(orjson.loads(line)) == seclog.SECURITY_LOG_COLUMNS
     assert os.stat(path).st_size == len(line) + 1
-
-
-def test_cli_actions_are_spooled_for_the_next_server(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ONETOKEN_")}
-    env["ONETOKEN_DATA_DIR"] = str(tmp_path)
-    for args in (["bootstrap", "--json"], ["keys", "create", "--org", "Default", "--name", "ci"]):
-        proc = subprocess.run([sys.executable, "-m", "onetoken.cli", *args], env=env,
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-    lines = [orjson.loads(line) for f in sorted((tmp_path / "spool").glob("seclog-*.jsonl"))
-             for line in f.read_bytes().splitlines()]
-    created = [e for e in lines if e["kind"] == "admin.key_created"]
-    assert len(created) == 1 and created[0]["user_agent"] == "onetoken-cli"
-    key = proc.stdout.split()[0]
-    assert key.startswith("ot-") and key not in str(lines)

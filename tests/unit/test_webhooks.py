@@ -30,11 +30,11 @@ from onetoken.settings import Settings
 from onetoken.webhooks.dispatcher import Outcome, Target, WebhookDispatcher, send
 from onetoken.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from onetoken.webhooks.signing import SIGNATURE_HEADER, header_value, verify
-from tests.support import wait_until
+from tests.support import TEST_SECRET, wait_until
 from tests.unit.stub_dns import STUB_DNS, stub_resolver
 from tests.webhook_receiver import DripReceiver, Receiver
 
-from .conftest import TEST_SECRET, Admin, add_account, make_org_admin
+from .conftest import Admin, add_account, make_org_admin
 
 
 def _settings(tmp_path: Path, **kw: object) -> Settings:
