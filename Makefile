@@ -14,6 +14,15 @@ $(VENV)/.deps: pyproject.toml
 
 setup: $(VENV)/.deps
 
+# What ruff and mypy need, without building the extension (mypy reads _core.pyi): the
+# package's dependencies and its dev extra, as pyproject.toml lists them.
+$(VENV)/.lint-deps: pyproject.toml $(VENV)/.deps
+	$(PY) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+	  print("\n".join(p["dependencies"] + p["optional-dependencies"]["dev"] \
+	  + p["optional-dependencies"]["postgres"]))' >$(VENV)/lint-requirements.txt
+	$(PIP) install -q -r $(VENV)/lint-requirements.txt
+	touch $@
+
 # Debug build of the extension for tests (dependencies are still optimised, see Cargo.toml).
 build-debug: setup
 	$(VENV)/bin/maturin develop -q --extras dev,postgres
@@ -33,7 +42,7 @@ test-rust:
 test-python: build-debug
 	$(PY) -m pytest -q tests
 
-lint: setup
+lint: $(VENV)/.lint-deps
 	cargo clippy -q -p onetoken-gateway -p onetoken-mock-upstream -p onetoken-py -- -D warnings
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/mypy
