@@ -11,7 +11,8 @@ from clickhouse_connect.driver.client import Client
 
 from onetoken import cli
 from onetoken.analytics import clickhouse as ch
-from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_SCHEMA
+from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_SCHEMA, SECURITY_LOG_TABLE
+from onetoken.security.log import SECURITY_LOG_COLUMNS
 from onetoken.settings import Settings
 
 CONTRACT = Path(__file__).resolve().parents[1] / "contract" / "call_log_columns.json"
@@ -93,20 +94,10 @@ def test_call_log_has_exactly_the_contract_columns(client: Client) -> None:
     assert tuple(r[0] for r in rows) == CALL_LOG_COLUMNS
 
 
-def test_security_log_columns(client: Client) -> None:
-    rows = client.query("DESCRIBE TABLE onetoken.security_log").result_rows
-    assert [r[0] for r in rows] == [
-        "ts",
-        "event_id",
-        "kind",
-        "severity",
-        "org_id",
-        "actor_id",
-        "subject_id",
-        "source_ip",
-        "user_agent",
-        "detail",
-    ]
+def test_security_log_table_has_exactly_the_writers_columns(client: Client) -> None:
+    """SECURITY_LOG_COLUMNS is the one declaration; the migrations must create just that."""
+    rows = client.query(f"DESCRIBE TABLE {SECURITY_LOG_TABLE}").result_rows
+    assert tuple(r[0] for r in rows) == SECURITY_LOG_COLUMNS
 
 
 def test_call_log_engine_is_replacing_and_partitioned(client: Client) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
+from onetoken.analytics.columns import SECURITY_LOG_TABLE
 from onetoken.db.models import Account, ApiKey, Org
 from onetoken.kit.money import format_amount
 from onetoken.kit.spreadsheet import formula_safe
@@ -126,7 +127,8 @@ def call_statistics(client: Any, org_id: str, account_id: str) -> list[dict[str,
 
 def security_events(client: Any, org_id: str, account_id: str) -> list[dict[str, Any]]:
     result = client.query(
-        "SELECT ts, kind, severity, source_ip, user_agent FROM onetoken.security_log FINAL "
+        "SELECT ts, kind, severity, source_ip, user_agent "  # noqa: S608 (a fixed table name)
+        f"FROM {SECURITY_LOG_TABLE} FINAL "
         "WHERE org_id = {org:String} AND (actor_id = {account:String} "
         "OR subject_id = {account:String}) ORDER BY ts DESC LIMIT {limit:UInt32}",
         parameters={"org": org_id, "account": account_id, "limit": MAX_SECURITY_EVENTS},

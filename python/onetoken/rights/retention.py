@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import and_, delete, or_
 
+from onetoken.analytics.columns import SECURITY_LOG_TABLE
 from onetoken.db.models import AdminSession, utcnow
 from onetoken.db.session import SessionFactory
 from onetoken.security import blocking
@@ -29,7 +30,6 @@ from onetoken.webhooks import service as webhooks_service
 
 log = logging.getLogger("onetoken.retention")
 
-SECURITY_LOG_TABLE = "onetoken.security_log"
 LOGIN_KINDS_CONDITION = "startsWith(kind, 'auth.')"
 _TTL_RULES = re.compile(r"\bTTL\s+(.*?)(?:\s+SETTINGS\s|$)", re.DOTALL)
 

@@ -34,13 +34,15 @@ from typing import Any, Final, Literal, TypeVar
 
 import orjson
 
+from onetoken.analytics.columns import SECURITY_LOG_TABLE
 from onetoken.kit.files import private_dir
 
 log = logging.getLogger("onetoken.security")
 
 T = TypeVar("T")
 
-SECURITY_LOG_TABLE: Final = "onetoken.security_log"
+# The one declaration of the row's columns: the DDL (analytics/sql) is checked against it
+# with chDB's DESCRIBE (tests/unit/test_analytics_clickhouse.py).
 SECURITY_LOG_COLUMNS: Final = (
     "ts",
     "event_id",
