@@ -3,6 +3,8 @@ API, and what they put into the snapshot."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ from onetoken.db.session import current_revision
 from onetoken.deps import AppState
 from onetoken.gateway.snapshot import build_snapshot, snapshot_json
 from onetoken.keys import service as keys
+from onetoken.providers.gateway_schemas import DEFAULT_STRATEGY, Routing
 from onetoken.providers.presets import PRESETS
 from tests.unit.conftest import Admin, add_account, make_org_admin
 
@@ -268,6 +271,16 @@ def test_routes_and_aliases(
     assert _snapshot(state)["routing"] == body
     assert client.delete(f"{API}/routes/{tr['id']}", headers=tenant.headers).status_code == 204
     assert [r["name"] for r in _snapshot(state)["routes"]] == ["gpt-x"]
+
+
+def test_the_documented_routing_defaults_are_the_schemas() -> None:
+    """docs/snapshot.md states what the engine applies while `routing` is left out: the
+    values gateway_schemas.Routing leaves it out for."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "snapshot.md").read_text()
+    section = doc.split("## routing", 1)[1]
+    stated = json.loads(section.split("`", 2)[1])
+    assert stated == Routing().model_dump()
+    assert f"`strategy` defaults to `{DEFAULT_STRATEGY}`" in doc
 
 
 # -- policies, limits, guard -------------------------------------------------------------

@@ -45,7 +45,7 @@ from onetoken.kit.errors import OnetokenError, _validation_message
 from onetoken.orgs import service as orgs_service
 from onetoken.providers import gateway_service as gw
 from onetoken.providers import service
-from onetoken.providers.gateway_schemas import Aliases, Routing, Strategy
+from onetoken.providers.gateway_schemas import DEFAULT_STRATEGY, Aliases, Routing, Strategy
 from onetoken.providers.presets import apply_preset
 from onetoken.providers.schemas import (
     ApiVersion,
@@ -113,7 +113,7 @@ class FileRoute(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: ModelName
-    strategy: Strategy = "priority"
+    strategy: Strategy = DEFAULT_STRATEGY
     aliases: Aliases = Field(default_factory=list)
 
 

@@ -4,7 +4,7 @@ defaults match docs/snapshot.md, so a stored value goes into the snapshot unchan
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -65,6 +65,8 @@ class Guard(BaseModel):
 
 
 Strategy = Literal["priority", "weighted", "lowest_price", "lowest_latency"]
+# A route without a strategy, and a model name without a route (the engine's rule too).
+DEFAULT_STRATEGY: Final[Strategy] = "priority"
 Aliases = Annotated[list[ModelName], Field(max_length=32)]
 
 
@@ -76,7 +78,7 @@ class RouteCreate(BaseModel):
 
     name: ModelName
     scope: Literal["platform", "org"] = "org"
-    strategy: Strategy = "priority"
+    strategy: Strategy = DEFAULT_STRATEGY
     aliases: Aliases = Field(default_factory=list)
 
 
@@ -105,7 +107,10 @@ class RouteList(BaseModel):
 
 
 class Routing(BaseModel):
-    """Retries (before any byte reached the client) and circuit breakers, platform-wide."""
+    """Retries (before any byte reached the client) and circuit breakers, platform-wide.
+    These defaults are the Python side's only ones: the stored row takes every field from
+    here, the snapshot leaves `routing` out while it equals them (the engine then applies
+    its own, rust/gateway/src/routing.rs), and docs/snapshot.md is checked against them."""
 
     model_config = ConfigDict(extra="forbid", from_attributes=True)
 

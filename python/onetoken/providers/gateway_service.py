@@ -13,7 +13,13 @@ from onetoken.db.models import Model, new_id
 from onetoken.db.session import bump_revision
 from onetoken.keys import service as keys_service
 from onetoken.kit.errors import Conflict, NotFound, Unprocessable
-from onetoken.providers.gateway_schemas import Guard, OrgLimits, Policy, Routing
+from onetoken.providers.gateway_schemas import (
+    DEFAULT_STRATEGY,
+    Guard,
+    OrgLimits,
+    Policy,
+    Routing,
+)
 from onetoken.providers.service import alias_owner, in_scope
 from onetoken.providers.tables import KeyPolicy, OrgGatewaySettings, Route, RoutingSettings
 
@@ -168,7 +174,7 @@ def create_route(
     owner: str | None,
     *,
     name: str,
-    strategy: str = "priority",
+    strategy: str = DEFAULT_STRATEGY,
     aliases: Sequence[str] = (),
     managed_by: str = "api",
 ) -> Route:

@@ -11,6 +11,7 @@ from sqlalchemy import JSON, ForeignKey, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from onetoken.db.models import Base, UTCDateTime, utcnow
+from onetoken.providers.gateway_schemas import DEFAULT_STRATEGY
 
 
 class OrgGatewaySettings(Base):
@@ -52,20 +53,21 @@ class Route(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     org_id: Mapped[str | None] = mapped_column(ForeignKey("orgs.id"), index=True, nullable=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
-    strategy: Mapped[str] = mapped_column(String(16), default="priority")
+    strategy: Mapped[str] = mapped_column(String(16), default=DEFAULT_STRATEGY)
     aliases: Mapped[list[str]] = mapped_column(JSON, default=list)
     managed_by: Mapped[str] = mapped_column(String(8), default="api")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class RoutingSettings(Base):
-    """One row (id 1) of platform-wide retry and circuit-breaker settings."""
+    """One row (id 1) of platform-wide retry and circuit-breaker settings, every field
+    written from a gateway_schemas.Routing (which holds the defaults)."""
 
     __tablename__ = "routing_settings"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
-    retry_deadline_ms: Mapped[int] = mapped_column(Integer, default=15000)
-    backoff_ms: Mapped[int] = mapped_column(Integer, default=50)
-    breaker_failures: Mapped[int] = mapped_column(Integer, default=5)
-    breaker_open_ms: Mapped[int] = mapped_column(Integer, default=30000)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    retry_deadline_ms: Mapped[int] = mapped_column(Integer)
+    backoff_ms: Mapped[int] = mapped_column(Integer)
+    breaker_failures: Mapped[int] = mapped_column(Integer)
+    breaker_open_ms: Mapped[int] = mapped_column(Integer)
