@@ -8,15 +8,13 @@ from pathlib import Path
 from sqlalchemy import text
 
 from onetoken.db.migrate import upgrade
-from onetoken.db.session import make_engine
+from tests.builders import database_at
 
 
 def test_upgrade_keeps_existing_rows(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
-    upgrade(engine, "0001")
     now = "2026-01-01 00:00:00+00:00"
+    engine = database_at(f"sqlite:///{tmp_path / 'c.db'}", "0001", now)
     with engine.begin() as c:
-        c.execute(text("INSERT INTO orgs VALUES ('org_1', 'First', 'active', :t)"), {"t": now})
         c.execute(text("INSERT INTO orgs VALUES ('org_2', 'Second', 'active', '2026-02-01')"))
         for acc, org, email, role in (("acc_1", "org_1", "boss@one.test", "owner"),
                                       ("acc_2", "org_1", "dev@one.test", "developer"),

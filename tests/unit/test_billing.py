@@ -21,9 +21,8 @@ from onetoken.deps import AppState
 from onetoken.gateway.snapshot import build_snapshot
 from onetoken.keys import service as keys
 from onetoken.kit.errors import Conflict, NotFound, Unprocessable
-from onetoken.orgs import service as orgs
-from onetoken.providers import service as providers
 from onetoken.security.permissions import ROLE_DENIED_MESSAGE
+from tests import builders as build
 from tests.unit.batches import summarize
 from tests.unit.conftest import Admin, add_account
 
@@ -45,31 +44,12 @@ class World:
 @pytest.fixture
 def world(state: AppState) -> World:
     with state.session_factory() as s:
-        a = orgs.create_org(s, "A")
-        owner = orgs.create_account(s, a.id, "own@a.test", "password-a-long", "owner")
-        b = orgs.create_org(s, "B")
-        owner_b = orgs.create_account(s, b.id, "own@b.test", "password-b-long", "owner")
-        prov = providers.create_provider(
-            s,
-            state.secrets,
-            a.id,
-            name="up",
-            protocol="openai",
-            base_url="http://127.0.0.1:9009/v1",
-            api_key=None,
-        )
-        model = providers.create_model(
-            s,
-            a.id,
-            name="a-chat",
-            kind="chat",
-            provider_id=prov.id,
-            upstream_model="mock-gpt",
-            input_price=UNIT,
-            output_price=2 * UNIT,
-        )
-        key, _ = keys.create_key(s, state.secrets, org_id=a.id, created_by=owner.id, name="k")
-        key_b, _ = keys.create_key(s, state.secrets, org_id=b.id, created_by=owner_b.id, name="k")
+        a, owner = build.org_with_owner(s, "A", "own@a.test")
+        b, owner_b = build.org_with_owner(s, "B", "own@b.test")
+        prov = build.provider(s, state.secrets, a.id)
+        model = build.model(s, a.id, prov, "a-chat", input_price=UNIT, output_price=2 * UNIT)
+        key, _ = build.api_key(s, state.secrets, a, owner)
+        key_b, _ = build.api_key(s, state.secrets, b, owner_b)
         s.commit()
         return World(a.id, b.id, owner.id, model.id, key.id, key_b.id)
 

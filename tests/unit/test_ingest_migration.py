@@ -8,15 +8,13 @@ from pathlib import Path
 from sqlalchemy import text
 
 from onetoken.db.migrate import upgrade
-from onetoken.db.session import make_engine
+from tests.builders import database_at
 
 
 def test_existing_usage_entries_count_one_call_each(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
-    upgrade(engine, "0010_key_scope_setter")
     now = "2026-01-01 00:00:00.000000"
+    engine = database_at(f"sqlite:///{tmp_path / 'c.db'}", "0010_key_scope_setter", now)
     with engine.begin() as c:
-        c.execute(text("INSERT INTO orgs VALUES ('org_1', 'First', 'active', :t)"), {"t": now})
         for key, kind, amount, rid in (
             ("usage:r1", "usage", -5, "r1"),
             ("usage:r2", "usage", -7, "r2"),

@@ -13,62 +13,29 @@ from onetoken.deps import AppState
 from onetoken.gateway.snapshot import build_snapshot, snapshot_json
 from onetoken.gateway.supervisor import engine_config
 from onetoken.keys import service as keys
-from onetoken.orgs import service as orgs
 from onetoken.providers import service as providers
 from onetoken.settings import Settings
+from tests import builders as build
 from tests.unit.conftest import contract
 
 
 def _populate(state: AppState) -> dict[str, Any]:
     with state.session_factory() as s:
-        a = orgs.create_org(s, "A")
-        owner_a = orgs.create_account(s, a.id, "a@a.test", "password-a", "owner")
-        b = orgs.create_org(s, "B")
-        owner_b = orgs.create_account(s, b.id, "b@b.test", "password-b", "owner")
-        prov = providers.create_provider(
-            s,
-            state.secrets,
-            a.id,
-            name="up",
-            protocol="openai",
-            base_url="http://127.0.0.1:9009/v1",
-            api_key="sk-PROVIDER",
-        )
-        providers.create_model(
-            s,
-            a.id,
-            name="a-chat",
-            kind="chat",
-            provider_id=prov.id,
-            upstream_model="mock-gpt",
-            input_price=500_000_000,
-            output_price=1_500_000_000,
-            cached_input_price=250_000_000,
-            max_output_tokens=4096,
-        )
-        providers.create_model(
-            s,
-            a.id,
-            name="a-embed",
-            kind="embedding",
-            provider_id=prov.id,
-            upstream_model="mock-embed",
-            input_price=20_000_000,
-        )
-        key_a, secret_a = keys.create_key(
-            s, state.secrets, org_id=a.id, created_by=owner_a.id, name="k"
-        )
-        key_limited, _ = keys.create_key(
-            s,
-            state.secrets,
-            org_id=a.id,
-            created_by=owner_a.id,
-            name="l",
-            allowed_models=["a-embed", "elsewhere"],
+        a, owner_a = build.org_with_owner(s, "A", "a@a.test")
+        b, owner_b = build.org_with_owner(s, "B", "b@b.test")
+        prov = build.provider(s, state.secrets, a.id, api_key="sk-PROVIDER")
+        build.model(s, a.id, prov, "a-chat", input_price=500_000_000,
+                    output_price=1_500_000_000, cached_input_price=250_000_000,
+                    max_output_tokens=4096)
+        build.model(s, a.id, prov, "a-embed", kind="embedding", upstream_model="mock-embed",
+                    input_price=20_000_000)
+        key_a, secret_a = build.api_key(s, state.secrets, a, owner_a)
+        key_limited, _ = build.api_key(
+            s, state.secrets, a, owner_a, "l", allowed_models=["a-embed", "elsewhere"],
             expires_at=datetime.now(UTC) + timedelta(days=1),
         )
-        key_b, _ = keys.create_key(s, state.secrets, org_id=b.id, created_by=owner_b.id, name="k")
-        key_off, _ = keys.create_key(s, state.secrets, org_id=a.id, created_by=owner_a.id, name="o")
+        key_b, _ = build.api_key(s, state.secrets, b, owner_b)
+        key_off, _ = build.api_key(s, state.secrets, a, owner_a, "o")
         keys.update_key(s, a.id, key_off.id, {"status": "disabled"})
         billing.credit(s, a.id, amount=100_000_000_000, kind="grant", idempotency_key="g")
         s.commit()
