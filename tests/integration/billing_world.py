@@ -15,10 +15,9 @@ import httpx
 from onetoken.app import build_state
 from onetoken.billing import service as billing
 from onetoken.deps import AppState
-from onetoken.keys import service as keys
 from onetoken.orgs import service as orgs
-from onetoken.providers import service as providers
 from onetoken.settings import Settings
+from tests import builders as build
 from tests.support import wait_until
 
 from .harness import Server
@@ -53,31 +52,14 @@ def make_org(
     own provider may never reach."""
     tag = name.lower()
     with state.session_factory() as s:
-        org = orgs.create_org(s, name)
-        owner = orgs.create_account(s, org.id, f"owner@{tag}.test", PASSWORD, "owner")
+        org, owner = build.org_with_owner(s, name, f"owner@{tag}.test", PASSWORD)
         orgs.create_account(s, org.id, f"billing@{tag}.test", PASSWORD, "billing")
         if mock_addr is not None:
-            prov = providers.create_provider(
-                s,
-                state.secrets,
-                None,
-                name=f"{tag}-up",
-                protocol="openai",
-                base_url=f"http://{mock_addr}/v1",
-                api_key=None,
+            prov = build.provider(
+                s, state.secrets, None, name=f"{tag}-up", base_url=f"http://{mock_addr}/v1"
             )
-            providers.create_model(
-                s,
-                None,
-                name=f"{tag}-chat",
-                kind="chat",
-                provider_id=prov.id,
-                upstream_model="mock-gpt",
-                **model,
-            )
-        key, plaintext = keys.create_key(
-            s, state.secrets, org_id=org.id, created_by=owner.id, name="billing test"
-        )
+            build.model(s, None, prov, f"{tag}-chat", **model)
+        key, plaintext = build.api_key(s, state.secrets, org, owner, "billing test")
         if balance:
             billing.credit(s, org.id, amount=balance, kind="grant", idempotency_key="seed")
         s.commit()

@@ -16,6 +16,7 @@ from onetoken.app import build_state, create_app
 from onetoken.deps import AppState
 from onetoken.orgs import service as orgs
 from onetoken.settings import Settings
+from tests import builders as build
 from tests.support import TEST_SECRET
 
 CONTRACT = Path(__file__).resolve().parents[1] / "contract"
@@ -94,11 +95,10 @@ def make_org_admin(
     *,
     is_operator: bool = False,
 ) -> Admin:
-    password = "correct horse battery staple"
+    password = build.PASSWORD
     with state.session_factory() as session:
-        org = orgs.create_org(session, org_name)
-        account = orgs.create_account(
-            session, org.id, email, password, role, is_operator=is_operator
+        org, account = build.org_with_owner(
+            session, org_name, email, password, role, is_operator=is_operator
         )
         session.commit()
         org_id, account_id = org.id, account.id

@@ -24,6 +24,7 @@ from onetoken.db.models import LedgerEntry
 from onetoken.deps import AppState
 from onetoken.ingest import Ingestor
 from onetoken.settings import Settings
+from tests.unit import journal_files
 from tests.unit.conftest import Admin, contract
 from tests.unit.journal_files import append, dead
 
@@ -45,34 +46,8 @@ BLANK = {name: _blank(ctype) for name, ctype, _ in contract("call_log_columns.js
 
 
 def record(org: str, rid: str, at: datetime, cost: int, **kw: Any) -> dict[str, Any]:
-    row: dict[str, Any] = dict(BLANK)
-    row |= {
-        "ts": micros(at),
-        "request_id": rid,
-        "org_id": org,
-        "account_id": "acc",
-        "key_id": "key_a",
-        "path": "/v1/chat/completions",
-        "model_requested": "chat-a",
-        "model_served": "up-a",
-        "provider": "prov",
-        "prompt_tokens": 10,
-        "completion_tokens": 5,
-        "cached_tokens": 0,
-        "usage_source": "upstream",
-        "cost": cost,
-        "status": 200,
-        "error_code": "",
-        "latency_us": 1000,
-        "ttfb_us": 500,
-        "streamed": 0,
-        "source_ip": "127.0.0.1",
-        "user_agent": "t",
-        "rate_limit": "pass",
-        "attempts": 1,
-    }
-    row.update(kw)
-    return row
+    row = journal_files.record(rid, org_id=org, cost=cost, ts_us=micros(at), model="chat-a")
+    return {**BLANK, **row, "model_served": "up-a", "provider": "prov", **kw}
 
 
 @pytest.fixture(scope="module")

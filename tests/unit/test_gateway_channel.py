@@ -201,24 +201,26 @@ def _poll_in_thread(
     return t, out
 
 
-def test_long_poll_answers_a_committed_change_at_once(state: AppState, org_id: str) -> None:
-    src = SnapshotSource(state.secrets, state.session_factory, marks=fake_marks, recheck_s=30)
+@pytest.mark.parametrize(
+    ("recheck_s", "in_this_process"),
+    [
+        # An API change: AppState.config_changed calls changed(), which answers at once.
+        (30.0, True),
+        # The CLI's change: no changed() in this process; the recheck finds it.
+        (0.05, False),
+    ],
+)
+def test_long_poll_answers_a_committed_change(
+    state: AppState, org_id: str, recheck_s: float, in_this_process: bool
+) -> None:
+    src = SnapshotSource(
+        state.secrets, state.session_factory, marks=fake_marks, recheck_s=recheck_s
+    )
     etag, _ = src.get("gw", None)
     t, out = _poll_in_thread(src, etag, 30)
     _bump(state)
-    src.changed()  # what AppState.config_changed does after an API change
-    t.join(timeout=10)
-    ((body, took),) = out
-    assert body is not None and took < 5
-
-
-def test_long_poll_sees_other_processes_changes_at_the_recheck(
-    state: AppState, org_id: str
-) -> None:
-    src = SnapshotSource(state.secrets, state.session_factory, marks=fake_marks, recheck_s=0.05)
-    etag, _ = src.get("gw", None)
-    t, out = _poll_in_thread(src, etag, 30)
-    _bump(state)  # the CLI: no changed() in this process
+    if in_this_process:
+        src.changed()
     t.join(timeout=10)
     ((body, took),) = out
     assert body is not None and took < 5
