@@ -100,13 +100,7 @@ class GatewayUser(HttpUser):
 
     @task(40)
     def chat(self) -> None:
-        with self.client.post(
-            "/v1/chat/completions",
-            json=_chat_body(stream=False),
-            headers=self.auth,
-            name="chat",
-            catch_response=True,
-        ) as resp:
+        with self._post("/v1/chat/completions", "chat", _chat_body(stream=False)) as resp:
             if resp.status_code != 200:
                 resp.failure(f"status {resp.status_code}")
                 return
@@ -124,13 +118,8 @@ class GatewayUser(HttpUser):
         first_token: float | None = None
         done = False
         size = 0
-        with self.client.post(
-            "/v1/chat/completions",
-            json=_chat_body(stream=True),
-            headers=self.auth,
-            name="chat stream",
-            stream=True,
-            catch_response=True,
+        with self._post(
+            "/v1/chat/completions", "chat stream", _chat_body(stream=True), stream=True
         ) as resp:
             if resp.status_code != 200:
                 resp.failure(f"status {resp.status_code}")
@@ -162,12 +151,8 @@ class GatewayUser(HttpUser):
     @task(10)
     def embeddings(self) -> None:
         inputs = rng.sample(EMBED_TEXTS, k=rng.randint(1, len(EMBED_TEXTS)))
-        with self.client.post(
-            "/v1/embeddings",
-            json={"model": EMBED_MODEL, "input": inputs},
-            headers=self.auth,
-            name="embeddings",
-            catch_response=True,
+        with self._post(
+            "/v1/embeddings", "embeddings", {"model": EMBED_MODEL, "input": inputs}
         ) as resp:
             if resp.status_code != 200:
                 resp.failure(f"status {resp.status_code}")
@@ -196,6 +181,12 @@ class GatewayUser(HttpUser):
     def unknown_model(self) -> None:
         body = {**_chat_body(False), "model": f"no-such-model-{rng.randrange(1000)}"}
         self._expect(404, "expected 404: unknown model", json=body, headers=self.auth)
+
+    def _post(self, path: str, name: str, body: dict[str, Any], **kwargs: Any) -> Any:
+        """A POST with this user's key whose outcome the task judges (catch_response)."""
+        return self.client.post(
+            path, json=body, headers=self.auth, name=name, catch_response=True, **kwargs
+        )
 
     def _expect(self, status: int, name: str, **kwargs: Any) -> None:
         with self.client.post(

@@ -1203,97 +1203,72 @@ def write_report(
     def get(target: str, wl: str) -> dict[str, Any]:
         return rows.get((target, wl), {})
 
-    # Non-streaming throughput.
-    w = WORKLOADS[0]
-    lines += [
-        f"## {w.title}",
-        "",
+    def table(
+        w: Workload, intro: str, columns: list[str], cells: Callable[[str, dict[str, Any]], str]
+    ) -> list[str]:
+        """A workload's section: a row per target (or variant) that ran it."""
+        out = [f"## {w.title}", "", intro, "", "| " + " | ".join(["target", *columns]) + " |"]
+        out.append("|---|" + "---:|" * len(columns))
+        out += [f"| {n} | {cells(n, r)} |" for n in names if (r := get(n, w.key))]
+        return [*out, ""]
+
+    w = WORKLOADS[0]  # non-streaming throughput
+    nginx_rps = get("nginx", w.key).get("rps")
+    lines += table(
+        w,
         "wrk, 2 threads, `bench/chat.lua`. CPU and RSS are the target's own processes "
         "(for `direct`, the mock's).",
-        "",
-        "| target | req/s | x nginx | p50 µs | p99 µs | errors | CPU µs/req | RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    nginx_rps = get("nginx", w.key).get("rps")
-    for n in names:
-        r = get(n, w.key)
-        if r:
-            lines.append(
-                f"| {n} | {fmt(r['rps'])} | {ratio(r['rps'], nginx_rps)} | {fmt(r['p50_us'])} | "
-                f"{fmt(r['p99_us'])} | {fmt(r['errors'])} | {fmt(r['cpu_us_per_req'], 1)} | "
-                f"{fmt(r['rss_mb'], 1)} |"
-            )
-    lines.append("")
+        ["req/s", "x nginx", "p50 µs", "p99 µs", "errors", "CPU µs/req", "RSS MB"],
+        lambda _, r: f"{fmt(r['rps'])} | {ratio(r['rps'], nginx_rps)} | {fmt(r['p50_us'])} | "
+        f"{fmt(r['p99_us'])} | {fmt(r['errors'])} | {fmt(r['cpu_us_per_req'], 1)} | "
+        f"{fmt(r['rss_mb'], 1)}",
+    )
 
-    # Non-streaming latency at one connection.
-    w = WORKLOADS[1]
-    lines += [
-        f"## {w.title}",
-        "",
+    w = WORKLOADS[1]  # non-streaming latency at one connection
+
+    def latency(n: str, r: dict[str, Any]) -> str:
+        base = get(baseline.get(n, "direct"), WORKLOADS[1].key)
+        return (
+            f"{fmt(r['rps'])} | {fmt(r['p50_us'])} | {fmt(r['p99_us'])} | "
+            f"{diff(r['p50_us'], base.get('p50_us'))} | "
+            f"{diff(r['p99_us'], base.get('p99_us'))} | {fmt(r['cpu_us_per_req'], 1)}"
+        )
+
+    lines += table(
+        w,
         "wrk, 1 thread, 1 connection. Added = this row minus `direct` in the same run "
         "(the 4 KB rows: minus `direct+4k`).",
-        "",
-        "| target | req/s | p50 µs | p99 µs | added p50 µs | added p99 µs | CPU µs/req |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for n in names:
-        r = get(n, w.key)
-        base = get(baseline.get(n, "direct"), w.key)
-        if r:
-            lines.append(
-                f"| {n} | {fmt(r['rps'])} | {fmt(r['p50_us'])} | {fmt(r['p99_us'])} | "
-                f"{diff(r['p50_us'], base.get('p50_us'))} | "
-                f"{diff(r['p99_us'], base.get('p99_us'))} | {fmt(r['cpu_us_per_req'], 1)} |"
-            )
-    lines.append("")
+        ["req/s", "p50 µs", "p99 µs", "added p50 µs", "added p99 µs", "CPU µs/req"],
+        latency,
+    )
 
-    # Paced stream at one connection.
-    w = WORKLOADS[2]
-    base = get("direct", w.key)
-    lines += [
-        f"## {w.title}",
-        "",
+    w = WORKLOADS[2]  # paced stream at one connection
+    paced = get("direct", w.key)
+    lines += table(
+        w,
         "onetoken-loadgen, 1 connection; the mock pauses before each chunk, so a proxy that "
         "buffered would show a time to first token near the total. TTFT = request sent to "
         "first complete SSE event; gap = between consecutive events.",
-        "",
-        "| target | streams/s | TTFT p50 µs | TTFT p99 µs | added TTFT p50 µs | gap p50 µs | "
-        "gap p99 µs | added gap p50 µs | total p50 µs | events/stream |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for n in names:
-        r = get(n, w.key)
-        if r:
-            lines.append(
-                f"| {n} | {fmt(r['rps'], 1)} | {fmt(r['ttft_p50_us'])} | {fmt(r['ttft_p99_us'])} | "
-                f"{diff(r['ttft_p50_us'], base.get('ttft_p50_us'))} | {fmt(r['gap_p50_us'])} | "
-                f"{fmt(r['gap_p99_us'])} | {diff(r['gap_p50_us'], base.get('gap_p50_us'))} | "
-                f"{fmt(r['total_p50_us'])} | {fmt(r['events_per_stream'], 1)} |"
-            )
-    lines.append("")
+        ["streams/s", "TTFT p50 µs", "TTFT p99 µs", "added TTFT p50 µs", "gap p50 µs",
+         "gap p99 µs", "added gap p50 µs", "total p50 µs", "events/stream"],
+        lambda _, r: f"{fmt(r['rps'], 1)} | {fmt(r['ttft_p50_us'])} | {fmt(r['ttft_p99_us'])} | "
+        f"{diff(r['ttft_p50_us'], paced.get('ttft_p50_us'))} | {fmt(r['gap_p50_us'])} | "
+        f"{fmt(r['gap_p99_us'])} | {diff(r['gap_p50_us'], paced.get('gap_p50_us'))} | "
+        f"{fmt(r['total_p50_us'])} | {fmt(r['events_per_stream'], 1)}",
+    )
 
-    # Unpaced streams at 32 connections.
-    w = WORKLOADS[3]
-    nginx_rps = get("nginx", w.key).get("rps")
-    lines += [
-        f"## {w.title}",
-        "",
+    w = WORKLOADS[3]  # unpaced streams at 32 connections
+    nginx_streams = get("nginx", w.key).get("rps")
+    lines += table(
+        w,
         "onetoken-loadgen, 32 connections, 2 threads.",
-        "",
-        "| target | streams/s | x nginx | TTFT p50 µs | TTFT p99 µs | total p50 µs | "
-        "total p99 µs | errors | CPU µs/stream | RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for n in names:
-        r = get(n, w.key)
-        if r:
-            lines.append(
-                f"| {n} | {fmt(r['rps'])} | {ratio(r['rps'], nginx_rps)} | "
-                f"{fmt(r['ttft_p50_us'])} | {fmt(r['ttft_p99_us'])} | {fmt(r['total_p50_us'])} | "
-                f"{fmt(r['total_p99_us'])} | {fmt(r['errors'])} | "
-                f"{fmt(r['cpu_us_per_req'], 1)} | {fmt(r['rss_mb'], 1)} |"
-            )
-    lines.append("")
+        ["streams/s", "x nginx", "TTFT p50 µs", "TTFT p99 µs", "total p50 µs", "total p99 µs",
+         "errors", "CPU µs/stream", "RSS MB"],
+        lambda _, r: f"{fmt(r['rps'])} | {ratio(r['rps'], nginx_streams)} | "
+        f"{fmt(r['ttft_p50_us'])} | {fmt(r['ttft_p99_us'])} | {fmt(r['total_p50_us'])} | "
+        f"{fmt(r['total_p99_us'])} | {fmt(r['errors'])} | "
+        f"{fmt(r['cpu_us_per_req'], 1)} | {fmt(r['rss_mb'], 1)}",
+    )
 
     lines += onetoken_processes(rows, targets, extras)
     lines += guard_cost(rows)
@@ -1358,17 +1333,9 @@ def onetoken_processes(
     prof = extras.get("phases")
     if prof:
         phases = prof["phases"]
-        order = [
-            "admit",
-            "authenticate",
-            "route",
-            "reserve",
-            "forward",
-            "relay",
-            "settle",
-            "record",
-        ]
-        names = [p for p in order if p in phases] + sorted(set(phases) - set(order))
+        # In request order: the engine's /metrics lists the phases so, and the profile
+        # keeps the order it read them in.
+        names = list(phases)
         gw = (prof["row"].get("cpu_us_per_req_by_process") or {}).get("gateway")
         total = sum(phases.values())
         out += [
