@@ -1,14 +1,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from onetoken import _core
 
-from .harness import Admin, Server, bootstrap
+from .harness import Admin, deployed
 
 
 @pytest.fixture(scope="session")
@@ -30,14 +29,8 @@ def deployment(
     tmp_path_factory: pytest.TempPathFactory, mock_addr: str
 ) -> Iterator[dict[str, Any]]:
     """One running server per test module, with its bootstrap credentials."""
-    data_dir: Path = tmp_path_factory.mktemp("onetoken")
-    creds = bootstrap(data_dir)
-    server = Server(data_dir=data_dir, upstream=mock_addr)
-    server.start()
-    try:
-        yield {"server": server, "creds": creds, "data_dir": data_dir}
-    finally:
-        server.kill()
+    with deployed(tmp_path_factory.mktemp("onetoken"), mock_addr) as d:
+        yield d
 
 
 @pytest.fixture(scope="module")

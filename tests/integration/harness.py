@@ -175,6 +175,20 @@ def running(server: Server) -> Iterator[Server]:
             server.stop()
 
 
+@contextmanager
+def deployed(
+    data_dir: Path, upstream: str, extra_env: dict[str, str] | None = None
+) -> Iterator[dict[str, Any]]:
+    """A bootstrapped data dir with a running server: {"server", "creds", "data_dir"}."""
+    creds = bootstrap(data_dir)
+    server = Server(data_dir=data_dir, upstream=upstream, extra_env=extra_env or {})
+    server.start()
+    try:
+        yield {"server": server, "creds": creds, "data_dir": data_dir}
+    finally:
+        server.kill()
+
+
 def bootstrap(data_dir: Path) -> dict[str, Any]:
     out = cli(data_dir, "bootstrap", "--json")
     return dict(json.loads(out.stdout))

@@ -27,7 +27,7 @@ from .catalog import (
     put,
     write_providers_file,
 )
-from .harness import Admin, Server, bootstrap, free_port
+from .harness import Admin, deployed, free_port
 from .records import wait_for_calls
 
 MSG = [{"role": "user", "content": "Say something short."}]
@@ -129,20 +129,11 @@ def deployment(  # overrides the shared fixture: this module's server has a cata
     tmp_path_factory: pytest.TempPathFactory, mock_addr: str, failing: Any
 ) -> Iterator[dict[str, Any]]:
     data_dir: Path = tmp_path_factory.mktemp("onetoken-policy")
-    creds = bootstrap(data_dir)
     catalog = write_providers_file(
         data_dir / "providers.yaml", _catalog(mock_addr, failing, free_port())
     )
-    server = Server(
-        data_dir=data_dir,
-        upstream=mock_addr,
-        extra_env={"ONETOKEN_PROVIDERS_FILE": str(catalog)},
-    )
-    server.start()
-    try:
-        yield {"server": server, "creds": creds, "data_dir": data_dir}
-    finally:
-        server.kill()
+    with deployed(data_dir, mock_addr, {"ONETOKEN_PROVIDERS_FILE": str(catalog)}) as d:
+        yield d
 
 
 @pytest.fixture(scope="module")

@@ -112,20 +112,15 @@ def canary_run(tmp_path_factory: pytest.TempPathFactory, mock_addr: str) -> dict
         headers=auth,
         json=chat(CANARY, mock={"status": 500, "echo": True}),
     )
-    with gw.stream(
-        "POST",
-        "/v1/chat/completions",
-        headers=auth,
-        json=chat(CANARY, stream=True, mock={"echo": True, "chunks": 10, "cut_after": 2}),
-    ) as s:
+
+    def echoed_stream(**mock: int) -> Any:
+        body = chat(CANARY, stream=True, mock={"echo": True, **mock})
+        return gw.stream("POST", "/v1/chat/completions", headers=auth, json=body)
+
+    with echoed_stream(chunks=10, cut_after=2) as s:
         s.read()
         seen["stream_cut"] = s
-    with gw.stream(
-        "POST",
-        "/v1/chat/completions",
-        headers=auth,
-        json=chat(CANARY, stream=True, mock={"echo": True, "chunks": 200, "delay_ms": 20}),
-    ) as s:
+    with echoed_stream(chunks=200, delay_ms=20) as s:
         it = s.iter_bytes()
         next(it)  # the first bytes arrived; now the client walks away mid-stream
         seen["client_gone"] = s

@@ -15,7 +15,7 @@ import httpx
 
 from tests.support import wait_until
 
-from .harness import READY_TIMEOUT_S, Server, bootstrap, control_endpoint
+from .harness import READY_TIMEOUT_S, Server, bootstrap, cli, control_endpoint, deployed
 from .records import exported_calls, reconcile
 from .test_pipeline_durability import drive
 
@@ -39,22 +39,19 @@ def _health(url: str) -> dict[str, Any] | None:
 def test_killed_gateway_is_restarted_and_its_journal_ingested(
     tmp_path: Path, mock_addr: str
 ) -> None:
-    creds = bootstrap(tmp_path)
-    server = Server(data_dir=tmp_path, upstream=mock_addr)
-    server.start()
-    try:
+    with deployed(tmp_path, mock_addr) as d:
+        server, key = d["server"], d["creds"]["api_key"]
         assert server.proc is not None
-        (gateway,) = _children(server.proc.pid)
-        before = drive(server, creds["api_key"], 20)
+        pid = server.proc.pid
+        (gateway,) = _children(pid)
+        before = drive(server, key, 20)
         os.kill(gateway, signal.SIGKILL)
         # A new child, on the same address, with a new engine instance.
-        restarted = _until(lambda: [p for p in _children(server.proc.pid) if p != gateway])
+        restarted = _until(lambda: [p for p in _children(pid) if p != gateway])
         assert len(restarted) == 1
         _until(lambda: _health(server.gateway_url))
-        after = drive(server, creds["api_key"], 10)
+        after = drive(server, key, 10)
         assert server.stop() == 0
-    finally:
-        server.kill()
     # Nothing of the killed instance's journal is lost or counted twice.
     rows = exported_calls(tmp_path)
     assert sorted(r["request_id"] for r in rows) == sorted(before | after)
@@ -64,26 +61,16 @@ def test_killed_gateway_is_restarted_and_its_journal_ingested(
 
 
 def test_second_gateway_on_the_same_data_dir_is_refused(tmp_path: Path, mock_addr: str) -> None:
-    bootstrap(tmp_path)
-    server = Server(data_dir=tmp_path, upstream=mock_addr)
-    server.start()
-    try:
+    with deployed(tmp_path, mock_addr) as d:
+        server = d["server"]
         env = {**server.env(), "ONETOKEN_METRICS_LISTEN": "127.0.0.1:0"}
         env["ONETOKEN_CONTROL_URL"] = server.control_url
-        second = subprocess.run(
-            [sys.executable, "-m", "onetoken.cli", "gateway"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        second = cli(tmp_path, "gateway", env=env, check=False)
         assert second.returncode == 2
         assert "another gateway is serving data dir" in second.stderr
         # The first one keeps serving.
         assert _health(server.gateway_url) is not None
         assert server.stop() == 0
-    finally:
-        server.kill()
 
 
 def _printed_gateway(log: Path) -> str | None:

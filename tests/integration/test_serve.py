@@ -19,6 +19,8 @@ import pytest
 
 from tests.support import TEST_SECRET, wait_until
 
+from .harness import cli
+
 PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}]}
 
@@ -133,26 +135,12 @@ def test_serve_demo_end_to_end(served: Served) -> None:
     assert refused.json()["error"]["code"] == "key_revoked"
 
     # A key made by another process (the CLI) reaches the gateway at its next poll.
-    cli = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "onetoken.cli",
-            "keys",
-            "create",
-            "--org",
-            "Default",
-            "--name",
-            "from-cli",
-            "--json",
-        ],
+    made = cli(
+        Path(s.env["ONETOKEN_DATA_DIR"]),
+        *("keys", "create", "--org", "Default", "--name", "from-cli", "--json"),
         env=s.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
     )
-    cli_key = json.loads(cli.stdout)["api_key"]
+    cli_key = json.loads(made.stdout)["api_key"]
     wait_until(lambda: _chat(s, cli_key).status_code == 200, 5, 0.1,
                message="the CLI's key served")
 
@@ -237,20 +225,11 @@ def test_gateway_that_cannot_start_stops_serve_with_its_reason(tmp_path: Path) -
         taken.listen()
         port = taken.getsockname()[1]
         env = {
-            **os.environ,
-            "ONETOKEN_DATA_DIR": str(tmp_path),
             "ONETOKEN_SECRET_KEY": TEST_SECRET,
             "ONETOKEN_GATEWAY_LISTEN": f"127.0.0.1:{port}",
             "ONETOKEN_CONTROL_LISTEN": "127.0.0.1:0",
-            "PYTHONPATH": os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")]),
         }
-        proc = subprocess.run(
-            [sys.executable, "-m", "onetoken.cli", "serve", "--demo"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        proc = cli(tmp_path, "serve", "--demo", env=env, check=False)
     assert proc.returncode == 2
     assert "onetoken: error: gateway failed to start:" in proc.stderr
     assert f"127.0.0.1:{port}" in proc.stderr

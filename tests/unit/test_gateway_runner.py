@@ -162,20 +162,26 @@ def _env(url: str, tmp_path: Path, **over: str) -> GatewayEnv:
     )
 
 
-def _runner(url: str, tmp_path: Path, engines: list[FakeEngine]) -> GatewayRunner:
+Rig = tuple[Control, GatewayRunner, list[FakeEngine]]
+
+
+@pytest.fixture
+def rig(control: tuple[Control, str], tmp_path: Path) -> Rig:
+    """A runner (not started) on the fake control process, and the engines it makes."""
+    ctl, url = control
+    engines: list[FakeEngine] = []
+
     def factory(cfg: bytes) -> FakeEngine:
         engines.append(FakeEngine(cfg))
         return engines[-1]
 
-    return GatewayRunner(_env(url, tmp_path), engine_factory=factory)
+    return ctl, GatewayRunner(_env(url, tmp_path), engine_factory=factory), engines
 
 
 def test_start_takes_the_config_with_its_own_address_and_data_dir(
-    control: tuple[Control, str], tmp_path: Path
+    rig: Rig, tmp_path: Path
 ) -> None:
-    ctl, url = control
-    engines: list[FakeEngine] = []
-    r = _runner(url, tmp_path, engines)
+    ctl, r, engines = rig
     assert r.start() == "127.0.0.1:18080"
     (engine,) = engines
     assert engine.config["listen"] == "127.0.0.1:0"
@@ -188,10 +194,8 @@ def test_start_takes_the_config_with_its_own_address_and_data_dir(
     assert headers["Authorization"] == f"Bearer {TOKEN}"
 
 
-def test_polls_load_only_a_new_snapshot(control: tuple[Control, str], tmp_path: Path) -> None:
-    ctl, url = control
-    engines: list[FakeEngine] = []
-    r = _runner(url, tmp_path, engines)
+def test_polls_load_only_a_new_snapshot(rig: Rig) -> None:
+    ctl, r, engines = rig
     r.start()
     assert r.poll(0.5) and r.poll()
     assert engines[0].loaded == [1]
@@ -203,12 +207,8 @@ def test_polls_load_only_a_new_snapshot(control: tuple[Control, str], tmp_path: 
     assert engines[0].loaded == [1, 2]
 
 
-def test_control_down_keeps_the_last_snapshot_and_says_so(
-    control: tuple[Control, str], tmp_path: Path
-) -> None:
-    ctl, url = control
-    engines: list[FakeEngine] = []
-    r = _runner(url, tmp_path, engines)
+def test_control_down_keeps_the_last_snapshot_and_says_so(rig: Rig) -> None:
+    ctl, r, engines = rig
     r.start()
     ctl.down = True
     assert not r.poll()
@@ -232,12 +232,8 @@ def test_unreachable_control_counts_as_down(tmp_path: Path) -> None:
     assert engine.status == [False]
 
 
-def test_run_stops_the_engine_with_the_configured_grace(
-    control: tuple[Control, str], tmp_path: Path
-) -> None:
-    _, url = control
-    engines: list[FakeEngine] = []
-    r = _runner(url, tmp_path, engines)
+def test_run_stops_the_engine_with_the_configured_grace(rig: Rig) -> None:
+    _, r, engines = rig
     r.start()
     t = threading.Thread(target=r.run)
     t.start()
@@ -247,11 +243,9 @@ def test_run_stops_the_engine_with_the_configured_grace(
     assert engines[0].stopped_with == 2.5
 
 
-def test_start_waits_for_the_control_process(control: tuple[Control, str], tmp_path: Path) -> None:
-    ctl, url = control
+def test_start_waits_for_the_control_process(rig: Rig) -> None:
+    ctl, r, engines = rig
     ctl.down = True
-    engines: list[FakeEngine] = []
-    r = _runner(url, tmp_path, engines)
     started: list[str] = []
     t = threading.Thread(target=lambda: started.append(r.start()))
     t.start()

@@ -258,12 +258,9 @@ def test_test_event_is_signed_and_logged_without_payload(
         assert row is not None and row.payload is None
 
 
+@pytest.mark.usefixtures("dispatcher")
 def test_retries_after_500s_with_backoff_then_delivers(
-    wh_client: TestClient,
-    wh_state: AppState,
-    owner: Admin,
-    receiver: Receiver,
-    dispatcher: WebhookDispatcher,
+    wh_client: TestClient, wh_state: AppState, owner: Admin, receiver: Receiver
 ) -> None:
     receiver.statuses = [500, 503, 200]
     created = _create(wh_client, owner, receiver.url, ["quota_exhausted"])
@@ -294,12 +291,9 @@ def test_retries_after_500s_with_backoff_then_delivers(
     assert [x["id"] for x in listing] == [delivered.id]
 
 
+@pytest.mark.usefixtures("dispatcher")
 def test_final_failure_keeps_metadata_only(
-    wh_client: TestClient,
-    wh_state: AppState,
-    owner: Admin,
-    receiver: Receiver,
-    dispatcher: WebhookDispatcher,
+    wh_client: TestClient, wh_state: AppState, owner: Admin, receiver: Receiver
 ) -> None:
     receiver.statuses = [500]
     created = _create(wh_client, owner, receiver.url, ["system_alarm"])
@@ -310,12 +304,9 @@ def test_final_failure_keeps_metadata_only(
     assert len(receiver.received) == wh_state.settings.webhook_max_attempts
 
 
+@pytest.mark.usefixtures("dispatcher")
 def test_unsubscribed_kinds_and_disabled_endpoints_get_nothing(
-    wh_client: TestClient,
-    wh_state: AppState,
-    owner: Admin,
-    receiver: Receiver,
-    dispatcher: WebhookDispatcher,
+    wh_client: TestClient, wh_state: AppState, owner: Admin, receiver: Receiver
 ) -> None:
     created = _create(wh_client, owner, receiver.url, ["abnormal_login"])
     webhooks.emit(owner.org_id, "frequency_anomaly", {"key_id": "k"})
