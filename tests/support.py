@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -22,7 +22,7 @@ TEST_SECRET = "unit-test-secret-key-0123456789abcdef"
 
 
 def wait_until(
-    condition: Callable[[], T],
+    condition: Callable[[], T | Literal[False] | None],
     timeout: float = DEFAULT_TIMEOUT_S,
     interval: float = 0.05,
     *,
@@ -41,7 +41,7 @@ def wait_until(
         except ignore as exc:
             last = exc
         else:
-            if result:
+            if result is not None and result is not False and result:
                 return result
             last = result
         if time.monotonic() >= deadline:

@@ -4,7 +4,7 @@ as it does for the CLI), plus the cost arithmetic the engine applies."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +103,7 @@ def ledger_usage(state: AppState, org_id: str) -> tuple[int, int]:
     return int(calls), -int(amount)
 
 
-def charged_calls(rows: Iterator[dict[str, Any]] | list[dict[str, Any]]) -> tuple[int, int]:
+def charged_calls(rows: Iterable[dict[str, Any]]) -> tuple[int, int]:
     """(calls, cost) of call_log rows that were charged: what the ledger must hold."""
     costs = [int(r["cost"]) for r in rows if int(r["cost"]) > 0]
     return len(costs), sum(costs)

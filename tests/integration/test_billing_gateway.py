@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -363,7 +364,7 @@ def test_concurrent_traffic_stays_within_the_overspend_bound(server: Server, db:
         # The ledger holds each charged request exactly once, at call_log's cost.
         charged = {rid: r["cost"] for rid, r in rows.items() if r["cost"] > 0}
         totals = charged_calls(rows.values())
-        wait_until(lambda o=org.org_id, t=totals: ledger_usage(db, o) == t, 15, 0.1,
+        wait_until(partial(_ledger_holds, db, org.org_id, totals), 15, 0.1,
                    message="the ledger holding each charged request once")
         # The documented bound: only upstream usage above the reservation can overspend,
         # and a reservation covers at least MAX_TOKENS of output at the output price.
@@ -377,6 +378,10 @@ def test_concurrent_traffic_stays_within_the_overspend_bound(server: Server, db:
             f"final balance {final}, bound {-bound}"
         )
     print(f"{ORGS * PER_ORG} requests with {THREADS} clients in {elapsed:.1f}s")
+
+
+def _ledger_holds(db: Any, org_id: str, totals: tuple[int, int]) -> bool:
+    return ledger_usage(db, org_id) == totals
 
 
 CHOICES = 8
