@@ -1,5 +1,5 @@
-"""What unit and integration tests share: the test secret, and waiting for a condition
-instead of sleeping.
+"""What unit and integration tests share: the test secret, waiting for a condition
+instead of sleeping, and a port nothing listens on.
 
 A fixed sleep is either too short on a loaded machine (a flaky test) or longer than needed
 everywhere else (a slow suite); `wait_until` polls the condition and fails with a message
@@ -8,6 +8,7 @@ when it never holds.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from typing import Literal, TypeVar
@@ -48,3 +49,12 @@ def wait_until(
             what = message() if callable(message) else message
             raise AssertionError(f"{what} did not hold within {timeout}s (last: {last!r})")
         time.sleep(interval)
+
+
+def free_port() -> int:
+    """A port nothing listens on *now*: for addresses that must refuse connections, and
+    for the gateway's metrics listener, whose bound address the engine does not report
+    to Python yet. Never for a listener a test waits for (another process may take it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

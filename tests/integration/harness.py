@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,18 +23,9 @@ from typing import Any
 import httpx
 
 from onetoken.ops import control_file
-from tests.support import wait_until
+from tests.support import free_port, wait_until
 
 READY_TIMEOUT_S = 90.0
-
-
-def free_port() -> int:
-    """A port nothing listens on *now*: for addresses that must refuse connections, and
-    for the gateway's metrics listener, whose bound address the engine does not report
-    to Python yet. Never for a listener a test waits for (another process may take it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def control_endpoint(data_dir: Path, pid: int) -> control_file.ControlEndpoint | None:

@@ -11,9 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.support import TEST_SECRET
-
-from .harness import free_port
+from tests.support import TEST_SECRET, free_port
 
 PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
 
@@ -118,8 +116,6 @@ def test_ingest_refuses_embedded_chdb(tmp_path: Path) -> None:
 def test_ingest_once_charges_the_ledger_while_clickhouse_is_down(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import socket
-
     from pydantic import SecretStr
 
     from onetoken.app import build_state
@@ -135,10 +131,8 @@ def test_ingest_once_charges_the_ledger_while_clickhouse_is_down(
     spool = tmp_path / "spool"
     segment = append(spool, "i1", 1, [record("r1", org_id=org_id, cost=42)])
     dead(spool, "i1")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    monkeypatch.setenv("ONETOKEN_CLICKHOUSE_DSN", f"http://default:pw@127.0.0.1:{port}/onetoken")
+    down = f"http://default:pw@127.0.0.1:{free_port()}/onetoken"
+    monkeypatch.setenv("ONETOKEN_CLICKHOUSE_DSN", down)
     r = run(tmp_path, "ingest", "--once")
     assert r.returncode == 0, r.stderr
     assert "1 record(s) ingested" in r.stderr

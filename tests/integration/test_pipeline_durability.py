@@ -8,7 +8,9 @@ from typing import Any
 
 import httpx
 
-from .harness import Server, bootstrap, free_port
+from tests.support import free_port
+
+from .harness import Server, bootstrap
 from .records import exported_calls, reconcile
 
 

@@ -17,6 +17,7 @@ import pytest
 from openai import OpenAI
 
 from onetoken import _core
+from tests.support import free_port
 
 from .catalog import (
     admin_org,
@@ -27,7 +28,7 @@ from .catalog import (
     put,
     write_providers_file,
 )
-from .harness import Admin, deployed, free_port
+from .harness import Admin, deployed
 from .records import wait_for_calls
 
 MSG = [{"role": "user", "content": "Say something short."}]

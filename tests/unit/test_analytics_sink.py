@@ -3,7 +3,6 @@ failures reported."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from onetoken.analytics import queries
 from onetoken.analytics.clickhouse import open_client
 from onetoken.analytics.sink import CallLogSink
 from onetoken.settings import Settings
+from tests.support import free_port
 
 from .batches import encode
 
@@ -51,12 +51,6 @@ def make_batch(org: str, n: int, *, start: int = 0, ts0: int = T0) -> dict[str, 
         "attempts": [1] * n,
         "guard_flags": [""] * n,
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 from onetoken.gateway import runner
 from onetoken.gateway.runner import ControlChannel, GatewayEnv, GatewayError, GatewayRunner
 from onetoken.kit import channel
-from tests.support import wait_until
+from tests.support import free_port, wait_until
 
 PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
 HEAVY = ("fastapi", "starlette", "sqlalchemy", "pydantic", "clickhouse_connect", "chdb", "uvicorn")
@@ -220,13 +220,9 @@ def test_control_down_keeps_the_last_snapshot_and_says_so(rig: Rig) -> None:
 
 
 def test_unreachable_control_counts_as_down(tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens there once closed
     engine = FakeEngine(b"{}")
-    r = GatewayRunner(_env(f"http://127.0.0.1:{port}", tmp_path), engine_factory=lambda _: engine)
+    url = f"http://127.0.0.1:{free_port()}"
+    r = GatewayRunner(_env(url, tmp_path), engine_factory=lambda _: engine)
     r.engine = engine
     assert not r.poll()
     assert engine.status == [False]
