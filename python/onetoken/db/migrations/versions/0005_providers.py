@@ -1,20 +1,16 @@
 """Providers: platform catalog vs org-private entries, data-processing attributes,
 several deployments per model name, org gateway settings, key policies, routes, routing.
-
-Revision ID: 0005_providers
-Revises: 0001
 """
 
-from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
 
+from onetoken.db.migrations.shapes import at, check, fk, index, pk, ref, unique
+
 revision: str = "0005_providers"
 down_revision: str | None = "0001"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 # name, type, server default (SQL text), nullable
 _NewColumn = tuple[str, Any, Any, bool]
@@ -49,8 +45,8 @@ def _col(name: str, type_: Any, default: Any, nullable: bool) -> sa.Column[Any]:
 def _providers_table() -> None:
     op.create_table(
         "providers",
-        sa.Column("id", sa.String(length=32), nullable=False),
-        sa.Column("org_id", sa.String(length=32), nullable=True),
+        ref("id"),
+        ref("org_id", nullable=True),
         sa.Column("name", sa.String(length=64), nullable=False),
         sa.Column("protocol", sa.String(length=16), nullable=False),
         sa.Column("base_url", sa.String(length=2048), nullable=False),
@@ -58,41 +54,39 @@ def _providers_table() -> None:
         sa.Column("connect_timeout_ms", sa.Integer(), nullable=False),
         sa.Column("first_byte_timeout_ms", sa.Integer(), nullable=False),
         sa.Column("idle_timeout_ms", sa.Integer(), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        at("created_at"),
         *(_col(*c) for c in _PROVIDER_NEW),
-        sa.ForeignKeyConstraint(["org_id"], ["orgs.id"], name=op.f("fk_providers_org_id_orgs")),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_providers")),
+        fk("providers", "org_id", "orgs"),
+        pk("providers"),
         sa.UniqueConstraint("org_id", "name", name="uq_providers_org_name"),
     )
-    op.create_index(op.f("ix_providers_org_id"), "providers", ["org_id"], unique=False)
+    index("providers", "org_id")
 
 
 def _models_table() -> None:
     op.create_table(
         "models",
-        sa.Column("id", sa.String(length=32), nullable=False),
-        sa.Column("org_id", sa.String(length=32), nullable=True),
+        ref("id"),
+        ref("org_id", nullable=True),
         sa.Column("name", sa.String(length=128), nullable=False),
         sa.Column("kind", sa.String(length=16), nullable=False),
-        sa.Column("provider_id", sa.String(length=32), nullable=False),
+        ref("provider_id"),
         sa.Column("upstream_model", sa.String(length=128), nullable=False),
         sa.Column("input_price", sa.BigInteger(), nullable=False),
         sa.Column("output_price", sa.BigInteger(), nullable=False),
         sa.Column("cached_input_price", sa.BigInteger(), nullable=False),
         sa.Column("max_output_tokens", sa.Integer(), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        at("created_at"),
         *(_col(*c) for c in _MODEL_NEW),
-        sa.CheckConstraint("kind IN ('chat','embedding')", name=op.f("ck_models_kind")),
-        sa.ForeignKeyConstraint(["org_id"], ["orgs.id"], name=op.f("fk_models_org_id_orgs")),
-        sa.ForeignKeyConstraint(
-            ["provider_id"], ["providers.id"], name=op.f("fk_models_provider_id_providers")
-        ),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_models")),
+        check("models", "kind", "kind IN ('chat','embedding')"),
+        fk("models", "org_id", "orgs"),
+        fk("models", "provider_id", "providers"),
+        pk("models"),
         sa.UniqueConstraint("provider_id", "name", name="uq_models_provider_name"),
     )
-    op.create_index(op.f("ix_models_org_id"), "models", ["org_id"], unique=False)
-    op.create_index(op.f("ix_models_provider_id"), "models", ["provider_id"], unique=False)
-    op.create_index(op.f("ix_models_name"), "models", ["name"], unique=False)
+    index("models", "org_id")
+    index("models", "provider_id")
+    index("models", "name")
 
 
 _OLD_PROVIDER_COLS = (
@@ -112,8 +106,8 @@ def _rebuild_sqlite() -> None:
     moves the references along; the old tables are dropped child first."""
     op.rename_table("providers", "_providers_old")
     op.rename_table("models", "_models_old")
-    for index in ("ix_providers_org_id", "ix_models_org_id", "ix_models_provider_id"):
-        op.execute(f"DROP INDEX IF EXISTS {index}")
+    for name in ("ix_providers_org_id", "ix_models_org_id", "ix_models_provider_id"):
+        op.execute(f"DROP INDEX IF EXISTS {name}")
     _providers_table()
     _models_table()
     op.execute(
@@ -137,7 +131,7 @@ def _alter_in_place() -> None:
     for c in _MODEL_NEW:
         op.add_column("models", _col(*c))
     op.create_unique_constraint("uq_models_provider_name", "models", ["provider_id", "name"])
-    op.create_index(op.f("ix_models_name"), "models", ["name"], unique=False)
+    index("models", "name")
 
 
 def upgrade() -> None:
@@ -148,43 +142,39 @@ def upgrade() -> None:
 
     op.create_table(
         "org_gateway_settings",
-        sa.Column("org_id", sa.String(length=32), nullable=False),
+        ref("org_id"),
         sa.Column("policy", sa.JSON(), nullable=True),
         sa.Column("rpm", sa.Integer(), nullable=True),
         sa.Column("tpm", sa.Integer(), nullable=True),
         sa.Column("concurrency", sa.Integer(), nullable=True),
         sa.Column("guard_mode", sa.String(length=8), nullable=False),
         sa.Column("guard_categories", sa.JSON(), nullable=True),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["org_id"], ["orgs.id"], name=op.f("fk_org_gateway_settings_org_id_orgs")
-        ),
-        sa.PrimaryKeyConstraint("org_id", name=op.f("pk_org_gateway_settings")),
+        at("updated_at"),
+        fk("org_gateway_settings", "org_id", "orgs"),
+        pk("org_gateway_settings", "org_id"),
     )
     op.create_table(
         "key_policies",
-        sa.Column("key_id", sa.String(length=32), nullable=False),
+        ref("key_id"),
         sa.Column("policy", sa.JSON(), nullable=False),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["key_id"], ["api_keys.id"], name=op.f("fk_key_policies_key_id_api_keys")
-        ),
-        sa.PrimaryKeyConstraint("key_id", name=op.f("pk_key_policies")),
+        at("updated_at"),
+        fk("key_policies", "key_id", "api_keys"),
+        pk("key_policies", "key_id"),
     )
     op.create_table(
         "routes",
-        sa.Column("id", sa.String(length=32), nullable=False),
-        sa.Column("org_id", sa.String(length=32), nullable=True),
+        ref("id"),
+        ref("org_id", nullable=True),
         sa.Column("name", sa.String(length=128), nullable=False),
         sa.Column("strategy", sa.String(length=16), nullable=False),
         sa.Column("aliases", sa.JSON(), nullable=False),
         sa.Column("managed_by", sa.String(length=8), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(["org_id"], ["orgs.id"], name=op.f("fk_routes_org_id_orgs")),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_routes")),
-        sa.UniqueConstraint("name", name=op.f("uq_routes_name")),
+        at("created_at"),
+        fk("routes", "org_id", "orgs"),
+        pk("routes"),
+        unique("routes", "name"),
     )
-    op.create_index(op.f("ix_routes_org_id"), "routes", ["org_id"], unique=False)
+    index("routes", "org_id")
     op.create_table(
         "routing_settings",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -193,7 +183,7 @@ def upgrade() -> None:
         sa.Column("backoff_ms", sa.Integer(), nullable=False),
         sa.Column("breaker_failures", sa.Integer(), nullable=False),
         sa.Column("breaker_open_ms", sa.Integer(), nullable=False),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_routing_settings")),
+        pk("routing_settings"),
     )
 
 
