@@ -25,7 +25,8 @@ from onetoken.analytics.columns import CALL_LOG_TABLE
 from onetoken.analytics.queries import to_micros
 from onetoken.billing.models import Invoice
 from onetoken.db.models import LedgerEntry, Org, new_id, utcnow
-from onetoken.kit.errors import Conflict, NotFound, Unprocessable
+from onetoken.db.session import get_scoped
+from onetoken.kit.errors import Conflict, Unprocessable
 from onetoken.kit.money import format_amount
 from onetoken.kit.spreadsheet import formula_safe
 
@@ -278,10 +279,8 @@ def create_invoice(
 
 def get_invoice(session: Session, org_id: str | None, invoice_id: str) -> Invoice:
     """`org_id` None: an operator, who may act on any org's invoice."""
-    invoice = session.get(Invoice, invoice_id)
-    if invoice is None or (org_id is not None and invoice.org_id != org_id):
-        raise NotFound("Invoice not found.")
-    return invoice
+    orgs = None if org_id is None else (org_id,)
+    return get_scoped(session, Invoice, invoice_id, orgs, "Invoice not found.")
 
 
 def list_invoices(session: Session, org_id: str) -> Sequence[Invoice]:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Container
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from onetoken.db.models import ConfigRevision
+from onetoken.kit.errors import NotFound
 from onetoken.kit.files import private_file
 
 SessionFactory = sessionmaker[Session]
@@ -63,3 +65,27 @@ def bump_revision(session: Session) -> None:
 def current_revision(session: Session) -> int:
     value = session.scalar(select(ConfigRevision.revision).where(ConfigRevision.id == 1))
     return int(value or 0)
+
+
+class _OrgScoped(Protocol):
+    @property
+    def org_id(self) -> str | None: ...
+
+
+_Row = TypeVar("_Row", bound=_OrgScoped)
+
+
+def get_scoped(
+    session: Session,
+    model: type[_Row],
+    row_id: str,
+    orgs: Container[str | None] | None,
+    missing: str,
+) -> _Row:
+    """The row `row_id` of `model` if its org is one of `orgs` (None: any org's, the
+    operator's view), else NotFound(`missing`): a row of another org cannot be told from
+    one that does not exist."""
+    row = session.get(model, row_id)
+    if row is None or (orgs is not None and row.org_id not in orgs):
+        raise NotFound(missing)
+    return row

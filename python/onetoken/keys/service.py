@@ -13,9 +13,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from onetoken.db.models import Account, ApiKey, new_id, utcnow
-from onetoken.db.session import bump_revision
+from onetoken.db.session import bump_revision, get_scoped
 from onetoken.kit.crypto import Secrets, display_id, generate_api_key
-from onetoken.kit.errors import Conflict, Forbidden, NotFound, Unprocessable
+from onetoken.kit.errors import Conflict, Forbidden, Unprocessable
 from onetoken.providers.tables import KeyPolicy
 from onetoken.security import audit
 
@@ -236,11 +236,7 @@ def list_keys(session: Session, org_id: str) -> Sequence[ApiKey]:
 
 
 def get_key(session: Session, org_id: str, key_id: str) -> ApiKey:
-    key = session.get(ApiKey, key_id)
-    # Keys of other orgs are indistinguishable from keys that do not exist.
-    if key is None or key.org_id != org_id:
-        raise NotFound("API key not found.")
-    return key
+    return get_scoped(session, ApiKey, key_id, (org_id,), "API key not found.")
 
 
 def update_key(

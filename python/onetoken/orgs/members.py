@@ -14,9 +14,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from onetoken.db.models import Account, utcnow
+from onetoken.db.session import get_scoped
 from onetoken.deps import Principal
 from onetoken.kit.crypto import Secrets
-from onetoken.kit.errors import Conflict, Forbidden, NotFound
+from onetoken.kit.errors import Conflict, Forbidden
 from onetoken.orgs import service
 from onetoken.orgs.auth import check_password_strength, end_sessions
 from onetoken.security import audit
@@ -35,10 +36,7 @@ def list_accounts(session: Session, org_id: str) -> Sequence[Account]:
 
 
 def get_account(session: Session, org_id: str, account_id: str) -> Account:
-    account = session.get(Account, account_id)
-    if account is None or account.org_id != org_id:
-        raise NotFound("Account not found.")
-    return account
+    return get_scoped(session, Account, account_id, (org_id,), "Account not found.")
 
 
 def _active_owners(session: Session, org_id: str) -> int:

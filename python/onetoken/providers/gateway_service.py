@@ -10,9 +10,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from onetoken.db.models import Model, new_id
-from onetoken.db.session import bump_revision
+from onetoken.db.session import bump_revision, get_scoped
 from onetoken.keys import service as keys_service
-from onetoken.kit.errors import Conflict, NotFound, Unprocessable
+from onetoken.kit.errors import Conflict, Unprocessable
 from onetoken.providers.gateway_schemas import Guard, OrgLimits, Policy, Routing
 from onetoken.providers.service import alias_owner, in_scope
 from onetoken.providers.tables import KeyPolicy, OrgGatewaySettings, Route, RoutingSettings
@@ -201,17 +201,11 @@ def list_routes(session: Session, org_id: str | None) -> Sequence[Route]:
 
 
 def get_route(session: Session, owner: str | None, route_id: str) -> Route:
-    route = session.get(Route, route_id)
-    if route is None or route.org_id != owner:
-        raise NotFound("Route not found.")
-    return route
+    return get_scoped(session, Route, route_id, (owner,), "Route not found.")
 
 
 def get_visible_route(session: Session, org_id: str, route_id: str) -> Route:
-    route = session.get(Route, route_id)
-    if route is None or route.org_id not in (org_id, None):
-        raise NotFound("Route not found.")
-    return route
+    return get_scoped(session, Route, route_id, (org_id, None), "Route not found.")
 
 
 def update_route(

@@ -22,9 +22,9 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from onetoken.db.models import Model, Provider, new_id
-from onetoken.db.session import bump_revision
+from onetoken.db.session import bump_revision, get_scoped
 from onetoken.kit.crypto import Secrets
-from onetoken.kit.errors import Conflict, NotFound, Unprocessable
+from onetoken.kit.errors import Conflict, Unprocessable
 from onetoken.providers.presets import PRESETS, apply_preset
 from onetoken.providers.tables import Route
 
@@ -164,18 +164,12 @@ def list_providers(
 
 def get_provider(session: Session, owner: str | None, provider_id: str) -> Provider:
     """A provider of exactly this scope."""
-    provider = session.get(Provider, provider_id)
-    if provider is None or provider.org_id != owner:
-        raise NotFound("Provider not found.")
-    return provider
+    return get_scoped(session, Provider, provider_id, (owner,), "Provider not found.")
 
 
 def get_visible_provider(session: Session, org_id: str, provider_id: str) -> Provider:
     """A provider the org can see: its own or the platform's."""
-    provider = session.get(Provider, provider_id)
-    if provider is None or provider.org_id not in (org_id, None):
-        raise NotFound("Provider not found.")
-    return provider
+    return get_scoped(session, Provider, provider_id, (org_id, None), "Provider not found.")
 
 
 def find_provider_by_name(session: Session, owner: str | None, name: str) -> Provider | None:
@@ -279,9 +273,7 @@ def create_model(
 ) -> Model:
     provider = get_provider(session, owner, provider_id)
     check_model_name(session, owner, name, kind)
-    if session.scalar(
-        select(Model.id).where(Model.provider_id == provider.id, Model.name == name)
-    ):
+    if session.scalar(select(Model.id).where(Model.provider_id == provider.id, Model.name == name)):
         raise Conflict("This provider already serves a model with this name.", param="name")
     if max_output_tokens is None:
         max_output_tokens = DEFAULT_CHAT_MAX_OUTPUT if kind == "chat" else 0
@@ -325,17 +317,11 @@ def list_models(
 
 
 def get_model(session: Session, owner: str | None, model_id: str) -> Model:
-    model = session.get(Model, model_id)
-    if model is None or model.org_id != owner:
-        raise NotFound("Model not found.")
-    return model
+    return get_scoped(session, Model, model_id, (owner,), "Model not found.")
 
 
 def get_visible_model(session: Session, org_id: str, model_id: str) -> Model:
-    model = session.get(Model, model_id)
-    if model is None or model.org_id not in (org_id, None):
-        raise NotFound("Model not found.")
-    return model
+    return get_scoped(session, Model, model_id, (org_id, None), "Model not found.")
 
 
 def update_model(
