@@ -102,24 +102,36 @@ class Statement:
         return self.ledger_usage - self.call_log_cost
 
 
-def usage_rows(
-    client: Client, org_id: str, start: datetime, end: datetime, group: str
-) -> list[UsageRow]:
-    """call_log per model, key or day for one org over [start, end), one row per request
-    (FINAL)."""
-    expr = GROUPS[group]
+def _per_group(
+    client: Client, org_id: str, start: datetime, end: datetime, group: str, aggregates: str
+) -> Sequence[Sequence[Any]]:
+    """`aggregates` over one org's call_log in [start, end) per model, key or day (FINAL:
+    one row per request), as rows of (group, *aggregates) ordered by group."""
     result = client.query(
-        f"SELECT toString({expr}) AS g, count(), sum(prompt_tokens), sum(completion_tokens), "  # noqa: S608
-        f"sum(cost) FROM {CALL_LOG_TABLE} FINAL "
+        f"SELECT toString({GROUPS[group]}) AS g, {aggregates} "  # noqa: S608 (fixed texts)
+        f"FROM {CALL_LOG_TABLE} FINAL "
         "WHERE org_id = {org:String} "
         "AND ts >= fromUnixTimestamp64Micro({start:Int64}, 'UTC') "
         "AND ts < fromUnixTimestamp64Micro({end:Int64}, 'UTC') "
         "GROUP BY g ORDER BY g",
         parameters={"org": org_id, "start": to_micros(start), "end": to_micros(end)},
     )
+    rows: Sequence[Sequence[Any]] = result.result_rows
+    return rows
+
+
+def usage_rows(
+    client: Client, org_id: str, start: datetime, end: datetime, group: str
+) -> list[UsageRow]:
+    """call_log per model, key or day for one org over [start, end), one row per request
+    (FINAL)."""
+    rows = _per_group(
+        client, org_id, start, end, group,
+        "count(), sum(prompt_tokens), sum(completion_tokens), sum(cost)",
+    )
     return [
         UsageRow(str(g), int(n), int(p), int(c), int(cost))
-        for g, n, p, c, cost in result.result_rows
+        for g, n, p, c, cost in rows
     ]
 
 
@@ -367,16 +379,10 @@ def call_stats(
     client: Client, org_id: str, start: datetime, end: datetime, group: str
 ) -> list[dict[str, Any]]:
     """Calls, errors, tokens and cost per model/key/day for one org (call_log, FINAL)."""
-    expr = GROUPS[group]
-    result = client.query(
-        f"SELECT toString({expr}) AS g, count(), countIf(status >= 400), "  # noqa: S608
-        "sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens), sum(cost), "
-        f"quantile(0.5)(latency_us), quantile(0.99)(latency_us) FROM {CALL_LOG_TABLE} FINAL "
-        "WHERE org_id = {org:String} "
-        "AND ts >= fromUnixTimestamp64Micro({start:Int64}, 'UTC') "
-        "AND ts < fromUnixTimestamp64Micro({end:Int64}, 'UTC') "
-        "GROUP BY g ORDER BY g",
-        parameters={"org": org_id, "start": to_micros(start), "end": to_micros(end)},
+    rows = _per_group(
+        client, org_id, start, end, group,
+        "count(), countIf(status >= 400), sum(prompt_tokens), sum(completion_tokens), "
+        "sum(cached_tokens), sum(cost), quantile(0.5)(latency_us), quantile(0.99)(latency_us)",
     )
     return [
         {
@@ -390,5 +396,5 @@ def call_stats(
             "latency_p50_us": int(p50),
             "latency_p99_us": int(p99),
         }
-        for g, n, errs, p, c, cached, cost, p50, p99 in result.result_rows
+        for g, n, errs, p, c, cached, cost, p50, p99 in rows
     ]
