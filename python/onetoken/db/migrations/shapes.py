@@ -10,6 +10,7 @@ migrations.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -58,3 +59,70 @@ def check(table: str, name: str, condition: str) -> sa.CheckConstraint:
 def index(table: str, *columns: str) -> None:
     """A plain index named ix_<table>_<columns>."""
     op.create_index(op.f(f"ix_{table}_{'_'.join(columns)}"), table, list(columns))
+
+
+def create_table(
+    name: str,
+    *columns: sa.Column[Any],
+    key: tuple[str, ...] = ("id",),
+    checks: Mapping[str, str] | None = None,
+    refs: Mapping[str, str] | None = None,
+    cascade: tuple[str, ...] = (),
+    uniques: tuple[str, ...] = (),
+    named_uniques: Mapping[str, tuple[str, ...]] | None = None,
+    indexes: tuple[str | tuple[str, ...], ...] = (),
+) -> None:
+    """`name` with `columns`, then its constraints named by the convention: `checks`
+    (name suffix -> condition), `refs` (column -> table whose id it references; the
+    columns in `cascade` delete with it), primary `key`, single-column `uniques` and
+    `named_uniques` over several columns; then `indexes` (a column or a tuple).
+
+    The constraints are made in that order, which is the order CREATE TABLE lists them.
+    """
+    op.create_table(
+        name,
+        *columns,
+        *(check(name, suffix, condition) for suffix, condition in (checks or {}).items()),
+        *(
+            fk(name, column, target, **({"ondelete": "CASCADE"} if column in cascade else {}))
+            for column, target in (refs or {}).items()
+        ),
+        pk(name, *key),
+        *(unique(name, column) for column in uniques),
+        *(sa.UniqueConstraint(*cols, name=n) for n, cols in (named_uniques or {}).items()),
+    )
+    for columns_ in indexes:
+        index(name, *((columns_,) if isinstance(columns_, str) else columns_))
+
+
+def provider_columns_0001(*, org_nullable: bool) -> list[sa.Column[Any]]:
+    """`providers` as 0001 created it; 0005 rebuilds it on SQLite with these first."""
+    return [
+        ref("id"),
+        ref("org_id", nullable=org_nullable),
+        sa.Column("name", sa.String(length=64), nullable=False),
+        sa.Column("protocol", sa.String(length=16), nullable=False),
+        sa.Column("base_url", sa.String(length=2048), nullable=False),
+        sa.Column("api_key_encrypted", sa.String(length=4096), nullable=True),
+        sa.Column("connect_timeout_ms", sa.Integer(), nullable=False),
+        sa.Column("first_byte_timeout_ms", sa.Integer(), nullable=False),
+        sa.Column("idle_timeout_ms", sa.Integer(), nullable=False),
+        at("created_at"),
+    ]
+
+
+def model_columns_0001(*, org_nullable: bool) -> list[sa.Column[Any]]:
+    """`models` as 0001 created it; 0005 rebuilds it on SQLite with these first."""
+    return [
+        ref("id"),
+        ref("org_id", nullable=org_nullable),
+        sa.Column("name", sa.String(length=128), nullable=False),
+        sa.Column("kind", sa.String(length=16), nullable=False),
+        ref("provider_id"),
+        sa.Column("upstream_model", sa.String(length=128), nullable=False),
+        sa.Column("input_price", sa.BigInteger(), nullable=False),
+        sa.Column("output_price", sa.BigInteger(), nullable=False),
+        sa.Column("cached_input_price", sa.BigInteger(), nullable=False),
+        sa.Column("max_output_tokens", sa.Integer(), nullable=False),
+        at("created_at"),
+    ]

@@ -3,18 +3,24 @@
 import sqlalchemy as sa
 from alembic import op
 
-from onetoken.db.migrations.shapes import at, check, fk, index, pk, ref, serial_id, unique
+from onetoken.db.migrations.shapes import (
+    at,
+    create_table,
+    model_columns_0001,
+    provider_columns_0001,
+    ref,
+    serial_id,
+)
 
 revision: str = "0001"
 down_revision: str | None = None
 
 
 def upgrade() -> None:
-    op.create_table(
+    create_table(
         "config_revision",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("revision", sa.BigInteger(), nullable=False),
-        pk("config_revision"),
     )
     op.bulk_insert(
         sa.table(
@@ -22,15 +28,14 @@ def upgrade() -> None:
         ),
         [{"id": 1, "revision": 0}],
     )
-    op.create_table(
+    create_table(
         "orgs",
         ref("id"),
         sa.Column("name", sa.String(length=100), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         at("created_at"),
-        pk("orgs"),
     )
-    op.create_table(
+    create_table(
         "accounts",
         ref("id"),
         ref("org_id"),
@@ -39,14 +44,13 @@ def upgrade() -> None:
         sa.Column("role", sa.String(length=16), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         at("created_at"),
-        check("accounts", "role", "role IN ('owner','admin','developer','billing','viewer')"),
-        fk("accounts", "org_id", "orgs"),
-        pk("accounts"),
-        unique("accounts", "email"),
+        checks={"role": "role IN ('owner','admin','developer','billing','viewer')"},
+        refs={"org_id": "orgs"},
+        uniques=("email",),
+        indexes=("org_id",),
     )
-    index("accounts", "org_id")
 
-    op.create_table(
+    create_table(
         "ledger_entries",
         serial_id(),
         ref("org_id"),
@@ -57,47 +61,33 @@ def upgrade() -> None:
         ref("created_by", nullable=True),
         at("created_at"),
         sa.Column("memo", sa.String(length=200), nullable=True),
-        check(
-            "ledger_entries", "kind", "kind IN ('recharge','usage','refund','adjustment','grant')"
-        ),
-        fk("ledger_entries", "org_id", "orgs"),
-        pk("ledger_entries"),
-        unique("ledger_entries", "idempotency_key"),
+        checks={"kind": "kind IN ('recharge','usage','refund','adjustment','grant')"},
+        refs={"org_id": "orgs"},
+        uniques=("idempotency_key",),
+        indexes=(("org_id", "id"),),
     )
-    index("ledger_entries", "org_id", "id")
 
-    op.create_table(
+    create_table(
         "providers",
-        ref("id"),
-        ref("org_id"),
-        sa.Column("name", sa.String(length=64), nullable=False),
-        sa.Column("protocol", sa.String(length=16), nullable=False),
-        sa.Column("base_url", sa.String(length=2048), nullable=False),
-        sa.Column("api_key_encrypted", sa.String(length=4096), nullable=True),
-        sa.Column("connect_timeout_ms", sa.Integer(), nullable=False),
-        sa.Column("first_byte_timeout_ms", sa.Integer(), nullable=False),
-        sa.Column("idle_timeout_ms", sa.Integer(), nullable=False),
-        at("created_at"),
-        fk("providers", "org_id", "orgs"),
-        pk("providers"),
-        sa.UniqueConstraint("org_id", "name", name="uq_providers_org_name"),
+        *provider_columns_0001(org_nullable=False),
+        refs={"org_id": "orgs"},
+        named_uniques={"uq_providers_org_name": ("org_id", "name")},
+        indexes=("org_id",),
     )
-    index("providers", "org_id")
 
-    op.create_table(
+    create_table(
         "admin_sessions",
         ref("id"),
         ref("account_id"),
         sa.Column("token_hash", sa.String(length=64), nullable=False),
         at("created_at"),
         at("expires_at"),
-        fk("admin_sessions", "account_id", "accounts"),
-        pk("admin_sessions"),
-        unique("admin_sessions", "token_hash"),
+        refs={"account_id": "accounts"},
+        uniques=("token_hash",),
+        indexes=("account_id",),
     )
-    index("admin_sessions", "account_id")
 
-    op.create_table(
+    create_table(
         "api_keys",
         ref("id"),
         ref("org_id"),
@@ -110,35 +100,20 @@ def upgrade() -> None:
         sa.Column("allowed_models", sa.JSON(), nullable=True),
         at("created_at"),
         at("revoked_at", nullable=True),
-        check("api_keys", "status", "status IN ('active','disabled','revoked')"),
-        fk("api_keys", "created_by", "accounts"),
-        fk("api_keys", "org_id", "orgs"),
-        pk("api_keys"),
-        unique("api_keys", "hash"),
+        checks={"status": "status IN ('active','disabled','revoked')"},
+        refs={"created_by": "accounts", "org_id": "orgs"},
+        uniques=("hash",),
+        indexes=("org_id",),
     )
-    index("api_keys", "org_id")
 
-    op.create_table(
+    create_table(
         "models",
-        ref("id"),
-        ref("org_id"),
-        sa.Column("name", sa.String(length=128), nullable=False),
-        sa.Column("kind", sa.String(length=16), nullable=False),
-        ref("provider_id"),
-        sa.Column("upstream_model", sa.String(length=128), nullable=False),
-        sa.Column("input_price", sa.BigInteger(), nullable=False),
-        sa.Column("output_price", sa.BigInteger(), nullable=False),
-        sa.Column("cached_input_price", sa.BigInteger(), nullable=False),
-        sa.Column("max_output_tokens", sa.Integer(), nullable=False),
-        at("created_at"),
-        check("models", "kind", "kind IN ('chat','embedding')"),
-        fk("models", "org_id", "orgs"),
-        fk("models", "provider_id", "providers"),
-        pk("models"),
-        unique("models", "name"),
+        *model_columns_0001(org_nullable=False),
+        checks={"kind": "kind IN ('chat','embedding')"},
+        refs={"org_id": "orgs", "provider_id": "providers"},
+        uniques=("name",),
+        indexes=("org_id", "provider_id"),
     )
-    index("models", "org_id")
-    index("models", "provider_id")
 
 
 def downgrade() -> None:

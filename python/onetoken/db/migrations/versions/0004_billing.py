@@ -6,7 +6,7 @@ invoices, sent notices.
 import sqlalchemy as sa
 from alembic import op
 
-from onetoken.db.migrations.shapes import at, check, fk, index, pk, ref, serial_id, unique
+from onetoken.db.migrations.shapes import at, create_table, ref, serial_id
 
 revision: str = "0004_billing"
 down_revision: str | None = "0001"
@@ -24,7 +24,7 @@ def upgrade() -> None:
         b.create_index("ix_ledger_entries_org_id_kind_created_at", ["org_id", "kind", "created_at"])
         b.create_index("ix_ledger_entries_key_id_created_at", ["key_id", "created_at"])
 
-    op.create_table(
+    create_table(
         "org_billing",
         ref("org_id"),
         sa.Column("price_factor_ppm", sa.Integer(), nullable=False),
@@ -33,11 +33,11 @@ def upgrade() -> None:
         sa.Column("low_balance_threshold", sa.BigInteger(), nullable=True),
         sa.Column("low_balance_alerted", sa.Boolean(), nullable=False),
         at("updated_at"),
-        check("org_billing", "factor", "price_factor_ppm >= 0 AND price_factor_ppm <= 10000000"),
-        fk("org_billing", "org_id", "orgs"),
-        pk("org_billing", "org_id"),
+        key=("org_id",),
+        checks={"factor": "price_factor_ppm >= 0 AND price_factor_ppm <= 10000000"},
+        refs={"org_id": "orgs"},
     )
-    op.create_table(
+    create_table(
         "price_versions",
         ref("id"),
         ref("model_id"),
@@ -50,14 +50,12 @@ def upgrade() -> None:
         ref("created_by", nullable=True),
         at("created_at"),
         at("applied_at", nullable=True),
-        fk("price_versions", "model_id", "models", ondelete="CASCADE"),
-        fk("price_versions", "org_id", "orgs"),
-        pk("price_versions"),
-        sa.UniqueConstraint("model_id", "effective_from", name="uq_price_versions_model_from"),
+        refs={"model_id": "models", "org_id": "orgs"},
+        cascade=("model_id",),
+        named_uniques={"uq_price_versions_model_from": ("model_id", "effective_from")},
+        indexes=("org_id", "effective_from"),
     )
-    index("price_versions", "org_id")
-    index("price_versions", "effective_from")
-    op.create_table(
+    create_table(
         "plans",
         ref("id"),
         sa.Column("name", sa.String(length=100), nullable=False),
@@ -66,10 +64,9 @@ def upgrade() -> None:
         sa.Column("validity_days", sa.Integer(), nullable=False),
         sa.Column("active", sa.Boolean(), nullable=False),
         at("created_at"),
-        pk("plans"),
-        unique("plans", "name"),
+        uniques=("name",),
     )
-    op.create_table(
+    create_table(
         "packages",
         ref("id"),
         ref("org_id"),
@@ -81,25 +78,24 @@ def upgrade() -> None:
         at("expires_at"),
         sa.Column("status", sa.String(length=16), nullable=False),
         at("created_at"),
-        check("packages", "status", "status IN ('active','expired','revoked')"),
-        check("packages", "remaining", "remaining >= 0 AND remaining <= credit"),
-        fk("packages", "org_id", "orgs"),
-        fk("packages", "plan_id", "plans"),
-        pk("packages"),
+        checks={
+            "status": "status IN ('active','expired','revoked')",
+            "remaining": "remaining >= 0 AND remaining <= credit",
+        },
+        refs={"org_id": "orgs", "plan_id": "plans"},
+        indexes=("org_id",),
     )
-    index("packages", "org_id")
-    op.create_table(
+    create_table(
         "package_consumptions",
         serial_id(),
         ref("package_id"),
         sa.Column("request_id", sa.String(length=64), nullable=False),
         sa.Column("amount", sa.BigInteger(), nullable=False),
         at("created_at"),
-        fk("package_consumptions", "package_id", "packages"),
-        pk("package_consumptions"),
-        sa.UniqueConstraint("package_id", "request_id", name="uq_package_consumptions_pkg_req"),
+        refs={"package_id": "packages"},
+        named_uniques={"uq_package_consumptions_pkg_req": ("package_id", "request_id")},
     )
-    op.create_table(
+    create_table(
         "orders",
         ref("id"),
         ref("org_id"),
@@ -116,16 +112,16 @@ def upgrade() -> None:
         at("created_at"),
         at("updated_at"),
         at("paid_at", nullable=True),
-        check("orders", "status", "status IN ('created','paid','failed','refunded','cancelled')"),
-        check("orders", "kind", "kind IN ('recharge','package')"),
-        check("orders", "amounts", "amount >= 0 AND credit > 0"),
-        fk("orders", "org_id", "orgs"),
-        fk("orders", "plan_id", "plans"),
-        pk("orders"),
-        unique("orders", "payment_reference"),
+        checks={
+            "status": "status IN ('created','paid','failed','refunded','cancelled')",
+            "kind": "kind IN ('recharge','package')",
+            "amounts": "amount >= 0 AND credit > 0",
+        },
+        refs={"org_id": "orgs", "plan_id": "plans"},
+        uniques=("payment_reference",),
+        indexes=("org_id",),
     )
-    index("orders", "org_id")
-    op.create_table(
+    create_table(
         "order_events",
         serial_id(),
         ref("order_id"),
@@ -134,11 +130,10 @@ def upgrade() -> None:
         sa.Column("to_status", sa.String(length=16), nullable=False),
         sa.Column("actor", sa.String(length=40), nullable=False),
         at("at"),
-        fk("order_events", "order_id", "orders"),
-        pk("order_events"),
+        refs={"order_id": "orders"},
+        indexes=("order_id",),
     )
-    index("order_events", "order_id")
-    op.create_table(
+    create_table(
         "redemption_codes",
         ref("id"),
         sa.Column("code_hash", sa.String(length=64), nullable=False),
@@ -151,11 +146,10 @@ def upgrade() -> None:
         ref("redeemed_org_id", nullable=True),
         ref("redeemed_by", nullable=True),
         ref("order_id", nullable=True),
-        fk("redemption_codes", "plan_id", "plans"),
-        pk("redemption_codes"),
-        unique("redemption_codes", "code_hash"),
+        refs={"plan_id": "plans"},
+        uniques=("code_hash",),
     )
-    op.create_table(
+    create_table(
         "invoices",
         ref("id"),
         ref("org_id"),
@@ -171,20 +165,18 @@ def upgrade() -> None:
         ref("created_by", nullable=True),
         at("created_at"),
         at("issued_at", nullable=True),
-        check("invoices", "status", "status IN ('requested','issued','void')"),
-        fk("invoices", "org_id", "orgs"),
-        pk("invoices"),
-        unique("invoices", "number"),
+        checks={"status": "status IN ('requested','issued','void')"},
+        refs={"org_id": "orgs"},
+        uniques=("number",),
+        indexes=("org_id",),
     )
-    index("invoices", "org_id")
-    op.create_table(
+    create_table(
         "billing_notices",
         serial_id(),
         sa.Column("notice_key", sa.String(length=200), nullable=False),
         ref("org_id"),
         at("created_at"),
-        pk("billing_notices"),
-        unique("billing_notices", "notice_key"),
+        uniques=("notice_key",),
     )
 
 

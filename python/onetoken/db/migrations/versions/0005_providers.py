@@ -7,7 +7,14 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-from onetoken.db.migrations.shapes import at, check, fk, index, pk, ref, unique
+from onetoken.db.migrations.shapes import (
+    at,
+    create_table,
+    index,
+    model_columns_0001,
+    provider_columns_0001,
+    ref,
+)
 
 revision: str = "0005_providers"
 down_revision: str | None = "0001"
@@ -43,60 +50,31 @@ def _col(name: str, type_: Any, default: Any, nullable: bool) -> sa.Column[Any]:
 
 
 def _providers_table() -> None:
-    op.create_table(
+    create_table(
         "providers",
-        ref("id"),
-        ref("org_id", nullable=True),
-        sa.Column("name", sa.String(length=64), nullable=False),
-        sa.Column("protocol", sa.String(length=16), nullable=False),
-        sa.Column("base_url", sa.String(length=2048), nullable=False),
-        sa.Column("api_key_encrypted", sa.String(length=4096), nullable=True),
-        sa.Column("connect_timeout_ms", sa.Integer(), nullable=False),
-        sa.Column("first_byte_timeout_ms", sa.Integer(), nullable=False),
-        sa.Column("idle_timeout_ms", sa.Integer(), nullable=False),
-        at("created_at"),
+        *provider_columns_0001(org_nullable=True),
         *(_col(*c) for c in _PROVIDER_NEW),
-        fk("providers", "org_id", "orgs"),
-        pk("providers"),
-        sa.UniqueConstraint("org_id", "name", name="uq_providers_org_name"),
+        refs={"org_id": "orgs"},
+        named_uniques={"uq_providers_org_name": ("org_id", "name")},
+        indexes=("org_id",),
     )
-    index("providers", "org_id")
 
 
 def _models_table() -> None:
-    op.create_table(
+    create_table(
         "models",
-        ref("id"),
-        ref("org_id", nullable=True),
-        sa.Column("name", sa.String(length=128), nullable=False),
-        sa.Column("kind", sa.String(length=16), nullable=False),
-        ref("provider_id"),
-        sa.Column("upstream_model", sa.String(length=128), nullable=False),
-        sa.Column("input_price", sa.BigInteger(), nullable=False),
-        sa.Column("output_price", sa.BigInteger(), nullable=False),
-        sa.Column("cached_input_price", sa.BigInteger(), nullable=False),
-        sa.Column("max_output_tokens", sa.Integer(), nullable=False),
-        at("created_at"),
+        *model_columns_0001(org_nullable=True),
         *(_col(*c) for c in _MODEL_NEW),
-        check("models", "kind", "kind IN ('chat','embedding')"),
-        fk("models", "org_id", "orgs"),
-        fk("models", "provider_id", "providers"),
-        pk("models"),
-        sa.UniqueConstraint("provider_id", "name", name="uq_models_provider_name"),
+        checks={"kind": "kind IN ('chat','embedding')"},
+        refs={"org_id": "orgs", "provider_id": "providers"},
+        named_uniques={"uq_models_provider_name": ("provider_id", "name")},
+        indexes=("org_id", "provider_id", "name"),
     )
-    index("models", "org_id")
-    index("models", "provider_id")
-    index("models", "name")
 
 
-_OLD_PROVIDER_COLS = (
-    "id, org_id, name, protocol, base_url, api_key_encrypted, connect_timeout_ms, "
-    "first_byte_timeout_ms, idle_timeout_ms, created_at"
-)
-_OLD_MODEL_COLS = (
-    "id, org_id, name, kind, provider_id, upstream_model, input_price, output_price, "
-    "cached_input_price, max_output_tokens, created_at"
-)
+# What 0001 created, copied over as it is.
+_OLD_PROVIDER_COLS = ", ".join(c.name for c in provider_columns_0001(org_nullable=False))
+_OLD_MODEL_COLS = ", ".join(c.name for c in model_columns_0001(org_nullable=False))
 
 
 def _rebuild_sqlite() -> None:
@@ -140,7 +118,7 @@ def upgrade() -> None:
     else:
         _alter_in_place()
 
-    op.create_table(
+    create_table(
         "org_gateway_settings",
         ref("org_id"),
         sa.Column("policy", sa.JSON(), nullable=True),
@@ -150,18 +128,18 @@ def upgrade() -> None:
         sa.Column("guard_mode", sa.String(length=8), nullable=False),
         sa.Column("guard_categories", sa.JSON(), nullable=True),
         at("updated_at"),
-        fk("org_gateway_settings", "org_id", "orgs"),
-        pk("org_gateway_settings", "org_id"),
+        key=("org_id",),
+        refs={"org_id": "orgs"},
     )
-    op.create_table(
+    create_table(
         "key_policies",
         ref("key_id"),
         sa.Column("policy", sa.JSON(), nullable=False),
         at("updated_at"),
-        fk("key_policies", "key_id", "api_keys"),
-        pk("key_policies", "key_id"),
+        key=("key_id",),
+        refs={"key_id": "api_keys"},
     )
-    op.create_table(
+    create_table(
         "routes",
         ref("id"),
         ref("org_id", nullable=True),
@@ -170,12 +148,11 @@ def upgrade() -> None:
         sa.Column("aliases", sa.JSON(), nullable=False),
         sa.Column("managed_by", sa.String(length=8), nullable=False),
         at("created_at"),
-        fk("routes", "org_id", "orgs"),
-        pk("routes"),
-        unique("routes", "name"),
+        refs={"org_id": "orgs"},
+        uniques=("name",),
+        indexes=("org_id",),
     )
-    index("routes", "org_id")
-    op.create_table(
+    create_table(
         "routing_settings",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("max_attempts", sa.Integer(), nullable=False),
@@ -183,7 +160,6 @@ def upgrade() -> None:
         sa.Column("backoff_ms", sa.Integer(), nullable=False),
         sa.Column("breaker_failures", sa.Integer(), nullable=False),
         sa.Column("breaker_open_ms", sa.Integer(), nullable=False),
-        pk("routing_settings"),
     )
 
 

@@ -3,14 +3,14 @@
 import sqlalchemy as sa
 from alembic import op
 
-from onetoken.db.migrations.shapes import at, fk, index, pk, ref, serial_id
+from onetoken.db.migrations.shapes import at, create_table, ref, serial_id
 
 revision: str = "0006_webhooks"
 down_revision: str | None = "0001"
 
 
 def upgrade() -> None:
-    op.create_table(
+    create_table(
         "webhook_endpoints",
         ref("id"),
         ref("org_id"),
@@ -23,11 +23,10 @@ def upgrade() -> None:
         ref("created_by", nullable=True),
         at("created_at"),
         at("updated_at", nullable=True),
-        fk("webhook_endpoints", "org_id", "orgs"),
-        pk("webhook_endpoints"),
+        refs={"org_id": "orgs"},
+        indexes=("org_id",),
     )
-    index("webhook_endpoints", "org_id")
-    op.create_table(
+    create_table(
         "webhook_deliveries",
         ref("id"),
         ref("endpoint_id"),
@@ -43,12 +42,9 @@ def upgrade() -> None:
         sa.Column("last_error", sa.String(length=64), nullable=True),
         at("created_at"),
         at("finished_at", nullable=True),
-        pk("webhook_deliveries"),
+        indexes=("endpoint_id", ("status", "next_attempt_at"), "created_at"),
     )
-    index("webhook_deliveries", "endpoint_id")
-    index("webhook_deliveries", "status", "next_attempt_at")
-    index("webhook_deliveries", "created_at")
-    op.create_table(
+    create_table(
         "webhook_attempts",
         serial_id(),
         ref("delivery_id"),
@@ -57,18 +53,17 @@ def upgrade() -> None:
         sa.Column("latency_ms", sa.Integer(), nullable=False),
         sa.Column("error", sa.String(length=64), nullable=True),
         at("created_at"),
-        pk("webhook_attempts"),
+        indexes=("delivery_id",),
     )
-    index("webhook_attempts", "delivery_id")
-    op.create_table(
+    create_table(
         "blocked_sources",
         sa.Column("cidr", sa.String(length=64), nullable=False),
         at("until"),
         ref("reason"),
         at("created_at"),
-        pk("blocked_sources", "cidr"),
+        key=("cidr",),
+        indexes=("until",),
     )
-    index("blocked_sources", "until")
 
 
 def downgrade() -> None:

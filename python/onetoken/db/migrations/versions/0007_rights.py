@@ -3,14 +3,14 @@
 import sqlalchemy as sa
 from alembic import op
 
-from onetoken.db.migrations.shapes import at, index, pk, ref
+from onetoken.db.migrations.shapes import at, create_table, ref
 
 revision: str = "0007_rights"
 down_revision: str | None = "0001"
 
 
 def upgrade() -> None:
-    op.create_table(
+    create_table(
         "account_erasures",
         ref("account_id"),
         ref("org_id"),
@@ -19,9 +19,9 @@ def upgrade() -> None:
         at("requested_at"),
         at("completed_at", nullable=True),
         sa.Column("pending_encrypted", sa.Text(), nullable=True),
-        pk("account_erasures", "account_id"),
+        key=("account_id",),
+        indexes=("org_id",),
     )
-    index("account_erasures", "org_id")
 
 
 def downgrade() -> None:

@@ -12,7 +12,7 @@
 import sqlalchemy as sa
 from alembic import op
 
-from onetoken.db.migrations.shapes import pk, ref
+from onetoken.db.migrations.shapes import create_table, ref
 
 revision: str = "0011_ingest"
 down_revision: str | None = "0010_key_scope_setter"
@@ -22,21 +22,21 @@ def upgrade() -> None:
     with op.batch_alter_table("ledger_entries") as batch:
         batch.add_column(sa.Column("calls", sa.Integer(), nullable=False, server_default="0"))
     op.execute("UPDATE ledger_entries SET calls = 1 WHERE kind = 'usage'")
-    op.create_table(
+    create_table(
         "ingest_cursors",
         sa.Column("consumer", sa.String(length=16), nullable=False),
         sa.Column("instance_id", sa.String(length=64), nullable=False),
         sa.Column("segment", sa.BigInteger(), nullable=False),
         sa.Column("byte_offset", sa.BigInteger(), nullable=False),
-        pk("ingest_cursors", "consumer", "instance_id"),
+        key=("consumer", "instance_id"),
     )
-    op.create_table(
+    create_table(
         "ingest_marks",
         sa.Column("instance_id", sa.String(length=64), nullable=False),
         sa.Column("scope", sa.String(length=8), nullable=False),
         ref("subject_id"),
         sa.Column("amount", sa.BigInteger(), nullable=False),
-        pk("ingest_marks", "instance_id", "scope", "subject_id"),
+        key=("instance_id", "scope", "subject_id"),
     )
 
 
