@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import select
@@ -22,63 +23,63 @@ log = logging.getLogger("onetoken.providers")
 # -- org settings ------------------------------------------------------------------------
 
 
-def _org_settings(session: Session, org_id: str, *, create: bool) -> OrgGatewaySettings | None:
-    row = session.get(OrgGatewaySettings, org_id)
-    if row is None and create:
+def _org_settings(session: Session, org_id: str) -> OrgGatewaySettings | None:
+    return session.get(OrgGatewaySettings, org_id)
+
+
+@contextmanager
+def _changing_org_settings(
+    session: Session, org_id: str, event: str, **extra: str
+) -> Iterator[OrgGatewaySettings]:
+    """The org's settings row (created on first change) to change in the `with` body;
+    then the new revision the gateways pick up, and the log line `event`."""
+    row = _org_settings(session, org_id)
+    if row is None:
         row = OrgGatewaySettings(org_id=org_id, guard_mode="off")
         session.add(row)
-    return row
+    yield row
+    bump_revision(session)
+    session.flush()
+    log.info(event, extra={"org_id": org_id, **extra})
 
 
 def get_policy(session: Session, org_id: str) -> Policy:
-    row = _org_settings(session, org_id, create=False)
+    row = _org_settings(session, org_id)
     return Policy.model_validate(row.policy) if row and row.policy else Policy()
 
 
 def set_policy(session: Session, org_id: str, policy: Policy) -> Policy:
-    row = _org_settings(session, org_id, create=True)
-    assert row is not None
-    row.policy = None if policy.is_permissive() else policy.model_dump()
-    bump_revision(session)
-    session.flush()
-    log.info("org.policy_updated", extra={"org_id": org_id})
+    with _changing_org_settings(session, org_id, "org.policy_updated") as row:
+        row.policy = None if policy.is_permissive() else policy.model_dump()
     return policy
 
 
 def get_limits(session: Session, org_id: str) -> OrgLimits:
-    row = _org_settings(session, org_id, create=False)
+    row = _org_settings(session, org_id)
     if row is None:
         return OrgLimits()
     return OrgLimits(rpm=row.rpm, tpm=row.tpm, concurrency=row.concurrency)
 
 
 def set_limits(session: Session, org_id: str, limits: OrgLimits) -> OrgLimits:
-    row = _org_settings(session, org_id, create=True)
-    assert row is not None
-    row.rpm, row.tpm, row.concurrency = limits.rpm, limits.tpm, limits.concurrency
-    bump_revision(session)
-    session.flush()
-    log.info("org.limits_updated", extra={"org_id": org_id})
+    with _changing_org_settings(session, org_id, "org.limits_updated") as row:
+        row.rpm, row.tpm, row.concurrency = limits.rpm, limits.tpm, limits.concurrency
     return limits
 
 
 def get_guard(session: Session, org_id: str) -> Guard:
-    row = _org_settings(session, org_id, create=False)
+    row = _org_settings(session, org_id)
     if row is None:
         return Guard()
     return Guard.model_validate({"mode": row.guard_mode, "categories": row.guard_categories})
 
 
 def set_guard(session: Session, org_id: str, guard: Guard) -> Guard:
-    row = _org_settings(session, org_id, create=True)
-    assert row is not None
-    row.guard_mode = guard.mode
-    row.guard_categories = (
-        None if guard.categories is None else list(dict.fromkeys(guard.categories))
-    )
-    bump_revision(session)
-    session.flush()
-    log.info("org.guard_updated", extra={"org_id": org_id, "kind": guard.mode})
+    with _changing_org_settings(session, org_id, "org.guard_updated", kind=guard.mode) as row:
+        row.guard_mode = guard.mode
+        row.guard_categories = (
+            None if guard.categories is None else list(dict.fromkeys(guard.categories))
+        )
     return get_guard(session, org_id)
 
 
