@@ -30,12 +30,9 @@ class OnetokenError(Exception):
         """`class NotFound(OnetokenError, status=404, code="not_found")`: the answer's
         status, error type and default code, each kept from the parent when not given."""
         super().__init_subclass__()
-        if status is not None:
-            cls.status_code = status
-        if kind is not None:
-            cls.type = kind
-        if code is not None:
-            cls.code = code
+        for attr, value in (("status_code", status), ("type", kind), ("code", code)):
+            if value is not None:
+                setattr(cls, attr, value)
 
     def __init__(
         self,
