@@ -95,34 +95,31 @@ def create_table(
         index(name, *((columns_,) if isinstance(columns_, str) else columns_))
 
 
-def provider_columns_0001(*, org_nullable: bool) -> list[sa.Column[Any]]:
-    """`providers` as 0001 created it; 0005 rebuilds it on SQLite with these first."""
-    return [
-        ref("id"),
-        ref("org_id", nullable=org_nullable),
-        sa.Column("name", sa.String(length=64), nullable=False),
-        sa.Column("protocol", sa.String(length=16), nullable=False),
-        sa.Column("base_url", sa.String(length=2048), nullable=False),
-        sa.Column("api_key_encrypted", sa.String(length=4096), nullable=True),
-        sa.Column("connect_timeout_ms", sa.Integer(), nullable=False),
-        sa.Column("first_byte_timeout_ms", sa.Integer(), nullable=False),
-        sa.Column("idle_timeout_ms", sa.Integer(), nullable=False),
-        at("created_at"),
-    ]
+def amounts(*names: str) -> list[sa.Column[Any]]:
+    """Required 64-bit integer columns: money (nano-units) and token prices."""
+    return [sa.Column(name, sa.BigInteger(), nullable=False) for name in names]
 
 
-def model_columns_0001(*, org_nullable: bool) -> list[sa.Column[Any]]:
-    """`models` as 0001 created it; 0005 rebuilds it on SQLite with these first."""
-    return [
-        ref("id"),
-        ref("org_id", nullable=org_nullable),
-        sa.Column("name", sa.String(length=128), nullable=False),
-        sa.Column("kind", sa.String(length=16), nullable=False),
-        ref("provider_id"),
-        sa.Column("upstream_model", sa.String(length=128), nullable=False),
-        sa.Column("input_price", sa.BigInteger(), nullable=False),
-        sa.Column("output_price", sa.BigInteger(), nullable=False),
-        sa.Column("cached_input_price", sa.BigInteger(), nullable=False),
-        sa.Column("max_output_tokens", sa.Integer(), nullable=False),
-        at("created_at"),
-    ]
+def columns_0001(table: str, *, org_nullable: bool) -> list[sa.Column[Any]]:
+    """`providers` or `models` as 0001 created them; 0005 rebuilds both on SQLite with
+    these columns first."""
+    own: dict[str, list[sa.Column[Any]]] = {
+        "providers": [
+            sa.Column("name", sa.String(length=64), nullable=False),
+            sa.Column("protocol", sa.String(length=16), nullable=False),
+            sa.Column("base_url", sa.String(length=2048), nullable=False),
+            sa.Column("api_key_encrypted", sa.String(length=4096), nullable=True),
+            sa.Column("connect_timeout_ms", sa.Integer(), nullable=False),
+            sa.Column("first_byte_timeout_ms", sa.Integer(), nullable=False),
+            sa.Column("idle_timeout_ms", sa.Integer(), nullable=False),
+        ],
+        "models": [
+            sa.Column("name", sa.String(length=128), nullable=False),
+            sa.Column("kind", sa.String(length=16), nullable=False),
+            ref("provider_id"),
+            sa.Column("upstream_model", sa.String(length=128), nullable=False),
+            *amounts("input_price", "output_price", "cached_input_price"),
+            sa.Column("max_output_tokens", sa.Integer(), nullable=False),
+        ],
+    }
+    return [ref("id"), ref("org_id", nullable=org_nullable), *own[table], at("created_at")]

@@ -3,14 +3,7 @@
 import sqlalchemy as sa
 from alembic import op
 
-from onetoken.db.migrations.shapes import (
-    at,
-    create_table,
-    model_columns_0001,
-    provider_columns_0001,
-    ref,
-    serial_id,
-)
+from onetoken.db.migrations.shapes import at, columns_0001, create_table, ref, serial_id
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -69,7 +62,7 @@ def upgrade() -> None:
 
     create_table(
         "providers",
-        *provider_columns_0001(org_nullable=False),
+        *columns_0001("providers", org_nullable=False),
         refs={"org_id": "orgs"},
         named_uniques={"uq_providers_org_name": ("org_id", "name")},
         indexes=("org_id",),
@@ -108,7 +101,7 @@ def upgrade() -> None:
 
     create_table(
         "models",
-        *model_columns_0001(org_nullable=False),
+        *columns_0001("models", org_nullable=False),
         checks={"kind": "kind IN ('chat','embedding')"},
         refs={"org_id": "orgs", "provider_id": "providers"},
         uniques=("name",),

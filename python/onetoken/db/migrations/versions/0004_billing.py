@@ -6,7 +6,7 @@ invoices, sent notices.
 import sqlalchemy as sa
 from alembic import op
 
-from onetoken.db.migrations.shapes import at, create_table, ref, serial_id
+from onetoken.db.migrations.shapes import amounts, at, create_table, ref, serial_id
 
 revision: str = "0004_billing"
 down_revision: str | None = "0001"
@@ -43,10 +43,7 @@ def upgrade() -> None:
         ref("model_id"),
         ref("org_id", nullable=True),
         at("effective_from"),
-        sa.Column("input_price", sa.BigInteger(), nullable=False),
-        sa.Column("output_price", sa.BigInteger(), nullable=False),
-        sa.Column("cached_input_price", sa.BigInteger(), nullable=False),
-        sa.Column("request_price", sa.BigInteger(), nullable=False),
+        *amounts("input_price", "output_price", "cached_input_price", "request_price"),
         ref("created_by", nullable=True),
         at("created_at"),
         at("applied_at", nullable=True),

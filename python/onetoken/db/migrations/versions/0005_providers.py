@@ -7,14 +7,7 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-from onetoken.db.migrations.shapes import (
-    at,
-    create_table,
-    index,
-    model_columns_0001,
-    provider_columns_0001,
-    ref,
-)
+from onetoken.db.migrations.shapes import at, columns_0001, create_table, index, ref
 
 revision: str = "0005_providers"
 down_revision: str | None = "0001"
@@ -52,7 +45,7 @@ def _col(name: str, type_: Any, default: Any, nullable: bool) -> sa.Column[Any]:
 def _providers_table() -> None:
     create_table(
         "providers",
-        *provider_columns_0001(org_nullable=True),
+        *columns_0001("providers", org_nullable=True),
         *(_col(*c) for c in _PROVIDER_NEW),
         refs={"org_id": "orgs"},
         named_uniques={"uq_providers_org_name": ("org_id", "name")},
@@ -63,7 +56,7 @@ def _providers_table() -> None:
 def _models_table() -> None:
     create_table(
         "models",
-        *model_columns_0001(org_nullable=True),
+        *columns_0001("models", org_nullable=True),
         *(_col(*c) for c in _MODEL_NEW),
         checks={"kind": "kind IN ('chat','embedding')"},
         refs={"org_id": "orgs", "provider_id": "providers"},
@@ -73,8 +66,8 @@ def _models_table() -> None:
 
 
 # What 0001 created, copied over as it is.
-_OLD_PROVIDER_COLS = ", ".join(c.name for c in provider_columns_0001(org_nullable=False))
-_OLD_MODEL_COLS = ", ".join(c.name for c in model_columns_0001(org_nullable=False))
+_OLD_PROVIDER_COLS = ", ".join(c.name for c in columns_0001("providers", org_nullable=False))
+_OLD_MODEL_COLS = ", ".join(c.name for c in columns_0001("models", org_nullable=False))
 
 
 def _rebuild_sqlite() -> None:
