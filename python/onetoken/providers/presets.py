@@ -10,7 +10,9 @@ None of these endpoints is called by the tests.
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import asdict, dataclass, field
+from importlib.resources import files
 from typing import Any
 
 
@@ -37,41 +39,20 @@ class Preset:
         return out
 
 
-# Positional: name, title, vendor, protocol, base URL, region, retains content, trains on
-# data; then what only some vendors have.
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in (
-        Preset("openai", "OpenAI", "openai", "openai", "https://api.openai.com/v1", "us",
-               True, False, tags=("soc2",), credential_env="OPENAI_API_KEY"),
-        Preset("azure-openai", "Azure OpenAI", "microsoft", "azure", None, "",
-               True, False, api_version="2024-10-21", tags=("soc2", "iso27001"),
-               credential_env="AZURE_OPENAI_API_KEY"),
-        Preset("anthropic", "Anthropic", "anthropic", "anthropic",
-               "https://api.anthropic.com/v1", "us", True, False, api_version="2023-06-01",
-               tags=("soc2",), credential_env="ANTHROPIC_API_KEY"),
-        # Paid tier; the free tier's terms allow training.
-        Preset("gemini", "Google Gemini", "google", "gemini",
-               "https://generativelanguage.googleapis.com/v1beta", "us", True, False,
-               tags=("soc2", "iso27001"), credential_env="GEMINI_API_KEY"),
-        Preset("deepseek", "DeepSeek", "deepseek", "openai", "https://api.deepseek.com/v1",
-               "cn-mainland", True, True, credential_env="DEEPSEEK_API_KEY"),
-        Preset("qwen", "Alibaba Qwen (DashScope)", "alibaba", "openai",
-               "https://dashscope.aliyuncs.com/compatible-mode/v1", "cn-mainland", True, False,
-               credential_env="DASHSCOPE_API_KEY"),
-        Preset("moonshot", "Moonshot AI (Kimi)", "moonshot", "openai",
-               "https://api.moonshot.cn/v1", "cn-mainland", True, True,
-               credential_env="MOONSHOT_API_KEY"),
-        Preset("zhipu", "Zhipu AI (GLM)", "zhipu", "openai",
-               "https://open.bigmodel.cn/api/paas/v4", "cn-mainland", True, True,
-               credential_env="ZHIPUAI_API_KEY"),
-        Preset("doubao", "ByteDance Doubao (Volcano Engine Ark)", "bytedance", "openai",
-               "https://ark.cn-beijing.volces.com/api/v3", "cn-mainland", True, False,
-               credential_env="ARK_API_KEY"),
-        Preset("minimax", "MiniMax", "minimax", "openai", "https://api.minimax.chat/v1",
-               "cn-mainland", True, True, credential_env="MINIMAX_API_KEY"),
-    )
-}
+def _load() -> dict[str, Preset]:
+    rows = tomllib.loads(files("onetoken.providers").joinpath("presets.toml").read_text())
+    return {
+        name: Preset(
+            name=name,
+            base_url=row.pop("base_url", None),
+            tags=tuple(row.pop("tags", ())),
+            **row,
+        )
+        for name, row in rows.items()
+    }
+
+
+PRESETS: dict[str, Preset] = _load()
 
 # Fields a preset fills in when the provider does not give them.
 PRESET_FIELDS = (
