@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 
 from onetoken.keys.schemas import ModelName
 from onetoken.kit.errors import Unprocessable
+from onetoken.kit.lists import ListOf
 from onetoken.kit.money import SCHEMA_IN_NON_NEGATIVE, MoneyIn, MoneyOut
 from onetoken.security.net import networks, url_target_refused
 
@@ -146,13 +147,19 @@ class ProviderUpdate(BaseModel):
     max_concurrency: Concurrency | None = None
 
 
-class ProviderResponse(BaseModel):
+class CatalogEntry(BaseModel):
+    """What providers, models and routes answer with first: whose they are (org_id None:
+    the platform's) and their name."""
+
     model_config = ConfigDict(from_attributes=True)
 
     id: str
     org_id: str | None
     scope: Scope
     name: str
+
+
+class ProviderResponse(CatalogEntry):
     preset: str | None
     protocol: Protocol
     base_url: str
@@ -174,9 +181,7 @@ class ProviderResponse(BaseModel):
     created_at: datetime
 
 
-class ProviderList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ProviderResponse]
+class ProviderList(ListOf[ProviderResponse]): ...
 
 
 def _non_negative(value: int) -> int:
@@ -231,13 +236,7 @@ class ModelUpdate(BaseModel):
     weight: Weight | None = None
 
 
-class ModelResponse(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: str
-    org_id: str | None
-    scope: Scope
-    name: str
+class ModelResponse(CatalogEntry):
     kind: ModelKind
     provider_id: str
     upstream_model: str
@@ -252,9 +251,7 @@ class ModelResponse(BaseModel):
     created_at: datetime
 
 
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelResponse]
+class ModelList(ListOf[ModelResponse]): ...
 
 
 class PresetResponse(BaseModel):
@@ -272,6 +269,4 @@ class PresetResponse(BaseModel):
     credential_env: str | None
 
 
-class PresetList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[PresetResponse]
+class PresetList(ListOf[PresetResponse]): ...
