@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Container, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -89,3 +89,11 @@ def get_scoped(
     if row is None or (orgs is not None and row.org_id not in orgs):
         raise NotFound(missing)
     return row
+
+
+def list_in_org(session: Session, model: type[_Row], org_id: str) -> Sequence[_Row]:
+    """The org's rows of `model`, oldest first."""
+    table: Any = model  # the mapped class: its columns, not a row's values
+    return session.scalars(
+        select(model).where(table.org_id == org_id).order_by(table.created_at, table.id)
+    ).all()

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from onetoken.db.models import Account, ApiKey, new_id, utcnow
-from onetoken.db.session import bump_revision, get_scoped
+from onetoken.db.session import bump_revision, get_scoped, list_in_org
 from onetoken.kit.crypto import Secrets, display_id, generate_api_key
 from onetoken.kit.errors import Conflict, Forbidden, Unprocessable
 from onetoken.providers.tables import KeyPolicy
@@ -230,9 +230,7 @@ def create_key(
 
 
 def list_keys(session: Session, org_id: str) -> Sequence[ApiKey]:
-    return session.scalars(
-        select(ApiKey).where(ApiKey.org_id == org_id).order_by(ApiKey.created_at, ApiKey.id)
-    ).all()
+    return list_in_org(session, ApiKey, org_id)
 
 
 def get_key(session: Session, org_id: str, key_id: str) -> ApiKey:

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from onetoken.db.models import Account, utcnow
-from onetoken.db.session import get_scoped
+from onetoken.db.session import get_scoped, list_in_org
 from onetoken.deps import Principal
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import Conflict, Forbidden
@@ -30,9 +30,7 @@ def snapshot(account: Account) -> dict[str, Any]:
 
 
 def list_accounts(session: Session, org_id: str) -> Sequence[Account]:
-    return session.scalars(
-        select(Account).where(Account.org_id == org_id).order_by(Account.created_at, Account.id)
-    ).all()
+    return list_in_org(session, Account, org_id)
 
 
 def get_account(session: Session, org_id: str, account_id: str) -> Account:

@@ -15,7 +15,7 @@ from onetoken.db.session import bump_revision, get_scoped
 from onetoken.keys import service as keys_service
 from onetoken.kit.errors import Conflict, Unprocessable
 from onetoken.providers.gateway_schemas import Guard, OrgLimits, Policy, Routing
-from onetoken.providers.service import alias_owner, in_scope
+from onetoken.providers.service import alias_owner, in_scope, visible_to
 from onetoken.providers.tables import KeyPolicy, OrgGatewaySettings, Route, RoutingSettings
 
 log = logging.getLogger("onetoken.providers")
@@ -193,11 +193,7 @@ def create_route(
 
 def list_routes(session: Session, org_id: str | None) -> Sequence[Route]:
     """The platform's routes and, for an org, its own."""
-    q = select(Route)
-    if org_id is not None:
-        q = q.where((Route.org_id == org_id) | Route.org_id.is_(None))
-    else:
-        q = q.where(Route.org_id.is_(None))
+    q = select(Route).where(visible_to(Route.org_id, org_id))
     return session.scalars(q.order_by(Route.name)).all()
 
 

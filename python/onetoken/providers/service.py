@@ -73,6 +73,14 @@ def in_scope(column: Any, owner: str | None) -> Any:
     return column.is_(None) if owner is None else column == owner
 
 
+def visible_to(column: Any, org_id: str | None, *, include_platform: bool = True) -> Any:
+    """What `org_id` sees: its own rows and, unless told not to, the platform's (None:
+    the platform's only)."""
+    if org_id is None or not include_platform:
+        return in_scope(column, org_id)
+    return or_(column == org_id, column.is_(None))
+
+
 # -- providers ---------------------------------------------------------------------------
 
 
@@ -150,13 +158,7 @@ def list_providers(
     session: Session, org_id: str | None, *, include_platform: bool = True
 ) -> Sequence[Provider]:
     """The org's private providers, and the platform catalog unless told not to."""
-    cond: Any
-    if org_id is None:
-        cond = Provider.org_id.is_(None)
-    elif include_platform:
-        cond = or_(Provider.org_id == org_id, Provider.org_id.is_(None))
-    else:
-        cond = Provider.org_id == org_id
+    cond = visible_to(Provider.org_id, org_id, include_platform=include_platform)
     return session.scalars(
         select(Provider).where(cond).order_by(Provider.created_at, Provider.id)
     ).all()
@@ -304,13 +306,7 @@ def create_model(
 def list_models(
     session: Session, org_id: str | None, *, include_platform: bool = True
 ) -> Sequence[Model]:
-    cond: Any
-    if org_id is None:
-        cond = Model.org_id.is_(None)
-    elif include_platform:
-        cond = or_(Model.org_id == org_id, Model.org_id.is_(None))
-    else:
-        cond = Model.org_id == org_id
+    cond = visible_to(Model.org_id, org_id, include_platform=include_platform)
     return session.scalars(
         select(Model).where(cond).order_by(Model.name, Model.priority, Model.id)
     ).all()
