@@ -24,7 +24,7 @@ from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_TABLE
 
 Instant = datetime | int
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_PAGE_SIZE = 1000
 
 
@@ -34,7 +34,7 @@ def to_micros(value: Instant) -> int:
         return value
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    delta = value - _EPOCH
+    delta = value - EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 

@@ -3,13 +3,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import cast
 
 from sqlalchemy import Table, func, insert, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from onetoken.analytics.queries import EPOCH
 from onetoken.db.models import LedgerEntry, Org
 from onetoken.db.session import bump_revision
 from onetoken.kit.errors import Conflict, Unprocessable
@@ -242,7 +243,7 @@ def record_usage(session: Session, usages: Sequence[Usage]) -> list[Usage]:
 def usage_time(ts_us: int) -> datetime:
     # Integer arithmetic: a float timestamp would round some microseconds away, and the
     # ledger time must fall in the same UTC day/month as the call_log row.
-    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=ts_us)
+    return EPOCH + timedelta(microseconds=ts_us)
 
 
 def post_entry(
