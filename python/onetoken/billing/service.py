@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from onetoken.analytics.queries import EPOCH
 from onetoken.db.models import LedgerEntry, Org
-from onetoken.db.session import bump_revision
+from onetoken.db.session import config_changed
 from onetoken.kit.errors import Conflict, Unprocessable
 
 log = logging.getLogger("onetoken.billing")
@@ -146,9 +146,7 @@ def _append(session: Session, org_id: str, entry: NewEntry, event: str) -> Ledge
     check_entry_bounds(session, org_id, entry["amount"], entry["kind"])
     row = LedgerEntry(org_id=org_id, **entry)
     session.add(row)
-    bump_revision(session)
-    session.flush()
-    log.info(event, extra={"org_id": org_id, "kind": entry["kind"]})
+    config_changed(session, log, event, org_id=org_id, kind=entry["kind"])
     return row
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Container, Sequence
+import logging
+from collections.abc import Callable, Container, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -62,6 +63,14 @@ def bump_revision(session: Session) -> None:
         session.add(ConfigRevision(id=1, revision=1))
 
 
+def config_changed(session: Session, log: logging.Logger, event: str, **ids: Any) -> None:
+    """After a change the engine must see: its config marked stale, the change flushed,
+    and the log line `event` with `ids` (identifiers only, never content)."""
+    bump_revision(session)
+    session.flush()
+    log.info(event, extra=ids)
+
+
 def current_revision(session: Session) -> int:
     value = session.scalar(select(ConfigRevision.revision).where(ConfigRevision.id == 1))
     return int(value or 0)
@@ -97,3 +106,16 @@ def list_in_org(session: Session, model: type[_Row], org_id: str) -> Sequence[_R
     return session.scalars(
         select(model).where(table.org_id == org_id).order_by(table.created_at, table.id)
     ).all()
+
+
+def scoped_loader(
+    model: type[_Row], missing: str, *, with_platform: bool = False
+) -> Callable[[Session, str | None, str], _Row]:
+    """`load(session, org_id, row_id)`: the row of exactly that scope (an org's, or with
+    None the platform's); `with_platform`: an org's own or the platform's, what it sees."""
+
+    def load(session: Session, org_id: str | None, row_id: str) -> _Row:
+        orgs = (org_id, None) if with_platform else (org_id,)
+        return get_scoped(session, model, row_id, orgs, missing)
+
+    return load

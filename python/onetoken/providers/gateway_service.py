@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from onetoken.db.models import Model, new_id
-from onetoken.db.session import bump_revision, get_scoped
+from onetoken.db.session import config_changed, scoped_loader
 from onetoken.keys import service as keys_service
 from onetoken.kit.errors import Conflict, Unprocessable
 from onetoken.providers.gateway_schemas import Guard, OrgLimits, Policy, Routing
@@ -38,9 +38,7 @@ def _changing_org_settings(
         row = OrgGatewaySettings(org_id=org_id, guard_mode="off")
         session.add(row)
     yield row
-    bump_revision(session)
-    session.flush()
-    log.info(event, extra={"org_id": org_id, **extra})
+    config_changed(session, log, event, org_id=org_id, **extra)
 
 
 def get_policy(session: Session, org_id: str) -> Policy:
@@ -125,9 +123,7 @@ def set_key_policy(session: Session, org_id: str, key_id: str, policy: Policy) -
         session.add(KeyPolicy(key_id=key_id, policy=policy.model_dump()))
     else:
         row.policy = policy.model_dump()
-    bump_revision(session)
-    session.flush()
-    log.info("key.policy_updated", extra={"org_id": org_id, "key_id": key_id})
+    config_changed(session, log, "key.policy_updated", org_id=org_id, key_id=key_id)
     return policy
 
 
@@ -185,9 +181,7 @@ def create_route(
         managed_by=managed_by,
     )
     session.add(route)
-    bump_revision(session)
-    session.flush()
-    log.info("route.created", extra={"org_id": owner, "kind": strategy})
+    config_changed(session, log, "route.created", org_id=owner, kind=strategy)
     return route
 
 
@@ -197,12 +191,8 @@ def list_routes(session: Session, org_id: str | None) -> Sequence[Route]:
     return session.scalars(q.order_by(Route.name)).all()
 
 
-def get_route(session: Session, owner: str | None, route_id: str) -> Route:
-    return get_scoped(session, Route, route_id, (owner,), "Route not found.")
-
-
-def get_visible_route(session: Session, org_id: str, route_id: str) -> Route:
-    return get_scoped(session, Route, route_id, (org_id, None), "Route not found.")
+get_route = scoped_loader(Route, "Route not found.")
+get_visible_route = scoped_loader(Route, "Route not found.", with_platform=True)
 
 
 def update_route(
@@ -214,17 +204,13 @@ def update_route(
         route.aliases = list(changes["aliases"])
     if changes.get("strategy") is not None:
         route.strategy = changes["strategy"]
-    bump_revision(session)
-    session.flush()
-    log.info("route.updated", extra={"org_id": owner})
+    config_changed(session, log, "route.updated", org_id=owner)
     return route
 
 
 def delete_route(session: Session, owner: str | None, route_id: str) -> None:
     session.delete(get_route(session, owner, route_id))
-    bump_revision(session)
-    session.flush()
-    log.info("route.deleted", extra={"org_id": owner})
+    config_changed(session, log, "route.deleted", org_id=owner)
 
 
 def find_route(session: Session, owner: str | None, name: str) -> Route | None:
@@ -248,7 +234,5 @@ def set_routing(session: Session, routing: Routing) -> Routing:
         session.add(row)
     for field, value in routing.model_dump().items():
         setattr(row, field, value)
-    bump_revision(session)
-    session.flush()
-    log.info("routing.updated")
+    config_changed(session, log, "routing.updated")
     return routing

@@ -22,7 +22,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from onetoken.db.models import Model, Provider, new_id
-from onetoken.db.session import bump_revision, get_scoped
+from onetoken.db.session import config_changed, scoped_loader
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import Conflict, Unprocessable
 from onetoken.providers.presets import PRESETS, apply_preset
@@ -145,12 +145,8 @@ def create_provider(
         managed_by=managed_by,
     )
     session.add(provider)
-    bump_revision(session)
-    session.flush()
-    log.info(
-        "provider.created",
-        extra={"org_id": owner, "provider_id": provider.id, "kind": scope_of(owner)},
-    )
+    ids = {"org_id": owner, "provider_id": provider.id, "kind": scope_of(owner)}
+    config_changed(session, log, "provider.created", **ids)
     return provider
 
 
@@ -164,14 +160,8 @@ def list_providers(
     ).all()
 
 
-def get_provider(session: Session, owner: str | None, provider_id: str) -> Provider:
-    """A provider of exactly this scope."""
-    return get_scoped(session, Provider, provider_id, (owner,), "Provider not found.")
-
-
-def get_visible_provider(session: Session, org_id: str, provider_id: str) -> Provider:
-    """A provider the org can see: its own or the platform's."""
-    return get_scoped(session, Provider, provider_id, (org_id, None), "Provider not found.")
+get_provider = scoped_loader(Provider, "Provider not found.")
+get_visible_provider = scoped_loader(Provider, "Provider not found.", with_platform=True)
 
 
 def find_provider_by_name(session: Session, owner: str | None, name: str) -> Provider | None:
@@ -200,9 +190,7 @@ def update_provider(
         api_key = changes["api_key"]
         provider.api_key_encrypted = secrets.encrypt(api_key) if api_key else None
         provider.credential_env = changes.get("credential_env")
-    bump_revision(session)
-    session.flush()
-    log.info("provider.updated", extra={"org_id": owner, "provider_id": provider.id})
+    config_changed(session, log, "provider.updated", org_id=owner, provider_id=provider.id)
     return provider
 
 
@@ -214,9 +202,7 @@ def delete_provider(session: Session, owner: str | None, provider_id: str) -> No
     if in_use:
         raise Conflict("Delete the provider's models first.", code="provider_in_use")
     session.delete(provider)
-    bump_revision(session)
-    session.flush()
-    log.info("provider.deleted", extra={"org_id": owner, "provider_id": provider_id})
+    config_changed(session, log, "provider.deleted", org_id=owner, provider_id=provider_id)
 
 
 # -- names -------------------------------------------------------------------------------
@@ -297,9 +283,7 @@ def create_model(
         managed_by=managed_by,
     )
     session.add(model)
-    bump_revision(session)
-    session.flush()
-    log.info("model.created", extra={"org_id": owner, "model_id": model.id})
+    config_changed(session, log, "model.created", org_id=owner, model_id=model.id)
     return model
 
 
@@ -312,12 +296,8 @@ def list_models(
     ).all()
 
 
-def get_model(session: Session, owner: str | None, model_id: str) -> Model:
-    return get_scoped(session, Model, model_id, (owner,), "Model not found.")
-
-
-def get_visible_model(session: Session, org_id: str, model_id: str) -> Model:
-    return get_scoped(session, Model, model_id, (org_id, None), "Model not found.")
+get_model = scoped_loader(Model, "Model not found.")
+get_visible_model = scoped_loader(Model, "Model not found.", with_platform=True)
 
 
 def update_model(
@@ -342,15 +322,11 @@ def update_model(
     for field in _MODEL_FIELDS:
         if changes.get(field) is not None:
             setattr(model, field, changes[field])
-    bump_revision(session)
-    session.flush()
-    log.info("model.updated", extra={"org_id": owner, "model_id": model.id})
+    config_changed(session, log, "model.updated", org_id=owner, model_id=model.id)
     return model
 
 
 def delete_model(session: Session, owner: str | None, model_id: str) -> None:
     model = get_model(session, owner, model_id)
     session.delete(model)
-    bump_revision(session)
-    session.flush()
-    log.info("model.deleted", extra={"org_id": owner, "model_id": model_id})
+    config_changed(session, log, "model.deleted", org_id=owner, model_id=model_id)
