@@ -1,4 +1,5 @@
-"""Presets for common vendors: public base URL, protocol and data-processing attributes.
+"""Presets for common vendors: public base URL, protocol and data-processing attributes,
+listed in presets.toml beside this module.
 
 The attributes are conservative defaults taken from each vendor's public API terms at
 the time of writing (content kept for abuse monitoring counts as retained; a vendor whose
