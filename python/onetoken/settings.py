@@ -7,7 +7,7 @@ import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,6 +16,11 @@ from onetoken.kit.files import PRIVATE_FILE_MODE, private_dir
 from onetoken.security.net import networks
 
 log = logging.getLogger("onetoken.settings")
+
+# The bounds most settings share: counts, sizes and days of at least one; durations and
+# intervals above zero.
+AtLeastOne = Annotated[int, Field(ge=1)]
+AboveZero = Annotated[float, Field(gt=0)]
 
 SECRET_KEY_FILE = "secret.key"  # noqa: S105 (a file name)
 # Anything shorter is too weak to derive the key-hash and encryption secrets from.
@@ -56,7 +61,7 @@ class Settings(BaseSettings):
     # Balances do not wait for it: the gateway counts spend in memory.
     flush_interval_ms: int = Field(default=1000, ge=10, le=60_000)
     flush_max_rows: int = Field(default=50_000, ge=1, le=1_000_000)
-    call_log_ttl_days: int = Field(default=180, ge=1)
+    call_log_ttl_days: AtLeastOne = 180
 
     # Engine knobs (tests/contract/engine_config.json).
     worker_threads: int = Field(default=2, ge=1, le=256)
@@ -74,13 +79,13 @@ class Settings(BaseSettings):
     gateway_proxy_protocol: bool = False
     # host:port serving the gateway's /metrics (and /healthz); unset serves them nowhere.
     metrics_listen: str | None = None
-    gateway_max_connections: int = Field(default=20_000, ge=1)
+    gateway_max_connections: AtLeastOne = 20_000
     gateway_header_read_timeout_ms: int = Field(default=30_000, ge=100)
     gateway_idle_timeout_ms: int = Field(default=120_000, ge=100)
     gateway_max_header_bytes: int = Field(default=32 * 1024, ge=1024, le=1024 * 1024)
     upstream_max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
     upstream_max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
-    upstream_deadline_seconds: float = Field(default=1800.0, gt=0)
+    upstream_deadline_seconds: AboveZero = 1800.0
     # Thread CPU time per request phase in the gateway's /metrics (a profile without perf).
     gateway_phase_timing: bool = False
 
@@ -91,15 +96,15 @@ class Settings(BaseSettings):
     # the keys hashed under them, and decrypts what they encrypted.
     secret_key_version: int = Field(default=1, ge=1, le=1_000_000)
     previous_secret_keys: SecretStr | None = None
-    security_log_ttl_days: int = Field(default=365, ge=1)
+    security_log_ttl_days: AtLeastOne = 365
     # Login protection (defaults documented in docs/control-plane-spec.md).
     login_max_failures_account: int = Field(default=5, ge=1, le=1000)
     login_max_failures_ip: int = Field(default=20, ge=1, le=100_000)
-    login_lockout_base_seconds: int = Field(default=30, ge=1)
-    login_lockout_max_seconds: int = Field(default=3600, ge=1)
-    login_failure_window_seconds: int = Field(default=900, ge=1)
+    login_lockout_base_seconds: AtLeastOne = 30
+    login_lockout_max_seconds: AtLeastOne = 3600
+    login_failure_window_seconds: AtLeastOne = 900
     login_burst_max_attempts: int = Field(default=5, ge=2)
-    login_burst_window_seconds: float = Field(default=2.0, gt=0)
+    login_burst_window_seconds: AboveZero = 2.0
     # Lets an org's owners credit, confirm, refund and invoice their own org (operators
     # only by default): for a private deployment whose owners are the platform's staff.
     tenant_money_admin: bool = False
@@ -109,36 +114,36 @@ class Settings(BaseSettings):
     # Webhooks, anomaly detection and retention (defaults documented in docs/webhooks.md,
     # docs/security.md and docs/retention.md).
     webhook_max_attempts: int = Field(default=8, ge=1, le=50)
-    webhook_backoff_base_seconds: float = Field(default=10.0, gt=0)
-    webhook_backoff_max_seconds: float = Field(default=3600.0, gt=0)
+    webhook_backoff_base_seconds: AboveZero = 10.0
+    webhook_backoff_max_seconds: AboveZero = 3600.0
     # The whole of one delivery attempt (resolve, connect, send, response status).
     webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
-    webhook_poll_interval_seconds: float = Field(default=2.0, gt=0)
+    webhook_poll_interval_seconds: AboveZero = 2.0
     # Attempts running at once; each endpoint has at most one.
     webhook_workers: int = Field(default=8, ge=1, le=256)
     # Comma-separated CIDRs webhook targets may be in besides public addresses
     # (on-premises receivers); every org's endpoints may then reach them.
     webhook_private_cidrs: str = ""
-    anomaly_bucket_seconds: float = Field(default=60.0, gt=0)
+    anomaly_bucket_seconds: AboveZero = 60.0
     anomaly_ewma_alpha: float = Field(default=0.2, gt=0, le=1)
-    anomaly_warmup_buckets: int = Field(default=5, ge=1)
+    anomaly_warmup_buckets: AtLeastOne = 5
     anomaly_rate_factor: float = Field(default=10.0, gt=1)
-    anomaly_min_requests: int = Field(default=100, ge=1)
+    anomaly_min_requests: AtLeastOne = 100
     anomaly_error_factor: float = Field(default=10.0, gt=1)
-    anomaly_min_errors: int = Field(default=50, ge=1)
-    anomaly_ip_window_seconds: float = Field(default=600.0, gt=0)
+    anomaly_min_errors: AtLeastOne = 50
+    anomaly_ip_window_seconds: AboveZero = 600.0
     anomaly_ip_threshold: int = Field(default=20, ge=2)
-    attack_401_window_seconds: float = Field(default=60.0, gt=0)
+    attack_401_window_seconds: AboveZero = 60.0
     attack_401_threshold: int = Field(default=100, ge=2)
-    attack_block_seconds: int = Field(default=900, ge=1)
+    attack_block_seconds: AtLeastOne = 900
     # Comma-separated CIDRs never blocked automatically (e.g. a load balancer the gateway
     # sees as the peer of every request).
     attack_block_exempt: str = ""
-    upstream_alarm_failures: int = Field(default=20, ge=1)
+    upstream_alarm_failures: AtLeastOne = 20
     alert_cooldown_seconds: float = Field(default=900.0, ge=0)
-    login_records_ttl_days: int = Field(default=180, ge=1)
-    delivery_log_ttl_days: int = Field(default=30, ge=1)
-    retention_purge_interval_seconds: float = Field(default=3600.0, gt=0)
+    login_records_ttl_days: AtLeastOne = 180
+    delivery_log_ttl_days: AtLeastOne = 30
+    retention_purge_interval_seconds: AboveZero = 3600.0
     config_watch_interval_ms: int = Field(default=500, ge=50)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Swagger UI at /api/docs (assets served from the package); /api/openapi.json stays.

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from clickhouse_connect.driver.client import Client
 
@@ -24,7 +24,7 @@ from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_TABLE
 
 Instant = datetime | int
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_PAGE_SIZE = 1000
 
 
@@ -34,7 +34,7 @@ def to_micros(value: Instant) -> int:
         return value
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    delta = value - _EPOCH
+    delta = value - EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
@@ -55,33 +55,28 @@ def _where(
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
-def count_calls(
-    client: Client,
-    *,
-    org_id: str | None = None,
-    start: Instant | None = None,
-    end: Instant | None = None,
-) -> int:
+class CallFilter(TypedDict, total=False):
+    """Which call_log rows a count reads: one org's, from `start`, before `end`."""
+
+    org_id: str | None
+    start: Instant | None
+    end: Instant | None
+
+
+def _count(client: Client, select: str, where: CallFilter) -> int:
+    clause, params = _where(where.get("org_id"), where.get("start"), where.get("end"))
+    result = client.query(select + clause, parameters=params)
+    return int(result.result_rows[0][0])
+
+
+def count_calls(client: Client, **where: Unpack[CallFilter]) -> int:
     """Rows in call_log after deduplication (one per request), optionally filtered."""
-    where, params = _where(org_id, start, end)
-    result = client.query(f"SELECT count() FROM {CALL_LOG_TABLE} FINAL{where}", parameters=params)  # noqa: S608
-    return int(result.result_rows[0][0])
+    return _count(client, f"SELECT count() FROM {CALL_LOG_TABLE} FINAL", where)  # noqa: S608
 
 
-def count_distinct_requests(
-    client: Client,
-    *,
-    org_id: str | None = None,
-    start: Instant | None = None,
-    end: Instant | None = None,
-) -> int:
+def count_distinct_requests(client: Client, **where: Unpack[CallFilter]) -> int:
     """uniqExact(request_id): the number of distinct requests, whatever the merge state."""
-    where, params = _where(org_id, start, end)
-    result = client.query(
-        f"SELECT uniqExact(request_id) FROM {CALL_LOG_TABLE}{where}",  # noqa: S608
-        parameters=params,
-    )
-    return int(result.result_rows[0][0])
+    return _count(client, f"SELECT uniqExact(request_id) FROM {CALL_LOG_TABLE}", where)  # noqa: S608
 
 
 def duplicate_request_ids(client: Client, *, limit: int = 100) -> list[str]:

@@ -20,13 +20,13 @@ from sqlalchemy import case, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from onetoken.analytics.queries import EPOCH
 from onetoken.billing.models import DEFAULT_PRICE_FACTOR_PPM, BillingNotice, OrgBilling
 from onetoken.db.models import ApiKey, LedgerEntry, utcnow
 from onetoken.db.session import bump_revision
 
 log = logging.getLogger("onetoken.billing")
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +44,7 @@ class Window:
         day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
         month_start = day_start.replace(day=1)
         return cls(
-            day=(day_start - _EPOCH).days,
+            day=(day_start - EPOCH).days,
             month=now.year * 100 + now.month,
             day_start=day_start,
             month_start=month_start,

@@ -27,8 +27,9 @@ from onetoken.billing import audit, packages
 from onetoken.billing.models import Order, OrderEvent, Package, RedemptionCode
 from onetoken.billing.service import balance, check_entry_bounds, post_entry
 from onetoken.db.models import new_id, utcnow
+from onetoken.db.session import get_scoped
 from onetoken.kit.crypto import Secrets, derive_secret, keyed_hash
-from onetoken.kit.errors import Conflict, NotFound, Unprocessable
+from onetoken.kit.errors import Conflict, Unprocessable
 from onetoken.kit.money import format_amount
 
 log = logging.getLogger("onetoken.billing")
@@ -161,10 +162,8 @@ def create_order(
 
 def get_order(session: Session, org_id: str | None, order_id: str) -> Order:
     """`org_id` None: the operator (CLI), who may see any org's order."""
-    order = session.get(Order, order_id)
-    if order is None or (org_id is not None and order.org_id != org_id):
-        raise NotFound("Order not found.")
-    return order
+    orgs = None if org_id is None else (org_id,)
+    return get_scoped(session, Order, order_id, orgs, "Order not found.")
 
 
 def list_orders(

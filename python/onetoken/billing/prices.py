@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session
 
 from onetoken.billing.models import PriceVersion
 from onetoken.db.models import Model, new_id, utcnow
-from onetoken.db.session import bump_revision
-from onetoken.kit.errors import Conflict, NotFound, Unprocessable
+from onetoken.db.session import bump_revision, get_scoped
+from onetoken.kit.errors import Conflict, Unprocessable
 
 log = logging.getLogger("onetoken.billing")
 
@@ -38,11 +38,8 @@ class Prices:
 
 
 def _model_for(session: Session, org_id: str | None, model_id: str) -> Model:
-    model = session.get(Model, model_id)
     # Platform models (org_id None) are priced by the operator only (org_id None here).
-    if model is None or model.org_id != org_id:
-        raise NotFound("Model not found.")
-    return model
+    return get_scoped(session, Model, model_id, (org_id,), "Model not found.")
 
 
 def add_version(

@@ -17,9 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from onetoken.analytics import queries
+from onetoken.analytics.queries import EPOCH
 from onetoken.db.models import LedgerEntry
-
-_FAR_PAST = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +68,7 @@ def reconcile(
     end: datetime | None = None,
 ) -> list[OrgReconciliation]:
     """One line per (org, UTC day) seen on either side over [start, end) (record time)."""
-    lo = start or _FAR_PAST
+    lo = start or EPOCH
     hi = end or datetime.now(UTC) + timedelta(days=1)
     ledger = ledger_usage_by_day(session, lo, hi)
     logged = {k: v for k, v in queries.charged_by_org_day(client, lo, hi).items() if k[0]}

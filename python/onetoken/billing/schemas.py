@@ -7,6 +7,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from pydantic_core import PydanticCustomError
 
 from onetoken.billing.service import MAX_ENTRY_NANO
+from onetoken.kit.lists import ListOf
 from onetoken.kit.money import MoneyIn, MoneyOut
 from onetoken.kit.text import NOT_BLANK
 
@@ -82,9 +83,7 @@ class CreditResponse(BaseModel):
     balance: MoneyOut
 
 
-class LedgerPage(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[LedgerEntryResponse]
+class LedgerPage(ListOf[LedgerEntryResponse]):
     has_more: bool
 
 
@@ -224,9 +223,7 @@ class OrderResponse(BaseModel):
     instructions: PaymentInstructionsResponse | None = None
 
 
-class OrderList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[OrderResponse]
+class OrderList(ListOf[OrderResponse]): ...
 
 
 class RefundRequest(BaseModel):
@@ -325,9 +322,7 @@ class InvoiceResponse(BaseModel):
     issued_at: datetime | None
 
 
-class InvoiceList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[InvoiceResponse]
+class InvoiceList(ListOf[InvoiceResponse]): ...
 
 
 class CallStatsRow(BaseModel):

@@ -3,15 +3,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import cast
+from datetime import datetime, timedelta
+from typing import NotRequired, TypedDict, Unpack, cast
 
 from sqlalchemy import Table, func, insert, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from onetoken.analytics.queries import EPOCH
 from onetoken.db.models import LedgerEntry, Org
-from onetoken.db.session import bump_revision
+from onetoken.db.session import config_changed
 from onetoken.kit.errors import Conflict, Unprocessable
 
 log = logging.getLogger("onetoken.billing")
@@ -95,42 +96,34 @@ def balances(session: Session) -> dict[str, int]:
     return {org_id: _bounded(total) for org_id, total in rows.items()}
 
 
-def credit(
-    session: Session,
-    org_id: str,
-    *,
-    amount: int,
-    kind: str,
-    idempotency_key: str,
-    memo: str | None = None,
-    created_by: str | None = None,
-) -> tuple[LedgerEntry, bool]:
+class NewEntry(TypedDict):
+    """A non-usage ledger entry as its callers describe it."""
+
+    kind: str
+    amount: int
+    idempotency_key: str
+    memo: NotRequired[str | None]
+    created_by: NotRequired[str | None]
+
+
+def credit(session: Session, org_id: str, **entry: Unpack[NewEntry]) -> tuple[LedgerEntry, bool]:
     """Add a non-usage entry once per idempotency key. Returns (entry, created).
 
     A retried request with the same key returns the first entry; the same key with a
     different amount or kind is a conflict, not a second credit.
     """
+    kind, amount = entry["kind"], entry["amount"]
     if kind != "adjustment" and amount <= 0:
         raise Unprocessable("Amount must be positive for this kind.", param="amount")
     # Keys are scoped per org so one org can neither collide with nor probe another's.
-    scoped = f"credit:{org_id}:{idempotency_key}"
+    scoped = f"credit:{org_id}:{entry['idempotency_key']}"
     existing = _by_key(session, scoped)
     if existing is None:
-        check_entry_bounds(session, org_id, amount, kind)
-        entry = LedgerEntry(
-            org_id=org_id,
-            kind=kind,
-            amount=amount,
-            idempotency_key=scoped,
-            memo=memo or None,
-            created_by=created_by,
-        )
         try:
-            session.add(entry)
-            bump_revision(session)
-            session.flush()
-            log.info("ledger.credit", extra={"org_id": org_id, "kind": kind})
-            return entry, True
+            scoped_entry: NewEntry = {
+                **entry, "idempotency_key": scoped, "memo": entry.get("memo") or None
+            }
+            return _append(session, org_id, scoped_entry, "ledger.credit"), True
         except IntegrityError:
             # A concurrent request with the same key won; the credit is its whole
             # transaction, so rolling back loses nothing else.
@@ -145,6 +138,16 @@ def credit(
             code="idempotency_key_reused",
         )
     return existing, False
+
+
+def _append(session: Session, org_id: str, entry: NewEntry, event: str) -> LedgerEntry:
+    """Insert the entry (within the bounds one entry may move) for the engine's next
+    snapshot, and log `event`."""
+    check_entry_bounds(session, org_id, entry["amount"], entry["kind"])
+    row = LedgerEntry(org_id=org_id, **entry)
+    session.add(row)
+    config_changed(session, log, event, org_id=org_id, kind=entry["kind"])
+    return row
 
 
 def _by_key(session: Session, key: str) -> LedgerEntry | None:
@@ -242,38 +245,18 @@ def record_usage(session: Session, usages: Sequence[Usage]) -> list[Usage]:
 def usage_time(ts_us: int) -> datetime:
     # Integer arithmetic: a float timestamp would round some microseconds away, and the
     # ledger time must fall in the same UTC day/month as the call_log row.
-    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=ts_us)
+    return EPOCH + timedelta(microseconds=ts_us)
 
 
 def post_entry(
-    session: Session,
-    org_id: str,
-    *,
-    kind: str,
-    amount: int,
-    idempotency_key: str,
-    memo: str | None = None,
-    created_by: str | None = None,
+    session: Session, org_id: str, **entry: Unpack[NewEntry]
 ) -> tuple[LedgerEntry, bool]:
     """Append one non-usage entry once per (global) idempotency key, inside the caller's
     transaction; returns (entry, created). The engine sees it after the caller commits."""
-    existing = _by_key(session, idempotency_key)
+    existing = _by_key(session, entry["idempotency_key"])
     if existing is not None:
         return existing, False
-    check_entry_bounds(session, org_id, amount, kind)
-    entry = LedgerEntry(
-        org_id=org_id,
-        kind=kind,
-        amount=amount,
-        idempotency_key=idempotency_key,
-        memo=memo,
-        created_by=created_by,
-    )
-    session.add(entry)
-    bump_revision(session)
-    session.flush()
-    log.info("ledger.entry", extra={"org_id": org_id, "kind": kind})
-    return entry, True
+    return _append(session, org_id, entry, "ledger.entry"), True
 
 
 def _insert_ignoring_duplicates(session: Session):  # type: ignore[no-untyped-def]

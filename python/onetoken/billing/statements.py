@@ -25,7 +25,8 @@ from onetoken.analytics.columns import CALL_LOG_TABLE
 from onetoken.analytics.queries import to_micros
 from onetoken.billing.models import Invoice
 from onetoken.db.models import LedgerEntry, Org, new_id, utcnow
-from onetoken.kit.errors import Conflict, NotFound, Unprocessable
+from onetoken.db.session import get_scoped
+from onetoken.kit.errors import Conflict, Unprocessable
 from onetoken.kit.money import format_amount
 from onetoken.kit.spreadsheet import formula_safe
 
@@ -101,24 +102,36 @@ class Statement:
         return self.ledger_usage - self.call_log_cost
 
 
-def usage_rows(
-    client: Client, org_id: str, start: datetime, end: datetime, group: str
-) -> list[UsageRow]:
-    """call_log per model, key or day for one org over [start, end), one row per request
-    (FINAL)."""
-    expr = GROUPS[group]
+def _per_group(
+    client: Client, org_id: str, start: datetime, end: datetime, group: str, aggregates: str
+) -> Sequence[Sequence[Any]]:
+    """`aggregates` over one org's call_log in [start, end) per model, key or day (FINAL:
+    one row per request), as rows of (group, *aggregates) ordered by group."""
     result = client.query(
-        f"SELECT toString({expr}) AS g, count(), sum(prompt_tokens), sum(completion_tokens), "  # noqa: S608
-        f"sum(cost) FROM {CALL_LOG_TABLE} FINAL "
+        f"SELECT toString({GROUPS[group]}) AS g, {aggregates} "  # noqa: S608 (fixed texts)
+        f"FROM {CALL_LOG_TABLE} FINAL "
         "WHERE org_id = {org:String} "
         "AND ts >= fromUnixTimestamp64Micro({start:Int64}, 'UTC') "
         "AND ts < fromUnixTimestamp64Micro({end:Int64}, 'UTC') "
         "GROUP BY g ORDER BY g",
         parameters={"org": org_id, "start": to_micros(start), "end": to_micros(end)},
     )
+    rows: Sequence[Sequence[Any]] = result.result_rows
+    return rows
+
+
+def usage_rows(
+    client: Client, org_id: str, start: datetime, end: datetime, group: str
+) -> list[UsageRow]:
+    """call_log per model, key or day for one org over [start, end), one row per request
+    (FINAL)."""
+    rows = _per_group(
+        client, org_id, start, end, group,
+        "count(), sum(prompt_tokens), sum(completion_tokens), sum(cost)",
+    )
     return [
         UsageRow(str(g), int(n), int(p), int(c), int(cost))
-        for g, n, p, c, cost in result.result_rows
+        for g, n, p, c, cost in rows
     ]
 
 
@@ -278,10 +291,8 @@ def create_invoice(
 
 def get_invoice(session: Session, org_id: str | None, invoice_id: str) -> Invoice:
     """`org_id` None: an operator, who may act on any org's invoice."""
-    invoice = session.get(Invoice, invoice_id)
-    if invoice is None or (org_id is not None and invoice.org_id != org_id):
-        raise NotFound("Invoice not found.")
-    return invoice
+    orgs = None if org_id is None else (org_id,)
+    return get_scoped(session, Invoice, invoice_id, orgs, "Invoice not found.")
 
 
 def list_invoices(session: Session, org_id: str) -> Sequence[Invoice]:
@@ -368,16 +379,10 @@ def call_stats(
     client: Client, org_id: str, start: datetime, end: datetime, group: str
 ) -> list[dict[str, Any]]:
     """Calls, errors, tokens and cost per model/key/day for one org (call_log, FINAL)."""
-    expr = GROUPS[group]
-    result = client.query(
-        f"SELECT toString({expr}) AS g, count(), countIf(status >= 400), "  # noqa: S608
-        "sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens), sum(cost), "
-        f"quantile(0.5)(latency_us), quantile(0.99)(latency_us) FROM {CALL_LOG_TABLE} FINAL "
-        "WHERE org_id = {org:String} "
-        "AND ts >= fromUnixTimestamp64Micro({start:Int64}, 'UTC') "
-        "AND ts < fromUnixTimestamp64Micro({end:Int64}, 'UTC') "
-        "GROUP BY g ORDER BY g",
-        parameters={"org": org_id, "start": to_micros(start), "end": to_micros(end)},
+    rows = _per_group(
+        client, org_id, start, end, group,
+        "count(), countIf(status >= 400), sum(prompt_tokens), sum(completion_tokens), "
+        "sum(cached_tokens), sum(cost), quantile(0.5)(latency_us), quantile(0.99)(latency_us)",
     )
     return [
         {
@@ -391,5 +396,5 @@ def call_stats(
             "latency_p50_us": int(p50),
             "latency_p99_us": int(p99),
         }
-        for g, n, errs, p, c, cached, cost, p50, p99 in result.result_rows
+        for g, n, errs, p, c, cached, cost, p50, p99 in rows
     ]

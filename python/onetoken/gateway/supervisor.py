@@ -29,6 +29,7 @@ from onetoken.db.session import SessionFactory
 from onetoken.gateway import runner
 from onetoken.gateway.snapshot import SnapshotSource
 from onetoken.kit.crypto import Secrets
+from onetoken.kit.worker import LoopThread
 from onetoken.security.net import networks
 from onetoken.settings import Settings
 
@@ -113,8 +114,7 @@ class ControlRuntime:
         )
         # Due prices and lapsing packages (the ingestor raises the usage events itself).
         self._billing = BillingUpkeep(session_factory)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._upkeep = LoopThread("onetoken-upkeep", self._upkeep_loop)
         self._stopped = False
 
     @property
@@ -124,14 +124,11 @@ class ControlRuntime:
 
     def start(self) -> None:
         self.ingestor.start()
-        self._thread = threading.Thread(
-            target=self._upkeep_loop, name="onetoken-upkeep", daemon=True
-        )
-        self._thread.start()
+        self._upkeep.start()
 
     def _upkeep_loop(self) -> None:
         interval = self.settings.config_watch_interval_ms / 1000
-        while not self._stop.wait(interval):
+        while not self._upkeep.stopping.wait(interval):
             try:
                 self._billing.tick()
             except Exception as exc:
@@ -142,9 +139,7 @@ class ControlRuntime:
         if self._stopped:
             return
         self._stopped = True
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        self._upkeep.stop(timeout=30)
         self.ingestor.stop()
 
 

@@ -44,6 +44,7 @@ from onetoken.ingest.batch import Batch, UsageGroup, from_journal
 from onetoken.ingest.journal import InstanceJournal
 from onetoken.ingest.marks import add_marks
 from onetoken.ingest.models import IngestCursor, IngestMark
+from onetoken.kit.worker import LoopThread
 from onetoken.settings import Settings
 
 log = logging.getLogger("onetoken.ingest")
@@ -119,8 +120,7 @@ class Ingestor:
         # reads that range exactly, so its block and dedup token are the same.
         self._call_log_retry: dict[tuple[str, Position], int] = {}
         self._round = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = LoopThread("onetoken-ingest", self._loop)
         self._stopped = False
 
     @property
@@ -132,14 +132,11 @@ class Ingestor:
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._loop, name="onetoken-ingest", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def _loop(self) -> None:
         interval = self.settings.flush_interval_ms / 1000
-        while not self._stop.wait(interval):
+        while not self._worker.stopping.wait(interval):
             try:
                 self.catch_up()
             except Exception as exc:
@@ -151,10 +148,7 @@ class Ingestor:
         if self._stopped:
             return
         self._stopped = True
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
-            self._thread = None
+        self._worker.stop(timeout=60)
         try:
             self.catch_up()
         except Exception as exc:

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 from pydantic_core import PydanticCustomError
 
+from onetoken.kit.lists import ListOf
 from onetoken.kit.money import MoneyIn, MoneyOut
 from onetoken.kit.text import NOT_BLANK
 
@@ -129,6 +130,4 @@ class KeyRotated(KeyCreated):
     previous_key_expires_at: datetime | None
 
 
-class KeyList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[KeyResponse]
+class KeyList(ListOf[KeyResponse]): ...

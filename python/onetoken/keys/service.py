@@ -13,9 +13,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from onetoken.db.models import Account, ApiKey, new_id, utcnow
-from onetoken.db.session import bump_revision
+from onetoken.db.session import bump_revision, config_changed, get_scoped, list_in_org
 from onetoken.kit.crypto import Secrets, display_id, generate_api_key
-from onetoken.kit.errors import Conflict, Forbidden, NotFound, Unprocessable
+from onetoken.kit.errors import Conflict, Forbidden, Unprocessable
 from onetoken.providers.tables import KeyPolicy
 from onetoken.security import audit
 
@@ -212,9 +212,7 @@ def create_key(
         **{f: (limits or {}).get(f) for f in LIMIT_FIELDS},
     )
     session.add(key)
-    bump_revision(session)
-    session.flush()
-    log.info("key.created", extra={"org_id": org_id, "key_id": key.id, "account_id": created_by})
+    config_changed(session, log, "key.created", org_id=org_id, key_id=key.id, account_id=created_by)
     if actor is not None:
         audit.change(
             actor,
@@ -230,17 +228,11 @@ def create_key(
 
 
 def list_keys(session: Session, org_id: str) -> Sequence[ApiKey]:
-    return session.scalars(
-        select(ApiKey).where(ApiKey.org_id == org_id).order_by(ApiKey.created_at, ApiKey.id)
-    ).all()
+    return list_in_org(session, ApiKey, org_id)
 
 
 def get_key(session: Session, org_id: str, key_id: str) -> ApiKey:
-    key = session.get(ApiKey, key_id)
-    # Keys of other orgs are indistinguishable from keys that do not exist.
-    if key is None or key.org_id != org_id:
-        raise NotFound("API key not found.")
-    return key
+    return get_scoped(session, ApiKey, key_id, (org_id,), "API key not found.")
 
 
 def update_key(
@@ -266,9 +258,7 @@ def update_key(
     if "limits" in changes:
         _set_limits(key, changes["limits"] or {}, actor)
     key.updated_at = utcnow()
-    bump_revision(session)
-    session.flush()
-    log.info("key.updated", extra={"org_id": org_id, "key_id": key.id})
+    config_changed(session, log, "key.updated", org_id=org_id, key_id=key.id)
     if actor is not None:
         after = audit_view(key)
         scope_or_limits = any(
@@ -296,9 +286,7 @@ def revoke_key(session: Session, org_id: str, key_id: str, actor: Any = None) ->
         key.status_set_by = getattr(actor, "account_id", None)
         key.revoked_at = utcnow()
         key.updated_at = key.revoked_at
-        bump_revision(session)
-        session.flush()
-        log.info("key.revoked", extra={"org_id": org_id, "key_id": key.id})
+        config_changed(session, log, "key.revoked", org_id=org_id, key_id=key.id)
         if actor is not None:
             audit.change(actor, "admin.key_revoked", subject_id=key.id, org_id=org_id,
                          before=before, after=audit_view(key))

@@ -24,6 +24,16 @@ class OnetokenError(Exception):
     type: str = "api_error"
     code: str = "internal_error"
 
+    def __init_subclass__(
+        cls, *, status: int | None = None, kind: str | None = None, code: str | None = None
+    ) -> None:
+        """`class NotFound(OnetokenError, status=404, code="not_found")`: the answer's
+        status, error type and default code, each kept from the parent when not given."""
+        super().__init_subclass__()
+        for attr, value in (("status_code", status), ("type", kind), ("code", code)):
+            if value is not None:
+                setattr(cls, attr, value)
+
     def __init__(
         self,
         message: str = "Internal error.",
@@ -38,40 +48,27 @@ class OnetokenError(Exception):
             self.code = code
 
 
-class BadRequest(OnetokenError):
-    status_code = 400
-    type = "invalid_request_error"
-    code = "invalid_request"
+_INVALID = "invalid_request_error"
 
 
-class Unauthorized(OnetokenError):
-    status_code = 401
-    type = "authentication_error"
-    code = "invalid_token"
+class BadRequest(OnetokenError, status=400, kind=_INVALID, code="invalid_request"): ...
 
 
-class Forbidden(OnetokenError):
-    status_code = 403
-    type = "permission_error"
-    code = "permission_denied"
+class Unauthorized(
+    OnetokenError, status=401, kind="authentication_error", code="invalid_token"
+): ...
 
 
-class NotFound(OnetokenError):
-    status_code = 404
-    type = "invalid_request_error"
-    code = "not_found"
+class Forbidden(OnetokenError, status=403, kind="permission_error", code="permission_denied"): ...
 
 
-class Conflict(OnetokenError):
-    status_code = 409
-    type = "invalid_request_error"
-    code = "conflict"
+class NotFound(OnetokenError, status=404, kind=_INVALID, code="not_found"): ...
 
 
-class Unprocessable(OnetokenError):
-    status_code = 422
-    type = "invalid_request_error"
-    code = "invalid_value"
+class Conflict(OnetokenError, status=409, kind=_INVALID, code="conflict"): ...
+
+
+class Unprocessable(OnetokenError, status=422, kind=_INVALID, code="invalid_value"): ...
 
 
 class ErrorDetail(BaseModel):

@@ -14,9 +14,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from onetoken.db.models import Account, utcnow
+from onetoken.db.session import get_scoped, list_in_org
 from onetoken.deps import Principal
 from onetoken.kit.crypto import Secrets
-from onetoken.kit.errors import Conflict, Forbidden, NotFound
+from onetoken.kit.errors import Conflict, Forbidden
 from onetoken.orgs import service
 from onetoken.orgs.auth import check_password_strength, end_sessions
 from onetoken.security import audit
@@ -29,16 +30,11 @@ def snapshot(account: Account) -> dict[str, Any]:
 
 
 def list_accounts(session: Session, org_id: str) -> Sequence[Account]:
-    return session.scalars(
-        select(Account).where(Account.org_id == org_id).order_by(Account.created_at, Account.id)
-    ).all()
+    return list_in_org(session, Account, org_id)
 
 
 def get_account(session: Session, org_id: str, account_id: str) -> Account:
-    account = session.get(Account, account_id)
-    if account is None or account.org_id != org_id:
-        raise NotFound("Account not found.")
-    return account
+    return get_scoped(session, Account, account_id, (org_id,), "Account not found.")
 
 
 def _active_owners(session: Session, org_id: str) -> int:

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints,
 from pydantic.config import JsonDict
 from pydantic_core import PydanticCustomError
 
+from onetoken.kit.lists import ListOf
 from onetoken.kit.text import NOT_BLANK
 from onetoken.orgs.auth import MIN_PASSWORD_LEN
 
@@ -141,9 +142,7 @@ class OrgResponse(BaseModel):
     created_at: datetime
 
 
-class OrgList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[OrgResponse]
+class OrgList(ListOf[OrgResponse]): ...
 
 
 class OrgUpdate(BaseModel):
@@ -214,9 +213,7 @@ class OrgCreated(OrgResponse):
     owner: AccountCreated
 
 
-class AccountList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[AccountResponse]
+class AccountList(ListOf[AccountResponse]): ...
 
 
 class AccountUpdate(BaseModel):

@@ -48,20 +48,14 @@ from onetoken.providers import service
 from onetoken.providers.gateway_schemas import DEFAULT_STRATEGY, Aliases, Routing, Strategy
 from onetoken.providers.presets import apply_preset
 from onetoken.providers.schemas import (
-    ApiVersion,
     BaseUrl,
-    Concurrency,
-    MaxTokens,
-    ModelKind,
-    OptionalLabel,
+    ModelDeployment,
+    ModelHead,
     PresetName,
-    PriceIn,
-    Priority,
     Protocol,
+    ProviderAttributes,
     ProviderName,
-    Tags,
     Timeout,
-    Weight,
 )
 from onetoken.providers.tables import Route
 
@@ -72,24 +66,11 @@ EnvName = Annotated[
 ]
 
 
-class FileModel(BaseModel):
+class FileModel(ModelDeployment, ModelHead):
     model_config = ConfigDict(extra="forbid")
 
-    name: ModelName
-    kind: ModelKind = "chat"
-    upstream_model: ModelName
-    input_price: PriceIn
-    output_price: PriceIn | None = None
-    cached_input_price: PriceIn | None = None
-    request_price: PriceIn | None = None
-    max_output_tokens: MaxTokens | None = None
-    priority: Priority = 0
-    weight: Weight = 1
 
-
-class FileProvider(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class _FileProviderHead(BaseModel):
     name: ProviderName
     preset: PresetName | None = None
     protocol: Protocol | None = None
@@ -98,14 +79,11 @@ class FileProvider(BaseModel):
     connect_timeout_ms: Timeout = 2000
     first_byte_timeout_ms: Timeout = 60000
     idle_timeout_ms: Timeout = 60000
-    api_version: ApiVersion | None = None
-    vendor: OptionalLabel | None = None
-    region: OptionalLabel | None = None
-    retains_content: bool | None = None
-    trains_on_data: bool | None = None
-    zero_retention: bool | None = None
-    tags: Tags | None = None
-    max_concurrency: Concurrency | None = None
+
+
+class FileProvider(ProviderAttributes, _FileProviderHead):
+    model_config = ConfigDict(extra="forbid")
+
     models: Annotated[list[FileModel], Field(max_length=1000)] = Field(default_factory=list)
 
 

@@ -9,7 +9,8 @@ from typing import Annotated, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from onetoken.keys.schemas import ModelName
-from onetoken.providers.schemas import Label
+from onetoken.kit.lists import ListOf
+from onetoken.providers.schemas import CatalogEntry, Label
 
 Labels = Annotated[list[Label], Field(max_length=64)]
 Names = Annotated[list[ModelName], Field(max_length=256)]
@@ -89,21 +90,13 @@ class RouteUpdate(BaseModel):
     aliases: Aliases | None = None
 
 
-class RouteResponse(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: str
-    org_id: str | None
-    scope: Literal["platform", "org"]
-    name: str
+class RouteResponse(CatalogEntry):
     strategy: Strategy
     aliases: list[str]
     managed_by: Literal["api", "file"]
 
 
-class RouteList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[RouteResponse]
+class RouteList(ListOf[RouteResponse]): ...
 
 
 class Routing(BaseModel):

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from onetoken.db.models import Model, new_id
-from onetoken.db.session import bump_revision
+from onetoken.db.session import config_changed, scoped_loader
 from onetoken.keys import service as keys_service
-from onetoken.kit.errors import Conflict, NotFound, Unprocessable
+from onetoken.kit.errors import Conflict, Unprocessable
 from onetoken.providers.gateway_schemas import (
     DEFAULT_STRATEGY,
     Guard,
@@ -20,7 +21,7 @@ from onetoken.providers.gateway_schemas import (
     Policy,
     Routing,
 )
-from onetoken.providers.service import alias_owner, in_scope
+from onetoken.providers.service import alias_owner, in_scope, visible_to
 from onetoken.providers.tables import KeyPolicy, OrgGatewaySettings, Route, RoutingSettings
 
 log = logging.getLogger("onetoken.providers")
@@ -28,63 +29,61 @@ log = logging.getLogger("onetoken.providers")
 # -- org settings ------------------------------------------------------------------------
 
 
-def _org_settings(session: Session, org_id: str, *, create: bool) -> OrgGatewaySettings | None:
-    row = session.get(OrgGatewaySettings, org_id)
-    if row is None and create:
+def _org_settings(session: Session, org_id: str) -> OrgGatewaySettings | None:
+    return session.get(OrgGatewaySettings, org_id)
+
+
+@contextmanager
+def _changing_org_settings(
+    session: Session, org_id: str, event: str, **extra: str
+) -> Iterator[OrgGatewaySettings]:
+    """The org's settings row (created on first change) to change in the `with` body;
+    then the new revision the gateways pick up, and the log line `event`."""
+    row = _org_settings(session, org_id)
+    if row is None:
         row = OrgGatewaySettings(org_id=org_id, guard_mode="off")
         session.add(row)
-    return row
+    yield row
+    config_changed(session, log, event, org_id=org_id, **extra)
 
 
 def get_policy(session: Session, org_id: str) -> Policy:
-    row = _org_settings(session, org_id, create=False)
+    row = _org_settings(session, org_id)
     return Policy.model_validate(row.policy) if row and row.policy else Policy()
 
 
 def set_policy(session: Session, org_id: str, policy: Policy) -> Policy:
-    row = _org_settings(session, org_id, create=True)
-    assert row is not None
-    row.policy = None if policy.is_permissive() else policy.model_dump()
-    bump_revision(session)
-    session.flush()
-    log.info("org.policy_updated", extra={"org_id": org_id})
+    with _changing_org_settings(session, org_id, "org.policy_updated") as row:
+        row.policy = None if policy.is_permissive() else policy.model_dump()
     return policy
 
 
 def get_limits(session: Session, org_id: str) -> OrgLimits:
-    row = _org_settings(session, org_id, create=False)
+    row = _org_settings(session, org_id)
     if row is None:
         return OrgLimits()
     return OrgLimits(rpm=row.rpm, tpm=row.tpm, concurrency=row.concurrency)
 
 
 def set_limits(session: Session, org_id: str, limits: OrgLimits) -> OrgLimits:
-    row = _org_settings(session, org_id, create=True)
-    assert row is not None
-    row.rpm, row.tpm, row.concurrency = limits.rpm, limits.tpm, limits.concurrency
-    bump_revision(session)
-    session.flush()
-    log.info("org.limits_updated", extra={"org_id": org_id})
+    with _changing_org_settings(session, org_id, "org.limits_updated") as row:
+        row.rpm, row.tpm, row.concurrency = limits.rpm, limits.tpm, limits.concurrency
     return limits
 
 
 def get_guard(session: Session, org_id: str) -> Guard:
-    row = _org_settings(session, org_id, create=False)
+    row = _org_settings(session, org_id)
     if row is None:
         return Guard()
     return Guard.model_validate({"mode": row.guard_mode, "categories": row.guard_categories})
 
 
 def set_guard(session: Session, org_id: str, guard: Guard) -> Guard:
-    row = _org_settings(session, org_id, create=True)
-    assert row is not None
-    row.guard_mode = guard.mode
-    row.guard_categories = (
-        None if guard.categories is None else list(dict.fromkeys(guard.categories))
-    )
-    bump_revision(session)
-    session.flush()
-    log.info("org.guard_updated", extra={"org_id": org_id, "kind": guard.mode})
+    with _changing_org_settings(session, org_id, "org.guard_updated", kind=guard.mode) as row:
+        row.guard_mode = guard.mode
+        row.guard_categories = (
+            None if guard.categories is None else list(dict.fromkeys(guard.categories))
+        )
     return get_guard(session, org_id)
 
 
@@ -130,9 +129,7 @@ def set_key_policy(session: Session, org_id: str, key_id: str, policy: Policy) -
         session.add(KeyPolicy(key_id=key_id, policy=policy.model_dump()))
     else:
         row.policy = policy.model_dump()
-    bump_revision(session)
-    session.flush()
-    log.info("key.policy_updated", extra={"org_id": org_id, "key_id": key_id})
+    config_changed(session, log, "key.policy_updated", org_id=org_id, key_id=key_id)
     return policy
 
 
@@ -190,34 +187,18 @@ def create_route(
         managed_by=managed_by,
     )
     session.add(route)
-    bump_revision(session)
-    session.flush()
-    log.info("route.created", extra={"org_id": owner, "kind": strategy})
+    config_changed(session, log, "route.created", org_id=owner, kind=strategy)
     return route
 
 
 def list_routes(session: Session, org_id: str | None) -> Sequence[Route]:
     """The platform's routes and, for an org, its own."""
-    q = select(Route)
-    if org_id is not None:
-        q = q.where((Route.org_id == org_id) | Route.org_id.is_(None))
-    else:
-        q = q.where(Route.org_id.is_(None))
+    q = select(Route).where(visible_to(Route.org_id, org_id))
     return session.scalars(q.order_by(Route.name)).all()
 
 
-def get_route(session: Session, owner: str | None, route_id: str) -> Route:
-    route = session.get(Route, route_id)
-    if route is None or route.org_id != owner:
-        raise NotFound("Route not found.")
-    return route
-
-
-def get_visible_route(session: Session, org_id: str, route_id: str) -> Route:
-    route = session.get(Route, route_id)
-    if route is None or route.org_id not in (org_id, None):
-        raise NotFound("Route not found.")
-    return route
+get_route = scoped_loader(Route, "Route not found.")
+get_visible_route = scoped_loader(Route, "Route not found.", with_platform=True)
 
 
 def update_route(
@@ -229,17 +210,13 @@ def update_route(
         route.aliases = list(changes["aliases"])
     if changes.get("strategy") is not None:
         route.strategy = changes["strategy"]
-    bump_revision(session)
-    session.flush()
-    log.info("route.updated", extra={"org_id": owner})
+    config_changed(session, log, "route.updated", org_id=owner)
     return route
 
 
 def delete_route(session: Session, owner: str | None, route_id: str) -> None:
     session.delete(get_route(session, owner, route_id))
-    bump_revision(session)
-    session.flush()
-    log.info("route.deleted", extra={"org_id": owner})
+    config_changed(session, log, "route.deleted", org_id=owner)
 
 
 def find_route(session: Session, owner: str | None, name: str) -> Route | None:
@@ -263,7 +240,5 @@ def set_routing(session: Session, routing: Routing) -> Routing:
         session.add(row)
     for field, value in routing.model_dump().items():
         setattr(row, field, value)
-    bump_revision(session)
-    session.flush()
-    log.info("routing.updated")
+    config_changed(session, log, "routing.updated")
     return routing

@@ -1,4 +1,5 @@
-"""Presets for common vendors: public base URL, protocol and data-processing attributes.
+"""Presets for common vendors: public base URL, protocol and data-processing attributes,
+listed in presets.toml beside this module.
 
 The attributes are conservative defaults taken from each vendor's public API terms at
 the time of writing (content kept for abuse monitoring counts as retained; a vendor whose
@@ -10,7 +11,9 @@ None of these endpoints is called by the tests.
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import asdict, dataclass, field
+from importlib.resources import files
 from typing import Any
 
 
@@ -37,128 +40,20 @@ class Preset:
         return out
 
 
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in (
-        Preset(
-            name="openai",
-            title="OpenAI",
-            vendor="openai",
-            protocol="openai",
-            base_url="https://api.openai.com/v1",
-            region="us",
-            retains_content=True,
-            trains_on_data=False,
-            tags=("soc2",),
-            credential_env="OPENAI_API_KEY",
-        ),
-        Preset(
-            name="azure-openai",
-            title="Azure OpenAI",
-            vendor="microsoft",
-            protocol="azure",
-            base_url=None,
-            region="",
-            retains_content=True,
-            trains_on_data=False,
-            api_version="2024-10-21",
-            tags=("soc2", "iso27001"),
-            credential_env="AZURE_OPENAI_API_KEY",
-        ),
-        Preset(
-            name="anthropic",
-            title="Anthropic",
-            vendor="anthropic",
-            protocol="anthropic",
-            base_url="https://api.anthropic.com/v1",
-            region="us",
-            retains_content=True,
-            trains_on_data=False,
-            api_version="2023-06-01",
-            tags=("soc2",),
-            credential_env="ANTHROPIC_API_KEY",
-        ),
-        Preset(
-            name="gemini",
-            title="Google Gemini",
-            vendor="google",
-            protocol="gemini",
-            base_url="https://generativelanguage.googleapis.com/v1beta",
-            region="us",
-            retains_content=True,
-            # Paid tier; the free tier's terms allow training.
-            trains_on_data=False,
-            tags=("soc2", "iso27001"),
-            credential_env="GEMINI_API_KEY",
-        ),
-        Preset(
-            name="deepseek",
-            title="DeepSeek",
-            vendor="deepseek",
-            protocol="openai",
-            base_url="https://api.deepseek.com/v1",
-            region="cn-mainland",
-            retains_content=True,
-            trains_on_data=True,
-            credential_env="DEEPSEEK_API_KEY",
-        ),
-        Preset(
-            name="qwen",
-            title="Alibaba Qwen (DashScope)",
-            vendor="alibaba",
-            protocol="openai",
-            base_url="https://dashscope.aliyuncs.com/compatible-mode/v1",
-            region="cn-mainland",
-            retains_content=True,
-            trains_on_data=False,
-            credential_env="DASHSCOPE_API_KEY",
-        ),
-        Preset(
-            name="moonshot",
-            title="Moonshot AI (Kimi)",
-            vendor="moonshot",
-            protocol="openai",
-            base_url="https://api.moonshot.cn/v1",
-            region="cn-mainland",
-            retains_content=True,
-            trains_on_data=True,
-            credential_env="MOONSHOT_API_KEY",
-        ),
-        Preset(
-            name="zhipu",
-            title="Zhipu AI (GLM)",
-            vendor="zhipu",
-            protocol="openai",
-            base_url="https://open.bigmodel.cn/api/paas/v4",
-            region="cn-mainland",
-            retains_content=True,
-            trains_on_data=True,
-            credential_env="ZHIPUAI_API_KEY",
-        ),
-        Preset(
-            name="doubao",
-            title="ByteDance Doubao (Volcano Engine Ark)",
-            vendor="bytedance",
-            protocol="openai",
-            base_url="https://ark.cn-beijing.volces.com/api/v3",
-            region="cn-mainland",
-            retains_content=True,
-            trains_on_data=False,
-            credential_env="ARK_API_KEY",
-        ),
-        Preset(
-            name="minimax",
-            title="MiniMax",
-            vendor="minimax",
-            protocol="openai",
-            base_url="https://api.minimax.chat/v1",
-            region="cn-mainland",
-            retains_content=True,
-            trains_on_data=True,
-            credential_env="MINIMAX_API_KEY",
-        ),
-    )
-}
+def _load() -> dict[str, Preset]:
+    rows = tomllib.loads(files("onetoken.providers").joinpath("presets.toml").read_text())
+    return {
+        name: Preset(
+            name=name,
+            base_url=row.pop("base_url", None),
+            tags=tuple(row.pop("tags", ())),
+            **row,
+        )
+        for name, row in rows.items()
+    }
+
+
+PRESETS: dict[str, Preset] = _load()
 
 # Fields a preset fills in when the provider does not give them.
 PRESET_FIELDS = (

@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 
 from onetoken.keys.schemas import ModelName
 from onetoken.kit.errors import Unprocessable
+from onetoken.kit.lists import ListOf
 from onetoken.kit.money import SCHEMA_IN_NON_NEGATIVE, MoneyIn, MoneyOut
 from onetoken.security.net import networks, url_target_refused
 
@@ -98,12 +99,22 @@ ProviderSecret = Annotated[SecretStr, AfterValidator(_check_secret)]
 Price = MoneyIn
 
 
-class ProviderCreate(BaseModel):
-    """A preset fills in every attribute left out (base URL, protocol, vendor, region,
-    data-processing flags, API version, tags); given fields win."""
+class ProviderAttributes(BaseModel):
+    """What a preset fills in when left out (with the base URL and protocol), and the
+    concurrency cap. A provider body lists these after its own fields: it names this
+    class first among its bases, and pydantic orders fields from the last base on."""
 
-    model_config = ConfigDict(extra="forbid")
+    api_version: ApiVersion | None = None
+    vendor: OptionalLabel | None = None
+    region: OptionalLabel | None = None
+    retains_content: bool | None = None
+    trains_on_data: bool | None = None
+    zero_retention: bool | None = None
+    tags: Tags | None = None
+    max_concurrency: Concurrency | None = None
 
+
+class _NewProvider(BaseModel):
     name: ProviderName
     scope: Scope = "org"
     preset: PresetName | None = None
@@ -113,22 +124,16 @@ class ProviderCreate(BaseModel):
     connect_timeout_ms: Timeout = 2000
     first_byte_timeout_ms: Timeout = 60000
     idle_timeout_ms: Timeout = 60000
-    api_version: ApiVersion | None = None
-    vendor: OptionalLabel | None = None
-    region: OptionalLabel | None = None
-    retains_content: bool | None = None
-    trains_on_data: bool | None = None
-    zero_retention: bool | None = None
-    tags: Tags | None = None
-    max_concurrency: Concurrency | None = None
 
 
-class ProviderUpdate(BaseModel):
-    """Fields left out are unchanged; `"api_key": null` removes the credential,
-    `"max_concurrency": null` / `"api_version": null` clear those."""
+class ProviderCreate(ProviderAttributes, _NewProvider):
+    """A preset fills in every attribute left out (base URL, protocol, vendor, region,
+    data-processing flags, API version, tags); given fields win."""
 
     model_config = ConfigDict(extra="forbid")
 
+
+class _ProviderChange(BaseModel):
     name: ProviderName | None = None
     protocol: Protocol | None = None
     base_url: BaseUrl | None = None
@@ -136,23 +141,28 @@ class ProviderUpdate(BaseModel):
     connect_timeout_ms: Timeout | None = None
     first_byte_timeout_ms: Timeout | None = None
     idle_timeout_ms: Timeout | None = None
-    api_version: ApiVersion | None = None
-    vendor: OptionalLabel | None = None
-    region: OptionalLabel | None = None
-    retains_content: bool | None = None
-    trains_on_data: bool | None = None
-    zero_retention: bool | None = None
-    tags: Tags | None = None
-    max_concurrency: Concurrency | None = None
 
 
-class ProviderResponse(BaseModel):
+class ProviderUpdate(ProviderAttributes, _ProviderChange):
+    """Fields left out are unchanged; `"api_key": null` removes the credential,
+    `"max_concurrency": null` / `"api_version": null` clear those."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class CatalogEntry(BaseModel):
+    """What providers, models and routes answer with first: whose they are (org_id None:
+    the platform's) and their name."""
+
     model_config = ConfigDict(from_attributes=True)
 
     id: str
     org_id: str | None
     scope: Scope
     name: str
+
+
+class ProviderResponse(CatalogEntry):
     preset: str | None
     protocol: Protocol
     base_url: str
@@ -174,9 +184,7 @@ class ProviderResponse(BaseModel):
     created_at: datetime
 
 
-class ProviderList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ProviderResponse]
+class ProviderList(ListOf[ProviderResponse]): ...
 
 
 def _non_negative(value: int) -> int:
@@ -195,16 +203,10 @@ Priority = Annotated[int, Field(ge=-1_000_000, le=1_000_000)]
 Weight = Annotated[int, Field(ge=0, le=1_000_000)]
 
 
-class ModelCreate(BaseModel):
-    """One deployment: a public model name served by one provider. Prices are decimal
-    strings in the deployment currency per million tokens (`request_price` per request).
-    The deployment's scope is its provider's."""
+class ModelDeployment(BaseModel):
+    """Where a model name is served and at what price (see ProviderAttributes for why a
+    body names this class first among its bases)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    name: ModelName
-    kind: ModelKind = "chat"
-    provider_id: str = Field(min_length=1, max_length=32)
     upstream_model: ModelName
     input_price: PriceIn
     output_price: PriceIn | None = None
@@ -213,6 +215,23 @@ class ModelCreate(BaseModel):
     request_price: PriceIn | None = None
     priority: Priority = 0
     weight: Weight = 1
+
+
+class ModelHead(BaseModel):
+    name: ModelName
+    kind: ModelKind = "chat"
+
+
+class _NewModel(ModelHead):
+    provider_id: str = Field(min_length=1, max_length=32)
+
+
+class ModelCreate(ModelDeployment, _NewModel):
+    """One deployment: a public model name served by one provider. Prices are decimal
+    strings in the deployment currency per million tokens (`request_price` per request).
+    The deployment's scope is its provider's."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class ModelUpdate(BaseModel):
@@ -231,13 +250,7 @@ class ModelUpdate(BaseModel):
     weight: Weight | None = None
 
 
-class ModelResponse(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: str
-    org_id: str | None
-    scope: Scope
-    name: str
+class ModelResponse(CatalogEntry):
     kind: ModelKind
     provider_id: str
     upstream_model: str
@@ -252,9 +265,7 @@ class ModelResponse(BaseModel):
     created_at: datetime
 
 
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelResponse]
+class ModelList(ListOf[ModelResponse]): ...
 
 
 class PresetResponse(BaseModel):
@@ -272,6 +283,4 @@ class PresetResponse(BaseModel):
     credential_env: str | None
 
 
-class PresetList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[PresetResponse]
+class PresetList(ListOf[PresetResponse]): ...

@@ -22,9 +22,9 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from onetoken.db.models import Model, Provider, new_id
-from onetoken.db.session import bump_revision
+from onetoken.db.session import config_changed, scoped_loader
 from onetoken.kit.crypto import Secrets
-from onetoken.kit.errors import Conflict, NotFound, Unprocessable
+from onetoken.kit.errors import Conflict, Unprocessable
 from onetoken.providers.presets import PRESETS, apply_preset
 from onetoken.providers.tables import Route
 
@@ -71,6 +71,14 @@ def scope_of(org_id: str | None) -> str:
 def in_scope(column: Any, owner: str | None) -> Any:
     """`column IS NULL` for the platform scope, `column = owner` for an org."""
     return column.is_(None) if owner is None else column == owner
+
+
+def visible_to(column: Any, org_id: str | None, *, include_platform: bool = True) -> Any:
+    """What `org_id` sees: its own rows and, unless told not to, the platform's (None:
+    the platform's only)."""
+    if org_id is None or not include_platform:
+        return in_scope(column, org_id)
+    return or_(column == org_id, column.is_(None))
 
 
 # -- providers ---------------------------------------------------------------------------
@@ -137,12 +145,8 @@ def create_provider(
         managed_by=managed_by,
     )
     session.add(provider)
-    bump_revision(session)
-    session.flush()
-    log.info(
-        "provider.created",
-        extra={"org_id": owner, "provider_id": provider.id, "kind": scope_of(owner)},
-    )
+    ids = {"org_id": owner, "provider_id": provider.id, "kind": scope_of(owner)}
+    config_changed(session, log, "provider.created", **ids)
     return provider
 
 
@@ -150,32 +154,14 @@ def list_providers(
     session: Session, org_id: str | None, *, include_platform: bool = True
 ) -> Sequence[Provider]:
     """The org's private providers, and the platform catalog unless told not to."""
-    cond: Any
-    if org_id is None:
-        cond = Provider.org_id.is_(None)
-    elif include_platform:
-        cond = or_(Provider.org_id == org_id, Provider.org_id.is_(None))
-    else:
-        cond = Provider.org_id == org_id
+    cond = visible_to(Provider.org_id, org_id, include_platform=include_platform)
     return session.scalars(
         select(Provider).where(cond).order_by(Provider.created_at, Provider.id)
     ).all()
 
 
-def get_provider(session: Session, owner: str | None, provider_id: str) -> Provider:
-    """A provider of exactly this scope."""
-    provider = session.get(Provider, provider_id)
-    if provider is None or provider.org_id != owner:
-        raise NotFound("Provider not found.")
-    return provider
-
-
-def get_visible_provider(session: Session, org_id: str, provider_id: str) -> Provider:
-    """A provider the org can see: its own or the platform's."""
-    provider = session.get(Provider, provider_id)
-    if provider is None or provider.org_id not in (org_id, None):
-        raise NotFound("Provider not found.")
-    return provider
+get_provider = scoped_loader(Provider, "Provider not found.")
+get_visible_provider = scoped_loader(Provider, "Provider not found.", with_platform=True)
 
 
 def find_provider_by_name(session: Session, owner: str | None, name: str) -> Provider | None:
@@ -204,9 +190,7 @@ def update_provider(
         api_key = changes["api_key"]
         provider.api_key_encrypted = secrets.encrypt(api_key) if api_key else None
         provider.credential_env = changes.get("credential_env")
-    bump_revision(session)
-    session.flush()
-    log.info("provider.updated", extra={"org_id": owner, "provider_id": provider.id})
+    config_changed(session, log, "provider.updated", org_id=owner, provider_id=provider.id)
     return provider
 
 
@@ -218,9 +202,7 @@ def delete_provider(session: Session, owner: str | None, provider_id: str) -> No
     if in_use:
         raise Conflict("Delete the provider's models first.", code="provider_in_use")
     session.delete(provider)
-    bump_revision(session)
-    session.flush()
-    log.info("provider.deleted", extra={"org_id": owner, "provider_id": provider_id})
+    config_changed(session, log, "provider.deleted", org_id=owner, provider_id=provider_id)
 
 
 # -- names -------------------------------------------------------------------------------
@@ -279,9 +261,7 @@ def create_model(
 ) -> Model:
     provider = get_provider(session, owner, provider_id)
     check_model_name(session, owner, name, kind)
-    if session.scalar(
-        select(Model.id).where(Model.provider_id == provider.id, Model.name == name)
-    ):
+    if session.scalar(select(Model.id).where(Model.provider_id == provider.id, Model.name == name)):
         raise Conflict("This provider already serves a model with this name.", param="name")
     if max_output_tokens is None:
         max_output_tokens = DEFAULT_CHAT_MAX_OUTPUT if kind == "chat" else 0
@@ -303,39 +283,21 @@ def create_model(
         managed_by=managed_by,
     )
     session.add(model)
-    bump_revision(session)
-    session.flush()
-    log.info("model.created", extra={"org_id": owner, "model_id": model.id})
+    config_changed(session, log, "model.created", org_id=owner, model_id=model.id)
     return model
 
 
 def list_models(
     session: Session, org_id: str | None, *, include_platform: bool = True
 ) -> Sequence[Model]:
-    cond: Any
-    if org_id is None:
-        cond = Model.org_id.is_(None)
-    elif include_platform:
-        cond = or_(Model.org_id == org_id, Model.org_id.is_(None))
-    else:
-        cond = Model.org_id == org_id
+    cond = visible_to(Model.org_id, org_id, include_platform=include_platform)
     return session.scalars(
         select(Model).where(cond).order_by(Model.name, Model.priority, Model.id)
     ).all()
 
 
-def get_model(session: Session, owner: str | None, model_id: str) -> Model:
-    model = session.get(Model, model_id)
-    if model is None or model.org_id != owner:
-        raise NotFound("Model not found.")
-    return model
-
-
-def get_visible_model(session: Session, org_id: str, model_id: str) -> Model:
-    model = session.get(Model, model_id)
-    if model is None or model.org_id not in (org_id, None):
-        raise NotFound("Model not found.")
-    return model
+get_model = scoped_loader(Model, "Model not found.")
+get_visible_model = scoped_loader(Model, "Model not found.", with_platform=True)
 
 
 def update_model(
@@ -360,15 +322,11 @@ def update_model(
     for field in _MODEL_FIELDS:
         if changes.get(field) is not None:
             setattr(model, field, changes[field])
-    bump_revision(session)
-    session.flush()
-    log.info("model.updated", extra={"org_id": owner, "model_id": model.id})
+    config_changed(session, log, "model.updated", org_id=owner, model_id=model.id)
     return model
 
 
 def delete_model(session: Session, owner: str | None, model_id: str) -> None:
     model = get_model(session, owner, model_id)
     session.delete(model)
-    bump_revision(session)
-    session.flush()
-    log.info("model.deleted", extra={"org_id": owner, "model_id": model_id})
+    config_changed(session, log, "model.deleted", org_id=owner, model_id=model_id)

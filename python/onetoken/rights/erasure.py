@@ -34,7 +34,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,6 +47,7 @@ from onetoken.db.models import Account, AdminSession, ApiKey, utcnow
 from onetoken.db.session import SessionFactory, bump_revision
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import Conflict, NotFound
+from onetoken.kit.worker import LoopThread
 from onetoken.rights.models import AccountErasure
 from onetoken.security.models import LoginSource, LoginThrottle
 
@@ -420,36 +420,28 @@ class ErasureWorker:
         self._run = run
         self.retry_seconds = retry_seconds
         self.gather_seconds = gather_seconds
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = LoopThread("onetoken-erasure", self._loop)
         self.completed = 0
 
     def notify(self) -> None:
-        self._wake.set()
+        self._worker.wake.set()
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="onetoken-erasure",
-                                            daemon=True)
-            self._thread.start()
+        self._worker.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(timeout=timeout)
+        self._worker.stop(timeout)
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
+        stopping, wake = self._worker.stopping, self._worker.wake
+        while not stopping.is_set():
             try:
                 self.completed += self._run()
             except Exception as exc:
                 log.warning("rights.pending_failed", extra={"exc_type": type(exc).__name__})
-            self._wake.wait(self.retry_seconds)
-            self._wake.clear()
-            if self._stop.wait(self.gather_seconds):
+            wake.wait(self.retry_seconds)
+            wake.clear()
+            if stopping.wait(self.gather_seconds):
                 return
 
 

@@ -42,9 +42,27 @@ from onetoken.security.log import Scalar, SecurityEvent, Severity, record
 from onetoken.security.net import networks
 
 if TYPE_CHECKING:
-    from onetoken.ingest.batch import Batch
+    from onetoken.ingest.batch import Batch, CallGroup
 
 log = logging.getLogger("onetoken.security")
+
+
+def _tally(
+    calls: list[CallGroup], group: Callable[[CallGroup], str], failed: Callable[[CallGroup], bool]
+) -> tuple[Counter[str], Counter[str]]:
+    """Calls and failed calls per group (a key, a provider); calls with no group are left
+    out."""
+    totals: Counter[str] = Counter()
+    failures: Counter[str] = Counter()
+    for c in calls:
+        name = group(c)
+        if not name:
+            continue
+        totals[name] += c.calls
+        if failed(c):
+            failures[name] += c.calls
+    return totals, failures
+
 
 # Codes that say the provider itself is failing: down, too slow (a first-byte timeout or the
 # whole-response deadline, both upstream_timeout), or answering garbage or without bound.
@@ -205,14 +223,7 @@ class Detectors:
         bucket_us = max(1, int(self.s.anomaly_bucket_seconds * 1_000_000))
         bucket = now_us // bucket_us
         alpha = self.s.anomaly_ewma_alpha
-        requests: Counter[str] = Counter()
-        errors: Counter[str] = Counter()
-        for c in batch.calls:
-            if not c.key_id:
-                continue
-            requests[c.key_id] += c.calls
-            if c.status >= 400:
-                errors[c.key_id] += c.calls
+        requests, errors = _tally(batch.calls, lambda c: c.key_id, lambda c: c.status >= 400)
         if len(self._keys) > _MAX_TRACKED:
             self._keys.clear()
         out: list[Detection] = []
@@ -344,14 +355,9 @@ class Detectors:
         return out
 
     def _upstreams(self, now_us: int, batch: Batch) -> list[Detection]:
-        totals: Counter[str] = Counter()
-        failed: Counter[str] = Counter()
-        for c in batch.calls:
-            if not c.provider:
-                continue
-            totals[c.provider] += c.calls
-            if c.error_code in UPSTREAM_FAILURE_CODES:
-                failed[c.provider] += c.calls
+        totals, failed = _tally(
+            batch.calls, lambda c: c.provider, lambda c: c.error_code in UPSTREAM_FAILURE_CODES
+        )
         if not totals:
             return []
         window_us = int(self.s.anomaly_bucket_seconds * 1_000_000)

@@ -38,6 +38,7 @@ from onetoken import __version__
 from onetoken.db.models import new_id, utcnow
 from onetoken.db.session import SessionFactory
 from onetoken.kit.crypto import DecryptionError, Secrets
+from onetoken.kit.worker import LoopThread
 from onetoken.security.net import (
     AddressRefused,
     IpAddress,
@@ -307,9 +308,7 @@ class WebhookDispatcher:
         )
         self._queue: deque[tuple[str, str, dict[str, Scalar]]] = deque()
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = LoopThread("onetoken-webhooks", self._loop)
         self._workers: ThreadPoolExecutor | None = None
         # Endpoint id -> its org, for the attempts running in this process: one per
         # endpoint, at most `_per_org` per org (an org's many slow endpoints cannot take
@@ -325,7 +324,7 @@ class WebhookDispatcher:
     def submit(self, org_id: str, kind: str, data: dict[str, Scalar]) -> None:
         """Queue an event (the worker persists it at once); without a running worker the
         event is persisted in the caller's thread."""
-        if self._thread is None or not self._thread.is_alive():
+        if not self._worker.running:
             self.persist([(org_id, kind, data)])
             return
         with self._lock:
@@ -334,7 +333,7 @@ class WebhookDispatcher:
                 log.error("webhooks.queue_full", extra={"org_id": org_id, "kind": kind})
                 return
             self._queue.append((org_id, kind, data))
-        self._wake.set()
+        self._worker.wake.set()
 
     def persist(self, events: list[tuple[str, str, dict[str, Scalar]]]) -> list[str]:
         """Write one delivery row per subscribed active endpoint; returns delivery ids."""
@@ -348,24 +347,13 @@ class WebhookDispatcher:
                 event_id = new_event_id()
                 body = envelope(event_id, kind, org_id, data).decode()
                 for ep in endpoints:
-                    delivery = WebhookDelivery(
-                        id=new_id("whd"),
-                        endpoint_id=ep.id,
-                        org_id=ep.org_id,
-                        event_id=event_id,
-                        kind=kind,
-                        status="pending",
-                        attempts=0,
-                        next_attempt_at=now,
-                        payload=body,
-                        created_at=now,
-                    )
+                    delivery = _due_delivery(ep, event_id, kind, body, now)
                     session.add(delivery)
                     created.append(delivery.id)
             session.commit()
         self.events_emitted += len(events)
         if created:
-            self._wake.set()
+            self._worker.wake.set()
         return created
 
     def test_delivery(self, session: Session, endpoint: WebhookEndpoint) -> WebhookDelivery:
@@ -376,21 +364,10 @@ class WebhookDispatcher:
 
         event_id = new_event_id()
         body = envelope(event_id, TEST_KIND, endpoint.org_id, {"endpoint_id": endpoint.id})
-        delivery = WebhookDelivery(
-            id=new_id("whd"),
-            endpoint_id=endpoint.id,
-            org_id=endpoint.org_id,
-            event_id=event_id,
-            kind=TEST_KIND,
-            status="pending",
-            attempts=0,
-            next_attempt_at=utcnow(),
-            payload=body.decode(),
-            created_at=utcnow(),
-        )
+        delivery = _due_delivery(endpoint, event_id, TEST_KIND, body.decode(), utcnow())
         session.add(delivery)
         session.commit()
-        self._wake.set()
+        self._worker.wake.set()
         return delivery
 
     # -- delivering ---------------------------------------------------------------------
@@ -501,7 +478,7 @@ class WebhookDispatcher:
         finally:
             with self._lock:
                 self._busy.pop(endpoint_id, None)
-            self._wake.set()
+            self._worker.wake.set()
 
     def _prepare(self, session: Session, delivery_id: str) -> _Job | None:
         """The attempt to make, or None when the delivery ends here (its endpoint was
@@ -581,20 +558,15 @@ class WebhookDispatcher:
     # -- the threads --------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is not None:
+        if self._worker.started:
             return
         self._workers = ThreadPoolExecutor(
             self.settings.webhook_workers, thread_name_prefix="onetoken-webhook-send"
         )
-        self._thread = threading.Thread(target=self._loop, name="onetoken-webhooks", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(timeout=timeout)
+        self._worker.stop(timeout)
         workers, self._workers = self._workers, None
         if workers is not None:
             # Running attempts end by their deadline; nothing else is queued.
@@ -612,10 +584,11 @@ class WebhookDispatcher:
     def _loop(self) -> None:
         interval = self.settings.webhook_poll_interval_seconds
         wait = 0.0
-        while not self._stop.is_set():
-            self._wake.wait(wait)
-            self._wake.clear()
-            if self._stop.is_set():
+        stopping, wake = self._worker.stopping, self._worker.wake
+        while not stopping.is_set():
+            wake.wait(wait)
+            wake.clear()
+            if stopping.is_set():
                 break
             wait = interval
             try:
@@ -657,6 +630,24 @@ def _subscribers(session: Session, org_id: str, kind: str) -> list[WebhookEndpoi
         WebhookEndpoint.org_id == org_id
     )
     return [ep for ep in session.scalars(q) if kind in (ep.kinds or [])]
+
+
+def _due_delivery(
+    endpoint: WebhookEndpoint, event_id: str, kind: str, body: str, now: datetime
+) -> WebhookDelivery:
+    """A pending delivery of one event to one endpoint, due `now`."""
+    return WebhookDelivery(
+        id=new_id("whd"),
+        endpoint_id=endpoint.id,
+        org_id=endpoint.org_id,
+        event_id=event_id,
+        kind=kind,
+        status="pending",
+        attempts=0,
+        next_attempt_at=now,
+        payload=body,
+        created_at=now,
+    )
 
 
 def prepare(kind: str, data: object) -> tuple[str, dict[str, Scalar]]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Mapping
-from typing import Final
+from typing import Final, Literal, get_args
 
 import orjson
 
 from onetoken.kit.crypto import BASE62
 
-EVENT_KINDS: Final[tuple[str, ...]] = (
+EventKind = Literal[
     "balance_low",
     "quota_exhausted",
     "key_risk",
@@ -21,7 +21,8 @@ EVENT_KINDS: Final[tuple[str, ...]] = (
     "attack_blocked",
     "permission_change",
     "system_alarm",
-)
+]
+EVENT_KINDS: Final[tuple[str, ...]] = get_args(EventKind)
 # Sent only by POST /webhooks/{id}/test, to that endpoint, whatever it subscribes to.
 TEST_KIND: Final = "webhook_test"
 

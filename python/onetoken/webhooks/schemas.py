@@ -8,24 +8,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Kind = Literal[
-    "balance_low",
-    "quota_exhausted",
-    "key_risk",
-    "abnormal_login",
-    "abnormal_calls",
-    "frequency_anomaly",
-    "attack_blocked",
-    "permission_change",
-    "system_alarm",
-]
+from onetoken.webhooks.events import EventKind
 
 
 class EndpointCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(min_length=1, max_length=2048)
-    kinds: list[Kind] = Field(min_length=1, max_length=16)
+    kinds: list[EventKind] = Field(min_length=1, max_length=16)
     # Operators only: also receive platform-wide events (system alarms without an org).
     platform: bool = False
 
@@ -34,7 +24,7 @@ class EndpointUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str | None = Field(default=None, min_length=1, max_length=2048)
-    kinds: list[Kind] | None = Field(default=None, min_length=1, max_length=16)
+    kinds: list[EventKind] | None = Field(default=None, min_length=1, max_length=16)
     status: Literal["active", "disabled"] | None = None
 
 

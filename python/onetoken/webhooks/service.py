@@ -16,6 +16,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from onetoken.db.models import new_id, utcnow
+from onetoken.db.session import get_scoped
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import NotFound, Unprocessable
 from onetoken.security.net import IpNetwork, url_target_refused
@@ -118,10 +119,9 @@ def list_endpoints(session: Session, org_id: str) -> list[WebhookEndpoint]:
 
 
 def get_endpoint(session: Session, org_id: str, endpoint_id: str) -> WebhookEndpoint:
-    endpoint = session.get(WebhookEndpoint, endpoint_id)
-    if endpoint is None or endpoint.org_id != org_id:
-        raise NotFound("Callback address not found.")
-    return endpoint
+    return get_scoped(
+        session, WebhookEndpoint, endpoint_id, (org_id,), "Callback address not found."
+    )
 
 
 def update_endpoint(

@@ -1,19 +1,14 @@
 """Accounts (login name, mobile, display name, auth status, operator flag, TOTP, invites)
 and complete API keys (owner, secret version, not-before, allowed IPs, limits, rotation).
-
-Revision ID: 0002_accounts
-Revises: 0001
 """
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
+from onetoken.db.migrations.shapes import at, ref
+
 revision: str = "0002_accounts"
 down_revision: str | None = "0001"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
@@ -21,7 +16,7 @@ def upgrade() -> None:
     # env.py runs migrations with foreign keys off and checks them afterwards.
     with op.batch_alter_table("accounts", schema=None) as batch_op:
         batch_op.add_column(sa.Column("login_name", sa.String(length=64), nullable=True))
-        batch_op.add_column(sa.Column("mobile", sa.String(length=32), nullable=True))
+        batch_op.add_column(ref("mobile", nullable=True))
         batch_op.add_column(
             sa.Column("display_name", sa.String(length=100), nullable=False, server_default="")
         )
@@ -38,11 +33,9 @@ def upgrade() -> None:
         )
         batch_op.add_column(sa.Column("totp_last_step", sa.BigInteger(), nullable=True))
         batch_op.add_column(sa.Column("invite_token_hash", sa.String(length=64), nullable=True))
-        batch_op.add_column(
-            sa.Column("invite_expires_at", sa.DateTime(timezone=True), nullable=True)
-        )
-        batch_op.add_column(sa.Column("last_login_at", sa.DateTime(timezone=True), nullable=True))
-        batch_op.add_column(sa.Column("updated_at", sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(at("invite_expires_at", nullable=True))
+        batch_op.add_column(at("last_login_at", nullable=True))
+        batch_op.add_column(at("updated_at", nullable=True))
         batch_op.alter_column("email", existing_type=sa.String(length=254), nullable=True)
         batch_op.alter_column("password_hash", existing_type=sa.String(length=255), nullable=True)
 
@@ -67,19 +60,19 @@ def upgrade() -> None:
         )
 
     with op.batch_alter_table("api_keys", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("owner_id", sa.String(length=32), nullable=True))
+        batch_op.add_column(ref("owner_id", nullable=True))
         batch_op.add_column(
             sa.Column("secret_version", sa.Integer(), nullable=False, server_default="1")
         )
-        batch_op.add_column(sa.Column("not_before", sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(at("not_before", nullable=True))
         batch_op.add_column(sa.Column("allowed_ips", sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column("rpm", sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column("tpm", sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column("concurrency", sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column("budget_day", sa.BigInteger(), nullable=True))
         batch_op.add_column(sa.Column("budget_month", sa.BigInteger(), nullable=True))
-        batch_op.add_column(sa.Column("rotated_from", sa.String(length=32), nullable=True))
-        batch_op.add_column(sa.Column("updated_at", sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(ref("rotated_from", nullable=True))
+        batch_op.add_column(at("updated_at", nullable=True))
         batch_op.create_index(batch_op.f("ix_api_keys_owner_id"), ["owner_id"], unique=False)
     op.execute("UPDATE api_keys SET owner_id = created_by WHERE owner_id IS NULL")
 
@@ -88,8 +81,17 @@ def downgrade() -> None:
     with op.batch_alter_table("api_keys", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_api_keys_owner_id"))
         for name in (
-            "updated_at", "rotated_from", "budget_month", "budget_day", "concurrency", "tpm",
-            "rpm", "allowed_ips", "not_before", "secret_version", "owner_id",
+            "updated_at",
+            "rotated_from",
+            "budget_month",
+            "budget_day",
+            "concurrency",
+            "tpm",
+            "rpm",
+            "allowed_ips",
+            "not_before",
+            "secret_version",
+            "owner_id",
         ):
             batch_op.drop_column(name)
     op.execute("DELETE FROM accounts WHERE email IS NULL OR password_hash IS NULL")
@@ -100,8 +102,16 @@ def downgrade() -> None:
         batch_op.alter_column("password_hash", existing_type=sa.String(length=255), nullable=False)
         batch_op.alter_column("email", existing_type=sa.String(length=254), nullable=False)
         for name in (
-            "updated_at", "last_login_at", "invite_expires_at", "invite_token_hash",
-            "totp_last_step", "totp_secret_encrypted", "is_operator", "auth_status",
-            "display_name", "mobile", "login_name",
+            "updated_at",
+            "last_login_at",
+            "invite_expires_at",
+            "invite_token_hash",
+            "totp_last_step",
+            "totp_secret_encrypted",
+            "is_operator",
+            "auth_status",
+            "display_name",
+            "mobile",
+            "login_name",
         ):
             batch_op.drop_column(name)

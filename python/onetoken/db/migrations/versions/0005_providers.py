@@ -1,20 +1,16 @@
 """Providers: platform catalog vs org-private entries, data-processing attributes,
 several deployments per model name, org gateway settings, key policies, routes, routing.
-
-Revision ID: 0005_providers
-Revises: 0001
 """
 
-from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
 
+from onetoken.db.migrations.shapes import at, columns_0001, create_table, index, ref
+
 revision: str = "0005_providers"
 down_revision: str | None = "0001"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 # name, type, server default (SQL text), nullable
 _NewColumn = tuple[str, Any, Any, bool]
@@ -47,62 +43,31 @@ def _col(name: str, type_: Any, default: Any, nullable: bool) -> sa.Column[Any]:
 
 
 def _providers_table() -> None:
-    op.create_table(
+    create_table(
         "providers",
-        sa.Column("id", sa.String(length=32), nullable=False),
-        sa.Column("org_id", sa.String(length=32), nullable=True),
-        sa.Column("name", sa.String(length=64), nullable=False),
-        sa.Column("protocol", sa.String(length=16), nullable=False),
-        sa.Column("base_url", sa.String(length=2048), nullable=False),
-        sa.Column("api_key_encrypted", sa.String(length=4096), nullable=True),
-        sa.Column("connect_timeout_ms", sa.Integer(), nullable=False),
-        sa.Column("first_byte_timeout_ms", sa.Integer(), nullable=False),
-        sa.Column("idle_timeout_ms", sa.Integer(), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        *columns_0001("providers", org_nullable=True),
         *(_col(*c) for c in _PROVIDER_NEW),
-        sa.ForeignKeyConstraint(["org_id"], ["orgs.id"], name=op.f("fk_providers_org_id_orgs")),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_providers")),
-        sa.UniqueConstraint("org_id", "name", name="uq_providers_org_name"),
+        refs={"org_id": "orgs"},
+        named_uniques={"uq_providers_org_name": ("org_id", "name")},
+        indexes=("org_id",),
     )
-    op.create_index(op.f("ix_providers_org_id"), "providers", ["org_id"], unique=False)
 
 
 def _models_table() -> None:
-    op.create_table(
+    create_table(
         "models",
-        sa.Column("id", sa.String(length=32), nullable=False),
-        sa.Column("org_id", sa.String(length=32), nullable=True),
-        sa.Column("name", sa.String(length=128), nullable=False),
-        sa.Column("kind", sa.String(length=16), nullable=False),
-        sa.Column("provider_id", sa.String(length=32), nullable=False),
-        sa.Column("upstream_model", sa.String(length=128), nullable=False),
-        sa.Column("input_price", sa.BigInteger(), nullable=False),
-        sa.Column("output_price", sa.BigInteger(), nullable=False),
-        sa.Column("cached_input_price", sa.BigInteger(), nullable=False),
-        sa.Column("max_output_tokens", sa.Integer(), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        *columns_0001("models", org_nullable=True),
         *(_col(*c) for c in _MODEL_NEW),
-        sa.CheckConstraint("kind IN ('chat','embedding')", name=op.f("ck_models_kind")),
-        sa.ForeignKeyConstraint(["org_id"], ["orgs.id"], name=op.f("fk_models_org_id_orgs")),
-        sa.ForeignKeyConstraint(
-            ["provider_id"], ["providers.id"], name=op.f("fk_models_provider_id_providers")
-        ),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_models")),
-        sa.UniqueConstraint("provider_id", "name", name="uq_models_provider_name"),
+        checks={"kind": "kind IN ('chat','embedding')"},
+        refs={"org_id": "orgs", "provider_id": "providers"},
+        named_uniques={"uq_models_provider_name": ("provider_id", "name")},
+        indexes=("org_id", "provider_id", "name"),
     )
-    op.create_index(op.f("ix_models_org_id"), "models", ["org_id"], unique=False)
-    op.create_index(op.f("ix_models_provider_id"), "models", ["provider_id"], unique=False)
-    op.create_index(op.f("ix_models_name"), "models", ["name"], unique=False)
 
 
-_OLD_PROVIDER_COLS = (
-    "id, org_id, name, protocol, base_url, api_key_encrypted, connect_timeout_ms, "
-    "first_byte_timeout_ms, idle_timeout_ms, created_at"
-)
-_OLD_MODEL_COLS = (
-    "id, org_id, name, kind, provider_id, upstream_model, input_price, output_price, "
-    "cached_input_price, max_output_tokens, created_at"
-)
+# What 0001 created, copied over as it is.
+_OLD_PROVIDER_COLS = ", ".join(c.name for c in columns_0001("providers", org_nullable=False))
+_OLD_MODEL_COLS = ", ".join(c.name for c in columns_0001("models", org_nullable=False))
 
 
 def _rebuild_sqlite() -> None:
@@ -112,8 +77,8 @@ def _rebuild_sqlite() -> None:
     moves the references along; the old tables are dropped child first."""
     op.rename_table("providers", "_providers_old")
     op.rename_table("models", "_models_old")
-    for index in ("ix_providers_org_id", "ix_models_org_id", "ix_models_provider_id"):
-        op.execute(f"DROP INDEX IF EXISTS {index}")
+    for name in ("ix_providers_org_id", "ix_models_org_id", "ix_models_provider_id"):
+        op.execute(f"DROP INDEX IF EXISTS {name}")
     _providers_table()
     _models_table()
     op.execute(
@@ -137,7 +102,7 @@ def _alter_in_place() -> None:
     for c in _MODEL_NEW:
         op.add_column("models", _col(*c))
     op.create_unique_constraint("uq_models_provider_name", "models", ["provider_id", "name"])
-    op.create_index(op.f("ix_models_name"), "models", ["name"], unique=False)
+    index("models", "name")
 
 
 def upgrade() -> None:
@@ -146,46 +111,41 @@ def upgrade() -> None:
     else:
         _alter_in_place()
 
-    op.create_table(
+    create_table(
         "org_gateway_settings",
-        sa.Column("org_id", sa.String(length=32), nullable=False),
+        ref("org_id"),
         sa.Column("policy", sa.JSON(), nullable=True),
         sa.Column("rpm", sa.Integer(), nullable=True),
         sa.Column("tpm", sa.Integer(), nullable=True),
         sa.Column("concurrency", sa.Integer(), nullable=True),
         sa.Column("guard_mode", sa.String(length=8), nullable=False),
         sa.Column("guard_categories", sa.JSON(), nullable=True),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["org_id"], ["orgs.id"], name=op.f("fk_org_gateway_settings_org_id_orgs")
-        ),
-        sa.PrimaryKeyConstraint("org_id", name=op.f("pk_org_gateway_settings")),
+        at("updated_at"),
+        key=("org_id",),
+        refs={"org_id": "orgs"},
     )
-    op.create_table(
+    create_table(
         "key_policies",
-        sa.Column("key_id", sa.String(length=32), nullable=False),
+        ref("key_id"),
         sa.Column("policy", sa.JSON(), nullable=False),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["key_id"], ["api_keys.id"], name=op.f("fk_key_policies_key_id_api_keys")
-        ),
-        sa.PrimaryKeyConstraint("key_id", name=op.f("pk_key_policies")),
+        at("updated_at"),
+        key=("key_id",),
+        refs={"key_id": "api_keys"},
     )
-    op.create_table(
+    create_table(
         "routes",
-        sa.Column("id", sa.String(length=32), nullable=False),
-        sa.Column("org_id", sa.String(length=32), nullable=True),
+        ref("id"),
+        ref("org_id", nullable=True),
         sa.Column("name", sa.String(length=128), nullable=False),
         sa.Column("strategy", sa.String(length=16), nullable=False),
         sa.Column("aliases", sa.JSON(), nullable=False),
         sa.Column("managed_by", sa.String(length=8), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(["org_id"], ["orgs.id"], name=op.f("fk_routes_org_id_orgs")),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_routes")),
-        sa.UniqueConstraint("name", name=op.f("uq_routes_name")),
+        at("created_at"),
+        refs={"org_id": "orgs"},
+        uniques=("name",),
+        indexes=("org_id",),
     )
-    op.create_index(op.f("ix_routes_org_id"), "routes", ["org_id"], unique=False)
-    op.create_table(
+    create_table(
         "routing_settings",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("max_attempts", sa.Integer(), nullable=False),
@@ -193,7 +153,6 @@ def upgrade() -> None:
         sa.Column("backoff_ms", sa.Integer(), nullable=False),
         sa.Column("breaker_failures", sa.Integer(), nullable=False),
         sa.Column("breaker_open_ms", sa.Integer(), nullable=False),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_routing_settings")),
     )
 
 

@@ -1,7 +1,5 @@
 """Join the per-domain branches (accounts, security, billing, providers, webhooks,
 rights) into one head, so later migrations have a single parent.
-
-Revision ID: 0008_merge_domains
 """
 
 from __future__ import annotations
@@ -15,8 +13,6 @@ down_revision: tuple[str, ...] = (
     "0006_webhooks",
     "0007_rights",
 )
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

@@ -7,41 +7,36 @@
   journal, as (segment, byte offset); the ledger's moves in the transaction of its entries.
 - ingest_marks: per engine instance, the cost ingested from it per org and per key (the
   snapshot's spent marks for that instance), moved in the same transaction.
-
-Revision ID: 0011_ingest
-Revises: 0010_key_scope_setter
 """
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
+from onetoken.db.migrations.shapes import create_table, ref
+
 revision: str = "0011_ingest"
 down_revision: str | None = "0010_key_scope_setter"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
     with op.batch_alter_table("ledger_entries") as batch:
         batch.add_column(sa.Column("calls", sa.Integer(), nullable=False, server_default="0"))
     op.execute("UPDATE ledger_entries SET calls = 1 WHERE kind = 'usage'")
-    op.create_table(
+    create_table(
         "ingest_cursors",
         sa.Column("consumer", sa.String(length=16), nullable=False),
         sa.Column("instance_id", sa.String(length=64), nullable=False),
         sa.Column("segment", sa.BigInteger(), nullable=False),
         sa.Column("byte_offset", sa.BigInteger(), nullable=False),
-        sa.PrimaryKeyConstraint("consumer", "instance_id", name="pk_ingest_cursors"),
+        key=("consumer", "instance_id"),
     )
-    op.create_table(
+    create_table(
         "ingest_marks",
         sa.Column("instance_id", sa.String(length=64), nullable=False),
         sa.Column("scope", sa.String(length=8), nullable=False),
-        sa.Column("subject_id", sa.String(length=32), nullable=False),
+        ref("subject_id"),
         sa.Column("amount", sa.BigInteger(), nullable=False),
-        sa.PrimaryKeyConstraint("instance_id", "scope", "subject_id", name="pk_ingest_marks"),
+        key=("instance_id", "scope", "subject_id"),
     )
 
 
