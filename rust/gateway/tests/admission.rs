@@ -2,12 +2,12 @@
 //! price factors, rate/token/concurrency limits and budgets, through a real engine.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+mod harness;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use harness::*;
 use onetoken_gateway::billing::{usage_cost_at, Prices, Usage};
 use onetoken_gateway::{Engine, EngineConfig};
 use serde_json::{json, Value};
@@ -45,12 +45,12 @@ fn key_mut<'a>(snap: &'a mut Value, key_id: &str) -> &'a mut Value {
 }
 
 /// A harness whose first snapshot is the standard one with `patch` applied.
-fn start_with(patch: impl FnOnce(&mut Value)) -> Harness {
-    Harness::custom(|_| {}, patch)
+fn start_with(patch: impl FnOnce(&mut Value)) -> Gateway {
+    Gateway::custom(|_| {}, patch)
 }
 
-fn reload(h: &Harness, version: u64, patch: impl FnOnce(&mut Value)) {
-    let mut snap = snapshot(version, h.upstream.addr, 100_000_000_000);
+fn reload(h: &Gateway, version: u64, patch: impl FnOnce(&mut Value)) {
+    let mut snap = spec_snapshot(version, h.upstream().addr, 100_000_000_000);
     patch(&mut snap);
     assert_eq!(
         h.engine.load_snapshot(snap.to_string().as_bytes()).unwrap(),
@@ -73,8 +73,8 @@ async fn blocked_sources_are_refused_before_authentication() {
     assert!(recs
         .iter()
         .all(|r| r.error_code == "ip_blocked" && r.key_id.is_empty() && r.status == 403));
-    assert_eq!(h.upstream.requests(), 0);
-    assert_no_canary(&h, &recs, &[&r, &no_key]);
+    assert_eq!(h.upstream().requests(), 0);
+    h.assert_no_canary(&recs, &[&r, &no_key]);
 
     // An expired block no longer applies; an unrelated one never did.
     reload(&h, 2, |s| {
@@ -101,7 +101,7 @@ async fn a_source_blocked_for_failing_auth_keeps_its_valid_keys() {
         assert_eq!(r.status, 403);
         assert_eq!(r.json()["error"]["code"], "ip_blocked");
     }
-    assert_eq!(h.upstream.requests(), 1);
+    assert_eq!(h.upstream().requests(), 1);
     // Elsewhere an unknown key is the usual 401.
     reload(&h, 2, |s| {
         s["blocked_ips"] = json!([
@@ -129,8 +129,8 @@ async fn key_source_ip_scope() {
     assert_eq!(recs[0].org_id, "org_rich");
     assert_eq!(recs[0].source_ip, "127.0.0.1");
     assert_eq!(recs[0].error_code, "key_ip_not_allowed");
-    assert_eq!(h.upstream.requests(), 0);
-    assert_no_canary(&h, &recs, &[&r]);
+    assert_eq!(h.upstream().requests(), 0);
+    h.assert_no_canary(&recs, &[&r]);
 
     // Inside its scope, the key passes admission (then fails on balance, a later phase).
     let poor = post(h.addr, CHAT, Some("ot-poor"), chat("hi", json!({}))).await;
@@ -156,7 +156,7 @@ async fn not_before_refuses_until_the_time() {
     assert_eq!(ok.status, 200);
     h.wait_records(2).await;
     let recs = h.records();
-    assert_no_canary(&h, &recs, &[&r]);
+    h.assert_no_canary(&recs, &[&r]);
 }
 
 const NEW_SECRET: &str = "1111111111111111111111111111111111111111111111111111111111111111";
@@ -170,7 +170,7 @@ async fn secret_rotation_accepts_each_key_under_its_own_version_only() {
         c["previous_key_hash_secrets"] = json!([{"version": 1, "secret_hex": SECRET_HEX}]);
     };
     let new_hash = |k: &str| onetoken_gateway::hash_key(&hex::decode(NEW_SECRET).unwrap(), k);
-    let h = Harness::custom(rotated, |s| {
+    let h = Gateway::custom(rotated, |s| {
         // key_good: hashed under the old secret, version 1 (the default).
         // key_poor: re-issued under the new secret.
         let poor = key_mut(s, "key_poor");
@@ -275,7 +275,7 @@ async fn rpm_limit_refuses_with_headers_and_records_limited() {
     assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "0");
     assert!(header(&r, "x-ratelimit-reset-requests").ends_with('s'));
     assert!(r.headers.get("x-ratelimit-limit-tokens").is_none());
-    assert_eq!(h.upstream.requests(), 3);
+    assert_eq!(h.upstream().requests(), 3);
     h.wait_records(4).await;
     let recs = h.records();
     assert_eq!(
@@ -291,7 +291,7 @@ async fn rpm_limit_refuses_with_headers_and_records_limited() {
         .org_spend()
         .iter()
         .all(|(_, _, reserved)| *reserved == 0));
-    assert_no_canary(&h, &recs, &[&r]);
+    h.assert_no_canary(&recs, &[&r]);
     // Another key of the same org is not affected.
     let other = post(
         h.addr,
@@ -413,7 +413,7 @@ async fn concurrency_limit_counts_open_streams_and_frees_on_end() {
     h.wait_records(4).await;
     let recs = h.records();
     assert_eq!(recs.iter().filter(|r| r.rate_limit == "limited").count(), 1);
-    assert_no_canary(&h, &recs, &[&r]);
+    h.assert_no_canary(&recs, &[&r]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -456,7 +456,7 @@ async fn concurrent_clients_never_exceed_rpm_or_concurrency() {
         .keys()
         .all(|k| ["ok", "rate_limited", "concurrency_limited"].contains(&k.as_str())));
     assert!(by_code.contains_key("concurrency_limited"), "{by_code:?}");
-    assert_eq!(h.upstream.requests() as usize, ok);
+    assert_eq!(h.upstream().requests() as usize, ok);
     h.wait_records(60).await;
     let recs = h.records();
     assert_eq!(
@@ -560,7 +560,7 @@ async fn budgets_refuse_with_retry_after_until_the_period_resets() {
     h.wait_records(2).await;
     let recs = h.records();
     assert_eq!(recs[0].rate_limit, "limited");
-    assert_no_canary(&h, &recs, &[&r]);
+    h.assert_no_canary(&recs, &[&r]);
 
     // A usage from an earlier day is stale: only the engine's own spend since the day
     // changed counts (the ledger's 999_999_999 of yesterday does not).
@@ -664,7 +664,7 @@ fn full_contract_snapshot_loads_with_every_admission_field() {
 /// out, and the revocation and org disable that arrive in the same snapshot still apply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_entry_does_not_hold_back_a_revocation() {
-    let h = Harness::start();
+    let h = Gateway::start();
     assert_eq!(
         post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({})))
             .await
@@ -723,7 +723,7 @@ async fn guard_block_names_only_the_categories() {
     let embed = json!({"model": "demo-embed", "input": [text]});
     let e = post(h.addr, "/v1/embeddings", Some("ot-embed-only"), embed).await;
     assert_eq!(e.json()["error"]["code"], "sensitive_content_blocked");
-    assert_eq!(h.upstream.requests(), 0);
+    assert_eq!(h.upstream().requests(), 0);
     // Clean text passes.
     let ok = post(
         h.addr,
@@ -744,7 +744,7 @@ async fn guard_block_names_only_the_categories() {
         recs.iter().all(|r| r.guard_flags.is_empty()),
         "blocked: the error says it"
     );
-    assert_no_canary(&h, &recs, &[&r, &e]);
+    h.assert_no_canary(&recs, &[&r, &e]);
     // A blocked request held nothing.
     assert!(h
         .engine
@@ -761,12 +761,12 @@ async fn guard_flag_forwards_and_scans_only_the_chosen_categories() {
     let text = format!("{CANARY} {CARD} {PHONE}");
     let r = post(h.addr, CHAT, Some("ot-good"), chat(&text, json!({}))).await;
     assert_eq!(r.status, 200, "flag mode forwards");
-    assert_eq!(h.upstream.requests(), 1);
+    assert_eq!(h.upstream().requests(), 1);
     h.wait_records(1).await;
     let recs = h.records();
     assert_eq!(recs[0].error_code, "");
     assert_eq!(recs[0].guard_flags, "phone:1", "the card was not asked for");
-    assert_no_canary(&h, &recs, &[&r]);
+    h.assert_no_canary(&recs, &[&r]);
     for rec in &recs {
         let line = serde_json::to_string(rec).unwrap();
         assert!(!line.contains("4111") && !line.contains(PHONE), "{line}");
@@ -778,7 +778,7 @@ async fn guard_flag_forwards_and_scans_only_the_chosen_categories() {
 /// `/v1/messages`), no value from the request echoed, nothing forwarded or held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_are_refused_before_anything_is_reserved_or_sent() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let user = json!([{"role": "user", "content": CANARY}]);
     let cases: Vec<(&str, Value, &str)> = vec![
         (CHAT, json!({"model": "demo-chat"}), "messages"),
@@ -878,7 +878,7 @@ async fn malformed_requests_are_refused_before_anything_is_reserved_or_sent() {
         }
         replies.push(r);
     }
-    assert_eq!(h.upstream.requests(), 0, "nothing was forwarded");
+    assert_eq!(h.upstream().requests(), 0, "nothing was forwarded");
     assert!(h
         .engine
         .org_spend()
@@ -889,7 +889,7 @@ async fn malformed_requests_are_refused_before_anything_is_reserved_or_sent() {
     assert!(records
         .iter()
         .all(|r| r.status == 400 && r.error_code == "invalid_request" && r.cost == 0));
-    assert_no_canary(&h, &records, &replies.iter().collect::<Vec<_>>());
+    h.assert_no_canary(&records, &replies.iter().collect::<Vec<_>>());
 }
 
 /// `n` choices are reserved as n outputs, and the output cap the reservation assumed is
@@ -897,14 +897,14 @@ async fn malformed_requests_are_refused_before_anything_is_reserved_or_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn n_choices_are_reserved_and_the_output_cap_is_forwarded() {
     // demo-chat: 4096 output tokens at 1.5e9/M = 6_144_000 per choice.
-    let h = Harness::with_balance(10_000_000);
+    let h = Gateway::with_balance(10_000_000);
     let r = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({"n": 8}))).await;
     assert_eq!(r.status, 402, "8 choices do not fit: {}", r.text());
-    assert_eq!(h.upstream.requests(), 0);
+    assert_eq!(h.upstream().requests(), 0);
 
     let r = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
     assert_eq!(r.status, 200);
-    let sent = h.upstream.state.last_body.lock().clone().unwrap();
+    let sent = h.upstream().state.last_body.lock().clone().unwrap();
     assert_eq!(sent["max_completion_tokens"], 4096);
     assert!(sent.get("max_tokens").is_none());
 
@@ -916,7 +916,7 @@ async fn n_choices_are_reserved_and_the_output_cap_is_forwarded() {
     )
     .await;
     assert_eq!(r.status, 200);
-    let sent = h.upstream.state.last_body.lock().clone().unwrap();
+    let sent = h.upstream().state.last_body.lock().clone().unwrap();
     assert_eq!(
         sent["max_tokens"], 4096,
         "capped at the deployment's output cap"
@@ -931,7 +931,7 @@ async fn n_choices_are_reserved_and_the_output_cap_is_forwarded() {
     )
     .await;
     assert_eq!(r.status, 200);
-    let sent = h.upstream.state.last_body.lock().clone().unwrap();
+    let sent = h.upstream().state.last_body.lock().clone().unwrap();
     assert_eq!(
         (sent["n"].clone(), sent["max_tokens"].clone()),
         (json!(2), json!(10))
@@ -942,7 +942,7 @@ async fn n_choices_are_reserved_and_the_output_cap_is_forwarded() {
 /// refused first thing: 508 `loop_detected`, recorded with that code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relayed_request_is_refused_with_loop_detected() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let mut req = request(
         "POST",
         CHAT,
@@ -955,7 +955,7 @@ async fn a_relayed_request_is_refused_with_loop_detected() {
     assert_eq!(r.status, 508);
     assert_eq!(r.json()["error"]["code"], "loop_detected");
     assert_eq!(r.json()["error"]["type"], "invalid_request_error");
-    assert_eq!(h.upstream.requests(), 0);
+    assert_eq!(h.upstream().requests(), 0);
     let records = h.records();
     assert_eq!(records.len(), 1);
     assert_eq!(
@@ -969,7 +969,7 @@ async fn a_relayed_request_is_refused_with_loop_detected() {
 /// error, and nothing recurses (two records in all, one upstream attempt).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_pointing_back_at_the_gateway_stops_at_the_second_hop() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let gateway = h.addr;
     reload(&h, 2, |s| {
         s["providers"].as_array_mut().unwrap().push(json!({

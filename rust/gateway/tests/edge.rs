@@ -3,7 +3,7 @@
 //! behind a proxy, and how much it holds of a misbehaving upstream's answer.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+mod harness;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use harness::*;
 use onetoken_gateway::{Engine, EngineConfig, Resolve};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -63,7 +63,7 @@ async fn chat_status(addr: SocketAddr) -> Reply {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn org_provider_on_loopback_is_refused_before_connect() {
-    let h = Harness::custom(
+    let h = Gateway::custom(
         |_| {},
         |s| {
             let url = format!(
@@ -82,7 +82,7 @@ async fn org_provider_on_loopback_is_refused_before_connect() {
     assert_eq!(r.json()["error"]["code"], "upstream_address_refused");
     assert_eq!(r.json()["error"]["type"], "upstream_error");
     assert_eq!(
-        h.upstream.requests(),
+        h.upstream().requests(),
         0,
         "nothing reached the loopback upstream"
     );
@@ -101,25 +101,25 @@ async fn org_provider_on_loopback_is_refused_before_connect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn platform_provider_reaches_loopback_only_inside_the_allow_list() {
     // The spec harness allows 127.0.0.0/8 for platform providers.
-    let allowed = Harness::start();
+    let allowed = Gateway::start();
     assert_eq!(chat_status(allowed.addr).await.status, 200);
 
-    let none = Harness::custom(|c| c["upstream_private_cidrs"] = json!([]), |_| {});
+    let none = Gateway::custom(|c| c["upstream_private_cidrs"] = json!([]), |_| {});
     let r = chat_status(none.addr).await;
     assert_eq!(r.status, 502);
     assert_eq!(r.json()["error"]["code"], "upstream_address_refused");
-    assert_eq!(none.upstream.requests(), 0);
+    assert_eq!(none.upstream().requests(), 0);
 
     // An allow-list elsewhere does not open loopback either.
-    let other = Harness::custom(
+    let other = Gateway::custom(
         |c| c["upstream_private_cidrs"] = json!(["10.0.0.0/8"]),
         |_| {},
     );
     assert_eq!(chat_status(other.addr).await.status, 502);
-    assert_eq!(other.upstream.requests(), 0);
+    assert_eq!(other.upstream().requests(), 0);
 
     // IPv4-mapped IPv6 literal of loopback is loopback.
-    let mapped = Harness::custom(
+    let mapped = Gateway::custom(
         |c| c["upstream_private_cidrs"] = json!([]),
         |s| {
             let port = s["providers"][0]["base_url"]
@@ -176,7 +176,7 @@ async fn names_resolving_to_internal_addresses_are_refused() {
     let mut version = 0;
     let mut serve = |host: &str, org: Option<&str>| {
         version += 1;
-        let mut snap = snapshot(version, upstream.addr, 100_000_000_000);
+        let mut snap = spec_snapshot(version, upstream.addr, 100_000_000_000);
         provider_at(&mut snap, &format!("http://{host}:{port}/v1"), org);
         engine.load_snapshot(snap.to_string().as_bytes()).unwrap();
     };
@@ -226,7 +226,7 @@ fn body_of(resp: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_get_431_in_the_openai_shape() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let big = "a".repeat(64 * 1024);
     let req = format!(
         "POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ot-good\r\nX-Pad: {big}\r\nContent-Length: 2\r\n\r\n{{}}"
@@ -240,7 +240,7 @@ async fn oversized_headers_get_431_in_the_openai_shape() {
     let body = body_of(&resp);
     assert_eq!(body["error"]["code"], "headers_too_large");
     assert!(!resp.contains("aaaa"), "the header is not echoed");
-    assert_eq!(h.upstream.requests(), 0);
+    assert_eq!(h.upstream().requests(), 0);
 
     // Just under the cap is served.
     let fits = "a".repeat(30 * 1024);
@@ -258,7 +258,7 @@ async fn oversized_headers_get_431_in_the_openai_shape() {
 /// closed after the response so bytes after the chunked body are never a request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_length_with_transfer_encoding_reads_chunked_and_closes() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let body = chat("hi", json!({})).to_string();
     let smuggled = "GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ot-good\r\n\r\n";
     let req = format!(
@@ -273,7 +273,7 @@ async fn content_length_with_transfer_encoding_reads_chunked_and_closes() {
         1,
         "the smuggled request was answered: {resp}"
     );
-    assert_eq!(h.upstream.requests(), 1);
+    assert_eq!(h.upstream().requests(), 1);
     assert_eq!(h.records().len(), 1);
 }
 
@@ -294,7 +294,7 @@ async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_loris_is_closed_after_the_header_timeout() {
-    let h = Harness::custom(|c| c["header_read_timeout_ms"] = json!(500), |_| {});
+    let h = Gateway::custom(|c| c["header_read_timeout_ms"] = json!(500), |_| {});
     // A head that trickles in a byte at a time never completes in time.
     let mut drip = TcpStream::connect(h.addr).await.unwrap();
     let started = Instant::now();
@@ -332,7 +332,7 @@ async fn slow_loris_is_closed_after_the_header_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_http2_connection_is_closed_after_the_idle_timeout() {
-    let h = Harness::custom(|c| c["idle_timeout_ms"] = json!(400), |_| {});
+    let h = Gateway::custom(|c| c["idle_timeout_ms"] = json!(400), |_| {});
     let stream = TcpStream::connect(h.addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -355,7 +355,7 @@ async fn idle_http2_connection_is_closed_after_the_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_cap_are_closed_on_accept() {
-    let h = Harness::custom(|c| c["max_connections"] = json!(3), |_| {});
+    let h = Gateway::custom(|c| c["max_connections"] = json!(3), |_| {});
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(TcpStream::connect(h.addr).await.unwrap());
@@ -420,7 +420,7 @@ fn hold_idle_connections_child() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_idle_connections_hold_bounded_memory() {
     use std::io::BufRead;
-    let h = Harness::custom(|_| {}, |_| {});
+    let h = Gateway::custom(|_| {}, |_| {});
     assert_eq!(chat_status(h.addr).await.status, 200);
     let before = rss_bytes();
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
@@ -486,7 +486,7 @@ async fn ten_thousand_idle_connections_hold_bounded_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
     // Trusting 10/8 only: the test client (127.0.0.1) is not a trusted proxy.
-    let h = Harness::custom(
+    let h = Gateway::custom(
         |c| c["trusted_proxies"] = json!(["10.0.0.0/8"]),
         |s| s["blocked_ips"] = json!([{"cidr": "127.0.0.1", "until": 4_000_000_000i64}]),
     );
@@ -509,7 +509,7 @@ async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_from_a_trusted_proxy_names_the_client() {
-    let h = Harness::custom(
+    let h = Gateway::custom(
         |c| c["trusted_proxies"] = json!(["127.0.0.0/8", "10.0.0.0/8"]),
         |s| s["blocked_ips"] = json!([{"cidr": "198.51.100.0/24", "until": 4_000_000_000i64}]),
     );
@@ -546,7 +546,7 @@ fn proxy_v2(src: [u8; 4], port: u16) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_v2_names_the_client_for_a_trusted_balancer() {
-    let h = Harness::custom(
+    let h = Gateway::custom(
         |c| {
             c["proxy_protocol"] = json!(true);
             c["trusted_proxies"] = json!(["127.0.0.0/8"]);
@@ -579,7 +579,7 @@ async fn proxy_protocol_v2_names_the_client_for_a_trusted_balancer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_from_an_untrusted_peer_is_ignored() {
-    let h = Harness::custom(
+    let h = Gateway::custom(
         |c| {
             c["proxy_protocol"] = json!(true);
             c["trusted_proxies"] = json!(["10.0.0.0/8"]);
@@ -604,7 +604,7 @@ async fn proxy_protocol_from_an_untrusted_peer_is_ignored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endless_sse_event_ends_the_stream_at_the_frame_cap() {
-    let h = Harness::custom(|c| c["max_upstream_event_bytes"] = json!(64 * 1024), |_| {});
+    let h = Gateway::custom(|c| c["max_upstream_event_bytes"] = json!(64 * 1024), |_| {});
     let r = post(
         h.addr,
         CHAT,
@@ -629,7 +629,7 @@ async fn an_endless_sse_event_ends_the_stream_at_the_frame_cap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickling_stream_ends_at_the_response_deadline() {
-    let h = Harness::custom(|c| c["upstream_deadline_ms"] = json!(600), |_| {});
+    let h = Gateway::custom(|c| c["upstream_deadline_ms"] = json!(600), |_| {});
     let started = Instant::now();
     // One event every 50 ms keeps the 3 s idle timer from ever firing.
     let r = post(
@@ -654,7 +654,7 @@ async fn a_trickling_stream_ends_at_the_response_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_response_deadline_also_bounds_the_wait_for_headers() {
-    let h = Harness::custom(
+    let h = Gateway::custom(
         |c| c["upstream_deadline_ms"] = json!(500),
         |s| s["providers"][0]["first_byte_timeout_ms"] = json!(10_000),
     );
@@ -677,7 +677,7 @@ async fn the_response_deadline_also_bounds_the_wait_for_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_streamed_answer_over_the_cap_is_refused_and_not_charged() {
-    let h = Harness::custom(|c| c["max_upstream_body_bytes"] = json!(4096), |_| {});
+    let h = Gateway::custom(|c| c["max_upstream_body_bytes"] = json!(4096), |_| {});
     let r = post(
         h.addr,
         CHAT,

@@ -1,11 +1,11 @@
 //! In-process specs: a real engine on 127.0.0.1:0 in front of a tiny upstream.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+mod harness;
 
 use std::time::Duration;
 
-use common::*;
+use harness::*;
 use http_body_util::BodyExt;
 use serde_json::json;
 
@@ -13,7 +13,7 @@ const CHAT: &str = "/v1/chat/completions";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_metrics() {
-    let h = Harness::custom(|c| c["metrics_listen"] = json!("127.0.0.1:0"), |_| {});
+    let h = Gateway::custom(|c| c["metrics_listen"] = json!("127.0.0.1:0"), |_| {});
     let r = call(h.addr, request("GET", "/healthz", None, "")).await;
     assert_eq!(r.status, 200);
     let age = r.json()["snapshot_age_seconds"].as_f64().unwrap();
@@ -55,7 +55,7 @@ async fn health_and_metrics() {
 /// until a poll reaches the control plane again (or a newer snapshot loads).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_metrics_report_an_unreachable_control_plane() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let health = || async {
         let r = call(h.addr, request("GET", "/healthz", None, "")).await;
         assert_eq!(r.status, 200, "still serving");
@@ -98,7 +98,7 @@ async fn health_and_metrics_report_an_unreachable_control_plane() {
     h.engine.set_control_status(false);
     tokio::time::sleep(Duration::from_millis(30)).await;
     let (_, stale) = health().await;
-    let newer = snapshot(2, h.upstream.addr, 100_000_000_000).to_string();
+    let newer = spec_snapshot(2, h.upstream().addr, 100_000_000_000).to_string();
     h.engine.load_snapshot(newer.as_bytes()).unwrap();
     let (control, fresh) = health().await;
     assert!(fresh < stale, "{stale} then {fresh}");
@@ -107,7 +107,7 @@ async fn health_and_metrics_report_an_unreachable_control_plane() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_served_nowhere_without_a_metrics_listener() {
-    let h = Harness::start();
+    let h = Gateway::start();
     assert_eq!(h.engine.metrics_address(), None);
     let r = call(h.addr, request("GET", "/metrics", None, "")).await;
     assert_eq!(r.status, 404);
@@ -129,7 +129,7 @@ fn healthz_says_starting_before_the_first_snapshot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_failures_are_401_or_403_with_one_record_each() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let body = chat(CANARY, json!({}));
     let cases = [
         (None, 401, "invalid_api_key"),
@@ -167,14 +167,14 @@ async fn auth_failures_are_401_or_403_with_one_record_each() {
         recs[0].request_id,
         replies[0].headers["x-request-id"].to_str().unwrap()
     );
-    assert_eq!(h.upstream.requests(), 1);
+    assert_eq!(h.upstream().requests(), 1);
     let refs: Vec<&Reply> = replies.iter().collect();
-    assert_no_canary(&h, &recs, &refs);
+    h.assert_no_canary(&recs, &refs);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_errors_never_reach_the_upstream() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let big = format!("{CANARY}{}", "x".repeat(70_000));
     let too_large = post(h.addr, CHAT, Some("ot-good"), chat(&big, json!({}))).await;
     assert_eq!(too_large.status, 413);
@@ -241,7 +241,7 @@ async fn request_errors_never_reach_the_upstream() {
     h.wait_records(9).await;
     let recs = h.records();
     assert_eq!(recs.len(), 9);
-    assert_eq!(h.upstream.requests(), 0);
+    assert_eq!(h.upstream().requests(), 0);
     assert!(recs
         .iter()
         .all(|r| r.cost == 0 && r.usage_source == "none" && r.attempts == 0));
@@ -256,9 +256,7 @@ async fn request_errors_never_reach_the_upstream() {
         0,
         "nothing stays reserved"
     );
-    assert_no_canary(
-        &h,
-        &recs,
+    h.assert_no_canary(&recs,
         &[
             &too_large,
             &bad_json,
@@ -273,7 +271,7 @@ async fn request_errors_never_reach_the_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_stream_success_is_billed_from_upstream_usage() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let r = post(
         h.addr,
         CHAT,
@@ -286,7 +284,7 @@ async fn non_stream_success_is_billed_from_upstream_usage() {
         r.json()["choices"][0]["message"]["content"],
         "tok tok tok tok tok "
     );
-    let sent = h.upstream.state.last_body.lock().clone().unwrap();
+    let sent = h.upstream().state.last_body.lock().clone().unwrap();
     assert_eq!(
         sent["model"], "mock-gpt",
         "model rewritten to the upstream name"
@@ -318,7 +316,7 @@ async fn non_stream_success_is_billed_from_upstream_usage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_usage_is_estimated() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let r = post(
         h.addr,
         CHAT,
@@ -346,7 +344,7 @@ async fn missing_usage_is_estimated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embeddings_and_model_list() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let r = post(
         h.addr,
         "/v1/embeddings",
@@ -386,7 +384,7 @@ async fn read_stream(resp: http::Response<hyper::body::Incoming>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_is_relayed_chunk_by_chunk() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let req = request(
         "POST",
         CHAT,
@@ -409,7 +407,7 @@ async fn stream_is_relayed_chunk_by_chunk() {
     };
     assert!(first.starts_with(b"data: {"));
     let sent = h
-        .upstream
+        .upstream()
         .state
         .chunks_sent
         .load(std::sync::atomic::Ordering::SeqCst);
@@ -428,7 +426,7 @@ async fn stream_is_relayed_chunk_by_chunk() {
         !all.contains("\"usage\""),
         "usage chunk stripped when the client did not ask for it"
     );
-    let sent_body = h.upstream.state.last_body.lock().clone().unwrap();
+    let sent_body = h.upstream().state.last_body.lock().clone().unwrap();
     assert_eq!(
         sent_body["stream_options"]["include_usage"], true,
         "relay asks for usage"
@@ -444,7 +442,7 @@ async fn stream_is_relayed_chunk_by_chunk() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_keeps_usage_when_the_client_asked() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let req = request("POST", CHAT, Some("ot-good"), chat("hi", json!({"stream": true, "stream_options": {"include_usage": true}, "mock": {"chunks": 2}})).to_string());
     let all = read_stream(open(h.addr, req).await).await;
     assert!(all.contains("\"choices\":[]"), "usage-only chunk kept");
@@ -456,7 +454,7 @@ async fn stream_keeps_usage_when_the_client_asked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_error_is_not_echoed_and_not_charged() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let r = post(
         h.addr,
         CHAT,
@@ -503,12 +501,12 @@ async fn upstream_error_is_not_echoed_and_not_charged() {
             .unwrap(),
         &("org_rich".to_owned(), 0, 0)
     );
-    assert_no_canary(&h, &recs, &[&r, &s]);
+    h.assert_no_canary(&recs, &[&r, &s]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_stream_is_recorded_with_estimated_usage() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let req = request("POST", CHAT, Some("ot-good"), chat(CANARY, json!({"stream": true, "mock": {"chunks": 6, "cut_after": 3, "echo": true, "delay_ms": 20}})).to_string());
     let resp = open(h.addr, req).await;
     assert_eq!(resp.status(), 200);
@@ -547,12 +545,12 @@ async fn cut_stream_is_recorded_with_estimated_usage() {
             .2,
         0
     );
-    assert_no_canary(&h, &recs, &[]);
+    h.assert_no_canary(&recs, &[]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_mid_stream_leaves_one_499_record() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let req = request(
         "POST",
         CHAT,
@@ -578,13 +576,13 @@ async fn client_disconnect_mid_stream_leaves_one_499_record() {
     assert!(rec.completion_tokens >= 1 && rec.completion_tokens < 50);
     assert!(rec.cost > 0);
     let sent = h
-        .upstream
+        .upstream()
         .state
         .chunks_sent
         .load(std::sync::atomic::Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let later = h
-        .upstream
+        .upstream()
         .state
         .chunks_sent
         .load(std::sync::atomic::Ordering::SeqCst);
@@ -592,24 +590,24 @@ async fn client_disconnect_mid_stream_leaves_one_499_record() {
         later <= sent + 2,
         "upstream request was cancelled ({sent} -> {later})"
     );
-    assert_no_canary(&h, &recs, &[]);
+    h.assert_no_canary(&recs, &[]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_unreachable_and_timeout() {
-    let h = Harness::start();
+    let h = Gateway::start();
     // A port with nothing listening.
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let mut snap = snapshot(2, dead, 1_000_000_000);
+    let mut snap = spec_snapshot(2, dead, 1_000_000_000);
     h.engine.load_snapshot(snap.to_string().as_bytes()).unwrap();
     let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
     assert_eq!(r.status, 502);
     assert_eq!(r.json()["error"]["code"], "upstream_unreachable");
 
-    snap = snapshot(3, h.upstream.addr, 1_000_000_000);
+    snap = spec_snapshot(3, h.upstream().addr, 1_000_000_000);
     snap["providers"][0]["first_byte_timeout_ms"] = json!(100);
     h.engine.load_snapshot(snap.to_string().as_bytes()).unwrap();
     let t = post(
@@ -624,12 +622,12 @@ async fn upstream_unreachable_and_timeout() {
     h.wait_records(2).await;
     let recs = h.records();
     assert!(recs.iter().all(|r| r.cost == 0));
-    assert_no_canary(&h, &recs, &[&r, &t]);
+    h.assert_no_canary(&recs, &[&r, &t]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_one_record_per_request_under_concurrency() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let mut tasks = Vec::new();
     for i in 0..40 {
         let addr = h.addr;
@@ -674,7 +672,7 @@ async fn exactly_one_record_per_request_under_concurrency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_lets_an_in_flight_stream_finish() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let req = request(
         "POST",
         CHAT,
@@ -710,7 +708,7 @@ async fn graceful_stop_lets_an_in_flight_stream_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_after_grace_cancels_and_still_records() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let req = request(
         "POST",
         CHAT,
@@ -741,7 +739,7 @@ async fn stop_after_grace_cancels_and_still_records() {
 /// before its answer still leaves exactly one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_responses_leave_exactly_one_record_each() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let stream = tokio::net::TcpStream::connect(h.addr).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
@@ -811,7 +809,7 @@ async fn whole_responses_leave_exactly_one_record_each() {
 /// a keep-alive client sends its next request on a connection the server has dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn early_refusals_close_the_connection_and_successes_keep_it() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let body = chat("hello", json!({})).to_string();
     let refused = post(h.addr, CHAT, Some("ot-unknown"), chat("hello", json!({}))).await;
     assert_eq!(refused.status, 401);

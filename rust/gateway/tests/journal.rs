@@ -4,12 +4,12 @@
 //! gateway out.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+mod harness;
 
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use harness::*;
 use onetoken_gateway::journal_reader::{instance_live, read_segment};
 use onetoken_gateway::{CallRecord, Engine, Error};
 use serde_json::{json, Value};
@@ -38,7 +38,7 @@ fn started(spool: &tempdir::Dir, upstream: &Upstream) -> Result<Engine, Error> {
     let engine = Engine::new(engine_config(spool.path()))?;
     engine
         .load_snapshot(
-            snapshot(1, upstream.addr, 100_000_000_000)
+            spec_snapshot(1, upstream.addr, 100_000_000_000)
                 .to_string()
                 .as_bytes(),
         )
@@ -48,7 +48,7 @@ fn started(spool: &tempdir::Dir, upstream: &Upstream) -> Result<Engine, Error> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_are_journaled_as_lines_and_stay_after_stop() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let id = h.engine.instance_id().to_owned();
     for i in 0..5 {
         let body = chat(CANARY, json!({"stream": i % 2 == 0}));
@@ -83,7 +83,7 @@ async fn records_are_journaled_as_lines_and_stay_after_stop() {
         assert_eq!(keys.len(), CallRecord::COLUMNS.len());
         assert!(v["ts"].is_i64());
     }
-    assert_no_canary(&h, &recs, &[&r]);
+    h.assert_no_canary(&recs, &[&r]);
 
     // Stopping deletes nothing and releases the instance: its segments are complete.
     let late = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
@@ -108,7 +108,7 @@ async fn records_are_journaled_as_lines_and_stay_after_stop() {
 async fn a_whole_response_is_journaled_before_its_last_byte_reaches_the_client() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let h = Harness::start();
+    let h = Gateway::start();
     let body = chat("hi", json!({})).to_string();
     let mut conn = tokio::net::TcpStream::connect(h.addr).await.unwrap();
     let head = format!(
@@ -165,7 +165,7 @@ async fn a_whole_response_is_journaled_before_its_last_byte_reaches_the_client()
 async fn a_stream_is_journaled_before_its_terminal_event_reaches_the_client() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let h = Harness::start();
+    let h = Gateway::start();
     let body = chat("hi", json!({"stream": true, "mock": {"linger_ms": 5000}})).to_string();
     let mut conn = tokio::net::TcpStream::connect(h.addr).await.unwrap();
     let head = format!(
@@ -268,7 +268,7 @@ fn journal_child_process() {
     let engine = Engine::new(engine_config(&spool)).unwrap();
     engine
         .load_snapshot(
-            snapshot(1, upstream.addr, 100_000_000_000)
+            spec_snapshot(1, upstream.addr, 100_000_000_000)
                 .to_string()
                 .as_bytes(),
         )

@@ -1,12 +1,12 @@
 //! `phase_timing`: the thread CPU time of each request phase in `/metrics`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+mod harness;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use harness::*;
 use http_body_util::BodyExt;
 use serde_json::json;
 
@@ -22,7 +22,7 @@ const PHASES: [&str; 8] = [
     "record",
 ];
 
-fn phase_seconds(h: &Harness) -> HashMap<String, f64> {
+fn phase_seconds(h: &Gateway) -> HashMap<String, f64> {
     let text = h.engine.metrics_text();
     let prefix = "onetoken_phase_cpu_seconds_total{phase=\"";
     text.lines()
@@ -36,7 +36,7 @@ fn phase_seconds(h: &Harness) -> HashMap<String, f64> {
 
 /// Wait (bounded) until every request sent has been recorded: the record phase runs as
 /// the response is handed over, so it may trail the client's read.
-async fn settled(h: &Harness) {
+async fn settled(h: &Gateway) {
     for _ in 0..500 {
         if h.engine.stats().in_flight == 0 {
             return;
@@ -48,7 +48,7 @@ async fn settled(h: &Harness) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_phase_a_request_runs_is_counted() {
-    let h = Harness::custom(|c| c["phase_timing"] = json!(true), |_| {});
+    let h = Gateway::custom(|c| c["phase_timing"] = json!(true), |_| {});
     let whole = post(h.addr, CHAT, Some("ot-good"), chat("hello", json!({}))).await;
     assert_eq!(whole.status, 200);
     let req = request(
@@ -71,7 +71,7 @@ async fn every_phase_a_request_runs_is_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_key_counts_only_the_phases_it_reached() {
-    let h = Harness::custom(|c| c["phase_timing"] = json!(true), |_| {});
+    let h = Gateway::custom(|c| c["phase_timing"] = json!(true), |_| {});
     let r = post(h.addr, CHAT, Some("ot-unknown"), chat("hello", json!({}))).await;
     assert_eq!(r.status, 401);
     settled(&h).await;
@@ -86,7 +86,7 @@ async fn a_refused_key_counts_only_the_phases_it_reached() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn off_by_default_the_counters_stay_zero() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let r = post(h.addr, CHAT, Some("ot-good"), chat("hello", json!({}))).await;
     assert_eq!(r.status, 200);
     settled(&h).await;

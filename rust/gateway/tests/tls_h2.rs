@@ -2,13 +2,13 @@
 //! both over TLS (ALPN) and in cleartext with prior knowledge (h2c).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+mod harness;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use common::*;
+use harness::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -62,7 +62,7 @@ fn start_tls(cert: &Cert) -> TlsHarness {
     let engine = Engine::new(cfg).unwrap();
     engine
         .load_snapshot(
-            snapshot(1, upstream.addr, 100_000_000_000)
+            spec_snapshot(1, upstream.addr, 100_000_000_000)
                 .to_string()
                 .as_bytes(),
         )
@@ -319,7 +319,7 @@ fn bad_tls_files_fail_start_with_a_tls_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_prior_knowledge_chat_and_stream() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let tcp = TcpStream::connect(h.addr).await.unwrap();
     let mut sender = h2_sender(tcp).await;
 
