@@ -77,10 +77,10 @@ async fn health_and_metrics_report_an_unreachable_control_plane() {
     let (control, first) = health().await;
     assert_eq!(control, "unreachable");
     assert_eq!(metric("onetoken_control_reachable"), 0.0);
-    // Time has to pass for an age to grow: a short, bounded pause, not a readiness wait.
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // The age grows while the control plane stays unreachable.
+    let grown = wait_for(WAIT, || async { health().await.1 >= first + 0.03 }).await;
+    assert!(grown, "the snapshot age did not grow from {first}");
     let (_, later) = health().await;
-    assert!(later >= first + 0.03, "{first} then {later}");
     assert!(metric("onetoken_snapshot_age_seconds") >= later);
     let r = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
     assert_eq!(r.status, 200, "requests are served meanwhile");
@@ -96,7 +96,7 @@ async fn health_and_metrics_report_an_unreachable_control_plane() {
 
     // A newer snapshot also confirms, even before the status is reported.
     h.engine.set_control_status(false);
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(wait_for(WAIT, || async { health().await.1 >= 0.03 }).await);
     let (_, stale) = health().await;
     let newer = spec_snapshot(2, h.upstream().addr, 100_000_000_000).to_string();
     h.engine.load_snapshot(newer.as_bytes()).unwrap();
@@ -566,7 +566,6 @@ async fn client_disconnect_mid_stream_leaves_one_499_record() {
     let _first = body.frame().await.unwrap().unwrap();
     drop(body);
     h.wait_records(1).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let recs = h.records();
     assert_eq!(recs.len(), 1);
     let rec = &recs[0];
@@ -580,6 +579,8 @@ async fn client_disconnect_mid_stream_leaves_one_499_record() {
         .state
         .chunks_sent
         .load(std::sync::atomic::Ordering::SeqCst);
+    // The behaviour under test: over this window a live upstream request would send ten
+    // more chunks; a cancelled one sends none.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let later = h
         .upstream()
@@ -784,11 +785,14 @@ async fn whole_responses_leave_exactly_one_record_each() {
         Some("ot-good"),
         chat("hi", json!({"mock": {"latency_ms": 300}})).to_string(),
     );
+    let forwarded = h.upstream().requests() + 1;
     let pending = tokio::spawn(open(h.addr, req));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(wait_until_async(WAIT, || h.upstream().requests() >= forwarded).await);
     pending.abort();
     let _ = pending.await;
     h.wait_records(21).await;
+    // The behaviour under test: past the upstream's 300 ms answer, the dropped request
+    // still has its one record and no second one.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let recs = h.records();
     assert_eq!(recs.len(), 1);

@@ -4,7 +4,6 @@
 mod harness;
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use harness::*;
 use http_body_util::BodyExt;
@@ -37,13 +36,10 @@ fn phase_seconds(h: &Gateway) -> HashMap<String, f64> {
 /// Wait (bounded) until every request sent has been recorded: the record phase runs as
 /// the response is handed over, so it may trail the client's read.
 async fn settled(h: &Gateway) {
-    for _ in 0..500 {
-        if h.engine.stats().in_flight == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("requests still in flight");
+    assert!(
+        wait_until_async(WAIT, || h.engine.stats().in_flight == 0).await,
+        "requests still in flight"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

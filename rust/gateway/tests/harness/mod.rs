@@ -59,6 +59,24 @@ pub async fn wait_until_async(timeout: Duration, mut condition: impl FnMut() -> 
     }
 }
 
+/// [`wait_until_async`] with a condition that is itself async (a request, say).
+pub async fn wait_for<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 pub fn key_hash(key: &str) -> String {
     hash_key(&hex::decode(SECRET_HEX).unwrap(), key)
 }
