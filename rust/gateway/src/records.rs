@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::journal::{self, Journal};
 
-/// One call's metadata; the fields are the columns of `tests/contract/call_log_columns.json`
+/// One call's metadata; the fields are the columns of [`crate::journal_reader::COLUMNS`]
 /// in order.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct CallRecord {
