@@ -278,6 +278,11 @@ impl Engine {
         self.shared.dropped.lock().clone()
     }
 
+    /// [`Engine::stop`] with the configured grace period (`shutdown_grace_ms`).
+    pub fn drain(&self) {
+        self.stop(Duration::from_millis(self.shared.config.shutdown_grace_ms));
+    }
+
     /// Stop accepting, let in-flight requests finish for up to `grace`, then cancel the
     /// rest (each still leaves its record) and shut the runtime down; then release the
     /// spool dir's locks, which makes every segment of this instance complete for readers.

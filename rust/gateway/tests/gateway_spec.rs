@@ -708,8 +708,8 @@ async fn graceful_stop_lets_an_in_flight_stream_finish() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stop_after_grace_cancels_and_still_records() {
-    let h = Gateway::start();
+async fn drain_after_the_configured_grace_cancels_and_still_records() {
+    let h = Gateway::custom(|c| c["shutdown_grace_ms"] = json!(200), |_| {});
     let req = request(
         "POST",
         CHAT,
@@ -725,9 +725,12 @@ async fn stop_after_grace_cancels_and_still_records() {
         tokio::spawn(async move { resp.into_body().collect().await.map(|c| c.to_bytes()) });
     let engine = std::sync::Arc::new(h.engine);
     let e2 = engine.clone();
-    tokio::task::spawn_blocking(move || e2.stop(Duration::from_millis(200)))
+    let started = std::time::Instant::now();
+    tokio::task::spawn_blocking(move || e2.drain())
         .await
         .unwrap();
+    // The stream would run 5 s: the grace of 200 ms, not the default 10 s, ended it.
+    assert!(started.elapsed() < Duration::from_secs(3));
     let _ = reader.await;
     let recs = journal_records(&h.spool.0, engine.instance_id());
     assert_eq!(recs.len(), 1);
