@@ -12,8 +12,6 @@ use onetoken_gateway::billing::{usage_cost_at, Prices, Usage};
 use onetoken_gateway::{Engine, EngineConfig};
 use serde_json::{json, Value};
 
-const CHAT: &str = "/v1/chat/completions";
-
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -63,7 +61,7 @@ async fn blocked_sources_are_refused_before_authentication() {
     let h = start_with(|s| {
         s["blocked_ips"] = json!([{"cidr": "127.0.0.0/8", "until": unix_now() + 3600}]);
     });
-    let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
+    let r = h.ask("ot-good", CANARY).await;
     assert_eq!(r.status, 403);
     assert_eq!(r.json()["error"]["code"], "ip_blocked");
     let no_key = post(h.addr, CHAT, None, chat(CANARY, json!({}))).await;
@@ -83,7 +81,7 @@ async fn blocked_sources_are_refused_before_authentication() {
             {"cidr": "2001:db8::/32", "until": unix_now() + 3600}
         ]);
     });
-    let ok = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    let ok = h.ask("ot-good", "hi").await;
     assert_eq!(ok.status, 200);
 }
 
@@ -94,7 +92,7 @@ async fn a_source_blocked_for_failing_auth_keeps_its_valid_keys() {
             {"cidr": "127.0.0.1", "until": unix_now() + 3600, "mode": "unauthenticated"}
         ]);
     });
-    let ok = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    let ok = h.ask("ot-good", "hi").await;
     assert_eq!(ok.status, 200);
     for key in [Some("ot-unknown"), None] {
         let r = post(h.addr, CHAT, key, chat(CANARY, json!({}))).await;
@@ -108,7 +106,7 @@ async fn a_source_blocked_for_failing_auth_keeps_its_valid_keys() {
             {"cidr": "2001:db8::/32", "until": unix_now() + 3600, "mode": "unauthenticated"}
         ]);
     });
-    let r = post(h.addr, CHAT, Some("ot-unknown"), chat("hi", json!({}))).await;
+    let r = h.ask("ot-unknown", "hi").await;
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["code"], "invalid_api_key");
 }
@@ -119,7 +117,7 @@ async fn key_source_ip_scope() {
         key_mut(s, "key_good")["allowed_ips"] = json!(["10.0.0.0/8", "2001:db8::/32"]);
         key_mut(s, "key_poor")["allowed_ips"] = json!(["127.0.0.1", "::1/128"]);
     });
-    let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
+    let r = h.ask("ot-good", CANARY).await;
     assert_eq!(r.status, 403);
     assert_eq!(r.json()["error"]["code"], "key_ip_not_allowed");
     h.wait_records(1).await;
@@ -133,7 +131,7 @@ async fn key_source_ip_scope() {
     h.assert_no_canary(&recs, &[&r]);
 
     // Inside its scope, the key passes admission (then fails on balance, a later phase).
-    let poor = post(h.addr, CHAT, Some("ot-poor"), chat("hi", json!({}))).await;
+    let poor = h.ask("ot-poor", "hi").await;
     assert_eq!(poor.json()["error"]["code"], "insufficient_balance");
 }
 
@@ -143,7 +141,7 @@ async fn not_before_refuses_until_the_time() {
         key_mut(s, "key_good")["not_before"] = json!(unix_now() + 600);
         key_mut(s, "key_embed")["not_before"] = json!(unix_now() - 1);
     });
-    let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
+    let r = h.ask("ot-good", CANARY).await;
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["code"], "key_not_yet_valid");
     let ok = post(
@@ -180,15 +178,15 @@ async fn secret_rotation_accepts_each_key_under_its_own_version_only() {
         key_mut(s, "key_off")["secret_version"] = json!(2);
         org_mut(s, "org_off")["status"] = json!("active");
     });
-    let old = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    let old = h.ask("ot-good", "hi").await;
     assert_eq!(old.status, 200, "old-secret key still accepted");
-    let new = post(h.addr, CHAT, Some("ot-poor"), chat("hi", json!({}))).await;
+    let new = h.ask("ot-poor", "hi").await;
     assert_eq!(
         new.json()["error"]["code"],
         "insufficient_balance",
         "new-secret key authenticated"
     );
-    let mismatch = post(h.addr, CHAT, Some("ot-off"), chat("hi", json!({}))).await;
+    let mismatch = h.ask("ot-off", "hi").await;
     assert_eq!(mismatch.status, 401);
     assert_eq!(mismatch.json()["error"]["code"], "invalid_api_key");
 
@@ -210,13 +208,9 @@ async fn price_factor_applies_to_every_part_rounding_up() {
     let h = start_with(|s| {
         org_mut(s, "org_rich")["price_factor_ppm"] = json!(900_000);
     });
-    let r = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("one two three", json!({"max_tokens": 10})),
-    )
-    .await;
+    let r = h
+        .chat_as("ot-good", chat("one two three", json!({"max_tokens": 10})))
+        .await;
     assert_eq!(r.status, 200);
     h.wait_records(1).await;
     let rec = h.records().remove(0);
@@ -261,10 +255,10 @@ async fn rpm_limit_refuses_with_headers_and_records_limited() {
         key_mut(s, "key_good")["limits"] = json!({"rpm": 3});
     });
     for _ in 0..3 {
-        let ok = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+        let ok = h.ask("ot-good", "hi").await;
         assert_eq!(ok.status, 200);
     }
-    let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
+    let r = h.ask("ot-good", CANARY).await;
     assert_eq!(r.status, 429);
     assert_eq!(r.json()["error"]["code"], "rate_limited");
     assert_eq!(r.json()["error"]["type"], "rate_limit_error");
@@ -309,12 +303,7 @@ async fn org_rpm_covers_all_its_keys() {
         org_mut(s, "org_rich")["limits"] = json!({"rpm": 2});
     });
     let embed = json!({"model": "demo-embed", "input": "x"});
-    assert_eq!(
-        post(h.addr, CHAT, Some("ot-good"), chat("a", json!({})))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(h.ask("ot-good", "a").await.status, 200);
     assert_eq!(
         post(
             h.addr,
@@ -338,44 +327,28 @@ async fn tpm_admits_on_the_estimate_and_corrects_at_settle() {
         key_mut(s, "key_good")["limits"] = json!({"tpm": 100});
     });
     // 5 + 80 = 85 fits; the upstream really uses 5 + 8 = 13, so 72 come back at settle.
-    let a = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({"max_tokens": 80})),
-    )
-    .await;
+    let a = h
+        .chat_as("ot-good", chat("hi", json!({"max_tokens": 80})))
+        .await;
     assert_eq!(a.status, 200);
     // 13 used, 87 left: another 85 fits only because of the correction.
-    let b = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({"max_tokens": 80})),
-    )
-    .await;
+    let b = h
+        .chat_as("ot-good", chat("hi", json!({"max_tokens": 80})))
+        .await;
     assert_eq!(b.status, 200, "{}", b.text());
     // 26 used, 74 left: 85 does not fit.
-    let c = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({"max_tokens": 80})),
-    )
-    .await;
+    let c = h
+        .chat_as("ot-good", chat("hi", json!({"max_tokens": 80})))
+        .await;
     assert_eq!(c.status, 429);
     assert_eq!(c.json()["error"]["code"], "rate_limited");
     assert_eq!(header(&c, "x-ratelimit-limit-tokens"), "100");
     let remaining: u64 = header(&c, "x-ratelimit-remaining-tokens").parse().unwrap();
     assert!((73..=74).contains(&remaining), "{remaining}");
     // A small request still fits.
-    let d = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({"max_tokens": 10})),
-    )
-    .await;
+    let d = h
+        .chat_as("ot-good", chat("hi", json!({"max_tokens": 10})))
+        .await;
     assert_eq!(d.status, 200);
 }
 
@@ -399,7 +372,7 @@ async fn concurrency_limit_counts_open_streams_and_frees_on_end() {
     )
     .await;
     assert_eq!((s1.status().as_u16(), s2.status().as_u16()), (200, 200));
-    let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
+    let r = h.ask("ot-good", CANARY).await;
     assert_eq!(r.status, 429);
     assert_eq!(r.json()["error"]["code"], "concurrency_limited");
     assert_eq!(header(&r, "retry-after"), "1");
@@ -408,7 +381,7 @@ async fn concurrency_limit_counts_open_streams_and_frees_on_end() {
     use http_body_util::BodyExt;
     let _ = s2.into_body().collect().await.unwrap();
     h.wait_records(3).await;
-    let ok = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    let ok = h.ask("ot-good", "hi").await;
     assert_eq!(ok.status, 200);
     h.wait_records(4).await;
     let recs = h.records();
@@ -428,7 +401,7 @@ async fn concurrent_clients_never_exceed_rpm_or_concurrency() {
             let h = h.clone();
             tokio::spawn(async move {
                 let body = chat("hi", json!({"mock": {"latency_ms": 30}}));
-                post(h.addr, CHAT, Some("ot-good"), body).await
+                h.chat_as("ot-good", body).await
             })
         })
         .collect();
@@ -490,42 +463,22 @@ async fn counters_survive_a_snapshot_swap_and_new_limits_apply_at_once() {
     };
     let h = start_with(limit(4));
     for _ in 0..4 {
-        assert_eq!(
-            post(h.addr, CHAT, Some("ot-good"), chat("a", json!({})))
-                .await
-                .status,
-            200
-        );
+        assert_eq!(h.ask("ot-good", "a").await.status, 200);
     }
     // Same limit, new snapshot: the four already taken still count.
     reload(&h, 2, limit(4));
-    assert_eq!(
-        post(h.addr, CHAT, Some("ot-good"), chat("a", json!({})))
-            .await
-            .status,
-        429
-    );
+    assert_eq!(h.ask("ot-good", "a").await.status, 429);
     // Raised: admitted at once (4 of 600 used).
     reload(&h, 3, limit(600));
-    assert_eq!(
-        post(h.addr, CHAT, Some("ot-good"), chat("a", json!({})))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(h.ask("ot-good", "a").await.status, 200);
     // Lowered below what was used: refused at once.
     reload(&h, 4, limit(2));
-    let r = post(h.addr, CHAT, Some("ot-good"), chat("a", json!({}))).await;
+    let r = h.ask("ot-good", "a").await;
     assert_eq!(r.status, 429);
     assert_eq!(header(&r, "x-ratelimit-limit-requests"), "2");
     // Removed: no limit.
     reload(&h, 5, |_| {});
-    assert_eq!(
-        post(h.addr, CHAT, Some("ot-good"), chat("a", json!({})))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(h.ask("ot-good", "a").await.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -539,7 +492,7 @@ async fn budgets_refuse_with_retry_after_until_the_period_resets() {
         k["usage"] = json!({"day": day, "month": 0, "spent_day": 4_000_000, "spent_month": 0, "spent_mark": 0});
     });
     // max_tokens 4096 at 1.5e9/M = 6_144_000 > 1_000_000 left: refused.
-    let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
+    let r = h.ask("ot-good", CANARY).await;
     assert_eq!(r.status, 429);
     assert_eq!(r.json()["error"]["code"], "budget_exceeded");
     let retry: i64 = header(&r, "retry-after").parse().unwrap();
@@ -549,13 +502,9 @@ async fn budgets_refuse_with_retry_after_until_the_period_resets() {
         "{retry} vs {to_midnight}"
     );
     // A small request fits (10 * 1.5e9/1e6 = 15_000 + prompt).
-    let ok = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({"max_tokens": 10})),
-    )
-    .await;
+    let ok = h
+        .chat_as("ot-good", chat("hi", json!({"max_tokens": 10})))
+        .await;
     assert_eq!(ok.status, 200);
     h.wait_records(2).await;
     let recs = h.records();
@@ -571,13 +520,8 @@ async fn budgets_refuse_with_retry_after_until_the_period_resets() {
     });
     // Reserve 1 * 1500 + 5 * 500 = 4000 <= 10_000; the upstream then bills 14_500.
     let small = chat("hi", json!({"max_tokens": 1}));
-    assert_eq!(
-        post(h.addr, CHAT, Some("ot-good"), small.clone())
-            .await
-            .status,
-        200
-    );
-    let again = post(h.addr, CHAT, Some("ot-good"), small.clone()).await;
+    assert_eq!(h.chat_as("ot-good", small.clone()).await.status, 200);
+    let again = h.chat_as("ot-good", small.clone()).await;
     assert_eq!(
         again.json()["error"]["code"],
         "budget_exceeded",
@@ -588,7 +532,7 @@ async fn budgets_refuse_with_retry_after_until_the_period_resets() {
     reload(&h, 3, |s| {
         org_mut(s, "org_rich")["limits"] = json!({"budget_month": 1});
     });
-    let m = post(h.addr, CHAT, Some("ot-good"), small).await;
+    let m = h.chat_as("ot-good", small).await;
     assert_eq!(m.json()["error"]["code"], "budget_exceeded");
     let retry: i64 = header(&m, "retry-after").parse().unwrap();
     assert!(retry > 0 && retry <= 31 * 86_400);
@@ -665,12 +609,7 @@ fn full_contract_snapshot_loads_with_every_admission_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_entry_does_not_hold_back_a_revocation() {
     let h = Gateway::start();
-    assert_eq!(
-        post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({})))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(h.ask("ot-good", "hi").await.status, 200);
     reload(&h, 2, |s| {
         s["models"].as_array_mut().unwrap().push(json!({
             "name": "ghost", "kind": "chat", "provider_id": "prov_gone", "upstream_model": "x",
@@ -680,9 +619,9 @@ async fn a_bad_entry_does_not_hold_back_a_revocation() {
         key_mut(s, "key_good")["status"] = json!("revoked");
         org_mut(s, "org_poor")["status"] = json!("disabled");
     });
-    let r = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    let r = h.ask("ot-good", "hi").await;
     assert_eq!(r.json()["error"]["code"], "key_revoked");
-    let r = post(h.addr, CHAT, Some("ot-poor"), chat("hi", json!({}))).await;
+    let r = h.ask("ot-poor", "hi").await;
     assert_eq!(r.json()["error"]["code"], "org_disabled");
     let dropped: Vec<_> = h
         .engine
@@ -710,7 +649,7 @@ async fn guard_block_names_only_the_categories() {
         org_mut(s, "org_rich")["limits"] = json!({"rpm": 1000});
     });
     let text = format!("{CANARY} pay with {CARD} or call {PHONE}");
-    let r = post(h.addr, CHAT, Some("ot-good"), chat(&text, json!({}))).await;
+    let r = h.ask("ot-good", &text).await;
     assert_eq!(r.status, 400);
     let err = r.json()["error"].clone();
     assert_eq!(err["code"], "sensitive_content_blocked");
@@ -719,19 +658,13 @@ async fn guard_block_names_only_the_categories() {
     assert!(!r.text().contains("4111") && !r.text().contains(PHONE));
     // Content parts and embedding input are scanned too.
     let parts = json!({"model": "demo-chat", "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]});
-    assert_eq!(post(h.addr, CHAT, Some("ot-good"), parts).await.status, 400);
+    assert_eq!(h.chat_as("ot-good", parts).await.status, 400);
     let embed = json!({"model": "demo-embed", "input": [text]});
     let e = post(h.addr, "/v1/embeddings", Some("ot-embed-only"), embed).await;
     assert_eq!(e.json()["error"]["code"], "sensitive_content_blocked");
     assert_eq!(h.upstream().requests(), 0);
     // Clean text passes.
-    let ok = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("call me tomorrow", json!({})),
-    )
-    .await;
+    let ok = h.ask("ot-good", "call me tomorrow").await;
     assert_eq!(ok.status, 200);
     h.wait_records(4).await;
     let recs = h.records();
@@ -759,7 +692,7 @@ async fn guard_flag_forwards_and_scans_only_the_chosen_categories() {
         org_mut(s, "org_rich")["guard"] = json!({"mode": "flag", "categories": ["phone"]});
     });
     let text = format!("{CANARY} {CARD} {PHONE}");
-    let r = post(h.addr, CHAT, Some("ot-good"), chat(&text, json!({}))).await;
+    let r = h.ask("ot-good", &text).await;
     assert_eq!(r.status, 200, "flag mode forwards");
     assert_eq!(h.upstream().requests(), 1);
     h.wait_records(1).await;
@@ -898,23 +831,19 @@ async fn malformed_requests_are_refused_before_anything_is_reserved_or_sent() {
 async fn n_choices_are_reserved_and_the_output_cap_is_forwarded() {
     // demo-chat: 4096 output tokens at 1.5e9/M = 6_144_000 per choice.
     let h = Gateway::with_balance(10_000_000);
-    let r = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({"n": 8}))).await;
+    let r = h.chat_as("ot-good", chat("hi", json!({"n": 8}))).await;
     assert_eq!(r.status, 402, "8 choices do not fit: {}", r.text());
     assert_eq!(h.upstream().requests(), 0);
 
-    let r = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    let r = h.ask("ot-good", "hi").await;
     assert_eq!(r.status, 200);
     let sent = h.upstream().state.last_body.lock().clone().unwrap();
     assert_eq!(sent["max_completion_tokens"], 4096);
     assert!(sent.get("max_tokens").is_none());
 
-    let r = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({"max_tokens": 100_000})),
-    )
-    .await;
+    let r = h
+        .chat_as("ot-good", chat("hi", json!({"max_tokens": 100_000})))
+        .await;
     assert_eq!(r.status, 200);
     let sent = h.upstream().state.last_body.lock().clone().unwrap();
     assert_eq!(
@@ -923,13 +852,9 @@ async fn n_choices_are_reserved_and_the_output_cap_is_forwarded() {
     );
     assert!(sent.get("max_completion_tokens").is_none());
 
-    let r = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({"n": 2, "max_tokens": 10})),
-    )
-    .await;
+    let r = h
+        .chat_as("ot-good", chat("hi", json!({"n": 2, "max_tokens": 10})))
+        .await;
     assert_eq!(r.status, 200);
     let sent = h.upstream().state.last_body.lock().clone().unwrap();
     assert_eq!(
@@ -984,7 +909,7 @@ async fn a_provider_pointing_back_at_the_gateway_stops_at_the_second_hop() {
         }));
     });
     let body = json!({"model": "loop-chat", "messages": [{"role": "user", "content": "hi"}]});
-    let r = post(h.addr, CHAT, Some("ot-good"), body).await;
+    let r = h.chat_as("ot-good", body).await;
     assert_eq!(r.status, 508, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "loop_detected");
     h.wait_records(2).await;
@@ -1027,17 +952,17 @@ async fn free_requests_in_flight_are_capped_per_org() {
         assert_eq!(resp.status(), 200);
         held.push(resp);
     }
-    let r = post(h.addr, CHAT, Some("ot-good"), body.clone()).await;
+    let r = h.chat_as("ot-good", body.clone()).await;
     assert_eq!(r.status, 429);
     assert_eq!(r.json()["error"]["code"], "concurrency_limited");
     assert_eq!(header(&r, "retry-after"), "1");
     // Priced requests of the same org are bounded by money, not by these slots.
-    let paid = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    let paid = h.ask("ot-good", "hi").await;
     assert_eq!(paid.status, 200);
     drop(held);
     let free = json!({"model": "free-chat", "messages": [{"role": "user", "content": "hi"}]});
     let released = wait_for(WAIT, || async {
-        post(h.addr, CHAT, Some("ot-good"), free.clone()).await.status == 200
+        h.chat_as("ot-good", free.clone()).await.status == 200
     })
     .await;
     assert!(released, "slots not released");

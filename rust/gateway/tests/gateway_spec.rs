@@ -9,8 +9,6 @@ use harness::*;
 use http_body_util::BodyExt;
 use serde_json::json;
 
-const CHAT: &str = "/v1/chat/completions";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_metrics() {
     let h = Gateway::custom(|c| c["metrics_listen"] = json!("127.0.0.1:0"), |_| {});
@@ -82,7 +80,7 @@ async fn health_and_metrics_report_an_unreachable_control_plane() {
     assert!(grown, "the snapshot age did not grow from {first}");
     let (_, later) = health().await;
     assert!(metric("onetoken_snapshot_age_seconds") >= later);
-    let r = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    let r = h.ask("ot-good", "hi").await;
     assert_eq!(r.status, 200, "requests are served meanwhile");
 
     h.engine.set_control_status(true);
@@ -176,7 +174,7 @@ async fn auth_failures_are_401_or_403_with_one_record_each() {
 async fn request_errors_never_reach_the_upstream() {
     let h = Gateway::start();
     let big = format!("{CANARY}{}", "x".repeat(70_000));
-    let too_large = post(h.addr, CHAT, Some("ot-good"), chat(&big, json!({}))).await;
+    let too_large = h.ask("ot-good", &big).await;
     assert_eq!(too_large.status, 413);
     assert_eq!(too_large.json()["error"]["code"], "body_too_large");
 
@@ -201,30 +199,28 @@ async fn request_errors_never_reach_the_upstream() {
     assert_eq!(not_object.status, 400);
     assert_eq!(not_object.json()["error"]["code"], "invalid_request");
 
-    let unknown_model = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        json!({"model": CANARY, "messages": [{"role": "user", "content": "x"}]}),
-    )
-    .await;
+    let unknown_model = h
+        .chat_as(
+            "ot-good",
+            json!({"model": CANARY, "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .await;
     assert_eq!(unknown_model.status, 404);
     assert_eq!(unknown_model.json()["error"]["code"], "model_not_found");
 
-    let wrong_kind = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        json!({"model": "demo-embed", "messages": [{"role": "user", "content": "x"}]}),
-    )
-    .await;
+    let wrong_kind = h
+        .chat_as(
+            "ot-good",
+            json!({"model": "demo-embed", "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .await;
     assert_eq!(wrong_kind.status, 404);
 
-    let not_allowed = post(h.addr, CHAT, Some("ot-embed-only"), chat(CANARY, json!({}))).await;
+    let not_allowed = h.ask("ot-embed-only", CANARY).await;
     assert_eq!(not_allowed.status, 403);
     assert_eq!(not_allowed.json()["error"]["code"], "model_not_allowed");
 
-    let poor = post(h.addr, CHAT, Some("ot-poor"), chat(CANARY, json!({}))).await;
+    let poor = h.ask("ot-poor", CANARY).await;
     assert_eq!(poor.status, 402);
     assert_eq!(poor.json()["error"]["code"], "insufficient_balance");
 
@@ -256,7 +252,8 @@ async fn request_errors_never_reach_the_upstream() {
         0,
         "nothing stays reserved"
     );
-    h.assert_no_canary(&recs,
+    h.assert_no_canary(
+        &recs,
         &[
             &too_large,
             &bad_json,
@@ -272,13 +269,12 @@ async fn request_errors_never_reach_the_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_stream_success_is_billed_from_upstream_usage() {
     let h = Gateway::start();
-    let r = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("one two three", json!({"mock": {"chunks": 5}})),
-    )
-    .await;
+    let r = h
+        .chat_as(
+            "ot-good",
+            chat("one two three", json!({"mock": {"chunks": 5}})),
+        )
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(
         r.json()["choices"][0]["message"]["content"],
@@ -317,16 +313,15 @@ async fn non_stream_success_is_billed_from_upstream_usage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_usage_is_estimated() {
     let h = Gateway::start();
-    let r = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat(
-            "hello there",
-            json!({"mock": {"chunks": 3, "usage": false}}),
-        ),
-    )
-    .await;
+    let r = h
+        .chat_as(
+            "ot-good",
+            chat(
+                "hello there",
+                json!({"mock": {"chunks": 3, "usage": false}}),
+            ),
+        )
+        .await;
     assert_eq!(r.status, 200);
     h.wait_records(1).await;
     let rec = &h.records()[0];
@@ -385,17 +380,15 @@ async fn read_stream(resp: http::Response<hyper::body::Incoming>) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_is_relayed_chunk_by_chunk() {
     let h = Gateway::start();
-    let req = request(
-        "POST",
-        CHAT,
-        Some("ot-good"),
-        chat(
-            "hi",
-            json!({"stream": true, "mock": {"chunks": 5, "delay_ms": 150}}),
+    let resp = h
+        .open_chat(
+            Some("ot-good"),
+            chat(
+                "hi",
+                json!({"stream": true, "mock": {"chunks": 5, "delay_ms": 150}}),
+            ),
         )
-        .to_string(),
-    );
-    let resp = open(h.addr, req).await;
+        .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut body = resp.into_body();
@@ -455,13 +448,12 @@ async fn stream_keeps_usage_when_the_client_asked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_error_is_not_echoed_and_not_charged() {
     let h = Gateway::start();
-    let r = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat(CANARY, json!({"mock": {"status": 500, "echo": true}})),
-    )
-    .await;
+    let r = h
+        .chat_as(
+            "ot-good",
+            chat(CANARY, json!({"mock": {"status": 500, "echo": true}})),
+        )
+        .await;
     assert_eq!(r.status, 500);
     let e = r.json();
     assert_eq!(
@@ -472,16 +464,15 @@ async fn upstream_error_is_not_echoed_and_not_charged() {
         e["error"]["type"], "server_error",
         "identifier-shaped type is kept"
     );
-    let s = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat(
-            CANARY,
-            json!({"stream": true, "mock": {"status": 429, "echo": true}}),
-        ),
-    )
-    .await;
+    let s = h
+        .chat_as(
+            "ot-good",
+            chat(
+                CANARY,
+                json!({"stream": true, "mock": {"status": 429, "echo": true}}),
+            ),
+        )
+        .await;
     assert_eq!(s.status, 429);
     h.wait_records(2).await;
     let recs = h.records();
@@ -507,8 +498,7 @@ async fn upstream_error_is_not_echoed_and_not_charged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_stream_is_recorded_with_estimated_usage() {
     let h = Gateway::start();
-    let req = request("POST", CHAT, Some("ot-good"), chat(CANARY, json!({"stream": true, "mock": {"chunks": 6, "cut_after": 3, "echo": true, "delay_ms": 20}})).to_string());
-    let resp = open(h.addr, req).await;
+    let resp = h.open_chat(Some("ot-good"), chat(CANARY, json!({"stream": true, "mock": {"chunks": 6, "cut_after": 3, "echo": true, "delay_ms": 20}}))).await;
     assert_eq!(resp.status(), 200);
     let all = read_stream(resp).await;
     assert!(!all.contains("[DONE]"));
@@ -551,17 +541,15 @@ async fn cut_stream_is_recorded_with_estimated_usage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_mid_stream_leaves_one_499_record() {
     let h = Gateway::start();
-    let req = request(
-        "POST",
-        CHAT,
-        Some("ot-good"),
-        chat(
-            CANARY,
-            json!({"stream": true, "mock": {"chunks": 50, "delay_ms": 20}}),
+    let resp = h
+        .open_chat(
+            Some("ot-good"),
+            chat(
+                CANARY,
+                json!({"stream": true, "mock": {"chunks": 50, "delay_ms": 20}}),
+            ),
         )
-        .to_string(),
-    );
-    let resp = open(h.addr, req).await;
+        .await;
     let mut body = resp.into_body();
     let _first = body.frame().await.unwrap().unwrap();
     drop(body);
@@ -604,20 +592,19 @@ async fn upstream_unreachable_and_timeout() {
         .unwrap();
     let mut snap = spec_snapshot(2, dead, 1_000_000_000);
     h.engine.load_snapshot(snap.to_string().as_bytes()).unwrap();
-    let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
+    let r = h.ask("ot-good", CANARY).await;
     assert_eq!(r.status, 502);
     assert_eq!(r.json()["error"]["code"], "upstream_unreachable");
 
     snap = spec_snapshot(3, h.upstream().addr, 1_000_000_000);
     snap["providers"][0]["first_byte_timeout_ms"] = json!(100);
     h.engine.load_snapshot(snap.to_string().as_bytes()).unwrap();
-    let t = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat(CANARY, json!({"mock": {"latency_ms": 1000}})),
-    )
-    .await;
+    let t = h
+        .chat_as(
+            "ot-good",
+            chat(CANARY, json!({"mock": {"latency_ms": 1000}})),
+        )
+        .await;
     assert_eq!(t.status, 504);
     assert_eq!(t.json()["error"]["code"], "upstream_timeout");
     h.wait_records(2).await;
@@ -674,17 +661,15 @@ async fn exactly_one_record_per_request_under_concurrency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_lets_an_in_flight_stream_finish() {
     let h = Gateway::start();
-    let req = request(
-        "POST",
-        CHAT,
-        Some("ot-good"),
-        chat(
-            "hi",
-            json!({"stream": true, "mock": {"chunks": 6, "delay_ms": 50}}),
+    let resp = h
+        .open_chat(
+            Some("ot-good"),
+            chat(
+                "hi",
+                json!({"stream": true, "mock": {"chunks": 6, "delay_ms": 50}}),
+            ),
         )
-        .to_string(),
-    );
-    let resp = open(h.addr, req).await;
+        .await;
     assert_eq!(resp.status(), 200);
     let reader = tokio::spawn(read_stream(resp));
     let engine = std::sync::Arc::new(h.engine);
@@ -710,17 +695,15 @@ async fn graceful_stop_lets_an_in_flight_stream_finish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_after_the_configured_grace_cancels_and_still_records() {
     let h = Gateway::custom(|c| c["shutdown_grace_ms"] = json!(200), |_| {});
-    let req = request(
-        "POST",
-        CHAT,
-        Some("ot-good"),
-        chat(
-            "hi",
-            json!({"stream": true, "mock": {"chunks": 100, "delay_ms": 50}}),
+    let resp = h
+        .open_chat(
+            Some("ot-good"),
+            chat(
+                "hi",
+                json!({"stream": true, "mock": {"chunks": 100, "delay_ms": 50}}),
+            ),
         )
-        .to_string(),
-    );
-    let resp = open(h.addr, req).await;
+        .await;
     let reader =
         tokio::spawn(async move { resp.into_body().collect().await.map(|c| c.to_bytes()) });
     let engine = std::sync::Arc::new(h.engine);
@@ -767,7 +750,7 @@ async fn whole_responses_leave_exactly_one_record_each() {
     }
     // Refused before the body is read: each closes its connection, so one each.
     for _ in 0..5 {
-        let r = post(h.addr, CHAT, Some("ot-unknown"), chat("hi", json!({}))).await;
+        let r = h.ask("ot-unknown", "hi").await;
         assert_eq!(r.status, 401);
         ids.push(r.headers["x-request-id"].to_str().unwrap().to_owned());
     }
@@ -818,7 +801,7 @@ async fn whole_responses_leave_exactly_one_record_each() {
 async fn early_refusals_close_the_connection_and_successes_keep_it() {
     let h = Gateway::start();
     let body = chat("hello", json!({})).to_string();
-    let refused = post(h.addr, CHAT, Some("ot-unknown"), chat("hello", json!({}))).await;
+    let refused = h.ask("ot-unknown", "hello").await;
     assert_eq!(refused.status, 401);
     assert_eq!(refused.headers["connection"], "close");
 

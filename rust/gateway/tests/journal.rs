@@ -14,8 +14,6 @@ use onetoken_gateway::journal_reader::{instance_live, read_segment};
 use onetoken_gateway::{CallRecord, Engine, Error};
 use serde_json::{json, Value};
 
-const CHAT: &str = "/v1/chat/completions";
-
 /// Every journal line of the instance, in write order, as written.
 fn journal_lines(dir: &Path, instance_id: &str) -> Vec<String> {
     journal_tail::segments(dir, instance_id)
@@ -34,8 +32,8 @@ fn lock_path(dir: &Path, instance_id: &str) -> std::path::PathBuf {
     dir.join(format!("journal-{instance_id}.lock"))
 }
 
-fn started(spool: &tempdir::Dir, upstream: &Upstream) -> Result<Engine, Error> {
-    let engine = Engine::new(engine_config(spool.path()))?;
+fn started(spool: &str, upstream: &Upstream) -> Result<Engine, Error> {
+    let engine = Engine::new(engine_config(spool))?;
     engine
         .load_snapshot(
             spec_snapshot(1, upstream.addr, 100_000_000_000)
@@ -52,10 +50,10 @@ async fn records_are_journaled_as_lines_and_stay_after_stop() {
     let id = h.engine.instance_id().to_owned();
     for i in 0..5 {
         let body = chat(CANARY, json!({"stream": i % 2 == 0}));
-        let r = post(h.addr, CHAT, Some("ot-good"), body).await;
+        let r = h.chat_as("ot-good", body).await;
         assert_eq!(r.status, 200);
     }
-    let r = post(h.addr, CHAT, Some("ot-unknown"), chat(CANARY, json!({}))).await;
+    let r = h.ask("ot-unknown", CANARY).await;
     assert_eq!(r.status, 401);
     h.wait_records(6).await;
 
@@ -86,7 +84,7 @@ async fn records_are_journaled_as_lines_and_stay_after_stop() {
     h.assert_no_canary(&recs, &[&r]);
 
     // Stopping deletes nothing and releases the instance: its segments are complete.
-    let late = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    let late = h.ask("ot-good", "hi").await;
     assert_eq!(late.status, 200);
     h.wait_records(7).await;
     h.engine.stop(Duration::from_secs(1));
@@ -147,15 +145,16 @@ async fn a_whole_response_is_journaled_before_its_last_byte_reaches_the_client()
         }
     }
     // No waiting: the record must already be journaled when the client has the body.
-    let lines = journal_lines(&h.spool.0, h.engine.instance_id());
-    assert_eq!(
-        lines.len(),
-        1,
-        "the record is journaled before the last byte"
-    );
-    let rec: Value = serde_json::from_str(&lines[0]).unwrap();
+    let rec = only_journal_line(&h, "the record is journaled before the last byte");
     assert_eq!(rec["status"], 200, "{rec}");
     assert_eq!(rec["streamed"], 0, "{rec}");
+}
+
+/// The one line journaled so far, parsed; `why` says why there must be exactly one.
+fn only_journal_line(h: &Gateway, why: &str) -> Value {
+    let lines = journal_lines(&h.spool.0, h.engine.instance_id());
+    assert_eq!(lines.len(), 1, "{why}");
+    serde_json::from_str(&lines[0]).unwrap()
 }
 
 /// A stream's record is on disk before its terminal event reaches the client, even when
@@ -187,13 +186,7 @@ async fn a_stream_is_journaled_before_its_terminal_event_reaches_the_client() {
         seen.extend_from_slice(&buf[..n]);
     }
     // No waiting: the record must already be journaled when the client has `[DONE]`.
-    let lines = journal_lines(&h.spool.0, h.engine.instance_id());
-    assert_eq!(
-        lines.len(),
-        1,
-        "the record is journaled before [DONE] is sent"
-    );
-    let rec: Value = serde_json::from_str(&lines[0]).unwrap();
+    let rec = only_journal_line(&h, "the record is journaled before [DONE] is sent");
     assert_eq!(rec["status"], 200, "{rec}");
     assert_eq!(rec["streamed"], 1, "{rec}");
     assert!(
@@ -208,7 +201,7 @@ async fn a_stream_is_journaled_before_its_terminal_event_reaches_the_client() {
 fn a_second_engine_on_the_same_spool_dir_fails_to_start() {
     let upstream = Upstream::start();
     let spool = tempdir::Dir::new();
-    let first = started(&spool, &upstream).unwrap();
+    let first = started(spool.path(), &upstream).unwrap();
     let second = Engine::new(engine_config(spool.path())).unwrap();
     let err = second.start().unwrap_err();
     let data_dir = spool.0.parent().unwrap();
@@ -223,11 +216,11 @@ fn a_second_engine_on_the_same_spool_dir_fails_to_start() {
         "the refused engine holds nothing"
     );
     first.stop(Duration::from_secs(1));
-    let third = started(&spool, &upstream).unwrap();
+    let third = started(spool.path(), &upstream).unwrap();
     assert!(third.running());
     // An engine dropped without a stop lets the next one in too.
     drop(third);
-    started(&spool, &upstream).unwrap();
+    started(spool.path(), &upstream).unwrap();
 }
 
 /// The instance lock is held while the engine runs and free after stop or drop; an
@@ -240,14 +233,14 @@ fn the_instance_lock_is_held_while_running() {
     assert!(!instance_live(&lock_path(&spool.0, idle.instance_id())).unwrap());
     drop(idle);
 
-    let stopped = started(&spool, &upstream).unwrap();
+    let stopped = started(spool.path(), &upstream).unwrap();
     let lock = lock_path(&spool.0, stopped.instance_id());
     assert!(instance_live(&lock).unwrap());
     stopped.stop(Duration::from_secs(1));
     assert!(!instance_live(&lock).unwrap());
     assert!(lock.exists(), "the lock file stays for ingestion to remove");
 
-    let dropped = started(&spool, &upstream).unwrap();
+    let dropped = started(spool.path(), &upstream).unwrap();
     let lock = lock_path(&spool.0, dropped.instance_id());
     assert!(instance_live(&lock).unwrap());
     drop(dropped);
@@ -266,15 +259,8 @@ fn journal_child_process() {
     let spool = std::env::var(CHILD_ENV)
         .expect("run only as the child of a_sigkill_loses_no_completed_request");
     let upstream = Upstream::start();
-    let engine = Engine::new(engine_config(&spool)).unwrap();
-    engine
-        .load_snapshot(
-            spec_snapshot(1, upstream.addr, 100_000_000_000)
-                .to_string()
-                .as_bytes(),
-        )
-        .unwrap();
-    let addr = engine.start().unwrap();
+    let engine = started(&spool, &upstream).unwrap();
+    let addr = engine.address().unwrap();
     std::fs::write(Path::new(&spool).join("instance.txt"), engine.instance_id()).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let ids: Vec<String> = rt.block_on(async {
@@ -397,7 +383,7 @@ fn added_latency_one_connection() {
     let mut out = vec![format!("direct p50 {:?} p99 {:?}", direct.0, direct.1)];
     for round in 0..2 {
         let spool = tempdir::Dir::new();
-        let engine = started(&spool, &upstream).unwrap();
+        let engine = started(spool.path(), &upstream).unwrap();
         let addr = engine.address().unwrap();
         let (p50, p99) = run(addr, CHAT, Some("ot-good"), body.clone());
         engine.stop(Duration::from_secs(1));

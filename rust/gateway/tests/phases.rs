@@ -8,8 +8,6 @@ use std::collections::HashMap;
 use harness::*;
 use http_body_util::BodyExt;
 use serde_json::json;
-
-const CHAT: &str = "/v1/chat/completions";
 const PHASES: [&str; 8] = [
     "admit",
     "authenticate",
@@ -45,15 +43,11 @@ async fn settled(h: &Gateway) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_phase_a_request_runs_is_counted() {
     let h = Gateway::custom(|c| c["phase_timing"] = json!(true), |_| {});
-    let whole = post(h.addr, CHAT, Some("ot-good"), chat("hello", json!({}))).await;
+    let whole = h.ask("ot-good", "hello").await;
     assert_eq!(whole.status, 200);
-    let req = request(
-        "POST",
-        CHAT,
-        Some("ot-good"),
-        chat("hello", json!({"stream": true})).to_string(),
-    );
-    let resp = open(h.addr, req).await;
+    let resp = h
+        .open_chat(Some("ot-good"), chat("hello", json!({"stream": true})))
+        .await;
     assert_eq!(resp.status(), 200);
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert!(String::from_utf8_lossy(&body).contains("[DONE]"));
@@ -68,7 +62,7 @@ async fn every_phase_a_request_runs_is_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_key_counts_only_the_phases_it_reached() {
     let h = Gateway::custom(|c| c["phase_timing"] = json!(true), |_| {});
-    let r = post(h.addr, CHAT, Some("ot-unknown"), chat("hello", json!({}))).await;
+    let r = h.ask("ot-unknown", "hello").await;
     assert_eq!(r.status, 401);
     settled(&h).await;
     let seconds = phase_seconds(&h);
@@ -83,7 +77,7 @@ async fn a_refused_key_counts_only_the_phases_it_reached() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn off_by_default_the_counters_stay_zero() {
     let h = Gateway::start();
-    let r = post(h.addr, CHAT, Some("ot-good"), chat("hello", json!({}))).await;
+    let r = h.ask("ot-good", "hello").await;
     assert_eq!(r.status, 200);
     settled(&h).await;
     let seconds = phase_seconds(&h);

@@ -20,8 +20,6 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-const CHAT: &str = "/v1/chat/completions";
-
 /// A self-signed certificate for `localhost` written as PEM files into `dir`.
 struct Cert {
     der: CertificateDer<'static>,
@@ -42,38 +40,10 @@ fn self_signed(dir: &tempdir::Dir) -> Cert {
     }
 }
 
-/// An engine terminating TLS with `cert`, in front of the test upstream (the engine stops
-/// when dropped).
-struct TlsHarness {
-    _engine: Engine,
-    addr: SocketAddr,
-    _upstream: Upstream,
-    _spool: tempdir::Dir,
-}
-
-fn start_tls(cert: &Cert) -> TlsHarness {
-    let upstream = Upstream::start();
-    let spool = tempdir::Dir::new();
-    let mut cfg = engine_config(spool.path());
-    cfg.tls = Some(TlsConfig {
-        cert_path: cert.cert_path.clone(),
-        key_path: cert.key_path.clone(),
-    });
-    let engine = Engine::new(cfg).unwrap();
-    engine
-        .load_snapshot(
-            spec_snapshot(1, upstream.addr, 100_000_000_000)
-                .to_string()
-                .as_bytes(),
-        )
-        .unwrap();
-    let addr = engine.start().unwrap();
-    TlsHarness {
-        _engine: engine,
-        addr,
-        _upstream: upstream,
-        _spool: spool,
-    }
+/// The spec gateway terminating TLS with `cert`.
+fn start_tls(cert: &Cert) -> Gateway {
+    let tls = json!({"cert_path": cert.cert_path, "key_path": cert.key_path});
+    Gateway::builder().config(|c| c["tls"] = tls).start()
 }
 
 /// A TLS client that trusts only `cert` and offers `alpn`.

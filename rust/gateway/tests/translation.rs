@@ -253,7 +253,8 @@ async fn translated_failures_keep_upstream_bodies_out() {
         let events = s.events();
         let last = &events.last().unwrap().1;
         assert_eq!(
-            last["error"]["code"], "upstream_stream_cut",
+            last["error"]["code"],
+            "upstream_stream_cut",
             "{protocol}: {}",
             s.text()
         );

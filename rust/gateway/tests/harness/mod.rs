@@ -25,38 +25,33 @@ pub use snapshots::*;
 pub use upstream::*;
 
 pub const SECRET_HEX: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub const CHAT: &str = "/v1/chat/completions";
 pub const CANARY: &str = "CANARY-e3b0c44298fc-do-not-store";
 
 /// How long a `wait_until` of the harness waits before the test fails.
 pub const WAIT: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(5);
 
+/// One `()` per poll until `timeout` has passed.
+fn polls(timeout: Duration) -> impl Iterator<Item = ()> {
+    let deadline = Instant::now() + timeout;
+    std::iter::from_fn(move || (Instant::now() < deadline).then_some(()))
+}
+
 /// Poll `condition` until it holds; false when `timeout` passed first.
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
+    for () in polls(timeout) {
         if condition() {
             return true;
         }
-        if Instant::now() >= deadline {
-            return false;
-        }
         std::thread::sleep(POLL);
     }
+    condition()
 }
 
 /// [`wait_until`] for async tests: yields to the runtime between polls.
 pub async fn wait_until_async(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    wait_for(timeout, || std::future::ready(condition())).await
 }
 
 /// [`wait_until_async`] with a condition that is itself async (a request, say).
@@ -65,16 +60,13 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + timeout;
-    loop {
+    for () in polls(timeout) {
         if condition().await {
             return true;
         }
-        if Instant::now() >= deadline {
-            return false;
-        }
         tokio::time::sleep(POLL).await;
     }
+    condition().await
 }
 
 pub fn key_hash(key: &str) -> String {
@@ -212,14 +204,8 @@ impl Gateway {
     }
 
     /// The spec gateway with the engine configuration and the snapshot patched.
-    pub fn custom(
-        config: impl FnOnce(&mut Value),
-        snap: impl FnOnce(&mut Value),
-    ) -> Gateway {
-        Self::builder()
-            .config(config)
-            .patch_snapshot(snap)
-            .start()
+    pub fn custom(config: impl FnOnce(&mut Value), snap: impl FnOnce(&mut Value)) -> Gateway {
+        Self::builder().config(config).patch_snapshot(snap).start()
     }
 
     pub fn with_balance(balance: i64) -> Gateway {
@@ -266,6 +252,23 @@ impl Gateway {
     pub async fn take_records(&self, n: u64) -> Vec<CallRecord> {
         self.wait_records(n).await;
         self.records()
+    }
+
+    /// A chat completion of the spec model saying `content`, with `key`.
+    pub async fn ask(&self, key: &str, content: &str) -> Reply {
+        self.chat_as(key, chat(content, json!({}))).await
+    }
+
+    /// POST `body` to the chat path with `key`.
+    pub async fn chat_as(&self, key: &str, body: Value) -> Reply {
+        post(self.addr, CHAT, Some(key), body).await
+    }
+
+    /// POST `body` to the chat path with `key`; the response as it starts (read the body
+    /// yourself, or drop it).
+    pub async fn open_chat(&self, key: Option<&str>, body: Value) -> Response<Incoming> {
+        let req = request("POST", CHAT, key, body.to_string());
+        open(self.addr, req).await
     }
 
     pub fn org_spent(&self, org: &str) -> i64 {
@@ -432,13 +435,7 @@ fn with_headers(mut req: Request<Full<Bytes>>, headers: &[(&str, &str)]) -> Requ
 
 /// A chat request with key `ot-a` (of the routing snapshots).
 pub async fn post_chat(addr: SocketAddr, body: Value) -> Reply {
-    send(
-        addr,
-        "/v1/chat/completions",
-        &[("authorization", "Bearer ot-a")],
-        body,
-    )
-    .await
+    send(addr, CHAT, &[("authorization", "Bearer ot-a")], body).await
 }
 
 pub fn merge(target: &mut Value, extra: Value) {

@@ -102,4 +102,3 @@ pub fn snapshot(
     merge(&mut s, extra);
     s
 }
-

@@ -367,4 +367,3 @@ impl Scripted {
         self.hits.load(Ordering::SeqCst)
     }
 }
-
