@@ -1,129 +1,14 @@
 //! The mock upstream as its clients see it: a real server on port 0, real HTTP clients.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod client;
+
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use client::*;
+use http::StatusCode;
 use onetoken_mock_upstream::{MockDefaults, MockServer};
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
-
-/// What a client saw: status, content type, each body frame with its arrival time, and
-/// whether the body ended with an error (a cut connection).
-struct Reply {
-    status: StatusCode,
-    content_type: String,
-    frames: Vec<(Instant, Bytes)>,
-    body_error: bool,
-    started: Instant,
-}
-
-impl Reply {
-    fn body(&self) -> Vec<u8> {
-        self.frames
-            .iter()
-            .flat_map(|(_, b)| b.iter().copied())
-            .collect()
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body()).expect("JSON body")
-    }
-
-    /// The `data:` payloads of an SSE body, in order.
-    fn events(&self) -> Vec<String> {
-        String::from_utf8(self.body())
-            .unwrap()
-            .split("\n\n")
-            .filter(|e| !e.is_empty())
-            .map(|e| e.strip_prefix("data: ").expect("data: prefix").to_string())
-            .collect()
-    }
-
-    fn chunk_events(&self) -> Vec<Value> {
-        self.events()
-            .iter()
-            .filter(|e| e.as_str() != "[DONE]")
-            .map(|e| serde_json::from_str(e).unwrap())
-            .collect()
-    }
-}
-
-async fn send(
-    server: &MockServer,
-    method: &str,
-    path: &str,
-    body: Option<Vec<u8>>,
-    h2: bool,
-) -> Reply {
-    let stream = TcpStream::connect(server.addr()).await.unwrap();
-    let io = TokioIo::new(stream);
-    let req = Request::builder()
-        .method(method)
-        .uri(format!("http://{}{path}", server.addr()))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .unwrap();
-    let started = Instant::now();
-    let resp = if h2 {
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        sender.send_request(req).await.unwrap()
-    } else {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
-        tokio::spawn(conn);
-        sender.send_request(req).await.unwrap()
-    };
-    let status = resp.status();
-    let content_type = resp
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    let mut body = resp.into_body();
-    let mut frames = Vec::new();
-    let mut body_error = false;
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(frame) => {
-                if let Ok(data) = frame.into_data() {
-                    frames.push((Instant::now(), data));
-                }
-            }
-            Err(_) => {
-                body_error = true;
-                break;
-            }
-        }
-    }
-    Reply {
-        status,
-        content_type,
-        frames,
-        body_error,
-        started,
-    }
-}
-
-async fn post(server: &MockServer, path: &str, body: Value) -> Reply {
-    send(
-        server,
-        "POST",
-        path,
-        Some(serde_json::to_vec(&body).unwrap()),
-        false,
-    )
-    .await
-}
-
-fn start() -> MockServer {
-    MockServer::start("127.0.0.1:0", MockDefaults::default()).unwrap()
-}
 
 fn chat(extra: Value) -> Value {
     let mut body = json!({
@@ -317,6 +202,7 @@ async fn cut_after_drops_the_connection_mid_stream() {
             &server,
             "POST",
             "/v1/chat/completions",
+            &[],
             Some(serde_json::to_vec(&body).unwrap()),
             h2,
         )
@@ -412,6 +298,7 @@ async fn bad_requests_get_openai_errors() {
         &server,
         "POST",
         "/v1/chat/completions",
+        &[],
         Some(b"{not json".to_vec()),
         false,
     )
@@ -436,7 +323,7 @@ async fn bad_requests_get_openai_errors() {
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     assert_eq!(reply.json()["error"]["code"], "not_found");
 
-    let reply = send(&server, "GET", "/v1/chat/completions", None, false).await;
+    let reply = send(&server, "GET", "/v1/chat/completions", &[], None, false).await;
     assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
 }
 
@@ -502,7 +389,9 @@ async fn embeddings_one_vector_per_input() {
 #[tokio::test]
 async fn models_and_health() {
     let server = start();
-    let v = send(&server, "GET", "/v1/models", None, false).await.json();
+    let v = send(&server, "GET", "/v1/models", &[], None, false)
+        .await
+        .json();
     let ids: Vec<_> = v["data"]
         .as_array()
         .unwrap()
@@ -510,7 +399,7 @@ async fn models_and_health() {
         .map(|m| m["id"].clone())
         .collect();
     assert_eq!(ids, vec![json!("mock-gpt"), json!("mock-embed")]);
-    let reply = send(&server, "GET", "/healthz", None, false).await;
+    let reply = send(&server, "GET", "/healthz", &[], None, false).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.json()["status"], "ok");
 }
@@ -519,7 +408,15 @@ async fn models_and_health() {
 async fn http2_prior_knowledge_is_served() {
     let server = start();
     let body = serde_json::to_vec(&chat(json!({"stream": true}))).unwrap();
-    let reply = send(&server, "POST", "/v1/chat/completions", Some(body), true).await;
+    let reply = send(
+        &server,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(body),
+        true,
+    )
+    .await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.chunk_events().len(), 8);
 }
@@ -527,10 +424,10 @@ async fn http2_prior_knowledge_is_served() {
 #[tokio::test]
 async fn request_count_skips_health_probes() {
     let server = start();
-    send(&server, "GET", "/healthz", None, false).await;
+    send(&server, "GET", "/healthz", &[], None, false).await;
     assert_eq!(server.request_count(), 0);
     post(&server, "/v1/chat/completions", chat(json!({}))).await;
-    send(&server, "GET", "/v1/models", None, false).await;
+    send(&server, "GET", "/v1/models", &[], None, false).await;
     post(
         &server,
         "/v1/chat/completions",
