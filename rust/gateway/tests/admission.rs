@@ -361,16 +361,8 @@ async fn concurrency_limit_counts_open_streams_and_frees_on_end() {
         "hi",
         json!({"stream": true, "mock": {"chunks": 3, "delay_ms": 300}}),
     );
-    let s1 = open(
-        h.addr,
-        request("POST", CHAT, Some("ot-good"), slow.to_string()),
-    )
-    .await;
-    let s2 = open(
-        h.addr,
-        request("POST", CHAT, Some("ot-good"), slow.to_string()),
-    )
-    .await;
+    let s1 = open(h.addr, chat_request("ot-good", slow.clone())).await;
+    let s2 = open(h.addr, chat_request("ot-good", slow.clone())).await;
     assert_eq!((s1.status().as_u16(), s2.status().as_u16()), (200, 200));
     let r = h.ask("ot-good", CANARY).await;
     assert_eq!(r.status, 429);
@@ -713,6 +705,12 @@ async fn guard_flag_forwards_and_scans_only_the_chosen_categories() {
 async fn malformed_requests_are_refused_before_anything_is_reserved_or_sent() {
     let h = Gateway::start();
     let user = json!([{"role": "user", "content": CANARY}]);
+    // A valid chat request but for `field`, which the answer must name.
+    let chat_field = |field: &'static str, value: Value| {
+        let mut body = json!({"model": "demo-chat", "messages": user});
+        body[field] = value;
+        (CHAT, body, field)
+    };
     let cases: Vec<(&str, Value, &str)> = vec![
         (CHAT, json!({"model": "demo-chat"}), "messages"),
         (
@@ -732,41 +730,13 @@ async fn malformed_requests_are_refused_before_anything_is_reserved_or_sent() {
         ),
         (CHAT, json!({"messages": user}), "model"),
         (CHAT, json!({"model": 7, "messages": user}), "model"),
-        (
-            CHAT,
-            json!({"model": "demo-chat", "messages": user, "stream": "yes"}),
-            "stream",
-        ),
-        (
-            CHAT,
-            json!({"model": "demo-chat", "messages": user, "max_tokens": -1}),
-            "max_tokens",
-        ),
-        (
-            CHAT,
-            json!({"model": "demo-chat", "messages": user, "max_tokens": 0}),
-            "max_tokens",
-        ),
-        (
-            CHAT,
-            json!({"model": "demo-chat", "messages": user, "max_tokens": 2.5}),
-            "max_tokens",
-        ),
-        (
-            CHAT,
-            json!({"model": "demo-chat", "messages": user, "max_completion_tokens": "9"}),
-            "max_completion_tokens",
-        ),
-        (
-            CHAT,
-            json!({"model": "demo-chat", "messages": user, "n": 0}),
-            "n",
-        ),
-        (
-            CHAT,
-            json!({"model": "demo-chat", "messages": user, "n": 1.5}),
-            "n",
-        ),
+        chat_field("stream", json!("yes")),
+        chat_field("max_tokens", json!(-1)),
+        chat_field("max_tokens", json!(0)),
+        chat_field("max_tokens", json!(2.5)),
+        chat_field("max_completion_tokens", json!("9")),
+        chat_field("n", json!(0)),
+        chat_field("n", json!(1.5)),
         ("/v1/embeddings", json!({"model": "demo-embed"}), "input"),
         (
             "/v1/embeddings",
@@ -868,12 +838,7 @@ async fn n_choices_are_reserved_and_the_output_cap_is_forwarded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relayed_request_is_refused_with_loop_detected() {
     let h = Gateway::start();
-    let mut req = request(
-        "POST",
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({})).to_string(),
-    );
+    let mut req = chat_request("ot-good", chat("hi", json!({})));
     req.headers_mut()
         .insert("x-onetoken-hop", http::HeaderValue::from_static("1"));
     let r = call(h.addr, req).await;
@@ -944,11 +909,7 @@ async fn free_requests_in_flight_are_capped_per_org() {
     // Hold every slot with a slow stream (headers arrive at once, the body later).
     let mut held = Vec::new();
     for _ in 0..UNPRICED_IN_FLIGHT_PER_ORG {
-        let resp = open(
-            h.addr,
-            request("POST", CHAT, Some("ot-good"), body.to_string()),
-        )
-        .await;
+        let resp = open(h.addr, chat_request("ot-good", body.clone())).await;
         assert_eq!(resp.status(), 200);
         held.push(resp);
     }

@@ -478,12 +478,7 @@ async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
         |c| c["trusted_proxies"] = json!(["10.0.0.0/8"]),
         |s| s["blocked_ips"] = json!([{"cidr": "127.0.0.1", "until": 4_000_000_000i64}]),
     );
-    let mut req = request(
-        "POST",
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({})).to_string(),
-    );
+    let mut req = chat_request("ot-good", chat("hi", json!({})));
     req.headers_mut()
         .insert("x-forwarded-for", "203.0.113.50".parse().unwrap());
     let r = call(h.addr, req).await;
@@ -502,12 +497,7 @@ async fn forwarded_for_from_a_trusted_proxy_names_the_client() {
         |s| s["blocked_ips"] = json!([{"cidr": "198.51.100.0/24", "until": 4_000_000_000i64}]),
     );
     let send = |xff: &'static str| {
-        let mut req = request(
-            "POST",
-            CHAT,
-            Some("ot-good"),
-            chat("hi", json!({})).to_string(),
-        );
+        let mut req = chat_request("ot-good", chat("hi", json!({})));
         req.headers_mut()
             .insert("x-forwarded-for", xff.parse().unwrap());
         call(h.addr, req)

@@ -380,15 +380,7 @@ async fn read_stream(resp: http::Response<hyper::body::Incoming>) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_is_relayed_chunk_by_chunk() {
     let h = Gateway::start();
-    let resp = h
-        .open_chat(
-            Some("ot-good"),
-            chat(
-                "hi",
-                json!({"stream": true, "mock": {"chunks": 5, "delay_ms": 150}}),
-            ),
-        )
-        .await;
+    let resp = h.open_stream(json!({"chunks": 5, "delay_ms": 150})).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut body = resp.into_body();
@@ -436,7 +428,13 @@ async fn stream_is_relayed_chunk_by_chunk() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_keeps_usage_when_the_client_asked() {
     let h = Gateway::start();
-    let req = request("POST", CHAT, Some("ot-good"), chat("hi", json!({"stream": true, "stream_options": {"include_usage": true}, "mock": {"chunks": 2}})).to_string());
+    let req = chat_request(
+        "ot-good",
+        chat(
+            "hi",
+            json!({"stream": true, "stream_options": {"include_usage": true}, "mock": {"chunks": 2}}),
+        ),
+    );
     let all = read_stream(open(h.addr, req).await).await;
     assert!(all.contains("\"choices\":[]"), "usage-only chunk kept");
     assert!(all.contains("\"usage\""));
@@ -661,15 +659,7 @@ async fn exactly_one_record_per_request_under_concurrency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_lets_an_in_flight_stream_finish() {
     let h = Gateway::start();
-    let resp = h
-        .open_chat(
-            Some("ot-good"),
-            chat(
-                "hi",
-                json!({"stream": true, "mock": {"chunks": 6, "delay_ms": 50}}),
-            ),
-        )
-        .await;
+    let resp = h.open_stream(json!({"chunks": 6, "delay_ms": 50})).await;
     assert_eq!(resp.status(), 200);
     let reader = tokio::spawn(read_stream(resp));
     let engine = std::sync::Arc::new(h.engine);
@@ -695,15 +685,7 @@ async fn graceful_stop_lets_an_in_flight_stream_finish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_after_the_configured_grace_cancels_and_still_records() {
     let h = Gateway::custom(|c| c["shutdown_grace_ms"] = json!(200), |_| {});
-    let resp = h
-        .open_chat(
-            Some("ot-good"),
-            chat(
-                "hi",
-                json!({"stream": true, "mock": {"chunks": 100, "delay_ms": 50}}),
-            ),
-        )
-        .await;
+    let resp = h.open_stream(json!({"chunks": 100, "delay_ms": 50})).await;
     let reader =
         tokio::spawn(async move { resp.into_body().collect().await.map(|c| c.to_bytes()) });
     let engine = std::sync::Arc::new(h.engine);
@@ -735,12 +717,7 @@ async fn whole_responses_leave_exactly_one_record_each() {
     tokio::spawn(conn);
     let mut ids = Vec::new();
     for _ in 0..15 {
-        let req = request(
-            "POST",
-            CHAT,
-            Some("ot-good"),
-            chat("hi", json!({})).to_string(),
-        );
+        let req = chat_request("ot-good", chat("hi", json!({})));
         // The connection takes the next request only once it has finished the last
         // response, which may be after its body was read here.
         sender.ready().await.unwrap();
@@ -765,12 +742,7 @@ async fn whole_responses_leave_exactly_one_record_each() {
     assert_eq!(h.engine.stats().in_flight, 0);
 
     // Gone before the upstream answers: the request is dropped with its body unsent.
-    let req = request(
-        "POST",
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({"mock": {"latency_ms": 300}})).to_string(),
-    );
+    let req = chat_request("ot-good", chat("hi", json!({"mock": {"latency_ms": 300}})));
     let forwarded = h.upstream().requests() + 1;
     let pending = tokio::spawn(open(h.addr, req));
     assert!(wait_until_async(WAIT, || h.upstream().requests() >= forwarded).await);

@@ -104,18 +104,11 @@ async fn records_are_journaled_as_lines_and_stay_after_stop() {
 /// right after the client read its answer must not lose the record of that call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_response_is_journaled_before_its_last_byte_reaches_the_client() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
 
     let h = Gateway::start();
     let body = chat("hi", json!({})).to_string();
-    let mut conn = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let head = format!(
-        "POST {CHAT} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer ot-good\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).await.unwrap();
-    conn.write_all(body.as_bytes()).await.unwrap();
+    let mut conn = send_raw(&h, &body).await;
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -150,6 +143,20 @@ async fn a_whole_response_is_journaled_before_its_last_byte_reaches_the_client()
     assert_eq!(rec["streamed"], 0, "{rec}");
 }
 
+/// A chat request written byte by byte, for a test that reads the answer off the socket.
+async fn send_raw(h: &Gateway, body: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut conn = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let head = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer ot-good\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(body.as_bytes()).await.unwrap();
+    conn
+}
+
 /// The one line journaled so far, parsed; `why` says why there must be exactly one.
 fn only_journal_line(h: &Gateway, why: &str) -> Value {
     let lines = journal_lines(&h.spool.0, h.engine.instance_id());
@@ -162,18 +169,11 @@ fn only_journal_line(h: &Gateway, why: &str) -> Value {
 /// `[DONE]` must not lose the record of a call the client saw complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_is_journaled_before_its_terminal_event_reaches_the_client() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
 
     let h = Gateway::start();
     let body = chat("hi", json!({"stream": true, "mock": {"linger_ms": 5000}})).to_string();
-    let mut conn = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let head = format!(
-        "POST {CHAT} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer ot-good\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).await.unwrap();
-    conn.write_all(body.as_bytes()).await.unwrap();
+    let mut conn = send_raw(&h, &body).await;
     let started = std::time::Instant::now();
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];

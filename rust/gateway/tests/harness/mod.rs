@@ -271,6 +271,13 @@ impl Gateway {
         open(self.addr, req).await
     }
 
+    /// Open a stream of the spec model with key `ot-good`, the upstream driven by `mock`
+    /// (chunks, delay_ms, ...).
+    pub async fn open_stream(&self, mock: Value) -> Response<Incoming> {
+        let body = chat("hi", json!({"stream": true, "mock": mock}));
+        self.open_chat(Some("ot-good"), body).await
+    }
+
     pub fn org_spent(&self, org: &str) -> i64 {
         self.engine
             .org_spend()
@@ -373,6 +380,11 @@ pub fn request(
         b = b.header("authorization", format!("Bearer {k}"));
     }
     b.body(Full::new(body.into())).unwrap()
+}
+
+/// A chat request with `key`.
+pub fn chat_request(key: &str, body: Value) -> Request<Full<Bytes>> {
+    request("POST", CHAT, Some(key), body.to_string())
 }
 
 /// The whole response; a body the gateway cuts short is what arrived before the cut.
