@@ -144,13 +144,7 @@ async fn not_before_refuses_until_the_time() {
     let r = h.ask("ot-good", CANARY).await;
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["code"], "key_not_yet_valid");
-    let ok = post(
-        h.addr,
-        "/v1/embeddings",
-        Some("ot-embed-only"),
-        json!({"model": "demo-embed", "input": "x"}),
-    )
-    .await;
+    let ok = h.embed("ot-embed-only", "x").await;
     assert_eq!(ok.status, 200);
     h.wait_records(2).await;
     let recs = h.records();
@@ -287,13 +281,7 @@ async fn rpm_limit_refuses_with_headers_and_records_limited() {
         .all(|(_, _, reserved)| *reserved == 0));
     h.assert_no_canary(&recs, &[&r]);
     // Another key of the same org is not affected.
-    let other = post(
-        h.addr,
-        "/v1/embeddings",
-        Some("ot-embed-only"),
-        json!({"model": "demo-embed", "input": "x"}),
-    )
-    .await;
+    let other = h.embed("ot-embed-only", "x").await;
     assert_eq!(other.status, 200);
 }
 
@@ -430,13 +418,7 @@ async fn concurrent_clients_never_exceed_rpm_or_concurrency() {
     );
     // Every slot was given back and nothing stays reserved.
     for _ in 0..5 {
-        let again = post(
-            h.addr,
-            "/v1/embeddings",
-            Some("ot-embed-only"),
-            json!({"model": "demo-embed", "input": "x"}),
-        )
-        .await;
+        let again = h.embed("ot-embed-only", "x").await;
         assert_eq!(again.status, 200);
     }
     assert!(h

@@ -1,17 +1,11 @@
 //! The shared fixtures in tests/contract/ parse and agree with the Rust side.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
+mod harness;
 
+use harness::{assert_unknown_fields_refused, fixture};
 use onetoken_gateway::{hash_key, Engine, EngineConfig, Error, SnapshotDoc};
 use serde_json::Value;
-
-fn fixture(name: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/contract")
-        .join(name);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
 
 #[test]
 fn key_hash_vectors() {
@@ -70,16 +64,12 @@ fn snapshot_fixture_parses_and_loads() {
 fn snapshot_with_unknown_field_is_rejected_naming_it() {
     let cfg = EngineConfig::from_json(&fixture("engine_config.json")).unwrap();
     let engine = Engine::new(cfg).unwrap();
-    for pointer in ["", "/orgs/0", "/keys/0", "/providers/0", "/models/0"] {
-        let mut v: Value = serde_json::from_slice(&fixture("snapshot.json")).unwrap();
-        v["version"] = Value::from(5);
-        v.pointer_mut(pointer).unwrap()["surprise_field"] = Value::from(1);
-        let err = engine.load_snapshot(v.to_string().as_bytes()).unwrap_err();
-        assert!(
-            matches!(&err, Error::Config(m) if m.contains("surprise_field")),
-            "{pointer}: {err}"
-        );
-    }
+    assert_unknown_fields_refused(
+        &engine,
+        "snapshot.json",
+        5,
+        &["", "/orgs/0", "/keys/0", "/providers/0", "/models/0"],
+    );
     assert_eq!(
         engine.stats().snapshot_version,
         0,
@@ -175,23 +165,19 @@ fn full_snapshot_fixture_parses_with_every_admission_field() {
 fn admission_objects_reject_unknown_fields_by_name() {
     let cfg = EngineConfig::from_json(&fixture("engine_config.json")).unwrap();
     let engine = Engine::new(cfg).unwrap();
-    for pointer in [
-        "/orgs/0/limits",
-        "/orgs/0/usage",
-        "/orgs/0/guard",
-        "/keys/0/limits",
-        "/keys/0/usage",
-        "/blocked_ips/0",
-    ] {
-        let mut v: Value = serde_json::from_slice(&fixture("snapshot_full.json")).unwrap();
-        v["version"] = Value::from(50);
-        v.pointer_mut(pointer).unwrap()["surprise_field"] = Value::from(1);
-        let err = engine.load_snapshot(v.to_string().as_bytes()).unwrap_err();
-        assert!(
-            matches!(&err, Error::Config(m) if m.contains("surprise_field")),
-            "{pointer}: {err}"
-        );
-    }
+    assert_unknown_fields_refused(
+        &engine,
+        "snapshot_full.json",
+        50,
+        &[
+            "/orgs/0/limits",
+            "/orgs/0/usage",
+            "/orgs/0/guard",
+            "/keys/0/limits",
+            "/keys/0/usage",
+            "/blocked_ips/0",
+        ],
+    );
 }
 
 #[test]

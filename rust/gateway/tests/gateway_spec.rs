@@ -340,13 +340,7 @@ async fn missing_usage_is_estimated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embeddings_and_model_list() {
     let h = Gateway::start();
-    let r = post(
-        h.addr,
-        "/v1/embeddings",
-        Some("ot-embed-only"),
-        json!({"model": "demo-embed", "input": "abc"}),
-    )
-    .await;
+    let r = h.embed("ot-embed-only", "abc").await;
     assert_eq!(r.status, 200);
     let models = call(
         h.addr,
@@ -354,12 +348,7 @@ async fn embeddings_and_model_list() {
     )
     .await;
     assert_eq!(models.status, 200);
-    let ids: Vec<String> = models.json()["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_owned())
-        .collect();
+    let ids = models.model_ids();
     assert_eq!(ids, vec!["demo-embed"]);
     let all = call(h.addr, request("GET", "/v1/models", Some("ot-good"), "")).await;
     assert_eq!(all.json()["data"].as_array().unwrap().len(), 2);

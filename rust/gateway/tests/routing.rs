@@ -10,7 +10,6 @@
 
 mod harness;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use harness::*;
@@ -244,10 +243,10 @@ async fn a_provider_at_max_concurrency_is_skipped_or_refused_with_429() {
         .await
         .unwrap();
     assert_eq!(held.status(), 200);
-    let busy = post_chat(fleet.addr, chat_body("solo", "hi", json!({}))).await;
+    let busy = fleet.ask_model("solo").await;
     assert_eq!(busy.status, 429);
     assert_eq!(busy.json()["error"]["code"], "upstream_busy");
-    let other = post_chat(fleet.addr, chat_body("duo", "hi", json!({}))).await;
+    let other = fleet.ask_model("duo").await;
     assert_eq!(other.status, 200);
     drop(held);
     drop(sender);
@@ -314,28 +313,13 @@ async fn strategies_order_deployments_and_aliases_resolve() {
     );
     let fleet = Gateway::serving(snap);
     for model in ["cheap", "bargain"] {
-        assert_eq!(
-            post_chat(fleet.addr, chat_body(model, "hi", json!({})))
-                .await
-                .status,
-            200
-        );
+        assert_eq!(fleet.ask_model(model).await.status, 200);
     }
     for _ in 0..8 {
-        assert_eq!(
-            post_chat(fleet.addr, chat_body("weighted", "hi", json!({})))
-                .await
-                .status,
-            200
-        );
+        assert_eq!(fleet.ask_model("weighted").await.status, 200);
     }
     for _ in 0..6 {
-        assert_eq!(
-            post_chat(fleet.addr, chat_body("fast", "hi", json!({})))
-                .await
-                .status,
-            200
-        );
+        assert_eq!(fleet.ask_model("fast").await.status, 200);
     }
     let recs = fleet.take_records(16).await;
     assert_eq!(recs[0].provider, "prov_b", "lowest price first");
@@ -357,12 +341,7 @@ async fn strategies_order_deployments_and_aliases_resolve() {
         &[("authorization", "Bearer ot-a")],
     )
     .await;
-    let ids: Vec<String> = models.json()["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_owned())
-        .collect();
+    let ids = models.model_ids();
     assert_eq!(ids, ["cheap", "weighted", "fast", "bargain"]);
 }
 
@@ -482,7 +461,7 @@ async fn each_policy_kind_blocks_exactly_its_providers_and_models_agree() {
             .load_snapshot(snap.to_string().as_bytes())
             .unwrap();
         let before: u64 = ups.iter().map(|u| u.request_count()).sum();
-        let r = post_chat(fleet.addr, chat_body("chat", "hi", json!({}))).await;
+        let r = fleet.ask_model("chat").await;
         let listed = model_ids(&fleet, "ot-a").await.contains(&"chat".to_owned());
         let recs = fleet.take_records(0).await;
         let rec = recs
@@ -528,7 +507,7 @@ async fn org_scoped_deployments_are_invisible_to_other_orgs() {
         json!({}),
         json!({}),
     ));
-    let a = post_chat(fleet.addr, chat_body("private", "hi", json!({}))).await;
+    let a = fleet.ask_model("private").await;
     assert_eq!(a.status, 404);
     assert_eq!(a.json()["error"]["code"], "model_not_found");
     let b = send(
@@ -547,13 +526,6 @@ async fn org_scoped_deployments_are_invisible_to_other_orgs() {
         .contains(&"private".to_owned()));
 }
 
-fn fixture(name: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/contract")
-        .join(name);
-    std::fs::read(&path).unwrap()
-}
-
 fn bare_engine() -> Engine {
     let dir =
         std::env::temp_dir().join(format!("onetoken-contract-{:016x}", rand::random::<u64>()));
@@ -570,23 +542,19 @@ fn snapshot_v2_providers_deployments_routes_and_routing() {
         2
     );
     // Unknown fields are refused, naming the field, in every new object.
-    for pointer in [
-        "/providers/0",
-        "/models/0",
-        "/routes/0",
-        "/routing",
-        "/orgs/0/policy",
-        "/keys/0/policy",
-    ] {
-        let mut v: Value = serde_json::from_slice(&fixture("snapshot_full.json")).unwrap();
-        v["version"] = Value::from(10);
-        v.pointer_mut(pointer).unwrap()["surprise_field"] = Value::from(1);
-        let err = engine.load_snapshot(v.to_string().as_bytes()).unwrap_err();
-        assert!(
-            matches!(&err, Error::Config(m) if m.contains("surprise_field")),
-            "{pointer}: {err}"
-        );
-    }
+    assert_unknown_fields_refused(
+        &engine,
+        "snapshot_full.json",
+        10,
+        &[
+            "/providers/0",
+            "/models/0",
+            "/routes/0",
+            "/routing",
+            "/orgs/0/policy",
+            "/keys/0/policy",
+        ],
+    );
     // Semantic checks: the entry at fault is left out and reported (kind, id, field,
     // reason); the rest of the snapshot serves.
     type Patch = Box<dyn Fn(&mut Value)>;

@@ -91,6 +91,29 @@ pub fn engine_config_json(spool_dir: &str) -> Value {
     })
 }
 
+/// A file of `tests/contract` (the fixtures Rust and Python both read).
+pub fn fixture(name: &str) -> Vec<u8> {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/contract")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The fixture snapshot `name` as `version`, with a field nobody knows added to the
+/// object at each of `pointers` in turn, is refused with an error naming the field.
+pub fn assert_unknown_fields_refused(engine: &Engine, name: &str, version: u64, pointers: &[&str]) {
+    for pointer in pointers {
+        let mut v: Value = serde_json::from_slice(&fixture(name)).unwrap();
+        v["version"] = Value::from(version);
+        v.pointer_mut(pointer).unwrap()["surprise_field"] = Value::from(1);
+        let err = engine.load_snapshot(v.to_string().as_bytes()).unwrap_err();
+        assert!(
+            matches!(&err, onetoken_gateway::Error::Config(m) if m.contains("surprise_field")),
+            "{pointer}: {err}"
+        );
+    }
+}
+
 pub mod tempdir {
     /// A unique directory under the system temp dir, removed on drop.
     pub struct Dir(pub std::path::PathBuf);
@@ -259,6 +282,17 @@ impl Gateway {
         self.chat_as(key, chat(content, json!({}))).await
     }
 
+    /// Embeddings of `input` by the spec model, with `key`.
+    pub async fn embed(&self, key: &str, input: &str) -> Reply {
+        let body = json!({"model": "demo-embed", "input": input});
+        post(self.addr, "/v1/embeddings", Some(key), body).await
+    }
+
+    /// "hi" to `model` with key `ot-a` (of the routing snapshots).
+    pub async fn ask_model(&self, model: &str) -> Reply {
+        post_chat(self.addr, chat_body(model, "hi", json!({}))).await
+    }
+
     /// POST `body` to the chat path with `key`.
     pub async fn chat_as(&self, key: &str, body: Value) -> Reply {
         post(self.addr, CHAT, Some(key), body).await
@@ -331,6 +365,16 @@ impl Reply {
 
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The `id`s of a `/v1/models` answer, in order.
+    pub fn model_ids(&self) -> Vec<String> {
+        self.json()["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect()
     }
 
     /// `data:` payloads of an SSE body (JSON ones parsed; `[DONE]` as a string).
