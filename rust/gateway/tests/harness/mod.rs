@@ -489,9 +489,14 @@ fn with_headers(mut req: Request<Full<Bytes>>, headers: &[(&str, &str)]) -> Requ
     req
 }
 
+/// POST `body` to `path` with key `ot-a` (of the routing snapshots).
+pub async fn send_a(addr: SocketAddr, path: &str, body: Value) -> Reply {
+    send(addr, path, &[("authorization", "Bearer ot-a")], body).await
+}
+
 /// A chat request with key `ot-a` (of the routing snapshots).
 pub async fn post_chat(addr: SocketAddr, body: Value) -> Reply {
-    send(addr, CHAT, &[("authorization", "Bearer ot-a")], body).await
+    send_a(addr, CHAT, body).await
 }
 
 pub fn merge(target: &mut Value, extra: Value) {
