@@ -119,6 +119,11 @@ impl CategorySet {
         CategorySet((1 << Category::ALL.len()) - 1)
     }
 
+    /// The categories whose bits (in [`Category::ALL`] order) are set in `bits`.
+    pub const fn from_bits(bits: u8) -> Self {
+        CategorySet(bits & Self::all().0)
+    }
+
     /// Just `category`.
     pub const fn only(category: Category) -> Self {
         CategorySet(category.bit())

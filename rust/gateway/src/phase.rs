@@ -40,6 +40,18 @@ pub(crate) enum Phase {
     Record,
 }
 
+/// The phases' names in `/metrics`, in request order (the order of [`Phase`]).
+pub const PHASE_NAMES: [&str; 8] = [
+    "admit",
+    "authenticate",
+    "route",
+    "reserve",
+    "forward",
+    "relay",
+    "settle",
+    "record",
+];
+
 impl Phase {
     pub(crate) const ALL: [Phase; 8] = [
         Phase::Admit,
@@ -53,16 +65,7 @@ impl Phase {
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Phase::Admit => "admit",
-            Phase::Authenticate => "authenticate",
-            Phase::Route => "route",
-            Phase::Reserve => "reserve",
-            Phase::Forward => "forward",
-            Phase::Relay => "relay",
-            Phase::Settle => "settle",
-            Phase::Record => "record",
-        }
+        PHASE_NAMES[self as usize]
     }
 }
 

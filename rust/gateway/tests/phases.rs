@@ -7,17 +7,8 @@ use std::collections::HashMap;
 
 use harness::*;
 use http_body_util::BodyExt;
+use onetoken_gateway::PHASE_NAMES;
 use serde_json::json;
-const PHASES: [&str; 8] = [
-    "admit",
-    "authenticate",
-    "route",
-    "reserve",
-    "forward",
-    "relay",
-    "settle",
-    "record",
-];
 
 fn phase_seconds(h: &Gateway) -> HashMap<String, f64> {
     let text = h.engine.metrics_text();
@@ -53,8 +44,8 @@ async fn every_phase_a_request_runs_is_counted() {
     assert!(String::from_utf8_lossy(&body).contains("[DONE]"));
     settled(&h).await;
     let seconds = phase_seconds(&h);
-    assert_eq!(seconds.len(), PHASES.len(), "{seconds:?}");
-    for phase in PHASES {
+    assert_eq!(seconds.len(), PHASE_NAMES.len(), "{seconds:?}");
+    for phase in PHASE_NAMES {
         assert!(seconds[phase] > 0.0, "{phase}: {seconds:?}");
     }
 }
@@ -81,6 +72,6 @@ async fn off_by_default_the_counters_stay_zero() {
     assert_eq!(r.status, 200);
     settled(&h).await;
     let seconds = phase_seconds(&h);
-    assert_eq!(seconds.len(), PHASES.len(), "{seconds:?}");
+    assert_eq!(seconds.len(), PHASE_NAMES.len(), "{seconds:?}");
     assert!(seconds.values().all(|s| *s == 0.0), "{seconds:?}");
 }

@@ -495,13 +495,21 @@ async fn an_upstream_error_event_mid_stream_never_reaches_the_client() {
 async fn responses_api_is_passed_through_and_metered() {
     let (up, o) = (mock(), mock());
     let fleet = fleet_for("anthropic", &up, &o);
-    let r = send_a(fleet.addr, "/v1/responses", json!({"model": "m-openai", "input": "hi there"}))
+    let r = send_a(
+        fleet.addr,
+        "/v1/responses",
+        json!({"model": "m-openai", "input": "hi there"}),
+    )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
     assert_eq!(v["object"], "response");
     assert_eq!(v["output"][0]["content"][0]["text"], TEXT);
-    let r = send_a(fleet.addr, "/v1/responses", json!({"model": "m-openai", "input": "hi there", "stream": true}))
+    let r = send_a(
+        fleet.addr,
+        "/v1/responses",
+        json!({"model": "m-openai", "input": "hi there", "stream": true}),
+    )
     .await;
     let events = r.events();
     assert_eq!(events[0].0.as_deref(), Some("response.created"));
@@ -516,14 +524,22 @@ async fn responses_api_is_passed_through_and_metered() {
         .collect();
     assert_eq!(text, TEXT);
     // A cut Responses stream is estimated from the relayed deltas.
-    let c = send_a(fleet.addr, "/v1/responses", json!({"model": "m-openai", "input": "hi there", "stream": true, "mock": {"cut_after": 3}}))
+    let c = send_a(
+        fleet.addr,
+        "/v1/responses",
+        json!({"model": "m-openai", "input": "hi there", "stream": true, "mock": {"cut_after": 3}}),
+    )
     .await;
     assert_eq!(
         c.events().last().unwrap().1["error"]["code"],
         "upstream_stream_cut"
     );
     // A model only an Anthropic provider serves cannot answer the Responses API.
-    let n = send_a(fleet.addr, "/v1/responses", json!({"model": "m", "input": "hi"}))
+    let n = send_a(
+        fleet.addr,
+        "/v1/responses",
+        json!({"model": "m", "input": "hi"}),
+    )
     .await;
     assert_eq!(n.status, 404);
     let recs = fleet.take_records(4).await;
