@@ -34,6 +34,8 @@ mod snapshot;
 pub mod sse;
 pub mod tokens;
 mod upstream;
+#[doc(hidden)]
+pub mod xorshift;
 
 pub use auth::hash_key;
 pub use config::{EngineConfig, PreviousSecret, TlsConfig};
