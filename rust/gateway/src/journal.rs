@@ -449,30 +449,7 @@ mod tests {
     fn cost_per_record() {
         use crate::records::{CallRecord, Records};
         let d = dir();
-        let rec = CallRecord {
-            ts: 1_780_000_000_000_000,
-            request_id: "req_0123456789abcdef0000000042".into(),
-            org_id: "org_0123456789".into(),
-            account_id: "acc_0123456789".into(),
-            key_id: "key_0123456789".into(),
-            path: "/v1/chat/completions",
-            model_requested: "gpt-4o-mini".into(),
-            model_served: "gpt-4o-mini-2024-07-18".into(),
-            provider: "prov_openai".into(),
-            prompt_tokens: 1234,
-            completion_tokens: 567,
-            usage_source: "upstream",
-            cost: 123_456_789,
-            status: 200,
-            latency_us: 456_789,
-            ttfb_us: 12_345,
-            streamed: 1,
-            source_ip: "203.0.113.77".into(),
-            user_agent: "OpenAI/Python 1.54.0".into(),
-            rate_limit: "pass",
-            attempts: 1,
-            ..CallRecord::default()
-        };
+        let rec = CallRecord::sample(42);
         const N: u32 = 20_000;
         let mut buf = Vec::with_capacity(1024);
         let t = Instant::now();

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use harness::*;
 use onetoken_gateway::journal_reader::{instance_live, read_segment};
-use onetoken_gateway::{CallRecord, Engine, Error};
+use onetoken_gateway::{Engine, Error};
 use serde_json::{json, Value};
 
 /// Every journal line of the instance, in write order, as written.
@@ -78,7 +78,7 @@ async fn records_are_journaled_as_lines_and_stay_after_stop() {
     for line in &lines {
         let v: Value = serde_json::from_str(line).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-        assert_eq!(keys.len(), CallRecord::COLUMNS.len());
+        assert_eq!(keys.len(), onetoken_gateway::journal_reader::COLUMNS.len());
         assert!(v["ts"].is_i64());
     }
     h.assert_no_canary(&recs, &[&r]);
