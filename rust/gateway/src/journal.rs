@@ -212,6 +212,16 @@ mod tests {
     use super::*;
     use crate::journal_reader::{instance_live, read_segment};
 
+    /// `ids` are `req_{thread}_{i}` for every thread and i, each exactly once.
+    fn assert_each_written_once(mut ids: Vec<String>, threads: u64, each: u64) {
+        ids.sort();
+        let mut expected: Vec<String> = (0..threads)
+            .flat_map(|t| (0..each).map(move |i| format!("req_{t}_{i}")))
+            .collect();
+        expected.sort();
+        assert_eq!(ids, expected);
+    }
+
     fn dir() -> PathBuf {
         let p =
             std::env::temp_dir().join(format!("onetoken-journal-{:016x}", rand::random::<u64>()));
@@ -361,12 +371,7 @@ mod tests {
             assert_eq!(read.bad_lines, 0);
             ids.extend(read.records.into_iter().map(|r| r.request_id));
         }
-        ids.sort();
-        let mut expected: Vec<String> = (0..THREADS)
-            .flat_map(|t| (0..EACH).map(move |i| format!("req_{t}_{i}")))
-            .collect();
-        expected.sort();
-        assert_eq!(ids, expected);
+        assert_each_written_once(ids, THREADS, EACH);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -433,13 +438,7 @@ mod tests {
             writing.store(false, Ordering::Release);
             reader.join().unwrap()
         });
-        let mut ids = ids;
-        ids.sort();
-        let mut expected: Vec<String> = (0..THREADS)
-            .flat_map(|t| (0..EACH).map(move |i| format!("req_{t}_{i}")))
-            .collect();
-        expected.sort();
-        assert_eq!(ids, expected);
+        assert_each_written_once(ids, THREADS, EACH);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
