@@ -274,11 +274,7 @@ async fn rpm_limit_refuses_with_headers_and_records_limited() {
     assert_eq!(recs[3].status, 429);
     assert_eq!(recs[3].cost, 0);
     // A limited request holds nothing.
-    assert!(h
-        .engine
-        .org_spend()
-        .iter()
-        .all(|(_, _, reserved)| *reserved == 0));
+    h.assert_nothing_reserved();
     h.assert_no_canary(&recs, &[&r]);
     // Another key of the same org is not affected.
     let other = h.embed("ot-embed-only", "x").await;
@@ -421,11 +417,7 @@ async fn concurrent_clients_never_exceed_rpm_or_concurrency() {
         let again = h.embed("ot-embed-only", "x").await;
         assert_eq!(again.status, 200);
     }
-    assert!(h
-        .engine
-        .org_spend()
-        .iter()
-        .all(|(_, _, reserved)| *reserved == 0));
+    h.assert_nothing_reserved();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -653,11 +645,7 @@ async fn guard_block_names_only_the_categories() {
     );
     h.assert_no_canary(&recs, &[&r, &e]);
     // A blocked request held nothing.
-    assert!(h
-        .engine
-        .org_spend()
-        .iter()
-        .all(|(_, _, reserved)| *reserved == 0));
+    h.assert_nothing_reserved();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -531,11 +531,7 @@ async fn proxy_protocol_v2_names_the_client_for_a_trusted_balancer() {
         },
         |s| s["blocked_ips"] = json!([{"cidr": "198.51.100.7", "until": 4_000_000_000i64}]),
     );
-    let body = chat("hi", json!({})).to_string();
-    let http = format!(
-        "POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ot-good\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+    let http = raw_chat();
     let ok = raw(
         h.addr,
         &[proxy_v2([203, 0, 113, 7], 5000), http.clone().into_bytes()].concat(),
@@ -555,6 +551,15 @@ async fn proxy_protocol_v2_names_the_client_for_a_trusted_balancer() {
     assert_eq!(recs[1].source_ip, "198.51.100.7");
 }
 
+/// A whole HTTP/1.1 chat request with key `ot-good` that closes its connection.
+fn raw_chat() -> String {
+    let body = chat("hi", json!({})).to_string();
+    format!(
+        "POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ot-good\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_from_an_untrusted_peer_is_ignored() {
     let h = Gateway::custom(
@@ -564,11 +569,7 @@ async fn proxy_protocol_from_an_untrusted_peer_is_ignored() {
         },
         |_| {},
     );
-    let body = chat("hi", json!({})).to_string();
-    let http = format!(
-        "POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ot-good\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+    let http = raw_chat();
     let ok = raw(
         h.addr,
         &[proxy_v2([203, 0, 113, 7], 5000), http.into_bytes()].concat(),

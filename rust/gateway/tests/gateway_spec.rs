@@ -200,19 +200,13 @@ async fn request_errors_never_reach_the_upstream() {
     assert_eq!(not_object.json()["error"]["code"], "invalid_request");
 
     let unknown_model = h
-        .chat_as(
-            "ot-good",
-            json!({"model": CANARY, "messages": [{"role": "user", "content": "x"}]}),
-        )
+        .chat_as("ot-good", chat_body(CANARY, "x", json!({})))
         .await;
     assert_eq!(unknown_model.status, 404);
     assert_eq!(unknown_model.json()["error"]["code"], "model_not_found");
 
     let wrong_kind = h
-        .chat_as(
-            "ot-good",
-            json!({"model": "demo-embed", "messages": [{"role": "user", "content": "x"}]}),
-        )
+        .chat_as("ot-good", chat_body("demo-embed", "x", json!({})))
         .await;
     assert_eq!(wrong_kind.status, 404);
 

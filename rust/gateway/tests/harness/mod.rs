@@ -312,6 +312,15 @@ impl Gateway {
         self.open_chat(Some("ot-good"), body).await
     }
 
+    /// No org has money reserved (every request settled or released its hold).
+    pub fn assert_nothing_reserved(&self) {
+        let spend = self.engine.org_spend();
+        assert!(
+            spend.iter().all(|(_, _, reserved)| *reserved == 0),
+            "{spend:?}"
+        );
+    }
+
     pub fn org_spent(&self, org: &str) -> i64 {
         self.engine
             .org_spend()
