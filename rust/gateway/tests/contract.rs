@@ -7,6 +7,11 @@ use harness::{assert_unknown_fields_refused, fixture};
 use onetoken_gateway::{hash_key, Engine, EngineConfig, Error, SnapshotDoc};
 use serde_json::Value;
 
+/// An engine on the contract's engine config.
+fn contract_engine() -> Engine {
+    Engine::new(EngineConfig::from_json(&fixture("engine_config.json")).unwrap()).unwrap()
+}
+
 #[test]
 fn key_hash_vectors() {
     let v: Value = serde_json::from_slice(&fixture("key_hash_vectors.json")).unwrap();
@@ -52,8 +57,7 @@ fn engine_config_defaults_optional_fields() {
 fn snapshot_fixture_parses_and_loads() {
     let doc: SnapshotDoc = serde_json::from_slice(&fixture("snapshot.json")).unwrap();
     assert_eq!(doc.version, 1);
-    let cfg = EngineConfig::from_json(&fixture("engine_config.json")).unwrap();
-    let engine = Engine::new(cfg).unwrap();
+    let engine = contract_engine();
     assert_eq!(engine.load_snapshot(&fixture("snapshot.json")).unwrap(), 1);
     assert_eq!(engine.stats().snapshot_version, 1);
     // Not newer: ignored, the current version is returned.
@@ -62,8 +66,7 @@ fn snapshot_fixture_parses_and_loads() {
 
 #[test]
 fn snapshot_with_unknown_field_is_rejected_naming_it() {
-    let cfg = EngineConfig::from_json(&fixture("engine_config.json")).unwrap();
-    let engine = Engine::new(cfg).unwrap();
+    let engine = contract_engine();
     assert_unknown_fields_refused(
         &engine,
         "snapshot.json",
@@ -79,8 +82,7 @@ fn snapshot_with_unknown_field_is_rejected_naming_it() {
 
 #[test]
 fn snapshot_references_are_checked_and_the_entry_dropped() {
-    let cfg = EngineConfig::from_json(&fixture("engine_config.json")).unwrap();
-    let engine = Engine::new(cfg).unwrap();
+    let engine = contract_engine();
     let mut v: Value = serde_json::from_slice(&fixture("snapshot.json")).unwrap();
     v["models"][0]["provider_id"] = Value::from("nope");
     assert_eq!(engine.load_snapshot(v.to_string().as_bytes()).unwrap(), 1);
@@ -169,8 +171,7 @@ fn full_snapshot_fixture_parses_with_every_admission_field() {
 
 #[test]
 fn admission_objects_reject_unknown_fields_by_name() {
-    let cfg = EngineConfig::from_json(&fixture("engine_config.json")).unwrap();
-    let engine = Engine::new(cfg).unwrap();
+    let engine = contract_engine();
     assert_unknown_fields_refused(
         &engine,
         "snapshot_full.json",

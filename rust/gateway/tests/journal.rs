@@ -104,20 +104,17 @@ async fn records_are_journaled_as_lines_and_stay_after_stop() {
 /// right after the client read its answer must not lose the record of that call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_response_is_journaled_before_its_last_byte_reaches_the_client() {
-    use tokio::io::AsyncReadExt;
-
     let h = Gateway::start();
     let body = chat("hi", json!({})).to_string();
     let mut conn = send_raw(&h, &body).await;
     let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
     loop {
-        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "connection closed before the whole response");
-        seen.extend_from_slice(&buf[..n]);
+        read_more(
+            &mut conn,
+            &mut seen,
+            "connection closed before the whole response",
+        )
+        .await;
         let text = String::from_utf8_lossy(&seen);
         let Some(split) = text.find("\r\n\r\n") else {
             continue;
@@ -157,6 +154,19 @@ async fn send_raw(h: &Gateway, body: &str) -> tokio::net::TcpStream {
     conn
 }
 
+/// Append what arrives next on `conn` to `seen`; `closed` says what the connection
+/// closing first would mean.
+async fn read_more(conn: &mut tokio::net::TcpStream, seen: &mut Vec<u8>, closed: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(n > 0, "{closed}");
+    seen.extend_from_slice(&buf[..n]);
+}
+
 /// The one line journaled so far, parsed; `why` says why there must be exactly one.
 fn only_journal_line(h: &Gateway, why: &str) -> Value {
     let lines = journal_lines(&h.spool.0, h.engine.instance_id());
@@ -169,21 +179,13 @@ fn only_journal_line(h: &Gateway, why: &str) -> Value {
 /// `[DONE]` must not lose the record of a call the client saw complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_is_journaled_before_its_terminal_event_reaches_the_client() {
-    use tokio::io::AsyncReadExt;
-
     let h = Gateway::start();
     let body = chat("hi", json!({"stream": true, "mock": {"linger_ms": 5000}})).to_string();
     let mut conn = send_raw(&h, &body).await;
     let started = std::time::Instant::now();
     let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
     while !String::from_utf8_lossy(&seen).contains("[DONE]") {
-        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "connection closed before [DONE]");
-        seen.extend_from_slice(&buf[..n]);
+        read_more(&mut conn, &mut seen, "connection closed before [DONE]").await;
     }
     // No waiting: the record must already be journaled when the client has `[DONE]`.
     let rec = only_journal_line(&h, "the record is journaled before [DONE] is sent");

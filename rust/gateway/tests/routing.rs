@@ -391,12 +391,7 @@ async fn model_ids(fleet: &Gateway, key: &str) -> Vec<String> {
         &[("authorization", auth.as_str())],
     )
     .await;
-    r.json()["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_owned())
-        .collect()
+    r.model_ids()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -486,13 +481,7 @@ async fn each_policy_kind_blocks_exactly_its_providers_and_models_agree() {
             }
         }
         // The other org is never affected by org_a's policies.
-        let b = send(
-            fleet.addr,
-            "/v1/chat/completions",
-            &[("authorization", "Bearer ot-b")],
-            chat_body("chat", "hi", json!({})),
-        )
-        .await;
+        let b = send_as(fleet.addr, "ot-b", CHAT, chat_body("chat", "hi", json!({}))).await;
         assert_eq!(b.status, 200);
         let _ = fleet.take_records(0).await;
     }
@@ -510,10 +499,10 @@ async fn org_scoped_deployments_are_invisible_to_other_orgs() {
     let a = fleet.ask_model("private").await;
     assert_eq!(a.status, 404);
     assert_eq!(a.json()["error"]["code"], "model_not_found");
-    let b = send(
+    let b = send_as(
         fleet.addr,
-        "/v1/chat/completions",
-        &[("authorization", "Bearer ot-b")],
+        "ot-b",
+        CHAT,
         chat_body("private", "hi", json!({})),
     )
     .await;

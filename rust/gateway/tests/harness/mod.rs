@@ -498,9 +498,15 @@ fn with_headers(mut req: Request<Full<Bytes>>, headers: &[(&str, &str)]) -> Requ
     req
 }
 
+/// POST `body` to `path` with `key`.
+pub async fn send_as(addr: SocketAddr, key: &str, path: &str, body: Value) -> Reply {
+    let auth = format!("Bearer {key}");
+    send(addr, path, &[("authorization", auth.as_str())], body).await
+}
+
 /// POST `body` to `path` with key `ot-a` (of the routing snapshots).
 pub async fn send_a(addr: SocketAddr, path: &str, body: Value) -> Reply {
-    send(addr, path, &[("authorization", "Bearer ot-a")], body).await
+    send_as(addr, "ot-a", path, body).await
 }
 
 /// A chat request with key `ot-a` (of the routing snapshots).
