@@ -10,6 +10,7 @@ use http::StatusCode;
 use onetoken_mock_upstream::{MockDefaults, MockServer};
 use serde_json::{json, Value};
 
+/// A chat request (system and user message) with `extra` fields set.
 fn chat(extra: Value) -> Value {
     let mut body = json!({
         "model": "mock-gpt",
@@ -24,10 +25,15 @@ fn chat(extra: Value) -> Value {
     body
 }
 
+/// POST [`chat`] with `extra` to the chat path.
+async fn post_chat(server: &MockServer, extra: Value) -> Reply {
+    post(server, "/v1/chat/completions", chat(extra)).await
+}
+
 #[tokio::test]
 async fn json_reply_has_openai_shape_and_documented_usage() {
     let server = start();
-    let reply = post(&server, "/v1/chat/completions", chat(json!({}))).await;
+    let reply = post_chat(&server, json!({})).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.content_type, "application/json");
     let v = reply.json();
@@ -57,13 +63,9 @@ async fn controls_override_usage_and_chunks() {
     assert_eq!(v["usage"]["total_tokens"], 103);
     assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 40);
 
-    let v = post(
-        &server,
-        "/v1/chat/completions",
-        chat(json!({"mock": {"usage": false}})),
-    )
-    .await
-    .json();
+    let v = post_chat(&server, json!({"mock": {"usage": false}}))
+        .await
+        .json();
     assert!(v.get("usage").is_none());
 }
 
@@ -121,7 +123,7 @@ async fn stream_usage_only_when_asked_and_enabled() {
         json!({"stream": true, "stream_options": {"include_usage": false}}),
         json!({"stream": true, "stream_options": {"include_usage": true}, "mock": {"usage": false}}),
     ] {
-        let reply = post(&server, "/v1/chat/completions", chat(extra.clone())).await;
+        let reply = post_chat(&server, extra.clone()).await;
         let chunks = reply.chunk_events();
         assert_eq!(chunks.len(), 8, "{extra}");
         assert!(chunks
@@ -158,12 +160,7 @@ async fn stream_chunks_arrive_one_by_one_with_delay() {
 async fn latency_delays_the_headers() {
     let server = start();
     let t0 = Instant::now();
-    let reply = post(
-        &server,
-        "/v1/chat/completions",
-        chat(json!({"mock": {"latency_ms": 80}})),
-    )
-    .await;
+    let reply = post_chat(&server, json!({"mock": {"latency_ms": 80}})).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert!(t0.elapsed() >= Duration::from_millis(80));
 }
@@ -176,17 +173,11 @@ async fn server_defaults_apply_and_requests_override_them() {
         latency_ms: 0,
     };
     let server = MockServer::start("127.0.0.1:0", defaults).unwrap();
-    let v = post(&server, "/v1/chat/completions", chat(json!({})))
+    let v = post_chat(&server, json!({})).await.json();
+    assert_eq!(v["choices"][0]["message"]["content"], "tok tok ");
+    let v = post_chat(&server, json!({"mock": {"chunks": 1}}))
         .await
         .json();
-    assert_eq!(v["choices"][0]["message"]["content"], "tok tok ");
-    let v = post(
-        &server,
-        "/v1/chat/completions",
-        chat(json!({"mock": {"chunks": 1}})),
-    )
-    .await
-    .json();
     assert_eq!(v["choices"][0]["message"]["content"], "tok ");
 }
 
@@ -221,12 +212,7 @@ async fn cut_after_drops_the_connection_mid_stream() {
 #[tokio::test]
 async fn cut_after_truncates_a_json_reply() {
     let server = start();
-    let reply = post(
-        &server,
-        "/v1/chat/completions",
-        chat(json!({"mock": {"cut_after": 0}})),
-    )
-    .await;
+    let reply = post_chat(&server, json!({"mock": {"cut_after": 0}})).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert!(reply.body_error);
     assert!(serde_json::from_slice::<Value>(&reply.body()).is_err());
@@ -267,12 +253,7 @@ async fn echo_returns_the_last_user_message_whole() {
 #[tokio::test]
 async fn status_answers_with_an_openai_error_that_can_echo() {
     let server = start();
-    let reply = post(
-        &server,
-        "/v1/chat/completions",
-        chat(json!({"mock": {"status": 429}})),
-    )
-    .await;
+    let reply = post_chat(&server, json!({"mock": {"status": 429}})).await;
     assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
     let v = reply.json();
     assert_eq!(v["error"]["type"], "rate_limit_error");
@@ -426,14 +407,9 @@ async fn request_count_skips_health_probes() {
     let server = start();
     send(&server, "GET", "/healthz", &[], None, false).await;
     assert_eq!(server.request_count(), 0);
-    post(&server, "/v1/chat/completions", chat(json!({}))).await;
+    post_chat(&server, json!({})).await;
     send(&server, "GET", "/v1/models", &[], None, false).await;
-    post(
-        &server,
-        "/v1/chat/completions",
-        chat(json!({"mock": {"status": 500}})),
-    )
-    .await;
+    post_chat(&server, json!({"mock": {"status": 500}})).await;
     assert_eq!(server.request_count(), 3);
 }
 

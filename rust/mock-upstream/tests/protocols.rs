@@ -14,7 +14,7 @@ async fn anthropic_messages_json_stream_tools_and_errors() {
     let s = start();
     let body = json!({"model": "c", "max_tokens": 5, "system": "be brief",
                       "messages": [{"role": "user", "content": "hi there"}]});
-    let missing = post_with(&s, "/v1/messages", &[], body.clone()).await;
+    let missing = post(&s, "/v1/messages", body.clone()).await;
     assert_eq!(missing.status, 400, "anthropic-version is required");
     let r = post_with(&s, "/v1/messages", V, body.clone()).await;
     let v = r.json();
@@ -67,7 +67,7 @@ async fn gemini_generate_and_stream_with_usage_metadata() {
     let s = start();
     let body = json!({"contents": [{"role": "user", "parts": [{"text": "hi there"}]}],
                       "mock": {"chunks": 3}});
-    let r = post_with(&s, "/v1beta/models/g:generateContent", &[], body.clone()).await;
+    let r = post(&s, "/v1beta/models/g:generateContent", body.clone()).await;
     let v = r.json();
     assert_eq!(
         v["candidates"][0]["content"]["parts"][0]["text"],
@@ -76,10 +76,9 @@ async fn gemini_generate_and_stream_with_usage_metadata() {
     assert_eq!(v["candidates"][0]["finishReason"], "STOP");
     assert_eq!(v["usageMetadata"]["promptTokenCount"], 6);
     assert_eq!(v["usageMetadata"]["candidatesTokenCount"], 3);
-    let r = post_with(
+    let r = post(
         &s,
         "/v1beta/models/g:streamGenerateContent?alt=sse",
-        &[],
         body.clone(),
     )
     .await;
@@ -88,18 +87,12 @@ async fn gemini_generate_and_stream_with_usage_metadata() {
     assert_eq!(events.len(), 3);
     assert_eq!(events[2].1["candidates"][0]["finishReason"], "STOP");
     assert!(events[1].1["candidates"][0].get("finishReason").is_none());
-    let no_sse = post_with(
-        &s,
-        "/v1beta/models/g:streamGenerateContent",
-        &[],
-        body.clone(),
-    )
-    .await;
+    let no_sse = post(&s, "/v1beta/models/g:streamGenerateContent", body.clone()).await;
     assert_eq!(no_sse.status, 404);
     let mut tb = body;
     tb["mock"] = json!({"tool_call": true});
     tb["tools"] = json!([{"functionDeclarations": [{"name": "find"}]}]);
-    let v = post_with(&s, "/v1beta/models/g:generateContent", &[], tb)
+    let v = post(&s, "/v1beta/models/g:generateContent", tb)
         .await
         .json();
     assert_eq!(
@@ -111,10 +104,9 @@ async fn gemini_generate_and_stream_with_usage_metadata() {
 #[tokio::test]
 async fn responses_api_json_and_events() {
     let s = start();
-    let r = post_with(
+    let r = post(
         &s,
         "/v1/responses",
-        &[],
         json!({"model": "m", "input": "hi there"}),
     )
     .await;
@@ -128,10 +120,9 @@ async fn responses_api_json_and_events() {
         ),
         (Some(6), Some(8))
     );
-    let r = post_with(
+    let r = post(
         &s,
         "/v1/responses",
-        &[],
         json!({"model": "m", "input": "hi", "stream": true}),
     )
     .await;
@@ -144,10 +135,9 @@ async fn responses_api_json_and_events() {
         events.last().unwrap().1["response"]["usage"]["output_tokens"],
         8
     );
-    let t = post_with(
+    let t = post(
         &s,
         "/v1/responses",
-        &[],
         json!({"model": "m", "input": "hi", "mock": {"tool_call": true}}),
     )
     .await;
@@ -158,34 +148,25 @@ async fn responses_api_json_and_events() {
 async fn azure_deployment_paths_need_an_api_version() {
     let s = start();
     let body = json!({"messages": [{"role": "user", "content": "hi"}]});
-    let no_version = post_with(
-        &s,
-        "/openai/deployments/dep/chat/completions",
-        &[],
-        body.clone(),
-    )
-    .await;
+    let no_version = post(&s, "/openai/deployments/dep/chat/completions", body.clone()).await;
     assert_eq!(no_version.status, 400);
-    let r = post_with(
+    let r = post(
         &s,
         "/openai/deployments/dep/chat/completions?api-version=2024-10-21",
-        &[],
         body,
     )
     .await;
     assert_eq!(r.json()["object"], "chat.completion");
-    let e = post_with(
+    let e = post(
         &s,
         "/openai/deployments/dep/embeddings?api-version=2024-10-21",
-        &[],
         json!({"input": "x"}),
     )
     .await;
     assert_eq!(e.json()["object"], "list");
-    let tool = post_with(
+    let tool = post(
         &s,
         "/v1/chat/completions",
-        &[],
         json!({"messages": [{"role": "user", "content": "hi"}], "mock": {"tool_call": true}}),
     )
     .await;
