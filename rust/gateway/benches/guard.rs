@@ -7,19 +7,15 @@
 //! one finding of a random category per KB, and one per 100 bytes. The findings of each pass
 //! are printed so that false positives on the clean corpora are visible.
 
+mod support;
+
 use std::hint::black_box;
 use std::time::Instant;
 
-use onetoken_gateway::xorshift::XorShift;
-
 use onetoken_gateway::guard::{scan, CategorySet};
+use onetoken_gateway::xorshift::XorShift;
 use serde_json::json;
-
-const DOCS: [&str; 3] = [
-    include_str!("../../../docs/gateway-spec.md"),
-    include_str!("../../../docs/control-plane-spec.md"),
-    include_str!("../../../docs/mock-upstream.md"),
-];
+use support::DOCS;
 
 const CODE: [&str; 4] = [
     include_str!("../src/records.rs"),

@@ -8,18 +8,14 @@
 //! Times are the counting thread's CPU time (best of a few passes), so MB/s is per core
 //! even while other processes load the machine; they still share its caches.
 
+mod support;
+
 use std::hint::black_box;
 use std::time::Instant;
 
 use onetoken_gateway::xorshift::XorShift;
-
 use serde_json::json;
-
-const DOCS: [&str; 3] = [
-    include_str!("../../../docs/gateway-spec.md"),
-    include_str!("../../../docs/control-plane-spec.md"),
-    include_str!("../../../docs/mock-upstream.md"),
-];
+use support::DOCS;
 
 const CODE: [&str; 8] = [
     include_str!("../src/proxy.rs"),

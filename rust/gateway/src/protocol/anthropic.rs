@@ -7,7 +7,9 @@ use bytes::Bytes;
 use http::StatusCode;
 use serde_json::{json, Map, Value};
 
-use super::{parse_event, value_tokens, Event, Reply, Stop, StreamIds, ToolCall, CHAT_FIELDS};
+use super::{
+    parse_event, string_at, value_tokens, Event, Reply, Stop, StreamIds, ToolCall, CHAT_FIELDS,
+};
 use crate::billing::Usage;
 use crate::error::ApiError;
 use crate::sse::StreamMeter;
@@ -446,11 +448,7 @@ pub(crate) fn decode_reply(body: &[u8]) -> Option<Reply> {
         return None;
     }
     let mut reply = Reply {
-        model: v
-            .get("model")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned(),
+        model: string_at(&v, "model"),
         stop: v.get("stop_reason").and_then(Value::as_str).map(stop_from),
         usage: v.get("usage").and_then(usage_from),
         ..Reply::default()
@@ -467,11 +465,7 @@ pub(crate) fn decode_reply(body: &[u8]) -> Option<Reply> {
                 .push_str(b.get("text").and_then(Value::as_str).unwrap_or("")),
             Some("tool_use") => reply.tool_calls.push(ToolCall {
                 id: b.get("id").and_then(Value::as_str).unwrap_or("").to_owned(),
-                name: b
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_owned(),
+                name: string_at(b, "name"),
                 arguments: b
                     .get("input")
                     .map_or_else(|| "{}".to_owned(), Value::to_string),
@@ -544,16 +538,8 @@ impl Decoder {
                         self.tools.insert(index, n);
                         out.push(Event::ToolStart {
                             index: n,
-                            id: block
-                                .get("id")
-                                .and_then(Value::as_str)
-                                .unwrap_or("")
-                                .to_owned(),
-                            name: block
-                                .get("name")
-                                .and_then(Value::as_str)
-                                .unwrap_or("")
-                                .to_owned(),
+                            id: string_at(block, "id"),
+                            name: string_at(block, "name"),
                         });
                     }
                     Some("text") => {

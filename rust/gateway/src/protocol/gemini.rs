@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use serde_json::{json, Map, Value};
 
 use super::anthropic::copy_extensions;
-use super::{parse_event, Event, Reply, Stop, ToolCall, CHAT_FIELDS};
+use super::{parse_event, string_at, Event, Reply, Stop, ToolCall, CHAT_FIELDS};
 use crate::billing::Usage;
 
 fn stop_from(s: &str, saw_tools: bool) -> Stop {
@@ -255,11 +255,7 @@ impl Decoder {
                     out.push(Event::ToolStart {
                         index,
                         id,
-                        name: fc
-                            .get("name")
-                            .and_then(Value::as_str)
-                            .unwrap_or("")
-                            .to_owned(),
+                        name: string_at(fc, "name"),
                     });
                     let args = fc
                         .get("args")
@@ -316,11 +312,7 @@ pub(crate) fn decode_reply(body: &[u8]) -> Option<Reply> {
     let mut events = Vec::new();
     d.response(&v, &mut events);
     let mut reply = Reply {
-        model: v
-            .get("modelVersion")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned(),
+        model: string_at(&v, "modelVersion"),
         stop: d.finish,
         usage: d.usage,
         ..Reply::default()

@@ -169,6 +169,12 @@ impl Endpoints {
 }
 
 /// Credential header of a provider, plus the version header Anthropic requires.
+/// The string at `key` of an object, or "" when it is missing or not a string.
+#[inline]
+pub(crate) fn string_at(v: &Value, key: &str) -> String {
+    v.get(key).and_then(Value::as_str).unwrap_or("").to_owned()
+}
+
 pub(crate) fn auth_headers(
     protocol: Protocol,
     api_key: Option<&str>,

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::{parse_event, Event, Reply, Stop, StreamIds, ToolCall};
+use super::{parse_event, string_at, Event, Reply, Stop, StreamIds, ToolCall};
 use crate::billing::Usage;
 use crate::error::is_safe_ident;
 use crate::sse::{Message, UsageDoc};
@@ -250,16 +250,8 @@ pub(crate) fn decode_reply(body: &[u8]) -> Option<Reply> {
     let choice = v.pointer("/choices/0")?;
     let msg = choice.get("message")?;
     let mut reply = Reply {
-        model: v
-            .get("model")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned(),
-        text: msg
-            .get("content")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned(),
+        model: string_at(&v, "model"),
+        text: string_at(msg, "content"),
         stop: choice
             .get("finish_reason")
             .and_then(Value::as_str)
@@ -275,11 +267,7 @@ pub(crate) fn decode_reply(body: &[u8]) -> Option<Reply> {
     {
         let f = tc.get("function");
         reply.tool_calls.push(ToolCall {
-            id: tc
-                .get("id")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_owned(),
+            id: string_at(tc, "id"),
             name: f
                 .and_then(|f| f.get("name"))
                 .and_then(Value::as_str)
