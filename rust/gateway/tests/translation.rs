@@ -2,12 +2,7 @@
 //! Messages clients on OpenAI-compatible and Anthropic upstreams, Azure deployment URLs,
 //! and the Responses API, streaming and not, with tool calls, usage and failures. The
 //! shapes asserted are the ones the official openai and anthropic SDKs read.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::type_complexity
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod harness;
 
@@ -401,7 +396,9 @@ async fn anthropic_clients_get_anthropic_shaped_errors_and_models() {
     let fleet = fleet_for("anthropic", &up, &o);
     let body =
         json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": CANARY}]});
-    let cases: Vec<(Vec<(&str, &str)>, Value, u16, &str)> = vec![
+    // (headers, body, status, error type)
+    type Case = (Vec<(&'static str, &'static str)>, Value, u16, &'static str);
+    let cases: Vec<Case> = vec![
         (
             vec![("anthropic-version", "2023-06-01")],
             body.clone(),

@@ -135,12 +135,15 @@ pub mod tempdir {
     }
 }
 
+/// A change to a JSON document (the engine config or the snapshot).
+type Patch<'a> = Box<dyn FnOnce(&mut Value) + 'a>;
+
 /// How to start a [`Gateway`]: the spec configuration and the spec snapshot (in front of
 /// its own [`Upstream`]) unless told otherwise.
 pub struct GatewayBuilder<'a> {
-    config: Vec<Box<dyn FnOnce(&mut Value) + 'a>>,
+    config: Vec<Patch<'a>>,
     snapshot: Option<Value>,
-    patches: Vec<Box<dyn FnOnce(&mut Value) + 'a>>,
+    patches: Vec<Patch<'a>>,
     balance: i64,
 }
 
