@@ -8,7 +8,8 @@ use http::StatusCode;
 use serde_json::{json, Map, Value};
 
 use super::{
-    parse_event, string_at, value_tokens, Event, Reply, Stop, StreamIds, ToolCall, CHAT_FIELDS,
+    array_items, parse_event, string_at, tool_call_args, value_tokens, Event, Reply, Stop,
+    StreamIds, ToolCall, CHAT_FIELDS,
 };
 use crate::billing::Usage;
 use crate::error::ApiError;
@@ -63,12 +64,7 @@ fn usage_json(u: Usage) -> Value {
 /// Prompt tokens of a Messages request: system, every content block, 4 per message.
 pub(crate) fn estimate_prompt(doc: &Map<String, Value>) -> u64 {
     let mut n = doc.get("system").map_or(0, value_tokens);
-    for m in doc
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for m in array_items(doc.get("messages")) {
         n += PER_MESSAGE_TOKENS + m.get("content").map_or(0, value_tokens);
     }
     n
@@ -169,29 +165,14 @@ pub(crate) fn from_chat_request(
             _ => messages.push((role.to_owned(), blocks)),
         }
     };
-    for m in doc
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for m in array_items(doc.get("messages")) {
         let content = m.get("content").unwrap_or(&Value::Null);
         match m.get("role").and_then(Value::as_str) {
             Some("system") | Some("developer") => system.push(joined_text(content)),
             Some("assistant") => {
                 let mut blocks = chat_content_blocks(content);
-                for tc in m
-                    .get("tool_calls")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    let args = tc
-                        .pointer("/function/arguments")
-                        .and_then(Value::as_str)
-                        .and_then(|a| serde_json::from_str::<Value>(a).ok())
-                        .filter(Value::is_object)
-                        .unwrap_or_else(|| json!({}));
+                for tc in array_items(m.get("tool_calls")) {
+                    let args = tool_call_args(tc);
                     blocks.push(json!({
                         "type": "tool_use",
                         "id": tc.get("id").cloned().unwrap_or(Value::from("")),
@@ -300,12 +281,7 @@ pub(crate) fn to_chat_request(
             messages.push(json!({"role": "system", "content": text}));
         }
     }
-    for m in doc
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for m in array_items(doc.get("messages")) {
         let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
         let content = m.get("content").unwrap_or(&Value::Null);
         let blocks: Vec<Value> = match content {
@@ -453,12 +429,7 @@ pub(crate) fn decode_reply(body: &[u8]) -> Option<Reply> {
         usage: v.get("usage").and_then(usage_from),
         ..Reply::default()
     };
-    for b in v
-        .get("content")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for b in array_items(v.get("content")) {
         match b.get("type").and_then(Value::as_str) {
             Some("text") => reply
                 .text

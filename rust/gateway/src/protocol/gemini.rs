@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use serde_json::{json, Map, Value};
 
 use super::anthropic::copy_extensions;
-use super::{parse_event, string_at, Event, Reply, Stop, ToolCall, CHAT_FIELDS};
+use super::{
+    array_items, parse_event, string_at, tool_call_args, Event, Reply, Stop, ToolCall, CHAT_FIELDS,
+};
 use crate::billing::Usage;
 
 fn stop_from(s: &str, saw_tools: bool) -> Stop {
@@ -100,23 +102,13 @@ pub(crate) fn from_chat_request(doc: &Map<String, Value>, max_out: u64) -> Value
             _ => contents.push((role, parts)),
         }
     };
-    for m in doc
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for m in array_items(doc.get("messages")) {
         let content = m.get("content").unwrap_or(&Value::Null);
         match m.get("role").and_then(Value::as_str) {
             Some("system") | Some("developer") => system.push(json!({"text": text_of(content)})),
             Some("assistant") => {
                 let mut parts = parts_of(content);
-                for tc in m
-                    .get("tool_calls")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
+                for tc in array_items(m.get("tool_calls")) {
                     let name = tc
                         .pointer("/function/name")
                         .and_then(Value::as_str)
@@ -124,12 +116,7 @@ pub(crate) fn from_chat_request(doc: &Map<String, Value>, max_out: u64) -> Value
                     if let Some(id) = tc.get("id").and_then(Value::as_str) {
                         call_names.insert(id.to_owned(), name.to_owned());
                     }
-                    let args = tc
-                        .pointer("/function/arguments")
-                        .and_then(Value::as_str)
-                        .and_then(|a| serde_json::from_str::<Value>(a).ok())
-                        .filter(Value::is_object)
-                        .unwrap_or_else(|| json!({}));
+                    let args = tool_call_args(tc);
                     parts.push(json!({"functionCall": {"name": name, "args": args}}));
                 }
                 push("model", parts);
