@@ -15,7 +15,7 @@ use std::time::Instant;
 use onetoken_gateway::guard::{scan, CategorySet};
 use onetoken_gateway::xorshift::XorShift;
 use serde_json::json;
-use support::DOCS;
+use support::{chat_request, DOCS};
 
 const CODE: [&str; 4] = [
     include_str!("../src/records.rs"),
@@ -83,17 +83,11 @@ fn chat_body(rng: &mut XorShift, words: &[&str]) -> String {
         prose(rng, words, &mut content);
         content.push_str(CJK[rng.below(CJK.len())]);
     }
-    let body = json!({
-        "model": "gpt-4o-mini",
-        "user": format!("user-{:016x}", rng.next_u64()),
-        "temperature": rng.below(100) as f64 / 100.0,
-        "max_tokens": 64 + rng.below(4000),
-        "messages": [
-            {"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": content},
-        ],
-        "metadata": {"trace": format!("{:016x}{:016x}", rng.next_u64(), rng.next_u64())},
-    });
+    let body = chat_request(
+        rng,
+        content,
+        |rng| json!({"trace": format!("{:016x}{:016x}", rng.next_u64(), rng.next_u64())}),
+    );
     serde_json::to_string(&body).unwrap_or_default()
 }
 

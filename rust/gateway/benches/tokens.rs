@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use onetoken_gateway::xorshift::XorShift;
 use serde_json::json;
-use support::DOCS;
+use support::{chat_request, DOCS};
 
 const CODE: [&str; 8] = [
     include_str!("../src/proxy.rs"),
@@ -112,16 +112,9 @@ fn json_bodies(rng: &mut XorShift, words: &[String], bytes: usize) -> String {
         for _ in 0..1 + rng.below(4) {
             sentence(rng, words, &mut content);
         }
-        let body = json!({
-            "model": "gpt-4o-mini",
-            "user": format!("user-{:016x}", rng.next_u64()),
-            "temperature": rng.below(100) as f64 / 100.0,
-            "max_tokens": 64 + rng.below(4000),
-            "messages": [
-                {"role": "system", "content": "You are a helpful assistant."},
-                {"role": "user", "content": content},
-            ],
-            "metadata": {"request_id": format!("{:032x}", u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64())), "attempt": rng.below(3)},
+        let body = chat_request(rng, content, |rng| {
+            let id = u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64());
+            json!({"request_id": format!("{id:032x}"), "attempt": rng.below(3)})
         });
         s.push_str(&serde_json::to_string_pretty(&body).unwrap_or_default());
         s.push('\n');

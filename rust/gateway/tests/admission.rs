@@ -23,23 +23,22 @@ fn today() -> i64 {
     unix_now().div_euclid(86_400)
 }
 
-/// The org and key entries of the harness snapshot by id, for patching.
-fn org_mut<'a>(snap: &'a mut Value, id: &str) -> &'a mut Value {
-    snap["orgs"]
+/// The entry of the harness snapshot's `list` whose `field` is `id`, for patching.
+fn entry_mut<'a>(snap: &'a mut Value, list: &str, field: &str, id: &str) -> &'a mut Value {
+    snap[list]
         .as_array_mut()
         .unwrap()
         .iter_mut()
-        .find(|o| o["id"] == id)
+        .find(|e| e[field] == id)
         .unwrap()
 }
 
+fn org_mut<'a>(snap: &'a mut Value, id: &str) -> &'a mut Value {
+    entry_mut(snap, "orgs", "id", id)
+}
+
 fn key_mut<'a>(snap: &'a mut Value, key_id: &str) -> &'a mut Value {
-    snap["keys"]
-        .as_array_mut()
-        .unwrap()
-        .iter_mut()
-        .find(|k| k["key_id"] == key_id)
-        .unwrap()
+    entry_mut(snap, "keys", "key_id", key_id)
 }
 
 /// A harness whose first snapshot is the standard one with `patch` applied.

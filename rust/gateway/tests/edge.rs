@@ -524,13 +524,11 @@ fn proxy_v2(src: [u8; 4], port: u16) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_v2_names_the_client_for_a_trusted_balancer() {
-    let h = Gateway::custom(
-        |c| {
-            c["proxy_protocol"] = json!(true);
-            c["trusted_proxies"] = json!(["127.0.0.0/8"]);
-        },
-        |s| s["blocked_ips"] = json!([{"cidr": "198.51.100.7", "until": 4_000_000_000i64}]),
-    );
+    let h = behind_proxy_protocol(json!(["127.0.0.0/8"]))
+        .patch_snapshot(|s| {
+            s["blocked_ips"] = json!([{"cidr": "198.51.100.7", "until": 4_000_000_000i64}]);
+        })
+        .start();
     let http = raw_chat();
     let ok = raw(
         h.addr,
@@ -551,6 +549,15 @@ async fn proxy_protocol_v2_names_the_client_for_a_trusted_balancer() {
     assert_eq!(recs[1].source_ip, "198.51.100.7");
 }
 
+/// A gateway whose every connection starts with a PROXY protocol v2 header, believed from
+/// `trusted` peers.
+fn behind_proxy_protocol(trusted: Value) -> GatewayBuilder<'static> {
+    Gateway::builder().config(|c| {
+        c["proxy_protocol"] = json!(true);
+        c["trusted_proxies"] = trusted;
+    })
+}
+
 /// A whole HTTP/1.1 chat request with key `ot-good` that closes its connection.
 fn raw_chat() -> String {
     let body = chat("hi", json!({})).to_string();
@@ -562,13 +569,7 @@ fn raw_chat() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_from_an_untrusted_peer_is_ignored() {
-    let h = Gateway::custom(
-        |c| {
-            c["proxy_protocol"] = json!(true);
-            c["trusted_proxies"] = json!(["10.0.0.0/8"]);
-        },
-        |_| {},
-    );
+    let h = behind_proxy_protocol(json!(["10.0.0.0/8"])).start();
     let http = raw_chat();
     let ok = raw(
         h.addr,
