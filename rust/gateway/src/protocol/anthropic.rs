@@ -8,8 +8,8 @@ use http::StatusCode;
 use serde_json::{json, Map, Value};
 
 use super::{
-    array_items, parse_event, string_at, tool_call_args, value_tokens, Event, Reply, Stop,
-    StreamIds, ToolCall, CHAT_FIELDS,
+    array_items, joined_text, parse_event, string_at, tool_call_args, value_tokens, Event, Reply,
+    Stop, StreamIds, ToolCall, CHAT_FIELDS,
 };
 use crate::billing::Usage;
 use crate::error::ApiError;
@@ -100,19 +100,6 @@ pub(crate) fn copy_extensions(
         if !known.contains(&k.as_str()) {
             out.insert(k.clone(), v.clone());
         }
-    }
-}
-
-/// Text of a string or of the text parts of a list.
-fn joined_text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
     }
 }
 

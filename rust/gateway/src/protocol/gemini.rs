@@ -6,7 +6,8 @@ use serde_json::{json, Map, Value};
 
 use super::anthropic::copy_extensions;
 use super::{
-    array_items, parse_event, string_at, tool_call_args, Event, Reply, Stop, ToolCall, CHAT_FIELDS,
+    array_items, joined_text, parse_event, string_at, tool_call_args, Event, Reply, Stop, ToolCall,
+    CHAT_FIELDS,
 };
 use crate::billing::Usage;
 
@@ -46,18 +47,6 @@ fn schema(v: &Value) -> Value {
         ),
         Value::Array(a) => Value::Array(a.iter().map(schema).collect()),
         other => other.clone(),
-    }
-}
-
-fn text_of(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
     }
 }
 
@@ -105,7 +94,9 @@ pub(crate) fn from_chat_request(doc: &Map<String, Value>, max_out: u64) -> Value
     for m in array_items(doc.get("messages")) {
         let content = m.get("content").unwrap_or(&Value::Null);
         match m.get("role").and_then(Value::as_str) {
-            Some("system") | Some("developer") => system.push(json!({"text": text_of(content)})),
+            Some("system") | Some("developer") => {
+                system.push(json!({"text": joined_text(content)}))
+            }
             Some("assistant") => {
                 let mut parts = parts_of(content);
                 for tc in array_items(m.get("tool_calls")) {
@@ -128,7 +119,7 @@ pub(crate) fn from_chat_request(doc: &Map<String, Value>, max_out: u64) -> Value
                     .cloned()
                     .or_else(|| m.get("name").and_then(Value::as_str).map(str::to_owned))
                     .unwrap_or_default();
-                let text = text_of(content);
+                let text = joined_text(content);
                 let response = serde_json::from_str::<Value>(&text)
                     .ok()
                     .filter(Value::is_object)

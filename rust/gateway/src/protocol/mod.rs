@@ -185,6 +185,19 @@ pub(crate) fn tool_call_args(tc: &Value) -> Value {
         .unwrap_or_else(|| Value::Object(Map::new()))
 }
 
+/// Text of a string or of the text parts of a list (joined by newlines).
+pub(crate) fn joined_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
 /// The string at `key` of an object, or "" when it is missing or not a string.
 #[inline]
 pub(crate) fn string_at(v: &Value, key: &str) -> String {
