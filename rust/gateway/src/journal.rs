@@ -211,6 +211,23 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
     use crate::journal_reader::{instance_live, read_segment};
+    use crate::records::{write_line, CallRecord};
+
+    /// Append `each` records `req_{t}_{i}` whose user agents are `ua` repeated up to
+    /// `ua_max` times (lines of many lengths).
+    fn append_records(j: &Journal, t: u64, each: u64, ua: &str, ua_max: usize) {
+        let mut buf = Vec::new();
+        for i in 0..each {
+            buf.clear();
+            let rec = CallRecord {
+                request_id: format!("req_{t}_{i}"),
+                user_agent: ua.repeat(usize::try_from(i).unwrap() % ua_max),
+                ..CallRecord::default()
+            };
+            write_line(&rec, &mut buf);
+            assert!(j.append(&buf));
+        }
+    }
 
     /// `ids` are `req_{thread}_{i}` for every thread and i, each exactly once.
     fn assert_each_written_once(mut ids: Vec<String>, threads: u64, each: u64) {
@@ -342,7 +359,6 @@ mod tests {
     /// they are written.
     #[test]
     fn concurrent_appends_are_whole_lines() {
-        use crate::records::{write_line, CallRecord};
         const THREADS: u64 = 4;
         const EACH: u64 = 500;
         let d = dir();
@@ -351,17 +367,7 @@ mod tests {
             for t in 0..THREADS {
                 let j = &j;
                 s.spawn(move || {
-                    let mut buf = Vec::new();
-                    for i in 0..EACH {
-                        buf.clear();
-                        let rec = CallRecord {
-                            request_id: format!("req_{t}_{i}"),
-                            user_agent: "x".repeat(usize::try_from(i).unwrap() % 300),
-                            ..CallRecord::default()
-                        };
-                        write_line(&rec, &mut buf);
-                        assert!(j.append(&buf));
-                    }
+                    append_records(j, t, EACH, "x", 300);
                 });
             }
         });
@@ -381,7 +387,6 @@ mod tests {
     fn a_reader_tailing_a_live_segment_sees_each_record_once() {
         use std::sync::atomic::AtomicBool;
 
-        use crate::records::{write_line, CallRecord};
         const THREADS: u64 = 3;
         const EACH: u64 = 2_000;
         let d = dir();
@@ -418,17 +423,7 @@ mod tests {
                 .map(|t| {
                     let j = &j;
                     s.spawn(move || {
-                        let mut buf = Vec::new();
-                        for i in 0..EACH {
-                            buf.clear();
-                            let rec = CallRecord {
-                                request_id: format!("req_{t}_{i}"),
-                                user_agent: "y".repeat(usize::try_from(i).unwrap() % 700),
-                                ..CallRecord::default()
-                            };
-                            write_line(&rec, &mut buf);
-                            assert!(j.append(&buf));
-                        }
+                        append_records(j, t, EACH, "y", 700);
                     })
                 })
                 .collect();
