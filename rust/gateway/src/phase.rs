@@ -19,51 +19,45 @@ use cpu_time::ThreadTime;
 
 use crate::engine::Shared;
 
-/// The phases of one request, in the order they run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Phase {
-    /// The endpoint, the request head, loops and blocked addresses.
-    Admit,
-    /// The API key and what it may do.
-    Authenticate,
-    /// The body: parsed, checked, the model and the deployments it may reach, the guard.
-    Route,
-    /// Token estimates, limits, budgets and the balance reservation.
-    Reserve,
-    /// Upstream attempts until one answers.
-    Forward,
-    /// The answer to the client: collected and metered, or each poll of a stream.
-    Relay,
-    /// The cost, charged against what was reserved.
-    Settle,
-    /// The call record, built and written.
-    Record,
+/// Declares the phases once: the enum, [`Phase::ALL`] and [`PHASE_NAMES`] in request
+/// order.
+macro_rules! phases {
+    ($($(#[$doc:meta])* $variant:ident => $name:literal,)*) => {
+        /// The phases of one request, in the order they run.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub(crate) enum Phase {
+            $($(#[$doc])* $variant,)*
+        }
+
+        /// The phases' names in `/metrics`, in request order (the order of [`Phase`]).
+        pub const PHASE_NAMES: [&str; 8] = [$($name,)*];
+
+        impl Phase {
+            pub(crate) const ALL: [Phase; 8] = [$(Phase::$variant,)*];
+        }
+    };
 }
 
-/// The phases' names in `/metrics`, in request order (the order of [`Phase`]).
-pub const PHASE_NAMES: [&str; 8] = [
-    "admit",
-    "authenticate",
-    "route",
-    "reserve",
-    "forward",
-    "relay",
-    "settle",
-    "record",
-];
+phases! {
+    /// The endpoint, the request head, loops and blocked addresses.
+    Admit => "admit",
+    /// The API key and what it may do.
+    Authenticate => "authenticate",
+    /// The body: parsed, checked, the model and the deployments it may reach, the guard.
+    Route => "route",
+    /// Token estimates, limits, budgets and the balance reservation.
+    Reserve => "reserve",
+    /// Upstream attempts until one answers.
+    Forward => "forward",
+    /// The answer to the client: collected and metered, or each poll of a stream.
+    Relay => "relay",
+    /// The cost, charged against what was reserved.
+    Settle => "settle",
+    /// The call record, built and written.
+    Record => "record",
+}
 
 impl Phase {
-    pub(crate) const ALL: [Phase; 8] = [
-        Phase::Admit,
-        Phase::Authenticate,
-        Phase::Route,
-        Phase::Reserve,
-        Phase::Forward,
-        Phase::Relay,
-        Phase::Settle,
-        Phase::Record,
-    ];
-
     pub(crate) fn as_str(self) -> &'static str {
         PHASE_NAMES[self as usize]
     }
