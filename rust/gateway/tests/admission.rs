@@ -201,9 +201,7 @@ async fn price_factor_applies_to_every_part_rounding_up() {
     let h = start_with(|s| {
         org_mut(s, "org_rich")["price_factor_ppm"] = json!(900_000);
     });
-    let r = h
-        .chat_as("ot-good", chat("one two three", json!({"max_tokens": 10})))
-        .await;
+    let r = h.chat("one two three", json!({"max_tokens": 10})).await;
     assert_eq!(r.status, 200);
     h.wait_records(1).await;
     let rec = h.records().remove(0);
@@ -310,28 +308,20 @@ async fn tpm_admits_on_the_estimate_and_corrects_at_settle() {
         key_mut(s, "key_good")["limits"] = json!({"tpm": 100});
     });
     // 5 + 80 = 85 fits; the upstream really uses 5 + 8 = 13, so 72 come back at settle.
-    let a = h
-        .chat_as("ot-good", chat("hi", json!({"max_tokens": 80})))
-        .await;
+    let a = h.chat("hi", json!({"max_tokens": 80})).await;
     assert_eq!(a.status, 200);
     // 13 used, 87 left: another 85 fits only because of the correction.
-    let b = h
-        .chat_as("ot-good", chat("hi", json!({"max_tokens": 80})))
-        .await;
+    let b = h.chat("hi", json!({"max_tokens": 80})).await;
     assert_eq!(b.status, 200, "{}", b.text());
     // 26 used, 74 left: 85 does not fit.
-    let c = h
-        .chat_as("ot-good", chat("hi", json!({"max_tokens": 80})))
-        .await;
+    let c = h.chat("hi", json!({"max_tokens": 80})).await;
     assert_eq!(c.status, 429);
     assert_eq!(c.json()["error"]["code"], "rate_limited");
     assert_eq!(header(&c, "x-ratelimit-limit-tokens"), "100");
     let remaining: u64 = header(&c, "x-ratelimit-remaining-tokens").parse().unwrap();
     assert!((73..=74).contains(&remaining), "{remaining}");
     // A small request still fits.
-    let d = h
-        .chat_as("ot-good", chat("hi", json!({"max_tokens": 10})))
-        .await;
+    let d = h.chat("hi", json!({"max_tokens": 10})).await;
     assert_eq!(d.status, 200);
 }
 
@@ -467,9 +457,7 @@ async fn budgets_refuse_with_retry_after_until_the_period_resets() {
         "{retry} vs {to_midnight}"
     );
     // A small request fits (10 * 1.5e9/1e6 = 15_000 + prompt).
-    let ok = h
-        .chat_as("ot-good", chat("hi", json!({"max_tokens": 10})))
-        .await;
+    let ok = h.chat("hi", json!({"max_tokens": 10})).await;
     assert_eq!(ok.status, 200);
     h.wait_records(2).await;
     let recs = h.records();
@@ -770,7 +758,7 @@ async fn malformed_requests_are_refused_before_anything_is_reserved_or_sent() {
 async fn n_choices_are_reserved_and_the_output_cap_is_forwarded() {
     // demo-chat: 4096 output tokens at 1.5e9/M = 6_144_000 per choice.
     let h = Gateway::with_balance(10_000_000);
-    let r = h.chat_as("ot-good", chat("hi", json!({"n": 8}))).await;
+    let r = h.chat("hi", json!({"n": 8})).await;
     assert_eq!(r.status, 402, "8 choices do not fit: {}", r.text());
     assert_eq!(h.upstream().requests(), 0);
 
@@ -780,9 +768,7 @@ async fn n_choices_are_reserved_and_the_output_cap_is_forwarded() {
     assert_eq!(sent["max_completion_tokens"], 4096);
     assert!(sent.get("max_tokens").is_none());
 
-    let r = h
-        .chat_as("ot-good", chat("hi", json!({"max_tokens": 100_000})))
-        .await;
+    let r = h.chat("hi", json!({"max_tokens": 100_000})).await;
     assert_eq!(r.status, 200);
     let sent = h.upstream().state.last_body.lock().clone().unwrap();
     assert_eq!(
@@ -791,9 +777,7 @@ async fn n_choices_are_reserved_and_the_output_cap_is_forwarded() {
     );
     assert!(sent.get("max_completion_tokens").is_none());
 
-    let r = h
-        .chat_as("ot-good", chat("hi", json!({"n": 2, "max_tokens": 10})))
-        .await;
+    let r = h.chat("hi", json!({"n": 2, "max_tokens": 10})).await;
     assert_eq!(r.status, 200);
     let sent = h.upstream().state.last_body.lock().clone().unwrap();
     assert_eq!(

@@ -586,12 +586,9 @@ async fn proxy_protocol_from_an_untrusted_peer_is_ignored() {
 async fn an_endless_sse_event_ends_the_stream_at_the_frame_cap() {
     let h = Gateway::custom(|c| c["max_upstream_event_bytes"] = json!(64 * 1024), |_| {});
     let r = h
-        .chat_as(
-            "ot-good",
-            chat(
-                "hi",
-                json!({"stream": true, "mock": {"unframed_kib": 100_000}}),
-            ),
+        .chat(
+            "hi",
+            json!({"stream": true, "mock": {"unframed_kib": 100_000}}),
         )
         .await;
     assert_eq!(r.status, 200);
@@ -612,12 +609,9 @@ async fn a_trickling_stream_ends_at_the_response_deadline() {
     let started = Instant::now();
     // One event every 50 ms keeps the 3 s idle timer from ever firing.
     let r = h
-        .chat_as(
-            "ot-good",
-            chat(
-                "hi",
-                json!({"stream": true, "mock": {"chunks": 1000, "delay_ms": 50}}),
-            ),
+        .chat(
+            "hi",
+            json!({"stream": true, "mock": {"chunks": 1000, "delay_ms": 50}}),
         )
         .await;
     let took = started.elapsed();
@@ -638,9 +632,7 @@ async fn the_response_deadline_also_bounds_the_wait_for_headers() {
     );
     let started = Instant::now();
     // Headers after 3 s: within the provider's first-byte timeout, past the deadline.
-    let r = h
-        .chat_as("ot-good", chat("hi", json!({"mock": {"latency_ms": 3000}})))
-        .await;
+    let r = h.chat("hi", json!({"mock": {"latency_ms": 3000}})).await;
     let took = started.elapsed();
     assert_eq!(r.status, 504);
     assert_eq!(r.json()["error"]["code"], "upstream_timeout");
@@ -652,17 +644,13 @@ async fn the_response_deadline_also_bounds_the_wait_for_headers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_streamed_answer_over_the_cap_is_refused_and_not_charged() {
     let h = Gateway::custom(|c| c["max_upstream_body_bytes"] = json!(4096), |_| {});
-    let r = h
-        .chat_as("ot-good", chat("hi", json!({"mock": {"chunks": 2000}})))
-        .await;
+    let r = h.chat("hi", json!({"mock": {"chunks": 2000}})).await;
     assert_eq!(r.status, 502);
     assert_eq!(r.json()["error"]["code"], "upstream_response_too_large");
     let rec = &h.records()[0];
     assert_eq!(rec.error_code, "upstream_response_too_large");
     assert_eq!(rec.cost, 0);
     // Under the cap is served.
-    let r = h
-        .chat_as("ot-good", chat("hi", json!({"mock": {"chunks": 10}})))
-        .await;
+    let r = h.chat("hi", json!({"mock": {"chunks": 10}})).await;
     assert_eq!(r.status, 200);
 }

@@ -264,10 +264,7 @@ async fn request_errors_never_reach_the_upstream() {
 async fn non_stream_success_is_billed_from_upstream_usage() {
     let h = Gateway::start();
     let r = h
-        .chat_as(
-            "ot-good",
-            chat("one two three", json!({"mock": {"chunks": 5}})),
-        )
+        .chat("one two three", json!({"mock": {"chunks": 5}}))
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(
@@ -308,12 +305,9 @@ async fn non_stream_success_is_billed_from_upstream_usage() {
 async fn missing_usage_is_estimated() {
     let h = Gateway::start();
     let r = h
-        .chat_as(
-            "ot-good",
-            chat(
-                "hello there",
-                json!({"mock": {"chunks": 3, "usage": false}}),
-            ),
+        .chat(
+            "hello there",
+            json!({"mock": {"chunks": 3, "usage": false}}),
         )
         .await;
     assert_eq!(r.status, 200);
@@ -430,10 +424,7 @@ async fn stream_keeps_usage_when_the_client_asked() {
 async fn upstream_error_is_not_echoed_and_not_charged() {
     let h = Gateway::start();
     let r = h
-        .chat_as(
-            "ot-good",
-            chat(CANARY, json!({"mock": {"status": 500, "echo": true}})),
-        )
+        .chat(CANARY, json!({"mock": {"status": 500, "echo": true}}))
         .await;
     assert_eq!(r.status, 500);
     let e = r.json();
@@ -446,12 +437,9 @@ async fn upstream_error_is_not_echoed_and_not_charged() {
         "identifier-shaped type is kept"
     );
     let s = h
-        .chat_as(
-            "ot-good",
-            chat(
-                CANARY,
-                json!({"stream": true, "mock": {"status": 429, "echo": true}}),
-            ),
+        .chat(
+            CANARY,
+            json!({"stream": true, "mock": {"status": 429, "echo": true}}),
         )
         .await;
     assert_eq!(s.status, 429);
@@ -580,12 +568,7 @@ async fn upstream_unreachable_and_timeout() {
     snap = spec_snapshot(3, h.upstream().addr, 1_000_000_000);
     snap["providers"][0]["first_byte_timeout_ms"] = json!(100);
     h.engine.load_snapshot(snap.to_string().as_bytes()).unwrap();
-    let t = h
-        .chat_as(
-            "ot-good",
-            chat(CANARY, json!({"mock": {"latency_ms": 1000}})),
-        )
-        .await;
+    let t = h.chat(CANARY, json!({"mock": {"latency_ms": 1000}})).await;
     assert_eq!(t.status, 504);
     assert_eq!(t.json()["error"]["code"], "upstream_timeout");
     h.wait_records(2).await;

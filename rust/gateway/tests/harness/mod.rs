@@ -296,6 +296,12 @@ impl Gateway {
         post_chat(self.addr, chat_body(model, "hi", json!({}))).await
     }
 
+    /// A chat completion of the spec model saying `content`, with `extra` fields, from the
+    /// spec's valid key `ot-good`.
+    pub async fn chat(&self, content: &str, extra: Value) -> Reply {
+        self.chat_as("ot-good", chat(content, extra)).await
+    }
+
     /// POST `body` to the chat path with `key`.
     pub async fn chat_as(&self, key: &str, body: Value) -> Reply {
         post(self.addr, CHAT, Some(key), body).await
