@@ -368,11 +368,7 @@ async fn stream_is_relayed_chunk_by_chunk() {
         }
     };
     assert!(first.starts_with(b"data: {"));
-    let sent = h
-        .upstream()
-        .state
-        .chunks_sent
-        .load(std::sync::atomic::Ordering::SeqCst);
+    let sent = h.upstream().chunks_sent();
     assert!(
         sent < 5,
         "first chunk arrived after {sent} of 5 upstream chunks: the relay buffered"
@@ -531,19 +527,11 @@ async fn client_disconnect_mid_stream_leaves_one_499_record() {
     assert_eq!(rec.usage_source, "estimated");
     assert!(rec.completion_tokens >= 1 && rec.completion_tokens < 50);
     assert!(rec.cost > 0);
-    let sent = h
-        .upstream()
-        .state
-        .chunks_sent
-        .load(std::sync::atomic::Ordering::SeqCst);
+    let sent = h.upstream().chunks_sent();
     // The behaviour under test: over this window a live upstream request would send ten
     // more chunks; a cancelled one sends none.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let later = h
-        .upstream()
-        .state
-        .chunks_sent
-        .load(std::sync::atomic::Ordering::SeqCst);
+    let later = h.upstream().chunks_sent();
     assert!(
         later <= sent + 2,
         "upstream request was cancelled ({sent} -> {later})"

@@ -131,15 +131,7 @@ async fn a_stream_cut_after_the_first_byte_is_not_retried() {
         openai("prov_b", b.addr(), json!({})),
         fast_routing(json!({})),
     ));
-    let r = post_chat(
-        fleet.addr,
-        chat_body(
-            "m",
-            "hi there",
-            json!({"stream": true, "mock": {"cut_after": 2}}),
-        ),
-    )
-    .await;
+    let r = cut_stream(fleet.addr, "m").await;
     assert_eq!(r.status, 200);
     let events = r.events();
     assert_eq!(

@@ -236,15 +236,7 @@ async fn translated_failures_keep_upstream_bodies_out() {
         assert_eq!(r.status, 400, "{protocol}");
         assert_eq!(r.json()["error"]["code"], "upstream_error");
         // A stream cut after two deltas: those two, then the gateway's error event.
-        let s = post_chat(
-            fleet.addr,
-            chat_body(
-                "m",
-                "hi there",
-                json!({"stream": true, "mock": {"cut_after": 2}}),
-            ),
-        )
-        .await;
+        let s = cut_stream(fleet.addr, "m").await;
         let events = s.events();
         let last = &events.last().unwrap().1;
         assert_eq!(

@@ -523,6 +523,13 @@ pub async fn post_chat(addr: SocketAddr, body: Value) -> Reply {
     send_a(addr, CHAT, body).await
 }
 
+/// A stream of `model` with key `ot-a` whose upstream cuts the connection after two
+/// chunks.
+pub async fn cut_stream(addr: SocketAddr, model: &str) -> Reply {
+    let mock = json!({"stream": true, "mock": {"cut_after": 2}});
+    post_chat(addr, chat_body(model, "hi there", mock)).await
+}
+
 pub fn merge(target: &mut Value, extra: Value) {
     if let (Some(t), Value::Object(e)) = (target.as_object_mut(), extra) {
         for (k, v) in e {

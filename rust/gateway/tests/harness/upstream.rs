@@ -140,6 +140,11 @@ impl Upstream {
         }
     }
 
+    /// Stream chunks sent so far, over every request.
+    pub fn chunks_sent(&self) -> u64 {
+        self.state.chunks_sent.load(Ordering::SeqCst)
+    }
+
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::SeqCst)
     }
