@@ -663,12 +663,7 @@ async fn drain_after_the_configured_grace_cancels_and_still_records() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_responses_leave_exactly_one_record_each() {
     let h = Gateway::start();
-    let stream = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = connect(h.addr).await;
     let mut ids = Vec::new();
     for _ in 0..15 {
         let req = chat_request("ot-good", chat("hi", json!({})));
@@ -732,12 +727,7 @@ async fn early_refusals_close_the_connection_and_successes_keep_it() {
     assert_eq!(refused.headers["connection"], "close");
 
     // Two requests on one connection: the success leaves it open for the second.
-    let stream = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = connect(h.addr).await;
     for _ in 0..2 {
         let resp = sender
             .send_request(request("POST", CHAT, Some("ot-good"), body.clone()))

@@ -357,11 +357,7 @@ fn added_latency_one_connection() {
         rt.block_on(async {
             let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
             stream.set_nodelay(true).unwrap();
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .unwrap();
-            tokio::spawn(conn);
+            let mut sender = http1(stream).await;
             let mut took = Vec::with_capacity(N);
             for i in 0..N + 200 {
                 let req = request("POST", path, key, body.clone());

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use harness::*;
 use http_body_util::Full;
-use hyper_util::rt::TokioIo;
 use onetoken_gateway::{validate_snapshot, Engine, Error};
 use onetoken_mock_upstream::MockDefaults;
 use serde_json::{json, Value};
@@ -205,11 +204,7 @@ async fn a_provider_at_max_concurrency_is_skipped_or_refused_with_429() {
     );
     let fleet = Gateway::serving(snap);
     // Hold prov_a's only slot with a slow stream (headers received, body pending).
-    let stream = tokio::net::TcpStream::connect(fleet.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut sender = connect(fleet.addr).await;
     let held = sender
         .send_request(
             http::Request::builder()

@@ -66,11 +66,7 @@ async fn tls_connect(addr: SocketAddr, cert: &Cert, alpn: &[&[u8]]) -> TlsStream
 
 /// HTTP/1.1 over an established TLS stream.
 async fn send_h1(io: TlsStream<TcpStream>, req: Request<Full<Bytes>>) -> Response<Incoming> {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    sender.send_request(req).await.unwrap()
+    http1(io).await.send_request(req).await.unwrap()
 }
 
 /// An HTTP/2 connection (over TLS or cleartext); requests are sent on its one sender.
@@ -240,11 +236,7 @@ async fn tls_rejects_a_plaintext_client() {
     let dir = tempdir::Dir::new();
     let cert = self_signed(&dir);
     let h = start_tls(&cert);
-    let tcp = TcpStream::connect(h.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut sender = connect(h.addr).await;
     let res = tokio::time::timeout(
         std::time::Duration::from_secs(5),
         sender.send_request(request("GET", "/healthz", None, "")),

@@ -418,13 +418,28 @@ impl Reply {
     }
 }
 
-pub async fn open(addr: SocketAddr, req: Request<Full<Bytes>>) -> Response<Incoming> {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+/// An HTTP/1.1 client connection over `io` (TCP or TLS), its driver spawned.
+pub async fn http1<I>(io: I) -> Sender
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .unwrap();
     tokio::spawn(conn);
-    sender.send_request(req).await.unwrap()
+    sender
+}
+
+/// An HTTP/1.1 connection to `addr`, for several requests in turn.
+pub async fn connect(addr: SocketAddr) -> Sender {
+    http1(tokio::net::TcpStream::connect(addr).await.unwrap()).await
+}
+
+/// The client side of an HTTP/1.1 connection.
+pub type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+pub async fn open(addr: SocketAddr, req: Request<Full<Bytes>>) -> Response<Incoming> {
+    connect(addr).await.send_request(req).await.unwrap()
 }
 
 pub fn request(
