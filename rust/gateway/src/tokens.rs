@@ -363,15 +363,7 @@ impl Classes {
                 }
             }
         }
-        let mut e = j;
-        loop {
-            let (c, l) = self.at(b, e);
-            if c & LO == 0 {
-                break;
-            }
-            e += l;
-        }
-        Some(contraction(b, e))
+        Some(contraction(b, self.run_end(b, j, LO)))
     }
 
     /// `[UP]+[LO]*` then the optional contraction, at `q`.
@@ -381,17 +373,20 @@ impl Classes {
         if c & UP == 0 {
             return None;
         }
-        let mut e = q + l;
-        for class in [UP, LO] {
-            loop {
-                let (c, l) = self.at(b, e);
-                if c & class == 0 {
-                    break;
-                }
-                e += l;
+        let e = self.run_end(b, q + l, UP);
+        Some(contraction(b, self.run_end(b, e, LO)))
+    }
+
+    /// Where the run of characters in `class` starting at `e` ends.
+    #[inline(always)]
+    fn run_end(&self, b: &[u8], mut e: usize, class: u8) -> usize {
+        loop {
+            let (c, l) = self.at(b, e);
+            if c & class == 0 {
+                return e;
             }
+            e += l;
         }
-        Some(contraction(b, e))
     }
 }
 
