@@ -64,8 +64,9 @@ class Engine:
         False lets its age grow. The engine serves on its last good snapshot either way;
         /healthz ("control": "ok" | "unreachable", "snapshot_age_seconds") and /metrics
         (onetoken_control_reachable, onetoken_snapshot_age_seconds) report it."""
-    def stop(self, grace_seconds: float) -> None:
-        """Stop accepting, let in-flight requests finish for up to `grace_seconds`, then
+    def stop(self, grace_seconds: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish for up to `grace_seconds` (by
+        default the config's `shutdown_grace_ms`), then
         cancel the rest (each still leaves its record in the journal), then release the
         spool dir's locks: the instance is no longer live, so its segments are complete.
         Idempotent."""
@@ -179,6 +180,10 @@ def read_journal_batch(
     before). A trailing line without a newline is left for a later read unless
     `complete` (the segment never grows again), which consumes it as bad. OSError when the
     file cannot be read (FileNotFoundError when it is gone)."""
+
+def engine_config_defaults() -> str:
+    """The engine config's defaults, every field but the key-hash secret, as a JSON
+    object: the one place they are declared."""
 
 def call_log_native_columns() -> list[tuple[str, str]]:
     """call_log's (column, ClickHouse type) pairs, in the order `JournalBatch.native`

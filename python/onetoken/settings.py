@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Final, Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from onetoken import _core
 from onetoken.kit.files import PRIVATE_FILE_MODE, private_dir
 from onetoken.security.net import networks
 
@@ -29,7 +31,9 @@ MIN_SECRET_KEY_LEN = 32
 _PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "default", "password"})
 _PLACEHOLDER_PREFIXES = ("changeme", "change-me", "replace-me", "your-secret", "example")
 _MIN_DISTINCT_SECRET_CHARS = 10
-
+# The engine declares its own defaults (rust/gateway/src/config.rs); the engine knobs
+# below take theirs from it.
+_ENGINE: Final[dict[str, Any]] = json.loads(_core.engine_config_defaults())
 
 
 class Settings(BaseSettings):
@@ -43,7 +47,7 @@ class Settings(BaseSettings):
 
     environment: Literal["development", "production"] = "development"
     data_dir: Path = Path("./.onetoken")
-    gateway_listen: str = "127.0.0.1:8080"
+    gateway_listen: str = _ENGINE["listen"]
     control_listen: str = "127.0.0.1:8081"
     database_url: str = ""
     clickhouse_dsn: str = ""
@@ -63,10 +67,10 @@ class Settings(BaseSettings):
     flush_max_rows: int = Field(default=50_000, ge=1, le=1_000_000)
     call_log_ttl_days: AtLeastOne = 180
 
-    # Engine knobs (tests/contract/engine_config.json).
-    worker_threads: int = Field(default=2, ge=1, le=256)
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    # Engine knobs (tests/contract/engine_config.json), defaults from the engine.
+    worker_threads: int = Field(default=_ENGINE["worker_threads"], ge=1, le=256)
+    max_body_bytes: int = Field(default=_ENGINE["max_body_bytes"], ge=1024)
+    shutdown_grace_seconds: float = Field(default=_ENGINE["shutdown_grace_ms"] / 1000, ge=0)
     # Transport edge (docs/gateway-spec.md, "Transport limits and addresses").
     # Comma-separated CIDRs that platform providers (never an org's own) may reach although
     # they are loopback, private or link-local (an in-house model server); checked when a
@@ -76,18 +80,20 @@ class Settings(BaseSettings):
     # believed; empty trusts none, so the client is the TCP peer.
     gateway_trusted_proxies: str = ""
     # Every gateway connection starts with a PROXY protocol v2 header.
-    gateway_proxy_protocol: bool = False
+    gateway_proxy_protocol: bool = _ENGINE["proxy_protocol"]
     # host:port serving the gateway's /metrics (and /healthz); unset serves them nowhere.
-    metrics_listen: str | None = None
-    gateway_max_connections: AtLeastOne = 20_000
-    gateway_header_read_timeout_ms: int = Field(default=30_000, ge=100)
-    gateway_idle_timeout_ms: int = Field(default=120_000, ge=100)
-    gateway_max_header_bytes: int = Field(default=32 * 1024, ge=1024, le=1024 * 1024)
-    upstream_max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
-    upstream_max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
-    upstream_deadline_seconds: AboveZero = 1800.0
+    metrics_listen: str | None = _ENGINE["metrics_listen"]
+    gateway_max_connections: AtLeastOne = _ENGINE["max_connections"]
+    gateway_header_read_timeout_ms: int = Field(default=_ENGINE["header_read_timeout_ms"], ge=100)
+    gateway_idle_timeout_ms: int = Field(default=_ENGINE["idle_timeout_ms"], ge=100)
+    gateway_max_header_bytes: int = Field(
+        default=_ENGINE["max_header_bytes"], ge=1024, le=1024 * 1024
+    )
+    upstream_max_event_bytes: int = Field(default=_ENGINE["max_upstream_event_bytes"], ge=1024)
+    upstream_max_body_bytes: int = Field(default=_ENGINE["max_upstream_body_bytes"], ge=1024)
+    upstream_deadline_seconds: AboveZero = _ENGINE["upstream_deadline_ms"] / 1000
     # Thread CPU time per request phase in the gateway's /metrics (a profile without perf).
-    gateway_phase_timing: bool = False
+    gateway_phase_timing: bool = _ENGINE["phase_timing"]
 
     session_ttl_hours: int = Field(default=12, ge=1, le=24 * 30)
 

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from onetoken.analytics import clickhouse as ch
+from onetoken.analytics.columns import CALL_LOG_SCHEMA
 from onetoken.analytics.sink import CallLogSink
 from onetoken.billing import service as billing
 from onetoken.billing.reconcile import reconcile
@@ -25,7 +26,7 @@ from onetoken.deps import AppState
 from onetoken.ingest import Ingestor
 from onetoken.settings import Settings
 from tests.unit import journal_files
-from tests.unit.conftest import Admin, contract
+from tests.unit.conftest import Admin
 from tests.unit.journal_files import append, dead
 
 API = "/api/v1"
@@ -42,7 +43,7 @@ def _blank(column_type: str) -> Any:
 
 
 # Columns this test does not care about (the contract grows) get an empty value.
-BLANK = {name: _blank(ctype) for name, ctype, _ in contract("call_log_columns.json")["columns"]}
+BLANK = {name: _blank(ctype) for name, ctype in CALL_LOG_SCHEMA}
 
 
 def record(org: str, rid: str, at: datetime, cost: int, **kw: Any) -> dict[str, Any]:

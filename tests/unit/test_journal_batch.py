@@ -5,7 +5,6 @@ store in ClickHouse exactly what clickhouse-connect's own column insert stores."
 from __future__ import annotations
 
 import fcntl
-import json
 import random
 import time
 from collections.abc import Iterator
@@ -25,11 +24,8 @@ from onetoken.settings import Settings
 
 from .batches import summarize
 
-CONTRACT = json.loads(
-    (Path(__file__).resolve().parents[1] / "contract" / "call_log_columns.json").read_text()
-)["columns"]
-COLUMNS = [name for name, _, _ in CONTRACT]
-STRINGS = {name for name, ch_type, _ in CONTRACT if "String" in ch_type}
+COLUMNS = list(CALL_LOG_COLUMNS)
+STRINGS = {name for name, ch_type in CALL_LOG_SCHEMA if "String" in ch_type}
 # The engine writes these from fixed sets; any short value reads back.
 FIXED = {"path": "/v1/chat/completions", "usage_source": "upstream", "rate_limit": "pass"}
 TRICKY = [
@@ -70,11 +66,6 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
     client = open_client(Settings(data_dir=tmp_path_factory.mktemp("native")))
     yield client
     client.close()
-
-
-def test_the_block_encodes_the_contract_columns_and_types() -> None:
-    assert [tuple(c) for c in _core.call_log_native_columns()] == list(CALL_LOG_SCHEMA)
-    assert [name for name, _ in CALL_LOG_SCHEMA] == COLUMNS == list(CALL_LOG_COLUMNS)
 
 
 def test_offsets_resume_and_bad_lines_are_counted(tmp_path: Path) -> None:

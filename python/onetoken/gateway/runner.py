@@ -66,7 +66,7 @@ class EngineLike(Protocol):
     def start(self) -> str: ...
     def load_snapshot(self, snapshot_json: bytes) -> int: ...
     def set_control_status(self, reachable: bool) -> None: ...
-    def stop(self, grace_seconds: float) -> None: ...
+    def stop(self, grace_seconds: float | None = None) -> None: ...
     @property
     def instance_id(self) -> str: ...
 
@@ -229,7 +229,6 @@ class GatewayRunner:
         self._engine_factory = engine_factory or _default_engine_factory
         self.engine: EngineLike | None = None
         self.address: str | None = None
-        self.grace_seconds = 10.0
         self.tls = False
         self._etag: str | None = None
         # Snapshots loaded so far.
@@ -254,7 +253,6 @@ class GatewayRunner:
         snapshot; returns the address served. GatewayError: the engine refused the config
         or the address, another gateway serves the data dir, or stopped while waiting."""
         config = self._until_answered(self.channel.config, "config")
-        self.grace_seconds = int(config.get("shutdown_grace_ms", 10_000)) / 1000
         self.tls = config.get("tls") is not None
         engine = self._engine_factory(orjson.dumps(self.engine_config(config)))
         try:
@@ -326,7 +324,7 @@ class GatewayRunner:
         self._reachable = reachable
 
     def run(self) -> None:
-        """Poll until `stopping` is set, then stop the engine with the grace period. The
+        """Poll until `stopping` is set, then stop the engine with its configured grace. The
         polls run on a thread of their own: a long poll must not hold up the stop."""
         poller = threading.Thread(target=self._poll_loop, name="onetoken-poll", daemon=True)
         poller.start()
@@ -356,8 +354,8 @@ class GatewayRunner:
     def stop(self) -> None:
         engine, self.engine = self.engine, None
         if engine is not None:
-            log.info("gateway.stopping", extra={"grace_seconds": self.grace_seconds})
-            engine.stop(self.grace_seconds)
+            log.info("gateway.stopping")
+            engine.stop()
             log.info("gateway.stopped")
 
 

@@ -7,31 +7,15 @@
 //! one finding of a random category per KB, and one per 100 bytes. The findings of each pass
 //! are printed so that false positives on the clean corpora are visible.
 
+mod support;
+
 use std::hint::black_box;
 use std::time::Instant;
 
 use onetoken_gateway::guard::{scan, CategorySet};
+use onetoken_gateway::xorshift::XorShift;
 use serde_json::json;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-const DOCS: [&str; 3] = [
-    include_str!("../../../docs/gateway-spec.md"),
-    include_str!("../../../docs/control-plane-spec.md"),
-    include_str!("../../../docs/mock-upstream.md"),
-];
+use support::{chat_request, DOCS};
 
 const CODE: [&str; 4] = [
     include_str!("../src/records.rs"),
@@ -58,7 +42,7 @@ fn words() -> Vec<&'static str> {
         .collect()
 }
 
-fn prose(rng: &mut Rng, words: &[&str], out: &mut String) {
+fn prose(rng: &mut XorShift, words: &[&str], out: &mut String) {
     for _ in 0..8 + rng.below(20) {
         match rng.below(30) {
             0 => out.push_str(&rng.below(100_000).to_string()),
@@ -69,7 +53,7 @@ fn prose(rng: &mut Rng, words: &[&str], out: &mut String) {
     out.push_str(".\n");
 }
 
-fn fill(rng: &mut Rng, mut part: impl FnMut(&mut Rng, &mut String)) -> String {
+fn fill(rng: &mut XorShift, mut part: impl FnMut(&mut XorShift, &mut String)) -> String {
     let mut s = String::with_capacity(SIZE + 4096);
     while s.len() < SIZE {
         part(rng, &mut s);
@@ -93,27 +77,21 @@ fn ascii_escaped(s: &str) -> String {
     out
 }
 
-fn chat_body(rng: &mut Rng, words: &[&str]) -> String {
+fn chat_body(rng: &mut XorShift, words: &[&str]) -> String {
     let mut content = String::new();
     for _ in 0..1 + rng.below(4) {
         prose(rng, words, &mut content);
         content.push_str(CJK[rng.below(CJK.len())]);
     }
-    let body = json!({
-        "model": "gpt-4o-mini",
-        "user": format!("user-{:016x}", rng.next()),
-        "temperature": rng.below(100) as f64 / 100.0,
-        "max_tokens": 64 + rng.below(4000),
-        "messages": [
-            {"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": content},
-        ],
-        "metadata": {"trace": format!("{:016x}{:016x}", rng.next(), rng.next())},
-    });
+    let body = chat_request(
+        rng,
+        content,
+        |rng| json!({"trace": format!("{:016x}{:016x}", rng.next_u64(), rng.next_u64())}),
+    );
     serde_json::to_string(&body).unwrap_or_default()
 }
 
-fn log_line(rng: &mut Rng, out: &mut String) {
+fn log_line(rng: &mut XorShift, out: &mut String) {
     out.push_str(&format!(
         "2025-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z INFO req={:08x}-{:04x} status={} bytes={} \
          latency_ms={}.{:03} ip=10.{}.{}.{} user_id={}\n",
@@ -123,8 +101,8 @@ fn log_line(rng: &mut Rng, out: &mut String) {
         rng.below(60),
         rng.below(60),
         rng.below(1_000_000),
-        rng.next() as u32,
-        rng.next() as u16,
+        rng.next_u64() as u32,
+        rng.next_u64() as u16,
         [200, 200, 200, 404, 429, 500][rng.below(6)],
         rng.below(10_000_000),
         rng.below(5000),
@@ -148,7 +126,7 @@ const PLANTED: [&str; 8] = [
 ];
 
 /// `clean` with one planted value every `every` bytes (at a char boundary).
-fn with_hits(rng: &mut Rng, clean: &str, every: usize) -> String {
+fn with_hits(rng: &mut XorShift, clean: &str, every: usize) -> String {
     let mut s = String::with_capacity(clean.len() + clean.len() / every * 40);
     let mut last = 0;
     let mut at = every;
@@ -213,7 +191,7 @@ fn measure(name: &str, text: &str, set: CategorySet) {
 
 fn main() {
     let words = words();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
     let english = fill(&mut rng, |r, s| prose(r, &words, s));
     let code = fill(&mut rng, |r, s| s.push_str(CODE[r.below(CODE.len())]));
     let cjk = fill(&mut rng, |r, s| {

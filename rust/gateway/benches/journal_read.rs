@@ -18,30 +18,7 @@ fn main() {
     let path = dir.join("journal-bench-00000000.jsonl");
     let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
     for i in 0..RECORDS {
-        let rec = CallRecord {
-            ts: 1_780_000_000_000_000 + i64::from(i),
-            request_id: format!("req_0123456789abcdef{i:010x}"),
-            org_id: "org_0123456789".into(),
-            account_id: "acc_0123456789".into(),
-            key_id: "key_0123456789".into(),
-            path: "/v1/chat/completions",
-            model_requested: "gpt-4o-mini".into(),
-            model_served: "gpt-4o-mini-2024-07-18".into(),
-            provider: "prov_openai".into(),
-            prompt_tokens: 1234,
-            completion_tokens: 567,
-            usage_source: "upstream",
-            cost: 123_456_789,
-            status: 200,
-            latency_us: 456_789,
-            ttfb_us: 12_345,
-            streamed: 1,
-            source_ip: "203.0.113.77".into(),
-            user_agent: "OpenAI/Python 1.54.0".into(),
-            rate_limit: "pass",
-            attempts: 1,
-            ..CallRecord::default()
-        };
+        let rec = CallRecord::sample(i);
         // The journal's line format is serde_json's, byte for byte (records.rs tests it).
         serde_json::to_writer(&mut out, &rec).unwrap();
         out.write_all(b"\n").unwrap();

@@ -14,8 +14,8 @@
 //! removed at the end.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+#[path = "../tests/harness/mod.rs"]
+mod harness;
 
 use std::time::Duration;
 
@@ -32,9 +32,9 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(30);
-    let spool = common::tempdir::Dir::new();
-    let engine = Engine::new(common::engine_config(spool.path())).unwrap();
-    let snapshot = common::snapshot(1, upstream.parse().unwrap(), i64::MAX / 4);
+    let spool = harness::tempdir::Dir::new();
+    let engine = Engine::new(harness::engine_config(spool.path())).unwrap();
+    let snapshot = harness::spec_snapshot(1, upstream.parse().unwrap(), i64::MAX / 4);
     engine
         .load_snapshot(snapshot.to_string().as_bytes())
         .unwrap();

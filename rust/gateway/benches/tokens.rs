@@ -8,35 +8,14 @@
 //! Times are the counting thread's CPU time (best of a few passes), so MB/s is per core
 //! even while other processes load the machine; they still share its caches.
 
+mod support;
+
 use std::hint::black_box;
 use std::time::Instant;
 
+use onetoken_gateway::xorshift::XorShift;
 use serde_json::json;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    /// Roughly Zipf: small indices are much more likely.
-    fn zipf(&mut self, n: usize) -> usize {
-        let u = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
-        (((n as f64 + 1.0).powf(u) - 1.0) as usize).min(n - 1)
-    }
-}
-
-const DOCS: [&str; 3] = [
-    include_str!("../../../docs/gateway-spec.md"),
-    include_str!("../../../docs/control-plane-spec.md"),
-    include_str!("../../../docs/mock-upstream.md"),
-];
+use support::{chat_request, DOCS};
 
 const CODE: [&str; 8] = [
     include_str!("../src/proxy.rs"),
@@ -76,7 +55,7 @@ fn vocabulary() -> Vec<String> {
 }
 
 /// One English sentence: Zipf words, a few capitalised or rare made-up words and numbers.
-fn sentence(rng: &mut Rng, words: &[String], out: &mut String) {
+fn sentence(rng: &mut XorShift, words: &[String], out: &mut String) {
     let n = 6 + rng.below(18);
     for i in 0..n {
         if i > 0 {
@@ -110,7 +89,7 @@ fn sentence(rng: &mut Rng, words: &[String], out: &mut String) {
     out.push_str([". ", ". ", "? ", "! ", ".\n\n"][rng.below(5)]);
 }
 
-fn english(rng: &mut Rng, words: &[String], bytes: usize) -> String {
+fn english(rng: &mut XorShift, words: &[String], bytes: usize) -> String {
     let mut s = String::new();
     while s.len() < bytes {
         sentence(rng, words, &mut s);
@@ -118,7 +97,7 @@ fn english(rng: &mut Rng, words: &[String], bytes: usize) -> String {
     s
 }
 
-fn code(rng: &mut Rng, bytes: usize) -> String {
+fn code(rng: &mut XorShift, bytes: usize) -> String {
     let mut s = String::new();
     while s.len() < bytes {
         s.push_str(CODE[rng.below(CODE.len())]);
@@ -126,23 +105,16 @@ fn code(rng: &mut Rng, bytes: usize) -> String {
     s
 }
 
-fn json_bodies(rng: &mut Rng, words: &[String], bytes: usize) -> String {
+fn json_bodies(rng: &mut XorShift, words: &[String], bytes: usize) -> String {
     let mut s = String::new();
     while s.len() < bytes {
         let mut content = String::new();
         for _ in 0..1 + rng.below(4) {
             sentence(rng, words, &mut content);
         }
-        let body = json!({
-            "model": "gpt-4o-mini",
-            "user": format!("user-{:016x}", rng.next()),
-            "temperature": rng.below(100) as f64 / 100.0,
-            "max_tokens": 64 + rng.below(4000),
-            "messages": [
-                {"role": "system", "content": "You are a helpful assistant."},
-                {"role": "user", "content": content},
-            ],
-            "metadata": {"request_id": format!("{:032x}", u128::from(rng.next()) << 64 | u128::from(rng.next())), "attempt": rng.below(3)},
+        let body = chat_request(rng, content, |rng| {
+            let id = u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64());
+            json!({"request_id": format!("{id:032x}"), "attempt": rng.below(3)})
         });
         s.push_str(&serde_json::to_string_pretty(&body).unwrap_or_default());
         s.push('\n');
@@ -150,7 +122,7 @@ fn json_bodies(rng: &mut Rng, words: &[String], bytes: usize) -> String {
     s
 }
 
-fn mixed_cjk(rng: &mut Rng, words: &[String], bytes: usize) -> String {
+fn mixed_cjk(rng: &mut XorShift, words: &[String], bytes: usize) -> String {
     let mut s = String::new();
     while s.len() < bytes {
         match rng.below(3) {
@@ -286,7 +258,7 @@ fn main() {
     onetoken_gateway::tokens::warm_up();
 
     let words = vocabulary();
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
     let old_english = "The quick brown fox jumps over the lazy dog. In 2026, enterprise API gateways \
 relay millions of chat completions per day; each one must be authenticated, metered and billed. \
 Rust's ownership model makes it a good fit: fn main() { println!(\"hi\"); } Numbers 1234567890.\n\n";

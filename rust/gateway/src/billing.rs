@@ -159,26 +159,37 @@ impl Counters {
     /// Spend in `today`: the ledger's plus the engine's since the mark while the snapshot
     /// covers today; after a UTC day change, only the engine's own since the change.
     fn spent_day(&mut self, usage: &UsageMark, today: i64) -> i128 {
-        if usage.day >= today {
-            return i128::from(usage.spent_day) + i128::from(self.spent)
-                - i128::from(usage.spent_mark);
-        }
-        if self.day_base.0 != today {
-            self.day_base = (today, self.spent);
-        }
-        i128::from(self.spent) - i128::from(self.day_base.1)
+        let covered = (usage.day, usage.spent_day, usage.spent_mark);
+        spent_in(self.spent, &mut self.day_base, covered, today)
     }
 
+    /// [`Counters::spent_day`] for the UTC month `month`.
     fn spent_month(&mut self, usage: &UsageMark, month: i32) -> i128 {
-        if usage.month >= month {
-            return i128::from(usage.spent_month) + i128::from(self.spent)
-                - i128::from(usage.spent_mark);
-        }
-        if self.month_base.0 != month {
-            self.month_base = (month, self.spent);
-        }
-        i128::from(self.spent) - i128::from(self.month_base.1)
+        let covered = (usage.month, usage.spent_month, usage.spent_mark);
+        spent_in(self.spent, &mut self.month_base, covered, month)
     }
+}
+
+/// Spend in the period `now` (a day or month number) of an account that has spent `spent`
+/// since the engine started. While the snapshot's ledger figure covers `now` (`covered`:
+/// its period, the ledger's spend in it, the engine's spend it already includes), that
+/// figure plus what the engine spent since; once the period moved on, what the engine
+/// spent since it did (`base`: the period and the engine's spend when it began).
+#[inline]
+fn spent_in<P: Copy + PartialOrd>(
+    spent: i64,
+    base: &mut (P, i64),
+    covered: (P, i64, i64),
+    now: P,
+) -> i128 {
+    let (period, ledger, mark) = covered;
+    if period >= now {
+        return i128::from(ledger) + i128::from(spent) - i128::from(mark);
+    }
+    if base.0 != now {
+        *base = (now, spent);
+    }
+    i128::from(spent) - i128::from(base.1)
 }
 
 /// Live money counters of one organization (or of one key, for key budgets). They survive

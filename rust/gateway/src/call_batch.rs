@@ -242,7 +242,7 @@ type CallKey = (u32, u16, u32, u32);
 type FailureKey = (u32, u32, u32, u32, u16, u32, u32);
 
 /// Columns of the batch being read, in the call_log contract's order
-/// (tests/contract/call_log_columns.json), plus the groups.
+/// ([`COLUMNS`]), plus the groups.
 #[derive(Default)]
 pub struct CallBatch {
     rows: usize,
@@ -554,8 +554,9 @@ impl CallBatch {
     }
 }
 
-/// call_log's columns and their ClickHouse types, exactly as the analytics migrations
-/// create them (and as tests/contract/call_log_columns.json lists them).
+/// call_log's columns and their ClickHouse types, in table order: the one declaration
+/// (Python takes it through `_core.call_log_native_columns`, and a test checks the
+/// analytics migrations create exactly these).
 pub const COLUMNS: &[(&str, &str)] = &[
     ("ts", "DateTime64(6, 'UTC')"),
     ("request_id", "String"),

@@ -1,7 +1,7 @@
 //! Engine configuration: the process-level settings (listener, secret, journal dir). Per-tenant
 //! configuration arrives separately as a snapshot.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::ipset::IpSet;
@@ -13,7 +13,7 @@ fn cidr_set(field: &str, cidrs: &[String]) -> Result<IpSet, Error> {
 
 /// Engine configuration (`tests/contract/engine_config.json`). Unknown fields are
 /// rejected with an error naming the field.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineConfig {
     /// Address to listen on, `host:port` (port 0 picks a free one).
@@ -39,7 +39,8 @@ pub struct EngineConfig {
     /// Largest accepted request body.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
-    /// Default grace period for a graceful stop.
+    /// How long [`crate::Engine::drain`] lets in-flight requests finish before it cancels
+    /// them.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
     /// CIDRs a platform provider (one not scoped to an org) may reach although they are
@@ -89,7 +90,7 @@ pub struct EngineConfig {
 }
 
 /// A key-hash secret from before a rotation.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PreviousSecret {
     /// The `secret_version` of keys hashed with it.
@@ -99,7 +100,7 @@ pub struct PreviousSecret {
 }
 
 /// PEM files for TLS termination.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// Certificate chain, PEM.
@@ -149,6 +150,18 @@ fn default_upstream_deadline_ms() -> u64 {
 }
 
 impl EngineConfig {
+    /// Every optional field at its default, as a JSON object: the one source of the
+    /// engine's defaults (the control plane's settings take theirs from it).
+    pub fn defaults_json() -> Result<String, Error> {
+        let cfg: EngineConfig = serde_json::from_str(r#"{"key_hash_secret_hex": ""}"#)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let mut v = serde_json::to_value(cfg).map_err(|e| Error::Config(e.to_string()))?;
+        if let Some(fields) = v.as_object_mut() {
+            fields.remove("key_hash_secret_hex");
+        }
+        Ok(v.to_string())
+    }
+
     /// Parse and validate the configuration JSON.
     pub fn from_json(bytes: &[u8]) -> Result<Self, Error> {
         let cfg: EngineConfig =

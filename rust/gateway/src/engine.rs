@@ -2,6 +2,7 @@
 //! journal. Start takes the spool dir's locks and binds synchronously; stop drains, shuts
 //! the runtime down, then releases the locks.
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,6 +16,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::auth::KeyRing;
+use crate::billing::OrgAccount;
 use crate::config::EngineConfig;
 use crate::error::Error;
 use crate::journal::SpoolLocks;
@@ -278,6 +280,11 @@ impl Engine {
         self.shared.dropped.lock().clone()
     }
 
+    /// [`Engine::stop`] with the configured grace period (`shutdown_grace_ms`).
+    pub fn drain(&self) {
+        self.stop(Duration::from_millis(self.shared.config.shutdown_grace_ms));
+    }
+
     /// Stop accepting, let in-flight requests finish for up to `grace`, then cancel the
     /// rest (each still leaves its record) and shut the runtime down; then release the
     /// spool dir's locks, which makes every segment of this instance complete for readers.
@@ -324,33 +331,13 @@ impl Engine {
 
     /// `(org id, spent since engine start, currently reserved)` for every known org.
     pub fn org_spend(&self) -> Vec<(String, i64, i64)> {
-        let accounts = self.shared.accounts.lock();
-        let mut out: Vec<(String, i64, i64)> = accounts
-            .orgs
-            .iter()
-            .map(|(id, a)| {
-                let (spent, reserved) = a.totals();
-                (id.clone(), spent, reserved)
-            })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        spend_of(&self.shared.accounts.lock().orgs)
     }
 
     /// `(key id, spent since engine start, currently reserved)` for every known key: the
     /// counters that key budgets compare with `keys[].usage.spent_mark`.
     pub fn key_spend(&self) -> Vec<(String, i64, i64)> {
-        let accounts = self.shared.accounts.lock();
-        let mut out: Vec<(String, i64, i64)> = accounts
-            .keys
-            .iter()
-            .map(|(id, a)| {
-                let (spent, reserved) = a.totals();
-                (id.clone(), spent, reserved)
-            })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        spend_of(&self.shared.accounts.lock().keys)
     }
 
     /// Counters for the control plane.
@@ -390,6 +377,19 @@ impl Engine {
     pub fn instance_id(&self) -> &str {
         &self.shared.instance_id
     }
+}
+
+/// `(id, spent since engine start, currently reserved)` for each account, by id.
+fn spend_of(accounts: &HashMap<String, Arc<OrgAccount>>) -> Vec<(String, i64, i64)> {
+    let mut out: Vec<(String, i64, i64)> = accounts
+        .iter()
+        .map(|(id, a)| {
+            let (spent, reserved) = a.totals();
+            (id.clone(), spent, reserved)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
 }
 
 /// Pending connections the kernel may queue (the std default of 128 refuses bursts).

@@ -119,6 +119,11 @@ impl CategorySet {
         CategorySet((1 << Category::ALL.len()) - 1)
     }
 
+    /// The categories whose bits (in [`Category::ALL`] order) are set in `bits`.
+    pub const fn from_bits(bits: u8) -> Self {
+        CategorySet(bits & Self::all().0)
+    }
+
     /// Just `category`.
     pub const fn only(category: Category) -> Self {
         CategorySet(category.bit())
@@ -1157,27 +1162,10 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
+    use crate::xorshift::XorShift;
 
     fn cats(text: &str) -> String {
         scan(text, CategorySet::all()).flags()
-    }
-
-    /// Deterministic xorshift: reproducible failures without a seed file.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-        fn digits(&mut self, n: usize) -> Vec<u8> {
-            (0..n).map(|_| self.below(10) as u8).collect()
-        }
     }
 
     fn text_of(d: &[u8]) -> String {
@@ -1211,7 +1199,7 @@ mod tests {
         format!("{body}{c}")
     }
 
-    fn onetoken_key(rng: &mut Rng) -> String {
+    fn onetoken_key(rng: &mut XorShift) -> String {
         const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
         let random: String = (0..40).map(|_| char::from(BASE62[rng.below(62)])).collect();
         let mut n = crc32(random.as_bytes()) % 62u32.pow(4);
@@ -1311,7 +1299,7 @@ mod tests {
                 assert_eq!(cats(&text), "secret_key:1", "{text}");
             }
         }
-        let mut rng = Rng(7);
+        let mut rng = XorShift(7);
         for _ in 0..50 {
             let k = onetoken_key(&mut rng);
             assert_eq!(cats(&format!("Authorization: Bearer {k}")), "secret_key:1");
@@ -1451,7 +1439,7 @@ mod tests {
 
     #[test]
     fn random_digit_strings_failing_luhn_are_not_cards() {
-        let mut rng = Rng(0x5eed);
+        let mut rng = XorShift(0x5eed);
         for _ in 0..20_000 {
             let n = 13 + rng.below(7);
             let mut d = rng.digits(n);
@@ -1467,7 +1455,7 @@ mod tests {
 
     #[test]
     fn generated_cards_are_found() {
-        let mut rng = Rng(42);
+        let mut rng = XorShift(42);
         for _ in 0..2_000 {
             let (prefix, n): (&[u8], usize) = match rng.below(4) {
                 0 => (&[4], 16),
@@ -1528,7 +1516,7 @@ mod tests {
 
     #[test]
     fn wrong_checksums_are_never_ids() {
-        let mut rng = Rng(99);
+        let mut rng = XorShift(99);
         for _ in 0..5_000 {
             let mut body = vec![1, 1];
             body.extend(rng.digits(15));
@@ -1634,7 +1622,7 @@ mod tests {
             "the", "model", "should", "return", "a", "short", "answer", "请", "回答", "问题",
             "rust", "skip", "Alpha", "LTAI", "gh", "xox",
         ];
-        let mut rng = Rng(1);
+        let mut rng = XorShift(1);
         for _ in 0..2_000 {
             let mut s = String::new();
             for _ in 0..rng.below(200) {
@@ -1651,7 +1639,7 @@ mod tests {
 
     #[test]
     fn planted_values_are_counted_exactly() {
-        let mut rng = Rng(2024);
+        let mut rng = XorShift(2024);
         let fillers = [
             "hello ",
             "世界 ",
@@ -1693,7 +1681,7 @@ mod tests {
 
     #[test]
     fn never_panics_on_arbitrary_input() {
-        let mut rng = Rng(0xdead_beef);
+        let mut rng = XorShift(0xdead_beef);
         let pieces = [
             "sk-",
             "AKIA",
@@ -1748,7 +1736,7 @@ mod tests {
             }
         }
         for _ in 0..5_000 {
-            let bytes: Vec<u8> = (0..rng.below(100)).map(|_| rng.next() as u8).collect();
+            let bytes: Vec<u8> = (0..rng.below(100)).map(|_| rng.next_u64() as u8).collect();
             scan_bytes(&bytes, CategorySet::all());
             scan(&String::from_utf8_lossy(&bytes), CategorySet::all());
         }

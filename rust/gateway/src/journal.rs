@@ -211,6 +211,33 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
     use crate::journal_reader::{instance_live, read_segment};
+    use crate::records::{write_line, CallRecord};
+
+    /// Append `each` records `req_{t}_{i}` whose user agents are `ua` repeated up to
+    /// `ua_max` times (lines of many lengths).
+    fn append_records(j: &Journal, t: u64, each: u64, ua: &str, ua_max: usize) {
+        let mut buf = Vec::new();
+        for i in 0..each {
+            buf.clear();
+            let rec = CallRecord {
+                request_id: format!("req_{t}_{i}"),
+                user_agent: ua.repeat(usize::try_from(i).unwrap() % ua_max),
+                ..CallRecord::default()
+            };
+            write_line(&rec, &mut buf);
+            assert!(j.append(&buf));
+        }
+    }
+
+    /// `ids` are `req_{thread}_{i}` for every thread and i, each exactly once.
+    fn assert_each_written_once(mut ids: Vec<String>, threads: u64, each: u64) {
+        ids.sort();
+        let mut expected: Vec<String> = (0..threads)
+            .flat_map(|t| (0..each).map(move |i| format!("req_{t}_{i}")))
+            .collect();
+        expected.sort();
+        assert_eq!(ids, expected);
+    }
 
     fn dir() -> PathBuf {
         let p =
@@ -332,7 +359,6 @@ mod tests {
     /// they are written.
     #[test]
     fn concurrent_appends_are_whole_lines() {
-        use crate::records::{write_line, CallRecord};
         const THREADS: u64 = 4;
         const EACH: u64 = 500;
         let d = dir();
@@ -341,17 +367,7 @@ mod tests {
             for t in 0..THREADS {
                 let j = &j;
                 s.spawn(move || {
-                    let mut buf = Vec::new();
-                    for i in 0..EACH {
-                        buf.clear();
-                        let rec = CallRecord {
-                            request_id: format!("req_{t}_{i}"),
-                            user_agent: "x".repeat(usize::try_from(i).unwrap() % 300),
-                            ..CallRecord::default()
-                        };
-                        write_line(&rec, &mut buf);
-                        assert!(j.append(&buf));
-                    }
+                    append_records(j, t, EACH, "x", 300);
                 });
             }
         });
@@ -361,12 +377,7 @@ mod tests {
             assert_eq!(read.bad_lines, 0);
             ids.extend(read.records.into_iter().map(|r| r.request_id));
         }
-        ids.sort();
-        let mut expected: Vec<String> = (0..THREADS)
-            .flat_map(|t| (0..EACH).map(move |i| format!("req_{t}_{i}")))
-            .collect();
-        expected.sort();
-        assert_eq!(ids, expected);
+        assert_each_written_once(ids, THREADS, EACH);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -376,7 +387,6 @@ mod tests {
     fn a_reader_tailing_a_live_segment_sees_each_record_once() {
         use std::sync::atomic::AtomicBool;
 
-        use crate::records::{write_line, CallRecord};
         const THREADS: u64 = 3;
         const EACH: u64 = 2_000;
         let d = dir();
@@ -413,17 +423,7 @@ mod tests {
                 .map(|t| {
                     let j = &j;
                     s.spawn(move || {
-                        let mut buf = Vec::new();
-                        for i in 0..EACH {
-                            buf.clear();
-                            let rec = CallRecord {
-                                request_id: format!("req_{t}_{i}"),
-                                user_agent: "y".repeat(usize::try_from(i).unwrap() % 700),
-                                ..CallRecord::default()
-                            };
-                            write_line(&rec, &mut buf);
-                            assert!(j.append(&buf));
-                        }
+                        append_records(j, t, EACH, "y", 700);
                     })
                 })
                 .collect();
@@ -433,13 +433,7 @@ mod tests {
             writing.store(false, Ordering::Release);
             reader.join().unwrap()
         });
-        let mut ids = ids;
-        ids.sort();
-        let mut expected: Vec<String> = (0..THREADS)
-            .flat_map(|t| (0..EACH).map(move |i| format!("req_{t}_{i}")))
-            .collect();
-        expected.sort();
-        assert_eq!(ids, expected);
+        assert_each_written_once(ids, THREADS, EACH);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -449,30 +443,7 @@ mod tests {
     fn cost_per_record() {
         use crate::records::{CallRecord, Records};
         let d = dir();
-        let rec = CallRecord {
-            ts: 1_780_000_000_000_000,
-            request_id: "req_0123456789abcdef0000000042".into(),
-            org_id: "org_0123456789".into(),
-            account_id: "acc_0123456789".into(),
-            key_id: "key_0123456789".into(),
-            path: "/v1/chat/completions",
-            model_requested: "gpt-4o-mini".into(),
-            model_served: "gpt-4o-mini-2024-07-18".into(),
-            provider: "prov_openai".into(),
-            prompt_tokens: 1234,
-            completion_tokens: 567,
-            usage_source: "upstream",
-            cost: 123_456_789,
-            status: 200,
-            latency_us: 456_789,
-            ttfb_us: 12_345,
-            streamed: 1,
-            source_ip: "203.0.113.77".into(),
-            user_agent: "OpenAI/Python 1.54.0".into(),
-            rate_limit: "pass",
-            attempts: 1,
-            ..CallRecord::default()
-        };
+        let rec = CallRecord::sample(42);
         const N: u32 = 20_000;
         let mut buf = Vec::with_capacity(1024);
         let t = Instant::now();

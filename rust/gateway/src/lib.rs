@@ -34,11 +34,14 @@ mod snapshot;
 pub mod sse;
 pub mod tokens;
 mod upstream;
+#[doc(hidden)]
+pub mod xorshift;
 
 pub use auth::hash_key;
 pub use config::{EngineConfig, PreviousSecret, TlsConfig};
 pub use engine::{Engine, Stats};
 pub use error::Error;
+pub use phase::PHASE_NAMES;
 pub use records::CallRecord;
 pub use snapshot::{validate as validate_snapshot, Dropped, SnapshotDoc};
 pub use upstream::address_is_public;

@@ -19,50 +19,47 @@ use cpu_time::ThreadTime;
 
 use crate::engine::Shared;
 
-/// The phases of one request, in the order they run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Phase {
+/// Declares the phases once: the enum, [`Phase::ALL`] and [`PHASE_NAMES`] in request
+/// order.
+macro_rules! phases {
+    ($($(#[$doc:meta])* $variant:ident => $name:literal,)*) => {
+        /// The phases of one request, in the order they run.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub(crate) enum Phase {
+            $($(#[$doc])* $variant,)*
+        }
+
+        /// The phases' names in `/metrics`, in request order (the order of [`Phase`]).
+        pub const PHASE_NAMES: [&str; 8] = [$($name,)*];
+
+        impl Phase {
+            pub(crate) const ALL: [Phase; 8] = [$(Phase::$variant,)*];
+        }
+    };
+}
+
+phases! {
     /// The endpoint, the request head, loops and blocked addresses.
-    Admit,
+    Admit => "admit",
     /// The API key and what it may do.
-    Authenticate,
+    Authenticate => "authenticate",
     /// The body: parsed, checked, the model and the deployments it may reach, the guard.
-    Route,
+    Route => "route",
     /// Token estimates, limits, budgets and the balance reservation.
-    Reserve,
+    Reserve => "reserve",
     /// Upstream attempts until one answers.
-    Forward,
+    Forward => "forward",
     /// The answer to the client: collected and metered, or each poll of a stream.
-    Relay,
+    Relay => "relay",
     /// The cost, charged against what was reserved.
-    Settle,
+    Settle => "settle",
     /// The call record, built and written.
-    Record,
+    Record => "record",
 }
 
 impl Phase {
-    pub(crate) const ALL: [Phase; 8] = [
-        Phase::Admit,
-        Phase::Authenticate,
-        Phase::Route,
-        Phase::Reserve,
-        Phase::Forward,
-        Phase::Relay,
-        Phase::Settle,
-        Phase::Record,
-    ];
-
     pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Phase::Admit => "admit",
-            Phase::Authenticate => "authenticate",
-            Phase::Route => "route",
-            Phase::Reserve => "reserve",
-            Phase::Forward => "forward",
-            Phase::Relay => "relay",
-            Phase::Settle => "settle",
-            Phase::Record => "record",
-        }
+        PHASE_NAMES[self as usize]
     }
 }
 

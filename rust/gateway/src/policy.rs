@@ -127,20 +127,10 @@ impl Policy {
             return Ok(());
         }
         let p = &d.provider;
-        if self.deny_vendors.contains(&p.vendor)
-            || self
-                .allow_vendors
-                .as_ref()
-                .is_some_and(|a| !a.contains(&p.vendor))
-        {
+        if refused(&self.deny_vendors, self.allow_vendors.as_ref(), &p.vendor) {
             return Err(Rule::Vendor);
         }
-        if self.deny_regions.contains(&p.region)
-            || self
-                .allow_regions
-                .as_ref()
-                .is_some_and(|a| !a.contains(&p.region))
-        {
+        if refused(&self.deny_regions, self.allow_regions.as_ref(), &p.region) {
             return Err(Rule::Region);
         }
         let named =
@@ -168,4 +158,10 @@ pub(crate) fn permits(org: &Policy, key: &Policy, d: &Deployment) -> Result<(), 
         scope: Scope::Key,
         rule,
     })
+}
+
+/// `value` is denied, or an allow-list is set and does not name it.
+#[inline]
+fn refused(deny: &HashSet<String>, allow: Option<&HashSet<String>>, value: &str) -> bool {
+    deny.contains(value) || allow.is_some_and(|a| !a.contains(value))
 }

@@ -362,18 +362,8 @@ fn reserve(
         )
         .saturating_add(request_cost(d.request_price, org.price_factor_ppm))
     };
-    let amount = ask
-        .candidates
-        .iter()
-        .map(|d| reserve_on(d))
-        .max()
-        .unwrap_or(0);
-    let tokens_bound = ask
-        .candidates
-        .iter()
-        .map(|d| out_bound(d))
-        .max()
-        .unwrap_or(0);
+    let amount = most(&ask.candidates, reserve_on);
+    let tokens_bound = most(&ask.candidates, out_bound);
     // Money bounds a priced request; a free one takes a slot of a per-org cap instead.
     if amount == 0 {
         let slot = org
@@ -692,4 +682,11 @@ fn models_list(snap: &Snapshot, key: &Key, anthropic: bool) -> Reply {
         content_type: Some(HeaderValue::from_static("application/json")),
         body: Bytes::from(body.to_string()),
     }
+}
+
+/// The largest `f` over the candidate deployments (zero when there are none): what must be
+/// held when any of them may serve.
+#[inline]
+fn most<T: Ord + Default>(candidates: &[Arc<Deployment>], f: impl Fn(&Deployment) -> T) -> T {
+    candidates.iter().map(|d| f(d)).max().unwrap_or_default()
 }

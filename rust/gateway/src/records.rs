@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::journal::{self, Journal};
 
-/// One call's metadata; the fields are the columns of `tests/contract/call_log_columns.json`
+/// One call's metadata; the fields are the columns of [`crate::journal_reader::COLUMNS`]
 /// in order.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct CallRecord {
@@ -64,33 +64,35 @@ pub struct CallRecord {
 }
 
 impl CallRecord {
-    /// Column names in contract order.
-    pub const COLUMNS: [&'static str; 24] = [
-        "ts",
-        "request_id",
-        "org_id",
-        "account_id",
-        "key_id",
-        "path",
-        "model_requested",
-        "model_served",
-        "provider",
-        "prompt_tokens",
-        "completion_tokens",
-        "cached_tokens",
-        "usage_source",
-        "cost",
-        "status",
-        "error_code",
-        "latency_us",
-        "ttfb_us",
-        "streamed",
-        "source_ip",
-        "user_agent",
-        "rate_limit",
-        "attempts",
-        "guard_flags",
-    ];
+    /// A typical served chat call, the `i`th of a run (its `ts` and `request_id` differ):
+    /// what the journal's cost and throughput measurements write and read.
+    #[doc(hidden)]
+    pub fn sample(i: u32) -> CallRecord {
+        CallRecord {
+            ts: 1_780_000_000_000_000 + i64::from(i),
+            request_id: format!("req_0123456789abcdef{i:010x}"),
+            org_id: "org_0123456789".into(),
+            account_id: "acc_0123456789".into(),
+            key_id: "key_0123456789".into(),
+            path: "/v1/chat/completions",
+            model_requested: "gpt-4o-mini".into(),
+            model_served: "gpt-4o-mini-2024-07-18".into(),
+            provider: "prov_openai".into(),
+            prompt_tokens: 1234,
+            completion_tokens: 567,
+            usage_source: "upstream",
+            cost: 123_456_789,
+            status: 200,
+            latency_us: 456_789,
+            ttfb_us: 12_345,
+            streamed: 1,
+            source_ip: "203.0.113.77".into(),
+            user_agent: "OpenAI/Python 1.54.0".into(),
+            rate_limit: "pass",
+            attempts: 1,
+            ..CallRecord::default()
+        }
+    }
 }
 
 /// Emits records into the instance's journal.

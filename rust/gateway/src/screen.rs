@@ -61,14 +61,9 @@ fn scan_value(v: &Value, categories: CategorySet, out: &mut Findings) {
 fn block_message(found: CategorySet) -> &'static str {
     static TABLE: OnceLock<Vec<String>> = OnceLock::new();
     let table = TABLE.get_or_init(|| {
-        (0..1usize << Category::ALL.len())
+        (0..1u8 << Category::ALL.len())
             .map(|mask| {
-                let set: CategorySet = Category::ALL
-                    .into_iter()
-                    .enumerate()
-                    .filter(|(i, _)| mask & (1 << i) != 0)
-                    .map(|(_, c)| c)
-                    .collect();
+                let set = CategorySet::from_bits(mask);
                 format!(
                     "The request was blocked by the organization's sensitive-content policy \
                      (categories: {set})."

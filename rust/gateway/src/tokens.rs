@@ -363,15 +363,7 @@ impl Classes {
                 }
             }
         }
-        let mut e = j;
-        loop {
-            let (c, l) = self.at(b, e);
-            if c & LO == 0 {
-                break;
-            }
-            e += l;
-        }
-        Some(contraction(b, e))
+        Some(contraction(b, self.run_end(b, j, LO)))
     }
 
     /// `[UP]+[LO]*` then the optional contraction, at `q`.
@@ -381,17 +373,20 @@ impl Classes {
         if c & UP == 0 {
             return None;
         }
-        let mut e = q + l;
-        for class in [UP, LO] {
-            loop {
-                let (c, l) = self.at(b, e);
-                if c & class == 0 {
-                    break;
-                }
-                e += l;
+        let e = self.run_end(b, q + l, UP);
+        Some(contraction(b, self.run_end(b, e, LO)))
+    }
+
+    /// Where the run of characters in `class` starting at `e` ends.
+    #[inline(always)]
+    fn run_end(&self, b: &[u8], mut e: usize, class: u8) -> usize {
+        loop {
+            let (c, l) = self.at(b, e);
+            if c & class == 0 {
+                return e;
             }
+            e += l;
         }
-        Some(contraction(b, e))
     }
 }
 
@@ -881,6 +876,7 @@ impl Fast {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use crate::xorshift::XorShift;
 
     fn fast() -> &'static Fast {
         FAST.as_ref().expect("tables build")
@@ -909,27 +905,6 @@ mod tests {
                 theirs.get(i),
                 text.chars().take(200).collect::<String>()
             );
-        }
-    }
-
-    /// Deterministic xorshift so a failure reproduces.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-        /// Small indices more likely, like letter frequencies.
-        fn zipf_ish(&mut self, n: usize) -> usize {
-            self.below(n).min(self.below(n))
-        }
-        fn pick<'a, T: ?Sized>(&mut self, items: &[&'a T]) -> &'a T {
-            items[self.below(items.len())]
         }
     }
 
@@ -1169,7 +1144,7 @@ mod tests {
 
     #[test]
     fn counts_match_library_on_a_generated_corpus() {
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
         let mut corpus = String::new();
         while corpus.len() < 400_000 {
             match rng.below(6) {
@@ -1222,7 +1197,7 @@ mod tests {
     /// A property loop: random strings over the tricky alphabet, words and raw ASCII.
     #[test]
     fn random_strings_match_library() {
-        let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+        let mut rng = XorShift(0x2545_F491_4F6C_DD1D);
         for _ in 0..5000 {
             let mut s = String::new();
             for _ in 0..rng.below(48) {
@@ -1285,7 +1260,7 @@ mod tests {
     fn short_ascii_merge_matches_library_bpe() {
         let f = fast();
         let lib = &lib().bpe;
-        let mut rng = Rng(0x1234_5678_9ABC_DEF1);
+        let mut rng = XorShift(0x1234_5678_9ABC_DEF1);
         let letters = b"etaoinshrdlucmfwypvbgkjqxz";
         for i in 0..60_000 {
             let len = 2 + rng.below(KEY_BYTES - 1);
@@ -1321,7 +1296,7 @@ mod tests {
     fn merges_match_library_bpe_on_random_bytes_and_long_cjk_and_emoji_runs() {
         let f = fast();
         let lib = &lib().bpe;
-        let mut rng = Rng(0x0DDB_1A5E_5BAD_5EED);
+        let mut rng = XorShift(0x0DDB_1A5E_5BAD_5EED);
         let utf8_heavy: &[u8] = "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年\
             日本語のテキスト한국어문장🚀🔥😀👍🏽éèàüöñ"
             .as_bytes();
@@ -1340,7 +1315,11 @@ mod tests {
             assert_eq!(f.merge_count(&piece), lib.count(&piece), "{piece:?}");
             assert_eq!(f.heap_merge_count(&piece), lib.count(&piece), "{piece:?}");
         }
-        let han = ["数据库连接失败请稍后重试", "东京都的天气", "模型返回的结果需要按照字符流"];
+        let han = [
+            "数据库连接失败请稍后重试",
+            "东京都的天气",
+            "模型返回的结果需要按照字符流",
+        ];
         let emoji = ["🚀", "🔥", "👍🏽", "👨‍👩‍👧", "🇯🇵"];
         for reps in [1, 3, 10, 40, 200] {
             for run in han.iter().chain(&emoji) {

@@ -2,17 +2,15 @@
 //! price factors, rate/token/concurrency limits and budgets, through a real engine.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+mod harness;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use harness::*;
 use onetoken_gateway::billing::{usage_cost_at, Prices, Usage};
 use onetoken_gateway::{Engine, EngineConfig};
 use serde_json::{json, Value};
-
-const CHAT: &str = "/v1/chat/completions";
 
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -25,32 +23,31 @@ fn today() -> i64 {
     unix_now().div_euclid(86_400)
 }
 
-/// The org and key entries of the harness snapshot by id, for patching.
-fn org_mut<'a>(snap: &'a mut Value, id: &str) -> &'a mut Value {
-    snap["orgs"]
+/// The entry of the harness snapshot's `list` whose `field` is `id`, for patching.
+fn entry_mut<'a>(snap: &'a mut Value, list: &str, field: &str, id: &str) -> &'a mut Value {
+    snap[list]
         .as_array_mut()
         .unwrap()
         .iter_mut()
-        .find(|o| o["id"] == id)
+        .find(|e| e[field] == id)
         .unwrap()
+}
+
+fn org_mut<'a>(snap: &'a mut Value, id: &str) -> &'a mut Value {
+    entry_mut(snap, "orgs", "id", id)
 }
 
 fn key_mut<'a>(snap: &'a mut Value, key_id: &str) -> &'a mut Value {
-    snap["keys"]
-        .as_array_mut()
-        .unwrap()
-        .iter_mut()
-        .find(|k| k["key_id"] == key_id)
-        .unwrap()
+    entry_mut(snap, "keys", "key_id", key_id)
 }
 
 /// A harness whose first snapshot is the standard one with `patch` applied.
-fn start_with(patch: impl FnOnce(&mut Value)) -> Harness {
-    Harness::custom(|_| {}, patch)
+fn start_with(patch: impl FnOnce(&mut Value)) -> Gateway {
+    Gateway::custom(|_| {}, patch)
 }
 
-fn reload(h: &Harness, version: u64, patch: impl FnOnce(&mut Value)) {
-    let mut snap = snapshot(version, h.upstream.addr, 100_000_000_000);
+fn reload(h: &Gateway, version: u64, patch: impl FnOnce(&mut Value)) {
+    let mut snap = spec_snapshot(version, h.upstream().addr, 100_000_000_000);
     patch(&mut snap);
     assert_eq!(
         h.engine.load_snapshot(snap.to_string().as_bytes()).unwrap(),
@@ -63,7 +60,7 @@ async fn blocked_sources_are_refused_before_authentication() {
     let h = start_with(|s| {
         s["blocked_ips"] = json!([{"cidr": "127.0.0.0/8", "until": unix_now() + 3600}]);
     });
-    let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
+    let r = h.ask("ot-good", CANARY).await;
     assert_eq!(r.status, 403);
     assert_eq!(r.json()["error"]["code"], "ip_blocked");
     let no_key = post(h.addr, CHAT, None, chat(CANARY, json!({}))).await;
@@ -73,8 +70,8 @@ async fn blocked_sources_are_refused_before_authentication() {
     assert!(recs
         .iter()
         .all(|r| r.error_code == "ip_blocked" && r.key_id.is_empty() && r.status == 403));
-    assert_eq!(h.upstream.requests(), 0);
-    assert_no_canary(&h, &recs, &[&r, &no_key]);
+    assert_eq!(h.upstream().requests(), 0);
+    h.assert_no_canary(&recs, &[&r, &no_key]);
 
     // An expired block no longer applies; an unrelated one never did.
     reload(&h, 2, |s| {
@@ -83,7 +80,7 @@ async fn blocked_sources_are_refused_before_authentication() {
             {"cidr": "2001:db8::/32", "until": unix_now() + 3600}
         ]);
     });
-    let ok = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    let ok = h.ask("ot-good", "hi").await;
     assert_eq!(ok.status, 200);
 }
 
@@ -94,21 +91,21 @@ async fn a_source_blocked_for_failing_auth_keeps_its_valid_keys() {
             {"cidr": "127.0.0.1", "until": unix_now() + 3600, "mode": "unauthenticated"}
         ]);
     });
-    let ok = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    let ok = h.ask("ot-good", "hi").await;
     assert_eq!(ok.status, 200);
     for key in [Some("ot-unknown"), None] {
         let r = post(h.addr, CHAT, key, chat(CANARY, json!({}))).await;
         assert_eq!(r.status, 403);
         assert_eq!(r.json()["error"]["code"], "ip_blocked");
     }
-    assert_eq!(h.upstream.requests(), 1);
+    assert_eq!(h.upstream().requests(), 1);
     // Elsewhere an unknown key is the usual 401.
     reload(&h, 2, |s| {
         s["blocked_ips"] = json!([
             {"cidr": "2001:db8::/32", "until": unix_now() + 3600, "mode": "unauthenticated"}
         ]);
     });
-    let r = post(h.addr, CHAT, Some("ot-unknown"), chat("hi", json!({}))).await;
+    let r = h.ask("ot-unknown", "hi").await;
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["code"], "invalid_api_key");
 }
@@ -119,7 +116,7 @@ async fn key_source_ip_scope() {
         key_mut(s, "key_good")["allowed_ips"] = json!(["10.0.0.0/8", "2001:db8::/32"]);
         key_mut(s, "key_poor")["allowed_ips"] = json!(["127.0.0.1", "::1/128"]);
     });
-    let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
+    let r = h.ask("ot-good", CANARY).await;
     assert_eq!(r.status, 403);
     assert_eq!(r.json()["error"]["code"], "key_ip_not_allowed");
     h.wait_records(1).await;
@@ -129,11 +126,11 @@ async fn key_source_ip_scope() {
     assert_eq!(recs[0].org_id, "org_rich");
     assert_eq!(recs[0].source_ip, "127.0.0.1");
     assert_eq!(recs[0].error_code, "key_ip_not_allowed");
-    assert_eq!(h.upstream.requests(), 0);
-    assert_no_canary(&h, &recs, &[&r]);
+    assert_eq!(h.upstream().requests(), 0);
+    h.assert_no_canary(&recs, &[&r]);
 
     // Inside its scope, the key passes admission (then fails on balance, a later phase).
-    let poor = post(h.addr, CHAT, Some("ot-poor"), chat("hi", json!({}))).await;
+    let poor = h.ask("ot-poor", "hi").await;
     assert_eq!(poor.json()["error"]["code"], "insufficient_balance");
 }
 
@@ -143,20 +140,14 @@ async fn not_before_refuses_until_the_time() {
         key_mut(s, "key_good")["not_before"] = json!(unix_now() + 600);
         key_mut(s, "key_embed")["not_before"] = json!(unix_now() - 1);
     });
-    let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
+    let r = h.ask("ot-good", CANARY).await;
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["code"], "key_not_yet_valid");
-    let ok = post(
-        h.addr,
-        "/v1/embeddings",
-        Some("ot-embed-only"),
-        json!({"model": "demo-embed", "input": "x"}),
-    )
-    .await;
+    let ok = h.embed("ot-embed-only", "x").await;
     assert_eq!(ok.status, 200);
     h.wait_records(2).await;
     let recs = h.records();
-    assert_no_canary(&h, &recs, &[&r]);
+    h.assert_no_canary(&recs, &[&r]);
 }
 
 const NEW_SECRET: &str = "1111111111111111111111111111111111111111111111111111111111111111";
@@ -170,7 +161,7 @@ async fn secret_rotation_accepts_each_key_under_its_own_version_only() {
         c["previous_key_hash_secrets"] = json!([{"version": 1, "secret_hex": SECRET_HEX}]);
     };
     let new_hash = |k: &str| onetoken_gateway::hash_key(&hex::decode(NEW_SECRET).unwrap(), k);
-    let h = Harness::custom(rotated, |s| {
+    let h = Gateway::custom(rotated, |s| {
         // key_good: hashed under the old secret, version 1 (the default).
         // key_poor: re-issued under the new secret.
         let poor = key_mut(s, "key_poor");
@@ -180,15 +171,15 @@ async fn secret_rotation_accepts_each_key_under_its_own_version_only() {
         key_mut(s, "key_off")["secret_version"] = json!(2);
         org_mut(s, "org_off")["status"] = json!("active");
     });
-    let old = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    let old = h.ask("ot-good", "hi").await;
     assert_eq!(old.status, 200, "old-secret key still accepted");
-    let new = post(h.addr, CHAT, Some("ot-poor"), chat("hi", json!({}))).await;
+    let new = h.ask("ot-poor", "hi").await;
     assert_eq!(
         new.json()["error"]["code"],
         "insufficient_balance",
         "new-secret key authenticated"
     );
-    let mismatch = post(h.addr, CHAT, Some("ot-off"), chat("hi", json!({}))).await;
+    let mismatch = h.ask("ot-off", "hi").await;
     assert_eq!(mismatch.status, 401);
     assert_eq!(mismatch.json()["error"]["code"], "invalid_api_key");
 
@@ -210,13 +201,7 @@ async fn price_factor_applies_to_every_part_rounding_up() {
     let h = start_with(|s| {
         org_mut(s, "org_rich")["price_factor_ppm"] = json!(900_000);
     });
-    let r = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("one two three", json!({"max_tokens": 10})),
-    )
-    .await;
+    let r = h.chat("one two three", json!({"max_tokens": 10})).await;
     assert_eq!(r.status, 200);
     h.wait_records(1).await;
     let rec = h.records().remove(0);
@@ -261,10 +246,10 @@ async fn rpm_limit_refuses_with_headers_and_records_limited() {
         key_mut(s, "key_good")["limits"] = json!({"rpm": 3});
     });
     for _ in 0..3 {
-        let ok = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+        let ok = h.ask("ot-good", "hi").await;
         assert_eq!(ok.status, 200);
     }
-    let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
+    let r = h.ask("ot-good", CANARY).await;
     assert_eq!(r.status, 429);
     assert_eq!(r.json()["error"]["code"], "rate_limited");
     assert_eq!(r.json()["error"]["type"], "rate_limit_error");
@@ -275,7 +260,7 @@ async fn rpm_limit_refuses_with_headers_and_records_limited() {
     assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "0");
     assert!(header(&r, "x-ratelimit-reset-requests").ends_with('s'));
     assert!(r.headers.get("x-ratelimit-limit-tokens").is_none());
-    assert_eq!(h.upstream.requests(), 3);
+    assert_eq!(h.upstream().requests(), 3);
     h.wait_records(4).await;
     let recs = h.records();
     assert_eq!(
@@ -286,20 +271,10 @@ async fn rpm_limit_refuses_with_headers_and_records_limited() {
     assert_eq!(recs[3].status, 429);
     assert_eq!(recs[3].cost, 0);
     // A limited request holds nothing.
-    assert!(h
-        .engine
-        .org_spend()
-        .iter()
-        .all(|(_, _, reserved)| *reserved == 0));
-    assert_no_canary(&h, &recs, &[&r]);
+    h.assert_nothing_reserved();
+    h.assert_no_canary(&recs, &[&r]);
     // Another key of the same org is not affected.
-    let other = post(
-        h.addr,
-        "/v1/embeddings",
-        Some("ot-embed-only"),
-        json!({"model": "demo-embed", "input": "x"}),
-    )
-    .await;
+    let other = h.embed("ot-embed-only", "x").await;
     assert_eq!(other.status, 200);
 }
 
@@ -309,12 +284,7 @@ async fn org_rpm_covers_all_its_keys() {
         org_mut(s, "org_rich")["limits"] = json!({"rpm": 2});
     });
     let embed = json!({"model": "demo-embed", "input": "x"});
-    assert_eq!(
-        post(h.addr, CHAT, Some("ot-good"), chat("a", json!({})))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(h.ask("ot-good", "a").await.status, 200);
     assert_eq!(
         post(
             h.addr,
@@ -338,44 +308,20 @@ async fn tpm_admits_on_the_estimate_and_corrects_at_settle() {
         key_mut(s, "key_good")["limits"] = json!({"tpm": 100});
     });
     // 5 + 80 = 85 fits; the upstream really uses 5 + 8 = 13, so 72 come back at settle.
-    let a = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({"max_tokens": 80})),
-    )
-    .await;
+    let a = h.chat("hi", json!({"max_tokens": 80})).await;
     assert_eq!(a.status, 200);
     // 13 used, 87 left: another 85 fits only because of the correction.
-    let b = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({"max_tokens": 80})),
-    )
-    .await;
+    let b = h.chat("hi", json!({"max_tokens": 80})).await;
     assert_eq!(b.status, 200, "{}", b.text());
     // 26 used, 74 left: 85 does not fit.
-    let c = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({"max_tokens": 80})),
-    )
-    .await;
+    let c = h.chat("hi", json!({"max_tokens": 80})).await;
     assert_eq!(c.status, 429);
     assert_eq!(c.json()["error"]["code"], "rate_limited");
     assert_eq!(header(&c, "x-ratelimit-limit-tokens"), "100");
     let remaining: u64 = header(&c, "x-ratelimit-remaining-tokens").parse().unwrap();
     assert!((73..=74).contains(&remaining), "{remaining}");
     // A small request still fits.
-    let d = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({"max_tokens": 10})),
-    )
-    .await;
+    let d = h.chat("hi", json!({"max_tokens": 10})).await;
     assert_eq!(d.status, 200);
 }
 
@@ -388,18 +334,10 @@ async fn concurrency_limit_counts_open_streams_and_frees_on_end() {
         "hi",
         json!({"stream": true, "mock": {"chunks": 3, "delay_ms": 300}}),
     );
-    let s1 = open(
-        h.addr,
-        request("POST", CHAT, Some("ot-good"), slow.to_string()),
-    )
-    .await;
-    let s2 = open(
-        h.addr,
-        request("POST", CHAT, Some("ot-good"), slow.to_string()),
-    )
-    .await;
+    let s1 = open(h.addr, chat_request("ot-good", slow.clone())).await;
+    let s2 = open(h.addr, chat_request("ot-good", slow.clone())).await;
     assert_eq!((s1.status().as_u16(), s2.status().as_u16()), (200, 200));
-    let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
+    let r = h.ask("ot-good", CANARY).await;
     assert_eq!(r.status, 429);
     assert_eq!(r.json()["error"]["code"], "concurrency_limited");
     assert_eq!(header(&r, "retry-after"), "1");
@@ -408,12 +346,12 @@ async fn concurrency_limit_counts_open_streams_and_frees_on_end() {
     use http_body_util::BodyExt;
     let _ = s2.into_body().collect().await.unwrap();
     h.wait_records(3).await;
-    let ok = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    let ok = h.ask("ot-good", "hi").await;
     assert_eq!(ok.status, 200);
     h.wait_records(4).await;
     let recs = h.records();
     assert_eq!(recs.iter().filter(|r| r.rate_limit == "limited").count(), 1);
-    assert_no_canary(&h, &recs, &[&r]);
+    h.assert_no_canary(&recs, &[&r]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -428,7 +366,7 @@ async fn concurrent_clients_never_exceed_rpm_or_concurrency() {
             let h = h.clone();
             tokio::spawn(async move {
                 let body = chat("hi", json!({"mock": {"latency_ms": 30}}));
-                post(h.addr, CHAT, Some("ot-good"), body).await
+                h.chat_as("ot-good", body).await
             })
         })
         .collect();
@@ -456,7 +394,7 @@ async fn concurrent_clients_never_exceed_rpm_or_concurrency() {
         .keys()
         .all(|k| ["ok", "rate_limited", "concurrency_limited"].contains(&k.as_str())));
     assert!(by_code.contains_key("concurrency_limited"), "{by_code:?}");
-    assert_eq!(h.upstream.requests() as usize, ok);
+    assert_eq!(h.upstream().requests() as usize, ok);
     h.wait_records(60).await;
     let recs = h.records();
     assert_eq!(
@@ -465,20 +403,10 @@ async fn concurrent_clients_never_exceed_rpm_or_concurrency() {
     );
     // Every slot was given back and nothing stays reserved.
     for _ in 0..5 {
-        let again = post(
-            h.addr,
-            "/v1/embeddings",
-            Some("ot-embed-only"),
-            json!({"model": "demo-embed", "input": "x"}),
-        )
-        .await;
+        let again = h.embed("ot-embed-only", "x").await;
         assert_eq!(again.status, 200);
     }
-    assert!(h
-        .engine
-        .org_spend()
-        .iter()
-        .all(|(_, _, reserved)| *reserved == 0));
+    h.assert_nothing_reserved();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -490,42 +418,22 @@ async fn counters_survive_a_snapshot_swap_and_new_limits_apply_at_once() {
     };
     let h = start_with(limit(4));
     for _ in 0..4 {
-        assert_eq!(
-            post(h.addr, CHAT, Some("ot-good"), chat("a", json!({})))
-                .await
-                .status,
-            200
-        );
+        assert_eq!(h.ask("ot-good", "a").await.status, 200);
     }
     // Same limit, new snapshot: the four already taken still count.
     reload(&h, 2, limit(4));
-    assert_eq!(
-        post(h.addr, CHAT, Some("ot-good"), chat("a", json!({})))
-            .await
-            .status,
-        429
-    );
+    assert_eq!(h.ask("ot-good", "a").await.status, 429);
     // Raised: admitted at once (4 of 600 used).
     reload(&h, 3, limit(600));
-    assert_eq!(
-        post(h.addr, CHAT, Some("ot-good"), chat("a", json!({})))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(h.ask("ot-good", "a").await.status, 200);
     // Lowered below what was used: refused at once.
     reload(&h, 4, limit(2));
-    let r = post(h.addr, CHAT, Some("ot-good"), chat("a", json!({}))).await;
+    let r = h.ask("ot-good", "a").await;
     assert_eq!(r.status, 429);
     assert_eq!(header(&r, "x-ratelimit-limit-requests"), "2");
     // Removed: no limit.
     reload(&h, 5, |_| {});
-    assert_eq!(
-        post(h.addr, CHAT, Some("ot-good"), chat("a", json!({})))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(h.ask("ot-good", "a").await.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -539,7 +447,7 @@ async fn budgets_refuse_with_retry_after_until_the_period_resets() {
         k["usage"] = json!({"day": day, "month": 0, "spent_day": 4_000_000, "spent_month": 0, "spent_mark": 0});
     });
     // max_tokens 4096 at 1.5e9/M = 6_144_000 > 1_000_000 left: refused.
-    let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
+    let r = h.ask("ot-good", CANARY).await;
     assert_eq!(r.status, 429);
     assert_eq!(r.json()["error"]["code"], "budget_exceeded");
     let retry: i64 = header(&r, "retry-after").parse().unwrap();
@@ -549,18 +457,12 @@ async fn budgets_refuse_with_retry_after_until_the_period_resets() {
         "{retry} vs {to_midnight}"
     );
     // A small request fits (10 * 1.5e9/1e6 = 15_000 + prompt).
-    let ok = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({"max_tokens": 10})),
-    )
-    .await;
+    let ok = h.chat("hi", json!({"max_tokens": 10})).await;
     assert_eq!(ok.status, 200);
     h.wait_records(2).await;
     let recs = h.records();
     assert_eq!(recs[0].rate_limit, "limited");
-    assert_no_canary(&h, &recs, &[&r]);
+    h.assert_no_canary(&recs, &[&r]);
 
     // A usage from an earlier day is stale: only the engine's own spend since the day
     // changed counts (the ledger's 999_999_999 of yesterday does not).
@@ -571,13 +473,8 @@ async fn budgets_refuse_with_retry_after_until_the_period_resets() {
     });
     // Reserve 1 * 1500 + 5 * 500 = 4000 <= 10_000; the upstream then bills 14_500.
     let small = chat("hi", json!({"max_tokens": 1}));
-    assert_eq!(
-        post(h.addr, CHAT, Some("ot-good"), small.clone())
-            .await
-            .status,
-        200
-    );
-    let again = post(h.addr, CHAT, Some("ot-good"), small.clone()).await;
+    assert_eq!(h.chat_as("ot-good", small.clone()).await.status, 200);
+    let again = h.chat_as("ot-good", small.clone()).await;
     assert_eq!(
         again.json()["error"]["code"],
         "budget_exceeded",
@@ -588,7 +485,7 @@ async fn budgets_refuse_with_retry_after_until_the_period_resets() {
     reload(&h, 3, |s| {
         org_mut(s, "org_rich")["limits"] = json!({"budget_month": 1});
     });
-    let m = post(h.addr, CHAT, Some("ot-good"), small).await;
+    let m = h.chat_as("ot-good", small).await;
     assert_eq!(m.json()["error"]["code"], "budget_exceeded");
     let retry: i64 = header(&m, "retry-after").parse().unwrap();
     assert!(retry > 0 && retry <= 31 * 86_400);
@@ -664,13 +561,8 @@ fn full_contract_snapshot_loads_with_every_admission_field() {
 /// out, and the revocation and org disable that arrive in the same snapshot still apply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_entry_does_not_hold_back_a_revocation() {
-    let h = Harness::start();
-    assert_eq!(
-        post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({})))
-            .await
-            .status,
-        200
-    );
+    let h = Gateway::start();
+    assert_eq!(h.ask("ot-good", "hi").await.status, 200);
     reload(&h, 2, |s| {
         s["models"].as_array_mut().unwrap().push(json!({
             "name": "ghost", "kind": "chat", "provider_id": "prov_gone", "upstream_model": "x",
@@ -680,9 +572,9 @@ async fn a_bad_entry_does_not_hold_back_a_revocation() {
         key_mut(s, "key_good")["status"] = json!("revoked");
         org_mut(s, "org_poor")["status"] = json!("disabled");
     });
-    let r = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    let r = h.ask("ot-good", "hi").await;
     assert_eq!(r.json()["error"]["code"], "key_revoked");
-    let r = post(h.addr, CHAT, Some("ot-poor"), chat("hi", json!({}))).await;
+    let r = h.ask("ot-poor", "hi").await;
     assert_eq!(r.json()["error"]["code"], "org_disabled");
     let dropped: Vec<_> = h
         .engine
@@ -710,7 +602,7 @@ async fn guard_block_names_only_the_categories() {
         org_mut(s, "org_rich")["limits"] = json!({"rpm": 1000});
     });
     let text = format!("{CANARY} pay with {CARD} or call {PHONE}");
-    let r = post(h.addr, CHAT, Some("ot-good"), chat(&text, json!({}))).await;
+    let r = h.ask("ot-good", &text).await;
     assert_eq!(r.status, 400);
     let err = r.json()["error"].clone();
     assert_eq!(err["code"], "sensitive_content_blocked");
@@ -719,19 +611,13 @@ async fn guard_block_names_only_the_categories() {
     assert!(!r.text().contains("4111") && !r.text().contains(PHONE));
     // Content parts and embedding input are scanned too.
     let parts = json!({"model": "demo-chat", "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]});
-    assert_eq!(post(h.addr, CHAT, Some("ot-good"), parts).await.status, 400);
+    assert_eq!(h.chat_as("ot-good", parts).await.status, 400);
     let embed = json!({"model": "demo-embed", "input": [text]});
     let e = post(h.addr, "/v1/embeddings", Some("ot-embed-only"), embed).await;
     assert_eq!(e.json()["error"]["code"], "sensitive_content_blocked");
-    assert_eq!(h.upstream.requests(), 0);
+    assert_eq!(h.upstream().requests(), 0);
     // Clean text passes.
-    let ok = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("call me tomorrow", json!({})),
-    )
-    .await;
+    let ok = h.ask("ot-good", "call me tomorrow").await;
     assert_eq!(ok.status, 200);
     h.wait_records(4).await;
     let recs = h.records();
@@ -744,13 +630,9 @@ async fn guard_block_names_only_the_categories() {
         recs.iter().all(|r| r.guard_flags.is_empty()),
         "blocked: the error says it"
     );
-    assert_no_canary(&h, &recs, &[&r, &e]);
+    h.assert_no_canary(&recs, &[&r, &e]);
     // A blocked request held nothing.
-    assert!(h
-        .engine
-        .org_spend()
-        .iter()
-        .all(|(_, _, reserved)| *reserved == 0));
+    h.assert_nothing_reserved();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -759,14 +641,14 @@ async fn guard_flag_forwards_and_scans_only_the_chosen_categories() {
         org_mut(s, "org_rich")["guard"] = json!({"mode": "flag", "categories": ["phone"]});
     });
     let text = format!("{CANARY} {CARD} {PHONE}");
-    let r = post(h.addr, CHAT, Some("ot-good"), chat(&text, json!({}))).await;
+    let r = h.ask("ot-good", &text).await;
     assert_eq!(r.status, 200, "flag mode forwards");
-    assert_eq!(h.upstream.requests(), 1);
+    assert_eq!(h.upstream().requests(), 1);
     h.wait_records(1).await;
     let recs = h.records();
     assert_eq!(recs[0].error_code, "");
     assert_eq!(recs[0].guard_flags, "phone:1", "the card was not asked for");
-    assert_no_canary(&h, &recs, &[&r]);
+    h.assert_no_canary(&recs, &[&r]);
     for rec in &recs {
         let line = serde_json::to_string(rec).unwrap();
         assert!(!line.contains("4111") && !line.contains(PHONE), "{line}");
@@ -778,8 +660,14 @@ async fn guard_flag_forwards_and_scans_only_the_chosen_categories() {
 /// `/v1/messages`), no value from the request echoed, nothing forwarded or held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_are_refused_before_anything_is_reserved_or_sent() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let user = json!([{"role": "user", "content": CANARY}]);
+    // A valid chat request but for `field`, which the answer must name.
+    let chat_field = |field: &'static str, value: Value| {
+        let mut body = json!({"model": "demo-chat", "messages": user});
+        body[field] = value;
+        (CHAT, body, field)
+    };
     let cases: Vec<(&str, Value, &str)> = vec![
         (CHAT, json!({"model": "demo-chat"}), "messages"),
         (
@@ -799,41 +687,13 @@ async fn malformed_requests_are_refused_before_anything_is_reserved_or_sent() {
         ),
         (CHAT, json!({"messages": user}), "model"),
         (CHAT, json!({"model": 7, "messages": user}), "model"),
-        (
-            CHAT,
-            json!({"model": "demo-chat", "messages": user, "stream": "yes"}),
-            "stream",
-        ),
-        (
-            CHAT,
-            json!({"model": "demo-chat", "messages": user, "max_tokens": -1}),
-            "max_tokens",
-        ),
-        (
-            CHAT,
-            json!({"model": "demo-chat", "messages": user, "max_tokens": 0}),
-            "max_tokens",
-        ),
-        (
-            CHAT,
-            json!({"model": "demo-chat", "messages": user, "max_tokens": 2.5}),
-            "max_tokens",
-        ),
-        (
-            CHAT,
-            json!({"model": "demo-chat", "messages": user, "max_completion_tokens": "9"}),
-            "max_completion_tokens",
-        ),
-        (
-            CHAT,
-            json!({"model": "demo-chat", "messages": user, "n": 0}),
-            "n",
-        ),
-        (
-            CHAT,
-            json!({"model": "demo-chat", "messages": user, "n": 1.5}),
-            "n",
-        ),
+        chat_field("stream", json!("yes")),
+        chat_field("max_tokens", json!(-1)),
+        chat_field("max_tokens", json!(0)),
+        chat_field("max_tokens", json!(2.5)),
+        chat_field("max_completion_tokens", json!("9")),
+        chat_field("n", json!(0)),
+        chat_field("n", json!(1.5)),
         ("/v1/embeddings", json!({"model": "demo-embed"}), "input"),
         (
             "/v1/embeddings",
@@ -878,7 +738,7 @@ async fn malformed_requests_are_refused_before_anything_is_reserved_or_sent() {
         }
         replies.push(r);
     }
-    assert_eq!(h.upstream.requests(), 0, "nothing was forwarded");
+    assert_eq!(h.upstream().requests(), 0, "nothing was forwarded");
     assert!(h
         .engine
         .org_spend()
@@ -889,7 +749,7 @@ async fn malformed_requests_are_refused_before_anything_is_reserved_or_sent() {
     assert!(records
         .iter()
         .all(|r| r.status == 400 && r.error_code == "invalid_request" && r.cost == 0));
-    assert_no_canary(&h, &records, &replies.iter().collect::<Vec<_>>());
+    h.assert_no_canary(&records, &replies.iter().collect::<Vec<_>>());
 }
 
 /// `n` choices are reserved as n outputs, and the output cap the reservation assumed is
@@ -897,41 +757,29 @@ async fn malformed_requests_are_refused_before_anything_is_reserved_or_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn n_choices_are_reserved_and_the_output_cap_is_forwarded() {
     // demo-chat: 4096 output tokens at 1.5e9/M = 6_144_000 per choice.
-    let h = Harness::with_balance(10_000_000);
-    let r = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({"n": 8}))).await;
+    let h = Gateway::with_balance(10_000_000);
+    let r = h.chat("hi", json!({"n": 8})).await;
     assert_eq!(r.status, 402, "8 choices do not fit: {}", r.text());
-    assert_eq!(h.upstream.requests(), 0);
+    assert_eq!(h.upstream().requests(), 0);
 
-    let r = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    let r = h.ask("ot-good", "hi").await;
     assert_eq!(r.status, 200);
-    let sent = h.upstream.state.last_body.lock().clone().unwrap();
+    let sent = h.upstream().state.last_body.lock().clone().unwrap();
     assert_eq!(sent["max_completion_tokens"], 4096);
     assert!(sent.get("max_tokens").is_none());
 
-    let r = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({"max_tokens": 100_000})),
-    )
-    .await;
+    let r = h.chat("hi", json!({"max_tokens": 100_000})).await;
     assert_eq!(r.status, 200);
-    let sent = h.upstream.state.last_body.lock().clone().unwrap();
+    let sent = h.upstream().state.last_body.lock().clone().unwrap();
     assert_eq!(
         sent["max_tokens"], 4096,
         "capped at the deployment's output cap"
     );
     assert!(sent.get("max_completion_tokens").is_none());
 
-    let r = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({"n": 2, "max_tokens": 10})),
-    )
-    .await;
+    let r = h.chat("hi", json!({"n": 2, "max_tokens": 10})).await;
     assert_eq!(r.status, 200);
-    let sent = h.upstream.state.last_body.lock().clone().unwrap();
+    let sent = h.upstream().state.last_body.lock().clone().unwrap();
     assert_eq!(
         (sent["n"].clone(), sent["max_tokens"].clone()),
         (json!(2), json!(10))
@@ -942,20 +790,15 @@ async fn n_choices_are_reserved_and_the_output_cap_is_forwarded() {
 /// refused first thing: 508 `loop_detected`, recorded with that code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relayed_request_is_refused_with_loop_detected() {
-    let h = Harness::start();
-    let mut req = request(
-        "POST",
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({})).to_string(),
-    );
+    let h = Gateway::start();
+    let mut req = chat_request("ot-good", chat("hi", json!({})));
     req.headers_mut()
         .insert("x-onetoken-hop", http::HeaderValue::from_static("1"));
     let r = call(h.addr, req).await;
     assert_eq!(r.status, 508);
     assert_eq!(r.json()["error"]["code"], "loop_detected");
     assert_eq!(r.json()["error"]["type"], "invalid_request_error");
-    assert_eq!(h.upstream.requests(), 0);
+    assert_eq!(h.upstream().requests(), 0);
     let records = h.records();
     assert_eq!(records.len(), 1);
     assert_eq!(
@@ -969,7 +812,7 @@ async fn a_relayed_request_is_refused_with_loop_detected() {
 /// error, and nothing recurses (two records in all, one upstream attempt).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_pointing_back_at_the_gateway_stops_at_the_second_hop() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let gateway = h.addr;
     reload(&h, 2, |s| {
         s["providers"].as_array_mut().unwrap().push(json!({
@@ -984,7 +827,7 @@ async fn a_provider_pointing_back_at_the_gateway_stops_at_the_second_hop() {
         }));
     });
     let body = json!({"model": "loop-chat", "messages": [{"role": "user", "content": "hi"}]});
-    let r = post(h.addr, CHAT, Some("ot-good"), body).await;
+    let r = h.chat_as("ot-good", body).await;
     assert_eq!(r.status, 508, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "loop_detected");
     h.wait_records(2).await;
@@ -1019,39 +862,22 @@ async fn free_requests_in_flight_are_capped_per_org() {
     // Hold every slot with a slow stream (headers arrive at once, the body later).
     let mut held = Vec::new();
     for _ in 0..UNPRICED_IN_FLIGHT_PER_ORG {
-        let resp = open(
-            h.addr,
-            request("POST", CHAT, Some("ot-good"), body.to_string()),
-        )
-        .await;
+        let resp = open(h.addr, chat_request("ot-good", body.clone())).await;
         assert_eq!(resp.status(), 200);
         held.push(resp);
     }
-    let r = post(h.addr, CHAT, Some("ot-good"), body.clone()).await;
+    let r = h.chat_as("ot-good", body.clone()).await;
     assert_eq!(r.status, 429);
     assert_eq!(r.json()["error"]["code"], "concurrency_limited");
     assert_eq!(header(&r, "retry-after"), "1");
     // Priced requests of the same org are bounded by money, not by these slots.
-    let paid = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    let paid = h.ask("ot-good", "hi").await;
     assert_eq!(paid.status, 200);
     drop(held);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let r = post(
-            h.addr,
-            CHAT,
-            Some("ot-good"),
-            json!({"model": "free-chat", "messages": [{"role": "user", "content": "hi"}]}),
-        )
-        .await;
-        if r.status == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "slots not released: {}",
-            r.status
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let free = json!({"model": "free-chat", "messages": [{"role": "user", "content": "hi"}]});
+    let released = wait_for(WAIT, || async {
+        h.chat_as("ot-good", free.clone()).await.status == 200
+    })
+    .await;
+    assert!(released, "slots not released");
 }

@@ -3,7 +3,7 @@
 //! behind a proxy, and how much it holds of a misbehaving upstream's answer.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+mod harness;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,13 +13,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use harness::*;
 use onetoken_gateway::{Engine, EngineConfig, Resolve};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-const CHAT: &str = "/v1/chat/completions";
 
 /// A resolver that knows a few names and counts the questions.
 struct StubResolver {
@@ -63,7 +61,7 @@ async fn chat_status(addr: SocketAddr) -> Reply {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn org_provider_on_loopback_is_refused_before_connect() {
-    let h = Harness::custom(
+    let h = Gateway::custom(
         |_| {},
         |s| {
             let url = format!(
@@ -82,7 +80,7 @@ async fn org_provider_on_loopback_is_refused_before_connect() {
     assert_eq!(r.json()["error"]["code"], "upstream_address_refused");
     assert_eq!(r.json()["error"]["type"], "upstream_error");
     assert_eq!(
-        h.upstream.requests(),
+        h.upstream().requests(),
         0,
         "nothing reached the loopback upstream"
     );
@@ -101,25 +99,25 @@ async fn org_provider_on_loopback_is_refused_before_connect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn platform_provider_reaches_loopback_only_inside_the_allow_list() {
     // The spec harness allows 127.0.0.0/8 for platform providers.
-    let allowed = Harness::start();
+    let allowed = Gateway::start();
     assert_eq!(chat_status(allowed.addr).await.status, 200);
 
-    let none = Harness::custom(|c| c["upstream_private_cidrs"] = json!([]), |_| {});
+    let none = Gateway::custom(|c| c["upstream_private_cidrs"] = json!([]), |_| {});
     let r = chat_status(none.addr).await;
     assert_eq!(r.status, 502);
     assert_eq!(r.json()["error"]["code"], "upstream_address_refused");
-    assert_eq!(none.upstream.requests(), 0);
+    assert_eq!(none.upstream().requests(), 0);
 
     // An allow-list elsewhere does not open loopback either.
-    let other = Harness::custom(
+    let other = Gateway::custom(
         |c| c["upstream_private_cidrs"] = json!(["10.0.0.0/8"]),
         |_| {},
     );
     assert_eq!(chat_status(other.addr).await.status, 502);
-    assert_eq!(other.upstream.requests(), 0);
+    assert_eq!(other.upstream().requests(), 0);
 
     // IPv4-mapped IPv6 literal of loopback is loopback.
-    let mapped = Harness::custom(
+    let mapped = Gateway::custom(
         |c| c["upstream_private_cidrs"] = json!([]),
         |s| {
             let port = s["providers"][0]["base_url"]
@@ -176,7 +174,7 @@ async fn names_resolving_to_internal_addresses_are_refused() {
     let mut version = 0;
     let mut serve = |host: &str, org: Option<&str>| {
         version += 1;
-        let mut snap = snapshot(version, upstream.addr, 100_000_000_000);
+        let mut snap = spec_snapshot(version, upstream.addr, 100_000_000_000);
         provider_at(&mut snap, &format!("http://{host}:{port}/v1"), org);
         engine.load_snapshot(snap.to_string().as_bytes()).unwrap();
     };
@@ -226,7 +224,7 @@ fn body_of(resp: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_get_431_in_the_openai_shape() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let big = "a".repeat(64 * 1024);
     let req = format!(
         "POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ot-good\r\nX-Pad: {big}\r\nContent-Length: 2\r\n\r\n{{}}"
@@ -240,7 +238,7 @@ async fn oversized_headers_get_431_in_the_openai_shape() {
     let body = body_of(&resp);
     assert_eq!(body["error"]["code"], "headers_too_large");
     assert!(!resp.contains("aaaa"), "the header is not echoed");
-    assert_eq!(h.upstream.requests(), 0);
+    assert_eq!(h.upstream().requests(), 0);
 
     // Just under the cap is served.
     let fits = "a".repeat(30 * 1024);
@@ -258,7 +256,7 @@ async fn oversized_headers_get_431_in_the_openai_shape() {
 /// closed after the response so bytes after the chunked body are never a request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_length_with_transfer_encoding_reads_chunked_and_closes() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let body = chat("hi", json!({})).to_string();
     let smuggled = "GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ot-good\r\n\r\n";
     let req = format!(
@@ -273,7 +271,7 @@ async fn content_length_with_transfer_encoding_reads_chunked_and_closes() {
         1,
         "the smuggled request was answered: {resp}"
     );
-    assert_eq!(h.upstream.requests(), 1);
+    assert_eq!(h.upstream().requests(), 1);
     assert_eq!(h.records().len(), 1);
 }
 
@@ -294,7 +292,7 @@ async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_loris_is_closed_after_the_header_timeout() {
-    let h = Harness::custom(|c| c["header_read_timeout_ms"] = json!(500), |_| {});
+    let h = Gateway::custom(|c| c["header_read_timeout_ms"] = json!(500), |_| {});
     // A head that trickles in a byte at a time never completes in time.
     let mut drip = TcpStream::connect(h.addr).await.unwrap();
     let started = Instant::now();
@@ -302,6 +300,7 @@ async fn slow_loris_is_closed_after_the_header_timeout() {
     drip.write_all(head.as_bytes()).await.unwrap();
     let closed = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
+            // The behaviour under test: a head trickling in a byte at a time.
             tokio::time::sleep(Duration::from_millis(50)).await;
             if drip.write_all(b"a").await.is_err() {
                 return;
@@ -332,7 +331,7 @@ async fn slow_loris_is_closed_after_the_header_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_http2_connection_is_closed_after_the_idle_timeout() {
-    let h = Harness::custom(|c| c["idle_timeout_ms"] = json!(400), |_| {});
+    let h = Gateway::custom(|c| c["idle_timeout_ms"] = json!(400), |_| {});
     let stream = TcpStream::connect(h.addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -355,17 +354,14 @@ async fn idle_http2_connection_is_closed_after_the_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_cap_are_closed_on_accept() {
-    let h = Harness::custom(|c| c["max_connections"] = json!(3), |_| {});
+    let h = Gateway::custom(|c| c["max_connections"] = json!(3), |_| {});
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(TcpStream::connect(h.addr).await.unwrap());
     }
     // Wait until the three are accepted and counted.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(&h.engine.metrics_text(), "onetoken_connections_open") < 3 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let open = || metric(&h.engine.metrics_text(), "onetoken_connections_open");
+    assert!(wait_until_async(WAIT, || open() >= 3).await);
     let mut extra = TcpStream::connect(h.addr).await.unwrap();
     assert!(closed_within(&mut extra, Duration::from_secs(3)).await);
     assert_eq!(
@@ -376,14 +372,10 @@ async fn connections_over_the_cap_are_closed_on_accept() {
         1
     );
     drop(held);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(&h.engine.metrics_text(), "onetoken_connections_open") > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "closed connections are uncounted"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    assert!(
+        wait_until_async(WAIT, || open() == 0).await,
+        "closed connections are uncounted"
+    );
     assert_eq!(chat_status(h.addr).await.status, 200);
 }
 
@@ -405,9 +397,8 @@ const HELD: usize = 10_000;
 #[test]
 #[ignore = "run by ten_thousand_idle_connections_hold_bounded_memory"]
 fn hold_idle_connections_child() {
-    let Ok(addr) = std::env::var("ONETOKEN_HOLD_ADDR") else {
-        return;
-    };
+    let addr = std::env::var("ONETOKEN_HOLD_ADDR")
+        .expect("run only as the child of ten_thousand_idle_connections_hold_bounded_memory");
     let mut held = Vec::with_capacity(HELD);
     for _ in 0..HELD {
         held.push(std::net::TcpStream::connect(&addr).unwrap());
@@ -420,7 +411,7 @@ fn hold_idle_connections_child() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_idle_connections_hold_bounded_memory() {
     use std::io::BufRead;
-    let h = Harness::custom(|_| {}, |_| {});
+    let h = Gateway::custom(|_| {}, |_| {});
     assert_eq!(chat_status(h.addr).await.status, 200);
     let before = rss_bytes();
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
@@ -452,11 +443,12 @@ async fn ten_thousand_idle_connections_hold_bounded_memory() {
         .await
         .unwrap();
     assert_eq!(line.as_deref(), Some("held 10000"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while metric(&h.engine.metrics_text(), "onetoken_connections_open") < HELD as u64 {
-        assert!(Instant::now() < deadline, "connections not all accepted");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let open = || metric(&h.engine.metrics_text(), "onetoken_connections_open");
+    let all_open = || open() >= HELD as u64;
+    assert!(
+        wait_until_async(Duration::from_secs(20), all_open).await,
+        "connections not all accepted"
+    );
     let started = Instant::now();
     let r = chat_status(h.addr).await;
     let latency = started.elapsed();
@@ -471,14 +463,10 @@ async fn ten_thousand_idle_connections_hold_bounded_memory() {
     drop(child.stdin.take());
     let _ = child.wait();
     let _ = reader.join();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while metric(&h.engine.metrics_text(), "onetoken_connections_open") > 1 {
-        assert!(
-            Instant::now() < deadline,
-            "closed connections are uncounted"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        wait_until_async(Duration::from_secs(20), || open() <= 1).await,
+        "closed connections are uncounted"
+    );
 }
 
 // ---- the client address behind proxies ----
@@ -486,16 +474,11 @@ async fn ten_thousand_idle_connections_hold_bounded_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
     // Trusting 10/8 only: the test client (127.0.0.1) is not a trusted proxy.
-    let h = Harness::custom(
+    let h = Gateway::custom(
         |c| c["trusted_proxies"] = json!(["10.0.0.0/8"]),
         |s| s["blocked_ips"] = json!([{"cidr": "127.0.0.1", "until": 4_000_000_000i64}]),
     );
-    let mut req = request(
-        "POST",
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({})).to_string(),
-    );
+    let mut req = chat_request("ot-good", chat("hi", json!({})));
     req.headers_mut()
         .insert("x-forwarded-for", "203.0.113.50".parse().unwrap());
     let r = call(h.addr, req).await;
@@ -509,17 +492,12 @@ async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_from_a_trusted_proxy_names_the_client() {
-    let h = Harness::custom(
+    let h = Gateway::custom(
         |c| c["trusted_proxies"] = json!(["127.0.0.0/8", "10.0.0.0/8"]),
         |s| s["blocked_ips"] = json!([{"cidr": "198.51.100.0/24", "until": 4_000_000_000i64}]),
     );
     let send = |xff: &'static str| {
-        let mut req = request(
-            "POST",
-            CHAT,
-            Some("ot-good"),
-            chat("hi", json!({})).to_string(),
-        );
+        let mut req = chat_request("ot-good", chat("hi", json!({})));
         req.headers_mut()
             .insert("x-forwarded-for", xff.parse().unwrap());
         call(h.addr, req)
@@ -546,18 +524,12 @@ fn proxy_v2(src: [u8; 4], port: u16) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_v2_names_the_client_for_a_trusted_balancer() {
-    let h = Harness::custom(
-        |c| {
-            c["proxy_protocol"] = json!(true);
-            c["trusted_proxies"] = json!(["127.0.0.0/8"]);
-        },
-        |s| s["blocked_ips"] = json!([{"cidr": "198.51.100.7", "until": 4_000_000_000i64}]),
-    );
-    let body = chat("hi", json!({})).to_string();
-    let http = format!(
-        "POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ot-good\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+    let h = behind_proxy_protocol(json!(["127.0.0.0/8"]))
+        .patch_snapshot(|s| {
+            s["blocked_ips"] = json!([{"cidr": "198.51.100.7", "until": 4_000_000_000i64}]);
+        })
+        .start();
+    let http = raw_chat();
     let ok = raw(
         h.addr,
         &[proxy_v2([203, 0, 113, 7], 5000), http.clone().into_bytes()].concat(),
@@ -577,20 +549,28 @@ async fn proxy_protocol_v2_names_the_client_for_a_trusted_balancer() {
     assert_eq!(recs[1].source_ip, "198.51.100.7");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proxy_protocol_from_an_untrusted_peer_is_ignored() {
-    let h = Harness::custom(
-        |c| {
-            c["proxy_protocol"] = json!(true);
-            c["trusted_proxies"] = json!(["10.0.0.0/8"]);
-        },
-        |_| {},
-    );
+/// A gateway whose every connection starts with a PROXY protocol v2 header, believed from
+/// `trusted` peers.
+fn behind_proxy_protocol(trusted: Value) -> GatewayBuilder<'static> {
+    Gateway::builder().config(|c| {
+        c["proxy_protocol"] = json!(true);
+        c["trusted_proxies"] = trusted;
+    })
+}
+
+/// A whole HTTP/1.1 chat request with key `ot-good` that closes its connection.
+fn raw_chat() -> String {
     let body = chat("hi", json!({})).to_string();
-    let http = format!(
+    format!(
         "POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ot-good\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_from_an_untrusted_peer_is_ignored() {
+    let h = behind_proxy_protocol(json!(["10.0.0.0/8"])).start();
+    let http = raw_chat();
     let ok = raw(
         h.addr,
         &[proxy_v2([203, 0, 113, 7], 5000), http.into_bytes()].concat(),
@@ -604,17 +584,13 @@ async fn proxy_protocol_from_an_untrusted_peer_is_ignored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endless_sse_event_ends_the_stream_at_the_frame_cap() {
-    let h = Harness::custom(|c| c["max_upstream_event_bytes"] = json!(64 * 1024), |_| {});
-    let r = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat(
+    let h = Gateway::custom(|c| c["max_upstream_event_bytes"] = json!(64 * 1024), |_| {});
+    let r = h
+        .chat(
             "hi",
             json!({"stream": true, "mock": {"unframed_kib": 100_000}}),
-        ),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(r.status, 200);
     let text = r.text();
     assert!(text.contains("upstream_response_too_large"), "{text}");
@@ -629,19 +605,15 @@ async fn an_endless_sse_event_ends_the_stream_at_the_frame_cap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickling_stream_ends_at_the_response_deadline() {
-    let h = Harness::custom(|c| c["upstream_deadline_ms"] = json!(600), |_| {});
+    let h = Gateway::custom(|c| c["upstream_deadline_ms"] = json!(600), |_| {});
     let started = Instant::now();
     // One event every 50 ms keeps the 3 s idle timer from ever firing.
-    let r = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat(
+    let r = h
+        .chat(
             "hi",
             json!({"stream": true, "mock": {"chunks": 1000, "delay_ms": 50}}),
-        ),
-    )
-    .await;
+        )
+        .await;
     let took = started.elapsed();
     assert_eq!(r.status, 200);
     assert!(r.text().contains("upstream_timeout"));
@@ -654,19 +626,13 @@ async fn a_trickling_stream_ends_at_the_response_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_response_deadline_also_bounds_the_wait_for_headers() {
-    let h = Harness::custom(
+    let h = Gateway::custom(
         |c| c["upstream_deadline_ms"] = json!(500),
         |s| s["providers"][0]["first_byte_timeout_ms"] = json!(10_000),
     );
     let started = Instant::now();
     // Headers after 3 s: within the provider's first-byte timeout, past the deadline.
-    let r = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({"mock": {"latency_ms": 3000}})),
-    )
-    .await;
+    let r = h.chat("hi", json!({"mock": {"latency_ms": 3000}})).await;
     let took = started.elapsed();
     assert_eq!(r.status, 504);
     assert_eq!(r.json()["error"]["code"], "upstream_timeout");
@@ -677,26 +643,14 @@ async fn the_response_deadline_also_bounds_the_wait_for_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_streamed_answer_over_the_cap_is_refused_and_not_charged() {
-    let h = Harness::custom(|c| c["max_upstream_body_bytes"] = json!(4096), |_| {});
-    let r = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({"mock": {"chunks": 2000}})),
-    )
-    .await;
+    let h = Gateway::custom(|c| c["max_upstream_body_bytes"] = json!(4096), |_| {});
+    let r = h.chat("hi", json!({"mock": {"chunks": 2000}})).await;
     assert_eq!(r.status, 502);
     assert_eq!(r.json()["error"]["code"], "upstream_response_too_large");
     let rec = &h.records()[0];
     assert_eq!(rec.error_code, "upstream_response_too_large");
     assert_eq!(rec.cost, 0);
     // Under the cap is served.
-    let r = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({"mock": {"chunks": 10}})),
-    )
-    .await;
+    let r = h.chat("hi", json!({"mock": {"chunks": 10}})).await;
     assert_eq!(r.status, 200);
 }

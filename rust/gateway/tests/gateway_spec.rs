@@ -1,19 +1,17 @@
 //! In-process specs: a real engine on 127.0.0.1:0 in front of a tiny upstream.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+mod harness;
 
 use std::time::Duration;
 
-use common::*;
+use harness::*;
 use http_body_util::BodyExt;
 use serde_json::json;
 
-const CHAT: &str = "/v1/chat/completions";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_metrics() {
-    let h = Harness::custom(|c| c["metrics_listen"] = json!("127.0.0.1:0"), |_| {});
+    let h = Gateway::custom(|c| c["metrics_listen"] = json!("127.0.0.1:0"), |_| {});
     let r = call(h.addr, request("GET", "/healthz", None, "")).await;
     assert_eq!(r.status, 200);
     let age = r.json()["snapshot_age_seconds"].as_f64().unwrap();
@@ -55,7 +53,7 @@ async fn health_and_metrics() {
 /// until a poll reaches the control plane again (or a newer snapshot loads).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_metrics_report_an_unreachable_control_plane() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let health = || async {
         let r = call(h.addr, request("GET", "/healthz", None, "")).await;
         assert_eq!(r.status, 200, "still serving");
@@ -77,12 +75,12 @@ async fn health_and_metrics_report_an_unreachable_control_plane() {
     let (control, first) = health().await;
     assert_eq!(control, "unreachable");
     assert_eq!(metric("onetoken_control_reachable"), 0.0);
-    // Time has to pass for an age to grow: a short, bounded pause, not a readiness wait.
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // The age grows while the control plane stays unreachable.
+    let grown = wait_for(WAIT, || async { health().await.1 >= first + 0.03 }).await;
+    assert!(grown, "the snapshot age did not grow from {first}");
     let (_, later) = health().await;
-    assert!(later >= first + 0.03, "{first} then {later}");
     assert!(metric("onetoken_snapshot_age_seconds") >= later);
-    let r = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    let r = h.ask("ot-good", "hi").await;
     assert_eq!(r.status, 200, "requests are served meanwhile");
 
     h.engine.set_control_status(true);
@@ -96,9 +94,9 @@ async fn health_and_metrics_report_an_unreachable_control_plane() {
 
     // A newer snapshot also confirms, even before the status is reported.
     h.engine.set_control_status(false);
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(wait_for(WAIT, || async { health().await.1 >= 0.03 }).await);
     let (_, stale) = health().await;
-    let newer = snapshot(2, h.upstream.addr, 100_000_000_000).to_string();
+    let newer = spec_snapshot(2, h.upstream().addr, 100_000_000_000).to_string();
     h.engine.load_snapshot(newer.as_bytes()).unwrap();
     let (control, fresh) = health().await;
     assert!(fresh < stale, "{stale} then {fresh}");
@@ -107,7 +105,7 @@ async fn health_and_metrics_report_an_unreachable_control_plane() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_served_nowhere_without_a_metrics_listener() {
-    let h = Harness::start();
+    let h = Gateway::start();
     assert_eq!(h.engine.metrics_address(), None);
     let r = call(h.addr, request("GET", "/metrics", None, "")).await;
     assert_eq!(r.status, 404);
@@ -129,7 +127,7 @@ fn healthz_says_starting_before_the_first_snapshot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_failures_are_401_or_403_with_one_record_each() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let body = chat(CANARY, json!({}));
     let cases = [
         (None, 401, "invalid_api_key"),
@@ -167,16 +165,16 @@ async fn auth_failures_are_401_or_403_with_one_record_each() {
         recs[0].request_id,
         replies[0].headers["x-request-id"].to_str().unwrap()
     );
-    assert_eq!(h.upstream.requests(), 1);
+    assert_eq!(h.upstream().requests(), 1);
     let refs: Vec<&Reply> = replies.iter().collect();
-    assert_no_canary(&h, &recs, &refs);
+    h.assert_no_canary(&recs, &refs);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_errors_never_reach_the_upstream() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let big = format!("{CANARY}{}", "x".repeat(70_000));
-    let too_large = post(h.addr, CHAT, Some("ot-good"), chat(&big, json!({}))).await;
+    let too_large = h.ask("ot-good", &big).await;
     assert_eq!(too_large.status, 413);
     assert_eq!(too_large.json()["error"]["code"], "body_too_large");
 
@@ -201,30 +199,22 @@ async fn request_errors_never_reach_the_upstream() {
     assert_eq!(not_object.status, 400);
     assert_eq!(not_object.json()["error"]["code"], "invalid_request");
 
-    let unknown_model = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        json!({"model": CANARY, "messages": [{"role": "user", "content": "x"}]}),
-    )
-    .await;
+    let unknown_model = h
+        .chat_as("ot-good", chat_body(CANARY, "x", json!({})))
+        .await;
     assert_eq!(unknown_model.status, 404);
     assert_eq!(unknown_model.json()["error"]["code"], "model_not_found");
 
-    let wrong_kind = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        json!({"model": "demo-embed", "messages": [{"role": "user", "content": "x"}]}),
-    )
-    .await;
+    let wrong_kind = h
+        .chat_as("ot-good", chat_body("demo-embed", "x", json!({})))
+        .await;
     assert_eq!(wrong_kind.status, 404);
 
-    let not_allowed = post(h.addr, CHAT, Some("ot-embed-only"), chat(CANARY, json!({}))).await;
+    let not_allowed = h.ask("ot-embed-only", CANARY).await;
     assert_eq!(not_allowed.status, 403);
     assert_eq!(not_allowed.json()["error"]["code"], "model_not_allowed");
 
-    let poor = post(h.addr, CHAT, Some("ot-poor"), chat(CANARY, json!({}))).await;
+    let poor = h.ask("ot-poor", CANARY).await;
     assert_eq!(poor.status, 402);
     assert_eq!(poor.json()["error"]["code"], "insufficient_balance");
 
@@ -241,7 +231,7 @@ async fn request_errors_never_reach_the_upstream() {
     h.wait_records(9).await;
     let recs = h.records();
     assert_eq!(recs.len(), 9);
-    assert_eq!(h.upstream.requests(), 0);
+    assert_eq!(h.upstream().requests(), 0);
     assert!(recs
         .iter()
         .all(|r| r.cost == 0 && r.usage_source == "none" && r.attempts == 0));
@@ -256,8 +246,7 @@ async fn request_errors_never_reach_the_upstream() {
         0,
         "nothing stays reserved"
     );
-    assert_no_canary(
-        &h,
+    h.assert_no_canary(
         &recs,
         &[
             &too_large,
@@ -273,20 +262,16 @@ async fn request_errors_never_reach_the_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_stream_success_is_billed_from_upstream_usage() {
-    let h = Harness::start();
-    let r = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat("one two three", json!({"mock": {"chunks": 5}})),
-    )
-    .await;
+    let h = Gateway::start();
+    let r = h
+        .chat("one two three", json!({"mock": {"chunks": 5}}))
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(
         r.json()["choices"][0]["message"]["content"],
         "tok tok tok tok tok "
     );
-    let sent = h.upstream.state.last_body.lock().clone().unwrap();
+    let sent = h.upstream().state.last_body.lock().clone().unwrap();
     assert_eq!(
         sent["model"], "mock-gpt",
         "model rewritten to the upstream name"
@@ -318,17 +303,13 @@ async fn non_stream_success_is_billed_from_upstream_usage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_usage_is_estimated() {
-    let h = Harness::start();
-    let r = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat(
+    let h = Gateway::start();
+    let r = h
+        .chat(
             "hello there",
             json!({"mock": {"chunks": 3, "usage": false}}),
-        ),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(r.status, 200);
     h.wait_records(1).await;
     let rec = &h.records()[0];
@@ -346,14 +327,8 @@ async fn missing_usage_is_estimated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embeddings_and_model_list() {
-    let h = Harness::start();
-    let r = post(
-        h.addr,
-        "/v1/embeddings",
-        Some("ot-embed-only"),
-        json!({"model": "demo-embed", "input": "abc"}),
-    )
-    .await;
+    let h = Gateway::start();
+    let r = h.embed("ot-embed-only", "abc").await;
     assert_eq!(r.status, 200);
     let models = call(
         h.addr,
@@ -361,12 +336,7 @@ async fn embeddings_and_model_list() {
     )
     .await;
     assert_eq!(models.status, 200);
-    let ids: Vec<String> = models.json()["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_owned())
-        .collect();
+    let ids = models.model_ids();
     assert_eq!(ids, vec!["demo-embed"]);
     let all = call(h.addr, request("GET", "/v1/models", Some("ot-good"), "")).await;
     assert_eq!(all.json()["data"].as_array().unwrap().len(), 2);
@@ -386,18 +356,8 @@ async fn read_stream(resp: http::Response<hyper::body::Incoming>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_is_relayed_chunk_by_chunk() {
-    let h = Harness::start();
-    let req = request(
-        "POST",
-        CHAT,
-        Some("ot-good"),
-        chat(
-            "hi",
-            json!({"stream": true, "mock": {"chunks": 5, "delay_ms": 150}}),
-        )
-        .to_string(),
-    );
-    let resp = open(h.addr, req).await;
+    let h = Gateway::start();
+    let resp = h.open_stream(json!({"chunks": 5, "delay_ms": 150})).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut body = resp.into_body();
@@ -408,11 +368,7 @@ async fn stream_is_relayed_chunk_by_chunk() {
         }
     };
     assert!(first.starts_with(b"data: {"));
-    let sent = h
-        .upstream
-        .state
-        .chunks_sent
-        .load(std::sync::atomic::Ordering::SeqCst);
+    let sent = h.upstream().chunks_sent();
     assert!(
         sent < 5,
         "first chunk arrived after {sent} of 5 upstream chunks: the relay buffered"
@@ -428,7 +384,7 @@ async fn stream_is_relayed_chunk_by_chunk() {
         !all.contains("\"usage\""),
         "usage chunk stripped when the client did not ask for it"
     );
-    let sent_body = h.upstream.state.last_body.lock().clone().unwrap();
+    let sent_body = h.upstream().state.last_body.lock().clone().unwrap();
     assert_eq!(
         sent_body["stream_options"]["include_usage"], true,
         "relay asks for usage"
@@ -444,8 +400,14 @@ async fn stream_is_relayed_chunk_by_chunk() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_keeps_usage_when_the_client_asked() {
-    let h = Harness::start();
-    let req = request("POST", CHAT, Some("ot-good"), chat("hi", json!({"stream": true, "stream_options": {"include_usage": true}, "mock": {"chunks": 2}})).to_string());
+    let h = Gateway::start();
+    let req = chat_request(
+        "ot-good",
+        chat(
+            "hi",
+            json!({"stream": true, "stream_options": {"include_usage": true}, "mock": {"chunks": 2}}),
+        ),
+    );
     let all = read_stream(open(h.addr, req).await).await;
     assert!(all.contains("\"choices\":[]"), "usage-only chunk kept");
     assert!(all.contains("\"usage\""));
@@ -456,14 +418,10 @@ async fn stream_keeps_usage_when_the_client_asked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_error_is_not_echoed_and_not_charged() {
-    let h = Harness::start();
-    let r = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat(CANARY, json!({"mock": {"status": 500, "echo": true}})),
-    )
-    .await;
+    let h = Gateway::start();
+    let r = h
+        .chat(CANARY, json!({"mock": {"status": 500, "echo": true}}))
+        .await;
     assert_eq!(r.status, 500);
     let e = r.json();
     assert_eq!(
@@ -474,16 +432,12 @@ async fn upstream_error_is_not_echoed_and_not_charged() {
         e["error"]["type"], "server_error",
         "identifier-shaped type is kept"
     );
-    let s = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat(
+    let s = h
+        .chat(
             CANARY,
             json!({"stream": true, "mock": {"status": 429, "echo": true}}),
-        ),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(s.status, 429);
     h.wait_records(2).await;
     let recs = h.records();
@@ -503,14 +457,13 @@ async fn upstream_error_is_not_echoed_and_not_charged() {
             .unwrap(),
         &("org_rich".to_owned(), 0, 0)
     );
-    assert_no_canary(&h, &recs, &[&r, &s]);
+    h.assert_no_canary(&recs, &[&r, &s]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_stream_is_recorded_with_estimated_usage() {
-    let h = Harness::start();
-    let req = request("POST", CHAT, Some("ot-good"), chat(CANARY, json!({"stream": true, "mock": {"chunks": 6, "cut_after": 3, "echo": true, "delay_ms": 20}})).to_string());
-    let resp = open(h.addr, req).await;
+    let h = Gateway::start();
+    let resp = h.open_chat(Some("ot-good"), chat(CANARY, json!({"stream": true, "mock": {"chunks": 6, "cut_after": 3, "echo": true, "delay_ms": 20}}))).await;
     assert_eq!(resp.status(), 200);
     let all = read_stream(resp).await;
     assert!(!all.contains("[DONE]"));
@@ -547,28 +500,25 @@ async fn cut_stream_is_recorded_with_estimated_usage() {
             .2,
         0
     );
-    assert_no_canary(&h, &recs, &[]);
+    h.assert_no_canary(&recs, &[]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_mid_stream_leaves_one_499_record() {
-    let h = Harness::start();
-    let req = request(
-        "POST",
-        CHAT,
-        Some("ot-good"),
-        chat(
-            CANARY,
-            json!({"stream": true, "mock": {"chunks": 50, "delay_ms": 20}}),
+    let h = Gateway::start();
+    let resp = h
+        .open_chat(
+            Some("ot-good"),
+            chat(
+                CANARY,
+                json!({"stream": true, "mock": {"chunks": 50, "delay_ms": 20}}),
+            ),
         )
-        .to_string(),
-    );
-    let resp = open(h.addr, req).await;
+        .await;
     let mut body = resp.into_body();
     let _first = body.frame().await.unwrap().unwrap();
     drop(body);
     h.wait_records(1).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let recs = h.records();
     assert_eq!(recs.len(), 1);
     let rec = &recs[0];
@@ -577,59 +527,47 @@ async fn client_disconnect_mid_stream_leaves_one_499_record() {
     assert_eq!(rec.usage_source, "estimated");
     assert!(rec.completion_tokens >= 1 && rec.completion_tokens < 50);
     assert!(rec.cost > 0);
-    let sent = h
-        .upstream
-        .state
-        .chunks_sent
-        .load(std::sync::atomic::Ordering::SeqCst);
+    let sent = h.upstream().chunks_sent();
+    // The behaviour under test: over this window a live upstream request would send ten
+    // more chunks; a cancelled one sends none.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let later = h
-        .upstream
-        .state
-        .chunks_sent
-        .load(std::sync::atomic::Ordering::SeqCst);
+    let later = h.upstream().chunks_sent();
     assert!(
         later <= sent + 2,
         "upstream request was cancelled ({sent} -> {later})"
     );
-    assert_no_canary(&h, &recs, &[]);
+    h.assert_no_canary(&recs, &[]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_unreachable_and_timeout() {
-    let h = Harness::start();
+    let h = Gateway::start();
     // A port with nothing listening.
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let mut snap = snapshot(2, dead, 1_000_000_000);
+    let mut snap = spec_snapshot(2, dead, 1_000_000_000);
     h.engine.load_snapshot(snap.to_string().as_bytes()).unwrap();
-    let r = post(h.addr, CHAT, Some("ot-good"), chat(CANARY, json!({}))).await;
+    let r = h.ask("ot-good", CANARY).await;
     assert_eq!(r.status, 502);
     assert_eq!(r.json()["error"]["code"], "upstream_unreachable");
 
-    snap = snapshot(3, h.upstream.addr, 1_000_000_000);
+    snap = spec_snapshot(3, h.upstream().addr, 1_000_000_000);
     snap["providers"][0]["first_byte_timeout_ms"] = json!(100);
     h.engine.load_snapshot(snap.to_string().as_bytes()).unwrap();
-    let t = post(
-        h.addr,
-        CHAT,
-        Some("ot-good"),
-        chat(CANARY, json!({"mock": {"latency_ms": 1000}})),
-    )
-    .await;
+    let t = h.chat(CANARY, json!({"mock": {"latency_ms": 1000}})).await;
     assert_eq!(t.status, 504);
     assert_eq!(t.json()["error"]["code"], "upstream_timeout");
     h.wait_records(2).await;
     let recs = h.records();
     assert!(recs.iter().all(|r| r.cost == 0));
-    assert_no_canary(&h, &recs, &[&r, &t]);
+    h.assert_no_canary(&recs, &[&r, &t]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_one_record_per_request_under_concurrency() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let mut tasks = Vec::new();
     for i in 0..40 {
         let addr = h.addr;
@@ -674,18 +612,8 @@ async fn exactly_one_record_per_request_under_concurrency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_lets_an_in_flight_stream_finish() {
-    let h = Harness::start();
-    let req = request(
-        "POST",
-        CHAT,
-        Some("ot-good"),
-        chat(
-            "hi",
-            json!({"stream": true, "mock": {"chunks": 6, "delay_ms": 50}}),
-        )
-        .to_string(),
-    );
-    let resp = open(h.addr, req).await;
+    let h = Gateway::start();
+    let resp = h.open_stream(json!({"chunks": 6, "delay_ms": 50})).await;
     assert_eq!(resp.status(), 200);
     let reader = tokio::spawn(read_stream(resp));
     let engine = std::sync::Arc::new(h.engine);
@@ -709,26 +637,19 @@ async fn graceful_stop_lets_an_in_flight_stream_finish() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stop_after_grace_cancels_and_still_records() {
-    let h = Harness::start();
-    let req = request(
-        "POST",
-        CHAT,
-        Some("ot-good"),
-        chat(
-            "hi",
-            json!({"stream": true, "mock": {"chunks": 100, "delay_ms": 50}}),
-        )
-        .to_string(),
-    );
-    let resp = open(h.addr, req).await;
+async fn drain_after_the_configured_grace_cancels_and_still_records() {
+    let h = Gateway::custom(|c| c["shutdown_grace_ms"] = json!(200), |_| {});
+    let resp = h.open_stream(json!({"chunks": 100, "delay_ms": 50})).await;
     let reader =
         tokio::spawn(async move { resp.into_body().collect().await.map(|c| c.to_bytes()) });
     let engine = std::sync::Arc::new(h.engine);
     let e2 = engine.clone();
-    tokio::task::spawn_blocking(move || e2.stop(Duration::from_millis(200)))
+    let started = std::time::Instant::now();
+    tokio::task::spawn_blocking(move || e2.drain())
         .await
         .unwrap();
+    // The stream would run 5 s: the grace of 200 ms, not the default 10 s, ended it.
+    assert!(started.elapsed() < Duration::from_secs(3));
     let _ = reader.await;
     let recs = journal_records(&h.spool.0, engine.instance_id());
     assert_eq!(recs.len(), 1);
@@ -741,21 +662,11 @@ async fn stop_after_grace_cancels_and_still_records() {
 /// before its answer still leaves exactly one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_responses_leave_exactly_one_record_each() {
-    let h = Harness::start();
-    let stream = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let h = Gateway::start();
+    let mut sender = connect(h.addr).await;
     let mut ids = Vec::new();
     for _ in 0..15 {
-        let req = request(
-            "POST",
-            CHAT,
-            Some("ot-good"),
-            chat("hi", json!({})).to_string(),
-        );
+        let req = chat_request("ot-good", chat("hi", json!({})));
         // The connection takes the next request only once it has finished the last
         // response, which may be after its body was read here.
         sender.ready().await.unwrap();
@@ -765,7 +676,7 @@ async fn whole_responses_leave_exactly_one_record_each() {
     }
     // Refused before the body is read: each closes its connection, so one each.
     for _ in 0..5 {
-        let r = post(h.addr, CHAT, Some("ot-unknown"), chat("hi", json!({}))).await;
+        let r = h.ask("ot-unknown", "hi").await;
         assert_eq!(r.status, 401);
         ids.push(r.headers["x-request-id"].to_str().unwrap().to_owned());
     }
@@ -780,17 +691,15 @@ async fn whole_responses_leave_exactly_one_record_each() {
     assert_eq!(h.engine.stats().in_flight, 0);
 
     // Gone before the upstream answers: the request is dropped with its body unsent.
-    let req = request(
-        "POST",
-        CHAT,
-        Some("ot-good"),
-        chat("hi", json!({"mock": {"latency_ms": 300}})).to_string(),
-    );
+    let req = chat_request("ot-good", chat("hi", json!({"mock": {"latency_ms": 300}})));
+    let forwarded = h.upstream().requests() + 1;
     let pending = tokio::spawn(open(h.addr, req));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(wait_until_async(WAIT, || h.upstream().requests() >= forwarded).await);
     pending.abort();
     let _ = pending.await;
     h.wait_records(21).await;
+    // The behaviour under test: past the upstream's 300 ms answer, the dropped request
+    // still has its one record and no second one.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let recs = h.records();
     assert_eq!(recs.len(), 1);
@@ -811,19 +720,14 @@ async fn whole_responses_leave_exactly_one_record_each() {
 /// a keep-alive client sends its next request on a connection the server has dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn early_refusals_close_the_connection_and_successes_keep_it() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let body = chat("hello", json!({})).to_string();
-    let refused = post(h.addr, CHAT, Some("ot-unknown"), chat("hello", json!({}))).await;
+    let refused = h.ask("ot-unknown", "hello").await;
     assert_eq!(refused.status, 401);
     assert_eq!(refused.headers["connection"], "close");
 
     // Two requests on one connection: the success leaves it open for the second.
-    let stream = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = connect(h.addr).await;
     for _ in 0..2 {
         let resp = sender
             .send_request(request("POST", CHAT, Some("ot-good"), body.clone()))

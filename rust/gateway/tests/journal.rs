@@ -4,17 +4,15 @@
 //! gateway out.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+mod harness;
 
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use harness::*;
 use onetoken_gateway::journal_reader::{instance_live, read_segment};
-use onetoken_gateway::{CallRecord, Engine, Error};
+use onetoken_gateway::{Engine, Error};
 use serde_json::{json, Value};
-
-const CHAT: &str = "/v1/chat/completions";
 
 /// Every journal line of the instance, in write order, as written.
 fn journal_lines(dir: &Path, instance_id: &str) -> Vec<String> {
@@ -34,11 +32,11 @@ fn lock_path(dir: &Path, instance_id: &str) -> std::path::PathBuf {
     dir.join(format!("journal-{instance_id}.lock"))
 }
 
-fn started(spool: &tempdir::Dir, upstream: &Upstream) -> Result<Engine, Error> {
-    let engine = Engine::new(engine_config(spool.path()))?;
+fn started(spool: &str, upstream: &Upstream) -> Result<Engine, Error> {
+    let engine = Engine::new(engine_config(spool))?;
     engine
         .load_snapshot(
-            snapshot(1, upstream.addr, 100_000_000_000)
+            spec_snapshot(1, upstream.addr, 100_000_000_000)
                 .to_string()
                 .as_bytes(),
         )
@@ -48,14 +46,14 @@ fn started(spool: &tempdir::Dir, upstream: &Upstream) -> Result<Engine, Error> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_are_journaled_as_lines_and_stay_after_stop() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let id = h.engine.instance_id().to_owned();
     for i in 0..5 {
         let body = chat(CANARY, json!({"stream": i % 2 == 0}));
-        let r = post(h.addr, CHAT, Some("ot-good"), body).await;
+        let r = h.chat_as("ot-good", body).await;
         assert_eq!(r.status, 200);
     }
-    let r = post(h.addr, CHAT, Some("ot-unknown"), chat(CANARY, json!({}))).await;
+    let r = h.ask("ot-unknown", CANARY).await;
     assert_eq!(r.status, 401);
     h.wait_records(6).await;
 
@@ -80,13 +78,13 @@ async fn records_are_journaled_as_lines_and_stay_after_stop() {
     for line in &lines {
         let v: Value = serde_json::from_str(line).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-        assert_eq!(keys.len(), CallRecord::COLUMNS.len());
+        assert_eq!(keys.len(), onetoken_gateway::journal_reader::COLUMNS.len());
         assert!(v["ts"].is_i64());
     }
-    assert_no_canary(&h, &recs, &[&r]);
+    h.assert_no_canary(&recs, &[&r]);
 
     // Stopping deletes nothing and releases the instance: its segments are complete.
-    let late = post(h.addr, CHAT, Some("ot-good"), chat("hi", json!({}))).await;
+    let late = h.ask("ot-good", "hi").await;
     assert_eq!(late.status, 200);
     h.wait_records(7).await;
     h.engine.stop(Duration::from_secs(1));
@@ -106,27 +104,17 @@ async fn records_are_journaled_as_lines_and_stay_after_stop() {
 /// right after the client read its answer must not lose the record of that call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_response_is_journaled_before_its_last_byte_reaches_the_client() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    let h = Harness::start();
+    let h = Gateway::start();
     let body = chat("hi", json!({})).to_string();
-    let mut conn = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let head = format!(
-        "POST {CHAT} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer ot-good\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).await.unwrap();
-    conn.write_all(body.as_bytes()).await.unwrap();
+    let mut conn = send_raw(&h, &body).await;
     let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
     loop {
-        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "connection closed before the whole response");
-        seen.extend_from_slice(&buf[..n]);
+        read_more(
+            &mut conn,
+            &mut seen,
+            "connection closed before the whole response",
+        )
+        .await;
         let text = String::from_utf8_lossy(&seen);
         let Some(split) = text.find("\r\n\r\n") else {
             continue;
@@ -147,26 +135,14 @@ async fn a_whole_response_is_journaled_before_its_last_byte_reaches_the_client()
         }
     }
     // No waiting: the record must already be journaled when the client has the body.
-    let lines = journal_lines(&h.spool.0, h.engine.instance_id());
-    assert_eq!(
-        lines.len(),
-        1,
-        "the record is journaled before the last byte"
-    );
-    let rec: Value = serde_json::from_str(&lines[0]).unwrap();
+    let rec = only_journal_line(&h, "the record is journaled before the last byte");
     assert_eq!(rec["status"], 200, "{rec}");
     assert_eq!(rec["streamed"], 0, "{rec}");
 }
 
-/// A stream's record is on disk before its terminal event reaches the client, even when
-/// the upstream keeps its body open after that event: a crash right after the client saw
-/// `[DONE]` must not lose the record of a call the client saw complete.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_is_journaled_before_its_terminal_event_reaches_the_client() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    let h = Harness::start();
-    let body = chat("hi", json!({"stream": true, "mock": {"linger_ms": 5000}})).to_string();
+/// A chat request written byte by byte, for a test that reads the answer off the socket.
+async fn send_raw(h: &Gateway, body: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
     let mut conn = tokio::net::TcpStream::connect(h.addr).await.unwrap();
     let head = format!(
         "POST {CHAT} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer ot-good\r\n\
@@ -175,25 +151,44 @@ async fn a_stream_is_journaled_before_its_terminal_event_reaches_the_client() {
     );
     conn.write_all(head.as_bytes()).await.unwrap();
     conn.write_all(body.as_bytes()).await.unwrap();
+    conn
+}
+
+/// Append what arrives next on `conn` to `seen`; `closed` says what the connection
+/// closing first would mean.
+async fn read_more(conn: &mut tokio::net::TcpStream, seen: &mut Vec<u8>, closed: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(n > 0, "{closed}");
+    seen.extend_from_slice(&buf[..n]);
+}
+
+/// The one line journaled so far, parsed; `why` says why there must be exactly one.
+fn only_journal_line(h: &Gateway, why: &str) -> Value {
+    let lines = journal_lines(&h.spool.0, h.engine.instance_id());
+    assert_eq!(lines.len(), 1, "{why}");
+    serde_json::from_str(&lines[0]).unwrap()
+}
+
+/// A stream's record is on disk before its terminal event reaches the client, even when
+/// the upstream keeps its body open after that event: a crash right after the client saw
+/// `[DONE]` must not lose the record of a call the client saw complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_is_journaled_before_its_terminal_event_reaches_the_client() {
+    let h = Gateway::start();
+    let body = chat("hi", json!({"stream": true, "mock": {"linger_ms": 5000}})).to_string();
+    let mut conn = send_raw(&h, &body).await;
     let started = std::time::Instant::now();
     let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
     while !String::from_utf8_lossy(&seen).contains("[DONE]") {
-        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "connection closed before [DONE]");
-        seen.extend_from_slice(&buf[..n]);
+        read_more(&mut conn, &mut seen, "connection closed before [DONE]").await;
     }
     // No waiting: the record must already be journaled when the client has `[DONE]`.
-    let lines = journal_lines(&h.spool.0, h.engine.instance_id());
-    assert_eq!(
-        lines.len(),
-        1,
-        "the record is journaled before [DONE] is sent"
-    );
-    let rec: Value = serde_json::from_str(&lines[0]).unwrap();
+    let rec = only_journal_line(&h, "the record is journaled before [DONE] is sent");
     assert_eq!(rec["status"], 200, "{rec}");
     assert_eq!(rec["streamed"], 1, "{rec}");
     assert!(
@@ -208,7 +203,7 @@ async fn a_stream_is_journaled_before_its_terminal_event_reaches_the_client() {
 fn a_second_engine_on_the_same_spool_dir_fails_to_start() {
     let upstream = Upstream::start();
     let spool = tempdir::Dir::new();
-    let first = started(&spool, &upstream).unwrap();
+    let first = started(spool.path(), &upstream).unwrap();
     let second = Engine::new(engine_config(spool.path())).unwrap();
     let err = second.start().unwrap_err();
     let data_dir = spool.0.parent().unwrap();
@@ -223,11 +218,11 @@ fn a_second_engine_on_the_same_spool_dir_fails_to_start() {
         "the refused engine holds nothing"
     );
     first.stop(Duration::from_secs(1));
-    let third = started(&spool, &upstream).unwrap();
+    let third = started(spool.path(), &upstream).unwrap();
     assert!(third.running());
     // An engine dropped without a stop lets the next one in too.
     drop(third);
-    started(&spool, &upstream).unwrap();
+    started(spool.path(), &upstream).unwrap();
 }
 
 /// The instance lock is held while the engine runs and free after stop or drop; an
@@ -240,14 +235,14 @@ fn the_instance_lock_is_held_while_running() {
     assert!(!instance_live(&lock_path(&spool.0, idle.instance_id())).unwrap());
     drop(idle);
 
-    let stopped = started(&spool, &upstream).unwrap();
+    let stopped = started(spool.path(), &upstream).unwrap();
     let lock = lock_path(&spool.0, stopped.instance_id());
     assert!(instance_live(&lock).unwrap());
     stopped.stop(Duration::from_secs(1));
     assert!(!instance_live(&lock).unwrap());
     assert!(lock.exists(), "the lock file stays for ingestion to remove");
 
-    let dropped = started(&spool, &upstream).unwrap();
+    let dropped = started(spool.path(), &upstream).unwrap();
     let lock = lock_path(&spool.0, dropped.instance_id());
     assert!(instance_live(&lock).unwrap());
     drop(dropped);
@@ -258,22 +253,16 @@ const CHILD_ENV: &str = "ONETOKEN_JOURNAL_CHILD_SPOOL";
 const CHILD_REQUESTS: usize = 40;
 
 /// Run by `a_sigkill_loses_no_completed_request` in a child process: serve, answer, then
-/// wait to be killed with every record still in memory.
+/// wait to be killed with every record still in memory. Ignored in a normal run, where it
+/// would have nothing to check.
 #[test]
+#[ignore = "run by a_sigkill_loses_no_completed_request"]
 fn journal_child_process() {
-    let Ok(spool) = std::env::var(CHILD_ENV) else {
-        return;
-    };
+    let spool = std::env::var(CHILD_ENV)
+        .expect("run only as the child of a_sigkill_loses_no_completed_request");
     let upstream = Upstream::start();
-    let engine = Engine::new(engine_config(&spool)).unwrap();
-    engine
-        .load_snapshot(
-            snapshot(1, upstream.addr, 100_000_000_000)
-                .to_string()
-                .as_bytes(),
-        )
-        .unwrap();
-    let addr = engine.start().unwrap();
+    let engine = started(&spool, &upstream).unwrap();
+    let addr = engine.address().unwrap();
     std::fs::write(Path::new(&spool).join("instance.txt"), engine.instance_id()).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let ids: Vec<String> = rt.block_on(async {
@@ -291,12 +280,16 @@ fn journal_child_process() {
         }
         ids
     });
-    while engine.stats().records_total < CHILD_REQUESTS as u64 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::fs::write(Path::new(&spool).join("ids.txt"), ids.join("\n")).unwrap();
+    assert!(wait_until(WAIT, || engine.stats().records_total
+        >= CHILD_REQUESTS as u64));
+    // Written whole, then renamed: the parent never reads a partial list.
+    let partial = Path::new(&spool).join("ids.partial");
+    std::fs::write(&partial, ids.join("\n")).unwrap();
+    std::fs::rename(&partial, Path::new(&spool).join("ids.txt")).unwrap();
     // Killed here.
-    std::thread::sleep(Duration::from_secs(60));
+    loop {
+        std::thread::park();
+    }
 }
 
 #[test]
@@ -306,6 +299,7 @@ fn a_sigkill_loses_no_completed_request() {
         .args([
             "--exact",
             "journal_child_process",
+            "--ignored",
             "--nocapture",
             "--test-threads=1",
         ])
@@ -315,13 +309,11 @@ fn a_sigkill_loses_no_completed_request() {
         .spawn()
         .unwrap();
     let ids_path = spool.0.join("ids.txt");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !ids_path.exists() {
-        assert!(std::time::Instant::now() < deadline, "child never finished");
+    let answered = wait_until(Duration::from_secs(60), || {
         assert!(child.try_wait().unwrap().is_none(), "child exited early");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(50));
+        ids_path.exists()
+    });
+    assert!(answered, "child never finished");
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 
@@ -365,11 +357,7 @@ fn added_latency_one_connection() {
         rt.block_on(async {
             let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
             stream.set_nodelay(true).unwrap();
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .unwrap();
-            tokio::spawn(conn);
+            let mut sender = http1(stream).await;
             let mut took = Vec::with_capacity(N);
             for i in 0..N + 200 {
                 let req = request("POST", path, key, body.clone());
@@ -393,7 +381,7 @@ fn added_latency_one_connection() {
     let mut out = vec![format!("direct p50 {:?} p99 {:?}", direct.0, direct.1)];
     for round in 0..2 {
         let spool = tempdir::Dir::new();
-        let engine = started(&spool, &upstream).unwrap();
+        let engine = started(spool.path(), &upstream).unwrap();
         let addr = engine.address().unwrap();
         let (p50, p99) = run(addr, CHAT, Some("ot-good"), body.clone());
         engine.stop(Duration::from_secs(1));

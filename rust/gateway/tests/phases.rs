@@ -1,28 +1,16 @@
 //! `phase_timing`: the thread CPU time of each request phase in `/metrics`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+mod harness;
 
 use std::collections::HashMap;
-use std::time::Duration;
 
-use common::*;
+use harness::*;
 use http_body_util::BodyExt;
+use onetoken_gateway::PHASE_NAMES;
 use serde_json::json;
 
-const CHAT: &str = "/v1/chat/completions";
-const PHASES: [&str; 8] = [
-    "admit",
-    "authenticate",
-    "route",
-    "reserve",
-    "forward",
-    "relay",
-    "settle",
-    "record",
-];
-
-fn phase_seconds(h: &Harness) -> HashMap<String, f64> {
+fn phase_seconds(h: &Gateway) -> HashMap<String, f64> {
     let text = h.engine.metrics_text();
     let prefix = "onetoken_phase_cpu_seconds_total{phase=\"";
     text.lines()
@@ -36,43 +24,36 @@ fn phase_seconds(h: &Harness) -> HashMap<String, f64> {
 
 /// Wait (bounded) until every request sent has been recorded: the record phase runs as
 /// the response is handed over, so it may trail the client's read.
-async fn settled(h: &Harness) {
-    for _ in 0..500 {
-        if h.engine.stats().in_flight == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("requests still in flight");
+async fn settled(h: &Gateway) {
+    assert!(
+        wait_until_async(WAIT, || h.engine.stats().in_flight == 0).await,
+        "requests still in flight"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_phase_a_request_runs_is_counted() {
-    let h = Harness::custom(|c| c["phase_timing"] = json!(true), |_| {});
-    let whole = post(h.addr, CHAT, Some("ot-good"), chat("hello", json!({}))).await;
+    let h = Gateway::custom(|c| c["phase_timing"] = json!(true), |_| {});
+    let whole = h.ask("ot-good", "hello").await;
     assert_eq!(whole.status, 200);
-    let req = request(
-        "POST",
-        CHAT,
-        Some("ot-good"),
-        chat("hello", json!({"stream": true})).to_string(),
-    );
-    let resp = open(h.addr, req).await;
+    let resp = h
+        .open_chat(Some("ot-good"), chat("hello", json!({"stream": true})))
+        .await;
     assert_eq!(resp.status(), 200);
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert!(String::from_utf8_lossy(&body).contains("[DONE]"));
     settled(&h).await;
     let seconds = phase_seconds(&h);
-    assert_eq!(seconds.len(), PHASES.len(), "{seconds:?}");
-    for phase in PHASES {
+    assert_eq!(seconds.len(), PHASE_NAMES.len(), "{seconds:?}");
+    for phase in PHASE_NAMES {
         assert!(seconds[phase] > 0.0, "{phase}: {seconds:?}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_key_counts_only_the_phases_it_reached() {
-    let h = Harness::custom(|c| c["phase_timing"] = json!(true), |_| {});
-    let r = post(h.addr, CHAT, Some("ot-unknown"), chat("hello", json!({}))).await;
+    let h = Gateway::custom(|c| c["phase_timing"] = json!(true), |_| {});
+    let r = h.ask("ot-unknown", "hello").await;
     assert_eq!(r.status, 401);
     settled(&h).await;
     let seconds = phase_seconds(&h);
@@ -86,11 +67,11 @@ async fn a_refused_key_counts_only_the_phases_it_reached() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn off_by_default_the_counters_stay_zero() {
-    let h = Harness::start();
-    let r = post(h.addr, CHAT, Some("ot-good"), chat("hello", json!({}))).await;
+    let h = Gateway::start();
+    let r = h.ask("ot-good", "hello").await;
     assert_eq!(r.status, 200);
     settled(&h).await;
     let seconds = phase_seconds(&h);
-    assert_eq!(seconds.len(), PHASES.len(), "{seconds:?}");
+    assert_eq!(seconds.len(), PHASE_NAMES.len(), "{seconds:?}");
     assert!(seconds.values().all(|s| *s == 0.0), "{seconds:?}");
 }

@@ -185,6 +185,14 @@ fn filler() -> impl Strategy<Value = &'static str> {
 }
 
 /// Values that are findings in any context used here, with their category.
+/// Filler and planted values, in turn, as one text.
+fn joined(items: &[(&str, Option<(String, Category)>)]) -> String {
+    items
+        .iter()
+        .map(|(f, p)| format!("{f}{}", p.as_ref().map_or("", |(v, _)| v.as_str())))
+        .collect()
+}
+
 fn planted() -> impl Strategy<Value = (String, Category)> {
     let fixed = prop::sample::select(vec![
         ("AKIAIOSFODNN7EXAMPLE", Category::SecretKey),
@@ -287,10 +295,7 @@ proptest! {
         items in prop::collection::vec((filler(), proptest::option::of(planted())), 0..8),
         pad in 0usize..130,
     ) {
-        let text: String = items
-            .iter()
-            .map(|(f, p)| format!("{f}{}", p.as_ref().map_or("", |(v, _)| v.as_str())))
-            .collect();
+        let text = joined(&items);
         let found = scan(&text, CategorySet::all());
         let shifted = format!("{}{text}", " ".repeat(pad));
         prop_assert_eq!(scan(&shifted, CategorySet::all()), found);
@@ -303,16 +308,8 @@ proptest! {
         items in prop::collection::vec((filler(), proptest::option::of(planted())), 0..8),
         mask in 0u8..64,
     ) {
-        let text: String = items
-            .iter()
-            .map(|(f, p)| format!("{f}{}", p.as_ref().map_or("", |(v, _)| v.as_str())))
-            .collect();
-        let set: CategorySet = Category::ALL
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| mask & (1 << i) != 0)
-            .map(|(_, c)| c)
-            .collect();
+        let text = joined(&items);
+        let set = CategorySet::from_bits(mask);
         let all = scan(&text, CategorySet::all());
         let some = scan(&text, set);
         for c in Category::ALL {

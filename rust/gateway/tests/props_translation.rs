@@ -8,12 +8,12 @@
 //! - arbitrary JSON objects for a translated model never make the gateway fail (500).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod fleet;
+mod harness;
 
 use std::cell::Cell;
 
 use bytes::Bytes;
-use fleet::*;
+use harness::*;
 use onetoken_mock_upstream::MockServer;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -34,7 +34,7 @@ const KEY: &[(&str, &str)] = &[
 /// A gateway with one deployment per upstream protocol, all served by one mock.
 struct World {
     rt: tokio::runtime::Runtime,
-    fleet: Fleet,
+    fleet: Gateway,
     /// Calls made so far (each leaves exactly one record).
     calls: Cell<u64>,
     _mock: MockServer,
@@ -75,7 +75,7 @@ impl World {
                 .enable_all()
                 .build()
                 .unwrap(),
-            fleet: Fleet::start(snap),
+            fleet: Gateway::serving(snap),
             calls: Cell::new(0),
             _mock: mock,
         }
@@ -89,7 +89,7 @@ impl World {
 
     /// The record of the last call (earlier ones, left by a failed case, are dropped).
     fn last_record(&self) -> onetoken_gateway::CallRecord {
-        let mut recs = self.rt.block_on(self.fleet.records(self.calls.get()));
+        let mut recs = self.rt.block_on(self.fleet.take_records(self.calls.get()));
         recs.pop().expect("a record of the call")
     }
 }
@@ -215,7 +215,7 @@ fn answer(r: &Reply, stream: bool) -> (String, Value) {
         return (text, v["usage"].clone());
     }
     let events = r.events();
-    assert_eq!(events.last().unwrap().1, json!("[DONE]"), "{}", r.text);
+    assert_eq!(events.last().unwrap().1, json!("[DONE]"), "{}", r.text());
     let mut text = String::new();
     let mut usage = Value::Null;
     for (_, chunk) in &events[..events.len() - 1] {
@@ -247,7 +247,7 @@ fn translated_chat_keeps_the_text_and_the_usage_numbers() {
                 body.insert("stream_options".into(), json!({"include_usage": true}));
             }
             let r = world.post(PATHS[0], Bytes::from(Value::Object(body).to_string()));
-            prop_assert_eq!(r.status, 200, "{}", r.text);
+            prop_assert_eq!(r.status, 200, "{}", r.text());
             let (text, usage) = answer(&r, case.stream);
             prop_assert_eq!(text, "tok ".repeat(case.chunks as usize));
             prop_assert_eq!(usage["prompt_tokens"].as_u64(), Some(case.prompt), "{}", usage);
@@ -313,14 +313,14 @@ fn arbitrary_bytes_get_a_4xx_in_the_error_shape_without_echo() {
                 "{} {}: {}",
                 path,
                 r.status,
-                r.text
+                r.text()
             );
-            let v: Value = serde_json::from_str(&r.text).unwrap();
+            let v: Value = serde_json::from_str(&r.text()).unwrap();
             let err = &v["error"];
             prop_assert!(
                 err["message"].is_string() && err["type"].is_string(),
                 "{}",
-                r.text
+                r.text()
             );
             if path == "/v1/messages" {
                 prop_assert_eq!(&v["type"], "error");
@@ -328,13 +328,13 @@ fn arbitrary_bytes_get_a_4xx_in_the_error_shape_without_echo() {
                 prop_assert!(
                     err.get("param").is_some() && err.get("code").is_some(),
                     "{}",
-                    r.text
+                    r.text()
                 );
             }
             prop_assert!(
-                !r.text.contains(&tag),
+                !r.text().contains(&tag),
                 "the error quotes the request: {}",
-                r.text
+                r.text()
             );
             let rec = world.last_record();
             prop_assert_eq!(rec.status, r.status.as_u16());
@@ -408,7 +408,7 @@ fn arbitrary_json_for_translated_models_never_fails_the_gateway() {
                 "{} {}: {}",
                 path,
                 r.status,
-                r.text
+                r.text()
             );
             let _ = world.last_record();
             Ok(())
@@ -419,5 +419,5 @@ fn arbitrary_json_for_translated_models_never_fails_the_gateway() {
         PATHS[0],
         Bytes::from(chat_body("m-anthropic", "hi", json!({})).to_string()),
     );
-    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.status, 200, "{}", r.text());
 }

@@ -1,21 +1,14 @@
 //! Routing specs: fallback and retries before the first byte only, circuit breakers,
 //! provider concurrency limits, strategies and aliases, data-handling policies and org
 //! scoping, and the snapshot v2 contract for providers, deployments, routes and routing.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::type_complexity
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod fleet;
+mod harness;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use fleet::*;
+use harness::*;
 use http_body_util::Full;
-use hyper_util::rt::TokioIo;
 use onetoken_gateway::{validate_snapshot, Engine, Error};
 use onetoken_mock_upstream::MockDefaults;
 use serde_json::{json, Value};
@@ -74,19 +67,19 @@ async fn primary_failing_before_the_first_byte_falls_back_with_one_record() {
         ("refused", openai("prov_a", dead_addr(), json!({}))),
     ];
     for (what, primary) in cases {
-        let fleet = Fleet::start(two_deployments(
+        let fleet = Gateway::serving(two_deployments(
             primary,
             openai("prov_b", secondary.addr(), json!({})),
             fast_routing(json!({})),
         ));
-        let mut texts = Vec::new();
+        let mut replies = Vec::new();
         for stream in [false, true] {
             let body = chat_body("m", &format!("hi {CANARY}"), json!({"stream": stream}));
-            let r = chat(fleet.addr, body).await;
-            assert_eq!(r.status, 200, "{what} stream={stream}: {}", r.text);
-            texts.push(r.text);
+            let r = post_chat(fleet.addr, body).await;
+            assert_eq!(r.status, 200, "{what} stream={stream}: {}", r.text());
+            replies.push(r);
         }
-        let recs = fleet.records(2).await;
+        let recs = fleet.take_records(2).await;
         assert_eq!(recs.len(), 2, "{what}: one record per request");
         for rec in &recs {
             assert_eq!(rec.attempts, 2, "{what}");
@@ -101,7 +94,7 @@ async fn primary_failing_before_the_first_byte_falls_back_with_one_record() {
                 "{what}"
             );
         }
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let refs: Vec<&Reply> = replies.iter().collect();
         fleet.assert_no_canary(&recs, &refs);
     }
     assert_eq!(s500.hits(), 2);
@@ -111,41 +104,33 @@ async fn primary_failing_before_the_first_byte_falls_back_with_one_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_attempt_failing_returns_the_last_error_uncharged() {
     let s500 = Scripted::start(500);
-    let fleet = Fleet::start(two_deployments(
+    let fleet = Gateway::serving(two_deployments(
         openai("prov_a", s500.addr, json!({})),
         openai("prov_b", dead_addr(), json!({})),
         fast_routing(json!({})),
     ));
-    let r = chat(fleet.addr, chat_body("m", CANARY, json!({}))).await;
+    let r = post_chat(fleet.addr, chat_body("m", CANARY, json!({}))).await;
     // Primary 500, secondary refused, primary again after a backoff: 500.
     assert_eq!(r.status, 500);
     assert_eq!(r.json()["error"]["code"], "upstream_error");
-    let recs = fleet.records(1).await;
+    let recs = fleet.take_records(1).await;
     assert_eq!(recs[0].attempts, 3);
     assert_eq!(recs[0].provider, "prov_a");
     assert_eq!(recs[0].cost, 0);
     assert_eq!(recs[0].usage_source, "none");
     assert_eq!(s500.hits(), 2);
-    fleet.assert_no_canary(&recs, &[&r.text]);
+    fleet.assert_no_canary(&recs, &[&r]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_cut_after_the_first_byte_is_not_retried() {
     let (a, b) = (mock(), mock());
-    let fleet = Fleet::start(two_deployments(
+    let fleet = Gateway::serving(two_deployments(
         openai("prov_a", a.addr(), json!({})),
         openai("prov_b", b.addr(), json!({})),
         fast_routing(json!({})),
     ));
-    let r = chat(
-        fleet.addr,
-        chat_body(
-            "m",
-            "hi there",
-            json!({"stream": true, "mock": {"cut_after": 2}}),
-        ),
-    )
-    .await;
+    let r = cut_stream(fleet.addr, "m").await;
     assert_eq!(r.status, 200);
     let events = r.events();
     assert_eq!(
@@ -154,7 +139,7 @@ async fn a_stream_cut_after_the_first_byte_is_not_retried() {
         "two chunks, then the gateway's error event"
     );
     assert_eq!(events[2].1["error"]["code"], "upstream_stream_cut");
-    let recs = fleet.records(1).await;
+    let recs = fleet.take_records(1).await;
     assert_eq!(recs[0].attempts, 1);
     assert_eq!(recs[0].provider, "prov_a");
     assert_eq!(recs[0].error_code, "upstream_stream_cut");
@@ -167,29 +152,30 @@ async fn a_stream_cut_after_the_first_byte_is_not_retried() {
 async fn the_breaker_opens_after_consecutive_failures_and_recovers() {
     let primary = Scripted::start(500);
     let secondary = mock();
-    let fleet = Fleet::start(two_deployments(
+    let fleet = Gateway::serving(two_deployments(
         openai("prov_a", primary.addr, json!({})),
         openai("prov_b", secondary.addr(), json!({})),
         fast_routing(json!({"max_attempts": 1, "breaker_failures": 2, "breaker_open_ms": 300})),
     ));
     let body = chat_body("m", "hi there", json!({}));
     for _ in 0..2 {
-        assert_eq!(chat(fleet.addr, body.clone()).await.status, 500);
+        assert_eq!(post_chat(fleet.addr, body.clone()).await.status, 500);
     }
     // Open: the primary is skipped without being called.
-    let r = chat(fleet.addr, body.clone()).await;
+    let r = post_chat(fleet.addr, body.clone()).await;
     assert_eq!(r.status, 200);
     assert_eq!(primary.hits(), 2);
     primary.set(200);
-    assert_eq!(chat(fleet.addr, body.clone()).await.status, 200);
+    assert_eq!(post_chat(fleet.addr, body.clone()).await.status, 200);
     assert_eq!(primary.hits(), 2, "still open before breaker_open_ms");
+    // The behaviour under test: the breaker stays open for breaker_open_ms.
     tokio::time::sleep(Duration::from_millis(350)).await;
     // Half-open: one probe goes to the primary; it succeeds and closes the circuit.
     for _ in 0..2 {
-        assert_eq!(chat(fleet.addr, body.clone()).await.status, 200);
+        assert_eq!(post_chat(fleet.addr, body.clone()).await.status, 200);
     }
     assert_eq!(primary.hits(), 4);
-    let recs = fleet.records(6).await;
+    let recs = fleet.take_records(6).await;
     let served: Vec<&str> = recs.iter().map(|r| r.provider.as_str()).collect();
     assert_eq!(
         served,
@@ -216,13 +202,9 @@ async fn a_provider_at_max_concurrency_is_skipped_or_refused_with_429() {
         json!({}),
         json!({}),
     );
-    let fleet = Fleet::start(snap);
+    let fleet = Gateway::serving(snap);
     // Hold prov_a's only slot with a slow stream (headers received, body pending).
-    let stream = tokio::net::TcpStream::connect(fleet.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut sender = connect(fleet.addr).await;
     let held = sender
         .send_request(
             http::Request::builder()
@@ -243,28 +225,21 @@ async fn a_provider_at_max_concurrency_is_skipped_or_refused_with_429() {
         .await
         .unwrap();
     assert_eq!(held.status(), 200);
-    let busy = chat(fleet.addr, chat_body("solo", "hi", json!({}))).await;
+    let busy = fleet.ask_model("solo").await;
     assert_eq!(busy.status, 429);
     assert_eq!(busy.json()["error"]["code"], "upstream_busy");
-    let other = chat(fleet.addr, chat_body("duo", "hi", json!({}))).await;
+    let other = fleet.ask_model("duo").await;
     assert_eq!(other.status, 200);
     drop(held);
     drop(sender);
     // The slot is released when the stream ends (here: the client went away).
-    let mut ok = false;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        if chat(fleet.addr, chat_body("solo", "hi", json!({})))
-            .await
-            .status
-            == 200
-        {
-            ok = true;
-            break;
-        }
-    }
-    assert!(ok, "slot released");
-    let recs = fleet.records(4).await;
+    let solo = chat_body("solo", "hi", json!({}));
+    let released = wait_for(WAIT, || async {
+        post_chat(fleet.addr, solo.clone()).await.status == 200
+    })
+    .await;
+    assert!(released, "slot released");
+    let recs = fleet.take_records(4).await;
     let busy_rec = recs
         .iter()
         .find(|r| r.error_code == "upstream_busy")
@@ -318,32 +293,17 @@ async fn strategies_order_deployments_and_aliases_resolve() {
         json!({}),
         json!({}),
     );
-    let fleet = Fleet::start(snap);
+    let fleet = Gateway::serving(snap);
     for model in ["cheap", "bargain"] {
-        assert_eq!(
-            chat(fleet.addr, chat_body(model, "hi", json!({})))
-                .await
-                .status,
-            200
-        );
+        assert_eq!(fleet.ask_model(model).await.status, 200);
     }
     for _ in 0..8 {
-        assert_eq!(
-            chat(fleet.addr, chat_body("weighted", "hi", json!({})))
-                .await
-                .status,
-            200
-        );
+        assert_eq!(fleet.ask_model("weighted").await.status, 200);
     }
     for _ in 0..6 {
-        assert_eq!(
-            chat(fleet.addr, chat_body("fast", "hi", json!({})))
-                .await
-                .status,
-            200
-        );
+        assert_eq!(fleet.ask_model("fast").await.status, 200);
     }
-    let recs = fleet.records(16).await;
+    let recs = fleet.take_records(16).await;
     assert_eq!(recs[0].provider, "prov_b", "lowest price first");
     assert_eq!(
         (recs[1].provider.as_str(), recs[1].model_requested.as_str()),
@@ -363,12 +323,7 @@ async fn strategies_order_deployments_and_aliases_resolve() {
         &[("authorization", "Bearer ot-a")],
     )
     .await;
-    let ids: Vec<String> = models.json()["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_owned())
-        .collect();
+    let ids = models.model_ids();
     assert_eq!(ids, ["cheap", "weighted", "fast", "bargain"]);
 }
 
@@ -410,7 +365,7 @@ fn policy_snapshot(
     )
 }
 
-async fn model_ids(fleet: &Fleet, key: &str) -> Vec<String> {
+async fn model_ids(fleet: &Gateway, key: &str) -> Vec<String> {
     let auth = format!("Bearer {key}");
     let r = get(
         fleet.addr,
@@ -418,19 +373,14 @@ async fn model_ids(fleet: &Fleet, key: &str) -> Vec<String> {
         &[("authorization", auth.as_str())],
     )
     .await;
-    r.json()["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_owned())
-        .collect()
+    r.model_ids()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_policy_kind_blocks_exactly_its_providers_and_models_agree() {
     let ups = [mock(), mock(), mock()];
     let addrs = [ups[0].addr(), ups[1].addr(), ups[2].addr()];
-    let fleet = Fleet::start(policy_snapshot(1, addrs, json!({}), json!({})));
+    let fleet = Gateway::serving(policy_snapshot(1, addrs, json!({}), json!({})));
     // (org policy, key policy) → provider that serves, or the 403 message.
     let cases: Vec<(Value, Value, Result<&str, &str>)> = vec![
         (json!({}), json!({}), Ok("p_us")),
@@ -488,16 +438,16 @@ async fn each_policy_kind_blocks_exactly_its_providers_and_models_agree() {
             .load_snapshot(snap.to_string().as_bytes())
             .unwrap();
         let before: u64 = ups.iter().map(|u| u.request_count()).sum();
-        let r = chat(fleet.addr, chat_body("chat", "hi", json!({}))).await;
+        let r = fleet.ask_model("chat").await;
         let listed = model_ids(&fleet, "ot-a").await.contains(&"chat".to_owned());
-        let recs = fleet.records(0).await;
+        let recs = fleet.take_records(0).await;
         let rec = recs
             .iter()
             .find(|r| r.path == "/v1/chat/completions")
             .unwrap();
         match want {
             Ok(provider) => {
-                assert_eq!(r.status, 200, "{org} {key}: {}", r.text);
+                assert_eq!(r.status, 200, "{org} {key}: {}", r.text());
                 assert_eq!(rec.provider, provider, "{org} {key}");
                 assert!(listed, "{org} {key}: listed");
             }
@@ -513,34 +463,28 @@ async fn each_policy_kind_blocks_exactly_its_providers_and_models_agree() {
             }
         }
         // The other org is never affected by org_a's policies.
-        let b = send(
-            fleet.addr,
-            "/v1/chat/completions",
-            &[("authorization", "Bearer ot-b")],
-            chat_body("chat", "hi", json!({})),
-        )
-        .await;
+        let b = send_as(fleet.addr, "ot-b", CHAT, chat_body("chat", "hi", json!({}))).await;
         assert_eq!(b.status, 200);
-        let _ = fleet.records(0).await;
+        let _ = fleet.take_records(0).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn org_scoped_deployments_are_invisible_to_other_orgs() {
     let ups = [mock(), mock(), mock()];
-    let fleet = Fleet::start(policy_snapshot(
+    let fleet = Gateway::serving(policy_snapshot(
         1,
         [ups[0].addr(), ups[1].addr(), ups[2].addr()],
         json!({}),
         json!({}),
     ));
-    let a = chat(fleet.addr, chat_body("private", "hi", json!({}))).await;
+    let a = fleet.ask_model("private").await;
     assert_eq!(a.status, 404);
     assert_eq!(a.json()["error"]["code"], "model_not_found");
-    let b = send(
+    let b = send_as(
         fleet.addr,
-        "/v1/chat/completions",
-        &[("authorization", "Bearer ot-b")],
+        "ot-b",
+        CHAT,
         chat_body("private", "hi", json!({})),
     )
     .await;
@@ -551,13 +495,6 @@ async fn org_scoped_deployments_are_invisible_to_other_orgs() {
     assert!(model_ids(&fleet, "ot-b")
         .await
         .contains(&"private".to_owned()));
-}
-
-fn fixture(name: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/contract")
-        .join(name);
-    std::fs::read(&path).unwrap()
 }
 
 fn bare_engine() -> Engine {
@@ -576,27 +513,24 @@ fn snapshot_v2_providers_deployments_routes_and_routing() {
         2
     );
     // Unknown fields are refused, naming the field, in every new object.
-    for pointer in [
-        "/providers/0",
-        "/models/0",
-        "/routes/0",
-        "/routing",
-        "/orgs/0/policy",
-        "/keys/0/policy",
-    ] {
-        let mut v: Value = serde_json::from_slice(&fixture("snapshot_full.json")).unwrap();
-        v["version"] = Value::from(10);
-        v.pointer_mut(pointer).unwrap()["surprise_field"] = Value::from(1);
-        let err = engine.load_snapshot(v.to_string().as_bytes()).unwrap_err();
-        assert!(
-            matches!(&err, Error::Config(m) if m.contains("surprise_field")),
-            "{pointer}: {err}"
-        );
-    }
+    assert_unknown_fields_refused(
+        &engine,
+        "snapshot_full.json",
+        10,
+        &[
+            "/providers/0",
+            "/models/0",
+            "/routes/0",
+            "/routing",
+            "/orgs/0/policy",
+            "/keys/0/policy",
+        ],
+    );
     // Semantic checks: the entry at fault is left out and reported (kind, id, field,
     // reason); the rest of the snapshot serves.
     type Patch = Box<dyn Fn(&mut Value)>;
-    let cases: Vec<(&str, Patch, Vec<(&str, &str, &str, &str)>)> = vec![
+    type Reported = (&'static str, &'static str, &'static str, &'static str);
+    let cases: Vec<(&str, Patch, Vec<Reported>)> = vec![
         (
             "protocol",
             Box::new(|v| v["providers"][0]["protocol"] = json!("grpc")),

@@ -2,13 +2,13 @@
 //! both over TLS (ALPN) and in cleartext with prior knowledge (h2c).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+mod harness;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use common::*;
+use harness::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -19,8 +19,6 @@ use serde_json::json;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
-
-const CHAT: &str = "/v1/chat/completions";
 
 /// A self-signed certificate for `localhost` written as PEM files into `dir`.
 struct Cert {
@@ -42,38 +40,10 @@ fn self_signed(dir: &tempdir::Dir) -> Cert {
     }
 }
 
-/// An engine terminating TLS with `cert`, in front of the test upstream (the engine stops
-/// when dropped).
-struct TlsHarness {
-    _engine: Engine,
-    addr: SocketAddr,
-    _upstream: Upstream,
-    _spool: tempdir::Dir,
-}
-
-fn start_tls(cert: &Cert) -> TlsHarness {
-    let upstream = Upstream::start();
-    let spool = tempdir::Dir::new();
-    let mut cfg = engine_config(spool.path());
-    cfg.tls = Some(TlsConfig {
-        cert_path: cert.cert_path.clone(),
-        key_path: cert.key_path.clone(),
-    });
-    let engine = Engine::new(cfg).unwrap();
-    engine
-        .load_snapshot(
-            snapshot(1, upstream.addr, 100_000_000_000)
-                .to_string()
-                .as_bytes(),
-        )
-        .unwrap();
-    let addr = engine.start().unwrap();
-    TlsHarness {
-        _engine: engine,
-        addr,
-        _upstream: upstream,
-        _spool: spool,
-    }
+/// The spec gateway terminating TLS with `cert`.
+fn start_tls(cert: &Cert) -> Gateway {
+    let tls = json!({"cert_path": cert.cert_path, "key_path": cert.key_path});
+    Gateway::builder().config(|c| c["tls"] = tls).start()
 }
 
 /// A TLS client that trusts only `cert` and offers `alpn`.
@@ -96,11 +66,7 @@ async fn tls_connect(addr: SocketAddr, cert: &Cert, alpn: &[&[u8]]) -> TlsStream
 
 /// HTTP/1.1 over an established TLS stream.
 async fn send_h1(io: TlsStream<TcpStream>, req: Request<Full<Bytes>>) -> Response<Incoming> {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    sender.send_request(req).await.unwrap()
+    http1(io).await.send_request(req).await.unwrap()
 }
 
 /// An HTTP/2 connection (over TLS or cleartext); requests are sent on its one sender.
@@ -180,6 +146,54 @@ fn assert_stream_ok(text: &str) {
     assert_eq!(chunks, 3, "{text}");
 }
 
+/// Over one HTTP/2 connection (`scheme` https: TLS with ALPN, http: prior knowledge):
+/// health, chats multiplexed, a stream that arrives as produced, authentication.
+async fn speaks_h2(mut sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>, scheme: &str) {
+    let resp = sender
+        .send_request(h2_request(scheme, "GET", "/healthz", None, String::new()))
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(collect(resp).await.status, StatusCode::OK);
+
+    // Several requests multiplexed on the one connection.
+    let body = chat("hello over h2", json!({"mock": {"chunks": 2}})).to_string();
+    let mut pending = Vec::new();
+    for _ in 0..3 {
+        let req = h2_request(scheme, "POST", CHAT, Some("ot-good"), body.clone());
+        pending.push(sender.send_request(req));
+    }
+    for p in pending {
+        let resp = p.await.unwrap();
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        assert_chat_ok(&collect(resp).await);
+    }
+
+    // The stream arrives as it is produced: the upstream spaces its chunks, and the
+    // client sees more than one data frame before the end.
+    let body = chat(
+        "stream over h2",
+        json!({"stream": true, "mock": {"chunks": 3, "delay_ms": 30}}),
+    )
+    .to_string();
+    let resp = sender
+        .send_request(h2_request(scheme, "POST", CHAT, Some("ot-good"), body))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (frames, text) = collect_frames(resp).await;
+    assert!(frames > 1, "stream was buffered into {frames} frame(s)");
+    assert_stream_ok(&text);
+
+    // Unauthenticated HTTP/2 is refused like HTTP/1.1.
+    let body = chat("x", json!({})).to_string();
+    let resp = sender
+        .send_request(h2_request(scheme, "POST", CHAT, None, body))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_terminates_http1_health_and_chat() {
     let dir = tempdir::Dir::new();
@@ -213,39 +227,8 @@ async fn tls_negotiates_h2_by_alpn_for_chat_and_stream() {
 
     let io = tls_connect(h.addr, &cert, &[b"h2", b"http/1.1"]).await;
     assert_eq!(io.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let mut sender = h2_sender(io).await;
-
-    let resp = sender
-        .send_request(h2_request("https", "GET", "/healthz", None, String::new()))
-        .await
-        .unwrap();
-    assert_eq!(resp.version(), http::Version::HTTP_2);
-    let r = collect(resp).await;
-    assert_eq!(r.status, StatusCode::OK);
-
-    // Several requests multiplexed on the one connection.
-    let body = chat("hello over h2", json!({"mock": {"chunks": 2}})).to_string();
-    let mut pending = Vec::new();
-    for _ in 0..3 {
-        let req = h2_request("https", "POST", CHAT, Some("ot-good"), body.clone());
-        pending.push(sender.send_request(req));
-    }
-    for p in pending {
-        assert_chat_ok(&collect(p.await.unwrap()).await);
-    }
-
-    let body = chat(
-        "stream over h2",
-        json!({"stream": true, "mock": {"chunks": 3}}),
-    )
-    .to_string();
-    let resp = sender
-        .send_request(h2_request("https", "POST", CHAT, Some("ot-good"), body))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let (_, text) = collect_frames(resp).await;
-    assert_stream_ok(&text);
+    speaks_h2(h2_sender(io).await, "https").await;
+    h.wait_records(5).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,11 +236,7 @@ async fn tls_rejects_a_plaintext_client() {
     let dir = tempdir::Dir::new();
     let cert = self_signed(&dir);
     let h = start_tls(&cert);
-    let tcp = TcpStream::connect(h.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut sender = connect(h.addr).await;
     let res = tokio::time::timeout(
         std::time::Duration::from_secs(5),
         sender.send_request(request("GET", "/healthz", None, "")),
@@ -319,49 +298,8 @@ fn bad_tls_files_fail_start_with_a_tls_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_prior_knowledge_chat_and_stream() {
-    let h = Harness::start();
+    let h = Gateway::start();
     let tcp = TcpStream::connect(h.addr).await.unwrap();
-    let mut sender = h2_sender(tcp).await;
-
-    let resp = sender
-        .send_request(h2_request("http", "GET", "/healthz", None, String::new()))
-        .await
-        .unwrap();
-    assert_eq!(resp.version(), http::Version::HTTP_2);
-    assert_eq!(collect(resp).await.status, StatusCode::OK);
-
-    let body = chat("hello over h2c", json!({"mock": {"chunks": 2}})).to_string();
-    let resp = sender
-        .send_request(h2_request("http", "POST", CHAT, Some("ot-good"), body))
-        .await
-        .unwrap();
-    assert_eq!(resp.version(), http::Version::HTTP_2);
-    assert_chat_ok(&collect(resp).await);
-
-    // The stream arrives as it is produced: the upstream spaces its chunks, and the
-    // client sees more than one data frame before the end.
-    let body = chat(
-        "stream over h2c",
-        json!({"stream": true, "mock": {"chunks": 3, "delay_ms": 30}}),
-    )
-    .to_string();
-    let resp = sender
-        .send_request(h2_request("http", "POST", CHAT, Some("ot-good"), body))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(resp.version(), http::Version::HTTP_2);
-    let (frames, text) = collect_frames(resp).await;
-    assert!(frames > 1, "stream was buffered into {frames} frame(s)");
-    assert_stream_ok(&text);
-
-    // Unauthenticated h2c is refused like HTTP/1.1.
-    let body = chat("x", json!({})).to_string();
-    let resp = sender
-        .send_request(h2_request("http", "POST", CHAT, None, body))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-
-    h.wait_records(3).await;
+    speaks_h2(h2_sender(tcp).await, "http").await;
+    h.wait_records(5).await;
 }

@@ -2,16 +2,11 @@
 //! Messages clients on OpenAI-compatible and Anthropic upstreams, Azure deployment URLs,
 //! and the Responses API, streaming and not, with tool calls, usage and failures. The
 //! shapes asserted are the ones the official openai and anthropic SDKs read.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::type_complexity
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod fleet;
+mod harness;
 
-use fleet::*;
+use harness::*;
 use onetoken_mock_upstream::MockServer;
 use serde_json::{json, Value};
 
@@ -26,7 +21,7 @@ fn cost(prompt: u64, completion: u64) -> i64 {
 }
 
 /// One model "m" served by `protocol` on `up`, plus "m-openai" on an OpenAI mock.
-fn fleet_for(protocol: &str, up: &MockServer, openai_up: &MockServer) -> Fleet {
+fn fleet_for(protocol: &str, up: &MockServer, openai_up: &MockServer) -> Gateway {
     let base = match protocol {
         "anthropic" | "openai" => format!("http://{}/v1", up.addr()),
         "gemini" => format!("http://{}/v1beta", up.addr()),
@@ -58,7 +53,7 @@ fn fleet_for(protocol: &str, up: &MockServer, openai_up: &MockServer) -> Fleet {
         json!({}),
         json!({}),
     );
-    Fleet::start(snap)
+    Gateway::serving(snap)
 }
 
 fn tools() -> Value {
@@ -73,7 +68,7 @@ fn chat_stream(r: &Reply) -> (String, Vec<Value>, Option<Value>, Vec<Value>) {
         events.last().unwrap().1,
         Value::String("[DONE]".into()),
         "{}",
-        r.text
+        r.text()
     );
     let chunks: Vec<Value> = events[..events.len() - 1]
         .iter()
@@ -127,12 +122,12 @@ async fn openai_client_on(protocol: &str) {
     let (up, o) = (mock(), mock());
     let fleet = fleet_for(protocol, &up, &o);
     // Whole reply.
-    let r = chat(
+    let r = post_chat(
         fleet.addr,
         chat_body("m", "hi there", json!({"max_tokens": 50})),
     )
     .await;
-    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
@@ -142,7 +137,7 @@ async fn openai_client_on(protocol: &str) {
     assert_eq!(v["usage"]["completion_tokens"], 8);
     assert_eq!(v["usage"]["total_tokens"], 14);
     // Stream with usage asked for.
-    let r = chat(
+    let r = post_chat(
         fleet.addr,
         chat_body(
             "m",
@@ -165,7 +160,7 @@ async fn openai_client_on(protocol: &str) {
         (Some(6), Some(8))
     );
     // Stream without usage: no usage chunk reaches the client, billing still has it.
-    let r = chat(
+    let r = post_chat(
         fleet.addr,
         chat_body("m", "hi there", json!({"stream": true})),
     )
@@ -178,7 +173,7 @@ async fn openai_client_on(protocol: &str) {
         "weather?",
         json!({"tools": tools(), "mock": {"tool_call": true}}),
     );
-    let r = chat(fleet.addr, body.clone()).await;
+    let r = post_chat(fleet.addr, body.clone()).await;
     let v = r.json();
     let call = &v["choices"][0]["message"]["tool_calls"][0];
     assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
@@ -189,7 +184,7 @@ async fn openai_client_on(protocol: &str) {
     assert_eq!(args, json!({"city": "Paris", "unit": "celsius"}));
     let mut stream_body = body;
     stream_body["stream"] = json!(true);
-    let r = chat(fleet.addr, stream_body).await;
+    let r = post_chat(fleet.addr, stream_body).await;
     let (text, finish, _, deltas) = chat_stream(&r);
     assert_eq!(text, "");
     assert_eq!(finish, [json!("tool_calls")]);
@@ -198,7 +193,7 @@ async fn openai_client_on(protocol: &str) {
     assert_eq!(name, "lookup_city");
     assert_eq!(args, json!({"city": "Paris", "unit": "celsius"}));
     // Billing: upstream usage at the deployment's prices, for each of the five calls.
-    let recs = fleet.records(5).await;
+    let recs = fleet.take_records(5).await;
     for rec in &recs {
         assert_eq!(
             (rec.status, rec.usage_source, rec.provider.as_str()),
@@ -233,7 +228,7 @@ async fn translated_failures_keep_upstream_bodies_out() {
         let (up, o) = (mock(), mock());
         let fleet = fleet_for(protocol, &up, &o);
         // An upstream error echoing the prompt: our own error, upstream status kept.
-        let r = chat(
+        let r = post_chat(
             fleet.addr,
             chat_body("m", CANARY, json!({"mock": {"status": 400, "echo": true}})),
         )
@@ -241,35 +236,28 @@ async fn translated_failures_keep_upstream_bodies_out() {
         assert_eq!(r.status, 400, "{protocol}");
         assert_eq!(r.json()["error"]["code"], "upstream_error");
         // A stream cut after two deltas: those two, then the gateway's error event.
-        let s = chat(
-            fleet.addr,
-            chat_body(
-                "m",
-                "hi there",
-                json!({"stream": true, "mock": {"cut_after": 2}}),
-            ),
-        )
-        .await;
+        let s = cut_stream(fleet.addr, "m").await;
         let events = s.events();
         let last = &events.last().unwrap().1;
         assert_eq!(
-            last["error"]["code"], "upstream_stream_cut",
+            last["error"]["code"],
+            "upstream_stream_cut",
             "{protocol}: {}",
-            s.text
+            s.text()
         );
         let text: String = events
             .iter()
             .filter_map(|e| e.1["choices"][0]["delta"]["content"].as_str())
             .collect();
         assert_eq!(text, "tok tok ", "{protocol}");
-        let recs = fleet.records(2).await;
+        let recs = fleet.take_records(2).await;
         assert_eq!((recs[0].cost, recs[0].usage_source), (0, "none"));
         assert_eq!(
             (recs[1].error_code, recs[1].usage_source),
             ("upstream_stream_cut", "estimated")
         );
         assert!(recs[1].cost > 0, "what was relayed is charged");
-        fleet.assert_no_canary(&recs, &[&r.text, &s.text]);
+        fleet.assert_no_canary(&recs, &[&r, &s]);
     }
 }
 
@@ -278,7 +266,7 @@ fn anthropic_events(r: &Reply) -> Vec<(String, Value)> {
     r.events()
         .into_iter()
         .map(|(name, data)| {
-            let name = name.unwrap_or_else(|| panic!("unnamed event in {}", r.text));
+            let name = name.unwrap_or_else(|| panic!("unnamed event in {}", r.text()));
             assert_eq!(data["type"], name.as_str());
             (name, data)
         })
@@ -296,7 +284,7 @@ async fn anthropic_client_on(protocol: &str) {
     let body = json!({"model": model, "max_tokens": 64, "system": "be brief",
                       "messages": [{"role": "user", "content": "hi there"}]});
     let r = send(fleet.addr, "/v1/messages", ANTHROPIC, body.clone()).await;
-    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
     assert_eq!(
         (v["type"].as_str(), v["role"].as_str()),
@@ -367,7 +355,7 @@ async fn anthropic_client_on(protocol: &str) {
         .clone();
     assert_eq!(block["input"], json!({"city": "Paris", "unit": "celsius"}));
     assert_eq!(v["stop_reason"], "tool_use");
-    let recs = fleet.records(4).await;
+    let recs = fleet.take_records(4).await;
     for rec in &recs {
         assert_eq!(
             (rec.status, rec.usage_source, rec.path),
@@ -400,7 +388,9 @@ async fn anthropic_clients_get_anthropic_shaped_errors_and_models() {
     let fleet = fleet_for("anthropic", &up, &o);
     let body =
         json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": CANARY}]});
-    let cases: Vec<(Vec<(&str, &str)>, Value, u16, &str)> = vec![
+    // (headers, body, status, error type)
+    type Case = (Vec<(&'static str, &'static str)>, Value, u16, &'static str);
+    let cases: Vec<Case> = vec![
         (
             vec![("anthropic-version", "2023-06-01")],
             body.clone(),
@@ -425,21 +415,21 @@ async fn anthropic_clients_get_anthropic_shaped_errors_and_models() {
             "overloaded_error",
         ),
     ];
-    let mut texts = Vec::new();
+    let mut replies = Vec::new();
     for (headers, body, status, kind) in cases {
         let r = send(fleet.addr, "/v1/messages", &headers, body).await;
-        assert_eq!(r.status.as_u16(), status, "{}", r.text);
+        assert_eq!(r.status.as_u16(), status, "{}", r.text());
         let v = r.json();
         assert_eq!(v["type"], "error");
         assert_eq!(v["error"]["type"], kind);
         assert!(v["error"]["message"].is_string());
-        texts.push(r.text);
+        replies.push(r);
     }
     let m = get(fleet.addr, "/v1/models", ANTHROPIC).await.json();
     assert_eq!(m["data"][0]["type"], "model");
     assert_eq!(m["has_more"], false);
-    let recs = fleet.records(4).await;
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let recs = fleet.take_records(4).await;
+    let refs: Vec<&Reply> = replies.iter().collect();
     fleet.assert_no_canary(&recs, &refs);
 }
 
@@ -466,7 +456,7 @@ async fn an_upstream_error_event_mid_stream_never_reaches_the_client() {
         json!({}),
         json!({}),
     );
-    let fleet = Fleet::start(snap);
+    let fleet = Gateway::serving(snap);
     let body = json!({"model": "m", "max_tokens": 10, "stream": true,
                       "messages": [{"role": "user", "content": "hi"}]});
     let a = send(fleet.addr, "/v1/messages", ANTHROPIC, body.clone()).await;
@@ -475,40 +465,38 @@ async fn an_upstream_error_event_mid_stream_never_reaches_the_client() {
     assert_eq!(last.1["error"]["type"], "api_error");
     let mut chat_req = chat_body("m", "hi", json!({"stream": true}));
     chat_req["max_tokens"] = json!(10);
-    let o = chat(fleet.addr, chat_req).await;
+    let o = post_chat(fleet.addr, chat_req).await;
     assert_eq!(
         o.events().last().unwrap().1["error"]["code"],
         "upstream_stream_cut"
     );
-    let recs = fleet.records(2).await;
+    let recs = fleet.take_records(2).await;
     for rec in &recs {
         assert_eq!(
             (rec.error_code, rec.usage_source),
             ("upstream_stream_cut", "estimated")
         );
     }
-    fleet.assert_no_canary(&recs, &[&a.text, &o.text]);
+    fleet.assert_no_canary(&recs, &[&a, &o]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn responses_api_is_passed_through_and_metered() {
     let (up, o) = (mock(), mock());
     let fleet = fleet_for("anthropic", &up, &o);
-    let r = send(
+    let r = send_a(
         fleet.addr,
         "/v1/responses",
-        &[("authorization", "Bearer ot-a")],
         json!({"model": "m-openai", "input": "hi there"}),
     )
     .await;
-    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
     assert_eq!(v["object"], "response");
     assert_eq!(v["output"][0]["content"][0]["text"], TEXT);
-    let r = send(
+    let r = send_a(
         fleet.addr,
         "/v1/responses",
-        &[("authorization", "Bearer ot-a")],
         json!({"model": "m-openai", "input": "hi there", "stream": true}),
     )
     .await;
@@ -525,10 +513,9 @@ async fn responses_api_is_passed_through_and_metered() {
         .collect();
     assert_eq!(text, TEXT);
     // A cut Responses stream is estimated from the relayed deltas.
-    let c = send(
+    let c = send_a(
         fleet.addr,
         "/v1/responses",
-        &[("authorization", "Bearer ot-a")],
         json!({"model": "m-openai", "input": "hi there", "stream": true, "mock": {"cut_after": 3}}),
     )
     .await;
@@ -537,15 +524,14 @@ async fn responses_api_is_passed_through_and_metered() {
         "upstream_stream_cut"
     );
     // A model only an Anthropic provider serves cannot answer the Responses API.
-    let n = send(
+    let n = send_a(
         fleet.addr,
         "/v1/responses",
-        &[("authorization", "Bearer ot-a")],
         json!({"model": "m", "input": "hi"}),
     )
     .await;
     assert_eq!(n.status, 404);
-    let recs = fleet.records(4).await;
+    let recs = fleet.take_records(4).await;
     for rec in &recs[..2] {
         assert_eq!((rec.path, rec.usage_source), ("/v1/responses", "upstream"));
         assert_eq!((rec.prompt_tokens, rec.completion_tokens), (6, 8));

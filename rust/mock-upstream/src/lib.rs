@@ -67,20 +67,7 @@ impl MockServer {
     /// Bind `listen` ("host:port", port 0 for any) synchronously, so a bad or busy address
     /// fails here, then serve in the background.
     pub fn start(listen: &str, defaults: MockDefaults) -> Result<MockServer, String> {
-        let runtime = build_runtime()?;
-        let listener = {
-            // Registering the socket with the reactor needs the runtime's context.
-            let _guard = runtime.enter();
-            bind(listen)?
-        };
-        let addr = listener
-            .local_addr()
-            .map_err(|e| format!("mock upstream: no local address for {listen}: {e}"))?;
-        let shared = Arc::new(Shared {
-            defaults,
-            requests: AtomicU64::new(0),
-        });
-        runtime.spawn(accept_loop(listener, Arc::clone(&shared)));
+        let (runtime, addr, shared) = serve(listen, defaults)?;
         Ok(MockServer {
             addr,
             shared,
@@ -133,15 +120,15 @@ impl std::fmt::Debug for MockServer {
     }
 }
 
-/// Serve in the foreground until `shutdown` completes (for CLIs: pass a signal future).
-/// Binds before anything else, then prints one line with the address to stderr.
-pub fn serve_blocking(
+/// Bind `listen` synchronously (a bad or busy address fails here) and serve it on a new
+/// runtime: the runtime, the bound address and the state the connections share.
+fn serve(
     listen: &str,
     defaults: MockDefaults,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), String> {
+) -> Result<(Runtime, SocketAddr, Arc<Shared>), String> {
     let runtime = build_runtime()?;
     let listener = {
+        // Registering the socket with the reactor needs the runtime's context.
         let _guard = runtime.enter();
         bind(listen)?
     };
@@ -152,7 +139,18 @@ pub fn serve_blocking(
         defaults,
         requests: AtomicU64::new(0),
     });
-    runtime.spawn(accept_loop(listener, shared));
+    runtime.spawn(accept_loop(listener, Arc::clone(&shared)));
+    Ok((runtime, addr, shared))
+}
+
+/// Serve in the foreground until `shutdown` completes (for CLIs: pass a signal future).
+/// Binds before anything else, then prints one line with the address to stderr.
+pub fn serve_blocking(
+    listen: &str,
+    defaults: MockDefaults,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let (runtime, addr, _) = serve(listen, defaults)?;
     eprintln!("onetoken mock upstream listening on http://{addr}");
     runtime.block_on(shutdown);
     runtime.shutdown_timeout(STOP_GRACE);

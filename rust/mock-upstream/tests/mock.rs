@@ -1,130 +1,16 @@
 //! The mock upstream as its clients see it: a real server on port 0, real HTTP clients.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod client;
+
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use client::*;
+use http::StatusCode;
 use onetoken_mock_upstream::{MockDefaults, MockServer};
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
 
-/// What a client saw: status, content type, each body frame with its arrival time, and
-/// whether the body ended with an error (a cut connection).
-struct Reply {
-    status: StatusCode,
-    content_type: String,
-    frames: Vec<(Instant, Bytes)>,
-    body_error: bool,
-    started: Instant,
-}
-
-impl Reply {
-    fn body(&self) -> Vec<u8> {
-        self.frames
-            .iter()
-            .flat_map(|(_, b)| b.iter().copied())
-            .collect()
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body()).expect("JSON body")
-    }
-
-    /// The `data:` payloads of an SSE body, in order.
-    fn events(&self) -> Vec<String> {
-        String::from_utf8(self.body())
-            .unwrap()
-            .split("\n\n")
-            .filter(|e| !e.is_empty())
-            .map(|e| e.strip_prefix("data: ").expect("data: prefix").to_string())
-            .collect()
-    }
-
-    fn chunk_events(&self) -> Vec<Value> {
-        self.events()
-            .iter()
-            .filter(|e| e.as_str() != "[DONE]")
-            .map(|e| serde_json::from_str(e).unwrap())
-            .collect()
-    }
-}
-
-async fn send(
-    server: &MockServer,
-    method: &str,
-    path: &str,
-    body: Option<Vec<u8>>,
-    h2: bool,
-) -> Reply {
-    let stream = TcpStream::connect(server.addr()).await.unwrap();
-    let io = TokioIo::new(stream);
-    let req = Request::builder()
-        .method(method)
-        .uri(format!("http://{}{path}", server.addr()))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .unwrap();
-    let started = Instant::now();
-    let resp = if h2 {
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        sender.send_request(req).await.unwrap()
-    } else {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
-        tokio::spawn(conn);
-        sender.send_request(req).await.unwrap()
-    };
-    let status = resp.status();
-    let content_type = resp
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    let mut body = resp.into_body();
-    let mut frames = Vec::new();
-    let mut body_error = false;
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(frame) => {
-                if let Ok(data) = frame.into_data() {
-                    frames.push((Instant::now(), data));
-                }
-            }
-            Err(_) => {
-                body_error = true;
-                break;
-            }
-        }
-    }
-    Reply {
-        status,
-        content_type,
-        frames,
-        body_error,
-        started,
-    }
-}
-
-async fn post(server: &MockServer, path: &str, body: Value) -> Reply {
-    send(
-        server,
-        "POST",
-        path,
-        Some(serde_json::to_vec(&body).unwrap()),
-        false,
-    )
-    .await
-}
-
-fn start() -> MockServer {
-    MockServer::start("127.0.0.1:0", MockDefaults::default()).unwrap()
-}
-
+/// A chat request (system and user message) with `extra` fields set.
 fn chat(extra: Value) -> Value {
     let mut body = json!({
         "model": "mock-gpt",
@@ -139,10 +25,15 @@ fn chat(extra: Value) -> Value {
     body
 }
 
+/// POST [`chat`] with `extra` to the chat path.
+async fn post_chat(server: &MockServer, extra: Value) -> Reply {
+    post(server, "/v1/chat/completions", chat(extra)).await
+}
+
 #[tokio::test]
 async fn json_reply_has_openai_shape_and_documented_usage() {
     let server = start();
-    let reply = post(&server, "/v1/chat/completions", chat(json!({}))).await;
+    let reply = post_chat(&server, json!({})).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.content_type, "application/json");
     let v = reply.json();
@@ -172,13 +63,9 @@ async fn controls_override_usage_and_chunks() {
     assert_eq!(v["usage"]["total_tokens"], 103);
     assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 40);
 
-    let v = post(
-        &server,
-        "/v1/chat/completions",
-        chat(json!({"mock": {"usage": false}})),
-    )
-    .await
-    .json();
+    let v = post_chat(&server, json!({"mock": {"usage": false}}))
+        .await
+        .json();
     assert!(v.get("usage").is_none());
 }
 
@@ -236,7 +123,7 @@ async fn stream_usage_only_when_asked_and_enabled() {
         json!({"stream": true, "stream_options": {"include_usage": false}}),
         json!({"stream": true, "stream_options": {"include_usage": true}, "mock": {"usage": false}}),
     ] {
-        let reply = post(&server, "/v1/chat/completions", chat(extra.clone())).await;
+        let reply = post_chat(&server, extra.clone()).await;
         let chunks = reply.chunk_events();
         assert_eq!(chunks.len(), 8, "{extra}");
         assert!(chunks
@@ -273,12 +160,7 @@ async fn stream_chunks_arrive_one_by_one_with_delay() {
 async fn latency_delays_the_headers() {
     let server = start();
     let t0 = Instant::now();
-    let reply = post(
-        &server,
-        "/v1/chat/completions",
-        chat(json!({"mock": {"latency_ms": 80}})),
-    )
-    .await;
+    let reply = post_chat(&server, json!({"mock": {"latency_ms": 80}})).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert!(t0.elapsed() >= Duration::from_millis(80));
 }
@@ -291,17 +173,11 @@ async fn server_defaults_apply_and_requests_override_them() {
         latency_ms: 0,
     };
     let server = MockServer::start("127.0.0.1:0", defaults).unwrap();
-    let v = post(&server, "/v1/chat/completions", chat(json!({})))
+    let v = post_chat(&server, json!({})).await.json();
+    assert_eq!(v["choices"][0]["message"]["content"], "tok tok ");
+    let v = post_chat(&server, json!({"mock": {"chunks": 1}}))
         .await
         .json();
-    assert_eq!(v["choices"][0]["message"]["content"], "tok tok ");
-    let v = post(
-        &server,
-        "/v1/chat/completions",
-        chat(json!({"mock": {"chunks": 1}})),
-    )
-    .await
-    .json();
     assert_eq!(v["choices"][0]["message"]["content"], "tok ");
 }
 
@@ -317,6 +193,7 @@ async fn cut_after_drops_the_connection_mid_stream() {
             &server,
             "POST",
             "/v1/chat/completions",
+            &[],
             Some(serde_json::to_vec(&body).unwrap()),
             h2,
         )
@@ -335,12 +212,7 @@ async fn cut_after_drops_the_connection_mid_stream() {
 #[tokio::test]
 async fn cut_after_truncates_a_json_reply() {
     let server = start();
-    let reply = post(
-        &server,
-        "/v1/chat/completions",
-        chat(json!({"mock": {"cut_after": 0}})),
-    )
-    .await;
+    let reply = post_chat(&server, json!({"mock": {"cut_after": 0}})).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert!(reply.body_error);
     assert!(serde_json::from_slice::<Value>(&reply.body()).is_err());
@@ -381,12 +253,7 @@ async fn echo_returns_the_last_user_message_whole() {
 #[tokio::test]
 async fn status_answers_with_an_openai_error_that_can_echo() {
     let server = start();
-    let reply = post(
-        &server,
-        "/v1/chat/completions",
-        chat(json!({"mock": {"status": 429}})),
-    )
-    .await;
+    let reply = post_chat(&server, json!({"mock": {"status": 429}})).await;
     assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
     let v = reply.json();
     assert_eq!(v["error"]["type"], "rate_limit_error");
@@ -412,6 +279,7 @@ async fn bad_requests_get_openai_errors() {
         &server,
         "POST",
         "/v1/chat/completions",
+        &[],
         Some(b"{not json".to_vec()),
         false,
     )
@@ -436,7 +304,7 @@ async fn bad_requests_get_openai_errors() {
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     assert_eq!(reply.json()["error"]["code"], "not_found");
 
-    let reply = send(&server, "GET", "/v1/chat/completions", None, false).await;
+    let reply = send(&server, "GET", "/v1/chat/completions", &[], None, false).await;
     assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
 }
 
@@ -502,7 +370,9 @@ async fn embeddings_one_vector_per_input() {
 #[tokio::test]
 async fn models_and_health() {
     let server = start();
-    let v = send(&server, "GET", "/v1/models", None, false).await.json();
+    let v = send(&server, "GET", "/v1/models", &[], None, false)
+        .await
+        .json();
     let ids: Vec<_> = v["data"]
         .as_array()
         .unwrap()
@@ -510,7 +380,7 @@ async fn models_and_health() {
         .map(|m| m["id"].clone())
         .collect();
     assert_eq!(ids, vec![json!("mock-gpt"), json!("mock-embed")]);
-    let reply = send(&server, "GET", "/healthz", None, false).await;
+    let reply = send(&server, "GET", "/healthz", &[], None, false).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.json()["status"], "ok");
 }
@@ -519,7 +389,15 @@ async fn models_and_health() {
 async fn http2_prior_knowledge_is_served() {
     let server = start();
     let body = serde_json::to_vec(&chat(json!({"stream": true}))).unwrap();
-    let reply = send(&server, "POST", "/v1/chat/completions", Some(body), true).await;
+    let reply = send(
+        &server,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(body),
+        true,
+    )
+    .await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.chunk_events().len(), 8);
 }
@@ -527,16 +405,11 @@ async fn http2_prior_knowledge_is_served() {
 #[tokio::test]
 async fn request_count_skips_health_probes() {
     let server = start();
-    send(&server, "GET", "/healthz", None, false).await;
+    send(&server, "GET", "/healthz", &[], None, false).await;
     assert_eq!(server.request_count(), 0);
-    post(&server, "/v1/chat/completions", chat(json!({}))).await;
-    send(&server, "GET", "/v1/models", None, false).await;
-    post(
-        &server,
-        "/v1/chat/completions",
-        chat(json!({"mock": {"status": 500}})),
-    )
-    .await;
+    post_chat(&server, json!({})).await;
+    send(&server, "GET", "/v1/models", &[], None, false).await;
+    post_chat(&server, json!({"mock": {"status": 500}})).await;
     assert_eq!(server.request_count(), 3);
 }
 
@@ -571,9 +444,7 @@ fn server_is_send_and_sync() {
 #[test]
 fn serve_blocking_returns_when_shutdown_completes() {
     let result =
-        onetoken_mock_upstream::serve_blocking("127.0.0.1:0", MockDefaults::default(), async {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        });
+        onetoken_mock_upstream::serve_blocking("127.0.0.1:0", MockDefaults::default(), async {});
     assert!(result.is_ok());
     let err = onetoken_mock_upstream::serve_blocking("bad", MockDefaults::default(), async {});
     assert!(err.is_err());

@@ -2,99 +2,21 @@
 //! the Responses API and Azure deployment paths, with tool calls and the usual controls.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use bytes::Bytes;
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
-use onetoken_mock_upstream::{MockDefaults, MockServer};
+mod client;
+
+use client::*;
 use serde_json::{json, Value};
-
-struct Reply {
-    status: StatusCode,
-    content_type: String,
-    text: String,
-    cut: bool,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.text).unwrap()
-    }
-    /// (event name, data) of an SSE body; CRLF and LF framing both accepted.
-    fn events(&self) -> Vec<(Option<String>, Value)> {
-        self.text
-            .replace("\r\n", "\n")
-            .split("\n\n")
-            .filter(|e| !e.is_empty())
-            .map(|e| {
-                let name = e
-                    .lines()
-                    .find_map(|l| l.strip_prefix("event: "))
-                    .map(str::to_owned);
-                let data = e.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
-                (name, serde_json::from_str(data).unwrap())
-            })
-            .collect()
-    }
-}
-
-async fn post(server: &MockServer, path: &str, headers: &[(&str, &str)], body: Value) -> Reply {
-    let stream = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut b = Request::builder()
-        .method("POST")
-        .uri(path)
-        .header("host", "mock");
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    let resp = sender
-        .send_request(b.body(Full::new(Bytes::from(body.to_string()))).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status();
-    let content_type = resp
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    let mut text = Vec::new();
-    let mut body = resp.into_body();
-    let mut cut = false;
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(f) => text.extend_from_slice(&f.into_data().unwrap_or_default()),
-            Err(_) => {
-                cut = true;
-                break;
-            }
-        }
-    }
-    Reply {
-        status,
-        content_type,
-        text: String::from_utf8(text).unwrap(),
-        cut,
-    }
-}
 
 const V: &[(&str, &str)] = &[("anthropic-version", "2023-06-01")];
 
-fn server() -> MockServer {
-    MockServer::start("127.0.0.1:0", MockDefaults::default()).unwrap()
-}
-
 #[tokio::test]
 async fn anthropic_messages_json_stream_tools_and_errors() {
-    let s = server();
+    let s = start();
     let body = json!({"model": "c", "max_tokens": 5, "system": "be brief",
                       "messages": [{"role": "user", "content": "hi there"}]});
-    let missing = post(&s, "/v1/messages", &[], body.clone()).await;
+    let missing = post(&s, "/v1/messages", body.clone()).await;
     assert_eq!(missing.status, 400, "anthropic-version is required");
-    let r = post(&s, "/v1/messages", V, body.clone()).await;
+    let r = post_with(&s, "/v1/messages", V, body.clone()).await;
     let v = r.json();
     assert_eq!(v["type"], "message");
     assert_eq!(v["content"][0]["text"], "tok ".repeat(8));
@@ -104,9 +26,9 @@ async fn anthropic_messages_json_stream_tools_and_errors() {
     assert_eq!(v["usage"]["output_tokens"], 8);
     let mut sb = body.clone();
     sb["stream"] = json!(true);
-    let r = post(&s, "/v1/messages", V, sb.clone()).await;
+    let r = post_with(&s, "/v1/messages", V, sb.clone()).await;
     assert_eq!(r.content_type, "text/event-stream");
-    let names: Vec<String> = r.events().into_iter().map(|e| e.0.unwrap()).collect();
+    let names: Vec<String> = r.named_events().into_iter().map(|e| e.0.unwrap()).collect();
     assert_eq!(names.first().unwrap(), "message_start");
     assert_eq!(
         names.iter().filter(|n| *n == "content_block_delta").count(),
@@ -118,7 +40,9 @@ async fn anthropic_messages_json_stream_tools_and_errors() {
     );
     sb["mock"] = json!({"tool_call": true});
     sb["tools"] = json!([{"name": "find", "input_schema": {"type": "object"}}]);
-    let events = post(&s, "/v1/messages", V, sb.clone()).await.events();
+    let events = post_with(&s, "/v1/messages", V, sb.clone())
+        .await
+        .named_events();
     assert_eq!(events[1].1["content_block"]["type"], "tool_use");
     assert_eq!(events[1].1["content_block"]["name"], "find");
     let json_text: String = events
@@ -130,20 +54,20 @@ async fn anthropic_messages_json_stream_tools_and_errors() {
         "Paris"
     );
     sb["mock"] = json!({"cut_after": 3});
-    let cut = post(&s, "/v1/messages", V, sb.clone()).await;
-    assert!(cut.cut);
+    let cut = post_with(&s, "/v1/messages", V, sb.clone()).await;
+    assert!(cut.body_error);
     sb["mock"] = json!({"status": 529});
-    let e = post(&s, "/v1/messages", V, sb).await;
+    let e = post_with(&s, "/v1/messages", V, sb).await;
     assert_eq!(e.status.as_u16(), 529);
     assert_eq!(e.json()["error"]["type"], "overloaded_error");
 }
 
 #[tokio::test]
 async fn gemini_generate_and_stream_with_usage_metadata() {
-    let s = server();
+    let s = start();
     let body = json!({"contents": [{"role": "user", "parts": [{"text": "hi there"}]}],
                       "mock": {"chunks": 3}});
-    let r = post(&s, "/v1beta/models/g:generateContent", &[], body.clone()).await;
+    let r = post(&s, "/v1beta/models/g:generateContent", body.clone()).await;
     let v = r.json();
     assert_eq!(
         v["candidates"][0]["content"]["parts"][0]["text"],
@@ -155,27 +79,20 @@ async fn gemini_generate_and_stream_with_usage_metadata() {
     let r = post(
         &s,
         "/v1beta/models/g:streamGenerateContent?alt=sse",
-        &[],
         body.clone(),
     )
     .await;
-    assert!(r.text.contains("\r\n\r\n"), "CRLF framing");
-    let events = r.events();
+    assert!(r.text().contains("\r\n\r\n"), "CRLF framing");
+    let events = r.named_events();
     assert_eq!(events.len(), 3);
     assert_eq!(events[2].1["candidates"][0]["finishReason"], "STOP");
     assert!(events[1].1["candidates"][0].get("finishReason").is_none());
-    let no_sse = post(
-        &s,
-        "/v1beta/models/g:streamGenerateContent",
-        &[],
-        body.clone(),
-    )
-    .await;
+    let no_sse = post(&s, "/v1beta/models/g:streamGenerateContent", body.clone()).await;
     assert_eq!(no_sse.status, 404);
     let mut tb = body;
     tb["mock"] = json!({"tool_call": true});
     tb["tools"] = json!([{"functionDeclarations": [{"name": "find"}]}]);
-    let v = post(&s, "/v1beta/models/g:generateContent", &[], tb)
+    let v = post(&s, "/v1beta/models/g:generateContent", tb)
         .await
         .json();
     assert_eq!(
@@ -186,11 +103,10 @@ async fn gemini_generate_and_stream_with_usage_metadata() {
 
 #[tokio::test]
 async fn responses_api_json_and_events() {
-    let s = server();
+    let s = start();
     let r = post(
         &s,
         "/v1/responses",
-        &[],
         json!({"model": "m", "input": "hi there"}),
     )
     .await;
@@ -207,11 +123,10 @@ async fn responses_api_json_and_events() {
     let r = post(
         &s,
         "/v1/responses",
-        &[],
         json!({"model": "m", "input": "hi", "stream": true}),
     )
     .await;
-    let events = r.events();
+    let events = r.named_events();
     for (i, (name, data)) in events.iter().enumerate() {
         assert_eq!(data["type"], name.as_deref().unwrap());
         assert_eq!(data["sequence_number"], i);
@@ -223,7 +138,6 @@ async fn responses_api_json_and_events() {
     let t = post(
         &s,
         "/v1/responses",
-        &[],
         json!({"model": "m", "input": "hi", "mock": {"tool_call": true}}),
     )
     .await;
@@ -232,20 +146,13 @@ async fn responses_api_json_and_events() {
 
 #[tokio::test]
 async fn azure_deployment_paths_need_an_api_version() {
-    let s = server();
+    let s = start();
     let body = json!({"messages": [{"role": "user", "content": "hi"}]});
-    let no_version = post(
-        &s,
-        "/openai/deployments/dep/chat/completions",
-        &[],
-        body.clone(),
-    )
-    .await;
+    let no_version = post(&s, "/openai/deployments/dep/chat/completions", body.clone()).await;
     assert_eq!(no_version.status, 400);
     let r = post(
         &s,
         "/openai/deployments/dep/chat/completions?api-version=2024-10-21",
-        &[],
         body,
     )
     .await;
@@ -253,7 +160,6 @@ async fn azure_deployment_paths_need_an_api_version() {
     let e = post(
         &s,
         "/openai/deployments/dep/embeddings?api-version=2024-10-21",
-        &[],
         json!({"input": "x"}),
     )
     .await;
@@ -261,7 +167,6 @@ async fn azure_deployment_paths_need_an_api_version() {
     let tool = post(
         &s,
         "/v1/chat/completions",
-        &[],
         json!({"messages": [{"role": "user", "content": "hi"}], "mock": {"tool_call": true}}),
     )
     .await;

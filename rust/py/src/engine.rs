@@ -42,9 +42,15 @@ impl Engine {
         self.inner.set_control_status(reachable);
     }
 
-    fn stop(&self, py: Python<'_>, grace_seconds: f64) {
-        let grace = Duration::try_from_secs_f64(grace_seconds.max(0.0)).unwrap_or(Duration::ZERO);
-        py.detach(|| self.inner.stop(grace));
+    #[pyo3(signature = (grace_seconds=None))]
+    fn stop(&self, py: Python<'_>, grace_seconds: Option<f64>) {
+        match grace_seconds {
+            Some(secs) => {
+                let grace = Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::ZERO);
+                py.detach(|| self.inner.stop(grace));
+            }
+            None => py.detach(|| self.inner.drain()),
+        }
     }
 
     fn metrics_text(&self) -> String {

@@ -41,6 +41,12 @@ fn validate_snapshot<'py>(py: Python<'py>, snapshot_json: &[u8]) -> PyResult<Bou
     engine::dropped_list(py, &dropped)
 }
 
+/// The engine config's defaults (every field but the secret) as a JSON object.
+#[pyfunction]
+fn engine_config_defaults() -> PyResult<String> {
+    onetoken_gateway::EngineConfig::defaults_json().map_err(errors::to_py)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -59,6 +65,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(count_tokens, m)?)?;
     m.add_function(wrap_pyfunction!(address_is_public, m)?)?;
     m.add_function(wrap_pyfunction!(validate_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(engine_config_defaults, m)?)?;
     m.add_function(wrap_pyfunction!(journal::read_journal_batch, m)?)?;
     m.add_function(wrap_pyfunction!(journal::call_log_native_columns, m)?)?;
     m.add_class::<journal::JournalBatch>()?;

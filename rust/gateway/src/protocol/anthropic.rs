@@ -7,7 +7,10 @@ use bytes::Bytes;
 use http::StatusCode;
 use serde_json::{json, Map, Value};
 
-use super::{parse_event, value_tokens, Event, Reply, Stop, StreamIds, ToolCall, CHAT_FIELDS};
+use super::{
+    array_items, joined_text, parse_event, string_at, tool_call_args, value_tokens, Event, Reply,
+    Stop, StreamIds, ToolCall, CHAT_FIELDS,
+};
 use crate::billing::Usage;
 use crate::error::ApiError;
 use crate::sse::StreamMeter;
@@ -61,12 +64,7 @@ fn usage_json(u: Usage) -> Value {
 /// Prompt tokens of a Messages request: system, every content block, 4 per message.
 pub(crate) fn estimate_prompt(doc: &Map<String, Value>) -> u64 {
     let mut n = doc.get("system").map_or(0, value_tokens);
-    for m in doc
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for m in array_items(doc.get("messages")) {
         n += PER_MESSAGE_TOKENS + m.get("content").map_or(0, value_tokens);
     }
     n
@@ -102,19 +100,6 @@ pub(crate) fn copy_extensions(
         if !known.contains(&k.as_str()) {
             out.insert(k.clone(), v.clone());
         }
-    }
-}
-
-/// Text of a string or of the text parts of a list.
-fn joined_text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
     }
 }
 
@@ -167,29 +152,14 @@ pub(crate) fn from_chat_request(
             _ => messages.push((role.to_owned(), blocks)),
         }
     };
-    for m in doc
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for m in array_items(doc.get("messages")) {
         let content = m.get("content").unwrap_or(&Value::Null);
         match m.get("role").and_then(Value::as_str) {
             Some("system") | Some("developer") => system.push(joined_text(content)),
             Some("assistant") => {
                 let mut blocks = chat_content_blocks(content);
-                for tc in m
-                    .get("tool_calls")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    let args = tc
-                        .pointer("/function/arguments")
-                        .and_then(Value::as_str)
-                        .and_then(|a| serde_json::from_str::<Value>(a).ok())
-                        .filter(Value::is_object)
-                        .unwrap_or_else(|| json!({}));
+                for tc in array_items(m.get("tool_calls")) {
+                    let args = tool_call_args(tc);
                     blocks.push(json!({
                         "type": "tool_use",
                         "id": tc.get("id").cloned().unwrap_or(Value::from("")),
@@ -298,12 +268,7 @@ pub(crate) fn to_chat_request(
             messages.push(json!({"role": "system", "content": text}));
         }
     }
-    for m in doc
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for m in array_items(doc.get("messages")) {
         let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
         let content = m.get("content").unwrap_or(&Value::Null);
         let blocks: Vec<Value> = match content {
@@ -446,32 +411,19 @@ pub(crate) fn decode_reply(body: &[u8]) -> Option<Reply> {
         return None;
     }
     let mut reply = Reply {
-        model: v
-            .get("model")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned(),
+        model: string_at(&v, "model"),
         stop: v.get("stop_reason").and_then(Value::as_str).map(stop_from),
         usage: v.get("usage").and_then(usage_from),
         ..Reply::default()
     };
-    for b in v
-        .get("content")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for b in array_items(v.get("content")) {
         match b.get("type").and_then(Value::as_str) {
             Some("text") => reply
                 .text
                 .push_str(b.get("text").and_then(Value::as_str).unwrap_or("")),
             Some("tool_use") => reply.tool_calls.push(ToolCall {
                 id: b.get("id").and_then(Value::as_str).unwrap_or("").to_owned(),
-                name: b
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_owned(),
+                name: string_at(b, "name"),
                 arguments: b
                     .get("input")
                     .map_or_else(|| "{}".to_owned(), Value::to_string),
@@ -544,16 +496,8 @@ impl Decoder {
                         self.tools.insert(index, n);
                         out.push(Event::ToolStart {
                             index: n,
-                            id: block
-                                .get("id")
-                                .and_then(Value::as_str)
-                                .unwrap_or("")
-                                .to_owned(),
-                            name: block
-                                .get("name")
-                                .and_then(Value::as_str)
-                                .unwrap_or("")
-                                .to_owned(),
+                            id: string_at(block, "id"),
+                            name: string_at(block, "name"),
                         });
                     }
                     Some("text") => {

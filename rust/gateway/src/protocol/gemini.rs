@@ -5,7 +5,10 @@ use std::collections::HashMap;
 use serde_json::{json, Map, Value};
 
 use super::anthropic::copy_extensions;
-use super::{parse_event, Event, Reply, Stop, ToolCall, CHAT_FIELDS};
+use super::{
+    array_items, joined_text, parse_event, string_at, tool_call_args, Event, Reply, Stop, ToolCall,
+    CHAT_FIELDS,
+};
 use crate::billing::Usage;
 
 fn stop_from(s: &str, saw_tools: bool) -> Stop {
@@ -44,18 +47,6 @@ fn schema(v: &Value) -> Value {
         ),
         Value::Array(a) => Value::Array(a.iter().map(schema).collect()),
         other => other.clone(),
-    }
-}
-
-fn text_of(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
     }
 }
 
@@ -100,23 +91,15 @@ pub(crate) fn from_chat_request(doc: &Map<String, Value>, max_out: u64) -> Value
             _ => contents.push((role, parts)),
         }
     };
-    for m in doc
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for m in array_items(doc.get("messages")) {
         let content = m.get("content").unwrap_or(&Value::Null);
         match m.get("role").and_then(Value::as_str) {
-            Some("system") | Some("developer") => system.push(json!({"text": text_of(content)})),
+            Some("system") | Some("developer") => {
+                system.push(json!({"text": joined_text(content)}))
+            }
             Some("assistant") => {
                 let mut parts = parts_of(content);
-                for tc in m
-                    .get("tool_calls")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
+                for tc in array_items(m.get("tool_calls")) {
                     let name = tc
                         .pointer("/function/name")
                         .and_then(Value::as_str)
@@ -124,12 +107,7 @@ pub(crate) fn from_chat_request(doc: &Map<String, Value>, max_out: u64) -> Value
                     if let Some(id) = tc.get("id").and_then(Value::as_str) {
                         call_names.insert(id.to_owned(), name.to_owned());
                     }
-                    let args = tc
-                        .pointer("/function/arguments")
-                        .and_then(Value::as_str)
-                        .and_then(|a| serde_json::from_str::<Value>(a).ok())
-                        .filter(Value::is_object)
-                        .unwrap_or_else(|| json!({}));
+                    let args = tool_call_args(tc);
                     parts.push(json!({"functionCall": {"name": name, "args": args}}));
                 }
                 push("model", parts);
@@ -141,7 +119,7 @@ pub(crate) fn from_chat_request(doc: &Map<String, Value>, max_out: u64) -> Value
                     .cloned()
                     .or_else(|| m.get("name").and_then(Value::as_str).map(str::to_owned))
                     .unwrap_or_default();
-                let text = text_of(content);
+                let text = joined_text(content);
                 let response = serde_json::from_str::<Value>(&text)
                     .ok()
                     .filter(Value::is_object)
@@ -255,11 +233,7 @@ impl Decoder {
                     out.push(Event::ToolStart {
                         index,
                         id,
-                        name: fc
-                            .get("name")
-                            .and_then(Value::as_str)
-                            .unwrap_or("")
-                            .to_owned(),
+                        name: string_at(fc, "name"),
                     });
                     let args = fc
                         .get("args")
@@ -316,11 +290,7 @@ pub(crate) fn decode_reply(body: &[u8]) -> Option<Reply> {
     let mut events = Vec::new();
     d.response(&v, &mut events);
     let mut reply = Reply {
-        model: v
-            .get("modelVersion")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned(),
+        model: string_at(&v, "modelVersion"),
         stop: d.finish,
         usage: d.usage,
         ..Reply::default()

@@ -169,6 +169,41 @@ impl Endpoints {
 }
 
 /// Credential header of a provider, plus the version header Anthropic requires.
+/// The elements of a field that should be an array (none when it is missing or not one).
+#[inline]
+pub(crate) fn array_items(field: Option<&Value>) -> impl Iterator<Item = &Value> {
+    field.and_then(Value::as_array).into_iter().flatten()
+}
+
+/// A chat tool call's `function.arguments` decoded: the object the string encodes, or
+/// `{}` when it encodes anything else.
+pub(crate) fn tool_call_args(tc: &Value) -> Value {
+    tc.pointer("/function/arguments")
+        .and_then(Value::as_str)
+        .and_then(|a| serde_json::from_str::<Value>(a).ok())
+        .filter(Value::is_object)
+        .unwrap_or_else(|| Value::Object(Map::new()))
+}
+
+/// Text of a string or of the text parts of a list (joined by newlines).
+pub(crate) fn joined_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+/// The string at `key` of an object, or "" when it is missing or not a string.
+#[inline]
+pub(crate) fn string_at(v: &Value, key: &str) -> String {
+    v.get(key).and_then(Value::as_str).unwrap_or("").to_owned()
+}
+
 pub(crate) fn auth_headers(
     protocol: Protocol,
     api_key: Option<&str>,

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::{parse_event, Event, Reply, Stop, StreamIds, ToolCall};
+use super::{array_items, parse_event, string_at, Event, Reply, Stop, StreamIds, ToolCall};
 use crate::billing::Usage;
 use crate::error::is_safe_ident;
 use crate::sse::{Message, UsageDoc};
@@ -64,12 +64,7 @@ pub(crate) fn estimate_chat_prompt(doc: &Map<String, Value>) -> u64 {
             if let Some(c) = m.get("content") {
                 n += text_tokens(c);
             }
-            for call in m
-                .get("tool_calls")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
+            for call in array_items(m.get("tool_calls")) {
                 if let Some(args) = call.pointer("/function/arguments") {
                     n += text_tokens(args);
                 }
@@ -250,16 +245,8 @@ pub(crate) fn decode_reply(body: &[u8]) -> Option<Reply> {
     let choice = v.pointer("/choices/0")?;
     let msg = choice.get("message")?;
     let mut reply = Reply {
-        model: v
-            .get("model")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned(),
-        text: msg
-            .get("content")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned(),
+        model: string_at(&v, "model"),
+        text: string_at(msg, "content"),
         stop: choice
             .get("finish_reason")
             .and_then(Value::as_str)
@@ -267,19 +254,10 @@ pub(crate) fn decode_reply(body: &[u8]) -> Option<Reply> {
         usage: v.get("usage").and_then(usage_from),
         tool_calls: Vec::new(),
     };
-    for tc in msg
-        .get("tool_calls")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for tc in array_items(msg.get("tool_calls")) {
         let f = tc.get("function");
         reply.tool_calls.push(ToolCall {
-            id: tc
-                .get("id")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_owned(),
+            id: string_at(tc, "id"),
             name: f
                 .and_then(|f| f.get("name"))
                 .and_then(Value::as_str)
@@ -352,24 +330,14 @@ impl Decoder {
         if v.get("error").is_some() {
             return;
         }
-        for choice in v
-            .get("choices")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for choice in array_items(v.get("choices")) {
             if let Some(delta) = choice.get("delta") {
                 if let Some(t) = delta.get("content").and_then(Value::as_str) {
                     if !t.is_empty() {
                         out.push(Event::Text(t.to_owned()));
                     }
                 }
-                for tc in delta
-                    .get("tool_calls")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
+                for tc in array_items(delta.get("tool_calls")) {
                     let index = tc.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
                     let f = tc.get("function");
                     let name = f.and_then(|f| f.get("name")).and_then(Value::as_str);

@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{parse_event, value_tokens};
+use super::{array_items, parse_event, value_tokens};
 use crate::billing::Usage;
 use crate::sse::StreamMeter;
 use crate::tokens;
@@ -46,21 +46,11 @@ pub(crate) fn meter_reply(body: &[u8]) -> (Option<Usage>, u64) {
     };
     let usage = v.get("usage").and_then(usage_from);
     let mut out = 0u64;
-    for item in v
-        .get("output")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for item in array_items(v.get("output")) {
         if let Some(a) = item.get("arguments").and_then(Value::as_str) {
             out += tokens::count(a) as u64;
         }
-        for part in item
-            .get("content")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for part in array_items(item.get("content")) {
             if let Some(t) = part.get("text").and_then(Value::as_str) {
                 out += tokens::count(t) as u64;
             }
