@@ -44,7 +44,7 @@ def _settings() -> Settings:
 
 
 def _open_db(settings: Settings) -> Any:
-    from onetoken.app import build_state
+    from onetoken.control import build_state
     from onetoken.kit.logging import configure_logging
 
     try:

@@ -25,11 +25,8 @@ from typing import Any
 
 import uvicorn
 
-from onetoken.app import build_state, create_app
-from onetoken.background import Background
-from onetoken.background import start as start_background
+from onetoken.control import Background, build_state, create_app, start_background
 from onetoken.demo import setup_demo
-from onetoken.deps import AppState
 from onetoken.gateway.runner import http_url
 from onetoken.gateway.supervisor import ControlRuntime, GatewayProcess
 from onetoken.ingest import Ingestor
@@ -37,6 +34,7 @@ from onetoken.kit.logging import configure_logging
 from onetoken.ops import control_file
 from onetoken.security.log import attach_to_supervisor as attach_security_log
 from onetoken.settings import Settings
+from onetoken.state import AppState
 
 log = logging.getLogger("onetoken.serve")
 

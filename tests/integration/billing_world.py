@@ -13,13 +13,13 @@ from typing import Any
 
 import httpx
 
-from onetoken.app import build_state
 from onetoken.billing import service as billing
-from onetoken.deps import AppState
+from onetoken.control import build_state
 from onetoken.keys import service as keys
 from onetoken.orgs import service as orgs
 from onetoken.providers import service as providers
 from onetoken.settings import Settings
+from onetoken.state import AppState
 
 from .harness import Server
 

@@ -12,10 +12,10 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import create_engine, text
 
-from onetoken.app import build_state, create_app
-from onetoken.deps import AppState
+from onetoken.control import build_state, create_app
 from onetoken.orgs import service as orgs
 from onetoken.settings import Settings
+from onetoken.state import AppState
 
 CONTRACT = Path(__file__).resolve().parents[1] / "contract"
 TEST_SECRET = "unit-test-secret-key-0123456789abcdef"

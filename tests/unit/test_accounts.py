@@ -11,13 +11,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from onetoken.app import create_app
+from onetoken.control import create_app
 from onetoken.db.models import Account
-from onetoken.deps import AppState
 from onetoken.orgs import service as orgs
 from onetoken.security import log as security_log
 from onetoken.security import totp
 from onetoken.settings import Settings
+from onetoken.state import AppState
 from tests.unit.conftest import Admin, add_account, make_org_admin
 
 API = "/api/v1"

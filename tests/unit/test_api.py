@@ -7,8 +7,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, text
 
 from onetoken.db.models import ApiKey, LedgerEntry, Provider
-from onetoken.deps import AppState
 from onetoken.kit.crypto import is_well_formed_api_key
+from onetoken.state import AppState
 from tests.unit.conftest import Admin, add_account
 
 API = "/api/v1"

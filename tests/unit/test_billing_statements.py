@@ -21,9 +21,9 @@ from onetoken.analytics.sink import CallLogSink
 from onetoken.billing import service as billing
 from onetoken.billing.reconcile import reconcile
 from onetoken.db.models import LedgerEntry
-from onetoken.deps import AppState
 from onetoken.ingest import Ingestor
 from onetoken.settings import Settings
+from onetoken.state import AppState
 from tests.unit.conftest import Admin, contract
 from tests.unit.journal_files import append, dead
 

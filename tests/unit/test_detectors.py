@@ -13,14 +13,14 @@ import pytest
 from pydantic import SecretStr
 
 from onetoken import webhooks
-from onetoken.app import build_state
+from onetoken.control import build_state
 from onetoken.db.session import current_revision
-from onetoken.deps import AppState
 from onetoken.ingest.batch import Batch
 from onetoken.security import blocking
 from onetoken.security import log as security_log
 from onetoken.security.detectors import Detectors, attach
 from onetoken.settings import Settings
+from onetoken.state import AppState
 
 from .batches import summarize
 from .conftest import TEST_SECRET

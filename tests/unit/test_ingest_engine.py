@@ -17,8 +17,8 @@ from onetoken import _core
 from onetoken.analytics import queries
 from onetoken.analytics.clickhouse import open_client
 from onetoken.analytics.sink import CallLogSink
-from onetoken.app import build_state
 from onetoken.billing.reconcile import reconcile
+from onetoken.control import build_state
 from onetoken.db.models import LedgerEntry
 from onetoken.demo import setup_demo
 from onetoken.gateway.snapshot import build_snapshot, snapshot_json

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from onetoken.app import build_state, create_app
+from onetoken.control import build_state, create_app
 from onetoken.db.models import Account
 from onetoken.security import net
 from onetoken.settings import Settings

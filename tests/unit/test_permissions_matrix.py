@@ -16,23 +16,21 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from onetoken.app import build_state, create_app
+from onetoken.control import build_state, create_app
 from onetoken.db.models import ROLES, Account
-from onetoken.deps import AppState
 from onetoken.keys import service as keys
 from onetoken.orgs import auth
 from onetoken.orgs import service as orgs
-from onetoken.security.permissions import (
-    PERMISSIONS,
-    ROLE_DENIED_MESSAGE,
+from onetoken.security.permissions import PERMISSIONS, ROLE_DENIED_MESSAGE, holds
+from onetoken.settings import Settings
+from onetoken.state import AppState
+from onetoken.web.permissions import (
     api_routes,
-    holds,
     render_doc,
     route_is_public,
     route_permissions,
     route_rules,
 )
-from onetoken.settings import Settings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "permissions.md"
 PASSWORD = "matrix-test-password"

@@ -11,10 +11,10 @@ from sqlalchemy import select
 
 from onetoken.db.models import Account, Provider
 from onetoken.db.session import current_revision
-from onetoken.deps import AppState
 from onetoken.gateway.snapshot import build_snapshot, snapshot_json
 from onetoken.keys import service as keys
 from onetoken.providers.presets import PRESETS
+from onetoken.state import AppState
 from tests.unit.conftest import Admin, add_account, make_org_admin
 
 API = "/api/v1"

@@ -19,12 +19,12 @@ from sqlalchemy import select
 from onetoken.analytics.clickhouse import open_client
 from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_TABLE
 from onetoken.db.models import AdminSession, utcnow
-from onetoken.deps import AppState
 from onetoken.rights import erasure, retention
 from onetoken.rights.models import AccountErasure
 from onetoken.security import log as security_log
 from onetoken.security.models import LoginSource
 from onetoken.settings import Settings
+from onetoken.state import AppState
 from onetoken.webhooks.models import WebhookAttempt, WebhookDelivery
 
 from .conftest import Admin

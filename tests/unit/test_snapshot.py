@@ -8,13 +8,13 @@ import orjson
 import pytest
 
 from onetoken.billing import service as billing
-from onetoken.deps import AppState
 from onetoken.gateway.snapshot import build_snapshot, snapshot_json
 from onetoken.gateway.supervisor import engine_config
 from onetoken.keys import service as keys
 from onetoken.orgs import service as orgs
 from onetoken.providers import service as providers
 from onetoken.settings import Settings
+from onetoken.state import AppState
 from tests.unit.conftest import contract, core_or_skip
 
 

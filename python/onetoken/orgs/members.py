@@ -14,12 +14,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from onetoken.db.models import Account, utcnow
-from onetoken.deps import Principal
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import Conflict, Forbidden, NotFound
 from onetoken.orgs import service
 from onetoken.orgs.auth import check_password_strength, end_sessions
 from onetoken.security import audit
+from onetoken.security.principal import Principal
 
 AUDITED_FIELDS = ("role", "status", "display_name", "email", "mobile")
 

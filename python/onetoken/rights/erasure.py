@@ -52,8 +52,8 @@ from onetoken.rights.models import AccountErasure
 from onetoken.security.models import LoginSource, LoginThrottle
 
 if TYPE_CHECKING:
-    from onetoken.deps import AppState
     from onetoken.ingest import Ingestor
+    from onetoken.state import AppState
 
 log = logging.getLogger("onetoken.rights")
 

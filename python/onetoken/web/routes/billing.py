@@ -37,10 +37,10 @@ from onetoken.billing.schemas import (
     StatementResponse,
     UsageRowResponse,
 )
-from onetoken.deps import Principal, SessionDep, StateDep
 from onetoken.kit.errors import Forbidden, OnetokenError, Unprocessable
 from onetoken.orgs.service import target_org
-from onetoken.security.permissions import require
+from onetoken.security.principal import Principal
+from onetoken.web.deps import SessionDep, StateDep, require
 
 router = APIRouter(prefix="/billing", tags=["billing"])
 

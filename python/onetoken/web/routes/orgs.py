@@ -9,7 +9,6 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from onetoken.db.models import Account, AdminSession
-from onetoken.deps import AppState, Principal, SessionDep, StateDep
 from onetoken.kit.errors import NotFound
 from onetoken.orgs import auth, members, service
 from onetoken.orgs.schemas import (
@@ -38,7 +37,9 @@ from onetoken.orgs.schemas import (
 )
 from onetoken.security import audit
 from onetoken.security.net import client_ip
-from onetoken.security.permissions import PublicDep, require
+from onetoken.security.principal import Principal
+from onetoken.state import AppState
+from onetoken.web.deps import PublicDep, SessionDep, StateDep, require
 
 router = APIRouter(tags=["accounts"])
 _bearer = HTTPBearer(auto_error=False)

@@ -16,7 +16,6 @@ from fastapi import APIRouter, Depends, Response
 from sqlalchemy.orm import Session
 
 from onetoken.db.models import Model, Provider
-from onetoken.deps import Principal, SessionDep, StateDep
 from onetoken.gateway.snapshot import engine_rules
 from onetoken.kit.errors import Forbidden, NotFound
 from onetoken.orgs import service as orgs_service
@@ -47,7 +46,8 @@ from onetoken.providers.schemas import (
     check_base_url_target,
 )
 from onetoken.providers.tables import Route
-from onetoken.security.permissions import require
+from onetoken.security.principal import Principal
+from onetoken.web.deps import SessionDep, StateDep, require
 
 router = APIRouter(tags=["providers"])
 

@@ -8,7 +8,6 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Depends
 
 from onetoken.db.models import ApiKey
-from onetoken.deps import Principal, SessionDep, StateDep
 from onetoken.keys import service
 from onetoken.keys.schemas import (
     KeyCreate,
@@ -20,7 +19,8 @@ from onetoken.keys.schemas import (
     KeyRotated,
     KeyUpdate,
 )
-from onetoken.security.permissions import require
+from onetoken.security.principal import Principal
+from onetoken.web.deps import SessionDep, StateDep, require
 
 router = APIRouter(prefix="/keys", tags=["keys"])
 R = TypeVar("R", bound=KeyResponse)

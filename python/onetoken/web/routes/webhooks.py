@@ -7,11 +7,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response
 
-from onetoken.deps import AppState, Principal, SessionDep, StateDep
 from onetoken.kit.errors import Forbidden, OnetokenError
 from onetoken.security import audit
 from onetoken.security.net import networks
-from onetoken.security.permissions import require
+from onetoken.security.principal import Principal
+from onetoken.state import AppState
+from onetoken.web.deps import SessionDep, StateDep, require
 from onetoken.webhooks import current, service
 from onetoken.webhooks.dispatcher import WebhookDispatcher
 from onetoken.webhooks.models import WebhookDelivery, WebhookEndpoint

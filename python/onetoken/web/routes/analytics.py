@@ -9,9 +9,10 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
 
 from onetoken.analytics import queries
-from onetoken.deps import AppState, Principal, StateDep
 from onetoken.kit.errors import OnetokenError, Unprocessable
-from onetoken.security.permissions import require
+from onetoken.security.principal import Principal
+from onetoken.state import AppState
+from onetoken.web.deps import StateDep, require
 
 router = APIRouter(tags=["calls"])
 

@@ -12,12 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from sqlalchemy import func, select
 
 from onetoken.db.models import Account
-from onetoken.deps import AppState, Principal, SessionDep, StateDep
 from onetoken.kit.errors import Conflict, Forbidden, NotFound, OnetokenError, Unauthorized
 from onetoken.orgs import auth
 from onetoken.rights import erasure, export
 from onetoken.security import audit
-from onetoken.security.permissions import require
+from onetoken.security.principal import Principal
+from onetoken.state import AppState
+from onetoken.web.deps import SessionDep, StateDep, require
 
 router = APIRouter(tags=["rights"])
 

@@ -12,11 +12,11 @@ import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 
-from onetoken.deps import Principal, StateDep
 from onetoken.kit.errors import NotFound, OnetokenError, Unprocessable
 from onetoken.security import log as security_log
 from onetoken.security.log import SECURITY_LOG_COLUMNS, SECURITY_LOG_TABLE, SEVERITIES
-from onetoken.security.permissions import require
+from onetoken.security.principal import Principal
+from onetoken.web.deps import StateDep, require
 
 router = APIRouter(prefix="/security", tags=["security"])
 

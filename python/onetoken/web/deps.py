@@ -1,0 +1,120 @@
+"""FastAPI dependencies shared by every route: the state, a DB session, the signed-in
+Principal, and `require(permission)`, which admits holders of a permission of the matrix
+(onetoken.security.permissions) and audits unsafe requests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from functools import cache
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from onetoken.kit.errors import Forbidden, OnetokenError, Unauthorized
+from onetoken.orgs import auth
+from onetoken.security import audit
+from onetoken.security.net import client_ip
+from onetoken.security.permissions import (
+    PERMISSIONS,
+    ROLE_DENIED_MESSAGE,
+    UNSAFE_METHODS,
+    holds,
+)
+from onetoken.security.principal import Principal
+from onetoken.state import AppState
+
+
+def get_state(request: Request) -> AppState:
+    state = request.app.state.onetoken
+    assert isinstance(state, AppState)
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_session(state: StateDep) -> Iterator[Session]:
+    with state.session_factory() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+_bearer = HTTPBearer(auto_error=False, description="Token from POST /api/v1/auth/login")
+
+
+def get_principal(
+    request: Request,
+    state: StateDep,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    """The signed-in account: a bearer token (API), or the console's session cookie, which
+    must come with its CSRF token on unsafe methods (double submit, bound to the session)."""
+    if credentials is not None and credentials.scheme.lower() == "bearer":
+        token = credentials.credentials
+    else:
+        token = request.cookies.get(auth.SESSION_COOKIE, "")
+        if not token:
+            raise Unauthorized("Missing bearer token.")
+        if request.method not in ("GET", "HEAD", "OPTIONS") and not auth.csrf_ok(
+            state.secrets, token, request
+        ):
+            raise Forbidden("Missing or invalid CSRF token.", code="csrf_failed")
+    principal = auth.resolve_session(session, state.secrets, token)
+    if principal is None:
+        raise Unauthorized("Invalid or expired token.")
+    return replace(
+        principal,
+        source_ip=client_ip(request, state.settings),
+        user_agent=request.headers.get("user-agent", "")[:256],
+    )
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+@cache
+def require(name: str) -> Callable[..., Iterator[Principal]]:
+    """The dependency that admits holders of permission `name` and yields the Principal.
+
+    Unsafe methods are audited into the security log when they finish (who, which
+    endpoint, outcome), unless the service recorded a more precise audit event."""
+    permission = PERMISSIONS[name]
+
+    def dependency(request: Request, principal: PrincipalDep) -> Iterator[Principal]:
+        tenant_money_admin = get_state(request).settings.tenant_money_admin
+        if not holds(
+            permission, principal.role, principal.is_operator,
+            tenant_money_admin=tenant_money_admin,
+        ):
+            audit.access_denied(request, principal, permission.name)
+            raise Forbidden(ROLE_DENIED_MESSAGE)
+        if request.method not in UNSAFE_METHODS:
+            yield principal
+            return
+        try:
+            yield principal
+        except OnetokenError as exc:
+            audit.request_done(request, principal, outcome="refused", error_code=exc.code)
+            raise
+        except Exception:
+            audit.request_done(request, principal, outcome="failed", error_code="internal_error")
+            raise
+        audit.request_done(request, principal, outcome="ok", error_code="")
+
+    dependency.__name__ = f"require_{name.replace('.', '_')}"
+    dependency.onetoken_permission = permission  # type: ignore[attr-defined]
+    return dependency
+
+
+def public() -> None:
+    """Marks an endpoint that needs no session (login, health)."""
+
+
+public.onetoken_public = True  # type: ignore[attr-defined]
+
+PublicDep = Depends(public)
