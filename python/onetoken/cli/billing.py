@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
+
+from onetoken.cli.common import CliError, instant, open_db, settings_from_env
 
 
 # kit.money (pydantic) is imported where it is used: the `onetoken` parser registers these
@@ -25,19 +26,9 @@ def _money(value: str) -> int:
         raise argparse.ArgumentTypeError(f"amount {exc}") from None
 
 
-def _instant(value: str) -> datetime:
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError("must be an ISO 8601 date or time") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 def _with_session(fn: Callable[[Any, Any, argparse.Namespace], int]) -> Callable[..., int]:
     def run(args: argparse.Namespace) -> int:
-        from onetoken.cli import _open_db, _settings
-
-        state = _open_db(_settings())
+        state = open_db(settings_from_env())
         try:
             with state.session_factory() as session:
                 return fn(state, session, args)
@@ -121,7 +112,6 @@ def cmd_order_action(state: Any, session: Any, args: argparse.Namespace) -> int:
 @_with_session
 def cmd_price(state: Any, session: Any, args: argparse.Namespace) -> int:
     from onetoken.billing import audit, prices
-    from onetoken.cli import CliError
     from onetoken.db.models import Model
 
     model = session.get(Model, args.model)
@@ -152,7 +142,6 @@ def cmd_price(state: Any, session: Any, args: argparse.Namespace) -> int:
 @_with_session
 def cmd_price_factor(state: Any, session: Any, args: argparse.Namespace) -> int:
     from onetoken.billing import audit, budgets
-    from onetoken.cli import CliError
     from onetoken.orgs.service import find_org
 
     org = find_org(session, args.org)
@@ -206,7 +195,7 @@ def register(billing: Any) -> None:
     what.add_argument("--credit", type=_money, help="credit per code")
     what.add_argument("--plan", help="plan id each code grants")
     p.add_argument("--count", type=int, default=1)
-    p.add_argument("--expires", type=_instant, default=None, help="ISO time")
+    p.add_argument("--expires", type=instant, default=None, help="ISO time")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_codes_create)
 
@@ -229,7 +218,7 @@ def register(billing: Any) -> None:
     p.add_argument("--output", type=_money, required=True, help="per million output tokens")
     p.add_argument("--cached", type=_money, default=None, help="per million cached tokens")
     p.add_argument("--request", type=_money, default=0, help="per request")
-    p.add_argument("--from", dest="effective_from", type=_instant, default=None)
+    p.add_argument("--from", dest="effective_from", type=instant, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_price)
 
