@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
+# Every domain's tables mapped (and their cross-domain foreign keys resolvable) before the
+# first query of this process.
+import onetoken.registry  # noqa: F401
 from onetoken import webhooks
 from onetoken.db.migrate import upgrade
 from onetoken.db.session import make_engine, make_session_factory

@@ -10,13 +10,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from onetoken.billing import service as billing
-from onetoken.db.models import Model
 from onetoken.db.session import SessionFactory
 from onetoken.keys import service as keys
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.money import NANO_PER_UNIT
 from onetoken.orgs import service as orgs
 from onetoken.providers import service as providers
+from onetoken.providers.models import Model
 
 log = logging.getLogger("onetoken.demo")
 

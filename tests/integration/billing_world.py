@@ -111,7 +111,7 @@ def ledger_usage(state: AppState, org_id: str) -> tuple[int, int]:
     call_log's and the ledger must add up to it."""
     from sqlalchemy import func, select
 
-    from onetoken.db.models import LedgerEntry
+    from onetoken.billing.models import LedgerEntry
 
     with state.session_factory() as s:
         calls, amount = s.execute(

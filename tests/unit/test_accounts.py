@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from onetoken.control import create_app
-from onetoken.db.models import Account
 from onetoken.orgs import service as orgs
+from onetoken.orgs.models import Account
 from onetoken.security import log as security_log
 from onetoken.security import totp
 from onetoken.settings import Settings

@@ -14,9 +14,9 @@ from pydantic import SecretStr
 
 from onetoken.billing import orders
 from onetoken.billing import service as billing
+from onetoken.billing.models import LedgerEntry
 from onetoken.billing.service import MAX_BALANCE_NANO, MAX_ENTRY_NANO
 from onetoken.control import build_state, create_app
-from onetoken.db.models import LedgerEntry
 from onetoken.gateway.snapshot import build_snapshot, snapshot_json
 from onetoken.gateway.supervisor import engine_config
 from onetoken.kit.money import format_amount

@@ -19,8 +19,8 @@ from sqlalchemy import update
 from onetoken.analytics import clickhouse as ch
 from onetoken.analytics.sink import CallLogSink
 from onetoken.billing import service as billing
+from onetoken.billing.models import LedgerEntry
 from onetoken.billing.reconcile import reconcile
-from onetoken.db.models import LedgerEntry
 from onetoken.ingest import Ingestor
 from onetoken.settings import Settings
 from onetoken.state import AppState

@@ -15,8 +15,7 @@ from sqlalchemy import func, select
 
 from onetoken.billing import packages
 from onetoken.billing import service as billing
-from onetoken.billing.models import PackageConsumption
-from onetoken.db.models import LedgerEntry
+from onetoken.billing.models import LedgerEntry, PackageConsumption
 from onetoken.ingest import Ingestor
 from onetoken.ingest.journal import lock_name, segment_name
 from onetoken.ingest.marks import spent_marks

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from onetoken.control import build_state, create_app
-from onetoken.db.models import Account
+from onetoken.orgs.models import Account
 from onetoken.security import net
 from onetoken.settings import Settings
 from tests.unit.conftest import TEST_SECRET, Admin, make_org_admin

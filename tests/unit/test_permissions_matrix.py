@@ -17,11 +17,12 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from onetoken.control import build_state, create_app
-from onetoken.db.models import ROLES, Account
 from onetoken.keys import service as keys
 from onetoken.orgs import auth
 from onetoken.orgs import service as orgs
+from onetoken.orgs.models import Account
 from onetoken.security.permissions import PERMISSIONS, ROLE_DENIED_MESSAGE, holds
+from onetoken.security.principal import ROLES
 from onetoken.settings import Settings
 from onetoken.state import AppState
 from onetoken.web.permissions import (

@@ -12,7 +12,6 @@ import yaml
 from sqlalchemy import select
 
 from onetoken import cli
-from onetoken.db.models import Model, Provider
 from onetoken.db.session import current_revision
 from onetoken.gateway.snapshot import build_snapshot
 from onetoken.orgs import service as orgs
@@ -21,7 +20,7 @@ from onetoken.providers.declarative import (
     apply_file,
     load_file,
 )
-from onetoken.providers.tables import Route
+from onetoken.providers.models import Model, Provider, Route
 from onetoken.settings import Settings
 from onetoken.state import AppState
 

@@ -18,7 +18,8 @@ from sqlalchemy import select
 
 from onetoken.analytics.clickhouse import open_client
 from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_TABLE
-from onetoken.db.models import AdminSession, utcnow
+from onetoken.db.base import utcnow
+from onetoken.orgs.models import AdminSession
 from onetoken.rights import erasure, retention
 from onetoken.rights.models import AccountErasure
 from onetoken.security import log as security_log

@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
-from onetoken.db.models import Account, AdminSession, Org
 from onetoken.orgs import auth
+from onetoken.orgs.models import Account, AdminSession, Org
 from onetoken.security.permissions import ROLE_DENIED_MESSAGE
 from onetoken.state import AppState
 from onetoken.webhooks.models import WebhookEndpoint

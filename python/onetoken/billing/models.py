@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from onetoken.db.models import Base, BigIntPK, UTCDateTime, utcnow
+from onetoken.db.base import Base, BigIntPK, UTCDateTime, utcnow
 
 ORDER_STATUSES = ("created", "paid", "failed", "refunded", "cancelled")
 ORDER_KINDS = ("recharge", "package")
@@ -226,3 +226,44 @@ class BillingNotice(Base):
     notice_key: Mapped[str] = mapped_column(String(200), unique=True)
     org_id: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+LEDGER_KINDS = (
+    "recharge",
+    "usage",
+    "refund",
+    "adjustment",
+    "grant",
+    "package_grant",
+    "expiry",
+)
+
+
+class LedgerEntry(Base):
+    __tablename__ = "ledger_entries"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    memo: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # Usage entries only: which key and model spent it (per-key budgets, statements).
+    key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    model: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # Usage entries only: how many calls the entry covers (one entry per org, key, model and
+    # UTC day of an ingested batch), so invoices sum calls instead of counting rows.
+    calls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+    __table_args__ = (
+        CheckConstraint(
+            "kind IN ('recharge','usage','refund','adjustment','grant','package_grant','expiry')",
+            name="kind",
+        ),
+        Index("ix_ledger_entries_org_id_id", "org_id", "id"),
+        Index("ix_ledger_entries_org_id_kind_created_at", "org_id", "kind", "created_at"),
+        Index("ix_ledger_entries_key_id_created_at", "key_id", "created_at"),
+    )

@@ -18,9 +18,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from onetoken.billing.models import PriceVersion
-from onetoken.db.models import Model, new_id, utcnow
+from onetoken.db.base import new_id, utcnow
 from onetoken.db.session import bump_revision
 from onetoken.kit.errors import Conflict, NotFound, Unprocessable
+from onetoken.providers.models import Model
 
 log = logging.getLogger("onetoken.billing")
 

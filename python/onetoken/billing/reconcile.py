@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from onetoken.analytics import queries
-from onetoken.db.models import LedgerEntry
+from onetoken.billing.models import LedgerEntry
 
 _FAR_PAST = datetime(1970, 1, 1, tzinfo=UTC)
 

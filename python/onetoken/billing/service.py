@@ -10,9 +10,10 @@ from sqlalchemy import Table, func, insert, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from onetoken.db.models import LedgerEntry, Org
+from onetoken.billing.models import LedgerEntry
 from onetoken.db.session import bump_revision
 from onetoken.kit.errors import Conflict, Unprocessable
+from onetoken.orgs.models import Org
 
 log = logging.getLogger("onetoken.billing")
 

@@ -112,7 +112,7 @@ def cmd_order_action(state: Any, session: Any, args: argparse.Namespace) -> int:
 @_with_session
 def cmd_price(state: Any, session: Any, args: argparse.Namespace) -> int:
     from onetoken.billing import audit, prices
-    from onetoken.db.models import Model
+    from onetoken.providers.models import Model
 
     model = session.get(Model, args.model)
     if model is None:

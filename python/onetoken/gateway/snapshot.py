@@ -22,12 +22,14 @@ from sqlalchemy.orm import Session
 
 from onetoken.billing import budgets as billing_budgets
 from onetoken.billing.service import balances
-from onetoken.db.models import ApiKey, Org, utcnow
+from onetoken.db.base import utcnow
 from onetoken.db.session import SessionFactory, current_revision
 from onetoken.ingest.marks import spent_marks
+from onetoken.keys.models import ApiKey
 from onetoken.keys.service import snapshot_fields as keys_snapshot_fields
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import Unprocessable
+from onetoken.orgs.models import Org
 from onetoken.providers import snapshot_parts as providers_part
 from onetoken.security import blocking
 

@@ -13,11 +13,12 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from onetoken.db.models import Account, utcnow
+from onetoken.db.base import utcnow
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import Conflict, Forbidden, NotFound
 from onetoken.orgs import service
 from onetoken.orgs.auth import check_password_strength, end_sessions
+from onetoken.orgs.models import Account
 from onetoken.security import audit
 from onetoken.security.principal import Principal
 

@@ -11,10 +11,11 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from onetoken.db.models import Account, Org, new_id, utcnow
+from onetoken.db.base import new_id, utcnow
 from onetoken.db.session import bump_revision
 from onetoken.kit.crypto import Secrets, generate_password, hash_password
 from onetoken.kit.errors import Conflict, NotFound, Unprocessable
+from onetoken.orgs.models import Account, Org
 
 log = logging.getLogger("onetoken.orgs")
 

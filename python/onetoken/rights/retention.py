@@ -21,8 +21,9 @@ from typing import Any, Protocol
 
 from sqlalchemy import and_, delete, or_
 
-from onetoken.db.models import AdminSession, utcnow
+from onetoken.db.base import utcnow
 from onetoken.db.session import SessionFactory
+from onetoken.orgs.models import AdminSession
 from onetoken.security import blocking
 from onetoken.security.models import LoginSource, LoginThrottle
 from onetoken.webhooks import service as webhooks_service

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from onetoken.db.models import ROLES
+from onetoken.security.principal import ROLES
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 #: The message of a refusal by the matrix (handlers may refuse more, with their own codes).

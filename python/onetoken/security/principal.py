@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+#: The roles an account holds in its organization (accounts.role).
+ROLES = ("owner", "admin", "developer", "billing", "viewer")
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:

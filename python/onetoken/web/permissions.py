@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from fastapi.routing import APIRoute
 
-from onetoken.db.models import ROLES
 from onetoken.security.permissions import PERMISSIONS, Permission
+from onetoken.security.principal import ROLES
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

@@ -35,7 +35,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from onetoken import __version__
-from onetoken.db.models import new_id, utcnow
+from onetoken.db.base import new_id, utcnow
 from onetoken.db.session import SessionFactory
 from onetoken.kit.crypto import DecryptionError, Secrets
 from onetoken.security.net import (

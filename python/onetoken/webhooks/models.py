@@ -11,7 +11,7 @@ from datetime import datetime
 from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from onetoken.db.models import Base, BigIntPK, UTCDateTime, utcnow
+from onetoken.db.base import Base, BigIntPK, UTCDateTime, utcnow
 
 ENDPOINT_STATUSES = ("active", "disabled")
 DELIVERY_STATUSES = ("pending", "delivered", "failed")

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from onetoken.db.models import new_id, utcnow
+from onetoken.db.base import new_id, utcnow
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import NotFound, Unprocessable
 from onetoken.security.net import IpNetwork, url_target_refused

@@ -7,8 +7,8 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends
 
-from onetoken.db.models import ApiKey
 from onetoken.keys import service
+from onetoken.keys.models import ApiKey
 from onetoken.keys.schemas import (
     KeyCreate,
     KeyCreated,

@@ -8,9 +8,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from onetoken.db.models import Account, AdminSession
 from onetoken.kit.errors import NotFound
 from onetoken.orgs import auth, members, service
+from onetoken.orgs.models import Account, AdminSession
 from onetoken.orgs.schemas import (
     AccountCreate,
     AccountCreated,

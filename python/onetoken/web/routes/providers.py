@@ -15,7 +15,6 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Response
 from sqlalchemy.orm import Session
 
-from onetoken.db.models import Model, Provider
 from onetoken.gateway.snapshot import engine_rules
 from onetoken.kit.errors import Forbidden, NotFound
 from onetoken.orgs import service as orgs_service
@@ -31,6 +30,7 @@ from onetoken.providers.gateway_schemas import (
     RouteUpdate,
     Routing,
 )
+from onetoken.providers.models import Model, Provider, Route
 from onetoken.providers.presets import PRESETS
 from onetoken.providers.schemas import (
     ModelCreate,
@@ -45,7 +45,6 @@ from onetoken.providers.schemas import (
     ProviderUpdate,
     check_base_url_target,
 )
-from onetoken.providers.tables import Route
 from onetoken.security.principal import Principal
 from onetoken.web.deps import SessionDep, StateDep, require
 

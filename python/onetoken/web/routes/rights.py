@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from sqlalchemy import func, select
 
-from onetoken.db.models import Account
 from onetoken.kit.errors import Conflict, Forbidden, NotFound, OnetokenError, Unauthorized
 from onetoken.orgs import auth
+from onetoken.orgs.models import Account
 from onetoken.rights import erasure, export
 from onetoken.security import audit
 from onetoken.security.principal import Principal
