@@ -1,6 +1,9 @@
 """The composition root of the control process: the one place where the AppState, the
-control API and the background jobs are built and wired together. serve.py, the CLI and
-the tests build through here.
+control API, the event bus and the background jobs are built and wired together. serve.py,
+the CLI and the tests build through here.
+
+The event bus (AppState.events) carries recorded security events to the webhooks bridge,
+and every batch ingestion took to the key-risk check and the risk detectors.
 
 Background jobs of a serving control process beside ingestion: webhook delivery, risk
 detection on the ingested records, the retention purge, and the queued ClickHouse part of
@@ -10,7 +13,7 @@ account erasures.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
@@ -21,20 +24,34 @@ from onetoken import webhooks
 from onetoken.db.migrate import upgrade
 from onetoken.db.session import make_engine, make_session_factory
 from onetoken.gateway.snapshot import SnapshotSource
+from onetoken.ingest.batch import Batch
 from onetoken.kit import channel
 from onetoken.kit.crypto import Secrets
+from onetoken.kit.events import EventBus
 from onetoken.rights import erasure
 from onetoken.rights.retention import RetentionWorker
-from onetoken.security import detectors as detectors_mod
+from onetoken.risk import detectors as detectors_mod
+from onetoken.risk import keyrisk
 from onetoken.security import log as security_log
+from onetoken.security.log import SecurityEvent
 from onetoken.settings import Settings
 from onetoken.state import AppState
 from onetoken.web.app import build_app
+from onetoken.webhooks import bridge
 from onetoken.webhooks.dispatcher import WebhookDispatcher
 
 if TYPE_CHECKING:
     from onetoken.gateway.supervisor import ControlRuntime
     from onetoken.ingest import Ingestor
+
+
+def new_event_bus() -> EventBus:
+    """The process's event bus with the subscribers every process has: the recorded
+    security events that are also webhook events (abnormal sign-ins, permission changes)
+    go to the webhooks bridge."""
+    events = EventBus()
+    events.subscribe(SecurityEvent, bridge.forward)
+    return events
 
 
 def build_state(
@@ -45,8 +62,9 @@ def build_state(
     db_engine = make_engine(settings.database_url)
     if migrate:
         upgrade(db_engine)
+    events = new_event_bus()
     # record() anywhere in this process queues here; the ingestor's flush (or exit) writes.
-    security_log.install(security_log.SecurityLog(settings.spool_dir))
+    security_log.install(security_log.SecurityLog(settings.spool_dir, events=events))
     secrets = Secrets.from_settings(settings)
     session_factory = make_session_factory(db_engine)
     return AppState(
@@ -58,6 +76,7 @@ def build_state(
         # A serving process replaces it with one sharing the ingestor's mark lock.
         snapshots=SnapshotSource(secrets, session_factory),
         gateway_token=channel.channel_token(settings.secret_key_bytes(), channel.GATEWAY),
+        events=events,
     )
 
 
@@ -74,6 +93,14 @@ def create_app(
     if runtime is not None:
         app_state.runtime = runtime
     return build_app(app_state, owns_engine=state is None)
+
+
+def wire_ingestion(events: EventBus, ingestor: Any) -> None:
+    """Every ingestion cycle flushes the security log; every batch ingestion took goes out
+    on `events`, where the key-risk check (and the detectors, start_background) take it."""
+    security_log.attach_to_supervisor(ingestor)
+    ingestor.batch_observers.append(events.publish)
+    events.subscribe(Batch, keyrisk.observe)
 
 
 @dataclass
@@ -94,13 +121,15 @@ class Background:
 
 
 def start_background(state: AppState, ingestor: Ingestor) -> Background:
-    """Install the webhook dispatcher and the detectors before the ingestor starts (so
-    the first batches are observed), and start their threads."""
+    """Install the webhook dispatcher, the security log's flush and the batch consumers
+    before the ingestor starts (so the first batches are observed), and start their
+    threads."""
     settings = state.settings
     dispatcher = WebhookDispatcher(settings, state.secrets, state.session_factory)
     webhooks.install(dispatcher)
     dispatcher.start()
-    detectors = detectors_mod.attach(ingestor, settings, state.session_factory)
+    wire_ingestion(state.events, ingestor)
+    detectors = detectors_mod.attach(state.events, ingestor, settings, state.session_factory)
     retention = RetentionWorker(state.session_factory, settings)
     retention.start()
     erasures = erasure.make_worker(state, ingestor)  # started by serve after the ingestor

@@ -32,7 +32,6 @@ from onetoken.gateway.supervisor import ControlRuntime, GatewayProcess
 from onetoken.ingest import Ingestor
 from onetoken.kit.logging import configure_logging
 from onetoken.ops import control_file
-from onetoken.security.log import attach_to_supervisor as attach_security_log
 from onetoken.settings import Settings
 from onetoken.state import AppState
 
@@ -177,8 +176,8 @@ def run(settings: Settings, *, demo: bool = False, gateway: bool = True) -> int:
         control_sock = bind_socket(settings.control_listen)
         ingestor = Ingestor(settings, state.session_factory)
         runtime = ControlRuntime(settings, state.secrets, state.session_factory, ingestor)
-        attach_security_log(ingestor)
-        background = start_background(state, ingestor)  # webhooks, detectors, retention
+        # Security log flush, webhooks, key risks and detectors, retention.
+        background = start_background(state, ingestor)
         state.runtime = runtime
         state.snapshots = runtime.snapshots
         try:

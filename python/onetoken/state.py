@@ -10,6 +10,7 @@ from sqlalchemy import Engine
 
 from onetoken.db.session import SessionFactory
 from onetoken.kit.crypto import Secrets
+from onetoken.kit.events import EventBus
 from onetoken.settings import Settings
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ class AppState:
     snapshots: SnapshotSource
     # The gateway channel's bearer token (kit.channel.GATEWAY).
     gateway_token: str
+    # The process's event bus: security events and ingested batches to their consumers.
+    events: EventBus
 
     def config_changed(self) -> None:
         """Called after a change that gateways must see has been committed (it bumped the
