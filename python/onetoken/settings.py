@@ -13,7 +13,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from onetoken.kit.files import PRIVATE_FILE_MODE, private_dir
-from onetoken.security.net import networks
+from onetoken.kit.net import networks
 
 log = logging.getLogger("onetoken.settings")
 

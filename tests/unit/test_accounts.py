@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from onetoken.bootstrap import bootstrap
 from onetoken.control import create_app
 from onetoken.orgs import service as orgs
 from onetoken.orgs.models import Account
@@ -169,7 +170,7 @@ def test_operator_creates_and_sees_orgs_admins_only_their_own(
 
 def test_bootstrap_account_is_the_operator(state: AppState) -> None:
     with state.session_factory() as s:
-        result = orgs.bootstrap(s, state.secrets)
+        result = bootstrap(s, state.secrets)
         account = s.scalars(select(Account).where(Account.login_name == "admin")).one()
         assert account.is_operator and account.role == "owner"
         assert result.admin_email == account.email

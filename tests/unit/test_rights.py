@@ -16,6 +16,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from onetoken.analytics import clickhouse
 from onetoken.analytics.clickhouse import open_client
 from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_TABLE
 from onetoken.db.base import utcnow
@@ -158,7 +159,7 @@ def test_retention_purge(state: AppState) -> None:
 
 
 def test_security_log_ttl_clause() -> None:
-    clause = retention.security_log_ttl(365, 90)
+    clause = clickhouse.security_log_ttl(365, 90)
     assert clause == (
         "ts + INTERVAL 90 DAY DELETE WHERE startsWith(kind, 'auth.'), ts + INTERVAL 365 DAY"
     )

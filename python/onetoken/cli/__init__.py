@@ -64,7 +64,7 @@ def cmd_migrate(_: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from onetoken.orgs.service import bootstrap
+    from onetoken.bootstrap import bootstrap
 
     state = open_db(settings_from_env())
     try:

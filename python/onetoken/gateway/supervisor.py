@@ -29,7 +29,7 @@ from onetoken.db.session import SessionFactory
 from onetoken.gateway import runner
 from onetoken.gateway.snapshot import SnapshotSource
 from onetoken.kit.crypto import Secrets
-from onetoken.security.net import networks
+from onetoken.kit.net import networks
 from onetoken.settings import Settings
 
 if TYPE_CHECKING:

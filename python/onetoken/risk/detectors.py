@@ -38,10 +38,10 @@ from onetoken import webhooks
 from onetoken.db.session import SessionFactory
 from onetoken.ingest.batch import Batch
 from onetoken.kit.events import EventBus
+from onetoken.kit.net import networks
 from onetoken.risk.keyrisk import KEY_RISKS
 from onetoken.security import blocking
 from onetoken.security.log import Scalar, SecurityEvent, Severity, record
-from onetoken.security.net import networks
 
 log = logging.getLogger("onetoken.security")
 

@@ -38,14 +38,8 @@ from onetoken import __version__
 from onetoken.db.base import new_id, utcnow
 from onetoken.db.session import SessionFactory
 from onetoken.kit.crypto import DecryptionError, Secrets
-from onetoken.security.net import (
-    AddressRefused,
-    IpAddress,
-    IpNetwork,
-    Resolver,
-    networks,
-    resolve_checked,
-)
+from onetoken.kit.net import IpAddress, IpNetwork, networks
+from onetoken.security.net import AddressRefused, Resolver, resolve_checked
 from onetoken.webhooks.events import Scalar, clean_data, envelope, new_event_id, normalize_kind
 from onetoken.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from onetoken.webhooks.signing import SIGNATURE_HEADER, header_value

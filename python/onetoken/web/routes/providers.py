@@ -15,11 +15,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Response
 from sqlalchemy.orm import Session
 
-from onetoken.gateway.snapshot import engine_rules
 from onetoken.kit.errors import Forbidden, NotFound
 from onetoken.orgs import service as orgs_service
 from onetoken.providers import gateway_service as gw
 from onetoken.providers import service
+from onetoken.providers.engine_rules import engine_rules
 from onetoken.providers.gateway_schemas import (
     Guard,
     OrgLimits,

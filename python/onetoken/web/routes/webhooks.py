@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Response
 
 from onetoken.kit.errors import Forbidden, OnetokenError
+from onetoken.kit.net import networks
 from onetoken.security import audit
-from onetoken.security.net import networks
 from onetoken.security.principal import Principal
 from onetoken.state import AppState
 from onetoken.web.deps import SessionDep, StateDep, require
