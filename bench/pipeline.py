@@ -41,8 +41,8 @@ from onetoken.analytics import queries
 from onetoken.analytics.clickhouse import open_client
 from onetoken.analytics.sink import CallLogSink
 from onetoken.billing import service as billing
+from onetoken.billing.models import LedgerEntry
 from onetoken.control import build_state
-from onetoken.db.models import LedgerEntry
 from onetoken.ingest import Ingestor
 from onetoken.ingest.journal import lock_name, segment_name
 from onetoken.orgs import service as orgs
