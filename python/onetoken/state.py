@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from onetoken.db.session import SessionFactory
 from onetoken.kit.crypto import Secrets
@@ -32,6 +33,12 @@ class AppState:
     gateway_token: str
     # The process's event bus: security events and ingested batches to their consumers.
     events: EventBus
+
+    def commit_change(self, session: Session) -> None:
+        """Commit a change gateways must see (it bumped the config revision), then answer
+        their waiting snapshot polls."""
+        session.commit()
+        self.config_changed()
 
     def config_changed(self) -> None:
         """Called after a change that gateways must see has been committed (it bumped the

@@ -187,8 +187,7 @@ def update_settings(
     price-factor`)."""
     changes = body.model_dump(exclude_unset=True)
     budgets.update_org_settings(session, principal.org_id, **changes)
-    session.commit()
-    state.config_changed()
+    state.commit_change(session)
     from onetoken.billing import audit
 
     audit.record(
@@ -235,8 +234,7 @@ def add_price(
         effective_from=body.effective_from,
         created_by=principal.account_id,
     )
-    session.commit()
-    state.config_changed()
+    state.commit_change(session)
     from onetoken.billing import audit
 
     audit.record(

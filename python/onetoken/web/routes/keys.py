@@ -71,8 +71,7 @@ def create_key(
         limits=body.limits.model_dump() if body.limits else None,
         actor=principal,
     )
-    session.commit()
-    state.config_changed()
+    state.commit_change(session)
     return key_out(key, KeyCreated, key=plaintext)
 
 
@@ -92,8 +91,7 @@ def update_key(
 ) -> KeyResponse:
     changes = body.model_dump(include=body.model_fields_set)
     key = service.update_key(session, principal.org_id, key_id, changes, actor=principal)
-    session.commit()
-    state.config_changed()
+    state.commit_change(session)
     return key_out(key)
 
 
@@ -114,8 +112,7 @@ def rotate_key(
         session, state.secrets, principal.org_id, key_id,
         overlap=timedelta(seconds=seconds), actor=principal,
     )
-    session.commit()
-    state.config_changed()
+    state.commit_change(session)
     return key_out(
         new,
         KeyRotated,
@@ -130,6 +127,5 @@ def revoke_key(
     key_id: str, principal: KeysWriteDep, session: SessionDep, state: StateDep
 ) -> KeyResponse:
     key = service.revoke_key(session, principal.org_id, key_id, actor=principal)
-    session.commit()
-    state.config_changed()
+    state.commit_change(session)
     return key_out(key)

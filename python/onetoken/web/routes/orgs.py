@@ -324,8 +324,7 @@ def create_org(
         display_name=owner.display_name,
         password=owner.password.get_secret_value() if owner.password else None,
     )
-    session.commit()
-    state.config_changed()
+    state.commit_change(session)
     audit.event(principal, "admin.org_created", "medium", subject_id=org.id, org_id=org.id)
     return OrgCreated(
         **OrgResponse.model_validate(org).model_dump(),
@@ -360,8 +359,7 @@ def update_org(
         bump_revision(session)
         if org.status != "active":
             auth.end_org_sessions(session, org.id)
-    session.commit()
-    state.config_changed()
+    state.commit_change(session)
     audit.change(principal, "admin.org_changed", subject_id=org.id, org_id=org.id,
                  before=before, after={"name": org.name, "status": org.status}, severity="high")
     return OrgResponse.model_validate(org)

@@ -10,6 +10,8 @@ answer 404, exactly like missing ones.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
@@ -46,6 +48,7 @@ from onetoken.providers.schemas import (
     check_base_url_target,
 )
 from onetoken.security.principal import Principal
+from onetoken.state import AppState
 from onetoken.web.deps import SessionDep, StateDep, require
 
 router = APIRouter(tags=["providers"])
@@ -125,6 +128,15 @@ def _scope_owner(principal: Principal, scope: str) -> str | None:
     return _owner_for_write(principal, None if scope == "platform" else principal.org_id)
 
 
+@contextmanager
+def _catalog_change(session: Session, state: AppState) -> Iterator[None]:
+    """A change to the catalog: refused (422) before its commit when the engine would
+    leave an entry out, and answered to the waiting gateways after it."""
+    with engine_rules(session, state.secrets):
+        yield
+    state.commit_change(session)
+
+
 # -- providers ---------------------------------------------------------------------------
 
 
@@ -141,7 +153,7 @@ def create_provider(
     check_base_url_target(body.base_url, org_scoped=owner is not None,
                           private_cidrs=state.settings.upstream_private_cidrs)
     fields = body.model_dump(exclude={"scope", "api_key", "name", "preset"}, exclude_none=True)
-    with engine_rules(session, state.secrets):
+    with _catalog_change(session, state):
         provider = service.create_provider(
             session,
             state.secrets,
@@ -151,8 +163,6 @@ def create_provider(
             api_key=body.api_key.get_secret_value() if body.api_key else None,
             **fields,
         )
-    session.commit()
-    state.config_changed()
     return _provider_out(provider)
 
 
@@ -178,17 +188,16 @@ def update_provider(
     session: SessionDep,
     state: StateDep,
 ) -> ProviderResponse:
-    current = service.get_visible_provider(session, principal.org_id, provider_id)
-    owner = _owner_for_write(principal, current.org_id)
+    owner = _owner_for_write(
+        principal, service.get_visible_provider(session, principal.org_id, provider_id).org_id
+    )
     check_base_url_target(body.base_url, org_scoped=owner is not None,
                           private_cidrs=state.settings.upstream_private_cidrs)
     changes = {f: getattr(body, f) for f in body.model_fields_set}
     if "api_key" in changes and changes["api_key"] is not None:
         changes["api_key"] = changes["api_key"].get_secret_value()
-    with engine_rules(session, state.secrets):
+    with _catalog_change(session, state):
         provider = service.update_provider(session, state.secrets, owner, provider_id, changes)
-    session.commit()
-    state.config_changed()
     return _provider_out(provider)
 
 
@@ -196,12 +205,11 @@ def update_provider(
 def delete_provider(
     provider_id: str, principal: ProvidersWrite, session: SessionDep, state: StateDep
 ) -> Response:
-    current = service.get_visible_provider(session, principal.org_id, provider_id)
-    owner = _owner_for_write(principal, current.org_id)
-    with engine_rules(session, state.secrets):
+    owner = _owner_for_write(
+        principal, service.get_visible_provider(session, principal.org_id, provider_id).org_id
+    )
+    with _catalog_change(session, state):
         service.delete_provider(session, owner, provider_id)
-    session.commit()
-    state.config_changed()
     return Response(status_code=204)
 
 
@@ -214,10 +222,8 @@ def create_model(
 ) -> ModelResponse:
     provider = service.get_visible_provider(session, principal.org_id, body.provider_id)
     owner = _owner_for_write(principal, provider.org_id)
-    with engine_rules(session, state.secrets):
+    with _catalog_change(session, state):
         model = service.create_model(session, owner, **body.model_dump())
-    session.commit()
-    state.config_changed()
     return _model_out(model)
 
 
@@ -235,13 +241,12 @@ def get_model(model_id: str, principal: ModelsRead, session: SessionDep) -> Mode
 def update_model(
     model_id: str, body: ModelUpdate, principal: ModelsWrite, session: SessionDep, state: StateDep
 ) -> ModelResponse:
-    current = service.get_visible_model(session, principal.org_id, model_id)
-    owner = _owner_for_write(principal, current.org_id)
+    owner = _owner_for_write(
+        principal, service.get_visible_model(session, principal.org_id, model_id).org_id
+    )
     changes = body.model_dump(include=body.model_fields_set)
-    with engine_rules(session, state.secrets):
+    with _catalog_change(session, state):
         model = service.update_model(session, owner, model_id, changes)
-    session.commit()
-    state.config_changed()
     return _model_out(model)
 
 
@@ -249,12 +254,11 @@ def update_model(
 def delete_model(
     model_id: str, principal: ModelsWrite, session: SessionDep, state: StateDep
 ) -> Response:
-    current = service.get_visible_model(session, principal.org_id, model_id)
-    owner = _owner_for_write(principal, current.org_id)
-    with engine_rules(session, state.secrets):
+    owner = _owner_for_write(
+        principal, service.get_visible_model(session, principal.org_id, model_id).org_id
+    )
+    with _catalog_change(session, state):
         service.delete_model(session, owner, model_id)
-    session.commit()
-    state.config_changed()
     return Response(status_code=204)
 
 
@@ -266,12 +270,10 @@ def create_route(
     body: RouteCreate, principal: ModelsWrite, session: SessionDep, state: StateDep
 ) -> RouteResponse:
     owner = _scope_owner(principal, body.scope)
-    with engine_rules(session, state.secrets):
+    with _catalog_change(session, state):
         route = gw.create_route(
             session, owner, name=body.name, strategy=body.strategy, aliases=body.aliases
         )
-    session.commit()
-    state.config_changed()
     return _route_out(route)
 
 
@@ -289,13 +291,12 @@ def get_route(route_id: str, principal: ModelsRead, session: SessionDep) -> Rout
 def update_route(
     route_id: str, body: RouteUpdate, principal: ModelsWrite, session: SessionDep, state: StateDep
 ) -> RouteResponse:
-    current = gw.get_visible_route(session, principal.org_id, route_id)
-    owner = _owner_for_write(principal, current.org_id)
+    owner = _owner_for_write(
+        principal, gw.get_visible_route(session, principal.org_id, route_id).org_id
+    )
     changes = body.model_dump(include=body.model_fields_set)
-    with engine_rules(session, state.secrets):
+    with _catalog_change(session, state):
         route = gw.update_route(session, owner, route_id, changes)
-    session.commit()
-    state.config_changed()
     return _route_out(route)
 
 
@@ -303,12 +304,11 @@ def update_route(
 def delete_route(
     route_id: str, principal: ModelsWrite, session: SessionDep, state: StateDep
 ) -> Response:
-    current = gw.get_visible_route(session, principal.org_id, route_id)
-    owner = _owner_for_write(principal, current.org_id)
-    with engine_rules(session, state.secrets):
+    owner = _owner_for_write(
+        principal, gw.get_visible_route(session, principal.org_id, route_id).org_id
+    )
+    with _catalog_change(session, state):
         gw.delete_route(session, owner, route_id)
-    session.commit()
-    state.config_changed()
     return Response(status_code=204)
 
 
@@ -322,10 +322,8 @@ def set_routing(
     body: Routing, principal: ModelsWrite, session: SessionDep, state: StateDep
 ) -> Routing:
     require_operator(principal)
-    with engine_rules(session, state.secrets):
+    with _catalog_change(session, state):
         routing = gw.set_routing(session, body)
-    session.commit()
-    state.config_changed()
     return routing
 
 
@@ -348,10 +346,8 @@ def get_org_policy(org_id: str, principal: OrgRead, session: SessionDep) -> Poli
 def set_org_policy(
     org_id: str, body: Policy, principal: OrgWrite, session: SessionDep, state: StateDep
 ) -> Policy:
-    with engine_rules(session, state.secrets):
+    with _catalog_change(session, state):
         policy = gw.set_policy(session, _readable_org(session, principal, org_id), body)
-    session.commit()
-    state.config_changed()
     return policy
 
 
@@ -364,10 +360,8 @@ def get_org_guard(org_id: str, principal: OrgRead, session: SessionDep) -> Guard
 def set_org_guard(
     org_id: str, body: Guard, principal: OrgWrite, session: SessionDep, state: StateDep
 ) -> Guard:
-    with engine_rules(session, state.secrets):
+    with _catalog_change(session, state):
         guard = gw.set_guard(session, _readable_org(session, principal, org_id), body)
-    session.commit()
-    state.config_changed()
     return guard
 
 
@@ -382,8 +376,7 @@ def set_org_limits(
 ) -> OrgLimits:
     target = _readable_org(session, principal, org_id)
     limits = gw.set_limits(session, target, body)
-    session.commit()
-    state.config_changed()
+    state.commit_change(session)
     return limits
 
 
@@ -397,6 +390,5 @@ def set_key_policy(
     key_id: str, body: Policy, principal: OrgWrite, session: SessionDep, state: StateDep
 ) -> Policy:
     policy = gw.set_key_policy(session, principal.org_id, key_id, body)
-    session.commit()
-    state.config_changed()
+    state.commit_change(session)
     return policy
