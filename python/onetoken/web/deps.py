@@ -7,14 +7,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import cache
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from onetoken.kit.errors import Forbidden, OnetokenError, Unauthorized
+from onetoken.kit.errors import Forbidden, NotFound, OnetokenError, Unauthorized
 from onetoken.orgs import auth
+from onetoken.orgs.models import Account
 from onetoken.security import audit
 from onetoken.security.net import client_ip
 from onetoken.security.permissions import (
@@ -25,6 +26,24 @@ from onetoken.security.permissions import (
 )
 from onetoken.security.principal import Principal
 from onetoken.state import AppState
+
+
+class ServiceUnavailable(OnetokenError):
+    """503: the endpoint reads what only a serving control process has open (ClickHouse,
+    through its ingestion), and this process serves none."""
+
+    status_code = 503
+    type = "service_unavailable"
+    code = "call_log_unavailable"
+
+
+def call_log_sink(state: AppState) -> Any:
+    """The running server's ClickHouse reader: chDB lets one process open its path, so the
+    control API and the ops channel (onetoken.ops) read through the server's own client."""
+    sink = getattr(state.runtime, "sink", None)
+    if sink is None:
+        raise ServiceUnavailable("Call metadata is served by a running gateway.")
+    return sink
 
 
 def get_state(request: Request) -> AppState:
@@ -75,6 +94,14 @@ def get_principal(
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def own_account(session: Session, principal: Principal) -> Account:
+    """The signed-in account's row (404 when it is gone since the session was made)."""
+    account = session.get(Account, principal.account_id)
+    if account is None:
+        raise NotFound("Account not found.")
+    return account
 
 
 @cache

@@ -9,21 +9,14 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
 
 from onetoken.analytics import queries
-from onetoken.kit.errors import OnetokenError, Unprocessable
+from onetoken.kit.errors import Unprocessable
 from onetoken.security.principal import Principal
-from onetoken.state import AppState
-from onetoken.web.deps import StateDep, require
+from onetoken.web.deps import StateDep, call_log_sink, require
 
 router = APIRouter(tags=["calls"])
 
 CallsReadDep = Annotated[Principal, Depends(require("calls.read"))]
 UsageReadDep = Annotated[Principal, Depends(require("usage.read"))]
-
-
-class ServiceUnavailable(OnetokenError):
-    status_code = 503
-    type = "service_unavailable"
-    code = "call_log_unavailable"
 
 
 class CallPageResponse(BaseModel):
@@ -35,14 +28,6 @@ class UsageSummary(BaseModel):
     org_id: str
     calls: int
     cost_units: int
-
-
-def call_log_sink(state: AppState) -> Any:
-    """The running server's ClickHouse reader: chDB lets one process open its path, so the
-    control API and the ops channel (onetoken.ops) read through the server's own client."""
-    if state.runtime is None:
-        raise ServiceUnavailable("Call metadata is served by a running gateway.")
-    return state.runtime.sink
 
 
 @router.get("/calls", response_model=CallPageResponse)

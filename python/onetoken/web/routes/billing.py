@@ -37,10 +37,10 @@ from onetoken.billing.schemas import (
     StatementResponse,
     UsageRowResponse,
 )
-from onetoken.kit.errors import Forbidden, OnetokenError, Unprocessable
+from onetoken.kit.errors import Forbidden, Unprocessable
 from onetoken.orgs.service import target_org
 from onetoken.security.principal import Principal
-from onetoken.web.deps import SessionDep, StateDep, require
+from onetoken.web.deps import SessionDep, StateDep, call_log_sink, require
 
 router = APIRouter(prefix="/billing", tags=["billing"])
 
@@ -139,18 +139,8 @@ def list_ledger(
     return LedgerPage(data=[LedgerEntryResponse.model_validate(r) for r in rows], has_more=has_more)
 
 
-class CallLogUnavailable(OnetokenError):
-    status_code = 503
-    type = "service_unavailable"
-    code = "call_log_unavailable"
-
-
 def _reader(state: StateDep) -> Any:
-    runtime = state.runtime
-    sink = getattr(runtime, "sink", None) if runtime is not None else None
-    if sink is None:
-        raise CallLogUnavailable("Call metadata is served by a running gateway.")
-    return sink.read
+    return call_log_sink(state).read
 
 
 # -- settings and budgets ------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """`/internal/ops/`: the reads a running control process performs for the CLI.
 
 Each endpoint runs the function the CLI runs when it can open the stores itself, through
-the server's ClickHouse client (web.routes.analytics.call_log_sink), so the two paths cannot
+the server's ClickHouse client (web.deps.call_log_sink), so the two paths cannot
 drift apart. Authenticated by the ops channel's bearer token only (no session, no role:
 whoever holds the master secret holds the data dir); left out of the OpenAPI document and
 of the permission matrix, which describe the public control API.
@@ -23,8 +23,7 @@ from onetoken.analytics.columns import CALL_LOG_COLUMNS
 from onetoken.kit import channel
 from onetoken.kit.errors import Unauthorized, Unprocessable
 from onetoken.ops import PREFIX
-from onetoken.web.deps import SessionDep, StateDep, get_state
-from onetoken.web.routes.analytics import call_log_sink
+from onetoken.web.deps import SessionDep, StateDep, call_log_sink, get_state
 
 #: Rows per `calls/export` page: a few MB of JSON, and the server's ClickHouse client is
 #: held for one page at a time.

@@ -39,7 +39,7 @@ from onetoken.security import audit
 from onetoken.security.net import client_ip
 from onetoken.security.principal import Principal
 from onetoken.state import AppState
-from onetoken.web.deps import PublicDep, SessionDep, StateDep, require
+from onetoken.web.deps import PublicDep, SessionDep, StateDep, own_account, require
 
 router = APIRouter(tags=["accounts"])
 _bearer = HTTPBearer(auto_error=False)
@@ -151,13 +151,6 @@ def accept_invite(body: InviteAccept, session: SessionDep, state: StateDep) -> A
 # -- own account ------------------------------------------------------------------------------
 
 
-def _me(session: SessionDep, principal: Principal) -> Account:
-    account = session.get(Account, principal.account_id)
-    if account is None:
-        raise NotFound("Account not found.")
-    return account
-
-
 def _me_response(account: Account) -> MeResponse:
     return MeResponse(
         id=account.id,
@@ -174,12 +167,12 @@ def _me_response(account: Account) -> MeResponse:
 
 @router.get("/me", response_model=MeResponse)
 def me(principal: SelfDep, session: SessionDep) -> MeResponse:
-    return _me_response(_me(session, principal))
+    return _me_response(own_account(session, principal))
 
 
 @router.patch("/me", response_model=MeResponse)
 def update_me(body: MeUpdate, principal: SelfDep, session: SessionDep) -> MeResponse:
-    account = _me(session, principal)
+    account = own_account(session, principal)
     before = members.snapshot(account)
     if body.display_name is not None:
         account.display_name = body.display_name
@@ -199,7 +192,7 @@ def change_password(
 ) -> Response:
     """Other sessions of the account end; this one stays. Wrong current passwords count
     towards the sign-in lockout (429 `login_locked` while it lasts)."""
-    account = _me(session, principal)
+    account = own_account(session, principal)
     auth.change_password(
         session,
         state.secrets,
@@ -229,7 +222,7 @@ def totp_enrol(
         state.secrets,
         auth.login_guard(request, state),
         principal,
-        _me(session, principal),
+        own_account(session, principal),
         body.current_password.get_secret_value(),
     )
     session.commit()
@@ -246,7 +239,7 @@ def totp_confirm(
     session: SessionDep,
     state: StateDep,
 ) -> MeResponse:
-    account = _me(session, principal)
+    account = own_account(session, principal)
     auth.totp_confirm(
         session, state.secrets, auth.login_guard(request, state), principal, account, body.code
     )
@@ -265,7 +258,7 @@ def totp_disable(
     state: StateDep,
 ) -> MeResponse:
     """Needs the current password and a current one-time code."""
-    account = _me(session, principal)
+    account = own_account(session, principal)
     auth.totp_disable(
         session,
         state.secrets,

@@ -12,22 +12,16 @@ import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 
-from onetoken.kit.errors import NotFound, OnetokenError, Unprocessable
+from onetoken.kit.errors import NotFound, Unprocessable
 from onetoken.security import log as security_log
 from onetoken.security.log import SECURITY_LOG_COLUMNS, SECURITY_LOG_TABLE, SEVERITIES
 from onetoken.security.principal import Principal
-from onetoken.web.deps import StateDep, require
+from onetoken.web.deps import ServiceUnavailable, StateDep, require
 
 router = APIRouter(prefix="/security", tags=["security"])
 
 SecurityReadDep = Annotated[Principal, Depends(require("security.read"))]
 MAX_PAGE = 1000
-
-
-class SecurityLogUnavailable(OnetokenError):
-    status_code = 503
-    type = "service_unavailable"
-    code = "security_log_unavailable"
 
 
 class SecurityEventOut(BaseModel):
@@ -59,7 +53,9 @@ def _runner(request: Request, state: StateDep) -> Runner:
     if state.runtime is not None:
         read: Runner = getattr(state.runtime.sink, "read")  # noqa: B009 (CallLogSink.read)
         return read
-    raise SecurityLogUnavailable("The security log is served by a running gateway.")
+    raise ServiceUnavailable(
+        "The security log is served by a running gateway.", code="security_log_unavailable"
+    )
 
 
 def _cursor(ts_us: int, event_id: str) -> str:

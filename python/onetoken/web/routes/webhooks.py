@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response
 
-from onetoken.kit.errors import Forbidden, OnetokenError
+from onetoken.kit.errors import Forbidden
 from onetoken.kit.net import networks
 from onetoken.security import audit
 from onetoken.security.principal import Principal
@@ -33,12 +33,6 @@ router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 
 ReadDep = Annotated[Principal, Depends(require("webhooks.read"))]
 WriteDep = Annotated[Principal, Depends(require("webhooks.write"))]
-
-
-class DispatcherUnavailable(OnetokenError):
-    status_code = 503
-    type = "service_unavailable"
-    code = "webhooks_unavailable"
 
 
 def _out(ep: WebhookEndpoint) -> EndpointResponse:
