@@ -19,6 +19,7 @@ from onetoken.cli.common import (
     EXIT_FOUND,
     EXIT_OK,
     CliError,
+    action_group,
     instant,
     open_db,
     settings_from_env,
@@ -469,18 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--needle", required=True, help="the string to look for")
     p.set_defaults(func=cmd_audit_retention)
 
-    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
-        dest="keys_command", required=True, metavar="ACTION"
-    )
+    keys = action_group(sub, "keys", "manage API keys", dest="keys_command")
     p = keys.add_parser("create", help="create an API key (printed once)")
     p.add_argument("--org", required=True, help="org id or name")
     p.add_argument("--name", required=True, help="a label for the key")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_keys_create)
 
-    prov = sub.add_parser("providers", help="providers, models and routes").add_subparsers(
-        dest="providers_command", required=True, metavar="ACTION"
-    )
+    prov = action_group(sub, "providers", "providers, models and routes", dest="providers_command")
     p = prov.add_parser("apply", help="apply a declarative YAML/TOML/JSON file (idempotent; "
                         "a running server picks it up within a second)")
     p.add_argument("file", help="the file")
@@ -495,9 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="catch up once and exit")
     p.set_defaults(func=cmd_ingest)
 
-    calls = sub.add_parser("calls", help="call metadata").add_subparsers(
-        dest="calls_command", required=True, metavar="ACTION"
-    )
+    calls = action_group(sub, "calls", "call metadata", dest="calls_command")
     p = calls.add_parser("export", help="print call_log rows as JSON lines, oldest first")
     p.add_argument("--org", default=None, help="only this org id")
     p.set_defaults(func=cmd_calls_export)
@@ -512,9 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_calls_stats)
 
-    billing = sub.add_parser("billing", help="billing operations").add_subparsers(
-        dest="billing_command", required=True, metavar="ACTION"
-    )
+    billing = action_group(sub, "billing", "billing operations", dest="billing_command")
     p = billing.add_parser("reconcile", help="ledger usage vs call_log cost per org (exit 1 "
                            "on any difference)")
     p.add_argument("--from", dest="start", type=instant, default=None, help="ISO start (incl.)")

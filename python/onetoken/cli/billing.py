@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from onetoken.cli.common import CliError, instant, open_db, settings_from_env
+from onetoken.cli.common import CliError, action_group, instant, open_db, settings_from_env
 
 
 # kit.money (pydantic) is imported where it is used: the `onetoken` parser registers these
@@ -173,9 +173,7 @@ def cmd_expire(state: Any, session: Any, args: argparse.Namespace) -> int:
 
 def register(billing: Any) -> None:
     """Add the operator commands to the `onetoken billing` sub-parsers."""
-    plans = billing.add_parser("plans", help="packages on sale").add_subparsers(
-        dest="plans_command", required=True, metavar="ACTION"
-    )
+    plans = action_group(billing, "plans", "packages on sale", dest="plans_command")
     p = plans.add_parser("create", help="create a plan")
     p.add_argument("--name", required=True)
     p.add_argument("--price", type=_money, required=True, help="what it costs, e.g. 90.00")
@@ -187,9 +185,7 @@ def register(billing: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan_list)
 
-    codes = billing.add_parser("codes", help="redemption codes").add_subparsers(
-        dest="codes_command", required=True, metavar="ACTION"
-    )
+    codes = action_group(billing, "codes", "redemption codes", dest="codes_command")
     p = codes.add_parser("create", help="create single-use codes (printed once)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--credit", type=_money, help="credit per code")
@@ -199,9 +195,7 @@ def register(billing: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_codes_create)
 
-    order = billing.add_parser("orders", help="order payment status").add_subparsers(
-        dest="order_command", required=True, metavar="ACTION"
-    )
+    order = action_group(billing, "orders", "order payment status", dest="order_command")
     for action, help_text in (
         ("confirm", "payment received: mark paid, credit the org"),
         ("fail", "payment failed"),

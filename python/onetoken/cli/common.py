@@ -53,3 +53,10 @@ def instant(value: str) -> datetime:
     except ValueError:
         raise argparse.ArgumentTypeError("must be an ISO 8601 date or time") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def action_group(parent: Any, name: str, help: str, *, dest: str) -> Any:
+    """`onetoken NAME ACTION ...`: a command whose actions are subcommands (one required),
+    as `parent.add_parser` adds it; returns what the actions are added to."""
+    command = parent.add_parser(name, help=help)
+    return command.add_subparsers(dest=dest, required=True, metavar="ACTION")

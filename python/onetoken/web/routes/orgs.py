@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
 
 from onetoken.kit.errors import NotFound
 from onetoken.orgs import auth, members, service
@@ -399,6 +401,20 @@ def create_account(
     return _created(account, token)
 
 
+def _member_change(
+    session: Session,
+    principal: Principal,
+    account_id: str,
+    change: Callable[..., Account],
+    *args: Any,
+) -> AccountResponse:
+    """Apply `change` (a onetoken.orgs.members function) to an account of the principal's
+    org, commit, and answer the account as it now stands."""
+    account = change(session, principal, principal.org_id, account_id, *args)
+    session.commit()
+    return AccountResponse.model_validate(account)
+
+
 @router.get("/accounts/{account_id}", response_model=AccountResponse)
 def get_account(account_id: str, principal: MembersReadDep, session: SessionDep) -> AccountResponse:
     return AccountResponse.model_validate(
@@ -411,9 +427,7 @@ def update_account(
     account_id: str, body: AccountUpdate, principal: MembersWriteDep, session: SessionDep
 ) -> AccountResponse:
     changes = body.model_dump(include=body.model_fields_set)
-    account = members.update(session, principal, principal.org_id, account_id, changes)
-    session.commit()
-    return AccountResponse.model_validate(account)
+    return _member_change(session, principal, account_id, members.update, changes)
 
 
 @router.post("/accounts/{account_id}/disable", response_model=AccountResponse)
@@ -421,24 +435,18 @@ def disable_account(
     account_id: str, principal: MembersWriteDep, session: SessionDep
 ) -> AccountResponse:
     """Signs the account out everywhere; its API keys keep working until revoked."""
-    account = members.set_status(session, principal, principal.org_id, account_id, "disabled")
-    session.commit()
-    return AccountResponse.model_validate(account)
+    return _member_change(session, principal, account_id, members.set_status, "disabled")
 
 
 @router.post("/accounts/{account_id}/enable", response_model=AccountResponse)
 def enable_account(
     account_id: str, principal: MembersWriteDep, session: SessionDep
 ) -> AccountResponse:
-    account = members.set_status(session, principal, principal.org_id, account_id, "active")
-    session.commit()
-    return AccountResponse.model_validate(account)
+    return _member_change(session, principal, account_id, members.set_status, "active")
 
 
 @router.post("/accounts/{account_id}/totp/reset", response_model=AccountResponse)
 def reset_totp(
     account_id: str, principal: MembersWriteDep, session: SessionDep
 ) -> AccountResponse:
-    account = members.reset_second_factor(session, principal, principal.org_id, account_id)
-    session.commit()
-    return AccountResponse.model_validate(account)
+    return _member_change(session, principal, account_id, members.reset_second_factor)
