@@ -24,6 +24,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from onetoken.db.base import Base, BigIntPK, UTCDateTime, utcnow
+from onetoken.orgs.models import Org
+from onetoken.providers.models import Model
 
 ORDER_STATUSES = ("created", "paid", "failed", "refunded", "cancelled")
 ORDER_KINDS = ("recharge", "package")
@@ -38,7 +40,7 @@ class OrgBilling(Base):
 
     __tablename__ = "org_billing"
 
-    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey(Org.id), primary_key=True)
     price_factor_ppm: Mapped[int] = mapped_column(Integer, default=DEFAULT_PRICE_FACTOR_PPM)
     budget_day: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     budget_month: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
@@ -60,9 +62,9 @@ class PriceVersion(Base):
     __tablename__ = "price_versions"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    model_id: Mapped[str] = mapped_column(ForeignKey(Model.id, ondelete="CASCADE"))
     # The model's org; None for the platform catalog (changed by the operator only).
-    org_id: Mapped[str | None] = mapped_column(ForeignKey("orgs.id"), index=True, nullable=True)
+    org_id: Mapped[str | None] = mapped_column(ForeignKey(Org.id), index=True, nullable=True)
     effective_from: Mapped[datetime] = mapped_column(UTCDateTime())
     input_price: Mapped[int] = mapped_column(BigInteger)
     output_price: Mapped[int] = mapped_column(BigInteger)
@@ -100,7 +102,7 @@ class Package(Base):
     __tablename__ = "packages"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"), index=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey(Org.id), index=True)
     plan_id: Mapped[str | None] = mapped_column(ForeignKey("plans.id"), nullable=True)
     order_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     credit: Mapped[int] = mapped_column(BigInteger)
@@ -136,7 +138,7 @@ class Order(Base):
     __tablename__ = "orders"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"), index=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey(Org.id), index=True)
     kind: Mapped[str] = mapped_column(String(16))
     # What the customer pays, and the credit it buys (equal for recharges).
     amount: Mapped[int] = mapped_column(BigInteger)
@@ -200,7 +202,7 @@ class Invoice(Base):
     __tablename__ = "invoices"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"), index=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey(Org.id), index=True)
     number: Mapped[str] = mapped_column(String(32), unique=True)
     period: Mapped[int] = mapped_column(Integer)
     title: Mapped[str] = mapped_column(String(200))
@@ -243,7 +245,7 @@ class LedgerEntry(Base):
     __tablename__ = "ledger_entries"
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
-    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"))
+    org_id: Mapped[str] = mapped_column(ForeignKey(Org.id))
     kind: Mapped[str] = mapped_column(String(16))
     amount: Mapped[int] = mapped_column(BigInteger)
     idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)

@@ -9,6 +9,7 @@ from sqlalchemy import JSON, BigInteger, CheckConstraint, ForeignKey, Integer, S
 from sqlalchemy.orm import Mapped, mapped_column
 
 from onetoken.db.base import Base, UTCDateTime, utcnow
+from onetoken.orgs.models import Account, Org
 
 KEY_STATUSES = ("active", "disabled", "revoked")
 
@@ -17,8 +18,8 @@ class ApiKey(Base):
     __tablename__ = "api_keys"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"), index=True)
-    created_by: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    org_id: Mapped[str] = mapped_column(ForeignKey(Org.id), index=True)
+    created_by: Mapped[str] = mapped_column(ForeignKey(Account.id))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
     display: Mapped[str] = mapped_column(String(32))
     name: Mapped[str] = mapped_column(String(100))

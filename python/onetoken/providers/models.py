@@ -19,6 +19,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from onetoken.db.base import Base, UTCDateTime, utcnow
+from onetoken.orgs.models import Org
 
 MODEL_KINDS = ("chat", "embedding")
 PROTOCOLS = ("openai", "azure", "anthropic", "gemini")
@@ -29,7 +30,7 @@ class Provider(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     # None: the platform catalog, usable by every org; else private to that org.
-    org_id: Mapped[str | None] = mapped_column(ForeignKey("orgs.id"), index=True, nullable=True)
+    org_id: Mapped[str | None] = mapped_column(ForeignKey(Org.id), index=True, nullable=True)
     name: Mapped[str] = mapped_column(String(64))
     protocol: Mapped[str] = mapped_column(String(16))
     base_url: Mapped[str] = mapped_column(String(2048))
@@ -63,7 +64,7 @@ class Model(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     # Always the provider's org_id: None for the platform catalog.
-    org_id: Mapped[str | None] = mapped_column(ForeignKey("orgs.id"), index=True, nullable=True)
+    org_id: Mapped[str | None] = mapped_column(ForeignKey(Org.id), index=True, nullable=True)
     # One row is one deployment; several rows (providers) may serve the same public name.
     name: Mapped[str] = mapped_column(String(128), index=True)
     kind: Mapped[str] = mapped_column(String(16))
@@ -91,7 +92,7 @@ class OrgGatewaySettings(Base):
 
     __tablename__ = "org_gateway_settings"
 
-    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey(Org.id), primary_key=True)
     # Policy fields as in docs/snapshot.md; None = permissive.
     policy: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -112,7 +113,7 @@ class Route(Base):
     __tablename__ = "routes"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    org_id: Mapped[str | None] = mapped_column(ForeignKey("orgs.id"), index=True, nullable=True)
+    org_id: Mapped[str | None] = mapped_column(ForeignKey(Org.id), index=True, nullable=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     strategy: Mapped[str] = mapped_column(String(16), default="priority")
     aliases: Mapped[list[str]] = mapped_column(JSON, default=list)
