@@ -138,6 +138,31 @@ def require(name: str) -> Callable[..., Iterator[Principal]]:
     return dependency
 
 
+# One dependency per permission of the matrix (onetoken.security.permissions): a route
+# names the permission it needs in its signature, e.g. `principal: KeysWriteDep`.
+SelfDep = Annotated[Principal, Depends(require("self"))]
+OrgReadDep = Annotated[Principal, Depends(require("org.read"))]
+OrgWriteDep = Annotated[Principal, Depends(require("org.write"))]
+OrgsManageDep = Annotated[Principal, Depends(require("orgs.manage"))]
+MembersReadDep = Annotated[Principal, Depends(require("members.read"))]
+MembersWriteDep = Annotated[Principal, Depends(require("members.write"))]
+KeysReadDep = Annotated[Principal, Depends(require("keys.read"))]
+KeysWriteDep = Annotated[Principal, Depends(require("keys.write"))]
+ProvidersReadDep = Annotated[Principal, Depends(require("providers.read"))]
+ProvidersWriteDep = Annotated[Principal, Depends(require("providers.write"))]
+ModelsReadDep = Annotated[Principal, Depends(require("models.read"))]
+ModelsWriteDep = Annotated[Principal, Depends(require("models.write"))]
+BillingReadDep = Annotated[Principal, Depends(require("billing.read"))]
+BillingWriteDep = Annotated[Principal, Depends(require("billing.write"))]
+# Moving the platform's money: operators (owners too where ONETOKEN_TENANT_MONEY_ADMIN=true).
+BillingMoneyDep = Annotated[Principal, Depends(require("billing.money"))]
+CallsReadDep = Annotated[Principal, Depends(require("calls.read"))]
+UsageReadDep = Annotated[Principal, Depends(require("usage.read"))]
+SecurityReadDep = Annotated[Principal, Depends(require("security.read"))]
+WebhooksReadDep = Annotated[Principal, Depends(require("webhooks.read"))]
+WebhooksWriteDep = Annotated[Principal, Depends(require("webhooks.write"))]
+
+
 def public() -> None:
     """Marks an endpoint that needs no session (login, health)."""
 

@@ -5,18 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from onetoken.analytics import queries
 from onetoken.kit.errors import Unprocessable
-from onetoken.security.principal import Principal
-from onetoken.web.deps import StateDep, call_log_sink, require
+from onetoken.web.deps import CallsReadDep, StateDep, UsageReadDep, call_log_sink
 
 router = APIRouter(tags=["calls"])
 
-CallsReadDep = Annotated[Principal, Depends(require("calls.read"))]
-UsageReadDep = Annotated[Principal, Depends(require("usage.read"))]
 
 
 class CallPageResponse(BaseModel):

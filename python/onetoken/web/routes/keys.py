@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
 from onetoken.keys import service
 from onetoken.keys.models import ApiKey
@@ -19,14 +19,11 @@ from onetoken.keys.schemas import (
     KeyRotated,
     KeyUpdate,
 )
-from onetoken.security.principal import Principal
-from onetoken.web.deps import SessionDep, StateDep, require
+from onetoken.web.deps import KeysReadDep, KeysWriteDep, SessionDep, StateDep
 
 router = APIRouter(prefix="/keys", tags=["keys"])
 R = TypeVar("R", bound=KeyResponse)
 
-KeysReadDep = Annotated[Principal, Depends(require("keys.read"))]
-KeysWriteDep = Annotated[Principal, Depends(require("keys.write"))]
 
 
 def key_out(k: ApiKey, cls: type[R] = KeyResponse, **extra: Any) -> R:  # type: ignore[assignment]

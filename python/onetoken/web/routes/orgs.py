@@ -41,17 +41,22 @@ from onetoken.security import audit
 from onetoken.security.net import client_ip
 from onetoken.security.principal import Principal
 from onetoken.state import AppState
-from onetoken.web.deps import PublicDep, SessionDep, StateDep, own_account, require
+from onetoken.web.deps import (
+    MembersReadDep,
+    MembersWriteDep,
+    OrgReadDep,
+    OrgsManageDep,
+    OrgWriteDep,
+    PublicDep,
+    SelfDep,
+    SessionDep,
+    StateDep,
+    own_account,
+)
 
 router = APIRouter(tags=["accounts"])
 _bearer = HTTPBearer(auto_error=False)
 
-SelfDep = Annotated[Principal, Depends(require("self"))]
-OrgReadDep = Annotated[Principal, Depends(require("org.read"))]
-OrgWriteDep = Annotated[Principal, Depends(require("org.write"))]
-OrgsManageDep = Annotated[Principal, Depends(require("orgs.manage"))]
-MembersReadDep = Annotated[Principal, Depends(require("members.read"))]
-MembersWriteDep = Annotated[Principal, Depends(require("members.write"))]
 
 
 def _sign_in(

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Response
 from sqlalchemy.orm import Session
 
 from onetoken.kit.errors import Forbidden, NotFound
@@ -49,18 +48,20 @@ from onetoken.providers.schemas import (
 )
 from onetoken.security.principal import Principal
 from onetoken.state import AppState
-from onetoken.web.deps import SessionDep, StateDep, require
+from onetoken.web.deps import (
+    ModelsReadDep,
+    ModelsWriteDep,
+    OrgReadDep,
+    OrgsManageDep,
+    OrgWriteDep,
+    ProvidersReadDep,
+    ProvidersWriteDep,
+    SessionDep,
+    StateDep,
+)
 
 router = APIRouter(tags=["providers"])
 
-ProvidersRead = Annotated[Principal, Depends(require("providers.read"))]
-ProvidersWrite = Annotated[Principal, Depends(require("providers.write"))]
-ModelsRead = Annotated[Principal, Depends(require("models.read"))]
-ModelsWrite = Annotated[Principal, Depends(require("models.write"))]
-OrgRead = Annotated[Principal, Depends(require("org.read"))]
-OrgWrite = Annotated[Principal, Depends(require("org.write"))]
-# Org-wide rate limits are the operator's commercial terms (orgs narrow per key instead).
-OrgsManage = Annotated[Principal, Depends(require("orgs.manage"))]
 
 
 def _provider_out(p: Provider) -> ProviderResponse:
@@ -141,13 +142,13 @@ def _catalog_change(session: Session, state: AppState) -> Iterator[None]:
 
 
 @router.get("/provider-presets", response_model=PresetList)
-def list_presets(_: ProvidersRead) -> PresetList:
+def list_presets(_: ProvidersReadDep) -> PresetList:
     return PresetList(data=[PresetResponse(**p.as_dict()) for p in PRESETS.values()])
 
 
 @router.post("/providers", response_model=ProviderResponse, status_code=201)
 def create_provider(
-    body: ProviderCreate, principal: ProvidersWrite, session: SessionDep, state: StateDep
+    body: ProviderCreate, principal: ProvidersWriteDep, session: SessionDep, state: StateDep
 ) -> ProviderResponse:
     owner = _scope_owner(principal, body.scope)
     check_base_url_target(body.base_url, org_scoped=owner is not None,
@@ -167,7 +168,7 @@ def create_provider(
 
 
 @router.get("/providers", response_model=ProviderList)
-def list_providers(principal: ProvidersRead, session: SessionDep) -> ProviderList:
+def list_providers(principal: ProvidersReadDep, session: SessionDep) -> ProviderList:
     return ProviderList(
         data=[_provider_out(p) for p in service.list_providers(session, principal.org_id)]
     )
@@ -175,7 +176,7 @@ def list_providers(principal: ProvidersRead, session: SessionDep) -> ProviderLis
 
 @router.get("/providers/{provider_id}", response_model=ProviderResponse)
 def get_provider(
-    provider_id: str, principal: ProvidersRead, session: SessionDep
+    provider_id: str, principal: ProvidersReadDep, session: SessionDep
 ) -> ProviderResponse:
     return _provider_out(service.get_visible_provider(session, principal.org_id, provider_id))
 
@@ -184,7 +185,7 @@ def get_provider(
 def update_provider(
     provider_id: str,
     body: ProviderUpdate,
-    principal: ProvidersWrite,
+    principal: ProvidersWriteDep,
     session: SessionDep,
     state: StateDep,
 ) -> ProviderResponse:
@@ -203,7 +204,7 @@ def update_provider(
 
 @router.delete("/providers/{provider_id}", status_code=204)
 def delete_provider(
-    provider_id: str, principal: ProvidersWrite, session: SessionDep, state: StateDep
+    provider_id: str, principal: ProvidersWriteDep, session: SessionDep, state: StateDep
 ) -> Response:
     owner = _owner_for_write(
         principal, service.get_visible_provider(session, principal.org_id, provider_id).org_id
@@ -218,7 +219,7 @@ def delete_provider(
 
 @router.post("/models", response_model=ModelResponse, status_code=201)
 def create_model(
-    body: ModelCreate, principal: ModelsWrite, session: SessionDep, state: StateDep
+    body: ModelCreate, principal: ModelsWriteDep, session: SessionDep, state: StateDep
 ) -> ModelResponse:
     provider = service.get_visible_provider(session, principal.org_id, body.provider_id)
     owner = _owner_for_write(principal, provider.org_id)
@@ -228,18 +229,22 @@ def create_model(
 
 
 @router.get("/models", response_model=ModelList)
-def list_models(principal: ModelsRead, session: SessionDep) -> ModelList:
+def list_models(principal: ModelsReadDep, session: SessionDep) -> ModelList:
     return ModelList(data=[_model_out(m) for m in service.list_models(session, principal.org_id)])
 
 
 @router.get("/models/{model_id}", response_model=ModelResponse)
-def get_model(model_id: str, principal: ModelsRead, session: SessionDep) -> ModelResponse:
+def get_model(model_id: str, principal: ModelsReadDep, session: SessionDep) -> ModelResponse:
     return _model_out(service.get_visible_model(session, principal.org_id, model_id))
 
 
 @router.patch("/models/{model_id}", response_model=ModelResponse)
 def update_model(
-    model_id: str, body: ModelUpdate, principal: ModelsWrite, session: SessionDep, state: StateDep
+    model_id: str,
+    body: ModelUpdate,
+    principal: ModelsWriteDep,
+    session: SessionDep,
+    state: StateDep,
 ) -> ModelResponse:
     owner = _owner_for_write(
         principal, service.get_visible_model(session, principal.org_id, model_id).org_id
@@ -252,7 +257,7 @@ def update_model(
 
 @router.delete("/models/{model_id}", status_code=204)
 def delete_model(
-    model_id: str, principal: ModelsWrite, session: SessionDep, state: StateDep
+    model_id: str, principal: ModelsWriteDep, session: SessionDep, state: StateDep
 ) -> Response:
     owner = _owner_for_write(
         principal, service.get_visible_model(session, principal.org_id, model_id).org_id
@@ -267,7 +272,7 @@ def delete_model(
 
 @router.post("/routes", response_model=RouteResponse, status_code=201)
 def create_route(
-    body: RouteCreate, principal: ModelsWrite, session: SessionDep, state: StateDep
+    body: RouteCreate, principal: ModelsWriteDep, session: SessionDep, state: StateDep
 ) -> RouteResponse:
     owner = _scope_owner(principal, body.scope)
     with _catalog_change(session, state):
@@ -278,18 +283,22 @@ def create_route(
 
 
 @router.get("/routes", response_model=RouteList)
-def list_routes(principal: ModelsRead, session: SessionDep) -> RouteList:
+def list_routes(principal: ModelsReadDep, session: SessionDep) -> RouteList:
     return RouteList(data=[_route_out(r) for r in gw.list_routes(session, principal.org_id)])
 
 
 @router.get("/routes/{route_id}", response_model=RouteResponse)
-def get_route(route_id: str, principal: ModelsRead, session: SessionDep) -> RouteResponse:
+def get_route(route_id: str, principal: ModelsReadDep, session: SessionDep) -> RouteResponse:
     return _route_out(gw.get_visible_route(session, principal.org_id, route_id))
 
 
 @router.patch("/routes/{route_id}", response_model=RouteResponse)
 def update_route(
-    route_id: str, body: RouteUpdate, principal: ModelsWrite, session: SessionDep, state: StateDep
+    route_id: str,
+    body: RouteUpdate,
+    principal: ModelsWriteDep,
+    session: SessionDep,
+    state: StateDep,
 ) -> RouteResponse:
     owner = _owner_for_write(
         principal, gw.get_visible_route(session, principal.org_id, route_id).org_id
@@ -302,7 +311,7 @@ def update_route(
 
 @router.delete("/routes/{route_id}", status_code=204)
 def delete_route(
-    route_id: str, principal: ModelsWrite, session: SessionDep, state: StateDep
+    route_id: str, principal: ModelsWriteDep, session: SessionDep, state: StateDep
 ) -> Response:
     owner = _owner_for_write(
         principal, gw.get_visible_route(session, principal.org_id, route_id).org_id
@@ -313,13 +322,13 @@ def delete_route(
 
 
 @router.get("/routing", response_model=Routing)
-def get_routing(_: ModelsRead, session: SessionDep) -> Routing:
+def get_routing(_: ModelsReadDep, session: SessionDep) -> Routing:
     return gw.get_routing(session)
 
 
 @router.put("/routing", response_model=Routing)
 def set_routing(
-    body: Routing, principal: ModelsWrite, session: SessionDep, state: StateDep
+    body: Routing, principal: ModelsWriteDep, session: SessionDep, state: StateDep
 ) -> Routing:
     require_operator(principal)
     with _catalog_change(session, state):
@@ -338,13 +347,13 @@ def _readable_org(session: Session, principal: Principal, org_id: str) -> str:
 
 
 @router.get("/orgs/{org_id}/policy", response_model=Policy)
-def get_org_policy(org_id: str, principal: OrgRead, session: SessionDep) -> Policy:
+def get_org_policy(org_id: str, principal: OrgReadDep, session: SessionDep) -> Policy:
     return gw.get_policy(session, _readable_org(session, principal, org_id))
 
 
 @router.put("/orgs/{org_id}/policy", response_model=Policy)
 def set_org_policy(
-    org_id: str, body: Policy, principal: OrgWrite, session: SessionDep, state: StateDep
+    org_id: str, body: Policy, principal: OrgWriteDep, session: SessionDep, state: StateDep
 ) -> Policy:
     with _catalog_change(session, state):
         policy = gw.set_policy(session, _readable_org(session, principal, org_id), body)
@@ -352,13 +361,13 @@ def set_org_policy(
 
 
 @router.get("/orgs/{org_id}/guard", response_model=Guard)
-def get_org_guard(org_id: str, principal: OrgRead, session: SessionDep) -> Guard:
+def get_org_guard(org_id: str, principal: OrgReadDep, session: SessionDep) -> Guard:
     return gw.get_guard(session, _readable_org(session, principal, org_id))
 
 
 @router.put("/orgs/{org_id}/guard", response_model=Guard)
 def set_org_guard(
-    org_id: str, body: Guard, principal: OrgWrite, session: SessionDep, state: StateDep
+    org_id: str, body: Guard, principal: OrgWriteDep, session: SessionDep, state: StateDep
 ) -> Guard:
     with _catalog_change(session, state):
         guard = gw.set_guard(session, _readable_org(session, principal, org_id), body)
@@ -366,13 +375,14 @@ def set_org_guard(
 
 
 @router.get("/orgs/{org_id}/limits", response_model=OrgLimits)
-def get_org_limits(org_id: str, principal: OrgRead, session: SessionDep) -> OrgLimits:
+def get_org_limits(org_id: str, principal: OrgReadDep, session: SessionDep) -> OrgLimits:
     return gw.get_limits(session, _readable_org(session, principal, org_id))
 
 
+# Org-wide rate limits are the operator's commercial terms (orgs narrow per key instead).
 @router.put("/orgs/{org_id}/limits", response_model=OrgLimits)
 def set_org_limits(
-    org_id: str, body: OrgLimits, principal: OrgsManage, session: SessionDep, state: StateDep
+    org_id: str, body: OrgLimits, principal: OrgsManageDep, session: SessionDep, state: StateDep
 ) -> OrgLimits:
     target = _readable_org(session, principal, org_id)
     limits = gw.set_limits(session, target, body)
@@ -381,13 +391,13 @@ def set_org_limits(
 
 
 @router.get("/keys/{key_id}/policy", response_model=Policy)
-def get_key_policy(key_id: str, principal: OrgRead, session: SessionDep) -> Policy:
+def get_key_policy(key_id: str, principal: OrgReadDep, session: SessionDep) -> Policy:
     return gw.get_key_policy(session, principal.org_id, key_id)
 
 
 @router.put("/keys/{key_id}/policy", response_model=Policy)
 def set_key_policy(
-    key_id: str, body: Policy, principal: OrgWrite, session: SessionDep, state: StateDep
+    key_id: str, body: Policy, principal: OrgWriteDep, session: SessionDep, state: StateDep
 ) -> Policy:
     policy = gw.set_key_policy(session, principal.org_id, key_id, body)
     state.commit_change(session)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from sqlalchemy import func, select
@@ -18,12 +18,17 @@ from onetoken.rights import erasure, export
 from onetoken.security import audit
 from onetoken.security.principal import Principal
 from onetoken.state import AppState
-from onetoken.web.deps import ServiceUnavailable, SessionDep, StateDep, own_account, require
+from onetoken.web.deps import (
+    MembersWriteDep,
+    SelfDep,
+    ServiceUnavailable,
+    SessionDep,
+    StateDep,
+    own_account,
+)
 
 router = APIRouter(tags=["rights"])
 
-SelfDep = Annotated[Principal, Depends(require("self"))]
-MembersWriteDep = Annotated[Principal, Depends(require("members.write"))]
 
 
 class CancelRequest(BaseModel):

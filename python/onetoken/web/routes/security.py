@@ -15,12 +15,10 @@ from pydantic import BaseModel
 from onetoken.kit.errors import NotFound, Unprocessable
 from onetoken.security import log as security_log
 from onetoken.security.log import SECURITY_LOG_COLUMNS, SECURITY_LOG_TABLE, SEVERITIES
-from onetoken.security.principal import Principal
-from onetoken.web.deps import ServiceUnavailable, StateDep, require
+from onetoken.web.deps import SecurityReadDep, ServiceUnavailable, StateDep
 
 router = APIRouter(prefix="/security", tags=["security"])
 
-SecurityReadDep = Annotated[Principal, Depends(require("security.read"))]
 MAX_PAGE = 1000
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Query, Response
 
 from onetoken.kit.errors import Forbidden
 from onetoken.kit.net import networks
 from onetoken.security import audit
 from onetoken.security.principal import Principal
 from onetoken.state import AppState
-from onetoken.web.deps import SessionDep, StateDep, require
+from onetoken.web.deps import SessionDep, StateDep, WebhooksReadDep, WebhooksWriteDep
 from onetoken.webhooks import current, service
 from onetoken.webhooks.dispatcher import WebhookDispatcher
 from onetoken.webhooks.models import WebhookDelivery, WebhookEndpoint
@@ -31,8 +31,6 @@ from onetoken.webhooks.schemas import (
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 
-ReadDep = Annotated[Principal, Depends(require("webhooks.read"))]
-WriteDep = Annotated[Principal, Depends(require("webhooks.write"))]
 
 
 def _out(ep: WebhookEndpoint) -> EndpointResponse:
@@ -98,7 +96,7 @@ def stop_test_sender(state: AppState) -> None:
 
 @router.post("", response_model=EndpointCreated, status_code=201)
 def create_endpoint(
-    body: EndpointCreate, principal: WriteDep, session: SessionDep, state: StateDep
+    body: EndpointCreate, principal: WebhooksWriteDep, session: SessionDep, state: StateDep
 ) -> EndpointCreated:
     """Register a callback address. The signing secret is in this response only."""
     if body.platform and not principal.is_operator:
@@ -121,13 +119,13 @@ def create_endpoint(
 
 
 @router.get("", response_model=EndpointList)
-def list_endpoints(principal: ReadDep, session: SessionDep) -> EndpointList:
+def list_endpoints(principal: WebhooksReadDep, session: SessionDep) -> EndpointList:
     return EndpointList(data=[_out(e) for e in service.list_endpoints(session, principal.org_id)])
 
 
 @router.get("/deliveries", response_model=DeliveryList)
 def list_deliveries(
-    principal: ReadDep,
+    principal: WebhooksReadDep,
     session: SessionDep,
     endpoint_id: Annotated[str | None, Query(max_length=32)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
@@ -141,7 +139,9 @@ def list_deliveries(
 
 
 @router.get("/deliveries/{delivery_id}", response_model=DeliveryDetail)
-def get_delivery(delivery_id: str, principal: ReadDep, session: SessionDep) -> DeliveryDetail:
+def get_delivery(
+    delivery_id: str, principal: WebhooksReadDep, session: SessionDep
+) -> DeliveryDetail:
     d = service.get_delivery(session, principal.org_id, delivery_id)
     attempts = [
         AttemptResponse(attempt=a.attempt, status_code=a.status_code, latency_ms=a.latency_ms,
@@ -152,7 +152,9 @@ def get_delivery(delivery_id: str, principal: ReadDep, session: SessionDep) -> D
 
 
 @router.get("/{endpoint_id}", response_model=EndpointResponse)
-def get_endpoint(endpoint_id: str, principal: ReadDep, session: SessionDep) -> EndpointResponse:
+def get_endpoint(
+    endpoint_id: str, principal: WebhooksReadDep, session: SessionDep
+) -> EndpointResponse:
     return _out(service.get_endpoint(session, principal.org_id, endpoint_id))
 
 
@@ -160,7 +162,7 @@ def get_endpoint(endpoint_id: str, principal: ReadDep, session: SessionDep) -> E
 def update_endpoint(
     endpoint_id: str,
     body: EndpointUpdate,
-    principal: WriteDep,
+    principal: WebhooksWriteDep,
     session: SessionDep,
     state: StateDep,
 ) -> EndpointResponse:
@@ -183,7 +185,7 @@ def update_endpoint(
 
 @router.post("/{endpoint_id}/rotate-secret", response_model=SecretRotated)
 def rotate_secret(
-    endpoint_id: str, principal: WriteDep, session: SessionDep, state: StateDep
+    endpoint_id: str, principal: WebhooksWriteDep, session: SessionDep, state: StateDep
 ) -> SecretRotated:
     """A new signing secret (shown once); the old one stops signing at once."""
     ep = _writable(session, principal, endpoint_id)
@@ -194,7 +196,7 @@ def rotate_secret(
 
 
 @router.delete("/{endpoint_id}", status_code=204)
-def delete_endpoint(endpoint_id: str, principal: WriteDep, session: SessionDep) -> Response:
+def delete_endpoint(endpoint_id: str, principal: WebhooksWriteDep, session: SessionDep) -> Response:
     ep = _writable(session, principal, endpoint_id)
     service.delete_endpoint(session, ep)
     session.commit()
@@ -204,7 +206,7 @@ def delete_endpoint(endpoint_id: str, principal: WriteDep, session: SessionDep) 
 
 @router.post("/{endpoint_id}/test", response_model=DeliveryDetail, status_code=202)
 def send_test(
-    endpoint_id: str, principal: WriteDep, session: SessionDep, state: StateDep
+    endpoint_id: str, principal: WebhooksWriteDep, session: SessionDep, state: StateDep
 ) -> DeliveryDetail:
     """Queue a `webhook_test` event for sending now and answer with the pending delivery
     at once (the attempt runs on the delivery workers, never on this request; follow it
