@@ -391,16 +391,7 @@ def redeem_code(
 
 
 def _usage_rows(rows: list[statements.UsageRow]) -> list[UsageRowResponse]:
-    return [
-        UsageRowResponse(
-            group=r.group,
-            calls=r.calls,
-            prompt_tokens=r.prompt_tokens,
-            completion_tokens=r.completion_tokens,
-            cost=r.cost,
-        )
-        for r in rows
-    ]
+    return [UsageRowResponse.model_validate(r, from_attributes=True) for r in rows]
 
 
 def _statement(

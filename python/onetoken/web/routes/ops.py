@@ -70,14 +70,7 @@ def billing_reconcile(
     lines = call_log_sink(state).read(lambda c: reconcile(session, c, start=start, end=end))
     return ReconcileResponse(
         lines=[
-            ReconcileLine(
-                org_id=r.org_id,
-                day=r.day,
-                ledger_usage=r.ledger_usage,
-                call_log_cost=r.call_log_cost,
-                ledger_calls=r.ledger_calls,
-                call_log_calls=r.call_log_calls,
-            )
+            ReconcileLine.model_validate(r, from_attributes=True)
             for r in lines
             if org is None or r.org_id == org
         ]

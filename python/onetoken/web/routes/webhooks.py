@@ -48,20 +48,7 @@ def _out(ep: WebhookEndpoint) -> EndpointResponse:
 
 
 def _delivery(d: WebhookDelivery) -> DeliveryResponse:
-    return DeliveryResponse(
-        id=d.id,
-        endpoint_id=d.endpoint_id,
-        event_id=d.event_id,
-        kind=d.kind,
-        status=d.status,
-        attempts=d.attempts,
-        last_status_code=d.last_status_code,
-        last_latency_ms=d.last_latency_ms,
-        last_error=d.last_error,
-        next_attempt_at=d.next_attempt_at,
-        created_at=d.created_at,
-        finished_at=d.finished_at,
-    )
+    return DeliveryResponse.model_validate(d, from_attributes=True)
 
 
 def _dispatcher(state: AppState) -> WebhookDispatcher:
