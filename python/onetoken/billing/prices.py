@@ -37,6 +37,15 @@ class Prices:
     cached_input_price: int
     request_price: int = 0
 
+    @classmethod
+    def listed(
+        cls, input_price: int, output_price: int, cached_input_price: int | None, request_price: int
+    ) -> Prices:
+        """Prices as an operator lists them: cached input costs what input costs unless
+        it has its own price."""
+        cached = input_price if cached_input_price is None else cached_input_price
+        return cls(input_price, output_price, cached, request_price)
+
 
 def _model_for(session: Session, org_id: str | None, model_id: str) -> Model:
     model = session.get(Model, model_id)

@@ -121,12 +121,7 @@ def cmd_price(state: Any, session: Any, args: argparse.Namespace) -> int:
         session,
         model.org_id,
         model.id,
-        prices.Prices(
-            input_price=args.input,
-            output_price=args.output,
-            cached_input_price=args.input if args.cached is None else args.cached,
-            request_price=args.request,
-        ),
+        prices.Prices.listed(args.input, args.output, args.cached, args.request),
         effective_from=args.effective_from,
     )
     session.commit()

@@ -216,13 +216,8 @@ def add_price(
         session,
         principal.org_id,
         body.model_id,
-        prices.Prices(
-            input_price=body.input_price,
-            output_price=body.output_price,
-            cached_input_price=(
-                body.input_price if body.cached_input_price is None else body.cached_input_price
-            ),
-            request_price=body.request_price,
+        prices.Prices.listed(
+            body.input_price, body.output_price, body.cached_input_price, body.request_price
         ),
         effective_from=body.effective_from,
         created_by=principal.account_id,

@@ -54,19 +54,14 @@ def key_out(k: ApiKey, cls: type[R] = KeyResponse, **extra: Any) -> R:  # type: 
 def create_key(
     body: KeyCreate, principal: KeysWriteDep, session: SessionDep, state: StateDep
 ) -> KeyCreated:
+    # The request's fields are create_key's keyword arguments (limits as a dict).
     key, plaintext = service.create_key(
         session,
         state.secrets,
         org_id=principal.org_id,
         created_by=principal.account_id,
-        name=body.name,
-        owner_id=body.owner_id,
-        expires_at=body.expires_at,
-        not_before=body.not_before,
-        allowed_models=body.allowed_models,
-        allowed_ips=body.allowed_ips,
-        limits=body.limits.model_dump() if body.limits else None,
         actor=principal,
+        **body.model_dump(),
     )
     state.commit_change(session)
     return key_out(key, KeyCreated, key=plaintext)

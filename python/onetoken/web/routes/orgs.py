@@ -395,12 +395,8 @@ def create_account(
 ) -> AccountCreated:
     account, token = members.create(
         session, state.secrets, principal, principal.org_id,
-        role=body.role,
-        login_name=body.login_name,
-        email=body.email,
-        mobile=body.mobile,
-        display_name=body.display_name,
         password=body.password.get_secret_value() if body.password else None,
+        **body.model_dump(exclude={"password"}),
     )
     session.commit()
     return _created(account, token)
