@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -33,9 +34,7 @@ from onetoken.billing.schemas import (
     PriceVersionResponse,
     RedeemRequest,
     RefundRequest,
-    StatementEntry,
     StatementResponse,
-    UsageRowResponse,
 )
 from onetoken.kit.errors import Forbidden, Unprocessable
 from onetoken.orgs.service import target_org
@@ -385,10 +384,6 @@ def redeem_code(
 # -- statements and invoices -------------------------------------------------------------
 
 
-def _usage_rows(rows: list[statements.UsageRow]) -> list[UsageRowResponse]:
-    return [UsageRowResponse.model_validate(r, from_attributes=True) for r in rows]
-
-
 def _statement(
     principal: Principal, session: SessionDep, state: StateDep, period: str
 ) -> statements.Statement:
@@ -405,21 +400,9 @@ def get_statement(
     """A month (YYYY-MM, UTC) of the org's money: opening and closing balance, movement by
     ledger kind, recharges and other credits, and usage by model, key and day."""
     s = _statement(principal, session, state, period)
-    return StatementResponse(
-        org_id=s.org_id,
-        period=s.period.label,
-        currency=s.currency,
-        opening_balance=s.opening_balance,
-        closing_balance=s.closing_balance,
-        movement=s.movement,
-        ledger_usage=s.ledger_usage,
-        call_log_cost=s.call_log_cost,
-        difference=s.difference,
-        calls=s.calls,
-        by_model=_usage_rows(s.by_model),
-        by_key=_usage_rows(s.by_key),
-        by_day=_usage_rows(s.by_day),
-        credits=[StatementEntry(**c) for c in s.credits],
+    # The statement's fields by name; the period as its label, the difference derived.
+    return StatementResponse.model_validate(
+        {**asdict(s), "period": s.period.label, "difference": s.difference}
     )
 
 
