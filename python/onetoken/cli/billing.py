@@ -166,29 +166,33 @@ def cmd_expire(state: Any, session: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(
+    parent: Any, func: Callable[[argparse.Namespace], int], *args: Any, **kw: Any
+) -> Any:
+    """An operator command (`parent.add_parser(*args, **kw)`) that prints JSON with --json."""
+    p = parent.add_parser(*args, **kw)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=func)
+    return p
+
+
 def register(billing: Any) -> None:
     """Add the operator commands to the `onetoken billing` sub-parsers."""
     plans = action_group(billing, "plans", "packages on sale", dest="plans_command")
-    p = plans.add_parser("create", help="create a plan")
+    p = _command(plans, cmd_plan_create, "create", help="create a plan")
     p.add_argument("--name", required=True)
     p.add_argument("--price", type=_money, required=True, help="what it costs, e.g. 90.00")
     p.add_argument("--credit", type=_money, required=True, help="credit it grants, e.g. 100")
     p.add_argument("--days", type=int, required=True, help="validity in days")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_plan_create)
-    p = plans.add_parser("list", help="list active plans")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_plan_list)
+    _command(plans, cmd_plan_list, "list", help="list active plans")
 
     codes = action_group(billing, "codes", "redemption codes", dest="codes_command")
-    p = codes.add_parser("create", help="create single-use codes (printed once)")
+    p = _command(codes, cmd_codes_create, "create", help="create single-use codes (printed once)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--credit", type=_money, help="credit per code")
     what.add_argument("--plan", help="plan id each code grants")
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--expires", type=instant, default=None, help="ISO time")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_codes_create)
 
     order = action_group(billing, "orders", "order payment status", dest="order_command")
     for action, help_text in (
@@ -196,27 +200,24 @@ def register(billing: Any) -> None:
         ("fail", "payment failed"),
         ("cancel", "cancel an unpaid order"),
     ):
-        p = order.add_parser(action, help=help_text)
+        p = _command(order, cmd_order_action, action, help=help_text)
         p.add_argument("order_id")
-        p.add_argument("--json", action="store_true")
-        p.set_defaults(func=cmd_order_action)
 
-    p = billing.add_parser("price", help="add a price version to a model (any org's)")
+    p = _command(billing, cmd_price, "price", help="add a price version to a model (any org's)")
     p.add_argument("--model", required=True, help="model (deployment) id")
     p.add_argument("--input", type=_money, required=True, help="per million input tokens")
     p.add_argument("--output", type=_money, required=True, help="per million output tokens")
     p.add_argument("--cached", type=_money, default=None, help="per million cached tokens")
     p.add_argument("--request", type=_money, default=0, help="per request")
     p.add_argument("--from", dest="effective_from", type=instant, default=None)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_price)
 
-    p = billing.add_parser("price-factor", help="org discount or surcharge (parts per million)")
+    p = _command(
+        billing,
+        cmd_price_factor,
+        "price-factor",
+        help="org discount or surcharge (parts per million)",
+    )
     p.add_argument("--org", required=True, help="org id or name")
     p.add_argument("--ppm", type=int, required=True, help="900000 = 10%% off")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_price_factor)
 
-    p = billing.add_parser("expire", help="lapse due packages and apply due prices now")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_expire)
+    _command(billing, cmd_expire, "expire", help="lapse due packages and apply due prices now")
