@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -304,11 +305,21 @@ def get_order(order_id: str, principal: BillingReadDep, session: SessionDep) -> 
     return _order_response(session, orders.get_order(session, principal.org_id, order_id))
 
 
-def _finish(
-    session: SessionDep, state: StateDep, order: Order, actor: str, money_moved: bool
+def _order_step(
+    session: SessionDep,
+    state: StateDep,
+    principal: Principal,
+    order: Order,
+    step: Callable[..., object],
+    *,
+    money_moved: bool,
+    **kw: Any,
 ) -> OrderResponse:
+    """Move `order` on by `step` (a onetoken.billing.orders function) as the principal,
+    commit, audit the change, and answer the gateways' polls when money moved."""
+    step(session, order, actor=principal.account_id, **kw)
     session.commit()
-    orders.audit_change(order, actor)
+    orders.audit_change(order, principal.account_id)
     if money_moved:
         state.config_changed()
     return _order_response(session, order)
@@ -325,8 +336,7 @@ def confirm_order(
         raise Forbidden(
             "Another billing admin must confirm this order.", code="separation_of_duties"
         )
-    orders.mark_paid(session, order, actor=principal.account_id)
-    return _finish(session, state, order, principal.account_id, True)
+    return _order_step(session, state, principal, order, orders.mark_paid, money_moved=True)
 
 
 @router.post("/orders/{order_id}/fail", response_model=OrderResponse)
@@ -335,8 +345,7 @@ def fail_order(
 ) -> OrderResponse:
     """The payment did not arrive (operators)."""
     order = orders.get_order(session, _money_scope(principal), order_id)
-    orders.mark_failed(session, order, actor=principal.account_id)
-    return _finish(session, state, order, principal.account_id, False)
+    return _order_step(session, state, principal, order, orders.mark_failed, money_moved=False)
 
 
 @router.post("/orders/{order_id}/cancel", response_model=OrderResponse)
@@ -344,8 +353,7 @@ def cancel_order(
     order_id: str, principal: BillingWriteDep, session: SessionDep, state: StateDep
 ) -> OrderResponse:
     order = orders.get_order(session, principal.org_id, order_id)
-    orders.cancel(session, order, actor=principal.account_id)
-    return _finish(session, state, order, principal.account_id, False)
+    return _order_step(session, state, principal, order, orders.cancel, money_moved=False)
 
 
 @router.post("/orders/{order_id}/refund", response_model=OrderResponse)
@@ -358,8 +366,9 @@ def refund_order(
 ) -> OrderResponse:
     """Pay a paid order back (operators)."""
     order = orders.get_order(session, _money_scope(principal), order_id)
-    orders.refund(session, order, actor=principal.account_id, amount=body.amount)
-    return _finish(session, state, order, principal.account_id, True)
+    return _order_step(
+        session, state, principal, order, orders.refund, money_moved=True, amount=body.amount
+    )
 
 
 @router.post("/redeem", response_model=OrderResponse, status_code=201)
