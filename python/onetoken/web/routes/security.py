@@ -12,6 +12,7 @@ import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 
+from onetoken.analytics import queries
 from onetoken.kit.errors import NotFound, Unprocessable
 from onetoken.security import log as security_log
 from onetoken.security.log import SECURITY_LOG_COLUMNS, SECURITY_LOG_TABLE, SEVERITIES
@@ -94,11 +95,7 @@ def list_events(
     if writer is not None:
         writer.flush(run)  # what was recorded a moment ago is visible now
 
-    where: list[str] = []
-    params: dict[str, Any] = {}
-    if scope_org is not None:
-        where.append("org_id = {org:String}")
-        params["org"] = scope_org
+    where, params = queries.window_filters(scope_org, start, end)
     if kind:
         where.append("kind IN {kinds:Array(String)}")
         params["kinds"] = kind
@@ -111,12 +108,6 @@ def list_events(
     if subject_id is not None:
         where.append("subject_id = {subject:String}")
         params["subject"] = subject_id
-    if start is not None:
-        where.append("ts >= fromUnixTimestamp64Micro({start:Int64})")
-        params["start"] = _us(start)
-    if end is not None:
-        where.append("ts < fromUnixTimestamp64Micro({end:Int64})")
-        params["end"] = _us(end)
     if cursor is not None:
         c_ts, c_id = _parse_cursor(cursor)
         where.append(
@@ -147,9 +138,3 @@ def list_events(
     ]
     next_cursor = _cursor(int(rows[-1][0]), str(rows[-1][1])) if more and rows else None
     return SecurityEventPage(data=data, next_cursor=next_cursor)
-
-
-def _us(value: datetime) -> int:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return int(value.timestamp() * 1_000_000)
