@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import NotFound
 from onetoken.orgs import auth, members, service
 from onetoken.orgs.models import Account, AdminSession
@@ -38,6 +39,7 @@ from onetoken.orgs.schemas import (
     TotpEnrolRequest,
 )
 from onetoken.security import audit
+from onetoken.security.login_guard import LoginGuard
 from onetoken.security.net import client_ip
 from onetoken.security.principal import Principal
 from onetoken.state import AppState
@@ -158,6 +160,15 @@ def accept_invite(body: InviteAccept, session: SessionDep, state: StateDep) -> A
 # -- own account ------------------------------------------------------------------------------
 
 
+def _own_change(
+    request: Request, state: AppState, session: Session, principal: Principal, account: Account
+) -> tuple[Session, Secrets, LoginGuard, Principal, Account]:
+    """The leading arguments of every onetoken.orgs.auth change to the caller's own
+    sign-in (password, second factor): a wrong current password there counts towards the
+    sign-in lockout like a failed sign-in."""
+    return session, state.secrets, auth.login_guard(request, state), principal, account
+
+
 def _me_response(account: Account) -> MeResponse:
     return MeResponse(
         id=account.id,
@@ -201,11 +212,7 @@ def change_password(
     towards the sign-in lockout (429 `login_locked` while it lasts)."""
     account = own_account(session, principal)
     auth.change_password(
-        session,
-        state.secrets,
-        auth.login_guard(request, state),
-        principal,
-        account,
+        *_own_change(request, state, session, principal, account),
         body.current_password.get_secret_value(),
         body.new_password.get_secret_value(),
     )
@@ -224,12 +231,9 @@ def totp_enrol(
 ) -> TotpEnrolment:
     """Start enrolling a TOTP second factor (needs the current password); confirm with a
     code to turn it on."""
+    account = own_account(session, principal)
     secret, uri = auth.totp_enrol(
-        session,
-        state.secrets,
-        auth.login_guard(request, state),
-        principal,
-        own_account(session, principal),
+        *_own_change(request, state, session, principal, account),
         body.current_password.get_secret_value(),
     )
     session.commit()
@@ -247,9 +251,7 @@ def totp_confirm(
     state: StateDep,
 ) -> MeResponse:
     account = own_account(session, principal)
-    auth.totp_confirm(
-        session, state.secrets, auth.login_guard(request, state), principal, account, body.code
-    )
+    auth.totp_confirm(*_own_change(request, state, session, principal, account), body.code)
     session.commit()
     audit.change(principal, "account.totp_enabled", subject_id=account.id,
                  before={"auth_status": "password"}, after={"auth_status": "totp"})
@@ -267,11 +269,7 @@ def totp_disable(
     """Needs the current password and a current one-time code."""
     account = own_account(session, principal)
     auth.totp_disable(
-        session,
-        state.secrets,
-        auth.login_guard(request, state),
-        principal,
-        account,
+        *_own_change(request, state, session, principal, account),
         current_password=body.current_password.get_secret_value(),
         code=body.code,
     )
