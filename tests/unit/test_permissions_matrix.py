@@ -189,7 +189,7 @@ def test_docs_permissions_md_is_generated_from_the_code(world: World) -> None:
     expected = render_doc(world.app)
     assert DOC.read_text() == expected, (
         "docs/permissions.md is stale: run "
-        "`.venv/bin/python -m onetoken.security.permissions > docs/permissions.md`"
+        "`.venv/bin/python -m onetoken.web.permissions > docs/permissions.md`"
     )
 
 

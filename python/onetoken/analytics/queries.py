@@ -1,9 +1,10 @@
 """Read queries over onetoken.call_log, for the control plane, its APIs and tests.
 
 Every query reads with FINAL: the table is a ReplacingMergeTree and a journal range
-inserted again after a crash is a second physical row until a merge collapses it, so FINAL is what makes
-counts and sums exact per request. Times are integer microseconds since the epoch (the
-record contract) or aware datetimes; naive datetimes are taken as UTC.
+inserted again after a crash is a second physical row until a merge collapses it, so
+FINAL is what makes counts and sums exact per request. Times are integer microseconds
+since the epoch (the record contract) or aware datetimes; naive datetimes are taken as
+UTC.
 
 The SQL text is assembled only from module constants and fixed clause templates; every
 value (org id, times, cursor, limit) is a bound server-side parameter, hence the S608
