@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -49,6 +50,7 @@ from onetoken.web.deps import (
     OrgReadDep,
     OrgsManageDep,
     OrgWriteDep,
+    PrincipalDep,
     PublicDep,
     SelfDep,
     SessionDep,
@@ -160,13 +162,32 @@ def accept_invite(body: InviteAccept, session: SessionDep, state: StateDep) -> A
 # -- own account ------------------------------------------------------------------------------
 
 
-def _own_change(
-    request: Request, state: AppState, session: Session, principal: Principal, account: Account
-) -> tuple[Session, Secrets, LoginGuard, Principal, Account]:
-    """The leading arguments of every onetoken.orgs.auth change to the caller's own
-    sign-in (password, second factor): a wrong current password there counts towards the
-    sign-in lockout like a failed sign-in."""
-    return session, state.secrets, auth.login_guard(request, state), principal, account
+@dataclass(frozen=True, slots=True)
+class OwnSignIn:
+    """What onetoken.orgs.auth needs to change the caller's own sign-in (password, second
+    factor): a wrong current password there counts towards the sign-in lockout (the
+    guard) like a failed sign-in."""
+
+    session: Session
+    secrets: Secrets
+    guard: LoginGuard
+    principal: Principal
+    account: Account
+
+    def args(self) -> tuple[Session, Secrets, LoginGuard, Principal, Account]:
+        return self.session, self.secrets, self.guard, self.principal, self.account
+
+
+def own_sign_in(
+    request: Request, principal: PrincipalDep, session: SessionDep, state: StateDep
+) -> OwnSignIn:
+    # The signed-in principal as get_principal made it (the route's own `self` permission
+    # check reaches the same one), so the route declares its permission once.
+    guard = auth.login_guard(request, state)
+    return OwnSignIn(session, state.secrets, guard, principal, own_account(session, principal))
+
+
+OwnSignInDep = Annotated[OwnSignIn, Depends(own_sign_in)]
 
 
 def _me_response(account: Account) -> MeResponse:
@@ -204,20 +225,17 @@ def update_me(body: MeUpdate, principal: SelfDep, session: SessionDep) -> MeResp
 def change_password(
     body: PasswordChange,
     principal: SelfDep,
-    request: Request,
-    session: SessionDep,
-    state: StateDep,
+    own: OwnSignInDep,
 ) -> Response:
     """Other sessions of the account end; this one stays. Wrong current passwords count
     towards the sign-in lockout (429 `login_locked` while it lasts)."""
-    account = own_account(session, principal)
     auth.change_password(
-        *_own_change(request, state, session, principal, account),
+        *own.args(),
         body.current_password.get_secret_value(),
         body.new_password.get_secret_value(),
     )
-    session.commit()
-    audit.event(principal, "account.password_changed", "medium", subject_id=account.id)
+    own.session.commit()
+    audit.event(principal, "account.password_changed", "medium", subject_id=own.account.id)
     return Response(status_code=204)
 
 
@@ -225,18 +243,12 @@ def change_password(
 def totp_enrol(
     body: TotpEnrolRequest,
     principal: SelfDep,
-    request: Request,
-    session: SessionDep,
-    state: StateDep,
+    own: OwnSignInDep,
 ) -> TotpEnrolment:
     """Start enrolling a TOTP second factor (needs the current password); confirm with a
     code to turn it on."""
-    account = own_account(session, principal)
-    secret, uri = auth.totp_enrol(
-        *_own_change(request, state, session, principal, account),
-        body.current_password.get_secret_value(),
-    )
-    session.commit()
+    secret, uri = auth.totp_enrol(*own.args(), body.current_password.get_secret_value())
+    own.session.commit()
     audit.event(principal, "account.totp_enrolment_started", "info",
                 subject_id=principal.account_id)
     return TotpEnrolment(secret=secret, otpauth_uri=uri)
@@ -246,38 +258,32 @@ def totp_enrol(
 def totp_confirm(
     body: TotpCodeBody,
     principal: SelfDep,
-    request: Request,
-    session: SessionDep,
-    state: StateDep,
+    own: OwnSignInDep,
 ) -> MeResponse:
-    account = own_account(session, principal)
-    auth.totp_confirm(*_own_change(request, state, session, principal, account), body.code)
-    session.commit()
-    audit.change(principal, "account.totp_enabled", subject_id=account.id,
+    auth.totp_confirm(*own.args(), body.code)
+    own.session.commit()
+    audit.change(principal, "account.totp_enabled", subject_id=own.account.id,
                  before={"auth_status": "password"}, after={"auth_status": "totp"})
-    return _me_response(account)
+    return _me_response(own.account)
 
 
 @router.post("/me/totp/disable", response_model=MeResponse)
 def totp_disable(
     body: TotpDisableRequest,
     principal: SelfDep,
-    request: Request,
-    session: SessionDep,
-    state: StateDep,
+    own: OwnSignInDep,
 ) -> MeResponse:
     """Needs the current password and a current one-time code."""
-    account = own_account(session, principal)
     auth.totp_disable(
-        *_own_change(request, state, session, principal, account),
+        *own.args(),
         current_password=body.current_password.get_secret_value(),
         code=body.code,
     )
-    session.commit()
-    audit.change(principal, "account.totp_disabled", subject_id=account.id,
+    own.session.commit()
+    audit.change(principal, "account.totp_disabled", subject_id=own.account.id,
                  before={"auth_status": "totp"}, after={"auth_status": "password"},
                  severity="high")
-    return _me_response(account)
+    return _me_response(own.account)
 
 
 # -- organizations ----------------------------------------------------------------------------
