@@ -46,6 +46,7 @@ lint: $(VENV)/.lint-deps
 	cargo clippy -q -p onetoken-gateway -p onetoken-mock-upstream -p onetoken-py -- -D warnings
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: build-release
 	$(PY) bench/run.py

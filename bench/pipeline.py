@@ -40,9 +40,9 @@ from sqlalchemy import func, select
 from onetoken.analytics import queries
 from onetoken.analytics.clickhouse import open_client
 from onetoken.analytics.sink import CallLogSink
-from onetoken.app import build_state
 from onetoken.billing import service as billing
-from onetoken.db.models import LedgerEntry
+from onetoken.billing.models import LedgerEntry
+from onetoken.control import build_state
 from onetoken.ingest import Ingestor
 from onetoken.ingest.journal import lock_name, segment_name
 from onetoken.orgs import service as orgs

@@ -20,7 +20,9 @@ from onetoken.orgs import service as orgs
 from onetoken.providers import service as providers
 
 if TYPE_CHECKING:
-    from onetoken.db.models import Account, ApiKey, Model, Org, Provider
+    from onetoken.keys.models import ApiKey
+    from onetoken.orgs.models import Account, Org
+    from onetoken.providers.models import Model, Provider
 
 PASSWORD = "correct horse battery staple"
 # Where tests point providers that nothing calls (the snapshot only names it).

@@ -10,13 +10,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from onetoken.billing import service as billing
-from onetoken.db.models import Model
+from onetoken.bootstrap import bootstrap
 from onetoken.db.session import SessionFactory
 from onetoken.keys import service as keys
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.money import NANO_PER_UNIT
 from onetoken.orgs import service as orgs
 from onetoken.providers import service as providers
+from onetoken.providers.models import Model
 
 log = logging.getLogger("onetoken.demo")
 
@@ -45,7 +46,7 @@ def setup_demo(session_factory: SessionFactory, secrets: Secrets, upstream: str)
     """Idempotent apart from the key: every run hands out a fresh "demo session" key and
     revokes the previous one, because a plaintext key is never kept to show again."""
     with session_factory() as session:
-        boot = orgs.bootstrap(session, secrets)
+        boot = bootstrap(session, secrets)
         org_id = boot.org_id
         owner = orgs.org_owner(session, org_id)
         if owner is None:

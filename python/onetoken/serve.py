@@ -25,18 +25,15 @@ from typing import Any
 
 import uvicorn
 
-from onetoken.app import build_state, create_app
-from onetoken.background import Background
-from onetoken.background import start as start_background
+from onetoken.control import Background, build_state, create_app, start_background
 from onetoken.demo import setup_demo
-from onetoken.deps import AppState
 from onetoken.gateway.runner import http_url
 from onetoken.gateway.supervisor import ControlRuntime, GatewayProcess
 from onetoken.ingest import Ingestor
 from onetoken.kit.logging import configure_logging
 from onetoken.ops import control_file
-from onetoken.security.log import attach_to_supervisor as attach_security_log
 from onetoken.settings import Settings
+from onetoken.state import AppState
 
 log = logging.getLogger("onetoken.serve")
 
@@ -179,8 +176,8 @@ def run(settings: Settings, *, demo: bool = False, gateway: bool = True) -> int:
         control_sock = bind_socket(settings.control_listen)
         ingestor = Ingestor(settings, state.session_factory)
         runtime = ControlRuntime(settings, state.secrets, state.session_factory, ingestor)
-        attach_security_log(ingestor)
-        background = start_background(state, ingestor)  # webhooks, detectors, retention
+        # Security log flush, webhooks, key risks and detectors, retention.
+        background = start_background(state, ingestor)
         state.runtime = runtime
         state.snapshots = runtime.snapshots
         try:

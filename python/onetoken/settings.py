@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from onetoken import _core
 from onetoken.kit.files import PRIVATE_FILE_MODE, private_dir
-from onetoken.security.net import networks
+from onetoken.kit.net import networks
 
 log = logging.getLogger("onetoken.settings")
 

@@ -36,14 +36,15 @@ from pydantic import SecretStr
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from sqlalchemy import update
 
-from onetoken.app import build_state, create_app
-from onetoken.db.models import ROLES, Account, Org
-from onetoken.deps import AppState
+from onetoken.control import build_state, create_app
 from onetoken.keys import service as keys
 from onetoken.orgs import auth
 from onetoken.orgs import service as orgs
+from onetoken.orgs.models import Account, Org
 from onetoken.security import log as security_log
+from onetoken.security.principal import ROLES
 from onetoken.settings import Settings
+from onetoken.state import AppState
 from tests.integration.harness import Server, bootstrap
 
 # 20 generated requests per operation, each sent as six callers: about three minutes on

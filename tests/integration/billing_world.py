@@ -12,11 +12,11 @@ from typing import Any
 
 import httpx
 
-from onetoken.app import build_state
 from onetoken.billing import service as billing
-from onetoken.deps import AppState
+from onetoken.control import build_state
 from onetoken.orgs import service as orgs
 from onetoken.settings import Settings
+from onetoken.state import AppState
 from tests import builders as build
 from tests.support import wait_until
 
@@ -91,7 +91,7 @@ def ledger_usage(state: AppState, org_id: str) -> tuple[int, int]:
     call_log's and the ledger must add up to it."""
     from sqlalchemy import func, select
 
-    from onetoken.db.models import LedgerEntry
+    from onetoken.billing.models import LedgerEntry
 
     with state.session_factory() as s:
         calls, amount = s.execute(

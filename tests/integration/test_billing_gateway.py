@@ -26,7 +26,7 @@ from sqlalchemy import select
 
 from onetoken import _core
 from onetoken.billing import prices as price_book
-from onetoken.db.models import Model
+from onetoken.providers.models import Model
 from tests.support import wait_until
 
 from .billing_world import (

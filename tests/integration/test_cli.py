@@ -118,8 +118,8 @@ def test_ingest_once_charges_the_ledger_while_clickhouse_is_down(
 ) -> None:
     from pydantic import SecretStr
 
-    from onetoken.app import build_state
     from onetoken.billing import service as billing
+    from onetoken.control import build_state
     from onetoken.orgs import service as orgs
     from onetoken.settings import Settings
     from tests.unit.journal_files import append, dead, record

@@ -165,7 +165,7 @@ def test_a_revocation_lands_within_a_second_after_a_bad_entry_was_forced_in(
     from sqlalchemy.orm import Session
 
     from onetoken.db.session import bump_revision, make_engine
-    from onetoken.providers.tables import Route
+    from onetoken.providers.models import Route
 
     created = admin.post("/api/v1/keys", {"name": "after-a-bad-entry"})
     client = sdk(deployment, created["key"])

@@ -12,10 +12,10 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import create_engine, text
 
-from onetoken.app import build_state, create_app
-from onetoken.deps import AppState
+from onetoken.control import build_state, create_app
 from onetoken.orgs import service as orgs
 from onetoken.settings import Settings
+from onetoken.state import AppState
 from tests import builders as build
 from tests.support import TEST_SECRET
 

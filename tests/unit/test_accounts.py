@@ -11,13 +11,14 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from onetoken.app import create_app
-from onetoken.db.models import Account
-from onetoken.deps import AppState
+from onetoken.bootstrap import bootstrap
+from onetoken.control import create_app
 from onetoken.orgs import service as orgs
+from onetoken.orgs.models import Account
 from onetoken.security import log as security_log
 from onetoken.security import totp
 from onetoken.settings import Settings
+from onetoken.state import AppState
 from tests.unit.conftest import Admin, add_account, make_org_admin
 
 API = "/api/v1"
@@ -169,7 +170,7 @@ def test_operator_creates_and_sees_orgs_admins_only_their_own(
 
 def test_bootstrap_account_is_the_operator(state: AppState) -> None:
     with state.session_factory() as s:
-        result = orgs.bootstrap(s, state.secrets)
+        result = bootstrap(s, state.secrets)
         account = s.scalars(select(Account).where(Account.login_name == "admin")).one()
         assert account.is_operator and account.role == "owner"
         assert result.admin_email == account.email

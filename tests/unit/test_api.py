@@ -6,9 +6,11 @@ from typing import Any
 from fastapi.testclient import TestClient
 from sqlalchemy import select, text
 
-from onetoken.db.models import ApiKey, LedgerEntry, Provider
-from onetoken.deps import AppState
+from onetoken.billing.models import LedgerEntry
+from onetoken.keys.models import ApiKey
 from onetoken.kit.crypto import is_well_formed_api_key
+from onetoken.providers.models import Provider
+from onetoken.state import AppState
 from tests.unit.conftest import Admin, add_account
 
 API = "/api/v1"

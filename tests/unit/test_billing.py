@@ -14,14 +14,19 @@ from sqlalchemy import func, select
 
 from onetoken.billing import budgets, orders, packages, prices
 from onetoken.billing import service as billing
-from onetoken.billing.models import Order, OrderEvent, PackageConsumption, RedemptionCode
+from onetoken.billing.models import (
+    LedgerEntry,
+    Order,
+    OrderEvent,
+    PackageConsumption,
+    RedemptionCode,
+)
 from onetoken.billing.upkeep import BillingUpkeep
-from onetoken.db.models import LedgerEntry
-from onetoken.deps import AppState
 from onetoken.gateway.snapshot import build_snapshot
 from onetoken.keys import service as keys
 from onetoken.kit.errors import Conflict, NotFound, Unprocessable
 from onetoken.security.permissions import ROLE_DENIED_MESSAGE
+from onetoken.state import AppState
 from tests import builders as build
 from tests.unit.batches import summarize
 from tests.unit.conftest import Admin, add_account

@@ -13,19 +13,18 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from onetoken import _core
-from onetoken.app import build_state, create_app
 from onetoken.billing import orders
 from onetoken.billing import service as billing
+from onetoken.billing.models import LedgerEntry
 from onetoken.billing.service import MAX_BALANCE_NANO, MAX_ENTRY_NANO
-from onetoken.db.models import LedgerEntry
-from onetoken.deps import AppState
+from onetoken.control import build_state, create_app
 from onetoken.gateway.snapshot import build_snapshot, snapshot_json
 from onetoken.gateway.supervisor import engine_config
 from onetoken.kit.money import format_amount
 from onetoken.security.permissions import ROLE_DENIED_MESSAGE
 from onetoken.settings import Settings
-from tests.support import TEST_SECRET
-from tests.unit.conftest import Admin, add_account, make_org_admin
+from onetoken.state import AppState
+from tests.unit.conftest import TEST_SECRET, Admin, add_account, make_org_admin
 
 API = "/api/v1"
 UNIT = 1_000_000_000

@@ -20,11 +20,11 @@ from onetoken.analytics import clickhouse as ch
 from onetoken.analytics.columns import CALL_LOG_SCHEMA
 from onetoken.analytics.sink import CallLogSink
 from onetoken.billing import service as billing
+from onetoken.billing.models import LedgerEntry
 from onetoken.billing.reconcile import reconcile
-from onetoken.db.models import LedgerEntry
-from onetoken.deps import AppState
 from onetoken.ingest import Ingestor
 from onetoken.settings import Settings
+from onetoken.state import AppState
 from tests.unit import journal_files
 from tests.unit.conftest import Admin
 from tests.unit.journal_files import append, dead

@@ -15,7 +15,7 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import select
 
-from onetoken.app import build_state, create_app
+from onetoken.control import build_state, create_app
 from onetoken.security import log as security_log
 from onetoken.security.log import SecurityEvent
 from onetoken.security.login_guard import SCOPE_IP

@@ -13,14 +13,14 @@ import pytest
 from pydantic import SecretStr
 
 from onetoken import webhooks
-from onetoken.app import build_state
+from onetoken.control import build_state, new_event_bus
 from onetoken.db.session import current_revision
-from onetoken.deps import AppState
 from onetoken.ingest.batch import Batch
+from onetoken.risk.detectors import Detectors, attach
 from onetoken.security import blocking
 from onetoken.security import log as security_log
-from onetoken.security.detectors import Detectors, attach
 from onetoken.settings import Settings
+from onetoken.state import AppState
 from tests.support import TEST_SECRET
 
 from .batches import summarize
@@ -48,7 +48,9 @@ def emitted() -> Iterator[Emitted]:
 @pytest.fixture
 def seclog(tmp_path: Path) -> Iterator[security_log.SecurityLog]:
     previous = security_log.current()
-    writer = security_log.install(security_log.SecurityLog(tmp_path / "spool"))
+    # Wired as in a control process: recorded events go out on its bus.
+    events = new_event_bus()
+    writer = security_log.install(security_log.SecurityLog(tmp_path / "spool", events=events))
     yield writer
     if previous is not None:
         security_log.install(previous)
@@ -202,7 +204,7 @@ def test_key_risks_emit_webhooks_once_per_cooldown(
     found = d.observe(batch(rows))
     assert sorted(f.kind for f in found) == ["key.ip_not_allowed", "key.revoked_used"]
     assert {k for _, k, _ in emitted.events} == {"key_risk"}
-    # The rows themselves are written by onetoken.security.keyrisk.
+    # The rows themselves are written by onetoken.risk.keyrisk.
     assert seclog.drain() == []
     assert d.observe(batch(rows)) == []
 
@@ -228,7 +230,7 @@ def test_unreadable_journal_lines_raise_the_records_dropped_alarm(
         writer = security_log.current()  # build_state installed its own
         assert writer is not None
         ingestor = SimpleNamespace(batch_observers=[], flush_hooks=[], sink=None, bad_lines=0)
-        attach(ingestor, state.settings, state.session_factory)
+        attach(state.events, ingestor, state.settings, state.session_factory)
         (hook,) = ingestor.flush_hooks
         hook()
         assert kinds(writer) == []

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from onetoken.app import create_app
+from onetoken.control import create_app
 from onetoken.settings import Settings
 from tests.support import TEST_SECRET
 

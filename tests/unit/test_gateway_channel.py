@@ -14,13 +14,13 @@ from sqlalchemy.orm import Session
 
 from onetoken.billing import service as billing
 from onetoken.db.session import bump_revision
-from onetoken.deps import AppState
 from onetoken.gateway.snapshot import SnapshotSource
 from onetoken.gateway.supervisor import engine_config
 from onetoken.kit import channel
 from onetoken.orgs import service as orgs
 from onetoken.settings import Settings
-from tests.support import TEST_SECRET
+from onetoken.state import AppState
+from tests.unit.conftest import TEST_SECRET
 
 # Spent marks per engine instance, as the ingestor would have committed them.
 MARKS: dict[str, tuple[dict[str, int], dict[str, int]]] = {}

@@ -15,15 +15,14 @@ from sqlalchemy import func, select
 
 from onetoken.billing import packages
 from onetoken.billing import service as billing
-from onetoken.billing.models import PackageConsumption
-from onetoken.db.models import LedgerEntry
-from onetoken.deps import AppState
+from onetoken.billing.models import LedgerEntry, PackageConsumption
 from onetoken.ingest import Ingestor
 from onetoken.ingest.journal import lock_name, segment_name
 from onetoken.ingest.marks import spent_marks
 from onetoken.ingest.models import IngestCursor
 from onetoken.orgs import service as orgs
 from onetoken.settings import Settings
+from onetoken.state import AppState
 from tests.unit.batches import decode_native
 from tests.unit.journal_files import append, dead, live, record
 

@@ -17,9 +17,9 @@ from onetoken import _core
 from onetoken.analytics import queries
 from onetoken.analytics.clickhouse import open_client
 from onetoken.analytics.sink import CallLogSink
-from onetoken.app import build_state
+from onetoken.billing.models import LedgerEntry
 from onetoken.billing.reconcile import reconcile
-from onetoken.db.models import LedgerEntry
+from onetoken.control import build_state
 from onetoken.demo import setup_demo
 from onetoken.gateway.snapshot import build_snapshot, snapshot_json
 from onetoken.gateway.supervisor import engine_config

@@ -13,13 +13,13 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import select
 
-from onetoken.db.models import ApiKey
-from onetoken.deps import AppState
 from onetoken.gateway.snapshot import build_snapshot
 from onetoken.gateway.supervisor import engine_config
 from onetoken.keys import service as keys
+from onetoken.keys.models import ApiKey
 from onetoken.kit.crypto import KEY_HASH_CONTEXT, Secrets, derive_secret
 from onetoken.settings import Settings
+from onetoken.state import AppState
 from tests.unit.conftest import Admin, add_account
 from tests.unit.test_accounts import drained_events
 

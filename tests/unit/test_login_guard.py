@@ -17,16 +17,17 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from onetoken.analytics.clickhouse import open_client
-from onetoken.app import build_state, create_app
-from onetoken.db.models import Account, utcnow
-from onetoken.deps import AppState
+from onetoken.control import build_state, create_app
+from onetoken.db.base import utcnow
 from onetoken.kit.errors import Unauthorized
 from onetoken.orgs import auth
 from onetoken.orgs import service as orgs
+from onetoken.orgs.models import Account
 from onetoken.security import totp
 from onetoken.security.login_guard import LoginGuard, lockout_seconds
 from onetoken.security.models import LoginThrottle
 from onetoken.settings import Settings
+from onetoken.state import AppState
 
 API = "/api/v1"
 PASSWORD = "the right password"

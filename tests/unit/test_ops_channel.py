@@ -25,10 +25,9 @@ from onetoken.analytics import queries
 from onetoken.analytics.clickhouse import open_client
 from onetoken.analytics.columns import CALL_LOG_COLUMNS
 from onetoken.analytics.sink import CallLogSink
-from onetoken.app import build_state, create_app
+from onetoken.control import build_state, create_app
 from onetoken.kit import channel
-from onetoken.ops import control_file
-from onetoken.ops.router import PREFIX
+from onetoken.ops import PREFIX, control_file
 from onetoken.settings import Settings
 from tests.support import TEST_SECRET
 

@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from onetoken.app import build_state, create_app
-from onetoken.db.models import Account
+from onetoken.control import build_state, create_app
+from onetoken.orgs.models import Account
 from onetoken.security import net
 from onetoken.settings import Settings
 from tests.support import TEST_SECRET

@@ -16,23 +16,22 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from onetoken.app import build_state, create_app
-from onetoken.db.models import ROLES, Account
-from onetoken.deps import AppState
+from onetoken.control import build_state, create_app
 from onetoken.keys import service as keys
 from onetoken.orgs import auth
 from onetoken.orgs import service as orgs
-from onetoken.security.permissions import (
-    PERMISSIONS,
-    ROLE_DENIED_MESSAGE,
+from onetoken.orgs.models import Account
+from onetoken.security.permissions import PERMISSIONS, ROLE_DENIED_MESSAGE, holds
+from onetoken.security.principal import ROLES
+from onetoken.settings import Settings
+from onetoken.state import AppState
+from onetoken.web.permissions import (
     api_routes,
-    holds,
     render_doc,
     route_is_public,
     route_permissions,
     route_rules,
 )
-from onetoken.settings import Settings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "permissions.md"
 PASSWORD = "matrix-test-password"
@@ -193,7 +192,7 @@ def test_docs_permissions_md_is_generated_from_the_code(world: World) -> None:
     expected = render_doc(world.app)
     assert DOC.read_text() == expected, (
         "docs/permissions.md is stale: run "
-        "`.venv/bin/python -m onetoken.security.permissions > docs/permissions.md`"
+        "`.venv/bin/python -m onetoken.web.permissions > docs/permissions.md`"
     )
 
 

@@ -12,13 +12,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from onetoken import _core
-from onetoken.db.models import Account, Provider
 from onetoken.db.session import current_revision
-from onetoken.deps import AppState
 from onetoken.gateway.snapshot import build_snapshot, snapshot_json
 from onetoken.keys import service as keys
+from onetoken.orgs.models import Account
 from onetoken.providers.gateway_schemas import DEFAULT_STRATEGY, Routing
+from onetoken.providers.models import Provider
 from onetoken.providers.presets import PRESETS
+from onetoken.state import AppState
 from tests.unit.conftest import Admin, add_account, make_org_admin
 
 API = "/api/v1"
@@ -564,7 +565,7 @@ def test_a_problem_already_in_the_database_does_not_block_other_changes(
 ) -> None:
     """An entry written around the API (here a route to no model) is the engine's to drop;
     unrelated changes are not refused because of it."""
-    from onetoken.providers.tables import Route
+    from onetoken.providers.models import Route
     with state.session_factory() as s:
         s.add(Route(id="rte_forced", org_id=tenant.org_id, name="forced", aliases=[]))
         s.commit()

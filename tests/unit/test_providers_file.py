@@ -12,9 +12,7 @@ import yaml
 from sqlalchemy import select
 
 from onetoken import cli
-from onetoken.db.models import Model, Provider
 from onetoken.db.session import current_revision
-from onetoken.deps import AppState
 from onetoken.gateway.snapshot import build_snapshot
 from onetoken.orgs import service as orgs
 from onetoken.providers.declarative import (
@@ -22,8 +20,9 @@ from onetoken.providers.declarative import (
     apply_file,
     load_file,
 )
-from onetoken.providers.tables import Route
+from onetoken.providers.models import Model, Provider, Route
 from onetoken.settings import Settings
+from onetoken.state import AppState
 
 CRED = "sk-FILE-CREDENTIAL-4d5e6f"
 

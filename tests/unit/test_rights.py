@@ -15,15 +15,17 @@ from typing import Any
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from onetoken.analytics import clickhouse
 from onetoken.analytics.clickhouse import open_client
 from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_TABLE
-from onetoken.db.models import AdminSession, utcnow
-from onetoken.deps import AppState
+from onetoken.db.base import utcnow
+from onetoken.orgs.models import AdminSession
 from onetoken.rights import erasure, retention
 from onetoken.rights.models import AccountErasure
 from onetoken.security import log as security_log
 from onetoken.security.models import LoginSource
 from onetoken.settings import Settings
+from onetoken.state import AppState
 from onetoken.webhooks.models import WebhookAttempt, WebhookDelivery
 from tests.support import wait_until
 
@@ -157,7 +159,7 @@ def test_retention_purge(state: AppState) -> None:
 
 
 def test_security_log_ttl_clause() -> None:
-    clause = retention.security_log_ttl(365, 90)
+    clause = clickhouse.security_log_ttl(365, 90)
     assert clause == (
         "ts + INTERVAL 90 DAY DELETE WHERE startsWith(kind, 'auth.'), ts + INTERVAL 365 DAY"
     )

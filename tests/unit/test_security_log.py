@@ -13,8 +13,10 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from onetoken.analytics.clickhouse import open_client
+from onetoken.control import wire_ingestion
 from onetoken.ingest.batch import Batch
-from onetoken.security import keyrisk
+from onetoken.kit.events import EventBus
+from onetoken.risk import keyrisk
 from onetoken.security import log as seclog
 from onetoken.security.log import SecurityEvent, SecurityEventError, SecurityLog
 from onetoken.settings import Settings
@@ -152,8 +154,10 @@ def test_supervisor_hooks_flush_and_derive_key_risks(ch: Client, tmp_path: Path)
     writer = seclog.install(SecurityLog(tmp_path))
     try:
         sup = FakeSupervisor(ch)
-        seclog.attach_to_supervisor(sup)
-        assert len(sup.flush_hooks) == 1 and sup.batch_observers == [keyrisk.observe]
+        events = EventBus()
+        wire_ingestion(events, sup)
+        assert len(sup.flush_hooks) == 1 and sup.batch_observers == [events.publish]
+        assert events.subscribers(Batch) == (keyrisk.observe,)
         # A batch as ingestion hands it over (call groups), metadata only.
         n = 7
         batch = summarize({

@@ -9,12 +9,12 @@ import pytest
 
 from onetoken import _core
 from onetoken.billing import service as billing
-from onetoken.deps import AppState
 from onetoken.gateway.snapshot import build_snapshot, snapshot_json
 from onetoken.gateway.supervisor import engine_config
 from onetoken.keys import service as keys
 from onetoken.providers import service as providers
 from onetoken.settings import Settings
+from onetoken.state import AppState
 from tests import builders as build
 from tests.unit.conftest import contract
 

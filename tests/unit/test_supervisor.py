@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from onetoken.deps import AppState
 from onetoken.gateway import supervisor as supervisor_mod
 from onetoken.gateway.supervisor import ControlRuntime, GatewayProcess, engine_config
 from onetoken.settings import Settings
+from onetoken.state import AppState
 from tests.support import wait_until
 from tests.unit.conftest import contract
 

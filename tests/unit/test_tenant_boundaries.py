@@ -9,10 +9,10 @@ from datetime import UTC, datetime, timedelta
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
-from onetoken.db.models import Account, AdminSession, Org
-from onetoken.deps import AppState
 from onetoken.orgs import auth
+from onetoken.orgs.models import Account, AdminSession, Org
 from onetoken.security.permissions import ROLE_DENIED_MESSAGE
+from onetoken.state import AppState
 from onetoken.webhooks.models import WebhookEndpoint
 from tests.unit.conftest import Admin, add_account
 

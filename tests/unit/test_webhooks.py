@@ -23,10 +23,10 @@ from pydantic import SecretStr
 from sqlalchemy import select
 
 from onetoken import webhooks
-from onetoken.app import build_state, create_app
-from onetoken.deps import AppState
+from onetoken.control import build_state, create_app
 from onetoken.security import net
 from onetoken.settings import Settings
+from onetoken.state import AppState
 from onetoken.webhooks.dispatcher import Outcome, Target, WebhookDispatcher, send
 from onetoken.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from onetoken.webhooks.signing import SIGNATURE_HEADER, header_value, verify

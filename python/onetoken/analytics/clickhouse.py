@@ -344,6 +344,50 @@ def set_ttl_days(client: Client, table: str, days: int) -> bool:
     return True
 
 
+LOGIN_KINDS_CONDITION = "startsWith(kind, 'auth.')"
+_TTL_RULES = re.compile(r"\bTTL\s+(.*?)(?:\s+SETTINGS\s|$)", re.DOTALL)
+
+
+def security_log_ttl(security_days: int, login_days: int) -> str:
+    """The TTL clause of security_log: login records may be kept for a shorter (or
+    longer) period than the rest."""
+    for days in (security_days, login_days):
+        if not isinstance(days, int) or isinstance(days, bool) or days < 1:
+            raise ValueError("retention periods must be positive numbers of days")
+    return (
+        f"ts + INTERVAL {login_days} DAY DELETE WHERE {LOGIN_KINDS_CONDITION}, "
+        f"ts + INTERVAL {security_days} DAY"
+    )
+
+
+def current_ttl(client: Any, table: str) -> str:
+    database, name = table.split(".", 1)
+    result = client.query(
+        "SELECT engine_full FROM system.tables WHERE database = {db:String} AND name = {t:String}",
+        parameters={"db": database, "t": name},
+    )
+    if not result.result_rows:
+        return ""
+    match = _TTL_RULES.search(str(result.result_rows[0][0]))
+    return match[1].strip() if match else ""
+
+
+def ensure_security_log_ttl(client: Any, security_days: int, login_days: int) -> bool:
+    """Make security_log's TTL match the settings; True when it had to change."""
+    wanted = (
+        f"ts + toIntervalDay({login_days}) WHERE {LOGIN_KINDS_CONDITION}, "
+        f"ts + toIntervalDay({security_days})"
+    )
+    if current_ttl(client, SECURITY_LOG_TABLE) == wanted:
+        return False
+    # Both values are validated ints, so formatting them into DDL is safe.
+    client.command(
+        f"ALTER TABLE {SECURITY_LOG_TABLE} MODIFY TTL {security_log_ttl(security_days, login_days)}"
+    )
+    logger.info("analytics.ttl_changed", extra={"kind": SECURITY_LOG_TABLE, "count": security_days})
+    return True
+
+
 def ensure_ttls(client: Client, settings: ClickHouseSettings) -> None:
     """Apply the configured retention periods (settings may change between starts)."""
     set_ttl_days(client, CALL_LOG_TABLE, settings.call_log_ttl_days)
@@ -351,8 +395,6 @@ def ensure_ttls(client: Client, settings: ClickHouseSettings) -> None:
     login_days: Any = getattr(settings, "login_records_ttl_days", None)
     if security_days is not None and login_days is not None:
         # Login records (auth.*) have their own period: a second, conditional TTL rule.
-        from onetoken.rights.retention import ensure_security_log_ttl
-
         ensure_security_log_ttl(client, int(security_days), int(login_days))
     elif security_days is not None:
         set_ttl_days(client, SECURITY_LOG_TABLE, int(security_days))

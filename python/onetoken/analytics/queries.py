@@ -38,9 +38,11 @@ def to_micros(value: Instant) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-def _where(
+def window_filters(
     org_id: str | None, start: Instant | None, end: Instant | None
-) -> tuple[str, dict[str, Any]]:
+) -> tuple[list[str], dict[str, Any]]:
+    """The conditions (and their parameters) for one org's rows in [start, end), on any
+    table with `org_id` and `ts` (call_log, security_log); None leaves a bound open."""
     clauses: list[str] = []
     params: dict[str, Any] = {}
     if org_id is not None:
@@ -52,6 +54,13 @@ def _where(
     if end is not None:
         clauses.append("ts < fromUnixTimestamp64Micro({end:Int64}, 'UTC')")
         params["end"] = to_micros(end)
+    return clauses, params
+
+
+def _where(
+    org_id: str | None, start: Instant | None, end: Instant | None
+) -> tuple[str, dict[str, Any]]:
+    clauses, params = window_filters(org_id, start, end)
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 

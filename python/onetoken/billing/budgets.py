@@ -21,9 +21,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from onetoken.analytics.queries import EPOCH
-from onetoken.billing.models import DEFAULT_PRICE_FACTOR_PPM, BillingNotice, OrgBilling
-from onetoken.db.models import ApiKey, LedgerEntry, utcnow
+from onetoken.billing.models import DEFAULT_PRICE_FACTOR_PPM, BillingNotice, LedgerEntry, OrgBilling
+from onetoken.db.base import utcnow
 from onetoken.db.session import bump_revision
+from onetoken.keys.models import ApiKey
 
 log = logging.getLogger("onetoken.billing")
 

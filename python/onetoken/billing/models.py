@@ -23,7 +23,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from onetoken.db.models import Base, BigIntPK, UTCDateTime, utcnow
+from onetoken.db.base import Base, BigIntPK, UTCDateTime, utcnow
+from onetoken.orgs.models import Org
+from onetoken.providers.models import Model
 
 ORDER_STATUSES = ("created", "paid", "failed", "refunded", "cancelled")
 ORDER_KINDS = ("recharge", "package")
@@ -38,7 +40,7 @@ class OrgBilling(Base):
 
     __tablename__ = "org_billing"
 
-    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey(Org.id), primary_key=True)
     price_factor_ppm: Mapped[int] = mapped_column(Integer, default=DEFAULT_PRICE_FACTOR_PPM)
     budget_day: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     budget_month: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
@@ -60,9 +62,9 @@ class PriceVersion(Base):
     __tablename__ = "price_versions"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    model_id: Mapped[str] = mapped_column(ForeignKey(Model.id, ondelete="CASCADE"))
     # The model's org; None for the platform catalog (changed by the operator only).
-    org_id: Mapped[str | None] = mapped_column(ForeignKey("orgs.id"), index=True, nullable=True)
+    org_id: Mapped[str | None] = mapped_column(ForeignKey(Org.id), index=True, nullable=True)
     effective_from: Mapped[datetime] = mapped_column(UTCDateTime())
     input_price: Mapped[int] = mapped_column(BigInteger)
     output_price: Mapped[int] = mapped_column(BigInteger)
@@ -100,7 +102,7 @@ class Package(Base):
     __tablename__ = "packages"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"), index=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey(Org.id), index=True)
     plan_id: Mapped[str | None] = mapped_column(ForeignKey("plans.id"), nullable=True)
     order_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     credit: Mapped[int] = mapped_column(BigInteger)
@@ -136,7 +138,7 @@ class Order(Base):
     __tablename__ = "orders"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"), index=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey(Org.id), index=True)
     kind: Mapped[str] = mapped_column(String(16))
     # What the customer pays, and the credit it buys (equal for recharges).
     amount: Mapped[int] = mapped_column(BigInteger)
@@ -200,7 +202,7 @@ class Invoice(Base):
     __tablename__ = "invoices"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"), index=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey(Org.id), index=True)
     number: Mapped[str] = mapped_column(String(32), unique=True)
     period: Mapped[int] = mapped_column(Integer)
     title: Mapped[str] = mapped_column(String(200))
@@ -226,3 +228,44 @@ class BillingNotice(Base):
     notice_key: Mapped[str] = mapped_column(String(200), unique=True)
     org_id: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+LEDGER_KINDS = (
+    "recharge",
+    "usage",
+    "refund",
+    "adjustment",
+    "grant",
+    "package_grant",
+    "expiry",
+)
+
+
+class LedgerEntry(Base):
+    __tablename__ = "ledger_entries"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey(Org.id))
+    kind: Mapped[str] = mapped_column(String(16))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    memo: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # Usage entries only: which key and model spent it (per-key budgets, statements).
+    key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    model: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # Usage entries only: how many calls the entry covers (one entry per org, key, model and
+    # UTC day of an ingested batch), so invoices sum calls instead of counting rows.
+    calls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+    __table_args__ = (
+        CheckConstraint(
+            "kind IN ('recharge','usage','refund','adjustment','grant','package_grant','expiry')",
+            name="kind",
+        ),
+        Index("ix_ledger_entries_org_id_id", "org_id", "id"),
+        Index("ix_ledger_entries_org_id_kind_created_at", "org_id", "kind", "created_at"),
+        Index("ix_ledger_entries_key_id_created_at", "key_id", "created_at"),
+    )

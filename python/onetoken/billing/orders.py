@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from onetoken.billing import audit, packages
 from onetoken.billing.models import Order, OrderEvent, Package, RedemptionCode
 from onetoken.billing.service import balance, check_entry_bounds, post_entry
-from onetoken.db.models import new_id, utcnow
+from onetoken.db.base import new_id, utcnow
 from onetoken.db.session import get_scoped
 from onetoken.kit.crypto import Secrets, derive_secret, keyed_hash
 from onetoken.kit.errors import Conflict, Unprocessable

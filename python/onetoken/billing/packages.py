@@ -18,7 +18,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from onetoken.billing.models import Package, PackageConsumption, Plan
-from onetoken.db.models import new_id, utcnow
+from onetoken.db.base import new_id, utcnow
 from onetoken.kit.errors import Conflict, NotFound, Unprocessable
 
 if TYPE_CHECKING:

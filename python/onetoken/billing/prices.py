@@ -18,9 +18,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from onetoken.billing.models import PriceVersion
-from onetoken.db.models import Model, new_id, utcnow
+from onetoken.db.base import new_id, utcnow
 from onetoken.db.session import bump_revision, get_scoped
 from onetoken.kit.errors import Conflict, Unprocessable
+from onetoken.providers.models import Model
 
 log = logging.getLogger("onetoken.billing")
 
@@ -35,6 +36,15 @@ class Prices:
     output_price: int
     cached_input_price: int
     request_price: int = 0
+
+    @classmethod
+    def listed(
+        cls, input_price: int, output_price: int, cached_input_price: int | None, request_price: int
+    ) -> Prices:
+        """Prices as an operator lists them: cached input costs what input costs unless
+        it has its own price."""
+        cached = input_price if cached_input_price is None else cached_input_price
+        return cls(input_price, output_price, cached, request_price)
 
 
 def _model_for(session: Session, org_id: str | None, model_id: str) -> Model:

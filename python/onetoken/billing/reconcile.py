@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from onetoken.analytics import queries
 from onetoken.analytics.queries import EPOCH
-from onetoken.db.models import LedgerEntry
+from onetoken.billing.models import LedgerEntry
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,9 +11,10 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from onetoken.analytics.queries import EPOCH
-from onetoken.db.models import LedgerEntry, Org
+from onetoken.billing.models import LedgerEntry
 from onetoken.db.session import config_changed
 from onetoken.kit.errors import Conflict, Unprocessable
+from onetoken.orgs.models import Org
 
 log = logging.getLogger("onetoken.billing")
 

@@ -23,12 +23,13 @@ from sqlalchemy.orm import Session
 
 from onetoken.analytics.columns import CALL_LOG_TABLE
 from onetoken.analytics.queries import to_micros
-from onetoken.billing.models import Invoice
-from onetoken.db.models import LedgerEntry, Org, new_id, utcnow
+from onetoken.billing.models import Invoice, LedgerEntry
+from onetoken.db.base import new_id, utcnow
 from onetoken.db.session import get_scoped
 from onetoken.kit.errors import Conflict, Unprocessable
 from onetoken.kit.money import format_amount
 from onetoken.kit.spreadsheet import formula_safe
+from onetoken.orgs.models import Org
 
 T = TypeVar("T")
 Reader = Callable[[Callable[[Client], T]], T]

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from onetoken.billing import budgets, packages, prices
-from onetoken.db.models import utcnow
+from onetoken.db.base import utcnow
 from onetoken.db.session import SessionFactory
 
 if TYPE_CHECKING:

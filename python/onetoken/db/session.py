@@ -10,7 +10,7 @@ from typing import Any, Protocol, TypeVar
 from sqlalchemy import Engine, create_engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from onetoken.db.models import ConfigRevision
+from onetoken.db.base import ConfigRevision
 from onetoken.kit.errors import NotFound
 from onetoken.kit.files import private_file
 

@@ -29,8 +29,8 @@ from onetoken.db.session import SessionFactory
 from onetoken.gateway import runner
 from onetoken.gateway.snapshot import SnapshotSource
 from onetoken.kit.crypto import Secrets
+from onetoken.kit.net import networks
 from onetoken.kit.worker import LoopThread
-from onetoken.security.net import networks
 from onetoken.settings import Settings
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ __all__ = ["Ingestor"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: onetoken.db.models imports onetoken.ingest.models while the DB layer that the
+    # Lazy: onetoken.db.base imports onetoken.ingest.models while the DB layer that the
     # ingestor needs is still initialising.
     if name == "Ingestor":
         from onetoken.ingest.ingestor import Ingestor

@@ -12,11 +12,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from onetoken.db.models import Account, ApiKey, new_id, utcnow
+from onetoken.db.base import new_id, utcnow
 from onetoken.db.session import bump_revision, config_changed, get_scoped, list_in_org
+from onetoken.keys.models import ApiKey, KeyPolicy
 from onetoken.kit.crypto import Secrets, display_id, generate_api_key
 from onetoken.kit.errors import Conflict, Forbidden, Unprocessable
-from onetoken.providers.tables import KeyPolicy
+from onetoken.orgs.models import Account
 from onetoken.security import audit
 
 log = logging.getLogger("onetoken.keys")

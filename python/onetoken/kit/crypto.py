@@ -14,14 +14,22 @@ import re
 import secrets
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-if TYPE_CHECKING:
-    from onetoken.settings import Settings
+
+class SecretSettings(Protocol):
+    """Where the master secret comes from (onetoken.settings.Settings)."""
+
+    secret_key_version: int
+
+    def secret_key_bytes(self) -> bytes: ...
+
+    def previous_secret_key_bytes(self) -> dict[int, bytes]: ...
+
 
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 KEY_PREFIX = "ot-"
@@ -140,7 +148,7 @@ class Secrets:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Secrets:
+    def from_settings(cls, settings: SecretSettings) -> Secrets:
         return cls.from_master(
             settings.secret_key_bytes(),
             version=settings.secret_key_version,

@@ -12,8 +12,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from starlette.requests import Request
 
-from onetoken.db.models import Account, AdminSession, Org, new_id, utcnow
-from onetoken.deps import AppState, Principal
+from onetoken.db.base import new_id, utcnow
 from onetoken.kit.crypto import (
     SESSION_TOKEN_PREFIX,
     Secrets,
@@ -23,9 +22,12 @@ from onetoken.kit.crypto import (
     verify_password,
 )
 from onetoken.kit.errors import BadRequest, Unauthorized, Unprocessable
+from onetoken.orgs.models import Account, AdminSession, Org
 from onetoken.orgs.service import find_account, normalize_login
 from onetoken.security import totp
 from onetoken.security.login_guard import Attempt, LoginGuard
+from onetoken.security.principal import Principal
+from onetoken.state import AppState
 
 log = logging.getLogger("onetoken.orgs")
 

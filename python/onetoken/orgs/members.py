@@ -13,14 +13,15 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from onetoken.db.models import Account, utcnow
+from onetoken.db.base import utcnow
 from onetoken.db.session import get_scoped, list_in_org
-from onetoken.deps import Principal
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import Conflict, Forbidden
 from onetoken.orgs import service
 from onetoken.orgs.auth import check_password_strength, end_sessions
+from onetoken.orgs.models import Account
 from onetoken.security import audit
+from onetoken.security.principal import Principal
 
 AUDITED_FIELDS = ("role", "status", "display_name", "email", "mobile")
 

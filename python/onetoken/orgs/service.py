@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from onetoken.db.models import Account, Org, new_id, utcnow
+from onetoken.db.base import new_id, utcnow
 from onetoken.db.session import bump_revision
-from onetoken.kit.crypto import Secrets, generate_password, hash_password
+from onetoken.kit.crypto import Secrets, hash_password
 from onetoken.kit.errors import Conflict, NotFound, Unprocessable
+from onetoken.orgs.models import Account, Org
 
 log = logging.getLogger("onetoken.orgs")
 
-BOOTSTRAP_ORG_NAME = "Default"
-BOOTSTRAP_EMAIL = "admin@onetoken.local"
-BOOTSTRAP_LOGIN = "admin"
 INVITE_TTL = timedelta(days=7)
 
 _LOGIN_NAME_RE = re.compile(r"^[a-z0-9+][a-z0-9._@+-]{1,63}$")
@@ -190,61 +187,3 @@ def find_account(session: Session, identifier: str) -> Account | None:
             or_(Account.login_name == value, Account.email == value, Account.mobile == mobile)
         )
     ).first()
-
-
-@dataclass(frozen=True, slots=True)
-class BootstrapResult:
-    created: bool
-    org_id: str
-    admin_email: str
-    admin_password: str | None
-    api_key: str | None
-    key_id: str | None
-
-
-def bootstrap(session: Session, secrets: Secrets) -> BootstrapResult:
-    """Create the first org, its owner (the platform operator) and one API key, unless
-    an org already exists.
-
-    Secrets are returned only when created, and only to the caller: never stored in
-    plaintext.
-    """
-    from onetoken.keys import service as keys_service
-
-    if session.scalar(select(func.count()).select_from(Org)):
-        org = session.scalars(select(Org).order_by(Org.created_at)).first()
-        assert org is not None
-        owner = org_owner(session, org.id)
-        return BootstrapResult(
-            created=False,
-            org_id=org.id,
-            admin_email=(owner.email or owner.login_name) if owner else "",
-            admin_password=None,
-            api_key=None,
-            key_id=None,
-        )
-    org = create_org(session, BOOTSTRAP_ORG_NAME)
-    password = generate_password()
-    owner = create_account(
-        session,
-        org.id,
-        BOOTSTRAP_EMAIL,
-        password,
-        "owner",
-        login_name=BOOTSTRAP_LOGIN,
-        display_name="Operator",
-        is_operator=True,
-    )
-    key, plaintext = keys_service.create_key(
-        session, secrets, org_id=org.id, created_by=owner.id, name="bootstrap"
-    )
-    session.commit()
-    log.info("bootstrap.created", extra={"org_id": org.id, "account_id": owner.id})
-    return BootstrapResult(
-        created=True,
-        org_id=org.id,
-        admin_email=BOOTSTRAP_EMAIL,
-        admin_password=password,
-        api_key=plaintext,
-        key_id=key.id,
-    )

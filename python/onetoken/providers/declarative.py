@@ -37,15 +37,15 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from onetoken.db.models import Model, Provider
-from onetoken.gateway.snapshot import engine_rules
 from onetoken.keys.schemas import ModelName
 from onetoken.kit.crypto import DecryptionError, Secrets
 from onetoken.kit.errors import OnetokenError, _validation_message
 from onetoken.orgs import service as orgs_service
 from onetoken.providers import gateway_service as gw
 from onetoken.providers import service
+from onetoken.providers.engine_rules import engine_rules
 from onetoken.providers.gateway_schemas import DEFAULT_STRATEGY, Aliases, Routing, Strategy
+from onetoken.providers.models import Model, Provider, Route
 from onetoken.providers.presets import apply_preset
 from onetoken.providers.schemas import (
     BaseUrl,
@@ -57,7 +57,6 @@ from onetoken.providers.schemas import (
     ProviderName,
     Timeout,
 )
-from onetoken.providers.tables import Route
 
 log = logging.getLogger("onetoken.providers")
 

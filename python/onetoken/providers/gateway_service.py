@@ -10,19 +10,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from onetoken.db.models import Model, new_id
+from onetoken.db.base import new_id
 from onetoken.db.session import config_changed, scoped_loader
 from onetoken.keys import service as keys_service
+from onetoken.keys.models import KeyPolicy
 from onetoken.kit.errors import Conflict, Unprocessable
-from onetoken.providers.gateway_schemas import (
-    DEFAULT_STRATEGY,
-    Guard,
-    OrgLimits,
-    Policy,
-    Routing,
-)
+from onetoken.providers.gateway_schemas import DEFAULT_STRATEGY, Guard, OrgLimits, Policy, Routing
+from onetoken.providers.models import Model, OrgGatewaySettings, Route, RoutingSettings
 from onetoken.providers.service import alias_owner, in_scope, visible_to
-from onetoken.providers.tables import KeyPolicy, OrgGatewaySettings, Route, RoutingSettings
 
 log = logging.getLogger("onetoken.providers")
 

@@ -20,7 +20,8 @@ from onetoken.keys.schemas import ModelName
 from onetoken.kit.errors import Unprocessable
 from onetoken.kit.lists import ListOf
 from onetoken.kit.money import SCHEMA_IN_NON_NEGATIVE, MoneyIn, MoneyOut
-from onetoken.security.net import networks, url_target_refused
+from onetoken.kit.net import networks
+from onetoken.security.net import url_target_refused
 
 Protocol = Literal["openai", "azure", "anthropic", "gemini"]
 ModelKind = Literal["chat", "embedding"]

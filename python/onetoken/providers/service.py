@@ -21,12 +21,12 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from onetoken.db.models import Model, Provider, new_id
+from onetoken.db.base import new_id
 from onetoken.db.session import config_changed, scoped_loader
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import Conflict, Unprocessable
+from onetoken.providers.models import Model, Provider, Route
 from onetoken.providers.presets import PRESETS, apply_preset
-from onetoken.providers.tables import Route
 
 log = logging.getLogger("onetoken.providers")
 

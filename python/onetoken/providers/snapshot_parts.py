@@ -15,10 +15,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from onetoken.db.models import Model, Provider
+from onetoken.keys.models import KeyPolicy
 from onetoken.kit.crypto import Secrets
 from onetoken.providers.gateway_schemas import Policy, Routing
-from onetoken.providers.tables import KeyPolicy, OrgGatewaySettings, Route, RoutingSettings
+from onetoken.providers.models import Model, OrgGatewaySettings, Provider, Route, RoutingSettings
 
 # Limits as the engine reads them; budgets are filled in by billing when it sets them.
 EMPTY_LIMITS: dict[str, int | None] = {

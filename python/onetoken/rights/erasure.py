@@ -43,17 +43,19 @@ from sqlalchemy import and_, delete, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from onetoken.analytics.columns import CALL_LOG_TABLE, SECURITY_LOG_TABLE
-from onetoken.db.models import Account, AdminSession, ApiKey, utcnow
+from onetoken.db.base import utcnow
 from onetoken.db.session import SessionFactory, bump_revision
+from onetoken.keys.models import ApiKey
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import Conflict, NotFound
 from onetoken.kit.worker import LoopThread
+from onetoken.orgs.models import Account, AdminSession
 from onetoken.rights.models import AccountErasure
 from onetoken.security.models import LoginSource, LoginThrottle
 
 if TYPE_CHECKING:
-    from onetoken.deps import AppState
     from onetoken.ingest import Ingestor
+    from onetoken.state import AppState
 
 log = logging.getLogger("onetoken.rights")
 

@@ -18,9 +18,10 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from onetoken.analytics.columns import SECURITY_LOG_TABLE
-from onetoken.db.models import Account, ApiKey, Org
+from onetoken.keys.models import ApiKey
 from onetoken.kit.money import format_amount
 from onetoken.kit.spreadsheet import formula_safe
+from onetoken.orgs.models import Account, Org
 from onetoken.security.models import LoginSource
 
 MAX_SECURITY_EVENTS = 10_000

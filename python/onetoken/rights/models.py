@@ -11,7 +11,7 @@ from datetime import datetime
 from sqlalchemy import String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from onetoken.db.models import Base, UTCDateTime, utcnow
+from onetoken.db.base import Base, UTCDateTime, utcnow
 
 # control_done: the control DB is anonymized, ClickHouse not yet (it was unreachable);
 # done: both are.

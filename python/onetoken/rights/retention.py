@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,17 +20,15 @@ from typing import Any, Protocol
 
 from sqlalchemy import and_, delete, or_
 
-from onetoken.analytics.columns import SECURITY_LOG_TABLE
-from onetoken.db.models import AdminSession, utcnow
+from onetoken.db.base import utcnow
 from onetoken.db.session import SessionFactory
+from onetoken.orgs.models import AdminSession
 from onetoken.security import blocking
 from onetoken.security.models import LoginSource, LoginThrottle
 from onetoken.webhooks import service as webhooks_service
 
 log = logging.getLogger("onetoken.retention")
 
-LOGIN_KINDS_CONDITION = "startsWith(kind, 'auth.')"
-_TTL_RULES = re.compile(r"\bTTL\s+(.*?)(?:\s+SETTINGS\s|$)", re.DOTALL)
 
 
 class RetentionSettings(Protocol):
@@ -41,46 +38,6 @@ class RetentionSettings(Protocol):
     login_failure_window_seconds: int
     login_lockout_max_seconds: int
     retention_purge_interval_seconds: float
-
-
-def security_log_ttl(security_days: int, login_days: int) -> str:
-    """The TTL clause of security_log: login records may be kept for a shorter (or
-    longer) period than the rest."""
-    for days in (security_days, login_days):
-        if not isinstance(days, int) or isinstance(days, bool) or days < 1:
-            raise ValueError("retention periods must be positive numbers of days")
-    return (
-        f"ts + INTERVAL {login_days} DAY DELETE WHERE {LOGIN_KINDS_CONDITION}, "
-        f"ts + INTERVAL {security_days} DAY"
-    )
-
-
-def current_ttl(client: Any, table: str) -> str:
-    database, name = table.split(".", 1)
-    result = client.query(
-        "SELECT engine_full FROM system.tables WHERE database = {db:String} AND name = {t:String}",
-        parameters={"db": database, "t": name},
-    )
-    if not result.result_rows:
-        return ""
-    match = _TTL_RULES.search(str(result.result_rows[0][0]))
-    return match[1].strip() if match else ""
-
-
-def ensure_security_log_ttl(client: Any, security_days: int, login_days: int) -> bool:
-    """Make security_log's TTL match the settings; True when it had to change."""
-    wanted = (
-        f"ts + toIntervalDay({login_days}) WHERE {LOGIN_KINDS_CONDITION}, "
-        f"ts + toIntervalDay({security_days})"
-    )
-    if current_ttl(client, SECURITY_LOG_TABLE) == wanted:
-        return False
-    # Both values are validated ints, so formatting them into DDL is safe.
-    client.command(
-        f"ALTER TABLE {SECURITY_LOG_TABLE} MODIFY TTL {security_log_ttl(security_days, login_days)}"
-    )
-    log.info("analytics.ttl_changed", extra={"kind": SECURITY_LOG_TABLE, "count": security_days})
-    return True
 
 
 @dataclass

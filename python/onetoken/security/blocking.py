@@ -9,26 +9,18 @@ import ipaddress
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import String, delete, select
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
 
-from onetoken.db.models import Base, UTCDateTime, utcnow
+from onetoken.db.base import utcnow
+from onetoken.db.session import bump_revision
+from onetoken.security.models import BlockedSource
 
 # Blocks raised by failed authentication refuse only requests without a valid key: the
 # valid keys behind the same address (a company NAT, a load test's deliberate bad keys)
 # keep working while the failing attempts are refused.
 AUTH_FLOOD = "auth_flood"
 UNAUTHENTICATED_ONLY = frozenset({AUTH_FLOOD})
-
-
-class BlockedSource(Base):
-    __tablename__ = "blocked_sources"
-
-    cidr: Mapped[str] = mapped_column(String(64), primary_key=True)
-    until: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
-    # A fixed reason code (e.g. `auth_flood`), never free text.
-    reason: Mapped[str] = mapped_column(String(32))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 def normalize(source: str) -> str:
@@ -39,8 +31,6 @@ def normalize(source: str) -> str:
 def block(session: Session, source: str, seconds: int, reason: str) -> datetime:
     """Block `source` for `seconds` from now (extending, never shortening, a current
     block) and bump the config revision. The caller commits."""
-    from onetoken.db.session import bump_revision  # db.models imports this module
-
     cidr = normalize(source)
     until = utcnow() + timedelta(seconds=seconds)
     row = session.get(BlockedSource, cidr)
@@ -56,8 +46,6 @@ def block(session: Session, source: str, seconds: int, reason: str) -> datetime:
 
 
 def unblock(session: Session, source: str) -> bool:
-    from onetoken.db.session import bump_revision
-
     row = session.get(BlockedSource, normalize(source))
     if row is None:
         return False

@@ -35,6 +35,7 @@ from typing import Any, Final, Literal, TypeVar
 import orjson
 
 from onetoken.analytics.columns import SECURITY_LOG_TABLE
+from onetoken.kit.events import EventBus
 from onetoken.kit.files import private_dir
 
 log = logging.getLogger("onetoken.security")
@@ -148,7 +149,15 @@ class SecurityLog:
     Nothing is dropped: when the queue is full, the oldest half goes to a spool file.
     """
 
-    def __init__(self, spool_dir: Path, *, capacity: int = _DEFAULT_CAPACITY) -> None:
+    def __init__(
+        self,
+        spool_dir: Path,
+        *,
+        capacity: int = _DEFAULT_CAPACITY,
+        events: EventBus | None = None,
+    ) -> None:
+        # Recorded events are also published here (the webhooks bridge subscribes).
+        self.events = events
         self.spool_dir = Path(spool_dir)
         self.capacity = capacity
         self._queue: deque[Row] = deque()
@@ -337,9 +346,8 @@ def record(event: SecurityEvent) -> None:
         log.error("security.no_writer", extra={"kind": event.kind})
         return
     writer.record(event)
-    from onetoken.webhooks.bridge import forward  # abnormal logins, permission changes
-
-    forward(event)
+    if writer.events is not None:
+        writer.events.publish(event)
 
 
 def _flush_current_at_exit() -> None:
@@ -368,7 +376,4 @@ def attach_to_supervisor(supervisor: Any) -> None:
             writer.replay_spool(run)
         writer.flush(run)
 
-    from onetoken.security import keyrisk
-
     supervisor.flush_hooks.append(flush)
-    supervisor.batch_observers.append(keyrisk.observe)

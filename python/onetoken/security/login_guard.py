@@ -18,7 +18,7 @@ from typing import Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from onetoken.db.models import utcnow
+from onetoken.db.base import utcnow
 from onetoken.kit.errors import OnetokenError
 from onetoken.security.log import SecurityEvent, record
 from onetoken.security.models import LoginSource, LoginThrottle

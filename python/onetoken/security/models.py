@@ -1,4 +1,5 @@
-"""Login protection state in the control DB (shared by every process of a deployment)."""
+"""Tables of the security domain in the control DB (shared by every process of a
+deployment): login protection state and blocked sources."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from onetoken.db.models import Base, UTCDateTime, utcnow
+from onetoken.db.base import Base, UTCDateTime, utcnow
 
 
 class LoginThrottle(Base):
@@ -36,3 +37,13 @@ class LoginSource(Base):
     value: Mapped[str] = mapped_column(String(64), primary_key=True)
     first_seen: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class BlockedSource(Base):
+    __tablename__ = "blocked_sources"
+
+    cidr: Mapped[str] = mapped_column(String(64), primary_key=True)
+    until: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    # A fixed reason code (e.g. `auth_flood`), never free text.
+    reason: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -13,26 +13,14 @@ from urllib.parse import urlsplit
 from starlette.requests import Request
 
 from onetoken import _core
+from onetoken.kit.net import IpAddress, IpNetwork, networks
 
-IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # A name resolver: (host, port) -> the addresses it resolves to, as text. Raises OSError
 # when the name does not resolve. Tests inject stubs; the default asks the system.
 Resolver = Callable[[str, int], Sequence[str]]
 
 
 @lru_cache(maxsize=16)
-def networks(spec: str) -> tuple[IpNetwork, ...]:
-    """A comma-separated CIDR list (a settings value) as networks; ValueError names the
-    first entry that does not parse."""
-    out = []
-    for part in spec.split(","):
-        part = part.strip()
-        if part:
-            out.append(ipaddress.ip_network(part, strict=False))
-    return tuple(out)
-
-
 def parse_ip(value: str) -> IpAddress | None:
     try:
         ip = ipaddress.ip_address(value.strip())

@@ -1,6 +1,7 @@
 """Security-log events that are also webhook events: abnormal sign-ins and permission
 changes, recorded by the accounts and keys code, reach the org's callback addresses
-through this hook in `onetoken.security.log.record`. (The risk detectors emit their own
+through `forward`, which the composition root (onetoken.control) subscribes to the security
+events published on the process's event bus. (The risk detectors emit their own
 webhooks.)"""
 
 from __future__ import annotations

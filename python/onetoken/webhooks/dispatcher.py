@@ -35,18 +35,12 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from onetoken import __version__
-from onetoken.db.models import new_id, utcnow
+from onetoken.db.base import new_id, utcnow
 from onetoken.db.session import SessionFactory
 from onetoken.kit.crypto import DecryptionError, Secrets
+from onetoken.kit.net import IpAddress, IpNetwork, networks
 from onetoken.kit.worker import LoopThread
-from onetoken.security.net import (
-    AddressRefused,
-    IpAddress,
-    IpNetwork,
-    Resolver,
-    networks,
-    resolve_checked,
-)
+from onetoken.security.net import AddressRefused, Resolver, resolve_checked
 from onetoken.webhooks.events import Scalar, clean_data, envelope, new_event_id, normalize_kind
 from onetoken.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from onetoken.webhooks.signing import SIGNATURE_HEADER, header_value

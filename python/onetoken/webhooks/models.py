@@ -11,7 +11,8 @@ from datetime import datetime
 from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from onetoken.db.models import Base, BigIntPK, UTCDateTime, utcnow
+from onetoken.db.base import Base, BigIntPK, UTCDateTime, utcnow
+from onetoken.orgs.models import Org
 
 ENDPOINT_STATUSES = ("active", "disabled")
 DELIVERY_STATUSES = ("pending", "delivered", "failed")
@@ -23,7 +24,7 @@ class WebhookEndpoint(Base):
     __tablename__ = "webhook_endpoints"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"), index=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey(Org.id), index=True)
     # The URL is encrypted at rest: callback URLs often embed a token in the path.
     url_encrypted: Mapped[str] = mapped_column(String(4096))
     # scheme://host[:port], for listings.

@@ -15,11 +15,12 @@ from urllib.parse import urlsplit
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from onetoken.db.models import new_id, utcnow
+from onetoken.db.base import new_id, utcnow
 from onetoken.db.session import get_scoped
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import NotFound, Unprocessable
-from onetoken.security.net import IpNetwork, url_target_refused
+from onetoken.kit.net import IpNetwork
+from onetoken.security.net import url_target_refused
 from onetoken.webhooks.events import EVENT_KINDS
 from onetoken.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from onetoken.webhooks.signing import generate_secret

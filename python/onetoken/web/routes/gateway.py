@@ -13,10 +13,10 @@ from typing import Annotated
 import orjson
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
-from onetoken.deps import StateDep
 from onetoken.gateway.supervisor import engine_config
 from onetoken.kit.channel import bearer_matches
 from onetoken.kit.errors import Unauthorized
+from onetoken.web.deps import StateDep
 
 # Neither answer may be kept by a cache on the way.
 _NO_STORE = {"Cache-Control": "no-store"}

@@ -15,8 +15,7 @@ import httpx
 
 from onetoken.analytics.clickhouse import ChdbLockedError
 from onetoken.kit import channel
-from onetoken.ops import control_file
-from onetoken.ops.router import PREFIX
+from onetoken.ops import PREFIX, control_file
 from onetoken.settings import Settings
 
 # Reconcile and the audit scan read whole tables: give them time, but not forever.

@@ -13,7 +13,7 @@ What is detected (thresholds in settings, defaults in docs/security.md):
   a valid key are blocked (the snapshot's `blocked_ips`, 403 `ip_blocked` in the gateway)
   for a while, its valid keys keep working;
 - key risks: use of a revoked or expired key, or from outside its allowed addresses
-  (the security_log rows are onetoken.security.keyrisk's; the detectors add the webhook);
+  (the security_log rows are onetoken.risk.keyrisk's; the detectors add the webhook);
 - system alarms: records spooled instead of written (pipeline trouble), records dropped,
   an upstream provider failing repeatedly.
 
@@ -32,17 +32,16 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from onetoken import webhooks
 from onetoken.db.session import SessionFactory
+from onetoken.ingest.batch import Batch, CallGroup
+from onetoken.kit.events import EventBus
+from onetoken.kit.net import networks
+from onetoken.risk.keyrisk import KEY_RISKS
 from onetoken.security import blocking
-from onetoken.security.keyrisk import KEY_RISKS
 from onetoken.security.log import Scalar, SecurityEvent, Severity, record
-from onetoken.security.net import networks
-
-if TYPE_CHECKING:
-    from onetoken.ingest.batch import Batch, CallGroup
 
 log = logging.getLogger("onetoken.security")
 
@@ -347,7 +346,7 @@ class Detectors:
                     subject_id=key_id,
                     source_ip=ip,
                     detail={"error_code": code, "count": count},
-                    # onetoken.security.keyrisk writes these rows (one per batch and
+                    # onetoken.risk.keyrisk writes these rows (one per batch and
                     # source); the detectors add the webhook.
                     record=False,
                 )
@@ -453,13 +452,13 @@ class Detectors:
 
 
 def attach(
-    ingestor: Any, settings: DetectorSettings, session_factory: SessionFactory
+    events: EventBus, ingestor: Any, settings: DetectorSettings, session_factory: SessionFactory
 ) -> Detectors:
-    """Run the detectors on every batch the ingestor takes, and the pipeline alarms on
-    every flush cycle. A block bumps the config revision: gateways load it at their next
-    snapshot poll."""
+    """Run the detectors on every batch published on `events` (the ingestor's), and the
+    pipeline alarms on every flush cycle. A block bumps the config revision: gateways load
+    it at their next snapshot poll."""
     detectors = Detectors(settings, session_factory)
-    ingestor.batch_observers.append(detectors.observe)
+    events.subscribe(Batch, detectors.observe)
 
     def pipeline() -> None:
         stats: dict[str, int] = {}

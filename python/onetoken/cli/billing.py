@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
+
+from onetoken.cli.common import CliError, action_group, instant, open_db, settings_from_env
 
 
 # kit.money (pydantic) is imported where it is used: the `onetoken` parser registers these
@@ -25,19 +26,9 @@ def _money(value: str) -> int:
         raise argparse.ArgumentTypeError(f"amount {exc}") from None
 
 
-def _instant(value: str) -> datetime:
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError("must be an ISO 8601 date or time") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 def _with_session(fn: Callable[[Any, Any, argparse.Namespace], int]) -> Callable[..., int]:
     def run(args: argparse.Namespace) -> int:
-        from onetoken.cli import _open_db, _settings
-
-        state = _open_db(_settings())
+        state = open_db(settings_from_env())
         try:
             with state.session_factory() as session:
                 return fn(state, session, args)
@@ -121,8 +112,7 @@ def cmd_order_action(state: Any, session: Any, args: argparse.Namespace) -> int:
 @_with_session
 def cmd_price(state: Any, session: Any, args: argparse.Namespace) -> int:
     from onetoken.billing import audit, prices
-    from onetoken.cli import CliError
-    from onetoken.db.models import Model
+    from onetoken.providers.models import Model
 
     model = session.get(Model, args.model)
     if model is None:
@@ -131,12 +121,7 @@ def cmd_price(state: Any, session: Any, args: argparse.Namespace) -> int:
         session,
         model.org_id,
         model.id,
-        prices.Prices(
-            input_price=args.input,
-            output_price=args.output,
-            cached_input_price=args.input if args.cached is None else args.cached,
-            request_price=args.request,
-        ),
+        prices.Prices.listed(args.input, args.output, args.cached, args.request),
         effective_from=args.effective_from,
     )
     session.commit()
@@ -152,7 +137,6 @@ def cmd_price(state: Any, session: Any, args: argparse.Namespace) -> int:
 @_with_session
 def cmd_price_factor(state: Any, session: Any, args: argparse.Namespace) -> int:
     from onetoken.billing import audit, budgets
-    from onetoken.cli import CliError
     from onetoken.orgs.service import find_org
 
     org = find_org(session, args.org)
@@ -182,63 +166,58 @@ def cmd_expire(state: Any, session: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(
+    parent: Any, func: Callable[[argparse.Namespace], int], *args: Any, **kw: Any
+) -> Any:
+    """An operator command (`parent.add_parser(*args, **kw)`) that prints JSON with --json."""
+    p = parent.add_parser(*args, **kw)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=func)
+    return p
+
+
 def register(billing: Any) -> None:
     """Add the operator commands to the `onetoken billing` sub-parsers."""
-    plans = billing.add_parser("plans", help="packages on sale").add_subparsers(
-        dest="plans_command", required=True, metavar="ACTION"
-    )
-    p = plans.add_parser("create", help="create a plan")
+    plans = action_group(billing, "plans", "packages on sale", dest="plans_command")
+    p = _command(plans, cmd_plan_create, "create", help="create a plan")
     p.add_argument("--name", required=True)
     p.add_argument("--price", type=_money, required=True, help="what it costs, e.g. 90.00")
     p.add_argument("--credit", type=_money, required=True, help="credit it grants, e.g. 100")
     p.add_argument("--days", type=int, required=True, help="validity in days")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_plan_create)
-    p = plans.add_parser("list", help="list active plans")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_plan_list)
+    _command(plans, cmd_plan_list, "list", help="list active plans")
 
-    codes = billing.add_parser("codes", help="redemption codes").add_subparsers(
-        dest="codes_command", required=True, metavar="ACTION"
-    )
-    p = codes.add_parser("create", help="create single-use codes (printed once)")
+    codes = action_group(billing, "codes", "redemption codes", dest="codes_command")
+    p = _command(codes, cmd_codes_create, "create", help="create single-use codes (printed once)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--credit", type=_money, help="credit per code")
     what.add_argument("--plan", help="plan id each code grants")
     p.add_argument("--count", type=int, default=1)
-    p.add_argument("--expires", type=_instant, default=None, help="ISO time")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_codes_create)
+    p.add_argument("--expires", type=instant, default=None, help="ISO time")
 
-    order = billing.add_parser("orders", help="order payment status").add_subparsers(
-        dest="order_command", required=True, metavar="ACTION"
-    )
+    order = action_group(billing, "orders", "order payment status", dest="order_command")
     for action, help_text in (
         ("confirm", "payment received: mark paid, credit the org"),
         ("fail", "payment failed"),
         ("cancel", "cancel an unpaid order"),
     ):
-        p = order.add_parser(action, help=help_text)
+        p = _command(order, cmd_order_action, action, help=help_text)
         p.add_argument("order_id")
-        p.add_argument("--json", action="store_true")
-        p.set_defaults(func=cmd_order_action)
 
-    p = billing.add_parser("price", help="add a price version to a model (any org's)")
+    p = _command(billing, cmd_price, "price", help="add a price version to a model (any org's)")
     p.add_argument("--model", required=True, help="model (deployment) id")
     p.add_argument("--input", type=_money, required=True, help="per million input tokens")
     p.add_argument("--output", type=_money, required=True, help="per million output tokens")
     p.add_argument("--cached", type=_money, default=None, help="per million cached tokens")
     p.add_argument("--request", type=_money, default=0, help="per request")
-    p.add_argument("--from", dest="effective_from", type=_instant, default=None)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_price)
+    p.add_argument("--from", dest="effective_from", type=instant, default=None)
 
-    p = billing.add_parser("price-factor", help="org discount or surcharge (parts per million)")
+    p = _command(
+        billing,
+        cmd_price_factor,
+        "price-factor",
+        help="org discount or surcharge (parts per million)",
+    )
     p.add_argument("--org", required=True, help="org id or name")
     p.add_argument("--ppm", type=int, required=True, help="900000 = 10%% off")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_price_factor)
 
-    p = billing.add_parser("expire", help="lapse due packages and apply due prices now")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_expire)
+    _command(billing, cmd_expire, "expire", help="lapse due packages and apply due prices now")

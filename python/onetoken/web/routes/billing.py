@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Path, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Response
 
 from onetoken.billing import budgets, orders, packages, prices, service, statements
 from onetoken.billing.models import Invoice, Order
@@ -33,24 +35,25 @@ from onetoken.billing.schemas import (
     PriceVersionResponse,
     RedeemRequest,
     RefundRequest,
-    StatementEntry,
     StatementResponse,
-    UsageRowResponse,
 )
-from onetoken.deps import Principal, SessionDep, StateDep
-from onetoken.kit.errors import Forbidden, OnetokenError, Unprocessable
+from onetoken.kit.errors import Forbidden, Unprocessable
 from onetoken.orgs.service import target_org
-from onetoken.security.permissions import require
+from onetoken.security.principal import Principal
+from onetoken.web.deps import (
+    BillingMoneyDep,
+    BillingReadDep,
+    BillingWriteDep,
+    CallsReadDep,
+    ModelsReadDep,
+    ModelsWriteDep,
+    SessionDep,
+    StateDep,
+    call_log_sink,
+)
 
 router = APIRouter(prefix="/billing", tags=["billing"])
 
-BillingReaderDep = Annotated[Principal, Depends(require("billing.read"))]
-BillingWriterDep = Annotated[Principal, Depends(require("billing.write"))]
-# Moving the platform's money: operators (owners too where ONETOKEN_TENANT_MONEY_ADMIN=true).
-MoneyDep = Annotated[Principal, Depends(require("billing.money"))]
-ModelsReaderDep = Annotated[Principal, Depends(require("models.read"))]
-ModelsWriterDep = Annotated[Principal, Depends(require("models.write"))]
-CallsReaderDep = Annotated[Principal, Depends(require("calls.read"))]
 
 
 def _money_scope(principal: Principal) -> str | None:
@@ -61,7 +64,7 @@ def _money_scope(principal: Principal) -> str | None:
 
 @router.get("/balance", response_model=BalanceResponse)
 def get_balance(
-    principal: BillingReaderDep, session: SessionDep, state: StateDep
+    principal: BillingReadDep, session: SessionDep, state: StateDep
 ) -> BalanceResponse:
     total = service.balance(session, principal.org_id)
     held = packages.package_credit(session, principal.org_id)
@@ -81,7 +84,7 @@ def get_balance(
 )
 def credit(
     body: CreditRequest,
-    principal: MoneyDep,
+    principal: BillingMoneyDep,
     session: SessionDep,
     state: StateDep,
     response: Response,
@@ -128,7 +131,7 @@ def credit(
 
 @router.get("/ledger", response_model=LedgerPage)
 def list_ledger(
-    principal: BillingReaderDep,
+    principal: BillingReadDep,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     before_id: Annotated[int | None, Query(ge=1)] = None,
@@ -139,18 +142,8 @@ def list_ledger(
     return LedgerPage(data=[LedgerEntryResponse.model_validate(r) for r in rows], has_more=has_more)
 
 
-class CallLogUnavailable(OnetokenError):
-    status_code = 503
-    type = "service_unavailable"
-    code = "call_log_unavailable"
-
-
 def _reader(state: StateDep) -> Any:
-    runtime = state.runtime
-    sink = getattr(runtime, "sink", None) if runtime is not None else None
-    if sink is None:
-        raise CallLogUnavailable("Call metadata is served by a running gateway.")
-    return sink.read
+    return call_log_sink(state).read
 
 
 # -- settings and budgets ------------------------------------------------------------------
@@ -172,14 +165,14 @@ def _settings_response(
 
 @router.get("/settings", response_model=BillingSettingsResponse)
 def get_settings(
-    principal: BillingReaderDep, session: SessionDep, state: StateDep
+    principal: BillingReadDep, session: SessionDep, state: StateDep
 ) -> BillingSettingsResponse:
     return _settings_response(session, state, principal.org_id)
 
 
 @router.patch("/settings", response_model=BillingSettingsResponse)
 def update_settings(
-    body: BillingSettingsUpdate, principal: BillingWriterDep, session: SessionDep, state: StateDep
+    body: BillingSettingsUpdate, principal: BillingWriteDep, session: SessionDep, state: StateDep
 ) -> BillingSettingsResponse:
     """Org budgets per UTC day/month (the gateway answers 429 `budget_exceeded` once a
     request could cross one) and the low-balance threshold for the `balance_low` event.
@@ -187,8 +180,7 @@ def update_settings(
     price-factor`)."""
     changes = body.model_dump(exclude_unset=True)
     budgets.update_org_settings(session, principal.org_id, **changes)
-    session.commit()
-    state.config_changed()
+    state.commit_change(session)
     from onetoken.billing import audit
 
     audit.record(
@@ -205,7 +197,7 @@ def update_settings(
 
 @router.get("/prices", response_model=list[PriceVersionResponse])
 def list_prices(
-    principal: ModelsReaderDep,
+    principal: ModelsReadDep,
     session: SessionDep,
     model_id: Annotated[str, Query(min_length=1, max_length=32)],
 ) -> list[PriceVersionResponse]:
@@ -216,7 +208,7 @@ def list_prices(
 
 @router.post("/prices", response_model=PriceVersionResponse, status_code=201)
 def add_price(
-    body: PriceVersionCreate, principal: ModelsWriterDep, session: SessionDep, state: StateDep
+    body: PriceVersionCreate, principal: ModelsWriteDep, session: SessionDep, state: StateDep
 ) -> PriceVersionResponse:
     """New prices for one of the org's models from `effective_from` (default now) on.
     Requests already made keep the cost they were charged."""
@@ -224,19 +216,13 @@ def add_price(
         session,
         principal.org_id,
         body.model_id,
-        prices.Prices(
-            input_price=body.input_price,
-            output_price=body.output_price,
-            cached_input_price=(
-                body.input_price if body.cached_input_price is None else body.cached_input_price
-            ),
-            request_price=body.request_price,
+        prices.Prices.listed(
+            body.input_price, body.output_price, body.cached_input_price, body.request_price
         ),
         effective_from=body.effective_from,
         created_by=principal.account_id,
     )
-    session.commit()
-    state.config_changed()
+    state.commit_change(session)
     from onetoken.billing import audit
 
     audit.record(
@@ -252,12 +238,12 @@ def add_price(
 
 
 @router.get("/plans", response_model=list[PlanResponse])
-def list_plans(_: BillingReaderDep, session: SessionDep) -> list[PlanResponse]:
+def list_plans(_: BillingReadDep, session: SessionDep) -> list[PlanResponse]:
     return [PlanResponse.model_validate(p) for p in packages.list_plans(session)]
 
 
 @router.get("/packages", response_model=list[PackageResponse])
-def list_packages(principal: BillingReaderDep, session: SessionDep) -> list[PackageResponse]:
+def list_packages(principal: BillingReadDep, session: SessionDep) -> list[PackageResponse]:
     return [
         PackageResponse.model_validate(p) for p in packages.list_packages(session, principal.org_id)
     ]
@@ -281,7 +267,7 @@ def _order_response(session: SessionDep, order: Order) -> OrderResponse:
 
 @router.post("/orders", response_model=OrderResponse, status_code=201)
 def create_order(
-    body: OrderCreate, principal: BillingWriterDep, session: SessionDep, state: StateDep
+    body: OrderCreate, principal: BillingWriteDep, session: SessionDep, state: StateDep
 ) -> OrderResponse:
     """A recharge or a package purchase, paid by bank transfer: the response says how;
     an operator confirms it when the money arrives."""
@@ -302,7 +288,7 @@ def create_order(
 
 @router.get("/orders", response_model=OrderList)
 def list_orders(
-    principal: BillingReaderDep,
+    principal: BillingReadDep,
     session: SessionDep,
     status: OrderStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -315,15 +301,25 @@ def list_orders(
 
 
 @router.get("/orders/{order_id}", response_model=OrderResponse)
-def get_order(order_id: str, principal: BillingReaderDep, session: SessionDep) -> OrderResponse:
+def get_order(order_id: str, principal: BillingReadDep, session: SessionDep) -> OrderResponse:
     return _order_response(session, orders.get_order(session, principal.org_id, order_id))
 
 
-def _finish(
-    session: SessionDep, state: StateDep, order: Order, actor: str, money_moved: bool
+def _order_step(
+    session: SessionDep,
+    state: StateDep,
+    principal: Principal,
+    order: Order,
+    step: Callable[..., object],
+    *,
+    money_moved: bool,
+    **kw: Any,
 ) -> OrderResponse:
+    """Move `order` on by `step` (a onetoken.billing.orders function) as the principal,
+    commit, audit the change, and answer the gateways' polls when money moved."""
+    step(session, order, actor=principal.account_id, **kw)
     session.commit()
-    orders.audit_change(order, actor)
+    orders.audit_change(order, principal.account_id)
     if money_moved:
         state.config_changed()
     return _order_response(session, order)
@@ -331,7 +327,7 @@ def _finish(
 
 @router.post("/orders/{order_id}/confirm", response_model=OrderResponse)
 def confirm_order(
-    order_id: str, principal: MoneyDep, session: SessionDep, state: StateDep
+    order_id: str, principal: BillingMoneyDep, session: SessionDep, state: StateDep
 ) -> OrderResponse:
     """Offline payment received (operators): the order becomes paid and its credit or
     package lands. Four eyes: the account that placed the order cannot confirm it."""
@@ -340,46 +336,44 @@ def confirm_order(
         raise Forbidden(
             "Another billing admin must confirm this order.", code="separation_of_duties"
         )
-    orders.mark_paid(session, order, actor=principal.account_id)
-    return _finish(session, state, order, principal.account_id, True)
+    return _order_step(session, state, principal, order, orders.mark_paid, money_moved=True)
 
 
 @router.post("/orders/{order_id}/fail", response_model=OrderResponse)
 def fail_order(
-    order_id: str, principal: MoneyDep, session: SessionDep, state: StateDep
+    order_id: str, principal: BillingMoneyDep, session: SessionDep, state: StateDep
 ) -> OrderResponse:
     """The payment did not arrive (operators)."""
     order = orders.get_order(session, _money_scope(principal), order_id)
-    orders.mark_failed(session, order, actor=principal.account_id)
-    return _finish(session, state, order, principal.account_id, False)
+    return _order_step(session, state, principal, order, orders.mark_failed, money_moved=False)
 
 
 @router.post("/orders/{order_id}/cancel", response_model=OrderResponse)
 def cancel_order(
-    order_id: str, principal: BillingWriterDep, session: SessionDep, state: StateDep
+    order_id: str, principal: BillingWriteDep, session: SessionDep, state: StateDep
 ) -> OrderResponse:
     order = orders.get_order(session, principal.org_id, order_id)
-    orders.cancel(session, order, actor=principal.account_id)
-    return _finish(session, state, order, principal.account_id, False)
+    return _order_step(session, state, principal, order, orders.cancel, money_moved=False)
 
 
 @router.post("/orders/{order_id}/refund", response_model=OrderResponse)
 def refund_order(
     order_id: str,
     body: RefundRequest,
-    principal: MoneyDep,
+    principal: BillingMoneyDep,
     session: SessionDep,
     state: StateDep,
 ) -> OrderResponse:
     """Pay a paid order back (operators)."""
     order = orders.get_order(session, _money_scope(principal), order_id)
-    orders.refund(session, order, actor=principal.account_id, amount=body.amount)
-    return _finish(session, state, order, principal.account_id, True)
+    return _order_step(
+        session, state, principal, order, orders.refund, money_moved=True, amount=body.amount
+    )
 
 
 @router.post("/redeem", response_model=OrderResponse, status_code=201)
 def redeem_code(
-    body: RedeemRequest, principal: BillingWriterDep, session: SessionDep, state: StateDep
+    body: RedeemRequest, principal: BillingWriteDep, session: SessionDep, state: StateDep
 ) -> OrderResponse:
     """Spend a redemption code on the org (single use; the code is never stored or echoed)."""
     order = orders.redeem(
@@ -399,19 +393,6 @@ def redeem_code(
 # -- statements and invoices -------------------------------------------------------------
 
 
-def _usage_rows(rows: list[statements.UsageRow]) -> list[UsageRowResponse]:
-    return [
-        UsageRowResponse(
-            group=r.group,
-            calls=r.calls,
-            prompt_tokens=r.prompt_tokens,
-            completion_tokens=r.completion_tokens,
-            cost=r.cost,
-        )
-        for r in rows
-    ]
-
-
 def _statement(
     principal: Principal, session: SessionDep, state: StateDep, period: str
 ) -> statements.Statement:
@@ -423,32 +404,20 @@ def _statement(
 
 @router.get("/statements/{period}", response_model=StatementResponse)
 def get_statement(
-    period: str, principal: BillingReaderDep, session: SessionDep, state: StateDep
+    period: str, principal: BillingReadDep, session: SessionDep, state: StateDep
 ) -> StatementResponse:
     """A month (YYYY-MM, UTC) of the org's money: opening and closing balance, movement by
     ledger kind, recharges and other credits, and usage by model, key and day."""
     s = _statement(principal, session, state, period)
-    return StatementResponse(
-        org_id=s.org_id,
-        period=s.period.label,
-        currency=s.currency,
-        opening_balance=s.opening_balance,
-        closing_balance=s.closing_balance,
-        movement=s.movement,
-        ledger_usage=s.ledger_usage,
-        call_log_cost=s.call_log_cost,
-        difference=s.difference,
-        calls=s.calls,
-        by_model=_usage_rows(s.by_model),
-        by_key=_usage_rows(s.by_key),
-        by_day=_usage_rows(s.by_day),
-        credits=[StatementEntry(**c) for c in s.credits],
+    # The statement's fields by name; the period as its label, the difference derived.
+    return StatementResponse.model_validate(
+        {**asdict(s), "period": s.period.label, "difference": s.difference}
     )
 
 
 @router.get("/statements/{period}/csv")
 def get_statement_csv(
-    period: str, principal: BillingReaderDep, session: SessionDep, state: StateDep
+    period: str, principal: BillingReadDep, session: SessionDep, state: StateDep
 ) -> Response:
     s = _statement(principal, session, state, period)
     return Response(
@@ -464,7 +433,7 @@ def _invoice_response(invoice: Invoice) -> InvoiceResponse:
 
 @router.post("/invoices", response_model=InvoiceResponse, status_code=201)
 def create_invoice(
-    body: InvoiceCreate, principal: BillingWriterDep, session: SessionDep, state: StateDep
+    body: InvoiceCreate, principal: BillingWriteDep, session: SessionDep, state: StateDep
 ) -> InvoiceResponse:
     """An invoice for one month's usage (lines per model, from the ledger)."""
     invoice = statements.create_invoice(
@@ -490,7 +459,7 @@ def create_invoice(
 
 
 @router.get("/invoices", response_model=InvoiceList)
-def list_invoices(principal: BillingReaderDep, session: SessionDep) -> InvoiceList:
+def list_invoices(principal: BillingReadDep, session: SessionDep) -> InvoiceList:
     return InvoiceList(
         data=[_invoice_response(i) for i in statements.list_invoices(session, principal.org_id)]
     )
@@ -498,13 +467,13 @@ def list_invoices(principal: BillingReaderDep, session: SessionDep) -> InvoiceLi
 
 @router.get("/invoices/{invoice_id}", response_model=InvoiceResponse)
 def get_invoice(
-    invoice_id: str, principal: BillingReaderDep, session: SessionDep
+    invoice_id: str, principal: BillingReadDep, session: SessionDep
 ) -> InvoiceResponse:
     return _invoice_response(statements.get_invoice(session, principal.org_id, invoice_id))
 
 
 @router.get("/invoices/{invoice_id}/document")
-def invoice_document(invoice_id: str, principal: BillingReaderDep, session: SessionDep) -> Response:
+def invoice_document(invoice_id: str, principal: BillingReadDep, session: SessionDep) -> Response:
     invoice = statements.get_invoice(session, principal.org_id, invoice_id)
     return Response(
         statements.invoice_html(session, invoice),
@@ -518,7 +487,7 @@ def invoice_document(invoice_id: str, principal: BillingReaderDep, session: Sess
 
 @router.get("/invoices/{invoice_id}/lines.csv")
 def invoice_lines_csv(
-    invoice_id: str, principal: BillingReaderDep, session: SessionDep
+    invoice_id: str, principal: BillingReadDep, session: SessionDep
 ) -> Response:
     invoice = statements.get_invoice(session, principal.org_id, invoice_id)
     return Response(
@@ -532,7 +501,7 @@ def invoice_lines_csv(
 def change_invoice(
     invoice_id: str,
     action: Annotated[str, Path(pattern="^(issue|void)$")],
-    principal: MoneyDep,
+    principal: BillingMoneyDep,
     session: SessionDep,
 ) -> InvoiceResponse:
     """Issue or void a requested invoice (operators)."""
@@ -555,7 +524,7 @@ def change_invoice(
 
 @router.get("/call-stats", response_model=CallStatsResponse)
 def call_stats(
-    principal: CallsReaderDep,
+    principal: CallsReadDep,
     state: StateDep,
     group_by: Annotated[str, Query(pattern="^(model|key|day)$")] = "model",
     start: datetime | None = None,

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
-from onetoken.db.models import ApiKey
-from onetoken.deps import Principal, SessionDep, StateDep
 from onetoken.keys import service
+from onetoken.keys.models import ApiKey
 from onetoken.keys.schemas import (
     KeyCreate,
     KeyCreated,
@@ -20,13 +19,11 @@ from onetoken.keys.schemas import (
     KeyRotated,
     KeyUpdate,
 )
-from onetoken.security.permissions import require
+from onetoken.web.deps import KeysReadDep, KeysWriteDep, SessionDep, StateDep
 
 router = APIRouter(prefix="/keys", tags=["keys"])
 R = TypeVar("R", bound=KeyResponse)
 
-KeysReadDep = Annotated[Principal, Depends(require("keys.read"))]
-KeysWriteDep = Annotated[Principal, Depends(require("keys.write"))]
 
 
 def key_out(k: ApiKey, cls: type[R] = KeyResponse, **extra: Any) -> R:  # type: ignore[assignment]
@@ -57,22 +54,16 @@ def key_out(k: ApiKey, cls: type[R] = KeyResponse, **extra: Any) -> R:  # type: 
 def create_key(
     body: KeyCreate, principal: KeysWriteDep, session: SessionDep, state: StateDep
 ) -> KeyCreated:
+    # The request's fields are create_key's keyword arguments (limits as a dict).
     key, plaintext = service.create_key(
         session,
         state.secrets,
         org_id=principal.org_id,
         created_by=principal.account_id,
-        name=body.name,
-        owner_id=body.owner_id,
-        expires_at=body.expires_at,
-        not_before=body.not_before,
-        allowed_models=body.allowed_models,
-        allowed_ips=body.allowed_ips,
-        limits=body.limits.model_dump() if body.limits else None,
         actor=principal,
+        **body.model_dump(),
     )
-    session.commit()
-    state.config_changed()
+    state.commit_change(session)
     return key_out(key, KeyCreated, key=plaintext)
 
 
@@ -92,8 +83,7 @@ def update_key(
 ) -> KeyResponse:
     changes = body.model_dump(include=body.model_fields_set)
     key = service.update_key(session, principal.org_id, key_id, changes, actor=principal)
-    session.commit()
-    state.config_changed()
+    state.commit_change(session)
     return key_out(key)
 
 
@@ -114,8 +104,7 @@ def rotate_key(
         session, state.secrets, principal.org_id, key_id,
         overlap=timedelta(seconds=seconds), actor=principal,
     )
-    session.commit()
-    state.config_changed()
+    state.commit_change(session)
     return key_out(
         new,
         KeyRotated,
@@ -130,6 +119,5 @@ def revoke_key(
     key_id: str, principal: KeysWriteDep, session: SessionDep, state: StateDep
 ) -> KeyResponse:
     key = service.revoke_key(session, principal.org_id, key_id, actor=principal)
-    session.commit()
-    state.config_changed()
+    state.commit_change(session)
     return key_out(key)

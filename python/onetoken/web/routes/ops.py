@@ -1,7 +1,7 @@
 """`/internal/ops/`: the reads a running control process performs for the CLI.
 
 Each endpoint runs the function the CLI runs when it can open the stores itself, through
-the server's ClickHouse client (analytics.router.call_log_sink), so the two paths cannot
+the server's ClickHouse client (web.deps.call_log_sink), so the two paths cannot
 drift apart. Authenticated by the ops channel's bearer token only (no session, no role:
 whoever holds the master secret holds the data dir); left out of the OpenAPI document and
 of the permission matrix, which describe the public control API.
@@ -20,12 +20,11 @@ from pydantic import BaseModel, Field
 
 from onetoken.analytics import queries
 from onetoken.analytics.columns import CALL_LOG_COLUMNS
-from onetoken.analytics.router import call_log_sink
-from onetoken.deps import SessionDep, StateDep, get_state
 from onetoken.kit import channel
 from onetoken.kit.errors import Unauthorized, Unprocessable
+from onetoken.ops import PREFIX
+from onetoken.web.deps import SessionDep, StateDep, call_log_sink, get_state
 
-PREFIX = "/internal/ops"
 #: Rows per `calls/export` page: a few MB of JSON, and the server's ClickHouse client is
 #: held for one page at a time.
 EXPORT_PAGE_ROWS = 10_000
@@ -71,14 +70,7 @@ def billing_reconcile(
     lines = call_log_sink(state).read(lambda c: reconcile(session, c, start=start, end=end))
     return ReconcileResponse(
         lines=[
-            ReconcileLine(
-                org_id=r.org_id,
-                day=r.day,
-                ledger_usage=r.ledger_usage,
-                call_log_cost=r.call_log_cost,
-                ledger_calls=r.ledger_calls,
-                call_log_calls=r.call_log_calls,
-            )
+            ReconcileLine.model_validate(r, from_attributes=True)
             for r in lines
             if org is None or r.org_id == org
         ]

@@ -5,24 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from onetoken.analytics import queries
-from onetoken.deps import AppState, Principal, StateDep
-from onetoken.kit.errors import OnetokenError, Unprocessable
-from onetoken.security.permissions import require
+from onetoken.kit.errors import Unprocessable
+from onetoken.web.deps import CallsReadDep, StateDep, UsageReadDep, call_log_sink
 
 router = APIRouter(tags=["calls"])
 
-CallsReadDep = Annotated[Principal, Depends(require("calls.read"))]
-UsageReadDep = Annotated[Principal, Depends(require("usage.read"))]
-
-
-class ServiceUnavailable(OnetokenError):
-    status_code = 503
-    type = "service_unavailable"
-    code = "call_log_unavailable"
 
 
 class CallPageResponse(BaseModel):
@@ -34,14 +25,6 @@ class UsageSummary(BaseModel):
     org_id: str
     calls: int
     cost_units: int
-
-
-def call_log_sink(state: AppState) -> Any:
-    """The running server's ClickHouse reader: chDB lets one process open its path, so the
-    control API and the ops channel (onetoken.ops) read through the server's own client."""
-    if state.runtime is None:
-        raise ServiceUnavailable("Call metadata is served by a running gateway.")
-    return state.runtime.sink
 
 
 @router.get("/calls", response_model=CallPageResponse)

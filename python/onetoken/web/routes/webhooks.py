@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Query, Response
 
-from onetoken.deps import AppState, Principal, SessionDep, StateDep
-from onetoken.kit.errors import Forbidden, OnetokenError
+from onetoken.kit.errors import Forbidden
+from onetoken.kit.net import networks
 from onetoken.security import audit
-from onetoken.security.net import networks
-from onetoken.security.permissions import require
+from onetoken.security.principal import Principal
+from onetoken.state import AppState
+from onetoken.web.deps import SessionDep, StateDep, WebhooksReadDep, WebhooksWriteDep
 from onetoken.webhooks import current, service
 from onetoken.webhooks.dispatcher import WebhookDispatcher
 from onetoken.webhooks.models import WebhookDelivery, WebhookEndpoint
@@ -30,14 +31,6 @@ from onetoken.webhooks.schemas import (
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 
-ReadDep = Annotated[Principal, Depends(require("webhooks.read"))]
-WriteDep = Annotated[Principal, Depends(require("webhooks.write"))]
-
-
-class DispatcherUnavailable(OnetokenError):
-    status_code = 503
-    type = "service_unavailable"
-    code = "webhooks_unavailable"
 
 
 def _out(ep: WebhookEndpoint) -> EndpointResponse:
@@ -55,20 +48,7 @@ def _out(ep: WebhookEndpoint) -> EndpointResponse:
 
 
 def _delivery(d: WebhookDelivery) -> DeliveryResponse:
-    return DeliveryResponse(
-        id=d.id,
-        endpoint_id=d.endpoint_id,
-        event_id=d.event_id,
-        kind=d.kind,
-        status=d.status,
-        attempts=d.attempts,
-        last_status_code=d.last_status_code,
-        last_latency_ms=d.last_latency_ms,
-        last_error=d.last_error,
-        next_attempt_at=d.next_attempt_at,
-        created_at=d.created_at,
-        finished_at=d.finished_at,
-    )
+    return DeliveryResponse.model_validate(d, from_attributes=True)
 
 
 def _dispatcher(state: AppState) -> WebhookDispatcher:
@@ -103,7 +83,7 @@ def stop_test_sender(state: AppState) -> None:
 
 @router.post("", response_model=EndpointCreated, status_code=201)
 def create_endpoint(
-    body: EndpointCreate, principal: WriteDep, session: SessionDep, state: StateDep
+    body: EndpointCreate, principal: WebhooksWriteDep, session: SessionDep, state: StateDep
 ) -> EndpointCreated:
     """Register a callback address. The signing secret is in this response only."""
     if body.platform and not principal.is_operator:
@@ -126,13 +106,13 @@ def create_endpoint(
 
 
 @router.get("", response_model=EndpointList)
-def list_endpoints(principal: ReadDep, session: SessionDep) -> EndpointList:
+def list_endpoints(principal: WebhooksReadDep, session: SessionDep) -> EndpointList:
     return EndpointList(data=[_out(e) for e in service.list_endpoints(session, principal.org_id)])
 
 
 @router.get("/deliveries", response_model=DeliveryList)
 def list_deliveries(
-    principal: ReadDep,
+    principal: WebhooksReadDep,
     session: SessionDep,
     endpoint_id: Annotated[str | None, Query(max_length=32)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
@@ -146,7 +126,9 @@ def list_deliveries(
 
 
 @router.get("/deliveries/{delivery_id}", response_model=DeliveryDetail)
-def get_delivery(delivery_id: str, principal: ReadDep, session: SessionDep) -> DeliveryDetail:
+def get_delivery(
+    delivery_id: str, principal: WebhooksReadDep, session: SessionDep
+) -> DeliveryDetail:
     d = service.get_delivery(session, principal.org_id, delivery_id)
     attempts = [
         AttemptResponse(attempt=a.attempt, status_code=a.status_code, latency_ms=a.latency_ms,
@@ -157,7 +139,9 @@ def get_delivery(delivery_id: str, principal: ReadDep, session: SessionDep) -> D
 
 
 @router.get("/{endpoint_id}", response_model=EndpointResponse)
-def get_endpoint(endpoint_id: str, principal: ReadDep, session: SessionDep) -> EndpointResponse:
+def get_endpoint(
+    endpoint_id: str, principal: WebhooksReadDep, session: SessionDep
+) -> EndpointResponse:
     return _out(service.get_endpoint(session, principal.org_id, endpoint_id))
 
 
@@ -165,7 +149,7 @@ def get_endpoint(endpoint_id: str, principal: ReadDep, session: SessionDep) -> E
 def update_endpoint(
     endpoint_id: str,
     body: EndpointUpdate,
-    principal: WriteDep,
+    principal: WebhooksWriteDep,
     session: SessionDep,
     state: StateDep,
 ) -> EndpointResponse:
@@ -188,7 +172,7 @@ def update_endpoint(
 
 @router.post("/{endpoint_id}/rotate-secret", response_model=SecretRotated)
 def rotate_secret(
-    endpoint_id: str, principal: WriteDep, session: SessionDep, state: StateDep
+    endpoint_id: str, principal: WebhooksWriteDep, session: SessionDep, state: StateDep
 ) -> SecretRotated:
     """A new signing secret (shown once); the old one stops signing at once."""
     ep = _writable(session, principal, endpoint_id)
@@ -199,7 +183,7 @@ def rotate_secret(
 
 
 @router.delete("/{endpoint_id}", status_code=204)
-def delete_endpoint(endpoint_id: str, principal: WriteDep, session: SessionDep) -> Response:
+def delete_endpoint(endpoint_id: str, principal: WebhooksWriteDep, session: SessionDep) -> Response:
     ep = _writable(session, principal, endpoint_id)
     service.delete_endpoint(session, ep)
     session.commit()
@@ -209,7 +193,7 @@ def delete_endpoint(endpoint_id: str, principal: WriteDep, session: SessionDep) 
 
 @router.post("/{endpoint_id}/test", response_model=DeliveryDetail, status_code=202)
 def send_test(
-    endpoint_id: str, principal: WriteDep, session: SessionDep, state: StateDep
+    endpoint_id: str, principal: WebhooksWriteDep, session: SessionDep, state: StateDep
 ) -> DeliveryDetail:
     """Queue a `webhook_test` event for sending now and answer with the pending delivery
     at once (the attempt runs on the delivery workers, never on this request; follow it

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
 
-from onetoken.db.models import Account, AdminSession
-from onetoken.deps import AppState, Principal, SessionDep, StateDep
+from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import NotFound
 from onetoken.orgs import auth, members, service
+from onetoken.orgs.models import Account, AdminSession
 from onetoken.orgs.schemas import (
     AccountCreate,
     AccountCreated,
@@ -37,18 +40,27 @@ from onetoken.orgs.schemas import (
     TotpEnrolRequest,
 )
 from onetoken.security import audit
+from onetoken.security.login_guard import LoginGuard
 from onetoken.security.net import client_ip
-from onetoken.security.permissions import PublicDep, require
+from onetoken.security.principal import Principal
+from onetoken.state import AppState
+from onetoken.web.deps import (
+    MembersReadDep,
+    MembersWriteDep,
+    OrgReadDep,
+    OrgsManageDep,
+    OrgWriteDep,
+    PrincipalDep,
+    PublicDep,
+    SelfDep,
+    SessionDep,
+    StateDep,
+    own_account,
+)
 
 router = APIRouter(tags=["accounts"])
 _bearer = HTTPBearer(auto_error=False)
 
-SelfDep = Annotated[Principal, Depends(require("self"))]
-OrgReadDep = Annotated[Principal, Depends(require("org.read"))]
-OrgWriteDep = Annotated[Principal, Depends(require("org.write"))]
-OrgsManageDep = Annotated[Principal, Depends(require("orgs.manage"))]
-MembersReadDep = Annotated[Principal, Depends(require("members.read"))]
-MembersWriteDep = Annotated[Principal, Depends(require("members.write"))]
 
 
 def _sign_in(
@@ -150,11 +162,32 @@ def accept_invite(body: InviteAccept, session: SessionDep, state: StateDep) -> A
 # -- own account ------------------------------------------------------------------------------
 
 
-def _me(session: SessionDep, principal: Principal) -> Account:
-    account = session.get(Account, principal.account_id)
-    if account is None:
-        raise NotFound("Account not found.")
-    return account
+@dataclass(frozen=True, slots=True)
+class OwnSignIn:
+    """What onetoken.orgs.auth needs to change the caller's own sign-in (password, second
+    factor): a wrong current password there counts towards the sign-in lockout (the
+    guard) like a failed sign-in."""
+
+    session: Session
+    secrets: Secrets
+    guard: LoginGuard
+    principal: Principal
+    account: Account
+
+    def args(self) -> tuple[Session, Secrets, LoginGuard, Principal, Account]:
+        return self.session, self.secrets, self.guard, self.principal, self.account
+
+
+def own_sign_in(
+    request: Request, principal: PrincipalDep, session: SessionDep, state: StateDep
+) -> OwnSignIn:
+    # The signed-in principal as get_principal made it (the route's own `self` permission
+    # check reaches the same one), so the route declares its permission once.
+    guard = auth.login_guard(request, state)
+    return OwnSignIn(session, state.secrets, guard, principal, own_account(session, principal))
+
+
+OwnSignInDep = Annotated[OwnSignIn, Depends(own_sign_in)]
 
 
 def _me_response(account: Account) -> MeResponse:
@@ -173,12 +206,12 @@ def _me_response(account: Account) -> MeResponse:
 
 @router.get("/me", response_model=MeResponse)
 def me(principal: SelfDep, session: SessionDep) -> MeResponse:
-    return _me_response(_me(session, principal))
+    return _me_response(own_account(session, principal))
 
 
 @router.patch("/me", response_model=MeResponse)
 def update_me(body: MeUpdate, principal: SelfDep, session: SessionDep) -> MeResponse:
-    account = _me(session, principal)
+    account = own_account(session, principal)
     before = members.snapshot(account)
     if body.display_name is not None:
         account.display_name = body.display_name
@@ -192,24 +225,17 @@ def update_me(body: MeUpdate, principal: SelfDep, session: SessionDep) -> MeResp
 def change_password(
     body: PasswordChange,
     principal: SelfDep,
-    request: Request,
-    session: SessionDep,
-    state: StateDep,
+    own: OwnSignInDep,
 ) -> Response:
     """Other sessions of the account end; this one stays. Wrong current passwords count
     towards the sign-in lockout (429 `login_locked` while it lasts)."""
-    account = _me(session, principal)
     auth.change_password(
-        session,
-        state.secrets,
-        auth.login_guard(request, state),
-        principal,
-        account,
+        *own.args(),
         body.current_password.get_secret_value(),
         body.new_password.get_secret_value(),
     )
-    session.commit()
-    audit.event(principal, "account.password_changed", "medium", subject_id=account.id)
+    own.session.commit()
+    audit.event(principal, "account.password_changed", "medium", subject_id=own.account.id)
     return Response(status_code=204)
 
 
@@ -217,21 +243,12 @@ def change_password(
 def totp_enrol(
     body: TotpEnrolRequest,
     principal: SelfDep,
-    request: Request,
-    session: SessionDep,
-    state: StateDep,
+    own: OwnSignInDep,
 ) -> TotpEnrolment:
     """Start enrolling a TOTP second factor (needs the current password); confirm with a
     code to turn it on."""
-    secret, uri = auth.totp_enrol(
-        session,
-        state.secrets,
-        auth.login_guard(request, state),
-        principal,
-        _me(session, principal),
-        body.current_password.get_secret_value(),
-    )
-    session.commit()
+    secret, uri = auth.totp_enrol(*own.args(), body.current_password.get_secret_value())
+    own.session.commit()
     audit.event(principal, "account.totp_enrolment_started", "info",
                 subject_id=principal.account_id)
     return TotpEnrolment(secret=secret, otpauth_uri=uri)
@@ -241,44 +258,32 @@ def totp_enrol(
 def totp_confirm(
     body: TotpCodeBody,
     principal: SelfDep,
-    request: Request,
-    session: SessionDep,
-    state: StateDep,
+    own: OwnSignInDep,
 ) -> MeResponse:
-    account = _me(session, principal)
-    auth.totp_confirm(
-        session, state.secrets, auth.login_guard(request, state), principal, account, body.code
-    )
-    session.commit()
-    audit.change(principal, "account.totp_enabled", subject_id=account.id,
+    auth.totp_confirm(*own.args(), body.code)
+    own.session.commit()
+    audit.change(principal, "account.totp_enabled", subject_id=own.account.id,
                  before={"auth_status": "password"}, after={"auth_status": "totp"})
-    return _me_response(account)
+    return _me_response(own.account)
 
 
 @router.post("/me/totp/disable", response_model=MeResponse)
 def totp_disable(
     body: TotpDisableRequest,
     principal: SelfDep,
-    request: Request,
-    session: SessionDep,
-    state: StateDep,
+    own: OwnSignInDep,
 ) -> MeResponse:
     """Needs the current password and a current one-time code."""
-    account = _me(session, principal)
     auth.totp_disable(
-        session,
-        state.secrets,
-        auth.login_guard(request, state),
-        principal,
-        account,
+        *own.args(),
         current_password=body.current_password.get_secret_value(),
         code=body.code,
     )
-    session.commit()
-    audit.change(principal, "account.totp_disabled", subject_id=account.id,
+    own.session.commit()
+    audit.change(principal, "account.totp_disabled", subject_id=own.account.id,
                  before={"auth_status": "totp"}, after={"auth_status": "password"},
                  severity="high")
-    return _me_response(account)
+    return _me_response(own.account)
 
 
 # -- organizations ----------------------------------------------------------------------------
@@ -323,8 +328,7 @@ def create_org(
         display_name=owner.display_name,
         password=owner.password.get_secret_value() if owner.password else None,
     )
-    session.commit()
-    state.config_changed()
+    state.commit_change(session)
     audit.event(principal, "admin.org_created", "medium", subject_id=org.id, org_id=org.id)
     return OrgCreated(
         **OrgResponse.model_validate(org).model_dump(),
@@ -359,8 +363,7 @@ def update_org(
         bump_revision(session)
         if org.status != "active":
             auth.end_org_sessions(session, org.id)
-    session.commit()
-    state.config_changed()
+    state.commit_change(session)
     audit.change(principal, "admin.org_changed", subject_id=org.id, org_id=org.id,
                  before=before, after={"name": org.name, "status": org.status}, severity="high")
     return OrgResponse.model_validate(org)
@@ -396,15 +399,25 @@ def create_account(
 ) -> AccountCreated:
     account, token = members.create(
         session, state.secrets, principal, principal.org_id,
-        role=body.role,
-        login_name=body.login_name,
-        email=body.email,
-        mobile=body.mobile,
-        display_name=body.display_name,
         password=body.password.get_secret_value() if body.password else None,
+        **body.model_dump(exclude={"password"}),
     )
     session.commit()
     return _created(account, token)
+
+
+def _member_change(
+    session: Session,
+    principal: Principal,
+    account_id: str,
+    change: Callable[..., Account],
+    *args: Any,
+) -> AccountResponse:
+    """Apply `change` (a onetoken.orgs.members function) to an account of the principal's
+    org, commit, and answer the account as it now stands."""
+    account = change(session, principal, principal.org_id, account_id, *args)
+    session.commit()
+    return AccountResponse.model_validate(account)
 
 
 @router.get("/accounts/{account_id}", response_model=AccountResponse)
@@ -419,9 +432,7 @@ def update_account(
     account_id: str, body: AccountUpdate, principal: MembersWriteDep, session: SessionDep
 ) -> AccountResponse:
     changes = body.model_dump(include=body.model_fields_set)
-    account = members.update(session, principal, principal.org_id, account_id, changes)
-    session.commit()
-    return AccountResponse.model_validate(account)
+    return _member_change(session, principal, account_id, members.update, changes)
 
 
 @router.post("/accounts/{account_id}/disable", response_model=AccountResponse)
@@ -429,24 +440,18 @@ def disable_account(
     account_id: str, principal: MembersWriteDep, session: SessionDep
 ) -> AccountResponse:
     """Signs the account out everywhere; its API keys keep working until revoked."""
-    account = members.set_status(session, principal, principal.org_id, account_id, "disabled")
-    session.commit()
-    return AccountResponse.model_validate(account)
+    return _member_change(session, principal, account_id, members.set_status, "disabled")
 
 
 @router.post("/accounts/{account_id}/enable", response_model=AccountResponse)
 def enable_account(
     account_id: str, principal: MembersWriteDep, session: SessionDep
 ) -> AccountResponse:
-    account = members.set_status(session, principal, principal.org_id, account_id, "active")
-    session.commit()
-    return AccountResponse.model_validate(account)
+    return _member_change(session, principal, account_id, members.set_status, "active")
 
 
 @router.post("/accounts/{account_id}/totp/reset", response_model=AccountResponse)
 def reset_totp(
     account_id: str, principal: MembersWriteDep, session: SessionDep
 ) -> AccountResponse:
-    account = members.reset_second_factor(session, principal, principal.org_id, account_id)
-    session.commit()
-    return AccountResponse.model_validate(account)
+    return _member_change(session, principal, account_id, members.reset_second_factor)

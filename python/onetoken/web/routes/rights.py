@@ -6,29 +6,29 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from sqlalchemy import func, select
 
-from onetoken.db.models import Account
-from onetoken.deps import AppState, Principal, SessionDep, StateDep
-from onetoken.kit.errors import Conflict, Forbidden, NotFound, OnetokenError, Unauthorized
+from onetoken.kit.errors import Conflict, Forbidden, NotFound, Unauthorized
 from onetoken.orgs import auth
+from onetoken.orgs.models import Account
 from onetoken.rights import erasure, export
 from onetoken.security import audit
-from onetoken.security.permissions import require
+from onetoken.security.principal import Principal
+from onetoken.state import AppState
+from onetoken.web.deps import (
+    MembersWriteDep,
+    SelfDep,
+    ServiceUnavailable,
+    SessionDep,
+    StateDep,
+    own_account,
+)
 
 router = APIRouter(tags=["rights"])
 
-SelfDep = Annotated[Principal, Depends(require("self"))]
-MembersWriteDep = Annotated[Principal, Depends(require("members.write"))]
-
-
-class CallLogUnavailable(OnetokenError):
-    status_code = 503
-    type = "service_unavailable"
-    code = "call_log_unavailable"
 
 
 class CancelRequest(BaseModel):
@@ -50,13 +50,6 @@ def _runner(state: AppState) -> Any:
     return erasure._runner(state)
 
 
-def _account(session: SessionDep, principal: Principal) -> Account:
-    account = session.get(Account, principal.account_id)
-    if account is None:
-        raise NotFound("Account not found.")
-    return account
-
-
 @router.get(
     "/me/export",
     response_model=None,
@@ -72,7 +65,7 @@ def export_me(
 ) -> Response:
     """Everything kept about the caller's account. JSON: one document with every part.
     CSV: one part per request (`part`: calls, the default; account; keys; security)."""
-    account = _account(session, principal)
+    account = own_account(session, principal)
     run = _runner(state)
     audit.event(principal, "account.data_exported", "info", subject_id=account.id,
                 detail={"format": format, "part": part if format == "csv" else "all"})
@@ -82,7 +75,7 @@ def export_me(
             body, headers={"content-disposition": 'attachment; filename="onetoken-export.json"'}
         )
     if part in ("calls", "security") and run is None:
-        raise CallLogUnavailable("Call statistics are served by a running gateway.")
+        raise ServiceUnavailable("Call statistics are served by a running gateway.")
     if part == "account":
         text = export.account_csv(export.account_part(session, account))
     elif part == "keys":
@@ -141,7 +134,7 @@ def cancel_me(
     """Cancel the caller's own account: its API keys are revoked at once, its personal
     data anonymized (docs/retention.md); billing records stay under its pseudonymous id.
     Needs the current password."""
-    account = _account(session, principal)
+    account = own_account(session, principal)
     guard = auth.login_guard(request, state)
     password = body.password.get_secret_value()
     if auth.step_up(session, state.secrets, guard, principal, account, password=password):

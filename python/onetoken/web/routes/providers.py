@@ -10,18 +10,17 @@ answer 404, exactly like missing ones.
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Response
 from sqlalchemy.orm import Session
 
-from onetoken.db.models import Model, Provider
-from onetoken.deps import Principal, SessionDep, StateDep
-from onetoken.gateway.snapshot import engine_rules
 from onetoken.kit.errors import Forbidden, NotFound
 from onetoken.orgs import service as orgs_service
 from onetoken.providers import gateway_service as gw
 from onetoken.providers import service
+from onetoken.providers.engine_rules import engine_rules
 from onetoken.providers.gateway_schemas import (
     Guard,
     OrgLimits,
@@ -32,6 +31,7 @@ from onetoken.providers.gateway_schemas import (
     RouteUpdate,
     Routing,
 )
+from onetoken.providers.models import Model, Provider, Route
 from onetoken.providers.presets import PRESETS
 from onetoken.providers.schemas import (
     ModelCreate,
@@ -46,19 +46,22 @@ from onetoken.providers.schemas import (
     ProviderUpdate,
     check_base_url_target,
 )
-from onetoken.providers.tables import Route
-from onetoken.security.permissions import require
+from onetoken.security.principal import Principal
+from onetoken.state import AppState
+from onetoken.web.deps import (
+    ModelsReadDep,
+    ModelsWriteDep,
+    OrgReadDep,
+    OrgsManageDep,
+    OrgWriteDep,
+    ProvidersReadDep,
+    ProvidersWriteDep,
+    SessionDep,
+    StateDep,
+)
 
 router = APIRouter(tags=["providers"])
 
-ProvidersRead = Annotated[Principal, Depends(require("providers.read"))]
-ProvidersWrite = Annotated[Principal, Depends(require("providers.write"))]
-ModelsRead = Annotated[Principal, Depends(require("models.read"))]
-ModelsWrite = Annotated[Principal, Depends(require("models.write"))]
-OrgRead = Annotated[Principal, Depends(require("org.read"))]
-OrgWrite = Annotated[Principal, Depends(require("org.write"))]
-# Org-wide rate limits are the operator's commercial terms (orgs narrow per key instead).
-OrgsManage = Annotated[Principal, Depends(require("orgs.manage"))]
 
 
 def _provider_out(p: Provider) -> ProviderResponse:
@@ -126,23 +129,32 @@ def _scope_owner(principal: Principal, scope: str) -> str | None:
     return _owner_for_write(principal, None if scope == "platform" else principal.org_id)
 
 
+@contextmanager
+def _catalog_change(session: Session, state: AppState) -> Iterator[None]:
+    """A change to the catalog: refused (422) before its commit when the engine would
+    leave an entry out, and answered to the waiting gateways after it."""
+    with engine_rules(session, state.secrets):
+        yield
+    state.commit_change(session)
+
+
 # -- providers ---------------------------------------------------------------------------
 
 
 @router.get("/provider-presets", response_model=PresetList)
-def list_presets(_: ProvidersRead) -> PresetList:
+def list_presets(_: ProvidersReadDep) -> PresetList:
     return PresetList(data=[PresetResponse(**p.as_dict()) for p in PRESETS.values()])
 
 
 @router.post("/providers", response_model=ProviderResponse, status_code=201)
 def create_provider(
-    body: ProviderCreate, principal: ProvidersWrite, session: SessionDep, state: StateDep
+    body: ProviderCreate, principal: ProvidersWriteDep, session: SessionDep, state: StateDep
 ) -> ProviderResponse:
     owner = _scope_owner(principal, body.scope)
     check_base_url_target(body.base_url, org_scoped=owner is not None,
                           private_cidrs=state.settings.upstream_private_cidrs)
     fields = body.model_dump(exclude={"scope", "api_key", "name", "preset"}, exclude_none=True)
-    with engine_rules(session, state.secrets):
+    with _catalog_change(session, state):
         provider = service.create_provider(
             session,
             state.secrets,
@@ -152,13 +164,11 @@ def create_provider(
             api_key=body.api_key.get_secret_value() if body.api_key else None,
             **fields,
         )
-    session.commit()
-    state.config_changed()
     return _provider_out(provider)
 
 
 @router.get("/providers", response_model=ProviderList)
-def list_providers(principal: ProvidersRead, session: SessionDep) -> ProviderList:
+def list_providers(principal: ProvidersReadDep, session: SessionDep) -> ProviderList:
     return ProviderList(
         data=[_provider_out(p) for p in service.list_providers(session, principal.org_id)]
     )
@@ -166,7 +176,7 @@ def list_providers(principal: ProvidersRead, session: SessionDep) -> ProviderLis
 
 @router.get("/providers/{provider_id}", response_model=ProviderResponse)
 def get_provider(
-    provider_id: str, principal: ProvidersRead, session: SessionDep
+    provider_id: str, principal: ProvidersReadDep, session: SessionDep
 ) -> ProviderResponse:
     return _provider_out(service.get_visible_provider(session, principal.org_id, provider_id))
 
@@ -175,34 +185,32 @@ def get_provider(
 def update_provider(
     provider_id: str,
     body: ProviderUpdate,
-    principal: ProvidersWrite,
+    principal: ProvidersWriteDep,
     session: SessionDep,
     state: StateDep,
 ) -> ProviderResponse:
-    current = service.get_visible_provider(session, principal.org_id, provider_id)
-    owner = _owner_for_write(principal, current.org_id)
+    owner = _owner_for_write(
+        principal, service.get_visible_provider(session, principal.org_id, provider_id).org_id
+    )
     check_base_url_target(body.base_url, org_scoped=owner is not None,
                           private_cidrs=state.settings.upstream_private_cidrs)
     changes = {f: getattr(body, f) for f in body.model_fields_set}
     if "api_key" in changes and changes["api_key"] is not None:
         changes["api_key"] = changes["api_key"].get_secret_value()
-    with engine_rules(session, state.secrets):
+    with _catalog_change(session, state):
         provider = service.update_provider(session, state.secrets, owner, provider_id, changes)
-    session.commit()
-    state.config_changed()
     return _provider_out(provider)
 
 
 @router.delete("/providers/{provider_id}", status_code=204)
 def delete_provider(
-    provider_id: str, principal: ProvidersWrite, session: SessionDep, state: StateDep
+    provider_id: str, principal: ProvidersWriteDep, session: SessionDep, state: StateDep
 ) -> Response:
-    current = service.get_visible_provider(session, principal.org_id, provider_id)
-    owner = _owner_for_write(principal, current.org_id)
-    with engine_rules(session, state.secrets):
+    owner = _owner_for_write(
+        principal, service.get_visible_provider(session, principal.org_id, provider_id).org_id
+    )
+    with _catalog_change(session, state):
         service.delete_provider(session, owner, provider_id)
-    session.commit()
-    state.config_changed()
     return Response(status_code=204)
 
 
@@ -211,51 +219,51 @@ def delete_provider(
 
 @router.post("/models", response_model=ModelResponse, status_code=201)
 def create_model(
-    body: ModelCreate, principal: ModelsWrite, session: SessionDep, state: StateDep
+    body: ModelCreate, principal: ModelsWriteDep, session: SessionDep, state: StateDep
 ) -> ModelResponse:
     provider = service.get_visible_provider(session, principal.org_id, body.provider_id)
     owner = _owner_for_write(principal, provider.org_id)
-    with engine_rules(session, state.secrets):
+    with _catalog_change(session, state):
         model = service.create_model(session, owner, **body.model_dump())
-    session.commit()
-    state.config_changed()
     return _model_out(model)
 
 
 @router.get("/models", response_model=ModelList)
-def list_models(principal: ModelsRead, session: SessionDep) -> ModelList:
+def list_models(principal: ModelsReadDep, session: SessionDep) -> ModelList:
     return ModelList(data=[_model_out(m) for m in service.list_models(session, principal.org_id)])
 
 
 @router.get("/models/{model_id}", response_model=ModelResponse)
-def get_model(model_id: str, principal: ModelsRead, session: SessionDep) -> ModelResponse:
+def get_model(model_id: str, principal: ModelsReadDep, session: SessionDep) -> ModelResponse:
     return _model_out(service.get_visible_model(session, principal.org_id, model_id))
 
 
 @router.patch("/models/{model_id}", response_model=ModelResponse)
 def update_model(
-    model_id: str, body: ModelUpdate, principal: ModelsWrite, session: SessionDep, state: StateDep
+    model_id: str,
+    body: ModelUpdate,
+    principal: ModelsWriteDep,
+    session: SessionDep,
+    state: StateDep,
 ) -> ModelResponse:
-    current = service.get_visible_model(session, principal.org_id, model_id)
-    owner = _owner_for_write(principal, current.org_id)
+    owner = _owner_for_write(
+        principal, service.get_visible_model(session, principal.org_id, model_id).org_id
+    )
     changes = body.model_dump(include=body.model_fields_set)
-    with engine_rules(session, state.secrets):
+    with _catalog_change(session, state):
         model = service.update_model(session, owner, model_id, changes)
-    session.commit()
-    state.config_changed()
     return _model_out(model)
 
 
 @router.delete("/models/{model_id}", status_code=204)
 def delete_model(
-    model_id: str, principal: ModelsWrite, session: SessionDep, state: StateDep
+    model_id: str, principal: ModelsWriteDep, session: SessionDep, state: StateDep
 ) -> Response:
-    current = service.get_visible_model(session, principal.org_id, model_id)
-    owner = _owner_for_write(principal, current.org_id)
-    with engine_rules(session, state.secrets):
+    owner = _owner_for_write(
+        principal, service.get_visible_model(session, principal.org_id, model_id).org_id
+    )
+    with _catalog_change(session, state):
         service.delete_model(session, owner, model_id)
-    session.commit()
-    state.config_changed()
     return Response(status_code=204)
 
 
@@ -264,69 +272,67 @@ def delete_model(
 
 @router.post("/routes", response_model=RouteResponse, status_code=201)
 def create_route(
-    body: RouteCreate, principal: ModelsWrite, session: SessionDep, state: StateDep
+    body: RouteCreate, principal: ModelsWriteDep, session: SessionDep, state: StateDep
 ) -> RouteResponse:
     owner = _scope_owner(principal, body.scope)
-    with engine_rules(session, state.secrets):
+    with _catalog_change(session, state):
         route = gw.create_route(
             session, owner, name=body.name, strategy=body.strategy, aliases=body.aliases
         )
-    session.commit()
-    state.config_changed()
     return _route_out(route)
 
 
 @router.get("/routes", response_model=RouteList)
-def list_routes(principal: ModelsRead, session: SessionDep) -> RouteList:
+def list_routes(principal: ModelsReadDep, session: SessionDep) -> RouteList:
     return RouteList(data=[_route_out(r) for r in gw.list_routes(session, principal.org_id)])
 
 
 @router.get("/routes/{route_id}", response_model=RouteResponse)
-def get_route(route_id: str, principal: ModelsRead, session: SessionDep) -> RouteResponse:
+def get_route(route_id: str, principal: ModelsReadDep, session: SessionDep) -> RouteResponse:
     return _route_out(gw.get_visible_route(session, principal.org_id, route_id))
 
 
 @router.patch("/routes/{route_id}", response_model=RouteResponse)
 def update_route(
-    route_id: str, body: RouteUpdate, principal: ModelsWrite, session: SessionDep, state: StateDep
+    route_id: str,
+    body: RouteUpdate,
+    principal: ModelsWriteDep,
+    session: SessionDep,
+    state: StateDep,
 ) -> RouteResponse:
-    current = gw.get_visible_route(session, principal.org_id, route_id)
-    owner = _owner_for_write(principal, current.org_id)
+    owner = _owner_for_write(
+        principal, gw.get_visible_route(session, principal.org_id, route_id).org_id
+    )
     changes = body.model_dump(include=body.model_fields_set)
-    with engine_rules(session, state.secrets):
+    with _catalog_change(session, state):
         route = gw.update_route(session, owner, route_id, changes)
-    session.commit()
-    state.config_changed()
     return _route_out(route)
 
 
 @router.delete("/routes/{route_id}", status_code=204)
 def delete_route(
-    route_id: str, principal: ModelsWrite, session: SessionDep, state: StateDep
+    route_id: str, principal: ModelsWriteDep, session: SessionDep, state: StateDep
 ) -> Response:
-    current = gw.get_visible_route(session, principal.org_id, route_id)
-    owner = _owner_for_write(principal, current.org_id)
-    with engine_rules(session, state.secrets):
+    owner = _owner_for_write(
+        principal, gw.get_visible_route(session, principal.org_id, route_id).org_id
+    )
+    with _catalog_change(session, state):
         gw.delete_route(session, owner, route_id)
-    session.commit()
-    state.config_changed()
     return Response(status_code=204)
 
 
 @router.get("/routing", response_model=Routing)
-def get_routing(_: ModelsRead, session: SessionDep) -> Routing:
+def get_routing(_: ModelsReadDep, session: SessionDep) -> Routing:
     return gw.get_routing(session)
 
 
 @router.put("/routing", response_model=Routing)
 def set_routing(
-    body: Routing, principal: ModelsWrite, session: SessionDep, state: StateDep
+    body: Routing, principal: ModelsWriteDep, session: SessionDep, state: StateDep
 ) -> Routing:
     require_operator(principal)
-    with engine_rules(session, state.secrets):
+    with _catalog_change(session, state):
         routing = gw.set_routing(session, body)
-    session.commit()
-    state.config_changed()
     return routing
 
 
@@ -341,63 +347,58 @@ def _readable_org(session: Session, principal: Principal, org_id: str) -> str:
 
 
 @router.get("/orgs/{org_id}/policy", response_model=Policy)
-def get_org_policy(org_id: str, principal: OrgRead, session: SessionDep) -> Policy:
+def get_org_policy(org_id: str, principal: OrgReadDep, session: SessionDep) -> Policy:
     return gw.get_policy(session, _readable_org(session, principal, org_id))
 
 
 @router.put("/orgs/{org_id}/policy", response_model=Policy)
 def set_org_policy(
-    org_id: str, body: Policy, principal: OrgWrite, session: SessionDep, state: StateDep
+    org_id: str, body: Policy, principal: OrgWriteDep, session: SessionDep, state: StateDep
 ) -> Policy:
-    with engine_rules(session, state.secrets):
+    with _catalog_change(session, state):
         policy = gw.set_policy(session, _readable_org(session, principal, org_id), body)
-    session.commit()
-    state.config_changed()
     return policy
 
 
 @router.get("/orgs/{org_id}/guard", response_model=Guard)
-def get_org_guard(org_id: str, principal: OrgRead, session: SessionDep) -> Guard:
+def get_org_guard(org_id: str, principal: OrgReadDep, session: SessionDep) -> Guard:
     return gw.get_guard(session, _readable_org(session, principal, org_id))
 
 
 @router.put("/orgs/{org_id}/guard", response_model=Guard)
 def set_org_guard(
-    org_id: str, body: Guard, principal: OrgWrite, session: SessionDep, state: StateDep
+    org_id: str, body: Guard, principal: OrgWriteDep, session: SessionDep, state: StateDep
 ) -> Guard:
-    with engine_rules(session, state.secrets):
+    with _catalog_change(session, state):
         guard = gw.set_guard(session, _readable_org(session, principal, org_id), body)
-    session.commit()
-    state.config_changed()
     return guard
 
 
 @router.get("/orgs/{org_id}/limits", response_model=OrgLimits)
-def get_org_limits(org_id: str, principal: OrgRead, session: SessionDep) -> OrgLimits:
+def get_org_limits(org_id: str, principal: OrgReadDep, session: SessionDep) -> OrgLimits:
     return gw.get_limits(session, _readable_org(session, principal, org_id))
 
 
+# Org-wide rate limits are the operator's commercial terms (orgs narrow per key instead).
 @router.put("/orgs/{org_id}/limits", response_model=OrgLimits)
 def set_org_limits(
-    org_id: str, body: OrgLimits, principal: OrgsManage, session: SessionDep, state: StateDep
+    org_id: str, body: OrgLimits, principal: OrgsManageDep, session: SessionDep, state: StateDep
 ) -> OrgLimits:
     target = _readable_org(session, principal, org_id)
     limits = gw.set_limits(session, target, body)
-    session.commit()
-    state.config_changed()
+    state.commit_change(session)
     return limits
 
 
 @router.get("/keys/{key_id}/policy", response_model=Policy)
-def get_key_policy(key_id: str, principal: OrgRead, session: SessionDep) -> Policy:
+def get_key_policy(key_id: str, principal: OrgReadDep, session: SessionDep) -> Policy:
     return gw.get_key_policy(session, principal.org_id, key_id)
 
 
 @router.put("/keys/{key_id}/policy", response_model=Policy)
 def set_key_policy(
-    key_id: str, body: Policy, principal: OrgWrite, session: SessionDep, state: StateDep
+    key_id: str, body: Policy, principal: OrgWriteDep, session: SessionDep, state: StateDep
 ) -> Policy:
     policy = gw.set_key_policy(session, principal.org_id, key_id, body)
-    session.commit()
-    state.config_changed()
+    state.commit_change(session)
     return policy

@@ -14,45 +14,20 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from onetoken.cli.common import (
+    EXIT_ERROR,
+    EXIT_FOUND,
+    EXIT_OK,
+    CliError,
+    action_group,
+    instant,
+    open_db,
+    settings_from_env,
+)
 from onetoken.kit.files import restrict_umask
 
 if TYPE_CHECKING:
     from onetoken.settings import Settings
-
-EXIT_OK = 0
-EXIT_FOUND = 1
-EXIT_ERROR = 2
-
-
-class CliError(Exception):
-    """A user error: printed as one line, no traceback."""
-
-
-def _settings() -> Settings:
-    from pydantic import ValidationError
-
-    from onetoken.settings import Settings
-
-    try:
-        return Settings()
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"ONETOKEN_{'.'.join(str(p) for p in e['loc']).upper() or '?'}: {e['msg']}"
-            for e in exc.errors(include_input=False)
-        )
-        raise CliError(f"invalid configuration: {problems}") from None
-
-
-def _open_db(settings: Settings) -> Any:
-    from onetoken.app import build_state
-    from onetoken.kit.logging import configure_logging
-
-    try:
-        configure_logging(settings.log_dir, settings.log_level, stderr_level="WARNING")
-        return build_state(settings)
-    except OSError as exc:
-        raise CliError(f"cannot open the data directory: {exc.strerror or exc}") from None
-
 
 def cmd_serve(args: argparse.Namespace) -> int:
     return _run_control(demo=args.demo, gateway=True)
@@ -66,7 +41,7 @@ def _run_control(*, demo: bool, gateway: bool) -> int:
     from onetoken.serve import ServeError, run
 
     try:
-        return run(_settings(), demo=demo, gateway=gateway)
+        return run(settings_from_env(), demo=demo, gateway=gateway)
     except ServeError as exc:
         raise CliError(str(exc)) from None
     except ImportError as exc:
@@ -83,7 +58,7 @@ def cmd_gateway(_: argparse.Namespace) -> int:
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
-    state = _open_db(_settings())
+    state = open_db(settings_from_env())
     state.db_engine.dispose()
     print("control database is up to date")
     return EXIT_OK
@@ -100,9 +75,9 @@ def cmd_analytics_ddl(_: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from onetoken.orgs.service import bootstrap
+    from onetoken.bootstrap import bootstrap
 
-    state = _open_db(_settings())
+    state = open_db(settings_from_env())
     try:
         with state.session_factory() as session:
             result = bootstrap(session, state.secrets)
@@ -136,7 +111,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     name = args.name.strip()
     if not name or len(name) > 100:
         raise CliError("--name must be 1 to 100 characters")
-    state = _open_db(_settings())
+    state = open_db(settings_from_env())
     try:
         with state.session_factory() as session:
             org = find_org(session, args.org)
@@ -174,7 +149,7 @@ def cmd_providers_apply(args: argparse.Namespace) -> int:
 
     from onetoken.providers.declarative import ProvidersFileError, apply_file, load_file
 
-    state = _open_db(_settings())
+    state = open_db(settings_from_env())
     try:
         doc = load_file(Path(args.file))
         with state.session_factory() as session:
@@ -224,7 +199,7 @@ def cmd_audit_retention(args: argparse.Namespace) -> int:
 
     if not args.needle:
         raise CliError("--needle must not be empty")
-    settings = _settings()
+    settings = settings_from_env()
     report = audit(settings, args.needle, clickhouse_scan=_audit_through_control(settings))
     print(report.render())
     if report.found:
@@ -243,7 +218,7 @@ def _audit_through_control(settings: Settings) -> Any:
     """audit()'s `clickhouse_scan` when a running control process holds the chDB path (it
     scans, this process still scans the files under the data dir); None otherwise."""
     from onetoken.analytics.clickhouse import chdb_locked_elsewhere
-    from onetoken.ops.client import OpsClient, OpsError
+    from onetoken.cli.ops_client import OpsClient, OpsError
 
     locked = chdb_locked_elsewhere(settings)
     if locked is None:
@@ -272,7 +247,7 @@ def _call_log_reader(settings: Settings) -> Any:
         chdb_locked_elsewhere,
         open_client,
     )
-    from onetoken.ops.client import OpsClient
+    from onetoken.cli.ops_client import OpsClient
 
     locked = chdb_locked_elsewhere(settings)
     if locked is not None:
@@ -289,9 +264,9 @@ def cmd_calls_export(args: argparse.Namespace) -> int:
     """Every call_log row (metadata only) as JSON lines, oldest first, from the stores or
     through the running control process."""
     from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_TABLE
-    from onetoken.ops.client import OpsClient, OpsError
+    from onetoken.cli.ops_client import OpsClient, OpsError
 
-    settings = _settings()
+    settings = settings_from_env()
     reader = _call_log_reader(settings)
     if isinstance(reader, OpsClient):
         try:
@@ -326,14 +301,14 @@ def cmd_calls_stats(args: argparse.Namespace) -> int:
     """An org's calls, errors, tokens, cost and latency per model, key or day (what the
     control API's /billing/call-stats gives an org admin)."""
     from onetoken.billing.statements import call_stats
+    from onetoken.cli.ops_client import OpsClient, OpsError
     from onetoken.kit.money import format_amount
-    from onetoken.ops.client import OpsClient, OpsError
 
     end = args.end or datetime.now(UTC)
     start = args.start or end - timedelta(days=30)
     if start >= end:
         raise CliError("--from must be before --to")
-    settings = _settings()
+    settings = settings_from_env()
     reader = _call_log_reader(settings)
     try:
         if isinstance(reader, OpsClient):
@@ -367,14 +342,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from onetoken.analytics.clickhouse import parse_dsn
     from onetoken.ingest import Ingestor
 
-    settings = _settings()
+    settings = settings_from_env()
     if parse_dsn(settings.clickhouse_dsn, settings.data_dir).kind == "chdb":
         raise CliError(
             "onetoken ingest needs a ClickHouse server (ONETOKEN_CLICKHOUSE_DSN=http://...): "
             "embedded chDB allows one process per data path, and on the embedded default "
             "the control process (onetoken control / serve) ingests the journals itself"
         )
-    state = _open_db(settings)
+    state = open_db(settings)
     settings.ensure_dirs()
     ingestor = Ingestor(settings, state.session_factory)
     try:
@@ -396,10 +371,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_billing_reconcile(args: argparse.Namespace) -> int:
     """Ledger usage against call_log cost per org; exit 1 on any difference."""
     from onetoken.billing.reconcile import OrgReconciliation, reconcile
+    from onetoken.cli.ops_client import OpsClient, OpsError
     from onetoken.kit.money import format_amount
-    from onetoken.ops.client import OpsClient, OpsError
 
-    settings = _settings()
+    settings = settings_from_env()
     reader = _call_log_reader(settings)
     if isinstance(reader, OpsClient):
         try:
@@ -419,7 +394,7 @@ def cmd_billing_reconcile(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from None
     else:
         try:
-            state = _open_db(settings)
+            state = open_db(settings)
         except BaseException:
             reader.close()
             raise
@@ -446,14 +421,6 @@ def cmd_billing_reconcile(args: argparse.Namespace) -> int:
     bad = [r for r in lines if r.difference != 0 or r.calls_difference != 0]
     print(f"{len(lines)} org-day(s), {len(bad)} with a difference", file=sys.stderr)
     return EXIT_FOUND if bad else EXIT_OK
-
-
-def _instant(value: str) -> datetime:
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError("must be an ISO 8601 date or time") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _positive(value: str) -> int:
@@ -519,18 +486,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--needle", required=True, help="the string to look for")
     p.set_defaults(func=cmd_audit_retention)
 
-    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
-        dest="keys_command", required=True, metavar="ACTION"
-    )
+    keys = action_group(sub, "keys", "manage API keys", dest="keys_command")
     p = keys.add_parser("create", help="create an API key (printed once)")
     p.add_argument("--org", required=True, help="org id or name")
     p.add_argument("--name", required=True, help="a label for the key")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_keys_create)
 
-    prov = sub.add_parser("providers", help="providers, models and routes").add_subparsers(
-        dest="providers_command", required=True, metavar="ACTION"
-    )
+    prov = action_group(sub, "providers", "providers, models and routes", dest="providers_command")
     p = prov.add_parser("apply", help="apply a declarative YAML/TOML/JSON file (idempotent; "
                         "a running server picks it up within a second)")
     p.add_argument("file", help="the file")
@@ -545,9 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="catch up once and exit")
     p.set_defaults(func=cmd_ingest)
 
-    calls = sub.add_parser("calls", help="call metadata").add_subparsers(
-        dest="calls_command", required=True, metavar="ACTION"
-    )
+    calls = action_group(sub, "calls", "call metadata", dest="calls_command")
     p = calls.add_parser("export", help="print call_log rows as JSON lines, oldest first")
     p.add_argument("--org", default=None, help="only this org id")
     p.set_defaults(func=cmd_calls_export)
@@ -555,24 +516,22 @@ def build_parser() -> argparse.ArgumentParser:
                          "model, key or day")
     p.add_argument("--org", required=True, help="org id")
     p.add_argument("--by", choices=("model", "key", "day"), default="model")
-    p.add_argument("--from", dest="start", type=_instant, default=None,
+    p.add_argument("--from", dest="start", type=instant, default=None,
                    help="ISO start (incl.; default 30 days before --to)")
-    p.add_argument("--to", dest="end", type=_instant, default=None,
+    p.add_argument("--to", dest="end", type=instant, default=None,
                    help="ISO end (excl.; default now)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_calls_stats)
 
-    billing = sub.add_parser("billing", help="billing operations").add_subparsers(
-        dest="billing_command", required=True, metavar="ACTION"
-    )
+    billing = action_group(sub, "billing", "billing operations", dest="billing_command")
     p = billing.add_parser("reconcile", help="ledger usage vs call_log cost per org (exit 1 "
                            "on any difference)")
-    p.add_argument("--from", dest="start", type=_instant, default=None, help="ISO start (incl.)")
-    p.add_argument("--to", dest="end", type=_instant, default=None, help="ISO end (excl.)")
+    p.add_argument("--from", dest="start", type=instant, default=None, help="ISO start (incl.)")
+    p.add_argument("--to", dest="end", type=instant, default=None, help="ISO end (excl.)")
     p.add_argument("--org", default=None, help="only this org id")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_billing_reconcile)
-    from onetoken.billing.cli import register as register_billing
+    from onetoken.cli.billing import register as register_billing
 
     register_billing(billing)
     return parser
@@ -599,6 +558,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_ERROR
         raise
 
-
-if __name__ == "__main__":
-    sys.exit(main())

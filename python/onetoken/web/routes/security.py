@@ -12,23 +12,16 @@ import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 
+from onetoken.analytics import queries
 from onetoken.analytics.columns import SECURITY_LOG_TABLE
-from onetoken.deps import Principal, StateDep
-from onetoken.kit.errors import NotFound, OnetokenError, Unprocessable
+from onetoken.kit.errors import NotFound, Unprocessable
 from onetoken.security import log as security_log
 from onetoken.security.log import SECURITY_LOG_COLUMNS, SEVERITIES
-from onetoken.security.permissions import require
+from onetoken.web.deps import SecurityReadDep, ServiceUnavailable, StateDep
 
 router = APIRouter(prefix="/security", tags=["security"])
 
-SecurityReadDep = Annotated[Principal, Depends(require("security.read"))]
 MAX_PAGE = 1000
-
-
-class SecurityLogUnavailable(OnetokenError):
-    status_code = 503
-    type = "service_unavailable"
-    code = "security_log_unavailable"
 
 
 class SecurityEventOut(BaseModel):
@@ -60,7 +53,9 @@ def _runner(request: Request, state: StateDep) -> Runner:
     if state.runtime is not None:
         read: Runner = getattr(state.runtime.sink, "read")  # noqa: B009 (CallLogSink.read)
         return read
-    raise SecurityLogUnavailable("The security log is served by a running gateway.")
+    raise ServiceUnavailable(
+        "The security log is served by a running gateway.", code="security_log_unavailable"
+    )
 
 
 def _cursor(ts_us: int, event_id: str) -> str:
@@ -101,11 +96,7 @@ def list_events(
     if writer is not None:
         writer.flush(run)  # what was recorded a moment ago is visible now
 
-    where: list[str] = []
-    params: dict[str, Any] = {}
-    if scope_org is not None:
-        where.append("org_id = {org:String}")
-        params["org"] = scope_org
+    where, params = queries.window_filters(scope_org, start, end)
     if kind:
         where.append("kind IN {kinds:Array(String)}")
         params["kinds"] = kind
@@ -118,12 +109,6 @@ def list_events(
     if subject_id is not None:
         where.append("subject_id = {subject:String}")
         params["subject"] = subject_id
-    if start is not None:
-        where.append("ts >= fromUnixTimestamp64Micro({start:Int64})")
-        params["start"] = _us(start)
-    if end is not None:
-        where.append("ts < fromUnixTimestamp64Micro({end:Int64})")
-        params["end"] = _us(end)
     if cursor is not None:
         c_ts, c_id = _parse_cursor(cursor)
         where.append(
@@ -154,9 +139,3 @@ def list_events(
     ]
     next_cursor = _cursor(int(rows[-1][0]), str(rows[-1][1])) if more and rows else None
     return SecurityEventPage(data=data, next_cursor=next_cursor)
-
-
-def _us(value: datetime) -> int:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return int(value.timestamp() * 1_000_000)

@@ -1,0 +1,5 @@
+import sys
+
+from onetoken.cli import main
+
+sys.exit(main())

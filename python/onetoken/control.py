@@ -1,0 +1,136 @@
+"""The composition root of the control process: the one place where the AppState, the
+control API, the event bus and the background jobs are built and wired together. serve.py,
+the CLI and the tests build through here.
+
+The event bus (AppState.events) carries recorded security events to the webhooks bridge,
+and every batch ingestion took to the key-risk check and the risk detectors.
+
+Background jobs of a serving control process beside ingestion: webhook delivery, risk
+detection on the ingested records, the retention purge, and the queued ClickHouse part of
+account erasures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+
+# Every domain's tables mapped (and their cross-domain foreign keys resolvable) before the
+# first query of this process.
+import onetoken.registry  # noqa: F401
+from onetoken import webhooks
+from onetoken.db.migrate import upgrade
+from onetoken.db.session import make_engine, make_session_factory
+from onetoken.gateway.snapshot import SnapshotSource
+from onetoken.ingest.batch import Batch
+from onetoken.kit import channel
+from onetoken.kit.crypto import Secrets
+from onetoken.kit.events import EventBus
+from onetoken.rights import erasure
+from onetoken.rights.retention import RetentionWorker
+from onetoken.risk import detectors as detectors_mod
+from onetoken.risk import keyrisk
+from onetoken.security import log as security_log
+from onetoken.security.log import SecurityEvent
+from onetoken.settings import Settings
+from onetoken.state import AppState
+from onetoken.web.app import build_app
+from onetoken.webhooks import bridge
+from onetoken.webhooks.dispatcher import WebhookDispatcher
+
+if TYPE_CHECKING:
+    from onetoken.gateway.supervisor import ControlRuntime
+    from onetoken.ingest import Ingestor
+
+
+def new_event_bus() -> EventBus:
+    """The process's event bus with the subscribers every process has: the recorded
+    security events that are also webhook events (abnormal sign-ins, permission changes)
+    go to the webhooks bridge."""
+    events = EventBus()
+    events.subscribe(SecurityEvent, bridge.forward)
+    return events
+
+
+def build_state(
+    settings: Settings, runtime: ControlRuntime | None = None, *, migrate: bool = True
+) -> AppState:
+    """Open the control DB (migrating it to head) and derive the secrets."""
+    settings.ensure_dirs()
+    db_engine = make_engine(settings.database_url)
+    if migrate:
+        upgrade(db_engine)
+    events = new_event_bus()
+    # record() anywhere in this process queues here; the ingestor's flush (or exit) writes.
+    security_log.install(security_log.SecurityLog(settings.spool_dir, events=events))
+    secrets = Secrets.from_settings(settings)
+    session_factory = make_session_factory(db_engine)
+    return AppState(
+        settings=settings,
+        secrets=secrets,
+        db_engine=db_engine,
+        session_factory=session_factory,
+        runtime=runtime,
+        # A serving process replaces it with one sharing the ingestor's mark lock.
+        snapshots=SnapshotSource(secrets, session_factory),
+        gateway_token=channel.channel_token(settings.secret_key_bytes(), channel.GATEWAY),
+        events=events,
+    )
+
+
+def create_app(
+    settings: Settings,
+    runtime: ControlRuntime | None = None,
+    *,
+    state: AppState | None = None,
+) -> FastAPI:
+    """The control API, with the gateway channel. `runtime` (ingestion, see serve.py) is
+    what the call-log readers use; without one (tests, tools) they have no ClickHouse.
+    Without `state` the app builds its own and disposes its DB pool at shutdown."""
+    app_state = state or build_state(settings, runtime)
+    if runtime is not None:
+        app_state.runtime = runtime
+    return build_app(app_state, owns_engine=state is None)
+
+
+def wire_ingestion(events: EventBus, ingestor: Any) -> None:
+    """Every ingestion cycle flushes the security log; every batch ingestion took goes out
+    on `events`, where the key-risk check (and the detectors, start_background) take it."""
+    security_log.attach_to_supervisor(ingestor)
+    ingestor.batch_observers.append(events.publish)
+    events.subscribe(Batch, keyrisk.observe)
+
+
+@dataclass
+class Background:
+    dispatcher: WebhookDispatcher
+    detectors: detectors_mod.Detectors
+    retention: RetentionWorker
+    erasures: erasure.ErasureWorker
+
+    def stop(self) -> None:
+        """After ingestion stopped (its last batches may still raise events)."""
+        self.retention.stop()
+        self.erasures.stop()
+        erasure.install(None)
+        self.dispatcher.stop()
+        if webhooks.current() is self.dispatcher:
+            webhooks.install(None)
+
+
+def start_background(state: AppState, ingestor: Ingestor) -> Background:
+    """Install the webhook dispatcher, the security log's flush and the batch consumers
+    before the ingestor starts (so the first batches are observed), and start their
+    threads."""
+    settings = state.settings
+    dispatcher = WebhookDispatcher(settings, state.secrets, state.session_factory)
+    webhooks.install(dispatcher)
+    dispatcher.start()
+    wire_ingestion(state.events, ingestor)
+    detectors = detectors_mod.attach(state.events, ingestor, settings, state.session_factory)
+    retention = RetentionWorker(state.session_factory, settings)
+    retention.start()
+    erasures = erasure.make_worker(state, ingestor)  # started by serve after the ingestor
+    return Background(dispatcher, detectors, retention, erasures)

@@ -1,0 +1,46 @@
+"""AppState: what one control process holds open (settings, secrets, the control DB) and
+hands to the web layer, the CLI and the background jobs. Built by onetoken.control."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from onetoken.db.session import SessionFactory
+from onetoken.kit.crypto import Secrets
+from onetoken.kit.events import EventBus
+from onetoken.settings import Settings
+
+if TYPE_CHECKING:
+    from onetoken.gateway.snapshot import SnapshotSource
+    from onetoken.gateway.supervisor import ControlRuntime
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    secrets: Secrets
+    db_engine: Engine
+    session_factory: SessionFactory
+    # Ingestion and upkeep of a serving control process; None in tools and tests.
+    runtime: ControlRuntime | None
+    # What gateways poll over the gateway channel (onetoken.web.routes.gateway).
+    snapshots: SnapshotSource
+    # The gateway channel's bearer token (kit.channel.GATEWAY).
+    gateway_token: str
+    # The process's event bus: security events and ingested batches to their consumers.
+    events: EventBus
+
+    def commit_change(self, session: Session) -> None:
+        """Commit a change gateways must see (it bumped the config revision), then answer
+        their waiting snapshot polls."""
+        session.commit()
+        self.config_changed()
+
+    def config_changed(self) -> None:
+        """Called after a change that gateways must see has been committed (it bumped the
+        config revision with it): answers the gateways' waiting snapshot polls now."""
+        self.snapshots.changed()

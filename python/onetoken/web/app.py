@@ -1,0 +1,73 @@
+"""The control API as a FastAPI app over an AppState (the composition root, onetoken.control,
+builds the state and calls build_app)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+
+from onetoken import __version__
+from onetoken.kit.errors import ERROR_RESPONSES, install_error_handlers
+from onetoken.kit.logging import AccessLogMiddleware
+from onetoken.state import AppState
+from onetoken.web import docs_pages
+from onetoken.web.deps import PublicDep
+from onetoken.web.routes import (
+    analytics,
+    billing,
+    gateway,
+    keys,
+    ops,
+    orgs,
+    providers,
+    rights,
+    security,
+    webhooks,
+)
+
+
+def include_routes(app: FastAPI) -> None:
+    """Every route of the control process (the permissions doc reads them from here)."""
+    api = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES)
+    for module in (orgs, keys, providers, billing, analytics, webhooks, rights, security):
+        api.include_router(module.router)
+    app.include_router(api)
+    # The gateways' snapshots and config; the gateway channel token, not a session.
+    app.include_router(gateway.router)
+    # The CLI's reads while the server holds chDB; the ops channel token, not a session.
+    app.include_router(ops.router)
+
+    @app.get("/healthz", include_in_schema=False, dependencies=[PublicDep])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+
+def build_app(state: AppState, *, owns_engine: bool) -> FastAPI:
+    """The control API over `state`; with `owns_engine` its shutdown disposes the DB pool
+    (the runtime belongs to whoever started it)."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        webhooks.stop_test_sender(state)
+        if owns_engine:
+            state.db_engine.dispose()
+
+    app = FastAPI(
+        title="onetoken control API",
+        version=__version__,
+        openapi_url="/api/openapi.json",
+        # Served by docs_pages from the package's own assets (never from a CDN).
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.onetoken = state
+    install_error_handlers(app)
+    if state.settings.api_docs:
+        docs_pages.install(app)
+    app.add_middleware(AccessLogMiddleware)
+    include_routes(app)
+    return app

@@ -1,0 +1,172 @@
+"""FastAPI dependencies shared by every route: the state, a DB session, the signed-in
+Principal, and `require(permission)`, which admits holders of a permission of the matrix
+(onetoken.security.permissions) and audits unsafe requests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from functools import cache
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from onetoken.kit.errors import Forbidden, NotFound, OnetokenError, Unauthorized
+from onetoken.orgs import auth
+from onetoken.orgs.models import Account
+from onetoken.security import audit
+from onetoken.security.net import client_ip
+from onetoken.security.permissions import (
+    PERMISSIONS,
+    ROLE_DENIED_MESSAGE,
+    UNSAFE_METHODS,
+    holds,
+)
+from onetoken.security.principal import Principal
+from onetoken.state import AppState
+
+
+class ServiceUnavailable(OnetokenError):
+    """503: the endpoint reads what only a serving control process has open (ClickHouse,
+    through its ingestion), and this process serves none."""
+
+    status_code = 503
+    type = "service_unavailable"
+    code = "call_log_unavailable"
+
+
+def call_log_sink(state: AppState) -> Any:
+    """The running server's ClickHouse reader: chDB lets one process open its path, so the
+    control API and the ops channel (onetoken.ops) read through the server's own client."""
+    sink = getattr(state.runtime, "sink", None)
+    if sink is None:
+        raise ServiceUnavailable("Call metadata is served by a running gateway.")
+    return sink
+
+
+def get_state(request: Request) -> AppState:
+    state = request.app.state.onetoken
+    assert isinstance(state, AppState)
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_session(state: StateDep) -> Iterator[Session]:
+    with state.session_factory() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+_bearer = HTTPBearer(auto_error=False, description="Token from POST /api/v1/auth/login")
+
+
+def get_principal(
+    request: Request,
+    state: StateDep,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    """The signed-in account: a bearer token (API), or the console's session cookie, which
+    must come with its CSRF token on unsafe methods (double submit, bound to the session)."""
+    if credentials is not None and credentials.scheme.lower() == "bearer":
+        token = credentials.credentials
+    else:
+        token = request.cookies.get(auth.SESSION_COOKIE, "")
+        if not token:
+            raise Unauthorized("Missing bearer token.")
+        if request.method not in ("GET", "HEAD", "OPTIONS") and not auth.csrf_ok(
+            state.secrets, token, request
+        ):
+            raise Forbidden("Missing or invalid CSRF token.", code="csrf_failed")
+    principal = auth.resolve_session(session, state.secrets, token)
+    if principal is None:
+        raise Unauthorized("Invalid or expired token.")
+    return replace(
+        principal,
+        source_ip=client_ip(request, state.settings),
+        user_agent=request.headers.get("user-agent", "")[:256],
+    )
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def own_account(session: Session, principal: Principal) -> Account:
+    """The signed-in account's row (404 when it is gone since the session was made)."""
+    account = session.get(Account, principal.account_id)
+    if account is None:
+        raise NotFound("Account not found.")
+    return account
+
+
+@cache
+def require(name: str) -> Callable[..., Iterator[Principal]]:
+    """The dependency that admits holders of permission `name` and yields the Principal.
+
+    Unsafe methods are audited into the security log when they finish (who, which
+    endpoint, outcome), unless the service recorded a more precise audit event."""
+    permission = PERMISSIONS[name]
+
+    def dependency(request: Request, principal: PrincipalDep) -> Iterator[Principal]:
+        tenant_money_admin = get_state(request).settings.tenant_money_admin
+        if not holds(
+            permission, principal.role, principal.is_operator,
+            tenant_money_admin=tenant_money_admin,
+        ):
+            audit.access_denied(request, principal, permission.name)
+            raise Forbidden(ROLE_DENIED_MESSAGE)
+        if request.method not in UNSAFE_METHODS:
+            yield principal
+            return
+        try:
+            yield principal
+        except OnetokenError as exc:
+            audit.request_done(request, principal, outcome="refused", error_code=exc.code)
+            raise
+        except Exception:
+            audit.request_done(request, principal, outcome="failed", error_code="internal_error")
+            raise
+        audit.request_done(request, principal, outcome="ok", error_code="")
+
+    dependency.__name__ = f"require_{name.replace('.', '_')}"
+    dependency.onetoken_permission = permission  # type: ignore[attr-defined]
+    return dependency
+
+
+# One dependency per permission of the matrix (onetoken.security.permissions): a route
+# names the permission it needs in its signature, e.g. `principal: KeysWriteDep`.
+SelfDep = Annotated[Principal, Depends(require("self"))]
+OrgReadDep = Annotated[Principal, Depends(require("org.read"))]
+OrgWriteDep = Annotated[Principal, Depends(require("org.write"))]
+OrgsManageDep = Annotated[Principal, Depends(require("orgs.manage"))]
+MembersReadDep = Annotated[Principal, Depends(require("members.read"))]
+MembersWriteDep = Annotated[Principal, Depends(require("members.write"))]
+KeysReadDep = Annotated[Principal, Depends(require("keys.read"))]
+KeysWriteDep = Annotated[Principal, Depends(require("keys.write"))]
+ProvidersReadDep = Annotated[Principal, Depends(require("providers.read"))]
+ProvidersWriteDep = Annotated[Principal, Depends(require("providers.write"))]
+ModelsReadDep = Annotated[Principal, Depends(require("models.read"))]
+ModelsWriteDep = Annotated[Principal, Depends(require("models.write"))]
+BillingReadDep = Annotated[Principal, Depends(require("billing.read"))]
+BillingWriteDep = Annotated[Principal, Depends(require("billing.write"))]
+# Moving the platform's money: operators (owners too where ONETOKEN_TENANT_MONEY_ADMIN=true).
+BillingMoneyDep = Annotated[Principal, Depends(require("billing.money"))]
+CallsReadDep = Annotated[Principal, Depends(require("calls.read"))]
+UsageReadDep = Annotated[Principal, Depends(require("usage.read"))]
+SecurityReadDep = Annotated[Principal, Depends(require("security.read"))]
+WebhooksReadDep = Annotated[Principal, Depends(require("webhooks.read"))]
+WebhooksWriteDep = Annotated[Principal, Depends(require("webhooks.write"))]
+
+
+def public() -> None:
+    """Marks an endpoint that needs no session (login, health)."""
+
+
+public.onetoken_public = True  # type: ignore[attr-defined]
+
+PublicDep = Depends(public)
