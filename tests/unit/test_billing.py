@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from onetoken.billing import budgets, orders, packages, prices
 from onetoken.billing import service as billing
+from onetoken.billing import usage as ledger_usage
 from onetoken.billing.models import (
     LedgerEntry,
     Order,
@@ -92,9 +93,9 @@ def test_usage_is_idempotent_and_keeps_key_model_and_exact_time(
     at = datetime(2024, 5, 31, 23, 59, 59, 999_999, tzinfo=UTC)
     u = usage(world.org, "batch-1", 123, at, key=world.key, model="a-chat", calls=3)
     with state.session_factory() as s:
-        assert billing.record_usage(s, [u, u]) == [u]
+        assert ledger_usage.record_usage(s, [u, u]) == [u]
         s.commit()
-        assert billing.record_usage(s, [u]) == []
+        assert ledger_usage.record_usage(s, [u]) == []
         s.commit()
         entry = s.scalars(
             select(LedgerEntry).where(LedgerEntry.idempotency_key == "usage:batch-1")
@@ -121,7 +122,7 @@ def test_every_ledger_kind_sums_into_the_balance(state: AppState, world: World) 
         packages.grant_package(
             s, world.org, credit=5 * UNIT, validity_days=30, idempotency_key="p1", now=now
         )
-        billing.record_usage(s, [usage(world.org, "u1", 2 * UNIT, now)])
+        ledger_usage.record_usage(s, [usage(world.org, "u1", 2 * UNIT, now)])
         s.commit()
     kinds = ledger(state, world.org)
     assert [k for k, _ in kinds] == ["recharge", "adjustment", "package_grant", "usage"]
@@ -140,9 +141,9 @@ def test_package_is_spent_first_and_its_rest_expires(state: AppState, world: Wor
         )
         # 30 while the package is valid: all from the package; 40 more: 20 from the
         # package, 20 from the prepaid balance; one after it lapsed: prepaid only.
-        billing.record_usage(s, [usage(world.org, "a", 30, t0 + timedelta(hours=1))])
-        billing.record_usage(s, [usage(world.org, "b", 40, t0 + timedelta(hours=2))])
-        billing.record_usage(s, [usage(world.org, "c", 7, t0 + timedelta(days=1, hours=1))])
+        ledger_usage.record_usage(s, [usage(world.org, "a", 30, t0 + timedelta(hours=1))])
+        ledger_usage.record_usage(s, [usage(world.org, "b", 40, t0 + timedelta(hours=2))])
+        ledger_usage.record_usage(s, [usage(world.org, "c", 7, t0 + timedelta(days=1, hours=1))])
         s.commit()
         consumed = dict(
             s.execute(select(PackageConsumption.request_id, PackageConsumption.amount)).all()
@@ -160,7 +161,7 @@ def test_expiry_takes_off_only_what_is_left_once(state: AppState, world: World) 
         packages.grant_package(
             s, world.org, credit=50, validity_days=1, idempotency_key="p", now=t0
         )
-        billing.record_usage(s, [usage(world.org, "a", 12, t0 + timedelta(minutes=5))])
+        ledger_usage.record_usage(s, [usage(world.org, "a", 12, t0 + timedelta(minutes=5))])
         s.commit()
         assert packages.package_credit(s, world.org) == 38
         assert packages.expire_due(s) == [(world.org, 38)]
@@ -231,7 +232,7 @@ def test_snapshot_carries_budgets_usage_and_factor_only_when_set(
         budgets.update_org_settings(s, world.org, budget_day=10 * UNIT, price_factor_ppm=900_000)
         keys.update_key(s, world.org, world.key, {"limits": {"budget_month": 3 * UNIT}})
         yesterday = now - timedelta(days=1)
-        billing.record_usage(
+        ledger_usage.record_usage(
             s,
             [
                 usage(world.org, "t1", 100, now, key=world.key),
@@ -322,7 +323,7 @@ def test_refund_never_exceeds_the_prepaid_balance(state: AppState, world: World)
             s, world.org, kind="recharge", currency="USD", amount=10, created_by=None
         )
         orders.mark_paid(s, o, actor=None)
-        billing.record_usage(s, [usage(world.org, "u", 8, datetime.now(UTC))])
+        ledger_usage.record_usage(s, [usage(world.org, "u", 8, datetime.now(UTC))])
         s.commit()
         with pytest.raises(Conflict) as err:
             orders.refund(s, o, actor=None)
@@ -341,7 +342,7 @@ def test_package_order_grants_then_refund_revokes_the_rest(state: AppState, worl
         )
         assert (o.amount, o.credit) == (90, 100)
         orders.mark_paid(s, o, actor=None)
-        billing.record_usage(s, [usage(world.org, "u", 40, datetime.now(UTC))])
+        ledger_usage.record_usage(s, [usage(world.org, "u", 40, datetime.now(UTC))])
         s.commit()
         orders.refund(s, o, actor=None)
         s.commit()
@@ -414,7 +415,7 @@ def test_low_balance_and_quota_events_fire_once(
 
     def spend(rid: str, cost: int) -> None:
         with state.session_factory() as s:
-            billing.record_usage(s, [usage(world.org, rid, cost, now, key=world.key)])
+            ledger_usage.record_usage(s, [usage(world.org, rid, cost, now, key=world.key)])
             s.commit()
         upkeep.observe(
             summarize(

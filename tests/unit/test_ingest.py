@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from onetoken.billing import packages
+from onetoken.billing import packages, usage
 from onetoken.billing import service as billing
 from onetoken.billing.models import LedgerEntry, PackageConsumption
 from onetoken.ingest import Ingestor
@@ -172,7 +172,7 @@ def test_replay_after_a_crash_charges_nothing_twice(
     dead(spool(settings), "i1")
     settings.flush_max_rows = 30
 
-    real = billing.record_usage
+    real = usage.record_usage
     calls = Counter[str]()
 
     def crash_on_second_batch(session: Any, usages: Any) -> Any:
@@ -183,7 +183,7 @@ def test_replay_after_a_crash_charges_nothing_twice(
             raise RuntimeError("crash")
         return out
 
-    monkeypatch.setattr(billing, "record_usage", crash_on_second_batch)
+    monkeypatch.setattr(usage, "record_usage", crash_on_second_batch)
     # Another instance's journal goes on while this one's batch fails.
     append(spool(settings), "i2", 1, [record("other", org_id=org_id, cost=1000, ts_us=NOW_US)])
     dead(spool(settings), "i2")
@@ -191,7 +191,7 @@ def test_replay_after_a_crash_charges_nothing_twice(
         ingestor.catch_up()
     assert [r.getMessage() for r in caplog.records] == ["ingest.failed"]
     assert charged(state, org_id) == (1090, 31)
-    monkeypatch.setattr(billing, "record_usage", real)
+    monkeypatch.setattr(usage, "record_usage", real)
     # A new ingestor (a restarted control process) picks up from the committed cursor.
     again = Ingestor(settings, state.session_factory, sink=FakeSink())  # type: ignore[arg-type]
     again.catch_up()

@@ -12,17 +12,15 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from onetoken.billing.models import Package, PackageConsumption, Plan
+from onetoken.billing.service import Usage, post_entry, usage_time
 from onetoken.db.base import new_id, utcnow
 from onetoken.kit.errors import Conflict, NotFound, Unprocessable
-
-if TYPE_CHECKING:
-    from onetoken.billing.service import Usage
 
 log = logging.getLogger("onetoken.billing")
 
@@ -73,7 +71,6 @@ def grant_package(
     now: datetime | None = None,
 ) -> Package:
     """A package and its `package_grant` ledger entry, once per idempotency key."""
-    from onetoken.billing.service import post_entry
 
     start = now or utcnow()
     package_id = new_id("pkg")
@@ -156,7 +153,6 @@ def allocate_usage(session: Session, usages: Sequence[Usage]) -> int:
         left[p.id] = p.remaining
     taken: dict[str, int] = defaultdict(int)
     rows: list[dict[str, object]] = []
-    from onetoken.billing.service import usage_time
 
     for u in sorted(usages, key=lambda u: (u.ts_us, u.entry_id)):
         at = usage_time(u.ts_us)
@@ -210,7 +206,6 @@ def expire_due(session: Session, now: datetime | None = None) -> list[tuple[str,
     """Lapse every active package whose validity ended: status expired, and one `expiry`
     entry taking what it still held off the balance. Returns (org_id, amount) per package.
     The caller commits."""
-    from onetoken.billing.service import post_entry
 
     at = now or utcnow()
     due = session.scalars(
@@ -252,7 +247,6 @@ def revoke_package(
     session: Session, package: Package, *, idempotency_key: str, created_by: str | None
 ) -> int:
     """Take what a package still holds off the balance (order refund); returns it."""
-    from onetoken.billing.service import post_entry
 
     res = session.execute(
         update(Package)

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import NotRequired, TypedDict, Unpack, cast
@@ -14,11 +14,10 @@ from onetoken.analytics.queries import EPOCH
 from onetoken.billing.models import LedgerEntry
 from onetoken.db.session import config_changed
 from onetoken.kit.errors import Conflict, Unprocessable
-from onetoken.orgs.models import Org
 
 log = logging.getLogger("onetoken.billing")
 
-_IN_CHUNK = 500
+IN_CHUNK = 500
 
 #: The most one ledger entry may move either way (a credit, grant, adjustment, order or
 #: refund): 100 million currency units.
@@ -190,59 +189,6 @@ def usage_key(entry_id: str) -> str:
     return "usage:" + entry_id
 
 
-def _chunks(items: Sequence[str], n: int) -> Iterable[Sequence[str]]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
-
-
-def record_usage(session: Session, usages: Sequence[Usage]) -> list[Usage]:
-    """Insert usage entries (amount = -cost) once per entry id and allocate them to
-    packages; returns those inserted. Entries of orgs that no longer exist are skipped.
-
-    Does not commit: the caller commits under the lock that also moves the spent marks.
-    """
-    by_key: dict[str, Usage] = {}
-    for u in usages:
-        if u.cost > 0 and u.org_id and u.entry_id:
-            by_key.setdefault(usage_key(u.entry_id), u)
-    if not by_key:
-        return []
-    keys = list(by_key)
-    existing: set[str] = set()
-    for chunk in _chunks(keys, _IN_CHUNK):
-        existing.update(
-            session.scalars(
-                select(LedgerEntry.idempotency_key).where(LedgerEntry.idempotency_key.in_(chunk))
-            )
-        )
-    org_ids = list({u.org_id for u in by_key.values()})
-    known_orgs: set[str] = set()
-    for chunk in _chunks(org_ids, _IN_CHUNK):
-        known_orgs.update(session.scalars(select(Org.id).where(Org.id.in_(chunk))))
-    fresh = [u for k, u in by_key.items() if k not in existing and u.org_id in known_orgs]
-    if not fresh:
-        return []
-    rows = [
-        {
-            "org_id": u.org_id,
-            "kind": "usage",
-            "amount": -u.cost,
-            "idempotency_key": usage_key(u.entry_id),
-            "request_id": None,
-            "created_at": usage_time(u.ts_us),
-            "key_id": u.key_id or None,
-            "model": u.model or None,
-            "calls": u.calls,
-        }
-        for u in fresh
-    ]
-    session.execute(_insert_ignoring_duplicates(session), rows)
-    from onetoken.billing import packages
-
-    packages.allocate_usage(session, fresh)
-    return fresh
-
-
 def usage_time(ts_us: int) -> datetime:
     # Integer arithmetic: a float timestamp would round some microseconds away, and the
     # ledger time must fall in the same UTC day/month as the call_log row.
@@ -260,7 +206,7 @@ def post_entry(
     return _append(session, org_id, entry, "ledger.entry"), True
 
 
-def _insert_ignoring_duplicates(session: Session):  # type: ignore[no-untyped-def]
+def insert_ignoring_duplicates(session: Session):  # type: ignore[no-untyped-def]
     # The table, not the mapped class: a Core executemany, without the ORM's bulk-insert
     # bookkeeping per row (a third of the ingestion's ledger time).
     table = cast(Table, LedgerEntry.__table__)

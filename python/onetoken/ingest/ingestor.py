@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 from onetoken._core import JournalBatch
 from onetoken.analytics.sink import CallLogSink
 from onetoken.billing import service as billing
+from onetoken.billing import usage
 from onetoken.billing.upkeep import BillingUpkeep
 from onetoken.db.session import SessionFactory
 from onetoken.ingest import journal
@@ -309,7 +310,7 @@ class Ingestor:
         usages = usage_entries(instance.instance_id, start, batch.usage)
         with self.mark_lock, self.session_factory() as session:
             _compare_and_set(session, LEDGER, instance.instance_id, start, end, stored[LEDGER])
-            inserted = billing.record_usage(session, usages)
+            inserted = usage.record_usage(session, usages)
             orgs: dict[str, int] = defaultdict(int)
             keys: dict[str, int] = defaultdict(int)
             for u in inserted:
