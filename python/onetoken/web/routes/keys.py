@@ -25,7 +25,6 @@ router = APIRouter(prefix="/keys", tags=["keys"])
 R = TypeVar("R", bound=KeyResponse)
 
 
-
 def key_out(k: ApiKey, cls: type[R] = KeyResponse, **extra: Any) -> R:  # type: ignore[assignment]
     # Field by field: the hash never leaves the service.
     return cls(
