@@ -20,6 +20,7 @@ from onetoken.analytics import clickhouse as ch
 from onetoken.analytics.columns import CALL_LOG_SCHEMA
 from onetoken.analytics.sink import CallLogSink
 from onetoken.billing import service as billing
+from onetoken.billing import usage
 from onetoken.billing.models import LedgerEntry
 from onetoken.billing.reconcile import reconcile
 from onetoken.ingest import Ingestor
@@ -277,7 +278,7 @@ def test_reconcile_is_exact_per_org_and_utc_day(
     assert all(r.difference == 0 and r.calls_difference == 0 for r in lines)
     # A usage entry the call log does not back shows on its day, to the nano-unit.
     with state.session_factory() as s:
-        billing.record_usage(
+        usage.record_usage(
             s,
             [billing.Usage(org_id=org, entry_id="stray", cost=1, ts_us=micros(midnight), calls=1)],
         )

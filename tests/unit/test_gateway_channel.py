@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from onetoken.billing import service as billing
+from onetoken.billing import usage
 from onetoken.db.session import bump_revision
 from onetoken.gateway.snapshot import SnapshotSource
 from onetoken.gateway.supervisor import engine_config
@@ -152,7 +153,7 @@ def test_balance_and_marks_are_read_under_the_mark_lock(state: AppState, org_id:
         assert got == []
         # The "batch": ledger and mark move together.
         with state.session_factory() as s:
-            billing.record_usage(
+            usage.record_usage(
                 s,
                 [
                     billing.Usage(
