@@ -88,19 +88,20 @@ pub(crate) trait Field: Sized {
     }
 }
 
-macro_rules! unsigned_field {
-    ($($t:ty),*) => {$(
+/// The number types: written in decimal, read as JSON integers.
+macro_rules! number_field {
+    ($($t:ty: $write:expr, $parse:expr;)*) => {$(
         impl Field for $t {
             type Ref<'a> = $t;
             type Json = $t;
 
             #[inline]
             fn write_json(&self, out: &mut Vec<u8>) {
-                push_u64(out, u64::from(*self));
+                $write(*self, out);
             }
 
             fn parse_plain<'a>(p: &mut Plain<'a>) -> Option<$t> {
-                <$t>::try_from(p.digits()?).ok()
+                $parse(p)
             }
 
             fn json_ref(v: &$t) -> $t {
@@ -113,81 +114,47 @@ macro_rules! unsigned_field {
         }
     )*};
 }
-unsigned_field!(u8, u16, u32);
+number_field! {
+    u8: |v, out| push_u64(out, u64::from(v)), |p: &mut Plain<'_>| u8::try_from(p.digits()?).ok();
+    u16: |v, out| push_u64(out, u64::from(v)), |p: &mut Plain<'_>| u16::try_from(p.digits()?).ok();
+    u32: |v, out| push_u64(out, u64::from(v)), |p: &mut Plain<'_>| u32::try_from(p.digits()?).ok();
+    i64: push_i64, |p: &mut Plain<'_>| p.int();
+}
 
-impl Field for i64 {
-    type Ref<'a> = i64;
-    type Json = i64;
+/// The string types: `String`, and `&'static str` for the columns the engine writes from
+/// small fixed sets (path, usage source, error code, rate limit), kept once per process.
+macro_rules! text_field {
+    ($($t:ty: $to_record:expr, $fits:expr;)*) => {$(
+        impl Field for $t {
+            type Ref<'a> = &'a str;
+            type Json = String;
 
-    #[inline]
-    fn write_json(&self, out: &mut Vec<u8>) {
-        if *self < 0 {
-            out.push(b'-');
+            #[inline]
+            fn write_json(&self, out: &mut Vec<u8>) {
+                push_json_str(out, self);
+            }
+
+            fn parse_plain<'a>(p: &mut Plain<'a>) -> Option<&'a str> {
+                p.string()
+            }
+
+            fn json_ref(v: &String) -> &str {
+                v
+            }
+
+            fn to_record(v: &str) -> Option<$t> {
+                $to_record(v)
+            }
+
+            fn fits(v: &str) -> bool {
+                $fits(v)
+            }
         }
-        push_u64(out, self.unsigned_abs());
-    }
-
-    fn parse_plain<'a>(p: &mut Plain<'a>) -> Option<i64> {
-        p.int()
-    }
-
-    fn json_ref(v: &i64) -> i64 {
-        *v
-    }
-
-    fn to_record(v: i64) -> Option<i64> {
-        Some(v)
-    }
+    )*};
 }
-
-impl Field for String {
-    type Ref<'a> = &'a str;
-    type Json = String;
-
-    #[inline]
-    fn write_json(&self, out: &mut Vec<u8>) {
-        push_json_str(out, self);
-    }
-
-    fn parse_plain<'a>(p: &mut Plain<'a>) -> Option<&'a str> {
-        p.string()
-    }
-
-    fn json_ref(v: &String) -> &str {
-        v
-    }
-
-    fn to_record(v: &str) -> Option<String> {
-        Some(v.to_owned())
-    }
-}
-
-/// The columns the engine writes from small fixed sets (path, usage source, error code,
-/// rate limit).
-impl Field for &'static str {
-    type Ref<'a> = &'a str;
-    type Json = String;
-
-    #[inline]
-    fn write_json(&self, out: &mut Vec<u8>) {
-        push_json_str(out, self);
-    }
-
-    fn parse_plain<'a>(p: &mut Plain<'a>) -> Option<&'a str> {
-        p.string()
-    }
-
-    fn json_ref(v: &String) -> &str {
-        v
-    }
-
-    fn to_record(v: &str) -> Option<&'static str> {
-        intern(v)
-    }
-
-    fn fits(v: &str) -> bool {
-        v.len() <= FIXED_SET_LEN_MAX
-    }
+text_field! {
+    String: |v: &str| Some(v.to_owned()), |_| true;
+    &'static str: intern, |v: &str| v.len() <= FIXED_SET_LEN_MAX;
 }
 
 /// The engine writes path, usage source, error code and rate limit from small fixed sets;
@@ -210,6 +177,13 @@ fn intern(s: &str) -> Option<&'static str> {
     let kept: &'static str = Box::leak(s.to_owned().into_boxed_str());
     seen.insert(kept);
     Some(kept)
+}
+
+fn push_i64(v: i64, out: &mut Vec<u8>) {
+    if v < 0 {
+        out.push(b'-');
+    }
+    push_u64(out, v.unsigned_abs());
 }
 
 fn push_u64(out: &mut Vec<u8>, mut v: u64) {
