@@ -508,6 +508,13 @@ mod tests {
         matches!(t, Take::Ok { .. })
     }
 
+    fn wait(t: Take) -> Option<u64> {
+        match t {
+            Take::Wait { retry_ns } => Some(retry_ns),
+            Take::Ok { .. } => None,
+        }
+    }
+
     #[test]
     fn gcra_allows_the_limit_then_refills_smoothly() {
         let g = Gcra::default();
@@ -516,10 +523,7 @@ mod tests {
         for _ in 0..60 {
             assert!(ok(g.try_take(t0, 1, 60)));
         }
-        match g.try_take(t0, 1, 60) {
-            Take::Wait { retry_ns } => assert_eq!(retry_ns, S),
-            Take::Ok { .. } => panic!("61st admitted"),
-        }
+        assert_eq!(wait(g.try_take(t0, 1, 60)), Some(S), "61st admitted");
         // Just before the refill: still refused; at it: one passes, and only one.
         assert!(!ok(g.try_take(t0 + S - 1, 1, 60)));
         assert!(ok(g.try_take(t0 + S, 1, 60)));
@@ -561,10 +565,11 @@ mod tests {
         assert!(ok(g.try_take(t0, 1_000, 1_000)));
         // Debt beyond a full period delays even a 1-token request until it is paid off.
         g.charge(t0, 500);
-        match g.try_take(t0, 1, 1_000) {
-            Take::Wait { retry_ns } => assert_eq!(retry_ns, 30 * S + increment(1, 1_000)),
-            Take::Ok { .. } => panic!("admitted in debt"),
-        }
+        assert_eq!(
+            wait(g.try_take(t0, 1, 1_000)),
+            Some(30 * S + increment(1, 1_000)),
+            "admitted in debt"
+        );
         let (left, reset) = g.status(t0, 1_000);
         assert_eq!((left, reset), (0, 90 * S));
     }
@@ -591,10 +596,11 @@ mod tests {
         assert!(ok(g.try_take(t0, 1, 600)));
         assert_eq!(g.status(t0, 600), (595, S / 2));
         // Lowered below the 5 used: refused until 3 have drained at the new rate.
-        match g.try_take(t0, 1, 2) {
-            Take::Wait { retry_ns } => assert_eq!(retry_ns, 120 * S),
-            Take::Ok { .. } => panic!("admitted over a lowered limit"),
-        }
+        assert_eq!(
+            wait(g.try_take(t0, 1, 2)),
+            Some(120 * S),
+            "admitted over a lowered limit"
+        );
     }
 
     #[test]
