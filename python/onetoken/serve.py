@@ -211,12 +211,13 @@ def run(settings: Settings, *, demo: bool = False, gateway: bool = True) -> int:
         control_file.write(settings.data_dir, local_url(control_addr, tls), os.getpid())
         if gateway:
 
-            def on_ready(gateway_addr: str) -> None:
+            def on_ready(gateway_addr: str, metrics_addr: str | None) -> None:
                 control_file.write(
                     settings.data_dir,
                     local_url(control_addr, tls),
                     os.getpid(),
                     gateway=local_url(gateway_addr, tls),
+                    metrics=local_url(metrics_addr) if metrics_addr else None,
                 )
                 announce(gateway_addr)
 

@@ -216,6 +216,15 @@ def test_control_file_is_private_and_names_a_live_process(tmp_path: Path) -> Non
     found = control_file.read(tmp_path)
     assert found is not None and found.url == "http://127.0.0.1:8081"
 
+    control_file.write(
+        tmp_path, "http://127.0.0.1:8081", os.getpid(),
+        gateway="http://127.0.0.1:8080", metrics="http://127.0.0.1:9090",
+    )
+    assert control_file.read(tmp_path) == control_file.ControlEndpoint(
+        url="http://127.0.0.1:8081", pid=os.getpid(),
+        gateway="http://127.0.0.1:8080", metrics="http://127.0.0.1:9090",
+    )
+
     # Another process's file is not ours to remove.
     control_file.remove(tmp_path, os.getpid() + 1)
     assert path.exists()
@@ -231,3 +240,7 @@ def test_control_file_of_a_dead_process_or_garbage_is_ignored(tmp_path: Path) ->
     assert control_file.read(tmp_path) is None
     (tmp_path / "control.json").write_text("{not json")
     assert control_file.read(tmp_path) is None
+    for field in ("gateway", "metrics"):
+        doc = {"url": "http://127.0.0.1:1", "pid": os.getpid(), field: 9090}
+        (tmp_path / "control.json").write_text(json.dumps(doc))
+        assert control_file.read(tmp_path) is None
