@@ -1,9 +1,9 @@
 """A real onetoken server in a subprocess, driven the way an operator would drive it.
 
 The server runs `onetoken serve --demo` with its own data dir, its listeners (metrics
-included) on port 0: the harness learns the addresses from `<data_dir>/control.json`. The fake provider runs
-in the test process (onetoken._core.MockUpstream) so tests can count the calls it
-receives. Its stdout and stderr go to files under the data dir's logs, so the privacy
+included) on port 0: the harness learns the addresses from `<data_dir>/control.json`. The
+fake provider runs in the test process (onetoken._core.MockUpstream) so tests can count the
+calls it receives. Its stdout and stderr go to files under the data dir's logs, so the privacy
 audit scans them too.
 """
 
