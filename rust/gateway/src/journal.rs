@@ -229,6 +229,15 @@ mod tests {
         }
     }
 
+    /// [`append_records`] from `threads` threads at once; returns when every one is done.
+    fn append_concurrently(j: &Journal, threads: u64, each: u64, ua: &str, ua_max: usize) {
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                s.spawn(move || append_records(j, t, each, ua, ua_max));
+            }
+        });
+    }
+
     /// `ids` are `req_{thread}_{i}` for every thread and i, each exactly once.
     fn assert_each_written_once(mut ids: Vec<String>, threads: u64, each: u64) {
         ids.sort();
@@ -363,14 +372,7 @@ mod tests {
         const EACH: u64 = 500;
         let d = dir();
         let j = Journal::new(d.to_str().unwrap(), "many", 700, Duration::from_secs(3600));
-        std::thread::scope(|s| {
-            for t in 0..THREADS {
-                let j = &j;
-                s.spawn(move || {
-                    append_records(j, t, EACH, "x", 300);
-                });
-            }
-        });
+        append_concurrently(&j, THREADS, EACH, "x", 300);
         let mut ids = Vec::new();
         for name in files(&d) {
             let read = read_segment(&d.join(name), 0, usize::MAX, true).unwrap();
@@ -419,17 +421,7 @@ mod tests {
                     }
                 }
             });
-            let writers: Vec<_> = (0..THREADS)
-                .map(|t| {
-                    let j = &j;
-                    s.spawn(move || {
-                        append_records(j, t, EACH, "y", 700);
-                    })
-                })
-                .collect();
-            for w in writers {
-                w.join().unwrap();
-            }
+            append_concurrently(&j, THREADS, EACH, "y", 700);
             writing.store(false, Ordering::Release);
             reader.join().unwrap()
         });
