@@ -508,6 +508,15 @@ mod tests {
         matches!(t, Take::Ok { .. })
     }
 
+    /// A limiter that has just admitted `n` single units at `now` under `limit`.
+    fn admitted(n: usize, now: u64, limit: u32) -> Gcra {
+        let g = Gcra::default();
+        for _ in 0..n {
+            assert!(ok(g.try_take(now, 1, limit)));
+        }
+        g
+    }
+
     fn wait(t: Take) -> Option<u64> {
         match t {
             Take::Wait { retry_ns } => Some(retry_ns),
@@ -517,12 +526,9 @@ mod tests {
 
     #[test]
     fn gcra_allows_the_limit_then_refills_smoothly() {
-        let g = Gcra::default();
         let t0 = 1_000 * S;
         // rpm 60: 60 at once, the 61st waits exactly one emission interval (1 s).
-        for _ in 0..60 {
-            assert!(ok(g.try_take(t0, 1, 60)));
-        }
+        let g = admitted(60, t0, 60);
         assert_eq!(wait(g.try_take(t0, 1, 60)), Some(S), "61st admitted");
         // Just before the refill: still refused; at it: one passes, and only one.
         assert!(!ok(g.try_take(t0 + S - 1, 1, 60)));
@@ -576,21 +582,15 @@ mod tests {
 
     #[test]
     fn status_counts_remaining_units() {
-        let g = Gcra::default();
         let t0 = 5 * S;
-        for _ in 0..10 {
-            assert!(ok(g.try_take(t0, 1, 600)));
-        }
+        let g = admitted(10, t0, 600);
         assert_eq!(g.status(t0, 600), (590, S));
     }
 
     #[test]
     fn a_changed_limit_keeps_the_count_used() {
-        let g = Gcra::default();
         let t0 = 5 * S;
-        for _ in 0..4 {
-            assert!(ok(g.try_take(t0, 1, 4)));
-        }
+        let g = admitted(4, t0, 4);
         assert!(!ok(g.try_take(t0, 1, 4)));
         // Raised: 4 of 600 used, admitted at once.
         assert!(ok(g.try_take(t0, 1, 600)));

@@ -125,45 +125,41 @@ impl Endpoints {
         let base = base_url.trim_end_matches('/');
         // Validate the base itself so a bad URL fails at compile time for every protocol.
         uri(base.to_owned())?;
-        Ok(match protocol {
+        // (chat, streamed chat, embeddings, responses) URLs.
+        let (chat, chat_stream, embeddings, responses) = match protocol {
             Protocol::OpenAi => {
-                let chat = uri(format!("{base}/chat/completions"))?;
-                Endpoints {
-                    chat_stream: Some(chat.clone()),
-                    chat: Some(chat),
-                    embeddings: Some(uri(format!("{base}/embeddings"))?),
-                    responses: Some(uri(format!("{base}/responses"))?),
-                }
+                let chat = format!("{base}/chat/completions");
+                let embeddings = format!("{base}/embeddings");
+                (
+                    chat.clone(),
+                    chat,
+                    Some(embeddings),
+                    Some(format!("{base}/responses")),
+                )
             }
             Protocol::Azure => {
                 let v = enc(api_version.unwrap_or(AZURE_DEFAULT_API_VERSION));
                 let dep = format!("{base}/openai/deployments/{}", enc(upstream_model));
-                let chat = uri(format!("{dep}/chat/completions?api-version={v}"))?;
-                Endpoints {
-                    chat_stream: Some(chat.clone()),
-                    chat: Some(chat),
-                    embeddings: Some(uri(format!("{dep}/embeddings?api-version={v}"))?),
-                    responses: Some(uri(format!("{base}/openai/responses?api-version={v}"))?),
-                }
+                let chat = format!("{dep}/chat/completions?api-version={v}");
+                let embeddings = format!("{dep}/embeddings?api-version={v}");
+                let responses = format!("{base}/openai/responses?api-version={v}");
+                (chat.clone(), chat, Some(embeddings), Some(responses))
             }
             Protocol::Anthropic => {
-                let messages = uri(format!("{base}/messages"))?;
-                Endpoints {
-                    chat_stream: Some(messages.clone()),
-                    chat: Some(messages),
-                    embeddings: None,
-                    responses: None,
-                }
+                let messages = format!("{base}/messages");
+                (messages.clone(), messages, None, None)
             }
             Protocol::Gemini => {
                 let m = format!("{base}/models/{}", enc(upstream_model));
-                Endpoints {
-                    chat: Some(uri(format!("{m}:generateContent"))?),
-                    chat_stream: Some(uri(format!("{m}:streamGenerateContent?alt=sse"))?),
-                    embeddings: None,
-                    responses: None,
-                }
+                let stream = format!("{m}:streamGenerateContent?alt=sse");
+                (format!("{m}:generateContent"), stream, None, None)
             }
+        };
+        Ok(Endpoints {
+            chat: Some(uri(chat)?),
+            chat_stream: Some(uri(chat_stream)?),
+            embeddings: embeddings.map(uri).transpose()?,
+            responses: responses.map(uri).transpose()?,
         })
     }
 }
