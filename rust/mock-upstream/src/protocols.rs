@@ -259,17 +259,30 @@ pub(crate) fn openai_tool_call(
 
 // ---------------------------------------------------------------- Anthropic Messages
 
-fn anthropic_error(plan: &Plan, echo: &str) -> Response<MockBody> {
+/// How the vendors name an error status: (HTTP status, Anthropic error type, Gemini
+/// status). Any other status is `api_error` / `INTERNAL`.
+const ERROR_NAMES: &[(u16, &str, &str)] = &[
+    (400, "invalid_request_error", "INVALID_ARGUMENT"),
+    (401, "authentication_error", "UNAUTHENTICATED"),
+    (403, "permission_error", "PERMISSION_DENIED"),
+    (404, "not_found_error", "NOT_FOUND"),
+    (429, "rate_limit_error", "RESOURCE_EXHAUSTED"),
+    (503, "api_error", "UNAVAILABLE"),
+    (529, "overloaded_error", "INTERNAL"),
+];
+
+/// The plan's error status and its (Anthropic, Gemini) names.
+fn vendor_error(plan: &Plan) -> (StatusCode, &'static str, &'static str) {
     let status = StatusCode::from_u16(plan.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let kind = match plan.status {
-        400 => "invalid_request_error",
-        401 => "authentication_error",
-        403 => "permission_error",
-        404 => "not_found_error",
-        429 => "rate_limit_error",
-        529 => "overloaded_error",
-        _ => "api_error",
-    };
+    let (anthropic, gemini) = ERROR_NAMES
+        .iter()
+        .find(|e| e.0 == plan.status)
+        .map_or(("api_error", "INTERNAL"), |e| (e.1, e.2));
+    (status, anthropic, gemini)
+}
+
+fn anthropic_error(plan: &Plan, echo: &str) -> Response<MockBody> {
+    let (status, kind, _) = vendor_error(plan);
     let body =
         json!({"type": "error", "error": {"type": kind, "message": error_message(plan, echo)}});
     json_response(status, Bytes::from(body.to_string()))
@@ -409,16 +422,7 @@ pub(crate) async fn anthropic(
 // ---------------------------------------------------------------- Gemini
 
 fn gemini_error(plan: &Plan, echo: &str) -> Response<MockBody> {
-    let status = StatusCode::from_u16(plan.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let s = match plan.status {
-        400 => "INVALID_ARGUMENT",
-        401 => "UNAUTHENTICATED",
-        403 => "PERMISSION_DENIED",
-        404 => "NOT_FOUND",
-        429 => "RESOURCE_EXHAUSTED",
-        503 => "UNAVAILABLE",
-        _ => "INTERNAL",
-    };
+    let (status, _, s) = vendor_error(plan);
     let body =
         json!({"error": {"code": plan.status, "message": error_message(plan, echo), "status": s}});
     json_response(status, Bytes::from(body.to_string()))
