@@ -45,15 +45,8 @@ pub fn read_batch(
     until: Option<u64>,
 ) -> std::io::Result<BatchRead> {
     let mut batch = CallBatch::default();
-    let (next_offset, bad_lines) = read_lines(
-        path,
-        offset,
-        complete,
-        until,
-        |batch: &CallBatch| batch.rows() < max_records,
-        |batch: &mut CallBatch, line| parse_into(line, batch),
-        &mut batch,
-    )?;
+    let (next_offset, bad_lines) =
+        read_lines(path, offset, max_records, complete, until, &mut batch)?;
     Ok(BatchRead {
         batch: batch.finish(),
         next_offset,
@@ -84,21 +77,8 @@ pub fn read_segment(
     complete: bool,
 ) -> std::io::Result<SegmentRead> {
     let mut records = Vec::new();
-    let (next_offset, bad_lines) = read_lines(
-        path,
-        offset,
-        complete,
-        None,
-        |records: &Vec<CallRecord>| records.len() < max_records,
-        |records: &mut Vec<CallRecord>, line| match parse_record(line) {
-            Some(record) => {
-                records.push(record);
-                true
-            }
-            None => false,
-        },
-        &mut records,
-    )?;
+    let (next_offset, bad_lines) =
+        read_lines(path, offset, max_records, complete, None, &mut records)?;
     Ok(SegmentRead {
         records,
         next_offset,
@@ -106,19 +86,45 @@ pub fn read_segment(
     })
 }
 
-/// The one line loop of both readers: whole lines from `offset` while `more(out)` and
-/// before `until`, each handed to `take` (false: not a record, counted bad). A trailing
-/// line without `\n` is left for a later read unless `complete` (the segment will never
-/// grow again), in which case it is consumed and counted as bad. Returns where the next
-/// read resumes and the bad lines.
-fn read_lines<T>(
+/// What a reader collects the records of its lines into.
+trait Records {
+    fn count(&self) -> usize;
+    /// Add one line (with its `\n`); false when it is not a record.
+    fn take(&mut self, line: &[u8]) -> bool;
+}
+
+impl Records for CallBatch {
+    fn count(&self) -> usize {
+        self.rows()
+    }
+
+    fn take(&mut self, line: &[u8]) -> bool {
+        parse_into(line, self)
+    }
+}
+
+impl Records for Vec<CallRecord> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn take(&mut self, line: &[u8]) -> bool {
+        parse_record(line).map(|r| self.push(r)).is_some()
+    }
+}
+
+/// The one line loop of both readers: whole lines from `offset` while `out` holds fewer
+/// than `max_records` and before `until`, each handed to `out` (not a record: counted
+/// bad). A trailing line without `\n` is left for a later read unless `complete` (the
+/// segment will never grow again), in which case it is consumed and counted as bad.
+/// Returns where the next read resumes and the bad lines.
+fn read_lines(
     path: &Path,
     offset: u64,
+    max_records: usize,
     complete: bool,
     until: Option<u64>,
-    more: impl Fn(&T) -> bool,
-    mut take: impl FnMut(&mut T, &[u8]) -> bool,
-    out: &mut T,
+    out: &mut impl Records,
 ) -> std::io::Result<(u64, u64)> {
     let mut file = File::open(path)?;
     file.seek(SeekFrom::Start(offset))?;
@@ -126,7 +132,7 @@ fn read_lines<T>(
     let mut next_offset = offset;
     let mut bad_lines = 0;
     let mut line = Vec::with_capacity(1024);
-    while more(out) && until.is_none_or(|end| next_offset < end) {
+    while out.count() < max_records && until.is_none_or(|end| next_offset < end) {
         line.clear();
         let n = reader.read_until(b'\n', &mut line)?;
         if n == 0 {
@@ -142,7 +148,7 @@ fn read_lines<T>(
             break;
         }
         next_offset += n as u64;
-        if !take(out, &line) {
+        if !out.take(&line) {
             bad_lines += 1;
         }
     }
