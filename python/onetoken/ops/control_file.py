@@ -13,6 +13,7 @@ Standard library only: the CLI reads it before anything heavy is imported.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -34,24 +35,16 @@ def path(data_dir: Path) -> Path:
     return Path(data_dir) / CONTROL_FILE
 
 
-def write(
-    data_dir: Path,
-    url: str,
-    pid: int,
-    gateway: str | None = None,
-    metrics: str | None = None,
-) -> None:
-    """Write the file whole (temp file, then rename), 0600 whatever the umask. `gateway`
-    and `metrics`: the gateway child's URL and its metrics listener's, written again once
-    the child reports its bound addresses."""
+def write(data_dir: Path, endpoint: ControlEndpoint) -> None:
+    """Write the file whole (temp file, then rename), 0600 whatever the umask. The
+    endpoint's `gateway` and `metrics` (the gateway child's URL and its metrics
+    listener's) are written again once the child reports its bound addresses."""
     target = path(data_dir)
-    tmp = target.with_name(f".{CONTROL_FILE}.{pid}.tmp")
+    tmp = target.with_name(f".{CONTROL_FILE}.{endpoint.pid}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)
-        found: dict[str, object] = {"url": url, "pid": pid}
-        optional = {"gateway": gateway, "metrics": metrics}
-        found.update({k: v for k, v in optional.items() if v is not None})
+        found = {k: v for k, v in dataclasses.asdict(endpoint).items() if v is not None}
         os.write(fd, json.dumps(found).encode())
     finally:
         os.close(fd)

@@ -68,6 +68,8 @@ use std::sync::OnceLock;
 
 use parking_lot::Mutex;
 
+use crate::records::{push_i64, push_json_str, push_u64};
+
 /// How a record field's type is written to a journal line and read back from one.
 pub(crate) trait Field: Sized {
     /// The value as a parsed line holds it: strings borrow from the line.
@@ -118,7 +120,7 @@ number_field! {
     u8: |v, out| push_u64(out, u64::from(v)), |p: &mut Plain<'_>| u8::try_from(p.digits()?).ok();
     u16: |v, out| push_u64(out, u64::from(v)), |p: &mut Plain<'_>| u16::try_from(p.digits()?).ok();
     u32: |v, out| push_u64(out, u64::from(v)), |p: &mut Plain<'_>| u32::try_from(p.digits()?).ok();
-    i64: push_i64, |p: &mut Plain<'_>| p.int();
+    i64: |v, out| push_i64(out, v), |p: &mut Plain<'_>| p.int();
 }
 
 /// The string types: `String`, and `&'static str` for the columns the engine writes from
@@ -177,61 +179,6 @@ fn intern(s: &str) -> Option<&'static str> {
     let kept: &'static str = Box::leak(s.to_owned().into_boxed_str());
     seen.insert(kept);
     Some(kept)
-}
-
-fn push_i64(v: i64, out: &mut Vec<u8>) {
-    if v < 0 {
-        out.push(b'-');
-    }
-    push_u64(out, v.unsigned_abs());
-}
-
-fn push_u64(out: &mut Vec<u8>, mut v: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        // `v % 10` is below 10, so the cast cannot truncate.
-        digits[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
-}
-
-/// A JSON string with `serde_json`'s escapes: `"` and `\`, the short forms `\b \t \n \f
-/// \r`, `\u00xx` (lower-case hex) for the other control characters, everything else as is.
-fn push_json_str(out: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push(b'"');
-    let bytes = s.as_bytes();
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let short = match b {
-            b'"' => b'"',
-            b'\\' => b'\\',
-            0x08 => b'b',
-            b'\t' => b't',
-            b'\n' => b'n',
-            0x0c => b'f',
-            b'\r' => b'r',
-            0x00..=0x1f => b'u',
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[start..i]);
-        out.push(b'\\');
-        out.push(short);
-        if short == b'u' {
-            out.extend_from_slice(b"00");
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 0xf)]);
-        }
-        start = i + 1;
-    }
-    out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
 }
 
 /// A position in a line without escapes (the caller ruled out backslashes), for the
