@@ -103,6 +103,18 @@ fn first_tool_name(req: &Value) -> String {
     "get_weather".to_owned()
 }
 
+/// The request and its plan, once the plan's latency (time to first byte) has passed.
+async fn planned(
+    defaults: &MockDefaults,
+    body: &[u8],
+) -> Result<(Value, Plan), Box<Response<MockBody>>> {
+    let (req, plan) = parse(defaults, body)?;
+    if !plan.latency.is_zero() {
+        tokio::time::sleep(plan.latency).await;
+    }
+    Ok((req, plan))
+}
+
 /// Parse the body and its `"mock"` controls (unknown controls refused).
 fn parse(defaults: &MockDefaults, body: &[u8]) -> Result<(Value, Plan), Box<Response<MockBody>>> {
     let req: Value = serde_json::from_slice(body).map_err(|_| {
@@ -300,13 +312,10 @@ pub(crate) async fn anthropic(
             "message": "anthropic-version header is required"}});
         return json_response(StatusCode::BAD_REQUEST, Bytes::from(body.to_string()));
     }
-    let (req, plan) = match parse(defaults, body) {
+    let (req, plan) = match planned(defaults, body).await {
         Ok(x) => x,
         Err(resp) => return *resp,
     };
-    if !plan.latency.is_zero() {
-        tokio::time::sleep(plan.latency).await;
-    }
     let echo = last_user_text(req.get("messages"));
     if plan.status >= 400 {
         return anthropic_error(&plan, &echo);
@@ -436,13 +445,10 @@ pub(crate) async fn gemini(
     stream: bool,
     body: &[u8],
 ) -> Response<MockBody> {
-    let (req, plan) = match parse(defaults, body) {
+    let (req, plan) = match planned(defaults, body).await {
         Ok(x) => x,
         Err(resp) => return *resp,
     };
-    if !plan.latency.is_zero() {
-        tokio::time::sleep(plan.latency).await;
-    }
     let echo = last_user_text(req.get("contents"));
     if plan.status >= 400 {
         return gemini_error(&plan, &echo);
@@ -518,13 +524,10 @@ fn output_text(text: &str) -> Value {
 
 /// `POST /v1/responses` (and Azure's `/openai/responses`).
 pub(crate) async fn responses(defaults: &MockDefaults, id: u64, body: &[u8]) -> Response<MockBody> {
-    let (req, plan) = match parse(defaults, body) {
+    let (req, plan) = match planned(defaults, body).await {
         Ok(x) => x,
         Err(resp) => return *resp,
     };
-    if !plan.latency.is_zero() {
-        tokio::time::sleep(plan.latency).await;
-    }
     let input = req.get("input");
     let echo = match input {
         Some(Value::String(s)) => s.clone(),
