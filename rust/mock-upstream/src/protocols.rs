@@ -109,9 +109,7 @@ async fn planned(
     body: &[u8],
 ) -> Result<(Value, Plan), Box<Response<MockBody>>> {
     let (req, plan) = parse(defaults, body)?;
-    if !plan.latency.is_zero() {
-        tokio::time::sleep(plan.latency).await;
-    }
+    plan.wait_latency().await;
     Ok((req, plan))
 }
 
