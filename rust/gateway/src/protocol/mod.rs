@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
 use http::{header, Method, Request, Uri};
 use http_body_util::Full;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
 use crate::billing::Usage;
 use crate::error::{error_event, ApiError};
@@ -165,6 +165,15 @@ impl Endpoints {
 }
 
 /// Credential header of a provider, plus the version header Anthropic requires.
+/// A chat request's `stop` (a string or a list of them) as a list; `None` without one.
+pub(crate) fn stop_sequences(doc: &Map<String, Value>) -> Option<Value> {
+    match doc.get("stop") {
+        Some(Value::String(s)) => Some(json!([s])),
+        Some(Value::Array(a)) => Some(Value::Array(a.clone())),
+        _ => None,
+    }
+}
+
 /// The elements of a field that should be an array (none when it is missing or not one).
 #[inline]
 pub(crate) fn array_items(field: Option<&Value>) -> impl Iterator<Item = &Value> {
