@@ -113,6 +113,23 @@ async fn planned(
     Ok((req, plan))
 }
 
+/// A vendor chat request's turn: the text to echo (its last user message), the status to
+/// answer and the usage to report, from its `[messages, system prompt]` fields; `Err`:
+/// the vendor's error reply the plan asks for.
+fn turn(
+    req: &Value,
+    plan: &Plan,
+    [messages, system]: [&str; 2],
+    error: fn(&Plan, &str) -> Response<MockBody>,
+) -> Result<(String, StatusCode, Usage), Box<Response<MockBody>>> {
+    let echo = last_user_text(req.get(messages));
+    if plan.status >= 400 {
+        return Err(Box::new(error(plan, &echo)));
+    }
+    let prompt = messages_prompt(req.get(messages)) + req.get(system).map_or(0, text_words);
+    Ok((echo, with_status(plan.status), usage_of(plan, prompt)))
+}
+
 /// Parse the body and its `"mock"` controls (unknown controls refused).
 fn parse(defaults: &MockDefaults, body: &[u8]) -> Result<(Value, Plan), Box<Response<MockBody>>> {
     let req: Value = serde_json::from_slice(body).map_err(|_| {
@@ -314,17 +331,14 @@ pub(crate) async fn anthropic(
         Ok(x) => x,
         Err(resp) => return *resp,
     };
-    let echo = last_user_text(req.get("messages"));
-    if plan.status >= 400 {
-        return anthropic_error(&plan, &echo);
-    }
-    let status = with_status(plan.status);
+    let (echo, status, u) = match turn(&req, &plan, ["messages", "system"], anthropic_error) {
+        Ok(turn) => turn,
+        Err(resp) => return *resp,
+    };
     let model = req
         .get("model")
         .and_then(Value::as_str)
         .unwrap_or("mock-claude");
-    let prompt = messages_prompt(req.get("messages")) + req.get("system").map_or(0, text_words);
-    let u = usage_of(&plan, prompt);
     let usage = json!({"input_tokens": u.prompt.saturating_sub(u.cached),
         "cache_creation_input_tokens": 0, "cache_read_input_tokens": u.cached,
         "output_tokens": u.completion});
@@ -447,14 +461,11 @@ pub(crate) async fn gemini(
         Ok(x) => x,
         Err(resp) => return *resp,
     };
-    let echo = last_user_text(req.get("contents"));
-    if plan.status >= 400 {
-        return gemini_error(&plan, &echo);
-    }
-    let status = with_status(plan.status);
-    let prompt =
-        messages_prompt(req.get("contents")) + req.get("systemInstruction").map_or(0, text_words);
-    let u = usage_of(&plan, prompt);
+    let (echo, status, u) = match turn(&req, &plan, ["contents", "systemInstruction"], gemini_error)
+    {
+        Ok(turn) => turn,
+        Err(resp) => return *resp,
+    };
     let usage = |done: u64| {
         let mut m = json!({"promptTokenCount": u.prompt, "candidatesTokenCount": done,
             "totalTokenCount": u.prompt + done});
