@@ -52,9 +52,9 @@ def wait_until(
 
 
 def free_port() -> int:
-    """A port nothing listens on *now*: for addresses that must refuse connections, and
-    for the gateway's metrics listener, whose bound address the engine does not report
-    to Python yet. Never for a listener a test waits for (another process may take it)."""
+    """A port nothing listens on *now*: for addresses that must refuse connections. Never
+    for a listener a test waits for (another process may take it): bind port 0 and read
+    the bound address."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

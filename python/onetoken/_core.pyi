@@ -83,6 +83,10 @@ class Engine:
     @property
     def address(self) -> str | None: ...
     @property
+    def metrics_address(self) -> str | None:
+        """The metrics listener's bound "host:port" while running; None without
+        metrics_listen."""
+    @property
     def running(self) -> bool: ...
     @property
     def instance_id(self) -> str:

@@ -12,6 +12,7 @@ period, ingestion catches up to the end of every journal, exit 0.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -205,16 +206,17 @@ def run(settings: Settings, *, demo: bool = False, gateway: bool = True) -> int:
         control_addr = "{}:{}".format(*control_sock.getsockname()[:2])
         announce = _announcer(url(control_addr, tls), demo_info, tls)
         # CLI readers find this process here when chDB is locked (onetoken.ops).
-        control_file.write(settings.data_dir, local_url(control_addr, tls), os.getpid())
+        control = control_file.ControlEndpoint(local_url(control_addr, tls), os.getpid())
+        control_file.write(settings.data_dir, control)
         if gateway:
 
-            def on_ready(gateway_addr: str) -> None:
-                control_file.write(
-                    settings.data_dir,
-                    local_url(control_addr, tls),
-                    os.getpid(),
+            def on_ready(gateway_addr: str, metrics_addr: str | None) -> None:
+                found = dataclasses.replace(
+                    control,
                     gateway=local_url(gateway_addr, tls),
+                    metrics=local_url(metrics_addr) if metrics_addr else None,
                 )
+                control_file.write(settings.data_dir, found)
                 announce(gateway_addr)
 
             def on_failed(message: str) -> None:

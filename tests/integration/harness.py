@@ -1,9 +1,9 @@
 """A real onetoken server in a subprocess, driven the way an operator would drive it.
 
-The server runs `onetoken serve --demo` with its own data dir, its listeners on port 0:
-the harness learns the addresses from `<data_dir>/control.json`. The fake provider runs
-in the test process (onetoken._core.MockUpstream) so tests can count the calls it
-receives. Its stdout and stderr go to files under the data dir's logs, so the privacy
+The server runs `onetoken serve --demo` with its own data dir, its listeners (metrics
+included) on port 0: the harness learns the addresses from `<data_dir>/control.json`. The
+fake provider runs in the test process (onetoken._core.MockUpstream) so tests can count the
+calls it receives. Its stdout and stderr go to files under the data dir's logs, so the privacy
 audit scans them too.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from onetoken.ops import control_file
-from tests.support import free_port, wait_until
+from tests.support import wait_until
 
 READY_TIMEOUT_S = 90.0
 
@@ -57,17 +57,13 @@ class Server:
     data_dir: Path
     upstream: str
     extra_env: dict[str, str] = field(default_factory=dict)
-    metrics_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     runs: int = 0
     # Learned from control.json once the server is ready.
     gateway_url: str = ""
     control_url: str = ""
-
-    @property
-    def metrics_url(self) -> str:
-        """The gateway's metrics listener (/metrics is not on the gateway listener)."""
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+    # The gateway's metrics listener (/metrics is not on the gateway listener).
+    metrics_url: str = ""
 
     def env(self) -> dict[str, str]:
         return {
@@ -75,7 +71,7 @@ class Server:
             "ONETOKEN_DATA_DIR": str(self.data_dir),
             "ONETOKEN_GATEWAY_LISTEN": "127.0.0.1:0",
             "ONETOKEN_CONTROL_LISTEN": "127.0.0.1:0",
-            "ONETOKEN_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
+            "ONETOKEN_METRICS_LISTEN": "127.0.0.1:0",
             "ONETOKEN_DEMO_UPSTREAM": self.upstream,
             "ONETOKEN_FLUSH_INTERVAL_MS": "50",
             # The fake provider is on loopback: platform providers may reach it there.
@@ -107,9 +103,10 @@ class Server:
                     f"server exited early with {proc.returncode}: {self.stderr_tail()}"
                 )
             found = control_endpoint(self.data_dir, proc.pid)
-            if found is None or found.gateway is None:
+            if found is None or found.gateway is None or found.metrics is None:
                 return False
             self.gateway_url, self.control_url = found.gateway, found.url
+            self.metrics_url = f"{found.metrics}/metrics"
             g = httpx.get(f"{self.gateway_url}/healthz", timeout=1)
             c = httpx.get(f"{self.control_url}/api/openapi.json", timeout=1)
             return g.status_code == 200 and c.status_code == 200

@@ -73,10 +73,11 @@ def test_second_gateway_on_the_same_data_dir_is_refused(tmp_path: Path, mock_add
         assert server.stop() == 0
 
 
-def _printed_gateway(log: Path) -> str | None:
+def _printed(log: Path, listener: str) -> str | None:
+    """The URL `onetoken gateway` printed for `listener` (gateway or metrics)."""
     for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("gateway: "):
-            return line.removeprefix("gateway: ").strip()
+        if line.startswith(f"{listener}: "):
+            return line.removeprefix(f"{listener}: ").strip()
     return None
 
 
@@ -107,7 +108,9 @@ def test_gateway_keeps_serving_while_the_control_process_is_down(
             ["gateway"], {**env, "ONETOKEN_CONTROL_URL": setup.control_url}, logs / "gw.out"
         )
         # Run on its own, the gateway prints where it listens.
-        setup.gateway_url = _until(lambda: _printed_gateway(logs / "gw.out"))
+        setup.gateway_url = _until(lambda: _printed(logs / "gw.out", "gateway"))
+        # Its metrics listener too (ONETOKEN_METRICS_LISTEN says port 0).
+        setup.metrics_url = f"{_until(lambda: _printed(logs / 'gw.out', 'metrics'))}/metrics"
         health = _until(lambda: _health(setup.gateway_url))
         assert health["control"] == "ok"
         ids = drive(setup, creds["api_key"], 6)

@@ -130,6 +130,7 @@ class FakeEngine:
         self.status: list[bool] = []
         self.stops: list[float | None] = []
         self.instance_id = "inst-1"
+        self.metrics_address = "127.0.0.1:19090" if self.config.get("metrics_listen") else None
 
     def start(self) -> str:
         return "127.0.0.1:18080"
@@ -191,6 +192,24 @@ def test_start_takes_the_config_with_its_own_address_and_data_dir(
     # The first snapshot is asked for without waiting.
     assert path == "/internal/gateway/snapshot?instance=inst-1"
     assert headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+def test_start_learns_the_metrics_address_the_ready_report_carries(
+    control: tuple[Control, str], tmp_path: Path
+) -> None:
+    _, url = control
+    env = _env(url, tmp_path, ONETOKEN_METRICS_LISTEN="127.0.0.1:0")
+    r = GatewayRunner(env, engine_factory=FakeEngine)
+    address = r.start()
+    assert r.engine is not None
+    assert r.metrics_address == "127.0.0.1:19090"
+    line = runner.ready_line(address, r.metrics_address)
+    assert line == "ready 127.0.0.1:18080 127.0.0.1:19090"
+    verb, _, detail = line.partition(" ")
+    assert (verb, runner.parse_ready(detail)) == ("ready", ("127.0.0.1:18080", "127.0.0.1:19090"))
+    # Without a metrics listener the report is the address alone.
+    assert runner.ready_line(address, None) == "ready 127.0.0.1:18080"
+    assert runner.parse_ready("127.0.0.1:18080") == ("127.0.0.1:18080", None)
 
 
 def test_polls_load_only_a_new_snapshot(rig: Rig) -> None:

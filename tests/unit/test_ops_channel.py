@@ -28,6 +28,7 @@ from onetoken.analytics.sink import CallLogSink
 from onetoken.control import build_state, create_app
 from onetoken.kit import channel
 from onetoken.ops import PREFIX, control_file
+from onetoken.ops.control_file import ControlEndpoint
 from onetoken.settings import Settings
 from tests.support import TEST_SECRET
 
@@ -208,12 +209,19 @@ def test_audit_scan_finds_the_needle_and_never_logs_or_echoes_it(
 
 
 def test_control_file_is_private_and_names_a_live_process(tmp_path: Path) -> None:
-    control_file.write(tmp_path, "http://127.0.0.1:8081", os.getpid())
+    control_file.write(tmp_path, ControlEndpoint("http://127.0.0.1:8081", os.getpid()))
     path = tmp_path / "control.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert json.loads(path.read_text()) == {"url": "http://127.0.0.1:8081", "pid": os.getpid()}
     found = control_file.read(tmp_path)
     assert found is not None and found.url == "http://127.0.0.1:8081"
+
+    served = ControlEndpoint(
+        url="http://127.0.0.1:8081", pid=os.getpid(),
+        gateway="http://127.0.0.1:8080", metrics="http://127.0.0.1:9090",
+    )
+    control_file.write(tmp_path, served)
+    assert control_file.read(tmp_path) == served
 
     # Another process's file is not ours to remove.
     control_file.remove(tmp_path, os.getpid() + 1)
@@ -226,7 +234,11 @@ def test_control_file_is_private_and_names_a_live_process(tmp_path: Path) -> Non
 def test_control_file_of_a_dead_process_or_garbage_is_ignored(tmp_path: Path) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
-    control_file.write(tmp_path, "http://127.0.0.1:1", int(dead.stdout))
+    control_file.write(tmp_path, ControlEndpoint("http://127.0.0.1:1", int(dead.stdout)))
     assert control_file.read(tmp_path) is None
     (tmp_path / "control.json").write_text("{not json")
     assert control_file.read(tmp_path) is None
+    for field in ("gateway", "metrics"):
+        doc = {"url": "http://127.0.0.1:1", "pid": os.getpid(), field: 9090}
+        (tmp_path / "control.json").write_text(json.dumps(doc))
+        assert control_file.read(tmp_path) is None

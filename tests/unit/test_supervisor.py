@@ -31,16 +31,23 @@ FAKE_CHILD = r"""
 import os, signal, sys
 log = sys.argv[1]
 listen = os.environ["ONETOKEN_GATEWAY_LISTEN"]
+metrics = os.environ.get("ONETOKEN_METRICS_LISTEN", "")
 with open(log, "a") as f:
     f.write(f"{os.getpid()} {listen} {'ONETOKEN_SECRET_KEY' in os.environ} "
-            f"{os.environ['ONETOKEN_GATEWAY_TOKEN']} {os.environ['ONETOKEN_CONTROL_URL']}\n")
+            f"{os.environ['ONETOKEN_GATEWAY_TOKEN']} {os.environ['ONETOKEN_CONTROL_URL']} "
+            f"{metrics or '-'}\n")
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 fd = int(os.environ["ONETOKEN_GATEWAY_READY_FD"])
 if os.environ.get("FAKE_GATEWAY") == "error":
     os.write(fd, b"error another gateway is serving data dir /x\n")
     sys.exit(2)
-host, _, port = listen.rpartition(":")
-os.write(fd, f"ready {host}:{port if port != '0' else '45678'}\n".encode())
+def bound(addr, port_zero):
+    host, _, port = addr.rpartition(":")
+    return f"{host}:{port if port != '0' else port_zero}"
+report = f"ready {bound(listen, '45678')}"
+if metrics:
+    report += f" {bound(metrics, '45679')}"
+os.write(fd, f"{report}\n".encode())
 os.close(fd)
 while True:
     signal.pause()
@@ -49,13 +56,13 @@ while True:
 
 class Events:
     def __init__(self) -> None:
-        self.ready: list[str] = []
+        self.ready: list[tuple[str, str | None]] = []
         self.failed: list[str] = []
         self.changed = threading.Condition()
 
-    def on_ready(self, address: str) -> None:
+    def on_ready(self, address: str, metrics_address: str | None) -> None:
         with self.changed:
-            self.ready.append(address)
+            self.ready.append((address, metrics_address))
             self.changed.notify_all()
 
     def on_failed(self, message: str) -> None:
@@ -112,8 +119,8 @@ def test_child_is_started_with_the_channel_and_without_the_master_secret(
     gw.start()
     try:
         events.wait(lambda: bool(events.ready))
-        assert events.ready == ["127.0.0.1:45678"]
-        ((pid, listen, has_secret, token, url),) = _children(log)
+        assert events.ready == [("127.0.0.1:45678", None)]
+        ((pid, listen, has_secret, token, url, _metrics),) = _children(log)
         # Its own process group: a terminal's signal reaches only serve, which orders the stop.
         assert os.getpgid(int(pid)) == int(pid) != os.getpgid(0)
         assert (listen, has_secret, token, url) == (
@@ -127,8 +134,9 @@ def test_child_is_started_with_the_channel_and_without_the_master_secret(
 
 
 def test_dead_child_is_restarted_on_the_address_it_bound(
-    settings: Settings, tmp_path: Path, fast_restarts: None
+    settings: Settings, tmp_path: Path, fast_restarts: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("ONETOKEN_METRICS_LISTEN", "127.0.0.1:0")
     log, events = tmp_path / "children", Events()
     gw = _process(settings, log, events)
     gw.start()
@@ -139,10 +147,12 @@ def test_dead_child_is_restarted_on_the_address_it_bound(
         wait_until(
             lambda: len(_children(log)) == 2 and gw.pid is not None and gw.pid != first, 20, 0.02
         )
-        second = _children(log)[1]
-        # Port 0 was resolved once: clients keep finding the gateway where it was.
-        assert second[1] == "127.0.0.1:45678"
-        assert events.ready == ["127.0.0.1:45678"]  # announced once
+        first_listen, second = _children(log)[0], _children(log)[1]
+        assert (first_listen[1], first_listen[5]) == ("127.0.0.1:0", "127.0.0.1:0")
+        # Port 0 was resolved once: clients (and scrapers) keep finding the gateway where
+        # it was.
+        assert (second[1], second[5]) == ("127.0.0.1:45678", "127.0.0.1:45679")
+        assert events.ready == [("127.0.0.1:45678", "127.0.0.1:45679")]  # announced once
         assert gw.starts == 2 and not events.failed
     finally:
         gw.stop(1)
@@ -186,7 +196,7 @@ ready = threading.Event()
 gw = GatewayProcess(
     Settings(data_dir=sys.argv[3], gateway_listen="127.0.0.1:0"),
     control_url="http://127.0.0.1:9", token="tok",
-    on_ready=lambda _: ready.set(), on_failed=print,
+    on_ready=lambda *_: ready.set(), on_failed=print,
     command=[sys.executable, "-c", sys.argv[2], sys.argv[4]],
 )
 gw.start()

@@ -52,8 +52,8 @@ _RETRY_FIRST_S = 0.1
 _RETRY_MAX_S = 5.0
 # Same rule as Settings.secret_key_bytes (the generated per-data-dir secret).
 SECRET_KEY_FILE = "secret.key"  # noqa: S105 (a file name)
-# Set by `onetoken serve` for its child: where to report "ready <address>" or
-# "error <message>" instead of printing the address on stdout.
+# Set by `onetoken serve` for its child: where to report "ready <address> [<metrics
+# address>]" or "error <message>" instead of printing the address on stdout.
 READY_FD_ENV = "ONETOKEN_GATEWAY_READY_FD"
 TOKEN_ENV = "ONETOKEN_GATEWAY_TOKEN"  # noqa: S105 (a variable name)
 
@@ -69,6 +69,8 @@ class EngineLike(Protocol):
     def stop(self, grace_seconds: float | None = None) -> None: ...
     @property
     def instance_id(self) -> str: ...
+    @property
+    def metrics_address(self) -> str | None: ...
 
 
 class ChannelError(Exception):
@@ -229,6 +231,8 @@ class GatewayRunner:
         self._engine_factory = engine_factory or _default_engine_factory
         self.engine: EngineLike | None = None
         self.address: str | None = None
+        # The metrics listener's bound address (metrics_listen may say port 0).
+        self.metrics_address: str | None = None
         self.tls = False
         self._etag: str | None = None
         # Snapshots loaded so far.
@@ -260,6 +264,7 @@ class GatewayRunner:
         except Exception as exc:
             raise GatewayError(f"{type(exc).__name__}: {exc}") from None
         self.engine = engine
+        self.metrics_address = engine.metrics_address
         # Serving needs a snapshot: ask until one loads (or stopped).
         while not self.poll() or self.loads == 0:
             if self.stopping.wait(self.env.watch_interval_s):
@@ -389,6 +394,18 @@ def http_url(address: str, tls: bool = False) -> str:
     return f"{'https' if tls else 'http'}://{host}:{port}"
 
 
+def ready_line(address: str, metrics_address: str | None) -> str:
+    """What a started gateway reports on the ready pipe (read by [`parse_ready`])."""
+    return f"ready {address} {metrics_address}" if metrics_address else f"ready {address}"
+
+
+def parse_ready(detail: str) -> tuple[str, str | None]:
+    """The served address and the metrics address (None without a metrics listener) of
+    a ready report without its verb."""
+    address, _, metrics_address = detail.partition(" ")
+    return address, metrics_address or None
+
+
 def _report(ready_fd: int | None, line: str) -> None:
     if ready_fd is None:
         return
@@ -426,8 +443,10 @@ def main(environ: Mapping[str, str] | None = None) -> int:
         print(f"onetoken: error: gateway failed to start: {exc}", file=sys.stderr)
         return 2
     if env.ready_fd is not None:
-        _report(env.ready_fd, f"ready {address}")
+        _report(env.ready_fd, ready_line(address, runner.metrics_address))
     else:
         print(f"gateway: {http_url(address, runner.tls)}", flush=True)
+        if runner.metrics_address is not None:
+            print(f"metrics: {http_url(runner.metrics_address)}", flush=True)
     runner.run()
     return 0

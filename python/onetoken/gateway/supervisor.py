@@ -173,9 +173,10 @@ def gateway_command() -> list[str]:
 
 class GatewayProcess:
     """One `onetoken gateway` child of `onetoken serve`, restarted with backoff when it
-    dies. The child reports "ready <address>" or "error <message>" on a pipe; after the
-    first start it is restarted on the address it bound (ONETOKEN_GATEWAY_LISTEN may say
-    port 0). Its records survive it in the journal, which the ingestor reads."""
+    dies. The child reports "ready <address> [<metrics address>]" or "error <message>" on a
+    pipe; after the first start it is restarted on the addresses it bound
+    (ONETOKEN_GATEWAY_LISTEN and ONETOKEN_METRICS_LISTEN may say port 0). Its records
+    survive it in the journal, which the ingestor reads."""
 
     def __init__(
         self,
@@ -183,7 +184,7 @@ class GatewayProcess:
         *,
         control_url: str,
         token: str,
-        on_ready: Callable[[str], None],
+        on_ready: Callable[[str, str | None], None],
         on_failed: Callable[[str], None],
         command: list[str] | None = None,
     ) -> None:
@@ -194,11 +195,13 @@ class GatewayProcess:
         self._on_failed = on_failed
         self._command = command or gateway_command()
         self._listen = settings.gateway_listen
+        self._metrics_listen: str | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._thread: threading.Thread | None = None
         self.address: str | None = None
+        self.metrics_address: str | None = None
         self.starts = 0
 
     @property
@@ -225,6 +228,8 @@ class GatewayProcess:
                 "ONETOKEN_LOG_LEVEL": self.settings.log_level,
             }
         )
+        if self._metrics_listen is not None:
+            env["ONETOKEN_METRICS_LISTEN"] = self._metrics_listen
         return env
 
     def start(self) -> None:
@@ -270,10 +275,10 @@ class GatewayProcess:
             if verb == "ready":
                 log.info("gateway.child_ready", extra={"address": detail, "count": self.starts})
                 if self.address is None:
-                    self.address = detail
-                    # Restarts bind the same address, whatever port the setting asked for.
-                    self._listen = detail
-                    self._on_ready(detail)
+                    self.address, self.metrics_address = runner.parse_ready(detail)
+                    # Restarts bind the same addresses, whatever port the settings asked for.
+                    self._listen, self._metrics_listen = self.address, self.metrics_address
+                    self._on_ready(self.address, self.metrics_address)
             elif self.address is None and not self._stopping.is_set():
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=STOP_MARGIN_S)

@@ -1,5 +1,5 @@
 """`<data_dir>/control.json`: where the control process serving a data dir listens, and
-where its gateway child serves once it is ready.
+where its gateway child serves (and its metrics listener) once it is ready.
 
 The control process writes it at start (mode 0600: it names a local endpoint of the
 service, nothing secret, but the data dir's files are private) and removes it at stop. CLI
@@ -13,6 +13,7 @@ Standard library only: the CLI reads it before anything heavy is imported.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -27,23 +28,23 @@ class ControlEndpoint:
     url: str
     pid: int
     gateway: str | None = None
+    metrics: str | None = None
 
 
 def path(data_dir: Path) -> Path:
     return Path(data_dir) / CONTROL_FILE
 
 
-def write(data_dir: Path, url: str, pid: int, gateway: str | None = None) -> None:
-    """Write the file whole (temp file, then rename), 0600 whatever the umask. `gateway`:
-    the gateway child's URL, written again once the child reports its bound address."""
+def write(data_dir: Path, endpoint: ControlEndpoint) -> None:
+    """Write the file whole (temp file, then rename), 0600 whatever the umask. The
+    endpoint's `gateway` and `metrics` (the gateway child's URL and its metrics
+    listener's) are written again once the child reports its bound addresses."""
     target = path(data_dir)
-    tmp = target.with_name(f".{CONTROL_FILE}.{pid}.tmp")
+    tmp = target.with_name(f".{CONTROL_FILE}.{endpoint.pid}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)
-        found: dict[str, object] = {"url": url, "pid": pid}
-        if gateway is not None:
-            found["gateway"] = gateway
+        found = {k: v for k, v in dataclasses.asdict(endpoint).items() if v is not None}
         os.write(fd, json.dumps(found).encode())
     finally:
         os.close(fd)
@@ -70,14 +71,15 @@ def read(data_dir: Path) -> ControlEndpoint | None:
 def _load(file: Path) -> ControlEndpoint | None:
     try:
         data = json.loads(file.read_text())
-        url, pid, gateway = data["url"], data["pid"], data.get("gateway")
+        url, pid = data["url"], data["pid"]
+        gateway, metrics = data.get("gateway"), data.get("metrics")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if not isinstance(url, str) or not isinstance(pid, int) or isinstance(pid, bool):
         return None
-    if gateway is not None and not isinstance(gateway, str):
+    if any(v is not None and not isinstance(v, str) for v in (gateway, metrics)):
         return None
-    return ControlEndpoint(url=url, pid=pid, gateway=gateway)
+    return ControlEndpoint(url=url, pid=pid, gateway=gateway, metrics=metrics)
 
 
 def _alive(pid: int) -> bool:

@@ -6,6 +6,9 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 
+use crate::call_log::{call_log, Field};
+use crate::records::CallRecord;
+
 /// The multiply-rotate hash of rustc (FxHash): the maps here are keyed by short strings
 /// and small integer tuples from a local file, where SipHash's flooding resistance buys
 /// nothing and costs a fifth of the reader's time.
@@ -123,34 +126,62 @@ struct FailureAcc {
     user_agent: String,
 }
 
-/// A record as read from a journal line; strings borrow from the line where they can.
-#[derive(Debug)]
-pub(crate) struct Row<'a> {
-    pub ts: i64,
-    pub request_id: &'a str,
-    pub org_id: &'a str,
-    pub account_id: &'a str,
-    pub key_id: &'a str,
-    pub path: &'a str,
-    pub model_requested: &'a str,
-    pub model_served: &'a str,
-    pub provider: &'a str,
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-    pub cached_tokens: u32,
-    pub usage_source: &'a str,
-    pub cost: i64,
-    pub status: u16,
-    pub error_code: &'a str,
-    pub latency_us: u32,
-    pub ttfb_us: u32,
-    pub streamed: u8,
-    pub source_ip: &'a str,
-    pub user_agent: &'a str,
-    pub rate_limit: &'a str,
-    pub attempts: u8,
-    pub guard_flags: &'a str,
+macro_rules! batch {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty => $column:ident $clickhouse:literal,)*) => {
+        /// A record as read from a journal line; strings borrow from the line.
+        #[derive(Debug)]
+        pub(crate) struct Row<'a> {
+            $(pub $name: <$ty as Field>::Ref<'a>,)*
+        }
+
+        impl Row<'_> {
+            /// Whether every value can be one the engine wrote.
+            pub(crate) fn fits(&self) -> bool {
+                true $(&& <$ty as Field>::fits(self.$name))*
+            }
+
+            /// The owned record; `None` when a value cannot be one the engine wrote.
+            pub(crate) fn record(&self) -> Option<CallRecord> {
+                Some(CallRecord {
+                    $($name: <$ty as Field>::to_record(self.$name)?,)*
+                })
+            }
+        }
+
+        /// The Native columns of a batch, in call_log order.
+        #[derive(Default)]
+        struct Columns {
+            $($name: $column,)*
+        }
+
+        impl Columns {
+            fn push(&mut self, r: &Row<'_>) {
+                $(self.$name.push(r.$name);)*
+            }
+
+            /// Bytes of the encoded block, roughly.
+            fn size_hint(&self) -> usize {
+                0 $(+ self.$name.size_hint())*
+            }
+
+            fn encode(&self, rows: usize, out: &mut Vec<u8>) {
+                put_uvarint(out, COLUMNS.len() as u64);
+                put_uvarint(out, rows as u64);
+                $(
+                    put_str(out, stringify!($name));
+                    put_str(out, $clickhouse);
+                    self.$name.encode(out);
+                )*
+            }
+        }
+
+        /// call_log's columns and their ClickHouse types, in table order (Python takes them
+        /// through `_core.call_log_native_columns`, and a test checks the analytics
+        /// migrations create exactly these).
+        pub const COLUMNS: &[(&str, &str)] = &[$((stringify!($name), $clickhouse),)*];
+    };
 }
+call_log!(batch);
 
 /// Each distinct value once, numbered in order of first appearance.
 #[derive(Default)]
@@ -176,13 +207,57 @@ impl Dict {
     }
 }
 
+/// A fixed-width number column's Native data: each value little-endian.
+#[derive(Default)]
+struct NumColumn(Vec<u8>);
+
+impl NumColumn {
+    #[inline]
+    fn push(&mut self, v: impl LittleEndian) {
+        v.put(&mut self.0);
+    }
+
+    fn size_hint(&self) -> usize {
+        self.0.len()
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.0);
+    }
+}
+
+trait LittleEndian {
+    fn put(self, out: &mut Vec<u8>);
+}
+
+macro_rules! little_endian {
+    ($($t:ty),*) => {$(
+        impl LittleEndian for $t {
+            #[inline]
+            fn put(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+        }
+    )*};
+}
+little_endian!(i64, u32, u16, u8);
+
 /// A `String` column's Native data: each value as a LEB128 length and its bytes.
 #[derive(Default)]
 struct StrColumn(Vec<u8>);
 
 impl StrColumn {
+    #[inline]
     fn push(&mut self, s: &str) {
         put_str(&mut self.0, s);
+    }
+
+    fn size_hint(&self) -> usize {
+        self.0.len()
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.0);
     }
 }
 
@@ -194,10 +269,18 @@ struct LcColumn {
 }
 
 impl LcColumn {
-    fn push(&mut self, s: &str) -> u32 {
+    fn push(&mut self, s: &str) {
         let id = self.dict.id(s);
         self.index.push(id);
-        id
+    }
+
+    /// The dictionary id of the last row's value.
+    fn last(&self) -> u32 {
+        self.index.last().copied().unwrap_or_default()
+    }
+
+    fn size_hint(&self) -> usize {
+        self.index.len() * 4
     }
 
     /// Native serialization as clickhouse-connect writes it: the shared-dictionary
@@ -241,35 +324,11 @@ type CallKey = (u32, u16, u32, u32);
 /// (org, account, key, source ip) ids, status, (error code, provider) ids.
 type FailureKey = (u32, u32, u32, u32, u16, u32, u32);
 
-/// Columns of the batch being read, in the call_log contract's order
-/// ([`COLUMNS`]), plus the groups.
+/// The batch being read: its columns and the groups.
 #[derive(Default)]
 pub struct CallBatch {
     rows: usize,
-    ts: Vec<u8>,
-    request_id: StrColumn,
-    org_id: StrColumn,
-    account_id: StrColumn,
-    key_id: StrColumn,
-    path: LcColumn,
-    model_requested: LcColumn,
-    model_served: LcColumn,
-    provider: LcColumn,
-    prompt_tokens: Vec<u8>,
-    completion_tokens: Vec<u8>,
-    cached_tokens: Vec<u8>,
-    usage_source: LcColumn,
-    cost: Vec<u8>,
-    status: Vec<u8>,
-    error_code: LcColumn,
-    latency_us: Vec<u8>,
-    ttfb_us: Vec<u8>,
-    streamed: Vec<u8>,
-    source_ip: StrColumn,
-    user_agent: StrColumn,
-    rate_limit: LcColumn,
-    attempts: Vec<u8>,
-    guard_flags: LcColumn,
+    columns: Columns,
     // Dimensions the groups use that are plain String columns.
     orgs: Dict,
     accounts: Dict,
@@ -317,34 +376,10 @@ impl CallBatch {
             self.max_ts = self.max_ts.max(r.ts);
         }
         self.rows += 1;
-        self.ts.extend_from_slice(&r.ts.to_le_bytes());
-        self.request_id.push(r.request_id);
-        self.org_id.push(r.org_id);
-        self.account_id.push(r.account_id);
-        self.key_id.push(r.key_id);
-        let path = self.path.push(r.path);
-        let model = self.model_requested.push(r.model_requested);
-        self.model_served.push(r.model_served);
-        let provider = self.provider.push(r.provider);
-        self.prompt_tokens
-            .extend_from_slice(&r.prompt_tokens.to_le_bytes());
-        self.completion_tokens
-            .extend_from_slice(&r.completion_tokens.to_le_bytes());
-        self.cached_tokens
-            .extend_from_slice(&r.cached_tokens.to_le_bytes());
-        self.usage_source.push(r.usage_source);
-        self.cost.extend_from_slice(&r.cost.to_le_bytes());
-        self.status.extend_from_slice(&r.status.to_le_bytes());
-        let code = self.error_code.push(r.error_code);
-        self.latency_us
-            .extend_from_slice(&r.latency_us.to_le_bytes());
-        self.ttfb_us.extend_from_slice(&r.ttfb_us.to_le_bytes());
-        self.streamed.push(r.streamed);
-        self.source_ip.push(r.source_ip);
-        self.user_agent.push(r.user_agent);
-        self.rate_limit.push(r.rate_limit);
-        self.attempts.push(r.attempts);
-        self.guard_flags.push(r.guard_flags);
+        self.columns.push(r);
+        let c = &self.columns;
+        let (path, model) = (c.path.last(), c.model_requested.last());
+        let (provider, code) = (c.provider.last(), c.error_code.last());
 
         let org = self.orgs.id(r.org_id);
         let key = self.keys.id(r.key_id);
@@ -411,7 +446,7 @@ impl CallBatch {
                 |(&(org, key, model, day), &(calls, cost, first_ts))| UsageGroup {
                     org_id: self.orgs.get(org),
                     key_id: self.keys.get(key),
-                    model: self.model_requested.dict.get(model),
+                    model: self.columns.model_requested.dict.get(model),
                     day,
                     calls,
                     cost,
@@ -430,8 +465,8 @@ impl CallBatch {
             .map(|(&(key, status, code, provider), &n)| CallGroup {
                 key_id: self.keys.get(key),
                 status,
-                error_code: self.error_code.dict.get(code),
-                provider: self.provider.dict.get(provider),
+                error_code: self.columns.error_code.dict.get(code),
+                provider: self.columns.provider.dict.get(provider),
                 calls: n,
             })
             .collect();
@@ -455,11 +490,11 @@ impl CallBatch {
                         key_id: self.keys.get(key),
                         source_ip: self.ips.get(ip),
                         status,
-                        error_code: self.error_code.dict.get(code),
-                        provider: self.provider.dict.get(provider),
+                        error_code: self.columns.error_code.dict.get(code),
+                        provider: self.columns.provider.dict.get(provider),
                         calls: acc.calls,
                         first_request_id: acc.request_id.clone(),
-                        first_path: self.path.dict.get(acc.path),
+                        first_path: self.columns.path.dict.get(acc.path),
                         first_user_agent: acc.user_agent.clone(),
                     },
                 )
@@ -508,81 +543,11 @@ impl CallBatch {
     }
 
     fn encode(&self) -> Vec<u8> {
-        let size = self.ts.len() * 12
-            + self.request_id.0.len()
-            + self.org_id.0.len()
-            + self.account_id.0.len()
-            + self.key_id.0.len()
-            + self.source_ip.0.len()
-            + self.user_agent.0.len()
-            + self.rows * 40
-            + 4096;
-        let mut out = Vec::with_capacity(size);
-        put_uvarint(&mut out, COLUMNS.len() as u64);
-        put_uvarint(&mut out, self.rows as u64);
-        for &(name, ty) in COLUMNS {
-            put_str(&mut out, name);
-            put_str(&mut out, ty);
-            match name {
-                "ts" => out.extend_from_slice(&self.ts),
-                "request_id" => out.extend_from_slice(&self.request_id.0),
-                "org_id" => out.extend_from_slice(&self.org_id.0),
-                "account_id" => out.extend_from_slice(&self.account_id.0),
-                "key_id" => out.extend_from_slice(&self.key_id.0),
-                "path" => self.path.encode(&mut out),
-                "model_requested" => self.model_requested.encode(&mut out),
-                "model_served" => self.model_served.encode(&mut out),
-                "provider" => self.provider.encode(&mut out),
-                "prompt_tokens" => out.extend_from_slice(&self.prompt_tokens),
-                "completion_tokens" => out.extend_from_slice(&self.completion_tokens),
-                "cached_tokens" => out.extend_from_slice(&self.cached_tokens),
-                "usage_source" => self.usage_source.encode(&mut out),
-                "cost" => out.extend_from_slice(&self.cost),
-                "status" => out.extend_from_slice(&self.status),
-                "error_code" => self.error_code.encode(&mut out),
-                "latency_us" => out.extend_from_slice(&self.latency_us),
-                "ttfb_us" => out.extend_from_slice(&self.ttfb_us),
-                "streamed" => out.extend_from_slice(&self.streamed),
-                "source_ip" => out.extend_from_slice(&self.source_ip.0),
-                "user_agent" => out.extend_from_slice(&self.user_agent.0),
-                "rate_limit" => self.rate_limit.encode(&mut out),
-                "attempts" => out.extend_from_slice(&self.attempts),
-                _ => self.guard_flags.encode(&mut out),
-            }
-        }
+        let mut out = Vec::with_capacity(self.columns.size_hint() + 4096);
+        self.columns.encode(self.rows, &mut out);
         out
     }
 }
-
-/// call_log's columns and their ClickHouse types, in table order: the one declaration
-/// (Python takes it through `_core.call_log_native_columns`, and a test checks the
-/// analytics migrations create exactly these).
-pub const COLUMNS: &[(&str, &str)] = &[
-    ("ts", "DateTime64(6, 'UTC')"),
-    ("request_id", "String"),
-    ("org_id", "String"),
-    ("account_id", "String"),
-    ("key_id", "String"),
-    ("path", "LowCardinality(String)"),
-    ("model_requested", "LowCardinality(String)"),
-    ("model_served", "LowCardinality(String)"),
-    ("provider", "LowCardinality(String)"),
-    ("prompt_tokens", "UInt32"),
-    ("completion_tokens", "UInt32"),
-    ("cached_tokens", "UInt32"),
-    ("usage_source", "LowCardinality(String)"),
-    ("cost", "Int64"),
-    ("status", "UInt16"),
-    ("error_code", "LowCardinality(String)"),
-    ("latency_us", "UInt32"),
-    ("ttfb_us", "UInt32"),
-    ("streamed", "UInt8"),
-    ("source_ip", "String"),
-    ("user_agent", "String"),
-    ("rate_limit", "LowCardinality(String)"),
-    ("attempts", "UInt8"),
-    ("guard_flags", "LowCardinality(String)"),
-];
 
 fn put_uvarint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {

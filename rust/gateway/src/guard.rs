@@ -1168,6 +1168,19 @@ mod tests {
         scan(text, CategorySet::all()).flags()
     }
 
+    /// How many `category` findings all categories' scan of `text` counts.
+    fn count(text: &str, category: Category) -> u32 {
+        scan(text, CategorySet::all()).count(category)
+    }
+
+    /// Each text's findings are exactly `flags` ("" for none).
+    fn assert_flags<T: AsRef<str>>(flags: &str, texts: impl IntoIterator<Item = T>) {
+        for t in texts {
+            let t = t.as_ref();
+            assert_eq!(cats(t), flags, "{t}");
+        }
+    }
+
     fn text_of(d: &[u8]) -> String {
         d.iter().map(|x| char::from(b'0' + x)).collect()
     }
@@ -1288,16 +1301,17 @@ mod tests {
             "SG.abcdefghijABCDEFGHIJ12.abcdefghijABCDEFGHIJ0123456789abcdefghijABC",
         ];
         for k in keys {
-            for text in [
-                k.to_string(),
-                format!("my key is {k}, thanks"),
-                format!("{{\"content\":\"OPENAI_API_KEY={k}\\n\"}}"),
-                format!("\"{k}\""),
-                format!("中文{k}。"),
-                format!("line\\n{k}"),
-            ] {
-                assert_eq!(cats(&text), "secret_key:1", "{text}");
-            }
+            assert_flags(
+                "secret_key:1",
+                [
+                    k.to_string(),
+                    format!("my key is {k}, thanks"),
+                    format!("{{\"content\":\"OPENAI_API_KEY={k}\\n\"}}"),
+                    format!("\"{k}\""),
+                    format!("中文{k}。"),
+                    format!("line\\n{k}"),
+                ],
+            );
         }
         let mut rng = XorShift(7);
         for _ in 0..50 {
@@ -1327,9 +1341,7 @@ mod tests {
             "ot-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789AbCdEfGh",
             "mask_live_4eC39HqLyjWDarjtT1zdp7dc",
         ];
-        for t in texts {
-            assert_eq!(cats(t), "", "{t}");
-        }
+        assert_flags("", texts);
     }
 
     #[test]
@@ -1355,44 +1367,47 @@ mod tests {
         );
         assert_eq!(cats(&two), "private_key:2");
         // Headers without key material, and public material, are not private keys.
-        for t in [
-            "what does -----BEGIN PRIVATE KEY----- mean?",
-            &format!("-----BEGIN PUBLIC KEY-----\n{body}-----END PUBLIC KEY-----"),
-            &format!("-----BEGIN CERTIFICATE-----\n{body}-----END CERTIFICATE-----"),
-            "------------------------------------------",
-        ] {
-            assert_eq!(cats(t), "", "{t}");
-        }
+        assert_flags(
+            "",
+            [
+                "what does -----BEGIN PRIVATE KEY----- mean?",
+                &format!("-----BEGIN PUBLIC KEY-----\n{body}-----END PUBLIC KEY-----"),
+                &format!("-----BEGIN CERTIFICATE-----\n{body}-----END CERTIFICATE-----"),
+                "------------------------------------------",
+            ],
+        );
     }
 
     #[test]
     fn passwords_in_urls() {
-        for t in [
-            "postgres://app:S3cr3t!x@db.internal:5432/prod",
-            "DATABASE_URL=mysql://root:hunter2@10.0.0.5/app",
-            "redis://:p4ssw0rd@cache:6379/0",
-            "mongodb+srv://admin:Zx%40y12@cluster0.abcde.mongodb.net/test",
-            "amqp://guest:gu3st@[::1]:5672/",
-            "https://user:tok3n@github.com/org/repo.git",
-        ] {
-            assert_eq!(cats(t), "password_in_url:1", "{t}");
-        }
-        for t in [
-            "https://example.com/path?q=1",
-            "https://example.com:8443/a@b",
-            "https://medium.com/@someone",
-            "postgres://user@db/prod",
-            "postgres://user:@db/prod",
-            "postgresql://user:password@localhost/db",
-            "postgres://app:${DB_PASSWORD}@db/prod",
-            "postgres://app:$DB_PASSWORD@db/prod",
-            "postgres://app:****@db/prod",
-            "mailto:someone@example.com",
-            "://u:p@h",
-            "a ://u:p@h",
-        ] {
-            assert_eq!(cats(t), "", "{t}");
-        }
+        assert_flags(
+            "password_in_url:1",
+            [
+                "postgres://app:S3cr3t!x@db.internal:5432/prod",
+                "DATABASE_URL=mysql://root:hunter2@10.0.0.5/app",
+                "redis://:p4ssw0rd@cache:6379/0",
+                "mongodb+srv://admin:Zx%40y12@cluster0.abcde.mongodb.net/test",
+                "amqp://guest:gu3st@[::1]:5672/",
+                "https://user:tok3n@github.com/org/repo.git",
+            ],
+        );
+        assert_flags(
+            "",
+            [
+                "https://example.com/path?q=1",
+                "https://example.com:8443/a@b",
+                "https://medium.com/@someone",
+                "postgres://user@db/prod",
+                "postgres://user:@db/prod",
+                "postgresql://user:password@localhost/db",
+                "postgres://app:${DB_PASSWORD}@db/prod",
+                "postgres://app:$DB_PASSWORD@db/prod",
+                "postgres://app:****@db/prod",
+                "mailto:someone@example.com",
+                "://u:p@h",
+                "a ://u:p@h",
+            ],
+        );
     }
 
     #[test]
@@ -1405,15 +1420,16 @@ mod tests {
                 .collect::<Vec<_>>()
                 .join(" ");
             let dashed = spaced.replace(' ', "-");
-            for t in [
-                c.to_string(),
-                format!("card: {c}."),
-                format!("卡号{c}，谢谢"),
-                spaced.clone(),
-                format!("pay with {dashed} today"),
-            ] {
-                assert_eq!(cats(&t), "bank_card:1", "{t}");
-            }
+            assert_flags(
+                "bank_card:1",
+                [
+                    c.to_string(),
+                    format!("card: {c}."),
+                    format!("卡号{c}，谢谢"),
+                    spaced.clone(),
+                    format!("pay with {dashed} today"),
+                ],
+            );
         }
         assert_eq!(cats("3782 822463 10005"), "bank_card:1");
         assert_eq!(
@@ -1421,20 +1437,21 @@ mod tests {
             "bank_card:2"
         );
         // Luhn-invalid, unknown ranges, glued to letters, decimals, mixed separators.
-        for t in [
-            "4111111111111112",
-            "9111111111111117",
-            "1111111111111117",
-            "x4111111111111111",
-            "4111111111111111abc",
-            "0.4111111111111111",
-            "4111111111111111.5",
-            "4111 1111-1111 1111",
-            "4111  1111 1111 1111",
-            "41111111111111111111",
-        ] {
-            assert_eq!(cats(t), "", "{t}");
-        }
+        assert_flags(
+            "",
+            [
+                "4111111111111112",
+                "9111111111111117",
+                "1111111111111117",
+                "x4111111111111111",
+                "4111111111111111abc",
+                "0.4111111111111111",
+                "4111111111111111.5",
+                "4111 1111-1111 1111",
+                "4111  1111 1111 1111",
+                "41111111111111111111",
+            ],
+        );
     }
 
     #[test]
@@ -1448,8 +1465,7 @@ mod tests {
                 d[last] = (d[last] + 1) % 10;
             }
             let t = text_of(&d);
-            let f = scan(&t, CategorySet::all());
-            assert_eq!(f.count(Category::BankCard), 0, "{t}");
+            assert_eq!(count(&t, Category::BankCard), 0, "{t}");
         }
     }
 
@@ -1483,15 +1499,16 @@ mod tests {
         assert!(ids.iter().any(|id| id.ends_with('X')));
         for id in &ids {
             let spaced = format!("{} {} {}", &id[..6], &id[6..14], &id[14..]);
-            for t in [
-                id.clone(),
-                id.to_lowercase(),
-                format!("身份证号：{id}。"),
-                format!("id={id}&x=1"),
-                spaced,
-            ] {
-                assert_eq!(cats(&t), "cn_resident_id:1", "{t}");
-            }
+            assert_flags(
+                "cn_resident_id:1",
+                [
+                    id.clone(),
+                    id.to_lowercase(),
+                    format!("身份证号：{id}。"),
+                    format!("id={id}&x=1"),
+                    spaced,
+                ],
+            );
         }
         // Wrong check digit, impossible dates, unknown province, glued digits.
         let good = id_with_check("11010519491231002");
@@ -1509,8 +1526,7 @@ mod tests {
             format!("7{good}"),
             format!("{}Xa", &good[..17]),
         ] {
-            let f = scan(&t, CategorySet::all());
-            assert_eq!(f.count(Category::CnResidentId), 0, "{t}");
+            assert_eq!(count(&t, Category::CnResidentId), 0, "{t}");
         }
     }
 
@@ -1535,41 +1551,43 @@ mod tests {
 
     #[test]
     fn phones() {
-        for t in [
-            "13812345678",
-            "call 13812345678 now",
-            "手机：13912345678，",
-            "\\u624b\\u673a13812345678",
-            "138 1234 5678",
-            "138-1234-5678",
-            "+8613812345678",
-            "+86 138 1234 5678",
-            "+86 13812345678",
-            "+1-415-555-2671",
-            "+1 415 555 2671",
-            "+442079460958",
-            "(+44 20 7946 0958)",
-        ] {
-            assert_eq!(cats(t), "phone:1", "{t}");
-        }
-        for t in [
-            "12812345678",
-            "138123456789",
-            "913812345678",
-            "a13812345678",
-            "13812345678b",
-            "0.13812345678",
-            "+1234567",
-            "+12345678",
-            "the +200 58552 lines",
-            "+2024-01-01",
-            "+0123456789",
-            "+1234567890123456",
-            "2024-01-01 12:30:45",
-            "v1.2.3-13",
-        ] {
-            assert_eq!(cats(t), "", "{t}");
-        }
+        assert_flags(
+            "phone:1",
+            [
+                "13812345678",
+                "call 13812345678 now",
+                "手机：13912345678，",
+                "\\u624b\\u673a13812345678",
+                "138 1234 5678",
+                "138-1234-5678",
+                "+8613812345678",
+                "+86 138 1234 5678",
+                "+86 13812345678",
+                "+1-415-555-2671",
+                "+1 415 555 2671",
+                "+442079460958",
+                "(+44 20 7946 0958)",
+            ],
+        );
+        assert_flags(
+            "",
+            [
+                "12812345678",
+                "138123456789",
+                "913812345678",
+                "a13812345678",
+                "13812345678b",
+                "0.13812345678",
+                "+1234567",
+                "+12345678",
+                "the +200 58552 lines",
+                "+2024-01-01",
+                "+0123456789",
+                "+1234567890123456",
+                "2024-01-01 12:30:45",
+                "v1.2.3-13",
+            ],
+        );
         assert_eq!(cats("13812345678 13912345678,15012345678"), "phone:3");
     }
 

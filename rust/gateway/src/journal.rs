@@ -229,6 +229,21 @@ mod tests {
         }
     }
 
+    /// A journal in `d` whose segments age out only after an hour.
+    fn journal_in(d: &Path, instance: &str, segment_records: u64) -> Journal {
+        let age = Duration::from_secs(3600);
+        Journal::new(d.to_str().unwrap(), instance, segment_records, age)
+    }
+
+    /// [`append_records`] from `threads` threads at once; returns when every one is done.
+    fn append_concurrently(j: &Journal, threads: u64, each: u64, ua: &str, ua_max: usize) {
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                s.spawn(move || append_records(j, t, each, ua, ua_max));
+            }
+        });
+    }
+
     /// `ids` are `req_{thread}_{i}` for every thread and i, each exactly once.
     fn assert_each_written_once(mut ids: Vec<String>, threads: u64, each: u64) {
         ids.sort();
@@ -259,7 +274,7 @@ mod tests {
     #[test]
     fn rotates_by_count_and_never_deletes() {
         let d = dir();
-        let j = Journal::new(d.to_str().unwrap(), "abc", 3, Duration::from_secs(3600));
+        let j = journal_in(&d, "abc", 3);
         for i in 0..7 {
             assert!(j.append(format!("{{\"n\":{i}}}\n").as_bytes()));
         }
@@ -335,12 +350,7 @@ mod tests {
         let d = dir();
         let spool = d.join("spool");
         let locks = SpoolLocks::acquire(&spool, "priv").unwrap();
-        let j = Journal::new(
-            spool.to_str().unwrap(),
-            "priv",
-            1,
-            Duration::from_secs(3600),
-        );
+        let j = journal_in(&spool, "priv", 1);
         for _ in 0..3 {
             assert!(j.append(b"{}\n"));
         }
@@ -362,15 +372,8 @@ mod tests {
         const THREADS: u64 = 4;
         const EACH: u64 = 500;
         let d = dir();
-        let j = Journal::new(d.to_str().unwrap(), "many", 700, Duration::from_secs(3600));
-        std::thread::scope(|s| {
-            for t in 0..THREADS {
-                let j = &j;
-                s.spawn(move || {
-                    append_records(j, t, EACH, "x", 300);
-                });
-            }
-        });
+        let j = journal_in(&d, "many", 700);
+        append_concurrently(&j, THREADS, EACH, "x", 300);
         let mut ids = Vec::new();
         for name in files(&d) {
             let read = read_segment(&d.join(name), 0, usize::MAX, true).unwrap();
@@ -390,12 +393,7 @@ mod tests {
         const THREADS: u64 = 3;
         const EACH: u64 = 2_000;
         let d = dir();
-        let j = Journal::new(
-            d.to_str().unwrap(),
-            "tail",
-            u64::MAX,
-            Duration::from_secs(3600),
-        );
+        let j = journal_in(&d, "tail", u64::MAX);
         let segment = d.join("journal-tail-00000000.jsonl");
         let writing = AtomicBool::new(true);
         let ids = std::thread::scope(|s| {
@@ -419,17 +417,7 @@ mod tests {
                     }
                 }
             });
-            let writers: Vec<_> = (0..THREADS)
-                .map(|t| {
-                    let j = &j;
-                    s.spawn(move || {
-                        append_records(j, t, EACH, "y", 700);
-                    })
-                })
-                .collect();
-            for w in writers {
-                w.join().unwrap();
-            }
+            append_concurrently(&j, THREADS, EACH, "y", 700);
             writing.store(false, Ordering::Release);
             reader.join().unwrap()
         });

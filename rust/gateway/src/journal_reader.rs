@@ -8,18 +8,15 @@
 //! and skipped, never returned or echoed: it may be torn, and its bytes are not the
 //! reader's to show.
 
-use std::borrow::Cow;
-use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::Path;
-use std::sync::OnceLock;
 
-use parking_lot::Mutex;
 use serde::Deserialize;
 
 pub use crate::call_batch::{BatchParts, CallGroup, FailureGroup, UsageGroup, COLUMNS};
 use crate::call_batch::{CallBatch, Row};
+use crate::call_log::{call_log, Field, Plain};
 use crate::records::CallRecord;
 
 /// What one [`read_batch`] call found.
@@ -48,15 +45,8 @@ pub fn read_batch(
     until: Option<u64>,
 ) -> std::io::Result<BatchRead> {
     let mut batch = CallBatch::default();
-    let (next_offset, bad_lines) = read_lines(
-        path,
-        offset,
-        complete,
-        until,
-        |batch: &CallBatch| batch.rows() < max_records,
-        |batch: &mut CallBatch, line| parse_into(line, batch),
-        &mut batch,
-    )?;
+    let (next_offset, bad_lines) =
+        read_lines(path, offset, max_records, complete, until, &mut batch)?;
     Ok(BatchRead {
         batch: batch.finish(),
         next_offset,
@@ -87,21 +77,8 @@ pub fn read_segment(
     complete: bool,
 ) -> std::io::Result<SegmentRead> {
     let mut records = Vec::new();
-    let (next_offset, bad_lines) = read_lines(
-        path,
-        offset,
-        complete,
-        None,
-        |records: &Vec<CallRecord>| records.len() < max_records,
-        |records: &mut Vec<CallRecord>, line| match parse_record(line) {
-            Some(record) => {
-                records.push(record);
-                true
-            }
-            None => false,
-        },
-        &mut records,
-    )?;
+    let (next_offset, bad_lines) =
+        read_lines(path, offset, max_records, complete, None, &mut records)?;
     Ok(SegmentRead {
         records,
         next_offset,
@@ -109,19 +86,45 @@ pub fn read_segment(
     })
 }
 
-/// The one line loop of both readers: whole lines from `offset` while `more(out)` and
-/// before `until`, each handed to `take` (false: not a record, counted bad). A trailing
-/// line without `\n` is left for a later read unless `complete` (the segment will never
-/// grow again), in which case it is consumed and counted as bad. Returns where the next
-/// read resumes and the bad lines.
-fn read_lines<T>(
+/// What a reader collects the records of its lines into.
+trait Records {
+    fn count(&self) -> usize;
+    /// Add one line (with its `\n`); false when it is not a record.
+    fn take(&mut self, line: &[u8]) -> bool;
+}
+
+impl Records for CallBatch {
+    fn count(&self) -> usize {
+        self.rows()
+    }
+
+    fn take(&mut self, line: &[u8]) -> bool {
+        parse_into(line, self)
+    }
+}
+
+impl Records for Vec<CallRecord> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn take(&mut self, line: &[u8]) -> bool {
+        parse_record(line).map(|r| self.push(r)).is_some()
+    }
+}
+
+/// The one line loop of both readers: whole lines from `offset` while `out` holds fewer
+/// than `max_records` and before `until`, each handed to `out` (not a record: counted
+/// bad). A trailing line without `\n` is left for a later read unless `complete` (the
+/// segment will never grow again), in which case it is consumed and counted as bad.
+/// Returns where the next read resumes and the bad lines.
+fn read_lines(
     path: &Path,
     offset: u64,
+    max_records: usize,
     complete: bool,
     until: Option<u64>,
-    more: impl Fn(&T) -> bool,
-    mut take: impl FnMut(&mut T, &[u8]) -> bool,
-    out: &mut T,
+    out: &mut impl Records,
 ) -> std::io::Result<(u64, u64)> {
     let mut file = File::open(path)?;
     file.seek(SeekFrom::Start(offset))?;
@@ -129,7 +132,7 @@ fn read_lines<T>(
     let mut next_offset = offset;
     let mut bad_lines = 0;
     let mut line = Vec::with_capacity(1024);
-    while more(out) && until.is_none_or(|end| next_offset < end) {
+    while out.count() < max_records && until.is_none_or(|end| next_offset < end) {
         line.clear();
         let n = reader.read_until(b'\n', &mut line)?;
         if n == 0 {
@@ -145,7 +148,7 @@ fn read_lines<T>(
             break;
         }
         next_offset += n as u64;
-        if !take(out, &line) {
+        if !out.take(&line) {
             bad_lines += 1;
         }
     }
@@ -176,298 +179,78 @@ pub fn instance_live(lock_path: &Path) -> std::io::Result<bool> {
 /// Large enough that a batch of records takes few `read(2)`s.
 const READ_BUFFER: usize = 1 << 20;
 
-/// A record line as written, borrowing from the line where no escape forces a copy.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Line<'a> {
-    ts: i64,
-    #[serde(borrow)]
-    request_id: Cow<'a, str>,
-    #[serde(borrow)]
-    org_id: Cow<'a, str>,
-    #[serde(borrow)]
-    account_id: Cow<'a, str>,
-    #[serde(borrow)]
-    key_id: Cow<'a, str>,
-    #[serde(borrow)]
-    path: Cow<'a, str>,
-    #[serde(borrow)]
-    model_requested: Cow<'a, str>,
-    #[serde(borrow)]
-    model_served: Cow<'a, str>,
-    #[serde(borrow)]
-    provider: Cow<'a, str>,
-    prompt_tokens: u32,
-    completion_tokens: u32,
-    cached_tokens: u32,
-    #[serde(borrow)]
-    usage_source: Cow<'a, str>,
-    cost: i64,
-    status: u16,
-    #[serde(borrow)]
-    error_code: Cow<'a, str>,
-    latency_us: u32,
-    ttfb_us: u32,
-    streamed: u8,
-    #[serde(borrow)]
-    source_ip: Cow<'a, str>,
-    #[serde(borrow)]
-    user_agent: Cow<'a, str>,
-    #[serde(borrow)]
-    rate_limit: Cow<'a, str>,
-    attempts: u8,
-    #[serde(borrow)]
-    guard_flags: Cow<'a, str>,
-}
+macro_rules! line_readers {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty => $column:ident $clickhouse:literal,)*) => {
+        /// A record line as the general JSON reader takes it: a line with an escape, or
+        /// not in [`crate::records::write_line`]'s exact form.
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Line {
+            $($name: <$ty as Field>::Json,)*
+        }
 
-/// The engine writes path, usage source, error code and rate limit from small fixed sets;
-/// a longer value is not a line it wrote.
-const FIXED_SET_LEN_MAX: usize = 64;
+        impl Line {
+            fn row(&self) -> Row<'_> {
+                Row {
+                    $($name: <$ty as Field>::json_ref(&self.$name),)*
+                }
+            }
+        }
+
+        /// The common line, read without a general JSON parser: exactly the bytes
+        /// [`crate::records::write_line`] writes (its keys in its order, no whitespace)
+        /// and no escape in any string, so every value is a slice of the line. Anything
+        /// else is `None` and goes to serde_json, which then decides; so this accepts only
+        /// lines serde_json would read the same way, and is several times faster on them.
+        fn parse_plain(line: &[u8]) -> Option<Row<'_>> {
+            let body = line.strip_suffix(b"\n")?;
+            if memchr::memchr(b'\\', body).is_some() {
+                return None;
+            }
+            let mut p = Plain {
+                s: std::str::from_utf8(body).ok()?,
+                pos: 0,
+            };
+            p.lit("{")?;
+            let mut read = 0;
+            $(
+                p.lit(concat!("\"", stringify!($name), "\":"))?;
+                let $name = <$ty as Field>::parse_plain(&mut p)?;
+                read += 1;
+                p.lit(if read == COLUMNS.len() { "}" } else { "," })?;
+            )*
+            (p.pos == p.s.len()).then_some(Row { $($name,)* })
+        }
+    };
+}
+call_log!(line_readers);
 
 /// Add one line (with its `\n`) to the batch; false when it is not a record.
 fn parse_into(line: &[u8], batch: &mut CallBatch) -> bool {
     if let Some(row) = parse_plain(line) {
         return push_checked(batch, &row);
     }
-    let Ok(l) = serde_json::from_slice::<Line<'_>>(line) else {
+    let Ok(l) = serde_json::from_slice::<Line>(line) else {
         return false;
     };
     push_checked(batch, &l.row())
 }
 
 fn push_checked(batch: &mut CallBatch, row: &Row<'_>) -> bool {
-    if [row.path, row.usage_source, row.error_code, row.rate_limit]
-        .iter()
-        .any(|s| s.len() > FIXED_SET_LEN_MAX)
-    {
+    if !row.fits() {
         return false;
     }
     batch.push(row);
     true
 }
 
-impl<'a> Line<'a> {
-    fn row(&'a self) -> Row<'a> {
-        Row {
-            ts: self.ts,
-            request_id: &self.request_id,
-            org_id: &self.org_id,
-            account_id: &self.account_id,
-            key_id: &self.key_id,
-            path: &self.path,
-            model_requested: &self.model_requested,
-            model_served: &self.model_served,
-            provider: &self.provider,
-            prompt_tokens: self.prompt_tokens,
-            completion_tokens: self.completion_tokens,
-            cached_tokens: self.cached_tokens,
-            usage_source: &self.usage_source,
-            cost: self.cost,
-            status: self.status,
-            error_code: &self.error_code,
-            latency_us: self.latency_us,
-            ttfb_us: self.ttfb_us,
-            streamed: self.streamed,
-            source_ip: &self.source_ip,
-            user_agent: &self.user_agent,
-            rate_limit: &self.rate_limit,
-            attempts: self.attempts,
-            guard_flags: &self.guard_flags,
-        }
-    }
-}
-
 /// One line (with its `\n`) as an owned record, or `None` when it is not one.
 fn parse_record(line: &[u8]) -> Option<CallRecord> {
     if let Some(row) = parse_plain(line) {
-        return row_record(&row);
+        return row.record();
     }
-    let l: Line<'_> = serde_json::from_slice(line).ok()?;
-    row_record(&l.row())
-}
-
-fn row_record(r: &Row<'_>) -> Option<CallRecord> {
-    Some(CallRecord {
-        ts: r.ts,
-        request_id: r.request_id.to_owned(),
-        org_id: r.org_id.to_owned(),
-        account_id: r.account_id.to_owned(),
-        key_id: r.key_id.to_owned(),
-        path: intern(r.path)?,
-        model_requested: r.model_requested.to_owned(),
-        model_served: r.model_served.to_owned(),
-        provider: r.provider.to_owned(),
-        prompt_tokens: r.prompt_tokens,
-        completion_tokens: r.completion_tokens,
-        cached_tokens: r.cached_tokens,
-        usage_source: intern(r.usage_source)?,
-        cost: r.cost,
-        status: r.status,
-        error_code: intern(r.error_code)?,
-        latency_us: r.latency_us,
-        ttfb_us: r.ttfb_us,
-        streamed: r.streamed,
-        source_ip: r.source_ip.to_owned(),
-        user_agent: r.user_agent.to_owned(),
-        rate_limit: intern(r.rate_limit)?,
-        attempts: r.attempts,
-        guard_flags: r.guard_flags.to_owned(),
-    })
-}
-
-/// The engine writes the `&'static str` columns (path, usage source, error code, rate
-/// limit) from small fixed sets, so each distinct value is kept once for the life of the
-/// process. The caps bound that memory should a file hold other values: such a line is
-/// then bad rather than a leak.
-const INTERNED_MAX: usize = 1024;
-
-fn intern(s: &str) -> Option<&'static str> {
-    static SEEN: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    let mut seen = SEEN.get_or_init(|| Mutex::new(HashSet::new())).lock();
-    if let Some(&kept) = seen.get(s) {
-        return Some(kept);
-    }
-    if seen.len() >= INTERNED_MAX || s.len() > FIXED_SET_LEN_MAX {
-        return None;
-    }
-    let kept: &'static str = Box::leak(s.to_owned().into_boxed_str());
-    seen.insert(kept);
-    Some(kept)
-}
-
-/// The common line, read without a general JSON parser: exactly the bytes
-/// [`crate::records::write_line`] writes (its keys in its order, no whitespace) and no
-/// escape in any string, so every value is a slice of the line. Anything else is `None`
-/// and goes to serde_json, which then decides; so this accepts only lines serde_json
-/// would read the same way, and is several times faster on them.
-fn parse_plain(line: &[u8]) -> Option<Row<'_>> {
-    let body = line.strip_suffix(b"\n")?;
-    if memchr::memchr(b'\\', body).is_some() {
-        return None;
-    }
-    let mut p = Plain {
-        s: std::str::from_utf8(body).ok()?,
-        pos: 0,
-    };
-    p.lit("{\"ts\":")?;
-    let ts = p.int()?;
-    let request_id = p.field_str(",\"request_id\":")?;
-    let org_id = p.field_str(",\"org_id\":")?;
-    let account_id = p.field_str(",\"account_id\":")?;
-    let key_id = p.field_str(",\"key_id\":")?;
-    let path = p.field_str(",\"path\":")?;
-    let model_requested = p.field_str(",\"model_requested\":")?;
-    let model_served = p.field_str(",\"model_served\":")?;
-    let provider = p.field_str(",\"provider\":")?;
-    let prompt_tokens = u32::try_from(p.field_uint(",\"prompt_tokens\":")?).ok()?;
-    let completion_tokens = u32::try_from(p.field_uint(",\"completion_tokens\":")?).ok()?;
-    let cached_tokens = u32::try_from(p.field_uint(",\"cached_tokens\":")?).ok()?;
-    let usage_source = p.field_str(",\"usage_source\":")?;
-    p.lit(",\"cost\":")?;
-    let cost = p.int()?;
-    let status = u16::try_from(p.field_uint(",\"status\":")?).ok()?;
-    let error_code = p.field_str(",\"error_code\":")?;
-    let latency_us = u32::try_from(p.field_uint(",\"latency_us\":")?).ok()?;
-    let ttfb_us = u32::try_from(p.field_uint(",\"ttfb_us\":")?).ok()?;
-    let streamed = u8::try_from(p.field_uint(",\"streamed\":")?).ok()?;
-    let source_ip = p.field_str(",\"source_ip\":")?;
-    let user_agent = p.field_str(",\"user_agent\":")?;
-    let rate_limit = p.field_str(",\"rate_limit\":")?;
-    let attempts = u8::try_from(p.field_uint(",\"attempts\":")?).ok()?;
-    let guard_flags = p.field_str(",\"guard_flags\":")?;
-    p.lit("}")?;
-    if p.pos != p.s.len() {
-        return None;
-    }
-    Some(Row {
-        ts,
-        request_id,
-        org_id,
-        account_id,
-        key_id,
-        path,
-        model_requested,
-        model_served,
-        provider,
-        prompt_tokens,
-        completion_tokens,
-        cached_tokens,
-        usage_source,
-        cost,
-        status,
-        error_code,
-        latency_us,
-        ttfb_us,
-        streamed,
-        source_ip,
-        user_agent,
-        rate_limit,
-        attempts,
-        guard_flags,
-    })
-}
-
-/// A position in a line for [`parse_plain`].
-struct Plain<'a> {
-    s: &'a str,
-    pos: usize,
-}
-
-impl<'a> Plain<'a> {
-    fn lit(&mut self, expected: &str) -> Option<()> {
-        let rest = self.s.get(self.pos..)?;
-        if !rest.starts_with(expected) {
-            return None;
-        }
-        self.pos += expected.len();
-        Some(())
-    }
-
-    /// A string without escapes (the caller ruled out backslashes): up to the next quote,
-    /// and without the raw control characters JSON forbids in strings.
-    fn field_str(&mut self, key: &str) -> Option<&'a str> {
-        self.lit(key)?;
-        self.lit("\"")?;
-        let rest = self.s.get(self.pos..)?;
-        let end = memchr::memchr(b'"', rest.as_bytes())?;
-        let value = rest.get(..end)?;
-        if value.bytes().any(|b| b < 0x20) {
-            return None;
-        }
-        self.pos += end + 1;
-        Some(value)
-    }
-
-    fn field_uint(&mut self, key: &str) -> Option<u64> {
-        self.lit(key)?;
-        self.digits()
-    }
-
-    /// JSON digits (no leading zero but a lone 0) as u64; None on overflow.
-    fn digits(&mut self) -> Option<u64> {
-        let bytes = self.s.as_bytes().get(self.pos..)?;
-        let n = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
-        if n == 0 || (n > 1 && bytes.first() == Some(&b'0')) {
-            return None;
-        }
-        let mut v: u64 = 0;
-        for &b in bytes.get(..n)? {
-            v = v.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
-        }
-        self.pos += n;
-        Some(v)
-    }
-
-    fn int(&mut self) -> Option<i64> {
-        let negative = self.lit("-").is_some();
-        let magnitude = self.digits()?;
-        if negative {
-            // i64::MIN's magnitude is one more than i64::MAX.
-            0i64.checked_sub_unsigned(magnitude)
-        } else {
-            i64::try_from(magnitude).ok()
-        }
-    }
+    let l: Line = serde_json::from_slice(line).ok()?;
+    l.row().record()
 }
 
 #[cfg(test)]
@@ -876,7 +659,7 @@ mod plain_tests {
     }
 
     fn via_serde(line: &[u8]) -> Option<String> {
-        let l = serde_json::from_slice::<Line<'_>>(line).ok()?;
+        let l = serde_json::from_slice::<Line>(line).ok()?;
         Some(format!("{:?}", l.row()))
     }
 

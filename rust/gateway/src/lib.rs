@@ -8,6 +8,7 @@ pub mod billing;
 mod body;
 mod call;
 mod call_batch;
+mod call_log;
 mod client_ip;
 mod config;
 mod conn;

@@ -508,18 +508,28 @@ mod tests {
         matches!(t, Take::Ok { .. })
     }
 
+    /// A limiter that has just admitted `n` single units at `now` under `limit`.
+    fn admitted(n: usize, now: u64, limit: u32) -> Gcra {
+        let g = Gcra::default();
+        for _ in 0..n {
+            assert!(ok(g.try_take(now, 1, limit)));
+        }
+        g
+    }
+
+    fn wait(t: Take) -> Option<u64> {
+        match t {
+            Take::Wait { retry_ns } => Some(retry_ns),
+            Take::Ok { .. } => None,
+        }
+    }
+
     #[test]
     fn gcra_allows_the_limit_then_refills_smoothly() {
-        let g = Gcra::default();
         let t0 = 1_000 * S;
         // rpm 60: 60 at once, the 61st waits exactly one emission interval (1 s).
-        for _ in 0..60 {
-            assert!(ok(g.try_take(t0, 1, 60)));
-        }
-        match g.try_take(t0, 1, 60) {
-            Take::Wait { retry_ns } => assert_eq!(retry_ns, S),
-            Take::Ok { .. } => panic!("61st admitted"),
-        }
+        let g = admitted(60, t0, 60);
+        assert_eq!(wait(g.try_take(t0, 1, 60)), Some(S), "61st admitted");
         // Just before the refill: still refused; at it: one passes, and only one.
         assert!(!ok(g.try_take(t0 + S - 1, 1, 60)));
         assert!(ok(g.try_take(t0 + S, 1, 60)));
@@ -561,40 +571,36 @@ mod tests {
         assert!(ok(g.try_take(t0, 1_000, 1_000)));
         // Debt beyond a full period delays even a 1-token request until it is paid off.
         g.charge(t0, 500);
-        match g.try_take(t0, 1, 1_000) {
-            Take::Wait { retry_ns } => assert_eq!(retry_ns, 30 * S + increment(1, 1_000)),
-            Take::Ok { .. } => panic!("admitted in debt"),
-        }
+        assert_eq!(
+            wait(g.try_take(t0, 1, 1_000)),
+            Some(30 * S + increment(1, 1_000)),
+            "admitted in debt"
+        );
         let (left, reset) = g.status(t0, 1_000);
         assert_eq!((left, reset), (0, 90 * S));
     }
 
     #[test]
     fn status_counts_remaining_units() {
-        let g = Gcra::default();
         let t0 = 5 * S;
-        for _ in 0..10 {
-            assert!(ok(g.try_take(t0, 1, 600)));
-        }
+        let g = admitted(10, t0, 600);
         assert_eq!(g.status(t0, 600), (590, S));
     }
 
     #[test]
     fn a_changed_limit_keeps_the_count_used() {
-        let g = Gcra::default();
         let t0 = 5 * S;
-        for _ in 0..4 {
-            assert!(ok(g.try_take(t0, 1, 4)));
-        }
+        let g = admitted(4, t0, 4);
         assert!(!ok(g.try_take(t0, 1, 4)));
         // Raised: 4 of 600 used, admitted at once.
         assert!(ok(g.try_take(t0, 1, 600)));
         assert_eq!(g.status(t0, 600), (595, S / 2));
         // Lowered below the 5 used: refused until 3 have drained at the new rate.
-        match g.try_take(t0, 1, 2) {
-            Take::Wait { retry_ns } => assert_eq!(retry_ns, 120 * S),
-            Take::Ok { .. } => panic!("admitted over a lowered limit"),
-        }
+        assert_eq!(
+            wait(g.try_take(t0, 1, 2)),
+            Some(120 * S),
+            "admitted over a lowered limit"
+        );
     }
 
     #[test]

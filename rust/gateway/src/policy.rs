@@ -59,21 +59,23 @@ pub(crate) struct Denial {
 impl Denial {
     /// The client-facing message: written by the gateway, names only the rule.
     pub(crate) fn message(self) -> &'static str {
-        match (self.scope, self.rule) {
-            (Scope::Org, Rule::Vendor) => "org policy: vendor not allowed",
-            (Scope::Org, Rule::Region) => "org policy: region not allowed",
-            (Scope::Org, Rule::Model) => "org policy: model not allowed",
-            (Scope::Org, Rule::Training) => "org policy: no_training (provider may train on data)",
-            (Scope::Org, Rule::Retention) => {
-                "org policy: zero_retention_only (provider is not zero-retention)"
-            }
-            (Scope::Key, Rule::Vendor) => "key policy: vendor not allowed",
-            (Scope::Key, Rule::Region) => "key policy: region not allowed",
-            (Scope::Key, Rule::Model) => "key policy: model not allowed",
-            (Scope::Key, Rule::Training) => "key policy: no_training (provider may train on data)",
-            (Scope::Key, Rule::Retention) => {
-                "key policy: zero_retention_only (provider is not zero-retention)"
-            }
+        // Each rule's text once, under both scopes' prefixes (still static strings).
+        macro_rules! messages {
+            ($($rule:ident => $text:literal,)*) => {
+                match (self.scope, self.rule) {
+                    $(
+                        (Scope::Org, Rule::$rule) => concat!("org policy: ", $text),
+                        (Scope::Key, Rule::$rule) => concat!("key policy: ", $text),
+                    )*
+                }
+            };
+        }
+        messages! {
+            Vendor => "vendor not allowed",
+            Region => "region not allowed",
+            Model => "model not allowed",
+            Training => "no_training (provider may train on data)",
+            Retention => "zero_retention_only (provider is not zero-retention)",
         }
     }
 }

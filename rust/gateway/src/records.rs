@@ -6,62 +6,36 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
+use crate::call_log::{call_log, Field};
 use crate::journal::{self, Journal};
 
-/// One call's metadata; the fields are the columns of [`crate::journal_reader::COLUMNS`]
-/// in order.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct CallRecord {
-    /// Request start, microseconds since the Unix epoch.
-    pub ts: i64,
-    /// Unique request id, also sent as `x-request-id`.
-    pub request_id: String,
-    /// Org id; empty when the key was not recognised.
-    pub org_id: String,
-    /// Account id; empty when the key was not recognised.
-    pub account_id: String,
-    /// API key identifier (never the key); empty when not recognised.
-    pub key_id: String,
-    /// Interface path from a fixed set.
-    pub path: &'static str,
-    /// Requested model, only when it is a configured model.
-    pub model_requested: String,
-    /// Upstream model that served it.
-    pub model_served: String,
-    /// Provider id.
-    pub provider: String,
-    /// Prompt tokens (cached included).
-    pub prompt_tokens: u32,
-    /// Output tokens.
-    pub completion_tokens: u32,
-    /// Cached prompt tokens.
-    pub cached_tokens: u32,
-    /// `upstream`, `estimated` or `none`.
-    pub usage_source: &'static str,
-    /// Charged amount, nano-units.
-    pub cost: i64,
-    /// HTTP status sent to the client (499 when it went away first).
-    pub status: u16,
-    /// Error code; empty on success.
-    pub error_code: &'static str,
-    /// Request start to end of response, microseconds.
-    pub latency_us: u32,
-    /// Request start to first response byte, microseconds.
-    pub ttfb_us: u32,
-    /// 1 when the response was an SSE stream.
-    pub streamed: u8,
-    /// Client peer address.
-    pub source_ip: String,
-    /// User-Agent, at most 256 bytes.
-    pub user_agent: String,
-    /// `pass` or `limited`.
-    pub rate_limit: &'static str,
-    /// Upstream attempts (0 when never forwarded).
-    pub attempts: u8,
-    /// Sensitive-content guard result, `category:count,...` ([`crate::guard::Findings::flags`]);
-    /// empty when the guard is off or found nothing. Categories and counts only.
-    pub guard_flags: String,
+macro_rules! record {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty => $column:ident $clickhouse:literal,)*) => {
+        /// One call's metadata; the fields are the call_log columns in order.
+        #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+        pub struct CallRecord {
+            $($(#[$doc])* pub $name: $ty,)*
+        }
+
+        /// One record as a JSON line (`\n`-terminated) appended to `out`: the journal line
+        /// format. Byte for byte what `serde_json` writes for the record, without the
+        /// serializer machinery: integers are formatted by hand and strings copied whole
+        /// unless they hold a character JSON requires escaped.
+        pub(crate) fn write_line(r: &CallRecord, out: &mut Vec<u8>) {
+            let open = out.len();
+            $(
+                out.extend_from_slice(concat!(",\"", stringify!($name), "\":").as_bytes());
+                r.$name.write_json(out);
+            )*
+            // Every key was written after a separator; the first one opens the object.
+            if let Some(first) = out.get_mut(open) {
+                *first = b'{';
+            }
+            out.extend_from_slice(b"}\n");
+        }
+    };
 }
+call_log!(record);
 
 impl CallRecord {
     /// A typical served chat call, the `i`th of a run (its `ts` and `request_id` differ):
@@ -158,55 +132,7 @@ impl Records {
     }
 }
 
-/// One record as a JSON line (`\n`-terminated) appended to `out`: the journal line
-/// format. Byte for byte what `serde_json` writes for the record, without
-/// the serializer machinery: integers are formatted by hand and strings copied whole
-/// unless they hold a character JSON requires escaped.
-pub(crate) fn write_line(r: &CallRecord, out: &mut Vec<u8>) {
-    out.extend_from_slice(b"{\"ts\":");
-    push_i64(out, r.ts);
-    field_str(out, b",\"request_id\":", &r.request_id);
-    field_str(out, b",\"org_id\":", &r.org_id);
-    field_str(out, b",\"account_id\":", &r.account_id);
-    field_str(out, b",\"key_id\":", &r.key_id);
-    field_str(out, b",\"path\":", r.path);
-    field_str(out, b",\"model_requested\":", &r.model_requested);
-    field_str(out, b",\"model_served\":", &r.model_served);
-    field_str(out, b",\"provider\":", &r.provider);
-    field_u64(out, b",\"prompt_tokens\":", u64::from(r.prompt_tokens));
-    field_u64(
-        out,
-        b",\"completion_tokens\":",
-        u64::from(r.completion_tokens),
-    );
-    field_u64(out, b",\"cached_tokens\":", u64::from(r.cached_tokens));
-    field_str(out, b",\"usage_source\":", r.usage_source);
-    out.extend_from_slice(b",\"cost\":");
-    push_i64(out, r.cost);
-    field_u64(out, b",\"status\":", u64::from(r.status));
-    field_str(out, b",\"error_code\":", r.error_code);
-    field_u64(out, b",\"latency_us\":", u64::from(r.latency_us));
-    field_u64(out, b",\"ttfb_us\":", u64::from(r.ttfb_us));
-    field_u64(out, b",\"streamed\":", u64::from(r.streamed));
-    field_str(out, b",\"source_ip\":", &r.source_ip);
-    field_str(out, b",\"user_agent\":", &r.user_agent);
-    field_str(out, b",\"rate_limit\":", r.rate_limit);
-    field_u64(out, b",\"attempts\":", u64::from(r.attempts));
-    field_str(out, b",\"guard_flags\":", &r.guard_flags);
-    out.extend_from_slice(b"}\n");
-}
-
-fn field_str(out: &mut Vec<u8>, key: &[u8], value: &str) {
-    out.extend_from_slice(key);
-    push_json_str(out, value);
-}
-
-fn field_u64(out: &mut Vec<u8>, key: &[u8], value: u64) {
-    out.extend_from_slice(key);
-    push_u64(out, value);
-}
-
-fn push_u64(out: &mut Vec<u8>, mut v: u64) {
+pub(crate) fn push_u64(out: &mut Vec<u8>, mut v: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
@@ -221,7 +147,7 @@ fn push_u64(out: &mut Vec<u8>, mut v: u64) {
     out.extend_from_slice(&digits[i..]);
 }
 
-fn push_i64(out: &mut Vec<u8>, v: i64) {
+pub(crate) fn push_i64(out: &mut Vec<u8>, v: i64) {
     if v < 0 {
         out.push(b'-');
     }
@@ -230,7 +156,7 @@ fn push_i64(out: &mut Vec<u8>, v: i64) {
 
 /// A JSON string with `serde_json`'s escapes: `"` and `\`, the short forms `\b \t \n \f
 /// \r`, `\u00xx` (lower-case hex) for the other control characters, everything else as is.
-fn push_json_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn push_json_str(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
     let bytes = s.as_bytes();

@@ -142,6 +142,13 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
+    /// The plan's latency: the time before the first byte.
+    pub(crate) async fn wait_latency(&self) {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+    }
+
     pub(crate) fn new(defaults: &MockDefaults, c: Option<Controls>) -> Plan {
         let c = c.unwrap_or_default();
         Plan {
@@ -313,9 +320,7 @@ async fn chat(defaults: &MockDefaults, id: u64, body: &[u8]) -> Response<MockBod
         plan.chunks = plan.chunks.min(u32::try_from(cap).unwrap_or(u32::MAX));
     }
     let choices = req.n.unwrap_or(1).max(1);
-    if !plan.latency.is_zero() {
-        tokio::time::sleep(plan.latency).await;
-    }
+    plan.wait_latency().await;
     let echo_text = if plan.echo {
         last_user_text(&req.messages)
     } else {
@@ -538,9 +543,7 @@ async fn embeddings(defaults: &MockDefaults, body: &[u8]) -> Response<MockBody> 
         Err(err) => return parse_error(&err),
     };
     let plan = Plan::new(defaults, req.mock);
-    if !plan.latency.is_zero() {
-        tokio::time::sleep(plan.latency).await;
-    }
+    plan.wait_latency().await;
     let Some(input) = req.input else {
         return error_response(
             StatusCode::BAD_REQUEST,

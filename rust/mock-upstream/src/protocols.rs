@@ -103,6 +103,33 @@ fn first_tool_name(req: &Value) -> String {
     "get_weather".to_owned()
 }
 
+/// The request and its plan, once the plan's latency (time to first byte) has passed.
+async fn planned(
+    defaults: &MockDefaults,
+    body: &[u8],
+) -> Result<(Value, Plan), Box<Response<MockBody>>> {
+    let (req, plan) = parse(defaults, body)?;
+    plan.wait_latency().await;
+    Ok((req, plan))
+}
+
+/// A vendor chat request's turn: the text to echo (its last user message), the status to
+/// answer and the usage to report, from its `[messages, system prompt]` fields; `Err`:
+/// the vendor's error reply the plan asks for.
+fn turn(
+    req: &Value,
+    plan: &Plan,
+    [messages, system]: [&str; 2],
+    error: fn(&Plan, &str) -> Response<MockBody>,
+) -> Result<(String, StatusCode, Usage), Box<Response<MockBody>>> {
+    let echo = last_user_text(req.get(messages));
+    if plan.status >= 400 {
+        return Err(Box::new(error(plan, &echo)));
+    }
+    let prompt = messages_prompt(req.get(messages)) + req.get(system).map_or(0, text_words);
+    Ok((echo, with_status(plan.status), usage_of(plan, prompt)))
+}
+
 /// Parse the body and its `"mock"` controls (unknown controls refused).
 fn parse(defaults: &MockDefaults, body: &[u8]) -> Result<(Value, Plan), Box<Response<MockBody>>> {
     let req: Value = serde_json::from_slice(body).map_err(|_| {
@@ -259,17 +286,30 @@ pub(crate) fn openai_tool_call(
 
 // ---------------------------------------------------------------- Anthropic Messages
 
-fn anthropic_error(plan: &Plan, echo: &str) -> Response<MockBody> {
+/// How the vendors name an error status: (HTTP status, Anthropic error type, Gemini
+/// status). Any other status is `api_error` / `INTERNAL`.
+const ERROR_NAMES: &[(u16, &str, &str)] = &[
+    (400, "invalid_request_error", "INVALID_ARGUMENT"),
+    (401, "authentication_error", "UNAUTHENTICATED"),
+    (403, "permission_error", "PERMISSION_DENIED"),
+    (404, "not_found_error", "NOT_FOUND"),
+    (429, "rate_limit_error", "RESOURCE_EXHAUSTED"),
+    (503, "api_error", "UNAVAILABLE"),
+    (529, "overloaded_error", "INTERNAL"),
+];
+
+/// The plan's error status and its (Anthropic, Gemini) names.
+fn vendor_error(plan: &Plan) -> (StatusCode, &'static str, &'static str) {
     let status = StatusCode::from_u16(plan.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let kind = match plan.status {
-        400 => "invalid_request_error",
-        401 => "authentication_error",
-        403 => "permission_error",
-        404 => "not_found_error",
-        429 => "rate_limit_error",
-        529 => "overloaded_error",
-        _ => "api_error",
-    };
+    let (anthropic, gemini) = ERROR_NAMES
+        .iter()
+        .find(|e| e.0 == plan.status)
+        .map_or(("api_error", "INTERNAL"), |e| (e.1, e.2));
+    (status, anthropic, gemini)
+}
+
+fn anthropic_error(plan: &Plan, echo: &str) -> Response<MockBody> {
+    let (status, kind, _) = vendor_error(plan);
     let body =
         json!({"type": "error", "error": {"type": kind, "message": error_message(plan, echo)}});
     json_response(status, Bytes::from(body.to_string()))
@@ -287,24 +327,18 @@ pub(crate) async fn anthropic(
             "message": "anthropic-version header is required"}});
         return json_response(StatusCode::BAD_REQUEST, Bytes::from(body.to_string()));
     }
-    let (req, plan) = match parse(defaults, body) {
+    let (req, plan) = match planned(defaults, body).await {
         Ok(x) => x,
         Err(resp) => return *resp,
     };
-    if !plan.latency.is_zero() {
-        tokio::time::sleep(plan.latency).await;
-    }
-    let echo = last_user_text(req.get("messages"));
-    if plan.status >= 400 {
-        return anthropic_error(&plan, &echo);
-    }
-    let status = with_status(plan.status);
+    let (echo, status, u) = match turn(&req, &plan, ["messages", "system"], anthropic_error) {
+        Ok(turn) => turn,
+        Err(resp) => return *resp,
+    };
     let model = req
         .get("model")
         .and_then(Value::as_str)
         .unwrap_or("mock-claude");
-    let prompt = messages_prompt(req.get("messages")) + req.get("system").map_or(0, text_words);
-    let u = usage_of(&plan, prompt);
     let usage = json!({"input_tokens": u.prompt.saturating_sub(u.cached),
         "cache_creation_input_tokens": 0, "cache_read_input_tokens": u.cached,
         "output_tokens": u.completion});
@@ -409,16 +443,7 @@ pub(crate) async fn anthropic(
 // ---------------------------------------------------------------- Gemini
 
 fn gemini_error(plan: &Plan, echo: &str) -> Response<MockBody> {
-    let status = StatusCode::from_u16(plan.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let s = match plan.status {
-        400 => "INVALID_ARGUMENT",
-        401 => "UNAUTHENTICATED",
-        403 => "PERMISSION_DENIED",
-        404 => "NOT_FOUND",
-        429 => "RESOURCE_EXHAUSTED",
-        503 => "UNAVAILABLE",
-        _ => "INTERNAL",
-    };
+    let (status, _, s) = vendor_error(plan);
     let body =
         json!({"error": {"code": plan.status, "message": error_message(plan, echo), "status": s}});
     json_response(status, Bytes::from(body.to_string()))
@@ -432,21 +457,15 @@ pub(crate) async fn gemini(
     stream: bool,
     body: &[u8],
 ) -> Response<MockBody> {
-    let (req, plan) = match parse(defaults, body) {
+    let (req, plan) = match planned(defaults, body).await {
         Ok(x) => x,
         Err(resp) => return *resp,
     };
-    if !plan.latency.is_zero() {
-        tokio::time::sleep(plan.latency).await;
-    }
-    let echo = last_user_text(req.get("contents"));
-    if plan.status >= 400 {
-        return gemini_error(&plan, &echo);
-    }
-    let status = with_status(plan.status);
-    let prompt =
-        messages_prompt(req.get("contents")) + req.get("systemInstruction").map_or(0, text_words);
-    let u = usage_of(&plan, prompt);
+    let (echo, status, u) = match turn(&req, &plan, ["contents", "systemInstruction"], gemini_error)
+    {
+        Ok(turn) => turn,
+        Err(resp) => return *resp,
+    };
     let usage = |done: u64| {
         let mut m = json!({"promptTokenCount": u.prompt, "candidatesTokenCount": done,
             "totalTokenCount": u.prompt + done});
@@ -514,13 +533,10 @@ fn output_text(text: &str) -> Value {
 
 /// `POST /v1/responses` (and Azure's `/openai/responses`).
 pub(crate) async fn responses(defaults: &MockDefaults, id: u64, body: &[u8]) -> Response<MockBody> {
-    let (req, plan) = match parse(defaults, body) {
+    let (req, plan) = match planned(defaults, body).await {
         Ok(x) => x,
         Err(resp) => return *resp,
     };
-    if !plan.latency.is_zero() {
-        tokio::time::sleep(plan.latency).await;
-    }
     let input = req.get("input");
     let echo = match input {
         Some(Value::String(s)) => s.clone(),

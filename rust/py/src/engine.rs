@@ -89,6 +89,12 @@ impl Engine {
         self.inner.address().map(|a| a.to_string())
     }
 
+    /// The metrics listener's bound address while running (None without `metrics_listen`).
+    #[getter]
+    fn metrics_address(&self) -> Option<String> {
+        self.inner.metrics_address().map(|a| a.to_string())
+    }
+
     #[getter]
     fn running(&self) -> bool {
         self.inner.running()

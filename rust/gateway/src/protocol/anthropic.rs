@@ -8,8 +8,8 @@ use http::StatusCode;
 use serde_json::{json, Map, Value};
 
 use super::{
-    array_items, joined_text, parse_event, string_at, tool_call_args, value_tokens, Event, Reply,
-    Stop, StreamIds, ToolCall, CHAT_FIELDS,
+    array_items, joined_text, parse_event, stop_sequences, string_at, tool_call_args, value_tokens,
+    Event, Reply, Stop, StreamIds, ToolCall, CHAT_FIELDS,
 };
 use crate::billing::Usage;
 use crate::error::ApiError;
@@ -200,29 +200,14 @@ pub(crate) fn from_chat_request(
             out.insert(k.into(), v.clone());
         }
     }
-    match doc.get("stop") {
-        Some(Value::String(s)) => {
-            out.insert("stop_sequences".into(), json!([s]));
-        }
-        Some(Value::Array(a)) => {
-            out.insert("stop_sequences".into(), Value::Array(a.clone()));
-        }
-        _ => {}
+    if let Some(stop) = stop_sequences(doc) {
+        out.insert("stop_sequences".into(), stop);
     }
     if let Some(Value::Array(tools)) = doc.get("tools") {
         let tools: Vec<Value> = tools
             .iter()
             .filter_map(|t| t.get("function"))
-            .map(|f| {
-                let mut t = json!({
-                    "name": f.get("name").cloned().unwrap_or(Value::from("")),
-                    "input_schema": f.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object"})),
-                });
-                if let Some(d) = f.get("description") {
-                    t["description"] = d.clone();
-                }
-                t
-            })
+            .map(|f| tool_definition(f, "parameters", "input_schema"))
             .collect();
         if !tools.is_empty() {
             out.insert("tools".into(), Value::Array(tools));
@@ -362,13 +347,7 @@ pub(crate) fn to_chat_request(
             // Server tools (web search, code execution) have no OpenAI counterpart.
             .filter(|t| t.get("input_schema").is_some())
             .map(|t| {
-                let mut f = json!({
-                    "name": t.get("name").cloned().unwrap_or(Value::from("")),
-                    "parameters": t.get("input_schema").cloned().unwrap_or_else(|| json!({"type": "object"})),
-                });
-                if let Some(d) = t.get("description") {
-                    f["description"] = d.clone();
-                }
+                let f = tool_definition(t, "input_schema", "parameters");
                 json!({"type": "function", "function": f})
             })
             .collect();
@@ -767,4 +746,22 @@ pub(crate) fn error_body(
 pub(crate) fn error_event(err: ApiError) -> Bytes {
     let body = json!({"type": "error", "error": {"type": "api_error", "message": err.message()}});
     sse("error", &body)
+}
+
+/// A tool's name, schema (from `schema_key`, written as `to_key`; an empty object schema
+/// when absent) and description: OpenAI's function and Anthropic's tool differ only in the
+/// schema's key.
+fn tool_definition(tool: &Value, schema_key: &str, to_key: &str) -> Value {
+    let mut t = Map::new();
+    let name = tool.get("name").cloned().unwrap_or(Value::from(""));
+    t.insert("name".into(), name);
+    let schema = tool.get(schema_key).cloned();
+    t.insert(
+        to_key.into(),
+        schema.unwrap_or_else(|| json!({"type": "object"})),
+    );
+    if let Some(d) = tool.get("description") {
+        t.insert("description".into(), d.clone());
+    }
+    Value::Object(t)
 }

@@ -6,8 +6,8 @@ use serde_json::{json, Map, Value};
 
 use super::anthropic::copy_extensions;
 use super::{
-    array_items, joined_text, parse_event, string_at, tool_call_args, Event, Reply, Stop, ToolCall,
-    CHAT_FIELDS,
+    array_items, joined_text, parse_event, stop_sequences, string_at, tool_call_args, Event, Reply,
+    Stop, ToolCall, CHAT_FIELDS,
 };
 use crate::billing::Usage;
 
@@ -153,14 +153,8 @@ pub(crate) fn from_chat_request(doc: &Map<String, Value>, max_out: u64) -> Value
     if let Some(v) = doc.get("top_p") {
         gen.insert("topP".into(), v.clone());
     }
-    match doc.get("stop") {
-        Some(Value::String(s)) => {
-            gen.insert("stopSequences".into(), json!([s]));
-        }
-        Some(Value::Array(a)) => {
-            gen.insert("stopSequences".into(), Value::Array(a.clone()));
-        }
-        _ => {}
+    if let Some(stop) = stop_sequences(doc) {
+        gen.insert("stopSequences".into(), stop);
     }
     out.insert("generationConfig".into(), Value::Object(gen));
     if let Some(Value::Array(tools)) = doc.get("tools") {

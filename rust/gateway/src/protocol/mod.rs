@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
 use http::{header, Method, Request, Uri};
 use http_body_util::Full;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
 use crate::billing::Usage;
 use crate::error::{error_event, ApiError};
@@ -125,50 +125,55 @@ impl Endpoints {
         let base = base_url.trim_end_matches('/');
         // Validate the base itself so a bad URL fails at compile time for every protocol.
         uri(base.to_owned())?;
-        Ok(match protocol {
+        // (chat, streamed chat, embeddings, responses) URLs.
+        let (chat, chat_stream, embeddings, responses) = match protocol {
             Protocol::OpenAi => {
-                let chat = uri(format!("{base}/chat/completions"))?;
-                Endpoints {
-                    chat_stream: Some(chat.clone()),
-                    chat: Some(chat),
-                    embeddings: Some(uri(format!("{base}/embeddings"))?),
-                    responses: Some(uri(format!("{base}/responses"))?),
-                }
+                let chat = format!("{base}/chat/completions");
+                let embeddings = format!("{base}/embeddings");
+                (
+                    chat.clone(),
+                    chat,
+                    Some(embeddings),
+                    Some(format!("{base}/responses")),
+                )
             }
             Protocol::Azure => {
                 let v = enc(api_version.unwrap_or(AZURE_DEFAULT_API_VERSION));
                 let dep = format!("{base}/openai/deployments/{}", enc(upstream_model));
-                let chat = uri(format!("{dep}/chat/completions?api-version={v}"))?;
-                Endpoints {
-                    chat_stream: Some(chat.clone()),
-                    chat: Some(chat),
-                    embeddings: Some(uri(format!("{dep}/embeddings?api-version={v}"))?),
-                    responses: Some(uri(format!("{base}/openai/responses?api-version={v}"))?),
-                }
+                let chat = format!("{dep}/chat/completions?api-version={v}");
+                let embeddings = format!("{dep}/embeddings?api-version={v}");
+                let responses = format!("{base}/openai/responses?api-version={v}");
+                (chat.clone(), chat, Some(embeddings), Some(responses))
             }
             Protocol::Anthropic => {
-                let messages = uri(format!("{base}/messages"))?;
-                Endpoints {
-                    chat_stream: Some(messages.clone()),
-                    chat: Some(messages),
-                    embeddings: None,
-                    responses: None,
-                }
+                let messages = format!("{base}/messages");
+                (messages.clone(), messages, None, None)
             }
             Protocol::Gemini => {
                 let m = format!("{base}/models/{}", enc(upstream_model));
-                Endpoints {
-                    chat: Some(uri(format!("{m}:generateContent"))?),
-                    chat_stream: Some(uri(format!("{m}:streamGenerateContent?alt=sse"))?),
-                    embeddings: None,
-                    responses: None,
-                }
+                let stream = format!("{m}:streamGenerateContent?alt=sse");
+                (format!("{m}:generateContent"), stream, None, None)
             }
+        };
+        Ok(Endpoints {
+            chat: Some(uri(chat)?),
+            chat_stream: Some(uri(chat_stream)?),
+            embeddings: embeddings.map(uri).transpose()?,
+            responses: responses.map(uri).transpose()?,
         })
     }
 }
 
 /// Credential header of a provider, plus the version header Anthropic requires.
+/// A chat request's `stop` (a string or a list of them) as a list; `None` without one.
+pub(crate) fn stop_sequences(doc: &Map<String, Value>) -> Option<Value> {
+    match doc.get("stop") {
+        Some(Value::String(s)) => Some(json!([s])),
+        Some(Value::Array(a)) => Some(Value::Array(a.clone())),
+        _ => None,
+    }
+}
+
 /// The elements of a field that should be an array (none when it is missing or not one).
 #[inline]
 pub(crate) fn array_items(field: Option<&Value>) -> impl Iterator<Item = &Value> {
@@ -478,9 +483,9 @@ pub(crate) enum StreamRelay {
     /// OpenAI chat to OpenAI chat: the original fast path.
     Chat(SseRelay),
     /// Same protocol, metered per event (Anthropic Messages, Responses).
-    Metered(Box<Metered>),
+    Metered(Box<Framed<PassKind>>),
     /// Different protocols.
-    Translate(Box<Translator>),
+    Translate(Box<Framed<Translation>>),
 }
 
 impl StreamRelay {
@@ -495,10 +500,10 @@ impl StreamRelay {
             (ClientApi::Chat | ClientApi::Embeddings, false) => {
                 StreamRelay::Chat(SseRelay::new(strip_usage))
             }
-            (ClientApi::Messages, false) => StreamRelay::Metered(Box::new(Metered::new(
+            (ClientApi::Messages, false) => StreamRelay::Metered(Box::new(Framed::new(
                 PassKind::Anthropic(anthropic::PassMeter::default()),
             ))),
-            (ClientApi::Responses, _) => StreamRelay::Metered(Box::new(Metered::new(
+            (ClientApi::Responses, _) => StreamRelay::Metered(Box::new(Framed::new(
                 PassKind::Responses(responses::PassMeter::default()),
             ))),
             (_, true) => {
@@ -513,13 +518,11 @@ impl StreamRelay {
                     ClientApi::Messages => Encoder::Anthropic(anthropic::Encoder::new(ids())),
                     _ => Encoder::OpenAi(openai::Encoder::new(ids(), !strip_usage)),
                 };
-                StreamRelay::Translate(Box::new(Translator {
-                    framer: SseFramer::default(),
+                StreamRelay::Translate(Box::new(Framed::new(Translation {
                     decoder,
                     encoder,
-                    meter: StreamMeter::default(),
                     client: api,
-                }))
+                })))
             }
         }
     }
@@ -570,8 +573,8 @@ impl StreamRelay {
     pub(crate) fn error_event(&self, err: ApiError) -> Bytes {
         let anthropic_client = match self {
             StreamRelay::Chat(_) => false,
-            StreamRelay::Metered(m) => matches!(m.kind, PassKind::Anthropic(_)),
-            StreamRelay::Translate(t) => t.client == ClientApi::Messages,
+            StreamRelay::Metered(m) => matches!(m.stage, PassKind::Anthropic(_)),
+            StreamRelay::Translate(t) => t.stage.client == ClientApi::Messages,
         };
         if anthropic_client {
             anthropic::error_event(err)
@@ -628,46 +631,54 @@ pub(crate) enum PassKind {
     Responses(responses::PassMeter),
 }
 
-/// Same-protocol relay with per-event metering. Upstream error events are dropped (their
-/// bodies never reach the client); the stream then ends without its terminal event and
-/// the gateway's own error event is sent instead.
-pub(crate) struct Metered {
+/// An upstream SSE stream cut into whole events, each handed with the stream's meter to
+/// its stage: metering (same protocol) or translation.
+pub(crate) struct Framed<S> {
     framer: SseFramer,
-    kind: PassKind,
+    stage: S,
     pub(crate) meter: StreamMeter,
 }
 
-impl Metered {
-    fn new(kind: PassKind) -> Self {
-        Metered {
+/// What a [`Framed`] stream does with each event.
+pub(crate) trait Stage {
+    fn accept(&mut self, meter: &mut StreamMeter, event: Bytes, out: &mut VecDeque<Bytes>);
+
+    /// The upstream stream ended (after its last event was accepted).
+    fn end(&mut self, _meter: &mut StreamMeter, _out: &mut VecDeque<Bytes>) {}
+}
+
+impl<S: Stage> Framed<S> {
+    fn new(stage: S) -> Self {
+        Framed {
             framer: SseFramer::default(),
-            kind,
+            stage,
             meter: StreamMeter::default(),
         }
     }
 
     fn push(&mut self, chunk: &[u8], out: &mut VecDeque<Bytes>) {
-        let Metered {
+        let Framed {
             framer,
-            kind,
+            stage,
             meter,
         } = self;
-        framer.push(chunk, |event| Self::accept(kind, meter, event, out));
+        framer.push(chunk, |event| stage.accept(meter, event, out));
     }
 
     fn finish(&mut self, out: &mut VecDeque<Bytes>) {
         if let Some(event) = flush_tail(&mut self.framer) {
-            Self::accept(&mut self.kind, &mut self.meter, event, out);
+            self.stage.accept(&mut self.meter, event, out);
         }
+        self.stage.end(&mut self.meter, out);
     }
+}
 
-    fn accept(
-        kind: &mut PassKind,
-        meter: &mut StreamMeter,
-        event: Bytes,
-        out: &mut VecDeque<Bytes>,
-    ) {
-        let forward = match kind {
+/// Same-protocol relay with per-event metering. Upstream error events are dropped (their
+/// bodies never reach the client); the stream then ends without its terminal event and
+/// the gateway's own error event is sent instead.
+impl Stage for PassKind {
+    fn accept(&mut self, meter: &mut StreamMeter, event: Bytes, out: &mut VecDeque<Bytes>) {
+        let forward = match self {
             PassKind::Anthropic(m) => m.inspect(&event, meter),
             PassKind::Responses(m) => m.inspect(&event, meter),
         };
@@ -690,69 +701,36 @@ pub(crate) enum Encoder {
 }
 
 /// Upstream events in, client events out, one event at a time.
-pub(crate) struct Translator {
-    framer: SseFramer,
+pub(crate) struct Translation {
     decoder: Decoder,
     encoder: Encoder,
-    pub(crate) meter: StreamMeter,
     client: ClientApi,
 }
 
-impl Translator {
-    fn push(&mut self, chunk: &[u8], out: &mut VecDeque<Bytes>) {
-        let Translator {
-            framer,
-            decoder,
-            encoder,
-            meter,
-            ..
-        } = self;
-        framer.push(chunk, |event| {
-            Self::accept(decoder, encoder, meter, &event, out)
-        });
+impl Stage for Translation {
+    fn accept(&mut self, meter: &mut StreamMeter, event: Bytes, out: &mut VecDeque<Bytes>) {
+        let mut events = Vec::new();
+        match &mut self.decoder {
+            Decoder::OpenAi(d) => d.decode(&event, &mut events),
+            Decoder::Anthropic(d) => d.decode(&event, &mut events),
+            Decoder::Gemini(d) => d.decode(&event, &mut events),
+        }
+        self.emit(meter, events, out);
     }
 
-    fn finish(&mut self, out: &mut VecDeque<Bytes>) {
-        if let Some(event) = flush_tail(&mut self.framer) {
-            Self::accept(
-                &mut self.decoder,
-                &mut self.encoder,
-                &mut self.meter,
-                &event,
-                out,
-            );
-        }
+    fn end(&mut self, meter: &mut StreamMeter, out: &mut VecDeque<Bytes>) {
         // Gemini has no terminal event: a stream that ended after its finish reason is
         // complete.
         let mut events = Vec::new();
         if let Decoder::Gemini(g) = &mut self.decoder {
             g.end(&mut events);
         }
-        Self::emit(&mut self.encoder, &mut self.meter, events, out);
+        self.emit(meter, events, out);
     }
+}
 
-    fn accept(
-        decoder: &mut Decoder,
-        encoder: &mut Encoder,
-        meter: &mut StreamMeter,
-        event: &[u8],
-        out: &mut VecDeque<Bytes>,
-    ) {
-        let mut events = Vec::new();
-        match decoder {
-            Decoder::OpenAi(d) => d.decode(event, &mut events),
-            Decoder::Anthropic(d) => d.decode(event, &mut events),
-            Decoder::Gemini(d) => d.decode(event, &mut events),
-        }
-        Self::emit(encoder, meter, events, out);
-    }
-
-    fn emit(
-        encoder: &mut Encoder,
-        meter: &mut StreamMeter,
-        events: Vec<Event>,
-        out: &mut VecDeque<Bytes>,
-    ) {
+impl Translation {
+    fn emit(&mut self, meter: &mut StreamMeter, events: Vec<Event>, out: &mut VecDeque<Bytes>) {
         for ev in events {
             match &ev {
                 Event::Text(t) => meter.output_tokens += tokens::count(t) as u64,
@@ -762,7 +740,7 @@ impl Translator {
                 Event::ToolStart { .. } | Event::Finish(_) => {}
             }
             let before = out.len();
-            match encoder {
+            match &mut self.encoder {
                 Encoder::OpenAi(e) => e.encode(&ev, out),
                 Encoder::Anthropic(e) => e.encode(&ev, out),
             }

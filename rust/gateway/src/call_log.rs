@@ -1,0 +1,240 @@
+//! The call_log columns, declared once: [`call_log!`] holds the table, and the record
+//! ([`crate::records::CallRecord`]), its journal line (writer and both readers), the
+//! ingestion batch ([`crate::call_batch`]) and [`crate::call_batch::COLUMNS`] are generated
+//! from it. [`Field`] says how each field type is written to and read from a line.
+
+/// The table: each column in call_log order, with its record field's type, the batch's
+/// Native column for it and its ClickHouse type. `call_log!(then)` expands `then!` on it.
+macro_rules! call_log {
+    ($then:ident) => {
+        $then! {
+            /// Request start, microseconds since the Unix epoch.
+            ts: i64 => NumColumn "DateTime64(6, 'UTC')",
+            /// Unique request id, also sent as `x-request-id`.
+            request_id: String => StrColumn "String",
+            /// Org id; empty when the key was not recognised.
+            org_id: String => StrColumn "String",
+            /// Account id; empty when the key was not recognised.
+            account_id: String => StrColumn "String",
+            /// API key identifier (never the key); empty when not recognised.
+            key_id: String => StrColumn "String",
+            /// Interface path from a fixed set.
+            path: &'static str => LcColumn "LowCardinality(String)",
+            /// Requested model, only when it is a configured model.
+            model_requested: String => LcColumn "LowCardinality(String)",
+            /// Upstream model that served it.
+            model_served: String => LcColumn "LowCardinality(String)",
+            /// Provider id.
+            provider: String => LcColumn "LowCardinality(String)",
+            /// Prompt tokens (cached included).
+            prompt_tokens: u32 => NumColumn "UInt32",
+            /// Output tokens.
+            completion_tokens: u32 => NumColumn "UInt32",
+            /// Cached prompt tokens.
+            cached_tokens: u32 => NumColumn "UInt32",
+            /// `upstream`, `estimated` or `none`.
+            usage_source: &'static str => LcColumn "LowCardinality(String)",
+            /// Charged amount, nano-units.
+            cost: i64 => NumColumn "Int64",
+            /// HTTP status sent to the client (499 when it went away first).
+            status: u16 => NumColumn "UInt16",
+            /// Error code; empty on success.
+            error_code: &'static str => LcColumn "LowCardinality(String)",
+            /// Request start to end of response, microseconds.
+            latency_us: u32 => NumColumn "UInt32",
+            /// Request start to first response byte, microseconds.
+            ttfb_us: u32 => NumColumn "UInt32",
+            /// 1 when the response was an SSE stream.
+            streamed: u8 => NumColumn "UInt8",
+            /// Client peer address.
+            source_ip: String => StrColumn "String",
+            /// User-Agent, at most 256 bytes.
+            user_agent: String => StrColumn "String",
+            /// `pass` or `limited`.
+            rate_limit: &'static str => LcColumn "LowCardinality(String)",
+            /// Upstream attempts (0 when never forwarded).
+            attempts: u8 => NumColumn "UInt8",
+            /// Sensitive-content guard result, `category:count,...`
+            /// ([`crate::guard::Findings::flags`]); empty when the guard is off or found
+            /// nothing. Categories and counts only.
+            guard_flags: String => LcColumn "LowCardinality(String)",
+        }
+    };
+}
+pub(crate) use call_log;
+
+use std::collections::HashSet;
+use std::sync::OnceLock;
+
+use parking_lot::Mutex;
+
+use crate::records::{push_i64, push_json_str, push_u64};
+
+/// How a record field's type is written to a journal line and read back from one.
+pub(crate) trait Field: Sized {
+    /// The value as a parsed line holds it: strings borrow from the line.
+    type Ref<'a>: Copy;
+    /// The value as the general JSON reader produces it.
+    type Json: serde::de::DeserializeOwned;
+
+    /// The value as JSON, byte for byte what `serde_json` writes.
+    fn write_json(&self, out: &mut Vec<u8>);
+    /// The value at the position in a line without escapes.
+    fn parse_plain<'a>(p: &mut Plain<'a>) -> Option<Self::Ref<'a>>;
+    fn json_ref(v: &Self::Json) -> Self::Ref<'_>;
+    /// The owned record value; `None` when the line cannot be one the engine wrote.
+    fn to_record(v: Self::Ref<'_>) -> Option<Self>;
+    /// Whether a read value can be one the engine wrote.
+    fn fits(_: Self::Ref<'_>) -> bool {
+        true
+    }
+}
+
+/// The number types: written in decimal, read as JSON integers.
+macro_rules! number_field {
+    ($($t:ty: $write:expr, $parse:expr;)*) => {$(
+        impl Field for $t {
+            type Ref<'a> = $t;
+            type Json = $t;
+
+            #[inline]
+            fn write_json(&self, out: &mut Vec<u8>) {
+                $write(*self, out);
+            }
+
+            fn parse_plain<'a>(p: &mut Plain<'a>) -> Option<$t> {
+                $parse(p)
+            }
+
+            fn json_ref(v: &$t) -> $t {
+                *v
+            }
+
+            fn to_record(v: $t) -> Option<$t> {
+                Some(v)
+            }
+        }
+    )*};
+}
+number_field! {
+    u8: |v, out| push_u64(out, u64::from(v)), |p: &mut Plain<'_>| u8::try_from(p.digits()?).ok();
+    u16: |v, out| push_u64(out, u64::from(v)), |p: &mut Plain<'_>| u16::try_from(p.digits()?).ok();
+    u32: |v, out| push_u64(out, u64::from(v)), |p: &mut Plain<'_>| u32::try_from(p.digits()?).ok();
+    i64: |v, out| push_i64(out, v), |p: &mut Plain<'_>| p.int();
+}
+
+/// The string types: `String`, and `&'static str` for the columns the engine writes from
+/// small fixed sets (path, usage source, error code, rate limit), kept once per process.
+macro_rules! text_field {
+    ($($t:ty: $to_record:expr, $fits:expr;)*) => {$(
+        impl Field for $t {
+            type Ref<'a> = &'a str;
+            type Json = String;
+
+            #[inline]
+            fn write_json(&self, out: &mut Vec<u8>) {
+                push_json_str(out, self);
+            }
+
+            fn parse_plain<'a>(p: &mut Plain<'a>) -> Option<&'a str> {
+                p.string()
+            }
+
+            fn json_ref(v: &String) -> &str {
+                v
+            }
+
+            fn to_record(v: &str) -> Option<$t> {
+                $to_record(v)
+            }
+
+            fn fits(v: &str) -> bool {
+                $fits(v)
+            }
+        }
+    )*};
+}
+text_field! {
+    String: |v: &str| Some(v.to_owned()), |_| true;
+    &'static str: intern, |v: &str| v.len() <= FIXED_SET_LEN_MAX;
+}
+
+/// The engine writes path, usage source, error code and rate limit from small fixed sets;
+/// a longer value is not a line it wrote.
+const FIXED_SET_LEN_MAX: usize = 64;
+
+/// Each distinct fixed-set value is kept once for the life of the process. The cap bounds
+/// that memory should a file hold other values: such a line is then bad rather than a leak.
+const INTERNED_MAX: usize = 1024;
+
+fn intern(s: &str) -> Option<&'static str> {
+    static SEEN: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut seen = SEEN.get_or_init(|| Mutex::new(HashSet::new())).lock();
+    if let Some(&kept) = seen.get(s) {
+        return Some(kept);
+    }
+    if seen.len() >= INTERNED_MAX || s.len() > FIXED_SET_LEN_MAX {
+        return None;
+    }
+    let kept: &'static str = Box::leak(s.to_owned().into_boxed_str());
+    seen.insert(kept);
+    Some(kept)
+}
+
+/// A position in a line without escapes (the caller ruled out backslashes), for the
+/// journal reader's fast path.
+pub(crate) struct Plain<'a> {
+    pub(crate) s: &'a str,
+    pub(crate) pos: usize,
+}
+
+impl<'a> Plain<'a> {
+    pub(crate) fn lit(&mut self, expected: &str) -> Option<()> {
+        let rest = self.s.get(self.pos..)?;
+        if !rest.starts_with(expected) {
+            return None;
+        }
+        self.pos += expected.len();
+        Some(())
+    }
+
+    /// A string without escapes: up to the next quote, and without the raw control
+    /// characters JSON forbids in strings.
+    fn string(&mut self) -> Option<&'a str> {
+        self.lit("\"")?;
+        let rest = self.s.get(self.pos..)?;
+        let end = memchr::memchr(b'"', rest.as_bytes())?;
+        let value = rest.get(..end)?;
+        if value.bytes().any(|b| b < 0x20) {
+            return None;
+        }
+        self.pos += end + 1;
+        Some(value)
+    }
+
+    /// JSON digits (no leading zero but a lone 0) as u64; None on overflow.
+    fn digits(&mut self) -> Option<u64> {
+        let bytes = self.s.as_bytes().get(self.pos..)?;
+        let n = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
+        if n == 0 || (n > 1 && bytes.first() == Some(&b'0')) {
+            return None;
+        }
+        let mut v: u64 = 0;
+        for &b in bytes.get(..n)? {
+            v = v.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+        }
+        self.pos += n;
+        Some(v)
+    }
+
+    fn int(&mut self) -> Option<i64> {
+        let negative = self.lit("-").is_some();
+        let magnitude = self.digits()?;
+        if negative {
+            // i64::MIN's magnitude is one more than i64::MAX.
+            0i64.checked_sub_unsigned(magnitude)
+        } else {
+            i64::try_from(magnitude).ok()
+        }
+    }
+}
