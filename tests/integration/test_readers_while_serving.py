@@ -69,6 +69,7 @@ def test_control_file_names_the_serving_process(world: dict[str, Any]) -> None:
         "url": server.control_url,
         "pid": server.proc.pid,
         "gateway": server.gateway_url,
+        "metrics": server.metrics_url.removesuffix("/metrics"),
     }
 
 
