@@ -43,7 +43,7 @@ from onetoken.analytics.sink import CallLogSink
 from onetoken.billing import service as billing
 from onetoken.billing.models import LedgerEntry
 from onetoken.control import build_state
-from onetoken.ingest import Ingestor
+from onetoken.ingest.ingestor import Ingestor
 from onetoken.ingest.journal import lock_name, segment_name
 from onetoken.orgs import service as orgs
 from onetoken.settings import Settings

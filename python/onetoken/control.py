@@ -42,7 +42,7 @@ from onetoken.webhooks.dispatcher import WebhookDispatcher
 
 if TYPE_CHECKING:
     from onetoken.gateway.supervisor import ControlRuntime
-    from onetoken.ingest import Ingestor
+    from onetoken.ingest.ingestor import Ingestor
 
 
 def new_event_bus() -> EventBus:

@@ -30,7 +30,7 @@ from onetoken.control import Background, build_state, create_app, start_backgrou
 from onetoken.demo import setup_demo
 from onetoken.gateway.runner import http_url
 from onetoken.gateway.supervisor import ControlRuntime, GatewayProcess
-from onetoken.ingest import Ingestor
+from onetoken.ingest.ingestor import Ingestor
 from onetoken.kit.logging import configure_logging
 from onetoken.ops import control_file
 from onetoken.settings import Settings

@@ -23,7 +23,7 @@ from onetoken.billing import service as billing
 from onetoken.billing import usage
 from onetoken.billing.models import LedgerEntry
 from onetoken.billing.reconcile import reconcile
-from onetoken.ingest import Ingestor
+from onetoken.ingest.ingestor import Ingestor
 from onetoken.settings import Settings
 from onetoken.state import AppState
 from tests.unit import journal_files

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from onetoken.billing import packages, usage
 from onetoken.billing import service as billing
 from onetoken.billing.models import LedgerEntry, PackageConsumption
-from onetoken.ingest import Ingestor
+from onetoken.ingest.ingestor import Ingestor
 from onetoken.ingest.journal import lock_name, segment_name
 from onetoken.ingest.marks import spent_marks
 from onetoken.ingest.models import IngestCursor

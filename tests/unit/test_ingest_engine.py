@@ -23,7 +23,7 @@ from onetoken.control import build_state
 from onetoken.demo import setup_demo
 from onetoken.gateway.snapshot import build_snapshot, snapshot_json
 from onetoken.gateway.supervisor import engine_config
-from onetoken.ingest import Ingestor
+from onetoken.ingest.ingestor import Ingestor
 from onetoken.ingest.marks import spent_marks
 from onetoken.settings import Settings
 from tests.support import TEST_SECRET

@@ -340,7 +340,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     import threading
 
     from onetoken.analytics.clickhouse import parse_dsn
-    from onetoken.ingest import Ingestor
+    from onetoken.ingest.ingestor import Ingestor
 
     settings = settings_from_env()
     if parse_dsn(settings.clickhouse_dsn, settings.data_dir).kind == "chdb":

@@ -35,7 +35,7 @@ from onetoken.settings import Settings
 
 if TYPE_CHECKING:
     from onetoken.analytics.sink import CallLogSink
-    from onetoken.ingest import Ingestor
+    from onetoken.ingest.ingestor import Ingestor
 
 log = logging.getLogger("onetoken.gateway")
 

@@ -54,7 +54,7 @@ from onetoken.rights.models import AccountErasure
 from onetoken.security.models import LoginSource, LoginThrottle
 
 if TYPE_CHECKING:
-    from onetoken.ingest import Ingestor
+    from onetoken.ingest.ingestor import Ingestor
     from onetoken.state import AppState
 
 log = logging.getLogger("onetoken.rights")
