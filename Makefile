@@ -46,7 +46,8 @@ lint: $(VENV)/.lint-deps
 	cargo clippy -q -p onetoken-gateway -p onetoken-mock-upstream -p onetoken-py -- -D warnings
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/mypy
-	$(VENV)/bin/lint-imports --no-cache
+	# The package is not installed before build-debug: import-linter finds it on PYTHONPATH.
+	PYTHONPATH=python $(VENV)/bin/lint-imports --no-cache
 
 bench: build-release
 	$(PY) bench/run.py
