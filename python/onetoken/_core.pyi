@@ -189,6 +189,10 @@ def engine_config_defaults() -> str:
     """The engine config's defaults, every field but the key-hash secret, as a JSON
     object: the one place they are declared."""
 
+def routing_defaults() -> str:
+    """The engine's routing defaults (what it applies when a snapshot has no `routing`)
+    as a JSON object."""
+
 def call_log_native_columns() -> list[tuple[str, str]]:
     """call_log's (column, ClickHouse type) pairs, in the order `JournalBatch.native`
     encodes them."""

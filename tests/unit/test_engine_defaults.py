@@ -9,6 +9,7 @@ from pathlib import Path
 from onetoken import _core
 from onetoken.gateway.supervisor import engine_config
 from onetoken.kit.crypto import Secrets
+from onetoken.providers.gateway_schemas import Routing
 from onetoken.settings import Settings
 
 # Where the process runs and what it signs with are the deployment's, not defaults.
@@ -23,3 +24,11 @@ def test_unset_settings_send_the_engine_defaults(tmp_path: Path) -> None:
     assert set(sent) - DEPLOYMENT == set(defaults) - ROTATION - DEPLOYMENT
     for field in set(sent) - DEPLOYMENT:
         assert sent[field] == defaults[field], field
+
+
+def test_the_engine_routes_by_the_control_planes_routing_defaults() -> None:
+    # The snapshot leaves `routing` out while the platform's settings equal Routing()'s
+    # defaults, and the engine then applies its own: the two must be the same values.
+    engine = json.loads(_core.routing_defaults())
+    assert engine == Routing().model_dump()
+    assert set(engine) == set(Routing.model_fields)

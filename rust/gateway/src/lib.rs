@@ -44,6 +44,7 @@ pub use engine::{Engine, Stats};
 pub use error::Error;
 pub use phase::PHASE_NAMES;
 pub use records::CallRecord;
+pub use routing::routing_defaults_json;
 pub use snapshot::{validate as validate_snapshot, Dropped, SnapshotDoc};
 pub use upstream::address_is_public;
 pub use upstream::Resolve;

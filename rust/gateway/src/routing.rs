@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use http::{Response, StatusCode};
 use hyper::body::Incoming;
 use rand::Rng;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use std::collections::HashMap;
@@ -57,8 +57,10 @@ pub struct RouteDoc {
     pub aliases: Vec<String>,
 }
 
-/// `routing` of the snapshot.
-#[derive(Debug, Clone, Deserialize)]
+/// `routing` of the snapshot. The snapshot leaves it out while the platform's settings equal
+/// these defaults, so the control plane's (`gateway_schemas.Routing`) must be the same:
+/// `routing_defaults_json` lets a test compare them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingDoc {
     /// Upstream attempts per request, the first included.
@@ -83,6 +85,11 @@ impl Default for RoutingDoc {
             breaker_open_ms: 30_000,
         }
     }
+}
+
+/// The routing defaults as a JSON object.
+pub fn routing_defaults_json() -> Result<String, serde_json::Error> {
+    serde_json::to_string(&RoutingDoc::default())
 }
 
 /// Compiled `routing`.

@@ -47,6 +47,13 @@ fn engine_config_defaults() -> PyResult<String> {
     onetoken_gateway::EngineConfig::defaults_json().map_err(errors::to_py)
 }
 
+/// The engine's routing defaults (retries, circuit breakers) as a JSON object.
+#[pyfunction]
+fn routing_defaults() -> PyResult<String> {
+    onetoken_gateway::routing_defaults_json()
+        .map_err(|e| errors::to_py(onetoken_gateway::Error::Config(e.to_string())))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -66,6 +73,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(address_is_public, m)?)?;
     m.add_function(wrap_pyfunction!(validate_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(engine_config_defaults, m)?)?;
+    m.add_function(wrap_pyfunction!(routing_defaults, m)?)?;
     m.add_function(wrap_pyfunction!(journal::read_journal_batch, m)?)?;
     m.add_function(wrap_pyfunction!(journal::call_log_native_columns, m)?)?;
     m.add_class::<journal::JournalBatch>()?;
