@@ -127,60 +127,75 @@ impl Metrics {
         let sum = self.duration_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "onetoken_request_duration_seconds_sum {sum}");
         let _ = writeln!(out, "onetoken_request_duration_seconds_count {count}");
-        let gauges: [(&str, &str, &str, i128); 9] = [
+        // Rendered with Display: counts as integers, the snapshot age as a fraction.
+        let gauges: [(&str, &str, &str, String); 11] = [
             (
                 "onetoken_connections_open",
                 "gauge",
                 "Client connections open.",
-                i128::from(self.connections_open.load(Ordering::Relaxed)),
+                self.connections_open.load(Ordering::Relaxed).to_string(),
             ),
             (
                 "onetoken_connections_refused_total",
                 "counter",
                 "Client connections closed on accept at the max_connections cap.",
-                i128::from(self.connections_refused.load(Ordering::Relaxed)),
+                self.connections_refused.load(Ordering::Relaxed).to_string(),
             ),
             (
                 "onetoken_connections_timed_out_total",
                 "counter",
                 "Client connections closed by the header-read or idle timeout.",
-                i128::from(self.connections_timed_out.load(Ordering::Relaxed)),
+                self.connections_timed_out
+                    .load(Ordering::Relaxed)
+                    .to_string(),
             ),
             (
                 "onetoken_in_flight_requests",
                 "gauge",
                 "Requests being served.",
-                i128::from(self.in_flight.load(Ordering::Relaxed)),
+                self.in_flight.load(Ordering::Relaxed).to_string(),
             ),
             (
                 "onetoken_records_total",
                 "counter",
                 "Records emitted.",
-                i128::from(extra.records_total),
+                extra.records_total.to_string(),
             ),
             (
                 "onetoken_snapshot_version",
                 "gauge",
                 "Version of the config snapshot serving.",
-                i128::from(extra.snapshot_version),
+                extra.snapshot_version.to_string(),
             ),
             (
                 "onetoken_snapshot_dropped_entries",
                 "gauge",
                 "Entries the serving config snapshot left out as invalid.",
-                i128::from(extra.snapshot_dropped),
+                extra.snapshot_dropped.to_string(),
             ),
             (
                 "onetoken_journal_segments_total",
                 "counter",
                 "Record journal segment files this instance opened.",
-                i128::from(extra.journal_segments),
+                extra.journal_segments.to_string(),
             ),
             (
                 "onetoken_journal_errors_total",
                 "counter",
                 "Records lost: their journal append failed.",
-                i128::from(extra.journal_errors),
+                extra.journal_errors.to_string(),
+            ),
+            (
+                "onetoken_control_reachable",
+                "gauge",
+                "1 when the last exchange with the control plane succeeded.",
+                u8::from(extra.control_reachable).to_string(),
+            ),
+            (
+                "onetoken_snapshot_age_seconds",
+                "gauge",
+                "Seconds since the serving snapshot was last confirmed current.",
+                extra.snapshot_age_seconds.to_string(),
             ),
         ];
         for (name, kind, help, v) in gauges {
@@ -188,26 +203,6 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE {name} {kind}");
             let _ = writeln!(out, "{name} {v}");
         }
-        let _ = writeln!(
-            out,
-            "# HELP onetoken_control_reachable 1 when the last exchange with the control plane succeeded."
-        );
-        let _ = writeln!(out, "# TYPE onetoken_control_reachable gauge");
-        let _ = writeln!(
-            out,
-            "onetoken_control_reachable {}",
-            u8::from(extra.control_reachable)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP onetoken_snapshot_age_seconds Seconds since the serving snapshot was last confirmed current."
-        );
-        let _ = writeln!(out, "# TYPE onetoken_snapshot_age_seconds gauge");
-        let _ = writeln!(
-            out,
-            "onetoken_snapshot_age_seconds {}",
-            extra.snapshot_age_seconds
-        );
         self.phase_cpu.render(&mut out);
         out
     }
