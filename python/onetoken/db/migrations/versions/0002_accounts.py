@@ -16,7 +16,7 @@ def upgrade() -> None:
     # env.py runs migrations with foreign keys off and checks them afterwards.
     with op.batch_alter_table("accounts", schema=None) as batch_op:
         batch_op.add_column(sa.Column("login_name", sa.String(length=64), nullable=True))
-        batch_op.add_column(ref("mobile", nullable=True))
+        batch_op.add_column(sa.Column("mobile", sa.String(length=32), nullable=True))
         batch_op.add_column(
             sa.Column("display_name", sa.String(length=100), nullable=False, server_default="")
         )
