@@ -64,13 +64,33 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_analytics_ddl(_: argparse.Namespace) -> int:
-    """The packaged ClickHouse migrations in order, for preparing a server by hand."""
+def cmd_analytics_ddl(args: argparse.Namespace) -> int:
+    """The packaged ClickHouse migrations in order, for preparing a server by hand; with
+    --cluster, rewritten for a sharded, replicated cluster (onetoken.analytics.cluster)."""
     from onetoken.analytics.clickhouse import load_migrations
+    from onetoken.analytics.cluster import (
+        SOURCE_DATABASE,
+        ClusterDdlError,
+        cluster_ddl,
+        rename_database,
+    )
 
-    for migration in load_migrations():
-        print(f"-- {migration.name}")
-        print(migration.sql.rstrip("\n"))
+    try:
+        if args.cluster:
+            print("-- Validated, not run: chDB parses these statements; no ClickHouse cluster")
+            print("-- or Keeper has executed them. See docs/clickhouse-cluster.md.")
+            for text in cluster_ddl(args.cluster, args.database):
+                print(text, end="")
+            return EXIT_OK
+        for migration in load_migrations():
+            print(f"-- {migration.name}")
+            if args.database == SOURCE_DATABASE:
+                print(migration.sql.rstrip("\n"))
+            else:
+                for statement in migration.statements():
+                    print(f"{rename_database(statement, args.database)};")
+    except ClusterDdlError as exc:
+        raise CliError(str(exc)) from None
     return EXIT_OK
 
 
@@ -470,6 +490,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "analytics-ddl",
         help="print the ClickHouse migrations in order (the service applies them at start)",
+        description="Print the ClickHouse migrations in order. With --cluster, print them as "
+        "DDL for a sharded, replicated cluster: Replicated* <table>_local tables and "
+        "Distributed <table> tables ON CLUSTER, sharded by request/event id. The cluster "
+        "DDL is validated, not run: chDB parses it and the analytics queries are checked "
+        "over two local stand-in shards; no ClickHouse cluster has executed it "
+        "(docs/clickhouse-cluster.md).",
+    )
+    p.add_argument(
+        "--cluster", metavar="NAME", help="cluster name from remote_servers (validated, not run)"
+    )
+    p.add_argument(
+        "--database", default="onetoken", metavar="NAME",
+        help="database to create (default %(default)s, the one the control plane reads)",
     )
     p.set_defaults(func=cmd_analytics_ddl)
 

@@ -1,0 +1,431 @@
+"""Cluster DDL (onetoken.analytics.cluster) against chDB: every generated statement parses,
+and every analytics query answers the same over two stand-in shards as over one table.
+
+No ClickHouse cluster or Keeper runs here, so the Replicated and Distributed parts are
+validated, not run: chDB parses them (formatQuery), and the sharding they describe is
+reproduced with plain tables from the single-node schema, one database per shard, rows
+routed by the generated shard key evaluated in chDB, read through a Merge table under the
+analytics name. A Merge table applies FINAL per underlying table, as a Distributed table
+applies it per shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from clickhouse_connect.driver.client import Client
+
+from onetoken import cli
+from onetoken.analytics import clickhouse as ch
+from onetoken.analytics import cluster, queries
+from onetoken.analytics.columns import CALL_LOG_COLUMNS
+from onetoken.audit import AuditReport, scan_clickhouse
+from onetoken.billing import statements
+from onetoken.rights import export
+from onetoken.security.log import SECURITY_LOG_COLUMNS
+from onetoken.settings import Settings
+from onetoken.web.routes import security as security_route
+
+CLUSTER = "prod"
+SHARDS = ("shard_0", "shard_1")
+NEEDLE = "needle-7f3a"
+# Recent enough for the 30-day TTL of the module's tables not to drop rows at insert.
+START = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=25)
+ORGS = ("org_a", "org_b", "org_c")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+    # One chDB engine for the module: opening costs ~250 MB and a process holds one path.
+    client = ch.open_client(Settings(data_dir=tmp_path_factory.mktemp("ch"), call_log_ttl_days=30))
+    yield client
+    client.close()
+
+
+def generated_statements() -> list[str]:
+    """The statements of `onetoken analytics-ddl --cluster`, split as a file of them is."""
+    text = "\n".join(cluster.cluster_ddl(CLUSTER))
+    return ch.Migration(0, "cluster.sql", text).statements()
+
+
+def formatted(client: Client, statement: str) -> str:
+    """chDB's parser on one statement, without running it: a syntax error raises."""
+    return str(
+        client.query("SELECT formatQuerySingleLine({q:String})", parameters={"q": statement})
+        .result_rows[0][0]
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The DDL itself
+
+
+def test_every_cluster_statement_parses(client: Client) -> None:
+    generated = generated_statements()
+    creates = [s for s in generated if s.startswith("CREATE TABLE")]
+    # A local Replicated table and a Distributed one per table of the single-node schema.
+    assert len(creates) == 2 * len(cluster.SHARD_KEYS)
+    for statement in generated:
+        assert formatted(client, statement)
+
+
+def test_a_statement_that_does_not_parse_fails(client: Client) -> None:
+    (distributed,) = [s for s in generated_statements() if "cityHash64(request_id))" in s]
+    broken = distributed.replace("cityHash64(request_id))", "cityHash64(request_id)")
+    assert broken.count("(") > broken.count(")")
+    with pytest.raises(Exception, match="Syntax error"):
+        formatted(client, broken)
+
+
+def _single_node_creates() -> dict[str, str]:
+    return {
+        m[1]: s
+        for mig in ch.load_migrations()
+        for s in mig.statements()
+        if (m := re.match(r"CREATE TABLE IF NOT EXISTS onetoken\.(\w+)", s))
+    }
+
+
+def test_local_tables_carry_columns_keys_partitioning_ttl_and_settings(client: Client) -> None:
+    """Parsed and normalised by chDB, a local table is the single-node table with only the
+    name, ON CLUSTER and the engine's Replicated arguments changed."""
+    generated = {
+        m[1]: s
+        for s in generated_statements()
+        if (m := re.match(r"CREATE TABLE IF NOT EXISTS onetoken\.(\w+)_local ", s))
+    }
+    single = _single_node_creates()
+    assert generated.keys() == single.keys() == cluster.SHARD_KEYS.keys()
+    for table, statement in single.items():
+        want = formatted(client, statement)
+        got = formatted(client, generated[table])
+        engine = re.search(r"ENGINE = (\w+)(\(([^()]*)\))?", want)
+        assert engine is not None
+        replicated = (
+            f"ENGINE = Replicated{engine[1]}('/clickhouse/tables/{{shard}}/onetoken/{table}', "
+            f"'{{replica}}'{', ' + engine[3] if engine[3] else ''})"
+        )
+        assert got == (
+            want.replace(f"onetoken.{table} ", f"onetoken.{table}_local ON CLUSTER {CLUSTER} ", 1)
+            .replace(engine[0], replicated, 1)
+            .replace("non_replicated_deduplication_window", "replicated_deduplication_window")
+        )
+        if table != "schema_migrations":
+            assert " TTL ts + toIntervalDay(" in got
+            assert "replicated_deduplication_window = 1000" in got
+
+
+def test_later_migrations_reach_local_and_distributed_tables() -> None:
+    generated = generated_statements()
+    column = [s for s in generated if "ADD COLUMN IF NOT EXISTS guard_flags" in s]
+    assert [s.split(" ON CLUSTER")[0] for s in column] == [
+        "ALTER TABLE onetoken.call_log_local",
+        "ALTER TABLE onetoken.call_log",
+    ]
+    # Indexes and settings are storage: only the Replicated tables have them.
+    storage = [s for s in generated if " ADD INDEX " in s or " MODIFY SETTING " in s]
+    assert storage and all("_local ON CLUSTER prod " in s for s in storage)
+    # Each migration is recorded with the single-node checksum, so a control plane started
+    # on the cluster does not run the single-node statements over it.
+    recorded = [s for s in generated if s.startswith("INSERT INTO onetoken.schema_migrations")]
+    assert recorded == [
+        f"INSERT INTO onetoken.schema_migrations (version, name, checksum) VALUES "  # noqa: S608
+        f"({m.version}, '{m.name}', '{m.checksum}')"
+        for m in ch.load_migrations()
+    ]
+
+
+def test_unknown_statements_and_names_are_refused() -> None:
+    with pytest.raises(cluster.ClusterDdlError, match="no cluster form"):
+        cluster.cluster_statements("DROP TABLE onetoken.call_log", CLUSTER)
+    with pytest.raises(cluster.ClusterDdlError, match="no shard key"):
+        cluster.cluster_statements(
+            "CREATE TABLE IF NOT EXISTS onetoken.other (a UInt8) ENGINE = MergeTree ORDER BY a",
+            CLUSTER,
+        )
+    with pytest.raises(cluster.ClusterDdlError, match="plain identifier"):
+        cluster.cluster_statements("CREATE DATABASE IF NOT EXISTS onetoken", "prod; DROP")
+
+
+def test_cli_prints_the_cluster_ddl_and_says_it_was_not_run(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["analytics-ddl", "--cluster", CLUSTER, "--database", "pool_a"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("-- Validated, not run:")
+    statements = ch.Migration(0, "out.sql", printed).statements()
+    assert statements == [
+        s for text in cluster.cluster_ddl(CLUSTER, "pool_a")
+        for s in ch.Migration(0, "m.sql", text).statements()
+    ]
+    assert "onetoken." not in printed
+    assert (
+        "ENGINE = Distributed(prod, pool_a, call_log_local, cityHash64(request_id))" in printed
+    )
+    with pytest.raises(SystemExit):
+        cli.main(["analytics-ddl", "--help"])
+    assert "validated, not run" in capsys.readouterr().out.replace("\n", " ")
+    assert cli.main(["analytics-ddl", "--cluster", "bad-name"]) != 0
+
+
+def test_single_node_ddl_for_another_database(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["analytics-ddl", "--database", "pool_a"]) == 0
+    printed = capsys.readouterr().out
+    assert "onetoken." not in printed
+    assert "CREATE TABLE IF NOT EXISTS pool_a.call_log\n" in printed
+
+
+# ---------------------------------------------------------------------------------------
+# The analytics queries over two stand-in shards
+
+
+def shard_key(table: str) -> str:
+    """The shard key expression as generated in the Distributed table of `table`."""
+    for statement in generated_statements():
+        m = re.match(
+            rf"CREATE TABLE IF NOT EXISTS onetoken\.{table} ON CLUSTER \w+ AS .*"
+            rf"ENGINE = Distributed\({CLUSTER}, onetoken, {table}_local, (.*)\)$",
+            statement,
+            re.DOTALL,
+        )
+        if m:
+            return m[1]
+    raise AssertionError(f"no Distributed table for {table}")
+
+
+def call_rows() -> list[list[Any]]:
+    rows = []
+    for i in range(180):
+        row = {
+            "ts": START + timedelta(hours=3 * i, microseconds=i),
+            "request_id": f"req_{i:04d}",
+            "org_id": ORGS[i % 3],
+            "account_id": f"acct_{i % 5}",
+            "key_id": f"key_{i % 4}",
+            "path": "/v1/chat/completions",
+            "model_requested": ("gpt-4o", "gpt-4o-mini", "claude")[i % 3 - (i % 2)],
+            "model_served": "served",
+            "provider": "mock",
+            "prompt_tokens": 10 + i,
+            "completion_tokens": 3 * i,
+            "cached_tokens": i % 7,
+            "usage_source": "upstream",
+            "cost": 0 if i % 11 == 0 else 1_000_003 * (i + 1),
+            "status": 429 if i % 13 == 0 else 200,
+            "error_code": "",
+            "latency_us": 1000 + 37 * i,
+            "ttfb_us": 500 + i,
+            "streamed": i % 2,
+            "source_ip": f"10.0.0.{i % 9}",
+            "user_agent": NEEDLE if i % 17 == 0 else "openai-python",
+            "rate_limit": "",
+            "attempts": 1,
+            "guard_flags": "",
+        }
+        rows.append([row[c] for c in CALL_LOG_COLUMNS])
+    return rows
+
+
+def security_rows() -> list[list[Any]]:
+    kinds = ("auth.login", "key.created", "risk.spike", "auth.failed")
+    rows = []
+    for i in range(90):
+        row = {
+            "ts": START + timedelta(hours=6 * i, microseconds=i),
+            "event_id": f"evt_{i:04d}",
+            "kind": kinds[i % 4],
+            "severity": ("info", "low", "high", "critical")[i % 4 - (i % 3 == 0)],
+            "org_id": ORGS[i % 3],
+            "actor_id": f"acct_{i % 5}",
+            "subject_id": f"acct_{(i + 1) % 5}",
+            "source_ip": f"10.0.1.{i % 9}",
+            "user_agent": NEEDLE if i % 19 == 0 else "browser",
+            "detail": f'{{"n": {i}}}',
+        }
+        rows.append([row[c] for c in SECURITY_LOG_COLUMNS])
+    return rows
+
+
+# Every tenth record is written twice, by a second insert (a batch re-sent after a crash):
+# two physical rows in one part each, that only FINAL (or a merge) reads as one.
+def batches(rows: list[list[Any]]) -> list[list[list[Any]]]:
+    half = len(rows) // 2
+    return [rows[:half], rows[half:], rows[::10]]
+
+
+TABLES = {
+    "call_log": (CALL_LOG_COLUMNS, call_rows, "request_id"),
+    "security_log": (SECURITY_LOG_COLUMNS, security_rows, "event_id"),
+}
+
+
+@pytest.fixture(scope="module")
+def shards(client: Client) -> dict[str, dict[str, int]]:
+    """Single-node tables (onetoken.*) and two shards (shard_N.*) of the same rows; for
+    each table, {id: shard}, the shard the generated key picks (key % 2, as a Distributed
+    table of two shards of weight 1 does)."""
+    for db in SHARDS:
+        for migration in ch.load_migrations():
+            for statement in migration.statements():
+                client.command(cluster.rename_database(statement, db))
+    client.command("CREATE DATABASE IF NOT EXISTS sharded")
+    placement: dict[str, dict[str, int]] = {}
+    for table, (columns, make, id_column) in TABLES.items():
+        for batch in batches(make()):
+            client.insert(f"onetoken.{table}", batch, column_names=list(columns))
+        # The generated expression, evaluated by chDB over the single-node rows.
+        pairs = client.query(
+            f"SELECT DISTINCT {id_column}, ({shard_key(table)}) % {len(SHARDS)} "  # noqa: S608
+            f"FROM onetoken.{table}"
+        ).result_rows
+        placement[table] = {str(rid): int(shard) for rid, shard in pairs}
+        # One shard per id, whichever copy of the record the key is computed on.
+        assert len(placement[table]) == len(pairs)
+        at = list(columns).index(id_column)
+        for batch in batches(make()):
+            for n, db in enumerate(SHARDS):
+                part = [row for row in batch if placement[table][row[at]] == n]
+                if part:
+                    client.insert(f"{db}.{table}", part, column_names=list(columns))
+        client.command(
+            f"CREATE TABLE sharded.{table} AS {SHARDS[0]}.{table} "
+            f"ENGINE = Merge(REGEXP('^shard_[0-9]+$'), '^{table}$')"
+        )
+    return placement
+
+
+@contextlib.contextmanager
+def serving_sharded(client: Client) -> Iterator[None]:
+    """The Merge tables under the names the analytics queries read, then back."""
+    for table in TABLES:
+        client.command(f"EXCHANGE TABLES onetoken.{table} AND sharded.{table}")
+    try:
+        yield
+    finally:
+        for table in TABLES:
+            client.command(f"EXCHANGE TABLES onetoken.{table} AND sharded.{table}")
+
+
+def _walk(page: Callable[[str | None], Any]) -> list[Any]:
+    out, cursor = [], None
+    while True:
+        result = page(cursor)
+        out.append(result.rows)
+        cursor = result.next_cursor
+        if cursor is None:
+            return out
+
+
+def every_analytics_query(client: Client) -> dict[str, Any]:
+    """Each ClickHouse read the code has, over whatever onetoken.* is now."""
+    lo, hi = START + timedelta(days=1), START + timedelta(days=40)
+    org = "org_b"
+    out: dict[str, Any] = {
+        "count_calls": queries.count_calls(client),
+        "count_calls_window": queries.count_calls(client, org_id=org, start=lo, end=hi),
+        "distinct_requests": queries.count_distinct_requests(client),
+        "duplicates": queries.duplicate_request_ids(client),
+        "cost_by_org": queries.cost_by_org(client, lo, hi),
+        # billing.reconcile compares this with the ledger
+        "charged_by_org_day": queries.charged_by_org_day(client, START, hi),
+        "cost_for_org": queries.cost_for_org(client, org, lo, hi),
+        "org_calls": _walk(lambda c: queries.org_calls(client, org, limit=7, cursor=c)),
+        "org_calls_window": _walk(
+            lambda c: queries.org_calls(client, org, limit=5, cursor=c, start=lo, end=hi)
+        ),
+        "export": _walk(lambda c: queries.export_page(client, after=c, limit=13)),
+        "export_org": _walk(lambda c: queries.export_page(client, org_id=org, after=c, limit=9)),
+    }
+    for group in statements.GROUPS:
+        out[f"statement_{group}"] = statements.usage_rows(client, org, START, hi, group)
+        out[f"call_stats_{group}"] = statements.call_stats(client, org, START, hi, group)
+    for account in ("acct_1", "acct_3"):
+        out[f"rights_calls_{account}"] = export.call_statistics(client, org, account)
+        out[f"rights_security_{account}"] = export.security_events(client, org, account)
+    operator = SimpleNamespace(org_id="org_a", is_operator=True)
+    for name, kwargs in {
+        "all": {},
+        "org": {"org_id": org, "start": lo, "end": hi},
+        "filtered": {"kind": ["auth.login", "risk.spike"], "min_severity": "low"},
+        "actor": {"actor_id": "acct_2", "subject_id": "acct_3"},
+    }.items():
+        pages, cursor = [], None
+        while True:
+            page = security_route.list_events(
+                operator, lambda f: f(client), limit=6, cursor=cursor,  # type: ignore[arg-type]
+                **{"kind": None, "min_severity": None, "actor_id": None, "subject_id": None,
+                   "org_id": None, "start": None, "end": None, **kwargs},
+            )
+            pages.append(page.model_dump())
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        out[f"security_events_{name}"] = pages
+    # The privacy audit's scan (a server scan reads the onetoken database).
+    report = AuditReport()
+    scan_clickhouse(client, NEEDLE, report, ("onetoken",))
+    out["audit_scan"] = (report.findings, report.problems, report.columns_scanned)
+    return out
+
+
+def test_every_analytics_query_answers_the_same_over_two_shards(
+    client: Client, shards: dict[str, dict[str, int]]
+) -> None:
+    # Both shards hold rows, and every retried record's copies sit on one shard.
+    for table, placement in shards.items():
+        assert set(placement.values()) == {0, 1}, table
+    per_shard = [
+        int(client.command(f"SELECT count() FROM {db}.call_log")) for db in SHARDS  # noqa: S608
+    ]
+    assert sum(per_shard) == 180 + 18 and min(per_shard) > 50
+    single = every_analytics_query(client)
+    with serving_sharded(client):
+        assert str(client.command(
+            "SELECT engine FROM system.tables WHERE database = 'onetoken' AND name = 'call_log'"
+        )) == "Merge"
+        sharded = every_analytics_query(client)
+    assert single["count_calls"] == single["distinct_requests"] == 180
+    assert single["duplicates"] == []
+    assert single["audit_scan"][0], "the needle rows were found"
+    assert all(single[k] for k in single if k != "duplicates"), "every query read rows"
+    assert all(
+        pages[0]["data"] for k, pages in single.items() if k.startswith("security_events_")
+    )
+    for name in single:
+        assert sharded[name] == single[name], name
+
+
+def test_duplicates_split_across_shards_would_count_twice(
+    client: Client, shards: dict[str, dict[str, int]]
+) -> None:
+    """Why the shard key is the request id: a copy of a record on another shard than its
+    first copy is not collapsed by FINAL, and the counts go wrong."""
+    rows = call_rows()
+    stray = next(r for r in rows if shards["call_log"][r[1]] == 0)
+    client.command("CREATE DATABASE IF NOT EXISTS shard_9")
+    for migration in ch.load_migrations():
+        for statement in migration.statements():
+            client.command(cluster.rename_database(statement, "shard_9"))
+    client.insert("shard_9.call_log", [stray], column_names=list(CALL_LOG_COLUMNS))
+    try:
+        with serving_sharded(client):
+            assert queries.count_calls(client) == 181
+            assert queries.duplicate_request_ids(client) == [stray[1]]
+    finally:
+        client.command("DROP DATABASE shard_9 SYNC")
+    with serving_sharded(client):
+        assert queries.count_calls(client) == 180
+
+
+def test_stand_in_shards_are_the_single_node_schema_renamed() -> None:
+    renamed = [
+        cluster.rename_database(s, "shard_0") for m in ch.load_migrations() for s in m.statements()
+    ]
+    assert renamed[0] == "CREATE DATABASE IF NOT EXISTS shard_0"
+    assert not any("onetoken" in s for s in renamed)
