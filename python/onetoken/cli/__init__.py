@@ -80,7 +80,7 @@ def cmd_analytics_ddl(args: argparse.Namespace) -> int:
             print("-- Validated, not run: chDB parses these statements; no ClickHouse cluster")
             print("-- or Keeper has executed them. See docs/clickhouse-cluster.md.")
             for text in cluster_ddl(args.cluster, args.database):
-                print(text, end="")
+                print(text)
             return EXIT_OK
         for migration in load_migrations():
             print(f"-- {migration.name}")
