@@ -2,7 +2,9 @@
 and every analytics query answers the same over two stand-in shards as over one table.
 
 No ClickHouse cluster or Keeper runs here, so the Replicated and Distributed parts are
-validated, not run: chDB parses them (formatQuery), and the sharding they describe is
+validated, not run: chDB parses them (formatQuery) and runs them without their Keeper parts
+(the Distributed tables are real, over a cluster declared in chDB's configuration, but
+cannot reach a shard: chDB has no TCP server), and the sharding they describe is
 reproduced with plain tables from the single-node schema, one database per shard, rows
 routed by the generated shard key evaluated in chDB, read through a Merge table under the
 analytics name. A Merge table applies FINAL per underlying table, as a Distributed table
@@ -18,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
+import clickhouse_connect
 import pytest
 from clickhouse_connect.driver.client import Client
 
@@ -40,10 +43,28 @@ START = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - t
 ORGS = ("org_a", "org_b", "org_c")
 
 
+# The cluster of the generated DDL, declared to chDB so that its Distributed tables can be
+# created for real. Nothing listens on these ports; no test reads through them.
+CLUSTER_CONFIG = f"""<clickhouse><remote_servers><{CLUSTER}>
+<shard><replica><host>127.0.0.1</host><port>1</port></replica></shard>
+<shard><replica><host>127.0.0.1</host><port>1</port></replica></shard>
+</{CLUSTER}></remote_servers></clickhouse>"""
+
+
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
     # One chDB engine for the module: opening costs ~250 MB and a process holds one path.
-    client = ch.open_client(Settings(data_dir=tmp_path_factory.mktemp("ch"), call_log_ttl_days=30))
+    # Opened as ch.open_client does, plus the cluster configuration.
+    root = tmp_path_factory.mktemp("ch")
+    (root / "config.xml").write_text(CLUSTER_CONFIG)
+    settings = Settings(data_dir=root, call_log_ttl_days=30)
+    client = clickhouse_connect.get_client(
+        interface="chdb",
+        path=str(root / "clickhouse"),
+        chdb_options={"config-file": str(root / "config.xml")},
+    )
+    ch.apply_migrations(client)
+    ch.ensure_ttls(client, settings)
     yield client
     client.close()
 
@@ -81,6 +102,69 @@ def test_a_statement_that_does_not_parse_fails(client: Client) -> None:
     assert broken.count("(") > broken.count(")")
     with pytest.raises(Exception, match="Syntax error"):
         formatted(client, broken)
+
+
+def executable_here(statement: str) -> str:
+    """A generated statement as chDB can run it: without ON CLUSTER (the DDL queue is in
+    Keeper) and without the Replicated engine's Keeper path and replica name. Nothing else
+    changes."""
+    statement = statement.replace(f" ON CLUSTER {CLUSTER}", "")
+    return re.sub(
+        r"ENGINE = Replicated(\w+)\('/clickhouse/tables/\{shard\}/\w+/\w+', '\{replica\}'(, )?",
+        r"ENGINE = \1(",
+        statement,
+    )
+
+
+def test_cluster_ddl_runs_in_chdb_but_for_keeper(client: Client) -> None:
+    """Every generated statement executed, in order, in a database of its own: local tables,
+    Distributed tables over the declared cluster, later migrations' ALTERs and the
+    migration records. The result has the single-node tables' columns, keys, partitioning,
+    TTL and indexes."""
+    text = "\n".join(cluster.cluster_ddl(CLUSTER, "clus"))
+    statements = ch.Migration(0, "c.sql", text).statements()
+    for statement in statements:
+        runnable = executable_here(statement)
+        assert "Replicated" not in runnable and "ON CLUSTER" not in runnable
+        client.command(runnable)
+
+    def tables(db: str) -> dict[str, tuple[Any, ...]]:
+        return {
+            str(r[0]): tuple(r[1:])
+            for r in client.query(
+                "SELECT name, engine, sorting_key, partition_key, primary_key "
+                "FROM system.tables WHERE database = {db:String}",
+                parameters={"db": db},
+            ).result_rows
+        }
+
+    def described(table: str) -> list[tuple[Any, ...]]:
+        return [tuple(r[:3]) for r in client.query(f"DESCRIBE TABLE {table}").result_rows]
+
+    def indexes(db: str) -> set[tuple[Any, ...]]:
+        return set(client.query(
+            "SELECT table, name, type_full, expr, granularity FROM system.data_skipping_indices "
+            "WHERE database = {db:String}", parameters={"db": db},
+        ).result_rows)
+
+    def ttl(table: str) -> str:
+        return ch.current_ttl(client, table)
+
+    single, clus = tables("onetoken"), tables("clus")
+    assert set(clus) == {f"{t}{suffix}" for t in single for suffix in ("", "_local")}
+    single_ttl_defaults = {
+        "call_log": "ts + toIntervalDay(180)",
+        "security_log": "ts + toIntervalDay(365)",
+    }
+    for table, shape in single.items():
+        assert clus[f"{table}_local"] == shape
+        assert clus[table][0] == "Distributed"
+        assert described(f"clus.{table}") == described(f"clus.{table}_local")
+        assert described(f"clus.{table}") == described(f"onetoken.{table}")
+        if table in single_ttl_defaults:
+            assert ttl(f"clus.{table}_local") == single_ttl_defaults[table]
+    assert {(t.removesuffix("_local"), *r) for t, *r in indexes("clus")} == indexes("onetoken")
+    assert len(indexes("onetoken")) == 5
 
 
 def _single_node_creates() -> dict[str, str]:

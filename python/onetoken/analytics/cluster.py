@@ -18,9 +18,10 @@ collapses it and FINAL reads it once: deduplication holds per shard, hence on th
 A statement shape the rewrite does not know raises ClusterDdlError instead of passing
 through unchanged, so a new kind of migration cannot slip into a cluster as single-node DDL.
 
-Validated, not run: chDB parses every generated statement and the analytics queries are
-checked over two local tables standing in for shards (tests/unit/test_analytics_cluster.py);
-no ClickHouse cluster or Keeper has executed this DDL.
+Validated, not run: chDB parses every generated statement and runs it without ON CLUSTER
+and the Keeper paths, and the analytics queries are checked over two local tables standing
+in for shards (tests/unit/test_analytics_cluster.py); no ClickHouse cluster or Keeper has
+executed this DDL.
 """
 
 from __future__ import annotations

@@ -77,8 +77,9 @@ def cmd_analytics_ddl(args: argparse.Namespace) -> int:
 
     try:
         if args.cluster:
-            print("-- Validated, not run: chDB parses these statements; no ClickHouse cluster")
-            print("-- or Keeper has executed them. See docs/clickhouse-cluster.md.")
+            print("-- Validated, not run: chDB parses these statements and runs them without")
+            print("-- ON CLUSTER and Keeper paths; no ClickHouse cluster or Keeper has executed")
+            print("-- them. See docs/clickhouse-cluster.md.")
             for text in cluster_ddl(args.cluster, args.database):
                 print(text)
             return EXIT_OK
@@ -493,8 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the ClickHouse migrations in order. With --cluster, print them as "
         "DDL for a sharded, replicated cluster: Replicated* <table>_local tables and "
         "Distributed <table> tables ON CLUSTER, sharded by request/event id. The cluster "
-        "DDL is validated, not run: chDB parses it and the analytics queries are checked "
-        "over two local stand-in shards; no ClickHouse cluster has executed it "
+        "DDL is validated, not run: chDB parses it and runs it without ON CLUSTER and Keeper "
+        "paths, and the analytics queries are checked over two local stand-in shards; no "
+        "ClickHouse cluster has executed it "
         "(docs/clickhouse-cluster.md).",
     )
     p.add_argument(
