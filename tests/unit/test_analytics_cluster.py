@@ -116,17 +116,22 @@ def executable_here(statement: str) -> str:
     )
 
 
-def test_cluster_ddl_runs_in_chdb_but_for_keeper(client: Client) -> None:
-    """Every generated statement executed, in order, in a database of its own: local tables,
+@pytest.fixture(scope="module")
+def clus(client: Client) -> str:
+    """Every generated statement executed, in order, in database `clus`: local tables,
     Distributed tables over the declared cluster, later migrations' ALTERs and the
-    migration records. The result has the single-node tables' columns, keys, partitioning,
-    TTL and indexes."""
+    migration records."""
     text = "\n".join(cluster.cluster_ddl(CLUSTER, "clus"))
-    statements = ch.Migration(0, "c.sql", text).statements()
-    for statement in statements:
+    for statement in ch.Migration(0, "c.sql", text).statements():
         runnable = executable_here(statement)
         assert "Replicated" not in runnable and "ON CLUSTER" not in runnable
         client.command(runnable)
+    return "clus"
+
+
+def test_cluster_ddl_runs_in_chdb_but_for_keeper(client: Client, clus: str) -> None:
+    """The executed DDL has the single-node tables' columns, keys, partitioning, TTL and
+    indexes."""
 
     def tables(db: str) -> dict[str, tuple[Any, ...]]:
         return {
@@ -165,6 +170,35 @@ def test_cluster_ddl_runs_in_chdb_but_for_keeper(client: Client) -> None:
             assert ttl(f"clus.{table}_local") == single_ttl_defaults[table]
     assert {(t.removesuffix("_local"), *r) for t, *r in indexes("clus")} == indexes("onetoken")
     assert len(indexes("onetoken")) == 5
+
+
+def test_startup_ttl_check_reads_and_alters_the_local_tables(client: Client, clus: str) -> None:
+    """The control plane's TTL check (ensure_ttls) on a cluster: a Distributed table has no
+    TTL, so it reads the local tables' and changes theirs, ON CLUSTER."""
+    assert ch.current_ttl_days(client, f"{clus}.call_log") == 180
+    assert ch.current_ttl(client, f"{clus}.security_log") == "ts + toIntervalDay(365)"
+    assert ch.set_ttl_days(client, f"{clus}.call_log", 180) is False
+    sent: list[str] = []
+    command = client.command
+
+    def recording(statement: str, *args: Any, **kwargs: Any) -> Any:
+        sent.append(statement)
+        return command(statement, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(client, "command", recording)
+        # chDB runs no DDL queue (that is Keeper's), so it refuses ON CLUSTER.
+        with pytest.raises(Exception, match="Replicated DDL queries are disabled"):
+            ch.set_ttl_days(client, f"{clus}.call_log", 90)
+    assert sent == [f"ALTER TABLE {clus}.call_log_local ON CLUSTER {CLUSTER} "
+                    "MODIFY TTL ts + INTERVAL 90 DAY"]
+    # A single-node table is still its own TTL target (the fixture set 365 and 180 days).
+    assert ch.ensure_security_log_ttl(client, 365, 180) is False
+    assert ch.ensure_security_log_ttl(client, 365, 90) is True
+    assert ch.ensure_security_log_ttl(client, 365, 90) is False
+    assert "toIntervalDay(90) WHERE startsWith(kind, 'auth.')" in ch.current_ttl(
+        client, "onetoken.security_log"
+    )
 
 
 def _single_node_creates() -> dict[str, str]:

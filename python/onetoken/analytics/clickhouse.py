@@ -319,16 +319,51 @@ def apply_migrations(client: Client) -> list[str]:
     return applied
 
 
+# Distributed('<cluster>', '<database>', '<table>', <shard key>) as system.tables shows it.
+_DISTRIBUTED = re.compile(r"^Distributed\('([A-Za-z0-9_]+)', '([A-Za-z0-9_]*)', '([A-Za-z0-9_]+)'")
+
+
+@dataclass(frozen=True)
+class TtlTarget:
+    """Where a table's TTL lives: the table itself, or on a cluster (analytics.cluster) the
+    local tables under its Distributed one, altered ON CLUSTER."""
+
+    table: str
+    #: " ON CLUSTER <name>" for a Distributed table's local tables, "" otherwise.
+    on_cluster: str
+    engine_full: str
+
+
+def ttl_target(client: Any, table: str) -> TtlTarget | None:
+    """The TTL target of `table` (database.name); None when the table does not exist."""
+
+    def engine_full(database: str, name: str) -> str | None:
+        result = client.query(
+            "SELECT engine_full FROM system.tables "
+            "WHERE database = {db:String} AND name = {t:String}",
+            parameters={"db": database, "t": name},
+        )
+        return str(result.result_rows[0][0]) if result.result_rows else None
+
+    database, name = table.split(".", 1)
+    engine = engine_full(database, name)
+    if engine is None:
+        return None
+    distributed = _DISTRIBUTED.match(engine)
+    if distributed is None:
+        return TtlTarget(table, "", engine)
+    # A Distributed table has no TTL: its rows, and their TTL, are in the local tables.
+    cluster, local_db, local = distributed[1], distributed[2] or database, distributed[3]
+    local_engine = engine_full(local_db, local)
+    if local_engine is None:
+        return None
+    return TtlTarget(f"{local_db}.{local}", f" ON CLUSTER {cluster}", local_engine)
+
+
 def current_ttl_days(client: Client, table: str) -> int | None:
     """The `TTL ts + INTERVAL n DAY` of a table, None when it has none."""
-    database, name = table.split(".", 1)
-    result = client.query(
-        "SELECT engine_full FROM system.tables WHERE database = {db:String} AND name = {t:String}",
-        parameters={"db": database, "t": name},
-    )
-    if not result.result_rows:
-        return None
-    match = _TTL_DAYS.search(str(result.result_rows[0][0]))
+    target = ttl_target(client, table)
+    match = _TTL_DAYS.search(target.engine_full) if target is not None else None
     return int(match[1]) if match else None
 
 
@@ -338,8 +373,12 @@ def set_ttl_days(client: Client, table: str, days: int) -> bool:
         raise AnalyticsError(f"TTL for {table} must be a positive number of days, got {days!r}")
     if current_ttl_days(client, table) == days:
         return False
-    # The days value is a validated int, so formatting it into DDL is safe.
-    client.command(f"ALTER TABLE {table} MODIFY TTL ts + INTERVAL {days} DAY")
+    target = ttl_target(client, table) or TtlTarget(table, "", "")
+    # The days value is a validated int and the names come from system.tables matched
+    # against identifier characters, so formatting them into DDL is safe.
+    client.command(
+        f"ALTER TABLE {target.table}{target.on_cluster} MODIFY TTL ts + INTERVAL {days} DAY"
+    )
     logger.info("analytics.ttl_changed", extra={"kind": table, "count": days})
     return True
 
@@ -361,14 +400,8 @@ def security_log_ttl(security_days: int, login_days: int) -> str:
 
 
 def current_ttl(client: Any, table: str) -> str:
-    database, name = table.split(".", 1)
-    result = client.query(
-        "SELECT engine_full FROM system.tables WHERE database = {db:String} AND name = {t:String}",
-        parameters={"db": database, "t": name},
-    )
-    if not result.result_rows:
-        return ""
-    match = _TTL_RULES.search(str(result.result_rows[0][0]))
+    target = ttl_target(client, table)
+    match = _TTL_RULES.search(target.engine_full) if target is not None else None
     return match[1].strip() if match else ""
 
 
@@ -380,9 +413,11 @@ def ensure_security_log_ttl(client: Any, security_days: int, login_days: int) ->
     )
     if current_ttl(client, SECURITY_LOG_TABLE) == wanted:
         return False
+    target = ttl_target(client, SECURITY_LOG_TABLE) or TtlTarget(SECURITY_LOG_TABLE, "", "")
     # Both values are validated ints, so formatting them into DDL is safe.
     client.command(
-        f"ALTER TABLE {SECURITY_LOG_TABLE} MODIFY TTL {security_log_ttl(security_days, login_days)}"
+        f"ALTER TABLE {target.table}{target.on_cluster} "
+        f"MODIFY TTL {security_log_ttl(security_days, login_days)}"
     )
     logger.info("analytics.ttl_changed", extra={"kind": SECURITY_LOG_TABLE, "count": security_days})
     return True
