@@ -440,7 +440,28 @@ def _walk(page: Callable[[str | None], Any]) -> list[Any]:
             return out
 
 
-def every_analytics_query(client: Client) -> dict[str, Any]:
+class _Borrowed:
+    """The module's client lent to `onetoken calls export`, which closes its reader."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def close(self) -> None:
+        pass
+
+
+def cli_calls_export(client: Client, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "_call_log_reader", lambda _settings: _Borrowed(client))
+        capsys.readouterr()
+        assert cli.main(["calls", "export"]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def every_analytics_query(client: Client, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     """Each ClickHouse read the code has, over whatever onetoken.* is now."""
     lo, hi = START + timedelta(days=1), START + timedelta(days=40)
     org = "org_b"
@@ -485,6 +506,7 @@ def every_analytics_query(client: Client) -> dict[str, Any]:
             if cursor is None:
                 break
         out[f"security_events_{name}"] = pages
+    out["cli_calls_export"] = cli_calls_export(client, capsys)
     # The privacy audit's scan (a server scan reads the onetoken database).
     report = AuditReport()
     scan_clickhouse(client, NEEDLE, report, ("onetoken",))
@@ -493,7 +515,7 @@ def every_analytics_query(client: Client) -> dict[str, Any]:
 
 
 def test_every_analytics_query_answers_the_same_over_two_shards(
-    client: Client, shards: dict[str, dict[str, int]]
+    client: Client, shards: dict[str, dict[str, int]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Both shards hold rows, and every retried record's copies sit on one shard.
     for table, placement in shards.items():
@@ -502,15 +524,16 @@ def test_every_analytics_query_answers_the_same_over_two_shards(
         int(client.command(f"SELECT count() FROM {db}.call_log")) for db in SHARDS  # noqa: S608
     ]
     assert sum(per_shard) == 180 + 18 and min(per_shard) > 50
-    single = every_analytics_query(client)
+    single = every_analytics_query(client, capsys)
     with serving_sharded(client):
         assert str(client.command(
             "SELECT engine FROM system.tables WHERE database = 'onetoken' AND name = 'call_log'"
         )) == "Merge"
-        sharded = every_analytics_query(client)
+        sharded = every_analytics_query(client, capsys)
     assert single["count_calls"] == single["distinct_requests"] == 180
     assert single["duplicates"] == []
     assert single["audit_scan"][0], "the needle rows were found"
+    assert len(single["cli_calls_export"]) == 180
     assert all(single[k] for k in single if k != "duplicates"), "every query read rows"
     assert all(
         pages[0]["data"] for k, pages in single.items() if k.startswith("security_events_")
