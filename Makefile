@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PIP   := $(PY) -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test test-rust test-python lint bench bench-quick setup build-debug build-release clean fuzz
+.PHONY: run test test-rust test-python test-deploy deploy-tools lint bench bench-quick setup build-debug build-release clean fuzz
 
 $(VENV)/.deps: pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,11 +36,27 @@ run: build-release
 
 test: test-rust test-python
 
+# The offline checks of deploy/ (kubectl kustomize, kubernetes-validate, checkov, the
+# compose-spec schema) run inside tests/unit/test_deploy_files.py, as part of test-python;
+# their tools live in a venv of their own, built once and kept until
+# deploy/requirements.txt changes.
+DEPLOY_VENV ?= $(VENV)-deploy
+$(DEPLOY_VENV)/.deps: deploy/requirements.txt
+	python3 -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/python -m pip install -q -r deploy/requirements.txt
+	touch $@
+
+deploy-tools: $(DEPLOY_VENV)/.deps
+
+# Only the deploy checks.
+test-deploy: build-debug deploy-tools
+	ONETOKEN_DEPLOY_VENV=$(DEPLOY_VENV) $(PY) -m pytest -q tests/unit/test_deploy_files.py
+
 test-rust:
 	cargo test -q -p onetoken-gateway -p onetoken-mock-upstream
 
-test-python: build-debug
-	$(PY) -m pytest -q tests
+test-python: build-debug deploy-tools
+	ONETOKEN_DEPLOY_VENV=$(DEPLOY_VENV) $(PY) -m pytest -q tests
 
 lint: $(VENV)/.lint-deps
 	cargo clippy -q -p onetoken-gateway -p onetoken-mock-upstream -p onetoken-py -- -D warnings
@@ -72,4 +88,4 @@ fuzz:
 	done
 
 clean:
-	rm -rf $(VENV) target python/onetoken/_core*.so
+	rm -rf $(VENV) $(DEPLOY_VENV) target python/onetoken/_core*.so
