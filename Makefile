@@ -37,16 +37,19 @@ run: build-release
 test: test-rust test-python
 
 # The offline checks of deploy/ (kubectl kustomize, kubernetes-validate, checkov, the
-# compose-spec schema) run inside tests/unit/test_deploy_files.py, as part of test-python;
-# their tools live in a venv of their own, built once and kept until
-# deploy/requirements.txt changes.
+# compose-spec schema) run inside tests/unit/test_deploy_files.py, as part of test-python.
+# Their tools pin dependencies of their own, so they get a venv of their own, rebuilt only
+# when deploy/requirements.txt changes: its stamp is named by the file's content, not its
+# date, so a fresh clone reuses a venv kept outside it (.ci/run puts it in ~/.cache).
 DEPLOY_VENV ?= $(VENV)-deploy
-$(DEPLOY_VENV)/.deps: deploy/requirements.txt
+DEPLOY_STAMP := $(DEPLOY_VENV)/.deps-$(shell sha256sum deploy/requirements.txt | cut -c1-16)
+$(DEPLOY_STAMP):
+	rm -rf $(DEPLOY_VENV)
 	python3 -m venv $(DEPLOY_VENV)
 	$(DEPLOY_VENV)/bin/python -m pip install -q -r deploy/requirements.txt
 	touch $@
 
-deploy-tools: $(DEPLOY_VENV)/.deps
+deploy-tools: $(DEPLOY_STAMP)
 
 # Only the deploy checks.
 test-deploy: build-debug deploy-tools
