@@ -164,6 +164,9 @@ def test_every_overlay_has_the_workloads_and_keeps_the_rules(
         assert not by_kind(docs, "Secret"), overlay
         # The ingest sidecar shares the gateway's data dir and outlives it.
         pod = deployments["gateway"]["spec"]["template"]["spec"]
+        # The client-facing process never holds the master secret or a store's URL.
+        assert [e["name"] for e in pod["containers"][0]["env"]] == [
+            "ONETOKEN_GATEWAY_TOKEN", "ONETOKEN_REDIS_URL"]
         (ingest,) = pod["initContainers"]
         assert ingest["args"] == ["ingest"] and ingest["restartPolicy"] == "Always"
         gw_mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
@@ -400,6 +403,8 @@ def compose_problems(doc: dict[str, Any], nginx_conf: str) -> list[str]:
             problems.append(f"{gw}: volume {volume} shared by {users}")
         if "ONETOKEN_REDIS_URL" not in onetoken[gw]["environment"]:
             problems.append(f"{gw}: no ONETOKEN_REDIS_URL")
+        if onetoken[gw].get("secrets") != ["onetoken_gateway_token"]:
+            problems.append(f"{gw}: secrets beyond the gateway token")
     upstream = re.findall(r"^\s*server (\S+):8080\b", nginx_conf, re.M)
     if sorted(upstream) != gateways:
         problems.append(f"nginx upstream {upstream} is not the gateways {gateways}")
