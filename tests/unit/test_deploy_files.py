@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -352,6 +353,56 @@ def test_entrypoint_reads_secrets_from_files(tmp_path: Path) -> None:
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "ONETOKEN_DATABASE_URL_FILE" in bad.stderr
     assert "args=" not in bad.stdout
+
+
+def _healthcheck_commands() -> dict[str, list[str]]:
+    """Every healthcheck that asks a onetoken process with Python: the image's and the
+    compose services'."""
+    image = re.search(r'^HEALTHCHECK .*\n\s+CMD (\[.*\])$', (DEPLOY / "Containerfile").read_text(),
+                      re.M)
+    assert image is not None
+    out = {"image": json.loads(image.group(1))}
+    for name, svc in _compose()["services"].items():
+        test = svc.get("healthcheck", {}).get("test", [])
+        if test[1:2] == ["python"]:
+            out[name] = test[1:]
+    return out
+
+
+def test_python_healthchecks_pass_on_200_and_fail_on_503(tmp_path: Path) -> None:
+    """The image has no curl: its healthchecks are Python one-liners. Run each against a
+    server answering /healthz as a gateway does: 200 serving, 503 starting or draining."""
+    import http.server
+    import threading
+
+    status = {"code": 200}
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status["code"] if self.path == "/healthz" else 404)
+            self.end_headers()
+            self.wfile.write(b'{"status":"ok"}')
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        checks = _healthcheck_commands()
+        assert {"image", "control", "gateway-1"} <= checks.keys()
+        for name, argv in checks.items():
+            code = argv[-1].replace("127.0.0.1:8080", f"127.0.0.1:{port}").replace(
+                "127.0.0.1:8081", f"127.0.0.1:{port}")
+            env = {**os.environ, "HEALTHCHECK_URL": f"http://127.0.0.1:{port}/healthz"}
+            for answer, healthy in ((200, True), (503, False)):
+                status["code"] = answer
+                run = subprocess.run([sys.executable, "-c", code], env=env,
+                                     capture_output=True, check=False, timeout=30)
+                assert (run.returncode == 0) is healthy, (name, answer, run.stderr)
+    finally:
+        server.shutdown()
 
 
 # --- compose --------------------------------------------------------------------------
