@@ -28,10 +28,12 @@ from onetoken import cli
 from onetoken.analytics import clickhouse as ch
 from onetoken.analytics import cluster, queries
 from onetoken.analytics.columns import CALL_LOG_COLUMNS
+from onetoken.analytics.sink import CallLogSink
 from onetoken.audit import AuditReport, scan_clickhouse
 from onetoken.billing import statements
 from onetoken.rights import export
 from onetoken.security.log import SECURITY_LOG_COLUMNS
+from onetoken.security.log import insert_rows as insert_security_rows
 from onetoken.settings import Settings
 from onetoken.web.routes import security as security_route
 
@@ -570,3 +572,96 @@ def test_stand_in_shards_are_the_single_node_schema_renamed() -> None:
     ]
     assert renamed[0] == "CREATE DATABASE IF NOT EXISTS shard_0"
     assert not any("onetoken" in s for s in renamed)
+
+
+# ---------------------------------------------------------------------------------------
+# Writes through the Distributed tables, and the audit over them
+
+
+@contextlib.contextmanager
+def serving_cluster(client: Client, tables: tuple[str, ...] = tuple(TABLES)) -> Iterator[None]:
+    """The Distributed tables of the executed cluster DDL under the names the code uses
+    (onetoken.<t> is then Distributed(prod, clus, <t>_local, key)), then back."""
+    for table in tables:
+        client.command(f"EXCHANGE TABLES onetoken.{table} AND clus.{table}")
+    try:
+        yield
+    finally:
+        for table in tables:
+            client.command(f"EXCHANGE TABLES onetoken.{table} AND clus.{table}")
+
+
+def test_inserts_through_distributed_wait_for_the_shards(
+    client: Client, clus: str, shards: dict[str, dict[str, int]]
+) -> None:
+    """No shard of the declared cluster is reachable. An insert queued on this server's
+    disk for sending later would report success and the journal cursor would move on, so
+    the sink must report failure (the batch stays in the journal) and the security log's
+    insert must raise (the rows stay spooled). On a single node the same inserts work and
+    a retried batch is still dropped by its deduplication token."""
+    columns = ", ".join(CALL_LOG_COLUMNS)
+    block = client.raw_query(
+        f"SELECT {columns} FROM onetoken.call_log ORDER BY request_id LIMIT 3",  # noqa: S608
+        fmt="Native",
+    )
+    events = security_rows()[:2]
+    sink = CallLogSink(Settings(), client=client)
+    with serving_cluster(client):
+        assert str(client.command(
+            "SELECT engine FROM system.tables WHERE database = 'onetoken' AND name = 'call_log'"
+        )) == "Distributed"
+        assert sink.insert(block, 3, "cluster-batch") is False
+        assert sink.last_error == "DatabaseError:210"  # NETWORK_ERROR: no shard reached
+        with pytest.raises(Exception, match="NETWORK_ERROR"):
+            insert_security_rows(lambda f: f(client), events)
+    assert int(client.command("SELECT count() FROM clus.call_log_local")) == 0
+
+    def physical() -> int:
+        return int(client.command("SELECT count() FROM onetoken.call_log"))
+
+    before = physical()
+    assert sink.insert(block, 3, "single-batch") is True
+    assert sink.insert(block, 3, "single-batch") is True
+    assert physical() == before + 3
+    insert_security_rows(lambda f: f(client), events)
+
+
+def test_audit_reports_a_cluster_finding_once(client: Client, clus: str) -> None:
+    """A needle in a shard's local table is read both through the Distributed table and
+    from the local table itself; the scan reports it once."""
+    planted = "needle-cluster-5d1e"
+    row = dict(zip(CALL_LOG_COLUMNS, call_rows()[0], strict=True))
+    row.update(request_id="req_planted", user_agent=planted)
+    client.insert(f"{clus}.call_log_local", [list(row.values())],
+                  column_names=list(CALL_LOG_COLUMNS))
+
+    class OneShardCluster:
+        """The module's client, with a Distributed read answered by the local tables it
+        reads (a cluster of one shard, this server): chDB cannot reach a shard itself."""
+
+        def __init__(self, inner: Client) -> None:
+            self._inner = inner
+
+        def query(self, sql: str, *args: Any, **kwargs: Any) -> Any:
+            sql = re.sub(rf"`{clus}`\.`(\w+)`",
+                         lambda m: m[0] if m[1].endswith("_local") else f"`{clus}`.`{m[1]}_local`",
+                         sql)
+            return self._inner.query(sql, *args, **kwargs)
+
+    report = AuditReport()
+    scan_clickhouse(OneShardCluster(client), planted, report, (clus,))
+    assert report.findings == [f"ClickHouse {clus}.call_log.user_agent: 1 row(s)"]
+    assert report.problems == []
+    # As chDB is: the Distributed table cannot be read, so the local one still is, and
+    # the failure is reported.
+    report = AuditReport()
+    scan_clickhouse(client, planted, report, (clus,))
+    assert report.findings == [f"ClickHouse {clus}.call_log_local.user_agent: 1 row(s)"]
+    assert [p.split(":")[0] for p in report.problems] == [
+        f"ClickHouse table {clus}.{t}" for t in ("call_log", "schema_migrations", "security_log")
+    ]
+    # A single node is its own local table.
+    client.insert("onetoken.call_log", [list(row.values())], column_names=list(CALL_LOG_COLUMNS))
+    report = AuditReport()
+    scan_clickhouse(client, planted, report, ("onetoken",))
+    assert report.findings == ["ClickHouse onetoken.call_log.user_agent: 1 row(s)"]
