@@ -31,7 +31,7 @@ from onetoken.analytics.columns import CALL_LOG_COLUMNS
 from onetoken.analytics.sink import CallLogSink
 from onetoken.audit import AuditReport, scan_clickhouse
 from onetoken.billing import statements
-from onetoken.rights import export
+from onetoken.rights import erasure, export
 from onetoken.security.log import SECURITY_LOG_COLUMNS
 from onetoken.security.log import insert_rows as insert_security_rows
 from onetoken.settings import Settings
@@ -665,3 +665,151 @@ def test_audit_reports_a_cluster_finding_once(client: Client, clus: str) -> None
     report = AuditReport()
     scan_clickhouse(client, planted, report, ("onetoken",))
     assert report.findings == ["ClickHouse onetoken.call_log.user_agent: 1 row(s)"]
+
+
+# ---------------------------------------------------------------------------------------
+# Account erasure on the cluster
+
+SERVERS = ("e_0", "e_1")  # one database per server: two shards of one replica each
+
+
+class EveryServer:
+    """The module's client standing in for the servers of cluster `prod`, one database
+    each (e_0 is the server the control plane is connected to). What chDB cannot do is
+    done here the way the cluster would: a statement ON CLUSTER runs on every server; an
+    insert into clusterAllReplicas goes to the server its copy number routes it to (slot
+    `copy % 2`, two servers of weight 1); clusterAllReplicas(system.parts) reads every
+    server's parts. The tables of the cluster DDL (clus.*) and the work tables
+    (onetoken.erasure_*) are the server's own. Everything sent is recorded."""
+
+    def __init__(self, inner: Client) -> None:
+        self.inner = inner
+        self.sent: list[str] = []
+
+    @staticmethod
+    def on(sql: str, server: str) -> str:
+        sql = sql.replace(f" ON CLUSTER {CLUSTER}", "")
+        sql = sql.replace("onetoken.erasure_", "clus.erasure_")
+        return re.sub(r"\bclus\.", f"{server}.", sql)
+
+    def command(self, sql: str, *args: Any, **kwargs: Any) -> Any:
+        self.sent.append(sql)
+        fan_out = re.match(
+            rf"INSERT INTO FUNCTION clusterAllReplicas\('{CLUSTER}', onetoken, (\w+), copy\) "
+            r"(SELECT .*) SETTINGS distributed_foreground_insert = 1$", sql,
+        )
+        if fan_out:
+            table, select = fan_out.groups()
+            for n, server in reversed(list(enumerate(SERVERS))):
+                self.inner.command(
+                    f"INSERT INTO {server}.{table} SELECT * FROM "  # noqa: S608
+                    f"({self.on(select, SERVERS[0])}) WHERE n % {len(SERVERS)} = {n}"
+                )
+            return None
+        if f" ON CLUSTER {CLUSTER}" in sql:
+            for server in SERVERS:
+                self.inner.command(self.on(sql, server), *args, **kwargs)
+            return None
+        return self.inner.command(self.on(sql, SERVERS[0]), *args, **kwargs)
+
+    def query(self, sql: str, *args: Any, **kwargs: Any) -> Any:
+        self.sent.append(sql)
+        every = ", ".join(f"'{s}'" for s in SERVERS)
+        sql = sql.replace(
+            f"clusterAllReplicas('{CLUSTER}', system.parts)",
+            f"(SELECT * REPLACE (if(database IN ({every}), 'clus', database) AS database) "  # noqa: S608
+            "FROM system.parts)",
+        )
+        return self.inner.query(self.on(sql, SERVERS[0]) if "erasure_" in sql else sql,
+                                *args, **kwargs)
+
+    def insert(self, table: str, *args: Any, **kwargs: Any) -> Any:
+        self.sent.append(f"INSERT INTO {table}")
+        return self.inner.insert(self.on(table, SERVERS[0]), *args, **kwargs)
+
+
+def test_account_erasure_reaches_every_shard(client: Client, clus: str) -> None:
+    """The erasure's mutations go to the local tables ON CLUSTER (a Distributed table
+    refuses them), and what they read (the erased ids and values) is on every server,
+    where each runs them on its own rows. Run twice, the second run changes nothing."""
+    text = "\n".join(cluster.cluster_ddl(CLUSTER, "clus"))
+    for server in SERVERS:
+        for statement in ch.Migration(0, "c.sql", text).statements():
+            client.command(executable_here(statement.replace("clus.", f"{server}.").replace(
+                "EXISTS clus", f"EXISTS {server}")))
+    email, name = "ann.erased@example.test", "Ann Erasedname"
+    ids = erasure.Identifiers(
+        account_id="acct_erased", org_id="org_a", key_ids=["key_erased"],
+        global_needles=[email], account_needles=[name],
+    )
+    base = dict(zip(CALL_LOG_COLUMNS, call_rows()[0], strict=True))
+    event = dict(zip(SECURITY_LOG_COLUMNS, security_rows()[0], strict=True))
+    for n, server in enumerate(SERVERS):
+        calls = [
+            {**base, "request_id": f"r{n}a", "account_id": "acct_erased", "key_id": "key_x",
+             "source_ip": "198.51.100.7", "user_agent": "Erased/1"},
+            {**base, "request_id": f"r{n}b", "account_id": "acct_other", "key_id": "key_erased",
+             "source_ip": "198.51.100.8", "user_agent": "Erased/2"},
+            {**base, "request_id": f"r{n}c", "account_id": "acct_other", "key_id": "key_other",
+             "source_ip": "203.0.113.5", "user_agent": "Bystander/1"},
+        ]
+        client.insert(f"{server}.call_log_local", [list(r.values()) for r in calls],
+                      column_names=list(CALL_LOG_COLUMNS))
+        events = [
+            {**event, "event_id": f"e{n}a", "actor_id": "acct_erased",
+             "source_ip": "198.51.100.7", "user_agent": "Erased/1",
+             "detail": f'{{"name": "{name}", "email": "{email}"}}'},
+            # Someone else's event naming the erased email: the email goes, the rest stays.
+            {**event, "event_id": f"e{n}b", "actor_id": "acct_other", "subject_id": "acct_x",
+             "source_ip": "203.0.113.5", "user_agent": "Bystander/1",
+             "detail": f'{{"invited": "{email}", "name": "{name}"}}'},
+        ]
+        client.insert(f"{server}.security_log_local", [list(r.values()) for r in events],
+                      column_names=list(SECURITY_LOG_COLUMNS))
+
+    servers = EveryServer(client)
+
+    def runner(query: Callable[[Any], Any]) -> Any:
+        return query(servers)
+
+    def state() -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = []
+        for server in SERVERS:
+            rows += client.query(
+                f"SELECT request_id, source_ip, user_agent FROM {server}.call_log_local "  # noqa: S608
+                "ORDER BY request_id").result_rows
+            rows += client.query(
+                f"SELECT event_id, source_ip, user_agent, detail FROM {server}.security_log_local "  # noqa: S608
+                "ORDER BY event_id").result_rows
+        return rows
+
+    with serving_cluster(client):
+        for _ in range(2):
+            with erasure.replaced_parts_deleted(runner, timeout_s=30):
+                runner(lambda c: erasure.anonymize_clickhouse(c, [ids]))
+            after = state()
+            for n in range(len(SERVERS)):
+                assert (f"r{n}a", "", "") in after and (f"r{n}b", "", "") in after
+                assert (f"r{n}c", "203.0.113.5", "Bystander/1") in after
+                assert (f"e{n}a", "", "", '{"name": "[erased]", "email": "[erased]"}') in after
+                assert (f"e{n}b", "203.0.113.5", "Bystander/1",
+                        f'{{"invited": "[erased]", "name": "{name}"}}') in after
+    mutations = [
+        s for s in servers.sent if s.startswith("ALTER TABLE") and " UPDATE " in s
+    ]
+    assert [m.split(" UPDATE")[0] for m in mutations] == 2 * [
+        f"ALTER TABLE clus.call_log_local ON CLUSTER {CLUSTER}",
+        f"ALTER TABLE clus.security_log_local ON CLUSTER {CLUSTER}",
+    ]
+    kept = str(client.query(
+        "SELECT groupArray(command) FROM system.mutations WHERE database IN ('e_0', 'e_1')"
+    ).result_rows[0][0])
+    for value in (email, name, ids.account_id, *ids.key_ids):
+        assert value not in kept and not any(value in s for s in servers.sent)
+    for server in SERVERS:
+        for table in ("erasure_subjects", "erasure_needles"):
+            assert int(client.command(f"SELECT count() FROM {server}.{table}")) == 0  # noqa: S608
+        assert int(client.command(  # the replaced parts are gone from every server
+            "SELECT count() FROM system.parts WHERE NOT active AND database = {d:String} "
+            "AND table IN ('call_log_local', 'security_log_local')", parameters={"d": server},
+        )) == 0
