@@ -1,5 +1,7 @@
 """Cluster DDL (onetoken.analytics.cluster) against chDB: every generated statement parses,
-and every analytics query answers the same over two stand-in shards as over one table.
+every analytics query answers the same over two stand-in shards as over one table, inserts
+through a Distributed table fail while the shards cannot take them, the audit reports a
+finding once, and account erasure reaches the rows of every stand-in server.
 
 No ClickHouse cluster or Keeper runs here, so the Replicated and Distributed parts are
 validated, not run: chDB parses them (formatQuery) and runs them without their Keeper parts
