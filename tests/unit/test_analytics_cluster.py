@@ -796,6 +796,11 @@ def test_account_erasure_reaches_every_shard(client: Client, clus: str) -> None:
                 assert (f"e{n}a", "", "", '{"name": "[erased]", "email": "[erased]"}') in after
                 assert (f"e{n}b", "203.0.113.5", "Bystander/1",
                         f'{{"invited": "[erased]", "name": "{name}"}}') in after
+    # As sent (ON CLUSTER, clusterAllReplicas and all), each statement parses.
+    for statement in servers.sent:
+        if not statement.startswith("INSERT INTO onetoken."):  # data inserts: no SQL text
+            assert formatted(client, statement)
+    assert any(s.startswith("SYSTEM START CLEANUP ON CLUSTER prod ") for s in servers.sent)
     mutations = [
         s for s in servers.sent if s.startswith("ALTER TABLE") and " UPDATE " in s
     ]
