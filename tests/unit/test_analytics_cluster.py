@@ -785,7 +785,11 @@ def test_account_erasure_reaches_every_shard(client: Client, clus: str) -> None:
                 "ORDER BY event_id").result_rows
         return rows
 
-    with serving_cluster(client):
+    # A profile may have ClickHouse run a mutation's subqueries once and write their
+    # results into its text (a way to keep replicas alike); erasure must not let it.
+    client.command("SET mutations_execute_subqueries_on_initiator = 1")
+    with serving_cluster(client), contextlib.ExitStack() as restore:
+        restore.callback(client.command, "SET mutations_execute_subqueries_on_initiator = 0")
         for _ in range(2):
             with erasure.replaced_parts_deleted(runner, timeout_s=30):
                 runner(lambda c: erasure.anonymize_clickhouse(c, [ids]))

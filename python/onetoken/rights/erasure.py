@@ -163,7 +163,13 @@ def _replaced(needles: str, value: str) -> str:
 # Each replica of a Replicated table runs a mutation itself, so ClickHouse refuses one
 # that reads another table unless told that every replica reads the same: the work tables
 # filled on every server make it so. A table that is not Replicated ignores the setting.
-_MUTATION_SETTINGS = "SETTINGS mutations_sync = 2, allow_nondeterministic_mutations = 1"
+# The other way to satisfy that check, running the subqueries once on the initiator, would
+# write their results (the erased values) into the mutation's text, so it is turned off
+# whatever the user's profile says.
+_MUTATION_SETTINGS = (
+    "SETTINGS mutations_sync = 2, allow_nondeterministic_mutations = 1, "
+    "mutations_execute_subqueries_on_initiator = 0"
+)
 
 
 def call_log_mutation(table: Target) -> str:
