@@ -33,6 +33,7 @@ from onetoken.analytics.clickhouse import (
     ChdbLockedError,
     ClickHouseSettings,
     ClickHouseUnavailableError,
+    covered_table,
     open_client,
     parse_dsn,
 )
@@ -232,19 +233,29 @@ def scan_clickhouse(
 
     `databases` None means every non-system database (right for chDB, whose whole path is
     ours); a server scan passes ("onetoken",).
+
+    On a cluster (analytics.cluster) the scan meets a Distributed table, which reads every
+    shard, and the local table under it, which holds this server's shard only: a local
+    table is skipped once a Distributed table over it in the same scan was read, so each
+    finding is reported once. When the Distributed table cannot be read (a shard down),
+    the local table is still scanned, and the failure is reported.
     """
     if databases is None:
         rows = client.query("SELECT name FROM system.databases").result_rows
         databases = [str(r[0]) for r in rows if str(r[0]) not in _SYSTEM_DATABASES]
     tables = client.query(
-        "SELECT database, name, engine FROM system.tables "
+        "SELECT database, name, engine, engine_full FROM system.tables "
         "WHERE database IN {dbs:Array(String)} ORDER BY database, name",
         parameters={"dbs": list(databases)},
     ).result_rows
     from clickhouse_connect.driver.binding import quote_identifier
 
-    for database, table, engine in tables:
-        if str(engine) in _VIEW_ENGINES:
+    # Distributed tables first, so that what they read is known before the local tables.
+    covering = {(str(db), str(t)): covered_table(str(db), str(full)) for db, t, _, full in tables}
+    tables = sorted(tables, key=lambda r: covering[(str(r[0]), str(r[1]))] is None)
+    covered: set[tuple[str, str]] = set()
+    for database, table, engine, _ in tables:
+        if str(engine) in _VIEW_ENGINES or (str(database), str(table)) in covered:
             continue
         columns = client.query(
             "SELECT name, type FROM system.columns WHERE database = {db:String} "
@@ -272,6 +283,8 @@ def scan_clickhouse(
             )
             continue
         report.columns_scanned += len(exprs)
+        if (local := covering[(str(database), str(table))]) is not None:
+            covered.add(local)
         for (name, _), count in zip(exprs, counts, strict=True):
             if int(count):
                 report.findings.append(f"ClickHouse {database}.{table}.{name}: {int(count)} row(s)")

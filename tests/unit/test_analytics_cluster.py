@@ -1,5 +1,7 @@
 """Cluster DDL (onetoken.analytics.cluster) against chDB: every generated statement parses,
-and every analytics query answers the same over two stand-in shards as over one table.
+every analytics query answers the same over two stand-in shards as over one table, inserts
+through a Distributed table fail while the shards cannot take them, the audit reports a
+finding once, and account erasure reaches the rows of every stand-in server.
 
 No ClickHouse cluster or Keeper runs here, so the Replicated and Distributed parts are
 validated, not run: chDB parses them (formatQuery) and runs them without their Keeper parts
@@ -28,10 +30,12 @@ from onetoken import cli
 from onetoken.analytics import clickhouse as ch
 from onetoken.analytics import cluster, queries
 from onetoken.analytics.columns import CALL_LOG_COLUMNS
+from onetoken.analytics.sink import CallLogSink
 from onetoken.audit import AuditReport, scan_clickhouse
 from onetoken.billing import statements
-from onetoken.rights import export
+from onetoken.rights import erasure, export
 from onetoken.security.log import SECURITY_LOG_COLUMNS
+from onetoken.security.log import insert_rows as insert_security_rows
 from onetoken.settings import Settings
 from onetoken.web.routes import security as security_route
 
@@ -570,3 +574,253 @@ def test_stand_in_shards_are_the_single_node_schema_renamed() -> None:
     ]
     assert renamed[0] == "CREATE DATABASE IF NOT EXISTS shard_0"
     assert not any("onetoken" in s for s in renamed)
+
+
+# ---------------------------------------------------------------------------------------
+# Writes through the Distributed tables, and the audit over them
+
+
+@contextlib.contextmanager
+def serving_cluster(client: Client, tables: tuple[str, ...] = tuple(TABLES)) -> Iterator[None]:
+    """The Distributed tables of the executed cluster DDL under the names the code uses
+    (onetoken.<t> is then Distributed(prod, clus, <t>_local, key)), then back."""
+    for table in tables:
+        client.command(f"EXCHANGE TABLES onetoken.{table} AND clus.{table}")
+    try:
+        yield
+    finally:
+        for table in tables:
+            client.command(f"EXCHANGE TABLES onetoken.{table} AND clus.{table}")
+
+
+def test_inserts_through_distributed_wait_for_the_shards(
+    client: Client, clus: str, shards: dict[str, dict[str, int]]
+) -> None:
+    """No shard of the declared cluster is reachable. An insert queued on this server's
+    disk for sending later would report success and the journal cursor would move on, so
+    the sink must report failure (the batch stays in the journal) and the security log's
+    insert must raise (the rows stay spooled). On a single node the same inserts work and
+    a retried batch is still dropped by its deduplication token."""
+    columns = ", ".join(CALL_LOG_COLUMNS)
+    block = client.raw_query(
+        f"SELECT {columns} FROM onetoken.call_log ORDER BY request_id LIMIT 3",  # noqa: S608
+        fmt="Native",
+    )
+    events = security_rows()[:2]
+    sink = CallLogSink(Settings(), client=client)
+    with serving_cluster(client):
+        assert str(client.command(
+            "SELECT engine FROM system.tables WHERE database = 'onetoken' AND name = 'call_log'"
+        )) == "Distributed"
+        assert sink.insert(block, 3, "cluster-batch") is False
+        assert sink.last_error == "DatabaseError:210"  # NETWORK_ERROR: no shard reached
+        with pytest.raises(Exception, match="NETWORK_ERROR"):
+            insert_security_rows(lambda f: f(client), events)
+    assert int(client.command("SELECT count() FROM clus.call_log_local")) == 0
+
+    def physical() -> int:
+        return int(client.command("SELECT count() FROM onetoken.call_log"))
+
+    before = physical()
+    assert sink.insert(block, 3, "single-batch") is True
+    assert sink.insert(block, 3, "single-batch") is True
+    assert physical() == before + 3
+    insert_security_rows(lambda f: f(client), events)
+
+
+def test_audit_reports_a_cluster_finding_once(client: Client, clus: str) -> None:
+    """A needle in a shard's local table is read both through the Distributed table and
+    from the local table itself; the scan reports it once."""
+    planted = "needle-cluster-5d1e"
+    row = dict(zip(CALL_LOG_COLUMNS, call_rows()[0], strict=True))
+    row.update(request_id="req_planted", user_agent=planted)
+    client.insert(f"{clus}.call_log_local", [list(row.values())],
+                  column_names=list(CALL_LOG_COLUMNS))
+
+    class OneShardCluster:
+        """The module's client, with a Distributed read answered by the local tables it
+        reads (a cluster of one shard, this server): chDB cannot reach a shard itself."""
+
+        def __init__(self, inner: Client) -> None:
+            self._inner = inner
+
+        def query(self, sql: str, *args: Any, **kwargs: Any) -> Any:
+            sql = re.sub(rf"`{clus}`\.`(\w+)`",
+                         lambda m: m[0] if m[1].endswith("_local") else f"`{clus}`.`{m[1]}_local`",
+                         sql)
+            return self._inner.query(sql, *args, **kwargs)
+
+    report = AuditReport()
+    scan_clickhouse(OneShardCluster(client), planted, report, (clus,))
+    assert report.findings == [f"ClickHouse {clus}.call_log.user_agent: 1 row(s)"]
+    assert report.problems == []
+    # As chDB is: the Distributed table cannot be read, so the local one still is, and
+    # the failure is reported.
+    report = AuditReport()
+    scan_clickhouse(client, planted, report, (clus,))
+    assert report.findings == [f"ClickHouse {clus}.call_log_local.user_agent: 1 row(s)"]
+    assert [p.split(":")[0] for p in report.problems] == [
+        f"ClickHouse table {clus}.{t}" for t in ("call_log", "schema_migrations", "security_log")
+    ]
+    # A single node is its own local table.
+    client.insert("onetoken.call_log", [list(row.values())], column_names=list(CALL_LOG_COLUMNS))
+    report = AuditReport()
+    scan_clickhouse(client, planted, report, ("onetoken",))
+    assert report.findings == ["ClickHouse onetoken.call_log.user_agent: 1 row(s)"]
+
+
+# ---------------------------------------------------------------------------------------
+# Account erasure on the cluster
+
+SERVERS = ("e_0", "e_1")  # one database per server: two shards of one replica each
+
+
+class EveryServer:
+    """The module's client standing in for the servers of cluster `prod`, one database
+    each (e_0 is the server the control plane is connected to). What chDB cannot do is
+    done here the way the cluster would: a statement ON CLUSTER runs on every server; an
+    insert into clusterAllReplicas goes to the server its copy number routes it to (slot
+    `copy % 2`, two servers of weight 1); clusterAllReplicas(system.parts) reads every
+    server's parts. The tables of the cluster DDL (clus.*) and the work tables
+    (onetoken.erasure_*) are the server's own. Everything sent is recorded."""
+
+    def __init__(self, inner: Client) -> None:
+        self.inner = inner
+        self.sent: list[str] = []
+
+    @staticmethod
+    def on(sql: str, server: str) -> str:
+        sql = sql.replace(f" ON CLUSTER {CLUSTER}", "")
+        sql = sql.replace("onetoken.erasure_", "clus.erasure_")
+        return re.sub(r"\bclus\.", f"{server}.", sql)
+
+    def command(self, sql: str, *args: Any, **kwargs: Any) -> Any:
+        self.sent.append(sql)
+        fan_out = re.match(
+            rf"INSERT INTO FUNCTION clusterAllReplicas\('{CLUSTER}', onetoken, (\w+), copy\) "
+            r"(SELECT .*) SETTINGS distributed_foreground_insert = 1$", sql,
+        )
+        if fan_out:
+            table, select = fan_out.groups()
+            for n, server in reversed(list(enumerate(SERVERS))):
+                self.inner.command(
+                    f"INSERT INTO {server}.{table} SELECT * FROM "  # noqa: S608
+                    f"({self.on(select, SERVERS[0])}) WHERE n % {len(SERVERS)} = {n}"
+                )
+            return None
+        if f" ON CLUSTER {CLUSTER}" in sql:
+            for server in SERVERS:
+                self.inner.command(self.on(sql, server), *args, **kwargs)
+            return None
+        return self.inner.command(self.on(sql, SERVERS[0]), *args, **kwargs)
+
+    def query(self, sql: str, *args: Any, **kwargs: Any) -> Any:
+        self.sent.append(sql)
+        every = ", ".join(f"'{s}'" for s in SERVERS)
+        sql = sql.replace(
+            f"clusterAllReplicas('{CLUSTER}', system.parts)",
+            f"(SELECT * REPLACE (if(database IN ({every}), 'clus', database) AS database) "  # noqa: S608
+            "FROM system.parts)",
+        )
+        return self.inner.query(self.on(sql, SERVERS[0]) if "erasure_" in sql else sql,
+                                *args, **kwargs)
+
+    def insert(self, table: str, *args: Any, **kwargs: Any) -> Any:
+        self.sent.append(f"INSERT INTO {table}")
+        return self.inner.insert(self.on(table, SERVERS[0]), *args, **kwargs)
+
+
+def test_account_erasure_reaches_every_shard(client: Client, clus: str) -> None:
+    """The erasure's mutations go to the local tables ON CLUSTER (a Distributed table
+    refuses them), and what they read (the erased ids and values) is on every server,
+    where each runs them on its own rows. Run twice, the second run changes nothing."""
+    text = "\n".join(cluster.cluster_ddl(CLUSTER, "clus"))
+    for server in SERVERS:
+        for statement in ch.Migration(0, "c.sql", text).statements():
+            client.command(executable_here(statement.replace("clus.", f"{server}.").replace(
+                "EXISTS clus", f"EXISTS {server}")))
+    email, name = "ann.erased@example.test", "Ann Erasedname"
+    ids = erasure.Identifiers(
+        account_id="acct_erased", org_id="org_a", key_ids=["key_erased"],
+        global_needles=[email], account_needles=[name],
+    )
+    base = dict(zip(CALL_LOG_COLUMNS, call_rows()[0], strict=True))
+    event = dict(zip(SECURITY_LOG_COLUMNS, security_rows()[0], strict=True))
+    for n, server in enumerate(SERVERS):
+        calls = [
+            {**base, "request_id": f"r{n}a", "account_id": "acct_erased", "key_id": "key_x",
+             "source_ip": "198.51.100.7", "user_agent": "Erased/1"},
+            {**base, "request_id": f"r{n}b", "account_id": "acct_other", "key_id": "key_erased",
+             "source_ip": "198.51.100.8", "user_agent": "Erased/2"},
+            {**base, "request_id": f"r{n}c", "account_id": "acct_other", "key_id": "key_other",
+             "source_ip": "203.0.113.5", "user_agent": "Bystander/1"},
+        ]
+        client.insert(f"{server}.call_log_local", [list(r.values()) for r in calls],
+                      column_names=list(CALL_LOG_COLUMNS))
+        events = [
+            {**event, "event_id": f"e{n}a", "actor_id": "acct_erased",
+             "source_ip": "198.51.100.7", "user_agent": "Erased/1",
+             "detail": f'{{"name": "{name}", "email": "{email}"}}'},
+            # Someone else's event naming the erased email: the email goes, the rest stays.
+            {**event, "event_id": f"e{n}b", "actor_id": "acct_other", "subject_id": "acct_x",
+             "source_ip": "203.0.113.5", "user_agent": "Bystander/1",
+             "detail": f'{{"invited": "{email}", "name": "{name}"}}'},
+        ]
+        client.insert(f"{server}.security_log_local", [list(r.values()) for r in events],
+                      column_names=list(SECURITY_LOG_COLUMNS))
+
+    servers = EveryServer(client)
+
+    def runner(query: Callable[[Any], Any]) -> Any:
+        return query(servers)
+
+    def state() -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = []
+        for server in SERVERS:
+            rows += client.query(
+                f"SELECT request_id, source_ip, user_agent FROM {server}.call_log_local "  # noqa: S608
+                "ORDER BY request_id").result_rows
+            rows += client.query(
+                f"SELECT event_id, source_ip, user_agent, detail FROM {server}.security_log_local "  # noqa: S608
+                "ORDER BY event_id").result_rows
+        return rows
+
+    # A profile may have ClickHouse run a mutation's subqueries once and write their
+    # results into its text (a way to keep replicas alike); erasure must not let it.
+    client.command("SET mutations_execute_subqueries_on_initiator = 1")
+    with serving_cluster(client), contextlib.ExitStack() as restore:
+        restore.callback(client.command, "SET mutations_execute_subqueries_on_initiator = 0")
+        for _ in range(2):
+            with erasure.replaced_parts_deleted(runner, timeout_s=30):
+                runner(lambda c: erasure.anonymize_clickhouse(c, [ids]))
+            after = state()
+            for n in range(len(SERVERS)):
+                assert (f"r{n}a", "", "") in after and (f"r{n}b", "", "") in after
+                assert (f"r{n}c", "203.0.113.5", "Bystander/1") in after
+                assert (f"e{n}a", "", "", '{"name": "[erased]", "email": "[erased]"}') in after
+                assert (f"e{n}b", "203.0.113.5", "Bystander/1",
+                        f'{{"invited": "[erased]", "name": "{name}"}}') in after
+    # As sent (ON CLUSTER, clusterAllReplicas and all), each statement parses.
+    for statement in servers.sent:
+        if not statement.startswith("INSERT INTO onetoken."):  # data inserts: no SQL text
+            assert formatted(client, statement)
+    assert any(s.startswith("SYSTEM START CLEANUP ON CLUSTER prod ") for s in servers.sent)
+    mutations = [
+        s for s in servers.sent if s.startswith("ALTER TABLE") and " UPDATE " in s
+    ]
+    assert [m.split(" UPDATE")[0] for m in mutations] == 2 * [
+        f"ALTER TABLE clus.call_log_local ON CLUSTER {CLUSTER}",
+        f"ALTER TABLE clus.security_log_local ON CLUSTER {CLUSTER}",
+    ]
+    kept = str(client.query(
+        "SELECT groupArray(command) FROM system.mutations WHERE database IN ('e_0', 'e_1')"
+    ).result_rows[0][0])
+    for value in (email, name, ids.account_id, *ids.key_ids):
+        assert value not in kept and not any(value in s for s in servers.sent)
+    for server in SERVERS:
+        for table in ("erasure_subjects", "erasure_needles"):
+            assert int(client.command(f"SELECT count() FROM {server}.{table}")) == 0  # noqa: S608
+        assert int(client.command(  # the replaced parts are gone from every server
+            "SELECT count() FROM system.parts WHERE NOT active AND database = {d:String} "
+            "AND table IN ('call_log_local', 'security_log_local')", parameters={"d": server},
+        )) == 0

@@ -323,6 +323,15 @@ def apply_migrations(client: Client) -> list[str]:
 _DISTRIBUTED = re.compile(r"^Distributed\('([A-Za-z0-9_]+)', '([A-Za-z0-9_]*)', '([A-Za-z0-9_]+)'")
 
 
+def covered_table(database: str, engine_full: str) -> tuple[str, str] | None:
+    """(database, table) of the local tables a Distributed table of `database` reads, from
+    its system.tables engine_full; None for any other engine."""
+    distributed = _DISTRIBUTED.match(engine_full)
+    if distributed is None:
+        return None
+    return distributed[2] or database, distributed[3]
+
+
 @dataclass(frozen=True)
 class TtlTarget:
     """Where a table's TTL lives: the table itself, or on a cluster (analytics.cluster) the

@@ -12,6 +12,10 @@ derived from the batch identity (journal instance, segment, start and end offset
 retry reads again exactly), and the table is a ReplacingMergeTree keyed by
 (org_id, ts, request_id), so a record inserted twice reads once with FINAL.
 
+On a cluster the insert goes through a Distributed table in the foreground
+(DURABLE_INSERT_SETTINGS): it succeeds only once every shard has its rows, so the cursor
+never moves past rows that sit only in one server's send queue.
+
 Nothing here logs or raises with row data: log lines carry counts, error classes and
 ClickHouse error codes only.
 """
@@ -29,7 +33,11 @@ from typing import Any, TypeVar
 from clickhouse_connect.driver.client import Client
 
 from onetoken.analytics.clickhouse import ClickHouseSettings, open_client
-from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_TABLE
+from onetoken.analytics.columns import (
+    CALL_LOG_COLUMNS,
+    CALL_LOG_TABLE,
+    DURABLE_INSERT_SETTINGS,
+)
 
 T = TypeVar("T")
 
@@ -157,6 +165,7 @@ class CallLogSink:
                         # skipping it saves about a fifth of the insert CPU. Duplicates
                         # across batches still collapse in background merges and under FINAL.
                         "optimize_on_insert": 0,
+                        **DURABLE_INSERT_SETTINGS,
                     },
                 )
             except Exception as exc:

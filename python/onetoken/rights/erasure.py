@@ -24,6 +24,8 @@ Then, in the erasure worker, for a batch of queued accounts at a time:
    and their names are replaced in `detail` (email and mobile number in every row that
    holds them). The values are passed as data in work tables, never in the mutation's
    text, which ClickHouse keeps; the parts the mutations replaced are deleted at once.
+   On a cluster the mutations go to the local tables ON CLUSTER, and the work tables are
+   filled on every server.
 
 Ledger entries, orders and call costs are never changed: `onetoken billing reconcile`
 balances before and after."""
@@ -42,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, delete, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from onetoken.analytics.clickhouse import ttl_target
 from onetoken.analytics.columns import CALL_LOG_TABLE, SECURITY_LOG_TABLE
 from onetoken.db.base import utcnow
 from onetoken.db.session import SessionFactory, bump_revision
@@ -105,15 +108,43 @@ def _variants(values: Sequence[str | None]) -> list[str]:
 ERASURE_BATCH = 200
 # Work tables of a batch. What is erased (ids, email, names, ...) is inserted here as data
 # and the mutations read it through subqueries, so the commands ClickHouse keeps after a
-# mutation (system.mutations, mutation_*.txt beside the table) name none of it. Memory
-# engine: never on disk, emptied after every batch; a mutation that a crash left
-# unfinished finds them empty after the restart and changes nothing.
+# mutation (system.mutations, mutation_*.txt beside the table, and on a cluster the
+# mutation log in Keeper) name none of it. Memory engine: never on disk, emptied after
+# every batch; a mutation that a crash left unfinished finds them empty after the restart
+# and changes nothing. On a cluster they exist on every server and are filled on every
+# server: each replica of each shard runs the mutations itself, on its own rows.
 ERASURE_SUBJECTS = "onetoken.erasure_subjects"
 ERASURE_NEEDLES = "onetoken.erasure_needles"
+_WORK_TABLES = {
+    ERASURE_SUBJECTS: ("id",),
+    ERASURE_NEEDLES: ("scope", "needle"),
+}
 # How long replaced parts stay on disk, set on both tables by migration 006; lowered for
 # the few seconds after a batch, so the rows as they were before leave the disk at once.
 OUTDATED_PARTS_LIFETIME_S = 60
 OUTDATED_PARTS_WAIT_S = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a table's rows are rewritten: the table itself on a single node; on a cluster
+    (analytics.cluster) the local tables under its Distributed table, on every server
+    (a Distributed table takes no mutation)."""
+
+    table: str
+    cluster: str | None
+
+    @property
+    def on_cluster(self) -> str:
+        return f" ON CLUSTER {self.cluster}" if self.cluster else ""
+
+
+def target(client: Any, table: str) -> Target:
+    found = ttl_target(client, table)
+    if found is None or not found.on_cluster:
+        return Target(table, None)
+    return Target(found.table, found.on_cluster.removeprefix(" ON CLUSTER "))
+
 
 _SUBJECTS = f"(SELECT id FROM {ERASURE_SUBJECTS})"  # noqa: S608 (constants only)
 _ATTRIBUTED = f"(actor_id IN {_SUBJECTS} OR subject_id IN {_SUBJECTS})"
@@ -129,55 +160,96 @@ def _replaced(needles: str, value: str) -> str:
     return f"arrayFold((acc, n) -> replaceAll(acc, n, '{ERASED}'), {needles}, {value})"
 
 
-CALL_LOG_MUTATION = (
-    f"ALTER TABLE {CALL_LOG_TABLE} UPDATE source_ip = '', user_agent = '' "
-    f"WHERE account_id IN {_SUBJECTS} OR key_id IN {_SUBJECTS} "
-    "SETTINGS mutations_sync = 2"
+# Each replica of a Replicated table runs a mutation itself, so ClickHouse refuses one
+# that reads another table unless told that every replica reads the same: the work tables
+# filled on every server make it so. A table that is not Replicated ignores the setting.
+# The other way to satisfy that check, running the subqueries once on the initiator, would
+# write their results (the erased values) into the mutation's text, so it is turned off
+# whatever the user's profile says.
+_MUTATION_SETTINGS = (
+    "SETTINGS mutations_sync = 2, allow_nondeterministic_mutations = 1, "
+    "mutations_execute_subqueries_on_initiator = 0"
 )
-# In rows where an erased account or key is the actor or the subject: no address, no
-# User-Agent, and its login and display names replaced in `detail`; email addresses and
-# mobile numbers are replaced in every row that holds them.
-_DETAIL = _replaced(
-    _needles("global"),
-    f"if({_ATTRIBUTED}, {_replaced(_needles('account'), 'detail')}, detail)",
-)
-SECURITY_LOG_MUTATION = (
-    f"ALTER TABLE {SECURITY_LOG_TABLE} UPDATE "
-    f"source_ip = if({_ATTRIBUTED}, '', source_ip), "
-    f"user_agent = if({_ATTRIBUTED}, '', user_agent), "
-    f"detail = {_DETAIL} "
-    f"WHERE {_ATTRIBUTED} OR arrayExists(n -> position(detail, n) > 0, {_needles('global')}) "
-    "SETTINGS mutations_sync = 2"
-)
+
+
+def call_log_mutation(table: Target) -> str:
+    return (
+        f"ALTER TABLE {table.table}{table.on_cluster} UPDATE source_ip = '', user_agent = '' "
+        f"WHERE account_id IN {_SUBJECTS} OR key_id IN {_SUBJECTS} {_MUTATION_SETTINGS}"
+    )
+
+
+def security_log_mutation(table: Target) -> str:
+    """In rows where an erased account or key is the actor or the subject: no address, no
+    User-Agent, and its login and display names replaced in `detail`; email addresses and
+    mobile numbers are replaced in every row that holds them."""
+    detail = _replaced(
+        _needles("global"), f"if({_ATTRIBUTED}, {_replaced(_needles('account'), 'detail')}, detail)"
+    )
+    return (
+        f"ALTER TABLE {table.table}{table.on_cluster} UPDATE "
+        f"source_ip = if({_ATTRIBUTED}, '', source_ip), "
+        f"user_agent = if({_ATTRIBUTED}, '', user_agent), "
+        f"detail = {detail} "
+        f"WHERE {_ATTRIBUTED} OR arrayExists(n -> position(detail, n) > 0, {_needles('global')}) "
+        f"{_MUTATION_SETTINGS}"
+    )
 
 
 def anonymize_clickhouse(client: Any, batch: Sequence[Identifiers]) -> None:
-    """The mutations of step 3 for a batch of accounts; synchronous (mutations_sync = 2)."""
-    client.command(f"CREATE TABLE IF NOT EXISTS {ERASURE_SUBJECTS} (id String) ENGINE = Memory")
-    client.command(
-        f"CREATE TABLE IF NOT EXISTS {ERASURE_NEEDLES} (scope String, needle String) "
-        "ENGINE = Memory"
-    )
+    """The mutations of step 4 for a batch of accounts; synchronous (mutations_sync = 2:
+    on a cluster, once every replica has run them)."""
+    call_log, security_log = target(client, CALL_LOG_TABLE), target(client, SECURITY_LOG_TABLE)
+    cluster = call_log.cluster or security_log.cluster
+    for table, columns in _WORK_TABLES.items():
+        definition = ", ".join(f"{c} String" for c in columns)
+        client.command(
+            f"CREATE TABLE IF NOT EXISTS {table}{Target(table, cluster).on_cluster} "
+            f"({definition}, copy UInt32) ENGINE = Memory"
+        )
     subjects = sorted({i for ids in batch for i in (ids.account_id, *ids.key_ids)})
     needles = sorted(
         {("account", n) for ids in batch for n in _variants(ids.account_needles)}
         | {("global", n) for ids in batch for n in _variants(ids.global_needles)}
     )
     try:
-        _empty_work_tables(client)
-        client.insert(ERASURE_SUBJECTS, [[i] for i in subjects], column_names=["id"])
+        _empty_work_tables(client, cluster)
+        _fill(client, ERASURE_SUBJECTS, [(i,) for i in subjects], cluster)
         if needles:
-            client.insert(ERASURE_NEEDLES, [list(n) for n in needles],
-                          column_names=["scope", "needle"])
-        client.command(CALL_LOG_MUTATION)
-        client.command(SECURITY_LOG_MUTATION)
+            _fill(client, ERASURE_NEEDLES, needles, cluster)
+        client.command(call_log_mutation(call_log))
+        client.command(security_log_mutation(security_log))
     finally:
-        _empty_work_tables(client)
+        _empty_work_tables(client, cluster)
 
 
-def _empty_work_tables(client: Any) -> None:
-    for table in (ERASURE_SUBJECTS, ERASURE_NEEDLES):
-        client.command(f"TRUNCATE TABLE {table}")
+def _fill(client: Any, table: str, rows: Sequence[tuple[str, ...]], cluster: str | None) -> None:
+    """Rows into a work table: inserted as data here; on a cluster then copied to every
+    server (each one its own shard of clusterAllReplicas, routed by the copy number), in
+    the foreground so that none is still on its way when the mutation runs. As many
+    copies as the weights of all servers add up to, so that every slot of the routing is
+    hit whatever the weights; a server given more than one copy (this one among them)
+    matches the same rows."""
+    columns = _WORK_TABLES[table]
+    client.insert(table, [list(r) for r in rows], column_names=list(columns))
+    if cluster is None:
+        return
+    copies = int(client.command(
+        "SELECT sum(shard_weight) FROM system.clusters WHERE cluster = {c:String}",
+        parameters={"c": cluster},
+    ))
+    database, name = table.split(".")
+    listed = ", ".join(columns)
+    client.command(
+        f"INSERT INTO FUNCTION clusterAllReplicas('{cluster}', {database}, {name}, copy) "  # noqa: S608
+        f"SELECT {listed}, n FROM {table} ARRAY JOIN range({copies}) AS n "
+        "SETTINGS distributed_foreground_insert = 1"
+    )
+
+
+def _empty_work_tables(client: Any, cluster: str | None) -> None:
+    for table in _WORK_TABLES:
+        client.command(f"TRUNCATE TABLE {table}{Target(table, cluster).on_cluster}")
 
 
 # For the few seconds of a batch: replaced parts are deletable at once, and ClickHouse's
@@ -198,24 +270,30 @@ def replaced_parts_deleted(
 ) -> Iterator[None]:
     """Around the mutations: the parts they replace (which still hold the erased values)
     leave the disk within seconds rather than OUTDATED_PARTS_LIFETIME_S later; on exit,
-    wait until none is left. The wait is a loop of short queries, so the record pump keeps
-    writing meanwhile."""
-    tables = (CALL_LOG_TABLE, SECURITY_LOG_TABLE)
+    wait until none is left (on a cluster, on no server). The wait is a loop of short
+    queries, so the record pump keeps writing meanwhile."""
+    tables: list[Target] = runner(
+        lambda c: [target(c, CALL_LOG_TABLE), target(c, SECURITY_LOG_TABLE)]
+    )
+    cluster = next((t.cluster for t in tables if t.cluster), None)
+    parts = f"clusterAllReplicas('{cluster}', system.parts)" if cluster else "system.parts"
+    names = [t.table.split(".") for t in tables]
 
     def alter(clause: str) -> None:
         for table in tables:
-            runner(lambda c, t=table: c.command(f"ALTER TABLE {t} {clause}"))  # type: ignore[misc]
+            runner(lambda c, t=table: c.command(f"ALTER TABLE {t.table}{t.on_cluster} {clause}"))  # type: ignore[misc]
 
     def outdated(client: Any) -> int:
         return int(client.query(
-            "SELECT count() FROM system.parts WHERE NOT active AND database = 'onetoken' "
-            "AND table IN ('call_log', 'security_log')"
+            f"SELECT count() FROM {parts} WHERE NOT active "  # noqa: S608 (names from system.tables)
+            "AND (database, table) IN {names:Array(Tuple(String, String))}",
+            parameters={"names": [tuple(n) for n in names]},
         ).result_rows[0][0])
 
     def clean_now(client: Any) -> None:
         for table in tables:
             # Wakes the cleanup task, which would otherwise sleep out its old period first.
-            client.command(f"SYSTEM START CLEANUP {table}")
+            client.command(f"SYSTEM START CLEANUP{table.on_cluster} {table.table}")
 
     # Before the mutations: the deadline of a part is fixed when it is replaced.
     alter(f"MODIFY SETTING {_PROMPT_CLEANUP}")

@@ -34,7 +34,7 @@ from typing import Any, Final, Literal, TypeVar
 
 import orjson
 
-from onetoken.analytics.columns import SECURITY_LOG_TABLE
+from onetoken.analytics.columns import DURABLE_INSERT_SETTINGS, SECURITY_LOG_TABLE
 from onetoken.kit.events import EventBus
 from onetoken.kit.files import private_dir
 
@@ -284,7 +284,9 @@ def insert_rows(run: ClientRunner, rows: list[Row]) -> None:
             columns,
             column_names=list(SECURITY_LOG_COLUMNS),
             column_oriented=True,
-            settings={"insert_deduplication_token": token},
+            # Once this returns the rows leave memory or the spool: on a cluster, only
+            # when the shards have them, not when one server has queued them.
+            settings={"insert_deduplication_token": token, **DURABLE_INSERT_SETTINGS},
         )
 
     run(insert)
