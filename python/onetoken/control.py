@@ -6,8 +6,8 @@ The event bus (AppState.events) carries recorded security events to the webhooks
 and every batch ingestion took to the key-risk check and the risk detectors.
 
 Background jobs of a serving control process beside ingestion: webhook delivery, risk
-detection on the ingested records, the retention purge, and the queued ClickHouse part of
-account erasures.
+detection on the ingested records, the retention purge, the queued ClickHouse part of
+account erasures, and with Redis the money cap publisher.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from onetoken import webhooks
 from onetoken.db.migrate import upgrade
 from onetoken.db.session import make_engine, make_session_factory
 from onetoken.gateway.snapshot import SnapshotSource
+from onetoken.ingest.caps import CapPublisher
 from onetoken.ingest.batch import Batch
 from onetoken.kit import channel
 from onetoken.kit.crypto import Secrets
@@ -109,9 +110,12 @@ class Background:
     detectors: detectors_mod.Detectors
     retention: RetentionWorker
     erasures: erasure.ErasureWorker
+    caps: CapPublisher | None = None
 
     def stop(self) -> None:
         """After ingestion stopped (its last batches may still raise events)."""
+        if self.caps is not None:
+            self.caps.stop()
         self.retention.stop()
         self.erasures.stop()
         erasure.install(None)
@@ -133,4 +137,10 @@ def start_background(state: AppState, ingestor: Ingestor) -> Background:
     retention = RetentionWorker(state.session_factory, settings)
     retention.start()
     erasures = erasure.make_worker(state, ingestor)  # started by serve after the ingestor
-    return Background(dispatcher, detectors, retention, erasures)
+    caps = None
+    if settings.redis_url:
+        # Listens for money moved by this process's commits from here on, and publishes
+        # every org's cap first.
+        caps = state.caps = CapPublisher(settings, state.session_factory)
+        caps.start()
+    return Background(dispatcher, detectors, retention, erasures, caps)
