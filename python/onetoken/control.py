@@ -24,8 +24,8 @@ from onetoken import webhooks
 from onetoken.db.migrate import upgrade
 from onetoken.db.session import make_engine, make_session_factory
 from onetoken.gateway.snapshot import SnapshotSource
-from onetoken.ingest.caps import CapPublisher
 from onetoken.ingest.batch import Batch
+from onetoken.ingest.caps import CapPublisher
 from onetoken.kit import channel
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.events import EventBus
