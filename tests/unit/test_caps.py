@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import redis
+from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from onetoken.billing import service as billing
+from onetoken.control import start_background
 from onetoken.db.session import current_revision
 from onetoken.ingest import caps
 from onetoken.ingest.caps import CapPublisher, read_caps, read_plan
@@ -63,6 +65,11 @@ def publisher(settings: Settings, state: AppState, server: RedisServer) -> Itera
     pub = CapPublisher(settings, state.session_factory)
     yield pub
     pub.stop()
+
+
+@pytest.fixture
+def api(client: TestClient) -> TestClient:
+    return client
 
 
 @pytest.fixture
@@ -125,11 +132,10 @@ def test_ingestion_moves_neither_the_cap_nor_its_revision(
 def test_money_moved_in_or_out_is_published_after_its_commit(
     state: AppState, publisher: CapPublisher, db: redis.Redis, org_id: str
 ) -> None:
+    # Full rounds every 0.2 s would publish it too: one at start, then only the wake-ups.
+    publisher._interval = 3600
     publisher.start()
     wait_until(lambda: cap(db, org_id) is not None, message="first full round")
-    # Full rounds every 0.2 s would publish it too; a long interval leaves only the wake-up.
-    publisher._interval = 3600
-    wait_until(lambda: publisher.last_published is not None)
     with state.session_factory() as s:
         billing.credit(s, org_id, amount=500, kind="recharge", idempotency_key="top-up")
         s.commit()
@@ -161,37 +167,57 @@ def test_a_cap_read_before_a_newer_one_never_overwrites_it(
     assert cap(db, org_id) == (BALANCE - 4000, new.revision)
 
 
+def test_a_serving_control_process_publishes_and_shows_it_on_healthz(
+    state: AppState, settings: Settings, server: RedisServer, db: redis.Redis, client: TestClient
+) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}  # no Redis, no field
+    with state.session_factory() as s:
+        org = orgs.create_org(s, "A").id
+        billing.credit(s, org, amount=70, kind="grant", idempotency_key="g")
+        s.commit()
+    settings.redis_url = server.url
+    ingestor = Ingestor(settings, state.session_factory, sink=Sink())  # type: ignore[arg-type]
+    background = start_background(state, ingestor)
+    try:
+        wait_until(lambda: cap(db, org) == (70, revision(state)), message="published at start")
+        assert client.get("/healthz").json() == {"status": "ok", "cap_publisher": "ok"}
+    finally:
+        background.stop()
+
+
 def test_redis_down_fails_rounds_visibly_and_the_next_round_heals_a_restart(
     state: AppState,
     publisher: CapPublisher,
     server: RedisServer,
     org_id: str,
     caplog: pytest.LogCaptureFixture,
+    api: TestClient,
 ) -> None:
+    state.caps = publisher
     publisher.start()
-    client = redis.Redis.from_url(server.url, decode_responses=True)
-    wait_until(lambda: cap(client, org_id) is not None, message="first full round")
-    client.close()
+    rc = redis.Redis.from_url(server.url, decode_responses=True)
+    wait_until(lambda: cap(rc, org_id) is not None, message="first full round")
+    rc.close()
     server.stop()
     with caplog.at_level(logging.WARNING, logger="onetoken.caps"), state.session_factory() as s:
         # The API call commits without waiting for Redis.
         billing.credit(s, org_id, amount=250, kind="grant", idempotency_key="while-down")
         s.commit()
         wait_until(lambda: publisher.failing >= 2, timeout=15, message="failed rounds")
-    assert publisher.health() == "failing"
+    assert api.get("/healthz").json() == {"status": "ok", "cap_publisher": "failing"}
     failed = [r for r in caplog.records if r.getMessage() == "caps.publish_failed"]
     assert failed and all(r.exc_type for r in failed)  # type: ignore[attr-defined]
     # A restarted Redis holds no caps: the next full round writes them again.
     server.start()
-    client = redis.Redis.from_url(server.url, decode_responses=True)
+    rc = redis.Redis.from_url(server.url, decode_responses=True)
     try:
         wait_until(
-            lambda: cap(client, org_id) == (BALANCE + 250, revision(state)),
+            lambda: cap(rc, org_id) == (BALANCE + 250, revision(state)),
             timeout=10,
             message="caps republished",
         )
     finally:
-        client.close()
+        rc.close()
     wait_until(lambda: publisher.health() == "ok")
 
 
