@@ -37,7 +37,6 @@ from onetoken.security import log as security_log
 from onetoken.security.log import SecurityEvent
 from onetoken.settings import Settings
 from onetoken.state import AppState
-from onetoken.web.app import build_app
 from onetoken.webhooks import bridge
 from onetoken.webhooks.dispatcher import WebhookDispatcher
 
@@ -90,6 +89,11 @@ def create_app(
     """The control API, with the gateway channel. `runtime` (ingestion, see serve.py) is
     what the call-log readers use; without one (tests, tools) they have no ClickHouse.
     Without `state` the app builds its own and disposes its DB pool at shutdown."""
+    # Here, not at the top: the web layer is most of this module's import time, and the
+    # processes that only build state (`onetoken ingest` on every gateway machine, the
+    # CLI's commands) never serve it.
+    from onetoken.web.app import build_app
+
     app_state = state or build_state(settings, runtime)
     if runtime is not None:
         app_state.runtime = runtime
