@@ -185,6 +185,15 @@ def test_a_serving_control_process_publishes_and_shows_it_on_healthz(
         background.stop()
 
 
+def test_a_round_without_orgs_still_notices_redis_down(
+    publisher: CapPublisher, server: RedisServer
+) -> None:
+    publisher.publish_all()
+    server.stop()
+    with pytest.raises(redis.ConnectionError):
+        publisher.publish_all()
+
+
 def test_redis_down_fails_rounds_visibly_and_the_next_round_heals_a_restart(
     state: AppState,
     publisher: CapPublisher,
