@@ -6,8 +6,8 @@ The event bus (AppState.events) carries recorded security events to the webhooks
 and every batch ingestion took to the key-risk check and the risk detectors.
 
 Background jobs of a serving control process beside ingestion: webhook delivery, risk
-detection on the ingested records, the retention purge, and the queued ClickHouse part of
-account erasures.
+detection on the ingested records, the retention purge, the queued ClickHouse part of
+account erasures, and with Redis the money cap publisher.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from onetoken.db.migrate import upgrade
 from onetoken.db.session import make_engine, make_session_factory
 from onetoken.gateway.snapshot import SnapshotSource
 from onetoken.ingest.batch import Batch
+from onetoken.ingest.caps import CapPublisher
 from onetoken.kit import channel
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.events import EventBus
@@ -36,7 +37,6 @@ from onetoken.security import log as security_log
 from onetoken.security.log import SecurityEvent
 from onetoken.settings import Settings
 from onetoken.state import AppState
-from onetoken.web.app import build_app
 from onetoken.webhooks import bridge
 from onetoken.webhooks.dispatcher import WebhookDispatcher
 
@@ -89,6 +89,11 @@ def create_app(
     """The control API, with the gateway channel. `runtime` (ingestion, see serve.py) is
     what the call-log readers use; without one (tests, tools) they have no ClickHouse.
     Without `state` the app builds its own and disposes its DB pool at shutdown."""
+    # Here, not at the top: the web layer is most of this module's import time, and the
+    # processes that only build state (`onetoken ingest` on every gateway machine, the
+    # CLI's commands) never serve it.
+    from onetoken.web.app import build_app
+
     app_state = state or build_state(settings, runtime)
     if runtime is not None:
         app_state.runtime = runtime
@@ -109,9 +114,12 @@ class Background:
     detectors: detectors_mod.Detectors
     retention: RetentionWorker
     erasures: erasure.ErasureWorker
+    caps: CapPublisher | None = None
 
     def stop(self) -> None:
         """After ingestion stopped (its last batches may still raise events)."""
+        if self.caps is not None:
+            self.caps.stop()
         self.retention.stop()
         self.erasures.stop()
         erasure.install(None)
@@ -133,4 +141,10 @@ def start_background(state: AppState, ingestor: Ingestor) -> Background:
     retention = RetentionWorker(state.session_factory, settings)
     retention.start()
     erasures = erasure.make_worker(state, ingestor)  # started by serve after the ingestor
-    return Background(dispatcher, detectors, retention, erasures)
+    caps = None
+    if settings.redis_url:
+        # Listens for money moved by this process's commits from here on, and publishes
+        # every org's cap first.
+        caps = state.caps = CapPublisher(settings, state.session_factory)
+        caps.start()
+    return Background(dispatcher, detectors, retention, erasures, caps)

@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     flush_interval_ms: int = Field(default=1000, ge=10, le=60_000)
     flush_max_rows: int = Field(default=50_000, ge=1, le=1_000_000)
     call_log_ttl_days: AtLeastOne = 180
+    # Shared limits and money across gateways (docs/scale-out.md); unset, one machine keeps
+    # them in memory. The control plane publishes each org's money cap there.
+    redis_url: str | None = None
+    redis_prefix: str = "ot:"
+    # Full republish of every org's cap: heals a Redis restart (which lost the caps) and a
+    # change another process committed. Money moved through this process goes at once.
+    cap_publish_interval_seconds: AboveZero = 5.0
 
     # Engine knobs (tests/contract/engine_config.json), defaults from the engine.
     worker_threads: int = Field(default=_ENGINE["worker_threads"], ge=1, le=256)

@@ -17,6 +17,7 @@ from onetoken.settings import Settings
 if TYPE_CHECKING:
     from onetoken.gateway.snapshot import SnapshotSource
     from onetoken.gateway.supervisor import ControlRuntime
+    from onetoken.ingest.caps import CapPublisher
 
 
 @dataclass
@@ -33,6 +34,8 @@ class AppState:
     gateway_token: str
     # The process's event bus: security events and ingested batches to their consumers.
     events: EventBus
+    # The money caps in Redis (ONETOKEN_REDIS_URL); None without Redis and outside serving.
+    caps: CapPublisher | None = None
 
     def commit_change(self, session: Session) -> None:
         """Commit a change gateways must see (it bumped the config revision), then answer

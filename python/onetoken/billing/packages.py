@@ -170,7 +170,9 @@ def allocate_usage(session: Session, usages: Sequence[Usage]) -> int:
             rows.append({"package_id": p.id, "request_id": u.entry_id, "amount": share})
     allocated = 0
     kept: set[str] = set()
-    for package_id, amount in taken.items():
+    # In one order whatever the batch: ingestors in other processes allocating to the same
+    # packages then queue on their rows instead of deadlocking.
+    for package_id, amount in sorted(taken.items()):
         # Conditional on the row still being active with enough left: an expiry that won
         # a race keeps its amount, and this usage is then paid from the prepaid balance.
         res = session.execute(

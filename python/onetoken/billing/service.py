@@ -140,13 +140,24 @@ def credit(session: Session, org_id: str, **entry: Unpack[NewEntry]) -> tuple[Le
     return existing, False
 
 
+#: Session.info key: the orgs whose money moved in or out in the session's transaction
+#: (every non-usage entry passes through _append). The cap publisher takes them after the
+#: commit (onetoken.ingest.caps); a rollback drops them.
+MONEY_MOVED = "onetoken.money_moved"
+
+
 def _append(session: Session, org_id: str, entry: NewEntry, event: str) -> LedgerEntry:
     """Insert the entry (within the bounds one entry may move) for the engine's next
-    snapshot, and log `event`."""
+    snapshot, and log `event`.
+
+    The one place money moves in or out of an org (usage is not: ingestion moves cost from
+    the gateways' spend into the ledger). The config revision it bumps is also the money
+    caps' revision (docs/scale-out.md)."""
     check_entry_bounds(session, org_id, entry["amount"], entry["kind"])
     row = LedgerEntry(org_id=org_id, **entry)
     session.add(row)
     config_changed(session, log, event, org_id=org_id, kind=entry["kind"])
+    session.info.setdefault(MONEY_MOVED, set()).add(org_id)
     return row
 
 

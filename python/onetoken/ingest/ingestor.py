@@ -30,7 +30,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -40,11 +40,11 @@ from onetoken.billing import service as billing
 from onetoken.billing import usage
 from onetoken.billing.upkeep import BillingUpkeep
 from onetoken.db.session import SessionFactory
-from onetoken.ingest import journal
+from onetoken.ingest import caps, journal
 from onetoken.ingest.batch import Batch, UsageGroup, from_journal
 from onetoken.ingest.journal import InstanceJournal
 from onetoken.ingest.marks import add_marks
-from onetoken.ingest.models import IngestCursor, IngestMark
+from onetoken.ingest.models import IngestCursor
 from onetoken.kit.worker import LoopThread
 from onetoken.settings import Settings
 
@@ -355,8 +355,8 @@ class Ingestor:
         return end, True
 
     def _collect(self, instance: InstanceJournal) -> None:
-        """Delete the complete segments both consumers have passed; forget a dead instance
-        once none of its segments is left."""
+        """Delete the complete segments both consumers have passed; forget (or, with Redis,
+        retire) a dead instance once none of its segments is left."""
         saved = self._cursors(instance.instance_id)
         passed = min(saved.get(LEDGER, _START), saved.get(CALL_LOG, _START)).segment
         spool = self.settings.spool_dir
@@ -372,12 +372,12 @@ class Ingestor:
         if journal.instance_live(spool / journal.lock_name(instance.instance_id)):
             return
         with self.mark_lock, self.session_factory() as session:
-            session.execute(
-                delete(IngestCursor).where(IngestCursor.instance_id == instance.instance_id)
-            )
-            session.execute(
-                delete(IngestMark).where(IngestMark.instance_id == instance.instance_id)
-            )
+            if self.settings.redis_url:
+                # Its money lease in Redis is deleted by the cap publisher, in the script
+                # that lowers the caps by these marks; the rows go after that.
+                caps.mark_retired(session, instance.instance_id)
+            else:
+                caps.forget_retired(session, [instance.instance_id])
             session.commit()
         journal.remove(spool / journal.lock_name(instance.instance_id))
 

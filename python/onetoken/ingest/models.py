@@ -1,11 +1,13 @@
-"""Ingestion state in the control DB (migration 0011_ingest)."""
+"""Ingestion state in the control DB (migrations 0011_ingest, 0012_ingest_retired)."""
 
 from __future__ import annotations
+
+from datetime import datetime
 
 from sqlalchemy import BigInteger, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from onetoken.db.base import Base
+from onetoken.db.base import Base, UTCDateTime, utcnow
 
 
 class IngestCursor(Base):
@@ -34,3 +36,14 @@ class IngestMark(Base):
     scope: Mapped[str] = mapped_column(String(8), primary_key=True)
     subject_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     amount: Mapped[int] = mapped_column(BigInteger)
+
+
+class IngestRetired(Base):
+    """An engine instance retired with Redis configured: its journal is fully ingested and
+    its process gone, so its marks leave its orgs' money caps. The cap publisher deletes
+    its leases in Redis, then its cursors, marks and this row (docs/scale-out.md)."""
+
+    __tablename__ = "ingest_retired"
+
+    instance_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    retired_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 
 from onetoken import __version__
 from onetoken.kit.errors import ERROR_RESPONSES, install_error_handlers
@@ -40,8 +40,14 @@ def include_routes(app: FastAPI) -> None:
     app.include_router(ops.router)
 
     @app.get("/healthz", include_in_schema=False, dependencies=[PublicDep])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    def healthz(request: Request) -> dict[str, str]:
+        out = {"status": "ok"}
+        caps = request.app.state.onetoken.caps
+        if caps is not None:
+            # "failing" while rounds fail (Redis down or slow): gateways lease against
+            # caps that miss the money moved since (docs/scale-out.md).
+            out["cap_publisher"] = caps.health()
+        return out
 
 
 def build_app(state: AppState, *, owns_engine: bool) -> FastAPI:
