@@ -56,8 +56,10 @@ class SchemaState:
     kind: str
 
     def describe(self) -> str:
-        at = ",".join(self.current) or "no schema"
         want = ",".join(self.expected)
+        if self.kind == "empty":
+            return f"the control database has no schema yet; this release needs {want}"
+        at = ",".join(self.current)
         if self.kind == "ahead":
             return f"the control database is at {at}, newer than this release ({want})"
         return f"the control database is at {at}; this release needs {want}"
