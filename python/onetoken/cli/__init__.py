@@ -428,8 +428,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         )
     state = open_db(settings, migrate=False)
     done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
+    if not args.once:
+        # Before the wait, so a pod stopped while waiting exits at once and cleanly.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: done.set())
     try:
         if not _wait_for_schema(state.db_engine, once=args.once, stop=done):
             return EXIT_OK
