@@ -131,6 +131,21 @@ pub enum ReserveRefusal {
     BudgetDay,
     /// It would exceed the month budget (429).
     BudgetMonth,
+    /// The balance may cover it, but this instance's money lease does not (yet): wait for
+    /// a refill, or refuse.
+    Lease,
+}
+
+/// The money lease of one org on one instance (docs/scale-out.md, "Money"): `hold` is
+/// cumulative like `spent`, so `spent + reserved <= hold` is the local invariant.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// Money this instance may have spent plus reserved, as granted in Redis.
+    pub hold: i64,
+    /// Money reserved since the refiller last looked: the demand to keep headroom for.
+    pub flow: i64,
+    /// The largest reservation the lease refused since the refiller last looked.
+    pub short: i64,
 }
 
 #[derive(Debug)]
@@ -142,6 +157,8 @@ struct Counters {
     day_base: (i64, i64),
     /// The same for months.
     month_base: (i32, i64),
+    /// Set when money is shared across gateways (org accounts only).
+    lease: Option<Lease>,
 }
 
 impl Default for Counters {
@@ -151,6 +168,7 @@ impl Default for Counters {
             reserved: 0,
             day_base: (i64::MIN, 0),
             month_base: (i32::MIN, 0),
+            lease: None,
         }
     }
 }
@@ -219,6 +237,16 @@ impl Drop for UnpricedSlot {
 }
 
 impl OrgAccount {
+    /// An org account whose reservations must also fit a money lease granted from the
+    /// shared cap (starting empty), when `leased`; a plain one otherwise.
+    pub fn new(leased: bool) -> Self {
+        let account = OrgAccount::default();
+        if leased {
+            account.counters.lock().lease = Some(Lease::default());
+        }
+        account
+    }
+
     /// Take a slot for a request that reserves nothing, if fewer than `max` hold one.
     pub fn try_unpriced(self: &Arc<Self>, max: u32) -> Option<UnpricedSlot> {
         let prev = self.unpriced.fetch_add(1, Ordering::AcqRel);
@@ -274,6 +302,16 @@ impl OrgAccount {
             if available < i128::from(amount) {
                 return Err(ReserveRefusal::Balance);
             }
+            // A free request spends no money, so it needs no lease.
+            let (spent, reserved) = (c.spent, c.reserved);
+            if let Some(lease) = c.lease.as_mut().filter(|_| amount > 0) {
+                let need = i128::from(spent) + i128::from(reserved) + i128::from(amount);
+                if need > i128::from(lease.hold) {
+                    lease.short = lease.short.max(amount);
+                    return Err(ReserveRefusal::Lease);
+                }
+                lease.flow = lease.flow.saturating_add(amount);
+            }
         }
         c.reserved = c.reserved.saturating_add(amount);
         Ok(())
@@ -284,6 +322,48 @@ impl OrgAccount {
         let mut c = self.counters.lock();
         c.reserved = c.reserved.saturating_sub(reserved);
         c.spent = c.spent.saturating_add(cost);
+    }
+
+    /// For the refiller: `(spent, reserved, lease)` with the lease's demand figures
+    /// reset when `take_flow` (a scheduled tick), else only its `short`; `None` when the
+    /// account holds no lease.
+    pub fn lease_demand(&self, take_flow: bool) -> Option<(i64, i64, Lease)> {
+        let mut c = self.counters.lock();
+        let (spent, reserved) = (c.spent, c.reserved);
+        let lease = c.lease.as_mut()?;
+        let seen = *lease;
+        lease.short = 0;
+        if take_flow {
+            lease.flow = 0;
+        }
+        Some((spent, reserved, seen))
+    }
+
+    /// Raise the local hold to what Redis granted (never lower it: a lower figure is a
+    /// stale answer, and Redis counts at least what the instance holds).
+    pub fn grant(&self, hold: i64) {
+        if let Some(lease) = self.counters.lock().lease.as_mut() {
+            lease.hold = lease.hold.max(hold);
+        }
+    }
+
+    /// Give back the headroom of an idle lease: lower the hold to `spent + reserved`
+    /// locally, first, so no reservation can use what Redis is about to hand to others.
+    /// Returns the new hold when it moved.
+    pub fn shrink(&self) -> Option<i64> {
+        let mut c = self.counters.lock();
+        let used = c.spent.saturating_add(c.reserved);
+        let lease = c.lease.as_mut()?;
+        if lease.hold <= used {
+            return None;
+        }
+        lease.hold = used;
+        Some(used)
+    }
+
+    /// The current lease, if the account holds one.
+    pub fn lease(&self) -> Option<Lease> {
+        self.counters.lock().lease
     }
 
     /// (spent since engine start, currently reserved).

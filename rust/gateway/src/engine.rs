@@ -23,6 +23,7 @@ use crate::journal::SpoolLocks;
 use crate::limits::LiveCounters;
 use crate::metrics::{Gauges, Metrics};
 use crate::records::Records;
+use crate::shared::{self as shared_limits, SharedLimits};
 use crate::snapshot::{self, Dropped, Snapshot};
 use crate::upstream::{ClientCache, Resolve, SystemResolver};
 use crate::{server, tokens};
@@ -47,6 +48,8 @@ pub(crate) struct Shared {
     /// The grace period is over: abandoned requests are recorded as `shutting_down`.
     pub(crate) aborting: AtomicBool,
     pub(crate) control: ControlStatus,
+    /// Money shared with the other gateways through Redis (`config.shared`).
+    pub(crate) shared_limits: Option<Arc<SharedLimits>>,
 }
 
 /// What the engine knows of its control plane, for `/healthz` and `/metrics`: whether the
@@ -106,7 +109,18 @@ impl Shared {
             journal_errors: self.records.journal_errors(),
             control_reachable: self.control.reachable(),
             snapshot_age_seconds: self.control.snapshot_age_seconds(),
+            shared: self.shared_limits.as_ref().map(|s| s.gauges()),
         })
+    }
+
+    /// Every org account with its id, for the refiller.
+    fn org_accounts(&self) -> Vec<(String, Arc<OrgAccount>)> {
+        let accounts = self.accounts.lock();
+        accounts
+            .orgs
+            .iter()
+            .map(|(id, a)| (id.clone(), Arc::clone(a)))
+            .collect()
     }
 }
 
@@ -159,11 +173,19 @@ impl Engine {
         let secrets = config.secrets()?;
         let instance_id = format!("{:016x}", rand::random::<u64>());
         let records = Records::new(&config.spool_dir, &instance_id);
+        let shared_limits = config
+            .shared
+            .clone()
+            .map(|c| Arc::new(SharedLimits::new(c, &instance_id)));
+        let accounts = LiveCounters {
+            leased: shared_limits.is_some(),
+            ..LiveCounters::default()
+        };
         let shared = Arc::new(Shared {
             keyring: KeyRing::new(&secrets),
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
             dropped: Mutex::new(Vec::new()),
-            accounts: Mutex::new(LiveCounters::default()),
+            accounts: Mutex::new(accounts),
             clients: ClientCache::new(config.private_cidrs()?, resolver),
             records,
             metrics: Metrics::default(),
@@ -172,6 +194,7 @@ impl Engine {
             draining: AtomicBool::new(false),
             aborting: AtomicBool::new(false),
             control: ControlStatus::new(),
+            shared_limits,
             config,
         });
         Ok(Engine {
@@ -225,6 +248,12 @@ impl Engine {
         let metrics_addr = metrics.as_ref().map(|(_, a)| *a);
         if let Some((metrics_listener, _)) = metrics {
             runtime.spawn(server::serve_metrics(metrics_listener, self.shared.clone()));
+        }
+        if let Some(limits) = &self.shared.shared_limits {
+            let shared = self.shared.clone();
+            runtime.spawn(shared_limits::refiller(limits.clone(), move || {
+                shared.org_accounts()
+            }));
         }
         // Load the vocabulary before the first request needs it.
         tokens::warm_up();

@@ -50,6 +50,8 @@ pub(crate) struct LimitState {
 pub(crate) struct LiveCounters {
     /// Money counters by org id.
     pub(crate) orgs: HashMap<String, Arc<OrgAccount>>,
+    /// New org accounts hold a money lease (limits shared through Redis).
+    pub(crate) leased: bool,
     /// Spend counters by key id (for key budgets).
     pub(crate) keys: HashMap<String, Arc<OrgAccount>>,
     pub(crate) org_limits: HashMap<String, Arc<LimitState>>,
@@ -196,6 +198,9 @@ pub(crate) struct Refusal {
     /// (limit, remaining, ns until full) of the scope that refused.
     requests: Option<(u32, u64, u64)>,
     tokens: Option<(u32, u64, u64)>,
+    /// The org's money lease was short (the balance itself was not): the caller may wait
+    /// for a refill and try again.
+    pub(crate) lease_short: bool,
 }
 
 impl Refusal {
@@ -205,7 +210,22 @@ impl Refusal {
             retry_after_s: None,
             requests: None,
             tokens: None,
+            lease_short: false,
         }
+    }
+
+    /// The money lease ran out while Redis is unreachable: 503
+    /// `shared_state_unavailable`, retry in a second.
+    pub(crate) fn shared_unavailable() -> Self {
+        Refusal {
+            retry_after_s: Some(1),
+            ..Refusal::plain(ApiError::SharedStateUnavailable)
+        }
+    }
+
+    /// Whether the response carries a `Retry-After`.
+    pub(crate) fn has_retry_after(&self) -> bool {
+        self.retry_after_s.is_some()
     }
 
     /// Too many requests in flight: 429 `concurrency_limited`, retry in a second.
@@ -370,6 +390,7 @@ fn rate_refusal(state: &LimitState, limits: &Limits, now: u64, retry_ns: u64) ->
         retry_after_s: Some(retry_secs(retry_ns)),
         requests: dim(&state.requests, limits.rpm),
         tokens: dim(&state.tokens, limits.tpm),
+        lease_short: false,
     }
 }
 
@@ -430,6 +451,10 @@ pub(crate) fn admit_at(
     let month = month_of_day(day);
     let refused = |r: ReserveRefusal| match r {
         ReserveRefusal::Balance => Refusal::plain(ApiError::InsufficientBalance),
+        ReserveRefusal::Lease => Refusal {
+            lease_short: true,
+            ..Refusal::plain(ApiError::InsufficientBalance)
+        },
         ReserveRefusal::BudgetDay => Refusal {
             retry_after_s: Some(u64::try_from((day + 1) * 86_400 - unix_now).unwrap_or(1)),
             ..Refusal::plain(ApiError::BudgetExceeded)

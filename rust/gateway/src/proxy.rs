@@ -9,6 +9,7 @@
 
 use std::convert::Infallible;
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -85,7 +86,24 @@ async fn process(
     let (mut ask, doc) = clock
         .timed(Phase::Route, route(shared, call, &snap, key, api, req))
         .await?;
-    let plan = clock.time(Phase::Reserve, || reserve(call, key, &mut ask, &doc))?;
+    let plan = match clock.time(Phase::Reserve, || {
+        reserve(shared, call, key, &mut ask, &doc, false)
+    })? {
+        Some(plan) => plan,
+        None => {
+            // The org's money lease is short: wait (briefly) for the refiller, once.
+            if let Some(limits) = &shared.shared_limits {
+                clock
+                    .timed(Phase::Reserve, limits.wait_for_refill())
+                    .await;
+            }
+            clock
+                .time(Phase::Reserve, || {
+                    reserve(shared, call, key, &mut ask, &doc, true)
+                })?
+                .ok_or(ApiError::Internal)?
+        }
+    };
     let served = clock
         .timed(Phase::Forward, forward(call, &snap, &ask, doc, plan))
         .await?;
@@ -327,12 +345,16 @@ impl Plan {
 /// Reserve: bound the prompt and output tokens, then take the limits, budgets and the
 /// balance for the dearest deployment that may end up serving (fallbacks included). The
 /// reservation is settled in the settle phase.
+/// `Ok(None)` when the org's money lease is short and this is not the `last` try: the
+/// caller waits for a refill and tries again.
 fn reserve(
+    shared: &Shared,
     call: &mut Call,
     key: &Key,
     ask: &mut Ask<'_>,
     doc: &Map<String, Value>,
-) -> Result<Plan, Failure> {
+    last: bool,
+) -> Result<Option<Plan>, Failure> {
     let api = ask.api;
     let prompt_estimate = protocol::estimate_prompt(api, doc);
     let asked_out = protocol::requested_max_out(api, doc);
@@ -372,18 +394,36 @@ fn reserve(
             .ok_or_else(Refusal::busy)?;
         call.unpriced = Some(slot);
     }
-    call.admission = limits::admit(key, prompt_estimate.saturating_add(tokens_bound), amount)?;
+    call.admission = match limits::admit(key, prompt_estimate.saturating_add(tokens_bound), amount)
+    {
+        Ok(admission) => admission,
+        Err(refusal) if refusal.lease_short => {
+            if !last {
+                return Ok(None);
+            }
+            // Redis answered and still granted too little: the cap is held or spent, as
+            // good as no balance. Redis did not answer: money fails closed, and says why.
+            return Err(match &shared.shared_limits {
+                Some(limits) if !limits.up() => {
+                    limits.balance_fallbacks.fetch_add(1, Ordering::Relaxed);
+                    Refusal::shared_unavailable().into()
+                }
+                _ => refusal.into(),
+            });
+        }
+        Err(refusal) => return Err(refusal.into()),
+    };
     call.reservation = Some((org.account.clone(), amount));
     call.price_factor_ppm = org.price_factor_ppm;
     call.prompt_estimate = prompt_estimate;
-    Ok(Plan {
+    Ok(Some(Plan {
         order: routing::order(
             ask.group.strategy,
             std::mem::take(&mut ask.candidates),
             reserve_on,
         ),
         asked_out,
-    })
+    }))
 }
 
 /// Forward: the request to each deployment in order until one answers with success, or

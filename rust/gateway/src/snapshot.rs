@@ -482,7 +482,12 @@ impl Snapshot {
                     categories: CategorySet::all(),
                 }
             });
-            let account = accounts.orgs.entry(o.id.clone()).or_default().clone();
+            let leased = accounts.leased;
+            let account = accounts
+                .orgs
+                .entry(o.id.clone())
+                .or_insert_with(|| Arc::new(OrgAccount::new(leased)))
+                .clone();
             let limiter = accounts.org_limits.entry(o.id.clone()).or_default().clone();
             let org = Arc::new(Org {
                 id: o.id.clone(),

@@ -1,0 +1,281 @@
+//! Money shared across gateways through Redis (docs/scale-out.md).
+//!
+//! Requests never talk to Redis: each org account holds a money lease that a background
+//! refiller grows from the org's cap before demand reaches it, and gives back when the org
+//! goes idle. A request whose lease is short wakes the refiller and waits for it at most
+//! `wait_ms`; past that it is refused, with 402 when Redis answered (the cap is held by
+//! the org's other gateways or spent) and 503 `shared_state_unavailable` when Redis did
+//! not: money fails closed beyond the lease already held.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+use tokio::sync::Notify;
+
+use crate::billing::OrgAccount;
+use crate::config::SharedConfig;
+
+/// Heartbeats older than this many refill intervals no longer count a gateway as live.
+const LIVE_INTERVALS: u64 = 30;
+
+/// Shared-limits state of one engine: the configuration, Redis' health as last seen, the
+/// refiller's wake-up and the waiters' notification, and the counters `/metrics` shows.
+pub(crate) struct SharedLimits {
+    config: SharedConfig,
+    instance: String,
+    /// The last round trip to Redis succeeded.
+    up: AtomicBool,
+    /// A request found its lease short: refill now rather than at the next tick.
+    wake: Notify,
+    /// A refill pass ended: requests waiting for their lease look again.
+    refilled: Notify,
+    pub(crate) round_trips: AtomicU64,
+    pub(crate) round_trip_us: AtomicU64,
+    pub(crate) round_trip_errors: AtomicU64,
+    pub(crate) waits: AtomicU64,
+    /// Requests refused because the lease ran out while Redis was unreachable.
+    pub(crate) balance_fallbacks: AtomicU64,
+    /// Gateways with a recent heartbeat, as last counted.
+    pub(crate) live_gateways: AtomicU64,
+}
+
+/// The figures `/metrics` shows.
+pub(crate) struct SharedGauges {
+    pub(crate) up: bool,
+    pub(crate) round_trips: u64,
+    pub(crate) round_trip_seconds: f64,
+    pub(crate) round_trip_errors: u64,
+    pub(crate) waits: u64,
+    pub(crate) balance_fallbacks: u64,
+    pub(crate) live_gateways: u64,
+}
+
+impl SharedLimits {
+    pub(crate) fn new(config: SharedConfig, instance: &str) -> Self {
+        SharedLimits {
+            config,
+            instance: instance.to_owned(),
+            up: AtomicBool::new(false),
+            wake: Notify::new(),
+            refilled: Notify::new(),
+            round_trips: AtomicU64::new(0),
+            round_trip_us: AtomicU64::new(0),
+            round_trip_errors: AtomicU64::new(0),
+            waits: AtomicU64::new(0),
+            balance_fallbacks: AtomicU64::new(0),
+            live_gateways: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn gauges(&self) -> SharedGauges {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        SharedGauges {
+            up: self.up(),
+            round_trips: load(&self.round_trips),
+            // Exact below 2^53 µs.
+            round_trip_seconds: load(&self.round_trip_us) as f64 / 1e6,
+            round_trip_errors: load(&self.round_trip_errors),
+            waits: load(&self.waits),
+            balance_fallbacks: load(&self.balance_fallbacks),
+            live_gateways: load(&self.live_gateways),
+        }
+    }
+
+    /// Wake the refiller and wait until its next pass ends, at most `wait_ms`.
+    pub(crate) async fn wait_for_refill(&self) {
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        let refilled = self.refilled.notified();
+        tokio::pin!(refilled);
+        // Registered before the wake-up, so a pass that ends at once is not missed.
+        refilled.as_mut().enable();
+        self.wake.notify_one();
+        let _ = tokio::time::timeout(Duration::from_millis(self.config.wait_ms), refilled).await;
+    }
+
+    fn org_key(&self, org: &str, what: &str) -> String {
+        format!("{}{{o:{org}}}:{what}", self.config.key_prefix)
+    }
+}
+
+/// The refiller: one pass every `refill_interval_ms`, or at once when a request wakes it.
+/// Runs on the engine's runtime until it shuts down. `orgs` lists the org accounts.
+pub(crate) async fn refiller<F>(limits: Arc<SharedLimits>, orgs: F)
+where
+    F: Fn() -> Vec<(String, Arc<OrgAccount>)> + Send + 'static,
+{
+    let grow = Script::new(include_str!("money_grow.lua"));
+    let shrink = Script::new(include_str!("money_shrink.lua"));
+    let interval = Duration::from_millis(limits.config.refill_interval_ms);
+    let timeout = Duration::from_millis(limits.config.timeout_ms);
+    let mut conn: Option<ConnectionManager> = None;
+    let mut next_tick = Instant::now();
+    loop {
+        let scheduled = tokio::select! {
+            () = tokio::time::sleep_until(next_tick.into()) => true,
+            () = limits.wake.notified() => false,
+        };
+        if scheduled {
+            next_tick = Instant::now() + interval;
+        }
+        if conn.is_none() {
+            conn = connect(&limits.config.redis_url, timeout).await;
+        }
+        let ok = match conn.as_mut() {
+            Some(c) => {
+                let pass = Pass {
+                    limits: &limits,
+                    conn: c,
+                    grow: &grow,
+                    shrink: &shrink,
+                };
+                pass.run(&orgs(), scheduled).await
+            }
+            None => false,
+        };
+        if !ok {
+            limits.round_trip_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        limits.up.store(ok, Ordering::Relaxed);
+        limits.refilled.notify_waiters();
+    }
+}
+
+async fn connect(url: &str, timeout: Duration) -> Option<ConnectionManager> {
+    let client = redis::Client::open(url).ok()?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(timeout);
+    tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
+        .await
+        .ok()?
+        .ok()
+}
+
+/// One refill pass over every leased org.
+struct Pass<'a> {
+    limits: &'a SharedLimits,
+    conn: &'a mut ConnectionManager,
+    grow: &'a Script,
+    shrink: &'a Script,
+}
+
+impl Pass<'_> {
+    /// Heartbeat (on scheduled ticks), then top up or give back each lease. `false` when
+    /// a round trip failed.
+    async fn run(mut self, orgs: &[(String, Arc<OrgAccount>)], scheduled: bool) -> bool {
+        if scheduled && !self.heartbeat().await {
+            return false;
+        }
+        for (org, account) in orgs {
+            if !self.refill(org, account, scheduled).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Time one round trip into the metrics.
+    async fn timed<T>(
+        &mut self,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        let start = Instant::now();
+        let out = f.await;
+        let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.limits.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.limits.round_trip_us.fetch_add(us, Ordering::Relaxed);
+        out.ok()
+    }
+
+    /// Say this instance is live and count the live ones (a sorted set scored by
+    /// heartbeat time on Redis' clock).
+    async fn heartbeat(&mut self) -> bool {
+        let key = format!("{}gateways", self.limits.config.key_prefix);
+        let ttl_ms = self.limits.config.refill_interval_ms * LIVE_INTERVALS;
+        let script = Script::new(
+            "local t = redis.call('TIME')
+             local now = t[1] * 1000 + math.floor(t[2] / 1000)
+             redis.call('ZADD', KEYS[1], now, ARGV[1])
+             redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+             return redis.call('ZCARD', KEYS[1])",
+        );
+        let mut inv = script.key(key);
+        inv.arg(&self.limits.instance).arg(ttl_ms);
+        let conn = self.conn.clone();
+        let live: Option<u64> = self
+            .timed(async move {
+                let mut conn = conn;
+                inv.invoke_async(&mut conn).await
+            })
+            .await;
+        match live {
+            Some(n) => {
+                self.limits.live_gateways.store(n, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Keep headroom ahead of demand: twice the money reserved in the last interval, and
+    /// at least the largest reservation the lease refused. An org that reserved nothing
+    /// for a whole interval gives its headroom back.
+    async fn refill(&mut self, org: &str, account: &OrgAccount, scheduled: bool) -> bool {
+        let Some((spent, reserved, lease)) = account.lease_demand(scheduled) else {
+            return true;
+        };
+        let used = spent.saturating_add(reserved);
+        let headroom = lease.hold.saturating_sub(used);
+        let target = lease
+            .flow
+            .saturating_mul(2)
+            .max(lease.short.saturating_add(lease.flow));
+        if target > headroom {
+            let want = target - headroom;
+            let mut inv = self.grow.key(self.limits.org_key(org, "cap"));
+            inv.key(self.limits.org_key(org, "hold"))
+                .arg(&self.limits.instance)
+                .arg(want)
+                .arg(lease.hold);
+            let conn = self.conn.clone();
+            let reply: Option<(i64, i64)> = self
+                .timed(async move {
+                    let mut conn = conn;
+                    inv.invoke_async(&mut conn).await
+                })
+                .await;
+            let Some((_granted, hold)) = reply else {
+                return false;
+            };
+            account.grant(hold);
+        } else if scheduled && lease.flow == 0 && lease.short == 0 {
+            let Some(hold) = account.shrink() else {
+                return true;
+            };
+            let mut inv = self.shrink.key(self.limits.org_key(org, "hold"));
+            inv.arg(&self.limits.instance).arg(hold);
+            let conn = self.conn.clone();
+            let reply: Option<i64> = self
+                .timed(async move {
+                    let mut conn = conn;
+                    inv.invoke_async(&mut conn).await
+                })
+                .await;
+            // Lowered locally already: a lost reply leaves Redis counting more than this
+            // instance may use, which is slack, never overspend.
+            if reply.is_none() {
+                return false;
+            }
+        }
+        true
+    }
+}
