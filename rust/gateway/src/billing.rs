@@ -144,8 +144,12 @@ pub struct Lease {
     pub hold: i64,
     /// Money reserved since the refiller last looked: the demand to keep headroom for.
     pub flow: i64,
-    /// The largest reservation the lease refused since the refiller last looked.
+    /// Reservations the lease refused since the refiller last looked, summed: what the
+    /// requests waiting for a refill need.
     pub short: i64,
+    /// The last grow was granted less than it asked for: the cap is held or spent, so a
+    /// waiting request need not wait longer.
+    pub starved: bool,
 }
 
 #[derive(Debug)]
@@ -307,7 +311,7 @@ impl OrgAccount {
             if let Some(lease) = c.lease.as_mut().filter(|_| amount > 0) {
                 let need = i128::from(spent) + i128::from(reserved) + i128::from(amount);
                 if need > i128::from(lease.hold) {
-                    lease.short = lease.short.max(amount);
+                    lease.short = lease.short.saturating_add(amount);
                     return Err(ReserveRefusal::Lease);
                 }
                 lease.flow = lease.flow.saturating_add(amount);
@@ -340,11 +344,18 @@ impl OrgAccount {
     }
 
     /// Raise the local hold to what Redis granted (never lower it: a lower figure is a
-    /// stale answer, and Redis counts at least what the instance holds).
-    pub fn grant(&self, hold: i64) {
+    /// stale answer, and Redis counts at least what the instance holds); `starved` when
+    /// the grant fell short of the ask.
+    pub fn grant(&self, hold: i64, starved: bool) {
         if let Some(lease) = self.counters.lock().lease.as_mut() {
             lease.hold = lease.hold.max(hold);
+            lease.starved = starved;
         }
+    }
+
+    /// Whether the last grow fell short of its ask (see [`Lease::starved`]).
+    pub fn lease_starved(&self) -> bool {
+        self.counters.lock().lease.is_some_and(|l| l.starved)
     }
 
     /// Give back the headroom of an idle lease: lower the hold to `spent + reserved`

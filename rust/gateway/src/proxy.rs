@@ -86,23 +86,31 @@ async fn process(
     let (mut ask, doc) = clock
         .timed(Phase::Route, route(shared, call, &snap, key, api, req))
         .await?;
-    let plan = match clock.time(Phase::Reserve, || {
-        reserve(shared, call, key, &mut ask, &doc, false)
-    })? {
-        Some(plan) => plan,
-        None => {
-            // The org's money lease is short: wait (briefly) for the refiller, once.
-            if let Some(limits) = &shared.shared_limits {
-                clock
-                    .timed(Phase::Reserve, limits.wait_for_refill())
-                    .await;
-            }
-            clock
-                .time(Phase::Reserve, || {
-                    reserve(shared, call, key, &mut ask, &doc, true)
-                })?
-                .ok_or(ApiError::Internal)?
+    // When the org's money lease is short, wait for refills until `wait_ms` has passed
+    // or a refill came back starved (the cap itself has no room).
+    let mut deadline = None;
+    let plan = loop {
+        let last = match (&shared.shared_limits, deadline) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(_), Some(d)) => Instant::now() >= d || key.org.account.lease_starved(),
+        };
+        let tried = clock.time(Phase::Reserve, || {
+            reserve(shared, call, key, &mut ask, &doc, last)
+        })?;
+        if let Some(plan) = tried {
+            break plan;
         }
+        let Some(limits) = &shared.shared_limits else {
+            return Err(ApiError::Internal.into());
+        };
+        let d = *deadline.get_or_insert_with(|| {
+            limits.waits.fetch_add(1, Ordering::Relaxed);
+            limits.wait_deadline(Instant::now())
+        });
+        clock
+            .timed(Phase::Reserve, limits.wait_for_refill(d))
+            .await;
     };
     let served = clock
         .timed(Phase::Forward, forward(call, &snap, &ask, doc, plan))

@@ -88,15 +88,19 @@ impl SharedLimits {
         }
     }
 
-    /// Wake the refiller and wait until its next pass ends, at most `wait_ms`.
-    pub(crate) async fn wait_for_refill(&self) {
-        self.waits.fetch_add(1, Ordering::Relaxed);
+    /// The latest a request whose lease is short at `start` may wait for refills.
+    pub(crate) fn wait_deadline(&self, start: Instant) -> Instant {
+        start + Duration::from_millis(self.config.wait_ms)
+    }
+
+    /// Wake the refiller and wait until its next pass ends, at most until `deadline`.
+    pub(crate) async fn wait_for_refill(&self, deadline: Instant) {
         let refilled = self.refilled.notified();
         tokio::pin!(refilled);
         // Registered before the wake-up, so a pass that ends at once is not missed.
         refilled.as_mut().enable();
         self.wake.notify_one();
-        let _ = tokio::time::timeout(Duration::from_millis(self.config.wait_ms), refilled).await;
+        let _ = tokio::time::timeout_at(deadline.into(), refilled).await;
     }
 
     fn org_key(&self, org: &str, what: &str) -> String {
@@ -227,7 +231,7 @@ impl Pass<'_> {
     }
 
     /// Keep headroom ahead of demand: twice the money reserved in the last interval, and
-    /// at least the largest reservation the lease refused. An org that reserved nothing
+    /// at least what the requests waiting on the lease need. An org that reserved nothing
     /// for a whole interval gives its headroom back.
     async fn refill(&mut self, org: &str, account: &OrgAccount, scheduled: bool) -> bool {
         let Some((spent, reserved, lease)) = account.lease_demand(scheduled) else {
@@ -253,10 +257,10 @@ impl Pass<'_> {
                     inv.invoke_async(&mut conn).await
                 })
                 .await;
-            let Some((_granted, hold)) = reply else {
+            let Some((granted, hold)) = reply else {
                 return false;
             };
-            account.grant(hold);
+            account.grant(hold, granted < want);
         } else if scheduled && lease.flow == 0 && lease.short == 0 {
             let Some(hold) = account.shrink() else {
                 return true;
