@@ -111,6 +111,10 @@ pub struct SharedConfig {
     /// A Redis command that takes longer than this counts as Redis being down.
     #[serde(default = "default_redis_timeout_ms")]
     pub timeout_ms: u64,
+    /// Concurrency slots an instance stops refreshing (it died) count for nothing after
+    /// this long.
+    #[serde(default = "default_lease_ttl_ms")]
+    pub lease_ttl_ms: u64,
 }
 
 fn default_key_prefix() -> String {
@@ -124,6 +128,9 @@ fn default_wait_ms() -> u64 {
 }
 fn default_redis_timeout_ms() -> u64 {
     250
+}
+fn default_lease_ttl_ms() -> u64 {
+    3_000
 }
 
 /// A key-hash secret from before a rotation.
@@ -252,6 +259,13 @@ impl EngineConfig {
             if shared.refill_interval_ms == 0 || shared.timeout_ms == 0 {
                 return Err(Error::Config(
                     "shared.refill_interval_ms and shared.timeout_ms must be positive".into(),
+                ));
+            }
+            // Slots are refreshed every pass; a ttl shorter than a few passes would let
+            // a live instance's slots lapse between two of them.
+            if shared.lease_ttl_ms < 4 * shared.refill_interval_ms {
+                return Err(Error::Config(
+                    "shared.lease_ttl_ms must be at least 4 refill intervals".into(),
                 ));
             }
         }

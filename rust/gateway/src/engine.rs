@@ -20,10 +20,10 @@ use crate::billing::OrgAccount;
 use crate::config::EngineConfig;
 use crate::error::Error;
 use crate::journal::SpoolLocks;
-use crate::limits::LiveCounters;
+use crate::limits::{LimitState, LiveCounters};
 use crate::metrics::{Gauges, Metrics};
 use crate::records::Records;
-use crate::shared::{self as shared_limits, SharedLimits};
+use crate::shared::{self as shared_limits, Scopes, SharedLimits};
 use crate::snapshot::{self, Dropped, Snapshot};
 use crate::upstream::{ClientCache, Resolve, SystemResolver};
 use crate::{server, tokens};
@@ -113,14 +113,26 @@ impl Shared {
         })
     }
 
-    /// Every org account with its id, for the refiller.
-    fn org_accounts(&self) -> Vec<(String, Arc<OrgAccount>)> {
+    /// The live state the refiller looks after: org accounts, and the rate and
+    /// concurrency state of keys and orgs by hash tag.
+    fn scopes(&self) -> Scopes {
         let accounts = self.accounts.lock();
-        accounts
-            .orgs
-            .iter()
-            .map(|(id, a)| (id.clone(), Arc::clone(a)))
-            .collect()
+        let tagged = |prefix: &str, states: &HashMap<String, Arc<LimitState>>| {
+            states
+                .iter()
+                .map(|(id, s)| (format!("{prefix}:{id}"), Arc::clone(s)))
+                .collect::<Vec<_>>()
+        };
+        let mut limits = tagged("k", &accounts.key_limits);
+        limits.extend(tagged("o", &accounts.org_limits));
+        Scopes {
+            orgs: accounts
+                .orgs
+                .iter()
+                .map(|(id, a)| (id.clone(), Arc::clone(a)))
+                .collect(),
+            limits,
+        }
     }
 }
 
@@ -252,7 +264,7 @@ impl Engine {
         if let Some(limits) = &self.shared.shared_limits {
             let shared = self.shared.clone();
             runtime.spawn(shared_limits::refiller(limits.clone(), move || {
-                shared.org_accounts()
+                shared.scopes()
             }));
         }
         // Load the vocabulary before the first request needs it.

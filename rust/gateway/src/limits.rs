@@ -42,6 +42,72 @@ pub(crate) struct LimitState {
     requests: Gcra,
     tokens: Gcra,
     in_flight: AtomicU32,
+    /// Concurrency slots granted from the shared count (limits shared through Redis).
+    pub(crate) slots: Option<parking_lot::Mutex<SlotLease>>,
+}
+
+/// Concurrency slots this instance may fill for one key or org, granted from the hash of
+/// slots per instance in Redis (docs/scale-out.md, "Concurrency").
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SlotLease {
+    /// Requests this instance may have in flight.
+    pub(crate) granted: u32,
+    /// The scope's concurrency limit as the last request saw it (0: none seen yet).
+    pub(crate) limit: u32,
+    /// Requests refused for want of a slot since the refiller last looked.
+    pub(crate) short: u32,
+    /// Most requests in flight at once since the refiller last looked.
+    pub(crate) peak: u32,
+    /// The last acquire was granted less than it asked for: the global limit is full.
+    pub(crate) starved: bool,
+}
+
+impl LimitState {
+    /// Live state, holding a slot lease when limits are shared (`leased`).
+    pub(crate) fn new(leased: bool) -> Self {
+        LimitState {
+            slots: leased.then(Default::default),
+            ..LimitState::default()
+        }
+    }
+
+    /// For the refiller: (requests in flight, the slot lease), resetting what it counts
+    /// per look: `short` always, `peak` (to what is in flight) on a scheduled tick.
+    pub(crate) fn slot_demand(&self, scheduled: bool) -> Option<(u32, SlotLease)> {
+        let mut lease = self.slots.as_ref()?.lock();
+        let in_flight = self.in_flight.load(Ordering::Acquire);
+        let seen = *lease;
+        lease.short = 0;
+        if scheduled {
+            lease.peak = in_flight;
+        }
+        Some((in_flight, seen))
+    }
+
+    /// Lower the slots granted to `to`, never below what is in flight, before Redis is
+    /// told: no request may take a slot Redis is about to count as free.
+    pub(crate) fn lower_slots(&self, to: u32) {
+        if let Some(slots) = &self.slots {
+            let mut lease = slots.lock();
+            lease.granted = to.max(self.in_flight.load(Ordering::Acquire));
+        }
+    }
+
+    /// Take Redis' answer (or, with Redis down, this gateway's share of the limit).
+    pub(crate) fn set_slots(&self, granted: u32, starved: bool) {
+        if let Some(slots) = &self.slots {
+            let mut lease = slots.lock();
+            lease.granted = granted;
+            lease.starved = starved;
+        }
+    }
+}
+
+/// Which lease a request found short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LeaseKind {
+    Money,
+    Slots,
 }
 
 /// Live per-id state that survives snapshot swaps; the compile step looks ids up here and
@@ -198,9 +264,10 @@ pub(crate) struct Refusal {
     /// (limit, remaining, ns until full) of the scope that refused.
     requests: Option<(u32, u64, u64)>,
     tokens: Option<(u32, u64, u64)>,
-    /// The org's money lease was short (the balance itself was not): the caller may wait
-    /// for a refill and try again.
-    pub(crate) lease_short: bool,
+    /// A lease was short (the limit itself was not): which, and whether its last refill
+    /// came back with less than it asked for. The caller may wait for a refill and try
+    /// again.
+    pub(crate) lease_short: Option<(LeaseKind, bool)>,
 }
 
 impl Refusal {
@@ -210,7 +277,7 @@ impl Refusal {
             retry_after_s: None,
             requests: None,
             tokens: None,
-            lease_short: false,
+            lease_short: None,
         }
     }
 
@@ -390,7 +457,7 @@ fn rate_refusal(state: &LimitState, limits: &Limits, now: u64, retry_ns: u64) ->
         retry_after_s: Some(retry_secs(retry_ns)),
         requests: dim(&state.requests, limits.rpm),
         tokens: dim(&state.tokens, limits.tpm),
-        lease_short: false,
+        lease_short: None,
     }
 }
 
@@ -416,6 +483,30 @@ pub(crate) fn admit_at(
     let mut adm = Admission::default();
 
     for (i, (limits, state)) in scopes.iter().enumerate() {
+        if let (Some(limit), Some(slots)) = (limits.concurrency, &state.slots) {
+            // Shared: the slot is taken under the lease's lock, so the refiller never
+            // lowers `granted` below what is in flight.
+            let mut lease = slots.lock();
+            lease.limit = limit;
+            let n = state.in_flight.load(Ordering::Acquire) + 1;
+            if n > limit || n > lease.granted {
+                let short = (n <= limit).then(|| {
+                    lease.short = lease.short.saturating_add(1);
+                    (LeaseKind::Slots, lease.starved)
+                });
+                drop(lease);
+                adm.rollback();
+                return Err(Refusal {
+                    retry_after_s: Some(1),
+                    lease_short: short,
+                    ..Refusal::plain(ApiError::ConcurrencyLimited)
+                });
+            }
+            state.in_flight.fetch_add(1, Ordering::AcqRel);
+            lease.peak = lease.peak.max(n);
+            adm.slots[i] = Some(Arc::clone(state));
+            continue;
+        }
         let n = state.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
         adm.slots[i] = Some(Arc::clone(state));
         if limits.concurrency.is_some_and(|c| n > c) {
@@ -452,7 +543,7 @@ pub(crate) fn admit_at(
     let refused = |r: ReserveRefusal| match r {
         ReserveRefusal::Balance => Refusal::plain(ApiError::InsufficientBalance),
         ReserveRefusal::Lease => Refusal {
-            lease_short: true,
+            lease_short: Some((LeaseKind::Money, org.account.lease_starved())),
             ..Refusal::plain(ApiError::InsufficientBalance)
         },
         ReserveRefusal::BudgetDay => Refusal {

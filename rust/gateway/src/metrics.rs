@@ -213,7 +213,7 @@ impl Metrics {
             let _ = writeln!(out, "{name} {v}");
         }
         if let Some(s) = &extra.shared {
-            let rows: [(&str, &str, &str, String); 7] = [
+            let rows: [(&str, &str, &str, String); 8] = [
                 (
                     "onetoken_redis_up",
                     "gauge",
@@ -245,11 +245,18 @@ impl Metrics {
                     s.waits.to_string(),
                 ),
                 (
-                    "onetoken_shared_fallbacks_total",
+                    "onetoken_shared_balance_fallbacks_total",
                     "counter",
                     "Requests refused (503 shared_state_unavailable) because the money lease \
                      ran out while the shared Redis was unreachable.",
                     s.balance_fallbacks.to_string(),
+                ),
+                (
+                    "onetoken_shared_slot_fallbacks_total",
+                    "counter",
+                    "Concurrency leases set to this gateway's share of the limit because the \
+                     shared Redis was unreachable (one per key or org per refill pass).",
+                    s.slot_fallbacks.to_string(),
                 ),
                 (
                     "onetoken_shared_live_gateways",

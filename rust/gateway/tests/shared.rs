@@ -12,15 +12,81 @@ use serde_json::{json, Value};
 
 const ORG: &str = "org_rich";
 
-/// A spec gateway sharing money through `redis`.
+/// A spec gateway sharing money and limits through `redis`.
 fn shared_gateway(redis: &RedisServer) -> Gateway {
+    shared_gateway_with(redis, |_| {})
+}
+
+/// [`shared_gateway`] with the snapshot patched.
+fn shared_gateway_with(redis: &RedisServer, patch: impl FnOnce(&mut Value)) -> Gateway {
     let url = redis.url();
     Gateway::builder()
         .config(move |c| {
             c["shared"] = json!({"redis_url": url, "refill_interval_ms": 20, "wait_ms": 500,
-                                 "timeout_ms": 200});
+                                 "timeout_ms": 200, "lease_ttl_ms": 400});
         })
+        .patch_snapshot(patch)
         .start()
+}
+
+/// Key `ot-good` limited to `n` requests in flight, its chat model free so that money
+/// leases play no part.
+fn key_concurrency(n: u32) -> impl FnOnce(&mut Value) {
+    move |s| {
+        let chat = &mut s["models"][0];
+        for price in ["input_price", "output_price", "cached_input_price"] {
+            chat[price] = json!(0);
+        }
+        let keys = s["keys"].as_array_mut().unwrap();
+        let key = keys.iter_mut().find(|k| k["key_id"] == "key_good").unwrap();
+        key["limits"] = json!({"concurrency": n});
+    }
+}
+
+/// A stream held open (its slot taken) until dropped.
+fn slow_stream() -> Value {
+    chat(
+        "hi",
+        json!({"max_tokens": 10, "stream": true, "mock": {"chunks": 2, "delay_ms": 3000}}),
+    )
+}
+
+/// Open `n` slow streams on each gateway at once; the ones answered 200 stay open.
+async fn open_streams(
+    gws: &[&Gateway],
+    n: usize,
+) -> (Vec<http::Response<hyper::body::Incoming>>, usize) {
+    let mut tasks = Vec::new();
+    for g in gws {
+        for _ in 0..n {
+            let addr = g.addr;
+            tasks.push(tokio::spawn(async move {
+                open(addr, chat_request("ot-good", slow_stream())).await
+            }));
+        }
+    }
+    let (mut open_ok, mut refused) = (Vec::new(), 0);
+    for t in tasks {
+        let r = t.await.unwrap();
+        if r.status() == 200 {
+            open_ok.push(r);
+        } else {
+            assert_eq!(r.status(), 429);
+            refused += 1;
+        }
+    }
+    (open_ok, refused)
+}
+
+fn slots_held(redis: &RedisServer) -> u32 {
+    let fields: HashMap<String, String> = ::redis::cmd("HGETALL")
+        .arg("ot:{k:key_good}:conc")
+        .query(&mut redis.conn())
+        .unwrap();
+    fields
+        .values()
+        .map(|v| v.split(':').next().unwrap().parse::<u32>().unwrap())
+        .sum()
 }
 
 fn set_cap(redis: &RedisServer, cap: i64) {
@@ -45,10 +111,7 @@ fn holds(redis: &RedisServer) -> HashMap<String, i64> {
 /// A small priced chat: a 10-token output bound, so each reservation is about 15,000
 /// nano-units, and a short upstream delay so requests overlap.
 fn small() -> Value {
-    chat(
-        "hi",
-        json!({"max_tokens": 10, "mock": {"latency_ms": 5}}),
-    )
+    chat("hi", json!({"max_tokens": 10, "mock": {"latency_ms": 5}}))
 }
 
 fn metric(gw: &Gateway, name: &str) -> f64 {
@@ -105,7 +168,10 @@ async fn two_gateways_never_hold_or_spend_more_than_the_cap_together() {
             .get(g.engine.instance_id())
             .copied()
             .unwrap_or(0);
-        assert!(lease <= hold, "an instance spent {lease} beyond its hold {hold}");
+        assert!(
+            lease <= hold,
+            "an instance spent {lease} beyond its hold {hold}"
+        );
     }
 
     // Money comes in: the cap rises and the next requests pass on either gateway.
@@ -132,8 +198,11 @@ async fn redis_down_money_fails_closed_beyond_the_lease_then_recovers() {
 
     redis.stop();
     assert!(
-        wait_until_async(WAIT, || gw.engine.metrics_text().contains("onetoken_redis_up 0"))
-            .await
+        wait_until_async(WAIT, || gw
+            .engine
+            .metrics_text()
+            .contains("onetoken_redis_up 0"))
+        .await
     );
     // What the lease already holds is still spent; past it, 503 naming the cause, never
     // a 402 the balance does not justify.
@@ -151,7 +220,7 @@ async fn redis_down_money_fails_closed_beyond_the_lease_then_recovers() {
     assert_eq!(body["error"]["code"], "shared_state_unavailable");
     assert_eq!(body["error"]["type"], "service_unavailable");
     assert_eq!(refused.headers["retry-after"], "1");
-    assert!(metric(&gw, "onetoken_shared_fallbacks_total") >= 1.0);
+    assert!(metric(&gw, "onetoken_shared_balance_fallbacks_total") >= 1.0);
     let spent_while_down = gw.org_spent(ORG);
 
     // Redis comes back empty (no persistence): once the cap is published again the
@@ -170,4 +239,82 @@ async fn redis_down_money_fails_closed_beyond_the_lease_then_recovers() {
         hold >= spent_while_down,
         "hold {hold} forgot the {spent_while_down} already spent"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keys_concurrency_holds_across_gateways_and_falls_back_to_a_share() {
+    let mut redis = RedisServer::start();
+    let gws = [
+        shared_gateway_with(&redis, key_concurrency(3)),
+        shared_gateway_with(&redis, key_concurrency(3)),
+    ];
+    // Both heartbeats counted, so a fallback share is limit / 2.
+    assert!(
+        wait_until_async(WAIT, || gws.iter().all(|g| g
+            .engine
+            .metrics_text()
+            .contains("onetoken_shared_live_gateways 2")))
+        .await
+    );
+    let (streams, refused) = open_streams(&[&gws[0], &gws[1]], 4).await;
+    eprintln!("shared: {} open, {refused} refused", streams.len());
+    assert!(
+        (1..=3).contains(&streams.len()),
+        "{} in flight over a limit of 3",
+        streams.len()
+    );
+    assert!(slots_held(&redis) <= 3);
+    drop(streams);
+
+    // Another instance holds every slot and then stops refreshing them (it died): the
+    // gateways are refused until its entry expires, then served again.
+    let (secs, micros): (String, String) = ::redis::cmd("TIME").query(&mut redis.conn()).unwrap();
+    let now_ms = secs.parse::<u64>().unwrap() * 1000 + micros.parse::<u64>().unwrap() / 1000;
+    let _: () = ::redis::cmd("HSET")
+        .arg("ot:{k:key_good}:conc")
+        .arg("dead-instance")
+        .arg(format!("3:{}", now_ms + 300))
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!(
+        wait_for(WAIT, || async {
+            gws[0].chat_as("ot-good", small()).await.status == 429
+        })
+        .await,
+        "the dead instance's slots were not counted"
+    );
+    assert!(
+        wait_for(WAIT, || async {
+            gws[0].chat_as("ot-good", small()).await.status == 200
+        })
+        .await,
+        "the dead instance's slots never expired"
+    );
+
+    // Redis down: each gateway falls back to floor(3 / 2) = 1 slot, so the two together
+    // still stay within the limit.
+    redis.stop();
+    assert!(
+        wait_until_async(WAIT, || gws
+            .iter()
+            .all(|g| metric(g, "onetoken_redis_up") == 0.0
+                && metric(g, "onetoken_shared_slot_fallbacks_total") >= 1.0))
+        .await
+    );
+    let (streams, refused) = open_streams(&[&gws[0], &gws[1]], 3).await;
+    eprintln!("redis down: {} open, {refused} refused", streams.len());
+    assert_eq!(streams.len(), 2, "one slot per gateway");
+    drop(streams);
+
+    // Back: shared again.
+    redis.restart();
+    assert!(
+        wait_until_async(WAIT, || gws
+            .iter()
+            .all(|g| metric(g, "onetoken_redis_up") == 1.0))
+        .await
+    );
+    let (streams, _) = open_streams(&[&gws[0], &gws[1]], 4).await;
+    assert!((1..=3).contains(&streams.len()), "{}", streams.len());
+    assert!(slots_held(&redis) <= 3);
 }

@@ -17,9 +17,19 @@ use tokio::sync::Notify;
 
 use crate::billing::OrgAccount;
 use crate::config::SharedConfig;
+use crate::limits::LimitState;
 
 /// Heartbeats older than this many refill intervals no longer count a gateway as live.
 const LIVE_INTERVALS: u64 = 30;
+
+/// The live state the refiller looks after, listed afresh for each pass.
+#[derive(Default)]
+pub(crate) struct Scopes {
+    /// Org accounts by org id (money).
+    pub(crate) orgs: Vec<(String, Arc<OrgAccount>)>,
+    /// Rate and concurrency state by hash tag (`k:<key id>`, `o:<org id>`).
+    pub(crate) limits: Vec<(String, Arc<LimitState>)>,
+}
 
 /// Shared-limits state of one engine: the configuration, Redis' health as last seen, the
 /// refiller's wake-up and the waiters' notification, and the counters `/metrics` shows.
@@ -38,6 +48,8 @@ pub(crate) struct SharedLimits {
     pub(crate) waits: AtomicU64,
     /// Requests refused because the lease ran out while Redis was unreachable.
     pub(crate) balance_fallbacks: AtomicU64,
+    /// Key or org slot leases set to this gateway's share because Redis did not answer.
+    pub(crate) slot_fallbacks: AtomicU64,
     /// Gateways with a recent heartbeat, as last counted.
     pub(crate) live_gateways: AtomicU64,
 }
@@ -50,6 +62,7 @@ pub(crate) struct SharedGauges {
     pub(crate) round_trip_errors: u64,
     pub(crate) waits: u64,
     pub(crate) balance_fallbacks: u64,
+    pub(crate) slot_fallbacks: u64,
     pub(crate) live_gateways: u64,
 }
 
@@ -66,6 +79,7 @@ impl SharedLimits {
             round_trip_errors: AtomicU64::new(0),
             waits: AtomicU64::new(0),
             balance_fallbacks: AtomicU64::new(0),
+            slot_fallbacks: AtomicU64::new(0),
             live_gateways: AtomicU64::new(0),
         }
     }
@@ -84,6 +98,7 @@ impl SharedLimits {
             round_trip_errors: load(&self.round_trip_errors),
             waits: load(&self.waits),
             balance_fallbacks: load(&self.balance_fallbacks),
+            slot_fallbacks: load(&self.slot_fallbacks),
             live_gateways: load(&self.live_gateways),
         }
     }
@@ -106,16 +121,27 @@ impl SharedLimits {
     fn org_key(&self, org: &str, what: &str) -> String {
         format!("{}{{o:{org}}}:{what}", self.config.key_prefix)
     }
+
+    /// This gateway's share of a limit while Redis is down: `limit / live gateways`
+    /// (as last counted), rounded down, so the shares of all gateways sum to at most the
+    /// limit.
+    fn share(&self, limit: u32) -> u32 {
+        let live = self.live_gateways.load(Ordering::Relaxed).max(1);
+        u32::try_from(u64::from(limit) / live).unwrap_or(limit)
+    }
 }
 
 /// The refiller: one pass every `refill_interval_ms`, or at once when a request wakes it.
-/// Runs on the engine's runtime until it shuts down. `orgs` lists the org accounts.
-pub(crate) async fn refiller<F>(limits: Arc<SharedLimits>, orgs: F)
+/// Runs on the engine's runtime until it shuts down. `scopes` lists the live state.
+pub(crate) async fn refiller<F>(limits: Arc<SharedLimits>, scopes: F)
 where
-    F: Fn() -> Vec<(String, Arc<OrgAccount>)> + Send + 'static,
+    F: Fn() -> Scopes + Send + 'static,
 {
-    let grow = Script::new(include_str!("money_grow.lua"));
-    let shrink = Script::new(include_str!("money_shrink.lua"));
+    let scripts = Scripts {
+        grow: Script::new(include_str!("money_grow.lua")),
+        shrink: Script::new(include_str!("money_shrink.lua")),
+        slots: Script::new(include_str!("slots_acquire.lua")),
+    };
     let interval = Duration::from_millis(limits.config.refill_interval_ms);
     let timeout = Duration::from_millis(limits.config.timeout_ms);
     let mut conn: Option<ConnectionManager> = None;
@@ -131,20 +157,29 @@ where
         if conn.is_none() {
             conn = connect(&limits.config.redis_url, timeout).await;
         }
+        let scopes = scopes();
         let ok = match conn.as_mut() {
             Some(c) => {
                 let pass = Pass {
                     limits: &limits,
                     conn: c,
-                    grow: &grow,
-                    shrink: &shrink,
+                    scripts: &scripts,
                 };
-                pass.run(&orgs(), scheduled).await
+                pass.run(&scopes, scheduled).await
             }
             None => false,
         };
         if !ok {
             limits.round_trip_errors.fetch_add(1, Ordering::Relaxed);
+            // Slots fall back to this gateway's share; money keeps the lease it holds.
+            for (_, state) in &scopes.limits {
+                if let Some((_, lease)) = state.slot_demand(false) {
+                    if lease.limit > 0 {
+                        state.set_slots(limits.share(lease.limit), false);
+                        limits.slot_fallbacks.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
         }
         limits.up.store(ok, Ordering::Relaxed);
         limits.refilled.notify_waiters();
@@ -164,26 +199,83 @@ async fn connect(url: &str, timeout: Duration) -> Option<ConnectionManager> {
         .ok()
 }
 
-/// One refill pass over every leased org.
+struct Scripts {
+    grow: Script,
+    shrink: Script,
+    slots: Script,
+}
+
+/// One refill pass over every leased scope.
 struct Pass<'a> {
     limits: &'a SharedLimits,
     conn: &'a mut ConnectionManager,
-    grow: &'a Script,
-    shrink: &'a Script,
+    scripts: &'a Scripts,
 }
 
 impl Pass<'_> {
     /// Heartbeat (on scheduled ticks), then top up or give back each lease. `false` when
     /// a round trip failed.
-    async fn run(mut self, orgs: &[(String, Arc<OrgAccount>)], scheduled: bool) -> bool {
+    async fn run(mut self, scopes: &Scopes, scheduled: bool) -> bool {
         if scheduled && !self.heartbeat().await {
             return false;
         }
-        for (org, account) in orgs {
+        for (org, account) in &scopes.orgs {
             if !self.refill(org, account, scheduled).await {
                 return false;
             }
         }
+        for (tag, state) in &scopes.limits {
+            if !self.slots(tag, state, scheduled).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Hold the slots in flight plus one spare (or what waiting requests need), within
+    /// the limit less what the other live instances hold; refresh their expiry every
+    /// scheduled tick; give them all back when the scope is idle.
+    async fn slots(&mut self, tag: &str, state: &LimitState, scheduled: bool) -> bool {
+        let Some((in_flight, lease)) = state.slot_demand(scheduled) else {
+            return true;
+        };
+        if lease.limit == 0 {
+            return true;
+        }
+        let busy = lease.peak.max(in_flight.saturating_add(lease.short));
+        let target = if busy == 0 {
+            0
+        } else {
+            lease.limit.min(busy.saturating_add(1))
+        };
+        if target == 0 && lease.granted == 0 {
+            return true;
+        }
+        // A wake-up pass only grows; shrinking and refreshing wait for a scheduled one.
+        if !scheduled && target <= lease.granted {
+            return true;
+        }
+        if target < lease.granted {
+            state.lower_slots(target);
+        }
+        let key = format!("{}{{{tag}}}:conc", self.limits.config.key_prefix);
+        let mut inv = self.scripts.slots.key(key);
+        inv.arg(&self.limits.instance)
+            .arg(target)
+            .arg(in_flight)
+            .arg(lease.limit)
+            .arg(self.limits.config.lease_ttl_ms);
+        let conn = self.conn.clone();
+        let reply: Option<(u32, u32)> = self
+            .timed(async move {
+                let mut conn = conn;
+                inv.invoke_async(&mut conn).await
+            })
+            .await;
+        let Some((granted, _others)) = reply else {
+            return false;
+        };
+        state.set_slots(granted, granted < target);
         true
     }
 
@@ -245,7 +337,7 @@ impl Pass<'_> {
             .max(lease.short.saturating_add(lease.flow));
         if target > headroom {
             let want = target - headroom;
-            let mut inv = self.grow.key(self.limits.org_key(org, "cap"));
+            let mut inv = self.scripts.grow.key(self.limits.org_key(org, "cap"));
             inv.key(self.limits.org_key(org, "hold"))
                 .arg(&self.limits.instance)
                 .arg(want)
@@ -265,7 +357,7 @@ impl Pass<'_> {
             let Some(hold) = account.shrink() else {
                 return true;
             };
-            let mut inv = self.shrink.key(self.limits.org_key(org, "hold"));
+            let mut inv = self.scripts.shrink.key(self.limits.org_key(org, "hold"));
             inv.arg(&self.limits.instance).arg(hold);
             let conn = self.conn.clone();
             let reply: Option<i64> = self

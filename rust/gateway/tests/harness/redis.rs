@@ -36,7 +36,14 @@ impl RedisServer {
         assert!(self.child.is_none(), "redis-server already running");
         let child = Command::new("redis-server")
             .args(["--port", "0", "--unixsocket", &self.socket()])
-            .args(["--unixsocketperm", "600", "--save", "", "--appendonly", "no"])
+            .args([
+                "--unixsocketperm",
+                "600",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .args(["--dir", self.dir.path()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
