@@ -213,7 +213,7 @@ impl Metrics {
             let _ = writeln!(out, "{name} {v}");
         }
         if let Some(s) = &extra.shared {
-            let rows: [(&str, &str, &str, String); 8] = [
+            let rows: [(&str, &str, &str, String); 9] = [
                 (
                     "onetoken_redis_up",
                     "gauge",
@@ -257,6 +257,13 @@ impl Metrics {
                     "Concurrency leases set to this gateway's share of the limit because the \
                      shared Redis was unreachable (one per key or org per refill pass).",
                     s.slot_fallbacks.to_string(),
+                ),
+                (
+                    "onetoken_shared_rate_fallbacks_total",
+                    "counter",
+                    "rpm or tpm leases refilled locally at this gateway's share of the limit \
+                     because the shared Redis was unreachable (one per limit per refill pass).",
+                    s.rate_fallbacks.to_string(),
                 ),
                 (
                     "onetoken_shared_live_gateways",

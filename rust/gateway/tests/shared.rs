@@ -32,6 +32,11 @@ fn shared_gateway_with(redis: &RedisServer, patch: impl FnOnce(&mut Value)) -> G
 /// Key `ot-good` limited to `n` requests in flight, its chat model free so that money
 /// leases play no part.
 fn key_concurrency(n: u32) -> impl FnOnce(&mut Value) {
+    key_limits(json!({"concurrency": n}))
+}
+
+/// Key `ot-good` with `limits`, its chat model free so that money leases play no part.
+fn key_limits(limits: Value) -> impl FnOnce(&mut Value) {
     move |s| {
         let chat = &mut s["models"][0];
         for price in ["input_price", "output_price", "cached_input_price"] {
@@ -39,8 +44,32 @@ fn key_concurrency(n: u32) -> impl FnOnce(&mut Value) {
         }
         let keys = s["keys"].as_array_mut().unwrap();
         let key = keys.iter_mut().find(|k| k["key_id"] == "key_good").unwrap();
-        key["limits"] = json!({"concurrency": n});
+        key["limits"] = limits;
     }
+}
+
+/// Send `n` requests to each gateway at once; the count of each error code ("ok" for 200).
+async fn burst(gws: &[&Gateway], n: usize) -> HashMap<String, usize> {
+    let mut tasks = Vec::new();
+    for g in gws {
+        for _ in 0..n {
+            let addr = g.addr;
+            tasks.push(tokio::spawn(async move {
+                post(addr, CHAT, Some("ot-good"), small()).await
+            }));
+        }
+    }
+    let mut by_code = HashMap::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        let code = if r.status == 200 {
+            "ok".to_owned()
+        } else {
+            r.json()["error"]["code"].as_str().unwrap().to_owned()
+        };
+        *by_code.entry(code).or_default() += 1;
+    }
+    by_code
 }
 
 /// A stream held open (its slot taken) until dropped.
@@ -317,4 +346,60 @@ async fn a_keys_concurrency_holds_across_gateways_and_falls_back_to_a_share() {
     let (streams, _) = open_streams(&[&gws[0], &gws[1]], 4).await;
     assert!((1..=3).contains(&streams.len()), "{}", streams.len());
     assert!(slots_held(&redis) <= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keys_rpm_holds_across_gateways_and_falls_back_to_a_share() {
+    let mut redis = RedisServer::start();
+    let rpm = || key_limits(json!({"rpm": 10}));
+    let gws = [
+        shared_gateway_with(&redis, rpm()),
+        shared_gateway_with(&redis, rpm()),
+    ];
+    assert!(
+        wait_until_async(WAIT, || gws.iter().all(|g| g
+            .engine
+            .metrics_text()
+            .contains("onetoken_shared_live_gateways 2")))
+        .await
+    );
+    // 30 at once across both: the global bucket of 10 (each gateway leasing at most its
+    // half) admits at most 10, plus under a unit of refill in the second this takes.
+    let by_code = burst(&[&gws[0], &gws[1]], 15).await;
+    eprintln!("rpm 10, shared: {by_code:?}");
+    let ok = by_code.get("ok").copied().unwrap_or(0);
+    assert!((5..=11).contains(&ok), "{by_code:?}");
+    assert_eq!(
+        ok + by_code.get("rate_limited").copied().unwrap_or(0),
+        30,
+        "{by_code:?}"
+    );
+    let tat: i64 = ::redis::cmd("GET")
+        .arg("ot:{k:key_good}:rpm")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!(tat > 0);
+
+    // Redis down: each gateway refills alone at floor(10 / 2) = 5 per minute from empty,
+    // so nothing more passes in these seconds; refused as rate limited, never let through.
+    redis.stop();
+    assert!(
+        wait_until_async(WAIT, || gws
+            .iter()
+            .all(|g| metric(g, "onetoken_shared_rate_fallbacks_total") >= 1.0))
+        .await
+    );
+    let by_code = burst(&[&gws[0], &gws[1]], 3).await;
+    eprintln!("rpm 10, redis down: {by_code:?}");
+    assert_eq!(by_code.get("rate_limited"), Some(&6), "{by_code:?}");
+
+    // Redis back, empty: a fresh global bucket, shared again.
+    redis.restart();
+    assert!(
+        wait_for(WAIT, || async {
+            gws[1].chat_as("ot-good", small()).await.status == 200
+        })
+        .await
+    );
+    assert_eq!(metric(&gws[1], "onetoken_redis_up"), 1.0);
 }

@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 
 use crate::billing::OrgAccount;
 use crate::config::SharedConfig;
-use crate::limits::LimitState;
+use crate::limits::{mono_ns, LimitState, RateKind};
 
 /// Heartbeats older than this many refill intervals no longer count a gateway as live.
 const LIVE_INTERVALS: u64 = 30;
@@ -50,6 +50,8 @@ pub(crate) struct SharedLimits {
     pub(crate) balance_fallbacks: AtomicU64,
     /// Key or org slot leases set to this gateway's share because Redis did not answer.
     pub(crate) slot_fallbacks: AtomicU64,
+    /// Key or org rate leases refilled locally at this gateway's share, the same way.
+    pub(crate) rate_fallbacks: AtomicU64,
     /// Gateways with a recent heartbeat, as last counted.
     pub(crate) live_gateways: AtomicU64,
 }
@@ -63,6 +65,7 @@ pub(crate) struct SharedGauges {
     pub(crate) waits: u64,
     pub(crate) balance_fallbacks: u64,
     pub(crate) slot_fallbacks: u64,
+    pub(crate) rate_fallbacks: u64,
     pub(crate) live_gateways: u64,
 }
 
@@ -80,6 +83,7 @@ impl SharedLimits {
             waits: AtomicU64::new(0),
             balance_fallbacks: AtomicU64::new(0),
             slot_fallbacks: AtomicU64::new(0),
+            rate_fallbacks: AtomicU64::new(0),
             live_gateways: AtomicU64::new(0),
         }
     }
@@ -99,6 +103,7 @@ impl SharedLimits {
             waits: load(&self.waits),
             balance_fallbacks: load(&self.balance_fallbacks),
             slot_fallbacks: load(&self.slot_fallbacks),
+            rate_fallbacks: load(&self.rate_fallbacks),
             live_gateways: load(&self.live_gateways),
         }
     }
@@ -141,7 +146,9 @@ where
         grow: Script::new(include_str!("money_grow.lua")),
         shrink: Script::new(include_str!("money_shrink.lua")),
         slots: Script::new(include_str!("slots_acquire.lua")),
+        rate: Script::new(include_str!("rate_take.lua")),
     };
+    let mut last_pass = Instant::now();
     let interval = Duration::from_millis(limits.config.refill_interval_ms);
     let timeout = Duration::from_millis(limits.config.timeout_ms);
     let mut conn: Option<ConnectionManager> = None;
@@ -158,6 +165,8 @@ where
             conn = connect(&limits.config.redis_url, timeout).await;
         }
         let scopes = scopes();
+        let elapsed_ms = u64::try_from(last_pass.elapsed().as_millis()).unwrap_or(u64::MAX);
+        last_pass = Instant::now();
         let ok = match conn.as_mut() {
             Some(c) => {
                 let pass = Pass {
@@ -171,8 +180,14 @@ where
         };
         if !ok {
             limits.round_trip_errors.fetch_add(1, Ordering::Relaxed);
-            // Slots fall back to this gateway's share; money keeps the lease it holds.
+            // Slots and rates fall back to this gateway's share; money keeps the lease it
+            // holds.
             for (_, state) in &scopes.limits {
+                for kind in [RateKind::Requests, RateKind::Tokens] {
+                    if state.rate_fallback(kind, |l| limits.share(l), elapsed_ms) {
+                        limits.rate_fallbacks.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 if let Some((_, lease)) = state.slot_demand(false) {
                     if lease.limit > 0 {
                         state.set_slots(limits.share(lease.limit), false);
@@ -203,6 +218,7 @@ struct Scripts {
     grow: Script,
     shrink: Script,
     slots: Script,
+    rate: Script,
 }
 
 /// One refill pass over every leased scope.
@@ -228,7 +244,68 @@ impl Pass<'_> {
             if !self.slots(tag, state, scheduled).await {
                 return false;
             }
+            for kind in [RateKind::Requests, RateKind::Tokens] {
+                if !self.rate(tag, state, kind, scheduled).await {
+                    return false;
+                }
+            }
         }
+        true
+    }
+
+    /// Keep units leased ahead of demand: twice the units used in the last interval, or
+    /// what waiting requests need, at most `limit / live gateways` (or the largest single
+    /// request waiting); give back units of an idle scope and units older than `lease_ttl_ms`;
+    /// send the tokens used above what was taken.
+    async fn rate(
+        &mut self,
+        tag: &str,
+        state: &LimitState,
+        kind: RateKind,
+        scheduled: bool,
+    ) -> bool {
+        let now = mono_ns();
+        let ttl_ns = self.limits.config.lease_ttl_ms.saturating_mul(1_000_000);
+        let Some((seen, back, debt)) = state.rate_demand(kind, scheduled, now, ttl_ns) else {
+            return true;
+        };
+        if seen.limit == 0 {
+            return true;
+        }
+        let limit = u64::from(seen.limit);
+        // Waiting requests in numbers do not raise the share (the other gateways are owed
+        // theirs); one request bigger than the share does, or it could never pass.
+        let cap = u64::from(self.limits.share(seen.limit))
+            .max(seen.biggest)
+            .clamp(1, limit);
+        let demand = seen
+            .used
+            .saturating_mul(2)
+            .max(seen.used.saturating_add(seen.short));
+        let avail = seen.avail - back;
+        let want = demand.min(cap).saturating_sub(avail);
+        if want == 0 && back == 0 && debt == 0 {
+            return true;
+        }
+        let what = match kind {
+            RateKind::Requests => "rpm",
+            RateKind::Tokens => "tpm",
+        };
+        let key = format!("{}{{{tag}}}:{what}", self.limits.config.key_prefix);
+        let mut inv = self.scripts.rate.key(key);
+        inv.arg(seen.limit).arg(want).arg(back).arg(debt);
+        let conn = self.conn.clone();
+        let reply: Option<u64> = self
+            .timed(async move {
+                let mut conn = conn;
+                inv.invoke_async(&mut conn).await
+            })
+            .await;
+        let Some(granted) = reply else {
+            state.rate_owe(kind, debt);
+            return false;
+        };
+        state.rate_grant(kind, granted, granted < want, now);
         true
     }
 
