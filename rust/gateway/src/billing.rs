@@ -163,6 +163,47 @@ struct Counters {
     month_base: (i32, i64),
     /// Set when money is shared across gateways (org accounts only).
     lease: Option<Lease>,
+    /// Set when budgets are shared across gateways.
+    shared_spend: Option<SharedSpend>,
+}
+
+/// Spend of one key or org summed over all gateways in Redis, for budgets
+/// (docs/scale-out.md, "Budgets").
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SharedSpend {
+    /// The budgets the last reservation checked: only accounts with one are pushed.
+    pub budgets: Budgets,
+    /// The UTC day and month the global figures are for.
+    pub day: i64,
+    pub month: i32,
+    /// Spend of all gateways in `day` / `month` as Redis last answered (this gateway's
+    /// pushed spend included).
+    pub global_day: i64,
+    pub global_month: i64,
+    /// Settled spend not yet sent to Redis.
+    pub unpushed: i64,
+    /// Spend sent and not yet acknowledged.
+    pub pushing: i64,
+    /// Redis did not answer the last push: the live gateways last counted, among which
+    /// what was left of each budget is shared until it answers again (0 while it does).
+    pub down_live: u64,
+}
+
+impl SharedSpend {
+    /// Spend in the period: all gateways' as of the last push plus this gateway's since,
+    /// and this gateway's share of what was left (`None`: no fallback) when Redis is down.
+    fn check(&self, period_ok: bool, global: i64, limit: i64, wanted: i128) -> bool {
+        let own = i128::from(self.unpushed) + i128::from(self.pushing);
+        let global = if period_ok { i128::from(global) } else { 0 };
+        if global + own + wanted > i128::from(limit) {
+            return false;
+        }
+        if self.down_live > 0 {
+            let left = (i128::from(limit) - global).max(0);
+            return own + wanted <= left / i128::from(self.down_live);
+        }
+        true
+    }
 }
 
 impl Default for Counters {
@@ -173,6 +214,7 @@ impl Default for Counters {
             day_base: (i64::MIN, 0),
             month_base: (i32::MIN, 0),
             lease: None,
+            shared_spend: None,
         }
     }
 }
@@ -246,7 +288,19 @@ impl OrgAccount {
     pub fn new(leased: bool) -> Self {
         let account = OrgAccount::default();
         if leased {
-            account.counters.lock().lease = Some(Lease::default());
+            let mut c = account.counters.lock();
+            c.lease = Some(Lease::default());
+            c.shared_spend = Some(SharedSpend::default());
+        }
+        account
+    }
+
+    /// A key's account: budgets shared across gateways when `shared`, no money lease (the
+    /// org's account holds that).
+    pub fn for_key(shared: bool) -> Self {
+        let account = OrgAccount::default();
+        if shared {
+            account.counters.lock().shared_spend = Some(SharedSpend::default());
         }
         account
     }
@@ -289,14 +343,27 @@ impl OrgAccount {
     ) -> Result<(), ReserveRefusal> {
         let mut c = self.counters.lock();
         let wanted = i128::from(c.reserved) + i128::from(amount);
+        if let Some(shared) = c.shared_spend.as_mut() {
+            shared.budgets = budgets;
+        }
         if let Some(limit) = budgets.day {
             if c.spent_day(usage, today) + wanted > i128::from(limit) {
                 return Err(ReserveRefusal::BudgetDay);
+            }
+            if let Some(s) = &c.shared_spend {
+                if !s.check(s.day == today, s.global_day, limit, wanted) {
+                    return Err(ReserveRefusal::BudgetDay);
+                }
             }
         }
         if let Some(limit) = budgets.month {
             if c.spent_month(usage, month) + wanted > i128::from(limit) {
                 return Err(ReserveRefusal::BudgetMonth);
+            }
+            if let Some(s) = &c.shared_spend {
+                if !s.check(s.month == month, s.global_month, limit, wanted) {
+                    return Err(ReserveRefusal::BudgetMonth);
+                }
             }
         }
         if let Some((balance, spent_mark)) = balance {
@@ -326,6 +393,51 @@ impl OrgAccount {
         let mut c = self.counters.lock();
         c.reserved = c.reserved.saturating_sub(reserved);
         c.spent = c.spent.saturating_add(cost);
+        if let Some(shared) = c.shared_spend.as_mut() {
+            shared.unpushed = shared.unpushed.saturating_add(cost);
+        }
+    }
+
+    /// For the refiller: move the spend not yet sent into `pushing` and return it, when
+    /// the account has a budget to share (`None` otherwise).
+    pub fn spend_push_start(&self) -> Option<i64> {
+        let mut c = self.counters.lock();
+        let s = c.shared_spend.as_mut()?;
+        if s.budgets.day.is_none() && s.budgets.month.is_none() {
+            // Nothing checks it; a budget set later starts from the ledger's figure,
+            // which the check takes whenever it is the larger.
+            s.unpushed = 0;
+            return None;
+        }
+        let n = std::mem::take(&mut s.unpushed);
+        s.pushing = s.pushing.saturating_add(n);
+        Some(n)
+    }
+
+    /// Redis took the push: the global figures of `day` and `month` are now these.
+    pub fn spend_push_done(&self, day: i64, month: i32, global_day: i64, global_month: i64) {
+        let mut c = self.counters.lock();
+        if let Some(s) = c.shared_spend.as_mut() {
+            *s = SharedSpend {
+                day,
+                month,
+                global_day,
+                global_month,
+                pushing: 0,
+                down_live: 0,
+                ..*s
+            };
+        }
+    }
+
+    /// The push did not reach Redis: keep the spend for the next one, and share what was
+    /// left of each budget with the `live` gateways until Redis answers.
+    pub fn spend_push_failed(&self, live: u64) {
+        let mut c = self.counters.lock();
+        if let Some(s) = c.shared_spend.as_mut() {
+            s.unpushed = s.unpushed.saturating_add(std::mem::take(&mut s.pushing));
+            s.down_live = live.max(1);
+        }
     }
 
     /// For the refiller: `(spent, reserved, lease)` with the lease's demand figures

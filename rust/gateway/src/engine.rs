@@ -125,7 +125,16 @@ impl Shared {
         };
         let mut limits = tagged("k", &accounts.key_limits);
         limits.extend(tagged("o", &accounts.org_limits));
+        let spending = |prefix: &str, accounts: &HashMap<String, Arc<OrgAccount>>| {
+            accounts
+                .iter()
+                .map(|(id, a)| (format!("{prefix}:{id}"), Arc::clone(a)))
+                .collect::<Vec<_>>()
+        };
+        let mut spend = spending("k", &accounts.keys);
+        spend.extend(spending("o", &accounts.orgs));
         Scopes {
+            spend,
             orgs: accounts
                 .orgs
                 .iter()

@@ -794,6 +794,12 @@ fn civil(day: i64) -> (i64, u32, u32) {
     )
 }
 
+/// `YYYYMMDD` (UTC) of a day number, for the names of the shared day totals.
+pub(crate) fn yyyymmdd(day: i64) -> i64 {
+    let (y, m, d) = civil(day);
+    y * 10_000 + i64::from(m) * 100 + i64::from(d)
+}
+
 /// `YYYYMM` (UTC) of a day number, the `usage.month` encoding.
 pub(crate) fn month_of_day(day: i64) -> i32 {
     let (y, m, _) = civil(day);

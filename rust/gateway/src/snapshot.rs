@@ -547,7 +547,11 @@ impl Snapshot {
                     .entry(k.key_id.clone())
                     .or_insert_with(|| Arc::new(LimitState::new(leased)))
                     .clone(),
-                account: accounts.keys.entry(k.key_id.clone()).or_default().clone(),
+                account: accounts
+                    .keys
+                    .entry(k.key_id.clone())
+                    .or_insert_with(|| Arc::new(OrgAccount::for_key(leased)))
+                    .clone(),
                 usage: k.usage.compile(),
                 policy: Policy::compile(k.policy),
                 revoked: k.status != "active",

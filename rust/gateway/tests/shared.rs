@@ -403,3 +403,66 @@ async fn a_keys_rpm_holds_across_gateways_and_falls_back_to_a_share() {
     );
     assert_eq!(metric(&gws[1], "onetoken_redis_up"), 1.0);
 }
+
+fn key_spent(gw: &Gateway) -> i64 {
+    gw.engine
+        .key_spend()
+        .into_iter()
+        .find(|k| k.0 == "key_good")
+        .map_or(0, |k| k.1)
+}
+
+/// Requests from `gws` in turn, one at a time, until each refuses with
+/// `budget_exceeded`; the count of 200s.
+async fn spend_until_refused(gws: &[&Gateway]) -> usize {
+    let mut ok = 0;
+    let mut refused = vec![false; gws.len()];
+    for i in 0.. {
+        if refused.iter().all(|r| *r) {
+            break;
+        }
+        assert!(i < 400, "the budget never ran out");
+        let g = i % gws.len();
+        if refused[g] {
+            continue;
+        }
+        let r = gws[g].chat_as("ot-good", small()).await;
+        match r.status.as_u16() {
+            200 => ok += 1,
+            429 => {
+                assert_eq!(r.json()["error"]["code"], "budget_exceeded");
+                refused[g] = true;
+            }
+            s => panic!("{s}: {}", r.text()),
+        }
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keys_day_budget_holds_across_gateways() {
+    let redis = RedisServer::start();
+    set_cap(&redis, 1_000_000_000_000);
+    // Each request costs 14,500 and reserves a little more.
+    let budget = 150_000;
+    let gws = [
+        shared_gateway_with(&redis, with_budget(budget)),
+        shared_gateway_with(&redis, with_budget(budget)),
+    ];
+    let ok = spend_until_refused(&[&gws[0], &gws[1]]).await;
+    let spent: i64 = gws.iter().map(key_spent).sum();
+    eprintln!("budget {budget}, shared: {ok} served, {spent} spent");
+    // Alone each gateway would spend the whole budget. Together they exceed it only by
+    // what one spent within a refill interval before the other saw it.
+    assert!(spent <= budget + 2 * 14_500, "spent {spent} of {budget}");
+    assert!(spent >= budget - 2 * 15_500, "spent {spent} of {budget}");
+}
+
+/// `ot-good` limited to `b` nano-units a UTC day.
+fn with_budget(b: i64) -> impl FnOnce(&mut Value) {
+    move |s: &mut Value| {
+        let keys = s["keys"].as_array_mut().unwrap();
+        let key = keys.iter_mut().find(|k| k["key_id"] == "key_good").unwrap();
+        key["limits"] = json!({"budget_day": b});
+    }
+}

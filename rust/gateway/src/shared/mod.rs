@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 
 use crate::billing::OrgAccount;
 use crate::config::SharedConfig;
-use crate::limits::{mono_ns, LimitState, RateKind};
+use crate::limits::{mono_ns, month_of_day, unix_now, yyyymmdd, LimitState, RateKind};
 
 /// Heartbeats older than this many refill intervals no longer count a gateway as live.
 const LIVE_INTERVALS: u64 = 30;
@@ -29,6 +29,8 @@ pub(crate) struct Scopes {
     pub(crate) orgs: Vec<(String, Arc<OrgAccount>)>,
     /// Rate and concurrency state by hash tag (`k:<key id>`, `o:<org id>`).
     pub(crate) limits: Vec<(String, Arc<LimitState>)>,
+    /// Spend counters of keys and orgs by hash tag, for budgets.
+    pub(crate) spend: Vec<(String, Arc<OrgAccount>)>,
 }
 
 /// Shared-limits state of one engine: the configuration, Redis' health as last seen, the
@@ -147,6 +149,7 @@ where
         shrink: Script::new(include_str!("money_shrink.lua")),
         slots: Script::new(include_str!("slots_acquire.lua")),
         rate: Script::new(include_str!("rate_take.lua")),
+        spend: Script::new(include_str!("spend_push.lua")),
     };
     let mut last_pass = Instant::now();
     let interval = Duration::from_millis(limits.config.refill_interval_ms);
@@ -180,8 +183,12 @@ where
         };
         if !ok {
             limits.round_trip_errors.fetch_add(1, Ordering::Relaxed);
-            // Slots and rates fall back to this gateway's share; money keeps the lease it
-            // holds.
+            // Slots, rates and budgets fall back to this gateway's share; money keeps the
+            // lease it holds.
+            let live = limits.live_gateways.load(Ordering::Relaxed);
+            for (_, account) in &scopes.spend {
+                account.spend_push_failed(live);
+            }
             for (_, state) in &scopes.limits {
                 for kind in [RateKind::Requests, RateKind::Tokens] {
                     if state.rate_fallback(kind, |l| limits.share(l), elapsed_ms) {
@@ -219,6 +226,7 @@ struct Scripts {
     shrink: Script,
     slots: Script,
     rate: Script,
+    spend: Script,
 }
 
 /// One refill pass over every leased scope.
@@ -240,6 +248,14 @@ impl Pass<'_> {
                 return false;
             }
         }
+        if scheduled {
+            let day = unix_now().div_euclid(86_400);
+            for (tag, account) in &scopes.spend {
+                if !self.spend(tag, account, day).await {
+                    return false;
+                }
+            }
+        }
         for (tag, state) in &scopes.limits {
             if !self.slots(tag, state, scheduled).await {
                 return false;
@@ -250,6 +266,33 @@ impl Pass<'_> {
                 }
             }
         }
+        true
+    }
+
+    /// Send the spend settled since the last push to the day and month totals and read
+    /// them back (accounts with a budget only).
+    async fn spend(&mut self, tag: &str, account: &OrgAccount, day: i64) -> bool {
+        let Some(n) = account.spend_push_start() else {
+            return true;
+        };
+        let month = month_of_day(day);
+        let prefix = &self.limits.config.key_prefix;
+        let mut inv = self
+            .scripts
+            .spend
+            .key(format!("{prefix}{{{tag}}}:spend:d:{}", yyyymmdd(day)));
+        inv.key(format!("{prefix}{{{tag}}}:spend:m:{month}")).arg(n);
+        let conn = self.conn.clone();
+        let reply: Option<(i64, i64)> = self
+            .timed(async move {
+                let mut conn = conn;
+                inv.invoke_async(&mut conn).await
+            })
+            .await;
+        let Some((global_day, global_month)) = reply else {
+            return false;
+        };
+        account.spend_push_done(day, month, global_day, global_month);
         true
     }
 
