@@ -94,7 +94,8 @@ class Settings(BaseSettings):
     upstream_deadline_seconds: AboveZero = _ENGINE["upstream_deadline_ms"] / 1000
     # Thread CPU time per request phase in the gateway's /metrics (a profile without perf).
     gateway_phase_timing: bool = _ENGINE["phase_timing"]
-    # Redis shared by every gateway for money leases (docs/scale-out.md), e.g.
+    # Redis shared by every gateway for rpm/tpm, concurrency, budgets and money leases
+    # (docs/scale-out.md), e.g.
     # redis://host:6379/0 or unix:///run/redis.sock; unset, each gateway keeps limits and
     # money in its own memory, as one machine always has. Secret: the URL may carry a
     # password.

@@ -246,7 +246,7 @@ class GatewayRunner:
     def engine_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """The control's config with what this process's environment says about itself:
         where it listens, which data dir it journals into, and which Redis it shares
-        money through (a gateway may reach Redis by another address than the control
+        limits and money through (a gateway may reach Redis by another address than the control
         plane)."""
         out = dict(config)
         if self.env.listen is not None:

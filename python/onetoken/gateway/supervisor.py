@@ -56,7 +56,8 @@ def _cidrs(spec: str) -> list[str]:
 
 
 def _shared(settings: Settings) -> dict[str, Any] | None:
-    """The engine's `shared` section: Redis for money shared across gateways, or none."""
+    """The engine's `shared` section: Redis for limits and money shared across gateways,
+    or none."""
     if settings.redis_url is None:
         return None
     return {"redis_url": settings.redis_url.get_secret_value()}

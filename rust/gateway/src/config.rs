@@ -111,8 +111,8 @@ pub struct SharedConfig {
     /// A Redis command that takes longer than this counts as Redis being down.
     #[serde(default = "default_redis_timeout_ms")]
     pub timeout_ms: u64,
-    /// Concurrency slots an instance stops refreshing (it died) count for nothing after
-    /// this long.
+    /// Rate units leased longer than this go back to Redis; concurrency slots an
+    /// instance stops refreshing (it died) count for nothing after this long.
     #[serde(default = "default_lease_ttl_ms")]
     pub lease_ttl_ms: u64,
 }

@@ -1,11 +1,12 @@
-//! Money shared across gateways through Redis (docs/scale-out.md).
+//! Limits and money shared across gateways through Redis (docs/scale-out.md).
 //!
-//! Requests never talk to Redis: each org account holds a money lease that a background
-//! refiller grows from the org's cap before demand reaches it, and gives back when the org
-//! goes idle. A request whose lease is short wakes the refiller and waits for it at most
-//! `wait_ms`; past that it is refused, with 402 when Redis answered (the cap is held by
-//! the org's other gateways or spent) and 503 `shared_state_unavailable` when Redis did
-//! not: money fails closed beyond the lease already held.
+//! Requests never talk to Redis: each live state (an org's money, a key's or org's rpm,
+//! tpm and concurrency, spend for budgets) holds a lease that a background refiller keeps
+//! ahead of demand and gives back when idle. A request whose lease is short wakes the
+//! refiller and waits for it at most `wait_ms`; past that it is refused as the limit
+//! refuses (402 for money when Redis answered; 503 `shared_state_unavailable` when it did
+//! not: money fails closed beyond the lease already held). With Redis down, rates,
+//! concurrency and budgets fall back to this gateway's share of the limit.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
