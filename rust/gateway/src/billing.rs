@@ -484,11 +484,6 @@ impl OrgAccount {
         Some(used)
     }
 
-    /// The current lease, if the account holds one.
-    pub fn lease(&self) -> Option<Lease> {
-        self.counters.lock().lease
-    }
-
     /// (spent since engine start, currently reserved).
     pub fn totals(&self) -> (i64, i64) {
         let c = self.counters.lock();
