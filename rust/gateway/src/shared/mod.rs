@@ -151,6 +151,7 @@ where
         slots: Script::new(include_str!("slots_acquire.lua")),
         rate: Script::new(include_str!("rate_take.lua")),
         spend: Script::new(include_str!("spend_push.lua")),
+        heartbeat: Script::new(include_str!("heartbeat.lua")),
     };
     let mut last_pass = Instant::now();
     let interval = Duration::from_millis(limits.config.refill_interval_ms);
@@ -228,6 +229,7 @@ struct Scripts {
     slots: Script,
     rate: Script,
     spend: Script,
+    heartbeat: Script,
 }
 
 /// One refill pass over every leased scope.
@@ -418,14 +420,7 @@ impl Pass<'_> {
     async fn heartbeat(&mut self) -> bool {
         let key = format!("{}gateways", self.limits.config.key_prefix);
         let ttl_ms = self.limits.config.refill_interval_ms * LIVE_INTERVALS;
-        let script = Script::new(
-            "local t = redis.call('TIME')
-             local now = t[1] * 1000 + math.floor(t[2] / 1000)
-             redis.call('ZADD', KEYS[1], now, ARGV[1])
-             redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
-             return redis.call('ZCARD', KEYS[1])",
-        );
-        let mut inv = script.key(key);
+        let mut inv = self.scripts.heartbeat.key(key);
         inv.arg(&self.limits.instance).arg(ttl_ms);
         let conn = self.conn.clone();
         let live: Option<u64> = self
