@@ -365,6 +365,13 @@ impl Engine {
             let _ = runtime.block_on(async {
                 tokio::time::timeout(grace + Duration::from_secs(1), server).await
             });
+            if let Some(limits) = &shared.shared_limits {
+                let scopes = shared.scopes();
+                let _ = runtime.block_on(async {
+                    let bound = Duration::from_millis(limits.config.timeout_ms * 4);
+                    tokio::time::timeout(bound, shared_limits::release(limits, scopes)).await
+                });
+            }
             shared.aborting.store(true, Ordering::Relaxed);
             // Dropping the remaining tasks drops their bodies, which emits their records.
             runtime.shutdown_timeout(Duration::from_secs(2));

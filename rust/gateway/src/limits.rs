@@ -218,6 +218,18 @@ impl LimitState {
         }
     }
 
+    /// Stopping: empty the `kind` lease; `(limit, units to give back, debt)` when it
+    /// has anything to send.
+    pub(crate) fn rate_release(&self, kind: RateKind) -> Option<(u32, u64, u64)> {
+        let mut rates = self.rates.as_ref()?.lock();
+        let lease = rates.of(kind);
+        if lease.limit == 0 || (lease.avail == 0 && lease.debt == 0) {
+            return None;
+        }
+        let back = std::mem::take(&mut lease.avail);
+        Some((lease.limit, back, std::mem::take(&mut lease.debt)))
+    }
+
     /// A refill that did not reach Redis: keep the debt for the next one.
     pub(crate) fn rate_owe(&self, kind: RateKind, debt: u64) {
         if let Some(rates) = &self.rates {

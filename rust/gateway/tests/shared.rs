@@ -213,6 +213,12 @@ async fn two_gateways_never_hold_or_spend_more_than_the_cap_together() {
     assert!(metric(&gws[0], "onetoken_shared_refill_waits_total") >= 1.0);
     assert!(metric(&gws[0], "onetoken_redis_round_trips_total") >= 1.0);
     assert_eq!(metric(&gws[1], "onetoken_shared_live_gateways"), 2.0);
+
+    // A gateway that stops hands its headroom back: its hold is what it spent.
+    let gone = &gws[0];
+    let spent = gone.org_spent(ORG);
+    gone.engine.stop(std::time::Duration::from_secs(1));
+    assert_eq!(holds(&redis)[gone.engine.instance_id()], spent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -372,6 +378,13 @@ async fn a_keys_concurrency_holds_across_gateways_and_falls_back_to_a_share() {
     let (streams, _) = open_streams(&[&gws[0], &gws[1]], 4).await;
     assert!((1..=3).contains(&streams.len()), "{}", streams.len());
     assert!(slots_held(&redis) <= 3);
+
+    // Stopping hands the slots back at once rather than when they lapse.
+    drop(streams);
+    for g in &gws {
+        g.engine.stop(std::time::Duration::from_secs(1));
+    }
+    assert_eq!(slots_held(&redis), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -37,7 +37,7 @@ pub(crate) struct Scopes {
 /// Shared-limits state of one engine: the configuration, Redis' health as last seen, the
 /// refiller's wake-up and the waiters' notification, and the counters `/metrics` shows.
 pub(crate) struct SharedLimits {
-    config: SharedConfig,
+    pub(crate) config: SharedConfig,
     instance: String,
     /// The last round trip to Redis succeeded.
     up: AtomicBool,
@@ -145,14 +145,7 @@ pub(crate) async fn refiller<F>(limits: Arc<SharedLimits>, scopes: F)
 where
     F: Fn() -> Scopes + Send + 'static,
 {
-    let scripts = Scripts {
-        grow: Script::new(include_str!("money_grow.lua")),
-        shrink: Script::new(include_str!("money_shrink.lua")),
-        slots: Script::new(include_str!("slots_acquire.lua")),
-        rate: Script::new(include_str!("rate_take.lua")),
-        spend: Script::new(include_str!("spend_push.lua")),
-        heartbeat: Script::new(include_str!("heartbeat.lua")),
-    };
+    let scripts = Scripts::load();
     let mut last_pass = Instant::now();
     let interval = Duration::from_millis(limits.config.refill_interval_ms);
     let timeout = Duration::from_millis(limits.config.timeout_ms);
@@ -230,6 +223,19 @@ struct Scripts {
     rate: Script,
     spend: Script,
     heartbeat: Script,
+}
+
+impl Scripts {
+    fn load() -> Self {
+        Scripts {
+            grow: Script::new(include_str!("money_grow.lua")),
+            shrink: Script::new(include_str!("money_shrink.lua")),
+            slots: Script::new(include_str!("slots_acquire.lua")),
+            rate: Script::new(include_str!("rate_take.lua")),
+            spend: Script::new(include_str!("spend_push.lua")),
+            heartbeat: Script::new(include_str!("heartbeat.lua")),
+        }
+    }
 }
 
 /// One refill pass over every leased scope.
@@ -470,24 +476,94 @@ impl Pass<'_> {
             };
             account.grant(hold, granted < want);
         } else if scheduled && lease.flow == 0 && lease.short == 0 {
-            let Some(hold) = account.shrink() else {
-                return true;
+            return self.shrink_money(org, account).await;
+        }
+        true
+    }
+
+    /// Give back the money headroom of an org's lease.
+    async fn shrink_money(&mut self, org: &str, account: &OrgAccount) -> bool {
+        let Some(hold) = account.shrink() else {
+            return true;
+        };
+        let mut inv = self.scripts.shrink.key(self.limits.org_key(org, "hold"));
+        inv.arg(&self.limits.instance).arg(hold);
+        let conn = self.conn.clone();
+        let reply: Option<i64> = self
+            .timed(async move {
+                let mut conn = conn;
+                inv.invoke_async(&mut conn).await
+            })
+            .await;
+        // Lowered locally already: a lost reply leaves Redis counting more than this
+        // instance may use, which is slack, never overspend.
+        reply.is_some()
+    }
+
+    /// Stopping: hand back every spare slot and every unused rate unit of a scope.
+    async fn release_limits(&mut self, tag: &str, state: &LimitState) {
+        if let Some((in_flight, lease)) = state.slot_demand(false) {
+            if lease.limit > 0 && lease.granted > 0 {
+                state.lower_slots(0);
+                let key = format!("{}{{{tag}}}:conc", self.limits.config.key_prefix);
+                let mut inv = self.scripts.slots.key(key);
+                inv.arg(&self.limits.instance)
+                    .arg(in_flight)
+                    .arg(in_flight)
+                    .arg(lease.limit)
+                    .arg(self.limits.config.lease_ttl_ms);
+                let conn = self.conn.clone();
+                let _: Option<(u32, u32)> = self
+                    .timed(async move {
+                        let mut conn = conn;
+                        inv.invoke_async(&mut conn).await
+                    })
+                    .await;
+            }
+        }
+        for kind in [RateKind::Requests, RateKind::Tokens] {
+            let Some((limit, back, debt)) = state.rate_release(kind) else {
+                continue;
             };
-            let mut inv = self.scripts.shrink.key(self.limits.org_key(org, "hold"));
-            inv.arg(&self.limits.instance).arg(hold);
+            let what = match kind {
+                RateKind::Requests => "rpm",
+                RateKind::Tokens => "tpm",
+            };
+            let key = format!("{}{{{tag}}}:{what}", self.limits.config.key_prefix);
+            let mut inv = self.scripts.rate.key(key);
+            inv.arg(limit).arg(0).arg(back).arg(debt);
             let conn = self.conn.clone();
-            let reply: Option<i64> = self
+            let _: Option<u64> = self
                 .timed(async move {
                     let mut conn = conn;
                     inv.invoke_async(&mut conn).await
                 })
                 .await;
-            // Lowered locally already: a lost reply leaves Redis counting more than this
-            // instance may use, which is slack, never overspend.
-            if reply.is_none() {
-                return false;
-            }
         }
-        true
+    }
+}
+
+/// On a graceful stop, once requests have drained: hand back what the leases hold beyond
+/// what was spent or is still in flight (money headroom, spare slots, unused rate units),
+/// so the other gateways can use it at once instead of after it lapses or the control
+/// plane retires this instance. Best effort: Redis may be down.
+pub(crate) async fn release(limits: &SharedLimits, scopes: Scopes) {
+    let timeout = Duration::from_millis(limits.config.timeout_ms);
+    let Some(mut conn) = connect(&limits.config.redis_url, timeout).await else {
+        return;
+    };
+    let scripts = Scripts::load();
+    let mut pass = Pass {
+        limits,
+        conn: &mut conn,
+        scripts: &scripts,
+    };
+    for (org, account) in &scopes.orgs {
+        if !pass.shrink_money(org, account).await {
+            return;
+        }
+    }
+    for (tag, state) in &scopes.limits {
+        pass.release_limits(tag, state).await;
     }
 }
