@@ -272,8 +272,18 @@ impl Engine {
         }
         if let Some(limits) = &self.shared.shared_limits {
             let shared = self.shared.clone();
+            // Live state changes only when a snapshot is compiled: list it again then.
+            let mut listed: Option<(u64, Arc<Scopes>)> = None;
             runtime.spawn(shared_limits::refiller(limits.clone(), move || {
-                shared.scopes()
+                let version = shared.snapshot.load().version;
+                match &listed {
+                    Some((v, scopes)) if *v == version => Arc::clone(scopes),
+                    _ => {
+                        let scopes = Arc::new(shared.scopes());
+                        listed = Some((version, Arc::clone(&scopes)));
+                        scopes
+                    }
+                }
             }));
         }
         // Load the vocabulary before the first request needs it.

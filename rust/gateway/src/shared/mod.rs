@@ -141,9 +141,9 @@ impl SharedLimits {
 
 /// The refiller: one pass every `refill_interval_ms`, or at once when a request wakes it.
 /// Runs on the engine's runtime until it shuts down. `scopes` lists the live state.
-pub(crate) async fn refiller<F>(limits: Arc<SharedLimits>, scopes: F)
+pub(crate) async fn refiller<F>(limits: Arc<SharedLimits>, mut scopes: F)
 where
-    F: Fn() -> Scopes + Send + 'static,
+    F: FnMut() -> Arc<Scopes> + Send + 'static,
 {
     let scripts = Scripts::load();
     let mut last_pass = Instant::now();
