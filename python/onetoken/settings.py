@@ -66,9 +66,7 @@ class Settings(BaseSettings):
     flush_interval_ms: int = Field(default=1000, ge=10, le=60_000)
     flush_max_rows: int = Field(default=50_000, ge=1, le=1_000_000)
     call_log_ttl_days: AtLeastOne = 180
-    # Shared limits and money across gateways (docs/scale-out.md); unset, one machine keeps
-    # them in memory. The control plane publishes each org's money cap there.
-    redis_url: str | None = None
+    # Prefix of every Redis key gateways and the cap publisher share (docs/scale-out.md).
     redis_prefix: str = "ot:"
     # Full republish of every org's cap: heals a Redis restart (which lost the caps) and a
     # change another process committed. Money moved through this process goes at once.
@@ -101,6 +99,12 @@ class Settings(BaseSettings):
     upstream_deadline_seconds: AboveZero = _ENGINE["upstream_deadline_ms"] / 1000
     # Thread CPU time per request phase in the gateway's /metrics (a profile without perf).
     gateway_phase_timing: bool = _ENGINE["phase_timing"]
+    # Redis shared by every gateway for rpm/tpm, concurrency, budgets and money leases
+    # (docs/scale-out.md), e.g.
+    # redis://host:6379/0 or unix:///run/redis.sock; unset, each gateway keeps limits and
+    # money in its own memory, as one machine always has. The control plane publishes each
+    # org's money cap there. Secret: the URL may carry a password.
+    redis_url: SecretStr | None = None
 
     session_ttl_hours: int = Field(default=12, ge=1, le=24 * 30)
 

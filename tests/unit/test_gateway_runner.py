@@ -194,6 +194,19 @@ def test_start_takes_the_config_with_its_own_address_and_data_dir(
     assert headers["Authorization"] == f"Bearer {TOKEN}"
 
 
+def test_redis_comes_from_the_control_unless_the_gateway_says_otherwise(
+    control: tuple[Control, str], tmp_path: Path
+) -> None:
+    _, url = control
+    sent = {"listen": "127.0.0.1:1", "shared": {"redis_url": "redis://ctl:6379/0", "wait_ms": 5}}
+    plain = GatewayRunner(_env(url, tmp_path))
+    assert plain.engine_config(sent)["shared"] == sent["shared"]
+    assert plain.engine_config({"listen": "x"}).get("shared") is None
+    own = GatewayRunner(_env(url, tmp_path, ONETOKEN_REDIS_URL="unix:///run/r.sock"))
+    assert own.engine_config(sent)["shared"] == {"redis_url": "unix:///run/r.sock", "wait_ms": 5}
+    assert own.engine_config({"listen": "x"})["shared"] == {"redis_url": "unix:///run/r.sock"}
+
+
 def test_start_learns_the_metrics_address_the_ready_report_carries(
     control: tuple[Control, str], tmp_path: Path
 ) -> None:

@@ -14,8 +14,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+from pydantic import SecretStr
 
+from onetoken import _core
 from onetoken.gateway import supervisor as supervisor_mod
 from onetoken.gateway.supervisor import ControlRuntime, GatewayProcess, engine_config
 from onetoken.settings import Settings
@@ -108,6 +111,15 @@ def test_engine_config_has_the_contract_shape(settings: Settings, state: AppStat
     config = engine_config(settings, state.secrets)
     assert set(config) == set(contract("engine_config.json"))
     assert config["spool_dir"] == str(settings.spool_dir.resolve())
+    assert config["shared"] is None
+
+
+def test_a_redis_url_shares_money_through_it(settings: Settings, state: AppState) -> None:
+    settings.redis_url = SecretStr("redis://:pw@10.0.0.5:6379/0")
+    config = engine_config(settings, state.secrets)
+    assert config["shared"] == {"redis_url": "redis://:pw@10.0.0.5:6379/0"}
+    # The engine takes it, its other shared knobs at their defaults.
+    _core.Engine(orjson.dumps({**config, "listen": "127.0.0.1:0"}))
 
 
 def test_child_is_started_with_the_channel_and_without_the_master_secret(

@@ -90,6 +90,8 @@ class GatewayEnv:
     ca_file: str | None
     log_level: str
     ready_fd: int | None
+    # ONETOKEN_REDIS_URL of this process, over the one the control plane sends.
+    redis_url: str | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> GatewayEnv:
@@ -121,6 +123,7 @@ class GatewayEnv:
             ca_file=tls_cert,
             log_level=(environ.get("ONETOKEN_LOG_LEVEL") or "INFO").upper(),
             ready_fd=ready_fd,
+            redis_url=environ.get("ONETOKEN_REDIS_URL") or None,
         )
 
 
@@ -242,7 +245,9 @@ class GatewayRunner:
 
     def engine_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """The control's config with what this process's environment says about itself:
-        where it listens and which data dir it journals into."""
+        where it listens, which data dir it journals into, and which Redis it shares
+        limits and money through (a gateway may reach Redis by another address than the control
+        plane)."""
         out = dict(config)
         if self.env.listen is not None:
             out["listen"] = self.env.listen
@@ -250,6 +255,8 @@ class GatewayRunner:
             out["metrics_listen"] = self.env.metrics_listen
         if self.env.data_dir is not None:
             out["spool_dir"] = str((self.env.data_dir / "spool").resolve())
+        if self.env.redis_url is not None:
+            out["shared"] = {**(config.get("shared") or {}), "redis_url": self.env.redis_url}
         return out
 
     def start(self) -> str:

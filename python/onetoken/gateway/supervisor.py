@@ -55,6 +55,17 @@ def _cidrs(spec: str) -> list[str]:
     return [str(n) for n in networks(spec)]
 
 
+def _shared(settings: Settings) -> dict[str, Any] | None:
+    """The engine's `shared` section: Redis for limits and money shared across gateways,
+    or none."""
+    if settings.redis_url is None:
+        return None
+    return {
+        "redis_url": settings.redis_url.get_secret_value(),
+        "key_prefix": settings.redis_prefix,
+    }
+
+
 def engine_config(settings: Settings, secrets: Secrets) -> dict[str, Any]:
     """The engine configuration (tests/contract/engine_config.json)."""
     tls = None
@@ -80,6 +91,7 @@ def engine_config(settings: Settings, secrets: Secrets) -> dict[str, Any]:
         "max_upstream_body_bytes": settings.upstream_max_body_bytes,
         "upstream_deadline_ms": int(settings.upstream_deadline_seconds * 1000),
         "phase_timing": settings.gateway_phase_timing,
+        "shared": _shared(settings),
     }
     # Optional in docs/snapshot.md; sent only when they differ from the defaults.
     if secrets.key_hash_version != 1:

@@ -166,7 +166,7 @@ class CapPublisher:
             if not settings.redis_url:
                 raise ValueError("the cap publisher needs ONETOKEN_REDIS_URL")
             client = redis.Redis.from_url(
-                settings.redis_url,
+                settings.redis_url.get_secret_value(),
                 socket_timeout=_REDIS_TIMEOUT_S,
                 socket_connect_timeout=_REDIS_TIMEOUT_S,
             )

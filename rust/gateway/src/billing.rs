@@ -131,6 +131,25 @@ pub enum ReserveRefusal {
     BudgetDay,
     /// It would exceed the month budget (429).
     BudgetMonth,
+    /// The balance may cover it, but this instance's money lease does not (yet): wait for
+    /// a refill, or refuse.
+    Lease,
+}
+
+/// The money lease of one org on one instance (docs/scale-out.md, "Money"): `hold` is
+/// cumulative like `spent`, so `spent + reserved <= hold` is the local invariant.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// Money this instance may have spent plus reserved, as granted in Redis.
+    pub hold: i64,
+    /// Money reserved since the refiller last looked: the demand to keep headroom for.
+    pub flow: i64,
+    /// Reservations the lease refused since the refiller last looked, summed: what the
+    /// requests waiting for a refill need.
+    pub short: i64,
+    /// The last grow was granted less than it asked for: the cap is held or spent, so a
+    /// waiting request need not wait longer.
+    pub starved: bool,
 }
 
 #[derive(Debug)]
@@ -142,6 +161,49 @@ struct Counters {
     day_base: (i64, i64),
     /// The same for months.
     month_base: (i32, i64),
+    /// Set when money is shared across gateways (org accounts only).
+    lease: Option<Lease>,
+    /// Set when budgets are shared across gateways.
+    shared_spend: Option<SharedSpend>,
+}
+
+/// Spend of one key or org summed over all gateways in Redis, for budgets
+/// (docs/scale-out.md, "Budgets").
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SharedSpend {
+    /// The budgets the last reservation checked: only accounts with one are pushed.
+    pub budgets: Budgets,
+    /// The UTC day and month the global figures are for.
+    pub day: i64,
+    pub month: i32,
+    /// Spend of all gateways in `day` / `month` as Redis last answered (this gateway's
+    /// pushed spend included).
+    pub global_day: i64,
+    pub global_month: i64,
+    /// Settled spend not yet sent to Redis.
+    pub unpushed: i64,
+    /// Spend sent and not yet acknowledged.
+    pub pushing: i64,
+    /// Redis did not answer the last push: the live gateways last counted, among which
+    /// what was left of each budget is shared until it answers again (0 while it does).
+    pub down_live: u64,
+}
+
+impl SharedSpend {
+    /// Spend in the period: all gateways' as of the last push plus this gateway's since,
+    /// and this gateway's share of what was left (`None`: no fallback) when Redis is down.
+    fn check(&self, period_ok: bool, global: i64, limit: i64, wanted: i128) -> bool {
+        let own = i128::from(self.unpushed) + i128::from(self.pushing);
+        let global = if period_ok { i128::from(global) } else { 0 };
+        if global + own + wanted > i128::from(limit) {
+            return false;
+        }
+        if self.down_live > 0 {
+            let left = (i128::from(limit) - global).max(0);
+            return own + wanted <= left / i128::from(self.down_live);
+        }
+        true
+    }
 }
 
 impl Default for Counters {
@@ -151,6 +213,8 @@ impl Default for Counters {
             reserved: 0,
             day_base: (i64::MIN, 0),
             month_base: (i32::MIN, 0),
+            lease: None,
+            shared_spend: None,
         }
     }
 }
@@ -219,6 +283,28 @@ impl Drop for UnpricedSlot {
 }
 
 impl OrgAccount {
+    /// An org account whose reservations must also fit a money lease granted from the
+    /// shared cap (starting empty), when `leased`; a plain one otherwise.
+    pub fn new(leased: bool) -> Self {
+        let account = OrgAccount::default();
+        if leased {
+            let mut c = account.counters.lock();
+            c.lease = Some(Lease::default());
+            c.shared_spend = Some(SharedSpend::default());
+        }
+        account
+    }
+
+    /// A key's account: budgets shared across gateways when `shared`, no money lease (the
+    /// org's account holds that).
+    pub fn for_key(shared: bool) -> Self {
+        let account = OrgAccount::default();
+        if shared {
+            account.counters.lock().shared_spend = Some(SharedSpend::default());
+        }
+        account
+    }
+
     /// Take a slot for a request that reserves nothing, if fewer than `max` hold one.
     pub fn try_unpriced(self: &Arc<Self>, max: u32) -> Option<UnpricedSlot> {
         let prev = self.unpriced.fetch_add(1, Ordering::AcqRel);
@@ -257,14 +343,27 @@ impl OrgAccount {
     ) -> Result<(), ReserveRefusal> {
         let mut c = self.counters.lock();
         let wanted = i128::from(c.reserved) + i128::from(amount);
+        if let Some(shared) = c.shared_spend.as_mut() {
+            shared.budgets = budgets;
+        }
         if let Some(limit) = budgets.day {
             if c.spent_day(usage, today) + wanted > i128::from(limit) {
                 return Err(ReserveRefusal::BudgetDay);
+            }
+            if let Some(s) = &c.shared_spend {
+                if !s.check(s.day == today, s.global_day, limit, wanted) {
+                    return Err(ReserveRefusal::BudgetDay);
+                }
             }
         }
         if let Some(limit) = budgets.month {
             if c.spent_month(usage, month) + wanted > i128::from(limit) {
                 return Err(ReserveRefusal::BudgetMonth);
+            }
+            if let Some(s) = &c.shared_spend {
+                if !s.check(s.month == month, s.global_month, limit, wanted) {
+                    return Err(ReserveRefusal::BudgetMonth);
+                }
             }
         }
         if let Some((balance, spent_mark)) = balance {
@@ -273,6 +372,16 @@ impl OrgAccount {
                 - i128::from(c.reserved);
             if available < i128::from(amount) {
                 return Err(ReserveRefusal::Balance);
+            }
+            // A free request spends no money, so it needs no lease.
+            let (spent, reserved) = (c.spent, c.reserved);
+            if let Some(lease) = c.lease.as_mut().filter(|_| amount > 0) {
+                let need = i128::from(spent) + i128::from(reserved) + i128::from(amount);
+                if need > i128::from(lease.hold) {
+                    lease.short = lease.short.saturating_add(amount);
+                    return Err(ReserveRefusal::Lease);
+                }
+                lease.flow = lease.flow.saturating_add(amount);
             }
         }
         c.reserved = c.reserved.saturating_add(amount);
@@ -284,6 +393,95 @@ impl OrgAccount {
         let mut c = self.counters.lock();
         c.reserved = c.reserved.saturating_sub(reserved);
         c.spent = c.spent.saturating_add(cost);
+        if let Some(shared) = c.shared_spend.as_mut() {
+            shared.unpushed = shared.unpushed.saturating_add(cost);
+        }
+    }
+
+    /// For the refiller: move the spend not yet sent into `pushing` and return it, when
+    /// the account has a budget to share (`None` otherwise).
+    pub fn spend_push_start(&self) -> Option<i64> {
+        let mut c = self.counters.lock();
+        let s = c.shared_spend.as_mut()?;
+        if s.budgets.day.is_none() && s.budgets.month.is_none() {
+            // Nothing checks it; a budget set later starts from the ledger's figure,
+            // which the check takes whenever it is the larger.
+            s.unpushed = 0;
+            return None;
+        }
+        let n = std::mem::take(&mut s.unpushed);
+        s.pushing = s.pushing.saturating_add(n);
+        Some(n)
+    }
+
+    /// Redis took the push: the global figures of `day` and `month` are now these.
+    pub fn spend_push_done(&self, day: i64, month: i32, global_day: i64, global_month: i64) {
+        let mut c = self.counters.lock();
+        if let Some(s) = c.shared_spend.as_mut() {
+            *s = SharedSpend {
+                day,
+                month,
+                global_day,
+                global_month,
+                pushing: 0,
+                down_live: 0,
+                ..*s
+            };
+        }
+    }
+
+    /// The push did not reach Redis: keep the spend for the next one, and share what was
+    /// left of each budget with the `live` gateways until Redis answers.
+    pub fn spend_push_failed(&self, live: u64) {
+        let mut c = self.counters.lock();
+        if let Some(s) = c.shared_spend.as_mut() {
+            s.unpushed = s.unpushed.saturating_add(std::mem::take(&mut s.pushing));
+            s.down_live = live.max(1);
+        }
+    }
+
+    /// For the refiller: `(spent, reserved, lease)` with the lease's demand figures
+    /// reset when `take_flow` (a scheduled tick), else only its `short`; `None` when the
+    /// account holds no lease.
+    pub fn lease_demand(&self, take_flow: bool) -> Option<(i64, i64, Lease)> {
+        let mut c = self.counters.lock();
+        let (spent, reserved) = (c.spent, c.reserved);
+        let lease = c.lease.as_mut()?;
+        let seen = *lease;
+        lease.short = 0;
+        if take_flow {
+            lease.flow = 0;
+        }
+        Some((spent, reserved, seen))
+    }
+
+    /// Raise the local hold to what Redis granted (never lower it: a lower figure is a
+    /// stale answer, and Redis counts at least what the instance holds); `starved` when
+    /// the grant fell short of the ask.
+    pub fn grant(&self, hold: i64, starved: bool) {
+        if let Some(lease) = self.counters.lock().lease.as_mut() {
+            lease.hold = lease.hold.max(hold);
+            lease.starved = starved;
+        }
+    }
+
+    /// Whether the last grow fell short of its ask (see [`Lease::starved`]).
+    pub fn lease_starved(&self) -> bool {
+        self.counters.lock().lease.is_some_and(|l| l.starved)
+    }
+
+    /// Give back the headroom of an idle lease: lower the hold to `spent + reserved`
+    /// locally, first, so no reservation can use what Redis is about to hand to others.
+    /// Returns the new hold when it moved.
+    pub fn shrink(&self) -> Option<i64> {
+        let mut c = self.counters.lock();
+        let used = c.spent.saturating_add(c.reserved);
+        let lease = c.lease.as_mut()?;
+        if lease.hold <= used {
+            return None;
+        }
+        lease.hold = used;
+        Some(used)
     }
 
     /// (spent since engine start, currently reserved).

@@ -87,6 +87,50 @@ pub struct EngineConfig {
     /// (`onetoken_phase_cpu_seconds_total`); a clock read per phase when on.
     #[serde(default)]
     pub phase_timing: bool,
+    /// Limits and money shared with the other gateways through Redis
+    /// (docs/scale-out.md); absent, this engine keeps them in its own memory alone.
+    #[serde(default)]
+    pub shared: Option<SharedConfig>,
+}
+
+/// Redis for limits and money shared across gateways.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedConfig {
+    /// `redis://host:port/db`, `rediss://…` or `unix:///path/to/redis.sock`.
+    pub redis_url: String,
+    /// Prefix of every key this engine writes.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// How often the refiller tops up leases, returns idle ones and heartbeats.
+    #[serde(default = "default_refill_interval_ms")]
+    pub refill_interval_ms: u64,
+    /// Longest a request waits for a refill when its lease is short.
+    #[serde(default = "default_wait_ms")]
+    pub wait_ms: u64,
+    /// A Redis command that takes longer than this counts as Redis being down.
+    #[serde(default = "default_redis_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Rate units leased longer than this go back to Redis; concurrency slots an
+    /// instance stops refreshing (it died) count for nothing after this long.
+    #[serde(default = "default_lease_ttl_ms")]
+    pub lease_ttl_ms: u64,
+}
+
+fn default_key_prefix() -> String {
+    "ot:".to_owned()
+}
+fn default_refill_interval_ms() -> u64 {
+    100
+}
+fn default_wait_ms() -> u64 {
+    25
+}
+fn default_redis_timeout_ms() -> u64 {
+    250
+}
+fn default_lease_ttl_ms() -> u64 {
+    3_000
 }
 
 /// A key-hash secret from before a rotation.
@@ -208,6 +252,23 @@ impl EngineConfig {
         }
         self.private_cidrs()?;
         self.proxies()?;
+        if let Some(shared) = &self.shared {
+            if shared.redis_url.is_empty() {
+                return Err(Error::Config("shared.redis_url is empty".into()));
+            }
+            if shared.refill_interval_ms == 0 || shared.timeout_ms == 0 {
+                return Err(Error::Config(
+                    "shared.refill_interval_ms and shared.timeout_ms must be positive".into(),
+                ));
+            }
+            // Slots are refreshed every pass; a ttl shorter than a few passes would let
+            // a live instance's slots lapse between two of them.
+            if shared.lease_ttl_ms < 4 * shared.refill_interval_ms {
+                return Err(Error::Config(
+                    "shared.lease_ttl_ms must be at least 4 refill intervals".into(),
+                ));
+            }
+        }
         Ok(())
     }
 

@@ -20,9 +20,10 @@ use crate::billing::OrgAccount;
 use crate::config::EngineConfig;
 use crate::error::Error;
 use crate::journal::SpoolLocks;
-use crate::limits::LiveCounters;
+use crate::limits::{LimitState, LiveCounters};
 use crate::metrics::{Gauges, Metrics};
 use crate::records::Records;
+use crate::shared::{self as shared_limits, Scopes, SharedLimits};
 use crate::snapshot::{self, Dropped, Snapshot};
 use crate::upstream::{ClientCache, Resolve, SystemResolver};
 use crate::{server, tokens};
@@ -47,6 +48,8 @@ pub(crate) struct Shared {
     /// The grace period is over: abandoned requests are recorded as `shutting_down`.
     pub(crate) aborting: AtomicBool,
     pub(crate) control: ControlStatus,
+    /// Money shared with the other gateways through Redis (`config.shared`).
+    pub(crate) shared_limits: Option<Arc<SharedLimits>>,
 }
 
 /// What the engine knows of its control plane, for `/healthz` and `/metrics`: whether the
@@ -106,7 +109,39 @@ impl Shared {
             journal_errors: self.records.journal_errors(),
             control_reachable: self.control.reachable(),
             snapshot_age_seconds: self.control.snapshot_age_seconds(),
+            shared: self.shared_limits.as_ref().map(|s| s.gauges()),
         })
+    }
+
+    /// The live state the refiller looks after: org accounts, and the rate and
+    /// concurrency state of keys and orgs by hash tag.
+    fn scopes(&self) -> Scopes {
+        let accounts = self.accounts.lock();
+        let tagged = |prefix: &str, states: &HashMap<String, Arc<LimitState>>| {
+            states
+                .iter()
+                .map(|(id, s)| (format!("{prefix}:{id}"), Arc::clone(s)))
+                .collect::<Vec<_>>()
+        };
+        let mut limits = tagged("k", &accounts.key_limits);
+        limits.extend(tagged("o", &accounts.org_limits));
+        let spending = |prefix: &str, accounts: &HashMap<String, Arc<OrgAccount>>| {
+            accounts
+                .iter()
+                .map(|(id, a)| (format!("{prefix}:{id}"), Arc::clone(a)))
+                .collect::<Vec<_>>()
+        };
+        let mut spend = spending("k", &accounts.keys);
+        spend.extend(spending("o", &accounts.orgs));
+        Scopes {
+            spend,
+            orgs: accounts
+                .orgs
+                .iter()
+                .map(|(id, a)| (id.clone(), Arc::clone(a)))
+                .collect(),
+            limits,
+        }
     }
 }
 
@@ -159,11 +194,19 @@ impl Engine {
         let secrets = config.secrets()?;
         let instance_id = format!("{:016x}", rand::random::<u64>());
         let records = Records::new(&config.spool_dir, &instance_id);
+        let shared_limits = config
+            .shared
+            .clone()
+            .map(|c| Arc::new(SharedLimits::new(c, &instance_id)));
+        let accounts = LiveCounters {
+            leased: shared_limits.is_some(),
+            ..LiveCounters::default()
+        };
         let shared = Arc::new(Shared {
             keyring: KeyRing::new(&secrets),
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
             dropped: Mutex::new(Vec::new()),
-            accounts: Mutex::new(LiveCounters::default()),
+            accounts: Mutex::new(accounts),
             clients: ClientCache::new(config.private_cidrs()?, resolver),
             records,
             metrics: Metrics::default(),
@@ -172,6 +215,7 @@ impl Engine {
             draining: AtomicBool::new(false),
             aborting: AtomicBool::new(false),
             control: ControlStatus::new(),
+            shared_limits,
             config,
         });
         Ok(Engine {
@@ -196,7 +240,11 @@ impl Engine {
         let serve_cfg = server::ServeConfig::from_config(config)?;
         // Before anything can emit a record: a segment whose instance is not live would
         // look complete to a reader.
-        let locks = SpoolLocks::acquire(Path::new(&config.spool_dir), &self.shared.instance_id)?;
+        let locks = SpoolLocks::acquire(
+            Path::new(&config.spool_dir),
+            &self.shared.instance_id,
+            config.shared.is_some(),
+        )?;
         let socket = bind(&config.listen)?;
         let metrics_socket = config.metrics_listen.as_deref().map(bind).transpose()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -225,6 +273,22 @@ impl Engine {
         let metrics_addr = metrics.as_ref().map(|(_, a)| *a);
         if let Some((metrics_listener, _)) = metrics {
             runtime.spawn(server::serve_metrics(metrics_listener, self.shared.clone()));
+        }
+        if let Some(limits) = &self.shared.shared_limits {
+            let shared = self.shared.clone();
+            // Live state changes only when a snapshot is compiled: list it again then.
+            let mut listed: Option<(u64, Arc<Scopes>)> = None;
+            runtime.spawn(shared_limits::refiller(limits.clone(), move || {
+                let version = shared.snapshot.load().version;
+                match &listed {
+                    Some((v, scopes)) if *v == version => Arc::clone(scopes),
+                    _ => {
+                        let scopes = Arc::new(shared.scopes());
+                        listed = Some((version, Arc::clone(&scopes)));
+                        scopes
+                    }
+                }
+            }));
         }
         // Load the vocabulary before the first request needs it.
         tokens::warm_up();
@@ -315,6 +379,13 @@ impl Engine {
             let _ = runtime.block_on(async {
                 tokio::time::timeout(grace + Duration::from_secs(1), server).await
             });
+            if let Some(limits) = &shared.shared_limits {
+                let scopes = shared.scopes();
+                let _ = runtime.block_on(async {
+                    let bound = Duration::from_millis(limits.config.timeout_ms * 4);
+                    tokio::time::timeout(bound, shared_limits::release(limits, scopes)).await
+                });
+            }
             shared.aborting.store(true, Ordering::Relaxed);
             // Dropping the remaining tasks drops their bodies, which emits their records.
             runtime.shutdown_timeout(Duration::from_secs(2));

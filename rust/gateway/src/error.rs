@@ -61,10 +61,11 @@ pub(crate) enum ApiError {
     ShuttingDown,
     Internal,
     LoopDetected,
+    SharedStateUnavailable,
 }
 
 impl ApiError {
-    pub(crate) const ALL: [ApiError; 32] = [
+    pub(crate) const ALL: [ApiError; 33] = [
         ApiError::InvalidApiKey,
         ApiError::KeyRevoked,
         ApiError::KeyExpired,
@@ -97,6 +98,7 @@ impl ApiError {
         ApiError::ShuttingDown,
         ApiError::Internal,
         ApiError::LoopDetected,
+        ApiError::SharedStateUnavailable,
     ];
 
     /// Low-cardinality code used in the error body, the record and the metric label.
@@ -134,6 +136,7 @@ impl ApiError {
             ApiError::ShuttingDown => "shutting_down",
             ApiError::Internal => "internal_error",
             ApiError::LoopDetected => "loop_detected",
+            ApiError::SharedStateUnavailable => "shared_state_unavailable",
         }
     }
 
@@ -168,6 +171,7 @@ impl ApiError {
             ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::LoopDetected => StatusCode::LOOP_DETECTED,
+            ApiError::SharedStateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -203,6 +207,7 @@ impl ApiError {
             ApiError::ShuttingDown => "service_unavailable",
             ApiError::Internal => "server_error",
             ApiError::LoopDetected => "invalid_request_error",
+            ApiError::SharedStateUnavailable => "service_unavailable",
         }
     }
 
@@ -252,6 +257,10 @@ impl ApiError {
             ApiError::Internal => "Internal gateway error.",
             ApiError::LoopDetected => {
                 "The request came from this gateway itself: a provider points back at it."
+            }
+            ApiError::SharedStateUnavailable => {
+                "The gateway cannot reach the store shared by all gateways and holds no money \
+                 lease for this request; retry after the Retry-After delay."
             }
         }
     }
@@ -352,7 +361,9 @@ impl Failure {
 
     /// Refused by a rate, concurrency or budget limit.
     pub(crate) fn limited(&self) -> bool {
-        self.detail.as_ref().is_some_and(|d| d.limited.is_some())
+        self.detail
+            .as_ref()
+            .is_some_and(|d| d.limited.as_ref().is_some_and(Refusal::is_limited))
     }
 
     /// The error response in the client's protocol: Anthropic's shape on `/v1/messages`,
@@ -396,7 +407,7 @@ impl From<ApiError> for Failure {
 impl From<Refusal> for Failure {
     fn from(refusal: Refusal) -> Self {
         let error = refusal.error;
-        if !refusal.is_limited() {
+        if !refusal.is_limited() && !refusal.has_retry_after() {
             return Failure::from(error);
         }
         let detail = Detail {

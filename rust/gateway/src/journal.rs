@@ -13,7 +13,9 @@
 //! - `journal-<instance>.lock`, held with an exclusive `flock` while the instance runs, so
 //!   a reader knows whether a segment may still grow (a segment is complete once a
 //!   higher-numbered one exists or its instance is not live);
-//! - `gateway.lock`, held by the one engine serving this data dir.
+//! - `gateway.lock`: held exclusively by the one engine serving this data dir, or shared by
+//!   every engine serving it when limits and money are shared through Redis (a gateway
+//!   that keeps them in memory would grant a key its limits once more beside the others).
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::Write;
@@ -60,19 +62,36 @@ pub(crate) struct SpoolLocks {
 }
 
 impl SpoolLocks {
-    /// Take the data dir's gateway lock (one gateway per data dir, until limits are
-    /// shared) and this instance's lock (it is live while held).
-    pub(crate) fn acquire(dir: &Path, instance_id: &str) -> Result<Self, Error> {
+    /// Take the data dir's gateway lock and this instance's lock (it is live while held).
+    /// `shared_limits`: this engine shares limits and money through Redis, so other such
+    /// engines may serve the data dir beside it (the lock is taken shared); otherwise it
+    /// must be the only one (taken exclusive).
+    pub(crate) fn acquire(
+        dir: &Path,
+        instance_id: &str,
+        shared_limits: bool,
+    ) -> Result<Self, Error> {
         let io = |what: &Path, e: std::io::Error| Error::Bind(format!("{}: {e}", what.display()));
         create_private_dir(dir).map_err(|e| io(dir, e))?;
         let gateway_path = dir.join("gateway.lock");
         let gateway = open_private_append(&gateway_path).map_err(|e| io(&gateway_path, e))?;
-        match gateway.try_lock() {
+        let taken = if shared_limits {
+            gateway.try_lock_shared()
+        } else {
+            gateway.try_lock()
+        };
+        match taken {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 let data_dir = dir.parent().filter(|p| !p.as_os_str().is_empty());
+                let why = if shared_limits {
+                    "a gateway that keeps limits in its own memory"
+                } else {
+                    "another gateway"
+                };
                 return Err(Error::Bind(format!(
-                    "another gateway is serving data dir {} (it holds {})",
+                    "{why} is serving data dir {} (it holds {}); several gateways may share \
+                     a data dir only when all of them share limits through ONETOKEN_REDIS_URL",
                     data_dir.unwrap_or(dir).display(),
                     gateway_path.display()
                 )));
@@ -313,30 +332,43 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
-    /// The gateway lock admits one engine per spool dir; the instance lock says the
-    /// instance is live until the locks are dropped.
+    /// The gateway lock admits one engine per spool dir that keeps limits in memory, or
+    /// any number that share them; never both kinds. The instance lock says the instance
+    /// is live until the locks are dropped.
     #[test]
-    fn spool_locks_are_exclusive_and_mark_the_instance_live() {
+    fn spool_locks_admit_one_local_or_many_shared_gateways() {
         let d = dir();
         let spool = d.join("spool");
-        let first = SpoolLocks::acquire(&spool, "one").unwrap();
-        assert!(instance_live(&instance_lock_path(&spool, "one")).unwrap());
-        let Err(Error::Bind(message)) = SpoolLocks::acquire(&spool, "two") else {
-            panic!("a second holder of the gateway lock");
+        let refused = |instance: &str, shared: bool| {
+            let Err(Error::Bind(message)) = SpoolLocks::acquire(&spool, instance, shared) else {
+                panic!("{instance} took the gateway lock");
+            };
+            message
         };
-        assert_eq!(
-            message,
-            format!(
+        let first = SpoolLocks::acquire(&spool, "one", false).unwrap();
+        assert!(instance_live(&instance_lock_path(&spool, "one")).unwrap());
+        let message = refused("two", false);
+        assert!(
+            message.starts_with(&format!(
                 "another gateway is serving data dir {} (it holds {})",
                 d.display(),
                 spool.join("gateway.lock").display()
-            )
+            )),
+            "{message}"
         );
+        assert!(refused("two", true).starts_with("a gateway that keeps limits in its own memory"));
         assert!(!instance_live(&instance_lock_path(&spool, "two")).unwrap());
         drop(first);
         assert!(!instance_live(&instance_lock_path(&spool, "one")).unwrap());
-        let again = SpoolLocks::acquire(&spool, "two").unwrap();
-        assert!(instance_live(&instance_lock_path(&spool, "two")).unwrap());
+
+        // Gateways that share limits serve one data dir together; a local one cannot join.
+        let a = SpoolLocks::acquire(&spool, "a", true).unwrap();
+        let b = SpoolLocks::acquire(&spool, "b", true).unwrap();
+        assert!(instance_live(&instance_lock_path(&spool, "a")).unwrap());
+        assert!(instance_live(&instance_lock_path(&spool, "b")).unwrap());
+        assert!(refused("c", false).starts_with("another gateway"));
+        drop((a, b));
+        let again = SpoolLocks::acquire(&spool, "c", false).unwrap();
         drop(again);
         std::fs::remove_dir_all(&d).unwrap();
     }
@@ -349,7 +381,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let d = dir();
         let spool = d.join("spool");
-        let locks = SpoolLocks::acquire(&spool, "priv").unwrap();
+        let locks = SpoolLocks::acquire(&spool, "priv", false).unwrap();
         let j = journal_in(&spool, "priv", 1);
         for _ in 0..3 {
             assert!(j.append(b"{}\n"));

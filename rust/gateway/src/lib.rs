@@ -31,6 +31,7 @@ mod records;
 mod routing;
 mod screen;
 mod server;
+mod shared;
 mod snapshot;
 pub mod sse;
 pub mod tokens;
@@ -39,7 +40,7 @@ mod upstream;
 pub mod xorshift;
 
 pub use auth::hash_key;
-pub use config::{EngineConfig, PreviousSecret, TlsConfig};
+pub use config::{EngineConfig, PreviousSecret, SharedConfig, TlsConfig};
 pub use engine::{Engine, Stats};
 pub use error::Error;
 pub use phase::PHASE_NAMES;

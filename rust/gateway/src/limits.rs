@@ -42,6 +42,256 @@ pub(crate) struct LimitState {
     requests: Gcra,
     tokens: Gcra,
     in_flight: AtomicU32,
+    /// Concurrency slots granted from the shared count (limits shared through Redis).
+    pub(crate) slots: Option<parking_lot::Mutex<SlotLease>>,
+    /// Units of the global rpm and tpm buckets leased (limits shared through Redis).
+    pub(crate) rates: Option<parking_lot::Mutex<RateLeases>>,
+}
+
+/// Which rate a lease is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RateKind {
+    Requests,
+    Tokens,
+}
+
+/// rpm and tpm leases of one key or org.
+#[derive(Debug, Default)]
+pub(crate) struct RateLeases {
+    pub(crate) requests: UnitLease,
+    pub(crate) tokens: UnitLease,
+}
+
+impl RateLeases {
+    pub(crate) fn of(&mut self, kind: RateKind) -> &mut UnitLease {
+        match kind {
+            RateKind::Requests => &mut self.requests,
+            RateKind::Tokens => &mut self.tokens,
+        }
+    }
+}
+
+/// Units of one global per-minute bucket this instance took from Redis and has not used
+/// yet (docs/scale-out.md, "Rates").
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct UnitLease {
+    /// Units left to admit against.
+    pub(crate) avail: u64,
+    /// The scope's limit as the last request saw it (0: none seen yet).
+    pub(crate) limit: u32,
+    /// Units admitted since the refiller's last scheduled look.
+    pub(crate) used: u64,
+    /// Units refused for want of a lease since the refiller last looked.
+    pub(crate) short: u64,
+    /// The largest single take among those (a request may need more than a share).
+    pub(crate) biggest: u64,
+    /// Units used above what admission charged (tpm corrected at settle), owed to the
+    /// global bucket with the next refill.
+    pub(crate) debt: u64,
+    /// The last take was granted less than it asked for: the global bucket is empty.
+    pub(crate) starved: bool,
+    /// When (ns on `mono_ns`) the oldest units in `avail` were leased; they go back to
+    /// Redis `lease_ttl_ms` later.
+    pub(crate) since: u64,
+    /// Thousandths of a unit credited locally while Redis is down.
+    pub(crate) credit_milli: u64,
+}
+
+/// Concurrency slots this instance may fill for one key or org, granted from the hash of
+/// slots per instance in Redis (docs/scale-out.md, "Concurrency").
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SlotLease {
+    /// Requests this instance may have in flight.
+    pub(crate) granted: u32,
+    /// The scope's concurrency limit as the last request saw it (0: none seen yet).
+    pub(crate) limit: u32,
+    /// Requests refused for want of a slot since the refiller last looked.
+    pub(crate) short: u32,
+    /// Most requests in flight at once since the refiller last looked.
+    pub(crate) peak: u32,
+    /// The last acquire was granted less than it asked for: the global limit is full.
+    pub(crate) starved: bool,
+}
+
+impl LimitState {
+    /// Live state, holding slot and rate leases when limits are shared (`leased`).
+    pub(crate) fn new(leased: bool) -> Self {
+        LimitState {
+            slots: leased.then(Default::default),
+            rates: leased.then(Default::default),
+            ..LimitState::default()
+        }
+    }
+
+    /// Take `units` of the `kind` lease; `Err(starved)` when it holds too few.
+    fn lease_take(&self, kind: RateKind, units: u64, limit: u32) -> Result<(), bool> {
+        let Some(rates) = &self.rates else {
+            return Ok(());
+        };
+        let mut rates = rates.lock();
+        let lease = rates.of(kind);
+        lease.limit = limit;
+        if lease.avail < units {
+            lease.short = lease.short.saturating_add(units);
+            lease.biggest = lease.biggest.max(units);
+            return Err(lease.starved);
+        }
+        lease.avail -= units;
+        lease.used = lease.used.saturating_add(units);
+        Ok(())
+    }
+
+    /// Give back `units` a request took and did not use.
+    fn lease_give(&self, kind: RateKind, units: u64) {
+        if let Some(rates) = &self.rates {
+            let mut rates = rates.lock();
+            let lease = rates.of(kind);
+            lease.avail = lease.avail.saturating_add(units);
+        }
+    }
+
+    /// `units` used above what was taken: out of what is left, the rest owed to Redis.
+    fn lease_over(&self, kind: RateKind, units: u64) {
+        if let Some(rates) = &self.rates {
+            let mut rates = rates.lock();
+            let lease = rates.of(kind);
+            let covered = lease.avail.min(units);
+            lease.avail -= covered;
+            lease.debt = lease.debt.saturating_add(units - covered);
+        }
+    }
+
+    /// For the refiller: (requests in flight, the slot lease), resetting what it counts
+    /// per look: `short` always, `peak` (to what is in flight) on a scheduled tick.
+    pub(crate) fn slot_demand(&self, scheduled: bool) -> Option<(u32, SlotLease)> {
+        let mut lease = self.slots.as_ref()?.lock();
+        let in_flight = self.in_flight.load(Ordering::Acquire);
+        let seen = *lease;
+        lease.short = 0;
+        if scheduled {
+            lease.peak = in_flight;
+        }
+        Some((in_flight, seen))
+    }
+
+    /// For the refiller: the `kind` lease as it stood, the units it gives back now and
+    /// the debt it sends now. Resets `short`; on a scheduled tick also `used`, takes the
+    /// debt out, and gives back every unit when the scope was idle for the interval or
+    /// the units are older than `ttl_ns` (so no unit is spent long after it was leased).
+    pub(crate) fn rate_demand(
+        &self,
+        kind: RateKind,
+        scheduled: bool,
+        now: u64,
+        ttl_ns: u64,
+    ) -> Option<(UnitLease, u64, u64)> {
+        let mut rates = self.rates.as_ref()?.lock();
+        let lease = rates.of(kind);
+        let seen = *lease;
+        lease.short = 0;
+        lease.biggest = 0;
+        if !scheduled {
+            return Some((seen, 0, 0));
+        }
+        lease.used = 0;
+        let debt = std::mem::take(&mut lease.debt);
+        let idle = seen.used == 0 && seen.short == 0;
+        let old = now.saturating_sub(seen.since) >= ttl_ns;
+        let back = if seen.avail > 0 && (idle || old) {
+            std::mem::take(&mut lease.avail)
+        } else {
+            0
+        };
+        Some((seen, back, debt))
+    }
+
+    /// Add what Redis granted to the `kind` lease.
+    pub(crate) fn rate_grant(&self, kind: RateKind, granted: u64, starved: bool, now: u64) {
+        if let Some(rates) = &self.rates {
+            let mut rates = rates.lock();
+            let lease = rates.of(kind);
+            if lease.avail == 0 {
+                lease.since = now;
+            }
+            lease.avail = lease.avail.saturating_add(granted);
+            lease.starved = starved;
+        }
+    }
+
+    /// Stopping: empty the `kind` lease; `(limit, units to give back, debt)` when it
+    /// has anything to send.
+    pub(crate) fn rate_release(&self, kind: RateKind) -> Option<(u32, u64, u64)> {
+        let mut rates = self.rates.as_ref()?.lock();
+        let lease = rates.of(kind);
+        if lease.limit == 0 || (lease.avail == 0 && lease.debt == 0) {
+            return None;
+        }
+        let back = std::mem::take(&mut lease.avail);
+        Some((lease.limit, back, std::mem::take(&mut lease.debt)))
+    }
+
+    /// A refill that did not reach Redis: keep the debt for the next one.
+    pub(crate) fn rate_owe(&self, kind: RateKind, debt: u64) {
+        if let Some(rates) = &self.rates {
+            let mut rates = rates.lock();
+            let lease = rates.of(kind);
+            lease.debt = lease.debt.saturating_add(debt);
+        }
+    }
+
+    /// Redis down: credit this gateway's `share` of the limit per minute for `elapsed_ms`,
+    /// holding at most `share` units at once (a bucket of the share's size). Returns
+    /// whether the lease has a limit (so it fell back).
+    pub(crate) fn rate_fallback(
+        &self,
+        kind: RateKind,
+        share: impl Fn(u32) -> u32,
+        elapsed_ms: u64,
+    ) -> bool {
+        let Some(rates) = &self.rates else {
+            return false;
+        };
+        let mut rates = rates.lock();
+        let lease = rates.of(kind);
+        if lease.limit == 0 {
+            return false;
+        }
+        let share = u64::from(share(lease.limit));
+        lease.credit_milli = lease
+            .credit_milli
+            .saturating_add(share.saturating_mul(elapsed_ms) / 60);
+        let units = lease.credit_milli / 1000;
+        lease.credit_milli %= 1000;
+        let topped = lease.avail.saturating_add(units).min(share);
+        lease.avail = lease.avail.max(topped);
+        true
+    }
+
+    /// Lower the slots granted to `to`, never below what is in flight, before Redis is
+    /// told: no request may take a slot Redis is about to count as free.
+    pub(crate) fn lower_slots(&self, to: u32) {
+        if let Some(slots) = &self.slots {
+            let mut lease = slots.lock();
+            lease.granted = to.max(self.in_flight.load(Ordering::Acquire));
+        }
+    }
+
+    /// Take Redis' answer (or, with Redis down, this gateway's share of the limit).
+    pub(crate) fn set_slots(&self, granted: u32, starved: bool) {
+        if let Some(slots) = &self.slots {
+            let mut lease = slots.lock();
+            lease.granted = granted;
+            lease.starved = starved;
+        }
+    }
+}
+
+/// Which lease a request found short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LeaseKind {
+    Money,
+    Slots,
+    Rate,
 }
 
 /// Live per-id state that survives snapshot swaps; the compile step looks ids up here and
@@ -50,6 +300,8 @@ pub(crate) struct LimitState {
 pub(crate) struct LiveCounters {
     /// Money counters by org id.
     pub(crate) orgs: HashMap<String, Arc<OrgAccount>>,
+    /// New org accounts hold a money lease (limits shared through Redis).
+    pub(crate) leased: bool,
     /// Spend counters by key id (for key budgets).
     pub(crate) keys: HashMap<String, Arc<OrgAccount>>,
     pub(crate) org_limits: HashMap<String, Arc<LimitState>>,
@@ -196,6 +448,10 @@ pub(crate) struct Refusal {
     /// (limit, remaining, ns until full) of the scope that refused.
     requests: Option<(u32, u64, u64)>,
     tokens: Option<(u32, u64, u64)>,
+    /// A lease was short (the limit itself was not): which, and whether its last refill
+    /// came back with less than it asked for. The caller may wait for a refill and try
+    /// again.
+    pub(crate) lease_short: Option<(LeaseKind, bool)>,
 }
 
 impl Refusal {
@@ -205,7 +461,22 @@ impl Refusal {
             retry_after_s: None,
             requests: None,
             tokens: None,
+            lease_short: None,
         }
+    }
+
+    /// The money lease ran out while Redis is unreachable: 503
+    /// `shared_state_unavailable`, retry in a second.
+    pub(crate) fn shared_unavailable() -> Self {
+        Refusal {
+            retry_after_s: Some(1),
+            ..Refusal::plain(ApiError::SharedStateUnavailable)
+        }
+    }
+
+    /// Whether the response carries a `Retry-After`.
+    pub(crate) fn has_retry_after(&self) -> bool {
+        self.retry_after_s.is_some()
     }
 
     /// Too many requests in flight: 429 `concurrency_limited`, retry in a second.
@@ -319,9 +590,11 @@ impl Admission {
     fn rollback(&mut self) {
         for s in self.requests.iter_mut().filter_map(Option::take) {
             s.requests.refund(1);
+            s.lease_give(RateKind::Requests, 1);
         }
         for (s, charged) in self.tokens.iter_mut().filter_map(Option::take) {
             s.tokens.refund(charged);
+            s.lease_give(RateKind::Tokens, charged);
         }
         if let Some((account, amount)) = self.key_reservation.take() {
             account.settle(amount, 0);
@@ -338,8 +611,10 @@ impl Admission {
         for (s, charged) in self.tokens.iter_mut().filter_map(Option::take) {
             if tokens_used > charged {
                 s.tokens.charge(mono_ns(), tokens_used - charged);
+                s.lease_over(RateKind::Tokens, tokens_used - charged);
             } else {
                 s.tokens.refund(charged - tokens_used);
+                s.lease_give(RateKind::Tokens, charged - tokens_used);
             }
         }
         self.requests = Default::default();
@@ -370,6 +645,7 @@ fn rate_refusal(state: &LimitState, limits: &Limits, now: u64, retry_ns: u64) ->
         retry_after_s: Some(retry_secs(retry_ns)),
         requests: dim(&state.requests, limits.rpm),
         tokens: dim(&state.tokens, limits.tpm),
+        lease_short: None,
     }
 }
 
@@ -395,6 +671,30 @@ pub(crate) fn admit_at(
     let mut adm = Admission::default();
 
     for (i, (limits, state)) in scopes.iter().enumerate() {
+        if let (Some(limit), Some(slots)) = (limits.concurrency, &state.slots) {
+            // Shared: the slot is taken under the lease's lock, so the refiller never
+            // lowers `granted` below what is in flight.
+            let mut lease = slots.lock();
+            lease.limit = limit;
+            let n = state.in_flight.load(Ordering::Acquire) + 1;
+            if n > limit || n > lease.granted {
+                let short = (n <= limit).then(|| {
+                    lease.short = lease.short.saturating_add(1);
+                    (LeaseKind::Slots, lease.starved)
+                });
+                drop(lease);
+                adm.rollback();
+                return Err(Refusal {
+                    retry_after_s: Some(1),
+                    lease_short: short,
+                    ..Refusal::plain(ApiError::ConcurrencyLimited)
+                });
+            }
+            state.in_flight.fetch_add(1, Ordering::AcqRel);
+            lease.peak = lease.peak.max(n);
+            adm.slots[i] = Some(Arc::clone(state));
+            continue;
+        }
         let n = state.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
         adm.slots[i] = Some(Arc::clone(state));
         if limits.concurrency.is_some_and(|c| n > c) {
@@ -408,7 +708,17 @@ pub(crate) fn admit_at(
     for (i, (limits, state)) in scopes.iter().enumerate() {
         let Some(rpm) = limits.rpm else { continue };
         match state.requests.try_take(now, 1, rpm) {
-            Take::Ok { .. } => adm.requests[i] = Some(Arc::clone(state)),
+            Take::Ok { .. } => {
+                if let Err(starved) = state.lease_take(RateKind::Requests, 1, rpm) {
+                    state.requests.refund(1);
+                    adm.rollback();
+                    return Err(Refusal {
+                        lease_short: Some((LeaseKind::Rate, starved)),
+                        ..rate_refusal(state, limits, now, 0)
+                    });
+                }
+                adm.requests[i] = Some(Arc::clone(state));
+            }
             Take::Wait { retry_ns } => {
                 adm.rollback();
                 return Err(rate_refusal(state, limits, now, retry_ns));
@@ -418,7 +728,17 @@ pub(crate) fn admit_at(
     for (i, (limits, state)) in scopes.iter().enumerate() {
         let Some(tpm) = limits.tpm else { continue };
         match state.tokens.try_take(now, tokens, tpm) {
-            Take::Ok { units } => adm.tokens[i] = Some((Arc::clone(state), units)),
+            Take::Ok { units } => {
+                if let Err(starved) = state.lease_take(RateKind::Tokens, units, tpm) {
+                    state.tokens.refund(units);
+                    adm.rollback();
+                    return Err(Refusal {
+                        lease_short: Some((LeaseKind::Rate, starved)),
+                        ..rate_refusal(state, limits, now, 0)
+                    });
+                }
+                adm.tokens[i] = Some((Arc::clone(state), units));
+            }
             Take::Wait { retry_ns } => {
                 adm.rollback();
                 return Err(rate_refusal(state, limits, now, retry_ns));
@@ -430,6 +750,10 @@ pub(crate) fn admit_at(
     let month = month_of_day(day);
     let refused = |r: ReserveRefusal| match r {
         ReserveRefusal::Balance => Refusal::plain(ApiError::InsufficientBalance),
+        ReserveRefusal::Lease => Refusal {
+            lease_short: Some((LeaseKind::Money, org.account.lease_starved())),
+            ..Refusal::plain(ApiError::InsufficientBalance)
+        },
         ReserveRefusal::BudgetDay => Refusal {
             retry_after_s: Some(u64::try_from((day + 1) * 86_400 - unix_now).unwrap_or(1)),
             ..Refusal::plain(ApiError::BudgetExceeded)
@@ -480,6 +804,12 @@ fn civil(day: i64) -> (i64, u32, u32) {
         u32::try_from(m).unwrap_or(1),
         u32::try_from(d).unwrap_or(1),
     )
+}
+
+/// `YYYYMMDD` (UTC) of a day number, for the names of the shared day totals.
+pub(crate) fn yyyymmdd(day: i64) -> i64 {
+    let (y, m, d) = civil(day);
+    y * 10_000 + i64::from(m) * 100 + i64::from(d)
 }
 
 /// `YYYYMM` (UTC) of a day number, the `usage.month` encoding.

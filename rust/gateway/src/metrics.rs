@@ -48,7 +48,7 @@ const BUCKETS: [f64; 14] = [
 #[derive(Default)]
 pub(crate) struct Metrics {
     requests: [AtomicU64; PathLabel::ALL.len()],
-    errors: [AtomicU64; ApiError::ALL.len()],
+    errors: ErrorCounts,
     buckets: [AtomicU64; BUCKETS.len()],
     duration_count: AtomicU64,
     duration_sum_us: AtomicU64,
@@ -63,13 +63,22 @@ pub(crate) struct Metrics {
     pub(crate) phase_cpu: PhaseCpu,
 }
 
+/// One counter per error code (more codes than `Default` covers for arrays).
+struct ErrorCounts([AtomicU64; ApiError::ALL.len()]);
+
+impl Default for ErrorCounts {
+    fn default() -> Self {
+        ErrorCounts(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
 impl Metrics {
     pub(crate) fn request(&self, path: PathLabel) {
         self.requests[path as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn error(&self, err: ApiError) {
-        self.errors[err.index()].fetch_add(1, Ordering::Relaxed);
+        self.errors.0[err.index()].fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn observe(&self, elapsed: Duration) {
@@ -103,7 +112,7 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE onetoken_errors_total counter");
         for e in ApiError::ALL {
-            let v = self.errors[e.index()].load(Ordering::Relaxed);
+            let v = self.errors.0[e.index()].load(Ordering::Relaxed);
             let _ = writeln!(out, "onetoken_errors_total{{code=\"{}\"}} {v}", e.code());
         }
         let _ = writeln!(
@@ -203,6 +212,72 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE {name} {kind}");
             let _ = writeln!(out, "{name} {v}");
         }
+        if let Some(s) = &extra.shared {
+            let rows: [(&str, &str, &str, String); 9] = [
+                (
+                    "onetoken_redis_up",
+                    "gauge",
+                    "1 when the refiller's last round trip to the shared Redis succeeded.",
+                    u8::from(s.up).to_string(),
+                ),
+                (
+                    "onetoken_redis_round_trips_total",
+                    "counter",
+                    "Round trips the refiller made to the shared Redis.",
+                    s.round_trips.to_string(),
+                ),
+                (
+                    "onetoken_redis_round_trip_seconds_total",
+                    "counter",
+                    "Time spent in round trips to the shared Redis.",
+                    s.round_trip_seconds.to_string(),
+                ),
+                (
+                    "onetoken_redis_failed_passes_total",
+                    "counter",
+                    "Refill passes cut short because the shared Redis did not answer.",
+                    s.round_trip_errors.to_string(),
+                ),
+                (
+                    "onetoken_shared_refill_waits_total",
+                    "counter",
+                    "Requests that found their money lease short and waited for a refill.",
+                    s.waits.to_string(),
+                ),
+                (
+                    "onetoken_shared_balance_fallbacks_total",
+                    "counter",
+                    "Requests refused (503 shared_state_unavailable) because the money lease \
+                     ran out while the shared Redis was unreachable.",
+                    s.balance_fallbacks.to_string(),
+                ),
+                (
+                    "onetoken_shared_slot_fallbacks_total",
+                    "counter",
+                    "Concurrency leases set to this gateway's share of the limit because the \
+                     shared Redis was unreachable (one per key or org per refill pass).",
+                    s.slot_fallbacks.to_string(),
+                ),
+                (
+                    "onetoken_shared_rate_fallbacks_total",
+                    "counter",
+                    "rpm or tpm leases refilled locally at this gateway's share of the limit \
+                     because the shared Redis was unreachable (one per limit per refill pass).",
+                    s.rate_fallbacks.to_string(),
+                ),
+                (
+                    "onetoken_shared_live_gateways",
+                    "gauge",
+                    "Gateways with a recent heartbeat in the shared Redis, as last counted.",
+                    s.live_gateways.to_string(),
+                ),
+            ];
+            for (name, kind, help, v) in rows {
+                let _ = writeln!(out, "# HELP {name} {help}");
+                let _ = writeln!(out, "# TYPE {name} {kind}");
+                let _ = writeln!(out, "{name} {v}");
+            }
+        }
         self.phase_cpu.render(&mut out);
         out
     }
@@ -217,4 +292,6 @@ pub(crate) struct Gauges {
     pub(crate) journal_errors: u64,
     pub(crate) control_reachable: bool,
     pub(crate) snapshot_age_seconds: f64,
+    /// Shared-limit figures, when limits are shared through Redis.
+    pub(crate) shared: Option<crate::shared::SharedGauges>,
 }

@@ -9,6 +9,7 @@
 
 use std::convert::Infallible;
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -24,7 +25,7 @@ use crate::body::{collect, RecordedBody, RespBody, StreamBody, StreamLimits};
 use crate::call::{request_cost, Call};
 use crate::engine::Shared;
 use crate::error::{ApiError, Failure};
-use crate::limits::{self, Refusal};
+use crate::limits::{self, LeaseKind, Refusal};
 use crate::metrics::PathLabel;
 use crate::phase::{Phase, PhaseClock};
 use crate::protocol::{self, openai, validate, ClientApi, StreamIds, StreamRelay};
@@ -85,7 +86,30 @@ async fn process(
     let (mut ask, doc) = clock
         .timed(Phase::Route, route(shared, call, &snap, key, api, req))
         .await?;
-    let plan = clock.time(Phase::Reserve, || reserve(call, key, &mut ask, &doc))?;
+    // When a lease is short, wait for refills until `wait_ms` has passed or a refill
+    // came back starved (the shared limit itself has no room).
+    let mut deadline = None;
+    let plan = loop {
+        let wait = match deadline {
+            None => Wait::First,
+            Some(d) if Instant::now() >= d => Wait::Over,
+            Some(_) => Wait::Again,
+        };
+        let tried = clock.time(Phase::Reserve, || {
+            reserve(shared, call, key, &mut ask, &doc, wait)
+        })?;
+        if let Some(plan) = tried {
+            break plan;
+        }
+        let Some(limits) = &shared.shared_limits else {
+            return Err(ApiError::Internal.into());
+        };
+        let d = *deadline.get_or_insert_with(|| {
+            limits.waits.fetch_add(1, Ordering::Relaxed);
+            limits.wait_deadline(Instant::now())
+        });
+        clock.timed(Phase::Reserve, limits.wait_for_refill(d)).await;
+    };
     let served = clock
         .timed(Phase::Forward, forward(call, &snap, &ask, doc, plan))
         .await?;
@@ -327,12 +351,27 @@ impl Plan {
 /// Reserve: bound the prompt and output tokens, then take the limits, budgets and the
 /// balance for the dearest deployment that may end up serving (fallbacks included). The
 /// reservation is settled in the settle phase.
+/// Where a request is in its waits for a lease refill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Not waited yet.
+    First,
+    /// Waited, and time is left.
+    Again,
+    /// `wait_ms` has passed.
+    Over,
+}
+
+/// `Ok(None)` when a lease (money or slots) is short and waiting may still help: the
+/// caller waits for a refill and tries again.
 fn reserve(
+    shared: &Shared,
     call: &mut Call,
     key: &Key,
     ask: &mut Ask<'_>,
     doc: &Map<String, Value>,
-) -> Result<Plan, Failure> {
+    wait: Wait,
+) -> Result<Option<Plan>, Failure> {
     let api = ask.api;
     let prompt_estimate = protocol::estimate_prompt(api, doc);
     let asked_out = protocol::requested_max_out(api, doc);
@@ -372,18 +411,42 @@ fn reserve(
             .ok_or_else(Refusal::busy)?;
         call.unpriced = Some(slot);
     }
-    call.admission = limits::admit(key, prompt_estimate.saturating_add(tokens_bound), amount)?;
+    call.admission = match limits::admit(key, prompt_estimate.saturating_add(tokens_bound), amount)
+    {
+        Ok(admission) => admission,
+        Err(refusal) => {
+            let Some((kind, starved)) = refusal.lease_short else {
+                return Err(refusal.into());
+            };
+            // A starved refill seen before this request waited may be stale: wait once.
+            let last = wait == Wait::Over || (wait == Wait::Again && starved);
+            if !last {
+                return Ok(None);
+            }
+            // Redis answered and still granted too little: the limit is reached across
+            // the gateways (for money: the cap is held or spent, as good as no balance).
+            // Redis did not answer: money fails closed, and says why; slots fell back to
+            // this gateway's share, so the refusal stands as it is.
+            return Err(match &shared.shared_limits {
+                Some(limits) if kind == LeaseKind::Money && !limits.up() => {
+                    limits.balance_fallbacks.fetch_add(1, Ordering::Relaxed);
+                    Refusal::shared_unavailable().into()
+                }
+                _ => refusal.into(),
+            });
+        }
+    };
     call.reservation = Some((org.account.clone(), amount));
     call.price_factor_ppm = org.price_factor_ppm;
     call.prompt_estimate = prompt_estimate;
-    Ok(Plan {
+    Ok(Some(Plan {
         order: routing::order(
             ask.group.strategy,
             std::mem::take(&mut ask.candidates),
             reserve_on,
         ),
         asked_out,
-    })
+    }))
 }
 
 /// Forward: the request to each deployment in order until one answers with success, or

@@ -462,6 +462,8 @@ impl Snapshot {
         clients: &ClientCache,
     ) -> (Self, Vec<Dropped>) {
         let mut report = Vec::new();
+        // Money, rates and slots shared through Redis: new live state holds leases.
+        let leased = accounts.leased;
         let mut orgs: HashMap<String, Arc<Org>> = HashMap::with_capacity(doc.orgs.len());
         for o in doc.orgs {
             if orgs.contains_key(&o.id) {
@@ -482,8 +484,16 @@ impl Snapshot {
                     categories: CategorySet::all(),
                 }
             });
-            let account = accounts.orgs.entry(o.id.clone()).or_default().clone();
-            let limiter = accounts.org_limits.entry(o.id.clone()).or_default().clone();
+            let account = accounts
+                .orgs
+                .entry(o.id.clone())
+                .or_insert_with(|| Arc::new(OrgAccount::new(leased)))
+                .clone();
+            let limiter = accounts
+                .org_limits
+                .entry(o.id.clone())
+                .or_insert_with(|| Arc::new(LimitState::new(leased)))
+                .clone();
             let org = Arc::new(Org {
                 id: o.id.clone(),
                 active: o.status == "active",
@@ -535,9 +545,13 @@ impl Snapshot {
                 limiter: accounts
                     .key_limits
                     .entry(k.key_id.clone())
-                    .or_default()
+                    .or_insert_with(|| Arc::new(LimitState::new(leased)))
                     .clone(),
-                account: accounts.keys.entry(k.key_id.clone()).or_default().clone(),
+                account: accounts
+                    .keys
+                    .entry(k.key_id.clone())
+                    .or_insert_with(|| Arc::new(OrgAccount::for_key(leased)))
+                    .clone(),
                 usage: k.usage.compile(),
                 policy: Policy::compile(k.policy),
                 revoked: k.status != "active",

@@ -219,3 +219,62 @@ fn unpriced_requests_in_flight_are_capped_per_org() {
     drop(held);
     assert!(account.try_unpriced(UNPRICED_IN_FLIGHT_PER_ORG).is_some());
 }
+
+#[test]
+fn shared_budgets_count_every_gateway_and_share_what_was_left_when_redis_is_down() {
+    use onetoken_gateway::billing::{Budgets, ReserveRefusal, UsageMark};
+    let a = OrgAccount::for_key(true);
+    let today = 20_784;
+    let usage = UsageMark {
+        day: today,
+        month: 202_611,
+        ..UsageMark::default()
+    };
+    let day = Budgets {
+        day: Some(1_000),
+        month: None,
+    };
+    let reserve = |n| a.try_reserve_within(None, day, &usage, today, 202_611, n);
+    // Nothing to push until a reservation saw the budget.
+    assert_eq!(a.spend_push_start(), None);
+    assert_eq!(reserve(0), Ok(()));
+    // The other gateways spent 600 today (the ledger does not know yet).
+    assert_eq!(a.spend_push_start(), Some(0));
+    a.spend_push_done(today, 202_611, 600, 600);
+    assert_eq!(reserve(401), Err(ReserveRefusal::BudgetDay), "600 + 401");
+    assert_eq!(reserve(100), Ok(()));
+    a.settle(100, 100);
+    // Own spend counts before it is pushed, and while it is on its way.
+    assert_eq!(
+        reserve(301),
+        Err(ReserveRefusal::BudgetDay),
+        "600 + 100 + 301"
+    );
+    assert_eq!(a.spend_push_start(), Some(100));
+    assert_eq!(
+        reserve(301),
+        Err(ReserveRefusal::BudgetDay),
+        "in flight to Redis"
+    );
+    // Redis does not answer; four gateways were live: this one may spend a quarter of
+    // the 400 left at the last sync, counting the 100 not yet pushed.
+    a.spend_push_failed(4);
+    assert_eq!(
+        reserve(1),
+        Err(ReserveRefusal::BudgetDay),
+        "100 of a 100 share"
+    );
+    // Back: the pushed total says the others spent nothing more.
+    assert_eq!(a.spend_push_start(), Some(100));
+    a.spend_push_done(today, 202_611, 700, 700);
+    assert_eq!(reserve(300), Ok(()));
+    // A new UTC day: yesterday's total no longer counts.
+    a.settle(300, 300);
+    assert_eq!(a.spend_push_start(), Some(300));
+    a.spend_push_done(today, 202_611, 1_000, 1_000);
+    let tomorrow = usage;
+    assert_eq!(
+        a.try_reserve_within(None, day, &tomorrow, today + 1, 202_611, 1_000),
+        Ok(())
+    );
+}

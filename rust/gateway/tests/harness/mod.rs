@@ -15,6 +15,7 @@ use onetoken_gateway::{hash_key, CallRecord, Engine, EngineConfig};
 use serde_json::{json, Value};
 
 pub mod journal_tail;
+pub mod redis;
 pub mod snapshots;
 pub mod upstream;
 #[allow(unused_imports)]
