@@ -1,0 +1,249 @@
+"""`onetoken gateways list|retire` against a real redis-server: seeing the instances that
+share Redis, and writing off one whose journal was lost with its disk."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from onetoken import cli
+from onetoken.billing import service as billing
+from onetoken.ingest import caps, journal
+from onetoken.ingest.caps import CapPublisher
+from onetoken.ingest.gateways import HEARTBEAT_EXPIRY_MS, heartbeat_key
+from onetoken.ingest.ingestor import Ingestor
+from onetoken.ingest.marks import spent_marks
+from onetoken.ingest.models import IngestCursor, IngestRetired
+from onetoken.orgs import service as orgs
+from onetoken.security import log as security_log
+from onetoken.settings import Settings
+from onetoken.state import AppState
+from tests.support import RedisServer
+from tests.unit.journal_files import append, dead, live, record
+
+BALANCE = 10_000
+NOW_US = int(datetime.now(UTC).replace(hour=12).timestamp()) * 1_000_000
+
+
+class Sink:
+    """call_log taking every block."""
+
+    def available(self) -> bool:
+        return True
+
+    def insert(self, block: bytes, rows: int, dedup_token: str) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis") as srv:
+        yield srv
+
+
+@pytest.fixture
+def db(server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONETOKEN_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("ONETOKEN_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("ONETOKEN_SECRET_KEY", settings.secret_key.get_secret_value())  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def org_id(state: AppState) -> str:
+    with state.session_factory() as s:
+        org = orgs.create_org(s, "A")
+        billing.credit(s, org.id, amount=BALANCE, kind="grant", idempotency_key="g")
+        s.commit()
+        return org.id
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any, str]:
+    """(exit code, stdout as JSON when it parses, stderr)."""
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    try:
+        parsed = json.loads(out.out)
+    except ValueError:
+        parsed = out.out
+    return code, parsed, out.err
+
+
+def beat(db: redis.Redis, instance: str, age_ms: int) -> None:
+    """A heartbeat in `ot:gateways` as a gateway writes it, `age_ms` old on Redis' clock."""
+    seconds, micros = db.time()
+    db.zadd(heartbeat_key("ot:"), {instance: seconds * 1000 + micros // 1000 - age_ms})
+
+
+def holds(db: redis.Redis, org_id: str) -> dict[str, int]:
+    return {k: int(v) for k, v in db.hgetall(caps.hold_key("ot:", org_id)).items()}
+
+
+def headroom(db: redis.Redis, org_id: str) -> int:
+    got = db.hgetall(caps.cap_key("ot:", org_id))
+    return int(got["cap"]) - sum(holds(db, org_id).values())
+
+
+def true_headroom(state: AppState, db: redis.Redis, org_id: str, live_ids: list[str]) -> int:
+    """balance + marks of the live instances - their holds."""
+    with state.session_factory() as s:
+        balance = billing.balance(s, org_id)
+        marked = sum(spent_marks(s, i)[0].get(org_id, 0) for i in live_ids)
+    held = holds(db, org_id)
+    return balance + marked - sum(held.get(i, 0) for i in live_ids)
+
+
+def written_off_events() -> list[dict[str, Any]]:
+    writer = security_log.current()
+    assert writer is not None
+    rows = [r for r in writer.drain() if r[2] == "gateway.written_off"]
+    cols = security_log.SECURITY_LOG_COLUMNS
+    return [
+        {**dict(zip(cols, r, strict=True)), "detail": orjson.loads(r[cols.index("detail")])}
+        for r in rows
+    ]
+
+
+def test_list_shows_live_and_lost_instances_and_retire_writes_off_only_the_lost_one(
+    settings: Settings,
+    state: AppState,
+    server: RedisServer,
+    db: redis.Redis,
+    org_id: str,
+    env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings.redis_url = server.url
+    monkeypatch.setenv("ONETOKEN_REDIS_URL", server.url)
+    spool = settings.spool_dir
+    # "lost1" ran on a node that died: 300 of its cost was ingested while it lived, then
+    # its journal went with the node's disk. Its lease (500) and marks stay behind.
+    append(spool, "lost1", 1, [record("l1", org_id=org_id, cost=300, ts_us=NOW_US)])
+    ingestor = Ingestor(settings, state.session_factory, sink=Sink())  # type: ignore[arg-type]
+    with live(spool, "lost1"):
+        ingestor.catch_up()
+    for path in spool.glob("journal-lost1*"):
+        path.unlink()
+    # "other1" serves on another node; "here1" serves on this one; "journaled1" died here
+    # and its journal waits for ingestion.
+    db.hset(caps.hold_key("ot:", org_id), mapping={"lost1": 500, "other1": 400, "here1": 100})
+    beat(db, "lost1", 60_000)
+    beat(db, "other1", 100)
+    append(spool, "journaled1", 1, [record("j1", org_id=org_id, cost=50, ts_us=NOW_US)])
+    dead(spool, "journaled1")
+    publisher = CapPublisher(settings, state.session_factory)
+    publisher.publish_all()
+
+    with live(spool, "here1"):
+        code, listed, _ = run(capsys, "gateways", "list", "--json")
+        assert code == 0 and listed["redis"] is True
+        by_id = {i["instance_id"]: i for i in listed["instances"]}
+        assert set(by_id) == {"lost1", "other1", "here1", "journaled1"}
+        lost = by_id["lost1"]
+        assert lost["live"] is False and lost["retired"] is False
+        assert lost["heartbeat_age_ms"] >= 60_000
+        assert lost["journal"] == "absent"
+        assert lost["ingested"] == {org_id: 300} and lost["held"] == {org_id: 500}
+        assert by_id["other1"]["live"] is True
+        assert by_id["other1"]["heartbeat_age_ms"] < HEARTBEAT_EXPIRY_MS
+        assert by_id["here1"]["live"] is True and by_id["here1"]["journal"] == "live"
+        assert by_id["journaled1"]["journal"] == "complete"
+        assert by_id["journaled1"]["live"] is False
+
+        code, table, _ = run(capsys, "gateways", "list")
+        assert code == 0
+        assert any(line.split()[:2] == ["lost1", "dead"] for line in table.splitlines())
+
+        # Refused: live by heartbeat, live by its lock here, journal still here.
+        for instance, why in (("other1", "heartbeat"), ("here1", "journal lock"),
+                              ("journaled1", "still here")):
+            code, _, err = run(capsys, "gateways", "retire", instance, "--lost",
+                               "--reason", "node gone")
+            assert code == 2 and why in err and "nothing written off" in err
+        assert holds(db, org_id) == {"lost1": 500, "other1": 400, "here1": 100}
+        assert written_off_events() == []
+
+    code, out, _ = run(capsys, "gateways", "retire", "lost1", "--lost", "--reason",
+                       "node n3 lost", "--json")
+    assert code == 0
+    assert out == {"instance_id": "lost1", "written_off": True, "published": True,
+                   "orgs": {org_id: {"held": 500, "ingested": 300}}}
+    assert holds(db, org_id) == {"other1": 400, "here1": 100}
+    with state.session_factory() as s:
+        assert s.get(IngestRetired, "lost1") is None
+        assert spent_marks(s, "lost1") == ({}, {})
+        assert s.get(IngestCursor, ("ledger", "lost1")) is None
+    # The control's own next round agrees: cap - Σ hold is the truth again.
+    publisher.publish_all()
+    assert headroom(db, org_id) == BALANCE - 300 - 500
+    assert headroom(db, org_id) == true_headroom(state, db, org_id, ["other1", "here1"])
+
+    (event,) = written_off_events()
+    assert event["org_id"] == org_id and event["subject_id"] == "lost1"
+    assert event["severity"] == "high" and event["user_agent"] == "onetoken-cli"
+    assert event["detail"] == {"instance_id": "lost1", "reason": "node n3 lost", "orgs": 1,
+                               "held": 500, "ingested": 300, "unledgered_at_most": 200}
+
+    # Again: nothing left to do, nothing recorded, the other leases untouched.
+    code, out, _ = run(capsys, "gateways", "retire", "lost1", "--lost", "--reason", "again",
+                       "--json")
+    assert code == 0 and out["written_off"] is False
+    assert holds(db, org_id) == {"other1": 400, "here1": 100}
+    assert written_off_events() == []
+    code, listed, _ = run(capsys, "gateways", "list", "--json")
+    # Only its stale heartbeat is left, until a gateway's next beat drops it.
+    lost = {i["instance_id"]: i for i in listed["instances"]}["lost1"]
+    assert lost["held"] == {} and lost["ingested"] == {} and lost["retired"] is False
+
+
+def test_without_redis_the_list_is_what_the_control_db_knows_and_retire_forgets_the_rows(
+    settings: Settings,
+    state: AppState,
+    org_id: str,
+    env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv("ONETOKEN_REDIS_URL", raising=False)
+    spool = settings.spool_dir
+    append(spool, "lost1", 1, [record("l1", org_id=org_id, cost=300, ts_us=NOW_US)])
+    ingestor = Ingestor(settings, state.session_factory, sink=Sink())  # type: ignore[arg-type]
+    with live(spool, "lost1"):
+        ingestor.catch_up()
+    for path in spool.glob("journal-lost1*"):
+        path.unlink()
+    assert journal.scan(spool) == {}
+
+    code, listed, _ = run(capsys, "gateways", "list", "--json")
+    assert code == 0 and listed["redis"] is False
+    (lost,) = listed["instances"]
+    assert lost["instance_id"] == "lost1" and lost["heartbeat_age_ms"] is None
+    assert lost["ingested"] == {org_id: 300} and lost["held"] == {}
+
+    code, out, _ = run(capsys, "gateways", "retire", "lost1", "--lost", "--reason", "disk")
+    assert code == 0 and "written off" in out
+    with state.session_factory() as s:
+        assert spent_marks(s, "lost1") == ({}, {})
+        # What was ingested stays charged.
+        assert billing.balance(s, org_id) == BALANCE - 300
+    (event,) = written_off_events()
+    assert event["detail"]["held"] == 0 and event["detail"]["ingested"] == 300
+    code, listed, _ = run(capsys, "gateways", "list", "--json")
+    assert listed["instances"] == []
