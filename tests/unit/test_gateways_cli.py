@@ -25,7 +25,7 @@ from onetoken.orgs import service as orgs
 from onetoken.security import log as security_log
 from onetoken.settings import Settings
 from onetoken.state import AppState
-from tests.support import RedisServer
+from tests.support import RedisServer, wait_until
 from tests.unit.journal_files import append, dead, live, record
 
 BALANCE = 10_000
@@ -120,6 +120,17 @@ def written_off_events() -> list[dict[str, Any]]:
     ]
 
 
+def lose(settings: Settings, state: AppState, org_id: str, instance: str, cost: int) -> None:
+    """An instance that ran here, had `cost` ingested, then lost its journal."""
+    spool = settings.spool_dir
+    append(spool, instance, 1, [record(f"{instance}-r", org_id=org_id, cost=cost, ts_us=NOW_US)])
+    ingestor = Ingestor(settings, state.session_factory, sink=Sink())  # type: ignore[arg-type]
+    with live(spool, instance):
+        ingestor.catch_up()
+    for path in spool.glob(f"journal-{instance}*"):
+        path.unlink()
+
+
 def test_list_shows_live_and_lost_instances_and_retire_writes_off_only_the_lost_one(
     settings: Settings,
     state: AppState,
@@ -135,12 +146,7 @@ def test_list_shows_live_and_lost_instances_and_retire_writes_off_only_the_lost_
     spool = settings.spool_dir
     # "lost1" ran on a node that died: 300 of its cost was ingested while it lived, then
     # its journal went with the node's disk. Its lease (500) and marks stay behind.
-    append(spool, "lost1", 1, [record("l1", org_id=org_id, cost=300, ts_us=NOW_US)])
-    ingestor = Ingestor(settings, state.session_factory, sink=Sink())  # type: ignore[arg-type]
-    with live(spool, "lost1"):
-        ingestor.catch_up()
-    for path in spool.glob("journal-lost1*"):
-        path.unlink()
+    lose(settings, state, org_id, "lost1", 300)
     # "other1" serves on another node; "here1" serves on this one; "journaled1" died here
     # and its journal waits for ingestion.
     db.hset(caps.hold_key("ot:", org_id), mapping={"lost1": 500, "other1": 400, "here1": 100})
@@ -222,14 +228,8 @@ def test_without_redis_the_list_is_what_the_control_db_knows_and_retire_forgets_
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.delenv("ONETOKEN_REDIS_URL", raising=False)
-    spool = settings.spool_dir
-    append(spool, "lost1", 1, [record("l1", org_id=org_id, cost=300, ts_us=NOW_US)])
-    ingestor = Ingestor(settings, state.session_factory, sink=Sink())  # type: ignore[arg-type]
-    with live(spool, "lost1"):
-        ingestor.catch_up()
-    for path in spool.glob("journal-lost1*"):
-        path.unlink()
-    assert journal.scan(spool) == {}
+    lose(settings, state, org_id, "lost1", 300)
+    assert journal.scan(settings.spool_dir) == {}
 
     code, listed, _ = run(capsys, "gateways", "list", "--json")
     assert code == 0 and listed["redis"] is False
@@ -247,3 +247,68 @@ def test_without_redis_the_list_is_what_the_control_db_knows_and_retire_forgets_
     assert event["detail"]["held"] == 0 and event["detail"]["ingested"] == 300
     code, listed, _ = run(capsys, "gateways", "list", "--json")
     assert listed["instances"] == []
+
+
+def test_a_write_off_whose_publish_round_fails_is_finished_by_the_control_publisher(
+    settings: Settings,
+    state: AppState,
+    server: RedisServer,
+    db: redis.Redis,
+    org_id: str,
+    env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings.redis_url = server.url
+    settings.cap_publish_interval_seconds = 0.2
+    monkeypatch.setenv("ONETOKEN_REDIS_URL", server.url)
+    lose(settings, state, org_id, "lost1", 300)
+    db.hset(caps.hold_key("ot:", org_id), mapping={"lost1": 500, "other1": 400})
+    control = CapPublisher(settings, state.session_factory)
+    control.publish_all()
+
+    def redis_gone(self: CapPublisher) -> None:
+        raise redis.ConnectionError("gone")
+
+    with monkeypatch.context() as m:
+        m.setattr(CapPublisher, "publish_all", redis_gone)
+        code, out, err = run(capsys, "gateways", "retire", "lost1", "--lost", "--reason", "n3",
+                             "--json")
+    assert code == 0 and out["written_off"] is True and out["published"] is False
+    assert "next full round" in err
+    # Retired in the DB only: Redis keeps the old cap and the hold, headroom below the truth.
+    with state.session_factory() as s:
+        assert s.get(IngestRetired, "lost1") is not None
+    assert holds(db, org_id) == {"lost1": 500, "other1": 400}
+    assert headroom(db, org_id) <= true_headroom(state, db, org_id, ["other1"])
+
+    control.start()
+    try:
+        wait_until(lambda: holds(db, org_id) == {"other1": 400}, message="the control's round")
+        assert headroom(db, org_id) == true_headroom(state, db, org_id, ["other1"])
+        assert headroom(db, org_id) == BALANCE - 300 - 400
+    finally:
+        control.stop()
+
+
+def test_redis_down_lists_what_the_control_db_knows_and_refuses_to_retire(
+    settings: Settings,
+    state: AppState,
+    server: RedisServer,
+    org_id: str,
+    env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("ONETOKEN_REDIS_URL", server.url)
+    lose(settings, state, org_id, "lost1", 300)
+    server.stop()
+    code, listed, _ = run(capsys, "gateways", "list", "--json")
+    assert code == 0 and listed["redis"] is False and listed["redis_error"] == "ConnectionError"
+    assert [i["instance_id"] for i in listed["instances"]] == ["lost1"]
+    code, _, err = run(capsys, "gateways", "retire", "lost1", "--lost", "--reason", "n3")
+    assert code == 2 and "Redis did not answer" in err
+    with state.session_factory() as s:
+        assert s.get(IngestRetired, "lost1") is None
+        assert spent_marks(s, "lost1")[0] == {org_id: 300}
+    assert written_off_events() == []

@@ -37,20 +37,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     client = open_redis(settings)
     try:
         found = inventory(settings, state.session_factory, client)
-    except Exception as exc:
-        if type(exc).__module__.startswith("redis"):
-            raise CliError(f"cannot read Redis ({type(exc).__name__})") from None
-        raise
     finally:
         if client is not None:
             client.close()
         state.db_engine.dispose()
     rows = [found.instances[i].as_dict() for i in sorted(found.instances)]
     if args.json:
-        print(json.dumps({"redis": found.redis, "instances": rows}))
+        print(json.dumps({"redis": found.redis, "redis_error": found.redis_error,
+                          "instances": rows}))
         return EXIT_OK
     print(_table(rows))
-    if not found.redis:
+    if found.redis_error is not None:
+        print(f"Redis did not answer ({found.redis_error}): no heartbeats or leases shown",
+              file=sys.stderr)
+    elif not found.redis:
         print("Redis not configured (ONETOKEN_REDIS_URL): no heartbeats or leases shown",
               file=sys.stderr)
     return EXIT_OK

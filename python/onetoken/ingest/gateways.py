@@ -82,8 +82,11 @@ class Instance:
 @dataclass
 class Inventory:
     instances: dict[str, Instance]
-    #: False when Redis is not configured: only the control DB and the spool dir spoke.
+    #: False when Redis is not configured or did not answer: only the control DB and the
+    #: spool dir spoke.
     redis: bool
+    #: The error class when Redis is configured but did not answer.
+    redis_error: str | None = None
 
 
 def open_redis(settings: Settings) -> redis.Redis | None:
@@ -132,9 +135,14 @@ def inventory(
             inst.journal = "live"
         elif local.segments:
             inst.journal = "complete"
-    if client is not None:
+    if client is None:
+        return Inventory(found, False)
+    try:
         _from_redis(client, settings.redis_prefix, org_ids, get)
-    return Inventory(found, client is not None)
+    except redis.RedisError as exc:
+        # An SRE in an incident still wants what the control DB knows.
+        return Inventory(found, False, type(exc).__name__)
+    return Inventory(found, True)
 
 
 def _from_redis(client: redis.Redis, prefix: str, org_ids: list[str], get: Any) -> None:
@@ -183,7 +191,13 @@ def write_off(
         raise Refused("--reason must not be empty")
     if len(reason) > MAX_REASON:
         raise Refused(f"--reason must be at most {MAX_REASON} characters")
-    found = inventory(settings, session_factory, client).instances.get(instance_id)
+    known = inventory(settings, session_factory, client)
+    if known.redis_error is not None:
+        raise Refused(
+            f"Redis did not answer ({known.redis_error}): whether instance {instance_id} is "
+            "live cannot be told"
+        )
+    found = known.instances.get(instance_id)
     if found is None or found.retired_at is not None:
         return WriteOff(instance_id, False, {})
     if found.journal == "live":
