@@ -120,15 +120,23 @@ def written_off_events() -> list[dict[str, Any]]:
     ]
 
 
-def lose(settings: Settings, state: AppState, org_id: str, instance: str, cost: int) -> None:
-    """An instance that ran here, had `cost` ingested, then lost its journal."""
+def lose(
+    settings: Settings, state: AppState, org_id: str, instance: str, cost: int,
+    *, keep: Path | None = None,
+) -> None:
+    """An instance that ran here, had `cost` ingested, then lost its journal (moved to
+    `keep`, if given, as a node that comes back would have it)."""
     spool = settings.spool_dir
     append(spool, instance, 1, [record(f"{instance}-r", org_id=org_id, cost=cost, ts_us=NOW_US)])
     ingestor = Ingestor(settings, state.session_factory, sink=Sink())  # type: ignore[arg-type]
     with live(spool, instance):
         ingestor.catch_up()
     for path in spool.glob(f"journal-{instance}*"):
-        path.unlink()
+        if keep is None:
+            path.unlink()
+        else:
+            keep.mkdir(exist_ok=True)
+            path.rename(keep / path.name)
 
 
 def test_list_shows_live_and_lost_instances_and_retire_writes_off_only_the_lost_one(
@@ -195,7 +203,8 @@ def test_list_shows_live_and_lost_instances_and_retire_writes_off_only_the_lost_
     with state.session_factory() as s:
         assert s.get(IngestRetired, "lost1") is None
         assert spent_marks(s, "lost1") == ({}, {})
-        assert s.get(IngestCursor, ("ledger", "lost1")) is None
+        # Kept: a journal that turns up after all is read on from there.
+        assert s.get(IngestCursor, ("ledger", "lost1")) is not None
     # The control's own next round agrees: cap - Σ hold is the truth again.
     publisher.publish_all()
     assert headroom(db, org_id) == BALANCE - 300 - 500
@@ -214,9 +223,11 @@ def test_list_shows_live_and_lost_instances_and_retire_writes_off_only_the_lost_
     assert holds(db, org_id) == {"other1": 400, "here1": 100}
     assert written_off_events() == []
     code, listed, _ = run(capsys, "gateways", "list", "--json")
-    # Only its stale heartbeat is left, until a gateway's next beat drops it.
     lost = {i["instance_id"]: i for i in listed["instances"]}["lost1"]
     assert lost["held"] == {} and lost["ingested"] == {} and lost["retired"] is False
+    assert lost["written_off_at"] is not None
+    code, table, _ = run(capsys, "gateways", "list")
+    assert any(line.split()[:2] == ["lost1", "written-off"] for line in table.splitlines())
 
 
 def test_without_redis_the_list_is_what_the_control_db_knows_and_retire_forgets_the_rows(
@@ -246,7 +257,8 @@ def test_without_redis_the_list_is_what_the_control_db_knows_and_retire_forgets_
     (event,) = written_off_events()
     assert event["detail"]["held"] == 0 and event["detail"]["ingested"] == 300
     code, listed, _ = run(capsys, "gateways", "list", "--json")
-    assert listed["instances"] == []
+    (lost,) = listed["instances"]
+    assert lost["ingested"] == {} and lost["written_off_at"] is not None
 
 
 def test_a_write_off_whose_publish_round_fails_is_finished_by_the_control_publisher(
@@ -312,3 +324,47 @@ def test_redis_down_lists_what_the_control_db_knows_and_refuses_to_retire(
         assert s.get(IngestRetired, "lost1") is None
         assert spent_marks(s, "lost1")[0] == {org_id: 300}
     assert written_off_events() == []
+
+
+def test_a_journal_that_turns_up_after_a_write_off_is_read_on_never_charged_twice(
+    settings: Settings,
+    state: AppState,
+    server: RedisServer,
+    db: redis.Redis,
+    org_id: str,
+    env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    # The node was only cut off: written off, then back with its journal, which holds
+    # one more call (50) than the ledger took before.
+    settings.redis_url = server.url
+    monkeypatch.setenv("ONETOKEN_REDIS_URL", server.url)
+    node = tmp_path / "node"
+    lose(settings, state, org_id, "lost1", 300, keep=node)
+    append(node, "lost1", 1, [record("late", org_id=org_id, cost=50, ts_us=NOW_US)])
+    db.hset(caps.hold_key("ot:", org_id), mapping={"lost1": 500})
+    code, out, _ = run(capsys, "gateways", "retire", "lost1", "--lost", "--reason", "n3",
+                       "--json")
+    assert code == 0 and out["written_off"] is True
+    with state.session_factory() as s:
+        assert billing.balance(s, org_id) == BALANCE - 300
+
+    for path in node.iterdir():
+        path.rename(settings.spool_dir / path.name)
+    dead(settings.spool_dir, "lost1")
+    ingestor = Ingestor(settings, state.session_factory, sink=Sink())  # type: ignore[arg-type]
+    assert ingestor.catch_up() == 1
+    with state.session_factory() as s:
+        assert billing.balance(s, org_id) == BALANCE - 350
+        # Ingested to its end: retired the normal way again.
+        assert s.get(IngestRetired, "lost1") is not None
+    publisher = CapPublisher(settings, state.session_factory)
+    publisher.publish_all()
+    publisher.stop()
+    assert headroom(db, org_id) == BALANCE - 350 == true_headroom(state, db, org_id, [])
+    # Still written off: another run is a no-op.
+    code, out, _ = run(capsys, "gateways", "retire", "lost1", "--lost", "--reason", "n3",
+                       "--json")
+    assert code == 0 and out["written_off"] is False

@@ -60,7 +60,12 @@ def _table(rows: list[dict[str, Any]]) -> str:
     head = ("INSTANCE", "STATE", "HEARTBEAT", "JOURNAL", "INGESTED", "HELD", "ORGS")
     lines = [head]
     for r in rows:
-        state = "retired" if r["retired"] else "live" if r["live"] else "dead"
+        state = (
+            "retired" if r["retired"]
+            else "written-off" if r["written_off_at"]
+            else "live" if r["live"]
+            else "dead"
+        )
         orgs = sorted(r["held"].keys() | r["ingested"].keys())
         lines.append((
             r["instance_id"],

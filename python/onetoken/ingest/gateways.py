@@ -18,12 +18,13 @@ from typing import Any
 
 import redis
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from onetoken.db.session import SessionFactory
 from onetoken.ingest import caps, journal
 from onetoken.ingest.marks import ORG
-from onetoken.ingest.models import IngestCursor, IngestMark, IngestRetired
+from onetoken.ingest.models import IngestCursor, IngestMark, IngestRetired, IngestWrittenOff
 from onetoken.orgs.models import Org
 from onetoken.security.audit import Actor, event
 from onetoken.settings import Settings
@@ -57,6 +58,7 @@ class Instance:
     #: Org id -> its money lease in Redis (cumulative since it started).
     held: dict[str, int] = field(default_factory=dict)
     retired_at: datetime | None = None
+    written_off_at: datetime | None = None
 
     @property
     def live(self) -> bool:
@@ -76,6 +78,7 @@ class Instance:
             "held_total": sum(self.held.values()),
             "retired": self.retired_at is not None,
             "retired_at": self.retired_at.isoformat() if self.retired_at else None,
+            "written_off_at": self.written_off_at.isoformat() if self.written_off_at else None,
         }
 
 
@@ -127,6 +130,12 @@ def inventory(
             get(str(iid)).ingested[str(subject)] = int(amount)
         for iid, at in session.execute(select(IngestRetired.instance_id, IngestRetired.retired_at)):
             get(str(iid)).retired_at = at
+        # Only those still known otherwise: the table keeps every write-off for good.
+        for iid, at in session.execute(
+            select(IngestWrittenOff.instance_id, IngestWrittenOff.written_off_at)
+        ):
+            if str(iid) in found:
+                found[str(iid)].written_off_at = at
         org_ids = [str(o) for o in session.scalars(select(Org.id))]
     for iid, local in journal.scan(settings.spool_dir).items():
         inst = get(iid)
@@ -198,7 +207,7 @@ def write_off(
             "live cannot be told"
         )
     found = known.instances.get(instance_id)
-    if found is None or found.retired_at is not None:
+    if found is None or found.retired_at is not None or found.written_off_at is not None:
         return WriteOff(instance_id, False, {})
     if found.journal == "live":
         raise Refused(
@@ -222,6 +231,11 @@ def write_off(
         for org_id in sorted(found.held.keys() | found.ingested.keys())
     }
     with session_factory() as session:
+        try:
+            session.add(IngestWrittenOff(instance_id=instance_id))
+            session.flush()
+        except IntegrityError:
+            return WriteOff(instance_id, False, {})  # a concurrent run wrote it off first
         _retire(session, settings, instance_id)
         session.commit()
     _record(actor, instance_id, reason, orgs)
