@@ -4,6 +4,7 @@ share Redis, and writing off one whose journal was lost with its disk."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +16,7 @@ import redis
 
 from onetoken import cli
 from onetoken.billing import service as billing
-from onetoken.ingest import caps, journal
+from onetoken.ingest import caps, gateways, journal
 from onetoken.ingest.caps import CapPublisher
 from onetoken.ingest.gateways import HEARTBEAT_EXPIRY_MS, heartbeat_key
 from onetoken.ingest.ingestor import Ingestor
@@ -23,6 +24,7 @@ from onetoken.ingest.marks import spent_marks
 from onetoken.ingest.models import IngestCursor, IngestRetired
 from onetoken.orgs import service as orgs
 from onetoken.security import log as security_log
+from onetoken.security.audit import CliActor
 from onetoken.settings import Settings
 from onetoken.state import AppState
 from tests.support import RedisServer, wait_until
@@ -368,3 +370,52 @@ def test_a_journal_that_turns_up_after_a_write_off_is_read_on_never_charged_twic
     code, out, _ = run(capsys, "gateways", "retire", "lost1", "--lost", "--reason", "n3",
                        "--json")
     assert code == 0 and out["written_off"] is False
+
+
+def test_two_write_offs_racing_release_and_record_once(
+    settings: Settings,
+    state: AppState,
+    server: RedisServer,
+    db: redis.Redis,
+    org_id: str,
+) -> None:
+    settings.redis_url = server.url
+    lose(settings, state, org_id, "lost1", 300)
+    db.hset(caps.hold_key("ot:", org_id), mapping={"lost1": 500})
+    security_log.current().drain()  # type: ignore[union-attr]
+    # B reads the inventory (not written off yet), then A writes it off entirely, then B
+    # goes on: the written-off row's key turns B away.
+    b_read, a_done = threading.Event(), threading.Event()
+    real = gateways.inventory
+
+    def inventory_then_wait(*args: Any) -> gateways.Inventory:
+        found = real(*args)
+        if threading.current_thread().name == "b":
+            b_read.set()
+            assert a_done.wait(10)
+        return found
+
+    results: dict[str, gateways.WriteOff] = {}
+
+    def write_off(name: str) -> None:
+        client = gateways.open_redis(settings)
+        try:
+            results[name] = gateways.write_off(
+                settings, state.session_factory, client, "lost1", reason=name, actor=CliActor()
+            )
+        finally:
+            assert client is not None
+            client.close()
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(gateways, "inventory", inventory_then_wait)
+        b = threading.Thread(target=write_off, args=("b",), name="b")
+        b.start()
+        assert b_read.wait(10)
+        write_off("a")
+        a_done.set()
+        b.join(10)
+    assert results["a"].done is True and results["a"].orgs == {org_id: (500, 300)}
+    assert results["b"].done is False
+    (event,) = written_off_events()
+    assert event["detail"]["reason"] == "a"
