@@ -192,9 +192,10 @@ def write_off(
     actor: Actor,
 ) -> WriteOff:
     """Retire an instance whose journal is gone, through the same path as ingestion's
-    retirement: with Redis, `ingest_retired` and a new revision in one commit, then the
-    cap publisher's full round lowers each cap by its marks and deletes its holds in one
-    script per org. Refuses while it is live or its journal is still here. Idempotent."""
+    retirement: with Redis, `ingest_retired` and a new revision in one commit (with the
+    `ingest_written_off` row that keeps its cursors), then the cap publisher's full round
+    lowers each cap by its marks and deletes its holds in one script per org. Refuses
+    while it is live, its journal is still here, or Redis cannot say. Idempotent."""
     reason = reason.strip()
     if not reason:
         raise Refused("--reason must not be empty")
