@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PIP   := $(PY) -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test test-rust test-python test-deploy deploy-tools lint bench bench-quick setup build-debug build-release clean fuzz
+.PHONY: run test test-rust test-python test-deploy deploy-tools deploy-render lint bench bench-quick setup build-debug build-release clean fuzz
 
 $(VENV)/.deps: pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,8 +36,9 @@ run: build-release
 
 test: test-rust test-python
 
-# The offline checks of deploy/ (kubectl kustomize, kubernetes-validate, checkov, the
-# compose-spec schema) run inside tests/unit/test_deploy_files.py, as part of test-python.
+# The offline checks of deploy/ (kubernetes-validate, checkov, the compose-spec schema, and
+# where kubectl is installed a fresh render compared with deploy/k8s/rendered/) run inside
+# tests/unit/test_deploy_files.py, as part of test-python.
 # Their tools pin dependencies of their own, so they get a venv of their own, rebuilt only
 # when deploy/requirements.txt changes: its stamp is named by the file's content, not its
 # date, so a fresh clone reuses a venv kept outside it (.ci/run puts it in ~/.cache).
@@ -50,6 +51,16 @@ $(DEPLOY_STAMP):
 	touch $@
 
 deploy-tools: $(DEPLOY_STAMP)
+
+# The rendered manifests of each Kubernetes overlay, committed in deploy/k8s/rendered/: the
+# checks run on them, so they need no kubectl (a fresh CI machine may have none). Run after
+# changing deploy/k8s; with kubectl installed, make test fails until they are regenerated.
+K8S_OVERLAYS := dev prod
+deploy-render:
+	set -e; for o in $(K8S_OVERLAYS); do \
+	  deploy/k8s/render.sh $$o >deploy/k8s/rendered/$$o.yaml.tmp; \
+	  mv deploy/k8s/rendered/$$o.yaml.tmp deploy/k8s/rendered/$$o.yaml; \
+	done
 
 # Only the deploy checks.
 test-deploy: build-debug deploy-tools

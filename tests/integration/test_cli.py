@@ -227,3 +227,75 @@ def test_locked_chdb_without_a_control_process_is_a_clear_error(tmp_path: Path) 
     assert "No control process answered" in audit.stdout
     assert "incomplete" in audit.stderr
     assert OPS_NEEDLE not in audit.stdout + audit.stderr
+
+
+def _head() -> str:
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import create_engine
+
+    from onetoken.db.migrate import alembic_config
+
+    return ",".join(sorted(ScriptDirectory.from_config(
+        alembic_config(create_engine("sqlite://"))).get_heads()))
+
+
+def _tables(db: Path) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        return [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+
+
+def test_ingest_never_migrates_and_once_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a rollout the ingest sidecar of a new release can start before the control
+    plane's migrate step: it must not run alembic beside it."""
+    monkeypatch.setenv("ONETOKEN_CLICKHOUSE_DSN", f"http://default:pw@127.0.0.1:{free_port()}/x")
+    r = run(tmp_path, "ingest", "--once")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert f"the control database has no schema yet; this release needs {_head()}" in r.stderr
+    assert "run `onetoken migrate` first (ingest never migrates)" in r.stderr
+    assert _tables(tmp_path / "control.db") == []
+    assert run(tmp_path, "migrate").returncode == 0
+    r = run(tmp_path, "ingest", "--once")
+    assert r.returncode == 0, r.stderr
+    assert "0 record(s) ingested" in r.stderr
+
+
+def test_ingest_waits_for_the_migration_then_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.support import wait_until
+
+    monkeypatch.setenv("ONETOKEN_CLICKHOUSE_DSN", f"http://default:pw@127.0.0.1:{free_port()}/x")
+    env = {
+        **os.environ,
+        "ONETOKEN_DATA_DIR": str(tmp_path),
+        "ONETOKEN_SECRET_KEY": TEST_SECRET,
+        "PYTHONPATH": os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")]),
+    }
+    env.pop("ONETOKEN_DATABASE_URL", None)
+    err = tmp_path / "ingest.err"
+    with err.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "onetoken.cli", "ingest"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        wait_until(lambda: "waiting for `onetoken migrate`" in err.read_text(), timeout=60,
+                   message=lambda: err.read_text())
+        lines = [orjson.loads(x) for x in err.read_text().splitlines() if x.startswith("{")]
+        assert {"event": "db.waiting_for_migration", "kind": "empty", "version": "none",
+                "revision": _head()}.items() <= lines[-1].items()
+        # Waiting created nothing; the migration is the migrate command's alone.
+        assert _tables(tmp_path / "control.db") == []
+        assert proc.poll() is None
+        assert run(tmp_path, "migrate").returncode == 0
+        wait_until(lambda: '"db.schema_ready"' in err.read_text(), timeout=60,
+                   message=lambda: err.read_text())
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0, err.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +46,19 @@ def test_migration_files_are_ordered_and_split() -> None:
     statements = first.statements()
     assert statements[0] == "CREATE DATABASE IF NOT EXISTS onetoken"
     assert all("--" not in s and not s.endswith(";") for s in statements)
+
+
+def test_every_migration_statement_is_idempotent() -> None:
+    """Two processes may apply the migrations at once (the control process and an ingest
+    process opening ClickHouse first, docs/deploy.md "Upgrades and migrations"): every
+    statement must end in the same schema however often it runs."""
+    idempotent = re.compile(
+        r"^(CREATE (DATABASE|TABLE) IF NOT EXISTS |ALTER TABLE \S+ ("
+        r"ADD (COLUMN|INDEX) IF NOT EXISTS |MODIFY SETTING ))"
+    )
+    statements = [s for m in ch.load_migrations() for s in m.statements()]
+    assert [s for s in statements if not idempotent.match(s)] == []
+    assert not idempotent.match("ALTER TABLE onetoken.call_log ADD COLUMN x UInt8")
 
 
 def test_the_package_holds_the_only_clickhouse_migrations() -> None:

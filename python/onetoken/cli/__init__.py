@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -354,11 +355,66 @@ def cmd_calls_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# How often a waiting `onetoken ingest` looks at the control DB's schema again: a
+# migration takes seconds, and the journal it has not ingested meanwhile stays on disk.
+SCHEMA_POLL_S = 2.0
+
+
+def _wait_for_schema(engine: Any, *, once: bool, stop: threading.Event) -> bool:
+    """Hold ingestion until the control DB is at this release's schema; False when stopped
+    while waiting.
+
+    Ingest never migrates: in a rollout its sidecar of the new release may start before the
+    control plane's one migrate step, and two processes running alembic at once can fail
+    midway. It waits rather than exiting because a sidecar that exits is restarted with a
+    growing back-off, which would delay the catch-up long after the migration landed; with
+    --once (a one-shot job) it exits with the reason instead. A schema newer than this
+    release is a rollout under way (the old pods still running ingest into it already), so
+    it is ingested into, with a warning.
+    """
+    import logging
+
+    from sqlalchemy.exc import OperationalError
+
+    from onetoken.db.migrate import schema_state
+
+    log = logging.getLogger("onetoken.ingest")
+    said = ""
+    while True:
+        try:
+            schema = schema_state(engine)
+        except OperationalError as exc:
+            kind = "unreachable"
+            reason = f"the control database is unreachable ({type(exc).__name__})"
+            fields = {"kind": kind}
+        else:
+            kind, reason = schema.kind, schema.describe()
+            fields = {"kind": kind, "version": ",".join(schema.current) or "none",
+                      "revision": ",".join(schema.expected)}
+        if kind == "current":
+            if said:
+                # At the waiting line's level, so whoever saw that one sees it end.
+                log.warning("db.schema_ready", extra=fields)
+            return True
+        if kind == "ahead":
+            log.warning("db.schema_newer_than_release", extra=fields)
+            return True
+        if once:
+            raise CliError(f"{reason}: run `onetoken migrate` first (ingest never migrates)")
+        if reason != said:
+            print(f"onetoken ingest: {reason}; waiting for `onetoken migrate` (the control "
+                  "plane's migrate step): ingest never migrates", file=sys.stderr, flush=True)
+            log.warning("db.waiting_for_migration", extra=fields)
+            said = reason
+        if stop.wait(SCHEMA_POLL_S):
+            return False
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Ingest the journals in this data dir's spool into ClickHouse and the ledger until
-    SIGTERM/SIGINT (or once with --once): ingestion as its own process, one per node."""
+    SIGTERM/SIGINT (or once with --once): ingestion as its own process, one per node. The
+    control DB must be at this release's schema (_wait_for_schema)."""
     import signal
-    import threading
 
     from onetoken.analytics.clickhouse import parse_dsn
     from onetoken.ingest.ingestor import Ingestor
@@ -370,22 +426,27 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             "embedded chDB allows one process per data path, and on the embedded default "
             "the control process (onetoken control / serve) ingests the journals itself"
         )
-    state = open_db(settings)
-    settings.ensure_dirs()
-    ingestor = Ingestor(settings, state.session_factory)
-    try:
-        if args.once:
-            ingested = ingestor.catch_up()
-            print(f"{ingested} record(s) ingested", file=sys.stderr)
-            return EXIT_OK
-        done = threading.Event()
+    state = open_db(settings, migrate=False)
+    done = threading.Event()
+    if not args.once:
+        # Before the wait, so a pod stopped while waiting exits at once and cleanly.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: done.set())
-        ingestor.start()
-        done.wait()
-        return EXIT_OK
+    try:
+        if not _wait_for_schema(state.db_engine, once=args.once, stop=done):
+            return EXIT_OK
+        ingestor = Ingestor(settings, state.session_factory)
+        try:
+            if args.once:
+                ingested = ingestor.catch_up()
+                print(f"{ingested} record(s) ingested", file=sys.stderr)
+                return EXIT_OK
+            ingestor.start()
+            done.wait()
+            return EXIT_OK
+        finally:
+            ingestor.stop()
     finally:
-        ingestor.stop()
         state.db_engine.dispose()
 
 

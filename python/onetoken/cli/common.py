@@ -36,13 +36,13 @@ def settings_from_env() -> Settings:
         raise CliError(f"invalid configuration: {problems}") from None
 
 
-def open_db(settings: Settings) -> Any:
+def open_db(settings: Settings, *, migrate: bool = True) -> Any:
     from onetoken.control import build_state
     from onetoken.kit.logging import configure_logging
 
     try:
         configure_logging(settings.log_dir, settings.log_level, stderr_level="WARNING")
-        return build_state(settings)
+        return build_state(settings, migrate=migrate)
     except OSError as exc:
         raise CliError(f"cannot open the data directory: {exc.strerror or exc}") from None
 
