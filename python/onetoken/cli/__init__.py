@@ -630,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     from onetoken.cli.billing import register as register_billing
 
     register_billing(billing)
+    from onetoken.cli.gateways import register as register_gateways
+
+    register_gateways(sub)
     return parser
 
 

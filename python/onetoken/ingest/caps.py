@@ -43,7 +43,7 @@ from onetoken.billing.service import MAX_BALANCE_NANO, MONEY_MOVED
 from onetoken.db.base import ConfigRevision
 from onetoken.db.session import SessionFactory, bump_revision
 from onetoken.ingest.marks import ORG
-from onetoken.ingest.models import IngestCursor, IngestMark, IngestRetired
+from onetoken.ingest.models import IngestCursor, IngestMark, IngestRetired, IngestWrittenOff
 from onetoken.kit.worker import LoopThread
 from onetoken.orgs.models import Org
 from onetoken.settings import Settings
@@ -145,8 +145,15 @@ def mark_retired(session: Session, instance_id: str) -> None:
 
 
 def forget_retired(session: Session, instance_ids: list[str]) -> None:
-    """The last step of retiring, once Redis has lost their holds; the caller commits."""
-    session.execute(delete(IngestCursor).where(IngestCursor.instance_id.in_(instance_ids)))
+    """The last step of retiring, once Redis has lost their holds; the caller commits.
+    A written-off instance keeps its cursors: should its journal turn up after all, it is
+    read on from there, not charged again from the start."""
+    session.execute(
+        delete(IngestCursor).where(
+            IngestCursor.instance_id.in_(instance_ids),
+            IngestCursor.instance_id.not_in(select(IngestWrittenOff.instance_id)),
+        )
+    )
     session.execute(delete(IngestMark).where(IngestMark.instance_id.in_(instance_ids)))
     session.execute(delete(IngestRetired).where(IngestRetired.instance_id.in_(instance_ids)))
 

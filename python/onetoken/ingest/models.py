@@ -1,4 +1,5 @@
-"""Ingestion state in the control DB (migrations 0011_ingest, 0012_ingest_retired)."""
+"""Ingestion state in the control DB (migrations 0011_ingest, 0012_ingest_retired,
+0013_ingest_written_off)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,14 @@ class IngestRetired(Base):
 
     instance_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     retired_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class IngestWrittenOff(Base):
+    """An engine instance an operator wrote off after its journal was lost (onetoken.ingest
+    .gateways). Kept for good: retiring it keeps its cursors, so a journal that turns up
+    after all is read on from where the ledger stopped, never charged twice."""
+
+    __tablename__ = "ingest_written_off"
+
+    instance_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    written_off_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
