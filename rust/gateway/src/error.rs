@@ -61,10 +61,11 @@ pub(crate) enum ApiError {
     ShuttingDown,
     Internal,
     LoopDetected,
+    WrongGatewayPool,
 }
 
 impl ApiError {
-    pub(crate) const ALL: [ApiError; 32] = [
+    pub(crate) const ALL: [ApiError; 33] = [
         ApiError::InvalidApiKey,
         ApiError::KeyRevoked,
         ApiError::KeyExpired,
@@ -97,6 +98,7 @@ impl ApiError {
         ApiError::ShuttingDown,
         ApiError::Internal,
         ApiError::LoopDetected,
+        ApiError::WrongGatewayPool,
     ];
 
     /// Low-cardinality code used in the error body, the record and the metric label.
@@ -134,6 +136,7 @@ impl ApiError {
             ApiError::ShuttingDown => "shutting_down",
             ApiError::Internal => "internal_error",
             ApiError::LoopDetected => "loop_detected",
+            ApiError::WrongGatewayPool => "wrong_gateway_pool",
         }
     }
 
@@ -168,6 +171,7 @@ impl ApiError {
             ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::LoopDetected => StatusCode::LOOP_DETECTED,
+            ApiError::WrongGatewayPool => StatusCode::FORBIDDEN,
         }
     }
 
@@ -203,6 +207,7 @@ impl ApiError {
             ApiError::ShuttingDown => "service_unavailable",
             ApiError::Internal => "server_error",
             ApiError::LoopDetected => "invalid_request_error",
+            ApiError::WrongGatewayPool => "permission_error",
         }
     }
 
@@ -252,6 +257,10 @@ impl ApiError {
             ApiError::Internal => "Internal gateway error.",
             ApiError::LoopDetected => {
                 "The request came from this gateway itself: a provider points back at it."
+            }
+            ApiError::WrongGatewayPool => {
+                "This API key's organization is served by a dedicated gateway pool, not by \
+                 these gateways; its pool is shown in the organization's terms."
             }
         }
     }
@@ -337,6 +346,21 @@ impl Failure {
             ..Detail::default()
         };
         Failure::with_detail(error, error.status(), detail)
+    }
+
+    /// A key of an org these gateways do not serve: the message says which kind of
+    /// gateways do (fixed texts; never the other org's pool or id).
+    pub(crate) fn wrong_pool(shared: bool) -> Self {
+        if shared {
+            Failure::with_message(
+                ApiError::WrongGatewayPool,
+                "This API key's organization is served by the shared gateways, not by this \
+                 dedicated pool.",
+                None,
+            )
+        } else {
+            Failure::from(ApiError::WrongGatewayPool)
+        }
     }
 
     /// The upstream answered with an error status; only the status and the plain

@@ -45,7 +45,6 @@ const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
 ];
 
-#[derive(Default)]
 pub(crate) struct Metrics {
     requests: [AtomicU64; PathLabel::ALL.len()],
     errors: [AtomicU64; ApiError::ALL.len()],
@@ -61,6 +60,25 @@ pub(crate) struct Metrics {
     pub(crate) connections_timed_out: AtomicU64,
     /// CPU time by request phase (`phase_timing`).
     pub(crate) phase_cpu: PhaseCpu,
+}
+
+// By hand: the standard library derives `Default` for arrays of at most 32 elements, and
+// there are more error codes than that.
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Default::default(),
+            errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            buckets: Default::default(),
+            duration_count: AtomicU64::new(0),
+            duration_sum_us: AtomicU64::new(0),
+            in_flight: AtomicI64::new(0),
+            connections_open: AtomicU64::new(0),
+            connections_refused: AtomicU64::new(0),
+            connections_timed_out: AtomicU64::new(0),
+            phase_cpu: PhaseCpu::default(),
+        }
+    }
 }
 
 impl Metrics {
