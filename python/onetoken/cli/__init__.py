@@ -48,11 +48,11 @@ def _run_control(*, demo: bool, gateway: bool) -> int:
         raise CliError(f"the gateway extension is not available: {exc}") from None
 
 
-def cmd_gateway(_: argparse.Namespace) -> int:
+def cmd_gateway(args: argparse.Namespace) -> int:
     from onetoken.gateway.runner import main as gateway_main
 
     try:
-        return gateway_main()
+        return gateway_main(pool=args.pool)
     except ImportError as exc:
         raise CliError(f"the gateway extension is not available: {exc}") from None
 
@@ -457,6 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
         "gateway",
         help="run a gateway: the engine serving /v1 on the control process's config "
         "(ONETOKEN_CONTROL_URL, ONETOKEN_GATEWAY_TOKEN or the master secret)",
+    )
+    p.add_argument(
+        "--pool",
+        metavar="NAME",
+        help="serve the orgs pinned to this dedicated gateway pool only (default: "
+        "ONETOKEN_GATEWAY_POOL, else the shared gateways); docs/pools.md",
     )
     p.set_defaults(func=cmd_gateway)
 

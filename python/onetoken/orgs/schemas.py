@@ -140,6 +140,11 @@ class OrgResponse(BaseModel):
     name: str
     status: Literal["active", "disabled"]
     created_at: datetime
+    pool: str | None = Field(
+        default=None,
+        description="The gateway pool serving this organization's API keys (its commercial "
+        "terms); null: the shared gateways.",
+    )
 
 
 class OrgList(ListOf[OrgResponse]): ...
@@ -224,3 +229,57 @@ class AccountUpdate(BaseModel):
     email: Identifier | None = Field(default=None, json_schema_extra=EMAIL)
     mobile: Annotated[str, StringConstraints(max_length=32)] | None = Field(
         default=None, json_schema_extra=MOBILE)
+
+
+# -- gateway pools and commercial terms (onetoken.orgs.terms) --------------------------------
+
+PoolName = Annotated[str, StringConstraints(min_length=1, max_length=32,
+                                            pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")]
+PoolDescription = Annotated[str, StringConstraints(strip_whitespace=True, max_length=200)]
+
+
+class PoolCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: PoolName
+    description: PoolDescription = ""
+
+
+class PoolUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    description: PoolDescription
+
+
+class PoolResponse(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    description: str
+    orgs: int = Field(default=0, description="How many organizations the pool serves.")
+    created_at: datetime
+    updated_at: datetime | None
+
+
+class PoolList(ListOf[PoolResponse]): ...
+
+
+class OrgTermsResponse(BaseModel):
+    """An organization's commercial terms: set by operators, read by its members."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    org_id: str
+    pool: str | None = Field(
+        description="The gateway pool serving the organization's API keys; null: the shared "
+        "gateways. Requests with its keys to other gateways answer 403 wrong_gateway_pool."
+    )
+    updated_at: datetime | None
+
+
+class OrgTermsUpdate(BaseModel):
+    """Only the fields sent change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool: PoolName | None = None
