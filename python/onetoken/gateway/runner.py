@@ -265,7 +265,12 @@ class GatewayRunner:
         if self.env.metrics_listen is not None:
             out["metrics_listen"] = self.env.metrics_listen
         if self.env.data_dir is not None:
-            out["spool_dir"] = str((self.env.data_dir / "spool").resolve())
+            spool = self.env.data_dir / "spool"
+            if self.env.pool is not None:
+                # One gateway per spool dir; the ingestor finds the pools' journals here
+                # (onetoken.ingest.journal.pool_spool_dir, not imported: SQLAlchemy).
+                spool = spool / "pools" / self.env.pool
+            out["spool_dir"] = str(spool.resolve())
         return out
 
     def start(self) -> str:

@@ -264,7 +264,7 @@ class Ingestor:
         nothing is left there yet (a live tail); a complete segment read to its end moves
         on to the next one."""
         complete = instance.complete(pos.segment)
-        path = self.settings.spool_dir / journal.segment_name(instance.instance_id, pos.segment)
+        path = instance.segment_path(pos.segment)
         read = journal.read(path, pos.offset, self.settings.flush_max_rows, complete, until)
         bad = read.bad_lines
         if bad and count_bad:
@@ -359,17 +359,16 @@ class Ingestor:
         once none of its segments is left."""
         saved = self._cursors(instance.instance_id)
         passed = min(saved.get(LEDGER, _START), saved.get(CALL_LOG, _START)).segment
-        spool = self.settings.spool_dir
         left = []
         for seg in instance.segments:
             if seg < passed and instance.complete(seg):
-                journal.remove(spool / journal.segment_name(instance.instance_id, seg))
+                journal.remove(instance.segment_path(seg))
             else:
                 left.append(seg)
         instance.segments = left
         if left or instance.live:
             return
-        if journal.instance_live(spool / journal.lock_name(instance.instance_id)):
+        if journal.instance_live(instance.lock_path()):
             return
         with self.mark_lock, self.session_factory() as session:
             session.execute(
@@ -379,7 +378,7 @@ class Ingestor:
                 delete(IngestMark).where(IngestMark.instance_id == instance.instance_id)
             )
             session.commit()
-        journal.remove(spool / journal.lock_name(instance.instance_id))
+        journal.remove(instance.lock_path())
 
 
 class CursorMoved(Exception):
