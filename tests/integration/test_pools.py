@@ -4,8 +4,10 @@ SDK (docs/pools.md)."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,33 @@ def _refusal(url: str, key: str) -> Any:
     return refused.value
 
 
+_BY_DATABASE = """
+import json, sys
+from pathlib import Path
+from onetoken.analytics.clickhouse import open_client
+from onetoken.settings import Settings
+client = open_client(Settings(data_dir=Path(sys.argv[1])), migrate=False)
+out = {}
+for db in ("onetoken", "onetoken_eu_1"):
+    rows = client.query(
+        f"SELECT request_id FROM {db}.call_log FINAL WHERE org_id = {{o:String}}",
+        parameters={"o": sys.argv[2]},
+    ).result_rows
+    out[db] = [r[0] for r in rows]
+print(json.dumps(out))
+"""
+
+
+def _request_ids_by_database(data_dir: Path, org_id: str) -> dict[str, set[str]]:
+    """The org's call_log request ids in the shared and the pool's database, read in a
+    process of their own (chDB: one data path per process)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _BY_DATABASE, str(data_dir), org_id],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    return {db: set(ids) for db, ids in json.loads(out).items()}
+
+
 def test_a_pool_serves_only_its_orgs_and_the_shared_gateways_only_theirs(
     tmp_path: Path, mock_addr: str
 ) -> None:
@@ -63,7 +92,7 @@ def test_a_pool_serves_only_its_orgs_and_the_shared_gateways_only_theirs(
 
         # The bootstrap account is an operator: a pool, and the bootstrap org pinned to it.
         op = Admin(setup, creds["admin_email"], creds["admin_password"])
-        op.post("/api/v1/pools", {"name": "eu-1"})
+        op.post("/api/v1/pools", {"name": "eu-1", "clickhouse_database": "onetoken_eu_1"})
         org_id = creds["org_id"]
         pinned = op.http.patch(f"/api/v1/orgs/{org_id}/terms", json={"pool": "eu-1"})
         assert pinned.status_code == 200, pinned.text
@@ -108,8 +137,13 @@ def test_a_pool_serves_only_its_orgs_and_the_shared_gateways_only_theirs(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=30)
+    # Exports and reconcile read every log database...
     rows = exported_calls(tmp_path)
     assert {r["request_id"] for r in rows if r["org_id"] == org_id} >= pool_ids
+    # ...while the pinned org's rows are stored in the pool's database only.
+    stored = _request_ids_by_database(tmp_path, org_id)
+    assert stored["onetoken_eu_1"] >= pool_ids
+    assert stored["onetoken"] == set()
     code, lines = reconcile(tmp_path)
     assert code == 0 and sum(x["call_log_cost"] for x in lines) > 0
     assert not list((tmp_path / "spool" / "pools" / "eu-1").glob("journal-*.jsonl"))

@@ -35,6 +35,11 @@ def test_operators_run_pools_and_pin_orgs_members_read_it(
     assert again.status_code == 409
     bad = client.post("/api/v1/pools", json={"name": "Acme EU"}, headers=operator.headers)
     assert bad.status_code == 422
+    # A pool's own log database is one of the control plane's (`onetoken_...`).
+    for database in ("system", "onetoken", "onetoken_EU"):
+        r = client.post("/api/v1/pools", json={"name": "x", "clickhouse_database": database},
+                        headers=operator.headers)
+        assert r.status_code == 422, database
 
     # Pinning to a pool that does not exist is refused on the field.
     unknown = _pin(client, operator, admin.org_id, "nowhere")
@@ -58,9 +63,10 @@ def test_operators_run_pools_and_pin_orgs_members_read_it(
 
     listed = client.get("/api/v1/pools", headers=operator.headers).json()["data"]
     assert [(p["name"], p["orgs"]) for p in listed] == [("acme-eu", 1)]
-    changed = client.patch("/api/v1/pools/acme-eu", json={"description": "moved"},
+    changed = client.patch("/api/v1/pools/acme-eu", json={"clickhouse_database": "onetoken_acme"},
                            headers=operator.headers)
-    assert changed.json()["description"] == "moved"
+    assert changed.json()["description"] == "Acme, EU"
+    assert changed.json()["clickhouse_database"] == "onetoken_acme"
 
     # Back to the shared gateways.
     assert _pin(client, operator, admin.org_id, None).json()["pool"] is None

@@ -263,7 +263,7 @@ def _call_log_reader(settings: Settings) -> Any:
 def cmd_calls_export(args: argparse.Namespace) -> int:
     """Every call_log row (metadata only) as JSON lines, oldest first, from the stores or
     through the running control process."""
-    from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_TABLE
+    from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_READ
     from onetoken.cli.ops_client import OpsClient, OpsError
 
     settings = settings_from_env()
@@ -286,7 +286,7 @@ def cmd_calls_export(args: argparse.Namespace) -> int:
     )
     try:
         with reader.query_row_block_stream(
-            f"SELECT {selected} FROM {CALL_LOG_TABLE} FINAL{where} ORDER BY ts, request_id",  # noqa: S608
+            f"SELECT {selected} FROM {CALL_LOG_READ} FINAL{where} ORDER BY ts, request_id",  # noqa: S608
             parameters={"org": args.org or ""},
         ) as stream:
             for block in stream:

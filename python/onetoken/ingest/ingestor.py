@@ -35,6 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from onetoken._core import JournalBatch
+from onetoken.analytics.columns import SHARED_DATABASE
 from onetoken.analytics.sink import CallLogSink
 from onetoken.billing import service as billing
 from onetoken.billing import usage
@@ -46,6 +47,7 @@ from onetoken.ingest.journal import InstanceJournal
 from onetoken.ingest.marks import add_marks
 from onetoken.ingest.models import IngestCursor, IngestMark
 from onetoken.kit.worker import LoopThread
+from onetoken.orgs.terms import pool_databases
 from onetoken.settings import Settings
 
 log = logging.getLogger("onetoken.ingest")
@@ -121,6 +123,8 @@ class Ingestor:
         # reads that range exactly, so its block and dedup token are the same.
         self._call_log_retry: dict[tuple[str, Position], int] = {}
         self._round = threading.Lock()
+        # pool -> its call_log database, read at the start of every round.
+        self._databases: dict[str, str] = {}
         self._worker = LoopThread("onetoken-ingest", self._loop)
         self._stopped = False
 
@@ -172,6 +176,9 @@ class Ingestor:
         ledger side committed in this call."""
         with self._round:
             before = self.rows_ingested
+            with self.session_factory() as session:
+                # A pool's gateways journal apart; their call metadata go to its database.
+                self._databases = pool_databases(session)
             for instance in journal.scan(self.settings.spool_dir).values():
                 try:
                     self._ingest_instance(instance)
@@ -343,7 +350,8 @@ class Ingestor:
         retry = (instance.instance_id, start)
         if read is not None and read.rows:
             token = dedup_token(instance.instance_id, start, end)
-            if not self.sink.insert(read.native, read.rows, token):
+            database = self._databases.get(instance.pool or "", SHARED_DATABASE)
+            if not self.sink.insert(read.native, read.rows, token, database):
                 # Outage: this cursor waits; the segment stays until it passes, and the
                 # retry reads this same range.
                 if start.segment == end.segment:

@@ -82,6 +82,9 @@ class GatewayPool(Base):
     # directory and goes into gateway configs as is.
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     description: Mapped[str] = mapped_column(String(200), default="")
+    # The ClickHouse database its gateways' call metadata go to (`onetoken_<...>`, on the
+    # control's ClickHouse); None: the shared `onetoken` database.
+    clickhouse_database: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 

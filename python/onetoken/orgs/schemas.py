@@ -236,6 +236,15 @@ class AccountUpdate(BaseModel):
 PoolName = Annotated[str, StringConstraints(min_length=1, max_length=32,
                                             pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")]
 PoolDescription = Annotated[str, StringConstraints(strip_whitespace=True, max_length=200)]
+# onetoken.analytics.clickhouse.POOL_DATABASE: the control plane reads every database of
+# this form as call metadata (and only those).
+PoolDatabase = Annotated[str, StringConstraints(min_length=10, max_length=49,
+                                                pattern=r"^onetoken_[a-z0-9_]{1,40}$")]
+_POOL_DATABASE = (
+    "The ClickHouse database (on the control plane's ClickHouse) the pool's call metadata "
+    "go to, `onetoken_` and up to 40 lowercase letters, digits or underscores; created on "
+    "first use. Null: the shared `onetoken` database."
+)
 
 
 class PoolCreate(BaseModel):
@@ -243,12 +252,17 @@ class PoolCreate(BaseModel):
 
     name: PoolName
     description: PoolDescription = ""
+    clickhouse_database: PoolDatabase | None = Field(default=None, description=_POOL_DATABASE)
 
 
 class PoolUpdate(BaseModel):
+    """Only the fields sent change. A new database takes the rows ingested from then on;
+    those already in the previous one stay there and are still read."""
+
     model_config = ConfigDict(extra="forbid")
 
-    description: PoolDescription
+    description: PoolDescription | None = None
+    clickhouse_database: PoolDatabase | None = Field(default=None, description=_POOL_DATABASE)
 
 
 class PoolResponse(BaseModel):
@@ -256,6 +270,7 @@ class PoolResponse(BaseModel):
 
     name: str
     description: str
+    clickhouse_database: str | None = Field(description=_POOL_DATABASE)
     orgs: int = Field(default=0, description="How many organizations the pool serves.")
     created_at: datetime
     updated_at: datetime | None

@@ -51,22 +51,39 @@ def pool_sizes(session: Session) -> dict[str, int]:
     return sizes
 
 
-def create_pool(session: Session, name: str, description: str) -> GatewayPool:
+def create_pool(
+    session: Session, name: str, description: str, clickhouse_database: str | None = None
+) -> GatewayPool:
     check_pool_name(name)
     if session.get(GatewayPool, name) is not None:
         raise Conflict("A gateway pool with this name already exists.", param="name")
-    pool = GatewayPool(name=name, description=description)
+    pool = GatewayPool(
+        name=name, description=description, clickhouse_database=clickhouse_database
+    )
     session.add(pool)
     session.flush()
     return pool
 
 
-def update_pool(session: Session, name: str, description: str) -> GatewayPool:
+def update_pool(session: Session, name: str, changes: dict[str, Any]) -> GatewayPool:
+    """Apply `changes` (the fields sent: description, clickhouse_database)."""
     pool = get_pool(session, name)
-    pool.description = description
+    for field_name in ("description", "clickhouse_database"):
+        if field_name in changes:
+            setattr(pool, field_name, changes[field_name])
     pool.updated_at = utcnow()
     session.flush()
     return pool
+
+
+def pool_databases(session: Session) -> dict[str, str]:
+    """pool -> the ClickHouse database of its call metadata, for pools that have one."""
+    rows = session.execute(
+        select(GatewayPool.name, GatewayPool.clickhouse_database).where(
+            GatewayPool.clickhouse_database.is_not(None)
+        )
+    ).all()
+    return {name: db for name, db in rows if db is not None}
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, delete, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from onetoken.analytics.columns import CALL_LOG_TABLE, SECURITY_LOG_TABLE
+from onetoken.analytics.clickhouse import call_log_tables
+from onetoken.analytics.columns import LOG_DATABASES, SECURITY_LOG_TABLE
 from onetoken.db.base import utcnow
 from onetoken.db.session import SessionFactory, bump_revision
 from onetoken.keys.models import ApiKey
@@ -129,11 +130,14 @@ def _replaced(needles: str, value: str) -> str:
     return f"arrayFold((acc, n) -> replaceAll(acc, n, '{ERASED}'), {needles}, {value})"
 
 
-CALL_LOG_MUTATION = (
-    f"ALTER TABLE {CALL_LOG_TABLE} UPDATE source_ip = '', user_agent = '' "
-    f"WHERE account_id IN {_SUBJECTS} OR key_id IN {_SUBJECTS} "
-    "SETTINGS mutations_sync = 2"
-)
+def call_log_mutation(table: str) -> str:
+    """The mutation of one call_log table (the shared one or a gateway pool's)."""
+    return (
+        f"ALTER TABLE {table} UPDATE source_ip = '', user_agent = '' "
+        f"WHERE account_id IN {_SUBJECTS} OR key_id IN {_SUBJECTS} "
+        "SETTINGS mutations_sync = 2"
+    )
+
 # In rows where an erased account or key is the actor or the subject: no address, no
 # User-Agent, and its login and display names replaced in `detail`; email addresses and
 # mobile numbers are replaced in every row that holds them.
@@ -169,7 +173,9 @@ def anonymize_clickhouse(client: Any, batch: Sequence[Identifiers]) -> None:
         if needles:
             client.insert(ERASURE_NEEDLES, [list(n) for n in needles],
                           column_names=["scope", "needle"])
-        client.command(CALL_LOG_MUTATION)
+        # Every call_log: an account's calls may be in its org's pool database too.
+        for table in call_log_tables(client):
+            client.command(call_log_mutation(table))
         client.command(SECURITY_LOG_MUTATION)
     finally:
         _empty_work_tables(client)
@@ -200,7 +206,7 @@ def replaced_parts_deleted(
     leave the disk within seconds rather than OUTDATED_PARTS_LIFETIME_S later; on exit,
     wait until none is left. The wait is a loop of short queries, so the record pump keeps
     writing meanwhile."""
-    tables = (CALL_LOG_TABLE, SECURITY_LOG_TABLE)
+    tables = (*runner(call_log_tables), SECURITY_LOG_TABLE)
 
     def alter(clause: str) -> None:
         for table in tables:
@@ -208,8 +214,9 @@ def replaced_parts_deleted(
 
     def outdated(client: Any) -> int:
         return int(client.query(
-            "SELECT count() FROM system.parts WHERE NOT active AND database = 'onetoken' "
-            "AND table IN ('call_log', 'security_log')"
+            "SELECT count() FROM system.parts WHERE NOT active "
+            "AND match(database, {dbs:String}) AND table IN ('call_log', 'security_log')",
+            parameters={"dbs": LOG_DATABASES},
         ).result_rows[0][0])
 
     def clean_now(client: Any) -> None:

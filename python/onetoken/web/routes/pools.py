@@ -28,6 +28,10 @@ from onetoken.web.deps import (
 router = APIRouter(tags=["pools"])
 
 
+def pool_fields(pool: GatewayPool) -> dict[str, str | None]:
+    return {"description": pool.description, "clickhouse_database": pool.clickhouse_database}
+
+
 def _pool(pool: GatewayPool, orgs: int) -> PoolResponse:
     return PoolResponse.model_validate(pool).model_copy(update={"orgs": orgs})
 
@@ -42,9 +46,10 @@ def list_pools(_: PoolsManageDep, session: SessionDep) -> PoolList:
 def create_pool(body: PoolCreate, principal: PoolsManageDep, session: SessionDep) -> PoolResponse:
     """A new, empty pool: its gateways (`onetoken gateway --pool NAME`) serve no org until
     one is pinned to it."""
-    pool = terms.create_pool(session, body.name, body.description)
+    pool = terms.create_pool(session, body.name, body.description, body.clickhouse_database)
     session.commit()
-    audit.event(principal, "admin.pool_created", "medium", subject_id=pool.name)
+    audit.event(principal, "admin.pool_created", "medium", subject_id=pool.name,
+                detail={"clickhouse_database": pool.clickhouse_database or ""})
     return _pool(pool, 0)
 
 
@@ -52,9 +57,11 @@ def create_pool(body: PoolCreate, principal: PoolsManageDep, session: SessionDep
 def update_pool(
     name: str, body: PoolUpdate, principal: PoolsManageDep, session: SessionDep
 ) -> PoolResponse:
-    pool = terms.update_pool(session, name, body.description)
+    before = pool_fields(terms.get_pool(session, name))
+    pool = terms.update_pool(session, name, body.model_dump(include=body.model_fields_set))
     session.commit()
-    audit.event(principal, "admin.pool_changed", "info", subject_id=pool.name)
+    audit.change(principal, "admin.pool_changed", subject_id=pool.name, before=before,
+                 after=pool_fields(pool), severity="medium")
     return _pool(pool, terms.pool_sizes(session).get(pool.name, 0))
 
 

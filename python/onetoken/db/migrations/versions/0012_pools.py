@@ -1,6 +1,7 @@
 """Dedicated gateway pools and the commercial terms that pin an org to one.
 
-- gateway_pools: the pools operators run (`onetoken gateway --pool NAME`), by name.
+- gateway_pools: the pools operators run (`onetoken gateway --pool NAME`), by name, with
+  the ClickHouse database their call metadata go to (NULL: the shared one).
 - org_terms: one row per org with commercial terms; `pool` names the gateway pool that
   serves the org's keys (NULL: the shared gateways). Further terms are columns here.
 """
@@ -19,6 +20,7 @@ def upgrade() -> None:
         "gateway_pools",
         sa.Column("name", sa.String(length=32), nullable=False),
         sa.Column("description", sa.String(length=200), nullable=False),
+        sa.Column("clickhouse_database", sa.String(length=64), nullable=True),
         at("created_at"),
         at("updated_at", nullable=True),
         key=("name",),
