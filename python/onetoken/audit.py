@@ -34,6 +34,7 @@ from onetoken.analytics.clickhouse import (
     ClickHouseSettings,
     ClickHouseUnavailableError,
     covered_table,
+    log_databases,
     open_client,
     parse_dsn,
 )
@@ -299,10 +300,12 @@ def scan_clickhouse_client(
     settings: ClickHouseSettings, client: Any, needle: str, report: AuditReport
 ) -> None:
     """The ClickHouse part of the audit through an open client: every database of a chDB
-    path (all of it is ours), the onetoken database of a server."""
+    path (all of it is ours), the onetoken databases of a server (the shared one and the
+    gateway pools')."""
     dsn = parse_dsn(settings.clickhouse_dsn, settings.data_dir)
     try:
-        scan_clickhouse(client, needle, report, None if dsn.kind == "chdb" else ("onetoken",))
+        databases = None if dsn.kind == "chdb" else log_databases(client)
+        scan_clickhouse(client, needle, report, databases)
     except Exception as exc:
         report.problems.append(f"ClickHouse ({dsn.display}): scan failed ({type(exc).__name__})")
 

@@ -33,7 +33,7 @@ import pytest
 from tests.support import RedisServer, wait_until
 
 from .catalog import fresh_org, put
-from .harness import READY_TIMEOUT_S, Admin, Server, bootstrap, control_endpoint
+from .harness import READY_TIMEOUT_S, Admin, Server, control_endpoint
 from .records import exported_calls, reconcile
 
 POSTGRES_URL = os.environ.get("ONETOKEN_TEST_POSTGRES_URL")

@@ -207,6 +207,30 @@ def test_redis_comes_from_the_control_unless_the_gateway_says_otherwise(
     assert own.engine_config({"listen": "x"})["shared"] == {"redis_url": "unix:///run/r.sock"}
 
 
+def test_a_pool_gateway_asks_for_its_pool_and_journals_into_its_spool_dir(
+    control: tuple[Control, str], tmp_path: Path
+) -> None:
+    ctl, url = control
+    engines: list[FakeEngine] = []
+
+    def factory(cfg: bytes) -> FakeEngine:
+        engines.append(FakeEngine(cfg))
+        return engines[-1]
+
+    # --pool wins over the environment.
+    env = _env(url, tmp_path, ONETOKEN_GATEWAY_POOL="other")
+    assert env.pool == "other"
+    env = GatewayEnv.from_environ({"ONETOKEN_GATEWAY_TOKEN": TOKEN, "ONETOKEN_GATEWAY_POOL": "x"},
+                                  "eu-1")
+    assert env.pool == "eu-1"
+    r = GatewayRunner(_env(url, tmp_path, ONETOKEN_GATEWAY_POOL="eu-1"), engine_factory=factory)
+    r.start()
+    assert engines[0].config["spool_dir"] == str((tmp_path / "spool/pools/eu-1").resolve())
+    assert ctl.requests[-1][0] == "/internal/gateway/snapshot?instance=inst-1&pool=eu-1"
+    with pytest.raises(GatewayError, match="pool name"):
+        _env(url, tmp_path, ONETOKEN_GATEWAY_POOL="../up")
+
+
 def test_start_learns_the_metrics_address_the_ready_report_carries(
     control: tuple[Control, str], tmp_path: Path
 ) -> None:

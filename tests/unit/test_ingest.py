@@ -43,7 +43,9 @@ class FakeSink:
     def available(self) -> bool:
         return True
 
-    def insert(self, block: bytes, rows: int, dedup_token: str) -> bool:
+    def insert(
+        self, block: bytes, rows: int, dedup_token: str, database: str = "onetoken"
+    ) -> bool:
         self.attempts.append((dedup_token, rows))
         if self.down:
             return False

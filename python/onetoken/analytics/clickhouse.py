@@ -34,7 +34,13 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from onetoken.analytics.columns import CALL_LOG_TABLE, SECURITY_LOG_TABLE
+from onetoken.analytics.columns import (
+    LOG_DATABASES,
+    POOL_DATABASE,
+    SECURITY_LOG_TABLE,
+    SHARED_DATABASE,
+    call_log_table,
+)
 from onetoken.kit.files import private_dir
 
 logger = logging.getLogger("onetoken.analytics")
@@ -283,18 +289,39 @@ def load_migrations() -> list[Migration]:
     return found
 
 
-def applied_migrations(client: Client) -> dict[int, str]:
-    """version -> checksum of the migrations recorded in onetoken.schema_migrations."""
-    exists = client.command("EXISTS TABLE onetoken.schema_migrations")
+def applied_migrations(client: Client, database: str = SHARED_DATABASE) -> dict[int, str]:
+    """version -> checksum of the migrations recorded in <database>.schema_migrations."""
+    exists = client.command(f"EXISTS TABLE {database}.schema_migrations")
     if str(exists).strip() != "1":
         return {}
-    rows = client.query("SELECT version, checksum FROM onetoken.schema_migrations FINAL")
+    rows = client.query(
+        f"SELECT version, checksum FROM {database}.schema_migrations FINAL"  # noqa: S608
+    )
     return {int(version): str(checksum) for version, checksum in rows.result_rows}
 
 
-def apply_migrations(client: Client) -> list[str]:
-    """Apply pending migrations in order; returns the names applied (empty when current)."""
-    done = applied_migrations(client)
+# The statements a pool's database takes: its call_log and the record of migrations.
+_POOL_STATEMENT = re.compile(r"^CREATE DATABASE\b|\bonetoken\.(call_log|schema_migrations)\b")
+
+
+def _in_database(statement: str, database: str) -> str | None:
+    """A migration statement for `database`: as written for the shared one; for a pool's,
+    its call_log statements with the database renamed, and None for the rest."""
+    if database == SHARED_DATABASE:
+        return statement
+    if not _POOL_STATEMENT.search(statement):
+        return None
+    renamed = re.sub(r"\bonetoken\.", f"{database}.", statement)
+    return re.sub(r"^CREATE DATABASE IF NOT EXISTS onetoken\b",
+                  f"CREATE DATABASE IF NOT EXISTS {database}", renamed)
+
+
+def apply_migrations(client: Client, database: str = SHARED_DATABASE) -> list[str]:
+    """Apply pending migrations in order to the shared database or a pool's (its
+    call_log only); returns the names applied (empty when current)."""
+    if database != SHARED_DATABASE and not re.fullmatch(POOL_DATABASE, database):
+        raise MigrationError("a pool's database is onetoken_ and lowercase letters, digits, _")
+    done = applied_migrations(client, database)
     applied: list[str] = []
     for migration in load_migrations():
         if migration.version in done:
@@ -303,13 +330,15 @@ def apply_migrations(client: Client) -> list[str]:
                 # database keeps what ran, so warn instead of refusing to start.
                 logger.warning("analytics.migration_changed", extra={"version": migration.version})
             continue
-        for statement in migration.statements():
+        for written in migration.statements():
+            if (statement := _in_database(written, database)) is None:
+                continue
             try:
                 client.command(statement)
             except ClickHouseError as exc:
                 raise MigrationError(f"migration {migration.name} failed: {exc}") from exc
         client.insert(
-            "onetoken.schema_migrations",
+            f"{database}.schema_migrations",
             [[migration.version], [migration.name], [migration.checksum]],
             column_names=["version", "name", "checksum"],
             column_oriented=True,
@@ -432,9 +461,36 @@ def ensure_security_log_ttl(client: Any, security_days: int, login_days: int) ->
     return True
 
 
+def log_databases(client: Any) -> list[str]:
+    """The shared database and every gateway pool's, as they exist."""
+    rows = client.query(
+        "SELECT name FROM system.databases WHERE match(name, {dbs:String}) ORDER BY name",
+        parameters={"dbs": LOG_DATABASES},
+    ).result_rows
+    return [str(r[0]) for r in rows]
+
+
+def call_log_tables(client: Any) -> list[str]:
+    """Every call_log table: the shared database's and each pool database's."""
+    rows = client.query(
+        "SELECT database FROM system.tables WHERE name = 'call_log' "
+        "AND match(database, {dbs:String}) ORDER BY database",
+        parameters={"dbs": LOG_DATABASES},
+    ).result_rows
+    return [call_log_table(str(r[0])) for r in rows]
+
+
+def ensure_pool_database(client: Client, database: str, call_log_ttl_days: int) -> None:
+    """A pool's database with its call_log current and its TTL the configured one."""
+    apply_migrations(client, database)
+    set_ttl_days(client, call_log_table(database), call_log_ttl_days)
+
+
 def ensure_ttls(client: Client, settings: ClickHouseSettings) -> None:
-    """Apply the configured retention periods (settings may change between starts)."""
-    set_ttl_days(client, CALL_LOG_TABLE, settings.call_log_ttl_days)
+    """Apply the configured retention periods (settings may change between starts), to
+    every call_log: the shared one and the pools'."""
+    for table in call_log_tables(client):
+        set_ttl_days(client, table, settings.call_log_ttl_days)
     security_days: Any = getattr(settings, "security_log_ttl_days", None)
     login_days: Any = getattr(settings, "login_records_ttl_days", None)
     if security_days is not None and login_days is not None:

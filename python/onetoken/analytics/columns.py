@@ -21,6 +21,22 @@ SECURITY_LOG_TABLE: Final = "onetoken.security_log"
 #: not Distributed ignores the setting.
 DURABLE_INSERT_SETTINGS: Final[dict[str, int]] = {"distributed_foreground_insert": 1}
 
+
+#: The shared database, and the form of a gateway pool's own database (docs/pools.md).
+SHARED_DATABASE: Final = "onetoken"
+POOL_DATABASE: Final = r"^onetoken_[a-z0-9_]{1,40}$"
+#: Every database holding call metadata: the shared one and the pools'.
+LOG_DATABASES: Final = r"^onetoken(_[a-z0-9_]{1,40})?$"
+#: What reads of call metadata select from: the call_log of every log database, as one
+#: table (ClickHouse's merge(); FINAL applies to each). Writes, TTLs and mutations go to
+#: each physical table (`analytics.clickhouse.call_log_tables`).
+CALL_LOG_READ: Final = f"merge(REGEXP('{LOG_DATABASES}'), '^call_log$')"
+
+
+def call_log_table(database: str) -> str:
+    """The call_log of one log database (the shared one, or a pool's)."""
+    return f"{database}.call_log"
+
 #: (name, ClickHouse type), in table order.
 CALL_LOG_SCHEMA: Final[tuple[tuple[str, str], ...]] = tuple(_core.call_log_native_columns())
 

@@ -1,4 +1,5 @@
-"""Read queries over onetoken.call_log, for the control plane, its APIs and tests.
+"""Read queries over the call_log of every log database (the shared one and the gateway
+pools'), for the control plane, its APIs and tests.
 
 Every query reads with FINAL: the table is a ReplacingMergeTree and a journal range
 inserted again after a crash is a second physical row until a merge collapses it, so
@@ -20,7 +21,7 @@ from typing import Any, TypedDict, Unpack
 
 from clickhouse_connect.driver.client import Client
 
-from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_TABLE
+from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_READ
 
 Instant = datetime | int
 
@@ -80,18 +81,18 @@ def _count(client: Client, select: str, where: CallFilter) -> int:
 
 def count_calls(client: Client, **where: Unpack[CallFilter]) -> int:
     """Rows in call_log after deduplication (one per request), optionally filtered."""
-    return _count(client, f"SELECT count() FROM {CALL_LOG_TABLE} FINAL", where)  # noqa: S608
+    return _count(client, f"SELECT count() FROM {CALL_LOG_READ} FINAL", where)  # noqa: S608
 
 
 def count_distinct_requests(client: Client, **where: Unpack[CallFilter]) -> int:
     """uniqExact(request_id): the number of distinct requests, whatever the merge state."""
-    return _count(client, f"SELECT uniqExact(request_id) FROM {CALL_LOG_TABLE}", where)  # noqa: S608
+    return _count(client, f"SELECT uniqExact(request_id) FROM {CALL_LOG_READ}", where)  # noqa: S608
 
 
 def duplicate_request_ids(client: Client, *, limit: int = 100) -> list[str]:
     """request_ids that read more than once even with FINAL (should always be empty)."""
     result = client.query(
-        f"SELECT request_id FROM {CALL_LOG_TABLE} FINAL GROUP BY request_id "  # noqa: S608
+        f"SELECT request_id FROM {CALL_LOG_READ} FINAL GROUP BY request_id "  # noqa: S608
         "HAVING count() > 1 ORDER BY request_id LIMIT {limit:UInt32}",
         parameters={"limit": limit},
     )
@@ -102,7 +103,7 @@ def cost_by_org(client: Client, start: Instant, end: Instant) -> dict[str, int]:
     """org_id -> SUM(cost) in nano-units over [start, end), one row per request."""
     where, params = _where(None, start, end)
     result = client.query(
-        f"SELECT org_id, sum(cost) FROM {CALL_LOG_TABLE} FINAL{where} GROUP BY org_id",  # noqa: S608
+        f"SELECT org_id, sum(cost) FROM {CALL_LOG_READ} FINAL{where} GROUP BY org_id",  # noqa: S608
         parameters=params,
     )
     return {str(org): int(total) for org, total in result.result_rows}
@@ -116,7 +117,7 @@ def charged_by_org_day(
     where, params = _where(None, start, end)
     result = client.query(
         f"SELECT org_id, toDate(ts, 'UTC') AS day, sum(cost), countIf(cost > 0) "  # noqa: S608
-        f"FROM {CALL_LOG_TABLE} FINAL{where} GROUP BY org_id, day",
+        f"FROM {CALL_LOG_READ} FINAL{where} GROUP BY org_id, day",
         parameters=params,
     )
     return {(str(org), day): (int(cost), int(n)) for org, day, cost, n in result.result_rows}
@@ -125,7 +126,7 @@ def charged_by_org_day(
 def cost_for_org(client: Client, org_id: str, start: Instant, end: Instant) -> int:
     """SUM(cost) in nano-units for one org over [start, end)."""
     where, params = _where(org_id, start, end)
-    result = client.query(f"SELECT sum(cost) FROM {CALL_LOG_TABLE} FINAL{where}", parameters=params)  # noqa: S608
+    result = client.query(f"SELECT sum(cost) FROM {CALL_LOG_READ} FINAL{where}", parameters=params)  # noqa: S608
     return int(result.result_rows[0][0])
 
 
@@ -177,7 +178,7 @@ def _keyset_page(
         "toUnixTimestamp64Micro(ts) AS ts_us" if name == "ts" else name for name in CALL_LOG_COLUMNS
     )
     result = client.query(
-        f"SELECT {selected} FROM {CALL_LOG_TABLE} FINAL{where} "  # noqa: S608
+        f"SELECT {selected} FROM {CALL_LOG_READ} FINAL{where} "  # noqa: S608
         f"ORDER BY {order} LIMIT {{limit:UInt32}}",
         parameters={**params, "limit": limit + 1},
     )

@@ -32,11 +32,12 @@ from typing import Any, TypeVar
 
 from clickhouse_connect.driver.client import Client
 
-from onetoken.analytics.clickhouse import ClickHouseSettings, open_client
+from onetoken.analytics.clickhouse import ClickHouseSettings, ensure_pool_database, open_client
 from onetoken.analytics.columns import (
     CALL_LOG_COLUMNS,
-    CALL_LOG_TABLE,
     DURABLE_INSERT_SETTINGS,
+    SHARED_DATABASE,
+    call_log_table,
 )
 
 T = TypeVar("T")
@@ -85,6 +86,8 @@ class CallLogSink:
         self.rows_written = 0
         self.batches_failed = 0
         self.last_error: str | None = None
+        # Pool databases made current on the open client (migrations and TTL, once).
+        self._ready_databases: set[str] = set()
 
     # -- connection ---------------------------------------------------------------------
 
@@ -142,10 +145,13 @@ class CallLogSink:
 
     # -- writing ------------------------------------------------------------------------
 
-    def insert(self, block: bytes, rows: int, dedup_token: str) -> bool:
-        """Insert one Native call_log block of `rows` records; True when ClickHouse took
-        it. Never raises: on False the caller keeps the batch (its journal cursor) and
-        retries later with the same block and token."""
+    def insert(
+        self, block: bytes, rows: int, dedup_token: str, database: str = SHARED_DATABASE
+    ) -> bool:
+        """Insert one Native call_log block of `rows` records into the call_log of
+        `database` (a gateway pool's, created on first use, or the shared one); True when
+        ClickHouse took it. Never raises: on False the caller keeps the batch (its journal
+        cursor) and retries later with the same block and token."""
         if rows == 0:
             return True
         with self._lock:
@@ -153,8 +159,11 @@ class CallLogSink:
             if client is None:
                 return False
             try:
+                if database != SHARED_DATABASE and database not in self._ready_databases:
+                    ensure_pool_database(client, database, self._settings.call_log_ttl_days)
+                    self._ready_databases.add(database)
                 client.raw_insert(
-                    CALL_LOG_TABLE,
+                    call_log_table(database),
                     column_names=CALL_LOG_COLUMNS,
                     insert_block=block,
                     fmt="Native",
@@ -182,6 +191,7 @@ class CallLogSink:
     def _drop_client_locked(self) -> None:
         # A failed insert may have left the connection unusable: reconnect after a pause.
         if self._settings.clickhouse_dsn.startswith("http"):
+            self._ready_databases.clear()
             client, self._client = self._client, None
             self._next_connect_at = time.monotonic() + self._reconnect_interval_s
             if client is not None and self._owns_client:

@@ -21,7 +21,7 @@ from clickhouse_connect.driver.client import Client
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from onetoken.analytics.columns import CALL_LOG_TABLE
+from onetoken.analytics.columns import CALL_LOG_READ
 from onetoken.analytics.queries import to_micros
 from onetoken.billing.models import Invoice, LedgerEntry
 from onetoken.db.base import new_id, utcnow
@@ -110,7 +110,7 @@ def _per_group(
     one row per request), as rows of (group, *aggregates) ordered by group."""
     result = client.query(
         f"SELECT toString({GROUPS[group]}) AS g, {aggregates} "  # noqa: S608 (fixed texts)
-        f"FROM {CALL_LOG_TABLE} FINAL "
+        f"FROM {CALL_LOG_READ} FINAL "
         "WHERE org_id = {org:String} "
         "AND ts >= fromUnixTimestamp64Micro({start:Int64}, 'UTC') "
         "AND ts < fromUnixTimestamp64Micro({end:Int64}, 'UTC') "

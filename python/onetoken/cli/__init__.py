@@ -49,11 +49,11 @@ def _run_control(*, demo: bool, gateway: bool) -> int:
         raise CliError(f"the gateway extension is not available: {exc}") from None
 
 
-def cmd_gateway(_: argparse.Namespace) -> int:
+def cmd_gateway(args: argparse.Namespace) -> int:
     from onetoken.gateway.runner import main as gateway_main
 
     try:
-        return gateway_main()
+        return gateway_main(pool=args.pool)
     except ImportError as exc:
         raise CliError(f"the gateway extension is not available: {exc}") from None
 
@@ -285,7 +285,7 @@ def _call_log_reader(settings: Settings) -> Any:
 def cmd_calls_export(args: argparse.Namespace) -> int:
     """Every call_log row (metadata only) as JSON lines, oldest first, from the stores or
     through the running control process."""
-    from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_TABLE
+    from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_READ
     from onetoken.cli.ops_client import OpsClient, OpsError
 
     settings = settings_from_env()
@@ -308,7 +308,7 @@ def cmd_calls_export(args: argparse.Namespace) -> int:
     )
     try:
         with reader.query_row_block_stream(
-            f"SELECT {selected} FROM {CALL_LOG_TABLE} FINAL{where} ORDER BY ts, request_id",  # noqa: S608
+            f"SELECT {selected} FROM {CALL_LOG_READ} FINAL{where} ORDER BY ts, request_id",  # noqa: S608
             parameters={"org": args.org or ""},
         ) as stream:
             for block in stream:
@@ -539,6 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
         "gateway",
         help="run a gateway: the engine serving /v1 on the control process's config "
         "(ONETOKEN_CONTROL_URL, ONETOKEN_GATEWAY_TOKEN or the master secret)",
+    )
+    p.add_argument(
+        "--pool",
+        metavar="NAME",
+        help="serve the orgs pinned to this dedicated gateway pool only (default: "
+        "ONETOKEN_GATEWAY_POOL, else the shared gateways); docs/pools.md",
     )
     p.set_defaults(func=cmd_gateway)
 

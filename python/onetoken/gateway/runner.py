@@ -19,6 +19,7 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import re
 import signal
 import ssl
 import sys
@@ -56,6 +57,9 @@ SECRET_KEY_FILE = "secret.key"  # noqa: S105 (a file name)
 # address>]" or "error <message>" instead of printing the address on stdout.
 READY_FD_ENV = "ONETOKEN_GATEWAY_READY_FD"
 TOKEN_ENV = "ONETOKEN_GATEWAY_TOKEN"  # noqa: S105 (a variable name)
+POOL_ENV = "ONETOKEN_GATEWAY_POOL"
+# onetoken.orgs.terms.POOL_NAME (not imported: it would bring SQLAlchemy into this process).
+_POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 
 
 class GatewayError(Exception):
@@ -92,9 +96,17 @@ class GatewayEnv:
     ready_fd: int | None
     # ONETOKEN_REDIS_URL of this process, over the one the control plane sends.
     redis_url: str | None = None
+    # The dedicated gateway pool served (docs/pools.md); None: the shared gateways.
+    pool: str | None = None
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str]) -> GatewayEnv:
+    def from_environ(cls, environ: Mapping[str, str], pool: str | None = None) -> GatewayEnv:
+        """`pool` (`--pool`) wins over ONETOKEN_GATEWAY_POOL."""
+        pool = pool or environ.get(POOL_ENV) or None
+        if pool is not None and not _POOL_NAME.fullmatch(pool):
+            raise GatewayError(
+                "a gateway pool name is lowercase letters, digits and dashes, at most 32"
+            )
         tls_cert = environ.get("ONETOKEN_TLS_CERT") or None
         control_url = environ.get("ONETOKEN_CONTROL_URL") or "{}://{}".format(
             "https" if tls_cert else "http",
@@ -124,6 +136,7 @@ class GatewayEnv:
             log_level=(environ.get("ONETOKEN_LOG_LEVEL") or "INFO").upper(),
             ready_fd=ready_fd,
             redis_url=environ.get("ONETOKEN_REDIS_URL") or None,
+            pool=pool,
         )
 
 
@@ -198,11 +211,14 @@ class ControlChannel:
         return config
 
     def snapshot(
-        self, instance: str, etag: str | None, wait_s: float = 0.0
+        self, instance: str, etag: str | None, wait_s: float = 0.0, pool: str | None = None
     ) -> tuple[str | None, bytes | None]:
-        """(etag, snapshot JSON), or (etag, None) when the one tagged `etag` is current
-        (after waiting up to `wait_s` at the control process for a change)."""
+        """(etag, snapshot JSON) for the gateways of `pool` (None: the shared ones), or
+        (etag, None) when the one tagged `etag` is current (after waiting up to `wait_s`
+        at the control process for a change)."""
         query = f"instance={quote(instance, safe='')}"
+        if pool is not None:
+            query += f"&pool={quote(pool, safe='')}"
         if wait_s > 0:
             query += f"&wait={wait_s:g}"
         status, headers, body = self._get(
@@ -254,7 +270,12 @@ class GatewayRunner:
         if self.env.metrics_listen is not None:
             out["metrics_listen"] = self.env.metrics_listen
         if self.env.data_dir is not None:
-            out["spool_dir"] = str((self.env.data_dir / "spool").resolve())
+            spool = self.env.data_dir / "spool"
+            if self.env.pool is not None:
+                # A pool's journals apart from the shared gateways'; the ingestor finds them here
+                # (onetoken.ingest.journal.pool_spool_dir, not imported: SQLAlchemy).
+                spool = spool / "pools" / self.env.pool
+            out["spool_dir"] = str(spool.resolve())
         if self.env.redis_url is not None:
             out["shared"] = {**(config.get("shared") or {}), "redis_url": self.env.redis_url}
         return out
@@ -277,7 +298,9 @@ class GatewayRunner:
             if self.stopping.wait(self.env.watch_interval_s):
                 break
         log.info(
-            "gateway.started", extra={"address": self.address, "instance_id": engine.instance_id}
+            "gateway.started",
+            extra={"address": self.address, "instance_id": engine.instance_id,
+                   "pool": self.env.pool},
         )
         return self.address
 
@@ -303,7 +326,7 @@ class GatewayRunner:
             return False
         try:
             etag, body = self.channel.snapshot(
-                engine.instance_id, self._etag, wait_s if self._etag else 0.0
+                engine.instance_id, self._etag, wait_s if self._etag else 0.0, self.env.pool
             )
         except ChannelError as exc:
             self._set_reachable(engine, False, exc)
@@ -422,11 +445,12 @@ def _report(ready_fd: int | None, line: str) -> None:
         os.close(ready_fd)
 
 
-def main(environ: Mapping[str, str] | None = None) -> int:
-    """The `onetoken gateway` command; returns the exit code (2: could not start)."""
+def main(environ: Mapping[str, str] | None = None, pool: str | None = None) -> int:
+    """The `onetoken gateway [--pool NAME]` command; returns the exit code (2: could not
+    start)."""
     env_map = os.environ if environ is None else environ
     try:
-        env = GatewayEnv.from_environ(env_map)
+        env = GatewayEnv.from_environ(env_map, pool)
     except GatewayError as exc:
         print(f"onetoken: error: {exc}", file=sys.stderr)
         return 2

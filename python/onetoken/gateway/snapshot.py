@@ -29,6 +29,7 @@ from onetoken.keys.models import ApiKey
 from onetoken.keys.service import snapshot_fields as keys_snapshot_fields
 from onetoken.kit.crypto import Secrets
 from onetoken.orgs.models import Org
+from onetoken.orgs.terms import org_pools
 from onetoken.providers import snapshot_parts as providers_part
 from onetoken.security import blocking
 
@@ -43,14 +44,31 @@ def build_snapshot(
     spent_marks: Mapping[str, int],
     org_balances: Mapping[str, int] | None = None,
     key_spent_marks: Mapping[str, int] | None = None,
+    pool: str | None = None,
 ) -> Snapshot:
-    """`org_balances` and `spent_marks` must be read together (see SnapshotSource)."""
+    """`org_balances` and `spent_marks` must be read together (see SnapshotSource).
+
+    The snapshot of the gateways of `pool` (None: the shared gateways) carries only the
+    orgs that pool serves, their keys and their own providers; every other active key
+    goes in `elsewhere_keys` by hash alone, so those gateways answer it 403
+    wrong_gateway_pool instead of calling it invalid (docs/pools.md)."""
     if org_balances is None:
         org_balances = balances(session)
-    orgs = session.scalars(select(Org).order_by(Org.id)).all()
-    keys = session.scalars(select(ApiKey).order_by(ApiKey.id)).all()
-    # Providers, deployments, routes and per-org/per-key gateway settings.
-    cat = providers_part.catalog(session, secrets)
+    pinned = org_pools(session)
+    all_keys = session.scalars(select(ApiKey).order_by(ApiKey.id)).all()
+    orgs = [
+        o for o in session.scalars(select(Org).order_by(Org.id)) if pinned.get(o.id) == pool
+    ]
+    served = {o.id for o in orgs}
+    keys = [k for k in all_keys if k.org_id in served]
+    elsewhere = [
+        _elsewhere(k, shared=k.org_id not in pinned)
+        for k in all_keys
+        if k.org_id not in served and k.status == "active"
+    ]
+    # Providers, deployments, routes and per-org/per-key gateway settings; with pools in
+    # use, only the served orgs' private ones.
+    cat = providers_part.catalog(session, secrets, orgs=served if pinned or pool else None)
     org_extra = providers_part.org_settings(session)
     key_policy = providers_part.key_policies(session)
 
@@ -78,6 +96,8 @@ def build_snapshot(
     _add_billing(snapshot, session, spent_marks, key_spent_marks or {})
     if blocked := blocking.snapshot_entries(session):  # attack interception
         snapshot["blocked_ips"] = blocked
+    if elsewhere:
+        snapshot["elsewhere_keys"] = elsewhere
     if cat.routes:
         snapshot["routes"] = cat.routes
     if cat.routing is not None:
@@ -104,6 +124,16 @@ def _add_billing(
 def _with_policy(entry: dict[str, Any], policy: dict[str, Any] | None) -> dict[str, Any]:
     if policy is not None:
         entry["policy"] = policy
+    return entry
+
+
+def _elsewhere(k: ApiKey, *, shared: bool) -> dict[str, Any]:
+    # The hash and its secret version only: nothing of the other org (not even its id).
+    entry: dict[str, Any] = {"hash": k.hash}
+    if k.secret_version != 1:
+        entry["secret_version"] = k.secret_version
+    if shared:
+        entry["shared"] = True
     return entry
 
 
@@ -138,6 +168,8 @@ def snapshot_json(snapshot: Snapshot) -> bytes:
 
 # (org marks, key marks) ingested from one engine instance; onetoken.ingest.marks.spent_marks.
 MarksReader = Callable[[Session, str], tuple[dict[str, int], dict[str, int]]]
+# What a served snapshot was built from: config revision, budget day and month, pool.
+_Built = tuple[int, int, int, str | None]
 # Gateways whose last snapshot is remembered (one per instance that polled lately).
 _REMEMBERED_INSTANCES = 64
 
@@ -185,8 +217,8 @@ class SnapshotSource:
         # version not above the one it serves): they start at the wall clock's milliseconds.
         self._version = 0
         self._lock = threading.Lock()
-        # instance -> ((revision, day, month), etag of the snapshot built for it).
-        self._served: OrderedDict[str, tuple[tuple[int, int, int], str]] = OrderedDict()
+        # instance -> ((revision, day, month, pool), etag of the snapshot built for it).
+        self._served: OrderedDict[str, tuple[_Built, str]] = OrderedDict()
 
     def changed(self) -> None:
         """A change was committed: answer the waiting polls now, then wait until the
@@ -227,14 +259,18 @@ class SnapshotSource:
             self._wake.notify_all()
 
     def poll(
-        self, instance_id: str, if_none_match: str | None, wait_s: float = 0.0
+        self,
+        instance_id: str,
+        if_none_match: str | None,
+        wait_s: float = 0.0,
+        pool: str | None = None,
     ) -> tuple[str, bytes | None]:
         """As `get`, but while `if_none_match` is current wait up to `wait_s` for a change."""
         deadline = time.monotonic() + wait_s
         while True:
             with self._wake:
                 generation = self._generation
-            etag, body = self.get(instance_id, if_none_match)
+            etag, body = self.get(instance_id, if_none_match, pool)
             remaining = deadline - time.monotonic()
             if body is not None or remaining <= 0:
                 return etag, body
@@ -248,13 +284,16 @@ class SnapshotSource:
     def _woken(self, generation: int) -> bool:
         return self._closed or self._generation != generation
 
-    def get(self, instance_id: str, if_none_match: str | None) -> tuple[str, bytes | None]:
-        """(ETag, snapshot JSON) or, when `if_none_match` is still current, (ETag, None)."""
+    def get(
+        self, instance_id: str, if_none_match: str | None, pool: str | None = None
+    ) -> tuple[str, bytes | None]:
+        """(ETag, snapshot JSON) or, when `if_none_match` is still current, (ETag, None).
+        `pool`: the gateway pool the instance serves (None: the shared gateways)."""
         with self._lock:
             with self.session_factory() as session:
                 revision = current_revision(session)
             window = billing_budgets.Window.at(utcnow())
-            key = (revision, window.day, window.month)
+            key = (revision, window.day, window.month, pool)
             last = self._served.get(instance_id)
             # Naming the ETag it was given says the engine serves that snapshot.
             current = last is not None and last[1] == if_none_match
@@ -266,7 +305,7 @@ class SnapshotSource:
             with self.mark_lock, self.session_factory() as session:
                 # Read again inside the transaction that reads the data: a change committed
                 # since is in this snapshot, and its revision is the one remembered.
-                key = (current_revision(session), window.day, window.month)
+                key = (current_revision(session), window.day, window.month, pool)
                 org_marks, key_marks = self._marks(session, instance_id)
                 snap = build_snapshot(
                     session,
@@ -275,6 +314,7 @@ class SnapshotSource:
                     spent_marks=org_marks,
                     org_balances=balances(session),
                     key_spent_marks=key_marks,
+                    pool=pool,
                 )
             etag = f'"{self._version}"'
             self._served[instance_id] = (key, etag)

@@ -96,7 +96,7 @@ def open_redis(settings: Settings) -> redis.Redis | None:
     if not settings.redis_url:
         return None
     return redis.Redis.from_url(
-        settings.redis_url,
+        settings.redis_url.get_secret_value(),
         socket_timeout=_REDIS_TIMEOUT_S,
         socket_connect_timeout=_REDIS_TIMEOUT_S,
         decode_responses=True,

@@ -35,6 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from onetoken._core import JournalBatch
+from onetoken.analytics.columns import SHARED_DATABASE
 from onetoken.analytics.sink import CallLogSink
 from onetoken.billing import service as billing
 from onetoken.billing import usage
@@ -46,6 +47,7 @@ from onetoken.ingest.journal import InstanceJournal
 from onetoken.ingest.marks import add_marks
 from onetoken.ingest.models import IngestCursor
 from onetoken.kit.worker import LoopThread
+from onetoken.orgs.terms import pool_databases
 from onetoken.settings import Settings
 
 log = logging.getLogger("onetoken.ingest")
@@ -121,6 +123,8 @@ class Ingestor:
         # reads that range exactly, so its block and dedup token are the same.
         self._call_log_retry: dict[tuple[str, Position], int] = {}
         self._round = threading.Lock()
+        # pool -> its call_log database, read at the start of every round.
+        self._databases: dict[str, str] = {}
         self._worker = LoopThread("onetoken-ingest", self._loop)
         self._stopped = False
 
@@ -172,6 +176,9 @@ class Ingestor:
         ledger side committed in this call."""
         with self._round:
             before = self.rows_ingested
+            with self.session_factory() as session:
+                # A pool's gateways journal apart; their call metadata go to its database.
+                self._databases = pool_databases(session)
             for instance in journal.scan(self.settings.spool_dir).values():
                 try:
                     self._ingest_instance(instance)
@@ -264,7 +271,7 @@ class Ingestor:
         nothing is left there yet (a live tail); a complete segment read to its end moves
         on to the next one."""
         complete = instance.complete(pos.segment)
-        path = self.settings.spool_dir / journal.segment_name(instance.instance_id, pos.segment)
+        path = instance.segment_path(pos.segment)
         read = journal.read(path, pos.offset, self.settings.flush_max_rows, complete, until)
         bad = read.bad_lines
         if bad and count_bad:
@@ -343,7 +350,8 @@ class Ingestor:
         retry = (instance.instance_id, start)
         if read is not None and read.rows:
             token = dedup_token(instance.instance_id, start, end)
-            if not self.sink.insert(read.native, read.rows, token):
+            database = self._databases.get(instance.pool or "", SHARED_DATABASE)
+            if not self.sink.insert(read.native, read.rows, token, database):
                 # Outage: this cursor waits; the segment stays until it passes, and the
                 # retry reads this same range.
                 if start.segment == end.segment:
@@ -359,17 +367,16 @@ class Ingestor:
         retire) a dead instance once none of its segments is left."""
         saved = self._cursors(instance.instance_id)
         passed = min(saved.get(LEDGER, _START), saved.get(CALL_LOG, _START)).segment
-        spool = self.settings.spool_dir
         left = []
         for seg in instance.segments:
             if seg < passed and instance.complete(seg):
-                journal.remove(spool / journal.segment_name(instance.instance_id, seg))
+                journal.remove(instance.segment_path(seg))
             else:
                 left.append(seg)
         instance.segments = left
         if left or instance.live:
             return
-        if journal.instance_live(spool / journal.lock_name(instance.instance_id)):
+        if journal.instance_live(instance.lock_path()):
             return
         with self.mark_lock, self.session_factory() as session:
             if self.settings.redis_url:
@@ -379,7 +386,7 @@ class Ingestor:
             else:
                 caps.forget_retired(session, [instance.instance_id])
             session.commit()
-        journal.remove(spool / journal.lock_name(instance.instance_id))
+        journal.remove(instance.lock_path())
 
 
 class CursorMoved(Exception):

@@ -52,6 +52,8 @@ ALLOWED_FIELDS = frozenset(
         "stack",
         "revision",
         "grace_seconds",
+        # A gateway pool's name (operator-chosen, lowercase letters, digits and dashes).
+        "pool",
     }
 )
 _EVENT_RE = re.compile(r"^[a-z0-9_.]{1,80}$")

@@ -1,11 +1,12 @@
-"""Tables of the orgs domain: organizations, their accounts and admin sessions."""
+"""Tables of the orgs domain: organizations, their accounts and admin sessions, the
+gateway pools operators run, and each org's commercial terms."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
 from sqlalchemy import BigInteger, Boolean, CheckConstraint, ForeignKey, String
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from onetoken.db.base import Base, UTCDateTime, utcnow
 
@@ -19,6 +20,13 @@ class Org(Base):
     name: Mapped[str] = mapped_column(String(100))
     status: Mapped[str] = mapped_column(String(16), default="active")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Loaded with the org: every org answer says which gateway pool serves it.
+    terms: Mapped[OrgTerms | None] = relationship(lazy="selectin", viewonly=True)
+
+    @property
+    def pool(self) -> str | None:
+        """The gateway pool serving this org's keys (None: the shared gateways)."""
+        return self.terms.pool if self.terms is not None else None
 
 
 class Account(Base):
@@ -62,3 +70,34 @@ class AdminSession(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class GatewayPool(Base):
+    """A named pool of dedicated gateways (`onetoken gateway --pool NAME`), run by the
+    operators. Orgs are pinned to one through their commercial terms (docs/pools.md)."""
+
+    __tablename__ = "gateway_pools"
+
+    # Lowercase letters, digits and dashes (orgs.terms.POOL_NAME): it names a spool
+    # directory and goes into gateway configs as is.
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    description: Mapped[str] = mapped_column(String(200), default="")
+    # The ClickHouse database its gateways' call metadata go to (`onetoken_<...>`, on the
+    # control's ClickHouse); None: the shared `onetoken` database.
+    clickhouse_database: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class OrgTerms(Base):
+    """An org's commercial terms: set by operators, read by the org's members. One row
+    per org that has any; an org without a row has the defaults (no dedicated pool)."""
+
+    __tablename__ = "org_terms"
+
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"), primary_key=True)
+    # The gateway pool serving the org's keys; None: the shared gateways.
+    pool: Mapped[str | None] = mapped_column(
+        ForeignKey("gateway_pools.name"), nullable=True, index=True
+    )
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

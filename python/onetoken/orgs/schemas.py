@@ -140,6 +140,11 @@ class OrgResponse(BaseModel):
     name: str
     status: Literal["active", "disabled"]
     created_at: datetime
+    pool: str | None = Field(
+        default=None,
+        description="The gateway pool serving this organization's API keys (its commercial "
+        "terms); null: the shared gateways.",
+    )
 
 
 class OrgList(ListOf[OrgResponse]): ...
@@ -224,3 +229,72 @@ class AccountUpdate(BaseModel):
     email: Identifier | None = Field(default=None, json_schema_extra=EMAIL)
     mobile: Annotated[str, StringConstraints(max_length=32)] | None = Field(
         default=None, json_schema_extra=MOBILE)
+
+
+# -- gateway pools and commercial terms (onetoken.orgs.terms) --------------------------------
+
+PoolName = Annotated[str, StringConstraints(min_length=1, max_length=32,
+                                            pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")]
+PoolDescription = Annotated[str, StringConstraints(strip_whitespace=True, max_length=200)]
+# onetoken.analytics.clickhouse.POOL_DATABASE: the control plane reads every database of
+# this form as call metadata (and only those).
+PoolDatabase = Annotated[str, StringConstraints(min_length=10, max_length=49,
+                                                pattern=r"^onetoken_[a-z0-9_]{1,40}$")]
+_POOL_DATABASE = (
+    "The ClickHouse database (on the control plane's ClickHouse) the pool's call metadata "
+    "go to, `onetoken_` and up to 40 lowercase letters, digits or underscores; created on "
+    "first use. Null: the shared `onetoken` database."
+)
+
+
+class PoolCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: PoolName
+    description: PoolDescription = ""
+    clickhouse_database: PoolDatabase | None = Field(default=None, description=_POOL_DATABASE)
+
+
+class PoolUpdate(BaseModel):
+    """Only the fields sent change. A new database takes the rows ingested from then on;
+    those already in the previous one stay there and are still read."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: PoolDescription | None = None
+    clickhouse_database: PoolDatabase | None = Field(default=None, description=_POOL_DATABASE)
+
+
+class PoolResponse(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    description: str
+    clickhouse_database: str | None = Field(description=_POOL_DATABASE)
+    orgs: int = Field(default=0, description="How many organizations the pool serves.")
+    created_at: datetime
+    updated_at: datetime | None
+
+
+class PoolList(ListOf[PoolResponse]): ...
+
+
+class OrgTermsResponse(BaseModel):
+    """An organization's commercial terms: set by operators, read by its members."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    org_id: str
+    pool: str | None = Field(
+        description="The gateway pool serving the organization's API keys; null: the shared "
+        "gateways. Requests with its keys to other gateways answer 403 wrong_gateway_pool."
+    )
+    updated_at: datetime | None
+
+
+class OrgTermsUpdate(BaseModel):
+    """Only the fields sent change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool: PoolName | None = None

@@ -9,6 +9,7 @@ deployment that uses none of them produces the minimal snapshot
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,10 +91,18 @@ class Catalog:
     platform_names: set[str]
 
 
-def catalog(session: Session, secrets: Secrets) -> Catalog:
+def catalog(
+    session: Session, secrets: Secrets, orgs: Collection[str] | None = None
+) -> Catalog:
+    """The platform catalog and the private catalog of every org, or with `orgs` only of
+    those (a dedicated pool's gateways carry no other org's providers or credentials)."""
     providers = session.scalars(select(Provider).order_by(Provider.id)).all()
     models = session.scalars(select(Model).order_by(Model.name, Model.priority, Model.id)).all()
     routes = session.scalars(select(Route).order_by(Route.name)).all()
+    if orgs is not None:
+        providers = [p for p in providers if p.org_id is None or p.org_id in orgs]
+        models = [m for m in models if m.org_id is None or m.org_id in orgs]
+        routes = [r for r in routes if r.org_id is None or r.org_id in orgs]
 
     platform: set[str] = set()
     private: dict[str, set[str]] = defaultdict(set)

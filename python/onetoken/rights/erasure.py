@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, delete, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from onetoken.analytics.clickhouse import ttl_target
-from onetoken.analytics.columns import CALL_LOG_TABLE, SECURITY_LOG_TABLE
+from onetoken.analytics.clickhouse import call_log_tables, ttl_target
+from onetoken.analytics.columns import SECURITY_LOG_TABLE
 from onetoken.db.base import utcnow
 from onetoken.db.session import SessionFactory, bump_revision
 from onetoken.keys.models import ApiKey
@@ -199,8 +199,10 @@ def security_log_mutation(table: Target) -> str:
 def anonymize_clickhouse(client: Any, batch: Sequence[Identifiers]) -> None:
     """The mutations of step 4 for a batch of accounts; synchronous (mutations_sync = 2:
     on a cluster, once every replica has run them)."""
-    call_log, security_log = target(client, CALL_LOG_TABLE), target(client, SECURITY_LOG_TABLE)
-    cluster = call_log.cluster or security_log.cluster
+    # Every call_log: an account's calls may be in its org's pool database too.
+    call_logs = [target(client, table) for table in call_log_tables(client)]
+    security_log = target(client, SECURITY_LOG_TABLE)
+    cluster = next((t.cluster for t in (*call_logs, security_log) if t.cluster), None)
     for table, columns in _WORK_TABLES.items():
         definition = ", ".join(f"{c} String" for c in columns)
         client.command(
@@ -217,7 +219,8 @@ def anonymize_clickhouse(client: Any, batch: Sequence[Identifiers]) -> None:
         _fill(client, ERASURE_SUBJECTS, [(i,) for i in subjects], cluster)
         if needles:
             _fill(client, ERASURE_NEEDLES, needles, cluster)
-        client.command(call_log_mutation(call_log))
+        for call_log in call_logs:
+            client.command(call_log_mutation(call_log))
         client.command(security_log_mutation(security_log))
     finally:
         _empty_work_tables(client, cluster)
@@ -273,7 +276,7 @@ def replaced_parts_deleted(
     wait until none is left (on a cluster, on no server). The wait is a loop of short
     queries, so the record pump keeps writing meanwhile."""
     tables: list[Target] = runner(
-        lambda c: [target(c, CALL_LOG_TABLE), target(c, SECURITY_LOG_TABLE)]
+        lambda c: [*(target(c, t) for t in call_log_tables(c)), target(c, SECURITY_LOG_TABLE)]
     )
     cluster = next((t.cluster for t in tables if t.cluster), None)
     parts = f"clusterAllReplicas('{cluster}', system.parts)" if cluster else "system.parts"

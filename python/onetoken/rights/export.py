@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
-from onetoken.analytics.columns import SECURITY_LOG_TABLE
+from onetoken.analytics.columns import CALL_LOG_READ, SECURITY_LOG_TABLE
 from onetoken.keys.models import ApiKey
 from onetoken.kit.money import format_amount
 from onetoken.kit.spreadsheet import formula_safe
@@ -103,10 +103,10 @@ def login_sources_part(session: Session, account: Account) -> list[dict[str, Any
 
 def call_statistics(client: Any, org_id: str, account_id: str) -> list[dict[str, Any]]:
     result = client.query(
-        "SELECT toString(toDate(ts)) AS day, model_requested, count(), "
+        "SELECT toString(toDate(ts)) AS day, model_requested, count(), "  # noqa: S608
         "countIf(status >= 400), sum(prompt_tokens), sum(completion_tokens), "
         "sum(cached_tokens), sum(cost) "
-        "FROM onetoken.call_log FINAL "
+        f"FROM {CALL_LOG_READ} FINAL "
         "WHERE org_id = {org:String} AND account_id = {account:String} "
         "GROUP BY day, model_requested ORDER BY day, model_requested",
         parameters={"org": org_id, "account": account_id},

@@ -21,6 +21,7 @@ from onetoken.web.routes import (
     keys,
     ops,
     orgs,
+    pools,
     providers,
     rights,
     security,
@@ -31,7 +32,7 @@ from onetoken.web.routes import (
 def include_routes(app: FastAPI) -> None:
     """Every route of the control process (the permissions doc reads them from here)."""
     api = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES)
-    for module in (orgs, keys, providers, billing, analytics, webhooks, rights, security):
+    for module in (orgs, pools, keys, providers, billing, analytics, webhooks, rights, security):
         api.include_router(module.router)
     app.include_router(api)
     # The gateways' snapshots and config; the gateway channel token, not a session.

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::snapshot::Key;
+use crate::snapshot::{ElsewhereKey, Key};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -54,15 +54,32 @@ impl KeyRing {
     }
 
     /// The snapshot key for `raw`: one HMAC per configured secret, at most.
-    pub(crate) fn lookup<'a>(
+    pub(crate) fn lookup<'a, K: Hashed>(
         &self,
-        keys: &'a HashMap<[u8; 32], Key>,
+        keys: &'a HashMap<[u8; 32], K>,
         raw: &str,
-    ) -> Option<&'a Key> {
+    ) -> Option<&'a K> {
         self.hashers.iter().find_map(|(version, hasher)| {
             keys.get(&hasher.digest(raw))
-                .filter(|k| k.secret_version == *version)
+                .filter(|k| k.secret_version() == *version)
         })
+    }
+}
+
+/// A snapshot entry known by its keyed hash, made under one secret version.
+pub(crate) trait Hashed {
+    fn secret_version(&self) -> u32;
+}
+
+impl Hashed for Key {
+    fn secret_version(&self) -> u32 {
+        self.secret_version
+    }
+}
+
+impl Hashed for ElsewhereKey {
+    fn secret_version(&self) -> u32 {
+        self.secret_version
     }
 }
 

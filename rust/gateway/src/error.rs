@@ -62,10 +62,11 @@ pub(crate) enum ApiError {
     Internal,
     LoopDetected,
     SharedStateUnavailable,
+    WrongGatewayPool,
 }
 
 impl ApiError {
-    pub(crate) const ALL: [ApiError; 33] = [
+    pub(crate) const ALL: [ApiError; 34] = [
         ApiError::InvalidApiKey,
         ApiError::KeyRevoked,
         ApiError::KeyExpired,
@@ -99,6 +100,7 @@ impl ApiError {
         ApiError::Internal,
         ApiError::LoopDetected,
         ApiError::SharedStateUnavailable,
+        ApiError::WrongGatewayPool,
     ];
 
     /// Low-cardinality code used in the error body, the record and the metric label.
@@ -137,6 +139,7 @@ impl ApiError {
             ApiError::Internal => "internal_error",
             ApiError::LoopDetected => "loop_detected",
             ApiError::SharedStateUnavailable => "shared_state_unavailable",
+            ApiError::WrongGatewayPool => "wrong_gateway_pool",
         }
     }
 
@@ -172,6 +175,7 @@ impl ApiError {
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::LoopDetected => StatusCode::LOOP_DETECTED,
             ApiError::SharedStateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::WrongGatewayPool => StatusCode::FORBIDDEN,
         }
     }
 
@@ -208,6 +212,7 @@ impl ApiError {
             ApiError::Internal => "server_error",
             ApiError::LoopDetected => "invalid_request_error",
             ApiError::SharedStateUnavailable => "service_unavailable",
+            ApiError::WrongGatewayPool => "permission_error",
         }
     }
 
@@ -261,6 +266,10 @@ impl ApiError {
             ApiError::SharedStateUnavailable => {
                 "The gateway cannot reach the store shared by all gateways and holds no money \
                  lease for this request; retry after the Retry-After delay."
+            }
+            ApiError::WrongGatewayPool => {
+                "This API key's organization is served by a dedicated gateway pool, not by \
+                 these gateways; its pool is shown in the organization's terms."
             }
         }
     }
@@ -346,6 +355,21 @@ impl Failure {
             ..Detail::default()
         };
         Failure::with_detail(error, error.status(), detail)
+    }
+
+    /// A key of an org these gateways do not serve: the message says which kind of
+    /// gateways do (fixed texts; never the other org's pool or id).
+    pub(crate) fn wrong_pool(shared: bool) -> Self {
+        if shared {
+            Failure::with_message(
+                ApiError::WrongGatewayPool,
+                "This API key's organization is served by the shared gateways, not by this \
+                 dedicated pool.",
+                None,
+            )
+        } else {
+            Failure::from(ApiError::WrongGatewayPool)
+        }
     }
 
     /// The upstream answered with an error status; only the status and the plain

@@ -210,9 +210,17 @@ fn authenticate<'s>(
     snap: &'s Snapshot,
     headers: &HeaderMap,
 ) -> Result<&'s Key, Failure> {
-    let key = auth::extract_key(headers)
-        .and_then(|raw_key| shared.keyring.lookup(&snap.keys, raw_key))
-        .ok_or_else(|| unauthenticated(snap, call.peer))?;
+    let raw_key = auth::extract_key(headers);
+    let Some(key) = raw_key.and_then(|raw| shared.keyring.lookup(&snap.keys, raw)) else {
+        // A key of an org served by other gateways is told so, not called invalid.
+        if let Some(elsewhere) = raw_key
+            .filter(|_| !snap.elsewhere_keys.is_empty())
+            .and_then(|raw| shared.keyring.lookup(&snap.elsewhere_keys, raw))
+        {
+            return Err(Failure::wrong_pool(elsewhere.shared));
+        }
+        return Err(unauthenticated(snap, call.peer).into());
+    };
     call.org_id.clone_from(&key.org.id);
     call.account_id.clone_from(&key.account_id);
     call.key_id.clone_from(&key.key_id);

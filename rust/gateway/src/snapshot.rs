@@ -44,6 +44,24 @@ pub struct SnapshotDoc {
     /// Source addresses refused before authentication (attack interception).
     #[serde(default)]
     pub blocked_ips: Vec<BlockedIpDoc>,
+    /// Keys served by other gateways (another pool's, or the shared ones): hashes only,
+    /// so this gateway can tell a key that exists elsewhere from an invalid one.
+    #[serde(default)]
+    pub elsewhere_keys: Vec<ElsewhereKeyDoc>,
+}
+
+/// One `elsewhere_keys` entry: an active key whose org is served by other gateways.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ElsewhereKeyDoc {
+    /// HMAC-SHA256 of the key, lowercase hex.
+    pub hash: String,
+    /// Version of the key-hash secret `hash` was made with.
+    #[serde(default = "default_secret_version")]
+    pub secret_version: u32,
+    /// Its org is served by the shared gateways (else by a dedicated pool).
+    #[serde(default)]
+    pub shared: bool,
 }
 
 /// One organization.
@@ -360,6 +378,13 @@ pub(crate) struct Key {
     pub(crate) policy: Policy,
 }
 
+/// A key this gateway does not serve because its org is served by other gateways.
+pub(crate) struct ElsewhereKey {
+    pub(crate) secret_version: u32,
+    /// Served by the shared gateways (else by a dedicated pool).
+    pub(crate) shared: bool,
+}
+
 impl Key {
     pub(crate) fn may_use(&self, model: &str) -> bool {
         self.allowed_models
@@ -425,6 +450,8 @@ pub(crate) struct ModelGroup {
 pub(crate) struct Snapshot {
     pub(crate) version: u64,
     pub(crate) keys: HashMap<[u8; 32], Key>,
+    /// Keys served by other gateways (dedicated pools), by hash.
+    pub(crate) elsewhere_keys: HashMap<[u8; 32], ElsewhereKey>,
     /// Model names and aliases.
     pub(crate) models: HashMap<String, Arc<ModelGroup>>,
     /// Model names in snapshot order, then aliases, for `/v1/models`.
@@ -442,6 +469,7 @@ impl Snapshot {
         Snapshot {
             version: 0,
             keys: HashMap::new(),
+            elsewhere_keys: HashMap::new(),
             models: HashMap::new(),
             model_order: Vec::new(),
             routing: RoutingConfig::default(),
@@ -564,6 +592,28 @@ impl Snapshot {
             keys.insert(hash, key);
         }
 
+        let mut elsewhere_keys = HashMap::with_capacity(doc.elsewhere_keys.len());
+        for (i, k) in doc.elsewhere_keys.iter().enumerate() {
+            let mut hash = [0u8; 32];
+            if hex::decode_to_slice(&k.hash, &mut hash).is_err() {
+                report.push(Dropped::new(
+                    "elsewhere_key",
+                    &i.to_string(),
+                    "hash",
+                    "invalid_hash",
+                ));
+                continue;
+            }
+            // A key served here wins: the control plane never lists one key in both.
+            if !keys.contains_key(&hash) {
+                let entry = ElsewhereKey {
+                    secret_version: k.secret_version,
+                    shared: k.shared,
+                };
+                elsewhere_keys.insert(hash, entry);
+            }
+        }
+
         let (models, model_order) = crate::routing::compile_catalog(
             doc.providers,
             doc.models,
@@ -599,6 +649,7 @@ impl Snapshot {
         let snapshot = Snapshot {
             version: doc.version,
             keys,
+            elsewhere_keys,
             models,
             model_order,
             routing,
@@ -613,10 +664,11 @@ impl Snapshot {
 /// credential, URL or any other configured value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dropped {
-    /// `org`, `guard`, `key`, `provider`, `model`, `route`, `alias` or `blocked_ip`.
+    /// `org`, `guard`, `key`, `provider`, `model`, `route`, `alias`, `blocked_ip` or
+    /// `elsewhere_key`.
     pub kind: &'static str,
     /// Org id, key id, provider id, model name, route name, alias, or the position of a
-    /// `blocked_ips` entry.
+    /// `blocked_ips` or `elsewhere_keys` entry.
     pub id: String,
     /// The field at fault, as named in the snapshot document.
     pub field: &'static str,

@@ -881,3 +881,64 @@ async fn free_requests_in_flight_are_capped_per_org() {
     .await;
     assert!(released, "slots not released");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_served_by_other_gateways_is_told_so_not_called_invalid() {
+    // This gateway serves a dedicated pool: `ot-good` is its org's; `ot-away` belongs to
+    // an org of another pool and `ot-shared` to an org on the shared gateways.
+    let h = start_with(|s| {
+        s["elsewhere_keys"] = json!([
+            {"hash": key_hash("ot-away")},
+            {"hash": key_hash("ot-shared"), "shared": true, "secret_version": 1},
+            // A key listed in both is served (the control plane never sends that).
+            {"hash": key_hash("ot-good")}
+        ]);
+    });
+    let away = h.ask("ot-away", CANARY).await;
+    assert_eq!(away.status, 403);
+    let err = &away.json()["error"];
+    assert_eq!(err["code"], "wrong_gateway_pool");
+    assert_eq!(err["type"], "permission_error");
+    assert!(err["message"]
+        .as_str()
+        .unwrap()
+        .contains("dedicated gateway pool"));
+    let shared = h.ask("ot-shared", "hi").await;
+    assert_eq!(shared.status, 403);
+    assert!(shared.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("shared gateways"));
+    assert_eq!(
+        h.ask("ot-unknown", "hi").await.json()["error"]["code"],
+        "invalid_api_key"
+    );
+    assert_eq!(h.ask("ot-good", "hi").await.status, 200);
+    h.wait_records(4).await;
+    let recs = h.records();
+    let refused: Vec<_> = recs
+        .iter()
+        .filter(|r| r.error_code == "wrong_gateway_pool")
+        .collect();
+    // Nothing of the other org is known here: the records carry no key or org.
+    assert_eq!(refused.len(), 2);
+    assert!(refused
+        .iter()
+        .all(|r| r.key_id.is_empty() && r.org_id.is_empty()));
+    assert_eq!(h.upstream().requests(), 1);
+    h.assert_no_canary(&recs, &[&away]);
+
+    // A hash that does not parse is dropped and reported; the rest still serves.
+    let dropped = onetoken_gateway::validate_snapshot(
+        json!({"version": 1, "orgs": [], "keys": [], "providers": [], "models": [],
+               "elsewhere_keys": [{"hash": "zz"}]})
+        .to_string()
+        .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(dropped.len(), 1);
+    assert_eq!(
+        (dropped[0].kind, dropped[0].reason),
+        ("elsewhere_key", "invalid_hash")
+    );
+}

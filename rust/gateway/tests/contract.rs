@@ -159,6 +159,7 @@ fn full_snapshot_fixture_parses_with_every_admission_field() {
     assert_eq!(key.allowed_ips.as_ref().unwrap().len(), 2);
     assert_eq!(key.limits.concurrency, Some(20));
     assert_eq!(doc.blocked_ips[0].until, 4_102_444_800);
+    assert!(doc.elsewhere_keys[0].shared);
 
     // The minimal fixture takes the documented defaults.
     let min: SnapshotDoc = serde_json::from_slice(&fixture("snapshot.json")).unwrap();
@@ -167,6 +168,7 @@ fn full_snapshot_fixture_parses_with_every_admission_field() {
     assert_eq!(min.keys[0].secret_version, 1);
     assert!(min.keys[0].allowed_ips.is_none() && min.keys[0].not_before.is_none());
     assert!(min.blocked_ips.is_empty());
+    assert!(min.elsewhere_keys.is_empty());
 }
 
 #[test]
@@ -183,6 +185,7 @@ fn admission_objects_reject_unknown_fields_by_name() {
             "/keys/0/limits",
             "/keys/0/usage",
             "/blocked_ips/0",
+            "/elsewhere_keys/0",
         ],
     );
 }

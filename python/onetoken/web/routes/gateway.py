@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from onetoken.gateway.supervisor import engine_config
 from onetoken.kit.channel import bearer_matches
 from onetoken.kit.errors import Unauthorized
+from onetoken.orgs.terms import POOL_NAME
 from onetoken.web.deps import StateDep
 
 # Neither answer may be kept by a cache on the way.
@@ -49,11 +50,13 @@ def snapshot(
     state: StateDep,
     instance: Annotated[str, Query(min_length=1, max_length=128)],
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0.0,
+    pool: Annotated[str | None, Query(pattern=POOL_NAME.pattern)] = None,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    """The snapshot for engine `instance` (its spent marks), or 304 for a current ETag;
-    with `wait`, a current ETag is answered when something changed or after `wait` s."""
-    etag, body = state.snapshots.poll(instance, if_none_match, wait)
+    """The snapshot for engine `instance` (its spent marks) of gateway pool `pool` (absent:
+    the shared gateways), or 304 for a current ETag; with `wait`, a current ETag is
+    answered when something changed or after `wait` s."""
+    etag, body = state.snapshots.poll(instance, if_none_match, wait, pool)
     headers = {**_NO_STORE, "ETag": etag}
     if body is None:
         return Response(status_code=304, headers=headers)
