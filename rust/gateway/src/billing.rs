@@ -150,7 +150,18 @@ pub struct Lease {
     /// The last grow was granted less than it asked for: the cap is held or spent, so a
     /// waiting request need not wait longer.
     pub starved: bool,
+    /// The largest `flow` of recent ticks, decaying by an eighth a tick: headroom is kept
+    /// for a rate that comes in bursts, not only for the last interval's.
+    pub peak: i64,
+    /// Ticks in a row with no reservation and nobody waiting; the headroom goes back to
+    /// Redis after [`IDLE_TICKS_BEFORE_SHRINK`] of them, so sporadic traffic (one request
+    /// a second) keeps its lease instead of paying a round trip each time.
+    pub idle_ticks: u32,
 }
+
+/// Scheduled refiller ticks an org's money lease stays idle before its headroom goes back
+/// to Redis (2 s at the default 100 ms interval).
+pub const IDLE_TICKS_BEFORE_SHRINK: u32 = 20;
 
 #[derive(Debug)]
 struct Counters {
@@ -447,6 +458,14 @@ impl OrgAccount {
         let mut c = self.counters.lock();
         let (spent, reserved) = (c.spent, c.reserved);
         let lease = c.lease.as_mut()?;
+        if take_flow {
+            lease.peak = lease.flow.max(lease.peak - lease.peak / 8);
+            lease.idle_ticks = if lease.flow == 0 && lease.short == 0 {
+                lease.idle_ticks.saturating_add(1)
+            } else {
+                0
+            };
+        }
         let seen = *lease;
         lease.short = 0;
         if take_flow {

@@ -124,7 +124,9 @@ fn default_refill_interval_ms() -> u64 {
     100
 }
 fn default_wait_ms() -> u64 {
-    25
+    // Only a request whose lease is short waits; a refill is one round trip, but a busy
+    // machine can delay the pass well past 25 ms, and a refusal then would be false.
+    200
 }
 fn default_redis_timeout_ms() -> u64 {
     250

@@ -433,10 +433,11 @@ fn reserve(
             }
             // Redis answered and still granted too little: the limit is reached across
             // the gateways (for money: the cap is held or spent, as good as no balance).
-            // Redis did not answer: money fails closed, and says why; slots fell back to
-            // this gateway's share, so the refusal stands as it is.
+            // Redis did not answer, or no refill landed in time: money fails closed, and
+            // says why rather than claim the balance is gone; slots and rates fell back
+            // to this gateway's share, so the refusal stands as it is.
             return Err(match &shared.shared_limits {
-                Some(limits) if kind == LeaseKind::Money && !limits.up() => {
+                Some(limits) if kind == LeaseKind::Money && (!limits.up() || !starved) => {
                     limits.balance_fallbacks.fetch_add(1, Ordering::Relaxed);
                     Refusal::shared_unavailable().into()
                 }

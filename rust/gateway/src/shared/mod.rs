@@ -464,9 +464,10 @@ impl Pass<'_> {
         }
     }
 
-    /// Keep headroom ahead of demand: twice the money reserved in the last interval, and
-    /// at least what the requests waiting on the lease need. An org that reserved nothing
-    /// for a whole interval gives its headroom back.
+    /// Keep headroom ahead of demand: twice the money reserved in a recent busy interval
+    /// (a decaying peak), and at least what the requests waiting on the lease need. An org
+    /// that reserved nothing for `IDLE_TICKS_BEFORE_SHRINK` intervals gives its headroom
+    /// back.
     async fn refill(&mut self, org: &str, account: &OrgAccount, scheduled: bool) -> bool {
         let Some((spent, reserved, lease)) = account.lease_demand(scheduled) else {
             return true;
@@ -474,7 +475,8 @@ impl Pass<'_> {
         let used = spent.saturating_add(reserved);
         let headroom = lease.hold.saturating_sub(used);
         let target = lease
-            .flow
+            .peak
+            .max(lease.flow)
             .saturating_mul(2)
             .max(lease.short.saturating_add(lease.flow));
         if target > headroom {
@@ -495,7 +497,7 @@ impl Pass<'_> {
                 return false;
             };
             account.grant(hold, granted < want);
-        } else if scheduled && lease.flow == 0 && lease.short == 0 {
+        } else if scheduled && lease.idle_ticks >= crate::billing::IDLE_TICKS_BEFORE_SHRINK {
             return self.shrink_money(org, account).await;
         }
         true
