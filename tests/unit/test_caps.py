@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from sqlalchemy import func, select
 
 from onetoken.billing import service as billing
@@ -38,7 +39,9 @@ class Sink:
     def available(self) -> bool:
         return True
 
-    def insert(self, block: bytes, rows: int, dedup_token: str) -> bool:
+    def insert(
+        self, block: bytes, rows: int, dedup_token: str, database: str = "onetoken"
+    ) -> bool:
         return True
 
     def close(self) -> None:
@@ -60,7 +63,7 @@ def db(server: RedisServer) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def publisher(settings: Settings, state: AppState, server: RedisServer) -> Iterator[CapPublisher]:
-    settings.redis_url = server.url
+    settings.redis_url = SecretStr(server.url)
     settings.cap_publish_interval_seconds = 0.2
     pub = CapPublisher(settings, state.session_factory)
     yield pub
@@ -175,7 +178,7 @@ def test_a_serving_control_process_publishes_and_shows_it_on_healthz(
         org = orgs.create_org(s, "A").id
         billing.credit(s, org, amount=70, kind="grant", idempotency_key="g")
         s.commit()
-    settings.redis_url = server.url
+    settings.redis_url = SecretStr(server.url)
     ingestor = Ingestor(settings, state.session_factory, sink=Sink())  # type: ignore[arg-type]
     background = start_background(state, ingestor)
     try:

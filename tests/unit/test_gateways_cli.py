@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 import redis
+from pydantic import SecretStr
 
 from onetoken import cli
 from onetoken.billing import service as billing
@@ -40,7 +41,9 @@ class Sink:
     def available(self) -> bool:
         return True
 
-    def insert(self, block: bytes, rows: int, dedup_token: str) -> bool:
+    def insert(
+        self, block: bytes, rows: int, dedup_token: str, database: str = "onetoken"
+    ) -> bool:
         return True
 
     def close(self) -> None:
@@ -151,7 +154,7 @@ def test_list_shows_live_and_lost_instances_and_retire_writes_off_only_the_lost_
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    settings.redis_url = server.url
+    settings.redis_url = SecretStr(server.url)
     monkeypatch.setenv("ONETOKEN_REDIS_URL", server.url)
     spool = settings.spool_dir
     # "lost1" ran on a node that died: 300 of its cost was ingested while it lived, then
@@ -273,7 +276,7 @@ def test_a_write_off_whose_publish_round_fails_is_finished_by_the_control_publis
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    settings.redis_url = server.url
+    settings.redis_url = SecretStr(server.url)
     settings.cap_publish_interval_seconds = 0.2
     monkeypatch.setenv("ONETOKEN_REDIS_URL", server.url)
     lose(settings, state, org_id, "lost1", 300)
@@ -341,7 +344,7 @@ def test_a_journal_that_turns_up_after_a_write_off_is_read_on_never_charged_twic
 ) -> None:
     # The node was only cut off: written off, then back with its journal, which holds
     # one more call (50) than the ledger took before.
-    settings.redis_url = server.url
+    settings.redis_url = SecretStr(server.url)
     monkeypatch.setenv("ONETOKEN_REDIS_URL", server.url)
     node = tmp_path / "node"
     lose(settings, state, org_id, "lost1", 300, keep=node)
@@ -379,7 +382,7 @@ def test_two_write_offs_racing_release_and_record_once(
     db: redis.Redis,
     org_id: str,
 ) -> None:
-    settings.redis_url = server.url
+    settings.redis_url = SecretStr(server.url)
     lose(settings, state, org_id, "lost1", 300)
     db.hset(caps.hold_key("ot:", org_id), mapping={"lost1": 500})
     security_log.current().drain()  # type: ignore[union-attr]

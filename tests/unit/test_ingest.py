@@ -363,7 +363,9 @@ def test_packages_pay_before_prepaid(
             credit=25,
             validity_days=1,
             idempotency_key="p",
-            now=datetime.now(UTC) - timedelta(days=1) + timedelta(hours=13),
+            # Granted an hour before the records (noon today), valid until tomorrow: it
+            # pays for them whatever the time of day the test runs at.
+            now=datetime.fromtimestamp(NOW_US / 1_000_000, UTC) - timedelta(hours=1),
         )
         s.commit()
         pkg_id = pkg.id

@@ -117,7 +117,7 @@ def test_engine_config_has_the_contract_shape(settings: Settings, state: AppStat
 def test_a_redis_url_shares_money_through_it(settings: Settings, state: AppState) -> None:
     settings.redis_url = SecretStr("redis://:pw@10.0.0.5:6379/0")
     config = engine_config(settings, state.secrets)
-    assert config["shared"] == {"redis_url": "redis://:pw@10.0.0.5:6379/0"}
+    assert config["shared"] == {"redis_url": "redis://:pw@10.0.0.5:6379/0", "key_prefix": "ot:"}
     # The engine takes it, its other shared knobs at their defaults.
     _core.Engine(orjson.dumps({**config, "listen": "127.0.0.1:0"}))
 

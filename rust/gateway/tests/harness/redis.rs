@@ -43,6 +43,9 @@ impl RedisServer {
                 "",
                 "--appendonly",
                 "no",
+                // `DEBUG SLEEP`: a Redis that answers too slowly, for the slow-Redis tests.
+                "--enable-debug-command",
+                "local",
             ])
             .args(["--dir", self.dir.path()])
             .stdout(Stdio::null())
@@ -54,6 +57,19 @@ impl RedisServer {
             wait_until(Duration::from_secs(10), || self.ping()),
             "redis-server accepting on its socket"
         );
+    }
+
+    /// Block the server for `seconds` (it answers nobody meanwhile), from a thread of its
+    /// own; returns at once.
+    pub fn stall(&self, seconds: f64) -> std::thread::JoinHandle<()> {
+        let mut conn = self.conn();
+        std::thread::spawn(move || {
+            let _: () = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg(seconds)
+                .query(&mut conn)
+                .expect("DEBUG SLEEP");
+        })
     }
 
     fn ping(&self) -> bool {
