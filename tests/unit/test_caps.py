@@ -115,6 +115,18 @@ def test_a_full_round_publishes_balance_plus_the_marks_of_live_instances(
     assert cap(db, other) == (0, revision(state))
 
 
+def test_a_balance_beyond_the_leases_exact_range_is_published_as_its_largest_cap(
+    state: AppState, publisher: CapPublisher, db: redis.Redis, org_id: str
+) -> None:
+    # 100 million currency units is 10^17 nano-units, past 2^53: the grow script would
+    # grant nothing against it, and the org would be refused with money in the bank.
+    with state.session_factory() as s:
+        billing.credit(s, org_id, amount=10**17, kind="grant", idempotency_key="big")
+        s.commit()
+    publisher.publish_all()
+    assert cap(db, org_id)[0] == caps.LEASE_EXACT_MAX == 2**53 - 1
+
+
 def test_ingestion_moves_neither_the_cap_nor_its_revision(
     state: AppState, publisher: CapPublisher, db: redis.Redis, org_id: str, settings: Settings
 ) -> None:

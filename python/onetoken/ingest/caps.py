@@ -82,6 +82,13 @@ def hold_key(prefix: str, org_id: str) -> str:
     return f"{prefix}{{o:{org_id}}}:hold"
 
 
+# The gateways' lease scripts compute in Lua, whose numbers are doubles: exact below 2^53
+# nano-units (about 9 million currency units), and they grant nothing past that rather
+# than round money. A larger cap is published as the largest exact one, so an org with a
+# bigger balance is still served, up to that much held at once.
+LEASE_EXACT_MAX = 2**53 - 1
+
+
 @dataclass(frozen=True, slots=True)
 class CapPlan:
     """Caps read at one revision, and the retired instances whose holds go with them."""
@@ -120,7 +127,7 @@ def read_caps(session: Session, org_ids: Iterable[str] | None = None) -> tuple[i
         rev = int(r or 0)
         # The balance the engine is given (billing.service.balances) is bounded the same way.
         bounded = max(-MAX_BALANCE_NANO, min(MAX_BALANCE_NANO, int(total)))
-        caps[str(org_id)] = bounded + int(marked)
+        caps[str(org_id)] = min(bounded + int(marked), LEASE_EXACT_MAX)
     return rev, caps
 
 

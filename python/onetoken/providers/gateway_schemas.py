@@ -36,7 +36,8 @@ class Policy(BaseModel):
         return self == Policy()
 
 
-PerMinute = Annotated[int, Field(ge=1, le=4_000_000_000)]
+# At most what a SQL INTEGER column holds on every engine (2^31 - 1), as for keys.
+PerMinute = Annotated[int, Field(ge=1, le=2_000_000_000)]
 
 
 class OrgLimits(BaseModel):
