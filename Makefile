@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PIP   := $(PY) -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test test-rust test-python test-deploy deploy-tools deploy-render lint bench bench-quick setup build-debug build-release clean fuzz
+.PHONY: run test test-rust test-python test-deploy deploy-tools deploy-render lint bench bench-quick bench-scale setup build-debug build-release clean fuzz
 
 $(VENV)/.deps: pyproject.toml
 	python3 -m venv $(VENV)
@@ -84,6 +84,11 @@ bench: build-release
 
 bench-quick: build-release
 	$(PY) bench/run.py --quick
+
+# One, two and three gateways behind nginx, Redis off and on (bench/README.md). Not part of
+# `make test`: it loads the machine for about three minutes.
+bench-scale: build-release
+	$(PY) bench/scale.py
 
 # AFL++ on the parsers of untrusted bytes (rust/fuzz): each target in turn for FUZZ_SECONDS.
 # Not part of `make test`. Findings land in rust/fuzz/out/<target>/default/crashes.

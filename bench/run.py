@@ -1277,7 +1277,28 @@ def write_report(
         lines += ["## Problems during the run", ""]
         lines += [f"- {e}" for e in meta["errors"]]
         lines.append("")
+    lines += kept_sections(path)
     path.write_text("\n".join(lines))
+
+
+# Sections other scripts write into the same report (bench/scale.py): a new run of this
+# one replaces its own tables and keeps theirs.
+KEPT_SECTIONS = ("## Many gateways",)
+
+
+def kept_sections(path: Path) -> list[str]:
+    try:
+        old = path.read_text().split("\n")
+    except OSError:
+        return []
+    out: list[str] = []
+    keeping = False
+    for line in old:
+        if line.startswith("## "):
+            keeping = line in KEPT_SECTIONS
+        if keeping:
+            out.append(line)
+    return out
 
 
 def onetoken_processes(
