@@ -311,13 +311,7 @@ impl Pass<'_> {
             .spend
             .key(format!("{prefix}{{{tag}}}:spend:d:{}", yyyymmdd(day)));
         inv.key(format!("{prefix}{{{tag}}}:spend:m:{month}")).arg(n);
-        let conn = self.conn.clone();
-        let reply: Option<(i64, i64)> = self
-            .timed(async move {
-                let mut conn = conn;
-                inv.invoke_async(&mut conn).await
-            })
-            .await;
+        let reply: Option<(i64, i64)> = self.invoke(inv).await;
         let Some((global_day, global_month)) = reply else {
             return false;
         };
@@ -359,21 +353,10 @@ impl Pass<'_> {
         if want == 0 && back == 0 && debt == 0 {
             return true;
         }
-        let what = match kind {
-            RateKind::Requests => "rpm",
-            RateKind::Tokens => "tpm",
-        };
-        let key = format!("{}{{{tag}}}:{what}", self.limits.config.key_prefix);
-        let mut inv = self.scripts.rate.key(key);
-        inv.arg(seen.limit).arg(want).arg(back).arg(debt);
-        let conn = self.conn.clone();
-        let reply: Option<u64> = self
-            .timed(async move {
-                let mut conn = conn;
-                inv.invoke_async(&mut conn).await
-            })
-            .await;
-        let Some(granted) = reply else {
+        let Some(granted) = self
+            .take_rate(tag, kind, seen.limit, want, back, debt)
+            .await
+        else {
             state.rate_owe(kind, debt);
             return false;
         };
@@ -407,21 +390,7 @@ impl Pass<'_> {
         if target < lease.granted {
             state.lower_slots(target);
         }
-        let key = format!("{}{{{tag}}}:conc", self.limits.config.key_prefix);
-        let mut inv = self.scripts.slots.key(key);
-        inv.arg(&self.limits.instance)
-            .arg(target)
-            .arg(in_flight)
-            .arg(lease.limit)
-            .arg(self.limits.config.lease_ttl_ms);
-        let conn = self.conn.clone();
-        let reply: Option<(u32, u32)> = self
-            .timed(async move {
-                let mut conn = conn;
-                inv.invoke_async(&mut conn).await
-            })
-            .await;
-        let Some((granted, _others)) = reply else {
+        let Some(granted) = self.hold_slots(tag, target, in_flight, lease.limit).await else {
             return false;
         };
         state.set_slots(granted, granted < target);
@@ -429,16 +398,54 @@ impl Pass<'_> {
     }
 
     /// Time one round trip into the metrics.
-    async fn timed<T>(
-        &mut self,
-        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    /// Run one script, counting the round trip and its time; `None` when Redis did not
+    /// answer in time (or answered an error).
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        inv: redis::ScriptInvocation<'_>,
     ) -> Option<T> {
+        let mut conn = self.conn.clone();
         let start = Instant::now();
-        let out = f.await;
+        let out = inv.invoke_async(&mut conn).await;
         let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.limits.round_trips.fetch_add(1, Ordering::Relaxed);
         self.limits.round_trip_us.fetch_add(us, Ordering::Relaxed);
         out.ok()
+    }
+
+    /// The rate script on scope `tag`: take `want` units of the global bucket, give back
+    /// `back` unused ones and charge `debt` owed; the units granted.
+    async fn take_rate(
+        &self,
+        tag: &str,
+        kind: RateKind,
+        limit: u32,
+        want: u64,
+        back: u64,
+        debt: u64,
+    ) -> Option<u64> {
+        let what = match kind {
+            RateKind::Requests => "rpm",
+            RateKind::Tokens => "tpm",
+        };
+        let key = format!("{}{{{tag}}}:{what}", self.limits.config.key_prefix);
+        let mut inv = self.scripts.rate.key(key);
+        inv.arg(limit).arg(want).arg(back).arg(debt);
+        self.invoke(inv).await
+    }
+
+    /// The slots script on scope `tag`: hold `target` slots (`in_flight` of them in use)
+    /// within `limit` less the other live instances' slots; the slots granted.
+    async fn hold_slots(&self, tag: &str, target: u32, in_flight: u32, limit: u32) -> Option<u32> {
+        let key = format!("{}{{{tag}}}:conc", self.limits.config.key_prefix);
+        let mut inv = self.scripts.slots.key(key);
+        inv.arg(&self.limits.instance)
+            .arg(target)
+            .arg(in_flight)
+            .arg(limit)
+            .arg(self.limits.config.lease_ttl_ms);
+        let reply: Option<(u32, u32)> = self.invoke(inv).await;
+        reply.map(|(granted, _others)| granted)
     }
 
     /// Say this instance is live and count the live ones (a sorted set scored by
@@ -448,13 +455,7 @@ impl Pass<'_> {
         let ttl_ms = self.limits.config.refill_interval_ms * LIVE_INTERVALS;
         let mut inv = self.scripts.heartbeat.key(key);
         inv.arg(&self.limits.instance).arg(ttl_ms);
-        let conn = self.conn.clone();
-        let live: Option<u64> = self
-            .timed(async move {
-                let mut conn = conn;
-                inv.invoke_async(&mut conn).await
-            })
-            .await;
+        let live: Option<u64> = self.invoke(inv).await;
         match live {
             Some(n) => {
                 self.limits.live_gateways.store(n, Ordering::Relaxed);
@@ -486,13 +487,7 @@ impl Pass<'_> {
                 .arg(&self.limits.instance)
                 .arg(want)
                 .arg(lease.hold);
-            let conn = self.conn.clone();
-            let reply: Option<(i64, i64)> = self
-                .timed(async move {
-                    let mut conn = conn;
-                    inv.invoke_async(&mut conn).await
-                })
-                .await;
+            let reply: Option<(i64, i64)> = self.invoke(inv).await;
             let Some((granted, hold)) = reply else {
                 return false;
             };
@@ -510,13 +505,7 @@ impl Pass<'_> {
         };
         let mut inv = self.scripts.shrink.key(self.limits.org_key(org, "hold"));
         inv.arg(&self.limits.instance).arg(hold);
-        let conn = self.conn.clone();
-        let reply: Option<i64> = self
-            .timed(async move {
-                let mut conn = conn;
-                inv.invoke_async(&mut conn).await
-            })
-            .await;
+        let reply: Option<i64> = self.invoke(inv).await;
         // Lowered locally already: a lost reply leaves Redis counting more than this
         // instance may use, which is slack, never overspend.
         reply.is_some()
@@ -527,19 +516,7 @@ impl Pass<'_> {
         if let Some((in_flight, lease)) = state.slot_demand(false) {
             if lease.limit > 0 && lease.granted > 0 {
                 state.lower_slots(0);
-                let key = format!("{}{{{tag}}}:conc", self.limits.config.key_prefix);
-                let mut inv = self.scripts.slots.key(key);
-                inv.arg(&self.limits.instance)
-                    .arg(in_flight)
-                    .arg(in_flight)
-                    .arg(lease.limit)
-                    .arg(self.limits.config.lease_ttl_ms);
-                let conn = self.conn.clone();
-                let _: Option<(u32, u32)> = self
-                    .timed(async move {
-                        let mut conn = conn;
-                        inv.invoke_async(&mut conn).await
-                    })
+                self.hold_slots(tag, in_flight, in_flight, lease.limit)
                     .await;
             }
         }
@@ -547,20 +524,7 @@ impl Pass<'_> {
             let Some((limit, back, debt)) = state.rate_release(kind) else {
                 continue;
             };
-            let what = match kind {
-                RateKind::Requests => "rpm",
-                RateKind::Tokens => "tpm",
-            };
-            let key = format!("{}{{{tag}}}:{what}", self.limits.config.key_prefix);
-            let mut inv = self.scripts.rate.key(key);
-            inv.arg(limit).arg(0).arg(back).arg(debt);
-            let conn = self.conn.clone();
-            let _: Option<u64> = self
-                .timed(async move {
-                    let mut conn = conn;
-                    inv.invoke_async(&mut conn).await
-                })
-                .await;
+            self.take_rate(tag, kind, limit, 0, back, debt).await;
         }
     }
 }
