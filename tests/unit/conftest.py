@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import create_engine, text
@@ -17,7 +18,7 @@ from onetoken.orgs import service as orgs
 from onetoken.settings import Settings
 from onetoken.state import AppState
 from tests import builders as build
-from tests.support import TEST_SECRET
+from tests.support import TEST_SECRET, RedisServer
 
 CONTRACT = Path(__file__).resolve().parents[1] / "contract"
 
@@ -134,3 +135,18 @@ def other_admin(state: AppState, client: TestClient) -> Admin:
 def operator(state: AppState, client: TestClient) -> Admin:
     """The platform's staff: the only ones who move money by default."""
     return make_org_admin(state, client, "Platform", "op@platform.test", is_operator=True)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server for the test (tests/support.py)."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def redis_db(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A client of `redis_server`, answering str."""
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    yield client
+    client.close()

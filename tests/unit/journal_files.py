@@ -88,3 +88,19 @@ def dead(spool: Path, instance: str) -> None:
     """The lock file an engine leaves behind when it dies."""
     spool.mkdir(parents=True, exist_ok=True, mode=0o700)
     (spool / lock_name(instance)).touch(mode=0o600)
+
+
+class AcceptingSink:
+    """A call_log that takes every block: both cursors pass, so an Ingestor collects
+    dead journals (tests of what happens after ingestion, not of ClickHouse)."""
+
+    def available(self) -> bool:
+        return True
+
+    def insert(
+        self, block: bytes, rows: int, dedup_token: str, database: str = "onetoken"
+    ) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass

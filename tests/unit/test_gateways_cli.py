@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,38 +28,10 @@ from onetoken.security.audit import CliActor
 from onetoken.settings import Settings
 from onetoken.state import AppState
 from tests.support import RedisServer, wait_until
-from tests.unit.journal_files import append, dead, live, record
+from tests.unit.journal_files import AcceptingSink, append, dead, live, record
 
 BALANCE = 10_000
 NOW_US = int(datetime.now(UTC).replace(hour=12).timestamp()) * 1_000_000
-
-
-class Sink:
-    """call_log taking every block."""
-
-    def available(self) -> bool:
-        return True
-
-    def insert(
-        self, block: bytes, rows: int, dedup_token: str, database: str = "onetoken"
-    ) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis") as srv:
-        yield srv
-
-
-@pytest.fixture
-def db(server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(server.url, decode_responses=True)
-    yield client
-    client.close()
 
 
 @pytest.fixture
@@ -90,27 +61,27 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any, str]:
     return code, parsed, out.err
 
 
-def beat(db: redis.Redis, instance: str, age_ms: int) -> None:
+def beat(redis_db: redis.Redis, instance: str, age_ms: int) -> None:
     """A heartbeat in `ot:gateways` as a gateway writes it, `age_ms` old on Redis' clock."""
-    seconds, micros = db.time()
-    db.zadd(heartbeat_key("ot:"), {instance: seconds * 1000 + micros // 1000 - age_ms})
+    seconds, micros = redis_db.time()
+    redis_db.zadd(heartbeat_key("ot:"), {instance: seconds * 1000 + micros // 1000 - age_ms})
 
 
-def holds(db: redis.Redis, org_id: str) -> dict[str, int]:
-    return {k: int(v) for k, v in db.hgetall(caps.hold_key("ot:", org_id)).items()}
+def holds(redis_db: redis.Redis, org_id: str) -> dict[str, int]:
+    return {k: int(v) for k, v in redis_db.hgetall(caps.hold_key("ot:", org_id)).items()}
 
 
-def headroom(db: redis.Redis, org_id: str) -> int:
-    got = db.hgetall(caps.cap_key("ot:", org_id))
-    return int(got["cap"]) - sum(holds(db, org_id).values())
+def headroom(redis_db: redis.Redis, org_id: str) -> int:
+    got = redis_db.hgetall(caps.cap_key("ot:", org_id))
+    return int(got["cap"]) - sum(holds(redis_db, org_id).values())
 
 
-def true_headroom(state: AppState, db: redis.Redis, org_id: str, live_ids: list[str]) -> int:
+def true_headroom(state: AppState, redis_db: redis.Redis, org_id: str, live_ids: list[str]) -> int:
     """balance + marks of the live instances - their holds."""
     with state.session_factory() as s:
         balance = billing.balance(s, org_id)
         marked = sum(spent_marks(s, i)[0].get(org_id, 0) for i in live_ids)
-    held = holds(db, org_id)
+    held = holds(redis_db, org_id)
     return balance + marked - sum(held.get(i, 0) for i in live_ids)
 
 
@@ -126,14 +97,19 @@ def written_off_events() -> list[dict[str, Any]]:
 
 
 def lose(
-    settings: Settings, state: AppState, org_id: str, instance: str, cost: int,
-    *, keep: Path | None = None,
+    settings: Settings,
+    state: AppState,
+    org_id: str,
+    instance: str,
+    cost: int,
+    *,
+    keep: Path | None = None,
 ) -> None:
     """An instance that ran here, had `cost` ingested, then lost its journal (moved to
     `keep`, if given, as a node that comes back would have it)."""
     spool = settings.spool_dir
     append(spool, instance, 1, [record(f"{instance}-r", org_id=org_id, cost=cost, ts_us=NOW_US)])
-    ingestor = Ingestor(settings, state.session_factory, sink=Sink())  # type: ignore[arg-type]
+    ingestor = Ingestor(settings, state.session_factory, sink=AcceptingSink())  # type: ignore[arg-type]
     with live(spool, instance):
         ingestor.catch_up()
     for path in spool.glob(f"journal-{instance}*"):
@@ -147,24 +123,24 @@ def lose(
 def test_list_shows_live_and_lost_instances_and_retire_writes_off_only_the_lost_one(
     settings: Settings,
     state: AppState,
-    server: RedisServer,
-    db: redis.Redis,
+    redis_server: RedisServer,
+    redis_db: redis.Redis,
     org_id: str,
     env: None,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    settings.redis_url = SecretStr(server.url)
-    monkeypatch.setenv("ONETOKEN_REDIS_URL", server.url)
+    settings.redis_url = SecretStr(redis_server.url)
+    monkeypatch.setenv("ONETOKEN_REDIS_URL", redis_server.url)
     spool = settings.spool_dir
     # "lost1" ran on a node that died: 300 of its cost was ingested while it lived, then
     # its journal went with the node's disk. Its lease (500) and marks stay behind.
     lose(settings, state, org_id, "lost1", 300)
     # "other1" serves on another node; "here1" serves on this one; "journaled1" died here
     # and its journal waits for ingestion.
-    db.hset(caps.hold_key("ot:", org_id), mapping={"lost1": 500, "other1": 400, "here1": 100})
-    beat(db, "lost1", 60_000)
-    beat(db, "other1", 100)
+    redis_db.hset(caps.hold_key("ot:", org_id), mapping={"lost1": 500, "other1": 400, "here1": 100})
+    beat(redis_db, "lost1", 60_000)
+    beat(redis_db, "other1", 100)
     append(spool, "journaled1", 1, [record("j1", org_id=org_id, cost=50, ts_us=NOW_US)])
     dead(spool, "journaled1")
     publisher = CapPublisher(settings, state.session_factory)
@@ -191,20 +167,29 @@ def test_list_shows_live_and_lost_instances_and_retire_writes_off_only_the_lost_
         assert any(line.split()[:2] == ["lost1", "dead"] for line in table.splitlines())
 
         # Refused: live by heartbeat, live by its lock here, journal still here.
-        for instance, why in (("other1", "heartbeat"), ("here1", "journal lock"),
-                              ("journaled1", "still here")):
-            code, _, err = run(capsys, "gateways", "retire", instance, "--lost",
-                               "--reason", "node gone")
+        for instance, why in (
+            ("other1", "heartbeat"),
+            ("here1", "journal lock"),
+            ("journaled1", "still here"),
+        ):
+            code, _, err = run(
+                capsys, "gateways", "retire", instance, "--lost", "--reason", "node gone"
+            )
             assert code == 2 and why in err and "nothing written off" in err
-        assert holds(db, org_id) == {"lost1": 500, "other1": 400, "here1": 100}
+        assert holds(redis_db, org_id) == {"lost1": 500, "other1": 400, "here1": 100}
         assert written_off_events() == []
 
-    code, out, _ = run(capsys, "gateways", "retire", "lost1", "--lost", "--reason",
-                       "node n3 lost", "--json")
+    code, out, _ = run(
+        capsys, "gateways", "retire", "lost1", "--lost", "--reason", "node n3 lost", "--json"
+    )
     assert code == 0
-    assert out == {"instance_id": "lost1", "written_off": True, "published": True,
-                   "orgs": {org_id: {"held": 500, "ingested": 300}}}
-    assert holds(db, org_id) == {"other1": 400, "here1": 100}
+    assert out == {
+        "instance_id": "lost1",
+        "written_off": True,
+        "published": True,
+        "orgs": {org_id: {"held": 500, "ingested": 300}},
+    }
+    assert holds(redis_db, org_id) == {"other1": 400, "here1": 100}
     with state.session_factory() as s:
         assert s.get(IngestRetired, "lost1") is None
         assert spent_marks(s, "lost1") == ({}, {})
@@ -212,20 +197,27 @@ def test_list_shows_live_and_lost_instances_and_retire_writes_off_only_the_lost_
         assert s.get(IngestCursor, ("ledger", "lost1")) is not None
     # The control's own next round agrees: cap - Σ hold is the truth again.
     publisher.publish_all()
-    assert headroom(db, org_id) == BALANCE - 300 - 500
-    assert headroom(db, org_id) == true_headroom(state, db, org_id, ["other1", "here1"])
+    assert headroom(redis_db, org_id) == BALANCE - 300 - 500
+    assert headroom(redis_db, org_id) == true_headroom(state, redis_db, org_id, ["other1", "here1"])
 
     (event,) = written_off_events()
     assert event["org_id"] == org_id and event["subject_id"] == "lost1"
     assert event["severity"] == "high" and event["user_agent"] == "onetoken-cli"
-    assert event["detail"] == {"instance_id": "lost1", "reason": "node n3 lost", "orgs": 1,
-                               "held": 500, "ingested": 300, "unledgered_at_most": 200}
+    assert event["detail"] == {
+        "instance_id": "lost1",
+        "reason": "node n3 lost",
+        "orgs": 1,
+        "held": 500,
+        "ingested": 300,
+        "unledgered_at_most": 200,
+    }
 
     # Again: nothing left to do, nothing recorded, the other leases untouched.
-    code, out, _ = run(capsys, "gateways", "retire", "lost1", "--lost", "--reason", "again",
-                       "--json")
+    code, out, _ = run(
+        capsys, "gateways", "retire", "lost1", "--lost", "--reason", "again", "--json"
+    )
     assert code == 0 and out["written_off"] is False
-    assert holds(db, org_id) == {"other1": 400, "here1": 100}
+    assert holds(redis_db, org_id) == {"other1": 400, "here1": 100}
     assert written_off_events() == []
     code, listed, _ = run(capsys, "gateways", "list", "--json")
     lost = {i["instance_id"]: i for i in listed["instances"]}["lost1"]
@@ -269,18 +261,18 @@ def test_without_redis_the_list_is_what_the_control_db_knows_and_retire_forgets_
 def test_a_write_off_whose_publish_round_fails_is_finished_by_the_control_publisher(
     settings: Settings,
     state: AppState,
-    server: RedisServer,
-    db: redis.Redis,
+    redis_server: RedisServer,
+    redis_db: redis.Redis,
     org_id: str,
     env: None,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    settings.redis_url = SecretStr(server.url)
+    settings.redis_url = SecretStr(redis_server.url)
     settings.cap_publish_interval_seconds = 0.2
-    monkeypatch.setenv("ONETOKEN_REDIS_URL", server.url)
+    monkeypatch.setenv("ONETOKEN_REDIS_URL", redis_server.url)
     lose(settings, state, org_id, "lost1", 300)
-    db.hset(caps.hold_key("ot:", org_id), mapping={"lost1": 500, "other1": 400})
+    redis_db.hset(caps.hold_key("ot:", org_id), mapping={"lost1": 500, "other1": 400})
     control = CapPublisher(settings, state.session_factory)
     control.publish_all()
 
@@ -289,21 +281,24 @@ def test_a_write_off_whose_publish_round_fails_is_finished_by_the_control_publis
 
     with monkeypatch.context() as m:
         m.setattr(CapPublisher, "publish_all", redis_gone)
-        code, out, err = run(capsys, "gateways", "retire", "lost1", "--lost", "--reason", "n3",
-                             "--json")
+        code, out, err = run(
+            capsys, "gateways", "retire", "lost1", "--lost", "--reason", "n3", "--json"
+        )
     assert code == 0 and out["written_off"] is True and out["published"] is False
     assert "next full round" in err
     # Retired in the DB only: Redis keeps the old cap and the hold, headroom below the truth.
     with state.session_factory() as s:
         assert s.get(IngestRetired, "lost1") is not None
-    assert holds(db, org_id) == {"lost1": 500, "other1": 400}
-    assert headroom(db, org_id) <= true_headroom(state, db, org_id, ["other1"])
+    assert holds(redis_db, org_id) == {"lost1": 500, "other1": 400}
+    assert headroom(redis_db, org_id) <= true_headroom(state, redis_db, org_id, ["other1"])
 
     control.start()
     try:
-        wait_until(lambda: holds(db, org_id) == {"other1": 400}, message="the control's round")
-        assert headroom(db, org_id) == true_headroom(state, db, org_id, ["other1"])
-        assert headroom(db, org_id) == BALANCE - 300 - 400
+        wait_until(
+            lambda: holds(redis_db, org_id) == {"other1": 400}, message="the control's round"
+        )
+        assert headroom(redis_db, org_id) == true_headroom(state, redis_db, org_id, ["other1"])
+        assert headroom(redis_db, org_id) == BALANCE - 300 - 400
     finally:
         control.stop()
 
@@ -311,15 +306,15 @@ def test_a_write_off_whose_publish_round_fails_is_finished_by_the_control_publis
 def test_redis_down_lists_what_the_control_db_knows_and_refuses_to_retire(
     settings: Settings,
     state: AppState,
-    server: RedisServer,
+    redis_server: RedisServer,
     org_id: str,
     env: None,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("ONETOKEN_REDIS_URL", server.url)
+    monkeypatch.setenv("ONETOKEN_REDIS_URL", redis_server.url)
     lose(settings, state, org_id, "lost1", 300)
-    server.stop()
+    redis_server.stop()
     code, listed, _ = run(capsys, "gateways", "list", "--json")
     assert code == 0 and listed["redis"] is False and listed["redis_error"] == "ConnectionError"
     assert [i["instance_id"] for i in listed["instances"]] == ["lost1"]
@@ -334,8 +329,8 @@ def test_redis_down_lists_what_the_control_db_knows_and_refuses_to_retire(
 def test_a_journal_that_turns_up_after_a_write_off_is_read_on_never_charged_twice(
     settings: Settings,
     state: AppState,
-    server: RedisServer,
-    db: redis.Redis,
+    redis_server: RedisServer,
+    redis_db: redis.Redis,
     org_id: str,
     env: None,
     monkeypatch: pytest.MonkeyPatch,
@@ -344,14 +339,13 @@ def test_a_journal_that_turns_up_after_a_write_off_is_read_on_never_charged_twic
 ) -> None:
     # The node was only cut off: written off, then back with its journal, which holds
     # one more call (50) than the ledger took before.
-    settings.redis_url = SecretStr(server.url)
-    monkeypatch.setenv("ONETOKEN_REDIS_URL", server.url)
+    settings.redis_url = SecretStr(redis_server.url)
+    monkeypatch.setenv("ONETOKEN_REDIS_URL", redis_server.url)
     node = tmp_path / "node"
     lose(settings, state, org_id, "lost1", 300, keep=node)
     append(node, "lost1", 1, [record("late", org_id=org_id, cost=50, ts_us=NOW_US)])
-    db.hset(caps.hold_key("ot:", org_id), mapping={"lost1": 500})
-    code, out, _ = run(capsys, "gateways", "retire", "lost1", "--lost", "--reason", "n3",
-                       "--json")
+    redis_db.hset(caps.hold_key("ot:", org_id), mapping={"lost1": 500})
+    code, out, _ = run(capsys, "gateways", "retire", "lost1", "--lost", "--reason", "n3", "--json")
     assert code == 0 and out["written_off"] is True
     with state.session_factory() as s:
         assert billing.balance(s, org_id) == BALANCE - 300
@@ -359,7 +353,7 @@ def test_a_journal_that_turns_up_after_a_write_off_is_read_on_never_charged_twic
     for path in node.iterdir():
         path.rename(settings.spool_dir / path.name)
     dead(settings.spool_dir, "lost1")
-    ingestor = Ingestor(settings, state.session_factory, sink=Sink())  # type: ignore[arg-type]
+    ingestor = Ingestor(settings, state.session_factory, sink=AcceptingSink())  # type: ignore[arg-type]
     assert ingestor.catch_up() == 1
     with state.session_factory() as s:
         assert billing.balance(s, org_id) == BALANCE - 350
@@ -368,23 +362,22 @@ def test_a_journal_that_turns_up_after_a_write_off_is_read_on_never_charged_twic
     publisher = CapPublisher(settings, state.session_factory)
     publisher.publish_all()
     publisher.stop()
-    assert headroom(db, org_id) == BALANCE - 350 == true_headroom(state, db, org_id, [])
+    assert headroom(redis_db, org_id) == BALANCE - 350 == true_headroom(state, redis_db, org_id, [])
     # Still written off: another run is a no-op.
-    code, out, _ = run(capsys, "gateways", "retire", "lost1", "--lost", "--reason", "n3",
-                       "--json")
+    code, out, _ = run(capsys, "gateways", "retire", "lost1", "--lost", "--reason", "n3", "--json")
     assert code == 0 and out["written_off"] is False
 
 
 def test_two_write_offs_racing_release_and_record_once(
     settings: Settings,
     state: AppState,
-    server: RedisServer,
-    db: redis.Redis,
+    redis_server: RedisServer,
+    redis_db: redis.Redis,
     org_id: str,
 ) -> None:
-    settings.redis_url = SecretStr(server.url)
+    settings.redis_url = SecretStr(redis_server.url)
     lose(settings, state, org_id, "lost1", 300)
-    db.hset(caps.hold_key("ot:", org_id), mapping={"lost1": 500})
+    redis_db.hset(caps.hold_key("ot:", org_id), mapping={"lost1": 500})
     security_log.current().drain()  # type: ignore[union-attr]
     # B reads the inventory (not written off yet), then A writes it off entirely, then B
     # goes on: the written-off row's key turns B away.
