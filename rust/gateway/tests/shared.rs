@@ -278,6 +278,11 @@ async fn a_slow_redis_counts_as_down_and_money_fails_closed() {
     assert_eq!(refused.status, 503, "{}", refused.text());
     assert_eq!(refused.json()["error"]["code"], "shared_state_unavailable");
     assert!(metric(&gw, "onetoken_shared_balance_fallbacks_total") >= 1.0);
+    let canary = gw
+        .chat_as("ot-good", chat(CANARY, json!({"max_tokens": 10})))
+        .await;
+    assert_eq!(canary.status, 503, "{}", canary.text());
+    gw.assert_no_canary(&gw.records(), &[&refused, &canary]);
     stalled.join().unwrap();
     assert!(
         wait_for(WAIT, || async {
@@ -320,6 +325,14 @@ async fn redis_down_money_fails_closed_beyond_the_lease_then_recovers() {
     assert_eq!(refused.status, 503, "{}", refused.text());
     let body = refused.json();
     assert_eq!(body["error"]["code"], "shared_state_unavailable");
+    // The same refusal of a request carrying the canary: its content stays out of the
+    // reply, the record, the metrics and the spool.
+    let canary = gw
+        .chat_as("ot-good", chat(CANARY, json!({"max_tokens": 10})))
+        .await;
+    assert_eq!(canary.status, 503, "{}", canary.text());
+    gw.wait_records(served + 7).await;
+    gw.assert_no_canary(&gw.records(), &[&refused, &canary]);
     assert_eq!(body["error"]["type"], "service_unavailable");
     assert_eq!(refused.headers["retry-after"], "1");
     assert!(metric(&gw, "onetoken_shared_balance_fallbacks_total") >= 1.0);
