@@ -35,6 +35,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from onetoken.analytics.columns import (
+    CALL_LOG_DOCS,
     LOG_DATABASES,
     POOL_DATABASE,
     SECURITY_LOG_TABLE,
@@ -345,7 +346,43 @@ def apply_migrations(client: Client, database: str = SHARED_DATABASE) -> list[st
         )
         applied.append(migration.name)
         logger.info("analytics.migration_applied", extra={"version": migration.version})
+    ensure_call_log_comments(client, database)
     return applied
+
+
+def sql_string(value: str) -> str:
+    """A ClickHouse string literal of `value`."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def ensure_call_log_comments(client: Any, database: str = SHARED_DATABASE) -> int:
+    """Make the column comments of <database>.call_log the engine's declaration
+    (CALL_LOG_DOCS), so DESCRIBE explains each column; returns how many changed. Not a
+    migration: the declaration is their one source, and a reworded comment reaches every
+    database when it next opens. On a cluster both the local tables and the Distributed
+    one (which DESCRIBE reads) take them."""
+    table = call_log_table(database)
+    target = ttl_target(client, table)
+    if target is None:
+        return 0
+    tables = [target.table] if target.table == table else [target.table, table]
+    changed = 0
+    for name in tables:
+        db, bare = name.split(".", 1)
+        current = dict(client.query(
+            "SELECT name, comment FROM system.columns "
+            "WHERE database = {db:String} AND table = {t:String}",
+            parameters={"db": db, "t": bare},
+        ).result_rows)
+        for column, doc in CALL_LOG_DOCS.items():
+            if column in current and current[column] != doc:
+                # Names are the engine's identifiers and the text is quoted as a literal.
+                client.command(
+                    f"ALTER TABLE {name}{target.on_cluster} COMMENT COLUMN {column} "
+                    f"{sql_string(doc)}"
+                )
+                changed += 1
+    return changed
 
 
 # Distributed('<cluster>', '<database>', '<table>', <shard key>) as system.tables shows it.

@@ -1,6 +1,8 @@
 """Columns of one call metadata record: the engine writes the rows, so its declaration
 (`_core.call_log_native_columns()`) is the only one; the ClickHouse migrations create
-exactly these columns (tests/unit/test_analytics_clickhouse.py checks them in chDB).
+exactly these columns (tests/unit/test_analytics_clickhouse.py checks them in chDB). The
+declaration also says what each column means (`_core.call_log_column_docs()`): the
+ClickHouse column comments and docs/analytics.md are made from it.
 """
 
 from __future__ import annotations
@@ -41,3 +43,6 @@ def call_log_table(database: str) -> str:
 CALL_LOG_SCHEMA: Final[tuple[tuple[str, str], ...]] = tuple(_core.call_log_native_columns())
 
 CALL_LOG_COLUMNS: Final[tuple[str, ...]] = tuple(name for name, _ in CALL_LOG_SCHEMA)
+
+#: column -> what it means (unit, values, what empty means), from the engine's declaration.
+CALL_LOG_DOCS: Final[dict[str, str]] = dict(_core.call_log_column_docs())
