@@ -230,8 +230,6 @@ ClickHouse merges the parts holding them, at a time of its choosing. So:
   collapses copies while reading.
 - Counting calls without `FINAL` (cheaper over long ranges): `uniqExact(request_id)`
   (`uniqExact(event_id)` for events). `count()` without `FINAL` counts copies too.
-- Dimension tables are `ReplacingMergeTree(updated_at)`: read them with `FINAL` to get the
-  latest version of each row.
 
 **Money.** `cost` is an integer of nano-units: 10^-9 of the deployment's currency
 (`ONETOKEN_CURRENCY`, default USD), so sums are exact. To show units of the currency
@@ -244,9 +242,10 @@ reconcile` checks that both agree per org and day ([metering.md](metering.md)).
 (`latency_us`, `ttfb_us`) are microseconds. Partitions are months of `ts`: a filter on
 `ts` skips whole months, and `org_id` first in the sort key makes one org's range cheap.
 
-**Errors.** A call failed when `status >= 400`; `error_code` says why (the code of the
-OpenAI-shaped error the client got) and is empty on success. 499 means the client went
-away before the answer ended.
+**Errors.** A call failed when `error_code` is not empty: it is the code of the
+OpenAI-shaped error the client got. Most failures also have `status >= 400` (499: the
+client went away first), but a stream that broke after its 200 went out keeps status 200
+with `upstream_stream_cut` or `shutting_down`.
 
 ## Pools
 
@@ -260,7 +259,8 @@ SELECT ... FROM merge(REGEXP('^onetoken(_[a-z0-9_]{1,40})?$'), '^call_log$') ...
 ```
 
 `FINAL` applies to each table read, and the `_database` column says which database a
-row came from. The examples below read the shared database only.
+row came from. The examples below read the shared database, but for one that shows
+this.
 """
 
 _ROLLUP: Final = """\
@@ -280,9 +280,10 @@ _NAMES: Final = """\
 
 `call_log` holds ids (`org_id`, `provider`, `key_id`); their names live in the control DB,
 which copies them into the dimension tables `dim_orgs`, `dim_providers`, `dim_models` and
-`dim_keys` of the shared database (names and display ids only, never secrets). A deleted
-thing keeps its row with `deleted = 1`, so past calls keep their names. Join them with
-`FINAL`, as the examples below do; an id the tables do not know yet joins to empty names.
+`dim_keys` of the shared database (names and display ids only, never secrets). They are
+`ReplacingMergeTree(updated_at)`: read them with `FINAL` for the latest version of each
+row, as the examples below do. A deleted thing keeps its row with `deleted = 1`, so past
+calls keep their names; an id the tables do not know yet joins to empty names.
 """
 
 _OUTRO: Final = """\

@@ -43,8 +43,9 @@ ORDER BY calls DESC;
 
 -- name: error_rates_by_code
 -- columns: error_code, status, calls, percent_of_calls
--- Errors by code over the last day, and each code's share of all calls in percent.
--- An error is a status of 400 or more; 499 means the client went away first.
+-- Errors by code over the last day, and each code's share of all calls in percent. A
+-- failed call has an error code; its status is 400 or more, except a stream that broke
+-- after its 200 went out (499: the client went away first).
 SELECT
     error_code,
     status,
@@ -53,7 +54,7 @@ SELECT
         SELECT count() FROM onetoken.call_log FINAL WHERE ts >= now() - INTERVAL 1 DAY
     ), 3) AS percent_of_calls
 FROM onetoken.call_log FINAL
-WHERE ts >= now() - INTERVAL 1 DAY AND status >= 400
+WHERE ts >= now() - INTERVAL 1 DAY AND error_code != ''
 GROUP BY error_code, status
 ORDER BY calls DESC;
 
@@ -84,7 +85,7 @@ SELECT
     count() AS calls,
     uniqExact(key_id) AS keys,
     uniqExact(source_ip) AS client_addresses,
-    countIf(status >= 400) AS errors,
+    countIf(error_code != '') AS errors,
     sum(cost) AS cost_nano
 FROM onetoken.call_log FINAL
 WHERE ts >= now() - INTERVAL 1 DAY AND account_id != ''
@@ -211,7 +212,7 @@ SELECT
     s.minute AS minute,
     s.model_served AS model_served,
     sum(s.calls) AS calls,
-    sumIf(s.calls, s.status >= 400) AS errors,
+    sumIf(s.calls, s.error_code != '') AS errors,
     sum(s.prompt_tokens) + sum(s.completion_tokens) AS tokens,
     sum(s.cost) AS cost_nano,
     quantilesTDigestMerge(0.5, 0.95, 0.99)(s.latency_us_q) AS latency_us_p50_p95_p99

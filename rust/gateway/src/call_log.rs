@@ -11,8 +11,8 @@
 macro_rules! call_log {
     ($then:ident) => {
         $then! {
-            /// Request start (when the gateway accepted the connection's request), UTC,
-            /// microsecond precision; stored as microseconds since the Unix epoch.
+            /// Request start (when the gateway began handling the request), UTC, microsecond
+            /// precision; stored as microseconds since the Unix epoch.
             ts: i64 => NumColumn "DateTime64(6, 'UTC')",
             /// Unique request id, also sent to the client as `x-request-id`. A record
             /// replayed after a crash repeats it: count calls with `uniqExact(request_id)`
@@ -52,11 +52,12 @@ macro_rules! call_log {
             /// factor applied; 0 when nothing was charged. The ledger holds the billed
             /// amounts: this is the per-call view of them.
             cost: i64 => NumColumn "Int64",
-            /// HTTP status sent to the client; 499 when the client went away first. An
-            /// error is 400 or more.
+            /// HTTP status sent to the client; 499 when the client went away first. A
+            /// stream that failed after its 200 went out keeps 200: `error_code` says so.
             status: u16 => NumColumn "UInt16",
-            /// Error code of the OpenAI-shaped error body (e.g. `rate_limited`,
-            /// `upstream_timeout`, `client_disconnected`); empty on success.
+            /// Why the call failed: the code of the OpenAI-shaped error (e.g. `rate_limited`,
+            /// `upstream_timeout`, `client_disconnected`), also on a stream that broke after
+            /// its 200 (`upstream_stream_cut`, `shutting_down`); empty when it ended well.
             error_code: &'static str => LcColumn "LowCardinality(String)",
             /// Request start to the end of the response, microseconds.
             latency_us: u32 => NumColumn "UInt32",
