@@ -29,7 +29,7 @@ from clickhouse_connect.driver.client import Client
 from onetoken import cli
 from onetoken.analytics import clickhouse as ch
 from onetoken.analytics import cluster, queries
-from onetoken.analytics.columns import CALL_LOG_COLUMNS
+from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_DOCS
 from onetoken.analytics.sink import CallLogSink
 from onetoken.audit import AuditReport, scan_clickhouse
 from onetoken.billing import statements
@@ -174,6 +174,25 @@ def test_cluster_ddl_runs_in_chdb_but_for_keeper(client: Client, clus: str) -> N
             assert ttl(f"clus.{table}_local") == single_ttl_defaults[table]
     assert {(t.removesuffix("_local"), *r) for t, *r in indexes("clus")} == indexes("onetoken")
     assert len(indexes("onetoken")) == 5
+
+
+def test_cluster_ddl_comments_call_log_so_startup_alters_nothing(
+    client: Client, clus: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    def comments(table: str) -> dict[str, str]:
+        return {str(r[0]): str(r[4]) for r in client.query(f"DESCRIBE TABLE {table}").result_rows}
+
+    assert comments(f"{clus}.call_log") == comments(f"{clus}.call_log_local") == CALL_LOG_DOCS
+    assert ch.ensure_call_log_comments(client, clus) == 0
+    # A reworded comment is set ON CLUSTER, which chDB refuses as a server without the
+    # right would: the service logs it and carries on.
+    client.command(f"ALTER TABLE {clus}.call_log_local COMMENT COLUMN cost 'old words'")
+    assert ch.ensure_call_log_comments(client, clus) == 0
+    assert "analytics.comment_refused" in caplog.text
+    client.command(
+        f"ALTER TABLE {clus}.call_log_local COMMENT COLUMN cost "
+        f"{ch.sql_string(CALL_LOG_DOCS['cost'])}"
+    )
 
 
 def test_startup_ttl_check_reads_and_alters_the_local_tables(client: Client, clus: str) -> None:

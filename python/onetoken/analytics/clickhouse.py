@@ -375,13 +375,20 @@ def ensure_call_log_comments(client: Any, database: str = SHARED_DATABASE) -> in
             parameters={"db": db, "t": bare},
         ).result_rows)
         for column, doc in CALL_LOG_DOCS.items():
-            if column in current and current[column] != doc:
+            if column not in current or current[column] == doc:
+                continue
+            try:
                 # Names are the engine's identifiers and the text is quoted as a literal.
                 client.command(
                     f"ALTER TABLE {name}{target.on_cluster} COMMENT COLUMN {column} "
                     f"{sql_string(doc)}"
                 )
-                changed += 1
+            except ClickHouseError:
+                # A comment documents; a server that refuses it (an account without
+                # ON CLUSTER rights) must not keep the service from starting.
+                logger.warning("analytics.comment_refused", extra={"kind": name})
+                return changed
+            changed += 1
     return changed
 
 

@@ -30,7 +30,8 @@ import re
 from collections.abc import Iterator
 from typing import Final
 
-from onetoken.analytics.clickhouse import Migration, load_migrations
+from onetoken.analytics.clickhouse import Migration, load_migrations, sql_string
+from onetoken.analytics.columns import CALL_LOG_DOCS
 
 #: The database the single-node migrations create and the control plane reads.
 SOURCE_DATABASE: Final = "onetoken"
@@ -152,7 +153,23 @@ def migration_sql(migration: Migration, cluster: str, database: str = SOURCE_DAT
     return "\n\n".join(out) + "\n"
 
 
+def call_log_comments_sql(cluster: str, database: str = SOURCE_DATABASE) -> str:
+    """call_log's column comments (the engine's declaration) on the local and Distributed
+    tables. The control plane sets them at start when they differ
+    (analytics.clickhouse.ensure_call_log_comments); set here, it finds nothing to do and
+    needs no ON CLUSTER right for them."""
+    out = [f"-- call_log column comments (cluster {cluster})"]
+    for column, doc in CALL_LOG_DOCS.items():
+        statement = (
+            f"ALTER TABLE {SOURCE_DATABASE}.call_log COMMENT COLUMN {column} {sql_string(doc)}"
+        )
+        out.extend(f"{s};" for s in cluster_statements(statement, cluster, database))
+    return "\n\n".join(out) + "\n"
+
+
 def cluster_ddl(cluster: str, database: str = SOURCE_DATABASE) -> Iterator[str]:
-    """Every packaged migration as cluster DDL, in version order."""
+    """Every packaged migration as cluster DDL, in version order, then call_log's column
+    comments."""
     for migration in load_migrations():
         yield migration_sql(migration, cluster, database)
+    yield call_log_comments_sql(cluster, database)

@@ -213,7 +213,8 @@ Where to query: `onetoken sql` and the control API's read-only SQL endpoint (SEL
 rows limited to your org: [sql.md](sql.md)); the Grafana dashboards in `deploy/grafana`
 read the same tables. The embedded default is chDB under `<data_dir>/clickhouse`; a
 ClickHouse server or cluster is set with `ONETOKEN_CLICKHOUSE_DSN`
-([clickhouse-cluster.md](clickhouse-cluster.md)).
+([clickhouse-cluster.md](clickhouse-cluster.md)). The column meanings below are also the
+columns' ClickHouse comments: `DESCRIBE TABLE onetoken.call_log` shows them.
 
 ## Reading it right
 
