@@ -18,8 +18,8 @@ macro_rules! call_log {
             /// replayed after a crash repeats it: count calls with `uniqExact(request_id)`
             /// or read with `FINAL`.
             request_id: String => StrColumn "String",
-            /// Org id (the control DB's); empty when the key was not recognised (a 401
-            /// before authentication, or a key of another gateway pool).
+            /// Org id (the control DB's); empty when the key was not recognised: no known
+            /// key (401), or a key served by another gateway pool (403).
             org_id: String => StrColumn "String",
             /// Account id of the key's owner; empty when the key was not recognised.
             account_id: String => StrColumn "String",
