@@ -44,6 +44,7 @@ from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from onetoken.analytics.clickhouse import AnalyticsError
 from onetoken.analytics.columns import LOG_DATABASES
+from onetoken.settings import Settings
 
 #: Tables an org-scoped query may read, in the shared database and each pool's; each holds
 #: an org_id column that the row filter matches (docs/analytics.md describes them).
@@ -399,3 +400,14 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple | set | frozenset):
         return [_jsonable(v) for v in value]
     return str(value)
+
+
+def limits_from(settings: Settings) -> SqlLimits:
+    """The ONETOKEN_SQL_* limits."""
+    return SqlLimits(
+        max_execution_time_s=settings.sql_max_execution_time_s,
+        max_memory_bytes=settings.sql_max_memory_bytes,
+        max_result_rows=settings.sql_max_result_rows,
+        max_result_bytes=settings.sql_max_result_bytes,
+        max_rows_to_read=settings.sql_max_rows_to_read,
+    )
