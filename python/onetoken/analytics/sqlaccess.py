@@ -128,6 +128,9 @@ def run_sql(client: Any, query: str, *, org_id: str | None, limits: SqlLimits) -
     `org_id`'s rows, or to every org's when None (operators who asked for all orgs)."""
     if not query.strip():
         raise SqlQueryError("sql_error", "The query is empty.")
+    # A NUL would end a C string on the way into chDB; a lone surrogate is no UTF-8.
+    if "\x00" in query or not _encodable(query):
+        raise SqlQueryError("sql_error", "The query holds a NUL or a lone surrogate.")
     with _session(client) as session:
         canonical = _single_statement(session.run, query)
         wrapped = _wrap(session.run, canonical, limits.max_result_rows)
@@ -168,9 +171,14 @@ class _Session:
     def restrict(self, settings: dict[str, Any]) -> None:
         if self._own:
             for name, value in settings.items():
-                self._client.command(f"SET {name} = {_literal(value)}")
+                statement = f"SET {name} = {_literal(value)}"
+                _guarded(lambda s=statement: self._client.command(s))
         else:
-            self._settings = settings
+            # URL parameters take a setting's text: a map as its literal, the rest bare.
+            self._settings = {
+                name: _literal(value) if isinstance(value, dict) else value
+                for name, value in settings.items()
+            }
         self._restricted = True
 
     def query(self, sql: str, parameters: Mapping[str, Any] | None = None) -> Any:
@@ -194,6 +202,8 @@ class _Session:
 @contextlib.contextmanager
 def _session(client: Any) -> Iterator[_Session]:
     path = getattr(client, "path", None)
+    # By name: importing clickhouse-connect's chDB client class would load chDB into a
+    # process that talks to a server.
     if type(client).__name__ == "ChdbClient" and isinstance(path, str):
         # Same path, same engine: chDB hands out any number of handles to the engine this
         # process runs, each with its own session settings.
@@ -368,6 +378,14 @@ def _translate(exc: ClickHouseError) -> SqlQueryError:
     if code in _LIMIT_CODES:
         return SqlQueryError("sql_limit_exceeded", message)
     return SqlQueryError("sql_error", message)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _quote(value: str) -> str:
