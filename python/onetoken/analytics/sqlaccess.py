@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
+from functools import partial
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Final, Literal
 from uuid import UUID
@@ -171,8 +172,7 @@ class _Session:
     def restrict(self, settings: dict[str, Any]) -> None:
         if self._own:
             for name, value in settings.items():
-                statement = f"SET {name} = {_literal(value)}"
-                _guarded(lambda s=statement: self._client.command(s))
+                _guarded(partial(self._client.command, f"SET {name} = {_literal(value)}"))
         else:
             # URL parameters take a setting's text: a map as its literal, the rest bare.
             self._settings = {
