@@ -149,3 +149,17 @@ def test_only_operators_widen_the_scope(
     assert every["org"] is None
     # The operator's own org has no calls: the default scope is still one org.
     assert ask(client, operator.headers, query).json()["rows"] == []
+
+
+def test_the_security_log_is_for_those_who_may_read_it_through_the_api(
+    state: AppState, client: TestClient, admin: Admin, calls: None
+) -> None:
+    """Analysts do not hold security.read, so SQL does not open the security log to them;
+    owners and admins read their org's."""
+    analyst = add_account(state, client, admin.org_id, "ana@acme.test", "analyst")
+    query = "SELECT count() FROM onetoken.security_log"
+    r = ask(client, analyst, query)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "sql_refused"
+    nested = ask(client, analyst, "SELECT (SELECT count() FROM onetoken.security_log)")
+    assert nested.json()["error"]["code"] == "sql_refused"
+    assert ask(client, admin.headers, query).status_code == 200

@@ -31,7 +31,7 @@ import hashlib
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -124,9 +124,17 @@ def query_fingerprint(query: str) -> dict[str, str | int]:
     }
 
 
-def run_sql(client: Any, query: str, *, org_id: str | None, limits: SqlLimits) -> SqlResult:
+def run_sql(
+    client: Any,
+    query: str,
+    *,
+    org_id: str | None,
+    limits: SqlLimits,
+    tables: Collection[str] = READABLE_TABLES,
+) -> SqlResult:
     """Run one read-only query on `client` (the process's ClickHouse client), limited to
-    `org_id`'s rows, or to every org's when None (operators who asked for all orgs)."""
+    `org_id`'s rows, or to every org's when None (operators who asked for all orgs), and
+    to `tables` (a part of READABLE_TABLES: what the caller's role may read)."""
     if not query.strip():
         raise SqlQueryError("sql_error", "The query is empty.")
     # A NUL would end a C string on the way into chDB; a lone surrogate is no UTF-8.
@@ -136,11 +144,14 @@ def run_sql(client: Any, query: str, *, org_id: str | None, limits: SqlLimits) -
         canonical = _single_statement(session.run, query)
         wrapped = _wrap(session.run, canonical, limits.max_result_rows)
         # The catalogue first: the restricted session may not read system tables.
-        readable = _readable_tables(session.run)
+        existing = _readable_tables(session.run)
         databases = _databases(session.run)
-        session.restrict(_engine_settings(readable, org_id, limits))
-        _check_unresolved(session.run, wrapped, databases)
-        _check_resolved(session.run, wrapped, readable)
+        # Filters on every table holding org rows, whatever this caller may read.
+        session.restrict(_engine_settings(existing, org_id, limits))
+        _check_unresolved(session.run, wrapped, databases, tables)
+        _check_resolved(
+            session.run, wrapped, [t for t in existing if t.rsplit(".", 1)[1] in tables]
+        )
         started = time.monotonic()
         result = _guarded(lambda: session.query(wrapped))
         elapsed_ms = (time.monotonic() - started) * 1000
@@ -307,7 +318,9 @@ def _explain(run: Run, sql: str, *, resolved: bool) -> list[str]:
     return [str(r[0]) for r in result.result_rows]
 
 
-def _check_unresolved(run: Run, sql: str, databases: frozenset[str]) -> None:
+def _check_unresolved(
+    run: Run, sql: str, databases: frozenset[str], tables: Collection[str]
+) -> None:
     """Before names are resolved (nothing is evaluated yet): no table function, no
     other database, no function that reads past the filters. A name is matched wherever
     it appears in a node line, so a strange alias can only add refusals."""
@@ -335,7 +348,7 @@ def _check_unresolved(run: Run, sql: str, databases: frozenset[str]) -> None:
                     f"(not {parts[0]}.*)."
                 )
             if log_databases.match(parts[0]) and len(parts) > 1 and (
-                parts[1] not in READABLE_TABLES
+                parts[1] not in tables
             ):
                 raise SqlQueryError(
                     "sql_refused", f"The table {parts[0]}.{parts[1]} cannot be read here."

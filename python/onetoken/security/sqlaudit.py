@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from onetoken.analytics.sqlaccess import (
+    READABLE_TABLES,
     SqlLimits,
     SqlQueryError,
     SqlResult,
@@ -17,10 +18,24 @@ from onetoken.analytics.sqlaccess import (
     run_sql,
 )
 from onetoken.security.audit import Actor, event
+from onetoken.security.permissions import PERMISSIONS, holds
+
+
+def readable_tables(role: str, is_operator: bool) -> tuple[str, ...]:
+    """The tables a caller's SQL may read: the security log only for those who may read
+    it through the API (security.read); the rest for everyone who may run SQL."""
+    may_read_security = holds(PERMISSIONS["security.read"], role, is_operator)
+    return tuple(t for t in READABLE_TABLES if t != "security_log" or may_read_security)
 
 
 def run_audited(
-    actor: Actor, client: Any, query: str, *, org_id: str | None, limits: SqlLimits
+    actor: Actor,
+    client: Any,
+    query: str,
+    *,
+    org_id: str | None,
+    limits: SqlLimits,
+    tables: tuple[str, ...] = READABLE_TABLES,
 ) -> SqlResult:
     """run_sql for `actor`, recorded whatever the outcome. `org_id` None reads every org
     (operators who asked for it)."""
@@ -29,7 +44,7 @@ def run_audited(
         "scope": "org" if org_id is not None else "all_orgs",
     }
     try:
-        result = run_sql(client, query, org_id=org_id, limits=limits)
+        result = run_sql(client, query, org_id=org_id, limits=limits, tables=tables)
     except SqlQueryError as exc:
         event(actor, "analytics.sql", "low", org_id=org_id,
               detail={**detail, "outcome": exc.code})

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 from onetoken.analytics import queries
 from onetoken.analytics.sqlaccess import SqlQueryError, SqlResult, limits_from
 from onetoken.kit.errors import BadRequest, Forbidden, Unprocessable
-from onetoken.security.sqlaudit import run_audited
+from onetoken.security.sqlaudit import readable_tables, run_audited
 from onetoken.web.deps import (
     AnalyticsSqlDep,
     CallsReadDep,
@@ -131,9 +131,11 @@ def analytics_sql(body: SqlRequest, principal: AnalyticsSqlDep, state: StateDep)
     security log (docs/sql.md); ClickHouse enforces the scope and the limits."""
     org = sql_scope(principal, body.org, body.all_orgs)
     limits = limits_from(state.settings)
+    tables = readable_tables(principal.role, principal.is_operator)
     try:
         result = call_log_sink(state).read(
-            lambda c: run_audited(principal, c, body.query, org_id=org, limits=limits)
+            lambda c: run_audited(principal, c, body.query, org_id=org, limits=limits,
+                                  tables=tables)
         )
     except SqlQueryError as exc:
         raise SqlError(exc.message, code=exc.code, param="query") from None
