@@ -3,8 +3,8 @@
 
 from alembic import op
 
-revision: str = "0015_analyst_role"
-down_revision: str | None = "0014_pools"
+revision: str = "0016_analyst_role"
+down_revision: str | None = "0015_org_no_training"
 
 _OLD_ROLES = "role IN ('owner','admin','developer','billing','viewer')"
 _NEW_ROLES = "role IN ('owner','admin','developer','billing','viewer','analyst')"
