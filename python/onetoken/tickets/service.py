@@ -116,21 +116,23 @@ def counts(session: Session, ticket_ids: Sequence[str]) -> dict[str, tuple[int, 
     if not ticket_ids:
         return {}
     ids = list(ticket_ids)
-    messages = dict(
-        session.execute(
+    messages = {
+        row[0]: int(row[1])
+        for row in session.execute(
             select(TicketMessage.ticket_id, func.count())
             .where(TicketMessage.ticket_id.in_(ids))
             .group_by(TicketMessage.ticket_id)
-        ).tuples().all()
-    )
-    attachments = dict(
-        session.execute(
+        )
+    }
+    attachments = {
+        row[0]: int(row[1])
+        for row in session.execute(
             select(TicketAttachment.ticket_id, func.count())
             .where(TicketAttachment.ticket_id.in_(ids))
             .group_by(TicketAttachment.ticket_id)
-        ).tuples().all()
-    )
-    return {i: (int(messages.get(i, 0)), int(attachments.get(i, 0))) for i in ids}
+        )
+    }
+    return {i: (messages.get(i, 0), attachments.get(i, 0)) for i in ids}
 
 
 def messages_of(session: Session, ticket_id: str) -> list[TicketMessage]:
@@ -383,7 +385,8 @@ def delete_files(store: AttachmentStore, keys: Sequence[str]) -> None:
 
 def export_part(session: Session, org_id: str, account_id: str) -> list[dict[str, Any]]:
     """The tickets the account opened or wrote in, whole (its org's members see them all
-    anyway), attachments as metadata (downloadable from the API)."""
+    anyway); attachments as metadata with the API path that downloads each, so an export
+    stays one document of bounded size."""
     wrote_in = select(TicketMessage.ticket_id).where(
         TicketMessage.author_kind == "customer", TicketMessage.author_id == account_id
     )
@@ -417,7 +420,8 @@ def export_part(session: Session, org_id: str, account_id: str) -> list[dict[str
                 "attachments": [
                     {"id": a.id, "filename": a.filename, "content_type": a.content_type,
                      "size_bytes": a.size_bytes, "sha256": a.sha256,
-                     "uploaded_by": a.uploaded_by, "created_at": _iso(a.created_at)}
+                     "uploaded_by": a.uploaded_by, "created_at": _iso(a.created_at),
+                     "download": f"/api/v1/tickets/{t.id}/attachments/{a.id}"}
                     for a in attachments_of(session, t.id)
                 ],
             }
