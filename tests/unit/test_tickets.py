@@ -6,6 +6,7 @@ ONETOKEN_TEST_POSTGRES_URL is set (conftest)."""
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from onetoken import audit, cli
+from onetoken.analytics.clickhouse import open_client
 from onetoken.db.base import utcnow
 from onetoken.rights import retention
 from onetoken.settings import Settings
@@ -21,6 +24,7 @@ from onetoken.state import AppState
 from onetoken.tickets import content
 from onetoken.tickets.models import Ticket, TicketAttachment, TicketMessage
 from tests.unit.conftest import Admin, add_account
+from tests.support import TEST_SECRET
 from tests.unit.test_accounts import drained_events
 
 API = "/api/v1/tickets"
@@ -310,7 +314,7 @@ def test_size_and_count_limits(
     _error(r, 413, "attachment_too_large")
     assert _upload(client, admin.headers, t["id"], b"a" * 2048, "fits.txt").status_code == 201
     assert _upload(client, admin.headers, t["id"], PNG, "two.png").status_code == 201
-    _error(_upload(client, admin.headers, t["id"], PNG, "three.png"), 422,
+    _error(_upload(client, admin.headers, t["id"], PNG, "three.png"), 409,
            "too_many_attachments")
     with state.session_factory() as s:
         assert len(s.scalars(select(TicketAttachment)).all()) == 2
@@ -416,3 +420,71 @@ def test_cancelling_an_account_erases_what_it_submitted_and_keeps_the_record(
     blob = Path(str(settings.database_url).removeprefix("sqlite:///"))
     if blob.exists():
         assert b"Dana's problem" not in blob.read_bytes()
+
+
+# -- audit-retention ---------------------------------------------------------------------------
+
+
+def _plant_in_ticket(client: TestClient, admin: Admin, needle: str) -> None:
+    t = _open(client, admin.headers, description=f"the app printed {needle}")
+    assert _upload(client, admin.headers, t["id"], f"log: {needle}\n".encode(),
+                   "trace.txt").status_code == 201
+
+
+def test_audit_reports_ticket_hits_apart_and_passes_on_them_only(
+    client: TestClient, admin: Admin, settings: Settings
+) -> None:
+    needle = f"canary-{uuid.uuid4().hex}"
+    _plant_in_ticket(client, admin, needle)
+    ch = open_client(settings)
+    try:
+        report = audit.audit(settings, needle, client=ch)
+        assert report.findings == [] and report.problems == [], report.render()
+        # The attachment file, and the ticket tables (SQLite's file explained by them).
+        assert any(str(settings.ticket_store_dir) in f for f in report.ticket_findings)
+        assert any("control DB tickets.description" in f for f in report.ticket_findings)
+        assert report.exit_code == 0 and "IN TICKETS" in report.render()
+
+        # The same string anywhere else is a finding, and fails the audit.
+        (Path(settings.data_dir) / "logs").mkdir(exist_ok=True)
+        (Path(settings.data_dir) / "logs" / "control.log").write_text(f'{{"x":"{needle}"}}\n')
+        report = audit.audit(settings, needle, client=ch)
+        assert len(report.findings) == 1 and "control.log" in report.findings[0]
+        assert report.ticket_findings and report.exit_code == 1
+    finally:
+        ch.close()
+
+
+def test_a_sqlite_hit_its_ticket_tables_do_not_explain_stays_a_finding(
+    client: TestClient, admin: Admin, settings: Settings
+) -> None:
+    """A needle in a non-ticket table of the SQLite file is call-side data even when a
+    ticket also holds it (the classification checks the tables, not just the file)."""
+    if not str(settings.database_url).startswith("sqlite"):
+        pytest.skip("the SQLite file's classification")
+    needle = f"canary-{uuid.uuid4().hex}"
+    _plant_in_ticket(client, admin, needle)
+    r = client.post("/api/v1/keys", json={"name": needle[:60]}, headers=admin.headers)
+    assert r.status_code == 201, r.text
+    report = audit.audit(settings, needle, clickhouse_scan=lambda _n, _r: None)
+    assert any("control.db" in f for f in report.findings), report.render()
+    assert report.exit_code == 1
+
+
+def test_the_cli_exits_0_on_ticket_hits_and_1_on_others(
+    client: TestClient, admin: Admin, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    needle = f"canary-{uuid.uuid4().hex}"
+    _plant_in_ticket(client, admin, needle)
+    monkeypatch.setenv("ONETOKEN_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("ONETOKEN_DATABASE_URL", str(settings.database_url))
+    monkeypatch.setenv("ONETOKEN_SECRET_KEY", TEST_SECRET)
+    assert cli.main(["audit-retention", "--needle", needle]) == 0
+    out = capsys.readouterr()
+    assert "IN TICKETS" in out.out and "FOUND" not in out.out
+    assert "only in tickets" in out.err
+    (Path(settings.data_dir) / "logs").mkdir(exist_ok=True)
+    (Path(settings.data_dir) / "logs" / "gateway.log").write_text(needle)
+    assert cli.main(["audit-retention", "--needle", needle]) == 1
+    assert "FOUND" in capsys.readouterr().out

@@ -18,7 +18,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from onetoken.db.base import new_id, utcnow
-from onetoken.kit.errors import Conflict, NotFound, OnetokenError, Unprocessable
+from onetoken.kit.errors import Conflict, NotFound, OnetokenError
 from onetoken.tickets import content
 from onetoken.tickets.models import Ticket, TicketAttachment, TicketMessage
 from onetoken.tickets.store import AttachmentStore
@@ -32,7 +32,7 @@ class TicketClosed(Conflict, code="ticket_closed"): ...
 class InvalidTransition(Conflict, code="invalid_transition"): ...
 
 
-class TooManyAttachments(Unprocessable, code="too_many_attachments"): ...
+class TooManyAttachments(Conflict, code="too_many_attachments"): ...
 
 
 class AttachmentTooLarge(

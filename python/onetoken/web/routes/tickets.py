@@ -47,19 +47,18 @@ router = APIRouter(
     },
 )
 
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
 _DOWNLOAD: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The file, as an attachment, with the type checked at upload.",
-        "content": {"application/octet-stream": {"schema": {"type": "string",
-                                                            "format": "binary"}}},
+        "content": {k.content_type.split(";")[0]: _BINARY for k in content.KINDS},
     }
 }
 _UPLOAD: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "description": "The file's bytes (the type is decided from them, not from any header).",
-        "content": {"application/octet-stream": {"schema": {"type": "string",
-                                                            "format": "binary"}}},
+        "content": {"application/octet-stream": _BINARY},
     }
 }
 # Statuses the staff queue shows when none is asked for: everything not yet closed.
