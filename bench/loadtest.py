@@ -195,8 +195,8 @@ def check_run(
     if requests == 0:
         problems.append("no request was made")
     for kind in STREAM_ROWS:
-        r = row(stats, kind, "chat stream")
-        if r is None or int(r["Request Count"]) == 0:
+        entry = row(stats, kind, "chat stream")
+        if entry is None or int(entry["Request Count"]) == 0:
             problems.append(f"no {kind} entry: no stream was read to [DONE]")
     html = out / "report.html"
     if not html.exists() or html.stat().st_size == 0:
