@@ -190,7 +190,8 @@ def check_run(
     stats = read_stats(stats_path)
     for r in stats:
         if int(r["Failure Count"]):
-            problems.append(f"{r['Type'] or 'all'} {r['Name']}: {r['Failure Count']} failures")
+            label = f"{r['Type']} {r['Name']}".strip()
+            problems.append(f"{label}: {r['Failure Count']} failures")
     requests = sum(int(r["Request Count"]) for r in stats if r["Type"] in ("GET", "POST"))
     if requests == 0:
         problems.append("no request was made")
