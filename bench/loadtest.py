@@ -276,8 +276,10 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(f"reports: {summary['out']}")
         return
     f = summary["figures"]
+    spread = (f"{len(summary['tenants'])} tenants" if summary["tenants"]
+              else f"{summary['keys']} keys given")
     print(f"shape {summary['shape']}, {summary['users']} users, {summary['duration']}, "
-          f"{len(summary['stored'] or [])} tenants: {f['requests']} requests, "
+          f"{spread}: {f['requests']} requests, "
           f"{f['requests_per_s']} req/s, 0 failures")
     for name in ("chat", "chat_stream_headers", "stream_whole", "embeddings"):
         p = f[name]
@@ -435,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                 problems = check_run(out, code, args.validate_every, stored)
                 summary: dict[str, Any] = {
                     "shape": args.shape, "users": args.users, "duration": args.duration,
-                    "host": host, "out": str(out), "problems": problems,
+                    "host": host, "out": str(out), "problems": problems, "keys": len(keys),
                     "stored": stored,
                     "tenants": [{"name": t.name, "org_id": t.org_id} for t in made],
                     "figures": None if problems else figures(out),
