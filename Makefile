@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PIP   := $(PY) -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test test-rust test-python test-deploy deploy-tools deploy-render docs lint bench bench-quick bench-scale setup build-debug build-release clean fuzz
+.PHONY: run test test-rust test-python test-deploy deploy-tools deploy-render docs lint bench bench-quick bench-scale locust setup build-debug build-release clean fuzz
 
 $(VENV)/.deps: pyproject.toml
 	python3 -m venv $(VENV)
@@ -95,6 +95,23 @@ bench-quick: build-release
 # `make test`: it loads the machine for about three minutes.
 bench-scale: build-release
 	$(PY) bench/scale.py
+
+# bench/locustfile.py's traffic mix through bench/loadtest.py (bench/README.md): reports in
+# bench/out/locust-<time>/, exit 1 unless the run checks out. Without HOST, a throwaway local
+# deployment with the mock upstream; with HOST (a gateway origin), ONETOKEN_API_KEYS or
+# tenants made through CONTROL (or ONETOKEN_CONTROL_URL) as ONETOKEN_ADMIN_LOGIN and
+# ONETOKEN_ADMIN_PASSWORD. Not part of `make test` (tests/integration/test_locust.py runs a
+# 10-second one there).
+USERS    ?= 20
+DURATION ?=
+SHAPE    ?= steady
+HOST     ?=
+CONTROL  ?=
+TENANTS  ?= 4
+locust: build-release
+	$(PY) bench/loadtest.py --users $(USERS) --shape $(SHAPE) --tenants $(TENANTS) \
+	  $(if $(DURATION),--duration $(DURATION)) $(if $(HOST),--host $(HOST)) \
+	  $(if $(CONTROL),--control-url $(CONTROL))
 
 # AFL++ on the parsers of untrusted bytes (rust/fuzz): each target in turn for FUZZ_SECONDS.
 # Not part of `make test`. Findings land in rust/fuzz/out/<target>/default/crashes.
