@@ -160,12 +160,33 @@ def test_cluster_ddl_runs_in_chdb_but_for_keeper(client: Client, clus: str) -> N
         return ch.current_ttl(client, table)
 
     single, clus = tables("onetoken"), tables("clus")
-    assert set(clus) == {f"{t}{suffix}" for t in single for suffix in ("", "_local")}
+    views = {t for t, shape in single.items() if shape[0] == "MaterializedView"}
+    assert views == {"call_stats_1m_mv"}
+    assert set(clus) == views | {
+        f"{t}{suffix}" for t in single.keys() - views for suffix in ("", "_local")
+    }
     single_ttl_defaults = {
         "call_log": "ts + toIntervalDay(180)",
         "security_log": "ts + toIntervalDay(365)",
+        "call_stats_1m": "minute + toIntervalDay(180)",
     }
+    # One view per shard, on its local call_log, writing to its local rollup.
+    (view,) = client.query(
+        "SELECT engine, dependencies_table FROM system.tables "
+        "WHERE database = 'clus' AND name = 'call_stats_1m_local'"
+    ).result_rows
+    assert view == ("AggregatingMergeTree", [])
+    (source,) = client.query(
+        "SELECT dependencies_table FROM system.tables "
+        "WHERE database = 'clus' AND name = 'call_log_local'"
+    ).result_rows
+    assert source == (["call_stats_1m_mv"],)
+    create_view = str(client.command("SHOW CREATE TABLE clus.call_stats_1m_mv"))
+    assert "TO clus.call_stats_1m_local" in create_view
+    assert "FROM clus.call_log_local" in create_view
     for table, shape in single.items():
+        if table in views:
+            continue
         assert clus[f"{table}_local"] == shape
         assert clus[table][0] == "Distributed"
         assert described(f"clus.{table}") == described(f"clus.{table}_local")
@@ -238,8 +259,8 @@ def test_local_tables_carry_columns_keys_partitioning_ttl_and_settings(client: C
             .replace(engine[0], replicated, 1)
             .replace("non_replicated_deduplication_window", "replicated_deduplication_window")
         )
-        if table != "schema_migrations":
-            assert " TTL ts + toIntervalDay(" in got
+        if table in ("call_log", "security_log", "call_stats_1m"):
+            assert re.search(r" TTL (ts|minute) \+ toIntervalDay\(", got)
             assert "replicated_deduplication_window = 1000" in got
 
 
@@ -659,8 +680,15 @@ def test_audit_reports_a_cluster_finding_once(client: Client, clus: str) -> None
     report = AuditReport()
     scan_clickhouse(client, planted, report, (clus,))
     assert report.findings == [f"ClickHouse {clus}.call_log_local.user_agent: 1 row(s)"]
+    distributed = [
+        str(r[0]) for r in client.query(
+            "SELECT name FROM system.tables WHERE database = {db:String} "
+            "AND engine = 'Distributed' ORDER BY name", parameters={"db": clus},
+        ).result_rows
+    ]
+    assert {"call_log", "call_stats_1m", "dim_keys", "security_log"} <= set(distributed)
     assert [p.split(":")[0] for p in report.problems] == [
-        f"ClickHouse table {clus}.{t}" for t in ("call_log", "schema_migrations", "security_log")
+        f"ClickHouse table {clus}.{t}" for t in distributed
     ]
     # A single node is its own local table.
     client.insert("onetoken.call_log", [list(row.values())], column_names=list(CALL_LOG_COLUMNS))
