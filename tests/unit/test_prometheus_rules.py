@@ -25,6 +25,7 @@ PROMETHEUS = ROOT / "deploy" / "prometheus"
 RULES = PROMETHEUS / "onetoken.rules.yml"
 RULE_TESTS = PROMETHEUS / "tests" / "onetoken.rules.test.yml"
 CONTRACT = ROOT / "tests" / "contract"
+DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
 
 # A metric name in PromQL: recording rules' names hold a colon, label names and functions
 # are told apart by what follows them.
@@ -53,6 +54,18 @@ def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
 def _rule_exprs() -> list[str]:
     doc = yaml.safe_load(RULES.read_text())
     return [rule["expr"] for group in doc["groups"] for rule in group["rules"]]
+
+
+def _dashboard_exprs() -> list[str]:
+    """The PromQL of the Grafana dashboards' Prometheus panels."""
+    boards = [json.loads(p.read_text()) for p in sorted(DASHBOARDS.glob("*.json"))]
+    return [
+        t["expr"]
+        for board in boards
+        for panel in board["panels"]
+        if panel["datasource"]["type"] == "prometheus"
+        for t in panel["targets"]
+    ]
 
 
 def _test_series() -> list[str]:
@@ -130,6 +143,10 @@ def test_rules_read_only_metrics_a_gateway_serves(metrics_text: str) -> None:
     used = _names(_rule_exprs())
     assert "onetoken_request_duration_seconds_bucket" in used
     assert used - _SCRAPER_SERIES - exported == set()
+    # So do the Grafana panels that read the gateways through Prometheus.
+    dashboard = _names(_dashboard_exprs())
+    assert "onetoken_in_flight_requests" in dashboard
+    assert dashboard - exported == set()
     # The unit tests feed the same names, or they would test rules against fiction.
     assert _names(_test_series()) - _SCRAPER_SERIES - exported == set()
 
