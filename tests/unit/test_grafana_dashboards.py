@@ -152,14 +152,15 @@ def test_expansion_follows_the_plugin() -> None:
                   {"org": Variable([ALL], ["a"])}, r) == "1=1"
     assert expand("$__timeFilter(ts) AND $__timeFilter_ms(ts)", org, r) == (
         "ts >= toDateTime(1767323045) AND ts <= toDateTime(1767326645) AND "
-        "ts >= fromUnixTimestamp64Milli(1767323045000) AND ts <= fromUnixTimestamp64Milli(1767326645000)")
+        "ts >= fromUnixTimestamp64Milli(1767323045000) "
+        "AND ts <= fromUnixTimestamp64Milli(1767326645000)")
     # Below one second the plugin still groups by whole seconds.
     assert expand("$__interval_s, $__timeInterval(ts)", org, r) == (
         "1, toStartOfInterval(toDateTime(ts), INTERVAL 1 second)")
     assert expand("$__fromTime() < $__toTime", org, r) == (
         "toDateTime(1767323045) < toDateTime(1767326645)")
-    assert template_variables("'[[org]]' ${org:raw}", {"org": Variable(["a"], ["a"], multi=False)}) == (
-        "'a' a")
+    single = {"org": Variable(["a"], ["a"], multi=False)}
+    assert template_variables("'[[org]]' ${org:raw}", single) == "'a' a"
     with pytest.raises(KeyError, match="model"):
         expand("model IN ($model)", org, r)
     with pytest.raises(ValueError, match="unexpanded"):
@@ -251,7 +252,7 @@ def _call_rows(rng: random.Random, org: str, n: int) -> list[list[Any]]:
 
 
 def _seed(client: Client) -> None:
-    rng = random.Random(12)
+    rng = random.Random(12)  # noqa: S311 - reproducible test data, not a secret
     ch.ensure_pool_database(client, POOL_DB, 30)
     for org, (_, database) in ORGS.items():
         client.insert(call_log_table(database), _call_rows(rng, org, 400),
@@ -261,7 +262,8 @@ def _seed(client: Client) -> None:
                                         if name],
                   column_names=["org_id", "name", "deleted", "updated_at"])
     client.insert("onetoken.dim_providers",
-                  [[p, "", name, vendor, "eu", 0, synced] for p, (name, vendor) in PROVIDERS.items()],
+                  [[p, "", name, vendor, "eu", 0, synced]
+                   for p, (name, vendor) in PROVIDERS.items()],
                   column_names=["provider_id", "org_id", "name", "vendor", "region", "deleted",
                                 "updated_at"])
     client.insert("onetoken.dim_models",
@@ -353,7 +355,8 @@ def test_panel_query_returns_what_its_panel_reads(
             time_range = TimeRange(world.time_range.start, world.time_range.end, interval_s)
             for target in panel["targets"]:
                 sql = expand(target["rawSql"], variables, time_range)
-                where = f"{dashboard}: {panel['title']} ({target['refId']}, {variables}, {interval_s}s)"
+                where = (f"{dashboard}: {panel['title']} ({target['refId']}, {variables}, "
+                         f"{interval_s}s)")
                 result = world.client.query(sql)
                 names = list(result.column_names)
                 types = [t.name for t in result.column_types]
@@ -381,7 +384,8 @@ def test_template_variable_query_lists_names_for_ids(
 def test_latency_quantiles_are_ordered_and_in_the_seeded_range(world: World) -> None:
     board = _load(GRAFANA / "dashboards" / "onetoken-errors-latency.json")
     variables = {n: Variable([ALL], []) for n in ("org", "model", "provider")}
-    for title, low, high in (("Latency quantiles", 0.08, 20.0), ("Time to first token", 0.02, 20.0)):
+    bounds = (("Latency quantiles", 0.08, 20.0), ("Time to first token", 0.02, 20.0))
+    for title, low, high in bounds:
         (panel,) = [p for p in _panels(board) if p["title"] == title]
         rows = world.client.query(
             expand(panel["targets"][0]["rawSql"], variables, world.time_range)).result_rows
