@@ -409,7 +409,7 @@ def test_names_come_from_the_dimension_tables(world: World) -> None:
     assert calls == {ORGS[o][0] or o: n for o, n in raw}
 
 
-def test_a_selected_org_narrows_every_rollup_panel(world: World) -> None:
+def test_a_selected_org_narrows_what_a_panel_counts(world: World) -> None:
     board = _load(GRAFANA / "dashboards" / "onetoken-traffic.json")
     (panel,) = [p for p in _panels(board) if p["title"] == "Calls"]
     sql = panel["targets"][0]["rawSql"]
