@@ -6,6 +6,8 @@
 -- newer row that replaces the older one, so read with FINAL; a thing deleted in the
 -- control DB keeps its row with deleted = 1, so that old calls still show its name.
 -- Shared database only: a pool's database holds its call_log and rollup, not these.
+-- A sync that replaces a row merges the table at once (a renamed or erased name must not
+-- linger); old_parts_lifetime then lets the replaced part go after a minute, as in 006.
 
 CREATE TABLE IF NOT EXISTS onetoken.dim_orgs
 (
@@ -15,7 +17,8 @@ CREATE TABLE IF NOT EXISTS onetoken.dim_orgs
     updated_at DateTime64(3, 'UTC') COMMENT 'When the sync wrote this row (UTC, milliseconds); the newest row per org_id wins under FINAL'
 )
 ENGINE = ReplacingMergeTree(updated_at)
-ORDER BY org_id;
+ORDER BY org_id
+SETTINGS old_parts_lifetime = 60;
 
 CREATE TABLE IF NOT EXISTS onetoken.dim_providers
 (
@@ -28,7 +31,8 @@ CREATE TABLE IF NOT EXISTS onetoken.dim_providers
     updated_at  DateTime64(3, 'UTC') COMMENT 'When the sync wrote this row (UTC, milliseconds); the newest row per provider_id wins under FINAL'
 )
 ENGINE = ReplacingMergeTree(updated_at)
-ORDER BY provider_id;
+ORDER BY provider_id
+SETTINGS old_parts_lifetime = 60;
 
 CREATE TABLE IF NOT EXISTS onetoken.dim_models
 (
@@ -39,7 +43,8 @@ CREATE TABLE IF NOT EXISTS onetoken.dim_models
     updated_at DateTime64(3, 'UTC') COMMENT 'When the sync wrote this row (UTC, milliseconds); the newest row per (org_id, model) wins under FINAL'
 )
 ENGINE = ReplacingMergeTree(updated_at)
-ORDER BY (org_id, model);
+ORDER BY (org_id, model)
+SETTINGS old_parts_lifetime = 60;
 
 CREATE TABLE IF NOT EXISTS onetoken.dim_keys
 (
@@ -51,4 +56,5 @@ CREATE TABLE IF NOT EXISTS onetoken.dim_keys
     updated_at DateTime64(3, 'UTC') COMMENT 'When the sync wrote this row (UTC, milliseconds); the newest row per key_id wins under FINAL'
 )
 ENGINE = ReplacingMergeTree(updated_at)
-ORDER BY key_id;
+ORDER BY key_id
+SETTINGS old_parts_lifetime = 60;
