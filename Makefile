@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PIP   := $(PY) -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test test-rust test-python test-deploy deploy-tools deploy-render docs lint bench bench-quick bench-scale locust setup build-debug build-release clean fuzz
+.PHONY: run test test-rust test-python test-deploy deploy-tools deploy-render docs lint bench bench-quick bench-scale bench-analytics locust setup build-debug build-release clean fuzz
 
 $(VENV)/.deps: pyproject.toml
 	python3 -m venv $(VENV)
@@ -112,6 +112,13 @@ locust: build-release
 	$(PY) bench/loadtest.py --users $(USERS) --shape $(SHAPE) --tenants $(TENANTS) \
 	  $(if $(DURATION),--duration $(DURATION)) $(if $(HOST),--host $(HOST)) \
 	  $(if $(CONTROL),--control-url $(CONTROL))
+
+# Dashboard queries raw and through the per-minute rollup on 100 million synthetic rows in
+# chDB (bench/README.md). Not part of `make test`: several GB under /work/bench-data (or
+# BENCH_DATA), deleted at the end, and an hour or more on 2 cores.
+BENCH_DATA ?= /work/bench-data
+bench-analytics: build-release
+	nice -n 10 $(PY) bench/analytics.py --data-root $(BENCH_DATA)
 
 # AFL++ on the parsers of untrusted bytes (rust/fuzz): each target in turn for FUZZ_SECONDS.
 # Not part of `make test`. Findings land in rust/fuzz/out/<target>/default/crashes.

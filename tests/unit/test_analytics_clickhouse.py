@@ -58,7 +58,7 @@ def test_every_migration_statement_is_idempotent() -> None:
     process opening ClickHouse first, docs/deploy.md "Upgrades and migrations"): every
     statement must end in the same schema however often it runs."""
     idempotent = re.compile(
-        r"^(CREATE (DATABASE|TABLE) IF NOT EXISTS |ALTER TABLE \S+ ("
+        r"^(CREATE (DATABASE|TABLE|MATERIALIZED VIEW) IF NOT EXISTS |ALTER TABLE \S+ ("
         r"ADD (COLUMN|INDEX) IF NOT EXISTS |MODIFY SETTING |COMMENT COLUMN ))"
     )
     statements = [s for m in ch.load_migrations() for s in m.statements()]

@@ -11,6 +11,12 @@ Each table `<db>.<t>` of a migration becomes:
 - `<db>.<t> ON CLUSTER <c>`: a Distributed table over those, under the name the analytics
   queries read, routing rows by the table's shard key (SHARD_KEYS).
 
+A materialized view `<db>.<v> TO <db>.<t> AS SELECT ... FROM <db>.<s>` becomes one on each
+shard, `<db>.<v> ON CLUSTER <c> TO <db>.<t>_local ... FROM <db>.<s>_local`: a Distributed
+insert reaches each shard's local table as a local insert, which feeds that shard's view,
+so each shard rolls up its own rows and a read through the Distributed `<db>.<t>` adds the
+shards' partial aggregates together.
+
 The shard key is a function of the id in the table's sort key, so every copy of one
 record (a batch re-sent after a crash) reaches the same shard, where ReplacingMergeTree
 collapses it and FINAL reads it once: deduplication holds per shard, hence on the whole.
@@ -45,6 +51,14 @@ SHARD_KEYS: Final[dict[str, str]] = {
     "security_log": "cityHash64(event_id)",
     # A handful of rows; by version so that a version recorded twice lands on one shard.
     "schema_migrations": "version",
+    # Names from the control DB: a re-synced row replaces the older one on the same shard.
+    "dim_orgs": "cityHash64(org_id)",
+    "dim_providers": "cityHash64(provider_id)",
+    "dim_models": "cityHash64(org_id, model)",
+    "dim_keys": "cityHash64(key_id)",
+    # Written by each shard's materialized view, not through the Distributed table; reads
+    # add partial aggregates across shards, so any key would do.
+    "call_stats_1m": "cityHash64(org_id)",
 }
 
 # Single-node settings with a different name on Replicated tables: the insert
@@ -61,6 +75,11 @@ _CREATE_TABLE = re.compile(
     re.DOTALL,
 )
 _ALTER_TABLE = re.compile(r"^ALTER TABLE (\w+)\.(\w+) (.*)$", re.DOTALL)
+_CREATE_VIEW = re.compile(
+    r"^CREATE MATERIALIZED VIEW IF NOT EXISTS (\w+)\.(\w+) TO (\w+)\.(\w+) AS\s+(SELECT\b.*)$",
+    re.DOTALL,
+)
+_TABLE_NAME = re.compile(rf"\b{SOURCE_DATABASE}\.(\w+)\b")
 # ALTERs a Distributed table takes too: its columns must follow the local table's.
 _COLUMN_ALTER = re.compile(r"^(ADD|DROP|MODIFY|RENAME|COMMENT) COLUMN\b")
 # ALTERs of storage only: indexes, settings, TTL, projections live in the local tables.
@@ -125,6 +144,16 @@ def cluster_statements(statement: str, cluster: str, database: str = SOURCE_DATA
             f"CREATE TABLE IF NOT EXISTS {database}.{table} {on} AS {local}\n"
             f"ENGINE = Distributed({cluster}, {database}, {table}{LOCAL_SUFFIX}, "
             f"{SHARD_KEYS[table]})",
+        ]
+    if match := _CREATE_VIEW.match(statement):
+        source_db, view, target_db, target, select = match.groups()
+        _check_source(source_db)
+        _check_source(target_db)
+        # The view reads the local table it is attached to: one per shard.
+        local_select = _TABLE_NAME.sub(rf"{database}.\1{LOCAL_SUFFIX}", select)
+        return [
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.{view} {on} "
+            f"TO {database}.{target}{LOCAL_SUFFIX} AS\n{local_select}"
         ]
     if match := _ALTER_TABLE.match(statement):
         source_db, table, command = match.groups()

@@ -39,6 +39,17 @@ def call_log_table(database: str) -> str:
     """The call_log of one log database (the shared one, or a pool's)."""
     return f"{database}.call_log"
 
+
+#: The per-minute rollup of call_log (migration 008), one beside each call_log; read
+#: across databases like call_log. Dashboards read it; exact money is call_log FINAL.
+CALL_STATS_TABLE: Final = "onetoken.call_stats_1m"
+CALL_STATS_READ: Final = f"merge(REGEXP('{LOG_DATABASES}'), '^call_stats_1m$')"
+
+
+def call_stats_table(database: str) -> str:
+    """The rollup of one log database's call_log."""
+    return f"{database}.call_stats_1m"
+
 #: (name, ClickHouse type), in table order.
 CALL_LOG_SCHEMA: Final[tuple[tuple[str, str], ...]] = tuple(_core.call_log_native_columns())
 
