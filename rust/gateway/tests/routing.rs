@@ -404,12 +404,28 @@ async fn model_list_names_the_processors_the_policies_permit() {
     // The default org policy: the provider that trains is not among them.
     let fleet = Gateway::serving(policy_snapshot(1, addrs, json!({}), json!({})));
     assert_eq!(processors(&fleet, "ot-a").await, json!([us, eu]));
-    assert_eq!(processors(&fleet, "ot-b").await, json!([us, eu]), "no policy at all");
+    assert_eq!(
+        processors(&fleet, "ot-b").await,
+        json!([us, eu]),
+        "no policy at all"
+    );
     // Lifted by the org, narrowed by the key.
-    let snap = policy_snapshot(2, addrs, json!({"no_training": false}), json!({"deny_regions": ["us"]}));
-    fleet.engine.load_snapshot(snap.to_string().as_bytes()).unwrap();
+    let snap = policy_snapshot(
+        2,
+        addrs,
+        json!({"no_training": false}),
+        json!({"deny_regions": ["us"]}),
+    );
+    fleet
+        .engine
+        .load_snapshot(snap.to_string().as_bytes())
+        .unwrap();
     assert_eq!(processors(&fleet, "ot-a").await, json!([cn, eu]));
-    assert_eq!(processors(&fleet, "ot-b").await, json!([us, eu]), "org_b unaffected");
+    assert_eq!(
+        processors(&fleet, "ot-b").await,
+        json!([us, eu]),
+        "org_b unaffected"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,8 +2,8 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -37,7 +37,14 @@ const HEALTH_BODY: &[u8] = b"{\"status\":\"ok\"}";
 pub(crate) struct Shared {
     pub(crate) defaults: MockDefaults,
     pub(crate) requests: AtomicU64,
+    /// Whether to keep each API request's headers in `seen` (off unless a test asks:
+    /// benchmarks pay nothing for it).
+    pub(crate) recording: AtomicBool,
+    pub(crate) seen: Mutex<Vec<SeenHeaders>>,
 }
+
+/// One request's headers as received: (lowercase name, value), in arrival order.
+pub type SeenHeaders = Vec<(String, String)>;
 
 /// Per-request controls, under `"mock"` in the JSON body. Unknown fields are rejected so a
 /// misspelt control fails the test that used it instead of being silently ignored.
@@ -188,6 +195,23 @@ pub(crate) async fn handle(
         });
     }
     let id = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    if shared.recording.load(Ordering::Relaxed) {
+        let headers = req
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        shared
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(headers);
+    }
     let response = match (route, method) {
         ("/chat/completions", &Method::POST) => match read_body(req).await {
             Ok(body) => chat(&shared.defaults, id, &body).await,

@@ -12,7 +12,7 @@ mod protocols;
 
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ use tokio::runtime::Runtime;
 
 pub use body::{ConnectionCut, MockBody};
 
+pub use handler::SeenHeaders;
 use handler::Shared;
 
 /// Listen backlog: large enough that a burst of thousands of connections from a load test
@@ -86,6 +87,24 @@ impl MockServer {
         self.shared.requests.load(Ordering::Relaxed)
     }
 
+    /// From now on, keep the headers of every API request (for tests that check what an
+    /// upstream is sent).
+    pub fn record_headers(&self) {
+        self.shared.recording.store(true, Ordering::Relaxed);
+    }
+
+    /// The headers of each API request received since [`Self::record_headers`] (or the
+    /// last call of this), oldest first.
+    pub fn take_headers(&self) -> Vec<SeenHeaders> {
+        std::mem::take(
+            &mut *self
+                .shared
+                .seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
     /// Stop listening and drop every connection, in-flight streams included. Idempotent.
     /// Outside an async context it waits until the port is closed; inside one it cannot
     /// block, so the runtime winds down in the background.
@@ -138,6 +157,8 @@ fn serve(
     let shared = Arc::new(Shared {
         defaults,
         requests: AtomicU64::new(0),
+        recording: AtomicBool::new(false),
+        seen: Mutex::new(Vec::new()),
     });
     runtime.spawn(accept_loop(listener, Arc::clone(&shared)));
     Ok((runtime, addr, shared))
