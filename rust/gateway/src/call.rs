@@ -171,6 +171,14 @@ impl Call {
             return;
         }
         self.done = true;
+        // Past the grace period the runtime drops the upstream connections as well: a
+        // stream cut then is this gateway's shutdown, not the provider's failure.
+        let err = match err {
+            Some(ApiError::UpstreamStreamCut) if self.shared.aborting.load(Ordering::Relaxed) => {
+                Some(ApiError::ShuttingDown)
+            }
+            other => other,
+        };
         let from = Mark::now(self.shared.config.phase_timing);
         let charge = self.settle();
         let (settled, from) = self
