@@ -111,3 +111,13 @@ def holds(
         or (permission.operator and is_operator)
         or (tenant_money_admin and role in permission.tenant_money_roles)
     )
+
+
+def held(role: str, is_operator: bool, *, tenant_money_admin: bool = False) -> list[str]:
+    """The names of every permission a caller holds, in the matrix's order: what the
+    console shows (GET /api/v1/me/permissions), decided by the same rule as `holds`."""
+    return [
+        p.name
+        for p in PERMISSIONS.values()
+        if holds(p, role, is_operator, tenant_money_admin=tenant_money_admin)
+    ]
