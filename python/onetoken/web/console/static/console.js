@@ -77,11 +77,23 @@
         const d = typeof value === "number" ? new Date(value / 1000) : new Date(value);
         return isNaN(d) ? String(value) : d.toISOString().replace("T", " ").slice(0, 19);
       }
+      case "nano": return nano(value);
       case "ms": return (Number(value) / 1000).toFixed(1) + " ms";
       case "list": return Array.isArray(value) ? value.join(", ") : String(value);
       case "json": return JSON.stringify(value, null, 1);
       default: return typeof value === "object" ? JSON.stringify(value) : String(value);
     }
+  }
+
+  // Integer nano-units (the call log's cost) as an exact decimal: string digits, no float.
+  function nano(value) {
+    const s = String(value);
+    if (!/^-?\d+$/.test(s)) return s;
+    const neg = s.startsWith("-");
+    const digits = (neg ? s.slice(1) : s).padStart(10, "0");
+    const whole = digits.slice(0, -9).replace(/^0+(?=\d)/, "");
+    const frac = digits.slice(-9).replace(/0+$/, "");
+    return (neg ? "-" : "") + whole + (frac ? "." + frac : "");
   }
 
   function showError(el, err) {
@@ -226,7 +238,7 @@
 
   function withParams(url, params) {
     const u = new URL(url, location.origin);
-    for (const [k, v] of Object.entries(params || {})) if (v !== "") u.searchParams.set(k, v);
+    for (const [k, v] of Object.entries(params || {})) u.searchParams.set(k, v);
     return u.pathname + u.search;
   }
 
@@ -353,7 +365,7 @@
     for (const input of form.querySelectorAll("[name]")) {
       const v = input.value.trim();
       if (input.dataset.param !== undefined) {
-        params[input.name] = input.dataset.type === "utc" ? utc(v) : v;
+        if (v) params[input.name] = input.dataset.type === "utc" ? utc(v) : v;
       } else if (input.dataset.match !== undefined && v) {
         matches.push([input.name, v.toLowerCase()]);
       }
@@ -375,9 +387,15 @@
 
   function exportCsv(table) {
     const st = loaders.get(table);
-    const heads = [...table.querySelectorAll("thead th[data-f]")].map((th) => th.dataset.f);
-    const lines = [heads.join(",")];
-    for (const row of (st && st.shown) || []) lines.push(heads.map((h) => csvCell(get(row, h))).join(","));
+    const heads = [...table.querySelectorAll("thead th[data-f]")];
+    const lines = [heads.map((th) => th.dataset.f).join(",")];
+    for (const row of (st && st.shown) || []) {
+      // Raw API values, except exact money, written as decimals.
+      lines.push(heads.map((th) => {
+        const v = get(row, th.dataset.f);
+        return csvCell(th.dataset.fmt === "nano" ? nano(v) : v);
+      }).join(","));
+    }
     const blob = new Blob([lines.join("\r\n") + "\r\n"], { type: "text/csv" });
     const a = document.createElement("a");
     a.href = URL.createObjectURL(blob);
@@ -391,7 +409,7 @@
   async function chart(el) {
     try {
       const data = await api("GET", el.dataset.chart);
-      const rows = rowsOf(el, data.data ? data : { data: [] });
+      const rows = Array.isArray(data.data) ? data.data : [];
       const x = rows.map((r) => get(r, el.dataset.x));
       const [y1, y2] = el.dataset.y.split(",");
       const traces = [{ type: "bar", name: y1, x, y: rows.map((r) => Number(get(r, y1))) }];
@@ -404,7 +422,7 @@
         margin: { l: 40, r: 40, t: 10, b: 60 }, height: 260, showlegend: true,
         legend: { orientation: "h" }, yaxis: { title: { text: y1 } },
         yaxis2: { title: { text: y2 || "" }, overlaying: "y", side: "right" },
-      }, { displaylogo: false, responsive: true });
+      }, { displayModeBar: false, responsive: true });
     } catch (err) {
       el.textContent = err.message;
     }
