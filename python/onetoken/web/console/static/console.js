@@ -160,6 +160,7 @@
   function rowActions(th, row, table) {
     const cell = document.createElement("td");
     cell.dataset.label = th.textContent;
+    cell.className = "actions";
     for (const spec of (th.dataset.actions || "").split(";").filter(Boolean)) {
       const [text, method, url, when] = spec.split("|");
       if (when) {
@@ -420,7 +421,8 @@
       el.dataset.points = String(rows.length);
       window.Plotly.newPlot(el, traces, {
         margin: { l: 40, r: 40, t: 10, b: 60 }, height: 260, showlegend: true,
-        legend: { orientation: "h" }, yaxis: { title: { text: y1 } },
+        legend: { orientation: "h" }, xaxis: { type: "category", automargin: true },
+        yaxis: { title: { text: y1 } },
         yaxis2: { title: { text: y2 || "" }, overlaying: "y", side: "right" },
       }, { displayModeBar: false, responsive: true });
     } catch (err) {
