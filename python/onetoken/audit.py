@@ -16,6 +16,13 @@ c. extra paths given by the operator, and PostgreSQL when ONETOKEN_DATABASE_URL 
 A store that could not be searched is never silently "clean": it is listed in
 `AuditReport.problems`. Findings name locations only (path and offset, table.column and
 count), never the surrounding bytes.
+
+Tickets are the one place content is kept by design: what a customer chose to submit in a
+work order (docs/tickets.md). Hits there are reported apart (`ticket_findings`) and do not
+fail the audit: files of the attachment store, ticket tables of PostgreSQL, and the SQLite
+control DB's files when a search of its tables finds the string in ticket tables only. A
+hit anywhere else, including the SQLite files when its tables do not explain it, is a
+finding.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from onetoken.analytics.clickhouse import (
     open_client,
     parse_dsn,
 )
+from onetoken.tickets.models import Ticket, TicketAttachment, TicketMessage
 
 logger = logging.getLogger("onetoken.audit")
 
@@ -48,11 +56,22 @@ _SYSTEM_DATABASES: Final = frozenset({"system", "information_schema", "INFORMATI
 # Engines that store no rows of their own (scanning them would re-scan or hit remote data).
 _VIEW_ENGINES: Final = frozenset({"View", "MaterializedView", "LiveView", "WindowView"})
 _PLAIN_STRING_TYPES: Final = ("String", "FixedString(")
+TICKET_TABLES: Final = frozenset(
+    t.__tablename__ for t in (Ticket, TicketMessage, TicketAttachment)
+)
+# Where the attachment store keeps its files when the settings do not say
+# (Settings.ticket_store_dir).
+TICKET_STORE_DIR: Final = "tickets"
+# The files SQLite keeps a database in.
+_SQLITE_SUFFIXES: Final = ("", "-wal", "-journal", "-shm")
 
 
 @dataclass
 class AuditReport:
     findings: list[str] = field(default_factory=list)
+    #: Hits in tickets: content a customer submitted to a work order, kept by design (they
+    #: do not fail the audit).
+    ticket_findings: list[str] = field(default_factory=list)
     #: Stores or files that could not be searched; a scan with problems proves nothing
     #: about them.
     problems: list[str] = field(default_factory=list)
@@ -66,17 +85,20 @@ class AuditReport:
 
     @property
     def exit_code(self) -> int:
-        """1 when found, 2 when nothing was found but part of the scan could not run."""
+        """1 when found, 2 when nothing was found but part of the scan could not run; hits
+        in tickets only are 0."""
         if self.findings:
             return 1
         return 2 if self.problems else 0
 
     def render(self) -> str:
         lines = [f"FOUND {f}" for f in self.findings]
+        lines += [f"IN TICKETS {f}" for f in self.ticket_findings]
         lines += [f"NOT SCANNED {p}" for p in self.problems]
         lines.append(
             f"scanned {self.files_scanned} files ({self.bytes_scanned} bytes), "
-            f"{self.columns_scanned} ClickHouse columns, {len(self.findings)} finding(s)"
+            f"{self.columns_scanned} ClickHouse columns, {len(self.findings)} finding(s), "
+            f"{len(self.ticket_findings)} in tickets (submitted by customers, kept by design)"
         )
         return "\n".join(lines)
 
@@ -387,9 +409,11 @@ def scan_sql_database(url: str, needle: str, report: AuditReport) -> None:
                         continue
                     report.columns_scanned += 1
                     if count:
-                        report.findings.append(
-                            f"control DB {table}.{column['name']}: {int(count)} row(s)"
-                        )
+                        found = f"control DB {table}.{column['name']}: {int(count)} row(s)"
+                        if table in TICKET_TABLES:
+                            report.ticket_findings.append(found)
+                        else:
+                            report.findings.append(found)
     except Exception as exc:
         report.problems.append(
             f"control DB ({engine.url.render_as_string(hide_password=True)}): "
@@ -397,6 +421,37 @@ def scan_sql_database(url: str, needle: str, report: AuditReport) -> None:
         )
     finally:
         engine.dispose()
+
+
+def _set_ticket_hits_apart(report: AuditReport, store: Path, url: str, needle: str) -> None:
+    """Move the file findings that are ticket content to `ticket_findings`: files of the
+    attachment store, and the SQLite control DB's files when its ticket tables, and only
+    they, hold the needle (a hit its tables do not explain, e.g. in a freed page, stays a
+    finding)."""
+    store = store.resolve()
+    sqlite_files: set[Path] = set()
+    if url.startswith("sqlite"):
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database
+        if database:
+            sqlite_files = {Path(f"{database}{s}").resolve() for s in _SQLITE_SUFFIXES}
+
+    def where(finding: str) -> Path:
+        return Path(finding.split(": ", 1)[0]).resolve()
+
+    in_store = [f for f in report.findings if where(f).is_relative_to(store)]
+    in_sqlite = [f for f in report.findings if where(f) in sqlite_files]
+    if in_sqlite:
+        tables = AuditReport()
+        scan_sql_database(url, needle, tables)
+        if tables.problems or tables.findings or not tables.ticket_findings:
+            in_sqlite = []
+        else:
+            report.ticket_findings.extend(tables.ticket_findings)
+    moved = set(in_store) | set(in_sqlite)
+    report.ticket_findings.extend(f for f in report.findings if f in moved)
+    report.findings[:] = [f for f in report.findings if f not in moved]
 
 
 def _database_url(settings: ClickHouseSettings) -> str:
@@ -429,6 +484,8 @@ def audit(
     data_dir = Path(settings.data_dir)
     if data_dir.exists():
         scan_tree(data_dir, variants, report)
+        store = Path(getattr(settings, "ticket_store_dir", data_dir / TICKET_STORE_DIR))
+        _set_ticket_hits_apart(report, store, _database_url(settings), needle)
     else:
         report.problems.append(f"{data_dir}: data directory does not exist")
     for extra in extra_paths:

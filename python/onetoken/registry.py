@@ -14,6 +14,7 @@ from onetoken.orgs import models as orgs_models
 from onetoken.providers import models as providers_models
 from onetoken.rights import models as rights_models
 from onetoken.security import models as security_models
+from onetoken.tickets import models as tickets_models
 from onetoken.webhooks import models as webhooks_models
 
 MODEL_MODULES = (
@@ -26,5 +27,6 @@ MODEL_MODULES = (
     ingest_models,
     rights_models,
     webhooks_models,
+    tickets_models,
 )
 METADATA: MetaData = base.Base.metadata

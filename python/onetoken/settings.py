@@ -161,6 +161,11 @@ class Settings(BaseSettings):
     login_records_ttl_days: AtLeastOne = 180
     delivery_log_ttl_days: AtLeastOne = 30
     retention_purge_interval_seconds: AboveZero = 3600.0
+    # Work orders (docs/tickets.md): a closed ticket and its attachments are purged this
+    # many days after closing; attachments are capped in size and count per ticket.
+    ticket_retention_days: AtLeastOne = 180
+    ticket_attachment_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, le=1 << 30)
+    ticket_attachments_max: int = Field(default=10, ge=1, le=1000)
     config_watch_interval_ms: int = Field(default=500, ge=50)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Swagger UI at /api/docs (assets served from the package); /api/openapi.json stays.
@@ -244,6 +249,11 @@ class Settings(BaseSettings):
     @property
     def log_dir(self) -> Path:
         return self.data_dir / "logs"
+
+    @property
+    def ticket_store_dir(self) -> Path:
+        """Where ticket attachments live (tickets.store.FileStore)."""
+        return self.data_dir / "tickets"
 
     def ensure_dirs(self) -> None:
         for path in (self.data_dir, self.spool_dir, self.log_dir):

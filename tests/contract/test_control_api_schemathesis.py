@@ -45,6 +45,8 @@ from onetoken.security import log as security_log
 from onetoken.security.principal import ROLES
 from onetoken.settings import Settings
 from onetoken.state import AppState
+from onetoken.tickets import service as tickets
+from onetoken.tickets.store import open_store
 from tests.integration.harness import Server, bootstrap
 
 # 20 generated requests per operation, each sent as six callers: about three minutes on
@@ -104,9 +106,17 @@ def _seed(state: AppState) -> World:
         member = orgs.create_account(s, org.id, "member@fuzz.test", PASSWORD, "viewer")
         key, _ = keys.create_key(s, state.secrets, org_id=org.id,
                                  created_by=callers["owner"], name="fuzzed")
+        ticket = tickets.create(s, org_id=org.id, opened_by=callers["owner"], subject="fuzzed",
+                                category="other", description="fuzzed")
+        attachment = tickets.add_attachment(
+            s, open_store(state.settings.ticket_store_dir), ticket, b"fuzzed notes",
+            claimed_name="notes.txt", uploaded_by=callers["owner"], max_bytes=1024,
+            max_count=1000,
+        )
         s.commit()
         return World(state, org.id, callers,
-                     {"org_id": org.id, "account_id": member.id, "key_id": key.id})
+                     {"org_id": org.id, "account_id": member.id, "key_id": key.id,
+                      "ticket_id": ticket.id, "attachment_id": attachment.id})
 
 
 def _app() -> tuple[Path, AppState, FastAPI]:

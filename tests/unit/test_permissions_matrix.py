@@ -25,6 +25,8 @@ from onetoken.security.permissions import PERMISSIONS, ROLE_DENIED_MESSAGE, hold
 from onetoken.security.principal import ROLES
 from onetoken.settings import Settings
 from onetoken.state import AppState
+from onetoken.tickets import service as tickets
+from onetoken.tickets.store import open_store
 from onetoken.web.permissions import (
     api_routes,
     render_doc,
@@ -127,10 +129,32 @@ def _account(world: World, who: Who) -> str:
         return acc.id
 
 
+# The attachment of the ticket `_ticket` made last: a route names the ticket before it.
+_last_attachment: list[str] = []
+
+
+def _ticket(world: World, who: Who) -> str:
+    """A ticket of org A, opened by its owner, with one attachment."""
+    with world.state.session_factory() as s:
+        ticket = tickets.create(s, org_id=world.org_a, opened_by=world.people["owner"].account_id,
+                                subject="matrix subject", category="other", description="d")
+        attachment = tickets.add_attachment(
+            s, open_store(world.state.settings.ticket_store_dir), ticket, b"matrix notes",
+            claimed_name="notes.txt", uploaded_by=world.people["owner"].account_id,
+            max_bytes=1024, max_count=10,
+        )
+        s.commit()
+        world.org_a_marks |= {ticket.id, attachment.id}
+        _last_attachment[:] = [attachment.id]
+        return ticket.id
+
+
 FACTORIES: dict[str, Callable[[World, Who], str]] = {
     "org_id": lambda w, _: w.org_a,
     "key_id": _key,
     "account_id": _account,
+    "ticket_id": _ticket,
+    "attachment_id": lambda w, _: _last_attachment[0],
 }
 
 
@@ -150,6 +174,13 @@ def _bodies(world: World) -> dict[tuple[str, str], Callable[[], Any]]:
         ("POST", "/api/v1/orgs"): lambda: {
             "name": "New", "owner": {"role": "owner", "login_name": f"new{next(_counter)}"}
         },
+        ("POST", "/api/v1/tickets"): lambda: {
+            "subject": "from matrix", "category": "other", "description": "d"
+        },
+        ("POST", "/api/v1/tickets/{ticket_id}/messages"): lambda: {"body": "m"},
+        ("POST", "/api/v1/tickets/{ticket_id}/status"): lambda: {"status": "resolved"},
+        ("POST", "/api/v1/tickets/staff/{ticket_id}/messages"): lambda: {"body": "m"},
+        ("POST", "/api/v1/tickets/staff/{ticket_id}/status"): lambda: {"status": "resolved"},
     }
 
 
@@ -257,3 +288,8 @@ def test_the_matrix_itself() -> None:
     assert not any(holds(money, role, False) for role in ROLES)
     assert [r for r in ROLES if holds(money, r, False, tenant_money_admin=True)] == ["owner"]
     assert not holds(PERMISSIONS["billing.read"], "developer", False)
+    # Tickets: every member reads the org's, viewers do not write, only staff see the queue.
+    assert all(holds(PERMISSIONS["tickets.read"], role, False) for role in ROLES)
+    assert not holds(PERMISSIONS["tickets.write"], "viewer", False)
+    assert not any(holds(PERMISSIONS["tickets.staff"], role, False) for role in ROLES)
+    assert holds(PERMISSIONS["tickets.staff"], "viewer", True)

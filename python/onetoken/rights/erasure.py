@@ -12,8 +12,11 @@ On the request, in one transaction of the control DB:
 3. the account keeps its id (a pseudonymous id: nothing links it to a person any more) so
    orders, invoices, the ledger and call records still add up; its login name becomes
    `erased-<hash>`, email, mobile, name, password, second factor and invitations are
-   cleared, sessions and sign-in sources deleted. SQLite is written with secure_delete and
-   its WAL checkpointed, so the old values do not linger in free pages.
+   cleared, sessions and sign-in sources deleted; in its org's tickets, what it submitted
+   is erased (tickets.service.erase_account: the content of tickets it opened, its own
+   messages and attachments elsewhere; the files are deleted after the commit). SQLite is
+   written with secure_delete and its WAL checkpointed, so the old values do not linger in
+   free pages.
 
 Then, in the erasure worker, for a batch of queued accounts at a time:
 
@@ -55,6 +58,8 @@ from onetoken.kit.worker import LoopThread
 from onetoken.orgs.models import Account, AdminSession
 from onetoken.rights.models import AccountErasure
 from onetoken.security.models import LoginSource, LoginThrottle
+from onetoken.tickets import service as tickets_service
+from onetoken.tickets.store import open_store
 
 if TYPE_CHECKING:
     from onetoken.ingest.ingestor import Ingestor
@@ -424,6 +429,7 @@ def cancel_account(state: AppState, account_id: str, *, requested_by: str) -> Er
         key_ids = revoke_keys(session, account)
         ids = identifiers(account, key_ids)
         anonymize_account(session, account)
+        tickets_erased = tickets_service.erase_account(session, account.org_id, account.id)
         session.add(
             AccountErasure(
                 account_id=account.id,
@@ -434,6 +440,9 @@ def cancel_account(state: AppState, account_id: str, *, requested_by: str) -> Er
             )
         )
         session.commit()
+    tickets_service.delete_files(
+        open_store(state.settings.ticket_store_dir), tickets_erased.storage_keys
+    )
     state.config_changed()
     checkpoint(state.session_factory)
     if _worker is not None:

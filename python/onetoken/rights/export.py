@@ -1,5 +1,6 @@
 """Export of one's own data: account and organization fields, API keys (display ids
-only), sign-in sources, the account's security events and its call statistics.
+only), sign-in sources, the tickets it opened or wrote in (with every message and its
+attachments' metadata), the account's security events and its call statistics.
 
 Call statistics are aggregates per UTC day and model of the calls made with the
 account's keys (call metadata never holds content in the first place).
@@ -23,6 +24,7 @@ from onetoken.kit.money import format_amount
 from onetoken.kit.spreadsheet import formula_safe
 from onetoken.orgs.models import Account, Org
 from onetoken.security.models import LoginSource
+from onetoken.tickets import service as tickets_service
 
 MAX_SECURITY_EVENTS = 10_000
 
@@ -157,6 +159,7 @@ def build(
         "account": account_part(session, account),
         "keys": keys_part(session, account),
         "login_sources": login_sources_part(session, account),
+        "tickets": tickets_service.export_part(session, account.org_id, account.id),
         "call_statistics": None,
         "security_events": None,
     }

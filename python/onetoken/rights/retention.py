@@ -7,7 +7,8 @@
 - the control DB: a purge every ONETOKEN_RETENTION_PURGE_INTERVAL_SECONDS removes the
   webhook delivery log after ONETOKEN_DELIVERY_LOG_TTL_DAYS, sign-in sources after the
   login-records period, expired sessions, forgiven login-failure counters and expired
-  source blocks.
+  source blocks, and tickets (with their messages and attachment files)
+  ONETOKEN_TICKET_RETENTION_DAYS after they closed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import and_, delete, or_
@@ -23,8 +25,11 @@ from sqlalchemy import and_, delete, or_
 from onetoken.db.base import utcnow
 from onetoken.db.session import SessionFactory
 from onetoken.orgs.models import AdminSession
+from onetoken.rights import erasure
 from onetoken.security import blocking
 from onetoken.security.models import LoginSource, LoginThrottle
+from onetoken.tickets import service as tickets_service
+from onetoken.tickets.store import open_store
 from onetoken.webhooks import service as webhooks_service
 
 log = logging.getLogger("onetoken.retention")
@@ -38,6 +43,10 @@ class RetentionSettings(Protocol):
     login_failure_window_seconds: int
     login_lockout_max_seconds: int
     retention_purge_interval_seconds: float
+    ticket_retention_days: int
+
+    @property
+    def ticket_store_dir(self) -> Path: ...
 
 
 @dataclass
@@ -47,6 +56,7 @@ class PurgeResult:
     sessions: int = 0
     throttles: int = 0
     blocks: int = 0
+    tickets: int = 0
 
 
 def purge(session_factory: SessionFactory, settings: RetentionSettings) -> PurgeResult:
@@ -82,7 +92,18 @@ def purge(session_factory: SessionFactory, settings: RetentionSettings) -> Purge
             )
         )
         out.blocks = blocking.purge_expired(session)
+        # Ticket content goes for good: SQLite overwrites the freed pages.
+        if session.get_bind().dialect.name == "sqlite":
+            session.connection().exec_driver_sql("PRAGMA secure_delete = ON")
+        removed = tickets_service.purge_closed(
+            session, now - timedelta(days=settings.ticket_retention_days)
+        )
+        out.tickets = removed.tickets
         session.commit()
+    # Files after the commit: a rolled-back purge must not lose a kept ticket's files.
+    tickets_service.delete_files(open_store(settings.ticket_store_dir), removed.storage_keys)
+    if removed.tickets:
+        erasure.checkpoint(session_factory)
     if any(vars(out).values()):
         log.info("retention.purged", extra={"rows": sum(vars(out).values())})
     return out

@@ -99,6 +99,18 @@ PERMISSIONS: dict[str, Permission] = {
             "owner admin",
             "Create, change, test and delete callback addresses (platform-wide ones: operators).",
         ),
+        _p("tickets.read", _ALL, "Read the organization's tickets, messages and attachments."),
+        _p(
+            "tickets.write",
+            "owner admin developer billing",
+            "Open tickets, write messages, attach files, resolve, close and reopen tickets.",
+        ),
+        _p(
+            "tickets.staff",
+            "",
+            "The ticket queue across organizations: read, download, answer and set statuses "
+            "(operators; every access is in the security log).",
+        ),
     )
 }
 

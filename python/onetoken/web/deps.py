@@ -163,6 +163,9 @@ UsageReadDep = Annotated[Principal, Depends(require("usage.read"))]
 SecurityReadDep = Annotated[Principal, Depends(require("security.read"))]
 WebhooksReadDep = Annotated[Principal, Depends(require("webhooks.read"))]
 WebhooksWriteDep = Annotated[Principal, Depends(require("webhooks.write"))]
+TicketsReadDep = Annotated[Principal, Depends(require("tickets.read"))]
+TicketsWriteDep = Annotated[Principal, Depends(require("tickets.write"))]
+TicketsStaffDep = Annotated[Principal, Depends(require("tickets.staff"))]
 
 
 def public() -> None:
