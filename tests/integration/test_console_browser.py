@@ -9,6 +9,7 @@ does (so the check can fail)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
@@ -31,6 +32,10 @@ from .harness import Admin, cli
 sync_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = "/usr/bin/chromium"
+# A 1x1 PNG: an attachment whose type the API recognises from its bytes.
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
@@ -119,8 +124,18 @@ def sign_in(page: Any, base: str, who: dict[str, str], watch: Watch) -> None:
     watch.take()
 
 
+def sign_in_with_password(page: Any, base: str, path: str, login: str, password: str) -> None:
+    page.goto(f"{base}{path}")
+    page.fill("input[name=login]", login)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{base}{path}")
+    ready(page)
+
+
 def test_console_flows_and_every_page(
-    deployment: dict[str, Any], owner: dict[str, str], chromium: Any, screenshots: Path
+    deployment: dict[str, Any], owner: dict[str, str], admin: Admin, chromium: Any,
+    screenshots: Path, tmp_path: Path,
 ) -> None:
     server = deployment["server"]
     base = server.control_url
@@ -208,19 +223,75 @@ def test_console_flows_and_every_page(
     exported = json.loads(Path(got.value.path()).read_text())
     assert owner["email"] in json.dumps(exported)
 
+    # A customer of another organization opens a ticket with an attachment; staff answer
+    # it and close it; the customer sees both.
+    password = "a customer's long password"
+    admin.post("/api/v1/orgs", {"name": "Customer Co", "owner": {
+        "email": "owner@customer.test", "role": "owner", "password": password}})
+    customer_context = chromium.new_context(viewport=DESKTOP)
+    customer = customer_context.new_page()
+    watch.attach(customer)
+    sign_in_with_password(customer, base, "/tickets", "owner@customer.test", password)
+    shot = tmp_path / "screen.png"
+    shot.write_bytes(PNG)
+    customer.fill("#new-ticket input[name=subject]", "The chart is empty")
+    customer.select_option("#new-ticket select[name=category]", "technical")
+    customer.fill("#new-ticket textarea[name=description]", "Since this morning.")
+    customer.set_input_files("#new-ticket input[type=file]", str(shot))
+    customer.click("#new-ticket button[type=submit]")
+    customer.wait_for_url(f"{base}/tickets/thread?id=*")
+    ready(customer)
+    ticket_id = customer.url.split("id=", 1)[1]
+    assert "image/png" in customer.inner_text("#ticket table")
+    page.goto(f"{base}/operator/tickets")
+    ready(page)
+    page.click("#queue a:has-text('The chart is empty')")
+    page.wait_for_url(f"{base}/operator/tickets/thread?id={ticket_id}")
+    ready(page)
+    assert "Since this morning." in page.inner_text("#ticket")
+    with page.expect_download() as got:
+        page.click("#ticket table a:has-text('Download')")
+    assert Path(got.value.path()).read_bytes() == PNG
+    page.fill("#reply textarea[name=body]", "Fixed on our side.")
+    page.click("#reply button[type=submit]")
+    page.wait_for_selector("#ticket .thread li:has-text('Fixed on our side.')")
+    page.select_option("#set-status select[name=status]", "closed")
+    page.click("#set-status button[type=submit]")
+    page.wait_for_selector("#ticket-status:has-text('closed')")
+    customer.reload()
+    ready(customer)
+    assert "Fixed on our side." in customer.inner_text("#ticket .thread")
+    assert customer.inner_text("#ticket-status") == "closed"
+    # Closed is final: the API's refusal shows in the form.
+    watch.expected.add((409, f"/api/v1/tickets/{ticket_id}/messages"))
+    customer.fill("#reply textarea[name=body]", "One more thing")
+    customer.click("#reply button[type=submit]")
+    customer.wait_for_selector("#reply .form-error:not(:empty)")
+    watch.expected.clear()
+
     # Every page, desktop and phone: rendered, no console error, no failed API call, and
-    # the canary nowhere while the request id is on the usage page.
+    # the canary nowhere while the request id is on the usage page. A customer's ticket
+    # thread is shown to that customer.
     problems = watch.take()
     assert problems == [], "\n".join(problems)
     phone_context = chromium.new_context(viewport=PHONE, storage_state=context.storage_state(),
                                          is_mobile=True, has_touch=True)
     phone = phone_context.new_page()
     watch.attach(phone)
+    customer_phone_context = chromium.new_context(
+        viewport=PHONE, storage_state=customer_context.storage_state(), is_mobile=True,
+        has_touch=True)
+    customer_phone = customer_phone_context.new_page()
+    watch.attach(customer_phone)
     seen_request_id = False
     for p in PAGES:
         name = p.path.strip("/").replace("/", "-") or "overview"
-        for label, tab in (("desktop", page), ("phone", phone)):
-            tab.goto(f"{base}{p.path}")
+        query = "" if p.listed else f"?id={ticket_id}"
+        tabs = (("desktop", page), ("phone", phone))
+        if p.path == "/tickets/thread":
+            tabs = (("desktop", customer), ("phone", customer_phone))
+        for label, tab in tabs:
+            tab.goto(f"{base}{p.path}{query}")
             ready(tab)
             tab.screenshot(path=str(screenshots / f"{name}-{label}.png"), full_page=True)
             html = tab.content()
@@ -229,6 +300,6 @@ def test_console_flows_and_every_page(
             problems = watch.take()
             assert problems == [], f"{p.path} {label}: " + "\n".join(problems)
     assert seen_request_id
-    phone_context.close()
-    context.close()
+    for c in (phone_context, customer_phone_context, customer_context, context):
+        c.close()
     assert len(list(screenshots.glob("*.png"))) == 2 * len(PAGES)

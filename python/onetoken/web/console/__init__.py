@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import quote
 
 from fastapi import FastAPI
@@ -30,6 +30,7 @@ from onetoken.orgs import auth
 from onetoken.security.permissions import held
 from onetoken.security.principal import Principal
 from onetoken.state import AppState
+from onetoken.tickets.schemas import Category, Status
 from onetoken.webhooks.events import EVENT_KINDS
 
 STATIC_URL = "/console/static"
@@ -60,6 +61,8 @@ class Page:
     template: str
     #: The navigation's section: "" (everyone), "admin" or "operator".
     section: str = ""
+    #: Listed in the navigation (a ticket's thread is reached from its list instead).
+    listed: bool = True
 
 
 PAGES: tuple[Page, ...] = (
@@ -67,6 +70,8 @@ PAGES: tuple[Page, ...] = (
     Page("/keys", "Keys", "keys.read", "keys.html"),
     Page("/usage", "Usage", "calls.read", "usage.html"),
     Page("/billing", "Billing", "billing.read", "billing.html"),
+    Page("/tickets", "Tickets", "tickets.read", "tickets.html"),
+    Page("/tickets/thread", "Ticket", "tickets.read", "ticket.html", listed=False),
     Page("/privacy", "Privacy", "self", "privacy.html"),
     Page("/members", "Members", "members.read", "members.html", "admin"),
     Page("/webhooks", "Webhooks", "webhooks.read", "webhooks.html", "admin"),
@@ -74,6 +79,9 @@ PAGES: tuple[Page, ...] = (
     Page("/catalog", "Providers and models", "providers.read", "catalog.html", "admin"),
     Page("/operator/orgs", "Organizations", "orgs.manage", "orgs.html", "operator"),
     Page("/operator/money", "Orders and credits", "billing.money", "money.html", "operator"),
+    Page("/operator/tickets", "Ticket queue", "tickets.staff", "queue.html", "operator"),
+    Page("/operator/tickets/thread", "Ticket (staff)", "tickets.staff", "ticket.html", "operator",
+         listed=False),
 )
 
 
@@ -126,7 +134,7 @@ def _page_handler(page: Page) -> Any:
         state: AppState = request.app.state.onetoken
         perms = held(principal.role, principal.is_operator,
                      tenant_money_admin=state.settings.tenant_money_admin)
-        nav = [p for p in PAGES if p.permission in perms]
+        nav = [p for p in PAGES if p.permission in perms and p.listed]
         context = {
             "page": page,
             "nav": nav,
@@ -134,6 +142,8 @@ def _page_handler(page: Page) -> Any:
             "me": principal,
             "settings": state.settings,
             "event_kinds": EVENT_KINDS,
+            "ticket_categories": get_args(Category),
+            "ticket_statuses": get_args(Status),
         }
         if page.permission not in perms:
             return _html("denied.html", status=403, **context)

@@ -23,11 +23,16 @@
     }
   }
 
-  async function api(method, url, body) {
+  // `body`: JSON, or with `raw` a File sent as it is (an attachment: the API decides its
+  // type from the bytes).
+  async function api(method, url, body, raw) {
     const headers = { Accept: "application/json" };
     if (method !== "GET") headers["X-CSRF-Token"] = cookie(CSRF_COOKIE);
     const init = { method, headers, credentials: "same-origin" };
-    if (body !== undefined) {
+    if (raw) {
+      headers["Content-Type"] = "application/octet-stream";
+      init.body = body;
+    } else if (body !== undefined) {
       headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(body);
     }
@@ -64,10 +69,15 @@
     return new Date(Date.UTC(d.getUTCFullYear(), d.getUTCMonth(), d.getUTCDate())).toISOString();
   }
 
-  // "{name}" in a URL: from `values` (a form's fields or a table row), URL-encoded.
+  // "{name}" in a URL: from `values` (a form's fields or a table row), URL-encoded;
+  // "{q_name}" from the page's own query string (a ticket page's ?id=).
   function expand(url, values) {
-    return url.replace(/\{(\w+)\}/g, (_, k) =>
-      k === "today" ? encodeURIComponent(todayUtc()) : encodeURIComponent(get(values, k) ?? ""));
+    const query = new URLSearchParams(location.search);
+    return url.replace(/\{(\w+)\}/g, (_, k) => {
+      if (k === "today") return encodeURIComponent(todayUtc());
+      if (k.startsWith("q_")) return encodeURIComponent(query.get(k.slice(2)) || "");
+      return encodeURIComponent(get(values, k) ?? "");
+    });
   }
 
   function format(value, fmt) {
@@ -148,7 +158,13 @@
       el.textContent = format(data, "json");
       return;
     }
+    for (const part of el.querySelectorAll("[data-each]")) {
+      const items = get(data, part.dataset.each);
+      if (part.tagName === "TABLE") renderTable(part, Array.isArray(items) ? items : []);
+      else renderList(part, Array.isArray(items) ? items : []);
+    }
     for (const dd of el.querySelectorAll("[data-f]")) {
+      if (dd.closest("[data-each]")) continue;
       let v = get(data, dd.dataset.f);
       if (v === undefined || v === null) v = dd.dataset.default ?? "";
       let text = format(v, dd.dataset.fmt);
@@ -205,12 +221,27 @@
     return Array.isArray(items) ? items : [];
   }
 
+  // A list from its <template>: each item a copy, its [data-f] elements filled as text.
+  function renderList(list, items) {
+    const template = list.querySelector("template");
+    list.querySelectorAll(":scope > :not(template)").forEach((n) => n.remove());
+    for (const item of items) {
+      const node = template.content.firstElementChild.cloneNode(true);
+      for (const f of node.querySelectorAll("[data-f]")) f.textContent = format(get(item, f.dataset.f), f.dataset.fmt);
+      list.append(node);
+    }
+  }
+
   function renderRows(table) {
     const st = loaders.get(table);
+    st.shown = st.rows.filter(st.keep || (() => true));
+    renderTable(table, st.shown);
+  }
+
+  function renderTable(table, shown) {
     const heads = [...table.querySelectorAll("thead th")];
     const body = table.tBodies[0];
     body.replaceChildren();
-    const shown = st.rows.filter(st.keep || (() => true));
     for (const row of shown) {
       const tr = document.createElement("tr");
       for (const th of heads) {
@@ -220,7 +251,15 @@
         }
         const td = document.createElement("td");
         td.dataset.label = th.textContent;
-        td.textContent = format(get(row, th.dataset.f), th.dataset.fmt);
+        const text = format(get(row, th.dataset.f), th.dataset.fmt);
+        if (th.dataset.link) {
+          const a = document.createElement("a");
+          a.href = expand(th.dataset.link, row);
+          a.textContent = text || "(no subject)";
+          td.append(a);
+        } else {
+          td.textContent = text;
+        }
         tr.append(td);
       }
       body.append(tr);
@@ -234,7 +273,6 @@
       tr.append(td);
       body.append(tr);
     }
-    st.shown = shown;
   }
 
   function withParams(url, params) {
@@ -285,6 +323,7 @@
   function formValues(form) {
     const out = {};
     for (const input of form.querySelectorAll("input[name], select[name], textarea[name]")) {
+      if (input.type === "file") continue;
       const type = input.dataset.type || "";
       if (type === "checks") {
         const list = get(out, input.name) || [];
@@ -321,8 +360,19 @@
     try {
       const data = await api(method, expand(form.dataset.api, values),
         method === "GET" || method === "DELETE" ? undefined : body);
+      // Files go after the record they belong to exists (a new ticket's id).
+      for (const input of form.querySelectorAll("input[type=file][data-upload]")) {
+        for (const file of input.files) {
+          const url = expand(input.dataset.upload, { ...values, ...(data || {}) });
+          await api("POST", url + "?filename=" + encodeURIComponent(file.name), file, true);
+        }
+      }
       const box = form.dataset.result && document.querySelector(form.dataset.result);
       showResult(box, data, values);
+      if (form.dataset.nextTo) {
+        location.assign(expand(form.dataset.nextTo, data));
+        return;
+      }
       if (form.dataset.next !== undefined) {
         location.assign(safeNext(form.dataset.next));
         return;
