@@ -23,8 +23,8 @@ from onetoken.settings import Settings
 from onetoken.state import AppState
 from onetoken.tickets import content
 from onetoken.tickets.models import Ticket, TicketAttachment, TicketMessage
-from tests.unit.conftest import Admin, add_account
 from tests.support import TEST_SECRET
+from tests.unit.conftest import Admin, add_account
 from tests.unit.test_accounts import drained_events
 
 API = "/api/v1/tickets"

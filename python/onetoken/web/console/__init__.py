@@ -13,6 +13,7 @@ Content-Security-Policy that admits scripts from this origin only and no framing
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -125,7 +126,7 @@ def _principal(request: Request) -> Principal | None:
         return auth.resolve_session(session, state.secrets, token)
 
 
-def _page_handler(page: Page) -> Any:
+def _page_handler(page: Page) -> Callable[[Request], Response]:
     def handler(request: Request) -> Response:
         principal = _principal(request)
         if principal is None:
@@ -135,7 +136,7 @@ def _page_handler(page: Page) -> Any:
         perms = held(principal.role, principal.is_operator,
                      tenant_money_admin=state.settings.tenant_money_admin)
         nav = [p for p in PAGES if p.permission in perms and p.listed]
-        context = {
+        context: dict[str, Any] = {
             "page": page,
             "nav": nav,
             "perms": set(perms),
