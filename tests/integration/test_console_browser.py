@@ -223,6 +223,15 @@ def test_console_flows_and_every_page(
     exported = json.loads(Path(got.value.path()).read_text())
     assert owner["email"] in json.dumps(exported)
 
+    # An operator blocks an address and lifts the block again.
+    page.goto(f"{base}/operator/blocked")
+    ready(page)
+    page.fill("form[data-api='/api/v1/security/blocked'] input[name=source]", "198.51.100.9")
+    page.click("form[data-api='/api/v1/security/blocked'] button[type=submit]")
+    page.wait_for_selector("#blocked td:has-text('198.51.100.9/32')")
+    page.click("#blocked button:has-text('Unblock')")
+    page.wait_for_selector("#blocked td.empty")
+
     # A customer of another organization opens a ticket with an attachment; staff answer
     # it and close it; the customer sees both.
     password = "a customer's long password"

@@ -93,6 +93,11 @@ PERMISSIONS: dict[str, Permission] = {
         _p("calls.read", "owner admin developer billing", "Read call metadata."),
         _p("usage.read", _ALL, "Read usage totals."),
         _p("security.read", "owner admin", "Read the organization's security and audit log."),
+        _p(
+            "security.block",
+            "",
+            "List, block and unblock source addresses the gateways refuse (operators).",
+        ),
         _p("webhooks.read", "owner admin", "List callback addresses and their delivery log."),
         _p(
             "webhooks.write",

@@ -80,6 +80,7 @@ PAGES: tuple[Page, ...] = (
     Page("/catalog", "Providers and models", "providers.read", "catalog.html", "admin"),
     Page("/operator/orgs", "Organizations", "orgs.manage", "orgs.html", "operator"),
     Page("/operator/money", "Orders and credits", "billing.money", "money.html", "operator"),
+    Page("/operator/blocked", "Blocked addresses", "security.block", "blocked.html", "operator"),
     Page("/operator/tickets", "Ticket queue", "tickets.staff", "queue.html", "operator"),
     Page("/operator/tickets/thread", "Ticket (staff)", "tickets.staff", "ticket.html", "operator",
          listed=False),

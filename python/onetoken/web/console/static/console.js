@@ -178,7 +178,8 @@
     cell.dataset.label = th.textContent;
     cell.className = "actions";
     for (const spec of (th.dataset.actions || "").split(";").filter(Boolean)) {
-      const [text, method, url, when] = spec.split("|");
+      // text|method|url|condition|fields of the row sent as the JSON body
+      const [text, method, url, when, fields] = spec.split("|");
       if (when) {
         const [k, v] = when.split("=");
         if (String(get(row, k)) !== v) continue;
@@ -192,7 +193,10 @@
         const slot = errorSlot(table);
         showError(slot, null);
         try {
-          const data = await api(method, expand(url, row));
+          const body = fields
+            ? Object.fromEntries(fields.split(",").map((f) => [f, get(row, f)]))
+            : undefined;
+          const data = await api(method, expand(url, row), body);
           const box = table.dataset.result && document.querySelector(table.dataset.result);
           if (box && data && get(data, box.dataset.show.split(",")[0]) !== undefined) {
             showResult(box, data, row);
