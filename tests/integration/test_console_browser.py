@@ -154,6 +154,13 @@ def test_console_flows_and_every_page(
     key = page.inner_text("#key-secret dd[data-f=key]").strip()
     assert key.startswith("ot-"), key
     page.wait_for_selector("#keys td:has-text('from the console')")
+    # Its limits change in place (the id from the table).
+    row = page.locator("#keys tr", has_text="from the console")
+    key_id = row.locator("td[data-label=Id]").inner_text()
+    page.fill("#change-key input[name=key_id]", key_id)
+    page.fill("#change-key input[name='limits.rpm']", "1200")
+    page.click("#change-key button[type=submit]")
+    page.wait_for_selector("#keys tr:has-text('from the console') td:has-text('1200')")
     canary = f"canary-{uuid.uuid4().hex}"
     client = OpenAI(base_url=f"{server.gateway_url}/v1", api_key=key, max_retries=0)
     raw = client.chat.completions.with_raw_response.create(

@@ -341,6 +341,14 @@
       else if (type === "int") v = Number.parseInt(v, 10);
       else if (type === "list") v = v.split(",").map((s) => s.trim()).filter(Boolean);
       else if (type === "utc") v = utc(v);
+      else if (type === "json") {
+        // The whole body: the API checks it and says what is wrong.
+        try {
+          return JSON.parse(v);
+        } catch (e) {
+          throw new ApiError(0, "Not valid JSON: " + e.message, "invalid_json");
+        }
+      }
       set(out, input.name, v);
     }
     return out;
@@ -355,7 +363,13 @@
     showError(slot, null);
     if (form.dataset.confirm && !confirm(form.dataset.confirm)) return;
     const method = form.dataset.method || "POST";
-    const values = formValues(form);
+    let values;
+    try {
+      values = formValues(form);
+    } catch (err) {
+      showError(slot, err);
+      return;
+    }
     const body = { ...values };
     // Fields named in the URL go there, not in the body.
     for (const m of form.dataset.api.matchAll(/\{(\w+)\}/g)) delete body[m[1]];
