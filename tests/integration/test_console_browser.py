@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 from openai import OpenAI
 
@@ -229,6 +230,28 @@ def test_console_flows_and_every_page(
         page.click("#export-account")
     exported = json.loads(Path(got.value.path()).read_text())
     assert owner["email"] in json.dumps(exported)
+
+    # An admin adds a model on an existing provider, and the gateway serves it.
+    page.goto(f"{base}/catalog")
+    ready(page)
+    provider_row = page.locator("#providers tbody tr").first
+    provider_id = provider_row.locator("td[data-label=Id]").inner_text()
+    page.fill("#new-model input[name=name]", "console-chat")
+    page.fill("#new-model input[name=provider_id]", provider_id)
+    page.fill("#new-model input[name=upstream_model]", "mock-gpt")
+    page.fill("#new-model input[name=input_price]", "1")
+    page.click("#new-model button[type=submit]")
+    page.wait_for_selector("#models td:has-text('console-chat')")
+
+    def served() -> bool:
+        try:
+            client.chat.completions.create(
+                model="console-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+        except openai.APIStatusError:
+            return False
+        return True
+
+    wait_until(served, 10, 0.2, message="the new model served by the gateway")
 
     # An operator blocks an address and lifts the block again.
     page.goto(f"{base}/operator/blocked")
