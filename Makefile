@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PIP   := $(PY) -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test test-rust test-python test-deploy deploy-tools deploy-render lint bench bench-quick bench-scale setup build-debug build-release clean fuzz
+.PHONY: run test test-rust test-python test-deploy deploy-tools deploy-render docs lint bench bench-quick bench-scale bench-analytics locust setup build-debug build-release clean fuzz
 
 $(VENV)/.deps: pyproject.toml
 	python3 -m venv $(VENV)
@@ -72,6 +72,12 @@ test-rust:
 test-python: build-debug deploy-tools
 	ONETOKEN_DEPLOY_VENV=$(DEPLOY_VENV) $(PY) -m pytest -q tests
 
+# docs/analytics.md from a freshly migrated chDB, the engine's call_log declaration and the
+# example queries; tests/unit/test_analytics_docs.py fails until it is regenerated after a
+# change to any of them.
+docs: build-debug
+	$(PY) -m onetoken.analytics.docs docs/analytics.md
+
 lint: $(VENV)/.lint-deps
 	cargo clippy -q -p onetoken-gateway -p onetoken-mock-upstream -p onetoken-py -- -D warnings
 	$(VENV)/bin/ruff check python tests bench
@@ -89,6 +95,30 @@ bench-quick: build-release
 # `make test`: it loads the machine for about three minutes.
 bench-scale: build-release
 	$(PY) bench/scale.py
+
+# bench/locustfile.py's traffic mix through bench/loadtest.py (bench/README.md): reports in
+# bench/out/locust-<time>/, exit 1 unless the run checks out. Without HOST, a throwaway local
+# deployment with the mock upstream; with HOST (a gateway origin), ONETOKEN_API_KEYS or
+# tenants made through CONTROL (or ONETOKEN_CONTROL_URL) as ONETOKEN_ADMIN_LOGIN and
+# ONETOKEN_ADMIN_PASSWORD. Not part of `make test` (tests/integration/test_locust.py runs a
+# 10-second one there).
+USERS    ?= 20
+DURATION ?=
+SHAPE    ?= steady
+HOST     ?=
+CONTROL  ?=
+TENANTS  ?= 4
+locust: build-release
+	$(PY) bench/loadtest.py --users $(USERS) --shape $(SHAPE) --tenants $(TENANTS) \
+	  $(if $(DURATION),--duration $(DURATION)) $(if $(HOST),--host $(HOST)) \
+	  $(if $(CONTROL),--control-url $(CONTROL))
+
+# Dashboard queries raw and through the per-minute rollup on 100 million synthetic rows in
+# chDB (bench/README.md). Not part of `make test`: several GB under /work/bench-data (or
+# BENCH_DATA), deleted at the end, and an hour or more on 2 cores.
+BENCH_DATA ?= /work/bench-data
+bench-analytics: build-release
+	nice -n 10 $(PY) bench/analytics.py --data-root $(BENCH_DATA)
 
 # AFL++ on the parsers of untrusted bytes (rust/fuzz): each target in turn for FUZZ_SECONDS.
 # Not part of `make test`. Findings land in rust/fuzz/out/<target>/default/crashes.

@@ -45,7 +45,7 @@ OUT_DIR = BENCH / "out"
 LUA_SCRIPT = BENCH / "chat.lua"
 LITELLM_VENV = BENCH / ".venv-litellm"
 # Pinned so two runs months apart measure the same peer; bump deliberately.
-BENCH_VENV_PACKAGES = ("litellm[proxy]==1.108.7", "locust==2.47.0")
+BENCH_VENV_PACKAGES = ("litellm[proxy]==1.108.7",)
 ALL_TARGETS = ("direct", "nginx", "onetoken", "litellm")
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -314,7 +314,7 @@ def build_rust_tools() -> tuple[Path, Path]:
 
 
 def ensure_bench_venv() -> Path:
-    """LiteLLM pins many packages, so it (and locust) live in a venv of their own."""
+    """LiteLLM pins many packages, so it lives in a venv of its own."""
     python = LITELLM_VENV / "bin" / "python"
     litellm = LITELLM_VENV / "bin" / "litellm"
     if litellm.exists():

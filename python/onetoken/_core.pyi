@@ -197,6 +197,10 @@ def call_log_native_columns() -> list[tuple[str, str]]:
     """call_log's (column, ClickHouse type) pairs, in the order `JournalBatch.native`
     encodes them."""
 
+def call_log_column_docs() -> list[tuple[str, str]]:
+    """call_log's (column, description) pairs in table order: the doc comment of each
+    column in the engine's declaration, its lines joined by single spaces."""
+
 def journal_instance_live(lock_path: str) -> bool:
     """Whether the engine instance of `<spool_dir>/journal-<instance>.lock` is alive: it
     holds an exclusive flock on the file for its life. False when the file is missing."""

@@ -7,7 +7,8 @@ and every batch ingestion took to the key-risk check and the risk detectors.
 
 Background jobs of a serving control process beside ingestion: webhook delivery, risk
 detection on the ingested records, the retention purge, the queued ClickHouse part of
-account erasures, and with Redis the money cap publisher.
+account erasures, the names in ClickHouse's dimension tables, and with Redis the money cap
+publisher.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from onetoken.db.session import make_engine, make_session_factory
 from onetoken.gateway.snapshot import SnapshotSource
 from onetoken.ingest.batch import Batch
 from onetoken.ingest.caps import CapPublisher
+from onetoken.ingest.dimensions import DimensionSync
 from onetoken.kit import channel
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.events import EventBus
@@ -115,9 +117,12 @@ class Background:
     retention: RetentionWorker
     erasures: erasure.ErasureWorker
     caps: CapPublisher | None = None
+    dimensions: DimensionSync | None = None
 
     def stop(self) -> None:
         """After ingestion stopped (its last batches may still raise events)."""
+        if self.dimensions is not None:
+            self.dimensions.stop()
         if self.caps is not None:
             self.caps.stop()
         self.retention.stop()
@@ -141,10 +146,13 @@ def start_background(state: AppState, ingestor: Ingestor) -> Background:
     retention = RetentionWorker(state.session_factory, settings)
     retention.start()
     erasures = erasure.make_worker(state, ingestor)  # started by serve after the ingestor
+    # Through the sink's client: the one this process may hold on an embedded chDB path.
+    dimensions = DimensionSync(state.session_factory, lambda query: ingestor.sink.read(query))
+    dimensions.start()
     caps = None
     if settings.redis_url:
         # Listens for money moved by this process's commits from here on, and publishes
         # every org's cap first.
         caps = state.caps = CapPublisher(settings, state.session_factory)
         caps.start()
-    return Background(dispatcher, detectors, retention, erasures, caps)
+    return Background(dispatcher, detectors, retention, erasures, caps, dimensions)

@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     flush_interval_ms: int = Field(default=1000, ge=10, le=60_000)
     flush_max_rows: int = Field(default=50_000, ge=1, le=1_000_000)
     call_log_ttl_days: AtLeastOne = 180
+    # Read-only SQL (docs/sql.md): the engine's limits on each query. Rows beyond
+    # sql_max_result_rows are cut (the answer says so); the other limits fail the query.
+    sql_max_execution_time_s: int = Field(default=30, ge=1, le=3600)
+    sql_max_memory_bytes: int = Field(default=2 * 1024**3, ge=1024**2)
+    sql_max_result_rows: int = Field(default=10_000, ge=1, le=1_000_000)
+    sql_max_result_bytes: int = Field(default=64 * 1024**2, ge=1024)
+    sql_max_rows_to_read: int = Field(default=2_000_000_000, ge=1)
     # Prefix of every Redis key gateways and the cap publisher share (docs/scale-out.md).
     redis_prefix: str = "ot:"
     # Full republish of every org's cap: heals a Redis restart (which lost the caps) and a

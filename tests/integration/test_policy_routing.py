@@ -75,7 +75,12 @@ def _catalog(mock: str, failing: Any, refused_port: int) -> dict[str, Any]:
                        "input_price": "1", "output_price": "1"}],
         "cn-alibaba": [{"name": "rt-weighted", "upstream_model": "mock-gpt", "weight": 3,
                         "input_price": "1", "output_price": "1"}],
+        # rt-train: the cheapest deployment is a provider that trains on data.
+        "cn-deepseek": [{"name": "rt-train", "upstream_model": "mock-gpt",
+                         "input_price": "1", "output_price": "1"}],
     }
+    extra["us-openai"].append({"name": "rt-train", "upstream_model": "mock-gpt",
+                               "input_price": "9", "output_price": "9"})
     for p in providers:
         p["models"] += extra.get(p["name"], [])
     # Fallback pairs: a failing primary (priority 0) and the mock as secondary.
@@ -112,6 +117,7 @@ def _catalog(mock: str, failing: Any, refused_port: int) -> dict[str, Any]:
             {"name": "pol-chat", "strategy": "priority", "aliases": ["pol-alias"]},
             {"name": "rt-cheap", "strategy": "lowest_price"},
             {"name": "rt-weighted", "strategy": "weighted"},
+            {"name": "rt-train", "strategy": "lowest_price"},
         ],
         # Enough attempts and a breaker that stays closed for the few failures here.
         "routing": {"max_attempts": 3, "retry_deadline_ms": 10000, "backoff_ms": 10,
@@ -142,16 +148,22 @@ def org_id(admin: Admin) -> str:
     return admin_org(admin)
 
 
+#: The permissive policy: the org's owner (the bootstrap admin) lifted no_training.
+OPEN: dict[str, Any] = {"no_training": False}
+
+
 @pytest.fixture
 def policy(admin: Admin, org_id: str) -> Iterator[Any]:
-    """Sets the org policy for one test and puts the permissive one back after it."""
+    """Starts one test on the permissive policy, lets it set others, and puts the
+    permissive one back after it."""
 
     # The control API pushes the snapshot before it answers, so no waiting is needed.
     def set_policy(body: dict[str, Any]) -> None:
         put(admin, f"/api/v1/orgs/{org_id}/policy", body)
 
+    set_policy(OPEN)
     yield set_policy
-    put(admin, f"/api/v1/orgs/{org_id}/policy", {})
+    set_policy(OPEN)
 
 
 def _client(deployment: dict[str, Any], key: str) -> OpenAI:
@@ -185,15 +197,18 @@ CASES: list[tuple[str, dict[str, Any], set[str]]] = [
      {"pol-us-openai", "pol-cn-alibaba"}),
     ("deny_vendors", {"deny_vendors": ["deepseek"]},
      ALL_OWN - {"pol-cn-deepseek"}),
-    ("mainland_china_only", {"allow_regions": ["cn-mainland"]},
+    ("mainland_china_only", {"allow_regions": ["cn-mainland"], "no_training": False},
      {"pol-cn-alibaba", "pol-cn-deepseek"}),
-    ("deny_regions", {"deny_regions": ["us", "eu"]},
+    ("deny_regions", {"deny_regions": ["us", "eu"], "no_training": False},
      {"pol-cn-alibaba", "pol-cn-deepseek"}),
     ("allow_models", {"allow_models": ["pol-eu-google", "pol-chat"]},
      {"pol-eu-google"}),
-    ("deny_models", {"deny_models": ["pol-us-openai"]},
+    ("deny_models", {"deny_models": ["pol-us-openai"], "no_training": False},
      ALL_OWN - {"pol-us-openai"}),
     ("no_training", {"no_training": True},
+     ALL_OWN - {"pol-cn-deepseek"}),
+    # The default: what an org that never chose gets.
+    ("default", {},
      ALL_OWN - {"pol-cn-deepseek"}),
     ("zero_retention_only", {"zero_retention_only": True},
      {"pol-us-openai"}),
@@ -245,12 +260,32 @@ def test_shared_name_is_served_by_the_first_permitted_deployment(
     )
 
 
+def test_lowest_price_never_picks_a_training_provider_the_owner_did_not_allow(
+    deployment: dict[str, Any], admin: Admin, key: str, policy: Any
+) -> None:
+    """Policy clause I.3: the cheapest deployment of rt-train trains on data; an org on
+    the default policy is served by the dearer one, until its owner lifts no_training."""
+    client = _client(deployment, key)
+    providers = {p["name"]: p["id"] for p in admin.get("/api/v1/providers")["data"]}
+    rid = {}
+    for label, body in (("default", {}), ("lifted", OPEN)):
+        policy(body)
+        raw = client.chat.completions.with_raw_response.create(model="rt-train", messages=MSG)
+        rid[label] = raw.headers["x-request-id"]
+        served_by = {m.id: m for m in client.models.list()}["rt-train"]
+        vendors = {p["vendor"] for p in (served_by.model_extra or {})["processors"]}
+        assert vendors == ({"openai"} if label == "default" else {"openai", "deepseek"})
+    rows = {r["request_id"]: r for r in wait_for_calls(admin, set(rid.values()))}
+    assert rows[rid["default"]]["provider"] == providers["us-openai"]
+    assert rows[rid["lifted"]]["provider"] == providers["cn-deepseek"]
+
+
 def test_key_policy_narrows_the_org_policy(
     deployment: dict[str, Any], admin: Admin, org_id: str, policy: Any
 ) -> None:
     key_id, plaintext = new_key(admin, "narrow key")
     client = _client(deployment, plaintext)
-    policy({"allow_regions": ["cn-mainland", "us"]})
+    policy({"allow_regions": ["cn-mainland", "us"], "no_training": False})
     r = admin.http.put(f"/api/v1/keys/{key_id}/policy", json={"allow_regions": ["eu"]})
     assert r.status_code == 422 and r.json()["error"]["code"] == "policy_widens"
     put(admin, f"/api/v1/keys/{key_id}/policy", {"no_training": True, "deny_vendors": ["openai"]})

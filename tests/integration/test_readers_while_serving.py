@@ -1,5 +1,5 @@
 """The call log's CLI readers work while `onetoken serve` holds chDB: reconcile,
-audit-retention, calls export and calls stats go through the running control process over
+audit-retention, calls export, calls stats and sql go through the running control process over
 the ops channel, and print what they print once it stopped, with the same exit codes.
 
 The tests share one server and run in file order; the last one stops it."""
@@ -26,6 +26,12 @@ PLANTED = "readers-planted-4e8b1d70c2"
 # logged by the control process.
 CLEAN = "readers-clean-9a3f52e617"
 REFUSED = "readers-refused-0b7c4d9e21"
+# Quoted in an `onetoken sql` query: the audit keeps the query's hash, never its text.
+SQL_QUOTED = "readers-sql-quoted-5d1e8a3b77"
+SQL_TOTALS = (
+    "SELECT count() AS calls, sum(cost) AS cost, uniqExact(request_id) AS ids "
+    "FROM onetoken.call_log FINAL WHERE user_agent != 'readers-sql-quoted-5d1e8a3b77'"
+)
 SETTLE_TIMEOUT_S = 30.0
 READERS = {
     "reconcile": ("billing", "reconcile", "--json"),
@@ -99,6 +105,28 @@ def test_calls_export_and_stats_while_serving(world: dict[str, Any]) -> None:
     world["serving"]["stats"] = stats
 
 
+def test_sql_while_serving(world: dict[str, Any]) -> None:
+    """`onetoken sql` answers through the running control process, in each format, with
+    the refusals of the control API: an operator at the shell is read-only too."""
+    assert SQL_QUOTED in SQL_TOTALS
+    data_dir: Path = world["data_dir"]
+    export = [json.loads(line) for line in world["serving"]["export"].stdout.splitlines()]
+    as_json = cli(data_dir, "sql", SQL_TOTALS, "--format", "json", *world["org_args"])
+    answer = json.loads(as_json.stdout)
+    assert answer["columns"] == ["calls", "cost", "ids"]
+    assert answer["rows"] == [[6, sum(r["cost"] for r in export), 6]]
+    assert answer["truncated"] is False
+    every = cli(data_dir, "sql", SQL_TOTALS, "--format", "csv", "--all-orgs")
+    assert every.stdout.splitlines()[1].startswith("6,")
+    other = cli(data_dir, "sql", SQL_TOTALS, "--org", "no-such-org")
+    assert other.stdout.splitlines()[-1].split()[0] == "0"
+    for query in ("SELECT * FROM system.tables", "SELECT file('/etc/hostname')",
+                  "SELECT count() FROM merge('onetoken', '^call_log$')"):
+        refused = cli(data_dir, "sql", query, "--all-orgs", check=False)
+        assert refused.returncode == 2 and "sql_refused" in refused.stderr, refused.stderr
+    world["serving"]["sql"] = cli(data_dir, "sql", SQL_TOTALS, *world["org_args"])
+
+
 def test_audit_retention_finds_a_planted_needle_in_clickhouse_while_serving(
     world: dict[str, Any],
 ) -> None:
@@ -148,14 +176,19 @@ def test_same_output_and_exit_codes_once_stopped_and_nothing_logged(
         assert (stopped.returncode, stopped.stdout, stopped.stderr) == (
             serving.returncode, serving.stdout, serving.stderr
         ), name
+    # sql's stderr says how long the query took, which differs.
+    stopped = cli(data_dir, "sql", SQL_TOTALS, *world["org_args"])
+    assert stopped.stdout == world["serving"]["sql"].stdout
+    refused = cli(data_dir, "sql", "SELECT * FROM system.tables", "--all-orgs", check=False)
+    assert refused.returncode == 2 and "sql_refused" in refused.stderr
     # The needles the control process saw (in an ops request body) are in none of its logs,
     # nor anywhere else it persisted.
-    for needle in (CLEAN, REFUSED):
+    for needle in (CLEAN, REFUSED, SQL_QUOTED):
         proc = cli(data_dir, "audit-retention", "--needle", needle, check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     logs = [p for p in (data_dir / "logs").rglob("*") if p.is_file()]
     assert logs
     for path in logs:
         content = path.read_bytes()
-        for needle in (CLEAN, REFUSED):
+        for needle in (CLEAN, REFUSED, SQL_QUOTED):
             assert needle.encode() not in content, f"{needle} in {path.name}"

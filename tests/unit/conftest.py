@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -15,6 +16,7 @@ from sqlalchemy import create_engine, text
 
 from onetoken.control import build_state, create_app
 from onetoken.orgs import service as orgs
+from onetoken.security import log as security_log
 from onetoken.settings import Settings
 from onetoken.state import AppState
 from tests import builders as build
@@ -119,6 +121,17 @@ def add_account(
     r = client.post("/api/v1/auth/login", json={"email": email, "password": password})
     assert r.status_code == 200, r.text
     return {"Authorization": f"Bearer {r.json()['access_token']}"}
+
+
+def drained_events() -> list[dict[str, Any]]:
+    """Everything recorded so far in this process's security log queue."""
+    writer = security_log.current()
+    assert writer is not None
+    rows = writer.drain()
+    events = [dict(zip(security_log.SECURITY_LOG_COLUMNS, r, strict=True)) for r in rows]
+    for e in events:
+        e["detail"] = orjson.loads(e["detail"])
+    return events
 
 
 @pytest.fixture

@@ -15,24 +15,12 @@ from onetoken.bootstrap import bootstrap
 from onetoken.control import create_app
 from onetoken.orgs import service as orgs
 from onetoken.orgs.models import Account
-from onetoken.security import log as security_log
 from onetoken.security import totp
 from onetoken.settings import Settings
 from onetoken.state import AppState
-from tests.unit.conftest import Admin, add_account, make_org_admin
+from tests.unit.conftest import Admin, add_account, drained_events, make_org_admin
 
 API = "/api/v1"
-
-
-def drained_events() -> list[dict[str, Any]]:
-    """Everything recorded so far in this process's security log queue."""
-    writer = security_log.current()
-    assert writer is not None
-    rows = writer.drain()
-    events = [dict(zip(security_log.SECURITY_LOG_COLUMNS, r, strict=True)) for r in rows]
-    for e in events:
-        e["detail"] = orjson.loads(e["detail"])
-    return events
 
 
 def login(client: TestClient, identifier: str, password: str, **extra: Any) -> Any:

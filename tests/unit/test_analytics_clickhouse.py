@@ -11,7 +11,12 @@ from clickhouse_connect.driver.client import Client
 
 from onetoken import cli
 from onetoken.analytics import clickhouse as ch
-from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_SCHEMA, SECURITY_LOG_TABLE
+from onetoken.analytics.columns import (
+    CALL_LOG_COLUMNS,
+    CALL_LOG_DOCS,
+    CALL_LOG_SCHEMA,
+    SECURITY_LOG_TABLE,
+)
 from onetoken.security.log import SECURITY_LOG_COLUMNS
 from onetoken.settings import Settings
 
@@ -53,8 +58,8 @@ def test_every_migration_statement_is_idempotent() -> None:
     process opening ClickHouse first, docs/deploy.md "Upgrades and migrations"): every
     statement must end in the same schema however often it runs."""
     idempotent = re.compile(
-        r"^(CREATE (DATABASE|TABLE) IF NOT EXISTS |ALTER TABLE \S+ ("
-        r"ADD (COLUMN|INDEX) IF NOT EXISTS |MODIFY SETTING ))"
+        r"^(CREATE (DATABASE|TABLE|MATERIALIZED VIEW) IF NOT EXISTS |ALTER TABLE \S+ ("
+        r"ADD (COLUMN|INDEX) IF NOT EXISTS |MODIFY SETTING |COMMENT COLUMN ))"
     )
     statements = [s for m in ch.load_migrations() for s in m.statements()]
     assert [s for s in statements if not idempotent.match(s)] == []
@@ -100,6 +105,38 @@ def test_call_log_has_exactly_the_engines_columns(client: Client) -> None:
     rows = client.query("DESCRIBE TABLE onetoken.call_log").result_rows
     assert [(r[0], r[1]) for r in rows] == list(CALL_LOG_SCHEMA)
     assert tuple(r[0] for r in rows) == CALL_LOG_COLUMNS
+
+
+def _comments(client: Client, database: str, table: str) -> dict[str, str]:
+    rows = client.query(
+        "SELECT name, comment FROM system.columns WHERE database = {db:String} "
+        "AND table = {t:String}", parameters={"db": database, "t": table},
+    ).result_rows
+    return {str(name): str(comment) for name, comment in rows}
+
+
+def test_call_log_comments_are_the_declarations_in_every_log_database(client: Client) -> None:
+    assert set(CALL_LOG_DOCS) == set(CALL_LOG_COLUMNS)
+    assert all(CALL_LOG_DOCS.values())
+    assert _comments(client, "onetoken", "call_log") == CALL_LOG_DOCS
+    ch.ensure_pool_database(client, "onetoken_docs", 30)
+    assert _comments(client, "onetoken_docs", "call_log") == CALL_LOG_DOCS
+    # Quotes and backslashes reach ClickHouse as written.
+    odd = "\\'x"
+    client.command(f"ALTER TABLE onetoken.call_log COMMENT COLUMN cost {ch.sql_string(odd)}")
+    assert _comments(client, "onetoken", "call_log")["cost"] == odd
+    # A reworded declaration reaches a database that already has every migration.
+    assert ch.ensure_call_log_comments(client) == 1
+    assert ch.ensure_call_log_comments(client) == 0
+    assert _comments(client, "onetoken", "call_log") == CALL_LOG_DOCS
+    client.command("DROP DATABASE onetoken_docs SYNC")
+
+
+def test_every_column_of_the_other_tables_has_a_comment(client: Client) -> None:
+    for table in ("security_log", "schema_migrations"):
+        comments = _comments(client, "onetoken", table)
+        assert comments
+        assert [c for c, text in comments.items() if not text] == [], table
 
 
 def test_security_log_table_has_exactly_the_writers_columns(client: Client) -> None:

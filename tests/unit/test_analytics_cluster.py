@@ -29,7 +29,7 @@ from clickhouse_connect.driver.client import Client
 from onetoken import cli
 from onetoken.analytics import clickhouse as ch
 from onetoken.analytics import cluster, queries
-from onetoken.analytics.columns import CALL_LOG_COLUMNS
+from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_DOCS
 from onetoken.analytics.sink import CallLogSink
 from onetoken.audit import AuditReport, scan_clickhouse
 from onetoken.billing import statements
@@ -160,12 +160,33 @@ def test_cluster_ddl_runs_in_chdb_but_for_keeper(client: Client, clus: str) -> N
         return ch.current_ttl(client, table)
 
     single, clus = tables("onetoken"), tables("clus")
-    assert set(clus) == {f"{t}{suffix}" for t in single for suffix in ("", "_local")}
+    views = {t for t, shape in single.items() if shape[0] == "MaterializedView"}
+    assert views == {"call_stats_1m_mv"}
+    assert set(clus) == views | {
+        f"{t}{suffix}" for t in single.keys() - views for suffix in ("", "_local")
+    }
     single_ttl_defaults = {
         "call_log": "ts + toIntervalDay(180)",
         "security_log": "ts + toIntervalDay(365)",
+        "call_stats_1m": "minute + toIntervalDay(180)",
     }
+    # One view per shard, on its local call_log, writing to its local rollup.
+    (view,) = client.query(
+        "SELECT engine, dependencies_table FROM system.tables "
+        "WHERE database = 'clus' AND name = 'call_stats_1m_local'"
+    ).result_rows
+    assert view == ("AggregatingMergeTree", [])
+    (source,) = client.query(
+        "SELECT dependencies_table FROM system.tables "
+        "WHERE database = 'clus' AND name = 'call_log_local'"
+    ).result_rows
+    assert source == (["call_stats_1m_mv"],)
+    create_view = str(client.command("SHOW CREATE TABLE clus.call_stats_1m_mv"))
+    assert "TO clus.call_stats_1m_local" in create_view
+    assert "FROM clus.call_log_local" in create_view
     for table, shape in single.items():
+        if table in views:
+            continue
         assert clus[f"{table}_local"] == shape
         assert clus[table][0] == "Distributed"
         assert described(f"clus.{table}") == described(f"clus.{table}_local")
@@ -174,6 +195,25 @@ def test_cluster_ddl_runs_in_chdb_but_for_keeper(client: Client, clus: str) -> N
             assert ttl(f"clus.{table}_local") == single_ttl_defaults[table]
     assert {(t.removesuffix("_local"), *r) for t, *r in indexes("clus")} == indexes("onetoken")
     assert len(indexes("onetoken")) == 5
+
+
+def test_cluster_ddl_comments_call_log_so_startup_alters_nothing(
+    client: Client, clus: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    def comments(table: str) -> dict[str, str]:
+        return {str(r[0]): str(r[4]) for r in client.query(f"DESCRIBE TABLE {table}").result_rows}
+
+    assert comments(f"{clus}.call_log") == comments(f"{clus}.call_log_local") == CALL_LOG_DOCS
+    assert ch.ensure_call_log_comments(client, clus) == 0
+    # A reworded comment is set ON CLUSTER, which chDB refuses as a server without the
+    # right would: the service logs it and carries on.
+    client.command(f"ALTER TABLE {clus}.call_log_local COMMENT COLUMN cost 'old words'")
+    assert ch.ensure_call_log_comments(client, clus) == 0
+    assert "analytics.comment_refused" in caplog.text
+    client.command(
+        f"ALTER TABLE {clus}.call_log_local COMMENT COLUMN cost "
+        f"{ch.sql_string(CALL_LOG_DOCS['cost'])}"
+    )
 
 
 def test_startup_ttl_check_reads_and_alters_the_local_tables(client: Client, clus: str) -> None:
@@ -238,8 +278,8 @@ def test_local_tables_carry_columns_keys_partitioning_ttl_and_settings(client: C
             .replace(engine[0], replicated, 1)
             .replace("non_replicated_deduplication_window", "replicated_deduplication_window")
         )
-        if table != "schema_migrations":
-            assert " TTL ts + toIntervalDay(" in got
+        if table in ("call_log", "security_log", "call_stats_1m"):
+            assert re.search(r" TTL (ts|minute) \+ toIntervalDay\(", got)
             assert "replicated_deduplication_window = 1000" in got
 
 
@@ -568,6 +608,30 @@ def test_duplicates_split_across_shards_would_count_twice(
         assert queries.count_calls(client) == 180
 
 
+def test_the_rollup_adds_up_over_two_shards(
+    client: Client, shards: dict[str, dict[str, int]]
+) -> None:
+    """Each stand-in shard's view rolls up the rows its call_log takes; the shards' partial
+    aggregates, read together, are the single node's rollup."""
+    query = (
+        "SELECT org_id, toStartOfDay(minute) AS day, status, sum(calls), sum(cost), "
+        "sum(prompt_tokens), sum(streamed_calls), "
+        "arrayMap(q -> round(q), quantilesTDigestMerge(0.5, 0.99)(latency_us_q)) "
+        "FROM {table} GROUP BY org_id, day, status ORDER BY ALL"
+    )
+    single = client.query(query.format(table="onetoken.call_stats_1m")).result_rows
+    sharded = client.query(
+        query.format(table="merge(REGEXP('^shard_[0-9]+$'), '^call_stats_1m$')")
+    ).result_rows
+    assert len(single) > 20
+    assert [r[:7] for r in sharded] == [r[:7] for r in single]
+    for got, want in zip(sharded, single, strict=True):
+        assert all(abs(g - w) <= 0.05 * w for g, w in zip(got[7], want[7], strict=True))
+    # The fixture re-inserts every tenth record without a deduplication token: call_log
+    # FINAL reads it once, the rollup counts it twice (docs/retention.md says so).
+    assert sum(r[3] for r in single) == 180 + 18
+
+
 def test_stand_in_shards_are_the_single_node_schema_renamed() -> None:
     renamed = [
         cluster.rename_database(s, "shard_0") for m in ch.load_migrations() for s in m.statements()
@@ -659,8 +723,15 @@ def test_audit_reports_a_cluster_finding_once(client: Client, clus: str) -> None
     report = AuditReport()
     scan_clickhouse(client, planted, report, (clus,))
     assert report.findings == [f"ClickHouse {clus}.call_log_local.user_agent: 1 row(s)"]
+    distributed = [
+        str(r[0]) for r in client.query(
+            "SELECT name FROM system.tables WHERE database = {db:String} "
+            "AND engine = 'Distributed' ORDER BY name", parameters={"db": clus},
+        ).result_rows
+    ]
+    assert {"call_log", "call_stats_1m", "dim_keys", "security_log"} <= set(distributed)
     assert [p.split(":")[0] for p in report.problems] == [
-        f"ClickHouse table {clus}.{t}" for t in ("call_log", "schema_migrations", "security_log")
+        f"ClickHouse table {clus}.{t}" for t in distributed
     ]
     # A single node is its own local table.
     client.insert("onetoken.call_log", [list(row.values())], column_names=list(CALL_LOG_COLUMNS))

@@ -20,7 +20,7 @@ from onetoken.providers.gateway_schemas import DEFAULT_STRATEGY, Routing
 from onetoken.providers.models import Provider
 from onetoken.providers.presets import PRESETS
 from onetoken.state import AppState
-from tests.unit.conftest import Admin, add_account, make_org_admin
+from tests.unit.conftest import Admin, add_account, drained_events, make_org_admin
 
 API = "/api/v1"
 SECRET = "sk-UPSTREAM-CANARY-7f3a9"
@@ -59,6 +59,11 @@ def _provider(client: TestClient, who: Admin, **body: Any) -> dict[str, Any]:
 def _model(client: TestClient, who: Admin, provider_id: str, **body: Any) -> dict[str, Any]:
     body = {"upstream_model": "up", "input_price": "1", "provider_id": provider_id, **body}
     return dict(_ok(client.post(f"{API}/models", json=body, headers=who.headers), 201))
+
+
+def _account_id(state: AppState, email: str) -> str:
+    with state.session_factory() as s:
+        return str(s.scalar(select(Account.id).where(Account.email == email)))
 
 
 def _snapshot(state: AppState) -> dict[str, Any]:
@@ -319,12 +324,65 @@ def test_policy_and_key_overrides_only_narrow(
     key = next(k for k in snap["keys"] if k["key_id"] == key_id)
     assert key["policy"]["allow_vendors"] == ["alibaba"]
     assert key["policy"]["zero_retention_only"] is True
-    # Back to permissive: nothing written.
+    # Back to the default: nothing written.
     _ok(client.put(f"{API}/orgs/{tenant.org_id}/policy", json={}, headers=tenant.headers))
     _ok(client.put(f"{API}/keys/{key_id}/policy", json={}, headers=tenant.headers))
     snap = _snapshot(state)
     assert "policy" not in next(o for o in snap["orgs"] if o["id"] == tenant.org_id)
     assert "policy" not in next(k for k in snap["keys"] if k["key_id"] == key_id)
+
+
+def test_no_training_is_the_default_and_only_the_owner_lifts_it(
+    client: TestClient, state: AppState, tenant: Admin, operator: Admin
+) -> None:
+    """Policy clause I.3: no provider that trains on submitted data serves an org unless
+    its owner chose so; the choice (and its reversal) is in the security log."""
+    path = f"{API}/orgs/{tenant.org_id}/policy"
+    assert _ok(client.get(path, headers=tenant.headers))["no_training"] is True
+    # The default is what the engine applies to an org without a policy entry.
+    assert "policy" not in next(o for o in _snapshot(state)["orgs"] if o["id"] == tenant.org_id)
+
+    admin = add_account(state, client, tenant.org_id, "a@tenant.test", "admin")
+    for who in (admin, operator.headers):
+        r = client.put(path, json={"no_training": False}, headers=who)
+        assert r.status_code == 403, r.text
+        assert (r.json()["error"]["code"], r.json()["error"]["param"]) == (
+            "owner_only", "no_training"
+        )
+    assert _ok(client.get(path, headers=tenant.headers))["no_training"] is True
+
+    _ok(client.put(path, json={"no_training": False}, headers=tenant.headers))
+    org = next(o for o in _snapshot(state)["orgs"] if o["id"] == tenant.org_id)
+    assert org["policy"]["no_training"] is False
+    # Once lifted, an admin may change the rest without touching it, or put it back.
+    _ok(client.put(path, json={"no_training": False, "deny_regions": ["eu"]}, headers=admin))
+    _ok(client.put(path, json={}, headers=admin))
+    assert "policy" not in next(o for o in _snapshot(state)["orgs"] if o["id"] == tenant.org_id)
+
+    changes = [(e["kind"], e["actor_id"]) for e in drained_events()
+               if e["kind"] in ("org.training_allowed", "org.training_refused")]
+    assert sorted(changes) == sorted([
+        ("org.training_allowed", tenant.account_id),
+        ("org.training_refused", _account_id(state, "a@tenant.test")),
+    ])
+
+
+def test_every_member_sees_who_processes_each_model(
+    client: TestClient, state: AppState, tenant: Admin
+) -> None:
+    """Policy clause V.2: vendor, region and data-handling facts of each deployment."""
+    p = _provider(client, tenant, name="ds", preset="deepseek", base_url=None)
+    _model(client, tenant, p["id"], name="ds-chat")
+    viewer = add_account(state, client, tenant.org_id, "v@tenant.test", "viewer")
+    listed = _ok(client.get(f"{API}/models", headers=viewer))["data"]
+    got = next(m for m in listed if m["name"] == "ds-chat")["processor"]
+    preset = PRESETS["deepseek"]
+    assert got == {
+        "vendor": preset.vendor, "region": preset.region,
+        "trains_on_data": preset.trains_on_data, "retains_content": preset.retains_content,
+        "zero_retention": preset.zero_retention,
+    }
+    assert got["trains_on_data"] is True
 
 
 def test_org_limits_are_set_by_operators(

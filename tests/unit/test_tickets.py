@@ -6,7 +6,9 @@ ONETOKEN_TEST_POSTGRES_URL is set (conftest)."""
 from __future__ import annotations
 
 import json
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,9 @@ from onetoken.rights import retention
 from onetoken.settings import Settings
 from onetoken.state import AppState
 from onetoken.tickets import content
+from onetoken.tickets import service as tickets
 from onetoken.tickets.models import Ticket, TicketAttachment, TicketMessage
+from onetoken.tickets.store import open_store
 from tests.support import TEST_SECRET
 from tests.unit.conftest import Admin, add_account
 from tests.unit.test_accounts import drained_events
@@ -488,3 +492,35 @@ def test_the_cli_exits_0_on_ticket_hits_and_1_on_others(
     (Path(settings.data_dir) / "logs" / "gateway.log").write_text(needle)
     assert cli.main(["audit-retention", "--needle", needle]) == 1
     assert "FOUND" in capsys.readouterr().out
+
+
+def test_concurrent_uploads_never_pass_the_count_limit(
+    client: TestClient, admin: Admin, state: AppState, settings: Settings
+) -> None:
+    """Six uploads at once to a ticket that takes three more: exactly three land, on
+    SQLite and PostgreSQL alike, and no file is left behind for the refused ones."""
+    t = _open(client, admin.headers)
+    store = open_store(settings.ticket_store_dir)
+    start = threading.Barrier(6)
+
+    def upload(i: int) -> str:
+        with state.session_factory() as s:
+            ticket = tickets.get(s, t["id"], admin.org_id)
+            start.wait()
+            try:
+                tickets.add_attachment(s, store, ticket, f"note {i}".encode(),
+                                       claimed_name=f"n{i}.txt", uploaded_by=admin.account_id,
+                                       max_bytes=1024, max_count=3)
+                s.commit()
+                return "stored"
+            except tickets.TooManyAttachments:
+                s.rollback()
+                return "refused"
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = sorted(pool.map(upload, range(6)))
+    assert outcomes == ["refused"] * 3 + ["stored"] * 3
+    with state.session_factory() as s:
+        keys = {a.storage_key for a in s.scalars(select(TicketAttachment))}
+    assert len(keys) == 3
+    assert {p.name for p in settings.ticket_store_dir.rglob("*") if p.is_file()} == keys

@@ -35,11 +35,13 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from onetoken.analytics.columns import (
+    CALL_LOG_DOCS,
     LOG_DATABASES,
     POOL_DATABASE,
     SECURITY_LOG_TABLE,
     SHARED_DATABASE,
     call_log_table,
+    call_stats_table,
 )
 from onetoken.kit.files import private_dir
 
@@ -48,7 +50,10 @@ logger = logging.getLogger("onetoken.analytics")
 CHDB_SCHEME: Final = "chdb://"
 _MEMORY_LOCATIONS: Final = frozenset({"", "memory", ":memory:"})
 _MIGRATION_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
-_TTL_DAYS = re.compile(r"\bTTL\s+ts\s*\+\s*toIntervalDay\((\d+)\)")
+# The time columns a `TTL <column> + INTERVAL n DAY` is written on: call_log's and the
+# rollup's.
+_TTL_COLUMNS: Final = frozenset({"ts", "minute"})
+_TTL_DAYS = re.compile(r"\bTTL\s+(\w+)\s*\+\s*toIntervalDay\((\d+)\)")
 
 # HTTP timeouts: a flush must not hang the record pump on a blackholed server; the sink
 # spools instead and retries later.
@@ -300,8 +305,11 @@ def applied_migrations(client: Client, database: str = SHARED_DATABASE) -> dict[
     return {int(version): str(checksum) for version, checksum in rows.result_rows}
 
 
-# The statements a pool's database takes: its call_log and the record of migrations.
-_POOL_STATEMENT = re.compile(r"^CREATE DATABASE\b|\bonetoken\.(call_log|schema_migrations)\b")
+# The statements a pool's database takes: its call_log, the rollup of it and the record
+# of migrations (the dimension tables live in the shared database only).
+_POOL_STATEMENT = re.compile(
+    r"^CREATE DATABASE\b|\bonetoken\.(call_log|call_stats_1m|schema_migrations)\b"
+)
 
 
 def _in_database(statement: str, database: str) -> str | None:
@@ -318,7 +326,7 @@ def _in_database(statement: str, database: str) -> str | None:
 
 def apply_migrations(client: Client, database: str = SHARED_DATABASE) -> list[str]:
     """Apply pending migrations in order to the shared database or a pool's (its
-    call_log only); returns the names applied (empty when current)."""
+    call_log and rollup only); returns the names applied (empty when current)."""
     if database != SHARED_DATABASE and not re.fullmatch(POOL_DATABASE, database):
         raise MigrationError("a pool's database is onetoken_ and lowercase letters, digits, _")
     done = applied_migrations(client, database)
@@ -345,7 +353,50 @@ def apply_migrations(client: Client, database: str = SHARED_DATABASE) -> list[st
         )
         applied.append(migration.name)
         logger.info("analytics.migration_applied", extra={"version": migration.version})
+    ensure_call_log_comments(client, database)
     return applied
+
+
+def sql_string(value: str) -> str:
+    """A ClickHouse string literal of `value`."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def ensure_call_log_comments(client: Any, database: str = SHARED_DATABASE) -> int:
+    """Make the column comments of <database>.call_log the engine's declaration
+    (CALL_LOG_DOCS), so DESCRIBE explains each column; returns how many changed. Not a
+    migration: the declaration is their one source, and a reworded comment reaches every
+    database when it next opens. On a cluster both the local tables and the Distributed
+    one (which DESCRIBE reads) take them."""
+    table = call_log_table(database)
+    target = ttl_target(client, table)
+    if target is None:
+        return 0
+    tables = [target.table] if target.table == table else [target.table, table]
+    changed = 0
+    for name in tables:
+        db, bare = name.split(".", 1)
+        current = dict(client.query(
+            "SELECT name, comment FROM system.columns "
+            "WHERE database = {db:String} AND table = {t:String}",
+            parameters={"db": db, "t": bare},
+        ).result_rows)
+        for column, doc in CALL_LOG_DOCS.items():
+            if column not in current or current[column] == doc:
+                continue
+            try:
+                # Names are the engine's identifiers and the text is quoted as a literal.
+                client.command(
+                    f"ALTER TABLE {name}{target.on_cluster} COMMENT COLUMN {column} "
+                    f"{sql_string(doc)}"
+                )
+            except ClickHouseError:
+                # A comment documents; a server that refuses it (an account without
+                # ON CLUSTER rights) must not keep the service from starting.
+                logger.warning("analytics.comment_refused", extra={"kind": name})
+                return changed
+            changed += 1
+    return changed
 
 
 # Distributed('<cluster>', '<database>', '<table>', <shard key>) as system.tables shows it.
@@ -399,23 +450,25 @@ def ttl_target(client: Any, table: str) -> TtlTarget | None:
 
 
 def current_ttl_days(client: Client, table: str) -> int | None:
-    """The `TTL ts + INTERVAL n DAY` of a table, None when it has none."""
+    """The `TTL <time column> + INTERVAL n DAY` of a table, None when it has none."""
     target = ttl_target(client, table)
     match = _TTL_DAYS.search(target.engine_full) if target is not None else None
-    return int(match[1]) if match else None
+    return int(match[2]) if match else None
 
 
-def set_ttl_days(client: Client, table: str, days: int) -> bool:
-    """Make the table's TTL `ts + INTERVAL days DAY`; True when it had to change."""
+def set_ttl_days(client: Client, table: str, days: int, column: str = "ts") -> bool:
+    """Make the table's TTL `<column> + INTERVAL days DAY`; True when it had to change."""
     if not isinstance(days, int) or isinstance(days, bool) or days < 1:
         raise AnalyticsError(f"TTL for {table} must be a positive number of days, got {days!r}")
+    if column not in _TTL_COLUMNS:
+        raise AnalyticsError(f"no TTL on column {column!r}")
     if current_ttl_days(client, table) == days:
         return False
     target = ttl_target(client, table) or TtlTarget(table, "", "")
     # The days value is a validated int and the names come from system.tables matched
     # against identifier characters, so formatting them into DDL is safe.
     client.command(
-        f"ALTER TABLE {target.table}{target.on_cluster} MODIFY TTL ts + INTERVAL {days} DAY"
+        f"ALTER TABLE {target.table}{target.on_cluster} MODIFY TTL {column} + INTERVAL {days} DAY"
     )
     logger.info("analytics.ttl_changed", extra={"kind": table, "count": days})
     return True
@@ -480,17 +533,25 @@ def call_log_tables(client: Any) -> list[str]:
     return [call_log_table(str(r[0])) for r in rows]
 
 
+def set_call_log_ttl_days(client: Client, database: str, days: int) -> None:
+    """The call_log TTL of one log database, on the call_log and on its rollup: the rollup
+    keeps no minute whose calls call_log has dropped."""
+    set_ttl_days(client, call_log_table(database), days)
+    if str(client.command(f"EXISTS TABLE {call_stats_table(database)}")).strip() == "1":
+        set_ttl_days(client, call_stats_table(database), days, column="minute")
+
+
 def ensure_pool_database(client: Client, database: str, call_log_ttl_days: int) -> None:
     """A pool's database with its call_log current and its TTL the configured one."""
     apply_migrations(client, database)
-    set_ttl_days(client, call_log_table(database), call_log_ttl_days)
+    set_call_log_ttl_days(client, database, call_log_ttl_days)
 
 
 def ensure_ttls(client: Client, settings: ClickHouseSettings) -> None:
     """Apply the configured retention periods (settings may change between starts), to
     every call_log: the shared one and the pools'."""
     for table in call_log_tables(client):
-        set_ttl_days(client, table, settings.call_log_ttl_days)
+        set_call_log_ttl_days(client, table.split(".", 1)[0], settings.call_log_ttl_days)
     security_days: Any = getattr(settings, "security_log_ttl_days", None)
     login_days: Any = getattr(settings, "login_records_ttl_days", None)
     if security_days is not None and login_days is not None:

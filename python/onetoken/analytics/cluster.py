@@ -11,6 +11,12 @@ Each table `<db>.<t>` of a migration becomes:
 - `<db>.<t> ON CLUSTER <c>`: a Distributed table over those, under the name the analytics
   queries read, routing rows by the table's shard key (SHARD_KEYS).
 
+A materialized view `<db>.<v> TO <db>.<t> AS SELECT ... FROM <db>.<s>` becomes one on each
+shard, `<db>.<v> ON CLUSTER <c> TO <db>.<t>_local ... FROM <db>.<s>_local`: a Distributed
+insert reaches each shard's local table as a local insert, which feeds that shard's view,
+so each shard rolls up its own rows and a read through the Distributed `<db>.<t>` adds the
+shards' partial aggregates together.
+
 The shard key is a function of the id in the table's sort key, so every copy of one
 record (a batch re-sent after a crash) reaches the same shard, where ReplacingMergeTree
 collapses it and FINAL reads it once: deduplication holds per shard, hence on the whole.
@@ -30,7 +36,8 @@ import re
 from collections.abc import Iterator
 from typing import Final
 
-from onetoken.analytics.clickhouse import Migration, load_migrations
+from onetoken.analytics.clickhouse import Migration, load_migrations, sql_string
+from onetoken.analytics.columns import CALL_LOG_DOCS
 
 #: The database the single-node migrations create and the control plane reads.
 SOURCE_DATABASE: Final = "onetoken"
@@ -44,6 +51,14 @@ SHARD_KEYS: Final[dict[str, str]] = {
     "security_log": "cityHash64(event_id)",
     # A handful of rows; by version so that a version recorded twice lands on one shard.
     "schema_migrations": "version",
+    # Names from the control DB: a re-synced row replaces the older one on the same shard.
+    "dim_orgs": "cityHash64(org_id)",
+    "dim_providers": "cityHash64(provider_id)",
+    "dim_models": "cityHash64(org_id, model)",
+    "dim_keys": "cityHash64(key_id)",
+    # Written by each shard's materialized view, not through the Distributed table; reads
+    # add partial aggregates across shards, so any key would do.
+    "call_stats_1m": "cityHash64(org_id)",
 }
 
 # Single-node settings with a different name on Replicated tables: the insert
@@ -60,6 +75,11 @@ _CREATE_TABLE = re.compile(
     re.DOTALL,
 )
 _ALTER_TABLE = re.compile(r"^ALTER TABLE (\w+)\.(\w+) (.*)$", re.DOTALL)
+_CREATE_VIEW = re.compile(
+    r"^CREATE MATERIALIZED VIEW IF NOT EXISTS (\w+)\.(\w+) TO (\w+)\.(\w+) AS\s+(SELECT\b.*)$",
+    re.DOTALL,
+)
+_TABLE_NAME = re.compile(rf"\b{SOURCE_DATABASE}\.(\w+)\b")
 # ALTERs a Distributed table takes too: its columns must follow the local table's.
 _COLUMN_ALTER = re.compile(r"^(ADD|DROP|MODIFY|RENAME|COMMENT) COLUMN\b")
 # ALTERs of storage only: indexes, settings, TTL, projections live in the local tables.
@@ -125,6 +145,16 @@ def cluster_statements(statement: str, cluster: str, database: str = SOURCE_DATA
             f"ENGINE = Distributed({cluster}, {database}, {table}{LOCAL_SUFFIX}, "
             f"{SHARD_KEYS[table]})",
         ]
+    if match := _CREATE_VIEW.match(statement):
+        source_db, view, target_db, target, select = match.groups()
+        _check_source(source_db)
+        _check_source(target_db)
+        # The view reads the local table it is attached to: one per shard.
+        local_select = _TABLE_NAME.sub(rf"{database}.\1{LOCAL_SUFFIX}", select)
+        return [
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.{view} {on} "
+            f"TO {database}.{target}{LOCAL_SUFFIX} AS\n{local_select}"
+        ]
     if match := _ALTER_TABLE.match(statement):
         source_db, table, command = match.groups()
         _check_source(source_db)
@@ -152,7 +182,23 @@ def migration_sql(migration: Migration, cluster: str, database: str = SOURCE_DAT
     return "\n\n".join(out) + "\n"
 
 
+def call_log_comments_sql(cluster: str, database: str = SOURCE_DATABASE) -> str:
+    """call_log's column comments (the engine's declaration) on the local and Distributed
+    tables. The control plane sets them at start when they differ
+    (analytics.clickhouse.ensure_call_log_comments); set here, it finds nothing to do and
+    needs no ON CLUSTER right for them."""
+    out = [f"-- call_log column comments (cluster {cluster})"]
+    for column, doc in CALL_LOG_DOCS.items():
+        statement = (
+            f"ALTER TABLE {SOURCE_DATABASE}.call_log COMMENT COLUMN {column} {sql_string(doc)}"
+        )
+        out.extend(f"{s};" for s in cluster_statements(statement, cluster, database))
+    return "\n\n".join(out) + "\n"
+
+
 def cluster_ddl(cluster: str, database: str = SOURCE_DATABASE) -> Iterator[str]:
-    """Every packaged migration as cluster DDL, in version order."""
+    """Every packaged migration as cluster DDL, in version order, then call_log's column
+    comments."""
     for migration in load_migrations():
         yield migration_sql(migration, cluster, database)
+    yield call_log_comments_sql(cluster, database)

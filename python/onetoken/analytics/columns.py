@@ -1,6 +1,8 @@
 """Columns of one call metadata record: the engine writes the rows, so its declaration
 (`_core.call_log_native_columns()`) is the only one; the ClickHouse migrations create
-exactly these columns (tests/unit/test_analytics_clickhouse.py checks them in chDB).
+exactly these columns (tests/unit/test_analytics_clickhouse.py checks them in chDB). The
+declaration also says what each column means (`_core.call_log_column_docs()`): the
+ClickHouse column comments and docs/analytics.md are made from it.
 """
 
 from __future__ import annotations
@@ -37,7 +39,21 @@ def call_log_table(database: str) -> str:
     """The call_log of one log database (the shared one, or a pool's)."""
     return f"{database}.call_log"
 
+
+#: The per-minute rollup of call_log (migration 008), one beside each call_log; read
+#: across databases like call_log. Dashboards read it; exact money is call_log FINAL.
+CALL_STATS_TABLE: Final = "onetoken.call_stats_1m"
+CALL_STATS_READ: Final = f"merge(REGEXP('{LOG_DATABASES}'), '^call_stats_1m$')"
+
+
+def call_stats_table(database: str) -> str:
+    """The rollup of one log database's call_log."""
+    return f"{database}.call_stats_1m"
+
 #: (name, ClickHouse type), in table order.
 CALL_LOG_SCHEMA: Final[tuple[tuple[str, str], ...]] = tuple(_core.call_log_native_columns())
 
 CALL_LOG_COLUMNS: Final[tuple[str, ...]] = tuple(name for name, _ in CALL_LOG_SCHEMA)
+
+#: column -> what it means (unit, values, what empty means), from the engine's declaration.
+CALL_LOG_DOCS: Final[dict[str, str]] = dict(_core.call_log_column_docs())

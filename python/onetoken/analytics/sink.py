@@ -174,6 +174,10 @@ class CallLogSink:
                         # skipping it saves about a fifth of the insert CPU. Duplicates
                         # across batches still collapse in background merges and under FINAL.
                         "optimize_on_insert": 0,
+                        # A re-sent batch that call_log drops must not reach the rollup
+                        # either (call_stats_1m_mv). Older servers default the setting to 0,
+                        # and with 0 the view aggregates the dropped block a second time.
+                        "deduplicate_blocks_in_dependent_materialized_views": 1,
                         **DURABLE_INSERT_SETTINGS,
                     },
                 )

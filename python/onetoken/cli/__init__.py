@@ -8,6 +8,7 @@ what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import threading
@@ -362,6 +363,65 @@ def cmd_calls_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_sql(args: argparse.Namespace) -> int:
+    """Read-only SQL over call metadata for an operator: in this process when nothing holds
+    the stores, else through the running control process; the same function, refusals and
+    limits either way (onetoken.security.sqlaudit, docs/sql.md)."""
+    from onetoken.analytics.sqlaccess import SqlQueryError, limits_from
+    from onetoken.cli.ops_client import OpsClient, OpsError
+    from onetoken.security import log as security_log
+    from onetoken.security.audit import CliActor
+    from onetoken.security.sqlaudit import run_audited
+
+    org = None if args.all_orgs else args.org
+    settings = settings_from_env()
+    reader = _call_log_reader(settings)
+    try:
+        if isinstance(reader, OpsClient):
+            answer = reader.sql(args.query, org=org)
+        else:
+            # The audit event goes to the spool; the server writes it to the security log.
+            security_log.install(security_log.SecurityLog(settings.spool_dir))
+            result = run_audited(CliActor(org_id=org or ""), reader, args.query, org_id=org,
+                                 limits=limits_from(settings))
+            answer = {"columns": result.columns, "types": result.types, "rows": result.rows,
+                      "row_count": result.row_count, "truncated": result.truncated,
+                      "elapsed_ms": result.elapsed_ms, "org": org}
+    except SqlQueryError as exc:
+        raise CliError(f"{exc.code}: {exc.message}") from None
+    except OpsError as exc:
+        raise CliError(f"{exc.code}: {exc}" if exc.code else str(exc)) from None
+    finally:
+        reader.close()
+    _print_sql(answer, args.format)
+    note = " (truncated at ONETOKEN_SQL_MAX_RESULT_ROWS)" if answer["truncated"] else ""
+    print(f"{answer['row_count']} row(s) in {answer['elapsed_ms']} ms{note}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _print_sql(answer: dict[str, Any], fmt: str) -> None:
+    columns: list[str] = answer["columns"]
+    rows: list[list[Any]] = answer["rows"]
+    if fmt == "json":
+        print(json.dumps(answer))
+        return
+    if fmt == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([_cell(v) for v in row] for row in rows)
+        return
+    lines = [columns, *([_cell(v) for v in row] for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    for line in lines:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 # How often a waiting `onetoken ingest` looks at the control DB's schema again: a
 # migration takes seconds, and the journal it has not ingested meanwhile stays on disk.
 SCHEMA_POLL_S = 2.0
@@ -632,6 +692,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ISO end (excl.; default now)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_calls_stats)
+
+    p = sub.add_parser("sql", help="run one read-only SELECT over call metadata (docs/sql.md)")
+    p.add_argument("query", help="one SELECT statement")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    scope = p.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--org", default=None, help="only this org's rows (org id)")
+    scope.add_argument("--all-orgs", action="store_true", help="every org's rows")
+    p.set_defaults(func=cmd_sql)
 
     billing = action_group(sub, "billing", "billing operations", dest="billing_command")
     p = billing.add_parser("reconcile", help="ledger usage vs call_log cost per org (exit 1 "

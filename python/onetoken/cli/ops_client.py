@@ -23,7 +23,12 @@ _TIMEOUT: Final = httpx.Timeout(600.0, connect=5.0)
 
 
 class OpsError(Exception):
-    """The control process could not be reached, or refused or failed the request."""
+    """The control process could not be reached, or refused or failed the request; `code`
+    is the error code of its answer, when it gave one."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def control_url(settings: Settings) -> str:
@@ -77,7 +82,8 @@ class OpsClient:
         if response.status_code != 200:
             raise OpsError(
                 f"the control process at {self.url} answered {response.status_code}: "
-                f"{_error_message(response)}"
+                f"{_error_message(response)}",
+                code=_error_code(response),
             )
         return response.json()
 
@@ -111,6 +117,21 @@ class OpsClient:
         params = _params(org=org, start=start, end=end, group_by=group_by)
         rows: list[dict[str, Any]] = self._call("GET", "/calls/stats", params=params)["rows"]
         return rows
+
+    def sql(self, query: str, *, org: str | None) -> dict[str, Any]:
+        """`onetoken sql` run by the control process; `org` None reads every org."""
+        # In the body: the query may quote anything, and URLs end up in access logs.
+        result: dict[str, Any] = self._call(
+            "POST", "/sql", json={"query": query, "org": org, "all_orgs": org is None}
+        )
+        return result
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    try:
+        return str(response.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _params(**values: datetime | str | None) -> dict[str, str]:

@@ -9,8 +9,13 @@ from sqlalchemy import BigInteger, Boolean, CheckConstraint, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from onetoken.db.base import Base, UTCDateTime, utcnow
+from onetoken.security.principal import ROLES
 
 ORG_STATUSES = ("active", "disabled")
+
+
+#: accounts.role's check (the control DB's migrations keep it in step).
+ROLE_CHECK = "role IN (" + ",".join(f"'{r}'" for r in ROLES) + ")"
 
 
 class Org(Base):
@@ -58,7 +63,7 @@ class Account(Base):
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     __table_args__ = (
-        CheckConstraint("role IN ('owner','admin','developer','billing','viewer')", name="role"),
+        CheckConstraint(ROLE_CHECK, name="role"),
     )
 
 

@@ -21,7 +21,7 @@ LOGIN_NAME: JsonDict = {"pattern": r"^[A-Za-z0-9+][A-Za-z0-9._@+-]{1,63}$"}
 EMAIL: JsonDict = {"pattern": r"^(?=.{2,64}$)[A-Za-z0-9+][A-Za-z0-9._+-]*@[A-Za-z0-9._@+-]*$"}
 MOBILE: JsonDict = {"pattern": r"^\+?[0-9]{6,20}$"}
 
-Role = Literal["owner", "admin", "developer", "billing", "viewer"]
+Role = Literal["owner", "admin", "developer", "billing", "viewer", "analyst"]
 AccountStatus = Literal["active", "disabled"]
 AuthStatus = Literal["invited", "password", "totp"]
 

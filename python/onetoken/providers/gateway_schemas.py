@@ -19,7 +19,10 @@ Names = Annotated[list[ModelName], Field(max_length=256)]
 class Policy(BaseModel):
     """Which deployments may serve: a deployment is permitted when its provider's vendor
     and region and the model name pass the allow (null = any) and deny lists, and, when
-    asked, its provider does not train on data / is zero-retention."""
+    asked, its provider does not train on data / is zero-retention.
+
+    This is a key's policy, which only narrows its org's ([`OrgPolicy`]): by default it
+    adds nothing."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -32,8 +35,16 @@ class Policy(BaseModel):
     no_training: bool = False
     zero_retention_only: bool = False
 
-    def is_permissive(self) -> bool:
-        return self == Policy()
+    def is_default(self) -> bool:
+        return self == type(self)()
+
+
+class OrgPolicy(Policy):
+    """An org's policy. `no_training` is on unless the org's owner lifted it (an audited
+    choice): by default no provider that may train on submitted data serves the org, the
+    engine's default for an org without a policy too (docs/snapshot.md)."""
+
+    no_training: bool = True
 
 
 # At most what a SQL INTEGER column holds on every engine (2^31 - 1), as for keys.

@@ -14,10 +14,18 @@ from onetoken.db.base import new_id
 from onetoken.db.session import config_changed, scoped_loader
 from onetoken.keys import service as keys_service
 from onetoken.keys.models import KeyPolicy
-from onetoken.kit.errors import Conflict, Unprocessable
-from onetoken.providers.gateway_schemas import DEFAULT_STRATEGY, Guard, OrgLimits, Policy, Routing
+from onetoken.kit.errors import Conflict, Forbidden, Unprocessable
+from onetoken.providers.gateway_schemas import (
+    DEFAULT_STRATEGY,
+    Guard,
+    OrgLimits,
+    OrgPolicy,
+    Policy,
+    Routing,
+)
 from onetoken.providers.models import Model, OrgGatewaySettings, Route, RoutingSettings
 from onetoken.providers.service import alias_owner, in_scope, visible_to
+from onetoken.security.principal import Principal
 
 log = logging.getLogger("onetoken.providers")
 
@@ -42,15 +50,30 @@ def _changing_org_settings(
     config_changed(session, log, event, org_id=org_id, **extra)
 
 
-def get_policy(session: Session, org_id: str) -> Policy:
+def get_policy(session: Session, org_id: str) -> OrgPolicy:
     row = _org_settings(session, org_id)
-    return Policy.model_validate(row.policy) if row and row.policy else Policy()
+    return OrgPolicy.model_validate(row.policy) if row and row.policy else OrgPolicy()
 
 
-def set_policy(session: Session, org_id: str, policy: Policy) -> Policy:
+#: The refusal when someone other than the org's owner would let providers that train on
+#: submitted data serve the org.
+TRAINING_OWNER_ONLY = "Only the organization's owner can allow providers that train on data."
+
+
+def set_policy(
+    session: Session, principal: Principal, org_id: str, policy: OrgPolicy
+) -> OrgPolicy:
+    """Replace the org's policy; returns the one it replaced. Lifting `no_training` is the
+    org owner's own choice (not an admin's, not an operator's on the org's behalf); the
+    caller records the change in the security log once it is committed."""
+    before = get_policy(session, org_id)
+    if before.no_training and not policy.no_training and not (
+        principal.role == "owner" and principal.org_id == org_id
+    ):
+        raise Forbidden(TRAINING_OWNER_ONLY, code="owner_only", param="no_training")
     with _changing_org_settings(session, org_id, "org.policy_updated") as row:
-        row.policy = None if policy.is_permissive() else policy.model_dump()
-    return policy
+        row.policy = None if policy.is_default() else policy.model_dump()
+    return before
 
 
 def get_limits(session: Session, org_id: str) -> OrgLimits:
@@ -117,7 +140,7 @@ def set_key_policy(session: Session, org_id: str, key_id: str, policy: Policy) -
     keys_service.get_key(session, org_id, key_id)
     check_narrows(get_policy(session, org_id), policy)
     row = session.get(KeyPolicy, key_id)
-    if policy.is_permissive():
+    if policy.is_default():
         if row is not None:
             session.delete(row)
     elif row is None:

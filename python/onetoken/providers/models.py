@@ -88,13 +88,13 @@ class Model(Base):
 
 
 class OrgGatewaySettings(Base):
-    """Per-org settings the gateway enforces; absent row = permissive policy, no limits,
-    guard off."""
+    """Per-org settings the gateway enforces; absent row = the default policy (no provider
+    that trains on data), no limits, guard off."""
 
     __tablename__ = "org_gateway_settings"
 
     org_id: Mapped[str] = mapped_column(ForeignKey(Org.id), primary_key=True)
-    # Policy fields as in docs/snapshot.md; None = permissive.
+    # Policy fields as in docs/snapshot.md; None = the default (gateway_schemas.OrgPolicy).
     policy: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
     tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)

@@ -251,7 +251,23 @@ class ModelUpdate(BaseModel):
     weight: Weight | None = None
 
 
+class Processor(BaseModel):
+    """Who processes a request this deployment serves: its provider's vendor, region and
+    data-handling facts (from the provider's settings or preset), shown to every member
+    so that a developer knows before calling. `/v1/models` lists the same facts for the
+    deployments a key's policies permit."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    vendor: str
+    region: str
+    trains_on_data: bool
+    retains_content: bool
+    zero_retention: bool
+
+
 class ModelResponse(CatalogEntry):
+    processor: Processor
     kind: ModelKind
     provider_id: str
     upstream_model: str

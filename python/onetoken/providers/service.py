@@ -15,7 +15,7 @@ too and never collide with model names.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import func, or_, select
@@ -294,6 +294,15 @@ def list_models(
     return session.scalars(
         select(Model).where(cond).order_by(Model.name, Model.priority, Model.id)
     ).all()
+
+
+def providers_by_id(session: Session, ids: Iterable[str]) -> dict[str, Provider]:
+    """The providers with these ids, whichever org they belong to (a model's provider is
+    always in its scope)."""
+    wanted = set(ids)
+    if not wanted:
+        return {}
+    return {p.id: p for p in session.scalars(select(Provider).where(Provider.id.in_(wanted)))}
 
 
 get_model = scoped_loader(Model, "Model not found.")

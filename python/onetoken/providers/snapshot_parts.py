@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from onetoken.keys.models import KeyPolicy
 from onetoken.kit.crypto import Secrets
-from onetoken.providers.gateway_schemas import Policy, Routing
+from onetoken.providers.gateway_schemas import OrgPolicy, Policy, Routing
 from onetoken.providers.models import Model, OrgGatewaySettings, Provider, Route, RoutingSettings
 
 # Limits as the engine reads them; budgets are filled in by billing when it sets them.
@@ -140,9 +140,10 @@ def org_settings(session: Session) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for row in session.scalars(select(OrgGatewaySettings)).all():
         extra: dict[str, Any] = {}
+        # The engine's default for an org without a policy is OrgPolicy()'s.
         if row.policy:
-            policy = Policy.model_validate(row.policy)
-            if not policy.is_permissive():
+            policy = OrgPolicy.model_validate(row.policy)
+            if not policy.is_default():
                 extra["policy"] = policy.model_dump()
         if row.rpm is not None or row.tpm is not None or row.concurrency is not None:
             extra["limits"] = {

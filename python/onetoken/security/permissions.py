@@ -90,8 +90,14 @@ PERMISSIONS: dict[str, Permission] = {
             "organization, where ONETOKEN_TENANT_MONEY_ADMIN=true).",
             tenant_money="owner",
         ),
-        _p("calls.read", "owner admin developer billing", "Read call metadata."),
+        _p("calls.read", "owner admin developer billing analyst", "Read call metadata."),
         _p("usage.read", _ALL, "Read usage totals."),
+        _p(
+            "analytics.sql",
+            "owner admin analyst",
+            "Run read-only SQL over the organization's call metadata, usage and security log "
+            "(operators: any organization's, or all of them).",
+        ),
         _p("security.read", "owner admin", "Read the organization's security and audit log."),
         _p(
             "security.block",

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 #: The roles an account holds in its organization (accounts.role).
-ROLES = ("owner", "admin", "developer", "billing", "viewer")
+#: analyst: reads call metadata and usage and runs read-only SQL over them; writes nothing.
+ROLES = ("owner", "admin", "developer", "billing", "viewer", "analyst")
 
 
 @dataclass(frozen=True, slots=True)

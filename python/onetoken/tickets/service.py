@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from onetoken.db.base import new_id, utcnow
@@ -43,6 +43,17 @@ class AttachmentTooLarge(
 class UnsupportedAttachment(
     OnetokenError, status=415, kind="invalid_request_error", code="unsupported_attachment_type"
 ): ...
+
+
+def _claim(session: Session, ticket: Ticket) -> None:
+    """Take the ticket's row for this transaction and reload it: a write that changes
+    nothing (a row lock on PostgreSQL, the write lock on SQLite), so concurrent changes to
+    one ticket run one after the other and each sees the state the previous one committed
+    (its status, its attachment count)."""
+    session.execute(
+        update(Ticket).where(Ticket.id == ticket.id).values(updated_at=Ticket.updated_at)
+    )
+    session.refresh(ticket)
 
 
 def _not_closed(ticket: Ticket) -> None:
@@ -161,6 +172,7 @@ def add_message(
     """A message, and the status it implies: staff answering waits on the customer (and
     stamps the first staff response once); the customer writing waits on staff (or stays
     `open` while nobody from staff has answered), which also reopens a resolved ticket."""
+    _claim(session, ticket)
     _not_closed(ticket)
     now = utcnow()
     message = TicketMessage(
@@ -188,6 +200,7 @@ def add_message(
 def set_status(session: Session, ticket: Ticket, status: str, *, staff: bool) -> None:
     """Change the status. Closed is final for everyone; customers may resolve, close, or
     reopen (`open`) a resolved ticket; staff may set any status."""
+    _claim(session, ticket)
     if status == ticket.status:
         return
     _not_closed(ticket)
@@ -221,6 +234,7 @@ def add_attachment(
 ) -> TicketAttachment:
     """Check the bytes (kind from content, size, count), store them under a random key and
     record the attachment. The file is removed again when the row cannot be written."""
+    _claim(session, ticket)
     _not_closed(ticket)
     if len(data) > max_bytes:
         raise AttachmentTooLarge(f"Attachments are limited to {max_bytes} bytes.")

@@ -127,7 +127,7 @@ struct FailureAcc {
 }
 
 macro_rules! batch {
-    ($($(#[$doc:meta])* $name:ident: $ty:ty => $column:ident $clickhouse:literal,)*) => {
+    ($($(#[doc = $doc:literal])* $name:ident: $ty:ty => $column:ident $clickhouse:literal,)*) => {
         /// A record as read from a journal line; strings borrow from the line.
         #[derive(Debug)]
         pub(crate) struct Row<'a> {
@@ -179,6 +179,12 @@ macro_rules! batch {
         /// through `_core.call_log_native_columns`, and a test checks the analytics
         /// migrations create exactly these).
         pub const COLUMNS: &[(&str, &str)] = &[$((stringify!($name), $clickhouse),)*];
+
+        /// What each call_log column means, in table order: its declaration's `///` lines
+        /// as written, one `\n` after each. docs/analytics.md and the ClickHouse column
+        /// comments are made from these (through `_core.call_log_column_docs`).
+        pub const COLUMN_DOCS: &[(&str, &str)] =
+            &[$((stringify!($name), concat!($($doc, "\n"),*)),)*];
     };
 }
 call_log!(batch);

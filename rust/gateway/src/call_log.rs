@@ -5,58 +5,80 @@
 
 /// The table: each column in call_log order, with its record field's type, the batch's
 /// Native column for it and its ClickHouse type. `call_log!(then)` expands `then!` on it.
+/// Each column's `///` lines are its documentation for the people who query it
+/// (docs/analytics.md and the ClickHouse column comments are made from them): meaning,
+/// unit, the values it takes and what empty means, in plain words without doc links.
 macro_rules! call_log {
     ($then:ident) => {
         $then! {
-            /// Request start, microseconds since the Unix epoch.
+            /// Request start (when the gateway began handling the request), UTC, microsecond
+            /// precision; stored as microseconds since the Unix epoch.
             ts: i64 => NumColumn "DateTime64(6, 'UTC')",
-            /// Unique request id, also sent as `x-request-id`.
+            /// Unique request id, also sent to the client as `x-request-id`. A record
+            /// replayed after a crash repeats it: count calls with `uniqExact(request_id)`
+            /// or read with `FINAL`.
             request_id: String => StrColumn "String",
-            /// Org id; empty when the key was not recognised.
+            /// Org id (the control DB's); empty when the key was not recognised: no known
+            /// key (401), or a key served by another gateway pool (403).
             org_id: String => StrColumn "String",
-            /// Account id; empty when the key was not recognised.
+            /// Account id of the key's owner; empty when the key was not recognised.
             account_id: String => StrColumn "String",
-            /// API key identifier (never the key); empty when not recognised.
+            /// API key id (its record in the control DB, never the key itself); empty when
+            /// the key was not recognised.
             key_id: String => StrColumn "String",
-            /// Interface path from a fixed set.
+            /// Interface called: `/v1/chat/completions`, `/v1/embeddings`, `/v1/messages`,
+            /// `/v1/responses`, `/v1/models`, or `other` for any other path.
             path: &'static str => LcColumn "LowCardinality(String)",
-            /// Requested model, only when it is a configured model.
+            /// Model name the client asked for (a configured name or alias); empty when
+            /// the request named no configured model (so a client's typo is never stored).
             model_requested: String => LcColumn "LowCardinality(String)",
-            /// Upstream model that served it.
+            /// Upstream model of the last deployment tried; empty when never forwarded.
             model_served: String => LcColumn "LowCardinality(String)",
-            /// Provider id.
+            /// Provider id of the last deployment tried (names are in the control DB);
+            /// empty when never forwarded.
             provider: String => LcColumn "LowCardinality(String)",
-            /// Prompt tokens (cached included).
+            /// Prompt tokens charged, cached ones included; 0 when `usage_source` is
+            /// `none`.
             prompt_tokens: u32 => NumColumn "UInt32",
-            /// Output tokens.
+            /// Output tokens charged; 0 when `usage_source` is `none`.
             completion_tokens: u32 => NumColumn "UInt32",
-            /// Cached prompt tokens.
+            /// Of `prompt_tokens`, those the upstream served from its prompt cache.
             cached_tokens: u32 => NumColumn "UInt32",
-            /// `upstream`, `estimated` or `none`.
+            /// Where the token counts come from: `upstream` (the provider's usage report),
+            /// `estimated` (the gateway's count, when the provider reported none) or
+            /// `none` (not chargeable: refused or failed before any output).
             usage_source: &'static str => LcColumn "LowCardinality(String)",
-            /// Charged amount, nano-units.
+            /// Amount charged, in nano-units (10^-9) of the deployment's currency, price
+            /// factor applied; 0 when nothing was charged. The ledger holds the billed
+            /// amounts: this is the per-call view of them.
             cost: i64 => NumColumn "Int64",
-            /// HTTP status sent to the client (499 when it went away first).
+            /// HTTP status sent to the client; 499 when the client went away first. A
+            /// stream that failed after its 200 went out keeps 200: `error_code` says so.
             status: u16 => NumColumn "UInt16",
-            /// Error code; empty on success.
+            /// Why the call failed: the code of the OpenAI-shaped error (e.g. `rate_limited`,
+            /// `upstream_timeout`, `client_disconnected`), also on a stream that broke after
+            /// its 200 (`upstream_stream_cut`, `shutting_down`); empty when it ended well.
             error_code: &'static str => LcColumn "LowCardinality(String)",
-            /// Request start to end of response, microseconds.
+            /// Request start to the end of the response, microseconds.
             latency_us: u32 => NumColumn "UInt32",
-            /// Request start to first response byte, microseconds.
+            /// Request start to the first response byte, microseconds: time to first token
+            /// on a stream; equals `latency_us` when no byte was sent before the end.
             ttfb_us: u32 => NumColumn "UInt32",
-            /// 1 when the response was an SSE stream.
+            /// 1 when the response was a server-sent-event stream, else 0.
             streamed: u8 => NumColumn "UInt8",
-            /// Client peer address.
+            /// Client address: the connection's peer, or the address a trusted load
+            /// balancer passed on.
             source_ip: String => StrColumn "String",
-            /// User-Agent, at most 256 bytes.
+            /// The client's User-Agent header, cut to 256 bytes; empty when absent.
             user_agent: String => StrColumn "String",
-            /// `pass` or `limited`.
+            /// `limited` when a rate, concurrency or budget limit refused the request,
+            /// else `pass`.
             rate_limit: &'static str => LcColumn "LowCardinality(String)",
-            /// Upstream attempts (0 when never forwarded).
+            /// Upstream attempts, retries and fallbacks included; 0 when never forwarded.
             attempts: u8 => NumColumn "UInt8",
-            /// Sensitive-content guard result, `category:count,...`
-            /// ([`crate::guard::Findings::flags`]); empty when the guard is off or found
-            /// nothing. Categories and counts only.
+            /// Sensitive-content guard result: `category:count` pairs joined by `,` (e.g.
+            /// `bank_card:2,phone:1`); empty when the guard is off or found nothing.
+            /// Categories and counts only, never the matched text.
             guard_flags: String => LcColumn "LowCardinality(String)",
         }
     };

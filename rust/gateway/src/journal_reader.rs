@@ -14,7 +14,9 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-pub use crate::call_batch::{BatchParts, CallGroup, FailureGroup, UsageGroup, COLUMNS};
+pub use crate::call_batch::{
+    BatchParts, CallGroup, FailureGroup, UsageGroup, COLUMNS, COLUMN_DOCS,
+};
 use crate::call_batch::{CallBatch, Row};
 use crate::call_log::{call_log, Field, Plain};
 use crate::records::CallRecord;

@@ -9,8 +9,10 @@ use serde::Deserialize;
 
 use crate::snapshot::Deployment;
 
-/// `orgs[].policy` and `keys[].policy` in the snapshot. Every field is optional and the
-/// defaults permit everything.
+/// `orgs[].policy` and `keys[].policy` in the snapshot. Every field is optional; the
+/// defaults permit everything except, for an org, providers that train on submitted data
+/// (`no_training` absent counts as true there: only an explicit `false`, the org owner's
+/// audited choice in the control plane, lets such a provider serve the org).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyDoc {
@@ -26,8 +28,9 @@ pub struct PolicyDoc {
     pub allow_models: Option<Vec<String>>,
     /// Model names refused (public name or upstream model).
     pub deny_models: Vec<String>,
-    /// Refuse providers that train on submitted data.
-    pub no_training: bool,
+    /// Refuse providers that train on submitted data; absent: true for an org, false for
+    /// a key (a key only narrows its org).
+    pub no_training: Option<bool>,
     /// Refuse providers that are not zero-retention.
     pub zero_retention_only: bool,
 }
@@ -101,14 +104,15 @@ fn lower_set(v: Vec<String>) -> HashSet<String> {
 }
 
 impl Policy {
-    pub(crate) fn compile(doc: PolicyDoc) -> Policy {
+    pub(crate) fn compile(doc: PolicyDoc, scope: Scope) -> Policy {
+        let no_training = doc.no_training.unwrap_or(scope == Scope::Org);
         let permissive = doc.allow_vendors.is_none()
             && doc.deny_vendors.is_empty()
             && doc.allow_regions.is_none()
             && doc.deny_regions.is_empty()
             && doc.allow_models.is_none()
             && doc.deny_models.is_empty()
-            && !doc.no_training
+            && !no_training
             && !doc.zero_retention_only;
         Policy {
             allow_vendors: doc.allow_vendors.map(lower_set),
@@ -117,7 +121,7 @@ impl Policy {
             deny_regions: lower_set(doc.deny_regions),
             allow_models: doc.allow_models.map(|v| v.into_iter().collect()),
             deny_models: doc.deny_models.into_iter().collect(),
-            no_training: doc.no_training,
+            no_training,
             zero_retention_only: doc.zero_retention_only,
             permissive,
         }

@@ -725,17 +725,21 @@ async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, ApiError
 /// The names (and aliases) the key can reach: allowed for it, with at least one
 /// deployment its org sees and both policies permit. Anthropic's list shape when the
 /// caller is the anthropic SDK (it sends `anthropic-version`).
+///
+/// Each entry also carries `processors`: the vendor, region and data-handling flags of
+/// every provider that may serve the key for that name (SDKs ignore unknown fields).
 fn models_list(snap: &Snapshot, key: &Key, anthropic: bool) -> Reply {
-    let names = snap.model_order.iter().filter(|name| {
-        snap.models
-            .get(name.as_str())
-            .is_some_and(|g| (key.may_use(name) || key.may_use(&g.name)) && routing::listed(g, key))
+    let names = snap.model_order.iter().filter_map(|name| {
+        let group = snap.models.get(name.as_str())?;
+        let usable = (key.may_use(name) || key.may_use(&group.name)) && routing::listed(group, key);
+        usable.then(|| (name, processors(group, key)))
     });
     let body = if anthropic {
         let data: Vec<Value> = names
-            .map(|name| {
+            .map(|(name, processors)| {
                 serde_json::json!({"type": "model", "id": name, "display_name": name,
-                                   "created_at": "1970-01-01T00:00:00Z"})
+                                   "created_at": "1970-01-01T00:00:00Z",
+                                   "processors": processors})
             })
             .collect();
         let first = data.first().and_then(|m| m.get("id")).cloned();
@@ -743,8 +747,9 @@ fn models_list(snap: &Snapshot, key: &Key, anthropic: bool) -> Reply {
         serde_json::json!({"data": data, "has_more": false, "first_id": first, "last_id": last})
     } else {
         let data: Vec<Value> = names
-            .map(|name| {
-                serde_json::json!({"id": name, "object": "model", "created": 0, "owned_by": "onetoken"})
+            .map(|(name, processors)| {
+                serde_json::json!({"id": name, "object": "model", "created": 0,
+                                   "owned_by": "onetoken", "processors": processors})
             })
             .collect();
         serde_json::json!({"object": "list", "data": data})
@@ -754,6 +759,18 @@ fn models_list(snap: &Snapshot, key: &Key, anthropic: bool) -> Reply {
         content_type: Some(HeaderValue::from_static("application/json")),
         body: Bytes::from(body.to_string()),
     }
+}
+
+/// [`routing::processors`] as JSON objects.
+fn processors(group: &ModelGroup, key: &Key) -> Vec<Value> {
+    routing::processors(group, key)
+        .into_iter()
+        .map(|p| {
+            serde_json::json!({"vendor": p.vendor, "region": p.region,
+                               "trains_on_data": p.trains_on_data,
+                               "zero_retention": p.zero_retention})
+        })
+        .collect()
 }
 
 /// The largest `f` over the candidate deployments (zero when there are none): what must be

@@ -268,13 +268,40 @@ pub(crate) fn permitted(
     Ok(out)
 }
 
-/// Whether `key` may reach `group` through any endpoint (for `/v1/models`).
-pub(crate) fn listed(group: &ModelGroup, key: &Key) -> bool {
+/// The deployments of `group` that may serve `key`: visible to its org and permitted by
+/// both policies.
+fn reachable<'a>(group: &'a ModelGroup, key: &'a Key) -> impl Iterator<Item = &'a Deployment> {
     let org = &key.org;
     group
         .deployments
         .iter()
-        .any(|d| d.visible_to(&org.id) && policy::permits(&org.policy, &key.policy, d).is_ok())
+        .map(|d| &**d)
+        .filter(|d| d.visible_to(&org.id) && policy::permits(&org.policy, &key.policy, d).is_ok())
+}
+
+/// Whether `key` may reach `group` through any endpoint (for `/v1/models`).
+pub(crate) fn listed(group: &ModelGroup, key: &Key) -> bool {
+    reachable(group, key).next().is_some()
+}
+
+/// Who may process a request of `key` for `group`: the distinct data-handling facts
+/// (vendor, region, training, zero retention) of the providers that may serve it, in
+/// priority order. `/v1/models` shows them so that a developer knows before calling.
+pub(crate) fn processors<'a>(group: &'a ModelGroup, key: &'a Key) -> Vec<&'a Provider> {
+    let mut out: Vec<&Provider> = Vec::new();
+    for d in reachable(group, key) {
+        let p = &*d.provider;
+        let same = |q: &&Provider| {
+            q.vendor == p.vendor
+                && q.region == p.region
+                && q.trains_on_data == p.trains_on_data
+                && q.zero_retention == p.zero_retention
+        };
+        if !out.iter().any(same) {
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// Order `candidates` (in priority order) by the route's strategy. `cost` is the

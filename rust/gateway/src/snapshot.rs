@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::guard::CategorySet;
 use crate::ipset::{Cidr, IpSet};
 use crate::limits::{LimitState, Limits, LiveCounters};
-use crate::policy::{Policy, PolicyDoc};
+use crate::policy::{Policy, PolicyDoc, Scope};
 use crate::protocol::{Endpoints, Protocol};
 use crate::routing::{
     DeploymentStats, ProviderState, RouteDoc, RoutingConfig, RoutingDoc, Strategy,
@@ -76,7 +76,8 @@ pub struct OrgDoc {
     pub balance: i64,
     /// The engine `spent` value already deducted from `balance`.
     pub spent_mark: i64,
-    /// Which providers and models the org may reach.
+    /// Which providers and models the org may reach (absent: no provider that trains on
+    /// submitted data).
     #[serde(default)]
     pub policy: PolicyDoc,
     /// Org-wide limits.
@@ -533,7 +534,7 @@ impl Snapshot {
                 usage: o.usage.compile(),
                 price_factor_ppm: o.price_factor_ppm,
                 guard,
-                policy: Policy::compile(o.policy),
+                policy: Policy::compile(o.policy, Scope::Org),
             });
             orgs.insert(o.id, org);
         }
@@ -581,7 +582,7 @@ impl Snapshot {
                     .or_insert_with(|| Arc::new(OrgAccount::for_key(leased)))
                     .clone(),
                 usage: k.usage.compile(),
-                policy: Policy::compile(k.policy),
+                policy: Policy::compile(k.policy, Scope::Key),
                 revoked: k.status != "active",
                 key_id: k.key_id,
                 account_id: k.account_id,

@@ -132,6 +132,28 @@ fn record_fields_are_the_call_log_columns() {
 }
 
 #[test]
+fn every_call_log_column_is_documented_in_plain_words() {
+    // The doc comments become docs/analytics.md and the ClickHouse column comments, read
+    // by people querying the table, not by rustdoc.
+    let names: Vec<&str> = onetoken_gateway::journal_reader::COLUMN_DOCS
+        .iter()
+        .map(|d| d.0)
+        .collect();
+    let columns: Vec<&str> = onetoken_gateway::journal_reader::COLUMNS
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(names, columns);
+    for (name, doc) in onetoken_gateway::journal_reader::COLUMN_DOCS {
+        assert!(!doc.trim().is_empty(), "{name} has no doc comment");
+        assert!(
+            !doc.contains("[`"),
+            "{name}: a doc link means nothing outside rustdoc"
+        );
+    }
+}
+
+#[test]
 fn bind_errors_are_immediate_and_start_twice_is_a_state_error() {
     let cfg = EngineConfig::from_json(&fixture("engine_config.json")).unwrap();
     let engine = Engine::new(cfg.clone()).unwrap();

@@ -376,6 +376,42 @@ async fn model_ids(fleet: &Gateway, key: &str) -> Vec<String> {
     r.model_ids()
 }
 
+/// `/v1/models` tells a developer who would process each name for this key: the vendor,
+/// region and data-handling flags of the providers both policies permit, nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_list_names_the_processors_the_policies_permit() {
+    let ups = [mock(), mock(), mock()];
+    let addrs = [ups[0].addr(), ups[1].addr(), ups[2].addr()];
+    let processors = |fleet: &Gateway, key: &'static str| {
+        let addr = fleet.addr;
+        async move {
+            let auth = format!("Bearer {key}");
+            let r = get(addr, "/v1/models", &[("authorization", auth.as_str())]).await;
+            let v = r.json();
+            let chat = v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["id"] == "chat")
+                .cloned()
+                .unwrap();
+            chat["processors"].clone()
+        }
+    };
+    let us = json!({"vendor": "openai", "region": "us", "trains_on_data": false, "zero_retention": true});
+    let cn = json!({"vendor": "alibaba", "region": "cn-mainland", "trains_on_data": true, "zero_retention": false});
+    let eu = json!({"vendor": "mistral", "region": "eu", "trains_on_data": false, "zero_retention": false});
+    // The default org policy: the provider that trains is not among them.
+    let fleet = Gateway::serving(policy_snapshot(1, addrs, json!({}), json!({})));
+    assert_eq!(processors(&fleet, "ot-a").await, json!([us, eu]));
+    assert_eq!(processors(&fleet, "ot-b").await, json!([us, eu]), "no policy at all");
+    // Lifted by the org, narrowed by the key.
+    let snap = policy_snapshot(2, addrs, json!({"no_training": false}), json!({"deny_regions": ["us"]}));
+    fleet.engine.load_snapshot(snap.to_string().as_bytes()).unwrap();
+    assert_eq!(processors(&fleet, "ot-a").await, json!([cn, eu]));
+    assert_eq!(processors(&fleet, "ot-b").await, json!([us, eu]), "org_b unaffected");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_policy_kind_blocks_exactly_its_providers_and_models_agree() {
     let ups = [mock(), mock(), mock()];
@@ -385,11 +421,23 @@ async fn each_policy_kind_blocks_exactly_its_providers_and_models_agree() {
     let cases: Vec<(Value, Value, Result<&str, &str>)> = vec![
         (json!({}), json!({}), Ok("p_us")),
         (
-            json!({"allow_regions": ["cn-mainland"]}),
+            json!({"allow_regions": ["cn-mainland"], "no_training": false}),
             json!({}),
             Ok("p_cn"),
         ),
-        (json!({"deny_vendors": ["OpenAI"]}), json!({}), Ok("p_cn")),
+        // An org that never lifted no_training is not served by a provider that trains,
+        // whatever else its policy says (the refusal names the first deployment's rule).
+        (
+            json!({"allow_regions": ["cn-mainland"]}),
+            json!({}),
+            Err("org policy: region not allowed"),
+        ),
+        (json!({"deny_vendors": ["OpenAI"]}), json!({}), Ok("p_eu")),
+        (
+            json!({"deny_vendors": ["OpenAI"], "no_training": false}),
+            json!({}),
+            Ok("p_cn"),
+        ),
         (json!({"allow_vendors": ["mistral"]}), json!({}), Ok("p_eu")),
         (
             json!({"deny_regions": ["us"], "no_training": true}),
@@ -397,11 +445,21 @@ async fn each_policy_kind_blocks_exactly_its_providers_and_models_agree() {
             Ok("p_eu"),
         ),
         (json!({"zero_retention_only": true}), json!({}), Ok("p_us")),
-        (json!({"deny_models": ["gpt-x"]}), json!({}), Ok("p_cn")),
         (
-            json!({"allow_regions": ["us", "cn-mainland"]}),
+            json!({"deny_models": ["gpt-x"], "no_training": false}),
+            json!({}),
+            Ok("p_cn"),
+        ),
+        (
+            json!({"allow_regions": ["us", "cn-mainland"], "no_training": false}),
             json!({"deny_regions": ["us"]}),
             Ok("p_cn"),
+        ),
+        // A key cannot lift its org's no_training.
+        (
+            json!({"allow_regions": ["cn-mainland"]}),
+            json!({"no_training": false}),
+            Err("org policy: region not allowed"),
         ),
         (
             json!({"allow_regions": ["xx"]}),
@@ -419,7 +477,7 @@ async fn each_policy_kind_blocks_exactly_its_providers_and_models_agree() {
             Err("org policy: vendor not allowed"),
         ),
         (
-            json!({"allow_regions": ["cn-mainland"]}),
+            json!({"allow_regions": ["cn-mainland"], "no_training": false}),
             json!({"zero_retention_only": true}),
             Err("key policy: zero_retention_only (provider is not zero-retention)"),
         ),

@@ -93,6 +93,16 @@ pub(crate) fn call_log_native_columns() -> Vec<(&'static str, &'static str)> {
     journal_reader::COLUMNS.to_vec()
 }
 
+/// call_log's (column, description) pairs in table order: each column's doc comment in
+/// the engine's declaration, its lines joined by spaces.
+#[pyfunction]
+pub(crate) fn call_log_column_docs() -> Vec<(&'static str, String)> {
+    journal_reader::COLUMN_DOCS
+        .iter()
+        .map(|&(name, doc)| (name, doc.split_whitespace().collect::<Vec<_>>().join(" ")))
+        .collect()
+}
+
 /// Whether the engine instance owning `journal-<instance>.lock` at `lock_path` is alive
 /// (holds its lock). False when the file does not exist.
 #[pyfunction]

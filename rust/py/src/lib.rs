@@ -76,6 +76,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(routing_defaults, m)?)?;
     m.add_function(wrap_pyfunction!(journal::read_journal_batch, m)?)?;
     m.add_function(wrap_pyfunction!(journal::call_log_native_columns, m)?)?;
+    m.add_function(wrap_pyfunction!(journal::call_log_column_docs, m)?)?;
     m.add_class::<journal::JournalBatch>()?;
     m.add_function(wrap_pyfunction!(journal::journal_instance_live, m)?)?;
     m.add_function(wrap_pyfunction!(mock::serve_mock_upstream, m)?)?;

@@ -24,6 +24,12 @@ from onetoken.kit import channel
 from onetoken.kit.errors import Unauthorized, Unprocessable
 from onetoken.ops import PREFIX
 from onetoken.web.deps import SessionDep, StateDep, call_log_sink, get_state
+from onetoken.web.routes.analytics import (
+    MAX_QUERY_CHARS,
+    SqlError,
+    SqlResponse,
+    sql_response,
+)
 
 #: Rows per `calls/export` page: a few MB of JSON, and the server's ClickHouse client is
 #: held for one page at a time.
@@ -146,3 +152,32 @@ def calls_stats(
 
     rows = call_log_sink(state).read(lambda c: call_stats(c, org, start, end, group_by))
     return StatsResponse(rows=rows)
+
+
+class SqlRequest(BaseModel):
+    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
+    #: None with all_orgs: every org (an operator at the shell names the scope).
+    org: str | None = Field(default=None, min_length=1, max_length=64)
+    all_orgs: bool = False
+
+
+@router.post("/sql")
+def sql(body: SqlRequest, state: StateDep) -> SqlResponse:
+    """`onetoken sql`: the control API's read-only SQL with the same refusals and limits
+    (the operator at the shell is no less read-only than an analyst). The query travels in
+    the body and is audited by hash and length, like the API's."""
+    from onetoken.analytics.sqlaccess import SqlQueryError, limits_from
+    from onetoken.security.audit import CliActor
+    from onetoken.security.sqlaudit import run_audited
+
+    if (body.org is None) == (not body.all_orgs):
+        raise Unprocessable("Give org or all_orgs.", param="org")
+    limits = limits_from(state.settings)
+    actor = CliActor(org_id=body.org or "")
+    try:
+        result = call_log_sink(state).read(
+            lambda c: run_audited(actor, c, body.query, org_id=body.org, limits=limits)
+        )
+    except SqlQueryError as exc:
+        raise SqlError(exc.message, code=exc.code, param="query") from None
+    return sql_response(result, body.org, "rows")

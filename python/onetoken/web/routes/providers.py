@@ -10,7 +10,7 @@ answer 404, exactly like missing ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from fastapi import APIRouter, Response
@@ -24,6 +24,7 @@ from onetoken.providers.engine_rules import engine_rules
 from onetoken.providers.gateway_schemas import (
     Guard,
     OrgLimits,
+    OrgPolicy,
     Policy,
     RouteCreate,
     RouteList,
@@ -40,12 +41,14 @@ from onetoken.providers.schemas import (
     ModelUpdate,
     PresetList,
     PresetResponse,
+    Processor,
     ProviderCreate,
     ProviderList,
     ProviderResponse,
     ProviderUpdate,
     check_base_url_target,
 )
+from onetoken.security import audit
 from onetoken.security.principal import Principal
 from onetoken.state import AppState
 from onetoken.web.deps import (
@@ -92,13 +95,23 @@ def _provider_out(p: Provider) -> ProviderResponse:
     )
 
 
-def _model_out(m: Model) -> ModelResponse:
+def _model_out(m: Model, provider: Provider) -> ModelResponse:
     return ModelResponse.model_validate(
         {
-            **{c: getattr(m, c) for c in ModelResponse.model_fields if c != "scope"},
+            **{
+                c: getattr(m, c)
+                for c in ModelResponse.model_fields
+                if c not in ("scope", "processor")
+            },
             "scope": service.scope_of(m.org_id),
+            "processor": Processor.model_validate(provider),
         }
     )
+
+
+def _models_out(session: Session, models: Sequence[Model]) -> list[ModelResponse]:
+    providers = service.providers_by_id(session, {m.provider_id for m in models})
+    return [_model_out(m, providers[m.provider_id]) for m in models]
 
 
 def _route_out(r: Route) -> RouteResponse:
@@ -225,17 +238,18 @@ def create_model(
     owner = _owner_for_write(principal, provider.org_id)
     with _catalog_change(session, state):
         model = service.create_model(session, owner, **body.model_dump())
-    return _model_out(model)
+    return _models_out(session, [model])[0]
 
 
 @router.get("/models", response_model=ModelList)
 def list_models(principal: ModelsReadDep, session: SessionDep) -> ModelList:
-    return ModelList(data=[_model_out(m) for m in service.list_models(session, principal.org_id)])
+    return ModelList(data=_models_out(session, service.list_models(session, principal.org_id)))
 
 
 @router.get("/models/{model_id}", response_model=ModelResponse)
 def get_model(model_id: str, principal: ModelsReadDep, session: SessionDep) -> ModelResponse:
-    return _model_out(service.get_visible_model(session, principal.org_id, model_id))
+    model = service.get_visible_model(session, principal.org_id, model_id)
+    return _models_out(session, [model])[0]
 
 
 @router.patch("/models/{model_id}", response_model=ModelResponse)
@@ -252,7 +266,7 @@ def update_model(
     changes = body.model_dump(include=body.model_fields_set)
     with _catalog_change(session, state):
         model = service.update_model(session, owner, model_id, changes)
-    return _model_out(model)
+    return _models_out(session, [model])[0]
 
 
 @router.delete("/models/{model_id}", status_code=204)
@@ -346,18 +360,27 @@ def _readable_org(session: Session, principal: Principal, org_id: str) -> str:
     return orgs_service.get_org(session, org_id).id
 
 
-@router.get("/orgs/{org_id}/policy", response_model=Policy)
-def get_org_policy(org_id: str, principal: OrgReadDep, session: SessionDep) -> Policy:
+@router.get("/orgs/{org_id}/policy", response_model=OrgPolicy)
+def get_org_policy(org_id: str, principal: OrgReadDep, session: SessionDep) -> OrgPolicy:
     return gw.get_policy(session, _readable_org(session, principal, org_id))
 
 
-@router.put("/orgs/{org_id}/policy", response_model=Policy)
+@router.put("/orgs/{org_id}/policy", response_model=OrgPolicy)
 def set_org_policy(
-    org_id: str, body: Policy, principal: OrgWriteDep, session: SessionDep, state: StateDep
-) -> Policy:
+    org_id: str, body: OrgPolicy, principal: OrgWriteDep, session: SessionDep, state: StateDep
+) -> OrgPolicy:
+    """Replace the org's policy. `no_training` (default true) keeps providers that may
+    train on submitted data away from the org; only its owner can set it to false
+    (403 owner_only otherwise), and the change is in the security log."""
+    target = _readable_org(session, principal, org_id)
     with _catalog_change(session, state):
-        policy = gw.set_policy(session, _readable_org(session, principal, org_id), body)
-    return policy
+        before = gw.set_policy(session, principal, target, body)
+    if before.no_training != body.no_training:
+        kind = "org.training_refused" if body.no_training else "org.training_allowed"
+        audit.change(principal, kind, subject_id=target, org_id=target,
+                     before={"no_training": before.no_training},
+                     after={"no_training": body.no_training}, severity="high")
+    return body
 
 
 @router.get("/orgs/{org_id}/guard", response_model=Guard)

@@ -5,8 +5,8 @@ import sqlalchemy as sa
 
 from onetoken.db.migrations.shapes import at, create_table, ref
 
-revision: str = "0015_tickets"
-down_revision: str | None = "0014_pools"
+revision: str = "0017_tickets"
+down_revision: str | None = "0016_analyst_role"
 
 
 def upgrade() -> None:
