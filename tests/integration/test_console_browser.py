@@ -191,6 +191,17 @@ def test_console_flows_and_every_page(
     csv_text = Path(got.value.path()).read_text()
     assert request_id in csv_text and canary not in csv_text
 
+    # The same call in a read-only SQL query; a refused statement shows the API's error.
+    page.goto(f"{base}/sql")
+    ready(page)
+    page.click("#sql button[type=submit]")
+    page.wait_for_selector("#sql-result td:has-text('mock-gpt')")
+    watch.expected.add((400, "/api/v1/analytics/sql"))
+    page.fill("#sql textarea[name=query]", "DROP TABLE onetoken.call_log")
+    page.click("#sql button[type=submit]")
+    page.wait_for_selector("#sql .form-error:has-text('sql_refused')")
+    watch.expected.clear()
+
     # A redemption code credits the balance.
     made = json.loads(cli(deployment["data_dir"], "billing", "codes", "create",
                           "--credit", "7", "--json").stdout)

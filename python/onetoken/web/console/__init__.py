@@ -71,6 +71,7 @@ PAGES: tuple[Page, ...] = (
     Page("/keys", "Keys", "keys.read", "keys.html"),
     Page("/usage", "Usage", "calls.read", "usage.html"),
     Page("/billing", "Billing", "billing.read", "billing.html"),
+    Page("/sql", "SQL", "analytics.sql", "sql.html"),
     Page("/tickets", "Tickets", "tickets.read", "tickets.html"),
     Page("/tickets/thread", "Ticket", "tickets.read", "ticket.html", listed=False),
     Page("/privacy", "Privacy", "self", "privacy.html"),

@@ -118,8 +118,38 @@
 
   // -- results shown once (new keys, secrets, payment references) ---------------------------
 
+  // A query's answer ({columns, rows}) as a table, every cell as text.
+  function showGrid(box, data) {
+    const table = document.createElement("table");
+    const head = table.createTHead().insertRow();
+    for (const c of data.columns) {
+      const th = document.createElement("th");
+      th.textContent = c;
+      head.append(th);
+    }
+    const body = table.createTBody();
+    for (const row of data.rows) {
+      const tr = body.insertRow();
+      row.forEach((v, i) => {
+        const td = tr.insertCell();
+        td.dataset.label = data.columns[i];
+        td.textContent = format(v);
+      });
+    }
+    const note = document.createElement("p");
+    note.className = "hint";
+    note.textContent = data.row_count + " rows" + (data.truncated ? " (truncated)" : "") +
+      " in " + data.elapsed_ms + " ms";
+    const wrap = document.createElement("div");
+    wrap.className = "scroll";
+    wrap.append(table);
+    box.replaceChildren(note, wrap);
+    box.hidden = false;
+  }
+
   function showResult(box, data, values) {
     if (!box || !data) return;
+    if (box.dataset.grid !== undefined) return showGrid(box, data);
     box.replaceChildren();
     const label = document.createElement("p");
     label.textContent = box.dataset.label || "";
