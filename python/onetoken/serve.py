@@ -265,12 +265,16 @@ def _announcer(control: str, demo_info: Any, tls: bool) -> Callable[[str | None]
             if gateway_addr is not None:
                 print(f"gateway: {url(gateway_addr, tls)}", flush=True)
             print(f"control: {control}", flush=True)
+            # The browser console (docs/console.md); its session cookie is Secure, so a
+            # browser keeps it over https or on this machine's loopback address only.
+            print(f"console: {control}/", flush=True)
             if demo_info is None or gateway_addr is None:
                 return
             print(f"api_key: {demo_info.api_key}", flush=True)
             if demo_info.admin_password is not None:
                 print(f"admin_email: {demo_info.admin_email}", flush=True)
                 print(f"admin_password: {demo_info.admin_password}", flush=True)
+                print("console_sign_in: admin_email and admin_password", flush=True)
             print(
                 f"try: curl {url(gateway_addr, tls)}/v1/chat/completions "
                 f"-H 'Authorization: Bearer {demo_info.api_key}' "

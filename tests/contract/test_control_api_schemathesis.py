@@ -155,6 +155,8 @@ LOOSER_THAN_VALIDATION = {
     "GET /api/v1/security/events": "cursor is one the API issued",
     "PUT /api/v1/keys/{key_id}/policy": "a key policy only narrows its org's policy",
     "PATCH /api/v1/orgs/{org_id}/terms": "pool names an existing gateway pool",
+    "POST /api/v1/security/blocked": "source is an address or CIDR",
+    "POST /api/v1/security/blocked/remove": "source is an address or CIDR",
 }
 
 

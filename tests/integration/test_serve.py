@@ -107,6 +107,9 @@ def test_serve_demo_end_to_end(served: Served) -> None:
     r = _chat(s, s.info["api_key"])
     assert r.status_code == 200, r.text
     assert httpx.get(f"{s.control}/healthz").status_code == 200
+    # The console's address is announced, and its sign-in page answers there.
+    assert s.info["console"] == f"{s.control}/"
+    assert httpx.get(f"{s.control}/signin").status_code == 200
 
     login = httpx.post(
         f"{s.control}/api/v1/auth/login",

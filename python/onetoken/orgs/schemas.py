@@ -84,6 +84,14 @@ class MeResponse(BaseModel):
     is_operator: bool
 
 
+class PermissionsResponse(BaseModel):
+    """The permissions of the matrix the caller holds (docs/permissions.md)."""
+
+    role: Role
+    is_operator: bool
+    permissions: list[str]
+
+
 class MeUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

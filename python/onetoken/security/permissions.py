@@ -99,6 +99,11 @@ PERMISSIONS: dict[str, Permission] = {
             "(operators: any organization's, or all of them).",
         ),
         _p("security.read", "owner admin", "Read the organization's security and audit log."),
+        _p(
+            "security.block",
+            "",
+            "List, block and unblock source addresses the gateways refuse (operators).",
+        ),
         _p("webhooks.read", "owner admin", "List callback addresses and their delivery log."),
         _p(
             "webhooks.write",
@@ -129,3 +134,13 @@ def holds(
         or (permission.operator and is_operator)
         or (tenant_money_admin and role in permission.tenant_money_roles)
     )
+
+
+def held(role: str, is_operator: bool, *, tenant_money_admin: bool = False) -> list[str]:
+    """The names of every permission a caller holds, in the matrix's order: what the
+    console shows (GET /api/v1/me/permissions), decided by the same rule as `holds`."""
+    return [
+        p.name
+        for p in PERMISSIONS.values()
+        if holds(p, role, is_operator, tenant_money_admin=tenant_money_admin)
+    ]

@@ -12,7 +12,7 @@ from onetoken import __version__
 from onetoken.kit.errors import ERROR_RESPONSES, install_error_handlers
 from onetoken.kit.logging import AccessLogMiddleware
 from onetoken.state import AppState
-from onetoken.web import docs_pages
+from onetoken.web import console, docs_pages
 from onetoken.web.deps import PublicDep
 from onetoken.web.routes import (
     analytics,
@@ -79,4 +79,5 @@ def build_app(state: AppState, *, owns_engine: bool) -> FastAPI:
         docs_pages.install(app)
     app.add_middleware(AccessLogMiddleware)
     include_routes(app)
+    console.install(app)
     return app

@@ -33,6 +33,7 @@ from onetoken.orgs.schemas import (
     OrgResponse,
     OrgUpdate,
     PasswordChange,
+    PermissionsResponse,
     TokenResponse,
     TotpCodeBody,
     TotpDisableRequest,
@@ -42,6 +43,7 @@ from onetoken.orgs.schemas import (
 from onetoken.security import audit
 from onetoken.security.login_guard import LoginGuard
 from onetoken.security.net import client_ip
+from onetoken.security.permissions import held
 from onetoken.security.principal import Principal
 from onetoken.state import AppState
 from onetoken.web.deps import (
@@ -119,7 +121,8 @@ def console_login(
     token, record, _ = _sign_in(request, body, state, session)
     csrf = auth.csrf_token(state.secrets, token)
     max_age = state.settings.session_ttl_hours * 3600
-    response.set_cookie(auth.SESSION_COOKIE, token, max_age=max_age, path="/api",
+    # Path "/": the console's pages (onetoken.web.console) read the session too.
+    response.set_cookie(auth.SESSION_COOKIE, token, max_age=max_age, path="/",
                         secure=True, httponly=True, samesite="strict")
     response.set_cookie(auth.CSRF_COOKIE, csrf, max_age=max_age, path="/",
                         secure=True, httponly=False, samesite="strict")
@@ -141,7 +144,7 @@ def logout(
         auth.logout(session, state.secrets, token)
     audit.event(principal, "auth.logout", "info", subject_id=principal.account_id)
     response = Response(status_code=204)
-    response.delete_cookie(auth.SESSION_COOKIE, path="/api", secure=True, httponly=True,
+    response.delete_cookie(auth.SESSION_COOKIE, path="/", secure=True, httponly=True,
                            samesite="strict")
     response.delete_cookie(auth.CSRF_COOKIE, path="/", secure=True, samesite="strict")
     return response
@@ -207,6 +210,18 @@ def _me_response(account: Account) -> MeResponse:
 @router.get("/me", response_model=MeResponse)
 def me(principal: SelfDep, session: SessionDep) -> MeResponse:
     return _me_response(own_account(session, principal))
+
+
+@router.get("/me/permissions", response_model=PermissionsResponse)
+def my_permissions(principal: SelfDep, state: StateDep) -> PermissionsResponse:
+    """What the caller may do: the console shows only these pages and actions (each
+    request is still checked against the matrix)."""
+    return PermissionsResponse(
+        role=principal.role,  # type: ignore[arg-type]
+        is_operator=principal.is_operator,
+        permissions=held(principal.role, principal.is_operator,
+                         tenant_money_admin=state.settings.tenant_money_admin),
+    )
 
 
 @router.patch("/me", response_model=MeResponse)

@@ -1,5 +1,6 @@
 """GET /security/events: the security and audit log, for org admins (their org) and
-operators (every org)."""
+operators (every org); /security/blocked: the source addresses the gateways refuse
+(operators)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,22 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from onetoken.analytics import queries
 from onetoken.analytics.columns import SECURITY_LOG_TABLE
 from onetoken.kit.errors import NotFound, Unprocessable
+from onetoken.security import blocking
 from onetoken.security import log as security_log
 from onetoken.security.log import SECURITY_LOG_COLUMNS, SEVERITIES
-from onetoken.web.deps import SecurityReadDep, ServiceUnavailable, StateDep
+from onetoken.security.models import BlockedSource
+from onetoken.web.deps import (
+    SecurityBlockDep,
+    SecurityReadDep,
+    ServiceUnavailable,
+    SessionDep,
+    StateDep,
+)
 
 router = APIRouter(prefix="/security", tags=["security"])
 
@@ -139,3 +148,73 @@ def list_events(
     ]
     next_cursor = _cursor(int(rows[-1][0]), str(rows[-1][1])) if more and rows else None
     return SecurityEventPage(data=data, next_cursor=next_cursor)
+
+
+# -- blocked sources ---------------------------------------------------------------------------
+
+#: The reason code of a block an operator set by hand (detectors set their own codes).
+OPERATOR_BLOCK = "operator"
+MAX_BLOCK_MINUTES = 366 * 24 * 60
+
+
+class BlockedOut(BaseModel):
+    source: str
+    until: datetime
+    reason: str
+    created_at: datetime
+
+
+class BlockedList(BaseModel):
+    object: str = "list"
+    data: list[BlockedOut]
+
+
+class BlockRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(min_length=2, max_length=64, description="An address or a network.")
+    minutes: int = Field(ge=1, le=MAX_BLOCK_MINUTES)
+
+
+class UnblockRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(min_length=2, max_length=64)
+
+
+def _normalized(source: str) -> str:
+    try:
+        return blocking.normalize(source)
+    except ValueError:
+        raise Unprocessable("Not an IP address or network.", param="source") from None
+
+
+def _blocked_out(row: BlockedSource) -> BlockedOut:
+    return BlockedOut(source=row.cidr, until=row.until, reason=row.reason,
+                      created_at=row.created_at)
+
+
+@router.get("/blocked", response_model=BlockedList)
+def list_blocked(_: SecurityBlockDep, session: SessionDep) -> BlockedList:
+    """Sources the gateways refuse now (expired blocks are not listed)."""
+    return BlockedList(data=[_blocked_out(r) for r in blocking.active(session)])
+
+
+@router.post("/blocked", response_model=BlockedOut, status_code=201)
+def block_source(body: BlockRequest, _: SecurityBlockDep, session: SessionDep) -> BlockedOut:
+    """Refuse every request from `source` for `minutes` (a longer block already in place
+    stays); the gateways have it with their next snapshot."""
+    cidr = _normalized(body.source)
+    blocking.block(session, cidr, body.minutes * 60, OPERATOR_BLOCK)
+    session.commit()
+    row = session.get(BlockedSource, cidr)
+    assert row is not None
+    return _blocked_out(row)
+
+
+@router.post("/blocked/remove", status_code=204)
+def unblock_source(body: UnblockRequest, _: SecurityBlockDep, session: SessionDep) -> None:
+    """Lift the block on `source` (whoever set it)."""
+    if not blocking.unblock(session, _normalized(body.source)):
+        raise NotFound("That source is not blocked.")
+    session.commit()

@@ -1,0 +1,104 @@
+"""The console's pages (onetoken.web.console): each needs a session, sends the strict
+Content-Security-Policy, shows only what the caller's role may open, and its assets come
+from this origin."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+
+from onetoken.orgs import auth
+from onetoken.security.permissions import PERMISSIONS, held
+from onetoken.state import AppState
+from onetoken.web.console import CSP, PAGES, SIGN_IN_PATH
+
+from .conftest import add_account, make_org_admin
+
+API = "/api/v1"
+
+
+@pytest.fixture
+def browser(client: TestClient) -> TestClient:
+    """The app over https, as a browser reaches it: the session cookie is Secure."""
+    return TestClient(client.app, base_url="https://testserver", follow_redirects=False)
+
+
+def console_session(client: TestClient, email: str, password: str) -> None:
+    r = client.post(f"{API}/auth/session", json={"email": email, "password": password})
+    assert r.status_code == 200, r.text
+    assert client.cookies.get(auth.SESSION_COOKIE)
+
+
+def test_every_page_requires_a_session(browser: TestClient) -> None:
+    for page in PAGES:
+        browser.cookies.clear()
+        r = browser.get(page.path)
+        assert r.status_code == 303, page.path
+        assert r.headers["location"] == f"{SIGN_IN_PATH}?next={page.path}"
+        assert r.headers["content-security-policy"] == CSP
+        # A session token that resolves to nothing is no session either.
+        browser.cookies.set(auth.SESSION_COOKIE, "ots_" + "x" * 40)
+        assert browser.get(page.path).status_code == 303, page.path
+
+
+def test_pages_send_the_csp_and_load_only_own_assets(
+    client: TestClient, browser: TestClient, state: AppState
+) -> None:
+    admin = make_org_admin(state, client, "Acme", "owner@acme.test", is_operator=True)
+    client = browser
+    r = client.get(SIGN_IN_PATH)
+    assert r.status_code == 200, r.text
+    console_session(client, admin.email, admin.password)
+    for page in PAGES:
+        r = client.get(page.path)
+        assert r.status_code == 200, page.path
+        headers = r.headers
+        assert headers["content-security-policy"] == CSP
+        assert "frame-ancestors 'none'" in CSP and "script-src 'self'" in CSP
+        assert headers["x-frame-options"] == "DENY"
+        html = r.text
+        # No inline script or handler: the CSP would refuse it.
+        assert re.search(r"<script(?![^>]*\bsrc=)", html) is None, page.path
+        assert re.search(r"\son[a-z]+=", html) is None, page.path
+        for src in re.findall(r'(?:src|href)="([^"]+)"', html):
+            assert src.startswith("/"), (page.path, src)
+            if src.startswith("/console/static/"):
+                asset = client.get(src)
+                assert asset.status_code == 200, src
+                assert asset.headers["x-content-type-options"] == "nosniff"
+
+
+def test_navigation_and_pages_follow_the_role(
+    client: TestClient, browser: TestClient, state: AppState
+) -> None:
+    owner = make_org_admin(state, client, "Acme", "owner@acme.test")
+    add_account(state, client, owner.org_id, "viewer@acme.test", "viewer")
+    client = browser
+    console_session(client, "viewer@acme.test", "another long password")
+    held_by_viewer = held("viewer", False)
+    r = client.get(f"{API}/me/permissions")
+    assert r.status_code == 200, r.text
+    assert r.json()["permissions"] == held_by_viewer
+    overview = client.get("/").text
+    for page in PAGES:
+        linked = f'href="{page.path}"' in overview
+        assert linked == (page.listed and page.permission in held_by_viewer), page.path
+        r = client.get(page.path)
+        assert r.status_code == (200 if page.permission in held_by_viewer else 403), page.path
+    # Every page's permission is one of the matrix.
+    assert {p.permission for p in PAGES} <= set(PERMISSIONS)
+
+
+def test_unsafe_api_calls_from_the_console_need_the_csrf_token(
+    client: TestClient, browser: TestClient, state: AppState
+) -> None:
+    admin = make_org_admin(state, client, "Acme", "owner@acme.test")
+    client = browser
+    console_session(client, admin.email, admin.password)
+    r = client.post(f"{API}/keys", json={"name": "no token"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "csrf_failed"
+    csrf = client.cookies.get(auth.CSRF_COOKIE)
+    r = client.post(f"{API}/keys", json={"name": "with token"}, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 201, r.text
