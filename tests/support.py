@@ -193,7 +193,7 @@ class MetricsProcess:
         return self
 
     def scrape(self) -> str:
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as resp:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as resp:  # noqa: S310
             body: str = resp.read().decode()
             return body
 
@@ -203,7 +203,11 @@ class MetricsProcess:
     def stderr_tail(self) -> str:
         return self.stderr.read_text()[-2000:]
 
-    def stop(self, timeout: float = 60) -> int:
+    def terminate(self) -> None:
+        """SIGTERM, without waiting (stop() waits)."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 60) -> int:
+        self.terminate()
         return self.process.wait(timeout=timeout)
