@@ -234,7 +234,7 @@ def test_rules_read_only_metrics_a_gateway_or_the_control_and_ingest_processes_s
     assert used - _SCRAPER_SERIES - exported == set()
     # So do the Grafana panels that read the gateways through Prometheus.
     dashboard = _names(_dashboard_exprs())
-    assert "onetoken_in_flight_requests" in dashboard
+    assert {"onetoken_in_flight_requests", "onetoken_cap_publisher_failing_rounds"} <= dashboard
     assert dashboard - exported == set()
     # The unit tests feed the same names, or they would test rules against fiction.
     assert _names(_test_series()) - _SCRAPER_SERIES - exported == set()
