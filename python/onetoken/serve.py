@@ -261,8 +261,6 @@ def run(settings: Settings, *, demo: bool = False, gateway: bool = True) -> int:
             raise ServeError(f"gateway failed to start: {failed[0]}")
         return 0
     finally:
-        if metrics is not None:
-            metrics.stop()
         control_file.remove(settings.data_dir, os.getpid())
         if child is not None:
             # Gateways first: their last records are journaled before ingestion catches up.
@@ -272,6 +270,9 @@ def run(settings: Settings, *, demo: bool = False, gateway: bool = True) -> int:
             background.erasures.stop()
         if runtime is not None:
             runtime.stop()
+        if metrics is not None:
+            # After ingestion's last catch-up: a scrape meanwhile still sees the backlog go.
+            metrics.stop()
         if background is not None:
             background.stop()
         if mock is not None:

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from onetoken.db.session import SessionFactory
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.events import EventBus
+from onetoken.kit.logging import POLLED_ROUTES
 from onetoken.kit.metrics import RequestStats
 from onetoken.settings import Settings
 
@@ -38,7 +39,9 @@ class AppState:
     # The money caps in Redis (ONETOKEN_REDIS_URL); None without Redis and outside serving.
     caps: CapPublisher | None = None
     # The control API's requests, counted for the metrics listener (control.py).
-    requests: RequestStats = field(default_factory=lambda: RequestStats("onetoken_control"))
+    requests: RequestStats = field(
+        default_factory=lambda: RequestStats("onetoken_control", long_polls=POLLED_ROUTES)
+    )
 
     def commit_change(self, session: Session) -> None:
         """Commit a change gateways must see (it bumped the config revision), then answer

@@ -208,11 +208,13 @@ def test_a_failing_collector_is_left_out_and_said_so() -> None:
     assert sample(m, "onetoken_collector_up", collector="broken") == 0
 
 
-def test_request_stats_buckets_are_cumulative() -> None:
-    stats = RequestStats("t", buckets=(0.1, 1.0))
+def test_request_stats_buckets_are_cumulative_and_leave_long_polls_out() -> None:
+    stats = RequestStats("t", buckets=(0.1, 1.0), long_polls=frozenset({"/poll"}))
     for seconds in (0.05, 0.5, 0.5, 5.0):
         stats.observe("GET", "/x", 200, seconds)
+    stats.observe("GET", "/poll", 200, 25.0)
     m = parse_metrics(render(stats.metrics()))
+    assert sample(m, "t_requests_total", method="GET", route="/poll", code="200") == 1
     assert [sample(m, "t_request_duration_seconds_bucket", le=le) for le in ("0.1", "1", "+Inf")] \
         == [1, 3, 4]
     assert sample(m, "t_request_duration_seconds_sum") == pytest.approx(6.05)

@@ -122,9 +122,18 @@ class RequestStats:
     their duration. Thread-safe: the API counts on its event loop, scrapes read on the
     listener's thread."""
 
-    def __init__(self, prefix: str, buckets: tuple[float, ...] = DURATION_BUCKETS) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        buckets: tuple[float, ...] = DURATION_BUCKETS,
+        *,
+        long_polls: frozenset[str] = frozenset(),
+    ) -> None:
         self.prefix = prefix
         self._buckets = buckets
+        # Routes held open until something changes: counted, but their duration would
+        # drown the response times in the histogram.
+        self._long_polls = long_polls
         self._lock = threading.Lock()
         self._counts: dict[tuple[str, str, str], int] = {}
         self._bucket_counts = [0] * (len(buckets) + 1)
@@ -134,6 +143,8 @@ class RequestStats:
         key = (method if method in _METHODS else "other", route, str(status))
         with self._lock:
             self._counts[key] = self._counts.get(key, 0) + 1
+            if route in self._long_polls:
+                return
             self._bucket_counts[bisect_left(self._buckets, seconds)] += 1
             self._sum += seconds
 
@@ -150,7 +161,8 @@ class RequestStats:
             requests.add(n, method=method, route=route, code=code)
         duration = Metric(
             f"{self.prefix}_request_duration_seconds", "histogram",
-            "Request duration, from the first byte in to the last byte out",
+            "Request duration, from the first byte in to the last byte out (long polls "
+            "left out)",
         )
         running = 0
         for bound, n in zip((*self._buckets, math.inf), buckets, strict=True):
