@@ -1,5 +1,6 @@
 """What unit and integration tests share: the test secret, waiting for a condition
-instead of sleeping, a port nothing listens on, and a private redis-server.
+instead of sleeping, a port nothing listens on, a private redis-server, and an onetoken
+process serving /metrics with its exposition parsed.
 
 A fixed sleep is either too short on a loaded machine (a flaky test) or longer than needed
 everywhere else (a slow suite); `wait_until` polls the condition and fails with a message
@@ -8,10 +9,15 @@ when it never holds.
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -122,3 +128,86 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# One sample line of the text exposition: name, optional {labels}, value.
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse_metrics(text: str) -> Samples:
+    """(series name, its labels) -> value of every sample in a Prometheus exposition."""
+    out: Samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        assert m is not None, f"not a sample line: {line!r}"
+        labels = frozenset(_LABEL.findall(m[2] or ""))
+        out[(m[1], labels)] = float(m[3])
+    return out
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float:
+    """The value of one series; KeyError naming it when the exposition lacks it."""
+    key = (name, frozenset(labels.items()))
+    if key not in samples:
+        raise KeyError(f"{name}{labels} not exported")
+    return samples[key]
+
+
+class MetricsProcess:
+    """`python -m onetoken <args>` with `env` added to this environment, which prints
+    `<announce><url>` once its metrics listener serves; stdout and stderr go to files in
+    `directory` (no pipe to fill up)."""
+
+    def __init__(
+        self, args: list[str], env: dict[str, str], directory: Path, announce: str
+    ) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.stdout = directory / "stdout"
+        self.stderr = directory / "stderr"
+        self._announce = announce
+        with self.stdout.open("wb") as out, self.stderr.open("wb") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "onetoken", *args],
+                env={**os.environ, **env}, stdout=out, stderr=err,
+            )
+        self.url = ""
+
+    def line(self, prefix: str) -> str | None:
+        for line in self.stdout.read_text().splitlines():
+            if line.startswith(prefix):
+                return line[len(prefix):]
+        return None
+
+    def wait_ready(self, timeout: float = 60) -> MetricsProcess:
+        def ready() -> str | None:
+            if self.process.poll() is not None:
+                raise AssertionError(f"exited {self.process.returncode}: {self.stderr_tail()}")
+            return self.line(self._announce)
+
+        self.url = wait_until(ready, timeout=timeout, message="the metrics listener announced")
+        return self
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as resp:  # noqa: S310
+            body: str = resp.read().decode()
+            return body
+
+    def samples(self) -> Samples:
+        return parse_metrics(self.scrape())
+
+    def stderr_tail(self) -> str:
+        return self.stderr.read_text()[-2000:]
+
+    def terminate(self) -> None:
+        """SIGTERM, without waiting (stop() waits)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 60) -> int:
+        self.terminate()
+        return self.process.wait(timeout=timeout)

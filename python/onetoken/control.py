@@ -23,14 +23,16 @@ from fastapi import FastAPI
 import onetoken.registry  # noqa: F401
 from onetoken import webhooks
 from onetoken.db.migrate import upgrade
-from onetoken.db.session import make_engine, make_session_factory
+from onetoken.db.session import SessionFactory, make_engine, make_session_factory
 from onetoken.gateway.snapshot import SnapshotSource
 from onetoken.ingest.batch import Batch
 from onetoken.ingest.caps import CapPublisher
 from onetoken.ingest.dimensions import DimensionSync
+from onetoken.ingest.metrics import ingestor_metrics, journal_metrics
 from onetoken.kit import channel
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.events import EventBus
+from onetoken.kit.metrics import Metric, Registry
 from onetoken.rights import erasure
 from onetoken.rights.retention import RetentionWorker
 from onetoken.risk import detectors as detectors_mod
@@ -156,3 +158,31 @@ def start_background(state: AppState, ingestor: Ingestor) -> Background:
         caps = state.caps = CapPublisher(settings, state.session_factory)
         caps.start()
     return Background(dispatcher, detectors, retention, erasures, caps, dimensions)
+
+
+def _security_log_metrics() -> list[Metric]:
+    writer = security_log.current()
+    return writer.metrics() if writer is not None else []
+
+
+def ingest_metrics(
+    settings: Settings, session_factory: SessionFactory, ingestor: Ingestor
+) -> Registry:
+    """What every ingesting process serves on its metrics listener (`onetoken ingest
+    --metrics-listen`): the journals in its spool dir behind their cursors, its ingestor
+    and ClickHouse sink, and its security log's queue and spool."""
+    registry = Registry()
+    registry.register("journal", lambda: journal_metrics(settings.spool_dir, session_factory))
+    registry.register("ingest", lambda: ingestor_metrics(ingestor))
+    registry.register("security_log", _security_log_metrics)
+    return registry
+
+
+def control_metrics(state: AppState, ingestor: Ingestor) -> Registry:
+    """The control process's (ONETOKEN_CONTROL_METRICS_LISTEN): an ingesting process's,
+    the control API's requests and, with Redis, the cap publisher."""
+    registry = ingest_metrics(state.settings, state.session_factory, ingestor)
+    registry.register("control_api", state.requests.metrics)
+    if state.caps is not None:
+        registry.register("cap_publisher", state.caps.metrics)
+    return registry

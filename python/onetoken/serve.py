@@ -26,12 +26,19 @@ from typing import Any
 
 import uvicorn
 
-from onetoken.control import Background, build_state, create_app, start_background
+from onetoken.control import (
+    Background,
+    build_state,
+    control_metrics,
+    create_app,
+    start_background,
+)
 from onetoken.demo import setup_demo
 from onetoken.gateway.runner import http_url
 from onetoken.gateway.supervisor import ControlRuntime, GatewayProcess
 from onetoken.ingest.ingestor import Ingestor
 from onetoken.kit.logging import configure_logging
+from onetoken.kit.metrics import MetricsServer, Registry
 from onetoken.ops import control_file
 from onetoken.settings import Settings
 from onetoken.state import AppState
@@ -63,6 +70,17 @@ def bind_socket(addr: str) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
+
+
+def start_metrics(registry: Registry, listen: str) -> MetricsServer:
+    """A metrics listener serving `registry`, started."""
+    split_hostport(listen)
+    try:
+        server = MetricsServer(registry, listen)
+    except OSError as exc:
+        raise ServeError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    server.start()
+    return server
 
 
 def url(addr: str, tls: bool = False) -> str:
@@ -161,6 +179,7 @@ def run(settings: Settings, *, demo: bool = False, gateway: bool = True) -> int:
     runtime: ControlRuntime | None = None
     child: GatewayProcess | None = None
     background: Background | None = None
+    metrics: MetricsServer | None = None
     failed: list[str] = []
     try:
         demo_info = None
@@ -187,6 +206,10 @@ def run(settings: Settings, *, demo: bool = False, gateway: bool = True) -> int:
             control_sock.close()
             raise ServeError(f"ingestion failed to start: {type(exc).__name__}: {exc}") from None
         background.erasures.start()
+        if settings.control_metrics_listen:
+            metrics = start_metrics(control_metrics(state, ingestor),
+                                    settings.control_metrics_listen)
+            print(f"control metrics: {url(metrics.address)}", flush=True)
 
         app = create_app(settings, runtime, state=state)
         tls = settings.tls_cert is not None
@@ -247,6 +270,9 @@ def run(settings: Settings, *, demo: bool = False, gateway: bool = True) -> int:
             background.erasures.stop()
         if runtime is not None:
             runtime.stop()
+        if metrics is not None:
+            # After ingestion's last catch-up: a scrape meanwhile still sees the backlog go.
+            metrics.stop()
         if background is not None:
             background.stop()
         if mock is not None:

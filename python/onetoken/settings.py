@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     gateway_proxy_protocol: bool = _ENGINE["proxy_protocol"]
     # host:port serving the gateway's /metrics (and /healthz); unset serves them nowhere.
     metrics_listen: str | None = _ENGINE["metrics_listen"]
+    # host:port serving the control process's /metrics (journal depth, ingestion, the
+    # ClickHouse and security-log spools, the cap publisher, control API requests), and
+    # that of `onetoken ingest` (`--metrics-listen`); unset serves them nowhere. Their own
+    # listeners, never the control API's port: tenants reach that one (docs/dashboards.md).
+    control_metrics_listen: str | None = None
+    ingest_metrics_listen: str | None = None
     gateway_max_connections: AtLeastOne = _ENGINE["max_connections"]
     gateway_header_read_timeout_ms: int = Field(default=_ENGINE["header_read_timeout_ms"], ge=100)
     gateway_idle_timeout_ms: int = Field(default=_ENGINE["idle_timeout_ms"], ge=100)

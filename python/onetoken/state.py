@@ -3,7 +3,7 @@ hands to the web layer, the CLI and the background jobs. Built by onetoken.contr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
@@ -12,6 +12,8 @@ from sqlalchemy.orm import Session
 from onetoken.db.session import SessionFactory
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.events import EventBus
+from onetoken.kit.logging import POLLED_ROUTES
+from onetoken.kit.metrics import RequestStats
 from onetoken.settings import Settings
 
 if TYPE_CHECKING:
@@ -36,6 +38,10 @@ class AppState:
     events: EventBus
     # The money caps in Redis (ONETOKEN_REDIS_URL); None without Redis and outside serving.
     caps: CapPublisher | None = None
+    # The control API's requests, counted for the metrics listener (control.py).
+    requests: RequestStats = field(
+        default_factory=lambda: RequestStats("onetoken_control", long_polls=POLLED_ROUTES)
+    )
 
     def commit_change(self, session: Session) -> None:
         """Commit a change gateways must see (it bumped the config revision), then answer

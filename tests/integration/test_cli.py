@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,26 @@ def test_ingest_once_charges_the_ledger_while_clickhouse_is_down(
     # call_log is behind while ClickHouse is unreachable: the journal keeps the record.
     assert segment.exists()
     state.db_engine.dispose()
+
+
+def test_ingest_says_when_its_metrics_address_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydantic import SecretStr
+
+    from onetoken.control import build_state
+    from onetoken.settings import Settings
+
+    build_state(Settings(data_dir=tmp_path, secret_key=SecretStr(TEST_SECRET))).db_engine.dispose()
+    monkeypatch.setenv("ONETOKEN_CLICKHOUSE_DSN", f"http://127.0.0.1:{free_port()}/onetoken")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        r = run(tmp_path, "ingest", "--metrics-listen", address)
+    assert r.returncode == 2, r.stderr
+    assert f"cannot listen on {address}" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_cli_serve_without_secret_fails_with_a_clear_message(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ older read, and dead instances retired so that Redis never allows more than the 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -208,6 +209,11 @@ def test_redis_down_fails_rounds_visibly_and_the_next_round_heals_a_restart(
         s.commit()
         wait_until(lambda: publisher.failing >= 2, timeout=15, message="failed rounds")
     assert api.get("/healthz").json() == {"status": "ok", "cap_publisher": "failing"}
+    shown = {m.name: m.samples[0][2] for m in publisher.metrics()}
+    assert shown["onetoken_cap_publisher_failing_rounds"] >= 2
+    assert shown["onetoken_cap_publisher_failures_total"] >= 2
+    published_at = shown["onetoken_cap_publisher_last_success_timestamp_seconds"]
+    assert 0 < published_at <= time.time()
     failed = [r for r in caplog.records if r.getMessage() == "caps.publish_failed"]
     assert failed and all(r.exc_type for r in failed)  # type: ignore[attr-defined]
     # A restarted Redis holds no caps: the next full round writes them again.
@@ -222,6 +228,9 @@ def test_redis_down_fails_rounds_visibly_and_the_next_round_heals_a_restart(
     finally:
         rc.close()
     wait_until(lambda: publisher.health() == "ok")
+    shown = {m.name: m.samples[0][2] for m in publisher.metrics()}
+    assert shown["onetoken_cap_publisher_failing_rounds"] == 0
+    assert shown["onetoken_cap_publisher_last_success_timestamp_seconds"] > published_at
 
 
 # -- retiring a dead instance -------------------------------------------------------------

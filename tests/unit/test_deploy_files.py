@@ -339,7 +339,7 @@ def test_containerfile_builds_the_wheel_and_runs_it_unprivileged() -> None:
     assert re.search(r"^USER 10001:10001$", text, re.M)
     assert re.search(r'^ENTRYPOINT \["/usr/bin/tini", "--", ', text, re.M)
     assert re.search(r"^HEALTHCHECK .*\n\s+CMD \[\"python\"", text, re.M)
-    assert re.search(r"^EXPOSE 8080 8081 9090$", text, re.M)
+    assert re.search(r"^EXPOSE 8080 8081 9090 9091 9092$", text, re.M)
 
 
 def test_entrypoint_reads_secrets_from_files(tmp_path: Path) -> None:

@@ -102,6 +102,34 @@ def test_failed_insert_spools_and_replay_is_idempotent(ch: Client, tmp_path: Pat
     assert sorted(orjson.loads(r["detail"])["n"] for r in rows_for(ch, "org_spool")) == [1, 2, 3]
 
 
+def test_metrics_count_the_queue_and_the_spool_until_it_is_replayed(
+    ch: Client, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    log = SecurityLog(spool)
+
+    def metrics() -> dict[str, float]:
+        return {m.name: m.samples[0][2] for m in log.metrics()}
+
+    for i in range(3):
+        log.record(ev("org_metrics", n=i))
+    assert metrics()["onetoken_security_log_queue_events"] == 3
+    assert log.flush(failing) == 0
+    log.record(ev("org_metrics", n=3))
+    log.flush_to_spool()
+    got = metrics()
+    files = log.spool_files()
+    assert len(files) == 2
+    assert got["onetoken_security_log_spool_files"] == 2
+    assert got["onetoken_security_log_spool_bytes"] == sum(f.stat().st_size for f in files)
+    assert got["onetoken_security_log_queue_events"] == 0
+    assert got["onetoken_security_log_spooled_total"] == 4
+    assert log.replay_spool(run_on(ch)) == 4
+    got = metrics()
+    assert got["onetoken_security_log_spool_files"] == got["onetoken_security_log_spool_bytes"] == 0
+    assert got["onetoken_security_log_replayed_total"] == 4
+
+
 def test_replay_keeps_files_while_clickhouse_is_down(tmp_path: Path) -> None:
     log = SecurityLog(tmp_path)
     log.record(ev("org_down"))

@@ -484,7 +484,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     import signal
 
     from onetoken.analytics.clickhouse import parse_dsn
+    from onetoken.control import ingest_metrics
     from onetoken.ingest.ingestor import Ingestor
+    from onetoken.serve import ServeError, start_metrics, url
 
     settings = settings_from_env()
     if parse_dsn(settings.clickhouse_dsn, settings.data_dir).kind == "chdb":
@@ -503,16 +505,29 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         if not _wait_for_schema(state.db_engine, once=args.once, stop=done):
             return EXIT_OK
         ingestor = Ingestor(settings, state.session_factory)
+        metrics = None
         try:
             if args.once:
                 ingested = ingestor.catch_up()
                 print(f"{ingested} record(s) ingested", file=sys.stderr)
                 return EXIT_OK
+            listen = args.metrics_listen or settings.ingest_metrics_listen
+            if listen:
+                try:
+                    metrics = start_metrics(
+                        ingest_metrics(settings, state.session_factory, ingestor), listen
+                    )
+                except ServeError as exc:
+                    raise CliError(str(exc)) from None
+                print(f"metrics: {url(metrics.address)}", flush=True)
             ingestor.start()
             done.wait()
             return EXIT_OK
         finally:
+            # Up while the last catch-up runs: a scrape then still sees the backlog go.
             ingestor.stop()
+            if metrics is not None:
+                metrics.stop()
     finally:
         state.db_engine.dispose()
 
@@ -676,6 +691,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="ingest the gateways' journals into ClickHouse and the "
                        "ledger (needs a ClickHouse server; the control process does it on chDB)")
     p.add_argument("--once", action="store_true", help="catch up once and exit")
+    p.add_argument(
+        "--metrics-listen", metavar="HOST:PORT", default=None,
+        help="serve Prometheus /metrics here: journal depth, ingestion lag, the spools "
+        "(default ONETOKEN_INGEST_METRICS_LISTEN; unset: none; docs/dashboards.md)",
+    )
     p.set_defaults(func=cmd_ingest)
 
     calls = action_group(sub, "calls", "call metadata", dest="calls_command")

@@ -44,6 +44,7 @@ from onetoken.db.base import ConfigRevision
 from onetoken.db.session import SessionFactory, bump_revision
 from onetoken.ingest.marks import ORG
 from onetoken.ingest.models import IngestCursor, IngestMark, IngestRetired, IngestWrittenOff
+from onetoken.kit.metrics import Metric
 from onetoken.kit.worker import LoopThread
 from onetoken.orgs.models import Org
 from onetoken.settings import Settings
@@ -222,6 +223,22 @@ class CapPublisher:
 
     def health(self) -> str:
         return "failing" if self.failing else "ok"
+
+    def metrics(self) -> list[Metric]:
+        last = self.last_published
+        return [
+            Metric("onetoken_cap_publisher_failing_rounds", "gauge",
+                   "Cap publishing rounds that failed in a row (Redis down or slow); 0 when "
+                   "the last one succeeded").add(self.failing),
+            Metric("onetoken_cap_publisher_failures_total", "counter",
+                   "Cap publishing rounds that failed").add(self.failures),
+            Metric("onetoken_cap_publisher_stale_writes_total", "counter",
+                   "Caps Redis kept because it held one of a newer revision").add(
+                self.stale_writes),
+            Metric("onetoken_cap_publisher_last_success_timestamp_seconds", "gauge",
+                   "When the last round succeeded (Unix time); 0 before the first").add(
+                round(last, 3) if last is not None else 0),
+        ]
 
     # -- rounds -------------------------------------------------------------------------
 

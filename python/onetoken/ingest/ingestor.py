@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,6 +120,12 @@ class Ingestor:
         self.rows_ingested = 0
         self.rows_logged = 0
         self.bad_lines = 0
+        # What the metrics show (ingest.metrics): rounds run, rounds or instances that
+        # failed, and when the last round ended (time.time()); a loop that stopped running
+        # rounds shows as an old timestamp.
+        self.rounds = 0
+        self.failures = 0
+        self.last_round_at: float | None = None
         # (instance, start) -> end of a call_log batch ClickHouse did not take: the retry
         # reads that range exactly, so its block and dedup token are the same.
         self._call_log_retry: dict[tuple[str, Position], int] = {}
@@ -145,6 +152,7 @@ class Ingestor:
             try:
                 self.catch_up()
             except Exception as exc:
+                self.failures += 1
                 log.error("ingest.failed", extra={"exc_type": type(exc).__name__})
             self._run_flush_hooks()
 
@@ -189,10 +197,13 @@ class Ingestor:
                 except Exception as exc:
                     # Nothing of the failed batch committed; it is read again next round,
                     # and the other instances' journals go on meanwhile.
+                    self.failures += 1
                     log.error(
                         "ingest.failed",
                         extra={"exc_type": type(exc).__name__, "instance_id": instance.instance_id},
                     )
+            self.rounds += 1
+            self.last_round_at = time.time()
             return self.rows_ingested - before
 
     def _cursors(self, instance_id: str) -> dict[str, Position]:

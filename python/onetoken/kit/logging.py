@@ -23,6 +23,8 @@ import orjson
 from onetoken.kit.files import private_dir, private_file
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     # Annotations only: the slim gateway process logs through this module without Starlette.
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -149,8 +151,10 @@ def configure_logging(
 
 
 access_log = logging.getLogger("onetoken.access")
-# Polled by every gateway twice a second: answered ones are logged at DEBUG only.
-_POLLED_ROUTES = frozenset({"/internal/gateway/snapshot"})
+# Polled by every gateway twice a second: answered ones are logged at DEBUG only. A poll
+# is held open until the config changes, so its duration is no response time either
+# (kit.metrics.RequestStats leaves it out of the histogram).
+POLLED_ROUTES = frozenset({"/internal/gateway/snapshot"})
 
 
 def route_template(scope: Scope) -> str:
@@ -168,14 +172,18 @@ def route_template(scope: Scope) -> str:
 
 
 class AccessLogMiddleware:
-    """Logs method, route template, status and latency of every control-API request.
+    """Logs method, route template, status and latency of every control-API request, and
+    hands the same to `observe` (the request metrics, kit.metrics.RequestStats).
 
     The route template (`/api/v1/keys/{key_id}`) is logged instead of the raw path so
     identifiers and query strings never reach the log.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(
+        self, app: ASGIApp, observe: Callable[[str, str, int, float], None] | None = None
+    ) -> None:
         self.app = app
+        self._observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -199,7 +207,10 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             template = route_template(scope)
-            polled = template in _POLLED_ROUTES and status < 400
+            elapsed = time.perf_counter() - start
+            if self._observe is not None:
+                self._observe(str(scope.get("method", "")), template, status, elapsed)
+            polled = template in POLLED_ROUTES and status < 400
             access_log.log(
                 logging.DEBUG if polled else logging.INFO,
                 "http.request",
@@ -208,6 +219,6 @@ class AccessLogMiddleware:
                     "method": scope.get("method", ""),
                     "path": template,
                     "status": status,
-                    "latency_ms": round((time.perf_counter() - start) * 1000, 3),
+                    "latency_ms": round(elapsed * 1000, 3),
                 },
             )

@@ -37,6 +37,7 @@ import orjson
 from onetoken.analytics.columns import DURABLE_INSERT_SETTINGS, SECURITY_LOG_TABLE
 from onetoken.kit.events import EventBus
 from onetoken.kit.files import private_dir
+from onetoken.kit.metrics import Metric
 
 log = logging.getLogger("onetoken.security")
 
@@ -250,6 +251,36 @@ class SecurityLog:
             p for p in self.spool_dir.iterdir()
             if p.name.startswith(SPOOL_PREFIX) and p.name.endswith(".jsonl")
         )
+
+    def metrics(self) -> list[Metric]:
+        """The queue, the spool waiting for ClickHouse, and what went where (counts)."""
+        files = 0
+        size = 0
+        for path in self.spool_files():
+            try:
+                size += path.stat().st_size
+            except FileNotFoundError:
+                continue  # replayed since the listing
+            files += 1
+        return [
+            Metric("onetoken_security_log_queue_events", "gauge",
+                   "Security events queued in memory for the next write").add(self.pending()),
+            Metric("onetoken_security_log_spool_files", "gauge",
+                   "Spool files of security events waiting to be replayed into "
+                   "ClickHouse").add(files),
+            Metric("onetoken_security_log_spool_bytes", "gauge",
+                   "Bytes of those spool files").add(size),
+            Metric("onetoken_security_log_recorded_total", "counter",
+                   "Security events recorded by this process").add(self.recorded),
+            Metric("onetoken_security_log_written_total", "counter",
+                   "Security events this process wrote to ClickHouse").add(self.written),
+            Metric("onetoken_security_log_spooled_total", "counter",
+                   "Security events this process spooled to disk (ClickHouse refused them, "
+                   "or no writer ran)").add(self.spooled),
+            Metric("onetoken_security_log_replayed_total", "counter",
+                   "Spooled security events this process replayed into ClickHouse").add(
+                self.replayed),
+        ]
 
     def replay_spool(self, run: ClientRunner) -> int:
         """Insert every spooled event file (this process's and other processes'), deleting

@@ -77,7 +77,7 @@ def build_app(state: AppState, *, owns_engine: bool) -> FastAPI:
     install_error_handlers(app)
     if state.settings.api_docs:
         docs_pages.install(app)
-    app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(AccessLogMiddleware, observe=state.requests.observe)
     include_routes(app)
     console.install(app)
     return app
