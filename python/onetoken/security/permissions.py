@@ -99,6 +99,12 @@ PERMISSIONS: dict[str, Permission] = {
             "(operators: any organization's, or all of them).",
         ),
         _p("security.read", "owner admin", "Read the organization's security and audit log."),
+        _p(
+            "security.handle",
+            "owner admin",
+            "Handle the organization's security events: group them into incidents, "
+            "acknowledge, assign, annotate, resolve (operators: every organization's).",
+        ),
         _p("webhooks.read", "owner admin", "List callback addresses and their delivery log."),
         _p(
             "webhooks.write",
