@@ -20,10 +20,12 @@ from pydantic import SecretStr
 from sqlalchemy import select
 
 from onetoken.analytics.clickhouse import open_client
+from onetoken.db.base import utcnow
 from onetoken.incidents import service as incidents
-from onetoken.incidents.models import NOTE_MAX_CHARS, IncidentHistory
+from onetoken.incidents.models import NOTE_MAX_CHARS, Incident, IncidentEvent, IncidentHistory
 from onetoken.kit import crypto
 from onetoken.orgs.models import Account
+from onetoken.rights import retention
 from onetoken.security import log as security_log
 from onetoken.security.log import SecurityEvent
 from onetoken.security.principal import Principal
@@ -399,6 +401,35 @@ def test_each_step_is_audited_in_the_orgs_security_log_without_the_note(
                 if e["actor_id"] in (admin.account_id, operator.account_id)
                 and "/security/incidents" in e["detail"]["route"]
                 and e["detail"]["outcome"] == "ok"]
+
+
+def test_resolved_incidents_go_with_the_security_log_and_open_ones_stay(
+    client: TestClient, admin: Admin, state: AppState, settings: Settings
+) -> None:
+    old = _ack_event(client, admin, _event(admin.org_id))["id"]
+    _ok(client.post(f"{API}/incidents/{old}/resolve", json={"resolution": "fixed"},
+                    headers=admin.headers))
+    recent = _ack_event(client, admin, _event(admin.org_id))["id"]
+    _ok(client.post(f"{API}/incidents/{recent}/resolve", json={"resolution": "fixed"},
+                    headers=admin.headers))
+    ongoing = _ack_event(client, admin, _event(admin.org_id))["id"]
+    long_ago = utcnow() - timedelta(days=settings.security_log_ttl_days + 1)
+    with state.session_factory() as s:
+        for iid in (old, ongoing):
+            incident = s.get(Incident, iid)
+            assert incident is not None
+            incident.created_at = long_ago
+            if iid == old:
+                incident.resolved_at = long_ago
+        s.commit()
+
+    assert retention.purge(state.session_factory, settings).incidents == 1
+    with state.session_factory() as s:
+        assert {i.id for i in s.scalars(select(Incident))} >= {recent, ongoing}
+        assert s.get(Incident, old) is None
+        assert not list(s.scalars(select(IncidentHistory)
+                                  .where(IncidentHistory.incident_id == old)))
+        assert not list(s.scalars(select(IncidentEvent).where(IncidentEvent.incident_id == old)))
 
 
 # -- concurrency -------------------------------------------------------------------------------

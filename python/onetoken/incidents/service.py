@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -351,3 +351,23 @@ def reopen(session: Session, principal: Principal, incident: Incident) -> Incide
     incident.resolved_at = None
     _step(session, principal, incident, "reopened")
     return incident
+
+
+def purge_resolved(session: Session, cutoff: datetime) -> int:
+    """Delete incidents resolved before `cutoff`, with their event links and history (the
+    retention purge: the handling record goes when the security log has let go of the
+    events it is about). Open and acknowledged incidents are kept whatever their age."""
+    ids = list(
+        session.scalars(
+            select(Incident.id).where(
+                Incident.status == "resolved", Incident.resolved_at < cutoff
+            )
+        )
+    )
+    if not ids:
+        return 0
+    # Children first: SQLite enforces no cascade unless told to.
+    session.execute(delete(IncidentHistory).where(IncidentHistory.incident_id.in_(ids)))
+    session.execute(delete(IncidentEvent).where(IncidentEvent.incident_id.in_(ids)))
+    session.execute(delete(Incident).where(Incident.id.in_(ids)))
+    return len(ids)
