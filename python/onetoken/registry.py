@@ -8,6 +8,7 @@ from sqlalchemy import MetaData
 
 from onetoken.billing import models as billing_models
 from onetoken.db import base
+from onetoken.incidents import models as incidents_models
 from onetoken.ingest import models as ingest_models
 from onetoken.keys import models as keys_models
 from onetoken.orgs import models as orgs_models
@@ -28,5 +29,6 @@ MODEL_MODULES = (
     rights_models,
     webhooks_models,
     tickets_models,
+    incidents_models,
 )
 METADATA: MetaData = base.Base.metadata

@@ -7,8 +7,9 @@
 - the control DB: a purge every ONETOKEN_RETENTION_PURGE_INTERVAL_SECONDS removes the
   webhook delivery log after ONETOKEN_DELIVERY_LOG_TTL_DAYS, sign-in sources after the
   login-records period, expired sessions, forgiven login-failure counters and expired
-  source blocks, and tickets (with their messages and attachment files)
-  ONETOKEN_TICKET_RETENTION_DAYS after they closed.
+  source blocks, tickets (with their messages and attachment files)
+  ONETOKEN_TICKET_RETENTION_DAYS after they closed, and resolved incidents (with their
+  handling history) ONETOKEN_SECURITY_LOG_TTL_DAYS after they were resolved.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sqlalchemy import and_, delete, or_
 
 from onetoken.db.base import utcnow
 from onetoken.db.session import SessionFactory
+from onetoken.incidents import service as incidents_service
 from onetoken.orgs.models import AdminSession
 from onetoken.rights import erasure
 from onetoken.security import blocking
@@ -57,6 +59,7 @@ class PurgeResult:
     throttles: int = 0
     blocks: int = 0
     tickets: int = 0
+    incidents: int = 0
 
 
 def purge(session_factory: SessionFactory, settings: RetentionSettings) -> PurgeResult:
@@ -99,6 +102,10 @@ def purge(session_factory: SessionFactory, settings: RetentionSettings) -> Purge
             session, now - timedelta(days=settings.ticket_retention_days)
         )
         out.tickets = removed.tickets
+        # The handling record lives as long as the log it is about.
+        out.incidents = incidents_service.purge_resolved(
+            session, now - timedelta(days=settings.security_log_ttl_days)
+        )
         session.commit()
     # Files after the commit: a rolled-back purge must not lose a kept ticket's files.
     tickets_service.delete_files(open_store(settings.ticket_store_dir), removed.storage_keys)

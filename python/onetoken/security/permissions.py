@@ -104,6 +104,12 @@ PERMISSIONS: dict[str, Permission] = {
             "",
             "List, block and unblock source addresses the gateways refuse (operators).",
         ),
+        _p(
+            "security.handle",
+            "owner admin",
+            "Handle the organization's security events: group them into incidents, "
+            "acknowledge, assign, annotate, resolve (operators: every organization's).",
+        ),
         _p("webhooks.read", "owner admin", "List callback addresses and their delivery log."),
         _p(
             "webhooks.write",
