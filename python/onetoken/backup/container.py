@@ -23,7 +23,7 @@ import json
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO, Final, Literal
 
 from cryptography.exceptions import InvalidTag
@@ -69,6 +69,13 @@ class Header:
     salt: bytes
     nonce_prefix: bytes
     fingerprint: str
+    #: The header's bytes as written: what every chunk authenticates, byte for byte (a
+    #: re-encoding would let a changed field the reader ignores go unnoticed).
+    raw: bytes = b""
+
+    @property
+    def aad(self) -> bytes:
+        return MAGIC + self.raw
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -100,6 +107,7 @@ class Header:
                 salt=base64.b64decode(data["salt"], validate=True),
                 nonce_prefix=base64.b64decode(data["nonce_prefix"], validate=True),
                 fingerprint=str(data["secret_fingerprint"]),
+                raw=raw,
             )
         except BackupFileError:
             raise
@@ -135,12 +143,13 @@ def read_key_file(raw: bytes) -> bytes:
 
 
 def new_header(kdf: Kdf, master: bytes) -> Header:
-    return Header(
+    header = Header(
         kdf=kdf,
         salt=os.urandom(16),
         nonce_prefix=os.urandom(_NONCE_PREFIX_BYTES),
         fingerprint=secret_fingerprint(master),
     )
+    return replace(header, raw=header.encode())
 
 
 def _nonce(prefix: bytes, counter: int, final: bool) -> bytes:
@@ -155,7 +164,7 @@ class EncryptingWriter:
 
     def __init__(self, out: BinaryIO, header: Header, key: bytes) -> None:
         self._out = out
-        self._aad = MAGIC + header.encode()
+        self._aad = header.aad
         self._aead = AESGCM(key)
         self._prefix = header.nonce_prefix
         self._counter = 0
@@ -208,7 +217,7 @@ def decrypted_chunks(src: BinaryIO, header: Header, key: bytes) -> Iterator[byte
     """The plaintext chunk by chunk, each authenticated before it is yielded; raises
     BackupFileError on a wrong key, an altered chunk, or a file without its last chunk."""
     aead = AESGCM(key)
-    aad = MAGIC + header.encode()
+    aad = header.aad
     counter = 0
     pending = _read_chunk(src)
     if pending is None:
