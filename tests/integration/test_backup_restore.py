@@ -138,6 +138,13 @@ def test_backup_while_serving_restores_into_a_new_data_dir(
         assert all(line["difference"] == 0 for line in lines)
         assert sum(line["call_log_calls"] for line in lines) == len(ids) + 1
 
+        # The restore is in the restored service's security log (counts, never values).
+        events = wait_until(
+            lambda: admin.get("/api/v1/security/events",
+                              params={"kind": "backup.restored"})["data"],
+            SETTLE_TIMEOUT_S, 0.2, message="the backup.restored event")
+        assert events[0]["detail"]["call_log_rows"] == len(ids)
+        assert events[0]["detail"]["ticket_files"] == 1
         got = admin.http.get(f"/api/v1/tickets/{ticket['id']}/attachments/{attachment['id']}")
         assert got.status_code == 200 and got.content == ATTACHMENT
         detail = admin.get(f"/api/v1/tickets/{ticket['id']}")

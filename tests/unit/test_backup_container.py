@@ -136,7 +136,9 @@ def _sealed_tar(entries: dict[str, bytes]) -> bytes:
     return _seal(raw.getvalue())
 
 
-@pytest.mark.parametrize("name", ["../escape.txt", "/etc/cron.d/x", "spool/journal", "tickets/../../x"])
+@pytest.mark.parametrize(
+    "name", ["../escape.txt", "/etc/cron.d/x", "spool/journal", "tickets/../../x"]
+)
 def test_unpack_refuses_entries_outside_the_stores(tmp_path: Path, name: str) -> None:
     src = io.BytesIO(_sealed_tar({"manifest.json": b"{}", name: PLANTED}))
     header = read_header(src)

@@ -37,6 +37,7 @@ from onetoken.analytics.clickhouse import (
     sql_string,
 )
 from onetoken.kit.files import private_dir
+from onetoken.security import audit
 from onetoken.settings import Settings
 
 MANIFEST: Final = "manifest.json"
@@ -75,6 +76,20 @@ class Manifest:
             return cls(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError) as exc:
             raise BackupError("the backup's manifest is missing or malformed") from exc
+
+
+def audited(kind: str, manifest: Manifest, *, serving: bool) -> None:
+    """A platform-wide security event: a backup copies every org's records, so taking or
+    restoring one is audited like any operator action (counts only)."""
+    audit.event(
+        audit.CliActor(), kind, "medium",
+        detail={
+            "call_log_rows": manifest.call_log_rows,
+            "security_log_rows": manifest.security_log_rows,
+            "ticket_files": manifest.ticket_files,
+            "serving": serving,
+        },
+    )
 
 
 def check_embedded(settings: Settings) -> tuple[Path, Path]:

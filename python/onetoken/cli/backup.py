@@ -37,8 +37,15 @@ def cmd_backup(args: argparse.Namespace) -> int:
     )
     from onetoken.backup.archive import write_backup
     from onetoken.backup.container import derive_key, new_header
-    from onetoken.backup.snapshot import BackupError, check_embedded, staging_dir, take
+    from onetoken.backup.snapshot import (
+        BackupError,
+        audited,
+        check_embedded,
+        staging_dir,
+        take,
+    )
     from onetoken.cli.ops_client import OpsClient, OpsError
+    from onetoken.security import log as security_log
     from onetoken.settings import SECRET_KEY_FILE
 
     settings = settings_from_env()
@@ -72,9 +79,12 @@ def cmd_backup(args: argparse.Namespace) -> int:
             except AnalyticsError as exc:
                 raise CliError(f"cannot open ClickHouse: {exc}") from None
             try:
-                take(settings, client, staging)
+                manifest = take(settings, client, staging)
             finally:
                 client.close()
+            # To the spool: the server writes it to the security log at its next start.
+            security_log.install(security_log.SecurityLog(settings.spool_dir))
+            audited("backup.taken", manifest, serving=False)
         size = write_backup(staging, out, header, key)
     except (BackupError, OpsError) as exc:
         raise CliError(str(exc)) from None
@@ -134,7 +144,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from onetoken.analytics.clickhouse import AnalyticsError
     from onetoken.backup.container import BackupFileError
     from onetoken.backup.restore import restore
-    from onetoken.backup.snapshot import SECRET_FROM_ENVIRONMENT, BackupError
+    from onetoken.backup.snapshot import SECRET_FROM_ENVIRONMENT, BackupError, audited
+    from onetoken.security import log as security_log
 
     settings = settings_from_env()
     source = Path(args.file)
@@ -148,6 +159,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     except AnalyticsError as exc:
         raise CliError(f"cannot restore ClickHouse: {exc}") from None
+    # In the restored data dir's spool: its server writes it to the security log at start.
+    security_log.install(security_log.SecurityLog(settings.spool_dir))
+    audited("backup.restored", manifest, serving=False)
     print(f"restored into {settings.data_dir}: backup of {manifest.created_at}, "
           f"{manifest.call_log_rows} call_log row(s), {manifest.security_log_rows} security "
           f"event(s), {manifest.ticket_files} ticket file(s)")

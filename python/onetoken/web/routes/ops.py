@@ -202,7 +202,7 @@ def backup(body: BackupRequest, state: StateDep) -> dict[str, Any]:
     the manifest (counts and versions)."""
     from dataclasses import asdict
 
-    from onetoken.backup.snapshot import BackupError, staging_dir, take
+    from onetoken.backup.snapshot import BackupError, audited, staging_dir, take
 
     runtime = state.runtime
     if runtime is None:
@@ -216,4 +216,5 @@ def backup(body: BackupRequest, state: StateDep) -> dict[str, Any]:
             manifest = call_log_sink(state).read(lambda c: take(state.settings, c, staging))
     except BackupError as exc:
         raise Unprocessable(str(exc)) from None
+    audited("backup.taken", manifest, serving=True)
     return asdict(manifest)
