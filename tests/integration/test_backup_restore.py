@@ -118,9 +118,14 @@ def test_backup_while_serving_restores_into_a_new_data_dir(
         (old_dir / "secret.key").read_bytes().strip()
     )
 
+    # What a backup killed half-way would leave: the server removes it at start.
+    stale = new_dir / "backup-staging" / ("ab" * 16)
+    stale.mkdir(parents=True)
+    (stale / "control.db").write_bytes(b"a plaintext copy")
     new = Server(data_dir=new_dir, upstream=mock_addr)
     new.start()
     try:
+        assert not stale.exists()
         rows = exported_calls(new_dir)
         ids = {row["request_id"] for row in rows}
         assert before <= ids

@@ -109,6 +109,18 @@ def check_embedded(settings: Settings) -> tuple[Path, Path]:
     return Path(url.database), dsn.chdb_path
 
 
+def remove_stale_staging(settings: Settings) -> int:
+    """Remove what backups killed half-way left in staging: plaintext copies of the
+    stores, which would keep rows erased or purged since. Only for a serving process at
+    start, holding chDB (inside its sink's read): every backup goes through it then, and
+    none is under way yet. Returns how many were removed."""
+    root = backup_root(settings.data_dir)
+    stale = [p for p in root.iterdir() if STAGING_NAME.match(p.name)] if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(stale)
+
+
 def staging_dir(settings: Settings, name: str) -> Path:
     if not STAGING_NAME.match(name):
         raise BackupError("a staging name is 32 lowercase hex digits")
