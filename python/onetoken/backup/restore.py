@@ -81,11 +81,18 @@ def restore(
             unpack(handle, header, key, staging)
             manifest = Manifest.read(staging / MANIFEST)
             _check_versions(staging, manifest)
-            if force:
-                _clear_stores(settings, database, chdb_path)
-            _place(settings, staging, database, manifest)
-            if install_secret is not None:
-                _install_secret(data_dir / SECRET_KEY_FILE, install_secret)
+            try:
+                if force:
+                    _clear_stores(settings, database, chdb_path)
+                _place(settings, staging, database, manifest)
+                if install_secret is not None:
+                    _install_secret(data_dir / SECRET_KEY_FILE, install_secret)
+            except Exception as exc:
+                # The class only: an engine's message may quote what it was restoring.
+                raise BackupError(
+                    f"the restore failed half-way ({type(exc).__name__}): {data_dir} holds "
+                    "part of the backup; run onetoken restore again with --force"
+                ) from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return manifest
@@ -122,6 +129,8 @@ def _place(settings: Settings, staging: Path, database: Path, manifest: Manifest
     if (staging / TICKETS).is_dir():
         private_dir(settings.ticket_store_dir.parent)
         os.replace(staging / TICKETS, settings.ticket_store_dir)
+    if not manifest.databases:
+        return
     client = open_client(settings, migrate=False)
     try:
         listed = ", ".join(f"DATABASE {d}" for d in manifest.databases)

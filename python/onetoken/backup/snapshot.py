@@ -161,11 +161,12 @@ def _copy(
         src.execute("VACUUM INTO ?", (str(staging / CONTROL_DB),))
     finally:
         src.close()
+    # None on a data dir whose server never ran: the restored one creates them at start.
     databases = log_databases(client)
-    target = staging / CLICKHOUSE
-    listed = ", ".join(f"DATABASE {d}" for d in databases)
-    # Database names are the engine's, matched against LOG_DATABASES; the path is ours.
-    client.command(f"BACKUP {listed} TO File({sql_string(str(target))})")
+    if databases:
+        listed = ", ".join(f"DATABASE {d}" for d in databases)
+        # Database names are the engine's, matched against LOG_DATABASES; the path is ours.
+        client.command(f"BACKUP {listed} TO File({sql_string(str(staging / CLICKHOUSE))})")
     tickets = _link_tree(settings.ticket_store_dir, staging / TICKETS)
     return Manifest(
         format=1,

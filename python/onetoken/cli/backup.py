@@ -38,7 +38,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from onetoken.backup.archive import write_backup
     from onetoken.backup.container import derive_key, new_header
     from onetoken.backup.snapshot import (
+        MANIFEST,
         BackupError,
+        Manifest,
         audited,
         check_embedded,
         staging_dir,
@@ -85,18 +87,21 @@ def cmd_backup(args: argparse.Namespace) -> int:
             # To the spool: the server writes it to the security log at its next start.
             security_log.install(security_log.SecurityLog(settings.spool_dir))
             audited("backup.taken", manifest, serving=False)
+        written = Manifest.read(staging / MANIFEST)
         size = write_backup(staging, out, header, key)
     except (BackupError, OpsError) as exc:
         raise CliError(str(exc)) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    _report(out, size, settings.data_dir / SECRET_KEY_FILE, settings.secret_key is None,
+    print(f"backup written to {out} ({size} bytes, encrypted): {written.call_log_rows} "
+          f"call_log row(s), {written.security_log_rows} security event(s), "
+          f"{written.ticket_files} ticket file(s)")
+    _remind(settings.data_dir / SECRET_KEY_FILE, settings.secret_key is None,
             key_file is not None)
     return EXIT_OK
 
 
-def _report(out: Path, size: int, secret_file: Path, generated: bool, with_key_file: bool) -> None:
-    print(f"backup written to {out} ({size} bytes, encrypted)")
+def _remind(secret_file: Path, generated: bool, with_key_file: bool) -> None:
     if generated:
         print(
             f"the master secret is {secret_file} and is not in the backup: keep a copy of it "

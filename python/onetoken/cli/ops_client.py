@@ -119,13 +119,11 @@ class OpsClient:
         rows: list[dict[str, Any]] = self._call("GET", "/calls/stats", params=params)["rows"]
         return rows
 
-    def backup(self, name: str) -> dict[str, Any]:
-        """Have the serving process copy its stores into staging directory `name`."""
+    def backup(self, name: str) -> None:
+        """Have the serving process copy its stores into staging directory `name` (its
+        manifest.json says what it holds)."""
         # A BACKUP copies every part of chDB: allow for a large one.
-        manifest: dict[str, Any] = self._call(
-            "POST", "/backup", json={"name": name}, timeout=_BACKUP_TIMEOUT
-        )
-        return manifest
+        self._call("POST", "/backup", json={"name": name}, timeout=_BACKUP_TIMEOUT)
 
     def sql(self, query: str, *, org: str | None) -> dict[str, Any]:
         """`onetoken sql` run by the control process; `org` None reads every org."""
