@@ -13,7 +13,7 @@ from pydantic import SecretStr
 
 from onetoken.backup import restore as restore_mod
 from onetoken.backup.container import EncryptingWriter, derive_key, new_header
-from onetoken.backup.snapshot import BackupError, Manifest, check_embedded
+from onetoken.backup.snapshot import BackupError, Manifest, check_embedded, copy_control_db
 from onetoken.settings import Settings
 from tests.support import TEST_SECRET
 
@@ -76,3 +76,26 @@ def test_stores_at_scale_are_left_to_their_own_tools(
     settings = Settings(data_dir=tmp_path, secret_key=SecretStr(TEST_SECRET), **env)
     with pytest.raises(BackupError, match=tool):
         check_embedded(settings)
+
+
+def test_the_control_db_copy_leaves_erased_rows_behind(tmp_path: Path) -> None:
+    """A page copy would carry the erased row's bytes in a free page; the backup's copy
+    holds live rows only."""
+    planted = b"backup-erased-row-5a7d0c3e19"
+    original = tmp_path / "control.db"
+    db = sqlite3.connect(original)
+    # As SQLite builds without SECURE_DELETE leave them (Debian's has it on).
+    db.execute("PRAGMA secure_delete = OFF")
+    db.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY, email TEXT)")
+    db.executemany("INSERT INTO accounts (email) VALUES (?)",
+                   [(f"kept-{i}@example.com",) for i in range(200)])
+    db.execute("INSERT INTO accounts (email) VALUES (?)", (planted.decode(),))
+    db.commit()
+    db.execute("DELETE FROM accounts WHERE email = ?", (planted.decode(),))
+    db.commit()
+    db.close()
+    assert planted in original.read_bytes()  # still there, in a free page
+    copy = tmp_path / "copy.db"
+    copy_control_db(original, copy)
+    assert planted not in copy.read_bytes()
+    assert b"kept-199@example.com" in copy.read_bytes()

@@ -156,11 +156,7 @@ def take(settings: Settings, client: Any, staging: Path) -> Manifest:
 def _copy(
     settings: Settings, client: Any, database: Path, staging: Path, secret_source: str
 ) -> Manifest:
-    src = sqlite3.connect(database, timeout=30)
-    try:
-        src.execute("VACUUM INTO ?", (str(staging / CONTROL_DB),))
-    finally:
-        src.close()
+    copy_control_db(database, staging / CONTROL_DB)
     # None on a data dir whose server never ran: the restored one creates them at start.
     databases = log_databases(client)
     if databases:
@@ -178,6 +174,16 @@ def _copy(
         security_log_rows=_count(client, ["onetoken"], "security_log"),
         ticket_files=tickets,
     )
+
+
+def copy_control_db(database: Path, target: Path) -> None:
+    """The live rows of the SQLite control DB into a new file, in one read transaction
+    (free pages, and what erased rows left in them, stay behind)."""
+    src = sqlite3.connect(database, timeout=30)
+    try:
+        src.execute("VACUUM INTO ?", (str(target),))
+    finally:
+        src.close()
 
 
 def _count(client: Any, databases: list[str], table: str) -> int:
