@@ -83,16 +83,15 @@ def test_the_control_db_copy_leaves_erased_rows_behind(tmp_path: Path) -> None:
     holds live rows only."""
     planted = b"backup-erased-row-5a7d0c3e19"
     original = tmp_path / "control.db"
-    db = sqlite3.connect(original)
+    db = sqlite3.connect(original, isolation_level=None)
     # As SQLite builds without SECURE_DELETE leave them (Debian's has it on).
     db.execute("PRAGMA secure_delete = OFF")
     db.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY, email TEXT)")
-    db.executemany("INSERT INTO accounts (email) VALUES (?)",
-                   [(f"kept-{i}@example.com",) for i in range(200)])
-    db.execute("INSERT INTO accounts (email) VALUES (?)", (planted.decode(),))
-    db.commit()
+    # Between live rows, so that its page stays in use and keeps the deleted cell's bytes.
+    emails = [f"kept-{i}@example.com" for i in range(100)] + [planted.decode()] + [
+        f"kept-{i}@example.com" for i in range(100, 200)]
+    db.executemany("INSERT INTO accounts (email) VALUES (?)", [(e,) for e in emails])
     db.execute("DELETE FROM accounts WHERE email = ?", (planted.decode(),))
-    db.commit()
     db.close()
     assert planted in original.read_bytes()  # still there, in a free page
     copy = tmp_path / "copy.db"
