@@ -103,6 +103,8 @@ def test_backup_while_serving_restores_into_a_new_data_dir(
                     creds["admin_email"]):
         assert planted.encode() not in raw, planted
     assert b"SQLite format 3" not in raw and b"CREATE TABLE" not in raw
+    # Nor the master secret: the restore must be given it.
+    assert (old_dir / "secret.key").read_bytes().strip() not in raw
 
     # Without the master secret it was made under, nothing is restored.
     refused = cli(new_dir, "restore", str(out), check=False)
