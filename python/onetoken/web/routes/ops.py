@@ -12,6 +12,8 @@ logs keep), and nothing here logs or echoes it.
 
 from __future__ import annotations
 
+import logging
+import time
 from datetime import date, datetime
 from typing import Annotated, Any
 
@@ -36,6 +38,8 @@ from onetoken.web.routes.analytics import (
     SqlResponse,
     sql_response,
 )
+
+log = logging.getLogger("onetoken.ops")
 
 #: Rows per `calls/export` page: a few MB of JSON, and the server's ClickHouse client is
 #: held for one page at a time.
@@ -213,8 +217,13 @@ def backup(body: BackupRequest, state: StateDep) -> dict[str, Any]:
         runtime.ingestor.catch_up()
         # The round lock before the sink's: an ingestion round takes them in that order.
         with runtime.ingestor.paused():
+            paused_at = time.monotonic()
             manifest = call_log_sink(state).read(lambda c: take(state.settings, c, staging))
+            paused_ms = round((time.monotonic() - paused_at) * 1000)
     except BackupError as exc:
         raise Unprocessable(str(exc)) from None
+    # How long ingestion waited: what a backup costs a serving deployment.
+    log.info("backup.snapshot_taken", extra={"latency_ms": paused_ms,
+                                              "rows": manifest.call_log_rows})
     audited("backup.taken", manifest, serving=True)
     return asdict(manifest)
