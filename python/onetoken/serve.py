@@ -166,6 +166,24 @@ def check_secret(settings: Settings, *, demo: bool) -> None:
         )
 
 
+def _remove_stale_backups(settings: Settings, ingestor: Ingestor) -> None:
+    """Backup copies a killed `onetoken backup` left (onetoken.backup.snapshot)."""
+    from onetoken.backup.snapshot import BackupError, check_embedded, remove_stale_staging
+
+    try:
+        check_embedded(settings)
+        # Inside read: holding chDB's lock, which keeps an offline `onetoken backup` out.
+        removed = ingestor.sink.read(lambda _: remove_stale_staging(settings))
+    except BackupError:
+        return  # not the embedded default: no staging
+    except Exception as exc:
+        # chDB not open yet (held by a CLI command): the next start removes them.
+        log.warning("backup.stale_staging_kept", extra={"exc_type": type(exc).__name__})
+        return
+    if removed:
+        log.warning("backup.stale_staging_removed", extra={"count": removed})
+
+
 def run(settings: Settings, *, demo: bool = False, gateway: bool = True) -> int:
     """`onetoken serve [--demo]` (gateway=True) or `onetoken control` (gateway=False)."""
     check_secret(settings, demo=demo)
@@ -206,6 +224,7 @@ def run(settings: Settings, *, demo: bool = False, gateway: bool = True) -> int:
             control_sock.close()
             raise ServeError(f"ingestion failed to start: {type(exc).__name__}: {exc}") from None
         background.erasures.start()
+        _remove_stale_backups(settings, ingestor)
         if settings.control_metrics_listen:
             metrics = start_metrics(control_metrics(state, ingestor),
                                     settings.control_metrics_listen)

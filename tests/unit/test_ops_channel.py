@@ -93,7 +93,7 @@ def test_every_ops_route_refuses_a_missing_or_wrong_token(
     http: TestClient, settings: Settings
 ) -> None:
     routes = _ops_routes(http)
-    assert len(routes) == 4
+    assert len(routes) == 6
     wrong = {
         "Authorization": "Bearer "
         + channel.channel_token(settings.secret_key_bytes(), channel.GATEWAY)

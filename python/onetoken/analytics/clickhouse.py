@@ -48,6 +48,7 @@ from onetoken.kit.files import private_dir
 logger = logging.getLogger("onetoken.analytics")
 
 CHDB_SCHEME: Final = "chdb://"
+BACKUP_STAGING: Final = "backup-staging"
 _MEMORY_LOCATIONS: Final = frozenset({"", "memory", ":memory:"})
 _MIGRATION_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 # The time columns a `TTL <column> + INTERVAL n DAY` is written on: call_log's and the
@@ -123,6 +124,12 @@ class Dsn:
         host = parts.hostname or ""
         port = f":{parts.port}" if parts.port else ""
         return f"{parts.scheme}://{host}{port}"
+
+
+def backup_root(data_dir: Path) -> Path:
+    """Where an embedded chDB may write BACKUPs and read RESTOREs from (its
+    `backups.allowed_path`): onetoken.backup stages there and removes what it staged."""
+    return Path(os.path.realpath(data_dir)) / BACKUP_STAGING
 
 
 def default_dsn(data_dir: Path) -> str:
@@ -207,7 +214,11 @@ def open_client(settings: ClickHouseSettings, *, migrate: bool = True) -> Client
     TTLs enforced, so the caller gets a client whose schema is current.
     """
     dsn = parse_dsn(settings.clickhouse_dsn, settings.data_dir)
-    client = _open_chdb(dsn.chdb_path) if dsn.kind == "chdb" else _open_http(dsn)
+    client = (
+        _open_chdb(dsn.chdb_path, backup_root(settings.data_dir))
+        if dsn.kind == "chdb"
+        else _open_http(dsn)
+    )
     if migrate:
         try:
             apply_migrations(client)
@@ -218,14 +229,20 @@ def open_client(settings: ClickHouseSettings, *, migrate: bool = True) -> Client
     return client
 
 
-def _open_chdb(path: Path | None) -> Client:
+def _open_chdb(path: Path | None, backups: Path) -> Client:
+    options: dict[str, str] = {}
     if path is not None:
         # chDB creates its files with the umask's mode; a 0700 top dir keeps them private
         # whatever that mode is.
         private_dir(path)
+        # An engine option, so only at the engine's start: `onetoken backup` asks the
+        # serving process for a BACKUP, which ClickHouse writes under this path only.
+        options["backups.allowed_path"] = str(backups)
     try:
         return clickhouse_connect.get_client(
-            interface="chdb", path=str(path) if path is not None else ":memory:"
+            interface="chdb",
+            path=str(path) if path is not None else ":memory:",
+            chdb_options=options or None,
         )
     except ClickHouseError as exc:
         message = str(exc)

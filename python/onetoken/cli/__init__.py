@@ -735,6 +735,9 @@ def build_parser() -> argparse.ArgumentParser:
     from onetoken.cli.gateways import register as register_gateways
 
     register_gateways(sub)
+    from onetoken.cli.backup import register as register_backup
+
+    register_backup(sub)
     return parser
 
 

@@ -20,6 +20,7 @@ from onetoken.settings import Settings
 
 # Reconcile and the audit scan read whole tables: give them time, but not forever.
 _TIMEOUT: Final = httpx.Timeout(600.0, connect=5.0)
+_BACKUP_TIMEOUT: Final = httpx.Timeout(6 * 3600.0, connect=5.0)
 
 
 class OpsError(Exception):
@@ -117,6 +118,12 @@ class OpsClient:
         params = _params(org=org, start=start, end=end, group_by=group_by)
         rows: list[dict[str, Any]] = self._call("GET", "/calls/stats", params=params)["rows"]
         return rows
+
+    def backup(self, name: str) -> None:
+        """Have the serving process copy its stores into staging directory `name` (its
+        manifest.json says what it holds)."""
+        # A BACKUP copies every part of chDB: allow for a large one.
+        self._call("POST", "/backup", json={"name": name}, timeout=_BACKUP_TIMEOUT)
 
     def sql(self, query: str, *, org: str | None) -> dict[str, Any]:
         """`onetoken sql` run by the control process; `org` None reads every org."""

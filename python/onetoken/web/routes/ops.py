@@ -12,6 +12,8 @@ logs keep), and nothing here logs or echoes it.
 
 from __future__ import annotations
 
+import logging
+import time
 from datetime import date, datetime
 from typing import Annotated, Any
 
@@ -23,13 +25,21 @@ from onetoken.analytics.columns import CALL_LOG_COLUMNS
 from onetoken.kit import channel
 from onetoken.kit.errors import Unauthorized, Unprocessable
 from onetoken.ops import PREFIX
-from onetoken.web.deps import SessionDep, StateDep, call_log_sink, get_state
+from onetoken.web.deps import (
+    ServiceUnavailable,
+    SessionDep,
+    StateDep,
+    call_log_sink,
+    get_state,
+)
 from onetoken.web.routes.analytics import (
     MAX_QUERY_CHARS,
     SqlError,
     SqlResponse,
     sql_response,
 )
+
+log = logging.getLogger("onetoken.ops")
 
 #: Rows per `calls/export` page: a few MB of JSON, and the server's ClickHouse client is
 #: held for one page at a time.
@@ -181,3 +191,39 @@ def sql(body: SqlRequest, state: StateDep) -> SqlResponse:
     except SqlQueryError as exc:
         raise SqlError(exc.message, code=exc.code, param="query") from None
     return sql_response(result, body.org, "rows")
+
+
+class BackupRequest(BaseModel):
+    #: The staging directory's name under the data dir's backup-staging (the CLI's choice).
+    name: str = Field(pattern=r"^[0-9a-f]{32}$")
+
+
+@router.post("/backup")
+def backup(body: BackupRequest, state: StateDep) -> dict[str, Any]:
+    """`onetoken backup` while serving: this process holds chDB, so it copies the stores
+    into the staging directory the CLI named, with ingestion paused so that the ledger
+    and call_log hold the same batches; the CLI encrypts the copy and removes it. Answers
+    the manifest (counts and versions)."""
+    from dataclasses import asdict
+
+    from onetoken.backup.snapshot import BackupError, audited, staging_dir, take
+
+    runtime = state.runtime
+    if runtime is None:
+        raise ServiceUnavailable("Backups are taken by a serving control process.")
+    try:
+        staging = staging_dir(state.settings, body.name)
+        # Up to the journals' ends first, so the backup holds the calls made until now.
+        runtime.ingestor.catch_up()
+        # The round lock before the sink's: an ingestion round takes them in that order.
+        with runtime.ingestor.paused():
+            paused_at = time.monotonic()
+            manifest = call_log_sink(state).read(lambda c: take(state.settings, c, staging))
+            paused_ms = round((time.monotonic() - paused_at) * 1000)
+    except BackupError as exc:
+        raise Unprocessable(str(exc)) from None
+    # How long ingestion waited: what a backup costs a serving deployment.
+    log.info("backup.snapshot_taken", extra={"latency_ms": paused_ms,
+                                              "rows": manifest.call_log_rows})
+    audited("backup.taken", manifest, serving=True)
+    return asdict(manifest)
