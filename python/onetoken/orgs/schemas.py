@@ -138,7 +138,7 @@ class OrgResponse(BaseModel):
 
     id: str
     name: str
-    status: Literal["active", "disabled"]
+    status: Literal["active", "disabled", "terminated"]
     created_at: datetime
     pool: str | None = Field(
         default=None,
@@ -279,16 +279,35 @@ class PoolResponse(BaseModel):
 class PoolList(ListOf[PoolResponse]): ...
 
 
+Settlement = Literal["prepaid", "monthly", "quarterly"]
+ContractRef = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100, pattern=NOT_BLANK)
+]
+_SETTLEMENT = (
+    "How usage is settled: `prepaid` credit, or invoiced per month or quarter. Either way "
+    "requests draw on the prepaid balance and are refused at zero: no credit limit is "
+    "offered."
+)
+_PRICE_FACTOR = (
+    "Applied to every price, in parts per million: 1000000 is the list price, 900000 10% "
+    "off. The same value as the billing settings' (set here or with `onetoken billing "
+    "price-factor`)."
+)
+
+
 class OrgTermsResponse(BaseModel):
     """An organization's commercial terms: set by operators, read by its members."""
-
-    model_config = ConfigDict(from_attributes=True)
 
     org_id: str
     pool: str | None = Field(
         description="The gateway pool serving the organization's API keys; null: the shared "
         "gateways. Requests with its keys to other gateways answer 403 wrong_gateway_pool."
     )
+    contract_ref: str | None = Field(description="The contract's reference; null: none.")
+    settlement: Settlement = Field(description=_SETTLEMENT)
+    price_factor_ppm: int = Field(description=_PRICE_FACTOR)
+    dpa_signed: bool = Field(description="Whether the data processing agreement is signed.")
+    dpa_signed_at: datetime | None
     updated_at: datetime | None
 
 
@@ -298,3 +317,11 @@ class OrgTermsUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pool: PoolName | None = None
+    contract_ref: ContractRef | None = None
+    settlement: Settlement = Field(default="prepaid", description=_SETTLEMENT)
+    price_factor_ppm: int = Field(default=1_000_000, ge=0, le=10_000_000,
+                                  description=_PRICE_FACTOR)
+    dpa_signed_at: datetime | None = Field(
+        default=None, description="When the data processing agreement was signed; null: not "
+        "signed."
+    )
