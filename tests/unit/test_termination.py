@@ -10,27 +10,37 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
+from onetoken.analytics import clickhouse as ch
+from onetoken.analytics.columns import CALL_LOG_READ
+from onetoken.analytics.sink import CallLogSink
 from onetoken.billing import budgets
 from onetoken.billing import service as billing
 from onetoken.billing.models import LedgerEntry
+from onetoken.billing.reconcile import reconcile
 from onetoken.gateway.snapshot import build_snapshot
+from onetoken.ingest.ingestor import Ingestor
 from onetoken.keys.models import ApiKey
 from onetoken.orgs.models import Account, Org
 from onetoken.providers.models import Model, Provider
-from onetoken.rights import termination
+from onetoken.rights import erasure, termination
 from onetoken.rights.models import AccountErasure, OrgTerminationStep
 from onetoken.settings import Settings
 from onetoken.state import AppState
 from onetoken.webhooks.models import WebhookEndpoint
 from tests import builders as build
 from tests.support import TEST_SECRET
+from tests.unit import journal_files
 from tests.unit.conftest import Admin, add_account, drained_events
+from tests.unit.test_billing_statements import BLANK, micros
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -131,7 +141,7 @@ def _assert_terminated(state: AppState, world: dict[str, Any]) -> None:
         steps = s.scalars(select(OrgTerminationStep.step).where(
             OrgTerminationStep.org_id == org_id)).all()
         assert sorted(steps) == sorted(termination.STEPS)
-        assert billing.balance(s, org_id) == 5_000_000_000
+        assert billing.balance(s, org_id) == sum(row[2] for row in world["ledger"])
     # Billing records are kept as they were.
     assert _ledger(state, org_id) == world["ledger"]
 
@@ -232,3 +242,70 @@ def test_a_termination_killed_half_way_resumes_without_doing_anything_twice(
     third = termination.terminate(state, world["org_id"], reason="x", requested_by=None)
     assert third.ran == ()
     _assert_terminated(state, world)
+
+
+@dataclass
+class _Runtime:
+    """What the control API reads call_log through, as a running server has it."""
+
+    sink: CallLogSink
+
+    def push_snapshot(self) -> None:
+        return None
+
+
+def test_billing_reconciles_to_zero_after_termination_and_its_erasure(
+    client: TestClient, state: AppState, operator: Admin, admin: Admin,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    world = _org_world(state, admin)
+    org_id = world["org_id"]
+    with state.session_factory() as s:
+        key = s.scalars(select(ApiKey).where(ApiKey.org_id == org_id)).first()
+        assert key is not None
+        key_id = key.id
+    now = datetime.now(UTC)
+    calls = [
+        {**BLANK, **journal_files.record(f"t{n}", org_id=org_id, cost=cost, key_id=key_id,
+                                         ts_us=micros(now - timedelta(minutes=n))),
+         "account_id": admin.account_id, "source_ip": "203.0.113.7", "user_agent": "ua-test"}
+        for n, cost in enumerate((1_000_000_007, 5, 333))
+    ]
+    ch_client = ch.open_client(Settings(data_dir=tmp_path_factory.mktemp("term-ch")))
+    try:
+        sink = CallLogSink(state.settings, client=ch_client)
+        state.settings.ensure_dirs()
+        ingestor = Ingestor(state.settings, state.session_factory, sink=sink)
+        journal_files.append(state.settings.spool_dir, "term", 1, calls)
+        journal_files.dead(state.settings.spool_dir, "term")
+        assert ingestor.catch_up() == len(calls)
+        world["ledger"] = _ledger(state, org_id)
+        state.runtime = _Runtime(sink)  # type: ignore[assignment]
+
+        def differences() -> list[tuple[int, int]]:
+            with state.session_factory() as s:
+                lines = [r for r in reconcile(s, ch_client) if r.org_id == org_id]
+            assert sum(r.ledger_usage for r in lines) == 1_000_000_345
+            return [(r.difference, r.calls_difference) for r in lines if r.difference
+                    or r.calls_difference]
+
+        assert differences() == []
+        r = client.post(f"/api/v1/orgs/{org_id}/terminate", json={"reason": "contract ended"},
+                        headers=operator.headers)
+        assert r.status_code == 200, r.text
+        # With ClickHouse at hand the export carries the members' call statistics.
+        document = json.loads(Path(r.json()["export_path"]).read_text())
+        owner = next(a for a in document["accounts"] if a["account"]["id"] == admin.account_id)
+        assert sum(row["calls"] for row in owner["call_statistics"]) == len(calls)
+        # The queued ClickHouse part of the members' erasure: addresses go, costs stay.
+        assert erasure.complete_pending(state.session_factory, state.secrets, sink.read) == 2
+        assert differences() == []
+        left = ch_client.query(
+            f"SELECT count() FROM {CALL_LOG_READ} FINAL WHERE org_id = {{o:String}} "  # noqa: S608
+            "AND (source_ip != '' OR user_agent != '')", parameters={"o": org_id},
+        ).result_rows[0][0]
+        assert left == 0
+        _assert_terminated(state, world)
+    finally:
+        state.runtime = None
+        ch_client.close()
