@@ -10,15 +10,20 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
+import orjson
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from sqlalchemy import func, select
 
+from onetoken import _core
 from onetoken.analytics import clickhouse as ch
 from onetoken.analytics.columns import CALL_LOG_READ
 from onetoken.analytics.sink import CallLogSink
@@ -26,7 +31,11 @@ from onetoken.billing import budgets
 from onetoken.billing import service as billing
 from onetoken.billing.models import LedgerEntry
 from onetoken.billing.reconcile import reconcile
-from onetoken.gateway.snapshot import build_snapshot
+from onetoken.control import build_state
+from onetoken.demo import setup_demo
+from onetoken.gateway.snapshot import build_snapshot, snapshot_json
+from onetoken.gateway.supervisor import engine_config
+from onetoken.ingest import caps
 from onetoken.ingest.ingestor import Ingestor
 from onetoken.keys.models import ApiKey
 from onetoken.orgs.models import Account, Org
@@ -52,11 +61,12 @@ def test_operators_set_commercial_terms_members_read_them(
     defaults = client.get(url, headers=admin.headers).json()
     assert defaults | {"updated_at": None} == {
         "org_id": admin.org_id, "pool": None, "contract_ref": None, "settlement": "prepaid",
-        "price_factor_ppm": 1_000_000, "dpa_signed": False, "dpa_signed_at": None,
-        "updated_at": None,
+        "price_factor_ppm": 1_000_000, "credit_limit": "0.000000000", "dpa_signed": False,
+        "dpa_signed_at": None, "updated_at": None,
     }
     terms = {"contract_ref": "C-2026-014", "settlement": "monthly",
-             "price_factor_ppm": 900_000, "dpa_signed_at": "2026-03-01T00:00:00Z"}
+             "price_factor_ppm": 900_000, "credit_limit": "250.000000001",
+             "dpa_signed_at": "2026-03-01T00:00:00Z"}
     # The org's own owner cannot set them; an operator can.
     assert client.patch(url, json=terms, headers=admin.headers).status_code == 403
     r = client.patch(url, json=terms, headers=operator.headers)
@@ -67,17 +77,30 @@ def test_operators_set_commercial_terms_members_read_them(
     assert (read["contract_ref"], read["settlement"], read["price_factor_ppm"]) == (
         "C-2026-014", "monthly", 900_000)
     assert read["dpa_signed_at"].startswith("2026-03-01T00:00:00")
+    assert read["credit_limit"] == "250.000000001"
     assert client.get(url, headers=other_admin.headers).status_code == 404
     # One price factor: the billing settings and the engine's snapshot price with it.
     assert client.get("/api/v1/billing/settings", headers=admin.headers).json()[
         "price_factor_ppm"] == 900_000
+    # The credit limit: the engine may spend the balance down to minus the limit, and the
+    # gateways' shared money cap in Redis is as far above the ledger balance.
+    limit = 250_000_000_001
     with state.session_factory() as s:
+        billing.credit(s, admin.org_id, kind="grant", amount=7, idempotency_key="g")
+        s.commit()
         snap = build_snapshot(s, state.secrets, version=1, spent_marks={})
         assert budgets.org_settings(s, admin.org_id).price_factor_ppm == 900_000
-    assert {o["id"]: o.get("price_factor_ppm") for o in snap["orgs"]}[admin.org_id] == 900_000
+        _, cap = caps.read_caps(s, [admin.org_id, other_admin.org_id])
+    orgs = {o["id"]: o for o in snap["orgs"]}
+    assert orgs[admin.org_id]["price_factor_ppm"] == 900_000
+    assert orgs[admin.org_id]["balance"] == 7 + limit
+    assert orgs[other_admin.org_id]["balance"] == 0
+    assert cap == {admin.org_id: 7 + limit, other_admin.org_id: 0}
     # Out of range or unknown values are refused on their field.
     for bad, param in (({"settlement": "weekly"}, "settlement"),
-                       ({"price_factor_ppm": 10_000_001}, "price_factor_ppm")):
+                       ({"price_factor_ppm": 10_000_001}, "price_factor_ppm"),
+                       ({"credit_limit": "-1"}, "credit_limit"),
+                       ({"credit_limit": 5}, "credit_limit")):
         r = client.patch(url, json=bad, headers=operator.headers)
         assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
     # Unsigning the agreement is a change like any other; each change is audited.
@@ -89,6 +112,7 @@ def test_operators_set_commercial_terms_members_read_them(
     assert (first["price_factor_ppm.before"], first["price_factor_ppm.after"]) == (
         1_000_000, 900_000)
     assert first["contract_ref.after"] == "C-2026-014"
+    assert first["credit_limit.after"] == "250.000000001"
     assert changes[1]["detail"]["changed"] == "dpa_signed_at"
 
 
@@ -309,3 +333,57 @@ def test_billing_reconciles_to_zero_after_termination_and_its_erasure(
     finally:
         state.runtime = None
         ch_client.close()
+
+
+def test_the_engine_lets_a_balance_go_below_zero_by_the_credit_limit_and_no_further(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(data_dir=tmp_path / "data", secret_key=SecretStr(TEST_SECRET),
+                        gateway_listen="127.0.0.1:0", upstream_private_cidrs="127.0.0.0/8")
+    settings.ensure_dirs()
+    state = build_state(settings)
+    mock = _core.MockUpstream("127.0.0.1:0")
+    demo = setup_demo(state.session_factory, state.secrets, mock.start())
+    with state.session_factory() as s:
+        # Spent to zero: from here on every request is on credit.
+        left = billing.balance(s, demo.org_id)
+        billing.credit(s, demo.org_id, kind="adjustment", amount=-left, idempotency_key="zero")
+        s.commit()
+    engine = _core.Engine(orjson.dumps(engine_config(settings, state.secrets)))
+    address = engine.start()
+
+    def with_limit(limit: int) -> None:
+        with state.session_factory() as s:
+            budgets.update_org_settings(s, demo.org_id, credit_limit=limit)
+            s.commit()
+            engine.load_snapshot(snapshot_json(build_snapshot(
+                s, state.secrets, version=time.time_ns(), spent_marks={})))
+
+    def ask(http: httpx.Client) -> httpx.Response:
+        return http.post("/v1/chat/completions",
+                         headers={"Authorization": f"Bearer {demo.api_key}"},
+                         json={"model": "demo-chat", "max_tokens": 16,
+                               "messages": [{"role": "user", "content": "hi"}]})
+
+    try:
+        with httpx.Client(base_url=f"http://{address}", timeout=10) as http:
+            with_limit(0)
+            refused = ask(http)
+            assert refused.status_code == 402, refused.text
+            assert refused.json()["error"]["code"] == "insufficient_balance"
+            with_limit(10**12)
+            assert ask(http).status_code == 200
+            one = engine.org_spend()[demo.org_id][0]
+            assert one > 0
+            # Room for a few more requests below zero, then refusals.
+            limit = one * 4 + one // 2
+            with_limit(limit)
+            answers = [ask(http).status_code for _ in range(12)]
+            assert 200 in answers and answers[-1] == 402, answers
+            assert set(answers) == {200, 402}
+            spent, reserved = engine.org_spend()[demo.org_id]
+            assert reserved == 0 and one < spent <= limit
+    finally:
+        engine.stop(5)
+        mock.stop()
+        state.db_engine.dispose()

@@ -13,8 +13,8 @@ from onetoken.security.principal import ROLES
 
 # terminated: the contract ended and rights.termination ran (docs/retention.md); final.
 ORG_STATUSES = ("active", "disabled", "terminated")
-# How an org's usage is settled: prepaid credit, or invoiced per month or quarter. Either
-# way spending draws on the prepaid balance: no credit limit is offered (docs/pools.md).
+# How an org's usage is settled: prepaid credit, or invoiced per month or quarter. What the
+# gateways let through is the balance plus the credit limit (billing.models.OrgBilling).
 SETTLEMENT_PERIODS = ("prepaid", "monthly", "quarterly")
 
 

@@ -7,6 +7,7 @@ from fastapi import APIRouter
 
 from onetoken.billing import budgets
 from onetoken.kit.errors import NotFound
+from onetoken.kit.money import format_amount
 from onetoken.orgs import service, terms
 from onetoken.orgs.models import GatewayPool
 from onetoken.orgs.schemas import (
@@ -66,14 +67,19 @@ def update_pool(
     return _pool(pool, terms.pool_sizes(session).get(pool.name, 0))
 
 
+# Terms kept with the org's billing settings (billing.budgets.update_org_settings).
+BILLING_TERMS = ("price_factor_ppm", "credit_limit")
+
+
 def _terms(session: SessionDep, found: terms.Terms) -> OrgTermsResponse:
-    # The price factor lives with the org's billing settings, which the engine's snapshot
-    # reads; the terms show and set that one value.
-    factor = budgets.org_settings(session, found.org_id).price_factor_ppm
+    # The price factor and the credit limit live with the org's billing settings, which
+    # the engine's snapshot and the money caps read; the terms show and set those values.
+    billing = budgets.org_settings(session, found.org_id)
     return OrgTermsResponse(
         org_id=found.org_id, pool=found.pool, contract_ref=found.contract_ref,
         settlement=found.settlement,  # type: ignore[arg-type]  # SETTLEMENT_PERIODS
-        price_factor_ppm=factor, dpa_signed=found.dpa_signed, dpa_signed_at=found.dpa_signed_at,
+        price_factor_ppm=billing.price_factor_ppm, credit_limit=billing.credit_limit,
+        dpa_signed=found.dpa_signed, dpa_signed_at=found.dpa_signed_at,
         updated_at=found.updated_at,
     )
 
@@ -102,16 +108,20 @@ def update_terms(
     that start after it (the next snapshot, within a second)."""
     org = service.get_org(session, org_id)
     changes = body.model_dump(include=body.model_fields_set)
-    factor_before = budgets.org_settings(session, org.id).price_factor_ppm
+    billing = budgets.org_settings(session, org.id)
+    money_before = {"price_factor_ppm": billing.price_factor_ppm,
+                    "credit_limit": format_amount(billing.credit_limit)}
     before, after = terms.set_terms(
         session, org, {k: v for k, v in changes.items() if k in terms.TERM_FIELDS}
     )
-    if "price_factor_ppm" in changes and changes["price_factor_ppm"] != factor_before:
-        budgets.update_org_settings(session, org.id, price_factor_ppm=changes["price_factor_ppm"])
+    money = {k: v for k, v in changes.items() if k in BILLING_TERMS}
+    if money:
+        budgets.update_org_settings(session, org.id, **money)
     state.commit_change(session)
     response = _terms(session, after)
     audit.change(principal, "admin.org_terms_changed", subject_id=org.id, org_id=org.id,
-                 before={**before.audit_view(), "price_factor_ppm": factor_before},
-                 after={**after.audit_view(), "price_factor_ppm": response.price_factor_ppm},
+                 before={**before.audit_view(), **money_before},
+                 after={**after.audit_view(), "price_factor_ppm": response.price_factor_ppm,
+                        "credit_limit": format_amount(response.credit_limit)},
                  severity="high")
     return response

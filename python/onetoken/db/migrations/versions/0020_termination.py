@@ -2,7 +2,9 @@
 
 - org_terms gains the contract reference, the settlement period (prepaid, or invoiced per
   month or quarter) and when the data processing agreement was signed (NULL: not signed).
-  The price factor stays in org_billing (one fact, one place); the terms read and set it.
+  The price factor stays in org_billing (one fact, one place); the terms read and set it,
+  and the credit limit joins it there (0: prepaid only), where the snapshot and the money
+  caps read the balance's other half.
 - org_terminations: one row per org whose termination was started, with the operator's
   reason and where its data export is written.
 - org_termination_steps: the persisted step log; a step's row commits with its work, so a
@@ -25,6 +27,10 @@ def upgrade() -> None:
         sa.Column("settlement", sa.String(length=16), nullable=False, server_default="prepaid"),
     )
     op.add_column("org_terms", at("dpa_signed_at", nullable=True))
+    op.add_column(
+        "org_billing",
+        sa.Column("credit_limit", sa.BigInteger(), nullable=False, server_default="0"),
+    )
     create_table(
         "org_terminations",
         ref("org_id"),
@@ -50,6 +56,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("org_termination_steps")
     op.drop_table("org_terminations")
+    with op.batch_alter_table("org_billing") as batch:
+        batch.drop_column("credit_limit")
     with op.batch_alter_table("org_terms") as batch:
         batch.drop_column("dpa_signed_at")
         batch.drop_column("settlement")
