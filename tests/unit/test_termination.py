@@ -263,6 +263,9 @@ def test_a_termination_killed_half_way_resumes_without_doing_anything_twice(
     assert out["steps"]["keys_revoked"] == {"keys": 2}
     assert out["steps"]["members_anonymized"] == {"accounts": 2}
     _assert_terminated(state, world)
+    # The CLI's runs are in the security log (spooled for the server to store).
+    recorded = "".join(p.read_text() for p in settings.spool_dir.glob("seclog-*.jsonl"))
+    assert recorded.count("admin.org_terminated") == 1
     third = termination.terminate(state, world["org_id"], reason="x", requested_by=None)
     assert third.ran == ()
     _assert_terminated(state, world)

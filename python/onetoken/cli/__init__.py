@@ -189,11 +189,12 @@ def cmd_orgs_terminate(args: argparse.Namespace) -> int:
             state, org_id, reason=reason, requested_by=None,
             export_path=Path(args.export) if args.export else None,
         )
+        if result.ran:
+            audit.event(CliActor(org_id=org_id), "admin.org_terminated", "high",
+                        subject_id=org_id, org_id=org_id,
+                        detail={"steps": ",".join(result.ran), "reason": reason})
     finally:
         state.db_engine.dispose()
-    if result.ran:
-        audit.event(CliActor(org_id=org_id), "admin.org_terminated", "high", subject_id=org_id,
-                    org_id=org_id, detail={"steps": ",".join(result.ran), "reason": reason})
     out = {"org_id": result.org_id, "export_path": result.export_path, "ran": list(result.ran),
            "steps": result.steps,
            "completed_at": result.completed_at.isoformat() if result.completed_at else None}

@@ -315,6 +315,7 @@ def _anonymize_members(state: AppState, org_id: str, requested_by: str | None) -
         ).all()
     for account_id in pending:
         # One account per transaction: a crash in between leaves the others for the next run.
+        # From the CLI no account asked: the erasure row names the operators.
         erasure.cancel_account(state, account_id, requested_by=requested_by or "operator")
     with state.session_factory() as session:
         detail = _log_step(session, org_id, "members_anonymized", {"accounts": len(pending)})
