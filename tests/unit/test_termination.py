@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -390,3 +391,32 @@ def test_the_engine_lets_a_balance_go_below_zero_by_the_credit_limit_and_no_furt
         engine.stop(5)
         mock.stop()
         state.db_engine.dispose()
+
+
+def test_two_terminations_at_once_do_each_step_once(state: AppState, admin: Admin) -> None:
+    """Two operators (or a retried request) at the same moment: each step is done by one
+    of them, the other finds it done, and neither fails."""
+    world = _org_world(state, admin)
+    barrier = threading.Barrier(2)
+    results: list[termination.TerminationResult] = []
+    errors: list[BaseException] = []
+
+    def run(reason: str) -> None:
+        barrier.wait()
+        try:
+            results.append(termination.terminate(state, world["org_id"], reason=reason,
+                                                 requested_by=None))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in ("one", "two")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    ran = sorted(step for r in results for step in r.ran)
+    assert ran == sorted(termination.STEPS)
+    assert results[0].steps["keys_revoked"] == {"keys": 2}
+    assert results[0].steps["members_anonymized"] == {"accounts": 2}
+    _assert_terminated(state, world)

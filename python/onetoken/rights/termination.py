@@ -23,16 +23,19 @@ stay for their legal retention period and `onetoken billing reconcile` balances 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from onetoken.billing.models import Invoice, LedgerEntry, Order, Package
@@ -119,19 +122,23 @@ def terminate(
         if operators is not None:
             raise Conflict("The operators' own organization cannot be terminated.",
                            code="operator_org")
-        row = session.get(OrgTermination, org_id)
-        if row is None:
+        if session.get(OrgTermination, org_id) is None:
             path = (export_path or default_export_path(state, org_id)).resolve()
-            row = OrgTermination(org_id=org_id, reason=reason, requested_by=requested_by,
-                                 export_path=str(path))
-            session.add(row)
-            session.commit()
-            log.info("rights.org_termination_started", extra={"org_id": org_id})
+            session.add(OrgTermination(org_id=org_id, reason=reason, requested_by=requested_by,
+                                       export_path=str(path)))
+            try:
+                session.commit()
+                log.info("rights.org_termination_started", extra={"org_id": org_id})
+            except IntegrityError:
+                # Another run started it at the same moment: its reason and path hold.
+                session.rollback()
+        row = session.get(OrgTermination, org_id)
+        assert row is not None
         path = Path(row.export_path)
         done = done_steps(session, org_id)
 
     ran: list[str] = []
-    work: dict[str, Callable[[], dict[str, Any]]] = {
+    work: dict[str, Callable[[], dict[str, Any] | None]] = {
         "export": lambda: _export(state, org_id, path),
         "keys_revoked": lambda: _revoke_keys(state, org_id),
         "members_anonymized": lambda: _anonymize_members(state, org_id, requested_by),
@@ -140,9 +147,8 @@ def terminate(
         "terminated": lambda: _mark_terminated(state, org_id),
     }
     for step in STEPS:
-        if step in done:
+        if step in done or work[step]() is None:
             continue
-        work[step]()
         ran.append(step)
         log.info("rights.org_termination_step", extra={"org_id": org_id, "kind": step})
         if os.environ.get(EXIT_AFTER_ENV) == step:
@@ -155,6 +161,19 @@ def terminate(
     assert result is not None
     return TerminationResult(result.org_id, result.export_path, tuple(ran),
                              result.completed_at, result.steps)
+
+
+def _claim(session: Session, org_id: str, step: str) -> bool:
+    """Start the step's transaction: False when the step is done already. The first
+    statement writes the termination's row (changing nothing), which takes the write lock
+    on SQLite and the row's lock on PostgreSQL, so of two runs at once (two operators, a
+    retried request) one does the step and the other then finds it done."""
+    session.execute(
+        update(OrgTermination)
+        .where(OrgTermination.org_id == org_id)
+        .values(reason=OrgTermination.reason)
+    )
+    return session.get(OrgTerminationStep, (org_id, step)) is None
 
 
 def _log_step(session: Session, org_id: str, step: str, detail: dict[str, Any]) -> dict[str, Any]:
@@ -257,7 +276,9 @@ def _write_replacing(path: Path, body: bytes) -> None:
     if not path.parent.exists():
         # A directory made here is private; one the operator named keeps its mode.
         private_dir(path.parent)
-    partial = path.with_name(path.name + ".partial")
+    # Per process and thread: a run killed mid-write leaves its own partial file behind,
+    # never one another run is writing.
+    partial = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
     with os.fdopen(fd, "wb") as out:
         out.write(body)
@@ -266,8 +287,10 @@ def _write_replacing(path: Path, body: bytes) -> None:
     os.replace(partial, path)
 
 
-def _export(state: AppState, org_id: str, path: Path) -> dict[str, Any]:
+def _export(state: AppState, org_id: str, path: Path) -> dict[str, Any] | None:
     with state.session_factory() as session:
+        if not _claim(session, org_id, "export"):
+            return None
         org = session.get(Org, org_id)
         assert org is not None
         document = build_export(session, org, erasure._runner(state))
@@ -286,8 +309,10 @@ def _export(state: AppState, org_id: str, path: Path) -> dict[str, Any]:
 # -- 2. to 6. ------------------------------------------------------------------------------
 
 
-def _revoke_keys(state: AppState, org_id: str) -> dict[str, Any]:
+def _revoke_keys(state: AppState, org_id: str) -> dict[str, Any] | None:
     with state.session_factory() as session:
+        if not _claim(session, org_id, "keys_revoked"):
+            return None
         now = utcnow()
         revoked = 0
         for key in session.scalars(select(ApiKey).where(ApiKey.org_id == org_id)):
@@ -303,7 +328,9 @@ def _revoke_keys(state: AppState, org_id: str) -> dict[str, Any]:
     return detail
 
 
-def _anonymize_members(state: AppState, org_id: str, requested_by: str | None) -> dict[str, Any]:
+def _anonymize_members(
+    state: AppState, org_id: str, requested_by: str | None
+) -> dict[str, Any] | None:
     with state.session_factory() as session:
         pending = session.scalars(
             select(Account.id)
@@ -316,15 +343,26 @@ def _anonymize_members(state: AppState, org_id: str, requested_by: str | None) -
     for account_id in pending:
         # One account per transaction: a crash in between leaves the others for the next run.
         # From the CLI no account asked: the erasure row names the operators.
-        erasure.cancel_account(state, account_id, requested_by=requested_by or "operator")
+        with contextlib.suppress(Conflict, IntegrityError):
+            # Another run at the same time cancelled it first.
+            erasure.cancel_account(state, account_id, requested_by=requested_by or "operator")
     with state.session_factory() as session:
-        detail = _log_step(session, org_id, "members_anonymized", {"accounts": len(pending)})
+        if not _claim(session, org_id, "members_anonymized"):
+            return None
+        cancelled = session.scalar(
+            select(func.count()).select_from(AccountErasure).where(
+                AccountErasure.account_id.in_(select(Account.id).where(Account.org_id == org_id))
+            )
+        )
+        detail = _log_step(session, org_id, "members_anonymized", {"accounts": cancelled})
         session.commit()
     return detail
 
 
-def _delete_webhooks(state: AppState, org_id: str) -> dict[str, Any]:
+def _delete_webhooks(state: AppState, org_id: str) -> dict[str, Any] | None:
     with state.session_factory() as session:
+        if not _claim(session, org_id, "webhooks_deleted"):
+            return None
         endpoints = session.scalars(
             select(WebhookEndpoint).where(WebhookEndpoint.org_id == org_id)
         ).all()
@@ -335,8 +373,10 @@ def _delete_webhooks(state: AppState, org_id: str) -> dict[str, Any]:
     return detail
 
 
-def _delete_providers(state: AppState, org_id: str) -> dict[str, Any]:
+def _delete_providers(state: AppState, org_id: str) -> dict[str, Any] | None:
     with state.session_factory() as session:
+        if not _claim(session, org_id, "providers_deleted"):
+            return None
         models = session.scalars(select(Model.id).where(Model.org_id == org_id)).all()
         for model_id in models:
             providers.delete_model(session, org_id, model_id)
@@ -356,8 +396,10 @@ def _delete_providers(state: AppState, org_id: str) -> dict[str, Any]:
     return detail
 
 
-def _mark_terminated(state: AppState, org_id: str) -> dict[str, Any]:
+def _mark_terminated(state: AppState, org_id: str) -> dict[str, Any] | None:
     with state.session_factory() as session:
+        if not _claim(session, org_id, "terminated"):
+            return None
         org = session.get(Org, org_id)
         assert org is not None
         org.status = "terminated"
