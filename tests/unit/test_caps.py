@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import func, select
 
+from onetoken.billing import budgets
 from onetoken.billing import service as billing
 from onetoken.control import start_background
 from onetoken.db.session import current_revision
@@ -133,6 +134,25 @@ def test_money_moved_in_or_out_is_published_after_its_commit(
         billing.credit(s, org_id, amount=-700, kind="adjustment", idempotency_key="refund")
         s.commit()
     wait_until(lambda: cap(redis_db, org_id) == (BALANCE - 200, revision(state)), timeout=5)
+    assert publisher.failures == 0
+
+
+def test_a_credit_limit_is_published_after_its_commit(
+    state: AppState, publisher: CapPublisher, redis_db: redis.Redis, org_id: str
+) -> None:
+    """The gateways' leases may take the org's balance below zero by its credit limit
+    (a commercial term), and by no more: the cap moves with the limit, either way."""
+    publisher._interval = 3600
+    publisher.start()
+    wait_until(lambda: cap(redis_db, org_id) is not None, message="first full round")
+    with state.session_factory() as s:
+        budgets.update_org_settings(s, org_id, credit_limit=2_500)
+        s.commit()
+    wait_until(lambda: cap(redis_db, org_id) == (BALANCE + 2_500, revision(state)), timeout=5)
+    with state.session_factory() as s:
+        budgets.update_org_settings(s, org_id, credit_limit=0)
+        s.commit()
+    wait_until(lambda: cap(redis_db, org_id) == (BALANCE, revision(state)), timeout=5)
     assert publisher.failures == 0
 
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from onetoken.analytics.queries import EPOCH
 from onetoken.billing.models import DEFAULT_PRICE_FACTOR_PPM, BillingNotice, LedgerEntry, OrgBilling
+from onetoken.billing.service import MAX_BALANCE_NANO, MONEY_MOVED
 from onetoken.db.base import utcnow
 from onetoken.db.session import bump_revision
 from onetoken.keys.models import ApiKey
@@ -67,6 +68,7 @@ def org_settings(session: Session, org_id: str) -> OrgBilling:
             budget_month=None,
             low_balance_threshold=None,
             low_balance_alerted=False,
+            credit_limit=0,
         )
     return row
 
@@ -82,6 +84,7 @@ def update_org_settings(
     budget_day: int | None = _UNSET,
     budget_month: int | None = _UNSET,
     low_balance_threshold: int | None = _UNSET,
+    credit_limit: int = _UNSET,
 ) -> OrgBilling:
     """Change the given fields (None clears a budget or threshold). The caller commits."""
     row = session.get(OrgBilling, org_id)
@@ -99,10 +102,28 @@ def update_org_settings(
     if low_balance_threshold is not _UNSET:
         row.low_balance_threshold = low_balance_threshold
         row.low_balance_alerted = False
+    if credit_limit is not _UNSET and credit_limit != row.credit_limit:
+        row.credit_limit = credit_limit
+        # The org's money cap moves with it: the cap publisher takes the org after commit.
+        session.info.setdefault(MONEY_MOVED, set()).add(org_id)
     row.updated_at = utcnow()
     bump_revision(session)
     session.flush()
     return row
+
+
+def credit_limits(session: Session) -> dict[str, int]:
+    """org id -> credit limit, for the orgs that have one."""
+    rows = session.execute(
+        select(OrgBilling.org_id, OrgBilling.credit_limit).where(OrgBilling.credit_limit > 0)
+    ).all()
+    return {org_id: int(limit) for org_id, limit in rows}
+
+
+def spendable(balance: int, credit_limit: int) -> int:
+    """What the engine may let the org spend down to zero: its balance plus its credit
+    limit, within the bounds a balance has (billing.service.MAX_BALANCE_NANO)."""
+    return max(-MAX_BALANCE_NANO, min(MAX_BALANCE_NANO, balance + credit_limit))
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,9 @@ class OrgBilling(Base):
     # Set when balance_low was sent; cleared once the balance is back above the threshold,
     # so one crossing gives one event.
     low_balance_alerted: Mapped[bool] = mapped_column(Boolean, default=False)
+    # How far below zero the balance may go (nano-units; 0: prepaid only). A commercial
+    # term: the engine's snapshot balance and the Redis money cap both add it.
+    credit_limit: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     __table_args__ = (

@@ -166,6 +166,46 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_orgs_terminate(args: argparse.Namespace) -> int:
+    """Terminate an org at contract end, or resume a termination that stopped half-way."""
+    from pathlib import Path
+
+    from onetoken.orgs.service import find_org
+    from onetoken.rights import termination
+    from onetoken.security import audit
+    from onetoken.security.audit import CliActor
+
+    reason = args.reason.strip()
+    if not reason or len(reason) > 500:
+        raise CliError("--reason must be 1 to 500 characters")
+    state = open_db(settings_from_env())
+    try:
+        with state.session_factory() as session:
+            org = find_org(session, args.org)
+            if org is None:
+                raise CliError("no such org (give its id or name)")
+            org_id = org.id
+        result = termination.terminate(
+            state, org_id, reason=reason, requested_by=None,
+            export_path=Path(args.export) if args.export else None,
+        )
+        if result.ran:
+            audit.event(CliActor(org_id=org_id), "admin.org_terminated", "high",
+                        subject_id=org_id, org_id=org_id,
+                        detail={"steps": ",".join(result.ran), "reason": reason})
+    finally:
+        state.db_engine.dispose()
+    out = {"org_id": result.org_id, "export_path": result.export_path, "ran": list(result.ran),
+           "steps": result.steps,
+           "completed_at": result.completed_at.isoformat() if result.completed_at else None}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        done = ", ".join(result.ran) if result.ran else "nothing left to do"
+        print(f"{org_id} terminated ({done}); export: {result.export_path}")
+    return EXIT_OK
+
+
 def cmd_providers_apply(args: argparse.Namespace) -> int:
     """Apply a declarative providers file (see onetoken.providers.declarative)."""
     from pathlib import Path
@@ -677,6 +717,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="a label for the key")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_keys_create)
+
+    orgs = action_group(sub, "orgs", "organizations", dest="orgs_command")
+    p = orgs.add_parser(
+        "terminate",
+        help="at contract end: export the org's data, revoke its keys, anonymize its members, "
+        "delete its callbacks and providers (resumable: run it again after a failure)",
+    )
+    p.add_argument("org", help="org id or name")
+    p.add_argument("--reason", required=True, help="why (the contract's end); audited")
+    p.add_argument("--export", default=None, metavar="PATH",
+                   help="where to write the data export (default: exports/ in the data dir; "
+                   "fixed by the first run)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_orgs_terminate)
 
     prov = action_group(sub, "providers", "providers, models and routes", dest="providers_command")
     p = prov.add_parser("apply", help="apply a declarative YAML/TOML/JSON file (idempotent; "

@@ -54,6 +54,9 @@ def build_snapshot(
     wrong_gateway_pool instead of calling it invalid (docs/pools.md)."""
     if org_balances is None:
         org_balances = balances(session)
+    # An org with a credit limit may spend that far below zero: the engine is given what
+    # it may spend down to zero (its available = balance - ...), the ledger stays as is.
+    limits = billing_budgets.credit_limits(session)
     pinned = org_pools(session)
     all_keys = session.scalars(select(ApiKey).order_by(ApiKey.id)).all()
     orgs = [
@@ -79,7 +82,9 @@ def build_snapshot(
                 {
                     "id": o.id,
                     "status": o.status,
-                    "balance": int(org_balances.get(o.id, 0)),
+                    "balance": billing_budgets.spendable(
+                        int(org_balances.get(o.id, 0)), limits.get(o.id, 0)
+                    ),
                     "spent_mark": int(spent_marks.get(o.id, 0)),
                 },
                 org_extra.get(o.id),

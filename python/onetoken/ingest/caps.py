@@ -1,12 +1,14 @@
 """The money cap publisher: each org's cap in Redis, which the gateways' money leases
 never exceed together (docs/scale-out.md, "Money").
 
-    cap(org) = ledger balance + Σ org-scope spent marks of the instances not retired
+    cap(org) = ledger balance + credit limit + Σ org-scope spent marks of the instances
+               not retired
 
 Ingestion leaves it unchanged (the balance drops by what the marks rise). It moves when
 money moves in or out (every such ledger entry passes billing.service._append, which
-names the org in the session; the commit wakes this publisher) and when an instance is
-retired. A full round over every org also runs at start and every
+names the org in the session; the commit wakes this publisher), when the org's credit
+limit changes (billing.budgets.update_org_settings names it likewise) and when an
+instance is retired. A full round over every org also runs at start and every
 `cap_publish_interval_seconds`, which heals a Redis restart and catches changes other
 processes committed.
 
@@ -38,7 +40,8 @@ import redis
 from sqlalchemy import delete, event, func, select
 from sqlalchemy.orm import Session
 
-from onetoken.billing.models import LedgerEntry
+from onetoken.billing.budgets import spendable
+from onetoken.billing.models import LedgerEntry, OrgBilling
 from onetoken.billing.service import MAX_BALANCE_NANO, MONEY_MOVED
 from onetoken.db.base import ConfigRevision
 from onetoken.db.session import SessionFactory, bump_revision
@@ -118,17 +121,23 @@ def read_caps(session: Session, org_ids: Iterable[str] | None = None) -> tuple[i
         )
         .scalar_subquery()
     )
+    credit = (
+        select(func.coalesce(func.sum(OrgBilling.credit_limit), 0))
+        .where(OrgBilling.org_id == Org.id)
+        .scalar_subquery()
+    )
     revision = select(ConfigRevision.revision).where(ConfigRevision.id == 1).scalar_subquery()
-    q = select(Org.id, balance, marks, revision)
+    q = select(Org.id, balance, marks, credit, revision)
     if org_ids is not None:
         q = q.where(Org.id.in_(list(org_ids)))
     rev = 0
     caps: dict[str, int] = {}
-    for org_id, total, marked, r in session.execute(q):
+    for org_id, total, marked, limit, r in session.execute(q):
         rev = int(r or 0)
-        # The balance the engine is given (billing.service.balances) is bounded the same way.
+        # What the engine is given as the balance (gateway.snapshot): the ledger balance,
+        # bounded (billing.service.balances), plus the credit limit, bounded again.
         bounded = max(-MAX_BALANCE_NANO, min(MAX_BALANCE_NANO, int(total)))
-        caps[str(org_id)] = min(bounded + int(marked), LEASE_EXACT_MAX)
+        caps[str(org_id)] = min(spendable(bounded, int(limit)) + int(marked), LEASE_EXACT_MAX)
     return rev, caps
 
 

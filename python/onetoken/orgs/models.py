@@ -11,7 +11,11 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from onetoken.db.base import Base, UTCDateTime, utcnow
 from onetoken.security.principal import ROLES
 
-ORG_STATUSES = ("active", "disabled")
+# terminated: the contract ended and rights.termination ran (docs/retention.md); final.
+ORG_STATUSES = ("active", "disabled", "terminated")
+# How an org's usage is settled: prepaid credit, or invoiced per month or quarter. What the
+# gateways let through is the balance plus the credit limit (billing.models.OrgBilling).
+SETTLEMENT_PERIODS = ("prepaid", "monthly", "quarterly")
 
 
 #: accounts.role's check (the control DB's migrations keep it in step).
@@ -105,4 +109,11 @@ class OrgTerms(Base):
     pool: Mapped[str | None] = mapped_column(
         ForeignKey("gateway_pools.name"), nullable=True, index=True
     )
+    # The contract's reference in the operator's own records (free text, no content).
+    contract_ref: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    settlement: Mapped[str] = mapped_column(
+        String(16), default="prepaid", server_default="prepaid"
+    )
+    # When the data processing agreement was signed; None: not signed.
+    dpa_signed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -3,11 +3,21 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic.config import JsonDict
 from pydantic_core import PydanticCustomError
 
 from onetoken.kit.lists import ListOf
+from onetoken.kit.money import SCHEMA_IN_NON_NEGATIVE, MoneyIn, MoneyOut
 from onetoken.kit.text import NOT_BLANK
 from onetoken.orgs.auth import MIN_PASSWORD_LEN
 
@@ -146,7 +156,7 @@ class OrgResponse(BaseModel):
 
     id: str
     name: str
-    status: Literal["active", "disabled"]
+    status: Literal["active", "disabled", "terminated"]
     created_at: datetime
     pool: str | None = Field(
         default=None,
@@ -287,16 +297,50 @@ class PoolResponse(BaseModel):
 class PoolList(ListOf[PoolResponse]): ...
 
 
+Settlement = Literal["prepaid", "monthly", "quarterly"]
+ContractRef = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100, pattern=NOT_BLANK)
+]
+_SETTLEMENT = (
+    "How usage is settled: `prepaid` credit, or invoiced per month or quarter (with a "
+    "credit limit, the balance may then go below zero by at most that much)."
+)
+_CREDIT_LIMIT = (
+    "How far below zero the balance may go, in the org's currency: requests are refused "
+    "once the balance would fall past minus this. \"0\": prepaid only."
+)
+
+
+def _credit_non_negative(value: int) -> int:
+    if value < 0:
+        raise PydanticCustomError("onetoken_amount", "Amount must not be negative.")
+    return value
+
+
+CreditLimit = Annotated[
+    MoneyIn, AfterValidator(_credit_non_negative), WithJsonSchema(SCHEMA_IN_NON_NEGATIVE)
+]
+_PRICE_FACTOR = (
+    "Applied to every price, in parts per million: 1000000 is the list price, 900000 10% "
+    "off. The same value as the billing settings' (set here or with `onetoken billing "
+    "price-factor`)."
+)
+
+
 class OrgTermsResponse(BaseModel):
     """An organization's commercial terms: set by operators, read by its members."""
-
-    model_config = ConfigDict(from_attributes=True)
 
     org_id: str
     pool: str | None = Field(
         description="The gateway pool serving the organization's API keys; null: the shared "
         "gateways. Requests with its keys to other gateways answer 403 wrong_gateway_pool."
     )
+    contract_ref: str | None = Field(description="The contract's reference; null: none.")
+    settlement: Settlement = Field(description=_SETTLEMENT)
+    price_factor_ppm: int = Field(description=_PRICE_FACTOR)
+    credit_limit: MoneyOut = Field(description=_CREDIT_LIMIT)
+    dpa_signed: bool = Field(description="Whether the data processing agreement is signed.")
+    dpa_signed_at: datetime | None
     updated_at: datetime | None
 
 
@@ -306,3 +350,12 @@ class OrgTermsUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pool: PoolName | None = None
+    contract_ref: ContractRef | None = None
+    settlement: Settlement = Field(default="prepaid", description=_SETTLEMENT)
+    price_factor_ppm: int = Field(default=1_000_000, ge=0, le=10_000_000,
+                                  description=_PRICE_FACTOR)
+    credit_limit: CreditLimit = Field(default=0, description=_CREDIT_LIMIT)
+    dpa_signed_at: datetime | None = Field(
+        default=None, description="When the data processing agreement was signed; null: not "
+        "signed."
+    )

@@ -1,4 +1,5 @@
-"""Gateway pools and the commercial terms that pin an org to one (docs/pools.md).
+"""Gateway pools and the organizations' commercial terms, one of which pins an org to a
+pool (docs/pools.md).
 
 Operators run pools and write terms; an org's members read its terms. A change bumps the
 config revision, so every gateway's next snapshot serves (or stops serving) the org's keys
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 from onetoken.db.base import utcnow
 from onetoken.db.session import bump_revision
 from onetoken.kit.errors import Conflict, NotFound, Unprocessable
-from onetoken.orgs.models import GatewayPool, Org, OrgTerms
+from onetoken.orgs.models import SETTLEMENT_PERIODS, GatewayPool, Org, OrgTerms
 
 # A pool's name names its gateways' spool directory and travels in channel URLs as is.
 POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
@@ -86,36 +87,66 @@ def pool_databases(session: Session) -> dict[str, str]:
     return {name: db for name, db in rows if db is not None}
 
 
+#: The terms set here; the price factor is one too, kept with the org's billing settings
+#: (billing.budgets) and read and set beside these by the terms API.
+TERM_FIELDS = ("pool", "contract_ref", "settlement", "dpa_signed_at")
+
+
 @dataclass(frozen=True)
 class Terms:
     """An org's commercial terms as read: the row's values, or the defaults."""
 
     org_id: str
     pool: str | None
+    contract_ref: str | None
+    settlement: str
+    dpa_signed_at: datetime | None
     # None: never set (the defaults).
     updated_at: datetime | None
+
+    @property
+    def dpa_signed(self) -> bool:
+        return self.dpa_signed_at is not None
+
+    def audit_view(self) -> dict[str, Any]:
+        return {
+            "pool": self.pool,
+            "contract_ref": self.contract_ref,
+            "settlement": self.settlement,
+            "dpa_signed_at": self.dpa_signed_at.isoformat() if self.dpa_signed_at else None,
+        }
 
 
 def get_terms(session: Session, org: Org) -> Terms:
     row = session.get(OrgTerms, org.id)
     if row is None:
-        return Terms(org_id=org.id, pool=None, updated_at=None)
-    return Terms(org_id=org.id, pool=row.pool, updated_at=row.updated_at)
+        return Terms(org_id=org.id, pool=None, contract_ref=None, settlement="prepaid",
+                     dpa_signed_at=None, updated_at=None)
+    return Terms(org_id=org.id, pool=row.pool, contract_ref=row.contract_ref,
+                 settlement=row.settlement, dpa_signed_at=row.dpa_signed_at,
+                 updated_at=row.updated_at)
 
 
 def set_terms(session: Session, org: Org, changes: dict[str, Any]) -> tuple[Terms, Terms]:
-    """Apply `changes` (the fields the operator sent) to the org's terms: (before, after).
-    A pool that does not exist is 422 on `pool`."""
+    """Apply `changes` (the fields the operator sent, of TERM_FIELDS) to the org's terms:
+    (before, after). A pool that does not exist is 422 on `pool`."""
     before = get_terms(session, org)
     row = session.get(OrgTerms, org.id)
     if row is None:
-        row = OrgTerms(org_id=org.id, pool=None)
+        row = OrgTerms(org_id=org.id, pool=None, settlement="prepaid")
         session.add(row)
     if "pool" in changes:
         pool = changes["pool"]
         if pool is not None and session.get(GatewayPool, pool) is None:
             raise Unprocessable("No gateway pool of this name exists.", param="pool")
         row.pool = pool
+    if "settlement" in changes:
+        if changes["settlement"] not in SETTLEMENT_PERIODS:
+            raise Unprocessable("Unknown settlement period.", param="settlement")
+        row.settlement = changes["settlement"]
+    for name in ("contract_ref", "dpa_signed_at"):
+        if name in changes:
+            setattr(row, name, changes[name])
     row.updated_at = utcnow()
     if before.pool != row.pool:
         # The org's keys move between gateways: every gateway gets a new snapshot.

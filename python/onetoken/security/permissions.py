@@ -51,12 +51,17 @@ PERMISSIONS: dict[str, Permission] = {
         _p("self", _ALL, "Own account: profile, password, second factor, sign out."),
         _p("org.read", _ALL, "Read the own organization."),
         _p("org.write", "owner admin", "Change the own organization's settings."),
-        _p("orgs.manage", "", "List, create and disable any organization (operators)."),
+        _p(
+            "orgs.manage",
+            "",
+            "List, create, disable and terminate any organization (operators).",
+        ),
         _p(
             "terms.write",
             "",
-            "Set an organization's commercial terms, such as its gateway pool (operators; "
-            "members read them with org.read).",
+            "Set an organization's commercial terms: contract reference, settlement period, "
+            "price factor, data processing agreement, gateway pool (operators; members read "
+            "them with org.read).",
         ),
         _p("pools.manage", "", "List, create and change gateway pools (operators)."),
         _p("members.read", "owner admin", "List the organization's accounts."),

@@ -12,7 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from onetoken.kit.crypto import Secrets
-from onetoken.kit.errors import NotFound
+from onetoken.kit.errors import Conflict, NotFound
 from onetoken.orgs import auth, members, service
 from onetoken.orgs.models import Account, AdminSession
 from onetoken.orgs.schemas import (
@@ -369,6 +369,9 @@ def update_org(
     cannot sign in."""
     org = service.get_org(session, org_id)
     before = {"name": org.name, "status": org.status}
+    if org.status == "terminated" and body.status is not None:
+        # Its members are anonymized and its keys revoked: there is nothing to re-enable.
+        raise Conflict("A terminated organization stays terminated.", code="org_terminated")
     if body.name is not None:
         org.name = body.name
     if body.status is not None and body.status != org.status:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from onetoken.billing import budgets
 from onetoken.kit.errors import NotFound
+from onetoken.kit.money import format_amount
 from onetoken.orgs import service, terms
 from onetoken.orgs.models import GatewayPool
 from onetoken.orgs.schemas import (
@@ -65,6 +67,23 @@ def update_pool(
     return _pool(pool, terms.pool_sizes(session).get(pool.name, 0))
 
 
+# Terms kept with the org's billing settings (billing.budgets.update_org_settings).
+BILLING_TERMS = ("price_factor_ppm", "credit_limit")
+
+
+def _terms(session: SessionDep, found: terms.Terms) -> OrgTermsResponse:
+    # The price factor and the credit limit live with the org's billing settings, which
+    # the engine's snapshot and the money caps read; the terms show and set those values.
+    billing = budgets.org_settings(session, found.org_id)
+    return OrgTermsResponse(
+        org_id=found.org_id, pool=found.pool, contract_ref=found.contract_ref,
+        settlement=found.settlement,  # type: ignore[arg-type]  # SETTLEMENT_PERIODS
+        price_factor_ppm=billing.price_factor_ppm, credit_limit=billing.credit_limit,
+        dpa_signed=found.dpa_signed, dpa_signed_at=found.dpa_signed_at,
+        updated_at=found.updated_at,
+    )
+
+
 @router.get("/orgs/{org_id}/terms", response_model=OrgTermsResponse)
 def get_terms(org_id: str, principal: OrgReadDep, session: SessionDep) -> OrgTermsResponse:
     """The organization's commercial terms (its members, and operators for any org)."""
@@ -72,7 +91,7 @@ def get_terms(org_id: str, principal: OrgReadDep, session: SessionDep) -> OrgTer
     if org_id != principal.org_id and not principal.is_operator:
         raise NotFound("Organization not found.")
     org = service.get_org(session, org_id)
-    return OrgTermsResponse.model_validate(terms.get_terms(session, org))
+    return _terms(session, terms.get_terms(session, org))
 
 
 @router.patch("/orgs/{org_id}/terms", response_model=OrgTermsResponse)
@@ -85,10 +104,24 @@ def update_terms(
 ) -> OrgTermsResponse:
     """Set commercial terms (operators). Pinning the org to a pool moves its keys to that
     pool's gateways: once this returns, the shared gateways refuse them with 403
-    wrong_gateway_pool, and the other way round."""
+    wrong_gateway_pool, and the other way round. A new price factor prices the requests
+    that start after it (the next snapshot, within a second)."""
     org = service.get_org(session, org_id)
-    before, after = terms.set_terms(session, org, body.model_dump(include=body.model_fields_set))
+    changes = body.model_dump(include=body.model_fields_set)
+    billing = budgets.org_settings(session, org.id)
+    money_before = {"price_factor_ppm": billing.price_factor_ppm,
+                    "credit_limit": format_amount(billing.credit_limit)}
+    before, after = terms.set_terms(
+        session, org, {k: v for k, v in changes.items() if k in terms.TERM_FIELDS}
+    )
+    money = {k: v for k, v in changes.items() if k in BILLING_TERMS}
+    if money:
+        budgets.update_org_settings(session, org.id, **money)
     state.commit_change(session)
+    response = _terms(session, after)
     audit.change(principal, "admin.org_terms_changed", subject_id=org.id, org_id=org.id,
-                 before={"pool": before.pool}, after={"pool": after.pool}, severity="high")
-    return OrgTermsResponse.model_validate(after)
+                 before={**before.audit_view(), **money_before},
+                 after={**after.audit_view(), "price_factor_ppm": response.price_factor_ppm,
+                        "credit_limit": format_amount(response.credit_limit)},
+                 severity="high")
+    return response

@@ -4,6 +4,7 @@ account of their org). Viewing and correcting live at GET/PATCH /me and /org."""
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -12,14 +13,16 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from sqlalchemy import func, select
 
 from onetoken.kit.errors import Conflict, Forbidden, NotFound, Unauthorized
+from onetoken.kit.text import NOT_BLANK
 from onetoken.orgs import auth
 from onetoken.orgs.models import Account
-from onetoken.rights import erasure, export
+from onetoken.rights import erasure, export, termination
 from onetoken.security import audit
 from onetoken.security.principal import Principal
 from onetoken.state import AppState
 from onetoken.web.deps import (
     MembersWriteDep,
+    OrgsManageDep,
     SelfDep,
     ServiceUnavailable,
     SessionDep,
@@ -157,3 +160,58 @@ def cancel_account(
     _check_owner_kept(session, account)
     session.rollback()
     return _cancel(state, principal, account.id)
+
+
+# -- org termination (operators) ------------------------------------------------------------
+
+
+class TerminateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=500, pattern=NOT_BLANK,
+                        description="Why (the contract's end, its reference); audited.")
+
+
+class TerminationResponse(BaseModel):
+    org_id: str
+    export_path: str = Field(description="The file (on the control server) holding the "
+                             "org's data export.")
+    ran: list[str] = Field(description="The steps this request ran; the others were done "
+                           "by an earlier run.")
+    steps: dict[str, dict[str, Any]] = Field(description="Each finished step and what it did "
+                                             "(counts).")
+    completed_at: datetime | None
+
+
+def _termination(result: termination.TerminationResult) -> TerminationResponse:
+    return TerminationResponse(org_id=result.org_id, export_path=result.export_path,
+                               ran=list(result.ran), steps=result.steps,
+                               completed_at=result.completed_at)
+
+
+@router.post("/orgs/{org_id}/terminate", response_model=TerminationResponse)
+def terminate_org(
+    org_id: str, body: TerminateRequest, principal: OrgsManageDep, session: SessionDep,
+    state: StateDep,
+) -> TerminationResponse:
+    """End an organization at contract end (operators; docs/retention.md): its data
+    exported to a file under the data directory, then its API keys revoked, every member
+    anonymized, its callback addresses and providers deleted, and its status set to
+    `terminated`. Billing records stay for their legal period. Idempotent: a run that
+    stopped half-way is resumed by sending it again; a finished one changes nothing."""
+    session.rollback()
+    result = termination.terminate(state, org_id, reason=body.reason,
+                                   requested_by=principal.account_id)
+    if result.ran:
+        audit.event(principal, "admin.org_terminated", "high", subject_id=org_id,
+                    org_id=org_id, detail={"steps": ",".join(result.ran), "reason": body.reason})
+    return _termination(result)
+
+
+@router.get("/orgs/{org_id}/termination", response_model=TerminationResponse)
+def get_termination(org_id: str, _: OrgsManageDep, session: SessionDep) -> TerminationResponse:
+    """How far the organization's termination got (operators)."""
+    result = termination.status(session, org_id)
+    if result is None:
+        raise NotFound("This organization is not being terminated.")
+    return _termination(result)
