@@ -456,8 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     client = open_engine(data_dir)
     # The embedded engine takes SIGINT for itself; Ctrl-C or a kill must still end the run
     # through the cleanup below (after the statement running then).
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _interrupted)
+    previous = {s: signal.signal(s, _interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     done: list[Measured] = []
     try:
         meta["engine"] = str(client.command("SELECT version()"))
@@ -492,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
         if not args.keep:
             shutil.rmtree(data_dir, ignore_errors=True)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if args.keep:
         print(f"kept {data_dir}")
     return 0
