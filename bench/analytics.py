@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=100_000_000)
     parser.add_argument("--pass-rows", type=int, default=10_000_000,
                         help="rows per pass over the window (divides --rows)")
-    parser.add_argument("--measure-at", default="10000000,30000000",
+    parser.add_argument("--measure-at", default="10000000,30000000,50000000",
                         help="sizes (comma-separated, multiples of --pass-rows) measured "
                         "on the way to --rows; the report is rewritten after each")
     parser.add_argument("--chunk", type=int, default=5_000_000, help="rows per INSERT")
