@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -411,12 +412,16 @@ def measure_size(client: Client, rows: int, end_s: int, runs: int
     return measured, results, described, check(client, rows, results)
 
 
+def _interrupted(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000_000)
     parser.add_argument("--pass-rows", type=int, default=10_000_000,
                         help="rows per pass over the window (divides --rows)")
-    parser.add_argument("--measure-at", default="10000000,30000000",
+    parser.add_argument("--measure-at", default="10000000,30000000,50000000",
                         help="sizes (comma-separated, multiples of --pass-rows) measured "
                         "on the way to --rows; the report is rewritten after each")
     parser.add_argument("--chunk", type=int, default=5_000_000, help="rows per INSERT")
@@ -449,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"data dir {data_dir}", flush=True)
     client = open_engine(data_dir)
+    # The embedded engine takes SIGINT for itself; Ctrl-C or a kill must still end the run
+    # through the cleanup below (after the statement running then).
+    previous = {s: signal.signal(s, _interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     done: list[Measured] = []
     try:
         meta["engine"] = str(client.command("SELECT version()"))
@@ -475,10 +483,16 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailed as exc:
         print(f"CHECK FAILED: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        largest = f"{done[-1].rows:,} rows" if done else "none"
+        print(f"interrupted; largest size measured: {largest}", file=sys.stderr)
+        return 130
     finally:
         client.close()
         if not args.keep:
             shutil.rmtree(data_dir, ignore_errors=True)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if args.keep:
         print(f"kept {data_dir}")
     return 0

@@ -15,8 +15,9 @@ so the old name leaves the disk instead of waiting for a background merge. Every
 process may run it: two syncs write the same values, and FINAL keeps one.
 
 DimensionSync runs it in the control process: at start, within POLL_S of any change the
-engine must see (the control DB's config revision, which key, provider, model and org
-changes bump), and every `interval_s` (renames that do not bump it, such as an org's).
+engine must see (the control DB's config revision, which changes of keys, providers and
+models and new orgs bump), and every `interval_s` (for what does not bump it, such as an
+org's new name).
 """
 
 from __future__ import annotations
