@@ -76,8 +76,12 @@ def test_docs_analytics_md_is_generated_from_the_schema(client: Client) -> None:
 
 def test_the_page_describes_every_column_of_every_table(client: Client) -> None:
     page = docs.render(client)
+    # A view's columns are its query's (it holds no rows): the page names the table the
+    # view writes to instead.
     tables = client.query(
-        "SELECT table, name, comment FROM system.columns WHERE database = 'onetoken'"
+        "SELECT table, name, comment FROM system.columns WHERE database = 'onetoken' "
+        "AND table NOT IN (SELECT name FROM system.tables WHERE database = 'onetoken' "
+        "AND engine IN ('MaterializedView', 'View'))"
     ).result_rows
     assert {t for t, _, _ in tables} >= {"call_log", "security_log", "schema_migrations"}
     for table, column, comment in tables:

@@ -33,6 +33,8 @@ from onetoken.settings import Settings
 #: every start); a table missing here keeps the TTL its migration gives it, if any.
 RETENTION_SETTINGS: Final[dict[str, tuple[str, ...]]] = {
     "call_log": ("call_log_ttl_days",),
+    # Its TTL moves with call_log's (analytics.clickhouse.set_call_log_ttl_days).
+    "call_stats_1m": ("call_log_ttl_days",),
     "security_log": ("security_log_ttl_days", "login_records_ttl_days"),
 }
 

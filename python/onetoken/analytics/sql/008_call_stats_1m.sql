@@ -15,7 +15,7 @@ CREATE TABLE IF NOT EXISTS onetoken.call_stats_1m
     org_id            String COMMENT 'Organisation id, as call_log.org_id',
     model_served      LowCardinality(String) COMMENT 'Model the upstream was asked for, as call_log.model_served (empty when no upstream was tried)',
     provider          LowCardinality(String) COMMENT 'Provider id that served the call, as call_log.provider (empty when none)',
-    status            UInt16 COMMENT 'HTTP status returned to the client; errors are status >= 400',
+    status            UInt16 COMMENT 'HTTP status returned to the client (a stream cut after its 200 keeps 200: count errors by error_code)',
     error_code        LowCardinality(String) COMMENT 'OpenAI-shaped error code returned to the client; empty on success',
     calls             SimpleAggregateFunction(sum, UInt64) COMMENT 'Number of calls',
     streamed_calls    SimpleAggregateFunction(sum, UInt64) COMMENT 'Calls answered as a stream (call_log.streamed = 1)',
