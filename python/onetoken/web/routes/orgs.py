@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import NotFound
-from onetoken.orgs import auth, members, service
+from onetoken.orgs import acceptance, auth, members, service
 from onetoken.orgs.models import Account, AdminSession
 from onetoken.orgs.schemas import (
     AccountCreate,
@@ -33,6 +33,10 @@ from onetoken.orgs.schemas import (
     OrgResponse,
     OrgUpdate,
     PasswordChange,
+    TermsAccept,
+    TermsAcceptanceList,
+    TermsAcceptanceResponse,
+    TermsResponse,
     TokenResponse,
     TotpCodeBody,
     TotpDisableRequest,
@@ -54,6 +58,7 @@ from onetoken.web.deps import (
     PublicDep,
     SelfDep,
     SessionDep,
+    SignedInDep,
     StateDep,
     own_account,
 )
@@ -128,7 +133,7 @@ def console_login(
 
 @router.post("/auth/logout", status_code=204)
 def logout(
-    principal: SelfDep,
+    principal: SignedInDep,
     request: Request,
     session: SessionDep,
     state: StateDep,
@@ -205,8 +210,62 @@ def _me_response(account: Account) -> MeResponse:
 
 
 @router.get("/me", response_model=MeResponse)
-def me(principal: SelfDep, session: SessionDep) -> MeResponse:
+def me(principal: SignedInDep, session: SessionDep) -> MeResponse:
     return _me_response(own_account(session, principal))
+
+
+@router.get("/me/terms", response_model=TermsResponse)
+def my_terms(principal: SignedInDep, session: SessionDep, state: StateDep) -> TermsResponse:
+    """The current terms of service and whether the caller accepted them. Until they do,
+    every other call of their session answers 403 `terms_not_accepted`."""
+    settings = state.settings
+    return TermsResponse.model_validate(
+        acceptance.status(session, principal.account_id, settings.terms_version,
+                          settings.terms_url)
+    )
+
+
+@router.post("/me/terms/accept", response_model=TermsResponse)
+def accept_terms(
+    body: TermsAccept, principal: SignedInDep, session: SessionDep, state: StateDep
+) -> TermsResponse:
+    """Accept the current terms of service on behalf of the caller's organization
+    (`version`: the one read). Recorded with the org, the time and the client address, and
+    in the security log; accepting again changes nothing."""
+    settings = state.settings
+    record, new = acceptance.accept(
+        session,
+        own_account(session, principal),
+        version=body.version,
+        current=settings.terms_version,
+        source_ip=principal.source_ip,
+    )
+    session.commit()
+    if new:
+        audit.event(principal, "account.terms_accepted", "info", subject_id=record.id,
+                    org_id=record.org_id, detail={"version": record.version})
+    return TermsResponse.model_validate(
+        acceptance.status(session, principal.account_id, settings.terms_version,
+                          settings.terms_url)
+    )
+
+
+@router.get("/terms/acceptances", response_model=TermsAcceptanceList)
+def list_terms_acceptances(
+    principal: MembersReadDep,
+    session: SessionDep,
+    org_id: Annotated[str | None, Query(max_length=32)] = None,
+    version: Annotated[str | None, Query(max_length=32)] = None,
+) -> TermsAcceptanceList:
+    """Who in the org accepted which version of the terms of service, newest first (org
+    admins; operators may name another org with `org_id`)."""
+    target = service.target_org(session, principal, org_id)
+    return TermsAcceptanceList(
+        data=[
+            TermsAcceptanceResponse.model_validate(a)
+            for a in acceptance.list_for_org(session, target, version=version)
+        ]
+    )
 
 
 @router.patch("/me", response_model=MeResponse)
