@@ -27,6 +27,7 @@ from onetoken.security.models import LoginSource
 from onetoken.settings import Settings
 from onetoken.state import AppState
 from onetoken.webhooks.models import WebhookAttempt, WebhookDelivery
+from tests import builders as build
 from tests.support import wait_until
 
 from .conftest import Admin, accept_terms
@@ -62,6 +63,8 @@ def test_export_json_and_csv(client: TestClient, admin: Admin) -> None:
     assert body["account"]["display_name"] == "Dana Dev"
     assert body["account"]["mobile"] == "+15550001111"
     assert [k["name"] for k in body["keys"]] == ["laptop"]
+    assert [(t["version"], t["org_id"]) for t in body["terms_acceptances"]] == [
+        (build.TERMS_VERSION, admin.org_id)]
     assert "hash" not in body["keys"][0]
     # Without a running gateway the call statistics are not available (and say so).
     assert body["call_statistics"] is None
