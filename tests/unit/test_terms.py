@@ -21,9 +21,13 @@ from tests.unit.conftest import Admin, drained_events
 API = "/api/v1"
 
 
-def _login(client: TestClient, login: str, password: str) -> dict[str, str]:
+def _login(
+    client: TestClient, login: str, password: str, pending: str | None = build.TERMS_VERSION
+) -> dict[str, str]:
+    """Signs in; the answer names the version still to accept (`pending`)."""
     r = client.post(f"{API}/auth/login", json={"login": login, "password": password})
     assert r.status_code == 200, r.text
+    assert r.json()["terms_pending"] == pending
     return {"Authorization": f"Bearer {r.json()['access_token']}"}
 
 
@@ -88,6 +92,11 @@ def test_a_new_account_is_held_until_it_accepts(
     _accept(client, h, version)
     assert len(_acceptances(state, owner_id)) == 1
     assert not [e for e in drained_events() if e["kind"] == "account.terms_accepted"]
+    # Signing in again, nothing is pending (the console's session answer says the same).
+    _login(client, "peter@initech.test", build.PASSWORD, pending=None)
+    console = client.post(f"{API}/auth/session",
+                          json={"login": "peter@initech.test", "password": build.PASSWORD})
+    assert console.status_code == 200 and console.json()["terms_pending"] is None
 
     # The org's admins list who accepted; other orgs see only their own.
     listed = client.get(f"{API}/terms/acceptances", headers=h).json()["data"]
@@ -139,7 +148,7 @@ def test_a_new_version_holds_everyone_until_they_accept_it(
     state.settings.terms_version = "2027-03-01"
     # A session from before the change is held back as much as a new sign-in.
     _held_back(client, admin.headers, "2027-03-01")
-    h = _login(client, admin.email, admin.password)
+    h = _login(client, admin.email, admin.password, pending="2027-03-01")
     _held_back(client, h, "2027-03-01")
     stale = client.post(f"{API}/me/terms/accept", headers=h,
                         json={"version": build.TERMS_VERSION})
@@ -159,7 +168,7 @@ def test_members_do_not_list_acceptances(
         viewer = orgs.create_account(s, admin.org_id, "vic@acme.test", build.PASSWORD, "viewer")
         build.accept_terms(s, viewer)
         s.commit()
-    h = _login(client, "vic@acme.test", build.PASSWORD)
+    h = _login(client, "vic@acme.test", build.PASSWORD, pending=None)
     r = client.get(f"{API}/terms/acceptances", headers=h)
     assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied"
 

@@ -61,15 +61,25 @@ class LoginRequest(BaseModel):
         return self.login if self.login is not None else (self.email or "")
 
 
+# Sign-in answers say when the session is held to the terms of service (docs/terms.md).
+TERMS_PENDING = Field(
+    default=None,
+    description="The version of the terms of service to accept (POST /api/v1/me/terms/accept) "
+    "before anything but the own profile, the terms and signing out; null: none.",
+)
+
+
 class TokenResponse(BaseModel):
     access_token: str
     token_type: Literal["bearer"] = "bearer"  # noqa: S105 (the OAuth token type name)
     expires_at: datetime
+    terms_pending: str | None = TERMS_PENDING
 
 
 class ConsoleSessionResponse(BaseModel):
     csrf_token: str = Field(description="Send it back in X-CSRF-Token on unsafe requests.")
     expires_at: datetime
+    terms_pending: str | None = TERMS_PENDING
 
 
 class MeResponse(BaseModel):

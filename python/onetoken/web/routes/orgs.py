@@ -107,8 +107,14 @@ def login(
     body: LoginRequest, request: Request, session: SessionDep, state: StateDep
 ) -> TokenResponse:
     """A bearer token for the admin API."""
-    token, record, _ = _sign_in(request, body, state, session)
-    return TokenResponse(access_token=token, expires_at=record.expires_at)
+    token, record, account = _sign_in(request, body, state, session)
+    return TokenResponse(access_token=token, expires_at=record.expires_at,
+                         terms_pending=_terms_pending(session, state, account))
+
+
+def _terms_pending(session: Session, state: AppState, account: Account) -> str | None:
+    version = state.settings.terms_version
+    return version if acceptance.accepted_at(session, account.id, version) is None else None
 
 
 @router.post("/auth/session", response_model=ConsoleSessionResponse, dependencies=[PublicDep])
@@ -121,14 +127,15 @@ def console_login(
 ) -> ConsoleSessionResponse:
     """A console session: Secure, HttpOnly, SameSite=Strict cookie, plus a CSRF token
     (also set as a readable cookie) to send back in X-CSRF-Token on unsafe requests."""
-    token, record, _ = _sign_in(request, body, state, session)
+    token, record, account = _sign_in(request, body, state, session)
     csrf = auth.csrf_token(state.secrets, token)
     max_age = state.settings.session_ttl_hours * 3600
     response.set_cookie(auth.SESSION_COOKIE, token, max_age=max_age, path="/api",
                         secure=True, httponly=True, samesite="strict")
     response.set_cookie(auth.CSRF_COOKIE, csrf, max_age=max_age, path="/",
                         secure=True, httponly=False, samesite="strict")
-    return ConsoleSessionResponse(csrf_token=csrf, expires_at=record.expires_at)
+    return ConsoleSessionResponse(csrf_token=csrf, expires_at=record.expires_at,
+                                  terms_pending=_terms_pending(session, state, account))
 
 
 @router.post("/auth/logout", status_code=204)
