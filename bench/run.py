@@ -607,6 +607,11 @@ class Control:
         self.token = str(login.get("access_token") or "")
         if not self.token:
             raise BenchError("control API login returned no access_token")
+        # The operator running the bench accepts the current terms of service, as at a
+        # first console sign-in; until then the control API answers 403 (docs/terms.md).
+        terms = self.call("GET", "/me/terms")
+        if terms.get("accepted_at") is None:
+            self.call("POST", "/me/terms/accept", {"version": terms.get("version")})
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         headers = {"Content-Type": "application/json"}

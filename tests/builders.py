@@ -16,8 +16,10 @@ from onetoken.db.migrate import upgrade
 from onetoken.db.session import make_engine
 from onetoken.keys import service as keys
 from onetoken.kit.crypto import Secrets
+from onetoken.orgs import acceptance
 from onetoken.orgs import service as orgs
 from onetoken.providers import service as providers
+from onetoken.settings import Settings
 
 if TYPE_CHECKING:
     from onetoken.keys.models import ApiKey
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from onetoken.providers.models import Model, Provider
 
 PASSWORD = "correct horse battery staple"
+# The terms of service a deployment with the default settings asks for.
+TERMS_VERSION: str = Settings.model_fields["terms_version"].default
 # Where tests point providers that nothing calls (the snapshot only names it).
 UNUSED_UPSTREAM = "http://127.0.0.1:9009/v1"
 
@@ -37,10 +41,20 @@ def org_with_owner(
     role: str = "owner",
     *,
     is_operator: bool = False,
+    terms: str | None = TERMS_VERSION,
 ) -> tuple[Org, Account]:
+    """The owner accepts the terms of service `terms` (None: nothing accepted yet)."""
     org = orgs.create_org(s, name)
     account = orgs.create_account(s, org.id, email, password, role, is_operator=is_operator)
+    if terms is not None:
+        accept_terms(s, account, terms)
     return org, account
+
+
+def accept_terms(s: Session, account: Account, version: str = TERMS_VERSION) -> None:
+    """`account` accepts the terms of service `version`, through the service the control
+    API records acceptances with (tests sign in as people who have read them)."""
+    acceptance.accept(s, account, version=version, current=version, source_ip="")
 
 
 def provider(

@@ -121,6 +121,13 @@ class Settings(BaseSettings):
 
     session_ttl_hours: int = Field(default=12, ge=1, le=24 * 30)
 
+    # The terms of service every person signing in accepts on behalf of their organization
+    # (policy section XII, docs/terms.md). Changing the version asks every account again:
+    # its sessions answer 403 `terms_not_accepted` until it accepts the new one.
+    terms_version: str = Field(default="2026-12-01", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
+    # Where the terms' text is published, shown with the version to accept.
+    terms_url: str | None = Field(default=None, max_length=2048)
+
     # Key-hash secret rotation: ONETOKEN_SECRET_KEY is version `secret_key_version`;
     # ONETOKEN_PREVIOUS_SECRET_KEYS ("N:secret,M:secret") keeps older versions valid for
     # the keys hashed under them, and decrypts what they encrypted.

@@ -49,6 +49,7 @@ from onetoken.settings import Settings
 from onetoken.state import AppState
 from onetoken.tickets import service as tickets
 from onetoken.tickets.store import open_store
+from tests import builders as build
 from tests.integration.harness import Server, bootstrap
 
 # 20 generated requests per operation, each sent as six callers: about three minutes on
@@ -107,6 +108,11 @@ def _seed(state: AppState) -> World:
         for role in ROLES:
             callers[role] = orgs.create_account(s, org.id, f"{role}@fuzz.test", PASSWORD,
                                                 role).id
+        # The callers have read and accepted the terms of service (onetoken.orgs.acceptance).
+        for account_id in callers.values():
+            caller = s.get(Account, account_id)
+            assert caller is not None
+            build.accept_terms(s, caller)
         # Resources the generated requests may change at will.
         member = orgs.create_account(s, org.id, "member@fuzz.test", PASSWORD, "viewer")
         key, _ = keys.create_key(s, state.secrets, org_id=org.id,

@@ -140,6 +140,10 @@ class Admin:
         r = self.http.post("/api/v1/auth/login", json={"email": email, "password": password})
         assert r.status_code == 200, r.text
         self.http.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
+        # The admin has read the terms of service: accepting the version the server asks
+        # for opens the rest of the control API (docs/terms.md).
+        self.post("/api/v1/me/terms/accept",
+                  {"version": self.get("/api/v1/me/terms")["version"]})
 
     def get(self, path: str, **kw: Any) -> Any:
         r = self.http.get(path, **kw)

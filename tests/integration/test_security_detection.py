@@ -377,6 +377,8 @@ def test_cancellation_leaves_no_personal_data(env: dict[str, Any]) -> None:
     r = erin.post("/api/v1/auth/login", json={"email": email, "password": password})
     assert r.status_code == 200, r.text
     erin.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
+    version = erin.get("/api/v1/me/terms").json()["version"]
+    assert erin.post("/api/v1/me/terms/accept", json={"version": version}).status_code == 200
     assert erin.patch("/api/v1/me", json={"display_name": name + " X"}).status_code == 200
     assert erin.patch("/api/v1/me", json={"display_name": name}).status_code == 200
     key = erin.post("/api/v1/keys", json={"name": "erin key"}).json()

@@ -117,6 +117,14 @@ def test_serve_demo_end_to_end(served: Served) -> None:
     )
     assert login.status_code == 200
     h = {"Authorization": f"Bearer {login.json()['access_token']}"}
+    # The bootstrap account has not accepted the terms of service yet: its session is held
+    # to its profile and the terms, while its API key served the call above all the same.
+    held = httpx.get(f"{s.control}/api/v1/billing/balance", headers=h)
+    assert held.status_code == 403 and held.json()["error"]["code"] == "terms_not_accepted"
+    terms = httpx.get(f"{s.control}/api/v1/me/terms", headers=h).json()
+    accepted = httpx.post(f"{s.control}/api/v1/me/terms/accept", headers=h,
+                          json={"version": terms["version"]})
+    assert accepted.status_code == 200, accepted.text
 
     # The control process ingests the gateway's journal into the ledger shortly after.
     wait_until(

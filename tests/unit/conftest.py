@@ -116,11 +116,20 @@ def add_account(
 ) -> dict[str, str]:
     password = "another long password"
     with state.session_factory() as session:
-        orgs.create_account(session, org_id, email, password, role)
+        build.accept_terms(session, orgs.create_account(session, org_id, email, password, role))
         session.commit()
     r = client.post("/api/v1/auth/login", json={"email": email, "password": password})
     assert r.status_code == 200, r.text
     return {"Authorization": f"Bearer {r.json()['access_token']}"}
+
+
+def accept_terms(client: TestClient, headers: dict[str, str]) -> dict[str, str]:
+    """The signed-in account (`headers`) accepts the current terms of service, as a person
+    does at their first sign-in; returns `headers`."""
+    r = client.post("/api/v1/me/terms/accept", json={"version": build.TERMS_VERSION},
+                    headers=headers)
+    assert r.status_code == 200, r.text
+    return headers
 
 
 def drained_events() -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from onetoken.orgs.models import Account
 from onetoken.security import totp
 from onetoken.settings import Settings
 from onetoken.state import AppState
+from tests import builders as build
 from tests.unit.conftest import Admin, add_account, drained_events, make_org_admin
 
 API = "/api/v1"
@@ -130,8 +131,9 @@ def test_operator_creates_and_sees_orgs_admins_only_their_own(
 ) -> None:
     with state.session_factory() as s:
         platform = orgs.create_org(s, "Platform")
-        orgs.create_account(s, platform.id, "op@platform.test", "operator password 1",
-                            "viewer", is_operator=True)
+        build.accept_terms(s, orgs.create_account(
+            s, platform.id, "op@platform.test", "operator password 1", "viewer", is_operator=True
+        ))
         s.commit()
     op = bearer(login(client, "op@platform.test", "operator password 1"))
     r = client.post(f"{API}/orgs", headers=op, json={

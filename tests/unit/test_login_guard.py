@@ -28,6 +28,7 @@ from onetoken.security.login_guard import LoginGuard, lockout_seconds
 from onetoken.security.models import LoginThrottle
 from onetoken.settings import Settings
 from onetoken.state import AppState
+from tests import builders as build
 
 API = "/api/v1"
 PASSWORD = "the right password"
@@ -70,6 +71,7 @@ def org_with_owner(env: Env) -> tuple[str, str, str]:
     with env.state.session_factory() as s:
         org = orgs.create_org(s, f"Org{n}")
         acc = orgs.create_account(s, org.id, f"owner{n}@org.test", PASSWORD, "owner")
+        build.accept_terms(s, acc)
         s.commit()
         return org.id, f"owner{n}@org.test", acc.id
 
@@ -241,7 +243,9 @@ def test_org_admins_see_only_their_org_and_operators_all(env: Env) -> None:
     assert nxt["data"][0]["event_id"] != page["data"][0]["event_id"]
     # A viewer of the org may not read it.
     with env.state.session_factory() as s:
-        orgs.create_account(s, org_a, f"viewer-{org_a}@org.test", PASSWORD, "viewer")
+        build.accept_terms(
+            s, orgs.create_account(s, org_a, f"viewer-{org_a}@org.test", PASSWORD, "viewer")
+        )
         s.commit()
     vt = token_for(env, f"viewer-{org_a}@org.test")
     r = c.get(f"{API}/security/events", headers={"Authorization": f"Bearer {vt}"})
@@ -249,8 +253,8 @@ def test_org_admins_see_only_their_org_and_operators_all(env: Env) -> None:
     # An operator sees both orgs.
     with env.state.session_factory() as s:
         platform = orgs.create_org(s, "Platform")
-        orgs.create_account(s, platform.id, "op@platform.test", PASSWORD, "viewer",
-                            is_operator=True)
+        build.accept_terms(s, orgs.create_account(s, platform.id, "op@platform.test", PASSWORD,
+                                                  "viewer", is_operator=True))
         s.commit()
     op = token_for(env, "op@platform.test")
     seen = {e["org_id"] for e in events(env, op)}

@@ -34,6 +34,7 @@ from onetoken.web.permissions import (
     route_permissions,
     route_rules,
 )
+from tests import builders as build
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "permissions.md"
 PASSWORD = "matrix-test-password"
@@ -87,6 +88,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         b = orgs.create_org(s, "Globex")
         other = orgs.create_account(s, b.id, "owner@globex.test", PASSWORD, "owner")
         people["other_org"] = Who("other_org", other.id, b.id, "owner", False)
+        for who in people.values():
+            account = s.get(Account, who.account_id)
+            assert account is not None
+            build.accept_terms(s, account)
         s.commit()
         org_a, org_b = a.id, b.id
     marks = {org_a, "acme.test"} | {p.account_id for p in people.values() if p.org_id == org_a}
@@ -293,3 +298,7 @@ def test_the_matrix_itself() -> None:
     assert not holds(PERMISSIONS["tickets.write"], "viewer", False)
     assert not any(holds(PERMISSIONS["tickets.staff"], role, False) for role in ROLES)
     assert holds(PERMISSIONS["tickets.staff"], "viewer", True)
+    # Before the terms of service are accepted: only the own profile, the terms, signing
+    # out, export and cancellation (onetoken.orgs.acceptance).
+    assert [p.name for p in PERMISSIONS.values() if p.before_terms] == ["session"]
+    assert all(holds(PERMISSIONS["session"], role, False) for role in ROLES)

@@ -19,7 +19,7 @@ from onetoken.analytics import clickhouse
 from onetoken.analytics.clickhouse import open_client
 from onetoken.analytics.columns import CALL_LOG_COLUMNS, CALL_LOG_TABLE
 from onetoken.db.base import utcnow
-from onetoken.orgs.models import AdminSession
+from onetoken.orgs.models import AdminSession, TermsAcceptance
 from onetoken.rights import erasure, retention
 from onetoken.rights.models import AccountErasure
 from onetoken.security import log as security_log
@@ -27,9 +27,10 @@ from onetoken.security.models import LoginSource
 from onetoken.settings import Settings
 from onetoken.state import AppState
 from onetoken.webhooks.models import WebhookAttempt, WebhookDelivery
+from tests import builders as build
 from tests.support import wait_until
 
-from .conftest import Admin
+from .conftest import Admin, accept_terms
 from .test_analytics_sink import make_batch
 
 PASSWORD = "another long password"
@@ -45,7 +46,7 @@ def _member(client: TestClient, admin: Admin, email: str, role: str, **extra: st
 def _login(client: TestClient, email: str) -> dict[str, str]:
     r = client.post("/api/v1/auth/login", json={"email": email, "password": PASSWORD})
     assert r.status_code == 200, r.text
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
+    return accept_terms(client, {"Authorization": f"Bearer {r.json()['access_token']}"})
 
 
 def test_export_json_and_csv(client: TestClient, admin: Admin) -> None:
@@ -62,6 +63,8 @@ def test_export_json_and_csv(client: TestClient, admin: Admin) -> None:
     assert body["account"]["display_name"] == "Dana Dev"
     assert body["account"]["mobile"] == "+15550001111"
     assert [k["name"] for k in body["keys"]] == ["laptop"]
+    assert [(t["version"], t["org_id"]) for t in body["terms_acceptances"]] == [
+        (build.TERMS_VERSION, admin.org_id)]
     assert "hash" not in body["keys"][0]
     # Without a running gateway the call statistics are not available (and say so).
     assert body["call_statistics"] is None
@@ -83,7 +86,11 @@ def test_cancel_own_account_anonymizes_the_control_db(
     account_id = _member(client, admin, "ann@acme.test", "developer",
                          display_name="Ann Example", mobile="+15559998888",
                          login_name="ann.example")
-    h = _login(client, "ann@acme.test")
+    r = client.post("/api/v1/auth/login", json={"email": "ann@acme.test", "password": PASSWORD})
+    h = {"Authorization": f"Bearer {r.json()['access_token']}"}
+    # Ann accepted the terms from her own address: the acceptance stays, the address goes.
+    remote = TestClient(client.app, client=("198.51.100.9", 40000))
+    accept_terms(remote, h)
     key = client.post("/api/v1/keys", json={"name": "Ann's laptop"}, headers=h).json()
     wrong = client.post("/api/v1/me/cancel", json={"password": "nope"}, headers=h)
     assert wrong.status_code == 401
@@ -109,10 +116,12 @@ def test_cancel_own_account_anonymizes_the_control_db(
                          ).all() == []
         assert s.scalars(select(LoginSource).where(LoginSource.account_id == account_id)
                          ).all() == []
+        kept = s.scalars(select(TermsAcceptance).where(TermsAcceptance.account_id == account_id))
+        assert [(a.org_id, a.source_ip) for a in kept] == [(admin.org_id, "")]
     data_dir = Path(state.settings.data_dir)
     raw = b"".join(p.read_bytes() for p in data_dir.glob("control.db*") if p.is_file())
     for needle in ("ann@acme.test", "+15559998888", "Ann Example", "ann.example",
-                   "Ann's laptop"):
+                   "Ann's laptop", "198.51.100.9"):
         assert needle.encode() not in raw, needle
     twice = client.post(f"/api/v1/accounts/{account_id}/cancel", headers=admin.headers)
     assert twice.status_code == 409

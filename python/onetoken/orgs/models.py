@@ -1,11 +1,20 @@
 """Tables of the orgs domain: organizations, their accounts and admin sessions, the
-gateway pools operators run, and each org's commercial terms."""
+gateway pools operators run, each org's commercial terms, and who accepted which version
+of the terms of service."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, CheckConstraint, ForeignKey, String
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from onetoken.db.base import Base, UTCDateTime, utcnow
@@ -117,3 +126,27 @@ class OrgTerms(Base):
     # When the data processing agreement was signed; None: not signed.
     dpa_signed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class TermsAcceptance(Base):
+    """One account's acceptance of one version of the terms of service, on behalf of its
+    organization (policy section XII.2): who, which version, for which org, when and from
+    which address. Kept as the record of the acknowledgement; cancelling the account
+    leaves it pseudonymous (the account id) and drops the address."""
+
+    __tablename__ = "terms_acceptances"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey(Account.id))
+    org_id: Mapped[str] = mapped_column(ForeignKey(Org.id))
+    version: Mapped[str] = mapped_column(String(32))
+    accepted_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # The client address of the request that accepted ("" when the test fixtures accept).
+    source_ip: Mapped[str] = mapped_column(String(64), default="")
+
+    __table_args__ = (
+        # One acceptance per account and version: the gate's lookup, and a second accept
+        # (a double click, two tabs) finds the first.
+        UniqueConstraint("account_id", "version", name="uq_terms_acceptances_account_version"),
+        Index("ix_terms_acceptances_org_id_accepted_at", "org_id", "accepted_at"),
+    )

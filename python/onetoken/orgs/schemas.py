@@ -71,15 +71,25 @@ class LoginRequest(BaseModel):
         return self.login if self.login is not None else (self.email or "")
 
 
+# Sign-in answers say when the session is held to the terms of service (docs/terms.md).
+TERMS_PENDING = Field(
+    default=None,
+    description="The version of the terms of service to accept (POST /api/v1/me/terms/accept) "
+    "before anything but the own profile, the terms and signing out; null: none.",
+)
+
+
 class TokenResponse(BaseModel):
     access_token: str
     token_type: Literal["bearer"] = "bearer"  # noqa: S105 (the OAuth token type name)
     expires_at: datetime
+    terms_pending: str | None = TERMS_PENDING
 
 
 class ConsoleSessionResponse(BaseModel):
     csrf_token: str = Field(description="Send it back in X-CSRF-Token on unsafe requests.")
     expires_at: datetime
+    terms_pending: str | None = TERMS_PENDING
 
 
 class MeResponse(BaseModel):
@@ -237,6 +247,46 @@ class OrgCreated(OrgResponse):
 
 
 class AccountList(ListOf[AccountResponse]): ...
+
+
+# -- the terms of service (onetoken.orgs.acceptance) ---------------------------------------
+
+
+class TermsResponse(BaseModel):
+    """The current terms of service as the caller sees them."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    version: str
+    url: str | None = Field(description="Where the text is published (ONETOKEN_TERMS_URL).")
+    statement: str = Field(description="What accepting says, on behalf of the organization.")
+    accepted_at: datetime | None = Field(description="null: not accepted yet.")
+
+
+class TermsAccept(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str = Field(
+        min_length=1,
+        max_length=32,
+        description="The version read (GET /api/v1/me/terms); 409 unless it is the current one.",
+    )
+
+
+class TermsAcceptanceResponse(BaseModel):
+    """Who accepted which version of the terms, on behalf of which org, when, from where."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    account_id: str
+    org_id: str
+    version: str
+    accepted_at: datetime
+    source_ip: str
+
+
+class TermsAcceptanceList(ListOf[TermsAcceptanceResponse]): ...
 
 
 class AccountUpdate(BaseModel):

@@ -12,11 +12,12 @@ On the request, in one transaction of the control DB:
 3. the account keeps its id (a pseudonymous id: nothing links it to a person any more) so
    orders, invoices, the ledger and call records still add up; its login name becomes
    `erased-<hash>`, email, mobile, name, password, second factor and invitations are
-   cleared, sessions and sign-in sources deleted; in its org's tickets, what it submitted
-   is erased (tickets.service.erase_account: the content of tickets it opened, its own
-   messages and attachments elsewhere; the files are deleted after the commit). SQLite is
-   written with secure_delete and its WAL checkpointed, so the old values do not linger in
-   free pages.
+   cleared, sessions and sign-in sources deleted, the addresses its acceptances of the
+   terms of service came from cleared (the acceptances stay); in its org's tickets, what
+   it submitted is erased (tickets.service.erase_account: the content of tickets it
+   opened, its own messages and attachments elsewhere; the files are deleted after the
+   commit). SQLite is written with secure_delete and its WAL checkpointed, so the old
+   values do not linger in free pages.
 
 Then, in the erasure worker, for a batch of queued accounts at a time:
 
@@ -55,7 +56,7 @@ from onetoken.keys.models import ApiKey
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import Conflict, NotFound
 from onetoken.kit.worker import LoopThread
-from onetoken.orgs.models import Account, AdminSession
+from onetoken.orgs.models import Account, AdminSession, TermsAcceptance
 from onetoken.rights.models import AccountErasure
 from onetoken.security.models import LoginSource, LoginThrottle
 from onetoken.tickets import service as tickets_service
@@ -393,6 +394,13 @@ def anonymize_account(session: Session, account: Account) -> None:
         key.name = "erased"
     session.execute(delete(AdminSession).where(AdminSession.account_id == account.id))
     session.execute(delete(LoginSource).where(LoginSource.account_id == account.id))
+    # The acceptances of the terms stay (which org's account accepted which version, and
+    # when), under the pseudonymous id; the address they came from goes.
+    session.execute(
+        update(TermsAcceptance)
+        .where(TermsAcceptance.account_id == account.id)
+        .values(source_ip="")
+    )
     session.execute(
         delete(LoginThrottle).where(
             LoginThrottle.scope == "account", LoginThrottle.subject == account.id

@@ -1,6 +1,7 @@
 """Export of one's own data: account and organization fields, API keys (display ids
-only), sign-in sources, the tickets it opened or wrote in (with every message and its
-attachments' metadata), the account's security events and its call statistics.
+only), sign-in sources, acceptances of the terms of service, the tickets it opened or
+wrote in (with every message and its attachments' metadata), the account's security
+events and its call statistics.
 
 Call statistics are aggregates per UTC day and model of the calls made with the
 account's keys (call metadata never holds content in the first place).
@@ -22,7 +23,7 @@ from onetoken.analytics.columns import CALL_LOG_READ, SECURITY_LOG_TABLE
 from onetoken.keys.models import ApiKey
 from onetoken.kit.money import format_amount
 from onetoken.kit.spreadsheet import formula_safe
-from onetoken.orgs.models import Account, Org
+from onetoken.orgs.models import Account, Org, TermsAcceptance
 from onetoken.security.models import LoginSource
 from onetoken.tickets import service as tickets_service
 
@@ -103,6 +104,19 @@ def login_sources_part(session: Session, account: Account) -> list[dict[str, Any
     ]
 
 
+def terms_part(session: Session, account: Account) -> list[dict[str, Any]]:
+    rows = session.scalars(
+        select(TermsAcceptance).where(TermsAcceptance.account_id == account.id).order_by(
+            TermsAcceptance.accepted_at
+        )
+    )
+    return [
+        {"version": r.version, "org_id": r.org_id, "accepted_at": _iso(r.accepted_at),
+         "source_ip": r.source_ip}
+        for r in rows
+    ]
+
+
 def call_statistics(client: Any, org_id: str, account_id: str) -> list[dict[str, Any]]:
     result = client.query(
         "SELECT toString(toDate(ts)) AS day, model_requested, count(), "  # noqa: S608
@@ -159,6 +173,7 @@ def build(
         "account": account_part(session, account),
         "keys": keys_part(session, account),
         "login_sources": login_sources_part(session, account),
+        "terms_acceptances": terms_part(session, account),
         "tickets": tickets_service.export_part(session, account.org_id, account.id),
         "call_statistics": None,
         "security_events": None,

@@ -10,6 +10,10 @@ Operators (`accounts.is_operator`, the platform's own staff; the bootstrap accou
 one) hold every permission marked `operator`; some permissions are operator-only.
 Moving the platform's money (`billing.money`) is one of them unless a private deployment
 hands it to its owners with ONETOKEN_TENANT_MONEY_ADMIN=true.
+
+Until the signed-in account accepts the current terms of service, only the `session`
+permission is held (onetoken.orgs.acceptance); every other one answers 403
+`terms_not_accepted`.
 """
 
 from __future__ import annotations
@@ -32,15 +36,24 @@ class Permission:
     # Roles that hold it only where ONETOKEN_TENANT_MONEY_ADMIN=true (a private
     # single-enterprise deployment whose owners are also the platform's staff).
     tenant_money_roles: frozenset[str] = frozenset()
+    # Held before the current terms of service are accepted (onetoken.orgs.acceptance):
+    # every other permission waits for the acceptance.
+    before_terms: bool = False
 
 
 def _p(
-    name: str, roles: str, description: str, *, operator: bool = True, tenant_money: str = ""
+    name: str,
+    roles: str,
+    description: str,
+    *,
+    operator: bool = True,
+    tenant_money: str = "",
+    before_terms: bool = False,
 ) -> Permission:
     held = frozenset(r for r in roles.split() if r)
     delegated = frozenset(r for r in tenant_money.split() if r)
     assert held <= set(ROLES) and delegated <= set(ROLES), name
-    return Permission(name, held, operator, description, delegated)
+    return Permission(name, held, operator, description, delegated, before_terms)
 
 
 _ALL = " ".join(ROLES)
@@ -48,7 +61,15 @@ _ALL = " ".join(ROLES)
 PERMISSIONS: dict[str, Permission] = {
     p.name: p
     for p in (
-        _p("self", _ALL, "Own account: profile, password, second factor, sign out."),
+        _p(
+            "session",
+            _ALL,
+            "Read the own profile, read and accept the terms of service, sign out, export "
+            "and cancel the own account: the only permission held before the current terms "
+            "are accepted (whoever declines them keeps these rights).",
+            before_terms=True,
+        ),
+        _p("self", _ALL, "Own account: change the profile, password, second factor."),
         _p("org.read", _ALL, "Read the own organization."),
         _p("org.write", "owner admin", "Change the own organization's settings."),
         _p(

@@ -14,7 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from onetoken.kit.errors import Forbidden, NotFound, OnetokenError, Unauthorized
-from onetoken.orgs import auth
+from onetoken.orgs import acceptance, auth
 from onetoken.orgs.models import Account
 from onetoken.security import audit
 from onetoken.security.net import client_ip
@@ -112,8 +112,15 @@ def require(name: str) -> Callable[..., Iterator[Principal]]:
     endpoint, outcome), unless the service recorded a more precise audit event."""
     permission = PERMISSIONS[name]
 
-    def dependency(request: Request, principal: PrincipalDep) -> Iterator[Principal]:
-        tenant_money_admin = get_state(request).settings.tenant_money_admin
+    def dependency(
+        request: Request, principal: PrincipalDep, session: SessionDep
+    ) -> Iterator[Principal]:
+        settings = get_state(request).settings
+        if not permission.before_terms:
+            # Before the role: until the terms are accepted nothing else is open, and the
+            # answer says which version to accept.
+            acceptance.check_accepted(session, principal.account_id, settings.terms_version)
+        tenant_money_admin = settings.tenant_money_admin
         if not holds(
             permission, principal.role, principal.is_operator,
             tenant_money_admin=tenant_money_admin,
@@ -140,6 +147,9 @@ def require(name: str) -> Callable[..., Iterator[Principal]]:
 
 # One dependency per permission of the matrix (onetoken.security.permissions): a route
 # names the permission it needs in its signature, e.g. `principal: KeysWriteDep`.
+# Any signed-in account, the terms of service accepted or not (own profile, the terms,
+# sign out, export and cancel).
+SignedInDep = Annotated[Principal, Depends(require("session"))]
 SelfDep = Annotated[Principal, Depends(require("self"))]
 OrgReadDep = Annotated[Principal, Depends(require("org.read"))]
 OrgWriteDep = Annotated[Principal, Depends(require("org.write"))]

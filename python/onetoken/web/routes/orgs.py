@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import Conflict, NotFound
-from onetoken.orgs import auth, members, service
+from onetoken.orgs import acceptance, auth, members, service
 from onetoken.orgs.models import Account, AdminSession
 from onetoken.orgs.schemas import (
     AccountCreate,
@@ -34,6 +34,10 @@ from onetoken.orgs.schemas import (
     OrgUpdate,
     PasswordChange,
     PermissionsResponse,
+    TermsAccept,
+    TermsAcceptanceList,
+    TermsAcceptanceResponse,
+    TermsResponse,
     TokenResponse,
     TotpCodeBody,
     TotpDisableRequest,
@@ -56,6 +60,7 @@ from onetoken.web.deps import (
     PublicDep,
     SelfDep,
     SessionDep,
+    SignedInDep,
     StateDep,
     own_account,
 )
@@ -104,8 +109,14 @@ def login(
     body: LoginRequest, request: Request, session: SessionDep, state: StateDep
 ) -> TokenResponse:
     """A bearer token for the admin API."""
-    token, record, _ = _sign_in(request, body, state, session)
-    return TokenResponse(access_token=token, expires_at=record.expires_at)
+    token, record, account = _sign_in(request, body, state, session)
+    return TokenResponse(access_token=token, expires_at=record.expires_at,
+                         terms_pending=_terms_pending(session, state, account))
+
+
+def _terms_pending(session: Session, state: AppState, account: Account) -> str | None:
+    version = state.settings.terms_version
+    return version if acceptance.accepted_at(session, account.id, version) is None else None
 
 
 @router.post("/auth/session", response_model=ConsoleSessionResponse, dependencies=[PublicDep])
@@ -118,7 +129,7 @@ def console_login(
 ) -> ConsoleSessionResponse:
     """A console session: Secure, HttpOnly, SameSite=Strict cookie, plus a CSRF token
     (also set as a readable cookie) to send back in X-CSRF-Token on unsafe requests."""
-    token, record, _ = _sign_in(request, body, state, session)
+    token, record, account = _sign_in(request, body, state, session)
     csrf = auth.csrf_token(state.secrets, token)
     max_age = state.settings.session_ttl_hours * 3600
     # Path "/": the console's pages (onetoken.web.console) read the session too.
@@ -126,12 +137,13 @@ def console_login(
                         secure=True, httponly=True, samesite="strict")
     response.set_cookie(auth.CSRF_COOKIE, csrf, max_age=max_age, path="/",
                         secure=True, httponly=False, samesite="strict")
-    return ConsoleSessionResponse(csrf_token=csrf, expires_at=record.expires_at)
+    return ConsoleSessionResponse(csrf_token=csrf, expires_at=record.expires_at,
+                                  terms_pending=_terms_pending(session, state, account))
 
 
 @router.post("/auth/logout", status_code=204)
 def logout(
-    principal: SelfDep,
+    principal: SignedInDep,
     request: Request,
     session: SessionDep,
     state: StateDep,
@@ -208,7 +220,7 @@ def _me_response(account: Account) -> MeResponse:
 
 
 @router.get("/me", response_model=MeResponse)
-def me(principal: SelfDep, session: SessionDep) -> MeResponse:
+def me(principal: SignedInDep, session: SessionDep) -> MeResponse:
     return _me_response(own_account(session, principal))
 
 
@@ -221,6 +233,60 @@ def my_permissions(principal: SelfDep, state: StateDep) -> PermissionsResponse:
         is_operator=principal.is_operator,
         permissions=held(principal.role, principal.is_operator,
                          tenant_money_admin=state.settings.tenant_money_admin),
+    )
+
+
+@router.get("/me/terms", response_model=TermsResponse)
+def my_terms(principal: SignedInDep, session: SessionDep, state: StateDep) -> TermsResponse:
+    """The current terms of service and whether the caller accepted them. Until they do,
+    every other call of their session answers 403 `terms_not_accepted`."""
+    settings = state.settings
+    return TermsResponse.model_validate(
+        acceptance.status(session, principal.account_id, settings.terms_version,
+                          settings.terms_url)
+    )
+
+
+@router.post("/me/terms/accept", response_model=TermsResponse)
+def accept_terms(
+    body: TermsAccept, principal: SignedInDep, session: SessionDep, state: StateDep
+) -> TermsResponse:
+    """Accept the current terms of service on behalf of the caller's organization
+    (`version`: the one read). Recorded with the org, the time and the client address, and
+    in the security log; accepting again changes nothing."""
+    settings = state.settings
+    record, new = acceptance.accept(
+        session,
+        own_account(session, principal),
+        version=body.version,
+        current=settings.terms_version,
+        source_ip=principal.source_ip,
+    )
+    session.commit()
+    if new:
+        audit.event(principal, "account.terms_accepted", "info", subject_id=record.id,
+                    org_id=record.org_id, detail={"version": record.version})
+    return TermsResponse.model_validate(
+        acceptance.status(session, principal.account_id, settings.terms_version,
+                          settings.terms_url)
+    )
+
+
+@router.get("/terms/acceptances", response_model=TermsAcceptanceList)
+def list_terms_acceptances(
+    principal: MembersReadDep,
+    session: SessionDep,
+    org_id: Annotated[str | None, Query(max_length=32)] = None,
+    version: Annotated[str | None, Query(max_length=32)] = None,
+) -> TermsAcceptanceList:
+    """Who in the org accepted which version of the terms of service, newest first (org
+    admins; operators may name another org with `org_id`)."""
+    target = service.target_org(session, principal, org_id)
+    return TermsAcceptanceList(
+        data=[
+            TermsAcceptanceResponse.model_validate(a)
+            for a in acceptance.list_for_org(session, target, version=version)
+        ]
     )
 
 

@@ -23,9 +23,9 @@ from onetoken.state import AppState
 from onetoken.web.deps import (
     MembersWriteDep,
     OrgsManageDep,
-    SelfDep,
     ServiceUnavailable,
     SessionDep,
+    SignedInDep,
     StateDep,
     own_account,
 )
@@ -60,7 +60,7 @@ def _runner(state: AppState) -> Any:
                      "description": "JSON, or one part as CSV."}},
 )
 def export_me(
-    principal: SelfDep,
+    principal: SignedInDep,
     session: SessionDep,
     state: StateDep,
     format: Annotated[Literal["json", "csv"], Query()] = "json",
@@ -129,7 +129,7 @@ def _cancel(state: AppState, principal: Principal, account_id: str) -> CancelRes
 @router.post("/me/cancel", response_model=CancelResponse)
 def cancel_me(
     body: CancelRequest,
-    principal: SelfDep,
+    principal: SignedInDep,
     request: Request,
     session: SessionDep,
     state: StateDep,
