@@ -276,12 +276,28 @@ def test_console_flows_and_every_page(
     # A customer of another organization opens a ticket with an attachment; staff answer
     # it and close it; the customer sees both.
     password = "a customer's long password"
-    admin.post("/api/v1/orgs", {"name": "Customer Co", "owner": {
-        "email": "owner@customer.test", "role": "owner", "password": password}})
+    customer_org = admin.post("/api/v1/orgs", {"name": "Customer Co", "owner": {
+        "email": "owner@customer.test", "role": "owner", "password": password}})["id"]
     customer_context = chromium.new_context(viewport=DESKTOP)
     customer = customer_context.new_page()
     watch.attach(customer)
-    sign_in_with_password(customer, base, "/tickets", "owner@customer.test", password)
+    # A new account accepts the terms of service on behalf of its org before anything else
+    # (docs/terms.md): every page leads there until it does, and the API refuses the rest.
+    customer.goto(f"{base}/tickets")
+    customer.fill("input[name=login]", "owner@customer.test")
+    customer.fill("input[name=password]", password)
+    customer.click("button[type=submit]")
+    customer.wait_for_url(f"{base}/terms?next=/tickets")
+    ready(customer)
+    assert "on behalf of my organization" in customer.inner_text("#terms")
+    customer.screenshot(path=str(screenshots / "terms-desktop.png"), full_page=True)
+    r = admin.http.get("/api/v1/terms/acceptances", params={"org_id": customer_org})
+    assert r.status_code == 200 and r.json()["data"] == []
+    customer.click("#terms button[type=submit]")
+    customer.wait_for_url(f"{base}/tickets")
+    ready(customer)
+    accepted = admin.get(f"/api/v1/terms/acceptances?org_id={customer_org}")["data"]
+    assert [a["org_id"] for a in accepted] == [customer_org]
     shot = tmp_path / "screen.png"
     shot.write_bytes(PNG)
     customer.fill("#new-ticket input[name=subject]", "The chart is empty")
@@ -352,4 +368,5 @@ def test_console_flows_and_every_page(
     assert seen_request_id
     for c in (phone_context, customer_phone_context, customer_context, context):
         c.close()
-    assert len(list(screenshots.glob("*.png"))) == 2 * len(PAGES)
+    # Every page at both widths, and the terms page a new account meets first.
+    assert len(list(screenshots.glob("*.png"))) == 2 * len(PAGES) + 1

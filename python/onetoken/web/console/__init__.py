@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
 from onetoken import __version__
-from onetoken.orgs import auth
+from onetoken.orgs import acceptance, auth
 from onetoken.security.permissions import held
 from onetoken.security.principal import Principal
 from onetoken.state import AppState
@@ -36,6 +36,7 @@ from onetoken.webhooks.events import EVENT_KINDS
 
 STATIC_URL = "/console/static"
 SIGN_IN_PATH = "/signin"
+TERMS_PATH = "/terms"
 
 #: Scripts, styles, images and API calls from this origin only; no inline script, no
 #: plug-ins, no framing (clickjacking), forms post nowhere else.
@@ -128,6 +129,12 @@ def _principal(request: Request) -> Principal | None:
         return auth.resolve_session(session, state.secrets, token)
 
 
+def _terms_pending(state: AppState, principal: Principal) -> bool:
+    with state.session_factory() as session:
+        version = state.settings.terms_version
+        return acceptance.accepted_at(session, principal.account_id, version) is None
+
+
 def _page_handler(page: Page) -> Callable[[Request], Response]:
     def handler(request: Request) -> Response:
         principal = _principal(request)
@@ -135,6 +142,11 @@ def _page_handler(page: Page) -> Callable[[Request], Response]:
             target = f"{SIGN_IN_PATH}?next={quote(page.path, safe='/')}"
             return RedirectResponse(target, status_code=303, headers=SECURITY_HEADERS)
         state: AppState = request.app.state.onetoken
+        # The API answers 403 terms_not_accepted to this session until the person accepts
+        # the current terms on behalf of the org (docs/terms.md): ask first.
+        if _terms_pending(state, principal):
+            target = f"{TERMS_PATH}?next={quote(page.path, safe='/')}"
+            return RedirectResponse(target, status_code=303, headers=SECURITY_HEADERS)
         perms = held(principal.role, principal.is_operator,
                      tenant_money_admin=state.settings.tenant_money_admin)
         nav = [p for p in PAGES if p.permission in perms and p.listed]
@@ -160,6 +172,21 @@ def _sign_in(_: Request) -> Response:
     return _html("signin.html", page=Page(SIGN_IN_PATH, "Sign in", "", "signin.html"))
 
 
+def _terms(request: Request) -> Response:
+    """The current terms of service, to accept on behalf of the org (any signed-in
+    person; the acceptance itself goes through the API)."""
+    principal = _principal(request)
+    if principal is None:
+        target = f"{SIGN_IN_PATH}?next={quote(TERMS_PATH, safe='/')}"
+        return RedirectResponse(target, status_code=303, headers=SECURITY_HEADERS)
+    state: AppState = request.app.state.onetoken
+    with state.session_factory() as session:
+        terms = acceptance.status(session, principal.account_id, state.settings.terms_version,
+                                  state.settings.terms_url)
+    return _html("terms.html", page=Page(TERMS_PATH, "Terms of service", "", "terms.html"),
+                 me=principal, terms=terms)
+
+
 def _plotly(_: Request) -> Response:
     return FileResponse(plotly_js(), media_type="text/javascript",
                         headers={"X-Content-Type-Options": "nosniff",
@@ -174,5 +201,6 @@ def install(app: FastAPI) -> None:
                   include_in_schema=False)
     app.mount(STATIC_URL, _Assets(directory=_package_dir("static")), name="console-static")
     app.add_route(SIGN_IN_PATH, _sign_in, methods=["GET"], include_in_schema=False)
+    app.add_route(TERMS_PATH, _terms, methods=["GET"], include_in_schema=False)
     for page in PAGES:
         app.add_route(page.path, _page_handler(page), methods=["GET"], include_in_schema=False)
