@@ -102,3 +102,76 @@ def test_unsafe_api_calls_from_the_console_need_the_csrf_token(
     csrf = client.cookies.get(auth.CSRF_COOKIE)
     r = client.post(f"{API}/keys", json={"name": "with token"}, headers={"X-CSRF-Token": csrf})
     assert r.status_code == 201, r.text
+
+
+def test_each_role_can_read_everything_its_pages_load(
+    client: TestClient, state: AppState
+) -> None:
+    """A page a role may open loads only what that role may read: no `data-load` of a
+    page in its navigation is refused to its session (a page asking for more than its
+    permission would fill in with errors)."""
+    owner = make_org_admin(state, client, "Acme", "owner@acme.test")
+    add_account(state, client, owner.org_id, "viewer@acme.test", "viewer")
+    add_account(state, client, owner.org_id, "admin@acme.test", "admin")
+    new_pages = {"/models", "/organization", "/security/incidents"}
+    for email, role, password in (
+        ("viewer@acme.test", "viewer", "another long password"),
+        ("admin@acme.test", "admin", "another long password"),
+        (owner.email, "owner", owner.password),
+    ):
+        tab = TestClient(client.app, base_url="https://testserver", follow_redirects=False)
+        console_session(tab, email, password)
+        perms = held(role, False)
+        listed = {p.path for p in PAGES if p.listed and p.permission in perms}
+        # Every member sees the models with their processor and the org's terms; only
+        # those who handle security events see the incidents.
+        assert {"/models", "/organization"} <= listed, role
+        assert ("/security/incidents" in listed) == (role != "viewer"), role
+        assert "/operator/orgs" not in listed
+        loaded = 0
+        for path in sorted(listed):
+            html = tab.get(path).text
+            for url in re.findall(r'data-load="([^"]+)"', html):
+                url = url.replace("&amp;", "&").replace("{today}", "2026-01-01T00:00:00Z")
+                assert "{" not in url, (path, url)
+                r = tab.get(url)
+                # Call metadata needs a running gateway (503 here); never a refusal.
+                assert r.status_code not in (401, 403), (role, path, url, r.text)
+                if path in new_pages:
+                    assert r.status_code == 200, (role, path, url, r.text)
+                    loaded += 1
+        assert loaded >= 3, role
+
+
+def test_processor_facts_and_the_no_training_rule_are_on_the_pages(
+    client: TestClient, browser: TestClient, state: AppState
+) -> None:
+    admin = make_org_admin(state, client, "Acme", "admin@acme.test", "admin")
+    console_session(browser, admin.email, admin.password)
+    models = browser.get("/models").text
+    for field in ("vendor", "region", "trains_on_data", "zero_retention"):
+        assert f'data-f="processor.{field}"' in models, field
+    catalog = browser.get("/catalog").text
+    assert 'data-f="processor.trains_on_data"' in catalog
+    assert 'data-f="no_training"' in catalog and "owner_only" in catalog
+    # An admin may write the policy but not lift no_training: the form's PUT is refused
+    # with the code the page names, and the form shows it in place.
+    csrf = browser.cookies.get(auth.CSRF_COOKIE)
+    r = browser.put(f"{API}/orgs/{admin.org_id}/policy", json={"no_training": False},
+                    headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "owner_only", r.text
+
+
+def test_operators_terminate_an_org_only_after_typing_its_id_again(
+    client: TestClient, browser: TestClient, state: AppState
+) -> None:
+    operator = make_org_admin(state, client, "Platform", "ops@platform.test", is_operator=True)
+    console_session(browser, operator.email, operator.password)
+    html = browser.get("/operator/orgs").text
+    form = re.search(r'<form id="terminate".*?</form>', html, re.S)
+    assert form is not None
+    # The confirmation has no name: it is compared in the page, never sent to the API.
+    confirm = re.search(r"<input data-same-as=\"org_id\"[^>]*>", form.group(0))
+    assert confirm is not None and "name=" not in confirm.group(0)
+    assert 'data-api="/api/v1/orgs/{org_id}/terms" data-method="PATCH"' in html
+    assert 'data-api="/api/v1/orgs/{org_id}/termination" data-method="GET"' in html

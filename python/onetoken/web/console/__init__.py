@@ -27,7 +27,11 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
 from onetoken import __version__
+from onetoken.incidents.models import NOTE_MAX_CHARS
+from onetoken.incidents.schemas import Resolution as IncidentResolution
+from onetoken.incidents.schemas import Status as IncidentStatus
 from onetoken.orgs import acceptance, auth
+from onetoken.orgs.schemas import Settlement
 from onetoken.security.permissions import held
 from onetoken.security.principal import Principal
 from onetoken.state import AppState
@@ -72,13 +76,18 @@ PAGES: tuple[Page, ...] = (
     Page("/keys", "Keys", "keys.read", "keys.html"),
     Page("/usage", "Usage", "calls.read", "usage.html"),
     Page("/billing", "Billing", "billing.read", "billing.html"),
+    Page("/models", "Models", "models.read", "models.html"),
     Page("/sql", "SQL", "analytics.sql", "sql.html"),
     Page("/tickets", "Tickets", "tickets.read", "tickets.html"),
     Page("/tickets/thread", "Ticket", "tickets.read", "ticket.html", listed=False),
     Page("/privacy", "Privacy", "self", "privacy.html"),
+    Page("/organization", "Organization", "org.read", "organization.html"),
     Page("/members", "Members", "members.read", "members.html", "admin"),
     Page("/webhooks", "Webhooks", "webhooks.read", "webhooks.html", "admin"),
     Page("/security", "Security log", "security.read", "security.html", "admin"),
+    Page("/security/incidents", "Incidents", "security.handle", "incidents.html", "admin"),
+    Page("/security/incident", "Incident", "security.handle", "incident.html", "admin",
+         listed=False),
     Page("/catalog", "Providers and models", "providers.read", "catalog.html", "admin"),
     Page("/operator/orgs", "Organizations", "orgs.manage", "orgs.html", "operator"),
     Page("/operator/money", "Orders and credits", "billing.money", "money.html", "operator"),
@@ -159,6 +168,10 @@ def _page_handler(page: Page) -> Callable[[Request], Response]:
             "event_kinds": EVENT_KINDS,
             "ticket_categories": get_args(Category),
             "ticket_statuses": get_args(Status),
+            "incident_statuses": get_args(IncidentStatus),
+            "incident_resolutions": get_args(IncidentResolution),
+            "note_max_chars": NOTE_MAX_CHARS,
+            "settlement_periods": get_args(Settlement),
         }
         if page.permission not in perms:
             return _html("denied.html", status=403, **context)

@@ -90,6 +90,7 @@
       case "nano": return nano(value);
       case "ms": return (Number(value) / 1000).toFixed(1) + " ms";
       case "list": return Array.isArray(value) ? value.join(", ") : String(value);
+      case "yesno": return value === true ? "yes" : value === false ? "no" : String(value);
       case "json": return JSON.stringify(value, null, 1);
       default: return typeof value === "object" ? JSON.stringify(value) : String(value);
     }
@@ -167,6 +168,14 @@
       dl.append(dt, dd);
     }
     box.append(dl);
+    if (box.dataset.link) {
+      // A page about the answer (a new incident's thread).
+      const [url, text] = box.dataset.link.split("|");
+      const a = document.createElement("a");
+      a.href = expand(url, data);
+      a.textContent = text;
+      box.append(a);
+    }
     if (box.dataset.download) {
       const [url, text] = box.dataset.download.split("|");
       const a = document.createElement("a");
@@ -232,6 +241,10 @@
             showResult(box, data, row);
           }
           await reload(table);
+          for (const sel of (table.dataset.reload || "").split(",").filter(Boolean)) {
+            const el = document.querySelector(sel);
+            if (el) await reload(el);
+          }
         } catch (err) {
           showError(slot, err);
         }
@@ -392,6 +405,15 @@
     const slot = form.querySelector(".form-error");
     showError(slot, null);
     if (form.dataset.confirm && !confirm(form.dataset.confirm)) return;
+    // A step that cannot be undone asks for a value typed again (an org's id): the input
+    // has no name, so it is never sent.
+    for (const input of form.querySelectorAll("input[data-same-as]")) {
+      const other = form.querySelector(`[name="${input.dataset.sameAs}"]`);
+      if (!other || input.value.trim() !== other.value.trim()) {
+        showError(slot, new ApiError(0, input.dataset.mismatch || "The values differ.", "not_confirmed"));
+        return;
+      }
+    }
     const method = form.dataset.method || "POST";
     let values;
     try {
