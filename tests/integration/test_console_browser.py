@@ -1,7 +1,8 @@
 """The console in a real browser (Debian's Chromium, driven by Playwright) against a real
 `onetoken serve` and the mock upstream: sign in with a second factor, create a key and
 call the gateway with it through the openai SDK, find the call in the log and the chart,
-redeem a code, download an invoice and export one's data; every page is screenshot at
+redeem a code, download an invoice and export one's data, acknowledge a security event and
+resolve its incident; every page is screenshot at
 desktop and phone width and must render without a console error or a failed API call.
 
 A canary sent through the gateway must appear on no page, while the same call's request id
@@ -273,6 +274,29 @@ def test_console_flows_and_every_page(
     page.click("#blocked button:has-text('Unblock')")
     page.wait_for_selector("#blocked td.empty")
 
+    # An event of the security log, acknowledged from the log's table: that opens its
+    # incident, taken at once; the incident's page resolves it and shows the timeline.
+    def event_listed() -> bool:
+        page.goto(f"{base}/security")
+        ready(page)
+        return page.locator("#events button:has-text('Acknowledge')").count() > 0
+
+    wait_until(event_listed, 30, 0.5, message="an event in the console's security log")
+    page.locator("#events button:has-text('Acknowledge')").first.click()
+    page.wait_for_selector(
+        "#incident-taken:not([hidden]) dd[data-f=status]:has-text('acknowledged')")
+    incident_id = page.inner_text("#incident-taken dd[data-f=id]").strip()
+    page.click("#incident-taken a:has-text('Open the incident')")
+    page.wait_for_url(f"{base}/security/incident?id={incident_id}")
+    ready(page)
+    assert page.inner_text("#incident-status") == "acknowledged"
+    page.select_option("#resolve select[name=resolution]", "false_positive")
+    page.click("#resolve button[type=submit]")
+    page.wait_for_selector("#incident-status:has-text('resolved')")
+    page.wait_for_selector("#timeline td:has-text('incident.resolved')")
+    timeline = page.inner_text("#timeline")
+    assert "incident.opened" in timeline and "false_positive" in timeline
+
     # A customer of another organization opens a ticket with an attachment; staff answer
     # it and close it; the customer sees both.
     password = "a customer's long password"
@@ -352,7 +376,7 @@ def test_console_flows_and_every_page(
     seen_request_id = False
     for p in PAGES:
         name = p.path.strip("/").replace("/", "-") or "overview"
-        query = "" if p.listed else f"?id={ticket_id}"
+        query = "" if p.listed else f"?id={incident_id if 'incident' in p.path else ticket_id}"
         tabs = (("desktop", page), ("phone", phone))
         if p.path == "/tickets/thread":
             tabs = (("desktop", customer), ("phone", customer_phone))
