@@ -275,7 +275,8 @@ def test_console_flows_and_every_page(
     page.wait_for_selector("#blocked td.empty")
 
     # An event of the security log, acknowledged from the log's table: that opens its
-    # incident, taken at once; the incident's page resolves it and shows the timeline.
+    # incident, taken at once; on the incident's page it is assigned, noted, unassigned
+    # and resolved, each step on the timeline.
     def event_listed() -> bool:
         page.goto(f"{base}/security")
         ready(page)
@@ -290,6 +291,16 @@ def test_console_flows_and_every_page(
     page.wait_for_url(f"{base}/security/incident?id={incident_id}")
     ready(page)
     assert page.inner_text("#incident-status") == "acknowledged"
+    me = page.inner_text("#incident dd[data-f=opened_by]").strip()
+    page.fill("#assign input[name=assignee_id]", me)
+    page.click("#assign button[type=submit]")
+    page.wait_for_selector(f"#incident dd[data-f=assignee_id]:has-text('{me}')")
+    page.fill("#note input[name=text]", "checked with the customer by phone")
+    page.click("#note button[type=submit]")
+    page.wait_for_selector("#timeline td:has-text('checked with the customer by phone')")
+    page.click("#unassign button[type=submit]")
+    page.wait_for_selector("#timeline td:has-text('incident.unassigned')")
+    assert page.inner_text("#incident dd[data-f=assignee_id]") == "\N{EN DASH}"
     page.select_option("#resolve select[name=resolution]", "false_positive")
     page.click("#resolve button[type=submit]")
     page.wait_for_selector("#incident-status:has-text('resolved')")

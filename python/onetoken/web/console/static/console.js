@@ -372,6 +372,11 @@
     for (const input of form.querySelectorAll("input[name], select[name], textarea[name]")) {
       if (input.type === "file") continue;
       const type = input.dataset.type || "";
+      // An explicit null (take an assignment away), which an empty field cannot say.
+      if (type === "null") {
+        set(out, input.name, null);
+        continue;
+      }
       if (type === "checks") {
         const list = get(out, input.name) || [];
         if (input.checked) list.push(input.value);
