@@ -1,0 +1,230 @@
+"""E-mail against a real SMTP server (aiosmtpd on a free port): invitations with a
+working link, the self-service password reset end to end, low-balance and security
+alerts once each, nothing at all without SMTP configured, and no planted content or key
+in any message."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import timedelta
+from email import message_from_bytes
+from email.message import Message
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+from sqlalchemy import func, select, update
+
+from onetoken.billing import budgets
+from onetoken.control import start_mail
+from onetoken.db.base import utcnow
+from onetoken.mail.models import MailMessage
+from onetoken.mail.outbox import MailWorker
+from onetoken.orgs import service as orgs
+from onetoken.orgs.models import PasswordReset
+from onetoken.security import log as security_log
+from onetoken.security.log import SecurityEvent
+from onetoken.settings import Settings
+from onetoken.state import AppState
+from tests import builders as build
+from tests.support import wait_until
+from tests.unit.conftest import Admin, drained_events
+
+API = "/api/v1"
+CANARY = "CANARY-7f3a9 the secret prompt"
+CANARY_KEY = "sk-ot-CANARYFULLKEY0123456789abcdefghijklmnop"
+RESET = "Reset your onetoken password"
+LINK = re.compile(r"(http://\S+\?token=(\S+))")
+
+
+class _Inbox:
+    def __init__(self) -> None:
+        self.messages: list[tuple[list[str], Message]] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 (aiosmtpd's hook name)
+        self.messages.append((list(envelope.rcpt_tos), message_from_bytes(envelope.content)))
+        return "250 OK"
+
+    def to(self, address: str, subject: str | None = None) -> list[Message]:
+        return [m for rcpt, m in self.messages
+                if address in rcpt and subject in (None, m["Subject"])]
+
+
+class _AnyPortController(Controller):
+    """aiosmtpd's controller, bound to a free port (it connects once to its own port
+    before `start` returns, so the bound one is read back first)."""
+
+    def _trigger_server(self) -> None:
+        assert self.server is not None
+        self.port = self.server.sockets[0].getsockname()[1]
+        super()._trigger_server()
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[_Inbox, int]]:
+    inbox = _Inbox()
+    controller = _AnyPortController(inbox, hostname="127.0.0.1", port=0)
+    controller.start()
+    yield inbox, controller.port
+    controller.stop()
+
+
+@pytest.fixture
+def mailer(settings: Settings, state: AppState, smtp: tuple[_Inbox, int]) -> Iterator[_Inbox]:
+    inbox, port = smtp
+    settings.smtp_url = SecretStr(f"smtp://127.0.0.1:{port}")
+    settings.public_url = "http://console.test"
+    settings.mail_poll_interval_seconds = 0.05
+    worker = start_mail(state)
+    assert isinstance(worker, MailWorker)
+    yield inbox
+    worker.stop()
+    from onetoken import mail
+
+    mail.install(None)
+
+
+def _body(message: Message) -> str:
+    payload = message.get_payload(decode=True)
+    assert isinstance(payload, bytes)
+    return payload.decode()
+
+
+def _link(message: Message) -> tuple[str, str]:
+    found = LINK.search(_body(message))
+    assert found is not None, _body(message)
+    return found.group(1), found.group(2)
+
+
+def _login(client: TestClient, email: str, password: str) -> int:
+    return client.post(f"{API}/auth/login", json={"email": email, "password": password}).status_code
+
+
+def test_invite_arrives_with_a_link_that_sets_the_password(
+    client: TestClient, admin: Admin, mailer: _Inbox
+) -> None:
+    r = client.post(f"{API}/accounts", headers=admin.headers,
+                    json={"email": "dana@acme.test", "role": "developer"})
+    assert r.status_code == 201, r.text
+    [message] = wait_until(lambda: mailer.to("dana@acme.test"), message="invitation sent")
+    assert message["Subject"] == "Your onetoken invitation"
+    link, token = _link(message)
+    assert link.startswith("http://console.test/accept-invite?token=oti_")
+    r = client.post(f"{API}/auth/accept-invite",
+                    json={"token": token, "password": "a long enough password"})
+    assert r.status_code == 200, r.text
+    assert _login(client, "dana@acme.test", "a long enough password") == 200
+
+
+def test_password_reset_end_to_end(
+    client: TestClient, admin: Admin, mailer: _Inbox, state: AppState
+) -> None:
+    known = client.post(f"{API}/auth/password-reset/request", json={"email": "OWNER@acme.test"})
+    unknown = client.post(f"{API}/auth/password-reset/request",
+                          json={"email": "nobody@acme.test"})
+    assert known.status_code == unknown.status_code == 202
+    assert known.json() == unknown.json()
+    [message] = wait_until(lambda: mailer.to(admin.email, RESET), message="reset sent")
+    assert mailer.to("nobody@acme.test") == []
+    _, token = _link(message)
+    with state.session_factory() as session:
+        stored = session.scalars(select(PasswordReset.token_hash)).all()
+    assert token not in stored and state.secrets.hash_session_token(token) in stored
+
+    r = client.post(f"{API}/auth/password-reset",
+                    json={"token": token, "password": "a brand new password"})
+    assert r.status_code == 204, r.text
+    # Every session ended; the old password is gone, the new one works.
+    assert client.get(f"{API}/me", headers=admin.headers).status_code == 401
+    assert _login(client, admin.email, admin.password) == 401
+    assert _login(client, admin.email, "a brand new password") == 200
+    # Single use.
+    r = client.post(f"{API}/auth/password-reset", json={"token": token, "password": "x" * 20})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_reset_token"
+    kinds = [e["kind"] for e in drained_events()]
+    assert "auth.password_reset_requested" in kinds and "auth.password_reset" in kinds
+
+    # An expired token is refused.
+    client.post(f"{API}/auth/password-reset/request", json={"email": admin.email})
+    second = wait_until(lambda: mailer.to(admin.email, RESET)[1:], message="second reset")[0]
+    _, expired = _link(second)
+    with state.session_factory() as session:
+        session.execute(update(PasswordReset).where(PasswordReset.used_at.is_(None))
+                        .values(expires_at=utcnow() - timedelta(seconds=1)))
+        session.commit()
+    r = client.post(f"{API}/auth/password-reset", json={"token": expired, "password": "y" * 20})
+    assert r.status_code == 401
+    assert _login(client, admin.email, "a brand new password") == 200
+
+
+def test_reset_requests_are_limited_per_address(
+    client: TestClient, admin: Admin, mailer: _Inbox, state: AppState, settings: Settings
+) -> None:
+    for _ in range(settings.password_reset_max_per_hour + 2):
+        r = client.post(f"{API}/auth/password-reset/request", json={"email": admin.email})
+        assert r.status_code == 202
+    with state.session_factory() as session:
+        queued = session.scalar(select(func.count()).select_from(MailMessage))
+    assert queued == settings.password_reset_max_per_hour
+    wait_until(lambda: len(mailer.to(admin.email, RESET)) == settings.password_reset_max_per_hour)
+
+
+def test_alerts_go_once_to_the_right_roles_and_hold_no_content(
+    client: TestClient, admin: Admin, mailer: _Inbox, state: AppState
+) -> None:
+    with state.session_factory() as session:
+        for email, role in (("bill@acme.test", "billing"), ("dev@acme.test", "developer"),
+                            ("adm@acme.test", "admin")):
+            build.accept_terms(session, orgs.create_account(session, admin.org_id, email,
+                                                            build.PASSWORD, role))
+        budgets.update_org_settings(session, admin.org_id, low_balance_threshold=1_000_000)
+        session.commit()
+    for _ in range(2):  # the second check finds the balance still low: no new alert
+        with state.session_factory() as session:
+            events = budgets.check_events(session, [admin.org_id], [])
+            session.commit()
+        budgets.emit_all(events)
+    # A high-severity event of the org reaches its owners and admins; a low one does not.
+    for severity in ("high", "low"):
+        security_log.record(SecurityEvent(
+            kind="key.leak_suspected", severity=severity, org_id=admin.org_id,  # type: ignore[arg-type]
+            actor_id="key_1", subject_id="key_1",
+            detail={"note": CANARY, "key": CANARY_KEY},
+        ))
+    wait_until(lambda: len(mailer.messages) == 5, message="three low-balance, two security")
+    kinds: dict[str, list[str]] = {}
+    for rcpt, message in mailer.messages:
+        kinds.setdefault(message["Subject"], []).extend(rcpt)
+    assert sorted(kinds["onetoken: balance below its threshold"]) == [
+        "adm@acme.test", "bill@acme.test", admin.email]
+    assert sorted(kinds["onetoken security alert: key.leak_suspected"]) == [
+        "adm@acme.test", admin.email]
+    for _, message in mailer.messages:
+        text = message.as_string()
+        assert CANARY not in text and CANARY_KEY not in text
+    # Sent bodies do not stay in the outbox.
+    with state.session_factory() as session:
+        wait_until(lambda: session.scalar(select(func.count()).select_from(MailMessage)
+                                          .where(MailMessage.status == "sent")) == 5)
+        assert set(session.scalars(select(MailMessage.body_encrypted)).all()) == {""}
+
+
+def test_nothing_is_queued_or_sent_without_smtp(
+    client: TestClient, admin: Admin, smtp: tuple[_Inbox, int], state: AppState
+) -> None:
+    inbox, _ = smtp
+    r = client.post(f"{API}/accounts", headers=admin.headers,
+                    json={"email": "dana@acme.test", "role": "developer"})
+    assert r.status_code == 201 and r.json()["invite_token"].startswith("oti_")
+    r = client.post(f"{API}/auth/password-reset/request", json={"email": admin.email})
+    assert r.status_code == 202
+    security_log.record(SecurityEvent(kind="key.leak_suspected", severity="critical",
+                                      org_id=admin.org_id))
+    with state.session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(MailMessage)) == 0
+        assert session.scalar(select(func.count()).select_from(PasswordReset)) == 0
+    assert start_mail(state) is None
+    assert inbox.messages == []
