@@ -2,13 +2,13 @@
 control API, the event bus and the background jobs are built and wired together. serve.py,
 the CLI and the tests build through here.
 
-The event bus (AppState.events) carries recorded security events to the webhooks bridge,
-and every batch ingestion took to the key-risk check and the risk detectors.
+The event bus (AppState.events) carries recorded security events to the webhooks bridge
+and the e-mail alerts, and every batch ingestion took to the key-risk check and the risk detectors.
 
 Background jobs of a serving control process beside ingestion: webhook delivery, e-mail
-(with ONETOKEN_SMTP_URL), risk detection on the ingested records, the retention purge, the queued ClickHouse part of
-account erasures, the names in ClickHouse's dimension tables, and with Redis the money cap
-publisher.
+(with ONETOKEN_SMTP_URL), risk detection on the ingested records, the retention purge, the
+queued ClickHouse part of account erasures, the names in ClickHouse's dimension tables, and
+with Redis the money cap publisher.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ from onetoken.db.base import utcnow
 from onetoken.mail.models import MailMessage
 from onetoken.mail.outbox import MailWorker
 from onetoken.orgs import service as orgs
-from onetoken.orgs.models import PasswordReset
+from onetoken.orgs.models import Account, PasswordReset
+from onetoken.rights import erasure, retention
 from onetoken.security import log as security_log
 from onetoken.security.log import SecurityEvent
 from onetoken.settings import Settings
@@ -44,7 +45,7 @@ class _Inbox:
     def __init__(self) -> None:
         self.messages: list[tuple[list[str], Message]] = []
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 (aiosmtpd's hook name)
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.messages.append((list(envelope.rcpt_tos), message_from_bytes(envelope.content)))
         return "250 OK"
 
@@ -228,3 +229,28 @@ def test_nothing_is_queued_or_sent_without_smtp(
         assert session.scalar(select(func.count()).select_from(PasswordReset)) == 0
     assert start_mail(state) is None
     assert inbox.messages == []
+
+
+def test_mail_and_reset_tokens_go_with_the_account_and_with_time(
+    client: TestClient, admin: Admin, mailer: _Inbox, state: AppState, settings: Settings
+) -> None:
+    r = client.post(f"{API}/accounts", headers=admin.headers,
+                    json={"email": "dana@acme.test", "role": "developer"})
+    dana = r.json()["id"]
+    client.post(f"{API}/auth/password-reset/request", json={"email": admin.email})
+    with state.session_factory() as session:
+        wait_until(lambda: session.scalar(select(func.count()).select_from(MailMessage)
+                                          .where(MailMessage.status == "sent")) == 2)
+        account = session.get(Account, dana)
+        assert account is not None
+        erasure.anonymize_account(session, account)
+        session.commit()
+        assert session.scalars(select(MailMessage.kind)).all() == ["password_reset"]
+        # Past the delivery log's period, and an hour past the token's expiry.
+        session.execute(update(MailMessage).values(
+            created_at=utcnow() - timedelta(days=settings.delivery_log_ttl_days, seconds=1)))
+        session.execute(update(PasswordReset).values(
+            expires_at=utcnow() - timedelta(hours=1, seconds=1)))
+        session.commit()
+    purged = retention.purge(state.session_factory, settings)
+    assert (purged.mail, purged.password_resets) == (1, 1)

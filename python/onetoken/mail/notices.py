@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from functools import partial
 from typing import Any, Final, Protocol
 from urllib.parse import quote
 
@@ -87,8 +88,9 @@ def password_reset(
 
 
 def _recipients(session: Session, org_id: str, roles: Iterable[str]) -> list[str]:
-    return list(
-        session.scalars(
+    return [
+        email
+        for email in session.scalars(
             select(Account.email).where(
                 Account.org_id == org_id,
                 Account.role.in_(tuple(roles)),
@@ -96,7 +98,8 @@ def _recipients(session: Session, org_id: str, roles: Iterable[str]) -> list[str
                 Account.email.is_not(None),
             ).order_by(Account.id)
         ).all()
-    )
+        if email
+    ]
 
 
 def org_alert(
@@ -162,11 +165,13 @@ def on_billing_events(events: Iterable[tuple[str, str, Mapping[str, Any]]]) -> N
         return
     for org_id, kind, data in events:
         if kind in ("balance_low", "quota_exhausted"):
-            worker.later(
-                lambda session, o=org_id, k=kind, d=dict(data): _count(
-                    org_alert(session, worker.secrets, o, k, d)
-                )
-            )
+            worker.later(partial(_org_alert_job, worker.secrets, org_id, kind, dict(data)))
+
+
+def _org_alert_job(
+    secrets: Secrets, org_id: str, kind: str, data: Mapping[str, Any], session: Session
+) -> None:
+    _count(org_alert(session, secrets, org_id, kind, data))
 
 
 def _count(queued: int) -> None:

@@ -11,10 +11,10 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from onetoken.db.base import new_id, utcnow
@@ -153,7 +153,7 @@ class MailWorker:
     def _attempt(self, message_id: str, attempts: int) -> None:
         lease = timedelta(seconds=self.settings.mail_timeout_seconds + _LEASE_MARGIN_S)
         with self.session_factory() as session:
-            claimed = session.execute(
+            claimed = session.execute(  # type: ignore[attr-defined]  # a CursorResult
                 update(MailMessage)
                 .where(
                     MailMessage.id == message_id,
@@ -169,9 +169,8 @@ class MailWorker:
             assert message is not None
             error: str | None = None
             try:
-                self.sender.send(
-                    message.to_address, message.subject, self.secrets.decrypt(message.body_encrypted)
-                )
+                body = self.secrets.decrypt(message.body_encrypted)
+                self.sender.send(message.to_address, message.subject, body)
             except Exception as exc:
                 error = type(exc).__name__
             now = utcnow()
@@ -181,13 +180,24 @@ class MailWorker:
                 log.info("mail.sent", extra={"mail_id": message.id, "kind": message.kind})
             elif message.attempts >= self.settings.mail_max_attempts:
                 message.status, message.body_encrypted, message.last_error = "failed", "", error
-                log.error("mail.gave_up", extra={"mail_id": message.id, "kind": message.kind,
-                                                 "exc_type": error})
+                log.error("mail.gave_up",
+                          extra={"mail_id": message.id, "kind": message.kind, "exc_type": error})
             else:
                 message.last_error = error
                 message.next_attempt_at = now + timedelta(
                     seconds=backoff_seconds(self.settings, message.attempts)
                 )
-                log.warning("mail.retry", extra={"mail_id": message.id, "kind": message.kind,
-                                                 "exc_type": error})
+                log.warning("mail.retry",
+                            extra={"mail_id": message.id, "kind": message.kind, "exc_type": error})
             session.commit()
+
+
+def purge(session: Session, before: datetime) -> int:
+    """Forget messages sent or given up before `before` (who was sent what, when)."""
+    result = session.execute(
+        delete(MailMessage).where(
+            MailMessage.status != "pending",
+            MailMessage.created_at < before,
+        )
+    )
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -8,9 +8,9 @@ works once and only until it expires; using it ends every session of the account
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from onetoken.db.base import new_id, utcnow
@@ -20,7 +20,7 @@ from onetoken.orgs.auth import check_password_strength, end_sessions
 from onetoken.orgs.models import Account, Org, PasswordReset
 from onetoken.orgs.service import normalize_email
 
-TOKEN_PREFIX = "otr_"
+TOKEN_PREFIX = "otr_"  # noqa: S105 (a prefix, like oti_ for invites)
 _INVALID = "Invalid or expired password reset."
 
 
@@ -79,7 +79,7 @@ def reset(session: Session, secrets: Secrets, token: str, password: str) -> Acco
     if record is None or record.used_at is not None or record.expires_at <= now:
         raise Unauthorized(_INVALID, code="invalid_reset_token")
     # Claimed with a conditional update: two uses of one token at once set one password.
-    claimed = session.execute(
+    claimed = session.execute(  # type: ignore[attr-defined]  # a CursorResult
         update(PasswordReset)
         .where(PasswordReset.id == record.id, PasswordReset.used_at.is_(None))
         .values(used_at=now)
@@ -101,3 +101,12 @@ def reset(session: Session, secrets: Secrets, token: str, password: str) -> Acco
     end_sessions(session, account.id)
     session.flush()
     return account
+
+
+def purge_expired(session: Session, now: datetime) -> int:
+    """Drop reset tokens that expired over an hour ago (the last hour's rows are the
+    per-account limit on reset mails)."""
+    result = session.execute(
+        delete(PasswordReset).where(PasswordReset.expires_at < now - timedelta(hours=1))
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
