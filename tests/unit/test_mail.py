@@ -100,6 +100,14 @@ def _link(message: Message) -> tuple[str, str]:
     return found.group(1), found.group(2)
 
 
+def _console_page_holds(client: TestClient, link: str, token: str) -> None:
+    """The link opens the console's page whose form sends the token with the password."""
+    page = client.get(link.removeprefix("http://console.test"))
+    assert page.status_code == 200
+    assert f'name="token" value="{token}"' in page.text
+    assert page.headers["referrer-policy"] == "no-referrer"
+
+
 def _login(client: TestClient, email: str, password: str) -> int:
     return client.post(f"{API}/auth/login", json={"email": email, "password": password}).status_code
 
@@ -114,6 +122,7 @@ def test_invite_arrives_with_a_link_that_sets_the_password(
     assert message["Subject"] == "Your onetoken invitation"
     link, token = _link(message)
     assert link.startswith("http://console.test/accept-invite?token=oti_")
+    _console_page_holds(client, link, token)
     r = client.post(f"{API}/auth/accept-invite",
                     json={"token": token, "password": "a long enough password"})
     assert r.status_code == 200, r.text
@@ -130,7 +139,8 @@ def test_password_reset_end_to_end(
     assert known.json() == unknown.json()
     [message] = wait_until(lambda: mailer.to(admin.email, RESET), message="reset sent")
     assert mailer.to("nobody@acme.test") == []
-    _, token = _link(message)
+    link, token = _link(message)
+    _console_page_holds(client, link, token)
     with state.session_factory() as session:
         stored = session.scalars(select(PasswordReset.token_hash)).all()
     assert token not in stored and state.secrets.hash_session_token(token) in stored
