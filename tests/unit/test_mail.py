@@ -5,15 +5,24 @@ in any message."""
 
 from __future__ import annotations
 
+import logging
 import re
+import ssl
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from email.message import Message
+from ipaddress import ip_address
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import func, select, update
@@ -264,3 +273,119 @@ def test_mail_and_reset_tokens_go_with_the_account_and_with_time(
         session.commit()
     purged = retention.purge(state.session_factory, settings)
     assert (purged.mail, purged.password_resets) == (1, 1)
+
+
+class _Flaky(_Inbox):
+    """Refuses the first `refusals` messages with a temporary error."""
+
+    def __init__(self, refusals: int) -> None:
+        super().__init__()
+        self.refusals = refusals
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.refusals > 0:
+            self.refusals -= 1
+            return "451 try again later"
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.mark.parametrize(("refusals", "outcome"), [(1, "sent"), (5, "failed")])
+def test_a_refused_message_is_retried_then_given_up(
+    client: TestClient, admin: Admin, state: AppState, settings: Settings, refusals: int,
+    outcome: str,
+) -> None:
+    inbox = _Flaky(refusals)
+    controller = _AnyPortController(inbox, hostname="127.0.0.1", port=0)
+    controller.start()
+    settings.smtp_url = SecretStr(f"smtp://127.0.0.1:{controller.port}")
+    settings.mail_poll_interval_seconds = 0.05
+    settings.mail_backoff_base_seconds = 0.05
+    settings.mail_max_attempts = 3
+    worker = start_mail(state)
+    assert worker is not None
+    try:
+        client.post(f"{API}/auth/password-reset/request", json={"email": admin.email})
+        with state.session_factory() as session:
+            row = wait_until(lambda: session.scalars(
+                select(MailMessage).where(MailMessage.status != "pending")
+                .execution_options(populate_existing=True)).first())
+            assert row.status == outcome
+            assert row.attempts == (2 if outcome == "sent" else 3)
+            assert row.body_encrypted == ""
+            assert row.last_error == (None if outcome == "sent" else "SMTPDataError")
+        assert len(inbox.messages) == (1 if outcome == "sent" else 0)
+    finally:
+        worker.stop()
+        controller.stop()
+
+
+def _self_signed(tmp_path: Path) -> ssl.SSLContext:
+    """A server context for 127.0.0.1, whose certificate is the only one SSL_CERT_FILE
+    (set by the caller) trusts."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "smtp.test")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ip_address("127.0.0.1"))]),
+                       critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    return ctx
+
+
+def test_starttls_and_credentials_from_the_url_never_logged(
+    client: TestClient, admin: Admin, state: AppState, settings: Settings, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    secret = "s3cret-SMTP-pass"
+    logins: list[tuple[str, str]] = []
+
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str,
+                      auth_data: Any) -> AuthResult:
+        logins.append((auth_data.login.decode(), auth_data.password.decode()))
+        return AuthResult(success=auth_data.password == secret.encode())
+
+    inbox = _Inbox()
+    controller = _AnyPortController(
+        inbox, hostname="127.0.0.1", port=0, tls_context=_self_signed(tmp_path),
+        require_starttls=True, authenticator=authenticator, auth_required=True,
+    )
+    controller.start()
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))
+    settings.smtp_url = SecretStr(f"smtp://mailer:{secret}@127.0.0.1:{controller.port}")
+    settings.smtp_starttls = True
+    settings.mail_poll_interval_seconds = 0.05
+    worker = start_mail(state)
+    assert worker is not None
+    caplog.set_level(logging.DEBUG)
+    try:
+        client.post(f"{API}/auth/password-reset/request", json={"email": admin.email})
+        [message] = wait_until(lambda: inbox.to(admin.email, RESET))
+        _, token = _link(message)
+    finally:
+        worker.stop()
+        controller.stop()
+    assert logins == [("mailer", secret)]
+    # onetoken's own log (the SMTP server's log, of course, has the whole conversation).
+    ours = "\n".join(
+        f"{r.getMessage()} {vars(r)}" for r in caplog.records if r.name.startswith("onetoken")
+    )
+    assert "mail.sent" in ours
+    for planted in (secret, token, admin.email, RESET):
+        assert planted not in ours and planted not in repr(worker.sender)
+
+
+def test_an_smtp_url_of_another_scheme_is_refused_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="ONETOKEN_SMTP_URL") as failed:
+        Settings(data_dir=tmp_path, smtp_url=SecretStr("http://user:pw-9x@mail.test"))
+    assert "pw-9x" not in str(failed.value)
