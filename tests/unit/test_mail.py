@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 import re
 import ssl
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from email.message import Message
@@ -389,3 +391,24 @@ def test_an_smtp_url_of_another_scheme_is_refused_at_start(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="ONETOKEN_SMTP_URL") as failed:
         Settings(data_dir=tmp_path, smtp_url=SecretStr("http://user:pw-9x@mail.test"))
     assert "pw-9x" not in str(failed.value)
+
+
+def test_one_reset_token_used_twice_at_once_sets_one_password(
+    client: TestClient, admin: Admin, mailer: _Inbox
+) -> None:
+    client.post(f"{API}/auth/password-reset/request", json={"email": admin.email})
+    [message] = wait_until(lambda: mailer.to(admin.email, RESET))
+    _, token = _link(message)
+    passwords = [f"racing password number {i}" for i in range(4)]
+    start = threading.Barrier(len(passwords))
+
+    def use(password: str) -> int:
+        start.wait()
+        return client.post(f"{API}/auth/password-reset",
+                           json={"token": token, "password": password}).status_code
+
+    with ThreadPoolExecutor(len(passwords)) as pool:
+        codes = list(pool.map(use, passwords))
+    assert sorted(codes) == [204, 401, 401, 401]
+    winner = passwords[codes.index(204)]
+    assert [p for p in passwords if _login(client, admin.email, p) == 200] == [winner]
