@@ -150,9 +150,12 @@ def security_alert(session: Session, secrets: Secrets, event: SecurityEvent) -> 
 
 def on_security_event(event: SecurityEvent) -> None:
     """Event-bus subscriber: a high-severity event of an org becomes alerts, queued by
-    the mail worker's thread (the recording request does not wait). Never raises."""
+    the mail worker's thread (the recording request does not wait), at most one per org
+    and kind per cooldown. Never raises."""
     worker = mail.current()
     if worker is None or event.severity not in ALERT_SEVERITIES or not event.org_id:
+        return
+    if not worker.first_alert(event.org_id, event.kind):
         return
     worker.later(lambda session: _count(security_alert(session, worker.secrets, event)))
 

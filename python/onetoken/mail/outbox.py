@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -33,6 +34,7 @@ _QUEUE_CAP = 10_000
 
 
 class MailSettings(SmtpSettings, Protocol):
+    alert_cooldown_seconds: float
     mail_max_attempts: int
     mail_backoff_base_seconds: float
     mail_poll_interval_seconds: float
@@ -90,6 +92,7 @@ class MailWorker:
         self._thread = LoopThread("onetoken-mail", self._loop)
         self._jobs: deque[Callable[[Session], None]] = deque()
         self._jobs_lock = threading.Lock()
+        self._last_alert: dict[tuple[str, str], float] = {}
 
     def start(self) -> None:
         self._thread.start()
@@ -108,6 +111,18 @@ class MailWorker:
                 return
             self._jobs.append(job)
         self.wake()
+
+    def first_alert(self, org_id: str, kind: str) -> bool:
+        """True unless this org had an alert of this kind within ONETOKEN_ALERT_COOLDOWN_
+        SECONDS: a burst of events (an attack, a leaked key used from many addresses)
+        makes one message per recipient, not one per event."""
+        now = time.monotonic()
+        with self._jobs_lock:
+            last = self._last_alert.get((org_id, kind))
+            if last is not None and now - last < self.settings.alert_cooldown_seconds:
+                return False
+            self._last_alert[(org_id, kind)] = now
+            return True
 
     def _loop(self) -> None:
         thread = self._thread
