@@ -2,13 +2,13 @@
 control API, the event bus and the background jobs are built and wired together. serve.py,
 the CLI and the tests build through here.
 
-The event bus (AppState.events) carries recorded security events to the webhooks bridge,
-and every batch ingestion took to the key-risk check and the risk detectors.
+The event bus (AppState.events) carries recorded security events to the webhooks bridge
+and the e-mail alerts, and every batch ingestion took to the key-risk check and the risk detectors.
 
-Background jobs of a serving control process beside ingestion: webhook delivery, risk
-detection on the ingested records, the retention purge, the queued ClickHouse part of
-account erasures, the names in ClickHouse's dimension tables, and with Redis the money cap
-publisher.
+Background jobs of a serving control process beside ingestion: webhook delivery, e-mail
+(with ONETOKEN_SMTP_URL), risk detection on the ingested records, the retention purge, the
+queued ClickHouse part of account erasures, the names in ClickHouse's dimension tables, and
+with Redis the money cap publisher.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from fastapi import FastAPI
 # Every domain's tables mapped (and their cross-domain foreign keys resolvable) before the
 # first query of this process.
 import onetoken.registry  # noqa: F401
-from onetoken import webhooks
+from onetoken import mail, webhooks
 from onetoken.db.migrate import upgrade
 from onetoken.db.session import SessionFactory, make_engine, make_session_factory
 from onetoken.gateway.snapshot import SnapshotSource
@@ -33,6 +33,9 @@ from onetoken.kit import channel
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.events import EventBus
 from onetoken.kit.metrics import Metric, Registry
+from onetoken.mail import notices
+from onetoken.mail.outbox import MailWorker
+from onetoken.mail.smtp import SmtpSender
 from onetoken.rights import erasure
 from onetoken.rights.retention import RetentionWorker
 from onetoken.risk import detectors as detectors_mod
@@ -55,6 +58,7 @@ def new_event_bus() -> EventBus:
     go to the webhooks bridge."""
     events = EventBus()
     events.subscribe(SecurityEvent, bridge.forward)
+    events.subscribe(SecurityEvent, notices.on_security_event)
     return events
 
 
@@ -120,9 +124,14 @@ class Background:
     erasures: erasure.ErasureWorker
     caps: CapPublisher | None = None
     dimensions: DimensionSync | None = None
+    mailer: MailWorker | None = None
 
     def stop(self) -> None:
         """After ingestion stopped (its last batches may still raise events)."""
+        if self.mailer is not None:
+            self.mailer.stop()
+            if mail.current() is self.mailer:
+                mail.install(None)
         if self.dimensions is not None:
             self.dimensions.stop()
         if self.caps is not None:
@@ -157,7 +166,19 @@ def start_background(state: AppState, ingestor: Ingestor) -> Background:
         # every org's cap first.
         caps = state.caps = CapPublisher(settings, state.session_factory)
         caps.start()
-    return Background(dispatcher, detectors, retention, erasures, caps, dimensions)
+    return Background(dispatcher, detectors, retention, erasures, caps, dimensions,
+                      start_mail(state))
+
+
+def start_mail(state: AppState) -> MailWorker | None:
+    """The e-mail worker, installed and started when ONETOKEN_SMTP_URL is set."""
+    sender = SmtpSender.from_settings(state.settings)
+    if sender is None:
+        return None
+    worker = MailWorker(state.settings, state.secrets, state.session_factory, sender)
+    mail.install(worker)
+    worker.start()
+    return worker
 
 
 def _security_log_metrics() -> list[Metric]:

@@ -11,6 +11,7 @@ from onetoken.db import base
 from onetoken.incidents import models as incidents_models
 from onetoken.ingest import models as ingest_models
 from onetoken.keys import models as keys_models
+from onetoken.mail import models as mail_models
 from onetoken.orgs import models as orgs_models
 from onetoken.providers import models as providers_models
 from onetoken.rights import models as rights_models
@@ -30,5 +31,6 @@ MODEL_MODULES = (
     webhooks_models,
     tickets_models,
     incidents_models,
+    mail_models,
 )
 METADATA: MetaData = base.Base.metadata

@@ -187,6 +187,24 @@ class Settings(BaseSettings):
     ticket_attachment_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, le=1 << 30)
     ticket_attachments_max: int = Field(default=10, ge=1, le=1000)
     config_watch_interval_ms: int = Field(default=500, ge=50)
+    # E-mail (docs/operations.md, "E-mail"): smtp://host:port (STARTTLS with
+    # smtp_starttls) or smtps://host:port, optionally user:password@ before the host.
+    # Unset, nothing is sent and invite tokens are only shown to the inviter, as before.
+    # Secret: the URL may carry a password.
+    smtp_url: SecretStr | None = None
+    smtp_starttls: bool = False
+    mail_from: str = Field(default="onetoken@localhost", max_length=320)
+    # The console's address as people reach it: the start of the links in invitations
+    # and password resets.
+    public_url: str = Field(default="http://127.0.0.1:8081", max_length=2048)
+    mail_max_attempts: int = Field(default=8, ge=1, le=50)
+    mail_backoff_base_seconds: AboveZero = 30.0
+    mail_timeout_seconds: float = Field(default=30.0, gt=0, le=300)
+    mail_poll_interval_seconds: AboveZero = 2.0
+    # Self-service password reset: how long a reset link works, and how many reset mails
+    # one account is sent per hour (requests beyond answer the same and send nothing).
+    password_reset_ttl_minutes: int = Field(default=30, ge=1, le=24 * 60)
+    password_reset_max_per_hour: int = Field(default=3, ge=1, le=100)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Swagger UI at /api/docs (assets served from the package); /api/openapi.json stays.
     api_docs: bool = True
@@ -209,6 +227,10 @@ class Settings(BaseSettings):
         if self.environment == "production" and self.secret_key_problem() is not None:
             raise ValueError("ONETOKEN_SECRET_KEY is a placeholder or too weak for production")
         self.previous_secret_key_bytes()  # malformed entries fail at startup, not at use
+        if self.smtp_url is not None and not self.smtp_url.get_secret_value().startswith(
+            ("smtp://", "smtps://")
+        ):
+            raise ValueError("ONETOKEN_SMTP_URL must start with smtp:// or smtps://")
         for name in (
             "trusted_proxies",
             "gateway_trusted_proxies",

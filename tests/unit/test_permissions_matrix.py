@@ -42,6 +42,8 @@ PUBLIC_ROUTES = {
     ("POST", "/api/v1/auth/login"),
     ("POST", "/api/v1/auth/session"),
     ("POST", "/api/v1/auth/accept-invite"),
+    ("POST", "/api/v1/auth/password-reset/request"),
+    ("POST", "/api/v1/auth/password-reset"),
     ("GET", "/healthz"),
 }
 

@@ -366,8 +366,13 @@ def _exhausted(
 
 
 def emit_all(events: Iterable[tuple[str, str, dict[str, Any]]]) -> None:
+    """Each event to the org's webhooks and, with e-mail configured, as an alert to its
+    owners, admins and billing members."""
     from onetoken import webhooks
+    from onetoken.mail import notices
 
+    events = list(events)
+    notices.on_billing_events(events)
     for org_id, kind, data in events:
         try:
             webhooks.emit(org_id, kind, data)

@@ -150,3 +150,22 @@ class TermsAcceptance(Base):
         UniqueConstraint("account_id", "version", name="uq_terms_acceptances_account_version"),
         Index("ix_terms_acceptances_org_id_accepted_at", "org_id", "accepted_at"),
     )
+
+
+class PasswordReset(Base):
+    """One self-service password reset sent by e-mail: the token is a keyed hash, it works
+    once (`used_at`) and until `expires_at`. The rows of the last hour are the per-account
+    limit on reset mails."""
+
+    __tablename__ = "password_resets"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey(Account.id))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    __table_args__ = (
+        Index("ix_password_resets_account_id_created_at", "account_id", "created_at"),
+    )

@@ -133,6 +133,23 @@ class InviteAccept(BaseModel):
     password: SecretStr = Field(min_length=1, max_length=1024, json_schema_extra=NEW_PASSWORD)
 
 
+class PasswordResetRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: str = Field(min_length=3, max_length=254)
+
+
+class PasswordResetRequested(BaseModel):
+    detail: str = Field(description="The same answer whether or not the address is known.")
+
+
+class PasswordReset(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: SecretStr = Field(min_length=1, max_length=256)
+    password: SecretStr = Field(min_length=1, max_length=1024, json_schema_extra=NEW_PASSWORD)
+
+
 class TotpEnrolment(BaseModel):
     secret: str = Field(description="Base32 secret for the authenticator app; shown once.")
     otpauth_uri: str

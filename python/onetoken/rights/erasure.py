@@ -56,7 +56,8 @@ from onetoken.keys.models import ApiKey
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import Conflict, NotFound
 from onetoken.kit.worker import LoopThread
-from onetoken.orgs.models import Account, AdminSession, TermsAcceptance
+from onetoken.mail.models import MailMessage
+from onetoken.orgs.models import Account, AdminSession, PasswordReset, TermsAcceptance
 from onetoken.rights.models import AccountErasure
 from onetoken.security.models import LoginSource, LoginThrottle
 from onetoken.tickets import service as tickets_service
@@ -378,6 +379,10 @@ def anonymize_account(session: Session, account: Account) -> None:
     _secure_delete(session)
     now = utcnow()
     account.login_name = pseudonym(account.id)
+    # Mail to the address, queued or sent, goes with it (its reset tokens too).
+    if account.email:
+        session.execute(delete(MailMessage).where(MailMessage.to_address == account.email))
+    session.execute(delete(PasswordReset).where(PasswordReset.account_id == account.id))
     account.email = None
     account.mobile = None
     account.display_name = ""

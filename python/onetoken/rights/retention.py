@@ -26,6 +26,8 @@ from sqlalchemy import and_, delete, or_
 from onetoken.db.base import utcnow
 from onetoken.db.session import SessionFactory
 from onetoken.incidents import service as incidents_service
+from onetoken.mail import outbox
+from onetoken.orgs import reset
 from onetoken.orgs.models import AdminSession
 from onetoken.rights import erasure
 from onetoken.security import blocking
@@ -60,6 +62,8 @@ class PurgeResult:
     blocks: int = 0
     tickets: int = 0
     incidents: int = 0
+    mail: int = 0
+    password_resets: int = 0
 
 
 def purge(session_factory: SessionFactory, settings: RetentionSettings) -> PurgeResult:
@@ -95,6 +99,10 @@ def purge(session_factory: SessionFactory, settings: RetentionSettings) -> Purge
             )
         )
         out.blocks = blocking.purge_expired(session)
+        # Sent mail is kept as long as webhook deliveries: both are a record of what was
+        # sent where.
+        out.mail = outbox.purge(session, now - timedelta(days=settings.delivery_log_ttl_days))
+        out.password_resets = reset.purge_expired(session, now)
         # Ticket content goes for good: SQLite overwrites the freed pages.
         if session.get_bind().dialect.name == "sqlite":
             session.connection().exec_driver_sql("PRAGMA secure_delete = ON")

@@ -41,6 +41,9 @@ from onetoken.webhooks.events import EVENT_KINDS
 STATIC_URL = "/console/static"
 SIGN_IN_PATH = "/signin"
 TERMS_PATH = "/terms"
+# Where the links of invitation and password reset mails lead (onetoken.mail.notices).
+INVITE_PATH = "/accept-invite"
+RESET_PATH = "/reset-password"
 
 #: Scripts, styles, images and API calls from this origin only; no inline script, no
 #: plug-ins, no framing (clickjacking), forms post nowhere else.
@@ -185,6 +188,17 @@ def _sign_in(_: Request) -> Response:
     return _html("signin.html", page=Page(SIGN_IN_PATH, "Sign in", "", "signin.html"))
 
 
+def _token_page(path: str, title: str, template: str) -> Callable[[Request], Response]:
+    """A public page that sets a password with the one-time token of its link."""
+
+    def handler(request: Request) -> Response:
+        token = request.query_params.get("token", "")[:256]
+        return _html(template, page=Page(path, title, "", template), token=token)
+
+    handler.__name__ = "console_" + path.strip("/").replace("-", "_")
+    return handler
+
+
 def _terms(request: Request) -> Response:
     """The current terms of service, to accept on behalf of the org (any signed-in
     person; the acceptance itself goes through the API)."""
@@ -215,5 +229,11 @@ def install(app: FastAPI) -> None:
     app.mount(STATIC_URL, _Assets(directory=_package_dir("static")), name="console-static")
     app.add_route(SIGN_IN_PATH, _sign_in, methods=["GET"], include_in_schema=False)
     app.add_route(TERMS_PATH, _terms, methods=["GET"], include_in_schema=False)
+    for path, title, template in (
+        (INVITE_PATH, "Accept your invitation", "accept-invite.html"),
+        (RESET_PATH, "Reset your password", "reset-password.html"),
+    ):
+        app.add_route(path, _token_page(path, title, template), methods=["GET"],
+                      include_in_schema=False)
     for page in PAGES:
         app.add_route(page.path, _page_handler(page), methods=["GET"], include_in_schema=False)

@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import Conflict, NotFound
-from onetoken.orgs import acceptance, auth, members, service
+from onetoken.mail import notices
+from onetoken.orgs import acceptance, auth, members, reset, service
 from onetoken.orgs.models import Account, AdminSession
 from onetoken.orgs.schemas import (
     AccountCreate,
@@ -33,6 +34,9 @@ from onetoken.orgs.schemas import (
     OrgResponse,
     OrgUpdate,
     PasswordChange,
+    PasswordReset,
+    PasswordResetRequest,
+    PasswordResetRequested,
     PermissionsResponse,
     TermsAccept,
     TermsAcceptanceList,
@@ -172,6 +176,67 @@ def accept_invite(body: InviteAccept, session: SessionDep, state: StateDep) -> A
     audit.event(_RequestActor(account, "", ""), "auth.invite_accepted", "info",
                 subject_id=account.id)
     return AccountResponse.model_validate(account)
+
+
+_RESET_ANSWER = "If the address belongs to an account, a password reset link is on its way."
+
+
+@router.post("/auth/password-reset/request", response_model=PasswordResetRequested,
+             status_code=202, dependencies=[PublicDep])
+def request_password_reset(
+    body: PasswordResetRequest, session: SessionDep, state: StateDep
+) -> PasswordResetRequested:
+    """Send a password reset link to the address, if it belongs to an active account
+    (at most ONETOKEN_PASSWORD_RESET_MAX_PER_HOUR a hour). The answer is the same in
+    every case, and so is its timing: the message is sent in the background."""
+    settings = state.settings
+    if settings.smtp_url is not None:
+        issued = reset.request(
+            session, state.secrets, body.email,
+            ttl=timedelta(minutes=settings.password_reset_ttl_minutes),
+            max_per_hour=settings.password_reset_max_per_hour,
+        )
+        if issued is not None:
+            account, token = issued
+            notices.password_reset(session, state.secrets, settings, account, token,
+                                   settings.password_reset_ttl_minutes)
+            session.commit()
+            audit.event(_RequestActor(account, "", ""), "auth.password_reset_requested",
+                        "medium", subject_id=account.id)
+            _wake_mail()
+    return PasswordResetRequested(detail=_RESET_ANSWER)
+
+
+@router.post("/auth/password-reset", status_code=204, dependencies=[PublicDep])
+def password_reset(body: PasswordReset, session: SessionDep, state: StateDep) -> Response:
+    """Set a new password with the token of a reset link: once, before it expires. Every
+    session of the account ends."""
+    account = reset.reset(
+        session, state.secrets, body.token.get_secret_value(), body.password.get_secret_value()
+    )
+    session.commit()
+    audit.event(_RequestActor(account, "", ""), "auth.password_reset", "high",
+                subject_id=account.id)
+    return Response(status_code=204)
+
+
+def _wake_mail() -> None:
+    from onetoken import mail
+
+    worker = mail.current()
+    if worker is not None:
+        worker.wake()
+
+
+def _invite_by_mail(
+    session: Session, state: AppState, account: Account, token: str | None
+) -> None:
+    """With SMTP configured, an invited account with an address gets its link by e-mail
+    (the inviter still sees the token once)."""
+    if token is None or state.settings.smtp_url is None or account.invite_expires_at is None:
+        return
+    notices.invitation(session, state.secrets, state.settings, account, token,
+                       account.invite_expires_at)
 
 
 # -- own account ------------------------------------------------------------------------------
@@ -409,7 +474,9 @@ def create_org(
         display_name=owner.display_name,
         password=owner.password.get_secret_value() if owner.password else None,
     )
+    _invite_by_mail(session, state, account, token)
     state.commit_change(session)
+    _wake_mail()
     audit.event(principal, "admin.org_created", "medium", subject_id=org.id, org_id=org.id)
     return OrgCreated(
         **OrgResponse.model_validate(org).model_dump(),
@@ -486,7 +553,9 @@ def create_account(
         password=body.password.get_secret_value() if body.password else None,
         **body.model_dump(exclude={"password"}),
     )
+    _invite_by_mail(session, state, account, token)
     session.commit()
+    _wake_mail()
     return _created(account, token)
 
 
