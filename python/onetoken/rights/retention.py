@@ -9,6 +9,9 @@
   login-records period, expired sessions, forgiven login-failure counters and expired
   source blocks, and tickets (with their messages and attachment files)
   ONETOKEN_TICKET_RETENTION_DAYS after they closed.
+
+Neither touches the records of an org under a legal hold (rights.holds): the purge skips
+them, and the TTLs skip its rows through the table of holds they read.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import and_, delete, or_
+from sqlalchemy import and_, delete, or_, select
 
 from onetoken.db.base import utcnow
 from onetoken.db.session import SessionFactory
-from onetoken.orgs.models import AdminSession
-from onetoken.rights import erasure
+from onetoken.orgs.models import Account, AdminSession
+from onetoken.rights import erasure, holds
 from onetoken.security import blocking
 from onetoken.security.models import LoginSource, LoginThrottle
 from onetoken.tickets import service as tickets_service
@@ -64,12 +67,19 @@ def purge(session_factory: SessionFactory, settings: RetentionSettings) -> Purge
     now = utcnow()
     out = PurgeResult()
     with session_factory() as session:
+        held = holds.held_org_ids(session)
         out.deliveries = webhooks_service.purge_log(
-            session, now - timedelta(days=settings.delivery_log_ttl_days)
+            session, now - timedelta(days=settings.delivery_log_ttl_days), keep_orgs=held
         )
         login_cutoff = now - timedelta(days=settings.login_records_ttl_days)
+        held_accounts = select(Account.id).where(Account.org_id.in_(held))
         out.login_sources = _rowcount(
-            session.execute(delete(LoginSource).where(LoginSource.last_seen < login_cutoff))
+            session.execute(
+                delete(LoginSource).where(
+                    LoginSource.last_seen < login_cutoff,
+                    LoginSource.account_id.not_in(held_accounts),
+                )
+            )
         )
         out.sessions = _rowcount(
             session.execute(delete(AdminSession).where(AdminSession.expires_at < now))
@@ -96,7 +106,7 @@ def purge(session_factory: SessionFactory, settings: RetentionSettings) -> Purge
         if session.get_bind().dialect.name == "sqlite":
             session.connection().exec_driver_sql("PRAGMA secure_delete = ON")
         removed = tickets_service.purge_closed(
-            session, now - timedelta(days=settings.ticket_retention_days)
+            session, now - timedelta(days=settings.ticket_retention_days), keep_orgs=held
         )
         out.tickets = removed.tickets
         session.commit()
