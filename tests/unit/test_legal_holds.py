@@ -24,7 +24,6 @@ from onetoken.settings import Settings
 from onetoken.state import AppState
 from onetoken.tickets.models import Ticket
 from onetoken.webhooks.models import WebhookDelivery
-
 from tests.support import wait_until
 
 from .conftest import Admin, drained_events, make_org_admin

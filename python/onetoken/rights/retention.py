@@ -3,7 +3,7 @@
 - ClickHouse: table TTLs, rewritten at every start from the settings
   (`analytics.clickhouse.ensure_ttls`): call_log after ONETOKEN_CALL_LOG_TTL_DAYS,
   security_log after ONETOKEN_SECURITY_LOG_TTL_DAYS, and its login records (`auth.*`)
-  after ONETOKEN_LOGIN_RECORDS_TTL_DAYS (a second TTL rule with a WHERE clause);
+  after ONETOKEN_LOGIN_RECORDS_TTL_DAYS (the TTL's period depends on the kind);
 - the control DB: a purge every ONETOKEN_RETENTION_PURGE_INTERVAL_SECONDS removes the
   webhook delivery log after ONETOKEN_DELIVERY_LOG_TTL_DAYS, sign-in sources after the
   login-records period, expired sessions, forgiven login-failure counters and expired
