@@ -475,7 +475,11 @@ def ensure_legal_holds_table(client: Any) -> None:
     """The table the TTL conditions read; created before any TTL names it."""
     client.command(
         f"CREATE TABLE IF NOT EXISTS {LEGAL_HOLDS_TABLE} "
-        "(hold_id String, org_id String, until DateTime64(6, 'UTC'), version UInt64) "
+        "(hold_id String COMMENT 'Id of a legal hold in the control DB', "
+        "org_id String COMMENT 'Organisation whose rows no TTL deletes while the hold stands', "
+        "until DateTime64(6, 'UTC') COMMENT "
+        "'Expiry of the hold (1970 once lifted); it protects while until > now64()', "
+        "version UInt64 COMMENT 'Write time in microseconds: the latest row of a hold wins') "
         "ENGINE = ReplacingMergeTree(version) ORDER BY hold_id"
     )
 

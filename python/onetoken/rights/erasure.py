@@ -30,6 +30,10 @@ Then, in the erasure worker, for a batch of queued accounts at a time:
    On a cluster the mutations go to the local tables ON CLUSTER, and the work tables are
    filled on every server.
 
+Under a legal hold on the account's org (rights.holds), step 1 only, and the account is
+disabled: steps 2 to 4 wait (state `held`) until the hold ends, and so does step 4 of
+erasures the hold found queued.
+
 Ledger entries, orders and call costs are never changed: `onetoken billing reconcile`
 balances before and after."""
 
