@@ -76,8 +76,12 @@ def test_docs_analytics_md_is_generated_from_the_schema(client: Client) -> None:
 
 def test_the_page_describes_every_column_of_every_table(client: Client) -> None:
     page = docs.render(client)
+    # A materialized view's columns are its target table's, described there; chDB lists
+    # them under the view too once a table it writes to has been altered.
     tables = client.query(
-        "SELECT table, name, comment FROM system.columns WHERE database = 'onetoken'"
+        "SELECT table, name, comment FROM system.columns WHERE database = 'onetoken' "
+        "AND table NOT IN (SELECT name FROM system.tables WHERE database = 'onetoken' "
+        "AND engine = 'MaterializedView')"
     ).result_rows
     assert {t for t, _, _ in tables} >= {"call_log", "security_log", "schema_migrations"}
     for table, column, comment in tables:
