@@ -51,7 +51,7 @@ def test_operators_place_and_lift_holds_audited_and_read_by_the_org(
     assert _place(client, admin, admin.org_id).status_code == 403
     past = _place(client, operator, admin.org_id,
                   expires_at=(utcnow() - timedelta(minutes=1)).isoformat())
-    assert past.status_code == 422 and past.json()["error"]["code"] == "invalid_expiry"
+    assert past.status_code == 400 and past.json()["error"]["code"] == "invalid_expiry"
     assert _place(client, operator, "org_missing").status_code == 404
     r = _place(client, operator, admin.org_id)
     assert r.status_code == 201, r.text

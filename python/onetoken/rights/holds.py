@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from onetoken.analytics.clickhouse import sync_legal_holds
 from onetoken.db.base import new_id, utcnow
 from onetoken.db.session import SessionFactory
-from onetoken.kit.errors import Conflict, NotFound, Unprocessable
+from onetoken.kit.errors import BadRequest, Conflict, NotFound
 from onetoken.orgs.models import Org
 from onetoken.rights.models import LegalHold
 from onetoken.security import audit
@@ -75,7 +75,7 @@ def place(
     if expires_at.tzinfo is None:
         expires_at = expires_at.replace(tzinfo=UTC)
     if expires_at <= utcnow():
-        raise Unprocessable("A hold must expire in the future.", code="invalid_expiry")
+        raise BadRequest("A hold must expire in the future.", code="invalid_expiry")
     hold = LegalHold(
         id=new_id("hold"), org_id=org_id, reason=reason, placed_by=actor.account_id,
         placed_at=utcnow(), expires_at=expires_at,
