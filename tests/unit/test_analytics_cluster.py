@@ -159,7 +159,10 @@ def test_cluster_ddl_runs_in_chdb_but_for_keeper(client: Client, clus: str) -> N
     def ttl(table: str) -> str:
         return ch.current_ttl(client, table)
 
+    # The table of legal holds is the control process's, made beside the TTLs that read
+    # it, on a single node only (docs/retention.md).
     single, clus = tables("onetoken"), tables("clus")
+    single.pop("legal_holds", None)
     views = {t for t, shape in single.items() if shape[0] == "MaterializedView"}
     assert views == {"call_stats_1m_mv"}
     assert set(clus) == views | {
@@ -240,7 +243,7 @@ def test_startup_ttl_check_reads_and_alters_the_local_tables(client: Client, clu
     assert ch.ensure_security_log_ttl(client, 365, 180) is False
     assert ch.ensure_security_log_ttl(client, 365, 90) is True
     assert ch.ensure_security_log_ttl(client, 365, 90) is False
-    assert "toIntervalDay(90) WHERE startsWith(kind, 'auth.')" in ch.current_ttl(
+    assert "toIntervalDay(if(startsWith(kind, 'auth.'), 90, 365))" in ch.current_ttl(
         client, "onetoken.security_log"
     )
 

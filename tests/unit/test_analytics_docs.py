@@ -112,7 +112,8 @@ def test_a_new_table_is_picked_up_and_a_column_without_a_comment_stops_it(
 
 def test_retention_names_the_settings_and_the_defaults(client: Client) -> None:
     page = docs.render(client)
-    assert "`TTL ts + toIntervalDay(180)` with the defaults; set by " \
+    assert "`TTL ts + toIntervalDay(180) WHERE org_id NOT IN (SELECT org_id FROM " \
+           "onetoken.legal_holds FINAL WHERE until > now64())` with the defaults; set by " \
            "`ONETOKEN_CALL_LOG_TTL_DAYS` (default 180 days)" in page
     assert "`ONETOKEN_SECURITY_LOG_TTL_DAYS` (default 365 days)" in page
     assert "`ONETOKEN_LOGIN_RECORDS_TTL_DAYS` (default 180 days)" in page

@@ -168,9 +168,13 @@ def test_retention_purge(state: AppState) -> None:
 
 
 def test_security_log_ttl_clause() -> None:
-    clause = clickhouse.security_log_ttl(365, 90)
+    clause = clickhouse.security_log_ttl(365, 90, held=False)
     assert clause == (
         "ts + INTERVAL 90 DAY DELETE WHERE startsWith(kind, 'auth.'), ts + INTERVAL 365 DAY"
+    )
+    assert clickhouse.security_log_ttl(365, 90) == (
+        "ts + toIntervalDay(if(startsWith(kind, 'auth.'), 90, 365)) "
+        f"DELETE WHERE {clickhouse.NOT_HELD_CONDITION}"
     )
 
 

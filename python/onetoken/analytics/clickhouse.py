@@ -24,7 +24,10 @@ import hashlib
 import logging
 import os
 import re
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
@@ -473,20 +476,57 @@ def current_ttl_days(client: Client, table: str) -> int | None:
     return int(match[2]) if match else None
 
 
+# Legal holds (docs/retention.md, "Legal holds"). A TTL cannot ask the control DB, so the
+# control process keeps the holds that stand in this table (rights.holds syncs it) and
+# every TTL rule deletes only rows of orgs it does not name. A hold carries its expiry, so
+# it stops protecting on time even while the control process is down; a lifted hold is
+# written again with an expiry in the past (insert only: a row read before its
+# replacement is merged still protects, which errs on the side of keeping).
+LEGAL_HOLDS_TABLE: Final = f"{SHARED_DATABASE}.legal_holds"
+NOT_HELD_CONDITION: Final = (
+    f"org_id NOT IN (SELECT org_id FROM {LEGAL_HOLDS_TABLE} FINAL WHERE until > now64())"  # noqa: S608
+)
+
+
+def ensure_legal_holds_table(client: Any) -> None:
+    """The table the TTL conditions read; created before any TTL names it."""
+    client.command(
+        f"CREATE TABLE IF NOT EXISTS {LEGAL_HOLDS_TABLE} "
+        "(hold_id String COMMENT 'Id of a legal hold in the control DB', "
+        "org_id String COMMENT 'Organisation whose rows no TTL deletes while the hold stands', "
+        "until DateTime64(6, 'UTC') COMMENT "
+        "'Expiry of the hold (1970 once lifted); it protects while until > now64()', "
+        "version UInt64 COMMENT 'Write time in microseconds: the latest row of a hold wins') "
+        "ENGINE = ReplacingMergeTree(version) ORDER BY hold_id"
+    )
+
+
+def _held_rule(target: TtlTarget) -> bool:
+    # The local tables of a cluster are merged on every server, each reading its own
+    # legal_holds; holds are not replicated there yet, so the rule stays unconditional.
+    return not target.on_cluster
+
+
 def set_ttl_days(client: Client, table: str, days: int, column: str = "ts") -> bool:
-    """Make the table's TTL `<column> + INTERVAL days DAY`; True when it had to change."""
+    """Make the table's TTL `<column> + INTERVAL days DAY`, skipping held orgs' rows;
+    True when it had to change."""
     if not isinstance(days, int) or isinstance(days, bool) or days < 1:
         raise AnalyticsError(f"TTL for {table} must be a positive number of days, got {days!r}")
     if column not in _TTL_COLUMNS:
         raise AnalyticsError(f"no TTL on column {column!r}")
-    if current_ttl_days(client, table) == days:
-        return False
     target = ttl_target(client, table) or TtlTarget(table, "", "")
+    held = _held_rule(target)
+    wanted = f"{column} + toIntervalDay({days})" + (f" WHERE {NOT_HELD_CONDITION}" if held else "")
+    if current_ttl(client, table) == wanted:
+        return False
+    clause = f"{column} + INTERVAL {days} DAY" + (
+        f" DELETE WHERE {NOT_HELD_CONDITION}" if held else ""
+    )
+    if held:
+        ensure_legal_holds_table(client)
     # The days value is a validated int and the names come from system.tables matched
     # against identifier characters, so formatting them into DDL is safe.
-    client.command(
-        f"ALTER TABLE {target.table}{target.on_cluster} MODIFY TTL {column} + INTERVAL {days} DAY"
-    )
+    client.command(f"ALTER TABLE {target.table}{target.on_cluster} MODIFY TTL {clause}")
     logger.info("analytics.ttl_changed", extra={"kind": table, "count": days})
     return True
 
@@ -495,12 +535,19 @@ LOGIN_KINDS_CONDITION = "startsWith(kind, 'auth.')"
 _TTL_RULES = re.compile(r"\bTTL\s+(.*?)(?:\s+SETTINGS\s|$)", re.DOTALL)
 
 
-def security_log_ttl(security_days: int, login_days: int) -> str:
+def security_log_ttl(security_days: int, login_days: int, *, held: bool = True) -> str:
     """The TTL clause of security_log: login records may be kept for a shorter (or
-    longer) period than the rest."""
+    longer) period than the rest. With `held`, one rule whose period depends on the kind
+    and which deletes no held org's rows: two rules reading the table of holds each leave
+    a TTL mutation that never finishes (measured on chDB 4.4), one does not."""
     for days in (security_days, login_days):
         if not isinstance(days, int) or isinstance(days, bool) or days < 1:
             raise ValueError("retention periods must be positive numbers of days")
+    if held:
+        return (
+            f"ts + toIntervalDay(if({LOGIN_KINDS_CONDITION}, {login_days}, {security_days})) "
+            f"DELETE WHERE {NOT_HELD_CONDITION}"
+        )
     return (
         f"ts + INTERVAL {login_days} DAY DELETE WHERE {LOGIN_KINDS_CONDITION}, "
         f"ts + INTERVAL {security_days} DAY"
@@ -515,17 +562,24 @@ def current_ttl(client: Any, table: str) -> str:
 
 def ensure_security_log_ttl(client: Any, security_days: int, login_days: int) -> bool:
     """Make security_log's TTL match the settings; True when it had to change."""
+    target = ttl_target(client, SECURITY_LOG_TABLE) or TtlTarget(SECURITY_LOG_TABLE, "", "")
+    held = _held_rule(target)
+    # As ClickHouse writes the clause back (system.tables).
     wanted = (
-        f"ts + toIntervalDay({login_days}) WHERE {LOGIN_KINDS_CONDITION}, "
+        f"ts + toIntervalDay(if({LOGIN_KINDS_CONDITION}, {login_days}, {security_days})) "
+        f"WHERE {NOT_HELD_CONDITION}"
+        if held
+        else f"ts + toIntervalDay({login_days}) WHERE {LOGIN_KINDS_CONDITION}, "
         f"ts + toIntervalDay({security_days})"
     )
     if current_ttl(client, SECURITY_LOG_TABLE) == wanted:
         return False
-    target = ttl_target(client, SECURITY_LOG_TABLE) or TtlTarget(SECURITY_LOG_TABLE, "", "")
+    if held:
+        ensure_legal_holds_table(client)
     # Both values are validated ints, so formatting them into DDL is safe.
     client.command(
         f"ALTER TABLE {target.table}{target.on_cluster} "
-        f"MODIFY TTL {security_log_ttl(security_days, login_days)}"
+        f"MODIFY TTL {security_log_ttl(security_days, login_days, held=held)}"
     )
     logger.info("analytics.ttl_changed", extra={"kind": SECURITY_LOG_TABLE, "count": security_days})
     return True
@@ -576,3 +630,46 @@ def ensure_ttls(client: Client, settings: ClickHouseSettings) -> None:
         ensure_security_log_ttl(client, int(security_days), int(login_days))
     elif security_days is not None:
         set_ttl_days(client, SECURITY_LOG_TABLE, int(security_days))
+
+
+#: Written as a lifted hold's expiry: the Unix epoch, long past.
+_LIFTED = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def sync_legal_holds(client: Any, holds: Sequence[tuple[str, str, datetime]]) -> int:
+    """Make LEGAL_HOLDS_TABLE name exactly the holds that stand, given as (hold id, org id,
+    until); returns how many rows were written. Holds placed are written before holds
+    lifted, and nothing is ever deleted, so no moment exists in which a standing hold is
+    missing from the table."""
+    ensure_legal_holds_table(client)
+    current = {
+        str(h): (str(o), u)
+        for h, o, u in client.query(
+            f"SELECT hold_id, org_id, until FROM {LEGAL_HOLDS_TABLE} FINAL "  # noqa: S608
+            "WHERE until > now64()"
+        ).result_rows
+    }
+    wanted = {hold_id: (org_id, until) for hold_id, org_id, until in holds}
+    rows: list[list[Any]] = [
+        [hold_id, org_id, until]
+        for hold_id, (org_id, until) in wanted.items()
+        if current.get(hold_id, (None, None))[0] != org_id
+        or _utc(current[hold_id][1]) != _utc(until)
+    ]
+    rows += [
+        [hold_id, org_id, _LIFTED] for hold_id, (org_id, _) in current.items()
+        if hold_id not in wanted
+    ]
+    if rows:
+        # One version for the whole write, later than any before it on this clock.
+        version = time.time_ns() // 1000
+        client.insert(
+            LEGAL_HOLDS_TABLE,
+            [[*r, version] for r in rows],
+            column_names=["hold_id", "org_id", "until", "version"],
+        )
+    return len(rows)
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

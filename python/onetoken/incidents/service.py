@@ -10,7 +10,7 @@ incident run one after the other and each sees the status the previous one commi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -353,14 +353,19 @@ def reopen(session: Session, principal: Principal, incident: Incident) -> Incide
     return incident
 
 
-def purge_resolved(session: Session, cutoff: datetime) -> int:
+def purge_resolved(
+    session: Session, cutoff: datetime, *, keep_orgs: Collection[str] = ()
+) -> int:
     """Delete incidents resolved before `cutoff`, with their event links and history (the
     retention purge: the handling record goes when the security log has let go of the
-    events it is about). Open and acknowledged incidents are kept whatever their age."""
+    events it is about). Open and acknowledged incidents are kept whatever their age, and
+    so are those of `keep_orgs` (under a legal hold)."""
     ids = list(
         session.scalars(
             select(Incident.id).where(
-                Incident.status == "resolved", Incident.resolved_at < cutoff
+                Incident.status == "resolved",
+                Incident.resolved_at < cutoff,
+                Incident.org_id.not_in(list(keep_orgs)),
             )
         )
     )

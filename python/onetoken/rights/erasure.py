@@ -31,6 +31,10 @@ Then, in the erasure worker, for a batch of queued accounts at a time:
    On a cluster the mutations go to the local tables ON CLUSTER, and the work tables are
    filled on every server.
 
+Under a legal hold on the account's org (rights.holds), step 1 only, and the account is
+disabled: steps 2 to 4 wait (state `held`) until the hold ends, and so does step 4 of
+erasures the hold found queued.
+
 Ledger entries, orders and call costs are never changed: `onetoken billing reconcile`
 balances before and after."""
 
@@ -43,6 +47,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, delete, or_, select, text, update
@@ -58,6 +63,7 @@ from onetoken.kit.errors import Conflict, NotFound
 from onetoken.kit.worker import LoopThread
 from onetoken.mail.models import MailMessage
 from onetoken.orgs.models import Account, AdminSession, PasswordReset, TermsAcceptance
+from onetoken.rights import holds
 from onetoken.rights.models import AccountErasure
 from onetoken.security.models import LoginSource, LoginThrottle
 from onetoken.tickets import service as tickets_service
@@ -432,7 +438,9 @@ def identifiers(account: Account, key_ids: list[str]) -> Identifiers:
 
 def cancel_account(state: AppState, account_id: str, *, requested_by: str) -> ErasureResult:
     """Cancel and anonymize one account: steps 1 to 3 now, step 4 queued for the erasure
-    worker (which batches it with other cancellations). Raises NotFound / Conflict."""
+    worker (which batches it with other cancellations). Under a legal hold on its org
+    (rights.holds), step 1 only: the account is disabled and signed out, and the rest
+    waits, in state `held`, until the hold ends. Raises NotFound / Conflict."""
     with state.session_factory() as session:
         account = session.get(Account, account_id)
         if account is None:
@@ -440,28 +448,85 @@ def cancel_account(state: AppState, account_id: str, *, requested_by: str) -> Er
         if session.get(AccountErasure, account_id) is not None:
             raise Conflict("This account has already been cancelled.", code="already_cancelled")
         key_ids = revoke_keys(session, account)
-        ids = identifiers(account, key_ids)
-        anonymize_account(session, account)
-        tickets_erased = tickets_service.erase_account(session, account.org_id, account.id)
+        org_id = account.org_id
+        if holds.is_held(session, org_id):
+            account.status = "disabled"
+            account.updated_at = utcnow()
+            session.execute(delete(AdminSession).where(AdminSession.account_id == account.id))
+            session.add(AccountErasure(account_id=account.id, org_id=org_id,
+                                       requested_by=requested_by, state="held"))
+            session.commit()
+            state.config_changed()
+            log.info("rights.account_cancelled", extra={"org_id": org_id, "account_id": account_id})
+            return ErasureResult(account_id, "held", len(key_ids))
+        pending = _anonymize(session, state.secrets, account, key_ids)
         session.add(
             AccountErasure(
                 account_id=account.id,
-                org_id=account.org_id,
+                org_id=org_id,
                 requested_by=requested_by,
                 state="control_done",
-                pending_encrypted=state.secrets.encrypt(ids.to_json()),
+                pending_encrypted=pending.encrypted,
             )
         )
         session.commit()
-    tickets_service.delete_files(
-        open_store(state.settings.ticket_store_dir), tickets_erased.storage_keys
-    )
+    tickets_service.delete_files(open_store(state.settings.ticket_store_dir), pending.storage_keys)
     state.config_changed()
     checkpoint(state.session_factory)
     if _worker is not None:
         _worker.notify()
-    log.info("rights.account_cancelled", extra={"org_id": ids.org_id, "account_id": account_id})
+    log.info("rights.account_cancelled", extra={"org_id": org_id, "account_id": account_id})
     return ErasureResult(account_id, "control_done", len(key_ids))
+
+
+@dataclass(frozen=True, slots=True)
+class _Anonymized:
+    encrypted: str
+    storage_keys: list[str]
+
+
+def _anonymize(
+    session: Session, secrets: Secrets, account: Account, key_ids: list[str]
+) -> _Anonymized:
+    """Steps 2 and 3 in the caller's transaction: what ClickHouse must forget, encrypted,
+    and the control DB anonymized (ticket files are the caller's to delete after commit)."""
+    ids = identifiers(account, key_ids)
+    anonymize_account(session, account)
+    erased = tickets_service.erase_account(session, account.org_id, account.id)
+    return _Anonymized(secrets.encrypt(ids.to_json()), list(erased.storage_keys))
+
+
+def resume_held(session_factory: SessionFactory, secrets: Secrets, ticket_store: Path) -> int:
+    """Steps 2 and 3 of the cancellations that waited for a legal hold which has ended;
+    they join the queue of step 4. Returns how many resumed."""
+    resumed = 0
+    with session_factory() as session:
+        held = holds.held_org_ids(session)
+        waiting = list(session.scalars(
+            select(AccountErasure).where(
+                AccountErasure.state == "held", AccountErasure.org_id.not_in(list(held))
+            )
+        ))
+        files: list[str] = []
+        for row in waiting:
+            account = session.get(Account, row.account_id)
+            if account is None:
+                continue
+            key_ids = [k.id for k in _account_keys(session, account)]
+            pending = _anonymize(session, secrets, account, key_ids)
+            row.state = "control_done"
+            row.pending_encrypted = pending.encrypted
+            files += pending.storage_keys
+            resumed += 1
+        if resumed:
+            # The keys' new names reach ClickHouse's dim_keys through the dimension sync.
+            bump_revision(session)
+        session.commit()
+    if resumed:
+        tickets_service.delete_files(open_store(ticket_store), files)
+        checkpoint(session_factory)
+        log.info("rights.erasures_resumed", extra={"rows": resumed})
+    return resumed
 
 
 def complete_pending(
@@ -477,11 +542,15 @@ def complete_pending(
     finished = 0
     while True:
         with session_factory() as session:
+            # A hold placed after the control-DB step keeps the org's ClickHouse rows as
+            # they are: they wait in the queue until it ends.
+            held = holds.held_org_ids(session)
             queued = session.execute(
                 select(AccountErasure.account_id, AccountErasure.pending_encrypted)
                 .where(
                     AccountErasure.state == "control_done",
                     AccountErasure.pending_encrypted.is_not(None),
+                    AccountErasure.org_id.not_in(list(held)),
                 )
                 .order_by(AccountErasure.requested_at, AccountErasure.account_id)
                 .limit(batch_size)
@@ -565,6 +634,10 @@ def make_worker(state: AppState, ingestor: Ingestor) -> ErasureWorker:
     ingestor has started (older records must land before any mutation)."""
 
     def run() -> int:
+        # Holds first: a hold that ended lets its waiting cancellations go on below, and
+        # the TTLs learn of holds placed or lifted while ClickHouse was out of reach.
+        holds.sync_clickhouse(state.session_factory, ingestor.sink.read)
+        resume_held(state.session_factory, state.secrets, state.settings.ticket_store_dir)
         return complete_pending(
             state.session_factory,
             state.secrets,

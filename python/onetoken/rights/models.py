@@ -16,9 +16,10 @@ from sqlalchemy.orm import Mapped, mapped_column
 from onetoken.db.base import Base, UTCDateTime, utcnow
 from onetoken.orgs.models import Org
 
-# control_done: the control DB is anonymized, ClickHouse not yet (it was unreachable);
-# done: both are.
-ERASURE_STATES = ("control_done", "done")
+# held: the account is disabled and its keys revoked, but its org is under a legal hold, so
+# nothing is anonymized until the hold ends; control_done: the control DB is anonymized,
+# ClickHouse not yet (it was unreachable, or the org came under a hold); done: both are.
+ERASURE_STATES = ("held", "control_done", "done")
 
 
 class AccountErasure(Base):
@@ -61,3 +62,20 @@ class OrgTerminationStep(Base):
     # Counts and ids of what the step did (never personal data).
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     done_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class LegalHold(Base):
+    """An operator's hold on an org's records (docs/retention.md, "Legal holds"): while it
+    stands (not lifted, not expired) retention purges and anonymization skip the org."""
+
+    __tablename__ = "legal_holds"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey(Org.id), index=True)
+    # The operator's grounds (a case or order reference): read by the org's members too.
+    reason: Mapped[str] = mapped_column(String(500))
+    placed_by: Mapped[str] = mapped_column(String(32))
+    placed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    lifted_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    lifted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

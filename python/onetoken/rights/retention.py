@@ -3,13 +3,16 @@
 - ClickHouse: table TTLs, rewritten at every start from the settings
   (`analytics.clickhouse.ensure_ttls`): call_log after ONETOKEN_CALL_LOG_TTL_DAYS,
   security_log after ONETOKEN_SECURITY_LOG_TTL_DAYS, and its login records (`auth.*`)
-  after ONETOKEN_LOGIN_RECORDS_TTL_DAYS (a second TTL rule with a WHERE clause);
+  after ONETOKEN_LOGIN_RECORDS_TTL_DAYS (the TTL's period depends on the kind);
 - the control DB: a purge every ONETOKEN_RETENTION_PURGE_INTERVAL_SECONDS removes the
   webhook delivery log after ONETOKEN_DELIVERY_LOG_TTL_DAYS, sign-in sources after the
   login-records period, expired sessions, forgiven login-failure counters and expired
   source blocks, tickets (with their messages and attachment files)
   ONETOKEN_TICKET_RETENTION_DAYS after they closed, and resolved incidents (with their
   handling history) ONETOKEN_SECURITY_LOG_TTL_DAYS after they were resolved.
+
+Neither touches the records of an org under a legal hold (rights.holds): the purge skips
+them, and the TTLs skip its rows through the table of holds they read.
 """
 
 from __future__ import annotations
@@ -21,15 +24,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import and_, delete, or_
+from sqlalchemy import and_, delete, or_, select
 
 from onetoken.db.base import utcnow
 from onetoken.db.session import SessionFactory
 from onetoken.incidents import service as incidents_service
 from onetoken.mail import outbox
 from onetoken.orgs import reset
-from onetoken.orgs.models import AdminSession
-from onetoken.rights import erasure
+from onetoken.orgs.models import Account, AdminSession
+from onetoken.rights import erasure, holds
 from onetoken.security import blocking
 from onetoken.security.models import LoginSource, LoginThrottle
 from onetoken.tickets import service as tickets_service
@@ -71,12 +74,19 @@ def purge(session_factory: SessionFactory, settings: RetentionSettings) -> Purge
     now = utcnow()
     out = PurgeResult()
     with session_factory() as session:
+        held = holds.held_org_ids(session)
         out.deliveries = webhooks_service.purge_log(
-            session, now - timedelta(days=settings.delivery_log_ttl_days)
+            session, now - timedelta(days=settings.delivery_log_ttl_days), keep_orgs=held
         )
         login_cutoff = now - timedelta(days=settings.login_records_ttl_days)
+        held_accounts = select(Account.id).where(Account.org_id.in_(held))
         out.login_sources = _rowcount(
-            session.execute(delete(LoginSource).where(LoginSource.last_seen < login_cutoff))
+            session.execute(
+                delete(LoginSource).where(
+                    LoginSource.last_seen < login_cutoff,
+                    LoginSource.account_id.not_in(held_accounts),
+                )
+            )
         )
         out.sessions = _rowcount(
             session.execute(delete(AdminSession).where(AdminSession.expires_at < now))
@@ -107,12 +117,12 @@ def purge(session_factory: SessionFactory, settings: RetentionSettings) -> Purge
         if session.get_bind().dialect.name == "sqlite":
             session.connection().exec_driver_sql("PRAGMA secure_delete = ON")
         removed = tickets_service.purge_closed(
-            session, now - timedelta(days=settings.ticket_retention_days)
+            session, now - timedelta(days=settings.ticket_retention_days), keep_orgs=held
         )
         out.tickets = removed.tickets
         # The handling record lives as long as the log it is about.
         out.incidents = incidents_service.purge_resolved(
-            session, now - timedelta(days=settings.security_log_ttl_days)
+            session, now - timedelta(days=settings.security_log_ttl_days), keep_orgs=held
         )
         session.commit()
     # Files after the commit: a rolled-back purge must not lose a kept ticket's files.

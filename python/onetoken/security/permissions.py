@@ -85,6 +85,12 @@ PERMISSIONS: dict[str, Permission] = {
             "them with org.read).",
         ),
         _p("pools.manage", "", "List, create and change gateway pools (operators)."),
+        _p(
+            "holds.manage",
+            "",
+            "Place and lift legal holds on any organization (operators; members read their "
+            "organization's holds with org.read).",
+        ),
         _p("members.read", "owner admin", "List the organization's accounts."),
         _p(
             "members.write",

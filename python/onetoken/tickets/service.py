@@ -9,7 +9,7 @@ wrote ever comes back in an error.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -308,12 +308,18 @@ def _remove_attachments(session: Session, rows: Sequence[TicketAttachment], out:
         session.execute(delete(TicketAttachment).where(TicketAttachment.id.in_(ids)))
 
 
-def purge_closed(session: Session, cutoff: datetime) -> Removed:
-    """Delete tickets closed before `cutoff`, with their messages and attachments."""
+def purge_closed(
+    session: Session, cutoff: datetime, *, keep_orgs: Collection[str] = ()
+) -> Removed:
+    """Delete tickets closed before `cutoff`, with their messages and attachments, except
+    those of `keep_orgs` (under a legal hold)."""
     out = Removed()
     ids = list(
         session.scalars(
-            select(Ticket.id).where(Ticket.status == "closed", Ticket.closed_at < cutoff)
+            select(Ticket.id).where(
+                Ticket.status == "closed", Ticket.closed_at < cutoff,
+                Ticket.org_id.not_in(list(keep_orgs)),
+            )
         )
     )
     if not ids:

@@ -7,7 +7,7 @@ create and rotate, once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlsplit
@@ -206,12 +206,14 @@ def attempts_of(session: Session, delivery_id: str) -> list[WebhookAttempt]:
     )
 
 
-def purge_log(session: Session, before: datetime) -> int:
-    """Delete finished deliveries (and their attempts) created before `before`."""
+def purge_log(session: Session, before: datetime, *, keep_orgs: Collection[str] = ()) -> int:
+    """Delete finished deliveries (and their attempts) created before `before`, except
+    those of `keep_orgs` (under a legal hold)."""
     ids = list(
         session.scalars(
             select(WebhookDelivery.id).where(
-                WebhookDelivery.created_at < before, WebhookDelivery.status != "pending"
+                WebhookDelivery.created_at < before, WebhookDelivery.status != "pending",
+                WebhookDelivery.org_id.not_in(list(keep_orgs)),
             )
         )
     )

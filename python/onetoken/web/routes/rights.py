@@ -1,5 +1,6 @@
 """Users' rights: export one's own data, cancel one's own account (or, for admins, an
-account of their org). Viewing and correcting live at GET/PATCH /me and /org."""
+account of their org). Viewing and correcting live at GET/PATCH /me and /org. Legal holds:
+placed and lifted by operators, read by the org's members."""
 
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ from onetoken.kit.errors import Conflict, Forbidden, NotFound, Unauthorized
 from onetoken.kit.text import NOT_BLANK
 from onetoken.orgs import auth
 from onetoken.orgs.models import Account
-from onetoken.rights import erasure, export, termination
+from onetoken.rights import erasure, export, holds, termination
+from onetoken.rights.models import LegalHold
 from onetoken.security import audit
 from onetoken.security.principal import Principal
 from onetoken.state import AppState
 from onetoken.web.deps import (
+    HoldsManageDep,
     MembersWriteDep,
+    OrgReadDep,
     OrgsManageDep,
     ServiceUnavailable,
     SessionDep,
@@ -44,7 +48,8 @@ class CancelRequest(BaseModel):
 class CancelResponse(BaseModel):
     account_id: str
     # control_done: the control DB is anonymized, ClickHouse's part is queued (the erasure
-    # worker finishes it within seconds, or once ClickHouse is reachable again).
+    # worker finishes it within seconds, or once ClickHouse is reachable again); held: the
+    # org is under a legal hold, the account is disabled and anonymized once it ends.
     state: str
     keys_revoked: int
 
@@ -215,3 +220,99 @@ def get_termination(org_id: str, _: OrgsManageDep, session: SessionDep) -> Termi
     if result is None:
         raise NotFound("This organization is not being terminated.")
     return _termination(result)
+
+
+# -- legal holds ---------------------------------------------------------------------------
+
+
+class HoldRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # The grounds, e.g. a case or order reference; the org's members read it.
+    reason: str = Field(min_length=1, max_length=500)
+    expires_at: datetime
+
+
+class HoldResponse(BaseModel):
+    id: str
+    org_id: str
+    reason: str
+    # standing, lifted or expired
+    state: str
+    placed_by: str
+    placed_at: datetime
+    expires_at: datetime
+    lifted_by: str | None
+    lifted_at: datetime | None
+
+
+class HoldList(BaseModel):
+    data: list[HoldResponse]
+    # Whether a hold stands now: retention purges and anonymization skip the org's records.
+    held: bool
+
+
+def _hold(hold: LegalHold) -> HoldResponse:
+    return HoldResponse(
+        id=hold.id, org_id=hold.org_id, reason=hold.reason, state=holds.state_of(hold),
+        placed_by=hold.placed_by, placed_at=hold.placed_at, expires_at=hold.expires_at,
+        lifted_by=hold.lifted_by, lifted_at=hold.lifted_at,
+    )
+
+
+def _hold_list(session: SessionDep, org_id: str) -> HoldList:
+    data = [_hold(h) for h in holds.org_holds(session, org_id)]
+    return HoldList(data=data, held=any(h.state == "standing" for h in data))
+
+
+def _sync_holds(state: AppState) -> None:
+    """Tell ClickHouse's TTLs at once; when that fails, the erasure worker's next pass
+    does (the hold is already in force in the control DB)."""
+    run = _runner(state)
+    if run is None:
+        return
+    try:
+        holds.sync_clickhouse(state.session_factory, run)
+    except Exception:
+        if erasure._worker is not None:
+            erasure._worker.notify()
+
+
+@router.get("/org/holds", response_model=HoldList)
+def own_holds(principal: OrgReadDep, session: SessionDep) -> HoldList:
+    """The legal holds on the caller's organization, standing or ended, newest first."""
+    return _hold_list(session, principal.org_id)
+
+
+@router.get("/orgs/{org_id}/holds", response_model=HoldList)
+def org_holds(org_id: str, _: HoldsManageDep, session: SessionDep) -> HoldList:
+    """The legal holds on any organization (operators)."""
+    return _hold_list(session, org_id)
+
+
+@router.post("/orgs/{org_id}/holds", response_model=HoldResponse, status_code=201)
+def place_hold(
+    org_id: str, body: HoldRequest, principal: HoldsManageDep, session: SessionDep,
+    state: StateDep,
+) -> HoldResponse:
+    """Place a legal hold on an organization (operators): until it is lifted or expires,
+    retention purges and anonymization skip the organization's records."""
+    hold = holds.place(session, principal, org_id, reason=body.reason,
+                       expires_at=body.expires_at)
+    session.commit()
+    _sync_holds(state)
+    return _hold(hold)
+
+
+@router.post("/orgs/{org_id}/holds/{hold_id}/lift", response_model=HoldResponse)
+def lift_hold(
+    org_id: str, hold_id: str, principal: HoldsManageDep, session: SessionDep,
+    state: StateDep,
+) -> HoldResponse:
+    """Lift a standing legal hold (operators); purges and anonymization resume."""
+    hold = holds.lift(session, principal, org_id, hold_id)
+    session.commit()
+    _sync_holds(state)
+    if erasure._worker is not None:
+        erasure._worker.notify()
+    return _hold(hold)

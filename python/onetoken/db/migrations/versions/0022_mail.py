@@ -10,7 +10,7 @@ from alembic import op
 from onetoken.db.migrations.shapes import at, create_table, ref
 
 revision: str = "0022_mail"
-down_revision: str | None = "0020_terms_acceptances"
+down_revision: str | None = "0021_legal_holds"
 
 
 def upgrade() -> None:
