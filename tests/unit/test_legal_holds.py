@@ -25,6 +25,7 @@ from onetoken.state import AppState
 from onetoken.tickets.models import Ticket
 from onetoken.webhooks.models import WebhookDelivery
 from tests.support import wait_until
+from tests.unit.conftest import accept_terms
 
 from .conftest import Admin, drained_events, make_org_admin
 from .test_analytics_sink import make_batch
@@ -237,6 +238,7 @@ def test_control_db_purge_and_cancellation_wait_for_the_hold(
     h = {"Authorization": "Bearer " + client.post(
         "/api/v1/auth/login", json={"email": "ann@acme.test", "password": password}
     ).json()["access_token"]}
+    accept_terms(client, h)
     key = client.post("/api/v1/keys", json={"name": "Ann's laptop"}, headers=h).json()
     r = client.post(f"/api/v1/accounts/{ann}/cancel", headers=admin.headers)
     assert r.status_code == 200 and r.json()["state"] == "held", r.text
