@@ -287,6 +287,9 @@ def test_console_flows_and_every_page(
     page.wait_for_selector(
         "#incident-taken:not([hidden]) dd[data-f=status]:has-text('acknowledged')")
     incident_id = page.inner_text("#incident-taken dd[data-f=id]").strip()
+    # The row action also reloads the log's table: leave once that has answered, or the
+    # navigation cancels its request.
+    page.wait_for_load_state("networkidle")
     page.click("#incident-taken a:has-text('Open the incident')")
     page.wait_for_url(f"{base}/security/incident?id={incident_id}")
     ready(page)
