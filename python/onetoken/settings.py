@@ -161,6 +161,12 @@ class Settings(BaseSettings):
     # Comma-separated CIDRs webhook targets may be in besides public addresses
     # (on-premises receivers); every org's endpoints may then reach them.
     webhook_private_cidrs: str = ""
+    # Comma-separated CIDRs an org's identity provider may be in besides public addresses
+    # (an on-premises provider; a test's or demo's local one). Empty allows none, and then
+    # only https issuers are accepted (docs/sso.md).
+    sso_private_cidrs: str = ""
+    # The whole of one request to an identity provider (discovery, token, keys).
+    sso_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     anomaly_bucket_seconds: AboveZero = 60.0
     anomaly_ewma_alpha: float = Field(default=0.2, gt=0, le=1)
     anomaly_warmup_buckets: AtLeastOne = 5
@@ -236,6 +242,7 @@ class Settings(BaseSettings):
             "gateway_trusted_proxies",
             "webhook_private_cidrs",
             "upstream_private_cidrs",
+            "sso_private_cidrs",
         ):
             try:
                 networks(getattr(self, name))

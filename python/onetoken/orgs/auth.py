@@ -22,9 +22,10 @@ from onetoken.kit.crypto import (
     verify_password,
 )
 from onetoken.kit.errors import BadRequest, Unauthorized, Unprocessable
-from onetoken.orgs.models import Account, AdminSession, Org
+from onetoken.orgs.models import Account, AdminSession, Org, OrgSso
 from onetoken.orgs.service import find_account, normalize_login
 from onetoken.security import totp
+from onetoken.security.log import SecurityEvent, record
 from onetoken.security.login_guard import Attempt, LoginGuard
 from onetoken.security.principal import Principal
 from onetoken.state import AppState
@@ -82,6 +83,17 @@ def authenticate(
         session.commit()
         raise Unauthorized("Invalid login or password.", code="invalid_credentials")
     assert account is not None
+    if not account.is_operator and not passwords_allowed(session, account.org_id):
+        # Told only once the password was right: a guess learns nothing here. Operators
+        # keep their password (the break-glass login, audited by the caller).
+        guard.forgive(session, attempt)
+        record(SecurityEvent(
+            kind="auth.password_refused", severity="medium", org_id=account.org_id,
+            actor_id=account.id, subject_id=account.id, source_ip=creds.source_ip,
+            user_agent=creds.user_agent, detail={"reason": "passwords_off"},
+        ))
+        session.commit()
+        raise Unauthorized(PASSWORDS_OFF, code="password_sign_in_disabled")
     if account.auth_status == "totp":
         if not creds.totp_code:
             # The password was right; the second factor is asked for, not counted as a
@@ -94,6 +106,26 @@ def authenticate(
     guard.success(session, attempt)
     account.last_login_at = utcnow()
     return account
+
+
+PASSWORDS_OFF = (
+    "Your organization signs in through its identity provider: use Sign in with SSO."
+)
+
+
+def passwords_allowed(session: Session, org_id: str) -> bool:
+    """False when the org's members sign in through its identity provider only
+    (docs/sso.md): their password sign-in, invitations and password resets are refused."""
+    allowed = session.scalar(
+        select(OrgSso.passwords_allowed).where(OrgSso.org_id == org_id, OrgSso.enabled)
+    )
+    return allowed is None or bool(allowed)
+
+
+def break_glass(session: Session, account: Account) -> bool:
+    """Whether this password sign-in is an operator's in an org whose members may not use
+    passwords: allowed, and recorded as such (docs/sso.md, "Break-glass")."""
+    return account.is_operator and not passwords_allowed(session, account.org_id)
 
 
 def _org_status(session: Session, account: Account) -> str:
@@ -310,6 +342,8 @@ def accept_invite(session: Session, secrets: Secrets, token: str, password: str)
         or account.status != "active"
     ):
         raise Unauthorized("Invalid or expired invite.", code="invalid_invite")
+    if not account.is_operator and not passwords_allowed(session, account.org_id):
+        raise Unauthorized(PASSWORDS_OFF, code="password_sign_in_disabled")
     account.password_hash = hash_password(password)
     account.auth_status = "password"
     account.invite_token_hash = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     CheckConstraint,
@@ -169,3 +170,66 @@ class PasswordReset(Base):
     __table_args__ = (
         Index("ix_password_resets_account_id_created_at", "account_id", "created_at"),
     )
+
+
+class OrgSso(Base):
+    """An org's sign-in through its own identity provider (OpenID Connect, docs/sso.md):
+    one row per org that set it up. Kept with the orgs because password sign-in reads
+    `passwords_allowed`; the flow itself is onetoken.sso."""
+
+    __tablename__ = "org_sso"
+
+    org_id: Mapped[str] = mapped_column(ForeignKey(Org.id), primary_key=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # The issuer identifier exactly as its discovery document states it (https://...).
+    issuer: Mapped[str] = mapped_column(String(2048))
+    client_id: Mapped[str] = mapped_column(String(255))
+    # Fernet token under the key derived from ONETOKEN_SECRET_KEY; never returned.
+    client_secret_encrypted: Mapped[str] = mapped_column(String(4096))
+    # Lowercase e-mail domains whose people may sign in, comma-separated.
+    allowed_domains: Mapped[str] = mapped_column(String(2048))
+    # The ID token claim holding the person's groups (a list or one string).
+    group_claim: Mapped[str] = mapped_column(String(64), default="groups")
+    # [{"group": ..., "role": ...}, ...]: the highest role of the groups a person is in.
+    role_map: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
+    # False: the org's members sign in through the identity provider only (operators keep
+    # their password sign-in: the break-glass login).
+    passwords_allowed: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class SsoIdentity(Base):
+    """Which account a person of the identity provider is (its `sub`), linked at their
+    first sign-in: the e-mail address may change at the provider, the subject does not."""
+
+    __tablename__ = "sso_identities"
+
+    account_id: Mapped[str] = mapped_column(ForeignKey(Account.id), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey(Org.id))
+    subject: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("org_id", "subject", name="uq_sso_identities_org_subject"),
+    )
+
+
+class SsoFlow(Base):
+    """One started sign-in: what the callback checks the provider's answer against. The
+    state is stored as a keyed hash, bound to the browser that started it (a cookie whose
+    keyed hash is `browser_hash`), used once (the callback deletes the row) and only
+    until `expires_at`."""
+
+    __tablename__ = "sso_flows"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey(Org.id))
+    state_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    browser_hash: Mapped[str] = mapped_column(String(64))
+    nonce: Mapped[str] = mapped_column(String(64))
+    # The PKCE verifier, encrypted: it proves to the provider that whoever redeems the
+    # code started the flow.
+    code_verifier_encrypted: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)

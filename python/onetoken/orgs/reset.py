@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from onetoken.db.base import new_id, utcnow
 from onetoken.kit.crypto import Secrets, generate_session_token, hash_password
 from onetoken.kit.errors import Unauthorized
+from onetoken.orgs import auth
 from onetoken.orgs.auth import check_password_strength, end_sessions
 from onetoken.orgs.models import Account, Org, PasswordReset
 from onetoken.orgs.service import normalize_email
@@ -41,7 +42,9 @@ def request(
             Org.status == "active",
         )
     ).first()
-    if account is None:
+    if account is None or not (
+        account.is_operator or auth.passwords_allowed(session, account.org_id)
+    ):
         return None
     now = utcnow()
     recent = session.scalar(
@@ -87,13 +90,16 @@ def reset(session: Session, secrets: Secrets, token: str, password: str) -> Acco
     account = session.get(Account, record.account_id)
     if not claimed or account is None or account.status != "active":
         raise Unauthorized(_INVALID, code="invalid_reset_token")
+    if not account.is_operator and not auth.passwords_allowed(session, account.org_id):
+        raise Unauthorized(auth.PASSWORDS_OFF, code="password_sign_in_disabled")
     session.execute(
         update(PasswordReset)
         .where(PasswordReset.account_id == account.id, PasswordReset.used_at.is_(None))
         .values(used_at=now)
     )
     account.password_hash = hash_password(password)
-    if account.auth_status == "invited":
+    # An account made by the identity provider gets its first password here too.
+    if account.auth_status in ("invited", "sso"):
         account.auth_status = "password"
         account.invite_token_hash = None
         account.invite_expires_at = None

@@ -33,7 +33,8 @@ MOBILE: JsonDict = {"pattern": r"^\+?[0-9]{6,20}$"}
 
 Role = Literal["owner", "admin", "developer", "billing", "viewer", "analyst"]
 AccountStatus = Literal["active", "disabled"]
-AuthStatus = Literal["invited", "password", "totp"]
+# sso: created by the org's identity provider, no password (docs/sso.md).
+AuthStatus = Literal["invited", "password", "totp", "sso"]
 
 DisplayName = Annotated[str, StringConstraints(strip_whitespace=True, max_length=100)]
 # Blank once stripped is refused; the pattern says so in the document too.

@@ -242,6 +242,48 @@ def send(
     return Outcome(ok, status, _ms(start), None if ok else f"http_{status}")
 
 
+class ResponseTooLarge(Exception):
+    """An answer longer than the caller's limit (its rest is never read)."""
+
+
+def fetch(
+    target: Target,
+    method: str,
+    url: str,
+    *,
+    headers: dict[str, str],
+    body: bytes | None = None,
+    max_bytes: int = 1 << 20,
+) -> tuple[int, bytes]:
+    """One request on a tenant's behalf to a URL the tenant chose (an org's identity
+    provider, onetoken.sso): the same address check, pinning and deadline as a delivery.
+    Returns the status and at most `max_bytes` of the body (ResponseTooLarge beyond);
+    raises AddressRefused, httpcore's errors and OSError like `send` sees them."""
+    deadline = _Deadline(target.deadline_s)
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    addresses = _resolve_by(deadline, parts.hostname or "", port, target)
+    per_op = {k: target.deadline_s for k in ("connect", "read", "write", "pool")}
+    sent: dict[bytes | str, bytes | str] = {"user-agent": f"onetoken/{__version__}"}
+    sent.update(headers)
+    with httpcore.ConnectionPool(
+        ssl_context=target.ssl_context,
+        network_backend=_PinnedBackend(addresses, deadline),
+        max_connections=1,
+    ) as pool, pool.stream(
+        method, url, headers=sent,
+        content=body, extensions={"timeout": per_op},
+    ) as response:
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in response.iter_stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise ResponseTooLarge
+            chunks.append(chunk)
+        return response.status, b"".join(chunks)
+
+
 def _resolve_by(deadline: _Deadline, host: str, port: int, target: Target) -> list[IpAddress]:
     """resolve_checked, given up at the deadline: getaddrinfo has no timeout, and a
     tenant's DNS server may answer slowly on purpose. A lookup given up on finishes in

@@ -34,6 +34,7 @@ from onetoken.orgs import acceptance, auth
 from onetoken.orgs.schemas import Settlement
 from onetoken.security.permissions import held
 from onetoken.security.principal import Principal
+from onetoken.sso import service as sso
 from onetoken.state import AppState
 from onetoken.tickets.schemas import Category, Status
 from onetoken.webhooks.events import EVENT_KINDS
@@ -184,8 +185,12 @@ def _page_handler(page: Page) -> Callable[[Request], Response]:
     return handler
 
 
-def _sign_in(_: Request) -> Response:
-    return _html("signin.html", page=Page(SIGN_IN_PATH, "Sign in", "", "signin.html"))
+def _sign_in(request: Request) -> Response:
+    # A refused sign-in through the identity provider comes back here with its reason;
+    # only the fixed message of a known reason is shown, never what the URL carries.
+    reason = request.query_params.get("sso_error", "")
+    return _html("signin.html", page=Page(SIGN_IN_PATH, "Sign in", "", "signin.html"),
+                 sso_error=sso.MESSAGES.get(reason, "The sign-in was refused." if reason else ""))
 
 
 def _token_page(path: str, title: str, template: str) -> Callable[[Request], Response]:

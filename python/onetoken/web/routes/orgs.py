@@ -85,6 +85,7 @@ def _sign_in(
         user_agent=request.headers.get("user-agent", "")[:256],
     )
     account = auth.authenticate(session, state.secrets, auth.login_guard(request, state), creds)
+    break_glass = auth.break_glass(session, account)
     token, record = auth.issue_session(
         session, state.secrets, account, timedelta(hours=state.settings.session_ttl_hours)
     )
@@ -96,6 +97,11 @@ def _sign_in(
         subject_id=account.id,
         detail={"second_factor": account.auth_status == "totp"},
     )
+    if break_glass:
+        # An operator's password while the org's members must use its identity provider
+        # (docs/sso.md, "Break-glass"): allowed, and for everyone watching the log to see.
+        audit.event(_RequestActor(account, creds.source_ip, creds.user_agent),
+                    "auth.break_glass_login", "high", subject_id=account.id)
     return token, record, account
 
 

@@ -444,6 +444,15 @@
       }
       const box = form.dataset.result && document.querySelector(form.dataset.result);
       showResult(box, data, values);
+      if (form.dataset.go) {
+        // Another site the API sent us to (an identity provider's sign-in page): only an
+        // absolute http(s) URL, never a script.
+        const to = new URL(String(get(data, form.dataset.go) ?? ""), location.origin);
+        if (to.protocol === "https:" || to.protocol === "http:") {
+          location.assign(to.href);
+          return;
+        }
+      }
       if (form.dataset.nextTo) {
         location.assign(expand(form.dataset.nextTo, data));
         return;

@@ -1,0 +1,1 @@
+"""Sign-in through an org's own identity provider (OpenID Connect): docs/sso.md."""
