@@ -44,6 +44,8 @@ PUBLIC_ROUTES = {
     ("POST", "/api/v1/auth/accept-invite"),
     ("POST", "/api/v1/auth/password-reset/request"),
     ("POST", "/api/v1/auth/password-reset"),
+    ("POST", "/api/v1/auth/sso/start"),
+    ("GET", "/api/v1/auth/sso/callback"),
     ("GET", "/healthz"),
 }
 

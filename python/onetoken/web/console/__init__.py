@@ -88,6 +88,7 @@ PAGES: tuple[Page, ...] = (
     Page("/organization", "Organization", "org.read", "organization.html"),
     Page("/members", "Members", "members.read", "members.html", "admin"),
     Page("/webhooks", "Webhooks", "webhooks.read", "webhooks.html", "admin"),
+    Page("/sso", "Single sign-on", "org.write", "sso.html", "admin"),
     Page("/security", "Security log", "security.read", "security.html", "admin"),
     Page("/security/incidents", "Incidents", "security.handle", "incidents.html", "admin"),
     Page("/security/incident", "Incident", "security.handle", "incident.html", "admin",

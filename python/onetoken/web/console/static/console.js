@@ -92,6 +92,9 @@
       case "list": return Array.isArray(value) ? value.join(", ") : String(value);
       case "yesno": return value === true ? "yes" : value === false ? "no" : String(value);
       case "json": return JSON.stringify(value, null, 1);
+      // [{group, role}, ...] (an identity provider's group-to-role map) as "group = role" lines.
+      case "pairs": return Array.isArray(value)
+        ? value.map((p) => Object.values(p).join(" = ")).join("\n") : String(value);
       default: return typeof value === "object" ? JSON.stringify(value) : String(value);
     }
   }
@@ -388,6 +391,14 @@
       else if (v === "") continue;
       else if (type === "int") v = Number.parseInt(v, 10);
       else if (type === "list") v = v.split(",").map((s) => s.trim()).filter(Boolean);
+      else if (type === "pairs") {
+        // "key = value" per line into [{key, value}] under the names data-keys gives.
+        const [k, w] = (input.dataset.keys || "key,value").split(",");
+        v = v.split("\n").map((l) => l.trim()).filter(Boolean).map((l) => {
+          const at = l.lastIndexOf("=");
+          return { [k]: l.slice(0, at < 0 ? l.length : at).trim(), [w]: at < 0 ? "" : l.slice(at + 1).trim() };
+        });
+      }
       else if (type === "utc") v = utc(v);
       else if (type === "json") {
         // The whole body: the API checks it and says what is wrong.
