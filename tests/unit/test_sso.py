@@ -6,6 +6,8 @@ groups, passwords turned off, the operator's break-glass login, and the security
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -14,12 +16,15 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from joserfc import jwt
+from joserfc.jwk import ECKey, OctKey
 from sqlalchemy import select, update
 
 from onetoken.db.base import utcnow
 from onetoken.orgs import reset
 from onetoken.orgs.models import Account, OrgSso, SsoFlow
 from onetoken.settings import Settings
+from onetoken.sso import oidc
 from onetoken.sso import service as sso
 from onetoken.state import AppState
 from tests.oidc_provider import OidcProvider, running
@@ -293,9 +298,10 @@ def test_internal_issuers_are_refused_without_the_operators_allow_list(
     state.settings.sso_private_cidrs = ""
     r = client.put(f"{API}/sso", json=_config(provider), headers=configured.headers)
     assert r.status_code == 422 and r.json()["error"]["param"] == "issuer"
-    internal = _config(provider, issuer="https://127.0.0.1/realms/corp")
-    r = client.put(f"{API}/sso", json=internal, headers=configured.headers)
-    assert r.status_code == 422 and r.json()["error"]["param"] == "issuer"
+    for issuer in ("https://127.0.0.1/realms/corp", "https://idp.corp.internal/"):
+        r = client.put(f"{API}/sso", json=_config(provider, issuer=issuer),
+                       headers=configured.headers)
+        assert r.status_code == 422 and r.json()["error"]["param"] == "issuer"
     # What was saved before is refused at every fetch too.
     r = browser.post(f"{API}/auth/sso/start", json={"email": "alice@corp.test"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "sso_address_not_allowed"
@@ -390,3 +396,27 @@ def test_the_sign_in_needs_the_provider_to_be_reachable(
     assert r.status_code == 422 and r.json()["error"]["code"] == "sso_discovery_failed"
     (refusal,) = _events("auth.sso_refused")
     assert refusal["detail"] == {"reason": "discovery_failed", "stage": "start"}
+
+
+def test_id_token_checks_take_only_asymmetric_signatures_of_published_keys() -> None:
+    """The checks alone, on tokens joserfc signs: EC keys verify, `none` and HMAC (whose key
+    would be the client secret) never do."""
+    now = int(time.time())
+    claims = {"iss": "https://idp.test", "sub": "s", "aud": CLIENT_ID, "iat": now,
+              "exp": now + 60, "nonce": "n1"}
+    check = {"issuer": "https://idp.test", "client_id": CLIENT_ID, "nonce": "n1", "now": now}
+    ec_key = ECKey.generate_key("P-256", parameters={"kid": "ec"}, private=True)
+    published = [ec_key.as_dict(private=False)]
+    token = jwt.encode({"alg": "ES256", "kid": "ec"}, claims, ec_key)
+    assert oidc.verify_id_token(token, published, **check)["sub"] == "s"
+    with pytest.raises(oidc.OidcError) as refused:
+        oidc.verify_id_token(token, published, **(check | {"nonce": "n2"}))
+    assert refused.value.reason == "nonce_mismatch"
+    secret = OctKey.import_key(CLIENT_SECRET.encode())
+    hmac_token = jwt.encode({"alg": "HS256"}, claims, secret)
+    head = oidc.b64url(b'{"alg":"none"}')
+    body = oidc.b64url(json.dumps(claims).encode())
+    for forged in (hmac_token, f"{head}.{body}."):
+        with pytest.raises(oidc.OidcError) as refused:
+            oidc.verify_id_token(forged, [*published, secret.as_dict()], **check)
+        assert refused.value.reason == "algorithm_not_allowed"

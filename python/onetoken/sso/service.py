@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import httpx
 from sqlalchemy import delete, func, select
@@ -32,6 +33,7 @@ from onetoken.security.net import url_target_refused
 from onetoken.security.principal import ROLES, Principal
 from onetoken.sso import oidc
 from onetoken.webhooks.dispatcher import Target
+from onetoken.webhooks.service import INTERNAL_SUFFIXES
 
 # How long a started sign-in may take at the provider.
 FLOW_TTL = timedelta(minutes=10)
@@ -154,7 +156,12 @@ def _check(settings: SsoSettings, actor: Principal, body: Config) -> None:
             "The issuer must be an https:// URL without credentials or fragment.",
             param="issuer",
         )
-    if url_target_refused(body.issuer, networks(settings.sso_private_cidrs)):
+    allow = networks(settings.sso_private_cidrs)
+    host = urlsplit(body.issuer).hostname or ""
+    # As for webhooks: names internal by convention are refused even when they do not
+    # resolve here; with an allow-list, what a name resolves to decides.
+    internal = host == "localhost" or host.endswith(INTERNAL_SUFFIXES)
+    if (internal and not allow) or url_target_refused(body.issuer, allow):
         raise Unprocessable(
             "The issuer's address is not on the public internet.", param="issuer"
         )

@@ -28,7 +28,7 @@ from onetoken.webhooks.signing import generate_secret
 MAX_ENDPOINTS_PER_ORG = 20
 MAX_URL_LEN = 2048
 _NOT_PUBLIC = "The URL must point to a public address."
-_INTERNAL_SUFFIXES = (".localhost", ".local", ".internal")
+INTERNAL_SUFFIXES = (".localhost", ".local", ".internal")
 
 
 def check_url(url: str, *, allow: Sequence[IpNetwork]) -> str:
@@ -54,7 +54,7 @@ def check_url(url: str, *, allow: Sequence[IpNetwork]) -> str:
     host = parts.hostname
     # Names that are internal by convention are refused even when they do not resolve
     # here; with an allow-list, what a name resolves to decides.
-    if not allow and (host == "localhost" or host.endswith(_INTERNAL_SUFFIXES)):
+    if not allow and (host == "localhost" or host.endswith(INTERNAL_SUFFIXES)):
         raise Unprocessable(_NOT_PUBLIC, param="url")
     if url_target_refused(url, allow):
         raise Unprocessable(_NOT_PUBLIC, param="url")
