@@ -11,6 +11,7 @@ audience, an expired token, a stale nonce, another signing key.
 from __future__ import annotations
 
 import base64
+import html
 import json
 import secrets
 import threading
@@ -52,9 +53,13 @@ class _Grant:
 
 
 class OidcProvider:
-    """One client (`client_id`, `client_secret`) registered with `redirect_uri`."""
+    """One client (`client_id`, `client_secret`) registered with `redirect_uri`; the
+    issuer names the listener by `host` (another name than the relying party's makes the
+    provider another site to a browser)."""
 
-    def __init__(self, client_id: str, client_secret: str, redirect_uri: str) -> None:
+    def __init__(
+        self, client_id: str, client_secret: str, redirect_uri: str, host: str = "127.0.0.1"
+    ) -> None:
         self.client_id = client_id
         self.client_secret = client_secret
         self.redirect_uri = redirect_uri
@@ -62,6 +67,9 @@ class OidcProvider:
         # Signs when `sign_with_other_key` is set; never published.
         self.other_key = _rsa("key-1")
         self.person = Person("sub-alice", "alice@corp.test", ["engineering"])
+        # A page at the provider the person continues from (as after typing a password
+        # there): the way back then starts on the provider's site, not the caller's.
+        self.consent_page = False
         # Knobs a test turns to make the next ID token wrong in one way.
         self.audience: str | list[str] | None = None
         self.expires_in = 300
@@ -73,7 +81,7 @@ class OidcProvider:
         self._grants: dict[str, _Grant] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.issuer = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self.issuer = f"http://{host}:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def start(self) -> OidcProvider:
@@ -185,6 +193,15 @@ class OidcProvider:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _page(self, onward: str) -> None:
+                link = html.escape(onward, quote=True)
+                data = f'<!doctype html><a id="consent" href="{link}">Continue</a>'.encode()
+                self.send_response(200)
+                self.send_header("content-type", "text/html; charset=utf-8")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def do_GET(self) -> None:
                 parts = urlsplit(self.path)
                 if parts.path == "/.well-known/openid-configuration":
@@ -194,7 +211,10 @@ class OidcProvider:
                 elif parts.path == "/authorize":
                     query = {k: v[0] for k, v in parse_qs(parts.query).items()}
                     status, headers = provider.authorize(query)
-                    self._send(status, None, headers)
+                    if status == 302 and provider.consent_page:
+                        self._page(headers["Location"])
+                    else:
+                        self._send(status, None, headers)
                 else:
                     self._send(404, {"error": "not_found"})
 
@@ -211,8 +231,10 @@ class OidcProvider:
 
 
 @contextmanager
-def running(client_id: str, client_secret: str, redirect_uri: str) -> Iterator[OidcProvider]:
-    provider = OidcProvider(client_id, client_secret, redirect_uri).start()
+def running(
+    client_id: str, client_secret: str, redirect_uri: str, host: str = "127.0.0.1"
+) -> Iterator[OidcProvider]:
+    provider = OidcProvider(client_id, client_secret, redirect_uri, host).start()
     try:
         yield provider
     finally:

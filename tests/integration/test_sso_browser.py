@@ -46,7 +46,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     listener.bind(("127.0.0.1", 0))
     base = f"http://127.0.0.1:{listener.getsockname()[1]}"
     settings = Settings(data_dir=tmp_path / "data", secret_key=SecretStr(TEST_SECRET),
-                        public_url=base, sso_private_cidrs="127.0.0.1/32")
+                        public_url=base, sso_private_cidrs="127.0.0.1/32,::1/128")
     state = build_state(settings)
     with state.session_factory() as session:
         build.org_with_owner(session, "Corp", "owner@corp.test")
@@ -56,7 +56,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     thread.start()
     try:
         wait_until(lambda: server.started, timeout=15)
-        with running("onetoken-corp", "browser-test-secret", sso.redirect_uri(settings)) as p:
+        # The provider as `localhost`, the console as 127.0.0.1: two sites to the browser,
+        # as a real provider and onetoken are.
+        with running("onetoken-corp", "browser-test-secret", sso.redirect_uri(settings),
+                     host="localhost") as p:
             token = httpx.post(f"{base}/api/v1/auth/login", json={
                 "email": "owner@corp.test", "password": build.PASSWORD}).json()["access_token"]
             r = httpx.put(f"{base}/api/v1/sso", headers={"Authorization": f"Bearer {token}"},
@@ -65,6 +68,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                                 "allowed_domains": ["corp.test"],
                                 "role_map": [{"group": "engineering", "role": "developer"}]})
             assert r.status_code == 200, r.text
+            p.consent_page = True
             yield Site(base, p)
     finally:
         server.should_exit = True
@@ -99,6 +103,9 @@ def _sso(page: Any, site: Site) -> None:
     page.goto(f"{site.base}/signin")
     page.fill("#sso-form input[name=email]", "alice@corp.test")
     page.click("#sso-form button[type=submit]")
+    # At the provider's own page: from here the way back is a cross-site navigation.
+    page.wait_for_url(f"{site.provider.issuer}/authorize**", timeout=15_000)
+    page.click("#consent")
 
 
 def test_sign_in_with_sso_in_a_browser(site: Site, page: Any) -> None:
