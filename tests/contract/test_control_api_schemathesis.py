@@ -161,6 +161,7 @@ LOOSER_THAN_VALIDATION = {
     "GET /api/v1/billing/statements/{period}/csv": "period is YYYY-MM",
     "POST /api/v1/billing/invoices": "period is YYYY-MM",
     "POST /api/v1/webhooks": "url syntax",
+    "PUT /api/v1/sso": "the issuer on an allowed address, https unless internal providers are",
     "POST /api/v1/routes": "aliases distinct from each other and the name",
     "POST /api/v1/billing/credits": "an idempotency key in the body or the header",
     "POST /api/v1/billing/orders": "a package order names a plan",

@@ -22,7 +22,8 @@ from sqlalchemy import select, update
 
 from onetoken.db.base import utcnow
 from onetoken.orgs import reset
-from onetoken.orgs.models import Account, OrgSso, SsoFlow
+from onetoken.orgs.models import Account, OrgSso, SsoFlow, SsoIdentity
+from onetoken.rights import erasure
 from onetoken.settings import Settings
 from onetoken.sso import oidc
 from onetoken.sso import service as sso
@@ -281,6 +282,23 @@ def test_roles_follow_the_providers_groups_at_every_sign_in(
     assert browser.get(f"{API}/me").status_code == 401
 
 
+def test_erasing_an_account_drops_its_link_to_the_provider(
+    configured: Admin, browser: TestClient, provider: OidcProvider, state: AppState
+) -> None:
+    assert _sign_in(browser).status_code == 200
+    first = browser.get(f"{API}/me").json()["id"]
+    with state.session_factory() as session:
+        account = session.get(Account, first)
+        assert account is not None
+        erasure.anonymize_account(session, account)
+        session.commit()
+        assert session.scalars(select(SsoIdentity)).all() == []
+    # The same person at the provider gets a new account, not the erased one.
+    browser.cookies.clear()
+    assert _sign_in(browser).status_code == 200
+    assert browser.get(f"{API}/me").json()["id"] != first
+
+
 def test_only_owners_map_a_group_to_owner(
     configured: Admin, client: TestClient, provider: OidcProvider, state: AppState
 ) -> None:
@@ -304,7 +322,7 @@ def test_internal_issuers_are_refused_without_the_operators_allow_list(
         assert r.status_code == 422 and r.json()["error"]["param"] == "issuer"
     # What was saved before is refused at every fetch too.
     r = browser.post(f"{API}/auth/sso/start", json={"email": "alice@corp.test"})
-    assert r.status_code == 422 and r.json()["error"]["code"] == "sso_address_not_allowed"
+    assert r.status_code == 400 and r.json()["error"]["code"] == "sso_address_not_allowed"
     assert provider.token_outcomes == []
 
 
@@ -393,7 +411,7 @@ def test_the_sign_in_needs_the_provider_to_be_reachable(
     provider.stop()
     drained_events()
     r = browser.post(f"{API}/auth/sso/start", json={"email": "alice@corp.test"})
-    assert r.status_code == 422 and r.json()["error"]["code"] == "sso_discovery_failed"
+    assert r.status_code == 400 and r.json()["error"]["code"] == "sso_discovery_failed"
     (refusal,) = _events("auth.sso_refused")
     assert refusal["detail"] == {"reason": "discovery_failed", "stage": "start"}
 

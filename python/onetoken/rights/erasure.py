@@ -62,7 +62,13 @@ from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import Conflict, NotFound
 from onetoken.kit.worker import LoopThread
 from onetoken.mail.models import MailMessage
-from onetoken.orgs.models import Account, AdminSession, PasswordReset, TermsAcceptance
+from onetoken.orgs.models import (
+    Account,
+    AdminSession,
+    PasswordReset,
+    SsoIdentity,
+    TermsAcceptance,
+)
 from onetoken.rights import holds
 from onetoken.rights.models import AccountErasure
 from onetoken.security.models import LoginSource, LoginThrottle
@@ -389,6 +395,9 @@ def anonymize_account(session: Session, account: Account) -> None:
     if account.email:
         session.execute(delete(MailMessage).where(MailMessage.to_address == account.email))
     session.execute(delete(PasswordReset).where(PasswordReset.account_id == account.id))
+    # The identity provider's subject names the person too; signing in through the
+    # provider again makes a new account (docs/sso.md).
+    session.execute(delete(SsoIdentity).where(SsoIdentity.account_id == account.id))
     account.email = None
     account.mobile = None
     account.display_name = ""

@@ -8,7 +8,8 @@ In order, each step once:
 3. members_anonymized: every account of the org cancelled as rights.erasure does for one
    (identifiers cleared, sessions ended, tickets' submitted content erased, ClickHouse's
    part queued for the erasure worker); each account commits on its own and one already
-   cancelled is skipped;
+   cancelled is skipped; the org's identity provider configuration (its client secret,
+   its sign-ins under way) goes with them;
 4. webhooks_deleted: the org's callback addresses (their pending payloads dropped);
 5. providers_deleted: the org's own models, providers and routes;
 6. terminated: the org's status becomes `terminated`, its sessions end.
@@ -34,7 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -47,7 +48,7 @@ from onetoken.kit.files import PRIVATE_FILE_MODE, private_dir
 from onetoken.kit.money import format_amount
 from onetoken.orgs import terms as org_terms
 from onetoken.orgs.auth import end_org_sessions
-from onetoken.orgs.models import Account, Org
+from onetoken.orgs.models import Account, Org, OrgSso, SsoFlow
 from onetoken.providers import service as providers
 from onetoken.providers.models import Model, Provider, Route
 from onetoken.rights import erasure, export
@@ -349,6 +350,9 @@ def _anonymize_members(
     with state.session_factory() as session:
         if not _claim(session, org_id, "members_anonymized"):
             return None
+        # No one signs in to the org any more: its provider's client secret goes.
+        session.execute(delete(SsoFlow).where(SsoFlow.org_id == org_id))
+        session.execute(delete(OrgSso).where(OrgSso.org_id == org_id))
         cancelled = session.scalar(
             select(func.count()).select_from(AccountErasure).where(
                 AccountErasure.account_id.in_(select(Account.id).where(Account.org_id == org_id))

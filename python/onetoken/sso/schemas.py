@@ -33,8 +33,9 @@ class SsoConfigIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # https, or http where the operator allows internal providers; on an allowed address.
     issuer: Annotated[str, StringConstraints(strip_whitespace=True, min_length=8,
-                                             max_length=2048)]
+                                             max_length=2048, pattern=r"^https?://[^\s#@]+$")]
     client_id: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
                                                 max_length=255)]
     client_secret: SecretStr | None = Field(default=None, min_length=1, max_length=1024)

@@ -10,7 +10,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from onetoken.kit.errors import NotFound, Unprocessable
+from onetoken.kit.errors import BadRequest, NotFound
 from onetoken.orgs import auth, service
 from onetoken.orgs.models import OrgSso
 from onetoken.security import audit
@@ -138,7 +138,8 @@ def start_sso(
                             login_hint=body.email or "")
     except sso.SsoRefused as exc:
         _refused(request, state, exc, "start")
-        raise Unprocessable(exc.message, code=f"sso_{exc.reason}") from None
+        # 400: the request is fine, the provider's side is not (a business refusal).
+        raise BadRequest(exc.message, code=f"sso_{exc.reason}") from None
     session.commit()
     response.set_cookie(FLOW_COOKIE, started.browser_token,
                         max_age=int(sso.FLOW_TTL.total_seconds()), path=_FLOW_COOKIE_PATH,
