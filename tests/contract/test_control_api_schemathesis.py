@@ -162,6 +162,9 @@ LOOSER_THAN_VALIDATION = {
     "POST /api/v1/billing/invoices": "period is YYYY-MM",
     "POST /api/v1/webhooks": "url syntax",
     "PUT /api/v1/sso": "the issuer on an allowed address, https unless internal providers are",
+    # A browser's landing, not an API call: any state it did not issue goes back to the
+    # sign-in page (303) with the reason.
+    "GET /api/v1/auth/sso/callback": "state is one a sign-in started here issued",
     "POST /api/v1/routes": "aliases distinct from each other and the name",
     "POST /api/v1/billing/credits": "an idempotency key in the body or the header",
     "POST /api/v1/billing/orders": "a package order names a plan",

@@ -156,9 +156,16 @@ class _Actor:
         self.audit_marks: list[str] = []
 
 
-@router.get("/auth/sso/callback", response_class=HTMLResponse, dependencies=[PublicDep],
-            responses={303: {"description": "Refused: back to the sign-in page, which says "
-                                            "why (`sso_error`)."}})
+@router.get(
+    "/auth/sso/callback",
+    dependencies=[PublicDep],
+    responses={
+        200: {"description": "Signed in: a page that moves on to the console.",
+              "content": {"text/html": {"schema": {"type": "string"}}}},
+        303: {"description": "Refused: back to the sign-in page, which says why "
+                             "(`sso_error`)."},
+    },
+)
 def sso_callback(
     request: Request,
     session: SessionDep,
