@@ -23,7 +23,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from onetoken.db.base import new_id, utcnow
-from onetoken.kit.crypto import Secrets, keyed_hash
+from onetoken.kit.crypto import DecryptionError, Secrets, keyed_hash
 from onetoken.kit.errors import Conflict, Forbidden, NotFound, Unprocessable
 from onetoken.kit.net import networks
 from onetoken.orgs import service as orgs
@@ -70,6 +70,8 @@ MESSAGES: dict[str, str] = {
     "email_in_use": "An account of another organization uses this e-mail address.",
     "account_disabled": "Your account is disabled.",
     "org_disabled": "Your organization is disabled.",
+    "secret_unreadable": "The identity provider's client secret cannot be read here; ask "
+                         "your administrator to set it again.",
 }
 
 
@@ -358,6 +360,9 @@ def finish(
         )
     except oidc.OidcError as exc:
         raise SsoRefused(exc.reason, org_id) from None
+    except DecryptionError:
+        # Stored under a secret key this deployment no longer has.
+        raise SsoRefused("secret_unreadable", org_id) from None
     email = claims.get("email")
     if not isinstance(email, str) or "@" not in email:
         raise SsoRefused("email_missing", org_id)
