@@ -4,6 +4,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use serde_json::{json, Value};
+
 use crate::error::ApiError;
 use crate::phase::PhaseCpu;
 
@@ -280,6 +282,71 @@ impl Metrics {
         }
         self.phase_cpu.render(&mut out);
         out
+    }
+
+    /// The request metrics as OTLP JSON `metrics`: the series of `/metrics` under the
+    /// same names and labels (cumulative, since `start_ns`).
+    pub(crate) fn otlp(&self, start_ns: u64, now_ns: u64) -> Value {
+        let (start, now) = (start_ns.to_string(), now_ns.to_string());
+        let point = |label: &str, value: &str, n: u64| {
+            json!({"attributes": [{"key": label, "value": {"stringValue": value}}],
+                   "startTimeUnixNano": start, "timeUnixNano": now, "asInt": n.to_string()})
+        };
+        let sum = |name: &str, unit: &str, points: Vec<Value>| {
+            json!({"name": name, "unit": unit, "sum": {
+                "dataPoints": points, "aggregationTemporality": 2, "isMonotonic": true}})
+        };
+        let requests = PathLabel::ALL
+            .iter()
+            .map(|p| {
+                point(
+                    "path",
+                    p.as_str(),
+                    self.requests[*p as usize].load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        let errors = ApiError::ALL
+            .iter()
+            .map(|e| {
+                point(
+                    "code",
+                    e.code(),
+                    self.errors.0[e.index()].load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        let buckets: Vec<String> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .chain(std::iter::once(0))
+            .map(|n| n.to_string())
+            .collect();
+        let count = self.duration_count.load(Ordering::Relaxed);
+        // The last bucket holds what lies above the largest bound.
+        let above =
+            count.saturating_sub(self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum());
+        let mut buckets = buckets;
+        if let Some(last) = buckets.last_mut() {
+            *last = above.to_string();
+        }
+        json!([
+            sum("onetoken_requests_total", "1", requests),
+            sum("onetoken_errors_total", "1", errors),
+            {"name": "onetoken_request_duration_seconds", "unit": "s", "histogram": {
+                "aggregationTemporality": 2,
+                "dataPoints": [{
+                    "startTimeUnixNano": start, "timeUnixNano": now,
+                    "count": count.to_string(),
+                    "sum": self.duration_sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+                    "bucketCounts": buckets,
+                    "explicitBounds": BUCKETS,
+                }]}},
+            {"name": "onetoken_in_flight_requests", "unit": "1", "gauge": {"dataPoints": [{
+                "timeUnixNano": now,
+                "asInt": self.in_flight.load(Ordering::Relaxed).to_string()}]}},
+        ])
     }
 }
 
