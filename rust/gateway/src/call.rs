@@ -314,12 +314,12 @@ fn span_attributes(rec: &CallRecord) -> Vec<(&'static str, Attr)> {
     let int = |n: u32| Attr::Int(i64::from(n));
     vec![
         ("onetoken.request_id", text(&rec.request_id)),
-        ("http.route", text(rec.path)),
+        ("http.route", Attr::Static(rec.path)),
         (
             "http.response.status_code",
             Attr::Int(i64::from(rec.status)),
         ),
-        ("onetoken.error_code", text(rec.error_code)),
+        ("onetoken.error_code", Attr::Static(rec.error_code)),
         ("onetoken.org_id", text(&rec.org_id)),
         ("onetoken.key_id", text(&rec.key_id)),
         ("onetoken.model_requested", text(&rec.model_requested)),
@@ -330,7 +330,7 @@ fn span_attributes(rec: &CallRecord) -> Vec<(&'static str, Attr)> {
         ("onetoken.tokens.prompt", int(rec.prompt_tokens)),
         ("onetoken.tokens.completion", int(rec.completion_tokens)),
         ("onetoken.tokens.cached", int(rec.cached_tokens)),
-        ("onetoken.usage_source", text(rec.usage_source)),
+        ("onetoken.usage_source", Attr::Static(rec.usage_source)),
         ("onetoken.cost", Attr::Int(rec.cost)),
     ]
 }

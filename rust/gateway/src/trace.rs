@@ -136,6 +136,8 @@ fn span_id() -> u64 {
 #[derive(Debug, Clone)]
 pub(crate) enum Attr {
     Str(String),
+    /// A value from a fixed set (path, error code, usage source): no copy per request.
+    Static(&'static str),
     Int(i64),
     Bool(bool),
 }
@@ -366,7 +368,7 @@ impl Trace {
                     status >= 400
                 }
                 Err(code) => {
-                    attrs.push(("error.type", Attr::Str(code.to_owned())));
+                    attrs.push(("error.type", Attr::Static(code)));
                     true
                 }
             };
@@ -451,36 +453,70 @@ impl Tracer {
         }
     }
 
-    /// The OTLP/HTTP JSON body of `spans`.
+    /// The OTLP/HTTP JSON body of `spans`, written straight into the buffer (no value
+    /// tree: at full sampling this runs for every span of every request).
     fn encode(&self, spans: &[SpanData]) -> Vec<u8> {
-        let spans: Vec<Value> = spans
-            .iter()
-            .map(|s| {
-                let mut span = json!({
-                    "traceId": hex::encode(s.trace_id),
-                    "spanId": format!("{:016x}", s.span_id),
-                    "name": s.name,
-                    "kind": s.kind,
-                    "startTimeUnixNano": s.start_ns.to_string(),
-                    "endTimeUnixNano": s.end_ns.max(s.start_ns).to_string(),
-                    "attributes": attributes(&s.attrs),
-                    "status": {"code": if s.error { 2 } else { 0 }},
-                });
-                if s.parent != 0 {
-                    span["parentSpanId"] = Value::from(format!("{:016x}", s.parent));
+        let mut out = String::with_capacity(256 + spans.len() * 640);
+        out.push_str(r#"{"resourceSpans":[{"resource":"#);
+        out.push_str(&self.resource().to_string());
+        out.push_str(r#","scopeSpans":[{"scope":{"name":"onetoken"},"spans":["#);
+        for (i, s) in spans.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(
+                out,
+                r#"{{"traceId":"{}","spanId":"{:016x}","#,
+                hex::encode(s.trace_id),
+                s.span_id
+            );
+            if s.parent != 0 {
+                let _ = write!(out, r#""parentSpanId":"{:016x}","#, s.parent);
+            }
+            let _ = write!(
+                out,
+                r#""name":"{}","kind":{},"startTimeUnixNano":"{}","endTimeUnixNano":"{}","status":{{"code":{}}},"attributes":["#,
+                s.name,
+                s.kind,
+                s.start_ns,
+                s.end_ns.max(s.start_ns),
+                if s.error { 2 } else { 0 }
+            );
+            for (j, (k, v)) in s.attrs.iter().enumerate() {
+                if j > 0 {
+                    out.push(',');
                 }
-                span
-            })
-            .collect();
-        let body = json!({"resourceSpans": [{
-            "resource": self.resource(),
-            "scopeSpans": [{"scope": {"name": "onetoken"}, "spans": spans}],
-        }]});
-        body.to_string().into_bytes()
+                let _ = write!(out, r#"{{"key":"{k}","value":"#);
+                match v {
+                    Attr::Str(text) => {
+                        out.push_str(r#"{"stringValue":"#);
+                        out.push_str(&Value::from(text.as_str()).to_string());
+                        out.push('}');
+                    }
+                    Attr::Static(text) => {
+                        out.push_str(r#"{"stringValue":"#);
+                        out.push_str(&Value::from(*text).to_string());
+                        out.push('}');
+                    }
+                    // OTLP JSON carries 64-bit integers as strings.
+                    Attr::Int(n) => {
+                        let _ = write!(out, r#"{{"intValue":"{n}"}}"#);
+                    }
+                    Attr::Bool(b) => {
+                        let _ = write!(out, r#"{{"boolValue":{b}}}"#);
+                    }
+                }
+                out.push('}');
+            }
+            out.push_str("]}");
+        }
+        out.push_str("]}]}]}");
+        out.into_bytes()
     }
 
     fn resource(&self) -> Value {
-        json!({"attributes": attributes(&[("service.name", Attr::Str(self.config.service_name.clone()))])})
+        json!({"attributes": [{"key": "service.name",
+                               "value": {"stringValue": self.config.service_name}}]})
     }
 
     fn take(&self, max: usize) -> Vec<SpanData> {
@@ -488,23 +524,6 @@ impl Tracer {
         let n = q.len().min(max);
         q.drain(..n).collect()
     }
-}
-
-fn attributes(attrs: &[(&'static str, Attr)]) -> Value {
-    Value::Array(
-        attrs
-            .iter()
-            .map(|(k, v)| {
-                let value = match v {
-                    Attr::Str(s) => json!({"stringValue": s}),
-                    // OTLP JSON carries 64-bit integers as strings.
-                    Attr::Int(i) => json!({"intValue": i.to_string()}),
-                    Attr::Bool(b) => json!({"boolValue": b}),
-                };
-                json!({"key": k, "value": value})
-            })
-            .collect(),
-    )
 }
 
 /// Spans per OTLP request: a collector's default body limit (4 MiB) holds this many.
@@ -632,6 +651,60 @@ mod tests {
             tp,
             "00-abababababababababababababababab-0000000000001234-01"
         );
+    }
+
+    #[test]
+    fn the_encoding_is_otlp_json() {
+        let tracer = Tracer::new(OtelConfig {
+            endpoint: "http://127.0.0.1:9".into(),
+            ratio: 1.0,
+            service_name: "gw \"1\"".into(),
+            export_interval_ms: 1000,
+            queue_spans: 8,
+        });
+        let span = |parent, attrs| SpanData {
+            trace_id: [0xab; 16],
+            span_id: 0x10,
+            parent,
+            name: "request",
+            kind: 2,
+            start_ns: 5,
+            end_ns: 7,
+            error: true,
+            attrs,
+        };
+        let body = tracer.encode(&[
+            span(
+                0,
+                vec![
+                    ("s", Attr::Str("a \"quoted\"\n value".into())),
+                    ("t", Attr::Static("/v1/models")),
+                    ("i", Attr::Int(-3)),
+                    ("b", Attr::Bool(true)),
+                ],
+            ),
+            span(0x20, vec![]),
+        ]);
+        let doc: Value = serde_json::from_slice(&body).unwrap_or_default();
+        let rs = &doc["resourceSpans"][0];
+        assert_eq!(
+            rs["resource"]["attributes"][0]["value"]["stringValue"],
+            "gw \"1\""
+        );
+        let spans = &rs["scopeSpans"][0]["spans"];
+        let first = &spans[0];
+        assert_eq!(first["traceId"], "abababababababababababababababab");
+        assert_eq!(first["spanId"], "0000000000000010");
+        assert!(first.get("parentSpanId").is_none());
+        assert_eq!(spans[1]["parentSpanId"], "0000000000000020");
+        assert_eq!(first["startTimeUnixNano"], "5");
+        assert_eq!(first["status"]["code"], 2);
+        let attrs = &first["attributes"];
+        assert_eq!(attrs[0]["value"]["stringValue"], "a \"quoted\"\n value");
+        assert_eq!(attrs[1]["value"]["stringValue"], "/v1/models");
+        assert_eq!(attrs[2]["value"]["intValue"], "-3");
+        assert_eq!(attrs[3]["value"]["boolValue"], true);
+        assert_eq!(spans[1]["attributes"], serde_json::json!([]));
     }
 
     #[test]
