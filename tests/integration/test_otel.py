@@ -259,8 +259,17 @@ def test_metrics_are_exported_and_spans_counted(
                 == "/v1/chat/completions")
     assert int(chat["asInt"]) >= 1
     assert "onetoken_request_duration_seconds" in last
+    tokens = {p["attributes"][0]["value"]["stringValue"]: int(p["asInt"])
+              for p in last["onetoken_tokens_total"]["sum"]["dataPoints"]}
+    assert tokens["completion"] >= 3 and tokens["prompt"] > 0
+    cost = int(last["onetoken_cost_nano_total"]["sum"]["dataPoints"][0]["asInt"])
+    assert cost > 0
+    # The same series as /metrics, no label of higher cardinality.
     text = httpx.get(deployment["server"].metrics_url).text
-    assert sample(parse_metrics(text), "onetoken_otel_spans_exported_total") > 0
+    samples = parse_metrics(text)
+    assert sample(samples, "onetoken_tokens_total", kind="completion") >= tokens["completion"]
+    assert sample(samples, "onetoken_cost_nano_total") >= cost
+    assert sample(samples, "onetoken_otel_spans_exported_total") > 0
 
 
 def test_a_refusing_collector_costs_only_dropped_spans(

@@ -260,6 +260,12 @@ impl Call {
             metrics.error(err);
         }
         metrics.observe(elapsed);
+        metrics.charged(
+            charge.usage.prompt,
+            charge.usage.completion,
+            charge.usage.cached,
+            charge.cost,
+        );
         let take = std::mem::take::<String>;
         let rec = CallRecord {
             ts: self.ts,
