@@ -401,6 +401,11 @@ impl Engine {
                     tokio::time::timeout(bound, shared_limits::release(limits, scopes)).await
                 });
             }
+            if let Some(tracer) = &shared.tracer {
+                let _ = runtime.block_on(async {
+                    tokio::time::timeout(Duration::from_secs(5), trace::flush(tracer)).await
+                });
+            }
             shared.aborting.store(true, Ordering::Relaxed);
             // Dropping the remaining tasks drops their bodies, which emits their records.
             runtime.shutdown_timeout(Duration::from_secs(2));

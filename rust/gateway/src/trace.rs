@@ -541,32 +541,48 @@ pub(crate) async fn export(tracer: Arc<Tracer>, metrics: impl Fn() -> Value + Se
         return;
     };
     let base = tracer.config.endpoint.trim_end_matches('/').to_owned();
-    let traces = format!("{base}/v1/traces");
     let metrics_url = format!("{base}/v1/metrics");
-    let mut tick = tokio::time::interval(Duration::from_millis(tracer.config.export_interval_ms));
+    let every = Duration::from_millis(tracer.config.export_interval_ms);
+    // The first round one interval after start: nothing is queued before then.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        loop {
-            let batch = tracer.take(BATCH);
-            if batch.is_empty() {
-                break;
-            }
-            let n = batch.len() as u64;
-            if post(&client, &traces, tracer.encode(&batch)).await {
-                tracer.exported.fetch_add(n, Ordering::Relaxed);
-            } else {
-                tracer.export_failures.fetch_add(1, Ordering::Relaxed);
-                tracer.dropped.fetch_add(n, Ordering::Relaxed);
-                break;
-            }
-        }
+        send_spans(&client, &tracer).await;
         let body = json!({"resourceMetrics": [{
             "resource": tracer.resource(),
             "scopeMetrics": [{"scope": {"name": "onetoken"}, "metrics": metrics()}],
         }]});
         if !post(&client, &metrics_url, body.to_string().into_bytes()).await {
             tracer.export_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What is queued, once: at stop, after the requests in flight have finished, so their
+/// spans are not lost with the runtime.
+pub(crate) async fn flush(tracer: &Tracer) {
+    if let Ok(client) = client() {
+        send_spans(&client, tracer).await;
+    }
+}
+
+/// The queued spans in batches, until the queue is empty or a post fails (that batch is
+/// dropped; the rest waits for the next round).
+async fn send_spans(client: &OtlpClient, tracer: &Tracer) {
+    let url = format!("{}/v1/traces", tracer.config.endpoint.trim_end_matches('/'));
+    loop {
+        let batch = tracer.take(BATCH);
+        if batch.is_empty() {
+            return;
+        }
+        let n = batch.len() as u64;
+        if post(client, &url, tracer.encode(&batch)).await {
+            tracer.exported.fetch_add(n, Ordering::Relaxed);
+        } else {
+            tracer.export_failures.fetch_add(1, Ordering::Relaxed);
+            tracer.dropped.fetch_add(n, Ordering::Relaxed);
+            return;
         }
     }
 }

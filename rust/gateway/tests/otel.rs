@@ -59,3 +59,28 @@ async fn ratio_zero_exports_nothing_and_a_dead_collector_only_drops_spans() {
         assert_eq!(counter(&h, "onetoken_otel_spans_exported_total"), 0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_sends_what_is_queued() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    // The first export round would be a minute away.
+    let h = Gateway::custom(
+        |c| {
+            c["otel"] = json!({"endpoint": format!("http://{dead}"), "ratio": 1.0,
+                               "export_interval_ms": 60_000})
+        },
+        |_| {},
+    );
+    for _ in 0..3 {
+        assert_eq!(h.ask("ot-good", "hello").await.status, 200);
+    }
+    assert!(wait_until_async(WAIT, || h.engine.stats().in_flight == 0).await);
+    assert_eq!(counter(&h, "onetoken_otel_spans_dropped_total"), 0);
+    let engine = &h.engine;
+    tokio::task::block_in_place(|| engine.stop(std::time::Duration::from_secs(1)));
+    // Sent at stop (and refused by the dead collector, so counted dropped).
+    assert!(counter(&h, "onetoken_otel_spans_dropped_total") >= 27);
+}
