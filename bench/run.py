@@ -31,11 +31,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -1015,6 +1017,129 @@ def phase_profile(
     return {"phases": phases, "row": row}
 
 
+# ---------------------------------------------------------------- tracing rows
+
+# The tracing rows: onetoken exporting traces over OTLP at each sampling ratio, against
+# the `onetoken` row (tracing off).
+OTLP_ROWS = (("onetoken+otlp1%", 0.01), ("onetoken+otlp100%", 1.0))
+OTLP_EXPORT_INTERVAL_MS = 200
+
+
+class OtlpSink:
+    """A local OTLP/HTTP receiver for the tracing rows: it accepts every export and counts
+    the spans received without decoding them, so it takes little of the cores the gateway
+    is measured on."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spans = 0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if self.path == "/v1/traces":
+                    # The gateway's OTLP/JSON: one spanId per span.
+                    sink.received(body.count(b'"spanId"'))
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+        self._server = ThreadingHTTPServer((HOST, 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self._server.server_address[1]}"
+
+    @property
+    def spans(self) -> int:
+        with self._lock:
+            return self._spans
+
+    def received(self, n: int) -> None:
+        with self._lock:
+            self._spans += n
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def require_spans(sink: OtlpSink, timeout: float) -> int:
+    """The spans `sink` received, once at least one has (waiting up to `timeout` for the
+    exporter's next round): a tracing row whose gateway exported nothing measured tracing
+    off, so it is refused rather than reported."""
+    deadline = time.monotonic() + timeout
+    while sink.spans == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if sink.spans == 0:
+        raise BenchError(f"no span reached the OTLP sink within {timeout:.0f} s")
+    return sink.spans
+
+
+def otlp_rows(
+    services: Services,
+    workdir: Path,
+    upstream: str,
+    python: str,
+    seconds: int,
+    warmup: int,
+    loadgen: Path,
+    rows: dict[tuple[str, str], dict[str, Any]],
+    variants: list[Target],
+    meta: dict[str, Any],
+) -> None:
+    """Each tracing row: a onetoken exporting to a sink of its own, the non-streaming
+    workloads, and its figures kept only when the sink received at least one span."""
+    for name, ratio in OTLP_ROWS:
+        sink = OtlpSink()
+        try:
+            log(f"{name}: starting")
+            t = start_onetoken(
+                services,
+                workdir,
+                upstream,
+                python,
+                name=name,
+                extra_env={
+                    "ONETOKEN_OTEL_ENDPOINT": sink.url,
+                    "ONETOKEN_OTEL_RATIO": str(ratio),
+                    "ONETOKEN_OTEL_EXPORT_INTERVAL_MS": str(OTLP_EXPORT_INTERVAL_MS),
+                },
+            )
+            t.baseline = "onetoken"
+            t.what = (
+                f"`onetoken` tracing {ratio:.0%} of requests, exported over OTLP/HTTP to a "
+                "local sink (docs/observability.md)"
+            )
+            warm_up(t, warmup)
+            measured = {}
+            for w in WORKLOADS[:2]:
+                log(f"{name}: {w.key} for {seconds} s")
+                measured[(name, w.key)] = measure(t, w, seconds, loadgen)
+            spans = require_spans(sink, timeout=10 * OTLP_EXPORT_INTERVAL_MS / 1000)
+            for r in measured.values():
+                r["otlp_spans_exported"] = spans
+            rows.update(measured)
+            variants.append(t)
+            log(f"{name}: {spans:,} spans exported")
+        except BenchError as exc:
+            meta["errors"].append(f"{name}: {exc}")
+            log(f"{name}: failed: {exc}")
+        finally:
+            services.stop_after_first()
+            sink.close()
+
+
 def measure(t: Target, w: Workload, seconds: int, loadgen: Path) -> dict[str, Any]:
     procs0 = by_process(t.pid)
     if w.tool == "wrk":
@@ -1630,6 +1755,8 @@ def main(argv: list[str] | None = None) -> int:
                     except BenchError as exc:
                         meta["errors"].append(f"onetoken phase profile: {exc}")
                     services.stop_after_first()
+                    otlp_rows(services, workdir, upstream, py, seconds, warmup, loadgen,
+                              rows, variants, meta)
             finally:
                 services.stop_all()
 

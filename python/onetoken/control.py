@@ -29,7 +29,7 @@ from onetoken.ingest.batch import Batch
 from onetoken.ingest.caps import CapPublisher
 from onetoken.ingest.dimensions import DimensionSync
 from onetoken.ingest.metrics import ingestor_metrics, journal_metrics
-from onetoken.kit import channel
+from onetoken.kit import channel, telemetry
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.events import EventBus
 from onetoken.kit.metrics import Metric, Registry
@@ -105,7 +105,15 @@ def create_app(
     app_state = state or build_state(settings, runtime)
     if runtime is not None:
         app_state.runtime = runtime
-    return build_app(app_state, owns_engine=state is None)
+    app = build_app(app_state, owns_engine=state is None)
+    if settings.otel_endpoint is not None:
+        telemetry.instrument(app, app_state.db_engine, telemetry.Export(
+            endpoint=settings.otel_endpoint,
+            ratio=settings.otel_ratio,
+            service_name=f"{settings.otel_service_name}-control",
+            interval_ms=settings.otel_export_interval_ms,
+        ))
+    return app
 
 
 def wire_ingestion(events: EventBus, ingestor: Any) -> None:

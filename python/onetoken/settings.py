@@ -118,6 +118,17 @@ class Settings(BaseSettings):
     # money in its own memory, as one machine always has. The control plane publishes each
     # org's money cap there. Secret: the URL may carry a password.
     redis_url: SecretStr | None = None
+    # Traces and metrics over OTLP/HTTP, from the gateway and the control process
+    # (docs/observability.md): the collector's base URL (e.g. http://collector:4318);
+    # unset, nothing is traced.
+    otel_endpoint: str | None = Field(default=None, pattern=r"^https?://")
+    # Head sampling: the share of requests traced (a continued client traceparent decides
+    # by its own sampled flag).
+    otel_ratio: float = Field(default=1.0, ge=0, le=1)
+    # service.name: the gateway exports as <name>-gateway, the control process as
+    # <name>-control.
+    otel_service_name: str = Field(default="onetoken", min_length=1, max_length=64)
+    otel_export_interval_ms: int = Field(default=1000, ge=50)
 
     session_ttl_hours: int = Field(default=12, ge=1, le=24 * 30)
 

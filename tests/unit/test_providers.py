@@ -319,7 +319,7 @@ def test_policy_and_key_overrides_only_narrow(
     assert org["policy"] == {
         "allow_vendors": None, "deny_vendors": ["deepseek"], "allow_regions": ["cn-mainland"],
         "deny_regions": [], "allow_models": None, "deny_models": [], "no_training": True,
-        "zero_retention_only": False,
+        "zero_retention_only": False, "trace_context": False,
     }
     key = next(k for k in snap["keys"] if k["key_id"] == key_id)
     assert key["policy"]["allow_vendors"] == ["alibaba"]

@@ -66,6 +66,18 @@ def _shared(settings: Settings) -> dict[str, Any] | None:
     }
 
 
+def _otel(settings: Settings) -> dict[str, Any] | None:
+    """The engine's OTLP export (docs/observability.md), when an endpoint is set."""
+    if settings.otel_endpoint is None:
+        return None
+    return {
+        "endpoint": settings.otel_endpoint,
+        "ratio": settings.otel_ratio,
+        "service_name": f"{settings.otel_service_name}-gateway",
+        "export_interval_ms": settings.otel_export_interval_ms,
+    }
+
+
 def engine_config(settings: Settings, secrets: Secrets) -> dict[str, Any]:
     """The engine configuration (tests/contract/engine_config.json)."""
     tls = None
@@ -92,6 +104,7 @@ def engine_config(settings: Settings, secrets: Secrets) -> dict[str, Any]:
         "upstream_deadline_ms": int(settings.upstream_deadline_seconds * 1000),
         "phase_timing": settings.gateway_phase_timing,
         "shared": _shared(settings),
+        "otel": _otel(settings),
     }
     # Optional in docs/snapshot.md; sent only when they differ from the defaults.
     if secrets.key_hash_version != 1:

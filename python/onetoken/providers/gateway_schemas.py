@@ -45,6 +45,10 @@ class OrgPolicy(Policy):
     engine's default for an org without a policy too (docs/snapshot.md)."""
 
     no_training: bool = True
+    # A client's W3C traceparent is continued in the gateway's traces and the gateway's
+    # own goes on to the upstream (docs/observability.md); off, trace context never
+    # crosses the relay.
+    trace_context: bool = False
 
 
 # At most what a SQL INTEGER column holds on every engine (2^31 - 1), as for keys.

@@ -17,6 +17,7 @@ use crate::limits::Admission;
 use crate::metrics::PathLabel;
 use crate::phase::{Mark, Phase};
 use crate::records::CallRecord;
+use crate::trace::{Attr, Trace};
 
 /// One request, from its head to its record. It settles the reservation and emits
 /// exactly one `CallRecord`: explicitly through `finish`, or from `Drop` when the request
@@ -86,6 +87,8 @@ pub(crate) struct Call {
     /// CPU nanoseconds settle and record counted while a relay poll ran them, which the
     /// relay's own count leaves out.
     pub(crate) closing_cpu_ns: u64,
+    /// The request's trace, when tracing is on and it may be exported.
+    pub(crate) trace: Option<Box<Trace>>,
 }
 
 /// What the settle phase charged.
@@ -117,7 +120,12 @@ impl Call {
             .unwrap_or(0);
         shared.metrics.request(path);
         shared.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+        let trace = shared
+            .tracer
+            .as_ref()
+            .and_then(|t| Trace::begin(t, headers, start));
         Call {
+            trace,
             ts,
             request_id: shared.next_request_id(),
             path,
@@ -180,15 +188,19 @@ impl Call {
             other => other,
         };
         let from = Mark::now(self.shared.config.phase_timing);
+        let settle_start = self.trace.is_some().then(Instant::now);
         let charge = self.settle();
         let (settled, from) = self
             .shared
             .metrics
             .phase_cpu
             .charge_until(Phase::Settle, from, 0);
-        self.record(charge, status, err);
+        let attrs = self.record(charge, status, err);
         let recorded = self.shared.metrics.phase_cpu.charge(Phase::Record, from, 0);
         self.closing_cpu_ns = settled.saturating_add(recorded);
+        if let (Some(mut trace), Some(t), Some(attrs)) = (self.trace.take(), settle_start, attrs) {
+            trace.end(t, attrs, status >= 500);
+        }
     }
 
     /// The settle phase: usage (the upstream's, else estimated, nothing when not
@@ -233,13 +245,27 @@ impl Call {
     /// the journal, so a SIGKILL right after cannot lose a completed request. Deferring
     /// the write past the flush would save a few microseconds of latency and open that
     /// window.
-    fn record(&mut self, charge: Charge, status: u16, err: Option<ApiError>) {
+    ///
+    /// Returns the trace's request attributes when the request is traced: metadata of the
+    /// record only (ids, names, status, counts, cost), never its address or user agent.
+    fn record(
+        &mut self,
+        charge: Charge,
+        status: u16,
+        err: Option<ApiError>,
+    ) -> Option<Vec<(&'static str, Attr)>> {
         let elapsed = self.start.elapsed();
         let metrics = &self.shared.metrics;
         if let Some(err) = err {
             metrics.error(err);
         }
         metrics.observe(elapsed);
+        metrics.charged(
+            charge.usage.prompt,
+            charge.usage.completion,
+            charge.usage.cached,
+            charge.cost,
+        );
         let take = std::mem::take::<String>;
         let rec = CallRecord {
             ts: self.ts,
@@ -267,8 +293,10 @@ impl Call {
             attempts: self.attempts,
             guard_flags: take(&mut self.guard_flags),
         };
+        let attrs = self.trace.as_ref().map(|_| span_attributes(&rec));
         self.shared.records.push(rec);
         metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+        attrs
     }
 }
 
@@ -284,6 +312,33 @@ impl Drop for Call {
             self.finish(499, Some(ApiError::ClientDisconnected));
         }
     }
+}
+
+/// The request span's attributes, from its record.
+fn span_attributes(rec: &CallRecord) -> Vec<(&'static str, Attr)> {
+    let text = |s: &str| Attr::Str(s.to_owned());
+    let int = |n: u32| Attr::Int(i64::from(n));
+    vec![
+        ("onetoken.request_id", text(&rec.request_id)),
+        ("http.route", Attr::Static(rec.path)),
+        (
+            "http.response.status_code",
+            Attr::Int(i64::from(rec.status)),
+        ),
+        ("onetoken.error_code", Attr::Static(rec.error_code)),
+        ("onetoken.org_id", text(&rec.org_id)),
+        ("onetoken.key_id", text(&rec.key_id)),
+        ("onetoken.model_requested", text(&rec.model_requested)),
+        ("onetoken.model_served", text(&rec.model_served)),
+        ("onetoken.provider", text(&rec.provider)),
+        ("onetoken.attempts", Attr::Int(i64::from(rec.attempts))),
+        ("onetoken.streamed", Attr::Bool(rec.streamed == 1)),
+        ("onetoken.tokens.prompt", int(rec.prompt_tokens)),
+        ("onetoken.tokens.completion", int(rec.completion_tokens)),
+        ("onetoken.tokens.cached", int(rec.cached_tokens)),
+        ("onetoken.usage_source", Attr::Static(rec.usage_source)),
+        ("onetoken.cost", Attr::Int(rec.cost)),
+    ]
 }
 
 fn user_agent(headers: &HeaderMap) -> String {

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::ipset::IpSet;
+use crate::trace::OtelConfig;
 
 fn cidr_set(field: &str, cidrs: &[String]) -> Result<IpSet, Error> {
     IpSet::from_entries(cidrs.iter().map(|c| (c.as_str(), None)))
@@ -91,6 +92,10 @@ pub struct EngineConfig {
     /// (docs/scale-out.md); absent, this engine keeps them in its own memory alone.
     #[serde(default)]
     pub shared: Option<SharedConfig>,
+    /// Traces and metrics over OTLP/HTTP (docs/observability.md); absent, nothing is
+    /// traced and a request pays one branch.
+    #[serde(default)]
+    pub otel: Option<OtelConfig>,
 }
 
 /// Redis for limits and money shared across gateways.
@@ -246,6 +251,9 @@ impl EngineConfig {
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(Error::Config(format!("{name} must be positive")));
+        }
+        if let Some(otel) = &self.otel {
+            otel.validate()?;
         }
         if self.max_header_bytes < 1024 {
             return Err(Error::Config(

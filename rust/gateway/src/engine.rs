@@ -25,6 +25,7 @@ use crate::metrics::{Gauges, Metrics};
 use crate::records::Records;
 use crate::shared::{self as shared_limits, Scopes, SharedLimits};
 use crate::snapshot::{self, Dropped, Snapshot};
+use crate::trace::{self, Tracer};
 use crate::upstream::{ClientCache, Resolve, SystemResolver};
 use crate::{server, tokens};
 
@@ -50,6 +51,8 @@ pub(crate) struct Shared {
     pub(crate) control: ControlStatus,
     /// Money shared with the other gateways through Redis (`config.shared`).
     pub(crate) shared_limits: Option<Arc<SharedLimits>>,
+    /// Traces over OTLP (`config.otel`).
+    pub(crate) tracer: Option<Arc<Tracer>>,
 }
 
 /// What the engine knows of its control plane, for `/healthz` and `/metrics`: whether the
@@ -101,7 +104,7 @@ impl Shared {
     }
 
     pub(crate) fn metrics_text(&self) -> String {
-        self.metrics.render(&Gauges {
+        let mut text = self.metrics.render(&Gauges {
             records_total: self.records.total.load(Ordering::Relaxed),
             snapshot_version: self.snapshot.load().version,
             snapshot_dropped: self.dropped.lock().len() as u64,
@@ -110,7 +113,11 @@ impl Shared {
             control_reachable: self.control.reachable(),
             snapshot_age_seconds: self.control.snapshot_age_seconds(),
             shared: self.shared_limits.as_ref().map(|s| s.gauges()),
-        })
+        });
+        if let Some(tracer) = &self.tracer {
+            tracer.render(&mut text);
+        }
+        text
     }
 
     /// The live state the refiller looks after: org accounts, and the rate and
@@ -216,6 +223,7 @@ impl Engine {
             aborting: AtomicBool::new(false),
             control: ControlStatus::new(),
             shared_limits,
+            tracer: config.otel.clone().map(|c| Arc::new(Tracer::new(c))),
             config,
         });
         Ok(Engine {
@@ -288,6 +296,13 @@ impl Engine {
                         scopes
                     }
                 }
+            }));
+        }
+        if let Some(tracer) = &self.shared.tracer {
+            let shared = self.shared.clone();
+            let started = trace::unix_ns();
+            runtime.spawn(trace::export(tracer.clone(), move || {
+                shared.metrics.otlp(started, trace::unix_ns())
             }));
         }
         // Load the vocabulary before the first request needs it.
@@ -384,6 +399,11 @@ impl Engine {
                 let _ = runtime.block_on(async {
                     let bound = Duration::from_millis(limits.config.timeout_ms * 4);
                     tokio::time::timeout(bound, shared_limits::release(limits, scopes)).await
+                });
+            }
+            if let Some(tracer) = &shared.tracer {
+                let _ = runtime.block_on(async {
+                    tokio::time::timeout(Duration::from_secs(5), trace::flush(tracer)).await
                 });
             }
             shared.aborting.store(true, Ordering::Relaxed);

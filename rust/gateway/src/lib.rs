@@ -35,6 +35,7 @@ mod shared;
 mod snapshot;
 pub mod sse;
 pub mod tokens;
+mod trace;
 mod upstream;
 #[doc(hidden)]
 pub mod xorshift;
@@ -47,5 +48,6 @@ pub use phase::PHASE_NAMES;
 pub use records::CallRecord;
 pub use routing::routing_defaults_json;
 pub use snapshot::{validate as validate_snapshot, Dropped, SnapshotDoc};
+pub use trace::OtelConfig;
 pub use upstream::address_is_public;
 pub use upstream::Resolve;

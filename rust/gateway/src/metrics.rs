@@ -4,6 +4,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use serde_json::{json, Value};
+
 use crate::error::ApiError;
 use crate::phase::PhaseCpu;
 
@@ -45,6 +47,9 @@ const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
 ];
 
+/// The `kind` label of `onetoken_tokens_total`.
+const TOKEN_KINDS: [&str; 3] = ["prompt", "completion", "cached"];
+
 #[derive(Default)]
 pub(crate) struct Metrics {
     requests: [AtomicU64; PathLabel::ALL.len()],
@@ -52,6 +57,10 @@ pub(crate) struct Metrics {
     buckets: [AtomicU64; BUCKETS.len()],
     duration_count: AtomicU64,
     duration_sum_us: AtomicU64,
+    /// Tokens charged: prompt (cached included), completion, cached.
+    tokens: [AtomicU64; TOKEN_KINDS.len()],
+    /// Cost charged, nano-units.
+    cost_nano: AtomicU64,
     pub(crate) in_flight: AtomicI64,
     /// Client connections open now.
     pub(crate) connections_open: AtomicU64,
@@ -79,6 +88,15 @@ impl Metrics {
 
     pub(crate) fn error(&self, err: ApiError) {
         self.errors.0[err.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What a request was charged: its tokens and cost.
+    pub(crate) fn charged(&self, prompt: u64, completion: u64, cached: u64, cost: i64) {
+        for (counter, n) in self.tokens.iter().zip([prompt, completion, cached]) {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+        self.cost_nano
+            .fetch_add(u64::try_from(cost).unwrap_or(0), Ordering::Relaxed);
     }
 
     pub(crate) fn observe(&self, elapsed: Duration) {
@@ -115,6 +133,25 @@ impl Metrics {
             let v = self.errors.0[e.index()].load(Ordering::Relaxed);
             let _ = writeln!(out, "onetoken_errors_total{{code=\"{}\"}} {v}", e.code());
         }
+        let _ = writeln!(
+            out,
+            "# HELP onetoken_tokens_total Tokens charged, by kind (prompt includes cached)."
+        );
+        let _ = writeln!(out, "# TYPE onetoken_tokens_total counter");
+        for (kind, v) in TOKEN_KINDS.iter().zip(&self.tokens) {
+            let v = v.load(Ordering::Relaxed);
+            let _ = writeln!(out, "onetoken_tokens_total{{kind=\"{kind}\"}} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP onetoken_cost_nano_total Cost charged, nano-units of the currency."
+        );
+        let _ = writeln!(out, "# TYPE onetoken_cost_nano_total counter");
+        let _ = writeln!(
+            out,
+            "onetoken_cost_nano_total {}",
+            self.cost_nano.load(Ordering::Relaxed)
+        );
         let _ = writeln!(
             out,
             "# HELP onetoken_request_duration_seconds Request start to end of response."
@@ -280,6 +317,74 @@ impl Metrics {
         }
         self.phase_cpu.render(&mut out);
         out
+    }
+
+    /// The request metrics as OTLP JSON `metrics`: the series of `/metrics` under the
+    /// same names and labels (cumulative, since `start_ns`).
+    pub(crate) fn otlp(&self, start_ns: u64, now_ns: u64) -> Value {
+        let (start, now) = (start_ns.to_string(), now_ns.to_string());
+        let point = |label: &str, value: &str, n: u64| {
+            json!({"attributes": [{"key": label, "value": {"stringValue": value}}],
+                   "startTimeUnixNano": start, "timeUnixNano": now, "asInt": n.to_string()})
+        };
+        let sum = |name: &str, unit: &str, points: Vec<Value>| {
+            json!({"name": name, "unit": unit, "sum": {
+                "dataPoints": points, "aggregationTemporality": 2, "isMonotonic": true}})
+        };
+        let requests = PathLabel::ALL
+            .iter()
+            .map(|p| {
+                point(
+                    "path",
+                    p.as_str(),
+                    self.requests[*p as usize].load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        let errors = ApiError::ALL
+            .iter()
+            .map(|e| {
+                point(
+                    "code",
+                    e.code(),
+                    self.errors.0[e.index()].load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        // OTLP buckets are per bucket, with one more for what lies above the last bound.
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let count = self.duration_count.load(Ordering::Relaxed);
+        let above = count.saturating_sub(counts.iter().sum());
+        let buckets: Vec<String> = counts.iter().chain([&above]).map(u64::to_string).collect();
+        let tokens = TOKEN_KINDS
+            .iter()
+            .zip(&self.tokens)
+            .map(|(kind, v)| point("kind", kind, v.load(Ordering::Relaxed)))
+            .collect();
+        let cost = json!({"startTimeUnixNano": start, "timeUnixNano": now,
+                          "asInt": self.cost_nano.load(Ordering::Relaxed).to_string()});
+        json!([
+            sum("onetoken_requests_total", "1", requests),
+            sum("onetoken_errors_total", "1", errors),
+            sum("onetoken_tokens_total", "1", tokens),
+            sum("onetoken_cost_nano_total", "1", vec![cost]),
+            {"name": "onetoken_request_duration_seconds", "unit": "s", "histogram": {
+                "aggregationTemporality": 2,
+                "dataPoints": [{
+                    "startTimeUnixNano": start, "timeUnixNano": now,
+                    "count": count.to_string(),
+                    "sum": self.duration_sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+                    "bucketCounts": buckets,
+                    "explicitBounds": BUCKETS,
+                }]}},
+            {"name": "onetoken_in_flight_requests", "unit": "1", "gauge": {"dataPoints": [{
+                "timeUnixNano": now,
+                "asInt": self.in_flight.load(Ordering::Relaxed).to_string()}]}},
+        ])
     }
 }
 

@@ -18,6 +18,7 @@ use std::time::Duration;
 use cpu_time::ThreadTime;
 
 use crate::engine::Shared;
+use crate::trace::PhaseSpan;
 
 /// Declares the phases once: the enum, [`Phase::ALL`] and [`PHASE_NAMES`] in request
 /// order.
@@ -135,14 +136,25 @@ pub(crate) struct PhaseClock<'a> {
     /// poll: it starts there, so back-to-back phases cost one clock read each, not two
     /// (a read is a system call, about a microsecond on a virtual machine).
     last: Mark,
+    /// The phases' wall-clock spans, when the request is traced.
+    pub(crate) spans: Option<Vec<PhaseSpan>>,
 }
 
 impl<'a> PhaseClock<'a> {
-    pub(crate) fn new(shared: &'a Shared) -> Self {
+    pub(crate) fn new(shared: &'a Shared, traced: bool) -> Self {
         PhaseClock {
             cpu: &shared.metrics.phase_cpu,
             on: shared.config.phase_timing,
             last: Mark(None),
+            spans: traced.then(|| Vec::with_capacity(Phase::ALL.len())),
+        }
+    }
+
+    /// A traced phase ends: its span closes now.
+    fn close(&mut self, span: Option<PhaseSpan>) {
+        if let (Some(spans), Some(mut span)) = (self.spans.as_mut(), span) {
+            span.end = std::time::Instant::now();
+            spans.push(span);
         }
     }
 
@@ -155,9 +167,14 @@ impl<'a> PhaseClock<'a> {
 
     /// Run a synchronous phase.
     pub(crate) fn time<T>(&mut self, phase: Phase, f: impl FnOnce() -> T) -> T {
+        let span = self
+            .spans
+            .is_some()
+            .then(|| PhaseSpan::open(phase.as_str()));
         let from = self.start();
         let out = f();
         self.last = self.cpu.charge_until(phase, from, 0).1;
+        self.close(span);
         out
     }
 
@@ -166,6 +183,7 @@ impl<'a> PhaseClock<'a> {
         Timed {
             clock: self,
             phase,
+            span: None,
             fut,
         }
     }
@@ -179,6 +197,8 @@ pin_project_lite::pin_project! {
     pub(crate) struct Timed<'c, 'a, F> {
         clock: &'c mut PhaseClock<'a>,
         phase: Phase,
+        // Opened at the first poll of a traced request.
+        span: Option<PhaseSpan>,
         #[pin]
         fut: F,
     }
@@ -189,11 +209,16 @@ impl<F: Future> Future for Timed<'_, '_, F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
+        if this.clock.spans.is_some() && this.span.is_none() {
+            *this.span = Some(PhaseSpan::open(this.phase.as_str()));
+        }
         let from = this.clock.start();
         let out = this.fut.poll(cx);
         let (_, end) = this.clock.cpu.charge_until(*this.phase, from, 0);
         if out.is_ready() {
             this.clock.last = end;
+            let span = this.span.take();
+            this.clock.close(span);
         }
         out
     }
@@ -237,6 +262,7 @@ mod tests {
             cpu,
             on,
             last: Mark(None),
+            spans: None,
         }
     }
 

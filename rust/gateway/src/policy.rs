@@ -33,6 +33,10 @@ pub struct PolicyDoc {
     pub no_training: Option<bool>,
     /// Refuse providers that are not zero-retention.
     pub zero_retention_only: bool,
+    /// Org only: a client's W3C `traceparent` is continued in the gateway's traces, and
+    /// the gateway sends its own to the upstream (docs/observability.md). Off by default:
+    /// trace context crosses the relay only when the org asked for it.
+    pub trace_context: bool,
 }
 
 /// Which policy a rule belongs to.

@@ -66,18 +66,40 @@ pub(crate) async fn handle(
     Ok(resp)
 }
 
-/// The phases up to the response, each timed under its name when `phase_timing` is on.
+/// The phases up to the response, each timed under its name when `phase_timing` is on
+/// and a span of the request's trace when it is traced.
 async fn process(
     shared: &Shared,
     call: &mut Call,
     endpoint: Endpoint,
     req: Request<Incoming>,
 ) -> Result<Reply, Failure> {
-    let mut clock = PhaseClock::new(shared);
+    let mut clock = PhaseClock::new(shared, call.trace.is_some());
+    let outcome = phases(shared, call, &mut clock, endpoint, req).await;
+    if let (Some(trace), Some(spans)) = (call.trace.as_mut(), clock.spans) {
+        trace.phases = spans;
+    }
+    outcome
+}
+
+async fn phases(
+    shared: &Shared,
+    call: &mut Call,
+    clock: &mut PhaseClock<'_>,
+    endpoint: Endpoint,
+    req: Request<Incoming>,
+) -> Result<Reply, Failure> {
     let snap = clock.time(Phase::Admit, || admit(shared, call, endpoint, &req))?;
     let key = clock.time(Phase::Authenticate, || {
         authenticate(shared, call, &snap, req.headers())
     })?;
+    // The org decides whether a client's trace context is continued.
+    if let Some(trace) = call.trace.as_mut() {
+        if !trace.org(key.org.trace_context) {
+            call.trace = None;
+            clock.spans = None;
+        }
+    }
     let Some(api) = endpoint.api() else {
         // `/v1/models` is answered from the snapshot: nothing to route or reserve.
         let anthropic = req.headers().contains_key("anthropic-version");
@@ -472,6 +494,7 @@ async fn forward(
         deadline,
         count: 0,
         last: None,
+        trace: call.trace.as_ref().map(|t| t.attempts()),
     };
     let max_out = |d: &Deployment| plan.max_out(d);
     let result = routing::forward(
@@ -486,6 +509,9 @@ async fn forward(
     .await;
     drop(doc);
     call.attempts = attempts.count;
+    if let (Some(trace), Some(a)) = (call.trace.as_mut(), attempts.trace) {
+        trace.attempts = a.spans;
+    }
     if let Some(d) = &attempts.last {
         call.model_served.clone_from(&d.upstream_model);
         call.provider.clone_from(&d.provider.id);

@@ -25,6 +25,7 @@ use crate::protocol::{self, auth_headers, ClientApi, Endpoints, Protocol};
 use crate::snapshot::{
     Deployment, Dropped, Key, ModelDoc, ModelGroup, ModelKind, Provider, ProviderDoc,
 };
+use crate::trace::AttemptTrace;
 use crate::upstream::{self, AddressScope, ClientCache};
 
 /// How a route orders its deployments.
@@ -374,6 +375,8 @@ pub(crate) struct Attempts {
     pub(crate) count: u8,
     /// The deployment of the last attempt (the one that served, on success).
     pub(crate) last: Option<Arc<Deployment>>,
+    /// A traced request's attempt spans and the context sent upstream.
+    pub(crate) trace: Option<AttemptTrace>,
 }
 
 fn retryable_status(s: StatusCode) -> bool {
@@ -442,13 +445,23 @@ pub(crate) async fn forward(
         }
         attempts.count = attempts.count.saturating_add(1);
         attempts.last = Some(d.clone());
-        let req =
+        let mut req =
             protocol::upstream_request(api, doc, d, stream, max_out(d)).map_err(NotServed::Api)?;
+        if let Some(trace) = attempts.trace.as_mut() {
+            trace.start(&mut req, &provider.id, &d.upstream_model);
+        }
         let sent = Instant::now();
         let first_byte = attempts
             .deadline
             .min(tokio::time::Instant::now() + provider.first_byte_timeout);
         let result = tokio::time::timeout_at(first_byte, provider.client.request(req)).await;
+        if let Some(trace) = attempts.trace.as_mut() {
+            trace.end(match &result {
+                Err(_) => Err(ApiError::UpstreamTimeout.code()),
+                Ok(Err(e)) => Err(upstream::classify(e).code()),
+                Ok(Ok(resp)) => Ok(resp.status().as_u16()),
+            });
+        }
         match result {
             Err(_) => {
                 provider.state.failure(cfg);

@@ -357,6 +357,8 @@ pub(crate) struct Org {
     pub(crate) price_factor_ppm: u32,
     pub(crate) guard: OrgGuard,
     pub(crate) policy: Policy,
+    /// `policy.trace_context`: trace context crosses the gateway for this org.
+    pub(crate) trace_context: bool,
 }
 
 pub(crate) struct Key {
@@ -534,6 +536,7 @@ impl Snapshot {
                 usage: o.usage.compile(),
                 price_factor_ppm: o.price_factor_ppm,
                 guard,
+                trace_context: o.policy.trace_context,
                 policy: Policy::compile(o.policy, Scope::Org),
             });
             orgs.insert(o.id, org);
