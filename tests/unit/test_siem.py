@@ -12,6 +12,7 @@ password nor a full API key reaches an exported or sent event."""
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -314,3 +315,33 @@ def test_canary_no_password_or_full_key_in_an_exported_event(
     assert "auth.login_failed" in kinds and len(kinds) >= 2, kinds
     assert canary_password not in r.text
     assert full_key not in r.text and full_key[8:] not in r.text
+
+
+def test_a_dead_receiver_holds_up_no_other_destination(
+    state: AppState, ch: Client, client: TestClient, admin: Admin, pki: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    # Accepts connections (the kernel's backlog) and never answers the TLS handshake.
+    with socket.socket() as black_hole, SyslogReceiver(
+        tmp_path / "rx", pki["ca"], pki["cert"], pki["key"], client_ca=pki["client_ca"]
+    ) as receiver:
+        black_hole.bind(("127.0.0.1", 0))
+        black_hole.listen(16)
+        r = client.put(f"{API}/siem", headers=admin.headers, json={
+            "host": "127.0.0.1", "port": black_hole.getsockname()[1],
+            "ca_pem": pki["ca"].read_text()})
+        assert r.status_code == 200, r.text
+        dest_id = _destination_id(state, admin.org_id)
+        state.settings.siem_syslog_address = f"localhost:{receiver.port}"
+        state.settings.siem_timeout_seconds = 3
+        forwarder = _forwarder(state, ch)
+        try:
+            expected = _insert(ch, admin.org_id, 5)
+            wait_until(lambda: _ids(receiver) == expected, timeout=10)
+            # The org's send is still waiting for its handshake while the operator's went.
+            row = _row(state, dest_id)
+            assert row.lease_owner == forwarder.owner and row.last_error is None
+            assert client.get(f"{API}/siem", headers=admin.headers).status_code == 200
+            wait_until(lambda: _row(state, dest_id).last_error == "timeout", timeout=15)
+        finally:
+            forwarder.stop()

@@ -33,6 +33,7 @@ from onetoken.db.session import SessionFactory
 from onetoken.kit.metrics import Metric
 from onetoken.kit.net import networks
 from onetoken.kit.worker import LoopThread
+from onetoken.orgs.models import Org
 from onetoken.siem import syslog
 from onetoken.siem.models import OPERATOR, SiemDestination
 from onetoken.siem.stream import Cursor, Runner, read_after
@@ -167,8 +168,12 @@ class Forwarder:
         now = utcnow()
         with self.session_factory() as session:
             due = session.scalars(
-                select(SiemDestination.id).where(
+                select(SiemDestination.id)
+                .outerjoin(Org, Org.id == SiemDestination.org_id)
+                .where(
                     SiemDestination.enabled.is_(True),
+                    # A terminated org's events no longer leave (docs/retention.md).
+                    or_(SiemDestination.org_id.is_(None), Org.status != "terminated"),
                     SiemDestination.next_attempt_at <= now,
                     or_(SiemDestination.lease_until.is_(None),
                         SiemDestination.lease_until < now,
