@@ -49,7 +49,7 @@ def check_ca(ca_pem: str | None) -> None:
         raise Unprocessable("The CA bundle is too large.", param="ca_pem")
     try:
         ssl.create_default_context(cadata=ca_pem)
-    except (ssl.SSLError, ValueError):
+    except (ssl.SSLError, ValueError, TypeError):  # TypeError: not ASCII
         raise Unprocessable("The CA bundle is not PEM certificates.", param="ca_pem") from None
 
 

@@ -94,7 +94,8 @@ def export_events(
 class SiemDestinationIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    host: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:\[\]_-]+$",
+    host: str = Field(min_length=1, max_length=253,
+                      pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._:-]+)$",
                       description="The receiver's name or address.")
     port: int = Field(default=6514, ge=1, le=65535, description="RFC 5425's port is 6514.")
     ca_pem: str | None = Field(
@@ -159,7 +160,7 @@ def put_destination(
     export has the ones before); a changed one goes on from where it was."""
     row = service.save(
         session, principal.org_id, host=body.host.strip("[]"), port=body.port,
-        ca_pem=body.ca_pem, enabled=body.enabled,
+        ca_pem=body.ca_pem or None, enabled=body.enabled,
         allow=networks(state.settings.siem_private_cidrs),
     )
     session.commit()
