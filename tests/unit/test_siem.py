@@ -32,7 +32,7 @@ from onetoken.siem.models import OPERATOR, SiemDestination
 from onetoken.siem.stream import Cursor, Event
 from onetoken.state import AppState
 from tests.support import TEST_SECRET, SyslogReceiver, make_ca, rsyslogd, wait_until
-from tests.unit.conftest import Admin
+from tests.unit.conftest import Admin, add_account
 
 API = "/api/v1/security"
 
@@ -345,3 +345,29 @@ def test_a_dead_receiver_holds_up_no_other_destination(
             wait_until(lambda: _row(state, dest_id).last_error == "timeout", timeout=15)
         finally:
             forwarder.stop()
+
+
+def test_console_page_offers_the_settings_to_those_who_may_change_them(
+    client: TestClient, state: AppState, admin: Admin,
+) -> None:
+    browser = TestClient(client.app, base_url="https://testserver", follow_redirects=False)
+
+    def page(email: str, password: str) -> str:
+        browser.cookies.clear()
+        r = browser.post("/api/v1/auth/session", json={"email": email, "password": password})
+        assert r.status_code == 200, r.text
+        r = browser.get("/security/siem")
+        assert r.status_code == 200, r.text
+        return r.text
+
+    owner = page(admin.email, admin.password)
+    assert 'data-api="/api/v1/security/siem/test"' in owner and 'id="siem-form"' in owner
+    assert 'data-load="/api/v1/security/siem"' in owner
+    # The owner's navigation lists it; a developer (no security.read) is refused the page.
+    assert 'href="/security/siem"' in owner
+    add_account(state, client, admin.org_id, "dev@acme.test", "developer")
+    browser.cookies.clear()
+    r = browser.post("/api/v1/auth/session",
+                     json={"email": "dev@acme.test", "password": "another long password"})
+    assert r.status_code == 200, r.text
+    assert browser.get("/security/siem").status_code in (403, 404)
