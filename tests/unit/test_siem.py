@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from clickhouse_connect.driver.client import Client
 from fastapi.testclient import TestClient
@@ -35,6 +36,19 @@ from tests.support import TEST_SECRET, SyslogReceiver, make_ca, rsyslogd, wait_u
 from tests.unit.conftest import Admin, add_account
 
 API = "/api/v1/security"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "siem.md"
+
+
+def _schema() -> dict[str, Any]:
+    """The JSON schema docs/siem.md publishes for one event."""
+    text = DOC.read_text().split("## Event schema", 1)[1]
+    return dict(json.loads(text.split("```json", 1)[1].split("```", 1)[0]))
+
+
+def _valid(events: list[dict[str, Any]]) -> None:
+    validator = jsonschema.Draft202012Validator(_schema())
+    for event in events:
+        validator.validate(event)
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +166,7 @@ def test_operator_receiver_gets_every_event_in_order(
                              message="21 events at the receiver")
             assert got == expected  # the log's order, each once
             wait_until(lambda: _row(state, OPERATOR).delivered == 21)
+            _valid(_received(receiver))
             sample = _received(receiver)[0]
             assert set(sample) == {"schema", "ts", "event_id", "kind", "severity", "org_id",
                                    "actor_id", "subject_id", "source_ip", "user_agent",
@@ -269,6 +284,7 @@ def test_export_pages_with_a_cursor_within_the_callers_org(
         assert r.status_code == 200, r.text
         assert r.headers["content-type"].startswith("application/x-ndjson")
         lines = [json.loads(line) for line in r.text.splitlines()]
+        _valid(lines)
         assert all(e["org_id"] == admin.org_id for e in lines)
         # The sign-ins of the test's accounts are in the log too.
         seen += [e["event_id"] for e in lines if e["kind"] == "key.revoked_used"]
