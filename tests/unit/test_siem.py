@@ -23,12 +23,14 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
+from sqlalchemy import update
 
 from onetoken.analytics.clickhouse import open_client
+from onetoken.orgs.models import Org
 from onetoken.security.log import SecurityEvent, insert_rows
 from onetoken.settings import Settings
 from onetoken.siem import syslog
-from onetoken.siem.forwarder import Forwarder
+from onetoken.siem.forwarder import Forwarder, due
 from onetoken.siem.models import OPERATOR, SiemDestination
 from onetoken.siem.stream import Cursor, Event
 from onetoken.state import AppState
@@ -387,3 +389,30 @@ def test_console_page_offers_the_settings_to_those_who_may_change_them(
                      json={"email": "dev@acme.test", "password": "another long password"})
     assert r.status_code == 200, r.text
     assert browser.get("/security/siem").status_code in (403, 404)
+
+
+def test_a_terminated_orgs_events_no_longer_leave(
+    state: AppState, ch: Client, client: TestClient, admin: Admin, pki: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    with SyslogReceiver(tmp_path / "rx", pki["ca"], pki["cert"], pki["key"],
+                        client_ca=pki["client_ca"]) as receiver:
+        r = client.put(f"{API}/siem", headers=admin.headers, json={
+            "host": "127.0.0.1", "port": receiver.port, "ca_pem": pki["ca"].read_text()})
+        assert r.status_code == 200, r.text
+        dest_id = _destination_id(state, admin.org_id)
+        with state.session_factory() as session:
+            assert dest_id in due(session, datetime.now(UTC), "me")
+            session.execute(update(Org).where(Org.id == admin.org_id).values(status="terminated"))
+            session.commit()
+            assert dest_id not in due(session, datetime.now(UTC), "me")
+        # The operator's destination, on the same receiver: each event arrives once, from it.
+        state.settings.siem_syslog_address = f"localhost:{receiver.port}"
+        forwarder = _forwarder(state, ch)
+        try:
+            expected = _insert(ch, admin.org_id, 4)
+            wait_until(lambda: _row(state, OPERATOR).delivered == 4)
+            assert _ids(receiver) == expected
+            assert _row(state, dest_id).delivered == 0
+        finally:
+            forwarder.stop()

@@ -110,6 +110,24 @@ def sync_operator(session: Session, settings: SiemSettings) -> None:
         row.next_attempt_at = now
 
 
+def due(session: Session, now: datetime, owner: str) -> list[str]:
+    """The destinations to send for now, the longest waiting first: enabled, their
+    backoff over, not leased by another process."""
+    return list(session.scalars(
+        select(SiemDestination.id)
+        .outerjoin(Org, Org.id == SiemDestination.org_id)
+        .where(
+            SiemDestination.enabled.is_(True),
+            # A terminated org's events no longer leave (docs/retention.md).
+            or_(SiemDestination.org_id.is_(None), Org.status != "terminated"),
+            SiemDestination.next_attempt_at <= now,
+            or_(SiemDestination.lease_until.is_(None),
+                SiemDestination.lease_until < now,
+                SiemDestination.lease_owner == owner),
+        ).order_by(SiemDestination.next_attempt_at)
+    ).all())
+
+
 def _micros(at: datetime) -> int:
     return int(at.timestamp() * 1_000_000)
 
@@ -165,22 +183,9 @@ class Forwarder:
             self._thread.wake.clear()
 
     def _schedule(self) -> None:
-        now = utcnow()
         with self.session_factory() as session:
-            due = session.scalars(
-                select(SiemDestination.id)
-                .outerjoin(Org, Org.id == SiemDestination.org_id)
-                .where(
-                    SiemDestination.enabled.is_(True),
-                    # A terminated org's events no longer leave (docs/retention.md).
-                    or_(SiemDestination.org_id.is_(None), Org.status != "terminated"),
-                    SiemDestination.next_attempt_at <= now,
-                    or_(SiemDestination.lease_until.is_(None),
-                        SiemDestination.lease_until < now,
-                        SiemDestination.lease_owner == self.owner),
-                ).order_by(SiemDestination.next_attempt_at)
-            ).all()
-        for dest_id in due:
+            ids = due(session, utcnow(), self.owner)
+        for dest_id in ids:
             with self._lock:
                 if dest_id in self._in_flight:
                     continue
