@@ -25,7 +25,10 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import update
 
+from onetoken import siem
 from onetoken.analytics.clickhouse import open_client
+from onetoken.control import control_metrics, start_background
+from onetoken.ingest.ingestor import Ingestor
 from onetoken.orgs.models import Org
 from onetoken.security.log import SecurityEvent, insert_rows
 from onetoken.settings import Settings
@@ -36,6 +39,7 @@ from onetoken.siem.stream import Cursor, Event
 from onetoken.state import AppState
 from tests.support import TEST_SECRET, SyslogReceiver, make_ca, rsyslogd, wait_until
 from tests.unit.conftest import Admin, add_account
+from tests.unit.journal_files import AcceptingSink
 
 API = "/api/v1/security"
 DOC = Path(__file__).resolve().parents[2] / "docs" / "siem.md"
@@ -416,3 +420,35 @@ def test_a_terminated_orgs_events_no_longer_leave(
             assert _row(state, dest_id).delivered == 0
         finally:
             forwarder.stop()
+
+
+class _ChSink(AcceptingSink):
+    """The call_log sink of a serving process, as far as the forwarder uses it: reads
+    through the one chDB client."""
+
+    def __init__(self, ch: Client) -> None:
+        self.ch = ch
+
+    def read(self, query: Any) -> Any:
+        return query(self.ch)
+
+
+def test_a_serving_control_process_forwards_and_shows_the_lag(
+    state: AppState, ch: Client, pki: dict[str, Path], tmp_path: Path,
+) -> None:
+    with SyslogReceiver(tmp_path / "rx", pki["ca"], pki["cert"], pki["key"],
+                        client_ca=pki["client_ca"]) as receiver:
+        state.settings.siem_syslog_address = f"localhost:{receiver.port}"
+        ingestor = Ingestor(state.settings, state.session_factory, sink=_ChSink(ch))  # type: ignore[arg-type]
+        background = start_background(state, ingestor)
+        try:
+            assert siem.current() is background.siem
+            expected = _insert(ch, "org_a", 3)
+            wait_until(lambda: _ids(receiver) == expected)
+            registry = control_metrics(state, ingestor)
+            wait_until(lambda: 'onetoken_siem_delivered_total{destination="operator"} 3'
+                       in registry.render(), message="the delivery counted")
+            assert 'onetoken_siem_lag_seconds{destination="operator"} 0' in registry.render()
+        finally:
+            background.stop()
+        assert siem.current() is None
