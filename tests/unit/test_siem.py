@@ -38,7 +38,7 @@ from onetoken.siem.models import OPERATOR, SiemDestination
 from onetoken.siem.stream import Cursor, Event
 from onetoken.state import AppState
 from tests.support import TEST_SECRET, SyslogReceiver, make_ca, rsyslogd, wait_until
-from tests.unit.conftest import Admin, add_account
+from tests.unit.conftest import Admin, add_account, drained_events
 from tests.unit.journal_files import AcceptingSink
 
 API = "/api/v1/security"
@@ -272,6 +272,16 @@ def test_an_org_destination_must_be_public(client: TestClient, admin: Admin,
     assert r.status_code == 422 and r.json()["error"]["param"] == "ca_pem"
     r = client.get(f"{API}/siem", headers=admin.headers)
     assert r.status_code == 404 and r.json()["error"]["code"] == "siem_not_configured"
+    # Setting and removing a destination are security events of their own.
+    drained_events()
+    r = client.put(f"{API}/siem", json={"host": "1.1.1.1"}, headers=admin.headers)
+    assert r.status_code == 200 and r.json()["port"] == 6514 and not r.json()["has_ca"]
+    assert client.delete(f"{API}/siem", headers=admin.headers).status_code == 204
+    assert client.delete(f"{API}/siem", headers=admin.headers).status_code == 404
+    kinds = [(e["kind"], e["actor_id"]) for e in drained_events()
+             if e["kind"].startswith("admin.siem")]
+    assert kinds == [("admin.siem_changed", admin.account_id),
+                     ("admin.siem_removed", admin.account_id)]
 
 
 @pytest.mark.usefixtures("_log_reader")

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from onetoken import siem
 from onetoken.kit.errors import NotFound, Unprocessable
 from onetoken.kit.net import networks
+from onetoken.security import audit
 from onetoken.security import log as security_log
 from onetoken.siem import service, syslog
 from onetoken.siem.forwarder import target_of
@@ -164,6 +165,10 @@ def put_destination(
         allow=networks(state.settings.siem_private_cidrs),
     )
     session.commit()
+    # Where the org's security events go is itself a security event.
+    audit.event(principal, "admin.siem_changed", "medium", subject_id=row.id,
+                detail={"host": row.host, "port": row.port, "has_ca": bool(row.ca_pem),
+                        "enabled": row.enabled})
     forwarder = siem.current()
     if forwarder is not None:
         forwarder.poke()
@@ -172,9 +177,11 @@ def put_destination(
 
 @router.delete("/siem", status_code=204)
 def delete_destination(principal: SiemWriteDep, session: SessionDep) -> None:
-    if not service.remove(session, principal.org_id):
-        raise NotFound("No SIEM destination is set.", code="siem_not_configured")
+    row = _destination(session, principal.org_id)
+    dest_id = row.id
+    service.remove(session, principal.org_id)
     session.commit()
+    audit.event(principal, "admin.siem_removed", "medium", subject_id=dest_id)
 
 
 @router.post("/siem/test", response_model=SiemTestResult)
