@@ -462,3 +462,27 @@ def test_a_serving_control_process_forwards_and_shows_the_lag(
         finally:
             background.stop()
         assert siem.current() is None
+
+
+def test_two_control_processes_send_each_event_once(
+    state: AppState, ch: Client, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    with SyslogReceiver(tmp_path / "rx", pki["ca"], pki["cert"], pki["key"],
+                        client_ca=pki["client_ca"]) as receiver:
+        state.settings.siem_syslog_address = f"localhost:{receiver.port}"
+        # Two forwarders on one control DB, as two control processes: the lease lets one
+        # send for the destination at a time.
+        first, second = _forwarder(state, ch), _forwarder(state, ch)
+        try:
+            expected: list[str] = []
+            for _ in range(4):
+                expected += _insert(ch, "org_a", 9)
+                first.poke()
+                second.poke()
+            got = wait_until(lambda: len(_ids(receiver)) >= len(expected) and _ids(receiver))
+            assert got == expected
+            wait_until(lambda: _row(state, OPERATOR).delivered == len(expected))
+            assert _ids(receiver) == expected
+        finally:
+            first.stop()
+            second.stop()

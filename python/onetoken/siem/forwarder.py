@@ -261,7 +261,10 @@ class Forwarder:
                 break
             cursor = events[-1].cursor
             sent += len(events)
-            self._advance(dest_id, cursor, len(events))
+            if not self._advance(dest_id, cursor, len(events)):
+                # The lease ran out and another process took the destination: it goes on
+                # from the cursor it finds; this batch may reach the receiver twice.
+                break
             full = len(events) == settings.siem_batch_events
             if not full:
                 stats.pending_since = None
@@ -273,23 +276,27 @@ class Forwarder:
             log.warning("siem.send_failed", extra={"destination": _label(dest_id),
                                                    "code": error})
 
-    def _advance(self, dest_id: str, cursor: Cursor, count: int) -> None:
+    def _advance(self, dest_id: str, cursor: Cursor, count: int) -> bool:
+        """Move the cursor and renew the lease; False when the lease is no longer ours."""
+        now = utcnow()
         with self.session_factory() as session:
-            session.execute(
+            result = session.execute(
                 update(SiemDestination)
                 .where(SiemDestination.id == dest_id, SiemDestination.lease_owner == self.owner)
                 .values(cursor_ts_us=cursor.ts_us, cursor_event_id=cursor.event_id,
                         delivered=SiemDestination.delivered + count,
-                        last_delivered_at=utcnow(), failures=0, last_error=None)
+                        last_delivered_at=now, failures=0, last_error=None,
+                        lease_until=now + self._lease)
             )
             session.commit()
+        return bool(getattr(result, "rowcount", 0))
 
     def _finish(self, dest_id: str, error: str | None, *, again_now: bool) -> None:
         now = utcnow()
         with self.session_factory() as session:
             row = session.get(SiemDestination, dest_id)
-            if row is None:
-                return
+            if row is None or row.lease_owner != self.owner:
+                return  # removed, or another process's now
             if error is None:
                 row.failures = 0
                 row.last_error = None
@@ -299,8 +306,7 @@ class Forwarder:
                 row.last_error = error
                 wait = backoff_seconds(row.failures, self.settings.siem_backoff_max_seconds)
             row.next_attempt_at = now + timedelta(seconds=wait)
-            if row.lease_owner == self.owner:
-                row.lease_owner, row.lease_until = None, None
+            row.lease_owner, row.lease_until = None, None
             session.commit()
         if again_now:
             self.poke()
