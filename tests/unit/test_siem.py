@@ -261,7 +261,7 @@ def test_an_outage_and_a_restart_lose_nothing_and_repeat_nothing(
 
 
 def test_an_org_destination_must_be_public(client: TestClient, admin: Admin,
-                                           state: AppState) -> None:
+                                           state: AppState, pki: dict[str, Path]) -> None:
     state.settings.siem_private_cidrs = ""
     for host in ("127.0.0.1", "localhost", "10.1.2.3", "169.254.169.254"):
         r = client.put(f"{API}/siem", json={"host": host, "port": 6514}, headers=admin.headers)
@@ -276,11 +276,21 @@ def test_an_org_destination_must_be_public(client: TestClient, admin: Admin,
     drained_events()
     r = client.put(f"{API}/siem", json={"host": "1.1.1.1"}, headers=admin.headers)
     assert r.status_code == 200 and r.json()["port"] == 6514 and not r.json()["has_ca"]
+    # The CA bundle stays when a change leaves it out (the console's empty field), and goes
+    # with an explicit null.
+    ca = pki["ca"].read_text()
+    r = client.put(f"{API}/siem", json={"host": "1.1.1.1", "ca_pem": ca}, headers=admin.headers)
+    assert r.json()["has_ca"]
+    r = client.put(f"{API}/siem", json={"host": "1.1.1.1", "port": 6515}, headers=admin.headers)
+    assert r.json()["has_ca"] and r.json()["port"] == 6515
+    r = client.put(f"{API}/siem", json={"host": "1.1.1.1", "ca_pem": None},
+                   headers=admin.headers)
+    assert not r.json()["has_ca"]
     assert client.delete(f"{API}/siem", headers=admin.headers).status_code == 204
     assert client.delete(f"{API}/siem", headers=admin.headers).status_code == 404
     kinds = [(e["kind"], e["actor_id"]) for e in drained_events()
              if e["kind"].startswith("admin.siem")]
-    assert kinds == [("admin.siem_changed", admin.account_id),
+    assert kinds == [*[("admin.siem_changed", admin.account_id)] * 4,
                      ("admin.siem_removed", admin.account_id)]
 
 

@@ -3,6 +3,7 @@ tenant gives (public, or inside ONETOKEN_SIEM_PRIVATE_CIDRS), and a test send.""
 
 from __future__ import annotations
 
+import enum
 import ssl
 import uuid
 from collections.abc import Sequence
@@ -53,17 +54,28 @@ def check_ca(ca_pem: str | None) -> None:
         raise Unprocessable("The CA bundle is not PEM certificates.", param="ca_pem") from None
 
 
+class Keep(enum.Enum):
+    """`save(ca_pem=KEEP)`: the CA bundle saved before stays."""
+
+    CA = "keep"
+
+
+KEEP = Keep.CA
+
+
 def save(
-    session: Session, org_id: str, *, host: str, port: int, ca_pem: str | None, enabled: bool,
-    allow: Sequence[IpNetwork],
+    session: Session, org_id: str, *, host: str, port: int, ca_pem: str | Keep | None,
+    enabled: bool, allow: Sequence[IpNetwork],
 ) -> SiemDestination:
     """Create or change the org's destination. A new one starts at now (the history
     before is in the export); a changed one keeps its cursor, so a move to another
-    receiver loses nothing."""
+    receiver loses nothing. `ca_pem` None: the system's CAs; KEEP: as saved."""
     check_host(host, port, allow)
+    row = get(session, org_id)
+    if isinstance(ca_pem, Keep):
+        ca_pem = row.ca_pem if row is not None else None
     check_ca(ca_pem)
     now = utcnow()
-    row = get(session, org_id)
     if row is None:
         row = SiemDestination(
             id=new_id("siem"), org_id=org_id, cursor_ts_us=int(now.timestamp() * 1_000_000),

@@ -102,7 +102,8 @@ class SiemDestinationIn(BaseModel):
     ca_pem: str | None = Field(
         default=None, max_length=service.MAX_CA_PEM,
         description="PEM CA certificates the receiver's certificate is verified with; "
-                    "the system's CAs when left out.")
+                    "null or empty: the system's CAs; left out: the bundle saved before "
+                    "(none for a new destination).")
     enabled: bool = True
 
 
@@ -161,7 +162,8 @@ def put_destination(
     export has the ones before); a changed one goes on from where it was."""
     row = service.save(
         session, principal.org_id, host=body.host.strip("[]"), port=body.port,
-        ca_pem=body.ca_pem or None, enabled=body.enabled,
+        ca_pem=(body.ca_pem or None) if "ca_pem" in body.model_fields_set else service.KEEP,
+        enabled=body.enabled,
         allow=networks(state.settings.siem_private_cidrs),
     )
     session.commit()
