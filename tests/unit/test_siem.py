@@ -271,6 +271,8 @@ def test_an_org_destination_must_be_public(client: TestClient, admin: Admin,
                    headers=admin.headers)
     assert r.status_code == 422 and r.json()["error"]["param"] == "ca_pem"
     r = client.get(f"{API}/siem", headers=admin.headers)
+    assert r.status_code == 200 and r.json()["configured"] is False and r.json()["host"] is None
+    r = client.post(f"{API}/siem/test", headers=admin.headers)
     assert r.status_code == 404 and r.json()["error"]["code"] == "siem_not_configured"
     # Setting and removing a destination are security events of their own.
     drained_events()

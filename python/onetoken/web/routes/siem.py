@@ -108,18 +108,20 @@ class SiemDestinationIn(BaseModel):
 
 
 class SiemDestinationOut(BaseModel):
-    host: str
-    port: int
-    has_ca: bool
-    enabled: bool
-    delivered: int
-    failures: int
-    last_error: str | None
-    last_delivered_at: datetime | None
-    next_attempt_at: datetime
+    # False: no destination is set (the other fields empty).
+    configured: bool = True
+    host: str | None = None
+    port: int | None = None
+    has_ca: bool = False
+    enabled: bool = False
+    delivered: int = 0
+    failures: int = 0
+    last_error: str | None = None
+    last_delivered_at: datetime | None = None
+    next_attempt_at: datetime | None = None
     # When the last event the receiver confirmed happened (where the cursor is).
-    delivered_through: datetime | None
-    updated_at: datetime
+    delivered_through: datetime | None = None
+    updated_at: datetime | None = None
 
 
 class SiemTestResult(BaseModel):
@@ -150,8 +152,10 @@ def _destination(session: SessionDep, org_id: str) -> SiemDestination:
 
 @router.get("/siem", response_model=SiemDestinationOut)
 def get_destination(principal: SecurityReadDep, session: SessionDep) -> SiemDestinationOut:
-    """The org's syslog destination and how its delivery goes."""
-    return _out(_destination(session, principal.org_id))
+    """The org's syslog destination and how its delivery goes (`configured` false when
+    none is set)."""
+    row = service.get(session, principal.org_id)
+    return SiemDestinationOut(configured=False) if row is None else _out(row)
 
 
 @router.put("/siem", response_model=SiemDestinationOut)
