@@ -103,12 +103,11 @@ def rfc3339(ts_us: int) -> str:
 
 def read_after(
     run: Runner, cursor: Cursor, *, org_id: str | None, limit: int, settle_seconds: float,
-    now: datetime | None = None,
 ) -> list[Event]:
     """Up to `limit` events after `cursor`, oldest first, stamped at least
-    `settle_seconds` before `now`; only `org_id`'s when given (None: every org's and the
+    `settle_seconds` before now; only `org_id`'s when given (None: every org's and the
     platform's)."""
-    now = now or datetime.now(UTC)
+    now = datetime.now(UTC)
     horizon_us = int(now.timestamp() * 1_000_000) - int(settle_seconds * 1_000_000)
     where = [
         "(toUnixTimestamp64Micro(ts), event_id) > ({c_ts:Int64}, {c_id:String})",
