@@ -323,6 +323,10 @@ def test_export_pages_with_a_cursor_within_the_callers_org(
         cursor = r.headers["x-next-cursor"]
         pages += 1
     assert seen == mine and pages == 3
+    # Without a cursor, `start` is the earliest time (events a millisecond apart).
+    r = client.get(f"{API}/events/export", headers=admin.headers, params={
+        "start": (start + timedelta(milliseconds=10)).isoformat(), "limit": 13})
+    assert [e["event_id"] for e in map(json.loads, r.text.splitlines())] == mine[10:]
     # Events recorded after the last page come with the same cursor, and only they.
     later = _insert(ch, admin.org_id, 2)
     r = client.get(f"{API}/events/export", params={"cursor": cursor}, headers=admin.headers)

@@ -70,6 +70,9 @@ def export_events(
         except CursorError:
             raise Unprocessable("Malformed page cursor.", param="cursor") from None
     elif start is not None:
+        if start.tzinfo is None:
+            start = start.replace(tzinfo=UTC)  # the log's clock
+        # Just before `start`: "~" sorts after every event id of the microsecond before.
         after = Cursor(int(start.timestamp() * 1_000_000) - 1, "~")
     else:
         after = Cursor()
