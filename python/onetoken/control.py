@@ -21,7 +21,7 @@ from fastapi import FastAPI
 # Every domain's tables mapped (and their cross-domain foreign keys resolvable) before the
 # first query of this process.
 import onetoken.registry  # noqa: F401
-from onetoken import mail, webhooks
+from onetoken import mail, siem, webhooks
 from onetoken.db.migrate import upgrade
 from onetoken.db.session import SessionFactory, make_engine, make_session_factory
 from onetoken.gateway.snapshot import SnapshotSource
@@ -43,6 +43,7 @@ from onetoken.risk import keyrisk
 from onetoken.security import log as security_log
 from onetoken.security.log import SecurityEvent
 from onetoken.settings import Settings
+from onetoken.siem.forwarder import Forwarder
 from onetoken.state import AppState
 from onetoken.webhooks import bridge
 from onetoken.webhooks.dispatcher import WebhookDispatcher
@@ -133,9 +134,14 @@ class Background:
     caps: CapPublisher | None = None
     dimensions: DimensionSync | None = None
     mailer: MailWorker | None = None
+    siem: Forwarder | None = None
 
     def stop(self) -> None:
         """After ingestion stopped (its last batches may still raise events)."""
+        if self.siem is not None:
+            self.siem.stop()
+            if siem.current() is self.siem:
+                siem.install(None)
         if self.mailer is not None:
             self.mailer.stop()
             if mail.current() is self.mailer:
@@ -174,8 +180,12 @@ def start_background(state: AppState, ingestor: Ingestor) -> Background:
         # every org's cap first.
         caps = state.caps = CapPublisher(settings, state.session_factory)
         caps.start()
+    # The security log to SIEM receivers, read through the same client.
+    forwarder = Forwarder(settings, state.session_factory, lambda query: ingestor.sink.read(query))
+    siem.install(forwarder)
+    forwarder.start()
     return Background(dispatcher, detectors, retention, erasures, caps, dimensions,
-                      start_mail(state))
+                      start_mail(state), forwarder)
 
 
 def start_mail(state: AppState) -> MailWorker | None:
@@ -214,4 +224,7 @@ def control_metrics(state: AppState, ingestor: Ingestor) -> Registry:
     registry.register("control_api", state.requests.metrics)
     if state.caps is not None:
         registry.register("cap_publisher", state.caps.metrics)
+    forwarder = siem.current()
+    if forwarder is not None:
+        registry.register("siem", forwarder.metrics)
     return registry

@@ -16,6 +16,7 @@ from onetoken.orgs import models as orgs_models
 from onetoken.providers import models as providers_models
 from onetoken.rights import models as rights_models
 from onetoken.security import models as security_models
+from onetoken.siem import models as siem_models
 from onetoken.tickets import models as tickets_models
 from onetoken.webhooks import models as webhooks_models
 
@@ -32,5 +33,6 @@ MODEL_MODULES = (
     tickets_models,
     incidents_models,
     mail_models,
+    siem_models,
 )
 METADATA: MetaData = base.Base.metadata

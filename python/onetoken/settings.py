@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 from functools import lru_cache
 from pathlib import Path
@@ -222,6 +223,27 @@ class Settings(BaseSettings):
     # one account is sent per hour (requests beyond answer the same and send nothing).
     password_reset_ttl_minutes: int = Field(default=30, ge=1, le=24 * 60)
     password_reset_max_per_hour: int = Field(default=3, ge=1, le=100)
+    # Security events to a SIEM over syslog (docs/siem.md): RFC 5424 messages over TLS
+    # (RFC 5425). The operator's receiver (every org's events) as host:port; unset, only
+    # the orgs' own destinations are served.
+    siem_syslog_address: str | None = Field(default=None, max_length=300)
+    # CA bundle verifying the operator's receiver (the system's CAs when unset), and the
+    # client certificate and key it is shown when the receiver asks for one.
+    siem_ca_file: Path | None = None
+    siem_client_cert: Path | None = None
+    siem_client_key: Path | None = None
+    # Comma-separated CIDRs orgs' receivers may be in besides public addresses.
+    siem_private_cidrs: str = ""
+    # How far behind now the cursor stays, so that an event flushed late by another
+    # process (within this many seconds) is not passed over.
+    siem_settle_seconds: float = Field(default=10.0, ge=0, le=3600)
+    siem_batch_events: int = Field(default=500, ge=1, le=10_000)
+    siem_poll_interval_seconds: AboveZero = 2.0
+    siem_backoff_max_seconds: AboveZero = 300.0
+    # The whole of one send: connect, handshake, write and the receiver's close.
+    siem_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    # Destinations sent to at once; each destination has at most one send in flight.
+    siem_workers: int = Field(default=4, ge=1, le=64)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Swagger UI at /api/docs (assets served from the package); /api/openapi.json stays.
     api_docs: bool = True
@@ -254,11 +276,20 @@ class Settings(BaseSettings):
             "webhook_private_cidrs",
             "upstream_private_cidrs",
             "sso_private_cidrs",
+            "siem_private_cidrs",
         ):
             try:
                 networks(getattr(self, name))
             except ValueError:
                 raise ValueError(f"ONETOKEN_{name.upper()} must be comma-separated CIDRs") from None
+        if self.siem_syslog_address and not re.fullmatch(
+            r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}", self.siem_syslog_address
+        ):
+            raise ValueError("ONETOKEN_SIEM_SYSLOG_ADDRESS must be host:port")
+        if (self.siem_client_cert is None) != (self.siem_client_key is None):
+            raise ValueError(
+                "ONETOKEN_SIEM_CLIENT_CERT and ONETOKEN_SIEM_CLIENT_KEY must be set together"
+            )
         return self
 
     def secret_key_problem(self) -> str | None:

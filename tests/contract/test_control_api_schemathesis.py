@@ -63,6 +63,7 @@ CALLERS = [*ROLES, "operator"]
 # operations that read the events they group or show.
 CALL_LOG_PATHS = (
     r"^/api/v1/(calls|usage/summary|billing/call-stats|security/events|me/export"
+    r"|security/events/export"
     r"|analytics/sql|security/events/\{event_id\}/acknowledge|security/incidents"
     r"|security/incidents/\{incident_id\}/(events|timeline))$")
 
@@ -172,6 +173,8 @@ LOOSER_THAN_VALIDATION = {
     "GET /api/v1/billing/call-stats": "start before end",
     "GET /api/v1/calls": "cursor is one the API issued",
     "GET /api/v1/security/events": "cursor is one the API issued",
+    "GET /api/v1/security/events/export": "cursor is one the API issued",
+    "PUT /api/v1/security/siem": "the receiver is at a public address, its CA bundle is PEM",
     "PUT /api/v1/keys/{key_id}/policy": "a key policy only narrows its org's policy",
     "PATCH /api/v1/orgs/{org_id}/terms": "pool names an existing gateway pool",
     "POST /api/v1/security/blocked": "source is an address or CIDR",

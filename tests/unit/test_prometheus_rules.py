@@ -264,13 +264,13 @@ def test_an_ingest_process_serves_what_the_control_process_does_but_its_own_part
     process_metrics: dict[str, str],
 ) -> None:
     # Where ingestion runs apart (`onetoken ingest` beside each gateway), the journal,
-    # ingestion and spool alerts read it there: only the control API's and the cap
-    # publisher's series are the control process's alone.
+    # ingestion and spool alerts read it there: only the control API's, the cap
+    # publisher's and the SIEM forwarder's series are the control process's alone.
     control = _exported(process_metrics["control"])
     ingest = _exported(process_metrics["ingest"])
     assert ingest <= control
     assert {n for n in control - ingest if not n.startswith(
-        ("onetoken_control_", "onetoken_cap_publisher_"))} == set()
+        ("onetoken_control_", "onetoken_cap_publisher_", "onetoken_siem_"))} == set()
 
 
 def test_the_processes_expositions_pass_promtool(process_metrics: dict[str, str]) -> None:

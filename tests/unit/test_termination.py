@@ -44,6 +44,7 @@ from onetoken.providers.models import Model, Provider
 from onetoken.rights import erasure, termination
 from onetoken.rights.models import AccountErasure, OrgTerminationStep
 from onetoken.settings import Settings
+from onetoken.siem import service as siem
 from onetoken.state import AppState
 from onetoken.webhooks.models import WebhookEndpoint
 from tests import builders as build
@@ -175,6 +176,10 @@ def test_operator_terminates_an_org_once_through_the_api(
     client: TestClient, state: AppState, operator: Admin, admin: Admin, other_admin: Admin
 ) -> None:
     world = _org_world(state, admin)
+    with state.session_factory() as s:
+        siem.save(s, admin.org_id, host="1.1.1.1", port=6514, ca_pem=None, enabled=True,
+                  allow=())
+        s.commit()
     url = f"/api/v1/orgs/{admin.org_id}/terminate"
     # Nobody but an operator, and never the operators' own org.
     assert client.post(url, json={"reason": "x"}, headers=admin.headers).status_code == 403
@@ -202,6 +207,7 @@ def test_operator_terminates_an_org_once_through_the_api(
     assert [k["status"] for k in document["keys"]] == ["active", "active"]
     assert [p["name"] for p in document["providers"]] == ["own-upstream"]
     assert document["webhooks"][0]["url"] == "https://h.test/x"
+    assert document["siem_destination"]["host"] == "1.1.1.1"
     assert document["billing"]["ledger"][0]["amount"] == "5.000000000"
     assert "secret" not in exported.read_text().lower().replace("secret_", "")
 

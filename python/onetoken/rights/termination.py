@@ -53,6 +53,7 @@ from onetoken.providers import service as providers
 from onetoken.providers.models import Model, Provider, Route
 from onetoken.rights import erasure, export
 from onetoken.rights.models import AccountErasure, OrgTermination, OrgTerminationStep
+from onetoken.siem import service as siem_service
 from onetoken.webhooks import service as webhooks
 from onetoken.webhooks.models import WebhookEndpoint
 
@@ -203,6 +204,7 @@ def build_export(session: Session, org: Org, run: erasure.ClientRunner | None) -
         select(ApiKey).where(ApiKey.org_id == org.id).order_by(ApiKey.created_at, ApiKey.id)
     ).all()
     endpoints = webhooks.list_endpoints(session, org.id)
+    siem_destination = siem_service.get(session, org.id)
     provider_rows = session.scalars(select(Provider).where(Provider.org_id == org.id)).all()
     model_rows = session.scalars(select(Model).where(Model.org_id == org.id)).all()
     ledger = session.scalars(
@@ -233,6 +235,12 @@ def build_export(session: Session, org: Org, run: erasure.ClientRunner | None) -
              "created_at": _iso(e.created_at)}
             for e in endpoints
         ],
+        # Where its security events went (docs/siem.md); the CA bundle is public material.
+        "siem_destination": None if siem_destination is None else {
+            "host": siem_destination.host, "port": siem_destination.port,
+            "enabled": siem_destination.enabled, "delivered": siem_destination.delivered,
+            "created_at": _iso(siem_destination.created_at),
+        },
         "providers": [
             {"id": p.id, "name": p.name, "protocol": p.protocol, "base_url": p.base_url}
             for p in provider_rows

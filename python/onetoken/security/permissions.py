@@ -142,6 +142,11 @@ PERMISSIONS: dict[str, Permission] = {
             "Handle the organization's security events: group them into incidents, "
             "acknowledge, assign, annotate, resolve (operators: every organization's).",
         ),
+        _p(
+            "siem.write",
+            "owner admin",
+            "Set, test and remove the organization's SIEM destination (syslog over TLS).",
+        ),
         _p("webhooks.read", "owner admin", "List callback addresses and their delivery log."),
         _p(
             "webhooks.write",

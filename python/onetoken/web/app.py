@@ -25,6 +25,7 @@ from onetoken.web.routes import (
     providers,
     rights,
     security,
+    siem,
     sso,
     tickets,
     webhooks,
@@ -35,7 +36,7 @@ def include_routes(app: FastAPI) -> None:
     """Every route of the control process (the permissions doc reads them from here)."""
     api = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES)
     for module in (orgs, pools, keys, providers, billing, analytics, webhooks, rights, security,
-                   tickets, sso):
+                   siem, tickets, sso):
         api.include_router(module.router)
     app.include_router(api)
     # The gateways' snapshots and config; the gateway channel token, not a session.

@@ -91,6 +91,7 @@ PAGES: tuple[Page, ...] = (
     Page("/sso", "Single sign-on", "org.write", "sso.html", "admin"),
     Page("/security", "Security log", "security.read", "security.html", "admin"),
     Page("/security/incidents", "Incidents", "security.handle", "incidents.html", "admin"),
+    Page("/security/siem", "SIEM", "security.read", "siem.html", "admin"),
     Page("/security/incident", "Incident", "security.handle", "incident.html", "admin",
          listed=False),
     Page("/catalog", "Providers and models", "providers.read", "catalog.html", "admin"),
