@@ -57,6 +57,11 @@ class Attempt:
     org_id: str
     source_ip: str
     user_agent: str
+    #: The network and User-Agent family compared between sign-ins, when the caller
+    #: worked them out from clear values it may not pass on (restriction of processing,
+    #: onetoken.security.restriction); None: from source_ip and user_agent.
+    network: str | None = None
+    family: str | None = None
 
 
 def lockout_seconds(settings: GuardSettings, failures: int, threshold: int) -> int:
@@ -151,7 +156,9 @@ class LoginGuard:
                 select(LoginSource).where(LoginSource.account_id == attempt.account_id)
             )
         }
-        current = [("net", network_of(attempt.source_ip)), ("ua", ua_family(attempt.user_agent))]
+        network = network_of(attempt.source_ip) if attempt.network is None else attempt.network
+        family = ua_family(attempt.user_agent) if attempt.family is None else attempt.family
+        current = [("net", network), ("ua", family)]
         first_login = not seen
         for kind, value in current:
             if not value:

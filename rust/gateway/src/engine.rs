@@ -23,6 +23,7 @@ use crate::journal::SpoolLocks;
 use crate::limits::{LimitState, LiveCounters};
 use crate::metrics::{Gauges, Metrics};
 use crate::records::Records;
+use crate::restrict::Redactor;
 use crate::shared::{self as shared_limits, Scopes, SharedLimits};
 use crate::snapshot::{self, Dropped, Snapshot};
 use crate::upstream::{ClientCache, Resolve, SystemResolver};
@@ -32,6 +33,8 @@ use crate::{server, tokens};
 pub(crate) struct Shared {
     pub(crate) config: EngineConfig,
     pub(crate) keyring: KeyRing,
+    /// Transforms the client address and User-Agent of restricted calls.
+    pub(crate) redactor: Redactor,
     pub(crate) snapshot: ArcSwap<Snapshot>,
     /// Entries the serving snapshot left out, reported to the control plane and counted
     /// in `/metrics`.
@@ -204,6 +207,7 @@ impl Engine {
         };
         let shared = Arc::new(Shared {
             keyring: KeyRing::new(&secrets),
+            redactor: Redactor::new(&config.secret()?),
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
             dropped: Mutex::new(Vec::new()),
             accounts: Mutex::new(accounts),
