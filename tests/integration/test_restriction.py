@@ -7,7 +7,7 @@ second of the API call that makes it, measured."""
 
 from __future__ import annotations
 
-import random
+import secrets
 import time
 import uuid
 from pathlib import Path
@@ -27,7 +27,8 @@ MAX_TAKE_EFFECT_S = 1.0
 def _address() -> str:
     # 198.18.0.0/15 (benchmarking): never a real client, and random per run so the scans
     # cannot match anything but this test's plants.
-    return f"198.{random.randint(18, 19)}.{random.randint(1, 254)}.{random.randint(1, 254)}"
+    octets = (18 + secrets.randbelow(2), 1 + secrets.randbelow(254), 1 + secrets.randbelow(254))
+    return "198.{}.{}.{}".format(*octets)
 
 
 CLEAR_IP, RESTRICTED_IP, FLOOD_IP = _address(), _address(), _address()
