@@ -73,6 +73,7 @@ def authenticate(
         user_agent=client.user_agent,
         network=client.network,
         family=client.family,
+        address_key=restriction.address_key(secrets, creds.source_ip),
     )
     guard.check(session, attempt)
     ok = verify_password(account.password_hash if account else None, creds.password)
@@ -168,6 +169,7 @@ def step_up(
         org_id=account.org_id,
         source_ip=principal.source_ip,
         user_agent=principal.user_agent,
+        address_key=restriction.address_key(secrets, principal.source_ip),
     )
     guard.check(session, attempt)
     reason = ""

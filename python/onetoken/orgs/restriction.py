@@ -94,3 +94,13 @@ def restricted_values(secrets: Secrets, source_ip: str, user_agent: str) -> tupl
         return source_ip, restriction.product(user_agent)
     view = restriction.client(restriction.secret(secrets), source_ip, user_agent, restricted=True)
     return view.source_ip, view.user_agent
+
+
+def address_key(secrets: Secrets, source_ip: str) -> str:
+    """The key of the sign-in guard's per-address counters: the address's token, for every
+    account, so an address trying restricted and unrestricted accounts is one source to the
+    lockout, and the counters hold no address in clear. A token stays as it is."""
+    if not source_ip or source_ip.startswith(restriction.RESTRICTED_ADDRESS_PREFIX):
+        return source_ip
+    return restriction.ip_token(restriction.secret(secrets), source_ip)
+

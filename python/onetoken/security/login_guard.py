@@ -62,6 +62,14 @@ class Attempt:
     #: onetoken.security.restriction); None: from source_ip and user_agent.
     network: str | None = None
     family: str | None = None
+    #: The key of the per-address counters (lockout, burst); None: source_ip. Callers
+    #: pass the address's token for every account, so one address is one counter whether
+    #: the accounts it tries restricted processing or not.
+    address_key: str | None = None
+
+    @property
+    def address(self) -> str:
+        return self.source_ip if self.address_key is None else self.address_key
 
 
 def lockout_seconds(settings: GuardSettings, failures: int, threshold: int) -> int:
@@ -84,8 +92,8 @@ class LoginGuard:
 
     def _subjects(self, attempt: Attempt) -> list[tuple[str, str, int]]:
         out = [(SCOPE_ACCOUNT, attempt.subject, self.settings.login_max_failures_account)]
-        if attempt.source_ip:
-            out.append((SCOPE_IP, attempt.source_ip, self.settings.login_max_failures_ip))
+        if attempt.address:
+            out.append((SCOPE_IP, attempt.address, self.settings.login_max_failures_ip))
         return out
 
     def check(self, session: Session, attempt: Attempt) -> None:
@@ -179,7 +187,7 @@ class LoginGuard:
         window per subject). Locking stays with the failure counters."""
         now = time.monotonic()
         window = self.settings.login_burst_window_seconds
-        for scope, subject in ((SCOPE_ACCOUNT, attempt.subject), (SCOPE_IP, attempt.source_ip)):
+        for scope, subject in ((SCOPE_ACCOUNT, attempt.subject), (SCOPE_IP, attempt.address)):
             if not subject:
                 continue
             key = (scope, subject)
