@@ -84,7 +84,10 @@ mod tests {
         assert_eq!(a, r.ip("203.0.113.9".parse().unwrap()));
         assert_eq!(a, r.ip("::ffff:203.0.113.9".parse().unwrap()));
         assert_ne!(a, r.ip("203.0.113.10".parse().unwrap()));
-        assert_ne!(a, Redactor::new(b"secret-two").ip("203.0.113.9".parse().unwrap()));
+        assert_ne!(
+            a,
+            Redactor::new(b"secret-two").ip("203.0.113.9".parse().unwrap())
+        );
         assert!(a.starts_with("hmac:") && a.len() == 21, "{a}");
         assert!(!a.contains("203"), "{a}");
         // The value the control plane's test pins (tests/unit/test_restriction.py).
