@@ -12,8 +12,8 @@ import pytest
 from pydantic import SecretStr
 
 from onetoken.backup import restore as restore_mod
-from onetoken.backup.container import EncryptingWriter, derive_key, new_header
 from onetoken.backup.snapshot import BackupError, Manifest, check_embedded, copy_control_db
+from onetoken.kit.sealed import EncryptingWriter, derive_key, new_header
 from onetoken.settings import Settings
 from tests.support import TEST_SECRET
 

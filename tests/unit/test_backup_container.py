@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from onetoken.backup import archive, container
-from onetoken.backup.container import (
+from onetoken.backup import archive
+from onetoken.backup.snapshot import BackupError
+from onetoken.kit import sealed as container
+from onetoken.kit.sealed import (
     CHUNK_BYTES,
     MAGIC,
     BackupFileError,
@@ -24,7 +26,6 @@ from onetoken.backup.container import (
     read_header,
     read_key_file,
 )
-from onetoken.backup.snapshot import BackupError
 from tests.support import TEST_SECRET
 
 MASTER = TEST_SECRET.encode()
@@ -152,3 +153,27 @@ def test_unpack_writes_the_stores(tmp_path: Path) -> None:
     header = read_header(src)
     archive.unpack(src, header, derive_key(header, master=MASTER, key_file=None), tmp_path)
     assert (tmp_path / "tickets" / "ab" / "abcd").read_bytes() == PLANTED
+
+
+def test_an_export_and_a_backup_never_pass_for_each_other() -> None:
+    """The termination export uses the same sealing under its own magic, which every
+    chunk authenticates: neither file is read as the other."""
+    header = container.new_header("master", MASTER, container.EXPORT_MAGIC)
+    out = io.BytesIO()
+    writer = container.EncryptingWriter(out, header, container.derive_key(
+        header, master=MASTER, key_file=None))
+    writer.write(b'{"format": "x"}')
+    writer.close()
+    raw = out.getvalue()
+    with pytest.raises(BackupFileError, match="not a onetoken backup"):
+        read_header(io.BytesIO(raw))
+    # The export's bytes with the backup's magic put in front: the chunks refuse it.
+    swapped = io.BytesIO(MAGIC + raw[len(MAGIC):])
+    forged = read_header(swapped)
+    key = container.derive_key(forged, master=MASTER, key_file=None)
+    with pytest.raises(BackupFileError):
+        b"".join(container.decrypted_chunks(swapped, forged, key))
+    src = io.BytesIO(raw)
+    opened = read_header(src, container.EXPORT_MAGIC)
+    key = container.derive_key(opened, master=MASTER, key_file=None)
+    assert b"".join(container.decrypted_chunks(src, opened, key)) == b'{"format": "x"}'

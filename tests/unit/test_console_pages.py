@@ -175,3 +175,42 @@ def test_operators_terminate_an_org_only_after_typing_its_id_again(
     assert confirm is not None and "name=" not in confirm.group(0)
     assert 'data-api="/api/v1/orgs/{org_id}/terms" data-method="PATCH"' in html
     assert 'data-api="/api/v1/orgs/{org_id}/termination" data-method="GET"' in html
+
+
+def test_operators_place_and_lift_holds_the_org_reads_them_and_restricts_processing(
+    client: TestClient, browser: TestClient, state: AppState
+) -> None:
+    admin = make_org_admin(state, client, "Acme", "admin@acme.test", "admin")
+    operator = make_org_admin(state, client, "Platform", "ops@platform.test", is_operator=True)
+    console_session(browser, operator.email, operator.password)
+    # The org is chosen by `?org=`; anything but an id is ignored, never put in a path.
+    assert 'id="holds"' not in browser.get("/operator/holds?org=../security/blocked").text
+    html = browser.get(f"/operator/holds?org={admin.org_id}").text
+    assert f'data-load="/api/v1/orgs/{admin.org_id}/holds"' in html
+    assert f'data-api="/api/v1/orgs/{admin.org_id}/holds" data-method="POST"' in html
+    lift = re.search(r'data-actions="([^"]+)"', html)
+    assert lift is not None
+    _, method, url, when = lift.group(1).split("|")
+    assert (method, when) == ("POST", "state=standing")
+    # The page's calls, as the console sends them.
+    csrf = {"X-CSRF-Token": browser.cookies.get(auth.CSRF_COOKIE) or ""}
+    placed = browser.post(f"{API}/orgs/{admin.org_id}/holds", headers=csrf, json={
+        "reason": "Case 2026-114", "expires_at": "2099-01-01T00:00:00Z"})
+    assert placed.status_code == 201, placed.text
+    hold = placed.json()
+    listed = browser.get(f"{API}/orgs/{admin.org_id}/holds").json()
+    assert [h["state"] for h in listed["data"]] == ["standing"] and listed["held"]
+
+    tab = TestClient(client.app, base_url="https://testserver", follow_redirects=False)
+    console_session(tab, admin.email, admin.password)
+    org_page = tab.get("/organization").text
+    assert 'data-load="/api/v1/org/holds"' in org_page
+    assert f'data-api="/api/v1/orgs/{admin.org_id}/restriction" data-method="PUT"' in org_page
+    assert 'data-api="/api/v1/me/restriction" data-method="PUT"' in tab.get("/privacy").text
+    seen = tab.get(f"{API}/org/holds").json()
+    assert seen["held"] and seen["data"][0]["reason"] == "Case 2026-114"
+
+    lifted = browser.post(url.replace("{org_id}", admin.org_id).replace("{id}", hold["id"]),
+                          headers=csrf)
+    assert lifted.status_code == 200 and lifted.json()["state"] == "lifted", lifted.text
+    assert not tab.get(f"{API}/org/holds").json()["held"]

@@ -23,6 +23,7 @@ from onetoken.kit.errors import Unauthorized
 from onetoken.orgs import auth
 from onetoken.orgs import service as orgs
 from onetoken.orgs.models import Account
+from onetoken.orgs.restriction import address_key
 from onetoken.security import totp
 from onetoken.security.login_guard import LoginGuard, lockout_seconds
 from onetoken.security.models import LoginThrottle
@@ -167,7 +168,8 @@ def test_failures_from_one_address_lock_that_address(env: Env) -> None:
     r = attempt(from_ip(env, "198.51.100.68"), "nobody@nowhere.test", "x")
     assert r.status_code == 429
     with env.state.session_factory() as s:
-        ip_row = s.get(LoginThrottle, ("ip", "198.51.100.66"))
+        # Per address, under the address's token (restriction.address_key).
+        ip_row = s.get(LoginThrottle, ("ip", address_key(env.state.secrets, "198.51.100.66")))
         assert ip_row is not None and ip_row.failures == 6 and ip_row.locked_until is not None
         # The unknown name was throttled under a keyed hash, never in the clear.
         subjects = [r.subject for r in s.query(LoginThrottle).all()]
@@ -317,7 +319,7 @@ def test_one_time_codes_of_a_signed_in_account_are_throttled(env: Env) -> None:
     r = c.post(f"{API}/me/totp/confirm", json={"code": right}, headers=h)
     assert r.status_code == 429
     with env.state.session_factory() as s:
-        ip_row = s.get(LoginThrottle, ("ip", "198.51.100.141"))
+        ip_row = s.get(LoginThrottle, ("ip", address_key(env.state.secrets, "198.51.100.141")))
         assert ip_row is not None and ip_row.failures == 3
         account = s.get(Account, account_id)
         assert account is not None and account.auth_status == "password"

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -46,6 +47,7 @@ from onetoken.rights.models import AccountErasure, OrgTerminationStep
 from onetoken.settings import Settings
 from onetoken.siem import service as siem
 from onetoken.state import AppState
+from onetoken.tickets import service as tickets
 from onetoken.webhooks.models import WebhookEndpoint
 from tests import builders as build
 from tests.support import TEST_SECRET
@@ -199,7 +201,8 @@ def test_operator_terminates_an_org_once_through_the_api(
     exported = Path(body["export_path"])
     assert exported.parent == state.settings.data_dir / "exports"
     assert oct(exported.stat().st_mode & 0o777) == "0o600"
-    document = json.loads(exported.read_text())
+    plain = termination.open_export(exported.read_bytes(), state.settings.secret_key_bytes())
+    document = json.loads(plain)
     assert document["format"] == termination.EXPORT_FORMAT
     # Taken before anything was removed: the members as they were, no secret anywhere.
     assert sorted(a["account"]["email"] for a in document["accounts"]) == [
@@ -209,7 +212,7 @@ def test_operator_terminates_an_org_once_through_the_api(
     assert document["webhooks"][0]["url"] == "https://h.test/x"
     assert document["siem_destination"]["host"] == "1.1.1.1"
     assert document["billing"]["ledger"][0]["amount"] == "5.000000000"
-    assert "secret" not in exported.read_text().lower().replace("secret_", "")
+    assert "secret" not in plain.decode().lower().replace("secret_", "")
 
     # Members are signed out; the org cannot be re-enabled; a second run does nothing.
     assert client.get("/api/v1/org", headers=admin.headers).status_code == 401
@@ -245,7 +248,12 @@ def test_a_termination_killed_half_way_resumes_without_doing_anything_twice(
     client: TestClient, state: AppState, settings: Settings, admin: Admin, tmp_path: Path
 ) -> None:
     world = _org_world(state, admin)
-    target = tmp_path / "handover" / "acme.json"
+    planted = f"PLANTED-TICKET-{uuid.uuid4().hex}"
+    with state.session_factory() as s:
+        tickets.create(s, org_id=admin.org_id, opened_by=admin.account_id, subject="Invoice",
+                       category="billing", description=f"Our reference is {planted}.")
+        s.commit()
+    target = tmp_path / "handover" / "acme.json.sealed"
     first = _cli(settings, "orgs", "terminate", "Acme", "--reason", "contract C-1 ended",
                  "--export", str(target), exit_after="members_anonymized")
     assert first.returncode == 75, first.stderr
@@ -258,6 +266,22 @@ def test_a_termination_killed_half_way_resumes_without_doing_anything_twice(
         assert s.scalars(select(WebhookEndpoint).where(
             WebhookEndpoint.org_id == world["org_id"])).all()
     exported = target.read_bytes()
+    # Sealed at rest (policy X.4 keeps the hand-over's ticket content off the disk in
+    # clear); the decrypt command gives it back, and refuses another secret or a change.
+    assert exported.startswith(b"ONETOKEN-EXPORT\n") and planted.encode() not in exported
+    clear = tmp_path / "handover" / "acme.json"
+    opened = _cli(settings, "orgs", "decrypt-export", str(target), "--out", str(clear))
+    assert opened.returncode == 0, opened.stderr
+    assert oct(clear.stat().st_mode & 0o777) == "0o600"
+    document = json.loads(clear.read_text())
+    assert any(planted in t["description"] for a in document["accounts"]
+               for t in a["tickets"]), "the ticket's content is in the export"
+    again = _cli(settings, "orgs", "decrypt-export", str(target), "--out", str(clear))
+    assert again.returncode != 0 and "exists" in again.stderr
+    tampered = tmp_path / "tampered.sealed"
+    tampered.write_bytes(exported[:-1] + bytes([exported[-1] ^ 1]))
+    refused = _cli(settings, "orgs", "decrypt-export", str(tampered), "--out", "-")
+    assert refused.returncode != 0 and planted not in refused.stdout
 
     second = _cli(settings, "orgs", "terminate", world["org_id"], "--reason", "resumed",
                   "--json")
@@ -328,7 +352,8 @@ def test_billing_reconciles_to_zero_after_termination_and_its_erasure(
                         headers=operator.headers)
         assert r.status_code == 200, r.text
         # With ClickHouse at hand the export carries the members' call statistics.
-        document = json.loads(Path(r.json()["export_path"]).read_text())
+        document = json.loads(termination.open_export(
+            Path(r.json()["export_path"]).read_bytes(), state.settings.secret_key_bytes()))
         owner = next(a for a in document["accounts"] if a["account"]["id"] == admin.account_id)
         assert sum(row["calls"] for row in owner["call_statistics"]) == len(calls)
         # The queued ClickHouse part of the members' erasure: addresses go, costs stay.

@@ -7,14 +7,14 @@ import tarfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Final
 
-from onetoken.backup.container import (
+from onetoken.backup.snapshot import CLICKHOUSE, CONTROL_DB, MANIFEST, TICKETS, BackupError
+from onetoken.kit.files import PRIVATE_FILE_MODE
+from onetoken.kit.sealed import (
     DecryptingReader,
     EncryptingWriter,
     Header,
     decrypted_chunks,
 )
-from onetoken.backup.snapshot import CLICKHOUSE, CONTROL_DB, MANIFEST, TICKETS, BackupError
-from onetoken.kit.files import PRIVATE_FILE_MODE
 
 _TOP_LEVEL: Final = frozenset({MANIFEST, CONTROL_DB, CLICKHOUSE, TICKETS})
 

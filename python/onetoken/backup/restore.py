@@ -20,7 +20,6 @@ from onetoken.analytics.clickhouse import (
     sql_string,
 )
 from onetoken.backup.archive import unpack
-from onetoken.backup.container import derive_key, fingerprints_match, read_header
 from onetoken.backup.snapshot import (
     CLICKHOUSE,
     CONTROL_DB,
@@ -34,6 +33,7 @@ from onetoken.db.migrate import schema_state
 from onetoken.db.session import make_engine
 from onetoken.ingest.models import IngestCursor, IngestMark, IngestRetired
 from onetoken.kit.files import PRIVATE_FILE_MODE, private_dir
+from onetoken.kit.sealed import derive_key, fingerprints_match, read_header
 from onetoken.ops import control_file
 from onetoken.settings import SECRET_KEY_FILE, Settings
 

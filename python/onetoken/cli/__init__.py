@@ -206,6 +206,37 @@ def cmd_orgs_terminate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_orgs_decrypt_export(args: argparse.Namespace) -> int:
+    """Decrypt a termination export for its hand-over to the org."""
+    import os
+    from pathlib import Path
+
+    from onetoken.kit.files import PRIVATE_FILE_MODE
+    from onetoken.kit.sealed import BackupFileError
+    from onetoken.rights import termination
+
+    try:
+        raw = Path(args.export).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read the export: {exc.strerror or exc}") from None
+    try:
+        document = termination.open_export(raw, settings_from_env().secret_key_bytes())
+    except BackupFileError as exc:
+        raise CliError(str(exc)) from None
+    if args.out == "-":
+        sys.stdout.buffer.write(document)
+        return EXIT_OK
+    try:
+        # Never over another file, and readable by this user only: it is the org's data.
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+    except FileExistsError:
+        raise CliError(f"{args.out} exists: the export is never written over a file") from None
+    with os.fdopen(fd, "wb") as out:
+        out.write(document)
+    print(f"{args.out}: the export in clear ({len(document)} bytes); delete it once handed over")
+    return EXIT_OK
+
+
 def cmd_providers_apply(args: argparse.Namespace) -> int:
     """Apply a declarative providers file (see onetoken.providers.declarative)."""
     from pathlib import Path
@@ -731,6 +762,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "fixed by the first run)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_orgs_terminate)
+    p = orgs.add_parser(
+        "decrypt-export",
+        help="decrypt a termination export (sealed with the master secret) for its hand-over",
+    )
+    p.add_argument("export", help="the sealed export file")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="where to write the JSON document (0600, never over a file; - for stdout)")
+    p.set_defaults(func=cmd_orgs_decrypt_export)
 
     prov = action_group(sub, "providers", "providers, models and routes", dest="providers_command")
     p = prov.add_parser("apply", help="apply a declarative YAML/TOML/JSON file (idempotent; "

@@ -14,7 +14,7 @@ from onetoken.cli.common import EXIT_OK, CliError, settings_from_env
 
 
 def _key_file(path: str | None) -> bytes | None:
-    from onetoken.backup.container import BackupFileError, read_key_file
+    from onetoken.kit.sealed import BackupFileError, read_key_file
 
     if path is None:
         return None
@@ -36,7 +36,6 @@ def cmd_backup(args: argparse.Namespace) -> int:
         open_client,
     )
     from onetoken.backup.archive import write_backup
-    from onetoken.backup.container import derive_key, new_header
     from onetoken.backup.snapshot import (
         MANIFEST,
         BackupError,
@@ -47,6 +46,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         take,
     )
     from onetoken.cli.ops_client import OpsClient, OpsError
+    from onetoken.kit.sealed import derive_key, new_header
     from onetoken.security import log as security_log
     from onetoken.settings import SECRET_KEY_FILE
 
@@ -147,9 +147,9 @@ def _master_for_restore(settings: Any, secret_file: str | None) -> tuple[bytes, 
 
 def cmd_restore(args: argparse.Namespace) -> int:
     from onetoken.analytics.clickhouse import AnalyticsError
-    from onetoken.backup.container import BackupFileError
     from onetoken.backup.restore import restore
     from onetoken.backup.snapshot import SECRET_FROM_ENVIRONMENT, BackupError, audited
+    from onetoken.kit.sealed import BackupFileError
     from onetoken.security import log as security_log
 
     settings = settings_from_env()

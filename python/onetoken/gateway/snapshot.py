@@ -28,6 +28,7 @@ from onetoken.ingest.marks import spent_marks
 from onetoken.keys.models import ApiKey
 from onetoken.keys.service import snapshot_fields as keys_snapshot_fields
 from onetoken.kit.crypto import Secrets
+from onetoken.orgs import restriction
 from onetoken.orgs.models import Org
 from onetoken.orgs.terms import org_pools
 from onetoken.providers import snapshot_parts as providers_part
@@ -74,6 +75,9 @@ def build_snapshot(
     cat = providers_part.catalog(session, secrets, orgs=served if pinned or pool else None)
     org_extra = providers_part.org_settings(session)
     key_policy = providers_part.key_policies(session)
+    # Restriction of processing: the org's on the org, the account's on its keys (the
+    # engine applies the stricter).
+    restricted = restriction.restricted_accounts(session)
 
     snapshot: Snapshot = {
         "version": version,
@@ -86,13 +90,17 @@ def build_snapshot(
                         int(org_balances.get(o.id, 0)), limits.get(o.id, 0)
                     ),
                     "spent_mark": int(spent_marks.get(o.id, 0)),
+                    **_restricted(o.restriction == "restricted"),
                 },
                 org_extra.get(o.id),
             )
             for o in orgs
         ],
         "keys": [
-            _with_policy(_key(k, providers_part.visible_names(cat, k.org_id)), key_policy.get(k.id))
+            _with_policy(
+                _key(k, providers_part.visible_names(cat, k.org_id), restricted),
+                key_policy.get(k.id),
+            )
             for k in keys
         ],
         "providers": cat.providers,
@@ -132,6 +140,11 @@ def _with_policy(entry: dict[str, Any], policy: dict[str, Any] | None) -> dict[s
     return entry
 
 
+def _restricted(on: bool) -> dict[str, Any]:
+    # Absent unless on, like the snapshot's other optional fields.
+    return {"restrict_client": True} if on else {}
+
+
 def _elsewhere(k: ApiKey, *, shared: bool) -> dict[str, Any]:
     # The hash and its secret version only: nothing of the other org (not even its id).
     entry: dict[str, Any] = {"hash": k.hash}
@@ -142,7 +155,7 @@ def _elsewhere(k: ApiKey, *, shared: bool) -> dict[str, Any]:
     return entry
 
 
-def _key(k: ApiKey, org_models: set[str]) -> dict[str, Any]:
+def _key(k: ApiKey, org_models: set[str], restricted: set[str]) -> dict[str, Any]:
     # Restricting every key to the names its org can reach (the platform catalog and the
     # org's own private models and aliases) keeps one org's keys off another org's
     # providers and prices, also on an engine that does not filter by models[].org_id.
@@ -150,12 +163,14 @@ def _key(k: ApiKey, org_models: set[str]) -> dict[str, Any]:
         allowed = sorted(org_models)
     else:
         allowed = [m for m in k.allowed_models if m in org_models]
+    account_id = k.owner_id or k.created_by
     return {
         "hash": k.hash,
         "key_id": k.id,
         "display": k.display,
         "org_id": k.org_id,
-        "account_id": k.owner_id or k.created_by,
+        "account_id": account_id,
+        **_restricted(account_id in restricted),
         # The engine knows active and revoked; a disabled key is refused the same way.
         "status": "active" if k.status == "active" else "revoked",
         "expires_at": int(k.expires_at.timestamp()) if k.expires_at else None,

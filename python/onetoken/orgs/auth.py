@@ -22,6 +22,7 @@ from onetoken.kit.crypto import (
     verify_password,
 )
 from onetoken.kit.errors import BadRequest, Unauthorized, Unprocessable
+from onetoken.orgs import restriction
 from onetoken.orgs.models import Account, AdminSession, Org, OrgSso
 from onetoken.orgs.service import find_account, normalize_login
 from onetoken.security import totp
@@ -60,12 +61,20 @@ def authenticate(
     recorded in the security log; failures are committed before raising."""
     account = find_account(session, creds.identifier)
     org_id = account.org_id if account is not None else ""
+    # An unknown identifier names no one whose restriction could apply.
+    client = restriction.client(
+        session, secrets, account.id if account is not None else "",
+        creds.source_ip, creds.user_agent,
+    )
     attempt = Attempt(
         subject=account.id if account is not None else _unknown_subject(secrets, creds.identifier),
         account_id=account.id if account is not None else "",
         org_id=org_id,
-        source_ip=creds.source_ip,
-        user_agent=creds.user_agent,
+        source_ip=client.source_ip,
+        user_agent=client.user_agent,
+        network=client.network,
+        family=client.family,
+        address_key=restriction.address_key(secrets, creds.source_ip),
     )
     guard.check(session, attempt)
     ok = verify_password(account.password_hash if account else None, creds.password)
@@ -192,6 +201,7 @@ def step_up(
         org_id=account.org_id,
         source_ip=principal.source_ip,
         user_agent=principal.user_agent,
+        address_key=restriction.address_key(secrets, principal.source_ip),
     )
     guard.check(session, attempt)
     reason = ""

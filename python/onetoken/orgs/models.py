@@ -26,6 +26,9 @@ ORG_STATUSES = ("active", "disabled", "terminated")
 # How an org's usage is settled: prepaid credit, or invoiced per month or quarter. What the
 # gateways let through is the balance plus the credit limit (billing.models.OrgBilling).
 SETTLEMENT_PERIODS = ("prepaid", "monthly", "quarterly")
+# Restriction of processing (policy XIII.4), per org and per account; the stricter of the
+# two applies (onetoken.orgs.restriction, docs/retention.md).
+RESTRICTION_MODES = ("clear", "restricted")
 
 
 #: accounts.role's check (the control DB's migrations keep it in step).
@@ -39,6 +42,7 @@ class Org(Base):
     name: Mapped[str] = mapped_column(String(100))
     status: Mapped[str] = mapped_column(String(16), default="active")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    restriction: Mapped[str] = mapped_column(String(16), default="clear", server_default="clear")
     # Loaded with the org: every org answer says which gateway pool serves it.
     terms: Mapped[OrgTerms | None] = relationship(lazy="selectin", viewonly=True)
 
@@ -75,6 +79,7 @@ class Account(Base):
     last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    restriction: Mapped[str] = mapped_column(String(16), default="clear", server_default="clear")
 
     __table_args__ = (
         CheckConstraint(ROLE_CHECK, name="role"),

@@ -93,6 +93,23 @@ class ConsoleSessionResponse(BaseModel):
     terms_pending: str | None = TERMS_PENDING
 
 
+#: Restriction of processing (policy XIII.4): `clear`, or `restricted` (docs/retention.md).
+RestrictionMode = Literal["clear", "restricted"]
+
+
+class RestrictionUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: RestrictionMode
+
+
+class RestrictionResponse(BaseModel):
+    """A mode set, and the one that applies (the stricter of the account's and its org's)."""
+
+    mode: RestrictionMode
+    effective: RestrictionMode
+
+
 class MeResponse(BaseModel):
     id: str
     email: str
@@ -103,6 +120,7 @@ class MeResponse(BaseModel):
     display_name: str
     auth_status: AuthStatus
     is_operator: bool
+    restriction: RestrictionMode = "clear"
 
 
 class PermissionsResponse(BaseModel):
@@ -191,6 +209,12 @@ class OrgResponse(BaseModel):
         description="The gateway pool serving this organization's API keys (its commercial "
         "terms); null: the shared gateways.",
     )
+    restriction: RestrictionMode = Field(
+        default="clear",
+        description="Restriction of processing for every member's calls and requests: "
+        "`restricted` keeps a keyed token of the client address and the User-Agent's "
+        "product only (docs/retention.md).",
+    )
 
 
 class OrgList(ListOf[OrgResponse]): ...
@@ -251,6 +275,7 @@ class AccountResponse(BaseModel):
     is_operator: bool
     last_login_at: datetime | None
     created_at: datetime
+    restriction: RestrictionMode = "clear"
 
 
 class AccountCreated(AccountResponse):

@@ -2,8 +2,11 @@
 
 In order, each step once:
 
-1. export: everything kept about the org, written to one JSON file (atomically: a
-   temporary file renamed into place), at the path fixed when the termination started;
+1. export: everything kept about the org, one JSON document sealed as backups are
+   (onetoken.kit.sealed: AES-256-GCM, key from the master secret, `ONETOKEN-EXPORT`
+   magic) and written atomically (a temporary file renamed into place) at the path fixed
+   when the termination started; `open_export` (`onetoken orgs decrypt-export`) gives the
+   document back for the hand-over;
 2. keys_revoked: every API key of the org revoked; gateways get a snapshot without them;
 3. members_anonymized: every account of the org cancelled as rights.erasure does for one
    (identifiers cleared, sessions ended, tickets' submitted content erased, ClickHouse's
@@ -25,6 +28,7 @@ stay for their legal retention period and `onetoken billing reconcile` balances 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -43,6 +47,7 @@ from onetoken.billing.models import Invoice, LedgerEntry, Order, Package
 from onetoken.db.base import utcnow
 from onetoken.db.session import bump_revision
 from onetoken.keys.models import ApiKey
+from onetoken.kit import sealed
 from onetoken.kit.errors import Conflict, NotFound
 from onetoken.kit.files import PRIVATE_FILE_MODE, private_dir
 from onetoken.kit.money import format_amount
@@ -87,7 +92,7 @@ class TerminationResult:
 
 
 def default_export_path(state: AppState, org_id: str) -> Path:
-    return state.settings.data_dir / "exports" / f"org-{org_id}-termination.json"
+    return state.settings.data_dir / "exports" / f"org-{org_id}-termination.json.sealed"
 
 
 def done_steps(session: Session, org_id: str) -> dict[str, dict[str, Any]]:
@@ -279,6 +284,29 @@ def build_export(session: Session, org: Org, run: erasure.ClientRunner | None) -
     }
 
 
+def seal_export(master: bytes, body: bytes) -> bytes:
+    """The export as its file holds it: the org's ticket content among it, so encrypted at
+    rest like a backup, under a key derived from the master secret (HKDF, a fresh salt per
+    file)."""
+    header = sealed.new_header("master", master, sealed.EXPORT_MAGIC)
+    out = io.BytesIO()
+    writer = sealed.EncryptingWriter(
+        out, header, sealed.derive_key(header, master=master, key_file=None)
+    )
+    writer.write(body)
+    writer.close()
+    return out.getvalue()
+
+
+def open_export(raw: bytes, master: bytes) -> bytes:
+    """The export's JSON document from its file's bytes; sealed.BackupFileError when they
+    are not an export, were altered, or were sealed under another master secret."""
+    src = io.BytesIO(raw)
+    header = sealed.read_header(src, sealed.EXPORT_MAGIC)
+    key = sealed.derive_key(header, master=master, key_file=None)
+    return b"".join(sealed.decrypted_chunks(src, header, key))
+
+
 def _write_replacing(path: Path, body: bytes) -> None:
     """`body` as the whole of `path` (0600), never half-written: a run killed while writing
     leaves the previous file, or none, and the next run writes it again."""
@@ -304,7 +332,7 @@ def _export(state: AppState, org_id: str, path: Path) -> dict[str, Any] | None:
         assert org is not None
         document = build_export(session, org, erasure._runner(state))
         body = json.dumps(document, indent=1, ensure_ascii=False).encode()
-        _write_replacing(path, body)
+        _write_replacing(path, seal_export(state.settings.secret_key_bytes(), body))
         detail = _log_step(session, org_id, "export", {
             "bytes": len(body),
             "accounts": len(document["accounts"]),

@@ -57,6 +57,19 @@ class Attempt:
     org_id: str
     source_ip: str
     user_agent: str
+    #: The network and User-Agent family compared between sign-ins, when the caller
+    #: worked them out from clear values it may not pass on (restriction of processing,
+    #: onetoken.security.restriction); None: from source_ip and user_agent.
+    network: str | None = None
+    family: str | None = None
+    #: The key of the per-address counters (lockout, burst); None: source_ip. Callers
+    #: pass the address's token for every account, so one address is one counter whether
+    #: the accounts it tries restricted processing or not.
+    address_key: str | None = None
+
+    @property
+    def address(self) -> str:
+        return self.source_ip if self.address_key is None else self.address_key
 
 
 def lockout_seconds(settings: GuardSettings, failures: int, threshold: int) -> int:
@@ -79,8 +92,8 @@ class LoginGuard:
 
     def _subjects(self, attempt: Attempt) -> list[tuple[str, str, int]]:
         out = [(SCOPE_ACCOUNT, attempt.subject, self.settings.login_max_failures_account)]
-        if attempt.source_ip:
-            out.append((SCOPE_IP, attempt.source_ip, self.settings.login_max_failures_ip))
+        if attempt.address:
+            out.append((SCOPE_IP, attempt.address, self.settings.login_max_failures_ip))
         return out
 
     def check(self, session: Session, attempt: Attempt) -> None:
@@ -151,7 +164,9 @@ class LoginGuard:
                 select(LoginSource).where(LoginSource.account_id == attempt.account_id)
             )
         }
-        current = [("net", network_of(attempt.source_ip)), ("ua", ua_family(attempt.user_agent))]
+        network = network_of(attempt.source_ip) if attempt.network is None else attempt.network
+        family = ua_family(attempt.user_agent) if attempt.family is None else attempt.family
+        current = [("net", network), ("ua", family)]
         first_login = not seen
         for kind, value in current:
             if not value:
@@ -172,7 +187,7 @@ class LoginGuard:
         window per subject). Locking stays with the failure counters."""
         now = time.monotonic()
         window = self.settings.login_burst_window_seconds
-        for scope, subject in ((SCOPE_ACCOUNT, attempt.subject), (SCOPE_IP, attempt.source_ip)):
+        for scope, subject in ((SCOPE_ACCOUNT, attempt.subject), (SCOPE_IP, attempt.address)):
             if not subject:
                 continue
             key = (scope, subject)

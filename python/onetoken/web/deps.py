@@ -14,7 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from onetoken.kit.errors import Forbidden, NotFound, OnetokenError, Unauthorized
-from onetoken.orgs import acceptance, auth
+from onetoken.orgs import acceptance, auth, restriction
 from onetoken.orgs.models import Account
 from onetoken.security import audit
 from onetoken.security.net import client_ip
@@ -86,11 +86,13 @@ def get_principal(
     principal = auth.resolve_session(session, state.secrets, token)
     if principal is None:
         raise Unauthorized("Invalid or expired token.")
-    return replace(
-        principal,
-        source_ip=client_ip(request, state.settings),
-        user_agent=request.headers.get("user-agent", "")[:256],
+    # What the request's records keep of its client: restricted when the account or its
+    # org asked (policy XIII.4); the clear values live only in this request.
+    client = restriction.client(
+        session, state.secrets, principal.account_id,
+        client_ip(request, state.settings), request.headers.get("user-agent", "")[:256],
     )
+    return replace(principal, source_ip=client.source_ip, user_agent=client.user_agent)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -42,6 +42,9 @@ pub(crate) struct Call {
     pub(crate) org_id: String,
     pub(crate) account_id: String,
     pub(crate) key_id: String,
+    /// The key's account or org restricted processing: the record gets a keyed token for
+    /// `peer` and the User-Agent's product only; the clear values stay in this struct.
+    pub(crate) restricted: bool,
 
     // route
     /// The request body was read to its end, so the connection can carry another request.
@@ -137,6 +140,7 @@ impl Call {
             org_id: String::new(),
             account_id: String::new(),
             key_id: String::new(),
+            restricted: false,
             body_consumed: false,
             model_requested: String::new(),
             guard_flags: String::new(),
@@ -267,6 +271,14 @@ impl Call {
             charge.cost,
         );
         let take = std::mem::take::<String>;
+        let (source_ip, user_agent) = if self.restricted {
+            (
+                self.shared.redactor.ip(self.peer),
+                crate::restrict::product(&take(&mut self.user_agent)),
+            )
+        } else {
+            (self.peer.to_string(), take(&mut self.user_agent))
+        };
         let rec = CallRecord {
             ts: self.ts,
             request_id: take(&mut self.request_id),
@@ -287,8 +299,8 @@ impl Call {
             latency_us: micros(elapsed),
             ttfb_us: micros(self.ttfb.unwrap_or(elapsed)),
             streamed: u8::from(self.streamed),
-            source_ip: self.peer.to_string(),
-            user_agent: take(&mut self.user_agent),
+            source_ip,
+            user_agent,
             rate_limit: if self.rate_limited { "limited" } else { "pass" },
             attempts: self.attempts,
             guard_flags: take(&mut self.guard_flags),

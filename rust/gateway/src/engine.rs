@@ -23,6 +23,7 @@ use crate::journal::SpoolLocks;
 use crate::limits::{LimitState, LiveCounters};
 use crate::metrics::{Gauges, Metrics};
 use crate::records::Records;
+use crate::restrict::Redactor;
 use crate::shared::{self as shared_limits, Scopes, SharedLimits};
 use crate::snapshot::{self, Dropped, Snapshot};
 use crate::trace::{self, Tracer};
@@ -33,6 +34,8 @@ use crate::{server, tokens};
 pub(crate) struct Shared {
     pub(crate) config: EngineConfig,
     pub(crate) keyring: KeyRing,
+    /// Transforms the client address and User-Agent of restricted calls.
+    pub(crate) redactor: Redactor,
     pub(crate) snapshot: ArcSwap<Snapshot>,
     /// Entries the serving snapshot left out, reported to the control plane and counted
     /// in `/metrics`.
@@ -211,6 +214,7 @@ impl Engine {
         };
         let shared = Arc::new(Shared {
             keyring: KeyRing::new(&secrets),
+            redactor: Redactor::new(&config.secret()?),
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
             dropped: Mutex::new(Vec::new()),
             accounts: Mutex::new(accounts),

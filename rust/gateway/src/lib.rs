@@ -28,6 +28,7 @@ mod policy;
 mod protocol;
 mod proxy;
 mod records;
+mod restrict;
 mod routing;
 mod screen;
 mod server;

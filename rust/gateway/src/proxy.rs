@@ -246,6 +246,7 @@ fn authenticate<'s>(
     call.org_id.clone_from(&key.org.id);
     call.account_id.clone_from(&key.account_id);
     call.key_id.clone_from(&key.key_id);
+    call.restricted = key.restrict_client;
     if key.revoked {
         return Err(ApiError::KeyRevoked.into());
     }

@@ -92,6 +92,10 @@ pub struct OrgDoc {
     /// Discount or surcharge on every price, parts per million (900000 = 10% off).
     #[serde(default = "default_price_factor")]
     pub price_factor_ppm: u32,
+    /// Restriction of processing: the calls of its keys are recorded with a keyed token
+    /// for the client address and the User-Agent's product only (`restrict.rs`).
+    #[serde(default)]
+    pub restrict_client: bool,
 }
 
 fn default_price_factor() -> u32 {
@@ -247,6 +251,9 @@ pub struct KeyDoc {
     /// Narrows the org policy (both apply).
     #[serde(default)]
     pub policy: PolicyDoc,
+    /// Its account asked for restriction of processing (the org's applies as well).
+    #[serde(default)]
+    pub restrict_client: bool,
 }
 
 /// One upstream provider.
@@ -359,6 +366,7 @@ pub(crate) struct Org {
     pub(crate) policy: Policy,
     /// `policy.trace_context`: trace context crosses the gateway for this org.
     pub(crate) trace_context: bool,
+    pub(crate) restrict_client: bool,
 }
 
 pub(crate) struct Key {
@@ -379,6 +387,8 @@ pub(crate) struct Key {
     pub(crate) usage: UsageMark,
     /// Narrows the org policy.
     pub(crate) policy: Policy,
+    /// Its account's or its org's restriction of processing, the stricter of the two.
+    pub(crate) restrict_client: bool,
 }
 
 /// A key this gateway does not serve because its org is served by other gateways.
@@ -538,6 +548,7 @@ impl Snapshot {
                 guard,
                 trace_context: o.policy.trace_context,
                 policy: Policy::compile(o.policy, Scope::Org),
+                restrict_client: o.restrict_client,
             });
             orgs.insert(o.id, org);
         }
@@ -586,6 +597,7 @@ impl Snapshot {
                     .clone(),
                 usage: k.usage.compile(),
                 policy: Policy::compile(k.policy, Scope::Key),
+                restrict_client: k.restrict_client || org.restrict_client,
                 revoked: k.status != "active",
                 key_id: k.key_id,
                 account_id: k.account_id,

@@ -394,3 +394,53 @@ fn added_latency_one_connection() {
     }
     println!("{}", out.join("\n"));
 }
+
+/// Restriction of processing (docs/retention.md): the call of a key whose account or org
+/// restricted it is journaled with the address's keyed token and the User-Agent's product
+/// only (one address, one token); any other key's call as it came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restricted_call_is_journaled_without_its_clear_address_and_agent() {
+    let h = Gateway::builder()
+        .patch_snapshot(|s| {
+            s["keys"][0]["restrict_client"] = json!(true); // ot-good: its account's
+            s["orgs"][1]["restrict_client"] = json!(true); // org_poor: the whole org's
+        })
+        .start();
+    let ua = "OpenAI/Python 1.54.0 (host-zq81x7; Linux)";
+    for key in ["ot-good", "ot-poor", "ot-expired"] {
+        let mut req = chat_request(key, chat("hi", json!({})));
+        // In place of the harness's own agent.
+        req.headers_mut().insert("user-agent", ua.parse().unwrap());
+        call(h.addr, req).await;
+    }
+    let lines = journal_lines(&h.spool.0, h.engine.instance_id());
+    let recs: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 3);
+    let by_key = |k: &str| recs.iter().find(|r| r["key_id"] == k).unwrap().clone();
+    let (good, poor, clear) = (
+        by_key("key_good"),
+        by_key("key_poor"),
+        by_key("key_expired"),
+    );
+    for rec in [&good, &poor] {
+        let ip = rec["source_ip"].as_str().unwrap();
+        assert!(ip.starts_with("hmac:") && ip.len() == 21, "{rec}");
+        assert_eq!(rec["user_agent"], "OpenAI", "{rec}");
+    }
+    assert_eq!(
+        good["source_ip"], poor["source_ip"],
+        "one address, one token"
+    );
+    assert_eq!(clear["source_ip"], "127.0.0.1");
+    assert_eq!(clear["user_agent"], ua);
+    let restricted: Vec<&String> = lines
+        .iter()
+        .filter(|l| !l.contains("key_expired"))
+        .collect();
+    assert!(restricted
+        .iter()
+        .all(|l| !l.contains("127.0.0.1") && !l.contains("zq81x7")));
+}

@@ -13,6 +13,7 @@ Content-Security-Policy that admits scripts from this origin only and no framing
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
@@ -98,6 +99,7 @@ PAGES: tuple[Page, ...] = (
     Page("/operator/orgs", "Organizations", "orgs.manage", "orgs.html", "operator"),
     Page("/operator/money", "Orders and credits", "billing.money", "money.html", "operator"),
     Page("/operator/blocked", "Blocked addresses", "security.block", "blocked.html", "operator"),
+    Page("/operator/holds", "Legal holds", "holds.manage", "holds.html", "operator"),
     Page("/operator/tickets", "Ticket queue", "tickets.staff", "queue.html", "operator"),
     Page("/operator/tickets/thread", "Ticket (staff)", "tickets.staff", "ticket.html", "operator",
          listed=False),
@@ -150,6 +152,16 @@ def _terms_pending(state: AppState, principal: Principal) -> bool:
         return acceptance.accepted_at(session, principal.account_id, version) is None
 
 
+#: An org id as the console's pages take it from `?org=` (it goes into API paths).
+_ORG_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+
+def _org_param(request: Request) -> str:
+    """The `?org=` a page was opened with (the operators' holds page), when it is an id."""
+    value = request.query_params.get("org", "")
+    return value if _ORG_ID.fullmatch(value) else ""
+
+
 def _page_handler(page: Page) -> Callable[[Request], Response]:
     def handler(request: Request) -> Response:
         principal = _principal(request)
@@ -178,6 +190,7 @@ def _page_handler(page: Page) -> Callable[[Request], Response]:
             "incident_resolutions": get_args(IncidentResolution),
             "note_max_chars": NOTE_MAX_CHARS,
             "settlement_periods": get_args(Settlement),
+            "org_param": _org_param(request),
         }
         if page.permission not in perms:
             return _html("denied.html", status=403, **context)

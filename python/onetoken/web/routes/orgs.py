@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from onetoken.kit.crypto import Secrets
 from onetoken.kit.errors import Conflict, NotFound
 from onetoken.mail import notices
-from onetoken.orgs import acceptance, auth, members, reset, service
+from onetoken.orgs import acceptance, auth, members, reset, restriction, service
 from onetoken.orgs.models import Account, AdminSession
 from onetoken.orgs.schemas import (
     AccountCreate,
@@ -38,6 +38,8 @@ from onetoken.orgs.schemas import (
     PasswordResetRequest,
     PasswordResetRequested,
     PermissionsResponse,
+    RestrictionResponse,
+    RestrictionUpdate,
     TermsAccept,
     TermsAcceptanceList,
     TermsAcceptanceResponse,
@@ -90,8 +92,11 @@ def _sign_in(
         session, state.secrets, account, timedelta(hours=state.settings.session_ttl_hours)
     )
     session.commit()
+    client = restriction.client(
+        session, state.secrets, account.id, creds.source_ip, creds.user_agent
+    )
     audit.event(
-        _RequestActor(account, creds.source_ip, creds.user_agent),
+        _RequestActor(account, client.source_ip, client.user_agent),
         "auth.login",
         "info",
         subject_id=account.id,
@@ -287,6 +292,7 @@ def _me_response(account: Account) -> MeResponse:
         display_name=account.display_name,
         auth_status=account.auth_status,  # type: ignore[arg-type]
         is_operator=account.is_operator,
+        restriction=account.restriction,  # type: ignore[arg-type]
     )
 
 
@@ -436,6 +442,69 @@ def totp_disable(
                  before={"auth_status": "totp"}, after={"auth_status": "password"},
                  severity="high")
     return _me_response(own.account)
+
+
+# -- restriction of processing (policy XIII.4) --------------------------------------------------
+
+
+def _audit_restriction(
+    session: Session, state: AppState, principal: Principal, kind: str, *,
+    subject_id: str, org_id: str, before: str, after: str,
+) -> None:
+    """Who set or lifted it, and when (the security log's ts). The request that turns it
+    on is recorded without the clear client values already."""
+    actor = principal
+    if restriction.restricted(session, principal.account_id):
+        ip, ua = restriction.restricted_values(
+            state.secrets, principal.source_ip, principal.user_agent
+        )
+        actor = replace(principal, source_ip=ip, user_agent=ua)
+    audit.change(actor, kind, subject_id=subject_id, org_id=org_id,
+                 before={"restriction": before}, after={"restriction": after}, severity="medium")
+
+
+@router.get("/me/restriction", response_model=RestrictionResponse)
+def get_my_restriction(principal: SelfDep, session: SessionDep) -> RestrictionResponse:
+    account = own_account(session, principal)
+    return RestrictionResponse(
+        mode=account.restriction,  # type: ignore[arg-type]
+        effective=restriction.effective(session, account.id),  # type: ignore[arg-type]
+    )
+
+
+@router.put("/me/restriction", response_model=RestrictionResponse)
+def set_my_restriction(
+    body: RestrictionUpdate, principal: SelfDep, session: SessionDep, state: StateDep
+) -> RestrictionResponse:
+    """Restriction of processing for the caller's own account: `restricted` records a
+    keyed token of the client address and the User-Agent's product only, for the calls of
+    the account's keys and its own requests here. The gateways serve the change before
+    this answers (docs/retention.md); the choice is in the security log."""
+    account = own_account(session, principal)
+    before = restriction.set_account(session, state.secrets, account, body.mode)
+    state.commit_change(session)
+    _audit_restriction(session, state, principal, "account.restriction_changed",
+                       subject_id=account.id, org_id=account.org_id, before=before,
+                       after=body.mode)
+    return get_my_restriction(principal, session)
+
+
+@router.put("/orgs/{org_id}/restriction", response_model=OrgResponse)
+def set_org_restriction(
+    org_id: str, body: RestrictionUpdate, principal: OrgWriteDep, session: SessionDep,
+    state: StateDep,
+) -> OrgResponse:
+    """Restriction of processing for the whole organization (its admins): every member's
+    calls and requests, whatever their own setting (the stricter applies). Operators see
+    it on the organization; they do not set it for the org."""
+    if org_id != principal.org_id:
+        raise NotFound("Organization not found.")
+    org = service.get_org(session, org_id)
+    before = restriction.set_org(session, state.secrets, org, body.mode)
+    state.commit_change(session)
+    _audit_restriction(session, state, principal, "org.restriction_changed",
+                       subject_id=org.id, org_id=org.id, before=before, after=body.mode)
+    return OrgResponse.model_validate(org)
 
 
 # -- organizations ----------------------------------------------------------------------------

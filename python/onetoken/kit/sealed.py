@@ -1,4 +1,5 @@
-"""The backup file: an authenticated, encrypted stream, useless without its key.
+"""The sealed file of backups (onetoken.backup) and of org termination exports
+(onetoken.rights.termination): an authenticated, encrypted stream, useless without its key.
 
 Layout: MAGIC, a 4-byte big-endian header length, the header (JSON: format, how the key is
 derived and its salt, the nonce prefix, the master secret's fingerprint), then chunks, each
@@ -35,6 +36,10 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from onetoken.kit.crypto import derive_secret
 
 MAGIC: Final = b"ONETOKEN-BACKUP\n"
+#: The org termination export: the same format under its own magic, which every chunk
+#: authenticates, so neither file passes for the other.
+EXPORT_MAGIC: Final = b"ONETOKEN-EXPORT\n"
+_KIND: Final = {MAGIC: "backup", EXPORT_MAGIC: "export"}
 FORMAT: Final = 1
 CHUNK_BYTES: Final = 1 << 20
 _LEN = struct.Struct(">I")
@@ -69,13 +74,15 @@ class Header:
     salt: bytes
     nonce_prefix: bytes
     fingerprint: str
+    #: What the file is (MAGIC or EXPORT_MAGIC); it starts the file and the associated data.
+    magic: bytes = MAGIC
     #: The header's bytes as written: what every chunk authenticates, byte for byte (a
     #: re-encoding would let a changed field the reader ignores go unnoticed).
     raw: bytes = b""
 
     @property
     def aad(self) -> bytes:
-        return MAGIC + self.raw
+        return self.magic + self.raw
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -92,7 +99,7 @@ class Header:
         ).encode()
 
     @classmethod
-    def decode(cls, raw: bytes) -> Header:
+    def decode(cls, raw: bytes, magic: bytes = MAGIC) -> Header:
         try:
             data = json.loads(raw)
             if data["format"] != FORMAT:
@@ -107,6 +114,7 @@ class Header:
                 salt=base64.b64decode(data["salt"], validate=True),
                 nonce_prefix=base64.b64decode(data["nonce_prefix"], validate=True),
                 fingerprint=str(data["secret_fingerprint"]),
+                magic=magic,
                 raw=raw,
             )
         except BackupFileError:
@@ -142,12 +150,13 @@ def read_key_file(raw: bytes) -> bytes:
     return key
 
 
-def new_header(kdf: Kdf, master: bytes) -> Header:
+def new_header(kdf: Kdf, master: bytes, magic: bytes = MAGIC) -> Header:
     header = Header(
         kdf=kdf,
         salt=os.urandom(16),
         nonce_prefix=os.urandom(_NONCE_PREFIX_BYTES),
         fingerprint=secret_fingerprint(master),
+        magic=magic,
     )
     return replace(header, raw=header.encode())
 
@@ -170,9 +179,9 @@ class EncryptingWriter:
         self._counter = 0
         self._buffer = bytearray()
         self._closed = False
-        out.write(MAGIC)
-        out.write(_LEN.pack(len(self._aad) - len(MAGIC)))
-        out.write(self._aad[len(MAGIC):])
+        out.write(header.magic)
+        out.write(_LEN.pack(len(header.raw)))
+        out.write(header.raw)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         self._buffer += data
@@ -198,9 +207,9 @@ class EncryptingWriter:
         """Nothing to flush before close: a chunk is sealed once it is full."""
 
 
-def read_header(src: BinaryIO) -> Header:
-    if src.read(len(MAGIC)) != MAGIC:
-        raise BackupFileError("not a onetoken backup file")
+def read_header(src: BinaryIO, magic: bytes = MAGIC) -> Header:
+    if src.read(len(magic)) != magic:
+        raise BackupFileError(f"not a onetoken {_KIND[magic]} file")
     raw_len = src.read(_LEN.size)
     if len(raw_len) != _LEN.size:
         raise BackupFileError("the backup is cut short")
@@ -210,7 +219,7 @@ def read_header(src: BinaryIO) -> Header:
     raw = src.read(length)
     if len(raw) != length:
         raise BackupFileError("the backup is cut short")
-    return Header.decode(raw)
+    return Header.decode(raw, magic)
 
 
 def decrypted_chunks(src: BinaryIO, header: Header, key: bytes) -> Iterator[bytes]:
