@@ -49,6 +49,7 @@ pub(crate) struct Call {
     pub(crate) model_requested: String,
     /// The sensitive-content guard's categories and counts.
     pub(crate) guard_flags: String,
+    pub(crate) application_id: String,
 
     // reserve
     /// The org balance reservation, settled against the cost.
@@ -132,6 +133,7 @@ impl Call {
             body_consumed: false,
             model_requested: String::new(),
             guard_flags: String::new(),
+            application_id: String::new(),
             reservation: None,
             admission: Admission::default(),
             unpriced: None,
@@ -266,6 +268,7 @@ impl Call {
             rate_limit: if self.rate_limited { "limited" } else { "pass" },
             attempts: self.attempts,
             guard_flags: take(&mut self.guard_flags),
+            application_id: take(&mut self.application_id),
         };
         self.shared.records.push(rec);
         metrics.in_flight.fetch_sub(1, Ordering::Relaxed);

@@ -299,6 +299,7 @@ mod tests {
             rate_limit: "limited",
             attempts: u8::MAX,
             guard_flags: "email:2".into(),
+            application_id: "app_1".into(),
         }
     }
 
@@ -524,7 +525,7 @@ mod group_tests {
         }
     }
 
-    /// Usage groups are per (org, key, model, UTC day), count only charged calls of a
+    /// Usage groups are per (org, key, model, UTC day, application), count only charged calls of a
     /// known org, sum costs beyond i64 and keep the earliest ts; call groups count every
     /// record.
     #[test]
@@ -537,6 +538,12 @@ mod group_tests {
             rec(5 * DAY + 2, "o", "k", "m", 0),
             rec(5 * DAY + 3, "o", "k", "m", -3),
             rec(5 * DAY + 4, "", "", "m", 9),
+            // The key moved into an application: its calls from then on are a group of
+            // their own, so the ledger can say which application spent them.
+            CallRecord {
+                application_id: "app_a".into(),
+                ..rec(5 * DAY + 5, "o", "k", "m", 4)
+            },
         ];
         let mut buf = Vec::new();
         for r in &records {
@@ -551,6 +558,7 @@ mod group_tests {
             |org: &str, key: &str, day: i64, calls: u64, cost: i128, first_ts: i64| UsageGroup {
                 org_id: org.into(),
                 key_id: key.into(),
+                application_id: String::new(),
                 model: "m".into(),
                 day,
                 calls,
@@ -563,6 +571,10 @@ mod group_tests {
                 g("o", "k", 4, 2, 2 * i128::from(i64::MAX), 5 * DAY - 2),
                 g("o", "k", 5, 1, 7, 5 * DAY),
                 g("o", "k2", 5, 1, 1, 5 * DAY + 1),
+                UsageGroup {
+                    application_id: "app_a".into(),
+                    ..g("o", "k", 5, 1, 4, 5 * DAY + 5)
+                },
             ]
         );
         let calls: Vec<(&str, u64)> = read
@@ -571,7 +583,7 @@ mod group_tests {
             .iter()
             .map(|c| (c.key_id.as_str(), c.calls))
             .collect();
-        assert_eq!(calls, [("", 1), ("k", 5), ("k2", 1)]);
+        assert_eq!(calls, [("", 1), ("k", 6), ("k2", 1)]);
         let owner = |k: &str| (k.to_owned(), "o".to_owned(), "acc-o".to_owned());
         assert_eq!(read.batch.owners, [owner("k"), owner("k2")]);
         let ips = |k: &str| (k.to_owned(), vec!["10.0.0.1".to_owned()]);
@@ -579,7 +591,7 @@ mod group_tests {
         assert!(read.batch.failures.is_empty(), "every call succeeded");
         assert_eq!(
             (read.batch.min_ts, read.batch.max_ts),
-            (5 * DAY - 2, 5 * DAY + 4)
+            (5 * DAY - 2, 5 * DAY + 5)
         );
     }
 }

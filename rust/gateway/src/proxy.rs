@@ -224,6 +224,9 @@ fn authenticate<'s>(
     call.org_id.clone_from(&key.org.id);
     call.account_id.clone_from(&key.account_id);
     call.key_id.clone_from(&key.key_id);
+    if let Some(app) = &key.application {
+        call.application_id.clone_from(&app.id);
+    }
     if key.revoked {
         return Err(ApiError::KeyRevoked.into());
     }
