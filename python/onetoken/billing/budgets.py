@@ -25,7 +25,7 @@ from onetoken.billing.models import DEFAULT_PRICE_FACTOR_PPM, BillingNotice, Led
 from onetoken.billing.service import MAX_BALANCE_NANO, MONEY_MOVED
 from onetoken.db.base import utcnow
 from onetoken.db.session import bump_revision
-from onetoken.keys.models import ApiKey
+from onetoken.keys.models import ApiKey, Application
 
 log = logging.getLogger("onetoken.billing")
 
@@ -159,6 +159,7 @@ class SnapshotBilling:
 
     orgs: dict[str, dict[str, Any]]
     keys: dict[str, dict[str, Any]]
+    applications: dict[str, dict[str, Any]]
 
 
 def snapshot_fields(
@@ -166,10 +167,12 @@ def snapshot_fields(
     *,
     org_marks: Mapping[str, int],
     key_marks: Mapping[str, int],
+    app_marks: Mapping[str, int] | None = None,
     now: datetime | None = None,
 ) -> SnapshotBilling:
-    """Per org: price_factor_ppm, limits.budget_*, usage; per key: limits.budget_*, usage.
-    Call under the supervisor's mark lock so spend and marks are one consistent pair."""
+    """Per org: price_factor_ppm, limits.budget_*, usage; per key and per application:
+    usage (their budgets are their limits, set by onetoken.keys). Call under the
+    supervisor's mark lock so spend and marks are one consistent pair."""
     window = Window.at(now or utcnow())
     org_rows = session.scalars(select(OrgBilling)).all()
     # Key budgets are key limits (onetoken.keys puts them in keys[].limits); the spend
@@ -198,7 +201,19 @@ def snapshot_fields(
     for k in key_rows:
         spent = key_spend.get(k.id, Spend())
         keys[k.id] = {"usage": _usage(window, spent, key_marks.get(k.id, 0))}
-    return SnapshotBilling(orgs=orgs, keys=keys)
+    # An application's spend is what its keys spent while in it: usage entries carry the
+    # application of the moment, so a key moved in brings none of its past spend.
+    budgeted_apps = session.scalars(
+        select(Application.id).where(
+            (Application.budget_day.is_not(None)) | (Application.budget_month.is_not(None))
+        )
+    ).all()
+    app_spend = _spend(session, LedgerEntry.application_id, budgeted_apps, window)
+    apps = {
+        a: {"usage": _usage(window, app_spend.get(a, Spend()), (app_marks or {}).get(a, 0))}
+        for a in budgeted_apps
+    }
+    return SnapshotBilling(orgs=orgs, keys=keys, applications=apps)
 
 
 def _usage(window: Window, spent: Spend, mark: int) -> dict[str, int]:
