@@ -179,7 +179,8 @@ def test_another_orgs_application_is_not_found(
     r = client.post(f"{API}/keys", headers=admin.headers,
                     json={"name": "k", "application_id": theirs["id"]})
     assert r.status_code == 404
-    assert client.get(f"{API}/applications/{theirs['id']}", headers=admin.headers).status_code == 404
+    r = client.get(f"{API}/applications/{theirs['id']}", headers=admin.headers)
+    assert r.status_code == 404
     r = client.patch(f"{API}/applications/{theirs['id']}", headers=admin.headers,
                      json={"description": "x"})
     assert r.status_code == 404

@@ -466,14 +466,22 @@ impl CallBatch {
             .collect();
         // A stable order: the same batch always yields the same list.
         usage.sort_by(|a, b| {
-            (a.first_ts, &a.org_id, &a.key_id, &a.model, a.day, &a.application_id).cmp(&(
-                b.first_ts,
-                &b.org_id,
-                &b.key_id,
-                &b.model,
-                b.day,
-                &b.application_id,
-            ))
+            (
+                a.first_ts,
+                &a.org_id,
+                &a.key_id,
+                &a.model,
+                a.day,
+                &a.application_id,
+            )
+                .cmp(&(
+                    b.first_ts,
+                    &b.org_id,
+                    &b.key_id,
+                    &b.model,
+                    b.day,
+                    &b.application_id,
+                ))
         });
         let mut calls: Vec<CallGroup> = self
             .calls

@@ -1062,7 +1062,11 @@ mod tests {
         snap.keys.values().find(|k| k.key_id == id).unwrap()
     }
 
-    fn admit_app(snap: &crate::snapshot::Snapshot, id: &str, amount: i64) -> Result<Admission, Refusal> {
+    fn admit_app(
+        snap: &crate::snapshot::Snapshot,
+        id: &str,
+        amount: i64,
+    ) -> Result<Admission, Refusal> {
         admit_at(key(snap, id), 10, amount, 500 * S, APP_DAY * 86_400 + 3_600)
     }
 
@@ -1074,11 +1078,21 @@ mod tests {
         let refused = admit_app(&snap, "k1", 0).err().unwrap();
         assert_eq!(refused.error, ApiError::RateLimited);
         assert!(
-            refused.message.unwrap().contains("application's requests-per-minute"),
+            refused
+                .message
+                .unwrap()
+                .contains("application's requests-per-minute"),
             "{refused:?}"
         );
-        assert_eq!(refused.requests.map(|r| r.0), Some(2), "the application's limit in headers");
-        assert!(admit_app(&snap, "k2", 0).is_err(), "the other key shares it");
+        assert_eq!(
+            refused.requests.map(|r| r.0),
+            Some(2),
+            "the application's limit in headers"
+        );
+        assert!(
+            admit_app(&snap, "k2", 0).is_err(),
+            "the other key shares it"
+        );
         // A key outside the application is not affected.
         for _ in 0..5 {
             assert!(admit_app(&snap, "k3", 0).is_ok());
@@ -1093,7 +1107,10 @@ mod tests {
         assert_eq!(refused.error, ApiError::ConcurrencyLimited);
         assert!(refused.message.unwrap().contains("application"));
         // The refusal gave back the key's own slot.
-        assert_eq!(key(&snap, "k2").limiter.in_flight.load(Ordering::Acquire), 0);
+        assert_eq!(
+            key(&snap, "k2").limiter.in_flight.load(Ordering::Acquire),
+            0
+        );
         drop(held);
         assert!(admit_app(&snap, "k2", 0).is_ok());
     }
@@ -1105,7 +1122,10 @@ mod tests {
         let mut first = admit_app(&snap, "k1", 50).unwrap();
         let refused = admit_app(&snap, "k2", 11).err().unwrap();
         assert_eq!(refused.error, ApiError::BudgetExceeded);
-        assert_eq!(refused.message, Some("The application's day budget is exhausted."));
+        assert_eq!(
+            refused.message,
+            Some("The application's day budget is exhausted.")
+        );
         // The key's reservation taken before the application refused was given back.
         assert_eq!(key(&snap, "k2").account.totals(), (0, 0));
         assert!(refused.retry_after_s.is_some());
@@ -1114,7 +1134,15 @@ mod tests {
         assert!(admit_app(&snap, "k2", 31).is_err());
         let mut second = admit_app(&snap, "k2", 30).unwrap();
         second.settle(30, 10);
-        assert_eq!(key(&snap, "k1").application.as_ref().unwrap().account.totals(), (60, 0));
+        assert_eq!(
+            key(&snap, "k1")
+                .application
+                .as_ref()
+                .unwrap()
+                .account
+                .totals(),
+            (60, 0)
+        );
         assert!(admit_app(&snap, "k1", 1).is_err());
         // Outside the application: only the org's balance applies.
         assert!(admit_app(&snap, "k3", 1_000).is_ok());

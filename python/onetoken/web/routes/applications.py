@@ -92,7 +92,9 @@ def list_applications(principal: AppsReadDep, session: SessionDep) -> Applicatio
 
 
 @router.get("/{app_id}", response_model=ApplicationResponse)
-def get_application(app_id: str, principal: AppsReadDep, session: SessionDep) -> ApplicationResponse:
+def get_application(
+    app_id: str, principal: AppsReadDep, session: SessionDep
+) -> ApplicationResponse:
     app = service.get_application(session, principal.org_id, app_id)
     return app_out(app, service.keys_of(session, principal.org_id).get(app.id, []))
 
