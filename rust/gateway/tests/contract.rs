@@ -203,7 +203,10 @@ fn full_snapshot_fixture_parses_with_every_admission_field() {
     assert!(doc.elsewhere_keys[0].shared);
     assert_eq!(key.application_id.as_deref(), Some("app_demo"));
     let app = &doc.applications[0];
-    assert_eq!((app.id.as_str(), app.org_id.as_str()), ("app_demo", "org_demo"));
+    assert_eq!(
+        (app.id.as_str(), app.org_id.as_str()),
+        ("app_demo", "org_demo")
+    );
     assert_eq!(app.limits.budget_month, Some(20_000_000_000));
     assert_eq!(app.usage.spent_month, 1000);
 
