@@ -229,6 +229,11 @@ call_log!(line_readers);
 
 /// Add one line (with its `\n`) to the batch; false when it is not a record.
 fn parse_into(line: &[u8], batch: &mut CallBatch) -> bool {
+    parse_current_into(line, batch)
+        || before_applications(line).is_some_and(|l| parse_current_into(&l, batch))
+}
+
+fn parse_current_into(line: &[u8], batch: &mut CallBatch) -> bool {
     if let Some(row) = parse_plain(line) {
         return push_checked(batch, &row);
     }
@@ -236,6 +241,21 @@ fn parse_into(line: &[u8], batch: &mut CallBatch) -> bool {
         return false;
     };
     push_checked(batch, &l.row())
+}
+
+/// A line journaled before `application_id` existed (it ends at `guard_flags`), with the
+/// column added as empty: it is a call of a key in no application, as ClickHouse reads
+/// rows from before the column. Without this, the calls an older engine journaled just
+/// before an upgrade would be bad lines and never billed. `None` for any other line.
+fn before_applications(line: &[u8]) -> Option<Vec<u8>> {
+    let body = line.strip_suffix(b"\n")?.strip_suffix(b"}")?;
+    if memchr::memmem::find(body, b"\"application_id\":").is_some() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(line.len() + 24);
+    out.extend_from_slice(body);
+    out.extend_from_slice(b",\"application_id\":\"\"}\n");
+    Some(out)
 }
 
 fn push_checked(batch: &mut CallBatch, row: &Row<'_>) -> bool {
@@ -248,6 +268,10 @@ fn push_checked(batch: &mut CallBatch, row: &Row<'_>) -> bool {
 
 /// One line (with its `\n`) as an owned record, or `None` when it is not one.
 fn parse_record(line: &[u8]) -> Option<CallRecord> {
+    parse_current_record(line).or_else(|| parse_current_record(&before_applications(line)?))
+}
+
+fn parse_current_record(line: &[u8]) -> Option<CallRecord> {
     if let Some(row) = parse_plain(line) {
         return row.record();
     }
@@ -430,6 +454,26 @@ mod tests {
             (0, end + 10, 1)
         );
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn lines_from_before_applications_read_as_no_application() {
+        let charged = CallRecord {
+            cost: 5,
+            ..rec(0, "a")
+        };
+        let mut old = String::from_utf8(lines(&[charged])).unwrap();
+        old = old.replace(",\"application_id\":\"app_1\"", "");
+        assert!(!old.contains("application_id"));
+        let (d, p) = segment(old.as_bytes());
+        let read = read_batch(&p, 0, 10, false, None).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+        assert_eq!((read.batch.rows, read.bad_lines), (1, 0));
+        assert_eq!(read.batch.usage.len(), 1);
+        assert_eq!(read.batch.usage[0].application_id, "");
+        let record = parse_record(old.as_bytes()).unwrap();
+        assert_eq!(record.application_id, "");
+        assert_eq!(record.guard_flags, "email:2");
     }
 
     #[test]
