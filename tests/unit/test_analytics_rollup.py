@@ -266,4 +266,4 @@ def test_every_new_column_has_a_comment(client: Client) -> None:
         "AND (table LIKE 'dim\\_%' OR table = 'call_stats_1m')"
     ).result_rows
     assert missing == []
-    assert tables == [(5,)]
+    assert tables == [(6,)]
