@@ -4,6 +4,7 @@ XIII.3: applications are managed through the platform's functions)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -184,3 +185,43 @@ def test_another_orgs_application_is_not_found(
     r = client.patch(f"{API}/applications/{theirs['id']}", headers=admin.headers,
                      json={"description": "x"})
     assert r.status_code == 404
+
+
+def test_an_application_budget_used_up_raises_quota_exhausted_once(
+    client: TestClient, admin: Admin, state: AppState, monkeypatch: Any
+) -> None:
+    from onetoken import webhooks
+    from onetoken.billing import service as billing
+    from onetoken.billing import usage as ledger_usage
+    from onetoken.billing.upkeep import BillingUpkeep
+    from tests.unit.batches import summarize
+
+    sent: list[tuple[str, str, dict[str, Any]]] = []
+    monkeypatch.setattr(webhooks, "emit", lambda org, kind, data: sent.append((org, kind, data)))
+    app = _app(client, admin.headers, limits={"budget_day": "0.00000006"})
+    key = _key(client, admin.headers, application_id=app["id"])
+    upkeep = BillingUpkeep(state.session_factory)
+    ts_us = time.time_ns() // 1000
+
+    def spend(rid: str, cost: int) -> None:
+        with state.session_factory() as s:
+            ledger_usage.record_usage(s, [billing.Usage(
+                org_id=admin.org_id, entry_id=rid, cost=cost, ts_us=ts_us, key_id=key["id"],
+                model="m", application_id=app["id"])])
+            s.commit()
+        upkeep.observe(summarize({
+            "request_id": [rid], "org_id": [admin.org_id], "key_id": [key["id"]],
+            "cost": [cost], "error_code": [""], "application_id": [app["id"]], "ts": [ts_us],
+        }))
+        upkeep.check_events(force=True)
+
+    spend("a", 40)
+    assert sent == []
+    spend("b", 20)  # 60 of 60 spent today
+    (event,) = sent
+    assert event == (admin.org_id, "quota_exhausted", {
+        "scope": "application", "period": "day", "budget": "0.000000060",
+        "spent": "0.000000060", "application_id": app["id"],
+    })
+    spend("c", 1)
+    assert len(sent) == 1  # once per period

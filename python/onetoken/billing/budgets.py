@@ -261,6 +261,7 @@ def check_events(
     now: datetime | None = None,
     *,
     refused: Iterable[tuple[str, str]] = (),
+    app_ids: Iterable[str] = (),
 ) -> list[tuple[str, str, dict[str, Any]]]:
     """Low balance and exhausted budgets of the given orgs/keys, each once per crossing or
     period. `refused` lists (org_id, key_id) of requests the engine answered with
@@ -335,7 +336,52 @@ def check_events(
                 window,
                 refused=any(k == b.id for _, k in refused),
             )
+    out += _applications_exhausted(session, set(app_ids), {k for _, k in refused if k}, window)
     session.flush()
+    return out
+
+
+def _applications_exhausted(
+    session: Session, app_ids: set[str], refused_keys: set[str], window: Window
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """quota_exhausted of the budgeted applications that spent (`app_ids`) or whose key
+    was refused for a budget (the engine does not say whose budget refused it: as for an
+    org and its key, each budget in the key's path is looked at)."""
+    refused_apps = (
+        {
+            str(a)
+            for a in session.scalars(
+                select(ApiKey.application_id).where(
+                    ApiKey.id.in_(sorted(refused_keys)), ApiKey.application_id.is_not(None)
+                )
+            )
+        }
+        if refused_keys
+        else set()
+    )
+    app_ids |= refused_apps
+    if not app_ids:
+        return []
+    budgeted = session.scalars(
+        select(Application).where(
+            Application.id.in_(sorted(app_ids)),
+            (Application.budget_day.is_not(None)) | (Application.budget_month.is_not(None)),
+        )
+    ).all()
+    spend = _spend(session, LedgerEntry.application_id, [a.id for a in budgeted], window)
+    out: list[tuple[str, str, dict[str, Any]]] = []
+    for a in budgeted:
+        out += _exhausted(
+            session,
+            a.org_id,
+            "application",
+            a.id,
+            a.budget_day,
+            a.budget_month,
+            spend.get(a.id, Spend()),
+            window,
+            refused=a.id in refused_apps,
+        )
     return out
 
 
@@ -376,6 +422,8 @@ def _exhausted(
             }
             if scope == "key":
                 data["key_id"] = scope_id
+            elif scope == "application":
+                data["application_id"] = scope_id
             out.append((org_id, "quota_exhausted", data))
     return out
 
