@@ -77,6 +77,9 @@ class Engine:
     def key_spend(self) -> dict[str, tuple[int, int]]:
         """key_id -> (settled cost since engine start, currently reserved), nano-units: the
         counter that keys[].usage.spent_mark refers to."""
+    def application_spend(self) -> dict[str, tuple[int, int]]:
+        """application_id -> (settled cost since engine start, currently reserved),
+        nano-units: the counter that applications[].usage.spent_mark refers to."""
     def stats(self) -> dict[str, int]:
         """Counters: records_total, in_flight, snapshot_version, journal_segments (segment
         files this instance opened), journal_errors (records lost: the append failed)."""
@@ -156,9 +159,10 @@ class JournalBatch:
     @property
     def max_ts(self) -> int: ...
     @property
-    def usage(self) -> list[tuple[str, str, str, int, int, int, int]]:
-        """(org_id, key_id, model_requested, UTC day, calls, cost, first ts) of the calls
-        with cost > 0 and an org, one per distinct (org, key, model, day)."""
+    def usage(self) -> list[tuple[str, str, str, int, int, int, int, str]]:
+        """(org_id, key_id, model_requested, UTC day, calls, cost, first ts, application_id)
+        of the calls with cost > 0 and an org, one per distinct (org, key, model, day,
+        application); application_id is empty for a key in no application."""
     @property
     def calls(self) -> list[tuple[str, int, str, str, int]]:
         """(key_id, status, error_code, provider, calls) of every call."""

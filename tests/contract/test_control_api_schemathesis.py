@@ -39,6 +39,7 @@ from sqlalchemy import update
 
 from onetoken.control import build_state, create_app
 from onetoken.incidents import service as incidents
+from onetoken.keys import applications
 from onetoken.keys import service as keys
 from onetoken.orgs import auth
 from onetoken.orgs import service as orgs
@@ -118,6 +119,8 @@ def _seed(state: AppState) -> World:
         member = orgs.create_account(s, org.id, "member@fuzz.test", PASSWORD, "viewer")
         key, _ = keys.create_key(s, state.secrets, org_id=org.id,
                                  created_by=callers["owner"], name="fuzzed")
+        app = applications.create_application(s, org_id=org.id, name="fuzzed",
+                                               owner_id=callers["developer"])
         ticket = tickets.create(s, org_id=org.id, opened_by=callers["owner"], subject="fuzzed",
                                 category="other", description="fuzzed")
         attachment = tickets.add_attachment(
@@ -132,6 +135,7 @@ def _seed(state: AppState) -> World:
         s.commit()
         return World(state, org.id, callers,
                      {"org_id": org.id, "account_id": member.id, "key_id": key.id,
+                      "app_id": app.id,
                       "ticket_id": ticket.id, "attachment_id": attachment.id,
                       "incident_id": incident.id, "event_id": event.event_id})
 
@@ -153,6 +157,8 @@ TMP, STATE, APP = _app()
 LOOSER_THAN_VALIDATION = {
     "POST /api/v1/keys": "expires_at in the future",
     "PATCH /api/v1/keys/{key_id}": "allowed_ips entries are addresses or CIDRs",
+    "POST /api/v1/applications": "owner_id is an active account of the org",
+    "PATCH /api/v1/applications/{app_id}": "owner_id is an active account of the org",
     "POST /api/v1/providers": "base_url syntax",
     "PATCH /api/v1/providers/{provider_id}": "base_url syntax",
     "PATCH /api/v1/billing/settings": "amount ranges",

@@ -25,8 +25,9 @@ def summarize(columns: dict[str, list[Any]]) -> Batch:
     keys, models, costs = col("key_id", ""), col("model_requested", ""), col("cost", 0)
     statuses, codes, ips = col("status", 0), col("error_code", ""), col("source_ip", "")
     providers, paths, agents = col("provider", ""), col("path", ""), col("user_agent", "")
+    apps = col("application_id", "")
     ids = columns["request_id"]
-    usage: dict[tuple[str, str, str, int], list[int]] = {}
+    usage: dict[tuple[str, str, str, int, str], list[Any]] = {}
     calls: dict[tuple[str, int, str, str], int] = {}
     owners: dict[str, tuple[str, str]] = {}
     failures: dict[tuple[str, str, str, str, int, str, str], list[Any]] = {}
@@ -42,7 +43,8 @@ def summarize(columns: dict[str, list[Any]]) -> Batch:
             dims = (orgs[i], accounts[i], keys[i], ips[i], statuses[i], codes[i], providers[i])
             failures.setdefault(dims, [0, ids[i], paths[i], agents[i]])[0] += 1
         if costs[i] > 0 and orgs[i]:
-            u = usage.setdefault((orgs[i], keys[i], models[i], ts[i] // DAY_US), [0, 0, ts[i]])
+            group = (orgs[i], keys[i], models[i], ts[i] // DAY_US)
+            u = usage.setdefault((*group, apps[i]), [0, 0, ts[i]])
             u[0] += 1
             u[1] += costs[i]
             u[2] = min(u[2], ts[i])
@@ -51,8 +53,8 @@ def summarize(columns: dict[str, list[Any]]) -> Batch:
         min_ts=min(ts, default=0),
         max_ts=max(ts, default=0),
         usage=sorted(
-            (UsageGroup(*k, *v) for k, v in usage.items()),
-            key=lambda g: (g.first_ts, g.org_id, g.key_id, g.model, g.day),
+            (UsageGroup(*k[:4], *v, k[4]) for k, v in usage.items()),
+            key=lambda g: (g.first_ts, g.org_id, g.key_id, g.model, g.day, g.application_id),
         ),
         calls=sorted(CallGroup(*k, v) for k, v in calls.items()),
         owners=owners,

@@ -51,6 +51,7 @@ def record(
         "rate_limit": "pass",
         "attempts": 1,
         "guard_flags": "",
+        "application_id": "",
     }
 
 

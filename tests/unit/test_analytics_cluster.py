@@ -392,6 +392,7 @@ def call_rows() -> list[list[Any]]:
             "rate_limit": "",
             "attempts": 1,
             "guard_flags": "",
+            "application_id": "",
         }
         rows.append([row[c] for c in CALL_LOG_COLUMNS])
     return rows

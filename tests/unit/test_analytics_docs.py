@@ -52,6 +52,8 @@ def seeded(client: Client) -> Client:
             values |= {"status": 502, "error_code": "upstream_error"}
         if i % 4 == 0:
             values |= {"streamed": 1, "guard_flags": "bank_card:2,phone:1"}
+        if i % 3 == 1:
+            values |= {"application_id": "app-crm"}
         rows.append(_call(i, now_us, **values))
     client.insert(CALL_LOG_TABLE, rows, column_names=list(CALL_LOG_COLUMNS))
     client.insert(CALL_LOG_TABLE, rows[:5], column_names=list(CALL_LOG_COLUMNS))

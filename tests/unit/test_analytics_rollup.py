@@ -66,6 +66,7 @@ def make_batch(tag: str, n: int, seed: int) -> dict[str, list[Any]]:
             "rate_limit": "limited" if status == 429 else "pass",
             "attempts": 1,
             "guard_flags": "phone:1" if rnd.random() < 0.05 else "",
+            "application_id": "",
         }
         for c in CALL_LOG_COLUMNS:
             rows[c].append(row[c])
@@ -265,4 +266,4 @@ def test_every_new_column_has_a_comment(client: Client) -> None:
         "AND (table LIKE 'dim\\_%' OR table = 'call_stats_1m')"
     ).result_rows
     assert missing == []
-    assert tables == [(5,)]
+    assert tables == [(6,)]

@@ -50,6 +50,7 @@ def make_batch(org: str, n: int, *, start: int = 0, ts0: int = T0) -> dict[str, 
         "rate_limit": ["pass"] * n,
         "attempts": [1] * n,
         "guard_flags": [""] * n,
+        "application_id": [""] * n,
     }
 
 

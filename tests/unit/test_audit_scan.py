@@ -54,6 +54,7 @@ def one_record(request_id: str, user_agent: str) -> dict[str, list[Any]]:
         "rate_limit": "pass",
         "attempts": 1,
         "guard_flags": "",
+        "application_id": "",
     }
     return {name: [values[name]] for name in CALL_LOG_COLUMNS}
 

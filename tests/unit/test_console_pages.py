@@ -113,7 +113,7 @@ def test_each_role_can_read_everything_its_pages_load(
     owner = make_org_admin(state, client, "Acme", "owner@acme.test")
     add_account(state, client, owner.org_id, "viewer@acme.test", "viewer")
     add_account(state, client, owner.org_id, "admin@acme.test", "admin")
-    new_pages = {"/models", "/organization", "/security/incidents"}
+    new_pages = {"/models", "/organization", "/security/incidents", "/applications"}
     for email, role, password in (
         ("viewer@acme.test", "viewer", "another long password"),
         ("admin@acme.test", "admin", "another long password"),
@@ -125,7 +125,7 @@ def test_each_role_can_read_everything_its_pages_load(
         listed = {p.path for p in PAGES if p.listed and p.permission in perms}
         # Every member sees the models with their processor and the org's terms; only
         # those who handle security events see the incidents.
-        assert {"/models", "/organization"} <= listed, role
+        assert {"/models", "/organization", "/applications"} <= listed, role
         assert ("/security/incidents" in listed) == (role != "viewer"), role
         assert "/operator/orgs" not in listed
         loaded = 0

@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from onetoken.analytics import clickhouse as ch
 from onetoken.ingest import dimensions
+from onetoken.keys import applications
 from onetoken.keys import service as keys
 from onetoken.keys.models import ApiKey
 from onetoken.orgs.models import Org
@@ -155,12 +156,17 @@ def test_nothing_secret_reaches_a_dimension_column(
                               api_key=f"sk-{CANARY}-credential")
         deploy(s, org.id, prov, "m")
         key, plaintext = build.api_key(s, state.secrets, org, owner, name="k")
+        # An application's description is not copied: its name is.
+        applications.create_application(
+            s, org_id=org.id, name="billing-bot", owner_id=owner.id,
+            description=f"talks to {CANARY}",
+        )
         s.commit()
         row = s.scalars(select(ApiKey).where(ApiKey.id == key.id)).one()
         stored = s.get_one(Provider, prov.id).api_key_encrypted
         secrets = [CANARY, plaintext, row.hash, str(stored)]
     assert all(secrets) and key.display not in secrets
-    assert dimensions.sync(state.session_factory, run_on(ch_client)) == 4
+    assert dimensions.sync(state.session_factory, run_on(ch_client)) == 5
 
     scanned = 0
     for table in dimensions.TABLES:
@@ -179,8 +185,31 @@ def test_nothing_secret_reaches_a_dimension_column(
                 ).result_rows[0][0]
                 assert found == 0, (table, column)
                 scanned += 1
-    # 14 string columns in the four tables, four secrets each.
-    assert scanned == 14 * 4
+    # 17 string columns in the five tables, four secrets each.
+    assert scanned == 17 * 4
+
+
+def test_applications_are_named_and_kept_once_deleted(
+    state: AppState, ch_client: Client
+) -> None:
+    run = run_on(ch_client)
+    with state.session_factory() as s:
+        org, owner = build.org_with_owner(s, "Globex", "owner@globex.test")
+        app = applications.create_application(s, org_id=org.id, name="crm", owner_id=owner.id)
+        s.commit()
+        org_id, app_id = org.id, app.id
+    dimensions.sync(state.session_factory, run)
+    assert final(ch_client, "dim_applications") == [(app_id, org_id, "crm", 0)]
+    with state.session_factory() as s:
+        applications.update_application(s, org_id, app_id, {"name": "crm-sync"})
+        s.commit()
+    dimensions.sync(state.session_factory, run)
+    assert final(ch_client, "dim_applications") == [(app_id, org_id, "crm-sync", 0)]
+    with state.session_factory() as s:
+        applications.delete_application(s, org_id, app_id)
+        s.commit()
+    dimensions.sync(state.session_factory, run)
+    assert final(ch_client, "dim_applications") == [(app_id, org_id, "crm-sync", 1)]
 
 
 def test_the_worker_syncs_at_start_and_after_a_change(

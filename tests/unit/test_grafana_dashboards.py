@@ -246,6 +246,7 @@ def _call_rows(rng: random.Random, org: str, n: int) -> list[list[Any]]:
             "rate_limit": limit,
             "attempts": 1,
             "guard_flags": rng.choice(["", "", "", "bank_card:2,phone:1", "email:1"]) if ok else "",
+            "application_id": "",
         }
         rows.append([row[c] for c in CALL_LOG_COLUMNS])
     return rows

@@ -182,6 +182,9 @@ def test_operator_terminates_an_org_once_through_the_api(
         siem.save(s, admin.org_id, host="1.1.1.1", port=6514, ca_pem=None, enabled=True,
                   allow=())
         s.commit()
+    app = client.post("/api/v1/applications", json={"name": "crm", "limits": {"rpm": 5}},
+                      headers=admin.headers)
+    assert app.status_code == 201, app.text
     url = f"/api/v1/orgs/{admin.org_id}/terminate"
     # Nobody but an operator, and never the operators' own org.
     assert client.post(url, json={"reason": "x"}, headers=admin.headers).status_code == 403
@@ -209,6 +212,7 @@ def test_operator_terminates_an_org_once_through_the_api(
         "dev@acme.test", "owner@acme.test"]
     assert [k["status"] for k in document["keys"]] == ["active", "active"]
     assert [p["name"] for p in document["providers"]] == ["own-upstream"]
+    assert [(a["name"], a["limits"]["rpm"]) for a in document["applications"]] == [("crm", 5)]
     assert document["webhooks"][0]["url"] == "https://h.test/x"
     assert document["siem_destination"]["host"] == "1.1.1.1"
     assert document["billing"]["ledger"][0]["amount"] == "5.000000000"

@@ -56,6 +56,7 @@ SHARD_KEYS: Final[dict[str, str]] = {
     "dim_providers": "cityHash64(provider_id)",
     "dim_models": "cityHash64(org_id, model)",
     "dim_keys": "cityHash64(key_id)",
+    "dim_applications": "cityHash64(application_id)",
     # Written by each shard's materialized view, not through the Distributed table; reads
     # add partial aggregates across shards, so any key would do.
     "call_stats_1m": "cityHash64(org_id)",

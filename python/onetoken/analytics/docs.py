@@ -281,9 +281,10 @@ inserted twice (a replay ClickHouse did not deduplicate) counts twice there, whi
 _NAMES: Final = """\
 ## Names
 
-`call_log` holds ids (`org_id`, `provider`, `key_id`); their names live in the control DB,
-which copies them into the dimension tables `dim_orgs`, `dim_providers`, `dim_models` and
-`dim_keys` of the shared database (names and display ids only, never secrets). They are
+`call_log` holds ids (`org_id`, `provider`, `key_id`, `application_id`); their names live
+in the control DB, which copies them into the dimension tables `dim_orgs`,
+`dim_providers`, `dim_models`, `dim_keys` and `dim_applications` of the shared database
+(names and display ids only, never secrets). They are
 `ReplacingMergeTree(updated_at)`: read them with `FINAL` for the latest version of each
 row, as the examples below do. A deleted thing keeps its row with `deleted = 1`, so past
 calls keep their names; an id the tables do not know yet joins to empty names.

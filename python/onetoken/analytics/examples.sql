@@ -202,6 +202,24 @@ GROUP BY org_id, key, key_name
 ORDER BY prompt_tokens + completion_tokens DESC
 LIMIT 50;
 
+-- name: cost_by_application
+-- columns: org_id, application, calls, cost_nano
+-- needs: onetoken.dim_applications
+-- Calls and cost by application over the last 30 days; calls of keys in no application
+-- are the empty application. A key moved to another application counts for the one it
+-- was in when each call was made.
+SELECT
+    c.org_id AS org_id,
+    if(c.application_id = '', '', if(a.name = '', c.application_id, a.name)) AS application,
+    count() AS calls,
+    sum(c.cost) AS cost_nano
+FROM onetoken.call_log AS c FINAL
+LEFT JOIN (SELECT application_id, name FROM onetoken.dim_applications FINAL) AS a
+    ON a.application_id = c.application_id
+WHERE c.ts >= now() - INTERVAL 30 DAY
+GROUP BY org_id, application
+ORDER BY cost_nano DESC;
+
 -- name: calls_per_minute_from_the_rollup
 -- columns: minute, model_served, calls, errors, tokens, cost_nano, latency_us_p50_p95_p99
 -- needs: onetoken.call_stats_1m

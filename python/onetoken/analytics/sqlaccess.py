@@ -57,6 +57,7 @@ READABLE_TABLES: Final = (
     "dim_providers",
     "dim_models",
     "dim_keys",
+    "dim_applications",
 )
 #: Dimension tables whose platform-wide rows (org_id '') every org may read: the names
 #: of the providers and models its calls went to.

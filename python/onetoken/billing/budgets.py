@@ -25,7 +25,7 @@ from onetoken.billing.models import DEFAULT_PRICE_FACTOR_PPM, BillingNotice, Led
 from onetoken.billing.service import MAX_BALANCE_NANO, MONEY_MOVED
 from onetoken.db.base import utcnow
 from onetoken.db.session import bump_revision
-from onetoken.keys.models import ApiKey
+from onetoken.keys.models import ApiKey, Application
 
 log = logging.getLogger("onetoken.billing")
 
@@ -159,6 +159,7 @@ class SnapshotBilling:
 
     orgs: dict[str, dict[str, Any]]
     keys: dict[str, dict[str, Any]]
+    applications: dict[str, dict[str, Any]]
 
 
 def snapshot_fields(
@@ -166,10 +167,12 @@ def snapshot_fields(
     *,
     org_marks: Mapping[str, int],
     key_marks: Mapping[str, int],
+    app_marks: Mapping[str, int] | None = None,
     now: datetime | None = None,
 ) -> SnapshotBilling:
-    """Per org: price_factor_ppm, limits.budget_*, usage; per key: limits.budget_*, usage.
-    Call under the supervisor's mark lock so spend and marks are one consistent pair."""
+    """Per org: price_factor_ppm, limits.budget_*, usage; per key and per application:
+    usage (their budgets are their limits, set by onetoken.keys). Call under the
+    supervisor's mark lock so spend and marks are one consistent pair."""
     window = Window.at(now or utcnow())
     org_rows = session.scalars(select(OrgBilling)).all()
     # Key budgets are key limits (onetoken.keys puts them in keys[].limits); the spend
@@ -198,7 +201,19 @@ def snapshot_fields(
     for k in key_rows:
         spent = key_spend.get(k.id, Spend())
         keys[k.id] = {"usage": _usage(window, spent, key_marks.get(k.id, 0))}
-    return SnapshotBilling(orgs=orgs, keys=keys)
+    # An application's spend is what its keys spent while in it: usage entries carry the
+    # application of the moment, so a key moved in brings none of its past spend.
+    budgeted_apps = session.scalars(
+        select(Application.id).where(
+            (Application.budget_day.is_not(None)) | (Application.budget_month.is_not(None))
+        )
+    ).all()
+    app_spend = _spend(session, LedgerEntry.application_id, budgeted_apps, window)
+    apps = {
+        a: {"usage": _usage(window, app_spend.get(a, Spend()), (app_marks or {}).get(a, 0))}
+        for a in budgeted_apps
+    }
+    return SnapshotBilling(orgs=orgs, keys=keys, applications=apps)
 
 
 def _usage(window: Window, spent: Spend, mark: int) -> dict[str, int]:
@@ -246,6 +261,7 @@ def check_events(
     now: datetime | None = None,
     *,
     refused: Iterable[tuple[str, str]] = (),
+    app_ids: Iterable[str] = (),
 ) -> list[tuple[str, str, dict[str, Any]]]:
     """Low balance and exhausted budgets of the given orgs/keys, each once per crossing or
     period. `refused` lists (org_id, key_id) of requests the engine answered with
@@ -320,7 +336,52 @@ def check_events(
                 window,
                 refused=any(k == b.id for _, k in refused),
             )
+    out += _applications_exhausted(session, set(app_ids), {k for _, k in refused if k}, window)
     session.flush()
+    return out
+
+
+def _applications_exhausted(
+    session: Session, app_ids: set[str], refused_keys: set[str], window: Window
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """quota_exhausted of the budgeted applications that spent (`app_ids`) or whose key
+    was refused for a budget (the engine does not say whose budget refused it: as for an
+    org and its key, each budget in the key's path is looked at)."""
+    refused_apps = (
+        {
+            str(a)
+            for a in session.scalars(
+                select(ApiKey.application_id).where(
+                    ApiKey.id.in_(sorted(refused_keys)), ApiKey.application_id.is_not(None)
+                )
+            )
+        }
+        if refused_keys
+        else set()
+    )
+    app_ids |= refused_apps
+    if not app_ids:
+        return []
+    budgeted = session.scalars(
+        select(Application).where(
+            Application.id.in_(sorted(app_ids)),
+            (Application.budget_day.is_not(None)) | (Application.budget_month.is_not(None)),
+        )
+    ).all()
+    spend = _spend(session, LedgerEntry.application_id, [a.id for a in budgeted], window)
+    out: list[tuple[str, str, dict[str, Any]]] = []
+    for a in budgeted:
+        out += _exhausted(
+            session,
+            a.org_id,
+            "application",
+            a.id,
+            a.budget_day,
+            a.budget_month,
+            spend.get(a.id, Spend()),
+            window,
+            refused=a.id in refused_apps,
+        )
     return out
 
 
@@ -361,6 +422,8 @@ def _exhausted(
             }
             if scope == "key":
                 data["key_id"] = scope_id
+            elif scope == "application":
+                data["application_id"] = scope_id
             out.append((org_id, "quota_exhausted", data))
     return out
 

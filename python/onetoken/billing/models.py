@@ -262,6 +262,9 @@ class LedgerEntry(Base):
     # Usage entries only: how many calls the entry covers (one entry per org, key, model and
     # UTC day of an ingested batch), so invoices sum calls instead of counting rows.
     calls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Usage entries only: the application the key was in when it spent (application
+    # budgets, statements by application); None for a key in none.
+    application_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
     __table_args__ = (
         CheckConstraint(
@@ -271,4 +274,5 @@ class LedgerEntry(Base):
         Index("ix_ledger_entries_org_id_id", "org_id", "id"),
         Index("ix_ledger_entries_org_id_kind_created_at", "org_id", "kind", "created_at"),
         Index("ix_ledger_entries_key_id_created_at", "key_id", "created_at"),
+        Index("ix_ledger_entries_application_id_created_at", "application_id", "created_at"),
     )

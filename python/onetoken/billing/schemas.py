@@ -281,6 +281,9 @@ class StatementResponse(BaseModel):
     by_model: list[UsageRowResponse]
     by_key: list[UsageRowResponse]
     by_day: list[UsageRowResponse]
+    by_application: list[UsageRowResponse] = Field(
+        description="Usage per application the keys were in when they spent ('': none)."
+    )
     credits: list[StatementEntry]
 
 
@@ -339,7 +342,7 @@ class CallStatsRow(BaseModel):
 
 class CallStatsResponse(BaseModel):
     org_id: str
-    group_by: Literal["model", "key", "day"]
+    group_by: Literal["model", "key", "day", "application"]
     start: datetime
     end: datetime
     data: list[CallStatsRow]

@@ -194,6 +194,7 @@ class Usage:
     key_id: str = ""
     model: str = ""
     calls: int = 1
+    application_id: str = ""
 
 
 def usage_key(entry_id: str) -> str:

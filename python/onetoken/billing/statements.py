@@ -34,7 +34,13 @@ from onetoken.orgs.models import Org
 T = TypeVar("T")
 Reader = Callable[[Callable[[Client], T]], T]
 
-GROUPS = {"model": "model_requested", "key": "key_id", "day": "toDate(ts, 'UTC')"}
+GROUPS = {
+    "model": "model_requested",
+    "key": "key_id",
+    "day": "toDate(ts, 'UTC')",
+    # '' for calls of keys in no application.
+    "application": "application_id",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +102,7 @@ class Statement:
     by_model: list[UsageRow] = field(default_factory=list)
     by_key: list[UsageRow] = field(default_factory=list)
     by_day: list[UsageRow] = field(default_factory=list)
+    by_application: list[UsageRow] = field(default_factory=list)
     credits: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -106,7 +113,8 @@ class Statement:
 def _per_group(
     client: Client, org_id: str, start: datetime, end: datetime, group: str, aggregates: str
 ) -> Sequence[Sequence[Any]]:
-    """`aggregates` over one org's call_log in [start, end) per model, key or day (FINAL:
+    """`aggregates` over one org's call_log in [start, end) per model, key, day or
+    application (FINAL:
     one row per request), as rows of (group, *aggregates) ordered by group."""
     result = client.query(
         f"SELECT toString({GROUPS[group]}) AS g, {aggregates} "  # noqa: S608 (fixed texts)
@@ -195,14 +203,17 @@ def build_statement(
     )
     if read is not None:
 
-        def query(c: Client) -> tuple[list[UsageRow], list[UsageRow], list[UsageRow]]:
+        def query(
+            c: Client,
+        ) -> tuple[list[UsageRow], list[UsageRow], list[UsageRow], list[UsageRow]]:
             return (
                 usage_rows(c, org_id, start, end, "model"),
                 usage_rows(c, org_id, start, end, "key"),
                 usage_rows(c, org_id, start, end, "day"),
+                usage_rows(c, org_id, start, end, "application"),
             )
 
-        stmt.by_model, stmt.by_key, stmt.by_day = read(query)
+        stmt.by_model, stmt.by_key, stmt.by_day, stmt.by_application = read(query)
         stmt.call_log_cost = sum(r.cost for r in stmt.by_model)
         stmt.calls = sum(r.calls for r in stmt.by_model)
     return stmt
@@ -212,7 +223,13 @@ def statement_csv(stmt: Statement) -> str:
     out = io.StringIO()
     w = csv.writer(out)
     w.writerow(["section", "group", "calls", "prompt_tokens", "completion_tokens", "cost"])
-    for section, rows in (("model", stmt.by_model), ("key", stmt.by_key), ("day", stmt.by_day)):
+    sections = (
+        ("model", stmt.by_model),
+        ("key", stmt.by_key),
+        ("day", stmt.by_day),
+        ("application", stmt.by_application),
+    )
+    for section, rows in sections:
         for r in rows:
             w.writerow(
                 [

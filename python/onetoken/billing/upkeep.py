@@ -33,6 +33,7 @@ class BillingUpkeep:
         self._lock = threading.Lock()
         self._orgs: set[str] = set()
         self._keys: set[str] = set()
+        self._apps: set[str] = set()
         self._refused: set[tuple[str, str]] = set()
 
     def tick(self, now: datetime | None = None) -> bool:
@@ -52,13 +53,15 @@ class BillingUpkeep:
         return bool(changed or lapsed)
 
     def observe(self, batch: Batch) -> None:
-        """Note which orgs and keys spent (or were refused for a budget) in an ingested
-        batch; every INTERVAL_S, check them for webhook events."""
+        """Note which orgs, keys and applications spent (or were refused for a budget) in an
+        ingested batch; every INTERVAL_S, check them for webhook events."""
         with self._lock:
             for u in batch.usage:
                 self._orgs.add(u.org_id)
                 if u.key_id:
                     self._keys.add(u.key_id)
+                if u.application_id:
+                    self._apps.add(u.application_id)
             for f in batch.failures:
                 if f.error_code == "budget_exceeded" and f.org_id:
                     self._refused.add((f.org_id, f.key_id))
@@ -70,13 +73,15 @@ class BillingUpkeep:
             return 0
         self._next_check = mono + self._interval
         with self._lock:
-            orgs, keys, refused = self._orgs, self._keys, self._refused
-            self._orgs, self._keys, self._refused = set(), set(), set()
-        if not (orgs or keys or refused):
+            orgs, keys, apps, refused = self._orgs, self._keys, self._apps, self._refused
+            self._orgs, self._keys, self._apps, self._refused = set(), set(), set(), set()
+        if not (orgs or keys or apps or refused):
             return 0
         try:
             with self._sf() as session:
-                events = budgets.check_events(session, orgs, keys, refused=refused)
+                events = budgets.check_events(
+                    session, orgs, keys, refused=refused, app_ids=apps
+                )
                 session.commit()
         except Exception as exc:
             log.warning("billing.events_failed", extra={"exc_type": type(exc).__name__})

@@ -63,6 +63,7 @@ def record_usage(session: Session, usages: Sequence[Usage]) -> list[Usage]:
             "key_id": u.key_id or None,
             "model": u.model or None,
             "calls": u.calls,
+            "application_id": u.application_id or None,
         }
         for u in fresh
     ]

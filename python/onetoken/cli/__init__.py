@@ -798,7 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = calls.add_parser("stats", help="an org's calls, errors, tokens, cost and latency per "
                          "model, key or day")
     p.add_argument("--org", required=True, help="org id")
-    p.add_argument("--by", choices=("model", "key", "day"), default="model")
+    p.add_argument("--by", choices=("model", "key", "day", "application"), default="model")
     p.add_argument("--from", dest="start", type=instant, default=None,
                    help="ISO start (incl.; default 30 days before --to)")
     p.add_argument("--to", dest="end", type=instant, default=None,

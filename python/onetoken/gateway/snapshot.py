@@ -24,7 +24,8 @@ from onetoken.billing import budgets as billing_budgets
 from onetoken.billing.service import balances
 from onetoken.db.base import utcnow
 from onetoken.db.session import SessionFactory, current_revision
-from onetoken.ingest.marks import spent_marks
+from onetoken.ingest.marks import application_marks, spent_marks
+from onetoken.keys import applications as keys_applications
 from onetoken.keys.models import ApiKey
 from onetoken.keys.service import snapshot_fields as keys_snapshot_fields
 from onetoken.kit.crypto import Secrets
@@ -46,6 +47,7 @@ def build_snapshot(
     org_balances: Mapping[str, int] | None = None,
     key_spent_marks: Mapping[str, int] | None = None,
     pool: str | None = None,
+    app_spent_marks: Mapping[str, int] | None = None,
 ) -> Snapshot:
     """`org_balances` and `spent_marks` must be read together (see SnapshotSource).
 
@@ -106,7 +108,9 @@ def build_snapshot(
         "providers": cat.providers,
         "models": cat.models,
     }
-    _add_billing(snapshot, session, spent_marks, key_spent_marks or {})
+    if apps := keys_applications.snapshot_entries(session, served):
+        snapshot["applications"] = apps
+    _add_billing(snapshot, session, spent_marks, key_spent_marks or {}, app_spent_marks or {})
     if blocked := blocking.snapshot_entries(session):  # attack interception
         snapshot["blocked_ips"] = blocked
     if elsewhere:
@@ -123,15 +127,21 @@ def _add_billing(
     session: Session,
     org_marks: Mapping[str, int],
     key_marks: Mapping[str, int],
+    app_marks: Mapping[str, int],
 ) -> None:
     """Price factors, budgets and the spend windows they are enforced on (billing)."""
-    extra = billing_budgets.snapshot_fields(session, org_marks=org_marks, key_marks=key_marks)
+    extra = billing_budgets.snapshot_fields(
+        session, org_marks=org_marks, key_marks=key_marks, app_marks=app_marks
+    )
     for org in snapshot["orgs"]:
         if (fields := extra.orgs.get(org["id"])) is not None:
             billing_budgets.merge_limits(org, fields)
     for key in snapshot["keys"]:
         if (fields := extra.keys.get(key["key_id"])) is not None:
             billing_budgets.merge_limits(key, fields)
+    for app in snapshot.get("applications", ()):
+        if (fields := extra.applications.get(app["id"])) is not None:
+            billing_budgets.merge_limits(app, fields)
 
 
 def _with_policy(entry: dict[str, Any], policy: dict[str, Any] | None) -> dict[str, Any]:
@@ -335,6 +345,7 @@ class SnapshotSource:
                     org_balances=balances(session),
                     key_spent_marks=key_marks,
                     pool=pool,
+                    app_spent_marks=application_marks(session, instance_id),
                 )
             etag = f'"{self._version}"'
             self._served[instance_id] = (key, etag)

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 
 class UsageGroup(NamedTuple):
-    """Charged calls (cost > 0, known org) of one org, key, requested model and UTC day."""
+    """Charged calls (cost > 0, known org) of one org, key, requested model, UTC day and
+    application."""
 
     org_id: str
     key_id: str
@@ -24,6 +25,7 @@ class UsageGroup(NamedTuple):
     calls: int
     cost: int  # nano-units
     first_ts: int  # earliest ts of the group, microseconds
+    application_id: str = ""  # empty: the key was in no application
 
 
 class CallGroup(NamedTuple):

@@ -1,5 +1,6 @@
-"""Names for the ids in the call log: the control DB's orgs, providers, models and keys,
-copied into ClickHouse's dimension tables (analytics migration 007) so that analytics
+"""Names for the ids in the call log: the control DB's orgs, providers, models, keys and
+applications, copied into ClickHouse's dimension tables (analytics migrations 007 and
+010) so that analytics
 queries can show names where call_log holds ids.
 
 Names and display ids only: a key's hash, a provider's credential and base URL, accounts
@@ -34,7 +35,7 @@ from sqlalchemy.orm import Session
 from onetoken.analytics.clickhouse import ttl_target
 from onetoken.analytics.columns import SHARED_DATABASE
 from onetoken.db.session import SessionFactory, current_revision
-from onetoken.keys.models import ApiKey
+from onetoken.keys.models import ApiKey, Application
 from onetoken.kit.worker import LoopThread
 from onetoken.orgs.models import Org
 from onetoken.providers.models import Model, Provider
@@ -50,6 +51,7 @@ TABLES: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "dim_providers": (("provider_id",), ("org_id", "name", "vendor", "region")),
     "dim_models": (("org_id", "model"), ("vendor",)),
     "dim_keys": (("key_id",), ("org_id", "display_id", "name")),
+    "dim_applications": (("application_id",), ("org_id", "name")),
 }
 POLL_S: Final = 2.0
 INTERVAL_S: Final = 60.0
@@ -83,6 +85,12 @@ def from_control(session: Session) -> Dimensions:
             (i,): (org_id, display, name)
             for i, org_id, display, name in session.execute(
                 select(ApiKey.id, ApiKey.org_id, ApiKey.display, ApiKey.name)
+            )
+        },
+        "dim_applications": {
+            (i,): (org_id, name)
+            for i, org_id, name in session.execute(
+                select(Application.id, Application.org_id, Application.name)
             )
         },
     }

@@ -78,8 +78,11 @@ def usage_entries(
     again (after a crash before its commit) names the same entries."""
     prefix = f"{instance_id}:{start.segment}:{start.offset}:"
     out = []
-    for org, key, model, day, calls, cost, first_ts in groups:
-        digest = hashlib.sha256(f"{org}\x00{key}\x00{model}\x00{day}".encode()).hexdigest()
+    for org, key, model, day, calls, cost, first_ts, app in groups:
+        # A key moved mid-batch makes two groups; calls in no application keep the id
+        # they had before applications, so a batch read again by a newer version matches.
+        ident = f"{org}\x00{key}\x00{model}\x00{day}" + (f"\x00{app}" if app else "")
+        digest = hashlib.sha256(ident.encode()).hexdigest()
         out.append(
             billing.Usage(
                 org_id=org,
@@ -89,6 +92,7 @@ def usage_entries(
                 key_id=key,
                 model=model,
                 calls=calls,
+                application_id=app,
             )
         )
     return out
@@ -339,11 +343,14 @@ class Ingestor:
             inserted = usage.record_usage(session, usages)
             orgs: dict[str, int] = defaultdict(int)
             keys: dict[str, int] = defaultdict(int)
+            apps: dict[str, int] = defaultdict(int)
             for u in inserted:
                 orgs[u.org_id] += u.cost
                 if u.key_id:
                     keys[u.key_id] += u.cost
-            add_marks(session, instance.instance_id, orgs, keys)
+                if u.application_id:
+                    apps[u.application_id] += u.cost
+            add_marks(session, instance.instance_id, orgs, keys, apps)
             session.commit()
         stored[LEDGER] = True
         self.rows_ingested += batch.rows

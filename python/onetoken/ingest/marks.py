@@ -18,6 +18,7 @@ from onetoken.ingest.models import IngestMark
 
 ORG: str = "org"
 KEY: str = "key"
+APP: str = "app"
 
 
 def spent_marks(session: Session, instance_id: str) -> tuple[dict[str, int], dict[str, int]]:
@@ -26,15 +27,31 @@ def spent_marks(session: Session, instance_id: str) -> tuple[dict[str, int], dic
     keys: dict[str, int] = {}
     for scope, subject, amount in session.execute(
         select(IngestMark.scope, IngestMark.subject_id, IngestMark.amount).where(
-            IngestMark.instance_id == instance_id
+            IngestMark.instance_id == instance_id, IngestMark.scope != APP
         )
     ):
         (orgs if scope == ORG else keys)[subject] = int(amount)
     return orgs, keys
 
 
+def application_marks(session: Session, instance_id: str) -> dict[str, int]:
+    """application id -> cost ingested from the instance while the key was in it."""
+    return {
+        str(subject): int(amount)
+        for subject, amount in session.execute(
+            select(IngestMark.subject_id, IngestMark.amount).where(
+                IngestMark.instance_id == instance_id, IngestMark.scope == APP
+            )
+        )
+    }
+
+
 def add_marks(
-    session: Session, instance_id: str, orgs: Mapping[str, int], keys: Mapping[str, int]
+    session: Session,
+    instance_id: str,
+    orgs: Mapping[str, int],
+    keys: Mapping[str, int],
+    apps: Mapping[str, int] | None = None,
 ) -> None:
     """Move the instance's marks by the cost just ingested, in the caller's transaction.
 
@@ -42,7 +59,7 @@ def add_marks(
     move the marks that exist, one to create the rest): a batch touches hundreds."""
     moves = {
         (scope, subject): amount
-        for scope, amounts in ((ORG, orgs), (KEY, keys))
+        for scope, amounts in ((ORG, orgs), (KEY, keys), (APP, apps or {}))
         for subject, amount in amounts.items()
         if subject and amount
     }

@@ -27,13 +27,13 @@ class IngestCursor(Base):
 
 
 class IngestMark(Base):
-    """Cost ingested into the ledger from one engine instance, per org or per key: the
-    spent mark that instance's snapshot carries."""
+    """Cost ingested into the ledger from one engine instance, per org, per key or per
+    application: the spent mark that instance's snapshot carries."""
 
     __tablename__ = "ingest_marks"
 
     instance_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    #: "org" or "key".
+    #: "org", "key" or "app".
     scope: Mapped[str] = mapped_column(String(8), primary_key=True)
     subject_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     amount: Mapped[int] = mapped_column(BigInteger)

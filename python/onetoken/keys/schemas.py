@@ -71,11 +71,15 @@ class KeyCreate(BaseModel):
         default=None, description="Source addresses/CIDRs the key may be used from; null = any."
     )
     limits: KeyLimits | None = None
+    application_id: Annotated[str, StringConstraints(max_length=32)] | None = Field(
+        default=None, description="Application the key belongs to (default: none)."
+    )
 
 
 class KeyUpdate(BaseModel):
     """Fields left out are unchanged; `null` clears `expires_at`, `not_before`,
-    `allowed_models`, `allowed_ips`; `limits` replaces all limits at once."""
+    `allowed_models`, `allowed_ips`; `limits` replaces all limits at once;
+    `application_id` moves the key into that application (`null`: out of any)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -87,6 +91,7 @@ class KeyUpdate(BaseModel):
     allowed_models: AllowedModels | None = None
     allowed_ips: AllowedIps | None = None
     limits: KeyLimits | None = None
+    application_id: Annotated[str, StringConstraints(max_length=32)] | None = None
 
 
 class KeyRotate(BaseModel):
@@ -113,6 +118,7 @@ class KeyResponse(BaseModel):
     allowed_models: list[str] | None
     allowed_ips: list[str] | None
     limits: KeyLimitsOut
+    application_id: str | None
     secret_version: int
     rotated_from: str | None
     created_by: str
@@ -131,3 +137,58 @@ class KeyRotated(KeyCreated):
 
 
 class KeyList(ListOf[KeyResponse]): ...
+
+
+# -- applications ---------------------------------------------------------------------------
+
+AppName = KeyName
+Description = Annotated[str, StringConstraints(max_length=500)]
+
+
+class ApplicationCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: AppName
+    owner_id: Annotated[str, StringConstraints(max_length=32)] | None = Field(
+        default=None, description="Account of the org that owns it (default: the caller)."
+    )
+    description: Description = ""
+    limits: KeyLimits | None = Field(
+        default=None, description="Limits over all of the application's keys together."
+    )
+
+
+class ApplicationUpdate(BaseModel):
+    """Fields left out are unchanged; `limits` replaces all limits at once. Name and owner
+    are the org admins' to change; description and limits also the application owner's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: AppName | None = None
+    owner_id: Annotated[str, StringConstraints(max_length=32)] | None = None
+    description: Description | None = None
+    limits: KeyLimits | None = None
+
+
+class ApplicationKey(BaseModel):
+    id: str
+    name: str
+    display: str
+    status: Literal["active", "disabled", "revoked"]
+    owner_id: str | None
+
+
+class ApplicationResponse(BaseModel):
+    id: str
+    org_id: str
+    name: str
+    description: str
+    owner_id: str
+    limits: KeyLimitsOut
+    keys: list[ApplicationKey]
+    created_by: str | None
+    created_at: datetime
+    updated_at: datetime | None
+
+
+class ApplicationList(ListOf[ApplicationResponse]): ...

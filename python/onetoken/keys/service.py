@@ -332,6 +332,8 @@ def rotate_key(
     # setter: the rotating account does not become it.
     new.limits_set_by = old.limits_set_by
     new.scopes_set_by = old.scopes_set_by
+    # The new key takes the old one's place in its application (and its limits).
+    new.application_id = old.application_id
     policy = session.get(KeyPolicy, old.id)
     if policy is not None:
         session.add(KeyPolicy(key_id=new.id, policy=dict(policy.policy)))
@@ -384,4 +386,6 @@ def snapshot_fields(key: ApiKey) -> dict[str, Any]:
     limits = {f: getattr(key, f) for f in LIMIT_FIELDS}
     if any(v is not None for v in limits.values()):
         out["limits"] = limits
+    if key.application_id is not None:
+        out["application_id"] = key.application_id
     return out

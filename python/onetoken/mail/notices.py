@@ -30,7 +30,7 @@ ADMIN_ROLES: Final = ("owner", "admin")
 ALERT_SEVERITIES: Final = frozenset({"high", "critical"})
 # The alert data fields a message may show: metadata the webhooks already carry.
 _SHOWN_FIELDS: Final = (
-    "balance", "threshold", "scope", "period", "budget", "spent", "key_id",
+    "balance", "threshold", "scope", "period", "budget", "spent", "key_id", "application_id",
 )
 
 

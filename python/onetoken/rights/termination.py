@@ -46,7 +46,8 @@ from sqlalchemy.orm import Session
 from onetoken.billing.models import Invoice, LedgerEntry, Order, Package
 from onetoken.db.base import utcnow
 from onetoken.db.session import bump_revision
-from onetoken.keys.models import ApiKey
+from onetoken.keys.models import ApiKey, Application
+from onetoken.keys.service import LIMIT_FIELDS
 from onetoken.kit import sealed
 from onetoken.kit.errors import Conflict, NotFound
 from onetoken.kit.files import PRIVATE_FILE_MODE, private_dir
@@ -199,14 +200,19 @@ def _iso(value: datetime | None) -> str | None:
 def build_export(session: Session, org: Org, run: erasure.ClientRunner | None) -> dict[str, Any]:
     """Everything kept about the org: its fields and terms, each account's own export
     (rights.export: account, keys, sign-in sources, tickets, and with ClickHouse at hand
-    its call statistics and security events), every key, callback address, provider and
-    model (no secret, no credential), and its billing records."""
+    its call statistics and security events), every key, application, callback address,
+    provider and model (no secret, no credential), and its billing records."""
     found = org_terms.get_terms(session, org)
     accounts = session.scalars(
         select(Account).where(Account.org_id == org.id).order_by(Account.created_at, Account.id)
     ).all()
     keys = session.scalars(
         select(ApiKey).where(ApiKey.org_id == org.id).order_by(ApiKey.created_at, ApiKey.id)
+    ).all()
+    apps = session.scalars(
+        select(Application)
+        .where(Application.org_id == org.id)
+        .order_by(Application.created_at, Application.id)
     ).all()
     endpoints = webhooks.list_endpoints(session, org.id)
     siem_destination = siem_service.get(session, org.id)
@@ -231,9 +237,15 @@ def build_export(session: Session, org: Org, run: erasure.ClientRunner | None) -
         "accounts": [export.build(session, a, run) for a in accounts],
         "keys": [
             {"id": k.id, "name": k.name, "display": k.display, "status": k.status,
-             "owner_id": k.owner_id, "created_at": _iso(k.created_at),
-             "revoked_at": _iso(k.revoked_at)}
+             "owner_id": k.owner_id, "application_id": k.application_id,
+             "created_at": _iso(k.created_at), "revoked_at": _iso(k.revoked_at)}
             for k in keys
+        ],
+        "applications": [
+            {"id": a.id, "name": a.name, "description": a.description, "owner_id": a.owner_id,
+             "limits": {f: getattr(a, f) for f in LIMIT_FIELDS},
+             "created_at": _iso(a.created_at)}
+            for a in apps
         ],
         "webhooks": [
             {"id": e.id, "url": e.url_display, "kinds": list(e.kinds), "status": e.status,

@@ -104,6 +104,14 @@ PERMISSIONS: dict[str, Permission] = {
             "owner admin developer",
             "Create, change, rotate and revoke API keys (developers: only keys they own).",
         ),
+        _p("applications.read", _ALL, "List applications with their keys and limits."),
+        _p(
+            "applications.write",
+            "owner admin developer",
+            "Create, rename, hand over and delete applications (owners and admins); change "
+            "an application's description and limits within the organization's own (also "
+            "its owner).",
+        ),
         _p("providers.read", "owner admin developer", "Read providers (never credentials)."),
         _p("providers.write", "owner admin", "Create, change and delete providers."),
         _p("models.read", _ALL, "Read models and prices."),

@@ -16,6 +16,7 @@ from onetoken.web import console, docs_pages
 from onetoken.web.deps import PublicDep
 from onetoken.web.routes import (
     analytics,
+    applications,
     billing,
     gateway,
     keys,
@@ -35,8 +36,8 @@ from onetoken.web.routes import (
 def include_routes(app: FastAPI) -> None:
     """Every route of the control process (the permissions doc reads them from here)."""
     api = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES)
-    for module in (orgs, pools, keys, providers, billing, analytics, webhooks, rights, security,
-                   siem, tickets, sso):
+    for module in (orgs, pools, keys, applications, providers, billing, analytics, webhooks,
+                   rights, security, siem, tickets, sso):
         api.include_router(module.router)
     app.include_router(api)
     # The gateways' snapshots and config; the gateway channel token, not a session.

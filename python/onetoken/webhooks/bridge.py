@@ -21,6 +21,9 @@ WEBHOOK_KIND: Final[dict[str, str]] = {
     "admin.key_changed": "permission_change",
     "admin.key_revoked": "permission_change",
     "admin.key_rotated": "permission_change",
+    # A key moved between applications falls under other limits.
+    "admin.key_application_changed": "permission_change",
+    "admin.application_changed": "permission_change",
     "admin.totp_reset": "permission_change",
 }
 # Before/after values forwarded for these fields only: settings, never personal data
@@ -29,7 +32,7 @@ _FORWARDED_FIELDS: Final = frozenset(
     {
         "role", "status", "allowed_models", "allowed_ips", "expires_at", "not_before",
         "rpm", "tpm", "concurrency", "budget_day", "budget_month", "scope", "reason",
-        "ua_family", "net", "attempts", "failures", "lock_seconds",
+        "ua_family", "net", "attempts", "failures", "lock_seconds", "application_id",
     }
 )
 

@@ -53,6 +53,7 @@ pub(crate) struct Call {
     pub(crate) model_requested: String,
     /// The sensitive-content guard's categories and counts.
     pub(crate) guard_flags: String,
+    pub(crate) application_id: String,
 
     // reserve
     /// The org balance reservation, settled against the cost.
@@ -144,6 +145,7 @@ impl Call {
             body_consumed: false,
             model_requested: String::new(),
             guard_flags: String::new(),
+            application_id: String::new(),
             reservation: None,
             admission: Admission::default(),
             unpriced: None,
@@ -304,6 +306,7 @@ impl Call {
             rate_limit: if self.rate_limited { "limited" } else { "pass" },
             attempts: self.attempts,
             guard_flags: take(&mut self.guard_flags),
+            application_id: take(&mut self.application_id),
         };
         let attrs = self.trace.as_ref().map(|_| span_attributes(&rec));
         self.shared.records.push(rec);

@@ -72,11 +72,13 @@ type FxSet<K> = HashSet<K, BuildHasherDefault<FxHasher>>;
 /// Microseconds in a UTC day: usage groups never straddle one.
 const DAY_US: i64 = 86_400_000_000;
 
-/// Charged calls of one (org, key, requested model, UTC day) in a batch.
+/// Charged calls of one (org, key, requested model, UTC day, application) in a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageGroup {
     pub org_id: String,
     pub key_id: String,
+    /// Empty when the key was in no application (a key moved mid-batch makes two groups).
+    pub application_id: String,
     pub model: String,
     /// Days since the Unix epoch (UTC).
     pub day: i64,
@@ -323,8 +325,8 @@ impl LcColumn {
     }
 }
 
-/// (org, key, model) dictionary ids and the UTC day.
-type UsageKey = (u32, u32, u32, i64);
+/// (org, key, model) dictionary ids, the UTC day and the application's dictionary id.
+type UsageKey = (u32, u32, u32, i64, u32);
 /// Key id, status, (error code, provider) ids.
 type CallKey = (u32, u16, u32, u32);
 /// (org, account, key, source ip) ids, status, (error code, provider) ids.
@@ -386,6 +388,7 @@ impl CallBatch {
         let c = &self.columns;
         let (path, model) = (c.path.last(), c.model_requested.last());
         let (provider, code) = (c.provider.last(), c.error_code.last());
+        let app = c.application_id.last();
 
         let org = self.orgs.id(r.org_id);
         let key = self.keys.id(r.key_id);
@@ -427,7 +430,7 @@ impl CallBatch {
             let day = r.ts.div_euclid(DAY_US);
             let g = self
                 .usage
-                .entry((org, key, model, day))
+                .entry((org, key, model, day, app))
                 .or_insert((0, 0, r.ts));
             g.0 += 1;
             g.1 += i128::from(r.cost);
@@ -449,9 +452,10 @@ impl CallBatch {
             .usage
             .iter()
             .map(
-                |(&(org, key, model, day), &(calls, cost, first_ts))| UsageGroup {
+                |(&(org, key, model, day, app), &(calls, cost, first_ts))| UsageGroup {
                     org_id: self.orgs.get(org),
                     key_id: self.keys.get(key),
+                    application_id: self.columns.application_id.dict.get(app),
                     model: self.columns.model_requested.dict.get(model),
                     day,
                     calls,
@@ -462,8 +466,22 @@ impl CallBatch {
             .collect();
         // A stable order: the same batch always yields the same list.
         usage.sort_by(|a, b| {
-            (a.first_ts, &a.org_id, &a.key_id, &a.model, a.day)
-                .cmp(&(b.first_ts, &b.org_id, &b.key_id, &b.model, b.day))
+            (
+                a.first_ts,
+                &a.org_id,
+                &a.key_id,
+                &a.model,
+                a.day,
+                &a.application_id,
+            )
+                .cmp(&(
+                    b.first_ts,
+                    &b.org_id,
+                    &b.key_id,
+                    &b.model,
+                    b.day,
+                    &b.application_id,
+                ))
         });
         let mut calls: Vec<CallGroup> = self
             .calls

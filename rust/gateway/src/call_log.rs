@@ -80,6 +80,10 @@ macro_rules! call_log {
             /// `bank_card:2,phone:1`); empty when the guard is off or found nothing.
             /// Categories and counts only, never the matched text.
             guard_flags: String => LcColumn "LowCardinality(String)",
+            /// Application id (its record in the control DB) the key belonged to when the
+            /// call was made; empty when the key was in no application or not recognised.
+            /// A key moved to another application counts for the new one from then on.
+            application_id: String => LcColumn "LowCardinality(String)",
         }
     };
 }

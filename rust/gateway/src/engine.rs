@@ -124,7 +124,7 @@ impl Shared {
     }
 
     /// The live state the refiller looks after: org accounts, and the rate and
-    /// concurrency state of keys and orgs by hash tag.
+    /// concurrency state of keys, applications and orgs by hash tag.
     fn scopes(&self) -> Scopes {
         let accounts = self.accounts.lock();
         let tagged = |prefix: &str, states: &HashMap<String, Arc<LimitState>>| {
@@ -134,6 +134,7 @@ impl Shared {
                 .collect::<Vec<_>>()
         };
         let mut limits = tagged("k", &accounts.key_limits);
+        limits.extend(tagged("a", &accounts.app_limits));
         limits.extend(tagged("o", &accounts.org_limits));
         let spending = |prefix: &str, accounts: &HashMap<String, Arc<OrgAccount>>| {
             accounts
@@ -142,6 +143,7 @@ impl Shared {
                 .collect::<Vec<_>>()
         };
         let mut spend = spending("k", &accounts.keys);
+        spend.extend(spending("a", &accounts.apps));
         spend.extend(spending("o", &accounts.orgs));
         Scopes {
             spend,
@@ -433,6 +435,13 @@ impl Engine {
     /// counters that key budgets compare with `keys[].usage.spent_mark`.
     pub fn key_spend(&self) -> Vec<(String, i64, i64)> {
         spend_of(&self.shared.accounts.lock().keys)
+    }
+
+    /// `(application id, spent since engine start, currently reserved)` for every known
+    /// application: the counters that application budgets compare with
+    /// `applications[].usage.spent_mark`.
+    pub fn application_spend(&self) -> Vec<(String, i64, i64)> {
+        spend_of(&self.shared.accounts.lock().apps)
     }
 
     /// Counters for the control plane.

@@ -435,6 +435,7 @@ impl From<Refusal> for Failure {
             return Failure::from(error);
         }
         let detail = Detail {
+            message: refusal.message,
             limited: Some(refusal),
             ..Detail::default()
         };

@@ -229,6 +229,11 @@ call_log!(line_readers);
 
 /// Add one line (with its `\n`) to the batch; false when it is not a record.
 fn parse_into(line: &[u8], batch: &mut CallBatch) -> bool {
+    parse_current_into(line, batch)
+        || before_applications(line).is_some_and(|l| parse_current_into(&l, batch))
+}
+
+fn parse_current_into(line: &[u8], batch: &mut CallBatch) -> bool {
     if let Some(row) = parse_plain(line) {
         return push_checked(batch, &row);
     }
@@ -236,6 +241,21 @@ fn parse_into(line: &[u8], batch: &mut CallBatch) -> bool {
         return false;
     };
     push_checked(batch, &l.row())
+}
+
+/// A line journaled before `application_id` existed (it ends at `guard_flags`), with the
+/// column added as empty: it is a call of a key in no application, as ClickHouse reads
+/// rows from before the column. Without this, the calls an older engine journaled just
+/// before an upgrade would be bad lines and never billed. `None` for any other line.
+fn before_applications(line: &[u8]) -> Option<Vec<u8>> {
+    let body = line.strip_suffix(b"\n")?.strip_suffix(b"}")?;
+    if memchr::memmem::find(body, b"\"application_id\":").is_some() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(line.len() + 24);
+    out.extend_from_slice(body);
+    out.extend_from_slice(b",\"application_id\":\"\"}\n");
+    Some(out)
 }
 
 fn push_checked(batch: &mut CallBatch, row: &Row<'_>) -> bool {
@@ -248,6 +268,10 @@ fn push_checked(batch: &mut CallBatch, row: &Row<'_>) -> bool {
 
 /// One line (with its `\n`) as an owned record, or `None` when it is not one.
 fn parse_record(line: &[u8]) -> Option<CallRecord> {
+    parse_current_record(line).or_else(|| parse_current_record(&before_applications(line)?))
+}
+
+fn parse_current_record(line: &[u8]) -> Option<CallRecord> {
     if let Some(row) = parse_plain(line) {
         return row.record();
     }
@@ -299,6 +323,7 @@ mod tests {
             rate_limit: "limited",
             attempts: u8::MAX,
             guard_flags: "email:2".into(),
+            application_id: "app_1".into(),
         }
     }
 
@@ -432,6 +457,26 @@ mod tests {
     }
 
     #[test]
+    fn lines_from_before_applications_read_as_no_application() {
+        let charged = CallRecord {
+            cost: 5,
+            ..rec(0, "a")
+        };
+        let mut old = String::from_utf8(lines(&[charged])).unwrap();
+        old = old.replace(",\"application_id\":\"app_1\"", "");
+        assert!(!old.contains("application_id"));
+        let (d, p) = segment(old.as_bytes());
+        let read = read_batch(&p, 0, 10, false, None).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+        assert_eq!((read.batch.rows, read.bad_lines), (1, 0));
+        assert_eq!(read.batch.usage.len(), 1);
+        assert_eq!(read.batch.usage[0].application_id, "");
+        let record = parse_record(old.as_bytes()).unwrap();
+        assert_eq!(record.application_id, "");
+        assert_eq!(record.guard_flags, "email:2");
+    }
+
+    #[test]
     fn bad_lines_are_counted_and_skipped() {
         let mut bytes = lines(&[rec(0, "a")]);
         bytes.extend_from_slice(b"{\"ts\":1,\"request_id\":\"torn\n");
@@ -524,7 +569,7 @@ mod group_tests {
         }
     }
 
-    /// Usage groups are per (org, key, model, UTC day), count only charged calls of a
+    /// Usage groups are per (org, key, model, UTC day, application), count only charged calls of a
     /// known org, sum costs beyond i64 and keep the earliest ts; call groups count every
     /// record.
     #[test]
@@ -537,6 +582,12 @@ mod group_tests {
             rec(5 * DAY + 2, "o", "k", "m", 0),
             rec(5 * DAY + 3, "o", "k", "m", -3),
             rec(5 * DAY + 4, "", "", "m", 9),
+            // The key moved into an application: its calls from then on are a group of
+            // their own, so the ledger can say which application spent them.
+            CallRecord {
+                application_id: "app_a".into(),
+                ..rec(5 * DAY + 5, "o", "k", "m", 4)
+            },
         ];
         let mut buf = Vec::new();
         for r in &records {
@@ -551,6 +602,7 @@ mod group_tests {
             |org: &str, key: &str, day: i64, calls: u64, cost: i128, first_ts: i64| UsageGroup {
                 org_id: org.into(),
                 key_id: key.into(),
+                application_id: String::new(),
                 model: "m".into(),
                 day,
                 calls,
@@ -563,6 +615,10 @@ mod group_tests {
                 g("o", "k", 4, 2, 2 * i128::from(i64::MAX), 5 * DAY - 2),
                 g("o", "k", 5, 1, 7, 5 * DAY),
                 g("o", "k2", 5, 1, 1, 5 * DAY + 1),
+                UsageGroup {
+                    application_id: "app_a".into(),
+                    ..g("o", "k", 5, 1, 4, 5 * DAY + 5)
+                },
             ]
         );
         let calls: Vec<(&str, u64)> = read
@@ -571,7 +627,7 @@ mod group_tests {
             .iter()
             .map(|c| (c.key_id.as_str(), c.calls))
             .collect();
-        assert_eq!(calls, [("", 1), ("k", 5), ("k2", 1)]);
+        assert_eq!(calls, [("", 1), ("k", 6), ("k2", 1)]);
         let owner = |k: &str| (k.to_owned(), "o".to_owned(), "acc-o".to_owned());
         assert_eq!(read.batch.owners, [owner("k"), owner("k2")]);
         let ips = |k: &str| (k.to_owned(), vec!["10.0.0.1".to_owned()]);
@@ -579,7 +635,7 @@ mod group_tests {
         assert!(read.batch.failures.is_empty(), "every call succeeded");
         assert_eq!(
             (read.batch.min_ts, read.batch.max_ts),
-            (5 * DAY - 2, 5 * DAY + 4)
+            (5 * DAY - 2, 5 * DAY + 5)
         );
     }
 }

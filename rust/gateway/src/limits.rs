@@ -1,4 +1,4 @@
-//! Admission limits per key and per org: requests and tokens per minute (GCRA), concurrent
+//! Admission limits per key, per application and per org: requests and tokens per minute (GCRA), concurrent
 //! requests, and day/month spend budgets.
 //!
 //! Limit *values* come from the snapshot; limit *state* lives in [`LimitState`] and
@@ -306,6 +306,9 @@ pub(crate) struct LiveCounters {
     pub(crate) keys: HashMap<String, Arc<OrgAccount>>,
     pub(crate) org_limits: HashMap<String, Arc<LimitState>>,
     pub(crate) key_limits: HashMap<String, Arc<LimitState>>,
+    /// Spend counters by application id (for application budgets).
+    pub(crate) apps: HashMap<String, Arc<OrgAccount>>,
+    pub(crate) app_limits: HashMap<String, Arc<LimitState>>,
 }
 
 /// Nanoseconds on a process-wide monotonic clock (never 0, so 0 can mean "empty").
@@ -452,6 +455,9 @@ pub(crate) struct Refusal {
     /// came back with less than it asked for. The caller may wait for a refill and try
     /// again.
     pub(crate) lease_short: Option<(LeaseKind, bool)>,
+    /// The message when an application's limit refused, naming that limit (a fixed text:
+    /// the client would otherwise blame its key, whose own limits were not reached).
+    pub(crate) message: Option<&'static str>,
 }
 
 impl Refusal {
@@ -462,6 +468,7 @@ impl Refusal {
             requests: None,
             tokens: None,
             lease_short: None,
+            message: None,
         }
     }
 
@@ -569,14 +576,15 @@ fn retry_secs(ns: u64) -> u64 {
 }
 
 /// What one admitted request holds: its concurrency slots (released on drop), its token
-/// charges (corrected at settle) and its key-budget reservation.
+/// charges (corrected at settle) and its key- and application-budget reservations.
 #[derive(Default)]
 pub(crate) struct Admission {
-    slots: [Option<Arc<LimitState>>; 2],
-    requests: [Option<Arc<LimitState>>; 2],
+    slots: [Option<Arc<LimitState>>; 3],
+    requests: [Option<Arc<LimitState>>; 3],
     /// (state, tokens charged).
-    tokens: [Option<(Arc<LimitState>, u64)>; 2],
-    key_reservation: Option<(Arc<OrgAccount>, i64)>,
+    tokens: [Option<(Arc<LimitState>, u64)>; 3],
+    /// (key account, amount), then (application account, amount).
+    reservations: [Option<(Arc<OrgAccount>, i64)>; 2],
 }
 
 impl Admission {
@@ -596,16 +604,16 @@ impl Admission {
             s.tokens.refund(charged);
             s.lease_give(RateKind::Tokens, charged);
         }
-        if let Some((account, amount)) = self.key_reservation.take() {
+        for (account, amount) in self.reservations.iter_mut().filter_map(Option::take) {
             account.settle(amount, 0);
         }
         self.release_slots();
     }
 
-    /// The request is over: charge the key's spend, correct the token charge to the
-    /// tokens actually billed, free the concurrency slots.
+    /// The request is over: charge the key's and the application's spend, correct the
+    /// token charge to the tokens actually billed, free the concurrency slots.
     pub(crate) fn settle(&mut self, cost: i64, tokens_used: u64) {
-        if let Some((account, amount)) = self.key_reservation.take() {
+        for (account, amount) in self.reservations.iter_mut().filter_map(Option::take) {
             account.settle(amount, cost);
         }
         for (s, charged) in self.tokens.iter_mut().filter_map(Option::take) {
@@ -625,8 +633,8 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         // Settle is always called when a record is emitted; this only guards the slots
-        // and the key reservation if a request is dropped some other way.
-        if let Some((account, amount)) = self.key_reservation.take() {
+        // and the budget reservations if a request is dropped some other way.
+        for (account, amount) in self.reservations.iter_mut().filter_map(Option::take) {
             account.settle(amount, 0);
         }
         self.release_slots();
@@ -646,6 +654,40 @@ fn rate_refusal(state: &LimitState, limits: &Limits, now: u64, retry_ns: u64) ->
         requests: dim(&state.requests, limits.rpm),
         tokens: dim(&state.tokens, limits.tpm),
         lease_short: None,
+        message: None,
+    }
+}
+
+/// Which scope of [`admit_at`] a limit belongs to: the application's refusals say so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Key,
+    Application,
+    Org,
+}
+
+impl Refusal {
+    /// Name the application's limit in the message when it is the one that refused.
+    fn by(self, owner: Owner, rate: Option<RateKind>) -> Self {
+        if owner != Owner::Application {
+            return self;
+        }
+        let message = match (self.error, rate) {
+            (ApiError::RateLimited, Some(RateKind::Tokens)) => {
+                "The application's tokens-per-minute limit is exceeded; retry after the Retry-After delay."
+            }
+            (ApiError::RateLimited, _) => {
+                "The application's requests-per-minute limit is exceeded; retry after the Retry-After delay."
+            }
+            (ApiError::ConcurrencyLimited, _) => {
+                "Too many concurrent requests for this key's application."
+            }
+            _ => return self,
+        };
+        Refusal {
+            message: Some(message),
+            ..self
+        }
     }
 }
 
@@ -666,11 +708,22 @@ pub(crate) fn admit_at(
     unix_now: i64,
 ) -> Result<Admission, Refusal> {
     let org = &key.org;
-    let scopes: [(&Limits, &Arc<LimitState>); 2] =
-        [(&key.limits, &key.limiter), (&org.limits, &org.limiter)];
+    let app = key.application.as_deref();
+    // Key, then application, then org: the narrowest scope refuses first.
+    let scopes: [Option<(Owner, &Limits, &Arc<LimitState>)>; 3] = [
+        Some((Owner::Key, &key.limits, &key.limiter)),
+        app.map(|a| (Owner::Application, &a.limits, &a.limiter)),
+        Some((Owner::Org, &org.limits, &org.limiter)),
+    ];
+    let scopes = || {
+        scopes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.map(|(owner, limits, state)| (i, owner, limits, state)))
+    };
     let mut adm = Admission::default();
 
-    for (i, (limits, state)) in scopes.iter().enumerate() {
+    for (i, owner, limits, state) in scopes() {
         if let (Some(limit), Some(slots)) = (limits.concurrency, &state.slots) {
             // Shared: the slot is taken under the lease's lock, so the refiller never
             // lowers `granted` below what is in flight.
@@ -688,7 +741,8 @@ pub(crate) fn admit_at(
                     retry_after_s: Some(1),
                     lease_short: short,
                     ..Refusal::plain(ApiError::ConcurrencyLimited)
-                });
+                }
+                .by(owner, None));
             }
             state.in_flight.fetch_add(1, Ordering::AcqRel);
             lease.peak = lease.peak.max(n);
@@ -702,10 +756,12 @@ pub(crate) fn admit_at(
             return Err(Refusal {
                 retry_after_s: Some(1),
                 ..Refusal::plain(ApiError::ConcurrencyLimited)
-            });
+            }
+            .by(owner, None));
         }
     }
-    for (i, (limits, state)) in scopes.iter().enumerate() {
+    let requests = Some(RateKind::Requests);
+    for (i, owner, limits, state) in scopes() {
         let Some(rpm) = limits.rpm else { continue };
         match state.requests.try_take(now, 1, rpm) {
             Take::Ok { .. } => {
@@ -715,17 +771,19 @@ pub(crate) fn admit_at(
                     return Err(Refusal {
                         lease_short: Some((LeaseKind::Rate, starved)),
                         ..rate_refusal(state, limits, now, 0)
-                    });
+                    }
+                    .by(owner, requests));
                 }
                 adm.requests[i] = Some(Arc::clone(state));
             }
             Take::Wait { retry_ns } => {
                 adm.rollback();
-                return Err(rate_refusal(state, limits, now, retry_ns));
+                return Err(rate_refusal(state, limits, now, retry_ns).by(owner, requests));
             }
         }
     }
-    for (i, (limits, state)) in scopes.iter().enumerate() {
+    let tokens_kind = Some(RateKind::Tokens);
+    for (i, owner, limits, state) in scopes() {
         let Some(tpm) = limits.tpm else { continue };
         match state.tokens.try_take(now, tokens, tpm) {
             Take::Ok { units } => {
@@ -735,13 +793,14 @@ pub(crate) fn admit_at(
                     return Err(Refusal {
                         lease_short: Some((LeaseKind::Rate, starved)),
                         ..rate_refusal(state, limits, now, 0)
-                    });
+                    }
+                    .by(owner, tokens_kind));
                 }
                 adm.tokens[i] = Some((Arc::clone(state), units));
             }
             Take::Wait { retry_ns } => {
                 adm.rollback();
-                return Err(rate_refusal(state, limits, now, retry_ns));
+                return Err(rate_refusal(state, limits, now, retry_ns).by(owner, tokens_kind));
             }
         }
     }
@@ -772,7 +831,24 @@ pub(crate) fn admit_at(
         adm.rollback();
         return Err(refused(r));
     }
-    adm.key_reservation = Some((Arc::clone(&key.account), amount));
+    adm.reservations[0] = Some((Arc::clone(&key.account), amount));
+    if let Some(app) = app {
+        if let Err(r) =
+            app.account
+                .try_reserve_within(None, app.limits.budgets, &app.usage, day, month, amount)
+        {
+            adm.rollback();
+            let message = match r {
+                ReserveRefusal::BudgetMonth => "The application's month budget is exhausted.",
+                _ => "The application's day budget is exhausted.",
+            };
+            return Err(Refusal {
+                message: Some(message),
+                ..refused(r)
+            });
+        }
+        adm.reservations[1] = Some((Arc::clone(&app.account), amount));
+    }
     if let Err(r) = org.account.try_reserve_within(
         Some((org.balance, org.spent_mark)),
         org.limits.budgets,
@@ -947,6 +1023,155 @@ mod tests {
             .collect();
         let total: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
         assert_eq!(total, 500);
+    }
+
+    /// A compiled snapshot of org `o` with application `a` (`limits`, spend so far
+    /// `spent_day` on day [`APP_DAY`]), keys `k1` and `k2` in it and `k3` outside it.
+    fn app_snapshot(limits: &str, spent_day: i64) -> crate::snapshot::Snapshot {
+        let key = |n: u8, app: &str| {
+            format!(
+                r#"{{"hash":"{h}","key_id":"k{n}","display":"d","org_id":"o","account_id":"acc",
+                "status":"active","expires_at":null,"allowed_models":null,"application_id":{app}}}"#,
+                h = format!("{n:02x}").repeat(32),
+            )
+        };
+        let month = month_of_day(APP_DAY);
+        let doc = format!(
+            r#"{{"version":1,
+            "orgs":[{{"id":"o","status":"active","balance":1000000000,"spent_mark":0}}],
+            "applications":[{{"id":"a","org_id":"o","limits":{limits},
+              "usage":{{"day":{APP_DAY},"month":{month},"spent_day":{spent_day},"spent_month":{spent_day},"spent_mark":0}}}}],
+            "keys":[{},{},{}],"providers":[],"models":[]}}"#,
+            key(1, "\"a\""),
+            key(2, "\"a\""),
+            key(3, "null"),
+        );
+        let doc = crate::snapshot::parse(doc.as_bytes()).unwrap();
+        let (snap, dropped) = crate::snapshot::Snapshot::compile(
+            doc,
+            &mut LiveCounters::default(),
+            &crate::upstream::ClientCache::default(),
+        );
+        assert!(dropped.is_empty(), "{dropped:?}");
+        snap
+    }
+
+    const APP_DAY: i64 = 20_794;
+
+    fn key<'a>(snap: &'a crate::snapshot::Snapshot, id: &str) -> &'a Key {
+        snap.keys.values().find(|k| k.key_id == id).unwrap()
+    }
+
+    fn admit_app(
+        snap: &crate::snapshot::Snapshot,
+        id: &str,
+        amount: i64,
+    ) -> Result<Admission, Refusal> {
+        admit_at(key(snap, id), 10, amount, 500 * S, APP_DAY * 86_400 + 3_600)
+    }
+
+    #[test]
+    fn an_application_rate_limit_counts_all_its_keys_and_no_other() {
+        let snap = app_snapshot(r#"{"rpm":2}"#, 0);
+        assert!(admit_app(&snap, "k1", 0).is_ok());
+        assert!(admit_app(&snap, "k2", 0).is_ok());
+        let refused = admit_app(&snap, "k1", 0).err().unwrap();
+        assert_eq!(refused.error, ApiError::RateLimited);
+        assert!(
+            refused
+                .message
+                .unwrap()
+                .contains("application's requests-per-minute"),
+            "{refused:?}"
+        );
+        assert_eq!(
+            refused.requests.map(|r| r.0),
+            Some(2),
+            "the application's limit in headers"
+        );
+        assert!(
+            admit_app(&snap, "k2", 0).is_err(),
+            "the other key shares it"
+        );
+        // A key outside the application is not affected.
+        for _ in 0..5 {
+            assert!(admit_app(&snap, "k3", 0).is_ok());
+        }
+    }
+
+    #[test]
+    fn an_application_concurrency_limit_holds_across_keys() {
+        let snap = app_snapshot(r#"{"concurrency":1}"#, 0);
+        let held = admit_app(&snap, "k1", 0).unwrap();
+        let refused = admit_app(&snap, "k2", 0).err().unwrap();
+        assert_eq!(refused.error, ApiError::ConcurrencyLimited);
+        assert!(refused.message.unwrap().contains("application"));
+        // The refusal gave back the key's own slot.
+        assert_eq!(
+            key(&snap, "k2").limiter.in_flight.load(Ordering::Acquire),
+            0
+        );
+        drop(held);
+        assert!(admit_app(&snap, "k2", 0).is_ok());
+    }
+
+    #[test]
+    fn an_application_budget_is_shared_and_exact() {
+        // 40 of 100 spent today already (the ledger's figure).
+        let snap = app_snapshot(r#"{"budget_day":100}"#, 40);
+        let mut first = admit_app(&snap, "k1", 50).unwrap();
+        let refused = admit_app(&snap, "k2", 11).err().unwrap();
+        assert_eq!(refused.error, ApiError::BudgetExceeded);
+        assert_eq!(
+            refused.message,
+            Some("The application's day budget is exhausted.")
+        );
+        // The key's reservation taken before the application refused was given back.
+        assert_eq!(key(&snap, "k2").account.totals(), (0, 0));
+        assert!(refused.retry_after_s.is_some());
+        // Settling below the reservation frees the rest: 40 + 30 spent, 30 left exactly.
+        first.settle(30, 10);
+        assert!(admit_app(&snap, "k2", 31).is_err());
+        let mut second = admit_app(&snap, "k2", 30).unwrap();
+        second.settle(30, 10);
+        assert_eq!(
+            key(&snap, "k1")
+                .application
+                .as_ref()
+                .unwrap()
+                .account
+                .totals(),
+            (60, 0)
+        );
+        assert!(admit_app(&snap, "k1", 1).is_err());
+        // Outside the application: only the org's balance applies.
+        assert!(admit_app(&snap, "k3", 1_000).is_ok());
+    }
+
+    #[test]
+    fn parallel_requests_never_overspend_an_application_budget() {
+        let snap = Arc::new(app_snapshot(r#"{"budget_day":10000}"#, 0));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let snap = Arc::clone(&snap);
+                std::thread::spawn(move || {
+                    let id = if t % 2 == 0 { "k1" } else { "k2" };
+                    let mut admitted = 0i64;
+                    for _ in 0..1000 {
+                        if let Ok(mut adm) = admit_app(&snap, id, 7) {
+                            adm.settle(7, 1);
+                            admitted += 1;
+                        }
+                    }
+                    admitted
+                })
+            })
+            .collect();
+        let admitted: i64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        // Exactly as many as fit: 10000 / 7, never one more.
+        assert_eq!(admitted, 10_000 / 7);
+        let app = key(&snap, "k1").application.clone().unwrap();
+        assert_eq!(app.account.totals(), (7 * (10_000 / 7), 0));
     }
 
     #[test]

@@ -247,6 +247,9 @@ fn authenticate<'s>(
     call.account_id.clone_from(&key.account_id);
     call.key_id.clone_from(&key.key_id);
     call.restricted = key.restrict_client;
+    if let Some(app) = &key.application {
+        call.application_id.clone_from(&app.id);
+    }
     if key.revoked {
         return Err(ApiError::KeyRevoked.into());
     }

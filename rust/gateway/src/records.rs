@@ -230,6 +230,7 @@ mod tests {
                     rate_limit: "limited",
                     attempts: u8::MAX,
                     guard_flags: (*s).to_owned(),
+                    application_id: (*s).to_owned(),
                 };
                 buf.clear();
                 write_line(&r, &mut buf);

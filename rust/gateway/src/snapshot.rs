@@ -48,6 +48,25 @@ pub struct SnapshotDoc {
     /// so this gateway can tell a key that exists elsewhere from an invalid one.
     #[serde(default)]
     pub elsewhere_keys: Vec<ElsewhereKeyDoc>,
+    /// Applications: groups of one org's keys with limits and budgets of their own.
+    #[serde(default)]
+    pub applications: Vec<ApplicationDoc>,
+}
+
+/// One application: its limits apply across all of its keys together.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplicationDoc {
+    /// Application id.
+    pub id: String,
+    /// Owning org; only that org's keys may belong to it.
+    pub org_id: String,
+    /// Limits over all of the application's keys.
+    #[serde(default)]
+    pub limits: LimitsDoc,
+    /// The application's spend in the current day and month, for budgets.
+    #[serde(default)]
+    pub usage: UsageDoc,
 }
 
 /// One `elsewhere_keys` entry: an active key whose org is served by other gateways.
@@ -254,6 +273,9 @@ pub struct KeyDoc {
     /// Its account asked for restriction of processing (the org's applies as well).
     #[serde(default)]
     pub restrict_client: bool,
+    /// The application the key belongs to; null for none.
+    #[serde(default)]
+    pub application_id: Option<String>,
 }
 
 /// One upstream provider.
@@ -369,6 +391,17 @@ pub(crate) struct Org {
     pub(crate) restrict_client: bool,
 }
 
+/// An application: limits and budgets shared by its keys.
+pub(crate) struct Application {
+    pub(crate) id: String,
+    pub(crate) limits: Limits,
+    /// Rate and concurrency state; survives swaps (keyed by application id).
+    pub(crate) limiter: Arc<LimitState>,
+    /// Spend counters (budgets); survive swaps (keyed by application id).
+    pub(crate) account: Arc<OrgAccount>,
+    pub(crate) usage: UsageMark,
+}
+
 pub(crate) struct Key {
     pub(crate) key_id: String,
     pub(crate) account_id: String,
@@ -389,6 +422,8 @@ pub(crate) struct Key {
     pub(crate) policy: Policy,
     /// Its account's or its org's restriction of processing, the stricter of the two.
     pub(crate) restrict_client: bool,
+    /// The application whose limits also apply.
+    pub(crate) application: Option<Arc<Application>>,
 }
 
 /// A key this gateway does not serve because its org is served by other gateways.
@@ -553,6 +588,37 @@ impl Snapshot {
             orgs.insert(o.id, org);
         }
 
+        let mut apps: HashMap<String, Arc<Application>> =
+            HashMap::with_capacity(doc.applications.len());
+        let mut app_orgs: HashMap<String, String> = HashMap::with_capacity(apps.capacity());
+        for a in doc.applications {
+            if apps.contains_key(&a.id) {
+                report.push(Dropped::new("application", &a.id, "id", "duplicate"));
+                continue;
+            }
+            if !orgs.contains_key(&a.org_id) {
+                report.push(Dropped::new("application", &a.id, "org_id", "unknown_org"));
+                continue;
+            }
+            let app = Application {
+                id: a.id.clone(),
+                limits: a.limits.compile(),
+                limiter: accounts
+                    .app_limits
+                    .entry(a.id.clone())
+                    .or_insert_with(|| Arc::new(LimitState::new(leased)))
+                    .clone(),
+                account: accounts
+                    .apps
+                    .entry(a.id.clone())
+                    .or_insert_with(|| Arc::new(OrgAccount::for_key(leased)))
+                    .clone(),
+                usage: a.usage.compile(),
+            };
+            app_orgs.insert(a.id.clone(), a.org_id);
+            apps.insert(a.id, Arc::new(app));
+        }
+
         let mut keys = HashMap::with_capacity(doc.keys.len());
         for k in doc.keys {
             let drop = |field, reason| Dropped::new("key", &k.key_id, field, reason);
@@ -568,6 +634,18 @@ impl Snapshot {
             let Some(org) = orgs.get(&k.org_id).cloned() else {
                 report.push(drop("org_id", "unknown_org"));
                 continue;
+            };
+            // A key whose application is unknown (or another org's) is refused rather than
+            // served without the application's limits.
+            let application = match &k.application_id {
+                None => None,
+                Some(id) => match apps.get(id) {
+                    Some(app) if app_orgs.get(id) == Some(&k.org_id) => Some(Arc::clone(app)),
+                    _ => {
+                        report.push(drop("application_id", "unknown_application"));
+                        continue;
+                    }
+                },
             };
             let allowed_ips = match &k.allowed_ips {
                 None => None,
@@ -598,6 +676,7 @@ impl Snapshot {
                 usage: k.usage.compile(),
                 policy: Policy::compile(k.policy, Scope::Key),
                 restrict_client: k.restrict_client || org.restrict_client,
+                application,
                 revoked: k.status != "active",
                 key_id: k.key_id,
                 account_id: k.account_id,
@@ -680,10 +759,10 @@ impl Snapshot {
 /// credential, URL or any other configured value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dropped {
-    /// `org`, `guard`, `key`, `provider`, `model`, `route`, `alias`, `blocked_ip` or
-    /// `elsewhere_key`.
+    /// `org`, `guard`, `application`, `key`, `provider`, `model`, `route`, `alias`,
+    /// `blocked_ip` or `elsewhere_key`.
     pub kind: &'static str,
-    /// Org id, key id, provider id, model name, route name, alias, or the position of a
+    /// Org id, application id, key id, provider id, model name, route name, alias, or the position of a
     /// `blocked_ips` or `elsewhere_keys` entry.
     pub id: String,
     /// The field at fault, as named in the snapshot document.

@@ -102,6 +102,25 @@ fn snapshot_references_are_checked_and_the_entry_dropped() {
         (dropped[0].kind, dropped[0].field, dropped[0].reason),
         ("key", "org_id", "unknown_org")
     );
+    // An application of an unknown org is left out, and so is a key naming it: the key
+    // is refused rather than served without its application's limits.
+    let mut v: Value = serde_json::from_slice(&fixture("snapshot.json")).unwrap();
+    v["version"] = Value::from(3);
+    v["applications"] = serde_json::json!([{"id": "app_x", "org_id": "nope"}]);
+    v["keys"][0]["application_id"] = Value::from("app_x");
+    assert_eq!(engine.load_snapshot(v.to_string().as_bytes()).unwrap(), 3);
+    let dropped: Vec<_> = engine
+        .snapshot_dropped()
+        .into_iter()
+        .map(|d| (d.kind, d.field, d.reason))
+        .collect();
+    assert_eq!(
+        dropped,
+        [
+            ("application", "org_id", "unknown_org"),
+            ("key", "application_id", "unknown_application"),
+        ]
+    );
 }
 
 #[test]
@@ -182,6 +201,14 @@ fn full_snapshot_fixture_parses_with_every_admission_field() {
     assert_eq!(key.limits.concurrency, Some(20));
     assert_eq!(doc.blocked_ips[0].until, 4_102_444_800);
     assert!(doc.elsewhere_keys[0].shared);
+    assert_eq!(key.application_id.as_deref(), Some("app_demo"));
+    let app = &doc.applications[0];
+    assert_eq!(
+        (app.id.as_str(), app.org_id.as_str()),
+        ("app_demo", "org_demo")
+    );
+    assert_eq!(app.limits.budget_month, Some(20_000_000_000));
+    assert_eq!(app.usage.spent_month, 1000);
 
     // The minimal fixture takes the documented defaults.
     let min: SnapshotDoc = serde_json::from_slice(&fixture("snapshot.json")).unwrap();
@@ -191,6 +218,7 @@ fn full_snapshot_fixture_parses_with_every_admission_field() {
     assert!(min.keys[0].allowed_ips.is_none() && min.keys[0].not_before.is_none());
     assert!(min.blocked_ips.is_empty());
     assert!(min.elsewhere_keys.is_empty());
+    assert!(min.applications.is_empty() && min.keys[0].application_id.is_none());
 }
 
 #[test]
@@ -208,6 +236,9 @@ fn admission_objects_reject_unknown_fields_by_name() {
             "/keys/0/usage",
             "/blocked_ips/0",
             "/elsewhere_keys/0",
+            "/applications/0",
+            "/applications/0/limits",
+            "/applications/0/usage",
         ],
     );
 }

@@ -569,3 +569,65 @@ fn with_budget(b: i64) -> impl FnOnce(&mut Value) {
         key["limits"] = json!({"budget_day": b});
     }
 }
+
+/// `ot-good` and a second key `ot-good2` of the same org, both in application `app_crm`
+/// limited to `b` nano-units a UTC day.
+fn with_app_budget(b: i64) -> impl FnOnce(&mut Value) {
+    move |s: &mut Value| {
+        let keys = s["keys"].as_array_mut().unwrap();
+        let key = keys.iter_mut().find(|k| k["key_id"] == "key_good").unwrap();
+        key["application_id"] = json!("app_crm");
+        let mut second = key.clone();
+        second["hash"] = json!(key_hash("ot-good2"));
+        second["key_id"] = json!("key_good2");
+        keys.push(second);
+        s["applications"] = json!([
+            {"id": "app_crm", "org_id": ORG, "limits": {"budget_day": b}}
+        ]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_applications_day_budget_holds_across_gateways_and_keys() {
+    let redis = RedisServer::start();
+    set_cap(&redis, 1_000_000_000_000);
+    let budget = 150_000;
+    let gws = [
+        shared_gateway_with(&redis, with_app_budget(budget)),
+        shared_gateway_with(&redis, with_app_budget(budget)),
+    ];
+    // Each gateway serves a different key of the application, one request at a time.
+    let keys = ["ot-good", "ot-good2"];
+    let mut refused = [false; 2];
+    for i in 0.. {
+        if refused.iter().all(|r| *r) {
+            break;
+        }
+        assert!(i < 400, "the budget never ran out");
+        let g = i % 2;
+        if refused[g] {
+            continue;
+        }
+        let r = gws[g].chat_as(keys[g], small()).await;
+        match r.status.as_u16() {
+            200 => {}
+            429 => {
+                let err = &r.json()["error"];
+                assert_eq!(err["code"], "budget_exceeded");
+                assert_eq!(err["message"], "The application's day budget is exhausted.");
+                refused[g] = true;
+            }
+            s => panic!("{s}: {}", r.text()),
+        }
+    }
+    let spent: i64 = gws
+        .iter()
+        .flat_map(|gw| gw.engine.application_spend())
+        .filter(|a| a.0 == "app_crm")
+        .map(|a| a.1)
+        .sum();
+    eprintln!("application budget {budget}: {spent} spent across two gateways and keys");
+    // The same bound as a key's budget across gateways (docs/scale-out.md, "Budgets").
+    assert!(spent <= budget + 4 * 14_500, "spent {spent} of {budget}");
+    assert!(spent >= budget - 2 * 15_500, "spent {spent} of {budget}");
+}

@@ -73,6 +73,14 @@ impl Engine {
         Ok(out)
     }
 
+    fn application_spend<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        for (app, spent, reserved) in self.inner.application_spend() {
+            out.set_item(app, (spent, reserved))?;
+        }
+        Ok(out)
+    }
+
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.stats();
         let out = PyDict::new(py);

@@ -43,7 +43,14 @@ pub(crate) fn read_journal_batch(
     let usage = PyList::empty(py);
     for g in &b.usage {
         usage.append((
-            &g.org_id, &g.key_id, &g.model, g.day, g.calls, g.cost, g.first_ts,
+            &g.org_id,
+            &g.key_id,
+            &g.model,
+            g.day,
+            g.calls,
+            g.cost,
+            g.first_ts,
+            &g.application_id,
         ))?;
     }
     let calls = PyList::empty(py);

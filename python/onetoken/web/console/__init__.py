@@ -79,6 +79,7 @@ class Page:
 PAGES: tuple[Page, ...] = (
     Page("/", "Overview", "self", "overview.html"),
     Page("/keys", "Keys", "keys.read", "keys.html"),
+    Page("/applications", "Applications", "applications.read", "applications.html"),
     Page("/usage", "Usage", "calls.read", "usage.html"),
     Page("/billing", "Billing", "billing.read", "billing.html"),
     Page("/models", "Models", "models.read", "models.html"),

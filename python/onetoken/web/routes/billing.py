@@ -407,7 +407,8 @@ def get_statement(
     period: str, principal: BillingReadDep, session: SessionDep, state: StateDep
 ) -> StatementResponse:
     """A month (YYYY-MM, UTC) of the org's money: opening and closing balance, movement by
-    ledger kind, recharges and other credits, and usage by model, key and day."""
+    ledger kind, recharges and other credits, and usage by model, key, day and
+    application."""
     s = _statement(principal, session, state, period)
     # The statement's fields by name; the period as its label, the difference derived.
     return StatementResponse.model_validate(
@@ -526,12 +527,13 @@ def change_invoice(
 def call_stats(
     principal: CallsReadDep,
     state: StateDep,
-    group_by: Annotated[str, Query(pattern="^(model|key|day)$")] = "model",
+    group_by: Annotated[str, Query(pattern="^(model|key|day|application)$")] = "model",
     start: datetime | None = None,
     end: datetime | None = None,
 ) -> CallStatsResponse:
-    """The org's calls, errors, tokens, cost and latency per model, key or day over
-    [start, end) (default: the last 30 days)."""
+    """The org's calls, errors, tokens, cost and latency per model, key, day or
+    application (the one the key was in at the time; '' for none) over [start, end)
+    (default: the last 30 days)."""
     hi = _aware(end) if end else datetime.now(UTC)
     lo = _aware(start) if start else hi - timedelta(days=30)
     if lo >= hi:

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter
 
-from onetoken.keys import service
+from onetoken.keys import applications, service
 from onetoken.keys.models import ApiKey
 from onetoken.keys.schemas import (
     KeyCreate,
@@ -40,6 +40,7 @@ def key_out(k: ApiKey, cls: type[R] = KeyResponse, **extra: Any) -> R:  # type: 
         allowed_models=k.allowed_models,
         allowed_ips=k.allowed_ips,
         limits=KeyLimitsOut(**{f: getattr(k, f) for f in service.LIMIT_FIELDS}),
+        application_id=k.application_id,
         secret_version=k.secret_version,
         rotated_from=k.rotated_from,
         created_by=k.created_by,
@@ -54,14 +55,19 @@ def create_key(
     body: KeyCreate, principal: KeysWriteDep, session: SessionDep, state: StateDep
 ) -> KeyCreated:
     # The request's fields are create_key's keyword arguments (limits as a dict).
+    fields = body.model_dump()
+    app_id = fields.pop("application_id")
+    applications.check_assignable(session, principal.org_id, app_id, principal)
     key, plaintext = service.create_key(
         session,
         state.secrets,
         org_id=principal.org_id,
         created_by=principal.account_id,
         actor=principal,
-        **body.model_dump(),
+        **fields,
     )
+    if app_id is not None:
+        applications.move_key(session, principal.org_id, key.id, app_id, actor=principal)
     state.commit_change(session)
     return key_out(key, KeyCreated, key=plaintext)
 
@@ -81,7 +87,11 @@ def update_key(
     key_id: str, body: KeyUpdate, principal: KeysWriteDep, session: SessionDep, state: StateDep
 ) -> KeyResponse:
     changes = body.model_dump(include=body.model_fields_set)
+    moved = "application_id" in changes
+    app_id = changes.pop("application_id", None)
     key = service.update_key(session, principal.org_id, key_id, changes, actor=principal)
+    if moved:
+        key = applications.move_key(session, principal.org_id, key_id, app_id, actor=principal)
     state.commit_change(session)
     return key_out(key)
 

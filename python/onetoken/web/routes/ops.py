@@ -154,7 +154,7 @@ def calls_stats(
     org: str,
     start: datetime,
     end: datetime,
-    group_by: Annotated[str, Query(pattern="^(model|key|day)$")] = "model",
+    group_by: Annotated[str, Query(pattern="^(model|key|day|application)$")] = "model",
 ) -> StatsResponse:
     """`onetoken calls stats`: an org's calls, errors, tokens, cost and latency per model,
     key or day over [start, end) (the CLI resolves the window, so both paths agree)."""

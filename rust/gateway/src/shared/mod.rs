@@ -28,9 +28,9 @@ const LIVE_INTERVALS: u64 = 30;
 pub(crate) struct Scopes {
     /// Org accounts by org id (money).
     pub(crate) orgs: Vec<(String, Arc<OrgAccount>)>,
-    /// Rate and concurrency state by hash tag (`k:<key id>`, `o:<org id>`).
+    /// Rate and concurrency state by hash tag (`k:<key id>`, `a:<application id>`, `o:<org id>`).
     pub(crate) limits: Vec<(String, Arc<LimitState>)>,
-    /// Spend counters of keys and orgs by hash tag, for budgets.
+    /// Spend counters of keys, applications and orgs by hash tag, for budgets.
     pub(crate) spend: Vec<(String, Arc<OrgAccount>)>,
 }
 

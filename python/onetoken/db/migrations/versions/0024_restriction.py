@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0024_restriction"
-down_revision: str | None = "0022_mail"
+down_revision: str | None = "0023_applications"
 
 
 def upgrade() -> None:

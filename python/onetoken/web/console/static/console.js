@@ -90,6 +90,8 @@
       case "nano": return nano(value);
       case "ms": return (Number(value) / 1000).toFixed(1) + " ms";
       case "list": return Array.isArray(value) ? value.join(", ") : String(value);
+      // An application's keys: name and display id of each.
+      case "keys": return Array.isArray(value) ? value.map((k) => k.name + " (" + k.display + ")").join(", ") : String(value);
       case "yesno": return value === true ? "yes" : value === false ? "no" : String(value);
       case "json": return JSON.stringify(value, null, 1);
       // [{group, role}, ...] (an identity provider's group-to-role map) as "group = role" lines.
