@@ -51,6 +51,10 @@ def record(
         "rate_limit": "pass",
         "attempts": 1,
         "guard_flags": "",
+        "images": 0,
+        "audio_ms": 0,
+        "characters": 0,
+        "search_units": 0,
     }
 
 

@@ -50,6 +50,10 @@ def make_batch(org: str, n: int, *, start: int = 0, ts0: int = T0) -> dict[str, 
         "rate_limit": ["pass"] * n,
         "attempts": [1] * n,
         "guard_flags": [""] * n,
+        "images": [0] * n,
+        "audio_ms": [0] * n,
+        "characters": [0] * n,
+        "search_units": [i % 3 for i in ids],
     }
 
 

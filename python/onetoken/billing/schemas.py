@@ -131,6 +131,15 @@ class PriceVersionCreate(BaseModel):
     output_price: Budget
     cached_input_price: Budget | None = Field(default=None, description="Default: input price.")
     request_price: Budget = 0
+    image_prices: dict[
+        Annotated[str, Field(min_length=1, max_length=40,
+                             pattern=r"^[a-z0-9]{1,20}(/[a-z0-9_-]{1,16})?$")],
+        Budget,
+    ] = Field(default_factory=dict, max_length=64,
+              description='Per image by "<size>/<quality>", "<size>" or "default".')
+    audio_second_price: Budget = Field(default=0, description="Per second of audio in.")
+    character_price: Budget = Field(default=0, description="Per million characters of speech.")
+    search_unit_price: Budget = Field(default=0, description="Per rerank search unit.")
     effective_from: datetime | None = Field(default=None, description="Default: now.")
 
 
@@ -144,6 +153,10 @@ class PriceVersionResponse(BaseModel):
     output_price: MoneyOut
     cached_input_price: MoneyOut
     request_price: MoneyOut
+    image_prices: dict[str, MoneyOut]
+    audio_second_price: MoneyOut
+    character_price: MoneyOut
+    search_unit_price: MoneyOut
     applied_at: datetime | None
     created_at: datetime
 

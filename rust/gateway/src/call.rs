@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::{header, HeaderMap};
 
-use crate::billing::{self, OrgAccount, Prices, UnpricedSlot, Usage};
+use crate::billing::{self, OrgAccount, Prices, UnitPrices, Units, UnpricedSlot, Usage};
 use crate::engine::Shared;
 use crate::error::ApiError;
 use crate::limits::Admission;
@@ -60,6 +60,8 @@ pub(crate) struct Call {
     /// The org's price factor, applied when the cost is computed.
     pub(crate) price_factor_ppm: u32,
     pub(crate) prompt_estimate: u64,
+    /// The units the request asked for (charged when the upstream reports none).
+    pub(crate) units_requested: Units,
     /// Refused by a rate, concurrency or budget limit.
     pub(crate) rate_limited: bool,
 
@@ -71,6 +73,8 @@ pub(crate) struct Call {
     pub(crate) prices: Prices,
     /// Per-request price of the deployment that served.
     pub(crate) request_price: i64,
+    /// Unit prices of the deployment that served, for the requested image variant.
+    pub(crate) unit_prices: UnitPrices,
 
     // relay
     /// The upstream answered with success: what was relayed is chargeable.
@@ -78,6 +82,8 @@ pub(crate) struct Call {
     pub(crate) streamed: bool,
     pub(crate) upstream_usage: Option<Usage>,
     pub(crate) relayed_tokens: u64,
+    /// Units the answer carried (images, search units), else those requested.
+    pub(crate) units: Units,
     response_started: bool,
     ttfb: Option<Duration>,
 
@@ -91,6 +97,7 @@ pub(crate) struct Call {
 /// What the settle phase charged.
 struct Charge {
     usage: Usage,
+    units: Units,
     source: &'static str,
     cost: i64,
 }
@@ -137,16 +144,19 @@ impl Call {
             unpriced: None,
             price_factor_ppm: billing::PPM_ONE,
             prompt_estimate: 0,
+            units_requested: Units::default(),
             rate_limited: false,
             attempts: 0,
             model_served: String::new(),
             provider: String::new(),
             prices: Prices::default(),
             request_price: 0,
+            unit_prices: UnitPrices::default(),
             chargeable: false,
             streamed: false,
             upstream_usage: None,
             relayed_tokens: 0,
+            units: Units::default(),
             response_started: false,
             ttfb: None,
             done: false,
@@ -206,9 +216,19 @@ impl Call {
             ),
             (false, _) => (Usage::default(), "none"),
         };
+        let units = if self.chargeable {
+            self.units
+        } else {
+            Units::default()
+        };
         let cost = if self.chargeable {
             billing::usage_cost_at(usage, self.prices, self.price_factor_ppm)
                 .saturating_add(request_cost(self.request_price, self.price_factor_ppm))
+                .saturating_add(billing::units_cost_at(
+                    units,
+                    self.unit_prices,
+                    self.price_factor_ppm,
+                ))
         } else {
             0
         };
@@ -220,6 +240,7 @@ impl Call {
         self.unpriced = None;
         Charge {
             usage,
+            units,
             source,
             cost,
         }
@@ -266,6 +287,10 @@ impl Call {
             rate_limit: if self.rate_limited { "limited" } else { "pass" },
             attempts: self.attempts,
             guard_flags: take(&mut self.guard_flags),
+            images: clamp_u32(charge.units.images),
+            audio_ms: clamp_u32(charge.units.audio_ms),
+            characters: clamp_u32(charge.units.characters),
+            search_units: clamp_u32(charge.units.search_units),
         };
         self.shared.records.push(rec);
         metrics.in_flight.fetch_sub(1, Ordering::Relaxed);

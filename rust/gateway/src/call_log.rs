@@ -27,7 +27,8 @@ macro_rules! call_log {
             /// the key was not recognised.
             key_id: String => StrColumn "String",
             /// Interface called: `/v1/chat/completions`, `/v1/embeddings`, `/v1/messages`,
-            /// `/v1/responses`, `/v1/models`, or `other` for any other path.
+            /// `/v1/responses`, `/v1/images/generations`, `/v1/moderations`, `/v1/rerank`,
+            /// `/v1/models`, or `other` for any other path.
             path: &'static str => LcColumn "LowCardinality(String)",
             /// Model name the client asked for (a configured name or alias); empty when
             /// the request named no configured model (so a client's typo is never stored).
@@ -80,6 +81,20 @@ macro_rules! call_log {
             /// `bank_card:2,phone:1`); empty when the guard is off or found nothing.
             /// Categories and counts only, never the matched text.
             guard_flags: String => LcColumn "LowCardinality(String)",
+            /// Images generated and charged (`/v1/images/generations`: the images the
+            /// upstream returned, else the count requested); 0 for other interfaces and
+            /// when nothing was charged.
+            images: u32 => NumColumn "UInt32",
+            /// Audio input charged, milliseconds (priced per second); 0 for interfaces
+            /// without audio input and when nothing was charged.
+            audio_ms: u32 => NumColumn "UInt32",
+            /// Characters of text turned into speech and charged; 0 for other interfaces
+            /// and when nothing was charged.
+            characters: u32 => NumColumn "UInt32",
+            /// Rerank search units charged (`/v1/rerank`: the upstream's billed units, else
+            /// one per started hundred documents); 0 for other interfaces and when nothing
+            /// was charged.
+            search_units: u32 => NumColumn "UInt32",
         }
     };
 }

@@ -15,11 +15,14 @@ use crate::protocol::{
 use crate::screen::OrgGuard;
 use crate::snapshot::GuardMode;
 
-const APIS: [ClientApi; 4] = [
+const APIS: [ClientApi; 7] = [
     ClientApi::Chat,
     ClientApi::Embeddings,
     ClientApi::Messages,
     ClientApi::Responses,
+    ClientApi::Images,
+    ClientApi::Moderations,
+    ClientApi::Rerank,
 ];
 const PROTOCOLS: [Protocol; 4] = [
     Protocol::OpenAi,

@@ -299,6 +299,10 @@ mod tests {
             rate_limit: "limited",
             attempts: u8::MAX,
             guard_flags: "email:2".into(),
+            images: i,
+            audio_ms: u32::MAX,
+            characters: 11,
+            search_units: 2,
         }
     }
 

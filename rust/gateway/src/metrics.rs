@@ -16,16 +16,22 @@ pub(crate) enum PathLabel {
     Other,
     Messages,
     Responses,
+    Images,
+    Moderations,
+    Rerank,
 }
 
 impl PathLabel {
-    const ALL: [PathLabel; 6] = [
+    const ALL: [PathLabel; 9] = [
         PathLabel::Chat,
         PathLabel::Embeddings,
         PathLabel::Models,
         PathLabel::Other,
         PathLabel::Messages,
         PathLabel::Responses,
+        PathLabel::Images,
+        PathLabel::Moderations,
+        PathLabel::Rerank,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -36,6 +42,9 @@ impl PathLabel {
             PathLabel::Other => "other",
             PathLabel::Messages => "/v1/messages",
             PathLabel::Responses => "/v1/responses",
+            PathLabel::Images => "/v1/images/generations",
+            PathLabel::Moderations => "/v1/moderations",
+            PathLabel::Rerank => "/v1/rerank",
         }
     }
 }

@@ -28,7 +28,7 @@ use crate::error::{ApiError, Failure};
 use crate::limits::{self, LeaseKind, Refusal};
 use crate::metrics::PathLabel;
 use crate::phase::{Phase, PhaseClock};
-use crate::protocol::{self, openai, validate, ClientApi, StreamIds, StreamRelay};
+use crate::protocol::{self, openai, units, validate, ClientApi, StreamIds, StreamRelay};
 use crate::routing::{self, NotServed, Permit, Served};
 use crate::screen::Verdict;
 use crate::snapshot::{Deployment, Key, ModelGroup, ModelKind, Snapshot};
@@ -127,6 +127,9 @@ enum Endpoint {
     Embeddings,
     Messages,
     Responses,
+    Images,
+    Moderations,
+    Rerank,
     NotFound,
     MethodNotAllowed(PathLabel),
 }
@@ -140,6 +143,9 @@ impl Endpoint {
             "/v1/embeddings" => (Method::POST, Endpoint::Embeddings),
             "/v1/messages" => (Method::POST, Endpoint::Messages),
             "/v1/responses" => (Method::POST, Endpoint::Responses),
+            "/v1/images/generations" => (Method::POST, Endpoint::Images),
+            "/v1/moderations" => (Method::POST, Endpoint::Moderations),
+            "/v1/rerank" => (Method::POST, Endpoint::Rerank),
             _ => return Endpoint::NotFound,
         };
         if *method == expected {
@@ -155,6 +161,9 @@ impl Endpoint {
             Endpoint::Embeddings => PathLabel::Embeddings,
             Endpoint::Messages => PathLabel::Messages,
             Endpoint::Responses => PathLabel::Responses,
+            Endpoint::Images => PathLabel::Images,
+            Endpoint::Moderations => PathLabel::Moderations,
+            Endpoint::Rerank => PathLabel::Rerank,
             Endpoint::MethodNotAllowed(l) => l,
             Endpoint::Health | Endpoint::NotFound => PathLabel::Other,
         }
@@ -167,6 +176,9 @@ impl Endpoint {
             Endpoint::Embeddings => Some(ClientApi::Embeddings),
             Endpoint::Messages => Some(ClientApi::Messages),
             Endpoint::Responses => Some(ClientApi::Responses),
+            Endpoint::Images => Some(ClientApi::Images),
+            Endpoint::Moderations => Some(ClientApi::Moderations),
+            Endpoint::Rerank => Some(ClientApi::Rerank),
             _ => None,
         }
     }
@@ -293,10 +305,12 @@ async fn route<'s>(
     // What the client API requires, before anything is reserved or sent.
     validate::check(api, &doc)?;
 
-    let kind = if api == ClientApi::Embeddings {
-        ModelKind::Embedding
-    } else {
-        ModelKind::Chat
+    let kind = match api {
+        ClientApi::Embeddings => ModelKind::Embedding,
+        ClientApi::Images => ModelKind::Image,
+        ClientApi::Moderations => ModelKind::Moderation,
+        ClientApi::Rerank => ModelKind::Rerank,
+        ClientApi::Chat | ClientApi::Messages | ClientApi::Responses => ModelKind::Chat,
     };
     let model_name = doc
         .get("model")
@@ -400,6 +414,9 @@ fn reserve(
         max_out(d).saturating_mul(n)
     };
     let org = &key.org;
+    // Unit-priced APIs reserve what the request asks for (images, search units).
+    let units = units::requested(api, doc);
+    let (size, quality) = units::image_variant(doc);
     let reserve_on = |d: &Deployment| {
         billing::reserve_amount_at(
             prompt_estimate,
@@ -408,6 +425,11 @@ fn reserve(
             org.price_factor_ppm,
         )
         .saturating_add(request_cost(d.request_price, org.price_factor_ppm))
+        .saturating_add(billing::units_cost_at(
+            units,
+            d.unit_prices_for(size, quality),
+            org.price_factor_ppm,
+        ))
     };
     let amount = most(&ask.candidates, reserve_on);
     let tokens_bound = most(&ask.candidates, out_bound);
@@ -448,6 +470,7 @@ fn reserve(
     call.reservation = Some((org.account.clone(), amount));
     call.price_factor_ppm = org.price_factor_ppm;
     call.prompt_estimate = prompt_estimate;
+    call.units_requested = units;
     Ok(Some(Plan {
         order: routing::order(
             ask.group.strategy,
@@ -474,6 +497,11 @@ async fn forward(
         last: None,
     };
     let max_out = |d: &Deployment| plan.max_out(d);
+    // The image price depends on what was asked; kept before the body goes upstream.
+    let variant = (ask.api == ClientApi::Images).then(|| {
+        let (size, quality) = units::image_variant(&doc);
+        (size.to_owned(), quality.to_owned())
+    });
     let result = routing::forward(
         &snap.routing,
         &plan.order,
@@ -495,6 +523,10 @@ async fn forward(
             // Billing uses the prices of the deployment that served.
             call.prices = served.deployment.prices;
             call.request_price = served.deployment.request_price;
+            call.unit_prices = match &variant {
+                Some((size, quality)) => served.deployment.unit_prices_for(size, quality),
+                None => served.deployment.unit_prices,
+            };
             Ok(served)
         }
         Err(NotServed::Api(e)) => Err(e.into()),
@@ -599,6 +631,15 @@ async fn relay(
         }
         body = out;
         content_type = Some(HeaderValue::from_static("application/json"));
+    } else if api.unit_priced() {
+        // Counts only: the images, scores and results themselves are relayed, not kept.
+        match units::meter(api, &body) {
+            Some(counted) => {
+                call.units = counted;
+                call.upstream_usage = Some(billing::Usage::default());
+            }
+            None => call.units = call.units_requested,
+        }
     } else {
         let (usage, counted) = protocol::meter_passthrough(api, &body);
         call.upstream_usage = usage;

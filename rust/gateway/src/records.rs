@@ -230,6 +230,10 @@ mod tests {
                     rate_limit: "limited",
                     attempts: u8::MAX,
                     guard_flags: (*s).to_owned(),
+                    images: u32::MAX,
+                    audio_ms: 1,
+                    characters: 0,
+                    search_units: 9,
                 };
                 buf.clear();
                 write_line(&r, &mut buf);

@@ -11,6 +11,7 @@ pub(crate) mod anthropic;
 pub(crate) mod gemini;
 pub(crate) mod openai;
 pub(crate) mod responses;
+pub(crate) mod units;
 pub(crate) mod validate;
 
 use std::collections::VecDeque;
@@ -66,14 +67,33 @@ pub(crate) enum ClientApi {
     Messages,
     /// OpenAI Responses (`POST /v1/responses`).
     Responses,
+    /// OpenAI image generation (`POST /v1/images/generations`), priced per image.
+    Images,
+    /// OpenAI moderations (`POST /v1/moderations`), priced per request (or free).
+    Moderations,
+    /// Cohere/Jina rerank (`POST /v1/rerank`), priced per search unit.
+    Rerank,
 }
 
 impl ClientApi {
+    /// Priced by units (images, search units) or per request rather than by tokens.
+    pub(crate) fn unit_priced(self) -> bool {
+        matches!(
+            self,
+            ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank
+        )
+    }
+
     /// Whether a deployment speaking `p` can serve this API (translated or not).
     pub(crate) fn served_by(self, p: Protocol) -> bool {
         match self {
             ClientApi::Chat | ClientApi::Messages => true,
-            ClientApi::Embeddings | ClientApi::Responses => p.openai_like(),
+            ClientApi::Embeddings
+            | ClientApi::Responses
+            | ClientApi::Images
+            | ClientApi::Moderations => p.openai_like(),
+            // LiteLLM, Cohere and Jina serve it at `<base>/rerank`; Azure has no rerank.
+            ClientApi::Rerank => p == Protocol::OpenAi,
         }
     }
 }
@@ -86,6 +106,9 @@ pub(crate) struct Endpoints {
     chat_stream: Option<Uri>,
     embeddings: Option<Uri>,
     responses: Option<Uri>,
+    images: Option<Uri>,
+    moderations: Option<Uri>,
+    rerank: Option<Uri>,
 }
 
 /// Azure's `api-version` when the provider names none (the current GA version).
@@ -125,6 +148,24 @@ impl Endpoints {
         let base = base_url.trim_end_matches('/');
         // Validate the base itself so a bad URL fails at compile time for every protocol.
         uri(base.to_owned())?;
+        // The unit-priced APIs: (images, moderations, rerank) URLs.
+        let (images, moderations, rerank) = match protocol {
+            Protocol::OpenAi => (
+                Some(format!("{base}/images/generations")),
+                Some(format!("{base}/moderations")),
+                Some(format!("{base}/rerank")),
+            ),
+            Protocol::Azure => {
+                let v = enc(api_version.unwrap_or(AZURE_DEFAULT_API_VERSION));
+                let dep = format!("{base}/openai/deployments/{}", enc(upstream_model));
+                (
+                    Some(format!("{dep}/images/generations?api-version={v}")),
+                    None,
+                    None,
+                )
+            }
+            Protocol::Anthropic | Protocol::Gemini => (None, None, None),
+        };
         // (chat, streamed chat, embeddings, responses) URLs.
         let (chat, chat_stream, embeddings, responses) = match protocol {
             Protocol::OpenAi => {
@@ -160,6 +201,9 @@ impl Endpoints {
             chat_stream: Some(uri(chat_stream)?),
             embeddings: embeddings.map(uri).transpose()?,
             responses: responses.map(uri).transpose()?,
+            images: images.map(uri).transpose()?,
+            moderations: moderations.map(uri).transpose()?,
+            rerank: rerank.map(uri).transpose()?,
         })
     }
 }
@@ -333,6 +377,15 @@ pub(crate) fn upstream_request(
             doc.insert("model".into(), Value::String(d.upstream_model.clone()));
             (e.embeddings.as_ref(), json_body(doc))
         }
+        (ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank, _) => {
+            doc.insert("model".into(), Value::String(d.upstream_model.clone()));
+            let uri = match api {
+                ClientApi::Images => e.images.as_ref(),
+                ClientApi::Moderations => e.moderations.as_ref(),
+                _ => e.rerank.as_ref(),
+            };
+            (uri, json_body(doc))
+        }
         (ClientApi::Responses, Protocol::OpenAi | Protocol::Azure) => {
             doc.insert("model".into(), Value::String(d.upstream_model.clone()));
             // The output the reservation covers, whatever the client asked.
@@ -401,6 +454,8 @@ pub(crate) fn estimate_prompt(api: ClientApi, doc: &Map<String, Value>) -> u64 {
         ClientApi::Embeddings => openai::estimate_embedding_input(doc),
         ClientApi::Messages => anthropic::estimate_prompt(doc),
         ClientApi::Responses => responses::estimate_prompt(doc),
+        // Priced by their units (and per request), not by tokens.
+        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank => 0,
     }
 }
 
@@ -410,6 +465,7 @@ pub(crate) fn requested_max_out(api: ClientApi, doc: &Map<String, Value>) -> Opt
         ClientApi::Messages => doc.get("max_tokens").and_then(Value::as_u64),
         ClientApi::Responses => doc.get("max_output_tokens").and_then(Value::as_u64),
         ClientApi::Chat | ClientApi::Embeddings => None,
+        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank => return Some(0),
     }
     .or_else(|| openai::requested_out(doc))
 }
@@ -452,7 +508,11 @@ pub(crate) fn translate_reply(
     let out = match api {
         ClientApi::Chat => openai::encode_reply(&reply, request_id),
         ClientApi::Messages => anthropic::encode_reply(&reply, request_id),
-        ClientApi::Embeddings | ClientApi::Responses => return None,
+        ClientApi::Embeddings
+        | ClientApi::Responses
+        | ClientApi::Images
+        | ClientApi::Moderations
+        | ClientApi::Rerank => return None,
     };
     Some((Bytes::from(out), reply))
 }
@@ -460,7 +520,12 @@ pub(crate) fn translate_reply(
 /// Whether the answer needs translation for this client.
 pub(crate) fn translates(api: ClientApi, upstream: Protocol) -> bool {
     match api {
-        ClientApi::Chat | ClientApi::Embeddings | ClientApi::Responses => !upstream.openai_like(),
+        ClientApi::Chat
+        | ClientApi::Embeddings
+        | ClientApi::Responses
+        | ClientApi::Images
+        | ClientApi::Moderations
+        | ClientApi::Rerank => !upstream.openai_like(),
         ClientApi::Messages => upstream != Protocol::Anthropic,
     }
 }
@@ -475,6 +540,10 @@ pub(crate) fn meter_passthrough(api: ClientApi, body: &[u8]) -> (Option<Usage>, 
         },
         ClientApi::Responses => responses::meter_reply(body),
         ClientApi::Chat | ClientApi::Embeddings => openai::meter_reply(body),
+        // Their units are metered by `units::meter`; tokens are not what they cost.
+        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank => {
+            (Some(Usage::default()), 0)
+        }
     }
 }
 
@@ -497,7 +566,14 @@ impl StreamRelay {
         ids: impl FnOnce() -> StreamIds,
     ) -> Self {
         match (api, translates(api, upstream)) {
-            (ClientApi::Chat | ClientApi::Embeddings, false) => {
+            (
+                ClientApi::Chat
+                | ClientApi::Embeddings
+                | ClientApi::Images
+                | ClientApi::Moderations
+                | ClientApi::Rerank,
+                false,
+            ) => {
                 StreamRelay::Chat(SseRelay::new(strip_usage))
             }
             (ClientApi::Messages, false) => StreamRelay::Metered(Box::new(Framed::new(
