@@ -36,6 +36,7 @@ DEMO_MODELS = (
     ("demo-image", "image", "mock-image", 0, 0, 0, 0),
     ("demo-moderation", "moderation", "mock-moderation", 0, 0, 0, 0),
     ("demo-rerank", "rerank", "mock-rerank", 0, 0, 0, 0),
+    ("demo-tts", "speech", "mock-tts", 0, 0, 0, 0),
 )
 #: Unit prices of the models priced by units (docs/gateway-spec.md, "Unit prices").
 DEMO_UNIT_PRICES: dict[str, dict[str, object]] = {
@@ -45,6 +46,8 @@ DEMO_UNIT_PRICES: dict[str, dict[str, object]] = {
     },
     # Moderations are free, as OpenAI's are.
     "demo-rerank": {"search_unit_price": _CENT // 5},
+    # 15 per million characters, as OpenAI's tts-1.
+    "demo-tts": {"character_price": 15 * NANO_PER_UNIT},
 }
 
 

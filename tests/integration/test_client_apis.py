@@ -6,6 +6,7 @@ with its units, and refused or failed in the OpenAI error shape."""
 from __future__ import annotations
 
 import base64
+import time
 from typing import Any
 
 import httpx
@@ -135,3 +136,51 @@ def test_rerank_failures_are_openai_errors(client: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         rerank(client, query="q", documents=[])
     assert bad.value.param == "documents"
+
+
+CHARACTER_PRICE: int = DEMO_UNIT_PRICES["demo-tts"]["character_price"]  # type: ignore[assignment]
+
+
+def test_speech_streams_as_it_arrives_and_is_charged_per_input_character(
+    client: OpenAI, admin: Admin
+) -> None:
+    text = "Hello, wörld! 🦀"  # 15 characters, more bytes
+    # The fake provider sends the audio in 5 pieces 300 ms apart: a relay that held the
+    # whole audio would deliver its first byte only after the last piece.
+    started = time.monotonic()
+    with client.audio.speech.with_streaming_response.create(
+        model="demo-tts", voice="alloy", input=text,
+        extra_body={"mock": {"chunks": 5, "delay_ms": 300}},
+    ) as resp:
+        assert resp.headers["content-type"] == "audio/mpeg"
+        pieces = resp.iter_bytes()
+        first = next(pieces)
+        first_at = time.monotonic() - started
+        audio = first + b"".join(pieces)
+        total = time.monotonic() - started
+        rid = resp.headers["x-request-id"]
+    assert audio.startswith(b"ID3") and len(audio) == 5 + 15 * 32
+    assert first_at < total - 0.8, (first_at, total)
+    [row] = wait_for_calls(admin, {rid})
+    assert (row["path"], row["characters"], row["streamed"]) == ("/v1/audio/speech", 15, 1)
+    assert row["cost"] == -(-15 * CHARACTER_PRICE // 1_000_000)
+
+
+def test_speech_failures(client: OpenAI, admin: Admin) -> None:
+    with pytest.raises(openai.InternalServerError):
+        client.audio.speech.create(
+            model="demo-tts", voice="alloy", input="x", extra_body={"mock": {"status": 500}}
+        )
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.audio.speech.create(model="demo-tts", voice="alloy", input="x" * 4097)
+    assert bad.value.param == "input"
+    # An upstream that dies mid-audio: what arrived is relayed and the record says so.
+    with client.audio.speech.with_streaming_response.create(
+        model="demo-tts", voice="alloy", input="abcd",
+        extra_body={"mock": {"chunks": 4, "cut_after": 2}},
+    ) as resp:
+        got = b"".join(resp.iter_bytes())
+        rid = resp.headers["x-request-id"]
+    assert 0 < len(got) < 5 + 4 * 32
+    [row] = wait_for_calls(admin, {rid})
+    assert (row["status"], row["error_code"]) == (200, "upstream_stream_cut")

@@ -91,6 +91,13 @@ def canary_run(tmp_path_factory: pytest.TempPathFactory, mock_addr: str) -> dict
     assert r.status_code == 200 and CANARY in r.text
     seen["rerank_echo"] = r
     call(
+        "speech",
+        "POST",
+        "/v1/audio/speech",
+        headers=auth,
+        json={"model": "demo-tts", "voice": "alloy", "input": CANARY},
+    )
+    call(
         "rerank_bad",
         "POST",
         "/v1/rerank",
@@ -230,6 +237,7 @@ def test_every_path_got_its_status(canary_run: dict[str, Any]) -> None:
         "moderation": 200,
         "rerank_echo": 200,
         "rerank_bad": 400,
+        "speech": 200,
         "bad_json": 400,
         "not_object": 400,
         "unauthorized": 401,
@@ -270,7 +278,9 @@ def test_each_failure_left_exactly_one_metadata_record(canary_run: dict[str, Any
     image = by_id[canary_run["seen"]["image_echo"].headers["x-request-id"]]
     rerank = by_id[canary_run["seen"]["rerank_echo"].headers["x-request-id"]]
     assert (image["images"], rerank["search_units"]) == (2, 1)
+    speech = by_id[canary_run["seen"]["speech"].headers["x-request-id"]]
     assert image["cost"] > 0 and rerank["cost"] > 0
+    assert speech["characters"] == len(CANARY) and speech["cost"] > 0
     gone = by_id[canary_run["seen"]["client_gone"].headers["x-request-id"]]
     assert gone["status"] == 499 and gone["usage_source"] == "estimated" and gone["cost"] > 0
     failed_early = [
@@ -312,6 +322,7 @@ def test_canary_is_in_no_persisted_byte(canary_run: dict[str, Any]) -> None:
     # The generated image as the upstream sent it, and its decoded bytes.
     b64 = canary_run["seen"]["image_echo"].json()["data"][0]["b64_json"]
     image = base64.b64decode(b64)[8:]  # past the PNG signature every image shares
+    audio = canary_run["seen"]["speech"].content[5:]  # past the MP3 tag every answer shares
     files = [p for p in Path(canary_run["data_dir"]).rglob("*") if p.is_file()]
     # What the scan must cover: the control DB, the embedded ClickHouse, journal, logs.
     assert {"control.db", "onetoken.log"} <= {p.name for p in files}, files
@@ -320,7 +331,7 @@ def test_canary_is_in_no_persisted_byte(canary_run: dict[str, Any]) -> None:
         str(p)
         for p in files
         for data in [p.read_bytes()]
-        if needle in data or b64.encode() in data or image in data
+        if needle in data or b64.encode() in data or image in data or audio in data
     ]
     assert found == []
 

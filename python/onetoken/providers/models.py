@@ -22,7 +22,7 @@ from onetoken.db.base import Base, UTCDateTime, utcnow
 from onetoken.orgs.models import Org
 from onetoken.providers.gateway_schemas import DEFAULT_STRATEGY
 
-MODEL_KINDS = ("chat", "embedding", "image", "moderation", "rerank")
+MODEL_KINDS = ("chat", "embedding", "image", "moderation", "rerank", "speech")
 PROTOCOLS = ("openai", "azure", "anthropic", "gemini")
 
 
@@ -89,7 +89,9 @@ class Model(Base):
     search_unit_price: Mapped[int] = mapped_column(BigInteger, default=0)
 
     __table_args__ = (
-        CheckConstraint("kind IN ('chat','embedding','image','moderation','rerank')", name="kind"),
+        CheckConstraint(
+            "kind IN ('chat','embedding','image','moderation','rerank','speech')", name="kind"
+        ),
         UniqueConstraint("provider_id", "name", name="uq_models_provider_name"),
     )
 

@@ -24,7 +24,7 @@ from onetoken.kit.net import networks
 from onetoken.security.net import url_target_refused
 
 Protocol = Literal["openai", "azure", "anthropic", "gemini"]
-ModelKind = Literal["chat", "embedding", "image", "moderation", "rerank"]
+ModelKind = Literal["chat", "embedding", "image", "moderation", "rerank", "speech"]
 # "platform": the shared catalog every org may use (operators only); "org": private.
 Scope = Literal["platform", "org"]
 PresetName = Literal[

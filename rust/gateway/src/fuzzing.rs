@@ -15,7 +15,7 @@ use crate::protocol::{
 use crate::screen::OrgGuard;
 use crate::snapshot::GuardMode;
 
-const APIS: [ClientApi; 7] = [
+const APIS: [ClientApi; 8] = [
     ClientApi::Chat,
     ClientApi::Embeddings,
     ClientApi::Messages,
@@ -23,6 +23,7 @@ const APIS: [ClientApi; 7] = [
     ClientApi::Images,
     ClientApi::Moderations,
     ClientApi::Rerank,
+    ClientApi::Speech,
 ];
 const PROTOCOLS: [Protocol; 4] = [
     Protocol::OpenAi,

@@ -19,10 +19,11 @@ pub(crate) enum PathLabel {
     Images,
     Moderations,
     Rerank,
+    Speech,
 }
 
 impl PathLabel {
-    const ALL: [PathLabel; 9] = [
+    const ALL: [PathLabel; 10] = [
         PathLabel::Chat,
         PathLabel::Embeddings,
         PathLabel::Models,
@@ -32,6 +33,7 @@ impl PathLabel {
         PathLabel::Images,
         PathLabel::Moderations,
         PathLabel::Rerank,
+        PathLabel::Speech,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -45,6 +47,7 @@ impl PathLabel {
             PathLabel::Images => "/v1/images/generations",
             PathLabel::Moderations => "/v1/moderations",
             PathLabel::Rerank => "/v1/rerank",
+            PathLabel::Speech => "/v1/audio/speech",
         }
     }
 }

@@ -130,6 +130,7 @@ enum Endpoint {
     Images,
     Moderations,
     Rerank,
+    Speech,
     NotFound,
     MethodNotAllowed(PathLabel),
 }
@@ -146,6 +147,7 @@ impl Endpoint {
             "/v1/images/generations" => (Method::POST, Endpoint::Images),
             "/v1/moderations" => (Method::POST, Endpoint::Moderations),
             "/v1/rerank" => (Method::POST, Endpoint::Rerank),
+            "/v1/audio/speech" => (Method::POST, Endpoint::Speech),
             _ => return Endpoint::NotFound,
         };
         if *method == expected {
@@ -164,6 +166,7 @@ impl Endpoint {
             Endpoint::Images => PathLabel::Images,
             Endpoint::Moderations => PathLabel::Moderations,
             Endpoint::Rerank => PathLabel::Rerank,
+            Endpoint::Speech => PathLabel::Speech,
             Endpoint::MethodNotAllowed(l) => l,
             Endpoint::Health | Endpoint::NotFound => PathLabel::Other,
         }
@@ -179,6 +182,7 @@ impl Endpoint {
             Endpoint::Images => Some(ClientApi::Images),
             Endpoint::Moderations => Some(ClientApi::Moderations),
             Endpoint::Rerank => Some(ClientApi::Rerank),
+            Endpoint::Speech => Some(ClientApi::Speech),
             _ => None,
         }
     }
@@ -310,6 +314,7 @@ async fn route<'s>(
         ClientApi::Images => ModelKind::Image,
         ClientApi::Moderations => ModelKind::Moderation,
         ClientApi::Rerank => ModelKind::Rerank,
+        ClientApi::Speech => ModelKind::Speech,
         ClientApi::Chat | ClientApi::Messages | ClientApi::Responses => ModelKind::Chat,
     };
     let model_name = doc
@@ -566,6 +571,8 @@ enum Reply {
     Stream {
         upstream: Incoming,
         relay: StreamRelay,
+        /// The upstream's for a byte stream; `text/event-stream` when `None`.
+        content_type: Option<HeaderValue>,
         idle: Duration,
         deadline: tokio::time::Instant,
         permit: Option<Permit>,
@@ -602,6 +609,7 @@ async fn relay(
         return Ok(Reply::Stream {
             upstream: resp.into_body(),
             relay: StreamRelay::new(api, protocol, !ask.client_wants_usage, ids),
+            content_type: None,
             idle,
             deadline,
             permit: Some(served.permit),
@@ -609,6 +617,19 @@ async fn relay(
     }
 
     let mut content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+    if api == ClientApi::Speech {
+        // Audio goes to the client as it arrives, never held whole. Its price is per
+        // input character, known from the request.
+        call.units = call.units_requested;
+        return Ok(Reply::Stream {
+            upstream: resp.into_body(),
+            relay: StreamRelay::raw(),
+            content_type,
+            idle,
+            deadline,
+            permit: Some(served.permit),
+        });
+    }
     let max = shared.config.max_upstream_body_bytes;
     let mut body = match collect(resp.into_body(), idle, deadline, max).await {
         Ok(b) => b,
@@ -677,6 +698,7 @@ fn respond(
         Ok(Reply::Stream {
             upstream,
             relay,
+            content_type,
             idle,
             deadline,
             permit,
@@ -693,7 +715,7 @@ fn respond(
             let h = resp.headers_mut();
             h.insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
+                content_type.unwrap_or(HeaderValue::from_static("text/event-stream")),
             );
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             resp

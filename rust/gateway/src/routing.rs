@@ -645,6 +645,7 @@ fn compile_model(
         "image" => ModelKind::Image,
         "moderation" => ModelKind::Moderation,
         "rerank" => ModelKind::Rerank,
+        "speech" => ModelKind::Speech,
         _ => return Err(("kind", "unknown_kind")),
     };
     for (field, price) in [
@@ -672,6 +673,7 @@ fn compile_model(
         ModelKind::Image => ClientApi::Images,
         ModelKind::Moderation => ClientApi::Moderations,
         ModelKind::Rerank => ClientApi::Rerank,
+        ModelKind::Speech => ClientApi::Speech,
     };
     if !api.served_by(provider.protocol) {
         return Err(("kind", "not_served_by_protocol"));

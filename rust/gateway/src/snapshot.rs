@@ -307,7 +307,7 @@ pub struct ProviderDoc {
 pub struct ModelDoc {
     /// Name clients ask for.
     pub name: String,
-    /// `chat`, `embedding`, `image`, `moderation` or `rerank`.
+    /// `chat`, `embedding`, `image`, `moderation`, `rerank` or `speech`.
     pub kind: String,
     /// Provider that serves it.
     pub provider_id: String,
@@ -359,6 +359,7 @@ pub(crate) enum ModelKind {
     Image,
     Moderation,
     Rerank,
+    Speech,
 }
 
 pub(crate) struct Org {

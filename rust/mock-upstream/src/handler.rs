@@ -240,6 +240,10 @@ pub(crate) async fn handle(
             Ok(body) => units::rerank(&shared.defaults, &body).await,
             Err(resp) => resp,
         },
+        ("/audio/speech", &Method::POST) => match read_body(req).await {
+            Ok(body) => units::speech(&shared.defaults, &body).await,
+            Err(resp) => resp,
+        },
         ("/messages", &Method::POST) => {
             let headers = req.headers().clone();
             match read_body(req).await {
@@ -300,6 +304,9 @@ pub(crate) async fn handle(
                 (true, Some("embeddings"), Ok(body)) => embeddings(&shared.defaults, &body).await,
                 (true, Some("images/generations"), Ok(body)) => {
                     units::images(&shared.defaults, &body).await
+                }
+                (true, Some("audio/speech"), Ok(body)) => {
+                    units::speech(&shared.defaults, &body).await
                 }
                 (true, _, Err(resp)) => resp,
                 (true, _, Ok(_)) => error_response(

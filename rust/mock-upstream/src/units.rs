@@ -1,14 +1,18 @@
-//! The unit-priced APIs of the fake provider: image generation, moderations and rerank
-//! (Cohere/Jina shape). Answers are deterministic functions of the request; the controls
-//! under `"mock"` are those of chat (`status`, `latency_ms`, `echo`, `usage`) plus `images`
-//! and `search_units`.
+//! The unit-priced APIs of the fake provider: image generation, moderations, rerank
+//! (Cohere/Jina shape) and text to speech. Answers are deterministic functions of the
+//! request; the controls under `"mock"` are those of chat (`status`, `latency_ms`, `echo`,
+//! `usage`; for speech also `chunks`, `delay_ms`, `cut_after`) plus `images` and
+//! `search_units`.
+
+use std::collections::VecDeque;
 
 use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
 use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::body::MockBody;
+use crate::body::{MockBody, Piece};
 use crate::handler::{json_response, parse_error, status_error, unix_now, Controls, Plan};
 use crate::json;
 use crate::MockDefaults;
@@ -230,6 +234,83 @@ pub(crate) async fn rerank(defaults: &MockDefaults, body: &[u8]) -> Response {
     ok(&out)
 }
 
+#[derive(Deserialize)]
+struct SpeechRequest {
+    input: String,
+    #[serde(default)]
+    response_format: Option<String>,
+    #[serde(default)]
+    mock: Option<Controls>,
+}
+
+/// Audio bytes per input character.
+const AUDIO_BYTES_PER_CHAR: usize = 32;
+
+/// The fake audio of `input`: the format's magic bytes, then digest bytes, in proportion
+/// to the text as real speech is.
+pub(crate) fn audio_bytes(input: &str, format: &str) -> Vec<u8> {
+    let magic: &[u8] = match format {
+        "wav" => b"RIFF\0\0\0\0WAVE",
+        "flac" => b"fLaC",
+        "opus" => b"OggS",
+        "aac" => b"\xff\xf1",
+        "pcm" => b"",
+        _ => b"ID3\x04\0",
+    };
+    let len = magic.len() + input.chars().count().max(1) * AUDIO_BYTES_PER_CHAR;
+    let mut out = magic.to_vec();
+    let mut seed = 0;
+    while out.len() < len {
+        seed = fnv(input.as_bytes(), seed);
+        out.extend_from_slice(&seed.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn audio_type(format: &str) -> &'static str {
+    match format {
+        "wav" => "audio/wav",
+        "flac" => "audio/flac",
+        "opus" => "audio/ogg",
+        "aac" => "audio/aac",
+        "pcm" => "audio/pcm",
+        _ => "audio/mpeg",
+    }
+}
+
+/// Speech: the audio in `chunks` pieces, paced by `delay_ms`, cut after `cut_after`.
+pub(crate) async fn speech(defaults: &MockDefaults, body: &[u8]) -> Response {
+    let req: SpeechRequest = match serde_json::from_slice(body) {
+        Ok(req) => req,
+        Err(err) => return parse_error(&err),
+    };
+    let plan = Plan::new(defaults, req.mock);
+    plan.wait_latency().await;
+    if plan.status >= 400 {
+        return status_error(plan.status, plan.echo.then_some(req.input.as_str()));
+    }
+    let format = req.response_format.as_deref().unwrap_or("mp3");
+    let audio = Bytes::from(audio_bytes(&req.input, format));
+    let n = plan.chunks.max(1) as usize;
+    let size = audio.len().div_ceil(n);
+    let mut pieces: VecDeque<Piece> = (0..audio.len())
+        .step_by(size)
+        .map(|at| Piece {
+            bytes: audio.slice(at..(at + size).min(audio.len())),
+            paced: true,
+        })
+        .collect();
+    let cut = plan.cut_after.is_some();
+    if let Some(keep) = plan.cut_after {
+        pieces.truncate(keep as usize);
+    }
+    let mut resp = http::Response::new(MockBody::framed(pieces, plan.delay, cut));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(audio_type(format)));
+    resp
+}
+
 type Response = http::Response<MockBody>;
 
 fn ok(v: &Value) -> Response {
@@ -239,6 +320,14 @@ fn ok(v: &Value) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audio_grows_with_the_text_and_starts_with_its_format() {
+        assert!(audio_bytes("hello", "mp3").starts_with(b"ID3"));
+        assert!(audio_bytes("hello", "wav").starts_with(b"RIFF"));
+        assert_eq!(audio_bytes("h\u{e9}", "pcm").len(), 2 * AUDIO_BYTES_PER_CHAR);
+        assert_eq!(audio_bytes("abc", "mp3"), audio_bytes("abc", "mp3"));
+    }
 
     #[test]
     fn images_are_deterministic_per_prompt_and_index() {

@@ -73,6 +73,9 @@ pub(crate) enum ClientApi {
     Moderations,
     /// Cohere/Jina rerank (`POST /v1/rerank`), priced per search unit.
     Rerank,
+    /// OpenAI text to speech (`POST /v1/audio/speech`): audio bytes streamed back, priced
+    /// per input character.
+    Speech,
 }
 
 impl ClientApi {
@@ -80,7 +83,7 @@ impl ClientApi {
     pub(crate) fn unit_priced(self) -> bool {
         matches!(
             self,
-            ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank
+            ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech
         )
     }
 
@@ -91,7 +94,8 @@ impl ClientApi {
             ClientApi::Embeddings
             | ClientApi::Responses
             | ClientApi::Images
-            | ClientApi::Moderations => p.openai_like(),
+            | ClientApi::Moderations
+            | ClientApi::Speech => p.openai_like(),
             // LiteLLM, Cohere and Jina serve it at `<base>/rerank`; Azure has no rerank.
             ClientApi::Rerank => p == Protocol::OpenAi,
         }
@@ -109,6 +113,7 @@ pub(crate) struct Endpoints {
     images: Option<Uri>,
     moderations: Option<Uri>,
     rerank: Option<Uri>,
+    speech: Option<Uri>,
 }
 
 /// Azure's `api-version` when the provider names none (the current GA version).
@@ -148,12 +153,13 @@ impl Endpoints {
         let base = base_url.trim_end_matches('/');
         // Validate the base itself so a bad URL fails at compile time for every protocol.
         uri(base.to_owned())?;
-        // The unit-priced APIs: (images, moderations, rerank) URLs.
-        let (images, moderations, rerank) = match protocol {
+        // The unit-priced APIs: (images, moderations, rerank, speech) URLs.
+        let (images, moderations, rerank, speech) = match protocol {
             Protocol::OpenAi => (
                 Some(format!("{base}/images/generations")),
                 Some(format!("{base}/moderations")),
                 Some(format!("{base}/rerank")),
+                Some(format!("{base}/audio/speech")),
             ),
             Protocol::Azure => {
                 let v = enc(api_version.unwrap_or(AZURE_DEFAULT_API_VERSION));
@@ -162,9 +168,10 @@ impl Endpoints {
                     Some(format!("{dep}/images/generations?api-version={v}")),
                     None,
                     None,
+                    Some(format!("{dep}/audio/speech?api-version={v}")),
                 )
             }
-            Protocol::Anthropic | Protocol::Gemini => (None, None, None),
+            Protocol::Anthropic | Protocol::Gemini => (None, None, None, None),
         };
         // (chat, streamed chat, embeddings, responses) URLs.
         let (chat, chat_stream, embeddings, responses) = match protocol {
@@ -204,6 +211,7 @@ impl Endpoints {
             images: images.map(uri).transpose()?,
             moderations: moderations.map(uri).transpose()?,
             rerank: rerank.map(uri).transpose()?,
+            speech: speech.map(uri).transpose()?,
         })
     }
 }
@@ -377,11 +385,15 @@ pub(crate) fn upstream_request(
             doc.insert("model".into(), Value::String(d.upstream_model.clone()));
             (e.embeddings.as_ref(), json_body(doc))
         }
-        (ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank, _) => {
+        (
+            ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech,
+            _,
+        ) => {
             doc.insert("model".into(), Value::String(d.upstream_model.clone()));
             let uri = match api {
                 ClientApi::Images => e.images.as_ref(),
                 ClientApi::Moderations => e.moderations.as_ref(),
+                ClientApi::Speech => e.speech.as_ref(),
                 _ => e.rerank.as_ref(),
             };
             (uri, json_body(doc))
@@ -455,7 +467,7 @@ pub(crate) fn estimate_prompt(api: ClientApi, doc: &Map<String, Value>) -> u64 {
         ClientApi::Messages => anthropic::estimate_prompt(doc),
         ClientApi::Responses => responses::estimate_prompt(doc),
         // Priced by their units (and per request), not by tokens.
-        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank => 0,
+        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech => 0,
     }
 }
 
@@ -465,7 +477,9 @@ pub(crate) fn requested_max_out(api: ClientApi, doc: &Map<String, Value>) -> Opt
         ClientApi::Messages => doc.get("max_tokens").and_then(Value::as_u64),
         ClientApi::Responses => doc.get("max_output_tokens").and_then(Value::as_u64),
         ClientApi::Chat | ClientApi::Embeddings => None,
-        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank => return Some(0),
+        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech => {
+            return Some(0)
+        }
     }
     .or_else(|| openai::requested_out(doc))
 }
@@ -512,7 +526,8 @@ pub(crate) fn translate_reply(
         | ClientApi::Responses
         | ClientApi::Images
         | ClientApi::Moderations
-        | ClientApi::Rerank => return None,
+        | ClientApi::Rerank
+        | ClientApi::Speech => return None,
     };
     Some((Bytes::from(out), reply))
 }
@@ -525,7 +540,8 @@ pub(crate) fn translates(api: ClientApi, upstream: Protocol) -> bool {
         | ClientApi::Responses
         | ClientApi::Images
         | ClientApi::Moderations
-        | ClientApi::Rerank => !upstream.openai_like(),
+        | ClientApi::Rerank
+        | ClientApi::Speech => !upstream.openai_like(),
         ClientApi::Messages => upstream != Protocol::Anthropic,
     }
 }
@@ -541,8 +557,8 @@ pub(crate) fn meter_passthrough(api: ClientApi, body: &[u8]) -> (Option<Usage>, 
         ClientApi::Responses => responses::meter_reply(body),
         ClientApi::Chat | ClientApi::Embeddings => openai::meter_reply(body),
         // Their units are metered by `units::meter`; tokens are not what they cost.
-        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank => {
-            (Some(Usage::default()), 0)
+        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech => {
+            (None, 0)
         }
     }
 }
@@ -555,6 +571,9 @@ pub(crate) enum StreamRelay {
     Metered(Box<Framed<PassKind>>),
     /// Different protocols.
     Translate(Box<Framed<Translation>>),
+    /// Bytes that are not events (speech audio): forwarded as they arrive, complete when
+    /// the upstream body ends.
+    Raw(StreamMeter),
 }
 
 impl StreamRelay {
@@ -571,7 +590,8 @@ impl StreamRelay {
                 | ClientApi::Embeddings
                 | ClientApi::Images
                 | ClientApi::Moderations
-                | ClientApi::Rerank,
+                | ClientApi::Rerank
+                | ClientApi::Speech,
                 false,
             ) => {
                 StreamRelay::Chat(SseRelay::new(strip_usage))
@@ -603,8 +623,17 @@ impl StreamRelay {
         }
     }
 
+    /// The relay of a byte stream (speech audio).
+    pub(crate) fn raw() -> Self {
+        StreamRelay::Raw(StreamMeter::default())
+    }
+
     pub(crate) fn push(&mut self, chunk: &[u8], out: &mut VecDeque<Bytes>) {
         match self {
+            StreamRelay::Raw(m) => {
+                m.events += 1;
+                out.push_back(Bytes::copy_from_slice(chunk));
+            }
             StreamRelay::Chat(r) => r.push(chunk, out),
             StreamRelay::Metered(m) => m.push(chunk, out),
             StreamRelay::Translate(t) => t.push(chunk, out),
@@ -613,6 +642,7 @@ impl StreamRelay {
 
     pub(crate) fn finish(&mut self, out: &mut VecDeque<Bytes>) {
         match self {
+            StreamRelay::Raw(m) => m.done = true,
             StreamRelay::Chat(r) => r.finish(out),
             StreamRelay::Metered(m) => m.finish(out),
             StreamRelay::Translate(t) => t.finish(out),
@@ -622,6 +652,7 @@ impl StreamRelay {
     /// Bytes held back waiting for the end of an event.
     pub(crate) fn pending(&self) -> usize {
         match self {
+            StreamRelay::Raw(_) => 0,
             StreamRelay::Chat(r) => r.pending(),
             StreamRelay::Metered(m) => m.framer.pending(),
             StreamRelay::Translate(t) => t.framer.pending(),
@@ -631,6 +662,7 @@ impl StreamRelay {
     /// Drop the incomplete event held back (the stream is being abandoned).
     pub(crate) fn discard(&mut self) {
         match self {
+            StreamRelay::Raw(_) => {}
             StreamRelay::Chat(r) => r.discard(),
             StreamRelay::Metered(m) => m.framer.discard(),
             StreamRelay::Translate(t) => t.framer.discard(),
@@ -639,24 +671,27 @@ impl StreamRelay {
 
     pub(crate) fn meter(&self) -> &StreamMeter {
         match self {
+            StreamRelay::Raw(m) => m,
             StreamRelay::Chat(r) => &r.meter,
             StreamRelay::Metered(m) => &m.meter,
             StreamRelay::Translate(t) => &t.meter,
         }
     }
 
-    /// The event that ends a stream abnormally, in the client's protocol.
-    pub(crate) fn error_event(&self, err: ApiError) -> Bytes {
+    /// The event that ends a stream abnormally, in the client's protocol; none in a byte
+    /// stream, where any bytes would be read as audio.
+    pub(crate) fn error_event(&self, err: ApiError) -> Option<Bytes> {
         let anthropic_client = match self {
+            StreamRelay::Raw(_) => return None,
             StreamRelay::Chat(_) => false,
             StreamRelay::Metered(m) => matches!(m.stage, PassKind::Anthropic(_)),
             StreamRelay::Translate(t) => t.stage.client == ClientApi::Messages,
         };
-        if anthropic_client {
+        Some(if anthropic_client {
             anthropic::error_event(err)
         } else {
             error_event(err)
-        }
+        })
     }
 }
 

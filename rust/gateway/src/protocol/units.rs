@@ -1,5 +1,5 @@
-//! The unit-priced client APIs (images, moderations, rerank): what a request must hold,
-//! the units reserved before the upstream answers, and the units its answer reports.
+//! The unit-priced client APIs (images, moderations, rerank, speech): what a request must
+//! hold, the units reserved before the upstream answers, and the units its answer reports.
 //!
 //! Only counts are read from the bodies: a prompt, an image, a document or a score never
 //! leaves this module.
@@ -16,6 +16,8 @@ pub(crate) const MAX_IMAGES: u64 = 10;
 /// Documents per search unit where the upstream reports no billed units (Cohere's rule:
 /// a search unit is a query over up to 100 documents).
 pub(crate) const DOCUMENTS_PER_SEARCH_UNIT: u64 = 100;
+/// OpenAI's upper bound on the text of one speech request, in characters.
+pub(crate) const MAX_SPEECH_CHARS: usize = 4096;
 /// OpenAI's defaults for an image request that names no size or quality.
 const DEFAULT_SIZE: &str = "1024x1024";
 const DEFAULT_QUALITY: &str = "standard";
@@ -89,6 +91,34 @@ pub(crate) fn check(api: ClientApi, doc: &Map<String, Value>) -> Result<(), Inva
                 ));
             }
         }
+        ClientApi::Speech => {
+            let Some(input) = doc.get("input").and_then(Value::as_str) else {
+                return Err(invalid(
+                    "input",
+                    "The \"input\" parameter is required and must be a string.",
+                ));
+            };
+            if input.chars().count() > MAX_SPEECH_CHARS {
+                return Err(invalid(
+                    "input",
+                    "The \"input\" parameter must be at most 4096 characters.",
+                ));
+            }
+            if !doc
+                .get("voice")
+                .is_some_and(|v| v.is_string() || v.is_object())
+            {
+                return Err(invalid("voice", "The \"voice\" parameter is required."));
+            }
+            // Speech as SSE events carries the audio in JSON deltas; the relay streams the
+            // audio bytes themselves.
+            if doc.get("stream_format").and_then(Value::as_str) == Some("sse") {
+                return Err(invalid(
+                    "stream_format",
+                    "The \"sse\" stream format is not supported; audio is streamed as bytes.",
+                ));
+            }
+        }
         ClientApi::Chat | ClientApi::Embeddings | ClientApi::Messages | ClientApi::Responses => {}
     }
     Ok(())
@@ -113,7 +143,7 @@ pub(crate) fn image_variant(doc: &Map<String, Value>) -> (&str, &str) {
 }
 
 /// The units a request may cost, known before it is forwarded: the requested image
-/// count, or one search unit per started hundred documents.
+/// count, one search unit per started hundred documents, or the characters to speak.
 pub(crate) fn requested(api: ClientApi, doc: &Map<String, Value>) -> Units {
     match api {
         ClientApi::Images => Units {
@@ -126,6 +156,13 @@ pub(crate) fn requested(api: ClientApi, doc: &Map<String, Value>) -> Units {
                     .and_then(Value::as_array)
                     .map_or(0, Vec::len) as u64,
             ),
+            ..Units::default()
+        },
+        ClientApi::Speech => Units {
+            characters: doc
+                .get("input")
+                .and_then(Value::as_str)
+                .map_or(0, |s| s.chars().count() as u64),
             ..Units::default()
         },
         _ => Units::default(),
@@ -182,9 +219,12 @@ pub(crate) fn meter(api: ClientApi, body: &[u8]) -> Option<Units> {
         }
         // A moderation costs its request price: no units to count.
         ClientApi::Moderations => Some(Units::default()),
-        ClientApi::Chat | ClientApi::Embeddings | ClientApi::Messages | ClientApi::Responses => {
-            None
-        }
+        // Speech is priced by its input, counted before it is sent (`requested`).
+        ClientApi::Speech
+        | ClientApi::Chat
+        | ClientApi::Embeddings
+        | ClientApi::Messages
+        | ClientApi::Responses => None,
     }
 }
 
@@ -252,6 +292,26 @@ mod tests {
         ] {
             assert!(check(ClientApi::Rerank, &doc(bad)).is_err());
         }
+    }
+
+    #[test]
+    fn speech_is_counted_in_characters_not_bytes() {
+        let d = doc(json!({"model": "m", "input": "h\u{e9}llo \u{1f980}", "voice": "alloy"}));
+        assert_eq!(check(ClientApi::Speech, &d), Ok(()));
+        assert_eq!(requested(ClientApi::Speech, &d).characters, 7);
+        for (bad, param) in [
+            (json!({"voice": "alloy"}), "input"),
+            (json!({"input": "x"}), "voice"),
+            (json!({"input": "x".repeat(4097), "voice": "alloy"}), "input"),
+            (json!({"input": "x", "voice": "alloy", "stream_format": "sse"}), "stream_format"),
+        ] {
+            assert_eq!(
+                check(ClientApi::Speech, &doc(bad)).map_err(|e| e.param),
+                Err(param)
+            );
+        }
+        let long = doc(json!({"input": "\u{e9}".repeat(4096), "voice": {"id": "v"}}));
+        assert_eq!(check(ClientApi::Speech, &long), Ok(()));
     }
 
     #[test]

@@ -90,7 +90,7 @@ pub(crate) fn check(api: ClientApi, doc: &Map<String, Value>) -> Result<(), Inva
             }
             positive_int(doc, "max_output_tokens", MAX_OUTPUT_TOKENS)?;
         }
-        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank => {
+        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech => {
             super::units::check(api, doc)?;
         }
     }

@@ -10,7 +10,7 @@ revision: str = "0025_unit_prices"
 down_revision: str | None = "0022_mail"
 
 _OLD_KINDS = "kind IN ('chat','embedding')"
-_NEW_KINDS = "kind IN ('chat','embedding','image','moderation','rerank')"
+_NEW_KINDS = "kind IN ('chat','embedding','image','moderation','rerank','speech')"
 _PRICED = ("models", "price_versions")
 
 
