@@ -331,11 +331,23 @@ async fn route<'s>(
     if !key.may_use(model_name) && !key.may_use(&group.name) {
         return Err(ApiError::ModelNotAllowed.into());
     }
-    let candidates = match routing::permitted(group, key, api) {
+    let mut candidates = match routing::permitted(group, key, api) {
         Ok(c) => c,
         Err(routing::Unavailable::NotFound) => return Err(ApiError::ModelNotFound.into()),
         Err(routing::Unavailable::Denied(d)) => return Err(d.into()),
     };
+    // Audio in a chat message goes only where it can be read: a deployment that would
+    // silently drop it is not tried, and none left is the client's 400, not a 5xx.
+    if protocol::has_audio_input(api, &doc) {
+        candidates.retain(|d| d.provider.protocol.takes_audio());
+        if candidates.is_empty() {
+            return Err(validate::Invalid {
+                param: "messages",
+                message: "Audio input is not supported by the providers serving this model.",
+            }
+            .into());
+        }
+    }
 
     // The org's sensitive-content guard, on the bytes in memory: only categories and
     // counts come out. Before admission, so a blocked request holds no limit or money.

@@ -56,6 +56,12 @@ impl Protocol {
     fn openai_like(self) -> bool {
         matches!(self, Protocol::OpenAi | Protocol::Azure)
     }
+
+    /// Whether audio inside chat messages can reach this protocol (passed through, or as
+    /// Gemini's `inlineData`). Anthropic Messages has no audio block.
+    pub(crate) fn takes_audio(self) -> bool {
+        self != Protocol::Anthropic
+    }
 }
 
 /// The API a client called.
@@ -469,6 +475,15 @@ pub(crate) fn estimate_prompt(api: ClientApi, doc: &Map<String, Value>) -> u64 {
         // Priced by their units (and per request), not by tokens.
         ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech => 0,
     }
+}
+
+/// Whether a chat request carries audio (`input_audio` parts) in its messages.
+pub(crate) fn has_audio_input(api: ClientApi, doc: &Map<String, Value>) -> bool {
+    api == ClientApi::Chat
+        && array_items(doc.get("messages")).any(|m| {
+            array_items(m.get("content"))
+                .any(|p| p.get("type").and_then(Value::as_str) == Some("input_audio"))
+        })
 }
 
 /// The output cap a request asks for: its API's own field, else chat's.
@@ -946,6 +961,66 @@ event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,
 event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"1}\"}}\n\n\
 event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":7}}\n\n\
 event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+
+    fn chat_doc(content: Value) -> Map<String, Value> {
+        match json!({"model": "m", "messages": [{"role": "user", "content": content}]}) {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn media_parts_are_translated_for_each_upstream() {
+        let doc = chat_doc(json!([
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+            {"type": "image_url", "image_url": {"url": "https://example.test/cat.jpg"}},
+            {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+        ]));
+        assert!(has_audio_input(ClientApi::Chat, &doc));
+        assert!(!has_audio_input(ClientApi::Messages, &doc));
+        assert!(!has_audio_input(
+            ClientApi::Chat,
+            &chat_doc(json!([{"type": "text", "text": "x"}]))
+        ));
+        let out = anthropic::from_chat_request(&doc, "claude", false, 10);
+        let blocks = out.pointer("/messages/0/content").unwrap();
+        assert_eq!(
+            blocks[1],
+            json!({"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                "data": "iVBORw0KGgo="}})
+        );
+        assert_eq!(
+            blocks[2],
+            json!({"type": "image", "source": {"type": "url",
+                                                "url": "https://example.test/cat.jpg"}})
+        );
+        let out = gemini::from_chat_request(&doc, 10);
+        let parts = out.pointer("/contents/0/parts").unwrap();
+        assert_eq!(
+            parts[1],
+            json!({"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}})
+        );
+        assert_eq!(
+            parts[3],
+            json!({"inlineData": {"mimeType": "audio/wav", "data": "UklGRg=="}})
+        );
+        // And back: an Anthropic client's image reaches an OpenAI upstream as image_url.
+        let messages = json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user",
+            "content": [{"type": "text", "text": "and this?"},
+                        {"type": "image", "source": {"type": "base64",
+                            "media_type": "image/jpeg", "data": "/9j/"}}]}]});
+        let Value::Object(messages) = messages else {
+            unreachable!()
+        };
+        let chat = anthropic::to_chat_request(&messages, "gpt", false);
+        assert_eq!(
+            chat.pointer("/messages/0/content/1").unwrap(),
+            &json!({"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/"}})
+        );
+        assert!(Protocol::OpenAi.takes_audio() && Protocol::Gemini.takes_audio());
+        assert!(!Protocol::Anthropic.takes_audio());
+    }
 
     #[test]
     fn converters_do_not_depend_on_how_bytes_arrive() {
