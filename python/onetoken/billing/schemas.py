@@ -10,6 +10,7 @@ from onetoken.billing.service import MAX_ENTRY_NANO
 from onetoken.kit.lists import ListOf
 from onetoken.kit.money import MoneyIn, MoneyOut
 from onetoken.kit.text import NOT_BLANK
+from onetoken.providers.schemas import IMAGE_VARIANT_PATTERN
 
 CreditKind = Literal["recharge", "grant", "refund", "adjustment"]
 IdempotencyKey = Annotated[
@@ -132,11 +133,13 @@ class PriceVersionCreate(BaseModel):
     cached_input_price: Budget | None = Field(default=None, description="Default: input price.")
     request_price: Budget = 0
     image_prices: dict[
-        Annotated[str, Field(min_length=1, max_length=40,
-                             pattern=r"^[a-z0-9]{1,20}(/[a-z0-9_-]{1,16})?$")],
-        Budget,
-    ] = Field(default_factory=dict, max_length=64,
-              description='Per image by "<size>/<quality>", "<size>" or "default".')
+        Annotated[str, Field(min_length=1, max_length=40, pattern=IMAGE_VARIANT_PATTERN)], Budget
+    ] = Field(
+        default_factory=dict,
+        max_length=64,
+        description='Per image by "<size>/<quality>", "<size>" or "default".',
+        json_schema_extra={"propertyNames": {"pattern": IMAGE_VARIANT_PATTERN, "maxLength": 40}},
+    )
     audio_second_price: Budget = Field(default=0, description="Per second of audio in.")
     character_price: Budget = Field(default=0, description="Per million characters of speech.")
     search_unit_price: Budget = Field(default=0, description="Per rerank search unit.")

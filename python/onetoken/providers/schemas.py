@@ -200,10 +200,16 @@ PriceIn = Annotated[
 MaxTokens = Annotated[int, Field(ge=0, le=10_000_000)]
 # An image price's key: "<size>/<quality>", "<size>" or "default" (docs/gateway-spec.md,
 # "Unit prices").
-ImageVariant = Annotated[
-    str, Field(min_length=1, max_length=40, pattern=r"^[a-z0-9]{1,20}(/[a-z0-9_-]{1,16})?$")
+IMAGE_VARIANT_PATTERN = r"^[a-z0-9]{1,20}(/[a-z0-9_-]{1,16})?$"
+ImageVariant = Annotated[str, Field(min_length=1, max_length=40, pattern=IMAGE_VARIANT_PATTERN)]
+# The key rule in the schema too (pydantic does not emit it for dict keys).
+ImagePrices = Annotated[
+    dict[ImageVariant, PriceIn],
+    Field(
+        max_length=64,
+        json_schema_extra={"propertyNames": {"pattern": IMAGE_VARIANT_PATTERN, "maxLength": 40}},
+    ),
 ]
-ImagePrices = Annotated[dict[ImageVariant, PriceIn], Field(max_length=64)]
 
 
 Priority = Annotated[int, Field(ge=-1_000_000, le=1_000_000)]
