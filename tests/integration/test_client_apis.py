@@ -16,6 +16,7 @@ from openai import OpenAI
 
 from onetoken.demo import DEMO_UNIT_PRICES
 
+from .catalog import new_key
 from .harness import Admin
 from .records import wait_for_calls
 
@@ -184,3 +185,26 @@ def test_speech_failures(client: OpenAI, admin: Admin) -> None:
     assert 0 < len(got) < 5 + 4 * 32
     [row] = wait_for_calls(admin, {rid})
     assert (row["status"], row["error_code"]) == (200, "upstream_stream_cut")
+
+
+def test_keys_limits_and_balance_apply_as_for_chat(
+    client: OpenAI, admin: Admin, deployment: dict[str, Any]
+) -> None:
+    base = f"{deployment['server'].gateway_url}/v1"
+    with pytest.raises(openai.AuthenticationError):
+        OpenAI(base_url=base, api_key="ot-not-a-key", max_retries=0).images.generate(
+            model="demo-image", prompt="p"
+        )
+    _, chat_only = new_key(admin, "chat only", allowed_models=["demo-chat"])
+    scoped = OpenAI(base_url=base, api_key=chat_only, max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        scoped.audio.speech.create(model="demo-tts", voice="alloy", input="hi")
+    assert denied.value.code == "model_not_allowed"
+    # A key whose day budget cannot cover the images asked for is refused before the
+    # upstream is called, from the reservation of n images.
+    _, tight = new_key(admin, "tight", limits={"budget_day": "0.05"})
+    budgeted = OpenAI(base_url=base, api_key=tight, max_retries=0)
+    assert budgeted.images.generate(model="demo-image", prompt="p", n=1).data
+    with pytest.raises(openai.RateLimitError) as limited:
+        budgeted.images.generate(model="demo-image", prompt="p", n=2)
+    assert limited.value.code == "budget_exceeded"
