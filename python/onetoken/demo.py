@@ -1,5 +1,5 @@
-"""`onetoken serve --demo`: a provider backed by the bundled fake upstream, two priced
-models, a funded org and a working API key."""
+"""`onetoken serve --demo`: a provider backed by the bundled fake upstream, priced models
+of every kind, a funded org and a working API key."""
 
 from __future__ import annotations
 
@@ -27,11 +27,28 @@ DEMO_CREDIT_KEY = "demo:initial-credit"
 DEMO_CREDIT = 100 * NANO_PER_UNIT
 _PER_M = NANO_PER_UNIT  # one currency unit per million tokens
 
+_CENT = NANO_PER_UNIT // 100
+
 DEMO_MODELS = (
     # name, kind, upstream, input, output, cached, max_output_tokens
     ("demo-chat", "chat", "mock-gpt", _PER_M // 2, _PER_M * 3 // 2, _PER_M // 4, 4096),
     ("demo-embed", "embedding", "mock-embed", _PER_M * 2 // 100, 0, 0, 0),
+    ("demo-image", "image", "mock-image", 0, 0, 0, 0),
+    ("demo-moderation", "moderation", "mock-moderation", 0, 0, 0, 0),
+    ("demo-rerank", "rerank", "mock-rerank", 0, 0, 0, 0),
+    ("demo-tts", "speech", "mock-tts", 0, 0, 0, 0),
 )
+#: Unit prices of the models priced by units (docs/gateway-spec.md, "Unit prices").
+DEMO_UNIT_PRICES: dict[str, dict[str, object]] = {
+    "demo-image": {
+        "image_prices": {"1024x1024/standard": 4 * _CENT, "1024x1024/hd": 8 * _CENT,
+                         "default": 2 * _CENT},
+    },
+    # Moderations are free, as OpenAI's are.
+    "demo-rerank": {"search_unit_price": _CENT // 5},
+    # 15 per million characters, as OpenAI's tts-1.
+    "demo-tts": {"character_price": 15 * NANO_PER_UNIT},
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +71,8 @@ def setup_demo(session_factory: SessionFactory, secrets: Secrets, upstream: str)
         provider = _upsert_provider(session, secrets, org_id, f"http://{upstream}/v1")
         for name, kind, upstream_model, inp, out, cached, max_out in DEMO_MODELS:
             _upsert_model(
-                session, org_id, provider, name, kind, upstream_model, inp, out, cached, max_out
+                session, org_id, provider, name, kind, upstream_model, inp, out, cached, max_out,
+                DEMO_UNIT_PRICES.get(name, {}),
             )
         billing.credit(
             session,
@@ -117,8 +135,10 @@ def _upsert_model(
     output_price: int,
     cached_input_price: int,
     max_output_tokens: int,
+    unit_prices: dict[str, object],
 ) -> None:
     fields = {
+        **unit_prices,
         "kind": kind,
         "upstream_model": upstream_model,
         "input_price": input_price,

@@ -4,6 +4,7 @@ in an error returned to the client. `onetoken audit-retention` must agree."""
 
 from __future__ import annotations
 
+import base64
 import uuid
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,51 @@ def canary_run(tmp_path_factory: pytest.TempPathFactory, mock_addr: str) -> dict
         "/v1/embeddings",
         headers=auth,
         json={"model": "demo-embed", "input": [CANARY, CANARY]},
+    )
+    # The unit-priced interfaces: the upstream's answers carry the canary back (the revised
+    # prompt, the reranked documents), and the image's bytes are a second needle.
+    r = gw.post(
+        "/v1/images/generations",
+        headers=auth,
+        json={"model": "demo-image", "prompt": CANARY, "n": 2, "mock": {"echo": True}},
+    )
+    assert r.status_code == 200 and CANARY in r.text
+    seen["image_echo"] = r
+    call(
+        "image_500",
+        "POST",
+        "/v1/images/generations",
+        headers=auth,
+        json={"model": "demo-image", "prompt": CANARY, "mock": {"status": 500, "echo": True}},
+    )
+    call(
+        "moderation",
+        "POST",
+        "/v1/moderations",
+        headers=auth,
+        json={"model": "demo-moderation", "input": [CANARY, CANARY]},
+    )
+    r = gw.post(
+        "/v1/rerank",
+        headers=auth,
+        json={"model": "demo-rerank", "query": CANARY, "documents": [CANARY, "other"],
+              "return_documents": True},
+    )
+    assert r.status_code == 200 and CANARY in r.text
+    seen["rerank_echo"] = r
+    call(
+        "speech",
+        "POST",
+        "/v1/audio/speech",
+        headers=auth,
+        json={"model": "demo-tts", "voice": "alloy", "input": CANARY},
+    )
+    call(
+        "rerank_bad",
+        "POST",
+        "/v1/rerank",
+        headers=auth,
+        json={"model": "demo-rerank", "query": CANARY, "documents": CANARY},
     )
     call(
         "bad_json",
@@ -186,6 +232,12 @@ def test_every_path_got_its_status(canary_run: dict[str, Any]) -> None:
         "ok_echo": 200,
         "stream_echo": 200,
         "embeddings": 200,
+        "image_echo": 200,
+        "image_500": 500,
+        "moderation": 200,
+        "rerank_echo": 200,
+        "rerank_bad": 400,
+        "speech": 200,
         "bad_json": 400,
         "not_object": 400,
         "unauthorized": 401,
@@ -222,6 +274,13 @@ def test_each_failure_left_exactly_one_metadata_record(canary_run: dict[str, Any
     assert codes["client_gone"] == "client_disconnected"
     assert codes["no_messages"] == codes["bad_max_tokens"] == "invalid_request"
     assert codes["loop"] == "loop_detected"
+    assert codes["image_500"] == "upstream_error" and codes["rerank_bad"] == "invalid_request"
+    image = by_id[canary_run["seen"]["image_echo"].headers["x-request-id"]]
+    rerank = by_id[canary_run["seen"]["rerank_echo"].headers["x-request-id"]]
+    assert (image["images"], rerank["search_units"]) == (2, 1)
+    speech = by_id[canary_run["seen"]["speech"].headers["x-request-id"]]
+    assert image["cost"] > 0 and rerank["cost"] > 0
+    assert speech["characters"] == len(CANARY) and speech["cost"] > 0
     gone = by_id[canary_run["seen"]["client_gone"].headers["x-request-id"]]
     assert gone["status"] == 499 and gone["usage_source"] == "estimated" and gone["cost"] > 0
     failed_early = [
@@ -236,6 +295,8 @@ def test_each_failure_left_exactly_one_metadata_record(canary_run: dict[str, Any
             "loop",
             "upstream_500",
             "no_balance",
+            "image_500",
+            "rerank_bad",
         )
     ]
     assert all(r["cost"] == 0 for r in failed_early), (
@@ -258,11 +319,21 @@ def test_ledger_equals_call_log(canary_run: dict[str, Any]) -> None:
 
 def test_canary_is_in_no_persisted_byte(canary_run: dict[str, Any]) -> None:
     needle = CANARY.encode()
+    # The generated image as the upstream sent it, and its decoded bytes.
+    b64 = canary_run["seen"]["image_echo"].json()["data"][0]["b64_json"]
+    image = base64.b64decode(b64)[8:]  # past the PNG signature every image shares
+    audio = canary_run["seen"]["speech"].content[5:]  # past the MP3 tag every answer shares
     files = [p for p in Path(canary_run["data_dir"]).rglob("*") if p.is_file()]
     # What the scan must cover: the control DB, the embedded ClickHouse, journal, logs.
     assert {"control.db", "onetoken.log"} <= {p.name for p in files}, files
     assert any("clickhouse" in p.parts for p in files)
-    assert [str(p) for p in files if needle in p.read_bytes()] == []
+    found = [
+        str(p)
+        for p in files
+        for data in [p.read_bytes()]
+        if needle in data or b64.encode() in data or image in data or audio in data
+    ]
+    assert found == []
 
 
 def test_audit_retention_agrees_and_can_find(canary_run: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import openai
 import pytest
 from openai import OpenAI
 
@@ -161,6 +162,46 @@ def test_openai_chat_json(oai: OpenAI, admin: Admin, model: str) -> None:
     assert r.usage is not None and r.usage.completion_tokens > 0
     _check_billed(admin, raw.headers["x-request-id"], model, r.usage.prompt_tokens,
                   r.usage.completion_tokens)
+
+
+# A 1x1 PNG and a few bytes of WAV header: what travels is checked, not what it shows.
+PIXEL = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
+WAV = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAQB8AAEAfAAABAAgAZGF0YQAAAAA="
+
+
+@pytest.mark.parametrize("model", TRANSLATED)
+def test_images_in_chat_reach_every_protocol(oai: OpenAI, model: str) -> None:
+    r = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PIXEL}"}},
+        {"type": "image_url", "image_url": {"url": "https://example.test/cat.png"}},
+    ]}])
+    assert r.choices[0].message.content
+
+
+@pytest.mark.parametrize("model", TRANSLATED)
+def test_audio_in_chat_is_refused_where_the_upstream_cannot_hear(oai: OpenAI, model: str) -> None:
+    messages: Any = [{"role": "user", "content": [
+        {"type": "text", "text": "Transcribe this."},
+        {"type": "input_audio", "input_audio": {"data": WAV, "format": "wav"}},
+    ]}]
+    if DEPLOYMENTS[model][0] == "anthropic":
+        with pytest.raises(openai.BadRequestError) as bad:
+            oai.chat.completions.create(model=model, messages=messages)
+        assert (bad.value.code, bad.value.param) == ("invalid_request", "messages")
+        assert "Audio input is not supported" in bad.value.message
+    else:
+        assert oai.chat.completions.create(model=model, messages=messages).choices
+
+
+def test_anthropic_clients_send_images_to_openai_upstreams(ant: anthropic.Anthropic) -> None:
+    r = ant.messages.create(model="x-openai", max_tokens=20, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "And this?"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PIXEL}},
+    ]}])
+    assert r.content and r.content[0].type == "text"
 
 
 @pytest.mark.parametrize("model", TRANSLATED)

@@ -52,6 +52,10 @@ def record(
         "attempts": 1,
         "guard_flags": "",
         "application_id": "",
+        "images": 0,
+        "audio_ms": 0,
+        "characters": 0,
+        "search_units": 0,
     }
 
 

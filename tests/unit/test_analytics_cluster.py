@@ -393,6 +393,10 @@ def call_rows() -> list[list[Any]]:
             "attempts": 1,
             "guard_flags": "",
             "application_id": "",
+            "images": 0,
+            "audio_ms": 0,
+            "characters": 0,
+            "search_units": 0,
         }
         rows.append([row[c] for c in CALL_LOG_COLUMNS])
     return rows

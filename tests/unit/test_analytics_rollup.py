@@ -67,6 +67,10 @@ def make_batch(tag: str, n: int, seed: int) -> dict[str, list[Any]]:
             "attempts": 1,
             "guard_flags": "phone:1" if rnd.random() < 0.05 else "",
             "application_id": "",
+            "images": 0,
+            "audio_ms": 0,
+            "characters": 0,
+            "search_units": 0,
         }
         for c in CALL_LOG_COLUMNS:
             rows[c].append(row[c])

@@ -51,6 +51,10 @@ def make_batch(org: str, n: int, *, start: int = 0, ts0: int = T0) -> dict[str, 
         "attempts": [1] * n,
         "guard_flags": [""] * n,
         "application_id": [""] * n,
+        "images": [0] * n,
+        "audio_ms": [0] * n,
+        "characters": [0] * n,
+        "search_units": [i % 3 for i in ids],
     }
 
 

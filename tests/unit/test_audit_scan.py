@@ -55,6 +55,10 @@ def one_record(request_id: str, user_agent: str) -> dict[str, list[Any]]:
         "attempts": 1,
         "guard_flags": "",
         "application_id": "",
+        "images": 0,
+        "audio_ms": 0,
+        "characters": 0,
+        "search_units": 0,
     }
     return {name: [values[name]] for name in CALL_LOG_COLUMNS}
 

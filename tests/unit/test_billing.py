@@ -206,6 +206,44 @@ def test_price_versions_apply_when_due_and_keep_history(state: AppState, world: 
             prices.add_version(s, world.other, world.model, p)
 
 
+def test_unit_prices_are_versioned_like_token_prices(state: AppState, world: World) -> None:
+    now = datetime.now(UTC)
+    first = prices.Prices(input_price=0, output_price=0, cached_input_price=0).with_units(
+        {"1024x1024/hd": 8 * UNIT, "default": 2 * UNIT}, search_unit_price=UNIT // 500
+    )
+    later = prices.Prices(input_price=0, output_price=0, cached_input_price=0).with_units(
+        {"default": 3 * UNIT}, character_price=15 * UNIT, audio_second_price=UNIT // 10_000
+    )
+    with state.session_factory() as s:
+        prices.add_version(s, world.org, world.model, first, now=now)
+        prices.add_version(
+            s, world.org, world.model, later, effective_from=now + timedelta(hours=1), now=now
+        )
+        s.commit()
+        model = next(m for m in _snapshot(state, s)["models"] if m["name"] == "a-chat")
+        assert model["image_prices"] == {"1024x1024/hd": 8 * UNIT, "default": 2 * UNIT}
+        assert model["search_unit_price"] == UNIT // 500
+        assert "character_price" not in model and "audio_second_price" not in model
+        assert prices.apply_due(s, now + timedelta(hours=1)) == 1
+        s.commit()
+        model = next(m for m in _snapshot(state, s)["models"] if m["name"] == "a-chat")
+        assert model["image_prices"] == {"default": 3 * UNIT}
+        assert "search_unit_price" not in model
+        assert (model["character_price"], model["audio_second_price"]) == (
+            15 * UNIT, UNIT // 10_000
+        )
+        history = prices.list_versions(s, world.org, world.model)
+        assert [v.image_prices for v in history] == [
+            {"default": 3 * UNIT}, {"1024x1024/hd": 8 * UNIT, "default": 2 * UNIT}
+        ]
+        negative = first.with_units({"default": -1})
+        with pytest.raises(Unprocessable) as bad:
+            prices.add_version(
+                s, world.org, world.model, negative, effective_from=now + timedelta(hours=2)
+            )
+        assert bad.value.param == "image_prices"
+
+
 def _snapshot(
     state: AppState,
     s: Any,

@@ -247,6 +247,10 @@ def _call_rows(rng: random.Random, org: str, n: int) -> list[list[Any]]:
             "attempts": 1,
             "guard_flags": rng.choice(["", "", "", "bank_card:2,phone:1", "email:1"]) if ok else "",
             "application_id": "",
+            "images": 0,
+            "audio_ms": 0,
+            "characters": 0,
+            "search_units": 0,
         }
         rows.append([row[c] for c in CALL_LOG_COLUMNS])
     return rows

@@ -73,6 +73,11 @@ class PriceVersion(Base):
     output_price: Mapped[int] = mapped_column(BigInteger)
     cached_input_price: Mapped[int] = mapped_column(BigInteger)
     request_price: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Unit prices, as on the model row.
+    image_prices: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    audio_second_price: Mapped[int] = mapped_column(BigInteger, default=0)
+    character_price: Mapped[int] = mapped_column(BigInteger, default=0)
+    search_unit_price: Mapped[int] = mapped_column(BigInteger, default=0)
     created_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     # When the prices were copied onto the model row the snapshot is built from.

@@ -10,8 +10,8 @@ charge. Versions are never edited or deleted: the table is the price history.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
@@ -30,12 +30,23 @@ log = logging.getLogger("onetoken.billing")
 PAST_TOLERANCE = timedelta(seconds=60)
 
 
+#: The unit prices a model row and a price version carry besides token prices.
+UNIT_PRICE_FIELDS = ("audio_second_price", "character_price", "search_unit_price")
+
+
 @dataclass(frozen=True, slots=True)
 class Prices:
     input_price: int
     output_price: int
     cached_input_price: int
     request_price: int = 0
+    # Unit prices (docs/gateway-spec.md, "Unit prices"), nano-units: per image by
+    # "<size>/<quality>", "<size>" or "default"; per second of audio in; per million
+    # characters of speech; per rerank search unit.
+    image_prices: Mapping[str, int] = field(default_factory=dict)
+    audio_second_price: int = 0
+    character_price: int = 0
+    search_unit_price: int = 0
 
     @classmethod
     def listed(
@@ -45,6 +56,18 @@ class Prices:
         it has its own price."""
         cached = input_price if cached_input_price is None else cached_input_price
         return cls(input_price, output_price, cached, request_price)
+
+    def with_units(
+        self,
+        image_prices: Mapping[str, int] | None = None,
+        audio_second_price: int = 0,
+        character_price: int = 0,
+        search_unit_price: int = 0,
+    ) -> Prices:
+        return Prices(
+            self.input_price, self.output_price, self.cached_input_price, self.request_price,
+            dict(image_prices or {}), audio_second_price, character_price, search_unit_price,
+        )
 
 
 def _model_for(session: Session, org_id: str | None, model_id: str) -> Model:
@@ -72,8 +95,11 @@ def add_version(
     for value in (prices.input_price, prices.output_price, prices.cached_input_price):
         if value < 0:
             raise Unprocessable("Prices must not be negative.", param="input_price")
-    if prices.request_price < 0:
-        raise Unprocessable("Prices must not be negative.", param="request_price")
+    for name in ("request_price", *UNIT_PRICE_FIELDS):
+        if getattr(prices, name) < 0:
+            raise Unprocessable("Prices must not be negative.", param=name)
+    if any(v < 0 for v in prices.image_prices.values()):
+        raise Unprocessable("Prices must not be negative.", param="image_prices")
     clash = session.scalar(
         select(PriceVersion.id).where(
             PriceVersion.model_id == model.id, PriceVersion.effective_from == start
@@ -90,6 +116,10 @@ def add_version(
         output_price=prices.output_price,
         cached_input_price=prices.cached_input_price,
         request_price=prices.request_price,
+        image_prices=dict(prices.image_prices),
+        audio_second_price=prices.audio_second_price,
+        character_price=prices.character_price,
+        search_unit_price=prices.search_unit_price,
         created_by=created_by,
         created_at=at,
     )
@@ -148,6 +178,9 @@ def apply_due(session: Session, now: datetime | None = None) -> int:
         model.cached_input_price = v.cached_input_price
         if hasattr(model, "request_price"):
             model.request_price = v.request_price
+        model.image_prices = dict(v.image_prices or {})
+        for name in UNIT_PRICE_FIELDS:
+            setattr(model, name, getattr(v, name))
         changed += 1
     bump_revision(session)
     session.flush()

@@ -10,6 +10,7 @@ from onetoken.billing.service import MAX_ENTRY_NANO
 from onetoken.kit.lists import ListOf
 from onetoken.kit.money import MoneyIn, MoneyOut
 from onetoken.kit.text import NOT_BLANK
+from onetoken.providers.schemas import IMAGE_VARIANT_PATTERN
 
 CreditKind = Literal["recharge", "grant", "refund", "adjustment"]
 IdempotencyKey = Annotated[
@@ -131,6 +132,17 @@ class PriceVersionCreate(BaseModel):
     output_price: Budget
     cached_input_price: Budget | None = Field(default=None, description="Default: input price.")
     request_price: Budget = 0
+    image_prices: dict[
+        Annotated[str, Field(min_length=1, max_length=40, pattern=IMAGE_VARIANT_PATTERN)], Budget
+    ] = Field(
+        default_factory=dict,
+        max_length=64,
+        description='Per image by "<size>/<quality>", "<size>" or "default".',
+        json_schema_extra={"propertyNames": {"pattern": IMAGE_VARIANT_PATTERN, "maxLength": 40}},
+    )
+    audio_second_price: Budget = Field(default=0, description="Per second of audio in.")
+    character_price: Budget = Field(default=0, description="Per million characters of speech.")
+    search_unit_price: Budget = Field(default=0, description="Per rerank search unit.")
     effective_from: datetime | None = Field(default=None, description="Default: now.")
 
 
@@ -144,6 +156,10 @@ class PriceVersionResponse(BaseModel):
     output_price: MoneyOut
     cached_input_price: MoneyOut
     request_price: MoneyOut
+    image_prices: dict[str, MoneyOut]
+    audio_second_price: MoneyOut
+    character_price: MoneyOut
+    search_unit_price: MoneyOut
     applied_at: datetime | None
     created_at: datetime
 

@@ -310,6 +310,9 @@ def _apply_models(
             )
         desired["output_price"] = desired["output_price"] or 0
         desired["request_price"] = desired["request_price"] or 0
+        desired["image_prices"] = desired["image_prices"] or {}
+        for unit in ("audio_second_price", "character_price", "search_unit_price"):
+            desired[unit] = desired[unit] or 0
         if desired["cached_input_price"] is None:
             desired["cached_input_price"] = desired["input_price"]
         model = existing.get(item.name)

@@ -22,7 +22,7 @@ from onetoken.db.base import Base, UTCDateTime, utcnow
 from onetoken.orgs.models import Org
 from onetoken.providers.gateway_schemas import DEFAULT_STRATEGY
 
-MODEL_KINDS = ("chat", "embedding")
+MODEL_KINDS = ("chat", "embedding", "image", "moderation", "rerank", "speech")
 PROTOCOLS = ("openai", "azure", "anthropic", "gemini")
 
 
@@ -80,9 +80,18 @@ class Model(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     weight: Mapped[int] = mapped_column(Integer, default=1)
     managed_by: Mapped[str] = mapped_column(String(8), default="api")
+    # Unit prices, nano-units (docs/gateway-spec.md, "Unit prices"): per image by
+    # "<size>/<quality>", "<size>" or "default"; per second of audio in; per million
+    # characters of speech; per rerank search unit.
+    image_prices: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    audio_second_price: Mapped[int] = mapped_column(BigInteger, default=0)
+    character_price: Mapped[int] = mapped_column(BigInteger, default=0)
+    search_unit_price: Mapped[int] = mapped_column(BigInteger, default=0)
 
     __table_args__ = (
-        CheckConstraint("kind IN ('chat','embedding')", name="kind"),
+        CheckConstraint(
+            "kind IN ('chat','embedding','image','moderation','rerank','speech')", name="kind"
+        ),
         UniqueConstraint("provider_id", "name", name="uq_models_provider_name"),
     )
 

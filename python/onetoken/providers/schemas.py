@@ -24,7 +24,7 @@ from onetoken.kit.net import networks
 from onetoken.security.net import url_target_refused
 
 Protocol = Literal["openai", "azure", "anthropic", "gemini"]
-ModelKind = Literal["chat", "embedding"]
+ModelKind = Literal["chat", "embedding", "image", "moderation", "rerank", "speech"]
 # "platform": the shared catalog every org may use (operators only); "org": private.
 Scope = Literal["platform", "org"]
 PresetName = Literal[
@@ -198,6 +198,18 @@ PriceIn = Annotated[
     MoneyIn, AfterValidator(_non_negative), WithJsonSchema(SCHEMA_IN_NON_NEGATIVE)
 ]
 MaxTokens = Annotated[int, Field(ge=0, le=10_000_000)]
+# An image price's key: "<size>/<quality>", "<size>" or "default" (docs/gateway-spec.md,
+# "Unit prices").
+IMAGE_VARIANT_PATTERN = r"^[a-z0-9]{1,20}(/[a-z0-9_-]{1,16})?$"
+ImageVariant = Annotated[str, Field(min_length=1, max_length=40, pattern=IMAGE_VARIANT_PATTERN)]
+# The key rule in the schema too (pydantic does not emit it for dict keys).
+ImagePrices = Annotated[
+    dict[ImageVariant, PriceIn],
+    Field(
+        max_length=64,
+        json_schema_extra={"propertyNames": {"pattern": IMAGE_VARIANT_PATTERN, "maxLength": 40}},
+    ),
+]
 
 
 Priority = Annotated[int, Field(ge=-1_000_000, le=1_000_000)]
@@ -216,6 +228,10 @@ class ModelDeployment(BaseModel):
     request_price: PriceIn | None = None
     priority: Priority = 0
     weight: Weight = 1
+    image_prices: ImagePrices | None = None
+    audio_second_price: PriceIn | None = None
+    character_price: PriceIn | None = None
+    search_unit_price: PriceIn | None = None
 
 
 class ModelHead(BaseModel):
@@ -229,7 +245,10 @@ class _NewModel(ModelHead):
 
 class ModelCreate(ModelDeployment, _NewModel):
     """One deployment: a public model name served by one provider. Prices are decimal
-    strings in the deployment currency per million tokens (`request_price` per request).
+    strings in the deployment currency per million tokens (`request_price` per request;
+    `image_prices` per image by "<size>/<quality>", "<size>" or "default",
+    `audio_second_price` per second of audio, `character_price` per million characters,
+    `search_unit_price` per rerank search unit).
     The deployment's scope is its provider's."""
 
     model_config = ConfigDict(extra="forbid")
@@ -249,6 +268,10 @@ class ModelUpdate(BaseModel):
     request_price: PriceIn | None = None
     priority: Priority | None = None
     weight: Weight | None = None
+    image_prices: ImagePrices | None = None
+    audio_second_price: PriceIn | None = None
+    character_price: PriceIn | None = None
+    search_unit_price: PriceIn | None = None
 
 
 class Processor(BaseModel):
@@ -275,6 +298,10 @@ class ModelResponse(CatalogEntry):
     output_price: MoneyOut
     cached_input_price: MoneyOut
     request_price: MoneyOut
+    image_prices: dict[str, MoneyOut]
+    audio_second_price: MoneyOut
+    character_price: MoneyOut
+    search_unit_price: MoneyOut
     max_output_tokens: int
     priority: int
     weight: int

@@ -58,6 +58,10 @@ _MODEL_FIELDS = (
     "request_price",
     "priority",
     "weight",
+    "image_prices",
+    "audio_second_price",
+    "character_price",
+    "search_unit_price",
 )
 
 
@@ -258,6 +262,10 @@ def create_model(
     priority: int = 0,
     weight: int = 1,
     managed_by: str = "api",
+    image_prices: dict[str, int] | None = None,
+    audio_second_price: int | None = None,
+    character_price: int | None = None,
+    search_unit_price: int | None = None,
 ) -> Model:
     provider = get_provider(session, owner, provider_id)
     check_model_name(session, owner, name, kind)
@@ -281,6 +289,10 @@ def create_model(
         priority=priority,
         weight=weight,
         managed_by=managed_by,
+        image_prices=dict(image_prices or {}),
+        audio_second_price=audio_second_price or 0,
+        character_price=character_price or 0,
+        search_unit_price=search_unit_price or 0,
     )
     session.add(model)
     config_changed(session, log, "model.created", org_id=owner, model_id=model.id)

@@ -73,6 +73,11 @@ def model_entry(m: Model) -> dict[str, Any]:
         entry["org_id"] = m.org_id
     if m.request_price:
         entry["request_price"] = m.request_price
+    if m.image_prices:
+        entry["image_prices"] = {k: int(v) for k, v in m.image_prices.items()}
+    for unit in ("audio_second_price", "character_price", "search_unit_price"):
+        if getattr(m, unit):
+            entry[unit] = getattr(m, unit)
     if m.priority:
         entry["priority"] = m.priority
     if m.weight != 1:

@@ -97,6 +97,50 @@ pub fn reserve_amount_at(
     ))
 }
 
+/// What a call is priced by besides tokens (images, audio, speech, rerank), as the
+/// upstream reported it or, failing that, as the request asked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Units {
+    /// Images generated.
+    pub images: u64,
+    /// Audio in, milliseconds (priced per second, rounded up once for the call).
+    pub audio_ms: u64,
+    /// Characters of text turned into speech.
+    pub characters: u64,
+    /// Rerank search units.
+    pub search_units: u64,
+}
+
+/// Unit prices of the deployment that serves a call, nano-units, the image price already
+/// chosen for the requested size and quality.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnitPrices {
+    /// Per image.
+    pub image: i64,
+    /// Per second of audio in.
+    pub audio_second: i64,
+    /// Per million characters of speech input (as token prices are per million tokens).
+    pub character: i64,
+    /// Per search unit.
+    pub search_unit: i64,
+}
+
+/// The cost of `units` at `prices` and an org's price factor, each part rounded up.
+pub fn units_cost_at(units: Units, prices: UnitPrices, factor_ppm: u32) -> i64 {
+    // Per-unit prices go through the per-million formula with the count scaled up, so the
+    // factor is applied and rounded exactly as for tokens; audio is per second of
+    // milliseconds, so its count is scaled by 1000 instead.
+    let per_unit = |n: u64, price: i64| cost_ppm(n.saturating_mul(1_000_000), price, factor_ppm);
+    per_unit(units.images, prices.image)
+        .saturating_add(cost_ppm(
+            units.audio_ms.saturating_mul(1000),
+            prices.audio_second,
+            factor_ppm,
+        ))
+        .saturating_add(cost_ppm(units.characters, prices.character, factor_ppm))
+        .saturating_add(per_unit(units.search_units, prices.search_unit))
+}
+
 /// Spend budgets of a key or org, nano-units (`None` = no budget).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Budgets {

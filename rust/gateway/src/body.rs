@@ -183,8 +183,8 @@ impl StreamBody {
     }
 
     fn end_with(&mut self, err: Option<ApiError>) {
-        if let Some(err) = err {
-            self.ready.push_back(self.relay.error_event(err));
+        if let Some(event) = err.and_then(|e| self.relay.error_event(e)) {
+            self.ready.push_back(event);
         }
         self.sync_meter();
         self.state = State::Ending(err);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::{header, HeaderMap};
 
-use crate::billing::{self, OrgAccount, Prices, UnpricedSlot, Usage};
+use crate::billing::{self, OrgAccount, Prices, UnitPrices, Units, UnpricedSlot, Usage};
 use crate::engine::Shared;
 use crate::error::ApiError;
 use crate::limits::Admission;
@@ -65,6 +65,8 @@ pub(crate) struct Call {
     /// The org's price factor, applied when the cost is computed.
     pub(crate) price_factor_ppm: u32,
     pub(crate) prompt_estimate: u64,
+    /// The units the request asked for (charged when the upstream reports none).
+    pub(crate) units_requested: Units,
     /// Refused by a rate, concurrency or budget limit.
     pub(crate) rate_limited: bool,
 
@@ -76,6 +78,8 @@ pub(crate) struct Call {
     pub(crate) prices: Prices,
     /// Per-request price of the deployment that served.
     pub(crate) request_price: i64,
+    /// Unit prices of the deployment that served, for the requested image variant.
+    pub(crate) unit_prices: UnitPrices,
 
     // relay
     /// The upstream answered with success: what was relayed is chargeable.
@@ -83,6 +87,8 @@ pub(crate) struct Call {
     pub(crate) streamed: bool,
     pub(crate) upstream_usage: Option<Usage>,
     pub(crate) relayed_tokens: u64,
+    /// Units the answer carried (images, search units), else those requested.
+    pub(crate) units: Units,
     response_started: bool,
     ttfb: Option<Duration>,
 
@@ -98,6 +104,7 @@ pub(crate) struct Call {
 /// What the settle phase charged.
 struct Charge {
     usage: Usage,
+    units: Units,
     source: &'static str,
     cost: i64,
 }
@@ -151,16 +158,19 @@ impl Call {
             unpriced: None,
             price_factor_ppm: billing::PPM_ONE,
             prompt_estimate: 0,
+            units_requested: Units::default(),
             rate_limited: false,
             attempts: 0,
             model_served: String::new(),
             provider: String::new(),
             prices: Prices::default(),
             request_price: 0,
+            unit_prices: UnitPrices::default(),
             chargeable: false,
             streamed: false,
             upstream_usage: None,
             relayed_tokens: 0,
+            units: Units::default(),
             response_started: false,
             ttfb: None,
             done: false,
@@ -224,9 +234,19 @@ impl Call {
             ),
             (false, _) => (Usage::default(), "none"),
         };
+        let units = if self.chargeable {
+            self.units
+        } else {
+            Units::default()
+        };
         let cost = if self.chargeable {
             billing::usage_cost_at(usage, self.prices, self.price_factor_ppm)
                 .saturating_add(request_cost(self.request_price, self.price_factor_ppm))
+                .saturating_add(billing::units_cost_at(
+                    units,
+                    self.unit_prices,
+                    self.price_factor_ppm,
+                ))
         } else {
             0
         };
@@ -238,6 +258,7 @@ impl Call {
         self.unpriced = None;
         Charge {
             usage,
+            units,
             source,
             cost,
         }
@@ -307,6 +328,10 @@ impl Call {
             attempts: self.attempts,
             guard_flags: take(&mut self.guard_flags),
             application_id: take(&mut self.application_id),
+            images: clamp_u32(charge.units.images),
+            audio_ms: clamp_u32(charge.units.audio_ms),
+            characters: clamp_u32(charge.units.characters),
+            search_units: clamp_u32(charge.units.search_units),
         };
         let attrs = self.trace.as_ref().map(|_| span_attributes(&rec));
         self.shared.records.push(rec);

@@ -27,7 +27,8 @@ macro_rules! call_log {
             /// the key was not recognised.
             key_id: String => StrColumn "String",
             /// Interface called: `/v1/chat/completions`, `/v1/embeddings`, `/v1/messages`,
-            /// `/v1/responses`, `/v1/models`, or `other` for any other path.
+            /// `/v1/responses`, `/v1/images/generations`, `/v1/moderations`, `/v1/rerank`,
+            /// `/v1/audio/speech`, `/v1/models`, or `other` for any other path.
             path: &'static str => LcColumn "LowCardinality(String)",
             /// Model name the client asked for (a configured name or alias); empty when
             /// the request named no configured model (so a client's typo is never stored).
@@ -64,7 +65,8 @@ macro_rules! call_log {
             /// Request start to the first response byte, microseconds: time to first token
             /// on a stream; equals `latency_us` when no byte was sent before the end.
             ttfb_us: u32 => NumColumn "UInt32",
-            /// 1 when the response was a server-sent-event stream, else 0.
+            /// 1 when the response was relayed as it arrived (a server-sent-event stream, or
+            /// the audio of `/v1/audio/speech`), else 0.
             streamed: u8 => NumColumn "UInt8",
             /// Client address: the connection's peer, or the address a trusted load
             /// balancer passed on.
@@ -84,6 +86,20 @@ macro_rules! call_log {
             /// call was made; empty when the key was in no application or not recognised.
             /// A key moved to another application counts for the new one from then on.
             application_id: String => LcColumn "LowCardinality(String)",
+            /// Images generated and charged (`/v1/images/generations`: the images the
+            /// upstream returned, else the count requested); 0 for other interfaces and
+            /// when nothing was charged.
+            images: u32 => NumColumn "UInt32",
+            /// Audio input charged, milliseconds (priced per second); 0 for interfaces
+            /// without audio input and when nothing was charged.
+            audio_ms: u32 => NumColumn "UInt32",
+            /// Characters of text turned into speech and charged (`/v1/audio/speech`: the
+            /// characters of `input`); 0 for other interfaces and when nothing was charged.
+            characters: u32 => NumColumn "UInt32",
+            /// Rerank search units charged (`/v1/rerank`: the upstream's billed units, else
+            /// one per started hundred documents); 0 for other interfaces and when nothing
+            /// was charged.
+            search_units: u32 => NumColumn "UInt32",
         }
     };
 }

@@ -15,11 +15,15 @@ use crate::protocol::{
 use crate::screen::OrgGuard;
 use crate::snapshot::GuardMode;
 
-const APIS: [ClientApi; 4] = [
+const APIS: [ClientApi; 8] = [
     ClientApi::Chat,
     ClientApi::Embeddings,
     ClientApi::Messages,
     ClientApi::Responses,
+    ClientApi::Images,
+    ClientApi::Moderations,
+    ClientApi::Rerank,
+    ClientApi::Speech,
 ];
 const PROTOCOLS: [Protocol; 4] = [
     Protocol::OpenAi,

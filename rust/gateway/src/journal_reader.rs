@@ -227,6 +227,33 @@ macro_rules! line_readers {
 }
 call_log!(line_readers);
 
+/// Columns added after the journal format first shipped (ClickHouse 011): a line an
+/// earlier engine wrote, still unshipped when the engine was upgraded, lacks them and
+/// reads them as 0, as ClickHouse reads rows from before them. Any other missing column
+/// still makes a line bad.
+const ADDED_LATER: [&str; 4] = ["images", "audio_ms", "characters", "search_units"];
+
+/// A line through the general JSON reader, with [`ADDED_LATER`] columns it lacks as 0.
+fn parse_json(line: &[u8]) -> Option<Line> {
+    if let Ok(l) = serde_json::from_slice::<Line>(line) {
+        return Some(l);
+    }
+    let Ok(serde_json::Value::Object(mut fields)) = serde_json::from_slice(line) else {
+        return None;
+    };
+    let mut filled = false;
+    for name in ADDED_LATER {
+        if !fields.contains_key(name) {
+            fields.insert(name.to_owned(), serde_json::Value::from(0));
+            filled = true;
+        }
+    }
+    if !filled {
+        return None;
+    }
+    serde_json::from_value(serde_json::Value::Object(fields)).ok()
+}
+
 /// Add one line (with its `\n`) to the batch; false when it is not a record.
 fn parse_into(line: &[u8], batch: &mut CallBatch) -> bool {
     parse_current_into(line, batch)
@@ -237,7 +264,7 @@ fn parse_current_into(line: &[u8], batch: &mut CallBatch) -> bool {
     if let Some(row) = parse_plain(line) {
         return push_checked(batch, &row);
     }
-    let Ok(l) = serde_json::from_slice::<Line>(line) else {
+    let Some(l) = parse_json(line) else {
         return false;
     };
     push_checked(batch, &l.row())
@@ -275,7 +302,7 @@ fn parse_current_record(line: &[u8]) -> Option<CallRecord> {
     if let Some(row) = parse_plain(line) {
         return row.record();
     }
-    let l: Line = serde_json::from_slice(line).ok()?;
+    let l = parse_json(line)?;
     l.row().record()
 }
 
@@ -324,6 +351,10 @@ mod tests {
             attempts: u8::MAX,
             guard_flags: "email:2".into(),
             application_id: "app_1".into(),
+            images: i,
+            audio_ms: u32::MAX,
+            characters: 11,
+            search_units: 2,
         }
     }
 
@@ -511,6 +542,32 @@ mod tests {
         assert_eq!(read.bad_lines, 8);
         assert_eq!(read.next_offset, bytes.len() as u64);
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn lines_from_before_the_unit_columns_read_them_as_zero() {
+        let text = String::from_utf8(lines(&[rec(5, "old")])).unwrap();
+        let old = text.replace(
+            ",\"images\":5,\"audio_ms\":4294967295,\"characters\":11,\"search_units\":2",
+            "",
+        );
+        assert_ne!(old, text, "the test line has the unit columns to take away");
+        let record = parse_record(old.as_bytes()).unwrap();
+        assert_eq!(
+            (
+                record.images,
+                record.audio_ms,
+                record.characters,
+                record.search_units
+            ),
+            (0, 0, 0, 0)
+        );
+        assert_eq!(record.request_id, rec(5, "old").request_id);
+        let mut batch = CallBatch::default();
+        assert!(parse_into(old.as_bytes(), &mut batch));
+        // Only those: a line missing an older column is still not a record.
+        let no_flags = old.replace(",\"guard_flags\":\"email:2\"", "");
+        assert!(parse_record(no_flags.as_bytes()).is_none());
     }
 
     #[test]

@@ -18,16 +18,24 @@ pub(crate) enum PathLabel {
     Other,
     Messages,
     Responses,
+    Images,
+    Moderations,
+    Rerank,
+    Speech,
 }
 
 impl PathLabel {
-    const ALL: [PathLabel; 6] = [
+    const ALL: [PathLabel; 10] = [
         PathLabel::Chat,
         PathLabel::Embeddings,
         PathLabel::Models,
         PathLabel::Other,
         PathLabel::Messages,
         PathLabel::Responses,
+        PathLabel::Images,
+        PathLabel::Moderations,
+        PathLabel::Rerank,
+        PathLabel::Speech,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -38,6 +46,10 @@ impl PathLabel {
             PathLabel::Other => "other",
             PathLabel::Messages => "/v1/messages",
             PathLabel::Responses => "/v1/responses",
+            PathLabel::Images => "/v1/images/generations",
+            PathLabel::Moderations => "/v1/moderations",
+            PathLabel::Rerank => "/v1/rerank",
+            PathLabel::Speech => "/v1/audio/speech",
         }
     }
 }

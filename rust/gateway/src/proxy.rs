@@ -28,7 +28,7 @@ use crate::error::{ApiError, Failure};
 use crate::limits::{self, LeaseKind, Refusal};
 use crate::metrics::PathLabel;
 use crate::phase::{Phase, PhaseClock};
-use crate::protocol::{self, openai, validate, ClientApi, StreamIds, StreamRelay};
+use crate::protocol::{self, openai, units, validate, ClientApi, StreamIds, StreamRelay};
 use crate::routing::{self, NotServed, Permit, Served};
 use crate::screen::Verdict;
 use crate::snapshot::{Deployment, Key, ModelGroup, ModelKind, Snapshot};
@@ -149,6 +149,10 @@ enum Endpoint {
     Embeddings,
     Messages,
     Responses,
+    Images,
+    Moderations,
+    Rerank,
+    Speech,
     NotFound,
     MethodNotAllowed(PathLabel),
 }
@@ -162,6 +166,10 @@ impl Endpoint {
             "/v1/embeddings" => (Method::POST, Endpoint::Embeddings),
             "/v1/messages" => (Method::POST, Endpoint::Messages),
             "/v1/responses" => (Method::POST, Endpoint::Responses),
+            "/v1/images/generations" => (Method::POST, Endpoint::Images),
+            "/v1/moderations" => (Method::POST, Endpoint::Moderations),
+            "/v1/rerank" => (Method::POST, Endpoint::Rerank),
+            "/v1/audio/speech" => (Method::POST, Endpoint::Speech),
             _ => return Endpoint::NotFound,
         };
         if *method == expected {
@@ -177,6 +185,10 @@ impl Endpoint {
             Endpoint::Embeddings => PathLabel::Embeddings,
             Endpoint::Messages => PathLabel::Messages,
             Endpoint::Responses => PathLabel::Responses,
+            Endpoint::Images => PathLabel::Images,
+            Endpoint::Moderations => PathLabel::Moderations,
+            Endpoint::Rerank => PathLabel::Rerank,
+            Endpoint::Speech => PathLabel::Speech,
             Endpoint::MethodNotAllowed(l) => l,
             Endpoint::Health | Endpoint::NotFound => PathLabel::Other,
         }
@@ -189,6 +201,10 @@ impl Endpoint {
             Endpoint::Embeddings => Some(ClientApi::Embeddings),
             Endpoint::Messages => Some(ClientApi::Messages),
             Endpoint::Responses => Some(ClientApi::Responses),
+            Endpoint::Images => Some(ClientApi::Images),
+            Endpoint::Moderations => Some(ClientApi::Moderations),
+            Endpoint::Rerank => Some(ClientApi::Rerank),
+            Endpoint::Speech => Some(ClientApi::Speech),
             _ => None,
         }
     }
@@ -319,10 +335,13 @@ async fn route<'s>(
     // What the client API requires, before anything is reserved or sent.
     validate::check(api, &doc)?;
 
-    let kind = if api == ClientApi::Embeddings {
-        ModelKind::Embedding
-    } else {
-        ModelKind::Chat
+    let kind = match api {
+        ClientApi::Embeddings => ModelKind::Embedding,
+        ClientApi::Images => ModelKind::Image,
+        ClientApi::Moderations => ModelKind::Moderation,
+        ClientApi::Rerank => ModelKind::Rerank,
+        ClientApi::Speech => ModelKind::Speech,
+        ClientApi::Chat | ClientApi::Messages | ClientApi::Responses => ModelKind::Chat,
     };
     let model_name = doc
         .get("model")
@@ -338,11 +357,23 @@ async fn route<'s>(
     if !key.may_use(model_name) && !key.may_use(&group.name) {
         return Err(ApiError::ModelNotAllowed.into());
     }
-    let candidates = match routing::permitted(group, key, api) {
+    let mut candidates = match routing::permitted(group, key, api) {
         Ok(c) => c,
         Err(routing::Unavailable::NotFound) => return Err(ApiError::ModelNotFound.into()),
         Err(routing::Unavailable::Denied(d)) => return Err(d.into()),
     };
+    // Audio in a chat message goes only where it can be read: a deployment that would
+    // silently drop it is not tried, and none left is the client's 400, not a 5xx.
+    if protocol::has_audio_input(api, &doc) {
+        candidates.retain(|d| d.provider.protocol.takes_audio());
+        if candidates.is_empty() {
+            return Err(validate::Invalid {
+                param: "messages",
+                message: "Audio input is not supported by the providers serving this model.",
+            }
+            .into());
+        }
+    }
 
     // The org's sensitive-content guard, on the bytes in memory: only categories and
     // counts come out. Before admission, so a blocked request holds no limit or money.
@@ -426,6 +457,9 @@ fn reserve(
         max_out(d).saturating_mul(n)
     };
     let org = &key.org;
+    // Unit-priced APIs reserve what the request asks for (images, search units).
+    let units = units::requested(api, doc);
+    let (size, quality) = units::image_variant(doc);
     let reserve_on = |d: &Deployment| {
         billing::reserve_amount_at(
             prompt_estimate,
@@ -434,6 +468,11 @@ fn reserve(
             org.price_factor_ppm,
         )
         .saturating_add(request_cost(d.request_price, org.price_factor_ppm))
+        .saturating_add(billing::units_cost_at(
+            units,
+            d.unit_prices_for(size, quality),
+            org.price_factor_ppm,
+        ))
     };
     let amount = most(&ask.candidates, reserve_on);
     let tokens_bound = most(&ask.candidates, out_bound);
@@ -474,6 +513,7 @@ fn reserve(
     call.reservation = Some((org.account.clone(), amount));
     call.price_factor_ppm = org.price_factor_ppm;
     call.prompt_estimate = prompt_estimate;
+    call.units_requested = units;
     Ok(Some(Plan {
         order: routing::order(
             ask.group.strategy,
@@ -501,6 +541,11 @@ async fn forward(
         trace: call.trace.as_ref().map(|t| t.attempts()),
     };
     let max_out = |d: &Deployment| plan.max_out(d);
+    // The image price depends on what was asked; kept before the body goes upstream.
+    let variant = (ask.api == ClientApi::Images).then(|| {
+        let (size, quality) = units::image_variant(&doc);
+        (size.to_owned(), quality.to_owned())
+    });
     let result = routing::forward(
         &snap.routing,
         &plan.order,
@@ -525,6 +570,10 @@ async fn forward(
             // Billing uses the prices of the deployment that served.
             call.prices = served.deployment.prices;
             call.request_price = served.deployment.request_price;
+            call.unit_prices = match &variant {
+                Some((size, quality)) => served.deployment.unit_prices_for(size, quality),
+                None => served.deployment.unit_prices,
+            };
             Ok(served)
         }
         Err(NotServed::Api(e)) => Err(e.into()),
@@ -564,6 +613,8 @@ enum Reply {
     Stream {
         upstream: Incoming,
         relay: StreamRelay,
+        /// The upstream's for a byte stream; `text/event-stream` when `None`.
+        content_type: Option<HeaderValue>,
         idle: Duration,
         deadline: tokio::time::Instant,
         permit: Option<Permit>,
@@ -600,6 +651,7 @@ async fn relay(
         return Ok(Reply::Stream {
             upstream: resp.into_body(),
             relay: StreamRelay::new(api, protocol, !ask.client_wants_usage, ids),
+            content_type: None,
             idle,
             deadline,
             permit: Some(served.permit),
@@ -607,6 +659,19 @@ async fn relay(
     }
 
     let mut content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+    if api == ClientApi::Speech {
+        // Audio goes to the client as it arrives, never held whole. Its price is per
+        // input character, known from the request.
+        call.units = call.units_requested;
+        return Ok(Reply::Stream {
+            upstream: resp.into_body(),
+            relay: StreamRelay::raw(),
+            content_type,
+            idle,
+            deadline,
+            permit: Some(served.permit),
+        });
+    }
     let max = shared.config.max_upstream_body_bytes;
     let mut body = match collect(resp.into_body(), idle, deadline, max).await {
         Ok(b) => b,
@@ -629,6 +694,15 @@ async fn relay(
         }
         body = out;
         content_type = Some(HeaderValue::from_static("application/json"));
+    } else if api.unit_priced() {
+        // Counts only: the images, scores and results themselves are relayed, not kept.
+        match units::meter(api, &body) {
+            Some(counted) => {
+                call.units = counted;
+                call.upstream_usage = Some(billing::Usage::default());
+            }
+            None => call.units = call.units_requested,
+        }
     } else {
         let (usage, counted) = protocol::meter_passthrough(api, &body);
         call.upstream_usage = usage;
@@ -666,6 +740,7 @@ fn respond(
         Ok(Reply::Stream {
             upstream,
             relay,
+            content_type,
             idle,
             deadline,
             permit,
@@ -682,7 +757,7 @@ fn respond(
             let h = resp.headers_mut();
             h.insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
+                content_type.unwrap_or(HeaderValue::from_static("text/event-stream")),
             );
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             resp

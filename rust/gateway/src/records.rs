@@ -231,6 +231,10 @@ mod tests {
                     attempts: u8::MAX,
                     guard_flags: (*s).to_owned(),
                     application_id: (*s).to_owned(),
+                    images: u32::MAX,
+                    audio_ms: 1,
+                    characters: 0,
+                    search_units: 9,
                 };
                 buf.clear();
                 write_line(&r, &mut buf);

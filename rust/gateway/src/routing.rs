@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 
 use std::collections::HashMap;
 
-use crate::billing::Prices;
+use crate::billing::{Prices, UnitPrices};
 use crate::error::ApiError;
 use crate::policy::{self, Denial, Scope};
 use crate::protocol::{self, auth_headers, ClientApi, Endpoints, Protocol};
@@ -655,6 +655,10 @@ fn compile_model(
     let kind = match m.kind.as_str() {
         "chat" => ModelKind::Chat,
         "embedding" => ModelKind::Embedding,
+        "image" => ModelKind::Image,
+        "moderation" => ModelKind::Moderation,
+        "rerank" => ModelKind::Rerank,
+        "speech" => ModelKind::Speech,
         _ => return Err(("kind", "unknown_kind")),
     };
     for (field, price) in [
@@ -662,7 +666,13 @@ fn compile_model(
         ("output_price", m.output_price),
         ("cached_input_price", m.cached_input_price),
         ("request_price", m.request_price),
-    ] {
+        ("audio_second_price", m.audio_second_price),
+        ("character_price", m.character_price),
+        ("search_unit_price", m.search_unit_price),
+    ]
+    .into_iter()
+    .chain(m.image_prices.values().map(|p| ("image_prices", *p)))
+    {
         if price < 0 {
             return Err((field, "negative_price"));
         }
@@ -673,6 +683,10 @@ fn compile_model(
     let api = match kind {
         ModelKind::Chat => ClientApi::Chat,
         ModelKind::Embedding => ClientApi::Embeddings,
+        ModelKind::Image => ClientApi::Images,
+        ModelKind::Moderation => ClientApi::Moderations,
+        ModelKind::Rerank => ClientApi::Rerank,
+        ModelKind::Speech => ClientApi::Speech,
     };
     if !api.served_by(provider.protocol) {
         return Err(("kind", "not_served_by_protocol"));
@@ -693,6 +707,17 @@ fn compile_model(
             cached_input: m.cached_input_price,
         },
         request_price: m.request_price,
+        unit_prices: UnitPrices {
+            image: 0,
+            audio_second: m.audio_second_price,
+            character: m.character_price,
+            search_unit: m.search_unit_price,
+        },
+        image_prices: m
+            .image_prices
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect(),
         max_output_tokens: m.max_output_tokens,
         org_id: m.org_id.clone(),
         priority: m.priority,

@@ -1,14 +1,14 @@
 //! Config snapshot: the JSON the control plane pushes, and the immutable structure it is
 //! compiled into. Requests read one `Arc<Snapshot>` for their whole life.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
-use crate::billing::{Budgets, OrgAccount, Prices, UsageMark, PPM_ONE};
+use crate::billing::{Budgets, OrgAccount, Prices, UnitPrices, UsageMark, PPM_ONE};
 use crate::error::Error;
 use crate::guard::CategorySet;
 use crate::ipset::{Cidr, IpSet};
@@ -336,7 +336,7 @@ pub struct ProviderDoc {
 pub struct ModelDoc {
     /// Name clients ask for.
     pub name: String,
-    /// `chat` or `embedding`.
+    /// `chat`, `embedding`, `image`, `moderation`, `rerank` or `speech`.
     pub kind: String,
     /// Provider that serves it.
     pub provider_id: String,
@@ -356,6 +356,19 @@ pub struct ModelDoc {
     /// Nano-units per request, added to the token cost.
     #[serde(default)]
     pub request_price: i64,
+    /// Nano-units per image, by `"<size>/<quality>"`, `"<size>"` or `"default"` (the most
+    /// specific listed entry applies).
+    #[serde(default)]
+    pub image_prices: BTreeMap<String, i64>,
+    /// Nano-units per second of audio in.
+    #[serde(default)]
+    pub audio_second_price: i64,
+    /// Nano-units per million characters of speech input.
+    #[serde(default)]
+    pub character_price: i64,
+    /// Nano-units per rerank search unit.
+    #[serde(default)]
+    pub search_unit_price: i64,
     /// Order for the `priority` strategy (lower first).
     #[serde(default)]
     pub priority: i32,
@@ -372,6 +385,10 @@ fn default_weight() -> u32 {
 pub(crate) enum ModelKind {
     Chat,
     Embedding,
+    Image,
+    Moderation,
+    Rerank,
+    Speech,
 }
 
 pub(crate) struct Org {
@@ -466,6 +483,10 @@ pub(crate) struct Deployment {
     pub(crate) upstream_model: String,
     pub(crate) prices: Prices,
     pub(crate) request_price: i64,
+    /// Unit prices; the image price is chosen per call ([`Deployment::unit_prices_for`]).
+    pub(crate) unit_prices: UnitPrices,
+    /// Per-image prices by `"<size>/<quality>"`, `"<size>"` or `"default"`.
+    pub(crate) image_prices: Vec<(String, i64)>,
     pub(crate) max_output_tokens: u64,
     /// Only this org may use it.
     pub(crate) org_id: Option<String>,
@@ -478,6 +499,28 @@ pub(crate) struct Deployment {
 }
 
 impl Deployment {
+    /// The unit prices of a call asking for images of this size and quality: the price of
+    /// `"<size>/<quality>"`, else of `"<size>"`, else the default, else the dearest listed
+    /// (a combination the operator did not price is never served for less).
+    pub(crate) fn unit_prices_for(&self, size: &str, quality: &str) -> UnitPrices {
+        let mut prices = self.unit_prices;
+        if self.image_prices.is_empty() {
+            return prices;
+        }
+        let listed = |k: &str| {
+            self.image_prices
+                .iter()
+                .find(|(name, _)| name == k)
+                .map(|(_, p)| *p)
+        };
+        let exact = format!("{size}/{quality}");
+        prices.image = listed(&exact)
+            .or_else(|| listed(size))
+            .or_else(|| listed("default"))
+            .unwrap_or_else(|| self.image_prices.iter().map(|(_, p)| *p).max().unwrap_or(0));
+        prices
+    }
+
     /// Visible to keys of `org` (deployments scoped to another org are not).
     pub(crate) fn visible_to(&self, org: &str) -> bool {
         self.org_id.as_deref().is_none_or(|o| o == org)

@@ -16,6 +16,7 @@ use serde::Deserialize;
 use crate::body::{MockBody, Piece};
 use crate::json::{self, Usage};
 use crate::protocols;
+use crate::units;
 use crate::MockDefaults;
 
 /// Request bodies above this are refused; the mock is not a place to test huge uploads.
@@ -62,6 +63,10 @@ pub(crate) struct Controls {
     cached_tokens: Option<u64>,
     /// Answer with one tool call instead of text.
     tool_call: Option<bool>,
+    /// Images to return, whatever `n` asked (an upstream that makes fewer).
+    pub(crate) images: Option<u32>,
+    /// Rerank search units to report (else one per started hundred documents).
+    pub(crate) search_units: Option<u64>,
 }
 
 /// Message content: a string, or a list of parts of which only the text parts count.
@@ -223,6 +228,22 @@ pub(crate) async fn handle(
         },
         ("/models", &Method::GET) => json_response(StatusCode::OK, Bytes::from_static(MODELS_BODY)),
         ("/chat/completions" | "/embeddings" | "/models", _) => method_not_allowed(),
+        ("/images/generations", &Method::POST) => match read_body(req).await {
+            Ok(body) => units::images(&shared.defaults, &body).await,
+            Err(resp) => resp,
+        },
+        ("/moderations", &Method::POST) => match read_body(req).await {
+            Ok(body) => units::moderations(&shared.defaults, &body).await,
+            Err(resp) => resp,
+        },
+        ("/rerank", &Method::POST) => match read_body(req).await {
+            Ok(body) => units::rerank(&shared.defaults, &body).await,
+            Err(resp) => resp,
+        },
+        ("/audio/speech", &Method::POST) => match read_body(req).await {
+            Ok(body) => units::speech(&shared.defaults, &body).await,
+            Err(resp) => resp,
+        },
         ("/messages", &Method::POST) => {
             let headers = req.headers().clone();
             match read_body(req).await {
@@ -281,6 +302,12 @@ pub(crate) async fn handle(
                     chat(&shared.defaults, id, &body).await
                 }
                 (true, Some("embeddings"), Ok(body)) => embeddings(&shared.defaults, &body).await,
+                (true, Some("images/generations"), Ok(body)) => {
+                    units::images(&shared.defaults, &body).await
+                }
+                (true, Some("audio/speech"), Ok(body)) => {
+                    units::speech(&shared.defaults, &body).await
+                }
                 (true, _, Err(resp)) => resp,
                 (true, _, Ok(_)) => error_response(
                     StatusCode::NOT_FOUND,

@@ -9,6 +9,7 @@ mod body;
 mod handler;
 mod json;
 mod protocols;
+mod units;
 
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};

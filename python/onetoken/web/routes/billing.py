@@ -218,6 +218,9 @@ def add_price(
         body.model_id,
         prices.Prices.listed(
             body.input_price, body.output_price, body.cached_input_price, body.request_price
+        ).with_units(
+            body.image_prices, body.audio_second_price, body.character_price,
+            body.search_unit_price,
         ),
         effective_from=body.effective_from,
         created_by=principal.account_id,

@@ -68,6 +68,13 @@ fn parts_of(content: &Value) -> Vec<Value> {
                         Some(json!({"fileData": {"fileUri": url}}))
                     }
                 }
+                // OpenAI's `{"data": <base64>, "format": "wav" | "mp3"}`.
+                Some("input_audio") => {
+                    let audio = p.get("input_audio")?;
+                    let data = audio.get("data").and_then(Value::as_str)?;
+                    let format = audio.get("format").and_then(Value::as_str).unwrap_or("wav");
+                    Some(json!({"inlineData": {"mimeType": format!("audio/{format}"), "data": data}}))
+                }
                 _ => None,
             })
             .collect(),

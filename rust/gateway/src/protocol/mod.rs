@@ -11,6 +11,7 @@ pub(crate) mod anthropic;
 pub(crate) mod gemini;
 pub(crate) mod openai;
 pub(crate) mod responses;
+pub(crate) mod units;
 pub(crate) mod validate;
 
 use std::collections::VecDeque;
@@ -55,6 +56,12 @@ impl Protocol {
     fn openai_like(self) -> bool {
         matches!(self, Protocol::OpenAi | Protocol::Azure)
     }
+
+    /// Whether audio inside chat messages can reach this protocol (passed through, or as
+    /// Gemini's `inlineData`). Anthropic Messages has no audio block.
+    pub(crate) fn takes_audio(self) -> bool {
+        self != Protocol::Anthropic
+    }
 }
 
 /// The API a client called.
@@ -66,14 +73,37 @@ pub(crate) enum ClientApi {
     Messages,
     /// OpenAI Responses (`POST /v1/responses`).
     Responses,
+    /// OpenAI image generation (`POST /v1/images/generations`), priced per image.
+    Images,
+    /// OpenAI moderations (`POST /v1/moderations`), priced per request (or free).
+    Moderations,
+    /// Cohere/Jina rerank (`POST /v1/rerank`), priced per search unit.
+    Rerank,
+    /// OpenAI text to speech (`POST /v1/audio/speech`): audio bytes streamed back, priced
+    /// per input character.
+    Speech,
 }
 
 impl ClientApi {
+    /// Priced by units (images, search units) or per request rather than by tokens.
+    pub(crate) fn unit_priced(self) -> bool {
+        matches!(
+            self,
+            ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech
+        )
+    }
+
     /// Whether a deployment speaking `p` can serve this API (translated or not).
     pub(crate) fn served_by(self, p: Protocol) -> bool {
         match self {
             ClientApi::Chat | ClientApi::Messages => true,
-            ClientApi::Embeddings | ClientApi::Responses => p.openai_like(),
+            ClientApi::Embeddings
+            | ClientApi::Responses
+            | ClientApi::Images
+            | ClientApi::Moderations
+            | ClientApi::Speech => p.openai_like(),
+            // LiteLLM, Cohere and Jina serve it at `<base>/rerank`; Azure has no rerank.
+            ClientApi::Rerank => p == Protocol::OpenAi,
         }
     }
 }
@@ -86,6 +116,10 @@ pub(crate) struct Endpoints {
     chat_stream: Option<Uri>,
     embeddings: Option<Uri>,
     responses: Option<Uri>,
+    images: Option<Uri>,
+    moderations: Option<Uri>,
+    rerank: Option<Uri>,
+    speech: Option<Uri>,
 }
 
 /// Azure's `api-version` when the provider names none (the current GA version).
@@ -125,6 +159,26 @@ impl Endpoints {
         let base = base_url.trim_end_matches('/');
         // Validate the base itself so a bad URL fails at compile time for every protocol.
         uri(base.to_owned())?;
+        // The unit-priced APIs: (images, moderations, rerank, speech) URLs.
+        let (images, moderations, rerank, speech) = match protocol {
+            Protocol::OpenAi => (
+                Some(format!("{base}/images/generations")),
+                Some(format!("{base}/moderations")),
+                Some(format!("{base}/rerank")),
+                Some(format!("{base}/audio/speech")),
+            ),
+            Protocol::Azure => {
+                let v = enc(api_version.unwrap_or(AZURE_DEFAULT_API_VERSION));
+                let dep = format!("{base}/openai/deployments/{}", enc(upstream_model));
+                (
+                    Some(format!("{dep}/images/generations?api-version={v}")),
+                    None,
+                    None,
+                    Some(format!("{dep}/audio/speech?api-version={v}")),
+                )
+            }
+            Protocol::Anthropic | Protocol::Gemini => (None, None, None, None),
+        };
         // (chat, streamed chat, embeddings, responses) URLs.
         let (chat, chat_stream, embeddings, responses) = match protocol {
             Protocol::OpenAi => {
@@ -160,6 +214,10 @@ impl Endpoints {
             chat_stream: Some(uri(chat_stream)?),
             embeddings: embeddings.map(uri).transpose()?,
             responses: responses.map(uri).transpose()?,
+            images: images.map(uri).transpose()?,
+            moderations: moderations.map(uri).transpose()?,
+            rerank: rerank.map(uri).transpose()?,
+            speech: speech.map(uri).transpose()?,
         })
     }
 }
@@ -333,6 +391,19 @@ pub(crate) fn upstream_request(
             doc.insert("model".into(), Value::String(d.upstream_model.clone()));
             (e.embeddings.as_ref(), json_body(doc))
         }
+        (
+            ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech,
+            _,
+        ) => {
+            doc.insert("model".into(), Value::String(d.upstream_model.clone()));
+            let uri = match api {
+                ClientApi::Images => e.images.as_ref(),
+                ClientApi::Moderations => e.moderations.as_ref(),
+                ClientApi::Speech => e.speech.as_ref(),
+                _ => e.rerank.as_ref(),
+            };
+            (uri, json_body(doc))
+        }
         (ClientApi::Responses, Protocol::OpenAi | Protocol::Azure) => {
             doc.insert("model".into(), Value::String(d.upstream_model.clone()));
             // The output the reservation covers, whatever the client asked.
@@ -401,7 +472,18 @@ pub(crate) fn estimate_prompt(api: ClientApi, doc: &Map<String, Value>) -> u64 {
         ClientApi::Embeddings => openai::estimate_embedding_input(doc),
         ClientApi::Messages => anthropic::estimate_prompt(doc),
         ClientApi::Responses => responses::estimate_prompt(doc),
+        // Priced by their units (and per request), not by tokens.
+        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech => 0,
     }
+}
+
+/// Whether a chat request carries audio (`input_audio` parts) in its messages.
+pub(crate) fn has_audio_input(api: ClientApi, doc: &Map<String, Value>) -> bool {
+    api == ClientApi::Chat
+        && array_items(doc.get("messages")).any(|m| {
+            array_items(m.get("content"))
+                .any(|p| p.get("type").and_then(Value::as_str) == Some("input_audio"))
+        })
 }
 
 /// The output cap a request asks for: its API's own field, else chat's.
@@ -410,6 +492,9 @@ pub(crate) fn requested_max_out(api: ClientApi, doc: &Map<String, Value>) -> Opt
         ClientApi::Messages => doc.get("max_tokens").and_then(Value::as_u64),
         ClientApi::Responses => doc.get("max_output_tokens").and_then(Value::as_u64),
         ClientApi::Chat | ClientApi::Embeddings => None,
+        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech => {
+            return Some(0)
+        }
     }
     .or_else(|| openai::requested_out(doc))
 }
@@ -452,7 +537,12 @@ pub(crate) fn translate_reply(
     let out = match api {
         ClientApi::Chat => openai::encode_reply(&reply, request_id),
         ClientApi::Messages => anthropic::encode_reply(&reply, request_id),
-        ClientApi::Embeddings | ClientApi::Responses => return None,
+        ClientApi::Embeddings
+        | ClientApi::Responses
+        | ClientApi::Images
+        | ClientApi::Moderations
+        | ClientApi::Rerank
+        | ClientApi::Speech => return None,
     };
     Some((Bytes::from(out), reply))
 }
@@ -460,7 +550,13 @@ pub(crate) fn translate_reply(
 /// Whether the answer needs translation for this client.
 pub(crate) fn translates(api: ClientApi, upstream: Protocol) -> bool {
     match api {
-        ClientApi::Chat | ClientApi::Embeddings | ClientApi::Responses => !upstream.openai_like(),
+        ClientApi::Chat
+        | ClientApi::Embeddings
+        | ClientApi::Responses
+        | ClientApi::Images
+        | ClientApi::Moderations
+        | ClientApi::Rerank
+        | ClientApi::Speech => !upstream.openai_like(),
         ClientApi::Messages => upstream != Protocol::Anthropic,
     }
 }
@@ -475,6 +571,10 @@ pub(crate) fn meter_passthrough(api: ClientApi, body: &[u8]) -> (Option<Usage>, 
         },
         ClientApi::Responses => responses::meter_reply(body),
         ClientApi::Chat | ClientApi::Embeddings => openai::meter_reply(body),
+        // Their units are metered by `units::meter`; tokens are not what they cost.
+        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech => {
+            (None, 0)
+        }
     }
 }
 
@@ -486,6 +586,9 @@ pub(crate) enum StreamRelay {
     Metered(Box<Framed<PassKind>>),
     /// Different protocols.
     Translate(Box<Framed<Translation>>),
+    /// Bytes that are not events (speech audio): forwarded as they arrive, complete when
+    /// the upstream body ends.
+    Raw(StreamMeter),
 }
 
 impl StreamRelay {
@@ -497,7 +600,15 @@ impl StreamRelay {
         ids: impl FnOnce() -> StreamIds,
     ) -> Self {
         match (api, translates(api, upstream)) {
-            (ClientApi::Chat | ClientApi::Embeddings, false) => {
+            (
+                ClientApi::Chat
+                | ClientApi::Embeddings
+                | ClientApi::Images
+                | ClientApi::Moderations
+                | ClientApi::Rerank
+                | ClientApi::Speech,
+                false,
+            ) => {
                 StreamRelay::Chat(SseRelay::new(strip_usage))
             }
             (ClientApi::Messages, false) => StreamRelay::Metered(Box::new(Framed::new(
@@ -527,8 +638,17 @@ impl StreamRelay {
         }
     }
 
+    /// The relay of a byte stream (speech audio).
+    pub(crate) fn raw() -> Self {
+        StreamRelay::Raw(StreamMeter::default())
+    }
+
     pub(crate) fn push(&mut self, chunk: &[u8], out: &mut VecDeque<Bytes>) {
         match self {
+            StreamRelay::Raw(m) => {
+                m.events += 1;
+                out.push_back(Bytes::copy_from_slice(chunk));
+            }
             StreamRelay::Chat(r) => r.push(chunk, out),
             StreamRelay::Metered(m) => m.push(chunk, out),
             StreamRelay::Translate(t) => t.push(chunk, out),
@@ -537,6 +657,7 @@ impl StreamRelay {
 
     pub(crate) fn finish(&mut self, out: &mut VecDeque<Bytes>) {
         match self {
+            StreamRelay::Raw(m) => m.done = true,
             StreamRelay::Chat(r) => r.finish(out),
             StreamRelay::Metered(m) => m.finish(out),
             StreamRelay::Translate(t) => t.finish(out),
@@ -546,6 +667,7 @@ impl StreamRelay {
     /// Bytes held back waiting for the end of an event.
     pub(crate) fn pending(&self) -> usize {
         match self {
+            StreamRelay::Raw(_) => 0,
             StreamRelay::Chat(r) => r.pending(),
             StreamRelay::Metered(m) => m.framer.pending(),
             StreamRelay::Translate(t) => t.framer.pending(),
@@ -555,6 +677,7 @@ impl StreamRelay {
     /// Drop the incomplete event held back (the stream is being abandoned).
     pub(crate) fn discard(&mut self) {
         match self {
+            StreamRelay::Raw(_) => {}
             StreamRelay::Chat(r) => r.discard(),
             StreamRelay::Metered(m) => m.framer.discard(),
             StreamRelay::Translate(t) => t.framer.discard(),
@@ -563,24 +686,27 @@ impl StreamRelay {
 
     pub(crate) fn meter(&self) -> &StreamMeter {
         match self {
+            StreamRelay::Raw(m) => m,
             StreamRelay::Chat(r) => &r.meter,
             StreamRelay::Metered(m) => &m.meter,
             StreamRelay::Translate(t) => &t.meter,
         }
     }
 
-    /// The event that ends a stream abnormally, in the client's protocol.
-    pub(crate) fn error_event(&self, err: ApiError) -> Bytes {
+    /// The event that ends a stream abnormally, in the client's protocol; none in a byte
+    /// stream, where any bytes would be read as audio.
+    pub(crate) fn error_event(&self, err: ApiError) -> Option<Bytes> {
         let anthropic_client = match self {
+            StreamRelay::Raw(_) => return None,
             StreamRelay::Chat(_) => false,
             StreamRelay::Metered(m) => matches!(m.stage, PassKind::Anthropic(_)),
             StreamRelay::Translate(t) => t.stage.client == ClientApi::Messages,
         };
-        if anthropic_client {
+        Some(if anthropic_client {
             anthropic::error_event(err)
         } else {
             error_event(err)
-        }
+        })
     }
 }
 
@@ -835,6 +961,66 @@ event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,
 event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"1}\"}}\n\n\
 event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":7}}\n\n\
 event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+
+    fn chat_doc(content: Value) -> Map<String, Value> {
+        match json!({"model": "m", "messages": [{"role": "user", "content": content}]}) {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn media_parts_are_translated_for_each_upstream() {
+        let doc = chat_doc(json!([
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+            {"type": "image_url", "image_url": {"url": "https://example.test/cat.jpg"}},
+            {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+        ]));
+        assert!(has_audio_input(ClientApi::Chat, &doc));
+        assert!(!has_audio_input(ClientApi::Messages, &doc));
+        assert!(!has_audio_input(
+            ClientApi::Chat,
+            &chat_doc(json!([{"type": "text", "text": "x"}]))
+        ));
+        let out = anthropic::from_chat_request(&doc, "claude", false, 10);
+        let blocks = out.pointer("/messages/0/content").unwrap();
+        assert_eq!(
+            blocks[1],
+            json!({"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                "data": "iVBORw0KGgo="}})
+        );
+        assert_eq!(
+            blocks[2],
+            json!({"type": "image", "source": {"type": "url",
+                                                "url": "https://example.test/cat.jpg"}})
+        );
+        let out = gemini::from_chat_request(&doc, 10);
+        let parts = out.pointer("/contents/0/parts").unwrap();
+        assert_eq!(
+            parts[1],
+            json!({"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}})
+        );
+        assert_eq!(
+            parts[3],
+            json!({"inlineData": {"mimeType": "audio/wav", "data": "UklGRg=="}})
+        );
+        // And back: an Anthropic client's image reaches an OpenAI upstream as image_url.
+        let messages = json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user",
+            "content": [{"type": "text", "text": "and this?"},
+                        {"type": "image", "source": {"type": "base64",
+                            "media_type": "image/jpeg", "data": "/9j/"}}]}]});
+        let Value::Object(messages) = messages else {
+            unreachable!()
+        };
+        let chat = anthropic::to_chat_request(&messages, "gpt", false);
+        assert_eq!(
+            chat.pointer("/messages/0/content/1").unwrap(),
+            &json!({"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/"}})
+        );
+        assert!(Protocol::OpenAi.takes_audio() && Protocol::Gemini.takes_audio());
+        assert!(!Protocol::Anthropic.takes_audio());
+    }
 
     #[test]
     fn converters_do_not_depend_on_how_bytes_arrive() {

@@ -90,6 +90,9 @@ pub(crate) fn check(api: ClientApi, doc: &Map<String, Value>) -> Result<(), Inva
             }
             positive_int(doc, "max_output_tokens", MAX_OUTPUT_TOKENS)?;
         }
+        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech => {
+            super::units::check(api, doc)?;
+        }
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ from alembic import op
 from onetoken.db.migrations.shapes import at, create_table, ref
 
 revision: str = "0026_oidc"
-down_revision: str | None = "0024_restriction"
+down_revision: str | None = "0025_unit_prices"
 
 
 def upgrade() -> None:
