@@ -391,10 +391,7 @@ pub(crate) fn upstream_request(
             doc.insert("model".into(), Value::String(d.upstream_model.clone()));
             (e.embeddings.as_ref(), json_body(doc))
         }
-        (
-            ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech,
-            _,
-        ) => {
+        (ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech, _) => {
             doc.insert("model".into(), Value::String(d.upstream_model.clone()));
             let uri = match api {
                 ClientApi::Images => e.images.as_ref(),
@@ -608,9 +605,7 @@ impl StreamRelay {
                 | ClientApi::Rerank
                 | ClientApi::Speech,
                 false,
-            ) => {
-                StreamRelay::Chat(SseRelay::new(strip_usage))
-            }
+            ) => StreamRelay::Chat(SseRelay::new(strip_usage)),
             (ClientApi::Messages, false) => StreamRelay::Metered(Box::new(Framed::new(
                 PassKind::Anthropic(anthropic::PassMeter::default()),
             ))),
