@@ -12,6 +12,7 @@ pub(crate) mod gemini;
 pub(crate) mod openai;
 pub(crate) mod responses;
 pub(crate) mod units;
+pub(crate) mod upload;
 pub(crate) mod validate;
 
 use std::collections::VecDeque;
