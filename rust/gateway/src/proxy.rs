@@ -108,7 +108,10 @@ async fn phases(
     };
     let (mut ask, doc, upload) = if api.upload() {
         let (ask, upload) = clock
-            .timed(Phase::Route, route_upload(shared, call, &snap, key, api, req))
+            .timed(
+                Phase::Route,
+                route_upload(shared, call, &snap, key, api, req),
+            )
             .await?;
         (ask, Map::new(), Some(upload))
     } else {
@@ -527,10 +530,9 @@ fn upload_refusal(r: upload::Refused) -> Failure {
     let invalid = |param, message| validate::Invalid { param, message }.into();
     match r {
         upload::Refused::ModelMissing => invalid("model", "The \"model\" field is required."),
-        upload::Refused::ModelAfterFile => invalid(
-            "model",
-            "The \"model\" field must come before the file.",
-        ),
+        upload::Refused::ModelAfterFile => {
+            invalid("model", "The \"model\" field must come before the file.")
+        }
         upload::Refused::PrefixTooLarge => invalid(
             "model",
             "The \"model\" field must come within the first 64 KiB of the form.",

@@ -455,11 +455,9 @@ pub(crate) async fn forward(
         let first_byte = attempts
             .deadline
             .min(tokio::time::Instant::now() + provider.first_byte_timeout);
-        let result = tokio::time::timeout_at(
-            first_byte,
-            provider.client.request(req.map(UpBody::from)),
-        )
-        .await;
+        let result =
+            tokio::time::timeout_at(first_byte, provider.client.request(req.map(UpBody::from)))
+                .await;
         if let Some(trace) = attempts.trace.as_mut() {
             trace.end(match &result {
                 Err(_) => Err(ApiError::UpstreamTimeout.code()),
@@ -539,7 +537,7 @@ pub(crate) async fn forward_upload(
         provider
             .state
             .allow(cfg.breaker_open_ms)
-            .then(|| (d, permit))
+            .then_some((d, permit))
     });
     let Some((d, permit)) = chosen else {
         return Err(NotServed::Api(if busy {

@@ -146,7 +146,11 @@ pub(crate) async fn transcribe(
         .unwrap_or(file_bytes as f64 / BYTES_PER_SECOND as f64);
     let text = form.get("mock_text").map_or_else(
         || {
-            let task = if translate { "translated" } else { "transcribed" };
+            let task = if translate {
+                "translated"
+            } else {
+                "transcribed"
+            };
             format!("{task} {file_bytes} bytes with {model}")
         },
         str::to_owned,
@@ -174,6 +178,7 @@ pub(crate) async fn transcribe(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

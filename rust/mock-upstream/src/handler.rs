@@ -245,7 +245,9 @@ pub(crate) async fn handle(
         ("/audio/transcriptions", &Method::POST) => {
             crate::audio::transcribe(&shared, req, false).await
         }
-        ("/audio/translations", &Method::POST) => crate::audio::transcribe(&shared, req, true).await,
+        ("/audio/translations", &Method::POST) => {
+            crate::audio::transcribe(&shared, req, true).await
+        }
         ("/audio/speech", &Method::POST) => match read_body(req).await {
             Ok(body) => units::speech(&shared.defaults, &body).await,
             Err(resp) => resp,

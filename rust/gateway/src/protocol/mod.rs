@@ -182,7 +182,8 @@ impl Endpoints {
         uri(base.to_owned())?;
         // The unit-priced APIs: (images, moderations, rerank, speech) URLs, and the
         // audio uploads (transcriptions, translations).
-        let ((images, moderations, rerank, speech), (transcriptions, translations)) = match protocol {
+        let ((images, moderations, rerank, speech), (transcriptions, translations)) = match protocol
+        {
             Protocol::OpenAi => (
                 (
                     Some(format!("{base}/images/generations")),
@@ -427,10 +428,7 @@ pub(crate) fn upstream_request(
             doc.insert("model".into(), Value::String(d.upstream_model.clone()));
             (e.embeddings.as_ref(), json_body(doc))
         }
-        (
-            ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech,
-            _,
-        ) => {
+        (ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech, _) => {
             doc.insert("model".into(), Value::String(d.upstream_model.clone()));
             let uri = match api {
                 ClientApi::Images => e.images.as_ref(),
@@ -543,7 +541,10 @@ pub(crate) fn estimate_prompt(api: ClientApi, doc: &Map<String, Value>) -> u64 {
         ClientApi::Messages => anthropic::estimate_prompt(doc),
         ClientApi::Responses => responses::estimate_prompt(doc),
         // Priced by their units (and per request), not by tokens.
-        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech
+        ClientApi::Images
+        | ClientApi::Moderations
+        | ClientApi::Rerank
+        | ClientApi::Speech
         | ClientApi::Transcription
         | ClientApi::Translation => 0,
     }
@@ -564,11 +565,12 @@ pub(crate) fn requested_max_out(api: ClientApi, doc: &Map<String, Value>) -> Opt
         ClientApi::Messages => doc.get("max_tokens").and_then(Value::as_u64),
         ClientApi::Responses => doc.get("max_output_tokens").and_then(Value::as_u64),
         ClientApi::Chat | ClientApi::Embeddings => None,
-        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech
+        ClientApi::Images
+        | ClientApi::Moderations
+        | ClientApi::Rerank
+        | ClientApi::Speech
         | ClientApi::Transcription
-        | ClientApi::Translation => {
-            return Some(0)
-        }
+        | ClientApi::Translation => return Some(0),
     }
     .or_else(|| openai::requested_out(doc))
 }
@@ -650,11 +652,12 @@ pub(crate) fn meter_passthrough(api: ClientApi, body: &[u8]) -> (Option<Usage>, 
         ClientApi::Responses => responses::meter_reply(body),
         ClientApi::Chat | ClientApi::Embeddings => openai::meter_reply(body),
         // Their units are metered by `units::meter`; tokens are not what they cost.
-        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech
+        ClientApi::Images
+        | ClientApi::Moderations
+        | ClientApi::Rerank
+        | ClientApi::Speech
         | ClientApi::Transcription
-        | ClientApi::Translation => {
-            (None, 0)
-        }
+        | ClientApi::Translation => (None, 0),
     }
 }
 
@@ -690,9 +693,7 @@ impl StreamRelay {
                 | ClientApi::Transcription
                 | ClientApi::Translation,
                 false,
-            ) => {
-                StreamRelay::Chat(SseRelay::new(strip_usage))
-            }
+            ) => StreamRelay::Chat(SseRelay::new(strip_usage)),
             (ClientApi::Messages, false) => StreamRelay::Metered(Box::new(Framed::new(
                 PassKind::Anthropic(anthropic::PassMeter::default()),
             ))),

@@ -144,7 +144,10 @@ pub(crate) fn image_variant(doc: &Map<String, Value>) -> (&str, &str) {
             .filter(|s| !s.is_empty())
             .unwrap_or(default)
     };
-    (field("size", DEFAULT_SIZE), field("quality", DEFAULT_QUALITY))
+    (
+        field("size", DEFAULT_SIZE),
+        field("quality", DEFAULT_QUALITY),
+    )
 }
 
 /// The units a request may cost, known before it is forwarded: the requested image
@@ -259,7 +262,10 @@ mod tests {
         let body = br#"{"created":1,"data":[{"b64_json":"AAAA"},{"url":"https://x/y"}]}"#;
         assert_eq!(meter(ClientApi::Images, body).unwrap().images, 2);
         assert_eq!(meter(ClientApi::Images, b"{\"created\":1}"), None);
-        assert_eq!(requested(ClientApi::Images, &doc(json!({"prompt": "p"}))).images, 1);
+        assert_eq!(
+            requested(ClientApi::Images, &doc(json!({"prompt": "p"}))).images,
+            1
+        );
     }
 
     #[test]
@@ -310,8 +316,14 @@ mod tests {
         for (bad, param) in [
             (json!({"voice": "alloy"}), "input"),
             (json!({"input": "x"}), "voice"),
-            (json!({"input": "x".repeat(4097), "voice": "alloy"}), "input"),
-            (json!({"input": "x", "voice": "alloy", "stream_format": "sse"}), "stream_format"),
+            (
+                json!({"input": "x".repeat(4097), "voice": "alloy"}),
+                "input",
+            ),
+            (
+                json!({"input": "x", "voice": "alloy", "stream_format": "sse"}),
+                "stream_format",
+            ),
         ] {
             assert_eq!(
                 check(ClientApi::Speech, &doc(bad)).map_err(|e| e.param),

@@ -111,7 +111,13 @@ enum Scan {
 
 /// Finds the `model` part's value in `buf` (the body read so far), or says more is needed.
 fn scan(buf: &[u8], boundary: &str, ended: bool) -> Result<Scan, Refused> {
-    let need_more = || if ended { Err(Refused::ModelMissing) } else { Ok(Scan::NeedMore) };
+    let need_more = || {
+        if ended {
+            Err(Refused::ModelMissing)
+        } else {
+            Ok(Scan::NeedMore)
+        }
+    };
     let dash = format!("--{boundary}");
     let delim = format!("\r\n--{boundary}");
     // The first boundary line (a preamble before it is allowed and ignored).
@@ -165,7 +171,10 @@ fn disposition(head: &[u8]) -> (Option<String>, bool) {
                 continue;
             };
             let v = v.trim();
-            let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
+            let v = v
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(v);
             match k.trim().to_ascii_lowercase().as_str() {
                 "name" => name = Some(v.to_owned()),
                 "filename" | "filename*" => is_file = true,
@@ -203,9 +212,7 @@ where
                     model,
                 })
             }
-            Scan::NeedMore if buf.len() >= MAX_PREFIX_BYTES => {
-                return Err(Refused::PrefixTooLarge)
-            }
+            Scan::NeedMore if buf.len() >= MAX_PREFIX_BYTES => return Err(Refused::PrefixTooLarge),
             Scan::NeedMore => {}
         }
     }
@@ -351,11 +358,16 @@ pub(crate) fn reported_audio_ms(body: &[u8]) -> Option<u64> {
     // Whole milliseconds, rounded up; an absurd duration saturates.
     let ms = (seconds * 1000.0).ceil();
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    Some(if ms >= u64::MAX as f64 { u64::MAX } else { ms as u64 })
+    Some(if ms >= u64::MAX as f64 {
+        u64::MAX
+    } else {
+        ms as u64
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use http_body_util::{BodyExt, StreamBody};
 
@@ -379,8 +391,10 @@ mod tests {
         }
         for (name, value) in fields {
             out.extend_from_slice(
-                format!("--{B}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
-                    .as_bytes(),
+                format!(
+                    "--{B}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+                )
+                .as_bytes(),
             );
         }
         if !file_first {
@@ -427,7 +441,10 @@ mod tests {
     #[test]
     fn boundary_from_content_type() {
         assert_eq!(boundary("multipart/form-data; boundary=abc"), Some("abc"));
-        assert_eq!(boundary("Multipart/Form-Data;boundary=\"a b\""), Some("a b"));
+        assert_eq!(
+            boundary("Multipart/Form-Data;boundary=\"a b\""),
+            Some("a b")
+        );
         assert_eq!(boundary("application/json"), None);
         assert_eq!(boundary("multipart/form-data"), None);
         assert_eq!(boundary("multipart/form-data; boundary=\"\""), None);
@@ -436,9 +453,16 @@ mod tests {
     #[tokio::test]
     async fn the_model_is_rewritten_at_any_chunking() {
         let audio: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
-        let body = form(&[("model", "whisper-1"), ("response_format", "verbose_json")], &audio, false);
+        let body = form(
+            &[("model", "whisper-1"), ("response_format", "verbose_json")],
+            &audio,
+            false,
+        );
         let want = form(
-            &[("model", "upstream-whisper-large"), ("response_format", "verbose_json")],
+            &[
+                ("model", "upstream-whisper-large"),
+                ("response_format", "verbose_json"),
+            ],
             &audio,
             false,
         );
@@ -452,7 +476,11 @@ mod tests {
 
     #[tokio::test]
     async fn fields_before_the_model_are_passed_over() {
-        let body = form(&[("language", "en"), ("prompt", "--xyz"), ("model", "m")], b"RIFF", false);
+        let body = form(
+            &[("language", "en"), ("prompt", "--xyz"), ("model", "m")],
+            b"RIFF",
+            false,
+        );
         let mut rest = chunked(&body, 5);
         let prefix = read_prefix(&mut rest, B).await.unwrap();
         assert_eq!(prefix.model(), "m");
@@ -507,7 +535,9 @@ mod tests {
                 "chunks of {size}"
             );
         }
-        assert!(upstream_bytes(&body, 100, "m", body.len() as u64).await.is_some());
+        assert!(upstream_bytes(&body, 100, "m", body.len() as u64)
+            .await
+            .is_some());
     }
 
     #[test]
@@ -520,7 +550,10 @@ mod tests {
 
     #[test]
     fn the_duration_comes_from_the_answer() {
-        assert_eq!(reported_audio_ms(br#"{"text":"x","duration":12.3451}"#), Some(12_346));
+        assert_eq!(
+            reported_audio_ms(br#"{"text":"x","duration":12.3451}"#),
+            Some(12_346)
+        );
         assert_eq!(
             reported_audio_ms(br#"{"text":"x","usage":{"type":"duration","seconds":7}}"#),
             Some(7_000)
