@@ -23,36 +23,21 @@ fn unit_costs_are_exact_per_unit_and_round_up_once_per_part() {
         search_units,
     };
     assert_eq!(units_cost_at(Units::default(), prices, PPM_ONE), 0);
-    assert_eq!(
-        units_cost_at(units(3, 0, 0, 0), prices, PPM_ONE),
-        120_000_000
-    );
-    assert_eq!(
-        units_cost_at(units(0, 0, 0, 7), prices, PPM_ONE),
-        14_000_000
-    );
+    assert_eq!(units_cost_at(units(3, 0, 0, 0), prices, PPM_ONE), 120_000_000);
+    assert_eq!(units_cost_at(units(0, 0, 0, 7), prices, PPM_ONE), 14_000_000);
     // 1.5 s at 100_000 per second; one millisecond is 100 nano-units.
-    assert_eq!(
-        units_cost_at(units(0, 1_500, 0, 0), prices, PPM_ONE),
-        150_000
-    );
+    assert_eq!(units_cost_at(units(0, 1_500, 0, 0), prices, PPM_ONE), 150_000);
     assert_eq!(units_cost_at(units(0, 1, 0, 0), prices, PPM_ONE), 100);
     // 15 per character (per million: 15e9); one character more than a whole number of
     // nano-units still rounds up.
-    assert_eq!(
-        units_cost_at(units(0, 0, 1_000, 0), prices, PPM_ONE),
-        15_000_000
-    );
+    assert_eq!(units_cost_at(units(0, 0, 1_000, 0), prices, PPM_ONE), 15_000_000);
     let cheap = UnitPrices {
         audio_second: 1,
         ..UnitPrices::default()
     };
     assert_eq!(units_cost_at(units(0, 1, 0, 0), cheap, PPM_ONE), 1);
     // A 10% discount applies to each part, rounded up once.
-    assert_eq!(
-        units_cost_at(units(3, 0, 0, 0), prices, 900_000),
-        108_000_000
-    );
+    assert_eq!(units_cost_at(units(3, 0, 0, 0), prices, 900_000), 108_000_000);
     let odd = UnitPrices {
         image: 3,
         ..UnitPrices::default()

@@ -145,11 +145,7 @@ pub(crate) async fn moderations(defaults: &MockDefaults, body: &[u8]) -> Respons
             let scores: serde_json::Map<String, Value> = CATEGORIES
                 .iter()
                 .map(|c| {
-                    let s = if violent && *c == "violence" {
-                        0.9
-                    } else {
-                        0.01
-                    };
+                    let s = if violent && *c == "violence" { 0.9 } else { 0.01 };
                     ((*c).to_owned(), json!(s))
                 })
                 .collect();
@@ -329,10 +325,7 @@ mod tests {
     fn audio_grows_with_the_text_and_starts_with_its_format() {
         assert!(audio_bytes("hello", "mp3").starts_with(b"ID3"));
         assert!(audio_bytes("hello", "wav").starts_with(b"RIFF"));
-        assert_eq!(
-            audio_bytes("h\u{e9}", "pcm").len(),
-            2 * AUDIO_BYTES_PER_CHAR
-        );
+        assert_eq!(audio_bytes("h\u{e9}", "pcm").len(), 2 * AUDIO_BYTES_PER_CHAR);
         assert_eq!(audio_bytes("abc", "mp3"), audio_bytes("abc", "mp3"));
     }
 
