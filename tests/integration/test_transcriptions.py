@@ -124,6 +124,8 @@ def test_model_after_the_file_and_not_multipart_are_refused(
     )
     assert late.status_code == 200
     assert (file_first.status_code, file_first.json()["error"]["param"]) == (400, "model")
+    # The rest of a refused upload is never read: the connection is not reused for it.
+    assert file_first.headers["connection"] == "close"
     assert (json_body.status_code, json_body.json()["error"]["param"]) == (400, "file")
 
 

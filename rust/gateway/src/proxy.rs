@@ -485,7 +485,6 @@ async fn route_upload<'s>(
     let prefix = upload::read_prefix(&mut rest, &boundary)
         .await
         .map_err(upload_refusal)?;
-    call.body_consumed = true;
     let model_name = prefix.model();
     let group = snap
         .models
@@ -777,6 +776,10 @@ async fn forward_upload(
     }
     match result {
         Ok(served) => {
+            // The upstream answered the upload, so it read it: the connection stays usable.
+            // Any failure before leaves the rest of the body unread, and the connection
+            // is closed.
+            call.body_consumed = true;
             call.prices = served.deployment.prices;
             call.request_price = served.deployment.request_price;
             call.unit_prices = served.deployment.unit_prices;
