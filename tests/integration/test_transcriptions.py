@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import uuid
+from decimal import Decimal
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from openai import OpenAI
 
 from onetoken import _core
 from onetoken.demo import DEMO_UNIT_PRICES
+from onetoken.kit.money import NANO_PER_UNIT
 
 from ..support import wait_until
 from .harness import Admin
@@ -38,6 +40,11 @@ def client(deployment: dict[str, Any]) -> OpenAI:
     )
 
 
+def balance(admin: Admin) -> int:
+    """The org's balance, nano-units."""
+    return int(Decimal(admin.get("/api/v1/billing/balance")["balance"]) * NANO_PER_UNIT)
+
+
 def cost_of(audio_ms: int) -> int:
     # Per second of audio, on milliseconds, rounded up once.
     return -(-audio_ms * AUDIO_SECOND_PRICE // 1000)
@@ -46,6 +53,7 @@ def cost_of(audio_ms: int) -> int:
 def test_transcription_settles_on_the_duration_the_upstream_reports(
     client: OpenAI, admin: Admin
 ) -> None:
+    before = balance(admin)
     audio = b"RIFF" + bytes(47_996)  # 48 000 bytes: 3 s at the fake provider's bitrate
     plain = client.audio.transcriptions.with_raw_response.create(
         file=("a.wav", audio, "audio/wav"), model="demo-whisper"
@@ -69,6 +77,9 @@ def test_transcription_settles_on_the_duration_the_upstream_reports(
         ),
         translated.headers["x-request-id"]: ("/v1/audio/translations", 3000, cost_of(3000), 200),
     }
+    # The ledger is charged exactly what the records say.
+    charged = 2 * cost_of(3000) + cost_of(12_346)
+    wait_until(lambda: balance(admin) == before - charged, message=lambda: "ledger settled")
 
 
 def test_an_answer_without_a_duration_is_charged_the_reservation(
