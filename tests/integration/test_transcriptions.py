@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import socket
 import uuid
-from decimal import Decimal
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import httpx
