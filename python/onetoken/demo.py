@@ -37,6 +37,7 @@ DEMO_MODELS = (
     ("demo-moderation", "moderation", "mock-moderation", 0, 0, 0, 0),
     ("demo-rerank", "rerank", "mock-rerank", 0, 0, 0, 0),
     ("demo-tts", "speech", "mock-tts", 0, 0, 0, 0),
+    ("demo-whisper", "transcription", "mock-whisper", 0, 0, 0, 0),
 )
 #: Unit prices of the models priced by units (docs/gateway-spec.md, "Unit prices").
 DEMO_UNIT_PRICES: dict[str, dict[str, object]] = {
@@ -48,6 +49,8 @@ DEMO_UNIT_PRICES: dict[str, dict[str, object]] = {
     "demo-rerank": {"search_unit_price": _CENT // 5},
     # 15 per million characters, as OpenAI's tts-1.
     "demo-tts": {"character_price": 15 * NANO_PER_UNIT},
+    # 0.006 per minute, as OpenAI's whisper-1.
+    "demo-whisper": {"audio_second_price": NANO_PER_UNIT // 10_000},
 }
 
 

@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     # Engine knobs (tests/contract/engine_config.json), defaults from the engine.
     worker_threads: int = Field(default=_ENGINE["worker_threads"], ge=1, le=256)
     max_body_bytes: int = Field(default=_ENGINE["max_body_bytes"], ge=1024)
+    # An audio upload is streamed through, not held: its cap is its own.
+    max_upload_bytes: int = Field(default=_ENGINE["max_upload_bytes"], ge=1024)
     shutdown_grace_seconds: float = Field(default=_ENGINE["shutdown_grace_ms"] / 1000, ge=0)
     # Transport edge (docs/gateway-spec.md, "Transport limits and addresses").
     # Comma-separated CIDRs that platform providers (never an org's own) may reach although

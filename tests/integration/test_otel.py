@@ -211,6 +211,25 @@ def test_a_stream_relays_until_its_end_then_settles(
     assert phases["relay"].end <= phases["settle"].start <= phases["settle"].end <= root.end
 
 
+def test_an_audio_upload_is_traced_through_its_phases_with_one_attempt(
+    deployment: dict[str, Any], sink: Receiver
+) -> None:
+    # The canary is in the audio and in the transcript; the last test looks for it in
+    # every exported byte.
+    r = httpx.post(
+        f"{deployment['server'].gateway_url}/v1/audio/transcriptions",
+        headers={"Authorization": f"Bearer {deployment['creds']['api_key']}"},
+        files={"file": ("a.wav", b"RIFF" + CANARY.encode() * 20, "audio/wav")},
+        data={"model": "demo-whisper", "mock_text": CANARY},
+        timeout=30,
+    )
+    assert r.status_code == 200 and r.json()["text"] == CANARY
+    root, phases, upstream = _tree(_trace_of(sink, r.headers["x-request-id"]))
+    assert {"route", "reserve", "forward", "relay", "settle"} <= set(phases)
+    assert len(upstream) == 1 and upstream[0].parent == phases["forward"].span_id
+    assert root.attrs["http.response.status_code"] == 200
+
+
 def test_a_refused_request_is_traced_with_its_error(
     deployment: dict[str, Any], sink: Receiver
 ) -> None:

@@ -90,6 +90,7 @@ def engine_config(settings: Settings, secrets: Secrets) -> dict[str, Any]:
         "worker_threads": settings.worker_threads,
         "spool_dir": str(settings.spool_dir.resolve()),
         "max_body_bytes": settings.max_body_bytes,
+        "max_upload_bytes": settings.max_upload_bytes,
         "shutdown_grace_ms": int(settings.shutdown_grace_seconds * 1000),
         "upstream_private_cidrs": _cidrs(settings.upstream_private_cidrs),
         "trusted_proxies": _cidrs(settings.gateway_trusted_proxies),

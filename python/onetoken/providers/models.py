@@ -22,7 +22,9 @@ from onetoken.db.base import Base, UTCDateTime, utcnow
 from onetoken.orgs.models import Org
 from onetoken.providers.gateway_schemas import DEFAULT_STRATEGY
 
-MODEL_KINDS = ("chat", "embedding", "image", "moderation", "rerank", "speech")
+MODEL_KINDS = (
+    "chat", "embedding", "image", "moderation", "rerank", "speech", "transcription"
+)
 PROTOCOLS = ("openai", "azure", "anthropic", "gemini")
 
 
@@ -90,7 +92,8 @@ class Model(Base):
 
     __table_args__ = (
         CheckConstraint(
-            "kind IN ('chat','embedding','image','moderation','rerank','speech')", name="kind"
+            "kind IN ('chat','embedding','image','moderation','rerank','speech','transcription')",
+            name="kind",
         ),
         UniqueConstraint("provider_id", "name", name="uq_models_provider_name"),
     )

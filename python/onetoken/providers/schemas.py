@@ -24,7 +24,9 @@ from onetoken.kit.net import networks
 from onetoken.security.net import url_target_refused
 
 Protocol = Literal["openai", "azure", "anthropic", "gemini"]
-ModelKind = Literal["chat", "embedding", "image", "moderation", "rerank", "speech"]
+ModelKind = Literal[
+    "chat", "embedding", "image", "moderation", "rerank", "speech", "transcription"
+]
 # "platform": the shared catalog every org may use (operators only); "org": private.
 Scope = Literal["platform", "org"]
 PresetName = Literal[

@@ -28,7 +28,8 @@ macro_rules! call_log {
             key_id: String => StrColumn "String",
             /// Interface called: `/v1/chat/completions`, `/v1/embeddings`, `/v1/messages`,
             /// `/v1/responses`, `/v1/images/generations`, `/v1/moderations`, `/v1/rerank`,
-            /// `/v1/audio/speech`, `/v1/models`, or `other` for any other path.
+            /// `/v1/audio/speech`, `/v1/audio/transcriptions`, `/v1/audio/translations`,
+            /// `/v1/models`, or `other` for any other path.
             path: &'static str => LcColumn "LowCardinality(String)",
             /// Model name the client asked for (a configured name or alias); empty when
             /// the request named no configured model (so a client's typo is never stored).
@@ -90,8 +91,9 @@ macro_rules! call_log {
             /// upstream returned, else the count requested); 0 for other interfaces and
             /// when nothing was charged.
             images: u32 => NumColumn "UInt32",
-            /// Audio input charged, milliseconds (priced per second); 0 for interfaces
-            /// without audio input and when nothing was charged.
+            /// Audio input charged, milliseconds (priced per second; for transcriptions and
+            /// translations the duration the upstream reported, else the reservation's
+            /// bound); 0 for interfaces without audio input and when nothing was charged.
             audio_ms: u32 => NumColumn "UInt32",
             /// Characters of text turned into speech and charged (`/v1/audio/speech`: the
             /// characters of `input`); 0 for other interfaces and when nothing was charged.

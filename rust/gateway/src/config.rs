@@ -40,6 +40,10 @@ pub struct EngineConfig {
     /// Largest accepted request body.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Largest accepted audio upload (`/v1/audio/transcriptions`, `/translations`): it is
+    /// streamed through, not held, so it may be larger than `max_body_bytes`.
+    #[serde(default = "default_max_upload_bytes")]
+    pub max_upload_bytes: u64,
     /// How long [`crate::Engine::drain`] lets in-flight requests finish before it cancels
     /// them.
     #[serde(default = "default_shutdown_grace_ms")]
@@ -175,6 +179,10 @@ fn default_spool_dir() -> String {
 fn default_max_body_bytes() -> usize {
     4 * 1024 * 1024
 }
+/// OpenAI's own cap on an audio file.
+fn default_max_upload_bytes() -> u64 {
+    25 * 1024 * 1024
+}
 fn default_shutdown_grace_ms() -> u64 {
     10_000
 }
@@ -236,6 +244,7 @@ impl EngineConfig {
             return Err(Error::Config("max_body_bytes must be positive".into()));
         }
         let positive = [
+            ("max_upload_bytes", self.max_upload_bytes),
             ("max_connections", self.max_connections as u64),
             ("header_read_timeout_ms", self.header_read_timeout_ms),
             ("idle_timeout_ms", self.idle_timeout_ms),

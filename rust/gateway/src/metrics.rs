@@ -22,10 +22,12 @@ pub(crate) enum PathLabel {
     Moderations,
     Rerank,
     Speech,
+    Transcriptions,
+    Translations,
 }
 
 impl PathLabel {
-    const ALL: [PathLabel; 10] = [
+    const ALL: [PathLabel; 12] = [
         PathLabel::Chat,
         PathLabel::Embeddings,
         PathLabel::Models,
@@ -36,6 +38,8 @@ impl PathLabel {
         PathLabel::Moderations,
         PathLabel::Rerank,
         PathLabel::Speech,
+        PathLabel::Transcriptions,
+        PathLabel::Translations,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -50,6 +54,8 @@ impl PathLabel {
             PathLabel::Moderations => "/v1/moderations",
             PathLabel::Rerank => "/v1/rerank",
             PathLabel::Speech => "/v1/audio/speech",
+            PathLabel::Transcriptions => "/v1/audio/transcriptions",
+            PathLabel::Translations => "/v1/audio/translations",
         }
     }
 }

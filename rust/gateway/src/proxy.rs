@@ -28,10 +28,11 @@ use crate::error::{ApiError, Failure};
 use crate::limits::{self, LeaseKind, Refusal};
 use crate::metrics::PathLabel;
 use crate::phase::{Phase, PhaseClock};
-use crate::protocol::{self, openai, units, validate, ClientApi, StreamIds, StreamRelay};
+use crate::protocol::{self, openai, units, upload, validate, ClientApi, StreamIds, StreamRelay};
 use crate::routing::{self, NotServed, Permit, Served};
 use crate::screen::Verdict;
 use crate::snapshot::{Deployment, Key, ModelGroup, ModelKind, Snapshot};
+use crate::upstream::UpBody;
 
 /// Upstream error bodies are read only to pick out `error.type`/`error.code`.
 const MAX_UPSTREAM_ERROR_BYTES: usize = 64 * 1024;
@@ -105,9 +106,20 @@ async fn phases(
         let anthropic = req.headers().contains_key("anthropic-version");
         return Ok(clock.time(Phase::Route, || models_list(&snap, key, anthropic)));
     };
-    let (mut ask, doc) = clock
-        .timed(Phase::Route, route(shared, call, &snap, key, api, req))
-        .await?;
+    let (mut ask, doc, upload) = if api.upload() {
+        let (ask, upload) = clock
+            .timed(
+                Phase::Route,
+                route_upload(shared, call, &snap, key, api, req),
+            )
+            .await?;
+        (ask, Map::new(), Some(upload))
+    } else {
+        let (ask, doc) = clock
+            .timed(Phase::Route, route(shared, call, &snap, key, api, req))
+            .await?;
+        (ask, doc, None)
+    };
     // When a lease is short, wait for refills until `wait_ms` has passed or a refill
     // came back starved (the shared limit itself has no room).
     let mut deadline = None;
@@ -132,9 +144,21 @@ async fn phases(
         });
         clock.timed(Phase::Reserve, limits.wait_for_refill(d)).await;
     };
-    let served = clock
-        .timed(Phase::Forward, forward(call, &snap, &ask, doc, plan))
-        .await?;
+    let served = match upload {
+        Some(upload) => {
+            clock
+                .timed(
+                    Phase::Forward,
+                    forward_upload(shared, call, &snap, &ask, plan, upload),
+                )
+                .await?
+        }
+        None => {
+            clock
+                .timed(Phase::Forward, forward(call, &snap, &ask, doc, plan))
+                .await?
+        }
+    };
     clock
         .timed(Phase::Relay, relay(shared, call, &ask, served))
         .await
@@ -153,6 +177,8 @@ enum Endpoint {
     Moderations,
     Rerank,
     Speech,
+    Transcriptions,
+    Translations,
     NotFound,
     MethodNotAllowed(PathLabel),
 }
@@ -170,6 +196,8 @@ impl Endpoint {
             "/v1/moderations" => (Method::POST, Endpoint::Moderations),
             "/v1/rerank" => (Method::POST, Endpoint::Rerank),
             "/v1/audio/speech" => (Method::POST, Endpoint::Speech),
+            "/v1/audio/transcriptions" => (Method::POST, Endpoint::Transcriptions),
+            "/v1/audio/translations" => (Method::POST, Endpoint::Translations),
             _ => return Endpoint::NotFound,
         };
         if *method == expected {
@@ -189,6 +217,8 @@ impl Endpoint {
             Endpoint::Moderations => PathLabel::Moderations,
             Endpoint::Rerank => PathLabel::Rerank,
             Endpoint::Speech => PathLabel::Speech,
+            Endpoint::Transcriptions => PathLabel::Transcriptions,
+            Endpoint::Translations => PathLabel::Translations,
             Endpoint::MethodNotAllowed(l) => l,
             Endpoint::Health | Endpoint::NotFound => PathLabel::Other,
         }
@@ -205,6 +235,8 @@ impl Endpoint {
             Endpoint::Moderations => Some(ClientApi::Moderations),
             Endpoint::Rerank => Some(ClientApi::Rerank),
             Endpoint::Speech => Some(ClientApi::Speech),
+            Endpoint::Transcriptions => Some(ClientApi::Transcription),
+            Endpoint::Translations => Some(ClientApi::Translation),
             _ => None,
         }
     }
@@ -312,6 +344,8 @@ struct Ask<'s> {
     stream: bool,
     /// A streaming chat client asked for the usage chunk.
     client_wants_usage: bool,
+    /// The units to reserve when they are not read from a JSON body (an upload's audio).
+    units: Option<billing::Units>,
 }
 
 /// Route: read and parse the body, check what the client API requires, resolve the
@@ -341,6 +375,8 @@ async fn route<'s>(
         ClientApi::Moderations => ModelKind::Moderation,
         ClientApi::Rerank => ModelKind::Rerank,
         ClientApi::Speech => ModelKind::Speech,
+        // Uploads are routed by `route_upload`.
+        ClientApi::Transcription | ClientApi::Translation => ModelKind::Transcription,
         ClientApi::Chat | ClientApi::Messages | ClientApi::Responses => ModelKind::Chat,
     };
     let model_name = doc
@@ -395,8 +431,114 @@ async fn route<'s>(
         candidates,
         stream: kind == ModelKind::Chat && doc.get("stream").and_then(Value::as_bool) == Some(true),
         client_wants_usage: openai::wants_usage(&doc),
+        units: None,
     };
     Ok((ask, doc))
+}
+
+/// An upload's prefix, read in the route phase, and the rest of the client's body, sent
+/// in the forward phase.
+struct PendingUpload {
+    prefix: upload::Prefix,
+    rest: Incoming,
+    content_type: HeaderValue,
+    declared: Option<u64>,
+}
+
+/// Route for an audio upload: only the multipart prefix up to the `model` part is read
+/// (the audio stays in the client's body until it is sent upstream). The org's content
+/// guard has no text to read here: audio is not screened.
+async fn route_upload<'s>(
+    shared: &Shared,
+    call: &mut Call,
+    snap: &'s Snapshot,
+    key: &Key,
+    api: ClientApi,
+    req: Request<Incoming>,
+) -> Result<(Ask<'s>, PendingUpload), Failure> {
+    let cap = shared.config.max_upload_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // Refused before a byte of it is read.
+    if declared.is_some_and(|n| n > cap) {
+        return Err(ApiError::BodyTooLarge.into());
+    }
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .filter(|v| v.to_str().ok().and_then(upload::boundary).is_some())
+        .cloned()
+        .ok_or(validate::Invalid {
+            param: "file",
+            message: "The request must be multipart/form-data with a boundary.",
+        })?;
+    let boundary = content_type
+        .to_str()
+        .ok()
+        .and_then(upload::boundary)
+        .unwrap_or_default()
+        .to_owned();
+    let mut rest = req.into_body();
+    let prefix = upload::read_prefix(&mut rest, &boundary)
+        .await
+        .map_err(upload_refusal)?;
+    let model_name = prefix.model();
+    let group = snap
+        .models
+        .get(model_name)
+        .filter(|g| g.kind == ModelKind::Transcription)
+        .ok_or(ApiError::ModelNotFound)?;
+    model_name.clone_into(&mut call.model_requested);
+    if !key.may_use(model_name) && !key.may_use(&group.name) {
+        return Err(ApiError::ModelNotAllowed.into());
+    }
+    let candidates = match routing::permitted(group, key, api) {
+        Ok(c) => c,
+        Err(routing::Unavailable::NotFound) => return Err(ApiError::ModelNotFound.into()),
+        Err(routing::Unavailable::Denied(d)) => return Err(d.into()),
+    };
+    // The longest audio the upload can hold; a body of unknown length may reach the cap.
+    let units = billing::Units {
+        audio_ms: upload::reserved_audio_ms(declared.unwrap_or(cap)),
+        ..billing::Units::default()
+    };
+    let ask = Ask {
+        api,
+        group,
+        candidates,
+        stream: false,
+        client_wants_usage: false,
+        units: Some(units),
+    };
+    Ok((
+        ask,
+        PendingUpload {
+            prefix,
+            rest,
+            content_type,
+            declared,
+        },
+    ))
+}
+
+/// A refused upload prefix as the client's error.
+fn upload_refusal(r: upload::Refused) -> Failure {
+    let invalid = |param, message| validate::Invalid { param, message }.into();
+    match r {
+        upload::Refused::ModelMissing => invalid("model", "The \"model\" field is required."),
+        upload::Refused::ModelAfterFile => {
+            invalid("model", "The \"model\" field must come before the file.")
+        }
+        upload::Refused::PrefixTooLarge => invalid(
+            "model",
+            "The \"model\" field must come within the first 64 KiB of the form.",
+        ),
+        upload::Refused::Malformed => invalid("file", "The multipart form is malformed."),
+        upload::Refused::Disconnected => ApiError::ClientDisconnected.into(),
+    }
 }
 
 /// The deployments to try, in order, and the output cap the reservation covers.
@@ -458,7 +600,7 @@ fn reserve(
     };
     let org = &key.org;
     // Unit-priced APIs reserve what the request asks for (images, search units).
-    let units = units::requested(api, doc);
+    let units = ask.units.unwrap_or_else(|| units::requested(api, doc));
     let (size, quality) = units::image_variant(doc);
     let reserve_on = |d: &Deployment| {
         billing::reserve_amount_at(
@@ -583,6 +725,73 @@ async fn forward(
     }
 }
 
+/// Forward an upload: one attempt (the client's body cannot be sent twice), the rest of
+/// it streamed through under the size cap.
+async fn forward_upload(
+    shared: &Shared,
+    call: &mut Call,
+    snap: &Snapshot,
+    ask: &Ask<'_>,
+    plan: Plan,
+    upload: PendingUpload,
+) -> Result<Served, Failure> {
+    let deadline = call.deadline();
+    let mut attempts = routing::Attempts {
+        deadline,
+        count: 0,
+        last: None,
+        trace: call.trace.as_ref().map(|t| t.attempts()),
+    };
+    let mut over = None;
+    let PendingUpload {
+        prefix,
+        rest,
+        content_type,
+        declared,
+    } = upload;
+    let cap = shared.config.max_upload_bytes;
+    let result = routing::forward_upload(
+        &plan.order,
+        &snap.routing,
+        |d| {
+            let (body, flag) = upload::Upload::new(&prefix, &d.upstream_model, rest, cap, declared);
+            over = Some(flag);
+            protocol::upload_request(ask.api, d, UpBody::Upload(Box::new(body)), content_type)
+        },
+        &mut attempts,
+    )
+    .await;
+    drop(prefix);
+    call.attempts = attempts.count;
+    if let (Some(trace), Some(a)) = (call.trace.as_mut(), attempts.trace) {
+        trace.attempts = a.spans;
+    }
+    if let Some(d) = &attempts.last {
+        call.model_served.clone_from(&d.upstream_model);
+        call.provider.clone_from(&d.provider.id);
+    }
+    // However the upstream took it, an upload over the cap is the client's 413.
+    if over.as_ref().is_some_and(upload::OverCap::is_set) {
+        return Err(ApiError::BodyTooLarge.into());
+    }
+    match result {
+        Ok(served) => {
+            // The upstream answered the upload, so it read it: the connection stays usable.
+            // Any failure before leaves the rest of the body unread, and the connection
+            // is closed.
+            call.body_consumed = true;
+            call.prices = served.deployment.prices;
+            call.request_price = served.deployment.request_price;
+            call.unit_prices = served.deployment.unit_prices;
+            Ok(served)
+        }
+        Err(NotServed::Api(e)) => Err(e.into()),
+        Err(NotServed::Status { status, body, idle }) => {
+            Err(upstream_failure(status, body, idle, deadline).await)
+        }
+    }
+}
+
 /// An upstream error status: the client gets that status and only the plain identifiers
 /// of the upstream's error body.
 async fn upstream_failure(
@@ -694,6 +903,18 @@ async fn relay(
         }
         body = out;
         content_type = Some(HeaderValue::from_static("application/json"));
+    } else if api.upload() {
+        // The duration the upstream heard, else the reservation's bound.
+        match upload::reported_audio_ms(&body) {
+            Some(audio_ms) => {
+                call.units = billing::Units {
+                    audio_ms,
+                    ..billing::Units::default()
+                };
+                call.upstream_usage = Some(billing::Usage::default());
+            }
+            None => call.units = call.units_requested,
+        }
     } else if api.unit_priced() {
         // Counts only: the images, scores and results themselves are relayed, not kept.
         match units::meter(api, &body) {

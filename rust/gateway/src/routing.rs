@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use http::{Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -21,12 +21,13 @@ use std::collections::HashMap;
 use crate::billing::{Prices, UnitPrices};
 use crate::error::ApiError;
 use crate::policy::{self, Denial, Scope};
+use crate::protocol::upload::UploadError;
 use crate::protocol::{self, auth_headers, ClientApi, Endpoints, Protocol};
 use crate::snapshot::{
     Deployment, Dropped, Key, ModelDoc, ModelGroup, ModelKind, Provider, ProviderDoc,
 };
 use crate::trace::AttemptTrace;
-use crate::upstream::{self, AddressScope, ClientCache};
+use crate::upstream::{self, AddressScope, ClientCache, UpBody};
 
 /// How a route orders its deployments.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -454,7 +455,9 @@ pub(crate) async fn forward(
         let first_byte = attempts
             .deadline
             .min(tokio::time::Instant::now() + provider.first_byte_timeout);
-        let result = tokio::time::timeout_at(first_byte, provider.client.request(req)).await;
+        let result =
+            tokio::time::timeout_at(first_byte, provider.client.request(req.map(UpBody::from)))
+                .await;
         if let Some(trace) = attempts.trace.as_mut() {
             trace.end(match &result {
                 Err(_) => Err(ApiError::UpstreamTimeout.code()),
@@ -513,6 +516,108 @@ pub(crate) async fn forward(
         // Every circuit open: nothing was tried.
         None => NotServed::Api(ApiError::UpstreamUnreachable),
     })
+}
+
+/// An audio upload to the first deployment in `order` that can take it now: one attempt,
+/// since the upload is streamed from the client and cannot be sent twice. A deployment
+/// skipped (busy, circuit open) was not attempted, so the next one may take it.
+pub(crate) async fn forward_upload(
+    order: &[Arc<Deployment>],
+    cfg: &RoutingConfig,
+    request: impl FnOnce(&Deployment) -> Result<Request<UpBody>, ApiError>,
+    attempts: &mut Attempts,
+) -> Result<Served, NotServed> {
+    let mut busy = false;
+    let chosen = order.iter().find_map(|d| {
+        let provider = &d.provider;
+        let Some(permit) = provider.state.try_acquire(provider.max_concurrency) else {
+            busy = true;
+            return None;
+        };
+        provider
+            .state
+            .allow(cfg.breaker_open_ms)
+            .then_some((d, permit))
+    });
+    let Some((d, permit)) = chosen else {
+        return Err(NotServed::Api(if busy {
+            ApiError::UpstreamBusy
+        } else {
+            ApiError::UpstreamUnreachable
+        }));
+    };
+    let provider = &d.provider;
+    attempts.count = 1;
+    attempts.last = Some(d.clone());
+    let mut req = request(d).map_err(NotServed::Api)?;
+    if let Some(trace) = attempts.trace.as_mut() {
+        trace.start(&mut req, &provider.id, &d.upstream_model);
+    }
+    let sent = Instant::now();
+    let first_byte = attempts
+        .deadline
+        .min(tokio::time::Instant::now() + provider.first_byte_timeout);
+    let result = tokio::time::timeout_at(first_byte, provider.client.request(req)).await;
+    if let Some(trace) = attempts.trace.as_mut() {
+        trace.end(match &result {
+            Err(_) => Err(ApiError::UpstreamTimeout.code()),
+            Ok(Err(e)) => Err(upstream::classify(e).code()),
+            Ok(Ok(resp)) => Ok(resp.status().as_u16()),
+        });
+    }
+    match result {
+        Err(_) => {
+            provider.state.failure(cfg);
+            Err(NotServed::Api(ApiError::UpstreamTimeout))
+        }
+        Ok(Err(e)) => {
+            // The client's body failing (gone, over the cap) says nothing of the provider.
+            if let Some(client) = upload_failure(&e) {
+                return Err(NotServed::Api(match client {
+                    UploadError::TooLarge => ApiError::BodyTooLarge,
+                    UploadError::Client => ApiError::ClientDisconnected,
+                }));
+            }
+            let err = upstream::classify(&e);
+            if err != ApiError::UpstreamAddressRefused {
+                provider.state.failure(cfg);
+            }
+            Err(NotServed::Api(err))
+        }
+        Ok(Ok(resp)) => {
+            let status = resp.status();
+            if status.is_server_error() {
+                provider.state.failure(cfg);
+            } else {
+                provider.state.success();
+            }
+            if !status.is_success() {
+                return Err(NotServed::Status {
+                    status,
+                    body: resp.into_body(),
+                    idle: provider.idle_timeout,
+                });
+            }
+            d.stats.observe(sent.elapsed());
+            Ok(Served {
+                deployment: d.clone(),
+                response: resp,
+                permit,
+            })
+        }
+    }
+}
+
+/// The upload error that failed an upstream request, if that is what failed it.
+fn upload_failure<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e UploadError> {
+    let mut at = Some(e);
+    while let Some(err) = at {
+        if let Some(u) = err.downcast_ref::<UploadError>() {
+            return Some(u);
+        }
+        at = err.source();
+    }
+    None
 }
 
 /// Model names and aliases to their groups, and the `/v1/models` listing order.
@@ -659,6 +764,7 @@ fn compile_model(
         "moderation" => ModelKind::Moderation,
         "rerank" => ModelKind::Rerank,
         "speech" => ModelKind::Speech,
+        "transcription" => ModelKind::Transcription,
         _ => return Err(("kind", "unknown_kind")),
     };
     for (field, price) in [
@@ -687,6 +793,8 @@ fn compile_model(
         ModelKind::Moderation => ClientApi::Moderations,
         ModelKind::Rerank => ClientApi::Rerank,
         ModelKind::Speech => ClientApi::Speech,
+        // Translations are served by the same models and protocols.
+        ModelKind::Transcription => ClientApi::Transcription,
     };
     if !api.served_by(provider.protocol) {
         return Err(("kind", "not_served_by_protocol"));

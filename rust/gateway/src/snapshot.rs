@@ -336,7 +336,8 @@ pub struct ProviderDoc {
 pub struct ModelDoc {
     /// Name clients ask for.
     pub name: String,
-    /// `chat`, `embedding`, `image`, `moderation`, `rerank` or `speech`.
+    /// `chat`, `embedding`, `image`, `moderation`, `rerank`, `speech` or
+    /// `transcription`.
     pub kind: String,
     /// Provider that serves it.
     pub provider_id: String,
@@ -389,6 +390,8 @@ pub(crate) enum ModelKind {
     Moderation,
     Rerank,
     Speech,
+    /// Speech to text: serves transcriptions and translations.
+    Transcription,
 }
 
 pub(crate) struct Org {

@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Scheme, Uri};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
+use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -27,9 +29,54 @@ use tokio::net::TcpStream;
 
 use crate::error::{ApiError, Error};
 use crate::ipset::IpSet;
+use crate::protocol::upload::{Upload, UploadError};
 use crate::routing::{DeploymentStats, ProviderState};
 
-pub(crate) type HttpClient = Client<HttpsConnector<GuardedConnector>, Full<Bytes>>;
+pub(crate) type HttpClient = Client<HttpsConnector<GuardedConnector>, UpBody>;
+
+/// An upstream request's body: a whole JSON body, or an audio upload streamed through
+/// from the client.
+pub(crate) enum UpBody {
+    Whole(Full<Bytes>),
+    Upload(Box<Upload<Incoming>>),
+}
+
+impl From<Full<Bytes>> for UpBody {
+    fn from(b: Full<Bytes>) -> Self {
+        UpBody::Whole(b)
+    }
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = UploadError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, UploadError>>> {
+        match self.get_mut() {
+            UpBody::Whole(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|never| match never {}))),
+            UpBody::Upload(u) => Pin::new(u.as_mut()).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Whole(b) => b.is_end_stream(),
+            UpBody::Upload(u) => u.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Whole(b) => b.size_hint(),
+            UpBody::Upload(u) => u.size_hint(),
+        }
+    }
+}
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 

@@ -38,6 +38,8 @@ const HEALTH_BODY: &[u8] = b"{\"status\":\"ok\"}";
 pub(crate) struct Shared {
     pub(crate) defaults: MockDefaults,
     pub(crate) requests: AtomicU64,
+    /// Upload bytes received (see [`crate::MockServer::upload_bytes`]).
+    pub(crate) upload_bytes: AtomicU64,
     /// Whether to keep each API request's headers in `seen` (off unless a test asks:
     /// benchmarks pay nothing for it).
     pub(crate) recording: AtomicBool,
@@ -240,6 +242,12 @@ pub(crate) async fn handle(
             Ok(body) => units::rerank(&shared.defaults, &body).await,
             Err(resp) => resp,
         },
+        ("/audio/transcriptions", &Method::POST) => {
+            crate::audio::transcribe(&shared, req, false).await
+        }
+        ("/audio/translations", &Method::POST) => {
+            crate::audio::transcribe(&shared, req, true).await
+        }
         ("/audio/speech", &Method::POST) => match read_body(req).await {
             Ok(body) => units::speech(&shared.defaults, &body).await,
             Err(resp) => resp,

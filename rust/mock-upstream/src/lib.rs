@@ -5,6 +5,7 @@
 //! It is the baseline every benchmark row is compared with, so replies are written as bytes
 //! into one buffer and nothing is spawned per stream.
 
+mod audio;
 mod body;
 mod handler;
 mod json;
@@ -88,6 +89,12 @@ impl MockServer {
         self.shared.requests.load(Ordering::Relaxed)
     }
 
+    /// Bytes of audio uploads (transcriptions, translations) received so far, counted as
+    /// they arrive: a test sees an upload reach the upstream while its client still sends.
+    pub fn upload_bytes(&self) -> u64 {
+        self.shared.upload_bytes.load(Ordering::Relaxed)
+    }
+
     /// From now on, keep the headers of every API request (for tests that check what an
     /// upstream is sent).
     pub fn record_headers(&self) {
@@ -158,6 +165,7 @@ fn serve(
     let shared = Arc::new(Shared {
         defaults,
         requests: AtomicU64::new(0),
+        upload_bytes: AtomicU64::new(0),
         recording: AtomicBool::new(false),
         seen: Mutex::new(Vec::new()),
     });

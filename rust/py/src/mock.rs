@@ -72,6 +72,14 @@ impl MockUpstream {
             .as_ref()
             .map_or(0, MockServer::request_count)
     }
+
+    /// Bytes of audio uploads received so far (see `MockServer::upload_bytes`).
+    fn upload_bytes(&self) -> u64 {
+        self.server
+            .lock()
+            .as_ref()
+            .map_or(0, MockServer::upload_bytes)
+    }
 }
 
 /// Run the fake provider in the foreground until SIGINT/SIGTERM. The GIL is released

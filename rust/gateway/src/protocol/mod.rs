@@ -12,6 +12,7 @@ pub(crate) mod gemini;
 pub(crate) mod openai;
 pub(crate) mod responses;
 pub(crate) mod units;
+pub(crate) mod upload;
 pub(crate) mod validate;
 
 use std::collections::VecDeque;
@@ -27,6 +28,7 @@ use crate::error::{error_event, ApiError};
 use crate::snapshot::Deployment;
 use crate::sse::{SseFramer, SseRelay, StreamMeter};
 use crate::tokens;
+use crate::upstream::UpBody;
 
 /// Set on every upstream request and refused on arrival (508 `loop_detected`): a provider
 /// whose base URL leads back to a gateway cannot make a request go round.
@@ -82,6 +84,11 @@ pub(crate) enum ClientApi {
     /// OpenAI text to speech (`POST /v1/audio/speech`): audio bytes streamed back, priced
     /// per input character.
     Speech,
+    /// OpenAI speech to text (`POST /v1/audio/transcriptions`): a multipart upload streamed
+    /// through (see [`upload`]), priced per second of audio in.
+    Transcription,
+    /// OpenAI speech to English text (`POST /v1/audio/translations`), as transcriptions.
+    Translation,
 }
 
 impl ClientApi {
@@ -89,8 +96,18 @@ impl ClientApi {
     pub(crate) fn unit_priced(self) -> bool {
         matches!(
             self,
-            ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech
+            ClientApi::Images
+                | ClientApi::Moderations
+                | ClientApi::Rerank
+                | ClientApi::Speech
+                | ClientApi::Transcription
+                | ClientApi::Translation
         )
+    }
+
+    /// Sent as a multipart upload streamed through, not as a JSON body.
+    pub(crate) fn upload(self) -> bool {
+        matches!(self, ClientApi::Transcription | ClientApi::Translation)
     }
 
     /// Whether a deployment speaking `p` can serve this API (translated or not).
@@ -101,7 +118,9 @@ impl ClientApi {
             | ClientApi::Responses
             | ClientApi::Images
             | ClientApi::Moderations
-            | ClientApi::Speech => p.openai_like(),
+            | ClientApi::Speech
+            | ClientApi::Transcription
+            | ClientApi::Translation => p.openai_like(),
             // LiteLLM, Cohere and Jina serve it at `<base>/rerank`; Azure has no rerank.
             ClientApi::Rerank => p == Protocol::OpenAi,
         }
@@ -120,6 +139,8 @@ pub(crate) struct Endpoints {
     moderations: Option<Uri>,
     rerank: Option<Uri>,
     speech: Option<Uri>,
+    transcriptions: Option<Uri>,
+    translations: Option<Uri>,
 }
 
 /// Azure's `api-version` when the provider names none (the current GA version).
@@ -159,25 +180,39 @@ impl Endpoints {
         let base = base_url.trim_end_matches('/');
         // Validate the base itself so a bad URL fails at compile time for every protocol.
         uri(base.to_owned())?;
-        // The unit-priced APIs: (images, moderations, rerank, speech) URLs.
-        let (images, moderations, rerank, speech) = match protocol {
+        // The unit-priced APIs: (images, moderations, rerank, speech) URLs, and the
+        // audio uploads (transcriptions, translations).
+        let ((images, moderations, rerank, speech), (transcriptions, translations)) = match protocol
+        {
             Protocol::OpenAi => (
-                Some(format!("{base}/images/generations")),
-                Some(format!("{base}/moderations")),
-                Some(format!("{base}/rerank")),
-                Some(format!("{base}/audio/speech")),
+                (
+                    Some(format!("{base}/images/generations")),
+                    Some(format!("{base}/moderations")),
+                    Some(format!("{base}/rerank")),
+                    Some(format!("{base}/audio/speech")),
+                ),
+                (
+                    Some(format!("{base}/audio/transcriptions")),
+                    Some(format!("{base}/audio/translations")),
+                ),
             ),
             Protocol::Azure => {
                 let v = enc(api_version.unwrap_or(AZURE_DEFAULT_API_VERSION));
                 let dep = format!("{base}/openai/deployments/{}", enc(upstream_model));
                 (
-                    Some(format!("{dep}/images/generations?api-version={v}")),
-                    None,
-                    None,
-                    Some(format!("{dep}/audio/speech?api-version={v}")),
+                    (
+                        Some(format!("{dep}/images/generations?api-version={v}")),
+                        None,
+                        None,
+                        Some(format!("{dep}/audio/speech?api-version={v}")),
+                    ),
+                    (
+                        Some(format!("{dep}/audio/transcriptions?api-version={v}")),
+                        Some(format!("{dep}/audio/translations?api-version={v}")),
+                    ),
                 )
             }
-            Protocol::Anthropic | Protocol::Gemini => (None, None, None, None),
+            Protocol::Anthropic | Protocol::Gemini => ((None, None, None, None), (None, None)),
         };
         // (chat, streamed chat, embeddings, responses) URLs.
         let (chat, chat_stream, embeddings, responses) = match protocol {
@@ -218,6 +253,8 @@ impl Endpoints {
             moderations: moderations.map(uri).transpose()?,
             rerank: rerank.map(uri).transpose()?,
             speech: speech.map(uri).transpose()?,
+            transcriptions: transcriptions.map(uri).transpose()?,
+            translations: translations.map(uri).transpose()?,
         })
     }
 }
@@ -437,7 +474,14 @@ pub(crate) fn upstream_request(
             let uri = if stream { &e.chat_stream } else { &e.chat };
             (uri.as_ref(), json_body(&out))
         }
-        (ClientApi::Embeddings | ClientApi::Responses, _) => (None, Ok(Vec::new())),
+        // Uploads are built by `upload_request`.
+        (
+            ClientApi::Embeddings
+            | ClientApi::Responses
+            | ClientApi::Transcription
+            | ClientApi::Translation,
+            _,
+        ) => (None, Ok(Vec::new())),
     };
     let uri = uri.ok_or(ApiError::ModelNotFound)?;
     let body = body.map_err(|_| ApiError::Internal)?;
@@ -462,6 +506,33 @@ pub(crate) fn upstream_request(
     Ok(req)
 }
 
+/// The upstream request of an audio upload on `d`: the multipart body as the client sent
+/// it (its model rewritten), under the client's content type, which holds the boundary.
+pub(crate) fn upload_request(
+    api: ClientApi,
+    d: &Deployment,
+    body: UpBody,
+    content_type: HeaderValue,
+) -> Result<Request<UpBody>, ApiError> {
+    let e = &d.endpoints;
+    let uri = match api {
+        ClientApi::Transcription => e.transcriptions.as_ref(),
+        ClientApi::Translation => e.translations.as_ref(),
+        _ => None,
+    }
+    .ok_or(ApiError::ModelNotFound)?;
+    let mut req = Request::new(body);
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = uri.clone();
+    let h = req.headers_mut();
+    h.insert(header::CONTENT_TYPE, content_type);
+    h.insert(HOP_HEADER, HeaderValue::from_static("1"));
+    for (name, value) in &d.provider.auth_headers {
+        h.insert(name.clone(), value.clone());
+    }
+    Ok(req)
+}
+
 /// Prompt tokens of a request, counted in memory (numbers only).
 pub(crate) fn estimate_prompt(api: ClientApi, doc: &Map<String, Value>) -> u64 {
     match api {
@@ -470,7 +541,12 @@ pub(crate) fn estimate_prompt(api: ClientApi, doc: &Map<String, Value>) -> u64 {
         ClientApi::Messages => anthropic::estimate_prompt(doc),
         ClientApi::Responses => responses::estimate_prompt(doc),
         // Priced by their units (and per request), not by tokens.
-        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech => 0,
+        ClientApi::Images
+        | ClientApi::Moderations
+        | ClientApi::Rerank
+        | ClientApi::Speech
+        | ClientApi::Transcription
+        | ClientApi::Translation => 0,
     }
 }
 
@@ -489,9 +565,12 @@ pub(crate) fn requested_max_out(api: ClientApi, doc: &Map<String, Value>) -> Opt
         ClientApi::Messages => doc.get("max_tokens").and_then(Value::as_u64),
         ClientApi::Responses => doc.get("max_output_tokens").and_then(Value::as_u64),
         ClientApi::Chat | ClientApi::Embeddings => None,
-        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech => {
-            return Some(0)
-        }
+        ClientApi::Images
+        | ClientApi::Moderations
+        | ClientApi::Rerank
+        | ClientApi::Speech
+        | ClientApi::Transcription
+        | ClientApi::Translation => return Some(0),
     }
     .or_else(|| openai::requested_out(doc))
 }
@@ -539,7 +618,9 @@ pub(crate) fn translate_reply(
         | ClientApi::Images
         | ClientApi::Moderations
         | ClientApi::Rerank
-        | ClientApi::Speech => return None,
+        | ClientApi::Speech
+        | ClientApi::Transcription
+        | ClientApi::Translation => return None,
     };
     Some((Bytes::from(out), reply))
 }
@@ -553,7 +634,9 @@ pub(crate) fn translates(api: ClientApi, upstream: Protocol) -> bool {
         | ClientApi::Images
         | ClientApi::Moderations
         | ClientApi::Rerank
-        | ClientApi::Speech => !upstream.openai_like(),
+        | ClientApi::Speech
+        | ClientApi::Transcription
+        | ClientApi::Translation => !upstream.openai_like(),
         ClientApi::Messages => upstream != Protocol::Anthropic,
     }
 }
@@ -569,9 +652,12 @@ pub(crate) fn meter_passthrough(api: ClientApi, body: &[u8]) -> (Option<Usage>, 
         ClientApi::Responses => responses::meter_reply(body),
         ClientApi::Chat | ClientApi::Embeddings => openai::meter_reply(body),
         // Their units are metered by `units::meter`; tokens are not what they cost.
-        ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech => {
-            (None, 0)
-        }
+        ClientApi::Images
+        | ClientApi::Moderations
+        | ClientApi::Rerank
+        | ClientApi::Speech
+        | ClientApi::Transcription
+        | ClientApi::Translation => (None, 0),
     }
 }
 
@@ -603,7 +689,9 @@ impl StreamRelay {
                 | ClientApi::Images
                 | ClientApi::Moderations
                 | ClientApi::Rerank
-                | ClientApi::Speech,
+                | ClientApi::Speech
+                | ClientApi::Transcription
+                | ClientApi::Translation,
                 false,
             ) => StreamRelay::Chat(SseRelay::new(strip_usage)),
             (ClientApi::Messages, false) => StreamRelay::Metered(Box::new(Framed::new(

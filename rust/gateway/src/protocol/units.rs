@@ -119,7 +119,12 @@ pub(crate) fn check(api: ClientApi, doc: &Map<String, Value>) -> Result<(), Inva
                 ));
             }
         }
-        ClientApi::Chat | ClientApi::Embeddings | ClientApi::Messages | ClientApi::Responses => {}
+        ClientApi::Chat
+        | ClientApi::Embeddings
+        | ClientApi::Messages
+        | ClientApi::Responses
+        | ClientApi::Transcription
+        | ClientApi::Translation => {}
     }
     Ok(())
 }
@@ -223,7 +228,10 @@ pub(crate) fn meter(api: ClientApi, body: &[u8]) -> Option<Units> {
         // A moderation costs its request price: no units to count.
         ClientApi::Moderations => Some(Units::default()),
         // Speech is priced by its input, counted before it is sent (`requested`).
+        // An upload's duration is read by `upload::reported_audio_ms`.
         ClientApi::Speech
+        | ClientApi::Transcription
+        | ClientApi::Translation
         | ClientApi::Chat
         | ClientApi::Embeddings
         | ClientApi::Messages

@@ -93,6 +93,8 @@ pub(crate) fn check(api: ClientApi, doc: &Map<String, Value>) -> Result<(), Inva
         ClientApi::Images | ClientApi::Moderations | ClientApi::Rerank | ClientApi::Speech => {
             super::units::check(api, doc)?;
         }
+        // An upload is checked as its prefix is read (`upload::read_prefix`).
+        ClientApi::Transcription | ClientApi::Translation => {}
     }
     Ok(())
 }
