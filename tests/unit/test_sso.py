@@ -438,3 +438,37 @@ def test_id_token_checks_take_only_asymmetric_signatures_of_published_keys() -> 
         with pytest.raises(oidc.OidcError) as refused:
             oidc.verify_id_token(forged, [*published, secret.as_dict()], **check)
         assert refused.value.reason == "algorithm_not_allowed"
+
+
+def test_discovery_and_keys_are_cached_and_a_rotated_key_is_fetched(
+    configured: Admin, browser: TestClient, provider: OidcProvider,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [0.0]
+    monkeypatch.setattr(sso, "providers", oidc.ProviderCache(ttl_s=300, clock=lambda: now[0]))
+    for _ in range(3):
+        assert _sign_in(browser).status_code == 200
+    assert provider.fetches == {"discovery": 1, "jwks": 1}
+    # The provider signs with a new key: its kid is unknown, so the keys are read again
+    # once, and the sign-in works.
+    provider.rotate_key("key-2")
+    assert _sign_in(browser).status_code == 200
+    assert _sign_in(browser).status_code == 200
+    assert provider.fetches == {"discovery": 1, "jwks": 2}
+    # Past the TTL both are read again.
+    now[0] += 301
+    assert _sign_in(browser).status_code == 200
+    assert provider.fetches == {"discovery": 2, "jwks": 3}
+
+
+def test_the_provider_cache_is_bounded(
+    configured: Admin, browser: TestClient, provider: OidcProvider,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cache = oidc.ProviderCache(max_entries=1)
+    monkeypatch.setattr(sso, "providers", cache)
+    assert _sign_in(browser).status_code == 200
+    assert _sign_in(browser).status_code == 200
+    # Discovery and the JWKS push each other out of a one-entry cache.
+    assert len(cache) == 1
+    assert provider.fetches == {"discovery": 2, "jwks": 2}

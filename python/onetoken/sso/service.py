@@ -107,6 +107,10 @@ def redirect_uri(settings: SsoSettings) -> str:
     return settings.public_url.rstrip("/") + CALLBACK_PATH
 
 
+#: Discovery documents and JWKS of every org's provider, for this process.
+providers = oidc.ProviderCache()
+
+
 def _allow_http(settings: SsoSettings) -> bool:
     # Plain http only toward providers the operator placed on an allowed network.
     return bool(settings.sso_private_cidrs.strip())
@@ -260,7 +264,8 @@ def start(
     """Record a new flow and answer where to send the browser. Refused (SsoRefused)
     when the provider's discovery fails."""
     try:
-        meta = oidc.discover(target(settings), config.issuer, allow_http=_allow_http(settings))
+        meta = providers.discover(target(settings), config.issuer,
+                                  allow_http=_allow_http(settings))
     except oidc.OidcError as exc:
         raise SsoRefused(exc.reason, config.org_id) from None
     state = secrets.token_urlsafe(32)
@@ -344,7 +349,7 @@ def finish(
         raise SsoRefused("sso_disabled", org_id)
     outbound = target(settings)
     try:
-        meta = oidc.discover(outbound, config.issuer, allow_http=_allow_http(settings))
+        meta = providers.discover(outbound, config.issuer, allow_http=_allow_http(settings))
         id_token = oidc.redeem_code(
             outbound, meta,
             client_id=config.client_id,
@@ -354,7 +359,7 @@ def finish(
             code_verifier=secrets_.decrypt(flow.code_verifier_encrypted),
         )
         claims = oidc.verify_id_token(
-            id_token, oidc.fetch_jwks(outbound, meta),
+            id_token, providers.jwks(outbound, meta, oidc.token_kid(id_token)),
             issuer=config.issuer, client_id=config.client_id, nonce=flow.nonce,
             now=int(time.time()),
         )
