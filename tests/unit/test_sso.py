@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -472,3 +473,37 @@ def test_the_provider_cache_is_bounded(
     # Discovery and the JWKS push each other out of a one-entry cache.
     assert len(cache) == 1
     assert provider.fetches == {"discovery": 2, "jwks": 2}
+
+
+def test_starting_sign_ins_is_limited_per_address(
+    configured: Admin, client: TestClient, provider: OidcProvider, state: AppState
+) -> None:
+    state.settings.sso_start_max_per_address = 3
+
+    def browser_at(address: str) -> TestClient:
+        return TestClient(client.app, base_url="https://testserver", follow_redirects=False,
+                          client=(address, 50000))
+
+    here = browser_at("203.0.113.5")
+    drained_events()
+    assert here.post(f"{API}/auth/sso/start", json={"email": "a@corp.test"}).status_code == 200
+    # A domain no org allows counts too (it would tell which domains sign in here).
+    assert here.post(f"{API}/auth/sso/start", json={"email": "a@x.test"}).status_code == 404
+    assert here.post(f"{API}/auth/sso/start", json={"email": "a@corp.test"}).status_code == 200
+    for _ in range(2):
+        r = here.post(f"{API}/auth/sso/start", json={"email": "a@corp.test"})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "sso_start_limited"
+        assert 590 <= int(r.headers["retry-after"]) <= 601
+    (limited,) = _events("auth.sso_start_limited")
+    assert limited["source_ip"] == "203.0.113.5" and limited["detail"]["starts"] == 4
+    # Another address is not held up.
+    there = browser_at("203.0.113.6")
+    assert there.post(f"{API}/auth/sso/start", json={"email": "a@corp.test"}).status_code == 200
+    # Starts racing from one address are counted exactly.
+    state.settings.sso_start_max_per_address = 4
+    racer = browser_at("203.0.113.7")
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(
+            lambda _: racer.post(f"{API}/auth/sso/start",
+                                 json={"email": "a@corp.test"}).status_code, range(8)))
+    assert sorted(statuses) == [200] * 4 + [429] * 4
