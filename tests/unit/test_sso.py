@@ -351,9 +351,12 @@ def test_passwords_off_refuses_password_sign_in_and_reset(
     with state.session_factory() as session:
         assert reset.request(session, state.secrets, member, ttl=timedelta(hours=1),
                              max_per_hour=5) is None
-    # Turned back on, the same password works again.
-    r = client.put(f"{API}/sso", json=_config(provider), headers=configured.headers)
-    assert r.status_code == 200
+    # Turned back on (by an operator: the owner's password session ended with passwords
+    # off), the same password works again.
+    operator = make_org_admin(state, client, "Platform", "op@platform.test", is_operator=True)
+    r = client.put(f"{API}/sso?org_id={configured.org_id}", json=_config(provider),
+                   headers=operator.headers)
+    assert r.status_code == 200, r.text
     r = client.post(f"{API}/auth/login",
                     json={"email": member, "password": "another long password"})
     assert r.status_code == 200
@@ -402,7 +405,8 @@ def test_operators_keep_a_break_glass_login(
     r = client.post(f"{API}/auth/login", json={"email": owner.email, "password": owner.password})
     assert r.status_code == 200
     # Someone else's org stays out of reach for anyone but operators.
-    r = client.get(f"{API}/sso?org_id={operator.org_id}", headers=owner.headers)
+    owner_headers = {"Authorization": f"Bearer {r.json()['access_token']}"}
+    r = client.get(f"{API}/sso?org_id={operator.org_id}", headers=owner_headers)
     assert r.status_code == 404
 
 
@@ -507,3 +511,34 @@ def test_starting_sign_ins_is_limited_per_address(
             lambda _: racer.post(f"{API}/auth/sso/start",
                                  json={"email": "a@corp.test"}).status_code, range(8)))
     assert sorted(statuses) == [200] * 4 + [429] * 4
+
+
+def test_turning_passwords_off_ends_the_sessions_opened_with_a_password(
+    configured: Admin, client: TestClient, browser: TestClient, provider: OidcProvider,
+    state: AppState,
+) -> None:
+    member = add_account(state, client, configured.org_id, "member@corp.test", "developer")
+    assert _sign_in(browser).status_code == 200
+    operator = make_org_admin(state, client, "Platform", "op@platform.test", is_operator=True)
+    for headers in (member, configured.headers, operator.headers):
+        assert client.get(f"{API}/me", headers=headers).status_code == 200
+    drained_events()
+    # The owner turns passwords off from a session opened with their password.
+    r = client.put(f"{API}/sso", json=_config(provider, passwords_allowed=False),
+                   headers=configured.headers)
+    assert r.status_code == 200
+    for headers in (member, configured.headers):
+        assert client.get(f"{API}/me", headers=headers).status_code == 401
+    # The session opened through the provider stays, and so does another org's operator.
+    assert browser.get(f"{API}/me").status_code == 200
+    assert client.get(f"{API}/me", headers=operator.headers).status_code == 200
+    (ended,) = _events("admin.sessions_ended")
+    assert ended["org_id"] == configured.org_id and ended["severity"] == "high"
+    assert ended["actor_id"] == configured.account_id
+    assert ended["detail"] == {"reason": "passwords_off", "sessions": 2}
+    # Saved again while passwords are off: nothing more ends.
+    r = client.put(f"{API}/sso?org_id={configured.org_id}",
+                   json=_config(provider, passwords_allowed=False), headers=operator.headers)
+    assert r.status_code == 200, r.text
+    assert _events("admin.sessions_ended") == []
+    assert browser.get(f"{API}/me").status_code == 200

@@ -29,7 +29,7 @@ from onetoken.kit.errors import Conflict, Forbidden, NotFound, OnetokenError, Un
 from onetoken.kit.net import networks
 from onetoken.orgs import restriction
 from onetoken.orgs import service as orgs
-from onetoken.orgs.models import Account, Org, OrgSso, SsoFlow, SsoIdentity
+from onetoken.orgs.models import Account, AdminSession, Org, OrgSso, SsoFlow, SsoIdentity
 from onetoken.security import audit
 from onetoken.security.log import SecurityEvent, record
 from onetoken.security.models import LoginThrottle
@@ -199,6 +199,7 @@ def save_config(
     _check(settings, actor, body)
     config = get_config(session, org_id)
     before = _snapshot(config)
+    passwords_were_allowed = config is None or not config.enabled or config.passwords_allowed
     if config is None:
         if not body.client_secret:
             raise Unprocessable("The client secret is required.", param="client_secret")
@@ -218,7 +219,24 @@ def save_config(
     audit.change(actor, "admin.sso_changed", subject_id=org_id, org_id=org_id,
                  before=before, after=_snapshot(config), severity="high",
                  extra={"client_secret_changed": bool(body.client_secret)})
+    if passwords_were_allowed and config.enabled and not config.passwords_allowed:
+        ended = _end_password_sessions(session, org_id)
+        audit.event(actor, "admin.sessions_ended", "high", subject_id=org_id, org_id=org_id,
+                    detail={"reason": "passwords_off", "sessions": ended})
     return config
+
+
+def _end_password_sessions(session: Session, org_id: str) -> int:
+    """End the sessions the org's members opened with a password: passwords off means
+    the provider decides who is signed in, from now on. Operators keep theirs (their
+    password is the break-glass way in); sessions opened through the provider stay."""
+    members = select(Account.id).where(Account.org_id == org_id, Account.is_operator.is_(False))
+    ended = session.execute(
+        delete(AdminSession).where(AdminSession.method == "password",
+                                   AdminSession.account_id.in_(members))
+    )
+    session.flush()
+    return int(getattr(ended, "rowcount", 0) or 0)
 
 
 def delete_config(session: Session, actor: Principal, org_id: str) -> None:

@@ -197,7 +197,8 @@ def sso_callback(
         return back
     account = done.account
     token, _ = auth.issue_session(
-        session, state.secrets, account, timedelta(hours=state.settings.session_ttl_hours)
+        session, state.secrets, account, timedelta(hours=state.settings.session_ttl_hours),
+        method="sso",
     )
     session.commit()
     actor = _Actor(account.id, account.org_id, source_ip, user_agent)
