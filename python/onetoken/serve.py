@@ -184,13 +184,22 @@ def _remove_stale_backups(settings: Settings, ingestor: Ingestor) -> None:
         log.warning("backup.stale_staging_removed", extra={"count": removed})
 
 
+def demo_settings(settings: Settings) -> Settings:
+    """What `--demo` changes: platform providers may reach loopback, where its fake
+    provider listens (an org's own providers still may not). The webhook and SSO
+    allow-lists stay as given: the demo has no receiver or identity provider of its own,
+    and one run locally is named with ONETOKEN_WEBHOOK_PRIVATE_CIDRS /
+    ONETOKEN_SSO_PRIVATE_CIDRS (docs/sso.md, "Trying it locally")."""
+    if settings.upstream_private_cidrs:
+        return settings
+    return settings.model_copy(update={"upstream_private_cidrs": DEMO_PRIVATE_CIDRS})
+
+
 def run(settings: Settings, *, demo: bool = False, gateway: bool = True) -> int:
     """`onetoken serve [--demo]` (gateway=True) or `onetoken control` (gateway=False)."""
     check_secret(settings, demo=demo)
-    if demo and not settings.upstream_private_cidrs:
-        # The demo's fake provider listens on loopback, which upstreams may otherwise not
-        # use; a development mode only (an org's own providers still may not).
-        settings = settings.model_copy(update={"upstream_private_cidrs": DEMO_PRIVATE_CIDRS})
+    if demo:
+        settings = demo_settings(settings)
     configure_logging(settings.log_dir, settings.log_level)
     state = build_state(settings)
     mock: Any = None
