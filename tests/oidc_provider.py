@@ -78,6 +78,8 @@ class OidcProvider:
         # What the token endpoint saw: ("ok" | "pkce_failed" | "bad_client" | ...).
         self.token_outcomes: list[str] = []
         self.last_nonce = ""
+        # How often discovery and the JWKS were fetched.
+        self.fetches: dict[str, int] = {"discovery": 0, "jwks": 0}
         self._grants: dict[str, _Grant] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -163,7 +165,11 @@ class OidcProvider:
             "groups": p.groups,
         }
         key = self.other_key if self.sign_with_other_key else self.key
-        return jwt.encode({"alg": "RS256", "kid": "key-1"}, claims, key)
+        return jwt.encode({"alg": "RS256", "kid": key.kid}, claims, key)
+
+    def rotate_key(self, kid: str) -> None:
+        """A new signing key, published in place of the old one."""
+        self.key = _rsa(kid)
 
     @staticmethod
     def _basic(authorization: str) -> tuple[str, str, str]:
@@ -205,8 +211,10 @@ class OidcProvider:
             def do_GET(self) -> None:
                 parts = urlsplit(self.path)
                 if parts.path == "/.well-known/openid-configuration":
+                    provider.fetches["discovery"] += 1
                     self._send(200, provider.discovery())
                 elif parts.path == "/jwks":
+                    provider.fetches["jwks"] += 1
                     self._send(200, {"keys": [provider.key.as_dict(private=False)]})
                 elif parts.path == "/authorize":
                     query = {k: v[0] for k, v in parse_qs(parts.query).items()}

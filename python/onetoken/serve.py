@@ -38,7 +38,8 @@ from onetoken.gateway.runner import http_url
 from onetoken.gateway.supervisor import ControlRuntime, GatewayProcess
 from onetoken.ingest.ingestor import Ingestor
 from onetoken.kit.logging import configure_logging
-from onetoken.kit.metrics import MetricsServer, Registry
+from onetoken.kit.metrics import Metric, MetricsServer, Registry
+from onetoken.kit.telemetry import Export, MetricsExport
 from onetoken.ops import control_file
 from onetoken.settings import Settings
 from onetoken.state import AppState
@@ -184,13 +185,38 @@ def _remove_stale_backups(settings: Settings, ingestor: Ingestor) -> None:
         log.warning("backup.stale_staging_removed", extra={"count": removed})
 
 
+def start_metric_export(registry: Registry, settings: Settings, endpoint: str) -> MetricsExport:
+    """Post `registry` to the OTLP collector every ONETOKEN_OTEL_EXPORT_INTERVAL_MS as
+    `<service name>-control`; its failed posts are counted on /metrics."""
+    export = MetricsExport(registry, Export(
+        endpoint=endpoint,
+        ratio=settings.otel_ratio,
+        service_name=f"{settings.otel_service_name}-control",
+        interval_ms=settings.otel_export_interval_ms,
+    ))
+    registry.register("otel", lambda: [Metric(
+        "onetoken_otel_export_failures_total", "counter",
+        "OTLP metric posts of the control process that failed",
+    ).add(export.failures)])
+    return export.start()
+
+
+def demo_settings(settings: Settings) -> Settings:
+    """What `--demo` changes: platform providers may reach loopback, where its fake
+    provider listens (an org's own providers still may not). The webhook and SSO
+    allow-lists stay as given: the demo has no receiver or identity provider of its own,
+    and one run locally is named with ONETOKEN_WEBHOOK_PRIVATE_CIDRS /
+    ONETOKEN_SSO_PRIVATE_CIDRS (docs/sso.md, "Trying it locally")."""
+    if settings.upstream_private_cidrs:
+        return settings
+    return settings.model_copy(update={"upstream_private_cidrs": DEMO_PRIVATE_CIDRS})
+
+
 def run(settings: Settings, *, demo: bool = False, gateway: bool = True) -> int:
     """`onetoken serve [--demo]` (gateway=True) or `onetoken control` (gateway=False)."""
     check_secret(settings, demo=demo)
-    if demo and not settings.upstream_private_cidrs:
-        # The demo's fake provider listens on loopback, which upstreams may otherwise not
-        # use; a development mode only (an org's own providers still may not).
-        settings = settings.model_copy(update={"upstream_private_cidrs": DEMO_PRIVATE_CIDRS})
+    if demo:
+        settings = demo_settings(settings)
     configure_logging(settings.log_dir, settings.log_level)
     state = build_state(settings)
     mock: Any = None
@@ -198,6 +224,7 @@ def run(settings: Settings, *, demo: bool = False, gateway: bool = True) -> int:
     child: GatewayProcess | None = None
     background: Background | None = None
     metrics: MetricsServer | None = None
+    metric_export: MetricsExport | None = None
     failed: list[str] = []
     try:
         demo_info = None
@@ -225,9 +252,12 @@ def run(settings: Settings, *, demo: bool = False, gateway: bool = True) -> int:
             raise ServeError(f"ingestion failed to start: {type(exc).__name__}: {exc}") from None
         background.erasures.start()
         _remove_stale_backups(settings, ingestor)
+        registry = control_metrics(state, ingestor)
+        if settings.otel_endpoint is not None:
+            # The same metrics as /metrics, pushed to the collector (docs/observability.md).
+            metric_export = start_metric_export(registry, settings, settings.otel_endpoint)
         if settings.control_metrics_listen:
-            metrics = start_metrics(control_metrics(state, ingestor),
-                                    settings.control_metrics_listen)
+            metrics = start_metrics(registry, settings.control_metrics_listen)
             print(f"control metrics: {url(metrics.address)}", flush=True)
 
         app = create_app(settings, runtime, state=state)
@@ -292,6 +322,8 @@ def run(settings: Settings, *, demo: bool = False, gateway: bool = True) -> int:
         if metrics is not None:
             # After ingestion's last catch-up: a scrape meanwhile still sees the backlog go.
             metrics.stop()
+        if metric_export is not None:
+            metric_export.stop()
         if background is not None:
             background.stop()
         if mock is not None:

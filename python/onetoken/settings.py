@@ -181,6 +181,9 @@ class Settings(BaseSettings):
     sso_private_cidrs: str = ""
     # The whole of one request to an identity provider (discovery, token, keys).
     sso_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    # Sign-ins started from one address in ten minutes (each costs a request to the
+    # provider); generous, since an office signs in from one address in the morning.
+    sso_start_max_per_address: int = Field(default=60, ge=1, le=100_000)
     anomaly_bucket_seconds: AboveZero = 60.0
     anomaly_ewma_alpha: float = Field(default=0.2, gt=0, le=1)
     anomaly_warmup_buckets: AtLeastOne = 5

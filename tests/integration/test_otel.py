@@ -269,7 +269,8 @@ def test_metrics_are_exported_and_spans_counted(
     deployment: dict[str, Any], sink: Receiver
 ) -> None:
     def exported() -> dict[str, Any] | None:
-        metrics = sink.snapshot()[1]
+        # The gateway's exports (the control process posts its own too).
+        metrics = [m for m in sink.snapshot()[1] if "onetoken_requests_total" in m]
         return metrics[-1] if metrics else None
 
     last = wait_until(exported, message="an OTLP metrics export")
@@ -289,6 +290,28 @@ def test_metrics_are_exported_and_spans_counted(
     assert sample(samples, "onetoken_tokens_total", kind="completion") >= tokens["completion"]
     assert sample(samples, "onetoken_cost_nano_total") >= cost
     assert sample(samples, "onetoken_otel_spans_exported_total") > 0
+
+
+def test_the_control_process_exports_its_metrics_too(
+    deployment: dict[str, Any], admin: Admin, sink: Receiver
+) -> None:
+    admin.get("/api/v1/keys")
+
+    def keys_counted() -> int | None:
+        for export in reversed(sink.snapshot()[1]):
+            total = export.get("onetoken_control_requests_total")
+            if total is None:
+                continue
+            for p in total["sum"]["dataPoints"]:
+                labels = {a["key"]: a["value"]["stringValue"] for a in p["attributes"]}
+                if labels["route"] == "/api/v1/keys" and labels["code"] == "200":
+                    return int(p["asInt"])
+        return None
+
+    assert wait_until(keys_counted, message="the control API's requests over OTLP") >= 1
+    # The rest of its /metrics comes along (ingestion, the collectors' health).
+    last = next(m for m in reversed(sink.snapshot()[1]) if "onetoken_collector_up" in m)
+    assert "onetoken_control_request_duration_seconds" in last
 
 
 def test_a_refusing_collector_costs_only_dropped_spans(

@@ -1,4 +1,5 @@
-"""Outside --demo the server refuses a missing, placeholder or weak ONETOKEN_SECRET_KEY."""
+"""Outside --demo the server refuses a missing, placeholder or weak ONETOKEN_SECRET_KEY;
+what --demo opens to loopback."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from onetoken.serve import ServeError, check_secret
+from onetoken.serve import DEMO_PRIVATE_CIDRS, ServeError, check_secret, demo_settings
 from onetoken.settings import Settings
 
 
@@ -36,3 +37,14 @@ def test_production_refuses_a_placeholder(tmp_path: Path) -> None:
     with pytest.raises(ValidationError):
         Settings(data_dir=tmp_path, environment="production",
                  secret_key=SecretStr("changeme-changeme-changeme-changeme"))
+
+
+def test_demo_opens_loopback_to_platform_providers_only(tmp_path: Path) -> None:
+    demo = demo_settings(Settings(data_dir=tmp_path))
+    assert demo.upstream_private_cidrs == DEMO_PRIVATE_CIDRS
+    # An identity provider or webhook receiver on loopback is named by the operator.
+    assert (demo.sso_private_cidrs, demo.webhook_private_cidrs) == ("", "")
+    given = Settings(data_dir=tmp_path, sso_private_cidrs="127.0.0.1/32",
+                     upstream_private_cidrs="10.0.0.0/8")
+    assert demo_settings(given).sso_private_cidrs == "127.0.0.1/32"
+    assert demo_settings(given).upstream_private_cidrs == "10.0.0.0/8"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -350,9 +351,12 @@ def test_passwords_off_refuses_password_sign_in_and_reset(
     with state.session_factory() as session:
         assert reset.request(session, state.secrets, member, ttl=timedelta(hours=1),
                              max_per_hour=5) is None
-    # Turned back on, the same password works again.
-    r = client.put(f"{API}/sso", json=_config(provider), headers=configured.headers)
-    assert r.status_code == 200
+    # Turned back on (by an operator: the owner's password session ended with passwords
+    # off), the same password works again.
+    operator = make_org_admin(state, client, "Platform", "op@platform.test", is_operator=True)
+    r = client.put(f"{API}/sso?org_id={configured.org_id}", json=_config(provider),
+                   headers=operator.headers)
+    assert r.status_code == 200, r.text
     r = client.post(f"{API}/auth/login",
                     json={"email": member, "password": "another long password"})
     assert r.status_code == 200
@@ -401,7 +405,8 @@ def test_operators_keep_a_break_glass_login(
     r = client.post(f"{API}/auth/login", json={"email": owner.email, "password": owner.password})
     assert r.status_code == 200
     # Someone else's org stays out of reach for anyone but operators.
-    r = client.get(f"{API}/sso?org_id={operator.org_id}", headers=owner.headers)
+    owner_headers = {"Authorization": f"Bearer {r.json()['access_token']}"}
+    r = client.get(f"{API}/sso?org_id={operator.org_id}", headers=owner_headers)
     assert r.status_code == 404
 
 
@@ -438,3 +443,102 @@ def test_id_token_checks_take_only_asymmetric_signatures_of_published_keys() -> 
         with pytest.raises(oidc.OidcError) as refused:
             oidc.verify_id_token(forged, [*published, secret.as_dict()], **check)
         assert refused.value.reason == "algorithm_not_allowed"
+
+
+def test_discovery_and_keys_are_cached_and_a_rotated_key_is_fetched(
+    configured: Admin, browser: TestClient, provider: OidcProvider,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [0.0]
+    monkeypatch.setattr(sso, "providers", oidc.ProviderCache(ttl_s=300, clock=lambda: now[0]))
+    for _ in range(3):
+        assert _sign_in(browser).status_code == 200
+    assert provider.fetches == {"discovery": 1, "jwks": 1}
+    # The provider signs with a new key: its kid is unknown, so the keys are read again
+    # once, and the sign-in works.
+    provider.rotate_key("key-2")
+    assert _sign_in(browser).status_code == 200
+    assert _sign_in(browser).status_code == 200
+    assert provider.fetches == {"discovery": 1, "jwks": 2}
+    # Past the TTL both are read again.
+    now[0] += 301
+    assert _sign_in(browser).status_code == 200
+    assert provider.fetches == {"discovery": 2, "jwks": 3}
+
+
+def test_the_provider_cache_is_bounded(
+    configured: Admin, browser: TestClient, provider: OidcProvider,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cache = oidc.ProviderCache(max_entries=1)
+    monkeypatch.setattr(sso, "providers", cache)
+    assert _sign_in(browser).status_code == 200
+    assert _sign_in(browser).status_code == 200
+    # Discovery and the JWKS push each other out of a one-entry cache.
+    assert len(cache) == 1
+    assert provider.fetches == {"discovery": 2, "jwks": 2}
+
+
+def test_starting_sign_ins_is_limited_per_address(
+    configured: Admin, client: TestClient, provider: OidcProvider, state: AppState
+) -> None:
+    state.settings.sso_start_max_per_address = 3
+
+    def browser_at(address: str) -> TestClient:
+        return TestClient(client.app, base_url="https://testserver", follow_redirects=False,
+                          client=(address, 50000))
+
+    here = browser_at("203.0.113.5")
+    drained_events()
+    assert here.post(f"{API}/auth/sso/start", json={"email": "a@corp.test"}).status_code == 200
+    # A domain no org allows counts too (it would tell which domains sign in here).
+    assert here.post(f"{API}/auth/sso/start", json={"email": "a@x.test"}).status_code == 404
+    assert here.post(f"{API}/auth/sso/start", json={"email": "a@corp.test"}).status_code == 200
+    for _ in range(2):
+        r = here.post(f"{API}/auth/sso/start", json={"email": "a@corp.test"})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "sso_start_limited"
+        assert 590 <= int(r.headers["retry-after"]) <= 601
+    (limited,) = _events("auth.sso_start_limited")
+    assert limited["source_ip"] == "203.0.113.5" and limited["detail"]["starts"] == 4
+    # Another address is not held up.
+    there = browser_at("203.0.113.6")
+    assert there.post(f"{API}/auth/sso/start", json={"email": "a@corp.test"}).status_code == 200
+    # Starts racing from one address are counted exactly.
+    state.settings.sso_start_max_per_address = 4
+    racer = browser_at("203.0.113.7")
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(
+            lambda _: racer.post(f"{API}/auth/sso/start",
+                                 json={"email": "a@corp.test"}).status_code, range(8)))
+    assert sorted(statuses) == [200] * 4 + [429] * 4
+
+
+def test_turning_passwords_off_ends_the_sessions_opened_with_a_password(
+    configured: Admin, client: TestClient, browser: TestClient, provider: OidcProvider,
+    state: AppState,
+) -> None:
+    member = add_account(state, client, configured.org_id, "member@corp.test", "developer")
+    assert _sign_in(browser).status_code == 200
+    operator = make_org_admin(state, client, "Platform", "op@platform.test", is_operator=True)
+    for headers in (member, configured.headers, operator.headers):
+        assert client.get(f"{API}/me", headers=headers).status_code == 200
+    drained_events()
+    # The owner turns passwords off from a session opened with their password.
+    r = client.put(f"{API}/sso", json=_config(provider, passwords_allowed=False),
+                   headers=configured.headers)
+    assert r.status_code == 200
+    for headers in (member, configured.headers):
+        assert client.get(f"{API}/me", headers=headers).status_code == 401
+    # The session opened through the provider stays, and so does another org's operator.
+    assert browser.get(f"{API}/me").status_code == 200
+    assert client.get(f"{API}/me", headers=operator.headers).status_code == 200
+    (ended,) = _events("admin.sessions_ended")
+    assert ended["org_id"] == configured.org_id and ended["severity"] == "high"
+    assert ended["actor_id"] == configured.account_id
+    assert ended["detail"] == {"reason": "passwords_off", "sessions": 2}
+    # Saved again while passwords are off: nothing more ends.
+    r = client.put(f"{API}/sso?org_id={configured.org_id}",
+                   json=_config(provider, passwords_allowed=False), headers=operator.headers)
+    assert r.status_code == 200, r.text
+    assert _events("admin.sessions_ended") == []
+    assert browser.get(f"{API}/me").status_code == 200

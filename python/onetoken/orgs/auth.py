@@ -218,9 +218,11 @@ def step_up(
 
 
 def issue_session(
-    session: Session, secrets: Secrets, account: Account, ttl: timedelta
+    session: Session, secrets: Secrets, account: Account, ttl: timedelta,
+    method: str = "password",
 ) -> tuple[str, AdminSession]:
-    """A new session token for `account` (returned once, stored as a keyed hash)."""
+    """A new session token for `account` (returned once, stored as a keyed hash);
+    `method`: how it was opened, `password` or `sso`."""
     token = generate_session_token()
     now = utcnow()
     record = AdminSession(
@@ -229,6 +231,7 @@ def issue_session(
         token_hash=secrets.hash_session_token(token),
         created_at=now,
         expires_at=now + ttl,
+        method=method,
     )
     session.add(record)
     # Expired sessions are swept here rather than by a scheduler.

@@ -94,6 +94,9 @@ class AdminSession(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # How it was opened: `password` or `sso` (an org turning passwords off ends the first).
+    method: Mapped[str] = mapped_column(String(16), default="password",
+                                        server_default="password")
 
 
 class GatewayPool(Base):

@@ -16,6 +16,8 @@ class LoginThrottle(Base):
 
     scope `account` (subject: account id, or a keyed hash of an unknown login identifier,
     so unknown names lock exactly like real ones) or `ip` (subject: the source address).
+    Scope `sso_start` counts sign-ins started through an identity provider per address
+    (failures: starts in the window that began at last_failure_at).
     """
 
     __tablename__ = "login_throttles"

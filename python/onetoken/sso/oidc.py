@@ -16,6 +16,10 @@ import hashlib
 import hmac
 import json
 import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -210,6 +214,73 @@ def fetch_jwks(target: Target, meta: ProviderMetadata) -> list[dict[str, Any]]:
     if not isinstance(keys, list):
         raise OidcError("jwks_failed")
     return [k for k in keys if isinstance(k, dict)]
+
+
+def token_kid(token: str) -> str | None:
+    """The `kid` the ID token's header names (None when absent or unreadable): which
+    published key to look for before its checks."""
+    try:
+        kid = _decode_part(token.split(".", 1)[0]).get("kid")
+    except ValueError:
+        return None
+    return kid if isinstance(kid, str) else None
+
+
+class ProviderCache:
+    """Discovery documents and JWKS kept for `ttl_s` seconds, at most `max_entries` of
+    them (the oldest dropped first), so a sign-in does not fetch them every time.
+
+    Entries are keyed by URL and by the allow-list they were fetched under: narrowing the
+    operator's allow-list never serves what only the wider one let through. An ID token
+    naming a `kid` the cached JWKS lacks refetches it once (the provider rotated its keys),
+    whatever its age.
+    """
+
+    def __init__(
+        self, ttl_s: float = 300.0, max_entries: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[tuple[str, str, str], tuple[float, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _get(self, key: tuple[str, str, str]) -> Any:
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is None or self._clock() - hit[0] >= self.ttl_s:
+                return None
+            return hit[1]
+
+    def _put(self, key: tuple[str, str, str], value: Any) -> None:
+        with self._lock:
+            self._entries[key] = (self._clock(), value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def discover(self, target: Target, issuer: str, *, allow_http: bool) -> ProviderMetadata:
+        key = ("discovery", issuer, repr((list(target.allow), allow_http)))
+        meta = self._get(key)
+        if meta is None:
+            meta = discover(target, issuer, allow_http=allow_http)
+            self._put(key, meta)
+        return meta  # type: ignore[no-any-return]
+
+    def jwks(
+        self, target: Target, meta: ProviderMetadata, kid: str | None
+    ) -> list[dict[str, Any]]:
+        """The provider's keys, refetched when the cached ones lack `kid`."""
+        key = ("jwks", meta.jwks_uri, repr(list(target.allow)))
+        keys: list[dict[str, Any]] | None = self._get(key)
+        if keys is None or (kid is not None and all(k.get("kid") != kid for k in keys)):
+            keys = fetch_jwks(target, meta)
+            self._put(key, keys)
+        return keys
 
 
 def _int(value: object) -> int:

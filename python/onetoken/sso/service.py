@@ -14,21 +14,25 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import delete, func, select
+from sqlalchemy import case, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from onetoken.db.base import new_id, utcnow
 from onetoken.kit.crypto import DecryptionError, Secrets, keyed_hash
-from onetoken.kit.errors import Conflict, Forbidden, NotFound, Unprocessable
+from onetoken.kit.errors import Conflict, Forbidden, NotFound, OnetokenError, Unprocessable
 from onetoken.kit.net import networks
+from onetoken.orgs import restriction
 from onetoken.orgs import service as orgs
-from onetoken.orgs.models import Account, Org, OrgSso, SsoFlow, SsoIdentity
+from onetoken.orgs.models import Account, AdminSession, Org, OrgSso, SsoFlow, SsoIdentity
 from onetoken.security import audit
+from onetoken.security.log import SecurityEvent, record
+from onetoken.security.models import LoginThrottle
 from onetoken.security.net import url_target_refused
 from onetoken.security.principal import ROLES, Principal
 from onetoken.sso import oidc
@@ -91,6 +95,7 @@ class SsoRefused(Exception):
 class SsoSettings(Protocol):
     sso_private_cidrs: str
     sso_timeout_seconds: float
+    sso_start_max_per_address: int
     public_url: str
 
 
@@ -105,6 +110,10 @@ def target(settings: SsoSettings) -> Target:
 def redirect_uri(settings: SsoSettings) -> str:
     """Where the provider sends the browser back: registered at the provider as is."""
     return settings.public_url.rstrip("/") + CALLBACK_PATH
+
+
+#: Discovery documents and JWKS of every org's provider, for this process.
+providers = oidc.ProviderCache()
 
 
 def _allow_http(settings: SsoSettings) -> bool:
@@ -190,6 +199,7 @@ def save_config(
     _check(settings, actor, body)
     config = get_config(session, org_id)
     before = _snapshot(config)
+    passwords_were_allowed = config is None or not config.enabled or config.passwords_allowed
     if config is None:
         if not body.client_secret:
             raise Unprocessable("The client secret is required.", param="client_secret")
@@ -209,7 +219,24 @@ def save_config(
     audit.change(actor, "admin.sso_changed", subject_id=org_id, org_id=org_id,
                  before=before, after=_snapshot(config), severity="high",
                  extra={"client_secret_changed": bool(body.client_secret)})
+    if passwords_were_allowed and config.enabled and not config.passwords_allowed:
+        ended = _end_password_sessions(session, org_id)
+        audit.event(actor, "admin.sessions_ended", "high", subject_id=org_id, org_id=org_id,
+                    detail={"reason": "passwords_off", "sessions": ended})
     return config
+
+
+def _end_password_sessions(session: Session, org_id: str) -> int:
+    """End the sessions the org's members opened with a password: passwords off means
+    the provider decides who is signed in, from now on. Operators keep theirs (their
+    password is the break-glass way in); sessions opened through the provider stay."""
+    members = select(Account.id).where(Account.org_id == org_id, Account.is_operator.is_(False))
+    ended = session.execute(
+        delete(AdminSession).where(AdminSession.method == "password",
+                                   AdminSession.account_id.in_(members))
+    )
+    session.flush()
+    return int(getattr(ended, "rowcount", 0) or 0)
 
 
 def delete_config(session: Session, actor: Principal, org_id: str) -> None:
@@ -246,6 +273,76 @@ def find_org(session: Session, *, email: str = "", org_id: str = "") -> OrgSso:
                    code="sso_not_configured")
 
 
+#: The login_throttles scope counting the sign-ins started from one address.
+START_SCOPE = "sso_start"
+
+
+class SsoStartLimited(OnetokenError, status=429, kind="rate_limit_error",
+                      code="sso_start_limited"):
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("Too many sign-ins were started from your address. Try again later.")
+        self.headers = {"Retry-After": str(max(1, retry_after))}
+
+
+def limit_start(
+    session: Session, secrets_: Secrets, settings: SsoSettings, source_ip: str,
+    user_agent: str,
+) -> None:
+    """Count one start against its address; SsoStartLimited past
+    `sso_start_max_per_address` starts in a flow's lifetime. Each start costs a request
+    to the provider and a row, and anyone may call it: like the sign-in lockout, the
+    counter is in the control DB (every process shares it) under the address's token, and
+    it is committed here, so a refused or failing start still counts."""
+    subject = restriction.address_key(secrets_, source_ip)
+    if not subject:
+        return
+    now = utcnow()
+    starts, began = _count_start(session, subject, now)
+    if starts <= settings.sso_start_max_per_address:
+        return
+    if starts == settings.sso_start_max_per_address + 1:
+        record(SecurityEvent(
+            kind="auth.sso_start_limited", severity="medium", source_ip=source_ip,
+            user_agent=user_agent,
+            detail={"starts": starts, "window_s": int(FLOW_TTL.total_seconds())},
+        ))
+    raise SsoStartLimited(int((began + FLOW_TTL - now).total_seconds()) + 1)
+
+
+def _count_start(session: Session, subject: str, now: datetime) -> tuple[int, datetime]:
+    """The address's starts in its current window with this one, and when the window
+    began (login_throttles: failures, last_failure_at). One UPDATE, so starts racing in
+    several processes are each counted."""
+    row = LoginThrottle
+    stale = or_(row.last_failure_at.is_(None), row.last_failure_at <= now - FLOW_TTL)
+    count = (
+        update(row)
+        .where(row.scope == START_SCOPE, row.subject == subject)
+        .values(failures=case((stale, 1), else_=row.failures + 1),
+                last_failure_at=case((stale, now), else_=row.last_failure_at))
+        .returning(row.failures, row.last_failure_at)
+    )
+    retried = False
+    while True:
+        counted = session.execute(count).first()
+        if counted is None:
+            session.add(LoginThrottle(scope=START_SCOPE, subject=subject, failures=1,
+                                      last_failure_at=now))
+        try:
+            session.commit()
+        except IntegrityError:
+            # Another process counted this address's first start at the same moment.
+            session.rollback()
+            if retried:
+                raise
+            retried = True
+            continue
+        if counted is None:
+            return 1, now
+        return int(counted[0]), counted[1] or now
+
+
 @dataclass(frozen=True, slots=True)
 class Started:
     authorize_url: str
@@ -260,7 +357,8 @@ def start(
     """Record a new flow and answer where to send the browser. Refused (SsoRefused)
     when the provider's discovery fails."""
     try:
-        meta = oidc.discover(target(settings), config.issuer, allow_http=_allow_http(settings))
+        meta = providers.discover(target(settings), config.issuer,
+                                  allow_http=_allow_http(settings))
     except oidc.OidcError as exc:
         raise SsoRefused(exc.reason, config.org_id) from None
     state = secrets.token_urlsafe(32)
@@ -344,7 +442,7 @@ def finish(
         raise SsoRefused("sso_disabled", org_id)
     outbound = target(settings)
     try:
-        meta = oidc.discover(outbound, config.issuer, allow_http=_allow_http(settings))
+        meta = providers.discover(outbound, config.issuer, allow_http=_allow_http(settings))
         id_token = oidc.redeem_code(
             outbound, meta,
             client_id=config.client_id,
@@ -354,7 +452,7 @@ def finish(
             code_verifier=secrets_.decrypt(flow.code_verifier_encrypted),
         )
         claims = oidc.verify_id_token(
-            id_token, oidc.fetch_jwks(outbound, meta),
+            id_token, providers.jwks(outbound, meta, oidc.token_kid(id_token)),
             issuer=config.issuer, client_id=config.client_id, nonce=flow.nonce,
             now=int(time.time()),
         )

@@ -131,7 +131,10 @@ def start_sso(
     """Start signing in through the identity provider of the org named, or of the org
     whose allowed domains hold the e-mail address: answers the provider's authorization
     URL (code flow with PKCE) and sets a short-lived cookie binding the sign-in to this
-    browser."""
+    browser. At most `ONETOKEN_SSO_START_MAX_PER_ADDRESS` starts per address in ten
+    minutes (429 `sso_start_limited` with Retry-After beyond)."""
+    sso.limit_start(session, state.secrets, state.settings, client_ip(request, state.settings),
+                    request.headers.get("user-agent", "")[:256])
     config = sso.find_org(session, email=body.email or "", org_id=body.org_id or "")
     try:
         started = sso.start(session, state.secrets, state.settings, config,
@@ -194,7 +197,8 @@ def sso_callback(
         return back
     account = done.account
     token, _ = auth.issue_session(
-        session, state.secrets, account, timedelta(hours=state.settings.session_ttl_hours)
+        session, state.secrets, account, timedelta(hours=state.settings.session_ttl_hours),
+        method="sso",
     )
     session.commit()
     actor = _Actor(account.id, account.org_id, source_ip, user_agent)
