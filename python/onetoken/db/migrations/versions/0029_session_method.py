@@ -6,8 +6,8 @@ this revision were all opened with a password."""
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0028_session_method"
-down_revision: str | None = "0027_siem"
+revision: str = "0029_session_method"
+down_revision: str | None = "0028_transcription"
 
 
 def upgrade() -> None:
