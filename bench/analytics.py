@@ -112,7 +112,12 @@ SELECT
     'openai-python/1.50.0',
     if(st = 429, 'limited', 'pass'),
     toUInt8(if(st = 502, 2, 1)),
-    if(bitShiftRight(h, 56) % 100 = 0, 'phone:1', '')
+    if(bitShiftRight(h, 56) % 100 = 0, 'phone:1', ''),
+    concat('app_', toString(org_n), '_', toString(bitShiftRight(h, 50) % 2)),
+    0,
+    0,
+    0,
+    0
 FROM numbers({first}, {count})
 """
 

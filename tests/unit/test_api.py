@@ -40,6 +40,7 @@ def test_login_and_me(client: TestClient, admin: Admin) -> None:
         "display_name": "",
         "auth_status": "password",
         "is_operator": False,
+        "restriction": "clear",
     }
     assert client.get(f"{API}/org", headers=admin.headers).json()["id"] == admin.org_id
 

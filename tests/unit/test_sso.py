@@ -148,12 +148,25 @@ def test_code_flow_creates_the_account_with_its_mapped_role(
     assert CLIENT_SECRET not in flat and "eyJ" not in flat
 
 
+def test_an_org_without_a_provider_reads_the_redirect_uri_to_register(
+    client: TestClient, owner: Admin
+) -> None:
+    # The console's page loads this before anything is set: an answer, not a 404.
+    r = client.get(f"{API}/sso", headers=owner.headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["configured"] is False and body["issuer"] is None
+    assert body["client_secret_set"] is False and body["org_id"] == owner.org_id
+    assert body["redirect_uri"] == "http://127.0.0.1:8081/api/v1/auth/sso/callback"
+
+
 def test_the_client_secret_is_stored_encrypted_and_never_returned(
     configured: Admin, client: TestClient, provider: OidcProvider, state: AppState
 ) -> None:
     r = client.get(f"{API}/sso", headers=configured.headers)
     assert r.status_code == 200
     assert CLIENT_SECRET not in r.text and r.json()["client_secret_set"] is True
+    assert r.json()["configured"] is True
     assert r.json()["redirect_uri"] == "http://127.0.0.1:8081/api/v1/auth/sso/callback"
     with state.session_factory() as session:
         row = session.get(OrgSso, configured.org_id)

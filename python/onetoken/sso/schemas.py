@@ -49,20 +49,24 @@ class SsoConfigIn(BaseModel):
 
 
 class SsoConfigResponse(BaseModel):
+    """The org's identity provider; `configured` false (and only the redirect URI, which
+    the provider needs before anything is set here) when it has none."""
+
     model_config = ConfigDict(from_attributes=True)
 
+    configured: bool = True
     org_id: str
-    enabled: bool
-    issuer: str
-    client_id: str
-    client_secret_set: Literal[True] = True
-    allowed_domains: list[str]
-    group_claim: str
-    role_map: list[RoleMapping]
-    passwords_allowed: bool
+    enabled: bool = False
+    issuer: str | None = None
+    client_id: str | None = None
+    client_secret_set: bool = False
+    allowed_domains: list[str] = []
+    group_claim: str | None = None
+    role_map: list[RoleMapping] = []
+    passwords_allowed: bool = True
     redirect_uri: str = Field(description="Register it at the identity provider as is.")
-    created_at: datetime
-    updated_at: datetime
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
 
 
 class SsoStartRequest(BaseModel):

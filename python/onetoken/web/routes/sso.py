@@ -10,7 +10,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from onetoken.kit.errors import BadRequest, NotFound
+from onetoken.kit.errors import BadRequest
 from onetoken.orgs import auth, service
 from onetoken.orgs.models import OrgSso
 from onetoken.security import audit
@@ -41,6 +41,7 @@ def _response(config: OrgSso, state: AppState) -> SsoConfigResponse:
         enabled=config.enabled,
         issuer=config.issuer,
         client_id=config.client_id,
+        client_secret_set=True,
         allowed_domains=sso.domains(config),
         group_claim=config.group_claim,
         role_map=config.role_map,  # type: ignore[arg-type]
@@ -58,11 +59,15 @@ def get_sso(
     state: StateDep,
     org_id: Annotated[str | None, Query(max_length=32)] = None,
 ) -> SsoConfigResponse:
-    """The org's identity provider (404 `sso_not_configured` when none); operators may
-    name another org with `org_id`. The client secret is never returned."""
-    config = sso.get_config(session, service.target_org(session, principal, org_id))
+    """The org's identity provider (`configured` false when none, with the redirect URI to
+    register); operators may name another org with `org_id`. The client secret is never
+    returned."""
+    target = service.target_org(session, principal, org_id)
+    config = sso.get_config(session, target)
     if config is None:
-        raise NotFound("No identity provider is configured.", code="sso_not_configured")
+        return SsoConfigResponse(
+            configured=False, org_id=target, redirect_uri=sso.redirect_uri(state.settings)
+        )
     return _response(config, state)
 
 
