@@ -132,6 +132,22 @@ def test_rotate_with_overlap_then_revoke(client: TestClient, admin: Admin, state
     assert kinds.count("admin.key_rotated") == 2
 
 
+def test_a_key_rotated_before_its_window_opened_is_not_rotated_again(
+    client: TestClient, admin: Admin
+) -> None:
+    start = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    old = client.post(f"{API}/keys", headers=admin.headers,
+                      json={"name": "later", "not_before": start}).json()
+    r = client.post(f"{API}/keys/{old['id']}/rotate", headers=admin.headers,
+                    json={"overlap_seconds": 60})
+    assert r.status_code == 201, r.text
+    assert r.json()["not_before"] is not None
+    # Its window is now empty (it ends before it opens): the successor holds its place.
+    again = client.post(f"{API}/keys/{old['id']}/rotate", headers=admin.headers)
+    assert again.status_code == 409, again.text
+    assert again.json()["error"]["code"] == "key_never_valid"
+
+
 def test_developers_manage_only_their_own_keys(client: TestClient, admin: Admin,
                                                state: AppState) -> None:
     dev = add_account(state, client, admin.org_id, "dev@acme.test", "developer")

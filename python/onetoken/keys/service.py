@@ -313,6 +313,12 @@ def rotate_key(
     now = utcnow()
     if old.expires_at is not None and old.expires_at <= now:
         raise Conflict("An expired key cannot be rotated.", code="key_expired")
+    if old.not_before is not None and old.expires_at is not None \
+            and old.not_before >= old.expires_at:
+        # An earlier rotation ended it before its window opened: it never serves, and its
+        # successor already holds its place (a copy of its window would be empty).
+        raise Conflict("This key never becomes valid; rotate its successor.",
+                       code="key_never_valid")
     before = audit_view(old)
     new, plaintext = create_key(
         session,
