@@ -699,14 +699,7 @@ async fn forward(
     )
     .await;
     drop(doc);
-    call.attempts = attempts.count;
-    if let (Some(trace), Some(a)) = (call.trace.as_mut(), attempts.trace) {
-        trace.attempts = a.spans;
-    }
-    if let Some(d) = &attempts.last {
-        call.model_served.clone_from(&d.upstream_model);
-        call.provider.clone_from(&d.provider.id);
-    }
+    record_attempts(call, attempts);
     match result {
         Ok(served) => {
             // Billing uses the prices of the deployment that served.
@@ -722,6 +715,19 @@ async fn forward(
         Err(NotServed::Status { status, body, idle }) => {
             Err(upstream_failure(status, body, idle, deadline).await)
         }
+    }
+}
+
+/// What the attempts leave on the call's record: their count, their trace spans, and the
+/// deployment of the last one (the one that served, on success).
+fn record_attempts(call: &mut Call, attempts: routing::Attempts) {
+    call.attempts = attempts.count;
+    if let (Some(trace), Some(a)) = (call.trace.as_mut(), attempts.trace) {
+        trace.attempts = a.spans;
+    }
+    if let Some(d) = &attempts.last {
+        call.model_served.clone_from(&d.upstream_model);
+        call.provider.clone_from(&d.provider.id);
     }
 }
 
@@ -762,14 +768,7 @@ async fn forward_upload(
     )
     .await;
     drop(prefix);
-    call.attempts = attempts.count;
-    if let (Some(trace), Some(a)) = (call.trace.as_mut(), attempts.trace) {
-        trace.attempts = a.spans;
-    }
-    if let Some(d) = &attempts.last {
-        call.model_served.clone_from(&d.upstream_model);
-        call.provider.clone_from(&d.provider.id);
-    }
+    record_attempts(call, attempts);
     // However the upstream took it, an upload over the cap is the client's 413.
     if over.as_ref().is_some_and(upload::OverCap::is_set) {
         return Err(ApiError::BodyTooLarge.into());
